@@ -1,0 +1,27 @@
+//! eps2v: turn an eps-prediction SDXL checkpoint into a v-prediction
+//! (zero-terminal-SNR) one — and back — by finetuning it on an *aligned*
+//! synthetic dataset made from the base model itself.
+//!
+//! The pipeline, stage by stage, over one dataset folder whose source of
+//! truth is a SQLite manifest (`manifest.sqlite`):
+//!
+//! 1. `import` existing images (A1111/kohya folders) or `generate` them from
+//!    tag prompts with the base model;
+//! 2. `caption` what is really in each image (tagger + caption policy);
+//! 3. `dedupe` exact and near duplicates (perceptual hashes, multi-index);
+//! 4. `bucket` by aspect ratio (SDXL bucket list), recording real crop
+//!    offsets for micro-conditioning;
+//! 5. `export` to kohya / HF imagefolder / Parquet / JSONL, or
+//! 6. `train` with the v (or eps) objective, then `merge` with the base.
+//!
+//! Module map (dependency rule: `cli → stages/train/merge →
+//! models/diffusion/manifest/imaging → error`):
+//! - [`error`]: the library error type.
+//! - [`nn`]: differentiable layers and the ops behind them (fast CPU kernels
+//!   plug in there).
+
+pub mod cli;
+pub mod error;
+pub mod nn;
+
+pub use error::{Error, Result};

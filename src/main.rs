@@ -1,0 +1,21 @@
+//! `eps2v` binary: parse the command line, run, print the error chain, exit.
+
+use clap::Parser;
+
+fn main() {
+    let cli = eps2v::cli::Cli::parse();
+    match eps2v::cli::run(cli) {
+        Ok(code) => std::process::exit(code),
+        Err(err) => {
+            eprintln!("error: {err}");
+            for cause in err.chain().skip(1) {
+                eprintln!("  caused by: {cause}");
+            }
+            let code = err
+                .downcast_ref::<eps2v::Error>()
+                .map(eps2v::Error::exit_code)
+                .unwrap_or(2);
+            std::process::exit(code);
+        }
+    }
+}

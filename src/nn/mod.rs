@@ -1,0 +1,152 @@
+//! Neural-network layers shared by every model (SDXL UNet, text encoders,
+//! VAE, tagger).
+//!
+//! Why our own instead of `candle_nn`'s: several `candle_nn` layers take
+//! forward-only fast paths that silently detach gradients (`LayerNorm`,
+//! `softmax_last_dim`, `sdpa`), GEGLU there uses the tanh GELU, and
+//! nearest-upsample backward is wrong/slow (reference/sdxl.md §8.3). Every
+//! layer here is differentiable end to end and loads its parameters from a
+//! `candle_nn::VarBuilder` under the checkpoint's own key names
+//! (`weight`, `bias`), so `vb.pp("model.diffusion_model.input_blocks.1.0")`
+//! paths are the LDM names.
+//!
+//! The numeric work is in [`ops`]: plain functions over tensors. They are
+//! the single place where fast CPU kernels (custom ops with backward) plug
+//! in; the layer structs never change when a kernel does.
+
+pub mod ops;
+
+use candle_core::{Module, Result, Tensor};
+use candle_nn::VarBuilder;
+
+/// Fully connected layer, PyTorch layout: weight `[out, in]`, optional bias `[out]`.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    /// `[out, in]`
+    pub weight: Tensor,
+    /// `[out]`
+    pub bias: Option<Tensor>,
+}
+
+impl Linear {
+    /// Load `weight` (and `bias` when `bias` is true) from `vb`.
+    pub fn new(vb: VarBuilder, in_dim: usize, out_dim: usize, bias: bool) -> Result<Self> {
+        let weight = vb.get((out_dim, in_dim), "weight")?;
+        let bias = if bias {
+            Some(vb.get(out_dim, "bias")?)
+        } else {
+            None
+        };
+        Ok(Self { weight, bias })
+    }
+}
+
+impl Module for Linear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        ops::linear(x, &self.weight, self.bias.as_ref())
+    }
+}
+
+/// 2-D convolution, weight `[out, in, kh, kw]`, symmetric padding.
+#[derive(Debug, Clone)]
+pub struct Conv2d {
+    /// `[out, in, kh, kw]`
+    pub weight: Tensor,
+    /// `[out]`
+    pub bias: Option<Tensor>,
+    /// Stride (both axes).
+    pub stride: usize,
+    /// Zero padding (both axes, both sides).
+    pub padding: usize,
+}
+
+impl Conv2d {
+    /// Load a `k×k` convolution with bias.
+    pub fn new(
+        vb: VarBuilder,
+        in_ch: usize,
+        out_ch: usize,
+        k: usize,
+        stride: usize,
+        padding: usize,
+    ) -> Result<Self> {
+        let weight = vb.get((out_ch, in_ch, k, k), "weight")?;
+        let bias = Some(vb.get(out_ch, "bias")?);
+        Ok(Self {
+            weight,
+            bias,
+            stride,
+            padding,
+        })
+    }
+}
+
+impl Module for Conv2d {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        ops::conv2d(x, &self.weight, self.bias.as_ref(), self.stride, self.padding)
+    }
+}
+
+/// Group normalisation over `(b, c, ...)` with per-channel affine.
+#[derive(Debug, Clone)]
+pub struct GroupNorm {
+    /// `[c]`
+    pub weight: Tensor,
+    /// `[c]`
+    pub bias: Tensor,
+    /// Number of groups.
+    pub groups: usize,
+    /// Variance epsilon.
+    pub eps: f64,
+}
+
+impl GroupNorm {
+    /// Load `weight`/`bias` for `channels` channels.
+    pub fn new(vb: VarBuilder, groups: usize, channels: usize, eps: f64) -> Result<Self> {
+        Ok(Self {
+            weight: vb.get(channels, "weight")?,
+            bias: vb.get(channels, "bias")?,
+            groups,
+            eps,
+        })
+    }
+
+    /// GroupNorm followed by SiLU (fused where a kernel exists).
+    pub fn forward_silu(&self, x: &Tensor) -> Result<Tensor> {
+        ops::group_norm(x, self.groups, &self.weight, &self.bias, self.eps, true)
+    }
+}
+
+impl Module for GroupNorm {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        ops::group_norm(x, self.groups, &self.weight, &self.bias, self.eps, false)
+    }
+}
+
+/// Layer normalisation over the last dimension (differentiable).
+#[derive(Debug, Clone)]
+pub struct LayerNorm {
+    /// `[d]`
+    pub weight: Tensor,
+    /// `[d]`
+    pub bias: Tensor,
+    /// Variance epsilon.
+    pub eps: f64,
+}
+
+impl LayerNorm {
+    /// Load `weight`/`bias` of size `dim`.
+    pub fn new(vb: VarBuilder, dim: usize, eps: f64) -> Result<Self> {
+        Ok(Self {
+            weight: vb.get(dim, "weight")?,
+            bias: vb.get(dim, "bias")?,
+            eps,
+        })
+    }
+}
+
+impl Module for LayerNorm {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        ops::layer_norm(x, &self.weight, &self.bias, self.eps)
+    }
+}

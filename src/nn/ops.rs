@@ -1,0 +1,154 @@
+//! Tensor operations behind the layers in [`crate::nn`].
+//!
+//! These are the reference (composite, differentiable) implementations built
+//! from candle primitives that all have a backward pass. Fast CPU kernels
+//! replace the bodies of these functions (dispatching on device), never their
+//! signatures; the composites stay available as the reference the kernels are
+//! tested against.
+//!
+//! Shapes use PyTorch conventions: images `(b, c, h, w)`, sequences
+//! `(b, s, d)`, attention `(b, heads, s, head_dim)`.
+
+use candle_core::{DType, Result, Tensor, D};
+
+/// `x @ wᵀ + b` for `x` of shape `(..., in)` and `w` of shape `[out, in]`.
+pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    let y = match x.dims() {
+        [b0, s, d] => x
+            .reshape((b0 * s, *d))?
+            .matmul(&w.t()?)?
+            .reshape((*b0, *s, ()))?,
+        _ => x.broadcast_matmul(&w.t()?)?,
+    };
+    match b {
+        Some(b) => y.broadcast_add(b),
+        None => Ok(y),
+    }
+}
+
+/// 2-D convolution with bias; `x (b, cin, h, w)`, `w [cout, cin, k, k]`.
+pub fn conv2d(
+    x: &Tensor,
+    w: &Tensor,
+    b: Option<&Tensor>,
+    stride: usize,
+    padding: usize,
+) -> Result<Tensor> {
+    let y = x.conv2d(w, padding, stride, 1, 1)?;
+    match b {
+        Some(b) => y.broadcast_add(&b.reshape((1, (), 1, 1))?),
+        None => Ok(y),
+    }
+}
+
+/// Group normalisation of `x (b, c, ...)` in f32, per-channel affine, then
+/// optionally SiLU. Matches `torch.nn.GroupNorm` (biased variance).
+pub fn group_norm(
+    x: &Tensor,
+    groups: usize,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f64,
+    silu: bool,
+) -> Result<Tensor> {
+    let dtype = x.dtype();
+    let dims = x.dims().to_vec();
+    let (b, c) = (dims[0], dims[1]);
+    if c % groups != 0 {
+        candle_core::bail!("group_norm: {c} channels not divisible by {groups} groups");
+    }
+    let xg = x.to_dtype(DType::F32)?.reshape((b, groups, ()))?;
+    let mean = xg.mean_keepdim(D::Minus1)?;
+    let xc = xg.broadcast_sub(&mean)?;
+    let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
+    let xn = xc.broadcast_div(&(var + eps)?.sqrt()?)?.reshape(dims.as_slice())?;
+    let mut shape = vec![1usize; dims.len()];
+    shape[1] = c;
+    let w = weight.to_dtype(DType::F32)?.reshape(shape.as_slice())?;
+    let bi = bias.to_dtype(DType::F32)?.reshape(shape.as_slice())?;
+    let y = xn.broadcast_mul(&w)?.broadcast_add(&bi)?;
+    let y = if silu { y.silu()? } else { y };
+    y.to_dtype(dtype)
+}
+
+/// Layer normalisation over the last dimension (biased variance), computed in f32.
+pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+    let dtype = x.dtype();
+    let xf = x.to_dtype(DType::F32)?;
+    let mean = xf.mean_keepdim(D::Minus1)?;
+    let xc = xf.broadcast_sub(&mean)?;
+    let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
+    let xn = xc.broadcast_div(&(var + eps)?.sqrt()?)?;
+    let y = xn
+        .broadcast_mul(&weight.to_dtype(DType::F32)?)?
+        .broadcast_add(&bias.to_dtype(DType::F32)?)?;
+    y.to_dtype(dtype)
+}
+
+/// Numerically stable softmax over the last dimension (differentiable).
+pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?.detach();
+    let e = x.broadcast_sub(&max)?.exp()?;
+    e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
+}
+
+/// Scaled dot-product attention: `softmax(q kᵀ · scale [+ causal mask]) v`.
+/// `q (b, h, sq, d)`, `k`/`v (b, h, sk, d)` → `(b, h, sq, d)`.
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, causal: bool) -> Result<Tensor> {
+    let scores = (q.contiguous()?.matmul(&k.t()?.contiguous()?)? * scale)?;
+    let scores = if causal {
+        let (sq, sk) = (q.dim(2)?, k.dim(2)?);
+        let mask: Vec<f32> = (0..sq)
+            .flat_map(|i| (0..sk).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
+            .collect();
+        let mask = Tensor::from_vec(mask, (sq, sk), q.device())?.to_dtype(scores.dtype())?;
+        scores.broadcast_add(&mask)?
+    } else {
+        scores
+    };
+    softmax_last_dim(&scores)?.matmul(&v.contiguous()?)
+}
+
+/// Nearest-neighbour ×2 upsampling of `(b, c, h, w)` as reshape + broadcast
+/// (its backward is a plain broadcast-sum, unlike candle's upsample op).
+pub fn upsample_nearest2x(x: &Tensor) -> Result<Tensor> {
+    let (b, c, h, w) = x.dims4()?;
+    x.reshape((b, c, h, 1, w, 1))?
+        .broadcast_as((b, c, h, 2, w, 2))?
+        .reshape((b, c, 2 * h, 2 * w))
+}
+
+/// Exact (erf) GELU, as `torch.nn.functional.gelu` by default.
+pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
+    x.gelu_erf()
+}
+
+/// OpenAI CLIP's `x * sigmoid(1.702 x)`.
+pub fn quick_gelu(x: &Tensor) -> Result<Tensor> {
+    x * candle_nn::ops::sigmoid(&(x * 1.702)?)?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn upsample_matches_candle_forward() -> Result<()> {
+        let x = Tensor::arange(0f32, 2.0 * 3.0 * 4.0 * 5.0, &Device::Cpu)?.reshape((2, 3, 4, 5))?;
+        let a = upsample_nearest2x(&x)?;
+        let b = x.upsample_nearest2d(8, 10)?;
+        assert_eq!(a.flatten_all()?.to_vec1::<f32>()?, b.flatten_all()?.to_vec1::<f32>()?);
+        Ok(())
+    }
+
+    #[test]
+    fn softmax_rows_sum_to_one_and_match_candle() -> Result<()> {
+        let x = Tensor::new(&[[1f32, 2.0, 3.0], [-1.0, 0.0, 50.0]], &Device::Cpu)?;
+        let a = softmax_last_dim(&x)?;
+        let b = candle_nn::ops::softmax_last_dim(&x)?;
+        let d = (a - b)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(d < 1e-6, "{d}");
+        Ok(())
+    }
+}
