@@ -16,12 +16,17 @@
 //!
 //! Module map (dependency rule: `cli → stages/train/merge →
 //! models/diffusion/manifest/imaging → error`):
+//! - [`cli`]: clap front end (the only module that knows about flags).
+//! - [`manifest`]: the SQLite manifest (schema, migrations, records).
+//! - [`stages`]: curation stages (dedupe, export, inspect, …).
 //! - [`error`]: the library error type.
 //! - [`nn`]: differentiable layers and the ops behind them (fast CPU kernels
 //!   plug in there).
 
 pub mod cli;
 pub mod error;
+pub mod manifest;
 pub mod nn;
+pub mod stages;
 
 pub use error::{Error, Result};
