@@ -6,6 +6,8 @@
 
 use clap::{Parser, Subcommand};
 
+pub mod ckpt;
+
 /// Top-level command line.
 #[derive(Debug, Parser)]
 #[command(
@@ -25,10 +27,15 @@ pub struct Cli {
 
 /// Every subcommand.
 #[derive(Debug, Subcommand)]
-pub enum Command {}
+pub enum Command {
+    /// Inspect and check single-file SDXL checkpoints.
+    Ckpt(ckpt::CkptArgs),
+}
 
 /// Run a parsed command line; returns the process exit code.
 pub fn run(cli: Cli) -> anyhow::Result<i32> {
-    let _json = cli.json;
-    match cli.command {}
+    let json = cli.json;
+    match cli.command {
+        Command::Ckpt(args) => Ok(ckpt::run(args, json)?),
+    }
 }
