@@ -251,3 +251,52 @@ fn trainable_loader_returns_vars_for_every_unet_key() {
     let want = ckpt.tensor(key, DType::F32, &Device::Cpu).unwrap();
     assert_eq!(max_abs_diff(vars[key].as_tensor(), &want), 0.0);
 }
+
+/// A tiny single-file checkpoint written by `save_tensors` loads back with
+/// its named configs detected and the same outputs.
+#[test]
+fn tiny_checkpoint_round_trips_through_save_and_load() {
+    let dev = Device::Cpu;
+    let (ucfg, vcfg) = (UNetConfig::tiny(), VaeConfig::tiny());
+    let varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &dev);
+    let unet = UNet::new(vb.pp(UNET_PREFIX), &ucfg).unwrap();
+    let vae = Vae::new(vb.pp(VAE_PREFIX), &vcfg).unwrap();
+    init_params(&varmap, 3).unwrap();
+    let tensors: Vec<(String, Tensor)> = varmap
+        .data()
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tiny.safetensors");
+    let opts = checkpoint::SaveOptions {
+        v_pred: true,
+        ..Default::default()
+    };
+    checkpoint::save_tensors(&path, &tensors, &opts).unwrap();
+
+    let ckpt = Checkpoint::open(&path).unwrap();
+    assert_eq!(ckpt.family(), checkpoint::Family::SdxlUnet);
+    assert_eq!(ckpt.detect_unet_config().unwrap().0, "tiny");
+    assert_eq!(ckpt.detect_vae_config().unwrap().0, "tiny");
+    assert_eq!(ckpt.prediction().prediction, checkpoint::Prediction::V);
+    ckpt.check_sdxl(&ucfg, Some(&vcfg)).unwrap();
+
+    let x = Tensor::randn(0f32, 1.0, (1, 4, 8, 8), &dev).unwrap();
+    let t = Tensor::new(&[250f32], &dev).unwrap();
+    let ctx = Tensor::randn(0f32, 1.0, (1, 3, ucfg.context_dim), &dev).unwrap();
+    let pooled = Tensor::randn(0f32, 1.0, (1, ucfg.pooled_dim), &dev).unwrap();
+    let y = build_y(&pooled, &[SizeCond::square_inference(64.0, 64.0)]).unwrap();
+    let loaded = ckpt.load_unet(&ucfg, DType::F32, &dev).unwrap();
+    let a = unet.forward(&x, &t, &ctx, &y).unwrap();
+    let b = loaded.forward(&x, &t, &ctx, &y).unwrap();
+    assert_eq!(max_abs_diff(&a, &b), 0.0);
+    let loaded_vae = ckpt.load_vae(&vcfg, DType::F32, &dev).unwrap();
+    let z = Tensor::randn(0f32, 1.0, (1, 4, 2, 2), &dev).unwrap();
+    let da = vae.decode(&z).unwrap();
+    assert_eq!(da.dims(), &[1, 3, 16, 16]);
+    assert_eq!(max_abs_diff(&da, &loaded_vae.decode(&z).unwrap()), 0.0);
+}
