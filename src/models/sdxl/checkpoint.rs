@@ -487,6 +487,32 @@ pub fn record_shapes<T>(
         .map_err(|_| Error::Other("shape recorder lock poisoned".into()))
 }
 
+/// The computed SDXL base key/shape list (reference/sdxl_keys_shapes.tsv,
+/// from the sgm architecture), committed as a fixture.
+const SDXL_KEYS_SHAPES: &str = include_str!("../../../fixtures/sdxl_keys_shapes.tsv");
+
+/// Keys and shapes of the two SDXL base text encoders (`conditioner.embedders.*`)
+/// from the reference list; used to validate full-size files until the text
+/// encoder modules can be recorded with [`record_shapes`].
+pub fn sdxl_text_encoder_keys() -> Vec<(String, Vec<usize>)> {
+    SDXL_KEYS_SHAPES
+        .lines()
+        .filter(|l| l.starts_with("conditioner.embedders."))
+        .filter_map(|l| {
+            let (key, shape) = l.split_once('\t')?;
+            let dims = shape
+                .trim()
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .split(',')
+                .filter(|d| !d.trim().is_empty())
+                .map(|d| d.trim().parse::<usize>().ok())
+                .collect::<Option<Vec<_>>>()?;
+            Some((key.to_string(), dims))
+        })
+        .collect()
+}
+
 /// Keys and shapes of a UNet with `cfg` under `model.diffusion_model.`.
 pub fn unet_expected_keys(cfg: &UNetConfig) -> Result<Vec<(String, Vec<usize>)>> {
     record_shapes(|vb| UNet::new(vb.pp(UNET_PREFIX), cfg))
@@ -728,6 +754,7 @@ impl Checkpoint {
         for (key, shape) in expected {
             wanted.insert(key.as_str());
             match self.entries.get(key) {
+                None if is_ignored_key(key) => {}
                 None => v.missing.push(key.clone()),
                 Some(e) if !shape_ok(key, shape, &e.shape) => v.mismatched.push(ShapeMismatch {
                     key: key.clone(),
@@ -795,7 +822,8 @@ impl Checkpoint {
     }
 
     /// Refuse non-SDXL files and check the UNet (and the VAE when `vae` is
-    /// given and the file has one) key by key.
+    /// given and the file has one) key by key; a full-size file with text
+    /// encoders also has them checked against the SDXL base key list.
     pub fn check_sdxl(&self, unet: &UNetConfig, vae: Option<&VaeConfig>) -> Result<()> {
         let family = self.family();
         if !matches!(family, Family::Sdxl | Family::SdxlUnet) {
@@ -809,7 +837,10 @@ impl Checkpoint {
         if let (Some(cfg), Some(prefix)) = (vae, self.vae_prefix()) {
             v.extend(self.validate(&vae_expected_keys(cfg, prefix)?, prefix));
         }
-        v.into_result(&self.path, "SDXL UNet/VAE layout")
+        if family == Family::Sdxl && *unet == UNetConfig::sdxl_base() {
+            v.extend(self.validate(&sdxl_text_encoder_keys(), "conditioner.embedders"));
+        }
+        v.into_result(&self.path, "SDXL layout")
     }
 
     /// Fail on the first tensor (under `prefix`, "" for all) holding NaN or ±inf.
@@ -1656,6 +1687,14 @@ mod tests {
             &SaveOptions::default(),
         ));
         assert!(err.contains("replacement") && err.contains("[3]"), "{err}");
+    }
+
+    #[test]
+    fn text_encoder_reference_keys_are_complete() {
+        let keys = sdxl_text_encoder_keys();
+        assert_eq!(keys.len(), 586);
+        let params: usize = keys.iter().map(|(_, s)| s.iter().product::<usize>()).sum();
+        assert_eq!(params, 123_060_480 + 694_659_841);
     }
 
     #[test]
