@@ -35,7 +35,7 @@ fn time_unet(
     let ctx = Tensor::randn(0f32, 1.0, (1, 77, cfg.context_dim), &dev)?;
     let pooled = Tensor::randn(0f32, 1.0, (1, cfg.pooled_dim), &dev)?;
     let px = (latent * 8) as f32;
-    let y = build_y(&pooled, &[SizeCond::square_inference(px, px)])?;
+    let y = build_y(&pooled, &[SizeCond::inference(px, px)])?;
     for _ in 0..warmup {
         unet.forward(&x, &t, &ctx, &y)?;
     }

@@ -208,7 +208,7 @@ fn every_tiny_unet_parameter_gets_a_gradient() {
     let t = Tensor::new(&[999f32, 10.0], &dev).unwrap();
     let ctx = Tensor::randn(0f32, 1.0, (b, 5, cfg.context_dim), &dev).unwrap();
     let pooled = Tensor::randn(0f32, 1.0, (b, cfg.pooled_dim), &dev).unwrap();
-    let y = build_y(&pooled, &[SizeCond::square_inference(128.0, 128.0); 2]).unwrap();
+    let y = build_y(&pooled, &[SizeCond::inference(128.0, 128.0); 2]).unwrap();
     let out = unet.forward(&x, &t, &ctx, &y).unwrap();
     assert_eq!(out.dims(), x.dims());
     let loss = (out - &x).unwrap().sqr().unwrap().mean_all().unwrap();
@@ -289,7 +289,7 @@ fn tiny_checkpoint_round_trips_through_save_and_load() {
     let t = Tensor::new(&[250f32], &dev).unwrap();
     let ctx = Tensor::randn(0f32, 1.0, (1, 3, ucfg.context_dim), &dev).unwrap();
     let pooled = Tensor::randn(0f32, 1.0, (1, ucfg.pooled_dim), &dev).unwrap();
-    let y = build_y(&pooled, &[SizeCond::square_inference(64.0, 64.0)]).unwrap();
+    let y = build_y(&pooled, &[SizeCond::inference(64.0, 64.0)]).unwrap();
     let loaded = ckpt.load_unet(&ucfg, DType::F32, &dev).unwrap();
     let a = unet.forward(&x, &t, &ctx, &y).unwrap();
     let b = loaded.forward(&x, &t, &ctx, &y).unwrap();

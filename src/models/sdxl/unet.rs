@@ -58,7 +58,7 @@ pub struct SizeCond {
 
 impl SizeCond {
     /// The usual inference conditioning: original = target = `(h, w)`, no crop.
-    pub fn square_inference(height: f32, width: f32) -> Self {
+    pub fn inference(height: f32, width: f32) -> Self {
         Self {
             original: (height, width),
             crop_top_left: (0.0, 0.0),
@@ -614,7 +614,7 @@ mod tests {
     fn build_y_orders_pooled_then_six_sizes() -> Result<()> {
         let pooled = Tensor::ones((2, 3), DType::F32, &Device::Cpu)?;
         let sizes = [
-            SizeCond::square_inference(1024.0, 768.0),
+            SizeCond::inference(1024.0, 768.0),
             SizeCond {
                 original: (500.0, 400.0),
                 crop_top_left: (16.0, 0.0),
