@@ -57,6 +57,34 @@ impl ResnetBlock {
     }
 }
 
+/// Query rows per attention chunk in the mid block: at a 1024² image the
+/// latent has 16384 positions, and one full score matrix would be 1 GiB
+/// (f32); chunking the queries bounds it to 4096 × 16384 per step.
+const ATTN_CHUNK: usize = 4096;
+
+/// `softmax(q kᵀ · scale) v` computed `chunk` query rows at a time
+/// (`q (b, 1, s, c)`, same result as one call; differentiable).
+fn chunked_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    chunk: usize,
+) -> Result<Tensor> {
+    let s = q.dim(2)?;
+    if s <= chunk {
+        return ops::attention(q, k, v, scale, false);
+    }
+    let mut outs = Vec::with_capacity(s.div_ceil(chunk));
+    let mut start = 0;
+    while start < s {
+        let n = chunk.min(s - start);
+        outs.push(ops::attention(&q.narrow(2, start, n)?, k, v, scale, false)?);
+        start += n;
+    }
+    Tensor::cat(&outs, 2)
+}
+
 /// Load a 1×1 conv stored either as `[c, c, 1, 1]` or as a `[c, c]` matrix.
 fn conv1x1_or_matrix(vb: VarBuilder, c: usize) -> Result<Conv2d> {
     let weight = match vb.get((c, c, 1, 1), "weight") {
@@ -105,7 +133,7 @@ impl AttnBlock {
         let q = tokens(self.q.forward(&n)?)?;
         let k = tokens(self.k.forward(&n)?)?;
         let v = tokens(self.v.forward(&n)?)?;
-        let o = ops::attention(&q, &k, &v, 1.0 / (c as f64).sqrt(), false)?; // (b, 1, hw, c)
+        let o = chunked_attention(&q, &k, &v, 1.0 / (c as f64).sqrt(), ATTN_CHUNK)?; // (b, 1, hw, c)
         let o = o.squeeze(1)?.transpose(1, 2)?.reshape((b, c, h, w))?;
         x + self.proj_out.forward(&o)?
     }
@@ -358,5 +386,24 @@ impl Vae {
     /// UNet-scale latents → images (`decode(z / scale_factor)`), f32.
     pub fn decode_scaled(&self, z: &Tensor) -> Result<Tensor> {
         self.decode(&(z / self.cfg.scale_factor)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn chunked_attention_equals_one_call() -> Result<()> {
+        let dev = Device::Cpu;
+        let q = Tensor::randn(0f32, 1.0, (2, 1, 23, 8), &dev)?;
+        let k = Tensor::randn(0f32, 1.0, (2, 1, 23, 8), &dev)?;
+        let v = Tensor::randn(0f32, 1.0, (2, 1, 23, 8), &dev)?;
+        let full = ops::attention(&q, &k, &v, 0.3, false)?;
+        let chunked = chunked_attention(&q, &k, &v, 0.3, 5)?;
+        let d = (full - chunked)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(d < 1e-6, "{d}");
+        Ok(())
     }
 }
