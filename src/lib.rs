@@ -22,10 +22,12 @@
 //! - [`error`]: the library error type.
 //! - [`nn`]: differentiable layers and the ops behind them (fast CPU kernels
 //!   plug in there).
+//! - [`models`]: SDXL UNet / VAE / checkpoint I/O under native LDM key names.
 
 pub mod cli;
 pub mod error;
 pub mod manifest;
+pub mod models;
 pub mod nn;
 pub mod stages;
 

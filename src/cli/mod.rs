@@ -8,6 +8,8 @@ pub mod curation;
 
 use clap::{Parser, Subcommand};
 
+pub mod ckpt;
+
 /// Top-level command line.
 #[derive(Debug, Parser)]
 #[command(
@@ -40,6 +42,8 @@ pub enum Command {
     Export(curation::ExportArgs),
     /// Summarise a dataset, or run read-only SQL on its manifest.
     Inspect(curation::InspectArgs),
+    /// Inspect and check single-file SDXL checkpoints.
+    Ckpt(ckpt::CkptArgs),
 }
 
 /// Run a parsed command line; returns the process exit code.
@@ -64,5 +68,6 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Bucket(a) => curation::bucket(a, json),
         Command::Export(a) => curation::export(a, json),
         Command::Inspect(a) => curation::inspect(a, json),
+        Command::Ckpt(args) => Ok(ckpt::run(args, json)?),
     }
 }
