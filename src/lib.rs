@@ -19,9 +19,11 @@
 //! - [`error`]: the library error type.
 //! - [`nn`]: differentiable layers and the ops behind them (fast CPU kernels
 //!   plug in there).
+//! - [`imaging`]: decode with limits, pHash/dHash, A1111 infotext, resize/crop, buckets.
 
 pub mod cli;
 pub mod error;
+pub mod imaging;
 pub mod nn;
 
 pub use error::{Error, Result};
