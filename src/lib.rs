@@ -22,11 +22,13 @@
 //! - [`error`]: the library error type.
 //! - [`nn`]: differentiable layers and the ops behind them (fast CPU kernels
 //!   plug in there).
+//! - [`imaging`]: decode with limits, pHash/dHash, A1111 infotext, resize/crop, buckets.
 //! - [`models`]: SDXL UNet / VAE / checkpoint I/O under native LDM key names.
 
 pub mod cli;
 pub mod error;
 pub mod manifest;
+pub mod imaging;
 pub mod models;
 pub mod nn;
 pub mod stages;
