@@ -16,11 +16,14 @@
 //!
 //! Module map (dependency rule: `cli → stages/train/merge →
 //! models/diffusion/manifest/imaging → error`):
+//! - [`diffusion`]: noise schedules (ZTSNR), eps/v parameterisations,
+//!   σ schedules, samplers, CFG (rescale, uncond modes), seeded noise.
 //! - [`error`]: the library error type.
 //! - [`nn`]: differentiable layers and the ops behind them (fast CPU kernels
 //!   plug in there).
 
 pub mod cli;
+pub mod diffusion;
 pub mod error;
 pub mod nn;
 
