@@ -21,7 +21,7 @@ use std::str::FromStr;
 use candle_core::Tensor;
 
 use super::param::{lin2, Prediction};
-use super::sampler::Denoiser;
+use super::sampler::{Denoiser, ModelDenoiser};
 use crate::{Error, Result};
 
 /// What the unconditional branch of CFG is conditioned on.
@@ -185,6 +185,24 @@ pub trait CondUncondDenoiser {
     fn denoise_pair(&self, x: &Tensor, sigma: f64) -> Result<(Tensor, Tensor)>;
 }
 
+/// A raw model evaluated for the conditional and the unconditional branch in one
+/// call (the SDXL wrapper runs the UNet once on the batch `[cond; uncond]`).
+pub trait PairPredictor {
+    /// `(cond output, uncond output)` (ε or v) for the VP input `x_t` at `timestep`.
+    fn predict_pair(&self, x_t: &Tensor, timestep: f64) -> Result<(Tensor, Tensor)>;
+}
+
+impl<M: PairPredictor + ?Sized> CondUncondDenoiser for ModelDenoiser<'_, M> {
+    fn denoise_pair(&self, x: &Tensor, sigma: f64) -> Result<(Tensor, Tensor)> {
+        let x_in = self.model_input(x, sigma)?; // (b, c, h, w)
+        let (c, u) = self.model.predict_pair(&x_in, self.timestep(sigma))?;
+        Ok((
+            self.denoised_from_output(x, &c, sigma)?,
+            self.denoised_from_output(x, &u, sigma)?,
+        ))
+    }
+}
+
 /// Two separate denoisers as a [`CondUncondDenoiser`] (cond first).
 pub struct PairDenoiser<C, U>(pub C, pub U);
 
@@ -212,7 +230,12 @@ impl<M: CondUncondDenoiser> Denoiser for CfgDenoiser<M> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::diffusion::testutil::{assert_tensor_close, f64s, golden, tensor};
+    use crate::diffusion::noise::noise_for_seed;
+    use crate::diffusion::sampler::{NoisePredictor, TimestepMode};
+    use crate::diffusion::schedule::{NoiseSchedule, TerminalClamp};
+    use crate::diffusion::testutil::{
+        assert_tensor_close, f64s, golden, tensor, values, AnalyticModel,
+    };
 
     fn shape4(v: &serde_json::Value) -> (usize, usize, usize, usize) {
         let s: Vec<usize> = v
@@ -290,6 +313,62 @@ mod tests {
             .unwrap();
         for (a, b) in d.iter().zip([0.5f32, 1.0, 1.5, 2.0]) {
             assert!((a - b).abs() < 1e-5);
+        }
+    }
+
+    /// Two analytic models (different data means) as one pair predictor.
+    struct TwoModels<'a>(AnalyticModel<'a>, AnalyticModel<'a>);
+
+    impl PairPredictor for TwoModels<'_> {
+        fn predict_pair(&self, x_t: &Tensor, t: f64) -> Result<(Tensor, Tensor)> {
+            Ok((self.0.predict(x_t, t)?, self.1.predict(x_t, t)?))
+        }
+    }
+
+    #[test]
+    fn model_pair_cfg_equals_separate_denoisers() {
+        let sched = NoiseSchedule::sdxl_ztsnr(TerminalClamp::ComfyUi);
+        let mk = |mu| AnalyticModel {
+            mu,
+            s: 0.5,
+            prediction: Prediction::V,
+            schedule: &sched,
+        };
+        let pair = TwoModels(mk(0.4), mk(-0.1));
+        fn wrap<'a, M: ?Sized>(m: &'a M, sched: &'a NoiseSchedule) -> ModelDenoiser<'a, M> {
+            ModelDenoiser {
+                model: m,
+                prediction: Prediction::V,
+                schedule: sched,
+                timestep_mode: TimestepMode::Nearest,
+            }
+        }
+        let guidance = Guidance {
+            scale: 5.0,
+            rescale: 0.7,
+        };
+        let joint = CfgDenoiser {
+            inner: wrap(&pair, &sched),
+            guidance,
+        };
+        let (c, u) = (mk(0.4), mk(-0.1));
+        let separate = CfgDenoiser {
+            inner: PairDenoiser(wrap(&c, &sched), wrap(&u, &sched)),
+            guidance,
+        };
+        let x = noise_for_seed(3, (4, 6, 6), &candle_core::Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap()
+            .affine(20.0, 0.0)
+            .unwrap();
+        for sigma in [20.0, 1.5, 0.1] {
+            let a = values(&joint.denoise(&x, sigma).unwrap());
+            let b = values(&separate.denoise(&x, sigma).unwrap());
+            assert_eq!(a, b);
+            // and guidance changes the result relative to the conditional branch alone
+            let cond_only = values(&wrap(&c, &sched).denoise(&x, sigma).unwrap());
+            assert!(a.iter().zip(&cond_only).any(|(p, q)| (p - q).abs() > 1e-3));
         }
     }
 

@@ -27,13 +27,15 @@
 //! ```text
 //! schedule = NoiseSchedule::sdxl() or ::sdxl_ztsnr(TerminalClamp::ComfyUi)
 //! sigmas   = ScheduleKind::sigmas(&schedule, steps)                       // steps+1, last 0
-//! seeds    = noise::batch_seeds(seed, batch)
-//! x        = noise::batch_noise(&seeds, (4, h/8, w/8), dev) · initial_noise_scale(sigmas[0])
-//! model    = ModelDenoiser { unet_with_cond_and_uncond, prediction, &schedule, Nearest }
-//! guided   = CfgDenoiser { inner: model pair, guidance: Guidance { scale, rescale } }
+//! seeds    = noise::batch_seeds(seed, batch)                              // seed + i
+//! x        = initial_latent(&seeds, (4, h/8, w/8), &sigmas, &schedule, dev)
+//! model    = ModelDenoiser { model: &unet_pair /* impl PairPredictor */, prediction,
+//!                            schedule: &schedule, timestep_mode: TimestepMode::Nearest }
+//! guided   = CfgDenoiser { inner: model, guidance: Guidance { scale, rescale } }
 //! latent   = sample(&guided, &sigmas, x, sampler_kind, &mut SeededNoise::new(&seeds))
 //! ```
 
+#![warn(missing_docs)]
 pub mod guidance;
 pub mod noise;
 pub mod param;
@@ -41,12 +43,12 @@ pub mod sampler;
 pub mod schedule;
 pub mod spacing;
 
-pub use guidance::{CfgDenoiser, CondUncondDenoiser, Guidance, UncondMode};
+pub use guidance::{CfgDenoiser, CondUncondDenoiser, Guidance, PairPredictor, UncondMode};
 pub use noise::{batch_noise, batch_seeds, noise_for_seed, NoiseSource, SeededNoise};
 pub use param::{Prediction, Scalings};
 pub use sampler::{
-    initial_noise_scale, sample, sample_with, Denoiser, ModelDenoiser, NoisePredictor, Sampler,
-    SamplerKind, TimestepMode,
+    initial_latent, initial_noise_scale, sample, sample_with, Denoiser, ModelDenoiser,
+    NoisePredictor, Sampler, SamplerKind, TimestepMode,
 };
 pub use schedule::{NoiseSchedule, TerminalClamp};
 pub use spacing::{ScheduleKind, Spacing};

@@ -14,8 +14,9 @@
 //! [`NoisePredictor`] and is wrapped by [`ModelDenoiser`], which applies
 //! c_in / c_skip / c_out and converts σ → timestep. Classifier-free guidance is
 //! another `Denoiser` wrapper (`guidance::CfgDenoiser`). The `sample` CLI
-//! composes: `ScheduleKind::sigmas` → `noise::batch_noise` ×
-//! [`initial_noise_scale`] → [`sample`] with a `noise::SeededNoise`.
+//! composes: `ScheduleKind::sigmas` → [`initial_latent`] (per-seed noise ×
+//! [`initial_noise_scale`]) → [`sample`] with a `noise::SeededNoise`. A raw model that
+//! runs cond and uncond in one batch implements `guidance::PairPredictor`.
 
 use std::fmt;
 use std::str::FromStr;
@@ -77,16 +78,31 @@ pub struct ModelDenoiser<'a, M: ?Sized> {
     pub timestep_mode: TimestepMode,
 }
 
-impl<M: NoisePredictor + ?Sized> Denoiser for ModelDenoiser<'_, M> {
-    fn denoise(&self, x: &Tensor, sigma: f64) -> Result<Tensor> {
-        let c = self.prediction.scalings(sigma);
-        let x_in = x.affine(c.c_in, 0.0)?; // (b, c, h, w), = x_t
-        let t = match self.timestep_mode {
+impl<M: ?Sized> ModelDenoiser<'_, M> {
+    /// The timestep the model is evaluated at for σ.
+    pub fn timestep(&self, sigma: f64) -> f64 {
+        match self.timestep_mode {
             TimestepMode::Nearest => self.schedule.timestep_nearest(sigma) as f64,
             TimestepMode::Interpolated => self.schedule.timestep_interp(sigma),
-        };
-        let out = self.model.predict(&x_in, t)?;
-        lin2(c.c_skip, x, c.c_out, &out)
+        }
+    }
+
+    /// `c_skip·x + c_out·out` for a model output at σ.
+    pub fn denoised_from_output(&self, x: &Tensor, out: &Tensor, sigma: f64) -> Result<Tensor> {
+        self.prediction.denoised(x, out, sigma)
+    }
+
+    /// The model input `c_in·x` (= the VP sample x_t).
+    pub fn model_input(&self, x: &Tensor, sigma: f64) -> Result<Tensor> {
+        Ok(x.affine(self.prediction.scalings(sigma).c_in, 0.0)?)
+    }
+}
+
+impl<M: NoisePredictor + ?Sized> Denoiser for ModelDenoiser<'_, M> {
+    fn denoise(&self, x: &Tensor, sigma: f64) -> Result<Tensor> {
+        let x_in = self.model_input(x, sigma)?; // (b, c, h, w), = x_t
+        let out = self.model.predict(&x_in, self.timestep(sigma))?;
+        self.denoised_from_output(x, &out, sigma)
     }
 }
 
@@ -237,6 +253,22 @@ pub fn initial_noise_scale(sigma0: f64, schedule: &NoiseSchedule) -> f64 {
     } else {
         sigma0
     }
+}
+
+/// The txt2img starting point: per-seed unit noise `(b, c, h, w)` (see
+/// [`super::noise::batch_noise`]) scaled by [`initial_noise_scale`] for `sigmas[0]`.
+pub fn initial_latent(
+    seeds: &[u64],
+    shape: (usize, usize, usize),
+    sigmas: &[f64],
+    schedule: &NoiseSchedule,
+    device: &candle_core::Device,
+) -> Result<Tensor> {
+    let sigma0 = *sigmas
+        .first()
+        .ok_or_else(|| Error::config("initial latent: empty sigma list"))?;
+    let noise = super::noise::batch_noise(seeds, shape, device)?;
+    Ok(noise.affine(initial_noise_scale(sigma0, schedule), 0.0)?)
 }
 
 /// Checks a σ list: at least 2 entries, finite, σ_i > 0 before the last, non-increasing.
@@ -710,12 +742,8 @@ mod tests {
             schedule: &sched,
             timestep_mode: TimestepMode::Nearest,
         };
-        let scale = initial_noise_scale(sigmas[0], &sched);
         let run = |seeds: &[u64]| {
-            let x = batch_noise(seeds, (4, 8, 8), &Device::Cpu)
-                .unwrap()
-                .affine(scale, 0.0)
-                .unwrap();
+            let x = initial_latent(seeds, (4, 8, 8), &sigmas, &sched, &Device::Cpu).unwrap();
             let mut n = SeededNoise::new(seeds);
             sample(&den, &sigmas, x, SamplerKind::EulerAncestral, &mut n).unwrap()
         };
