@@ -21,6 +21,8 @@
 //!   [`UncondMode`] (zero / empty / negative).
 //! - [`noise`]: per-image seeded ChaCha noise on the CPU, identical for a seed in
 //!   any batch position and on any device.
+//! - [`training`]: per-sample noising and ε / v targets on the exact schedule,
+//!   loss weights (min-SNR-γ, v-like-ε) that stay finite at SNR = 0.
 //!
 //! How `eps2v sample` puts it together (the model side lives in `models::sdxl`):
 //!
@@ -42,6 +44,7 @@ pub mod param;
 pub mod sampler;
 pub mod schedule;
 pub mod spacing;
+pub mod training;
 
 pub use guidance::{CfgDenoiser, CondUncondDenoiser, Guidance, PairPredictor, UncondMode};
 pub use noise::{batch_noise, batch_seeds, noise_for_seed, NoiseSource, SeededNoise};
@@ -52,6 +55,7 @@ pub use sampler::{
 };
 pub use schedule::{NoiseSchedule, TerminalClamp};
 pub use spacing::{ScheduleKind, Spacing};
+pub use training::LossWeighting;
 
 /// Shared helpers for the golden and convergence tests of this module.
 #[cfg(test)]
