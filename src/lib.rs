@@ -19,6 +19,8 @@
 //! - [`cli`]: clap front end (the only module that knows about flags).
 //! - [`manifest`]: the SQLite manifest (schema, migrations, records).
 //! - [`stages`]: curation stages (dedupe, export, inspect, …).
+//! - [`diffusion`]: noise schedules (ZTSNR), eps/v parameterisations,
+//!   σ schedules, samplers, CFG (rescale, uncond modes), seeded noise.
 //! - [`error`]: the library error type.
 //! - [`nn`]: differentiable layers and the ops behind them (fast CPU kernels
 //!   plug in there).
@@ -26,6 +28,7 @@
 //! - [`models`]: SDXL UNet / VAE / checkpoint I/O under native LDM key names.
 
 pub mod cli;
+pub mod diffusion;
 pub mod error;
 pub mod manifest;
 pub mod imaging;
