@@ -19,9 +19,11 @@
 //! - [`error`]: the library error type.
 //! - [`nn`]: differentiable layers and the ops behind them (fast CPU kernels
 //!   plug in there).
+//! - [`models`]: SDXL text encoders, tokenizer and prompt handling (more to come).
 
 pub mod cli;
 pub mod error;
+pub mod models;
 pub mod nn;
 
 pub use error::{Error, Result};

@@ -1,0 +1,3 @@
+//! Model implementations with native checkpoint key names.
+
+pub mod sdxl;

@@ -1,0 +1,3 @@
+//! SDXL in candle with LDM/sgm single-file key names (reference/sdxl.md).
+
+pub mod tokenizer;
