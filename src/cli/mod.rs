@@ -4,6 +4,8 @@
 //! Exit codes: 0 ok, 1 the command ran but some items failed, 2 usage /
 //! config / model error.
 
+pub mod tokenize;
+
 use clap::{Parser, Subcommand};
 
 /// Top-level command line.
@@ -25,10 +27,15 @@ pub struct Cli {
 
 /// Every subcommand.
 #[derive(Debug, Subcommand)]
-pub enum Command {}
+pub enum Command {
+    /// Print the CLIP token ids (and A1111 weights) of a prompt as JSON.
+    Tokenize(tokenize::TokenizeArgs),
+}
 
 /// Run a parsed command line; returns the process exit code.
 pub fn run(cli: Cli) -> anyhow::Result<i32> {
     let _json = cli.json;
-    match cli.command {}
+    match cli.command {
+        Command::Tokenize(args) => tokenize::run(&args),
+    }
 }
