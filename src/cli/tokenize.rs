@@ -79,12 +79,13 @@ mod tests {
     fn parses_encoder_flag() {
         let cli =
             Cli::try_parse_from(["eps2v", "tokenize", "a cat", "--encoder", "g"]).expect("parse");
-        match cli.command {
-            Command::Tokenize(a) => {
-                assert_eq!(a.prompt, "a cat");
-                assert_eq!(a.encoder, EncoderArg::G);
-            }
-        }
+        #[allow(irrefutable_let_patterns)]
+        let Command::Tokenize(a) = cli.command
+        else {
+            panic!("expected the tokenize command")
+        };
+        assert_eq!(a.prompt, "a cat");
+        assert_eq!(a.encoder, EncoderArg::G);
         assert!(Cli::try_parse_from(["eps2v", "tokenize", "x", "--encoder", "h"]).is_err());
     }
 }

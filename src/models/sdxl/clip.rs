@@ -638,6 +638,7 @@ mod tests {
         let out = m.forward(&ts["__input_ids"])?;
         assert!(out.pooled.is_none());
         let err = max_abs(&out.penultimate, &ts["__penultimate"]);
+        eprintln!("clip-l penultimate max abs err {err:e}");
         assert!(err <= 1e-4, "clip-l max abs err {err}");
         Ok(())
     }
@@ -651,10 +652,45 @@ mod tests {
         let m = ClipTextModel::new(vb.pp(BIGG_PREFIX), &golden_cfg_g())?;
         let out = m.forward(&ts["__input_ids"])?;
         let err = max_abs(&out.penultimate, &ts["__penultimate"]);
+        eprintln!("bigG penultimate max abs err {err:e}");
         assert!(err <= 1e-4, "bigG penultimate max abs err {err}");
         let pooled = out.pooled.expect("pooled");
         let err = max_abs(&pooled, &ts["__pooled"]);
+        eprintln!("bigG pooled max abs err {err:e}");
         assert!(err <= 1e-4, "bigG pooled max abs err {err}");
+        Ok(())
+    }
+
+    /// Golden: SDXL conditioning built as A1111 does (sd_hijack_clip
+    /// `tokenize_line` chunks, transformers CLIP-L `hidden_states[-2]` and
+    /// open_clip bigG per chunk, `EmphasisOriginal` per encoder, pooled from
+    /// the first chunk) on the tiny golden weights of both encoders.
+    #[test]
+    fn sdxl_encoder_matches_a1111_pipeline() -> Result<()> {
+        let mut ts = load_golden("clip_l_tiny.safetensors");
+        ts.extend(load_golden("bigg_tiny.safetensors"));
+        let vb = VarBuilder::from_tensors(ts, DType::F32, &Device::Cpu);
+        let enc = SdxlTextEncoder::new(vb, &golden_cfg_l(), &golden_cfg_g())?;
+        let want = load_golden("sdxl_text_e2e.safetensors");
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/fixtures/golden/text/sdxl_text_e2e.json"
+        );
+        let v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?)?;
+        let prompts: Vec<String> = serde_json::from_value(v["prompts"].clone())?;
+        assert_eq!(prompts.len(), 3);
+        for (i, p) in prompts.iter().enumerate() {
+            let got = enc.encode(&[p.as_str()])?;
+            let wc = &want[&format!("context.{i}")];
+            assert_eq!(got.context.dims(), wc.dims(), "{p:?}");
+            let err = max_abs(&got.context, wc);
+            eprintln!("e2e {i}: context max abs err {err:e}");
+            assert!(err <= 1e-4, "{p:?}: context max abs err {err}");
+            let err = max_abs(&got.pooled, &want[&format!("pooled.{i}")]);
+            eprintln!("e2e {i}: pooled max abs err {err:e}");
+            assert!(err <= 1e-4, "{p:?}: pooled max abs err {err}");
+        }
         Ok(())
     }
 
