@@ -29,6 +29,15 @@
 //! names stay as written. Prompts that need the missing parts are
 //! mis-encoded by one or two tokens, never rejected.
 //!
+//! As in open_clip, the literal texts `<start_of_text>` / `<end_of_text>`
+//! inside a prompt become the special ids (they are registered as special
+//! tokens and split out before pre-tokenisation).
+//!
+//! Checked against open_clip's own `tokenize` on 208 prompts (Danbooru tag
+//! lists, unicode scripts, emoji with ZWJ sequences, HTML entities,
+//! ligatures, full-width text, control characters, emphasis syntax, long
+//! prompts): golden test below, fixtures/scripts/gen_text_goldens.py.
+//!
 //! The merges file and its MIT licence are committed in
 //! `fixtures/tokenizer/`; the file is embedded with `include_bytes!` so that
 //! every command works without data files.
@@ -253,16 +262,26 @@ impl ClipTokenizer {
 /// fix_text subset, `html.unescape` twice, strip, collapse whitespace,
 /// lowercase.
 pub fn clean(text: &str) -> String {
-    let mut t = text.to_string();
-    // ftfy repeats its fixers until the text stops changing.
-    for _ in 0..8 {
-        let next = fix_text_pass(&t);
-        if next == t {
-            break;
+    // ftfy.fix_text: line by line; HTML unescaping is switched off from the
+    // first line containing '<' on; each line is fixed until it stops
+    // changing.
+    let mut fixed = String::with_capacity(text.len());
+    let mut unescape = true;
+    for seg in text.split_inclusive('\n') {
+        if seg.contains('<') {
+            unescape = false;
         }
-        t = next;
+        let mut t = seg.to_string();
+        for _ in 0..16 {
+            let next = fix_text_pass(&t, unescape);
+            if next == t {
+                break;
+            }
+            t = next;
+        }
+        fixed.push_str(&t);
     }
-    let t = html_unescape(&html_unescape(&t));
+    let t = html_unescape(&html_unescape(&fixed));
     let words: Vec<&str> = t.split(is_py_space).filter(|w| !w.is_empty()).collect();
     words.join(" ").to_lowercase()
 }
@@ -273,16 +292,12 @@ fn is_py_space(c: char) -> bool {
 }
 
 /// One pass of the ftfy fixers we implement, in ftfy's order.
-fn fix_text_pass(text: &str) -> String {
-    // ftfy fixes line by line; html is unescaped only in lines without '<'.
-    let mut out = String::with_capacity(text.len());
-    for seg in text.split_inclusive('\n') {
-        if seg.contains('<') {
-            out.push_str(seg);
-        } else {
-            out.push_str(&ftfy_unescape(seg));
-        }
-    }
+fn fix_text_pass(text: &str, unescape: bool) -> String {
+    let out = if unescape {
+        ftfy_unescape(text)
+    } else {
+        text.to_string()
+    };
     let mut t = String::with_capacity(out.len());
     for c in out.chars() {
         match c {
