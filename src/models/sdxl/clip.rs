@@ -437,6 +437,22 @@ impl TextConditioning {
     }
 }
 
+/// How emphasis weights act on the encoder output (A1111 option "Emphasis
+/// mode").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Emphasis {
+    /// Multiply each token's output by its weight, then restore the mean
+    /// (A1111 default, [`emphasis_original`]).
+    #[default]
+    Original,
+    /// Multiply by the weights without restoring the mean (A1111 "No norm").
+    NoNorm,
+    /// Parse the syntax but ignore the weights (A1111 "Ignore").
+    Ignore,
+    /// Do not parse: brackets and `BREAK` are plain text (A1111 "None").
+    None,
+}
+
 /// Both SDXL text encoders and the tokenizer: prompt strings in, SDXL
 /// `context` and pooled vector out, with A1111 long-prompt chunking and
 /// "Original" emphasis (see [`super::prompt`]).
@@ -446,6 +462,8 @@ pub struct SdxlTextEncoder {
     pub clip_l: ClipTextModel,
     /// Text encoder 2.
     pub clip_g: ClipTextModel,
+    /// Emphasis mode (default [`Emphasis::Original`]).
+    pub emphasis: Emphasis,
     tokenizer: ClipTokenizer,
 }
 
@@ -461,6 +479,7 @@ impl SdxlTextEncoder {
         Ok(Self {
             clip_l: ClipTextModel::new(vb.pp(CLIP_L_PREFIX), cfg_l)?,
             clip_g: ClipTextModel::new(vb.pp(BIGG_PREFIX), cfg_g)?,
+            emphasis: Emphasis::default(),
             tokenizer: ClipTokenizer::new()?,
         })
     }
@@ -475,7 +494,9 @@ impl SdxlTextEncoder {
     pub fn tokenize(&self, prompts: &[&str], min_chunks: usize) -> Result<Vec<TokenizedPrompt>> {
         let mut out = prompts
             .iter()
-            .map(|p| prompt::tokenize_prompt(&self.tokenizer, p))
+            .map(|p| {
+                prompt::tokenize_prompt_with(&self.tokenizer, p, self.emphasis != Emphasis::None)
+            })
             .collect::<Result<Vec<_>>>()?;
         prompt::pad_to_same_chunks(&mut out, min_chunks);
         Ok(out)
@@ -532,13 +553,18 @@ impl SdxlTextEncoder {
             let mults = Tensor::from_vec(mults, (b, CONTEXT_LEN, 1), &dev)?;
             let l = self.clip_l.forward(&ids(Padding::Eos)?)?;
             let g = self.clip_g.forward(&ids(Padding::Zero)?)?;
-            let (zl, zg) = if weighted {
-                (
+            let (zl, zg) = match self.emphasis {
+                Emphasis::Original if weighted => (
                     emphasis_original(&l.penultimate, &mults)?,
                     emphasis_original(&g.penultimate, &mults)?,
-                )
-            } else {
-                (l.penultimate, g.penultimate)
+                ),
+                Emphasis::NoNorm if weighted => (
+                    l.penultimate
+                        .broadcast_mul(&mults.to_dtype(l.penultimate.dtype())?)?,
+                    g.penultimate
+                        .broadcast_mul(&mults.to_dtype(g.penultimate.dtype())?)?,
+                ),
+                _ => (l.penultimate, g.penultimate),
             };
             // (b, 77, dl + dg), CLIP-L first
             contexts.push(Tensor::cat(&[&zl, &zg.to_dtype(zl.dtype())?], D::Minus1)?);
@@ -757,6 +783,18 @@ mod tests {
         assert!(max_abs(&plain.context, &weighted.context) > 1e-3);
         // pooled has no emphasis (A1111 takes it from the unweighted output)
         assert!(max_abs(&plain.pooled, &weighted.pooled) < 1e-6);
+        // "Ignore": same ids as the plain prompt, weights dropped
+        let mut enc = enc;
+        enc.emphasis = Emphasis::Ignore;
+        let ignored = enc.encode(&["a (cat), a dog"])?;
+        let plain2 = enc.encode(&["a cat, a dog"])?;
+        assert!(max_abs(&ignored.context, &plain2.context) < 1e-6);
+        // "No norm": the weighted token's CLIP-L row is exactly 1.5× the plain one
+        enc.emphasis = Emphasis::NoNorm;
+        let nonorm = enc.encode(&["a (cat:1.5), a dog"])?;
+        let row = |t: &Tensor| t.narrow(1, 2, 1).and_then(|x| x.narrow(2, 0, 32));
+        let d = max_abs(&(row(&plain.context)? * 1.5)?, &row(&nonorm.context)?);
+        assert!(d < 1e-5, "{d}");
         Ok(())
     }
 

@@ -167,7 +167,22 @@ pub struct TokenizedPrompt {
 /// A1111 `tokenize_line`: parse emphasis, tokenize each fragment, fill
 /// 75-token chunks with comma backtracking and `BREAK`.
 pub fn tokenize_prompt(tok: &ClipTokenizer, prompt: &str) -> Result<TokenizedPrompt> {
-    let parsed = parse_prompt_attention(prompt)?;
+    tokenize_prompt_with(tok, prompt, true)
+}
+
+/// [`tokenize_prompt`], or with `parse_emphasis` false the whole prompt as
+/// one literal fragment of weight 1 (A1111 emphasis mode "None": brackets
+/// and `BREAK` are plain text).
+pub fn tokenize_prompt_with(
+    tok: &ClipTokenizer,
+    prompt: &str,
+    parse_emphasis: bool,
+) -> Result<TokenizedPrompt> {
+    let parsed = if parse_emphasis {
+        parse_prompt_attention(prompt)?
+    } else {
+        vec![(prompt.to_string(), 1.0)]
+    };
     let comma = tok.comma_id();
     let mut chunks: Vec<PromptChunk> = Vec::new();
     let mut cur_t: Vec<u32> = Vec::new();
@@ -308,6 +323,20 @@ mod tests {
         pad_to_same_chunks(&mut v, 3);
         assert!(v.iter().all(|t| t.chunks.len() == 3));
         assert_eq!(v[1].chunks[2], PromptChunk::empty());
+        Ok(())
+    }
+
+    #[test]
+    fn emphasis_none_keeps_brackets_as_text() -> Result<()> {
+        let tok = ClipTokenizer::new()?;
+        let t = tokenize_prompt_with(&tok, "(cat:1.5) BREAK dog", false)?;
+        assert_eq!(t.chunks.len(), 1);
+        assert!(t.chunks[0].multipliers.iter().all(|&m| m == 1.0));
+        let n = tok.encode("(cat:1.5) BREAK dog")?.len();
+        assert_eq!(
+            &t.chunks[0].tokens[1..=n],
+            tok.encode("(cat:1.5) BREAK dog")?.as_slice()
+        );
         Ok(())
     }
 }
