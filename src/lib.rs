@@ -25,13 +25,14 @@
 //! - [`nn`]: differentiable layers and the ops behind them (fast CPU kernels
 //!   plug in there).
 //! - [`imaging`]: decode with limits, pHash/dHash, A1111 infotext, resize/crop, buckets.
-//! - [`models`]: SDXL UNet / VAE / checkpoint I/O under native LDM key names.
+//! - [`models`]: SDXL UNet / VAE / text encoders / tokenizer / checkpoint I/O
+//!   under native LDM key names.
 
 pub mod cli;
 pub mod diffusion;
 pub mod error;
-pub mod manifest;
 pub mod imaging;
+pub mod manifest;
 pub mod models;
 pub mod nn;
 pub mod stages;

@@ -5,6 +5,7 @@
 //! config / model error.
 
 pub mod curation;
+pub mod tokenize;
 
 use clap::{Parser, Subcommand};
 
@@ -44,6 +45,8 @@ pub enum Command {
     Inspect(curation::InspectArgs),
     /// Inspect and check single-file SDXL checkpoints.
     Ckpt(ckpt::CkptArgs),
+    /// Print the CLIP token ids (and A1111 weights) of a prompt as JSON.
+    Tokenize(tokenize::TokenizeArgs),
 }
 
 /// Run a parsed command line; returns the process exit code.
@@ -69,5 +72,6 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Export(a) => curation::export(a, json),
         Command::Inspect(a) => curation::inspect(a, json),
         Command::Ckpt(args) => Ok(ckpt::run(args, json)?),
+        Command::Tokenize(args) => tokenize::run(&args),
     }
 }

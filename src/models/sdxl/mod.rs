@@ -8,10 +8,17 @@
 //! - [`checkpoint`]: bounds-checked mmap loading with per-tensor dtype
 //!   conversion, validation, prediction-type markers, atomic save, hashes.
 //! - [`blocks`]: merge-block-weighted (MBW) block ids (`IN00`…`OUT08`).
+//! - [`clip`]: CLIP-L and OpenCLIP ViT-bigG text encoders, and the combined
+//!   SDXL text conditioning.
+//! - [`tokenizer`]: the CLIP BPE tokenizer (embedded vocabulary).
+//! - [`prompt`]: A1111 prompt syntax (emphasis, `BREAK`, 75-token chunks).
 
 pub mod blocks;
 pub mod checkpoint;
+pub mod clip;
 pub mod config;
+pub mod prompt;
+pub mod tokenizer;
 pub mod unet;
 pub mod vae;
 
