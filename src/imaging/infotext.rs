@@ -527,6 +527,13 @@ mod tests {
     }
 
     #[test]
+    fn broken_files_have_no_parameters() {
+        for name in ["empty.png", "truncated.png", "truncated.jpg", "garbage.png", "bomb.png"] {
+            assert_eq!(read_parameters(&fixture(name)), None, "{name}");
+        }
+    }
+
+    #[test]
     fn user_comment_byte_orders() {
         let text = "Steps: 1, a";
         let mut be = b"UNICODE\0".to_vec();
