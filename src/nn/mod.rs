@@ -83,13 +83,7 @@ impl Conv2d {
 
 impl Module for Conv2d {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        ops::conv2d(
-            x,
-            &self.weight,
-            self.bias.as_ref(),
-            self.stride,
-            self.padding,
-        )
+        ops::conv2d(x, &self.weight, self.bias.as_ref(), self.stride, self.padding)
     }
 }
 

@@ -61,9 +61,7 @@ pub fn group_norm(
     let mean = xg.mean_keepdim(D::Minus1)?;
     let xc = xg.broadcast_sub(&mean)?;
     let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
-    let xn = xc
-        .broadcast_div(&(var + eps)?.sqrt()?)?
-        .reshape(dims.as_slice())?;
+    let xn = xc.broadcast_div(&(var + eps)?.sqrt()?)?.reshape(dims.as_slice())?;
     let mut shape = vec![1usize; dims.len()];
     shape[1] = c;
     let w = weight.to_dtype(DType::F32)?.reshape(shape.as_slice())?;
@@ -140,10 +138,7 @@ mod tests {
         let x = Tensor::arange(0f32, 2.0 * 3.0 * 4.0 * 5.0, &Device::Cpu)?.reshape((2, 3, 4, 5))?;
         let a = upsample_nearest2x(&x)?;
         let b = x.upsample_nearest2d(8, 10)?;
-        assert_eq!(
-            a.flatten_all()?.to_vec1::<f32>()?,
-            b.flatten_all()?.to_vec1::<f32>()?
-        );
+        assert_eq!(a.flatten_all()?.to_vec1::<f32>()?, b.flatten_all()?.to_vec1::<f32>()?);
         Ok(())
     }
 
