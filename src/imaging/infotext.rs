@@ -528,7 +528,13 @@ mod tests {
 
     #[test]
     fn broken_files_have_no_parameters() {
-        for name in ["empty.png", "truncated.png", "truncated.jpg", "garbage.png", "bomb.png"] {
+        for name in [
+            "empty.png",
+            "truncated.png",
+            "truncated.jpg",
+            "garbage.png",
+            "bomb.png",
+        ] {
             assert_eq!(read_parameters(&fixture(name)), None, "{name}");
         }
     }
