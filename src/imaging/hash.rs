@@ -240,8 +240,9 @@ fn precompute_taps(in_size: usize, out_size: usize) -> Taps {
     Taps { ksize, bounds, kk }
 }
 
+/// Pillow `clip8`: arithmetic shift then clamp to 0..=255.
 #[inline]
-fn clip8(ss: i64) -> u8 {
+fn clip8(ss: i32) -> u8 {
     (ss >> PRECISION_BITS).clamp(0, 255) as u8
 }
 
@@ -296,47 +297,64 @@ pub fn pil_resize_lanczos_rgb(
 
 /// Horizontal pass over `rows` source rows starting at `first_row`
 /// (`src` is `w` pixels wide). Output `(rows, out_w)` RGB8.
+///
+/// Same arithmetic as Pillow (i32 accumulators, 22-bit taps); each row is
+/// split into channel planes first so the dot products vectorise.
 fn horizontal_pass(src: &[u8], w: usize, first_row: usize, rows: usize, out_w: usize) -> Vec<u8> {
     let ht = precompute_taps(w, out_w);
     let mut out = vec![0u8; rows * out_w * 3];
+    let mut planes = vec![0u8; 3 * w];
     for r in 0..rows {
         let line = &src[(r + first_row) * w * 3..(r + first_row + 1) * w * 3];
+        let (p0, rest) = planes.split_at_mut(w);
+        let (p1, p2) = rest.split_at_mut(w);
+        for (i, px) in line.chunks_exact(3).enumerate() {
+            p0[i] = px[0];
+            p1[i] = px[1];
+            p2[i] = px[2];
+        }
         let dst = &mut out[r * out_w * 3..(r + 1) * out_w * 3];
         for xx in 0..out_w {
             let (xmin, n) = ht.bounds[xx];
             let k = &ht.kk[xx * ht.ksize..xx * ht.ksize + n];
-            let mut s = [1i64 << (PRECISION_BITS - 1); 3];
-            for (x, &kx) in k.iter().enumerate() {
-                let p = &line[(xmin + x) * 3..(xmin + x) * 3 + 3];
-                let kx = i64::from(kx);
-                s[0] += i64::from(p[0]) * kx;
-                s[1] += i64::from(p[1]) * kx;
-                s[2] += i64::from(p[2]) * kx;
+            for (c, plane) in [&*p0, &*p1, &*p2].into_iter().enumerate() {
+                let s = dot_u8_i32(&plane[xmin..xmin + n], k);
+                dst[xx * 3 + c] = clip8(s);
             }
-            dst[xx * 3] = clip8(s[0]);
-            dst[xx * 3 + 1] = clip8(s[1]);
-            dst[xx * 3 + 2] = clip8(s[2]);
         }
     }
     out
 }
 
+#[inline]
+fn dot_u8_i32(a: &[u8], k: &[i32]) -> i32 {
+    let mut s = 1i32 << (PRECISION_BITS - 1);
+    for (&v, &kv) in a.iter().zip(k) {
+        s = s.wrapping_add(i32::from(v).wrapping_mul(kv));
+    }
+    s
+}
+
 /// Vertical pass: `src` is `w` pixels wide and its row 0 is source row
-/// `row_offset`. Output `(out_h, w)` RGB8.
+/// `row_offset`. Output `(out_h, w)` RGB8. Taps outer, pixels inner (rows
+/// are contiguous, so the accumulation vectorises).
 fn vertical_pass(src: &[u8], w: usize, vt: &Taps, out_h: usize, row_offset: usize) -> Vec<u8> {
     let stride = w * 3;
     let mut out = vec![0u8; out_h * stride];
+    let mut acc = vec![0i32; stride];
     for yy in 0..out_h {
         let (ymin, n) = vt.bounds[yy];
         let ymin = ymin - row_offset;
         let k = &vt.kk[yy * vt.ksize..yy * vt.ksize + n];
-        let dst = &mut out[yy * stride..(yy + 1) * stride];
-        for (xc, d) in dst.iter_mut().enumerate() {
-            let mut s = 1i64 << (PRECISION_BITS - 1);
-            for (y, &ky) in k.iter().enumerate() {
-                s += i64::from(src[(ymin + y) * stride + xc]) * i64::from(ky);
+        acc.fill(1i32 << (PRECISION_BITS - 1));
+        for (y, &ky) in k.iter().enumerate() {
+            let row = &src[(ymin + y) * stride..(ymin + y + 1) * stride];
+            for (a, &v) in acc.iter_mut().zip(row) {
+                *a = a.wrapping_add(i32::from(v).wrapping_mul(ky));
             }
-            *d = clip8(s);
+        }
+        for (d, &a) in out[yy * stride..(yy + 1) * stride].iter_mut().zip(&acc) {
+            *d = clip8(a);
         }
     }
     out
