@@ -35,7 +35,9 @@ fn flag(name: &str) -> bool {
     std::env::args().any(|a| a == name)
 }
 
-/// A smooth synthetic "photo" (~1 MP, one of four SDXL-ish aspect ratios).
+/// A synthetic "photo" (~1 MP, one of four SDXL-ish aspect ratios):
+/// gradient background, a disc and random blocks (distinct perceptual
+/// hashes, so every image survives dedupe and reaches bucketing), light noise.
 fn synth(k: usize) -> RgbImage {
     let sizes = [(1024, 1024), (1216, 832), (832, 1216), (1344, 768)];
     let (w, h) = sizes[k % sizes.len()];
@@ -46,11 +48,27 @@ fn synth(k: usize) -> RgbImage {
         rng.random_range(0..h) as f32,
         rng.random_range(50..300) as f32,
     );
+    let blocks: Vec<(u32, u32, u32, u32, [u8; 3])> = (0..6)
+        .map(|_| {
+            (
+                rng.random_range(0..w),
+                rng.random_range(0..h),
+                rng.random_range(w / 8..w / 2),
+                rng.random_range(h / 8..h / 2),
+                [rng.random(), rng.random(), rng.random()],
+            )
+        })
+        .collect();
     RgbImage::from_fn(w, h, |x, y| {
+        let n = ((x.wrapping_mul(2654435761) ^ y.wrapping_mul(40503)) >> 13) % 6;
+        for &(bx, by, bw, bh, col) in &blocks {
+            if x >= bx && x < bx + bw && y >= by && y < by + bh {
+                return Rgb(col.map(|v| v.saturating_add(n as u8)));
+            }
+        }
         let (xf, yf) = (x as f32 / w as f32, y as f32 / h as f32);
-        let inside = ((x as f32 - cx).powi(2) + (y as f32 - cy).powi(2)) < r * r;
-        let n = ((x.wrapping_mul(2654435761) ^ y.wrapping_mul(40503)) >> 13) as f32 % 6.0;
-        if inside {
+        let n = n as f32;
+        if ((x as f32 - cx).powi(2) + (y as f32 - cy).powi(2)) < r * r {
             Rgb([(255.0 * c) as u8, (200.0 * a) as u8, (90.0 + n) as u8])
         } else {
             Rgb([

@@ -27,6 +27,9 @@ pub struct CkptArgs {
 #[derive(Debug, Subcommand)]
 pub enum CkptCommand {
     /// Family, prediction type, ZTSNR, dtypes, counts per component, hashes.
+    #[command(
+        after_help = "Examples:\n  eps2v ckpt info sd_xl_base_1.0.safetensors\n  eps2v --json ckpt info model.safetensors --no-hash"
+    )]
     Info {
         /// A single-file .safetensors checkpoint.
         file: PathBuf,
@@ -35,6 +38,7 @@ pub enum CkptCommand {
         no_hash: bool,
     },
     /// Like `info`, and also scan every weight for NaN / infinite values.
+    #[command(after_help = "Example:\n  eps2v ckpt check merged_model.safetensors")]
     Check {
         /// A single-file .safetensors checkpoint.
         file: PathBuf,

@@ -20,6 +20,9 @@ pub enum EncoderArg {
 
 /// Arguments of `eps2v tokenize`.
 #[derive(Debug, clap::Args)]
+#[command(
+    after_help = "Examples:\n  eps2v tokenize \"1girl, solo, (red circle:1.2), [blue background]\"\n  eps2v tokenize \"masterpiece BREAK 1girl\" --encoder g"
+)]
 pub struct TokenizeArgs {
     /// The prompt, in A1111 syntax (`(word:1.2)`, `(word)`, `[word]`, `BREAK`).
     pub prompt: String,

@@ -228,6 +228,12 @@ pub fn now() -> String {
     chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
 }
 
+/// A closure that wraps SQLite errors with the manifest path, for use while
+/// a transaction holds the connection mutably (`.map_err(sql_err(&path))`).
+pub fn sql_err(path: &Path) -> impl Fn(rusqlite::Error) -> Error + '_ {
+    move |e| manifest_err(path, e)
+}
+
 fn manifest_err(path: &Path, e: rusqlite::Error) -> Error {
     Error::Manifest {
         path: path.to_path_buf(),

@@ -272,10 +272,7 @@ pub fn run(cfg: &BucketConfig, m: &mut Manifest, ctx: &Ctx) -> Result<BucketRepo
             })
             .collect();
         let path = m.db_path().to_path_buf();
-        let map = |e: rusqlite::Error| Error::Manifest {
-            path: path.clone(),
-            msg: e.to_string(),
-        };
+        let map = crate::manifest::sql_err(&path);
         let tx = m.conn_mut().transaction().map_err(map)?;
         for o in outcomes {
             match o {

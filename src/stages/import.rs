@@ -459,10 +459,7 @@ fn write_batch(
     report: &mut ImportReport,
 ) -> Result<()> {
     let path = m.db_path().to_path_buf();
-    let map = |e: rusqlite::Error| Error::Manifest {
-        path: path.clone(),
-        msg: e.to_string(),
-    };
+    let map = crate::manifest::sql_err(&path);
     let tx = m.conn_mut().transaction().map_err(map)?;
     for o in outcomes {
         let o = match o {

@@ -271,10 +271,7 @@ pub fn run(cfg: &DedupeConfig, m: &mut Manifest, _ctx: &Ctx) -> Result<DedupeRep
     let run_id = m.begin_run("dedupe", cfg)?;
     report.run_id = run_id;
     let path = m.db_path().to_path_buf();
-    let map = |e: rusqlite::Error| crate::Error::Manifest {
-        path: path.clone(),
-        msg: e.to_string(),
-    };
+    let map = crate::manifest::sql_err(&path);
     let tx = m.conn_mut().transaction().map_err(map)?;
     tx.execute(
         "UPDATE items SET status = 'ok', reason = NULL, status_run_id = ?1 WHERE status = 'duplicate'",
