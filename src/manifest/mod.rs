@@ -230,7 +230,7 @@ pub fn now() -> String {
 
 /// A closure that wraps SQLite errors with the manifest path, for use while
 /// a transaction holds the connection mutably (`.map_err(sql_err(&path))`).
-pub fn sql_err(path: &Path) -> impl Fn(rusqlite::Error) -> Error + '_ {
+pub fn sql_err(path: &Path) -> impl Fn(rusqlite::Error) -> Error + Copy + '_ {
     move |e| manifest_err(path, e)
 }
 
