@@ -44,8 +44,6 @@ pub enum TerminalClamp {
     ComfyUi,
     /// ᾱ_T = 2⁻²⁴ (diffusers Euler / DPM-Solver / UniPC; σ_max ≈ 4096).
     Diffusers,
-    /// Any other positive ᾱ_T.
-    Custom(f64),
 }
 
 impl TerminalClamp {
@@ -54,8 +52,32 @@ impl TerminalClamp {
         match self {
             TerminalClamp::ComfyUi => COMFY_TERMINAL_ALPHA_BAR,
             TerminalClamp::Diffusers => DIFFUSERS_TERMINAL_ALPHA_BAR,
-            TerminalClamp::Custom(v) => v,
         }
+    }
+}
+
+impl std::str::FromStr for TerminalClamp {
+    type Err = Error;
+
+    /// `comfyui` (also `comfy`, `a1111`, `forge`) or `diffusers`, any case.
+    fn from_str(s: &str) -> Result<Self> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "comfyui" | "comfy" | "a1111" | "forge" => Ok(TerminalClamp::ComfyUi),
+            "diffusers" => Ok(TerminalClamp::Diffusers),
+            other => Err(Error::config(format!(
+                "unknown ZTSNR terminal clamp {other:?}; use comfyui (4.897e-8) or diffusers (2^-24)"
+            ))),
+        }
+    }
+}
+
+impl std::fmt::Display for TerminalClamp {
+    /// `comfyui` or `diffusers`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            TerminalClamp::ComfyUi => "comfyui",
+            TerminalClamp::Diffusers => "diffusers",
+        })
     }
 }
 
@@ -152,7 +174,7 @@ impl NoiseSchedule {
         if ztsnr {
             acp = rescale_zero_terminal_snr(&acp);
         }
-        // Built-in tables are valid by construction except for a bad custom clamp.
+        // Built-in tables and clamps are valid by construction.
         Self::build(acp, clamp, ztsnr)
     }
 
@@ -428,11 +450,15 @@ mod tests {
             NoiseSchedule::from_alphas_cumprod(vec![0.9, 0.0, 0.0], TerminalClamp::ComfyUi)
                 .is_err()
         );
-        assert!(NoiseSchedule::from_alphas_cumprod(
-            vec![0.9, 0.5, 0.0],
-            TerminalClamp::Custom(0.6)
-        )
-        .is_err());
+        // the clamp must stay below the second to last entry
+        assert!(
+            NoiseSchedule::from_alphas_cumprod(vec![0.9, 1e-8, 0.0], TerminalClamp::ComfyUi)
+                .is_err()
+        );
+        for c in [TerminalClamp::ComfyUi, TerminalClamp::Diffusers] {
+            assert_eq!(c.to_string().parse::<TerminalClamp>().unwrap(), c);
+        }
+        assert!("zero".parse::<TerminalClamp>().is_err());
         let s = NoiseSchedule::from_alphas_cumprod(vec![0.9, 0.5, 0.0], TerminalClamp::ComfyUi)
             .unwrap();
         assert!(s.is_ztsnr() && s.sigma_max().is_finite());
