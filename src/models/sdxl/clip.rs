@@ -538,46 +538,55 @@ impl SdxlTextEncoder {
             ));
         }
         let dev = self.clip_l.token_embedding.device().clone();
-        let mut contexts = Vec::with_capacity(k);
-        let mut pooled = None;
-        for c in 0..k {
-            let ids = |pad: Padding| -> Result<Tensor> {
-                let rows: Vec<u32> = toks.iter().flat_map(|t| t.chunks[c].ids(pad)).collect();
-                Ok(Tensor::from_vec(rows, (b, CONTEXT_LEN), &dev)?)
-            };
-            let mults: Vec<f32> = toks
-                .iter()
-                .flat_map(|t| t.chunks[c].multipliers.iter().map(|&m| m as f32))
+        // All chunks of all prompts go through the encoders as one batch,
+        // chunk-major: row c·b + i is chunk c of prompt i. Each row is
+        // encoded on its own (causal mask, no cross-row mixing), exactly as
+        // A1111 encodes chunk by chunk.
+        let n = k * b;
+        let ids = |pad: Padding| -> Result<Tensor> {
+            let rows: Vec<u32> = (0..k)
+                .flat_map(|c| toks.iter().flat_map(move |t| t.chunks[c].ids(pad)))
                 .collect();
-            let weighted = mults.iter().any(|&m| m != 1.0);
-            let mults = Tensor::from_vec(mults, (b, CONTEXT_LEN, 1), &dev)?;
-            let l = self.clip_l.forward(&ids(Padding::Eos)?)?;
-            let g = self.clip_g.forward(&ids(Padding::Zero)?)?;
-            let (zl, zg) = match self.emphasis {
-                Emphasis::Original if weighted => (
-                    emphasis_original(&l.penultimate, &mults)?,
-                    emphasis_original(&g.penultimate, &mults)?,
-                ),
-                Emphasis::NoNorm if weighted => (
-                    l.penultimate
-                        .broadcast_mul(&mults.to_dtype(l.penultimate.dtype())?)?,
-                    g.penultimate
-                        .broadcast_mul(&mults.to_dtype(g.penultimate.dtype())?)?,
-                ),
-                _ => (l.penultimate, g.penultimate),
-            };
-            // (b, 77, dl + dg), CLIP-L first
-            contexts.push(Tensor::cat(&[&zl, &zg.to_dtype(zl.dtype())?], D::Minus1)?);
-            if c == 0 {
-                pooled = g.pooled;
-            }
-        }
-        let pooled =
-            pooled.ok_or_else(|| Error::model("sdxl text encoder: bigG gave no pooled output"))?;
-        Ok(TextConditioning {
-            context: Tensor::cat(&contexts, 1)?,
-            pooled,
-        })
+            Ok(Tensor::from_vec(rows, (n, CONTEXT_LEN), &dev)?)
+        };
+        let mults: Vec<f32> = (0..k)
+            .flat_map(|c| {
+                toks.iter()
+                    .flat_map(move |t| t.chunks[c].multipliers.iter().map(|&m| m as f32))
+            })
+            .collect();
+        let weighted = mults.iter().any(|&m| m != 1.0);
+        let mults = Tensor::from_vec(mults, (n, CONTEXT_LEN, 1), &dev)?;
+        let l = self.clip_l.forward(&ids(Padding::Eos)?)?;
+        let g = self.clip_g.forward(&ids(Padding::Zero)?)?;
+        // (n, 77, dl), (n, 77, dg)
+        let (zl, zg) = match self.emphasis {
+            Emphasis::Original if weighted => (
+                emphasis_original(&l.penultimate, &mults)?,
+                emphasis_original(&g.penultimate, &mults)?,
+            ),
+            Emphasis::NoNorm if weighted => (
+                l.penultimate
+                    .broadcast_mul(&mults.to_dtype(l.penultimate.dtype())?)?,
+                g.penultimate
+                    .broadcast_mul(&mults.to_dtype(g.penultimate.dtype())?)?,
+            ),
+            _ => (l.penultimate, g.penultimate),
+        };
+        // (n, 77, dl + dg), CLIP-L first
+        let z = Tensor::cat(&[&zl, &zg.to_dtype(zl.dtype())?], D::Minus1)?;
+        let d = z.dim(2)?;
+        // (k, b, 77, d) -> (b, k, 77, d) -> (b, 77·k, d)
+        let context = z
+            .reshape((k, b, CONTEXT_LEN, d))?
+            .transpose(0, 1)?
+            .reshape((b, k * CONTEXT_LEN, d))?;
+        // pooled from each prompt's first chunk: rows 0..b, (b, p)
+        let pooled = g
+            .pooled
+            .ok_or_else(|| Error::model("sdxl text encoder: bigG gave no pooled output"))?
+            .narrow(0, 0, b)?;
+        Ok(TextConditioning { context, pooled })
     }
 }
 
@@ -760,6 +769,13 @@ mod tests {
         assert_eq!(c.chunks()?, 2);
         let z = c.zeros_like()?;
         assert_eq!(z.context.abs()?.sum_all()?.to_scalar::<f32>()?, 0.0);
+        // A multi-chunk batch equals its prompts encoded one by one.
+        let batch = enc.encode(&[long.as_str(), "a (cat:1.2)"])?;
+        let one = enc.encode(&[long.as_str()])?;
+        let two = enc.encode_tokenized(&enc.tokenize(&["a (cat:1.2)"], 2)?)?;
+        assert!(max_abs(&batch.context.narrow(0, 0, 1)?, &one.context) < 1e-5);
+        assert!(max_abs(&batch.context.narrow(0, 1, 1)?, &two.context) < 1e-5);
+        assert!(max_abs(&batch.pooled.narrow(0, 1, 1)?, &two.pooled) < 1e-5);
         // A batch: pooled of prompt 0 equals the single-prompt pooled.
         let single = enc.encode(&["a photo of a cat"])?;
         let batch = enc.encode(&["a photo of a cat", "(masterpiece:1.3), cat"])?;
