@@ -27,6 +27,7 @@
 //! - [`imaging`]: decode with limits, pHash/dHash, A1111 infotext, resize/crop, buckets.
 //! - [`models`]: SDXL UNet / VAE / text encoders / tokenizer / checkpoint I/O
 //!   under native LDM key names.
+//! - [`pipeline`]: checkpoint → images (`sample`) and model diagnostics (`diagnose uncond`).
 
 pub mod cli;
 pub mod diffusion;
@@ -35,6 +36,7 @@ pub mod imaging;
 pub mod manifest;
 pub mod models;
 pub mod nn;
+pub mod pipeline;
 pub mod stages;
 
 pub use error::{Error, Result};

@@ -10,6 +10,7 @@ pub mod tokenize;
 use clap::{Parser, Subcommand};
 
 pub mod ckpt;
+pub mod sample;
 
 /// Top-level command line.
 #[derive(Debug, Parser)]
@@ -47,6 +48,10 @@ pub enum Command {
     Ckpt(ckpt::CkptArgs),
     /// Print the CLIP token ids (and A1111 weights) of a prompt as JSON.
     Tokenize(tokenize::TokenizeArgs),
+    /// Text-to-image with a single-file SDXL checkpoint; PNGs with A1111 infotext.
+    Sample(sample::SampleArgs),
+    /// Model diagnostics (`uncond`: does the model treat "" like zeros?).
+    Diagnose(sample::DiagnoseArgs),
 }
 
 /// Run a parsed command line; returns the process exit code.
@@ -73,5 +78,7 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Inspect(a) => curation::inspect(a, json),
         Command::Ckpt(args) => Ok(ckpt::run(args, json)?),
         Command::Tokenize(args) => tokenize::run(&args),
+        Command::Sample(a) => Ok(sample::run_sample(a, json)?),
+        Command::Diagnose(a) => Ok(sample::run_diagnose(a, json)?),
     }
 }

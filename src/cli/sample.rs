@@ -1,0 +1,259 @@
+//! `eps2v sample` (text-to-image with a single-file SDXL checkpoint, PNGs
+//! with A1111 infotext) and `eps2v diagnose uncond` (does the model treat
+//! `""` like zeroed conditioning?). Flags are parsed here into
+//! [`crate::pipeline`] configs; every error is exit code 2.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use clap::{Args, Subcommand};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+use crate::diffusion::{Prediction, SamplerKind, ScheduleKind, UncondMode};
+use crate::pipeline::diagnose::{self, DiagnoseConfig};
+use crate::pipeline::sample::{self, SampleConfig};
+use crate::pipeline::{LoadOptions, SdxlModel};
+use crate::{Error, Result};
+
+/// Arguments of `eps2v sample`.
+#[derive(Debug, Args)]
+#[command(
+    after_help = "--model is required: there is no built-in toy model yet.\n\
+Image k of a batch uses seed SEED+k (A1111 convention); images are denoised one at a time, so a seed gives identical bytes at any batch position.\n\
+Files are written as OUT/NNNNN-SEED.png with an A1111 'parameters' text chunk."
+)]
+pub struct SampleArgs {
+    /// Single-file SDXL checkpoint (.safetensors with UNet, both text encoders and VAE). Required: there is no built-in toy model yet.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Prompt (A1111 syntax: (emphasis:1.2), [de-emphasis], BREAK).
+    #[arg(long)]
+    pub prompt: String,
+    /// Negative prompt; when given (non-empty) it is the unconditional branch.
+    #[arg(long)]
+    pub negative: Option<String>,
+    /// Seed of the first image (image k uses seed+k); random when omitted.
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Sampling steps.
+    #[arg(long, default_value_t = 20)]
+    pub steps: usize,
+    /// CFG scale (1 disables guidance).
+    #[arg(long, default_value_t = 7.0)]
+    pub cfg: f64,
+    /// CFG rescale φ in [0, 1] (default 0.7 for v-prediction, 0 for eps).
+    #[arg(long)]
+    pub rescale: Option<f64>,
+    /// Sampler: euler, euler_a, dpmpp_2m, ddim.
+    #[arg(long, default_value = "euler")]
+    pub sampler: String,
+    /// σ schedule: normal, karras, simple, sgm_uniform, leading, trailing, linspace (default trailing for ZTSNR models, normal otherwise).
+    #[arg(long)]
+    pub schedule: Option<String>,
+    /// Image size WxH in pixels (multiples of 32 for SDXL).
+    #[arg(long, default_value = "1024x1024")]
+    pub size: String,
+    /// Number of images.
+    #[arg(long, default_value_t = 1)]
+    pub batch: usize,
+    /// Unconditional branch when no --negative: zero (zeroed text conditioning, SDXL reference) or empty (encode "").
+    #[arg(long, default_value = "zero")]
+    pub uncond: String,
+    /// Override the prediction type read from the checkpoint: eps or v.
+    #[arg(long)]
+    pub prediction: Option<String>,
+    /// Override the ZTSNR flag read from the checkpoint (true / false).
+    #[arg(long)]
+    pub ztsnr: Option<bool>,
+    /// Output folder (created if needed).
+    #[arg(long, default_value = "outputs")]
+    pub out: PathBuf,
+}
+
+/// Arguments of `eps2v diagnose`.
+#[derive(Debug, Args)]
+pub struct DiagnoseArgs {
+    /// What to diagnose.
+    #[command(subcommand)]
+    pub command: DiagnoseCommand,
+}
+
+/// `diagnose` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum DiagnoseCommand {
+    /// Compare the model's predictions for the empty prompt "" and for zeroed conditioning (relative L2 / cosine) and print a verdict: same below rel 0.05 with cosine above 0.99, strongly different above rel 0.25 or below cosine 0.9, else moderate.
+    Uncond(UncondArgs),
+}
+
+/// Arguments of `eps2v diagnose uncond`.
+#[derive(Debug, Args)]
+pub struct UncondArgs {
+    /// Single-file SDXL checkpoint. Required: there is no built-in toy model yet.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Timesteps to probe (comma-separated, 0..=999).
+    #[arg(long, value_delimiter = ',', default_value = "999,750,500,250,50")]
+    pub timesteps: Vec<f64>,
+    /// Number of seeds (0..N) per timestep.
+    #[arg(long, default_value_t = 2)]
+    pub seeds: u64,
+    /// Probe size WxH in pixels (each probe is one UNet call on two rows; 512x512 is 4x faster on a CPU).
+    #[arg(long, default_value = "1024x1024")]
+    pub size: String,
+    /// Override the prediction type read from the checkpoint: eps or v.
+    #[arg(long)]
+    pub prediction: Option<String>,
+}
+
+/// Parse `WxH` (e.g. `832x1216`).
+pub fn parse_size(s: &str) -> Result<(u32, u32)> {
+    let bad = || {
+        Error::config(format!(
+            "--size {s:?}: expected WIDTHxHEIGHT in pixels, e.g. 1024x1024 or 832x1216"
+        ))
+    };
+    let (w, h) = s.trim().split_once(['x', 'X']).ok_or_else(bad)?;
+    let w: u32 = w.trim().parse().map_err(|_| bad())?;
+    let h: u32 = h.trim().parse().map_err(|_| bad())?;
+    if w == 0 || h == 0 {
+        return Err(bad());
+    }
+    Ok((w, h))
+}
+
+fn load(
+    model: &PathBuf,
+    prediction: Option<&str>,
+    ztsnr: Option<bool>,
+    hash: bool,
+) -> Result<(SdxlModel, f64)> {
+    let prediction = prediction.map(str::parse::<Prediction>).transpose()?;
+    let t0 = Instant::now();
+    let m = SdxlModel::load(
+        model,
+        &LoadOptions {
+            prediction,
+            ztsnr,
+            hash,
+        },
+    )?;
+    for w in &m.info.warnings {
+        eprintln!("warning: {w}");
+    }
+    Ok((m, t0.elapsed().as_secs_f64()))
+}
+
+/// Run `eps2v sample`.
+pub fn run_sample(a: SampleArgs, json: bool) -> Result<i32> {
+    let (width, height) = parse_size(&a.size)?;
+    let cfg = SampleConfig {
+        prompt: a.prompt.clone(),
+        uncond: UncondMode::from_flags(Some(&a.uncond), a.negative.as_deref())?,
+        seed: a.seed.unwrap_or_else(|| u64::from(rand::random::<u32>())),
+        steps: a.steps,
+        cfg: a.cfg,
+        rescale: a.rescale,
+        sampler: a.sampler.parse::<SamplerKind>()?,
+        schedule: a
+            .schedule
+            .as_deref()
+            .map(str::parse::<ScheduleKind>)
+            .transpose()?,
+        width,
+        height,
+        batch: a.batch,
+    };
+    cfg.validate()?;
+    let (model, load_s) = load(&a.model, a.prediction.as_deref(), a.ztsnr, true)?;
+    model.latent_shape(width, height)?;
+    let bar = ProgressBar::with_draw_target(
+        Some((cfg.steps * cfg.batch) as u64),
+        if json {
+            ProgressDrawTarget::hidden()
+        } else {
+            ProgressDrawTarget::stderr()
+        },
+    );
+    if let Ok(style) =
+        ProgressStyle::with_template("{bar:40} {pos}/{len} steps {elapsed} eta {eta}")
+    {
+        bar.set_style(style);
+    }
+    let report = sample::run(&model, &cfg, &a.out, load_s, &mut |done, _| {
+        bar.set_position(done as u64)
+    })?;
+    bar.finish_and_clear();
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        let r = &report.resolved;
+        println!(
+            "{} image(s) in {:.1}s (load {:.1}s): prediction {}, ZTSNR {}, schedule {}, rescale {}",
+            report.files.len(),
+            report.seconds,
+            report.load_seconds,
+            model.info.prediction,
+            model.info.ztsnr,
+            r.schedule,
+            r.rescale
+        );
+        for (f, s) in report.files.iter().zip(&report.seeds) {
+            println!("{}  seed {s}", f.display());
+        }
+    }
+    Ok(0)
+}
+
+/// Run `eps2v diagnose …`.
+pub fn run_diagnose(a: DiagnoseArgs, json: bool) -> Result<i32> {
+    match a.command {
+        DiagnoseCommand::Uncond(u) => {
+            let (width, height) = parse_size(&u.size)?;
+            if u.seeds == 0 {
+                return Err(Error::config("--seeds must be at least 1"));
+            }
+            let (model, _) = load(&u.model, u.prediction.as_deref(), None, false)?;
+            let report = diagnose::uncond(
+                &model,
+                &DiagnoseConfig {
+                    timesteps: u.timesteps.clone(),
+                    seeds: (0..u.seeds).collect(),
+                    width,
+                    height,
+                },
+            )?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                println!("timestep  seed  rel_l2    cosine");
+                for p in &report.probes {
+                    println!(
+                        "{:>8}  {:>4}  {:<8.4}  {:.4}",
+                        p.timestep, p.seed, p.rel_l2, p.cosine
+                    );
+                }
+                println!(
+                    "mean rel_l2 {:.4} (max {:.4}), mean cosine {:.4}",
+                    report.mean_rel_l2, report.max_rel_l2, report.mean_cosine
+                );
+                println!("verdict: {}", report.message);
+            }
+            Ok(0)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse_or_say_what_is_wanted() {
+        assert_eq!(parse_size("832x1216").unwrap(), (832, 1216));
+        assert_eq!(parse_size(" 64X64 ").unwrap(), (64, 64));
+        for bad in ["", "64", "64x", "x64", "0x64", "-8x64", "axb", "64x64x64"] {
+            let e = parse_size(bad).unwrap_err().to_string();
+            assert!(e.contains("WIDTHxHEIGHT"), "{bad}: {e}");
+        }
+    }
+}

@@ -1,0 +1,27 @@
+//! The glue that turns a single-file SDXL checkpoint into images, and the
+//! model diagnostics built on it (`eps2v sample`, `eps2v diagnose uncond`).
+//!
+//! - [`model`]: load UNet + CLIP-L + bigG + VAE through
+//!   [`crate::models::sdxl::checkpoint`] (configs detected from the file's
+//!   widths, as `ckpt info` does; prediction type and ZTSNR from marker keys /
+//!   modelspec, overridable), encode prompts (A1111 chunking and emphasis),
+//!   build the unconditional branch (`zero` / `empty` / negative text), and
+//!   bind the UNet to it as the raw ε/v predictor ([`model::Bound`]).
+//! - [`sample`]: the sampling loop from [`crate::diffusion`] (σ schedule, CFG
+//!   with rescale, sampler), per-image seeded CPU noise (the seed of image k
+//!   is seed + k, A1111's convention), f32 VAE decode, PNGs with A1111
+//!   `parameters` infotext, atomic writes.
+//! - [`diagnose`]: how differently the model treats `""` and zeroed
+//!   conditioning.
+//! - [`tiny`]: seeded random tiny checkpoints for tests.
+//!
+//! There is no built-in toy model yet, so every entry point takes a
+//! checkpoint path.
+
+pub mod diagnose;
+pub mod model;
+pub mod sample;
+pub mod tiny;
+
+pub use model::{LoadOptions, ModelInfo, SdxlModel, TextConfigs};
+pub use sample::{generate, SampleConfig, SampleReport};

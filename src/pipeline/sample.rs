@@ -1,0 +1,425 @@
+//! Text-to-image sampling with a loaded [`SdxlModel`], and writing the
+//! results as PNGs carrying A1111's `parameters` infotext.
+//!
+//! Per image: seeded CPU noise ([`crate::diffusion::noise`]; image k of a
+//! batch started at seed s uses seed s + k, A1111's convention) → σ list of
+//! the chosen schedule → [`ModelDenoiser`] (c_in / c_skip / c_out for ε or v,
+//! σ → nearest timestep) → [`CfgDenoiser`] (CFG with φ-rescale in v-space) →
+//! sampler → VAE decode in f32 → RGB8 (`round(255·clamp((x+1)/2, 0, 1))`, as
+//! diffusers' `numpy_to_pil`).
+//!
+//! **Batch independence.** Images are denoised one at a time: every UNet
+//! call holds exactly one image (its cond + uncond rows), so an image never
+//! shares a matmul with its neighbours and a seed gives identical bytes at
+//! any batch position and for any batch size (on the same device and build).
+//! Text is encoded once per run.
+//!
+//! The infotext follows A1111's `create_infotext` order — Steps, Sampler,
+//! Schedule type, CFG scale, Seed, Size, Model hash, Model — then our extra
+//! params (Prediction, ZTSNR, Uncond, CFG rescale) where A1111 puts
+//! extension params, then Version last; formatting and quoting are
+//! [`Infotext::format`]'s.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor};
+use image::RgbImage;
+
+use super::model::{Bound, SdxlModel};
+use crate::diffusion::guidance::default_rescale;
+use crate::diffusion::noise::{batch_seeds, SeededNoise};
+use crate::diffusion::sampler::{initial_latent, sample_with, Sampler};
+use crate::diffusion::{
+    CfgDenoiser, Denoiser, Guidance, ModelDenoiser, SamplerKind, ScheduleKind, TimestepMode,
+    UncondMode,
+};
+use crate::error::IoContext;
+use crate::imaging::infotext::{write_png_with_parameters, Infotext};
+use crate::{Error, Result};
+
+/// Everything one `sample` run needs besides the model.
+#[derive(Debug, Clone)]
+pub struct SampleConfig {
+    /// Positive prompt (A1111 syntax).
+    pub prompt: String,
+    /// Unconditional branch (zero / empty / negative text).
+    pub uncond: UncondMode,
+    /// Seed of the first image; image k gets `seed + k`.
+    pub seed: u64,
+    /// Sampling steps.
+    pub steps: usize,
+    /// CFG scale (1 = no guidance, the uncond branch is skipped).
+    pub cfg: f64,
+    /// CFG rescale φ; `None` = 0.7 for v-prediction, 0 for ε.
+    pub rescale: Option<f64>,
+    /// Sampler.
+    pub sampler: SamplerKind,
+    /// σ schedule; `None` = trailing for ZTSNR models, normal otherwise.
+    pub schedule: Option<ScheduleKind>,
+    /// Image width in pixels.
+    pub width: u32,
+    /// Image height in pixels.
+    pub height: u32,
+    /// Number of images.
+    pub batch: usize,
+}
+
+/// The settings actually used (defaults resolved).
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct Resolved {
+    /// CFG rescale φ.
+    pub rescale: f64,
+    /// σ schedule.
+    #[serde(serialize_with = "super::model::ser_display")]
+    pub schedule: ScheduleKind,
+}
+
+/// One generated image.
+#[derive(Debug, Clone)]
+pub struct Generated {
+    /// Its seed.
+    pub seed: u64,
+    /// Pixels.
+    pub image: RgbImage,
+    /// Its A1111 infotext.
+    pub infotext: Infotext,
+}
+
+/// Progress callback argument: `(done, total)` steps over the whole run.
+pub type Progress<'a> = &'a mut dyn FnMut(usize, usize);
+
+impl SampleConfig {
+    /// Check the numbers that do not depend on the model.
+    pub fn validate(&self) -> Result<()> {
+        if self.batch == 0 {
+            return Err(Error::config("--batch must be at least 1"));
+        }
+        if self.steps == 0 {
+            return Err(Error::config("--steps must be at least 1"));
+        }
+        if !(self.cfg.is_finite() && self.cfg > 0.0) {
+            return Err(Error::config(format!(
+                "--cfg must be a positive number, got {}",
+                self.cfg
+            )));
+        }
+        if let Some(r) = self.rescale {
+            if !(0.0..=1.0).contains(&r) {
+                return Err(Error::config(format!(
+                    "--rescale must be between 0 and 1, got {r}"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Defaults that depend on the model (prediction type, ZTSNR).
+    pub fn resolve(&self, model: &SdxlModel) -> Resolved {
+        Resolved {
+            rescale: self
+                .rescale
+                .unwrap_or_else(|| default_rescale(model.info.prediction)),
+            schedule: self
+                .schedule
+                .unwrap_or_else(|| ScheduleKind::default_for(model.info.ztsnr)),
+        }
+    }
+
+    /// The A1111 infotext of the image with `seed`.
+    pub fn infotext(&self, model: &SdxlModel, r: &Resolved, seed: u64) -> Infotext {
+        let mut it = Infotext {
+            prompt: self.prompt.clone(),
+            negative_prompt: match &self.uncond {
+                UncondMode::Negative(n) => n.clone(),
+                _ => String::new(),
+            },
+            params: Vec::new(),
+        };
+        it.set("Steps", self.steps.to_string());
+        it.set("Sampler", self.sampler.to_string());
+        it.set("Schedule type", r.schedule.to_string());
+        it.set("CFG scale", self.cfg.to_string());
+        it.set("Seed", seed.to_string());
+        it.set("Size", format!("{}x{}", self.width, self.height));
+        if let Some(h) = &model.info.autov2 {
+            it.set("Model hash", h.clone());
+        }
+        it.set("Model", model.info.stem.clone());
+        it.set("Prediction", model.info.prediction.to_string());
+        it.set(
+            "ZTSNR",
+            if model.info.ztsnr { "True" } else { "False" }.to_string(),
+        );
+        it.set("Uncond", self.uncond.to_string());
+        it.set("CFG rescale", r.rescale.to_string());
+        it.set("Version", format!("eps2v {}", env!("CARGO_PKG_VERSION")));
+        it
+    }
+}
+
+/// Generate `cfg.batch` images (seeds `seed..seed+batch`), reporting
+/// progress after every step.
+pub fn generate(
+    model: &SdxlModel,
+    cfg: &SampleConfig,
+    progress: Progress<'_>,
+) -> Result<Vec<Generated>> {
+    cfg.validate()?;
+    let shape = model.latent_shape(cfg.width, cfg.height)?; // (4, h/8, w/8)
+    let r = cfg.resolve(model);
+    let schedule = model.schedule();
+    let sigmas = r.schedule.sigmas(&schedule, cfg.steps)?;
+    let guided = cfg.cfg != 1.0;
+    let (cond, uncond) = model.conditioning(&cfg.prompt, &cfg.uncond)?;
+    let bound = Bound::new(
+        &model.unet,
+        &cond,
+        guided.then_some(&uncond),
+        cfg.height,
+        cfg.width,
+    )?;
+    let inner = ModelDenoiser {
+        model: &bound,
+        prediction: model.info.prediction,
+        schedule: &schedule,
+        timestep_mode: TimestepMode::Nearest,
+    };
+    let cfg_denoiser;
+    let denoiser: &dyn Denoiser = if guided {
+        cfg_denoiser = CfgDenoiser {
+            inner,
+            guidance: Guidance {
+                scale: cfg.cfg,
+                rescale: r.rescale,
+            },
+        };
+        &cfg_denoiser
+    } else {
+        &inner
+    };
+    let total = cfg.steps * cfg.batch;
+    let mut done = 0usize;
+    let mut out = Vec::with_capacity(cfg.batch);
+    for seed in batch_seeds(cfg.seed, cfg.batch) {
+        let seeds = [seed];
+        let x = initial_latent(&seeds, shape, &sigmas, &schedule, &model.device)?; // (1, 4, h/8, w/8)
+        let mut noise = SeededNoise::new(&seeds);
+        let latent = sample_with(
+            denoiser,
+            &sigmas,
+            x,
+            Sampler::new(cfg.sampler),
+            &mut noise,
+            &mut |_| {
+                done += 1;
+                progress(done, total);
+                Ok(())
+            },
+        )?;
+        let image = decode_rgb8(model, &latent, seed)?;
+        out.push(Generated {
+            seed,
+            image,
+            infotext: cfg.infotext(model, &r, seed),
+        });
+    }
+    Ok(out)
+}
+
+/// VAE-decode one latent `(1, 4, h, w)` (f32) to RGB8.
+fn decode_rgb8(model: &SdxlModel, latent: &Tensor, seed: u64) -> Result<RgbImage> {
+    let img = model.vae.decode_scaled(&latent.to_dtype(DType::F32)?)?; // (1, 3, H, W)
+    let img = ((img.to_device(&Device::Cpu)? + 1.0)? * 0.5)?.clamp(0f32, 1f32)?;
+    let (_, c, h, w) = img.dims4()?;
+    let data = img
+        .squeeze(0)?
+        .permute((1, 2, 0))?
+        .flatten_all()?
+        .to_vec1::<f32>()?; // (H·W·3)
+    if c != 3 {
+        return Err(Error::model(format!(
+            "vae decoded {c} channels, expected 3"
+        )));
+    }
+    if data.iter().any(|v| !v.is_finite()) {
+        return Err(Error::model(format!(
+            "seed {seed}: the model produced NaN/inf (check the prediction type with --prediction, or the checkpoint with `eps2v ckpt check`)"
+        )));
+    }
+    let bytes: Vec<u8> = data.iter().map(|v| (v * 255.0).round() as u8).collect();
+    RgbImage::from_raw(w as u32, h as u32, bytes)
+        .ok_or_else(|| Error::Other("decoded image buffer has the wrong size".into()))
+}
+
+/// The first free A1111-style index in `dir`: one more than the largest
+/// `NNNNN-…png` already there (0 for an empty folder).
+pub fn next_index(dir: &Path) -> Result<u64> {
+    let mut next = 0;
+    for entry in std::fs::read_dir(dir).at(dir)? {
+        let name = entry.at(dir)?.file_name();
+        let name = name.to_string_lossy();
+        if let Some((num, _)) = name.split_once('-') {
+            if num.len() >= 5 && name.ends_with(".png") {
+                if let Ok(n) = num.parse::<u64>() {
+                    next = next.max(n + 1);
+                }
+            }
+        }
+    }
+    Ok(next)
+}
+
+/// Write `png` bytes to `path` atomically (temp file in the same folder, then rename).
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".eps2v-")
+        .suffix(".tmp")
+        .tempfile_in(dir)
+        .at(dir)?;
+    tmp.write_all(bytes).at(tmp.path())?;
+    tmp.as_file().sync_all().at(path)?;
+    tmp.persist(path).map_err(|e| Error::io(path, e.error))?;
+    Ok(())
+}
+
+/// What `eps2v sample` did.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SampleReport {
+    /// Written PNG files, in seed order.
+    pub files: Vec<PathBuf>,
+    /// Seed of each file.
+    pub seeds: Vec<u64>,
+    /// Wall time of the whole run (load excluded), seconds.
+    pub seconds: f64,
+    /// Seconds to load the model.
+    pub load_seconds: f64,
+    /// The model as loaded.
+    pub model: super::model::ModelInfo,
+    /// Defaults resolved for this model.
+    pub resolved: Resolved,
+}
+
+/// Generate and write PNGs `NNNNN-SEED.png` into `out_dir` (created if
+/// needed), each with its `parameters` infotext.
+pub fn run(
+    model: &SdxlModel,
+    cfg: &SampleConfig,
+    out_dir: &Path,
+    load_seconds: f64,
+    progress: Progress<'_>,
+) -> Result<SampleReport> {
+    let t0 = Instant::now();
+    cfg.validate()?;
+    model.latent_shape(cfg.width, cfg.height)?;
+    std::fs::create_dir_all(out_dir).at(out_dir)?;
+    let images = generate(model, cfg, progress)?;
+    let mut files = Vec::new();
+    let mut seeds = Vec::new();
+    for (index, g) in (next_index(out_dir)?..).zip(&images) {
+        let png = write_png_with_parameters(&g.image, &g.infotext.format())?;
+        let path = out_dir.join(format!("{index:05}-{}.png", g.seed));
+        write_atomic(&path, &png)?;
+        files.push(path);
+        seeds.push(g.seed);
+    }
+    Ok(SampleReport {
+        files,
+        seeds,
+        seconds: t0.elapsed().as_secs_f64(),
+        load_seconds,
+        model: model.info.clone(),
+        resolved: cfg.resolve(model),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pipeline::model::LoadOptions;
+    use crate::pipeline::tiny::{write_random_checkpoint, TinyOptions};
+
+    fn cfg() -> SampleConfig {
+        SampleConfig {
+            prompt: "red circle".into(),
+            uncond: UncondMode::Zero,
+            seed: 9,
+            steps: 2,
+            cfg: 4.0,
+            rescale: None,
+            sampler: SamplerKind::Euler,
+            schedule: None,
+            width: 64,
+            height: 64,
+            batch: 2,
+        }
+    }
+
+    #[test]
+    fn generate_gives_seeded_distinct_images_and_infotext() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("toy-v.safetensors");
+        write_random_checkpoint(
+            &p,
+            TinyOptions {
+                seed: 3,
+                v_pred_ztsnr: true,
+            },
+        )
+        .unwrap();
+        let m = SdxlModel::load(&p, &LoadOptions::default()).unwrap();
+        let mut calls = Vec::new();
+        let g = generate(&m, &cfg(), &mut |d, t| calls.push((d, t))).unwrap();
+        assert_eq!(calls, [(1, 4), (2, 4), (3, 4), (4, 4)]);
+        assert_eq!(g.len(), 2);
+        assert_eq!((g[0].seed, g[1].seed), (9, 10));
+        assert_ne!(g[0].image.as_raw(), g[1].image.as_raw());
+        let px = g[0].image.as_raw();
+        assert!(px.iter().min() != px.iter().max(), "constant image");
+        let text = g[1].infotext.format();
+        assert_eq!(
+            text,
+            format!(
+                "red circle\nSteps: 2, Sampler: Euler, Schedule type: Trailing, CFG scale: 4, Seed: 10, Size: 64x64, Model: toy-v, Prediction: v, ZTSNR: True, Uncond: zero, CFG rescale: 0.7, Version: eps2v {}",
+                env!("CARGO_PKG_VERSION")
+            )
+        );
+        // CFG 1 skips the uncond branch but still samples.
+        let one = SampleConfig {
+            cfg: 1.0,
+            batch: 1,
+            ..cfg()
+        };
+        let g1 = generate(&m, &one, &mut |_, _| {}).unwrap();
+        assert_ne!(g1[0].image.as_raw(), g[0].image.as_raw());
+    }
+
+    #[test]
+    fn bad_numbers_are_config_errors() {
+        for bad in [
+            SampleConfig { batch: 0, ..cfg() },
+            SampleConfig { steps: 0, ..cfg() },
+            SampleConfig { cfg: -1.0, ..cfg() },
+            SampleConfig {
+                rescale: Some(1.5),
+                ..cfg()
+            },
+        ] {
+            assert!(matches!(bad.validate(), Err(Error::Config(_))), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn next_index_follows_existing_files() {
+        let d = tempfile::tempdir().unwrap();
+        assert_eq!(next_index(d.path()).unwrap(), 0);
+        std::fs::write(d.path().join("00007-3.png"), b"x").unwrap();
+        std::fs::write(d.path().join("notes-1.png"), b"x").unwrap();
+        assert_eq!(next_index(d.path()).unwrap(), 8);
+        write_atomic(&d.path().join("a.png"), b"abc").unwrap();
+        assert_eq!(std::fs::read(d.path().join("a.png")).unwrap(), b"abc");
+        assert_eq!(std::fs::read_dir(d.path()).unwrap().count(), 3);
+    }
+}
