@@ -18,7 +18,8 @@ use crate::{Error, Result};
 /// Arguments of `eps2v sample`.
 #[derive(Debug, Args)]
 #[command(
-    after_help = "--model is required: there is no built-in toy model yet.\n\
+    after_help = "Example:\n  eps2v sample --model noob_vpred.safetensors --prompt \"1girl, solo, red circle\" --seed 7 --steps 28 --cfg 5 --size 832x1216 --batch 4\n\n\
+--model is required: there is no built-in toy model yet.\n\
 Image k of a batch uses seed SEED+k (A1111 convention); images are denoised one at a time, so a seed gives identical bytes at any batch position.\n\
 Files are written as OUT/NNNNN-SEED.png with an A1111 'parameters' text chunk."
 )]
@@ -87,6 +88,7 @@ pub enum DiagnoseCommand {
 
 /// Arguments of `eps2v diagnose uncond`.
 #[derive(Debug, Args)]
+#[command(after_help = "Example:\n  eps2v diagnose uncond --model finetune.safetensors")]
 pub struct UncondArgs {
     /// Single-file SDXL checkpoint. Required: there is no built-in toy model yet.
     #[arg(long)]
