@@ -12,8 +12,11 @@
 //!
 //! The numeric work is in [`ops`]: plain functions over tensors. They are
 //! the single place where fast CPU kernels (custom ops with backward) plug
-//! in; the layer structs never change when a kernel does.
+//! in; the layer structs never change when a kernel does. The kernels
+//! themselves (custom ops with backward: conv2d, GroupNorm+SiLU, LayerNorm,
+//! softmax, fused attention) live in [`kernels`].
 
+pub mod kernels;
 pub mod ops;
 
 use candle_core::{Module, Result, Tensor};
@@ -83,7 +86,13 @@ impl Conv2d {
 
 impl Module for Conv2d {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        ops::conv2d(x, &self.weight, self.bias.as_ref(), self.stride, self.padding)
+        ops::conv2d(
+            x,
+            &self.weight,
+            self.bias.as_ref(),
+            self.stride,
+            self.padding,
+        )
     }
 }
 
