@@ -18,7 +18,7 @@
 //! Reference: [`crate::nn::ops::reference::attention`] /
 //! [`crate::nn::ops::reference::softmax_last_dim`], compared in the tests.
 
-use super::{matmul, simd, tensor_from, threads, with_data, Mat, Real};
+use super::{matmul, tensor_from, threads, with_data, Mat, Real};
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -50,15 +50,38 @@ fn softmax_row<T: Real>(row: &mut [T]) -> f64 {
     mx.wide() + s.ln()
 }
 
+simd_fn! {
+    /// In-place softmax of consecutive rows of `d` elements.
+    fn softmax_rows<T: Real>(y: &mut [T], d: usize) {
+        for r in y.chunks_mut(d) {
+            softmax_row(r);
+        }
+    }
+}
+
+simd_fn! {
+    /// `dx = y ∘ (dy − rowsum(dy ∘ y))` for consecutive rows of `d` elements.
+    fn softmax_bwd_rows<T: Real>(dx: &mut [T], y: &[T], dy: &[T], d: usize) {
+        for ((o, yr), gr) in dx.chunks_mut(d).zip(y.chunks(d)).zip(dy.chunks(d)) {
+            let dot: T = yr.iter().zip(gr).map(|(&a, &b)| a * b).sum();
+            for ((o, &a), &b) in o.iter_mut().zip(yr).zip(gr) {
+                *o = a * (b - dot);
+            }
+        }
+    }
+}
+
+/// Rows per rayon task for row-wise kernels (≈ 16k elements).
+fn rows_per_task(d: usize) -> usize {
+    (16384 / d.max(1)).max(1)
+}
+
 /// Forward softmax over rows of `d` elements.
 pub fn softmax_forward<T: Real>(x: &[T], d: usize) -> Vec<T> {
     let mut y = x.to_vec();
     if d > 0 {
-        y.par_chunks_mut(d).for_each(|r| {
-            simd(|| {
-                softmax_row(r);
-            })
-        });
+        y.par_chunks_mut(d * rows_per_task(d))
+            .for_each(|blk| softmax_rows(blk, d));
     }
     y
 }
@@ -67,16 +90,10 @@ pub fn softmax_forward<T: Real>(x: &[T], d: usize) -> Vec<T> {
 pub fn softmax_backward<T: Real>(y: &[T], dy: &[T], d: usize) -> Vec<T> {
     let mut dx = vec![T::ZERO; y.len()];
     if d > 0 {
-        dx.par_chunks_mut(d)
-            .zip(y.par_chunks(d).zip(dy.par_chunks(d)))
-            .for_each(|(o, (yr, gr))| {
-                simd(|| {
-                    let dot: T = yr.iter().zip(gr).map(|(&a, &b)| a * b).sum();
-                    for ((o, &a), &b) in o.iter_mut().zip(yr).zip(gr) {
-                        *o = a * (b - dot);
-                    }
-                })
-            });
+        let n = d * rows_per_task(d);
+        dx.par_chunks_mut(n)
+            .zip(y.par_chunks(n).zip(dy.par_chunks(n)))
+            .for_each(|(o, (yr, gr))| softmax_bwd_rows(o, yr, gr, d));
     }
     dx
 }
@@ -187,6 +204,46 @@ fn mask_causal<T: Real>(s: &mut [T], sk: usize, r0: usize) {
     }
 }
 
+simd_fn! {
+    /// Scores block (rows of `sk`) → probabilities in place; log-sum-exp per row into `lse`.
+    fn softmax_block<T: Real>(sb: &mut [T], sk: usize, lse: &mut [f64], causal: bool, r0: usize) {
+        if causal {
+            mask_causal(sb, sk, r0);
+        }
+        for (row, l) in sb.chunks_mut(sk).zip(lse.iter_mut()) {
+            *l = softmax_row(row);
+        }
+    }
+}
+
+simd_fn! {
+    /// Scores block → probabilities `exp(s − lse)` in place (saved log-sum-exp).
+    fn probs_block<T: Real>(p: &mut [T], sk: usize, lse: &[f64], causal: bool, r0: usize) {
+        if causal {
+            mask_causal(p, sk, r0);
+        }
+        for (row, &l) in p.chunks_mut(sk).zip(lse) {
+            let l = T::of(l);
+            for x in row.iter_mut() {
+                *x = (*x - l).exp_fast();
+            }
+        }
+    }
+}
+
+simd_fn! {
+    /// `dS = P ∘ (dP − rowsum(dO ∘ O))` in place over `dp` (rows of `sk`);
+    /// `o`, `d_o` hold the block's output rows (`dv` each).
+    fn dscores_block<T: Real>(dp: &mut [T], p: &[T], sk: usize, o: &[T], d_o: &[T], dv: usize) {
+        for (((dpr, pr), or), dor) in dp.chunks_mut(sk).zip(p.chunks(sk)).zip(o.chunks(dv)).zip(d_o.chunks(dv)) {
+            let di: T = dor.iter().zip(or).map(|(&a, &b)| a * b).sum();
+            for (x, &pv) in dpr.iter_mut().zip(pr) {
+                *x = pv * (*x - di);
+            }
+        }
+    }
+}
+
 /// Forward attention; returns `o (bh, sq, dv)` and the log-sum-exp per query row.
 pub fn attention_forward<T: Real>(
     g: &AttnGeom,
@@ -230,14 +287,7 @@ pub fn attention_forward<T: Real>(
                         T::of(scale),
                         par_gemm,
                     )?;
-                    simd(|| {
-                        if causal {
-                            mask_causal(sb, sk, r0);
-                        }
-                        for (row, l) in sb.chunks_mut(sk).zip(&mut lh[r0..r1]) {
-                            *l = softmax_row(row);
-                        }
-                    });
+                    softmax_block(sb, sk, &mut lh[r0..r1], causal, r0);
                     matmul(
                         &mut oh[r0 * dv..r1 * dv],
                         dv,
@@ -311,17 +361,7 @@ pub fn attention_backward<T: Real>(
                         sc,
                         par_gemm,
                     )?;
-                    simd(|| {
-                        if causal {
-                            mask_causal(p, sk, r0);
-                        }
-                        for (row, &l) in p.chunks_mut(sk).zip(&lh[r0..r1]) {
-                            let l = T::of(l);
-                            for x in row.iter_mut() {
-                                *x = (*x - l).exp_fast();
-                            }
-                        }
-                    });
+                    probs_block(p, sk, &lh[r0..r1], causal, r0);
                     // dV += Pᵀ dO
                     matmul(
                         dvh,
@@ -343,19 +383,8 @@ pub fn attention_backward<T: Real>(
                         par_gemm,
                     )?;
                     // dS = P ∘ (dP − rowsum(dO ∘ O))
-                    simd(|| {
-                        for (ri, (dpr, pr)) in dp.chunks_mut(sk).zip(p.chunks(sk)).enumerate() {
-                            let row = r0 + ri;
-                            let di: T = doh[row * dv..(row + 1) * dv]
-                                .iter()
-                                .zip(&oh[row * dv..(row + 1) * dv])
-                                .map(|(&a, &b)| a * b)
-                                .sum();
-                            for (x, &pv) in dpr.iter_mut().zip(pr) {
-                                *x = pv * (*x - di);
-                            }
-                        }
-                    });
+                    let (ob, dob) = (&oh[r0 * dv..r1 * dv], &doh[r0 * dv..r1 * dv]);
+                    dscores_block(dp, p, sk, ob, dob, dv);
                     // dQ = scale · dS K ; dK += scale · dSᵀ Q
                     matmul(
                         &mut dqh[r0 * d..r1 * d],

@@ -2,12 +2,16 @@
 //! padding, no groups/dilation) as a candle custom op with a backward pass,
 //! via im2col + GEMM.
 //!
-//! Forward per sample: `y[b] (cout, oh·ow) = W (cout, cin·kh·kw) · col(x[b]) + bias`.
-//! Backward per sample: `dW += dy[b] · col(x[b])ᵀ`, `dx[b] = col2im(Wᵀ · dy[b])`,
-//! `db = Σ dy`. 1×1 stride-1 unpadded convolutions skip im2col entirely.
+//! Forward: `y[b] (cout, oh·ow) = W (cout, cin·kh·kw) · col(x[b]) + bias`.
+//! Backward: `dW += dy[b] · col(x[b])ᵀ`, `db = Σ dy`, and `dx` either as the
+//! convolution of `dy` with the flipped, transposed kernel (stride 1: deep
+//! GEMMs, no scatter) or as `col2im(Wᵀ · dy[b])` (strided convs).
+//! 1×1 stride-1 unpadded convolutions skip im2col entirely.
 //! The batch is split into one chunk per rayon thread (each with its own
-//! im2col scratch and dW partial, reduced at the end); with fewer samples
-//! than threads the GEMMs themselves run in parallel. im2col is tiled over
+//! im2col scratch and dW partial, reduced at the end); within a chunk, small
+//! images are processed several samples at a time (their im2col matrices
+//! side by side, so one GEMM has n = samples·oh·ow); with fewer samples than
+//! threads the GEMMs themselves run in parallel. Large images are tiled over
 //! output rows so that the scratch stays ≤ [`COL_BUDGET`] elements per
 //! thread even for SDXL-sized activations.
 //!
@@ -105,6 +109,31 @@ impl ConvGeom {
             (COL_BUDGET / (self.k() * self.ow).max(1)).clamp(1, self.oh.max(1))
         }
     }
+    /// Samples whose im2col matrices are concatenated into one GEMM (≥ 1;
+    /// 1 means the per-sample, row-tiled path).
+    fn group(&self, samples: usize) -> usize {
+        if self.direct() {
+            1
+        } else {
+            (COL_BUDGET / (self.k() * self.n()).max(1)).clamp(1, samples.max(1))
+        }
+    }
+    /// For stride 1 with `pad ≤ k − 1` and a square kernel, the input
+    /// gradient is itself a convolution of `dy` with the flipped, transposed
+    /// kernel and padding `k − 1 − pad`; returns that geometry.
+    fn transposed(&self) -> Option<ConvGeom> {
+        if self.direct() || self.stride != 1 || self.kh != self.kw || self.pad + 1 > self.kh {
+            return None;
+        }
+        let t = ConvGeom::new(
+            &[self.b, self.cout, self.oh, self.ow],
+            &[self.cin, self.cout, self.kh, self.kw],
+            1,
+            self.kh - 1 - self.pad,
+        )
+        .ok()?;
+        (t.oh == self.h && t.ow == self.w).then_some(t)
+    }
     /// Range of output columns `ow` whose input column `ow·s + kj − pad`
     /// lies inside `[0, w)`.
     fn valid_cols(&self, kj: usize) -> (usize, usize) {
@@ -127,9 +156,9 @@ impl ConvGeom {
     }
 }
 
-/// Fill `col (k, (r1−r0)·ow)` with the im2col matrix of one sample for
-/// output rows `r0..r1`.
-fn im2col<T: Real>(g: &ConvGeom, x: &[T], col: &mut [T], r0: usize, r1: usize) {
+/// Fill `col (k, (r1−r0)·ow)` (row stride `ld`) with the im2col matrix of
+/// one sample for output rows `r0..r1`.
+fn im2col<T: Real>(g: &ConvGeom, x: &[T], col: &mut [T], ld: usize, r0: usize, r1: usize) {
     let nt = (r1 - r0) * g.ow;
     let s = g.stride;
     for ci in 0..g.cin {
@@ -137,7 +166,7 @@ fn im2col<T: Real>(g: &ConvGeom, x: &[T], col: &mut [T], r0: usize, r1: usize) {
         for ki in 0..g.kh {
             for kj in 0..g.kw {
                 let row = (ci * g.kh + ki) * g.kw + kj;
-                let dst = &mut col[row * nt..(row + 1) * nt];
+                let dst = &mut col[row * ld..row * ld + nt];
                 let (lo, hi) = g.valid_cols(kj);
                 for oh in r0..r1 {
                     let d = &mut dst[(oh - r0) * g.ow..(oh - r0 + 1) * g.ow];
@@ -163,9 +192,9 @@ fn im2col<T: Real>(g: &ConvGeom, x: &[T], col: &mut [T], r0: usize, r1: usize) {
     }
 }
 
-/// Accumulate `dcol (k, (r1−r0)·ow)` into the input gradient `dx` of one
-/// sample (the adjoint of [`im2col`]).
-fn col2im<T: Real>(g: &ConvGeom, dcol: &[T], dx: &mut [T], r0: usize, r1: usize) {
+/// Accumulate `dcol (k, (r1−r0)·ow)` (row stride `ld`) into the input
+/// gradient `dx` of one sample (the adjoint of [`im2col`]).
+fn col2im<T: Real>(g: &ConvGeom, dcol: &[T], ld: usize, dx: &mut [T], r0: usize, r1: usize) {
     let nt = (r1 - r0) * g.ow;
     let s = g.stride;
     for ci in 0..g.cin {
@@ -173,7 +202,7 @@ fn col2im<T: Real>(g: &ConvGeom, dcol: &[T], dx: &mut [T], r0: usize, r1: usize)
         for ki in 0..g.kh {
             for kj in 0..g.kw {
                 let row = (ci * g.kh + ki) * g.kw + kj;
-                let src = &dcol[row * nt..(row + 1) * nt];
+                let src = &dcol[row * ld..row * ld + nt];
                 let (lo, hi) = g.valid_cols(kj);
                 if lo >= hi {
                     continue;
@@ -231,40 +260,70 @@ pub fn forward<T: Real>(g: &ConvGeom, x: &[T], w: &[T], bias: Option<&[T]>) -> R
     }
     let (chunk, par_gemm) = batch_split(g.b);
     let tr = g.tile_rows();
-    let col_len = if g.direct() { 0 } else { k * tr * g.ow };
+    let nb = g.group(chunk);
+    let col_len = match (g.direct(), nb) {
+        (true, _) => 0,
+        (false, 1) => k * tr * g.ow,
+        (false, _) => k * nb * n,
+    };
+    let acc = bias.is_some();
     y.par_chunks_mut(chunk * g.out_per())
         .zip(x.par_chunks(chunk * g.in_per()))
         .try_for_each(|(yc, xc)| -> Result<()> {
             let mut col = vec![T::ZERO; col_len];
-            for (ys, xs) in yc.chunks_mut(g.out_per()).zip(xc.chunks(g.in_per())) {
+            let mut out = vec![T::ZERO; if nb > 1 { g.cout * nb * n } else { 0 }];
+            let ns = xc.len() / g.in_per();
+            let mut s0 = 0;
+            while s0 < ns {
+                let m = nb.min(ns - s0);
+                if m > 1 {
+                    // Several samples side by side: one (cout × m·n) GEMM.
+                    let ld = m * n;
+                    for j in 0..m {
+                        let xs = &xc[(s0 + j) * g.in_per()..(s0 + j + 1) * g.in_per()];
+                        im2col(g, xs, &mut col[j * n..], ld, 0, g.oh);
+                    }
+                    let o = &mut out[..g.cout * ld];
+                    if let Some(bs) = bias {
+                        for (row, &bv) in o.chunks_mut(ld).zip(bs) {
+                            row.fill(bv);
+                        }
+                    }
+                    let cm = Mat::n(&col[..k * ld], k, ld);
+                    matmul(o, ld, Mat::n(w, g.cout, k), cm, acc, T::ONE, par_gemm)?;
+                    for j in 0..m {
+                        let ys = &mut yc[(s0 + j) * g.out_per()..(s0 + j + 1) * g.out_per()];
+                        for (c, yr) in ys.chunks_mut(n).enumerate() {
+                            yr.copy_from_slice(&o[c * ld + j * n..c * ld + (j + 1) * n]);
+                        }
+                    }
+                    s0 += m;
+                    continue;
+                }
+                let ys = &mut yc[s0 * g.out_per()..(s0 + 1) * g.out_per()];
+                let xs = &xc[s0 * g.in_per()..(s0 + 1) * g.in_per()];
+                s0 += 1;
                 if let Some(bs) = bias {
                     for (row, &bv) in ys.chunks_mut(n).zip(bs) {
                         row.fill(bv);
                     }
                 }
-                let acc = bias.is_some();
                 if g.direct() {
-                    matmul(
-                        ys,
-                        n,
-                        Mat::n(w, g.cout, k),
-                        Mat::n(xs, k, n),
-                        acc,
-                        T::ONE,
-                        par_gemm,
-                    )?;
+                    let xm = Mat::n(xs, k, n);
+                    matmul(ys, n, Mat::n(w, g.cout, k), xm, acc, T::ONE, par_gemm)?;
                     continue;
                 }
                 let mut r0 = 0;
                 while r0 < g.oh {
                     let r1 = (r0 + tr).min(g.oh);
                     let nt = (r1 - r0) * g.ow;
-                    im2col(g, xs, &mut col[..k * nt], r0, r1);
+                    im2col(g, xs, &mut col[..k * nt], nt, r0, r1);
+                    let cm = Mat::n(&col[..k * nt], k, nt);
                     matmul(
                         &mut ys[r0 * g.ow..],
                         n,
                         Mat::n(w, g.cout, k),
-                        Mat::n(&col[..k * nt], k, nt),
+                        cm,
                         acc,
                         T::ONE,
                         par_gemm,
@@ -287,6 +346,23 @@ pub struct ConvGrads<T> {
     pub db: Option<Vec<T>>,
 }
 
+/// `w [cout, cin, kh, kw]` → `w' [cin, cout, kh, kw]` with both spatial axes
+/// flipped (the kernel of the transposed convolution).
+fn flip_transpose<T: Real>(g: &ConvGeom, w: &[T]) -> Vec<T> {
+    let kk = g.kh * g.kw;
+    let mut out = vec![T::ZERO; w.len()];
+    for co in 0..g.cout {
+        for ci in 0..g.cin {
+            let src = &w[(co * g.cin + ci) * kk..(co * g.cin + ci + 1) * kk];
+            let dst = &mut out[(ci * g.cout + co) * kk..(ci * g.cout + co + 1) * kk];
+            for (d, s) in dst.iter_mut().zip(src.iter().rev()) {
+                *d = *s;
+            }
+        }
+    }
+    out
+}
+
 /// Backward convolution: from `x`, `w` and the output gradient `dy`.
 pub fn backward<T: Real>(
     g: &ConvGeom,
@@ -300,16 +376,28 @@ pub fn backward<T: Real>(
     if x.len() != g.b * g.in_per() || w.len() != g.cout * k || dy.len() != g.b * g.out_per() {
         bail!("conv2d kernel backward: data sizes do not match shapes {g:?}")
     }
+    // Stride 1: dx is a plain convolution of dy (deep GEMMs, no col2im).
+    let dx_conv = if need_dx { g.transposed() } else { None };
+    let dx_col2im = need_dx && dx_conv.is_none();
     let (chunk, par_gemm) = batch_split(g.b);
     let nchunks = g.b.div_ceil(chunk).max(1);
     let tr = g.tile_rows();
-    let tile = if g.direct() { 0 } else { k * tr * g.ow };
-    let mut dx = if need_dx {
+    let nb = if need_dw || dx_col2im {
+        g.group(chunk)
+    } else {
+        1
+    };
+    let tile = match (g.direct(), nb) {
+        (true, _) => 0,
+        (false, 1) => k * tr * g.ow,
+        (false, _) => k * nb * n,
+    };
+    let mut dx = if dx_col2im {
         vec![T::ZERO; g.b * g.in_per()]
     } else {
         Vec::new()
     };
-    let dx_chunks: Vec<Option<&mut [T]>> = if need_dx && !dx.is_empty() {
+    let dx_chunks: Vec<Option<&mut [T]>> = if dx_col2im && !dx.is_empty() {
         dx.chunks_mut(chunk * g.in_per()).map(Some).collect()
     } else {
         (0..nchunks).map(|_| None).collect()
@@ -321,28 +409,69 @@ pub fn backward<T: Real>(
             let mut dw = vec![T::ZERO; if need_dw { g.cout * k } else { 0 }];
             let mut db = vec![T::ZERO; if need_db { g.cout } else { 0 }];
             let mut col = vec![T::ZERO; if need_dw { tile } else { 0 }];
-            let mut dcol = vec![T::ZERO; if need_dx { tile } else { 0 }];
-            let s0 = ci * chunk;
-            let s1 = (s0 + chunk).min(g.b);
-            for s in s0..s1 {
-                let xs = &x[s * g.in_per()..(s + 1) * g.in_per()];
-                let dys = &dy[s * g.out_per()..(s + 1) * g.out_per()];
-                let mut dxs = dxc
-                    .as_deref_mut()
-                    .map(|d| &mut d[(s - s0) * g.in_per()..(s - s0 + 1) * g.in_per()]);
-                if need_db {
+            let mut dcol = vec![T::ZERO; if dx_col2im { tile } else { 0 }];
+            let mut dycat = vec![T::ZERO; if nb > 1 { g.cout * nb * n } else { 0 }];
+            let s_begin = ci * chunk;
+            let s_end = (s_begin + chunk).min(g.b);
+            if need_db {
+                for s in s_begin..s_end {
+                    let dys = &dy[s * g.out_per()..(s + 1) * g.out_per()];
                     for (acc, row) in db.iter_mut().zip(dys.chunks(n)) {
                         *acc += row.iter().copied().sum::<T>();
                     }
                 }
+            }
+            if !need_dw && !dx_col2im {
+                return Ok((dw, db));
+            }
+            let mut s = s_begin;
+            while s < s_end {
+                let m = nb.min(s_end - s);
+                if m > 1 {
+                    // Several samples side by side: dy_cat (cout × m·n).
+                    let ld = m * n;
+                    for j in 0..m {
+                        let dys = &dy[(s + j) * g.out_per()..(s + j + 1) * g.out_per()];
+                        for (c, row) in dys.chunks(n).enumerate() {
+                            dycat[c * ld + j * n..c * ld + (j + 1) * n].copy_from_slice(row);
+                        }
+                    }
+                    let dym = Mat::n(&dycat[..g.cout * ld], g.cout, ld);
+                    if need_dw {
+                        for j in 0..m {
+                            let xs = &x[(s + j) * g.in_per()..(s + j + 1) * g.in_per()];
+                            im2col(g, xs, &mut col[j * n..], ld, 0, g.oh);
+                        }
+                        // dW (cout, k) += dy_cat (cout, m·n) · col_catᵀ (m·n, k)
+                        let cm = Mat::t(&col[..k * ld], k, ld);
+                        matmul(&mut dw, k, dym, cm, true, T::ONE, par_gemm)?;
+                    }
+                    if let Some(d) = dxc.as_deref_mut() {
+                        // dcol_cat (k, m·n) = Wᵀ (k, cout) · dy_cat (cout, m·n)
+                        let wt = Mat::t(w, g.cout, k);
+                        matmul(&mut dcol[..k * ld], ld, wt, dym, false, T::ONE, par_gemm)?;
+                        for j in 0..m {
+                            let o = (s + j - s_begin) * g.in_per();
+                            col2im(g, &dcol[j * n..], ld, &mut d[o..o + g.in_per()], 0, g.oh);
+                        }
+                    }
+                    s += m;
+                    continue;
+                }
+                let xs = &x[s * g.in_per()..(s + 1) * g.in_per()];
+                let dys = &dy[s * g.out_per()..(s + 1) * g.out_per()];
+                let o = (s - s_begin) * g.in_per();
+                let mut dxs = dxc.as_deref_mut().map(|d| &mut d[o..o + g.in_per()]);
+                s += 1;
                 if g.direct() {
                     if need_dw {
                         // dW (cout, cin) += dy (cout, n) · xᵀ (n, cin)
+                        let xm = Mat::t(xs, k, n);
                         matmul(
                             &mut dw,
                             k,
                             Mat::n(dys, g.cout, n),
-                            Mat::t(xs, k, n),
+                            xm,
                             true,
                             T::ONE,
                             par_gemm,
@@ -350,15 +479,8 @@ pub fn backward<T: Real>(
                     }
                     if let Some(d) = dxs.as_deref_mut() {
                         // dx (cin, n) = Wᵀ (cin, cout) · dy (cout, n)
-                        matmul(
-                            d,
-                            n,
-                            Mat::t(w, g.cout, k),
-                            Mat::n(dys, g.cout, n),
-                            false,
-                            T::ONE,
-                            par_gemm,
-                        )?;
+                        let wt = Mat::t(w, g.cout, k);
+                        matmul(d, n, wt, Mat::n(dys, g.cout, n), false, T::ONE, par_gemm)?;
                     }
                     continue;
                 }
@@ -368,30 +490,16 @@ pub fn backward<T: Real>(
                     let nt = (r1 - r0) * g.ow;
                     let dyt = Mat::n(&dys[r0 * g.ow..], g.cout, nt).ld(n);
                     if need_dw {
-                        im2col(g, xs, &mut col[..k * nt], r0, r1);
+                        im2col(g, xs, &mut col[..k * nt], nt, r0, r1);
                         // dW (cout, k) += dy_tile (cout, nt) · colᵀ (nt, k)
-                        matmul(
-                            &mut dw,
-                            k,
-                            dyt,
-                            Mat::t(&col[..k * nt], k, nt),
-                            true,
-                            T::ONE,
-                            par_gemm,
-                        )?;
+                        let cm = Mat::t(&col[..k * nt], k, nt);
+                        matmul(&mut dw, k, dyt, cm, true, T::ONE, par_gemm)?;
                     }
                     if let Some(d) = dxs.as_deref_mut() {
                         // dcol (k, nt) = Wᵀ (k, cout) · dy_tile (cout, nt)
-                        matmul(
-                            &mut dcol[..k * nt],
-                            nt,
-                            Mat::t(w, g.cout, k),
-                            dyt,
-                            false,
-                            T::ONE,
-                            par_gemm,
-                        )?;
-                        col2im(g, &dcol[..k * nt], d, r0, r1);
+                        let wt = Mat::t(w, g.cout, k);
+                        matmul(&mut dcol[..k * nt], nt, wt, dyt, false, T::ONE, par_gemm)?;
+                        col2im(g, &dcol[..k * nt], nt, d, r0, r1);
                     }
                     r0 = r1;
                 }
@@ -409,8 +517,12 @@ pub fn backward<T: Real>(
             *a += b;
         }
     }
+    let dx = match dx_conv {
+        Some(gt) => Some(forward(&gt, dy, &flip_transpose(g, w), None)?),
+        None => need_dx.then_some(dx),
+    };
     Ok(ConvGrads {
-        dx: need_dx.then_some(dx),
+        dx,
         dw: need_dw.then(|| {
             if dw.is_empty() {
                 vec![T::ZERO; g.cout * k]
@@ -635,6 +747,46 @@ mod tests {
                 let d = max_diff(a, b)?;
                 assert!(d < 1e-4 * (1.0 + max_abs(b)?), "{c:?} grad diff {d}");
             }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn conv_matches_candle_for_any_thread_count() -> Result<()> {
+        // 1 thread: whole batch in one chunk (multi-sample GEMMs);
+        // 7 threads: fewer samples than threads (parallel GEMMs).
+        for t in [1, 7] {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(t)
+                .build()
+                .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+            pool.install(|| -> Result<()> {
+                for c in CASES {
+                    let (s, p) = (c.6, c.7);
+                    let ins = inputs(c, DType::F32)?;
+                    let vars = ins
+                        .iter()
+                        .map(Var::from_tensor)
+                        .collect::<Result<Vec<_>>>()?;
+                    let dims = conv2d(&ins[0], &ins[1], ins.get(2), s, p)?.dims().to_vec();
+                    let probe = rand(&dims, 9, DType::F32)?;
+                    let (y1, g1) = grads(&vars, &probe, &|t| conv2d(&t[0], &t[1], t.get(2), s, p))?;
+                    let (y2, g2) = grads(&vars, &probe, &|t| {
+                        reference::conv2d(&t[0], &t[1], t.get(2), s, p)
+                    })?;
+                    assert!(
+                        max_diff(&y1, &y2)? < 1e-5 * (1.0 + max_abs(&y2)?),
+                        "{t} threads {c:?}"
+                    );
+                    for (a, b) in g1.iter().zip(&g2) {
+                        assert!(
+                            max_diff(a, b)? < 1e-4 * (1.0 + max_abs(b)?),
+                            "{t} threads {c:?}"
+                        );
+                    }
+                }
+                Ok(())
+            })?;
         }
         Ok(())
     }

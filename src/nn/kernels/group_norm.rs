@@ -15,7 +15,7 @@
 //! `native_group_norm_backward` has the same closed form) and the composite
 //! [`crate::nn::ops::reference::group_norm`] that the tests compare against.
 
-use super::{sigmoid, simd, tensor_from, with_data, Real, Stats};
+use super::{sigmoid, tensor_from, with_data, Real, Stats};
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -105,6 +105,130 @@ impl GnGeom {
     }
 }
 
+simd_fn! {
+    /// One (sample, group) of the forward: `xg`/`yg` hold `w.len()` channels
+    /// of `hw` elements; `w`, `bias` are that group's channel parameters.
+    fn forward_group<T: Real>(
+        xg: &[T],
+        yg: &mut [T],
+        w: &[T],
+        bias: &[T],
+        hw: usize,
+        eps: f64,
+        silu: bool,
+    ) -> (f64, f64) {
+        let n = xg.len().max(1) as f64;
+        let mean = sum_wide(xg) / n;
+        let var = sum_sq_dev(xg, T::of(mean)) / n;
+        let rstd = 1.0 / (var + eps).sqrt();
+        for (ci, (&wc, &bc)) in w.iter().zip(bias).enumerate() {
+            let a = rstd * wc.wide();
+            let sh = T::of(bc.wide() - mean * a);
+            let a = T::of(a);
+            let ys = &mut yg[ci * hw..(ci + 1) * hw];
+            let xs = &xg[ci * hw..(ci + 1) * hw];
+            if silu {
+                for (o, &v) in ys.iter_mut().zip(xs) {
+                    let z = v * a + sh;
+                    *o = z * sigmoid(z);
+                }
+            } else {
+                for (o, &v) in ys.iter_mut().zip(xs) {
+                    *o = v * a + sh;
+                }
+            }
+        }
+        (mean, rstd)
+    }
+}
+
+simd_fn! {
+    /// One (sample, group) of the backward. Writes `dx` for the group and the
+    /// per-channel sums `Σdz·x̂` (→ dγ) into `pw`, `Σdz` (→ dβ) into `pb`.
+    fn backward_group<T: Real>(
+        dxg: &mut [T],
+        xg: &[T],
+        dyg: &[T],
+        w: &[T],
+        bias: &[T],
+        hw: usize,
+        stat: (f64, f64),
+        silu: bool,
+        pw: &mut [f64],
+        pb: &mut [f64],
+    ) {
+        let (m, r) = (T::of(stat.0), T::of(stat.1));
+        let (mut sa, mut sb) = (0f64, 0f64);
+        // Pass 1: dz = dy·silu'(z) (into dx) and the channel sums.
+        for ci in 0..w.len() {
+            let (wc, bc) = (w[ci], bias[ci]);
+            let rng = ci * hw..(ci + 1) * hw;
+            let (mut s1, mut s2) = (0f64, 0f64);
+            for ((dzb, xb), gb) in dxg[rng.clone()]
+                .chunks_mut(256)
+                .zip(xg[rng.clone()].chunks(256))
+                .zip(dyg[rng.clone()].chunks(256))
+            {
+                let (mut a1, mut a2) = ([T::ZERO; 8], [T::ZERO; 8]);
+                let mut i = 0;
+                while i + 8 <= dzb.len() {
+                    for l in 0..8 {
+                        let xh = (xb[i + l] - m) * r;
+                        let dz = if silu {
+                            let z = xh * wc + bc;
+                            let s = sigmoid(z);
+                            gb[i + l] * s * (T::ONE + z * (T::ONE - s))
+                        } else {
+                            gb[i + l]
+                        };
+                        dzb[i + l] = dz;
+                        a1[l] += dz;
+                        a2[l] += dz * xh;
+                    }
+                    i += 8;
+                }
+                let (mut t1, mut t2) = (T::ZERO, T::ZERO);
+                while i < dzb.len() {
+                    let xh = (xb[i] - m) * r;
+                    let dz = if silu {
+                        let z = xh * wc + bc;
+                        let s = sigmoid(z);
+                        gb[i] * s * (T::ONE + z * (T::ONE - s))
+                    } else {
+                        gb[i]
+                    };
+                    dzb[i] = dz;
+                    t1 += dz;
+                    t2 += dz * xh;
+                    i += 1;
+                }
+                for l in 0..8 {
+                    t1 += a1[l];
+                    t2 += a2[l];
+                }
+                s1 += t1.wide();
+                s2 += t2.wide();
+            }
+            pb[ci] = s1;
+            pw[ci] = s2;
+            sa += wc.wide() * s1;
+            sb += wc.wide() * s2;
+        }
+        // Pass 2: dx = rstd·(dz·γ − Σ(dz·γ)/n − x̂·Σ(dz·γ·x̂)/n).
+        let n = xg.len().max(1) as f64;
+        let ma = T::of(sa / n);
+        let mb = T::of(sb / n);
+        for (ci, &wc) in w.iter().enumerate() {
+            let wr = wc * r;
+            let rng = ci * hw..(ci + 1) * hw;
+            for (d, &xv) in dxg[rng.clone()].iter_mut().zip(&xg[rng]) {
+                let xh = (xv - m) * r;
+                *d = *d * wr - r * (ma + xh * mb);
+            }
+        }
+    }
+}
+
 /// Forward: returns `y` and the per-(sample, group) `(mean, rstd)` pairs.
 pub fn forward<T: Real>(
     g: &GnGeom,
@@ -127,31 +251,8 @@ pub fn forward<T: Real>(
         .zip(x.par_chunks(gl))
         .enumerate()
         .map(|(bg, (yg, xg))| {
-            simd(|| {
-                let n = gl as f64;
-                let mean = sum_wide(xg) / n;
-                let var = sum_sq_dev(xg, T::of(mean)) / n;
-                let rstd = 1.0 / (var + eps).sqrt();
-                let c0 = (bg % g.groups) * cg;
-                for ci in 0..cg {
-                    let a = rstd * w[c0 + ci].wide();
-                    let sh = T::of(bias[c0 + ci].wide() - mean * a);
-                    let a = T::of(a);
-                    let ys = &mut yg[ci * g.hw..(ci + 1) * g.hw];
-                    let xs = &xg[ci * g.hw..(ci + 1) * g.hw];
-                    if silu {
-                        for (o, &v) in ys.iter_mut().zip(xs) {
-                            let z = v * a + sh;
-                            *o = z * sigmoid(z);
-                        }
-                    } else {
-                        for (o, &v) in ys.iter_mut().zip(xs) {
-                            *o = v * a + sh;
-                        }
-                    }
-                }
-                (mean, rstd)
-            })
+            let c0 = (bg % g.groups) * cg;
+            forward_group(xg, yg, &w[c0..c0 + cg], &bias[c0..c0 + cg], g.hw, eps, silu)
         })
         .collect();
     Ok((y, stats))
@@ -183,79 +284,9 @@ pub fn backward<T: Real>(
             .zip(pw.par_chunks_mut(cg).zip(pb.par_chunks_mut(cg)))
             .enumerate()
             .for_each(|(bg, (((dxg, xg), dyg), (pwg, pbg)))| {
-                simd(|| {
-                    let (mean, rstd) = stats[bg];
-                    let (m, r) = (T::of(mean), T::of(rstd));
-                    let c0 = (bg % g.groups) * cg;
-                    let (mut sa, mut sb) = (0f64, 0f64);
-                    // Pass 1: dz (into dx) and the channel sums.
-                    for ci in 0..cg {
-                        let (wc, bc) = (w[c0 + ci], bias[c0 + ci]);
-                        let rng = ci * g.hw..(ci + 1) * g.hw;
-                        let (mut s1, mut s2) = (0f64, 0f64);
-                        for ((dzb, xb), gb) in dxg[rng.clone()]
-                            .chunks_mut(256)
-                            .zip(xg[rng.clone()].chunks(256))
-                            .zip(dyg[rng.clone()].chunks(256))
-                        {
-                            let (mut a1, mut a2) = ([T::ZERO; 8], [T::ZERO; 8]);
-                            let mut i = 0;
-                            while i + 8 <= dzb.len() {
-                                for l in 0..8 {
-                                    let xh = (xb[i + l] - m) * r;
-                                    let dz = if silu {
-                                        let z = xh * wc + bc;
-                                        let s = sigmoid(z);
-                                        gb[i + l] * s * (T::ONE + z * (T::ONE - s))
-                                    } else {
-                                        gb[i + l]
-                                    };
-                                    dzb[i + l] = dz;
-                                    a1[l] += dz;
-                                    a2[l] += dz * xh;
-                                }
-                                i += 8;
-                            }
-                            let (mut t1, mut t2) = (T::ZERO, T::ZERO);
-                            while i < dzb.len() {
-                                let xh = (xb[i] - m) * r;
-                                let dz = if silu {
-                                    let z = xh * wc + bc;
-                                    let s = sigmoid(z);
-                                    gb[i] * s * (T::ONE + z * (T::ONE - s))
-                                } else {
-                                    gb[i]
-                                };
-                                dzb[i] = dz;
-                                t1 += dz;
-                                t2 += dz * xh;
-                                i += 1;
-                            }
-                            for l in 0..8 {
-                                t1 += a1[l];
-                                t2 += a2[l];
-                            }
-                            s1 += t1.wide();
-                            s2 += t2.wide();
-                        }
-                        pbg[ci] = s1;
-                        pwg[ci] = s2;
-                        sa += wc.wide() * s1;
-                        sb += wc.wide() * s2;
-                    }
-                    // Pass 2: dx = rstd·(dz·γ − Σ(dz·γ)/n − x̂·Σ(dz·γ·x̂)/n).
-                    let n = gl as f64;
-                    let ma = T::of(sa / n);
-                    let mb = T::of(sb / n);
-                    for ci in 0..cg {
-                        let wr = w[c0 + ci] * r;
-                        let rng = ci * g.hw..(ci + 1) * g.hw;
-                        for (d, &xv) in dxg[rng.clone()].iter_mut().zip(&xg[rng]) {
-                            let xh = (xv - m) * r;
-                            *d = *d * wr - r * (ma + xh * mb);
-                        }
-                    }
-                })
+                let c0 = (bg % g.groups) * cg;
+                let (wg, bg2) = (&w[c0..c0 + cg], &bias[c0..c0 + cg]);
+                backward_group(dxg, xg, dyg, wg, bg2, g.hw, stats[bg], silu, pwg, pbg);
             });
     }
     let mut dw = vec![T::ZERO; g.c];

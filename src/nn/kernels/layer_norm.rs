@@ -10,11 +10,67 @@
 //! [`crate::nn::ops::reference::layer_norm`] the tests compare against.
 
 use super::group_norm::{sum_sq_dev, sum_wide};
-use super::{simd, tensor_from, threads, with_data, Real, Stats};
+use super::{tensor_from, threads, with_data, Real, Stats};
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 use std::sync::Mutex;
+
+simd_fn! {
+    /// One row of the forward; returns `(mean, rstd)`.
+    fn forward_row<T: Real>(xr: &[T], yr: &mut [T], w: &[T], b: &[T], eps: f64) -> (f64, f64) {
+        let d = xr.len().max(1) as f64;
+        let mean = sum_wide(xr) / d;
+        let var = sum_sq_dev(xr, T::of(mean)) / d;
+        let rstd = 1.0 / (var + eps).sqrt();
+        let (m, r) = (T::of(mean), T::of(rstd));
+        for (((o, &v), &wv), &bv) in yr.iter_mut().zip(xr).zip(w).zip(b) {
+            *o = (v - m) * r * wv + bv;
+        }
+        (mean, rstd)
+    }
+}
+
+simd_fn! {
+    /// Backward over consecutive rows of `d`; accumulates dγ, dβ into `dw`, `db`.
+    fn backward_rows<T: Real>(
+        dxc: &mut [T],
+        xc: &[T],
+        dyc: &[T],
+        w: &[T],
+        stats: &[(f64, f64)],
+        d: usize,
+        dw: &mut [T],
+        db: &mut [T],
+    ) {
+        for (((dxr, xr), dyr), &(mean, rstd)) in dxc.chunks_mut(d).zip(xc.chunks(d)).zip(dyc.chunks(d)).zip(stats) {
+            let (m, r) = (T::of(mean), T::of(rstd));
+            // dx holds g = dy·γ for now; sums of g and g·x̂.
+            let (mut s1, mut s2) = (T::ZERO, T::ZERO);
+            for ((((o, &xv), &g), &wv), (dwv, dbv)) in dxr
+                .iter_mut()
+                .zip(xr)
+                .zip(dyr)
+                .zip(w)
+                .zip(dw.iter_mut().zip(db.iter_mut()))
+            {
+                let xh = (xv - m) * r;
+                let gw = g * wv;
+                *o = gw;
+                s1 += gw;
+                s2 += gw * xh;
+                *dwv += g * xh;
+                *dbv += g;
+            }
+            let ma = s1 / T::of(d as f64);
+            let mb = s2 / T::of(d as f64);
+            for (o, &xv) in dxr.iter_mut().zip(xr) {
+                let xh = (xv - m) * r;
+                *o = r * (*o - ma - xh * mb);
+            }
+        }
+    }
+}
 
 /// Forward over `rows × d` data; returns `y` and `(mean, rstd)` per row.
 pub fn forward<T: Real>(x: &[T], w: &[T], b: &[T], d: usize, eps: f64) -> Result<(Vec<T>, Stats)> {
@@ -30,18 +86,7 @@ pub fn forward<T: Real>(x: &[T], w: &[T], b: &[T], d: usize, eps: f64) -> Result
     let stats = y
         .par_chunks_mut(d)
         .zip(x.par_chunks(d))
-        .map(|(yr, xr)| {
-            simd(|| {
-                let mean = sum_wide(xr) / d as f64;
-                let var = sum_sq_dev(xr, T::of(mean)) / d as f64;
-                let rstd = 1.0 / (var + eps).sqrt();
-                let (m, r) = (T::of(mean), T::of(rstd));
-                for (((o, &v), &wv), &bv) in yr.iter_mut().zip(xr).zip(w).zip(b) {
-                    *o = (v - m) * r * wv + bv;
-                }
-                (mean, rstd)
-            })
-        })
+        .map(|(yr, xr)| forward_row(xr, yr, w, b, eps))
         .collect();
     Ok((y, stats))
 }
@@ -71,43 +116,11 @@ pub fn backward<T: Real>(
         .zip(dy.par_chunks(per * d))
         .enumerate()
         .map(|(ci, ((dxc, xc), dyc))| {
-            simd(|| {
-                let mut dw = vec![T::ZERO; d];
-                let mut db = vec![T::ZERO; d];
-                for (ri, ((dxr, xr), dyr)) in dxc
-                    .chunks_mut(d)
-                    .zip(xc.chunks(d))
-                    .zip(dyc.chunks(d))
-                    .enumerate()
-                {
-                    let (mean, rstd) = stats[ci * per + ri];
-                    let (m, r) = (T::of(mean), T::of(rstd));
-                    // dx holds g = dy·γ for now; sums of g and g·x̂.
-                    let (mut s1, mut s2) = (T::ZERO, T::ZERO);
-                    for ((((o, &xv), &g), &wv), (dwv, dbv)) in dxr
-                        .iter_mut()
-                        .zip(xr)
-                        .zip(dyr)
-                        .zip(w)
-                        .zip(dw.iter_mut().zip(db.iter_mut()))
-                    {
-                        let xh = (xv - m) * r;
-                        let gw = g * wv;
-                        *o = gw;
-                        s1 += gw;
-                        s2 += gw * xh;
-                        *dwv += g * xh;
-                        *dbv += g;
-                    }
-                    let ma = s1 / T::of(d as f64);
-                    let mb = s2 / T::of(d as f64);
-                    for (o, &xv) in dxr.iter_mut().zip(xr) {
-                        let xh = (xv - m) * r;
-                        *o = r * (*o - ma - xh * mb);
-                    }
-                }
-                (dw, db)
-            })
+            let mut dw = vec![T::ZERO; d];
+            let mut db = vec![T::ZERO; d];
+            let st = &stats[ci * per..(ci * per + dxc.len() / d)];
+            backward_rows(dxc, xc, dyc, w, st, d, &mut dw, &mut db);
+            (dw, db)
         })
         .collect();
     let mut dw = vec![T::ZERO; d];

@@ -18,11 +18,6 @@
 //! the composite for other devices and dtypes. Backward ops return fresh
 //! tensors without a graph (no double backward).
 
-pub mod attention;
-pub mod conv;
-pub mod group_norm;
-pub mod layer_norm;
-
 use candle_core::{bail, DType, Device, Layout, Result, Storage, Tensor, WithDType};
 
 /// Per-row (or per-group) `(mean, rstd)` saved by a normalisation forward.
@@ -172,24 +167,40 @@ pub fn has_avx2() -> bool {
     }
 }
 
-/// Run `f` in a copy of the code compiled for AVX2+FMA when the CPU has it.
-/// `f` should be a closure around `#[inline(always)]` loops so that they are
-/// inlined (and vectorised) into the AVX2 copy.
-#[inline(always)]
-pub fn simd<R>(f: impl FnOnce() -> R) -> R {
-    #[cfg(target_arch = "x86_64")]
-    {
-        #[target_feature(enable = "avx2,fma")]
-        unsafe fn run_avx2<R>(f: impl FnOnce() -> R) -> R {
-            f()
+/// Defines a generic kernel function `fn name<T: Real>(args) -> ret` whose
+/// body is compiled twice, once for the baseline target and once with
+/// AVX2+FMA enabled, and picks the AVX2 copy at run time when the CPU has
+/// it (the crate is built for baseline x86-64, so without this the element
+/// loops would only use SSE2). The body is an `#[inline(always)]` function,
+/// so it (and the small helpers it calls) is inlined into both copies.
+macro_rules! simd_fn {
+    ($(#[$m:meta])* $vis:vis fn $name:ident<T: Real>($($a:ident: $t:ty),* $(,)?) $(-> $r:ty)? $body:block) => {
+        $(#[$m])*
+        #[allow(clippy::too_many_arguments)]
+        $vis fn $name<T: Real>($($a: $t),*) $(-> $r)? {
+            #[inline(always)]
+            #[allow(clippy::too_many_arguments)]
+            fn imp<T: Real>($($a: $t),*) $(-> $r)? $body
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx2,fma")]
+                #[allow(clippy::too_many_arguments)]
+                unsafe fn avx2<T: Real>($($a: $t),*) $(-> $r)? {
+                    imp::<T>($($a),*)
+                }
+                if $crate::nn::kernels::has_avx2() {
+                    // SAFETY: the CPU supports AVX2 and FMA (checked at run time).
+                    return unsafe { avx2::<T>($($a),*) };
+                }
+            }
+            imp::<T>($($a),*)
         }
-        if has_avx2() {
-            // SAFETY: the CPU supports AVX2 and FMA (checked at run time above).
-            return unsafe { run_avx2(f) };
-        }
-    }
-    f()
+    };
 }
+pub mod attention;
+pub mod conv;
+pub mod group_norm;
+pub mod layer_norm;
 
 /// True for the dtypes the kernels run natively.
 pub fn native_dtype(dtype: DType) -> bool {
