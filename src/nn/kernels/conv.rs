@@ -161,6 +161,10 @@ impl ConvGeom {
 fn im2col<T: Real>(g: &ConvGeom, x: &[T], col: &mut [T], ld: usize, r0: usize, r1: usize) {
     let nt = (r1 - r0) * g.ow;
     let s = g.stride;
+    if s == 1 && g.ow == g.w {
+        im2col_same(g, x, col, ld, r0, r1);
+        return;
+    }
     for ci in 0..g.cin {
         let xc = &x[ci * g.h * g.w..(ci + 1) * g.h * g.w];
         for ki in 0..g.kh {
@@ -185,6 +189,48 @@ fn im2col<T: Real>(g: &ConvGeom, x: &[T], col: &mut [T], ld: usize, r0: usize, r
                         for (o, v) in d[lo..hi].iter_mut().zip(xr[iw0..].iter().step_by(s)) {
                             *o = *v;
                         }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// [`im2col`] for stride-1 convolutions whose output width equals the input
+/// width ("same" padding, e.g. 3×3 pad 1): each im2col row is the input
+/// plane shifted by `(ki − pad)·w + (kj − pad)`, so it is one contiguous copy
+/// plus zeroing of the wrapped-around edge columns (instead of one short copy
+/// per output row).
+fn im2col_same<T: Real>(g: &ConvGeom, x: &[T], col: &mut [T], ld: usize, r0: usize, r1: usize) {
+    let (w, hw) = (g.w, g.h * g.w);
+    let nt = (r1 - r0) * w;
+    let (n0, n1) = ((r0 * w) as isize, (r1 * w) as isize);
+    for ci in 0..g.cin {
+        let xc = &x[ci * hw..(ci + 1) * hw];
+        for ki in 0..g.kh {
+            for kj in 0..g.kw {
+                let row = (ci * g.kh + ki) * g.kw + kj;
+                let dst = &mut col[row * ld..row * ld + nt];
+                let shift =
+                    (ki as isize - g.pad as isize) * w as isize + kj as isize - g.pad as isize;
+                // Output positions n in [lo, hi) read x[n + shift]; the rest are zero.
+                let lo = n0.max(-shift).min(n1);
+                let hi = n1.min(hw as isize - shift).max(lo);
+                let (a, b) = ((lo - n0) as usize, (hi - n0) as usize);
+                dst[..a].fill(T::ZERO);
+                dst[b..].fill(T::ZERO);
+                if b > a {
+                    let src0 = (lo + shift) as usize;
+                    dst[a..b].copy_from_slice(&xc[src0..src0 + (b - a)]);
+                }
+                // Columns whose input column iw = ow + kj − pad falls outside [0, w).
+                if kj < g.pad {
+                    for r in dst.chunks_mut(w) {
+                        r[..g.pad - kj].fill(T::ZERO);
+                    }
+                } else if kj > g.pad {
+                    for r in dst.chunks_mut(w) {
+                        r[w - (kj - g.pad)..].fill(T::ZERO);
                     }
                 }
             }

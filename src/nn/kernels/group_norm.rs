@@ -67,6 +67,31 @@ pub(crate) fn sum_sq_dev<T: Real>(v: &[T], m: T) -> f64 {
     total
 }
 
+/// `Σ a·(b − m)`, same accumulation scheme as [`sum_wide`].
+#[inline(always)]
+pub(crate) fn dot_dev<T: Real>(a: &[T], b: &[T], m: T) -> f64 {
+    let mut total = 0f64;
+    for (ab, bb) in a.chunks(256).zip(b.chunks(256)) {
+        let mut acc = [T::ZERO; 8];
+        let mut ia = ab.chunks_exact(8);
+        let mut ib = bb.chunks_exact(8);
+        for (ca, cb) in (&mut ia).zip(&mut ib) {
+            for l in 0..8 {
+                acc[l] += ca[l] * (cb[l] - m);
+            }
+        }
+        let mut s = T::ZERO;
+        for (&x, &y) in ia.remainder().iter().zip(ib.remainder()) {
+            s += x * (y - m);
+        }
+        for v in acc {
+            s += v;
+        }
+        total += s.wide();
+    }
+    total
+}
+
 /// Sizes of a GroupNorm call.
 #[derive(Debug, Clone, Copy)]
 pub struct GnGeom {
@@ -159,56 +184,24 @@ simd_fn! {
     ) {
         let (m, r) = (T::of(stat.0), T::of(stat.1));
         let (mut sa, mut sb) = (0f64, 0f64);
-        // Pass 1: dz = dy·silu'(z) (into dx) and the channel sums.
+        // Pass 1: dz = dy·silu'(z) (into dx), then the channel sums
+        // Σdz and Σdz·x̂ (separate simple loops so that each vectorises).
         for ci in 0..w.len() {
             let (wc, bc) = (w[ci], bias[ci]);
             let rng = ci * hw..(ci + 1) * hw;
-            let (mut s1, mut s2) = (0f64, 0f64);
-            for ((dzb, xb), gb) in dxg[rng.clone()]
-                .chunks_mut(256)
-                .zip(xg[rng.clone()].chunks(256))
-                .zip(dyg[rng.clone()].chunks(256))
-            {
-                let (mut a1, mut a2) = ([T::ZERO; 8], [T::ZERO; 8]);
-                let mut i = 0;
-                while i + 8 <= dzb.len() {
-                    for l in 0..8 {
-                        let xh = (xb[i + l] - m) * r;
-                        let dz = if silu {
-                            let z = xh * wc + bc;
-                            let s = sigmoid(z);
-                            gb[i + l] * s * (T::ONE + z * (T::ONE - s))
-                        } else {
-                            gb[i + l]
-                        };
-                        dzb[i + l] = dz;
-                        a1[l] += dz;
-                        a2[l] += dz * xh;
-                    }
-                    i += 8;
+            let dz = &mut dxg[rng.clone()];
+            let xs = &xg[rng.clone()];
+            if silu {
+                for ((d, &xv), &gv) in dz.iter_mut().zip(xs).zip(&dyg[rng.clone()]) {
+                    let z = (xv - m) * r * wc + bc;
+                    let s = sigmoid(z);
+                    *d = gv * s * (T::ONE + z * (T::ONE - s));
                 }
-                let (mut t1, mut t2) = (T::ZERO, T::ZERO);
-                while i < dzb.len() {
-                    let xh = (xb[i] - m) * r;
-                    let dz = if silu {
-                        let z = xh * wc + bc;
-                        let s = sigmoid(z);
-                        gb[i] * s * (T::ONE + z * (T::ONE - s))
-                    } else {
-                        gb[i]
-                    };
-                    dzb[i] = dz;
-                    t1 += dz;
-                    t2 += dz * xh;
-                    i += 1;
-                }
-                for l in 0..8 {
-                    t1 += a1[l];
-                    t2 += a2[l];
-                }
-                s1 += t1.wide();
-                s2 += t2.wide();
+            } else {
+                dz.copy_from_slice(&dyg[rng.clone()]);
             }
+            let s1 = sum_wide(dz);
+            let s2 = dot_dev(dz, xs, m) * stat.1;
             pb[ci] = s1;
             pw[ci] = s2;
             sa += wc.wide() * s1;
