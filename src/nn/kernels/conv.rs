@@ -238,6 +238,43 @@ fn im2col_same<T: Real>(g: &ConvGeom, x: &[T], col: &mut [T], ld: usize, r0: usi
     }
 }
 
+simd_fn! {
+    /// `dst[j·ldd + i] = src[i·lds + j]` for `i < rows`, `j < cols`, in 8×8
+    /// blocks (the transposed im2col matrix of the weight gradient: it makes
+    /// the GEMM's right operand row-major, so gemm packs it with contiguous
+    /// copies instead of a strided gather).
+    fn transpose_into<T: Real>(src: &[T], rows: usize, cols: usize, lds: usize, dst: &mut [T], ldd: usize) {
+        let mut i0 = 0;
+        while i0 + 8 <= rows {
+            let mut j0 = 0;
+            while j0 + 8 <= cols {
+                let mut blk = [[T::ZERO; 8]; 8];
+                for (a, row) in blk.iter_mut().enumerate() {
+                    row.copy_from_slice(&src[(i0 + a) * lds + j0..(i0 + a) * lds + j0 + 8]);
+                }
+                for b in 0..8 {
+                    let d = &mut dst[(j0 + b) * ldd + i0..(j0 + b) * ldd + i0 + 8];
+                    for a in 0..8 {
+                        d[a] = blk[a][b];
+                    }
+                }
+                j0 += 8;
+            }
+            for a in 0..8 {
+                for j in j0..cols {
+                    dst[j * ldd + i0 + a] = src[(i0 + a) * lds + j];
+                }
+            }
+            i0 += 8;
+        }
+        for i in i0..rows {
+            for j in 0..cols {
+                dst[j * ldd + i] = src[i * lds + j];
+            }
+        }
+    }
+}
+
 /// Accumulate `dcol (k, (r1−r0)·ow)` (row stride `ld`) into the input
 /// gradient `dx` of one sample (the adjoint of [`im2col`]).
 fn col2im<T: Real>(g: &ConvGeom, dcol: &[T], ld: usize, dx: &mut [T], r0: usize, r1: usize) {
@@ -455,6 +492,15 @@ pub fn backward<T: Real>(
             let mut dw = vec![T::ZERO; if need_dw { g.cout * k } else { 0 }];
             let mut db = vec![T::ZERO; if need_db { g.cout } else { 0 }];
             let mut col = vec![T::ZERO; if need_dw { tile } else { 0 }];
+            // One sample's (or tile's) im2col before its transposition into `col`.
+            let mut colt = vec![
+                T::ZERO;
+                if need_dw {
+                    k * tr * g.ow
+                } else {
+                    0
+                }
+            ];
             let mut dcol = vec![T::ZERO; if dx_col2im { tile } else { 0 }];
             let mut dycat = vec![T::ZERO; if nb > 1 { g.cout * nb * n } else { 0 }];
             let s_begin = ci * chunk;
@@ -486,10 +532,18 @@ pub fn backward<T: Real>(
                     if need_dw {
                         for j in 0..m {
                             let xs = &x[(s + j) * g.in_per()..(s + j + 1) * g.in_per()];
-                            im2col(g, xs, &mut col[j * n..], ld, 0, g.oh);
+                            im2col(g, xs, &mut colt[..k * n], n, 0, g.oh);
+                            transpose_into(
+                                &colt[..k * n],
+                                k,
+                                n,
+                                n,
+                                &mut col[j * n * k..(j + 1) * n * k],
+                                k,
+                            );
                         }
                         // dW (cout, k) += dy_cat (cout, m·n) · col_catᵀ (m·n, k)
-                        let cm = Mat::t(&col[..k * ld], k, ld);
+                        let cm = Mat::n(&col[..k * ld], ld, k);
                         matmul(&mut dw, k, dym, cm, true, T::ONE, par_gemm)?;
                     }
                     if let Some(d) = dxc.as_deref_mut() {
@@ -536,9 +590,10 @@ pub fn backward<T: Real>(
                     let nt = (r1 - r0) * g.ow;
                     let dyt = Mat::n(&dys[r0 * g.ow..], g.cout, nt).ld(n);
                     if need_dw {
-                        im2col(g, xs, &mut col[..k * nt], nt, r0, r1);
+                        im2col(g, xs, &mut colt[..k * nt], nt, r0, r1);
+                        transpose_into(&colt[..k * nt], k, nt, nt, &mut col[..k * nt], k);
                         // dW (cout, k) += dy_tile (cout, nt) · colᵀ (nt, k)
-                        let cm = Mat::t(&col[..k * nt], k, nt);
+                        let cm = Mat::n(&col[..k * nt], nt, k);
                         matmul(&mut dw, k, dyt, cm, true, T::ONE, par_gemm)?;
                     }
                     if let Some(d) = dxs.as_deref_mut() {
