@@ -19,7 +19,7 @@
 //! against it) and the textbook im2col formulation (Chellapilla et al. 2006,
 //! as in Caffe/PyTorch's `slow_conv2d`).
 
-use super::{matmul, tensor_from, threads, with_data, Mat, Real};
+use super::{give_scratch, matmul, take_scratch, tensor_from, threads, with_data, Mat, Real};
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -353,8 +353,8 @@ pub fn forward<T: Real>(g: &ConvGeom, x: &[T], w: &[T], bias: Option<&[T]>) -> R
     y.par_chunks_mut(chunk * g.out_per())
         .zip(x.par_chunks(chunk * g.in_per()))
         .try_for_each(|(yc, xc)| -> Result<()> {
-            let mut col = vec![T::ZERO; col_len];
-            let mut out = vec![T::ZERO; if nb > 1 { g.cout * nb * n } else { 0 }];
+            let mut col = take_scratch::<T>(col_len);
+            let mut out = take_scratch::<T>(if nb > 1 { g.cout * nb * n } else { 0 });
             let ns = xc.len() / g.in_per();
             let mut s0 = 0;
             while s0 < ns {
@@ -414,6 +414,8 @@ pub fn forward<T: Real>(g: &ConvGeom, x: &[T], w: &[T], bias: Option<&[T]>) -> R
                     r0 = r1;
                 }
             }
+            give_scratch(col);
+            give_scratch(out);
             Ok(())
         })?;
     Ok(y)
@@ -491,18 +493,11 @@ pub fn backward<T: Real>(
         .map(|(ci, mut dxc)| -> Result<(Vec<T>, Vec<T>)> {
             let mut dw = vec![T::ZERO; if need_dw { g.cout * k } else { 0 }];
             let mut db = vec![T::ZERO; if need_db { g.cout } else { 0 }];
-            let mut col = vec![T::ZERO; if need_dw { tile } else { 0 }];
+            let mut col = take_scratch::<T>(if need_dw { tile } else { 0 });
             // One sample's (or tile's) im2col before its transposition into `col`.
-            let mut colt = vec![
-                T::ZERO;
-                if need_dw {
-                    k * tr * g.ow
-                } else {
-                    0
-                }
-            ];
-            let mut dcol = vec![T::ZERO; if dx_col2im { tile } else { 0 }];
-            let mut dycat = vec![T::ZERO; if nb > 1 { g.cout * nb * n } else { 0 }];
+            let mut colt = take_scratch::<T>(if need_dw { k * tr * g.ow } else { 0 });
+            let mut dcol = take_scratch::<T>(if dx_col2im { tile } else { 0 });
+            let mut dycat = take_scratch::<T>(if nb > 1 { g.cout * nb * n } else { 0 });
             let s_begin = ci * chunk;
             let s_end = (s_begin + chunk).min(g.b);
             if need_db {
@@ -604,6 +599,9 @@ pub fn backward<T: Real>(
                     }
                     r0 = r1;
                 }
+            }
+            for b in [col, colt, dcol, dycat] {
+                give_scratch(b);
             }
             Ok((dw, db))
         })

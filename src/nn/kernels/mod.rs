@@ -44,6 +44,52 @@ pub trait Real:
     fn of(v: f64) -> Self;
     /// Widening conversion to f64.
     fn wide(self) -> f64;
+    /// Run `f` on this thread's pool of scratch buffers of this type.
+    fn with_pool<R>(f: impl FnOnce(&mut Vec<Vec<Self>>) -> R) -> R;
+}
+
+thread_local! {
+    static POOL_F32: std::cell::RefCell<Vec<Vec<f32>>> = const { std::cell::RefCell::new(Vec::new()) };
+    static POOL_F64: std::cell::RefCell<Vec<Vec<f64>>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Buffers kept per thread (and type) for reuse.
+const POOL_BUFFERS: usize = 6;
+
+/// A scratch buffer of at least `len` elements from this thread's pool
+/// (allocated on first use). Its contents are unspecified: callers write
+/// every element they later read. Give it back with [`give_scratch`].
+pub(crate) fn take_scratch<T: Real>(len: usize) -> Vec<T> {
+    let mut v = T::with_pool(|p| {
+        // Prefer the smallest buffer that is large enough.
+        let best = p
+            .iter()
+            .enumerate()
+            .filter(|(_, b)| b.len() >= len)
+            .min_by_key(|(_, b)| b.len())
+            .map(|(i, _)| i);
+        match best {
+            Some(i) => Some(p.swap_remove(i)),
+            None => p.pop(),
+        }
+    })
+    .unwrap_or_default();
+    if v.len() < len {
+        v.resize(len, T::ZERO);
+    }
+    v
+}
+
+/// Return a buffer from [`take_scratch`] to this thread's pool.
+pub(crate) fn give_scratch<T: Real>(v: Vec<T>) {
+    if v.is_empty() {
+        return;
+    }
+    T::with_pool(|p| {
+        if p.len() < POOL_BUFFERS {
+            p.push(v);
+        }
+    })
 }
 
 impl Real for f32 {
@@ -74,6 +120,9 @@ impl Real for f32 {
     fn wide(self) -> f64 {
         self as f64
     }
+    fn with_pool<R>(f: impl FnOnce(&mut Vec<Vec<Self>>) -> R) -> R {
+        POOL_F32.with(|p| f(&mut p.borrow_mut()))
+    }
 }
 
 impl Real for f64 {
@@ -103,6 +152,9 @@ impl Real for f64 {
     #[inline(always)]
     fn wide(self) -> f64 {
         self
+    }
+    fn with_pool<R>(f: impl FnOnce(&mut Vec<Vec<Self>>) -> R) -> R {
+        POOL_F64.with(|p| f(&mut p.borrow_mut()))
     }
 }
 
