@@ -264,6 +264,37 @@ mod tests {
     }
 
     #[test]
+    fn half_precision_cpu_inputs_run_through_the_f32_kernels() -> Result<()> {
+        // candle's CPU conv/matmul reject bf16; the dispatch computes in f32.
+        let dev = Device::Cpu;
+        let x = Tensor::arange(0f32, 2.0 * 4.0 * 5.0 * 5.0, &dev)?
+            .reshape((2, 4, 5, 5))?
+            .affine(0.01, -0.5)?;
+        let w = Tensor::arange(0f32, 3.0 * 4.0 * 9.0, &dev)?
+            .reshape((3, 4, 3, 3))?
+            .affine(0.003, -0.15)?;
+        let b = Tensor::new(&[0.1f32, -0.2, 0.3], &dev)?;
+        let y32 = conv2d(&x, &w, Some(&b), 1, 1)?;
+        let y16 = conv2d(&x.to_dtype(DType::BF16)?, &w, Some(&b), 1, 1)?;
+        assert_eq!(y16.dtype(), DType::BF16);
+        let d = (y16.to_dtype(DType::F32)? - &y32)?
+            .abs()?
+            .max_all()?
+            .to_scalar::<f32>()?;
+        assert!(d < 0.05, "{d}");
+        let g = Tensor::ones(4, DType::F32, &dev)?;
+        let z = Tensor::zeros(4, DType::F32, &dev)?;
+        let n16 = group_norm(&x.to_dtype(DType::BF16)?, 2, &g, &z, 1e-5, true)?;
+        let n32 = group_norm(&x, 2, &g, &z, 1e-5, true)?;
+        let d = (n16.to_dtype(DType::F32)? - n32)?
+            .abs()?
+            .max_all()?
+            .to_scalar::<f32>()?;
+        assert!(d < 0.05, "{d}");
+        Ok(())
+    }
+
+    #[test]
     fn softmax_rows_sum_to_one_and_match_candle() -> Result<()> {
         let x = Tensor::new(&[[1f32, 2.0, 3.0], [-1.0, 0.0, 50.0]], &Device::Cpu)?;
         let a = softmax_last_dim(&x)?;
