@@ -5,7 +5,7 @@
 //! backward passes in [`crate::nn::kernels`] (issue 5); half-precision CPU
 //! tensors are computed in f32 by the same kernels (as the composites do);
 //! every other device (CUDA) uses the composite reference implementations
-//! in [`reference`], built from candle primitives that all have a backward
+//! in [`reference`](mod@reference), built from candle primitives that all have a backward
 //! pass (so CUDA keeps cuBLAS/cuDNN). The kernels are tested against those
 //! composites.
 //!
@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 static CPU_KERNELS: AtomicBool = AtomicBool::new(true);
 
 /// Globally enable (default) or disable the fast CPU kernels; when disabled
-/// every op runs its composite [`reference`] implementation. Meant for
+/// every op runs its composite [`reference`](mod@reference) implementation. Meant for
 /// benchmarks and A/B checks, not for switching mid-graph.
 pub fn set_cpu_kernels(enabled: bool) {
     CPU_KERNELS.store(enabled, Ordering::Relaxed);

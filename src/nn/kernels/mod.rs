@@ -14,9 +14,16 @@
 //! `dS = P ∘ (dP − rowsum(dO ∘ O))`).
 //!
 //! Every kernel works on contiguous CPU tensors of dtype f32 (the training
-//! dtype) or f64 (finite-difference tests); callers in `ops` fall back to
-//! the composite for other devices and dtypes. Backward ops return fresh
-//! tensors without a graph (no double backward).
+//! dtype) or f64 (finite-difference tests); `ops` runs f16/bf16 CPU inputs
+//! through them in f32 and keeps every other device (CUDA) on candle's own
+//! ops. Backward ops return fresh tensors without a graph (no double
+//! backward). Normalisation ops keep their forward `(mean, rstd)` and
+//! attention its log-sum-exp rows inside the op instance (one op per call),
+//! so the backward needs no second statistics pass. Scratch buffers (im2col,
+//! GEMM staging) come from a small per-thread pool (`take_scratch`).
+//! The crate is compiled for baseline x86-64, so element loops are compiled
+//! twice (`simd_fn!`) and the AVX2+FMA copy is picked at run time.
+//! Benchmark: `benches/train.rs` (numbers in the README).
 
 use candle_core::{bail, DType, Device, Layout, Result, Storage, Tensor, WithDType};
 
