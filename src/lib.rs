@@ -16,12 +16,25 @@
 //!
 //! Module map (dependency rule: `cli → stages/train/merge →
 //! models/diffusion/manifest/imaging → error`):
+//! - [`cli`]: clap front end (the only module that knows about flags).
+//! - [`manifest`]: the SQLite manifest (schema, migrations, records).
+//! - [`stages`]: curation stages (dedupe, export, inspect, …).
+//! - [`diffusion`]: noise schedules (ZTSNR), eps/v parameterisations,
+//!   σ schedules, samplers, CFG (rescale, uncond modes), seeded noise.
 //! - [`error`]: the library error type.
 //! - [`nn`]: differentiable layers and the ops behind them (fast CPU kernels
 //!   plug in there).
+//! - [`imaging`]: decode with limits, pHash/dHash, A1111 infotext, resize/crop, buckets.
+//! - [`models`]: SDXL UNet / VAE / text encoders / tokenizer / checkpoint I/O
+//!   under native LDM key names.
 
 pub mod cli;
+pub mod diffusion;
 pub mod error;
+pub mod imaging;
+pub mod manifest;
+pub mod models;
 pub mod nn;
+pub mod stages;
 
 pub use error::{Error, Result};

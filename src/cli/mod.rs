@@ -4,7 +4,12 @@
 //! Exit codes: 0 ok, 1 the command ran but some items failed, 2 usage /
 //! config / model error.
 
+pub mod curation;
+pub mod tokenize;
+
 use clap::{Parser, Subcommand};
+
+pub mod ckpt;
 
 /// Top-level command line.
 #[derive(Debug, Parser)]
@@ -25,10 +30,48 @@ pub struct Cli {
 
 /// Every subcommand.
 #[derive(Debug, Subcommand)]
-pub enum Command {}
+pub enum Command {
+    /// Create a dataset folder with an empty manifest.
+    Init(curation::InitArgs),
+    /// Import images (A1111 / kohya folders) into a dataset.
+    Import(curation::ImportArgs),
+    /// Mark exact and near duplicates (pHash/dHash, multi-index search).
+    Dedupe(curation::DedupeArgs),
+    /// Assign aspect-ratio buckets, resize and crop (records real crop offsets).
+    Bucket(curation::BucketArgs),
+    /// Write the dataset as kohya / HF imagefolder / Parquet / JSONL.
+    Export(curation::ExportArgs),
+    /// Summarise a dataset, or run read-only SQL on its manifest.
+    Inspect(curation::InspectArgs),
+    /// Inspect and check single-file SDXL checkpoints.
+    Ckpt(ckpt::CkptArgs),
+    /// Print the CLIP token ids (and A1111 weights) of a prompt as JSON.
+    Tokenize(tokenize::TokenizeArgs),
+}
 
 /// Run a parsed command line; returns the process exit code.
 pub fn run(cli: Cli) -> anyhow::Result<i32> {
-    let _json = cli.json;
-    match cli.command {}
+    let json = cli.json;
+    // Compact polars tables in summaries (no shape line, no dtype row).
+    // Set before any thread starts; users can still override them.
+    for (k, v) in [
+        ("POLARS_FMT_TABLE_HIDE_DATAFRAME_SHAPE_INFORMATION", "1"),
+        ("POLARS_FMT_TABLE_HIDE_COLUMN_DATA_TYPES", "1"),
+        ("POLARS_FMT_STR_LEN", "60"),
+        ("POLARS_FMT_MAX_ROWS", "40"),
+    ] {
+        if std::env::var_os(k).is_none() {
+            std::env::set_var(k, v);
+        }
+    }
+    match cli.command {
+        Command::Init(a) => curation::init(a, json),
+        Command::Import(a) => curation::import(a, json),
+        Command::Dedupe(a) => curation::dedupe(a, json),
+        Command::Bucket(a) => curation::bucket(a, json),
+        Command::Export(a) => curation::export(a, json),
+        Command::Inspect(a) => curation::inspect(a, json),
+        Command::Ckpt(args) => Ok(ckpt::run(args, json)?),
+        Command::Tokenize(args) => tokenize::run(&args),
+    }
 }

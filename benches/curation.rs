@@ -1,0 +1,321 @@
+//! Curation throughput benchmark (prints a table; targets in README).
+//!
+//! `cargo bench --profile dev --bench curation [-- --images N --skip-images --rows N]`
+//!
+//! 1. Chain vs floor on N (default 2000) synthetic ~1 MP PNGs: the whole
+//!    `import + dedupe + bucket` chain against a decode + resize + encode
+//!    loop over the same files with the same threads (the floor). Target:
+//!    chain ≥ 0.5× the floor's throughput.
+//! 2. Dedupe index: 1,000,000 random 64-bit hashes with planted near
+//!    duplicates, radius 8; every planted pair must be found, checked against
+//!    brute force for a sample of queries. Target ≤ 10 s on 2 cores.
+//! 3. Manifest: 1,000,000 item rows inserted (≤ 5 s) and `inspect` over
+//!    them (≤ 2 s).
+
+use std::path::Path;
+use std::time::Instant;
+
+use eps2v::manifest::{self, ItemStatus, Manifest, NewItem};
+use eps2v::stages::{self, Ctx};
+use image::{Rgb, RgbImage};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use rayon::prelude::*;
+
+fn arg<T: std::str::FromStr>(name: &str, default: T) -> T {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn flag(name: &str) -> bool {
+    std::env::args().any(|a| a == name)
+}
+
+/// A synthetic "photo" (~1 MP, one of four SDXL-ish aspect ratios):
+/// gradient background, a disc and random blocks (distinct perceptual
+/// hashes, so every image survives dedupe and reaches bucketing), light noise.
+fn synth(k: usize) -> RgbImage {
+    let sizes = [(1024, 1024), (1216, 832), (832, 1216), (1344, 768)];
+    let (w, h) = sizes[k % sizes.len()];
+    let mut rng = ChaCha8Rng::seed_from_u64(k as u64);
+    let (a, b, c): (f32, f32, f32) = (rng.random(), rng.random(), rng.random());
+    let (cx, cy, r) = (
+        rng.random_range(0..w) as f32,
+        rng.random_range(0..h) as f32,
+        rng.random_range(50..300) as f32,
+    );
+    let blocks: Vec<(u32, u32, u32, u32, [u8; 3])> = (0..6)
+        .map(|_| {
+            (
+                rng.random_range(0..w),
+                rng.random_range(0..h),
+                rng.random_range(w / 8..w / 2),
+                rng.random_range(h / 8..h / 2),
+                [rng.random(), rng.random(), rng.random()],
+            )
+        })
+        .collect();
+    RgbImage::from_fn(w, h, |x, y| {
+        let n = ((x.wrapping_mul(2654435761) ^ y.wrapping_mul(40503)) >> 13) % 6;
+        for &(bx, by, bw, bh, col) in &blocks {
+            if x >= bx && x < bx + bw && y >= by && y < by + bh {
+                return Rgb(col.map(|v| v.saturating_add(n as u8)));
+            }
+        }
+        let (xf, yf) = (x as f32 / w as f32, y as f32 / h as f32);
+        let n = n as f32;
+        if ((x as f32 - cx).powi(2) + (y as f32 - cy).powi(2)) < r * r {
+            Rgb([(255.0 * c) as u8, (200.0 * a) as u8, (90.0 + n) as u8])
+        } else {
+            Rgb([
+                (255.0 * (a * xf + (1.0 - a) * yf) + n) as u8,
+                (255.0 * (b * yf) + n) as u8,
+                (255.0 * (c * (1.0 - xf)) + n) as u8,
+            ])
+        }
+    })
+}
+
+fn make_images(dir: &Path, n: usize) {
+    std::fs::create_dir_all(dir).unwrap();
+    (0..n).into_par_iter().for_each(|k| {
+        let p = dir.join(format!("img_{k:05}.png"));
+        if !p.exists() {
+            let png = stages::bucket::encode_png_fast(&synth(k)).unwrap();
+            std::fs::write(&p, png).unwrap();
+        }
+    });
+}
+
+fn floor_loop(dir: &Path) -> usize {
+    let files: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    let list = eps2v::imaging::buckets::sdxl_buckets();
+    files
+        .par_iter()
+        .map(|p| {
+            let bytes = std::fs::read(p).unwrap();
+            let rgb = image::load_from_memory(&bytes).unwrap().to_rgb8();
+            let b = list
+                [eps2v::imaging::buckets::assign_bucket(rgb.width(), rgb.height(), &list).unwrap()];
+            let plan = eps2v::imaging::resize::plan_cover_crop(
+                rgb.width(),
+                rgb.height(),
+                b.width,
+                b.height,
+                eps2v::imaging::resize::CropMode::Center,
+                1.25,
+            )
+            .unwrap();
+            let img = eps2v::imaging::resize::resize_and_crop(&rgb, &plan).unwrap();
+            stages::bucket::encode_png_fast(&img).unwrap().len()
+        })
+        .count()
+}
+
+fn bench_images(n: usize) {
+    let work = tempfile::tempdir().unwrap();
+    let src = work.path().join("src");
+    let t = Instant::now();
+    make_images(&src, n);
+    eprintln!("made {n} images in {:.1}s", t.elapsed().as_secs_f64());
+
+    let t = Instant::now();
+    let done = floor_loop(&src);
+    let floor_s = t.elapsed().as_secs_f64();
+    assert_eq!(done, n);
+
+    let ds = work.path().join("ds");
+    let mut m = Manifest::init(&ds).unwrap();
+    let ctx = Ctx::quiet();
+    let t = Instant::now();
+    let ri = stages::import::run(
+        &stages::import::ImportConfig {
+            from: src.clone(),
+            ..Default::default()
+        },
+        &mut m,
+        &ctx,
+    )
+    .unwrap();
+    let import_s = t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    let rd = stages::dedupe::run(&Default::default(), &mut m, &ctx).unwrap();
+    let dedupe_s = t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    let rb = stages::bucket::run(&Default::default(), &mut m, &ctx).unwrap();
+    let bucket_s = t.elapsed().as_secs_f64();
+    let chain_s = import_s + dedupe_s + bucket_s;
+    assert_eq!(ri.imported, n);
+    println!(
+        "\n## chain vs floor ({n} synthetic ~1 MP PNGs, {} threads)",
+        rayon::current_num_threads()
+    );
+    println!("| step | seconds | images/s |");
+    println!("|---|---|---|");
+    println!(
+        "| floor: decode + resize + encode | {floor_s:.2} | {:.1} |",
+        n as f64 / floor_s
+    );
+    println!(
+        "| import (read, sha256, decode, hashes, copy, manifest) | {import_s:.2} | {:.1} |",
+        n as f64 / import_s
+    );
+    println!(
+        "| dedupe ({} clusters) | {dedupe_s:.3} | {:.0} |",
+        rd.clusters,
+        n as f64 / dedupe_s
+    );
+    println!(
+        "| bucket ({} images: decode, resize, crop, encode, manifest) | {bucket_s:.2} | {:.1} |",
+        rb.bucketed,
+        n as f64 / bucket_s
+    );
+    println!("| **chain** | {chain_s:.2} | {:.1} |", n as f64 / chain_s);
+    println!(
+        "\nchain / floor throughput ratio: **{:.2}×** (target ≥ 0.5×)",
+        floor_s / chain_s
+    );
+}
+
+fn bench_index() {
+    use eps2v::stages::dedupe::index::{brute_force_pairs, MultiIndex};
+    let n = 1_000_000usize;
+    let radius = 8;
+    let mut rng = ChaCha8Rng::seed_from_u64(42);
+    let mut hashes: Vec<u64> = (0..n).map(|_| rng.random()).collect();
+    // Plant 10,000 near duplicates at distances 0..=8 of random originals.
+    let mut planted = Vec::new();
+    for k in 0..10_000 {
+        let i = rng.random_range(0..n);
+        let d = k % (radius as usize + 1);
+        let mut h = hashes[i];
+        let mut bits: Vec<u32> = (0..64).collect();
+        for b in 0..d {
+            let j = rng.random_range(b..64);
+            bits.swap(b, j);
+            h ^= 1 << bits[b];
+        }
+        let j = rng.random_range(0..n);
+        hashes[j] = h;
+        if i != j {
+            planted.push((i.min(j) as u32, i.max(j) as u32));
+        }
+    }
+    let t = Instant::now();
+    let idx = MultiIndex::new(&hashes, radius);
+    let pairs = idx.all_pairs();
+    let secs = t.elapsed().as_secs_f64();
+    let found: std::collections::HashSet<(u32, u32)> = pairs.iter().map(|p| (p.i, p.j)).collect();
+    // Planted pairs whose original was later overwritten by another plant
+    // are no longer near; count only those still within radius.
+    let live: Vec<_> = planted
+        .iter()
+        .filter(|(i, j)| (hashes[*i as usize] ^ hashes[*j as usize]).count_ones() <= radius)
+        .collect();
+    let missed = live.iter().filter(|p| !found.contains(p)).count();
+    // Brute-force check on a sample of 200 query rows (all partners of each).
+    let sample: Vec<usize> = (0..200).map(|_| rng.random_range(0..n)).collect();
+    let mut brute_missing = 0;
+    for &q in &sample {
+        for (j, &h) in hashes.iter().enumerate() {
+            if j != q && (h ^ hashes[q]).count_ones() <= radius {
+                let key = (q.min(j) as u32, q.max(j) as u32);
+                if !found.contains(&key) {
+                    brute_missing += 1;
+                }
+            }
+        }
+    }
+    let small = &hashes[..5000];
+    let exact_small =
+        MultiIndex::new(small, radius).all_pairs() == brute_force_pairs(small, radius);
+    println!(
+        "\n## dedupe index (1,000,000 hashes, radius 8, {} chunks)",
+        idx.chunk_count()
+    );
+    println!("| what | value |");
+    println!("|---|---|");
+    println!("| build + all-pairs search | {secs:.2} s (target ≤ 10 s) |");
+    println!("| pairs found | {} |", pairs.len());
+    println!(
+        "| planted pairs still within radius / missed | {} / {missed} |",
+        live.len()
+    );
+    println!("| brute-force check, 200 sampled rows: missed | {brute_missing} |");
+    println!("| first 5,000 hashes: identical to brute force | {exact_small} |");
+}
+
+fn bench_manifest(rows: usize) {
+    let work = tempfile::tempdir().unwrap();
+    let mut m = Manifest::init(work.path()).unwrap();
+    let run = m.begin_run("bench", &serde_json::json!({})).unwrap();
+    let t = Instant::now();
+    {
+        let tx = m.conn_mut().transaction().unwrap();
+        for k in 0..rows {
+            let sha = format!("{:064x}", k as u128 * 0x9E37_79B9_7F4A_7C15u128);
+            let status = match k % 20 {
+                0 => ItemStatus::Rejected,
+                1 => ItemStatus::Duplicate,
+                _ => ItemStatus::Ok,
+            };
+            manifest::insert_item(
+                &tx,
+                run,
+                &NewItem {
+                    path: Some(format!("images/{}/{sha}.png", &sha[..2])),
+                    source: format!("/data/src/{k}.png"),
+                    sha256: sha,
+                    width: Some(1024),
+                    height: Some(1024),
+                    format: Some("png".into()),
+                    status,
+                    reason: match status {
+                        ItemStatus::Rejected => Some(format!("corrupt: bad chunk at {k}")),
+                        ItemStatus::Duplicate => Some(format!("near_duplicate: of item {k}")),
+                        ItemStatus::Ok => None,
+                    },
+                },
+            )
+            .unwrap();
+        }
+        tx.commit().unwrap();
+    }
+    let insert_s = t.elapsed().as_secs_f64();
+    drop(m);
+    let m = Manifest::open_read_only(work.path()).unwrap();
+    let t = Instant::now();
+    let r = stages::inspect::run(&m, 20).unwrap();
+    let inspect_s = t.elapsed().as_secs_f64();
+    assert_eq!(r.items as usize, rows);
+    println!("\n## manifest ({rows} item rows)");
+    println!("| what | seconds | target |");
+    println!("|---|---|---|");
+    println!("| insert (one transaction) | {insert_s:.2} | ≤ 5 |");
+    println!("| inspect | {inspect_s:.2} | ≤ 2 |");
+}
+
+fn main() {
+    if std::env::var("RAYON_NUM_THREADS").is_err() {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(2)
+            .build_global()
+            .ok();
+    }
+    if !flag("--skip-images") {
+        bench_images(arg("--images", 2000));
+    }
+    if !flag("--skip-index") {
+        bench_index();
+    }
+    if !flag("--skip-manifest") {
+        bench_manifest(arg("--rows", 1_000_000));
+    }
+}

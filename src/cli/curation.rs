@@ -1,0 +1,362 @@
+//! Curation subcommands: `init`, `dedupe`, `export`, `inspect` (and, in
+//! their own files, `import` and `bucket`). Flags become the stages'
+//! typed configs here; the stages never see clap.
+
+use std::path::PathBuf;
+
+use clap::{Args, ValueEnum};
+
+use crate::manifest::Manifest;
+use crate::stages::{self, Ctx};
+
+/// `eps2v init DIR`
+#[derive(Debug, Args)]
+#[command(after_help = "Example:\n  eps2v init my_dataset")]
+pub struct InitArgs {
+    /// Dataset folder to create (or open, if it exists).
+    pub dir: PathBuf,
+}
+
+/// `eps2v import DIR --from FOLDER`
+#[derive(Debug, Args)]
+#[command(
+    after_help = "Examples:\n  eps2v import my_dataset --from ~/pictures/a1111_outputs\n  eps2v --json import my_dataset --from kohya_folder --max-side 8192"
+)]
+pub struct ImportArgs {
+    /// Dataset folder (created if missing).
+    pub dir: PathBuf,
+    /// Folder to import from (recursive; PNG/JPEG/WebP/GIF/BMP/TIFF).
+    #[arg(long)]
+    pub from: PathBuf,
+    /// Files per manifest transaction.
+    #[arg(long, default_value_t = 64)]
+    pub batch: usize,
+    /// Refuse images with a side larger than this (decompression-bomb guard).
+    #[arg(long)]
+    pub max_side: Option<u32>,
+    /// Refuse images with more pixels than this.
+    #[arg(long)]
+    pub max_pixels: Option<u64>,
+}
+
+/// Hash choice on the command line.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum HashArg {
+    /// DCT perceptual hash (imagededup-compatible).
+    Phash,
+    /// Difference hash.
+    Dhash,
+}
+
+/// `eps2v dedupe DIR`
+#[derive(Debug, Args)]
+#[command(
+    after_help = "Examples:\n  eps2v dedupe my_dataset --dry-run\n  eps2v dedupe my_dataset --radius 6 --hash dhash"
+)]
+pub struct DedupeArgs {
+    /// Dataset folder.
+    pub dir: PathBuf,
+    /// Perceptual hash used for near duplicates.
+    #[arg(long, value_enum, default_value = "phash")]
+    pub hash: HashArg,
+    /// Hamming radius (0..=32); 10 is imagededup's default.
+    #[arg(long, default_value_t = 10)]
+    pub radius: u32,
+    /// List what would be dropped; change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+}
+
+/// `eps2v bucket DIR`
+#[derive(Debug, Args)]
+#[command(
+    after_help = "Examples:\n  eps2v bucket my_dataset\n  eps2v bucket my_dataset --kohya-resolution 1024 --step 64 --min-side 256 --max-side 2048 --crop random --seed 7"
+)]
+pub struct BucketArgs {
+    /// Dataset folder.
+    pub dir: PathBuf,
+    /// Use a kohya-style generated bucket set for this square resolution (its area is kept) instead of the SDXL list.
+    #[arg(long)]
+    pub kohya_resolution: Option<u32>,
+    /// Generator: side step.
+    #[arg(long, default_value_t = 64)]
+    pub step: u32,
+    /// Generator: smallest side.
+    #[arg(long, default_value_t = 256)]
+    pub min_side: u32,
+    /// Generator: largest side.
+    #[arg(long, default_value_t = 2048)]
+    pub max_side: u32,
+    /// Crop placement.
+    #[arg(long, value_enum, default_value = "center")]
+    pub crop: CropChoice,
+    /// Seed for random crops.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Largest upscale factor accepted (1.0 = never upscale); smaller images are rejected.
+    #[arg(long, default_value_t = 1.25)]
+    pub max_upscale: f64,
+    /// Redo items that already have a bucket.
+    #[arg(long)]
+    pub force: bool,
+}
+
+/// Crop choice on the command line.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum CropChoice {
+    /// Centered crop.
+    Center,
+    /// Seeded random crop.
+    Random,
+}
+
+/// Export format on the command line.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum FormatArg {
+    /// kohya sd-scripts folder (`<repeats>_<name>/` + .txt + meta_lat.json).
+    Kohya,
+    /// Hugging Face imagefolder (train/ + metadata.jsonl).
+    Hf,
+    /// Parquet of every manifest row.
+    Parquet,
+    /// JSON lines of every manifest row.
+    Jsonl,
+}
+
+/// `eps2v export DIR --format …`
+#[derive(Debug, Args)]
+#[command(
+    after_help = "Examples:\n  eps2v export my_dataset --format kohya\n  eps2v export my_dataset --format parquet --out rows.parquet"
+)]
+pub struct ExportArgs {
+    /// Dataset folder.
+    pub dir: PathBuf,
+    /// Output format.
+    #[arg(long, value_enum)]
+    pub format: FormatArg,
+    /// Output path (default: DIR/exports/<format> or DIR/exports/manifest.<ext>).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// kohya: repeats in the folder name `<repeats>_<name>`.
+    #[arg(long, default_value_t = 1)]
+    pub repeats: u32,
+    /// kohya: concept name in the folder name.
+    #[arg(long, default_value = "eps2v")]
+    pub name: String,
+}
+
+/// `eps2v inspect DIR`
+#[derive(Debug, Args)]
+#[command(
+    after_help = "Examples:\n  eps2v inspect my_dataset\n  eps2v inspect my_dataset --sql \"SELECT status, count(*) FROM items GROUP BY 1\""
+)]
+pub struct InspectArgs {
+    /// Dataset folder.
+    pub dir: PathBuf,
+    /// Run one read-only SQL statement against the manifest and print the result.
+    #[arg(long)]
+    pub sql: Option<String>,
+    /// How many tags to list.
+    #[arg(long, default_value_t = 20)]
+    pub top: usize,
+}
+
+fn ctx(json: bool) -> Ctx {
+    Ctx { progress: !json }
+}
+
+fn print_json(v: &impl serde::Serialize) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
+/// Run `init`.
+pub fn init(a: InitArgs, json: bool) -> anyhow::Result<i32> {
+    let m = Manifest::init(&a.dir)?;
+    if json {
+        print_json(&serde_json::json!({"dataset": a.dir, "manifest": m.db_path()}))?;
+    } else {
+        println!("dataset ready: {}", m.db_path().display());
+    }
+    Ok(0)
+}
+
+/// Run `import`.
+pub fn import(a: ImportArgs, json: bool) -> anyhow::Result<i32> {
+    let mut m = Manifest::init(&a.dir)?;
+    let mut cfg = stages::import::ImportConfig {
+        from: a.from,
+        batch: a.batch,
+        ..Default::default()
+    };
+    if let Some(v) = a.max_side {
+        cfg.limits.max_side = v;
+    }
+    if let Some(v) = a.max_pixels {
+        cfg.limits.max_pixels = v;
+    }
+    let r = stages::import::run(&cfg, &mut m, &ctx(json))?;
+    if json {
+        print_json(&r)?;
+    } else {
+        println!(
+            "import: {} files found in {:.1}s; {} new items, {} already imported, {} identical to an existing item",
+            r.found, r.seconds, r.imported, r.already_imported, r.same_file
+        );
+        println!(
+            "        {} with A1111 parameters, {} with sidecar captions, {} with a wrong extension",
+            r.with_parameters, r.with_caption, r.wrong_extension
+        );
+        if !r.rejected.is_empty() {
+            let parts: Vec<String> = r.rejected.iter().map(|(k, v)| format!("{k} {v}")).collect();
+            println!("        rejected: {}", parts.join(", "));
+        }
+        for f in &r.failed {
+            println!("        failed: {}: {}", f.path.display(), f.reason);
+        }
+    }
+    Ok(if r.rejected_total() > 0 || !r.failed.is_empty() {
+        1
+    } else {
+        0
+    })
+}
+
+/// Run `dedupe`.
+pub fn dedupe(a: DedupeArgs, json: bool) -> anyhow::Result<i32> {
+    let mut m = Manifest::open(&a.dir)?;
+    let cfg = stages::dedupe::DedupeConfig {
+        hash: match a.hash {
+            HashArg::Phash => stages::dedupe::HashKind::Phash,
+            HashArg::Dhash => stages::dedupe::HashKind::Dhash,
+        },
+        radius: a.radius,
+        dry_run: a.dry_run,
+    };
+    let r = stages::dedupe::run(&cfg, &mut m, &ctx(json))?;
+    if json {
+        print_json(&r)?;
+        return Ok(0);
+    }
+    if r.dry_run {
+        for c in &r.plan {
+            for d in &c.drops {
+                println!(
+                    "would drop item {} ({} duplicate of {}, distance {})",
+                    d.item_id, d.kind, d.keeper_id, d.distance
+                );
+            }
+        }
+    }
+    println!(
+        "dedupe{}: {} items considered, {} clusters, {} exact + {} near duplicates {}, {} kept",
+        if r.dry_run { " (dry run)" } else { "" },
+        r.considered,
+        r.clusters,
+        r.exact,
+        r.near,
+        if r.dry_run {
+            "would be dropped"
+        } else {
+            "dropped"
+        },
+        r.kept
+    );
+    Ok(0)
+}
+
+/// Run `bucket`.
+pub fn bucket(a: BucketArgs, json: bool) -> anyhow::Result<i32> {
+    use stages::bucket::{BucketConfig, BucketSet, CropArg};
+    let mut m = Manifest::open(&a.dir)?;
+    let cfg = BucketConfig {
+        buckets: match a.kohya_resolution {
+            None => BucketSet::Sdxl,
+            Some(resolution) => BucketSet::Kohya {
+                resolution,
+                step: a.step,
+                min_side: a.min_side,
+                max_side: a.max_side,
+            },
+        },
+        crop: match a.crop {
+            CropChoice::Center => CropArg::Center,
+            CropChoice::Random => CropArg::Random,
+        },
+        seed: a.seed,
+        max_upscale: a.max_upscale,
+        force: a.force,
+        ..Default::default()
+    };
+    let r = stages::bucket::run(&cfg, &mut m, &ctx(json))?;
+    if json {
+        print_json(&r)?;
+    } else {
+        println!(
+            "bucket: {} items bucketed in {:.1}s, {} already bucketed",
+            r.bucketed, r.seconds, r.already
+        );
+        let mut hist: Vec<_> = r.histogram.iter().collect();
+        hist.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
+        for (b, n) in hist.iter().take(12) {
+            println!("        {b:>10}  {n}");
+        }
+        if !r.rejected.is_empty() {
+            let parts: Vec<String> = r.rejected.iter().map(|(k, v)| format!("{k} {v}")).collect();
+            println!("        rejected: {}", parts.join(", "));
+        }
+    }
+    Ok(if r.rejected.is_empty() { 0 } else { 1 })
+}
+
+/// Run `export`.
+pub fn export(a: ExportArgs, json: bool) -> anyhow::Result<i32> {
+    use stages::export::ExportFormat as F;
+    let mut m = Manifest::open(&a.dir)?;
+    let cfg = stages::export::ExportConfig {
+        format: match a.format {
+            FormatArg::Kohya => F::Kohya,
+            FormatArg::Hf => F::Hf,
+            FormatArg::Parquet => F::Parquet,
+            FormatArg::Jsonl => F::Jsonl,
+        },
+        out: a.out,
+        repeats: a.repeats,
+        name: a.name,
+    };
+    let r = stages::export::run(&cfg, &mut m, &ctx(json))?;
+    if json {
+        print_json(&r)?;
+    } else {
+        println!(
+            "export {}: {} written to {} ({} missing image files, {} without caption)",
+            r.format,
+            r.written,
+            r.out.display(),
+            r.missing,
+            r.uncaptioned
+        );
+    }
+    Ok(if r.missing > 0 { 1 } else { 0 })
+}
+
+/// Run `inspect`.
+pub fn inspect(a: InspectArgs, json: bool) -> anyhow::Result<i32> {
+    let m = Manifest::open_read_only(&a.dir)?;
+    if let Some(sql) = a.sql {
+        let t = stages::inspect::sql(&m, &sql)?;
+        if json {
+            print_json(&t)?;
+        } else {
+            println!("{}", t.render());
+        }
+        return Ok(0);
+    }
+    let r = stages::inspect::run(&m, a.top)?;
+    if json {
+        print_json(&r)?;
+    } else {
+        print!("{}", stages::inspect::render(&r));
+    }
+    Ok(0)
+}

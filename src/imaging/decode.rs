@@ -1,0 +1,741 @@
+//! Decode untrusted image bytes into RGB8, safely and predictably.
+//!
+//! Why: import sees whatever is in a user's folder — empty files, half-copied
+//! downloads, decompression bombs, CMYK JPEGs, 16-bit PNGs, phone photos with
+//! an EXIF rotation. Each must either become a correct RGB8 image or a typed
+//! rejection ([`DecodeReason`], stable snake_case names for the manifest).
+//!
+//! Rules (documented because hashes and buckets depend on them):
+//! - The format is sniffed from the content ([`sniff_format`]), never from the
+//!   extension; [`extension_note`] reports a mismatching extension.
+//! - Limits ([`DecodeLimits`]) are checked on the header dimensions *before*
+//!   any pixel allocation, and handed to the `image` crate as `image::Limits`
+//!   (a PNG declaring 100000×100000 costs a few hundred bytes of work).
+//! - Truncation is detected structurally (PNG without `IEND`, JPEG without
+//!   `EOI`, RIFF shorter than declared) because some decoders (zune-jpeg)
+//!   silently fill the missing part with grey.
+//! - EXIF orientation is applied (`ImageDecoder::orientation`,
+//!   `DynamicImage::apply_orientation`); width/height are the displayed size.
+//! - 16-bit samples become 8-bit by rounding (v / 257, the `image` crate's
+//!   conversion); grey is replicated to RGB; palettes are expanded; CMYK
+//!   JPEGs are converted by the JPEG decoder (zune-jpeg).
+//! - Alpha is composited on white: `out = (c·a + 255·(255−a) + 127) / 255`
+//!   (integer). imagededup instead drops alpha; see `hash.rs` and the golden
+//!   script `fixtures/scripts/gen_phash_goldens.py`.
+
+use std::fmt;
+use std::io::Cursor;
+
+use image::{DynamicImage, ImageDecoder, ImageError, ImageFormat, ImageReader, RgbImage};
+
+/// Decode limits against decompression bombs and absurd sizes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct DecodeLimits {
+    /// Largest accepted width in pixels (default 16384).
+    pub max_width: u32,
+    /// Largest accepted height in pixels (default 16384).
+    pub max_height: u32,
+    /// Largest accepted pixel count width·height (default 40 MP).
+    pub max_pixels: u64,
+    /// Largest allocation the decoder may make, bytes (default 512 MiB).
+    pub max_alloc_bytes: u64,
+}
+
+impl Default for DecodeLimits {
+    fn default() -> Self {
+        DecodeLimits {
+            max_width: 16384,
+            max_height: 16384,
+            max_pixels: 40_000_000,
+            max_alloc_bytes: 512 * 1024 * 1024,
+        }
+    }
+}
+
+/// Container formats recognised from the file content.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SourceFormat {
+    /// PNG.
+    Png,
+    /// JPEG (baseline or progressive).
+    Jpeg,
+    /// WebP (lossy or lossless).
+    Webp,
+    /// GIF (first frame).
+    Gif,
+    /// Windows bitmap.
+    Bmp,
+    /// TIFF.
+    Tiff,
+}
+
+impl SourceFormat {
+    /// Stable lowercase name for the manifest (`png`, `jpeg`, …).
+    pub fn name(self) -> &'static str {
+        match self {
+            SourceFormat::Png => "png",
+            SourceFormat::Jpeg => "jpeg",
+            SourceFormat::Webp => "webp",
+            SourceFormat::Gif => "gif",
+            SourceFormat::Bmp => "bmp",
+            SourceFormat::Tiff => "tiff",
+        }
+    }
+
+    /// File extensions (lowercase, no dot) that are correct for this format.
+    pub fn extensions(self) -> &'static [&'static str] {
+        match self {
+            SourceFormat::Png => &["png"],
+            SourceFormat::Jpeg => &["jpg", "jpeg", "jpe", "jfif"],
+            SourceFormat::Webp => &["webp"],
+            SourceFormat::Gif => &["gif"],
+            SourceFormat::Bmp => &["bmp", "dib"],
+            SourceFormat::Tiff => &["tif", "tiff"],
+        }
+    }
+
+    fn image_format(self) -> ImageFormat {
+        match self {
+            SourceFormat::Png => ImageFormat::Png,
+            SourceFormat::Jpeg => ImageFormat::Jpeg,
+            SourceFormat::Webp => ImageFormat::WebP,
+            SourceFormat::Gif => ImageFormat::Gif,
+            SourceFormat::Bmp => ImageFormat::Bmp,
+            SourceFormat::Tiff => ImageFormat::Tiff,
+        }
+    }
+}
+
+/// Colour model of the stored image (before conversion to RGB8).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ColorModel {
+    /// Single grey channel.
+    Grey,
+    /// Grey + alpha.
+    GreyAlpha,
+    /// RGB (or YCbCr in JPEG).
+    Rgb,
+    /// RGB + alpha.
+    Rgba,
+    /// Indexed colour (PNG palette, GIF).
+    Palette,
+    /// CMYK / YCCK JPEG.
+    Cmyk,
+}
+
+impl ColorModel {
+    /// Stable lowercase name for the manifest.
+    pub fn name(self) -> &'static str {
+        match self {
+            ColorModel::Grey => "grey",
+            ColorModel::GreyAlpha => "grey_alpha",
+            ColorModel::Rgb => "rgb",
+            ColorModel::Rgba => "rgba",
+            ColorModel::Palette => "palette",
+            ColorModel::Cmyk => "cmyk",
+        }
+    }
+}
+
+/// A successfully decoded image.
+#[derive(Debug, Clone)]
+pub struct Decoded {
+    /// The pixels, RGB8, orientation applied, alpha composited on white.
+    pub rgb: RgbImage,
+    /// Format sniffed from the content.
+    pub format: SourceFormat,
+    /// Displayed width (after EXIF orientation) = `rgb.width()`.
+    pub width: u32,
+    /// Displayed height (after EXIF orientation) = `rgb.height()`.
+    pub height: u32,
+    /// Width as stored in the file (before orientation).
+    pub stored_width: u32,
+    /// Height as stored in the file (before orientation).
+    pub stored_height: u32,
+    /// EXIF orientation tag value that was applied (1 = none, 1..=8).
+    pub orientation: u8,
+    /// Colour model as stored.
+    pub color_model: ColorModel,
+    /// Bits per sample as stored (1, 2, 4, 8 or 16).
+    pub bit_depth: u8,
+    /// The decoded image carried an alpha channel (incl. PNG `tRNS`, GIF).
+    pub had_alpha: bool,
+    /// At least one pixel was not fully opaque (so compositing changed it).
+    pub alpha_used: bool,
+}
+
+/// Why an image was rejected. `name()` is stored in the manifest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DecodeReason {
+    /// Zero-length file.
+    Empty,
+    /// The file ends before the image does.
+    Truncated,
+    /// Recognised format but invalid data.
+    Corrupt,
+    /// Over the decode limits (dimensions, pixel count, allocation).
+    TooLarge,
+    /// Not a recognised image format, or a feature the decoder lacks.
+    Unsupported,
+}
+
+impl DecodeReason {
+    /// Stable snake_case name (`empty`, `truncated`, `corrupt`, `too_large`,
+    /// `unsupported`).
+    pub fn name(self) -> &'static str {
+        match self {
+            DecodeReason::Empty => "empty",
+            DecodeReason::Truncated => "truncated",
+            DecodeReason::Corrupt => "corrupt",
+            DecodeReason::TooLarge => "too_large",
+            DecodeReason::Unsupported => "unsupported",
+        }
+    }
+}
+
+/// A rejected image: a reason for counting and a message for humans.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DecodeError {
+    /// Machine-readable reason.
+    pub reason: DecodeReason,
+    /// Human-readable detail (lowercase, says what was wrong).
+    pub message: String,
+}
+
+impl DecodeError {
+    fn new(reason: DecodeReason, message: impl Into<String>) -> Self {
+        DecodeError {
+            reason,
+            message: message.into(),
+        }
+    }
+}
+
+impl fmt::Display for DecodeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.reason.name(), self.message)
+    }
+}
+
+impl std::error::Error for DecodeError {}
+
+/// Recognise the container format from the first bytes.
+pub fn sniff_format(bytes: &[u8]) -> Option<SourceFormat> {
+    if bytes.starts_with(b"\x89PNG\r\n\x1a\n") {
+        Some(SourceFormat::Png)
+    } else if bytes.starts_with(&[0xFF, 0xD8, 0xFF]) {
+        Some(SourceFormat::Jpeg)
+    } else if bytes.len() >= 12 && &bytes[0..4] == b"RIFF" && &bytes[8..12] == b"WEBP" {
+        Some(SourceFormat::Webp)
+    } else if bytes.starts_with(b"GIF87a") || bytes.starts_with(b"GIF89a") {
+        Some(SourceFormat::Gif)
+    } else if bytes.starts_with(b"BM") && bytes.len() >= 26 {
+        Some(SourceFormat::Bmp)
+    } else if bytes.starts_with(b"II*\0") || bytes.starts_with(b"MM\0*") {
+        Some(SourceFormat::Tiff)
+    } else {
+        None
+    }
+}
+
+/// A note when the file extension does not match the sniffed format, e.g.
+/// `extension .jpg but content is png`. `ext` may carry a leading dot.
+pub fn extension_note(ext: &str, format: SourceFormat) -> Option<String> {
+    let e = ext.trim_start_matches('.').to_ascii_lowercase();
+    if format.extensions().contains(&e.as_str()) {
+        None
+    } else {
+        Some(format!("extension .{e} but content is {}", format.name()))
+    }
+}
+
+/// Whether the byte stream is structurally complete for its format.
+/// Formats without a cheap structural check return `true`.
+pub fn is_structurally_complete(format: SourceFormat, bytes: &[u8]) -> bool {
+    match format {
+        SourceFormat::Png => png_complete(bytes),
+        SourceFormat::Jpeg => jpeg_complete(bytes),
+        SourceFormat::Webp => {
+            bytes.len() >= 8
+                && (u32::from_le_bytes([bytes[4], bytes[5], bytes[6], bytes[7]]) as usize)
+                    .saturating_add(8)
+                    <= bytes.len()
+        }
+        _ => true,
+    }
+}
+
+/// PNG: walk chunks from the signature until `IEND`.
+fn png_complete(b: &[u8]) -> bool {
+    let mut pos = 8usize;
+    while pos + 8 <= b.len() {
+        let len = u32::from_be_bytes([b[pos], b[pos + 1], b[pos + 2], b[pos + 3]]) as usize;
+        let kind = &b[pos + 4..pos + 8];
+        let end = pos.saturating_add(12).saturating_add(len);
+        if end > b.len() {
+            return false;
+        }
+        if kind == b"IEND" {
+            return true;
+        }
+        pos = end;
+    }
+    false
+}
+
+/// JPEG: walk marker segments, skip entropy-coded data after each SOS, and
+/// require an `EOI` marker.
+fn jpeg_complete(b: &[u8]) -> bool {
+    let n = b.len();
+    let mut i = 2usize;
+    while i + 1 < n {
+        if b[i] != 0xFF {
+            return false;
+        }
+        let m = b[i + 1];
+        match m {
+            0xFF => i += 1,
+            0xD9 => return true,
+            0xD0..=0xD7 | 0x01 => i += 2,
+            _ => {
+                if i + 3 >= n {
+                    return false;
+                }
+                let len = u16::from_be_bytes([b[i + 2], b[i + 3]]) as usize;
+                let next = i + 2 + len;
+                if next > n {
+                    return false;
+                }
+                if m == 0xDA {
+                    let mut j = next;
+                    loop {
+                        if j + 1 >= n {
+                            return false;
+                        }
+                        let c = b[j + 1];
+                        if b[j] == 0xFF && c != 0x00 && c != 0xFF && !(0xD0..=0xD7).contains(&c) {
+                            break;
+                        }
+                        j += 1;
+                    }
+                    i = j;
+                } else {
+                    i = next;
+                }
+            }
+        }
+    }
+    false
+}
+
+/// Colour model and bit depth as stored, from the header where the decoder
+/// hides it (PNG IHDR, JPEG SOF), else from the decoder's colour type.
+fn stored_color(format: SourceFormat, bytes: &[u8], ct: image::ColorType) -> (ColorModel, u8) {
+    if format == SourceFormat::Png && bytes.len() >= 26 {
+        let depth = bytes[24];
+        let model = match bytes[25] {
+            0 => ColorModel::Grey,
+            2 => ColorModel::Rgb,
+            3 => ColorModel::Palette,
+            4 => ColorModel::GreyAlpha,
+            _ => ColorModel::Rgba,
+        };
+        return (model, depth);
+    }
+    if format == SourceFormat::Jpeg {
+        if let Some((precision, comps)) = jpeg_sof(bytes) {
+            let model = match comps {
+                1 => ColorModel::Grey,
+                4 => ColorModel::Cmyk,
+                _ => ColorModel::Rgb,
+            };
+            return (model, precision);
+        }
+    }
+    if format == SourceFormat::Gif {
+        return (ColorModel::Palette, 8);
+    }
+    let depth = (ct.bits_per_pixel() / u16::from(ct.channel_count().max(1))) as u8;
+    let model = match (ct.has_color(), ct.has_alpha()) {
+        (false, false) => ColorModel::Grey,
+        (false, true) => ColorModel::GreyAlpha,
+        (true, false) => ColorModel::Rgb,
+        (true, true) => ColorModel::Rgba,
+    };
+    (model, depth)
+}
+
+/// (sample precision, component count) from the first JPEG SOFn segment.
+fn jpeg_sof(b: &[u8]) -> Option<(u8, u8)> {
+    let mut i = 2usize;
+    while i + 9 < b.len() {
+        if b[i] != 0xFF {
+            return None;
+        }
+        let m = b[i + 1];
+        if m == 0xFF {
+            i += 1;
+            continue;
+        }
+        let len = u16::from_be_bytes([b[i + 2], b[i + 3]]) as usize;
+        let is_sof = matches!(m, 0xC0..=0xCF) && !matches!(m, 0xC4 | 0xC8 | 0xCC);
+        if is_sof {
+            return Some((b[i + 4], b[i + 9]));
+        }
+        if m == 0xDA {
+            return None;
+        }
+        i += 2 + len;
+    }
+    None
+}
+
+fn map_image_error(e: ImageError) -> DecodeError {
+    match e {
+        ImageError::Limits(l) => DecodeError::new(
+            DecodeReason::TooLarge,
+            format!("over the decode limits ({l}); raise them if the image is genuine"),
+        ),
+        ImageError::Unsupported(u) => DecodeError::new(DecodeReason::Unsupported, u.to_string()),
+        ImageError::IoError(io) if io.kind() == std::io::ErrorKind::UnexpectedEof => {
+            DecodeError::new(DecodeReason::Truncated, format!("file ends early: {io}"))
+        }
+        other => DecodeError::new(DecodeReason::Corrupt, other.to_string()),
+    }
+}
+
+/// Decode `bytes` (any supported format, sniffed from content) into RGB8.
+///
+/// See the module docs for the exact conversion rules. Never panics on bad
+/// input; every failure is a [`DecodeError`] with a [`DecodeReason`].
+///
+/// A panic inside a third-party decoder on hostile input is caught and
+/// reported as [`DecodeReason::Corrupt`], so one bad file cannot take down a
+/// rayon import.
+pub fn decode(bytes: &[u8], limits: &DecodeLimits) -> Result<Decoded, DecodeError> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| decode_inner(bytes, limits)))
+        .unwrap_or_else(|_| {
+            Err(DecodeError::new(
+                DecodeReason::Corrupt,
+                "the decoder panicked on this file (malformed data)",
+            ))
+        })
+}
+
+fn decode_inner(bytes: &[u8], limits: &DecodeLimits) -> Result<Decoded, DecodeError> {
+    if bytes.is_empty() {
+        return Err(DecodeError::new(
+            DecodeReason::Empty,
+            "file is empty (0 bytes)",
+        ));
+    }
+    let format = sniff_format(bytes).ok_or_else(|| {
+        DecodeError::new(
+            DecodeReason::Unsupported,
+            "content is not a recognised image format (png, jpeg, webp, gif, bmp, tiff)",
+        )
+    })?;
+    if !is_structurally_complete(format, bytes) {
+        return Err(DecodeError::new(
+            DecodeReason::Truncated,
+            format!("{} stream ends before its end marker", format.name()),
+        ));
+    }
+
+    // Open with no limits (headers only: no pixel buffer is allocated yet) so
+    // that our own check below can report the declared size; the limits are
+    // then handed to the decoder before any pixel is decoded.
+    let mut reader = ImageReader::new(Cursor::new(bytes));
+    reader.set_format(format.image_format());
+    reader.no_limits();
+    let mut decoder = reader.into_decoder().map_err(map_image_error)?;
+
+    let (sw, sh) = decoder.dimensions();
+    if sw == 0 || sh == 0 {
+        return Err(DecodeError::new(
+            DecodeReason::Corrupt,
+            format!("header declares an empty image ({sw}x{sh})"),
+        ));
+    }
+    if sw > limits.max_width
+        || sh > limits.max_height
+        || u64::from(sw) * u64::from(sh) > limits.max_pixels
+    {
+        return Err(DecodeError::new(
+            DecodeReason::TooLarge,
+            format!(
+                "header declares {sw}x{sh} ({:.1} MP), over the limit of {}x{} / {:.1} MP",
+                (u64::from(sw) * u64::from(sh)) as f64 / 1e6,
+                limits.max_width,
+                limits.max_height,
+                limits.max_pixels as f64 / 1e6
+            ),
+        ));
+    }
+    let color_type = decoder.color_type();
+    let needed = u64::from(sw) * u64::from(sh) * u64::from(color_type.bytes_per_pixel());
+    if needed > limits.max_alloc_bytes {
+        return Err(DecodeError::new(
+            DecodeReason::TooLarge,
+            format!(
+                "decoding {sw}x{sh} needs {} MiB, over the limit of {} MiB",
+                needed >> 20,
+                limits.max_alloc_bytes >> 20
+            ),
+        ));
+    }
+    let mut img_limits = image::Limits::default();
+    img_limits.max_image_width = Some(limits.max_width);
+    img_limits.max_image_height = Some(limits.max_height);
+    img_limits.max_alloc = Some(limits.max_alloc_bytes);
+    decoder.set_limits(img_limits).map_err(map_image_error)?;
+    // A missing or unreadable EXIF block means "no rotation", not an error.
+    let orientation = decoder
+        .orientation()
+        .unwrap_or(image::metadata::Orientation::NoTransforms);
+    let (color_model, bit_depth) = stored_color(format, bytes, color_type);
+
+    let img = DynamicImage::from_decoder(decoder).map_err(map_image_error)?;
+    let had_alpha = img.color().has_alpha();
+    let (rgb, alpha_used) = if had_alpha {
+        composite_on_white(&img.to_rgba8())
+    } else {
+        (img.to_rgb8(), false)
+    };
+    let mut dynimg = DynamicImage::ImageRgb8(rgb);
+    dynimg.apply_orientation(orientation);
+    let rgb = dynimg.into_rgb8();
+    Ok(Decoded {
+        width: rgb.width(),
+        height: rgb.height(),
+        rgb,
+        format,
+        stored_width: sw,
+        stored_height: sh,
+        orientation: orientation.to_exif(),
+        color_model,
+        bit_depth,
+        had_alpha,
+        alpha_used,
+    })
+}
+
+/// Decode and add an extension check: returns the image and, when `ext`
+/// disagrees with the content, a note such as
+/// `extension .jpg but content is png`.
+pub fn decode_with_extension(
+    bytes: &[u8],
+    ext: Option<&str>,
+    limits: &DecodeLimits,
+) -> Result<(Decoded, Option<String>), DecodeError> {
+    let d = decode(bytes, limits)?;
+    let note = ext.and_then(|e| extension_note(e, d.format));
+    Ok((d, note))
+}
+
+/// Composite RGBA8 on a white background:
+/// `out = (c·a + 255·(255−a) + 127) / 255`. Returns the image and whether
+/// any pixel was not fully opaque.
+pub fn composite_on_white(rgba: &image::RgbaImage) -> (RgbImage, bool) {
+    let (w, h) = rgba.dimensions();
+    let mut out = Vec::with_capacity(w as usize * h as usize * 3);
+    let mut used = false;
+    for px in rgba.as_raw().chunks_exact(4) {
+        let a = u32::from(px[3]);
+        if a != 255 {
+            used = true;
+        }
+        for &c in &px[..3] {
+            out.push(((u32::from(c) * a + 255 * (255 - a) + 127) / 255) as u8);
+        }
+    }
+    // Length is exactly w*h*3 by construction, so this cannot fail.
+    let rgb = RgbImage::from_raw(w, h, out).unwrap_or_else(|| RgbImage::new(w, h));
+    (rgb, used)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::PathBuf;
+
+    fn fixture(name: &str) -> Vec<u8> {
+        let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("fixtures/images")
+            .join(name);
+        std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+    }
+
+    fn dec(name: &str) -> Result<Decoded, DecodeError> {
+        decode(&fixture(name), &DecodeLimits::default())
+    }
+
+    #[test]
+    fn broken_files_get_typed_reasons() {
+        let cases = [
+            ("empty.png", DecodeReason::Empty),
+            ("truncated.png", DecodeReason::Truncated),
+            ("truncated.jpg", DecodeReason::Truncated),
+            ("garbage.png", DecodeReason::Unsupported),
+            ("bomb.png", DecodeReason::TooLarge),
+        ];
+        for (name, want) in cases {
+            let err = dec(name).expect_err(name);
+            assert_eq!(err.reason, want, "{name}: {err}");
+        }
+        assert_eq!(DecodeReason::TooLarge.name(), "too_large");
+    }
+
+    #[test]
+    fn bomb_is_refused_from_the_header() {
+        // 100000x100000 RGB would be 30 GB; refusal must not depend on the
+        // allocation limit, only on the declared size.
+        let limits = DecodeLimits {
+            max_alloc_bytes: u64::MAX,
+            ..DecodeLimits::default()
+        };
+        let err = decode(&fixture("bomb.png"), &limits).unwrap_err();
+        assert_eq!(err.reason, DecodeReason::TooLarge);
+        assert!(err.message.contains("100000x100000"), "{}", err.message);
+    }
+
+    #[test]
+    fn alloc_limit_applies() {
+        let limits = DecodeLimits {
+            max_alloc_bytes: 100_000,
+            ..DecodeLimits::default()
+        };
+        let err = decode(&fixture("scene_rgb.png"), &limits).unwrap_err();
+        assert_eq!(err.reason, DecodeReason::TooLarge);
+        assert!(err.message.contains("MiB"), "{}", err.message);
+    }
+
+    #[test]
+    fn pixel_count_limit_applies() {
+        let limits = DecodeLimits {
+            max_pixels: 1000,
+            ..DecodeLimits::default()
+        };
+        let err = decode(&fixture("scene_rgb.png"), &limits).unwrap_err();
+        assert_eq!(err.reason, DecodeReason::TooLarge);
+    }
+
+    #[test]
+    fn wrong_extension_is_a_note_not_an_error() {
+        let (d, note) = decode_with_extension(
+            &fixture("png_named.jpg"),
+            Some("jpg"),
+            &DecodeLimits::default(),
+        )
+        .unwrap();
+        assert_eq!(d.format, SourceFormat::Png);
+        assert_eq!(note.as_deref(), Some("extension .jpg but content is png"));
+        assert_eq!(extension_note(".JPEG", SourceFormat::Jpeg), None);
+    }
+
+    #[test]
+    fn colour_models_and_depths_are_reported() {
+        let cases = [
+            ("scene_rgb.png", ColorModel::Rgb, 8, false),
+            ("sticker_rgba.png", ColorModel::Rgba, 8, true),
+            ("grey.png", ColorModel::Grey, 8, false),
+            ("grey_alpha.png", ColorModel::GreyAlpha, 8, true),
+            ("palette.png", ColorModel::Palette, 8, false),
+            ("palette_trns.png", ColorModel::Palette, 8, true),
+            ("rgb16.png", ColorModel::Rgb, 16, false),
+            ("grey16.png", ColorModel::Grey, 16, false),
+            ("photo.jpg", ColorModel::Rgb, 8, false),
+            ("grey.jpg", ColorModel::Grey, 8, false),
+            ("cmyk.jpg", ColorModel::Cmyk, 8, false),
+            ("lossless.webp", ColorModel::Rgb, 8, false),
+            ("palette.gif", ColorModel::Palette, 8, false),
+        ];
+        for (name, model, depth, alpha_used) in cases {
+            let d = dec(name).unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert_eq!(d.color_model, model, "{name}");
+            assert_eq!(d.bit_depth, depth, "{name}");
+            assert_eq!(d.alpha_used, alpha_used, "{name}");
+            assert_eq!((d.width, d.height), d.rgb.dimensions(), "{name}");
+        }
+    }
+
+    #[test]
+    fn exif_orientation_is_applied() {
+        // Both files store the same upright 120x180 portrait, rotated.
+        let a = dec("orient6.jpg").unwrap();
+        let b = dec("orient8.jpg").unwrap();
+        assert_eq!((a.stored_width, a.stored_height), (180, 120));
+        assert_eq!((a.width, a.height), (120, 180));
+        assert_eq!((a.orientation, b.orientation), (6, 8));
+        // Same picture after rotation: mean absolute difference is JPEG noise.
+        let diff: u64 = a
+            .rgb
+            .as_raw()
+            .iter()
+            .zip(b.rgb.as_raw())
+            .map(|(&x, &y)| u64::from(x.abs_diff(y)))
+            .sum();
+        assert!(diff as f64 / (a.rgb.as_raw().len() as f64) < 3.0);
+    }
+
+    #[test]
+    fn composite_on_white_formula() {
+        let rgba =
+            image::RgbaImage::from_raw(3, 1, vec![0, 0, 0, 0, 10, 20, 30, 255, 100, 0, 200, 128])
+                .unwrap();
+        let (rgb, used) = composite_on_white(&rgba);
+        assert!(used);
+        // a=128: (100*128 + 255*127 + 127)/255 = 177, (0 + 32385 + 127)/255 = 127, (25600+32512)/255=227
+        assert_eq!(rgb.as_raw(), &[255, 255, 255, 10, 20, 30, 177, 127, 227]);
+    }
+
+    /// Every prefix length and a sweep of byte flips of real fixtures either
+    /// decode or give a typed error — never a panic, never an empty image.
+    #[test]
+    fn damaged_files_never_panic() {
+        let limits = DecodeLimits::default();
+        for name in [
+            "scene_rgb.png",
+            "photo.jpg",
+            "progressive.jpg",
+            "lossy.webp",
+            "palette.gif",
+            "cmyk.jpg",
+        ] {
+            let good = fixture(name);
+            for cut in (0..good.len()).step_by((good.len() / 37).max(1)) {
+                if let Ok(d) = decode(&good[..cut], &limits) {
+                    assert!(d.width > 0 && d.height > 0, "{name} cut {cut}");
+                }
+            }
+            for i in (20..good.len()).step_by((good.len() / 29).max(1)) {
+                let mut bad = good.clone();
+                bad[i] ^= 0x5A;
+                if let Ok(d) = decode(&bad, &limits) {
+                    assert_eq!((d.width, d.height), d.rgb.dimensions(), "{name} flip {i}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn truncation_scanners() {
+        let png = fixture("scene_rgb.png");
+        assert!(png_complete(&png));
+        assert!(!png_complete(&png[..png.len() - 1]));
+        for name in ["photo.jpg", "progressive.jpg", "cmyk.jpg", "orient6.jpg"] {
+            let j = fixture(name);
+            assert!(jpeg_complete(&j), "{name}");
+            assert!(!jpeg_complete(&j[..j.len() - 2]), "{name}");
+        }
+        let w = fixture("lossy.webp");
+        assert!(is_structurally_complete(SourceFormat::Webp, &w));
+        assert!(!is_structurally_complete(
+            SourceFormat::Webp,
+            &w[..w.len() - 1]
+        ));
+    }
+}

@@ -1,0 +1,258 @@
+//! Typed records stored in the manifest, and their insert helpers.
+//!
+//! Stages build these plain structs (their decision logic never touches
+//! SQL) and write them through the `insert_*` functions inside one
+//! transaction per batch.
+
+use rusqlite::{params, Transaction};
+use serde::{Deserialize, Serialize};
+
+/// Status of an item.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ItemStatus {
+    /// Usable.
+    Ok,
+    /// Refused (undecodable, too large, too small for any bucket…); see `reason`.
+    Rejected,
+    /// Dropped as a duplicate of a keeper; see `duplicates`.
+    Duplicate,
+}
+
+impl ItemStatus {
+    /// The value stored in `items.status`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ItemStatus::Ok => "ok",
+            ItemStatus::Rejected => "rejected",
+            ItemStatus::Duplicate => "duplicate",
+        }
+    }
+}
+
+/// A new row of `items`.
+#[derive(Debug, Clone, Serialize)]
+pub struct NewItem {
+    /// sha256 of the file bytes (hex).
+    pub sha256: String,
+    /// Path relative to the dataset root, `None` when rejected.
+    pub path: Option<String>,
+    /// Where it came from (first source path, or `generate`).
+    pub source: String,
+    /// Width after EXIF orientation.
+    pub width: Option<u32>,
+    /// Height after EXIF orientation.
+    pub height: Option<u32>,
+    /// Sniffed format name.
+    pub format: Option<String>,
+    /// Status.
+    pub status: ItemStatus,
+    /// Reason code (and detail) when not ok.
+    pub reason: Option<String>,
+}
+
+/// Generation parameters (A1111 infotext at import, the plan at generate).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct GenerationParams {
+    /// Positive prompt.
+    pub prompt: Option<String>,
+    /// Negative prompt.
+    pub negative: Option<String>,
+    /// Seed.
+    pub seed: Option<i64>,
+    /// Sampling steps.
+    pub steps: Option<i64>,
+    /// Sampler name (A1111 spelling).
+    pub sampler: Option<String>,
+    /// Schedule type (A1111 spelling).
+    pub schedule: Option<String>,
+    /// CFG scale.
+    pub cfg: Option<f64>,
+    /// Width from `Size`.
+    pub width: Option<i64>,
+    /// Height from `Size`.
+    pub height: Option<i64>,
+    /// Model hash (AutoV2).
+    pub model_hash: Option<String>,
+    /// Model name.
+    pub model: Option<String>,
+    /// Every other key, in order, as JSON object text.
+    pub extra_json: Option<String>,
+    /// The raw parameters text.
+    pub raw: Option<String>,
+    /// `png_text`, `exif_user_comment` or `generate`.
+    pub origin: String,
+}
+
+/// Perceptual and pixel hashes of one decoded image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct HashRecord {
+    /// sha256 of the decoded RGB8 pixels and size.
+    pub pixel_sha256: [u8; 32],
+    /// 64-bit pHash (imagededup bit order).
+    pub phash: u64,
+    /// 64-bit dHash.
+    pub dhash: u64,
+}
+
+/// Insert an item; returns its id.
+pub fn insert_item(tx: &Transaction, run_id: i64, it: &NewItem) -> rusqlite::Result<i64> {
+    tx.prepare_cached(
+        "INSERT INTO items (sha256, path, source, width, height, format, status, reason, run_id, status_run_id, created_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?9, ?10)",
+    )?
+    .execute(params![
+            it.sha256,
+            it.path,
+            it.source,
+            it.width,
+            it.height,
+            it.format,
+            it.status.as_str(),
+            it.reason,
+            run_id,
+            super::now()
+        ],
+    )?;
+    Ok(tx.last_insert_rowid())
+}
+
+/// Record one source path of an item (a changed file at a known path
+/// re-points the path to its new item).
+pub fn insert_source(
+    tx: &Transaction,
+    run_id: i64,
+    item_id: i64,
+    path: &str,
+    size: u64,
+    mtime_ns: i64,
+    note: Option<&str>,
+) -> rusqlite::Result<()> {
+    tx.prepare_cached(
+        "INSERT INTO sources (item_id, path, size, mtime_ns, note, run_id) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+         ON CONFLICT (path) DO UPDATE SET item_id = excluded.item_id, size = excluded.size,
+             mtime_ns = excluded.mtime_ns, note = excluded.note, run_id = excluded.run_id",
+    )?
+    .execute(params![item_id, path, size as i64, mtime_ns, note, run_id],
+    )?;
+    Ok(())
+}
+
+/// Insert (or keep the existing) generation parameters of an item.
+pub fn insert_generation(
+    tx: &Transaction,
+    run_id: i64,
+    item_id: i64,
+    g: &GenerationParams,
+) -> rusqlite::Result<()> {
+    tx.prepare_cached(
+        "INSERT OR IGNORE INTO generation (item_id, prompt, negative, seed, steps, sampler, schedule, cfg, width, height,
+                                           model_hash, model, extra_json, raw, origin, run_id)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
+    )?
+    .execute(params![
+            item_id,
+            g.prompt,
+            g.negative,
+            g.seed,
+            g.steps,
+            g.sampler,
+            g.schedule,
+            g.cfg,
+            g.width,
+            g.height,
+            g.model_hash,
+            g.model,
+            g.extra_json,
+            g.raw,
+            g.origin,
+            run_id
+        ],
+    )?;
+    Ok(())
+}
+
+/// Insert or replace the caption of `(item, source)`.
+pub fn upsert_caption(
+    tx: &Transaction,
+    run_id: i64,
+    item_id: i64,
+    source: &str,
+    text: &str,
+    score: Option<f64>,
+) -> rusqlite::Result<()> {
+    tx.prepare_cached(
+        "INSERT INTO captions (item_id, source, text, score, run_id) VALUES (?1, ?2, ?3, ?4, ?5)
+         ON CONFLICT (item_id, source) DO UPDATE SET text = excluded.text, score = excluded.score, run_id = excluded.run_id",
+    )?
+    .execute(params![item_id, source, text, score, run_id],
+    )?;
+    Ok(())
+}
+
+/// Insert or replace one tag of `(item, source)`.
+pub fn upsert_tag(
+    tx: &Transaction,
+    run_id: i64,
+    item_id: i64,
+    source: &str,
+    tag: &str,
+    score: Option<f64>,
+) -> rusqlite::Result<()> {
+    tx.prepare_cached(
+        "INSERT INTO tags (item_id, source, tag, score, run_id) VALUES (?1, ?2, ?3, ?4, ?5)
+         ON CONFLICT (item_id, source, tag) DO UPDATE SET score = excluded.score, run_id = excluded.run_id",
+    )?
+    .execute(params![item_id, source, tag, score, run_id],
+    )?;
+    Ok(())
+}
+
+/// Insert the hashes of an item (kept if already present).
+pub fn insert_hashes(
+    tx: &Transaction,
+    run_id: i64,
+    item_id: i64,
+    h: &HashRecord,
+) -> rusqlite::Result<()> {
+    tx.prepare_cached(
+        "INSERT OR IGNORE INTO hashes (item_id, pixel_sha256, phash, dhash, run_id) VALUES (?1, ?2, ?3, ?4, ?5)",
+    )?
+    .execute(params![
+            item_id,
+            hex::encode(h.pixel_sha256),
+            h.phash as i64,
+            h.dhash as i64,
+            run_id
+        ],
+    )?;
+    Ok(())
+}
+
+/// Split a Danbooru-style caption (`1girl, solo, long hair`) into tags:
+/// comma separated, trimmed, empty pieces dropped, duplicates dropped
+/// (first occurrence kept).
+pub fn split_tags(caption: &str) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for t in caption.split([',', '\n']) {
+        let t = t.trim();
+        if !t.is_empty() && !out.iter().any(|o| o == t) {
+            out.push(t.to_string());
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn split_tags_trims_and_dedups() {
+        assert_eq!(
+            split_tags(" 1girl, solo,, long hair ,solo\nsmile"),
+            vec!["1girl", "solo", "long hair", "smile"]
+        );
+        assert!(split_tags("  ").is_empty());
+    }
+}

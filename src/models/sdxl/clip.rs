@@ -1,0 +1,946 @@
+//! The two SDXL text encoders under their single-file checkpoint names:
+//! CLIP ViT-L/14 text (HF `CLIPTextModel` names, quick-GELU) and OpenCLIP
+//! ViT-bigG/14 text (open_clip names, fused `in_proj`, exact GELU, bare
+//! `text_projection`), plus [`SdxlTextEncoder`], which turns A1111-style
+//! prompts into SDXL's `context` and pooled vector.
+//!
+//! Facts: `shared/reference/sdxl.md` §1.7–§1.8 (keys, shapes), §3.1 (which
+//! outputs SDXL uses), §3.3 (long prompts, emphasis, uncond), §8.3 (only
+//! differentiable layers from [`crate::nn`]; never candle_nn's LayerNorm or
+//! `softmax_last_dim`, which silently drop gradients).
+//! - Both: pre-LN residual blocks, additive causal mask, positions always
+//!   `0..seq` (a checkpoint's `position_ids` buffer is ignored).
+//! - CLIP-L output: hidden state after all but the last layer, no final LN
+//!   (HF `hidden_states[-2]`); the last layer and `final_layer_norm` are
+//!   loaded (so files validate) but not run.
+//! - bigG outputs: the input of the last block (penultimate, no `ln_final`),
+//!   and pooled = `ln_final(last block output)` at the EOS position (argmax of
+//!   the ids) `@ text_projection` (x @ P, P stored `[width, proj]`, as sgm).
+//!
+//! Equivalent reference code: transformers `CLIPTextModel`, open_clip
+//! `TextTransformer`, sgm `FrozenCLIPEmbedder` / `FrozenOpenCLIPEmbedder2`.
+
+use candle_core::{DType, Device, Module, Tensor, D};
+use candle_nn::VarBuilder;
+
+use super::prompt::{self, TokenizedPrompt};
+use super::tokenizer::{ClipTokenizer, Padding, CONTEXT_LEN, VOCAB_SIZE};
+use crate::nn::{ops, LayerNorm, Linear};
+use crate::{Error, Result};
+
+/// Checkpoint prefix of CLIP-L (text encoder 1).
+pub const CLIP_L_PREFIX: &str = "conditioner.embedders.0.transformer.text_model";
+/// Checkpoint prefix of OpenCLIP bigG (text encoder 2).
+pub const BIGG_PREFIX: &str = "conditioner.embedders.1.model";
+
+/// MLP activation of the transformer blocks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    /// OpenAI CLIP's `x · sigmoid(1.702 x)` (CLIP-L).
+    QuickGelu,
+    /// Exact erf GELU (`nn.GELU`, OpenCLIP bigG).
+    GeluErf,
+}
+
+/// Which family of parameter names the checkpoint uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Naming {
+    /// HF transformers `CLIPTextModel` names (`embeddings.token_embedding`,
+    /// `encoder.layers.N.self_attn.q_proj`, …, `final_layer_norm`).
+    HfClip,
+    /// open_clip names (`token_embedding`, `positional_embedding`,
+    /// `transformer.resblocks.N.attn.in_proj_weight`, …, `ln_final`,
+    /// `text_projection`).
+    OpenClip,
+}
+
+/// Hyper-parameters of one CLIP text transformer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClipTextConfig {
+    /// Token vocabulary (49408 for the real tokenizer).
+    pub vocab_size: usize,
+    /// Model width.
+    pub width: usize,
+    /// Number of transformer blocks.
+    pub layers: usize,
+    /// Attention heads (width must divide evenly).
+    pub heads: usize,
+    /// MLP hidden size.
+    pub intermediate: usize,
+    /// Position-embedding rows (77).
+    pub max_positions: usize,
+    /// MLP activation.
+    pub activation: Activation,
+    /// Parameter naming.
+    pub naming: Naming,
+    /// LayerNorm epsilon.
+    pub layer_norm_eps: f64,
+    /// Output size of `text_projection` (`None`: the model has none, as
+    /// SDXL's CLIP-L). Only [`Naming::OpenClip`] models load one.
+    pub projection_dim: Option<usize>,
+}
+
+impl ClipTextConfig {
+    /// SDXL text encoder 1: CLIP ViT-L/14 text (768 wide, 12 layers, 12 heads).
+    pub fn clip_l() -> Self {
+        Self {
+            vocab_size: VOCAB_SIZE,
+            width: 768,
+            layers: 12,
+            heads: 12,
+            intermediate: 3072,
+            max_positions: CONTEXT_LEN,
+            activation: Activation::QuickGelu,
+            naming: Naming::HfClip,
+            layer_norm_eps: 1e-5,
+            projection_dim: None,
+        }
+    }
+
+    /// SDXL text encoder 2: OpenCLIP ViT-bigG/14 text (1280 wide, 32 layers,
+    /// 20 heads, projection 1280).
+    pub fn open_clip_bigg() -> Self {
+        Self {
+            vocab_size: VOCAB_SIZE,
+            width: 1280,
+            layers: 32,
+            heads: 20,
+            intermediate: 5120,
+            max_positions: CONTEXT_LEN,
+            activation: Activation::GeluErf,
+            naming: Naming::OpenClip,
+            layer_norm_eps: 1e-5,
+            projection_dim: Some(1280),
+        }
+    }
+
+    /// Tiny CLIP-L-shaped encoder (tests, toy world): 32 wide, 3 layers,
+    /// 4 heads, real vocabulary.
+    pub fn clip_l_tiny() -> Self {
+        Self {
+            width: 32,
+            layers: 3,
+            heads: 4,
+            intermediate: 128,
+            ..Self::clip_l()
+        }
+    }
+
+    /// Tiny bigG-shaped encoder (tests, toy world): 40 wide, 3 layers,
+    /// 5 heads, projection 40, real vocabulary.
+    pub fn open_clip_bigg_tiny() -> Self {
+        Self {
+            width: 40,
+            layers: 3,
+            heads: 5,
+            intermediate: 160,
+            projection_dim: Some(40),
+            ..Self::open_clip_bigg()
+        }
+    }
+
+    fn check(&self) -> Result<()> {
+        if self.heads == 0 || self.width % self.heads != 0 {
+            return Err(Error::config(format!(
+                "clip config: width {} is not divisible by {} heads",
+                self.width, self.heads
+            )));
+        }
+        if self.layers < 2 {
+            return Err(Error::config(format!(
+                "clip config: {} layers; SDXL uses the penultimate layer, so at least 2 are needed",
+                self.layers
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// q/k/v projections: three Linears (HF) or one fused `in_proj` (open_clip).
+#[derive(Debug, Clone)]
+enum Qkv {
+    Separate(Linear, Linear, Linear),
+    Fused(Linear),
+}
+
+/// Multi-head causal self-attention.
+#[derive(Debug, Clone)]
+struct SelfAttention {
+    qkv: Qkv,
+    out: Linear,
+    heads: usize,
+}
+
+impl SelfAttention {
+    fn new(vb: VarBuilder, cfg: &ClipTextConfig) -> Result<Self> {
+        let w = cfg.width;
+        Ok(match cfg.naming {
+            Naming::HfClip => Self {
+                qkv: Qkv::Separate(
+                    Linear::new(vb.pp("q_proj"), w, w, true)?,
+                    Linear::new(vb.pp("k_proj"), w, w, true)?,
+                    Linear::new(vb.pp("v_proj"), w, w, true)?,
+                ),
+                out: Linear::new(vb.pp("out_proj"), w, w, true)?,
+                heads: cfg.heads,
+            },
+            Naming::OpenClip => Self {
+                qkv: Qkv::Fused(Linear {
+                    weight: vb.get((3 * w, w), "in_proj_weight")?,
+                    bias: Some(vb.get(3 * w, "in_proj_bias")?),
+                }),
+                out: Linear::new(vb.pp("out_proj"), w, w, true)?,
+                heads: cfg.heads,
+            },
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let (b, s, w) = x.dims3()?;
+        let (q, k, v) = match &self.qkv {
+            Qkv::Separate(q, k, v) => (q.forward(x)?, k.forward(x)?, v.forward(x)?),
+            Qkv::Fused(p) => {
+                // (b, s, 3w): rows 0..w = q, w..2w = k, 2w..3w = v
+                let y = p.forward(x)?;
+                (
+                    y.narrow(2, 0, w)?,
+                    y.narrow(2, w, w)?,
+                    y.narrow(2, 2 * w, w)?,
+                )
+            }
+        };
+        let hd = w / self.heads;
+        // (b, s, w) -> (b, heads, s, hd)
+        let split = |t: Tensor| {
+            t.reshape((b, s, self.heads, hd))?
+                .transpose(1, 2)?
+                .contiguous()
+        };
+        let o = ops::attention(
+            &split(q)?,
+            &split(k)?,
+            &split(v)?,
+            (hd as f64).powf(-0.5),
+            true,
+        )?;
+        // (b, heads, s, hd) -> (b, s, w)
+        let o = o.transpose(1, 2)?.reshape((b, s, w))?;
+        self.out.forward(&o)
+    }
+}
+
+/// One pre-LN transformer block.
+#[derive(Debug, Clone)]
+struct Block {
+    ln1: LayerNorm,
+    attn: SelfAttention,
+    ln2: LayerNorm,
+    fc1: Linear,
+    fc2: Linear,
+    activation: Activation,
+}
+
+impl Block {
+    fn new(vb: VarBuilder, cfg: &ClipTextConfig) -> Result<Self> {
+        let (w, eps) = (cfg.width, cfg.layer_norm_eps);
+        let (ln1, attn, ln2, fc1, fc2) = match cfg.naming {
+            Naming::HfClip => (
+                LayerNorm::new(vb.pp("layer_norm1"), w, eps)?,
+                SelfAttention::new(vb.pp("self_attn"), cfg)?,
+                LayerNorm::new(vb.pp("layer_norm2"), w, eps)?,
+                Linear::new(vb.pp("mlp.fc1"), w, cfg.intermediate, true)?,
+                Linear::new(vb.pp("mlp.fc2"), cfg.intermediate, w, true)?,
+            ),
+            Naming::OpenClip => (
+                LayerNorm::new(vb.pp("ln_1"), w, eps)?,
+                SelfAttention::new(vb.pp("attn"), cfg)?,
+                LayerNorm::new(vb.pp("ln_2"), w, eps)?,
+                Linear::new(vb.pp("mlp.c_fc"), w, cfg.intermediate, true)?,
+                Linear::new(vb.pp("mlp.c_proj"), cfg.intermediate, w, true)?,
+            ),
+        };
+        Ok(Self {
+            ln1,
+            attn,
+            ln2,
+            fc1,
+            fc2,
+            activation: cfg.activation,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let x = (x + self.attn.forward(&self.ln1.forward(x)?)?)?;
+        let h = self.fc1.forward(&self.ln2.forward(&x)?)?;
+        let h = match self.activation {
+            Activation::QuickGelu => ops::quick_gelu(&h)?,
+            Activation::GeluErf => ops::gelu_erf(&h)?,
+        };
+        x + self.fc2.forward(&h)?
+    }
+}
+
+/// Outputs SDXL takes from a text encoder.
+#[derive(Debug, Clone)]
+pub struct ClipTextOutput {
+    /// Hidden state after all but the last block, no final LN: `(b, s, width)`.
+    pub penultimate: Tensor,
+    /// `final_ln(last block)[eos] @ text_projection`: `(b, proj)`, when the
+    /// model has a projection.
+    pub pooled: Option<Tensor>,
+}
+
+/// A CLIP text transformer (either naming).
+#[derive(Debug, Clone)]
+pub struct ClipTextModel {
+    token_embedding: Tensor,
+    position_embedding: Tensor,
+    blocks: Vec<Block>,
+    final_ln: LayerNorm,
+    projection: Option<Tensor>,
+    cfg: ClipTextConfig,
+}
+
+impl ClipTextModel {
+    /// Load from `vb` positioned at the encoder's prefix ([`CLIP_L_PREFIX`]
+    /// or [`BIGG_PREFIX`] in an SDXL file).
+    pub fn new(vb: VarBuilder, cfg: &ClipTextConfig) -> Result<Self> {
+        cfg.check()?;
+        let (w, eps) = (cfg.width, cfg.layer_norm_eps);
+        let (token_embedding, position_embedding, blocks_vb, final_ln, projection) =
+            match cfg.naming {
+                Naming::HfClip => (
+                    vb.get((cfg.vocab_size, w), "embeddings.token_embedding.weight")?,
+                    vb.get(
+                        (cfg.max_positions, w),
+                        "embeddings.position_embedding.weight",
+                    )?,
+                    vb.pp("encoder.layers"),
+                    LayerNorm::new(vb.pp("final_layer_norm"), w, eps)?,
+                    None,
+                ),
+                Naming::OpenClip => (
+                    vb.get((cfg.vocab_size, w), "token_embedding.weight")?,
+                    vb.get((cfg.max_positions, w), "positional_embedding")?,
+                    vb.pp("transformer.resblocks"),
+                    LayerNorm::new(vb.pp("ln_final"), w, eps)?,
+                    match cfg.projection_dim {
+                        Some(p) => Some(vb.get((w, p), "text_projection")?),
+                        None => None,
+                    },
+                ),
+            };
+        let blocks = (0..cfg.layers)
+            .map(|i| Block::new(blocks_vb.pp(i), cfg))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            token_embedding,
+            position_embedding,
+            blocks,
+            final_ln,
+            projection,
+            cfg: cfg.clone(),
+        })
+    }
+
+    /// The configuration this model was built with.
+    pub fn config(&self) -> &ClipTextConfig {
+        &self.cfg
+    }
+
+    /// Token + position embeddings of `ids (b, s)` → `(b, s, width)`.
+    fn embed(&self, ids: &Tensor) -> Result<Tensor> {
+        let (b, s) = ids.dims2()?;
+        if s > self.cfg.max_positions {
+            return Err(Error::model(format!(
+                "clip: {s} tokens per row, the model has {} positions",
+                self.cfg.max_positions
+            )));
+        }
+        let flat = ids.flatten_all()?.to_dtype(DType::U32)?;
+        let tok = self
+            .token_embedding
+            .index_select(&flat, 0)?
+            .reshape((b, s, self.cfg.width))?;
+        // positions are always 0..s (checkpoint position_ids ignored)
+        let pos = self.position_embedding.narrow(0, 0, s)?;
+        Ok(tok.broadcast_add(&pos)?)
+    }
+
+    /// Run the encoder on token ids `(b, s)` (u32 or i64).
+    pub fn forward(&self, ids: &Tensor) -> Result<ClipTextOutput> {
+        let mut x = self.embed(ids)?;
+        let n = self.blocks.len();
+        for block in &self.blocks[..n - 1] {
+            x = block.forward(&x)?;
+        }
+        let penultimate = x.clone();
+        let pooled = match &self.projection {
+            None => None,
+            Some(p) => {
+                let last = self.blocks[n - 1].forward(&x)?;
+                let o = self.final_ln.forward(&last)?;
+                Some(pool_at_eos(&o, ids)?.matmul(p)?)
+            }
+        };
+        Ok(ClipTextOutput {
+            penultimate,
+            pooled,
+        })
+    }
+}
+
+/// `o[i, argmax(ids[i])]` for `o (b, s, d)` → `(b, d)` (first maximum, as
+/// torch's argmax on CPU and the EOS convention of §3.1).
+fn pool_at_eos(o: &Tensor, ids: &Tensor) -> Result<Tensor> {
+    let (b, s, d) = o.dims3()?;
+    let rows = ids
+        .to_dtype(DType::I64)?
+        .to_device(&Device::Cpu)?
+        .to_vec2::<i64>()?;
+    let mut index = Vec::with_capacity(b);
+    for (i, row) in rows.iter().enumerate() {
+        let mut best = 0;
+        for (j, &v) in row.iter().enumerate() {
+            if v > row[best] {
+                best = j;
+            }
+        }
+        index.push((i * s + best) as u32);
+    }
+    let index = Tensor::from_vec(index, b, o.device())?;
+    Ok(o.reshape((b * s, d))?.index_select(&index, 0)?)
+}
+
+/// SDXL conditioning from text.
+#[derive(Debug, Clone)]
+pub struct TextConditioning {
+    /// `cat(CLIP-L, bigG)` penultimate states: `(b, 77·chunks, 768+1280)`.
+    pub context: Tensor,
+    /// bigG pooled vector of the first chunk: `(b, 1280)`.
+    pub pooled: Tensor,
+}
+
+impl TextConditioning {
+    /// Zero tensors of the same shapes: sgm's `force_uc_zero_embeddings`
+    /// unconditional input (§3.3).
+    pub fn zeros_like(&self) -> Result<Self> {
+        Ok(Self {
+            context: self.context.zeros_like()?,
+            pooled: self.pooled.zeros_like()?,
+        })
+    }
+
+    /// Number of 77-token chunks in `context`.
+    pub fn chunks(&self) -> Result<usize> {
+        Ok(self.context.dim(1)? / CONTEXT_LEN)
+    }
+}
+
+/// How emphasis weights act on the encoder output (A1111 option "Emphasis
+/// mode").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Emphasis {
+    /// Multiply each token's output by its weight, then restore the mean
+    /// (A1111 default, [`emphasis_original`]).
+    #[default]
+    Original,
+    /// Multiply by the weights without restoring the mean (A1111 "No norm").
+    NoNorm,
+    /// Parse the syntax but ignore the weights (A1111 "Ignore").
+    Ignore,
+    /// Do not parse: brackets and `BREAK` are plain text (A1111 "None").
+    None,
+}
+
+/// Both SDXL text encoders and the tokenizer: prompt strings in, SDXL
+/// `context` and pooled vector out, with A1111 long-prompt chunking and
+/// "Original" emphasis (see [`super::prompt`]).
+#[derive(Debug, Clone)]
+pub struct SdxlTextEncoder {
+    /// Text encoder 1.
+    pub clip_l: ClipTextModel,
+    /// Text encoder 2.
+    pub clip_g: ClipTextModel,
+    /// Emphasis mode (default [`Emphasis::Original`]).
+    pub emphasis: Emphasis,
+    tokenizer: ClipTokenizer,
+}
+
+impl SdxlTextEncoder {
+    /// Load both encoders from `vb` at the checkpoint root (the prefixes
+    /// [`CLIP_L_PREFIX`] and [`BIGG_PREFIX`] are applied here).
+    pub fn new(vb: VarBuilder, cfg_l: &ClipTextConfig, cfg_g: &ClipTextConfig) -> Result<Self> {
+        if cfg_g.projection_dim.is_none() {
+            return Err(Error::config(
+                "sdxl text encoder: the bigG config needs a projection_dim (the pooled vector)",
+            ));
+        }
+        Ok(Self {
+            clip_l: ClipTextModel::new(vb.pp(CLIP_L_PREFIX), cfg_l)?,
+            clip_g: ClipTextModel::new(vb.pp(BIGG_PREFIX), cfg_g)?,
+            emphasis: Emphasis::default(),
+            tokenizer: ClipTokenizer::new()?,
+        })
+    }
+
+    /// The tokenizer both encoders share.
+    pub fn tokenizer(&self) -> &ClipTokenizer {
+        &self.tokenizer
+    }
+
+    /// Parse and chunk `prompts` (A1111 rules); every prompt is padded with
+    /// empty chunks to `min_chunks` and to the longest prompt's count.
+    pub fn tokenize(&self, prompts: &[&str], min_chunks: usize) -> Result<Vec<TokenizedPrompt>> {
+        let mut out = prompts
+            .iter()
+            .map(|p| {
+                prompt::tokenize_prompt_with(&self.tokenizer, p, self.emphasis != Emphasis::None)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        prompt::pad_to_same_chunks(&mut out, min_chunks);
+        Ok(out)
+    }
+
+    /// Encode a batch of prompts → `context (b, 77·k, dl+dg)`, `pooled (b, p)`.
+    pub fn encode(&self, prompts: &[&str]) -> Result<TextConditioning> {
+        let toks = self.tokenize(prompts, 1)?;
+        self.encode_tokenized(&toks)
+    }
+
+    /// Encode a positive and a negative prompt batch padded to the same
+    /// number of chunks (A1111 pads cond and uncond alike).
+    pub fn encode_pair(
+        &self,
+        cond: &[&str],
+        uncond: &[&str],
+    ) -> Result<(TextConditioning, TextConditioning)> {
+        let c = self.tokenize(cond, 1)?;
+        let u = self.tokenize(uncond, 1)?;
+        let k = c
+            .iter()
+            .chain(u.iter())
+            .map(|t| t.chunks.len())
+            .max()
+            .unwrap_or(1);
+        let c = self.tokenize(cond, k)?;
+        let u = self.tokenize(uncond, k)?;
+        Ok((self.encode_tokenized(&c)?, self.encode_tokenized(&u)?))
+    }
+
+    /// Encode already chunked prompts (all with the same chunk count).
+    pub fn encode_tokenized(&self, toks: &[TokenizedPrompt]) -> Result<TextConditioning> {
+        let b = toks.len();
+        let k = toks.first().map(|t| t.chunks.len()).unwrap_or(0);
+        if b == 0 || k == 0 || toks.iter().any(|t| t.chunks.len() != k) {
+            return Err(Error::config(
+                "sdxl text encoder: need at least one prompt, all with the same number of chunks",
+            ));
+        }
+        let dev = self.clip_l.token_embedding.device().clone();
+        // All chunks of all prompts go through the encoders as one batch,
+        // chunk-major: row c·b + i is chunk c of prompt i. Each row is
+        // encoded on its own (causal mask, no cross-row mixing), exactly as
+        // A1111 encodes chunk by chunk.
+        let n = k * b;
+        let ids = |pad: Padding| -> Result<Tensor> {
+            let rows: Vec<u32> = (0..k)
+                .flat_map(|c| toks.iter().flat_map(move |t| t.chunks[c].ids(pad)))
+                .collect();
+            Ok(Tensor::from_vec(rows, (n, CONTEXT_LEN), &dev)?)
+        };
+        let mults: Vec<f32> = (0..k)
+            .flat_map(|c| {
+                toks.iter()
+                    .flat_map(move |t| t.chunks[c].multipliers.iter().map(|&m| m as f32))
+            })
+            .collect();
+        let weighted = mults.iter().any(|&m| m != 1.0);
+        let mults = Tensor::from_vec(mults, (n, CONTEXT_LEN, 1), &dev)?;
+        let l = self.clip_l.forward(&ids(Padding::Eos)?)?;
+        let g = self.clip_g.forward(&ids(Padding::Zero)?)?;
+        // (n, 77, dl), (n, 77, dg)
+        let (zl, zg) = match self.emphasis {
+            Emphasis::Original if weighted => (
+                emphasis_original(&l.penultimate, &mults)?,
+                emphasis_original(&g.penultimate, &mults)?,
+            ),
+            Emphasis::NoNorm if weighted => (
+                l.penultimate
+                    .broadcast_mul(&mults.to_dtype(l.penultimate.dtype())?)?,
+                g.penultimate
+                    .broadcast_mul(&mults.to_dtype(g.penultimate.dtype())?)?,
+            ),
+            _ => (l.penultimate, g.penultimate),
+        };
+        // (n, 77, dl + dg), CLIP-L first
+        let z = Tensor::cat(&[&zl, &zg.to_dtype(zl.dtype())?], D::Minus1)?;
+        let d = z.dim(2)?;
+        // (k, b, 77, d) -> (b, k, 77, d) -> (b, 77·k, d)
+        let context = z
+            .reshape((k, b, CONTEXT_LEN, d))?
+            .transpose(0, 1)?
+            .reshape((b, k * CONTEXT_LEN, d))?;
+        // pooled from each prompt's first chunk: rows 0..b, (b, p)
+        let pooled = g
+            .pooled
+            .ok_or_else(|| Error::model("sdxl text encoder: bigG gave no pooled output"))?
+            .narrow(0, 0, b)?;
+        Ok(TextConditioning { context, pooled })
+    }
+}
+
+/// A1111 "Original" emphasis on one chunk: `z · w`, then rescaled so each
+/// sample's mean equals its unweighted mean. `z (b, 77, d)`, `w (b, 77, 1)`.
+/// (A1111 takes the mean over the whole batch; per sample keeps a prompt's
+/// encoding independent of what else is in the batch — identical for b = 1.)
+pub fn emphasis_original(z: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let dtype = z.dtype();
+    let zf = z.to_dtype(DType::F32)?;
+    let b = zf.dim(0)?;
+    let mean = |t: &Tensor| -> candle_core::Result<Tensor> {
+        t.reshape((b, ()))?.mean_keepdim(1)?.reshape((b, 1, 1))
+    };
+    let before = mean(&zf)?;
+    let weighted = zf.broadcast_mul(&w.to_dtype(DType::F32)?)?;
+    let after = mean(&weighted)?;
+    Ok(weighted
+        .broadcast_mul(&(before / after)?)?
+        .to_dtype(dtype)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .and_then(|d| d.abs())
+            .and_then(|d| d.flatten_all())
+            .and_then(|d| d.max(0))
+            .and_then(|d| d.to_scalar::<f32>())
+            .expect("diff")
+    }
+
+    /// Load a golden file from fixtures/golden/text, expanding the sparse
+    /// token embedding (`__rows.<key>` + rows) to its full 49408 rows.
+    fn load_golden(name: &str) -> HashMap<String, Tensor> {
+        let path = format!("{}/fixtures/golden/text/{name}", env!("CARGO_MANIFEST_DIR"));
+        let mut ts = candle_core::safetensors::load(&path, &Device::Cpu).expect("golden file");
+        let sparse: Vec<String> = ts
+            .keys()
+            .filter_map(|k| k.strip_prefix("__rows.").map(String::from))
+            .collect();
+        for key in sparse {
+            let rows = ts[&format!("__rows.{key}")].to_vec1::<i64>().expect("rows");
+            let vals = ts[&key].to_vec2::<f32>().expect("values");
+            let w = vals[0].len();
+            let mut full = vec![0f32; VOCAB_SIZE * w];
+            for (r, v) in rows.iter().zip(&vals) {
+                let r = *r as usize;
+                full[r * w..(r + 1) * w].copy_from_slice(v);
+            }
+            ts.insert(
+                key,
+                Tensor::from_vec(full, (VOCAB_SIZE, w), &Device::Cpu).expect("full"),
+            );
+        }
+        ts
+    }
+
+    fn golden_cfg_l() -> ClipTextConfig {
+        ClipTextConfig {
+            intermediate: 72,
+            ..ClipTextConfig::clip_l_tiny()
+        }
+    }
+
+    fn golden_cfg_g() -> ClipTextConfig {
+        ClipTextConfig {
+            projection_dim: Some(24),
+            ..ClipTextConfig::open_clip_bigg_tiny()
+        }
+    }
+
+    /// Golden: transformers `CLIPTextModel(...).hidden_states[-2]` on a tiny
+    /// quick-GELU config (fixtures/scripts/gen_text_goldens.py).
+    #[test]
+    fn clip_l_penultimate_matches_transformers() -> Result<()> {
+        let ts = load_golden("clip_l_tiny.safetensors");
+        let vb = VarBuilder::from_tensors(ts.clone(), DType::F32, &Device::Cpu);
+        let m = ClipTextModel::new(vb.pp(CLIP_L_PREFIX), &golden_cfg_l())?;
+        let out = m.forward(&ts["__input_ids"])?;
+        assert!(out.pooled.is_none());
+        let err = max_abs(&out.penultimate, &ts["__penultimate"]);
+        eprintln!("clip-l penultimate max abs err {err:e}");
+        assert!(err <= 1e-4, "clip-l max abs err {err}");
+        Ok(())
+    }
+
+    /// Golden: open_clip `TextTransformer` (exact GELU, fused in_proj, bare
+    /// text_projection): penultimate state and pooled output.
+    #[test]
+    fn bigg_penultimate_and_pooled_match_open_clip() -> Result<()> {
+        let ts = load_golden("bigg_tiny.safetensors");
+        let vb = VarBuilder::from_tensors(ts.clone(), DType::F32, &Device::Cpu);
+        let m = ClipTextModel::new(vb.pp(BIGG_PREFIX), &golden_cfg_g())?;
+        let out = m.forward(&ts["__input_ids"])?;
+        let err = max_abs(&out.penultimate, &ts["__penultimate"]);
+        eprintln!("bigG penultimate max abs err {err:e}");
+        assert!(err <= 1e-4, "bigG penultimate max abs err {err}");
+        let pooled = out.pooled.expect("pooled");
+        let err = max_abs(&pooled, &ts["__pooled"]);
+        eprintln!("bigG pooled max abs err {err:e}");
+        assert!(err <= 1e-4, "bigG pooled max abs err {err}");
+        Ok(())
+    }
+
+    /// Golden: SDXL conditioning built as A1111 does (sd_hijack_clip
+    /// `tokenize_line` chunks, transformers CLIP-L `hidden_states[-2]` and
+    /// open_clip bigG per chunk, `EmphasisOriginal` per encoder, pooled from
+    /// the first chunk) on the tiny golden weights of both encoders.
+    #[test]
+    fn sdxl_encoder_matches_a1111_pipeline() -> Result<()> {
+        let mut ts = load_golden("clip_l_tiny.safetensors");
+        ts.extend(load_golden("bigg_tiny.safetensors"));
+        let vb = VarBuilder::from_tensors(ts, DType::F32, &Device::Cpu);
+        let enc = SdxlTextEncoder::new(vb, &golden_cfg_l(), &golden_cfg_g())?;
+        let want = load_golden("sdxl_text_e2e.safetensors");
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/fixtures/golden/text/sdxl_text_e2e.json"
+        );
+        let v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?)?;
+        let prompts: Vec<String> = serde_json::from_value(v["prompts"].clone())?;
+        assert_eq!(prompts.len(), 3);
+        for (i, p) in prompts.iter().enumerate() {
+            let got = enc.encode(&[p.as_str()])?;
+            let wc = &want[&format!("context.{i}")];
+            assert_eq!(got.context.dims(), wc.dims(), "{p:?}");
+            let err = max_abs(&got.context, wc);
+            eprintln!("e2e {i}: context max abs err {err:e}");
+            assert!(err <= 1e-4, "{p:?}: context max abs err {err}");
+            let err = max_abs(&got.pooled, &want[&format!("pooled.{i}")]);
+            eprintln!("e2e {i}: pooled max abs err {err:e}");
+            assert!(err <= 1e-4, "{p:?}: pooled max abs err {err}");
+        }
+        Ok(())
+    }
+
+    fn random_encoder() -> Result<(candle_nn::VarMap, SdxlTextEncoder)> {
+        let vm = candle_nn::VarMap::new();
+        let vb = VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu);
+        let enc = SdxlTextEncoder::new(
+            vb,
+            &ClipTextConfig::clip_l_tiny(),
+            &ClipTextConfig::open_clip_bigg_tiny(),
+        )?;
+        // VarMap creates zero-filled vars; give them random values and
+        // rebuild so the model holds the same Vars.
+        {
+            let data = vm
+                .data()
+                .lock()
+                .map_err(|_| Error::Other("varmap lock".into()))?;
+            for var in data.values() {
+                var.set(&Tensor::randn(0f32, 0.2, var.shape(), &Device::Cpu)?)?;
+            }
+        }
+        let vb = VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu);
+        let enc2 = SdxlTextEncoder::new(
+            vb,
+            &ClipTextConfig::clip_l_tiny(),
+            &ClipTextConfig::open_clip_bigg_tiny(),
+        )?;
+        drop(enc);
+        Ok((vm, enc2))
+    }
+
+    #[test]
+    fn sdxl_context_shapes_chunks_and_uncond() -> Result<()> {
+        let (_vm, enc) = random_encoder()?;
+        let long = "1girl, solo, long hair, ".repeat(15); // 8 tokens each: 120 → 2 chunks
+        let (c, u) = enc.encode_pair(&[long.as_str()], &["lowres"])?;
+        assert_eq!(c.context.dims(), &[1, 77 * 2, 32 + 40]);
+        assert_eq!(u.context.dims(), &[1, 77 * 2, 32 + 40]);
+        assert_eq!(c.pooled.dims(), &[1, 40]);
+        assert_eq!(c.chunks()?, 2);
+        let z = c.zeros_like()?;
+        assert_eq!(z.context.abs()?.sum_all()?.to_scalar::<f32>()?, 0.0);
+        // A multi-chunk batch equals its prompts encoded one by one.
+        let batch = enc.encode(&[long.as_str(), "a (cat:1.2)"])?;
+        let one = enc.encode(&[long.as_str()])?;
+        let two = enc.encode_tokenized(&enc.tokenize(&["a (cat:1.2)"], 2)?)?;
+        assert!(max_abs(&batch.context.narrow(0, 0, 1)?, &one.context) < 1e-5);
+        assert!(max_abs(&batch.context.narrow(0, 1, 1)?, &two.context) < 1e-5);
+        assert!(max_abs(&batch.pooled.narrow(0, 1, 1)?, &two.pooled) < 1e-5);
+        // A batch: pooled of prompt 0 equals the single-prompt pooled.
+        let single = enc.encode(&["a photo of a cat"])?;
+        let batch = enc.encode(&["a photo of a cat", "(masterpiece:1.3), cat"])?;
+        let d = max_abs(&single.pooled, &batch.pooled.narrow(0, 0, 1)?);
+        assert!(d < 1e-5, "{d}");
+        Ok(())
+    }
+
+    #[test]
+    fn emphasis_original_restores_the_mean() -> Result<()> {
+        let (_vm, enc) = random_encoder()?;
+        let plain = enc.encode(&["a cat, a dog"])?;
+        let weighted = enc.encode(&["a (cat:1.5), a dog"])?;
+        // same tokens, so the means match and the values differ
+        let m = |t: &Tensor| {
+            t.narrow(2, 0, 32)
+                .and_then(|x| x.mean_all())
+                .and_then(|x| x.to_scalar::<f32>())
+        };
+        assert!((m(&plain.context)? - m(&weighted.context)?).abs() < 1e-5);
+        assert!(max_abs(&plain.context, &weighted.context) > 1e-3);
+        // pooled has no emphasis (A1111 takes it from the unweighted output)
+        assert!(max_abs(&plain.pooled, &weighted.pooled) < 1e-6);
+        // "Ignore": same ids as the plain prompt, weights dropped
+        let mut enc = enc;
+        enc.emphasis = Emphasis::Ignore;
+        let ignored = enc.encode(&["a (cat), a dog"])?;
+        let plain2 = enc.encode(&["a cat, a dog"])?;
+        assert!(max_abs(&ignored.context, &plain2.context) < 1e-6);
+        // "No norm": the weighted token's CLIP-L row is exactly 1.5× the plain one
+        enc.emphasis = Emphasis::NoNorm;
+        let nonorm = enc.encode(&["a (cat:1.5), a dog"])?;
+        let row = |t: &Tensor| t.narrow(1, 2, 1).and_then(|x| x.narrow(2, 0, 32));
+        let d = max_abs(&(row(&plain.context)? * 1.5)?, &row(&nonorm.context)?);
+        assert!(d < 1e-5, "{d}");
+        Ok(())
+    }
+
+    /// Every trainable text-encoder weight gets a non-zero gradient (catches
+    /// the candle no-backward fast paths of reference §8.3). The last CLIP-L
+    /// block and its final LN are not used by SDXL, so they get none.
+    #[test]
+    fn every_used_weight_gets_a_gradient() -> Result<()> {
+        let (vm, enc) = random_encoder()?;
+        let c = enc.encode(&["a (cat:1.2), [dog], 1girl"])?;
+        let r1 = Tensor::randn(0f32, 1.0, c.context.shape(), &Device::Cpu)?;
+        let r2 = Tensor::randn(0f32, 1.0, c.pooled.shape(), &Device::Cpu)?;
+        let loss = ((c.context * r1)?.sum_all()? + (c.pooled * r2)?.sum_all()?)?;
+        let grads = loss.backward()?;
+        let data = vm
+            .data()
+            .lock()
+            .map_err(|_| Error::Other("varmap lock".into()))?;
+        let last_l = format!("{CLIP_L_PREFIX}.encoder.layers.2.");
+        let final_l = format!("{CLIP_L_PREFIX}.final_layer_norm.");
+        let mut missing = Vec::new();
+        for (name, var) in data.iter() {
+            let unused = name.starts_with(&last_l) || name.starts_with(&final_l);
+            let g = grads.get(var.as_tensor());
+            let nonzero = match g {
+                Some(g) => g.abs()?.sum_all()?.to_scalar::<f32>()? > 0.0,
+                None => false,
+            };
+            if nonzero == unused {
+                missing.push(format!("{name} (unused {unused}, grad {nonzero})"));
+            }
+        }
+        assert!(missing.is_empty(), "{missing:#?}");
+        assert_eq!(data.len(), (4 + 3 * 16) + (2 + 3 * 12 + 3));
+        Ok(())
+    }
+
+    /// A backend that hands out broadcast zeros (no memory) and records the
+    /// requested names and shapes.
+    struct ShapeOnly(std::sync::Mutex<Vec<(String, Vec<usize>)>>);
+
+    impl candle_nn::var_builder::SimpleBackend for ShapeOnly {
+        fn get(
+            &self,
+            s: candle_core::Shape,
+            name: &str,
+            _h: candle_nn::Init,
+            dtype: DType,
+            dev: &Device,
+        ) -> candle_core::Result<Tensor> {
+            self.0
+                .lock()
+                .expect("lock")
+                .push((name.to_string(), s.dims().to_vec()));
+            Tensor::zeros((), dtype, dev)?.broadcast_as(s)
+        }
+        fn get_unchecked(
+            &self,
+            name: &str,
+            _dtype: DType,
+            _dev: &Device,
+        ) -> candle_core::Result<Tensor> {
+            candle_core::bail!("shape-only backend: no tensor {name}")
+        }
+        fn contains_tensor(&self, _name: &str) -> bool {
+            true
+        }
+    }
+
+    /// The full configs request exactly the SDXL text-encoder keys and
+    /// shapes of shared/reference/sdxl_keys_shapes.tsv (minus `logit_scale`,
+    /// which SDXL never uses).
+    #[test]
+    fn full_configs_request_sdxl_keys() -> Result<()> {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/fixtures/golden/text/sdxl_text_keys_shapes.tsv"
+        );
+        let tsv = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let mut want: Vec<(String, Vec<usize>)> = tsv
+            .lines()
+            .filter(|l| l.starts_with("conditioner.") && !l.contains("logit_scale"))
+            .map(|l| {
+                let (k, s) = l.split_once('\t').expect("tab");
+                let dims = s
+                    .trim_matches(|c| c == '[' || c == ']')
+                    .split(',')
+                    .filter(|d| !d.trim().is_empty())
+                    .map(|d| d.trim().parse().expect("dim"))
+                    .collect();
+                (k.to_string(), dims)
+            })
+            .collect();
+        let backend = std::sync::Arc::new(ShapeOnly(Default::default()));
+        struct Shared(std::sync::Arc<ShapeOnly>);
+        impl candle_nn::var_builder::SimpleBackend for Shared {
+            fn get(
+                &self,
+                s: candle_core::Shape,
+                name: &str,
+                h: candle_nn::Init,
+                dtype: DType,
+                dev: &Device,
+            ) -> candle_core::Result<Tensor> {
+                self.0.get(s, name, h, dtype, dev)
+            }
+            fn get_unchecked(
+                &self,
+                name: &str,
+                dtype: DType,
+                dev: &Device,
+            ) -> candle_core::Result<Tensor> {
+                self.0.get_unchecked(name, dtype, dev)
+            }
+            fn contains_tensor(&self, name: &str) -> bool {
+                self.0.contains_tensor(name)
+            }
+        }
+        let vb =
+            VarBuilder::from_backend(Box::new(Shared(backend.clone())), DType::F32, Device::Cpu);
+        SdxlTextEncoder::new(
+            vb,
+            &ClipTextConfig::clip_l(),
+            &ClipTextConfig::open_clip_bigg(),
+        )?;
+        let mut got = backend.0.lock().expect("lock").clone();
+        got.sort();
+        want.sort();
+        assert_eq!(got.len(), 196 + 389);
+        assert_eq!(got, want);
+        Ok(())
+    }
+}

@@ -1,0 +1,326 @@
+//! `eps2v bucket`: assign every ok item to an aspect-ratio bucket, resize it
+//! to cover the bucket (Lanczos3, fast_image_resize), crop (center or
+//! seeded random), and write the training image to
+//! `buckets/<w>x<h>/<sha>.png`.
+//!
+//! The crop actually taken is recorded both in original pixels and in
+//! resized pixels, together with the original and target sizes, because
+//! SDXL's micro-conditioning (`original_size`, `crop_coords_top_left`,
+//! `target_size`) needs the real values (kohya records a letterbox offset
+//! instead: reference/trainers-landscape.md, sd-scripts #1443).
+//!
+//! Never upscales beyond `max_upscale`: an image that would need more is
+//! rejected with reason `too_small` and the stage goes on.
+//!
+//! Resumable: items that already have a bucket row are skipped (`force`
+//! redoes all); each batch's files are written (temp + rename) before its
+//! transaction commits.
+
+use std::path::Path;
+use std::time::Instant;
+
+use rayon::prelude::*;
+use rusqlite::params;
+use serde::{Deserialize, Serialize};
+
+use super::Ctx;
+use crate::error::{Error, IoContext, Result};
+use crate::imaging::buckets::{self, Bucket};
+use crate::imaging::resize::{self, CropMode, CropPlan};
+use crate::manifest::Manifest;
+
+/// Which bucket set to use.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "kind")]
+pub enum BucketSet {
+    /// The 40-entry SDXL list and its transposes.
+    Sdxl,
+    /// kohya-style generator (`make_bucket_resolutions`).
+    Kohya {
+        /// Square training resolution whose area the buckets keep (1024 for SDXL).
+        resolution: u32,
+        /// Side step (64 for SDXL).
+        step: u32,
+        /// Smallest side.
+        min_side: u32,
+        /// Largest side.
+        max_side: u32,
+    },
+}
+
+/// Configuration of the bucket stage.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BucketConfig {
+    /// Bucket set.
+    pub buckets: BucketSet,
+    /// Crop placement.
+    pub crop: CropArg,
+    /// Seed for random crops (combined with each item's sha256).
+    pub seed: u64,
+    /// Largest accepted upscale factor (1.0 = never upscale). Default 1.25
+    /// tolerates images a little smaller than their bucket (e.g. 1000² for
+    /// 1024²) and refuses thumbnails.
+    pub max_upscale: f64,
+    /// Redo items that already have a bucket.
+    pub force: bool,
+    /// Items per transaction.
+    pub batch: usize,
+}
+
+/// Crop placement in config form.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CropArg {
+    /// Centered crop.
+    Center,
+    /// Seeded random crop (per item: seed ⊕ sha256).
+    Random,
+}
+
+impl Default for BucketConfig {
+    fn default() -> Self {
+        Self {
+            buckets: BucketSet::Sdxl,
+            crop: CropArg::Center,
+            seed: 0,
+            max_upscale: 1.25,
+            force: false,
+            batch: 32,
+        }
+    }
+}
+
+impl BucketConfig {
+    /// The concrete bucket list.
+    pub fn bucket_list(&self) -> Result<Vec<Bucket>> {
+        let list = match &self.buckets {
+            BucketSet::Sdxl => buckets::sdxl_buckets(),
+            BucketSet::Kohya {
+                resolution,
+                step,
+                min_side,
+                max_side,
+            } => buckets::kohya_buckets(*resolution, *resolution, *min_side, *max_side, *step),
+        };
+        if list.is_empty() {
+            return Err(Error::config(format!(
+                "bucket set {:?} is empty; check resolution / step / min_side / max_side",
+                self.buckets
+            )));
+        }
+        Ok(list)
+    }
+}
+
+/// What `bucket` did.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct BucketReport {
+    /// Run id.
+    pub run_id: i64,
+    /// Items bucketed now.
+    pub bucketed: usize,
+    /// Items that already had a bucket.
+    pub already: usize,
+    /// Items rejected (too small, unreadable), by reason code.
+    pub rejected: std::collections::BTreeMap<String, usize>,
+    /// Histogram of this run's buckets: "WxH" → count.
+    pub histogram: std::collections::BTreeMap<String, usize>,
+    /// Wall time, seconds.
+    pub seconds: f64,
+}
+
+struct Done {
+    item_id: i64,
+    bucket: Bucket,
+    orig: (u32, u32),
+    placed: CropPlan,
+    rel: String,
+}
+
+enum Outcome {
+    Done(Box<Done>),
+    Rejected { item_id: i64, reason: String },
+}
+
+/// Encode RGB8 as PNG with fast compression (bucket images are
+/// intermediate training inputs: speed over size).
+pub fn encode_png_fast(img: &image::RgbImage) -> Result<Vec<u8>> {
+    use image::ImageEncoder;
+    let mut out = Vec::with_capacity(img.as_raw().len() / 2);
+    image::codecs::png::PngEncoder::new_with_quality(
+        &mut out,
+        image::codecs::png::CompressionType::Fast,
+        image::codecs::png::FilterType::Adaptive,
+    )
+    .write_image(
+        img.as_raw(),
+        img.width(),
+        img.height(),
+        image::ExtendedColorType::Rgb8,
+    )
+    .map_err(|e| Error::Other(format!("png encode: {e}")))?;
+    Ok(out)
+}
+
+fn crop_seed(seed: u64, sha: &str) -> u64 {
+    let h = u64::from_str_radix(&sha[..16.min(sha.len())], 16).unwrap_or(0);
+    seed ^ h
+}
+
+fn process(
+    root: &Path,
+    cfg: &BucketConfig,
+    list: &[Bucket],
+    item_id: i64,
+    sha: &str,
+    rel_src: &str,
+) -> Result<Outcome> {
+    let bytes = std::fs::read(root.join(rel_src)).at(root.join(rel_src))?;
+    let decoded = match crate::imaging::decode::decode(&bytes, &Default::default()) {
+        Ok(d) => d,
+        Err(e) => {
+            return Ok(Outcome::Rejected {
+                item_id,
+                reason: format!("undecodable: {e}"),
+            })
+        }
+    };
+    let rgb = decoded.rgb;
+    let (w, h) = rgb.dimensions();
+    let Some(bucket) = buckets::assign_bucket(w, h, list).map(|k| list[k]) else {
+        return Ok(Outcome::Rejected {
+            item_id,
+            reason: format!("no_bucket: {w}x{h}"),
+        });
+    };
+    let mode = match cfg.crop {
+        CropArg::Center => CropMode::Center,
+        CropArg::Random => CropMode::Random {
+            seed: crop_seed(cfg.seed, sha),
+        },
+    };
+    let placed =
+        match resize::plan_cover_crop(w, h, bucket.width, bucket.height, mode, cfg.max_upscale) {
+            Ok(p) => p,
+            Err(e) => {
+                return Ok(Outcome::Rejected {
+                    item_id,
+                    reason: format!("{}: {e}", e.name()),
+                })
+            }
+        };
+    let img = resize::resize_and_crop(&rgb, &placed)?;
+    let rel = format!("buckets/{}x{}/{sha}.png", bucket.width, bucket.height);
+    let png = encode_png_fast(&img)?;
+    super::import::write_atomic_replace(&root.join(&rel), &png)?;
+    Ok(Outcome::Done(Box::new(Done {
+        item_id,
+        bucket,
+        orig: (w, h),
+        placed,
+        rel,
+    })))
+}
+
+/// Run the bucket stage.
+pub fn run(cfg: &BucketConfig, m: &mut Manifest, ctx: &Ctx) -> Result<BucketReport> {
+    let t0 = Instant::now();
+    if !(cfg.max_upscale >= 1.0 && cfg.max_upscale.is_finite()) {
+        return Err(Error::config(format!(
+            "max_upscale {} must be a number >= 1.0 (1.0 = never upscale)",
+            cfg.max_upscale
+        )));
+    }
+    let list = cfg.bucket_list()?;
+    super::import::sweep_temp_files(&m.root().join("buckets"))?;
+    let run_id = m.begin_run("bucket", cfg)?;
+    let mut report = BucketReport {
+        run_id,
+        ..Default::default()
+    };
+    let todo: Vec<(i64, String, String)> = {
+        let sql = if cfg.force {
+            "SELECT id, sha256, path FROM items WHERE status = 'ok' AND path IS NOT NULL ORDER BY id"
+        } else {
+            "SELECT id, sha256, path FROM items i WHERE status = 'ok' AND path IS NOT NULL
+             AND NOT EXISTS (SELECT 1 FROM buckets b WHERE b.item_id = i.id) ORDER BY id"
+        };
+        let mut st = m.conn().prepare(sql).map_err(|e| m.err(e))?;
+        let rows = st
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .map_err(|e| m.err(e))?;
+        rows.collect::<rusqlite::Result<_>>()
+            .map_err(|e| m.err(e))?
+    };
+    let ok_total: i64 = m
+        .conn()
+        .query_row("SELECT count(*) FROM items WHERE status = 'ok'", [], |r| {
+            r.get(0)
+        })
+        .map_err(|e| m.err(e))?;
+    report.already = (ok_total as usize).saturating_sub(todo.len());
+    let root = m.root().to_path_buf();
+    let pb = ctx.bar(todo.len() as u64, "bucket");
+    for chunk in todo.chunks(cfg.batch.max(1)) {
+        let outcomes: Vec<Result<Outcome>> = chunk
+            .par_iter()
+            .map(|(id, sha, rel)| {
+                let r = process(&root, cfg, &list, *id, sha, rel);
+                pb.inc(1);
+                r
+            })
+            .collect();
+        let path = m.db_path().to_path_buf();
+        let map = crate::manifest::sql_err(&path);
+        let tx = m.conn_mut().transaction().map_err(map)?;
+        for o in outcomes {
+            match o {
+                Ok(Outcome::Done(d)) => {
+                    let p = &d.placed;
+                    tx.execute(
+                        "INSERT OR REPLACE INTO buckets (item_id, bucket_w, bucket_h, orig_w, orig_h, resized_w, resized_h,
+                             crop_top, crop_left, crop_top_resized, crop_left_resized, target_w, target_h, path, run_id)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?2, ?3, ?12, ?13)",
+                        params![
+                            d.item_id,
+                            d.bucket.width,
+                            d.bucket.height,
+                            d.orig.0,
+                            d.orig.1,
+                            p.resized_width,
+                            p.resized_height,
+                            p.crop_top_orig,
+                            p.crop_left_orig,
+                            p.crop_top,
+                            p.crop_left,
+                            d.rel,
+                            run_id
+                        ],
+                    )
+                    .map_err(map)?;
+                    report.bucketed += 1;
+                    *report
+                        .histogram
+                        .entry(format!("{}x{}", d.bucket.width, d.bucket.height))
+                        .or_default() += 1;
+                }
+                Ok(Outcome::Rejected { item_id, reason }) => {
+                    tx.execute(
+                        "UPDATE items SET status = 'rejected', reason = ?2, status_run_id = ?3 WHERE id = ?1",
+                        params![item_id, reason, run_id],
+                    )
+                    .map_err(map)?;
+                    let code = reason.split(':').next().unwrap_or("unknown").to_string();
+                    *report.rejected.entry(code).or_default() += 1;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        tx.commit().map_err(map)?;
+    }
+    pb.finish_and_clear();
+    report.seconds = t0.elapsed().as_secs_f64();
+    m.end_run(run_id, true, &report)?;
+    Ok(report)
+}

@@ -1,0 +1,369 @@
+//! `eps2v dedupe`: drop exact and near duplicates.
+//!
+//! - Exact duplicates: same decoded-pixel sha256 (byte-identical files
+//!   already collapsed at import, by content address).
+//! - Near duplicates: 64-bit perceptual hash (pHash by default, dHash as an
+//!   option; both computed at import from the same decode) within a Hamming
+//!   radius, found with the exact multi-index search in [`index`].
+//! - Clusters are the connected components of the "duplicate of" graph
+//!   (union-find). One keeper per cluster by the documented rule
+//!   ([`keeper_order`]): largest resolution, then best caption/tag score
+//!   when present, then oldest (smallest item id). Every other member gets
+//!   status `duplicate` with its keeper, distance and kind.
+//! - Idempotent and atomic: the plan is computed from the manifest alone and
+//!   written in one transaction that first clears the previous dedupe
+//!   decisions, so a rerun (or a rerun after `kill -9`) gives the same result.
+//!
+//! Default radius 10 is imagededup's `max_distance_threshold` default: at
+//! that radius pHash catches resized / recompressed / lightly edited copies.
+
+pub mod index;
+
+use std::cmp::Ordering;
+
+use rusqlite::params;
+use serde::{Deserialize, Serialize};
+
+use super::Ctx;
+use crate::error::Result;
+use crate::manifest::Manifest;
+
+/// Which perceptual hash to compare.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum HashKind {
+    /// DCT perceptual hash (imagededup PHash).
+    #[default]
+    Phash,
+    /// Horizontal-gradient difference hash (imagededup DHash).
+    Dhash,
+}
+
+/// Configuration of the dedupe stage.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DedupeConfig {
+    /// Hash used for near duplicates.
+    pub hash: HashKind,
+    /// Hamming radius (0..=32) under which two hashes are near duplicates.
+    pub radius: u32,
+    /// Only compute and report; write nothing.
+    pub dry_run: bool,
+}
+
+impl Default for DedupeConfig {
+    fn default() -> Self {
+        Self {
+            hash: HashKind::Phash,
+            radius: 10,
+            dry_run: false,
+        }
+    }
+}
+
+/// One candidate item as the planner sees it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Candidate {
+    /// Item id (smaller = older).
+    pub id: i64,
+    /// Pixel count (width × height).
+    pub pixels: u64,
+    /// Best caption/tag score, when any.
+    pub score: Option<f64>,
+    /// sha256 of the decoded pixels.
+    pub pixel_sha256: String,
+    /// The perceptual hash compared.
+    pub hash: u64,
+}
+
+/// What happens to one dropped item.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Drop {
+    /// Dropped item.
+    pub item_id: i64,
+    /// Its keeper.
+    pub keeper_id: i64,
+    /// Hamming distance to the keeper's hash.
+    pub distance: u32,
+    /// `exact` (same pixels) or `near`.
+    pub kind: &'static str,
+}
+
+/// A cluster of duplicates.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Cluster {
+    /// The item kept.
+    pub keeper_id: i64,
+    /// The others.
+    pub drops: Vec<Drop>,
+}
+
+/// Keeper preference: `Less` means `a` is the better keeper. Largest
+/// resolution first, then the higher score (an item with a score beats one
+/// without), then the older item.
+pub fn keeper_order(a: &Candidate, b: &Candidate) -> Ordering {
+    b.pixels
+        .cmp(&a.pixels)
+        .then_with(|| match (a.score, b.score) {
+            (Some(x), Some(y)) => y.partial_cmp(&x).unwrap_or(Ordering::Equal),
+            (Some(_), None) => Ordering::Less,
+            (None, Some(_)) => Ordering::Greater,
+            (None, None) => Ordering::Equal,
+        })
+        .then_with(|| a.id.cmp(&b.id))
+}
+
+fn find(parent: &mut [u32], mut x: u32) -> u32 {
+    while parent[x as usize] != x {
+        parent[x as usize] = parent[parent[x as usize] as usize];
+        x = parent[x as usize];
+    }
+    x
+}
+
+/// Pure planner: clusters and keepers for `items` at `radius`.
+/// Clusters are returned sorted by keeper id, drops by item id.
+pub fn plan(items: &[Candidate], radius: u32) -> Vec<Cluster> {
+    let n = items.len();
+    let mut parent: Vec<u32> = (0..n as u32).collect();
+    let union = |parent: &mut Vec<u32>, a: u32, b: u32| {
+        let (ra, rb) = (find(parent, a), find(parent, b));
+        if ra != rb {
+            parent[ra.max(rb) as usize] = ra.min(rb);
+        }
+    };
+    // Exact: same pixel hash.
+    let mut by_pixels: Vec<u32> = (0..n as u32).collect();
+    by_pixels.sort_by(|&a, &b| {
+        items[a as usize]
+            .pixel_sha256
+            .cmp(&items[b as usize].pixel_sha256)
+    });
+    for w in by_pixels.windows(2) {
+        if items[w[0] as usize].pixel_sha256 == items[w[1] as usize].pixel_sha256 {
+            union(&mut parent, w[0], w[1]);
+        }
+    }
+    // Near: perceptual hash within radius.
+    let hashes: Vec<u64> = items.iter().map(|c| c.hash).collect();
+    for p in index::MultiIndex::new(&hashes, radius).all_pairs() {
+        union(&mut parent, p.i, p.j);
+    }
+    let mut groups: std::collections::BTreeMap<u32, Vec<u32>> = Default::default();
+    for i in 0..n as u32 {
+        let r = find(&mut parent, i);
+        groups.entry(r).or_default().push(i);
+    }
+    let mut clusters: Vec<Cluster> = groups
+        .into_values()
+        .filter(|g| g.len() > 1)
+        .map(|g| {
+            let keeper = *g
+                .iter()
+                .min_by(|&&a, &&b| keeper_order(&items[a as usize], &items[b as usize]))
+                .unwrap_or(&g[0]);
+            let k = &items[keeper as usize];
+            let mut drops: Vec<Drop> = g
+                .iter()
+                .filter(|&&i| i != keeper)
+                .map(|&i| {
+                    let c = &items[i as usize];
+                    Drop {
+                        item_id: c.id,
+                        keeper_id: k.id,
+                        distance: (c.hash ^ k.hash).count_ones(),
+                        kind: if c.pixel_sha256 == k.pixel_sha256 {
+                            "exact"
+                        } else {
+                            "near"
+                        },
+                    }
+                })
+                .collect();
+            drops.sort_by_key(|d| d.item_id);
+            Cluster {
+                keeper_id: k.id,
+                drops,
+            }
+        })
+        .collect();
+    clusters.sort_by_key(|c| c.keeper_id);
+    clusters
+}
+
+/// What `dedupe` did.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct DedupeReport {
+    /// Run id (0 for a dry run).
+    pub run_id: i64,
+    /// Items considered (status ok or duplicate, with hashes).
+    pub considered: usize,
+    /// Clusters with more than one member.
+    pub clusters: usize,
+    /// Items dropped as exact duplicates.
+    pub exact: usize,
+    /// Items dropped as near duplicates.
+    pub near: usize,
+    /// Items kept.
+    pub kept: usize,
+    /// True when nothing was written.
+    pub dry_run: bool,
+    /// The clusters (only listed for dry runs and JSON output).
+    pub plan: Vec<Cluster>,
+}
+
+/// Run the dedupe stage.
+pub fn run(cfg: &DedupeConfig, m: &mut Manifest, _ctx: &Ctx) -> Result<DedupeReport> {
+    if cfg.radius > 32 {
+        return Err(crate::Error::config(format!(
+            "dedupe radius {} is out of range; use 0..=32 (default 10)",
+            cfg.radius
+        )));
+    }
+    let hash_col = match cfg.hash {
+        HashKind::Phash => "h.phash",
+        HashKind::Dhash => "h.dhash",
+    };
+    let sql = format!(
+        "SELECT i.id, coalesce(i.width, 0) * coalesce(i.height, 0), h.pixel_sha256, {hash_col},
+                (SELECT max(s) FROM (SELECT max(score) AS s FROM captions WHERE item_id = i.id
+                                     UNION ALL SELECT max(score) FROM tags WHERE item_id = i.id))
+         FROM items i JOIN hashes h ON h.item_id = i.id
+         WHERE i.status IN ('ok', 'duplicate') ORDER BY i.id"
+    );
+    let items: Vec<Candidate> = {
+        let mut st = m.conn().prepare(&sql).map_err(|e| m.err(e))?;
+        let rows = st
+            .query_map([], |r| {
+                Ok(Candidate {
+                    id: r.get(0)?,
+                    pixels: r.get::<_, i64>(1)? as u64,
+                    pixel_sha256: r.get(2)?,
+                    hash: r.get::<_, i64>(3)? as u64,
+                    score: r.get(4)?,
+                })
+            })
+            .map_err(|e| m.err(e))?;
+        rows.collect::<rusqlite::Result<_>>()
+            .map_err(|e| m.err(e))?
+    };
+    let clusters = plan(&items, cfg.radius);
+    let mut report = DedupeReport {
+        considered: items.len(),
+        clusters: clusters.len(),
+        dry_run: cfg.dry_run,
+        ..Default::default()
+    };
+    for c in &clusters {
+        for d in &c.drops {
+            if d.kind == "exact" {
+                report.exact += 1;
+            } else {
+                report.near += 1;
+            }
+        }
+    }
+    report.kept = report.considered - report.exact - report.near;
+    if cfg.dry_run {
+        report.plan = clusters;
+        return Ok(report);
+    }
+    let run_id = m.begin_run("dedupe", cfg)?;
+    report.run_id = run_id;
+    let path = m.db_path().to_path_buf();
+    let map = crate::manifest::sql_err(&path);
+    let tx = m.conn_mut().transaction().map_err(map)?;
+    tx.execute(
+        "UPDATE items SET status = 'ok', reason = NULL, status_run_id = ?1 WHERE status = 'duplicate'",
+        [run_id],
+    )
+    .map_err(map)?;
+    tx.execute("DELETE FROM duplicates", []).map_err(map)?;
+    {
+        let mut ins = tx
+            .prepare(
+                "INSERT INTO duplicates (item_id, cluster_id, keeper_id, distance, kind, run_id)
+                 VALUES (?1, ?2, ?2, ?3, ?4, ?5)",
+            )
+            .map_err(map)?;
+        let mut upd = tx
+            .prepare("UPDATE items SET status = 'duplicate', reason = ?2, status_run_id = ?3 WHERE id = ?1")
+            .map_err(map)?;
+        for c in &clusters {
+            ins.execute(params![c.keeper_id, c.keeper_id, 0, "keeper", run_id])
+                .map_err(map)?;
+            for d in &c.drops {
+                ins.execute(params![d.item_id, c.keeper_id, d.distance, d.kind, run_id])
+                    .map_err(map)?;
+                let reason = format!(
+                    "{}_duplicate: of item {} (distance {})",
+                    d.kind, d.keeper_id, d.distance
+                );
+                upd.execute(params![d.item_id, reason, run_id])
+                    .map_err(map)?;
+            }
+        }
+    }
+    tx.commit().map_err(map)?;
+    m.end_run(run_id, true, &report)?;
+    Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cand(id: i64, pixels: u64, score: Option<f64>, px: &str, hash: u64) -> Candidate {
+        Candidate {
+            id,
+            pixels,
+            score,
+            pixel_sha256: px.into(),
+            hash,
+        }
+    }
+
+    #[test]
+    fn keeper_is_largest_then_best_score_then_oldest() {
+        let items = vec![
+            cand(1, 100, None, "a", 0),
+            cand(2, 400, None, "b", 1),
+            cand(3, 400, Some(0.9), "c", 3),
+            cand(4, 400, Some(0.9), "d", 7),
+            cand(5, 50, None, "e", u64::MAX),
+        ];
+        let c = plan(&items, 3);
+        assert_eq!(c.len(), 1);
+        assert_eq!(c[0].keeper_id, 3);
+        let ids: Vec<i64> = c[0].drops.iter().map(|d| d.item_id).collect();
+        assert_eq!(ids, vec![1, 2, 4]);
+        assert_eq!(c[0].drops[2].distance, 1);
+    }
+
+    #[test]
+    fn chains_form_one_component_and_exact_pixels_join_even_with_far_hash() {
+        // 0 -8- 1 -8- 2 : chain at radius 8; 3 has the same pixels as 0.
+        let h0 = 0u64;
+        let h1 = 0xFFu64;
+        let h2 = 0xFFFFu64;
+        let items = vec![
+            cand(10, 10, None, "p0", h0),
+            cand(11, 10, None, "p1", h1),
+            cand(12, 10, None, "p2", h2),
+            cand(13, 10, None, "p0", u64::MAX),
+            cand(14, 10, None, "p4", 0xF0F0_F0F0_0000_0000),
+        ];
+        let c = plan(&items, 8);
+        assert_eq!(c.len(), 1);
+        assert_eq!(c[0].keeper_id, 10);
+        let kinds: Vec<(i64, &str, u32)> = c[0]
+            .drops
+            .iter()
+            .map(|d| (d.item_id, d.kind, d.distance))
+            .collect();
+        assert_eq!(
+            kinds,
+            vec![(11, "near", 8), (12, "near", 16), (13, "exact", 64)]
+        );
+    }
+}

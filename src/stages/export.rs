@@ -1,0 +1,508 @@
+//! `eps2v export`: write the curated dataset in the formats trainers read.
+//!
+//! - `kohya`: a DreamBooth-style folder `<repeats>_<name>/` with each ok
+//!   item's training image (the bucketed image when bucketed, otherwise the
+//!   original) and a `.txt` caption beside it, plus `meta_lat.json` at the
+//!   top (`{stem: {caption, tags, image_size: [w, h], train_resolution:
+//!   [w, h]}}`, the layout kohya's fine-tuning `--in_json` reads).
+//! - `hf`: an imagefolder (`train/` with the images and `metadata.jsonl`,
+//!   `file_name` + `text` + tags + sizes), loadable with
+//!   `datasets.load_dataset("imagefolder", data_dir=…)`.
+//! - `parquet` / `jsonl`: every manifest item (all statuses) as one flat row,
+//!   schema `schemas/export_row.schema.json`; Parquet through polars.
+//!
+//! Caption choice (silent in the issue; decided here): the first present of
+//! `policy`, `tagger`, `sidecar_txt`, `sidecar_caption`, `a1111_prompt`,
+//! then any other source alphabetically.
+//!
+//! Writes are atomic: everything goes to a temporary sibling which is
+//! renamed into place at the end, so a killed export leaves the previous
+//! export intact; rerunning produces the same files.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::Ctx;
+use crate::error::{Error, IoContext, Result};
+use crate::manifest::Manifest;
+
+/// Caption sources in export priority order.
+pub const CAPTION_PRIORITY: &[&str] = &[
+    "policy",
+    "tagger",
+    "sidecar_txt",
+    "sidecar_caption",
+    "a1111_prompt",
+];
+
+/// Output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ExportFormat {
+    /// kohya sd-scripts folder + meta_lat.json.
+    Kohya,
+    /// Hugging Face imagefolder with metadata.jsonl.
+    Hf,
+    /// Parquet of the manifest rows.
+    Parquet,
+    /// JSON lines of the manifest rows.
+    Jsonl,
+}
+
+impl ExportFormat {
+    fn name(self) -> &'static str {
+        match self {
+            ExportFormat::Kohya => "kohya",
+            ExportFormat::Hf => "hf",
+            ExportFormat::Parquet => "parquet",
+            ExportFormat::Jsonl => "jsonl",
+        }
+    }
+}
+
+/// Configuration of the export stage.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExportConfig {
+    /// Output format.
+    pub format: ExportFormat,
+    /// Output path (folder for kohya/hf, file for parquet/jsonl); default
+    /// `exports/<format>` (`exports/manifest.<ext>` for row formats).
+    pub out: Option<PathBuf>,
+    /// kohya: repeats in the folder name `<repeats>_<name>`.
+    pub repeats: u32,
+    /// kohya: concept name in the folder name.
+    pub name: String,
+}
+
+impl Default for ExportConfig {
+    fn default() -> Self {
+        Self {
+            format: ExportFormat::Kohya,
+            out: None,
+            repeats: 1,
+            name: "eps2v".into(),
+        }
+    }
+}
+
+/// One flat manifest row (see `schemas/export_row.schema.json`).
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct ExportRow {
+    pub item_id: i64,
+    pub sha256: String,
+    pub path: Option<String>,
+    pub source: String,
+    pub status: String,
+    pub reason: Option<String>,
+    pub width: Option<i64>,
+    pub height: Option<i64>,
+    pub format: Option<String>,
+    pub caption: Option<String>,
+    pub caption_source: Option<String>,
+    pub tags: Option<String>,
+    pub prompt: Option<String>,
+    pub negative: Option<String>,
+    pub seed: Option<i64>,
+    pub steps: Option<i64>,
+    pub sampler: Option<String>,
+    pub cfg: Option<f64>,
+    pub model_hash: Option<String>,
+    pub phash: Option<String>,
+    pub dhash: Option<String>,
+    pub cluster_id: Option<i64>,
+    pub keeper_id: Option<i64>,
+    pub bucket_w: Option<i64>,
+    pub bucket_h: Option<i64>,
+    pub resized_w: Option<i64>,
+    pub resized_h: Option<i64>,
+    pub crop_top: Option<i64>,
+    pub crop_left: Option<i64>,
+    pub crop_top_resized: Option<i64>,
+    pub crop_left_resized: Option<i64>,
+    pub bucket_path: Option<String>,
+}
+
+/// What `export` did.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ExportReport {
+    /// Run id.
+    pub run_id: i64,
+    /// Format written.
+    pub format: String,
+    /// Where.
+    pub out: PathBuf,
+    /// Rows / images written.
+    pub written: usize,
+    /// Ok items skipped because their image file is missing.
+    pub missing: usize,
+    /// Ok items exported without a caption.
+    pub uncaptioned: usize,
+}
+
+fn caption_rank(source: &str) -> usize {
+    CAPTION_PRIORITY
+        .iter()
+        .position(|s| *s == source)
+        .unwrap_or(CAPTION_PRIORITY.len())
+}
+
+/// Read every manifest row (optionally only status ok), ordered by item id.
+pub fn load_rows(m: &Manifest, only_ok: bool) -> Result<Vec<ExportRow>> {
+    let conn = m.conn();
+    let where_ok = if only_ok { "WHERE i.status = 'ok'" } else { "" };
+    let sql = format!(
+        "SELECT i.id, i.sha256, i.path, i.source, i.status, i.reason, i.width, i.height, i.format,
+                g.prompt, g.negative, g.seed, g.steps, g.sampler, g.cfg, g.model_hash,
+                h.phash, h.dhash, d.cluster_id, d.keeper_id,
+                b.bucket_w, b.bucket_h, b.resized_w, b.resized_h, b.crop_top, b.crop_left,
+                b.crop_top_resized, b.crop_left_resized, b.path
+         FROM items i
+         LEFT JOIN generation g ON g.item_id = i.id
+         LEFT JOIN hashes h ON h.item_id = i.id
+         LEFT JOIN duplicates d ON d.item_id = i.id
+         LEFT JOIN buckets b ON b.item_id = i.id
+         {where_ok} ORDER BY i.id"
+    );
+    let mut st = conn.prepare(&sql).map_err(|e| m.err(e))?;
+    let mut rows: Vec<ExportRow> = st
+        .query_map([], |r| {
+            let hexh = |v: Option<i64>| v.map(|x| format!("{:016x}", x as u64));
+            Ok(ExportRow {
+                item_id: r.get(0)?,
+                sha256: r.get(1)?,
+                path: r.get(2)?,
+                source: r.get(3)?,
+                status: r.get(4)?,
+                reason: r.get(5)?,
+                width: r.get(6)?,
+                height: r.get(7)?,
+                format: r.get(8)?,
+                prompt: r.get(9)?,
+                negative: r.get(10)?,
+                seed: r.get(11)?,
+                steps: r.get(12)?,
+                sampler: r.get(13)?,
+                cfg: r.get(14)?,
+                model_hash: r.get(15)?,
+                phash: hexh(r.get(16)?),
+                dhash: hexh(r.get(17)?),
+                cluster_id: r.get(18)?,
+                keeper_id: r.get(19)?,
+                bucket_w: r.get(20)?,
+                bucket_h: r.get(21)?,
+                resized_w: r.get(22)?,
+                resized_h: r.get(23)?,
+                crop_top: r.get(24)?,
+                crop_left: r.get(25)?,
+                crop_top_resized: r.get(26)?,
+                crop_left_resized: r.get(27)?,
+                bucket_path: r.get(28)?,
+                ..Default::default()
+            })
+        })
+        .map_err(|e| m.err(e))?
+        .collect::<rusqlite::Result<_>>()
+        .map_err(|e| m.err(e))?;
+    // Captions and tags, merged in one pass each.
+    let index: BTreeMap<i64, usize> = rows
+        .iter()
+        .enumerate()
+        .map(|(k, r)| (r.item_id, k))
+        .collect();
+    let mut st = conn
+        .prepare("SELECT item_id, source, text FROM captions")
+        .map_err(|e| m.err(e))?;
+    let caps = st
+        .query_map([], |r| {
+            Ok((
+                r.get::<_, i64>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(2)?,
+            ))
+        })
+        .map_err(|e| m.err(e))?;
+    for c in caps {
+        let (id, source, text) = c.map_err(|e| m.err(e))?;
+        if let Some(&k) = index.get(&id) {
+            let row = &mut rows[k];
+            let better = match &row.caption_source {
+                None => true,
+                Some(cur) => {
+                    (caption_rank(&source), source.as_str()) < (caption_rank(cur), cur.as_str())
+                }
+            };
+            if better {
+                row.caption = Some(text);
+                row.caption_source = Some(source);
+            }
+        }
+    }
+    let mut st = conn
+        .prepare("SELECT item_id, tag FROM tags ORDER BY item_id, coalesce(score, 0) DESC, tag")
+        .map_err(|e| m.err(e))?;
+    let tags = st
+        .query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)))
+        .map_err(|e| m.err(e))?;
+    for t in tags {
+        let (id, tag) = t.map_err(|e| m.err(e))?;
+        if let Some(&k) = index.get(&id) {
+            let row = &mut rows[k];
+            match &mut row.tags {
+                Some(s) => {
+                    if !s.split(", ").any(|x| x == tag) {
+                        s.push_str(", ");
+                        s.push_str(&tag);
+                    }
+                }
+                None => row.tags = Some(tag),
+            }
+        }
+    }
+    Ok(rows)
+}
+
+/// A temporary sibling of `final_path` that is renamed over it on commit.
+struct Staged {
+    tmp: PathBuf,
+    final_path: PathBuf,
+}
+
+impl Staged {
+    fn new(final_path: &Path) -> Result<Self> {
+        let parent = final_path.parent().unwrap_or(Path::new("."));
+        fs::create_dir_all(parent).at(parent)?;
+        let name = final_path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "export".into());
+        let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
+        if tmp.exists() {
+            remove_any(&tmp)?;
+        }
+        Ok(Self {
+            tmp,
+            final_path: final_path.to_path_buf(),
+        })
+    }
+
+    fn commit(self) -> Result<()> {
+        if self.final_path.exists() {
+            let old = self.final_path.with_extension("old-export");
+            if old.exists() {
+                remove_any(&old)?;
+            }
+            fs::rename(&self.final_path, &old).at(&self.final_path)?;
+            fs::rename(&self.tmp, &self.final_path).at(&self.final_path)?;
+            remove_any(&old)?;
+        } else {
+            fs::rename(&self.tmp, &self.final_path).at(&self.final_path)?;
+        }
+        Ok(())
+    }
+}
+
+fn remove_any(p: &Path) -> Result<()> {
+    if p.is_dir() {
+        fs::remove_dir_all(p).at(p)
+    } else {
+        fs::remove_file(p).at(p)
+    }
+}
+
+/// Hard-link `src` to `dst`, or copy when linking is impossible.
+fn link_or_copy(src: &Path, dst: &Path) -> Result<()> {
+    if fs::hard_link(src, dst).is_err() {
+        fs::copy(src, dst).at(dst)?;
+    }
+    Ok(())
+}
+
+/// Write rows as JSON lines.
+pub fn write_jsonl(rows: &[ExportRow], out: &Path) -> Result<()> {
+    use std::io::Write;
+    let f = fs::File::create(out).at(out)?;
+    let mut w = std::io::BufWriter::new(f);
+    for r in rows {
+        serde_json::to_writer(&mut w, r)?;
+        w.write_all(b"\n").at(out)?;
+    }
+    w.into_inner()
+        .map_err(|e| Error::io(out, e.into_error()))?
+        .sync_all()
+        .at(out)
+}
+
+/// Write rows as Parquet through polars.
+pub fn write_parquet(rows: &[ExportRow], out: &Path) -> Result<()> {
+    use polars::prelude::*;
+    macro_rules! col {
+        ($name:literal, $f:expr) => {
+            Column::new($name.into(), rows.iter().map($f).collect::<Vec<_>>())
+        };
+    }
+    let cols = vec![
+        col!("item_id", |r| r.item_id),
+        col!("sha256", |r| r.sha256.clone()),
+        col!("path", |r| r.path.clone()),
+        col!("source", |r| r.source.clone()),
+        col!("status", |r| r.status.clone()),
+        col!("reason", |r| r.reason.clone()),
+        col!("width", |r| r.width),
+        col!("height", |r| r.height),
+        col!("format", |r| r.format.clone()),
+        col!("caption", |r| r.caption.clone()),
+        col!("caption_source", |r| r.caption_source.clone()),
+        col!("tags", |r| r.tags.clone()),
+        col!("prompt", |r| r.prompt.clone()),
+        col!("negative", |r| r.negative.clone()),
+        col!("seed", |r| r.seed),
+        col!("steps", |r| r.steps),
+        col!("sampler", |r| r.sampler.clone()),
+        col!("cfg", |r| r.cfg),
+        col!("model_hash", |r| r.model_hash.clone()),
+        col!("phash", |r| r.phash.clone()),
+        col!("dhash", |r| r.dhash.clone()),
+        col!("cluster_id", |r| r.cluster_id),
+        col!("keeper_id", |r| r.keeper_id),
+        col!("bucket_w", |r| r.bucket_w),
+        col!("bucket_h", |r| r.bucket_h),
+        col!("resized_w", |r| r.resized_w),
+        col!("resized_h", |r| r.resized_h),
+        col!("crop_top", |r| r.crop_top),
+        col!("crop_left", |r| r.crop_left),
+        col!("crop_top_resized", |r| r.crop_top_resized),
+        col!("crop_left_resized", |r| r.crop_left_resized),
+        col!("bucket_path", |r| r.bucket_path.clone()),
+    ];
+    let mut df = DataFrame::new(cols).map_err(|e| Error::Other(format!("parquet: {e}")))?;
+    let f = fs::File::create(out).at(out)?;
+    ParquetWriter::new(f)
+        .finish(&mut df)
+        .map_err(|e| Error::Other(format!("{}: parquet write: {e}", out.display())))?;
+    Ok(())
+}
+
+/// Run the export stage.
+pub fn run(cfg: &ExportConfig, m: &mut Manifest, ctx: &Ctx) -> Result<ExportReport> {
+    let root = m.root().to_path_buf();
+    let out = match &cfg.out {
+        Some(p) => p.clone(),
+        None => match cfg.format {
+            ExportFormat::Kohya | ExportFormat::Hf => root.join("exports").join(cfg.format.name()),
+            ExportFormat::Parquet => root.join("exports").join("manifest.parquet"),
+            ExportFormat::Jsonl => root.join("exports").join("manifest.jsonl"),
+        },
+    };
+    let run_id = m.begin_run("export", cfg)?;
+    let mut report = ExportReport {
+        run_id,
+        format: cfg.format.name().into(),
+        out: out.clone(),
+        ..Default::default()
+    };
+    let staged = Staged::new(&out)?;
+    match cfg.format {
+        ExportFormat::Parquet | ExportFormat::Jsonl => {
+            let rows = load_rows(m, false)?;
+            if cfg.format == ExportFormat::Parquet {
+                write_parquet(&rows, &staged.tmp)?;
+            } else {
+                write_jsonl(&rows, &staged.tmp)?;
+            }
+            report.written = rows.len();
+        }
+        ExportFormat::Kohya | ExportFormat::Hf => {
+            let rows = load_rows(m, true)?;
+            let img_dir = if cfg.format == ExportFormat::Kohya {
+                staged.tmp.join(format!("{}_{}", cfg.repeats, cfg.name))
+            } else {
+                staged.tmp.join("train")
+            };
+            fs::create_dir_all(&img_dir).at(&img_dir)?;
+            let pb = ctx.bar(rows.len() as u64, "export");
+            let mut meta = serde_json::Map::new();
+            let mut jsonl = String::new();
+            for r in &rows {
+                pb.inc(1);
+                let src_rel = r.bucket_path.as_ref().or(r.path.as_ref());
+                let Some(src_rel) = src_rel else {
+                    report.missing += 1;
+                    continue;
+                };
+                let src = root.join(src_rel);
+                if !src.is_file() {
+                    report.missing += 1;
+                    continue;
+                }
+                let ext = src.extension().and_then(|e| e.to_str()).unwrap_or("png");
+                let stem = r.sha256[..16.min(r.sha256.len())].to_string();
+                let file_name = format!("{stem}.{ext}");
+                link_or_copy(&src, &img_dir.join(&file_name))?;
+                let caption = r.caption.clone().unwrap_or_default();
+                if r.caption.is_none() {
+                    report.uncaptioned += 1;
+                }
+                let (tw, th) = match (r.bucket_w, r.bucket_h) {
+                    (Some(w), Some(h)) => (w, h),
+                    _ => (r.width.unwrap_or(0), r.height.unwrap_or(0)),
+                };
+                if cfg.format == ExportFormat::Kohya {
+                    let txt = img_dir.join(format!("{stem}.txt"));
+                    fs::write(&txt, &caption).at(&txt)?;
+                    meta.insert(
+                        stem.clone(),
+                        serde_json::json!({
+                            "caption": caption,
+                            "tags": r.tags.clone().unwrap_or_default(),
+                            "image_size": [r.width, r.height],
+                            "train_resolution": [tw, th],
+                        }),
+                    );
+                } else {
+                    let line = serde_json::json!({
+                        "file_name": file_name,
+                        "text": caption,
+                        "tags": r.tags,
+                        "width": r.width,
+                        "height": r.height,
+                        "train_width": tw,
+                        "train_height": th,
+                        "crop_top": r.crop_top_resized,
+                        "crop_left": r.crop_left_resized,
+                        "sha256": r.sha256,
+                    });
+                    jsonl.push_str(&serde_json::to_string(&line)?);
+                    jsonl.push('\n');
+                }
+                report.written += 1;
+            }
+            pb.finish_and_clear();
+            if cfg.format == ExportFormat::Kohya {
+                let p = staged.tmp.join("meta_lat.json");
+                fs::write(&p, serde_json::to_vec_pretty(&meta)?).at(&p)?;
+            } else {
+                let p = img_dir.join("metadata.jsonl");
+                fs::write(&p, jsonl).at(&p)?;
+            }
+        }
+    }
+    staged.commit()?;
+    m.end_run(run_id, true, &report)?;
+    Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn caption_priority_prefers_policy_then_tagger_then_sidecars() {
+        assert!(caption_rank("policy") < caption_rank("tagger"));
+        assert!(caption_rank("tagger") < caption_rank("sidecar_txt"));
+        assert!(caption_rank("a1111_prompt") < caption_rank("zzz"));
+    }
+}

@@ -1,0 +1,538 @@
+//! `eps2v import DIR --from FOLDER`: bring existing images into a dataset.
+//!
+//! For every image file under `--from` (recursive, sorted, by extension):
+//! read the bytes once, sha256 them (the content address), decode once with
+//! limits (decompression bombs are refused before allocation), compute the
+//! pixel sha256 / pHash / dHash from that same decode, read A1111
+//! `parameters` (PNG text chunks, JPEG/WebP EXIF UserComment) and kohya
+//! sidecar captions (`.txt`, `.caption`), and copy the original bytes to
+//! `images/ab/<sha256>.<ext>` (temp file + rename). Byte-identical files
+//! collapse into one item with several `sources`.
+//!
+//! Bad files (empty, truncated, corrupt, over the limits, unsupported) are
+//! recorded as `rejected` with a reason code and the import goes on.
+//!
+//! Resumable and idempotent: a source path already recorded with the same
+//! size and mtime is skipped; results are committed in batches, each in
+//! one transaction *after* its image files are in place, so a `kill -9`
+//! loses at most the batch in flight (redone on rerun; files already
+//! copied are recognised by their content address).
+
+use std::collections::HashMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::time::{Instant, UNIX_EPOCH};
+
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use super::Ctx;
+use crate::error::{Error, IoContext, Result};
+use crate::imaging::{self, decode::DecodeLimits};
+use crate::manifest::{self, GenerationParams, HashRecord, ItemStatus, Manifest, NewItem};
+
+/// File extensions considered images (case-insensitive). The content is
+/// sniffed regardless; a mismatch is recorded as a note.
+pub const IMAGE_EXTENSIONS: &[&str] = &[
+    "png", "jpg", "jpeg", "jpe", "jfif", "webp", "gif", "bmp", "tif", "tiff",
+];
+
+/// Configuration of the import stage.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ImportConfig {
+    /// Folder to import from (recursive).
+    pub from: PathBuf,
+    /// Decoder limits (largest side, pixel count, allocation).
+    pub limits: ImportLimits,
+    /// Files per transaction.
+    pub batch: usize,
+}
+
+/// Decode limits, in config form.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ImportLimits {
+    /// Largest accepted width or height, in pixels.
+    pub max_side: u32,
+    /// Largest accepted pixel count.
+    pub max_pixels: u64,
+    /// Largest decoder allocation, in bytes.
+    pub max_alloc: u64,
+}
+
+impl Default for ImportLimits {
+    fn default() -> Self {
+        let d = DecodeLimits::default();
+        Self {
+            max_side: d.max_width.max(d.max_height),
+            max_pixels: d.max_pixels,
+            max_alloc: d.max_alloc_bytes,
+        }
+    }
+}
+
+impl From<ImportLimits> for DecodeLimits {
+    fn from(l: ImportLimits) -> Self {
+        DecodeLimits {
+            max_width: l.max_side,
+            max_height: l.max_side,
+            max_pixels: l.max_pixels,
+            max_alloc_bytes: l.max_alloc,
+        }
+    }
+}
+
+impl Default for ImportConfig {
+    fn default() -> Self {
+        Self {
+            from: PathBuf::new(),
+            limits: ImportLimits::default(),
+            batch: 64,
+        }
+    }
+}
+
+/// A per-file failure that produced no item (e.g. unreadable file).
+#[derive(Debug, Clone, Serialize)]
+pub struct Failure {
+    /// The source path.
+    pub path: PathBuf,
+    /// Why.
+    pub reason: String,
+}
+
+/// What `import` did.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ImportReport {
+    /// Run id.
+    pub run_id: i64,
+    /// Image files found under `--from`.
+    pub found: usize,
+    /// Already imported earlier (same path, size, mtime): skipped.
+    pub already_imported: usize,
+    /// New ok items.
+    pub imported: usize,
+    /// Files whose bytes equal an item already in the dataset.
+    pub same_file: usize,
+    /// New rejected items, by reason code.
+    pub rejected: std::collections::BTreeMap<String, usize>,
+    /// Items with A1111 generation parameters.
+    pub with_parameters: usize,
+    /// Items with a sidecar caption.
+    pub with_caption: usize,
+    /// Files with a content/extension mismatch (imported anyway).
+    pub wrong_extension: usize,
+    /// Files that could not be read at all.
+    pub failed: Vec<Failure>,
+    /// Wall time, seconds.
+    pub seconds: f64,
+}
+
+impl ImportReport {
+    /// Total rejected.
+    pub fn rejected_total(&self) -> usize {
+        self.rejected.values().sum()
+    }
+}
+
+/// Result of processing one file (pure data, no manifest access).
+#[derive(Debug, Clone)]
+pub struct FileOutcome {
+    /// Absolute source path.
+    pub source: PathBuf,
+    /// File size.
+    pub size: u64,
+    /// Modification time, ns since the epoch.
+    pub mtime_ns: i64,
+    /// The item row.
+    pub item: NewItem,
+    /// Hashes (ok items only).
+    pub hashes: Option<HashRecord>,
+    /// A1111 parameters, when present and parseable.
+    pub generation: Option<GenerationParams>,
+    /// Sidecar captions: (source, text).
+    pub captions: Vec<(&'static str, String)>,
+    /// Note on the source (e.g. `wrong_extension: png content in .jpg`).
+    pub note: Option<String>,
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+fn mtime_ns(meta: &fs::Metadata) -> i64 {
+    meta.modified()
+        .ok()
+        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+        .map(|d| d.as_nanos() as i64)
+        .unwrap_or(0)
+}
+
+/// List image files under `from`, sorted.
+pub fn list_images(from: &Path) -> Result<Vec<PathBuf>> {
+    if !from.is_dir() {
+        return Err(Error::config(format!(
+            "{}: not a folder; pass the folder of images to import with --from",
+            from.display()
+        )));
+    }
+    let mut out = Vec::new();
+    let mut stack = vec![from.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for entry in fs::read_dir(&dir).at(&dir)? {
+            let entry = entry.at(&dir)?;
+            let path = entry.path();
+            let ft = entry.file_type().at(&path)?;
+            if ft.is_dir() {
+                stack.push(path);
+            } else if ft.is_file() {
+                let ext = path
+                    .extension()
+                    .and_then(|e| e.to_str())
+                    .map(|e| e.to_ascii_lowercase());
+                if ext.is_some_and(|e| IMAGE_EXTENSIONS.contains(&e.as_str())) {
+                    out.push(path);
+                }
+            }
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// Read the kohya-style sidecar captions of `image` (`stem.txt`, `stem.caption`).
+pub fn sidecar_captions(image: &Path) -> Vec<(&'static str, String)> {
+    let mut out = Vec::new();
+    for (ext, source) in [("txt", "sidecar_txt"), ("caption", "sidecar_caption")] {
+        let p = image.with_extension(ext);
+        if let Ok(text) = fs::read_to_string(&p) {
+            let text = text.trim();
+            if !text.is_empty() {
+                out.push((source, text.to_string()));
+            }
+        }
+    }
+    out
+}
+
+/// Relative path of an item's image: `images/ab/<sha>.<ext>`.
+pub fn image_rel_path(sha: &str, ext: &str) -> String {
+    format!("images/{}/{sha}.{ext}", &sha[..2])
+}
+
+/// Write `bytes` to `path` atomically (temp file in the same folder + rename);
+/// an existing file is kept (content-addressed, so it is the same bytes).
+pub fn write_atomic_if_absent(path: &Path, bytes: &[u8]) -> Result<()> {
+    if path.is_file() {
+        return Ok(());
+    }
+    write_atomic_replace(path, bytes)
+}
+
+/// Write `bytes` to `path` atomically, replacing any existing file.
+pub fn write_atomic_replace(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    fs::create_dir_all(dir).at(dir)?;
+    let mut tmp = tempfile::NamedTempFile::new_in(dir).at(dir)?;
+    std::io::Write::write_all(&mut tmp, bytes).at(tmp.path())?;
+    tmp.persist(path).map_err(|e| Error::io(path, e.error))?;
+    Ok(())
+}
+
+/// Remove temporary files (`.tmp*`) that a killed run left under `dir`.
+/// Stages on one dataset must not run concurrently (a second writer would
+/// also be serialised by SQLite, but its temp files would be swept).
+pub fn sweep_temp_files(dir: &Path) -> Result<usize> {
+    let mut removed = 0;
+    let Ok(rd) = fs::read_dir(dir) else {
+        return Ok(0);
+    };
+    for entry in rd {
+        let entry = entry.at(dir)?;
+        let p = entry.path();
+        if entry.file_type().at(&p)?.is_dir() {
+            removed += sweep_temp_files(&p)?;
+        } else if entry.file_name().to_string_lossy().starts_with(".tmp") {
+            fs::remove_file(&p).at(&p)?;
+            removed += 1;
+        }
+    }
+    Ok(removed)
+}
+
+/// Process one file: read, hash, decode, extract metadata, copy into the
+/// dataset. Returns `Err` only when the file cannot be read at all.
+pub fn process_file(root: &Path, path: &Path, limits: &DecodeLimits) -> Result<FileOutcome> {
+    let meta = fs::metadata(path).at(path)?;
+    let bytes = fs::read(path).at(path)?;
+    let sha = sha256_hex(&bytes);
+    let source = path.to_string_lossy().into_owned();
+    let captions = sidecar_captions(path);
+    let mut out = FileOutcome {
+        source: path.to_path_buf(),
+        size: meta.len(),
+        mtime_ns: mtime_ns(&meta),
+        item: NewItem {
+            sha256: sha.clone(),
+            path: None,
+            source,
+            width: None,
+            height: None,
+            format: None,
+            status: ItemStatus::Rejected,
+            reason: None,
+        },
+        hashes: None,
+        generation: None,
+        captions,
+        note: None,
+    };
+    let ext = path
+        .extension()
+        .and_then(|e| e.to_str())
+        .unwrap_or("")
+        .to_ascii_lowercase();
+    match imaging::decode::decode(&bytes, limits) {
+        Err(e) => {
+            out.item.reason = Some(format!("{}: {}", e.reason.name(), e.message));
+            out.item.format = imaging::decode::sniff_format(&bytes).map(|f| f.name().to_string());
+        }
+        Ok(d) => {
+            let fmt = d.format;
+            out.note =
+                imaging::decode::extension_note(&ext, fmt).map(|n| format!("wrong_extension: {n}"));
+            let file_ext = fmt.extensions().first().copied().unwrap_or("bin");
+            let rel = image_rel_path(&sha, file_ext);
+            write_atomic_if_absent(&root.join(&rel), &bytes)?;
+            let h = imaging::hash::image_hashes(&d.rgb);
+            out.hashes = Some(HashRecord {
+                pixel_sha256: h.pixel_sha256,
+                phash: h.phash,
+                dhash: h.dhash,
+            });
+            out.generation = read_parameters(&bytes, fmt)
+                .map(|(raw, origin)| generation_from_infotext(&raw, origin));
+            out.item.path = Some(rel);
+            out.item.width = Some(d.width);
+            out.item.height = Some(d.height);
+            out.item.format = Some(fmt.name().to_string());
+            out.item.status = ItemStatus::Ok;
+        }
+    }
+    Ok(out)
+}
+
+/// The raw A1111 `parameters` text of a file and where it was found:
+/// a PNG text chunk (`png_text`) or the EXIF UserComment
+/// (`exif_user_comment`, JPEG / WebP, as A1111 writes them).
+pub fn read_parameters(
+    bytes: &[u8],
+    fmt: imaging::decode::SourceFormat,
+) -> Option<(String, &'static str)> {
+    if fmt == imaging::decode::SourceFormat::Png {
+        if let Ok(chunks) = imaging::infotext::png_text_chunks(bytes) {
+            if let Some((_, t)) = chunks.into_iter().find(|(k, _)| k == "parameters") {
+                return Some((t, "png_text"));
+            }
+        }
+    }
+    imaging::infotext::exif_user_comment(bytes)
+        .filter(|s| !s.trim().is_empty())
+        .map(|s| (s, "exif_user_comment"))
+}
+
+/// Turn a raw A1111 `parameters` text into manifest generation parameters.
+pub fn generation_from_infotext(raw: &str, origin: &str) -> GenerationParams {
+    let info = imaging::infotext::Infotext::parse(raw);
+    let get = |k: &str| info.get(k).map(str::to_string);
+    let known = [
+        "Steps",
+        "Sampler",
+        "Schedule type",
+        "CFG scale",
+        "Seed",
+        "Size",
+        "Model hash",
+        "Model",
+    ];
+    let extra: serde_json::Map<String, serde_json::Value> = info
+        .params
+        .iter()
+        .filter(|(k, _)| !known.contains(&k.as_str()))
+        .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
+        .collect();
+    let (width, height) = get("Size")
+        .and_then(|s| {
+            let (w, h) = s.split_once('x')?;
+            Some((w.trim().parse().ok()?, h.trim().parse().ok()?))
+        })
+        .map_or((None, None), |(w, h)| (Some(w), Some(h)));
+    GenerationParams {
+        prompt: Some(info.prompt.clone()),
+        negative: (!info.negative_prompt.is_empty()).then(|| info.negative_prompt.clone()),
+        seed: get("Seed").and_then(|s| s.trim().parse().ok()),
+        steps: get("Steps").and_then(|s| s.trim().parse().ok()),
+        sampler: get("Sampler"),
+        schedule: get("Schedule type"),
+        cfg: get("CFG scale").and_then(|s| s.trim().parse().ok()),
+        width,
+        height,
+        model_hash: get("Model hash"),
+        model: get("Model"),
+        extra_json: (!extra.is_empty()).then(|| serde_json::Value::Object(extra).to_string()),
+        raw: Some(raw.to_string()),
+        origin: origin.to_string(),
+    }
+}
+
+/// Run the import stage.
+pub fn run(cfg: &ImportConfig, m: &mut Manifest, ctx: &Ctx) -> Result<ImportReport> {
+    let t0 = Instant::now();
+    let from = fs::canonicalize(&cfg.from).map_err(|e| {
+        Error::config(format!(
+            "{}: {e}; pass an existing folder with --from",
+            cfg.from.display()
+        ))
+    })?;
+    let files = list_images(&from)?;
+    let limits = DecodeLimits::from(cfg.limits);
+    sweep_temp_files(&m.root().join("images"))?;
+    let run_id = m.begin_run("import", cfg)?;
+    let mut report = ImportReport {
+        run_id,
+        found: files.len(),
+        ..Default::default()
+    };
+    // Sources already recorded: path -> (size, mtime).
+    let known: HashMap<String, (i64, i64)> = {
+        let mut st = m
+            .conn()
+            .prepare("SELECT path, size, mtime_ns FROM sources")
+            .map_err(|e| m.err(e))?;
+        let rows = st
+            .query_map([], |r| Ok((r.get(0)?, (r.get(1)?, r.get(2)?))))
+            .map_err(|e| m.err(e))?;
+        rows.collect::<rusqlite::Result<_>>()
+            .map_err(|e| m.err(e))?
+    };
+    let todo: Vec<PathBuf> = files
+        .into_iter()
+        .filter(|p| {
+            let key = p.to_string_lossy();
+            match (known.get(key.as_ref()), fs::metadata(p)) {
+                (Some(&(size, mt)), Ok(meta)) => {
+                    !(size == meta.len() as i64 && mt == mtime_ns(&meta))
+                }
+                _ => true,
+            }
+        })
+        .collect();
+    report.already_imported = report.found - todo.len();
+    let root = m.root().to_path_buf();
+    let pb = ctx.bar(todo.len() as u64, "import");
+    for chunk in todo.chunks(cfg.batch.max(1)) {
+        let outcomes: Vec<std::result::Result<FileOutcome, Failure>> = chunk
+            .par_iter()
+            .map(|p| {
+                let r = process_file(&root, p, &limits).map_err(|e| Failure {
+                    path: p.clone(),
+                    reason: e.to_string(),
+                });
+                pb.inc(1);
+                r
+            })
+            .collect();
+        write_batch(m, run_id, outcomes, &mut report)?;
+    }
+    pb.finish_and_clear();
+    report.seconds = t0.elapsed().as_secs_f64();
+    m.end_run(run_id, true, &report)?;
+    Ok(report)
+}
+
+fn write_batch(
+    m: &mut Manifest,
+    run_id: i64,
+    outcomes: Vec<std::result::Result<FileOutcome, Failure>>,
+    report: &mut ImportReport,
+) -> Result<()> {
+    let path = m.db_path().to_path_buf();
+    let map = crate::manifest::sql_err(&path);
+    let tx = m.conn_mut().transaction().map_err(map)?;
+    for o in outcomes {
+        let o = match o {
+            Ok(o) => o,
+            Err(f) => {
+                report.failed.push(f);
+                continue;
+            }
+        };
+        let existing: Option<i64> = tx
+            .query_row(
+                "SELECT id FROM items WHERE sha256 = ?1",
+                [&o.item.sha256],
+                |r| r.get(0),
+            )
+            .ok();
+        let item_id = match existing {
+            Some(id) => {
+                report.same_file += 1;
+                id
+            }
+            None => {
+                let id = manifest::insert_item(&tx, run_id, &o.item).map_err(map)?;
+                match o.item.status {
+                    ItemStatus::Ok => report.imported += 1,
+                    _ => {
+                        let code = o
+                            .item
+                            .reason
+                            .as_deref()
+                            .and_then(|r| r.split(':').next())
+                            .unwrap_or("unknown")
+                            .to_string();
+                        *report.rejected.entry(code).or_default() += 1;
+                    }
+                }
+                if let Some(h) = &o.hashes {
+                    manifest::insert_hashes(&tx, run_id, id, h).map_err(map)?;
+                }
+                if let Some(g) = &o.generation {
+                    manifest::insert_generation(&tx, run_id, id, g).map_err(map)?;
+                    if let Some(p) = g.prompt.as_deref().filter(|p| !p.trim().is_empty()) {
+                        manifest::upsert_caption(&tx, run_id, id, "a1111_prompt", p, None)
+                            .map_err(map)?;
+                    }
+                    report.with_parameters += 1;
+                }
+                if !o.captions.is_empty() {
+                    report.with_caption += 1;
+                }
+                id
+            }
+        };
+        if o.note.is_some() {
+            report.wrong_extension += 1;
+        }
+        for (source, text) in &o.captions {
+            manifest::upsert_caption(&tx, run_id, item_id, source, text, None).map_err(map)?;
+            for tag in manifest::split_tags(text) {
+                manifest::upsert_tag(&tx, run_id, item_id, source, &tag, None).map_err(map)?;
+            }
+        }
+        manifest::insert_source(
+            &tx,
+            run_id,
+            item_id,
+            &o.source.to_string_lossy(),
+            o.size,
+            o.mtime_ns,
+            o.note.as_deref(),
+        )
+        .map_err(map)?;
+    }
+    tx.commit().map_err(map)?;
+    Ok(())
+}

@@ -1,0 +1,170 @@
+//! `eps2v inspect`: what is in a dataset — counts by status and reason,
+//! bucket histogram, top tags, duplicate clusters, recent runs — and a
+//! read-only SQL pass-through (`--sql`).
+//!
+//! Aggregation runs in SQLite (indexed `GROUP BY`s over the manifest, the
+//! fastest place for it at a million rows); the tables are printed through
+//! polars `DataFrame`s, which format aligned, truncated tables for free.
+
+use std::fmt::Write as _;
+
+use polars::prelude::*;
+use rusqlite::types::ValueRef;
+use serde::Serialize;
+
+use crate::error::{Error, Result};
+use crate::manifest::Manifest;
+
+/// A small result table (column names + rows of display strings / JSON values).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Table {
+    /// Column names.
+    pub columns: Vec<String>,
+    /// Rows, one JSON value per column.
+    pub rows: Vec<Vec<serde_json::Value>>,
+}
+
+impl Table {
+    /// Render as an aligned text table via polars.
+    pub fn render(&self) -> String {
+        let cols: Vec<Column> = self
+            .columns
+            .iter()
+            .enumerate()
+            .map(|(k, name)| {
+                let vals: Vec<Option<String>> = self
+                    .rows
+                    .iter()
+                    .map(|r| match &r[k] {
+                        serde_json::Value::Null => None,
+                        serde_json::Value::String(s) => Some(s.clone()),
+                        v => Some(v.to_string()),
+                    })
+                    .collect();
+                Column::new(name.as_str().into(), vals)
+            })
+            .collect();
+        match DataFrame::new(cols) {
+            Ok(df) => format!("{df}"),
+            Err(e) => format!("(table: {e})"),
+        }
+    }
+}
+
+/// Everything `inspect` reports.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct InspectReport {
+    /// Total items.
+    pub items: i64,
+    /// status, reason code, count.
+    pub by_status: Table,
+    /// bucket, count.
+    pub buckets: Table,
+    /// tag, count.
+    pub top_tags: Table,
+    /// Clusters: number, dropped items, largest.
+    pub duplicate_clusters: Table,
+    /// Most recent runs.
+    pub runs: Table,
+}
+
+/// Run a query and collect it as a [`Table`].
+pub fn query_table(m: &Manifest, sql: &str) -> Result<Table> {
+    let mut st = m.conn().prepare(sql).map_err(|e| m.err(e))?;
+    let columns: Vec<String> = st.column_names().iter().map(|s| s.to_string()).collect();
+    let n = columns.len();
+    let mut rows = Vec::new();
+    let mut q = st.query([]).map_err(|e| m.err(e))?;
+    while let Some(r) = q.next().map_err(|e| m.err(e))? {
+        let mut row = Vec::with_capacity(n);
+        for k in 0..n {
+            let v = r.get_ref(k).map_err(|e| m.err(e))?;
+            row.push(match v {
+                ValueRef::Null => serde_json::Value::Null,
+                ValueRef::Integer(i) => i.into(),
+                ValueRef::Real(f) => serde_json::json!(f),
+                ValueRef::Text(t) => String::from_utf8_lossy(t).into_owned().into(),
+                ValueRef::Blob(b) => format!("<{} bytes>", b.len()).into(),
+            });
+        }
+        rows.push(row);
+    }
+    Ok(Table { columns, rows })
+}
+
+/// Gather the standard report.
+pub fn run(m: &Manifest, top: usize) -> Result<InspectReport> {
+    let items: i64 = m
+        .conn()
+        .query_row("SELECT count(*) FROM items", [], |r| r.get(0))
+        .map_err(|e| m.err(e))?;
+    Ok(InspectReport {
+        items,
+        by_status: query_table(
+            m,
+            "SELECT status, coalesce(substr(reason, 1, instr(reason || ':', ':') - 1), '') AS reason,
+                    count(*) AS n
+             FROM items GROUP BY 1, 2 ORDER BY status, n DESC",
+        )?,
+        buckets: query_table(
+            m,
+            "SELECT b.bucket_w || 'x' || b.bucket_h AS bucket, count(*) AS n
+             FROM buckets b JOIN items i ON i.id = b.item_id AND i.status = 'ok'
+             GROUP BY b.bucket_w, b.bucket_h ORDER BY n DESC, bucket",
+        )?,
+        top_tags: query_table(
+            m,
+            &format!(
+                "SELECT tag, count(DISTINCT item_id) AS n FROM tags GROUP BY tag
+                 ORDER BY n DESC, tag LIMIT {top}"
+            ),
+        )?,
+        duplicate_clusters: query_table(
+            m,
+            "SELECT count(*) AS clusters, coalesce(sum(size) - count(*), 0) AS dropped,
+                    coalesce(max(size), 0) AS largest
+             FROM (SELECT cluster_id, count(*) AS size FROM duplicates GROUP BY cluster_id)",
+        )?,
+        runs: query_table(
+            m,
+            "SELECT id, stage, status, started_at, ended_at FROM runs ORDER BY id DESC LIMIT 10",
+        )?,
+    })
+}
+
+/// Human summary of an [`InspectReport`].
+pub fn render(r: &InspectReport) -> String {
+    let mut s = String::new();
+    let _ = writeln!(s, "items: {}", r.items);
+    for (title, t) in [
+        ("by status and reason", &r.by_status),
+        ("buckets (ok items)", &r.buckets),
+        ("top tags", &r.top_tags),
+        ("duplicate clusters", &r.duplicate_clusters),
+        ("recent runs", &r.runs),
+    ] {
+        let _ = writeln!(s, "\n{title}:");
+        if t.rows.is_empty() {
+            let _ = writeln!(s, "  (none)");
+        } else {
+            let _ = writeln!(s, "{}", t.render());
+        }
+    }
+    s
+}
+
+/// Read-only SQL pass-through. Refuses anything but one read statement.
+pub fn sql(m: &Manifest, sql: &str) -> Result<Table> {
+    let st = m.conn().prepare(sql).map_err(|e| {
+        Error::config(format!(
+            "--sql: {e}; the tables are described in schemas/manifest.sql"
+        ))
+    })?;
+    if !st.readonly() {
+        return Err(Error::config(
+            "--sql only runs read-only statements (SELECT / WITH / PRAGMA reads)",
+        ));
+    }
+    drop(st);
+    query_table(m, sql)
+}

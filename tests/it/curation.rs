@@ -1,0 +1,407 @@
+//! Curation end to end over `fixtures/images/` (real, odd and broken
+//! files) and over generated images: import → dedupe → bucket → export →
+//! inspect, resume after `kill -9`, idempotent reruns.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use eps2v::manifest::Manifest;
+use eps2v::stages::{self, Ctx};
+use image::{Rgb, RgbImage};
+use rand::{Rng, SeedableRng};
+
+fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_eps2v")
+}
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/images")
+}
+
+fn count(m: &Manifest, sql: &str) -> i64 {
+    m.conn().query_row(sql, [], |r| r.get(0)).unwrap()
+}
+
+/// Write `n` distinct images (gradient + random blocks + noise) to `dir`.
+fn synth_images(dir: &Path, n: usize, side: u32, seed: u64) {
+    std::fs::create_dir_all(dir).unwrap();
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    for k in 0..n {
+        let w = side + (k as u32 % 3) * 8;
+        let blocks: Vec<(u32, u32, u32, u32, [u8; 3])> = (0..4)
+            .map(|_| {
+                let (x, y) = (rng.random_range(0..w), rng.random_range(0..side));
+                let (bw, bh) = (
+                    rng.random_range(w / 6..w / 2),
+                    rng.random_range(side / 6..side / 2),
+                );
+                (x, y, bw, bh, [rng.random(), rng.random(), rng.random()])
+            })
+            .collect();
+        let (a, b): (u8, u8) = (rng.random(), rng.random());
+        let img = RgbImage::from_fn(w, side, |x, y| {
+            for &(bx, by, bw, bh, c) in &blocks {
+                if x >= bx && x < bx + bw && y >= by && y < by + bh {
+                    return Rgb(c);
+                }
+            }
+            let n: u8 = rng.random_range(0..16);
+            Rgb([
+                a.wrapping_add((x / 2) as u8).wrapping_add(n),
+                b.wrapping_add((y / 2) as u8),
+                n,
+            ])
+        });
+        img.save(dir.join(format!("img_{k:05}.png"))).unwrap();
+    }
+}
+
+fn import(m: &mut Manifest, from: &Path) -> stages::import::ImportReport {
+    let cfg = stages::import::ImportConfig {
+        from: from.to_path_buf(),
+        ..Default::default()
+    };
+    stages::import::run(&cfg, m, &Ctx::quiet()).unwrap()
+}
+
+#[test]
+fn import_fixtures_records_every_file_and_is_idempotent() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut m = Manifest::init(dir.path()).unwrap();
+    let r = import(&mut m, &fixtures());
+    assert!(r.found >= 20, "{r:?}");
+    assert!(r.imported > 10, "{r:?}");
+    assert!(r.rejected_total() >= 4, "{r:?}");
+    assert!(r.failed.is_empty(), "{r:?}");
+    // Every found file is a source; every item has a status.
+    assert_eq!(count(&m, "SELECT count(*) FROM sources") as usize, r.found);
+    assert_eq!(
+        count(
+            &m,
+            "SELECT count(*) FROM items WHERE status = 'ok' AND path IS NULL"
+        ),
+        0
+    );
+    assert_eq!(
+        count(
+            &m,
+            "SELECT count(*) FROM items WHERE status = 'rejected' AND reason IS NULL"
+        ),
+        0
+    );
+    // The decompression bomb is refused with a size reason, not decoded.
+    let bomb: String = m
+        .conn()
+        .query_row(
+            "SELECT i.reason FROM items i JOIN sources s ON s.item_id = i.id WHERE s.path LIKE '%bomb.png'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert!(bomb.starts_with("too_large"), "{bomb}");
+    // A1111 parameters were parsed.
+    assert!(r.with_parameters >= 2, "{r:?}");
+    assert!(
+        count(
+            &m,
+            "SELECT count(*) FROM generation WHERE steps IS NOT NULL AND seed IS NOT NULL"
+        ) >= 2
+    );
+    // Rerun: nothing new.
+    let again = import(&mut m, &fixtures());
+    assert_eq!(again.already_imported, again.found, "{again:?}");
+    assert_eq!(again.imported + again.rejected_total() + again.same_file, 0);
+    assert_eq!(m.integrity_check().unwrap(), "ok");
+}
+
+#[test]
+fn import_kill9_then_resume_loses_and_doubles_nothing() {
+    let work = tempfile::tempdir().unwrap();
+    let src = work.path().join("src");
+    synth_images(&src, 300, 96, 7);
+    // Reference: a clean import.
+    let clean = work.path().join("clean");
+    let mut mc = Manifest::init(&clean).unwrap();
+    let rc = import(&mut mc, &src);
+    assert_eq!(rc.imported, 300);
+
+    let mut killed_midway = false;
+    for attempt in 0..5 {
+        let ds = work.path().join(format!("ds{attempt}"));
+        let st = Command::new(bin())
+            .args(["init"])
+            .arg(&ds)
+            .status()
+            .unwrap();
+        assert!(st.success());
+        let mut child = Command::new(bin())
+            .args(["--json", "import"])
+            .arg(&ds)
+            .arg("--from")
+            .arg(&src)
+            .args(["--batch", "4"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        // Kill as soon as some (not all) items are committed.
+        let t0 = Instant::now();
+        loop {
+            let n = Manifest::open_read_only(&ds)
+                .ok()
+                .map(|m| count(&m, "SELECT count(*) FROM items"))
+                .unwrap_or(0);
+            if n > 0 || t0.elapsed() > Duration::from_secs(60) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+        let m = Manifest::open(&ds).unwrap();
+        let n = count(&m, "SELECT count(*) FROM items");
+        drop(m);
+        if n > 0 && n < 300 {
+            killed_midway = true;
+        }
+        let out = Command::new(bin())
+            .args(["--json", "import"])
+            .arg(&ds)
+            .arg("--from")
+            .arg(&src)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let m = Manifest::open(&ds).unwrap();
+        assert_eq!(m.integrity_check().unwrap(), "ok");
+        assert_eq!(count(&m, "SELECT count(*) FROM items"), 300);
+        assert_eq!(count(&m, "SELECT count(*) FROM sources"), 300);
+        assert_eq!(count(&m, "SELECT count(*) FROM hashes"), 300);
+        assert_eq!(count(&m, "SELECT count(DISTINCT sha256) FROM items"), 300);
+        // Same content as the clean import.
+        let shas = |m: &Manifest| -> Vec<String> {
+            let mut st = m
+                .conn()
+                .prepare("SELECT sha256 || phash FROM items JOIN hashes ON item_id = id ORDER BY 1")
+                .unwrap();
+            st.query_map([], |r| r.get(0))
+                .unwrap()
+                .map(|r| r.unwrap())
+                .collect()
+        };
+        assert_eq!(shas(&m), shas(&mc));
+        // No stray temp files left next to the images.
+        let files = walk(&ds.join("images"));
+        assert_eq!(
+            files.len(),
+            300,
+            "{:?}",
+            files.iter().take(5).collect::<Vec<_>>()
+        );
+        if killed_midway {
+            break;
+        }
+    }
+    assert!(
+        killed_midway,
+        "import finished before it could be killed in 5 attempts"
+    );
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                out.extend(walk(&p));
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn chain_dedupe_bucket_export_inspect_on_generated_images() {
+    let work = tempfile::tempdir().unwrap();
+    let src = work.path().join("src");
+    synth_images(&src, 12, 200, 3);
+    // Near duplicate: a downscaled copy of image 0; exact-pixel duplicate:
+    // image 1 re-encoded as a different PNG (other bytes, same pixels).
+    let im0 = image::open(src.join("img_00000.png")).unwrap();
+    im0.resize(150, 150, image::imageops::FilterType::Lanczos3)
+        .save(src.join("near_copy.png"))
+        .unwrap();
+    let im1 = image::open(src.join("img_00001.png")).unwrap().to_rgba8();
+    im1.save(src.join("same_pixels_rgba.png")).unwrap();
+    // Too small for any bucket without a big upscale.
+    synth_images(&work.path().join("small"), 1, 40, 9);
+    std::fs::rename(
+        work.path().join("small/img_00000.png"),
+        src.join("thumbnail.png"),
+    )
+    .unwrap();
+    std::fs::write(src.join("img_00002.txt"), "1girl, solo, red circle").unwrap();
+
+    let ds = work.path().join("ds");
+    let mut m = Manifest::init(&ds).unwrap();
+    let ri = import(&mut m, &src);
+    assert_eq!(ri.imported, 15, "{ri:?}");
+
+    // Dry run changes nothing.
+    let cfg = stages::dedupe::DedupeConfig {
+        dry_run: true,
+        ..Default::default()
+    };
+    let dry = stages::dedupe::run(&cfg, &mut m, &Ctx::quiet()).unwrap();
+    assert_eq!(
+        count(&m, "SELECT count(*) FROM items WHERE status = 'duplicate'"),
+        0
+    );
+    assert_eq!((dry.exact, dry.near), (1, 1), "{dry:?}");
+    let d1 = stages::dedupe::run(&Default::default(), &mut m, &Ctx::quiet()).unwrap();
+    let d2 = stages::dedupe::run(&Default::default(), &mut m, &Ctx::quiet()).unwrap();
+    assert_eq!((d1.exact, d1.near, d1.kept), (d2.exact, d2.near, d2.kept));
+    assert_eq!(
+        count(&m, "SELECT count(*) FROM items WHERE status = 'duplicate'"),
+        2
+    );
+    // The larger original is kept over its downscaled copy.
+    let kept_src: String = m
+        .conn()
+        .query_row(
+            "SELECT s.path FROM duplicates d JOIN sources s ON s.item_id = d.item_id
+             WHERE d.kind = 'keeper' AND d.cluster_id IN (SELECT cluster_id FROM duplicates WHERE kind = 'near')",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert!(kept_src.ends_with("img_00000.png"), "{kept_src}");
+
+    let bcfg = stages::bucket::BucketConfig {
+        buckets: stages::bucket::BucketSet::Kohya {
+            resolution: 128,
+            step: 32,
+            min_side: 64,
+            max_side: 256,
+        },
+        ..Default::default()
+    };
+    let rb = stages::bucket::run(&bcfg, &mut m, &Ctx::quiet()).unwrap();
+    assert_eq!(rb.bucketed, 12, "{rb:?}");
+    assert_eq!(rb.rejected.get("too_small"), Some(&1), "{rb:?}");
+    // Resumable: nothing left to do.
+    let rb2 = stages::bucket::run(&bcfg, &mut m, &Ctx::quiet()).unwrap();
+    assert_eq!((rb2.bucketed, rb2.already), (0, 12));
+    // Every bucket row has its file at the bucket size, and a crop inside the image.
+    let mut st = m
+        .conn()
+        .prepare("SELECT path, bucket_w, bucket_h, resized_w, resized_h, crop_left_resized, crop_top_resized, orig_w, orig_h, crop_left, crop_top FROM buckets")
+        .unwrap();
+    type Row = (String, [u32; 10]);
+    let rows: Vec<Row> = st
+        .query_map([], |r| {
+            let mut v = [0u32; 10];
+            for (k, x) in v.iter_mut().enumerate() {
+                *x = r.get(k + 1)?;
+            }
+            Ok((r.get(0)?, v))
+        })
+        .unwrap()
+        .map(|r| r.unwrap())
+        .collect();
+    for (path, [bw, bh, rw, rh, cl, ct, ow, oh, clo, cto]) in rows {
+        let img = image::open(ds.join(&path)).unwrap();
+        assert_eq!((img.width(), img.height()), (bw, bh));
+        assert!(rw >= bw && rh >= bh && cl + bw <= rw && ct + bh <= rh);
+        assert!(clo < ow && cto < oh);
+    }
+
+    for (format, out) in [
+        ("kohya", "exports/kohya"),
+        ("hf", "exports/hf"),
+        ("parquet", "exports/manifest.parquet"),
+        ("jsonl", "exports/manifest.jsonl"),
+    ] {
+        let o = Command::new(bin())
+            .args(["--json", "export"])
+            .arg(&ds)
+            .args(["--format", format])
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "{format}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        assert!(ds.join(out).exists(), "{format}");
+    }
+    let meta: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(ds.join("exports/kohya/meta_lat.json")).unwrap())
+            .unwrap();
+    assert_eq!(meta.as_object().unwrap().len(), 12);
+    let captioned: Vec<_> = meta
+        .as_object()
+        .unwrap()
+        .values()
+        .filter(|v| v["caption"] == "1girl, solo, red circle")
+        .collect();
+    assert_eq!(captioned.len(), 1);
+    // Tags: highest score first, then alphabetical.
+    assert_eq!(captioned[0]["tags"], "1girl, red circle, solo");
+    let kohya_dir = ds.join("exports/kohya/1_eps2v");
+    assert_eq!(walk(&kohya_dir).len(), 24); // 12 images + 12 captions
+    let jsonl = std::fs::read_to_string(ds.join("exports/manifest.jsonl")).unwrap();
+    assert_eq!(jsonl.lines().count(), 15);
+    let hf = std::fs::read_to_string(ds.join("exports/hf/train/metadata.jsonl")).unwrap();
+    assert_eq!(hf.lines().count(), 12);
+
+    // inspect --sql is read-only; writes are refused with exit code 2.
+    let o = Command::new(bin())
+        .args(["--json", "inspect"])
+        .arg(&ds)
+        .args([
+            "--sql",
+            "SELECT status, count(*) AS n FROM items GROUP BY 1 ORDER BY 1",
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success());
+    let t: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(t["rows"][0], serde_json::json!(["duplicate", 2]));
+    let o = Command::new(bin())
+        .args(["inspect"])
+        .arg(&ds)
+        .args(["--sql", "DELETE FROM items"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("read-only"));
+    let o = Command::new(bin())
+        .args(["inspect"])
+        .arg(&ds)
+        .output()
+        .unwrap();
+    assert!(o.status.success());
+    let s = String::from_utf8_lossy(&o.stdout);
+    assert!(s.contains("too_small") && s.contains("1girl"), "{s}");
+}
+
+#[test]
+fn missing_dataset_is_a_usage_error_with_a_hint() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = Command::new(bin())
+        .args(["dedupe"])
+        .arg(dir.path().join("nope"))
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("eps2v init"));
+}
