@@ -12,8 +12,11 @@
 //!
 //! The numeric work is in [`ops`]: plain functions over tensors. They are
 //! the single place where fast CPU kernels (custom ops with backward) plug
-//! in; the layer structs never change when a kernel does.
+//! in; the layer structs never change when a kernel does. The kernels
+//! themselves (custom ops with backward: conv2d, GroupNorm+SiLU, LayerNorm,
+//! softmax, fused attention) live in [`kernels`].
 
+pub mod kernels;
 pub mod ops;
 
 use candle_core::{Module, Result, Tensor};

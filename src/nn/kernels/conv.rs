@@ -1,0 +1,926 @@
+//! 2-D convolution (any square-or-not kernel, stride, symmetric zero
+//! padding, no groups/dilation) as a candle custom op with a backward pass,
+//! via im2col + GEMM.
+//!
+//! Forward: `y[b] (cout, oh·ow) = W (cout, cin·kh·kw) · col(x[b]) + bias`.
+//! Backward: `dW += dy[b] · col(x[b])ᵀ`, `db = Σ dy`, and `dx` either as the
+//! convolution of `dy` with the flipped, transposed kernel (stride 1: deep
+//! GEMMs, no scatter) or as `col2im(Wᵀ · dy[b])` (strided convs).
+//! 1×1 stride-1 unpadded convolutions skip im2col entirely.
+//! The batch is split into one chunk per rayon thread (each with its own
+//! im2col scratch and dW partial, reduced at the end); within a chunk, small
+//! images are processed several samples at a time (their im2col matrices
+//! side by side, so one GEMM has n = samples·oh·ow); with fewer samples than
+//! threads the GEMMs themselves run in parallel. Large images are tiled over
+//! output rows so that the scratch stays ≤ [`COL_BUDGET`] elements per
+//! thread even for SDXL-sized activations.
+//!
+//! Reference: the composite `candle_core::Tensor::conv2d` (tests compare
+//! against it) and the textbook im2col formulation (Chellapilla et al. 2006,
+//! as in Caffe/PyTorch's `slow_conv2d`).
+
+use super::{give_scratch, matmul, take_scratch, tensor_from, threads, with_data, Mat, Real};
+use candle_core::backend::BackendStorage;
+use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+/// Largest im2col tile, in elements, per thread (4 MiB of f32).
+pub const COL_BUDGET: usize = 1 << 20;
+
+/// Geometry of one convolution.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConvGeom {
+    /// Batch.
+    pub b: usize,
+    /// Input channels.
+    pub cin: usize,
+    /// Input height.
+    pub h: usize,
+    /// Input width.
+    pub w: usize,
+    /// Output channels.
+    pub cout: usize,
+    /// Kernel height.
+    pub kh: usize,
+    /// Kernel width.
+    pub kw: usize,
+    /// Stride (both axes).
+    pub stride: usize,
+    /// Zero padding (both axes, both sides).
+    pub pad: usize,
+    /// Output height.
+    pub oh: usize,
+    /// Output width.
+    pub ow: usize,
+}
+
+impl ConvGeom {
+    /// Validate shapes `x (b, cin, h, w)` and `w (cout, cin, kh, kw)`.
+    pub fn new(x: &[usize], w: &[usize], stride: usize, pad: usize) -> Result<Self> {
+        let (&[b, cin, h, wd], &[cout, cin2, kh, kw]) = (x, w) else {
+            bail!("conv2d kernel: expected x (b, c, h, w) and weight (out, in, kh, kw), got {x:?} and {w:?}")
+        };
+        if cin != cin2 {
+            bail!("conv2d kernel: input has {cin} channels but the weight expects {cin2}")
+        }
+        if stride == 0 || kh == 0 || kw == 0 || h + 2 * pad < kh || wd + 2 * pad < kw {
+            bail!("conv2d kernel: kernel {kh}x{kw} stride {stride} padding {pad} does not fit input {h}x{wd}")
+        }
+        Ok(Self {
+            b,
+            cin,
+            h,
+            w: wd,
+            cout,
+            kh,
+            kw,
+            stride,
+            pad,
+            oh: (h + 2 * pad - kh) / stride + 1,
+            ow: (wd + 2 * pad - kw) / stride + 1,
+        })
+    }
+
+    /// im2col rows: `cin · kh · kw`.
+    fn k(&self) -> usize {
+        self.cin * self.kh * self.kw
+    }
+    /// Output pixels per channel.
+    fn n(&self) -> usize {
+        self.oh * self.ow
+    }
+    /// Input elements per sample.
+    fn in_per(&self) -> usize {
+        self.cin * self.h * self.w
+    }
+    /// Output elements per sample.
+    fn out_per(&self) -> usize {
+        self.cout * self.n()
+    }
+    /// 1×1, stride 1, no padding: the input already is the im2col matrix.
+    fn direct(&self) -> bool {
+        self.kh == 1 && self.kw == 1 && self.stride == 1 && self.pad == 0
+    }
+    /// Output rows per im2col tile.
+    fn tile_rows(&self) -> usize {
+        if self.direct() {
+            self.oh.max(1)
+        } else {
+            (COL_BUDGET / (self.k() * self.ow).max(1)).clamp(1, self.oh.max(1))
+        }
+    }
+    /// Samples whose im2col matrices are concatenated into one GEMM (≥ 1;
+    /// 1 means the per-sample, row-tiled path).
+    fn group(&self, samples: usize) -> usize {
+        if self.direct() {
+            1
+        } else {
+            (COL_BUDGET / (self.k() * self.n()).max(1)).clamp(1, samples.max(1))
+        }
+    }
+    /// For stride 1 with `pad ≤ k − 1` and a square kernel, the input
+    /// gradient is itself a convolution of `dy` with the flipped, transposed
+    /// kernel and padding `k − 1 − pad`; returns that geometry.
+    fn transposed(&self) -> Option<ConvGeom> {
+        if self.direct() || self.stride != 1 || self.kh != self.kw || self.pad + 1 > self.kh {
+            return None;
+        }
+        let t = ConvGeom::new(
+            &[self.b, self.cout, self.oh, self.ow],
+            &[self.cin, self.cout, self.kh, self.kw],
+            1,
+            self.kh - 1 - self.pad,
+        )
+        .ok()?;
+        (t.oh == self.h && t.ow == self.w).then_some(t)
+    }
+    /// Range of output columns `ow` whose input column `ow·s + kj − pad`
+    /// lies inside `[0, w)`.
+    fn valid_cols(&self, kj: usize) -> (usize, usize) {
+        let s = self.stride;
+        let lo = if kj >= self.pad {
+            0
+        } else {
+            (self.pad - kj).div_ceil(s)
+        };
+        let hi = if self.w + self.pad > kj {
+            (self.w + self.pad - kj).div_ceil(s).min(self.ow)
+        } else {
+            0
+        };
+        (lo.min(hi), hi)
+    }
+    /// Output shape `(b, cout, oh, ow)`.
+    pub fn out_dims(&self) -> [usize; 4] {
+        [self.b, self.cout, self.oh, self.ow]
+    }
+}
+
+/// Fill `col (k, (r1−r0)·ow)` (row stride `ld`) with the im2col matrix of
+/// one sample for output rows `r0..r1`.
+fn im2col<T: Real>(g: &ConvGeom, x: &[T], col: &mut [T], ld: usize, r0: usize, r1: usize) {
+    let nt = (r1 - r0) * g.ow;
+    let s = g.stride;
+    if s == 1 && g.ow == g.w {
+        im2col_same(g, x, col, ld, r0, r1);
+        return;
+    }
+    for ci in 0..g.cin {
+        let xc = &x[ci * g.h * g.w..(ci + 1) * g.h * g.w];
+        for ki in 0..g.kh {
+            for kj in 0..g.kw {
+                let row = (ci * g.kh + ki) * g.kw + kj;
+                let dst = &mut col[row * ld..row * ld + nt];
+                let (lo, hi) = g.valid_cols(kj);
+                for oh in r0..r1 {
+                    let d = &mut dst[(oh - r0) * g.ow..(oh - r0 + 1) * g.ow];
+                    let ih = (oh * s + ki) as isize - g.pad as isize;
+                    if ih < 0 || ih >= g.h as isize || lo >= hi {
+                        d.fill(T::ZERO);
+                        continue;
+                    }
+                    let xr = &xc[ih as usize * g.w..(ih as usize + 1) * g.w];
+                    d[..lo].fill(T::ZERO);
+                    d[hi..].fill(T::ZERO);
+                    let iw0 = lo * s + kj - g.pad;
+                    if s == 1 {
+                        d[lo..hi].copy_from_slice(&xr[iw0..iw0 + (hi - lo)]);
+                    } else {
+                        for (o, v) in d[lo..hi].iter_mut().zip(xr[iw0..].iter().step_by(s)) {
+                            *o = *v;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// [`im2col`] for stride-1 convolutions whose output width equals the input
+/// width ("same" padding, e.g. 3×3 pad 1): each im2col row is the input
+/// plane shifted by `(ki − pad)·w + (kj − pad)`, so it is one contiguous copy
+/// plus zeroing of the wrapped-around edge columns (instead of one short copy
+/// per output row).
+fn im2col_same<T: Real>(g: &ConvGeom, x: &[T], col: &mut [T], ld: usize, r0: usize, r1: usize) {
+    let (w, hw) = (g.w, g.h * g.w);
+    let nt = (r1 - r0) * w;
+    let (n0, n1) = ((r0 * w) as isize, (r1 * w) as isize);
+    for ci in 0..g.cin {
+        let xc = &x[ci * hw..(ci + 1) * hw];
+        for ki in 0..g.kh {
+            for kj in 0..g.kw {
+                let row = (ci * g.kh + ki) * g.kw + kj;
+                let dst = &mut col[row * ld..row * ld + nt];
+                let shift =
+                    (ki as isize - g.pad as isize) * w as isize + kj as isize - g.pad as isize;
+                // Output positions n in [lo, hi) read x[n + shift]; the rest are zero.
+                let lo = n0.max(-shift).min(n1);
+                let hi = n1.min(hw as isize - shift).max(lo);
+                let (a, b) = ((lo - n0) as usize, (hi - n0) as usize);
+                dst[..a].fill(T::ZERO);
+                dst[b..].fill(T::ZERO);
+                if b > a {
+                    let src0 = (lo + shift) as usize;
+                    dst[a..b].copy_from_slice(&xc[src0..src0 + (b - a)]);
+                }
+                // Columns whose input column iw = ow + kj − pad falls outside [0, w).
+                if kj < g.pad {
+                    for r in dst.chunks_mut(w) {
+                        r[..g.pad - kj].fill(T::ZERO);
+                    }
+                } else if kj > g.pad {
+                    for r in dst.chunks_mut(w) {
+                        r[w - (kj - g.pad)..].fill(T::ZERO);
+                    }
+                }
+            }
+        }
+    }
+}
+
+simd_fn! {
+    /// `dst[j·ldd + i] = src[i·lds + j]` for `i < rows`, `j < cols`, in 8×8
+    /// blocks (the transposed im2col matrix of the weight gradient: it makes
+    /// the GEMM's right operand row-major, so gemm packs it with contiguous
+    /// copies instead of a strided gather).
+    fn transpose_into<T: Real>(src: &[T], rows: usize, cols: usize, lds: usize, dst: &mut [T], ldd: usize) {
+        let mut i0 = 0;
+        while i0 + 8 <= rows {
+            let mut j0 = 0;
+            while j0 + 8 <= cols {
+                let mut blk = [[T::ZERO; 8]; 8];
+                for (a, row) in blk.iter_mut().enumerate() {
+                    row.copy_from_slice(&src[(i0 + a) * lds + j0..(i0 + a) * lds + j0 + 8]);
+                }
+                for b in 0..8 {
+                    let d = &mut dst[(j0 + b) * ldd + i0..(j0 + b) * ldd + i0 + 8];
+                    for a in 0..8 {
+                        d[a] = blk[a][b];
+                    }
+                }
+                j0 += 8;
+            }
+            for a in 0..8 {
+                for j in j0..cols {
+                    dst[j * ldd + i0 + a] = src[(i0 + a) * lds + j];
+                }
+            }
+            i0 += 8;
+        }
+        for i in i0..rows {
+            for j in 0..cols {
+                dst[j * ldd + i] = src[i * lds + j];
+            }
+        }
+    }
+}
+
+/// Accumulate `dcol (k, (r1−r0)·ow)` (row stride `ld`) into the input
+/// gradient `dx` of one sample (the adjoint of [`im2col`]).
+fn col2im<T: Real>(g: &ConvGeom, dcol: &[T], ld: usize, dx: &mut [T], r0: usize, r1: usize) {
+    let nt = (r1 - r0) * g.ow;
+    let s = g.stride;
+    for ci in 0..g.cin {
+        let dxc = &mut dx[ci * g.h * g.w..(ci + 1) * g.h * g.w];
+        for ki in 0..g.kh {
+            for kj in 0..g.kw {
+                let row = (ci * g.kh + ki) * g.kw + kj;
+                let src = &dcol[row * ld..row * ld + nt];
+                let (lo, hi) = g.valid_cols(kj);
+                if lo >= hi {
+                    continue;
+                }
+                for oh in r0..r1 {
+                    let ih = (oh * s + ki) as isize - g.pad as isize;
+                    if ih < 0 || ih >= g.h as isize {
+                        continue;
+                    }
+                    let sr = &src[(oh - r0) * g.ow + lo..(oh - r0) * g.ow + hi];
+                    let xr = &mut dxc[ih as usize * g.w..(ih as usize + 1) * g.w];
+                    let iw0 = lo * s + kj - g.pad;
+                    if s == 1 {
+                        for (o, v) in xr[iw0..iw0 + (hi - lo)].iter_mut().zip(sr) {
+                            *o += *v;
+                        }
+                    } else {
+                        for (o, v) in xr[iw0..].iter_mut().step_by(s).zip(sr) {
+                            *o += *v;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Split `b` samples into at most `threads()` contiguous chunks; returns the
+/// chunk size and whether the GEMMs should themselves run in parallel.
+fn batch_split(b: usize) -> (usize, bool) {
+    let t = threads();
+    let chunks = b.clamp(1, t);
+    (b.div_ceil(chunks).max(1), chunks < t)
+}
+
+/// Forward convolution of contiguous `x`, `w` (and `bias`), returning
+/// `y (b, cout, oh, ow)` row-major.
+pub fn forward<T: Real>(g: &ConvGeom, x: &[T], w: &[T], bias: Option<&[T]>) -> Result<Vec<T>> {
+    let (k, n) = (g.k(), g.n());
+    if x.len() != g.b * g.in_per() || w.len() != g.cout * k {
+        bail!("conv2d kernel: data sizes do not match shapes {g:?}")
+    }
+    if let Some(bs) = bias {
+        if bs.len() != g.cout {
+            bail!(
+                "conv2d kernel: bias has {} entries for {} output channels",
+                bs.len(),
+                g.cout
+            )
+        }
+    }
+    let mut y = vec![T::ZERO; g.b * g.out_per()];
+    if y.is_empty() {
+        return Ok(y);
+    }
+    let (chunk, par_gemm) = batch_split(g.b);
+    let tr = g.tile_rows();
+    let nb = g.group(chunk);
+    let col_len = match (g.direct(), nb) {
+        (true, _) => 0,
+        (false, 1) => k * tr * g.ow,
+        (false, _) => k * nb * n,
+    };
+    let acc = bias.is_some();
+    y.par_chunks_mut(chunk * g.out_per())
+        .zip(x.par_chunks(chunk * g.in_per()))
+        .try_for_each(|(yc, xc)| -> Result<()> {
+            let mut col = take_scratch::<T>(col_len);
+            let mut out = take_scratch::<T>(if nb > 1 { g.cout * nb * n } else { 0 });
+            let ns = xc.len() / g.in_per();
+            let mut s0 = 0;
+            while s0 < ns {
+                let m = nb.min(ns - s0);
+                if m > 1 {
+                    // Several samples side by side: one (cout × m·n) GEMM.
+                    let ld = m * n;
+                    for j in 0..m {
+                        let xs = &xc[(s0 + j) * g.in_per()..(s0 + j + 1) * g.in_per()];
+                        im2col(g, xs, &mut col[j * n..], ld, 0, g.oh);
+                    }
+                    let o = &mut out[..g.cout * ld];
+                    if let Some(bs) = bias {
+                        for (row, &bv) in o.chunks_mut(ld).zip(bs) {
+                            row.fill(bv);
+                        }
+                    }
+                    let cm = Mat::n(&col[..k * ld], k, ld);
+                    matmul(o, ld, Mat::n(w, g.cout, k), cm, acc, T::ONE, par_gemm)?;
+                    for j in 0..m {
+                        let ys = &mut yc[(s0 + j) * g.out_per()..(s0 + j + 1) * g.out_per()];
+                        for (c, yr) in ys.chunks_mut(n).enumerate() {
+                            yr.copy_from_slice(&o[c * ld + j * n..c * ld + (j + 1) * n]);
+                        }
+                    }
+                    s0 += m;
+                    continue;
+                }
+                let ys = &mut yc[s0 * g.out_per()..(s0 + 1) * g.out_per()];
+                let xs = &xc[s0 * g.in_per()..(s0 + 1) * g.in_per()];
+                s0 += 1;
+                if let Some(bs) = bias {
+                    for (row, &bv) in ys.chunks_mut(n).zip(bs) {
+                        row.fill(bv);
+                    }
+                }
+                if g.direct() {
+                    let xm = Mat::n(xs, k, n);
+                    matmul(ys, n, Mat::n(w, g.cout, k), xm, acc, T::ONE, par_gemm)?;
+                    continue;
+                }
+                let mut r0 = 0;
+                while r0 < g.oh {
+                    let r1 = (r0 + tr).min(g.oh);
+                    let nt = (r1 - r0) * g.ow;
+                    im2col(g, xs, &mut col[..k * nt], nt, r0, r1);
+                    let cm = Mat::n(&col[..k * nt], k, nt);
+                    matmul(
+                        &mut ys[r0 * g.ow..],
+                        n,
+                        Mat::n(w, g.cout, k),
+                        cm,
+                        acc,
+                        T::ONE,
+                        par_gemm,
+                    )?;
+                    r0 = r1;
+                }
+            }
+            give_scratch(col);
+            give_scratch(out);
+            Ok(())
+        })?;
+    Ok(y)
+}
+
+/// Gradients of a convolution: `(dx, dw, db)`, each computed only when asked.
+pub struct ConvGrads<T> {
+    /// `(b, cin, h, w)`
+    pub dx: Option<Vec<T>>,
+    /// `(cout, cin, kh, kw)`
+    pub dw: Option<Vec<T>>,
+    /// `(cout,)`
+    pub db: Option<Vec<T>>,
+}
+
+/// `w [cout, cin, kh, kw]` → `w' [cin, cout, kh, kw]` with both spatial axes
+/// flipped (the kernel of the transposed convolution).
+fn flip_transpose<T: Real>(g: &ConvGeom, w: &[T]) -> Vec<T> {
+    let kk = g.kh * g.kw;
+    let mut out = vec![T::ZERO; w.len()];
+    for co in 0..g.cout {
+        for ci in 0..g.cin {
+            let src = &w[(co * g.cin + ci) * kk..(co * g.cin + ci + 1) * kk];
+            let dst = &mut out[(ci * g.cout + co) * kk..(ci * g.cout + co + 1) * kk];
+            for (d, s) in dst.iter_mut().zip(src.iter().rev()) {
+                *d = *s;
+            }
+        }
+    }
+    out
+}
+
+/// Backward convolution: from `x`, `w` and the output gradient `dy`.
+pub fn backward<T: Real>(
+    g: &ConvGeom,
+    x: &[T],
+    w: &[T],
+    dy: &[T],
+    need: [bool; 3],
+) -> Result<ConvGrads<T>> {
+    let [need_dx, need_dw, need_db] = need;
+    let (k, n) = (g.k(), g.n());
+    if x.len() != g.b * g.in_per() || w.len() != g.cout * k || dy.len() != g.b * g.out_per() {
+        bail!("conv2d kernel backward: data sizes do not match shapes {g:?}")
+    }
+    // Stride 1: dx is a plain convolution of dy (deep GEMMs, no col2im).
+    let dx_conv = if need_dx { g.transposed() } else { None };
+    let dx_col2im = need_dx && dx_conv.is_none();
+    let (chunk, par_gemm) = batch_split(g.b);
+    let nchunks = g.b.div_ceil(chunk).max(1);
+    let tr = g.tile_rows();
+    let nb = if need_dw || dx_col2im {
+        g.group(chunk)
+    } else {
+        1
+    };
+    let tile = match (g.direct(), nb) {
+        (true, _) => 0,
+        (false, 1) => k * tr * g.ow,
+        (false, _) => k * nb * n,
+    };
+    let mut dx = if dx_col2im {
+        vec![T::ZERO; g.b * g.in_per()]
+    } else {
+        Vec::new()
+    };
+    let dx_chunks: Vec<Option<&mut [T]>> = if dx_col2im && !dx.is_empty() {
+        dx.chunks_mut(chunk * g.in_per()).map(Some).collect()
+    } else {
+        (0..nchunks).map(|_| None).collect()
+    };
+    let partials = dx_chunks
+        .into_par_iter()
+        .enumerate()
+        .map(|(ci, mut dxc)| -> Result<(Vec<T>, Vec<T>)> {
+            let mut dw = vec![T::ZERO; if need_dw { g.cout * k } else { 0 }];
+            let mut db = vec![T::ZERO; if need_db { g.cout } else { 0 }];
+            let mut col = take_scratch::<T>(if need_dw { tile } else { 0 });
+            // One sample's (or tile's) im2col before its transposition into `col`.
+            let mut colt = take_scratch::<T>(if need_dw { k * tr * g.ow } else { 0 });
+            let mut dcol = take_scratch::<T>(if dx_col2im { tile } else { 0 });
+            let mut dycat = take_scratch::<T>(if nb > 1 { g.cout * nb * n } else { 0 });
+            let s_begin = ci * chunk;
+            let s_end = (s_begin + chunk).min(g.b);
+            if need_db {
+                for s in s_begin..s_end {
+                    let dys = &dy[s * g.out_per()..(s + 1) * g.out_per()];
+                    for (acc, row) in db.iter_mut().zip(dys.chunks(n)) {
+                        *acc += row.iter().copied().sum::<T>();
+                    }
+                }
+            }
+            if !need_dw && !dx_col2im {
+                return Ok((dw, db));
+            }
+            let mut s = s_begin;
+            while s < s_end {
+                let m = nb.min(s_end - s);
+                if m > 1 {
+                    // Several samples side by side: dy_cat (cout × m·n).
+                    let ld = m * n;
+                    for j in 0..m {
+                        let dys = &dy[(s + j) * g.out_per()..(s + j + 1) * g.out_per()];
+                        for (c, row) in dys.chunks(n).enumerate() {
+                            dycat[c * ld + j * n..c * ld + (j + 1) * n].copy_from_slice(row);
+                        }
+                    }
+                    let dym = Mat::n(&dycat[..g.cout * ld], g.cout, ld);
+                    if need_dw {
+                        for j in 0..m {
+                            let xs = &x[(s + j) * g.in_per()..(s + j + 1) * g.in_per()];
+                            im2col(g, xs, &mut colt[..k * n], n, 0, g.oh);
+                            transpose_into(
+                                &colt[..k * n],
+                                k,
+                                n,
+                                n,
+                                &mut col[j * n * k..(j + 1) * n * k],
+                                k,
+                            );
+                        }
+                        // dW (cout, k) += dy_cat (cout, m·n) · col_catᵀ (m·n, k)
+                        let cm = Mat::n(&col[..k * ld], ld, k);
+                        matmul(&mut dw, k, dym, cm, true, T::ONE, par_gemm)?;
+                    }
+                    if let Some(d) = dxc.as_deref_mut() {
+                        // dcol_cat (k, m·n) = Wᵀ (k, cout) · dy_cat (cout, m·n)
+                        let wt = Mat::t(w, g.cout, k);
+                        matmul(&mut dcol[..k * ld], ld, wt, dym, false, T::ONE, par_gemm)?;
+                        for j in 0..m {
+                            let o = (s + j - s_begin) * g.in_per();
+                            col2im(g, &dcol[j * n..], ld, &mut d[o..o + g.in_per()], 0, g.oh);
+                        }
+                    }
+                    s += m;
+                    continue;
+                }
+                let xs = &x[s * g.in_per()..(s + 1) * g.in_per()];
+                let dys = &dy[s * g.out_per()..(s + 1) * g.out_per()];
+                let o = (s - s_begin) * g.in_per();
+                let mut dxs = dxc.as_deref_mut().map(|d| &mut d[o..o + g.in_per()]);
+                s += 1;
+                if g.direct() {
+                    if need_dw {
+                        // dW (cout, cin) += dy (cout, n) · xᵀ (n, cin)
+                        let xm = Mat::t(xs, k, n);
+                        matmul(
+                            &mut dw,
+                            k,
+                            Mat::n(dys, g.cout, n),
+                            xm,
+                            true,
+                            T::ONE,
+                            par_gemm,
+                        )?;
+                    }
+                    if let Some(d) = dxs.as_deref_mut() {
+                        // dx (cin, n) = Wᵀ (cin, cout) · dy (cout, n)
+                        let wt = Mat::t(w, g.cout, k);
+                        matmul(d, n, wt, Mat::n(dys, g.cout, n), false, T::ONE, par_gemm)?;
+                    }
+                    continue;
+                }
+                let mut r0 = 0;
+                while r0 < g.oh {
+                    let r1 = (r0 + tr).min(g.oh);
+                    let nt = (r1 - r0) * g.ow;
+                    let dyt = Mat::n(&dys[r0 * g.ow..], g.cout, nt).ld(n);
+                    if need_dw {
+                        im2col(g, xs, &mut colt[..k * nt], nt, r0, r1);
+                        transpose_into(&colt[..k * nt], k, nt, nt, &mut col[..k * nt], k);
+                        // dW (cout, k) += dy_tile (cout, nt) · colᵀ (nt, k)
+                        let cm = Mat::n(&col[..k * nt], nt, k);
+                        matmul(&mut dw, k, dyt, cm, true, T::ONE, par_gemm)?;
+                    }
+                    if let Some(d) = dxs.as_deref_mut() {
+                        // dcol (k, nt) = Wᵀ (k, cout) · dy_tile (cout, nt)
+                        let wt = Mat::t(w, g.cout, k);
+                        matmul(&mut dcol[..k * nt], nt, wt, dyt, false, T::ONE, par_gemm)?;
+                        col2im(g, &dcol[..k * nt], nt, d, r0, r1);
+                    }
+                    r0 = r1;
+                }
+            }
+            for b in [col, colt, dcol, dycat] {
+                give_scratch(b);
+            }
+            Ok((dw, db))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let mut parts = partials.into_iter();
+    let (mut dw, mut db) = parts.next().unwrap_or_default();
+    for (pw, pb) in parts {
+        for (a, b) in dw.iter_mut().zip(pw) {
+            *a += b;
+        }
+        for (a, b) in db.iter_mut().zip(pb) {
+            *a += b;
+        }
+    }
+    let dx = match dx_conv {
+        Some(gt) => Some(forward(&gt, dy, &flip_transpose(g, w), None)?),
+        None => need_dx.then_some(dx),
+    };
+    Ok(ConvGrads {
+        dx,
+        dw: need_dw.then(|| {
+            if dw.is_empty() {
+                vec![T::ZERO; g.cout * k]
+            } else {
+                dw
+            }
+        }),
+        db: need_db.then(|| {
+            if db.is_empty() {
+                vec![T::ZERO; g.cout]
+            } else {
+                db
+            }
+        }),
+    })
+}
+
+/// Convolution custom op; `bias` selects the 3-input (x, w, b) form.
+#[derive(Debug, Clone, Copy)]
+pub struct Conv2dOp {
+    /// Stride (both axes).
+    pub stride: usize,
+    /// Zero padding (both axes, both sides).
+    pub padding: usize,
+}
+
+impl Conv2dOp {
+    fn fwd_dtype(
+        &self,
+        x: (&CpuStorage, &Layout),
+        w: (&CpuStorage, &Layout),
+        b: Option<(&CpuStorage, &Layout)>,
+    ) -> Result<(CpuStorage, Shape)> {
+        let g = ConvGeom::new(x.1.dims(), w.1.dims(), self.stride, self.padding)?;
+        fn run<T: Real>(
+            g: &ConvGeom,
+            x: (&CpuStorage, &Layout),
+            w: (&CpuStorage, &Layout),
+            b: Option<(&CpuStorage, &Layout)>,
+        ) -> Result<CpuStorage> {
+            let xs = super::slice_of::<T>(x.0, x.1, "conv2d x")?;
+            let ws = super::slice_of::<T>(w.0, w.1, "conv2d weight")?;
+            let bs = b
+                .map(|b| super::slice_of::<T>(b.0, b.1, "conv2d bias"))
+                .transpose()?;
+            Ok(T::to_cpu_storage_owned(forward(g, xs, ws, bs)?))
+        }
+        let out = match x.0.dtype() {
+            DType::F32 => run::<f32>(&g, x, w, b)?,
+            DType::F64 => run::<f64>(&g, x, w, b)?,
+            dt => bail!("conv2d kernel: unsupported dtype {dt:?} (use f32 or f64)"),
+        };
+        Ok((out, Shape::from(g.out_dims().to_vec())))
+    }
+
+    fn bwd_any(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: Option<&Tensor>,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let g = ConvGeom::new(x.dims(), w.dims(), self.stride, self.padding)?;
+        let grad = grad.contiguous()?;
+        let need = [x.track_op(), w.track_op(), b.is_some_and(|b| b.track_op())];
+        fn run<T: Real>(
+            g: &ConvGeom,
+            x: &Tensor,
+            w: &Tensor,
+            grad: &Tensor,
+            need: [bool; 3],
+        ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+            let gr = with_data::<T, _>(x, "conv2d x", |xs| {
+                with_data::<T, _>(w, "conv2d weight", |ws| {
+                    with_data::<T, _>(grad, "conv2d grad", |gs| backward(g, xs, ws, gs, need))
+                })
+            })?;
+            let dx = gr
+                .dx
+                .map(|d| tensor_from(d, &[g.b, g.cin, g.h, g.w]))
+                .transpose()?;
+            let dw = gr
+                .dw
+                .map(|d| tensor_from(d, &[g.cout, g.cin, g.kh, g.kw]))
+                .transpose()?;
+            let db = gr.db.map(|d| tensor_from(d, &[g.cout])).transpose()?;
+            Ok((dx, dw, db))
+        }
+        match x.dtype() {
+            DType::F32 => run::<f32>(&g, x, w, &grad, need),
+            DType::F64 => run::<f64>(&g, x, w, &grad, need),
+            dt => bail!("conv2d kernel backward: unsupported dtype {dt:?}"),
+        }
+    }
+}
+
+impl CustomOp2 for Conv2dOp {
+    fn name(&self) -> &'static str {
+        "eps2v-conv2d"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.fwd_dtype((s1, l1), (s2, l2), None)
+    }
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (dx, dw, _) = self.bwd_any(x, w, None, grad)?;
+        Ok((dx, dw))
+    }
+}
+
+impl CustomOp3 for Conv2dOp {
+    fn name(&self) -> &'static str {
+        "eps2v-conv2d-bias"
+    }
+    #[allow(clippy::too_many_arguments)]
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.fwd_dtype((s1, l1), (s2, l2), Some((s3, l3)))
+    }
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        self.bwd_any(x, w, Some(b), grad)
+    }
+}
+
+/// Differentiable conv2d on CPU f32/f64 tensors: `x (b, cin, h, w)`,
+/// `w [cout, cin, kh, kw]`, optional `bias [cout]` → `(b, cout, oh, ow)`.
+pub fn conv2d(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    stride: usize,
+    padding: usize,
+) -> Result<Tensor> {
+    let op = Conv2dOp { stride, padding };
+    let x = x.contiguous()?;
+    let w = w.to_dtype(x.dtype())?.contiguous()?;
+    match bias {
+        Some(b) => {
+            let b = b.to_dtype(x.dtype())?.contiguous()?;
+            x.apply_op3(&w, &b, op)
+        }
+        None => x.apply_op2(&w, op),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nn::kernels::test_util::{check_fd, grads, max_abs, max_diff, rand};
+    use crate::nn::ops::reference;
+    use candle_core::Var;
+
+    /// (b, cin, h, w, cout, k, stride, pad, bias)
+    type Case = (usize, usize, usize, usize, usize, usize, usize, usize, bool);
+    const CASES: &[Case] = &[
+        (2, 3, 5, 7, 4, 3, 1, 1, true),  // odd image, 3×3 pad 1
+        (1, 5, 6, 6, 3, 1, 1, 0, true),  // 1×1, batch 1
+        (3, 4, 7, 5, 6, 3, 2, 1, true),  // stride 2 pad 1, odd sizes
+        (2, 3, 8, 6, 5, 3, 2, 0, false), // VAE-style stride 2 pad 0, no bias
+        (1, 2, 4, 4, 3, 3, 1, 0, true),  // valid 3×3
+        (5, 9, 3, 4, 7, 3, 1, 1, true),  // batch > threads, channels not a multiple of 8
+    ];
+
+    fn inputs(c: &Case, dt: DType) -> Result<Vec<Tensor>> {
+        let &(b, cin, h, w, cout, k, _, _, bias) = c;
+        let mut v = vec![
+            rand(&[b, cin, h, w], 1, dt)?,
+            rand(&[cout, cin, k, k], 2, dt)?,
+        ];
+        if bias {
+            v.push(rand(&[cout], 3, dt)?);
+        }
+        Ok(v)
+    }
+
+    #[test]
+    fn conv_forward_and_grads_match_candle_f32() -> Result<()> {
+        for c in CASES {
+            let (s, p) = (c.6, c.7);
+            let ins = inputs(c, DType::F32)?;
+            let vars = ins
+                .iter()
+                .map(Var::from_tensor)
+                .collect::<Result<Vec<_>>>()?;
+            let probe_dims = {
+                let y = conv2d(&ins[0], &ins[1], ins.get(2), s, p)?;
+                y.dims().to_vec()
+            };
+            let probe = rand(&probe_dims, 9, DType::F32)?;
+            let (y1, g1) = grads(&vars, &probe, &|t| conv2d(&t[0], &t[1], t.get(2), s, p))?;
+            let (y2, g2) = grads(&vars, &probe, &|t| {
+                reference::conv2d(&t[0], &t[1], t.get(2), s, p)
+            })?;
+            let d = max_diff(&y1, &y2)?;
+            assert!(d < 1e-5 * (1.0 + max_abs(&y2)?), "{c:?} forward diff {d}");
+            for (a, b) in g1.iter().zip(&g2) {
+                let d = max_diff(a, b)?;
+                assert!(d < 1e-4 * (1.0 + max_abs(b)?), "{c:?} grad diff {d}");
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn conv_matches_candle_for_any_thread_count() -> Result<()> {
+        // 1 thread: whole batch in one chunk (multi-sample GEMMs);
+        // 7 threads: fewer samples than threads (parallel GEMMs).
+        for t in [1, 7] {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(t)
+                .build()
+                .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+            pool.install(|| -> Result<()> {
+                for c in CASES {
+                    let (s, p) = (c.6, c.7);
+                    let ins = inputs(c, DType::F32)?;
+                    let vars = ins
+                        .iter()
+                        .map(Var::from_tensor)
+                        .collect::<Result<Vec<_>>>()?;
+                    let dims = conv2d(&ins[0], &ins[1], ins.get(2), s, p)?.dims().to_vec();
+                    let probe = rand(&dims, 9, DType::F32)?;
+                    let (y1, g1) = grads(&vars, &probe, &|t| conv2d(&t[0], &t[1], t.get(2), s, p))?;
+                    let (y2, g2) = grads(&vars, &probe, &|t| {
+                        reference::conv2d(&t[0], &t[1], t.get(2), s, p)
+                    })?;
+                    assert!(
+                        max_diff(&y1, &y2)? < 1e-5 * (1.0 + max_abs(&y2)?),
+                        "{t} threads {c:?}"
+                    );
+                    for (a, b) in g1.iter().zip(&g2) {
+                        assert!(
+                            max_diff(a, b)? < 1e-4 * (1.0 + max_abs(b)?),
+                            "{t} threads {c:?}"
+                        );
+                    }
+                }
+                Ok(())
+            })?;
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn conv_grads_match_finite_differences_f64() -> Result<()> {
+        for c in CASES {
+            let (s, p) = (c.6, c.7);
+            let ins = inputs(c, DType::F64)?;
+            check_fd(&ins, &|t| conv2d(&t[0], &t[1], t.get(2), s, p), 12, 1e-6)?;
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn conv_tiles_large_images_exactly() -> Result<()> {
+        // 1 × 130 × 12 × 40: k·ow = 1170·40 > COL_BUDGET / 12 rows ⇒ several tiles.
+        let g = ConvGeom::new(&[1, 130, 12, 700], &[2, 130, 3, 3], 1, 1)?;
+        assert!(g.tile_rows() < g.oh, "test must exercise tiling");
+        let x = rand(&[1, 130, 12, 700], 4, DType::F32)?;
+        let w = rand(&[2, 130, 3, 3], 5, DType::F32)?;
+        let a = conv2d(&x, &w, None, 1, 1)?;
+        let b = reference::conv2d(&x, &w, None, 1, 1)?;
+        assert!(max_diff(&a, &b)? < 1e-4);
+        Ok(())
+    }
+
+    #[test]
+    fn untracked_input_gets_no_gradient() -> Result<()> {
+        let x = rand(&[2, 3, 5, 5], 1, DType::F32)?; // plain tensor, not a Var
+        let w = Var::from_tensor(&rand(&[4, 3, 3, 3], 2, DType::F32)?)?;
+        let y = conv2d(&x, w.as_tensor(), None, 1, 1)?;
+        let g = y.sum_all()?.backward()?;
+        assert!(g.get(&x).is_none());
+        assert!(g.get(w.as_tensor()).is_some());
+        Ok(())
+    }
+}
