@@ -1,0 +1,273 @@
+//! Training-step benchmark of the toy SDXL UNet (`UNetConfig::tiny()`) on
+//! CPU, issue 5 (`cargo bench --profile dev --bench train_unet [-- --steps N
+//! --rounds N]`).
+//!
+//! Toy training batch: 8 latents of 4×32×32 (256×256 images), per-sample
+//! timesteps, 77 context tokens of width `context_dim` (64), pooled text
+//! (8, 32) and 256×256 size conditioning ([`build_y`]); MSE against a random
+//! target, candle AdamW (lr 1e-4), f32, 2 threads. Weights come from
+//! [`init_params`] (seed 0). Forward (incl. the loss), backward and the
+//! optimizer step are timed separately; each is the median over the
+//! measured steps after 2 warm-up steps.
+//!
+//! As `benches/train.rs` does, each variant runs in its own child process
+//! (this executable re-run with `EPS2V_BENCH_MODE`) so that its peak RSS
+//! (`VmHWM`) is its own: `composite` is candle's own ops
+//! (`nn::ops::set_cpu_kernels(false)`), `kernels` the custom ops of
+//! `nn::kernels`. The same architecture built with diffusers'
+//! `UNet2DConditionModel` is in `benches/train_unet_ref.py` (run when
+//! `import torch, diffusers` works; the configuration mapping and the
+//! parameter-count check are documented there). The machine is shared, so
+//! the kernels and PyTorch run in `--rounds` interleaved rounds (default 3)
+//! and each keeps its round with the lowest median step; the composite runs
+//! once.
+
+use candle_core::{DType, Device, Result, Tensor};
+use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarBuilder, VarMap};
+use eps2v::models::sdxl::{build_y, init_params, SizeCond, UNet, UNetConfig, UNET_PREFIX};
+use eps2v::nn::ops;
+use rand::SeedableRng;
+use rand_distr::{Distribution, StandardNormal};
+use std::process::Command;
+use std::time::Instant;
+
+const BATCH: usize = 8;
+const LATENT: usize = 32;
+const TOKENS: usize = 77;
+const THREADS: &str = "2";
+const WARMUP: usize = 2;
+
+fn randn(rng: &mut rand_chacha::ChaCha8Rng, dims: &[usize]) -> Result<Tensor> {
+    let n: usize = dims.iter().product();
+    let v: Vec<f32> = (0..n).map(|_| StandardNormal.sample(rng)).collect();
+    Tensor::from_vec(v, dims, &Device::Cpu)
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+fn peak_rss_mb() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<f64>().ok())
+        })
+        .map_or(f64::NAN, |kb| kb / 1024.0)
+}
+
+/// One variant in this process; prints one JSON line.
+fn child(mode: &str, steps: usize) -> eps2v::Result<()> {
+    ops::set_cpu_kernels(mode == "kernels");
+    let dev = Device::Cpu;
+    let cfg = UNetConfig::tiny();
+    let varmap = VarMap::new();
+    let unet = UNet::new(
+        VarBuilder::from_varmap(&varmap, DType::F32, &dev).pp(UNET_PREFIX),
+        &cfg,
+    )?;
+    init_params(&varmap, 0)?;
+    let vars = varmap.all_vars();
+    let params: usize = vars.iter().map(|v| v.elem_count()).sum();
+    let mut opt = AdamW::new(
+        vars,
+        ParamsAdamW {
+            lr: 1e-4,
+            ..Default::default()
+        },
+    )?;
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
+    let x = randn(&mut rng, &[BATCH, cfg.in_channels, LATENT, LATENT])?; // (8, 4, 32, 32)
+    let target = randn(&mut rng, &[BATCH, cfg.out_channels, LATENT, LATENT])?;
+    let ctx = randn(&mut rng, &[BATCH, TOKENS, cfg.context_dim])?; // (8, 77, 64)
+    let pooled = randn(&mut rng, &[BATCH, cfg.pooled_dim])?; // (8, 32)
+    let px = (LATENT * 8) as f32;
+    let y = build_y(&pooled, &vec![SizeCond::inference(px, px); BATCH])?; // (8, 1568)
+    let ts: Vec<f32> = (0..BATCH)
+        .map(|i| 999.0 * i as f32 / (BATCH - 1).max(1) as f32)
+        .collect();
+    let t = Tensor::from_vec(ts, BATCH, &dev)?; // (8,)
+    let (mut fw, mut bw, mut op, mut st) = (vec![], vec![], vec![], vec![]);
+    let mut last_loss = 0f32;
+    for i in 0..WARMUP + steps {
+        let t0 = Instant::now();
+        let out = unet.forward(&x, &t, &ctx, &y)?; // (8, 4, 32, 32)
+        let loss = (out - &target)?.sqr()?.mean_all()?;
+        let t1 = Instant::now();
+        let grads = loss.backward()?;
+        let t2 = Instant::now();
+        opt.step(&grads)?;
+        let t3 = Instant::now();
+        last_loss = loss.to_scalar::<f32>()?;
+        if i >= WARMUP {
+            fw.push((t1 - t0).as_secs_f64() * 1e3);
+            bw.push((t2 - t1).as_secs_f64() * 1e3);
+            op.push((t3 - t2).as_secs_f64() * 1e3);
+            st.push((t3 - t0).as_secs_f64() * 1e3);
+        }
+    }
+    println!(
+        "{{\"forward_ms\":{:.3},\"backward_ms\":{:.3},\"optimizer_ms\":{:.3},\"step_ms\":{:.3},\"peak_rss_mb\":{:.1},\"params\":{params},\"loss\":{}}}",
+        median(&mut fw),
+        median(&mut bw),
+        median(&mut op),
+        median(&mut st),
+        peak_rss_mb(),
+        last_loss
+    );
+    Ok(())
+}
+
+#[derive(Default, Clone, Copy)]
+struct Row {
+    forward_ms: f64,
+    backward_ms: f64,
+    optimizer_ms: f64,
+    step_ms: f64,
+    peak_rss_mb: f64,
+    params: f64,
+}
+
+fn parse_row(out: &str) -> Option<Row> {
+    let line = out
+        .lines()
+        .rev()
+        .find(|l| l.trim_start().starts_with('{'))?;
+    let v: serde_json::Value = serde_json::from_str(line).ok()?;
+    let f = |k: &str| v.get(k).and_then(|x| x.as_f64()).unwrap_or(f64::NAN);
+    Some(Row {
+        forward_ms: f("forward_ms"),
+        backward_ms: f("backward_ms"),
+        optimizer_ms: f("optimizer_ms"),
+        step_ms: f("step_ms"),
+        peak_rss_mb: f("peak_rss_mb"),
+        params: f("params"),
+    })
+}
+
+fn run_child(mode: &str, steps: usize) -> Option<Row> {
+    let exe = std::env::current_exe().ok()?;
+    let out = Command::new(exe)
+        .env("EPS2V_BENCH_MODE", mode)
+        .env("EPS2V_BENCH_STEPS", steps.to_string())
+        .env("RAYON_NUM_THREADS", THREADS)
+        .output()
+        .ok()?;
+    if !out.status.success() {
+        eprintln!("{mode}: failed: {}", String::from_utf8_lossy(&out.stderr));
+        return None;
+    }
+    parse_row(&String::from_utf8_lossy(&out.stdout))
+}
+
+fn torch_available() -> bool {
+    let ok = Command::new("python3")
+        .args(["-c", "import torch, diffusers"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !ok {
+        eprintln!("pytorch: `import torch, diffusers` failed; skipping the reference");
+    }
+    ok
+}
+
+fn run_torch(steps: usize) -> Option<Row> {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/benches/train_unet_ref.py");
+    let out = Command::new("python3")
+        .args([script, "--steps", &steps.to_string(), "--threads", THREADS])
+        .env("OMP_NUM_THREADS", THREADS)
+        .output()
+        .ok()?;
+    if !out.status.success() {
+        eprintln!("pytorch: failed: {}", String::from_utf8_lossy(&out.stderr));
+        return None;
+    }
+    parse_row(&String::from_utf8_lossy(&out.stdout))
+}
+
+fn arg<T: std::str::FromStr>(args: &[String], name: &str) -> Option<T> {
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .and_then(|s| s.parse().ok())
+}
+
+fn main() -> eps2v::Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    let steps = std::env::var("EPS2V_BENCH_STEPS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .or_else(|| arg(&args, "--steps"))
+        .unwrap_or(10usize)
+        .max(1);
+    if let Ok(mode) = std::env::var("EPS2V_BENCH_MODE") {
+        return child(&mode, steps);
+    }
+    let rounds = arg(&args, "--rounds").unwrap_or(3usize).max(1);
+    println!(
+        "train step: toy UNet (UNetConfig::tiny()), batch {BATCH} x 4x{LATENT}x{LATENT} latents, {TOKENS}x64 context, f32, MSE, AdamW, {THREADS} threads; median of {steps} steps after {WARMUP} warm-up; kernels and PyTorch: best of {rounds} interleaved rounds"
+    );
+    let best = |a: Option<Row>, b: Option<Row>| match (a, b) {
+        (Some(x), Some(y)) => Some(if y.step_ms < x.step_ms { y } else { x }),
+        (x, y) => x.or(y),
+    };
+    let composite = run_child("composite", steps.div_ceil(2).max(3));
+    let has_torch = torch_available();
+    let (mut kernels, mut torch) = (None, None);
+    for _ in 0..rounds {
+        kernels = best(kernels, run_child("kernels", steps));
+        if has_torch {
+            torch = best(torch, run_torch(steps));
+        }
+    }
+    let count = |r: Option<Row>| r.map_or("-".to_string(), |r| format!("{}", r.params));
+    println!(
+        "parameters: eps2v {}, diffusers {}",
+        count(kernels.or(composite)),
+        count(torch)
+    );
+    println!();
+    println!("| variant | forward ms | backward ms | optimizer ms | step ms | peak RSS MB |");
+    println!("|---|---|---|---|---|---|");
+    for (name, row) in [
+        ("candle composite", composite),
+        ("eps2v kernels", kernels),
+        ("PyTorch (CPU)", torch),
+    ] {
+        match row {
+            Some(r) => println!(
+                "| {name} | {:.1} | {:.1} | {:.1} | {:.1} | {:.0} |",
+                r.forward_ms, r.backward_ms, r.optimizer_ms, r.step_ms, r.peak_rss_mb
+            ),
+            None => println!("| {name} | - | - | - | - | - |"),
+        }
+    }
+    println!();
+    if let Some(k) = kernels {
+        println!(
+            "backward / forward (kernels): {:.2}x (target <= 2.5x)",
+            k.backward_ms / k.forward_ms
+        );
+        if let Some(c) = composite {
+            println!(
+                "kernels speed-up over composite: forward {:.1}x, backward {:.1}x, step {:.1}x",
+                c.forward_ms / k.forward_ms,
+                c.backward_ms / k.backward_ms,
+                c.step_ms / k.step_ms
+            );
+        }
+        if let Some(t) = torch {
+            println!(
+                "kernels / PyTorch: forward {:.2}x (target <= 1.5x), backward {:.2}x, step {:.2}x (target <= 1.5x)",
+                k.forward_ms / t.forward_ms,
+                k.backward_ms / t.backward_ms,
+                k.step_ms / t.step_ms
+            );
+        }
+    }
+    Ok(())
+}
