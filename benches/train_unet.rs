@@ -20,9 +20,10 @@
 //! parameter-count check are documented there). The machine is shared, so
 //! the kernels and PyTorch run in `--rounds` interleaved rounds (default 3)
 //! and each keeps its round with the lowest median step; the composite runs
-//! once.
+//! once. `--profile` then adds per-op forward/backward times of the kernels
+//! path at the UNet's shapes (where the step's time goes).
 
-use candle_core::{DType, Device, Result, Tensor};
+use candle_core::{DType, Device, Result, Tensor, Var};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarBuilder, VarMap};
 use eps2v::models::sdxl::{build_y, init_params, SizeCond, UNet, UNetConfig, UNET_PREFIX};
 use eps2v::nn::ops;
@@ -205,6 +206,9 @@ fn main() -> eps2v::Result<()> {
         .unwrap_or(10usize)
         .max(1);
     if let Ok(mode) = std::env::var("EPS2V_BENCH_MODE") {
+        if mode == "profile" {
+            return Ok(profile()?);
+        }
         return child(&mode, steps);
     }
     let rounds = arg(&args, "--rounds").unwrap_or(3usize).max(1);
@@ -269,5 +273,228 @@ fn main() -> eps2v::Result<()> {
             );
         }
     }
+    if args.iter().any(|a| a == "--profile") {
+        println!();
+        let exe = std::env::current_exe().map_err(|e| eps2v::Error::io("current_exe", e))?;
+        let out = Command::new(&exe)
+            .env("EPS2V_BENCH_MODE", "profile")
+            .env("RAYON_NUM_THREADS", THREADS)
+            .output()
+            .map_err(|e| eps2v::Error::io(&exe, e))?;
+        print!("{}", String::from_utf8_lossy(&out.stdout));
+        eprint!("{}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(())
+}
+
+/// One op at the UNet's shapes: forward and backward (of `sum(out)`) time,
+/// median of 5 after one warm-up, on the current path.
+fn time_op(
+    rng: &mut rand_chacha::ChaCha8Rng,
+    inputs: &[&[usize]],
+    f: &dyn Fn(&[Tensor]) -> Result<Tensor>,
+) -> Result<(f64, f64)> {
+    let vars = inputs
+        .iter()
+        .map(|d| Var::from_tensor(&(randn(rng, d)? * 0.1)?))
+        .collect::<Result<Vec<_>>>()?;
+    let xs: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+    let (mut fw, mut bw) = (vec![], vec![]);
+    for i in 0..6 {
+        let t0 = Instant::now();
+        let y = f(&xs)?.sum_all()?;
+        let t1 = Instant::now();
+        let _grads = y.backward()?;
+        let t2 = Instant::now();
+        if i > 0 {
+            fw.push((t1 - t0).as_secs_f64() * 1e3);
+            bw.push((t2 - t1).as_secs_f64() * 1e3);
+        }
+    }
+    Ok((median(&mut fw), median(&mut bw)))
+}
+
+/// `--profile`: per-op forward/backward times of the kernels path at the toy
+/// UNet's training shapes, with approximate calls per UNet forward
+/// (convolutions with other input widths are counted at the level width).
+fn profile() -> Result<()> {
+    ops::set_cpu_kernels(true);
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
+    let b = BATCH;
+    let conv = |xs: &[Tensor]| ops::conv2d(&xs[0], &xs[1], Some(&xs[2]), 1, 1);
+    let gn = |g: usize| move |xs: &[Tensor]| ops::group_norm(&xs[0], g, &xs[1], &xs[2], 1e-5, true);
+    let lin = |xs: &[Tensor]| ops::linear(&xs[0], &xs[1], Some(&xs[2]));
+    let ln = |xs: &[Tensor]| ops::layer_norm(&xs[0], &xs[1], &xs[2], 1e-5);
+    let attn = |xs: &[Tensor]| ops::attention(&xs[0], &xs[1], &xs[2], 0.25, false);
+    let geglu = |xs: &[Tensor]| {
+        let inner = xs[0].dim(2)? / 2;
+        let v = xs[0].narrow(2, 0, inner)?;
+        let g = xs[0].narrow(2, inner, inner)?;
+        v * ops::gelu_erf(&g)?
+    };
+    type OpFn<'a> = &'a dyn Fn(&[Tensor]) -> Result<Tensor>;
+    let gn8 = gn(8);
+    let rows: Vec<(&str, usize, Vec<Vec<usize>>, OpFn)> = vec![
+        (
+            "conv3x3 32ch 32x32",
+            10,
+            vec![vec![b, 32, 32, 32], vec![32, 32, 3, 3], vec![32]],
+            &conv,
+        ),
+        (
+            "conv3x3 64ch 32x32 (up)",
+            1,
+            vec![vec![b, 64, 32, 32], vec![64, 64, 3, 3], vec![64]],
+            &conv,
+        ),
+        (
+            "conv3x3 64ch 16x16",
+            10,
+            vec![vec![b, 64, 16, 16], vec![64, 64, 3, 3], vec![64]],
+            &conv,
+        ),
+        (
+            "conv3x3 128ch 16x16 (up)",
+            1,
+            vec![vec![b, 128, 16, 16], vec![128, 128, 3, 3], vec![128]],
+            &conv,
+        ),
+        (
+            "conv3x3 128ch 8x8",
+            14,
+            vec![vec![b, 128, 8, 8], vec![128, 128, 3, 3], vec![128]],
+            &conv,
+        ),
+        (
+            "groupnorm+silu 32ch 32x32",
+            13,
+            vec![vec![b, 32, 32, 32], vec![32], vec![32]],
+            &gn8,
+        ),
+        (
+            "groupnorm+silu 64ch 16x16",
+            12,
+            vec![vec![b, 64, 16, 16], vec![64], vec![64]],
+            &gn8,
+        ),
+        (
+            "groupnorm+silu 128ch 8x8",
+            18,
+            vec![vec![b, 128, 8, 8], vec![128], vec![128]],
+            &gn8,
+        ),
+        (
+            "linear 64->64 x2048 tok",
+            40,
+            vec![vec![b, 256, 64], vec![64, 64], vec![64]],
+            &lin,
+        ),
+        (
+            "linear 64->512 x2048 tok",
+            5,
+            vec![vec![b, 256, 64], vec![512, 64], vec![512]],
+            &lin,
+        ),
+        (
+            "linear 256->64 x2048 tok",
+            5,
+            vec![vec![b, 256, 256], vec![64, 256], vec![64]],
+            &lin,
+        ),
+        (
+            "linear 128->128 x512 tok",
+            48,
+            vec![vec![b, 64, 128], vec![128, 128], vec![128]],
+            &lin,
+        ),
+        (
+            "linear 128->1024 x512 tok",
+            6,
+            vec![vec![b, 64, 128], vec![1024, 128], vec![1024]],
+            &lin,
+        ),
+        (
+            "linear 512->128 x512 tok",
+            6,
+            vec![vec![b, 64, 512], vec![128, 512], vec![128]],
+            &lin,
+        ),
+        (
+            "linear ctx 64->64/128 x616 tok",
+            22,
+            vec![vec![b, TOKENS, 64], vec![96, 64], vec![96]],
+            &lin,
+        ),
+        (
+            "layernorm 64 x2048 tok",
+            15,
+            vec![vec![b, 256, 64], vec![64], vec![64]],
+            &ln,
+        ),
+        (
+            "layernorm 128 x512 tok",
+            18,
+            vec![vec![b, 64, 128], vec![128], vec![128]],
+            &ln,
+        ),
+        (
+            "self-attn 4h 256 tok",
+            5,
+            vec![vec![b, 4, 256, 16]; 3],
+            &attn,
+        ),
+        (
+            "cross-attn 4h 256x77 tok",
+            5,
+            vec![
+                vec![b, 4, 256, 16],
+                vec![b, 4, TOKENS, 16],
+                vec![b, 4, TOKENS, 16],
+            ],
+            &attn,
+        ),
+        ("self-attn 8h 64 tok", 6, vec![vec![b, 8, 64, 16]; 3], &attn),
+        (
+            "cross-attn 8h 64x77 tok",
+            6,
+            vec![
+                vec![b, 8, 64, 16],
+                vec![b, 8, TOKENS, 16],
+                vec![b, 8, TOKENS, 16],
+            ],
+            &attn,
+        ),
+        (
+            "geglu gate 256ch x2048 tok",
+            5,
+            vec![vec![b, 256, 512]],
+            &geglu,
+        ),
+        (
+            "geglu gate 512ch x512 tok",
+            6,
+            vec![vec![b, 64, 1024]],
+            &geglu,
+        ),
+    ];
+    println!("| op (kernels path, batch {b}) | calls/forward | forward ms/call | backward ms/call | total ms/step |");
+    println!("|---|---|---|---|---|");
+    let (mut tf, mut tb) = (0.0, 0.0);
+    for (name, calls, dims, f) in rows {
+        let dims: Vec<&[usize]> = dims.iter().map(|d| d.as_slice()).collect();
+        let (fw, bw) = time_op(&mut rng, &dims, f)?;
+        tf += fw * calls as f64;
+        tb += bw * calls as f64;
+        println!(
+            "| {name} | {calls} | {fw:.2} | {bw:.2} | {:.0} (fwd {:.0}, bwd {:.0}) |",
+            (fw + bw) * calls as f64,
+            fw * calls as f64,
+            bw * calls as f64
+        );
+    }
+    println!(
+        "| sum of the above | | | | {:.0} (fwd {tf:.0}, bwd {tb:.0}) |",
+        tf + tb
+    );
     Ok(())
 }
