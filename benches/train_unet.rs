@@ -87,7 +87,7 @@ fn child(mode: &str, steps: usize) -> eps2v::Result<()> {
     let ctx = randn(&mut rng, &[BATCH, TOKENS, cfg.context_dim])?; // (8, 77, 64)
     let pooled = randn(&mut rng, &[BATCH, cfg.pooled_dim])?; // (8, 32)
     let px = (LATENT * 8) as f32;
-    let y = build_y(&pooled, &vec![SizeCond::inference(px, px); BATCH])?; // (8, 1568)
+    let y = build_y(&pooled, &[SizeCond::inference(px, px); BATCH])?; // (8, 1568)
     let ts: Vec<f32> = (0..BATCH)
         .map(|i| 999.0 * i as f32 / (BATCH - 1).max(1) as f32)
         .collect();
