@@ -316,7 +316,8 @@ fn time_op(
 
 /// `--profile`: per-op forward/backward times of the kernels path at the toy
 /// UNet's training shapes, with approximate calls per UNet forward
-/// (convolutions with other input widths are counted at the level width).
+/// (convolutions with other input widths are counted at the level width;
+/// rows with 0 calls are diagnostics that split a cost, not counted).
 fn profile() -> Result<()> {
     ops::set_cpu_kernels(true);
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
@@ -324,6 +325,8 @@ fn profile() -> Result<()> {
     let conv = |xs: &[Tensor]| ops::conv2d(&xs[0], &xs[1], Some(&xs[2]), 1, 1);
     let gn = |g: usize| move |xs: &[Tensor]| ops::group_norm(&xs[0], g, &xs[1], &xs[2], 1e-5, true);
     let lin = |xs: &[Tensor]| ops::linear(&xs[0], &xs[1], Some(&xs[2]));
+    let lin_nb = |xs: &[Tensor]| ops::linear(&xs[0], &xs[1], None);
+    let gelu = |xs: &[Tensor]| ops::gelu_erf(&xs[0]);
     let ln = |xs: &[Tensor]| ops::layer_norm(&xs[0], &xs[1], &xs[2], 1e-5);
     let attn = |xs: &[Tensor]| ops::attention(&xs[0], &xs[1], &xs[2], 0.25, false);
     let geglu = |xs: &[Tensor]| {
@@ -394,6 +397,18 @@ fn profile() -> Result<()> {
             5,
             vec![vec![b, 256, 64], vec![512, 64], vec![512]],
             &lin,
+        ),
+        (
+            "(diagnostic) linear 64->64 x2048 tok, no bias",
+            0,
+            vec![vec![b, 256, 64], vec![64, 64]],
+            &lin_nb,
+        ),
+        (
+            "(diagnostic) gelu_erf alone 256ch x2048 tok",
+            0,
+            vec![vec![b, 256, 256]],
+            &gelu,
         ),
         (
             "linear 256->64 x2048 tok",
