@@ -101,7 +101,7 @@ impl Manifest {
              PRAGMA synchronous = NORMAL;
              PRAGMA foreign_keys = ON;
              PRAGMA temp_store = MEMORY;
-             PRAGMA cache_size = -65536;",
+             PRAGMA cache_size = -262144;",
         )
         .map_err(|e| manifest_err(&db_path, e))?;
         let mut m = Self {
