@@ -17,19 +17,18 @@
 //! because the development machine is shared, the kernels and PyTorch run in
 //! `--rounds N` interleaved rounds (default 3) and each reports its round
 //! with the lowest median step (the composite, ~3 s/step, runs once).
-//! The toy UNet (`UNetConfig::tiny()`) is not on main yet, so only this
-//! conv net is measured.
+//! The toy UNet (`UNetConfig::tiny()`) is measured by `--bench train_unet`.
 
 use candle_core::{DType, Device, Module, Result, Tensor, Var};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarBuilder, VarMap};
 use eps2v::nn::{ops, Conv2d, GroupNorm, Linear};
 use rand::SeedableRng;
-use rand_distr::{Distribution, StandardNormal};
-use std::process::Command;
 use std::time::Instant;
 
+mod common;
+use common::{best, median, peak_rss_mb, python_has, randn, run_child, run_python, Row, THREADS};
+
 const BATCH: usize = 32;
-const THREADS: &str = "2";
 
 /// GroupNorm+SiLU+conv, twice, plus the identity skip.
 struct ResBlock {
@@ -135,34 +134,6 @@ impl Net {
     }
 }
 
-fn randn(rng: &mut rand_chacha::ChaCha8Rng, dims: &[usize], std: f32) -> Result<Tensor> {
-    let n: usize = dims.iter().product();
-    let v: Vec<f32> = (0..n)
-        .map(|_| {
-            let z: f32 = StandardNormal.sample(rng);
-            z * std
-        })
-        .collect();
-    Tensor::from_vec(v, dims, &Device::Cpu)
-}
-
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
-}
-
-fn peak_rss_mb() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|kb| kb.parse::<f64>().ok())
-        })
-        .map_or(f64::NAN, |kb| kb / 1024.0)
-}
-
 /// One variant in this process; prints one JSON line.
 fn child(mode: &str, steps: usize) -> Result<()> {
     ops::set_cpu_kernels(mode == "kernels");
@@ -232,69 +203,14 @@ fn child(mode: &str, steps: usize) -> Result<()> {
     Ok(())
 }
 
-#[derive(Default, Clone, Copy)]
-struct Row {
-    forward_ms: f64,
-    backward_ms: f64,
-    optimizer_ms: f64,
-    step_ms: f64,
-    peak_rss_mb: f64,
-}
-
-fn parse_row(out: &str) -> Option<Row> {
-    let line = out
-        .lines()
-        .rev()
-        .find(|l| l.trim_start().starts_with('{'))?;
-    let v: serde_json::Value = serde_json::from_str(line).ok()?;
-    let f = |k: &str| v.get(k).and_then(|x| x.as_f64()).unwrap_or(f64::NAN);
-    Some(Row {
-        forward_ms: f("forward_ms"),
-        backward_ms: f("backward_ms"),
-        optimizer_ms: f("optimizer_ms"),
-        step_ms: f("step_ms"),
-        peak_rss_mb: f("peak_rss_mb"),
-    })
-}
-
-fn run_child(mode: &str, steps: usize) -> Option<Row> {
-    let exe = std::env::current_exe().ok()?;
-    let out = Command::new(exe)
-        .env("EPS2V_BENCH_MODE", mode)
-        .env("EPS2V_BENCH_STEPS", steps.to_string())
-        .env("RAYON_NUM_THREADS", THREADS)
-        .output()
-        .ok()?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    if !out.status.success() {
-        eprintln!("{mode}: failed: {}", String::from_utf8_lossy(&out.stderr));
+fn torch_row(steps: usize) -> Option<Row> {
+    if !python_has("torch") {
         return None;
     }
-    parse_row(&text)
-}
-
-fn run_torch(steps: usize) -> Option<Row> {
-    let ok = Command::new("python3")
-        .args(["-c", "import torch"])
-        .output()
-        .ok()?
-        .status
-        .success();
-    if !ok {
-        eprintln!("pytorch: `import torch` failed; skipping the reference");
-        return None;
-    }
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/benches/train_ref.py");
-    let out = Command::new("python3")
-        .args([script, "--steps", &steps.to_string(), "--threads", THREADS])
-        .env("OMP_NUM_THREADS", THREADS)
-        .output()
-        .ok()?;
-    if !out.status.success() {
-        eprintln!("pytorch: failed: {}", String::from_utf8_lossy(&out.stderr));
-        return None;
-    }
-    parse_row(&String::from_utf8_lossy(&out.stdout))
+    run_python(
+        concat!(env!("CARGO_MANIFEST_DIR"), "/benches/train_ref.py"),
+        steps,
+    )
 }
 
 fn main() -> Result<()> {
@@ -312,7 +228,7 @@ fn main() -> Result<()> {
         return child(&mode, steps);
     }
     println!("train step: conv net (4 res blocks 32ch 16x16, stride-2 conv, 4 res blocks 64ch 8x8, attention over 64 tokens, nearest x2), batch {BATCH}, f32, AdamW, {THREADS} threads; median of {steps} steps after 2 warm-up; kernels and PyTorch: best of interleaved rounds (--rounds)");
-    println!("(toy UNet UNetConfig::tiny() not on main yet: conv net only)");
+    println!("(the toy UNet has its own benchmark: --bench train_unet)");
     // The development machine is shared: kernels and PyTorch run in
     // interleaved rounds and each keeps its round with the lowest median step.
     let rounds = args
@@ -322,15 +238,11 @@ fn main() -> Result<()> {
         .and_then(|s| s.parse().ok())
         .unwrap_or(3usize)
         .max(1);
-    let best = |a: Option<Row>, b: Option<Row>| match (a, b) {
-        (Some(x), Some(y)) => Some(if y.step_ms < x.step_ms { y } else { x }),
-        (x, y) => x.or(y),
-    };
     let composite = run_child("composite", steps.div_ceil(2).max(3));
     let (mut kernels, mut torch) = (None, None);
     for _ in 0..rounds {
         kernels = best(kernels, run_child("kernels", steps));
-        torch = best(torch, run_torch(steps));
+        torch = best(torch, torch_row(steps));
     }
     println!();
     println!("| variant | forward ms | backward ms | optimizer ms | step ms | peak RSS MB |");

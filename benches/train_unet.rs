@@ -28,38 +28,17 @@ use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarBuilder, VarMap};
 use eps2v::models::sdxl::{build_y, init_params, SizeCond, UNet, UNetConfig, UNET_PREFIX};
 use eps2v::nn::ops;
 use rand::SeedableRng;
-use rand_distr::{Distribution, StandardNormal};
-use std::process::Command;
 use std::time::Instant;
+
+use std::process::Command;
+
+mod common;
+use common::{best, median, peak_rss_mb, python_has, randn, run_child, run_python, Row, THREADS};
 
 const BATCH: usize = 8;
 const LATENT: usize = 32;
 const TOKENS: usize = 77;
-const THREADS: &str = "2";
 const WARMUP: usize = 2;
-
-fn randn(rng: &mut rand_chacha::ChaCha8Rng, dims: &[usize]) -> Result<Tensor> {
-    let n: usize = dims.iter().product();
-    let v: Vec<f32> = (0..n).map(|_| StandardNormal.sample(rng)).collect();
-    Tensor::from_vec(v, dims, &Device::Cpu)
-}
-
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
-}
-
-fn peak_rss_mb() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|kb| kb.parse::<f64>().ok())
-        })
-        .map_or(f64::NAN, |kb| kb / 1024.0)
-}
 
 /// One variant in this process; prints one JSON line.
 fn child(mode: &str, steps: usize) -> eps2v::Result<()> {
@@ -82,10 +61,10 @@ fn child(mode: &str, steps: usize) -> eps2v::Result<()> {
         },
     )?;
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
-    let x = randn(&mut rng, &[BATCH, cfg.in_channels, LATENT, LATENT])?; // (8, 4, 32, 32)
-    let target = randn(&mut rng, &[BATCH, cfg.out_channels, LATENT, LATENT])?;
-    let ctx = randn(&mut rng, &[BATCH, TOKENS, cfg.context_dim])?; // (8, 77, 64)
-    let pooled = randn(&mut rng, &[BATCH, cfg.pooled_dim])?; // (8, 32)
+    let x = randn(&mut rng, &[BATCH, cfg.in_channels, LATENT, LATENT], 1.0)?; // (8, 4, 32, 32)
+    let target = randn(&mut rng, &[BATCH, cfg.out_channels, LATENT, LATENT], 1.0)?;
+    let ctx = randn(&mut rng, &[BATCH, TOKENS, cfg.context_dim], 1.0)?; // (8, 77, 64)
+    let pooled = randn(&mut rng, &[BATCH, cfg.pooled_dim], 1.0)?; // (8, 32)
     let px = (LATENT * 8) as f32;
     let y = build_y(&pooled, &[SizeCond::inference(px, px); BATCH])?; // (8, 1568)
     let ts: Vec<f32> = (0..BATCH)
@@ -123,73 +102,6 @@ fn child(mode: &str, steps: usize) -> eps2v::Result<()> {
     Ok(())
 }
 
-#[derive(Default, Clone, Copy)]
-struct Row {
-    forward_ms: f64,
-    backward_ms: f64,
-    optimizer_ms: f64,
-    step_ms: f64,
-    peak_rss_mb: f64,
-    params: f64,
-}
-
-fn parse_row(out: &str) -> Option<Row> {
-    let line = out
-        .lines()
-        .rev()
-        .find(|l| l.trim_start().starts_with('{'))?;
-    let v: serde_json::Value = serde_json::from_str(line).ok()?;
-    let f = |k: &str| v.get(k).and_then(|x| x.as_f64()).unwrap_or(f64::NAN);
-    Some(Row {
-        forward_ms: f("forward_ms"),
-        backward_ms: f("backward_ms"),
-        optimizer_ms: f("optimizer_ms"),
-        step_ms: f("step_ms"),
-        peak_rss_mb: f("peak_rss_mb"),
-        params: f("params"),
-    })
-}
-
-fn run_child(mode: &str, steps: usize) -> Option<Row> {
-    let exe = std::env::current_exe().ok()?;
-    let out = Command::new(exe)
-        .env("EPS2V_BENCH_MODE", mode)
-        .env("EPS2V_BENCH_STEPS", steps.to_string())
-        .env("RAYON_NUM_THREADS", THREADS)
-        .output()
-        .ok()?;
-    if !out.status.success() {
-        eprintln!("{mode}: failed: {}", String::from_utf8_lossy(&out.stderr));
-        return None;
-    }
-    parse_row(&String::from_utf8_lossy(&out.stdout))
-}
-
-fn torch_available() -> bool {
-    let ok = Command::new("python3")
-        .args(["-c", "import torch, diffusers"])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !ok {
-        eprintln!("pytorch: `import torch, diffusers` failed; skipping the reference");
-    }
-    ok
-}
-
-fn run_torch(steps: usize) -> Option<Row> {
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/benches/train_unet_ref.py");
-    let out = Command::new("python3")
-        .args([script, "--steps", &steps.to_string(), "--threads", THREADS])
-        .env("OMP_NUM_THREADS", THREADS)
-        .output()
-        .ok()?;
-    if !out.status.success() {
-        eprintln!("pytorch: failed: {}", String::from_utf8_lossy(&out.stderr));
-        return None;
-    }
-    parse_row(&String::from_utf8_lossy(&out.stdout))
-}
-
 fn arg<T: std::str::FromStr>(args: &[String], name: &str) -> Option<T> {
     args.iter()
         .position(|a| a == name)
@@ -215,17 +127,19 @@ fn main() -> eps2v::Result<()> {
     println!(
         "train step: toy UNet (UNetConfig::tiny()), batch {BATCH} x 4x{LATENT}x{LATENT} latents, {TOKENS}x64 context, f32, MSE, AdamW, {THREADS} threads; median of {steps} steps after {WARMUP} warm-up; kernels and PyTorch: best of {rounds} interleaved rounds"
     );
-    let best = |a: Option<Row>, b: Option<Row>| match (a, b) {
-        (Some(x), Some(y)) => Some(if y.step_ms < x.step_ms { y } else { x }),
-        (x, y) => x.or(y),
-    };
     let composite = run_child("composite", steps.div_ceil(2).max(3));
-    let has_torch = torch_available();
+    let has_torch = python_has("torch, diffusers");
     let (mut kernels, mut torch) = (None, None);
     for _ in 0..rounds {
         kernels = best(kernels, run_child("kernels", steps));
         if has_torch {
-            torch = best(torch, run_torch(steps));
+            torch = best(
+                torch,
+                run_python(
+                    concat!(env!("CARGO_MANIFEST_DIR"), "/benches/train_unet_ref.py"),
+                    steps,
+                ),
+            );
         }
     }
     let count = |r: Option<Row>| r.map_or("-".to_string(), |r| format!("{}", r.params));
@@ -297,7 +211,7 @@ fn time_op(
 ) -> Result<(f64, f64)> {
     let vars = inputs
         .iter()
-        .map(|d| Var::from_tensor(&(randn(rng, d)? * 0.1)?))
+        .map(|d| Var::from_tensor(&(randn(rng, d, 1.0)? * 0.1)?))
         .collect::<Result<Vec<_>>>()?;
     let xs: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
     let (mut fw, mut bw) = (vec![], vec![]);

@@ -1,0 +1,123 @@
+//! Helpers shared by the training benchmarks (`train`, `train_unet`): each
+//! variant runs in its own child process (so peak RSS is its own), prints
+//! one JSON line, and the parent collects the rows.
+
+#![allow(dead_code)]
+
+use std::process::Command;
+
+use candle_core::{Device, Result, Tensor};
+use rand_distr::{Distribution, StandardNormal};
+
+/// Threads for every variant (Rust and PyTorch).
+pub const THREADS: &str = "2";
+
+/// `N(0, std²)` tensor on the CPU from a seeded generator.
+pub fn randn(rng: &mut rand_chacha::ChaCha8Rng, dims: &[usize], std: f32) -> Result<Tensor> {
+    let n: usize = dims.iter().product();
+    let v: Vec<f32> = (0..n)
+        .map(|_| {
+            let z: f32 = StandardNormal.sample(rng);
+            z * std
+        })
+        .collect();
+    Tensor::from_vec(v, dims, &Device::Cpu)
+}
+
+/// Median (sorts in place).
+pub fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+/// Peak resident set size of this process (VmHWM), MiB.
+pub fn peak_rss_mb() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<f64>().ok())
+        })
+        .map_or(f64::NAN, |kb| kb / 1024.0)
+}
+
+/// One variant's timings (ms) and peak RSS (MiB); `params` is NaN when not reported.
+#[derive(Default, Clone, Copy)]
+pub struct Row {
+    pub forward_ms: f64,
+    pub backward_ms: f64,
+    pub optimizer_ms: f64,
+    pub step_ms: f64,
+    pub peak_rss_mb: f64,
+    pub params: f64,
+}
+
+/// Parse the last JSON line of a child's stdout.
+pub fn parse_row(out: &str) -> Option<Row> {
+    let line = out
+        .lines()
+        .rev()
+        .find(|l| l.trim_start().starts_with('{'))?;
+    let v: serde_json::Value = serde_json::from_str(line).ok()?;
+    let f = |k: &str| v.get(k).and_then(|x| x.as_f64()).unwrap_or(f64::NAN);
+    Some(Row {
+        forward_ms: f("forward_ms"),
+        backward_ms: f("backward_ms"),
+        optimizer_ms: f("optimizer_ms"),
+        step_ms: f("step_ms"),
+        peak_rss_mb: f("peak_rss_mb"),
+        params: f("params"),
+    })
+}
+
+/// The faster of two rounds (by whole step).
+pub fn best(a: Option<Row>, b: Option<Row>) -> Option<Row> {
+    match (a, b) {
+        (Some(x), Some(y)) => Some(if y.step_ms < x.step_ms { y } else { x }),
+        (x, y) => x.or(y),
+    }
+}
+
+/// Run this benchmark binary again as a child in `mode` (`EPS2V_BENCH_MODE`).
+pub fn run_child(mode: &str, steps: usize) -> Option<Row> {
+    let exe = std::env::current_exe().ok()?;
+    let out = Command::new(exe)
+        .env("EPS2V_BENCH_MODE", mode)
+        .env("EPS2V_BENCH_STEPS", steps.to_string())
+        .env("RAYON_NUM_THREADS", THREADS)
+        .output()
+        .ok()?;
+    if !out.status.success() {
+        eprintln!("{mode}: failed: {}", String::from_utf8_lossy(&out.stderr));
+        return None;
+    }
+    parse_row(&String::from_utf8_lossy(&out.stdout))
+}
+
+/// Whether `python3 -c "import <modules>"` works (says so when not).
+pub fn python_has(modules: &str) -> bool {
+    let ok = Command::new("python3")
+        .args(["-c", &format!("import {modules}")])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !ok {
+        eprintln!("pytorch: `import {modules}` failed; skipping the reference");
+    }
+    ok
+}
+
+/// Run a PyTorch reference script (`--steps N --threads T`) and parse its row.
+pub fn run_python(script: &str, steps: usize) -> Option<Row> {
+    let out = Command::new("python3")
+        .args([script, "--steps", &steps.to_string(), "--threads", THREADS])
+        .env("OMP_NUM_THREADS", THREADS)
+        .output()
+        .ok()?;
+    if !out.status.success() {
+        eprintln!("pytorch: failed: {}", String::from_utf8_lossy(&out.stderr));
+        return None;
+    }
+    parse_row(&String::from_utf8_lossy(&out.stdout))
+}
