@@ -33,7 +33,9 @@ use std::time::Instant;
 use std::process::Command;
 
 mod common;
-use common::{best, median, peak_rss_mb, python_has, randn, run_child, run_python, Row, THREADS};
+use common::{
+    best, median, peak_rss_mb, print_report, python_has, randn, run_child, run_python, Row, THREADS,
+};
 
 const BATCH: usize = 8;
 const LATENT: usize = 32;
@@ -148,45 +150,7 @@ fn main() -> eps2v::Result<()> {
         count(kernels.or(composite)),
         count(torch)
     );
-    println!();
-    println!("| variant | forward ms | backward ms | optimizer ms | step ms | peak RSS MB |");
-    println!("|---|---|---|---|---|---|");
-    for (name, row) in [
-        ("candle composite", composite),
-        ("eps2v kernels", kernels),
-        ("PyTorch (CPU)", torch),
-    ] {
-        match row {
-            Some(r) => println!(
-                "| {name} | {:.1} | {:.1} | {:.1} | {:.1} | {:.0} |",
-                r.forward_ms, r.backward_ms, r.optimizer_ms, r.step_ms, r.peak_rss_mb
-            ),
-            None => println!("| {name} | - | - | - | - | - |"),
-        }
-    }
-    println!();
-    if let Some(k) = kernels {
-        println!(
-            "backward / forward (kernels): {:.2}x (target <= 2.5x)",
-            k.backward_ms / k.forward_ms
-        );
-        if let Some(c) = composite {
-            println!(
-                "kernels speed-up over composite: forward {:.1}x, backward {:.1}x, step {:.1}x",
-                c.forward_ms / k.forward_ms,
-                c.backward_ms / k.backward_ms,
-                c.step_ms / k.step_ms
-            );
-        }
-        if let Some(t) = torch {
-            println!(
-                "kernels / PyTorch: forward {:.2}x (target <= 1.5x), backward {:.2}x, step {:.2}x (target <= 1.5x)",
-                k.forward_ms / t.forward_ms,
-                k.backward_ms / t.backward_ms,
-                k.step_ms / t.step_ms
-            );
-        }
-    }
+    print_report(composite, kernels, torch);
     if args.iter().any(|a| a == "--profile") {
         println!();
         let exe = std::env::current_exe().map_err(|e| eps2v::Error::io("current_exe", e))?;

@@ -121,3 +121,46 @@ pub fn run_python(script: &str, steps: usize) -> Option<Row> {
     }
     parse_row(&String::from_utf8_lossy(&out.stdout))
 }
+
+/// Print the variant table and the issue-5 ratios.
+pub fn print_report(composite: Option<Row>, kernels: Option<Row>, torch: Option<Row>) {
+    println!();
+    println!("| variant | forward ms | backward ms | optimizer ms | step ms | peak RSS MB |");
+    println!("|---|---|---|---|---|---|");
+    for (name, row) in [
+        ("candle composite", composite),
+        ("eps2v kernels", kernels),
+        ("PyTorch (CPU)", torch),
+    ] {
+        match row {
+            Some(r) => println!(
+                "| {name} | {:.1} | {:.1} | {:.1} | {:.1} | {:.0} |",
+                r.forward_ms, r.backward_ms, r.optimizer_ms, r.step_ms, r.peak_rss_mb
+            ),
+            None => println!("| {name} | - | - | - | - | - |"),
+        }
+    }
+    println!();
+    if let Some(k) = kernels {
+        println!(
+            "backward / forward (kernels): {:.2}x (target <= 2.5x)",
+            k.backward_ms / k.forward_ms
+        );
+        if let Some(c) = composite {
+            println!(
+                "kernels speed-up over composite: forward {:.1}x, backward {:.1}x, step {:.1}x",
+                c.forward_ms / k.forward_ms,
+                c.backward_ms / k.backward_ms,
+                c.step_ms / k.step_ms
+            );
+        }
+        if let Some(t) = torch {
+            println!(
+                "kernels / PyTorch: forward {:.2}x (target <= 1.5x), backward {:.2}x, step {:.2}x (target <= 1.5x)",
+                k.forward_ms / t.forward_ms,
+                k.backward_ms / t.backward_ms,
+                k.step_ms / t.step_ms
+            );
+        }
+    }
+}
