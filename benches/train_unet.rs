@@ -209,12 +209,7 @@ fn profile() -> Result<()> {
     let gelu = |xs: &[Tensor]| ops::gelu_erf(&xs[0]);
     let ln = |xs: &[Tensor]| ops::layer_norm(&xs[0], &xs[1], &xs[2], 1e-5);
     let attn = |xs: &[Tensor]| ops::attention(&xs[0], &xs[1], &xs[2], 0.25, false);
-    let geglu = |xs: &[Tensor]| {
-        let inner = xs[0].dim(2)? / 2;
-        let v = xs[0].narrow(2, 0, inner)?;
-        let g = xs[0].narrow(2, inner, inner)?;
-        v * ops::gelu_erf(&g)?
-    };
+    let geglu = |xs: &[Tensor]| ops::geglu(&xs[0]);
     type OpFn<'a> = &'a dyn Fn(&[Tensor]) -> Result<Tensor>;
     let gn8 = gn(8);
     let rows: Vec<(&str, usize, Vec<Vec<usize>>, OpFn)> = vec![

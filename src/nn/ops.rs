@@ -1,7 +1,7 @@
 //! Tensor operations behind the layers in [`crate::nn`].
 //!
-//! On CPU with f32/f64 tensors, conv2d, group_norm (+SiLU), layer_norm,
-//! softmax and attention dispatch to the fast custom ops with hand-written
+//! On CPU with f32/f64 tensors, linear, conv2d, group_norm (+SiLU),
+//! layer_norm, GELU / GEGLU, softmax and attention dispatch to the fast custom ops with hand-written
 //! backward passes in [`crate::nn::kernels`] (issue 5); half-precision CPU
 //! tensors are computed in f32 by the same kernels (as the composites do);
 //! every other device (CUDA) uses the composite reference implementations
@@ -54,16 +54,9 @@ fn in_dtype(x: &Tensor, dt: DType, f: impl FnOnce(&Tensor) -> Result<Tensor>) ->
 
 /// `x @ wᵀ + b` for `x` of shape `(..., in)` and `w` of shape `[out, in]`.
 pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
-    let y = match x.dims() {
-        [b0, s, d] => x
-            .reshape((b0 * s, *d))?
-            .matmul(&w.t()?)?
-            .reshape((*b0, *s, ()))?,
-        _ => x.broadcast_matmul(&w.t()?)?,
-    };
-    match b {
-        Some(b) => y.broadcast_add(b),
-        None => Ok(y),
+    match kernel_dtype(x) {
+        Some(dt) => in_dtype(x, dt, |x| kernels::linear::linear(x, w, b)),
+        None => reference::linear(x, w, b),
     }
 }
 
@@ -139,7 +132,19 @@ pub fn upsample_nearest2x(x: &Tensor) -> Result<Tensor> {
 
 /// Exact (erf) GELU, as `torch.nn.functional.gelu` by default.
 pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
-    x.gelu_erf()
+    match kernel_dtype(x) {
+        Some(dt) => in_dtype(x, dt, kernels::act::gelu),
+        None => reference::gelu_erf(x),
+    }
+}
+
+/// GEGLU gate (sgm / diffusers `GEGLU` after its projection):
+/// `[value, gate] = x.chunk(2, -1)`, `value · gelu_erf(gate)`.
+pub fn geglu(x: &Tensor) -> Result<Tensor> {
+    match kernel_dtype(x) {
+        Some(dt) => in_dtype(x, dt, kernels::act::geglu),
+        None => reference::geglu(x),
+    }
 }
 
 /// OpenAI CLIP's `x * sigmoid(1.702 x)`.
@@ -153,6 +158,34 @@ pub fn quick_gelu(x: &Tensor) -> Result<Tensor> {
 /// (false) routes the public ops here.
 pub mod reference {
     use candle_core::{DType, Result, Tensor, D};
+
+    /// `x @ wᵀ + b` for `x` of shape `(..., in)` and `w` of shape `[out, in]`.
+    pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+        let y = match x.dims() {
+            [b0, s, d] => x
+                .reshape((b0 * s, *d))?
+                .matmul(&w.t()?)?
+                .reshape((*b0, *s, ()))?,
+            _ => x.broadcast_matmul(&w.t()?)?,
+        };
+        match b {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y),
+        }
+    }
+
+    /// Exact (erf) GELU (candle's `gelu_erf`).
+    pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
+        x.gelu_erf()
+    }
+
+    /// GEGLU gate: `x[..., :n] · gelu_erf(x[..., n:])` for a last dim of `2n`.
+    pub fn geglu(x: &Tensor) -> Result<Tensor> {
+        let n = x.dim(D::Minus1)? / 2;
+        let value = x.narrow(D::Minus1, 0, n)?;
+        let gate = x.narrow(D::Minus1, n, n)?;
+        value * gate.gelu_erf()?
+    }
 
     /// 2-D convolution with bias; `x (b, cin, h, w)`, `w [cout, cin, k, k]`.
     pub fn conv2d(

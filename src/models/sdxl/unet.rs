@@ -10,7 +10,7 @@
 //! All layers come from [`crate::nn`] and are differentiable (no candle fast
 //! paths that detach gradients, reference §8.3).
 
-use candle_core::{DType, Module, Result, Tensor, D};
+use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
 use super::config::{UNetConfig, SIZE_COND_COUNT, SIZE_EMBED_DIM};
@@ -212,7 +212,6 @@ impl CrossAttention {
 pub struct FeedForward {
     proj: Linear,
     out: Linear,
-    inner: usize,
 }
 
 impl FeedForward {
@@ -222,17 +221,14 @@ impl FeedForward {
         Ok(Self {
             proj: Linear::new(vb.pp("net.0.proj"), dim, 2 * inner, true)?,
             out: Linear::new(vb.pp("net.2"), inner, dim, true)?,
-            inner,
         })
     }
 }
 
 impl Module for FeedForward {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let h = self.proj.forward(x)?; // (b, s, 2·inner)
-        let value = h.narrow(D::Minus1, 0, self.inner)?;
-        let gate = h.narrow(D::Minus1, self.inner, self.inner)?;
-        self.out.forward(&(value * ops::gelu_erf(&gate)?)?)
+        let h = self.proj.forward(x)?; // (b, s, 2·inner) = [value, gate]
+        self.out.forward(&ops::geglu(&h)?)
     }
 }
 

@@ -1,6 +1,7 @@
 //! Fast CPU training kernels behind [`crate::nn::ops`]: candle custom ops
-//! (`CustomOp1/2/3`) with a hand-written backward for conv2d, GroupNorm
-//! (+ fused SiLU), LayerNorm, softmax and fused scaled-dot-product attention.
+//! (`CustomOp1/2/3`) with a hand-written backward for linear, conv2d,
+//! GroupNorm (+ fused SiLU), LayerNorm, GELU / GEGLU, softmax and fused
+//! scaled-dot-product attention.
 //!
 //! Why: candle 0.11's CPU conv2d backward goes through `conv_transpose2d` and
 //! a dimension-swapped conv, and its GroupNorm/softmax are chains of small
@@ -53,6 +54,10 @@ pub trait Real:
     fn wide(self) -> f64;
     /// Run `f` on this thread's pool of scratch buffers of this type.
     fn with_pool<R>(f: impl FnOnce(&mut Vec<Vec<Self>>) -> R) -> R;
+    /// `erf(z)` given `e = e^{−z²}` (which callers often need anyway): for
+    /// f32 Abramowitz & Stegun 7.1.26 (|error| ≤ 6e-7 in f32, branch-free, so
+    /// loops over it vectorise), for f64 libm's `erf` (`e` unused).
+    fn erf_with_exp(z: Self, e: Self) -> Self;
 }
 
 thread_local! {
@@ -130,6 +135,16 @@ impl Real for f32 {
     fn with_pool<R>(f: impl FnOnce(&mut Vec<Vec<Self>>) -> R) -> R {
         POOL_F32.with(|p| f(&mut p.borrow_mut()))
     }
+    #[inline(always)]
+    fn erf_with_exp(z: Self, e: Self) -> Self {
+        let t = 1.0 / (1.0 + 0.327_591_1 * z.abs());
+        let mut p = 1.061_405_4_f32;
+        p = p * t - 1.453_152_1;
+        p = p * t + 1.421_413_8;
+        p = p * t - 0.284_496_74;
+        p = p * t + 0.254_829_6;
+        (1.0 - p * t * e).copysign(z)
+    }
 }
 
 impl Real for f64 {
@@ -162,6 +177,10 @@ impl Real for f64 {
     }
     fn with_pool<R>(f: impl FnOnce(&mut Vec<Vec<Self>>) -> R) -> R {
         POOL_F64.with(|p| f(&mut p.borrow_mut()))
+    }
+    #[inline(always)]
+    fn erf_with_exp(z: Self, _e: Self) -> Self {
+        libm::erf(z)
     }
 }
 
@@ -256,10 +275,12 @@ macro_rules! simd_fn {
         }
     };
 }
+pub mod act;
 pub mod attention;
 pub mod conv;
 pub mod group_norm;
 pub mod layer_norm;
+pub mod linear;
 
 /// True for the dtypes the kernels run natively.
 pub fn native_dtype(dtype: DType) -> bool {
