@@ -6,7 +6,9 @@
 //! 16×16, a stride-2 conv 32→64, 4 blocks at 64 ch 8×8, one single-head
 //! attention block over the 64 tokens (GroupNorm, q/k/v/out linears,
 //! residual), nearest ×2 upsample, GroupNorm+SiLU, conv_out 64→4; MSE loss,
-//! batch 32, f32, AdamW, 2 threads. The same architecture in PyTorch is in
+//! batch 32, f32, AdamW (candle's for the composite variant, the fused
+//! `eps2v::nn::optim::AdamW` for the kernels), 2 threads. The same
+//! architecture in PyTorch is in
 //! `benches/train_ref.py` (run in the same benchmark when `import torch`
 //! works).
 //!
@@ -20,14 +22,15 @@
 //! The toy UNet (`UNetConfig::tiny()`) is measured by `--bench train_unet`.
 
 use candle_core::{DType, Device, Module, Result, Tensor, Var};
-use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarBuilder, VarMap};
+use candle_nn::{VarBuilder, VarMap};
 use eps2v::nn::{ops, Conv2d, GroupNorm, Linear};
 use rand::SeedableRng;
 use std::time::Instant;
 
 mod common;
 use common::{
-    best, median, peak_rss_mb, print_report, python_has, randn, run_child, run_python, Row, THREADS,
+    adamw, best, median, peak_rss_mb, print_report, python_has, randn, run_child, run_python, Row,
+    THREADS,
 };
 
 const BATCH: usize = 32;
@@ -161,13 +164,7 @@ fn child(mode: &str, steps: usize) -> Result<()> {
             }
         }
     }
-    let mut opt = AdamW::new(
-        varmap.all_vars(),
-        ParamsAdamW {
-            lr: 1e-4,
-            ..Default::default()
-        },
-    )?;
+    let mut opt_step = adamw(varmap.all_vars(), 1e-4, mode == "kernels")?;
     let x = randn(&mut rng, &[BATCH, 4, 16, 16], 1.0)?;
     let target = randn(&mut rng, &[BATCH, 4, 16, 16], 1.0)?;
     let warmup = 2;
@@ -179,7 +176,7 @@ fn child(mode: &str, steps: usize) -> Result<()> {
         let t1 = Instant::now();
         let grads = loss.backward()?;
         let t2 = Instant::now();
-        opt.step(&grads)?;
+        opt_step(&grads)?;
         let t3 = Instant::now();
         last_loss = loss.to_scalar::<f32>()?;
         if i >= warmup {

@@ -6,7 +6,9 @@
 
 use std::process::Command;
 
-use candle_core::{Device, Result, Tensor};
+use candle_core::backprop::GradStore;
+use candle_core::{Device, Result, Tensor, Var};
+use candle_nn::Optimizer;
 use rand_distr::{Distribution, StandardNormal};
 
 /// Threads for every variant (Rust and PyTorch).
@@ -25,6 +27,27 @@ pub fn randn(rng: &mut rand_chacha::ChaCha8Rng, dims: &[usize], std: f32) -> Res
 }
 
 /// Median (sorts in place).
+/// An AdamW step function (lr as given, PyTorch's other defaults): candle's
+/// own `AdamW` for the composite variant, the fused `eps2v::nn::optim::AdamW`
+/// for the kernels variant.
+pub type Step = Box<dyn FnMut(&GradStore) -> Result<()>>;
+
+/// The optimizer of a benchmark variant (see [`Step`]).
+pub fn adamw(vars: Vec<Var>, lr: f64, fused: bool) -> Result<Step> {
+    let params = candle_nn::ParamsAdamW {
+        lr,
+        ..Default::default()
+    };
+    Ok(if fused {
+        let mut opt = eps2v::nn::optim::AdamW::new(vars, params)?;
+        Box::new(move |g: &GradStore| opt.step(g))
+    } else {
+        let mut opt = candle_nn::AdamW::new(vars, params)?;
+        Box::new(move |g: &GradStore| opt.step(g))
+    })
+}
+
+/// Median of `v` (sorted in place).
 pub fn median(v: &mut [f64]) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2]

@@ -16,8 +16,10 @@
 //! themselves (custom ops with backward: conv2d, GroupNorm+SiLU, LayerNorm,
 //! softmax, fused attention) live in [`kernels`].
 
+#[macro_use]
 pub mod kernels;
 pub mod ops;
+pub mod optim;
 
 use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;

@@ -18,6 +18,7 @@
 //! Reference: [`crate::nn::ops::reference::attention`] /
 //! [`crate::nn::ops::reference::softmax_last_dim`], compared in the tests.
 
+use super::group_norm::sum_wide;
 use super::{matmul, tensor_from, threads, with_data, Mat, Real};
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Tensor};
@@ -28,21 +29,26 @@ use std::sync::Mutex;
 pub const SCORE_BUDGET: usize = 1 << 20;
 
 /// In-place softmax of one row; returns `max + ln Σ exp(x − max)`.
+/// The max and the sum use lane accumulators and the exponentials are a
+/// separate pass, so all three loops vectorise (a running `acc += e` inside
+/// the exp loop kept it scalar: 9 ns per score).
 #[inline(always)]
 fn softmax_row<T: Real>(row: &mut [T]) -> f64 {
+    let mut lanes = [T::NEG_INF; 16];
+    let mut it = row.chunks_exact(16);
+    for c in &mut it {
+        for (l, &v) in lanes.iter_mut().zip(c) {
+            *l = l.max_of(v);
+        }
+    }
     let mut mx = T::NEG_INF;
-    for &v in row.iter() {
+    for &v in it.remainder().iter().chain(lanes.iter()) {
         mx = mx.max_of(v);
     }
-    let mut s = 0f64;
-    for blk in row.chunks_mut(256) {
-        let mut acc = T::ZERO;
-        for v in blk.iter_mut() {
-            *v = (*v - mx).exp_fast();
-            acc += *v;
-        }
-        s += acc.wide();
+    for v in row.iter_mut() {
+        *v = (*v - mx).exp_fast();
     }
+    let s = sum_wide(row);
     let inv = T::of(1.0 / s);
     for v in row.iter_mut() {
         *v *= inv;

@@ -24,8 +24,16 @@ use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-/// Largest im2col tile, in elements, per thread (4 MiB of f32).
-pub const COL_BUDGET: usize = 1 << 20;
+/// Largest im2col tile, in elements, per thread (512 KiB of f32: the tile
+/// and the GEMM's packed copy of it stay in a core's L2; with 4 MiB tiles
+/// the `gemm` crate ran 2–3× slower on the toy UNet's 32-channel convs).
+pub const COL_BUDGET: usize = 1 << 17;
+
+/// Below this many output channels the weight gradient is computed from a
+/// transposed im2col copy (`dy · colᵀ`); from it on, as `dWᵀ = col · dyᵀ`
+/// straight from the im2col tile (no copy; faster there, much slower for
+/// very few channels).
+const DWT_MIN_COUT: usize = 16;
 
 /// Geometry of one convolution.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -223,14 +231,21 @@ fn im2col_same<T: Real>(g: &ConvGeom, x: &[T], col: &mut [T], ld: usize, r0: usi
                     let src0 = (lo + shift) as usize;
                     dst[a..b].copy_from_slice(&xc[src0..src0 + (b - a)]);
                 }
-                // Columns whose input column iw = ow + kj − pad falls outside [0, w).
+                // Columns whose input column iw = ow + kj − pad falls outside [0, w)
+                // (one column for 3×3 pad 1: a plain store, not a memset call per row).
                 if kj < g.pad {
+                    let c = g.pad - kj;
                     for r in dst.chunks_mut(w) {
-                        r[..g.pad - kj].fill(T::ZERO);
+                        for v in &mut r[..c] {
+                            *v = T::ZERO;
+                        }
                     }
                 } else if kj > g.pad {
+                    let c = kj - g.pad;
                     for r in dst.chunks_mut(w) {
-                        r[w - (kj - g.pad)..].fill(T::ZERO);
+                        for v in &mut r[w - c..] {
+                            *v = T::ZERO;
+                        }
                     }
                 }
             }
@@ -464,6 +479,8 @@ pub fn backward<T: Real>(
     // Stride 1: dx is a plain convolution of dy (deep GEMMs, no col2im).
     let dx_conv = if need_dx { g.transposed() } else { None };
     let dx_col2im = need_dx && dx_conv.is_none();
+    // Partial weight gradients are accumulated as dWᵀ (k, cout) on this path.
+    let dwt_path = !g.direct() && g.cout >= DWT_MIN_COUT;
     let (chunk, par_gemm) = batch_split(g.b);
     let nchunks = g.b.div_ceil(chunk).max(1);
     let tr = g.tile_rows();
@@ -495,7 +512,11 @@ pub fn backward<T: Real>(
             let mut db = vec![T::ZERO; if need_db { g.cout } else { 0 }];
             let mut col = take_scratch::<T>(if need_dw { tile } else { 0 });
             // One sample's (or tile's) im2col before its transposition into `col`.
-            let mut colt = take_scratch::<T>(if need_dw { k * tr * g.ow } else { 0 });
+            let mut colt = take_scratch::<T>(if need_dw && !dwt_path {
+                k * tr * g.ow
+            } else {
+                0
+            });
             let mut dcol = take_scratch::<T>(if dx_col2im { tile } else { 0 });
             let mut dycat = take_scratch::<T>(if nb > 1 { g.cout * nb * n } else { 0 });
             let s_begin = ci * chunk;
@@ -524,7 +545,16 @@ pub fn backward<T: Real>(
                         }
                     }
                     let dym = Mat::n(&dycat[..g.cout * ld], g.cout, ld);
-                    if need_dw {
+                    if need_dw && dwt_path {
+                        for j in 0..m {
+                            let xs = &x[(s + j) * g.in_per()..(s + j + 1) * g.in_per()];
+                            im2col(g, xs, &mut col[j * n..], ld, 0, g.oh);
+                        }
+                        // dWᵀ (k, cout) += col_cat (k, m·n) · dy_catᵀ (m·n, cout)
+                        let cm = Mat::n(&col[..k * ld], k, ld);
+                        let dyt = Mat::t(&dycat[..g.cout * ld], g.cout, ld);
+                        matmul(&mut dw, g.cout, cm, dyt, true, T::ONE, par_gemm)?;
+                    } else if need_dw {
                         for j in 0..m {
                             let xs = &x[(s + j) * g.in_per()..(s + j + 1) * g.in_per()];
                             im2col(g, xs, &mut colt[..k * n], n, 0, g.oh);
@@ -584,7 +614,13 @@ pub fn backward<T: Real>(
                     let r1 = (r0 + tr).min(g.oh);
                     let nt = (r1 - r0) * g.ow;
                     let dyt = Mat::n(&dys[r0 * g.ow..], g.cout, nt).ld(n);
-                    if need_dw {
+                    if need_dw && dwt_path {
+                        im2col(g, xs, &mut col[..k * nt], nt, r0, r1);
+                        // dWᵀ (k, cout) += col (k, nt) · dy_tileᵀ (nt, cout)
+                        let cm = Mat::n(&col[..k * nt], k, nt);
+                        let dytt = Mat::t(&dys[r0 * g.ow..], g.cout, nt).ld(n);
+                        matmul(&mut dw, g.cout, cm, dytt, true, T::ONE, par_gemm)?;
+                    } else if need_dw {
                         im2col(g, xs, &mut colt[..k * nt], nt, r0, r1);
                         transpose_into(&colt[..k * nt], k, nt, nt, &mut col[..k * nt], k);
                         // dW (cout, k) += dy_tile (cout, nt) · colᵀ (nt, k)
@@ -615,6 +651,12 @@ pub fn backward<T: Real>(
         for (a, b) in db.iter_mut().zip(pb) {
             *a += b;
         }
+    }
+    if dwt_path && !dw.is_empty() {
+        // dWᵀ (k, cout) → dW (cout, k)
+        let mut t = vec![T::ZERO; dw.len()];
+        transpose_into(&dw, k, g.cout, g.cout, &mut t, k);
+        dw = t;
     }
     let dx = match dx_conv {
         Some(gt) => Some(forward(&gt, dy, &flip_transpose(g, w), None)?),
@@ -802,12 +844,15 @@ mod tests {
     /// (b, cin, h, w, cout, k, stride, pad, bias)
     type Case = (usize, usize, usize, usize, usize, usize, usize, usize, bool);
     const CASES: &[Case] = &[
-        (2, 3, 5, 7, 4, 3, 1, 1, true),  // odd image, 3×3 pad 1
-        (1, 5, 6, 6, 3, 1, 1, 0, true),  // 1×1, batch 1
-        (3, 4, 7, 5, 6, 3, 2, 1, true),  // stride 2 pad 1, odd sizes
-        (2, 3, 8, 6, 5, 3, 2, 0, false), // VAE-style stride 2 pad 0, no bias
-        (1, 2, 4, 4, 3, 3, 1, 0, true),  // valid 3×3
-        (5, 9, 3, 4, 7, 3, 1, 1, true),  // batch > threads, channels not a multiple of 8
+        (2, 3, 5, 7, 4, 3, 1, 1, true),     // odd image, 3×3 pad 1
+        (1, 5, 6, 6, 3, 1, 1, 0, true),     // 1×1, batch 1
+        (3, 4, 7, 5, 6, 3, 2, 1, true),     // stride 2 pad 1, odd sizes
+        (2, 3, 8, 6, 5, 3, 2, 0, false),    // VAE-style stride 2 pad 0, no bias
+        (1, 2, 4, 4, 3, 3, 1, 0, true),     // valid 3×3
+        (5, 9, 3, 4, 7, 3, 1, 1, true),     // batch > threads, channels not a multiple of 8
+        (3, 5, 6, 7, 17, 3, 1, 1, true),    // dWᵀ path (cout ≥ 16), samples grouped
+        (2, 4, 9, 7, 16, 3, 2, 1, true),    // dWᵀ path with col2im (stride 2)
+        (1, 16, 33, 31, 16, 3, 1, 1, true), // dWᵀ path, image tiled over rows
     ];
 
     fn inputs(c: &Case, dt: DType) -> Result<Vec<Tensor>> {

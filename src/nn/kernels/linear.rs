@@ -116,6 +116,9 @@ fn forward<T: Real>(g: &Geom, x: &[T], w: &[T], b: Option<&[T]>) -> Result<Vec<T
     Ok(y)
 }
 
+/// `(dx, dW, db)` data, each only when asked for.
+type GradData<T> = (Option<Vec<T>>, Option<Vec<T>>, Option<Vec<T>>);
+
 /// `(dx, dW, db)` for `dy (m×n)`; each only when asked for.
 fn backward<T: Real>(
     g: &Geom,
@@ -123,7 +126,7 @@ fn backward<T: Real>(
     w: &[T],
     dy: &[T],
     want: (bool, bool, bool),
-) -> Result<(Option<Vec<T>>, Option<Vec<T>>, Option<Vec<T>>)> {
+) -> Result<GradData<T>> {
     let Geom { m, k, n } = *g;
     if x.len() != m * k || w.len() != n * k || dy.len() != m * n {
         bail!("linear kernel backward: data sizes do not match {g:?}")
@@ -262,7 +265,7 @@ fn bwd_tensors(x: &Tensor, w: &Tensor, b: Option<&Tensor>, grad: &Tensor) -> Res
         w: &Tensor,
         grad: &Tensor,
         want: (bool, bool, bool),
-    ) -> Result<(Option<Vec<T>>, Option<Vec<T>>, Option<Vec<T>>)> {
+    ) -> Result<GradData<T>> {
         with_data::<T, _>(x, "linear x", |xs| {
             with_data::<T, _>(w, "linear weight", |ws| {
                 with_data::<T, _>(grad, "linear grad", |gs| backward(g, xs, ws, gs, want))

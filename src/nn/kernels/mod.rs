@@ -58,6 +58,8 @@ pub trait Real:
     /// f32 Abramowitz & Stegun 7.1.26 (|error| ≤ 6e-7 in f32, branch-free, so
     /// loops over it vectorise), for f64 libm's `erf` (`e` unused).
     fn erf_with_exp(z: Self, e: Self) -> Self;
+    /// The data of a CPU storage of this dtype, mutably (`None` for another dtype).
+    fn storage_mut(s: &mut candle_core::CpuStorage) -> Option<&mut [Self]>;
 }
 
 thread_local! {
@@ -135,6 +137,12 @@ impl Real for f32 {
     fn with_pool<R>(f: impl FnOnce(&mut Vec<Vec<Self>>) -> R) -> R {
         POOL_F32.with(|p| f(&mut p.borrow_mut()))
     }
+    fn storage_mut(s: &mut candle_core::CpuStorage) -> Option<&mut [Self]> {
+        match s {
+            candle_core::CpuStorage::F32(v) => Some(v),
+            _ => None,
+        }
+    }
     #[inline(always)]
     fn erf_with_exp(z: Self, e: Self) -> Self {
         let t = 1.0 / (1.0 + 0.327_591_1 * z.abs());
@@ -177,6 +185,12 @@ impl Real for f64 {
     }
     fn with_pool<R>(f: impl FnOnce(&mut Vec<Vec<Self>>) -> R) -> R {
         POOL_F64.with(|p| f(&mut p.borrow_mut()))
+    }
+    fn storage_mut(s: &mut candle_core::CpuStorage) -> Option<&mut [Self]> {
+        match s {
+            candle_core::CpuStorage::F64(v) => Some(v),
+            _ => None,
+        }
     }
     #[inline(always)]
     fn erf_with_exp(z: Self, _e: Self) -> Self {
