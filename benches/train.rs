@@ -142,6 +142,9 @@ impl Net {
 /// One variant in this process; prints one JSON line.
 fn child(mode: &str, steps: usize) -> Result<()> {
     ops::set_cpu_kernels(mode == "kernels");
+    if mode == "kernels" {
+        eps2v::nn::keep_freed_memory(); // as the eps2v binary does
+    }
     let dev = Device::Cpu;
     let varmap = VarMap::new();
     let net = Net::new(VarBuilder::from_varmap(&varmap, DType::F32, &dev))?;

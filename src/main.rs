@@ -4,6 +4,7 @@ use clap::Parser;
 
 fn main() {
     let cli = eps2v::cli::Cli::parse();
+    eps2v::nn::keep_freed_memory();
     match eps2v::cli::run(cli) {
         Ok(code) => std::process::exit(code),
         Err(err) => {
