@@ -143,7 +143,7 @@ impl Net {
 fn child(mode: &str, steps: usize) -> Result<()> {
     ops::set_cpu_kernels(mode == "kernels");
     if mode == "kernels" {
-        eps2v::nn::keep_freed_memory(); // as the eps2v binary does
+        eps2v::nn::tune_cpu_runtime(); // as the eps2v binary does
     }
     let dev = Device::Cpu;
     let varmap = VarMap::new();

@@ -48,7 +48,7 @@ const WARMUP: usize = 2;
 fn child(mode: &str, steps: usize) -> eps2v::Result<()> {
     ops::set_cpu_kernels(mode == "kernels");
     if mode == "kernels" {
-        eps2v::nn::keep_freed_memory(); // as the eps2v binary does
+        eps2v::nn::tune_cpu_runtime(); // as the eps2v binary does
     }
     let dev = Device::Cpu;
     let cfg = UNetConfig::tiny();
@@ -120,7 +120,7 @@ fn main() -> eps2v::Result<()> {
         .max(1);
     if let Ok(mode) = std::env::var("EPS2V_BENCH_MODE") {
         if mode == "profile" {
-            eps2v::nn::keep_freed_memory();
+            eps2v::nn::tune_cpu_runtime();
             return Ok(profile()?);
         }
         return child(&mode, steps);

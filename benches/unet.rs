@@ -60,6 +60,7 @@ fn time_unet(
 }
 
 fn main() -> eps2v::Result<()> {
+    eps2v::nn::tune_cpu_runtime(); // as the eps2v binary does
     let dev = Device::Cpu;
     let mut rows = Vec::new();
 

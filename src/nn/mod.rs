@@ -23,20 +23,31 @@ pub mod optim;
 
 use candle_core::{Module, Result, Tensor};
 
-/// Keep freed heap memory in the process instead of returning it to the
-/// OS (glibc: no `mmap` for large blocks, no trimming). A training step
-/// allocates and frees the same activation-sized buffers every step; with
-/// glibc's defaults every buffer over its (adaptive) mmap threshold is a
-/// fresh mapping whose pages fault in on first write, which on the 2-core
-/// VMs here cost more than some kernels (a 1 MiB GroupNorm backward took
-/// 1.9 ms instead of 0.4). Process-wide; call once at start-up from
-/// commands that run models (the binary does). No-op on other allocators.
-pub fn keep_freed_memory() {
+/// Process-wide CPU runtime settings for running models; call once at
+/// start-up, before any other thread exists (the binary and the training
+/// benchmarks do). Measured on the 2-core machines here, each is worth
+/// 5–10 % of a toy-UNet training step:
+/// - Heap: keep freed memory in the process (glibc `mallopt`: no `mmap` for
+///   blocks up to 32 MiB, no trimming). A training step frees and
+///   re-allocates the same activation-sized buffers every step; with
+///   glibc's defaults they are fresh mappings whose pages fault in on first
+///   write (a 1 MiB GroupNorm backward took 1.9 ms instead of 0.4).
+/// - Threads: candle ≥ 0.11 runs its parallel elementwise ops on a pool of
+///   its own that spins while idle, beside the rayon pool that our kernels
+///   and gemm use; with two cores the spinning pool took CPU from the
+///   working one. Unless `CANDLE_NUM_THREADS` is set, candle's elementwise
+///   ops are kept on the calling thread (`CANDLE_NUM_THREADS=1`); the heavy
+///   ops (our kernels, GEMMs) still use every rayon thread.
+pub fn tune_cpu_runtime() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only changes allocator parameters; any value is valid.
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20); // glibc's maximum
         libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
+    }
+    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+        // Read once by candle when its pool is first used (after this).
+        std::env::set_var("CANDLE_NUM_THREADS", "1");
     }
 }
 use candle_nn::VarBuilder;
