@@ -227,7 +227,7 @@ fn main() -> Result<()> {
         .and_then(|s| s.parse().ok())
         .unwrap_or(10usize);
     if let Ok(mode) = std::env::var("EPS2V_BENCH_MODE") {
-        return child(&mode, steps);
+        return eps2v::nn::on_pool(|| child(&mode, steps)); // as the eps2v binary does
     }
     println!("train step: conv net (4 res blocks 32ch 16x16, stride-2 conv, 4 res blocks 64ch 8x8, attention over 64 tokens, nearest x2), batch {BATCH}, f32, AdamW, {THREADS} threads; median of {steps} steps after 2 warm-up; kernels and PyTorch: best of interleaved rounds (--rounds)");
     println!("(the toy UNet has its own benchmark: --bench train_unet)");

@@ -121,9 +121,9 @@ fn main() -> eps2v::Result<()> {
     if let Ok(mode) = std::env::var("EPS2V_BENCH_MODE") {
         if mode == "profile" {
             eps2v::nn::tune_cpu_runtime();
-            return Ok(profile()?);
+            return Ok(eps2v::nn::on_pool(profile)?);
         }
-        return child(&mode, steps);
+        return eps2v::nn::on_pool(|| child(&mode, steps));
     }
     let rounds = arg(&args, "--rounds").unwrap_or(3usize).max(1);
     println!(

@@ -60,7 +60,12 @@ fn time_unet(
 }
 
 fn main() -> eps2v::Result<()> {
-    eps2v::nn::tune_cpu_runtime(); // as the eps2v binary does
+    // As the eps2v binary does.
+    eps2v::nn::tune_cpu_runtime();
+    eps2v::nn::on_pool(run)
+}
+
+fn run() -> eps2v::Result<()> {
     let dev = Device::Cpu;
     let mut rows = Vec::new();
 

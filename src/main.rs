@@ -5,7 +5,7 @@ use clap::Parser;
 fn main() {
     let cli = eps2v::cli::Cli::parse();
     eps2v::nn::tune_cpu_runtime();
-    match eps2v::cli::run(cli) {
+    match eps2v::nn::on_pool(|| eps2v::cli::run(cli)) {
         Ok(code) => std::process::exit(code),
         Err(err) => {
             eprintln!("error: {err}");
