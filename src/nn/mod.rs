@@ -23,6 +23,18 @@ pub mod optim;
 
 use candle_core::{Module, Result, Tensor};
 
+/// Run `f` on one of the rayon pool's worker threads and wait for it.
+/// The thread that drives a model also runs its serial ops; when it is a
+/// worker of the pool that the kernels use, the cores are shared by the
+/// pool's threads only, instead of by those plus a caller thread that
+/// competes with the idle workers' spinning (about 9 % of a toy-UNet
+/// training step on two cores). The binary runs every command this way.
+pub fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    // `rayon::scope` runs its closure on a pool worker (injecting it into
+    // the pool when called from outside) and blocks until it is done.
+    rayon::scope(|_| f())
+}
+
 /// Process-wide CPU runtime settings for running models; call once at
 /// start-up, before any other thread exists (the binary and the training
 /// benchmarks do). Measured on the 2-core machines here, each is worth
@@ -38,18 +50,6 @@ use candle_core::{Module, Result, Tensor};
 ///   working one. Unless `CANDLE_NUM_THREADS` is set, candle's elementwise
 ///   ops are kept on the calling thread (`CANDLE_NUM_THREADS=1`); the heavy
 ///   ops (our kernels, GEMMs) still use every rayon thread.
-/// Run `f` on one of the rayon pool's worker threads and wait for it.
-/// The thread that drives a model also runs its serial ops; when it is a
-/// worker of the pool that the kernels use, the cores are shared by the
-/// pool's threads only, instead of by those plus a caller thread that
-/// competes with the idle workers' spinning (about 9 % of a toy-UNet
-/// training step on two cores). The binary runs every command this way.
-pub fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
-    // `rayon::scope` runs its closure on a pool worker (injecting it into
-    // the pool when called from outside) and blocks until it is done.
-    rayon::scope(|_| f())
-}
-
 pub fn tune_cpu_runtime() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only changes allocator parameters; any value is valid.
