@@ -241,7 +241,7 @@ fn precompute_taps(in_size: usize, out_size: usize) -> Taps {
 }
 
 /// Pillow `clip8`: arithmetic shift then clamp to 0..=255.
-#[inline]
+#[inline(always)]
 fn clip8(ss: i32) -> u8 {
     (ss >> PRECISION_BITS).clamp(0, 255) as u8
 }
@@ -301,6 +301,35 @@ pub fn pil_resize_lanczos_rgb(
 /// Same arithmetic as Pillow (i32 accumulators, 22-bit taps); each row is
 /// split into channel planes first so the dot products vectorise.
 fn horizontal_pass(src: &[u8], w: usize, first_row: usize, rows: usize, out_w: usize) -> Vec<u8> {
+    #[cfg(target_arch = "x86_64")]
+    if crate::nn::kernels::has_avx2() {
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn avx2(
+            src: &[u8],
+            w: usize,
+            first_row: usize,
+            rows: usize,
+            out_w: usize,
+        ) -> Vec<u8> {
+            horizontal_pass_impl(src, w, first_row, rows, out_w)
+        }
+        // SAFETY: the CPU has AVX2 and FMA (checked at run time).
+        return unsafe { avx2(src, w, first_row, rows, out_w) };
+    }
+    horizontal_pass_impl(src, w, first_row, rows, out_w)
+}
+
+/// Body of [`horizontal_pass`], compiled twice (baseline and AVX2: the
+/// crate targets baseline x86-64, whose SSE2 has no 32-bit integer
+/// multiply, so without the AVX2 copy the dot products stay scalar).
+#[inline(always)]
+fn horizontal_pass_impl(
+    src: &[u8],
+    w: usize,
+    first_row: usize,
+    rows: usize,
+    out_w: usize,
+) -> Vec<u8> {
     let ht = precompute_taps(w, out_w);
     let mut out = vec![0u8; rows * out_w * 3];
     let mut planes = vec![0u8; 3 * w];
@@ -326,7 +355,7 @@ fn horizontal_pass(src: &[u8], w: usize, first_row: usize, rows: usize, out_w: u
     out
 }
 
-#[inline]
+#[inline(always)]
 fn dot_u8_i32(a: &[u8], k: &[i32]) -> i32 {
     let mut s = 1i32 << (PRECISION_BITS - 1);
     for (&v, &kv) in a.iter().zip(k) {
@@ -339,6 +368,27 @@ fn dot_u8_i32(a: &[u8], k: &[i32]) -> i32 {
 /// `row_offset`. Output `(out_h, w)` RGB8. Taps outer, pixels inner (rows
 /// are contiguous, so the accumulation vectorises).
 fn vertical_pass(src: &[u8], w: usize, vt: &Taps, out_h: usize, row_offset: usize) -> Vec<u8> {
+    #[cfg(target_arch = "x86_64")]
+    if crate::nn::kernels::has_avx2() {
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn avx2(
+            src: &[u8],
+            w: usize,
+            vt: &Taps,
+            out_h: usize,
+            row_offset: usize,
+        ) -> Vec<u8> {
+            vertical_pass_impl(src, w, vt, out_h, row_offset)
+        }
+        // SAFETY: the CPU has AVX2 and FMA (checked at run time).
+        return unsafe { avx2(src, w, vt, out_h, row_offset) };
+    }
+    vertical_pass_impl(src, w, vt, out_h, row_offset)
+}
+
+/// Body of [`vertical_pass`] (compiled twice, as [`horizontal_pass_impl`]).
+#[inline(always)]
+fn vertical_pass_impl(src: &[u8], w: usize, vt: &Taps, out_h: usize, row_offset: usize) -> Vec<u8> {
     let stride = w * 3;
     let mut out = vec![0u8; out_h * stride];
     let mut acc = vec![0i32; stride];
