@@ -32,6 +32,7 @@
 //! symmetric or flat images) may flip; the golden test
 //! (`fixtures/golden/imaging/phash.json`) bounds the disagreement.
 
+use crate::nn::kernels::simd_fn;
 use image::RgbImage;
 use sha2::{Digest, Sha256};
 
@@ -295,64 +296,38 @@ pub fn pil_resize_lanczos_rgb(
     }
 }
 
-/// Horizontal pass over `rows` source rows starting at `first_row`
-/// (`src` is `w` pixels wide). Output `(rows, out_w)` RGB8.
-///
-/// Same arithmetic as Pillow (i32 accumulators, 22-bit taps); each row is
-/// split into channel planes first so the dot products vectorise.
-fn horizontal_pass(src: &[u8], w: usize, first_row: usize, rows: usize, out_w: usize) -> Vec<u8> {
-    #[cfg(target_arch = "x86_64")]
-    if crate::nn::kernels::has_avx2() {
-        #[target_feature(enable = "avx2,fma")]
-        unsafe fn avx2(
-            src: &[u8],
-            w: usize,
-            first_row: usize,
-            rows: usize,
-            out_w: usize,
-        ) -> Vec<u8> {
-            horizontal_pass_impl(src, w, first_row, rows, out_w)
-        }
-        // SAFETY: the CPU has AVX2 and FMA (checked at run time).
-        return unsafe { avx2(src, w, first_row, rows, out_w) };
-    }
-    horizontal_pass_impl(src, w, first_row, rows, out_w)
-}
-
-/// Body of [`horizontal_pass`], compiled twice (baseline and AVX2: the
-/// crate targets baseline x86-64, whose SSE2 has no 32-bit integer
-/// multiply, so without the AVX2 copy the dot products stay scalar).
-#[inline(always)]
-fn horizontal_pass_impl(
-    src: &[u8],
-    w: usize,
-    first_row: usize,
-    rows: usize,
-    out_w: usize,
-) -> Vec<u8> {
-    let ht = precompute_taps(w, out_w);
-    let mut out = vec![0u8; rows * out_w * 3];
-    let mut planes = vec![0u8; 3 * w];
-    for r in 0..rows {
-        let line = &src[(r + first_row) * w * 3..(r + first_row + 1) * w * 3];
-        let (p0, rest) = planes.split_at_mut(w);
-        let (p1, p2) = rest.split_at_mut(w);
-        for (i, px) in line.chunks_exact(3).enumerate() {
-            p0[i] = px[0];
-            p1[i] = px[1];
-            p2[i] = px[2];
-        }
-        let dst = &mut out[r * out_w * 3..(r + 1) * out_w * 3];
-        for xx in 0..out_w {
-            let (xmin, n) = ht.bounds[xx];
-            let k = &ht.kk[xx * ht.ksize..xx * ht.ksize + n];
-            for (c, plane) in [&*p0, &*p1, &*p2].into_iter().enumerate() {
-                let s = dot_u8_i32(&plane[xmin..xmin + n], k);
-                dst[xx * 3 + c] = clip8(s);
+simd_fn! {
+    /// Horizontal pass over `rows` source rows starting at `first_row`
+    /// (`src` is `w` pixels wide). Output `(rows, out_w)` RGB8.
+    ///
+    /// Same arithmetic as Pillow (i32 accumulators, 22-bit taps); each row is
+    /// split into channel planes first so the dot products vectorise (in the
+    /// AVX2 copy: baseline x86-64 has no 32-bit integer multiply).
+    fn horizontal_pass(src: &[u8], w: usize, first_row: usize, rows: usize, out_w: usize) -> Vec<u8> {
+        let ht = precompute_taps(w, out_w);
+        let mut out = vec![0u8; rows * out_w * 3];
+        let mut planes = vec![0u8; 3 * w];
+        for r in 0..rows {
+            let line = &src[(r + first_row) * w * 3..(r + first_row + 1) * w * 3];
+            let (p0, rest) = planes.split_at_mut(w);
+            let (p1, p2) = rest.split_at_mut(w);
+            for (i, px) in line.chunks_exact(3).enumerate() {
+                p0[i] = px[0];
+                p1[i] = px[1];
+                p2[i] = px[2];
+            }
+            let dst = &mut out[r * out_w * 3..(r + 1) * out_w * 3];
+            for xx in 0..out_w {
+                let (xmin, n) = ht.bounds[xx];
+                let k = &ht.kk[xx * ht.ksize..xx * ht.ksize + n];
+                for (c, plane) in [&*p0, &*p1, &*p2].into_iter().enumerate() {
+                    let s = dot_u8_i32(&plane[xmin..xmin + n], k);
+                    dst[xx * 3 + c] = clip8(s);
+                }
             }
         }
+        out
     }
-    out
 }
 
 #[inline(always)]
@@ -364,50 +339,31 @@ fn dot_u8_i32(a: &[u8], k: &[i32]) -> i32 {
     s
 }
 
-/// Vertical pass: `src` is `w` pixels wide and its row 0 is source row
-/// `row_offset`. Output `(out_h, w)` RGB8. Taps outer, pixels inner (rows
-/// are contiguous, so the accumulation vectorises).
-fn vertical_pass(src: &[u8], w: usize, vt: &Taps, out_h: usize, row_offset: usize) -> Vec<u8> {
-    #[cfg(target_arch = "x86_64")]
-    if crate::nn::kernels::has_avx2() {
-        #[target_feature(enable = "avx2,fma")]
-        unsafe fn avx2(
-            src: &[u8],
-            w: usize,
-            vt: &Taps,
-            out_h: usize,
-            row_offset: usize,
-        ) -> Vec<u8> {
-            vertical_pass_impl(src, w, vt, out_h, row_offset)
-        }
-        // SAFETY: the CPU has AVX2 and FMA (checked at run time).
-        return unsafe { avx2(src, w, vt, out_h, row_offset) };
-    }
-    vertical_pass_impl(src, w, vt, out_h, row_offset)
-}
-
-/// Body of [`vertical_pass`] (compiled twice, as [`horizontal_pass_impl`]).
-#[inline(always)]
-fn vertical_pass_impl(src: &[u8], w: usize, vt: &Taps, out_h: usize, row_offset: usize) -> Vec<u8> {
-    let stride = w * 3;
-    let mut out = vec![0u8; out_h * stride];
-    let mut acc = vec![0i32; stride];
-    for yy in 0..out_h {
-        let (ymin, n) = vt.bounds[yy];
-        let ymin = ymin - row_offset;
-        let k = &vt.kk[yy * vt.ksize..yy * vt.ksize + n];
-        acc.fill(1i32 << (PRECISION_BITS - 1));
-        for (y, &ky) in k.iter().enumerate() {
-            let row = &src[(ymin + y) * stride..(ymin + y + 1) * stride];
-            for (a, &v) in acc.iter_mut().zip(row) {
-                *a = a.wrapping_add(i32::from(v).wrapping_mul(ky));
+simd_fn! {
+    /// Vertical pass: `src` is `w` pixels wide and its row 0 is source row
+    /// `row_offset`. Output `(out_h, w)` RGB8. Taps outer, pixels inner (rows
+    /// are contiguous, so the accumulation vectorises).
+    fn vertical_pass(src: &[u8], w: usize, vt: &Taps, out_h: usize, row_offset: usize) -> Vec<u8> {
+        let stride = w * 3;
+        let mut out = vec![0u8; out_h * stride];
+        let mut acc = vec![0i32; stride];
+        for yy in 0..out_h {
+            let (ymin, n) = vt.bounds[yy];
+            let ymin = ymin - row_offset;
+            let k = &vt.kk[yy * vt.ksize..yy * vt.ksize + n];
+            acc.fill(1i32 << (PRECISION_BITS - 1));
+            for (y, &ky) in k.iter().enumerate() {
+                let row = &src[(ymin + y) * stride..(ymin + y + 1) * stride];
+                for (a, &v) in acc.iter_mut().zip(row) {
+                    *a = a.wrapping_add(i32::from(v).wrapping_mul(ky));
+                }
+            }
+            for (d, &a) in out[yy * stride..(yy + 1) * stride].iter_mut().zip(&acc) {
+                *d = clip8(a);
             }
         }
-        for (d, &a) in out[yy * stride..(yy + 1) * stride].iter_mut().zip(&acc) {
-            *d = clip8(a);
-        }
+        out
     }
-    out
 }
 
 #[cfg(test)]

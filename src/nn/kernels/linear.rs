@@ -158,61 +158,36 @@ fn backward<T: Real>(
     if !want_w && !want_b {
         return Ok((dx, None, None));
     }
-    let mut dw = vec![T::ZERO; if want_w { n * k } else { 0 }];
-    let mut db = vec![T::ZERO; if want_b { n } else { 0 }];
-    if m == 0 || n == 0 {
-        return Ok((dx, want_w.then_some(dw), want_b.then_some(db)));
-    }
-    if rows >= m {
-        // One chunk: a single GEMM, parallel over the output.
-        if want_w && k > 0 {
-            matmul(
-                &mut dw,
-                k,
-                Mat::t(dy, m, n),
-                Mat::n(x, m, k),
-                false,
-                T::ONE,
-                true,
-            )?;
+    // (dW, db) of one row chunk of (dy, x); `parallel` lets its GEMM use the pool.
+    let chunk_grads = |dyc: &[T], xc: &[T], parallel: bool| -> Result<(Vec<T>, Vec<T>)> {
+        let r = dyc.len() / n.max(1);
+        let mut pw = vec![T::ZERO; if want_w { n * k } else { 0 }];
+        let mut pb = vec![T::ZERO; if want_b { n } else { 0 }];
+        if want_w && k > 0 && r > 0 {
+            let (dyt, xm) = (Mat::t(dyc, r, n), Mat::n(xc, r, k));
+            matmul(&mut pw, k, dyt, xm, false, T::ONE, parallel)?;
         }
         if want_b {
-            add_col_sums(&mut db, dy, n);
+            add_col_sums(&mut pb, dyc, n);
         }
-    } else {
-        // Partial (dW, db) per row chunk, summed afterwards.
-        let partial = dy
-            .par_chunks(rows * n)
-            .zip(x.par_chunks(rows * k))
-            .map(|(dyc, xc)| -> Result<(Vec<T>, Vec<T>)> {
-                let r = dyc.len() / n;
-                let mut pw = vec![T::ZERO; if want_w { n * k } else { 0 }];
-                let mut pb = vec![T::ZERO; if want_b { n } else { 0 }];
-                if want_w && k > 0 {
-                    matmul(
-                        &mut pw,
-                        k,
-                        Mat::t(dyc, r, n),
-                        Mat::n(xc, r, k),
-                        false,
-                        T::ONE,
-                        false,
-                    )?;
-                }
-                if want_b {
-                    add_col_sums(&mut pb, dyc, n);
-                }
-                Ok((pw, pb))
-            })
-            .collect::<Result<Vec<_>>>()?;
-        for (pw, pb) in partial {
-            if want_w {
-                add_into(&mut dw, &pw);
-            }
-            if want_b {
-                add_into(&mut db, &pb);
-            }
-        }
+        Ok((pw, pb))
+    };
+    if m == 0 || n == 0 || rows >= m {
+        // One chunk: a single GEMM, parallel over the output.
+        let (dw, db) = chunk_grads(dy, x, true)?;
+        return Ok((dx, want_w.then_some(dw), want_b.then_some(db)));
+    }
+    // Partial (dW, db) per row chunk, summed afterwards.
+    let mut partial = dy
+        .par_chunks(rows * n)
+        .zip(x.par_chunks(rows * k))
+        .map(|(dyc, xc)| chunk_grads(dyc, xc, false))
+        .collect::<Result<Vec<_>>>()?
+        .into_iter();
+    let (mut dw, mut db) = partial.next().unwrap_or_default();
+    for (pw, pb) in partial {
+        add_into(&mut dw, &pw);
+        add_into(&mut db, &pb);
     }
     Ok((dx, want_w.then_some(dw), want_b.then_some(db)))
 }

@@ -259,8 +259,8 @@ pub fn has_avx2() -> bool {
     }
 }
 
-/// Defines a generic kernel function `fn name<T: Real>(args) -> ret` whose
-/// body is compiled twice, once for the baseline target and once with
+/// Defines a generic kernel function `fn name<T: Real>(args) -> ret` (or a
+/// non-generic `fn name(args) -> ret`) whose body is compiled twice, once for the baseline target and once with
 /// AVX2+FMA enabled, and picks the AVX2 copy at run time when the CPU has
 /// it (the crate is built for baseline x86-64, so without this the element
 /// loops would only use SSE2). The body is an `#[inline(always)]` function,
@@ -288,7 +288,33 @@ macro_rules! simd_fn {
             imp::<T>($($a),*)
         }
     };
+    // The same for a non-generic function (byte kernels, e.g. the Pillow
+    // resampling in `imaging::hash`).
+    ($(#[$m:meta])* $vis:vis fn $name:ident($($a:ident: $t:ty),* $(,)?) $(-> $r:ty)? $body:block) => {
+        $(#[$m])*
+        #[allow(clippy::too_many_arguments)]
+        $vis fn $name($($a: $t),*) $(-> $r)? {
+            #[inline(always)]
+            #[allow(clippy::too_many_arguments)]
+            fn imp($($a: $t),*) $(-> $r)? $body
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx2,fma")]
+                #[allow(clippy::too_many_arguments)]
+                unsafe fn avx2($($a: $t),*) $(-> $r)? {
+                    imp($($a),*)
+                }
+                if $crate::nn::kernels::has_avx2() {
+                    // SAFETY: the CPU supports AVX2 and FMA (checked at run time).
+                    return unsafe { avx2($($a),*) };
+                }
+            }
+            imp($($a),*)
+        }
+    };
 }
+pub(crate) use simd_fn;
+
 pub mod act;
 pub mod attention;
 pub mod conv;
