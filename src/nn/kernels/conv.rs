@@ -837,7 +837,7 @@ pub fn conv2d(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::nn::kernels::test_util::{check_fd, grads, max_abs, max_diff, rand};
+    use crate::nn::kernels::test_util::{assert_matches, check_fd, grads, max_abs, max_diff, rand};
     use crate::nn::ops::reference;
     use candle_core::Var;
 
@@ -885,12 +885,7 @@ mod tests {
             let (y2, g2) = grads(&vars, &probe, &|t| {
                 reference::conv2d(&t[0], &t[1], t.get(2), s, p)
             })?;
-            let d = max_diff(&y1, &y2)?;
-            assert!(d < 1e-5 * (1.0 + max_abs(&y2)?), "{c:?} forward diff {d}");
-            for (a, b) in g1.iter().zip(&g2) {
-                let d = max_diff(a, b)?;
-                assert!(d < 1e-4 * (1.0 + max_abs(b)?), "{c:?} grad diff {d}");
-            }
+            assert_matches(&format!("{c:?}"), (&y1, &g1), (&y2, &g2), 1e-5)?;
         }
         Ok(())
     }

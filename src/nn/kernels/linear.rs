@@ -345,7 +345,7 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::nn::kernels::test_util::{check_fd, grads, max_abs, max_diff, rand};
+    use crate::nn::kernels::test_util::{assert_matches, check_fd, grads, rand};
     use crate::nn::ops::reference;
     use candle_core::Var;
 
@@ -381,18 +381,8 @@ mod tests {
                 let (y2, g2) = grads(&vars, &probe, &|t| {
                     reference::linear(&t[0], &t[1], t.get(2))
                 })?;
-                let d = max_diff(&y1, &y2)?;
-                assert!(
-                    d < 1e-5 * (1.0 + max_abs(&y2)?),
-                    "{dims:?}→{n} bias {bias}: forward diff {d}"
-                );
-                for (i, (a, b)) in g1.iter().zip(&g2).enumerate() {
-                    let d = max_diff(a, b)?;
-                    assert!(
-                        d < 1e-4 * (1.0 + max_abs(b)?),
-                        "{dims:?}→{n} bias {bias}: grad {i} diff {d}"
-                    );
-                }
+                let label = format!("{dims:?}→{n} bias {bias}");
+                assert_matches(&label, (&y1, &g1), (&y2, &g2), 1e-5)?;
             }
         }
         Ok(())

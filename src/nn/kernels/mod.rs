@@ -591,6 +591,31 @@ pub(crate) mod test_util {
         Ok((y, gs))
     }
 
+    /// Asserts that a kernel's output `y` and gradients `g` (from [`grads`])
+    /// match the reference's: output within `fwd_tol · (1 + max|y_ref|)`,
+    /// every gradient within `1e-4 · (1 + max|g_ref|)`.
+    pub fn assert_matches(
+        label: &str,
+        (y, g): (&Tensor, &[Tensor]),
+        (y_ref, g_ref): (&Tensor, &[Tensor]),
+        fwd_tol: f64,
+    ) -> Result<()> {
+        let d = max_diff(y, y_ref)?;
+        assert!(
+            d < fwd_tol * (1.0 + max_abs(y_ref)?),
+            "{label}: forward diff {d}"
+        );
+        assert_eq!(g.len(), g_ref.len(), "{label}: gradient count");
+        for (i, (a, b)) in g.iter().zip(g_ref).enumerate() {
+            let d = max_diff(a, b)?;
+            assert!(
+                d < 1e-4 * (1.0 + max_abs(b)?),
+                "{label}: gradient {i} diff {d}"
+            );
+        }
+        Ok(())
+    }
+
     /// Checks the analytic f64 gradient of `sum(f(inputs) ∘ probe)` against
     /// central finite differences at `samples` coordinates of every input.
     pub fn check_fd(
