@@ -26,7 +26,8 @@ use crate::models::sdxl::checkpoint::{
     self, record_shapes, Checkpoint, Family, Prediction as CkptPrediction,
 };
 use crate::models::sdxl::clip::{
-    ClipTextConfig, ClipTextModel, SdxlTextEncoder, TextConditioning, BIGG_PREFIX, CLIP_L_PREFIX,
+    ClipTextConfig, ClipTextModel, SdxlTextEncoder, TextConditioning, BIGG_MODEL_PREFIX,
+    CLIP_L_MODEL_PREFIX,
 };
 use crate::models::sdxl::{build_y, SizeCond, UNet, UNetConfig, Vae, VaeConfig};
 use crate::{Error, Result};
@@ -85,9 +86,10 @@ impl TextConfigs {
 
     /// Keys and shapes both encoders request from a checkpoint.
     pub fn expected_keys(&self) -> Result<Vec<(String, Vec<usize>)>> {
-        let mut keys = record_shapes(|vb| ClipTextModel::new(vb.pp(CLIP_L_PREFIX), &self.clip_l))?;
+        let mut keys =
+            record_shapes(|vb| ClipTextModel::new(vb.pp(CLIP_L_MODEL_PREFIX), &self.clip_l))?;
         keys.extend(record_shapes(|vb| {
-            ClipTextModel::new(vb.pp(BIGG_PREFIX), &self.clip_g)
+            ClipTextModel::new(vb.pp(BIGG_MODEL_PREFIX), &self.clip_g)
         })?);
         Ok(keys)
     }
@@ -164,11 +166,13 @@ impl std::fmt::Debug for SdxlModel {
 /// by token-embedding widths, then check every key.
 pub fn detect_text_configs(ckpt: &Checkpoint) -> Result<TextConfigs> {
     let width = |key: String| ckpt.entry(&key).and_then(|e| e.shape.get(1).copied());
-    let wl = width(format!("{CLIP_L_PREFIX}.embeddings.token_embedding.weight"));
-    let wg = width(format!("{BIGG_PREFIX}.token_embedding.weight"));
+    let wl = width(format!(
+        "{CLIP_L_MODEL_PREFIX}.embeddings.token_embedding.weight"
+    ));
+    let wg = width(format!("{BIGG_MODEL_PREFIX}.token_embedding.weight"));
     let (Some(wl), Some(wg)) = (wl, wg) else {
         return Err(Error::model(format!(
-            "{}: no SDXL text encoders (need {CLIP_L_PREFIX}.* and {BIGG_PREFIX}.*); sampling needs a full single-file SDXL checkpoint with both text encoders",
+            "{}: no SDXL text encoders (need {CLIP_L_MODEL_PREFIX}.* and {BIGG_MODEL_PREFIX}.*); sampling needs a full single-file SDXL checkpoint with both text encoders",
             ckpt.path().display()
         )));
     };
@@ -567,7 +571,7 @@ mod tests {
         write_random_checkpoint(&src, TinyOptions::default()).unwrap();
         // Drop one bigG key: the text encoder check names it.
         let ck = Checkpoint::open(&src).unwrap();
-        let dropped = format!("{BIGG_PREFIX}.ln_final.weight");
+        let dropped = format!("{BIGG_MODEL_PREFIX}.ln_final.weight");
         let tensors: Vec<(String, Tensor)> = ck
             .entries()
             .keys()

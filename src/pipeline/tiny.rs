@@ -16,7 +16,7 @@ use candle_nn::{VarBuilder, VarMap};
 
 use super::model::TextConfigs;
 use crate::models::sdxl::checkpoint::{save_tensors, SaveOptions, META_PREDICTION_TYPE};
-use crate::models::sdxl::clip::{ClipTextModel, BIGG_PREFIX, CLIP_L_PREFIX};
+use crate::models::sdxl::clip::{ClipTextModel, BIGG_MODEL_PREFIX, CLIP_L_MODEL_PREFIX};
 use crate::models::sdxl::{init_params, UNet, UNetConfig, Vae, VaeConfig, UNET_PREFIX, VAE_PREFIX};
 use crate::{Error, Result};
 
@@ -36,8 +36,8 @@ pub fn write_random_checkpoint(path: &Path, opts: TinyOptions) -> Result<()> {
     let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
     let text = TextConfigs::tiny();
     UNet::new(vb.pp(UNET_PREFIX), &UNetConfig::tiny())?;
-    ClipTextModel::new(vb.pp(CLIP_L_PREFIX), &text.clip_l)?;
-    ClipTextModel::new(vb.pp(BIGG_PREFIX), &text.clip_g)?;
+    ClipTextModel::new(vb.pp(CLIP_L_MODEL_PREFIX), &text.clip_l)?;
+    ClipTextModel::new(vb.pp(BIGG_MODEL_PREFIX), &text.clip_g)?;
     Vae::new(vb.pp(VAE_PREFIX), &VaeConfig::tiny())?;
     init_params(&varmap, opts.seed)?;
     let tensors: Vec<(String, Tensor)> = {

@@ -28,10 +28,12 @@ use super::tokenizer::{ClipTokenizer, Padding, CONTEXT_LEN, VOCAB_SIZE};
 use crate::nn::{ops, LayerNorm, Linear};
 use crate::{Error, Result};
 
-/// Checkpoint prefix of CLIP-L (text encoder 1).
-pub const CLIP_L_PREFIX: &str = "conditioner.embedders.0.transformer.text_model";
-/// Checkpoint prefix of OpenCLIP bigG (text encoder 2).
-pub const BIGG_PREFIX: &str = "conditioner.embedders.1.model";
+/// Checkpoint prefix of the CLIP-L text model (text encoder 1), below the
+/// component prefix `sdxl::CLIP_L_PREFIX` (`…transformer`).
+pub const CLIP_L_MODEL_PREFIX: &str = "conditioner.embedders.0.transformer.text_model";
+/// Checkpoint prefix of the OpenCLIP bigG model (text encoder 2; the same
+/// as the component prefix `sdxl::CLIP_G_PREFIX`).
+pub const BIGG_MODEL_PREFIX: &str = "conditioner.embedders.1.model";
 
 /// MLP activation of the transformer blocks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -302,8 +304,8 @@ pub struct ClipTextModel {
 }
 
 impl ClipTextModel {
-    /// Load from `vb` positioned at the encoder's prefix ([`CLIP_L_PREFIX`]
-    /// or [`BIGG_PREFIX`] in an SDXL file).
+    /// Load from `vb` positioned at the encoder's prefix ([`CLIP_L_MODEL_PREFIX`]
+    /// or [`BIGG_MODEL_PREFIX`] in an SDXL file).
     pub fn new(vb: VarBuilder, cfg: &ClipTextConfig) -> Result<Self> {
         cfg.check()?;
         let (w, eps) = (cfg.width, cfg.layer_norm_eps);
@@ -469,7 +471,7 @@ pub struct SdxlTextEncoder {
 
 impl SdxlTextEncoder {
     /// Load both encoders from `vb` at the checkpoint root (the prefixes
-    /// [`CLIP_L_PREFIX`] and [`BIGG_PREFIX`] are applied here).
+    /// [`CLIP_L_MODEL_PREFIX`] and [`BIGG_MODEL_PREFIX`] are applied here).
     pub fn new(vb: VarBuilder, cfg_l: &ClipTextConfig, cfg_g: &ClipTextConfig) -> Result<Self> {
         if cfg_g.projection_dim.is_none() {
             return Err(Error::config(
@@ -477,8 +479,8 @@ impl SdxlTextEncoder {
             ));
         }
         Ok(Self {
-            clip_l: ClipTextModel::new(vb.pp(CLIP_L_PREFIX), cfg_l)?,
-            clip_g: ClipTextModel::new(vb.pp(BIGG_PREFIX), cfg_g)?,
+            clip_l: ClipTextModel::new(vb.pp(CLIP_L_MODEL_PREFIX), cfg_l)?,
+            clip_g: ClipTextModel::new(vb.pp(BIGG_MODEL_PREFIX), cfg_g)?,
             emphasis: Emphasis::default(),
             tokenizer: ClipTokenizer::new()?,
         })
@@ -669,7 +671,7 @@ mod tests {
     fn clip_l_penultimate_matches_transformers() -> Result<()> {
         let ts = load_golden("clip_l_tiny.safetensors");
         let vb = VarBuilder::from_tensors(ts.clone(), DType::F32, &Device::Cpu);
-        let m = ClipTextModel::new(vb.pp(CLIP_L_PREFIX), &golden_cfg_l())?;
+        let m = ClipTextModel::new(vb.pp(CLIP_L_MODEL_PREFIX), &golden_cfg_l())?;
         let out = m.forward(&ts["__input_ids"])?;
         assert!(out.pooled.is_none());
         let err = max_abs(&out.penultimate, &ts["__penultimate"]);
@@ -684,7 +686,7 @@ mod tests {
     fn bigg_penultimate_and_pooled_match_open_clip() -> Result<()> {
         let ts = load_golden("bigg_tiny.safetensors");
         let vb = VarBuilder::from_tensors(ts.clone(), DType::F32, &Device::Cpu);
-        let m = ClipTextModel::new(vb.pp(BIGG_PREFIX), &golden_cfg_g())?;
+        let m = ClipTextModel::new(vb.pp(BIGG_MODEL_PREFIX), &golden_cfg_g())?;
         let out = m.forward(&ts["__input_ids"])?;
         let err = max_abs(&out.penultimate, &ts["__penultimate"]);
         eprintln!("bigG penultimate max abs err {err:e}");
@@ -829,8 +831,8 @@ mod tests {
             .data()
             .lock()
             .map_err(|_| Error::Other("varmap lock".into()))?;
-        let last_l = format!("{CLIP_L_PREFIX}.encoder.layers.2.");
-        let final_l = format!("{CLIP_L_PREFIX}.final_layer_norm.");
+        let last_l = format!("{CLIP_L_MODEL_PREFIX}.encoder.layers.2.");
+        let final_l = format!("{CLIP_L_MODEL_PREFIX}.final_layer_norm.");
         let mut missing = Vec::new();
         for (name, var) in data.iter() {
             let unused = name.starts_with(&last_l) || name.starts_with(&final_l);
