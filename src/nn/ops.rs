@@ -121,6 +121,25 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, causal: bool) -
     }
 }
 
+/// [`attention`] on packed heads: `q (b, sq, heads·d)`, `k`/`v (b, sk,
+/// heads·d)` → `(b, sq, heads·dv)` — the layout of the q/k/v projections,
+/// so no head split/merge is needed around it.
+pub fn attention_packed(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    scale: f64,
+    causal: bool,
+) -> Result<Tensor> {
+    match kernel_dtype(q) {
+        Some(dt) => in_dtype(q, dt, |q| {
+            kernels::attention::attention_packed(q, k, v, heads, scale, causal)
+        }),
+        None => reference::attention_packed(q, k, v, heads, scale, causal),
+    }
+}
+
 /// Nearest-neighbour ×2 upsampling of `(b, c, h, w)` as reshape + broadcast
 /// (its backward is a plain broadcast-sum, unlike candle's upsample op).
 pub fn upsample_nearest2x(x: &Tensor) -> Result<Tensor> {
@@ -276,6 +295,25 @@ pub mod reference {
             scores
         };
         softmax_last_dim(&scores)?.matmul(&v.contiguous()?)
+    }
+
+    /// [`attention`] on packed heads: split `(b, s, heads·d)` into
+    /// `(b, heads, s, d)`, attend, merge back.
+    pub fn attention_packed(
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        heads: usize,
+        scale: f64,
+        causal: bool,
+    ) -> Result<Tensor> {
+        let split = |t: &Tensor| -> Result<Tensor> {
+            let (b, s, w) = t.dims3()?;
+            t.reshape((b, s, heads, w / heads))?.transpose(1, 2)
+        };
+        let o = attention(&split(q)?, &split(k)?, &split(v)?, scale, causal)?;
+        let (b, h, s, dv) = o.dims4()?;
+        o.transpose(1, 2)?.reshape((b, s, h * dv))
     }
 }
 

@@ -185,24 +185,14 @@ impl CrossAttention {
         })
     }
 
-    fn split_heads(&self, x: &Tensor) -> Result<Tensor> {
-        let (b, s, _) = x.dims3()?;
-        x.reshape((b, s, self.heads, self.head_dim))?
-            .transpose(1, 2) // (b, heads, s, d)
-    }
-
     /// `x (b, s, dim)`, `ctx (b, sk, ctx_dim)` (self-attention when `None`) → `(b, s, dim)`.
     pub fn forward(&self, x: &Tensor, ctx: Option<&Tensor>) -> Result<Tensor> {
         let ctx = ctx.unwrap_or(x);
-        let (b, s, _) = x.dims3()?;
-        let q = self.split_heads(&self.to_q.forward(x)?)?;
-        let k = self.split_heads(&self.to_k.forward(ctx)?)?;
-        let v = self.split_heads(&self.to_v.forward(ctx)?)?;
+        let q = self.to_q.forward(x)?; // (b, s, heads·head_dim)
+        let k = self.to_k.forward(ctx)?;
+        let v = self.to_v.forward(ctx)?;
         let scale = 1.0 / (self.head_dim as f64).sqrt();
-        let o = ops::attention(&q, &k, &v, scale, false)?; // (b, heads, s, d)
-        let o = o
-            .transpose(1, 2)?
-            .reshape((b, s, self.heads * self.head_dim))?; // (b, s, inner)
+        let o = ops::attention_packed(&q, &k, &v, self.heads, scale, false)?; // (b, s, inner)
         self.to_out.forward(&o)
     }
 }

@@ -19,7 +19,7 @@
 //! [`crate::nn::ops::reference::softmax_last_dim`], compared in the tests.
 
 use super::group_norm::sum_wide;
-use super::{matmul, tensor_from, threads, with_data, Mat, Real};
+use super::{gemm_raw, matmul, tensor_from, threads, with_data, Mat, Real};
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -157,11 +157,13 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     x.contiguous()?.apply_op1(SoftmaxOp)
 }
 
-/// Sizes of one attention call.
+/// Sizes and memory layout of one attention call.
 #[derive(Debug, Clone, Copy)]
 pub struct AttnGeom {
-    /// Product of the leading (batch, head) dims.
-    pub bh: usize,
+    /// Batch (product of the leading dims).
+    pub b: usize,
+    /// Heads per sample.
+    pub h: usize,
     /// Query tokens.
     pub sq: usize,
     /// Key/value tokens.
@@ -170,6 +172,10 @@ pub struct AttnGeom {
     pub d: usize,
     /// Value head dim.
     pub dv: usize,
+    /// `true`: tensors are `(b, s, h·d)` (heads side by side in each token
+    /// row, as the q/k/v projections produce them); `false`: `(…, s, d)`
+    /// with every leading dim a separate head (`h = 1`).
+    pub packed: bool,
 }
 
 impl AttnGeom {
@@ -188,16 +194,74 @@ impl AttnGeom {
             bail!("attention kernel: head dims of q {q:?} and k {k:?} or token counts of k and v {v:?} differ")
         }
         Ok(Self {
-            bh: q[..r - 2].iter().product(),
+            b: q[..r - 2].iter().product(),
+            h: 1,
             sq: q[r - 2],
             sk: k[r - 2],
             d: q[r - 1],
             dv: v[r - 1],
+            packed: false,
         })
     }
+
+    /// Validate packed `q (b, sq, h·d)`, `k (b, sk, h·d)`, `v (b, sk, h·dv)`.
+    pub fn packed(q: &[usize], k: &[usize], v: &[usize], heads: usize) -> Result<Self> {
+        let (&[b, sq, qd], &[bk, sk, kd], &[bv, sv, vd]) = (q, k, v) else {
+            bail!("attention kernel: packed q {q:?}, k {k:?}, v {v:?} must be (batch, tokens, heads·dim)")
+        };
+        if heads == 0
+            || qd % heads != 0
+            || vd % heads != 0
+            || qd != kd
+            || b != bk
+            || b != bv
+            || sk != sv
+        {
+            bail!("attention kernel: packed q {q:?}, k {k:?}, v {v:?} do not fit {heads} heads")
+        }
+        Ok(Self {
+            b,
+            h: heads,
+            sq,
+            sk,
+            d: qd / heads,
+            dv: vd / heads,
+            packed: true,
+        })
+    }
+
+    /// Number of (sample, head) tasks.
+    fn tasks(&self) -> usize {
+        self.b * self.h
+    }
+
+    /// Offset of the first element and row stride of head `i` in a tensor
+    /// with `s` tokens of head width `w`.
+    fn at(&self, i: usize, s: usize, w: usize) -> (usize, usize) {
+        if self.packed {
+            let (bi, hi) = (i / self.h, i % self.h);
+            (bi * s * self.h * w + hi * w, self.h * w)
+        } else {
+            (i * s * w, w)
+        }
+    }
+
     /// Query rows per score block.
     fn rows(&self) -> usize {
         (SCORE_BUDGET / self.sk.max(1)).clamp(1, self.sq.max(1))
+    }
+
+    /// Output dims for query dims `q`.
+    fn out_dims(&self, q: &[usize]) -> Vec<usize> {
+        let mut dims = q.to_vec();
+        if let Some(last) = dims.last_mut() {
+            *last = if self.packed {
+                self.h * self.dv
+            } else {
+                self.dv
+            };
+        }
+        dims
     }
 }
 
@@ -239,9 +303,10 @@ simd_fn! {
 
 simd_fn! {
     /// `dS = P ∘ (dP − rowsum(dO ∘ O))` in place over `dp` (rows of `sk`);
-    /// `o`, `d_o` hold the block's output rows (`dv` each).
-    fn dscores_block<T: Real>(dp: &mut [T], p: &[T], sk: usize, o: &[T], d_o: &[T], dv: usize) {
-        for (((dpr, pr), or), dor) in dp.chunks_mut(sk).zip(p.chunks(sk)).zip(o.chunks(dv)).zip(d_o.chunks(dv)) {
+    /// `o`, `d_o` hold the block's output rows (`dv` values each, rows `ld` apart).
+    fn dscores_block<T: Real>(dp: &mut [T], p: &[T], sk: usize, o: &[T], d_o: &[T], dv: usize, ld: usize) {
+        for (r, (dpr, pr)) in dp.chunks_mut(sk).zip(p.chunks(sk)).enumerate() {
+            let (or, dor) = (&o[r * ld..r * ld + dv], &d_o[r * ld..r * ld + dv]);
             let di: T = dor.iter().zip(or).map(|(&a, &b)| a * b).sum();
             for (x, &pv) in dpr.iter_mut().zip(pr) {
                 *x = pv * (*x - di);
@@ -250,7 +315,65 @@ simd_fn! {
     }
 }
 
-/// Forward attention; returns `o (bh, sq, dv)` and the log-sum-exp per query row.
+/// A raw output pointer shared by the parallel head tasks, each of which
+/// writes only its own head's rows/columns (disjoint element sets).
+#[derive(Clone, Copy)]
+struct OutPtr<T>(*mut T);
+// SAFETY: only used to write disjoint regions from different threads (see
+// the callers); `T` is a plain float.
+unsafe impl<T: Send> Send for OutPtr<T> {}
+unsafe impl<T: Send> Sync for OutPtr<T> {}
+
+impl<T> OutPtr<T> {
+    /// The pointer (a method, so closures capture the `Sync` wrapper, not the field).
+    fn get(self) -> *mut T {
+        self.0
+    }
+}
+
+/// `out (m×n, row stride ldo) = [out +] beta · a · b`, `out` given as a raw
+/// pointer into a buffer shared with other head tasks.
+///
+/// # Safety
+/// `out` must be valid for the `m×n` block with row stride `ldo`, and no
+/// other thread may access that block meanwhile.
+#[allow(clippy::too_many_arguments)]
+unsafe fn matmul_into<T: Real>(
+    out: *mut T,
+    ldo: usize,
+    a: Mat<'_, T>,
+    b: Mat<'_, T>,
+    accumulate: bool,
+    beta: T,
+    parallel: bool,
+) -> Result<()> {
+    let (m, k, a_rs, a_cs) = a.logical();
+    let (k2, n, b_rs, b_cs) = b.logical();
+    if k != k2 || !a.fits() || !b.fits() || ldo < n {
+        bail!("attention kernel: inconsistent GEMM sizes m={m} k={k}/{k2} n={n}")
+    }
+    gemm_raw(
+        m,
+        n,
+        k,
+        out,
+        ldo,
+        1,
+        a.data.as_ptr(),
+        a_rs,
+        a_cs,
+        b.data.as_ptr(),
+        b_rs,
+        b_cs,
+        accumulate,
+        beta,
+        parallel,
+    );
+    Ok(())
+}
+
+/// Forward attention; returns `o` (layout of `g`) and the log-sum-exp per
+/// query row (`(b·h, sq)`).
 pub fn attention_forward<T: Real>(
     g: &AttnGeom,
     q: &[T],
@@ -260,58 +383,50 @@ pub fn attention_forward<T: Real>(
     causal: bool,
 ) -> Result<(Vec<T>, Vec<f64>)> {
     let (sq, sk, d, dv) = (g.sq, g.sk, g.d, g.dv);
-    if q.len() != g.bh * sq * d || k.len() != g.bh * sk * d || v.len() != g.bh * sk * dv {
+    let n_h = g.tasks();
+    if q.len() != n_h * sq * d || k.len() != n_h * sk * d || v.len() != n_h * sk * dv {
         bail!("attention kernel: data sizes do not match {g:?}")
     }
-    let mut o = vec![T::ZERO; g.bh * sq * dv];
-    let mut lse = vec![0f64; g.bh * sq];
+    let mut o = vec![T::ZERO; n_h * sq * dv];
+    let mut lse = vec![0f64; n_h * sq];
     if sq == 0 || dv == 0 || sk == 0 {
         return Ok((o, lse));
     }
     let rb = g.rows();
-    let par_gemm = g.bh < threads();
-    o.par_chunks_mut(sq * dv)
-        .zip(lse.par_chunks_mut(sq))
-        .enumerate()
-        .try_for_each_init(
-            || vec![T::ZERO; rb * sk],
-            |s, (i, (oh, lh))| -> Result<()> {
-                let qh = &q[i * sq * d..(i + 1) * sq * d];
-                let kh = &k[i * sk * d..(i + 1) * sk * d];
-                let vh = &v[i * sk * dv..(i + 1) * sk * dv];
-                let mut r0 = 0;
-                while r0 < sq {
-                    let r1 = (r0 + rb).min(sq);
-                    let n = r1 - r0;
-                    let sb = &mut s[..n * sk];
-                    matmul(
-                        sb,
-                        sk,
-                        Mat::n(&qh[r0 * d..r1 * d], n, d),
-                        Mat::t(kh, sk, d),
-                        false,
-                        T::of(scale),
-                        par_gemm,
-                    )?;
-                    softmax_block(sb, sk, &mut lh[r0..r1], causal, r0);
-                    matmul(
-                        &mut oh[r0 * dv..r1 * dv],
-                        dv,
-                        Mat::n(sb, n, sk),
-                        Mat::n(vh, sk, dv),
-                        false,
-                        T::ONE,
-                        par_gemm,
-                    )?;
-                    r0 = r1;
+    let par_gemm = n_h < threads();
+    let optr = OutPtr(o.as_mut_ptr());
+    lse.par_chunks_mut(sq).enumerate().try_for_each_init(
+        || vec![T::ZERO; rb * sk],
+        |s, (i, lh)| -> Result<()> {
+            let (qo, ldq) = g.at(i, sq, d);
+            let (ko, ldk) = g.at(i, sk, d);
+            let (vo, ldv) = g.at(i, sk, dv);
+            let (oo, ldo) = g.at(i, sq, dv);
+            let kh = Mat::t(&k[ko..], sk, d).ld(ldk);
+            let vh = Mat::n(&v[vo..], sk, dv).ld(ldv);
+            let mut r0 = 0;
+            while r0 < sq {
+                let r1 = (r0 + rb).min(sq);
+                let n = r1 - r0;
+                let sb = &mut s[..n * sk];
+                let q_blk = Mat::n(&q[qo + r0 * ldq..], n, d).ld(ldq);
+                matmul(sb, sk, q_blk, kh, false, T::of(scale), par_gemm)?;
+                softmax_block(sb, sk, &mut lh[r0..r1], causal, r0);
+                // SAFETY: rows r0..r1 of head i's output block (offset oo,
+                // row stride ldo, dv columns) belong to this task only.
+                unsafe {
+                    let out = optr.get().add(oo + r0 * ldo);
+                    matmul_into(out, ldo, Mat::n(sb, n, sk), vh, false, T::ONE, par_gemm)?;
                 }
-                Ok(())
-            },
-        )?;
+                r0 = r1;
+            }
+            Ok(())
+        },
+    )?;
     Ok((o, lse))
 }
 
-/// Gradients `(dq, dk, dv)` of attention.
+/// Gradients `(dq, dk, dv)` of attention (layouts of `g`).
 #[allow(clippy::too_many_arguments)]
 pub fn attention_backward<T: Real>(
     g: &AttnGeom,
@@ -325,7 +440,14 @@ pub fn attention_backward<T: Real>(
     causal: bool,
 ) -> Result<(Vec<T>, Vec<T>, Vec<T>)> {
     let (sq, sk, d, dv) = (g.sq, g.sk, g.d, g.dv);
-    if o.len() != g.bh * sq * dv || d_o.len() != o.len() || lse.len() != g.bh * sq {
+    let n_h = g.tasks();
+    if q.len() != n_h * sq * d
+        || k.len() != n_h * sk * d
+        || v.len() != n_h * sk * dv
+        || o.len() != n_h * sq * dv
+        || d_o.len() != o.len()
+        || lse.len() != n_h * sq
+    {
         bail!("attention kernel backward: data sizes do not match {g:?}")
     }
     let mut dq = vec![T::ZERO; q.len()];
@@ -335,86 +457,77 @@ pub fn attention_backward<T: Real>(
         return Ok((dq, dk, dvv));
     }
     let rb = g.rows();
-    let par_gemm = g.bh < threads();
+    let par_gemm = n_h < threads();
     let sc = T::of(scale);
-    dq.par_chunks_mut(sq * d)
-        .zip(dk.par_chunks_mut(sk * d).zip(dvv.par_chunks_mut(sk * dv)))
-        .enumerate()
-        .try_for_each_init(
-            || (vec![T::ZERO; rb * sk], vec![T::ZERO; rb * sk]),
-            |(pbuf, dpbuf), (i, (dqh, (dkh, dvh)))| -> Result<()> {
-                let qh = &q[i * sq * d..(i + 1) * sq * d];
-                let kh = &k[i * sk * d..(i + 1) * sk * d];
-                let vh = &v[i * sk * dv..(i + 1) * sk * dv];
-                let oh = &o[i * sq * dv..(i + 1) * sq * dv];
-                let doh = &d_o[i * sq * dv..(i + 1) * sq * dv];
-                let lh = &lse[i * sq..(i + 1) * sq];
-                let mut r0 = 0;
-                while r0 < sq {
-                    let r1 = (r0 + rb).min(sq);
-                    let n = r1 - r0;
-                    let p = &mut pbuf[..n * sk];
-                    let dp = &mut dpbuf[..n * sk];
-                    let q_blk = &qh[r0 * d..r1 * d];
-                    let do_blk = &doh[r0 * dv..r1 * dv];
-                    // P = exp(scale · Q Kᵀ − lse)
-                    matmul(
-                        p,
-                        sk,
-                        Mat::n(q_blk, n, d),
-                        Mat::t(kh, sk, d),
-                        false,
-                        sc,
-                        par_gemm,
-                    )?;
-                    probs_block(p, sk, &lh[r0..r1], causal, r0);
+    let (dq_p, dk_p, dv_p) = (
+        OutPtr(dq.as_mut_ptr()),
+        OutPtr(dk.as_mut_ptr()),
+        OutPtr(dvv.as_mut_ptr()),
+    );
+    (0..n_h).into_par_iter().try_for_each_init(
+        || (vec![T::ZERO; rb * sk], vec![T::ZERO; rb * sk]),
+        |(pbuf, dpbuf), i| -> Result<()> {
+            let (qo, ldq) = g.at(i, sq, d);
+            let (ko, ldk) = g.at(i, sk, d);
+            let (vo, ldv) = g.at(i, sk, dv);
+            let (oo, ldo) = g.at(i, sq, dv);
+            let lh = &lse[i * sq..(i + 1) * sq];
+            let mut r0 = 0;
+            while r0 < sq {
+                let r1 = (r0 + rb).min(sq);
+                let n = r1 - r0;
+                let p = &mut pbuf[..n * sk];
+                let dp = &mut dpbuf[..n * sk];
+                let q_blk = Mat::n(&q[qo + r0 * ldq..], n, d).ld(ldq);
+                let do_blk = Mat::n(&d_o[oo + r0 * ldo..], n, dv).ld(ldo);
+                // P = exp(scale · Q Kᵀ − lse)
+                matmul(
+                    p,
+                    sk,
+                    q_blk,
+                    Mat::t(&k[ko..], sk, d).ld(ldk),
+                    false,
+                    sc,
+                    par_gemm,
+                )?;
+                probs_block(p, sk, &lh[r0..r1], causal, r0);
+                // dP = dO Vᵀ ; dS = P ∘ (dP − rowsum(dO ∘ O))
+                matmul(
+                    dp,
+                    sk,
+                    do_blk,
+                    Mat::t(&v[vo..], sk, dv).ld(ldv),
+                    false,
+                    T::ONE,
+                    par_gemm,
+                )?;
+                let (ob, dob) = (&o[oo + r0 * ldo..], &d_o[oo + r0 * ldo..]);
+                dscores_block(dp, p, sk, ob, dob, dv, ldo);
+                // SAFETY: dq rows r0..r1 and all of dk/dv of head i (offsets
+                // and strides from `g.at`) are written by this task only.
+                unsafe {
                     // dV += Pᵀ dO
-                    matmul(
-                        dvh,
-                        dv,
-                        Mat::t(p, n, sk),
-                        Mat::n(do_blk, n, dv),
-                        true,
-                        T::ONE,
-                        par_gemm,
-                    )?;
-                    // dP = dO Vᵀ
-                    matmul(
-                        dp,
-                        sk,
-                        Mat::n(do_blk, n, dv),
-                        Mat::t(vh, sk, dv),
-                        false,
-                        T::ONE,
-                        par_gemm,
-                    )?;
-                    // dS = P ∘ (dP − rowsum(dO ∘ O))
-                    let (ob, dob) = (&oh[r0 * dv..r1 * dv], &doh[r0 * dv..r1 * dv]);
-                    dscores_block(dp, p, sk, ob, dob, dv);
+                    let pt = Mat::t(p, n, sk);
+                    matmul_into(dv_p.get().add(vo), ldv, pt, do_blk, true, T::ONE, par_gemm)?;
                     // dQ = scale · dS K ; dK += scale · dSᵀ Q
-                    matmul(
-                        &mut dqh[r0 * d..r1 * d],
-                        d,
-                        Mat::n(dp, n, sk),
-                        Mat::n(kh, sk, d),
-                        false,
-                        sc,
-                        par_gemm,
-                    )?;
-                    matmul(
-                        dkh,
-                        d,
+                    let kn = Mat::n(&k[ko..], sk, d).ld(ldk);
+                    let dq_out = dq_p.get().add(qo + r0 * ldq);
+                    matmul_into(dq_out, ldq, Mat::n(dp, n, sk), kn, false, sc, par_gemm)?;
+                    matmul_into(
+                        dk_p.get().add(ko),
+                        ldk,
                         Mat::t(dp, n, sk),
-                        Mat::n(q_blk, n, d),
+                        q_blk,
                         true,
                         sc,
                         par_gemm,
                     )?;
-                    r0 = r1;
                 }
-                Ok(())
-            },
-        )?;
+                r0 = r1;
+            }
+            Ok(())
+        },
+    )?;
     Ok((dq, dk, dvv))
 }
 
@@ -425,16 +538,26 @@ pub struct AttentionOp {
     pub scale: f64,
     /// Mask keys after the query position.
     pub causal: bool,
+    /// `Some(heads)`: packed `(b, s, heads·d)` tensors (see [`AttnGeom`]).
+    pub heads: Option<usize>,
     lse: Mutex<Option<Vec<f64>>>,
 }
 
 impl AttentionOp {
     /// A fresh op (one per call: it stores that call's log-sum-exp rows).
-    pub fn new(scale: f64, causal: bool) -> Self {
+    pub fn new(scale: f64, causal: bool, heads: Option<usize>) -> Self {
         Self {
             scale,
             causal,
+            heads,
             lse: Mutex::new(None),
+        }
+    }
+
+    fn geom(&self, q: &[usize], k: &[usize], v: &[usize]) -> Result<AttnGeom> {
+        match self.heads {
+            Some(h) => AttnGeom::packed(q, k, v, h),
+            None => AttnGeom::new(q, k, v),
         }
     }
 }
@@ -453,7 +576,7 @@ impl CustomOp3 for AttentionOp {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let g = AttnGeom::new(l1.dims(), l2.dims(), l3.dims())?;
+        let g = self.geom(l1.dims(), l2.dims(), l3.dims())?;
         fn run<T: Real>(
             op: &AttentionOp,
             g: &AttnGeom,
@@ -475,11 +598,7 @@ impl CustomOp3 for AttentionOp {
             DType::F64 => run::<f64>(self, &g, (s1, l1), (s2, l2), (s3, l3))?,
             dt => bail!("attention kernel: unsupported dtype {dt:?} (use f32 or f64)"),
         };
-        let mut dims = l1.dims().to_vec();
-        if let Some(last) = dims.last_mut() {
-            *last = g.dv;
-        }
-        Ok((out, Shape::from(dims)))
+        Ok((out, Shape::from(g.out_dims(l1.dims()))))
     }
 
     fn bwd(
@@ -490,7 +609,7 @@ impl CustomOp3 for AttentionOp {
         res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let g = AttnGeom::new(q.dims(), k.dims(), v.dims())?;
+        let g = self.geom(q.dims(), k.dims(), v.dims())?;
         let (res, grad) = (res.contiguous()?, grad.contiguous()?);
         fn run<T: Real>(
             op: &AttentionOp,
@@ -548,7 +667,25 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, causal: bool) -
     let q = q.contiguous()?;
     let k = k.to_dtype(q.dtype())?.contiguous()?;
     let v = v.to_dtype(q.dtype())?.contiguous()?;
-    q.apply_op3(&k, &v, AttentionOp::new(scale, causal))
+    q.apply_op3(&k, &v, AttentionOp::new(scale, causal, None))
+}
+
+/// [`attention`] on packed heads: `q (b, sq, heads·d)`, `k (b, sk, heads·d)`,
+/// `v (b, sk, heads·dv)` → `(b, sq, heads·dv)`, i.e. straight from and to
+/// the projections, with no head split/merge (each of those is a copy in
+/// the forward and two more passes in candle's backward).
+pub fn attention_packed(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    scale: f64,
+    causal: bool,
+) -> Result<Tensor> {
+    let q = q.contiguous()?;
+    let k = k.to_dtype(q.dtype())?.contiguous()?;
+    let v = v.to_dtype(q.dtype())?.contiguous()?;
+    q.apply_op3(&k, &v, AttentionOp::new(scale, causal, Some(heads)))
 }
 
 #[cfg(test)]
@@ -633,6 +770,64 @@ mod tests {
             )?;
         }
         Ok(())
+    }
+
+    /// Packed (b, s, heads·d) cases: (b, sq, sk, heads, d, dv, causal).
+    const PACKED: &[(usize, usize, usize, usize, usize, usize, bool)] = &[
+        (2, 5, 7, 3, 4, 2, false), // cross-attention, dv ≠ d
+        (1, 6, 6, 2, 3, 3, true),  // batch 1 (tasks < threads), causal
+        (3, 9, 4, 1, 5, 6, false), // one head
+        (1, 1, 1, 4, 2, 2, false), // single token
+    ];
+
+    fn packed_inputs(
+        c: &(usize, usize, usize, usize, usize, usize, bool),
+        dt: DType,
+    ) -> Result<Vec<Tensor>> {
+        let (b, sq, sk, h, d, dv, _) = *c;
+        Ok(vec![
+            rand(&[b, sq, h * d], 11, dt)?,
+            rand(&[b, sk, h * d], 12, dt)?,
+            rand(&[b, sk, h * dv], 13, dt)?,
+        ])
+    }
+
+    #[test]
+    fn packed_attention_matches_reference_f32_and_fd_f64() -> Result<()> {
+        for c in PACKED {
+            let (h, d, causal) = (c.3, c.4, c.6);
+            let scale = 1.0 / (d as f64).sqrt();
+            let vars = packed_inputs(c, DType::F32)?
+                .iter()
+                .map(Var::from_tensor)
+                .collect::<Result<Vec<_>>>()?;
+            let probe = rand(&[c.0, c.1, h * c.5], 14, DType::F32)?;
+            let ours = grads(&vars, &probe, &|t| {
+                attention_packed(&t[0], &t[1], &t[2], h, scale, causal)
+            })?;
+            let theirs = grads(&vars, &probe, &|t| {
+                reference::attention_packed(&t[0], &t[1], &t[2], h, scale, causal)
+            })?;
+            let label = format!("{c:?}");
+            assert_matches(&label, (&ours.0, &ours.1), (&theirs.0, &theirs.1), 1e-5)?;
+            let ins = packed_inputs(c, DType::F64)?;
+            check_fd(
+                &ins,
+                &|t| attention_packed(&t[0], &t[1], &t[2], h, scale, causal),
+                12,
+                1e-6,
+            )?;
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn packed_attention_rejects_heads_that_do_not_divide() {
+        let q = Tensor::zeros((1, 2, 6), DType::F32, &candle_core::Device::Cpu).unwrap();
+        let err = attention_packed(&q, &q, &q, 4, 1.0, false)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("do not fit 4 heads"), "{err}");
     }
 
     #[test]
