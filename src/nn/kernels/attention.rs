@@ -19,7 +19,7 @@
 //! [`crate::nn::ops::reference::softmax_last_dim`], compared in the tests.
 
 use super::group_norm::sum_wide;
-use super::{gemm_raw, matmul, tensor_from, threads, with_data, Mat, Real};
+use super::{matmul, matmul_ptr, tensor_from, threads, with_data, Mat, Real};
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -331,47 +331,6 @@ impl<T> OutPtr<T> {
     }
 }
 
-/// `out (m×n, row stride ldo) = [out +] beta · a · b`, `out` given as a raw
-/// pointer into a buffer shared with other head tasks.
-///
-/// # Safety
-/// `out` must be valid for the `m×n` block with row stride `ldo`, and no
-/// other thread may access that block meanwhile.
-#[allow(clippy::too_many_arguments)]
-unsafe fn matmul_into<T: Real>(
-    out: *mut T,
-    ldo: usize,
-    a: Mat<'_, T>,
-    b: Mat<'_, T>,
-    accumulate: bool,
-    beta: T,
-    parallel: bool,
-) -> Result<()> {
-    let (m, k, a_rs, a_cs) = a.logical();
-    let (k2, n, b_rs, b_cs) = b.logical();
-    if k != k2 || !a.fits() || !b.fits() || ldo < n {
-        bail!("attention kernel: inconsistent GEMM sizes m={m} k={k}/{k2} n={n}")
-    }
-    gemm_raw(
-        m,
-        n,
-        k,
-        out,
-        ldo,
-        1,
-        a.data.as_ptr(),
-        a_rs,
-        a_cs,
-        b.data.as_ptr(),
-        b_rs,
-        b_cs,
-        accumulate,
-        beta,
-        parallel,
-    );
-    Ok(())
-}
-
 /// Forward attention; returns `o` (layout of `g`) and the log-sum-exp per
 /// query row (`(b·h, sq)`).
 pub fn attention_forward<T: Real>(
@@ -416,7 +375,7 @@ pub fn attention_forward<T: Real>(
                 // row stride ldo, dv columns) belong to this task only.
                 unsafe {
                     let out = optr.get().add(oo + r0 * ldo);
-                    matmul_into(out, ldo, Mat::n(sb, n, sk), vh, false, T::ONE, par_gemm)?;
+                    matmul_ptr(out, ldo, Mat::n(sb, n, sk), vh, false, T::ONE, par_gemm)?;
                 }
                 r0 = r1;
             }
@@ -508,12 +467,12 @@ pub fn attention_backward<T: Real>(
                 unsafe {
                     // dV += Pᵀ dO
                     let pt = Mat::t(p, n, sk);
-                    matmul_into(dv_p.get().add(vo), ldv, pt, do_blk, true, T::ONE, par_gemm)?;
+                    matmul_ptr(dv_p.get().add(vo), ldv, pt, do_blk, true, T::ONE, par_gemm)?;
                     // dQ = scale · dS K ; dK += scale · dSᵀ Q
                     let kn = Mat::n(&k[ko..], sk, d).ld(ldk);
                     let dq_out = dq_p.get().add(qo + r0 * ldq);
-                    matmul_into(dq_out, ldq, Mat::n(dp, n, sk), kn, false, sc, par_gemm)?;
-                    matmul_into(
+                    matmul_ptr(dq_out, ldq, Mat::n(dp, n, sk), kn, false, sc, par_gemm)?;
+                    matmul_ptr(
                         dk_p.get().add(ko),
                         ldk,
                         Mat::t(dp, n, sk),

@@ -501,32 +501,57 @@ pub(crate) fn matmul<T: Real>(
     beta: T,
     parallel: bool,
 ) -> Result<()> {
+    let (m, n) = (a.logical().0, b.logical().1);
+    if m > 0 && n > 0 && dst.len() < (m - 1) * ldd + n {
+        bail!(
+            "kernel matmul: destination of {} elements is too small for {m}×{n} (row stride {ldd})",
+            dst.len()
+        )
+    }
+    // SAFETY: `dst` covers the m×n block (checked above) and is a distinct
+    // &mut borrow, so it cannot alias `a`/`b`.
+    unsafe { matmul_ptr(dst.as_mut_ptr(), ldd, a, b, accumulate, beta, parallel) }
+}
+
+/// [`matmul`] into a raw destination: `out (m×n, row stride ldo) = [out +]
+/// beta · a · b`, for outputs shared by parallel tasks that each write a
+/// disjoint block (attention heads). Operand sizes are checked here.
+///
+/// # Safety
+/// `out` must be valid for writes (and reads when `accumulate`) of the m×n
+/// block with row stride `ldo`, not alias `a`/`b`, and no other thread may
+/// access that block meanwhile.
+pub(crate) unsafe fn matmul_ptr<T: Real>(
+    out: *mut T,
+    ldo: usize,
+    a: Mat<'_, T>,
+    b: Mat<'_, T>,
+    accumulate: bool,
+    beta: T,
+    parallel: bool,
+) -> Result<()> {
     let (m, k, a_rs, a_cs) = a.logical();
     let (k2, n, b_rs, b_cs) = b.logical();
-    if k != k2 || !a.fits() || !b.fits() || ldd < n || (m > 0 && dst.len() < (m - 1) * ldd + n) {
-        bail!("kernel matmul: inconsistent sizes m={m} k={k}/{k2} n={n} ldd={ldd}")
+    if k != k2 || !a.fits() || !b.fits() || ldo < n {
+        bail!("kernel matmul: inconsistent sizes m={m} k={k}/{k2} n={n} ldd={ldo}")
     }
-    // SAFETY: bounds checked above; `dst` is a distinct &mut borrow so it
-    // cannot alias `a`/`b`.
-    unsafe {
-        gemm_raw(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            ldd,
-            1,
-            a.data.as_ptr(),
-            a_rs,
-            a_cs,
-            b.data.as_ptr(),
-            b_rs,
-            b_cs,
-            accumulate,
-            beta,
-            parallel,
-        )
-    };
+    gemm_raw(
+        m,
+        n,
+        k,
+        out,
+        ldo,
+        1,
+        a.data.as_ptr(),
+        a_rs,
+        a_cs,
+        b.data.as_ptr(),
+        b_rs,
+        b_cs,
+        accumulate,
+        beta,
+        parallel,
+    );
     Ok(())
 }
 
