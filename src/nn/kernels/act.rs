@@ -18,7 +18,7 @@
 
 use super::{tensor_from, threads, with_data, Real};
 use candle_core::backend::BackendStorage;
-use candle_core::{bail, CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
+use candle_core::{bail, CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 /// `(Φ(x), φ(x))` — normal CDF and density.
@@ -111,11 +111,7 @@ impl CustomOp1 for GeluOp {
                 .for_each(|(yc, xc)| gelu_fwd(yc, xc));
             Ok(T::to_cpu_storage_owned(y))
         }
-        let out = match s.dtype() {
-            DType::F32 => run::<f32>(s, l)?,
-            DType::F64 => run::<f64>(s, l)?,
-            dt => bail!("gelu kernel: unsupported dtype {dt:?} (use f32 or f64)"),
-        };
+        let out = by_dtype!(s.dtype(), "gelu kernel", |T| run::<T>(s, l)?);
         Ok((out, l.shape().clone()))
     }
 
@@ -134,11 +130,9 @@ impl CustomOp1 for GeluOp {
             })?;
             tensor_from(dx, x.dims())
         }
-        match x.dtype() {
-            DType::F32 => Ok(Some(run::<f32>(x, &grad)?)),
-            DType::F64 => Ok(Some(run::<f64>(x, &grad)?)),
-            dt => bail!("gelu kernel backward: unsupported dtype {dt:?}"),
-        }
+        by_dtype!(x.dtype(), "gelu kernel backward", |T| Ok(Some(run::<T>(
+            x, &grad
+        )?)))
     }
 }
 
@@ -167,11 +161,7 @@ impl CustomOp1 for GegluOp {
             }
             Ok(T::to_cpu_storage_owned(y))
         }
-        let out = match s.dtype() {
-            DType::F32 => run::<f32>(s, l, n)?,
-            DType::F64 => run::<f64>(s, l, n)?,
-            dt => bail!("geglu kernel: unsupported dtype {dt:?} (use f32 or f64)"),
-        };
+        let out = by_dtype!(s.dtype(), "geglu kernel", |T| run::<T>(s, l, n)?);
         let mut dims = l.dims().to_vec();
         if let Some(last) = dims.last_mut() {
             *last = n;
@@ -197,11 +187,9 @@ impl CustomOp1 for GegluOp {
             })?;
             tensor_from(dx, x.dims())
         }
-        match x.dtype() {
-            DType::F32 => Ok(Some(run::<f32>(x, &grad, n)?)),
-            DType::F64 => Ok(Some(run::<f64>(x, &grad, n)?)),
-            dt => bail!("geglu kernel backward: unsupported dtype {dt:?}"),
-        }
+        by_dtype!(x.dtype(), "geglu kernel backward", |T| Ok(Some(run::<T>(
+            x, &grad, n
+        )?)))
     }
 }
 
@@ -220,6 +208,7 @@ mod tests {
     use super::*;
     use crate::nn::kernels::test_util::{check_fd, grads, max_abs, max_diff, rand};
     use crate::nn::ops::reference;
+    use candle_core::DType;
     use candle_core::{Device, Var};
 
     #[test]

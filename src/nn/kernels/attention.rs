@@ -21,7 +21,9 @@
 use super::group_norm::sum_wide;
 use super::{matmul, matmul_ptr, tensor_from, threads, with_data, Mat, Real};
 use candle_core::backend::BackendStorage;
-use candle_core::{bail, CpuStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use candle_core::{
+    bail, CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tensor, WithDType,
+};
 use rayon::prelude::*;
 use std::sync::Mutex;
 
@@ -115,17 +117,9 @@ impl CustomOp1 for SoftmaxOp {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let d = l.dims().last().copied().unwrap_or(1);
-        let out = match s.dtype() {
-            DType::F32 => CpuStorage::F32(softmax_forward(
-                super::slice_of::<f32>(s, l, "softmax x")?,
-                d,
-            )),
-            DType::F64 => CpuStorage::F64(softmax_forward(
-                super::slice_of::<f64>(s, l, "softmax x")?,
-                d,
-            )),
-            dt => bail!("softmax kernel: unsupported dtype {dt:?} (use f32 or f64)"),
-        };
+        let out = by_dtype!(s.dtype(), "softmax kernel", |T| {
+            T::to_cpu_storage_owned(softmax_forward(super::slice_of::<T>(s, l, "softmax x")?, d))
+        });
         Ok((out, l.shape().clone()))
     }
 
@@ -135,19 +129,13 @@ impl CustomOp1 for SoftmaxOp {
         }
         let d = res.dims().last().copied().unwrap_or(1);
         let (res, grad) = (res.contiguous()?, grad.contiguous()?);
-        let dx = match res.dtype() {
-            DType::F32 => with_data::<f32, _>(&res, "softmax y", |y| {
-                with_data::<f32, _>(&grad, "softmax grad", |g| {
+        let dx = by_dtype!(res.dtype(), "softmax kernel backward", |T| {
+            with_data::<T, _>(&res, "softmax y", |y| {
+                with_data::<T, _>(&grad, "softmax grad", |g| {
                     tensor_from(softmax_backward(y, g, d), res.dims())
                 })
-            })?,
-            DType::F64 => with_data::<f64, _>(&res, "softmax y", |y| {
-                with_data::<f64, _>(&grad, "softmax grad", |g| {
-                    tensor_from(softmax_backward(y, g, d), res.dims())
-                })
-            })?,
-            dt => bail!("softmax kernel backward: unsupported dtype {dt:?}"),
-        };
+            })?
+        });
         Ok(Some(dx))
     }
 }
@@ -552,11 +540,13 @@ impl CustomOp3 for AttentionOp {
             }
             Ok(T::to_cpu_storage_owned(o))
         }
-        let out = match s1.dtype() {
-            DType::F32 => run::<f32>(self, &g, (s1, l1), (s2, l2), (s3, l3))?,
-            DType::F64 => run::<f64>(self, &g, (s1, l1), (s2, l2), (s3, l3))?,
-            dt => bail!("attention kernel: unsupported dtype {dt:?} (use f32 or f64)"),
-        };
+        let out = by_dtype!(s1.dtype(), "attention kernel", |T| run::<T>(
+            self,
+            &g,
+            (s1, l1),
+            (s2, l2),
+            (s3, l3)
+        )?);
         Ok((out, Shape::from(g.out_dims(l1.dims()))))
     }
 
@@ -607,11 +597,9 @@ impl CustomOp3 for AttentionOp {
                 tensor_from(dv, v.dims())?,
             ))
         }
-        let (dq, dk, dv) = match q.dtype() {
-            DType::F32 => run::<f32>(self, &g, q, k, v, &res, &grad)?,
-            DType::F64 => run::<f64>(self, &g, q, k, v, &res, &grad)?,
-            dt => bail!("attention kernel backward: unsupported dtype {dt:?}"),
-        };
+        let (dq, dk, dv) = by_dtype!(q.dtype(), "attention kernel backward", |T| run::<T>(
+            self, &g, q, k, v, &res, &grad
+        )?);
         Ok((
             q.track_op().then_some(dq),
             k.track_op().then_some(dk),
@@ -652,6 +640,7 @@ mod tests {
     use super::*;
     use crate::nn::kernels::test_util::{assert_matches, check_fd, grads, max_diff, rand};
     use crate::nn::ops::reference;
+    use candle_core::DType;
     use candle_core::Var;
 
     #[test]

@@ -21,7 +21,7 @@
 
 use super::{give_scratch, matmul, take_scratch, tensor_from, threads, with_data, Mat, Real};
 use candle_core::backend::BackendStorage;
-use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 /// Largest im2col tile, in elements, per thread (512 KiB of f32: the tile
@@ -711,11 +711,7 @@ impl Conv2dOp {
                 .transpose()?;
             Ok(T::to_cpu_storage_owned(forward(g, xs, ws, bs)?))
         }
-        let out = match x.0.dtype() {
-            DType::F32 => run::<f32>(&g, x, w, b)?,
-            DType::F64 => run::<f64>(&g, x, w, b)?,
-            dt => bail!("conv2d kernel: unsupported dtype {dt:?} (use f32 or f64)"),
-        };
+        let out = by_dtype!(x.0.dtype(), "conv2d kernel", |T| run::<T>(&g, x, w, b)?);
         Ok((out, Shape::from(g.out_dims().to_vec())))
     }
 
@@ -752,11 +748,9 @@ impl Conv2dOp {
             let db = gr.db.map(|d| tensor_from(d, &[g.cout])).transpose()?;
             Ok((dx, dw, db))
         }
-        match x.dtype() {
-            DType::F32 => run::<f32>(&g, x, w, &grad, need),
-            DType::F64 => run::<f64>(&g, x, w, &grad, need),
-            dt => bail!("conv2d kernel backward: unsupported dtype {dt:?}"),
-        }
+        by_dtype!(x.dtype(), "conv2d kernel backward", |T| run::<T>(
+            &g, x, w, &grad, need
+        ))
     }
 }
 
@@ -839,6 +833,7 @@ mod tests {
     use super::*;
     use crate::nn::kernels::test_util::{assert_matches, check_fd, grads, max_abs, max_diff, rand};
     use crate::nn::ops::reference;
+    use candle_core::DType;
     use candle_core::Var;
 
     /// (b, cin, h, w, cout, k, stride, pad, bias)

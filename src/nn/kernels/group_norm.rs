@@ -17,7 +17,7 @@
 
 use super::{sigmoid, tensor_from, with_data, Real, Stats};
 use candle_core::backend::BackendStorage;
-use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 use std::sync::Mutex;
 
@@ -351,11 +351,13 @@ impl CustomOp3 for GroupNormOp {
             }
             Ok(T::to_cpu_storage_owned(y))
         }
-        let out = match s1.dtype() {
-            DType::F32 => run::<f32>(self, &g, (s1, l1), (s2, l2), (s3, l3))?,
-            DType::F64 => run::<f64>(self, &g, (s1, l1), (s2, l2), (s3, l3))?,
-            dt => bail!("group_norm kernel: unsupported dtype {dt:?} (use f32 or f64)"),
-        };
+        let out = by_dtype!(s1.dtype(), "group_norm kernel", |T| run::<T>(
+            self,
+            &g,
+            (s1, l1),
+            (s2, l2),
+            (s3, l3)
+        )?);
         Ok((out, l1.shape().clone()))
     }
 
@@ -399,25 +401,14 @@ impl CustomOp3 for GroupNormOp {
                 })
             })
         }
-        let (dx, dw, db) = match x.dtype() {
-            DType::F32 => {
-                let (a, b2, c) = run::<f32>(self, &g, x, w, b, &grad)?;
-                (
-                    tensor_from(a, x.dims())?,
-                    tensor_from(b2, &[g.c])?,
-                    tensor_from(c, &[g.c])?,
-                )
-            }
-            DType::F64 => {
-                let (a, b2, c) = run::<f64>(self, &g, x, w, b, &grad)?;
-                (
-                    tensor_from(a, x.dims())?,
-                    tensor_from(b2, &[g.c])?,
-                    tensor_from(c, &[g.c])?,
-                )
-            }
-            dt => bail!("group_norm kernel backward: unsupported dtype {dt:?}"),
-        };
+        let (dx, dw, db) = by_dtype!(x.dtype(), "group_norm kernel backward", |T| {
+            let (a, b2, c) = run::<T>(self, &g, x, w, b, &grad)?;
+            (
+                tensor_from(a, x.dims())?,
+                tensor_from(b2, &[g.c])?,
+                tensor_from(c, &[g.c])?,
+            )
+        });
         Ok((
             x.track_op().then_some(dx),
             w.track_op().then_some(dw.reshape(w.shape())?),
@@ -448,6 +439,7 @@ mod tests {
     use super::*;
     use crate::nn::kernels::test_util::{assert_matches, check_fd, grads, rand};
     use crate::nn::ops::reference;
+    use candle_core::DType;
     use candle_core::Var;
 
     /// (dims, groups)

@@ -12,7 +12,7 @@
 use super::group_norm::{sum_sq_dev, sum_wide};
 use super::{tensor_from, threads, with_data, Real, Stats};
 use candle_core::backend::BackendStorage;
-use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 use std::sync::Mutex;
 
@@ -185,11 +185,13 @@ impl CustomOp3 for LayerNormOp {
             }
             Ok(T::to_cpu_storage_owned(y))
         }
-        let out = match s1.dtype() {
-            DType::F32 => run::<f32>(self, d, (s1, l1), (s2, l2), (s3, l3))?,
-            DType::F64 => run::<f64>(self, d, (s1, l1), (s2, l2), (s3, l3))?,
-            dt => bail!("layer_norm kernel: unsupported dtype {dt:?} (use f32 or f64)"),
-        };
+        let out = by_dtype!(s1.dtype(), "layer_norm kernel", |T| run::<T>(
+            self,
+            d,
+            (s1, l1),
+            (s2, l2),
+            (s3, l3)
+        )?);
         Ok((out, l1.shape().clone()))
     }
 
@@ -229,25 +231,14 @@ impl CustomOp3 for LayerNormOp {
                 })
             })
         }
-        let (dx, dw, db) = match x.dtype() {
-            DType::F32 => {
-                let (a, b2, c) = run::<f32>(self, d, x, w, &grad)?;
-                (
-                    tensor_from(a, x.dims())?,
-                    tensor_from(b2, &[d])?,
-                    tensor_from(c, &[d])?,
-                )
-            }
-            DType::F64 => {
-                let (a, b2, c) = run::<f64>(self, d, x, w, &grad)?;
-                (
-                    tensor_from(a, x.dims())?,
-                    tensor_from(b2, &[d])?,
-                    tensor_from(c, &[d])?,
-                )
-            }
-            dt => bail!("layer_norm kernel backward: unsupported dtype {dt:?}"),
-        };
+        let (dx, dw, db) = by_dtype!(x.dtype(), "layer_norm kernel backward", |T| {
+            let (a, b2, c) = run::<T>(self, d, x, w, &grad)?;
+            (
+                tensor_from(a, x.dims())?,
+                tensor_from(b2, &[d])?,
+                tensor_from(c, &[d])?,
+            )
+        });
         Ok((
             x.track_op().then_some(dx),
             w.track_op().then_some(dw.reshape(w.shape())?),
@@ -269,6 +260,7 @@ mod tests {
     use super::*;
     use crate::nn::kernels::test_util::{assert_matches, check_fd, grads, rand};
     use crate::nn::ops::reference;
+    use candle_core::DType;
     use candle_core::Var;
 
     #[test]

@@ -18,7 +18,7 @@
 
 use super::{matmul, tensor_from, threads, with_data, Mat, Real};
 use candle_core::backend::BackendStorage;
-use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 /// Sizes of one call: `m` rows (all leading dims), `k` inputs, `n` outputs.
@@ -220,11 +220,7 @@ fn fwd_storage(
         };
         Ok(T::to_cpu_storage_owned(forward(g, x, w, bias)?))
     }
-    let out = match a.0.dtype() {
-        DType::F32 => run::<f32>(&g, a, b, c)?,
-        DType::F64 => run::<f64>(&g, a, b, c)?,
-        dt => bail!("linear kernel: unsupported dtype {dt:?} (use f32 or f64)"),
-    };
+    let out = by_dtype!(a.0.dtype(), "linear kernel", |T| run::<T>(&g, a, b, c)?);
     Ok((out, Shape::from(g.out_dims(a.1.dims()))))
 }
 
@@ -251,17 +247,10 @@ fn bwd_tensors(x: &Tensor, w: &Tensor, b: Option<&Tensor>, grad: &Tensor) -> Res
         v.map(|v| tensor_from(v, dims)).transpose()
     }
     let bdims = [g.n];
-    match x.dtype() {
-        DType::F32 => {
-            let (a, bw, c) = run::<f32>(&g, x, w, &grad, want)?;
-            Ok((wrap(a, x.dims())?, wrap(bw, w.dims())?, wrap(c, &bdims)?))
-        }
-        DType::F64 => {
-            let (a, bw, c) = run::<f64>(&g, x, w, &grad, want)?;
-            Ok((wrap(a, x.dims())?, wrap(bw, w.dims())?, wrap(c, &bdims)?))
-        }
-        dt => bail!("linear kernel backward: unsupported dtype {dt:?}"),
-    }
+    by_dtype!(x.dtype(), "linear kernel backward", |T| {
+        let (a, bw, c) = run::<T>(&g, x, w, &grad, want)?;
+        Ok((wrap(a, x.dims())?, wrap(bw, w.dims())?, wrap(c, &bdims)?))
+    })
 }
 
 impl CustomOp2 for LinearOp {
@@ -347,6 +336,7 @@ mod tests {
     use super::*;
     use crate::nn::kernels::test_util::{assert_matches, check_fd, grads, rand};
     use crate::nn::ops::reference;
+    use candle_core::DType;
     use candle_core::Var;
 
     /// (x dims, out features): 2-D and 3-D inputs, one row, odd sizes,

@@ -315,6 +315,25 @@ macro_rules! simd_fn {
 }
 pub(crate) use simd_fn;
 
+/// The dtype dispatch of every kernel entry point: evaluates `body` with the
+/// type alias `T` = f32 or f64 for those dtypes, and for any other dtype
+/// returns the error `"{what}: unsupported dtype … (use f32 or f64)"`.
+macro_rules! by_dtype {
+    ($dt:expr, $what:expr, |$T:ident| $body:expr) => {
+        match $dt {
+            candle_core::DType::F32 => {
+                type $T = f32;
+                $body
+            }
+            candle_core::DType::F64 => {
+                type $T = f64;
+                $body
+            }
+            dt => candle_core::bail!("{}: unsupported dtype {dt:?} (use f32 or f64)", $what),
+        }
+    };
+}
+
 pub mod act;
 pub mod attention;
 pub mod conv;
