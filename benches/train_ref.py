@@ -11,15 +11,11 @@ residual), nearest x2 upsample, GroupNorm+SiLU, conv_out 64->4; MSE loss,
 batch 32, f32, AdamW(lr 1e-4).
 """
 
-import argparse
-import json
-import resource
-import statistics
-import time
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from torch_timing import setup, time_training
 
 
 class ResBlock(nn.Module):
@@ -78,40 +74,11 @@ class Net(nn.Module):
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--threads", type=int, default=2)
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
+    args = setup()
     net = Net()
-    opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
     x = torch.randn(32, 4, 16, 16)
     target = torch.randn(32, 4, 16, 16)
-    fw, bw, op, st = [], [], [], []
-    for i in range(2 + args.steps):
-        opt.zero_grad(set_to_none=True)
-        t0 = time.perf_counter()
-        loss = F.mse_loss(net(x), target)
-        t1 = time.perf_counter()
-        loss.backward()
-        t2 = time.perf_counter()
-        opt.step()
-        t3 = time.perf_counter()
-        if i >= 2:
-            fw.append((t1 - t0) * 1e3)
-            bw.append((t2 - t1) * 1e3)
-            op.append((t3 - t2) * 1e3)
-            st.append((t3 - t0) * 1e3)
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-    print(json.dumps({
-        "forward_ms": statistics.median(fw),
-        "backward_ms": statistics.median(bw),
-        "optimizer_ms": statistics.median(op),
-        "step_ms": statistics.median(st),
-        "peak_rss_mb": rss,
-        "loss": loss.item(),
-    }))
+    time_training(net.parameters(), lambda: F.mse_loss(net(x), target), args.steps)
 
 
 if __name__ == "__main__":

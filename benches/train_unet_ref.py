@@ -32,15 +32,12 @@ Batch (as benches/train_unet.rs): 8 latents of 4x32x32 (256x256 images),
 per-sample timesteps, MSE against a random target, AdamW(lr 1e-4), f32.
 """
 
-import argparse
-import json
-import resource
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 from diffusers import UNet2DConditionModel
+
+from torch_timing import setup, time_training
 
 BATCH = 8
 LATENT = 32
@@ -75,15 +72,9 @@ def tiny_unet():
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--threads", type=int, default=2)
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
+    args = setup()
     net = tiny_unet()
     params = sum(p.numel() for p in net.parameters())
-    opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
     x = torch.randn(BATCH, 4, LATENT, LATENT)
     target = torch.randn(BATCH, 4, LATENT, LATENT)
     t = torch.linspace(0, 999, BATCH)
@@ -92,32 +83,12 @@ def main():
     px = float(LATENT * 8)
     time_ids = torch.tensor([[px, px, 0.0, 0.0, px, px]] * BATCH)
     cond = {"text_embeds": pooled, "time_ids": time_ids}
-    fw, bw, op, st = [], [], [], []
-    for i in range(2 + args.steps):
-        opt.zero_grad(set_to_none=True)
-        t0 = time.perf_counter()
+
+    def loss():
         out = net(x, t, encoder_hidden_states=ctx, added_cond_kwargs=cond).sample
-        loss = F.mse_loss(out, target)
-        t1 = time.perf_counter()
-        loss.backward()
-        t2 = time.perf_counter()
-        opt.step()
-        t3 = time.perf_counter()
-        if i >= 2:
-            fw.append((t1 - t0) * 1e3)
-            bw.append((t2 - t1) * 1e3)
-            op.append((t3 - t2) * 1e3)
-            st.append((t3 - t0) * 1e3)
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-    print(json.dumps({
-        "forward_ms": statistics.median(fw),
-        "backward_ms": statistics.median(bw),
-        "optimizer_ms": statistics.median(op),
-        "step_ms": statistics.median(st),
-        "peak_rss_mb": rss,
-        "params": params,
-        "loss": loss.item(),
-    }))
+        return F.mse_loss(out, target)
+
+    time_training(net.parameters(), loss, args.steps, params=params)
 
 
 if __name__ == "__main__":
