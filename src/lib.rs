@@ -28,15 +28,22 @@
 //! - [`models`]: SDXL UNet / VAE / text encoders / tokenizer / checkpoint I/O
 //!   under native LDM key names.
 //! - [`pipeline`]: checkpoint → images (`sample`) and model diagnostics (`diagnose uncond`).
+//! - [`train`]: `eps2v train` (eps → v-pred ZTSNR and back, block subsets,
+//!   evaluation by images, NaN guard, resume, export).
+//! - [`merge`]: `eps2v merge` (weighted sum, add-difference, block weights, sweeps).
+//! - [`report`]: charts (training curves) for run folders and reports.
 
 pub mod cli;
 pub mod diffusion;
 pub mod error;
 pub mod imaging;
 pub mod manifest;
+pub mod merge;
 pub mod models;
 pub mod nn;
 pub mod pipeline;
+pub mod report;
 pub mod stages;
+pub mod train;
 
 pub use error::{Error, Result};

@@ -11,6 +11,7 @@ use clap::{Parser, Subcommand};
 
 pub mod ckpt;
 pub mod sample;
+pub mod train;
 
 /// Top-level command line.
 #[derive(Debug, Parser)]
@@ -52,6 +53,10 @@ pub enum Command {
     Sample(sample::SampleArgs),
     /// Model diagnostics (`uncond`: does the model treat "" like zeros?).
     Diagnose(sample::DiagnoseArgs),
+    /// Finetune the UNet: eps -> v-prediction (ZTSNR) or back, watched by sampled grids.
+    Train(train::TrainArgs),
+    /// Blend checkpoints: weighted sum, add-difference, per-block weights, sweeps.
+    Merge(train::MergeArgs),
 }
 
 /// Run a parsed command line; returns the process exit code.
@@ -80,5 +85,7 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Tokenize(args) => tokenize::run(&args),
         Command::Sample(a) => Ok(sample::run_sample(a, json)?),
         Command::Diagnose(a) => Ok(sample::run_diagnose(a, json)?),
+        Command::Train(a) => Ok(train::run_train(a, json)?),
+        Command::Merge(a) => Ok(train::run_merge(a, json)?),
     }
 }

@@ -5,9 +5,20 @@
 //! Follows `shared/reference/sdxl.md` §7 (diffusers `train_text_to_image_sdxl.py`,
 //! `training_utils.compute_snr`; kohya `custom_train_functions.py`):
 //! - x_t = √ᾱ_t·x0 + √(1−ᾱ_t)·ε; target ε, or v = √ᾱ_t·ε − √(1−ᾱ_t)·x0;
+//! - SNR weights are computed on the schedule that is trained, i.e. *after*
+//!   the ZTSNR rescale. (diffusers does the same; kohya builds its SNR table
+//!   before `--zero_terminal_snr` rescales the betas — sd-scripts #1263,
+//!   #1905 — so its weights are those of the un-rescaled schedule and never
+//!   see SNR = 0.)
 //! - min-SNR-γ: ε → min(SNR, γ)/SNR, v → min(SNR, γ)/(SNR+1). At the ZTSNR
-//!   terminal step SNR = 0 and the ε weight is 0/0 (NaN in diffusers and
-//!   kohya); we use its limit, 1 (for SNR < γ the weight is exactly 1);
+//!   terminal step SNR = 0 and the ε weight is 0/0 (NaN in diffusers); we
+//!   use its limit, 1 (for SNR < γ the weight is exactly 1). For v the weight
+//!   there is exactly 0 and below 1e-3 for every t ≥ 937: min-SNR starves
+//!   the steps a v + ZTSNR conversion must learn (predicting from pure
+//!   noise), so the trainer's default is plain MSE;
+//! - debiased estimation (kohya `--debiased_estimation_loss`): ε → 1/√SNR,
+//!   v → 1/(SNR+1), SNR clamped at 1000 (and for ε below at snr_min, so
+//!   1/√SNR stays finite at SNR = 0);
 //! - kohya `--scale_v_pred_loss_like_noise_pred`: v-loss × SNR/(SNR+1), SNR
 //!   clamped at 1000 (0 at the terminal step).
 
@@ -31,6 +42,12 @@ pub enum LossWeighting {
     /// kohya `--scale_v_pred_loss_like_noise_pred`: SNR/(SNR+1), SNR ≤ 1000
     /// (makes a v-loss weigh timesteps like an ε-loss).
     VLikeEps,
+    /// Debiased estimation: ε → 1/√SNR with SNR clamped to `[snr_min,
+    /// 1000]`, v → 1/(SNR+1) with SNR ≤ 1000 (finite at SNR 0 as it is).
+    Debiased {
+        /// Lower SNR clamp (> 0; keeps 1/√SNR finite at SNR = 0).
+        snr_min: f64,
+    },
 }
 
 impl LossWeighting {
@@ -49,6 +66,10 @@ impl LossWeighting {
                 let s = snr.min(1000.0);
                 s / (s + 1.0)
             }
+            LossWeighting::Debiased { snr_min } => match prediction {
+                Prediction::Eps => 1.0 / snr.clamp(snr_min.max(f64::MIN_POSITIVE), 1000.0).sqrt(),
+                Prediction::V => 1.0 / (snr.min(1000.0) + 1.0),
+            },
         }
     }
 
@@ -195,6 +216,24 @@ mod tests {
         assert!(LossWeighting::Uniform
             .weights(&z, &[1000], Prediction::V)
             .is_err());
+        // Debiased: finite at SNR 0 for both objectives, kohya's values elsewhere.
+        let d = LossWeighting::Debiased { snr_min: 1e-3 };
+        let de = d.weights(&z, &[0, 500, 999], Prediction::Eps).unwrap();
+        let dv = d.weights(&z, &[0, 500, 999], Prediction::V).unwrap();
+        assert!((de[2] - 1.0 / 1e-3f64.sqrt()).abs() < 1e-9 && dv[2] == 1.0);
+        let s500 = z.snr(500).unwrap();
+        assert!((de[1] - 1.0 / s500.sqrt()).abs() < 1e-12);
+        assert!((dv[1] - 1.0 / (s500 + 1.0)).abs() < 1e-12);
+        assert!(
+            (de[0] - 1.0 / 1000f64.sqrt()).abs() < 1e-12,
+            "SNR at t=0 is clamped to 1000"
+        );
+        // Min-SNR for v under ZTSNR: exactly 0 at t = 999, < 1e-3 from t = 937 on.
+        let m = LossWeighting::MinSnr { gamma: 5.0 };
+        let ts: Vec<usize> = (937..1000).collect();
+        let w = m.weights(&z, &ts, Prediction::V).unwrap();
+        assert_eq!(w[62], 0.0);
+        assert!(w.iter().all(|&x| x < 1e-3), "{w:?}");
     }
 
     #[test]

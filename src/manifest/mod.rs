@@ -26,7 +26,10 @@ pub const SCHEMA_V1: &str = include_str!("../../schemas/manifest.sql");
 
 /// Forward migrations: entry `i` upgrades `user_version` `i + 1` → `i + 2`.
 /// Append only; never edit a released entry.
-pub const MIGRATIONS: &[&str] = &[];
+pub const MIGRATIONS: &[&str] = &[
+    // Training caches, validation split and evaluations (`eps2v train`).
+    include_str!("../../schemas/migrations/train.sql"),
+];
 
 /// Latest schema version this build writes.
 pub const SCHEMA_VERSION: i64 = 1 + MIGRATIONS.len() as i64;

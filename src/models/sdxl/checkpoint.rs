@@ -51,6 +51,12 @@ pub const MARKER_V_PRED: &str = "v_pred";
 pub const MARKER_ZTSNR: &str = "ztsnr";
 /// safetensors metadata key written by sd-scripts / ModelSpec.
 pub const META_PREDICTION_TYPE: &str = "modelspec.prediction_type";
+/// Metadata key eps2v writes for ZTSNR-trained models (`"true"`): lets a
+/// file saved without marker keys (`--no-markers`) still say so.
+pub const META_ZTSNR: &str = "eps2v.ztsnr";
+/// Metadata key eps2v writes with the unconditional conditioning a model
+/// was trained with (`zero`, `empty`, `text:…`), the default of `sample`.
+pub const META_UNCOND: &str = "eps2v.uncond";
 
 /// Keys that loaders tolerate and never need (reference §1.1).
 pub fn is_ignored_key(key: &str) -> bool {
@@ -647,6 +653,26 @@ impl Checkpoint {
         &self.mmap[e.start..e.end]
     }
 
+    /// Hex SHA-256 of every tensor under `prefixes` (key, dtype, shape and
+    /// stored bytes, in key order): identifies one component (the VAE, the
+    /// text encoders) independently of the rest of the file, e.g. to key
+    /// caches that stay valid when only the UNet changes.
+    pub fn component_sha256(&self, prefixes: &[&str]) -> String {
+        let mut h = Sha256::new();
+        for (k, e) in &self.entries {
+            if prefixes.iter().any(|p| k.starts_with(p)) {
+                h.update((k.len() as u64).to_le_bytes());
+                h.update(k.as_bytes());
+                h.update(e.dtype.as_bytes());
+                for d in &e.shape {
+                    h.update((*d as u64).to_le_bytes());
+                }
+                h.update(self.bytes(e));
+            }
+        }
+        hex::encode(h.finalize())
+    }
+
     fn has_prefix(&self, prefix: &str) -> bool {
         self.entries
             .range(prefix.to_string()..)
@@ -699,7 +725,8 @@ impl Checkpoint {
 
     /// Prediction type from marker keys, then `modelspec.prediction_type`.
     pub fn prediction(&self) -> PredictionInfo {
-        let ztsnr = self.contains(MARKER_ZTSNR);
+        let ztsnr = self.contains(MARKER_ZTSNR)
+            || self.metadata.get(META_ZTSNR).is_some_and(|v| v == "true");
         let mut warnings = Vec::new();
         let meta = self
             .metadata
@@ -1072,6 +1099,57 @@ enum Source<'a> {
         bytes: &'a [u8],
     },
     Tensor(Tensor),
+    Lazy(LazyTensor<'a>),
+}
+
+/// A tensor computed only when it is written (streaming saves, e.g. merges:
+/// peak memory is one tensor per input, not whole models).
+pub struct LazyTensor<'a> {
+    /// dtype of the produced tensor (the stored one unless
+    /// [`SaveOptions::dtype`] converts it).
+    pub dtype: DType,
+    /// Its shape.
+    pub shape: Vec<usize>,
+    /// Computes it.
+    pub produce: Box<dyn Fn() -> Result<Tensor> + 'a>,
+}
+
+/// Save tensors produced one at a time, in key order (atomic: temp file +
+/// rename), with marker keys and metadata from `opts`.
+pub fn save_lazy(
+    path: impl AsRef<Path>,
+    tensors: Vec<(String, LazyTensor<'_>)>,
+    opts: &SaveOptions,
+) -> Result<()> {
+    let items = tensors
+        .into_iter()
+        .filter(|(k, _)| k != MARKER_V_PRED && k != MARKER_ZTSNR)
+        .map(|(k, t)| (k, Source::Lazy(t)))
+        .collect();
+    write_checkpoint(path.as_ref(), items, opts, &opts.metadata)
+}
+
+impl Checkpoint {
+    /// A lazy copy of `key` as stored (for streaming saves).
+    pub fn lazy(&self, key: &str) -> Result<LazyTensor<'_>> {
+        let e = self
+            .entries
+            .get(key)
+            .ok_or_else(|| Error::model(format!("{}: no tensor {key}", self.path.display())))?;
+        let dtype = float_dtype(&e.dtype).ok_or_else(|| {
+            Error::model(format!(
+                "{}: tensor {key} has dtype {} which eps2v cannot convert",
+                self.path.display(),
+                e.dtype
+            ))
+        })?;
+        let key = key.to_string();
+        Ok(LazyTensor {
+            dtype,
+            shape: e.shape.clone(),
+            produce: Box::new(move || self.tensor(&key, dtype, &Device::Cpu)),
+        })
+    }
 }
 
 /// Little-endian bytes of `t` stored as `dtype`.
@@ -1187,6 +1265,16 @@ fn write_checkpoint(
                 })?;
                 (name.to_string(), t.dims().to_vec())
             }
+            Source::Lazy(l) => {
+                let d = match (opts.dtype, l.dtype.is_float()) {
+                    (Some(d), true) => d,
+                    _ => l.dtype,
+                };
+                let name = st_dtype_name(d).ok_or_else(|| {
+                    Error::model(format!("save: tensor {key} has unsupported dtype {d:?}"))
+                })?;
+                (name.to_string(), l.shape.clone())
+            }
         };
         let size = dtype_size(&dtype)
             .ok_or_else(|| Error::model(format!("save: tensor {key} has unknown dtype {dtype}")))?;
@@ -1255,6 +1343,18 @@ fn write_checkpoint(
                 Source::Tensor(t) => {
                     let to = float_dtype(&p.dtype).unwrap_or(t.dtype());
                     w.write_all(&tensor_bytes(t, to)?).at(&tmp)?;
+                }
+                Source::Lazy(l) => {
+                    let t = (l.produce)()?;
+                    if t.dims() != l.shape.as_slice() {
+                        return Err(Error::model(format!(
+                            "save: {key} was announced as {:?} but produced {:?}",
+                            l.shape,
+                            t.dims()
+                        )));
+                    }
+                    let to = float_dtype(&p.dtype).unwrap_or(t.dtype());
+                    w.write_all(&tensor_bytes(&t, to)?).at(&tmp)?;
                 }
             }
         }

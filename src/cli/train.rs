@@ -1,0 +1,555 @@
+//! `eps2v train` and `eps2v merge`: flags → [`TrainConfig`] /
+//! [`MergeConfig`]. Every `train` flag is also a field of the TOML training
+//! config (`--config FILE`, a `[train]` table or a bare table); flags given
+//! on the command line override the file.
+
+use std::path::PathBuf;
+
+use clap::Args;
+
+use crate::manifest::Manifest;
+use crate::merge::{self, BlockAlphas, MergeConfig, Side};
+use crate::stages::Ctx;
+use crate::train::config::{LatentMode, LrSchedule, SaveDtype, TrainConfig, Weighting};
+use crate::train::{self, TrainOptions};
+use crate::{Error, Result};
+
+/// Arguments of `eps2v train`.
+#[derive(Debug, Args)]
+#[command(after_help = "Examples:\n  \
+eps2v train my_set --model base_eps.safetensors --objective v --ztsnr --blocks out,OUT08 --steps 500 --lr 3e-6 --out stage1.safetensors\n  \
+eps2v train my_set --config train.toml --resume 7\n\n\
+Watch runs/<id>/eval/grid.png (rows: prompt x seed; columns: base model, then each evaluation) and the retention score, not the loss.")]
+pub struct TrainArgs {
+    /// Dataset folder (bucketed and captioned).
+    pub dir: PathBuf,
+    /// TOML training config (`[train]` table or bare); flags override it.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Base single-file SDXL checkpoint.
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// Training objective: v (the conversion) or eps (back to eps).
+    #[arg(long)]
+    pub objective: Option<String>,
+    /// Train on the exact zero-terminal-SNR schedule (default with --objective v).
+    #[arg(long, overrides_with = "no_ztsnr")]
+    pub ztsnr: bool,
+    /// Train on SDXL's original schedule (default with --objective eps).
+    #[arg(long)]
+    pub no_ztsnr: bool,
+    /// Trainable blocks: all, IN00…IN08, M00, OUT00…OUT08, ranges (IN00-IN08), out, time_embed, label_emb.
+    #[arg(long, value_delimiter = ',')]
+    pub blocks: Option<Vec<String>>,
+    /// Per-block learning rates, e.g. "OUT08=2e-5,out=3e-5".
+    #[arg(long)]
+    pub block_lr: Option<String>,
+    /// Optimizer steps.
+    #[arg(long)]
+    pub steps: Option<usize>,
+    /// Images per micro-batch (one bucket per batch).
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    /// Micro-batches per optimizer step.
+    #[arg(long)]
+    pub grad_accum: Option<usize>,
+    /// Learning rate (default 1e-5).
+    #[arg(long)]
+    pub lr: Option<f64>,
+    /// constant or cosine.
+    #[arg(long)]
+    pub lr_schedule: Option<String>,
+    /// Linear warmup steps.
+    #[arg(long)]
+    pub warmup_steps: Option<usize>,
+    /// AdamW weight decay.
+    #[arg(long)]
+    pub weight_decay: Option<f64>,
+    /// Global gradient-norm clip (0 disables).
+    #[arg(long)]
+    pub max_grad_norm: Option<f64>,
+    /// EMA decay (e.g. 0.999); the export uses the EMA weights.
+    #[arg(long)]
+    pub ema_decay: Option<f64>,
+    /// Loss weighting: none (plain MSE, default), min_snr, debiased.
+    #[arg(long)]
+    pub weighting: Option<String>,
+    /// γ of min-SNR-γ.
+    #[arg(long)]
+    pub min_snr_gamma: Option<f64>,
+    /// Offset noise strength.
+    #[arg(long)]
+    pub noise_offset: Option<f64>,
+    /// Smallest training timestep.
+    #[arg(long)]
+    pub min_timestep: Option<usize>,
+    /// Largest training timestep.
+    #[arg(long)]
+    pub max_timestep: Option<usize>,
+    /// Fraction held out for validation.
+    #[arg(long)]
+    pub val_fraction: Option<f64>,
+    /// Cached latent: mean or sample.
+    #[arg(long)]
+    pub latent: Option<String>,
+    /// Caption-dropout probability.
+    #[arg(long)]
+    pub caption_dropout: Option<f64>,
+    /// Dropped captions become: zero (default), empty ("" encoded) or text:TEXT (e.g. text:,).
+    #[arg(long)]
+    pub uncond: Option<String>,
+    /// Seed (split, shuffles, noise, timesteps).
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Evaluate every N steps (grid, retention, validation loss).
+    #[arg(long)]
+    pub eval_every: Option<usize>,
+    /// Evaluation prompt (repeat for several; default: validation captions).
+    #[arg(long = "eval-prompt")]
+    pub eval_prompts: Vec<String>,
+    /// Evaluation seeds, comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    pub eval_seeds: Option<Vec<u64>>,
+    /// Evaluation sampling steps.
+    #[arg(long)]
+    pub eval_steps: Option<usize>,
+    /// Evaluation CFG scale.
+    #[arg(long)]
+    pub eval_cfg: Option<f64>,
+    /// Evaluation size WxH (default: the most common bucket).
+    #[arg(long)]
+    pub eval_size: Option<String>,
+    /// Stop when retention falls below X (after first reaching it) and export the last good checkpoint.
+    #[arg(long)]
+    pub stop_below: Option<f64>,
+    /// Save a resumable checkpoint every N steps.
+    #[arg(long)]
+    pub save_every: Option<usize>,
+    /// Exported checkpoint (default runs/<id>/<base>-<v-ztsnr|v|eps>.safetensors).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Export dtype: f16 (default), bf16, f32.
+    #[arg(long)]
+    pub save_dtype: Option<String>,
+    /// Do not write the v_pred / ztsnr marker keys.
+    #[arg(long)]
+    pub no_markers: bool,
+    /// Write an A1111 <name>.yaml (sgm VScaling + VWeighting) beside a v export.
+    #[arg(long)]
+    pub a1111_yaml: bool,
+    /// Resume run ID from its newest checkpoint (same config required).
+    #[arg(long)]
+    pub resume: Option<i64>,
+}
+
+fn parse<T: serde::de::DeserializeOwned>(flag: &str, v: &str) -> Result<T> {
+    serde_json::from_value(serde_json::Value::String(v.to_string()))
+        .map_err(|e| Error::config(format!("--{flag} {v:?}: {e}")))
+}
+
+/// Read a TOML training config: a `[train]` table, or the whole file.
+pub fn read_config(path: &std::path::Path) -> Result<TrainConfig> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let value: toml::Table =
+        toml::from_str(&text).map_err(|e| Error::config(format!("{}: {e}", path.display())))?;
+    let table = match value.get("train") {
+        Some(toml::Value::Table(t)) => t.clone(),
+        _ => value,
+    };
+    table
+        .try_into::<TrainConfig>()
+        .map_err(|e| Error::config(format!("{}: {e}", path.display())))
+}
+
+impl TrainArgs {
+    /// The config: file (or defaults), then the flags.
+    pub fn to_config(&self) -> Result<TrainConfig> {
+        let mut c = match &self.config {
+            Some(p) => read_config(p)?,
+            None => TrainConfig::default(),
+        };
+        macro_rules! set {
+            ($($f:ident),*) => {$(if let Some(v) = &self.$f { c.$f = v.clone(); })*};
+        }
+        set!(
+            model,
+            steps,
+            batch_size,
+            grad_accum,
+            lr,
+            warmup_steps,
+            weight_decay,
+            max_grad_norm,
+            min_snr_gamma,
+            noise_offset,
+            min_timestep,
+            max_timestep,
+            val_fraction,
+            caption_dropout,
+            seed,
+            eval_every,
+            eval_steps,
+            eval_cfg,
+            save_every,
+            blocks
+        );
+        if let Some(o) = &self.objective {
+            c.objective = o.parse()?;
+            if !self.ztsnr && !self.no_ztsnr {
+                c.ztsnr = c.objective == crate::diffusion::Prediction::V;
+            }
+        }
+        if self.ztsnr {
+            c.ztsnr = true;
+        }
+        if self.no_ztsnr {
+            c.ztsnr = false;
+        }
+        if let Some(s) = &self.block_lr {
+            c.block_lr.clear();
+            for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+                let (k, v) = part.split_once('=').ok_or_else(|| {
+                    Error::config(format!(
+                        "--block-lr {part:?}: use BLOCK=LR, e.g. OUT08=2e-5"
+                    ))
+                })?;
+                let v: f64 = v.trim().parse().map_err(|_| {
+                    Error::config(format!("--block-lr {part:?}: {v:?} is not a number"))
+                })?;
+                c.block_lr.insert(k.trim().to_string(), v);
+            }
+        }
+        if let Some(v) = self.ema_decay {
+            c.ema_decay = Some(v);
+        }
+        if let Some(v) = self.stop_below {
+            c.stop_below = Some(v);
+        }
+        if let Some(v) = &self.out {
+            c.out = Some(v.clone());
+        }
+        if let Some(v) = &self.lr_schedule {
+            c.lr_schedule = parse::<LrSchedule>("lr-schedule", v)?;
+        }
+        if let Some(v) = &self.weighting {
+            c.weighting = parse::<Weighting>("weighting", v)?;
+        }
+        if let Some(v) = &self.latent {
+            c.latent = parse::<LatentMode>("latent", v)?;
+        }
+        if let Some(v) = &self.save_dtype {
+            c.save_dtype = parse::<SaveDtype>("save-dtype", v)?;
+        }
+        if let Some(v) = &self.uncond {
+            c.uncond = v.parse()?;
+        }
+        if !self.eval_prompts.is_empty() {
+            c.eval_prompts = self.eval_prompts.clone();
+        }
+        if let Some(v) = &self.eval_seeds {
+            c.eval_seeds = v.clone();
+        }
+        if let Some(v) = &self.eval_size {
+            let (w, h) = super::sample::parse_size(v)?;
+            c.eval_size = Some([w, h]);
+        }
+        if self.no_markers {
+            c.markers = false;
+        }
+        if self.a1111_yaml {
+            c.a1111_yaml = true;
+        }
+        Ok(c)
+    }
+}
+
+/// Run `eps2v train`.
+pub fn run_train(a: TrainArgs, json: bool) -> Result<i32> {
+    let cfg = a.to_config()?;
+    cfg.validate()?;
+    for w in cfg.warnings() {
+        eprintln!("warning: {w}");
+    }
+    let mut m = Manifest::open(&a.dir)?;
+    let ctx = Ctx { progress: !json };
+    let r = train::train(
+        &cfg,
+        &mut m,
+        &TrainOptions {
+            resume: a.resume,
+            ..Default::default()
+        },
+        &ctx,
+    )?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+    } else {
+        println!(
+            "train run {} ({}): {} steps in {:.1}s, objective {}{}, {} trainable parameters, optimizer state {:.1} MB",
+            r.run_id,
+            r.run_dir.display(),
+            r.steps,
+            r.seconds,
+            cfg.objective,
+            if cfg.ztsnr { " + ZTSNR" } else { "" },
+            r.trainable_params,
+            r.optimizer_bytes as f64 / 1e6
+        );
+        println!(
+            "data: {} train / {} val items ({} ok, {} unbucketed, {} uncaptioned); cache: latents {} encoded / {} cached, captions {} encoded / {} cached",
+            r.train_items,
+            r.val_items,
+            r.data.ok,
+            r.data.unbucketed,
+            r.data.uncaptioned,
+            r.cache.latents_encoded,
+            r.cache.latents_cached,
+            r.cache.texts_encoded,
+            r.cache.texts_cached
+        );
+        if let Some(l) = r.last_loss {
+            print!("loss (last 10) {l:.4}");
+        }
+        if let Some(v) = r.val_loss {
+            print!(", val loss {v:.4}");
+        }
+        println!();
+        let ret: Vec<String> = r
+            .retention
+            .iter()
+            .map(|(s, v)| format!("{s}:{v:.3}"))
+            .collect();
+        println!("retention (step:score): {}", ret.join(" "));
+        if r.skipped > 0 || r.rollbacks > 0 {
+            println!(
+                "non-finite steps skipped: {}, rollbacks: {} (see {})",
+                r.skipped,
+                r.rollbacks,
+                r.run_dir.join("nan.log").display()
+            );
+        }
+        if let Some(g) = &r.grid {
+            println!("grid: {}", g.display());
+        }
+        if let Some(why) = &r.stopped_early {
+            println!("stopped early: {why}");
+        }
+        for p in &r.exported {
+            println!("exported: {}", p.display());
+        }
+        if r.interrupted {
+            println!(
+                "interrupted at step {}; resume with: eps2v train {} --resume {} (same flags)",
+                r.steps,
+                a.dir.display(),
+                r.run_id
+            );
+        }
+    }
+    Ok(if r.interrupted { 1 } else { 0 })
+}
+
+/// Arguments of `eps2v merge`.
+#[derive(Debug, Args)]
+#[command(after_help = "Examples:\n  \
+eps2v merge converted.safetensors base.safetensors --alpha 0.3 --out merged.safetensors\n  \
+eps2v merge converted.safetensors base.safetensors --blocks \"IN00-IN08=0.2,M00=0.5,OUT00-OUT08=0.8\" --out m.safetensors\n  \
+eps2v merge a.safetensors b.safetensors --diff c.safetensors --alpha 1 --out a_plus_b_minus_c.safetensors\n  \
+eps2v merge converted.safetensors base.safetensors --sweep 0,0.25,0.5,0.75,1 --eval-prompt \"1girl, solo\" --out sweep/m.safetensors\n\n\
+Weighted sum: (1-alpha)*A + alpha*B. Add difference: A + alpha*(B-C). Text encoders, VAE and the v_pred/ztsnr markers are copied from the side chosen with --te/--vae/--markers (default a).")]
+pub struct MergeArgs {
+    /// Model A.
+    pub a: PathBuf,
+    /// Model B.
+    pub b: PathBuf,
+    /// Model C: add difference A + alpha*(B - C).
+    #[arg(long)]
+    pub diff: Option<PathBuf>,
+    /// Default alpha.
+    #[arg(long, default_value_t = 0.5)]
+    pub alpha: f64,
+    /// Per-block alphas, e.g. "IN00-IN08=0.2,M00=0.5,OUT00-OUT08=0.8".
+    #[arg(long)]
+    pub blocks: Option<String>,
+    /// Text encoders from a or b.
+    #[arg(long, default_value = "a")]
+    pub te: String,
+    /// VAE from a or b.
+    #[arg(long, default_value = "a")]
+    pub vae: String,
+    /// v_pred/ztsnr markers and prediction metadata from a or b.
+    #[arg(long, default_value = "a")]
+    pub markers: String,
+    /// Storage dtype: f16, bf16 or f32 (default: as in A).
+    #[arg(long)]
+    pub dtype: Option<String>,
+    /// Write one merge per alpha (comma-separated), each scored by shape retention.
+    #[arg(long, value_delimiter = ',')]
+    pub sweep: Option<Vec<f64>>,
+    /// Sweep: reference model for retention (default: whichever of A/B is eps, else A).
+    #[arg(long)]
+    pub reference: Option<PathBuf>,
+    /// Sweep: evaluation prompt (repeat).
+    #[arg(long = "eval-prompt")]
+    pub eval_prompts: Vec<String>,
+    /// Sweep: seeds, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "0,1")]
+    pub eval_seeds: Vec<u64>,
+    /// Sweep: sampling steps.
+    #[arg(long, default_value_t = 20)]
+    pub eval_steps: usize,
+    /// Sweep: CFG scale.
+    #[arg(long, default_value_t = 5.0)]
+    pub eval_cfg: f64,
+    /// Sweep: image size WxH.
+    #[arg(long, default_value = "1024x1024")]
+    pub eval_size: String,
+    /// Output file (with --sweep: the stem of each merge's file).
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+/// Run `eps2v merge`.
+pub fn run_merge(a: MergeArgs, json: bool) -> Result<i32> {
+    let dtype = match a.dtype.as_deref() {
+        None => None,
+        Some(d) => Some(parse::<SaveDtype>("dtype", d)?.dtype()),
+    };
+    let cfg = MergeConfig {
+        a: a.a.clone(),
+        b: a.b.clone(),
+        c: a.diff.clone(),
+        alpha: a.alpha,
+        blocks: a
+            .blocks
+            .as_deref()
+            .map(BlockAlphas::parse)
+            .transpose()?
+            .unwrap_or_default(),
+        te: a.te.parse::<Side>()?,
+        vae: a.vae.parse::<Side>()?,
+        markers: a.markers.parse::<Side>()?,
+        dtype,
+    };
+    match &a.sweep {
+        None => {
+            let r = merge::merge(&cfg, &a.out)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                println!(
+                    "{}: {} UNet tensors blended, {} copied; markers: v_pred {}, ztsnr {}",
+                    r.out.display(),
+                    r.blended,
+                    r.copied,
+                    r.v_pred,
+                    r.ztsnr
+                );
+            }
+        }
+        Some(alphas) => {
+            if a.eval_prompts.is_empty() {
+                return Err(Error::config(
+                    "--sweep needs at least one --eval-prompt to score each merge",
+                ));
+            }
+            let (width, height) = super::sample::parse_size(&a.eval_size)?;
+            let r = merge::sweep(
+                &cfg,
+                alphas,
+                &a.out,
+                &merge::SweepEval {
+                    reference: a.reference.clone(),
+                    prompts: a.eval_prompts.clone(),
+                    seeds: a.eval_seeds.clone(),
+                    steps: a.eval_steps,
+                    cfg: a.eval_cfg,
+                    width,
+                    height,
+                },
+            )?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                for p in &r.points {
+                    println!(
+                        "alpha {:<6} retention {:.3}  {}  grid {}",
+                        p.alpha,
+                        p.retention,
+                        p.out.display(),
+                        p.grid.display()
+                    );
+                }
+                println!(
+                    "best: alpha {} (retention {:.3})",
+                    r.best_alpha, r.best_retention
+                );
+            }
+        }
+    }
+    Ok(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct T {
+        #[command(flatten)]
+        a: TrainArgs,
+    }
+
+    #[test]
+    fn flags_override_the_file_and_eps_defaults_to_no_ztsnr() {
+        let d = tempfile::tempdir().unwrap();
+        let f = d.path().join("t.toml");
+        std::fs::write(
+            &f,
+            "[train]\nmodel = \"m.safetensors\"\nlr = 2e-6\nsteps = 9\n",
+        )
+        .unwrap();
+        let t = T::parse_from([
+            "x",
+            "ds",
+            "--config",
+            f.to_str().unwrap(),
+            "--steps",
+            "5",
+            "--objective",
+            "eps",
+        ]);
+        let c = t.a.to_config().unwrap();
+        assert_eq!((c.steps, c.lr, c.ztsnr), (5, 2e-6, false));
+        let t = T::parse_from([
+            "x",
+            "ds",
+            "--model",
+            "m",
+            "--blocks",
+            "out,OUT08",
+            "--uncond",
+            "text:,",
+            "--block-lr",
+            "OUT08=2e-5",
+        ]);
+        let c = t.a.to_config().unwrap();
+        assert_eq!(c.blocks, vec!["out", "OUT08"]);
+        assert!(c.ztsnr);
+        assert_eq!(c.uncond.to_string(), "text:,");
+        assert_eq!(c.block_lr["OUT08"], 2e-5);
+        c.validate().unwrap();
+        std::fs::write(&f, "[train]\nlearning_rate = 1\n").unwrap();
+        let t = T::parse_from(["x", "ds", "--config", f.to_str().unwrap()]);
+        let e = t.a.to_config().unwrap_err().to_string();
+        assert!(e.contains("learning_rate"), "{e}");
+        let t = T::parse_from(["x", "ds", "--weighting", "minsnr"]);
+        assert!(t
+            .a
+            .to_config()
+            .unwrap_err()
+            .to_string()
+            .contains("--weighting"));
+    }
+}

@@ -1,0 +1,625 @@
+//! `eps2v merge`: blend single-file SDXL checkpoints, block by block.
+//!
+//! Modes (supermerger's conventions, reference/sdxl.md §2):
+//! - weighted sum: `M = (1 − α)·A + α·B`;
+//! - add difference: `M = A + α·(B − C)`.
+//!
+//! α is per MBW block of the UNet ([`BlockId`]: `IN00`…`IN08`, `M00`,
+//! `OUT00`…`OUT08` — `out.*` counts as `OUT08`, as in supermerger —
+//! `TIME_EMBED`, `LABEL_EMB`), given as `"IN00-IN08=0.2,M00=0.5,OUT00-OUT08=0.8"`;
+//! blocks not named use `--alpha`. The text encoders and the VAE are not
+//! blended: they are copied from the side chosen with `--te` / `--vae`, and
+//! the `v_pred` / `ztsnr` markers (and the prediction metadata) from the side
+//! chosen with `--markers` — a blend of an eps and a v model is sampled as
+//! one of the two, and the user says which.
+//!
+//! Streaming: the output is written tensor by tensor ([`save_lazy`]), each
+//! blended from the memory-mapped inputs when it is written, so peak memory
+//! is about one tensor per input, not three models.
+//!
+//! `--sweep 0,0.25,…` writes one merge per α (all blocks at that α, block
+//! overrides kept), samples each with a fixed prompt × seed set and scores
+//! its shape retention against a reference model's samples
+//! ([`crate::train::retention`]); the report names the best α.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Tensor};
+use serde::Serialize;
+
+use crate::models::sdxl::blocks::BlockId;
+use crate::models::sdxl::checkpoint::{
+    save_lazy, Checkpoint, LazyTensor, SaveOptions, MARKER_V_PRED, MARKER_ZTSNR,
+    META_PREDICTION_TYPE, META_UNCOND, META_ZTSNR,
+};
+use crate::models::sdxl::UNET_PREFIX;
+use crate::{Error, Result};
+
+/// Which input a component comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+pub enum Side {
+    /// The first model.
+    #[default]
+    A,
+    /// The second model.
+    B,
+}
+
+impl std::str::FromStr for Side {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "a" => Ok(Side::A),
+            "b" => Ok(Side::B),
+            o => Err(Error::config(format!("side {o:?}: use a or b"))),
+        }
+    }
+}
+
+/// Per-block α (`None` for a block means the default α).
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct BlockAlphas {
+    per_block: BTreeMap<String, f64>,
+}
+
+fn parse_block(s: &str) -> Result<Vec<BlockId>> {
+    let bad = || {
+        Error::config(format!(
+            "--blocks: unknown block {s:?}; use IN00…IN08, M00, OUT00…OUT08, TIME_EMBED, LABEL_EMB or ranges like IN00-IN08"
+        ))
+    };
+    if let Some((a, b)) = s.split_once('-') {
+        return match (
+            BlockId::parse(a).ok_or_else(bad)?,
+            BlockId::parse(b).ok_or_else(bad)?,
+        ) {
+            (BlockId::In(x), BlockId::In(y)) if x <= y => Ok((x..=y).map(BlockId::In).collect()),
+            (BlockId::Out(x), BlockId::Out(y)) if x <= y => Ok((x..=y).map(BlockId::Out).collect()),
+            _ => Err(Error::config(format!(
+                "--blocks: range {s:?} must go from IN to IN or OUT to OUT, increasing"
+            ))),
+        };
+    }
+    match BlockId::parse(s).ok_or_else(bad)? {
+        BlockId::Base | BlockId::Vae | BlockId::Other => Err(Error::config(format!(
+            "--blocks: {s} is not a UNet block; text encoders and VAE come from --te / --vae"
+        ))),
+        b => Ok(vec![b]),
+    }
+}
+
+impl BlockAlphas {
+    /// Parse `"IN00-IN08=0.2,M00=0.5"`.
+    pub fn parse(spec: &str) -> Result<Self> {
+        let mut per_block = BTreeMap::new();
+        for part in spec.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let (sel, v) = part.split_once('=').ok_or_else(|| {
+                Error::config(format!(
+                    "--blocks: {part:?} needs BLOCK=ALPHA, e.g. OUT08=0.7"
+                ))
+            })?;
+            let v: f64 = v
+                .trim()
+                .parse()
+                .map_err(|_| Error::config(format!("--blocks: {part:?}: {v:?} is not a number")))?;
+            for b in parse_block(sel.trim())? {
+                if per_block.insert(b.to_string(), v).is_some() {
+                    return Err(Error::config(format!(
+                        "--blocks: {b} is given more than once"
+                    )));
+                }
+            }
+        }
+        Ok(Self { per_block })
+    }
+
+    /// α of UNet key `key` (`default` when its block is not listed).
+    pub fn alpha(&self, key: &str, default: f64) -> f64 {
+        self.per_block
+            .get(&BlockId::of_key(key).to_string())
+            .copied()
+            .unwrap_or(default)
+    }
+}
+
+/// A merge.
+#[derive(Debug, Clone, Serialize)]
+pub struct MergeConfig {
+    /// First model.
+    pub a: PathBuf,
+    /// Second model.
+    pub b: PathBuf,
+    /// `Some(C)`: add difference `A + α(B − C)`; `None`: weighted sum.
+    pub c: Option<PathBuf>,
+    /// Default α.
+    pub alpha: f64,
+    /// Per-block α.
+    pub blocks: BlockAlphas,
+    /// Text encoders from.
+    pub te: Side,
+    /// VAE from.
+    pub vae: Side,
+    /// Markers and prediction metadata from.
+    pub markers: Side,
+    /// Storage dtype (`None`: A's dtype per tensor).
+    #[serde(skip)]
+    pub dtype: Option<DType>,
+}
+
+/// What a merge wrote.
+#[derive(Debug, Clone, Serialize)]
+pub struct MergeReport {
+    /// Output file.
+    pub out: PathBuf,
+    /// UNet tensors blended.
+    pub blended: usize,
+    /// Tensors copied from one side.
+    pub copied: usize,
+    /// Keys left out (non-float tensors such as `position_ids`).
+    pub skipped: Vec<String>,
+    /// Whether the output has the `v_pred` marker.
+    pub v_pred: bool,
+    /// Whether the output has the `ztsnr` marker.
+    pub ztsnr: bool,
+}
+
+fn check_same(a: &Checkpoint, other: &Checkpoint, key: &str) -> Result<()> {
+    let ea = a.entry(key);
+    match other.entry(key) {
+        Some(e) if Some(&e.shape) == ea.map(|x| &x.shape) => Ok(()),
+        Some(e) => Err(Error::model(format!(
+            "merge: {key} has shape {:?} in {} but {:?} in {}; the models are of different architectures",
+            ea.map(|x| x.shape.clone()).unwrap_or_default(),
+            a.path().display(),
+            e.shape,
+            other.path().display()
+        ))),
+        None => Err(Error::model(format!(
+            "merge: {} has no {key} (present in {}); merge models of the same architecture",
+            other.path().display(),
+            a.path().display()
+        ))),
+    }
+}
+
+/// The blend of one tensor, in f32.
+pub fn blend(a: &Tensor, b: &Tensor, c: Option<&Tensor>, alpha: f64) -> Result<Tensor> {
+    let (a, b) = (a.to_dtype(DType::F32)?, b.to_dtype(DType::F32)?);
+    Ok(match c {
+        None => ((&a * (1.0 - alpha))? + (&b * alpha)?)?,
+        Some(c) => (&a + ((b - c.to_dtype(DType::F32)?)? * alpha)?)?,
+    })
+}
+
+/// Merge `cfg` into `out` (streaming; atomic write).
+pub fn merge(cfg: &MergeConfig, out: &Path) -> Result<MergeReport> {
+    if !cfg.alpha.is_finite() {
+        return Err(Error::config("--alpha must be a finite number"));
+    }
+    let a = Checkpoint::open(&cfg.a)?;
+    let b = Checkpoint::open(&cfg.b)?;
+    let c = cfg.c.as_ref().map(Checkpoint::open).transpose()?;
+    let unet = format!("{UNET_PREFIX}.");
+    if !a.entries().keys().any(|k| k.starts_with(&unet)) {
+        return Err(Error::model(format!(
+            "{}: no SDXL UNet (model.diffusion_model.*); merge takes single-file SDXL checkpoints",
+            cfg.a.display()
+        )));
+    }
+    let side = |s: Side| if s == Side::A { &a } else { &b };
+    let mut items: Vec<(String, LazyTensor<'_>)> = Vec::new();
+    let (mut blended, mut copied) = (0, 0);
+    let mut skipped = Vec::new();
+    // Keys: A's UNet keys, and every non-UNet key of the side each component comes from.
+    let mut keys: BTreeMap<String, Side> = BTreeMap::new();
+    for k in a.entries().keys() {
+        if k.starts_with(&unet) {
+            keys.insert(k.clone(), Side::A);
+        }
+    }
+    for (s, filter) in [
+        (cfg.te, BlockId::Base),
+        (cfg.vae, BlockId::Vae),
+        (Side::A, BlockId::Other),
+    ] {
+        for k in side(s).entries().keys() {
+            if !k.starts_with(&unet)
+                && BlockId::of_key(k) == filter
+                && k != MARKER_V_PRED
+                && k != MARKER_ZTSNR
+            {
+                keys.insert(k.clone(), s);
+            }
+        }
+    }
+    for (k, s) in keys {
+        let src = side(s);
+        let Some(e) = src.entry(&k) else { continue };
+        if !matches!(e.dtype.as_str(), "F16" | "BF16" | "F32" | "F64") {
+            skipped.push(k);
+            continue;
+        }
+        if !k.starts_with(&unet) {
+            items.push((k.clone(), src.lazy(&k)?));
+            copied += 1;
+            continue;
+        }
+        check_same(&a, &b, &k)?;
+        if let Some(c) = &c {
+            check_same(&a, c, &k)?;
+        }
+        let alpha = cfg.blocks.alpha(&k, cfg.alpha);
+        let la = a.lazy(&k)?;
+        let dtype = la.dtype;
+        let shape = la.shape.clone();
+        let (a, b, c) = (&a, &b, c.as_ref());
+        let key = k.clone();
+        items.push((
+            k,
+            LazyTensor {
+                dtype,
+                shape,
+                produce: Box::new(move || {
+                    let cpu = candle_core::Device::Cpu;
+                    let ta = a.tensor(&key, DType::F32, &cpu)?;
+                    let tb = b.tensor(&key, DType::F32, &cpu)?;
+                    let tc = c.map(|c| c.tensor(&key, DType::F32, &cpu)).transpose()?;
+                    blend(&ta, &tb, tc.as_ref(), alpha)?
+                        .to_dtype(dtype)
+                        .map_err(Error::from)
+                }),
+            },
+        ));
+        blended += 1;
+    }
+    let msrc = side(cfg.markers);
+    let pinfo = msrc.prediction();
+    let v_pred = msrc.contains(MARKER_V_PRED);
+    let ztsnr = msrc.contains(MARKER_ZTSNR);
+    let mut metadata = a.metadata().clone();
+    for k in [META_PREDICTION_TYPE, META_ZTSNR, META_UNCOND] {
+        metadata.remove(k);
+        if let Some(v) = msrc.metadata().get(k) {
+            metadata.insert(k.to_string(), v.clone());
+        }
+    }
+    metadata.remove("eps2v.train");
+    metadata.insert(
+        "eps2v.merge".into(),
+        serde_json::json!({
+            "a": cfg.a, "b": cfg.b, "c": cfg.c, "alpha": cfg.alpha,
+            "blocks": cfg.blocks.per_block, "te": cfg.te, "vae": cfg.vae, "markers": cfg.markers,
+            "prediction": pinfo.prediction.name(),
+        })
+        .to_string(),
+    );
+    if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    }
+    save_lazy(
+        out,
+        items,
+        &SaveOptions {
+            dtype: cfg.dtype,
+            v_pred,
+            ztsnr,
+            metadata,
+        },
+    )?;
+    Ok(MergeReport {
+        out: out.to_path_buf(),
+        blended,
+        copied,
+        skipped,
+        v_pred,
+        ztsnr,
+    })
+}
+
+/// How a sweep scores each merge.
+#[derive(Debug, Clone)]
+pub struct SweepEval {
+    /// Reference model (default: whichever of A/B predicts eps, else A).
+    pub reference: Option<PathBuf>,
+    /// Prompts.
+    pub prompts: Vec<String>,
+    /// Seeds per prompt.
+    pub seeds: Vec<u64>,
+    /// Sampling steps.
+    pub steps: usize,
+    /// CFG scale.
+    pub cfg: f64,
+    /// Image width.
+    pub width: u32,
+    /// Image height.
+    pub height: u32,
+}
+
+/// One merge of a sweep.
+#[derive(Debug, Clone, Serialize)]
+pub struct SweepPoint {
+    /// α of this merge.
+    pub alpha: f64,
+    /// The merge.
+    pub out: PathBuf,
+    /// Mean shape retention against the reference.
+    pub retention: f64,
+    /// Grid: reference column, then this merge.
+    pub grid: PathBuf,
+}
+
+/// What a sweep did.
+#[derive(Debug, Clone, Serialize)]
+pub struct SweepReport {
+    /// The reference model the scores are against.
+    pub reference: PathBuf,
+    /// Every merge, in α order as given.
+    pub points: Vec<SweepPoint>,
+    /// α with the highest retention.
+    pub best_alpha: f64,
+    /// Its retention.
+    pub best_retention: f64,
+}
+
+/// Write one merge per α, sample each with `eval`'s prompt × seed set (as
+/// its markers say: eps, or v + ZTSNR) and score its shape retention
+/// against the reference model's samples; a summary JSON goes beside them
+/// (`<stem>-sweep.json`).
+pub fn sweep(
+    cfg: &MergeConfig,
+    alphas: &[f64],
+    out: &Path,
+    eval: &SweepEval,
+) -> Result<SweepReport> {
+    use crate::pipeline::{LoadOptions, SdxlModel};
+    use crate::train::eval::{compose_grid, sample_set, EvalSpec};
+    use crate::train::retention::mean_retention;
+
+    if alphas.is_empty() || alphas.iter().any(|a| !a.is_finite()) {
+        return Err(Error::config(
+            "--sweep needs finite alphas, e.g. 0,0.25,0.5",
+        ));
+    }
+    let reference = match &eval.reference {
+        Some(r) => r.clone(),
+        None => {
+            let b_eps = Checkpoint::open(&cfg.b)?.prediction().prediction.name() == "epsilon";
+            let a_eps = Checkpoint::open(&cfg.a)?.prediction().prediction.name() == "epsilon";
+            if !a_eps && b_eps {
+                cfg.b.clone()
+            } else {
+                cfg.a.clone()
+            }
+        }
+    };
+    let ref_model = SdxlModel::load(&reference, &LoadOptions::default())?;
+    let spec = EvalSpec {
+        prompts: eval.prompts.clone(),
+        seeds: eval.seeds.clone(),
+        width: eval.width,
+        height: eval.height,
+        steps: eval.steps,
+        cfg: eval.cfg,
+        sampler: crate::diffusion::SamplerKind::Euler,
+        uncond: crate::diffusion::UncondMode::Zero,
+    };
+    let ref_imgs = sample_set(&ref_model, &spec)?;
+    drop(ref_model);
+    let mut points = Vec::new();
+    for &alpha in alphas {
+        let path = sweep_path(out, alpha);
+        merge(
+            &MergeConfig {
+                alpha,
+                ..cfg.clone()
+            },
+            &path,
+        )?;
+        let m = SdxlModel::load(&path, &LoadOptions::default())?;
+        let imgs = sample_set(&m, &spec)?;
+        let retention = mean_retention(&ref_imgs, &imgs);
+        let grid = path.with_extension("grid.png");
+        let g = compose_grid(&[ref_imgs.clone(), imgs], eval.width, eval.height);
+        crate::pipeline::sample::write_atomic(&grid, &crate::stages::bucket::encode_png_fast(&g)?)?;
+        points.push(SweepPoint {
+            alpha,
+            out: path,
+            retention,
+            grid,
+        });
+    }
+    let best = points
+        .iter()
+        .max_by(|a, b| a.retention.total_cmp(&b.retention))
+        .ok_or_else(|| Error::Other("sweep: no merges".into()))?;
+    let report = SweepReport {
+        reference,
+        best_alpha: best.alpha,
+        best_retention: best.retention,
+        points: points.clone(),
+    };
+    let stem = out
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "merge".into());
+    let summary = out.with_file_name(format!("{stem}-sweep.json"));
+    crate::pipeline::sample::write_atomic(
+        &summary,
+        serde_json::to_string_pretty(&report)?.as_bytes(),
+    )?;
+    Ok(report)
+}
+
+/// The path of the sweep output for `alpha` (`m.safetensors` → `m-a0.25.safetensors`).
+pub fn sweep_path(out: &Path, alpha: f64) -> PathBuf {
+    let stem = out
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "merge".into());
+    out.with_file_name(format!("{stem}-a{alpha}.safetensors"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::models::sdxl::checkpoint::save_tensors;
+    use candle_core::Device;
+
+    fn ckpt(dir: &Path, name: &str, unet: &[f32], te: f32, v: bool) -> PathBuf {
+        let p = dir.join(name);
+        let t = |v: &[f32]| Tensor::from_slice(v, v.len(), &Device::Cpu).unwrap();
+        let tensors = vec![
+            (
+                format!("{UNET_PREFIX}.input_blocks.0.0.weight"),
+                t(&unet[0..2]),
+            ),
+            (format!("{UNET_PREFIX}.middle_block.0.x"), t(&unet[2..4])),
+            (format!("{UNET_PREFIX}.out.2.weight"), t(&unet[4..6])),
+            (
+                "conditioner.embedders.0.transformer.w".to_string(),
+                t(&[te, te]),
+            ),
+            ("first_stage_model.w".to_string(), t(&[te * 10.0])),
+        ];
+        let mut metadata = BTreeMap::new();
+        metadata.insert(
+            META_PREDICTION_TYPE.into(),
+            if v { "v" } else { "epsilon" }.into(),
+        );
+        save_tensors(
+            &p,
+            &tensors,
+            &SaveOptions {
+                dtype: Some(DType::F32),
+                v_pred: v,
+                ztsnr: v,
+                metadata,
+            },
+        )
+        .unwrap();
+        p
+    }
+
+    fn read(p: &Path, key: &str) -> Vec<f32> {
+        Checkpoint::open(p)
+            .unwrap()
+            .tensor(key, DType::F32, &Device::Cpu)
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    }
+
+    fn cfg(a: &Path, b: &Path) -> MergeConfig {
+        MergeConfig {
+            a: a.into(),
+            b: b.into(),
+            c: None,
+            alpha: 0.25,
+            blocks: BlockAlphas::default(),
+            te: Side::A,
+            vae: Side::A,
+            markers: Side::A,
+            dtype: None,
+        }
+    }
+
+    #[test]
+    fn weighted_sum_add_difference_and_block_alphas_element_wise() {
+        let d = tempfile::tempdir().unwrap();
+        let a = ckpt(
+            d.path(),
+            "a.safetensors",
+            &[1., 2., 3., 4., 5., 6.],
+            1.0,
+            false,
+        );
+        let b = ckpt(
+            d.path(),
+            "b.safetensors",
+            &[5., 6., 7., 8., 9., 10.],
+            2.0,
+            true,
+        );
+        let c = ckpt(
+            d.path(),
+            "c.safetensors",
+            &[1., 1., 1., 1., 1., 1.],
+            3.0,
+            false,
+        );
+        let k_in = format!("{UNET_PREFIX}.input_blocks.0.0.weight");
+        let k_mid = format!("{UNET_PREFIX}.middle_block.0.x");
+        let k_out = format!("{UNET_PREFIX}.out.2.weight");
+        // (1 − 0.25)·A + 0.25·B
+        let out = d.path().join("m.safetensors");
+        let r = merge(&cfg(&a, &b), &out).unwrap();
+        assert_eq!(read(&out, &k_in), vec![2.0, 3.0]);
+        assert_eq!(read(&out, &k_out), vec![6.0, 7.0]);
+        assert_eq!((r.blended, r.copied, r.v_pred), (3, 2, false));
+        assert_eq!(
+            read(&out, "conditioner.embedders.0.transformer.w"),
+            vec![1.0, 1.0]
+        );
+        // Per-block: M00 = 1 (all B), OUT08 (= out.*) = 0 (all A).
+        let mut c2 = cfg(&a, &b);
+        c2.blocks = BlockAlphas::parse("M00=1, OUT00-OUT08=0").unwrap();
+        c2.te = Side::B;
+        c2.vae = Side::B;
+        c2.markers = Side::B;
+        let r = merge(&c2, &out).unwrap();
+        assert_eq!(read(&out, &k_mid), vec![7.0, 8.0]);
+        assert_eq!(read(&out, &k_out), vec![5.0, 6.0]);
+        assert_eq!(read(&out, &k_in), vec![2.0, 3.0]);
+        assert_eq!(read(&out, "first_stage_model.w"), vec![20.0]);
+        assert!(r.v_pred && r.ztsnr);
+        let ck = Checkpoint::open(&out).unwrap();
+        assert_eq!(ck.prediction().prediction.name(), "v");
+        // A + 0.5·(B − C)
+        let mut c3 = cfg(&a, &b);
+        c3.c = Some(c.clone());
+        c3.alpha = 0.5;
+        merge(&c3, &out).unwrap();
+        assert_eq!(read(&out, &k_in), vec![3.0, 4.5]);
+        assert_eq!(read(&out, &k_out), vec![9.0, 10.5]);
+    }
+
+    #[test]
+    fn bad_inputs_are_clear_errors() {
+        assert!(BlockAlphas::parse("IN09=1").is_err());
+        assert!(BlockAlphas::parse("OUT01")
+            .unwrap_err()
+            .to_string()
+            .contains("BLOCK=ALPHA"));
+        assert!(BlockAlphas::parse("VAE=1")
+            .unwrap_err()
+            .to_string()
+            .contains("--vae"));
+        assert!(BlockAlphas::parse("IN00-IN03=1,IN02=0").is_err());
+        let d = tempfile::tempdir().unwrap();
+        let a = ckpt(
+            d.path(),
+            "a.safetensors",
+            &[1., 2., 3., 4., 5., 6.],
+            1.0,
+            false,
+        );
+        let p = d.path().join("odd.safetensors");
+        save_tensors(
+            &p,
+            &[(
+                format!("{UNET_PREFIX}.input_blocks.0.0.weight"),
+                Tensor::zeros(3, DType::F32, &Device::Cpu).unwrap(),
+            )],
+            &SaveOptions::default(),
+        )
+        .unwrap();
+        let e = merge(&cfg(&a, &p), &d.path().join("x.safetensors")).unwrap_err();
+        assert!(e.to_string().contains("different architectures"), "{e}");
+        assert!(!d.path().join("x.safetensors").exists());
+        assert_eq!(
+            sweep_path(Path::new("/t/m.safetensors"), 0.25),
+            PathBuf::from("/t/m-a0.25.safetensors")
+        );
+    }
+}

@@ -1,0 +1,199 @@
+//! Export of a trained UNet as a single-file SDXL checkpoint in the base
+//! file's own key layout: the base file with the UNet tensors replaced
+//! (text encoders and VAE copied byte for byte, or converted to the chosen
+//! storage dtype), written atomically.
+//!
+//! Markers (reference/trainers-landscape.md §11): a v export gets the
+//! `v_pred` key, plus `ztsnr` when trained on the ZTSNR schedule (ComfyUI,
+//! A1111 dev, Forge and reForge detect both), and the metadata
+//! `modelspec.prediction_type = "v"`; an eps export drops both keys and says
+//! `epsilon`. `--no-markers` leaves the keys out (the metadata still says v,
+//! and `eps2v.ztsnr`), for tools that choke on extra keys. The metadata also
+//! records the caption-dropout conditioning (`eps2v.uncond`), which `sample`
+//! and `diagnose uncond` use as their default.
+//!
+//! The optional A1111 `.yaml` is the sgm inference config with `VScaling` +
+//! `VWeighting` (A1111's own `sd_xl_v.yaml`): A1111 prefers a yaml beside the
+//! checkpoint over key detection, so an EpsScaling yaml (as OneTrainer
+//! writes) would silently turn a v model back into eps there.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+use candle_core::Tensor;
+
+use super::config::{DropoutCond, SaveDtype};
+use crate::diffusion::Prediction;
+use crate::error::IoContext;
+use crate::models::sdxl::checkpoint::{
+    Checkpoint, SaveOptions, META_PREDICTION_TYPE, META_UNCOND, META_ZTSNR,
+};
+use crate::models::sdxl::UNetConfig;
+use crate::pipeline::sample::write_atomic;
+use crate::{Error, Result};
+
+/// How to export.
+#[derive(Debug, Clone)]
+pub struct ExportSpec {
+    /// Objective the UNet was trained with.
+    pub objective: Prediction,
+    /// Trained on the ZTSNR schedule.
+    pub ztsnr: bool,
+    /// Storage dtype.
+    pub dtype: SaveDtype,
+    /// Write marker keys.
+    pub markers: bool,
+    /// Write `<stem>.yaml` for A1111 (v only).
+    pub a1111_yaml: bool,
+    /// Caption-dropout conditioning used in training.
+    pub uncond: DropoutCond,
+    /// Extra metadata (training summary).
+    pub metadata: BTreeMap<String, String>,
+}
+
+/// Write `out` from `base` with `unet` (full keys → f32 tensors) swapped in.
+/// Returns the paths written (the checkpoint, and the yaml when asked).
+pub fn export(
+    base: &Checkpoint,
+    unet: &BTreeMap<String, Tensor>,
+    unet_cfg: &UNetConfig,
+    out: &Path,
+    spec: &ExportSpec,
+) -> Result<Vec<PathBuf>> {
+    if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).at(dir)?;
+    }
+    let replacements: HashMap<String, Tensor> =
+        unet.iter().map(|(k, t)| (k.clone(), t.clone())).collect();
+    let v = spec.objective == Prediction::V;
+    let mut metadata = spec.metadata.clone();
+    metadata.insert(
+        META_PREDICTION_TYPE.into(),
+        if v { "v" } else { "epsilon" }.into(),
+    );
+    metadata.insert(META_ZTSNR.into(), (v && spec.ztsnr).to_string());
+    metadata.insert(META_UNCOND.into(), spec.uncond.to_string());
+    let opts = SaveOptions {
+        dtype: Some(spec.dtype.dtype()),
+        v_pred: v && spec.markers,
+        ztsnr: v && spec.ztsnr && spec.markers,
+        metadata,
+    };
+    base.save_with(out, &replacements, &opts)?;
+    let mut written = vec![out.to_path_buf()];
+    if spec.a1111_yaml {
+        if !v {
+            return Err(Error::config(
+                "--a1111-yaml is for v exports (an eps model needs no yaml: A1111 defaults to eps)",
+            ));
+        }
+        let yaml = out.with_extension("yaml");
+        write_atomic(&yaml, a1111_v_yaml(unet_cfg)?.as_bytes())?;
+        written.push(yaml);
+    }
+    Ok(written)
+}
+
+/// The sgm v-prediction inference config for an SDXL-base-shaped UNet.
+pub fn a1111_v_yaml(cfg: &UNetConfig) -> Result<String> {
+    if cfg != &UNetConfig::sdxl_base() {
+        return Err(Error::config(
+            "--a1111-yaml: A1111 configs describe the SDXL base architecture; this UNet differs (a yaml would not load)",
+        ));
+    }
+    Ok(SD_XL_V_YAML.to_string())
+}
+
+/// sgm `DiffusionEngine` config of SDXL base with v scaling and weighting.
+const SD_XL_V_YAML: &str = r#"# Written by eps2v: SDXL v-prediction (sgm VScaling + VWeighting), for A1111.
+model:
+  target: sgm.models.diffusion.DiffusionEngine
+  params:
+    scale_factor: 0.13025
+    disable_first_stage_autocast: True
+
+    denoiser_config:
+      target: sgm.modules.diffusionmodules.denoiser.DiscreteDenoiser
+      params:
+        num_idx: 1000
+
+        weighting_config:
+          target: sgm.modules.diffusionmodules.denoiser_weighting.VWeighting
+        scaling_config:
+          target: sgm.modules.diffusionmodules.denoiser_scaling.VScaling
+        discretization_config:
+          target: sgm.modules.diffusionmodules.discretizer.LegacyDDPMDiscretization
+
+    network_config:
+      target: sgm.modules.diffusionmodules.openaimodel.UNetModel
+      params:
+        adm_in_channels: 2816
+        num_classes: sequential
+        in_channels: 4
+        out_channels: 4
+        model_channels: 320
+        attention_resolutions: [4, 2]
+        num_res_blocks: 2
+        channel_mult: [1, 2, 4]
+        num_head_channels: 64
+        use_linear_in_transformer: True
+        transformer_depth: [1, 2, 10]
+        context_dim: 2048
+        spatial_transformer_attn_type: softmax-xformers
+
+    conditioner_config:
+      target: sgm.modules.GeneralConditioner
+      params:
+        emb_models:
+          - is_trainable: False
+            input_key: txt
+            target: sgm.modules.encoders.modules.FrozenCLIPEmbedder
+            params:
+              layer: hidden
+              layer_idx: 11
+          - is_trainable: False
+            input_key: txt
+            target: sgm.modules.encoders.modules.FrozenOpenCLIPEmbedder2
+            params:
+              arch: ViT-bigG-14
+              version: laion2b_s39b_b160k
+              freeze: True
+              layer: penultimate
+              always_return_pooled: True
+              legacy: False
+          - is_trainable: False
+            input_key: original_size_as_tuple
+            target: sgm.modules.encoders.modules.ConcatTimestepEmbedderND
+            params:
+              outdim: 256
+          - is_trainable: False
+            input_key: crop_coords_top_left
+            target: sgm.modules.encoders.modules.ConcatTimestepEmbedderND
+            params:
+              outdim: 256
+          - is_trainable: False
+            input_key: target_size_as_tuple
+            target: sgm.modules.encoders.modules.ConcatTimestepEmbedderND
+            params:
+              outdim: 256
+
+    first_stage_config:
+      target: sgm.models.autoencoder.AutoencoderKLInferenceWrapper
+      params:
+        embed_dim: 4
+        monitor: val/rec_loss
+        ddconfig:
+          attn_type: vanilla-xformers
+          double_z: true
+          z_channels: 4
+          resolution: 256
+          in_channels: 3
+          out_ch: 3
+          ch: 128
+          ch_mult: [1, 2, 4, 4]
+          num_res_blocks: 2
+          attn_resolutions: []
+          dropout: 0.0
+        lossconfig:
+          target: torch.nn.Identity
+"#;

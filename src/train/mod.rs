@@ -1,0 +1,896 @@
+//! `eps2v train`: finetune the UNet of a single-file SDXL checkpoint on a
+//! curated dataset with the v objective on the exact ZTSNR schedule (the
+//! conversion), or with eps (the way back), and export the result in the
+//! base file's layout with the right markers.
+//!
+//! [`train`] is one function that reads top to bottom (nanoGPT's shape,
+//! DESIGN.md §6): run folder and resume → base model → data, split and
+//! caches → evaluation reference → per stage: UNet with only its blocks
+//! trainable, AdamW → steps (lr → micro-batches → NaN guard → clip → step
+//! → EMA → log → evaluate → checkpoint) → export. The pieces it calls:
+//! - [`config`]: the flat, serde-typed config (CLI flags = TOML fields);
+//! - [`blocks`]: MBW block selectors and per-block learning rates;
+//! - [`data`]: trainable items, seeded validation split, bucket batches;
+//! - [`cache`]: latent and text-conditioning caches (dropout works with them);
+//! - [`weights`]: the UNet's weights, frozen blocks as plain tensors;
+//! - [`eval`] + [`retention`]: sampled grids and the shape-retention score;
+//! - [`state`]: atomic, NaN-free, bit-exact resumable checkpoints;
+//! - [`export`]: the single-file export with `v_pred` / `ztsnr` markers;
+//! - [`log`]: the CSV log and its plot;
+//! - [`signal`]: SIGINT / SIGTERM → checkpoint and stop.
+//!
+//! Why the loss curve is not the judge: converting eps → v changes what the
+//! output means, so the v-loss starts high and falls for reasons unrelated
+//! to whether samples keep their shapes; the run is watched by sampling a
+//! fixed prompt × seed set (ZTSNR-correct) and scoring it against the base
+//! model's samples, and `--stop-below` acts on that score.
+
+pub mod blocks;
+pub mod cache;
+pub mod config;
+pub mod data;
+pub mod eval;
+pub mod export;
+pub mod log;
+pub mod retention;
+pub mod signal;
+pub mod state;
+pub mod testkit;
+pub mod weights;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use candle_core::backprop::GradStore;
+use candle_core::{DType, Device, Tensor, Var};
+use candle_nn::ParamsAdamW;
+use rand::Rng;
+use serde::Serialize;
+
+use crate::diffusion::noise::normals;
+use crate::diffusion::training::{add_noise, target, LossWeighting};
+use crate::diffusion::{NoiseSchedule, Prediction, TerminalClamp};
+use crate::error::IoContext;
+use crate::manifest::Manifest;
+use crate::models::sdxl::build_y;
+use crate::models::sdxl::checkpoint::Checkpoint;
+use crate::nn::optim::AdamW;
+use crate::pipeline::{LoadOptions, SdxlModel};
+use crate::stages::Ctx;
+use crate::{Error, Result};
+
+use blocks::{BlockLr, BlockSet};
+use cache::{CacheInputs, CacheReport, Caches};
+use config::{LrSchedule, StageConfig, TrainConfig, Weighting};
+use data::{rng_for, stream, Batches, DataPos, Eligibility, TrainItem};
+use eval::{EvalSpec, Evaluator};
+use state::{Loaded, ToSave, TrainState};
+use weights::UNetWeights;
+
+/// How to run (not part of the config: it changes nothing numeric).
+#[derive(Debug, Clone, Default)]
+pub struct TrainOptions {
+    /// Resume the run with this id (`None`: a new run).
+    pub resume: Option<i64>,
+    /// Stop as if interrupted once this many steps are done (tests of resume).
+    pub stop_at_step: Option<usize>,
+    /// Make the batches of these steps non-finite (tests of the NaN guard).
+    pub inject_nan_at: Vec<usize>,
+}
+
+/// What a training run did.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct TrainReport {
+    /// Manifest run id (`runs/<id>/`).
+    pub run_id: i64,
+    /// The run folder.
+    pub run_dir: PathBuf,
+    /// Whether this run resumed an earlier one.
+    pub resumed: bool,
+    /// Optimizer steps done (over all stages, skipped ones included).
+    pub steps: usize,
+    /// Stages finished.
+    pub stages_done: usize,
+    /// Steps skipped for a non-finite loss or gradient.
+    pub skipped: usize,
+    /// Rollbacks to the last good checkpoint.
+    pub rollbacks: usize,
+    /// Stopped by a signal (a resumable checkpoint was written).
+    pub interrupted: bool,
+    /// Why training stopped before its last step, if it did.
+    pub stopped_early: Option<String>,
+    /// Training-set eligibility counts.
+    pub data: Eligibility,
+    /// Items trained on / held out.
+    pub train_items: usize,
+    /// Items held out for validation.
+    pub val_items: usize,
+    /// Cache hits and misses.
+    pub cache: CacheReport,
+    /// Trainable parameters of the last stage.
+    pub trainable_params: usize,
+    /// Bytes of optimizer state of the last stage.
+    pub optimizer_bytes: usize,
+    /// Mean loss of the last 10 steps.
+    pub last_loss: Option<f64>,
+    /// Validation loss at the last evaluation.
+    pub val_loss: Option<f64>,
+    /// Retention at each evaluation, `(step, score)`.
+    pub retention: Vec<(usize, f64)>,
+    /// The exported checkpoint (and yaml).
+    pub exported: Vec<PathBuf>,
+    /// The evaluation grid.
+    pub grid: Option<PathBuf>,
+    /// Warnings about the configuration.
+    pub warnings: Vec<String>,
+    /// Wall time, seconds.
+    pub seconds: f64,
+}
+
+/// The run folder of run `id`.
+pub fn run_dir(root: &Path, id: i64) -> PathBuf {
+    root.join("runs").join(id.to_string())
+}
+
+/// Learning-rate factor at `s` of a stage of `steps` (linear warmup, then
+/// constant or cosine down to `min_ratio`).
+pub fn lr_factor(s: usize, steps: usize, warmup: usize, kind: LrSchedule, min_ratio: f64) -> f64 {
+    if warmup > 0 && s < warmup {
+        return (s + 1) as f64 / warmup as f64;
+    }
+    match kind {
+        LrSchedule::Constant => 1.0,
+        LrSchedule::Cosine => {
+            let span = steps.saturating_sub(warmup).max(1) as f64;
+            let p = ((s - warmup.min(s)) as f64 / span).clamp(0.0, 1.0);
+            min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + (std::f64::consts::PI * p).cos())
+        }
+    }
+}
+
+fn loss_weighting(cfg: &TrainConfig) -> LossWeighting {
+    match cfg.weighting {
+        Weighting::None => LossWeighting::Uniform,
+        Weighting::MinSnr => LossWeighting::MinSnr {
+            gamma: cfg.min_snr_gamma,
+        },
+        Weighting::Debiased => LossWeighting::Debiased {
+            snr_min: cfg.debiased_snr_min,
+        },
+    }
+}
+
+/// The exact training schedule (ᾱ_T = 0 under ZTSNR; the clamp only
+/// matters for samplers).
+fn schedule(cfg: &TrainConfig) -> NoiseSchedule {
+    NoiseSchedule::sdxl_with(cfg.ztsnr, TerminalClamp::ComfyUi)
+}
+
+/// One micro-batch: inputs and targets ready for the UNet.
+struct Batch {
+    x_t: Tensor,
+    timesteps: Tensor,
+    context: Tensor,
+    y: Tensor,
+    target: Tensor,
+    weights: Tensor,
+    item_ids: Vec<i64>,
+}
+
+/// Assemble the micro-batch `idx` of training `step` (all randomness from
+/// `(seed, step, micro)`).
+fn make_batch(
+    cfg: &TrainConfig,
+    sched: &NoiseSchedule,
+    caches: &Caches,
+    items: &[TrainItem],
+    idx: &[usize],
+    step: usize,
+    micro: usize,
+    nan: bool,
+) -> Result<Batch> {
+    let b = idx.len();
+    let mut rng = rng_for(cfg.seed, stream::STEP, step as u64, micro as u64);
+    let timesteps: Vec<usize> = (0..b)
+        .map(|_| rng.random_range(cfg.min_timestep..=cfg.max_timestep))
+        .collect();
+    let dropped: Vec<bool> = (0..b)
+        .map(|_| rng.random::<f64>() < cfg.caption_dropout)
+        .collect();
+    let latents = idx
+        .iter()
+        .map(|&i| {
+            caches
+                .latents
+                .get(&items[i].item_id)
+                .cloned()
+                .ok_or_else(|| {
+                    Error::Other(format!("latent cache: item {} missing", items[i].item_id))
+                })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let mut x0 = Tensor::cat(&latents, 0)?; // (b, 4, h, w)
+    if nan {
+        x0 = (x0 * f64::NAN)?;
+    }
+    let dims = x0.dims().to_vec();
+    let (c, per) = (dims[1], dims[1..].iter().product::<usize>());
+    let mut eps = Tensor::from_vec(normals(&mut rng, b * per), dims.clone(), x0.device())?;
+    if cfg.noise_offset > 0.0 {
+        let off = Tensor::from_vec(normals(&mut rng, b * c), (b, c, 1, 1), x0.device())?;
+        eps = eps.broadcast_add(&(off * cfg.noise_offset)?)?;
+    }
+    let x_t = add_noise(&x0, &eps, &timesteps, sched)?;
+    let tgt = target(&x0, &eps, &timesteps, sched, cfg.objective)?;
+    let w = loss_weighting(cfg).weights(sched, &timesteps, cfg.objective)?;
+    let captions: Vec<&str> = idx.iter().map(|&i| items[i].caption.as_str()).collect();
+    let (context, pooled) = caches.batch_cond(&captions, &dropped)?;
+    let sizes: Vec<_> = idx.iter().map(|&i| items[i].size).collect();
+    let y = build_y(&pooled, &sizes)?;
+    let dev = x0.device().clone();
+    Ok(Batch {
+        x_t,
+        timesteps: Tensor::from_vec(
+            timesteps.iter().map(|&t| t as f32).collect::<Vec<_>>(),
+            b,
+            &dev,
+        )?,
+        context,
+        y,
+        target: tgt,
+        weights: Tensor::from_vec(w.iter().map(|&v| v as f32).collect::<Vec<_>>(), b, &dev)?,
+        item_ids: idx.iter().map(|&i| items[i].item_id).collect(),
+    })
+}
+
+/// Per-sample MSE `(b,)` of the UNet on a batch.
+fn per_sample_mse(unet: &crate::models::sdxl::UNet, b: &Batch) -> Result<Tensor> {
+    let pred = unet.forward(&b.x_t, &b.timesteps, &b.context, &b.y)?; // (b, 4, h, w)
+    let n = b.x_t.dims()[0];
+    Ok((pred.to_dtype(DType::F32)? - &b.target)?
+        .sqr()?
+        .reshape((n, ()))?
+        .mean(1)?)
+}
+
+/// Deterministic validation loss: every item at every `val_timesteps`
+/// entry, noise from `(seed, item, t)`, plain objective MSE.
+fn validation_loss(
+    cfg: &TrainConfig,
+    sched: &NoiseSchedule,
+    caches: &Caches,
+    unet: &crate::models::sdxl::UNet,
+    items: &[TrainItem],
+) -> Result<Option<f64>> {
+    if items.is_empty() || cfg.val_timesteps.is_empty() {
+        return Ok(None);
+    }
+    let mut total = 0.0;
+    let mut n = 0usize;
+    for (i, it) in items.iter().enumerate() {
+        let x0 = caches
+            .latents
+            .get(&it.item_id)
+            .ok_or_else(|| Error::Other(format!("latent cache: item {} missing", it.item_id)))?;
+        let (context, pooled) = caches.batch_cond(&[it.caption.as_str()], &[false])?;
+        let y = build_y(&pooled, &[it.size])?;
+        for &t in &cfg.val_timesteps {
+            let mut rng = rng_for(cfg.seed, stream::VAL, i as u64, t as u64);
+            let eps = Tensor::from_vec(normals(&mut rng, x0.elem_count()), x0.dims(), x0.device())?;
+            let b = Batch {
+                x_t: add_noise(x0, &eps, &[t], sched)?,
+                timesteps: Tensor::from_vec(vec![t as f32], 1, x0.device())?,
+                context: context.clone(),
+                y: y.clone(),
+                target: target(x0, &eps, &[t], sched, cfg.objective)?,
+                weights: Tensor::ones(1, DType::F32, x0.device())?,
+                item_ids: vec![it.item_id],
+            };
+            total += per_sample_mse(unet, &b)?
+                .detach()
+                .sum_all()?
+                .to_scalar::<f32>()? as f64;
+            n += 1;
+        }
+    }
+    Ok(Some(total / n as f64))
+}
+
+/// Global L2 norm of the gradients of `vars`.
+fn grad_norm(grads: &GradStore, vars: &[(String, Var)]) -> Result<f64> {
+    let mut sq = 0.0f64;
+    for (_, v) in vars {
+        if let Some(g) = grads.get(v.as_tensor()) {
+            sq += g
+                .sqr()?
+                .sum_all()?
+                .to_dtype(DType::F64)?
+                .to_scalar::<f64>()?;
+        }
+    }
+    Ok(sq.sqrt())
+}
+
+/// Record the split of a run (idempotent).
+fn record_split(
+    m: &mut Manifest,
+    run_id: i64,
+    train: &[TrainItem],
+    val: &[TrainItem],
+) -> Result<()> {
+    let path = m.db_path().to_path_buf();
+    let err = crate::manifest::sql_err(&path);
+    let tx = m.conn_mut().transaction().map_err(err)?;
+    {
+        let mut st = tx
+            .prepare_cached(
+                "INSERT OR IGNORE INTO train_split (run_id, item_id, split) VALUES (?1, ?2, ?3)",
+            )
+            .map_err(err)?;
+        for (items, split) in [(train, "train"), (val, "val")] {
+            for it in items {
+                st.execute(rusqlite::params![run_id, it.item_id, split])
+                    .map_err(err)?;
+            }
+        }
+    }
+    tx.commit().map_err(err)
+}
+
+fn record_eval(
+    m: &Manifest,
+    run_id: i64,
+    step: usize,
+    val_loss: Option<f64>,
+    retention: f64,
+    grid: &Path,
+) -> Result<()> {
+    let rel = grid
+        .strip_prefix(m.root())
+        .unwrap_or(grid)
+        .to_string_lossy()
+        .into_owned();
+    m.conn()
+        .execute(
+            "INSERT OR REPLACE INTO train_evals (run_id, step, val_loss, retention, grid_path) VALUES (?1, ?2, ?3, ?4, ?5)",
+            rusqlite::params![run_id, step as i64, val_loss, retention, rel],
+        )
+        .map_err(|e| m.err(e))?;
+    Ok(())
+}
+
+/// The evaluation set: the configured prompts, or the captions of the
+/// first validation (else training) items; size from the config or the
+/// most common training bucket.
+fn eval_spec(cfg: &TrainConfig, train: &[TrainItem], val: &[TrainItem]) -> EvalSpec {
+    let prompts = if cfg.eval_prompts.is_empty() {
+        let src = if val.is_empty() { train } else { val };
+        let mut p: Vec<String> = Vec::new();
+        for it in src {
+            if !p.contains(&it.caption) {
+                p.push(it.caption.clone());
+            }
+            if p.len() == cfg.eval_prompt_count.max(1) {
+                break;
+            }
+        }
+        p
+    } else {
+        cfg.eval_prompts.clone()
+    };
+    let (width, height) = match cfg.eval_size {
+        Some([w, h]) => (w, h),
+        None => {
+            let mut count: BTreeMap<(u32, u32), usize> = BTreeMap::new();
+            for it in train {
+                *count.entry(it.bucket).or_default() += 1;
+            }
+            count
+                .into_iter()
+                .max_by_key(|(b, n)| (*n, std::cmp::Reverse(*b)))
+                .map(|(b, _)| b)
+                .unwrap_or((1024, 1024))
+        }
+    };
+    EvalSpec {
+        prompts,
+        seeds: cfg.eval_seeds.clone(),
+        width,
+        height,
+        steps: cfg.eval_steps,
+        cfg: cfg.eval_cfg,
+        sampler: cfg.eval_sampler,
+        uncond: cfg.uncond.uncond_mode(),
+    }
+}
+
+/// Union of the blocks of stages `0..=upto`.
+fn trained_so_far(stages: &[StageConfig], upto: usize) -> Result<Vec<BlockSet>> {
+    stages[..=upto.min(stages.len() - 1)]
+        .iter()
+        .map(|s| BlockSet::parse(&s.blocks))
+        .collect()
+}
+
+/// Writes the run's checkpoints for one stage.
+struct Saver<'a> {
+    run_dir: &'a Path,
+    /// The optimizer's parameter keys, in its order.
+    keys: &'a [String],
+    /// Blocks trained by this stage and the ones before it.
+    trained: &'a [BlockSet],
+}
+
+impl Saver<'_> {
+    fn save(
+        &self,
+        st: &TrainState,
+        opt: &AdamW,
+        weights: &UNetWeights,
+        ema: &BTreeMap<String, Tensor>,
+        good: bool,
+    ) -> Result<PathBuf> {
+        let slots = opt.state()?;
+        let mut s = st.clone();
+        s.slots = self
+            .keys
+            .iter()
+            .cloned()
+            .zip(slots.iter().map(|x| x.step))
+            .collect();
+        let w: Vec<(&str, &Tensor)> = weights
+            .map()
+            .iter()
+            .filter(|(k, _)| self.trained.iter().any(|b| b.contains_key(k)))
+            .map(|(k, t)| (k.as_str(), t))
+            .collect();
+        state::save(
+            self.run_dir,
+            &ToSave {
+                state: &s,
+                weights: w,
+                slots: &slots,
+                ema,
+            },
+            good,
+        )
+    }
+}
+
+/// Train (see the module docs). Config and model errors stop before any
+/// step; a signal or `--stop-below` ends early with a checkpoint.
+pub fn train(
+    cfg: &TrainConfig,
+    m: &mut Manifest,
+    opts: &TrainOptions,
+    ctx: &Ctx,
+) -> Result<TrainReport> {
+    let t0 = Instant::now();
+    cfg.validate()?;
+    let root = m.root().to_path_buf();
+    let stages = cfg.effective_stages();
+    let mut report = TrainReport {
+        warnings: cfg.warnings(),
+        ..Default::default()
+    };
+
+    // --- the run: new, or resumed from its newest checkpoint ---------------
+    let (run_id, resumed): (i64, Option<Loaded>) = match opts.resume {
+        Some(id) => {
+            let dir = run_dir(&root, id);
+            let latest = state::latest(&dir)?.ok_or_else(|| {
+                Error::config(format!(
+                    "--resume {id}: {} has no checkpoint to resume from",
+                    state::dir(&dir).display()
+                ))
+            })?;
+            let loaded = state::load(&latest, &Device::Cpu)?;
+            if let Some(diff) = cfg.resume_mismatch(&loaded.state.config)? {
+                return Err(Error::config(format!(
+                    "--resume {id}: the config differs from the saved run's ({diff}); resume with the same settings, or start a new run"
+                )));
+            }
+            m.conn()
+                .execute(
+                    "UPDATE runs SET status = 'running', ended_at = NULL WHERE id = ?1",
+                    [id],
+                )
+                .map_err(|e| m.err(e))?;
+            (id, Some(loaded))
+        }
+        None => (m.begin_run("train", cfg)?, None),
+    };
+    let rdir = run_dir(&root, run_id);
+    std::fs::create_dir_all(&rdir).at(&rdir)?;
+    report.run_id = run_id;
+    report.run_dir = rdir.clone();
+    report.resumed = resumed.is_some();
+
+    // --- base model --------------------------------------------------------
+    let base = SdxlModel::load(&cfg.model, &LoadOptions::default())?;
+    let ckpt = Checkpoint::open(&cfg.model)?;
+    let device = base.device.clone();
+    let sched = schedule(cfg);
+
+    // --- data, split, caches ------------------------------------------------
+    let (items, eligibility) = data::load_items(m)?;
+    report.data = eligibility;
+    let (train_items, val_items) = data::split(items, cfg.val_fraction, cfg.val_max, cfg.seed);
+    report.train_items = train_items.len();
+    report.val_items = val_items.len();
+    record_split(m, run_id, &train_items, &val_items)?;
+    let all: Vec<&TrainItem> = train_items.iter().chain(&val_items).collect();
+    let (caches, cache_report) = cache::build(
+        m,
+        cfg,
+        &CacheInputs {
+            ckpt: &ckpt,
+            vae: &base.vae,
+            text: &base.text,
+            items: &all,
+            extra_texts: &[],
+            device: &device,
+        },
+        run_id,
+        ctx,
+    )?;
+    report.cache = cache_report;
+
+    // --- evaluation reference (the base model with its own objective) ------
+    let evaluator = Evaluator::new(eval_spec(cfg, &train_items, &val_items), &rdir, &base)?;
+    let SdxlModel {
+        unet: base_unet,
+        text,
+        vae,
+        info,
+        device,
+    } = base;
+    let mut weights = UNetWeights::from_checkpoint(&ckpt, base_unet.config(), &device)?;
+    drop(base_unet);
+    let mut view_info = info.clone();
+    view_info.prediction = cfg.objective;
+    view_info.ztsnr = cfg.ztsnr;
+
+    // --- state ---------------------------------------------------------------
+    let mut st = match &resumed {
+        Some(l) => {
+            weights.restore(&[], &l.weights)?;
+            evaluator.forget_after(l.state.step)?;
+            l.state.clone()
+        }
+        None => TrainState {
+            step: 0,
+            stage: 0,
+            stage_step: 0,
+            pos: DataPos::default(),
+            skipped: 0,
+            rollbacks: 0,
+            armed: false,
+            last_retention: None,
+            slots: Vec::new(),
+            config: cfg.clone(),
+        },
+    };
+    let mut csv = log::CsvLog::open(&rdir.join("log.csv"), st.step)?;
+    let total_steps = cfg.total_steps();
+    let bar = ctx.bar(total_steps as u64, "train");
+    bar.set_position(st.step as u64);
+    let _signals = signal::install();
+    let mut batches = Batches::new(&train_items, cfg.batch_size, cfg.seed, st.pos);
+    let mut recent: Vec<f64> = Vec::new();
+    let mut ema: BTreeMap<String, Tensor> =
+        resumed.as_ref().map(|l| l.ema.clone()).unwrap_or_default();
+    let mut resumed_slots = resumed.map(|l| l.slots);
+
+    'stages: while st.stage < stages.len() {
+        let stage = &stages[st.stage];
+        let stage_lr = stage.lr.unwrap_or(cfg.lr);
+        let blocks = BlockSet::parse(&stage.blocks)?;
+        let block_lr = BlockLr::new(stage_lr, &stage.block_lr)?;
+        let built = weights.build(&blocks)?;
+        let unet = built.unet;
+        let vars = built.vars;
+        report.trainable_params = vars.iter().map(|(_, v)| v.elem_count()).sum();
+        let mut opt = AdamW::with_lr_scales(
+            vars.iter()
+                .map(|(k, v)| (v.clone(), block_lr.of_key(k) / stage_lr))
+                .collect(),
+            ParamsAdamW {
+                lr: stage_lr,
+                beta1: cfg.beta1,
+                beta2: cfg.beta2,
+                eps: cfg.adam_eps,
+                weight_decay: cfg.weight_decay,
+            },
+        )?;
+        report.optimizer_bytes = opt.state_bytes();
+        let keys: Vec<String> = vars.iter().map(|(k, _)| k.clone()).collect();
+        if let Some(slots) = resumed_slots.take().filter(|s| !s.is_empty()) {
+            let saved: Vec<&String> = st.slots.iter().map(|(k, _)| k).collect();
+            if saved != keys.iter().collect::<Vec<_>>() {
+                return Err(Error::config(format!(
+                    "--resume {run_id}: the checkpoint's optimizer covers other parameters than stage {} trains; the checkpoint does not belong to this config",
+                    st.stage
+                )));
+            }
+            opt.load_state(&slots)?;
+        }
+        if cfg.ema_decay.is_some() {
+            for (k, v) in &vars {
+                if !ema.contains_key(k) {
+                    ema.insert(k.clone(), v.as_tensor().copy()?);
+                }
+            }
+        }
+        let view = SdxlModel {
+            unet: unet.clone(),
+            text: text.clone(),
+            vae: vae.clone(),
+            info: view_info.clone(),
+            device: device.clone(),
+        };
+        let trained = trained_so_far(&stages, st.stage)?;
+        let saver = Saver {
+            run_dir: &rdir,
+            keys: &keys,
+            trained: &trained,
+        };
+
+        // Rollback anchor and the "before training" evaluation.
+        if st.stage_step == 0 {
+            if st.step == 0 && st.last_retention.is_none() {
+                let (score, grid) = evaluator.evaluate(&view, 0)?;
+                let vl = validation_loss(cfg, &sched, &caches, &unet, &val_items)?;
+                record_eval(m, run_id, 0, vl, score, &grid)?;
+                csv.eval(0, vl, score)?;
+                report.retention.push((0, score));
+                report.grid = Some(grid);
+                st.last_retention = Some(score);
+            }
+            saver.save(&st, &opt, &weights, &ema, false)?;
+        }
+
+        let mut bad_in_row = 0usize;
+        while st.stage_step < stage.steps {
+            if signal::requested() || opts.stop_at_step == Some(st.step) {
+                st.pos = batches.pos();
+                saver.save(&st, &opt, &weights, &ema, false)?;
+                report.interrupted = true;
+                break 'stages;
+            }
+            // lr
+            let factor = lr_factor(
+                st.stage_step,
+                stage.steps,
+                cfg.warmup_steps,
+                cfg.lr_schedule,
+                cfg.min_lr_ratio,
+            );
+            opt.set_learning_rate(stage_lr * factor);
+            // micro-batches
+            let mut grads: Option<GradStore> = None;
+            let mut loss_sum = 0.0f64;
+            let mut batch_ids = Vec::new();
+            for micro in 0..cfg.grad_accum {
+                let idx = batches.next_batch();
+                let nan = opts.inject_nan_at.contains(&st.step);
+                let b = make_batch(
+                    cfg,
+                    &sched,
+                    &caches,
+                    &train_items,
+                    &idx,
+                    st.step,
+                    micro,
+                    nan,
+                )?;
+                let mse = per_sample_mse(&unet, &b)?; // (b,)
+                let loss = ((mse * &b.weights)?.mean_all()? / cfg.grad_accum as f64)?;
+                loss_sum += loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+                batch_ids.extend(b.item_ids.iter().copied());
+                let g = loss.backward()?;
+                grads = Some(match grads {
+                    None => g,
+                    Some(mut acc) => {
+                        for (_, v) in &vars {
+                            if let Some(gv) = g.get(v.as_tensor()) {
+                                let sum = match acc.get(v.as_tensor()) {
+                                    Some(a) => (a + gv)?,
+                                    None => gv.clone(),
+                                };
+                                acc.insert(v.as_tensor(), sum);
+                            }
+                        }
+                        acc
+                    }
+                });
+            }
+            let mut grads = grads.ok_or_else(|| Error::Other("no gradients".into()))?;
+            let gnorm = grad_norm(&grads, &vars)?;
+            // NaN / Inf guard: skip, log the batch, roll back after K in a row.
+            if !loss_sum.is_finite() || !gnorm.is_finite() {
+                st.skipped += 1;
+                bad_in_row += 1;
+                csv.nan(&rdir, st.step, loss_sum, gnorm, &batch_ids)?;
+                if bad_in_row >= cfg.nan_rollback_after {
+                    let anchor = state::latest(&rdir)?.ok_or_else(|| {
+                        Error::Other("rollback: no checkpoint to roll back to".into())
+                    })?;
+                    let l = state::load(&anchor, &Device::Cpu)?;
+                    weights.restore(&vars, &l.weights)?;
+                    if l.state.stage == st.stage && !l.slots.is_empty() {
+                        opt.load_state(&l.slots)?;
+                    }
+                    ema = l.ema;
+                    st.rollbacks += 1;
+                    bad_in_row = 0;
+                    if st.rollbacks > 3 * cfg.nan_rollback_after {
+                        return Err(Error::model(format!(
+                            "training diverged: {} rollbacks and every step since non-finite (last items {batch_ids:?}); lower the learning rate or check those items",
+                            st.rollbacks
+                        )));
+                    }
+                }
+                st.step += 1;
+                st.stage_step += 1;
+                bar.inc(1);
+                continue;
+            }
+            bad_in_row = 0;
+            // clip
+            if cfg.max_grad_norm > 0.0 && gnorm > cfg.max_grad_norm {
+                let scale = cfg.max_grad_norm / (gnorm + 1e-6);
+                for (_, v) in &vars {
+                    if let Some(g) = grads.remove(v.as_tensor()) {
+                        grads.insert(v.as_tensor(), (g * scale)?);
+                    }
+                }
+            }
+            // step
+            opt.step(&grads)?;
+            if let Some(d) = cfg.ema_decay {
+                for (k, v) in &vars {
+                    if let Some(e) = ema.get_mut(k) {
+                        *e = ((&*e * d)? + (v.as_tensor() * (1.0 - d))?)?;
+                    }
+                }
+            }
+            st.step += 1;
+            st.stage_step += 1;
+            bar.inc(1);
+            recent.push(loss_sum);
+            if recent.len() > 10 {
+                recent.remove(0);
+            }
+            csv.step(
+                st.step,
+                st.stage,
+                batches.pos().epoch,
+                loss_sum,
+                stage_lr * factor,
+                gnorm,
+            )?;
+
+            // evaluate
+            let last = st.stage_step == stage.steps && st.stage + 1 == stages.len();
+            if (cfg.eval_every > 0 && st.step % cfg.eval_every == 0) || last {
+                let (score, grid) = evaluator.evaluate(&view, st.step)?;
+                let vl = validation_loss(cfg, &sched, &caches, &unet, &val_items)?;
+                record_eval(m, run_id, st.step, vl, score, &grid)?;
+                csv.eval(st.step, vl, score)?;
+                report.retention.push((st.step, score));
+                report.val_loss = vl;
+                report.grid = Some(grid);
+                st.last_retention = Some(score);
+                if let Some(x) = cfg.stop_below {
+                    if score >= x {
+                        st.armed = true;
+                        st.pos = batches.pos();
+                        saver.save(&st, &opt, &weights, &ema, true)?;
+                    } else if st.armed {
+                        report.stopped_early = Some(format!(
+                            "retention {score:.3} fell below --stop-below {x} at step {}; exporting the last good checkpoint",
+                            st.step
+                        ));
+                        st.pos = batches.pos();
+                        saver.save(&st, &opt, &weights, &ema, false)?;
+                        break 'stages;
+                    }
+                }
+                if stage.until_retention.is_some_and(|u| score >= u) {
+                    break;
+                }
+            }
+            if cfg.save_every > 0 && st.step % cfg.save_every == 0 {
+                st.pos = batches.pos();
+                saver.save(&st, &opt, &weights, &ema, false)?;
+            }
+        }
+        st.pos = batches.pos();
+        st.stage += 1;
+        st.stage_step = 0;
+        report.stages_done = st.stage;
+        if st.stage < stages.len() {
+            // The next stage's optimizer starts fresh; EMA follows its parameters.
+            st.slots.clear();
+        }
+    }
+    bar.finish_and_clear();
+    report.steps = st.step;
+    report.skipped = st.skipped;
+    report.rollbacks = st.rollbacks;
+    report.last_loss =
+        (!recent.is_empty()).then(|| recent.iter().sum::<f64>() / recent.len() as f64);
+
+    // --- export ----------------------------------------------------------------
+    if !report.interrupted {
+        let mut unet_w: BTreeMap<String, Tensor> = weights.map().clone();
+        if report.stopped_early.is_some() {
+            if let Some(good) = state::latest_good(&rdir)? {
+                let l = state::load(&good, &device)?;
+                unet_w.extend(l.weights);
+                if cfg.ema_decay.is_some() {
+                    unet_w.extend(l.ema);
+                }
+            }
+        } else if cfg.ema_decay.is_some() {
+            unet_w.extend(ema.iter().map(|(k, t)| (k.clone(), t.clone())));
+        }
+        let out = cfg.out.clone().unwrap_or_else(|| default_out(cfg, &rdir));
+        let mut meta = BTreeMap::new();
+        meta.insert(
+            "eps2v.train".to_string(),
+            serde_json::json!({
+                "run_id": run_id,
+                "steps": st.step,
+                "objective": cfg.objective.to_string(),
+                "ztsnr": cfg.ztsnr,
+                "base": info.stem,
+                "retention": report.retention.last().map(|r| r.1),
+            })
+            .to_string(),
+        );
+        report.exported = export::export(
+            &ckpt,
+            &unet_w,
+            weights.config(),
+            &out,
+            &export::ExportSpec {
+                objective: cfg.objective,
+                ztsnr: cfg.ztsnr,
+                dtype: cfg.save_dtype,
+                markers: cfg.markers,
+                a1111_yaml: cfg.a1111_yaml,
+                uncond: cfg.uncond.clone(),
+                metadata: meta,
+            },
+        )?;
+        csv.plot(&rdir.join("curves.png"))?;
+    }
+    report.seconds = t0.elapsed().as_secs_f64();
+    if report.interrupted {
+        m.end_run(run_id, false, &report)?;
+    } else {
+        m.end_run(run_id, true, &report)?;
+    }
+    Ok(report)
+}
+
+/// `runs/<id>/<base stem>-<v-ztsnr|v|eps>.safetensors`.
+fn default_out(cfg: &TrainConfig, rdir: &Path) -> PathBuf {
+    let stem = cfg
+        .model
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "model".into());
+    let tag = match (cfg.objective, cfg.ztsnr) {
+        (Prediction::V, true) => "v-ztsnr",
+        (Prediction::V, false) => "v",
+        (Prediction::Eps, _) => "eps",
+    };
+    rdir.join(format!("{stem}-{tag}.safetensors"))
+}
+
+#[cfg(test)]
+mod tests;

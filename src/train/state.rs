@@ -1,0 +1,237 @@
+//! Resumable training checkpoints: `runs/<id>/checkpoints/step-NNNNNN.safetensors`.
+//!
+//! One safetensors file holds everything a resume needs to continue *bit
+//! for bit* as if never interrupted:
+//! - `w.<key>`: the current f32 values of every UNet weight trained so far
+//!   (the union of the blocks of the stages up to the current one; the rest
+//!   still equals the base checkpoint);
+//! - `m.<key>` / `v.<key>`: AdamW moments of the current stage's parameters,
+//!   with their per-parameter step counts in the metadata;
+//! - `ema.<key>`: EMA weights when EMA is on;
+//! - metadata `eps2v.train_state`: [`TrainState`] as JSON (step, stage,
+//!   data position, counters, the whole config).
+//!
+//! Randomness needs no saved state: every draw comes from a ChaCha stream
+//! seeded by `(seed, purpose, step, micro-batch)` ([`super::data::rng_for`]).
+//!
+//! Files are written atomically (temp file + rename) after checking that no
+//! tensor holds a NaN or infinity, so a crash, a full disk or a diverged
+//! step never replaces a good checkpoint with a bad one. The two newest
+//! rolling checkpoints are kept; `good-step-NNNNNN` files (the last
+//! evaluation at or above `--stop-below`) are kept separately.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use serde::{Deserialize, Serialize};
+
+use super::config::TrainConfig;
+use super::data::DataPos;
+use crate::error::IoContext;
+use crate::models::sdxl::checkpoint::{save_tensors, Checkpoint, SaveOptions};
+use crate::nn::optim::SlotState;
+use crate::{Error, Result};
+
+/// Metadata key holding [`TrainState`].
+pub const STATE_KEY: &str = "eps2v.train_state";
+
+/// Where a run is, everything but tensors.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainState {
+    /// Optimizer steps done (over all stages).
+    pub step: usize,
+    /// Current stage index.
+    pub stage: usize,
+    /// Optimizer steps done in the current stage.
+    pub stage_step: usize,
+    /// Next batch.
+    pub pos: DataPos,
+    /// Steps skipped for non-finite loss or gradients, in total.
+    pub skipped: usize,
+    /// Rollbacks to a checkpoint so far.
+    pub rollbacks: usize,
+    /// Whether retention has reached `stop_below` at least once.
+    pub armed: bool,
+    /// Last retention score measured.
+    pub last_retention: Option<f64>,
+    /// Keys of the optimizer's parameters, in its order, with their step counts.
+    pub slots: Vec<(String, u64)>,
+    /// The run's config.
+    pub config: TrainConfig,
+}
+
+/// A checkpoint read back.
+pub struct Loaded {
+    /// Counters and config.
+    pub state: TrainState,
+    /// Saved UNet weights by key.
+    pub weights: BTreeMap<String, Tensor>,
+    /// Optimizer state in `state.slots` order.
+    pub slots: Vec<SlotState>,
+    /// EMA weights by key (empty without EMA).
+    pub ema: BTreeMap<String, Tensor>,
+}
+
+/// The checkpoint folder of a run.
+pub fn dir(run_dir: &Path) -> PathBuf {
+    run_dir.join("checkpoints")
+}
+
+fn step_of(name: &str, prefix: &str) -> Option<usize> {
+    name.strip_prefix(prefix)?
+        .strip_suffix(".safetensors")?
+        .parse()
+        .ok()
+}
+
+/// `(step, path)` of the checkpoints named `<prefix>NNNNNN.safetensors`, by step.
+fn list(run_dir: &Path, prefix: &str) -> Result<Vec<(usize, PathBuf)>> {
+    let d = dir(run_dir);
+    let mut out = Vec::new();
+    if !d.is_dir() {
+        return Ok(out);
+    }
+    for e in std::fs::read_dir(&d).at(&d)? {
+        let e = e.at(&d)?;
+        if let Some(s) = step_of(&e.file_name().to_string_lossy(), prefix) {
+            out.push((s, e.path()));
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// The newest rolling checkpoint, if any.
+pub fn latest(run_dir: &Path) -> Result<Option<PathBuf>> {
+    Ok(list(run_dir, "step-")?.pop().map(|(_, p)| p))
+}
+
+/// The newest `good-` checkpoint, if any.
+pub fn latest_good(run_dir: &Path) -> Result<Option<PathBuf>> {
+    Ok(list(run_dir, "good-step-")?.pop().map(|(_, p)| p))
+}
+
+fn check_finite(name: &str, t: &Tensor) -> Result<()> {
+    let bad = t
+        .to_dtype(DType::F32)?
+        .flatten_all()?
+        .to_vec1::<f32>()?
+        .iter()
+        .position(|v| !v.is_finite());
+    match bad {
+        Some(i) => Err(Error::Other(format!(
+            "refusing to save a checkpoint: {name} holds NaN/inf (element {i})"
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// What [`save`] writes.
+pub struct ToSave<'a> {
+    /// Counters and config.
+    pub state: &'a TrainState,
+    /// UNet weights to store (key → tensor).
+    pub weights: Vec<(&'a str, &'a Tensor)>,
+    /// Optimizer state in `state.slots` order.
+    pub slots: &'a [SlotState],
+    /// EMA weights.
+    pub ema: &'a BTreeMap<String, Tensor>,
+}
+
+/// Write a checkpoint (`good` selects the `good-step-` series); keeps the
+/// two newest of its series.
+pub fn save(run_dir: &Path, what: &ToSave<'_>, good: bool) -> Result<PathBuf> {
+    let d = dir(run_dir);
+    std::fs::create_dir_all(&d).at(&d)?;
+    let mut tensors: Vec<(String, Tensor)> = Vec::new();
+    for (k, t) in &what.weights {
+        check_finite(k, t)?;
+        tensors.push((format!("w.{k}"), (*t).clone()));
+    }
+    if what.slots.len() != what.state.slots.len() {
+        return Err(Error::Other(
+            "checkpoint: optimizer state and its keys differ in length".into(),
+        ));
+    }
+    for ((k, _), st) in what.state.slots.iter().zip(what.slots) {
+        check_finite(k, &st.m)?;
+        check_finite(k, &st.v)?;
+        tensors.push((format!("m.{k}"), st.m.clone()));
+        tensors.push((format!("v.{k}"), st.v.clone()));
+    }
+    for (k, t) in what.ema {
+        check_finite(k, t)?;
+        tensors.push((format!("ema.{k}"), t.clone()));
+    }
+    let prefix = if good { "good-step-" } else { "step-" };
+    let path = d.join(format!("{prefix}{:06}.safetensors", what.state.step));
+    let mut metadata = BTreeMap::new();
+    metadata.insert(STATE_KEY.to_string(), serde_json::to_string(what.state)?);
+    save_tensors(
+        &path,
+        &tensors,
+        &SaveOptions {
+            dtype: None,
+            metadata,
+            ..Default::default()
+        },
+    )?;
+    let all = list(run_dir, prefix)?;
+    for (_, old) in all.iter().take(all.len().saturating_sub(2)) {
+        std::fs::remove_file(old).at(old)?;
+    }
+    Ok(path)
+}
+
+/// Read a checkpoint written by [`save`].
+pub fn load(path: &Path, device: &Device) -> Result<Loaded> {
+    let ck = Checkpoint::open(path)?;
+    let state: TrainState =
+        serde_json::from_str(ck.metadata().get(STATE_KEY).ok_or_else(|| {
+            Error::config(format!(
+                "{}: not an eps2v training checkpoint (no {STATE_KEY} metadata)",
+                path.display()
+            ))
+        })?)
+        .map_err(|e| Error::config(format!("{}: bad training state: {e}", path.display())))?;
+    let mut weights = BTreeMap::new();
+    let mut ema = BTreeMap::new();
+    let mut moments: BTreeMap<String, (Option<Tensor>, Option<Tensor>)> = BTreeMap::new();
+    for (name, e) in ck.entries() {
+        let dtype = if e.dtype == "F64" {
+            DType::F64
+        } else {
+            DType::F32
+        };
+        let t = || ck.tensor(name, dtype, device);
+        if let Some(k) = name.strip_prefix("w.") {
+            weights.insert(k.to_string(), t()?);
+        } else if let Some(k) = name.strip_prefix("ema.") {
+            ema.insert(k.to_string(), t()?);
+        } else if let Some(k) = name.strip_prefix("m.") {
+            moments.entry(k.to_string()).or_default().0 =
+                Some(ck.tensor(name, dtype, &Device::Cpu)?);
+        } else if let Some(k) = name.strip_prefix("v.") {
+            moments.entry(k.to_string()).or_default().1 =
+                Some(ck.tensor(name, dtype, &Device::Cpu)?);
+        }
+    }
+    let slots = state
+        .slots
+        .iter()
+        .map(|(k, step)| match moments.remove(k) {
+            Some((Some(m), Some(v))) => Ok(SlotState { step: *step, m, v }),
+            _ => Err(Error::config(format!(
+                "{}: optimizer state of {k} is missing; the checkpoint is incomplete",
+                path.display()
+            ))),
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Loaded {
+        state,
+        weights,
+        slots,
+        ema,
+    })
+}

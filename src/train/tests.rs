@@ -1,0 +1,434 @@
+//! Tests of `train()` on tiny SDXL-shaped checkpoints and a small dataset
+//! of coloured shapes, through the real pipeline (import → bucket → train).
+
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+
+use super::config::{SaveDtype, TrainConfig, Weighting};
+use super::testkit::{shape_latents, CAPTIONS};
+use super::*;
+use crate::manifest::Manifest;
+use crate::models::sdxl::checkpoint::Checkpoint;
+use crate::pipeline::{LoadOptions, SdxlModel};
+use crate::stages::import::{self, ImportConfig};
+
+/// A short config: no validation split, one eval prompt, cheap evaluation.
+pub(crate) fn quick(model: &Path, steps: usize) -> TrainConfig {
+    TrainConfig {
+        model: model.to_path_buf(),
+        steps,
+        batch_size: 2,
+        lr: 1e-4,
+        val_fraction: 0.0,
+        eval_every: 0,
+        eval_prompt_count: 1,
+        eval_seeds: vec![0],
+        eval_steps: 2,
+        eval_cfg: 1.0,
+        save_every: 0,
+        save_dtype: SaveDtype::F32,
+        ..Default::default()
+    }
+}
+
+fn run(ds: &Path, cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainReport> {
+    let mut m = Manifest::open(ds)?;
+    train(cfg, &mut m, opts, &Ctx::quiet())
+}
+
+fn unet_tensors(p: &Path) -> Vec<(String, Vec<f32>)> {
+    let ck = Checkpoint::open(p).unwrap();
+    ck.entries()
+        .keys()
+        .filter(|k| k.starts_with("model.diffusion_model."))
+        .map(|k| {
+            let t = ck.tensor(k, DType::F32, &Device::Cpu).unwrap();
+            (k.clone(), t.flatten_all().unwrap().to_vec1().unwrap())
+        })
+        .collect()
+}
+
+#[test]
+fn only_selected_blocks_change_and_the_export_is_marked_v_ztsnr() {
+    let d = tempfile::tempdir().unwrap();
+    let (ds, ck) = super::testkit::dataset(d.path()).unwrap();
+    let out = d.path().join("v.safetensors");
+    let cfg = TrainConfig {
+        blocks: vec!["out".into(), "OUT08".into()],
+        out: Some(out.clone()),
+        ..quick(&ck, 3)
+    };
+    let r = run(&ds, &cfg, &TrainOptions::default()).unwrap();
+    assert_eq!(r.steps, 3);
+    assert_eq!(r.train_items, 4);
+    assert_eq!(r.exported, vec![out.clone()]);
+    // Frozen blocks hold no optimizer state: 8 bytes per trainable parameter.
+    assert_eq!(r.optimizer_bytes, 8 * r.trainable_params);
+    let base = unet_tensors(&ck);
+    let new = unet_tensors(&out);
+    assert_eq!(base.len(), new.len());
+    let mut changed = 0;
+    for ((k, a), (k2, b)) in base.iter().zip(&new) {
+        assert_eq!(k, k2);
+        let trained = k.contains(".out.") || k.contains(".output_blocks.8.");
+        if trained {
+            changed += (a != b) as usize;
+        } else {
+            assert!(a == b, "{k} changed but is frozen");
+        }
+    }
+    assert!(changed > 10, "only {changed} trained tensors changed");
+    // Text encoders and VAE are byte-identical copies (f32 in, f32 out).
+    let (a, b) = (
+        Checkpoint::open(&ck).unwrap(),
+        Checkpoint::open(&out).unwrap(),
+    );
+    for k in a.entries().keys().filter(|k| !k.starts_with("model.")) {
+        let ta = a.tensor(k, DType::F32, &Device::Cpu).unwrap();
+        let tb = b.tensor(k, DType::F32, &Device::Cpu).unwrap();
+        let diff = (ta - tb).unwrap().abs().unwrap().max_all().unwrap();
+        assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0, "{k}");
+    }
+    let p = b.prediction();
+    assert_eq!((p.prediction.name(), p.ztsnr), ("v", true));
+    assert_eq!(b.metadata()["eps2v.uncond"], "zero");
+    // The run folder: log, curves, grid, checkpoints.
+    let rd = &r.run_dir;
+    for f in [
+        "log.csv",
+        "curves.png",
+        "eval/grid.png",
+        "eval/base/000.png",
+    ] {
+        assert!(rd.join(f).is_file(), "{f}");
+    }
+    let rows = log::read(&rd.join("log.csv")).unwrap();
+    assert_eq!(rows.iter().filter(|r| r.loss.is_some()).count(), 3);
+    assert_eq!(rows.iter().filter(|r| r.retention.is_some()).count(), 2);
+    // A second run encodes nothing.
+    let r2 = run(&ds, &cfg, &TrainOptions::default()).unwrap();
+    assert_eq!((r2.cache.latents_encoded, r2.cache.texts_encoded), (0, 0));
+    assert_eq!(r2.cache.latents_cached, 4);
+    assert!(r2.run_id > r.run_id);
+}
+
+#[test]
+fn resume_equals_an_uninterrupted_run_bit_for_bit() {
+    let d = tempfile::tempdir().unwrap();
+    let (ds, ck) = super::testkit::dataset(d.path()).unwrap();
+    let straight = d.path().join("straight.safetensors");
+    let resumed = d.path().join("resumed.safetensors");
+    let cfg = TrainConfig {
+        blocks: vec!["OUT06-OUT08".into(), "out".into()],
+        ema_decay: Some(0.9),
+        grad_accum: 2,
+        caption_dropout: 0.3,
+        lr_schedule: config::LrSchedule::Cosine,
+        warmup_steps: 2,
+        ..quick(&ck, 6)
+    };
+    run(
+        &ds,
+        &TrainConfig {
+            out: Some(straight.clone()),
+            ..cfg.clone()
+        },
+        &TrainOptions::default(),
+    )
+    .unwrap();
+    let cfg_r = TrainConfig {
+        out: Some(resumed.clone()),
+        ..cfg.clone()
+    };
+    let first = run(
+        &ds,
+        &cfg_r,
+        &TrainOptions {
+            stop_at_step: Some(4),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert!(first.interrupted && first.exported.is_empty());
+    assert_eq!(first.steps, 4);
+    // Another config is refused, naming the field.
+    let e = run(
+        &ds,
+        &TrainConfig {
+            lr: 2e-4,
+            ..cfg_r.clone()
+        },
+        &TrainOptions {
+            resume: Some(first.run_id),
+            ..Default::default()
+        },
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("lr:") && e.contains("config differs"), "{e}");
+    let second = run(
+        &ds,
+        &cfg_r,
+        &TrainOptions {
+            resume: Some(first.run_id),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert!(second.resumed && !second.interrupted);
+    assert_eq!((second.run_id, second.steps), (first.run_id, 6));
+    assert_eq!(unet_tensors(&straight), unet_tensors(&resumed));
+    // The log describes one history: 6 step rows.
+    let rows = log::read(&second.run_dir.join("log.csv")).unwrap();
+    assert_eq!(rows.iter().filter(|r| r.loss.is_some()).count(), 6);
+}
+
+#[test]
+fn injected_nans_are_skipped_then_rolled_back_and_never_saved() {
+    let d = tempfile::tempdir().unwrap();
+    let (ds, ck) = super::testkit::dataset(d.path()).unwrap();
+    let out = d.path().join("n.safetensors");
+    let cfg = TrainConfig {
+        blocks: vec!["out".into()],
+        nan_rollback_after: 2,
+        out: Some(out.clone()),
+        ..quick(&ck, 6)
+    };
+    let r = run(
+        &ds,
+        &cfg,
+        &TrainOptions {
+            inject_nan_at: vec![2, 3, 4],
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert_eq!((r.steps, r.skipped, r.rollbacks), (6, 3, 1));
+    let log = std::fs::read_to_string(r.run_dir.join("nan.log")).unwrap();
+    assert_eq!(log.lines().count(), 3, "{log}");
+    assert!(
+        log.contains("step 2: skipped") && log.contains("items ["),
+        "{log}"
+    );
+    // Everything written is finite.
+    for (k, v) in unet_tensors(&out) {
+        assert!(v.iter().all(|x| x.is_finite()), "{k}");
+    }
+    for e in std::fs::read_dir(state::dir(&r.run_dir)).unwrap() {
+        let l = state::load(&e.unwrap().path(), &Device::Cpu).unwrap();
+        for t in l.weights.values() {
+            let v: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
+            assert!(v.iter().all(|x| x.is_finite()));
+        }
+    }
+}
+
+#[test]
+fn bad_inputs_are_clear_errors() {
+    let d = tempfile::tempdir().unwrap();
+    let (ds, ck) = super::testkit::dataset(d.path()).unwrap();
+    // Unknown block.
+    let e = run(
+        &ds,
+        &TrainConfig {
+            blocks: vec!["OUT9".into()],
+            ..quick(&ck, 1)
+        },
+        &TrainOptions::default(),
+    )
+    .unwrap_err();
+    assert!(
+        matches!(e, Error::Config(_)) && e.to_string().contains("OUT9"),
+        "{e}"
+    );
+    // A block the model lacks.
+    let e = run(
+        &ds,
+        &TrainConfig {
+            blocks: vec!["IN11".into()],
+            ..quick(&ck, 1)
+        },
+        &TrainOptions::default(),
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("IN11 does not exist"), "{e}");
+    // min-SNR γ = 0.
+    let e = run(
+        &ds,
+        &TrainConfig {
+            weighting: Weighting::MinSnr,
+            min_snr_gamma: 0.0,
+            ..quick(&ck, 1)
+        },
+        &TrainOptions::default(),
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("min_snr_gamma"), "{e}");
+    // An empty dataset, and one that is not bucketed.
+    let empty = d.path().join("empty");
+    Manifest::init(&empty).unwrap();
+    let e = run(&empty, &quick(&ck, 1), &TrainOptions::default()).unwrap_err();
+    assert!(e.to_string().contains("nothing to train on"), "{e}");
+    let unb = d.path().join("unbucketed");
+    let mut m = Manifest::init(&unb).unwrap();
+    import::run(
+        &ImportConfig {
+            from: d.path().join("src"),
+            limits: Default::default(),
+            batch: 16,
+        },
+        &mut m,
+        &Ctx::quiet(),
+    )
+    .unwrap();
+    let e = run(&unb, &quick(&ck, 1), &TrainOptions::default()).unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("4 without a bucket (run `eps2v bucket`)"),
+        "{e}"
+    );
+    // A checkpoint of another family.
+    let lora = d.path().join("lora.safetensors");
+    crate::models::sdxl::checkpoint::save_tensors(
+        &lora,
+        &[(
+            "lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight".to_string(),
+            Tensor::zeros((4, 8), DType::F32, &Device::Cpu).unwrap(),
+        )],
+        &Default::default(),
+    )
+    .unwrap();
+    let e = run(&ds, &quick(&lora, 1), &TrainOptions::default()).unwrap_err();
+    assert!(matches!(e, Error::Model(_)), "{e}");
+    // Resume of a run that has no checkpoint.
+    let e = run(
+        &ds,
+        &quick(&ck, 1),
+        &TrainOptions {
+            resume: Some(999),
+            ..Default::default()
+        },
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("--resume 999"), "{e}");
+}
+
+/// Mean relative squared distance between sampled latents and the training
+/// latent of each caption (Euler, CFG 1, 12 steps, seeds 0 and 1).
+fn distance_to_data(model: &SdxlModel, targets: &[Tensor]) -> f64 {
+    let mut total = 0.0;
+    let mut n = 0.0;
+    for (i, c) in CAPTIONS.iter().enumerate() {
+        for seed in [0, 1] {
+            let z = eval::sample_latent(model, c, seed, 12, 1.0, 64, 64).unwrap();
+            let t = &targets[i];
+            let num = (z - t)
+                .unwrap()
+                .sqr()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            let den = t
+                .sqr()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            total += (num / den) as f64;
+            n += 1.0;
+        }
+    }
+    total / n
+}
+
+fn load_as(p: &Path, prediction: Option<Prediction>, ztsnr: Option<bool>) -> SdxlModel {
+    SdxlModel::load(
+        p,
+        &LoadOptions {
+            prediction,
+            ztsnr,
+            hash: false,
+        },
+    )
+    .unwrap()
+}
+
+/// The conversion works, as a number (short version; the long one is
+/// `cargo bench --bench convert`): a tiny model trained from scratch with
+/// eps reproduces its four images; the same weights sampled as v + ZTSNR do
+/// not; after `train --objective v --ztsnr` v sampling is back within a
+/// margin of the eps model's distance; converting back to eps recovers eps
+/// sampling.
+#[test]
+fn the_conversion_works_as_a_number() {
+    let d = tempfile::tempdir().unwrap();
+    let (ds, ck) = super::testkit::dataset(d.path()).unwrap();
+    let base = |steps: usize, model: &Path, out: &Path, objective: Prediction| TrainConfig {
+        objective,
+        ztsnr: objective == Prediction::V,
+        blocks: vec!["all".into()],
+        steps,
+        batch_size: 4,
+        lr: 2e-3,
+        caption_dropout: 0.0,
+        max_grad_norm: 1.0,
+        out: Some(out.to_path_buf()),
+        ..quick(model, steps)
+    };
+    let eps = d.path().join("eps.safetensors");
+    let t0 = std::time::Instant::now();
+    let r = run(
+        &ds,
+        &base(400, &ck, &eps, Prediction::Eps),
+        &TrainOptions::default(),
+    )
+    .unwrap();
+    eprintln!(
+        "eps: {:.1}s, last loss {:?}",
+        t0.elapsed().as_secs_f64(),
+        r.last_loss
+    );
+    // The training latents, as the caches hold them.
+    let m = load_as(&eps, None, None);
+    let targets = shape_latents(&m).unwrap();
+    let d_eps = distance_to_data(&m, &targets);
+    let d_unconverted = distance_to_data(&load_as(&eps, Some(Prediction::V), Some(true)), &targets);
+    let v = d.path().join("v.safetensors");
+    run(
+        &ds,
+        &base(300, &eps, &v, Prediction::V),
+        &TrainOptions::default(),
+    )
+    .unwrap();
+    let mv = load_as(&v, None, None);
+    assert_eq!((mv.info.prediction, mv.info.ztsnr), (Prediction::V, true));
+    let d_v = distance_to_data(&mv, &targets);
+    let back = d.path().join("back.safetensors");
+    run(
+        &ds,
+        &base(300, &v, &back, Prediction::Eps),
+        &TrainOptions::default(),
+    )
+    .unwrap();
+    let mb = load_as(&back, None, None);
+    assert_eq!(
+        (mb.info.prediction, mb.info.ztsnr),
+        (Prediction::Eps, false)
+    );
+    let d_back = distance_to_data(&mb, &targets);
+    eprintln!("distance to data: eps {d_eps:.4}, unconverted as v {d_unconverted:.4}, converted {d_v:.4}, back to eps {d_back:.4}");
+    assert!(
+        d_eps < 0.1,
+        "eps model does not reproduce its data: {d_eps}"
+    );
+    assert!(
+        d_unconverted > 5.0 * d_eps.max(0.02),
+        "unconverted v sampling is not far: {d_unconverted}"
+    );
+    assert!(d_v < d_eps + 0.1, "converted {d_v} vs eps {d_eps}");
+    assert!(d_back < d_eps + 0.1, "back to eps {d_back} vs eps {d_eps}");
+}
