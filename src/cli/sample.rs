@@ -57,9 +57,9 @@ pub struct SampleArgs {
     /// Number of images.
     #[arg(long, default_value_t = 1)]
     pub batch: usize,
-    /// Unconditional branch when no --negative: zero (zeroed text conditioning, SDXL reference) or empty (encode "").
-    #[arg(long, default_value = "zero")]
-    pub uncond: String,
+    /// Unconditional branch when no --negative: zero (zeroed text conditioning, SDXL reference), empty (encode "") or text:TEXT. Default: what the model was trained with (eps2v.uncond metadata of an eps2v export), else zero.
+    #[arg(long)]
+    pub uncond: Option<String>,
     /// Override the prediction type read from the checkpoint: eps or v.
     #[arg(long)]
     pub prediction: Option<String>,
@@ -150,7 +150,7 @@ pub fn run_sample(a: SampleArgs, json: bool) -> Result<i32> {
     let (width, height) = parse_size(&a.size)?;
     let cfg = SampleConfig {
         prompt: a.prompt.clone(),
-        uncond: UncondMode::from_flags(Some(&a.uncond), a.negative.as_deref())?,
+        uncond: UncondMode::from_flags(a.uncond.as_deref(), a.negative.as_deref())?,
         seed: a.seed.unwrap_or_else(|| u64::from(rand::random::<u32>())),
         steps: a.steps,
         cfg: a.cfg,
@@ -167,6 +167,12 @@ pub fn run_sample(a: SampleArgs, json: bool) -> Result<i32> {
     };
     cfg.validate()?;
     let (model, load_s) = load(&a.model, a.prediction.as_deref(), a.ztsnr, true)?;
+    let mut cfg = cfg;
+    if a.uncond.is_none() && a.negative.as_deref().is_none_or(str::is_empty) {
+        if let Some(trained) = &model.info.trained_uncond {
+            cfg.uncond = trained.parse()?;
+        }
+    }
     model.latent_shape(width, height)?;
     let bar = ProgressBar::with_draw_target(
         Some((cfg.steps * cfg.batch) as u64),
@@ -239,6 +245,11 @@ pub fn run_diagnose(a: DiagnoseArgs, json: bool) -> Result<i32> {
                     report.mean_rel_l2, report.max_rel_l2, report.mean_cosine
                 );
                 println!("verdict: {}", report.message);
+                if let Some(t) = &model.info.trained_uncond {
+                    println!(
+                        "this model was trained by eps2v with caption dropout to {t:?}; `eps2v sample` uses that as its default uncond"
+                    );
+                }
             }
             Ok(0)
         }

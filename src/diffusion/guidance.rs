@@ -67,13 +67,18 @@ impl UncondMode {
 impl FromStr for UncondMode {
     type Err = Error;
 
-    /// `zero` or `empty` (a negative prompt is given with `--negative`).
+    /// `zero`, `empty`, or `text:TEXT` (a fixed negative text, e.g. `text:,`,
+    /// the spelling `eps2v train --uncond` records; a negative prompt is
+    /// usually given with `--negative`).
     fn from_str(s: &str) -> Result<Self> {
+        if let Some(t) = s.strip_prefix("text:") {
+            return Ok(UncondMode::Negative(t.to_string()));
+        }
         match s.trim().to_ascii_lowercase().as_str() {
             "zero" => Ok(UncondMode::Zero),
             "empty" => Ok(UncondMode::Empty),
             other => Err(Error::config(format!(
-                "unknown uncond mode {other:?}; use zero or empty (or give --negative TEXT)"
+                "unknown uncond mode {other:?}; use zero, empty or text:TEXT (or give --negative TEXT)"
             ))),
         }
     }

@@ -130,6 +130,9 @@ pub struct ModelInfo {
     pub prediction_source: String,
     /// Warnings about the file's markers (contradictions, ZTSNR on ε, …).
     pub warnings: Vec<String>,
+    /// The caption-dropout conditioning the model was trained with, as
+    /// eps2v's export records it (`eps2v.uncond`: `zero`, `empty`, `text:…`).
+    pub trained_uncond: Option<String>,
 }
 
 /// Serialise a value through its `Display` (A1111 / CLI names).
@@ -282,6 +285,7 @@ impl SdxlModel {
                 ztsnr,
                 prediction_source: source,
                 warnings,
+                trained_uncond: ckpt.metadata().get(checkpoint::META_UNCOND).cloned(),
             },
             device,
         })

@@ -468,6 +468,7 @@ pub fn train(
 ) -> Result<TrainReport> {
     let t0 = Instant::now();
     cfg.validate()?;
+    let _signals = signal::install();
     let root = m.root().to_path_buf();
     let stages = cfg.effective_stages();
     let mut report = TrainReport {
@@ -576,7 +577,6 @@ pub fn train(
     let total_steps = cfg.total_steps();
     let bar = ctx.bar(total_steps as u64, "train");
     bar.set_position(st.step as u64);
-    let _signals = signal::install();
     let mut batches = Batches::new(&train_items, cfg.batch_size, cfg.seed, st.pos);
     let mut recent: Vec<f64> = Vec::new();
     let mut ema: BTreeMap<String, Tensor> =

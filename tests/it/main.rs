@@ -2,3 +2,4 @@
 
 mod curation;
 mod sample;
+mod train;

@@ -1,0 +1,340 @@
+//! `eps2v train` and `eps2v merge` through the binary: SIGTERM mid-run
+//! then `--resume` gives the same weights as an uninterrupted run; a full
+//! disk while saving keeps the previous checkpoint; `ckpt info` reports what
+//! was exported; merge and its sweep write what they say; bad input exits 2.
+
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use candle_core::{DType, Device};
+use eps2v::models::sdxl::checkpoint::Checkpoint;
+use eps2v::train::testkit::dataset;
+use serde_json::Value;
+
+fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_eps2v")
+}
+
+fn train_args<'a>(ds: &'a str, ck: &'a str, out: &'a str, steps: &'a str) -> Vec<&'a str> {
+    vec![
+        "--json",
+        "train",
+        ds,
+        "--model",
+        ck,
+        "--blocks",
+        "out,OUT08",
+        "--steps",
+        steps,
+        "--batch-size",
+        "2",
+        "--lr",
+        "1e-4",
+        "--val-fraction",
+        "0",
+        "--eval-every",
+        "0",
+        "--eval-seeds",
+        "0",
+        "--eval-steps",
+        "2",
+        "--eval-cfg",
+        "1",
+        "--save-dtype",
+        "f32",
+        "--out",
+        out,
+    ]
+}
+
+fn json(o: &Output) -> Value {
+    serde_json::from_slice(&o.stdout).unwrap_or_else(|e| {
+        panic!(
+            "{e}: stdout {} stderr {}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        )
+    })
+}
+
+fn unet(p: &Path) -> Vec<Vec<f32>> {
+    let ck = Checkpoint::open(p).unwrap();
+    ck.entries()
+        .keys()
+        .filter(|k| k.starts_with("model.diffusion_model."))
+        .map(|k| {
+            ck.tensor(k, DType::F32, &Device::Cpu)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap()
+        })
+        .collect()
+}
+
+#[test]
+fn sigterm_then_resume_equals_an_uninterrupted_run() {
+    let d = tempfile::tempdir().unwrap();
+    let (ds, ck) = dataset(d.path()).unwrap();
+    let (ds, ck) = (ds.to_str().unwrap(), ck.to_str().unwrap());
+    let straight = d.path().join("straight.safetensors");
+    let o = Command::new(bin())
+        .args(train_args(ds, ck, straight.to_str().unwrap(), "150"))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // Same run, stopped by SIGTERM once a few steps are logged.
+    let resumed = d.path().join("resumed.safetensors");
+    let runs = Path::new(ds).join("runs");
+    let earlier: Vec<_> = std::fs::read_dir(&runs)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    let child = Command::new(bin())
+        .args(train_args(ds, ck, resumed.to_str().unwrap(), "150"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    loop {
+        // Lines in the new run's log (header, the step-0 evaluation, steps).
+        let logged = std::fs::read_dir(&runs)
+            .map(|rd| {
+                rd.filter_map(|e| e.ok())
+                    .filter(|e| !earlier.contains(&e.path()))
+                    .filter_map(|e| std::fs::read_to_string(e.path().join("log.csv")).ok())
+                    .map(|s| s.lines().count())
+                    .max()
+                    .unwrap_or(0)
+            })
+            .unwrap_or(0);
+        if logged >= 6 || t0.elapsed() > Duration::from_secs(300) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // SAFETY: sending a signal to our own child process.
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGTERM);
+    }
+    let o = child.wait_with_output().unwrap();
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let r = json(&o);
+    assert_eq!(r["interrupted"], true);
+    let stopped_at = r["steps"].as_u64().unwrap();
+    assert!(stopped_at < 150, "stopped at {stopped_at}");
+    assert!(!resumed.exists());
+    let id = r["run_id"].as_i64().unwrap().to_string();
+    let mut args = train_args(ds, ck, resumed.to_str().unwrap(), "150");
+    args.extend(["--resume", &id]);
+    let o = Command::new(bin()).args(&args).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(json(&o)["steps"], 150);
+    assert!(unet(&straight) == unet(&resumed), "resumed weights differ");
+    // Resuming with another config names the field.
+    let mut args = train_args(ds, ck, resumed.to_str().unwrap(), "151");
+    args.extend(["--resume", &id]);
+    let o = Command::new(bin()).args(&args).output().unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("steps: 150 in the saved run, 151 now"),
+        "{err}"
+    );
+    // ckpt info reports what was exported.
+    let o = Command::new(bin())
+        .args(["--json", "ckpt", "info", straight.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let info = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success() && info.contains("\"ztsnr\": true"),
+        "{info}"
+    );
+}
+
+#[test]
+fn a_full_disk_while_saving_keeps_the_previous_checkpoint() {
+    let d = tempfile::tempdir().unwrap();
+    let (ds, ck) = dataset(d.path()).unwrap();
+    let out = d.path().join("x.safetensors");
+    let args = train_args(
+        ds.to_str().unwrap(),
+        ck.to_str().unwrap(),
+        out.to_str().unwrap(),
+        "4",
+    );
+    // First run: fine, leaves its checkpoints.
+    let o = Command::new(bin()).args(&args).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // Second run under a file-size limit (ulimit -f, 512-byte blocks)
+    // above every other file of the dataset but below one checkpoint: the
+    // first save fails as on a full disk.
+    let mut biggest_other = 0u64;
+    let mut ckpt_size = u64::MAX;
+    for e in walk(&ds) {
+        let len = std::fs::metadata(&e).unwrap().len();
+        if e.to_string_lossy().contains("/checkpoints/") {
+            ckpt_size = ckpt_size.min(len);
+        } else {
+            biggest_other = biggest_other.max(len);
+        }
+    }
+    assert!(biggest_other < ckpt_size, "{biggest_other} vs {ckpt_size}");
+    let blocks = (biggest_other + ckpt_size) / 2 / 512;
+    let cmd = format!(
+        "ulimit -f {blocks}; exec {} {}",
+        bin(),
+        args.iter()
+            .map(|a| format!("'{a}'"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+    let before: Vec<_> = std::fs::read_dir(&ds.join("runs"))
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .collect();
+    let o = Command::new("sh").args(["-c", &cmd]).output().unwrap();
+    assert_eq!(
+        o.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("too large") || err.contains("File too large"),
+        "{err}"
+    );
+    // The earlier run's files are intact and loadable; no temp file is left.
+    for run in before {
+        for e in std::fs::read_dir(run.join("checkpoints")).unwrap() {
+            let p = e.unwrap().path();
+            let name = p.file_name().unwrap().to_string_lossy().into_owned();
+            assert!(!name.contains(".tmp"), "{name}");
+            eps2v::train::state::load(&p, &Device::Cpu).unwrap();
+        }
+    }
+    let v = unet(&out);
+    assert!(!v.is_empty());
+}
+
+fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
+
+#[test]
+fn merge_and_sweep_through_the_binary() {
+    let d = tempfile::tempdir().unwrap();
+    let (ds, ck) = dataset(d.path()).unwrap();
+    let v = d.path().join("v.safetensors");
+    let o = Command::new(bin())
+        .args(train_args(
+            ds.to_str().unwrap(),
+            ck.to_str().unwrap(),
+            v.to_str().unwrap(),
+            "2",
+        ))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let m = d.path().join("m.safetensors");
+    let o = Command::new(bin())
+        .args([
+            "--json",
+            "merge",
+            v.to_str().unwrap(),
+            ck.to_str().unwrap(),
+            "--alpha",
+            "0.5",
+            "--blocks",
+            "OUT08=0",
+            "--out",
+            m.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let r = json(&o);
+    assert_eq!(
+        (r["v_pred"].as_bool(), r["ztsnr"].as_bool()),
+        (Some(true), Some(true))
+    );
+    let sweep = d.path().join("sweep").join("s.safetensors");
+    let o = Command::new(bin())
+        .args([
+            "--json",
+            "merge",
+            v.to_str().unwrap(),
+            ck.to_str().unwrap(),
+            "--sweep",
+            "0,0.5,1",
+            "--eval-prompt",
+            "red circle",
+            "--eval-seeds",
+            "0",
+            "--eval-steps",
+            "2",
+            "--eval-size",
+            "64x64",
+            "--out",
+            sweep.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let r = json(&o);
+    let points = r["points"].as_array().unwrap();
+    assert_eq!(points.len(), 3);
+    for p in points {
+        assert!(Path::new(p["out"].as_str().unwrap()).is_file());
+        assert!(Path::new(p["grid"].as_str().unwrap()).is_file());
+        let s = p["retention"].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&s), "{s}");
+    }
+    assert!(sweep.with_file_name("s-sweep.json").is_file());
+    // Bad input: blocks that are not UNet blocks, a missing model.
+    let o = Command::new(bin())
+        .args([
+            "merge",
+            v.to_str().unwrap(),
+            ck.to_str().unwrap(),
+            "--blocks",
+            "VAE=1",
+            "--out",
+            m.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    let o = Command::new(bin())
+        .args([
+            "merge",
+            "nope.safetensors",
+            ck.to_str().unwrap(),
+            "--out",
+            m.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("nope.safetensors"));
+}
