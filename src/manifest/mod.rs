@@ -26,7 +26,35 @@ pub const SCHEMA_V1: &str = include_str!("../../schemas/manifest.sql");
 
 /// Forward migrations: entry `i` upgrades `user_version` `i + 1` → `i + 2`.
 /// Append only; never edit a released entry.
-pub const MIGRATIONS: &[&str] = &[];
+///
+/// - caption stage (issue 13): table `tagging`, one row per item a WD tagger
+///   has seen: `tagger` (identity `folder@sha256[:12]` of its weights),
+///   `settings` (JSON of tagger + thresholds + MCut; items tagged with other
+///   settings are tagged again), the rating (`rating`, `rating_score`,
+///   `ratings_json` with every rating label), `tags_json` (the selected tags
+///   `[[name, category, p], …]`, which the `tags` table also holds under
+///   source `tagger`), and the alignment of the image with its generation
+///   prompt: `alignment` = `confirmed / checked` prompt tags (NULL without a
+///   prompt or a checkable tag), `missing_json` (`[[tag, p], …]`, the prompt
+///   tags the tagger did not confirm). Indexed by alignment for `filter` and
+///   `inspect`.
+pub const MIGRATIONS: &[&str] = &["
+CREATE TABLE tagging (
+    item_id      INTEGER PRIMARY KEY REFERENCES items(id),
+    tagger       TEXT    NOT NULL,
+    settings     TEXT    NOT NULL,
+    rating       TEXT,
+    rating_score REAL,
+    ratings_json TEXT    NOT NULL DEFAULT '{}',
+    tags_json    TEXT    NOT NULL DEFAULT '[]',
+    alignment    REAL,
+    checked      INTEGER NOT NULL DEFAULT 0,
+    confirmed    INTEGER NOT NULL DEFAULT 0,
+    missing_json TEXT    NOT NULL DEFAULT '[]',
+    run_id       INTEGER NOT NULL REFERENCES runs(id)
+);
+CREATE INDEX tagging_alignment ON tagging(alignment);
+"];
 
 /// Latest schema version this build writes.
 pub const SCHEMA_VERSION: i64 = 1 + MIGRATIONS.len() as i64;
