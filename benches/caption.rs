@@ -16,8 +16,12 @@
 //!   captions, manifest transactions).
 //!
 //! The model is kept busy when the stage's wall time is close to the
-//! model-only time (and below prepare + model, the serial sum). Prints a
-//! table; numbers go in the README.
+//! model-only time (and below prepare + model, the serial sum). On a CPU
+//! both phases compete for the same cores, so the overlap can only hide
+//! what the model leaves idle; `--full` adds the model-only time per image
+//! of the real `wd-vit-tagger-v3` architecture (random weights, 448², 12
+//! blocks, 10861 tags) to set the preparation cost against. Prints a table;
+//! numbers go in the README.
 
 use std::time::Instant;
 
@@ -189,5 +193,31 @@ fn run() -> eps2v::Result<()> {
             100.0 * (stage_s - model_s).max(0.0) / stage_s
         );
     }
+    if std::env::args().any(|a| a == "--full") {
+        full_size_model(batch.min(4))?;
+    }
+    Ok(())
+}
+
+/// Model-only seconds per image of the real v3 ViT (random weights).
+fn full_size_model(b: usize) -> eps2v::Result<()> {
+    use candle_core::{DType, Device, Tensor};
+    use candle_nn::{VarBuilder, VarMap};
+    let cfg = TaggerConfig::wd_vit_v3();
+    let varmap = VarMap::new();
+    let model = eps2v::models::tagger::VisionTransformer::new(
+        VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu),
+        &cfg,
+    )?;
+    eps2v::models::sdxl::init_params(&varmap, 1)?;
+    let x = Tensor::randn(0f32, 1.0, (b, 3, 448, 448), &Device::Cpu)?;
+    std::hint::black_box(model.forward(&x)?); // warm-up
+    let t = Instant::now();
+    std::hint::black_box(model.forward(&x)?);
+    let per = t.elapsed().as_secs_f64() / b as f64;
+    println!(
+        "
+wd-vit-tagger-v3 architecture (448², 784 tokens, 768 wide, 12 blocks, 10861 tags), batch {b}: model only {per:.2} s per image"
+    );
     Ok(())
 }

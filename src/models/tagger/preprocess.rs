@@ -109,10 +109,11 @@ impl Preprocess {
     }
 
     /// Stack CHW images into a `(b, 3, S, S)` f32 tensor.
-    pub fn batch(&self, images: &[Vec<f32>], device: &Device) -> Result<Tensor> {
+    pub fn batch<T: AsRef<[f32]>>(&self, images: &[T], device: &Device) -> Result<Tensor> {
         let s = self.size;
         let mut flat = Vec::with_capacity(images.len() * 3 * s * s);
         for im in images {
+            let im = im.as_ref();
             if im.len() != 3 * s * s {
                 return Err(crate::Error::Other(format!(
                     "tagger batch: image of {} values, expected 3×{s}×{s}",

@@ -257,11 +257,7 @@ fn prepare_batch(root: &Path, batch: &[&Candidate], tagger: &Tagger) -> Prepared
 /// Run the model on the readable images of a prepared batch.
 fn infer(tagger: &Tagger, prepared: &Prepared) -> Result<(Vec<Option<Vec<f32>>>, Duration)> {
     let t0 = Instant::now();
-    let ok: Vec<Vec<f32>> = prepared
-        .0
-        .iter()
-        .filter_map(|r| r.as_ref().ok().cloned())
-        .collect();
+    let ok: Vec<&Vec<f32>> = prepared.0.iter().filter_map(|r| r.as_ref().ok()).collect();
     let mut probs = if ok.is_empty() {
         Vec::new()
     } else {
