@@ -416,7 +416,8 @@ impl Writer<'_> {
     }
 }
 
-/// Tag result stored by an earlier run (`tagging.tags_json` + ratings).
+/// Tag result stored by an earlier run (`tagging.tags_json`; a caption
+/// needs no ratings).
 fn stored_result(c: &Candidate) -> Option<TagResult> {
     let v: Vec<(String, u32, f32)> = serde_json::from_str(c.tags_json.as_deref()?).ok()?;
     let mut r = TagResult::default();
