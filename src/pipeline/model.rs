@@ -61,13 +61,7 @@ impl TextConfigs {
         Self {
             name: "tiny",
             clip_l: ClipTextConfig::clip_l_tiny(),
-            clip_g: ClipTextConfig {
-                width: 32,
-                heads: 4,
-                intermediate: 128,
-                projection_dim: Some(32),
-                ..ClipTextConfig::open_clip_bigg_tiny()
-            },
+            clip_g: ClipTextConfig::open_clip_bigg_tiny32(),
         }
     }
 
