@@ -3,12 +3,11 @@
 //! UNet to that conditioning as the raw ε/v predictor the samplers of
 //! [`crate::diffusion`] drive.
 //!
-//! Config detection follows `eps2v ckpt info`: the UNet and VAE widths are
-//! matched against the named configs (`sdxl_base` / `tiny`,
-//! [`Checkpoint::detect_unet_config`]); the text encoders are matched by the
-//! widths of their token embeddings against [`TextConfigs::candidates`], and
-//! every key of the chosen configs is then checked (missing / unexpected /
-//! wrong shape is a model error, exit 2).
+//! Configs are never given: the UNet, VAE and both text-encoder configs are
+//! inferred from the file's keys and shapes ([`crate::models::sdxl::infer`],
+//! as `eps2v ckpt info` shows them), the parts must fit together (context,
+//! pooled and latent widths), and every key of the inferred configs is
+//! checked (missing / unexpected / wrong shape is a model error, exit 2).
 //!
 //! Prediction type: marker keys (`v_pred`, `ztsnr`), then
 //! `modelspec.prediction_type` ([`Checkpoint::prediction`]); both can be
@@ -29,13 +28,14 @@ use crate::models::sdxl::clip::{
     ClipTextConfig, ClipTextModel, SdxlTextEncoder, TextConditioning, BIGG_MODEL_PREFIX,
     CLIP_L_MODEL_PREFIX,
 };
-use crate::models::sdxl::{build_y, SizeCond, UNet, UNetConfig, Vae, VaeConfig};
+use crate::models::sdxl::infer::{self, TextPair};
+use crate::models::sdxl::{build_y, SizeCond, UNet, Vae};
 use crate::{Error, Result};
 
 /// The two text-encoder configs of one SDXL variant.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TextConfigs {
-    /// Name (`sdxl`, `tiny`).
+    /// Name (`sdxl`, `tiny`, or `custom` for inferred configs matching neither).
     pub name: &'static str,
     /// Text encoder 1 (CLIP-L).
     pub clip_l: ClipTextConfig,
@@ -53,7 +53,7 @@ impl TextConfigs {
         }
     }
 
-    /// Tiny encoders that fit [`UNetConfig::tiny`] (context 64 = 32 + 32,
+    /// Tiny encoders that fit [`crate::models::sdxl::UNetConfig::tiny`] (context 64 = 32 + 32,
     /// pooled 32): `clip_l_tiny()` and a bigG-shaped encoder 32 wide
     /// (4 heads, MLP 128, projection 32). `open_clip_bigg_tiny()` is 40 wide,
     /// which does not add up to the tiny UNet's context width.
@@ -63,11 +63,6 @@ impl TextConfigs {
             clip_l: ClipTextConfig::clip_l_tiny(),
             clip_g: ClipTextConfig::open_clip_bigg_tiny32(),
         }
-    }
-
-    /// Every named pair, in detection order.
-    pub fn candidates() -> Vec<Self> {
-        vec![Self::sdxl(), Self::tiny()]
     }
 
     /// Context width (`clip_l.width + clip_g.width`) and pooled width.
@@ -156,32 +151,15 @@ impl std::fmt::Debug for SdxlModel {
     }
 }
 
-/// Match the text encoders of `ckpt` against [`TextConfigs::candidates`]
-/// by token-embedding widths, then check every key.
+/// Infer both text-encoder configs of `ckpt` from its shapes (with our
+/// metadata for heads) and check every key.
 pub fn detect_text_configs(ckpt: &Checkpoint) -> Result<TextConfigs> {
-    let width = |key: String| ckpt.entry(&key).and_then(|e| e.shape.get(1).copied());
-    let wl = width(format!(
-        "{CLIP_L_MODEL_PREFIX}.embeddings.token_embedding.weight"
-    ));
-    let wg = width(format!("{BIGG_MODEL_PREFIX}.token_embedding.weight"));
-    let (Some(wl), Some(wg)) = (wl, wg) else {
-        return Err(Error::model(format!(
-            "{}: no SDXL text encoders (need {CLIP_L_MODEL_PREFIX}.* and {BIGG_MODEL_PREFIX}.*); sampling needs a full single-file SDXL checkpoint with both text encoders",
-            ckpt.path().display()
-        )));
-    };
-    let cfg = TextConfigs::candidates()
-        .into_iter()
-        .find(|c| c.clip_l.width == wl && c.clip_g.width == wg)
-        .ok_or_else(|| {
-            Error::model(format!(
-                "{}: text encoder widths {wl} (CLIP-L) and {wg} (bigG) match no known config (sdxl: 768/1280, tiny: 32/32)",
-                ckpt.path().display()
-            ))
-        })?;
-    ckpt.validate(&cfg.expected_keys()?, "conditioner.embedders")
-        .into_result(ckpt.path(), &format!("{} text encoder config", cfg.name))?;
-    Ok(cfg)
+    let pair = ckpt.infer_text_configs()?;
+    Ok(TextConfigs {
+        name: pair.name.unwrap_or("custom"),
+        clip_l: pair.config.clip_l,
+        clip_g: pair.config.clip_g,
+    })
 }
 
 /// Map the checkpoint's prediction type to the sampler's, refusing EDM.
@@ -212,21 +190,18 @@ impl SdxlModel {
                 family.describe()
             )));
         }
-        let (unet_name, unet_cfg) = ckpt.detect_unet_config().ok_or_else(|| {
-            Error::model(format!(
-                "{}: the UNet widths match no known config (sdxl_base, tiny); is this an SDXL base-architecture model?",
-                path.display()
-            ))
-        })?;
-        let (vae_name, vae_cfg) = ckpt.detect_vae_config().ok_or_else(|| {
-            Error::model(format!(
-                "{}: no VAE (first_stage_model.*) of a known config (sdxl, tiny); bake a VAE into the checkpoint",
-                path.display()
-            ))
-        })?;
-        ckpt.check_sdxl(&unet_cfg, Some(&vae_cfg))?;
+        let unet = ckpt.infer_unet_config()?;
+        let vae = ckpt.infer_vae_config()?;
         let text_cfg = detect_text_configs(&ckpt)?;
-        check_dims(path, &unet_cfg, &text_cfg, &vae_cfg)?;
+        let (unet_name, unet_cfg) = (unet.name.unwrap_or("custom"), unet.config);
+        let (vae_name, vae_cfg) = (vae.name.unwrap_or("custom"), vae.config);
+        let pair = TextPair {
+            clip_l: text_cfg.clip_l.clone(),
+            clip_g: text_cfg.clip_g.clone(),
+        };
+        infer::check_compatible(&unet_cfg, Some(&pair), Some(&vae_cfg))
+            .map_err(|e| Error::model(format!("{}: {e}", path.display())))?;
+        ckpt.check_sdxl(&unet_cfg, Some(&vae_cfg))?;
 
         let pinfo = ckpt.prediction();
         let (prediction, source) = match opts.prediction {
@@ -326,28 +301,6 @@ impl SdxlModel {
     }
 }
 
-/// UNet/text/VAE widths must agree.
-fn check_dims(path: &Path, unet: &UNetConfig, text: &TextConfigs, vae: &VaeConfig) -> Result<()> {
-    let (ctx, pooled) = text.unet_dims();
-    if ctx != unet.context_dim || pooled != unet.pooled_dim {
-        return Err(Error::model(format!(
-            "{}: the text encoders give context {ctx} / pooled {pooled} but the UNet expects {} / {}; the checkpoint mixes parts of different models",
-            path.display(),
-            unet.context_dim,
-            unet.pooled_dim
-        )));
-    }
-    if vae.z_channels != unet.in_channels {
-        return Err(Error::model(format!(
-            "{}: the VAE has {} latent channels but the UNet takes {}",
-            path.display(),
-            vae.z_channels,
-            unet.in_channels
-        )));
-    }
-    Ok(())
-}
-
 /// The UNet bound to one image's conditioning: `context`/`y` for the cond
 /// branch and (optionally) the uncond branch, with `y = [pooled, size
 /// embeddings]` built by [`build_y`] (original = target = image size, crop
@@ -443,6 +396,7 @@ impl PairPredictor for Bound<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::models::sdxl::UNetConfig;
     use crate::pipeline::tiny::{write_random_checkpoint, TinyOptions};
 
     fn tiny(v: bool) -> (tempfile::TempDir, SdxlModel) {

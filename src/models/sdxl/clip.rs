@@ -157,6 +157,27 @@ impl ClipTextConfig {
         }
     }
 
+    /// One line for summaries (`ckpt info`).
+    pub fn summary(&self) -> String {
+        format!(
+            "width {}, {} layers, {} heads, MLP {} ({}), vocab {}, {} positions{}",
+            self.width,
+            self.layers,
+            self.heads,
+            self.intermediate,
+            match self.activation {
+                Activation::QuickGelu => "quick-GELU",
+                Activation::GeluErf => "GELU",
+            },
+            self.vocab_size,
+            self.max_positions,
+            match self.projection_dim {
+                Some(p) => format!(", projection {p}"),
+                None => String::new(),
+            }
+        )
+    }
+
     /// The named configs, in the order `known_name` tries them.
     pub fn named() -> Vec<(&'static str, Self)> {
         vec![

@@ -200,6 +200,31 @@ impl UNetConfig {
         } == *other
     }
 
+    /// One line for summaries (`ckpt info`).
+    pub fn summary(&self) -> String {
+        let middle = match self.middle {
+            MiddleBlock::Transformer { depth } => format!("transformer depth {depth}"),
+            MiddleBlock::NoTransformer => "two ResBlocks, no transformer".into(),
+            MiddleBlock::ResBlockOnly => "one ResBlock".into(),
+            MiddleBlock::Absent => "none".into(),
+        };
+        format!(
+            "model_channels {}, channel_mult {:?}, res blocks {:?}, transformer depth in {:?} out {:?}, middle {middle}, {}-channel heads, context {}, pooled {}, {} groups, proj_in {}, {} → {} channels",
+            self.model_channels,
+            self.channel_mult,
+            self.num_res_blocks,
+            self.transformer_depth,
+            self.transformer_depth_output,
+            self.num_head_channels,
+            self.context_dim,
+            self.pooled_dim,
+            self.num_groups,
+            if self.use_linear_in_transformer { "linear" } else { "1×1 conv" },
+            self.in_channels,
+            self.out_channels
+        )
+    }
+
     /// Width of the time / label embedding (4 × model_channels).
     pub fn time_embed_dim(&self) -> usize {
         4 * self.model_channels
@@ -354,6 +379,21 @@ impl VaeConfig {
             scale_factor: other.scale_factor,
             ..self.clone()
         } == *other
+    }
+
+    /// One line for summaries (`ckpt info`).
+    pub fn summary(&self) -> String {
+        format!(
+            "ch {}, ch_mult {:?} (factor {}), res blocks {}, z {}, embed {}, {} groups, scale {}",
+            self.ch,
+            self.ch_mult,
+            self.downsample_factor(),
+            self.num_res_blocks,
+            self.z_channels,
+            self.embed_dim,
+            self.num_groups,
+            self.scale_factor
+        )
     }
 
     /// Spatial down-sampling factor (2^(levels − 1)).

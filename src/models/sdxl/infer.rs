@@ -99,6 +99,44 @@ pub struct TextPair {
     pub clip_g: ClipTextConfig,
 }
 
+impl TextPair {
+    /// Context width (`clip_l.width + clip_g.width`) and pooled width
+    /// (bigG projection) the UNet must take.
+    pub fn unet_dims(&self) -> (usize, usize) {
+        (
+            self.clip_l.width + self.clip_g.width,
+            self.clip_g.projection_dim.unwrap_or(0),
+        )
+    }
+}
+
+/// Do the parts of one model fit together? The text encoders must give the
+/// UNet's context and pooled widths, the VAE its latent channels.
+pub fn check_compatible(
+    unet: &UNetConfig,
+    text: Option<&TextPair>,
+    vae: Option<&VaeConfig>,
+) -> Result<(), String> {
+    if let Some(t) = text {
+        let (ctx, pooled) = t.unet_dims();
+        if ctx != unet.context_dim || pooled != unet.pooled_dim {
+            return Err(format!(
+                "the text encoders give context {ctx} ({} + {}) / pooled {pooled} but the UNet takes {} / {}; the checkpoint mixes parts of different models",
+                t.clip_l.width, t.clip_g.width, unet.context_dim, unet.pooled_dim
+            ));
+        }
+    }
+    if let Some(v) = vae {
+        if v.embed_dim != unet.in_channels || v.embed_dim != unet.out_channels {
+            return Err(format!(
+                "the VAE has {} latent channels but the UNet takes {} and gives {}; the checkpoint mixes parts of different models",
+                v.embed_dim, unet.in_channels, unet.out_channels
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Metadata entries that record `unet`, `vae` and `text` in a checkpoint we
 /// save (merge them into `SaveOptions::metadata`), so that a later load
 /// knows the GroupNorm groups, head widths and VAE scale shapes cannot tell.
@@ -897,10 +935,15 @@ pub fn infer_text(
         ("bigG", BIGG_MODEL_PREFIX, &pair.clip_g),
     ] {
         c.check().map_err(|e| format!("{name}: {e}"))?;
-        let keys = record_shapes(|vb| ClipTextModel::new(vb.pp(prefix), c))
-            .map_err(|e| e.to_string())?;
-        check_keys(&keys, shapes, &format!("{prefix}."), &format!("{name} config"))
-            .map_err(|e| format!("{name}: {e}"))?;
+        let keys =
+            record_shapes(|vb| ClipTextModel::new(vb.pp(prefix), c)).map_err(|e| e.to_string())?;
+        check_keys(
+            &keys,
+            shapes,
+            &format!("{prefix}."),
+            &format!("{name} config"),
+        )
+        .map_err(|e| format!("{name}: {e}"))?;
     }
     let name = match (pair.clip_l.known_name(), pair.clip_g.known_name()) {
         (Some("clip_l"), Some("open_clip_bigg")) => Some("sdxl"),
