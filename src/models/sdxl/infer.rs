@@ -261,7 +261,13 @@ struct St {
 
 /// The SpatialTransformer at `p` (keys `{p}proj_in…`), if any.
 fn transformer(s: &Sub, p: &str) -> Result<Option<St>, String> {
-    if !s.any_under(p) {
+    // An upsampler (`{p}conv.*`) can sit where a transformer would.
+    let only_upsampler = s
+        .map
+        .range(p..)
+        .take_while(|(k, _)| k.starts_with(p))
+        .all(|(k, _)| k[p.len()..].starts_with("conv."));
+    if only_upsampler {
         return Ok(None);
     }
     let pre = s.prefix;
@@ -509,9 +515,14 @@ pub fn infer_unet(
     let m_st = transformer(&s, "middle_block.1.")?;
     let m0 = res_block(&s, "middle_block.0.", ted)?;
     let m2 = res_block(&s, "middle_block.2.", ted)?;
-    if s.indices("middle_block.")? > 3 {
+    let layer = |k: &&str| {
+        k.strip_prefix("middle_block.")
+            .and_then(|r| r.split('.').next())
+            .and_then(|n| n.parse::<usize>().ok())
+    };
+    if let Some(k) = s.map.keys().find(|k| layer(k).is_some_and(|n| n > 2)) {
         return Err(format!(
-            "{prefix}middle_block.3.* is unexpected: sgm's middle block has at most 3 layers"
+            "{prefix}{k} is unexpected: sgm's middle block has at most 3 layers"
         ));
     }
     for (i, r) in [(0, m0), (2, m2)] {
