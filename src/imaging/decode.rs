@@ -416,13 +416,12 @@ fn map_image_error(e: ImageError) -> DecodeError {
 /// reported as [`DecodeReason::Corrupt`], so one bad file cannot take down a
 /// rayon import.
 pub fn decode(bytes: &[u8], limits: &DecodeLimits) -> Result<Decoded, DecodeError> {
-    catch_unwind_quiet(|| decode_inner(bytes, limits))
-        .unwrap_or_else(|_| {
-            Err(DecodeError::new(
-                DecodeReason::Corrupt,
-                "the decoder panicked on this file (malformed data)",
-            ))
-        })
+    catch_unwind_quiet(|| decode_inner(bytes, limits)).unwrap_or_else(|_| {
+        Err(DecodeError::new(
+            DecodeReason::Corrupt,
+            "the decoder panicked on this file (malformed data)",
+        ))
+    })
 }
 
 thread_local! {

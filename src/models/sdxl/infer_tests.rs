@@ -152,8 +152,8 @@ fn configs_round_trip_through_their_key_lists() {
     for cfg in spread {
         let shapes = unet_shapes(&cfg);
         let meta = config_metadata(Some(&cfg), None, None);
-        let got = infer_unet(&shapes, &unet_prefix(), &meta)
-            .unwrap_or_else(|e| panic!("{cfg:?}: {e}"));
+        let got =
+            infer_unet(&shapes, &unet_prefix(), &meta).unwrap_or_else(|e| panic!("{cfg:?}: {e}"));
         assert_eq!(got.config, cfg);
         assert_eq!(got.hidden, HiddenSource::Metadata);
         assert!(got.warnings.is_empty(), "{:?}", got.warnings);
@@ -214,19 +214,27 @@ fn hidden_values_come_from_metadata_named_or_defaults() {
     let heads = UNetConfig::from_levels(32, vec![1, 2], 1, &[1, 1], 1, 16, 32, 8, 32);
     let e = infer_unet_err(&unet_shapes(&heads));
     assert!(
-        e.contains("head width cannot be read")
-            && e.contains("input_blocks.1.1's width 32"),
+        e.contains("head width cannot be read") && e.contains("input_blocks.1.1's width 32"),
         "{e}"
     );
     // The tiny shapes borrow tiny's groups (8) and heads (16).
-    let t = infer_unet(&unet_shapes(&UNetConfig::tiny()), &unet_prefix(), &no_meta()).unwrap();
+    let t = infer_unet(
+        &unet_shapes(&UNetConfig::tiny()),
+        &unet_prefix(),
+        &no_meta(),
+    )
+    .unwrap();
     assert_eq!(t.config, UNetConfig::tiny());
     assert_eq!(t.hidden, HiddenSource::Named("tiny"));
     // Metadata of another network: ignored, said so.
     let meta = config_metadata(Some(&UNetConfig::sdxl_base()), None, None);
     let t = infer_unet(&unet_shapes(&UNetConfig::tiny()), &unet_prefix(), &meta).unwrap();
     assert_eq!(t.hidden, HiddenSource::Named("tiny"));
-    assert!(t.warnings[0].contains("different network"), "{:?}", t.warnings);
+    assert!(
+        t.warnings[0].contains("different network"),
+        "{:?}",
+        t.warnings
+    );
     let mut meta = BTreeMap::new();
     meta.insert(META_UNET_CONFIG.to_string(), "{not json".to_string());
     let t = infer_unet(&unet_shapes(&UNetConfig::tiny()), &unet_prefix(), &meta).unwrap();
@@ -256,7 +264,10 @@ fn without(mut s: ShapeMap, pat: &str) -> ShapeMap {
 fn inconsistent_unet_files_get_specific_errors() {
     let p = "model.diffusion_model.";
     // A transformer block count that differs between attn1 and attn2.
-    let s = without(tiny_shapes(), "input_blocks.4.1.transformer_blocks.1.attn2.");
+    let s = without(
+        tiny_shapes(),
+        "input_blocks.4.1.transformer_blocks.1.attn2.",
+    );
     let e = infer_unet_err(&s);
     assert!(
         e.contains("inconsistent transformer block count: 2 blocks but attn2 in 1")
@@ -308,7 +319,9 @@ fn inconsistent_unet_files_get_specific_errors() {
     }
     let e = infer_unet_err(&s);
     assert!(
-        e.contains("input_blocks.2.0.in_layers.2.weight takes 16 channels but the block before gives 32"),
+        e.contains(
+            "input_blocks.2.0.in_layers.2.weight takes 16 channels but the block before gives 32"
+        ),
         "{e}"
     );
 }
@@ -367,10 +380,11 @@ fn text_configs_infer_and_round_trip() {
         max_positions: 80,
         ..ClipTextConfig::open_clip_bigg()
     };
-    let mut shapes: ShapeMap = record_shapes(|vb| ClipTextModel::new(vb.pp(CLIP_L_MODEL_PREFIX), &l))
-        .unwrap()
-        .into_iter()
-        .collect();
+    let mut shapes: ShapeMap =
+        record_shapes(|vb| ClipTextModel::new(vb.pp(CLIP_L_MODEL_PREFIX), &l))
+            .unwrap()
+            .into_iter()
+            .collect();
     shapes.extend(record_shapes(|vb| ClipTextModel::new(vb.pp(BIGG_MODEL_PREFIX), &g)).unwrap());
     let meta = config_metadata(None, None, Some((&l, &g)));
     let t = infer_text(&shapes, &meta).unwrap();
@@ -384,7 +398,10 @@ fn text_configs_infer_and_round_trip() {
     let s = without(shapes, "transformer.resblocks.1.mlp.c_proj.bias");
     let e = infer_text(&s, &meta).unwrap_err();
     assert!(
-        e.contains("bigG:") && e.contains("missing conditioner.embedders.1.model.transformer.resblocks.1.mlp.c_proj.bias"),
+        e.contains("bigG:")
+            && e.contains(
+                "missing conditioner.embedders.1.model.transformer.resblocks.1.mlp.c_proj.bias"
+            ),
         "{e}"
     );
 }
@@ -397,7 +414,10 @@ fn parts_that_do_not_fit_are_refused() {
         clip_g: ClipTextConfig::open_clip_bigg_tiny(),
     };
     let e = check_compatible(&u, Some(&t), None).unwrap_err();
-    assert!(e.contains("context 72 (32 + 40) / pooled 40") && e.contains("64 / 32"), "{e}");
+    assert!(
+        e.contains("context 72 (32 + 40) / pooled 40") && e.contains("64 / 32"),
+        "{e}"
+    );
     let v = VaeConfig {
         z_channels: 16,
         embed_dim: 16,
