@@ -6,7 +6,11 @@
 use std::collections::BTreeMap;
 
 use super::*;
-use crate::models::sdxl::checkpoint::unet_expected_keys;
+use crate::models::sdxl::checkpoint::{record_shapes, unet_expected_keys};
+use crate::models::sdxl::clip::{
+    Activation, ClipTextModel, BIGG_MODEL_PREFIX, CLIP_L_MODEL_PREFIX,
+};
+use crate::models::sdxl::MiddleBlock;
 use crate::models::sdxl::{UNET_PREFIX, VAE_PREFIX};
 
 fn fixture_shapes(name: &str) -> ShapeMap {
