@@ -124,6 +124,12 @@ pub fn check_compatible(
             ));
         }
     }
+    if unet.in_channels != unet.out_channels {
+        return Err(format!(
+            "the UNet takes {} input channels but predicts {}: an inpainting or instruct-pix2pix model (extra image channels), which eps2v does not sample or train",
+            unet.in_channels, unet.out_channels
+        ));
+    }
     if let Some(v) = vae {
         if v.embed_dim != unet.in_channels || v.embed_dim != unet.out_channels {
             return Err(format!(

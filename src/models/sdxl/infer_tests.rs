@@ -429,4 +429,13 @@ fn parts_that_do_not_fit_are_refused() {
     };
     let e = check_compatible(&u, None, Some(&v)).unwrap_err();
     assert!(e.contains("16 latent channels"), "{e}");
+    let inpaint = UNetConfig {
+        in_channels: 9,
+        ..u.clone()
+    };
+    let e = check_compatible(&inpaint, None, None).unwrap_err();
+    assert!(
+        e.contains("takes 9 input channels but predicts 4") && e.contains("inpainting"),
+        "{e}"
+    );
 }
