@@ -177,18 +177,20 @@ fn bad_files_are_described_by_info_and_refused_by_check_with_exit_2() {
         );
     }
 
-    // Truncated: info cannot read it either.
+    // Truncated in the tensor data or in the header: info cannot read it either.
     let bytes = std::fs::read(golden()).unwrap();
     let cut = d.join("cut.safetensors");
-    std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
-    for cmd in ["info", "check"] {
-        let o = run(&["ckpt", cmd, cut.to_str().unwrap()]);
-        let t = text(&o);
-        assert_eq!(o.status.code(), Some(2), "{t}");
-        assert!(
-            t.contains("file is truncated") && t.contains("cut.safetensors"),
-            "{t}"
-        );
+    for (len, needle) in [
+        (bytes.len() / 2, "file is truncated: tensor "),
+        (100, "file is truncated: the header declares"),
+    ] {
+        std::fs::write(&cut, &bytes[..len]).unwrap();
+        for cmd in ["info", "check"] {
+            let o = run(&["ckpt", cmd, cut.to_str().unwrap()]);
+            let t = text(&o);
+            assert_eq!(o.status.code(), Some(2), "{t}");
+            assert!(t.contains(needle) && t.contains("cut.safetensors"), "{t}");
+        }
     }
 }
 

@@ -23,6 +23,13 @@
 //! `Var` in a `VarMap`, for training); the expected key/shape lists come
 //! from running the module constructors on a shape-only backend
 //! ([`record_shapes`]), so validation can never drift from the modules.
+//! The configs themselves are inferred from the file
+//! ([`Checkpoint::infer_unet_config`], [`Checkpoint::infer_vae_config`],
+//! [`Checkpoint::infer_text_configs`]; rules in [`super::infer`]).
+//!
+//! Parts live in child files: `checkpoint_family.rs` (family, prediction
+//! type), `checkpoint_keys.rs` (expected keys, validation),
+//! `checkpoint_save.rs` (atomic writing), `checkpoint_info.rs` (`ckpt info`).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs::File;
