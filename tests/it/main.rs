@@ -1,5 +1,6 @@
 //! Integration tests: one binary, one module per area.
 
 mod caption;
+mod ckpt;
 mod curation;
 mod sample;
