@@ -18,7 +18,8 @@
 //! models/diffusion/manifest/imaging → error`):
 //! - [`cli`]: clap front end (the only module that knows about flags).
 //! - [`manifest`]: the SQLite manifest (schema, migrations, records).
-//! - [`stages`]: curation stages (dedupe, export, inspect, …).
+//! - [`stages`]: curation stages (import, caption + filter, dedupe, bucket,
+//!   export, inspect).
 //! - [`diffusion`]: noise schedules (ZTSNR), eps/v parameterisations,
 //!   σ schedules, samplers, CFG (rescale, uncond modes), seeded noise.
 //! - [`error`]: the library error type.
@@ -26,7 +27,7 @@
 //!   plug in there).
 //! - [`imaging`]: decode with limits, pHash/dHash, A1111 infotext, resize/crop, buckets.
 //! - [`models`]: SDXL UNet / VAE / text encoders / tokenizer / checkpoint I/O
-//!   under native LDM key names.
+//!   under native LDM key names; the WD v3 ViT tagger under timm names.
 //! - [`pipeline`]: checkpoint → images (`sample`) and model diagnostics (`diagnose uncond`).
 //! - [`train`]: `eps2v train` (eps → v-pred ZTSNR and back, block subsets,
 //!   evaluation by images, NaN guard, resume, export).

@@ -1,10 +1,14 @@
 //! `eps2v ckpt …`: inspect and check single-file SDXL checkpoints.
 //!
-//! `info` prints family, prediction type (marker keys / modelspec metadata),
-//! ZTSNR, stored dtypes, tensor and parameter counts per component and the
-//! SHA-256 / A1111 AutoV2 hash, after checking the UNet and VAE keys against
-//! the matching named config. `check` also scans every weight for NaN/inf.
-//! Any problem is a [`crate::Error::Model`] (exit code 2).
+//! `info` describes any readable safetensors file: family, the UNet / VAE /
+//! text-encoder configs inferred from its shapes (with the source of what
+//! shapes cannot tell) or why they cannot be inferred, prediction type
+//! (marker keys / modelspec metadata), ZTSNR, stored dtypes, tensor and
+//! parameter counts per component and the SHA-256 / A1111 AutoV2 hash; it
+//! fails only on files it cannot read. `check` refuses anything eps2v cannot
+//! load, with the precise reason (family, the key or shape that breaks an
+//! inference rule, parts that do not fit, keys that do not match), and scans
+//! every weight for NaN/inf. Problems are [`crate::Error::Model`] (exit 2).
 
 use std::fmt::Write as _;
 use std::io::Write as _;
@@ -12,7 +16,9 @@ use std::path::PathBuf;
 
 use clap::{Args, Subcommand};
 
-use crate::models::sdxl::checkpoint::{Checkpoint, CheckpointInfo, Family};
+use crate::models::sdxl::checkpoint::{Checkpoint, CheckpointInfo, ConfigStatus, Family};
+use crate::models::sdxl::infer::{self, TextPair};
+use crate::models::sdxl::{UNetConfig, VaeConfig};
 use crate::{Error, Result};
 
 /// Arguments of `eps2v ckpt`.
@@ -26,7 +32,7 @@ pub struct CkptArgs {
 /// `ckpt` subcommands.
 #[derive(Debug, Subcommand)]
 pub enum CkptCommand {
-    /// Family, prediction type, ZTSNR, dtypes, counts per component, hashes.
+    /// Family, inferred configs, prediction type, ZTSNR, dtypes, counts per component, hashes.
     #[command(
         after_help = "Examples:\n  eps2v ckpt info sd_xl_base_1.0.safetensors\n  eps2v --json ckpt info model.safetensors --no-hash"
     )]
@@ -37,7 +43,7 @@ pub enum CkptCommand {
         #[arg(long)]
         no_hash: bool,
     },
-    /// Like `info`, and also scan every weight for NaN / infinite values.
+    /// Refuse files eps2v cannot load (with the reason), scan every weight for NaN / inf, then print `info`.
     #[command(after_help = "Example:\n  eps2v ckpt check merged_model.safetensors")]
     Check {
         /// A single-file .safetensors checkpoint.
@@ -45,26 +51,54 @@ pub enum CkptCommand {
     },
 }
 
-/// Open `file` and check its keys against the named config its widths match.
+/// Open `file` and refuse it, with the precise reason, unless it is an
+/// SDXL checkpoint (or UNet) whose every config can be inferred, whose parts
+/// fit together and whose keys all match those configs.
 fn open_checked(file: &PathBuf) -> Result<Checkpoint> {
     let ckpt = Checkpoint::open(file)?;
-    let family = ckpt.family();
-    if !matches!(family, Family::Sdxl | Family::SdxlUnet) {
-        return Err(Error::model(format!(
-            "{}: not an SDXL checkpoint: this looks like {}; eps2v needs a single-file SDXL checkpoint (model.diffusion_model.*, conditioner.embedders.*, first_stage_model.*)",
-            file.display(),
-            family.describe()
-        )));
-    }
-    let (_, unet) = ckpt.detect_unet_config().ok_or_else(|| {
-        Error::model(format!(
-            "{}: the UNet widths match no known config (sdxl_base, tiny); is this an SDXL base-architecture model?",
-            file.display()
-        ))
-    })?;
-    let vae = ckpt.detect_vae_config().map(|(_, c)| c);
+    let family = ckpt.require_sdxl_family()?;
+    let unet = ckpt.infer_unet_config()?.config;
+    let vae = match ckpt.vae_prefix() {
+        Some(_) => Some(ckpt.infer_vae_config()?.config),
+        None => None,
+    };
+    let text = if family == Family::Sdxl {
+        Some(ckpt.infer_text_configs()?.config)
+    } else {
+        None
+    };
+    infer::check_compatible(&unet, text.as_ref(), vae.as_ref())
+        .map_err(|e| Error::model(format!("{}: {e}", file.display())))?;
     ckpt.check_sdxl(&unet, vae.as_ref())?;
     Ok(ckpt)
+}
+
+/// The config lines of a component: name, summary and source, or why not.
+fn config_lines<T>(
+    o: &mut String,
+    label: &str,
+    status: &ConfigStatus<T>,
+    hidden: &str,
+    summary: impl Fn(&T) -> String,
+) {
+    match status {
+        ConfigStatus::Absent => {}
+        ConfigStatus::Failed { reason } => {
+            let _ = writeln!(o, "{label:<12}cannot infer: {reason}");
+        }
+        ConfigStatus::Inferred(i) => {
+            let _ = writeln!(
+                o,
+                "{label:<12}{} (inferred from shapes; {})",
+                i.name.unwrap_or("custom"),
+                i.hidden.describe(hidden)
+            );
+            let _ = writeln!(o, "{:<12}{}", "", summary(&i.config));
+            for w in &i.warnings {
+                let _ = writeln!(o, "{:<12}warning: {w}", "");
+            }
+        }
+    }
 }
 
 fn format_info(info: &CheckpointInfo) -> String {
@@ -73,10 +107,30 @@ fn format_info(info: &CheckpointInfo) -> String {
     let _ = writeln!(o, "file        {} ({} bytes)", info.path, info.file_bytes);
     let _ = writeln!(
         o,
-        "family      {} (unet config {}, vae config {})",
+        "family      {} ({})",
         info.family.name(),
-        info.unet_config.as_deref().unwrap_or("-"),
-        info.vae_config.as_deref().unwrap_or("-")
+        info.family.describe()
+    );
+    config_lines(
+        &mut o,
+        "unet",
+        &info.unet,
+        "GroupNorm groups and head width",
+        UNetConfig::summary,
+    );
+    config_lines(
+        &mut o,
+        "vae",
+        &info.vae,
+        "GroupNorm groups and scale factor",
+        VaeConfig::summary,
+    );
+    config_lines(
+        &mut o,
+        "text",
+        &info.text,
+        "heads and activations",
+        |t: &TextPair| format!("CLIP-L {}; bigG {}", t.clip_l.summary(), t.clip_g.summary()),
     );
     let _ = writeln!(
         o,
@@ -129,7 +183,8 @@ fn format_info(info: &CheckpointInfo) -> String {
 /// Run `eps2v ckpt …`; returns the exit code.
 pub fn run(args: CkptArgs, json: bool) -> Result<i32> {
     let (ckpt, hash, scan) = match &args.command {
-        CkptCommand::Info { file, no_hash } => (open_checked(file)?, !no_hash, false),
+        // `info` describes any readable safetensors file.
+        CkptCommand::Info { file, no_hash } => (Checkpoint::open(file)?, !no_hash, false),
         CkptCommand::Check { file } => (open_checked(file)?, true, true),
     };
     if scan {

@@ -211,6 +211,11 @@ pub fn import(a: ImportArgs, json: bool) -> anyhow::Result<i32> {
             let parts: Vec<String> = r.rejected.iter().map(|(k, v)| format!("{k} {v}")).collect();
             println!("        rejected: {}", parts.join(", "));
         }
+        // One clean line per rejected file (decoder panics are caught
+        // silently and arrive here as `corrupt: …`).
+        for f in &r.rejected_files {
+            eprintln!("rejected {}: {}", f.path.display(), f.reason);
+        }
         for f in &r.failed {
             println!("        failed: {}: {}", f.path.display(), f.reason);
         }

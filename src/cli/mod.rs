@@ -4,6 +4,7 @@
 //! Exit codes: 0 ok, 1 the command ran but some items failed, 2 usage /
 //! config / model error.
 
+pub mod caption;
 pub mod curation;
 pub mod tokenize;
 
@@ -43,6 +44,10 @@ pub enum Command {
     Bucket(curation::BucketArgs),
     /// Write the dataset as kohya / HF imagefolder / Parquet / JSONL.
     Export(curation::ExportArgs),
+    /// Tag images with a WD tagger, score prompt alignment, write training captions.
+    Caption(caption::CaptionArgs),
+    /// Reject generated images that show too little of their prompt (alignment below a threshold).
+    Filter(caption::FilterArgs),
     /// Summarise a dataset, or run read-only SQL on its manifest.
     Inspect(curation::InspectArgs),
     /// Inspect and check single-file SDXL checkpoints.
@@ -81,6 +86,8 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Bucket(a) => curation::bucket(a, json),
         Command::Export(a) => curation::export(a, json),
         Command::Inspect(a) => curation::inspect(a, json),
+        Command::Caption(a) => caption::run_caption(a, json),
+        Command::Filter(a) => caption::run_filter(a, json),
         Command::Ckpt(args) => Ok(ckpt::run(args, json)?),
         Command::Tokenize(args) => tokenize::run(&args),
         Command::Sample(a) => Ok(sample::run_sample(a, json)?),

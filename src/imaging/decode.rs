@@ -416,13 +416,50 @@ fn map_image_error(e: ImageError) -> DecodeError {
 /// reported as [`DecodeReason::Corrupt`], so one bad file cannot take down a
 /// rayon import.
 pub fn decode(bytes: &[u8], limits: &DecodeLimits) -> Result<Decoded, DecodeError> {
-    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| decode_inner(bytes, limits)))
-        .unwrap_or_else(|_| {
-            Err(DecodeError::new(
-                DecodeReason::Corrupt,
-                "the decoder panicked on this file (malformed data)",
-            ))
-        })
+    catch_unwind_quiet(|| decode_inner(bytes, limits)).unwrap_or_else(|_| {
+        Err(DecodeError::new(
+            DecodeReason::Corrupt,
+            "the decoder panicked on this file (malformed data)",
+        ))
+    })
+}
+
+thread_local! {
+    /// Depth of [`catch_unwind_quiet`] calls running on this thread.
+    static QUIET: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+}
+
+/// Should the panic hook report a panic on this thread? Not while a
+/// [`catch_unwind_quiet`] call runs: that panic becomes a typed error.
+fn panic_reported() -> bool {
+    QUIET.with(|q| q.get() == 0)
+}
+
+/// `catch_unwind` that keeps the panic message (and the backtrace that
+/// `RUST_BACKTRACE` asks for) off stderr: the default hook would print one
+/// per hostile file before import records it as `corrupt`, and the summary
+/// already has one clean line per rejected file. The process-wide hook is
+/// wrapped once; panics on other threads, or outside these calls, are still
+/// reported by the previous hook.
+fn catch_unwind_quiet<R>(f: impl FnOnce() -> R) -> std::thread::Result<R> {
+    static HOOK: std::sync::Once = std::sync::Once::new();
+    HOOK.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if panic_reported() {
+                previous(info);
+            }
+        }));
+    });
+    struct Guard;
+    impl Drop for Guard {
+        fn drop(&mut self) {
+            QUIET.with(|q| q.set(q.get().saturating_sub(1)));
+        }
+    }
+    QUIET.with(|q| q.set(q.get() + 1));
+    let _guard = Guard;
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f))
 }
 
 fn decode_inner(bytes: &[u8], limits: &DecodeLimits) -> Result<Decoded, DecodeError> {
@@ -690,6 +727,50 @@ mod tests {
         assert!(used);
         // a=128: (100*128 + 255*127 + 127)/255 = 177, (0 + 32385 + 127)/255 = 127, (25600+32512)/255=227
         assert_eq!(rgb.as_raw(), &[255, 255, 255, 10, 20, 30, 177, 127, 227]);
+    }
+
+    /// A panic inside a quiet call is caught and not reported by the hook;
+    /// outside (and after it, even when it panicked) panics are reported.
+    #[test]
+    fn quiet_catch_hides_the_panic_and_restores_reporting() {
+        assert!(panic_reported());
+        let r = catch_unwind_quiet(|| {
+            assert!(!panic_reported());
+            let nested = catch_unwind_quiet(|| 7);
+            assert_eq!(nested.ok(), Some(7));
+            assert!(!panic_reported(), "nested call ended the outer quiet scope");
+            panic!("hostile input");
+        });
+        assert!(r.is_err());
+        assert!(panic_reported());
+        assert_eq!(catch_unwind_quiet(|| 3).ok(), Some(3));
+        assert!(panic_reported());
+    }
+
+    /// End to end: a child test process with `RUST_BACKTRACE=1` panics
+    /// inside a quiet call; neither the message nor a backtrace reaches its
+    /// stderr.
+    #[test]
+    fn quiet_catch_keeps_stderr_clean() {
+        const NAME: &str = "imaging::decode::tests::quiet_catch_keeps_stderr_clean";
+        if std::env::var_os("EPS2V_QUIET_PANIC_CHILD").is_some() {
+            assert!(catch_unwind_quiet(|| panic!("hostile input 8d1f")).is_err());
+            return;
+        }
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", NAME, "--nocapture", "--test-threads=1"])
+            .env("EPS2V_QUIET_PANIC_CHILD", "1")
+            .env("RUST_BACKTRACE", "1")
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).to_string()
+            + &String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{text}");
+        assert!(text.contains("1 passed"), "{text}");
+        assert!(
+            !text.contains("hostile input") && !text.contains("stack backtrace"),
+            "{text}"
+        );
     }
 
     /// Every prefix length and a sweep of byte flips of real fixtures either

@@ -25,6 +25,10 @@
 //!    the same bits as a `u64` whose bit 63 is element [0][0], so
 //!    `format!("{:016x}")` equals imagededup's string.
 //!
+//! The same resampler serves the WD tagger's eval transform with Pillow's
+//! `BICUBIC` filter ([`PilFilter::Bicubic`], Keys `a = -0.5`, support 2),
+//! through [`pil_resize_rgb`].
+//!
 //! Differences that remain: imagededup drops alpha where we composite on
 //! white, and it does not apply EXIF orientation; our hashes are of *our*
 //! decode (see `decode.rs`). The DCT is summed directly in f64 rather than by
@@ -188,6 +192,47 @@ struct Taps {
     kk: Vec<i32>,
 }
 
+/// A Pillow resampling filter (`Image.Resampling`), with its support.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PilFilter {
+    /// `Image.LANCZOS`: windowed sinc, support 3 (imagededup's hashes).
+    Lanczos,
+    /// `Image.BICUBIC`: Keys cubic with `a = -0.5`, support 2 (torchvision /
+    /// timm's `bicubic` on PIL images, the WD tagger transform).
+    Bicubic,
+}
+
+impl PilFilter {
+    /// Support radius in source pixels at scale 1 (Pillow's `filter->support`).
+    fn support(self) -> f64 {
+        match self {
+            PilFilter::Lanczos => 3.0,
+            PilFilter::Bicubic => 2.0,
+        }
+    }
+
+    /// The kernel (Pillow `lanczos_filter` / `bicubic_filter`).
+    fn weight(self, x: f64) -> f64 {
+        match self {
+            PilFilter::Lanczos => lanczos(x),
+            PilFilter::Bicubic => bicubic(x),
+        }
+    }
+}
+
+/// Pillow `bicubic_filter` (`a = -0.5`).
+fn bicubic(x: f64) -> f64 {
+    const A: f64 = -0.5;
+    let x = x.abs();
+    if x < 1.0 {
+        ((A + 2.0) * x - (A + 3.0)) * x * x + 1.0
+    } else if x < 2.0 {
+        (((x - 5.0) * x + 8.0) * x - 4.0) * A
+    } else {
+        0.0
+    }
+}
+
 fn lanczos(x: f64) -> f64 {
     fn sinc(x: f64) -> f64 {
         if x == 0.0 {
@@ -204,12 +249,11 @@ fn lanczos(x: f64) -> f64 {
     }
 }
 
-fn precompute_taps(in_size: usize, out_size: usize) -> Taps {
-    const SUPPORT: f64 = 3.0;
+fn precompute_taps(in_size: usize, out_size: usize, filter: PilFilter) -> Taps {
     // Pillow: box = (0, in_size) as floats; scale = (in1 - in0) / out.
     let scale = in_size as f64 / out_size as f64;
     let filterscale = scale.max(1.0);
-    let support = SUPPORT * filterscale;
+    let support = filter.support() * filterscale;
     let ksize = support.ceil() as usize * 2 + 1;
     let inv = 1.0 / filterscale;
     let mut bounds = Vec::with_capacity(out_size);
@@ -223,7 +267,7 @@ fn precompute_taps(in_size: usize, out_size: usize) -> Taps {
         let count = xmax.saturating_sub(xmin).min(ksize);
         let mut ww = 0.0;
         for (x, kx) in k.iter_mut().enumerate().take(count) {
-            let w = lanczos(((x + xmin) as f64 - center + 0.5) * inv);
+            let w = filter.weight(((x + xmin) as f64 - center + 0.5) * inv);
             *kx = w;
             ww += w;
         }
@@ -247,20 +291,33 @@ fn clip8(ss: i32) -> u8 {
     (ss >> PRECISION_BITS).clamp(0, 255) as u8
 }
 
-/// Pillow `ImagingResample(..., LANCZOS, box=(0,0,w,h))` on packed RGB8.
-/// Returns packed RGB8 of `out_w × out_h`.
-///
-/// Pass order follows Pillow 13.0 `ImagingResampleInner`: horizontal first,
-/// unless the height shrinks by more than twice as many pixels as the width
-/// (`h − out_h > 0 && h − out_h > 2·(w − out_w)`), then vertical first.
-/// (Pillow < 13 always went horizontal first; the two orders differ only by
-/// the 8-bit rounding of the intermediate.)
+/// Pillow `ImagingResample(..., LANCZOS, box=(0,0,w,h))` on packed RGB8
+/// ([`pil_resize_rgb`] with [`PilFilter::Lanczos`]).
 pub fn pil_resize_lanczos_rgb(
     src: &[u8],
     w: usize,
     h: usize,
     out_w: usize,
     out_h: usize,
+) -> Vec<u8> {
+    pil_resize_rgb(src, w, h, out_w, out_h, PilFilter::Lanczos)
+}
+
+/// Pillow `ImagingResample(..., filter, box=(0,0,w,h))` on packed RGB8,
+/// bit for bit. Returns packed RGB8 of `out_w × out_h`.
+///
+/// Pass order follows Pillow 13.0 `ImagingResampleInner`: horizontal first,
+/// unless the height shrinks by more than twice as many pixels as the width
+/// (`h − out_h > 0 && h − out_h > 2·(w − out_w)`), then vertical first.
+/// (Pillow < 13 always went horizontal first; the two orders differ only by
+/// the 8-bit rounding of the intermediate.)
+pub fn pil_resize_rgb(
+    src: &[u8],
+    w: usize,
+    h: usize,
+    out_w: usize,
+    out_h: usize,
+    filter: PilFilter,
 ) -> Vec<u8> {
     if w == 0 || h == 0 || out_w == 0 || out_h == 0 || src.len() < w * h * 3 {
         return vec![0; out_w * out_h * 3];
@@ -274,25 +331,25 @@ pub fn pil_resize_lanczos_rgb(
     let dw = w as i64 - out_w as i64;
     let horizontal_first = !(dh > 0 && dh > dw * 2);
     if horizontal_first {
-        let vt = precompute_taps(h, out_h);
+        let vt = precompute_taps(h, out_h, filter);
         if !need_h {
             return vertical_pass(src, out_w, &vt, out_h, 0);
         }
         // Only the rows the vertical pass will read.
         let first = vt.bounds.first().map_or(0, |b| b.0);
         let last = vt.bounds.last().map_or(h, |b| b.0 + b.1);
-        let tmp = horizontal_pass(src, w, first, last.saturating_sub(first), out_w);
+        let tmp = horizontal_pass(src, w, first, last.saturating_sub(first), out_w, filter);
         if !need_v {
             return tmp;
         }
         vertical_pass(&tmp, out_w, &vt, out_h, first)
     } else {
-        let vt = precompute_taps(h, out_h);
+        let vt = precompute_taps(h, out_h, filter);
         let tmp = vertical_pass(src, w, &vt, out_h, 0);
         if !need_h {
             return tmp;
         }
-        horizontal_pass(&tmp, w, 0, out_h, out_w)
+        horizontal_pass(&tmp, w, 0, out_h, out_w, filter)
     }
 }
 
@@ -303,8 +360,8 @@ simd_fn! {
     /// Same arithmetic as Pillow (i32 accumulators, 22-bit taps); each row is
     /// split into channel planes first so the dot products vectorise (in the
     /// AVX2 copy: baseline x86-64 has no 32-bit integer multiply).
-    fn horizontal_pass(src: &[u8], w: usize, first_row: usize, rows: usize, out_w: usize) -> Vec<u8> {
-        let ht = precompute_taps(w, out_w);
+    fn horizontal_pass(src: &[u8], w: usize, first_row: usize, rows: usize, out_w: usize, filter: PilFilter) -> Vec<u8> {
+        let ht = precompute_taps(w, out_w, filter);
         let mut out = vec![0u8; rows * out_w * 3];
         let mut planes = vec![0u8; 3 * w];
         for r in 0..rows {

@@ -25,9 +25,26 @@ use crate::error::{Error, IoContext, Result};
 pub const SCHEMA_V1: &str = include_str!("../../schemas/manifest.sql");
 
 /// Forward migrations: entry `i` upgrades `user_version` `i + 1` → `i + 2`.
-/// Append only; never edit a released entry.
+/// Append only; never edit a released entry. Each is a file under
+/// `schemas/migrations/`:
+///
+/// - v2, caption stage (issue 13): table `tagging`, one row per item a WD tagger
+///   has seen: `tagger` (identity `folder@sha256[:12]` of its weights),
+///   `settings` (JSON of tagger + thresholds + MCut; items tagged with other
+///   settings are tagged again), the rating (`rating`, `rating_score`,
+///   `ratings_json` with every rating label), `tags_json` (the selected tags
+///   `[[name, category, p], …]`, which the `tags` table also holds under
+///   source `tagger`), and the alignment of the image with its generation
+///   prompt: `alignment` = `confirmed / checked` prompt tags (NULL without a
+///   prompt or a checkable tag), `missing_json` (`[[tag, p], …]`, the prompt
+///   tags the tagger did not confirm). Indexed by alignment for `filter` and
+///   `inspect`.
+/// - v3, training (issue 11): `cache_entries` (latent and text-conditioning
+///   cache files with the component hash they depend on), `train_split`
+///   (which items a run trained on / held out), `train_evals` (validation
+///   loss, shape retention and grid of each evaluation).
 pub const MIGRATIONS: &[&str] = &[
-    // Training caches, validation split and evaluations (`eps2v train`).
+    include_str!("../../schemas/migrations/caption.sql"),
     include_str!("../../schemas/migrations/train.sql"),
 ];
 

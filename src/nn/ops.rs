@@ -166,6 +166,14 @@ pub fn geglu(x: &Tensor) -> Result<Tensor> {
     }
 }
 
+/// Tanh-approximated GELU, `0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)))`
+/// (`torch.nn.GELU(approximate='tanh')`, timm's `gelu_tanh`, the WD v3
+/// taggers' MLP activation). candle's unary `gelu` op, which has a backward
+/// pass on every device.
+pub fn gelu_tanh(x: &Tensor) -> Result<Tensor> {
+    x.gelu()
+}
+
 /// OpenAI CLIP's `x * sigmoid(1.702 x)`.
 pub fn quick_gelu(x: &Tensor) -> Result<Tensor> {
     x * candle_nn::ops::sigmoid(&(x * 1.702)?)?

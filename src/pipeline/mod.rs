@@ -2,8 +2,8 @@
 //! model diagnostics built on it (`eps2v sample`, `eps2v diagnose uncond`).
 //!
 //! - [`model`]: load UNet + CLIP-L + bigG + VAE through
-//!   [`crate::models::sdxl::checkpoint`] (configs detected from the file's
-//!   widths, as `ckpt info` does; prediction type and ZTSNR from marker keys /
+//!   [`crate::models::sdxl::checkpoint`] (every config inferred from the
+//!   file's keys and shapes, as `ckpt info` shows; prediction type and ZTSNR from marker keys /
 //!   modelspec, overridable), encode prompts (A1111 chunking and emphasis),
 //!   build the unconditional branch (`zero` / `empty` / negative text), and
 //!   bind the UNet to it as the raw ε/v predictor ([`model::Bound`]).
@@ -13,7 +13,8 @@
 //!   `parameters` infotext, atomic writes.
 //! - [`diagnose`]: how differently the model treats `""` and zeroed
 //!   conditioning.
-//! - [`tiny`]: seeded random tiny checkpoints for tests.
+//! - [`tiny`]: seeded random checkpoints (tiny, or any configs) for tests,
+//!   with our config metadata.
 //!
 //! There is no built-in toy model yet, so every entry point takes a
 //! checkpoint path.

@@ -3,12 +3,11 @@
 //! UNet to that conditioning as the raw ε/v predictor the samplers of
 //! [`crate::diffusion`] drive.
 //!
-//! Config detection follows `eps2v ckpt info`: the UNet and VAE widths are
-//! matched against the named configs (`sdxl_base` / `tiny`,
-//! [`Checkpoint::detect_unet_config`]); the text encoders are matched by the
-//! widths of their token embeddings against [`TextConfigs::candidates`], and
-//! every key of the chosen configs is then checked (missing / unexpected /
-//! wrong shape is a model error, exit 2).
+//! Configs are never given: the UNet, VAE and both text-encoder configs are
+//! inferred from the file's keys and shapes ([`crate::models::sdxl::infer`],
+//! as `eps2v ckpt info` shows them), the parts must fit together (context,
+//! pooled and latent widths), and every key of the inferred configs is
+//! checked (missing / unexpected / wrong shape is a model error, exit 2).
 //!
 //! Prediction type: marker keys (`v_pred`, `ztsnr`), then
 //! `modelspec.prediction_type` ([`Checkpoint::prediction`]); both can be
@@ -29,13 +28,14 @@ use crate::models::sdxl::clip::{
     ClipTextConfig, ClipTextModel, SdxlTextEncoder, TextConditioning, BIGG_MODEL_PREFIX,
     CLIP_L_MODEL_PREFIX,
 };
-use crate::models::sdxl::{build_y, SizeCond, UNet, UNetConfig, Vae, VaeConfig};
+use crate::models::sdxl::infer::{self, TextPair};
+use crate::models::sdxl::{build_y, SizeCond, UNet, Vae};
 use crate::{Error, Result};
 
 /// The two text-encoder configs of one SDXL variant.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TextConfigs {
-    /// Name (`sdxl`, `tiny`).
+    /// Name (`sdxl`, `tiny`, or `custom` for inferred configs matching neither).
     pub name: &'static str,
     /// Text encoder 1 (CLIP-L).
     pub clip_l: ClipTextConfig,
@@ -53,7 +53,7 @@ impl TextConfigs {
         }
     }
 
-    /// Tiny encoders that fit [`UNetConfig::tiny`] (context 64 = 32 + 32,
+    /// Tiny encoders that fit [`crate::models::sdxl::UNetConfig::tiny`] (context 64 = 32 + 32,
     /// pooled 32): `clip_l_tiny()` and a bigG-shaped encoder 32 wide
     /// (4 heads, MLP 128, projection 32). `open_clip_bigg_tiny()` is 40 wide,
     /// which does not add up to the tiny UNet's context width.
@@ -61,19 +61,8 @@ impl TextConfigs {
         Self {
             name: "tiny",
             clip_l: ClipTextConfig::clip_l_tiny(),
-            clip_g: ClipTextConfig {
-                width: 32,
-                heads: 4,
-                intermediate: 128,
-                projection_dim: Some(32),
-                ..ClipTextConfig::open_clip_bigg_tiny()
-            },
+            clip_g: ClipTextConfig::open_clip_bigg_tiny32(),
         }
-    }
-
-    /// Every named pair, in detection order.
-    pub fn candidates() -> Vec<Self> {
-        vec![Self::sdxl(), Self::tiny()]
     }
 
     /// Context width (`clip_l.width + clip_g.width`) and pooled width.
@@ -165,32 +154,15 @@ impl std::fmt::Debug for SdxlModel {
     }
 }
 
-/// Match the text encoders of `ckpt` against [`TextConfigs::candidates`]
-/// by token-embedding widths, then check every key.
+/// Infer both text-encoder configs of `ckpt` from its shapes (with our
+/// metadata for heads) and check every key.
 pub fn detect_text_configs(ckpt: &Checkpoint) -> Result<TextConfigs> {
-    let width = |key: String| ckpt.entry(&key).and_then(|e| e.shape.get(1).copied());
-    let wl = width(format!(
-        "{CLIP_L_MODEL_PREFIX}.embeddings.token_embedding.weight"
-    ));
-    let wg = width(format!("{BIGG_MODEL_PREFIX}.token_embedding.weight"));
-    let (Some(wl), Some(wg)) = (wl, wg) else {
-        return Err(Error::model(format!(
-            "{}: no SDXL text encoders (need {CLIP_L_MODEL_PREFIX}.* and {BIGG_MODEL_PREFIX}.*); sampling needs a full single-file SDXL checkpoint with both text encoders",
-            ckpt.path().display()
-        )));
-    };
-    let cfg = TextConfigs::candidates()
-        .into_iter()
-        .find(|c| c.clip_l.width == wl && c.clip_g.width == wg)
-        .ok_or_else(|| {
-            Error::model(format!(
-                "{}: text encoder widths {wl} (CLIP-L) and {wg} (bigG) match no known config (sdxl: 768/1280, tiny: 32/32)",
-                ckpt.path().display()
-            ))
-        })?;
-    ckpt.validate(&cfg.expected_keys()?, "conditioner.embedders")
-        .into_result(ckpt.path(), &format!("{} text encoder config", cfg.name))?;
-    Ok(cfg)
+    let pair = ckpt.infer_text_configs()?;
+    Ok(TextConfigs {
+        name: pair.name.unwrap_or("custom"),
+        clip_l: pair.config.clip_l,
+        clip_g: pair.config.clip_g,
+    })
 }
 
 /// Map the checkpoint's prediction type to the sampler's, refusing EDM.
@@ -221,21 +193,18 @@ impl SdxlModel {
                 family.describe()
             )));
         }
-        let (unet_name, unet_cfg) = ckpt.detect_unet_config().ok_or_else(|| {
-            Error::model(format!(
-                "{}: the UNet widths match no known config (sdxl_base, tiny); is this an SDXL base-architecture model?",
-                path.display()
-            ))
-        })?;
-        let (vae_name, vae_cfg) = ckpt.detect_vae_config().ok_or_else(|| {
-            Error::model(format!(
-                "{}: no VAE (first_stage_model.*) of a known config (sdxl, tiny); bake a VAE into the checkpoint",
-                path.display()
-            ))
-        })?;
-        ckpt.check_sdxl(&unet_cfg, Some(&vae_cfg))?;
+        let unet = ckpt.infer_unet_config()?;
+        let vae = ckpt.infer_vae_config()?;
         let text_cfg = detect_text_configs(&ckpt)?;
-        check_dims(path, &unet_cfg, &text_cfg, &vae_cfg)?;
+        let (unet_name, unet_cfg) = (unet.name.unwrap_or("custom"), unet.config);
+        let (vae_name, vae_cfg) = (vae.name.unwrap_or("custom"), vae.config);
+        let pair = TextPair {
+            clip_l: text_cfg.clip_l.clone(),
+            clip_g: text_cfg.clip_g.clone(),
+        };
+        infer::check_compatible(&unet_cfg, Some(&pair), Some(&vae_cfg))
+            .map_err(|e| Error::model(format!("{}: {e}", path.display())))?;
+        ckpt.check_sdxl(&unet_cfg, Some(&vae_cfg))?;
 
         let pinfo = ckpt.prediction();
         let (prediction, source) = match opts.prediction {
@@ -336,28 +305,6 @@ impl SdxlModel {
     }
 }
 
-/// UNet/text/VAE widths must agree.
-fn check_dims(path: &Path, unet: &UNetConfig, text: &TextConfigs, vae: &VaeConfig) -> Result<()> {
-    let (ctx, pooled) = text.unet_dims();
-    if ctx != unet.context_dim || pooled != unet.pooled_dim {
-        return Err(Error::model(format!(
-            "{}: the text encoders give context {ctx} / pooled {pooled} but the UNet expects {} / {}; the checkpoint mixes parts of different models",
-            path.display(),
-            unet.context_dim,
-            unet.pooled_dim
-        )));
-    }
-    if vae.z_channels != unet.in_channels {
-        return Err(Error::model(format!(
-            "{}: the VAE has {} latent channels but the UNet takes {}",
-            path.display(),
-            vae.z_channels,
-            unet.in_channels
-        )));
-    }
-    Ok(())
-}
-
 /// The UNet bound to one image's conditioning: `context`/`y` for the cond
 /// branch and (optionally) the uncond branch, with `y = [pooled, size
 /// embeddings]` built by [`build_y`] (original = target = image size, crop
@@ -453,6 +400,7 @@ impl PairPredictor for Bound<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::models::sdxl::UNetConfig;
     use crate::pipeline::tiny::{write_random_checkpoint, TinyOptions};
 
     fn tiny(v: bool) -> (tempfile::TempDir, SdxlModel) {
@@ -588,8 +536,195 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(
-            e.contains("ln_final.weight") && e.contains("tiny text encoder"),
+            e.contains("cannot infer the text encoder configs: bigG")
+                && e.contains("missing conditioner.embedders.1.model.ln_final.weight"),
             "{e}"
         );
+    }
+
+    fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
+        assert_eq!(a.dims(), b.dims());
+        (a.to_dtype(DType::F32).unwrap() - b.to_dtype(DType::F32).unwrap())
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+
+    /// A checkpoint written by sgm `UNetModel` + HF `CLIPTextModel` +
+    /// open_clip `TextTransformer` + sgm VAE at a config of its own, with no
+    /// eps2v metadata (fixtures/scripts/gen_infer_golden.py), loads with no
+    /// config given: every config is inferred (GroupNorm 32 and 64-channel
+    /// heads from the sgm defaults), and every part matches its reference
+    /// within 1e-4.
+    #[test]
+    fn golden_checkpoint_loads_with_no_config() {
+        use crate::models::sdxl::infer::HiddenSource;
+        use crate::models::sdxl::{MiddleBlock, VaeConfig};
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/golden/infer");
+        let path = format!("{dir}/model.safetensors");
+        let m = SdxlModel::load(&path, &LoadOptions::default()).unwrap();
+        assert_eq!(
+            (
+                m.info.unet_config.as_str(),
+                m.info.vae_config.as_str(),
+                m.info.text_config.as_str()
+            ),
+            ("custom", "custom", "custom")
+        );
+        let want = UNetConfig {
+            in_channels: 4,
+            out_channels: 4,
+            model_channels: 32,
+            channel_mult: vec![1, 2],
+            num_res_blocks: vec![2, 1],
+            transformer_depth: vec![0, 0, 1],
+            transformer_depth_output: vec![1, 0, 0, 0, 0],
+            middle: MiddleBlock::NoTransformer,
+            num_head_channels: 64,
+            context_dim: 128,
+            pooled_dim: 32,
+            num_groups: 32,
+            use_linear_in_transformer: false,
+        };
+        assert_eq!(m.unet.config(), &want);
+        assert_eq!(
+            m.vae.config(),
+            &VaeConfig {
+                ch: 32,
+                ch_mult: vec![1, 1, 1],
+                num_res_blocks: 1,
+                ..VaeConfig::sdxl()
+            }
+        );
+        let (l, g) = (m.text.clip_l.config(), m.text.clip_g.config());
+        assert_eq!(
+            (l.width, l.layers, l.heads, l.intermediate),
+            (64, 2, 1, 128)
+        );
+        assert_eq!(
+            (g.width, g.layers, g.heads, g.intermediate),
+            (64, 2, 1, 256)
+        );
+        assert_eq!(g.projection_dim, Some(32));
+        let ckpt = Checkpoint::open(&path).unwrap();
+        assert_eq!(
+            ckpt.infer_unet_config().unwrap().hidden,
+            HiddenSource::Defaults
+        );
+
+        let io =
+            candle_core::safetensors::load(format!("{dir}/io.safetensors"), &Device::Cpu).unwrap();
+        let sizes: Vec<SizeCond> = io["unet.sizes"]
+            .to_vec2::<f32>()
+            .unwrap()
+            .iter()
+            .map(|r| SizeCond {
+                original: (r[0], r[1]),
+                crop_top_left: (r[2], r[3]),
+                target: (r[4], r[5]),
+            })
+            .collect();
+        let y = build_y(&io["unet.pooled"], &sizes).unwrap();
+        let out = m
+            .unet
+            .forward(
+                &io["unet.x"],
+                &io["unet.timesteps"],
+                &io["unet.context"],
+                &y,
+            )
+            .unwrap();
+        let d = max_abs(&out, &io["unet.out"]);
+        eprintln!("golden unet max abs err {d:e}");
+        assert!(d <= 1e-4, "unet max abs err {d}");
+
+        let ol = m.text.clip_l.forward(&io["text.ids_l"]).unwrap();
+        let og = m.text.clip_g.forward(&io["text.ids_g"]).unwrap();
+        let errs = [
+            max_abs(&ol.penultimate, &io["text.penultimate_l"]),
+            max_abs(&og.penultimate, &io["text.penultimate_g"]),
+            max_abs(&og.pooled.unwrap(), &io["text.pooled"]),
+        ];
+        eprintln!("golden text max abs errs {errs:?}");
+        assert!(errs.iter().all(|e| *e <= 1e-4), "{errs:?}");
+        // The whole prompt path (our tokenizer, both encoders, concat).
+        let prompts = ["a red circle on a blue background", "1shape, large, left"];
+        for (i, p) in prompts.iter().enumerate() {
+            let c = m.text.encode(&[p]).unwrap();
+            let want = io["text.context"].narrow(0, i, 1).unwrap();
+            let d = max_abs(&c.context, &want);
+            assert!(d <= 1e-4, "{p}: context max abs err {d}");
+            let d = max_abs(&c.pooled, &io["text.pooled"].narrow(0, i, 1).unwrap());
+            assert!(d <= 1e-4, "{p}: pooled max abs err {d}");
+        }
+
+        let (mean, logvar) = m.vae.encode_moments(&io["vae.image"]).unwrap();
+        let dec = m.vae.decode(&io["vae.z"]).unwrap();
+        let errs = [
+            max_abs(&mean, &io["vae.mean"]),
+            max_abs(&logvar, &io["vae.logvar"]),
+            max_abs(&dec, &io["vae.decoded"]),
+        ];
+        eprintln!("golden vae max abs errs {errs:?}");
+        assert!(errs.iter().all(|e| *e <= 1e-4), "{errs:?}");
+    }
+
+    /// Our own saves of a spread of configs (tiny widths, non-32 groups,
+    /// per-block depths, middle variants, conv proj_in) load back with no
+    /// config given — the metadata carries groups and heads — and run.
+    #[test]
+    fn random_models_of_other_configs_load_and_run() {
+        use crate::models::sdxl::{MiddleBlock, VaeConfig};
+        use crate::pipeline::tiny::write_random_model;
+        let dir = tempfile::tempdir().unwrap();
+        let text = TextConfigs::tiny();
+        let tiny = UNetConfig::tiny();
+        let unets = [
+            UNetConfig {
+                num_res_blocks: vec![1, 2, 1],
+                transformer_depth: vec![0, 2, 0, 1],
+                transformer_depth_output: vec![1, 0, 0, 2, 1, 0, 0],
+                middle: MiddleBlock::ResBlockOnly,
+                ..tiny.clone()
+            },
+            UNetConfig {
+                channel_mult: vec![1, 1],
+                num_res_blocks: vec![1, 1],
+                transformer_depth: vec![1, 1],
+                transformer_depth_output: vec![1, 1, 0, 1],
+                middle: MiddleBlock::Absent,
+                use_linear_in_transformer: false,
+                num_groups: 4,
+                num_head_channels: 8,
+                ..tiny.clone()
+            },
+        ];
+        let vae = VaeConfig {
+            ch: 8,
+            ch_mult: vec![1, 2],
+            num_groups: 4,
+            num_res_blocks: 1,
+            ..VaeConfig::tiny()
+        };
+        for (i, u) in unets.iter().enumerate() {
+            let p = dir.path().join(format!("m{i}.safetensors"));
+            write_random_model(&p, u, &vae, &text, TinyOptions::default()).unwrap();
+            let m = SdxlModel::load(&p, &LoadOptions::default()).unwrap();
+            assert_eq!(m.unet.config(), u);
+            assert_eq!(m.vae.config(), &vae);
+            assert_eq!(m.info.text_config, "tiny");
+            let (c, un) = m.conditioning("1shape", &UncondMode::Zero).unwrap();
+            let b = Bound::new(&m.unet, &c, Some(&un), 32, 32).unwrap();
+            let (h, w) = (32 / vae.downsample_factor(), 32 / vae.downsample_factor());
+            let x = Tensor::randn(0f32, 1.0, (1, 4, h, w), &Device::Cpu).unwrap();
+            let (pc, _) = b.predict_pair(&x, 500.0).unwrap();
+            assert_eq!(pc.dims(), x.dims());
+            let img = m.vae.decode_scaled(&x).unwrap();
+            assert_eq!(img.dims(), &[1, 3, 32, 32]);
+        }
     }
 }

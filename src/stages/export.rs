@@ -13,7 +13,10 @@
 //!
 //! Caption choice (silent in the issue; decided here): the first present of
 //! `policy`, `tagger`, `sidecar_txt`, `sidecar_caption`, `a1111_prompt`,
-//! then any other source alphabetically.
+//! then any other source alphabetically. An `a1111_prompt` caption is
+//! exported as training text: A1111 emphasis, `BREAK` and extra-network
+//! syntax removed (`(red hair:1.2)` → `red hair`, see
+//! [`crate::models::sdxl::prompt::clean_prompt`]).
 //!
 //! Writes are atomic: everything goes to a temporary sibling which is
 //! renamed into place at the end, so a killed export leaves the previous
@@ -236,7 +239,12 @@ pub fn load_rows(m: &Manifest, only_ok: bool) -> Result<Vec<ExportRow>> {
                 }
             };
             if better {
-                row.caption = Some(text);
+                // An imported A1111 prompt trains as its words, not its syntax.
+                row.caption = Some(if source == "a1111_prompt" {
+                    crate::models::sdxl::prompt::clean_prompt(&text)
+                } else {
+                    text
+                });
                 row.caption_source = Some(source);
             }
         }

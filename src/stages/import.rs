@@ -118,6 +118,9 @@ pub struct ImportReport {
     pub same_file: usize,
     /// New rejected items, by reason code.
     pub rejected: std::collections::BTreeMap<String, usize>,
+    /// Every newly rejected file with its reason (`corrupt: …`), in the
+    /// order written; the summary prints one line each.
+    pub rejected_files: Vec<Failure>,
     /// Items with A1111 generation parameters.
     pub with_parameters: usize,
     /// Items with a sidecar caption.
@@ -494,6 +497,10 @@ fn write_batch(
                             .unwrap_or("unknown")
                             .to_string();
                         *report.rejected.entry(code).or_default() += 1;
+                        report.rejected_files.push(Failure {
+                            path: o.source.clone(),
+                            reason: o.item.reason.clone().unwrap_or_default(),
+                        });
                     }
                 }
                 if let Some(h) = &o.hashes {

@@ -64,6 +64,9 @@ pub struct InspectReport {
     pub top_tags: Table,
     /// Clusters: number, dropped items, largest.
     pub duplicate_clusters: Table,
+    /// Alignment histogram of tagged generated items (bins of 0.1):
+    /// bin, items, of which rejected.
+    pub alignment: Table,
     /// Most recent runs.
     pub runs: Table,
 }
@@ -119,6 +122,7 @@ pub fn run(m: &Manifest, top: usize) -> Result<InspectReport> {
                  ORDER BY n DESC, tag LIMIT {top}"
             ),
         )?,
+        alignment: alignment_histogram(m)?,
         duplicate_clusters: query_table(
             m,
             "SELECT count(*) AS clusters, coalesce(sum(size) - count(*), 0) AS dropped,
@@ -132,6 +136,34 @@ pub fn run(m: &Manifest, top: usize) -> Result<InspectReport> {
     })
 }
 
+/// Alignment histogram from the `tagging` table (empty when the manifest
+/// predates it or nothing is scored): bins `[0.0, 0.1)` … `[0.9, 1.0]`.
+pub fn alignment_histogram(m: &Manifest) -> Result<Table> {
+    let has_table: bool = m
+        .conn()
+        .query_row(
+            "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'tagging')",
+            [],
+            |r| r.get(0),
+        )
+        .map_err(|e| m.err(e))?;
+    if !has_table {
+        return Ok(Table {
+            columns: vec!["alignment".into(), "n".into(), "rejected".into()],
+            rows: Vec::new(),
+        });
+    }
+    query_table(
+        m,
+        "SELECT printf('%.1f-%.1f', b / 10.0, (b + 1) / 10.0) AS alignment, count(*) AS n,
+                sum(status = 'rejected') AS rejected
+         FROM (SELECT min(9, CAST(t.alignment * 10 AS INTEGER)) AS b, i.status AS status
+               FROM tagging t JOIN items i ON i.id = t.item_id
+               WHERE t.alignment IS NOT NULL)
+         GROUP BY b ORDER BY b",
+    )
+}
+
 /// Human summary of an [`InspectReport`].
 pub fn render(r: &InspectReport) -> String {
     let mut s = String::new();
@@ -141,6 +173,10 @@ pub fn render(r: &InspectReport) -> String {
         ("buckets (ok items)", &r.buckets),
         ("top tags", &r.top_tags),
         ("duplicate clusters", &r.duplicate_clusters),
+        (
+            "alignment with the prompt (tagged generated items)",
+            &r.alignment,
+        ),
         ("recent runs", &r.runs),
     ] {
         let _ = writeln!(s, "\n{title}:");

@@ -8,8 +8,10 @@
 //! structs.
 
 pub mod bucket;
+pub mod caption;
 pub mod dedupe;
 pub mod export;
+pub mod filter;
 pub mod import;
 pub mod inspect;
 

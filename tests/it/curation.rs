@@ -108,6 +108,12 @@ fn import_fixtures_records_every_file_and_is_idempotent() {
             "SELECT count(*) FROM generation WHERE steps IS NOT NULL AND seed IS NOT NULL"
         ) >= 2
     );
+    // Every rejected file is listed once with its reason.
+    assert_eq!(r.rejected_files.len(), r.rejected_total(), "{r:?}");
+    assert!(
+        r.rejected_files.iter().all(|f| f.reason.contains(':')),
+        "{r:?}"
+    );
     // Rerun: nothing new.
     let again = import(&mut m, &fixtures());
     assert_eq!(again.already_imported, again.found, "{again:?}");
@@ -404,4 +410,34 @@ fn missing_dataset_is_a_usage_error_with_a_hint() {
         .unwrap();
     assert_eq!(o.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&o.stderr).contains("eps2v init"));
+}
+
+/// The import summary keeps stderr to one clean line per rejected file
+/// (`rejected PATH: reason`): no panic messages or backtraces from decoders,
+/// even with `RUST_BACKTRACE` set.
+#[test]
+fn import_stderr_has_one_line_per_rejected_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let ds = dir.path().join("ds");
+    let o = Command::new(bin())
+        .arg("import")
+        .arg(&ds)
+        .arg("--from")
+        .arg(fixtures())
+        .env("RUST_BACKTRACE", "1")
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1), "{o:?}");
+    let err = String::from_utf8_lossy(&o.stderr);
+    let m = Manifest::open(&ds).unwrap();
+    let rejected = count(&m, "SELECT count(*) FROM items WHERE status = 'rejected'");
+    let lines: Vec<&str> = err.lines().collect();
+    assert_eq!(lines.len() as i64, rejected, "{err}");
+    for l in &lines {
+        assert!(l.starts_with("rejected ") && l.contains(": "), "{err}");
+    }
+    assert!(
+        !err.contains("panicked") && !err.contains("backtrace"),
+        "{err}"
+    );
 }

@@ -1,5 +1,7 @@
 //! Integration tests: one binary, one module per area.
 
+mod caption;
+mod ckpt;
 mod curation;
 mod sample;
 mod train;

@@ -36,7 +36,8 @@ pub const CLIP_L_MODEL_PREFIX: &str = "conditioner.embedders.0.transformer.text_
 pub const BIGG_MODEL_PREFIX: &str = "conditioner.embedders.1.model";
 
 /// MLP activation of the transformer blocks.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Activation {
     /// OpenAI CLIP's `x · sigmoid(1.702 x)` (CLIP-L).
     QuickGelu,
@@ -45,7 +46,8 @@ pub enum Activation {
 }
 
 /// Which family of parameter names the checkpoint uses.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Naming {
     /// HF transformers `CLIPTextModel` names (`embeddings.token_embedding`,
     /// `encoder.layers.N.self_attn.q_proj`, …, `final_layer_norm`).
@@ -56,8 +58,9 @@ pub enum Naming {
     OpenClip,
 }
 
-/// Hyper-parameters of one CLIP text transformer.
-#[derive(Debug, Clone, PartialEq)]
+/// Hyper-parameters of one CLIP text transformer (serialised into our
+/// saves' `eps2v.text_config` metadata, see [`super::infer`]).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct ClipTextConfig {
     /// Token vocabulary (49408 for the real tokenizer).
     pub vocab_size: usize,
@@ -141,7 +144,72 @@ impl ClipTextConfig {
         }
     }
 
-    fn check(&self) -> Result<()> {
+    /// A tiny bigG-shaped encoder 32 wide (4 heads, MLP 128, projection
+    /// 32): with [`Self::clip_l_tiny`] it gives the context 64 / pooled 32
+    /// of `UNetConfig::tiny()`.
+    pub fn open_clip_bigg_tiny32() -> Self {
+        Self {
+            width: 32,
+            heads: 4,
+            intermediate: 128,
+            projection_dim: Some(32),
+            ..Self::open_clip_bigg_tiny()
+        }
+    }
+
+    /// One line for summaries (`ckpt info`).
+    pub fn summary(&self) -> String {
+        format!(
+            "width {}, {} layers, {} heads, MLP {} ({}), vocab {}, {} positions{}",
+            self.width,
+            self.layers,
+            self.heads,
+            self.intermediate,
+            match self.activation {
+                Activation::QuickGelu => "quick-GELU",
+                Activation::GeluErf => "GELU",
+            },
+            self.vocab_size,
+            self.max_positions,
+            match self.projection_dim {
+                Some(p) => format!(", projection {p}"),
+                None => String::new(),
+            }
+        )
+    }
+
+    /// The named configs, in the order `known_name` tries them.
+    pub fn named() -> Vec<(&'static str, Self)> {
+        vec![
+            ("clip_l", Self::clip_l()),
+            ("open_clip_bigg", Self::open_clip_bigg()),
+            ("clip_l_tiny", Self::clip_l_tiny()),
+            ("open_clip_bigg_tiny", Self::open_clip_bigg_tiny()),
+            ("open_clip_bigg_tiny32", Self::open_clip_bigg_tiny32()),
+        ]
+    }
+
+    /// Name of the named config equal to this one, if any.
+    pub fn known_name(&self) -> Option<&'static str> {
+        Self::named()
+            .into_iter()
+            .find(|(_, c)| c == self)
+            .map(|(n, _)| n)
+    }
+
+    /// Is `other` the same network apart from what shapes cannot tell
+    /// (heads, activation, LayerNorm eps)?
+    pub fn same_shapes(&self, other: &Self) -> bool {
+        Self {
+            heads: other.heads,
+            activation: other.activation,
+            layer_norm_eps: other.layer_norm_eps,
+            ..self.clone()
+        } == *other
+    }
+
+    /// Check the invariants the model constructor relies on.
+    pub fn check(&self) -> Result<()> {
         if self.heads == 0 || self.width % self.heads != 0 {
             return Err(Error::config(format!(
                 "clip config: width {} is not divisible by {} heads",

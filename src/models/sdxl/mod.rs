@@ -1,7 +1,10 @@
 //! Stable Diffusion XL in candle, loading single-file checkpoints under their
 //! native LDM/sgm key names (DESIGN.md §3, reference/sdxl.md §1).
 //!
-//! - [`config`]: `UNetConfig::sdxl_base()` / `tiny()`, `VaeConfig::sdxl()` / `tiny()`.
+//! - [`config`]: `UNetConfig::sdxl_base()` / `ssd_1b()` / `tiny()`…,
+//!   `VaeConfig::sdxl()` / `tiny()` (per-block UNet layout).
+//! - [`infer`]: every config inferred from a file's keys and shapes, with
+//!   our `eps2v.*_config` metadata for what shapes cannot tell.
 //! - [`unet`]: the UNet (`model.diffusion_model.*`) with `label_emb`
 //!   micro-conditioning ([`unet::build_y`]) and per-sample timesteps.
 //! - [`vae`]: the VAE (`first_stage_model.*`), f32 decode.
@@ -17,6 +20,7 @@ pub mod blocks;
 pub mod checkpoint;
 pub mod clip;
 pub mod config;
+pub mod infer;
 pub mod prompt;
 pub mod tokenizer;
 pub mod unet;
@@ -25,7 +29,7 @@ pub mod vae;
 #[cfg(test)]
 mod tests;
 
-pub use config::{UNetConfig, VaeConfig};
+pub use config::{MiddleBlock, UNetConfig, VaeConfig};
 pub use unet::{build_y, timestep_embedding, SizeCond, UNet};
 pub use vae::Vae;
 

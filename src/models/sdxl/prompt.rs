@@ -119,6 +119,38 @@ pub fn parse_prompt_attention(text: &str) -> Result<Vec<(String, f64)>> {
     Ok(res)
 }
 
+/// A prompt as training text: A1111 extra-network tags (`<lora:name:0.8>`,
+/// `<hypernet:…>`) removed, emphasis syntax removed (`(red hair:1.2)`,
+/// `((smile))`, `[hat]` → the words; `\(` → `(`), `BREAK` and newlines
+/// turned into commas, and the comma-separated tags trimmed and re-joined
+/// with `", "` (empty ones dropped). A prompt whose emphasis cannot be
+/// parsed loses its bracket characters instead.
+pub fn clean_prompt(prompt: &str) -> String {
+    static NETWORKS: OnceLock<Option<Regex>> = OnceLock::new();
+    let stripped = match NETWORKS.get_or_init(|| Regex::new(r"<\w+:[^>]+>").ok()) {
+        Some(re) => re.replace_all(prompt, ",").into_owned(),
+        None => prompt.to_string(),
+    };
+    let text: String = match parse_prompt_attention(&stripped) {
+        Ok(frags) => frags
+            .into_iter()
+            .map(|(t, w)| {
+                if w == BREAK_WEIGHT {
+                    ",".to_string()
+                } else {
+                    t
+                }
+            })
+            .collect(),
+        Err(_) => stripped.replace(['(', ')', '[', ']'], ""),
+    };
+    text.split([',', '\n'])
+        .map(|t| t.split_whitespace().collect::<Vec<_>>().join(" "))
+        .filter(|t| !t.is_empty())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// One 77-token encoder input: BOS + 75 + EOS, with a weight per token.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct PromptChunk {
@@ -272,6 +304,25 @@ pub fn pad_to_same_chunks(prompts: &mut [TokenizedPrompt], min_chunks: usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn clean_prompt_removes_a1111_syntax() {
+        for (raw, want) in [
+            ("(red hair:1.2), 1girl", "red hair, 1girl"),
+            ("((smile)), [hat],  solo ", "smile, hat, solo"),
+            ("1girl BREAK solo\nlong hair", "1girl, solo, long hair"),
+            ("<lora:style_x:0.8>, 1girl, <hypernet:y:1>", "1girl"),
+            (
+                "ganyu \\(genshin impact\\), (blue:1.1) eyes",
+                "ganyu (genshin impact), blue eyes",
+            ),
+            ("(unclosed, 1girl", "unclosed, 1girl"),
+            ("(bad:1.2.3), x", "bad:1.2.3, x"),
+            ("", ""),
+        ] {
+            assert_eq!(clean_prompt(raw), want, "{raw:?}");
+        }
+    }
 
     fn p(text: &str) -> Vec<(String, f64)> {
         parse_prompt_attention(text).expect("parse")

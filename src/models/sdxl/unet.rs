@@ -13,7 +13,7 @@
 use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
-use super::config::{UNetConfig, SIZE_COND_COUNT, SIZE_EMBED_DIM};
+use super::config::{MiddleBlock, UNetConfig, SIZE_COND_COUNT, SIZE_EMBED_DIM};
 use crate::nn::{ops, Conv2d, GroupNorm, LayerNorm, Linear};
 
 /// GroupNorm eps of ResBlocks and the output norm (sgm `GroupNorm32`).
@@ -260,7 +260,25 @@ impl BasicTransformerBlock {
     }
 }
 
-/// sgm `SpatialTransformer` with `use_linear=True` (Linear `proj_in`/`proj_out`).
+/// `proj_in` / `proj_out` of a SpatialTransformer: a Linear `[c, c]`
+/// (`use_linear=True`, SDXL) or a 1×1 convolution `[c, c, 1, 1]` (sgm
+/// `use_linear=False`), loaded as its `[c, c]` matrix. A 1×1 convolution on
+/// `(b, c, h, w)` is the same map as the Linear on the `(b, h·w, c)` tokens,
+/// so both run as a Linear after the reshape (gradients reach the 4-D weight
+/// through the squeeze).
+fn proj(vb: VarBuilder, ch: usize, linear: bool) -> Result<Linear> {
+    if linear {
+        return Linear::new(vb, ch, ch, true);
+    }
+    Ok(Linear {
+        weight: vb.get((ch, ch, 1, 1), "weight")?.squeeze(3)?.squeeze(2)?,
+        bias: Some(vb.get(ch, "bias")?),
+    })
+}
+
+/// sgm `SpatialTransformer`: GroupNorm, `proj_in`, transformer blocks,
+/// `proj_out`, residual. `proj_in`/`proj_out` are Linear or 1×1 conv
+/// ([`UNetConfig::use_linear_in_transformer`]); the two are the same map.
 #[derive(Debug, Clone)]
 pub struct SpatialTransformer {
     norm: GroupNorm,
@@ -270,7 +288,8 @@ pub struct SpatialTransformer {
 }
 
 impl SpatialTransformer {
-    /// Keys `norm`, `proj_in`, `transformer_blocks.{0..depth}`, `proj_out`.
+    /// Keys `norm`, `proj_in`, `transformer_blocks.{0..depth}`, `proj_out`
+    /// (`linear`: Linear projections, else 1×1 convolutions).
     pub fn new(
         vb: VarBuilder,
         ch: usize,
@@ -278,6 +297,7 @@ impl SpatialTransformer {
         ctx_dim: usize,
         head_dim: usize,
         groups: usize,
+        linear: bool,
     ) -> Result<Self> {
         let heads = ch / head_dim;
         let blocks = (0..depth)
@@ -293,9 +313,9 @@ impl SpatialTransformer {
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
             norm: GroupNorm::new(vb.pp("norm"), groups, ch, ST_NORM_EPS)?,
-            proj_in: Linear::new(vb.pp("proj_in"), ch, ch, true)?,
+            proj_in: proj(vb.pp("proj_in"), ch, linear)?,
             blocks,
-            proj_out: Linear::new(vb.pp("proj_out"), ch, ch, true)?,
+            proj_out: proj(vb.pp("proj_out"), ch, linear)?,
         })
     }
 
@@ -353,7 +373,8 @@ pub struct UNet {
     label_emb_0: Linear,
     label_emb_2: Linear,
     input_blocks: Vec<Block>,
-    middle_block: Block,
+    /// `None` when the config has no middle block (KOALA-700M style).
+    middle_block: Option<Block>,
     output_blocks: Vec<Block>,
     out_norm: GroupNorm,
     out_conv: Conv2d,
@@ -362,7 +383,9 @@ pub struct UNet {
 
 impl UNet {
     /// Build from `vb` rooted at the UNet prefix (`model.diffusion_model`).
-    /// Module order and indices follow sgm `UNetModel.__init__`.
+    /// Module order and indices follow sgm `UNetModel.__init__`, with the
+    /// per-block transformer depths and middle-block variants of
+    /// [`UNetConfig`] (ComfyUI's `UNetModel` reads the same per-block lists).
     pub fn new(vb: VarBuilder, cfg: &UNetConfig) -> crate::Result<Self> {
         cfg.validate()?;
         Ok(Self::build(vb, cfg)?)
@@ -375,7 +398,15 @@ impl UNet {
         let hd = cfg.num_head_channels;
         let levels = cfg.channel_mult.len();
         let st = |vb: VarBuilder, ch: usize, depth: usize| {
-            SpatialTransformer::new(vb, ch, depth, cfg.context_dim, hd, g)
+            SpatialTransformer::new(
+                vb,
+                ch,
+                depth,
+                cfg.context_dim,
+                hd,
+                g,
+                cfg.use_linear_in_transformer,
+            )
         };
 
         let vbi = vb.pp("input_blocks");
@@ -389,18 +420,15 @@ impl UNet {
         )?)])];
         let mut chans = vec![mc];
         let mut ch = mc;
-        for (level, &mult) in cfg.channel_mult.iter().enumerate() {
-            for _ in 0..cfg.num_res_blocks {
+        for level in 0..levels {
+            for i in 0..cfg.num_res_blocks[level] {
                 let vbb = vbi.pp(input_blocks.len());
-                let out = mult * mc;
+                let out = cfg.level_width(level);
                 let mut layers = vec![Layer::Res(ResBlock::new(vbb.pp("0"), ch, out, ted, g)?)];
                 ch = out;
-                if cfg.transformer_depth[level] > 0 {
-                    layers.push(Layer::Attn(st(
-                        vbb.pp("1"),
-                        ch,
-                        cfg.transformer_depth[level],
-                    )?));
+                let depth = cfg.input_depth(level, i);
+                if depth > 0 {
+                    layers.push(Layer::Attn(st(vbb.pp("1"), ch, depth)?));
                 }
                 input_blocks.push(Block(layers));
                 chans.push(ch);
@@ -414,21 +442,31 @@ impl UNet {
         }
 
         let vbm = vb.pp("middle_block");
-        let middle_block = Block(vec![
-            Layer::Res(ResBlock::new(vbm.pp("0"), ch, ch, ted, g)?),
-            Layer::Attn(st(vbm.pp("1"), ch, cfg.transformer_depth_middle)?),
-            Layer::Res(ResBlock::new(vbm.pp("2"), ch, ch, ted, g)?),
-        ]);
+        let res = |i: usize| -> Result<Layer> {
+            Ok(Layer::Res(ResBlock::new(vbm.pp(i), ch, ch, ted, g)?))
+        };
+        let middle_block = match cfg.middle {
+            MiddleBlock::Transformer { depth } => Some(Block(vec![
+                res(0)?,
+                Layer::Attn(st(vbm.pp("1"), ch, depth)?),
+                res(2)?,
+            ])),
+            // sgm `disable_middle_transformer`: index 1 is an Identity.
+            MiddleBlock::NoTransformer => Some(Block(vec![res(0)?, res(2)?])),
+            MiddleBlock::ResBlockOnly => Some(Block(vec![res(0)?])),
+            MiddleBlock::Absent => None,
+        };
 
         let vbo = vb.pp("output_blocks");
         let mut output_blocks = Vec::new();
-        for (level, &mult) in cfg.channel_mult.iter().enumerate().rev() {
-            for i in 0..=cfg.num_res_blocks {
+        for level in (0..levels).rev() {
+            let nrb = cfg.num_res_blocks[level];
+            for i in 0..=nrb {
                 let vbb = vbo.pp(output_blocks.len());
                 let skip_ch = chans.pop().ok_or_else(|| {
                     candle_core::Error::Msg("unet config: skip channel stack underflow".into())
                 })?;
-                let out = mult * mc;
+                let out = cfg.level_width(level);
                 let mut layers = vec![Layer::Res(ResBlock::new(
                     vbb.pp("0"),
                     ch + skip_ch,
@@ -437,14 +475,11 @@ impl UNet {
                     g,
                 )?)];
                 ch = out;
-                if cfg.transformer_depth[level] > 0 {
-                    layers.push(Layer::Attn(st(
-                        vbb.pp(layers.len()),
-                        ch,
-                        cfg.transformer_depth[level],
-                    )?));
+                let depth = cfg.output_depth(level, i);
+                if depth > 0 {
+                    layers.push(Layer::Attn(st(vbb.pp(layers.len()), ch, depth)?));
                 }
-                if level > 0 && i == cfg.num_res_blocks {
+                if level > 0 && i == nrb {
                     let up =
                         Conv2d::new(vbb.pp(format!("{}.conv", layers.len())), ch, ch, 3, 1, 1)?;
                     layers.push(Layer::Up(up));
@@ -538,7 +573,9 @@ impl UNet {
             h = block.forward(&h, &emb_act, &ctx)?;
             skips.push(h.clone());
         }
-        h = self.middle_block.forward(&h, &emb_act, &ctx)?;
+        if let Some(middle) = &self.middle_block {
+            h = middle.forward(&h, &emb_act, &ctx)?;
+        }
         for block in &self.output_blocks {
             let skip = skips
                 .pop()

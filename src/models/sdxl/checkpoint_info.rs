@@ -1,0 +1,205 @@
+//! `eps2v ckpt info`: what a single-file checkpoint holds, per component,
+//! with the configs inferred from its shapes (or why they cannot be), its
+//! prediction type and hashes. Never fails because an architecture is
+//! unknown: inference failures are reported, not raised.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::Read;
+use std::path::Path;
+
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+
+use super::{is_marker_key, Checkpoint, Family, PredictionInfo};
+use crate::error::IoContext;
+use crate::models::sdxl::infer::{self, Inferred, TextPair};
+use crate::models::sdxl::{
+    UNetConfig, VaeConfig, CLIP_G_PREFIX, CLIP_L_PREFIX, UNET_PREFIX, VAE_PREFIX,
+};
+use crate::Result;
+
+/// Hex SHA-256 of the whole file.
+pub fn sha256_file(path: impl AsRef<Path>) -> Result<String> {
+    let path = path.as_ref();
+    let mut file = File::open(path).at(path)?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 8 << 20];
+    loop {
+        let n = file.read(&mut buf).at(path)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(hex::encode(hasher.finalize()))
+}
+
+/// A1111 "AutoV2" model hash: the first 10 hex digits of the file's SHA-256.
+pub fn autov2(sha256_hex: &str) -> String {
+    sha256_hex.chars().take(10).collect()
+}
+
+/// Tensor / parameter counts of one component.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ComponentInfo {
+    /// Component name (`unet`, `clip_l`, `clip_g`, `vae`, `text_encoder`, `markers`, `other`).
+    pub name: String,
+    /// Key prefix ("" for `other`).
+    pub prefix: String,
+    /// Number of tensors.
+    pub tensors: usize,
+    /// Number of elements.
+    pub parameters: u64,
+    /// Tensor count per stored dtype.
+    pub dtypes: BTreeMap<String, usize>,
+}
+
+/// A component's config as `ckpt info` reports it.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "snake_case", tag = "status")]
+pub enum ConfigStatus<T> {
+    /// Inferred from the file.
+    Inferred(Inferred<T>),
+    /// The component is there but its config cannot be inferred.
+    Failed {
+        /// Which key or shape breaks which rule.
+        reason: String,
+    },
+    /// The file has no such component.
+    Absent,
+}
+
+impl<T> ConfigStatus<T> {
+    fn of(present: bool, r: std::result::Result<Inferred<T>, String>) -> Self {
+        match (present, r) {
+            (false, _) => ConfigStatus::Absent,
+            (true, Ok(i)) => ConfigStatus::Inferred(i),
+            (true, Err(reason)) => ConfigStatus::Failed { reason },
+        }
+    }
+
+    /// The inferred config, if any.
+    pub fn inferred(&self) -> Option<&Inferred<T>> {
+        match self {
+            ConfigStatus::Inferred(i) => Some(i),
+            _ => None,
+        }
+    }
+}
+
+/// Everything `eps2v ckpt info` reports.
+#[derive(Debug, Clone, Serialize)]
+pub struct CheckpointInfo {
+    /// The file.
+    pub path: String,
+    /// File size in bytes.
+    pub file_bytes: u64,
+    /// Model family.
+    pub family: Family,
+    /// The UNet config inferred from the shapes, or why it cannot be.
+    pub unet: ConfigStatus<UNetConfig>,
+    /// The VAE config inferred from the shapes, or why it cannot be.
+    pub vae: ConfigStatus<VaeConfig>,
+    /// The two text-encoder configs inferred from the shapes, or why not.
+    pub text: ConfigStatus<TextPair>,
+    /// Prediction type, ZTSNR and their source.
+    pub prediction: PredictionInfo,
+    /// Tensor count per stored dtype, whole file.
+    pub dtypes: BTreeMap<String, usize>,
+    /// Number of tensors.
+    pub tensors: usize,
+    /// Number of elements.
+    pub parameters: u64,
+    /// Per-component counts (non-empty components only).
+    pub components: Vec<ComponentInfo>,
+    /// safetensors metadata.
+    pub metadata: BTreeMap<String, String>,
+    /// Full SHA-256 (hex), when hashing was requested.
+    pub sha256: Option<String>,
+    /// A1111 AutoV2 hash (first 10 hex digits), when hashing was requested.
+    pub autov2: Option<String>,
+}
+
+impl Checkpoint {
+    /// Describe the file; `hash` also reads it whole for SHA-256 / AutoV2.
+    pub fn info(&self, hash: bool) -> Result<CheckpointInfo> {
+        let components = [
+            ("unet", format!("{UNET_PREFIX}.")),
+            ("clip_l", format!("{CLIP_L_PREFIX}.")),
+            ("clip_g", format!("{CLIP_G_PREFIX}.")),
+            ("vae", format!("{VAE_PREFIX}.")),
+            ("text_encoder", "cond_stage_model.".to_string()),
+        ];
+        let mut comps: Vec<ComponentInfo> = components
+            .iter()
+            .chain(std::iter::once(&("markers", String::new())))
+            .chain(std::iter::once(&("other", String::new())))
+            .map(|(n, p)| ComponentInfo {
+                name: n.to_string(),
+                prefix: p.clone(),
+                tensors: 0,
+                parameters: 0,
+                dtypes: BTreeMap::new(),
+            })
+            .collect();
+        let mut dtypes = BTreeMap::new();
+        let mut parameters = 0u64;
+        for (key, e) in &self.entries {
+            let idx = components
+                .iter()
+                .position(|(_, p)| key.starts_with(p.as_str()))
+                .unwrap_or(if is_marker_key(key) {
+                    components.len()
+                } else {
+                    components.len() + 1
+                });
+            let c = &mut comps[idx];
+            c.tensors += 1;
+            c.parameters += e.numel() as u64;
+            *c.dtypes.entry(e.dtype.clone()).or_insert(0) += 1;
+            *dtypes.entry(e.dtype.clone()).or_insert(0) += 1;
+            parameters += e.numel() as u64;
+        }
+        comps.retain(|c| c.tensors > 0);
+        let shapes = self.shape_map();
+        let unet_prefix = format!("{UNET_PREFIX}.");
+        let sha = if hash {
+            Some(sha256_file(&self.path)?)
+        } else {
+            None
+        };
+        Ok(CheckpointInfo {
+            path: self.path.display().to_string(),
+            file_bytes: self.file_len(),
+            family: self.family(),
+            unet: ConfigStatus::of(
+                self.has_prefix(&unet_prefix),
+                infer::infer_unet(&shapes, &unet_prefix, &self.metadata),
+            ),
+            vae: match self.vae_prefix() {
+                None => ConfigStatus::Absent,
+                Some(p) => {
+                    let dotted = if p.is_empty() {
+                        String::new()
+                    } else {
+                        format!("{p}.")
+                    };
+                    ConfigStatus::of(true, infer::infer_vae(&shapes, &dotted, &self.metadata))
+                }
+            },
+            text: ConfigStatus::of(
+                self.has_prefix("conditioner.embedders."),
+                infer::infer_text(&shapes, &self.metadata),
+            ),
+            prediction: self.prediction(),
+            dtypes,
+            tensors: self.entries.len(),
+            parameters,
+            components: comps,
+            metadata: self.metadata.clone(),
+            autov2: sha.as_deref().map(autov2),
+            sha256: sha,
+        })
+    }
+}

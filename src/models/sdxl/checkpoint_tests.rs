@@ -1,0 +1,317 @@
+//! Tests of the checkpoint reader, validation, markers and save.
+
+use super::*;
+
+fn golden_unet_path() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/golden/sdxl/unet_weights.safetensors")
+}
+
+/// The golden UNet config (see models/sdxl/tests.rs).
+fn cfg() -> UNetConfig {
+    UNetConfig {
+        model_channels: 8,
+        num_head_channels: 8,
+        context_dim: 16,
+        pooled_dim: 8,
+        num_groups: 4,
+        ..UNetConfig::tiny()
+    }
+}
+
+fn golden_tensors() -> Vec<(String, Tensor)> {
+    let mut v: Vec<_> = candle_core::safetensors::load(golden_unet_path(), &Device::Cpu)
+        .unwrap()
+        .into_iter()
+        .collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}
+
+fn write(dir: &Path, name: &str, tensors: &[(String, Tensor)]) -> PathBuf {
+    let p = dir.join(name);
+    save_tensors(&p, tensors, &SaveOptions::default()).unwrap();
+    p
+}
+
+fn err_of<T: std::fmt::Debug>(r: Result<T>) -> String {
+    let e = r.unwrap_err();
+    assert!(matches!(e, Error::Model(_) | Error::Candle(_)), "{e:?}");
+    assert_eq!(e.exit_code(), 2);
+    e.to_string()
+}
+
+#[test]
+fn valid_golden_file_passes_checks() {
+    let ckpt = Checkpoint::open(golden_unet_path()).unwrap();
+    assert_eq!(ckpt.family(), Family::SdxlUnet);
+    ckpt.check_sdxl(&cfg(), None).unwrap();
+    ckpt.check_finite("").unwrap();
+    let p = ckpt.prediction();
+    assert_eq!((p.prediction, p.ztsnr), (Prediction::Epsilon, false));
+    assert!(p.source.contains("modelspec"), "{}", p.source);
+}
+
+#[test]
+fn truncated_file_is_reported_as_truncated() {
+    let dir = tempfile::tempdir().unwrap();
+    let bytes = std::fs::read(golden_unet_path()).unwrap();
+    let p = dir.path().join("cut.safetensors");
+    std::fs::write(&p, &bytes[..bytes.len() - 100]).unwrap();
+    let e = err_of(Checkpoint::open(&p));
+    assert!(
+        e.contains("truncated") && e.contains("cut.safetensors"),
+        "{e}"
+    );
+    std::fs::write(&p, &bytes[..5]).unwrap();
+    let e = err_of(Checkpoint::open(&p));
+    assert!(e.contains("truncated"), "{e}");
+}
+
+#[test]
+fn bad_headers_give_clear_errors_without_allocating() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("bad.safetensors");
+    // Crafted huge header length: refused before any read of that size.
+    let mut b = u64::MAX.to_le_bytes().to_vec();
+    b.extend_from_slice(b"{}");
+    std::fs::write(&p, &b).unwrap();
+    let e = err_of(Checkpoint::open(&p));
+    assert!(
+        e.contains("bad safetensors header") && e.contains("limit"),
+        "{e}"
+    );
+    // Header length beyond the end of the file.
+    let mut b = 1000u64.to_le_bytes().to_vec();
+    b.extend_from_slice(b"{}");
+    std::fs::write(&p, &b).unwrap();
+    let e = err_of(Checkpoint::open(&p));
+    assert!(e.contains("truncated"), "{e}");
+    // Invalid JSON.
+    let mut b = 8u64.to_le_bytes().to_vec();
+    b.extend_from_slice(b"{not js}");
+    std::fs::write(&p, &b).unwrap();
+    let e = err_of(Checkpoint::open(&p));
+    assert!(e.contains("bad safetensors header: invalid JSON"), "{e}");
+    // Byte range that does not match dtype × shape.
+    let h = br#"{"a":{"dtype":"F32","shape":[1000000000,1000000000],"data_offsets":[0,4]}}"#;
+    let mut b = (h.len() as u64).to_le_bytes().to_vec();
+    b.extend_from_slice(h);
+    b.extend_from_slice(&[0; 4]);
+    std::fs::write(&p, &b).unwrap();
+    let e = err_of(Checkpoint::open(&p));
+    assert!(e.contains("wrong size") && e.contains("tensor a"), "{e}");
+}
+
+#[test]
+fn sd15_file_is_named_as_such() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = Tensor::zeros((2, 2), DType::F32, &Device::Cpu).unwrap();
+    let p = write(
+        dir.path(),
+        "sd15.safetensors",
+        &[
+            (
+                "cond_stage_model.transformer.text_model.final_layer_norm.weight".into(),
+                t.clone(),
+            ),
+            ("model.diffusion_model.input_blocks.0.0.weight".into(), t),
+        ],
+    );
+    let ckpt = Checkpoint::open(&p).unwrap();
+    assert_eq!(ckpt.family(), Family::Sd1);
+    let e = err_of(ckpt.check_sdxl(&UNetConfig::sdxl_base(), Some(&VaeConfig::sdxl())));
+    assert!(
+        e.contains("not an SDXL checkpoint") && e.contains("1.5-style"),
+        "{e}"
+    );
+}
+
+#[test]
+fn other_families_are_recognised() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = Tensor::zeros(2, DType::F32, &Device::Cpu).unwrap();
+    for (key, family) in [
+        ("lora_unet_down_blocks_0_attentions_0.alpha", Family::Lora),
+        ("cond_stage_model.model.ln_final.weight", Family::Sd2),
+        ("down_blocks.0.resnets.0.conv1.weight", Family::Diffusers),
+        ("something.else", Family::Unknown),
+    ] {
+        let p = write(dir.path(), "f.safetensors", &[(key.into(), t.clone())]);
+        assert_eq!(Checkpoint::open(&p).unwrap().family(), family, "{key}");
+    }
+    // A diffusers folder.
+    std::fs::write(dir.path().join("model_index.json"), "{}").unwrap();
+    let e = err_of(Checkpoint::open(dir.path()));
+    assert!(e.contains("diffusers model folder"), "{e}");
+}
+
+#[test]
+fn missing_key_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut ts = golden_tensors();
+    ts.retain(|(k, _)| k != "model.diffusion_model.out.2.weight");
+    let p = write(dir.path(), "m.safetensors", &ts);
+    let ckpt = Checkpoint::open(&p).unwrap();
+    let e = err_of(ckpt.check_sdxl(&cfg(), None));
+    assert!(
+        e.contains("missing 1 key (model.diffusion_model.out.2.weight)"),
+        "{e}"
+    );
+    let e = err_of(ckpt.load_unet(&cfg(), DType::F32, &Device::Cpu));
+    assert!(e.contains("missing 1 key"), "{e}");
+}
+
+#[test]
+fn wrong_shape_is_named_with_both_shapes() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut ts = golden_tensors();
+    for (k, t) in ts.iter_mut() {
+        if k == "model.diffusion_model.time_embed.0.weight" {
+            *t = t.t().unwrap().contiguous().unwrap();
+        }
+    }
+    let p = write(dir.path(), "s.safetensors", &ts);
+    let e = err_of(Checkpoint::open(&p).unwrap().check_sdxl(&cfg(), None));
+    assert!(
+        e.contains("1 tensor with the wrong shape")
+            && e.contains("time_embed.0.weight expected [32, 8] found [8, 32]"),
+        "{e}"
+    );
+}
+
+#[test]
+fn nan_weights_are_refused_on_check_and_load() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut ts = golden_tensors();
+    for (k, t) in ts.iter_mut() {
+        if k == "model.diffusion_model.middle_block.1.proj_in.weight" {
+            let mut v = t.flatten_all().unwrap().to_vec1::<half::f16>().unwrap();
+            v[3] = half::f16::NAN;
+            *t = Tensor::from_vec(v, t.dims(), &Device::Cpu).unwrap();
+        }
+    }
+    let p = write(dir.path(), "n.safetensors", &ts);
+    let ckpt = Checkpoint::open(&p).unwrap();
+    ckpt.check_sdxl(&cfg(), None).unwrap();
+    let e = err_of(ckpt.check_finite(""));
+    assert!(
+        e.contains("middle_block.1.proj_in.weight contains NaN") && e.contains("element 3"),
+        "{e}"
+    );
+    let e = err_of(ckpt.load_unet(&cfg(), DType::F32, &Device::Cpu));
+    assert!(e.contains("contains NaN"), "{e}");
+}
+
+#[test]
+fn pickle_and_fp8_are_refused_with_what_to_do() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("model.ckpt");
+    std::fs::write(&p, b"\x80\x02}q\x00.").unwrap();
+    let e = err_of(Checkpoint::open(&p));
+    assert!(e.contains("convert to safetensors"), "{e}");
+    let p = dir.path().join("renamed.safetensors");
+    std::fs::write(&p, b"PK\x03\x04 some zip archive").unwrap();
+    let e = err_of(Checkpoint::open(&p));
+    assert!(e.contains("convert to safetensors"), "{e}");
+
+    let h = br#"{"w":{"dtype":"F8_E4M3","shape":[2],"data_offsets":[0,2]}}"#;
+    let mut b = (h.len() as u64).to_le_bytes().to_vec();
+    b.extend_from_slice(h);
+    b.extend_from_slice(&[0x38, 0x40]);
+    let p = dir.path().join("fp8.safetensors");
+    std::fs::write(&p, &b).unwrap();
+    let ckpt = Checkpoint::open(&p).unwrap();
+    let e = err_of(ckpt.tensor("w", DType::F32, &Device::Cpu));
+    assert!(e.contains("F8_E4M3") && e.contains("fp8"), "{e}");
+}
+
+#[test]
+fn save_round_trips_markers_dtype_and_replacements() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = Checkpoint::open(golden_unet_path()).unwrap();
+    let key = "model.diffusion_model.out.2.bias";
+    let new_bias = Tensor::new(&[1f32, 2.0, 3.0, 4.0], &Device::Cpu).unwrap();
+    let replacements = HashMap::from([(key.to_string(), new_bias.clone())]);
+    let opts = SaveOptions {
+        dtype: Some(DType::BF16),
+        v_pred: true,
+        ztsnr: true,
+        metadata: BTreeMap::from([(META_PREDICTION_TYPE.to_string(), "v".to_string())]),
+    };
+    let out = dir.path().join("v.safetensors");
+    src.save_with(&out, &replacements, &opts).unwrap();
+    let v = Checkpoint::open(&out).unwrap();
+    let p = v.prediction();
+    assert_eq!((p.prediction, p.ztsnr), (Prediction::V, true));
+    assert!(p.warnings.is_empty(), "{:?}", p.warnings);
+    assert_eq!(v.entries().len(), src.entries().len() + 2);
+    assert!(v
+        .entries()
+        .values()
+        .filter(|e| e.numel() > 0)
+        .all(|e| e.dtype == "BF16"));
+    assert_eq!(v.metadata()["modelspec.architecture"], "eps2v-golden-sdxl");
+    let got = v.tensor(key, DType::F32, &Device::Cpu).unwrap();
+    assert_eq!(got.to_vec1::<f32>().unwrap(), vec![1.0, 2.0, 3.0, 4.0]);
+    v.check_sdxl(&cfg(), None).unwrap();
+    // No temp file is left behind.
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+
+    // Back to epsilon: markers off, f32.
+    let out2 = dir.path().join("eps.safetensors");
+    let opts = SaveOptions {
+        dtype: Some(DType::F32),
+        metadata: BTreeMap::from([(META_PREDICTION_TYPE.to_string(), "epsilon".to_string())]),
+        ..Default::default()
+    };
+    v.save_with(&out2, &HashMap::new(), &opts).unwrap();
+    let e = Checkpoint::open(&out2).unwrap();
+    assert_eq!(e.prediction().prediction, Prediction::Epsilon);
+    assert!(!e.contains(MARKER_V_PRED) && !e.contains(MARKER_ZTSNR));
+    assert_eq!(e.entry(key).unwrap().dtype, "F32");
+    // Wrong replacement shape is refused.
+    let bad = HashMap::from([(
+        key.to_string(),
+        Tensor::zeros(3, DType::F32, &Device::Cpu).unwrap(),
+    )]);
+    let err = err_of(src.save_with(
+        dir.path().join("x.safetensors"),
+        &bad,
+        &SaveOptions::default(),
+    ));
+    assert!(err.contains("replacement") && err.contains("[3]"), "{err}");
+}
+
+#[test]
+fn text_encoder_reference_keys_are_complete() {
+    let keys = sdxl_text_encoder_keys();
+    assert_eq!(keys.len(), 586);
+    let params: usize = keys.iter().map(|(_, s)| s.iter().product::<usize>()).sum();
+    assert_eq!(params, 123_060_480 + 694_659_841);
+}
+
+#[test]
+fn autov2_is_first_ten_hex_of_sha256() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("abc");
+    std::fs::write(&p, b"abc").unwrap();
+    let sha = sha256_file(&p).unwrap();
+    assert_eq!(
+        sha,
+        "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+    );
+    assert_eq!(autov2(&sha), "ba7816bf8f");
+}
+
+#[test]
+fn info_counts_components() {
+    let ckpt = Checkpoint::open(golden_unet_path()).unwrap();
+    let info = ckpt.info(true).unwrap();
+    assert_eq!(info.components.len(), 1);
+    let unet = &info.components[0];
+    assert_eq!(unet.name, "unet");
+    assert_eq!(unet.tensors, 500);
+    assert_eq!(unet.parameters, 437_588);
+    assert_eq!(info.dtypes["F16"], 500);
+    assert_eq!(info.autov2.as_deref().map(str::len), Some(10));
+}

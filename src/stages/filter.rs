@@ -1,0 +1,242 @@
+//! `eps2v filter DIR --min-alignment X`: reject misgenerations — generated
+//! items whose image shows too little of its prompt.
+//!
+//! The score is the alignment `caption` stores per item with a generation
+//! prompt (`tagging.alignment`: the share of the prompt's checkable tags the
+//! tagger confirms; see [`crate::stages::caption::policy`]). An item with a
+//! score below `X` is rejected with the reason
+//! `misaligned: alignment 0.33 < 0.60; missing red hair (0.12), smile (0.30)`
+//! (the prompt tags the tagger did not confirm, with their probability).
+//! Items without a score (no prompt, or no tag the tagger knows) are not
+//! judged.
+//!
+//! A rerun with another threshold reconsiders exactly the items `filter`
+//! itself rejected (never those another stage rejected): in one
+//! transaction, filter's own rejections are re-decided (restored to `ok`
+//! when they now pass) together with the new decisions. `--dry-run` lists
+//! the decisions and writes nothing.
+
+use std::time::Instant;
+
+use rusqlite::params;
+use serde::{Deserialize, Serialize};
+
+use crate::manifest::{self, Manifest};
+use crate::{Error, Result};
+
+/// Configuration of the filter stage.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FilterConfig {
+    /// Reject items whose alignment is below this (0..=1).
+    pub min_alignment: f64,
+    /// Decide and report, write nothing.
+    pub dry_run: bool,
+}
+
+/// One rejection.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Rejection {
+    /// The item.
+    pub item_id: i64,
+    /// Its alignment.
+    pub alignment: f64,
+    /// The reason stored.
+    pub reason: String,
+}
+
+/// What `filter` did (or would do, with `--dry-run`).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct FilterReport {
+    /// Run id (0 for a dry run).
+    pub run_id: i64,
+    /// The threshold.
+    pub min_alignment: f64,
+    /// Nothing was written.
+    pub dry_run: bool,
+    /// Items with a score that were judged.
+    pub scored: usize,
+    /// Judged items kept.
+    pub kept: usize,
+    /// Judged items rejected (including ones this stage had rejected before).
+    pub rejected: usize,
+    /// Items rejected now that were ok before.
+    pub newly_rejected: usize,
+    /// Items an earlier filter run had rejected that are ok again.
+    pub restored: usize,
+    /// Ok items with a generation prompt but no score (not captioned with a tagger yet).
+    pub unscored_with_prompt: usize,
+    /// Every rejection, by item id.
+    pub rejections: Vec<Rejection>,
+    /// Wall time, seconds.
+    pub seconds: f64,
+}
+
+/// The decision for one score: `Some(reason)` to reject.
+pub fn decide(alignment: f64, missing: &[(String, f32)], min: f64) -> Option<String> {
+    if alignment >= min {
+        return None;
+    }
+    let mut reason = format!("misaligned: alignment {alignment:.2} < {min:.2}");
+    if !missing.is_empty() {
+        let list: Vec<String> = missing
+            .iter()
+            .map(|(t, p)| format!("{t} ({p:.2})"))
+            .collect();
+        reason.push_str("; missing ");
+        reason.push_str(&list.join(", "));
+    }
+    Some(reason)
+}
+
+struct Row {
+    id: i64,
+    own: bool,
+    alignment: Option<f64>,
+    missing: Vec<(String, f32)>,
+}
+
+/// Run the filter stage.
+pub fn run(cfg: &FilterConfig, m: &mut Manifest) -> Result<FilterReport> {
+    let t0 = Instant::now();
+    if !(0.0..=1.0).contains(&cfg.min_alignment) {
+        return Err(Error::config(format!(
+            "--min-alignment {}: must be between 0 and 1 (the share of the prompt's tags the tagger confirms)",
+            cfg.min_alignment
+        )));
+    }
+    let rows: Vec<Row> = {
+        let mut st = m
+            .conn()
+            .prepare(
+                "SELECT i.id, i.status, t.alignment, t.missing_json
+                 FROM items i
+                 LEFT JOIN runs r ON r.id = i.status_run_id
+                 LEFT JOIN tagging t ON t.item_id = i.id
+                 WHERE i.status = 'ok' OR (i.status = 'rejected' AND r.stage = 'filter')
+                 ORDER BY i.id",
+            )
+            .map_err(|e| m.err(e))?;
+        let it = st
+            .query_map([], |r| {
+                let missing: Option<String> = r.get(3)?;
+                Ok(Row {
+                    id: r.get(0)?,
+                    own: r.get::<_, String>(1)? == "rejected",
+                    alignment: r.get(2)?,
+                    missing: missing
+                        .and_then(|s| serde_json::from_str(&s).ok())
+                        .unwrap_or_default(),
+                })
+            })
+            .map_err(|e| m.err(e))?;
+        it.collect::<rusqlite::Result<_>>().map_err(|e| m.err(e))?
+    };
+    let unscored_with_prompt: i64 = m
+        .conn()
+        .query_row(
+            "SELECT count(*) FROM items i JOIN generation g ON g.item_id = i.id
+             LEFT JOIN tagging t ON t.item_id = i.id
+             WHERE i.status = 'ok' AND trim(coalesce(g.prompt, '')) != '' AND t.alignment IS NULL",
+            [],
+            |r| r.get(0),
+        )
+        .map_err(|e| m.err(e))?;
+    let mut report = FilterReport {
+        min_alignment: cfg.min_alignment,
+        dry_run: cfg.dry_run,
+        unscored_with_prompt: unscored_with_prompt as usize,
+        ..Default::default()
+    };
+    // (id, new status reason or None for ok) for rows whose status changes or is re-stated.
+    let mut updates: Vec<(i64, Option<String>)> = Vec::new();
+    for r in &rows {
+        match r.alignment {
+            None => {
+                if r.own {
+                    updates.push((r.id, None));
+                    report.restored += 1;
+                }
+            }
+            Some(a) => {
+                report.scored += 1;
+                match decide(a, &r.missing, cfg.min_alignment) {
+                    Some(reason) => {
+                        report.rejected += 1;
+                        if !r.own {
+                            report.newly_rejected += 1;
+                        }
+                        report.rejections.push(Rejection {
+                            item_id: r.id,
+                            alignment: a,
+                            reason: reason.clone(),
+                        });
+                        updates.push((r.id, Some(reason)));
+                    }
+                    None => {
+                        report.kept += 1;
+                        if r.own {
+                            report.restored += 1;
+                            updates.push((r.id, None));
+                        }
+                    }
+                }
+            }
+        }
+    }
+    if report.scored == 0 && updates.is_empty() {
+        return Err(Error::config(format!(
+            "{}: no item has an alignment score; run `eps2v caption {} --tagger DIR` first (only items with a generation prompt get one)",
+            m.root().display(),
+            m.root().display()
+        )));
+    }
+    if cfg.dry_run {
+        report.seconds = t0.elapsed().as_secs_f64();
+        return Ok(report);
+    }
+    let run_id = m.begin_run("filter", cfg)?;
+    report.run_id = run_id;
+    let db = m.db_path().to_path_buf();
+    let map = manifest::sql_err(&db);
+    let tx = m.conn_mut().transaction().map_err(map)?;
+    {
+        let mut st = tx
+            .prepare(
+                "UPDATE items SET status = CASE WHEN ?2 IS NULL THEN 'ok' ELSE 'rejected' END,
+                                  reason = ?2, status_run_id = ?3 WHERE id = ?1",
+            )
+            .map_err(map)?;
+        for (id, reason) in &updates {
+            st.execute(params![id, reason, run_id]).map_err(map)?;
+        }
+    }
+    tx.commit().map_err(map)?;
+    report.seconds = t0.elapsed().as_secs_f64();
+    m.end_run(run_id, true, &report)?;
+    Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decide_lists_missing_tags() {
+        assert_eq!(decide(0.8, &[], 0.6), None);
+        assert_eq!(decide(0.6, &[], 0.6), None);
+        assert_eq!(
+            decide(
+                1.0 / 3.0,
+                &[("red hair".into(), 0.12), ("smile".into(), 0.3)],
+                0.6
+            )
+            .unwrap(),
+            "misaligned: alignment 0.33 < 0.60; missing red hair (0.12), smile (0.30)"
+        );
+        assert_eq!(
+            decide(0.0, &[], 0.5).unwrap(),
+            "misaligned: alignment 0.00 < 0.50"
+        );
+    }
+}
