@@ -59,7 +59,7 @@ pub enum Command {
     /// Model diagnostics (`uncond`: does the model treat "" like zeros?).
     Diagnose(sample::DiagnoseArgs),
     /// Finetune the UNet: eps -> v-prediction (ZTSNR) or back, watched by sampled grids.
-    Train(train::TrainArgs),
+    Train(Box<train::TrainArgs>),
     /// Blend checkpoints: weighted sum, add-difference, per-block weights, sweeps.
     Merge(train::MergeArgs),
 }
@@ -92,7 +92,7 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Tokenize(args) => tokenize::run(&args),
         Command::Sample(a) => Ok(sample::run_sample(a, json)?),
         Command::Diagnose(a) => Ok(sample::run_diagnose(a, json)?),
-        Command::Train(a) => Ok(train::run_train(a, json)?),
+        Command::Train(a) => Ok(train::run_train(*a, json)?),
         Command::Merge(a) => Ok(train::run_merge(a, json)?),
     }
 }

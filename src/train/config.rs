@@ -441,7 +441,7 @@ impl TrainConfig {
                 ),
             );
         }
-        if !(self.debiased_snr_min > 0.0) {
+        if self.debiased_snr_min.is_nan() || self.debiased_snr_min <= 0.0 {
             return bad("debiased_snr_min", "must be > 0".into());
         }
         if self.noise_offset < 0.0 {
@@ -471,7 +471,7 @@ impl TrainConfig {
         if self.eval_seeds.is_empty() || self.eval_steps == 0 {
             return bad("eval_seeds", "need at least one seed and one step".into());
         }
-        if !(self.eval_cfg > 0.0) {
+        if self.eval_cfg.is_nan() || self.eval_cfg <= 0.0 {
             return bad("eval_cfg", "must be > 0".into());
         }
         if self.nan_rollback_after == 0 {

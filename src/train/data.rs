@@ -134,7 +134,7 @@ pub fn split(
         .enumerate()
         .map(|(i, it)| (i, split_rank(seed, &it.sha256)))
         .collect();
-    ranked.sort_by(|a, b| a.1.cmp(&b.1));
+    ranked.sort_by_key(|a| a.1);
     let mut is_val = vec![false; n];
     for (i, _) in ranked.iter().take(n_val) {
         is_val[*i] = true;

@@ -179,15 +179,14 @@ struct Batch {
 }
 
 /// Assemble the micro-batch `idx` of training `step` (all randomness from
-/// `(seed, step, micro)`).
+/// `(seed, step, micro)`; `at` is `(step, micro)`).
 fn make_batch(
     cfg: &TrainConfig,
     sched: &NoiseSchedule,
     caches: &Caches,
     items: &[TrainItem],
     idx: &[usize],
-    step: usize,
-    micro: usize,
+    (step, micro): (usize, usize),
     nan: bool,
 ) -> Result<Batch> {
     let b = idx.len();
@@ -681,8 +680,7 @@ pub fn train(
                     &caches,
                     &train_items,
                     &idx,
-                    st.step,
-                    micro,
+                    (st.step, micro),
                     nan,
                 )?;
                 let mse = per_sample_mse(&unet, &b)?; // (b,)

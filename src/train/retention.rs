@@ -228,6 +228,9 @@ mod tests {
         let noisy = retention(&a, &noise);
         assert!(noisy.score < 0.2, "{noisy:?}");
         eprintln!("same {same:?}\nrecoloured {recoloured:?}\nmoved {moved:?}\nlost {lost:?}\nnoise {noisy:?}");
-        assert_eq!(mean_retention(&[a.clone()], &[a]), 1.0);
+        assert_eq!(
+            mean_retention(std::slice::from_ref(&a), std::slice::from_ref(&a)),
+            1.0
+        );
     }
 }

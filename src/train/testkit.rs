@@ -13,14 +13,19 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 use image::RgbImage;
 
+use crate::diffusion::Prediction;
 use crate::error::IoContext;
 use crate::manifest::Manifest;
 use crate::models::sdxl::checkpoint::Checkpoint;
-use crate::pipeline::tiny::{write_random_checkpoint, TinyOptions};
+use crate::models::sdxl::{UNetConfig, VaeConfig};
+use crate::pipeline::tiny::{write_random_model, TinyOptions};
+use crate::pipeline::TextConfigs;
 use crate::pipeline::{LoadOptions, SdxlModel};
 use crate::stages::bucket::{self, BucketConfig, BucketSet};
 use crate::stages::import::{self, ImportConfig};
 use crate::stages::Ctx;
+use crate::train::config::{SaveDtype, TrainConfig, Weighting};
+use crate::train::{eval, train, TrainOptions};
 use crate::{Error, Result};
 
 /// Captions of the four training images (one shape each on a light background).
@@ -44,9 +49,23 @@ pub fn shape_image(kind: usize, side: u32) -> RgbImage {
 }
 
 /// A dataset of the four shapes (64×64, one 64×64 bucket, sidecar
-/// captions) in `dir/ds`, and a seeded random tiny eps checkpoint with
-/// unit-variance latents in `dir/base.safetensors`; returns both paths.
+/// captions) in `dir/ds`, and a seeded random tiny eps checkpoint
+/// (`UNetConfig::tiny()`, the SDXL block layout) with unit-variance latents
+/// in `dir/base.safetensors`; returns both paths.
 pub fn dataset(dir: &Path) -> Result<(PathBuf, PathBuf)> {
+    dataset_with(dir, &UNetConfig::tiny())
+}
+
+/// A UNet small enough to train from scratch in seconds on a CPU: two
+/// levels (16 and 32 channels), one ResBlock per level, one transformer
+/// block at the second level and in the middle, the tiny text encoders'
+/// context. Loads with no config given (shapes + eps2v metadata).
+pub fn micro_unet() -> UNetConfig {
+    UNetConfig::from_levels(16, vec![1, 2], 1, &[0, 1], 1, 8, 64, 32, 4)
+}
+
+/// [`dataset`] with a UNet of config `unet`.
+pub fn dataset_with(dir: &Path, unet: &UNetConfig) -> Result<(PathBuf, PathBuf)> {
     let src = dir.join("src");
     std::fs::create_dir_all(&src).at(&src)?;
     for (i, c) in CAPTIONS.iter().enumerate() {
@@ -82,7 +101,7 @@ pub fn dataset(dir: &Path) -> Result<(PathBuf, PathBuf)> {
         seed: 11,
         v_pred_ztsnr: false,
     };
-    write_random_checkpoint(&raw, opts)?;
+    write_random_model(&raw, unet, &VaeConfig::tiny(), &TextConfigs::tiny(), opts)?;
     let ck = dir.join("base.safetensors");
     unit_latents(&raw, &ck)?;
     Ok((ds, ck))
@@ -145,4 +164,158 @@ pub fn unit_latents(src: &Path, dst: &Path) -> Result<()> {
         (pw / k)?,
     );
     ck.save_with(dst, &rep, &Default::default())
+}
+
+/// Settings of the conversion check (`the_conversion_works_as_a_number`
+/// and `cargo bench --bench convert`): eps from scratch, then v + ZTSNR,
+/// then back to eps, on the four shapes.
+#[derive(Debug, Clone)]
+pub struct Conversion {
+    /// Steps of eps training from the random initialisation.
+    pub eps_steps: usize,
+    /// Steps of `--objective v --ztsnr` from the eps model.
+    pub v_steps: usize,
+    /// Steps of `--objective eps` from the converted model.
+    pub back_steps: usize,
+    /// AdamW learning rate of every phase (batch 4, all blocks).
+    pub lr: f64,
+    /// Min-SNR-γ (γ = 5) weighting for the eps phases; the v phase always
+    /// trains plain v-MSE, the default of the conversion.
+    pub eps_min_snr: bool,
+    /// Euler steps (trailing spacing under ZTSNR) when sampling for the
+    /// distances.
+    pub sample_steps: usize,
+}
+
+impl Default for Conversion {
+    /// What the test runs (about 1.5 minutes on two cores with `micro_unet`).
+    fn default() -> Self {
+        Self {
+            eps_steps: 2000,
+            v_steps: 400,
+            back_steps: 600,
+            lr: 1e-3,
+            eps_min_snr: true,
+            sample_steps: 10,
+        }
+    }
+}
+
+/// Distances to the data (see [`distance_to_data`]) through the conversion.
+#[derive(Debug, Clone, Copy)]
+pub struct ConversionDistances {
+    /// The eps model sampled as eps.
+    pub eps: f64,
+    /// The same weights sampled as v + ZTSNR, before any v training.
+    pub unconverted: f64,
+    /// After v + ZTSNR training, sampled as v + ZTSNR.
+    pub converted: f64,
+    /// After training back to eps, sampled as eps.
+    pub back: f64,
+}
+
+/// Load `p`, overriding the prediction type / ZTSNR flag when given.
+pub fn load_as(p: &Path, prediction: Option<Prediction>, ztsnr: Option<bool>) -> Result<SdxlModel> {
+    SdxlModel::load(
+        p,
+        &LoadOptions {
+            prediction,
+            ztsnr,
+            hash: false,
+        },
+    )
+}
+
+/// Mean relative squared distance `|z − z_data|² / |z_data|²` between the
+/// latent sampled for each caption (Euler, CFG 1, `steps` steps, seeds 0
+/// and 1) and that caption's training latent.
+pub fn distance_to_data(model: &SdxlModel, targets: &[Tensor], steps: usize) -> Result<f64> {
+    let mut total = 0.0;
+    for (i, c) in CAPTIONS.iter().enumerate() {
+        for seed in [0, 1] {
+            let z = eval::sample_latent(model, c, seed, steps, 1.0, 64, 64)?;
+            let num = (z - &targets[i])?.sqr()?.sum_all()?.to_scalar::<f32>()?;
+            let den = targets[i].sqr()?.sum_all()?.to_scalar::<f32>()?;
+            total += (num / den) as f64;
+        }
+    }
+    Ok(total / (2 * CAPTIONS.len()) as f64)
+}
+
+/// Run the conversion in `dir` on a fresh four-shapes dataset with a UNet
+/// of config `unet`; `on_phase(name, steps, seconds, last_loss)` is called
+/// after each training phase.
+pub fn conversion(
+    dir: &Path,
+    unet: &UNetConfig,
+    c: &Conversion,
+    mut on_phase: impl FnMut(&str, usize, f64, Option<f64>),
+) -> Result<ConversionDistances> {
+    let (ds, ck) = dataset_with(dir, unet)?;
+    let mut phase = |name: &str, model: &Path, out: &Path, objective: Prediction, steps: usize| {
+        let cfg = TrainConfig {
+            model: model.to_path_buf(),
+            objective,
+            ztsnr: objective == Prediction::V,
+            blocks: vec!["all".into()],
+            steps,
+            batch_size: 4,
+            lr: c.lr,
+            caption_dropout: 0.0,
+            max_grad_norm: 1.0,
+            weighting: if objective == Prediction::Eps && c.eps_min_snr {
+                Weighting::MinSnr
+            } else {
+                Weighting::None
+            },
+            val_fraction: 0.0,
+            eval_every: 0,
+            eval_prompt_count: 1,
+            eval_seeds: vec![0],
+            eval_steps: 2,
+            eval_cfg: 1.0,
+            save_every: 0,
+            save_dtype: SaveDtype::F32,
+            out: Some(out.to_path_buf()),
+            ..Default::default()
+        };
+        let mut m = Manifest::open(&ds)?;
+        let t0 = std::time::Instant::now();
+        let r = train(&cfg, &mut m, &TrainOptions::default(), &Ctx::quiet())?;
+        on_phase(name, steps, t0.elapsed().as_secs_f64(), r.last_loss);
+        Ok::<_, Error>(())
+    };
+    let eps = dir.join("eps.safetensors");
+    let v = dir.join("v.safetensors");
+    let back = dir.join("back.safetensors");
+    phase("eps from scratch", &ck, &eps, Prediction::Eps, c.eps_steps)?;
+    let m = load_as(&eps, None, None)?;
+    let targets = shape_latents(&m)?;
+    let d_eps = distance_to_data(&m, &targets, c.sample_steps)?;
+    let unconverted = load_as(&eps, Some(Prediction::V), Some(true))?;
+    let d_unconverted = distance_to_data(&unconverted, &targets, c.sample_steps)?;
+    phase("convert (v + ZTSNR)", &eps, &v, Prediction::V, c.v_steps)?;
+    let mv = load_as(&v, None, None)?;
+    if (mv.info.prediction, mv.info.ztsnr) != (Prediction::V, true) {
+        return Err(Error::Model(format!(
+            "{}: the converted checkpoint does not read back as v + ZTSNR",
+            v.display()
+        )));
+    }
+    let d_v = distance_to_data(&mv, &targets, c.sample_steps)?;
+    phase("back to eps", &v, &back, Prediction::Eps, c.back_steps)?;
+    let mb = load_as(&back, None, None)?;
+    if (mb.info.prediction, mb.info.ztsnr) != (Prediction::Eps, false) {
+        return Err(Error::Model(format!(
+            "{}: the checkpoint converted back does not read back as eps",
+            back.display()
+        )));
+    }
+    let d_back = distance_to_data(&mb, &targets, c.sample_steps)?;
+    Ok(ConversionDistances {
+        eps: d_eps,
+        unconverted: d_unconverted,
+        converted: d_v,
+        back: d_back,
+    })
 }

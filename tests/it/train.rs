@@ -198,7 +198,7 @@ fn a_full_disk_while_saving_keeps_the_previous_checkpoint() {
             .collect::<Vec<_>>()
             .join(" ")
     );
-    let before: Vec<_> = std::fs::read_dir(&ds.join("runs"))
+    let before: Vec<_> = std::fs::read_dir(ds.join("runs"))
         .unwrap()
         .filter_map(|e| e.ok())
         .map(|e| e.path())

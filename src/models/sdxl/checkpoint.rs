@@ -391,6 +391,7 @@ impl Checkpoint {
     /// text encoders) independently of the rest of the file, e.g. to key
     /// caches that stay valid when only the UNet changes.
     pub fn component_sha256(&self, prefixes: &[&str]) -> String {
+        use sha2::{Digest, Sha256};
         let mut h = Sha256::new();
         for (k, e) in &self.entries {
             if prefixes.iter().any(|p| k.starts_with(p)) {
