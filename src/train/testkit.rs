@@ -185,6 +185,9 @@ pub struct Conversion {
     /// Euler steps (trailing spacing under ZTSNR) when sampling for the
     /// distances.
     pub sample_steps: usize,
+    /// Also convert the eps model with min-SNR-γ v weighting (which, under
+    /// ZTSNR, weighs t = 999 by 0) to show what it costs.
+    pub compare_v_min_snr: bool,
 }
 
 impl Default for Conversion {
@@ -197,6 +200,7 @@ impl Default for Conversion {
             lr: 1e-3,
             eps_min_snr: true,
             sample_steps: 10,
+            compare_v_min_snr: false,
         }
     }
 }
@@ -212,6 +216,9 @@ pub struct ConversionDistances {
     pub converted: f64,
     /// After training back to eps, sampled as eps.
     pub back: f64,
+    /// After v + ZTSNR training with min-SNR-γ weighting instead of plain
+    /// v-MSE (when [`Conversion::compare_v_min_snr`]).
+    pub converted_min_snr: Option<f64>,
 }
 
 /// Load `p`, overriding the prediction type / ZTSNR flag when given.
@@ -252,7 +259,12 @@ pub fn conversion(
     mut on_phase: impl FnMut(&str, usize, f64, Option<f64>),
 ) -> Result<ConversionDistances> {
     let (ds, ck) = dataset_with(dir, unet)?;
-    let mut phase = |name: &str, model: &Path, out: &Path, objective: Prediction, steps: usize| {
+    let mut phase = |name: &str,
+                     model: &Path,
+                     out: &Path,
+                     objective: Prediction,
+                     steps: usize,
+                     min_snr: bool| {
         let cfg = TrainConfig {
             model: model.to_path_buf(),
             objective,
@@ -263,7 +275,7 @@ pub fn conversion(
             lr: c.lr,
             caption_dropout: 0.0,
             max_grad_norm: 1.0,
-            weighting: if objective == Prediction::Eps && c.eps_min_snr {
+            weighting: if min_snr {
                 Weighting::MinSnr
             } else {
                 Weighting::None
@@ -288,13 +300,27 @@ pub fn conversion(
     let eps = dir.join("eps.safetensors");
     let v = dir.join("v.safetensors");
     let back = dir.join("back.safetensors");
-    phase("eps from scratch", &ck, &eps, Prediction::Eps, c.eps_steps)?;
+    phase(
+        "eps from scratch",
+        &ck,
+        &eps,
+        Prediction::Eps,
+        c.eps_steps,
+        c.eps_min_snr,
+    )?;
     let m = load_as(&eps, None, None)?;
     let targets = shape_latents(&m)?;
     let d_eps = distance_to_data(&m, &targets, c.sample_steps)?;
     let unconverted = load_as(&eps, Some(Prediction::V), Some(true))?;
     let d_unconverted = distance_to_data(&unconverted, &targets, c.sample_steps)?;
-    phase("convert (v + ZTSNR)", &eps, &v, Prediction::V, c.v_steps)?;
+    phase(
+        "convert (v + ZTSNR)",
+        &eps,
+        &v,
+        Prediction::V,
+        c.v_steps,
+        false,
+    )?;
     let mv = load_as(&v, None, None)?;
     if (mv.info.prediction, mv.info.ztsnr) != (Prediction::V, true) {
         return Err(Error::Model(format!(
@@ -303,7 +329,32 @@ pub fn conversion(
         )));
     }
     let d_v = distance_to_data(&mv, &targets, c.sample_steps)?;
-    phase("back to eps", &v, &back, Prediction::Eps, c.back_steps)?;
+    let converted_min_snr = if c.compare_v_min_snr {
+        let vm = dir.join("v-min-snr.safetensors");
+        phase(
+            "convert (v + ZTSNR, min-SNR-γ)",
+            &eps,
+            &vm,
+            Prediction::V,
+            c.v_steps,
+            true,
+        )?;
+        Some(distance_to_data(
+            &load_as(&vm, None, None)?,
+            &targets,
+            c.sample_steps,
+        )?)
+    } else {
+        None
+    };
+    phase(
+        "back to eps",
+        &v,
+        &back,
+        Prediction::Eps,
+        c.back_steps,
+        c.eps_min_snr,
+    )?;
     let mb = load_as(&back, None, None)?;
     if (mb.info.prediction, mb.info.ztsnr) != (Prediction::Eps, false) {
         return Err(Error::Model(format!(
@@ -317,5 +368,6 @@ pub fn conversion(
         unconverted: d_unconverted,
         converted: d_v,
         back: d_back,
+        converted_min_snr,
     })
 }
