@@ -238,7 +238,7 @@ pub fn run_diagnose(a: DiagnoseArgs, json: bool) -> Result<i32> {
                     "mean rel_l2 {:.4} (max {:.4}), mean cosine {:.4}",
                     report.mean_rel_l2, report.max_rel_l2, report.mean_cosine
                 );
-                println!("verdict: {}", report.message);
+                println!("verdict: {} ({})", report.verdict.name(), report.message);
             }
             Ok(0)
         }

@@ -95,13 +95,49 @@ pub struct HashRecord {
     pub dhash: u64,
 }
 
+const INSERT_ITEM: &str =
+    "INSERT INTO items (sha256, path, source, width, height, format, status, reason, run_id, status_run_id, created_at)
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?9, ?10)";
+
 /// Insert an item; returns its id.
 pub fn insert_item(tx: &Transaction, run_id: i64, it: &NewItem) -> rusqlite::Result<i64> {
-    tx.prepare_cached(
-        "INSERT INTO items (sha256, path, source, width, height, format, status, reason, run_id, status_run_id, created_at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?9, ?10)",
-    )?
-    .execute(params![
+    tx.prepare_cached(INSERT_ITEM)?.execute(params![
+        it.sha256,
+        it.path,
+        it.source,
+        it.width,
+        it.height,
+        it.format,
+        it.status.as_str(),
+        it.reason,
+        run_id,
+        super::now()
+    ])?;
+    Ok(tx.last_insert_rowid())
+}
+
+/// Inserts many items of one run: one prepared statement and one
+/// `created_at` for all of them (the same rows as [`insert_item`], without
+/// its per-row statement-cache lookup and clock formatting).
+pub struct ItemInserter<'t> {
+    stmt: rusqlite::Statement<'t>,
+    run_id: i64,
+    created_at: String,
+}
+
+impl<'t> ItemInserter<'t> {
+    /// Prepare the insert inside `tx`.
+    pub fn new(tx: &'t Transaction<'_>, run_id: i64) -> rusqlite::Result<Self> {
+        Ok(Self {
+            stmt: tx.prepare(INSERT_ITEM)?,
+            run_id,
+            created_at: super::now(),
+        })
+    }
+
+    /// Insert one item; returns its id.
+    pub fn insert(&mut self, it: &NewItem) -> rusqlite::Result<i64> {
+        self.stmt.insert(params![
             it.sha256,
             it.path,
             it.source,
@@ -110,11 +146,10 @@ pub fn insert_item(tx: &Transaction, run_id: i64, it: &NewItem) -> rusqlite::Res
             it.format,
             it.status.as_str(),
             it.reason,
-            run_id,
-            super::now()
-        ],
-    )?;
-    Ok(tx.last_insert_rowid())
+            self.run_id,
+            self.created_at
+        ])
+    }
 }
 
 /// Record one source path of an item (a changed file at a known path
@@ -246,6 +281,53 @@ pub fn split_tags(caption: &str) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn item_inserter_writes_the_same_rows_as_insert_item() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut m = super::super::Manifest::init(dir.path()).unwrap();
+        let run = m.begin_run("test", &serde_json::json!({})).unwrap();
+        let item = |k: u32| NewItem {
+            sha256: format!("{k:064x}"),
+            path: Some(format!("images/00/{k}.png")),
+            source: format!("/src/{k}.png"),
+            width: Some(k),
+            height: Some(2 * k),
+            format: Some("png".into()),
+            status: if k % 2 == 0 {
+                ItemStatus::Ok
+            } else {
+                ItemStatus::Rejected
+            },
+            reason: (k % 2 == 1).then(|| "corrupt: x".to_string()),
+        };
+        let tx = m.conn_mut().transaction().unwrap();
+        let a = insert_item(&tx, run, &item(1)).unwrap();
+        let mut ins = ItemInserter::new(&tx, run).unwrap();
+        let b = ins.insert(&item(2)).unwrap();
+        let c = ins.insert(&item(3)).unwrap();
+        drop(ins);
+        tx.commit().unwrap();
+        assert_eq!((b, c), (a + 1, a + 2));
+        let rows: Vec<(String, String, Option<String>, i64, i64)> = m
+            .conn()
+            .prepare("SELECT sha256, status, reason, width, status_run_id FROM items ORDER BY id")
+            .unwrap()
+            .query_map([], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+            })
+            .unwrap()
+            .map(|r| r.unwrap())
+            .collect();
+        assert_eq!(rows.len(), 3);
+        for (k, row) in (1..=3).zip(&rows) {
+            let it = item(k);
+            assert_eq!(row.0, it.sha256);
+            assert_eq!(row.1, it.status.as_str());
+            assert_eq!(row.2, it.reason);
+            assert_eq!((row.3, row.4), (i64::from(k), run));
+        }
+    }
 
     #[test]
     fn split_tags_trims_and_dedups() {
