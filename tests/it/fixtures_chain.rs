@@ -155,8 +155,8 @@ fn import_fixtures_counts_every_status_and_reason_exactly() {
         strs(&[
             ("bmp", "1"),
             ("gif", "1"),
-            ("jpeg", "10"),
-            ("png", "16"),
+            ("jpeg", "9"),
+            ("png", "18"),
             ("tiff", "1"),
             ("webp", "3"),
         ])
@@ -190,7 +190,7 @@ fn import_fixtures_counts_every_status_and_reason_exactly() {
     );
     assert_eq!(
         count(&m, "SELECT count(*) FROM tags WHERE source LIKE 'sidecar%'"),
-        4 + 3 + 4
+        4 + 4 + 3 + 1 // scene_rgb.png, scene_rgb.jpg, photo.jpg, portrait_rgb.png (one phrase)
     );
     // The wrong extension is a note on the source, not a rejection.
     assert_eq!(
@@ -344,13 +344,27 @@ fn import_rerun_with_other_limits_reconsiders_only_its_own_rejections() {
     // Same limits: nothing reconsidered.
     let r2 = stages::import::run(&cfg, &mut m, &Ctx::quiet()).unwrap();
     assert_eq!((r2.reconsidered, r2.already_imported), (0, 38));
-    // Default limits: import's own too_large rejections are decided again.
+    // Default limits: every rejection import made under the 200 px limit is
+    // decided again (the 9 large images now pass; the broken files and the
+    // bomb are rejected again, now by this run).
     cfg.limits = Default::default();
     let r3 = stages::import::run(&cfg, &mut m, &Ctx::quiet()).unwrap();
-    assert_eq!(r3.reconsidered, big, "{r3:?}");
+    assert_eq!(r3.reconsidered, big + 4, "{r3:?}");
     assert_eq!(r3.imported, big - 1, "{r3:?}");
-    assert_eq!(r3.rejected["too_large"], 1, "{r3:?}"); // the bomb, again
-    assert_eq!(r3.already_imported, 38 - big);
+    let rejected: Vec<(&str, usize)> = r3.rejected.iter().map(|(k, v)| (k.as_str(), *v)).collect();
+    assert_eq!(
+        rejected,
+        [
+            ("empty", 1),
+            ("too_large", 1),
+            ("truncated", 2),
+            ("unsupported", 1)
+        ]
+    );
+    assert_eq!(r3.already_imported, 38 - big - 4);
+    // A third run with the same limits: nothing left to decide.
+    let r4 = stages::import::run(&cfg, &mut m, &Ctx::quiet()).unwrap();
+    assert_eq!((r4.reconsidered, r4.already_imported), (0, 38), "{r4:?}");
     assert_eq!(
         count(&m, "SELECT count(*) FROM items WHERE status = 'ok'"),
         31
@@ -434,23 +448,35 @@ fn dedupe_keeps_the_lossless_captioned_original() {
             .unwrap();
         assert_eq!(hash_used, hash);
     }
-    // dHash at radius 0 only finds the exact pair and the identical-hash orient pair.
-    let r: Value = serde_json::from_slice(
-        &eps2v(&[
-            "--json",
-            "dedupe",
-            d,
-            "--hash",
-            "dhash",
-            "--radius",
-            "0",
-            "--dry-run",
-        ])
-        .stdout,
-    )
-    .unwrap();
-    assert_eq!(r["dry_run"], true);
-    assert!(r["near"].as_u64().unwrap() <= 3 && r["exact"] == 1, "{r}");
+    // The fixtures' near pairs are at distance 0 under both hashes, so give
+    // two unrelated images the same dHash: only `--hash dhash` joins them.
+    {
+        let m = Manifest::open(dir.path()).unwrap();
+        m.conn()
+            .execute(
+                "UPDATE hashes SET dhash = (SELECT h.dhash FROM hashes h JOIN sources s ON s.item_id = h.item_id
+                                            WHERE s.path LIKE '%/wide_rgb.png')
+                 WHERE item_id = (SELECT item_id FROM sources WHERE path LIKE '%/square_rgb.png')",
+                [],
+            )
+            .unwrap();
+    }
+    let dry = |hash: &str| -> Value {
+        serde_json::from_slice(&eps2v(&["--json", "dedupe", d, "--hash", hash, "--dry-run"]).stdout)
+            .unwrap()
+    };
+    let (p, dh) = (dry("phash"), dry("dhash"));
+    assert_eq!(
+        (p["clusters"].as_u64(), p["near"].as_u64()),
+        (Some(2), Some(3)),
+        "{p}"
+    );
+    assert_eq!(
+        (dh["clusters"].as_u64(), dh["near"].as_u64()),
+        (Some(3), Some(4)),
+        "{dh}"
+    );
+    assert_eq!(dh["dry_run"], true);
 }
 
 #[cfg(unix)]
