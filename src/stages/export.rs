@@ -352,10 +352,16 @@ impl Staged {
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_else(|| "export".into());
-        let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
-        if tmp.exists() {
-            remove_any(&tmp)?;
+        // Sweep what killed exports left (`.<name>.tmp-<pid>` of any pid);
+        // stages on one dataset do not run concurrently.
+        let stale = format!(".{name}.tmp-");
+        for entry in fs::read_dir(parent).at(parent)? {
+            let entry = entry.at(parent)?;
+            if entry.file_name().to_string_lossy().starts_with(&stale) {
+                remove_any(&entry.path())?;
+            }
         }
+        let tmp = parent.join(format!("{stale}{}", std::process::id()));
         Ok(Self {
             tmp,
             final_path: final_path.to_path_buf(),
@@ -580,6 +586,31 @@ pub fn run(cfg: &ExportConfig, m: &mut Manifest, ctx: &Ctx) -> Result<ExportRepo
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A killed export (its temporary sibling left behind) leaves the
+    /// previous export intact; the next export sweeps the leftover and
+    /// replaces the old export whole.
+    #[test]
+    fn staged_export_replaces_whole_and_sweeps_leftovers() {
+        let d = tempfile::tempdir().unwrap();
+        let out = d.path().join("kohya");
+        fs::create_dir_all(out.join("1_old")).unwrap();
+        fs::write(out.join("meta_lat.json"), b"{}").unwrap();
+        // A run killed before its commit: its temp dir stays, `out` is untouched.
+        let killed = d.path().join(".kohya.tmp-999999");
+        fs::create_dir_all(killed.join("1_half")).unwrap();
+        let st = Staged::new(&out).unwrap();
+        assert!(!killed.exists(), "leftover not swept");
+        assert!(out.join("1_old").is_dir());
+        fs::create_dir_all(st.tmp.join("1_new")).unwrap();
+        st.commit().unwrap();
+        assert!(out.join("1_new").is_dir() && !out.join("1_old").exists());
+        let names: Vec<String> = fs::read_dir(d.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names, ["kohya"]);
+    }
 
     #[test]
     fn kohya_text_never_repeats_caption_and_tags() {
