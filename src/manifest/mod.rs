@@ -31,7 +31,9 @@ pub const SCHEMA_V1: &str = include_str!("../../schemas/manifest.sql");
 ///
 /// - `schemas/migrations/check_constraints.sql`: `items.status` and
 ///   `duplicates.kind` CHECKs as OR-ed equalities (same values), because an
-///   `IN` list made SQLite build an ephemeral index per inserted row.
+///   `IN` list made SQLite build an ephemeral index per inserted row; the
+///   uniqueness of `items.sha256` as the named index `items_sha256`, which
+///   [`insert_items_bulk`] can drop and rebuild around a bulk insert.
 pub const MIGRATIONS: &[&str] = &[include_str!(
     "../../schemas/migrations/check_constraints.sql"
 )];
@@ -386,6 +388,8 @@ mod tests {
             "UPDATE items SET status = 'maybe' WHERE id = 7",
             "UPDATE duplicates SET kind = 'twin' WHERE item_id = 9",
             "INSERT INTO sources (item_id, path, size, mtime_ns, run_id) VALUES (99, '/c.png', 1, 2, 1)",
+            "INSERT INTO items (sha256, source, status, run_id, status_run_id, created_at)
+                 VALUES ('aa', '/again.png', 'ok', 1, 1, 'x')",
         ] {
             assert!(m.conn().execute(bad, []).is_err(), "{bad}");
         }
