@@ -20,6 +20,15 @@ pub enum ItemStatus {
 }
 
 impl ItemStatus {
+    /// [`ItemStatus::as_str`] as an SQL parameter.
+    fn as_sql(&self) -> &'static &'static str {
+        match self {
+            ItemStatus::Ok => &"ok",
+            ItemStatus::Rejected => &"rejected",
+            ItemStatus::Duplicate => &"duplicate",
+        }
+    }
+
     /// The value stored in `items.status`.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -99,20 +108,31 @@ const INSERT_ITEM: &str =
     "INSERT INTO items (sha256, path, source, width, height, format, status, reason, run_id, status_run_id, created_at)
      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?9, ?10)";
 
+/// The parameters of [`INSERT_ITEM`] for one item.
+fn item_params<'a>(
+    it: &'a NewItem,
+    run_id: &'a i64,
+    created_at: &'a dyn rusqlite::ToSql,
+) -> [&'a dyn rusqlite::ToSql; 10] {
+    [
+        &it.sha256,
+        &it.path,
+        &it.source,
+        &it.width,
+        &it.height,
+        &it.format,
+        it.status.as_sql(),
+        &it.reason,
+        run_id,
+        created_at,
+    ]
+}
+
 /// Insert an item; returns its id.
 pub fn insert_item(tx: &Transaction, run_id: i64, it: &NewItem) -> rusqlite::Result<i64> {
-    tx.prepare_cached(INSERT_ITEM)?.execute(params![
-        it.sha256,
-        it.path,
-        it.source,
-        it.width,
-        it.height,
-        it.format,
-        it.status.as_str(),
-        it.reason,
-        run_id,
-        super::now()
-    ])?;
+    let now = super::now();
+    tx.prepare_cached(INSERT_ITEM)?
+        .execute(item_params(it, &run_id, &now))?;
     Ok(tx.last_insert_rowid())
 }
 
@@ -137,18 +157,8 @@ impl<'t> ItemInserter<'t> {
 
     /// Insert one item; returns its id.
     pub fn insert(&mut self, it: &NewItem) -> rusqlite::Result<i64> {
-        self.stmt.insert(params![
-            it.sha256,
-            it.path,
-            it.source,
-            it.width,
-            it.height,
-            it.format,
-            it.status.as_str(),
-            it.reason,
-            self.run_id,
-            self.created_at
-        ])
+        self.stmt
+            .insert(item_params(it, &self.run_id, &self.created_at))
     }
 }
 

@@ -21,7 +21,6 @@
 //! bucket row) with the new one, and replaced bucket images are removed
 //! after it, so a `kill -9` leaves every item with one consistent decision.
 
-use std::collections::HashSet;
 use std::path::Path;
 use std::time::Instant;
 
@@ -291,26 +290,6 @@ pub fn plan_item(state: ItemState, force: bool) -> ItemPlan {
     }
 }
 
-/// Ids of the bucket runs whose settings equal `cfg`'s.
-fn runs_with_settings(m: &Manifest, cfg: &BucketConfig) -> Result<HashSet<i64>> {
-    let mut st = m
-        .conn()
-        .prepare("SELECT id, config_json FROM runs WHERE stage = 'bucket'")
-        .map_err(|e| m.err(e))?;
-    let rows = st
-        .query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)))
-        .map_err(|e| m.err(e))?;
-    let mut out = HashSet::new();
-    for row in rows {
-        let (id, json) = row.map_err(|e| m.err(e))?;
-        // A config this build cannot read counts as other settings.
-        if serde_json::from_str::<BucketConfig>(&json).is_ok_and(|c| same_settings(&c, cfg)) {
-            out.insert(id);
-        }
-    }
-    Ok(out)
-}
-
 /// One item to process.
 struct Todo {
     item_id: i64,
@@ -333,7 +312,8 @@ pub fn run(cfg: &BucketConfig, m: &mut Manifest, ctx: &Ctx) -> Result<BucketRepo
     }
     let list = cfg.bucket_list()?;
     super::import::sweep_temp_files(&m.root().join("buckets"))?;
-    let same = runs_with_settings(m, cfg)?;
+    let same =
+        super::runs_with_same_settings(m, "bucket", |c: &BucketConfig| same_settings(c, cfg))?;
     let run_id = m.begin_run("bucket", cfg)?;
     let mut report = BucketReport {
         run_id,

@@ -22,7 +22,7 @@
 //! batch in flight (redone on rerun; files already copied are recognised by
 //! their content address).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::{Instant, UNIX_EPOCH};
@@ -402,27 +402,6 @@ pub fn plan_file(known: Option<&KnownSource>, size: i64, mtime_ns: i64) -> FileP
     }
 }
 
-/// Ids of the `import` runs whose decode limits equal `limits` (their
-/// rejections stand on a rerun; those of the others are reconsidered).
-fn runs_with_limits(m: &Manifest, limits: &ImportLimits) -> Result<HashSet<i64>> {
-    let mut st = m
-        .conn()
-        .prepare("SELECT id, config_json FROM runs WHERE stage = 'import'")
-        .map_err(|e| m.err(e))?;
-    let rows = st
-        .query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)))
-        .map_err(|e| m.err(e))?;
-    let mut out = HashSet::new();
-    for row in rows {
-        let (id, json) = row.map_err(|e| m.err(e))?;
-        // A config this build cannot read counts as "other limits".
-        if serde_json::from_str::<ImportConfig>(&json).is_ok_and(|c| c.limits == *limits) {
-            out.insert(id);
-        }
-    }
-    Ok(out)
-}
-
 /// Run the import stage.
 pub fn run(cfg: &ImportConfig, m: &mut Manifest, ctx: &Ctx) -> Result<ImportReport> {
     let t0 = Instant::now();
@@ -442,7 +421,9 @@ pub fn run(cfg: &ImportConfig, m: &mut Manifest, ctx: &Ctx) -> Result<ImportRepo
         skipped: listing.skipped,
         ..Default::default()
     };
-    let same_limits = runs_with_limits(m, &cfg.limits)?;
+    // Import runs whose rejections stand: those with these decode limits.
+    let same_limits =
+        super::runs_with_same_settings(m, "import", |c: &ImportConfig| c.limits == cfg.limits)?;
     // Sources already recorded, with how their item was decided.
     let known: HashMap<String, KnownSource> = {
         let mut st = m

@@ -25,7 +25,40 @@ pub mod import;
 pub mod inspect;
 pub mod walk;
 
+use std::collections::HashSet;
+
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use serde::de::DeserializeOwned;
+
+use crate::error::Result;
+use crate::manifest::Manifest;
+
+/// Ids of the runs of `stage` whose stored config (`runs.config_json`)
+/// satisfies `same` — the runs whose decisions a rerun keeps. A config this
+/// build cannot read counts as different.
+pub fn runs_with_same_settings<C: DeserializeOwned>(
+    m: &Manifest,
+    stage: &str,
+    same: impl Fn(&C) -> bool,
+) -> Result<HashSet<i64>> {
+    let mut st = m
+        .conn()
+        .prepare("SELECT id, config_json FROM runs WHERE stage = ?1")
+        .map_err(|e| m.err(e))?;
+    let rows = st
+        .query_map([stage], |r| {
+            Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?))
+        })
+        .map_err(|e| m.err(e))?;
+    let mut out = HashSet::new();
+    for row in rows {
+        let (id, json) = row.map_err(|e| m.err(e))?;
+        if serde_json::from_str::<C>(&json).is_ok_and(|c| same(&c)) {
+            out.insert(id);
+        }
+    }
+    Ok(out)
+}
 
 /// Runtime context shared by stages.
 #[derive(Debug, Clone, Default)]

@@ -55,6 +55,15 @@ fn pairs(m: &Manifest, sql: &str) -> Vec<(String, String)> {
     .collect()
 }
 
+/// `("status:reason_code", count)` over all items, sorted.
+fn status_counts(m: &Manifest) -> Vec<(String, String)> {
+    pairs(
+        m,
+        "SELECT status || ':' || coalesce(substr(reason, 1, instr(reason, ':') - 1), ''), count(*)
+         FROM items GROUP BY 1 ORDER BY 1",
+    )
+}
+
 fn kohya_128() -> stages::bucket::BucketConfig {
     stages::bucket::BucketConfig {
         buckets: stages::bucket::BucketSet::Kohya {
@@ -105,11 +114,7 @@ fn import_fixtures_counts_every_status_and_reason_exactly() {
     assert!(r.failed.is_empty() && r.skipped.total() == 0, "{r:?}");
     // The manifest says the same, per reason code and per file.
     assert_eq!(
-        pairs(
-            &m,
-            "SELECT status || ':' || coalesce(substr(reason, 1, instr(reason, ':') - 1), ''), count(*)
-             FROM items GROUP BY 1 ORDER BY 1"
-        ),
+        status_counts(&m),
         strs(&[
             ("ok:", "33"),
             ("rejected:empty", "1"),
@@ -264,11 +269,7 @@ fn readme_quick_start_and_bucket_rerun_with_other_settings() {
     assert_eq!(r["rejected"]["too_small"], 2);
     let m = Manifest::open(&demo).unwrap();
     assert_eq!(
-        pairs(
-            &m,
-            "SELECT status || ':' || coalesce(substr(reason, 1, instr(reason, ':') - 1), ''), count(*)
-             FROM items GROUP BY 1 ORDER BY 1"
-        ),
+        status_counts(&m),
         strs(&[
             ("duplicate:exact_duplicate", "1"),
             ("duplicate:near_duplicate", "3"),
