@@ -207,6 +207,12 @@ pub fn import(a: ImportArgs, json: bool) -> anyhow::Result<i32> {
             "        {} with A1111 parameters, {} with sidecar captions, {} with a wrong extension",
             r.with_parameters, r.with_caption, r.wrong_extension
         );
+        if r.reconsidered > 0 {
+            println!(
+                "        {} earlier rejections decided again with these limits",
+                r.reconsidered
+            );
+        }
         if !r.rejected.is_empty() {
             let parts: Vec<String> = r.rejected.iter().map(|(k, v)| format!("{k} {v}")).collect();
             println!("        rejected: {}", parts.join(", "));
@@ -215,6 +221,21 @@ pub fn import(a: ImportArgs, json: bool) -> anyhow::Result<i32> {
         // silently and arrive here as `corrupt: …`).
         for f in &r.rejected_files {
             eprintln!("rejected {}: {}", f.path.display(), f.reason);
+        }
+        let sk = &r.skipped;
+        if sk.total() > 0 {
+            println!(
+                "        skipped: {} broken links, {} FIFOs, {} sockets, {} devices, {} link loops, {} folders reached twice",
+                sk.broken_links,
+                sk.fifos,
+                sk.sockets,
+                sk.devices,
+                sk.loops.len(),
+                sk.repeated_folders
+            );
+            for l in &sk.loops {
+                println!("        link loop (not followed): {}", l.display());
+            }
         }
         for f in &r.failed {
             println!("        failed: {}: {}", f.path.display(), f.reason);
@@ -298,9 +319,21 @@ pub fn bucket(a: BucketArgs, json: bool) -> anyhow::Result<i32> {
         print_json(&r)?;
     } else {
         println!(
-            "bucket: {} items bucketed in {:.1}s, {} already bucketed",
+            "bucket: {} items bucketed in {:.1}s, {} already bucketed with these settings",
             r.bucketed, r.seconds, r.already
         );
+        if r.rebucketed + r.reconsidered > 0 {
+            println!(
+                "        redone with these settings: {} bucketed before, {} rejected before",
+                r.rebucketed, r.reconsidered
+            );
+        }
+        if r.still_rejected > 0 {
+            println!(
+                "        {} rejected earlier with these same settings (change the settings or use --force to retry)",
+                r.still_rejected
+            );
+        }
         let mut hist: Vec<_> = r.histogram.iter().collect();
         hist.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
         for (b, n) in hist.iter().take(12) {
@@ -341,6 +374,29 @@ pub fn export(a: ExportArgs, json: bool) -> anyhow::Result<i32> {
             r.missing,
             r.uncaptioned
         );
+        if !r.uncaptioned_files.is_empty() {
+            const SHOWN: usize = 10;
+            let more = r.uncaptioned_files.len().saturating_sub(SHOWN);
+            println!(
+                "        without caption{}: {}{}",
+                if r.format == "kohya" {
+                    " (no .txt written)"
+                } else {
+                    ""
+                },
+                r.uncaptioned_files
+                    .iter()
+                    .take(SHOWN)
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                if more > 0 {
+                    format!(" and {more} more (--json lists all)")
+                } else {
+                    String::new()
+                }
+            );
+        }
     }
     Ok(if r.missing > 0 { 1 } else { 0 })
 }

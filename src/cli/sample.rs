@@ -244,7 +244,7 @@ pub fn run_diagnose(a: DiagnoseArgs, json: bool) -> Result<i32> {
                     "mean rel_l2 {:.4} (max {:.4}), mean cosine {:.4}",
                     report.mean_rel_l2, report.max_rel_l2, report.mean_cosine
                 );
-                println!("verdict: {}", report.message);
+                println!("verdict: {} ({})", report.verdict.name(), report.message);
                 if let Some(t) = &model.info.trained_uncond {
                     println!(
                         "this model was trained by eps2v with caption dropout to {t:?}; `eps2v sample` uses that as its default uncond"

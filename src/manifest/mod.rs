@@ -26,7 +26,9 @@ pub const SCHEMA_V1: &str = include_str!("../../schemas/manifest.sql");
 
 /// Forward migrations: entry `i` upgrades `user_version` `i + 1` → `i + 2`.
 /// Append only; never edit a released entry. Each is a file under
-/// `schemas/migrations/`:
+/// `schemas/migrations/` and runs in one transaction with foreign keys off
+/// (so a table can be rebuilt) and must leave `PRAGMA foreign_key_check`
+/// clean:
 ///
 /// - v2, caption stage (issue 13): table `tagging`, one row per item a WD tagger
 ///   has seen: `tagger` (identity `folder@sha256[:12]` of its weights),
@@ -43,9 +45,15 @@ pub const SCHEMA_V1: &str = include_str!("../../schemas/manifest.sql");
 ///   cache files with the component hash they depend on), `train_split`
 ///   (which items a run trained on / held out), `train_evals` (validation
 ///   loss, shape retention and grid of each evaluation).
+/// - v4, `check_constraints.sql` (issue 14): `items.status` and
+///   `duplicates.kind` CHECKs as OR-ed equalities (same values), because an
+///   `IN` list made SQLite build an ephemeral index per inserted row; the
+///   uniqueness of `items.sha256` as the named index `items_sha256`, which
+///   [`insert_items_bulk`] can drop and rebuild around a bulk insert.
 pub const MIGRATIONS: &[&str] = &[
     include_str!("../../schemas/migrations/caption.sql"),
     include_str!("../../schemas/migrations/train.sql"),
+    include_str!("../../schemas/migrations/check_constraints.sql"),
 ];
 
 /// Latest schema version this build writes.
@@ -152,9 +160,28 @@ impl Manifest {
         Ok(())
     }
 
-    /// Bring the schema to [`SCHEMA_VERSION`], one transaction per step.
+    /// Bring the schema to [`SCHEMA_VERSION`], one transaction per step,
+    /// with foreign keys off while migrating (SQLite ignores that pragma
+    /// inside a transaction, and a table rebuild needs it off); each step
+    /// must leave `PRAGMA foreign_key_check` clean, or it is rolled back.
     fn migrate(&mut self) -> Result<()> {
         self.check_version_readable()?;
+        if self.user_version()? >= SCHEMA_VERSION {
+            return Ok(());
+        }
+        let path = self.db_path.clone();
+        self.conn
+            .execute_batch("PRAGMA foreign_keys = OFF;")
+            .map_err(|e| manifest_err(&path, e))?;
+        let result = self.migrate_steps();
+        let on = self
+            .conn
+            .execute_batch("PRAGMA foreign_keys = ON;")
+            .map_err(|e| manifest_err(&path, e));
+        result.and(on)
+    }
+
+    fn migrate_steps(&mut self) -> Result<()> {
         let mut v = self.user_version()?;
         let path = self.db_path.clone();
         while v < SCHEMA_VERSION {
@@ -168,6 +195,19 @@ impl Manifest {
                 .transaction()
                 .map_err(|e| manifest_err(&path, e))?;
             tx.execute_batch(sql).map_err(|e| manifest_err(&path, e))?;
+            let broken: Option<String> = tx
+                .query_row("PRAGMA foreign_key_check", [], |r| r.get(0))
+                .optional()
+                .map_err(|e| manifest_err(&path, e))?;
+            if let Some(table) = broken {
+                return Err(Error::Manifest {
+                    path,
+                    msg: format!(
+                        "migration to schema version {} leaves broken references in table {table}; nothing was changed (report this as a bug)",
+                        v + 1
+                    ),
+                });
+            }
             tx.execute_batch(&format!("PRAGMA user_version = {}", v + 1))
                 .map_err(|e| manifest_err(&path, e))?;
             tx.commit().map_err(|e| manifest_err(&path, e))?;
@@ -306,6 +346,98 @@ mod tests {
         drop(m);
         let e = Manifest::open(dir.path()).unwrap_err().to_string();
         assert!(e.contains("newer"), "{e}");
+    }
+
+    /// A version-1 manifest with rows in every table that references
+    /// `items` migrates to the current schema with its data and references
+    /// intact, and the CHECK constraints still refuse unknown values.
+    #[test]
+    fn v1_manifest_migrates_with_its_data() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let c = Connection::open(dir.path().join(MANIFEST_FILE)).unwrap();
+            c.execute_batch(SCHEMA_V1).unwrap();
+            c.execute_batch(
+                "PRAGMA user_version = 1;
+                 INSERT INTO runs (id, stage, config_json, tool_version, started_at) VALUES (1, 'import', '{}', '0', 'x');
+                 INSERT INTO items (id, sha256, path, source, status, reason, run_id, status_run_id, created_at)
+                     VALUES (7, 'aa', 'images/aa/aa.png', '/a.png', 'ok', NULL, 1, 1, 'x'),
+                            (9, 'bb', NULL, '/b.png', 'duplicate', 'near_duplicate: of item 7', 1, 1, 'x');
+                 INSERT INTO sources (item_id, path, size, mtime_ns, run_id) VALUES (7, '/a.png', 1, 2, 1);
+                 INSERT INTO duplicates VALUES (7, 7, 7, 0, 'keeper', 1), (9, 7, 7, 3, 'near', 1);",
+            )
+            .unwrap();
+        }
+        let m = Manifest::open(dir.path()).unwrap();
+        assert_eq!(m.user_version().unwrap(), SCHEMA_VERSION);
+        assert_eq!(m.integrity_check().unwrap(), "ok");
+        let fk_on: i64 = m
+            .conn()
+            .query_row("PRAGMA foreign_keys", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(fk_on, 1);
+        let rows: Vec<(i64, String, Option<String>)> = m
+            .conn()
+            .prepare("SELECT id, status, reason FROM items ORDER BY id")
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .unwrap()
+            .map(|r| r.unwrap())
+            .collect();
+        assert_eq!(
+            rows,
+            [
+                (7, "ok".into(), None),
+                (
+                    9,
+                    "duplicate".into(),
+                    Some("near_duplicate: of item 7".into())
+                )
+            ]
+        );
+        let kinds: String = m
+            .conn()
+            .query_row("SELECT group_concat(kind) FROM duplicates", [], |r| {
+                r.get(0)
+            })
+            .unwrap();
+        assert_eq!(kinds, "keeper,near");
+        for bad in [
+            "UPDATE items SET status = 'maybe' WHERE id = 7",
+            "UPDATE duplicates SET kind = 'twin' WHERE item_id = 9",
+            "INSERT INTO sources (item_id, path, size, mtime_ns, run_id) VALUES (99, '/c.png', 1, 2, 1)",
+            "INSERT INTO items (sha256, source, status, run_id, status_run_id, created_at)
+                 VALUES ('aa', '/again.png', 'ok', 1, 1, 'x')",
+        ] {
+            assert!(m.conn().execute(bad, []).is_err(), "{bad}");
+        }
+        assert!(m
+            .conn()
+            .execute("UPDATE items SET status = 'rejected' WHERE id = 7", [])
+            .is_ok());
+    }
+
+    /// The regression this schema fixes: no ephemeral index per inserted row.
+    #[test]
+    fn item_and_duplicate_inserts_build_no_ephemeral_index() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = Manifest::init(dir.path()).unwrap();
+        for sql in [
+            "EXPLAIN INSERT INTO items (sha256, path, source, width, height, format, status, reason, run_id, status_run_id, created_at)
+             VALUES ('x', NULL, 's', 1, 1, 'png', 'ok', NULL, 1, 1, 't')",
+            "EXPLAIN INSERT INTO duplicates (item_id, cluster_id, keeper_id, distance, kind, run_id) VALUES (1, 1, 1, 0, 'near', 1)",
+        ] {
+            let ops: Vec<String> = m
+                .conn()
+                .prepare(sql)
+                .unwrap()
+                .query_map([], |r| r.get(1))
+                .unwrap()
+                .map(|r| r.unwrap())
+                .collect();
+            assert!(ops.iter().any(|o| o == "Insert"), "{ops:?}");
+            assert!(!ops.iter().any(|o| o == "OpenEphemeral"), "{sql}: {ops:?}");
+        }
     }
 
     #[test]

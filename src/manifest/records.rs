@@ -20,6 +20,15 @@ pub enum ItemStatus {
 }
 
 impl ItemStatus {
+    /// [`ItemStatus::as_str`] as an SQL parameter.
+    fn as_sql(&self) -> &'static &'static str {
+        match self {
+            ItemStatus::Ok => &"ok",
+            ItemStatus::Rejected => &"rejected",
+            ItemStatus::Duplicate => &"duplicate",
+        }
+    }
+
     /// The value stored in `items.status`.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -95,26 +104,107 @@ pub struct HashRecord {
     pub dhash: u64,
 }
 
+const INSERT_ITEM: &str =
+    "INSERT INTO items (sha256, path, source, width, height, format, status, reason, run_id, status_run_id, created_at)
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?9, ?10)";
+
+/// The parameters of [`INSERT_ITEM`] for one item.
+fn item_params<'a>(
+    it: &'a NewItem,
+    run_id: &'a i64,
+    created_at: &'a dyn rusqlite::ToSql,
+) -> [&'a dyn rusqlite::ToSql; 10] {
+    [
+        &it.sha256,
+        &it.path,
+        &it.source,
+        &it.width,
+        &it.height,
+        &it.format,
+        it.status.as_sql(),
+        &it.reason,
+        run_id,
+        created_at,
+    ]
+}
+
 /// Insert an item; returns its id.
 pub fn insert_item(tx: &Transaction, run_id: i64, it: &NewItem) -> rusqlite::Result<i64> {
-    tx.prepare_cached(
-        "INSERT INTO items (sha256, path, source, width, height, format, status, reason, run_id, status_run_id, created_at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?9, ?10)",
-    )?
-    .execute(params![
-            it.sha256,
-            it.path,
-            it.source,
-            it.width,
-            it.height,
-            it.format,
-            it.status.as_str(),
-            it.reason,
-            run_id,
-            super::now()
-        ],
-    )?;
+    let now = super::now();
+    tx.prepare_cached(INSERT_ITEM)?
+        .execute(item_params(it, &run_id, &now))?;
     Ok(tx.last_insert_rowid())
+}
+
+/// Inserts many items of one run: one prepared statement and one
+/// `created_at` for all of them (the same rows as [`insert_item`], without
+/// its per-row statement-cache lookup and clock formatting).
+pub struct ItemInserter<'t> {
+    stmt: rusqlite::Statement<'t>,
+    run_id: i64,
+    created_at: String,
+}
+
+impl<'t> ItemInserter<'t> {
+    /// Prepare the insert inside `tx`.
+    pub fn new(tx: &'t Transaction<'_>, run_id: i64) -> rusqlite::Result<Self> {
+        Ok(Self {
+            stmt: tx.prepare(INSERT_ITEM)?,
+            run_id,
+            created_at: super::now(),
+        })
+    }
+
+    /// Insert one item; returns its id.
+    pub fn insert(&mut self, it: &NewItem) -> rusqlite::Result<i64> {
+        self.stmt
+            .insert(item_params(it, &self.run_id, &self.created_at))
+    }
+}
+
+/// Below this many new rows [`insert_items_bulk`] keeps the indexes:
+/// rebuilding them costs a pass over the whole table.
+pub const BULK_MIN_ROWS: usize = 10_000;
+
+/// Insert many new items of one run inside `tx` with an [`ItemInserter`];
+/// returns their ids in order. When they are at least [`BULK_MIN_ROWS`] and
+/// at least as many as the items already there, the two `items` indexes
+/// (`items_sha256`, the uniqueness of `sha256`, and `items_status`) are
+/// dropped for the insert and rebuilt after it: sorting once is cheaper
+/// than a random B-tree insert per row. All of it is inside `tx`, so
+/// readers never see the table without its indexes and a kill rolls it all
+/// back. An error (e.g. a `sha256` already present, found when the unique
+/// index is rebuilt) leaves `tx` to be rolled back: drop it, do not commit.
+pub fn insert_items_bulk<I>(
+    tx: &Transaction<'_>,
+    run_id: i64,
+    items: I,
+) -> rusqlite::Result<Vec<i64>>
+where
+    I: IntoIterator,
+    I::IntoIter: ExactSizeIterator,
+    I::Item: std::borrow::Borrow<NewItem>,
+{
+    let items = items.into_iter();
+    let existing: i64 = tx.query_row("SELECT count(*) FROM items", [], |r| r.get(0))?;
+    let rebuild = items.len() >= BULK_MIN_ROWS && items.len() as i64 >= existing;
+    if rebuild {
+        tx.execute_batch("DROP INDEX IF EXISTS items_sha256; DROP INDEX IF EXISTS items_status;")?;
+    }
+    let mut ids = Vec::with_capacity(items.len());
+    {
+        let mut ins = ItemInserter::new(tx, run_id)?;
+        for it in items {
+            ids.push(ins.insert(std::borrow::Borrow::borrow(&it))?);
+        }
+    }
+    if rebuild {
+        tx.execute_batch(
+            "CREATE UNIQUE INDEX items_sha256 ON items(sha256);
+             CREATE INDEX items_status ON items(status, reason);",
+        )?;
+    }
+    Ok(ids)
 }
 
 /// Record one source path of an item (a changed file at a known path
@@ -246,6 +336,84 @@ pub fn split_tags(caption: &str) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn item_inserter_writes_the_same_rows_as_insert_item() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut m = super::super::Manifest::init(dir.path()).unwrap();
+        let run = m.begin_run("test", &serde_json::json!({})).unwrap();
+        let item = |k: u32| NewItem {
+            sha256: format!("{k:064x}"),
+            path: Some(format!("images/00/{k}.png")),
+            source: format!("/src/{k}.png"),
+            width: Some(k),
+            height: Some(2 * k),
+            format: Some("png".into()),
+            status: if k % 2 == 0 {
+                ItemStatus::Ok
+            } else {
+                ItemStatus::Rejected
+            },
+            reason: (k % 2 == 1).then(|| "corrupt: x".to_string()),
+        };
+        let tx = m.conn_mut().transaction().unwrap();
+        let a = insert_item(&tx, run, &item(1)).unwrap();
+        let mut ins = ItemInserter::new(&tx, run).unwrap();
+        let b = ins.insert(&item(2)).unwrap();
+        let c = ins.insert(&item(3)).unwrap();
+        drop(ins);
+        tx.commit().unwrap();
+        assert_eq!((b, c), (a + 1, a + 2));
+        let index_count = |c: &rusqlite::Connection| -> i64 {
+            c.query_row(
+                "SELECT count(*) FROM sqlite_master WHERE type = 'index' AND name IN ('items_sha256', 'items_status')",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap()
+        };
+        // Bulk: the same rows, the indexes back afterwards.
+        let many: Vec<NewItem> = (4..4 + BULK_MIN_ROWS as u32).map(item).collect();
+        let tx = m.conn_mut().transaction().unwrap();
+        let ids = insert_items_bulk(&tx, run, many.iter()).unwrap();
+        assert_eq!(ids.len(), BULK_MIN_ROWS);
+        assert_eq!(
+            (ids[0], ids[ids.len() - 1]),
+            (c + 1, c + BULK_MIN_ROWS as i64)
+        );
+        assert_eq!(index_count(&tx), 2);
+        let plan: String = tx
+            .query_row(
+                "EXPLAIN QUERY PLAN SELECT id FROM items WHERE sha256 = 'x'",
+                [],
+                |r| r.get(3),
+            )
+            .unwrap();
+        assert!(plan.contains("items_sha256"), "{plan}");
+        // A sha256 that is already there fails the rebuild: roll back.
+        let again: Vec<NewItem> = (0..2 * BULK_MIN_ROWS as u32).map(|k| item(k + 3)).collect();
+        assert!(insert_items_bulk(&tx, run, again.iter()).is_err());
+        drop(tx);
+        assert_eq!(index_count(m.conn()), 2);
+        let rows: Vec<(String, String, Option<String>, i64, i64)> = m
+            .conn()
+            .prepare("SELECT sha256, status, reason, width, status_run_id FROM items ORDER BY id")
+            .unwrap()
+            .query_map([], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+            })
+            .unwrap()
+            .map(|r| r.unwrap())
+            .collect();
+        assert_eq!(rows.len(), 3);
+        for (k, row) in (1..=3).zip(&rows) {
+            let it = item(k);
+            assert_eq!(row.0, it.sha256);
+            assert_eq!(row.1, it.status.as_str());
+            assert_eq!(row.2, it.reason);
+            assert_eq!((row.3, row.4), (i64::from(k), run));
+        }
+    }
 
     #[test]
     fn split_tags_trims_and_dedups() {

@@ -89,6 +89,15 @@ impl Verdict {
         }
     }
 
+    /// The verdict's name (`same`, `moderate`, `different`), as in the JSON.
+    pub fn name(self) -> &'static str {
+        match self {
+            Verdict::Same => "same",
+            Verdict::Moderate => "moderate",
+            Verdict::Different => "different",
+        }
+    }
+
     /// A sentence for the user.
     pub fn message(self) -> &'static str {
         match self {

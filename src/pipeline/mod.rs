@@ -11,6 +11,9 @@
 //!   with rescale, sampler), per-image seeded CPU noise (the seed of image k
 //!   is seed + k, A1111's convention), f32 VAE decode, PNGs with A1111
 //!   `parameters` infotext, atomic writes.
+//! - [`latent`]: one image from a given starting latent, σ list and
+//!   schedule (the entry point of the end-to-end golden against diffusers'
+//!   `StableDiffusionXLPipeline`), with UNet call counts.
 //! - [`diagnose`]: how differently the model treats `""` and zeroed
 //!   conditioning.
 //! - [`tiny`]: seeded random checkpoints (tiny, or any configs) for tests,
@@ -20,6 +23,7 @@
 //! checkpoint path.
 
 pub mod diagnose;
+pub mod latent;
 pub mod model;
 pub mod sample;
 pub mod tiny;

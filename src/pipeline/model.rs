@@ -15,6 +15,7 @@
 //! refused: their σ parameterisation is not the SDXL discrete schedule.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use candle_core::{DType, Device, Tensor};
 
@@ -216,7 +217,10 @@ impl SdxlModel {
         };
         let ztsnr = opts.ztsnr.unwrap_or(pinfo.ztsnr);
         let mut warnings = pinfo.warnings.clone();
-        if ztsnr && prediction == Prediction::Eps && opts.prediction.is_some() {
+        // Asked for on the command line (a file's own contradiction is in
+        // the checkpoint's warnings already).
+        let asked = opts.prediction.is_some() || opts.ztsnr == Some(true);
+        if ztsnr && prediction == Prediction::Eps && asked {
             warnings.push(
                 "ZTSNR with eps prediction: the first step (alpha_bar ~ 0) cannot be predicted from eps; use --prediction v".into(),
             );
@@ -320,6 +324,9 @@ pub struct Bound<'a> {
     batch: usize,
     /// Whether `context`/`y` hold an uncond branch after the cond one.
     paired: bool,
+    /// UNet calls made so far, and the rows (images × branches) they ran.
+    calls: AtomicUsize,
+    rows: AtomicUsize,
 }
 
 impl<'a> Bound<'a> {
@@ -358,12 +365,25 @@ impl<'a> Bound<'a> {
             y,
             batch,
             paired: uncond.is_some(),
+            calls: AtomicUsize::new(0),
+            rows: AtomicUsize::new(0),
         })
+    }
+
+    /// UNet calls made through this binding so far, and the rows they ran
+    /// (a CFG step runs 2 rows per image in one call; CFG 1 runs 1).
+    pub fn unet_calls(&self) -> (usize, usize) {
+        (
+            self.calls.load(Ordering::Relaxed),
+            self.rows.load(Ordering::Relaxed),
+        )
     }
 
     /// Raw UNet call on rows that match `context`/`y`.
     fn call(&self, x_t: &Tensor, timestep: f64) -> Result<Tensor> {
         let rows = x_t.dim(0)?;
+        self.calls.fetch_add(1, Ordering::Relaxed);
+        self.rows.fetch_add(rows, Ordering::Relaxed);
         let ts = Tensor::full(timestep as f32, rows, x_t.device())?; // (rows,)
         Ok(self.unet.forward(x_t, &ts, &self.context, &self.y)?)
     }

@@ -12,9 +12,14 @@
 //! Never upscales beyond `max_upscale`: an image that would need more is
 //! rejected with reason `too_small` and the stage goes on.
 //!
-//! Resumable: items that already have a bucket row are skipped (`force`
-//! redoes all); each batch's files are written (temp + rename) before its
-//! transaction commits.
+//! Rerunnable ([`plan_item`]): an item bucketed or rejected by a bucket run
+//! with the same settings (bucket set, crop, seed, upscale limit) keeps its
+//! decision; one decided with other settings is decided again, and `force`
+//! redoes everything. Items rejected by other stages are never touched.
+//! Each batch's files are written (temp + rename) before its transaction
+//! commits; that transaction replaces each item's old decision (status,
+//! bucket row) with the new one, and replaced bucket images are removed
+//! after it, so a `kill -9` leaves every item with one consistent decision.
 
 use std::path::Path;
 use std::time::Instant;
@@ -49,7 +54,7 @@ pub enum BucketSet {
 }
 
 /// Configuration of the bucket stage.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct BucketConfig {
     /// Bucket set.
@@ -120,9 +125,17 @@ pub struct BucketReport {
     pub run_id: i64,
     /// Items bucketed now.
     pub bucketed: usize,
-    /// Items that already had a bucket.
+    /// Items that already had a bucket made with these settings.
     pub already: usize,
-    /// Items rejected (too small, unreadable), by reason code.
+    /// Items bucketed before with other settings (or `force`), done again
+    /// (counted in `bucketed` or `rejected`).
+    pub rebucketed: usize,
+    /// Items an earlier bucket run rejected with other settings (or
+    /// `force`), decided again (counted in `bucketed` or `rejected`).
+    pub reconsidered: usize,
+    /// Items a bucket run rejected with these same settings: left rejected.
+    pub still_rejected: usize,
+    /// Items rejected by this run (too small, unreadable), by reason code.
     pub rejected: std::collections::BTreeMap<String, usize>,
     /// Histogram of this run's buckets: "WxH" → count.
     pub histogram: std::collections::BTreeMap<String, usize>,
@@ -223,6 +236,71 @@ fn process(
     })))
 }
 
+/// The settings a bucket decision depends on (everything but `force` and
+/// `batch`): two runs with equal settings make the same decisions.
+fn same_settings(a: &BucketConfig, b: &BucketConfig) -> bool {
+    a.buckets == b.buckets && a.crop == b.crop && a.seed == b.seed && a.max_upscale == b.max_upscale
+}
+
+/// An item as the bucket rerun rule sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ItemState {
+    /// Status ok, no bucket yet.
+    Unbucketed,
+    /// Status ok with a bucket made by a run with this run's settings
+    /// (`true`) or other settings (`false`).
+    Bucketed {
+        /// The bucket was made with the current settings.
+        same_settings: bool,
+    },
+    /// Rejected by a bucket run with this run's settings (`true`) or other
+    /// settings (`false`). Items rejected by other stages never get here.
+    RejectedByBucket {
+        /// The rejection was made with the current settings.
+        same_settings: bool,
+    },
+}
+
+/// What bucket does with one item.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ItemPlan {
+    /// Bucket it (first time).
+    Bucket,
+    /// Bucket it again: it was bucketed under other settings, or `force`.
+    Rebucket,
+    /// Decide again on an item an earlier bucket run rejected.
+    Reconsider,
+    /// Its bucket stands.
+    KeepBucket,
+    /// Its rejection stands (same settings, no `force`).
+    KeepRejection,
+}
+
+/// The rerun rule of `bucket`, over plain data: a decision made with other
+/// settings (or any decision, with `force`) is made again.
+pub fn plan_item(state: ItemState, force: bool) -> ItemPlan {
+    match state {
+        ItemState::Unbucketed => ItemPlan::Bucket,
+        ItemState::Bucketed { same_settings } if force || !same_settings => ItemPlan::Rebucket,
+        ItemState::Bucketed { .. } => ItemPlan::KeepBucket,
+        ItemState::RejectedByBucket { same_settings } if force || !same_settings => {
+            ItemPlan::Reconsider
+        }
+        ItemState::RejectedByBucket { .. } => ItemPlan::KeepRejection,
+    }
+}
+
+/// One item to process.
+struct Todo {
+    item_id: i64,
+    sha: String,
+    rel: String,
+    /// Path of its current bucket image, if any (removed when replaced).
+    old_bucket: Option<String>,
+    /// Its status is a bucket rejection (set back to ok when it succeeds).
+    was_rejected: bool,
+}
+
 /// Run the bucket stage.
 pub fn run(cfg: &BucketConfig, m: &mut Manifest, ctx: &Ctx) -> Result<BucketReport> {
     let t0 = Instant::now();
@@ -234,39 +312,72 @@ pub fn run(cfg: &BucketConfig, m: &mut Manifest, ctx: &Ctx) -> Result<BucketRepo
     }
     let list = cfg.bucket_list()?;
     super::import::sweep_temp_files(&m.root().join("buckets"))?;
+    let same =
+        super::runs_with_same_settings(m, "bucket", |c: &BucketConfig| same_settings(c, cfg))?;
     let run_id = m.begin_run("bucket", cfg)?;
     let mut report = BucketReport {
         run_id,
         ..Default::default()
     };
-    let todo: Vec<(i64, String, String)> = {
-        let sql = if cfg.force {
-            "SELECT id, sha256, path FROM items WHERE status = 'ok' AND path IS NOT NULL ORDER BY id"
-        } else {
-            "SELECT id, sha256, path FROM items i WHERE status = 'ok' AND path IS NOT NULL
-             AND NOT EXISTS (SELECT 1 FROM buckets b WHERE b.item_id = i.id) ORDER BY id"
-        };
-        let mut st = m.conn().prepare(sql).map_err(|e| m.err(e))?;
-        let rows = st
-            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+    // Ok items and the items a bucket run rejected; never other stages' rejections.
+    let mut todo: Vec<Todo> = Vec::new();
+    {
+        let mut st = m
+            .conn()
+            .prepare(
+                "SELECT i.id, i.sha256, i.path, i.status, i.status_run_id, b.run_id, b.path
+                 FROM items i LEFT JOIN runs r ON r.id = i.status_run_id
+                      LEFT JOIN buckets b ON b.item_id = i.id
+                 WHERE i.path IS NOT NULL
+                   AND (i.status = 'ok' OR (i.status = 'rejected' AND r.stage = 'bucket'))
+                 ORDER BY i.id",
+            )
             .map_err(|e| m.err(e))?;
-        rows.collect::<rusqlite::Result<_>>()
-            .map_err(|e| m.err(e))?
-    };
-    let ok_total: i64 = m
-        .conn()
-        .query_row("SELECT count(*) FROM items WHERE status = 'ok'", [], |r| {
-            r.get(0)
-        })
-        .map_err(|e| m.err(e))?;
-    report.already = (ok_total as usize).saturating_sub(todo.len());
+        let mut rows = st.query([]).map_err(|e| m.err(e))?;
+        while let Some(r) = rows.next().map_err(|e| m.err(e))? {
+            let status: String = r.get(3).map_err(|e| m.err(e))?;
+            let status_run: i64 = r.get(4).map_err(|e| m.err(e))?;
+            let bucket_run: Option<i64> = r.get(5).map_err(|e| m.err(e))?;
+            let state = if status == "rejected" {
+                ItemState::RejectedByBucket {
+                    same_settings: same.contains(&status_run),
+                }
+            } else {
+                match bucket_run {
+                    None => ItemState::Unbucketed,
+                    Some(b) => ItemState::Bucketed {
+                        same_settings: same.contains(&b),
+                    },
+                }
+            };
+            let plan = plan_item(state, cfg.force);
+            match plan {
+                ItemPlan::KeepBucket => report.already += 1,
+                ItemPlan::KeepRejection => report.still_rejected += 1,
+                ItemPlan::Bucket | ItemPlan::Rebucket | ItemPlan::Reconsider => {
+                    match plan {
+                        ItemPlan::Rebucket => report.rebucketed += 1,
+                        ItemPlan::Reconsider => report.reconsidered += 1,
+                        _ => {}
+                    }
+                    todo.push(Todo {
+                        item_id: r.get(0).map_err(|e| m.err(e))?,
+                        sha: r.get(1).map_err(|e| m.err(e))?,
+                        rel: r.get(2).map_err(|e| m.err(e))?,
+                        old_bucket: r.get(6).map_err(|e| m.err(e))?,
+                        was_rejected: status == "rejected",
+                    });
+                }
+            }
+        }
+    }
     let root = m.root().to_path_buf();
     let pb = ctx.bar(todo.len() as u64, "bucket");
     for chunk in todo.chunks(cfg.batch.max(1)) {
         let outcomes: Vec<Result<Outcome>> = chunk
             .par_iter()
-            .map(|(id, sha, rel)| {
-                let r = process(&root, cfg, &list, *id, sha, rel);
+            .map(|t| {
+                let r = process(&root, cfg, &list, t.item_id, &t.sha, &t.rel);
                 pb.inc(1);
                 r
             })
@@ -274,9 +385,11 @@ pub fn run(cfg: &BucketConfig, m: &mut Manifest, ctx: &Ctx) -> Result<BucketRepo
         let path = m.db_path().to_path_buf();
         let map = crate::manifest::sql_err(&path);
         let tx = m.conn_mut().transaction().map_err(map)?;
-        for o in outcomes {
-            match o {
-                Ok(Outcome::Done(d)) => {
+        // Bucket images this batch replaces or orphans, removed after the commit.
+        let mut stale: Vec<String> = Vec::new();
+        for (t, o) in chunk.iter().zip(outcomes) {
+            match o? {
+                Outcome::Done(d) => {
                     let p = &d.placed;
                     tx.execute(
                         "INSERT OR REPLACE INTO buckets (item_id, bucket_w, bucket_h, orig_w, orig_h, resized_w, resized_h,
@@ -299,28 +412,86 @@ pub fn run(cfg: &BucketConfig, m: &mut Manifest, ctx: &Ctx) -> Result<BucketRepo
                         ],
                     )
                     .map_err(map)?;
+                    if t.was_rejected {
+                        tx.execute(
+                            "UPDATE items SET status = 'ok', reason = NULL, status_run_id = ?2 WHERE id = ?1",
+                            params![d.item_id, run_id],
+                        )
+                        .map_err(map)?;
+                    }
+                    stale.extend(t.old_bucket.clone().filter(|old| *old != d.rel));
                     report.bucketed += 1;
                     *report
                         .histogram
                         .entry(format!("{}x{}", d.bucket.width, d.bucket.height))
                         .or_default() += 1;
                 }
-                Ok(Outcome::Rejected { item_id, reason }) => {
+                Outcome::Rejected { item_id, reason } => {
                     tx.execute(
                         "UPDATE items SET status = 'rejected', reason = ?2, status_run_id = ?3 WHERE id = ?1",
                         params![item_id, reason, run_id],
                     )
                     .map_err(map)?;
+                    tx.execute("DELETE FROM buckets WHERE item_id = ?1", [item_id])
+                        .map_err(map)?;
+                    stale.extend(t.old_bucket.clone());
                     let code = reason.split(':').next().unwrap_or("unknown").to_string();
                     *report.rejected.entry(code).or_default() += 1;
                 }
-                Err(e) => return Err(e),
             }
         }
         tx.commit().map_err(map)?;
+        for rel in stale {
+            // Best effort: a leftover file is harmless (no row points at it).
+            let _ = std::fs::remove_file(root.join(rel));
+        }
     }
     pb.finish_and_clear();
     report.seconds = t0.elapsed().as_secs_f64();
     m.end_run(run_id, true, &report)?;
     Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rerun_rule_remakes_own_decisions_made_with_other_settings() {
+        use ItemPlan::*;
+        use ItemState::*;
+        let same = |s| Bucketed { same_settings: s };
+        let rej = |s| RejectedByBucket { same_settings: s };
+        for force in [false, true] {
+            assert_eq!(plan_item(Unbucketed, force), Bucket);
+            assert_eq!(plan_item(same(false), force), Rebucket);
+            assert_eq!(plan_item(rej(false), force), Reconsider);
+        }
+        assert_eq!(plan_item(same(true), false), KeepBucket);
+        assert_eq!(plan_item(same(true), true), Rebucket);
+        assert_eq!(plan_item(rej(true), false), KeepRejection);
+        assert_eq!(plan_item(rej(true), true), Reconsider);
+    }
+
+    #[test]
+    fn settings_ignore_force_and_batch() {
+        let a = BucketConfig::default();
+        let b = BucketConfig {
+            force: true,
+            batch: 3,
+            ..BucketConfig::default()
+        };
+        assert!(same_settings(&a, &b));
+        let c = BucketConfig {
+            max_upscale: 2.0,
+            ..BucketConfig::default()
+        };
+        assert!(!same_settings(&a, &c));
+        // A stored config reads back equal.
+        let json = serde_json::to_string(&c).unwrap();
+        assert!(same_settings(
+            &serde_json::from_str::<BucketConfig>(&json).unwrap(),
+            &c
+        ));
+    }
 }

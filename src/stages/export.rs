@@ -3,8 +3,22 @@
 //! - `kohya`: a DreamBooth-style folder `<repeats>_<name>/` with each ok
 //!   item's training image (the bucketed image when bucketed, otherwise the
 //!   original) and a `.txt` caption beside it, plus `meta_lat.json` at the
-//!   top (`{stem: {caption, tags, image_size: [w, h], train_resolution:
-//!   [w, h]}}`, the layout kohya's fine-tuning `--in_json` reads).
+//!   top, the metadata kohya's fine-tuning loader reads (`--in_json`, with
+//!   `--train_data_dir` = the `<repeats>_<name>/` folder). The contract,
+//!   checked against sd-scripts' `FineTuningDataset` and
+//!   `DreamBoothDataset` (`library/train_util.py`):
+//!   - keys of `meta_lat.json` are the image **file names with extension**,
+//!     relative to the image folder (kohya joins them to `image_dir`; a stem
+//!     without extension is only found when a latent cache exists);
+//!   - `caption` is the chosen caption on one line; `tags` holds only the
+//!     tags the caption does not already contain (kohya appends `tags` to
+//!     `caption`), so nothing is trained twice; empty fields are left out;
+//!   - `image_size` and `train_resolution` are the size of the exported
+//!     file (`[w, h]`, the bucket size when bucketed);
+//!   - the `.txt` holds what the fine-tuning loader trains on (`caption,
+//!     tags`) on one line, since the DreamBooth loader reads the first line
+//!     only and stops at an empty caption file: items without any caption
+//!     get no `.txt` and are listed in the report (`uncaptioned_files`).
 //! - `hf`: an imagefolder (`train/` with the images and `metadata.jsonl`,
 //!   `file_name` + `text` + tags + sizes), loadable with
 //!   `datasets.load_dataset("imagefolder", data_dir=…)`.
@@ -142,8 +156,67 @@ pub struct ExportReport {
     pub written: usize,
     /// Ok items skipped because their image file is missing.
     pub missing: usize,
-    /// Ok items exported without a caption.
+    /// Ok items exported without any caption text (kohya: neither caption
+    /// nor tags; hf: no caption).
     pub uncaptioned: usize,
+    /// The exported file names of those items (kohya: they have no `.txt`,
+    /// so kohya's DreamBooth loader gives them the folder's class token).
+    pub uncaptioned_files: Vec<String>,
+}
+
+/// What the kohya export writes for one image.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KohyaEntry {
+    /// `meta_lat.json` `caption`: the chosen caption on one line.
+    pub caption: String,
+    /// `meta_lat.json` `tags`: the item's tags that the caption does not
+    /// already hold, comma separated (kohya appends them to the caption).
+    pub tags: String,
+    /// The `.txt` caption: what kohya's fine-tuning loader trains on,
+    /// `caption, tags`, so both loaders see the same text; empty = no file.
+    pub text: String,
+}
+
+/// One line for kohya: kohya's DreamBooth loader reads only the first line
+/// of a `.txt`, so line breaks become `, ` (blank lines dropped).
+pub fn one_line(text: &str) -> String {
+    let mut out = String::new();
+    for line in text.lines().map(str::trim).filter(|l| !l.is_empty()) {
+        if !out.is_empty() {
+            out.push_str(if out.ends_with(',') { " " } else { ", " });
+        }
+        out.push_str(line);
+    }
+    out
+}
+
+/// The kohya text of one item: kohya's fine-tuning loader trains on
+/// `caption + ", " + tags`, so tags already in the caption (as one of its
+/// comma-separated pieces) are left out of `tags`, and nothing repeats.
+pub fn kohya_entry(caption: Option<&str>, tags: Option<&str>) -> KohyaEntry {
+    let caption = one_line(caption.unwrap_or(""));
+    let in_caption: std::collections::HashSet<&str> = caption
+        .split(',')
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .collect();
+    let mut extra: Vec<&str> = Vec::new();
+    for t in tags.unwrap_or("").split(',').map(str::trim) {
+        if !t.is_empty() && !in_caption.contains(t) && !extra.contains(&t) {
+            extra.push(t);
+        }
+    }
+    let tags = extra.join(", ");
+    let text = match (caption.is_empty(), tags.is_empty()) {
+        (_, true) => caption.clone(),
+        (true, false) => tags.clone(),
+        (false, false) => format!("{caption}, {tags}"),
+    };
+    KohyaEntry {
+        caption,
+        tags,
+        text,
+    }
 }
 
 fn caption_rank(source: &str) -> usize {
@@ -287,10 +360,16 @@ impl Staged {
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_else(|| "export".into());
-        let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
-        if tmp.exists() {
-            remove_any(&tmp)?;
+        // Sweep what killed exports left (`.<name>.tmp-<pid>` of any pid);
+        // stages on one dataset do not run concurrently.
+        let stale = format!(".{name}.tmp-");
+        for entry in fs::read_dir(parent).at(parent)? {
+            let entry = entry.at(parent)?;
+            if entry.file_name().to_string_lossy().starts_with(&stale) {
+                remove_any(&entry.path())?;
+            }
         }
+        let tmp = parent.join(format!("{stale}{}", std::process::id()));
         Ok(Self {
             tmp,
             final_path: final_path.to_path_buf(),
@@ -451,26 +530,35 @@ pub fn run(cfg: &ExportConfig, m: &mut Manifest, ctx: &Ctx) -> Result<ExportRepo
                 let file_name = format!("{stem}.{ext}");
                 link_or_copy(&src, &img_dir.join(&file_name))?;
                 let caption = r.caption.clone().unwrap_or_default();
-                if r.caption.is_none() {
-                    report.uncaptioned += 1;
-                }
+                // The exported file's size: the bucket when bucketed, else the original.
                 let (tw, th) = match (r.bucket_w, r.bucket_h) {
                     (Some(w), Some(h)) => (w, h),
                     _ => (r.width.unwrap_or(0), r.height.unwrap_or(0)),
                 };
                 if cfg.format == ExportFormat::Kohya {
-                    let txt = img_dir.join(format!("{stem}.txt"));
-                    fs::write(&txt, &caption).at(&txt)?;
-                    meta.insert(
-                        stem.clone(),
-                        serde_json::json!({
-                            "caption": caption,
-                            "tags": r.tags.clone().unwrap_or_default(),
-                            "image_size": [r.width, r.height],
-                            "train_resolution": [tw, th],
-                        }),
-                    );
+                    let k = kohya_entry(r.caption.as_deref(), r.tags.as_deref());
+                    if k.text.is_empty() {
+                        report.uncaptioned += 1;
+                        report.uncaptioned_files.push(file_name.clone());
+                    } else {
+                        let txt = img_dir.join(format!("{stem}.txt"));
+                        fs::write(&txt, format!("{}\n", k.text)).at(&txt)?;
+                    }
+                    let mut entry = serde_json::Map::new();
+                    if !k.caption.is_empty() {
+                        entry.insert("caption".into(), k.caption.into());
+                    }
+                    if !k.tags.is_empty() {
+                        entry.insert("tags".into(), k.tags.into());
+                    }
+                    entry.insert("image_size".into(), serde_json::json!([tw, th]));
+                    entry.insert("train_resolution".into(), serde_json::json!([tw, th]));
+                    meta.insert(file_name.clone(), serde_json::Value::Object(entry));
                 } else {
+                    if caption.trim().is_empty() {
+                        report.uncaptioned += 1;
+                        report.uncaptioned_files.push(file_name.clone());
+                    }
                     let line = serde_json::json!({
                         "file_name": file_name,
                         "text": caption,
@@ -506,6 +594,56 @@ pub fn run(cfg: &ExportConfig, m: &mut Manifest, ctx: &Ctx) -> Result<ExportRepo
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A killed export (its temporary sibling left behind) leaves the
+    /// previous export intact; the next export sweeps the leftover and
+    /// replaces the old export whole.
+    #[test]
+    fn staged_export_replaces_whole_and_sweeps_leftovers() {
+        let d = tempfile::tempdir().unwrap();
+        let out = d.path().join("kohya");
+        fs::create_dir_all(out.join("1_old")).unwrap();
+        fs::write(out.join("meta_lat.json"), b"{}").unwrap();
+        // A run killed before its commit: its temp dir stays, `out` is untouched.
+        let killed = d.path().join(".kohya.tmp-999999");
+        fs::create_dir_all(killed.join("1_half")).unwrap();
+        let st = Staged::new(&out).unwrap();
+        assert!(!killed.exists(), "leftover not swept");
+        assert!(out.join("1_old").is_dir());
+        fs::create_dir_all(st.tmp.join("1_new")).unwrap();
+        st.commit().unwrap();
+        assert!(out.join("1_new").is_dir() && !out.join("1_old").exists());
+        let names: Vec<String> = fs::read_dir(d.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names, ["kohya"]);
+    }
+
+    #[test]
+    fn kohya_text_never_repeats_caption_and_tags() {
+        let e = kohya_entry(
+            Some("1girl, solo, red circle"),
+            Some("1girl, red circle, solo"),
+        );
+        assert_eq!(e.caption, "1girl, solo, red circle");
+        assert_eq!(e.tags, "");
+        assert_eq!(e.text, "1girl, solo, red circle");
+        let e = kohya_entry(
+            Some("a photo of a cat"),
+            Some("cat, a photo of a cat, indoors, cat"),
+        );
+        assert_eq!(e.tags, "cat, indoors");
+        assert_eq!(e.text, "a photo of a cat, cat, indoors");
+        let e = kohya_entry(None, Some("smile, solo"));
+        assert_eq!((e.caption.as_str(), e.text.as_str()), ("", "smile, solo"));
+        let e = kohya_entry(Some("  \n "), None);
+        assert_eq!(e.text, "");
+        assert_eq!(
+            one_line("line one\n\n  line two,\nthree"),
+            "line one, line two, three"
+        );
+    }
 
     #[test]
     fn caption_priority_prefers_policy_then_tagger_then_sidecars() {

@@ -1,6 +1,7 @@
 //! `eps2v import DIR --from FOLDER`: bring existing images into a dataset.
 //!
-//! For every image file under `--from` (recursive, sorted, by extension):
+//! For every image file under `--from` (recursive, sorted, by extension;
+//! symbolic links followed with loop detection, see [`super::walk`]):
 //! read the bytes once, sha256 them (the content address), decode once with
 //! limits (decompression bombs are refused before allocation), compute the
 //! pixel sha256 / pHash / dHash from that same decode, read A1111
@@ -13,10 +14,13 @@
 //! recorded as `rejected` with a reason code and the import goes on.
 //!
 //! Resumable and idempotent: a source path already recorded with the same
-//! size and mtime is skipped; results are committed in batches, each in
-//! one transaction *after* its image files are in place, so a `kill -9`
-//! loses at most the batch in flight (redone on rerun; files already
-//! copied are recognised by their content address).
+//! size and mtime is skipped, unless import itself rejected its item under
+//! other decode limits (`--max-side`, `--max-pixels`): then this run decides
+//! again ([`plan_file`]); items rejected by other stages are never
+//! touched. Results are committed in batches, each in one transaction
+//! *after* its image files are in place, so a `kill -9` loses at most the
+//! batch in flight (redone on rerun; files already copied are recognised by
+//! their content address).
 
 use std::collections::HashMap;
 use std::fs;
@@ -24,6 +28,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Instant, UNIX_EPOCH};
 
 use rayon::prelude::*;
+use rusqlite::OptionalExtension;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -32,11 +37,7 @@ use crate::error::{Error, IoContext, Result};
 use crate::imaging::{self, decode::DecodeLimits};
 use crate::manifest::{self, GenerationParams, HashRecord, ItemStatus, Manifest, NewItem};
 
-/// File extensions considered images (case-insensitive). The content is
-/// sniffed regardless; a mismatch is recorded as a note.
-pub const IMAGE_EXTENSIONS: &[&str] = &[
-    "png", "jpg", "jpeg", "jpe", "jfif", "webp", "gif", "bmp", "tif", "tiff",
-];
+pub use super::walk::IMAGE_EXTENSIONS;
 
 /// Configuration of the import stage.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -51,7 +52,7 @@ pub struct ImportConfig {
 }
 
 /// Decode limits, in config form.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ImportLimits {
     /// Largest accepted width or height, in pixels.
@@ -108,15 +109,21 @@ pub struct Failure {
 pub struct ImportReport {
     /// Run id.
     pub run_id: i64,
-    /// Image files found under `--from`.
+    /// Image files found under `--from` (links to files included).
     pub found: usize,
+    /// Entries of `--from` that were not image files nor folders to walk:
+    /// broken links, FIFOs, sockets, devices, link loops, unreadable folders.
+    pub skipped: super::walk::Skipped,
     /// Already imported earlier (same path, size, mtime): skipped.
     pub already_imported: usize,
-    /// New ok items.
+    /// New ok items (including earlier rejections that now decode).
     pub imported: usize,
     /// Files whose bytes equal an item already in the dataset.
     pub same_file: usize,
-    /// New rejected items, by reason code.
+    /// Items an earlier import had rejected under other limits, decided
+    /// again by this run (counted again in `imported` or `rejected`).
+    pub reconsidered: usize,
+    /// Items rejected by this run, by reason code.
     pub rejected: std::collections::BTreeMap<String, usize>,
     /// Every newly rejected file with its reason (`corrupt: …`), in the
     /// order written; the summary prints one line each.
@@ -173,36 +180,10 @@ fn mtime_ns(meta: &fs::Metadata) -> i64 {
         .unwrap_or(0)
 }
 
-/// List image files under `from`, sorted.
+/// List image files under `from`, sorted (links followed; see
+/// [`super::walk`]).
 pub fn list_images(from: &Path) -> Result<Vec<PathBuf>> {
-    if !from.is_dir() {
-        return Err(Error::config(format!(
-            "{}: not a folder; pass the folder of images to import with --from",
-            from.display()
-        )));
-    }
-    let mut out = Vec::new();
-    let mut stack = vec![from.to_path_buf()];
-    while let Some(dir) = stack.pop() {
-        for entry in fs::read_dir(&dir).at(&dir)? {
-            let entry = entry.at(&dir)?;
-            let path = entry.path();
-            let ft = entry.file_type().at(&path)?;
-            if ft.is_dir() {
-                stack.push(path);
-            } else if ft.is_file() {
-                let ext = path
-                    .extension()
-                    .and_then(|e| e.to_str())
-                    .map(|e| e.to_ascii_lowercase());
-                if ext.is_some_and(|e| IMAGE_EXTENSIONS.contains(&e.as_str())) {
-                    out.push(path);
-                }
-            }
-        }
-    }
-    out.sort();
-    Ok(out)
+    Ok(super::walk::list_images(from)?.files)
 }
 
 /// Read the kohya-style sidecar captions of `image` (`stem.txt`, `stem.caption`).
@@ -390,6 +371,40 @@ pub fn generation_from_infotext(raw: &str, origin: &str) -> GenerationParams {
     }
 }
 
+/// A source path the manifest already has, as [`plan_file`] sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KnownSource {
+    /// Recorded size.
+    pub size: i64,
+    /// Recorded mtime.
+    pub mtime_ns: i64,
+    /// Its item was rejected by an `import` run whose decode limits differ
+    /// from this run's (so this run may decide otherwise).
+    pub rejected_under_other_limits: bool,
+}
+
+/// What `import` does with one file it found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FilePlan {
+    /// Not seen before, or changed since: process it.
+    Process,
+    /// Seen, unchanged, but import rejected it under other limits: process
+    /// it again (a stage remakes its own rejections, never another's).
+    Reconsider,
+    /// Seen and unchanged, its decision stands.
+    Skip,
+}
+
+/// The rerun rule of `import`, over plain data.
+pub fn plan_file(known: Option<&KnownSource>, size: i64, mtime_ns: i64) -> FilePlan {
+    match known {
+        None => FilePlan::Process,
+        Some(k) if k.size != size || k.mtime_ns != mtime_ns => FilePlan::Process,
+        Some(k) if k.rejected_under_other_limits => FilePlan::Reconsider,
+        Some(_) => FilePlan::Skip,
+    }
+}
+
 /// Run the import stage.
 pub fn run(cfg: &ImportConfig, m: &mut Manifest, ctx: &Ctx) -> Result<ImportReport> {
     let t0 = Instant::now();
@@ -399,37 +414,53 @@ pub fn run(cfg: &ImportConfig, m: &mut Manifest, ctx: &Ctx) -> Result<ImportRepo
             cfg.from.display()
         ))
     })?;
-    let files = list_images(&from)?;
+    let listing = super::walk::list_images(&from)?;
     let limits = DecodeLimits::from(cfg.limits);
     sweep_temp_files(&m.root().join("images"))?;
     let run_id = m.begin_run("import", cfg)?;
     let mut report = ImportReport {
         run_id,
-        found: files.len(),
+        found: listing.files.len(),
+        skipped: listing.skipped,
         ..Default::default()
     };
-    // Sources already recorded: path -> (size, mtime).
-    let known: HashMap<String, (i64, i64)> = {
+    // Import runs whose rejections stand: those with these decode limits.
+    let same_limits =
+        super::runs_with_same_settings(m, "import", |c: &ImportConfig| c.limits == cfg.limits)?;
+    // Sources already recorded, with how their item was decided.
+    let known: HashMap<String, KnownSource> = {
         let mut st = m
             .conn()
-            .prepare("SELECT path, size, mtime_ns FROM sources")
+            .prepare(
+                "SELECT s.path, s.size, s.mtime_ns, i.status = 'rejected' AND r.stage = 'import', i.status_run_id
+                 FROM sources s JOIN items i ON i.id = s.item_id LEFT JOIN runs r ON r.id = i.status_run_id",
+            )
             .map_err(|e| m.err(e))?;
         let rows = st
-            .query_map([], |r| Ok((r.get(0)?, (r.get(1)?, r.get(2)?))))
+            .query_map([], |r| {
+                let by_import: Option<bool> = r.get(3)?;
+                let run: i64 = r.get(4)?;
+                Ok((
+                    r.get(0)?,
+                    KnownSource {
+                        size: r.get(1)?,
+                        mtime_ns: r.get(2)?,
+                        rejected_under_other_limits: by_import == Some(true)
+                            && !same_limits.contains(&run),
+                    },
+                ))
+            })
             .map_err(|e| m.err(e))?;
         rows.collect::<rusqlite::Result<_>>()
             .map_err(|e| m.err(e))?
     };
-    let todo: Vec<PathBuf> = files
+    let todo: Vec<PathBuf> = listing
+        .files
         .into_iter()
         .filter(|p| {
-            let key = p.to_string_lossy();
-            match (known.get(key.as_ref()), fs::metadata(p)) {
-                (Some(&(size, mt)), Ok(meta)) => {
-                    !(size == meta.len() as i64 && mt == mtime_ns(&meta))
-                }
-                _ => true,
-            }
+            let (size, mt) =
+                fs::metadata(p).map_or((-1, -1), |meta| (meta.len() as i64, mtime_ns(&meta)));
+            plan_file(known.get(p.to_string_lossy().as_ref()), size, mt) != FilePlan::Skip
         })
         .collect();
     report.already_imported = report.found - todo.len();
@@ -450,6 +481,12 @@ pub fn run(cfg: &ImportConfig, m: &mut Manifest, ctx: &Ctx) -> Result<ImportRepo
         write_batch(m, run_id, outcomes, &mut report)?;
     }
     pb.finish_and_clear();
+    for (path, why) in &report.skipped.unreadable {
+        report.failed.push(Failure {
+            path: path.clone(),
+            reason: format!("unreadable folder: {why}"),
+        });
+    }
     report.seconds = t0.elapsed().as_secs_f64();
     m.end_run(run_id, true, &report)?;
     Ok(report)
@@ -472,51 +509,47 @@ fn write_batch(
                 continue;
             }
         };
-        let existing: Option<i64> = tx
+        // The item with these bytes, and whether import itself rejected it.
+        let existing: Option<(i64, bool)> = tx
             .query_row(
-                "SELECT id FROM items WHERE sha256 = ?1",
+                "SELECT i.id, i.status = 'rejected' AND coalesce(r.stage = 'import', 0)
+                 FROM items i LEFT JOIN runs r ON r.id = i.status_run_id WHERE i.sha256 = ?1",
                 [&o.item.sha256],
-                |r| r.get(0),
+                |r| Ok((r.get(0)?, r.get(1)?)),
             )
-            .ok();
+            .optional()
+            .map_err(map)?;
         let item_id = match existing {
-            Some(id) => {
+            Some((id, false)) => {
                 report.same_file += 1;
+                id
+            }
+            Some((id, true)) => {
+                // This run decides again what an import run rejected.
+                tx.prepare_cached(
+                    "UPDATE items SET path = ?2, width = ?3, height = ?4, format = ?5, status = ?6,
+                         reason = ?7, status_run_id = ?8 WHERE id = ?1",
+                )
+                .and_then(|mut st| {
+                    st.execute(rusqlite::params![
+                        id,
+                        o.item.path,
+                        o.item.width,
+                        o.item.height,
+                        o.item.format,
+                        o.item.status.as_str(),
+                        o.item.reason,
+                        run_id
+                    ])
+                })
+                .map_err(map)?;
+                report.reconsidered += 1;
+                record_decision(&tx, run_id, id, &o, report).map_err(map)?;
                 id
             }
             None => {
                 let id = manifest::insert_item(&tx, run_id, &o.item).map_err(map)?;
-                match o.item.status {
-                    ItemStatus::Ok => report.imported += 1,
-                    _ => {
-                        let code = o
-                            .item
-                            .reason
-                            .as_deref()
-                            .and_then(|r| r.split(':').next())
-                            .unwrap_or("unknown")
-                            .to_string();
-                        *report.rejected.entry(code).or_default() += 1;
-                        report.rejected_files.push(Failure {
-                            path: o.source.clone(),
-                            reason: o.item.reason.clone().unwrap_or_default(),
-                        });
-                    }
-                }
-                if let Some(h) = &o.hashes {
-                    manifest::insert_hashes(&tx, run_id, id, h).map_err(map)?;
-                }
-                if let Some(g) = &o.generation {
-                    manifest::insert_generation(&tx, run_id, id, g).map_err(map)?;
-                    if let Some(p) = g.prompt.as_deref().filter(|p| !p.trim().is_empty()) {
-                        manifest::upsert_caption(&tx, run_id, id, "a1111_prompt", p, None)
-                            .map_err(map)?;
-                    }
-                    report.with_parameters += 1;
-                }
-                if !o.captions.is_empty() {
-                    report.with_caption += 1;
-                }
+                record_decision(&tx, run_id, id, &o, report).map_err(map)?;
                 id
             }
         };
@@ -542,4 +575,70 @@ fn write_batch(
     }
     tx.commit().map_err(map)?;
     Ok(())
+}
+
+/// Count the decision of this run on item `id` and store what came with
+/// the decode (hashes, A1111 parameters and their prompt as a caption).
+fn record_decision(
+    tx: &rusqlite::Transaction,
+    run_id: i64,
+    id: i64,
+    o: &FileOutcome,
+    report: &mut ImportReport,
+) -> rusqlite::Result<()> {
+    match o.item.status {
+        ItemStatus::Ok => report.imported += 1,
+        _ => {
+            let code = o
+                .item
+                .reason
+                .as_deref()
+                .and_then(|r| r.split(':').next())
+                .unwrap_or("unknown")
+                .to_string();
+            *report.rejected.entry(code).or_default() += 1;
+            report.rejected_files.push(Failure {
+                path: o.source.clone(),
+                reason: o.item.reason.clone().unwrap_or_default(),
+            });
+        }
+    }
+    if let Some(h) = &o.hashes {
+        manifest::insert_hashes(tx, run_id, id, h)?;
+    }
+    if let Some(g) = &o.generation {
+        manifest::insert_generation(tx, run_id, id, g)?;
+        if let Some(p) = g.prompt.as_deref().filter(|p| !p.trim().is_empty()) {
+            manifest::upsert_caption(tx, run_id, id, "a1111_prompt", p, None)?;
+        }
+        report.with_parameters += 1;
+    }
+    if !o.captions.is_empty() {
+        report.with_caption += 1;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rerun_plan_redoes_changed_files_and_own_rejections_only() {
+        let k = |size, mtime_ns, other| KnownSource {
+            size,
+            mtime_ns,
+            rejected_under_other_limits: other,
+        };
+        assert_eq!(plan_file(None, 10, 1), FilePlan::Process);
+        assert_eq!(plan_file(Some(&k(10, 1, false)), 10, 1), FilePlan::Skip);
+        assert_eq!(plan_file(Some(&k(10, 1, false)), 11, 1), FilePlan::Process);
+        assert_eq!(plan_file(Some(&k(10, 1, false)), 10, 2), FilePlan::Process);
+        assert_eq!(
+            plan_file(Some(&k(10, 1, true)), 10, 1),
+            FilePlan::Reconsider
+        );
+        // A file that vanished since the listing is processed (and fails there).
+        assert_eq!(plan_file(Some(&k(10, 1, false)), -1, -1), FilePlan::Process);
+    }
 }

@@ -4,6 +4,17 @@
 //! any point and rerun (no item lost, none done twice). The decision logic
 //! of each stage is a pure function over plain data, unit-tested on its own.
 //!
+//! **A stage's rejections are its own to remake.** Every status change
+//! records the run that made it (`items.status_run_id`), so a stage knows
+//! which rejections are its own: a rerun with other settings decides again
+//! the items that this stage rejected under other settings (`import`: other
+//! decode limits; `bucket`: another bucket set, crop or upscale limit;
+//! `dedupe`: every rerun recomputes its whole plan), and never touches items
+//! another stage rejected. Each new decision replaces the old one in the same
+//! transaction (per batch for the stages that write files), so a killed
+//! rerun leaves every item with either its old or its new decision. Stages
+//! still to come (`filter`, `caption`) follow the same rule.
+//!
 //! Nothing here knows about clap: the CLI converts flags to the `*Config`
 //! structs.
 
@@ -14,8 +25,42 @@ pub mod export;
 pub mod filter;
 pub mod import;
 pub mod inspect;
+pub mod walk;
+
+use std::collections::HashSet;
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use serde::de::DeserializeOwned;
+
+use crate::error::Result;
+use crate::manifest::Manifest;
+
+/// Ids of the runs of `stage` whose stored config (`runs.config_json`)
+/// satisfies `same` — the runs whose decisions a rerun keeps. A config this
+/// build cannot read counts as different.
+pub fn runs_with_same_settings<C: DeserializeOwned>(
+    m: &Manifest,
+    stage: &str,
+    same: impl Fn(&C) -> bool,
+) -> Result<HashSet<i64>> {
+    let mut st = m
+        .conn()
+        .prepare("SELECT id, config_json FROM runs WHERE stage = ?1")
+        .map_err(|e| m.err(e))?;
+    let rows = st
+        .query_map([stage], |r| {
+            Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?))
+        })
+        .map_err(|e| m.err(e))?;
+    let mut out = HashSet::new();
+    for row in rows {
+        let (id, json) = row.map_err(|e| m.err(e))?;
+        if serde_json::from_str::<C>(&json).is_ok_and(|c| same(&c)) {
+            out.insert(id);
+        }
+    }
+    Ok(out)
+}
 
 /// Runtime context shared by stages.
 #[derive(Debug, Clone, Default)]

@@ -2,6 +2,8 @@
 
 mod caption;
 mod ckpt;
+mod cli;
 mod curation;
+mod fixtures_chain;
 mod sample;
 mod train;

@@ -2,7 +2,8 @@
 //! tiny SDXL checkpoints (eps, and v + ZTSNR markers) written in the
 //! single-file layout: PNGs decode, their A1111 `parameters` parse back (our
 //! parser and A1111's regex) to the values asked for, a seed gives the same
-//! bytes at any batch position, bad input exits 2.
+//! bytes at any batch position, bad input exits 2. (`diagnose uncond`
+//! verdicts on crafted models are in `cli.rs`.)
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -17,7 +18,7 @@ fn bin() -> &'static str {
 }
 
 /// (tempdir, eps checkpoint, v+ztsnr checkpoint), written once per test binary.
-fn checkpoints() -> &'static (tempfile::TempDir, PathBuf, PathBuf) {
+pub fn checkpoints() -> &'static (tempfile::TempDir, PathBuf, PathBuf) {
     static CK: OnceLock<(tempfile::TempDir, PathBuf, PathBuf)> = OnceLock::new();
     CK.get_or_init(|| {
         let dir = tempfile::tempdir().unwrap();
@@ -232,52 +233,6 @@ fn v_ztsnr_checkpoint_uses_its_markers_and_defaults() {
     assert_eq!(r["model"]["prediction_source"], "--prediction");
     assert_eq!(r["model"]["ztsnr"], false);
     assert_eq!(r["resolved"]["schedule"], "Normal");
-}
-
-#[test]
-fn diagnose_uncond_gives_a_verdict() {
-    let (_d, eps, _) = checkpoints();
-    let o = run(&[
-        "--json",
-        "diagnose",
-        "uncond",
-        "--model",
-        eps.to_str().unwrap(),
-        "--size",
-        "64x64",
-        "--timesteps",
-        "999,500,50",
-        "--seeds",
-        "2",
-    ]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let r: Value = serde_json::from_slice(&o.stdout).unwrap();
-    assert_eq!(r["probes"].as_array().unwrap().len(), 6);
-    let rel = r["mean_rel_l2"].as_f64().unwrap();
-    let cos = r["mean_cosine"].as_f64().unwrap();
-    assert!(rel.is_finite() && rel > 0.0, "{rel}");
-    assert!((-1.0..=1.0).contains(&cos), "{cos}");
-    let verdict = r["verdict"].as_str().unwrap();
-    assert!(
-        ["same", "moderate", "different"].contains(&verdict),
-        "{verdict}"
-    );
-    assert!(r["message"].as_str().unwrap().contains("zero"));
-    // Text mode prints the verdict line.
-    let o = run(&[
-        "diagnose",
-        "uncond",
-        "--model",
-        eps.to_str().unwrap(),
-        "--size",
-        "64x64",
-        "--timesteps",
-        "500",
-        "--seeds",
-        "1",
-    ]);
-    assert!(o.status.success());
-    assert!(String::from_utf8_lossy(&o.stdout).contains("verdict: "));
 }
 
 #[test]

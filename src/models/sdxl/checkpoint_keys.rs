@@ -163,8 +163,8 @@ pub fn record_shapes<T>(
         .map_err(|_| Error::Other("shape recorder lock poisoned".into()))
 }
 
-/// The computed SDXL base key/shape list (reference/sdxl_keys_shapes.tsv,
-/// from the sgm architecture), committed as a fixture.
+/// The SDXL base key/shape list, enumerated from the sgm architecture by
+/// fixtures/scripts/gen_keys_shapes.py and committed as a fixture.
 const SDXL_KEYS_SHAPES: &str = include_str!("../../../fixtures/sdxl_keys_shapes.tsv");
 
 /// Keys and shapes of the two SDXL base text encoders (`conditioner.embedders.*`)

@@ -951,7 +951,8 @@ mod tests {
     }
 
     /// The full configs request exactly the SDXL text-encoder keys and
-    /// shapes of shared/reference/sdxl_keys_shapes.tsv (minus `logit_scale`,
+    /// shapes of fixtures/golden/text/sdxl_text_keys_shapes.tsv (from
+    /// fixtures/scripts/gen_keys_shapes.py; minus `logit_scale`,
     /// which SDXL never uses).
     #[test]
     fn full_configs_request_sdxl_keys() -> Result<()> {

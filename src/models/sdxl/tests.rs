@@ -26,8 +26,9 @@ fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
         .unwrap()
 }
 
-/// Rows of fixtures/sdxl_keys_shapes.tsv (copy of reference/sdxl_keys_shapes.tsv,
-/// computed from the sgm SDXL base architecture).
+/// Rows of fixtures/sdxl_keys_shapes.tsv (enumerated from the sgm SDXL base
+/// architecture by fixtures/scripts/gen_keys_shapes.py; the same keys and
+/// shapes as shared/reference/sdxl_keys_shapes.tsv).
 fn reference_shapes(prefix: &str) -> BTreeMap<String, Vec<usize>> {
     let text = std::fs::read_to_string(fixture("fixtures/sdxl_keys_shapes.tsv")).unwrap();
     text.lines()

@@ -7,9 +7,10 @@
 //!   radius, found with the exact multi-index search in [`index`].
 //! - Clusters are the connected components of the "duplicate of" graph
 //!   (union-find). One keeper per cluster by the documented rule
-//!   ([`keeper_order`]): largest resolution, then best caption/tag score
-//!   when present, then oldest (smallest item id). Every other member gets
-//!   status `duplicate` with its keeper, distance and kind.
+//!   ([`keeper`]): larger resolution, then lossless over lossy, then better
+//!   caption/tag score (then any caption over none), then larger file, then
+//!   the older item. Every other member gets status `duplicate` with its
+//!   keeper, distance and kind (`exact`: same decoded pixels as the keeper).
 //! - Idempotent and atomic: the plan is computed from the manifest alone and
 //!   written in one transaction that first clears the previous dedupe
 //!   decisions, so a rerun (or a rerun after `kill -9`) gives the same result.
@@ -18,8 +19,9 @@
 //! that radius pHash catches resized / recompressed / lightly edited copies.
 
 pub mod index;
+pub mod keeper;
 
-use std::cmp::Ordering;
+pub use keeper::{keeper_order, Candidate};
 
 use rusqlite::params;
 use serde::{Deserialize, Serialize};
@@ -61,21 +63,6 @@ impl Default for DedupeConfig {
     }
 }
 
-/// One candidate item as the planner sees it.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Candidate {
-    /// Item id (smaller = older).
-    pub id: i64,
-    /// Pixel count (width × height).
-    pub pixels: u64,
-    /// Best caption/tag score, when any.
-    pub score: Option<f64>,
-    /// sha256 of the decoded pixels.
-    pub pixel_sha256: String,
-    /// The perceptual hash compared.
-    pub hash: u64,
-}
-
 /// What happens to one dropped item.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Drop {
@@ -98,21 +85,6 @@ pub struct Cluster {
     pub drops: Vec<Drop>,
 }
 
-/// Keeper preference: `Less` means `a` is the better keeper. Largest
-/// resolution first, then the higher score (an item with a score beats one
-/// without), then the older item.
-pub fn keeper_order(a: &Candidate, b: &Candidate) -> Ordering {
-    b.pixels
-        .cmp(&a.pixels)
-        .then_with(|| match (a.score, b.score) {
-            (Some(x), Some(y)) => y.partial_cmp(&x).unwrap_or(Ordering::Equal),
-            (Some(_), None) => Ordering::Less,
-            (None, Some(_)) => Ordering::Greater,
-            (None, None) => Ordering::Equal,
-        })
-        .then_with(|| a.id.cmp(&b.id))
-}
-
 fn find(parent: &mut [u32], mut x: u32) -> u32 {
     while parent[x as usize] != x {
         parent[x as usize] = parent[parent[x as usize] as usize];
@@ -124,6 +96,12 @@ fn find(parent: &mut [u32], mut x: u32) -> u32 {
 /// Pure planner: clusters and keepers for `items` at `radius`.
 /// Clusters are returned sorted by keeper id, drops by item id.
 pub fn plan(items: &[Candidate], radius: u32) -> Vec<Cluster> {
+    choose_keepers(items, &components(items, radius))
+}
+
+/// The duplicate clusters (connected components with more than one
+/// member) of `items` at `radius`: indices into `items`, each sorted.
+pub fn components(items: &[Candidate], radius: u32) -> Vec<Vec<u32>> {
     let n = items.len();
     let mut parent: Vec<u32> = (0..n as u32).collect();
     let union = |parent: &mut Vec<u32>, a: u32, b: u32| {
@@ -154,9 +132,14 @@ pub fn plan(items: &[Candidate], radius: u32) -> Vec<Cluster> {
         let r = find(&mut parent, i);
         groups.entry(r).or_default().push(i);
     }
+    groups.into_values().filter(|g| g.len() > 1).collect()
+}
+
+/// Pick the keeper of every cluster by [`keeper_order`] and describe the
+/// drops. Clusters are returned sorted by keeper id, drops by item id.
+pub fn choose_keepers(items: &[Candidate], groups: &[Vec<u32>]) -> Vec<Cluster> {
     let mut clusters: Vec<Cluster> = groups
-        .into_values()
-        .filter(|g| g.len() > 1)
+        .iter()
         .map(|g| {
             let keeper = *g
                 .iter()
@@ -227,27 +210,54 @@ pub fn run(cfg: &DedupeConfig, m: &mut Manifest, _ctx: &Ctx) -> Result<DedupeRep
     let sql = format!(
         "SELECT i.id, coalesce(i.width, 0) * coalesce(i.height, 0), h.pixel_sha256, {hash_col},
                 (SELECT max(s) FROM (SELECT max(score) AS s FROM captions WHERE item_id = i.id
-                                     UNION ALL SELECT max(score) FROM tags WHERE item_id = i.id))
+                                     UNION ALL SELECT max(score) FROM tags WHERE item_id = i.id)),
+                EXISTS (SELECT 1 FROM captions WHERE item_id = i.id),
+                coalesce((SELECT max(size) FROM sources WHERE item_id = i.id), 0),
+                coalesce(i.format, ''), i.path
          FROM items i JOIN hashes h ON h.item_id = i.id
          WHERE i.status IN ('ok', 'duplicate') ORDER BY i.id"
     );
-    let items: Vec<Candidate> = {
+    let mut paths: Vec<Option<String>> = Vec::new();
+    let mut webp: Vec<bool> = Vec::new();
+    let mut items: Vec<Candidate> = {
         let mut st = m.conn().prepare(&sql).map_err(|e| m.err(e))?;
         let rows = st
             .query_map([], |r| {
-                Ok(Candidate {
-                    id: r.get(0)?,
-                    pixels: r.get::<_, i64>(1)? as u64,
-                    pixel_sha256: r.get(2)?,
-                    hash: r.get::<_, i64>(3)? as u64,
-                    score: r.get(4)?,
-                })
+                let format: String = r.get(7)?;
+                Ok((
+                    Candidate {
+                        id: r.get(0)?,
+                        pixels: r.get::<_, i64>(1)? as u64,
+                        pixel_sha256: r.get(2)?,
+                        hash: r.get::<_, i64>(3)? as u64,
+                        score: r.get(4)?,
+                        captioned: r.get(5)?,
+                        file_size: r.get::<_, i64>(6)? as u64,
+                        lossless: keeper::format_is_lossless(&format).unwrap_or(false),
+                    },
+                    format == "webp",
+                    r.get::<_, Option<String>>(8)?,
+                ))
             })
             .map_err(|e| m.err(e))?;
-        rows.collect::<rusqlite::Result<_>>()
-            .map_err(|e| m.err(e))?
+        let mut v = Vec::new();
+        for row in rows {
+            let (c, is_webp, path) = row.map_err(|e| m.err(e))?;
+            v.push(c);
+            webp.push(is_webp);
+            paths.push(path);
+        }
+        v
     };
-    let clusters = plan(&items, cfg.radius);
+    let groups = components(&items, cfg.radius);
+    // WebP can be either codec: read the chunk header of the cluster members only.
+    for &i in groups.iter().flatten() {
+        let i = i as usize;
+        if let (true, Some(rel)) = (webp[i], &paths[i]) {
+            items[i].lossless = keeper::webp_is_lossless(&m.root().join(rel)).unwrap_or(false);
+        }
+    }
+    let clusters = choose_keepers(&items, &groups);
     let mut report = DedupeReport {
         considered: items.len(),
         clusters: clusters.len(),
@@ -317,7 +327,10 @@ mod tests {
         Candidate {
             id,
             pixels,
+            lossless: true,
             score,
+            captioned: false,
+            file_size: 0,
             pixel_sha256: px.into(),
             hash,
         }

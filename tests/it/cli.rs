@@ -1,0 +1,313 @@
+//! The model-side subcommands as a user runs them, every documented flag:
+//! `ckpt info` (`--no-hash`, `--json`), `ckpt check` (a NaN is found and
+//! named), `tokenize` (`--encoder l|g`, emphasis, `BREAK`), `sample
+//! --ztsnr` overriding the file's markers, and `diagnose uncond` giving the
+//! right verdict on two crafted models.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use candle_core::{DType, Device, Tensor};
+use eps2v::models::sdxl::checkpoint::{self, Checkpoint, SaveOptions};
+use serde_json::Value;
+
+use crate::sample::checkpoints;
+
+fn eps2v(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_eps2v"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn json(o: &Output) -> Value {
+    assert!(
+        o.status.success(),
+        "exit {:?}: {}",
+        o.status.code(),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    serde_json::from_slice(&o.stdout).unwrap()
+}
+
+fn p(path: &Path) -> &str {
+    path.to_str().unwrap()
+}
+
+/// Copy `src` to `dst`, passing every tensor through `edit(key, tensor)`.
+fn rewrite(src: &Path, dst: &Path, edit: impl Fn(&str, Tensor) -> Tensor) -> PathBuf {
+    let ck = Checkpoint::open(src).unwrap();
+    let tensors: Vec<(String, Tensor)> = ck
+        .entries()
+        .keys()
+        .map(|k| {
+            let t = ck.tensor(k, DType::F32, &Device::Cpu).unwrap();
+            (k.clone(), edit(k, t))
+        })
+        .collect();
+    checkpoint::save_tensors(dst, &tensors, &SaveOptions::default()).unwrap();
+    dst.to_path_buf()
+}
+
+#[test]
+fn ckpt_info_and_check_report_the_file() {
+    let (_d, eps, v) = checkpoints();
+    // info --json: family, configs, prediction from the markers, hashes.
+    let r = json(&eps2v(&["--json", "ckpt", "info", p(v)]));
+    assert_eq!(r["family"], "sdxl");
+    assert_eq!(
+        (r["unet"]["name"].as_str(), r["vae"]["name"].as_str()),
+        (Some("tiny"), Some("tiny")),
+        "{r}"
+    );
+    assert_eq!(r["prediction"]["prediction"], "v");
+    assert_eq!(r["prediction"]["ztsnr"], true);
+    let sha = checkpoint::sha256_file(v).unwrap();
+    assert_eq!(r["sha256"], sha.as_str());
+    assert_eq!(r["autov2"], &sha[..10]);
+    let comps: Vec<&str> = r["components"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["name"].as_str().unwrap())
+        .collect();
+    for c in ["unet", "clip_l", "clip_g", "vae"] {
+        assert!(comps.contains(&c), "{comps:?}");
+    }
+    let total: u64 = r["components"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["parameters"].as_u64().unwrap())
+        .sum();
+    assert_eq!(total, r["parameters"].as_u64().unwrap());
+    // --no-hash skips the hashes; the eps file has no markers.
+    let r = json(&eps2v(&["--json", "ckpt", "info", p(eps), "--no-hash"]));
+    assert!(r["sha256"].is_null() && r["autov2"].is_null(), "{r}");
+    assert_eq!(r["prediction"]["prediction"], "epsilon");
+    assert_eq!(r["prediction"]["ztsnr"], false);
+    // Text mode: the lines the README describes.
+    let o = eps2v(&["ckpt", "info", p(v)]);
+    let text = String::from_utf8_lossy(&o.stdout);
+    for needle in [
+        "family      sdxl",
+        "prediction  v",
+        "ztsnr       yes",
+        "autov2      ",
+    ] {
+        assert!(text.contains(needle), "{needle}: {text}");
+    }
+    // check: a clean file passes; a NaN is named, exit 2.
+    assert_eq!(eps2v(&["ckpt", "check", p(eps)]).status.code(), Some(0));
+    let dir = tempfile::tempdir().unwrap();
+    let bad_key = "model.diffusion_model.out.2.bias";
+    let bad = rewrite(eps, &dir.path().join("nan.safetensors"), |k, t| {
+        if k == bad_key {
+            let mut v: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
+            v[1] = f32::NAN;
+            Tensor::from_vec(v, t.dims(), &Device::Cpu).unwrap()
+        } else {
+            t
+        }
+    });
+    // info does not scan the weights; check does.
+    assert_eq!(
+        eps2v(&["ckpt", "info", p(&bad), "--no-hash"]).status.code(),
+        Some(0)
+    );
+    let o = eps2v(&["ckpt", "check", p(&bad)]);
+    assert_eq!(o.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains(bad_key) && err.contains("element 1"), "{err}");
+    // Not a checkpoint: exit 2 with the file named.
+    let junk = dir.path().join("junk.safetensors");
+    std::fs::write(&junk, b"not a safetensors file").unwrap();
+    let o = eps2v(&["ckpt", "info", p(&junk)]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("junk.safetensors"));
+}
+
+#[test]
+fn tokenize_prints_chunks_weights_and_padding_per_encoder() {
+    let r = json(&eps2v(&["tokenize", "a cat"]));
+    assert_eq!(r["encoder"], "l");
+    assert_eq!(r["token_count"], 2);
+    let ids: Vec<u64> = r["chunks"][0]["ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap())
+        .collect();
+    // open_clip: "a" = 320, "cat" = 2368; BOS, EOS, EOS padding for CLIP-L.
+    assert_eq!(&ids[..4], &[49406, 320, 2368, 49407]);
+    assert_eq!(ids.len(), 77);
+    assert!(ids[4..].iter().all(|&i| i == 49407));
+    // --encoder g pads with 0 after the first EOS.
+    let g = json(&eps2v(&["tokenize", "a cat", "--encoder", "g"]));
+    assert_eq!(g["encoder"], "g");
+    let gids: Vec<u64> = g["chunks"][0]["ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap())
+        .collect();
+    assert_eq!(&gids[..4], &[49406, 320, 2368, 49407]);
+    assert!(gids[4..].iter().all(|&i| i == 0));
+    // Emphasis weights and BREAK chunks.
+    let e = json(&eps2v(&["tokenize", "(cat:1.5) BREAK [dog]"]));
+    let chunks = e["chunks"].as_array().unwrap();
+    assert_eq!(chunks.len(), 2);
+    let w0: Vec<f64> = chunks[0]["weights"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect();
+    assert_eq!(&w0[..3], &[1.0, 1.5, 1.0]);
+    let w1 = chunks[1]["weights"][1].as_f64().unwrap();
+    assert!((w1 - 1.0 / 1.1).abs() < 1e-9, "{w1}");
+    // A bad encoder is a usage error.
+    assert_eq!(
+        eps2v(&["tokenize", "x", "--encoder", "h"]).status.code(),
+        Some(2)
+    );
+}
+
+#[test]
+fn sample_ztsnr_flag_overrides_the_file() {
+    let (_d, eps, v) = checkpoints();
+    let out = tempfile::tempdir().unwrap();
+    let run = |model: &Path, extra: &[&str]| {
+        let mut a = vec![
+            "--json",
+            "sample",
+            "--model",
+            p(model),
+            "--prompt",
+            "x",
+            "--out",
+            p(out.path()),
+            "--size",
+            "64x64",
+            "--steps",
+            "2",
+            "--seed",
+            "1",
+        ];
+        a.extend_from_slice(extra);
+        json(&eps2v(&a))
+    };
+    // v file, --ztsnr false: v prediction kept, normal schedule, no ZTSNR.
+    let r = run(v, &["--ztsnr", "false"]);
+    assert_eq!(r["model"]["prediction"], "v");
+    assert_eq!(r["model"]["ztsnr"], false);
+    assert_eq!(r["resolved"]["schedule"], "Normal");
+    // eps file, --prediction v --ztsnr true: both overridden, trailing.
+    let r = run(eps, &["--prediction", "v", "--ztsnr", "true"]);
+    assert_eq!(
+        (
+            r["model"]["prediction"].as_str(),
+            r["model"]["ztsnr"].as_bool()
+        ),
+        (Some("v"), Some(true))
+    );
+    assert_eq!(r["resolved"]["schedule"], "Trailing");
+    let text = eps2v::imaging::infotext::read_parameters(
+        &std::fs::read(r["files"][0].as_str().unwrap()).unwrap(),
+    )
+    .unwrap();
+    assert!(
+        text.contains("ZTSNR: True") && text.contains("Prediction: v"),
+        "{text}"
+    );
+    // eps + ZTSNR is allowed but warned about.
+    let r = run(eps, &["--ztsnr", "true"]);
+    let warnings = r["model"]["warnings"].to_string();
+    assert!(warnings.contains("ZTSNR with eps"), "{warnings}");
+    assert_eq!(
+        eps2v(&[
+            "sample",
+            "--model",
+            p(eps),
+            "--prompt",
+            "x",
+            "--ztsnr",
+            "maybe"
+        ])
+        .status
+        .code(),
+        Some(2)
+    );
+}
+
+/// Two crafted models: one whose UNet ignores the text conditioning (the
+/// cross-attention values and the pooled columns of `label_emb` zeroed), so
+/// `""` and zeros give the same output; one whose cross-attention values are
+/// scaled up, so they differ strongly.
+#[test]
+fn diagnose_uncond_verdicts_on_crafted_models() {
+    let (_d, eps, _) = checkpoints();
+    let dir = tempfile::tempdir().unwrap();
+    let pooled = 32; // UNetConfig::tiny().pooled_dim
+    let deaf = rewrite(eps, &dir.path().join("deaf.safetensors"), |k, t| {
+        if k.ends_with("attn2.to_v.weight") {
+            t.zeros_like().unwrap()
+        } else if k == "model.diffusion_model.label_emb.0.0.weight" {
+            // (time_embed_dim, pooled + 1536): zero the pooled columns.
+            let (rows, cols) = t.dims2().unwrap();
+            let keep = t.narrow(1, pooled, cols - pooled).unwrap();
+            let zeros = Tensor::zeros((rows, pooled), DType::F32, &Device::Cpu).unwrap();
+            Tensor::cat(&[&zeros, &keep], 1).unwrap()
+        } else {
+            t
+        }
+    });
+    let loud = rewrite(eps, &dir.path().join("loud.safetensors"), |k, t| {
+        if k.ends_with("attn2.to_v.weight") {
+            (t * 50.0).unwrap()
+        } else {
+            t
+        }
+    });
+    let diagnose = |model: &Path| {
+        json(&eps2v(&[
+            "--json",
+            "diagnose",
+            "uncond",
+            "--model",
+            p(model),
+            "--size",
+            "64x64",
+            "--timesteps",
+            "999,500,50",
+            "--seeds",
+            "2",
+        ]))
+    };
+    let r = diagnose(&deaf);
+    assert_eq!(r["verdict"], "same", "{r}");
+    assert_eq!(r["probes"].as_array().unwrap().len(), 6);
+    assert!(r["max_rel_l2"].as_f64().unwrap() < 1e-6, "{r}");
+    let r = diagnose(&loud);
+    assert_eq!(r["verdict"], "different", "{r}");
+    assert!(r["mean_rel_l2"].as_f64().unwrap() > 0.25 || r["mean_cosine"].as_f64().unwrap() < 0.9);
+    assert!(r["message"].as_str().unwrap().contains("--uncond empty"));
+    // Text mode prints the verdict line.
+    let o = eps2v(&[
+        "diagnose",
+        "uncond",
+        "--model",
+        p(&deaf),
+        "--size",
+        "64x64",
+        "--timesteps",
+        "500",
+        "--seeds",
+        "1",
+    ]);
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        text.contains("verdict: same (this model treats ''"),
+        "{text}"
+    );
+}
