@@ -28,6 +28,8 @@
 //! - [`models`]: SDXL UNet / VAE / text encoders / tokenizer / checkpoint I/O
 //!   under native LDM key names.
 //! - [`pipeline`]: checkpoint → images (`sample`) and model diagnostics (`diagnose uncond`).
+//! - [`prompts`]: dynamicprompts-compatible prompt templates, wildcards and
+//!   the built-in "1girl" pack (`prompts`, `generate`).
 
 pub mod cli;
 pub mod diffusion;
@@ -37,6 +39,7 @@ pub mod manifest;
 pub mod models;
 pub mod nn;
 pub mod pipeline;
+pub mod prompts;
 pub mod stages;
 
 pub use error::{Error, Result};
