@@ -10,6 +10,9 @@ pub mod tokenize;
 use clap::{Parser, Subcommand};
 
 pub mod ckpt;
+pub mod generate;
+pub mod manifest;
+pub mod prompts;
 pub mod sample;
 
 /// Top-level command line.
@@ -52,6 +55,12 @@ pub enum Command {
     Sample(sample::SampleArgs),
     /// Model diagnostics (`uncond`: does the model treat "" like zeros?).
     Diagnose(sample::DiagnoseArgs),
+    /// Print the prompts of a template (dynamicprompts syntax, wildcards, the built-in 1girl pack).
+    Prompts(prompts::PromptsArgs),
+    /// Plan and render a synthetic dataset from a checkpoint (resumable, sharded).
+    Generate(generate::GenerateArgs),
+    /// Whole-manifest operations (`merge`: join generate shards).
+    Manifest(manifest::ManifestArgs),
 }
 
 /// Run a parsed command line; returns the process exit code.
@@ -80,5 +89,8 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Tokenize(args) => tokenize::run(&args),
         Command::Sample(a) => Ok(sample::run_sample(a, json)?),
         Command::Diagnose(a) => Ok(sample::run_diagnose(a, json)?),
+        Command::Prompts(a) => Ok(prompts::run(a, json)?),
+        Command::Generate(a) => Ok(generate::run(a, json)?),
+        Command::Manifest(a) => Ok(manifest::run(a, json)?),
     }
 }

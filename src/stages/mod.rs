@@ -10,8 +10,10 @@
 pub mod bucket;
 pub mod dedupe;
 pub mod export;
+pub mod generate;
 pub mod import;
 pub mod inspect;
+pub mod merge;
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
