@@ -134,6 +134,11 @@ fn prompts_prints_seeded_and_combinatorial_prompts() {
             "blue square, b and a"
         ]
     );
+    // --raw keeps the exact expansion; by default empty pieces are tidied away.
+    let raw = run(&["prompts", "{|x},\n  b", "--combinatorial", "--raw"]);
+    assert_eq!(String::from_utf8(raw.stdout).unwrap(), ",\n  b\nx,\n  b\n");
+    let tidy = run(&["prompts", "{|x},\n  b", "--combinatorial"]);
+    assert_eq!(String::from_utf8(tidy.stdout).unwrap(), "b\nx, b\n");
     // Errors name the place and exit 2.
     let e = run(&["prompts", "a, {b|c", "--count", "1"]);
     assert_eq!(e.status.code(), Some(2));
@@ -175,9 +180,8 @@ fn kill9_then_rerun_gives_exactly_the_uninterrupted_dataset() {
             .spawn()
             .unwrap();
         let t0 = Instant::now();
-        let mut done = 0;
         while t0.elapsed() < Duration::from_secs(120) {
-            done = Manifest::open_read_only(&ds)
+            let done = Manifest::open_read_only(&ds)
                 .ok()
                 .and_then(|m| {
                     m.conn()
@@ -424,12 +428,7 @@ fn bad_inputs_exit_2_and_write_nothing() {
             vec!["--template".into(), "1girl, __hair/nope__".into()],
             "wildcard __hair/nope__ not found",
         ),
-        (
-            vec!["--count".into(), "0".into()],
-            "--count must be at least 1",
-        ),
         (vec!["--shard".into(), "4/3".into()], "--shard"),
-        (vec!["--size".into(), "64x100".into()], "multiples of"),
     ];
     for (extra, want) in cases {
         let mut args: Vec<String> = generate_args(d, model, "3")
@@ -443,6 +442,16 @@ fn bad_inputs_exit_2_and_write_nothing() {
         assert!(err.contains(want), "{args:?}: {err}");
         assert!(!ds.exists(), "{args:?} created the dataset folder");
     }
+    let mut bad_size = generate_args(d, model, "3");
+    bad_size[7] = "64x100";
+    let o = run(&bad_size);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("multiples of"));
+    assert!(!ds.exists());
+    let o = run(&generate_args(d, model, "0"));
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--count must be at least 1"));
+    assert!(!ds.exists());
     let o = run(&generate_args(d, not_sdxl.to_str().unwrap(), "3"));
     assert_eq!(o.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&o.stderr).contains("not a full SDXL checkpoint"));

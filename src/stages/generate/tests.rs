@@ -397,6 +397,26 @@ fn shards_merged_equal_a_single_run_item_for_item() {
     // `generate OUT` with the same flags has nothing left to do.
     let r = gen(&w, &cfg(&w, 7), &out).unwrap();
     assert_eq!((r.rendered, r.skipped), (0, 7));
+    // With a shard missing, it renders exactly that shard's images.
+    let partial = w.dir.path().join("partial");
+    merge::check_shards(&partial, &shards[..2]).unwrap();
+    let mut m = Manifest::init(&partial).unwrap();
+    let r = merge::run(
+        &MergeConfig {
+            shards: shards[..2].to_vec(),
+        },
+        &mut m,
+        &Ctx::quiet(),
+    )
+    .unwrap();
+    drop(m);
+    assert_eq!(
+        (r.rendered, r.missing, r.missing_examples.clone()),
+        (5, 2, vec![2, 5])
+    );
+    let r = gen(&w, &cfg(&w, 7), &partial).unwrap();
+    assert_eq!((r.plan.added, r.rendered, r.skipped), (2, 2, 5));
+    assert_eq!(rows(&partial), rows(&single));
     // A shard of another plan is refused, naming the field.
     let other = w.dir.path().join("other");
     gen(
