@@ -65,7 +65,7 @@ pub fn below(rng: &mut impl RngCore, n: usize) -> usize {
 /// they sum to 0). `weights` must not be empty.
 pub fn weighted_index(rng: &mut impl RngCore, weights: &[f64]) -> usize {
     let total: f64 = weights.iter().sum();
-    if !(total > 0.0) {
+    if total.is_nan() || total <= 0.0 {
         return below(rng, weights.len());
     }
     let u = uniform(rng) * total;

@@ -326,7 +326,7 @@ impl Parser<'_> {
                 "empty variant list `{}`: give at least one option (`{a|b}`), or `{|a}` for an optional part",
             ));
         }
-        if options.iter().any(|(w, _)| !(*w >= 0.0)) {
+        if options.iter().any(|(w, _)| w.is_nan() || *w < 0.0) {
             return Err(err_at(&at, "variant weights must be zero or positive"));
         }
         if options.iter().all(|(w, _)| *w == 0.0) {

@@ -66,6 +66,8 @@ pub struct InspectReport {
     pub duplicate_clusters: Table,
     /// Most recent runs.
     pub runs: Table,
+    /// `generate` plan rows: state, reason code, count (empty without a plan).
+    pub generation_plan: Table,
 }
 
 /// Run a query and collect it as a [`Table`].
@@ -129,7 +131,29 @@ pub fn run(m: &Manifest, top: usize) -> Result<InspectReport> {
             m,
             "SELECT id, stage, status, started_at, ended_at FROM runs ORDER BY id DESC LIMIT 10",
         )?,
+        generation_plan: if has_table(m, "gen_items")? {
+            query_table(
+                m,
+                "SELECT state, coalesce(substr(reason, 1, instr(reason || ':', ':') - 1), '') AS reason,
+                        count(*) AS n
+                 FROM gen_items GROUP BY 1, 2 ORDER BY state, n DESC",
+            )?
+        } else {
+            Table::default()
+        },
     })
+}
+
+/// Whether the manifest has `table` (read-only opens are not migrated).
+fn has_table(m: &Manifest, table: &str) -> Result<bool> {
+    m.conn()
+        .query_row(
+            "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = ?1",
+            [table],
+            |r| r.get::<_, i64>(0),
+        )
+        .map(|n| n > 0)
+        .map_err(|e| m.err(e))
 }
 
 /// Human summary of an [`InspectReport`].
@@ -142,6 +166,7 @@ pub fn render(r: &InspectReport) -> String {
         ("top tags", &r.top_tags),
         ("duplicate clusters", &r.duplicate_clusters),
         ("recent runs", &r.runs),
+        ("generation plan (state, reason)", &r.generation_plan),
     ] {
         let _ = writeln!(s, "\n{title}:");
         if t.rows.is_empty() {

@@ -394,36 +394,14 @@ fn merge_rows(
         )
         .map_err(map)?;
         // Runs.
-        let runs: Vec<(
-            i64,
-            String,
-            String,
-            String,
-            String,
-            Option<String>,
-            String,
-            Option<String>,
-        )> = {
+        let runs: Vec<i64> = {
             let mut st = tx
-                .prepare("SELECT id, stage, config_json, tool_version, started_at, ended_at, status, counts_json FROM shard.runs ORDER BY id")
+                .prepare("SELECT id FROM shard.runs ORDER BY id")
                 .map_err(map)?;
-            let rows = st
-                .query_map([], |r| {
-                    Ok((
-                        r.get(0)?,
-                        r.get(1)?,
-                        r.get(2)?,
-                        r.get(3)?,
-                        r.get(4)?,
-                        r.get(5)?,
-                        r.get(6)?,
-                        r.get(7)?,
-                    ))
-                })
-                .map_err(map)?;
+            let rows = st.query_map([], |r| r.get(0)).map_err(map)?;
             rows.collect::<rusqlite::Result<_>>().map_err(map)?
         };
-        for (old, stage, config, version, started, ended, status, counts) in runs {
+        for old in runs {
             let known: Option<i64> = tx
                 .query_row(
                     "SELECT run_id FROM merged_runs WHERE source_plan = ?1 AND source_run_id = ?2",
@@ -437,8 +415,9 @@ fn merge_rows(
                 None => {
                     tx.execute(
                         "INSERT INTO runs (stage, config_json, tool_version, started_at, ended_at, status, counts_json)
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-                        params![stage, config, version, started, ended, status, counts],
+                         SELECT stage, config_json, tool_version, started_at, ended_at, status, counts_json
+                         FROM shard.runs WHERE id = ?1",
+                        [old],
                     )
                     .map_err(map)?;
                     let n = tx.last_insert_rowid();

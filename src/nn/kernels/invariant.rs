@@ -30,21 +30,28 @@ use super::{threads, Real};
 
 /// Shape `(m', n')` (≥ `(m, n)`) at which a GEMM of `m×k · k×n` takes the
 /// `gemm` crate's blocked path with the k-only `kc`; equal to `(m, n)` when
-/// no padding is needed. `unit_strides`: the lhs has unit column stride and
-/// the rhs unit row stride (the horizontal kernel's condition). A padded lhs
-/// is laid out row-major (unit column stride), a padded rhs row-major with
-/// row stride `n' ≥ 2`.
-pub(crate) fn padded_dims(m: usize, n: usize, k: usize, unit_strides: bool) -> (usize, usize) {
+/// no padding is needed. `lhs_unit_col` / `rhs_unit_row`: the lhs has unit
+/// column stride, the rhs unit row stride (together, the horizontal
+/// kernel's condition). A padded lhs is laid out row-major (unit column
+/// stride), a padded rhs row-major with row stride `n' ≥ 2`.
+pub(crate) fn padded_dims(
+    m: usize,
+    n: usize,
+    k: usize,
+    lhs_unit_col: bool,
+    rhs_unit_row: bool,
+) -> (usize, usize) {
     let np = n.max(2);
     let mut mp = m.max(2);
-    // After padding, the rhs keeps its strides only when it was not copied.
-    let rhs_unit_row = np == n && unit_strides;
-    let lhs_unit_col = mp != m || unit_strides;
-    if lhs_unit_col && rhs_unit_row && mp * np <= 256 {
-        mp = mp.max(256 / np + 1);
-    }
     if k > 512 && mp <= 64 && np <= 64 {
         mp = 65;
+    }
+    // After padding, an operand keeps its strides only when it was not copied.
+    let rhs_unit = np == n && rhs_unit_row;
+    let lhs_unit = mp != m || lhs_unit_col;
+    if lhs_unit && rhs_unit && mp * np <= 256 {
+        // Growing m copies the lhs (unit stride), so only the size can help.
+        mp = mp.max(256 / np + 1);
     }
     (mp, np)
 }
@@ -137,23 +144,28 @@ mod tests {
 
     #[test]
     fn padded_dims_leave_every_special_regime() {
-        for (m, n, k, unit) in [
-            (1, 64, 64, true),
-            (4, 64, 64, true),
-            (8, 1, 64, false),
-            (2, 32, 576, false),
-            (40, 40, 1000, true),
-            (1, 1, 3, true),
-        ] {
-            let (mp, np) = padded_dims(m, n, k, unit);
-            assert!(mp >= 2 && np >= 2, "{m}x{n}");
-            assert!(!(mp * np <= 256 && (mp != m || unit) && np == n && unit));
-            assert!(!(k > 512 && mp <= 64 && np <= 64), "{m}x{n}x{k}");
+        for m in [1usize, 2, 4, 8, 40, 64, 65, 100] {
+            for n in [1usize, 2, 3, 8, 32, 64, 65, 300] {
+                for k in [3usize, 64, 512, 513, 2000] {
+                    for (lu, ru) in [(true, true), (true, false), (false, true), (false, false)] {
+                        let (mp, np) = padded_dims(m, n, k, lu, ru);
+                        assert!(mp >= m.max(2) && np >= n.max(2), "{m}x{n}");
+                        let lhs_unit = mp != m || lu;
+                        let rhs_unit = np == n && ru;
+                        let case = format!("m {m} n {n} k {k} units {lu} {ru} -> {mp}x{np}");
+                        assert!(
+                            !(mp * np <= 256 && lhs_unit && rhs_unit),
+                            "horizontal: {case}"
+                        );
+                        assert!(!(k > 512 && mp <= 64 && np <= 64), "small kc: {case}");
+                    }
+                }
+            }
         }
         // Already in the general regime: untouched.
-        assert_eq!(padded_dims(64, 64, 64, true), (64, 64));
-        assert_eq!(padded_dims(100, 3, 600, false), (100, 3));
-        assert_eq!(padded_dims(4, 64, 64, false), (4, 64));
+        assert_eq!(padded_dims(64, 64, 64, true, true), (64, 64));
+        assert_eq!(padded_dims(100, 3, 600, false, false), (100, 3));
+        assert_eq!(padded_dims(4, 64, 64, false, true), (4, 64));
     }
 
     /// Regression (issue 13): a row's linear output depended on how many

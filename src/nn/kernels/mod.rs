@@ -430,7 +430,7 @@ pub(crate) unsafe fn gemm_raw<T: Real>(
     }
     // Batch invariance (invariant.rs): shapes in one of gemm's special
     // regimes run padded, so an element's arithmetic never depends on m or n.
-    let padded = invariant::padded_dims(m, n, k, lhs_cs == 1 && rhs_rs == 1);
+    let padded = invariant::padded_dims(m, n, k, lhs_cs == 1, rhs_rs == 1);
     if padded != (m, n) {
         invariant::gemm_padded(
             (m, n, k),

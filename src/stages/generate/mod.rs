@@ -262,18 +262,18 @@ struct Todo {
     height: u32,
 }
 
-/// Result of one image, ready for the manifest.
+/// An image ready for the manifest.
+struct Ready {
+    idx: i64,
+    item: NewItem,
+    hashes: HashRecord,
+    generation: GenerationParams,
+}
+
+/// Result of one image.
 enum Outcome {
-    Ok {
-        idx: i64,
-        item: NewItem,
-        hashes: HashRecord,
-        generation: GenerationParams,
-    },
-    Rejected {
-        idx: i64,
-        reason: String,
-    },
+    Ok(Box<Ready>),
+    Rejected { idx: i64, reason: String },
 }
 
 /// Plan and render with an already loaded `model` (loaded with its hash).
@@ -464,7 +464,7 @@ fn outcome(root: &std::path::Path, s: &PlanSettings, t: &Todo, r: Rendered) -> R
             serde_json::Value::from(t.idx),
         )))
         .collect();
-    Ok(Outcome::Ok {
+    Ok(Outcome::Ok(Box::new(Ready {
         idx: t.idx,
         item: NewItem {
             sha256: sha,
@@ -497,7 +497,7 @@ fn outcome(root: &std::path::Path, s: &PlanSettings, t: &Todo, r: Rendered) -> R
             raw: Some(raw),
             origin: "generate".into(),
         },
-    })
+    })))
 }
 
 /// One transaction for a batch: items, hashes, generation parameters,
@@ -522,12 +522,13 @@ fn commit(
                 let code = reason.split(':').next().unwrap_or("unknown").to_string();
                 *report.rejected.entry(code).or_default() += 1;
             }
-            Outcome::Ok {
-                idx,
-                item,
-                hashes,
-                generation,
-            } => {
+            Outcome::Ok(ready) => {
+                let Ready {
+                    idx,
+                    item,
+                    hashes,
+                    generation,
+                } = *ready;
                 let existing: Option<i64> = tx
                     .query_row(
                         "SELECT id FROM items WHERE sha256 = ?1",

@@ -283,6 +283,16 @@ fn broken_renders_are_rejected_and_reconsidered_but_not_other_stages_rejections(
         (r2.plan.reconsidered, r2.rejected.get("nan_latent")),
         (3, Some(&3))
     );
+    // `inspect` lists them by reason.
+    let rep = crate::stages::inspect::run(&Manifest::open_read_only(&d).unwrap(), 5).unwrap();
+    assert_eq!(
+        rep.generation_plan.rows,
+        vec![vec![
+            serde_json::json!("rejected"),
+            serde_json::json!("nan_latent"),
+            serde_json::json!(3)
+        ]]
+    );
     // An image another stage rejected is left alone.
     let good = w.dir.path().join("good");
     gen(&w, &cfg(&w, 2), &good).unwrap();
