@@ -108,6 +108,17 @@ fn body() -> eps2v::Result<()> {
         let _ = eps2v::imaging::hash::image_hashes(&img);
     }
     let hash_ms = t.elapsed().as_secs_f64() * 1000.0 / reps as f64;
+    // The VAE decode is part of "the model" above; its own share, for reference.
+    let latent = candle_core::Tensor::randn(0f32, 1.0, (1, 4, 64, 64), &candle_core::Device::Cpu)?;
+    let t = Instant::now();
+    for _ in 0..3 {
+        model
+            .vae
+            .decode_scaled(&latent)?
+            .sum_all()?
+            .to_scalar::<f32>()?;
+    }
+    let vae_ms = t.elapsed().as_secs_f64() * 1000.0 / 3.0;
     println!();
     println!("| piece (one 512x512 image) | ms |");
     println!("|---|---|");
@@ -117,5 +128,6 @@ fn body() -> eps2v::Result<()> {
         png.len() / 1024
     );
     println!("| pHash + dHash + pixel sha256 | {hash_ms:.2} |");
+    println!("| (in the model) tiny VAE decode | {vae_ms:.1} |");
     Ok(())
 }

@@ -33,7 +33,8 @@ use std::time::Instant;
 use rusqlite::{params, Connection, OptionalExtension};
 use serde::Serialize;
 
-use super::generate::plan::{self, Shard, StoredPlan};
+use super::generate::plan::{self, StoredPlan};
+use super::generate::Shard;
 use super::import::write_atomic_if_absent;
 use super::Ctx;
 use crate::error::IoContext;

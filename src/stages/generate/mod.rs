@@ -29,6 +29,7 @@
 //! folder; `eps2v manifest merge` ([`super::merge`]) joins shard folders.
 
 pub mod plan;
+pub mod shard;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -52,7 +53,8 @@ use crate::pipeline::SdxlModel;
 use crate::prompts::{Template, TemplateSpec};
 use crate::{Error, Result};
 
-pub use plan::{PlanOutcome, PlanSettings, PlannedItem, Shard, SizeWeight, Sizes};
+pub use plan::{PlanOutcome, PlanSettings, PlannedItem, SizeWeight, Sizes};
+pub use shard::Shard;
 
 /// Configuration of `generate` (the CLI fills it from flags).
 #[derive(Debug, Clone)]
