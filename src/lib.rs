@@ -33,6 +33,8 @@
 //!   evaluation by images, NaN guard, resume, export).
 //! - [`merge`]: `eps2v merge` (weighted sum, add-difference, block weights, sweeps).
 //! - [`report`]: charts (training curves) for run folders and reports.
+//! - [`prompts`]: dynamicprompts-compatible prompt templates, wildcards and
+//!   the built-in "1girl" pack (`prompts`, `generate`).
 
 pub mod cli;
 pub mod diffusion;
@@ -43,6 +45,7 @@ pub mod merge;
 pub mod models;
 pub mod nn;
 pub mod pipeline;
+pub mod prompts;
 pub mod report;
 pub mod stages;
 pub mod train;

@@ -11,6 +11,9 @@ pub mod tokenize;
 use clap::{Parser, Subcommand};
 
 pub mod ckpt;
+pub mod generate;
+pub mod manifest;
+pub mod prompts;
 pub mod sample;
 pub mod train;
 
@@ -62,6 +65,12 @@ pub enum Command {
     Train(Box<train::TrainArgs>),
     /// Blend checkpoints: weighted sum, add-difference, per-block weights, sweeps.
     Merge(train::MergeArgs),
+    /// Print the prompts of a template (dynamicprompts syntax, wildcards, the built-in 1girl pack).
+    Prompts(prompts::PromptsArgs),
+    /// Plan and render a synthetic dataset from a checkpoint (resumable, sharded).
+    Generate(generate::GenerateArgs),
+    /// Whole-manifest operations (`merge`: join generate shards).
+    Manifest(manifest::ManifestArgs),
 }
 
 /// Run a parsed command line; returns the process exit code.
@@ -94,5 +103,8 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Diagnose(a) => Ok(sample::run_diagnose(a, json)?),
         Command::Train(a) => Ok(train::run_train(*a, json)?),
         Command::Merge(a) => Ok(train::run_merge(a, json)?),
+        Command::Prompts(a) => Ok(prompts::run(a, json)?),
+        Command::Generate(a) => Ok(generate::run(a, json)?),
+        Command::Manifest(a) => Ok(manifest::run(a, json)?),
     }
 }

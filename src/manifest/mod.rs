@@ -50,10 +50,16 @@ pub const SCHEMA_V1: &str = include_str!("../../schemas/manifest.sql");
 ///   `IN` list made SQLite build an ephemeral index per inserted row; the
 ///   uniqueness of `items.sha256` as the named index `items_sha256`, which
 ///   [`insert_items_bulk`] can drop and rebuild around a bulk insert.
+/// - v5, `generate.sql` (issue 13): `gen_plan` (the settings every planned
+///   image shares, the plan size, this folder's shard and `plan_id`),
+///   `gen_items` (one row per plan index with every generation parameter
+///   and its state `planned` / `rendered` → `item_id` / `rejected` with a
+///   reason) and `merged_runs` (provenance of `manifest merge`).
 pub const MIGRATIONS: &[&str] = &[
     include_str!("../../schemas/migrations/caption.sql"),
     include_str!("../../schemas/migrations/train.sql"),
     include_str!("../../schemas/migrations/check_constraints.sql"),
+    include_str!("../../schemas/migrations/generate.sql"),
 ];
 
 /// Latest schema version this build writes.

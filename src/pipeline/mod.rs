@@ -8,9 +8,11 @@
 //!   build the unconditional branch (`zero` / `empty` / negative text), and
 //!   bind the UNet to it as the raw ε/v predictor ([`model::Bound`]).
 //! - [`sample`]: the sampling loop from [`crate::diffusion`] (σ schedule, CFG
-//!   with rescale, sampler), per-image seeded CPU noise (the seed of image k
-//!   is seed + k, A1111's convention), f32 VAE decode, PNGs with A1111
-//!   `parameters` infotext, atomic writes.
+//!   with rescale, sampler) over a batch of images with their own prompts and
+//!   seeds in one UNet call per step (`sample_batch`, batch-invariant on the
+//!   CPU), per-image seeded CPU noise (the seed of image k is seed + k,
+//!   A1111's convention), f32 VAE decode, PNGs with A1111 `parameters`
+//!   infotext, atomic writes.
 //! - [`latent`]: one image from a given starting latent, σ list and
 //!   schedule (the entry point of the end-to-end golden against diffusers'
 //!   `StableDiffusionXLPipeline`), with UNet call counts.
@@ -29,4 +31,4 @@ pub mod sample;
 pub mod tiny;
 
 pub use model::{LoadOptions, ModelInfo, SdxlModel, TextConfigs};
-pub use sample::{generate, SampleConfig, SampleReport};
+pub use sample::{generate, sample_batch, BatchItem, Rendered, SampleConfig, SampleReport};

@@ -8,11 +8,18 @@
 //! sampler → VAE decode in f32 → RGB8 (`round(255·clamp((x+1)/2, 0, 1))`, as
 //! diffusers' `numpy_to_pil`).
 //!
-//! **Batch independence.** Images are denoised one at a time: every UNet
-//! call holds exactly one image (its cond + uncond rows), so an image never
-//! shares a matmul with its neighbours and a seed gives identical bytes at
-//! any batch position and for any batch size (on the same device and build).
-//! Text is encoded once per run.
+//! **Batches.** [`sample_batch`] denoises several images — each with its
+//! own prompt, unconditional branch and seed — in one UNet call per step
+//! (rows `[cond₁…cond_b; uncond₁…uncond_b]`); images whose prompts need a
+//! different number of 77-token chunks go in separate calls. The batch is a
+//! speed knob only: a seed's pixels are bit-identical at any batch size and
+//! position on the CPU, because noise is drawn per image, every prompt is
+//! encoded on its own, the VAE decodes one image at a time, and the CPU
+//! kernels compute each row with the same arithmetic whatever the batch
+//! (`nn::kernels::invariant`; tested below). On CUDA, cuBLAS may pick
+//! different algorithms for different batch sizes, so there the same seed
+//! can differ in the last bits between batch sizes. [`generate`] (`eps2v
+//! sample`, evaluation grids) is [`sample_batch`] with one prompt.
 //!
 //! The infotext follows A1111's `create_infotext` order — Steps, Sampler,
 //! Schedule type, CFG scale, Seed, Size, Model hash, Model — then our extra
@@ -36,6 +43,7 @@ use crate::diffusion::{
 };
 use crate::error::IoContext;
 use crate::imaging::infotext::{write_png_with_parameters, Infotext};
+use crate::models::sdxl::clip::TextConditioning;
 use crate::{Error, Result};
 
 /// Everything one `sample` run needs besides the model.
@@ -159,52 +167,132 @@ impl SampleConfig {
 }
 
 /// Generate `cfg.batch` images (seeds `seed..seed+batch`), reporting
-/// progress after every step.
+/// progress after every step. A broken render (NaN/inf) is an error.
 pub fn generate(
     model: &SdxlModel,
     cfg: &SampleConfig,
     progress: Progress<'_>,
 ) -> Result<Vec<Generated>> {
     cfg.validate()?;
+    let items: Vec<BatchItem> = batch_seeds(cfg.seed, cfg.batch)
+        .into_iter()
+        .map(|seed| BatchItem {
+            prompt: cfg.prompt.clone(),
+            uncond: cfg.uncond.clone(),
+            seed,
+        })
+        .collect();
+    sample_batch(model, cfg, &items, progress)?
+        .into_iter()
+        .map(|r| match r {
+            Rendered::Image(g) => Ok(g),
+            Rendered::Broken { seed, reason } => Err(Error::model(format!(
+                "seed {seed}: {reason} (check the prediction type with --prediction, or the checkpoint with `eps2v ckpt check`)"
+            ))),
+        })
+        .collect()
+}
+
+/// One image of a [`sample_batch`]: its prompt, unconditional branch and seed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BatchItem {
+    /// Positive prompt (A1111 syntax).
+    pub prompt: String,
+    /// Unconditional branch.
+    pub uncond: UncondMode,
+    /// Seed of its noise.
+    pub seed: u64,
+}
+
+/// The outcome of one image of a [`sample_batch`].
+#[derive(Debug, Clone)]
+pub enum Rendered {
+    /// A finished image.
+    Image(Generated),
+    /// The model produced NaN or infinite values for this image.
+    Broken {
+        /// Its seed.
+        seed: u64,
+        /// `nan_latent: …` or `nan_decode: …`.
+        reason: String,
+    },
+}
+
+/// Render `items` with the shared settings of `cfg` (its `prompt`,
+/// `uncond`, `seed` and `batch` are not used): all images of the same
+/// chunk count in one UNet call per step, results in the order of `items`.
+/// Progress counts image-steps: `(done, items.len() · steps)`.
+pub fn sample_batch(
+    model: &SdxlModel,
+    cfg: &SampleConfig,
+    items: &[BatchItem],
+    progress: Progress<'_>,
+) -> Result<Vec<Rendered>> {
+    cfg.validate()?;
     let shape = model.latent_shape(cfg.width, cfg.height)?; // (4, h/8, w/8)
     let r = cfg.resolve(model);
     let schedule = model.schedule();
     let sigmas = r.schedule.sigmas(&schedule, cfg.steps)?;
     let guided = cfg.cfg != 1.0;
-    let (cond, uncond) = model.conditioning(&cfg.prompt, &cfg.uncond)?;
-    let bound = Bound::new(
-        &model.unet,
-        &cond,
-        guided.then_some(&uncond),
-        cfg.height,
-        cfg.width,
-    )?;
-    let inner = ModelDenoiser {
-        model: &bound,
-        prediction: model.info.prediction,
-        schedule: &schedule,
-        timestep_mode: TimestepMode::Nearest,
-    };
-    let cfg_denoiser;
-    let denoiser: &dyn Denoiser = if guided {
-        cfg_denoiser = CfgDenoiser {
-            inner,
-            guidance: Guidance {
-                scale: cfg.cfg,
-                rescale: r.rescale,
-            },
-        };
-        &cfg_denoiser
-    } else {
-        &inner
-    };
-    let total = cfg.steps * cfg.batch;
+    // Each prompt on its own (batch-invariant text), grouped by chunk count.
+    let conds = items
+        .iter()
+        .map(|it| model.conditioning(&it.prompt, &it.uncond))
+        .collect::<Result<Vec<_>>>()?;
+    let mut groups: Vec<(usize, Vec<usize>)> = Vec::new();
+    for (i, (c, _)) in conds.iter().enumerate() {
+        let k = c.context.dim(1)?;
+        match groups.iter_mut().find(|g| g.0 == k) {
+            Some(g) => g.1.push(i),
+            None => groups.push((k, vec![i])),
+        }
+    }
+    let total = cfg.steps * items.len();
     let mut done = 0usize;
-    let mut out = Vec::with_capacity(cfg.batch);
-    for seed in batch_seeds(cfg.seed, cfg.batch) {
-        let seeds = [seed];
-        let x = initial_latent(&seeds, shape, &sigmas, &schedule, &model.device)?; // (1, 4, h/8, w/8)
+    let mut out: Vec<Option<Rendered>> = vec![None; items.len()];
+    for (_, idx) in groups {
+        let cat = |f: &dyn Fn(usize) -> Tensor| -> Result<Tensor> {
+            let parts: Vec<Tensor> = idx.iter().map(|&i| f(i)).collect();
+            Ok(Tensor::cat(&parts, 0)?)
+        };
+        let cond = TextConditioning {
+            context: cat(&|i| conds[i].0.context.clone())?, // (b, 77·k, ctx)
+            pooled: cat(&|i| conds[i].0.pooled.clone())?,   // (b, pooled)
+        };
+        let uncond = TextConditioning {
+            context: cat(&|i| conds[i].1.context.clone())?,
+            pooled: cat(&|i| conds[i].1.pooled.clone())?,
+        };
+        let bound = Bound::new(
+            &model.unet,
+            &cond,
+            guided.then_some(&uncond),
+            cfg.height,
+            cfg.width,
+        )?;
+        let inner = ModelDenoiser {
+            model: &bound,
+            prediction: model.info.prediction,
+            schedule: &schedule,
+            timestep_mode: TimestepMode::Nearest,
+        };
+        let cfg_denoiser;
+        let denoiser: &dyn Denoiser = if guided {
+            cfg_denoiser = CfgDenoiser {
+                inner,
+                guidance: Guidance {
+                    scale: cfg.cfg,
+                    rescale: r.rescale,
+                },
+            };
+            &cfg_denoiser
+        } else {
+            &inner
+        };
+        let seeds: Vec<u64> = idx.iter().map(|&i| items[i].seed).collect();
+        let x = initial_latent(&seeds, shape, &sigmas, &schedule, &model.device)?; // (b, 4, h/8, w/8)
         let mut noise = SeededNoise::new(&seeds);
+        let b = seeds.len();
         let latent = sample_with(
             denoiser,
             &sigmas,
@@ -212,24 +300,62 @@ pub fn generate(
             Sampler::new(cfg.sampler),
             &mut noise,
             &mut |_| {
-                done += 1;
+                done += b;
                 progress(done, total);
                 Ok(())
             },
         )?;
-        let image = decode_rgb8(model, &latent, seed)?;
-        out.push(Generated {
-            seed,
-            image,
-            infotext: cfg.infotext(model, &r, seed),
-        });
+        for (j, &i) in idx.iter().enumerate() {
+            let it = &items[i];
+            let one = latent.narrow(0, j, 1)?; // (1, 4, h/8, w/8)
+            out[i] = Some(match decode_rgb8(model, &one)? {
+                Err(reason) => Rendered::Broken {
+                    seed: it.seed,
+                    reason,
+                },
+                Ok(image) => {
+                    let per = SampleConfig {
+                        prompt: it.prompt.clone(),
+                        uncond: it.uncond.clone(),
+                        seed: it.seed,
+                        batch: 1,
+                        ..cfg.clone()
+                    };
+                    Rendered::Image(Generated {
+                        seed: it.seed,
+                        image,
+                        infotext: per.infotext(model, &r, it.seed),
+                    })
+                }
+            });
+        }
     }
-    Ok(out)
+    out.into_iter()
+        .map(|r| r.ok_or_else(|| Error::Other("sample_batch: an image was not rendered".into())))
+        .collect()
 }
 
-/// VAE-decode one latent `(1, 4, h, w)` (f32) to RGB8.
-fn decode_rgb8(model: &SdxlModel, latent: &Tensor, seed: u64) -> Result<RgbImage> {
-    let img = model.vae.decode_scaled(&latent.to_dtype(DType::F32)?)?; // (1, 3, H, W)
+/// VAE-decode one latent `(1, 4, h, w)` (f32) to RGB8; `Ok(Err(reason))`
+/// when the latent or the decoded image holds NaN/inf.
+fn decode_rgb8(
+    model: &SdxlModel,
+    latent: &Tensor,
+) -> Result<std::result::Result<RgbImage, String>> {
+    let latent = latent.to_dtype(DType::F32)?;
+    let bad = latent
+        .flatten_all()?
+        .to_device(&Device::Cpu)?
+        .to_vec1::<f32>()?
+        .iter()
+        .filter(|v| !v.is_finite())
+        .count();
+    if bad > 0 {
+        return Ok(Err(format!(
+            "nan_latent: {bad} of {} latent values are NaN or infinite",
+            latent.elem_count()
+        )));
+    }
+    let img = model.vae.decode_scaled(&latent)?; // (1, 3, H, W)
     let img = ((img.to_device(&Device::Cpu)? + 1.0)? * 0.5)?.clamp(0f32, 1f32)?;
     let (_, c, h, w) = img.dims4()?;
     let data = img
@@ -243,12 +369,13 @@ fn decode_rgb8(model: &SdxlModel, latent: &Tensor, seed: u64) -> Result<RgbImage
         )));
     }
     if data.iter().any(|v| !v.is_finite()) {
-        return Err(Error::model(format!(
-            "seed {seed}: the model produced NaN/inf (check the prediction type with --prediction, or the checkpoint with `eps2v ckpt check`)"
-        )));
+        return Ok(Err(
+            "nan_decode: the VAE produced NaN or infinite pixels".to_string()
+        ));
     }
     let bytes: Vec<u8> = data.iter().map(|v| (v * 255.0).round() as u8).collect();
     RgbImage::from_raw(w as u32, h as u32, bytes)
+        .map(Ok)
         .ok_or_else(|| Error::Other("decoded image buffer has the wrong size".into()))
 }
 
@@ -372,7 +499,11 @@ mod tests {
         let m = SdxlModel::load(&p, &LoadOptions::default()).unwrap();
         let mut calls = Vec::new();
         let g = generate(&m, &cfg(), &mut |d, t| calls.push((d, t))).unwrap();
-        assert_eq!(calls, [(1, 4), (2, 4), (3, 4), (4, 4)]);
+        assert_eq!(
+            calls,
+            [(2, 4), (4, 4)],
+            "both images advance in one UNet call per step"
+        );
         assert_eq!(g.len(), 2);
         assert_eq!((g[0].seed, g[1].seed), (9, 10));
         assert_ne!(g[0].image.as_raw(), g[1].image.as_raw());
@@ -394,6 +525,78 @@ mod tests {
         };
         let g1 = generate(&m, &one, &mut |_, _| {}).unwrap();
         assert_ne!(g1[0].image.as_raw(), g[0].image.as_raw());
+    }
+
+    /// Regression (issue 13): a seed's pixels are the same whatever batch
+    /// it is rendered in, at any position, and next to prompts of another
+    /// chunk count (which go through their own UNet call).
+    #[test]
+    fn batch_is_a_speed_knob_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("toy.safetensors");
+        write_random_checkpoint(&p, TinyOptions::default()).unwrap();
+        let m = SdxlModel::load(&p, &LoadOptions::default()).unwrap();
+        let long = vec!["red circle"; 40].join(", "); // > 75 tokens: 2 chunks
+        let items: Vec<BatchItem> = [
+            ("red circle", UncondMode::Zero, 3),
+            ("blue square, large", UncondMode::Empty, 4),
+            (long.as_str(), UncondMode::Negative("blurry".into()), 5),
+            ("1girl, solo", UncondMode::Negative("lowres".into()), 6),
+            ("green", UncondMode::Zero, 7),
+        ]
+        .into_iter()
+        .map(|(prompt, uncond, seed)| BatchItem {
+            prompt: prompt.into(),
+            uncond,
+            seed,
+        })
+        .collect();
+        let c = SampleConfig {
+            sampler: SamplerKind::EulerAncestral,
+            ..cfg()
+        };
+        let bytes = |r: &Rendered| match r {
+            Rendered::Image(g) => (g.image.as_raw().clone(), g.infotext.format()),
+            Rendered::Broken { reason, .. } => panic!("{reason}"),
+        };
+        let alone: Vec<_> = items
+            .iter()
+            .map(|it| {
+                bytes(&sample_batch(&m, &c, std::slice::from_ref(it), &mut |_, _| {}).unwrap()[0])
+            })
+            .collect();
+        let all = sample_batch(&m, &c, &items, &mut |_, _| {}).unwrap();
+        let mut rev = items.clone();
+        rev.reverse();
+        let reversed = sample_batch(&m, &c, &rev, &mut |_, _| {}).unwrap();
+        for i in 0..items.len() {
+            assert_eq!(bytes(&all[i]), alone[i], "item {i} in a batch of 5");
+            assert_eq!(
+                bytes(&reversed[items.len() - 1 - i]),
+                alone[i],
+                "item {i} reversed"
+            );
+        }
+        assert!(alone[0]
+            .1
+            .starts_with("red circle\nSteps: 2, Sampler: Euler a"));
+        assert!(
+            alone[3].1.contains("\nNegative prompt: lowres\n"),
+            "{}",
+            alone[3].1
+        );
+        assert_ne!(alone[0].0, alone[1].0);
+    }
+
+    #[test]
+    fn nan_models_give_broken_renders_not_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("toy.safetensors");
+        write_random_checkpoint(&p, TinyOptions::default()).unwrap();
+        let m = SdxlModel::load(&p, &LoadOptions::default()).unwrap();
+        let nan = Tensor::full(f32::NAN, (1, 4, 8, 8), &Device::Cpu).unwrap();
+        let r = decode_rgb8(&m, &nan).unwrap().unwrap_err();
+        assert!(r.starts_with("nan_latent: 256 of 256"), "{r}");
     }
 
     #[test]

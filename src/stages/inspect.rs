@@ -69,6 +69,8 @@ pub struct InspectReport {
     pub alignment: Table,
     /// Most recent runs.
     pub runs: Table,
+    /// `generate` plan rows: state, reason code, count (empty without a plan).
+    pub generation_plan: Table,
 }
 
 /// Run a query and collect it as a [`Table`].
@@ -133,21 +135,23 @@ pub fn run(m: &Manifest, top: usize) -> Result<InspectReport> {
             m,
             "SELECT id, stage, status, started_at, ended_at FROM runs ORDER BY id DESC LIMIT 10",
         )?,
+        generation_plan: if has_table(m, "gen_items")? {
+            query_table(
+                m,
+                "SELECT state, coalesce(substr(reason, 1, instr(reason || ':', ':') - 1), '') AS reason,
+                        count(*) AS n
+                 FROM gen_items GROUP BY 1, 2 ORDER BY state, n DESC",
+            )?
+        } else {
+            Table::default()
+        },
     })
 }
 
 /// Alignment histogram from the `tagging` table (empty when the manifest
 /// predates it or nothing is scored): bins `[0.0, 0.1)` … `[0.9, 1.0]`.
 pub fn alignment_histogram(m: &Manifest) -> Result<Table> {
-    let has_table: bool = m
-        .conn()
-        .query_row(
-            "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'tagging')",
-            [],
-            |r| r.get(0),
-        )
-        .map_err(|e| m.err(e))?;
-    if !has_table {
+    if !has_table(m, "tagging")? {
         return Ok(Table {
             columns: vec!["alignment".into(), "n".into(), "rejected".into()],
             rows: Vec::new(),
@@ -164,6 +168,18 @@ pub fn alignment_histogram(m: &Manifest) -> Result<Table> {
     )
 }
 
+/// Whether the manifest has `table` (read-only opens are not migrated).
+fn has_table(m: &Manifest, table: &str) -> Result<bool> {
+    m.conn()
+        .query_row(
+            "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = ?1",
+            [table],
+            |r| r.get::<_, i64>(0),
+        )
+        .map(|n| n > 0)
+        .map_err(|e| m.err(e))
+}
+
 /// Human summary of an [`InspectReport`].
 pub fn render(r: &InspectReport) -> String {
     let mut s = String::new();
@@ -178,6 +194,7 @@ pub fn render(r: &InspectReport) -> String {
             &r.alignment,
         ),
         ("recent runs", &r.runs),
+        ("generation plan (state, reason)", &r.generation_plan),
     ] {
         let _ = writeln!(s, "\n{title}:");
         if t.rows.is_empty() {

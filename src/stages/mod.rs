@@ -23,8 +23,10 @@ pub mod caption;
 pub mod dedupe;
 pub mod export;
 pub mod filter;
+pub mod generate;
 pub mod import;
 pub mod inspect;
+pub mod merge;
 pub mod walk;
 
 use std::collections::HashSet;

@@ -5,5 +5,6 @@ mod ckpt;
 mod cli;
 mod curation;
 mod fixtures_chain;
+mod generate;
 mod sample;
 mod train;

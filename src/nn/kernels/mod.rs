@@ -338,6 +338,7 @@ pub mod act;
 pub mod attention;
 pub mod conv;
 pub mod group_norm;
+pub(crate) mod invariant;
 pub mod layer_norm;
 pub mod linear;
 
@@ -389,7 +390,9 @@ pub fn threads() -> usize {
 
 /// `dst (m×n) = alpha·dst + beta·(lhs (m×k) · rhs (k×n))` with arbitrary
 /// element strides (`*_rs` row stride, `*_cs` column stride), through the
-/// `gemm` crate. `parallel` lets gemm use the rayon pool.
+/// `gemm` crate. `parallel` lets gemm use the rayon pool. Batch-invariant:
+/// an output element gets the same bits whatever m and n are
+/// ([`invariant`]).
 ///
 /// # Safety
 /// All pointers must be valid for the index ranges the strides and sizes
@@ -423,6 +426,25 @@ pub(crate) unsafe fn gemm_raw<T: Real>(
                 }
             }
         }
+        return;
+    }
+    // Batch invariance (invariant.rs): shapes in one of gemm's special
+    // regimes run padded, so an element's arithmetic never depends on m or n.
+    let padded = invariant::padded_dims(m, n, k, lhs_cs == 1, rhs_rs == 1);
+    if padded != (m, n) {
+        invariant::gemm_padded(
+            (m, n, k),
+            padded,
+            dst,
+            (dst_rs, dst_cs),
+            lhs,
+            (lhs_rs, lhs_cs),
+            rhs,
+            (rhs_rs, rhs_cs),
+            accumulate,
+            beta,
+            parallel,
+        );
         return;
     }
     let par = if parallel && threads() > 1 {

@@ -1,0 +1,133 @@
+//! `eps2v generate` throughput on CPU with a seeded random tiny SDXL
+//! checkpoint: images/s, and the share of wall time spent outside the model
+//! (planning and prompting, PNG encoding, perceptual hashes, content-
+//! addressed writes, manifest transactions) — target ≤ 5 %. "The model" is
+//! `sample_batch`: text encoders, the UNet steps and the VAE decode.
+//!
+//! Run with `cargo bench --profile dev --bench generate [-- --count N
+//! --steps N]`. Each row is a fresh dataset folder; the second table times
+//! the outside-the-model pieces of one image on their own.
+
+use std::time::Instant;
+
+use eps2v::diffusion::{SamplerKind, UncondMode};
+use eps2v::manifest::Manifest;
+use eps2v::pipeline::tiny::{write_random_checkpoint, TinyOptions};
+use eps2v::pipeline::{LoadOptions, SdxlModel};
+use eps2v::prompts::{self, TemplateSpec};
+use eps2v::stages::generate::{self, GenerateConfig, Shard, Sizes};
+use eps2v::stages::Ctx;
+
+fn arg(name: &str, default: usize) -> usize {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn main() -> eps2v::Result<()> {
+    eps2v::nn::tune_cpu_runtime();
+    eps2v::nn::on_pool(body)
+}
+
+fn body() -> eps2v::Result<()> {
+    let count = arg("--count", 24) as u64;
+    let steps = arg("--steps", 8);
+    let dir = tempfile::tempdir().map_err(|e| eps2v::Error::io("tempdir", e))?;
+    let ckpt = dir.path().join("tiny.safetensors");
+    write_random_checkpoint(&ckpt, TinyOptions::default())?;
+    let model = SdxlModel::load(
+        &ckpt,
+        &LoadOptions {
+            hash: true,
+            ..Default::default()
+        },
+    )?;
+    let spec = TemplateSpec::Builtin("1girl".into());
+    let template = prompts::load(&spec, None)?;
+    println!(
+        "generate, tiny random SDXL checkpoint, CPU f32, {} rayon threads, {count} images per row, {steps} steps, euler_a, CFG 5 (cond + uncond rows)",
+        rayon::current_num_threads()
+    );
+    println!();
+    println!("| size | batch | wall s | images/s | model s | outside the model |");
+    println!("|---|---|---|---|---|---|");
+    for (side, batch) in [(256u32, 1usize), (256, 4), (512, 1), (512, 4)] {
+        let cfg = GenerateConfig {
+            model: ckpt.clone(),
+            prediction: None,
+            ztsnr: None,
+            template: spec.clone(),
+            wildcards: None,
+            count,
+            seed: 1,
+            combinatorial: false,
+            sizes: Sizes::Fixed {
+                width: side,
+                height: side,
+            },
+            steps,
+            cfg: 5.0,
+            rescale: None,
+            sampler: SamplerKind::EulerAncestral,
+            schedule: None,
+            uncond: UncondMode::Zero,
+            batch,
+            shard: Shard::ALL,
+            replan: false,
+        };
+        let ds = dir.path().join(format!("ds-{side}-{batch}"));
+        let mut m = Manifest::init(&ds)?;
+        let r = generate::run(&cfg, &template, &model, &mut m, &Ctx::quiet())?;
+        let outside = (r.seconds - r.model_seconds) / r.seconds * 100.0;
+        println!(
+            "| {side}x{side} | {batch} | {:.2} | {:.2} | {:.2} | {outside:.1} % |",
+            r.seconds, r.images_per_second, r.model_seconds
+        );
+    }
+    // The outside-the-model pieces of one 512×512 image, on their own.
+    let reps = 20;
+    let t = Instant::now();
+    for i in 0..reps * 50 {
+        let _ = prompts::tidy(&template.random(1, i as u64));
+    }
+    let prompt_ms = t.elapsed().as_secs_f64() * 1000.0 / (reps * 50) as f64;
+    let img = image::RgbImage::from_fn(512, 512, |x, y| {
+        image::Rgb([(x * 7 + y) as u8, (y * 3) as u8, (x ^ y) as u8])
+    });
+    let t = Instant::now();
+    let mut png = Vec::new();
+    for _ in 0..reps {
+        png = eps2v::imaging::infotext::write_png_with_parameters(&img, "x\nSteps: 8")?;
+    }
+    let png_ms = t.elapsed().as_secs_f64() * 1000.0 / reps as f64;
+    let t = Instant::now();
+    for _ in 0..reps {
+        let _ = eps2v::imaging::hash::image_hashes(&img);
+    }
+    let hash_ms = t.elapsed().as_secs_f64() * 1000.0 / reps as f64;
+    // The VAE decode is part of "the model" above; its own share, for reference.
+    let latent = candle_core::Tensor::randn(0f32, 1.0, (1, 4, 64, 64), &candle_core::Device::Cpu)?;
+    let t = Instant::now();
+    for _ in 0..3 {
+        model
+            .vae
+            .decode_scaled(&latent)?
+            .sum_all()?
+            .to_scalar::<f32>()?;
+    }
+    let vae_ms = t.elapsed().as_secs_f64() * 1000.0 / 3.0;
+    println!();
+    println!("| piece (one 512x512 image) | ms |");
+    println!("|---|---|");
+    println!("| 1girl prompt (random + tidy) | {prompt_ms:.3} |");
+    println!(
+        "| PNG encode with parameters ({} KB) | {png_ms:.2} |",
+        png.len() / 1024
+    );
+    println!("| pHash + dHash + pixel sha256 | {hash_ms:.2} |");
+    println!("| (in the model) tiny VAE decode | {vae_ms:.1} |");
+    Ok(())
+}

@@ -1,0 +1,172 @@
+//! `eps2v generate DIR --model CKPT [--template T] --count N …`: flags
+//! become a [`GenerateConfig`]; every input (template, wildcards, model,
+//! sizes, DIR) is checked before the dataset folder is created, so bad
+//! input exits 2 with nothing written.
+
+use std::path::PathBuf;
+
+use clap::Args;
+
+use crate::cli::sample::parse_size;
+use crate::diffusion::{Prediction, SamplerKind, ScheduleKind, UncondMode};
+use crate::manifest::Manifest;
+use crate::prompts::TemplateSpec;
+use crate::stages::generate::{self, GenerateConfig, Shard, Sizes};
+use crate::stages::Ctx;
+use crate::Result;
+
+/// Arguments of `eps2v generate`.
+#[derive(Debug, Args)]
+#[command(
+    after_help = "Examples:\n  eps2v generate data --model noob_eps.safetensors --count 2000 --steps 28 --cfg 5 --batch 4\n  eps2v generate data --model base.safetensors --template my.txt --wildcards my_wildcards --count 500 --size 1024x1024\n  eps2v generate shard-3 --model base.safetensors --count 10000 --shard 3/8   # then: eps2v manifest merge data shard-*\n\n\
+First the plan (one row per image with every generation parameter) is written to DIR/manifest.sqlite, then what is not rendered yet is rendered; kill it at any time and rerun the same command to finish.\n\
+Without --shard, the shard comes from SLURM_ARRAY_TASK_ID/SLURM_ARRAY_TASK_COUNT (Slurm array jobs) or JOB_COMPLETION_INDEX with --shards N (Kubernetes indexed Jobs).\n\
+--model is required: there is no built-in toy model yet."
+)]
+pub struct GenerateArgs {
+    /// Dataset folder (created if missing).
+    pub dir: PathBuf,
+    /// Single-file SDXL checkpoint (.safetensors with UNet, both text encoders and VAE). Required: there is no built-in toy model yet.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Template file, built-in pack name, or template text (dynamicprompts syntax).
+    #[arg(long, default_value = "1girl")]
+    pub template: String,
+    /// Folder of wildcard .txt files (default: the template's wildcards/ folder, or the built-in pack's).
+    #[arg(long)]
+    pub wildcards: Option<PathBuf>,
+    /// Images in the whole plan (all shards together).
+    #[arg(long)]
+    pub count: u64,
+    /// Base seed: prompts and sizes are drawn from it, image i gets seed+i.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Use the first --count combinatorial prompts instead of random ones.
+    #[arg(long)]
+    pub combinatorial: bool,
+    /// One size WxH for every image (default: drawn from the SDXL bucket list).
+    #[arg(long, conflicts_with = "size_weights")]
+    pub size: Option<String>,
+    /// Weights of the SDXL bucket sizes: WxH=W entries, `*=W` for the rest (default 1), e.g. "*=0,1024x1024=2,832x1216=1".
+    #[arg(long)]
+    pub size_weights: Option<String>,
+    /// Sampling steps.
+    #[arg(long, default_value_t = 28)]
+    pub steps: usize,
+    /// CFG scale (1 disables guidance).
+    #[arg(long, default_value_t = 5.0)]
+    pub cfg: f64,
+    /// CFG rescale φ in [0, 1] (default 0.7 for v-prediction, 0 for eps).
+    #[arg(long)]
+    pub rescale: Option<f64>,
+    /// Sampler: euler, euler_a, dpmpp_2m, ddim.
+    #[arg(long, default_value = "euler_a")]
+    pub sampler: String,
+    /// σ schedule: normal, karras, simple, sgm_uniform, leading, trailing, linspace (default trailing for ZTSNR models, normal otherwise).
+    #[arg(long)]
+    pub schedule: Option<String>,
+    /// Unconditional branch when no --negative: zero (SDXL reference) or empty (encode "").
+    #[arg(long, default_value = "zero")]
+    pub uncond: String,
+    /// Negative prompt; when given (non-empty) it is the unconditional branch.
+    #[arg(long)]
+    pub negative: Option<String>,
+    /// Override the prediction type read from the checkpoint: eps or v.
+    #[arg(long)]
+    pub prediction: Option<String>,
+    /// Override the ZTSNR flag read from the checkpoint (true / false).
+    #[arg(long)]
+    pub ztsnr: Option<bool>,
+    /// Images per UNet call (a speed knob: the pixels do not depend on it).
+    #[arg(long, default_value_t = 4)]
+    pub batch: usize,
+    /// Render only shard K of N of the plan (indices i with i mod N = K-1).
+    #[arg(long)]
+    pub shard: Option<String>,
+    /// Number of shards, with JOB_COMPLETION_INDEX (Kubernetes) or instead of SLURM_ARRAY_TASK_COUNT.
+    #[arg(long)]
+    pub shards: Option<u32>,
+    /// Replace a stored plan whose settings differ (changed rows are rendered again; their old images are rejected as `replanned`).
+    #[arg(long)]
+    pub replan: bool,
+}
+
+impl GenerateArgs {
+    /// The typed config (shard defaults read from `env`).
+    pub fn to_config(&self, env: &dyn Fn(&str) -> Option<String>) -> Result<GenerateConfig> {
+        let sizes = match (&self.size, &self.size_weights) {
+            (Some(s), _) => {
+                let (width, height) = parse_size(s)?;
+                Sizes::Fixed { width, height }
+            }
+            (None, Some(w)) => Sizes::parse_weights(w)?,
+            (None, None) => Sizes::sdxl(),
+        };
+        Ok(GenerateConfig {
+            model: self.model.clone(),
+            prediction: self
+                .prediction
+                .as_deref()
+                .map(str::parse::<Prediction>)
+                .transpose()?,
+            ztsnr: self.ztsnr,
+            template: TemplateSpec::from_arg(&self.template)?,
+            wildcards: self.wildcards.clone(),
+            count: self.count,
+            seed: self.seed,
+            combinatorial: self.combinatorial,
+            sizes,
+            steps: self.steps,
+            cfg: self.cfg,
+            rescale: self.rescale,
+            sampler: self.sampler.parse::<SamplerKind>()?,
+            schedule: self
+                .schedule
+                .as_deref()
+                .map(str::parse::<ScheduleKind>)
+                .transpose()?,
+            uncond: UncondMode::from_flags(Some(&self.uncond), self.negative.as_deref())?,
+            batch: self.batch,
+            shard: Shard::resolve(self.shard.as_deref(), self.shards, env)?,
+            replan: self.replan,
+        })
+    }
+}
+
+/// Run `eps2v generate`.
+pub fn run(a: GenerateArgs, json: bool) -> Result<i32> {
+    let cfg = a.to_config(&|k| std::env::var(k).ok())?;
+    cfg.validate()?;
+    generate::check_dir(&a.dir)?;
+    let (template, model) = generate::load_inputs(&cfg)?;
+    for w in &model.info.warnings {
+        eprintln!("warning: {w}");
+    }
+    let mut m = Manifest::init(&a.dir)?;
+    let ctx = Ctx { progress: !json };
+    let r = generate::run(&cfg, &template, &model, &mut m, &ctx)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+    } else {
+        println!(
+            "generate {} (shard {}): {} rendered, {} skipped (already done), {} rejected in {:.1}s ({:.2} images/s)",
+            a.dir.display(),
+            r.shard,
+            r.rendered,
+            r.skipped,
+            r.rejected_total(),
+            r.seconds,
+            r.images_per_second
+        );
+        let p = &r.plan;
+        println!(
+            "        plan: {} images in this shard ({} new, {} replanned, {} removed, {} earlier rejections reconsidered)",
+            p.planned, p.added, p.replanned, p.removed, p.reconsidered
+        );
+        if !r.rejected.is_empty() {
+            let parts: Vec<String> = r.rejected.iter().map(|(k, v)| format!("{k} {v}")).collect();
+            println!("        rejected: {}", parts.join(", "));
+        }
+    }
+    Ok(if r.rejected_total() > 0 { 1 } else { 0 })
+}

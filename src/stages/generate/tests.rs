@@ -1,0 +1,449 @@
+//! Tests of `generate` on seeded random tiny checkpoints (64×64, 2 steps).
+
+use super::*;
+use crate::imaging::infotext::{read_parameters, Infotext};
+use crate::pipeline::tiny::{write_random_checkpoint, TinyOptions};
+use crate::pipeline::LoadOptions;
+use crate::prompts::TemplateSpec;
+use crate::stages::merge::{self, MergeConfig};
+
+struct World {
+    dir: tempfile::TempDir,
+    model: SdxlModel,
+}
+
+fn world() -> World {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("tiny.safetensors");
+    write_random_checkpoint(&p, TinyOptions::default()).unwrap();
+    let model = SdxlModel::load(
+        &p,
+        &LoadOptions {
+            hash: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    World { dir, model }
+}
+
+fn cfg(w: &World, count: u64) -> GenerateConfig {
+    GenerateConfig {
+        model: w.dir.path().join("tiny.safetensors"),
+        prediction: None,
+        ztsnr: None,
+        template: TemplateSpec::Inline("1girl, {red|blue|green} hair, {smile|frown}".into()),
+        wildcards: None,
+        count,
+        seed: 40,
+        combinatorial: false,
+        sizes: Sizes::Fixed {
+            width: 64,
+            height: 64,
+        },
+        steps: 2,
+        cfg: 4.0,
+        rescale: None,
+        sampler: SamplerKind::Euler,
+        schedule: None,
+        uncond: UncondMode::Zero,
+        batch: 2,
+        shard: Shard::ALL,
+        replan: false,
+    }
+}
+
+fn gen(w: &World, c: &GenerateConfig, dir: &std::path::Path) -> Result<GenerateReport> {
+    let t = crate::prompts::load(&c.template, c.wildcards.as_deref())?;
+    let mut m = Manifest::init(dir)?;
+    run(c, &t, &w.model, &mut m, &Ctx::quiet())
+}
+
+/// `(idx, state, seed, sha256 or reason)` of every plan row.
+fn rows(dir: &std::path::Path) -> Vec<(i64, String, i64, String)> {
+    let m = Manifest::open(dir).unwrap();
+    let mut st = m
+        .conn()
+        .prepare(
+            "SELECT g.idx, g.state, g.seed, coalesce(i.sha256, g.reason, '') FROM gen_items g
+             LEFT JOIN items i ON i.id = g.item_id ORDER BY g.idx",
+        )
+        .unwrap();
+    let r = st
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+        .unwrap()
+        .collect::<rusqlite::Result<Vec<_>>>()
+        .unwrap();
+    r
+}
+
+fn count(dir: &std::path::Path, sql: &str) -> i64 {
+    Manifest::open(dir)
+        .unwrap()
+        .conn()
+        .query_row(sql, [], |r| r.get(0))
+        .unwrap()
+}
+
+#[test]
+fn plan_then_render_with_provenance_and_resume() {
+    let w = world();
+    let d = w.dir.path().join("ds");
+    let c = cfg(&w, 5);
+    let r = gen(&w, &c, &d).unwrap();
+    assert_eq!((r.plan.added, r.rendered, r.skipped), (5, 5, 0));
+    assert!(r.rejected.is_empty());
+    let rs = rows(&d);
+    assert_eq!(rs.len(), 5);
+    for (i, (idx, state, seed, _)) in rs.iter().enumerate() {
+        assert_eq!(
+            (*idx, state.as_str(), *seed),
+            (i as i64, "rendered", 40 + i as i64)
+        );
+    }
+    // The image: content-addressed PNG whose parameters are the plan row.
+    let m = Manifest::open(&d).unwrap();
+    let (path, prompt, gseed, extra): (String, String, i64, String) = m
+        .conn()
+        .query_row(
+            "SELECT i.path, g.prompt, g.seed, g.extra_json FROM items i JOIN generation g ON g.item_id = i.id
+             JOIN gen_items p ON p.item_id = i.id WHERE p.idx = 3",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+        )
+        .unwrap();
+    assert_eq!(gseed, 43);
+    assert!(
+        extra.contains("\"Plan index\":3") && extra.contains("\"CFG rescale\""),
+        "{extra}"
+    );
+    let bytes = std::fs::read(d.join(&path)).unwrap();
+    let sha = hex::encode(Sha256::digest(&bytes));
+    assert_eq!(path, format!("images/{}/{sha}.png", &sha[..2]));
+    let raw = read_parameters(&bytes).unwrap();
+    let info = Infotext::parse(&raw);
+    assert_eq!(info.prompt, prompt);
+    assert_eq!(info.get("Seed"), Some("43"));
+    assert_eq!(info.get("Size"), Some("64x64"));
+    assert!(
+        prompt.starts_with("1girl, ") && prompt.contains(" hair, "),
+        "{prompt}"
+    );
+    assert_eq!(
+        count(
+            &d,
+            "SELECT count(*) FROM hashes h JOIN gen_items g ON g.item_id = h.item_id"
+        ),
+        5
+    );
+    assert_eq!(
+        count(
+            &d,
+            "SELECT count(*) FROM captions WHERE source = 'a1111_prompt'"
+        ),
+        5
+    );
+    // A rerun renders nothing and changes nothing.
+    let r2 = gen(&w, &c, &d).unwrap();
+    assert_eq!((r2.plan.added, r2.rendered, r2.skipped), (0, 0, 5));
+    assert_eq!(rows(&d), rs);
+    // A larger count extends the plan; the first five stay as they are.
+    let r3 = gen(&w, &cfg(&w, 7), &d).unwrap();
+    assert_eq!((r3.plan.added, r3.rendered, r3.skipped), (2, 2, 5));
+    assert_eq!(rows(&d)[..5], rs[..]);
+}
+
+#[test]
+fn a_different_plan_names_the_field_unless_replan() {
+    let w = world();
+    let d = w.dir.path().join("ds");
+    gen(&w, &cfg(&w, 3), &d).unwrap();
+    let before = rows(&d);
+    let other = GenerateConfig {
+        steps: 3,
+        ..cfg(&w, 3)
+    };
+    let e = gen(&w, &other, &d).unwrap_err().to_string();
+    assert!(e.contains("steps was 2, this run asks for 3"), "{e}");
+    assert!(e.contains("--replan"), "{e}");
+    let smaller = gen(&w, &cfg(&w, 2), &d).unwrap_err().to_string();
+    assert!(smaller.contains("count was 3"), "{smaller}");
+    let t = GenerateConfig {
+        template: TemplateSpec::Inline("2girls".into()),
+        ..cfg(&w, 3)
+    };
+    let e = gen(&w, &t, &d).unwrap_err().to_string();
+    assert!(e.contains("template_digest was"), "{e}");
+    assert_eq!(rows(&d), before, "a refused rerun writes nothing");
+    assert_eq!(
+        count(&d, "SELECT count(*) FROM runs WHERE stage = 'generate'"),
+        1
+    );
+    // --replan: every row changed (steps), old images rejected, new ones rendered.
+    let r = gen(
+        &w,
+        &GenerateConfig {
+            replan: true,
+            ..other
+        },
+        &d,
+    )
+    .unwrap();
+    assert_eq!((r.plan.replanned, r.rendered), (3, 3));
+    assert_eq!(
+        count(
+            &d,
+            "SELECT count(*) FROM items WHERE status = 'rejected' AND reason LIKE 'replanned:%'"
+        ),
+        3
+    );
+    assert_eq!(
+        count(
+            &d,
+            "SELECT count(*) FROM gen_items WHERE state = 'rendered' AND steps = 3"
+        ),
+        3
+    );
+}
+
+#[test]
+fn batch_size_does_not_change_a_single_byte() {
+    let w = world();
+    let one = w.dir.path().join("b1");
+    let three = w.dir.path().join("b3");
+    let mixed = |b| GenerateConfig {
+        batch: b,
+        sizes: Sizes::parse_weights("*=0,64x64=1,64x128=1").unwrap(),
+        uncond: UncondMode::Negative("lowres".into()),
+        sampler: SamplerKind::EulerAncestral,
+        ..cfg(&w, 6)
+    };
+    gen(&w, &mixed(1), &one).unwrap();
+    gen(&w, &mixed(3), &three).unwrap();
+    let a = rows(&one);
+    assert_eq!(a, rows(&three));
+    let sizes = count(
+        &one,
+        "SELECT count(DISTINCT width || 'x' || height) FROM gen_items",
+    );
+    assert_eq!(sizes, 2, "both sizes drawn");
+}
+
+#[test]
+fn broken_renders_are_rejected_and_reconsidered_but_not_other_stages_rejections() {
+    let w = world();
+    // A checkpoint whose UNet output overflows (a finite bias of 3e38, which
+    // the loader accepts): every render is NaN/inf.
+    let src = w.dir.path().join("tiny.safetensors");
+    let ck = crate::models::sdxl::checkpoint::Checkpoint::open(&src).unwrap();
+    let tensors: Vec<(String, candle_core::Tensor)> = ck
+        .entries()
+        .keys()
+        .map(|k| {
+            let t = ck
+                .tensor(k, candle_core::DType::F32, &candle_core::Device::Cpu)
+                .unwrap();
+            let t = if k == "model.diffusion_model.out.2.bias" {
+                (t.ones_like().unwrap() * 3e38).unwrap()
+            } else {
+                t
+            };
+            (k.clone(), t)
+        })
+        .collect();
+    let nan = w.dir.path().join("nan.safetensors");
+    crate::models::sdxl::checkpoint::save_tensors(&nan, &tensors, &Default::default()).unwrap();
+    let model = SdxlModel::load(
+        &nan,
+        &LoadOptions {
+            hash: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let nw = World {
+        dir: tempfile::tempdir().unwrap(),
+        model,
+    };
+    let d = nw.dir.path().join("ds");
+    let c = GenerateConfig {
+        model: nan.clone(),
+        ..cfg(&w, 3)
+    };
+    let r = gen(&nw, &c, &d).unwrap();
+    assert_eq!(r.rendered, 0);
+    assert_eq!(r.rejected.get("nan_latent"), Some(&3));
+    assert_eq!(count(&d, "SELECT count(*) FROM items"), 0);
+    assert!(rows(&d)
+        .iter()
+        .all(|r| r.1 == "rejected" && r.3.starts_with("nan_latent: ")));
+    // The rerun reconsiders generate's own rejections (and rejects them again).
+    let r2 = gen(&nw, &c, &d).unwrap();
+    assert_eq!(
+        (r2.plan.reconsidered, r2.rejected.get("nan_latent")),
+        (3, Some(&3))
+    );
+    // `inspect` lists them by reason.
+    let rep = crate::stages::inspect::run(&Manifest::open_read_only(&d).unwrap(), 5).unwrap();
+    assert_eq!(
+        rep.generation_plan.rows,
+        vec![vec![
+            serde_json::json!("rejected"),
+            serde_json::json!("nan_latent"),
+            serde_json::json!(3)
+        ]]
+    );
+    // An image another stage rejected is left alone.
+    let good = w.dir.path().join("good");
+    gen(&w, &cfg(&w, 2), &good).unwrap();
+    {
+        let m = Manifest::open(&good).unwrap();
+        let run = m.begin_run("filter", &serde_json::json!({})).unwrap();
+        m.conn()
+            .execute(
+                "UPDATE items SET status = 'rejected', reason = 'misaligned: 0.1', status_run_id = ?1
+                 WHERE id = (SELECT item_id FROM gen_items WHERE idx = 0)",
+                [run],
+            )
+            .unwrap();
+    }
+    let r3 = gen(&w, &cfg(&w, 2), &good).unwrap();
+    assert_eq!((r3.plan.reconsidered, r3.rendered, r3.skipped), (0, 0, 2));
+    assert_eq!(
+        count(
+            &good,
+            "SELECT count(*) FROM items WHERE reason = 'misaligned: 0.1'"
+        ),
+        1
+    );
+}
+
+#[test]
+fn broken_reason_flags_black_and_flat_images() {
+    let black = RgbImage::from_pixel(8, 8, image::Rgb([3, 1, 0]));
+    assert!(broken_reason(&black)
+        .unwrap()
+        .starts_with("black_image: brightest value 3/255"));
+    let grey = RgbImage::from_pixel(8, 8, image::Rgb([128, 128, 128]));
+    assert!(broken_reason(&grey).unwrap().starts_with("flat_image: "));
+    let mut almost = grey.clone();
+    almost.put_pixel(0, 0, image::Rgb([129, 128, 128]));
+    assert!(
+        broken_reason(&almost).is_some(),
+        "one pixel off is still flat"
+    );
+    let noise = RgbImage::from_fn(8, 8, |x, y| {
+        image::Rgb([(x * 30) as u8, (y * 30) as u8, 90])
+    });
+    assert_eq!(broken_reason(&noise), None);
+}
+
+#[test]
+fn shards_merged_equal_a_single_run_item_for_item() {
+    let w = world();
+    let single = w.dir.path().join("single");
+    gen(&w, &cfg(&w, 7), &single).unwrap();
+    let shards: Vec<std::path::PathBuf> = (1..=3)
+        .map(|k| {
+            let d = w.dir.path().join(format!("shard{k}"));
+            let r = gen(
+                &w,
+                &GenerateConfig {
+                    shard: Shard::new(k, 3).unwrap(),
+                    ..cfg(&w, 7)
+                },
+                &d,
+            )
+            .unwrap();
+            assert_eq!(r.rendered, [3, 2, 2][k as usize - 1]);
+            d
+        })
+        .collect();
+    let out = w.dir.path().join("merged");
+    merge::check_shards(&out, &shards).unwrap();
+    let mut m = Manifest::init(&out).unwrap();
+    let cfgm = MergeConfig {
+        shards: shards.clone(),
+    };
+    let r = merge::run(&cfgm, &mut m, &Ctx::quiet()).unwrap();
+    assert_eq!((r.rendered, r.missing), (7, 0));
+    assert_eq!(r.shards.iter().map(|s| s.items_added).sum::<u64>(), 7);
+    assert!(
+        r.tables.contains(&"generation".to_string()) && r.tables.contains(&"hashes".to_string())
+    );
+    drop(m);
+    assert_eq!(rows(&out), rows(&single));
+    for (_, _, _, sha) in rows(&out) {
+        let rel = format!("images/{}/{sha}.png", &sha[..2]);
+        assert_eq!(
+            std::fs::read(out.join(&rel)).unwrap(),
+            std::fs::read(single.join(&rel)).unwrap()
+        );
+    }
+    let q = "SELECT group_concat(g.prompt || '|' || g.seed || '|' || g.raw, ';') FROM
+             (SELECT * FROM generation ORDER BY seed) g";
+    let text = |d: &std::path::Path| -> String {
+        Manifest::open(d)
+            .unwrap()
+            .conn()
+            .query_row(q, [], |r| r.get(0))
+            .unwrap()
+    };
+    assert_eq!(text(&out), text(&single));
+    // Merging again copies nothing twice.
+    let runs = count(&out, "SELECT count(*) FROM runs");
+    let mut m = Manifest::open(&out).unwrap();
+    let again = merge::run(&cfgm, &mut m, &Ctx::quiet()).unwrap();
+    assert_eq!(
+        again
+            .shards
+            .iter()
+            .map(|s| s.items_added + s.runs_copied)
+            .sum::<u64>(),
+        0
+    );
+    drop(m);
+    assert_eq!(count(&out, "SELECT count(*) FROM runs"), runs + 1);
+    // `generate OUT` with the same flags has nothing left to do.
+    let r = gen(&w, &cfg(&w, 7), &out).unwrap();
+    assert_eq!((r.rendered, r.skipped), (0, 7));
+    // With a shard missing, it renders exactly that shard's images.
+    let partial = w.dir.path().join("partial");
+    merge::check_shards(&partial, &shards[..2]).unwrap();
+    let mut m = Manifest::init(&partial).unwrap();
+    let r = merge::run(
+        &MergeConfig {
+            shards: shards[..2].to_vec(),
+        },
+        &mut m,
+        &Ctx::quiet(),
+    )
+    .unwrap();
+    drop(m);
+    assert_eq!(
+        (r.rendered, r.missing, r.missing_examples.clone()),
+        (5, 2, vec![2, 5])
+    );
+    let r = gen(&w, &cfg(&w, 7), &partial).unwrap();
+    assert_eq!((r.plan.added, r.rendered, r.skipped), (2, 2, 5));
+    assert_eq!(rows(&partial), rows(&single));
+    // A shard of another plan is refused, naming the field.
+    let other = w.dir.path().join("other");
+    gen(
+        &w,
+        &GenerateConfig {
+            seed: 1,
+            shard: Shard::new(1, 3).unwrap(),
+            ..cfg(&w, 7)
+        },
+        &other,
+    )
+    .unwrap();
+    let e = merge::check_shards(&w.dir.path().join("m2"), &[shards[1].clone(), other])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("different generation plan (seed is 1 there but 40"),
+        "{e}"
+    );
+}

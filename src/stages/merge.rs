@@ -1,0 +1,622 @@
+//! `eps2v manifest merge OUT SHARD_DIR…`: join the folders that
+//! `generate --shard K/N` filled (one per Slurm array task or Kubernetes
+//! Job index) into one dataset.
+//!
+//! Shards must hold the same generation plan ([`plan::PlanSettings`]
+//! equal field for field, same count); anything else is refused before OUT
+//! is touched ([`check_shards`]). For each shard, in one transaction after
+//! its files are copied:
+//! - its `runs` are copied (new ids; `merged_runs` remembers which run of
+//!   which source plan each one was, so merging a folder again copies
+//!   nothing twice);
+//! - its `items` are added by content address (an image already in OUT is
+//!   the same item), their files copied to the same relative path
+//!   (`images/…`, and `buckets/…` for bucketed items);
+//! - every table that refers to `items(id)` — generation parameters,
+//!   captions, tags, hashes, buckets, and whatever later stages add — is
+//!   copied with its item and run ids remapped (found through SQLite's
+//!   foreign-key list, so new tables need no change here; `duplicates`'
+//!   `cluster_id`, a keeper's item id without a declared key, is remapped
+//!   too);
+//! - its plan rows go into OUT's `gen_items`, a more advanced state
+//!   (`rendered` > `rejected` > `planned`) replacing a less advanced one.
+//!
+//! OUT's plan header is the shards' settings with shard `1/1`, so
+//! `eps2v generate OUT` with the same flags renders whatever no shard did.
+//! Tables without an item reference (none today) are not merged and are
+//! listed in the report.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use rusqlite::{params, Connection, OptionalExtension};
+use serde::Serialize;
+
+use super::generate::plan::{self, StoredPlan};
+use super::generate::Shard;
+use super::import::write_atomic_if_absent;
+use super::Ctx;
+use crate::error::IoContext;
+use crate::manifest::{self, Manifest, MANIFEST_FILE};
+use crate::{Error, Result};
+
+/// Tables handled explicitly (not by the generic item-table copy).
+const SPECIAL: &[&str] = &["items", "runs", "gen_plan", "gen_items", "merged_runs"];
+
+/// Item references that are not declared as foreign keys.
+const UNDECLARED_ITEM_REFS: &[(&str, &str)] = &[("duplicates", "cluster_id")];
+
+/// Tables whose `path` column names a file relative to the dataset.
+const FILE_TABLES: &[&str] = &["items", "buckets"];
+
+/// Configuration of `manifest merge`.
+#[derive(Debug, Clone, Serialize)]
+pub struct MergeConfig {
+    /// Shard folders, merged in this order.
+    pub shards: Vec<PathBuf>,
+}
+
+/// What one shard contributed.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ShardSummary {
+    /// Its folder.
+    pub dir: PathBuf,
+    /// Its shard of the plan (`K/N`).
+    pub shard: String,
+    /// Items new to OUT.
+    pub items_added: u64,
+    /// Items OUT already had.
+    pub items_existing: u64,
+    /// Plan rows added or advanced.
+    pub rows_merged: u64,
+    /// Files copied.
+    pub files_copied: u64,
+    /// Files its manifest names that are missing on disk.
+    pub files_missing: u64,
+    /// Runs copied.
+    pub runs_copied: u64,
+}
+
+/// What `manifest merge` did.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct MergeReport {
+    /// Run id in OUT.
+    pub run_id: i64,
+    /// Per shard.
+    pub shards: Vec<ShardSummary>,
+    /// Item tables copied (generic copy).
+    pub tables: Vec<String>,
+    /// Non-empty tables that were not merged.
+    pub skipped_tables: Vec<String>,
+    /// Plan size.
+    pub count: u64,
+    /// Plan rows rendered in OUT after the merge.
+    pub rendered: u64,
+    /// Plan indices not rendered by any shard merged so far.
+    pub missing: u64,
+    /// The first few of them.
+    pub missing_examples: Vec<u64>,
+    /// Wall time, seconds.
+    pub seconds: f64,
+}
+
+/// Open a folder's manifest read-only with its plan, or say why it cannot
+/// be merged.
+fn open_shard(dir: &Path) -> Result<(Manifest, StoredPlan)> {
+    if !dir.join(MANIFEST_FILE).is_file() {
+        return Err(Error::config(format!(
+            "{}: no {MANIFEST_FILE} here; pass folders that `eps2v generate` filled",
+            dir.display()
+        )));
+    }
+    let m = Manifest::open_read_only(dir)?;
+    let has_plan: bool = m
+        .conn()
+        .query_row(
+            "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'gen_plan'",
+            [],
+            |r| r.get::<_, i64>(0),
+        )
+        .map_err(|e| m.err(e))?
+        > 0;
+    let p = if has_plan {
+        plan::stored_plan(m.conn())?
+    } else {
+        None
+    };
+    let p = p.ok_or_else(|| {
+        Error::config(format!(
+            "{}: has no generation plan; only folders made by `eps2v generate` can be merged",
+            dir.display()
+        ))
+    })?;
+    Ok((m, p))
+}
+
+/// Check that every shard holds the same plan as the first (and as OUT's,
+/// when OUT already has one) before anything is written. Returns the plan.
+pub fn check_shards(out: &Path, shards: &[PathBuf]) -> Result<StoredPlan> {
+    let Some(first) = shards.first() else {
+        return Err(Error::config(
+            "manifest merge: give at least one shard folder",
+        ));
+    };
+    let out_canon = std::fs::canonicalize(out).ok();
+    let (_, reference) = open_shard(first)?;
+    let mut seen = BTreeSet::new();
+    for dir in shards {
+        let canon = std::fs::canonicalize(dir).at(dir)?;
+        if Some(&canon) == out_canon.as_ref() {
+            return Err(Error::config(format!(
+                "{}: is the output folder itself; merge into a new folder",
+                dir.display()
+            )));
+        }
+        if !seen.insert(canon) {
+            return Err(Error::config(format!("{}: given twice", dir.display())));
+        }
+        let (_, p) = open_shard(dir)?;
+        let why = if let Some((f, a, b)) = reference.settings.first_difference(&p.settings)? {
+            Some(format!("{f} is {b} there but {a} in {}", first.display()))
+        } else if p.count != reference.count {
+            Some(format!(
+                "count is {} there but {} in {}",
+                p.count,
+                reference.count,
+                first.display()
+            ))
+        } else {
+            None
+        };
+        if let Some(why) = why {
+            return Err(Error::config(format!(
+                "{}: holds a different generation plan ({why}); only shards of one plan can be merged",
+                dir.display()
+            )));
+        }
+    }
+    if out.join(MANIFEST_FILE).is_file() {
+        let m = Manifest::open_read_only(out)?;
+        let has_plan: i64 = m
+            .conn()
+            .query_row(
+                "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'gen_plan'",
+                [],
+                |r| r.get(0),
+            )
+            .map_err(|e| m.err(e))?;
+        let existing = if has_plan > 0 {
+            plan::stored_plan(m.conn())?
+        } else {
+            None
+        };
+        match existing {
+            Some(o) => {
+                if let Some((f, a, b)) = o.settings.first_difference(&reference.settings)? {
+                    return Err(Error::config(format!(
+                        "{}: already holds another generation plan ({f} is {a} there, {b} in the shards)",
+                        out.display()
+                    )));
+                }
+            }
+            None => {
+                let items: i64 = m
+                    .conn()
+                    .query_row("SELECT count(*) FROM items", [], |r| r.get(0))
+                    .map_err(|e| m.err(e))?;
+                if items > 0 {
+                    return Err(Error::config(format!(
+                        "{}: already holds {items} items that are not from this plan; merge into a new folder",
+                        out.display()
+                    )));
+                }
+            }
+        }
+    }
+    Ok(reference)
+}
+
+/// Columns of `table` in schema `db` (`main` / `shard`): (name, is pk).
+fn columns(conn: &Connection, db: &str, table: &str) -> rusqlite::Result<Vec<(String, bool)>> {
+    let mut st = conn.prepare(&format!("PRAGMA {db}.table_info(\"{table}\")"))?;
+    let rows = st.query_map([], |r| {
+        Ok((r.get::<_, String>(1)?, r.get::<_, i64>(5)? > 0))
+    })?;
+    rows.collect()
+}
+
+/// Foreign keys of `table`: (column, referenced table).
+fn foreign_keys(
+    conn: &Connection,
+    db: &str,
+    table: &str,
+) -> rusqlite::Result<Vec<(String, String)>> {
+    let mut st = conn.prepare(&format!("PRAGMA {db}.foreign_key_list(\"{table}\")"))?;
+    let rows = st.query_map([], |r| Ok((r.get::<_, String>(3)?, r.get::<_, String>(2)?)))?;
+    rows.collect()
+}
+
+fn tables(conn: &Connection, db: &str) -> rusqlite::Result<Vec<String>> {
+    let mut st = conn.prepare(&format!(
+        "SELECT name FROM {db}.sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%' ORDER BY name"
+    ))?;
+    let rows = st.query_map([], |r| r.get(0))?;
+    rows.collect()
+}
+
+fn quote(s: &str) -> String {
+    format!("\"{}\"", s.replace('"', "\"\""))
+}
+
+/// Merge `cfg.shards` into `out` (already checked with [`check_shards`]).
+pub fn run(cfg: &MergeConfig, out: &mut Manifest, ctx: &Ctx) -> Result<MergeReport> {
+    let t0 = Instant::now();
+    let reference = check_shards(out.root(), &cfg.shards)?;
+    let run_id = out.begin_run("merge", cfg)?;
+    let mut report = MergeReport {
+        run_id,
+        count: reference.count,
+        ..Default::default()
+    };
+    let root = out.root().to_path_buf();
+    let db_path = out.db_path().to_path_buf();
+    let map = manifest::sql_err(&db_path);
+    // OUT's plan header: the shards' settings, the whole plan.
+    {
+        let exists: bool = out
+            .conn()
+            .query_row("SELECT count(*) FROM gen_plan", [], |r| r.get::<_, i64>(0))
+            .map_err(map)?
+            > 0;
+        if !exists {
+            out.conn()
+                .execute(
+                    "INSERT INTO gen_plan (id, plan_id, settings_json, count, shard, run_id, updated_at)
+                     VALUES (1, ?1, ?2, ?3, ?4, ?5, ?6)",
+                    params![
+                        format!("merge-{}", &reference.plan_id),
+                        serde_json::to_string(&reference.settings)?,
+                        reference.count as i64,
+                        Shard::ALL.to_string(),
+                        run_id,
+                        manifest::now()
+                    ],
+                )
+                .map_err(map)?;
+        }
+    }
+    let bar = ctx.bar(cfg.shards.len() as u64, "merge");
+    let mut merged_tables = BTreeSet::new();
+    let mut skipped = BTreeSet::new();
+    for dir in &cfg.shards {
+        let (shard_m, shard_plan) = open_shard(dir)?;
+        let mut s = ShardSummary {
+            dir: dir.clone(),
+            shard: shard_plan.shard.to_string(),
+            ..Default::default()
+        };
+        // Files first (content-addressed, idempotent), then one transaction.
+        for table in FILE_TABLES {
+            let exists: i64 = shard_m
+                .conn()
+                .query_row(
+                    "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = ?1",
+                    [table],
+                    |r| r.get(0),
+                )
+                .map_err(|e| shard_m.err(e))?;
+            if exists == 0 {
+                continue;
+            }
+            let mut st = shard_m
+                .conn()
+                .prepare(&format!("SELECT path FROM {table} WHERE path IS NOT NULL"))
+                .map_err(|e| shard_m.err(e))?;
+            let paths: Vec<String> = st
+                .query_map([], |r| r.get(0))
+                .map_err(|e| shard_m.err(e))?
+                .collect::<rusqlite::Result<_>>()
+                .map_err(|e| shard_m.err(e))?;
+            for rel in paths {
+                let src = dir.join(&rel);
+                let dst = root.join(&rel);
+                if dst.is_file() {
+                    continue;
+                }
+                match std::fs::read(&src) {
+                    Ok(bytes) => {
+                        write_atomic_if_absent(&dst, &bytes)?;
+                        s.files_copied += 1;
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => s.files_missing += 1,
+                    Err(e) => return Err(Error::io(&src, e)),
+                }
+            }
+        }
+        drop(shard_m);
+        merge_rows(
+            out,
+            dir,
+            &shard_plan,
+            &mut s,
+            &mut merged_tables,
+            &mut skipped,
+        )?;
+        report.shards.push(s);
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    report.tables = merged_tables.into_iter().collect();
+    report.skipped_tables = skipped.into_iter().collect();
+    let rendered: Vec<i64> = {
+        let mut st = out
+            .conn()
+            .prepare("SELECT idx FROM gen_items WHERE state = 'rendered'")
+            .map_err(map)?;
+        let rows = st.query_map([], |r| r.get(0)).map_err(map)?;
+        rows.collect::<rusqlite::Result<_>>().map_err(map)?
+    };
+    report.rendered = rendered.len() as u64;
+    let done: BTreeSet<i64> = rendered.into_iter().collect();
+    let missing: Vec<u64> = (0..reference.count)
+        .filter(|i| !done.contains(&(*i as i64)))
+        .collect();
+    report.missing = missing.len() as u64;
+    report.missing_examples = missing.into_iter().take(10).collect();
+    report.seconds = t0.elapsed().as_secs_f64();
+    out.end_run(run_id, true, &report)?;
+    Ok(report)
+}
+
+/// Copy one shard's rows into OUT in one transaction (the shard attached
+/// as `shard`).
+fn merge_rows(
+    out: &mut Manifest,
+    dir: &Path,
+    shard_plan: &StoredPlan,
+    s: &mut ShardSummary,
+    merged_tables: &mut BTreeSet<String>,
+    skipped: &mut BTreeSet<String>,
+) -> Result<()> {
+    let db_path = out.db_path().to_path_buf();
+    let map = manifest::sql_err(&db_path);
+    let shard_db = dir.join(MANIFEST_FILE);
+    out.conn()
+        .execute("ATTACH DATABASE ?1 AS shard", [shard_db.to_string_lossy()])
+        .map_err(map)?;
+    let result = (|| -> Result<()> {
+        let conn = out.conn_mut();
+        let tx = conn.transaction().map_err(map)?;
+        tx.execute_batch(
+            "CREATE TEMP TABLE IF NOT EXISTS run_map (old INTEGER PRIMARY KEY, new INTEGER NOT NULL);
+             CREATE TEMP TABLE IF NOT EXISTS item_map (old INTEGER PRIMARY KEY, new INTEGER NOT NULL);
+             DELETE FROM run_map; DELETE FROM item_map;",
+        )
+        .map_err(map)?;
+        // Runs.
+        let runs: Vec<i64> = {
+            let mut st = tx
+                .prepare("SELECT id FROM shard.runs ORDER BY id")
+                .map_err(map)?;
+            let rows = st.query_map([], |r| r.get(0)).map_err(map)?;
+            rows.collect::<rusqlite::Result<_>>().map_err(map)?
+        };
+        for old in runs {
+            let known: Option<i64> = tx
+                .query_row(
+                    "SELECT run_id FROM merged_runs WHERE source_plan = ?1 AND source_run_id = ?2",
+                    params![shard_plan.plan_id, old],
+                    |r| r.get(0),
+                )
+                .optional()
+                .map_err(map)?;
+            let new = match known {
+                Some(n) => n,
+                None => {
+                    tx.execute(
+                        "INSERT INTO runs (stage, config_json, tool_version, started_at, ended_at, status, counts_json)
+                         SELECT stage, config_json, tool_version, started_at, ended_at, status, counts_json
+                         FROM shard.runs WHERE id = ?1",
+                        [old],
+                    )
+                    .map_err(map)?;
+                    let n = tx.last_insert_rowid();
+                    tx.execute(
+                        "INSERT INTO merged_runs (source_plan, source_run_id, run_id, source_dir) VALUES (?1, ?2, ?3, ?4)",
+                        params![shard_plan.plan_id, old, n, dir.display().to_string()],
+                    )
+                    .map_err(map)?;
+                    s.runs_copied += 1;
+                    n
+                }
+            };
+            tx.execute(
+                "INSERT INTO run_map (old, new) VALUES (?1, ?2)",
+                params![old, new],
+            )
+            .map_err(map)?;
+        }
+        // Items, by content address.
+        let item_cols: Vec<String> = columns(&tx, "shard", "items")
+            .map_err(map)?
+            .into_iter()
+            .map(|c| c.0)
+            .filter(|c| c != "id")
+            .collect();
+        let main_items: BTreeSet<String> = columns(&tx, "main", "items")
+            .map_err(map)?
+            .into_iter()
+            .map(|c| c.0)
+            .collect();
+        let item_cols: Vec<String> = item_cols
+            .into_iter()
+            .filter(|c| main_items.contains(c))
+            .collect();
+        let ids: Vec<(i64, String)> = {
+            let mut st = tx
+                .prepare("SELECT id, sha256 FROM shard.items ORDER BY id")
+                .map_err(map)?;
+            let rows = st
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+                .map_err(map)?;
+            rows.collect::<rusqlite::Result<_>>().map_err(map)?
+        };
+        let item_fks = foreign_keys(&tx, "shard", "items").map_err(map)?;
+        let select: Vec<String> = item_cols
+            .iter()
+            .map(|c| match item_fks.iter().find(|(from, _)| from == c) {
+                Some((_, t)) if t == "runs" => {
+                    format!("(SELECT new FROM run_map WHERE old = s.{})", quote(c))
+                }
+                _ => format!("s.{}", quote(c)),
+            })
+            .collect();
+        let insert_item = format!(
+            "INSERT INTO main.items ({}) SELECT {} FROM shard.items s WHERE s.id = ?1",
+            item_cols
+                .iter()
+                .map(|c| quote(c))
+                .collect::<Vec<_>>()
+                .join(", "),
+            select.join(", ")
+        );
+        for (old, sha) in ids {
+            let existing: Option<i64> = tx
+                .query_row("SELECT id FROM main.items WHERE sha256 = ?1", [&sha], |r| {
+                    r.get(0)
+                })
+                .optional()
+                .map_err(map)?;
+            let new = match existing {
+                Some(id) => {
+                    s.items_existing += 1;
+                    id
+                }
+                None => {
+                    tx.execute(&insert_item, [old]).map_err(map)?;
+                    s.items_added += 1;
+                    tx.last_insert_rowid()
+                }
+            };
+            tx.execute(
+                "INSERT INTO item_map (old, new) VALUES (?1, ?2)",
+                params![old, new],
+            )
+            .map_err(map)?;
+        }
+        // Every other table that refers to items.
+        let main_tables: BTreeSet<String> = tables(&tx, "main").map_err(map)?.into_iter().collect();
+        for table in tables(&tx, "shard").map_err(map)? {
+            if SPECIAL.contains(&table.as_str()) {
+                continue;
+            }
+            let fks = foreign_keys(&tx, "shard", &table).map_err(map)?;
+            let refers_items = fks.iter().any(|(_, t)| t == "items");
+            if !refers_items || !main_tables.contains(&table) {
+                let n: i64 = tx
+                    .query_row(
+                        &format!("SELECT count(*) FROM shard.{}", quote(&table)),
+                        [],
+                        |r| r.get(0),
+                    )
+                    .map_err(map)?;
+                if n > 0 {
+                    skipped.insert(table);
+                }
+                continue;
+            }
+            let main_cols: BTreeSet<String> = columns(&tx, "main", &table)
+                .map_err(map)?
+                .into_iter()
+                .map(|c| c.0)
+                .collect();
+            let mut cols = Vec::new();
+            let mut exprs = Vec::new();
+            for (c, pk) in columns(&tx, "shard", &table).map_err(map)? {
+                if !main_cols.contains(&c) {
+                    continue;
+                }
+                let fk = fks
+                    .iter()
+                    .find(|(from, _)| *from == c)
+                    .map(|(_, t)| t.as_str());
+                let undeclared = UNDECLARED_ITEM_REFS.contains(&(table.as_str(), c.as_str()));
+                let expr = match fk {
+                    Some("items") => {
+                        format!("(SELECT new FROM item_map WHERE old = s.{})", quote(&c))
+                    }
+                    Some("runs") => {
+                        format!("(SELECT new FROM run_map WHERE old = s.{})", quote(&c))
+                    }
+                    _ if undeclared => {
+                        format!("(SELECT new FROM item_map WHERE old = s.{})", quote(&c))
+                    }
+                    // A surrogate key: OUT assigns its own.
+                    _ if pk && c == "id" => continue,
+                    _ => format!("s.{}", quote(&c)),
+                };
+                cols.push(quote(&c));
+                exprs.push(expr);
+            }
+            tx.execute(
+                &format!(
+                    "INSERT OR IGNORE INTO main.{t} ({}) SELECT {} FROM shard.{t} s",
+                    cols.join(", "),
+                    exprs.join(", "),
+                    t = quote(&table)
+                ),
+                [],
+            )
+            .map_err(map)?;
+            merged_tables.insert(table);
+        }
+        // Plan rows: a more advanced state wins.
+        s.rows_merged = tx
+            .execute(
+                "INSERT INTO main.gen_items (idx, prompt, negative, seed, width, height, sampler, schedule, steps, cfg,
+                     rescale, uncond, model, model_hash, state, reason, item_id, plan_run_id, render_run_id)
+                 SELECT idx, prompt, negative, seed, width, height, sampler, schedule, steps, cfg, rescale, uncond,
+                        model, model_hash, state, reason,
+                        (SELECT new FROM item_map WHERE old = s.item_id),
+                        (SELECT new FROM run_map WHERE old = s.plan_run_id),
+                        (SELECT new FROM run_map WHERE old = s.render_run_id)
+                 FROM shard.gen_items s WHERE true
+                 ON CONFLICT (idx) DO UPDATE SET state = excluded.state, reason = excluded.reason,
+                     item_id = excluded.item_id, render_run_id = excluded.render_run_id
+                 WHERE (CASE excluded.state WHEN 'rendered' THEN 2 WHEN 'rejected' THEN 1 ELSE 0 END)
+                     > (CASE gen_items.state WHEN 'rendered' THEN 2 WHEN 'rejected' THEN 1 ELSE 0 END)",
+                [],
+            )
+            .map_err(map)? as u64;
+        tx.commit().map_err(map)?;
+        Ok(())
+    })();
+    let detach = out.conn().execute("DETACH DATABASE shard", []).map_err(map);
+    result?;
+    detach?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn folders_without_a_plan_are_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let e = check_shards(&d.path().join("out"), &[d.path().join("nope")])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("no manifest.sqlite"), "{e}");
+        drop(Manifest::init(&d.path().join("plain")).unwrap());
+        let e = check_shards(&d.path().join("out"), &[d.path().join("plain")])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("has no generation plan"), "{e}");
+        let e = check_shards(&d.path().join("out"), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("at least one shard"), "{e}");
+    }
+}
