@@ -28,10 +28,13 @@
 //! - [`models`]: SDXL UNet / VAE / text encoders / tokenizer / checkpoint I/O
 //!   under native LDM key names.
 //! - [`pipeline`]: checkpoint → images (`sample`) and model diagnostics (`diagnose uncond`).
+//! - [`gpubench`]: the Rust half of the device benchmark (benches/gpu/run.sh,
+//!   hidden command `gpu-bench`): ours vs diffusers / PyTorch on one GPU.
 
 pub mod cli;
 pub mod diffusion;
 pub mod error;
+pub mod gpubench;
 pub mod imaging;
 pub mod manifest;
 pub mod models;

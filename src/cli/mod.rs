@@ -10,6 +10,7 @@ pub mod tokenize;
 use clap::{Parser, Subcommand};
 
 pub mod ckpt;
+pub mod gpubench;
 pub mod sample;
 
 /// Top-level command line.
@@ -52,6 +53,9 @@ pub enum Command {
     Sample(sample::SampleArgs),
     /// Model diagnostics (`uncond`: does the model treat "" like zeros?).
     Diagnose(sample::DiagnoseArgs),
+    /// Device benchmark steps driven by benches/gpu/run.sh (hidden).
+    #[command(hide = true)]
+    GpuBench(gpubench::GpuBenchArgs),
 }
 
 /// Run a parsed command line; returns the process exit code.
@@ -80,5 +84,6 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Tokenize(args) => tokenize::run(&args),
         Command::Sample(a) => Ok(sample::run_sample(a, json)?),
         Command::Diagnose(a) => Ok(sample::run_diagnose(a, json)?),
+        Command::GpuBench(a) => Ok(gpubench::run_gpu_bench(a, json)?),
     }
 }

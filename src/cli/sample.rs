@@ -137,6 +137,7 @@ fn load(
             prediction,
             ztsnr,
             hash,
+            ..Default::default()
         },
     )?;
     for w in &m.info.warnings {
