@@ -10,6 +10,7 @@ pub mod tokenize;
 use clap::{Parser, Subcommand};
 
 pub mod ckpt;
+pub mod device;
 pub mod gpubench;
 pub mod sample;
 
