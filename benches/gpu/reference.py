@@ -165,11 +165,21 @@ def tokenizers(vocab_gz, work):
         json.dump({t: i for i, t in enumerate(vocab)}, f, ensure_ascii=False)
     with open(mf, "w", encoding="utf-8") as f:
         f.write("#version: 0.2\n" + "\n".join(merges) + "\n")
-    return CLIPTokenizer(vf, mf), CLIPTokenizer(vf, mf, pad_token="!")
+    return CLIPTokenizer(vf, mf, model_max_length=77), CLIPTokenizer(vf, mf, pad_token="!", model_max_length=77)
 
 
 def load_into(model, sd, what):
-    missing, unexpected = model.load_state_dict(sd, strict=False)
+    # transformers 5 dropped the `text_model.` level of CLIPTextModel's keys
+    # that diffusers' converters still write (4.x keeps it): match the model.
+    keys = set(model.state_dict().keys())
+    fixed = {}
+    for k, v in sd.items():
+        if k not in keys and k.startswith("text_model.") and k[len("text_model.") :] in keys:
+            k = k[len("text_model.") :]
+        elif k not in keys and "text_model." + k in keys:
+            k = "text_model." + k
+        fixed[k] = v
+    missing, unexpected = model.load_state_dict(fixed, strict=False)
     missing = [k for k in missing if not k.endswith("position_ids")]
     if missing or unexpected:
         raise RuntimeError(f"{what}: missing {missing[:8]} ({len(missing)}), unexpected {unexpected[:8]} ({len(unexpected)})")
