@@ -2,7 +2,7 @@
 # Device benchmark: eps2v's SDXL vs diffusers / PyTorch on one GPU, in one
 # short run (≤ 5 minutes wall time on the lent H200; it builds nothing there).
 #
-#   benches/gpu/prepare.sh          # here: CUDA build -> .gpu/eps2v, diffusers wheel -> .whl/
+#   benches/gpu/prepare.sh          # here: CUDA build -> .gpu/eps2v.gz, diffusers wheel -> .whl/
 #   benches/gpu/run.sh              # there (device tool: carry .gpu and .whl, timeout_s 330)
 #   benches/gpu/run.sh --cpu        # anywhere: the same steps on tiny configs, on the CPU
 #
@@ -18,7 +18,8 @@
 #      $OUT/gpu_bench.json (+ table.md and the logs).
 #
 # Options: --cpu (tiny CPU fallback), --bin PATH (eps2v binary; default
-# .gpu/eps2v, else target/debug/eps2v), --out DIR (default $OUT, else
+# .gpu/eps2v.gz unpacked into $WORK (GPU mode), else .gpu/eps2v, else
+# target/debug/eps2v), --out DIR (default $OUT, else
 # $WORK/out), --work DIR, --python PY (default python3), --no-reference
 # (skip step 3). In --cpu mode step 3 runs only when PY imports torch and
 # diffusers. Exit status: 0 when steps 1, 2 and 4 ran (targets missed are in
@@ -63,6 +64,9 @@ else
 fi
 OUTDIR="${OUTDIR:-$WORK/out}"
 mkdir -p "$WORK" "$OUTDIR" "$WORK/ours"
+if [[ -z "$BIN" && $MODE == gpu && -f .gpu/eps2v.gz ]]; then
+    gzip -dc .gpu/eps2v.gz >"$WORK/eps2v" && chmod +x "$WORK/eps2v" && BIN="$WORK/eps2v"
+fi
 if [[ -z "$BIN" ]]; then
     for b in .gpu/eps2v target/debug/eps2v; do
         [[ -x "$b" ]] && { BIN="$b"; break; }

@@ -56,8 +56,11 @@ fn open_cuda(ordinal: usize) -> Result<Device> {
 #[cfg(feature = "cuda")]
 fn open_cuda(ordinal: usize) -> Result<Device> {
     let dev = Device::new_cuda(ordinal).map_err(|e| {
+        // candle appends a backtrace when RUST_BACKTRACE is set: keep the cause.
+        let e = e.to_string();
+        let cause = e.lines().next().unwrap_or_default();
         Error::config(format!(
-            "--device cuda:{ordinal}: no usable CUDA device ({e}); check `nvidia-smi` and that the driver's libcuda.so.1 is on the library path, or use --device cpu"
+            "--device cuda:{ordinal}: no usable CUDA device ({cause}); check `nvidia-smi` and that the driver's libcuda.so.1 is on the library path, or use --device cpu"
         ))
     })?;
     gpu_memory::keep_freed_memory(&dev)?;
@@ -97,10 +100,12 @@ pub fn model_dtype(device: &Device, requested: Option<DType>) -> Result<DType> {
         Some(DType::F32) => Ok(DType::F32),
         Some(d @ (DType::BF16 | DType::F16)) if !device.is_cpu() => Ok(d),
         Some(d) if device.is_cpu() => Err(Error::config(format!(
-            "dtype {d:?} on the cpu: models run in f32 there; use f32 or a CUDA device"
+            "precision {} on the cpu: models run in f32 there; use f32 or a CUDA device",
+            dtype_name(d)
         ))),
         Some(d) => Err(Error::config(format!(
-            "dtype {d:?}: models run in f32, bf16 or f16"
+            "precision {}: models run in f32, bf16 or f16",
+            dtype_name(d)
         ))),
     }
 }
