@@ -35,10 +35,13 @@
 //! - [`report`]: charts (training curves) for run folders and reports.
 //! - [`prompts`]: dynamicprompts-compatible prompt templates, wildcards and
 //!   the built-in "1girl" pack (`prompts`, `generate`).
+//! - [`gpubench`]: the Rust half of the device benchmark (benches/gpu/run.sh,
+//!   hidden command `gpu-bench`): ours vs diffusers / PyTorch on one GPU.
 
 pub mod cli;
 pub mod diffusion;
 pub mod error;
+pub mod gpubench;
 pub mod imaging;
 pub mod manifest;
 pub mod merge;

@@ -89,6 +89,9 @@ pub struct GenerateArgs {
     /// Replace a stored plan whose settings differ (changed rows are rendered again; their old images are rejected as `replanned`).
     #[arg(long)]
     pub replan: bool,
+    /// Device and precision (`--device`, `--precision`).
+    #[command(flatten)]
+    pub device: crate::cli::device::DeviceArgs,
 }
 
 impl GenerateArgs {
@@ -138,7 +141,8 @@ pub fn run(a: GenerateArgs, json: bool) -> Result<i32> {
     let cfg = a.to_config(&|k| std::env::var(k).ok())?;
     cfg.validate()?;
     generate::check_dir(&a.dir)?;
-    let (template, model) = generate::load_inputs(&cfg)?;
+    let placement = a.device.load_options(crate::pipeline::LoadOptions::default())?;
+    let (template, model) = generate::load_inputs(&cfg, &placement)?;
     for w in &model.info.warnings {
         eprintln!("warning: {w}");
     }

@@ -11,7 +11,9 @@ pub mod tokenize;
 use clap::{Parser, Subcommand};
 
 pub mod ckpt;
+pub mod device;
 pub mod generate;
+pub mod gpubench;
 pub mod manifest;
 pub mod prompts;
 pub mod sample;
@@ -71,6 +73,9 @@ pub enum Command {
     Generate(generate::GenerateArgs),
     /// Whole-manifest operations (`merge`: join generate shards).
     Manifest(manifest::ManifestArgs),
+    /// Device benchmark steps driven by benches/gpu/run.sh (hidden).
+    #[command(hide = true)]
+    GpuBench(gpubench::GpuBenchArgs),
 }
 
 /// Run a parsed command line; returns the process exit code.
@@ -106,5 +111,6 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Prompts(a) => Ok(prompts::run(a, json)?),
         Command::Generate(a) => Ok(generate::run(a, json)?),
         Command::Manifest(a) => Ok(manifest::run(a, json)?),
+        Command::GpuBench(a) => Ok(gpubench::run_gpu_bench(a, json)?),
     }
 }

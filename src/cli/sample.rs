@@ -9,6 +9,7 @@ use std::time::Instant;
 use clap::{Args, Subcommand};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
+use crate::cli::device::DeviceArgs;
 use crate::diffusion::{Prediction, SamplerKind, ScheduleKind, UncondMode};
 use crate::pipeline::diagnose::{self, DiagnoseConfig};
 use crate::pipeline::sample::{self, SampleConfig};
@@ -69,6 +70,9 @@ pub struct SampleArgs {
     /// Output folder (created if needed).
     #[arg(long, default_value = "outputs")]
     pub out: PathBuf,
+    /// --device / --precision.
+    #[command(flatten)]
+    pub device: DeviceArgs,
 }
 
 /// Arguments of `eps2v diagnose`.
@@ -105,6 +109,9 @@ pub struct UncondArgs {
     /// Override the prediction type read from the checkpoint: eps or v.
     #[arg(long)]
     pub prediction: Option<String>,
+    /// --device / --precision.
+    #[command(flatten)]
+    pub device: DeviceArgs,
 }
 
 /// Parse `WxH` (e.g. `832x1216`).
@@ -128,17 +135,17 @@ fn load(
     prediction: Option<&str>,
     ztsnr: Option<bool>,
     hash: bool,
+    device: &DeviceArgs,
 ) -> Result<(SdxlModel, f64)> {
     let prediction = prediction.map(str::parse::<Prediction>).transpose()?;
+    let opts = device.load_options(LoadOptions {
+        prediction,
+        ztsnr,
+        hash,
+        ..Default::default()
+    })?;
     let t0 = Instant::now();
-    let m = SdxlModel::load(
-        model,
-        &LoadOptions {
-            prediction,
-            ztsnr,
-            hash,
-        },
-    )?;
+    let m = SdxlModel::load(model, &opts)?;
     for w in &m.info.warnings {
         eprintln!("warning: {w}");
     }
@@ -166,7 +173,7 @@ pub fn run_sample(a: SampleArgs, json: bool) -> Result<i32> {
         batch: a.batch,
     };
     cfg.validate()?;
-    let (model, load_s) = load(&a.model, a.prediction.as_deref(), a.ztsnr, true)?;
+    let (model, load_s) = load(&a.model, a.prediction.as_deref(), a.ztsnr, true, &a.device)?;
     let mut cfg = cfg;
     if a.uncond.is_none() && a.negative.as_deref().is_none_or(str::is_empty) {
         if let Some(trained) = &model.info.trained_uncond {
@@ -220,7 +227,7 @@ pub fn run_diagnose(a: DiagnoseArgs, json: bool) -> Result<i32> {
             if u.seeds == 0 {
                 return Err(Error::config("--seeds must be at least 1"));
             }
-            let (model, _) = load(&u.model, u.prediction.as_deref(), None, false)?;
+            let (model, _) = load(&u.model, u.prediction.as_deref(), None, false, &u.device)?;
             let report = diagnose::uncond(
                 &model,
                 &DiagnoseConfig {

@@ -14,12 +14,16 @@
 //! the single place where fast CPU kernels (custom ops with backward) plug
 //! in; the layer structs never change when a kernel does. The kernels
 //! themselves (custom ops with backward: conv2d, GroupNorm+SiLU, LayerNorm,
-//! softmax, fused attention) live in [`kernels`].
+//! softmax, fused attention) live in [`kernels`]. [`device()`] parses
+//! `--device` specs and picks the dtypes models run in per device.
 
 #[macro_use]
 pub mod kernels;
+pub mod device;
 pub mod ops;
 pub mod optim;
+
+pub use device::{default_device, device, model_dtype, vae_dtype};
 
 use candle_core::{Module, Result, Tensor};
 

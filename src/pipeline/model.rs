@@ -94,6 +94,13 @@ pub struct LoadOptions {
     pub ztsnr: Option<bool>,
     /// Compute the SHA-256 / AutoV2 hash (reads the whole file once).
     pub hash: bool,
+    /// Device to load onto (`--device`, [`crate::nn::device`]); `None`:
+    /// [`crate::nn::default_device`] (CUDA 0 in a CUDA build with a GPU, else CPU).
+    pub device: Option<Device>,
+    /// dtype of the UNet and text encoders; `None`: f32 on the CPU, bf16 on
+    /// CUDA ([`crate::nn::model_dtype`]). The VAE follows
+    /// [`crate::nn::vae_dtype`] (bf16 or f32, never f16).
+    pub dtype: Option<DType>,
 }
 
 /// What was loaded and how it was judged.
@@ -139,7 +146,7 @@ pub struct SdxlModel {
     pub unet: UNet,
     /// Both text encoders and the tokenizer.
     pub text: SdxlTextEncoder,
-    /// The VAE (always f32: the SDXL VAE overflows in f16).
+    /// The VAE (f32, or bf16 with a bf16 model; never f16: the SDXL VAE overflows in f16).
     pub vae: Vae,
     /// What was loaded.
     pub info: ModelInfo,
@@ -181,8 +188,9 @@ fn sampling_prediction(path: &Path, p: CkptPrediction) -> Result<Prediction> {
 
 impl SdxlModel {
     /// Open `path`, detect the configs, check the keys and load every part
-    /// (UNet and text encoders in f32 on the CPU, or on CUDA device 0 when
-    /// built with the `cuda` feature and one is present; VAE in f32).
+    /// onto `opts.device` in `opts.dtype` (defaults: CUDA device 0 in bf16
+    /// when built with the `cuda` feature and one is present, else the CPU
+    /// in f32; the VAE in [`crate::nn::vae_dtype`]).
     pub fn load(path: impl AsRef<Path>, opts: &LoadOptions) -> Result<Self> {
         let path = path.as_ref();
         let ckpt = Checkpoint::open(path)?;
@@ -226,14 +234,18 @@ impl SdxlModel {
             );
         }
 
-        let device = Device::cuda_if_available(0)?;
-        let unet = ckpt.load_unet(&unet_cfg, DType::F32, &device)?;
+        let device = opts
+            .device
+            .clone()
+            .unwrap_or_else(crate::nn::default_device);
+        let dtype = crate::nn::model_dtype(&device, opts.dtype)?;
+        let unet = ckpt.load_unet(&unet_cfg, dtype, &device)?;
         let text = SdxlTextEncoder::new(
-            ckpt.var_builder(DType::F32, &device),
+            ckpt.var_builder(dtype, &device),
             &text_cfg.clip_l,
             &text_cfg.clip_g,
         )?;
-        let vae = ckpt.load_vae(&vae_cfg, DType::F32, &device)?;
+        let vae = ckpt.load_vae(&vae_cfg, crate::nn::vae_dtype(dtype), &device)?;
         let autov2 = if opts.hash {
             Some(checkpoint::autov2(&checkpoint::sha256_file(path)?))
         } else {

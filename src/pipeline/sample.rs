@@ -599,6 +599,67 @@ mod tests {
         assert!(r.starts_with("nan_latent: 256 of 256"), "{r}");
     }
 
+    /// The CUDA path's dtypes (UNet and text encoders in bf16 / f16, VAE in
+    /// `vae_dtype`) through the whole `sample` pipeline. `SdxlModel::load`
+    /// keeps the CPU in f32, so the half-precision parts are swapped in by
+    /// hand; the numerics are the CPU's, the dtype plumbing is the GPU's.
+    #[test]
+    fn generate_runs_with_half_precision_models_and_a_safe_vae() {
+        use crate::models::sdxl::checkpoint::Checkpoint;
+        use crate::models::sdxl::clip::SdxlTextEncoder;
+        use crate::pipeline::model::TextConfigs;
+
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("toy-v.safetensors");
+        write_random_checkpoint(
+            &p,
+            TinyOptions {
+                seed: 3,
+                v_pred_ztsnr: true,
+            },
+        )
+        .unwrap();
+        let opts = LoadOptions {
+            device: Some(Device::Cpu),
+            ..Default::default()
+        };
+        let one = SampleConfig { batch: 1, ..cfg() };
+        let m32 = SdxlModel::load(&p, &opts).unwrap();
+        let want = generate(&m32, &one, &mut |_, _| {}).unwrap();
+        let want = want[0].image.as_raw();
+        let ckpt = Checkpoint::open(&p).unwrap();
+        let text = TextConfigs::tiny();
+        for dtype in [DType::BF16, DType::F16] {
+            let mut m = SdxlModel::load(&p, &opts).unwrap();
+            m.unet = ckpt
+                .load_unet(m32.unet.config(), dtype, &Device::Cpu)
+                .unwrap();
+            m.text = SdxlTextEncoder::new(
+                ckpt.var_builder(dtype, &Device::Cpu),
+                &text.clip_l,
+                &text.clip_g,
+            )
+            .unwrap();
+            let vae_dtype = crate::nn::vae_dtype(dtype);
+            assert_ne!(vae_dtype, DType::F16);
+            m.vae = ckpt
+                .load_vae(m32.vae.config(), vae_dtype, &Device::Cpu)
+                .unwrap();
+            assert_eq!((m.unet.dtype(), m.vae.dtype()), (dtype, vae_dtype));
+            let got = generate(&m, &one, &mut |_, _| {}).unwrap();
+            let got = got[0].image.as_raw();
+            assert_eq!(got.len(), want.len());
+            let mean_abs = got
+                .iter()
+                .zip(want)
+                .map(|(a, b)| (f64::from(*a) - f64::from(*b)).abs())
+                .sum::<f64>()
+                / got.len() as f64;
+            eprintln!("{dtype:?}: mean |Δpixel| vs f32 = {mean_abs:.2}");
+            assert!(mean_abs < 4.0, "{dtype:?}: mean |Δpixel| {mean_abs}");
+        }
+    }
+
     #[test]
     fn bad_numbers_are_config_errors() {
         for bad in [

@@ -229,6 +229,7 @@ pub fn load_as(p: &Path, prediction: Option<Prediction>, ztsnr: Option<bool>) ->
             prediction,
             ztsnr,
             hash: false,
+            ..Default::default()
         },
     )
 }

@@ -6,5 +6,6 @@ mod cli;
 mod curation;
 mod fixtures_chain;
 mod generate;
+mod gpu_script;
 mod sample;
 mod train;

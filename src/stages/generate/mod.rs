@@ -565,8 +565,13 @@ fn commit(
 }
 
 /// Load the template and the model of `cfg` and check everything that does
-/// not need the dataset folder (so that bad input writes nothing).
-pub fn load_inputs(cfg: &GenerateConfig) -> Result<(Template, SdxlModel)> {
+/// not need the dataset folder (so that bad input writes nothing). The
+/// model goes where `placement` says (its `device` and `dtype`; the rest of
+/// the load options come from `cfg`).
+pub fn load_inputs(
+    cfg: &GenerateConfig,
+    placement: &crate::pipeline::LoadOptions,
+) -> Result<(Template, SdxlModel)> {
     cfg.validate()?;
     let template = crate::prompts::load(&cfg.template, cfg.wildcards.as_deref())?;
     let model = SdxlModel::load(
@@ -575,6 +580,8 @@ pub fn load_inputs(cfg: &GenerateConfig) -> Result<(Template, SdxlModel)> {
             prediction: cfg.prediction,
             ztsnr: cfg.ztsnr,
             hash: true,
+            device: placement.device.clone(),
+            dtype: placement.dtype,
         },
     )?;
     plan_settings(cfg, &template, &model)?;

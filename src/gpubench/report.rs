@@ -1,0 +1,355 @@
+//! Joins our measurements (`ours.json`, [`super::run::OursReport`]) and the
+//! PyTorch side's (`torch.json`, written by benches/gpu/reference.py) into
+//! one table of rows — metric, ours, reference, ratio ours/reference,
+//! target, met — printed as Markdown and written as JSON.
+//!
+//! Targets (issue 12): our bf16 UNet within relative L2 error 1e-2 of
+//! diffusers' on the same weights and inputs; the golden tiny models within
+//! their tolerances ([`super::golden`]); `sample` time per image ≤ 1.15×
+//! diffusers (first milestone; the goal is 1.0×); the `out`+`OUT08` training
+//! step within 24 GB (10⁹ bytes) of GPU memory. Other rows are reported
+//! without a target. A missing reference (no GPU, no torch) leaves its
+//! columns empty; a target that could not be measured counts as not met.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::Result;
+
+/// Sampling: ours / diffusers per image must stay at or below this.
+pub const SAMPLE_RATIO_TARGET: f64 = 1.15;
+/// UNet check: relative L2 error bound in the bench dtype.
+pub const UNET_REL_TARGET: f64 = 1e-2;
+/// UNet check in f32 (same weights, different op order only).
+pub const UNET_REL_F32_TARGET: f64 = 1e-3;
+/// Peak GPU memory of the `out+OUT08` step, in GB (10⁹ bytes).
+pub const HEAD_STEP_MEM_TARGET_GB: f64 = 24.0;
+
+/// One row of the table.
+#[derive(Debug, Clone, Serialize)]
+pub struct Row {
+    /// What was measured.
+    pub metric: String,
+    /// Unit of `ours` and `reference`.
+    pub unit: String,
+    /// Our value.
+    pub ours: Option<f64>,
+    /// diffusers / PyTorch's value.
+    pub reference: Option<f64>,
+    /// `ours / reference`.
+    pub ratio: Option<f64>,
+    /// The target, in words (`≤ 0.01`, `ratio ≤ 1.15`).
+    pub target: Option<String>,
+    /// Whether the target is met (`None`: no target).
+    pub met: Option<bool>,
+}
+
+/// The combined report.
+#[derive(Debug, Clone, Serialize)]
+pub struct Combined {
+    /// The table.
+    pub rows: Vec<Row>,
+    /// Rows with a target, and how many are met.
+    pub targets: usize,
+    /// Targets met.
+    pub met: usize,
+    /// Our raw report.
+    pub ours: Value,
+    /// The reference's raw report (`null` when it did not run).
+    pub reference: Value,
+}
+
+fn num(v: &Value, path: &[&str]) -> Option<f64> {
+    let mut cur = v;
+    for p in path {
+        cur = cur.get(p)?;
+    }
+    cur.as_f64().filter(|x| x.is_finite())
+}
+
+fn find<'a>(v: &'a Value, list: &str, key: &str, want: &Value) -> Option<&'a Value> {
+    v.get(list)?
+        .as_array()?
+        .iter()
+        .find(|e| e.get(key) == Some(want))
+}
+
+fn ratio(a: Option<f64>, b: Option<f64>) -> Option<f64> {
+    match (a, b) {
+        (Some(a), Some(b)) if b > 0.0 => Some(a / b),
+        _ => None,
+    }
+}
+
+impl Row {
+    fn new(
+        metric: impl Into<String>,
+        unit: &str,
+        ours: Option<f64>,
+        reference: Option<f64>,
+    ) -> Self {
+        Self {
+            metric: metric.into(),
+            unit: unit.to_string(),
+            ours,
+            reference,
+            ratio: ratio(ours, reference),
+            target: None,
+            met: None,
+        }
+    }
+
+    fn target(mut self, words: String, met: Option<bool>) -> Self {
+        self.target = Some(words);
+        self.met = Some(met.unwrap_or(false));
+        self
+    }
+}
+
+const MIB_TO_GB: f64 = 1_048_576.0 / 1e9;
+
+/// Build the table from our report and the reference's (`Value::Null` when
+/// the reference did not run).
+pub fn combine(ours: &Value, reference: &Value) -> Result<Combined> {
+    let dtype = ours.get("dtype").and_then(Value::as_str).unwrap_or("?");
+    let mut rows = Vec::new();
+    let rel = |k: &str| num(reference, &["unet_check", "rel_l2", k]);
+
+    let v = rel("ours_vs_ref");
+    rows.push(
+        Row::new(
+            format!("UNet rel. L2 error, ours {dtype} vs diffusers {dtype}"),
+            "",
+            v,
+            None,
+        )
+        .target(
+            format!("≤ {UNET_REL_TARGET}"),
+            v.map(|v| v <= UNET_REL_TARGET),
+        ),
+    );
+    if dtype != "f32" {
+        let v = rel("ours_f32_vs_ref_f32");
+        rows.push(
+            Row::new("UNet rel. L2 error, ours f32 vs diffusers f32", "", v, None).target(
+                format!("≤ {UNET_REL_F32_TARGET}"),
+                v.map(|v| v <= UNET_REL_F32_TARGET),
+            ),
+        );
+        rows.push(Row::new(
+            format!("UNet rel. L2 error vs diffusers f32: ours {dtype} | diffusers {dtype}"),
+            "",
+            rel("ours_vs_ref_f32"),
+            rel("ref_vs_ref_f32"),
+        ));
+    }
+    for g in ours
+        .get("golden")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        let name = format!(
+            "golden tiny {} {} max rel. error vs CPU f32",
+            g.get("model").and_then(Value::as_str).unwrap_or("?"),
+            g.get("dtype").and_then(Value::as_str).unwrap_or("?")
+        );
+        let tol = num(g, &["tolerance"]).unwrap_or(0.0);
+        let ok = g.get("ok").and_then(Value::as_bool);
+        rows.push(Row::new(name, "", num(g, &["max_rel"]), None).target(format!("≤ {tol}"), ok));
+    }
+    rows.push(Row::new(
+        "UNet call, 2 rows (one CFG pair)",
+        "ms",
+        num(ours, &["unet_check", "forward_ms"]),
+        num(reference, &["unet_check", "forward_ms"]),
+    ));
+    for s in ours
+        .get("sample")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        let Some(batch) = s.get("batch") else {
+            continue;
+        };
+        let theirs = find(reference, "sample", "batch", batch);
+        let steps = num(s, &["steps"]).unwrap_or(0.0);
+        let row = Row::new(
+            format!("sample, {steps} steps, CFG, batch {batch}"),
+            "s/image",
+            num(s, &["seconds_per_image"]),
+            theirs.and_then(|t| num(t, &["seconds_per_image"])),
+        );
+        let met = row.ratio.map(|r| r <= SAMPLE_RATIO_TARGET);
+        rows.push(row.target(format!("ratio ≤ {SAMPLE_RATIO_TARGET}"), met));
+    }
+    for t in ours
+        .get("train")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        let Some(sel) = t.get("trainable") else {
+            continue;
+        };
+        let name = sel.as_str().unwrap_or("?");
+        let theirs = find(reference, "train", "trainable", sel);
+        let get = |v: Option<&Value>, k: &str| v.and_then(|v| num(v, &[k]));
+        rows.push(Row::new(
+            format!("train step, {name} trainable, parameters"),
+            "",
+            get(Some(t), "params"),
+            get(theirs, "params"),
+        ));
+        rows.push(Row::new(
+            format!("train step, {name} trainable"),
+            "ms",
+            get(Some(t), "step_ms"),
+            get(theirs, "step_ms"),
+        ));
+        let mem = |v: Option<&Value>| get(v, "peak_mem_mb").map(|m| m * MIB_TO_GB);
+        let row = Row::new(
+            format!("train step, {name} trainable, peak GPU memory"),
+            "GB",
+            mem(Some(t)),
+            mem(theirs),
+        );
+        rows.push(if name == "out+OUT08" {
+            let met = row.ours.map(|m| m <= HEAD_STEP_MEM_TARGET_GB);
+            row.target(format!("≤ {HEAD_STEP_MEM_TARGET_GB} GB"), met)
+        } else {
+            row
+        });
+        let rss = |v: Option<&Value>| get(v, "peak_rss_mb");
+        if rss(Some(t)).is_some() || rss(theirs).is_some() {
+            rows.push(Row::new(
+                format!("train step, {name} trainable, peak RSS (CPU)"),
+                "MiB",
+                rss(Some(t)),
+                rss(theirs),
+            ));
+        }
+    }
+    let targets = rows.iter().filter(|r| r.met.is_some()).count();
+    let met = rows.iter().filter(|r| r.met == Some(true)).count();
+    Ok(Combined {
+        rows,
+        targets,
+        met,
+        ours: ours.clone(),
+        reference: reference.clone(),
+    })
+}
+
+fn fmt(v: Option<f64>) -> String {
+    match v {
+        None => "—".into(),
+        Some(x) if x != 0.0 && (x.abs() < 1e-2 || x.abs() >= 1e5) => format!("{x:.2e}"),
+        Some(x) => format!("{x:.3}"),
+    }
+}
+
+/// The table as Markdown, with a one-line summary.
+pub fn markdown(c: &Combined) -> String {
+    let mut s = String::from("| metric | unit | eps2v | diffusers/PyTorch | ratio | target | met |\n|---|---|---|---|---|---|---|\n");
+    for r in &c.rows {
+        s.push_str(&format!(
+            "| {} | {} | {} | {} | {} | {} | {} |\n",
+            r.metric,
+            r.unit,
+            fmt(r.ours),
+            fmt(r.reference),
+            r.ratio
+                .map(|x| format!("{x:.2}×"))
+                .unwrap_or_else(|| "—".into()),
+            r.target.as_deref().unwrap_or(""),
+            match r.met {
+                Some(true) => "yes",
+                Some(false) => "**no**",
+                None => "",
+            }
+        ));
+    }
+    s.push_str(&format!("\n{} of {} targets met.\n", c.met, c.targets));
+    s
+}
+
+/// The PyTorch side's own failure, when its report says it did not run.
+#[derive(Debug, Deserialize)]
+struct RefError {
+    error: Option<String>,
+}
+
+/// The reference report's `error` field, if any.
+pub fn reference_error(reference: &Value) -> Option<String> {
+    serde_json::from_value::<RefError>(reference.clone())
+        .ok()
+        .and_then(|e| e.error)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn ours() -> Value {
+        json!({
+            "dtype": "bf16",
+            "golden": [{"model": "unet", "dtype": "bf16", "max_rel": 0.01, "tolerance": 0.03, "ok": true}],
+            "unet_check": {"forward_ms": 40.0},
+            "sample": [
+                {"batch": 1, "steps": 28, "seconds_per_image": 2.2},
+                {"batch": 4, "steps": 28, "seconds_per_image": null, "skipped": "budget"}
+            ],
+            "train": [
+                {"trainable": "out+OUT08", "step_ms": 300.0, "peak_mem_mb": 20000.0},
+                {"trainable": "full", "step_ms": 900.0, "peak_mem_mb": 60000.0}
+            ]
+        })
+    }
+
+    #[test]
+    fn rows_join_by_batch_and_selection_and_count_targets() {
+        let theirs = json!({
+            "unet_check": {"forward_ms": 50.0, "rel_l2": {"ours_vs_ref": 0.004, "ours_f32_vs_ref_f32": 2e-6,
+                "ours_vs_ref_f32": 0.003, "ref_vs_ref_f32": 0.003}},
+            "sample": [{"batch": 1, "seconds_per_image": 2.0}, {"batch": 4, "seconds_per_image": 1.5}],
+            "train": [{"trainable": "full", "step_ms": 600.0, "peak_mem_mb": 50000.0},
+                      {"trainable": "out+OUT08", "step_ms": 200.0, "peak_mem_mb": 10000.0}]
+        });
+        let c = combine(&ours(), &theirs).unwrap();
+        let row = |m: &str| c.rows.iter().find(|r| r.metric == m).unwrap();
+        let b1 = row("sample, 28 steps, CFG, batch 1");
+        assert_eq!((b1.ratio, b1.met), (Some(1.1), Some(true)));
+        let b4 = row("sample, 28 steps, CFG, batch 4");
+        assert_eq!(b4.met, Some(false), "skipped counts as not met");
+        assert_eq!(row("train step, full trainable").ratio, Some(1.5));
+        let head_mem = row("train step, out+OUT08 trainable, peak GPU memory");
+        assert!((head_mem.ours.unwrap() - 20.97152).abs() < 1e-9);
+        assert_eq!(head_mem.met, Some(true));
+        assert_eq!(
+            row("UNet rel. L2 error, ours bf16 vs diffusers bf16").met,
+            Some(true)
+        );
+        assert_eq!((c.targets, c.met), (6, 5));
+        let md = markdown(&c);
+        assert!(md.contains("| sample, 28 steps, CFG, batch 1 | s/image | 2.200 | 2.000 | 1.10× | ratio ≤ 1.15 | yes |"), "{md}");
+        assert!(md.contains("5 of 6 targets met"));
+    }
+
+    #[test]
+    fn a_missing_reference_leaves_its_columns_empty() {
+        let c = combine(&ours(), &Value::Null).unwrap();
+        assert!(c
+            .rows
+            .iter()
+            .all(|r| r.reference.is_none() && r.ratio.is_none()));
+        assert_eq!(c.rows[0].met, Some(false));
+        assert_eq!(
+            reference_error(&json!({"error": "no torch"})).as_deref(),
+            Some("no torch")
+        );
+        assert_eq!(reference_error(&Value::Null), None);
+    }
+}
