@@ -29,6 +29,7 @@
 //! - [`models`]: SDXL UNet / VAE / text encoders / tokenizer / checkpoint I/O
 //!   under native LDM key names; the WD v3 ViT tagger under timm names.
 //! - [`pipeline`]: checkpoint → images (`sample`) and model diagnostics (`diagnose uncond`).
+//! - [`toy`]: the toy world — procedural scenes with true tags, toy configs.
 
 pub mod cli;
 pub mod diffusion;
@@ -39,5 +40,6 @@ pub mod models;
 pub mod nn;
 pub mod pipeline;
 pub mod stages;
+pub mod toy;
 
 pub use error::{Error, Result};

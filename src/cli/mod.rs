@@ -12,6 +12,7 @@ use clap::{Parser, Subcommand};
 
 pub mod ckpt;
 pub mod sample;
+pub mod toy;
 
 /// Top-level command line.
 #[derive(Debug, Parser)]
@@ -57,6 +58,8 @@ pub enum Command {
     Sample(sample::SampleArgs),
     /// Model diagnostics (`uncond`: does the model treat "" like zeros?).
     Diagnose(sample::DiagnoseArgs),
+    /// The toy world: `toy scenes DIR --count N` draws tagged procedural scenes.
+    Toy(toy::ToyArgs),
 }
 
 /// Run a parsed command line; returns the process exit code.
@@ -87,5 +90,6 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Tokenize(args) => tokenize::run(&args),
         Command::Sample(a) => Ok(sample::run_sample(a, json)?),
         Command::Diagnose(a) => Ok(sample::run_diagnose(a, json)?),
+        Command::Toy(a) => toy::run(a, json),
     }
 }
