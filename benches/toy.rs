@@ -150,7 +150,7 @@ fn main() -> eps2v::Result<()> {
         common::THREADS
     );
     println!("| image | latent | forward ms | backward ms | optimizer ms | step ms |\n|---|---|---|---|---|---|");
-    for (w, h) in eps2v::toy::scenes::TOY_BUCKETS.iter().take(2) {
+    for (w, h) in eps2v::toy::scenes::TOY_BUCKETS.iter() {
         let (w, h) = (*w as usize, *h as usize);
         let [f, b, o, s] = eps2v::nn::on_pool(|| step_bench(w, h, steps))?;
         println!(

@@ -60,7 +60,7 @@ pub struct TaggerArgs {
 /// Arguments of `eps2v toy scenes`.
 #[derive(Debug, clap::Args)]
 #[command(
-    after_help = "Examples:\n  eps2v toy scenes scenes/ --count 200\n  eps2v init ds && eps2v import ds scenes/\n\nFiles are scene_NNNNNN.png with scene_NNNNNN.txt (its tags, e.g. \"1shape, red circle, large, center, striped background, blue background\"). Scene i depends only on (seed, i); a rerun skips complete scenes."
+    after_help = "Examples:\n  eps2v toy scenes scenes/ --count 200\n  eps2v init ds && eps2v import ds --from scenes/\n\nFiles are scene_NNNNNN.png with scene_NNNNNN.txt (its tags, e.g. \"1shape, red circle, large, center, striped background, blue background\"). Scene i depends only on (seed, i); a rerun skips complete scenes."
 )]
 pub struct ScenesArgs {
     /// Output folder (created if missing).
@@ -178,7 +178,7 @@ fn scenes(a: ScenesArgs, json: bool) -> anyhow::Result<i32> {
         println!("  {n:>6}  {t}");
     }
     println!(
-        "next: eps2v init DATASET && eps2v import DATASET {}",
+        "next: eps2v init DATASET && eps2v import DATASET --from {}",
         r.dir.display()
     );
     Ok(0)

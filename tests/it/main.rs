@@ -4,3 +4,4 @@ mod caption;
 mod ckpt;
 mod curation;
 mod sample;
+mod toy;
