@@ -331,6 +331,21 @@ impl PlacedShape {
     /// Is the point `(x, y)` (pixel coordinates, pixel centres at +0.5)
     /// inside the shape?
     pub fn contains(&self, x: f64, y: f64) -> bool {
+        self.contains_in(x, y, &self.outline())
+    }
+
+    /// The polygon of a triangle or star, relative to the centre (empty for
+    /// the other shapes).
+    fn outline(&self) -> Vec<(f64, f64)> {
+        match self.shape {
+            Shape::Triangle => regular_star(3, self.r, None),
+            Shape::Star => regular_star(5, self.r, Some(0.45 * self.r)),
+            _ => Vec::new(),
+        }
+    }
+
+    /// [`Self::contains`] with the outline computed once.
+    fn contains_in(&self, x: f64, y: f64, outline: &[(f64, f64)]) -> bool {
         let (dx, dy) = (x - self.cx, y - self.cy);
         let r = self.r;
         match self.shape {
@@ -340,8 +355,7 @@ impl PlacedShape {
                 d2 <= r * r && d2 >= (0.6 * r) * (0.6 * r)
             }
             Shape::Square => dx.abs() <= 0.85 * r && dy.abs() <= 0.85 * r,
-            Shape::Triangle => in_polygon(dx, dy, &regular_star(3, r, None)),
-            Shape::Star => in_polygon(dx, dy, &regular_star(5, r, Some(0.45 * r))),
+            Shape::Triangle | Shape::Star => in_polygon(dx, dy, outline),
         }
     }
 
@@ -571,16 +585,26 @@ impl Scene {
     pub fn render(&self) -> RgbImage {
         const SS: u32 = 4;
         let mut img = RgbImage::new(self.width, self.height);
+        let outlines: Vec<Vec<(f64, f64)>> = self.shapes.iter().map(|s| s.outline()).collect();
         for y in 0..self.height {
             for x in 0..self.width {
                 let mut px = self.background_at(x, y);
-                for s in &self.shapes {
+                for (s, outline) in self.shapes.iter().zip(&outlines) {
+                    // Pixels outside the shape's bounding square are skipped.
+                    let (px0, py0) = (f64::from(x), f64::from(y));
+                    if px0 + 1.0 < s.cx - s.r
+                        || px0 > s.cx + s.r
+                        || py0 + 1.0 < s.cy - s.r
+                        || py0 > s.cy + s.r
+                    {
+                        continue;
+                    }
                     let mut hits = 0u32;
                     for sy in 0..SS {
                         for sx in 0..SS {
-                            let fx = f64::from(x) + (f64::from(sx) + 0.5) / f64::from(SS);
-                            let fy = f64::from(y) + (f64::from(sy) + 0.5) / f64::from(SS);
-                            if s.contains(fx, fy) {
+                            let fx = px0 + (f64::from(sx) + 0.5) / f64::from(SS);
+                            let fy = py0 + (f64::from(sy) + 0.5) / f64::from(SS);
+                            if s.contains_in(fx, fy, outline) {
                                 hits += 1;
                             }
                         }
