@@ -37,6 +37,7 @@
 //!   the built-in "1girl" pack (`prompts`, `generate`).
 //! - [`gpubench`]: the Rust half of the device benchmark (benches/gpu/run.sh,
 //!   hidden command `gpu-bench`): ours vs diffusers / PyTorch on one GPU.
+//! - [`toy`]: the toy world — procedural scenes with true tags, toy configs.
 
 pub mod cli;
 pub mod diffusion;
@@ -51,6 +52,7 @@ pub mod pipeline;
 pub mod prompts;
 pub mod report;
 pub mod stages;
+pub mod toy;
 pub mod train;
 
 pub use error::{Error, Result};

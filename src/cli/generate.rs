@@ -141,7 +141,9 @@ pub fn run(a: GenerateArgs, json: bool) -> Result<i32> {
     let cfg = a.to_config(&|k| std::env::var(k).ok())?;
     cfg.validate()?;
     generate::check_dir(&a.dir)?;
-    let placement = a.device.load_options(crate::pipeline::LoadOptions::default())?;
+    let placement = a
+        .device
+        .load_options(crate::pipeline::LoadOptions::default())?;
     let (template, model) = generate::load_inputs(&cfg, &placement)?;
     for w in &model.info.warnings {
         eprintln!("warning: {w}");

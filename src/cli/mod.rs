@@ -17,6 +17,7 @@ pub mod gpubench;
 pub mod manifest;
 pub mod prompts;
 pub mod sample;
+pub mod toy;
 pub mod train;
 
 /// Top-level command line.
@@ -76,6 +77,8 @@ pub enum Command {
     /// Device benchmark steps driven by benches/gpu/run.sh (hidden).
     #[command(hide = true)]
     GpuBench(gpubench::GpuBenchArgs),
+    /// The toy world: `toy scenes DIR --count N` draws tagged procedural scenes.
+    Toy(toy::ToyArgs),
 }
 
 /// Run a parsed command line; returns the process exit code.
@@ -112,5 +115,6 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Generate(a) => Ok(generate::run(a, json)?),
         Command::Manifest(a) => Ok(manifest::run(a, json)?),
         Command::GpuBench(a) => Ok(gpubench::run_gpu_bench(a, json)?),
+        Command::Toy(a) => toy::run(a, json),
     }
 }

@@ -36,7 +36,7 @@ use crate::{Error, Result};
 /// The two text-encoder configs of one SDXL variant.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TextConfigs {
-    /// Name (`sdxl`, `tiny`, or `custom` for inferred configs matching neither).
+    /// Name (`sdxl`, `tiny`, `toy`, or `custom` for inferred configs matching none).
     pub name: &'static str,
     /// Text encoder 1 (CLIP-L).
     pub clip_l: ClipTextConfig,
@@ -63,6 +63,18 @@ impl TextConfigs {
             name: "tiny",
             clip_l: ClipTextConfig::clip_l_tiny(),
             clip_g: ClipTextConfig::open_clip_bigg_tiny32(),
+        }
+    }
+
+    /// The toy-world encoders (DESIGN.md §4) that fit
+    /// [`crate::models::sdxl::UNetConfig::toy`]: `clip_l_toy()` (16 wide)
+    /// and `open_clip_bigg_toy()` (32 wide, projection 32) → context 48,
+    /// pooled 32; real CLIP tokenizer and vocabulary.
+    pub fn toy() -> Self {
+        Self {
+            name: "toy",
+            clip_l: ClipTextConfig::clip_l_toy(),
+            clip_g: ClipTextConfig::open_clip_bigg_toy(),
         }
     }
 

@@ -8,4 +8,5 @@ mod fixtures_chain;
 mod generate;
 mod gpu_script;
 mod sample;
+mod toy;
 mod train;

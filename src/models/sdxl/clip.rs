@@ -157,6 +157,33 @@ impl ClipTextConfig {
         }
     }
 
+    /// Toy-world CLIP-L-shaped encoder: 16 wide, 2 layers, 2 heads, MLP
+    /// 64, real vocabulary (the token table, 49408 × width, is most of a
+    /// toy checkpoint, hence the narrow width).
+    pub fn clip_l_toy() -> Self {
+        Self {
+            width: 16,
+            layers: 2,
+            heads: 2,
+            intermediate: 64,
+            ..Self::clip_l()
+        }
+    }
+
+    /// Toy-world bigG-shaped encoder: 32 wide, 2 layers, 2 heads, MLP 128,
+    /// projection 32, real vocabulary. With [`Self::clip_l_toy`]: context
+    /// 16 + 32 = 48, pooled 32 (`UNetConfig::toy()`).
+    pub fn open_clip_bigg_toy() -> Self {
+        Self {
+            width: 32,
+            layers: 2,
+            heads: 2,
+            intermediate: 128,
+            projection_dim: Some(32),
+            ..Self::open_clip_bigg()
+        }
+    }
+
     /// One line for summaries (`ckpt info`).
     pub fn summary(&self) -> String {
         format!(
@@ -186,6 +213,8 @@ impl ClipTextConfig {
             ("clip_l_tiny", Self::clip_l_tiny()),
             ("open_clip_bigg_tiny", Self::open_clip_bigg_tiny()),
             ("open_clip_bigg_tiny32", Self::open_clip_bigg_tiny32()),
+            ("clip_l_toy", Self::clip_l_toy()),
+            ("open_clip_bigg_toy", Self::open_clip_bigg_toy()),
         ]
     }
 

@@ -172,6 +172,17 @@ impl UNetConfig {
         Self::from_levels(32, vec![1, 2, 4], 2, &[0, 1, 1], 1, 16, 64, 32, 8)
     }
 
+    /// The toy-world base model (DESIGN.md §4): the SDXL block layout
+    /// (three levels, two ResBlocks each, transformers at levels 1 and 2,
+    /// middle transformer, `label_emb` with the six size embeddings) at
+    /// widths 32 / 32 / 64, 32-channel heads, 8 GroupNorm groups; context
+    /// 48 and pooled 32 from [`crate::pipeline::TextConfigs::toy`]. Sized for
+    /// the toy buckets (8×8 to 12×8 latents): a training step at batch 8
+    /// takes tens of milliseconds on two CPU cores (`--bench toy`, README).
+    pub fn toy() -> Self {
+        Self::from_levels(32, vec![1, 1, 2], 2, &[0, 1, 1], 1, 32, 48, 32, 8)
+    }
+
     /// The named configs, in the order `known_name` tries them.
     pub fn named() -> Vec<(&'static str, Self)> {
         vec![
@@ -179,6 +190,7 @@ impl UNetConfig {
             ("ssd_1b", Self::ssd_1b()),
             ("segmind_vega", Self::segmind_vega()),
             ("tiny", Self::tiny()),
+            ("toy", Self::toy()),
         ]
     }
 
@@ -358,9 +370,23 @@ impl VaeConfig {
         }
     }
 
+    /// The toy-world VAE (DESIGN.md §4): the SDXL layout (four levels,
+    /// factor 8, mid attention) at widths 16 / 32 / 64 / 64 with one
+    /// ResnetBlock per encoder level (two per decoder level), 8 groups.
+    pub fn toy() -> Self {
+        Self {
+            num_res_blocks: 1,
+            ..Self::tiny()
+        }
+    }
+
     /// The named configs, in the order `known_name` tries them.
     pub fn named() -> Vec<(&'static str, Self)> {
-        vec![("sdxl", Self::sdxl()), ("tiny", Self::tiny())]
+        vec![
+            ("sdxl", Self::sdxl()),
+            ("tiny", Self::tiny()),
+            ("toy", Self::toy()),
+        ]
     }
 
     /// Name of the named config equal to this one, if any.

@@ -87,6 +87,8 @@ pub fn infer_text(
                         "sdxl"
                     } else if ng.contains("tiny") && nl.contains("tiny") {
                         "tiny"
+                    } else if ng.contains("toy") && nl.contains("toy") {
+                        "toy"
                     } else {
                         "mixed"
                     };
@@ -144,6 +146,7 @@ pub fn infer_text(
     let name = match (pair.clip_l.known_name(), pair.clip_g.known_name()) {
         (Some("clip_l"), Some("open_clip_bigg")) => Some("sdxl"),
         (Some("clip_l_tiny"), Some("open_clip_bigg_tiny32")) => Some("tiny"),
+        (Some("clip_l_toy"), Some("open_clip_bigg_toy")) => Some("toy"),
         _ => None,
     };
     Ok(Inferred {

@@ -215,6 +215,22 @@ impl TaggerConfig {
         }
     }
 
+    /// The toy-world tagger (DESIGN.md §4), trained on toy scenes: the v3
+    /// model arguments at a 64×64 input (toy scenes are 64–96 px), 8×8
+    /// patches (64 tokens), 64 wide, 4 blocks, 4 heads, MLP 128.
+    /// `num_classes` is the length of its tag list
+    /// (`toy::scenes::all_tags()`: 61).
+    pub fn toy(num_classes: usize) -> Self {
+        Self {
+            img_size: 64,
+            embed_dim: 64,
+            depth: 4,
+            num_heads: 4,
+            mlp_hidden: 128,
+            ..Self::tiny(num_classes)
+        }
+    }
+
     /// Tokens per image (patches, plus the class token when present).
     pub fn tokens(&self) -> usize {
         let g = self.img_size / self.patch_size.max(1);

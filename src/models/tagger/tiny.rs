@@ -127,20 +127,42 @@ pub fn write_random_tagger(dir: &Path, opts: &TinyTaggerOptions) -> Result<()> {
         Tensor::from_vec(bias, cfg.num_classes, &Device::Cpu)?,
     );
     let tensors: Vec<(String, Tensor)> = tensors.into_iter().collect();
-    save_tensors(
-        dir.join(MODEL_FILE),
-        &tensors,
-        &SaveOptions {
-            dtype: Some(DType::F32),
-            ..Default::default()
-        },
-    )?;
     let labels = Labels::new(
         opts.tags
             .iter()
             .map(|t| (t.name.clone(), t.category))
             .collect(),
     );
+    save_tagger_folder(dir, &cfg, &labels, &tensors)
+}
+
+/// Write a tagger folder: `model.safetensors` (f32, timm key names, as
+/// given), `selected_tags.csv` from `labels` and `config.json` from `cfg`,
+/// each atomically; `dir` is created if missing. Used by the random
+/// taggers here and by trained ones (the toy tagger).
+pub fn save_tagger_folder(
+    dir: &Path,
+    cfg: &TaggerConfig,
+    labels: &Labels,
+    tensors: &[(String, Tensor)],
+) -> Result<()> {
+    if labels.len() != cfg.num_classes {
+        return Err(Error::config(format!(
+            "tagger {}: {} labels for {} outputs; selected_tags.csv needs one row per output",
+            dir.display(),
+            labels.len(),
+            cfg.num_classes
+        )));
+    }
+    std::fs::create_dir_all(dir).at(dir)?;
+    save_tensors(
+        dir.join(MODEL_FILE),
+        tensors,
+        &SaveOptions {
+            dtype: Some(DType::F32),
+            ..Default::default()
+        },
+    )?;
     write_atomic(&dir.join(TAGS_FILE), labels.to_csv().as_bytes())?;
     let json = serde_json::to_vec_pretty(&cfg.to_json())?;
     write_atomic(&dir.join(CONFIG_FILE), &json)?;

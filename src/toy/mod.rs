@@ -1,0 +1,20 @@
+//! The toy world (DESIGN.md §4): a small stand-in for SDXL that runs on two
+//! CPU cores — procedural scenes with their true tags, the toy template
+//! pack, and the `toy` model configs (`UNetConfig::toy()`,
+//! `VaeConfig::toy()`, `TextConfigs::toy()`, `TaggerConfig::toy()`).
+//!
+//! - [`scenes`]: scenes deterministic from `(seed, index)`, their tags and
+//!   captions, and [`scenes::parse_tags`] (prompt → what it asks for).
+//! - [`models`]: the `toy` config family fitting together; random toy
+//!   checkpoints and taggers.
+//! - [`tagger`]: training the toy tagger on scenes (BCE, AdamW), saving it
+//!   as a WD tagger folder, accuracy on fresh scenes.
+//! - [`write_scenes`]: PNG + `.txt` sidecars that `eps2v import` takes.
+
+pub mod models;
+pub mod scenes;
+pub mod tagger;
+mod write;
+
+pub use scenes::{parse_tags, Scene, SceneSpec};
+pub use write::{write_scenes, WriteReport, WriteScenes};

@@ -1,0 +1,984 @@
+//! Procedural toy scenes: one or two coloured shapes on a plain, gradient or
+//! striped background, each scene with its true Danbooru-style tags.
+//!
+//! Why: the toy world (DESIGN.md §4) needs images whose content is known
+//! exactly, so that a tiny tagger can be trained on them and a tiny base
+//! model's prompt adherence can be measured ("1girl" prompts become
+//! "1shape" prompts). A scene is a pure function of `(seed, index)`
+//! ([`Scene::random`], a ChaCha8 stream per index), so any scene of a
+//! dataset can be redrawn without the others.
+//!
+//! Sizes: the toy buckets [`TOY_BUCKETS`] are 64×64, 96×64 and 64×96.
+//! Sides must be multiples of 32: the VAE divides by 8 and the SDXL-layout
+//! UNet halves the latent twice (three levels), and its skip connections
+//! only line up when every level has an integer size (an 80-pixel side
+//! gives a 10-latent, 5, then 3 → upsampled to 6 ≠ 5). They are the list
+//! the bucket stage's kohya generator makes for `--kohya-resolution 80
+//! --step 32 --min-side 64 --max-side 96` (test below), so `eps2v bucket`
+//! keeps every scene at its own size.
+//!
+//! Drawing: every pixel is the mean of 4×4 sub-samples (antialiased
+//! edges). Shapes are sized from `m = min(width, height)`: radius 0.16·m
+//! (small), 0.24·m (medium), 0.34·m (large); a square's half side is 0.85·r,
+//! a triangle is equilateral with circumradius r pointing up, a star has
+//! five points (inner radius 0.45·r), a ring spans 0.6·r..r. A position is
+//! only used when the whole shape fits in the image, and two shapes (same
+//! size, small or medium) sit at a quarter and three quarters of the long
+//! side, so they never overlap.
+//!
+//! Tag order (fixed; [`Scene::tags`]): count (`1shape` / `2shapes`); one
+//! `"{colour} {shape}"` per shape, left to right (top to bottom in portrait
+//! images); size (`small` / `medium` / `large`); for one shape its
+//! horizontal position (`left` / `center` / `right`) then, when not
+//! vertically centred, `top` / `bottom`; the background style
+//! (`simple background` / `gradient background` / `striped background`);
+//! the background colour (`"{colour} background"`). Example:
+//! `1shape, red circle, large, center, striped background, blue background`.
+//! [`parse_tags`] reads such a prompt back into a [`SceneSpec`].
+
+use image::{Rgb, RgbImage};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use crate::imaging::buckets::Bucket;
+use crate::{Error, Result};
+
+/// The toy aspect-ratio buckets (width, height): square, 3:2 landscape,
+/// 2:3 portrait. Sides are multiples of 32 (module docs).
+pub const TOY_BUCKETS: [(u32, u32); 3] = [(64, 64), (96, 64), (64, 96)];
+
+/// The toy buckets as [`Bucket`]s.
+pub fn toy_buckets() -> Vec<Bucket> {
+    TOY_BUCKETS
+        .iter()
+        .map(|&(w, h)| Bucket::new(w, h))
+        .collect()
+}
+
+/// A shape kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Shape {
+    /// Filled disc.
+    Circle,
+    /// Filled axis-aligned square.
+    Square,
+    /// Filled equilateral triangle pointing up.
+    Triangle,
+    /// Filled five-pointed star.
+    Star,
+    /// Annulus (0.6·r..r).
+    Ring,
+}
+
+impl Shape {
+    /// Every shape, in tag order.
+    pub const ALL: [Shape; 5] = [
+        Shape::Circle,
+        Shape::Square,
+        Shape::Triangle,
+        Shape::Star,
+        Shape::Ring,
+    ];
+
+    /// Tag word (`circle`, …).
+    pub fn name(self) -> &'static str {
+        match self {
+            Shape::Circle => "circle",
+            Shape::Square => "square",
+            Shape::Triangle => "triangle",
+            Shape::Star => "star",
+            Shape::Ring => "ring",
+        }
+    }
+
+    fn from_name(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|x| x.name() == s)
+    }
+}
+
+/// A colour of the toy palette.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Colour {
+    /// (220, 30, 30)
+    Red,
+    /// (245, 140, 20)
+    Orange,
+    /// (240, 220, 30)
+    Yellow,
+    /// (40, 170, 60)
+    Green,
+    /// (40, 80, 220)
+    Blue,
+    /// (140, 50, 180)
+    Purple,
+    /// (250, 250, 250)
+    White,
+    /// (20, 20, 20)
+    Black,
+}
+
+impl Colour {
+    /// Every colour, in tag order.
+    pub const ALL: [Colour; 8] = [
+        Colour::Red,
+        Colour::Orange,
+        Colour::Yellow,
+        Colour::Green,
+        Colour::Blue,
+        Colour::Purple,
+        Colour::White,
+        Colour::Black,
+    ];
+
+    /// Tag word (`red`, …).
+    pub fn name(self) -> &'static str {
+        match self {
+            Colour::Red => "red",
+            Colour::Orange => "orange",
+            Colour::Yellow => "yellow",
+            Colour::Green => "green",
+            Colour::Blue => "blue",
+            Colour::Purple => "purple",
+            Colour::White => "white",
+            Colour::Black => "black",
+        }
+    }
+
+    /// sRGB value.
+    pub fn rgb(self) -> [u8; 3] {
+        match self {
+            Colour::Red => [220, 30, 30],
+            Colour::Orange => [245, 140, 20],
+            Colour::Yellow => [240, 220, 30],
+            Colour::Green => [40, 170, 60],
+            Colour::Blue => [40, 80, 220],
+            Colour::Purple => [140, 50, 180],
+            Colour::White => [250, 250, 250],
+            Colour::Black => [20, 20, 20],
+        }
+    }
+
+    /// The colour that gradients and stripes mix in: white for dark
+    /// colours, black for light ones (Rec. 601 luma ≥ 150).
+    fn contrast(self) -> [u8; 3] {
+        let [r, g, b] = self.rgb();
+        let luma = 0.299 * f64::from(r) + 0.587 * f64::from(g) + 0.114 * f64::from(b);
+        if luma >= 150.0 {
+            [0, 0, 0]
+        } else {
+            [255, 255, 255]
+        }
+    }
+
+    fn from_name(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|x| x.name() == s)
+    }
+}
+
+/// Shape size class (radius 0.16 / 0.24 / 0.34 of the short side).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Size {
+    /// r = 0.16·m.
+    Small,
+    /// r = 0.24·m.
+    Medium,
+    /// r = 0.34·m.
+    Large,
+}
+
+impl Size {
+    /// Every size, in tag order.
+    pub const ALL: [Size; 3] = [Size::Small, Size::Medium, Size::Large];
+
+    /// Tag (`small`, …).
+    pub fn name(self) -> &'static str {
+        match self {
+            Size::Small => "small",
+            Size::Medium => "medium",
+            Size::Large => "large",
+        }
+    }
+
+    fn from_name(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|x| x.name() == s)
+    }
+
+    /// Radius as a fraction of the image's short side.
+    pub fn radius_fraction(self) -> f64 {
+        match self {
+            Size::Small => 0.16,
+            Size::Medium => 0.24,
+            Size::Large => 0.34,
+        }
+    }
+}
+
+/// Horizontal position of a single shape (centre at ¼, ½, ¾ of the width).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum HPos {
+    /// x = ¼ width.
+    Left,
+    /// x = ½ width.
+    Center,
+    /// x = ¾ width.
+    Right,
+}
+
+impl HPos {
+    /// Every horizontal position, in tag order.
+    pub const ALL: [HPos; 3] = [HPos::Left, HPos::Center, HPos::Right];
+
+    /// Tag (`left`, `center`, `right`).
+    pub fn name(self) -> &'static str {
+        match self {
+            HPos::Left => "left",
+            HPos::Center => "center",
+            HPos::Right => "right",
+        }
+    }
+
+    fn from_name(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|x| x.name() == s)
+    }
+
+    fn fraction(self) -> f64 {
+        match self {
+            HPos::Left => 0.25,
+            HPos::Center => 0.5,
+            HPos::Right => 0.75,
+        }
+    }
+}
+
+/// Vertical position of a single shape (centre at ¼, ½, ¾ of the height;
+/// `Middle` has no tag).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum VPos {
+    /// y = ¼ height (`top`).
+    Top,
+    /// y = ½ height (no tag).
+    Middle,
+    /// y = ¾ height (`bottom`).
+    Bottom,
+}
+
+impl VPos {
+    /// Every vertical position.
+    pub const ALL: [VPos; 3] = [VPos::Top, VPos::Middle, VPos::Bottom];
+
+    /// Tag, `None` for the middle.
+    pub fn tag(self) -> Option<&'static str> {
+        match self {
+            VPos::Top => Some("top"),
+            VPos::Middle => None,
+            VPos::Bottom => Some("bottom"),
+        }
+    }
+
+    fn fraction(self) -> f64 {
+        match self {
+            VPos::Top => 0.25,
+            VPos::Middle => 0.5,
+            VPos::Bottom => 0.75,
+        }
+    }
+}
+
+/// Background style.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum BgStyle {
+    /// One colour (`simple background`).
+    Plain,
+    /// Vertical gradient from the colour (top) halfway to its contrast
+    /// colour (bottom) (`gradient background`).
+    Gradient,
+    /// Diagonal stripes, 4 px wide, of the colour and a 35 % mix towards
+    /// its contrast colour; the top-left pixel is the colour
+    /// (`striped background`).
+    Striped,
+}
+
+impl BgStyle {
+    /// Every style, in tag order.
+    pub const ALL: [BgStyle; 3] = [BgStyle::Plain, BgStyle::Gradient, BgStyle::Striped];
+
+    /// Tag (`simple background`, …).
+    pub fn tag(self) -> &'static str {
+        match self {
+            BgStyle::Plain => "simple background",
+            BgStyle::Gradient => "gradient background",
+            BgStyle::Striped => "striped background",
+        }
+    }
+}
+
+/// One drawn shape.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PlacedShape {
+    /// Kind.
+    pub shape: Shape,
+    /// Fill colour.
+    pub colour: Colour,
+    /// Centre x in pixels.
+    pub cx: f64,
+    /// Centre y in pixels.
+    pub cy: f64,
+    /// Radius in pixels (module docs).
+    pub r: f64,
+}
+
+impl PlacedShape {
+    /// Is the point `(x, y)` (pixel coordinates, pixel centres at +0.5)
+    /// inside the shape?
+    pub fn contains(&self, x: f64, y: f64) -> bool {
+        self.contains_in(x, y, &self.outline())
+    }
+
+    /// The polygon of a triangle or star, relative to the centre (empty for
+    /// the other shapes).
+    fn outline(&self) -> Vec<(f64, f64)> {
+        match self.shape {
+            Shape::Triangle => regular_star(3, self.r, None),
+            Shape::Star => regular_star(5, self.r, Some(0.45 * self.r)),
+            _ => Vec::new(),
+        }
+    }
+
+    /// [`Self::contains`] with the outline computed once.
+    fn contains_in(&self, x: f64, y: f64, outline: &[(f64, f64)]) -> bool {
+        let (dx, dy) = (x - self.cx, y - self.cy);
+        let r = self.r;
+        match self.shape {
+            Shape::Circle => dx * dx + dy * dy <= r * r,
+            Shape::Ring => {
+                let d2 = dx * dx + dy * dy;
+                d2 <= r * r && d2 >= (0.6 * r) * (0.6 * r)
+            }
+            Shape::Square => dx.abs() <= 0.85 * r && dy.abs() <= 0.85 * r,
+            Shape::Triangle | Shape::Star => in_polygon(dx, dy, outline),
+        }
+    }
+
+    /// A pixel `(x, y)` whose centre lies well inside the shape (the centre;
+    /// for a ring, on its band to the right of the centre).
+    pub fn probe_pixel(&self) -> (u32, u32) {
+        let x = if self.shape == Shape::Ring {
+            self.cx + 0.8 * self.r
+        } else {
+            self.cx
+        };
+        (x.floor() as u32, self.cy.floor() as u32)
+    }
+}
+
+/// Vertices of a regular polygon (`inner = None`) or star (alternating
+/// outer radius `r` and `inner`), first vertex straight up (y grows down).
+fn regular_star(points: usize, r: f64, inner: Option<f64>) -> Vec<(f64, f64)> {
+    let step = if inner.is_some() { 2 * points } else { points };
+    (0..step)
+        .map(|i| {
+            let a = -std::f64::consts::FRAC_PI_2 + std::f64::consts::TAU * i as f64 / step as f64;
+            let rad = match inner {
+                Some(ri) if i % 2 == 1 => ri,
+                _ => r,
+            };
+            (rad * a.cos(), rad * a.sin())
+        })
+        .collect()
+}
+
+/// Even-odd point-in-polygon test.
+fn in_polygon(x: f64, y: f64, poly: &[(f64, f64)]) -> bool {
+    let mut inside = false;
+    let n = poly.len();
+    for i in 0..n {
+        let (xi, yi) = poly[i];
+        let (xj, yj) = poly[(i + n - 1) % n];
+        if (yi > y) != (yj > y) && x < (xj - xi) * (y - yi) / (yj - yi) + xi {
+            inside = !inside;
+        }
+    }
+    inside
+}
+
+/// A scene: what is drawn and what its tags say.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Scene {
+    /// Width in pixels (one of [`TOY_BUCKETS`]).
+    pub width: u32,
+    /// Height in pixels.
+    pub height: u32,
+    /// One or two shapes, left to right (top to bottom in portrait images).
+    pub shapes: Vec<PlacedShape>,
+    /// Size class shared by the shapes.
+    pub size: Size,
+    /// Position of a single shape (`None` with two shapes).
+    pub position: Option<(HPos, VPos)>,
+    /// Background style.
+    pub background: BgStyle,
+    /// Background colour (never the colour of a shape).
+    pub background_colour: Colour,
+}
+
+fn pick<T: Copy>(rng: &mut ChaCha8Rng, items: &[T]) -> T {
+    items[rng.random_range(0..items.len())]
+}
+
+impl Scene {
+    /// Scene `index` of the set made with `seed`: depends only on the pair
+    /// (ChaCha8 seeded with `seed`, stream `index`).
+    pub fn random(seed: u64, index: u64) -> Self {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        rng.set_stream(index);
+        let (width, height) = pick(&mut rng, &TOY_BUCKETS);
+        let (w, h) = (f64::from(width), f64::from(height));
+        let m = w.min(h);
+        let two = rng.random_bool(0.35);
+        let mut colours: Vec<Colour> = Colour::ALL.to_vec();
+        let take_colour = |rng: &mut ChaCha8Rng, colours: &mut Vec<Colour>| {
+            colours.remove(rng.random_range(0..colours.len()))
+        };
+        let background_colour = take_colour(&mut rng, &mut colours);
+        let background = pick(&mut rng, &BgStyle::ALL);
+        if two {
+            let size = pick(&mut rng, &[Size::Small, Size::Medium]);
+            let r = size.radius_fraction() * m;
+            let a = (
+                pick(&mut rng, &Shape::ALL),
+                take_colour(&mut rng, &mut colours),
+            );
+            // A different (shape, colour) pair: the second colour is drawn
+            // from the colours left, so the pair always differs.
+            let b = (
+                pick(&mut rng, &Shape::ALL),
+                take_colour(&mut rng, &mut colours),
+            );
+            let place = |(shape, colour): (Shape, Colour), f: f64| {
+                let (cx, cy) = if height > width {
+                    (w / 2.0, h * f)
+                } else {
+                    (w * f, h / 2.0)
+                };
+                PlacedShape {
+                    shape,
+                    colour,
+                    cx,
+                    cy,
+                    r,
+                }
+            };
+            Scene {
+                width,
+                height,
+                shapes: vec![place(a, 0.25), place(b, 0.75)],
+                size,
+                position: None,
+                background,
+                background_colour,
+            }
+        } else {
+            let size = pick(&mut rng, &Size::ALL);
+            let r = size.radius_fraction() * m;
+            // Positions where the whole shape fits (centre always does).
+            let fits = |c: f64, len: f64| c - r >= -0.5 && c + r <= len + 0.5;
+            let hs: Vec<HPos> = HPos::ALL
+                .into_iter()
+                .filter(|p| fits(p.fraction() * w, w))
+                .collect();
+            let vs: Vec<VPos> = VPos::ALL
+                .into_iter()
+                .filter(|p| fits(p.fraction() * h, h))
+                .collect();
+            let hp = pick(&mut rng, &hs);
+            let vp = pick(&mut rng, &vs);
+            let shape = pick(&mut rng, &Shape::ALL);
+            let colour = take_colour(&mut rng, &mut colours);
+            Scene {
+                width,
+                height,
+                shapes: vec![PlacedShape {
+                    shape,
+                    colour,
+                    cx: hp.fraction() * w,
+                    cy: vp.fraction() * h,
+                    r,
+                }],
+                size,
+                position: Some((hp, vp)),
+                background,
+                background_colour,
+            }
+        }
+    }
+
+    /// The true tags, in the fixed order of the module docs.
+    pub fn tags(&self) -> Vec<String> {
+        let mut t = vec![if self.shapes.len() == 1 {
+            "1shape".to_string()
+        } else {
+            "2shapes".to_string()
+        }];
+        for s in &self.shapes {
+            t.push(format!("{} {}", s.colour.name(), s.shape.name()));
+        }
+        t.push(self.size.name().into());
+        if let Some((hp, vp)) = self.position {
+            t.push(hp.name().into());
+            if let Some(v) = vp.tag() {
+                t.push(v.into());
+            }
+        }
+        t.push(self.background.tag().into());
+        t.push(format!("{} background", self.background_colour.name()));
+        t
+    }
+
+    /// The tags joined with `", "` (the `.txt` sidecar caption).
+    pub fn caption(&self) -> String {
+        self.tags().join(", ")
+    }
+
+    /// What the tags of this scene say, as [`parse_tags`] reads them.
+    pub fn spec(&self) -> SceneSpec {
+        SceneSpec {
+            count: Some(self.shapes.len()),
+            shapes: self
+                .shapes
+                .iter()
+                .map(|s| (Some(s.colour), s.shape))
+                .collect(),
+            size: Some(self.size),
+            hpos: self.position.map(|p| p.0),
+            vpos: self.position.and_then(|p| p.1.tag().map(|_| p.1)),
+            background: Some(self.background),
+            background_colour: Some(self.background_colour),
+            unknown: Vec::new(),
+        }
+    }
+
+    /// Background colour at pixel `(x, y)` (before shapes), as floats.
+    fn background_at(&self, x: u32, y: u32) -> [f64; 3] {
+        let c = self.background_colour.rgb().map(f64::from);
+        let k = self.background_colour.contrast().map(f64::from);
+        let mix = |t: f64| [0, 1, 2].map(|i| c[i] + (k[i] - c[i]) * t);
+        match self.background {
+            BgStyle::Plain => c,
+            BgStyle::Gradient => {
+                let t = if self.height > 1 {
+                    f64::from(y) / f64::from(self.height - 1)
+                } else {
+                    0.0
+                };
+                mix(0.5 * t)
+            }
+            BgStyle::Striped => {
+                if ((x + y) / 4) % 2 == 0 {
+                    c
+                } else {
+                    mix(0.35)
+                }
+            }
+        }
+    }
+
+    /// Draw the scene (4×4 supersampled shape edges).
+    pub fn render(&self) -> RgbImage {
+        const SS: u32 = 4;
+        let mut img = RgbImage::new(self.width, self.height);
+        let outlines: Vec<Vec<(f64, f64)>> = self.shapes.iter().map(|s| s.outline()).collect();
+        for y in 0..self.height {
+            for x in 0..self.width {
+                let mut px = self.background_at(x, y);
+                for (s, outline) in self.shapes.iter().zip(&outlines) {
+                    // Pixels outside the shape's bounding square are skipped.
+                    let (px0, py0) = (f64::from(x), f64::from(y));
+                    if px0 + 1.0 < s.cx - s.r
+                        || px0 > s.cx + s.r
+                        || py0 + 1.0 < s.cy - s.r
+                        || py0 > s.cy + s.r
+                    {
+                        continue;
+                    }
+                    let mut hits = 0u32;
+                    for sy in 0..SS {
+                        for sx in 0..SS {
+                            let fx = px0 + (f64::from(sx) + 0.5) / f64::from(SS);
+                            let fy = py0 + (f64::from(sy) + 0.5) / f64::from(SS);
+                            if s.contains_in(fx, fy, outline) {
+                                hits += 1;
+                            }
+                        }
+                    }
+                    if hits > 0 {
+                        let a = f64::from(hits) / f64::from(SS * SS);
+                        let c = s.colour.rgb().map(f64::from);
+                        px = [0, 1, 2].map(|i| px[i] * (1.0 - a) + c[i] * a);
+                    }
+                }
+                img.put_pixel(x, y, Rgb(px.map(|v| v.round().clamp(0.0, 255.0) as u8)));
+            }
+        }
+        img
+    }
+}
+
+/// What a prompt asks for, as [`parse_tags`] reads it. Fields the prompt
+/// does not mention are `None` (or empty).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct SceneSpec {
+    /// `1shape` → 1, `2shapes` → 2.
+    pub count: Option<usize>,
+    /// `"{colour} {shape}"` (or a bare `"{shape}"`) tags, in prompt order.
+    pub shapes: Vec<(Option<Colour>, Shape)>,
+    /// `small` / `medium` / `large`.
+    pub size: Option<Size>,
+    /// `left` / `center` / `right`.
+    pub hpos: Option<HPos>,
+    /// `top` / `bottom` (`None`: not asked, i.e. middle or unspecified).
+    pub vpos: Option<VPos>,
+    /// `simple` / `gradient` / `striped background`.
+    pub background: Option<BgStyle>,
+    /// `"{colour} background"`.
+    pub background_colour: Option<Colour>,
+    /// Tags that are none of the above (kept, not an error: prompts may
+    /// carry quality or style tags).
+    pub unknown: Vec<String>,
+}
+
+/// Every tag a scene can carry, in tag-order groups: counts, the 40
+/// `"{colour} {shape}"` tags (colour-major), sizes, positions, background
+/// styles, background colours. The toy tagger's label list.
+pub fn all_tags() -> Vec<String> {
+    let mut t: Vec<String> = vec!["1shape".into(), "2shapes".into()];
+    for c in Colour::ALL {
+        for s in Shape::ALL {
+            t.push(format!("{} {}", c.name(), s.name()));
+        }
+    }
+    t.extend(Size::ALL.iter().map(|s| s.name().to_string()));
+    t.extend(HPos::ALL.iter().map(|p| p.name().to_string()));
+    t.extend(VPos::ALL.iter().filter_map(|p| p.tag().map(String::from)));
+    t.extend(BgStyle::ALL.iter().map(|b| b.tag().to_string()));
+    t.extend(
+        Colour::ALL
+            .iter()
+            .map(|c| format!("{} background", c.name())),
+    );
+    t
+}
+
+/// Read a toy prompt (comma-separated tags; case, underscores and extra
+/// spaces ignored) into the scene it asks for. Errors only when a tag
+/// contradicts an earlier one (two sizes, two counts, two positions on one
+/// axis, two background styles or colours), naming both tags.
+pub fn parse_tags(prompt: &str) -> Result<SceneSpec> {
+    let mut spec = SceneSpec::default();
+    fn set<T: PartialEq + Copy>(slot: &mut Option<T>, v: T, tag: &str, what: &str) -> Result<()> {
+        match *slot {
+            Some(old) if old != v => Err(Error::config(format!(
+                "toy prompt: tag '{tag}' contradicts an earlier {what} tag; a scene has one {what}"
+            ))),
+            _ => {
+                *slot = Some(v);
+                Ok(())
+            }
+        }
+    }
+    for raw in prompt.split(',') {
+        let tag = raw
+            .replace('_', " ")
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ")
+            .to_lowercase();
+        if tag.is_empty() {
+            continue;
+        }
+        let (first, rest) = match tag.split_once(' ') {
+            Some((a, b)) => (a, Some(b)),
+            None => (tag.as_str(), None),
+        };
+        match (first, rest) {
+            ("1shape", None) => set(&mut spec.count, 1, &tag, "count")?,
+            ("2shapes", None) => set(&mut spec.count, 2, &tag, "count")?,
+            ("top", None) => set(&mut spec.vpos, VPos::Top, &tag, "vertical position")?,
+            ("bottom", None) => set(&mut spec.vpos, VPos::Bottom, &tag, "vertical position")?,
+            ("simple", Some("background")) => set(
+                &mut spec.background,
+                BgStyle::Plain,
+                &tag,
+                "background style",
+            )?,
+            ("gradient", Some("background")) => set(
+                &mut spec.background,
+                BgStyle::Gradient,
+                &tag,
+                "background style",
+            )?,
+            ("striped", Some("background")) => set(
+                &mut spec.background,
+                BgStyle::Striped,
+                &tag,
+                "background style",
+            )?,
+            (w, None) => {
+                if let Some(s) = Size::from_name(w) {
+                    set(&mut spec.size, s, &tag, "size")?
+                } else if let Some(p) = HPos::from_name(w) {
+                    set(&mut spec.hpos, p, &tag, "horizontal position")?
+                } else if let Some(s) = Shape::from_name(w) {
+                    spec.shapes.push((None, s))
+                } else {
+                    spec.unknown.push(tag.clone())
+                }
+            }
+            (c, Some(second)) => match (Colour::from_name(c), second) {
+                (Some(c), "background") => {
+                    set(&mut spec.background_colour, c, &tag, "background colour")?
+                }
+                (Some(c), s) if Shape::from_name(s).is_some() => spec
+                    .shapes
+                    .extend(Shape::from_name(s).map(|s| (Some(c), s))),
+                _ => spec.unknown.push(tag.clone()),
+            },
+        }
+    }
+    Ok(spec)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn close(px: &Rgb<u8>, c: [u8; 3], tol: i32) -> bool {
+        (0..3).all(|i| (i32::from(px.0[i]) - i32::from(c[i])).abs() <= tol)
+    }
+
+    #[test]
+    fn scenes_are_deterministic_per_seed_and_index() {
+        for i in 0..20 {
+            let a = Scene::random(7, i);
+            assert_eq!(a, Scene::random(7, i));
+            assert_eq!(a.render(), Scene::random(7, i).render());
+        }
+        let differ = (0..20).filter(|&i| Scene::random(7, i) != Scene::random(8, i));
+        assert!(differ.count() >= 18);
+        // Index i does not depend on the other indices.
+        assert_ne!(Scene::random(7, 0), Scene::random(7, 1));
+    }
+
+    #[test]
+    fn drawn_pixels_match_the_tags() {
+        for i in 0..300 {
+            let s = Scene::random(1, i);
+            let img = s.render();
+            assert_eq!((img.width(), img.height()), (s.width, s.height));
+            assert!(TOY_BUCKETS.contains(&(s.width, s.height)));
+            for sh in &s.shapes {
+                let (x, y) = sh.probe_pixel();
+                assert!(
+                    close(img.get_pixel(x, y), sh.colour.rgb(), 1),
+                    "scene {i}: {} at ({x},{y}) is {:?}",
+                    s.caption(),
+                    img.get_pixel(x, y)
+                );
+                assert_ne!(sh.colour, s.background_colour);
+                // Whole shape inside the image.
+                assert!(sh.cx - sh.r >= -0.5 && sh.cx + sh.r <= f64::from(s.width) + 0.5);
+                assert!(sh.cy - sh.r >= -0.5 && sh.cy + sh.r <= f64::from(s.height) + 0.5);
+            }
+            // Top-left corner is the background colour in every style.
+            assert!(
+                close(img.get_pixel(0, 0), s.background_colour.rgb(), 0),
+                "scene {i}: {}",
+                s.caption()
+            );
+            if s.background == BgStyle::Plain {
+                let c = s.background_colour.rgb();
+                let (w, h) = (s.width - 1, s.height - 1);
+                for (x, y) in [(w, 0), (0, h), (w, h)] {
+                    assert!(close(img.get_pixel(x, y), c, 0));
+                }
+            }
+            if s.shapes.len() == 2 {
+                let (a, b) = (s.shapes[0], s.shapes[1]);
+                let gap = ((a.cx - b.cx).powi(2) + (a.cy - b.cy).powi(2)).sqrt();
+                assert!(gap > a.r + b.r, "scene {i}: shapes overlap");
+                assert_ne!((a.shape, a.colour), (b.shape, b.colour));
+            }
+        }
+    }
+
+    #[test]
+    fn a_gradient_darkens_or_lightens_downwards_and_stripes_alternate() {
+        let base = Scene {
+            width: 64,
+            height: 64,
+            shapes: vec![],
+            size: Size::Small,
+            position: None,
+            background: BgStyle::Gradient,
+            background_colour: Colour::Blue,
+        };
+        let img = base.render();
+        // Blue is dark → mixes towards white.
+        assert!(img.get_pixel(0, 63).0[0] > img.get_pixel(0, 0).0[0] + 100);
+        let striped = Scene {
+            background: BgStyle::Striped,
+            background_colour: Colour::Yellow,
+            ..base
+        };
+        let img = striped.render();
+        assert_eq!(img.get_pixel(0, 0).0, Colour::Yellow.rgb());
+        assert_ne!(img.get_pixel(4, 0).0, Colour::Yellow.rgb());
+        assert_eq!(img.get_pixel(8, 0).0, Colour::Yellow.rgb());
+    }
+
+    #[test]
+    fn shapes_differ_in_what_they_cover() {
+        let at = |shape| PlacedShape {
+            shape,
+            colour: Colour::Red,
+            cx: 32.0,
+            cy: 32.0,
+            r: 20.0,
+        };
+        // Centre: all but the ring.
+        for s in Shape::ALL {
+            assert_eq!(at(s).contains(32.0, 32.0), s != Shape::Ring, "{s:?}");
+        }
+        // A square's corner is outside the circle; a point below the star's
+        // top tip but between arms is outside the star.
+        assert!(at(Shape::Square).contains(32.0 + 16.0, 32.0 + 16.0));
+        assert!(!at(Shape::Circle).contains(32.0 + 16.0, 32.0 + 16.0));
+        assert!(at(Shape::Star).contains(32.0, 32.0 - 19.0));
+        assert!(!at(Shape::Star).contains(32.0 + 10.0, 32.0 - 15.0));
+        // Triangle points up: the top tip is in, the top corners are out.
+        assert!(at(Shape::Triangle).contains(32.0, 32.0 - 18.0));
+        assert!(!at(Shape::Triangle).contains(32.0 - 15.0, 32.0 - 15.0));
+        assert!(at(Shape::Triangle).contains(32.0 - 15.0, 32.0 + 9.0));
+    }
+
+    #[test]
+    fn captions_follow_the_documented_order() {
+        let s = Scene {
+            width: 96,
+            height: 64,
+            shapes: vec![PlacedShape {
+                shape: Shape::Circle,
+                colour: Colour::Red,
+                cx: 24.0,
+                cy: 16.0,
+                r: 10.0,
+            }],
+            size: Size::Small,
+            position: Some((HPos::Left, VPos::Top)),
+            background: BgStyle::Striped,
+            background_colour: Colour::Blue,
+        };
+        assert_eq!(
+            s.caption(),
+            "1shape, red circle, small, left, top, striped background, blue background"
+        );
+        let all = all_tags();
+        for t in s.tags() {
+            assert!(all.contains(&t), "{t}");
+        }
+        assert_eq!(all.len(), 2 + 40 + 3 + 3 + 2 + 3 + 8);
+    }
+
+    #[test]
+    fn every_tag_occurs_and_random_scenes_use_only_known_tags() {
+        let all = all_tags();
+        let mut seen = std::collections::BTreeSet::new();
+        for i in 0..2000 {
+            for t in Scene::random(3, i).tags() {
+                assert!(all.contains(&t), "{t}");
+                seen.insert(t);
+            }
+        }
+        let missing: Vec<_> = all.iter().filter(|t| !seen.contains(*t)).collect();
+        assert!(missing.is_empty(), "never drawn: {missing:?}");
+    }
+
+    #[test]
+    fn parse_tags_reads_back_every_caption() {
+        for i in 0..500 {
+            let s = Scene::random(5, i);
+            assert_eq!(
+                parse_tags(&s.caption()).unwrap(),
+                s.spec(),
+                "{}",
+                s.caption()
+            );
+        }
+    }
+
+    #[test]
+    fn parse_tags_normalises_and_keeps_unknown_tags() {
+        let p = parse_tags(" masterpiece,1shape , Red_Circle,, striped_background , left").unwrap();
+        assert_eq!(p.count, Some(1));
+        assert_eq!(p.shapes, vec![(Some(Colour::Red), Shape::Circle)]);
+        assert_eq!(p.background, Some(BgStyle::Striped));
+        assert_eq!(p.hpos, Some(HPos::Left));
+        assert_eq!(p.vpos, None);
+        assert_eq!(p.unknown, vec!["masterpiece".to_string()]);
+        let p = parse_tags("2shapes, star, blue ring, green background").unwrap();
+        assert_eq!(
+            p.shapes,
+            vec![(None, Shape::Star), (Some(Colour::Blue), Shape::Ring)]
+        );
+        assert_eq!(p.background_colour, Some(Colour::Green));
+    }
+
+    #[test]
+    fn parse_tags_refuses_contradictions_naming_the_tag() {
+        let e = parse_tags("1shape, small, large").unwrap_err().to_string();
+        assert!(e.contains("'large'") && e.contains("size"), "{e}");
+        let e = parse_tags("1shape, 2shapes").unwrap_err().to_string();
+        assert!(e.contains("'2shapes'"), "{e}");
+        assert!(parse_tags("red background, blue background").is_err());
+        // Repeating the same tag is no contradiction.
+        assert!(parse_tags("left, left").is_ok());
+    }
+
+    #[test]
+    fn toy_buckets_are_the_bucket_stages_kohya_list_and_fit_the_unet() {
+        let k = crate::imaging::buckets::kohya_buckets(80, 80, 64, 96, 32);
+        let mut mine = toy_buckets();
+        mine.sort();
+        let mut k2 = k.clone();
+        k2.sort();
+        assert_eq!(mine, k2);
+        for (w, h) in TOY_BUCKETS {
+            assert_eq!(w % 32, 0);
+            assert_eq!(h % 32, 0);
+        }
+    }
+
+    /// The toy template pack (`fixtures/prompts/toy/`) parses with the
+    /// template language and every prompt it makes is a scene `parse_tags`
+    /// understands completely, with a background colour no shape uses.
+    #[test]
+    fn the_toy_template_pack_makes_scene_prompts() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/prompts/toy");
+        let t = crate::prompts::load(
+            &crate::prompts::TemplateSpec::File(root.join("template.txt")),
+            None,
+        )
+        .unwrap();
+        let mut two = 0;
+        for i in 0..300 {
+            let p = t.random(7, i);
+            let spec = parse_tags(&p).unwrap_or_else(|e| panic!("{p}: {e}"));
+            assert!(spec.unknown.is_empty(), "{p}: {:?}", spec.unknown);
+            assert!(!spec.shapes.is_empty(), "{p}");
+            assert_eq!(spec.count, Some(spec.shapes.len()), "{p}");
+            for (c, _) in &spec.shapes {
+                assert_ne!(*c, spec.background_colour, "{p}");
+            }
+            two += usize::from(spec.shapes.len() == 2);
+        }
+        assert!(two > 30 && two < 270, "two-shape prompts: {two} of 300");
+    }
+}
