@@ -16,26 +16,19 @@
 use eps2v::models::sdxl::UNetConfig;
 use eps2v::train::testkit::{conversion, micro_unet, Conversion};
 
-fn arg(name: &str, default: f64) -> f64 {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
+mod common;
+use common::{arg, flag};
 
 fn main() -> eps2v::Result<()> {
     eps2v::nn::tune_cpu_runtime();
-    let flag = |f: &str| std::env::args().any(|a| a == f);
     let d0 = Conversion::default();
     let c = Conversion {
-        eps_steps: arg("--eps-steps", d0.eps_steps as f64) as usize,
-        v_steps: arg("--v-steps", d0.v_steps as f64) as usize,
-        back_steps: arg("--back-steps", d0.back_steps as f64) as usize,
+        eps_steps: arg("--eps-steps", d0.eps_steps),
+        v_steps: arg("--v-steps", d0.v_steps),
+        back_steps: arg("--back-steps", d0.back_steps),
         lr: arg("--lr", d0.lr),
         eps_min_snr: !flag("--eps-plain"),
-        sample_steps: arg("--sample-steps", d0.sample_steps as f64) as usize,
+        sample_steps: arg("--sample-steps", d0.sample_steps),
         compare_v_min_snr: true,
     };
     let unet = if flag("--tiny") {

@@ -18,14 +18,8 @@ use eps2v::prompts::{self, TemplateSpec};
 use eps2v::stages::generate::{self, GenerateConfig, Shard, Sizes};
 use eps2v::stages::Ctx;
 
-fn arg(name: &str, default: usize) -> usize {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
+mod common;
+use common::arg;
 
 fn main() -> eps2v::Result<()> {
     eps2v::nn::tune_cpu_runtime();

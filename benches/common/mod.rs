@@ -1,4 +1,5 @@
-//! Helpers shared by the training benchmarks (`train`, `train_unet`): each
+//! Helpers shared by the benchmarks: command-line values (`arg`, `flag`);
+//! for the training ones (`train`, `train_unet`, `train_blocks`) each
 //! variant runs in its own child process (so peak RSS is its own), prints
 //! one JSON line, and the parent collects the rows.
 
@@ -10,6 +11,21 @@ use candle_core::backprop::GradStore;
 use candle_core::{Device, Result, Tensor, Var};
 use candle_nn::Optimizer;
 use rand_distr::{Distribution, StandardNormal};
+
+/// The value after `--name` on the command line, or `default`.
+pub fn arg<T: std::str::FromStr>(name: &str, default: T) -> T {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// Whether `--name` is on the command line.
+pub fn flag(name: &str) -> bool {
+    std::env::args().any(|a| a == name)
+}
 
 /// Threads for every variant (Rust and PyTorch).
 pub const THREADS: &str = "2";
