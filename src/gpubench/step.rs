@@ -1,8 +1,10 @@
 //! One UNet training step, timed: forward, MSE loss, backward, the fused
 //! AdamW of [`crate::nn::optim`] over the trainable parameters only.
 //!
-//! Two selections (the trainer's block selection is written elsewhere; this
-//! uses the model API directly so the benchmark does not depend on it):
+//! Two selections, as the trainer's MBW block sets
+//! ([`crate::train::blocks::BlockSet`]); the weights stream from the file in
+//! the bench dtype (no f32 master copy, unlike the trainer's store, so peak
+//! memory is the step's own):
 //! - `out+OUT08`: keys under `model.diffusion_model.out.` and
 //!   `model.diffusion_model.output_blocks.8.` (diffusers: `conv_norm_out`,
 //!   `conv_out`, `up_blocks.2.resnets.2`); every other weight is a plain
@@ -30,6 +32,7 @@ use crate::models::sdxl::checkpoint::{unet_expected_keys, Checkpoint};
 use crate::models::sdxl::{build_y, SizeCond, UNet, UNetConfig, UNET_PREFIX};
 use crate::nn::device::gpu_memory;
 use crate::nn::optim::AdamW;
+use crate::train::blocks::BlockSet;
 use crate::{Error, Result};
 
 /// Which UNet parameters train.
@@ -50,15 +53,13 @@ impl Trainable {
         }
     }
 
-    /// Whether the checkpoint key `key` trains.
-    pub fn selects(self, key: &str) -> bool {
-        match self {
-            Self::Full => key.starts_with(UNET_PREFIX),
-            Self::OutOut08 => {
-                key.starts_with("model.diffusion_model.out.")
-                    || key.starts_with("model.diffusion_model.output_blocks.8.")
-            }
-        }
+    /// The trainer's block selection for it (`out,OUT08` or `all`).
+    pub fn blocks(self) -> Result<BlockSet> {
+        let sel = match self {
+            Self::OutOut08 => "out,OUT08",
+            Self::Full => "all",
+        };
+        BlockSet::parse(&[sel.to_string()])
     }
 }
 
@@ -66,7 +67,7 @@ impl Trainable {
 /// (collected in `vars`), every other key as a plain tensor.
 struct Selective<'a> {
     ckpt: &'a Checkpoint,
-    trainable: Trainable,
+    trainable: BlockSet,
     vars: Arc<Mutex<Vec<(String, Var)>>>,
 }
 
@@ -94,7 +95,7 @@ impl SimpleBackend for Selective<'_> {
             .ckpt
             .tensor(name, dtype, dev)
             .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
-        if !self.trainable.selects(name) {
+        if !self.trainable.contains_key(name) {
             return Ok(t);
         }
         let var = Var::from_tensor(&t)?;
@@ -125,7 +126,7 @@ pub fn load_selective(
     let vars = Arc::new(Mutex::new(Vec::new()));
     let backend = Selective {
         ckpt,
-        trainable,
+        trainable: trainable.blocks()?,
         vars: vars.clone(),
     };
     let vb = VarBuilder::from_backend(Box::new(backend), dtype, device.clone());
