@@ -9,8 +9,8 @@
 //! committed toy model and tagger (`fixtures/toy/`) it is exactly the
 //! default run; without them it writes seeded random toy models of the same
 //! architecture (same compute per step and per image) and keeps every image
-//! (`filter.min_alignment = 0`: a random tagger confirms no tag), and says
-//! so. `--count` / `--train-steps` shrink the run; `--keep DIR` keeps the
+//! (`filter.min_alignment = 0`, prompts as captions: a random tagger's
+//! verdicts mean nothing; it still tags every image), and says so. `--count` / `--train-steps` shrink the run; `--keep DIR` keeps the
 //! dataset there. The machine may be shared: the per-stage split is what
 //! the numbers are for.
 
@@ -51,6 +51,7 @@ fn main() -> eps2v::Result<()> {
         cfg.model = Some(model);
         cfg.caption.tagger = Some(tmp.path().join("tagger"));
         cfg.filter.min_alignment = 0.0;
+        cfg.caption.caption.policy = eps2v::stages::caption::policy::Policy::Prompt;
     }
     cfg.resolve();
     cfg.check_files()?;

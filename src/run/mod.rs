@@ -220,7 +220,10 @@ fn pipeline_row(
             .into_iter()
             .filter(|(s, r)| digests.get(s) == Some(&r.digest))
             .collect();
-        if json == config_json {
+        // Stored through `serde_json::Value` (keys sorted): compare as values.
+        let same = serde_json::from_str::<serde_json::Value>(json).ok()
+            == serde_json::from_str::<serde_json::Value>(config_json).ok();
+        if same {
             m.conn()
                 .execute(
                     "UPDATE runs SET status = 'running', ended_at = NULL WHERE id = ?1",
