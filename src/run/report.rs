@@ -63,6 +63,9 @@ fn bar_table(title: &str, rows: &[(String, i64)]) -> String {
         "<table><tr><th>{}</th><th>count</th><th></th></tr>",
         esc(title)
     );
+    if rows.is_empty() {
+        h.push_str("<tr><td colspan=3>none</td></tr>");
+    }
     for (k, v) in rows {
         let _ = write!(
             h,
@@ -275,7 +278,7 @@ pub fn write(
         "<!doctype html>\n<html lang=en><head><meta charset=utf-8><title>eps2v run {run_id}</title><style>\
 body{{font-family:sans-serif;margin:2em;max-width:1100px;color:#222}}\
 table{{border-collapse:collapse;margin:1em 1em 1em 0;vertical-align:top}}\
-td,th{{border:1px solid #ccc;padding:3px 8px;text-align:left}}td.n{{text-align:right}}\
+td,th{{border:1px solid #ccc;padding:3px 8px;text-align:left}}td.n{{text-align:right;white-space:nowrap}}\
 .bar{{background:#4a7fc1;height:10px}}.grids{{display:flex;flex-wrap:wrap;gap:1em;align-items:flex-start}}\
 figure{{margin:0}}img{{image-rendering:pixelated;max-width:100%}}code{{font-size:90%}}\
 </style></head><body>\n{body}\n</body></html>\n"

@@ -225,6 +225,22 @@ fn toy_run_end_to_end_then_rerun_skips_everything() {
             .all(|s| s["skipped"] == true),
         "{again}"
     );
+    // The one-screen summary (no --json) of the same, all done earlier.
+    let out = Command::new(bin())
+        .args(["run", cfg.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let summary = String::from_utf8_lossy(&out.stdout);
+    eprintln!("{summary}");
+    for want in [
+        "done earlier",
+        "base as eps",
+        "converted:",
+        "best merge: α = 0.5",
+        "report:",
+    ] {
+        assert!(summary.contains(want), "{want:?} not in {summary}");
+    }
     // Another merge setting reruns merge and what follows only.
     let mut t = tiny_toy_config(work.path(), &ds);
     set(&mut t, "merge.alphas", list(&[toml::Value::Float(0.25)]));
