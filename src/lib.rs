@@ -51,6 +51,7 @@ pub mod nn;
 pub mod pipeline;
 pub mod prompts;
 pub mod report;
+pub mod run;
 pub mod stages;
 pub mod toy;
 pub mod train;

@@ -337,7 +337,7 @@ pub struct SweepEval {
 }
 
 /// One merge of a sweep.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct SweepPoint {
     /// α of this merge.
     pub alpha: f64,
@@ -350,7 +350,7 @@ pub struct SweepPoint {
 }
 
 /// What a sweep did.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct SweepReport {
     /// The reference model the scores are against.
     pub reference: PathBuf,

@@ -16,6 +16,7 @@ pub mod generate;
 pub mod gpubench;
 pub mod manifest;
 pub mod prompts;
+pub mod run;
 pub mod sample;
 pub mod toy;
 pub mod train;
@@ -79,6 +80,8 @@ pub enum Command {
     GpuBench(gpubench::GpuBenchArgs),
     /// The toy world: `toy scenes DIR --count N` draws tagged procedural scenes.
     Toy(toy::ToyArgs),
+    /// The whole job from one TOML config (default: the toy world): generate → caption → filter → dedupe → bucket → train → merge → evaluate → report.
+    Run(run::RunArgs),
 }
 
 /// Run a parsed command line; returns the process exit code.
@@ -116,5 +119,6 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Manifest(a) => Ok(manifest::run(a, json)?),
         Command::GpuBench(a) => Ok(gpubench::run_gpu_bench(a, json)?),
         Command::Toy(a) => toy::run(a, json),
+        Command::Run(a) => Ok(run::run(a, json)?),
     }
 }

@@ -1,12 +1,13 @@
 //! Built-in template packs, embedded in the binary so that `eps2v generate`
-//! works without any file: `1girl` (`fixtures/prompts/1girl/`, made by
+//! works without any file: `toy` (`fixtures/prompts/toy/`, the toy world's
+//! scenes as prompts) and `1girl` (`fixtures/prompts/1girl/`, made by
 //! `fixtures/scripts/make_1girl_pack.py` from a public Danbooru tag list
 //! with post counts; sources in that folder's README.md).
 
 use super::WildcardSet;
 
 /// Names of the built-in packs.
-pub const NAMES: &[&str] = &["1girl"];
+pub const NAMES: &[&str] = &["1girl", "toy"];
 
 /// A built-in pack: a template and its wildcard files.
 #[derive(Debug, Clone, Copy)]
@@ -47,10 +48,20 @@ const ONE_GIRL: Pack = Pack {
     ),
 };
 
+const TOY: Pack = Pack {
+    name: "toy",
+    template: include_str!("../../fixtures/prompts/toy/template.txt"),
+    files: wildcard_files!("toy";
+        "placement", "scene/black", "scene/blue", "scene/green", "scene/orange",
+        "scene/purple", "scene/red", "scene/white", "scene/yellow", "shape", "style",
+    ),
+};
+
 /// The built-in pack called `name`.
 pub fn builtin(name: &str) -> Option<Pack> {
     match name {
         "1girl" => Some(ONE_GIRL),
+        "toy" => Some(TOY),
         _ => None,
     }
 }

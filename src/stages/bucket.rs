@@ -35,7 +35,7 @@ use crate::imaging::resize::{self, CropMode, CropPlan};
 use crate::manifest::Manifest;
 
 /// Which bucket set to use.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case", tag = "kind")]
 pub enum BucketSet {
     /// The 40-entry SDXL list and its transposes.
@@ -54,7 +54,7 @@ pub enum BucketSet {
 }
 
 /// Configuration of the bucket stage.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct BucketConfig {
     /// Bucket set.
@@ -74,7 +74,7 @@ pub struct BucketConfig {
 }
 
 /// Crop placement in config form.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum CropArg {
     /// Centered crop.

@@ -25,13 +25,23 @@ use crate::manifest::{self, Manifest};
 use crate::{Error, Result};
 
 /// Configuration of the filter stage.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields, default)]
 pub struct FilterConfig {
-    /// Reject items whose alignment is below this (0..=1).
+    /// Reject items whose alignment is below this (0..=1). Default 0.5 (in a
+    /// pipeline config; the CLI flag is required).
     pub min_alignment: f64,
-    /// Decide and report, write nothing.
+    /// Decide and report, write nothing. Default false.
     pub dry_run: bool,
+}
+
+impl Default for FilterConfig {
+    fn default() -> Self {
+        Self {
+            min_alignment: 0.5,
+            dry_run: false,
+        }
+    }
 }
 
 /// One rejection.

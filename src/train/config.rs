@@ -110,7 +110,9 @@ impl fmt::Display for DropoutCond {
 }
 
 /// Per-sample loss weighting over timesteps.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, schemars::JsonSchema,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum Weighting {
     /// Plain MSE on the objective's target (Lin et al. for v). The default.
@@ -124,7 +126,9 @@ pub enum Weighting {
 }
 
 /// Learning-rate shape after the warmup.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, schemars::JsonSchema,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum LrSchedule {
     /// Constant after a linear warmup. The default.
@@ -135,7 +139,9 @@ pub enum LrSchedule {
 }
 
 /// Which VAE latent is cached per image.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, schemars::JsonSchema,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum LatentMode {
     /// The distribution's mean (deterministic). The default.
@@ -146,7 +152,9 @@ pub enum LatentMode {
 }
 
 /// Storage dtype of the exported checkpoint.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, schemars::JsonSchema,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum SaveDtype {
     /// IEEE half (what most SDXL files use). The default.
@@ -171,7 +179,7 @@ impl SaveDtype {
 
 /// One stage of a staged recipe: which blocks train, for how long, at what
 /// learning rates.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct StageConfig {
     /// Trainable UNet blocks: `all`, MBW ids (`IN00`…`IN08`, `M00`,
@@ -193,7 +201,7 @@ pub struct StageConfig {
 
 /// Everything `eps2v train` needs (see the module docs). Field defaults are
 /// the CLI defaults.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct TrainConfig {
     /// Base single-file SDXL checkpoint (its prediction type is the one the
@@ -201,6 +209,7 @@ pub struct TrainConfig {
     pub model: PathBuf,
     /// Training objective: `v` (the conversion) or `eps` (the way back).
     #[serde(with = "as_str")]
+    #[schemars(with = "String")]
     pub objective: Prediction,
     /// Train on the exact zero-terminal-SNR schedule (ᾱ_T = 0) and mark the
     /// export `ztsnr`.
@@ -263,6 +272,7 @@ pub struct TrainConfig {
     pub caption_dropout: f64,
     /// What a dropped caption becomes.
     #[serde(with = "as_str")]
+    #[schemars(with = "String")]
     pub uncond: DropoutCond,
     /// Seed of the split, the shuffles, the noise and the timesteps.
     pub seed: u64,
@@ -281,6 +291,7 @@ pub struct TrainConfig {
     pub eval_cfg: f64,
     /// Evaluation sampler.
     #[serde(with = "as_str")]
+    #[schemars(with = "String")]
     pub eval_sampler: SamplerKind,
     /// Evaluation size `[w, h]` (default: the most common training bucket).
     pub eval_size: Option<[u32; 2]>,

@@ -7,6 +7,7 @@ mod curation;
 mod fixtures_chain;
 mod generate;
 mod gpu_script;
+mod run;
 mod sample;
 mod toy;
 mod train;

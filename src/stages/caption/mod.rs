@@ -60,7 +60,7 @@ pub const TAGGER_SOURCE: &str = "tagger";
 pub const SIDECAR_SOURCES: &[&str] = &["sidecar_txt", "sidecar_caption"];
 
 /// Configuration of the caption stage.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct CaptionConfig {
     /// WD tagger folder (`model.safetensors`, `selected_tags.csv`,

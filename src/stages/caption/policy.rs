@@ -37,7 +37,7 @@ use crate::models::tagger::labels::{
 pub const MCUT_CHARACTER_FLOOR: f32 = 0.15;
 
 /// Thresholds of tag selection.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Thresholds {
     /// General tags: output when p > this (reference default 0.35).
     pub general: f32,
@@ -210,7 +210,7 @@ pub fn alignment(prompt: &[String], probs: &[f32], labels: &Labels, sel: &TagRes
 }
 
 /// Which text becomes the training caption.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Policy {
     /// The generation prompt, A1111 syntax removed, in prompt order.
@@ -238,7 +238,7 @@ impl Policy {
 }
 
 /// Caption-writing options.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct PolicyConfig {
     /// The policy.

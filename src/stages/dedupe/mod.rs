@@ -31,7 +31,9 @@ use crate::error::Result;
 use crate::manifest::Manifest;
 
 /// Which perceptual hash to compare.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, schemars::JsonSchema,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum HashKind {
     /// DCT perceptual hash (imagededup PHash).
@@ -42,7 +44,7 @@ pub enum HashKind {
 }
 
 /// Configuration of the dedupe stage.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct DedupeConfig {
     /// Hash used for near duplicates.

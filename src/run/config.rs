@@ -1,0 +1,811 @@
+//! The `eps2v run` configuration: one TOML file describing the whole job
+//! (DESIGN.md §2 `config.rs`, issue 10). Each stage's own serde config is
+//! reused as a nested table (`[caption]` is a [`CaptionConfig`], `[train]`
+//! a [`TrainConfig`], …), so a key means the same here as in the stage's
+//! own flags; only `generate`, `evaluate`, `merge` and `device`, whose
+//! library configs hold parsed values (templates, samplers, shards), get a
+//! table of plain strings and numbers here that converts to them.
+//!
+//! The defaults (`RunConfig::default()`) are the toy world: what
+//! `eps2v run` does without a config, and what `fixtures/configs/toy.toml`
+//! spells out. `schemas/config.schema.json` is generated from these structs
+//! with `schemars` ([`schema_json`], `eps2v run --print-schema`); a test
+//! regenerates it and compares.
+//!
+//! Loading ([`RunConfig::from_toml`]) checks in this order, each error a
+//! config error (exit 2) that names the key:
+//! 1. unknown keys, walked against the generated schema, with the nearest
+//!    valid key suggested (Levenshtein distance, `strsim`);
+//! 2. types and values (serde / toml: the message shows the line);
+//! 3. the stage list ([`check_stages`]): known names, no repeats, in
+//!    pipeline order (a stage never runs before one it needs);
+//! 4. files ([`RunConfig::check_files`]): the model, the tagger.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::diffusion::{Prediction, SamplerKind, ScheduleKind, UncondMode};
+use crate::merge::BlockAlphas;
+use crate::pipeline::sample::SampleConfig;
+use crate::prompts::TemplateSpec;
+use crate::stages::bucket::{BucketConfig, BucketSet};
+use crate::stages::caption::CaptionConfig;
+use crate::stages::dedupe::DedupeConfig;
+use crate::stages::filter::FilterConfig;
+use crate::stages::generate::{GenerateConfig, Shard, SizeWeight, Sizes};
+use crate::train::config::TrainConfig;
+use crate::{Error, Result};
+
+/// Every stage of a run, in the only order they can run in.
+pub const STAGES: &[&str] = &[
+    "generate", "caption", "filter", "dedupe", "bucket", "train", "merge", "evaluate", "report",
+];
+
+/// What each stage needs from an earlier one (for the order error).
+fn needs(stage: &str) -> &'static str {
+    match stage {
+        "caption" => "generated images to tag",
+        "filter" => "the caption stage's alignment scores",
+        "dedupe" => "the images that survive filtering",
+        "bucket" => "the deduplicated images",
+        "train" => "bucketed, captioned images",
+        "merge" => "the converted model that train exports",
+        "evaluate" => "the models of train and merge",
+        "report" => "every result it shows",
+        _ => "nothing",
+    }
+}
+
+/// The whole job. Every table is optional; a missing key takes the default
+/// written in its doc (the toy world).
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct RunConfig {
+    /// Dataset folder (relative paths are relative to the current
+    /// directory); `--dataset DIR` overrides it. Default `eps2v-toy-run`.
+    pub dataset: PathBuf,
+    /// Base eps-prediction single-file SDXL checkpoint. Default: the
+    /// committed toy model (`fixtures/toy/model.safetensors`).
+    pub model: Option<PathBuf>,
+    /// Stages to run, in pipeline order (a subset of `generate`, `caption`,
+    /// `filter`, `dedupe`, `bucket`, `train`, `merge`, `evaluate`,
+    /// `report`). Default: all of them.
+    pub stages: Vec<String>,
+    /// Where models run (generation, evaluation).
+    pub device: DeviceSection,
+    /// `generate`: the synthetic dataset drawn from the base model.
+    pub generate: GenerateSection,
+    /// `caption`: tagger and caption policy (the `eps2v caption` config).
+    /// Default tagger: the committed toy tagger (`fixtures/toy/tagger/`).
+    pub caption: CaptionConfig,
+    /// `filter`: drop images that show too little of their prompt.
+    /// Default `min_alignment = 0.5`.
+    pub filter: FilterConfig,
+    /// `dedupe`: exact and near duplicates (the `eps2v dedupe` config).
+    pub dedupe: DedupeConfig,
+    /// `bucket`: aspect-ratio buckets (the `eps2v bucket` config). Default:
+    /// the toy buckets 64×64, 96×64, 64×96 (`kind = "kohya"`, resolution 80,
+    /// step 32, sides 64–96).
+    pub bucket: BucketConfig,
+    /// `train`: the conversion recipe (the `eps2v train` config: objective,
+    /// ZTSNR, stages with blocks and learning rates, caption dropout…).
+    /// `model` may stay empty: it is the run's `model`. Default: the toy
+    /// recipe (v + ZTSNR, all blocks, 400 steps at 3e-4, batch 8).
+    pub train: TrainConfig,
+    /// `merge`: a sweep of merges of the converted model with the base.
+    pub merge: MergeSection,
+    /// `evaluate`: adherence of the base (as eps, and as v + ZTSNR), the
+    /// converted model and each merge, and the evaluation grids.
+    pub evaluate: EvalSection,
+}
+
+/// Device settings.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct DeviceSection {
+    /// `cpu`, `cuda` or `cuda:N`. Default: CUDA 0 in a CUDA build with a
+    /// GPU, else the CPU.
+    pub device: Option<String>,
+    /// Model precision `f32`, `bf16` or `f16`. Default: f32 on the CPU,
+    /// bf16 on CUDA.
+    pub precision: Option<String>,
+}
+
+/// The `[generate]` table (the flags of `eps2v generate`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct GenerateSection {
+    /// Template: a built-in pack (`toy`, `1girl`), a template file, or the
+    /// template text. Default `toy`.
+    pub template: String,
+    /// Wildcard folder. Default: the pack's own / the file's sibling `wildcards/`.
+    pub wildcards: Option<PathBuf>,
+    /// Images in the plan. Default 192.
+    pub count: u64,
+    /// Base seed of prompts, sizes and noise. Default 0.
+    pub seed: u64,
+    /// The first `count` combinations instead of random prompts. Default false.
+    pub combinatorial: bool,
+    /// Image sizes, `"WxH"` or `"WxH=weight"`; empty: the 41 SDXL sizes.
+    /// Default `["64x64", "96x64", "64x96"]` (the toy buckets).
+    pub sizes: Vec<String>,
+    /// Sampling steps. Default 20.
+    pub steps: usize,
+    /// CFG scale. Default 5.
+    pub cfg: f64,
+    /// CFG rescale φ. Default: 0.7 for v models, 0 for eps.
+    pub rescale: Option<f64>,
+    /// Sampler (`euler`, `euler_a`, `dpmpp_2m`, …). Default `euler`.
+    pub sampler: String,
+    /// σ schedule (`normal`, `karras`, `trailing`, …). Default: trailing for
+    /// ZTSNR models, normal otherwise.
+    pub schedule: Option<String>,
+    /// Unconditional branch: `zero`, `empty` or `negative`. Default `zero`.
+    pub uncond: String,
+    /// Negative prompt (with `uncond = "negative"`). Default none.
+    pub negative: Option<String>,
+    /// Images per UNet call (speed only). Default 8.
+    pub batch: usize,
+}
+
+impl Default for GenerateSection {
+    fn default() -> Self {
+        Self {
+            template: "toy".into(),
+            wildcards: None,
+            count: 192,
+            seed: 0,
+            combinatorial: false,
+            sizes: vec!["64x64".into(), "96x64".into(), "64x96".into()],
+            steps: 20,
+            cfg: 5.0,
+            rescale: None,
+            sampler: "euler".into(),
+            schedule: None,
+            uncond: "zero".into(),
+            negative: None,
+            batch: 8,
+        }
+    }
+}
+
+/// The `[merge]` table: weighted sums `(1 − α)·converted + α·base`, one
+/// per α, markers (v, ZTSNR) from the converted model.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct MergeSection {
+    /// Share of the base model in each merge. Default `[0.25, 0.5]`.
+    pub alphas: Vec<f64>,
+    /// Per-block α overriding `alphas` for those blocks (`eps2v merge
+    /// --blocks` syntax, e.g. `"IN00-IN08=0.5,M00=0.5"`). Default none.
+    pub blocks: Option<String>,
+}
+
+impl Default for MergeSection {
+    fn default() -> Self {
+        Self {
+            alphas: vec![0.25, 0.5],
+            blocks: None,
+        }
+    }
+}
+
+/// The `[evaluate]` table: the fixed prompt × seed set every model is
+/// sampled with (and the merge sweep scores retention on).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct EvalSection {
+    /// Prompts drawn from the generate template (seeded, never the training
+    /// prompts' seed). Default 8.
+    pub prompt_count: usize,
+    /// Seed of the prompt draw. Default 1000003.
+    pub prompt_seed: u64,
+    /// Noise seeds per prompt. Default `[0, 1]`.
+    pub seeds: Vec<u64>,
+    /// Sampling steps. Default 20.
+    pub steps: usize,
+    /// CFG scale. Default 5.
+    pub cfg: f64,
+    /// Image size `[width, height]`. Default `[64, 64]`.
+    pub size: [u32; 2],
+    /// Tagger probability at which a tag counts as seen. Default 0.35.
+    pub threshold: f32,
+}
+
+impl Default for EvalSection {
+    fn default() -> Self {
+        Self {
+            prompt_count: 8,
+            prompt_seed: 1_000_003,
+            seeds: vec![0, 1],
+            steps: 20,
+            cfg: 5.0,
+            size: [64, 64],
+            threshold: 0.35,
+        }
+    }
+}
+
+/// The toy bucket set (64×64, 96×64, 64×96) in kohya form.
+pub fn toy_bucket_set() -> BucketSet {
+    BucketSet::Kohya {
+        resolution: 80,
+        step: 32,
+        min_side: 64,
+        max_side: 96,
+    }
+}
+
+/// The toy training recipe (the default `[train]`).
+pub fn toy_train() -> TrainConfig {
+    TrainConfig {
+        steps: 400,
+        lr: 3e-4,
+        batch_size: 8,
+        warmup_steps: 20,
+        eval_every: 100,
+        eval_prompt_count: 4,
+        eval_steps: 12,
+        save_every: 50,
+        val_fraction: 0.05,
+        val_max: 16,
+        save_dtype: crate::train::config::SaveDtype::F32,
+        ..Default::default()
+    }
+}
+
+impl Default for RunConfig {
+    fn default() -> Self {
+        Self {
+            dataset: PathBuf::from("eps2v-toy-run"),
+            model: None,
+            stages: STAGES.iter().map(|s| s.to_string()).collect(),
+            device: DeviceSection::default(),
+            generate: GenerateSection::default(),
+            caption: CaptionConfig::default(),
+            filter: FilterConfig::default(),
+            dedupe: DedupeConfig::default(),
+            bucket: BucketConfig {
+                buckets: toy_bucket_set(),
+                ..Default::default()
+            },
+            train: toy_train(),
+            merge: MergeSection::default(),
+            evaluate: EvalSection::default(),
+        }
+    }
+}
+
+/// The JSON Schema of [`RunConfig`] (what `schemas/config.schema.json` holds).
+pub fn schema() -> Value {
+    schemars::schema_for!(RunConfig).to_value()
+}
+
+/// [`schema`] pretty-printed with a trailing newline (the committed file).
+pub fn schema_json() -> String {
+    let mut s = serde_json::to_string_pretty(&schema()).unwrap_or_default();
+    s.push('\n');
+    s
+}
+
+impl RunConfig {
+    /// Parse and check a config's text (`origin` names it in errors):
+    /// unknown keys, types, the stage list (module docs). Files are checked
+    /// by [`RunConfig::check_files`] once the defaults are resolved.
+    pub fn from_toml(text: &str, origin: &str) -> Result<Self> {
+        let value: toml::Table = toml::from_str(text)
+            .map_err(|e| Error::config(format!("{origin}: not valid TOML: {e}")))?;
+        let schema = schema();
+        check_keys(&toml::Value::Table(value), &schema, &schema, "")
+            .map_err(|e| Error::config(format!("{origin}: {e}")))?;
+        let cfg: RunConfig =
+            toml::from_str(text).map_err(|e| Error::config(format!("{origin}: {e}")))?;
+        check_stages(&cfg.stages).map_err(|e| Error::config(format!("{origin}: {e}")))?;
+        Ok(cfg)
+    }
+
+    /// Read and check a config file.
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            Error::config(format!(
+                "{}: cannot read the config ({e}); give an existing TOML file, or no file for the toy default",
+                path.display()
+            ))
+        })?;
+        Self::from_toml(&text, &path.display().to_string())
+    }
+
+    /// Whether `stage` is listed.
+    pub fn has(&self, stage: &str) -> bool {
+        self.stages.iter().any(|s| s == stage)
+    }
+
+    /// The base model (the toy model when `model` is not set).
+    pub fn model_path(&self) -> PathBuf {
+        self.model
+            .clone()
+            .unwrap_or_else(super::defaults::default_model_path)
+    }
+
+    /// Fill what defaults to another key: `train.model` ← `model`, the
+    /// toy tagger when the caption policy needs one, the training seed.
+    pub fn resolve(&mut self) {
+        let model = self.model_path();
+        self.model = Some(model.clone());
+        if self.train.model.as_os_str().is_empty() {
+            self.train.model = model;
+        }
+        if self.caption.tagger.is_none() && self.caption.caption.policy.needs_tagger() {
+            self.caption.tagger = Some(super::defaults::default_tagger_dir());
+        }
+    }
+
+    /// Check that the files the listed stages read exist and that every
+    /// section's values are valid (after [`RunConfig::resolve`]).
+    pub fn check_files(&self) -> Result<()> {
+        let model = self.model_path();
+        if !model.is_file() {
+            let toy = self.model.is_none()
+                || Some(model.clone()) == Some(super::defaults::default_model_path());
+            return Err(Error::config(format!(
+                "model: {}: no such file; {}",
+                model.display(),
+                if toy {
+                    "the toy model is built by `eps2v toy build` (or give `model = \"FILE\"` in the config)"
+                } else {
+                    "give the path of a single-file SDXL .safetensors checkpoint"
+                }
+            )));
+        }
+        if self.has("caption") {
+            if let Some(t) = &self.caption.tagger {
+                if !t.exists() {
+                    return Err(Error::config(format!(
+                        "caption.tagger: {}: no such folder; give a WD tagger folder (model.safetensors, selected_tags.csv), or caption.caption.policy = \"prompt\"",
+                        t.display()
+                    )));
+                }
+            }
+            self.caption
+                .check()
+                .map_err(|e| Error::config(format!("caption: {e}")))?;
+        }
+        if self.has("generate") {
+            self.generate_config()?
+                .validate()
+                .map_err(|e| Error::config(format!("generate: {e}")))?;
+        }
+        if self.has("train") {
+            self.train.validate()?;
+        }
+        if self.has("merge") {
+            self.merge_blocks()?;
+            if self.merge.alphas.is_empty() || self.merge.alphas.iter().any(|a| !a.is_finite()) {
+                return Err(Error::config(
+                    "merge.alphas: give at least one finite α (share of the base model), e.g. [0.25, 0.5]",
+                ));
+            }
+        }
+        if self.has("filter") && !(0.0..=1.0).contains(&self.filter.min_alignment) {
+            return Err(Error::config(format!(
+                "filter.min_alignment = {}: must be between 0 and 1",
+                self.filter.min_alignment
+            )));
+        }
+        let e = &self.evaluate;
+        if e.prompt_count == 0 || e.seeds.is_empty() || e.steps == 0 {
+            return Err(Error::config(
+                "evaluate: prompt_count, seeds and steps must each be at least 1",
+            ));
+        }
+        self.eval_sample_config()
+            .validate()
+            .map_err(|err| Error::config(format!("evaluate: {err}")))?;
+        Ok(())
+    }
+
+    /// The per-block α of the merge.
+    pub fn merge_blocks(&self) -> Result<BlockAlphas> {
+        match &self.merge.blocks {
+            None => Ok(BlockAlphas::default()),
+            Some(s) => {
+                BlockAlphas::parse(s).map_err(|e| Error::config(format!("merge.blocks: {e}")))
+            }
+        }
+    }
+
+    /// Sampling settings of the evaluation (prompt and seed per image).
+    pub fn eval_sample_config(&self) -> SampleConfig {
+        let e = &self.evaluate;
+        SampleConfig {
+            prompt: String::new(),
+            uncond: UncondMode::Zero,
+            seed: 0,
+            steps: e.steps,
+            cfg: e.cfg,
+            rescale: None,
+            sampler: SamplerKind::Euler,
+            schedule: None,
+            width: e.size[0],
+            height: e.size[1],
+            batch: 1,
+        }
+    }
+
+    /// The library config of the generate stage.
+    pub fn generate_config(&self) -> Result<GenerateConfig> {
+        let g = &self.generate;
+        let key = |k: &str, e: Error| Error::config(format!("generate.{k}: {e}"));
+        let sizes = parse_sizes(&g.sizes).map_err(|e| key("sizes", e))?;
+        Ok(GenerateConfig {
+            model: self.model_path(),
+            prediction: Some(Prediction::Eps),
+            ztsnr: Some(false),
+            template: TemplateSpec::from_arg(&g.template).map_err(|e| key("template", e))?,
+            wildcards: g.wildcards.clone(),
+            count: g.count,
+            seed: g.seed,
+            combinatorial: g.combinatorial,
+            sizes,
+            steps: g.steps,
+            cfg: g.cfg,
+            rescale: g.rescale,
+            sampler: g
+                .sampler
+                .parse::<SamplerKind>()
+                .map_err(|e| key("sampler", e))?,
+            schedule: g
+                .schedule
+                .as_deref()
+                .map(str::parse::<ScheduleKind>)
+                .transpose()
+                .map_err(|e| key("schedule", e))?,
+            uncond: UncondMode::from_flags(Some(&g.uncond), g.negative.as_deref())
+                .map_err(|e| key("uncond", e))?,
+            batch: g.batch,
+            shard: Shard::ALL,
+            replan: false,
+        })
+    }
+}
+
+/// `["WxH", "WxH=weight", …]` → [`Sizes`] (empty: the SDXL list).
+pub fn parse_sizes(list: &[String]) -> Result<Sizes> {
+    if list.is_empty() {
+        return Ok(Sizes::sdxl());
+    }
+    let mut out = Vec::new();
+    for s in list {
+        let (size, weight) = match s.split_once('=') {
+            Some((a, b)) => (
+                a,
+                b.trim()
+                    .parse::<f64>()
+                    .ok()
+                    .filter(|w| w.is_finite() && *w >= 0.0)
+                    .ok_or_else(|| {
+                        Error::config(format!("{s:?}: the weight after `=` must be a number ≥ 0"))
+                    })?,
+            ),
+            None => (s.as_str(), 1.0),
+        };
+        let (w, h) = crate::cli::sample::parse_size(size.trim())?;
+        out.push(SizeWeight {
+            width: w,
+            height: h,
+            weight,
+        });
+    }
+    let sizes = Sizes::Weighted(out);
+    if sizes.candidates().is_empty() {
+        return Err(Error::config("every size has weight 0"));
+    }
+    Ok(sizes)
+}
+
+/// Check the stage list: known names (nearest suggested), no repeats, in
+/// pipeline order.
+pub fn check_stages(stages: &[String]) -> Result<()> {
+    if stages.is_empty() {
+        return Err(Error::config(format!(
+            "stages: the list is empty; name the stages to run, in order: {}",
+            STAGES.join(", ")
+        )));
+    }
+    let mut last: Option<(usize, &str)> = None;
+    let mut seen = BTreeSet::new();
+    for s in stages {
+        let Some(i) = STAGES.iter().position(|x| x == s) else {
+            return Err(Error::config(format!(
+                "stages: unknown stage `{s}`{}; the stages are {}",
+                suggestion(s, STAGES.iter().copied()),
+                STAGES.join(", ")
+            )));
+        };
+        if !seen.insert(s.as_str()) {
+            return Err(Error::config(format!(
+                "stages: `{s}` is listed twice; list each stage once"
+            )));
+        }
+        if let Some((j, prev)) = last {
+            if i < j {
+                return Err(Error::config(format!(
+                    "stages: `{prev}` comes before `{s}`, but {prev} needs {}; list the stages in the order {}",
+                    needs(prev),
+                    STAGES.join(", ")
+                )));
+            }
+        }
+        last = Some((i, s));
+    }
+    Ok(())
+}
+
+/// The valid name nearest to `bad` (Levenshtein distance at most a third
+/// of its length, and at least 2), if any.
+pub fn nearest<'a>(bad: &str, valid: impl Iterator<Item = &'a str>) -> Option<&'a str> {
+    let (d, v) = valid
+        .map(|v| (strsim::levenshtein(bad, v), v))
+        .min_by_key(|(d, _)| *d)?;
+    (d <= (bad.chars().count() / 3).max(2)).then_some(v)
+}
+
+/// `"; did you mean `x`?"` for the valid name nearest to `bad`, or "".
+pub fn suggestion<'a>(bad: &str, valid: impl Iterator<Item = &'a str>) -> String {
+    nearest(bad, valid)
+        .map(|v| format!("; did you mean `{v}`?"))
+        .unwrap_or_default()
+}
+
+/// Follow `$ref` (`#/$defs/Name`) from the schema root.
+fn deref<'a>(s: &'a Value, root: &'a Value) -> &'a Value {
+    let mut cur = s;
+    for _ in 0..16 {
+        match cur.get("$ref").and_then(Value::as_str) {
+            Some(r) => {
+                let ptr = r.trim_start_matches('#');
+                match root.pointer(ptr) {
+                    Some(next) => cur = next,
+                    None => return cur,
+                }
+            }
+            None => return cur,
+        }
+    }
+    cur
+}
+
+/// The schema and its alternatives (`anyOf` / `oneOf` / `allOf`), resolved.
+fn alternatives<'a>(s: &'a Value, root: &'a Value, out: &mut Vec<&'a Value>) {
+    let s = deref(s, root);
+    out.push(s);
+    for k in ["anyOf", "oneOf", "allOf"] {
+        if let Some(list) = s.get(k).and_then(Value::as_array) {
+            for a in list {
+                alternatives(a, root, out);
+            }
+        }
+    }
+}
+
+/// Walk a TOML value against the JSON schema: every table key must be a
+/// property of its table's schema (maps, whose schema has no properties,
+/// take any key).
+fn check_keys(v: &toml::Value, schema: &Value, root: &Value, path: &str) -> Result<()> {
+    let mut alts = Vec::new();
+    alternatives(schema, root, &mut alts);
+    match v {
+        toml::Value::Table(t) => {
+            let props: Vec<&serde_json::Map<String, Value>> = alts
+                .iter()
+                .filter_map(|a| a.get("properties").and_then(Value::as_object))
+                .collect();
+            if props.is_empty() {
+                return Ok(());
+            }
+            for (k, child) in t {
+                let sub = props.iter().find_map(|p| p.get(k));
+                let here = if path.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{path}.{k}")
+                };
+                match sub {
+                    Some(sub) => check_keys(child, sub, root, &here)?,
+                    None => {
+                        let valid: BTreeSet<&str> = props
+                            .iter()
+                            .flat_map(|p| p.keys().map(String::as_str))
+                            .collect();
+                        let table = if path.is_empty() {
+                            "the top level".to_string()
+                        } else {
+                            format!("[{path}]")
+                        };
+                        let prefix = if path.is_empty() {
+                            String::new()
+                        } else {
+                            format!("{path}.")
+                        };
+                        let hint = nearest(k, valid.iter().copied())
+                            .map(|v| format!("; did you mean `{prefix}{v}`?"))
+                            .unwrap_or_default();
+                        return Err(Error::config(format!(
+                            "unknown key `{here}`{hint}; the keys of {table} are: {}",
+                            valid.into_iter().collect::<Vec<_>>().join(", ")
+                        )));
+                    }
+                }
+            }
+            Ok(())
+        }
+        toml::Value::Array(a) => {
+            let items = alts.iter().find_map(|s| s.get("items"));
+            if let Some(items) = items {
+                for (i, x) in a.iter().enumerate() {
+                    check_keys(x, items, root, &format!("{path}[{i}]"))?;
+                }
+            }
+            Ok(())
+        }
+        _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_round_trip_and_list_every_stage() {
+        let c = RunConfig::default();
+        let text = toml::to_string(&c).unwrap();
+        let back = RunConfig::from_toml(&text, "t.toml").unwrap();
+        assert_eq!(back.stages, STAGES);
+        assert_eq!(back.generate, c.generate);
+        assert_eq!(back.train, c.train);
+        assert_eq!(back.bucket, c.bucket);
+        assert_eq!(
+            RunConfig::from_toml("", "e.toml").unwrap().train,
+            toy_train()
+        );
+    }
+
+    #[test]
+    fn unknown_keys_name_the_table_and_suggest_the_nearest() {
+        let e = RunConfig::from_toml("[train]\nobjectve = \"v\"\n", "c.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("c.toml"), "{e}");
+        assert!(e.contains("unknown key `train.objectve`"), "{e}");
+        assert!(e.contains("did you mean `train.objective`"), "{e}");
+        let e = RunConfig::from_toml("modle = \"x\"\n", "c.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("`modle`") && e.contains("did you mean `model`"),
+            "{e}"
+        );
+        // Nested: arrays of tables, tables inside tables, tagged enums.
+        let e = RunConfig::from_toml("[[train.stages]]\nblocks = [\"out\"]\nstep = 3\n", "c.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("train.stages[0].step") && e.contains("`train.stages[0].steps`"),
+            "{e}"
+        );
+        let e = RunConfig::from_toml("[caption.caption]\npolicyy = \"tags\"\n", "c.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("did you mean `caption.caption.policy`"), "{e}");
+        let e = RunConfig::from_toml(
+            "[bucket.buckets]\nkind = \"kohya\"\nresolution = 80\nstep = 32\nmin_side = 64\nmax_sid = 96\n",
+            "c.toml",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("did you mean `bucket.buckets.max_side`"), "{e}");
+        // Maps take any key.
+        RunConfig::from_toml("[train.block_lr]\nOUT08 = 1e-4\n", "c.toml").unwrap();
+        // Nothing near: the valid keys are listed.
+        let e = RunConfig::from_toml("[merge]\nzzzzzzzz = 1\n", "c.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            !e.contains("did you mean") && e.contains("alphas, blocks"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn wrong_types_name_the_key() {
+        let e = RunConfig::from_toml("[generate]\ncount = \"many\"\n", "c.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("c.toml") && e.contains("count"), "{e}");
+        assert!(e.contains("invalid type"), "{e}");
+        let e = RunConfig::from_toml("[train]\nobjective = \"x\"\n", "c.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("objective"), "{e}");
+    }
+
+    #[test]
+    fn impossible_stage_orders_are_errors() {
+        let order = |s: &[&str]| check_stages(&s.iter().map(|x| x.to_string()).collect::<Vec<_>>());
+        order(&["generate", "caption", "bucket", "train"]).unwrap();
+        order(&["train", "merge", "report"]).unwrap();
+        let e = order(&["generate", "train", "bucket"])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("`train` comes before `bucket`"), "{e}");
+        let e = order(&["merge", "train"]).unwrap_err().to_string();
+        assert!(e.contains("`merge` comes before `train`"), "{e}");
+        let e = order(&["generate", "captoin"]).unwrap_err().to_string();
+        assert!(e.contains("did you mean `caption`"), "{e}");
+        assert!(order(&["train", "train"])
+            .unwrap_err()
+            .to_string()
+            .contains("twice"));
+        assert!(order(&[]).is_err());
+        let e = RunConfig::from_toml("stages = [\"train\", \"bucket\"]\n", "c.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("c.toml: stages:"), "{e}");
+    }
+
+    #[test]
+    fn missing_files_name_the_key() {
+        let mut c = RunConfig {
+            model: Some("/nonexistent/base.safetensors".into()),
+            ..Default::default()
+        };
+        c.resolve();
+        let e = c.check_files().unwrap_err().to_string();
+        assert!(
+            e.starts_with("model: /nonexistent/base.safetensors: no such file"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn sizes_parse_with_weights() {
+        let s = parse_sizes(&["64x64".into(), "96x64=2".into()]).unwrap();
+        assert_eq!(s.candidates(), vec![(64, 64), (96, 64)]);
+        assert!(parse_sizes(&["64x".into()]).is_err());
+        assert!(parse_sizes(&["64x64=-1".into()]).is_err());
+        assert_eq!(parse_sizes(&[]).unwrap(), Sizes::sdxl());
+    }
+
+    /// `fixtures/configs/toy.toml` spells out the built-in default, and
+    /// `sdxl-1girl.toml` parses.
+    #[test]
+    fn committed_configs_parse_and_toy_is_the_default() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/configs");
+        let toy = RunConfig::load(&dir.join("toy.toml")).unwrap();
+        assert_eq!(
+            serde_json::to_value(&toy).unwrap(),
+            serde_json::to_value(RunConfig::default()).unwrap()
+        );
+        let real = RunConfig::load(&dir.join("sdxl-1girl.toml")).unwrap();
+        assert_eq!(real.train.effective_stages().len(), 2);
+        assert_eq!(real.generate.template, "1girl");
+    }
+
+    /// The committed schema is what the structs generate (regenerate with
+    /// `eps2v run --print-schema > schemas/config.schema.json`).
+    #[test]
+    fn committed_schema_matches_the_structs() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("schemas/config.schema.json");
+        let committed = std::fs::read_to_string(&path).unwrap_or_default();
+        assert!(
+            committed == schema_json(),
+            "{} is stale: run `cargo run -- run --print-schema > schemas/config.schema.json`",
+            path.display()
+        );
+    }
+}

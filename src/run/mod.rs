@@ -1,0 +1,670 @@
+//! `eps2v run [CONFIG.toml]`: the whole job from one config — generate →
+//! caption → filter → dedupe → bucket → train (eps → v with ZTSNR) → merge
+//! sweep → evaluate → report — each stage through its library entry point
+//! and recorded in the manifest's `runs` table by the stage itself.
+//!
+//! **Resuming.** The pipeline has its own `runs` row (`stage = 'run'`,
+//! `config_json` = the resolved [`RunConfig`]); its `counts_json` holds the
+//! progress: per finished stage, a digest and the stage's result. A stage's
+//! digest chains the settings of every stage up to it (a change upstream
+//! makes everything after it stale), so a rerun skips each stage whose
+//! digest is unchanged and runs the rest. Stages are themselves resumable
+//! after `kill -9` (their items are committed in batches); `train` resumes
+//! the newest unfinished training run with the same settings from its last
+//! checkpoint (bit-exact, see [`crate::train`]). A rerun with the same
+//! config reuses the same pipeline row (and so the same `runs/<id>/`
+//! folder); another config starts a new row and carries over the results
+//! of the stages whose digests still match.
+//!
+//! Outputs under `<dataset>/runs/<id>/`: `converted.safetensors`,
+//! `merges/merge-a<α>.safetensors` (+ grids), `report/index.html`.
+
+pub mod adherence;
+pub mod config;
+pub mod defaults;
+pub mod report;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::diffusion::Prediction;
+use crate::error::IoContext;
+use crate::manifest::Manifest;
+use crate::merge::{self, MergeConfig, Side, SweepEval, SweepReport};
+use crate::pipeline::LoadOptions;
+use crate::stages::{self, Ctx};
+use crate::train::config::TrainConfig;
+use crate::train::eval::EvalSpec;
+use crate::train::{self, TrainOptions};
+use crate::{Error, Result};
+
+pub use adherence::{Adherence, AdherenceFn, AdherenceRequest, TaggerAdherence};
+pub use config::{RunConfig, STAGES};
+
+/// One stage as this invocation saw it.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct StageTiming {
+    /// Stage name.
+    pub stage: String,
+    /// Wall time of this invocation, seconds (0 when skipped).
+    pub seconds: f64,
+    /// Wall time when it ran (the earlier invocation's when skipped).
+    pub ran_seconds: f64,
+    /// Done by an earlier invocation with the same settings; not rerun.
+    pub skipped: bool,
+    /// One line of what it did.
+    pub summary: String,
+    /// Items this stage failed or rejected (exit code 1 at the end).
+    pub failed: u64,
+}
+
+/// A model's adherence, labelled.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ModelScore {
+    /// What the row is (`base as eps`, `base as v + ZTSNR (untrained)`, …).
+    pub label: String,
+    /// The checkpoint.
+    pub model: PathBuf,
+    /// Sampled as.
+    pub prediction: String,
+    /// On the ZTSNR schedule.
+    pub ztsnr: bool,
+    /// The tagger's verdict.
+    pub adherence: Adherence,
+    /// Shape retention against the base model's eps samples, when known.
+    pub retention: Option<f64>,
+    /// The evaluation grid, relative to the report folder.
+    pub grid: String,
+}
+
+/// The results of a stage kept in the progress record.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct StageRecord {
+    /// Digest of the settings up to and including this stage.
+    pub digest: String,
+    /// Seconds it took.
+    pub seconds: f64,
+    /// One line of what it did.
+    pub summary: String,
+    /// Failed / rejected items.
+    pub failed: u64,
+    /// `train`: the training run id.
+    pub train_run: Option<i64>,
+    /// `train`: the exported converted model.
+    pub converted: Option<PathBuf>,
+    /// `train`: retention at each evaluation `(step, score)`.
+    pub retention: Vec<(usize, f64)>,
+    /// `merge`: the sweep.
+    pub sweep: Option<SweepReport>,
+    /// `evaluate`: the scores.
+    pub scores: Vec<ModelScore>,
+}
+
+/// The pipeline's progress (`runs.counts_json` of its row).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Progress {
+    /// Finished stages.
+    pub stages: BTreeMap<String, StageRecord>,
+}
+
+/// What `eps2v run` did.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct RunReport {
+    /// The pipeline's run id (`runs/<id>/`).
+    pub run_id: i64,
+    /// Dataset folder.
+    pub dataset: PathBuf,
+    /// Per stage, in order.
+    pub stages: Vec<StageTiming>,
+    /// Adherence of each model (from `evaluate`).
+    pub scores: Vec<ModelScore>,
+    /// The converted model.
+    pub converted: Option<PathBuf>,
+    /// α and file of the merge with the best adherence (retention when not evaluated).
+    pub best_merge: Option<(f64, PathBuf)>,
+    /// The report page.
+    pub report: Option<PathBuf>,
+    /// Training stopped by a signal: rerun the same command to go on.
+    pub interrupted: bool,
+    /// Wall time of this invocation, seconds.
+    pub seconds: f64,
+}
+
+impl RunReport {
+    /// Failed or rejected items over all stages run now.
+    pub fn failed(&self) -> u64 {
+        self.stages
+            .iter()
+            .filter(|s| !s.skipped)
+            .map(|s| s.failed)
+            .sum()
+    }
+}
+
+/// The settings each stage's digest covers (besides those before it).
+fn stage_settings(cfg: &RunConfig, stage: &str) -> Result<serde_json::Value> {
+    Ok(match stage {
+        "generate" => serde_json::json!({"model": cfg.model_path(), "generate": cfg.generate}),
+        "caption" => serde_json::to_value(&cfg.caption)?,
+        "filter" => serde_json::to_value(&cfg.filter)?,
+        "dedupe" => serde_json::to_value(&cfg.dedupe)?,
+        "bucket" => serde_json::to_value(&cfg.bucket)?,
+        "train" => serde_json::to_value(&cfg.train)?,
+        "merge" => serde_json::to_value(&cfg.merge)?,
+        "evaluate" => serde_json::to_value(&cfg.evaluate)?,
+        _ => serde_json::Value::Null,
+    })
+}
+
+/// Chained digests of every stage (module docs).
+pub fn digests(cfg: &RunConfig) -> Result<BTreeMap<String, String>> {
+    let mut out = BTreeMap::new();
+    let mut prev = String::new();
+    for s in STAGES {
+        let mut h = Sha256::new();
+        h.update(prev.as_bytes());
+        h.update(s.as_bytes());
+        h.update(serde_json::to_string(&stage_settings(cfg, s)?)?.as_bytes());
+        prev = hex::encode(h.finalize());
+        out.insert(s.to_string(), prev.clone());
+    }
+    Ok(out)
+}
+
+/// Open the dataset's manifest (creating the folder when `generate` runs).
+fn open_dataset(root: &Path, creates: bool) -> Result<Manifest> {
+    if root.join(crate::manifest::MANIFEST_FILE).is_file() {
+        return Manifest::open(root);
+    }
+    if !creates {
+        return Err(Error::config(format!(
+            "dataset {}: no manifest there; run the generate stage first (add \"generate\" to stages) or point `dataset` at an existing dataset",
+            root.display()
+        )));
+    }
+    stages::generate::check_dir(root)?;
+    Manifest::init(root)
+}
+
+/// The pipeline row to use: the newest with the same config (reopened), or
+/// a new one carrying over the newest row's still-valid stages.
+fn pipeline_row(
+    m: &Manifest,
+    config_json: &str,
+    digests: &BTreeMap<String, String>,
+) -> Result<(i64, Progress)> {
+    let latest: Option<(i64, String, Option<String>)> = m
+        .conn()
+        .query_row(
+            "SELECT id, config_json, counts_json FROM runs WHERE stage = 'run' ORDER BY id DESC LIMIT 1",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
+        .map(Some)
+        .or_else(|e| match e {
+            rusqlite::Error::QueryReturnedNoRows => Ok(None),
+            e => Err(m.err(e)),
+        })?;
+    let mut progress = Progress::default();
+    if let Some((id, json, counts)) = &latest {
+        let old: Progress = counts
+            .as_deref()
+            .and_then(|c| serde_json::from_str(c).ok())
+            .unwrap_or_default();
+        progress.stages = old
+            .stages
+            .into_iter()
+            .filter(|(s, r)| digests.get(s) == Some(&r.digest))
+            .collect();
+        // Stored through `serde_json::Value` (keys sorted): compare as values.
+        let same = serde_json::from_str::<serde_json::Value>(json).ok()
+            == serde_json::from_str::<serde_json::Value>(config_json).ok();
+        if same {
+            m.conn()
+                .execute(
+                    "UPDATE runs SET status = 'running', ended_at = NULL WHERE id = ?1",
+                    [id],
+                )
+                .map_err(|e| m.err(e))?;
+            return Ok((*id, progress));
+        }
+    }
+    let value: serde_json::Value = serde_json::from_str(config_json)?;
+    let id = m.begin_run("run", &value)?;
+    save_progress(m, id, &progress)?;
+    Ok((id, progress))
+}
+
+fn save_progress(m: &Manifest, id: i64, p: &Progress) -> Result<()> {
+    m.conn()
+        .execute(
+            "UPDATE runs SET counts_json = ?1 WHERE id = ?2",
+            rusqlite::params![serde_json::to_string(p)?, id],
+        )
+        .map_err(|e| m.err(e))?;
+    Ok(())
+}
+
+/// The newest unfinished training run whose settings match `cfg` (up to
+/// the fields that may change on resume) and that has a checkpoint.
+fn resumable_train_run(m: &Manifest, cfg: &TrainConfig) -> Result<Option<i64>> {
+    let mut st = m
+        .conn()
+        .prepare("SELECT id, config_json FROM runs WHERE stage = 'train' AND status = 'running' ORDER BY id DESC")
+        .map_err(|e| m.err(e))?;
+    let rows: Vec<(i64, String)> = st
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .map_err(|e| m.err(e))?
+        .collect::<std::result::Result<_, _>>()
+        .map_err(|e| m.err(e))?;
+    for (id, json) in rows {
+        let Ok(saved) = serde_json::from_str::<TrainConfig>(&json) else {
+            continue;
+        };
+        if cfg.resume_mismatch(&saved)?.is_none()
+            && train::state::latest(&train::run_dir(m.root(), id))?.is_some()
+        {
+            return Ok(Some(id));
+        }
+    }
+    Ok(None)
+}
+
+/// The evaluation prompts: `prompt_count` draws from the generate template.
+pub fn eval_prompts(cfg: &RunConfig) -> Result<Vec<String>> {
+    let g = cfg.generate_config()?;
+    let template = crate::prompts::load(&g.template, g.wildcards.as_deref())?;
+    Ok((0..cfg.evaluate.prompt_count as u64)
+        .map(|i| crate::prompts::tidy(&template.random(cfg.evaluate.prompt_seed, i)))
+        .collect())
+}
+
+/// The evaluation spec shared by the sweep and the adherence measurements.
+pub fn eval_spec(cfg: &RunConfig) -> Result<EvalSpec> {
+    let e = &cfg.evaluate;
+    Ok(EvalSpec {
+        prompts: eval_prompts(cfg)?,
+        seeds: e.seeds.clone(),
+        width: e.size[0],
+        height: e.size[1],
+        steps: e.steps,
+        cfg: e.cfg,
+        sampler: crate::diffusion::SamplerKind::Euler,
+        uncond: crate::diffusion::UncondMode::Zero,
+    })
+}
+
+/// Device and dtype of the models the pipeline loads itself.
+pub fn placement(cfg: &RunConfig) -> Result<LoadOptions> {
+    let device = match &cfg.device.device {
+        Some(spec) => {
+            crate::nn::device(spec).map_err(|e| Error::config(format!("device.device: {e}")))?
+        }
+        None => crate::nn::default_device(),
+    };
+    let requested = match cfg.device.precision.as_deref() {
+        Some(p) => Some(crate::nn::device::parse_dtype(p).map_err(|_| {
+            Error::config(format!("device.precision {p:?}: expected f32, bf16 or f16"))
+        })?),
+        None => None,
+    };
+    let dtype = crate::nn::model_dtype(&device, requested)?;
+    Ok(LoadOptions {
+        device: Some(device),
+        dtype: Some(dtype),
+        ..Default::default()
+    })
+}
+
+/// Run the pipeline (module docs). `cfg` must be resolved and checked
+/// ([`RunConfig::resolve`], [`RunConfig::check_files`]); `adherence` is
+/// called by the `evaluate` stage (`None`: the tagger of `[caption]`).
+pub fn run(cfg: &RunConfig, adherence: Option<&AdherenceFn<'_>>, ctx: &Ctx) -> Result<RunReport> {
+    let t0 = Instant::now();
+    let root = cfg.dataset.clone();
+    let mut m = open_dataset(&root, cfg.has("generate"))?;
+    let digests = digests(cfg)?;
+    let config_json = serde_json::to_string(cfg)?;
+    let (run_id, mut progress) = pipeline_row(&m, &config_json, &digests)?;
+    let out_dir = train::run_dir(&root, run_id);
+    std::fs::create_dir_all(&out_dir).at(&out_dir)?;
+    let mut report = RunReport {
+        run_id,
+        dataset: root.clone(),
+        ..Default::default()
+    };
+    let base = cfg.model_path();
+    for stage in &cfg.stages {
+        let digest = digests[stage.as_str()].clone();
+        if let Some(r) = progress
+            .stages
+            .get(stage.as_str())
+            .filter(|r| r.digest == digest)
+        {
+            report.stages.push(StageTiming {
+                stage: stage.clone(),
+                seconds: 0.0,
+                ran_seconds: r.seconds,
+                skipped: true,
+                summary: r.summary.clone(),
+                failed: r.failed,
+            });
+            continue;
+        }
+        // Everything after a stage that runs again is stale.
+        let at = STAGES.iter().position(|s| s == stage).unwrap_or(0);
+        progress
+            .stages
+            .retain(|s, _| STAGES.iter().position(|x| x == s).unwrap_or(0) < at);
+        let ts = Instant::now();
+        let mut rec = StageRecord {
+            digest,
+            ..Default::default()
+        };
+        match stage.as_str() {
+            "generate" => {
+                let g = cfg.generate_config()?;
+                let (template, model) = stages::generate::load_inputs(&g, &placement(cfg)?)?;
+                let r = stages::generate::run(&g, &template, &model, &mut m, ctx)?;
+                rec.failed = r.rejected_total();
+                rec.summary = format!(
+                    "{} rendered, {} already there, {} rejected ({:.2} images/s)",
+                    r.rendered, r.skipped, rec.failed, r.images_per_second
+                );
+            }
+            "caption" => {
+                let r = stages::caption::run(&cfg.caption, &mut m, ctx)?;
+                rec.failed = r.rejected_total() as u64;
+                rec.summary = format!(
+                    "{} tagged, {} captioned, mean alignment {}",
+                    r.tagged,
+                    r.captioned,
+                    r.mean_alignment.map_or("-".into(), |a| format!("{a:.3}"))
+                );
+            }
+            "filter" => {
+                let r = stages::filter::run(&cfg.filter, &mut m)?;
+                rec.summary = format!(
+                    "{} scored, {} kept, {} rejected below alignment {}",
+                    r.scored, r.kept, r.rejected, r.min_alignment
+                );
+            }
+            "dedupe" => {
+                let r = stages::dedupe::run(&cfg.dedupe, &mut m, ctx)?;
+                rec.summary = format!(
+                    "{} considered, {} exact + {} near duplicates dropped",
+                    r.considered, r.exact, r.near
+                );
+            }
+            "bucket" => {
+                let r = stages::bucket::run(&cfg.bucket, &mut m, ctx)?;
+                rec.failed = r.rejected.values().sum::<usize>() as u64;
+                let hist: Vec<String> = r
+                    .histogram
+                    .iter()
+                    .map(|(k, v)| format!("{k} {v}"))
+                    .collect();
+                rec.summary = format!(
+                    "{} bucketed, {} already, {} rejected; {}",
+                    r.bucketed,
+                    r.already,
+                    rec.failed,
+                    hist.join(", ")
+                );
+            }
+            "train" => {
+                let mut t = cfg.train.clone();
+                if t.out.is_none() {
+                    t.out = Some(out_dir.join("converted.safetensors"));
+                }
+                let resume = resumable_train_run(&m, &t)?;
+                let r = train::train(
+                    &t,
+                    &mut m,
+                    &TrainOptions {
+                        resume,
+                        ..Default::default()
+                    },
+                    ctx,
+                )?;
+                if r.interrupted {
+                    report.interrupted = true;
+                    report.stages.push(StageTiming {
+                        stage: stage.clone(),
+                        seconds: ts.elapsed().as_secs_f64(),
+                        summary: format!("interrupted at step {}; rerun to resume", r.steps),
+                        ..Default::default()
+                    });
+                    break;
+                }
+                let converted = r
+                    .exported
+                    .iter()
+                    .find(|p| p.extension().is_some_and(|e| e == "safetensors"))
+                    .cloned()
+                    .ok_or_else(|| Error::Other("train: no checkpoint was exported".into()))?;
+                rec.summary = format!(
+                    "{} steps{}, {} train / {} val items, last loss {}, retention {}",
+                    r.steps,
+                    if r.resumed { " (resumed)" } else { "" },
+                    r.train_items,
+                    r.val_items,
+                    r.last_loss.map_or("-".into(), |l| format!("{l:.4}")),
+                    r.retention
+                        .last()
+                        .map_or("-".into(), |(_, v)| format!("{v:.3}"))
+                );
+                rec.train_run = Some(r.run_id);
+                rec.converted = Some(converted);
+                rec.retention = r.retention.clone();
+            }
+            "merge" => {
+                let converted = progress
+                    .stages
+                    .get("train")
+                    .and_then(|r| r.converted.clone())
+                    .ok_or_else(|| {
+                        Error::config("merge: no converted model: list `train` before `merge` (or keep its earlier result by leaving [train] unchanged)")
+                    })?;
+                let dir = out_dir.join("merges");
+                std::fs::create_dir_all(&dir).at(&dir)?;
+                let spec = eval_spec(cfg)?;
+                let r = merge::sweep(
+                    &MergeConfig {
+                        a: converted,
+                        b: base.clone(),
+                        c: None,
+                        alpha: 0.0,
+                        blocks: cfg.merge_blocks()?,
+                        te: Side::A,
+                        vae: Side::A,
+                        markers: Side::A,
+                        dtype: None,
+                    },
+                    &cfg.merge.alphas,
+                    &dir.join("merge.safetensors"),
+                    &SweepEval {
+                        reference: Some(base.clone()),
+                        prompts: spec.prompts.clone(),
+                        seeds: spec.seeds.clone(),
+                        steps: spec.steps,
+                        cfg: spec.cfg,
+                        width: spec.width,
+                        height: spec.height,
+                    },
+                )?;
+                let pts: Vec<String> = r
+                    .points
+                    .iter()
+                    .map(|p| format!("α {} retention {:.3}", p.alpha, p.retention))
+                    .collect();
+                rec.summary = pts.join(", ");
+                rec.sweep = Some(r);
+            }
+            "evaluate" => {
+                rec.scores = evaluate(cfg, &progress, &out_dir, adherence)?;
+                let parts: Vec<String> = rec
+                    .scores
+                    .iter()
+                    .map(|s| format!("{} {:.1} %", s.label, 100.0 * s.adherence.overall))
+                    .collect();
+                rec.summary = parts.join("; ");
+            }
+            "report" => {
+                let page = report::write(&m, cfg, run_id, &progress, &out_dir.join("report"))?;
+                rec.summary = page.display().to_string();
+            }
+            other => return Err(Error::config(format!("stages: unknown stage `{other}`"))),
+        }
+        rec.seconds = ts.elapsed().as_secs_f64();
+        report.stages.push(StageTiming {
+            stage: stage.clone(),
+            seconds: rec.seconds,
+            ran_seconds: rec.seconds,
+            skipped: false,
+            summary: rec.summary.clone(),
+            failed: rec.failed,
+        });
+        progress.stages.insert(stage.clone(), rec);
+        save_progress(&m, run_id, &progress)?;
+    }
+    if let Some(r) = progress.stages.get("train") {
+        report.converted = r.converted.clone();
+    }
+    if let Some(r) = progress.stages.get("evaluate") {
+        report.scores = r.scores.clone();
+    }
+    report.best_merge = best_merge(&progress);
+    if let Some(r) = progress.stages.get("report") {
+        report.report = Some(PathBuf::from(&r.summary));
+    }
+    report.seconds = t0.elapsed().as_secs_f64();
+    if !report.interrupted {
+        m.end_run(run_id, true, &progress)?;
+    }
+    Ok(report)
+}
+
+/// The merge with the best adherence (the `evaluate` scores), else the
+/// sweep's best retention.
+pub fn best_merge(p: &Progress) -> Option<(f64, PathBuf)> {
+    let sweep = p.stages.get("merge")?.sweep.as_ref()?;
+    let scored = p.stages.get("evaluate").map(|e| &e.scores);
+    let by_adherence = scored.and_then(|scores| {
+        sweep
+            .points
+            .iter()
+            .filter_map(|pt| {
+                scores
+                    .iter()
+                    .find(|s| s.model == pt.out)
+                    .map(|s| (s.adherence.overall, pt))
+            })
+            .max_by(|a, b| a.0.total_cmp(&b.0))
+            .map(|(_, pt)| (pt.alpha, pt.out.clone()))
+    });
+    by_adherence.or_else(|| {
+        sweep
+            .points
+            .iter()
+            .find(|pt| pt.alpha == sweep.best_alpha)
+            .map(|pt| (pt.alpha, pt.out.clone()))
+    })
+}
+
+/// The `evaluate` stage: adherence of the base as eps, the same weights as
+/// v + ZTSNR, the converted model and each merge.
+fn evaluate(
+    cfg: &RunConfig,
+    progress: &Progress,
+    out_dir: &Path,
+    hook: Option<&AdherenceFn<'_>>,
+) -> Result<Vec<ModelScore>> {
+    let own;
+    let hook: &AdherenceFn<'_> = match hook {
+        Some(h) => h,
+        None => {
+            let tagger = cfg.caption.tagger.clone().ok_or_else(|| {
+                Error::config("evaluate: needs a tagger (caption.tagger) to measure adherence")
+            })?;
+            let t = TaggerAdherence::new(
+                &tagger,
+                eval_spec(cfg)?,
+                cfg.evaluate.threshold,
+                placement(cfg)?,
+            )?;
+            own = move |r: &AdherenceRequest<'_>| t.measure(r);
+            &own
+        }
+    };
+    let base = cfg.model_path();
+    let ztsnr = cfg.train.ztsnr;
+    let objective = cfg.train.objective;
+    let mut todo: Vec<(String, PathBuf, Prediction, bool, Option<f64>)> = vec![
+        (
+            "base as eps".into(),
+            base.clone(),
+            Prediction::Eps,
+            false,
+            None,
+        ),
+        (
+            format!(
+                "base as {objective}{} (untrained)",
+                if ztsnr { " + ZTSNR" } else { "" }
+            ),
+            base.clone(),
+            objective,
+            ztsnr,
+            None,
+        ),
+    ];
+    if let Some(t) = progress.stages.get("train") {
+        if let Some(c) = &t.converted {
+            todo.push((
+                "converted".into(),
+                c.clone(),
+                objective,
+                ztsnr,
+                t.retention.last().map(|x| x.1),
+            ));
+        }
+    }
+    if let Some(s) = progress.stages.get("merge").and_then(|r| r.sweep.as_ref()) {
+        for p in &s.points {
+            todo.push((
+                format!("merge α = {}", p.alpha),
+                p.out.clone(),
+                objective,
+                ztsnr,
+                Some(p.retention),
+            ));
+        }
+    }
+    let dir = out_dir.join("report");
+    let mut out = Vec::new();
+    for (i, (label, model, prediction, z, retention)) in todo.into_iter().enumerate() {
+        let grid = format!("eval-{i}.png");
+        let path = dir.join(&grid);
+        let a = hook(&AdherenceRequest {
+            model: &model,
+            prediction,
+            ztsnr: z,
+            grid: Some(&path),
+        })?;
+        out.push(ModelScore {
+            label,
+            model,
+            prediction: prediction.to_string(),
+            ztsnr: z,
+            adherence: a,
+            retention,
+            grid: if path.is_file() { grid } else { String::new() },
+        });
+    }
+    Ok(out)
+}
