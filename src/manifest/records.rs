@@ -213,12 +213,15 @@ where
     I::Item: std::borrow::Borrow<NewItem>,
 {
     use std::borrow::Borrow;
-    let items: Vec<I::Item> = items.into_iter().collect();
-    let mut order: Vec<([u8; 32], usize)> = Vec::with_capacity(items.len());
-    for (i, it) in items.iter().enumerate() {
+    let items = items.into_iter();
+    let mut order: Vec<([u8; 32], usize)> = Vec::with_capacity(items.size_hint().0);
+    let mut rows: Vec<I::Item> = Vec::with_capacity(items.size_hint().0);
+    for (i, it) in items.enumerate() {
         order.push((sha256_key(&it.borrow().sha256)?, i));
+        rows.push(it);
     }
     order.sort_unstable();
+    let items = rows;
     let existing: i64 = tx.query_row("SELECT count(*) FROM items", [], |r| r.get(0))?;
     let rebuild = items.len() >= BULK_MIN_ROWS && items.len() as i64 >= existing;
     if rebuild {
