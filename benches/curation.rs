@@ -12,9 +12,8 @@
 //! 3. Manifest: 1,000,000 item rows inserted in one transaction (≤ 5 s)
 //!    with `manifest::insert_items_bulk` and `inspect` over them (≤ 2 s);
 //!    the same rows inserted the way the manifest did before issue 14
-//!    (version-1 schema, per-row insert) and after its first part (version-5
-//!    schema: hex sha256, bulk insert in input order) are timed in the same
-//!    run, for the ratios (all time the making of the rows too). The
+//!    (version-1 schema, per-row `insert_item`) are timed in the same run,
+//!    for the ratio (both time the making of the rows too, as before). The
 //!    sha256s are uniformly random like real ones; `--sequential-sha` gives
 //!    the increasing keys the benchmark used before issue 14.
 
@@ -301,104 +300,34 @@ fn thread_cpu_s() -> f64 {
     tv(u.ru_utime) + tv(u.ru_stime)
 }
 
-/// The item INSERT of schemas v1–v5, where `items.sha256` was hex text.
-const INSERT_ITEM_HEX: &str =
-    "INSERT INTO items (sha256, path, source, width, height, format, status, reason, run_id, status_run_id, created_at)
-     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?9, ?10)";
-
-/// A connection to a fresh manifest at schema `version` (1 ≤ version ≤ 5,
-/// the hex-text layouts) with one run, opened as `Manifest` opens one.
-fn old_manifest(dir: &Path, version: usize) -> rusqlite::Connection {
-    let mut c = rusqlite::Connection::open(dir.join("manifest.sqlite")).unwrap();
+/// (wall, CPU) seconds to insert `rows` items in one transaction into the version-1
+/// schema (CHECK with an IN list) with a statement-cache lookup and a clock
+/// read per row: the manifest as it was before issue 14, for the ratio.
+fn insert_v1_per_row(rows: usize) -> (f64, f64) {
+    let work = tempfile::tempdir().unwrap();
+    let mut c = rusqlite::Connection::open(work.path().join("manifest.sqlite")).unwrap();
     c.execute_batch(
         "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON;
          PRAGMA temp_store = MEMORY; PRAGMA cache_size = -262144;",
     )
     .unwrap();
-    let tx = c.transaction().unwrap();
-    tx.execute_batch(manifest::SCHEMA_V1).unwrap();
-    for sql in &manifest::MIGRATIONS[..version - 1] {
-        tx.execute_batch(sql).unwrap();
-    }
-    tx.execute(
+    c.execute_batch(manifest::SCHEMA_V1).unwrap();
+    c.execute(
         "INSERT INTO runs (stage, config_json, tool_version, started_at) VALUES ('bench', '{}', '0', 'x')",
         [],
     )
     .unwrap();
-    tx.commit().unwrap();
-    c
-}
-
-fn item_params_hex<'a>(it: &'a NewItem, now: &'a String) -> [&'a dyn rusqlite::ToSql; 10] {
-    [
-        &it.sha256,
-        &it.path,
-        &it.source,
-        &it.width,
-        &it.height,
-        &it.format,
-        match it.status {
-            ItemStatus::Ok => &"ok",
-            ItemStatus::Rejected => &"rejected",
-            ItemStatus::Duplicate => &"duplicate",
-        },
-        &it.reason,
-        &1i64,
-        now,
-    ]
-}
-
-/// (wall, CPU) seconds to insert `rows` items in one transaction into the
-/// version-1 schema (CHECK with an IN list, inline UNIQUE on the hex
-/// sha256) with a statement-cache lookup and a clock read per row: the
-/// manifest as it was before issue 14, for the ratio.
-fn insert_v1_per_row(rows: usize) -> (f64, f64) {
-    let work = tempfile::tempdir().unwrap();
-    let mut c = old_manifest(work.path(), 1);
     let (t, c0) = (Instant::now(), thread_cpu_s());
     let tx = c.transaction().unwrap();
     for k in 0..rows {
-        let it = bench_item(k);
-        let now = manifest::now();
-        tx.prepare_cached(INSERT_ITEM_HEX)
-            .unwrap()
-            .execute(item_params_hex(&it, &now))
-            .unwrap();
+        manifest::insert_item(&tx, 1, &bench_item(k)).unwrap();
     }
-    tx.commit().unwrap();
-    (t.elapsed().as_secs_f64(), thread_cpu_s() - c0)
-}
-
-/// (wall, CPU) seconds for the schema-v5 bulk insert (the first part of
-/// issue 14): hex-text sha256 with its named unique index, rows in input
-/// order through one prepared statement, both `items` indexes dropped and
-/// rebuilt around the insert.
-fn insert_v5_bulk(rows: usize) -> (f64, f64) {
-    let work = tempfile::tempdir().unwrap();
-    let mut c = old_manifest(work.path(), 5);
-    let (t, c0) = (Instant::now(), thread_cpu_s());
-    let tx = c.transaction().unwrap();
-    tx.execute_batch("DROP INDEX items_sha256; DROP INDEX items_status;")
-        .unwrap();
-    {
-        let now = manifest::now();
-        let mut st = tx.prepare(INSERT_ITEM_HEX).unwrap();
-        for k in 0..rows {
-            st.insert(item_params_hex(&bench_item(k), &now)).unwrap();
-        }
-    }
-    tx.execute_batch(
-        "CREATE UNIQUE INDEX items_sha256 ON items(sha256);
-         CREATE INDEX items_status ON items(status, reason);",
-    )
-    .unwrap();
     tx.commit().unwrap();
     (t.elapsed().as_secs_f64(), thread_cpu_s() - c0)
 }
 
 fn bench_manifest(rows: usize) {
     let (before_s, before_cpu) = insert_v1_per_row(rows);
-    let (v5_s, v5_cpu) = insert_v5_bulk(rows);
     let work = tempfile::tempdir().unwrap();
     let mut m = Manifest::init(work.path()).unwrap();
     let run = m.begin_run("bench", &serde_json::json!({})).unwrap();
@@ -424,15 +353,10 @@ fn bench_manifest(rows: usize) {
     println!("| what | seconds | CPU seconds | target |");
     println!("|---|---|---|---|");
     println!(
-        "| insert (one transaction, `insert_items_bulk`: BLOB key, key order) | {insert_s:.2} | {insert_cpu:.2} | ≤ 5 |"
+        "| insert (one transaction, `insert_items_bulk`) | {insert_s:.2} | {insert_cpu:.2} | ≤ 5 |"
     );
     println!(
-        "| same rows, v5 schema (hex key) + bulk insert in input order | {v5_s:.2} | {v5_cpu:.2} | ({:.2}x wall, {:.2}x CPU) |",
-        v5_s / insert_s,
-        v5_cpu / insert_cpu
-    );
-    println!(
-        "| same rows, v1 schema + per-row insert (before issue 14) | {before_s:.2} | {before_cpu:.2} | ({:.2}x wall, {:.2}x CPU) |",
+        "| same rows, v1 schema + per-row `insert_item` (before) | {before_s:.2} | {before_cpu:.2} | ({:.2}x wall, {:.2}x CPU) |",
         before_s / insert_s,
         before_cpu / insert_cpu
     );

@@ -55,17 +55,11 @@ pub const SCHEMA_V1: &str = include_str!("../../schemas/manifest.sql");
 ///   `gen_items` (one row per plan index with every generation parameter
 ///   and its state `planned` / `rendered` → `item_id` / `rejected` with a
 ///   reason) and `merged_runs` (provenance of `manifest merge`).
-/// - v6, `sha256_blob.sql` (issue 14): `items.sha256_bin`, the content
-///   address as a 32-byte BLOB that carries the unique index `items_sha256`;
-///   `items.sha256` is now a VIRTUAL generated column (`lower(hex(sha256_bin))`,
-///   same place, same hex), read as before but not writable: inserts write
-///   `sha256_bin` and lookups use `WHERE sha256_bin = ?` ([`sha256_key`]).
 pub const MIGRATIONS: &[&str] = &[
     include_str!("../../schemas/migrations/caption.sql"),
     include_str!("../../schemas/migrations/train.sql"),
     include_str!("../../schemas/migrations/check_constraints.sql"),
     include_str!("../../schemas/migrations/generate.sql"),
-    include_str!("../../schemas/migrations/sha256_blob.sql"),
 ];
 
 /// Latest schema version this build writes.
@@ -284,14 +278,10 @@ impl Manifest {
             .map_err(|e| self.err(e))
     }
 
-    /// Look up an item id by file sha256 (hex; `None` for a string that
-    /// is not 64 hex digits, which no item has).
+    /// Look up an item id by file sha256.
     pub fn item_id_by_sha(&self, sha: &str) -> Result<Option<i64>> {
-        let Ok(key) = sha256_key(sha) else {
-            return Ok(None);
-        };
         self.conn
-            .query_row("SELECT id FROM items WHERE sha256_bin = ?1", [key], |r| {
+            .query_row("SELECT id FROM items WHERE sha256 = ?1", [sha], |r| {
                 r.get(0)
             })
             .optional()
@@ -392,16 +382,6 @@ mod tests {
             .query_row("PRAGMA foreign_keys", [], |r| r.get(0))
             .unwrap();
         assert_eq!(fk_on, 1);
-        let shas: String = m
-            .conn()
-            .query_row(
-                "SELECT group_concat(sha256 || '=' || hex(sha256_bin), ' ') FROM items ORDER BY id",
-                [],
-                |r| r.get(0),
-            )
-            .unwrap();
-        assert_eq!(shas, "aa=AA bb=BB");
-        assert_eq!(m.item_id_by_sha(&"0".repeat(64)).unwrap(), None);
         let rows: Vec<(i64, String, Option<String>)> = m
             .conn()
             .prepare("SELECT id, status, reason FROM items ORDER BY id")
@@ -432,9 +412,8 @@ mod tests {
             "UPDATE items SET status = 'maybe' WHERE id = 7",
             "UPDATE duplicates SET kind = 'twin' WHERE item_id = 9",
             "INSERT INTO sources (item_id, path, size, mtime_ns, run_id) VALUES (99, '/c.png', 1, 2, 1)",
-            "INSERT INTO items (sha256_bin, source, status, run_id, status_run_id, created_at)
-                 VALUES (x'aa', '/again.png', 'ok', 1, 1, 'x')",
-            "UPDATE items SET sha256 = 'cc' WHERE id = 7",
+            "INSERT INTO items (sha256, source, status, run_id, status_run_id, created_at)
+                 VALUES ('aa', '/again.png', 'ok', 1, 1, 'x')",
         ] {
             assert!(m.conn().execute(bad, []).is_err(), "{bad}");
         }
@@ -450,8 +429,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let m = Manifest::init(dir.path()).unwrap();
         for sql in [
-            "EXPLAIN INSERT INTO items (sha256_bin, path, source, width, height, format, status, reason, run_id, status_run_id, created_at)
-             VALUES (x'00', NULL, 's', 1, 1, 'png', 'ok', NULL, 1, 1, 't')",
+            "EXPLAIN INSERT INTO items (sha256, path, source, width, height, format, status, reason, run_id, status_run_id, created_at)
+             VALUES ('x', NULL, 's', 1, 1, 'png', 'ok', NULL, 1, 1, 't')",
             "EXPLAIN INSERT INTO duplicates (item_id, cluster_id, keeper_id, distance, kind, run_id) VALUES (1, 1, 1, 0, 'near', 1)",
         ] {
             let ops: Vec<String> = m

@@ -105,33 +105,17 @@ pub struct HashRecord {
 }
 
 const INSERT_ITEM: &str =
-    "INSERT INTO items (sha256_bin, path, source, width, height, format, status, reason, run_id, status_run_id, created_at)
+    "INSERT INTO items (sha256, path, source, width, height, format, status, reason, run_id, status_run_id, created_at)
      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?9, ?10)";
 
-/// The stored form of a sha256: its 32 bytes (`items.sha256_bin`, the
-/// column that lookups and the unique index use; `items.sha256` is its
-/// lowercase hex, generated). Bind it in `WHERE sha256_bin = ?`. An error
-/// when `hex` is not 64 hex digits.
-pub fn sha256_key(hex: &str) -> rusqlite::Result<[u8; 32]> {
-    let mut key = [0u8; 32];
-    hex::decode_to_slice(hex, &mut key).map_err(|e| {
-        rusqlite::Error::ToSqlConversionFailure(
-            format!("sha256 {hex:?} is not 64 hex digits ({e}); this is a bug in the caller")
-                .into(),
-        )
-    })?;
-    Ok(key)
-}
-
-/// The parameters of [`INSERT_ITEM`] for one item whose sha256 is `key`.
+/// The parameters of [`INSERT_ITEM`] for one item.
 fn item_params<'a>(
     it: &'a NewItem,
-    key: &'a [u8; 32],
     run_id: &'a i64,
     created_at: &'a dyn rusqlite::ToSql,
 ) -> [&'a dyn rusqlite::ToSql; 10] {
     [
-        key,
+        &it.sha256,
         &it.path,
         &it.source,
         &it.width,
@@ -147,9 +131,8 @@ fn item_params<'a>(
 /// Insert an item; returns its id.
 pub fn insert_item(tx: &Transaction, run_id: i64, it: &NewItem) -> rusqlite::Result<i64> {
     let now = super::now();
-    let key = sha256_key(&it.sha256)?;
     tx.prepare_cached(INSERT_ITEM)?
-        .execute(item_params(it, &key, &run_id, &now))?;
+        .execute(item_params(it, &run_id, &now))?;
     Ok(tx.last_insert_rowid())
 }
 
@@ -174,13 +157,8 @@ impl<'t> ItemInserter<'t> {
 
     /// Insert one item; returns its id.
     pub fn insert(&mut self, it: &NewItem) -> rusqlite::Result<i64> {
-        self.insert_keyed(it, &sha256_key(&it.sha256)?)
-    }
-
-    /// Insert one item whose [`sha256_key`] is already known.
-    fn insert_keyed(&mut self, it: &NewItem, key: &[u8; 32]) -> rusqlite::Result<i64> {
         self.stmt
-            .insert(item_params(it, key, &self.run_id, &self.created_at))
+            .insert(item_params(it, &self.run_id, &self.created_at))
     }
 }
 
@@ -189,20 +167,14 @@ impl<'t> ItemInserter<'t> {
 pub const BULK_MIN_ROWS: usize = 10_000;
 
 /// Insert many new items of one run inside `tx` with an [`ItemInserter`];
-/// returns their ids in the order of `items`.
-///
-/// The rows are written in sha256 order, so the ids of one call follow the
-/// sha256s, not the order of `items` (nothing reads meaning into an id
-/// beyond "a row"; the returned ids say which is which). In key order every
-/// unique-index entry lands next to the previous one. When they are at
-/// least [`BULK_MIN_ROWS`] and at least as many as the items already there,
-/// the two `items` indexes (`items_sha256`, the uniqueness of the sha256,
-/// and `items_status`) are dropped for the insert and rebuilt after it
-/// (sorting presorted keys once is cheaper than a B-tree insert per row).
-/// All of it is inside `tx`, so readers never see the table without its
-/// indexes and a kill rolls it all back. An error (a malformed sha256, or
-/// one already present, found when the unique index is rebuilt) leaves `tx`
-/// to be rolled back: drop it, do not commit.
+/// returns their ids in order. When they are at least [`BULK_MIN_ROWS`] and
+/// at least as many as the items already there, the two `items` indexes
+/// (`items_sha256`, the uniqueness of `sha256`, and `items_status`) are
+/// dropped for the insert and rebuilt after it: sorting once is cheaper
+/// than a random B-tree insert per row. All of it is inside `tx`, so
+/// readers never see the table without its indexes and a kill rolls it all
+/// back. An error (e.g. a `sha256` already present, found when the unique
+/// index is rebuilt) leaves `tx` to be rolled back: drop it, do not commit.
 pub fn insert_items_bulk<I>(
     tx: &Transaction<'_>,
     run_id: i64,
@@ -210,33 +182,25 @@ pub fn insert_items_bulk<I>(
 ) -> rusqlite::Result<Vec<i64>>
 where
     I: IntoIterator,
+    I::IntoIter: ExactSizeIterator,
     I::Item: std::borrow::Borrow<NewItem>,
 {
-    use std::borrow::Borrow;
     let items = items.into_iter();
-    let mut order: Vec<([u8; 32], usize)> = Vec::with_capacity(items.size_hint().0);
-    let mut rows: Vec<I::Item> = Vec::with_capacity(items.size_hint().0);
-    for (i, it) in items.enumerate() {
-        order.push((sha256_key(&it.borrow().sha256)?, i));
-        rows.push(it);
-    }
-    order.sort_unstable();
-    let items = rows;
     let existing: i64 = tx.query_row("SELECT count(*) FROM items", [], |r| r.get(0))?;
     let rebuild = items.len() >= BULK_MIN_ROWS && items.len() as i64 >= existing;
     if rebuild {
         tx.execute_batch("DROP INDEX IF EXISTS items_sha256; DROP INDEX IF EXISTS items_status;")?;
     }
-    let mut ids = vec![0; items.len()];
+    let mut ids = Vec::with_capacity(items.len());
     {
         let mut ins = ItemInserter::new(tx, run_id)?;
-        for (key, i) in &order {
-            ids[*i] = ins.insert_keyed(items[*i].borrow(), key)?;
+        for it in items {
+            ids.push(ins.insert(std::borrow::Borrow::borrow(&it))?);
         }
     }
     if rebuild {
         tx.execute_batch(
-            "CREATE UNIQUE INDEX items_sha256 ON items(sha256_bin);
+            "CREATE UNIQUE INDEX items_sha256 ON items(sha256);
              CREATE INDEX items_status ON items(status, reason);",
         )?;
     }
@@ -420,7 +384,7 @@ mod tests {
         assert_eq!(index_count(&tx), 2);
         let plan: String = tx
             .query_row(
-                "EXPLAIN QUERY PLAN SELECT id FROM items WHERE sha256_bin = x'00'",
+                "EXPLAIN QUERY PLAN SELECT id FROM items WHERE sha256 = 'x'",
                 [],
                 |r| r.get(3),
             )
@@ -449,75 +413,6 @@ mod tests {
             assert_eq!(row.2, it.reason);
             assert_eq!((row.3, row.4), (i64::from(k), run));
         }
-    }
-
-    /// Unsorted sha256s (both with and without the index rebuild): every
-    /// returned id holds its own item, the rows are in sha256 order, the hex
-    /// reads back from the generated `sha256` column, and a malformed sha256
-    /// is an error.
-    #[test]
-    fn bulk_insert_in_key_order_returns_each_items_id() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut m = super::super::Manifest::init(dir.path()).unwrap();
-        let run = m.begin_run("test", &serde_json::json!({})).unwrap();
-        let item = |k: u32| NewItem {
-            // k·odd mod 2^32 is a bijection that scatters the order.
-            sha256: format!("{:08x}{:056x}", k.wrapping_mul(0x9E37_79B1), k),
-            path: None,
-            source: format!("/src/{k}.png"),
-            width: Some(k),
-            height: Some(k),
-            format: None,
-            status: ItemStatus::Ok,
-            reason: None,
-        };
-        for (lo, n) in [(0u32, 100u32), (1000, BULK_MIN_ROWS as u32)] {
-            let items: Vec<NewItem> = (lo..lo + n).map(item).collect();
-            let tx = m.conn_mut().transaction().unwrap();
-            let before: i64 = tx
-                .query_row("SELECT coalesce(max(id), 0) FROM items", [], |r| r.get(0))
-                .unwrap();
-            let ids = insert_items_bulk(&tx, run, &items).unwrap();
-            tx.commit().unwrap();
-            let mut sorted = ids.clone();
-            sorted.sort_unstable();
-            assert_eq!(
-                sorted,
-                (before + 1..=before + i64::from(n)).collect::<Vec<_>>()
-            );
-            assert_ne!(ids, sorted, "the input was not in key order");
-            for (it, id) in items.iter().zip(&ids) {
-                let (sha, w): (String, u32) = m
-                    .conn()
-                    .query_row("SELECT sha256, width FROM items WHERE id = ?1", [id], |r| {
-                        Ok((r.get(0)?, r.get(1)?))
-                    })
-                    .unwrap();
-                assert_eq!((sha.as_str(), Some(w)), (it.sha256.as_str(), it.width));
-            }
-            let shas: Vec<String> = m
-                .conn()
-                .prepare("SELECT sha256 FROM items WHERE id > ?1 ORDER BY id")
-                .unwrap()
-                .query_map([before], |r| r.get(0))
-                .unwrap()
-                .map(|r| r.unwrap())
-                .collect();
-            assert!(shas.windows(2).all(|w| w[0] < w[1]));
-            let key = sha256_key(&items[7].sha256).unwrap();
-            let found: i64 = m
-                .conn()
-                .query_row("SELECT id FROM items WHERE sha256_bin = ?1", [key], |r| {
-                    r.get(0)
-                })
-                .unwrap();
-            assert_eq!(found, ids[7]);
-        }
-        let mut bad = item(5);
-        bad.sha256 = "abc".into();
-        let tx = m.conn_mut().transaction().unwrap();
-        let e = insert_items_bulk(&tx, run, [bad]).unwrap_err().to_string();
-        assert!(e.contains("\"abc\" is not 64 hex digits"), "{e}");
     }
 
     #[test]

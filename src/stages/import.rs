@@ -513,8 +513,8 @@ fn write_batch(
         let existing: Option<(i64, bool)> = tx
             .query_row(
                 "SELECT i.id, i.status = 'rejected' AND coalesce(r.stage = 'import', 0)
-                 FROM items i LEFT JOIN runs r ON r.id = i.status_run_id WHERE i.sha256_bin = ?1",
-                [manifest::sha256_key(&o.item.sha256).map_err(map)?],
+                 FROM items i LEFT JOIN runs r ON r.id = i.status_run_id WHERE i.sha256 = ?1",
+                [&o.item.sha256],
                 |r| Ok((r.get(0)?, r.get(1)?)),
             )
             .optional()

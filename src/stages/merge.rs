@@ -449,17 +449,10 @@ fn merge_rows(
             .into_iter()
             .map(|c| c.0)
             .collect();
-        // A shard written before schema v6 has the sha256 as hex text only.
-        let old_sha = !item_cols.iter().any(|c| c == "sha256_bin")
-            && item_cols.iter().any(|c| c == "sha256")
-            && main_items.contains("sha256_bin");
-        let mut item_cols: Vec<String> = item_cols
+        let item_cols: Vec<String> = item_cols
             .into_iter()
             .filter(|c| main_items.contains(c))
             .collect();
-        if old_sha {
-            item_cols.push("sha256_bin".into());
-        }
         let ids: Vec<(i64, String)> = {
             let mut st = tx
                 .prepare("SELECT id, sha256 FROM shard.items ORDER BY id")
@@ -476,7 +469,6 @@ fn merge_rows(
                 Some((_, t)) if t == "runs" => {
                     format!("(SELECT new FROM run_map WHERE old = s.{})", quote(c))
                 }
-                _ if old_sha && c == "sha256_bin" => "unhex(s.\"sha256\")".to_string(),
                 _ => format!("s.{}", quote(c)),
             })
             .collect();
@@ -491,11 +483,9 @@ fn merge_rows(
         );
         for (old, sha) in ids {
             let existing: Option<i64> = tx
-                .query_row(
-                    "SELECT id FROM main.items WHERE sha256_bin = ?1",
-                    [manifest::sha256_key(&sha).map_err(map)?],
-                    |r| r.get(0),
-                )
+                .query_row("SELECT id FROM main.items WHERE sha256 = ?1", [&sha], |r| {
+                    r.get(0)
+                })
                 .optional()
                 .map_err(map)?;
             let new = match existing {

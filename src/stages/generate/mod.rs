@@ -533,8 +533,8 @@ fn commit(
                 } = *ready;
                 let existing: Option<i64> = tx
                     .query_row(
-                        "SELECT id FROM items WHERE sha256_bin = ?1",
-                        [manifest::sha256_key(&item.sha256).map_err(map)?],
+                        "SELECT id FROM items WHERE sha256 = ?1",
+                        [&item.sha256],
                         |r| r.get(0),
                     )
                     .ok();
