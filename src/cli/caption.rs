@@ -64,6 +64,9 @@ pub struct CaptionArgs {
     /// Images per model batch.
     #[arg(long, default_value_t = 16)]
     pub batch: usize,
+    /// Where the tagger runs and in which precision.
+    #[command(flatten)]
+    pub device: crate::cli::device::DeviceArgs,
 }
 
 /// `eps2v filter DIR --min-alignment X`
@@ -99,7 +102,16 @@ pub fn caption_config(a: &CaptionArgs) -> anyhow::Result<CaptionConfig> {
         };
         replace.push((from.trim().to_string(), to.trim().to_string()));
     }
+    let (device, dtype) = match &a.tagger {
+        Some(_) => {
+            let (d, t) = a.device.resolve()?;
+            (Some(d), Some(t))
+        }
+        None => (None, None),
+    };
     Ok(CaptionConfig {
+        device,
+        dtype,
         tagger: a.tagger.clone(),
         thresholds: Thresholds {
             general: a.general_threshold,
@@ -212,4 +224,41 @@ pub fn run_filter(a: FilterArgs, json: bool) -> anyhow::Result<i32> {
         );
     }
     Ok(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct T {
+        #[command(flatten)]
+        a: CaptionArgs,
+    }
+
+    #[test]
+    fn device_flags_reach_the_config_only_with_a_tagger() {
+        let c = caption_config(&T::parse_from(["x", "ds", "--tagger", "t", "--device", "cpu"]).a)
+            .unwrap();
+        assert!(c.device.as_ref().is_some_and(|d| d.is_cpu()));
+        assert_eq!(c.dtype, Some(candle_core::DType::F32));
+        let c = caption_config(&T::parse_from(["x", "ds", "--policy", "prompt"]).a).unwrap();
+        assert!(c.device.is_none() && c.dtype.is_none());
+        let e = caption_config(
+            &T::parse_from([
+                "x",
+                "ds",
+                "--tagger",
+                "t",
+                "--device",
+                "cpu",
+                "--precision",
+                "f16",
+            ])
+            .a,
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("use f32 or a CUDA device"), "{e}");
+    }
 }

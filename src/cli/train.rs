@@ -1,7 +1,8 @@
 //! `eps2v train` and `eps2v merge`: flags → [`TrainConfig`] /
 //! [`MergeConfig`]. Every `train` flag is also a field of the TOML training
 //! config (`--config FILE`, a `[train]` table or a bare table); flags given
-//! on the command line override the file.
+//! on the command line override the file. The exceptions say where and how a
+//! run goes, not what it trains: `--resume`, `--device` and `--precision`.
 
 use std::path::PathBuf;
 
@@ -140,6 +141,9 @@ pub struct TrainArgs {
     /// Resume run ID from its newest checkpoint (same config required).
     #[arg(long)]
     pub resume: Option<i64>,
+    /// Where the models, caches, trained weights and optimizer state live, and the precision of the frozen text encoders and VAE (the trained UNet keeps f32 weights and computes in f32). Command line only, like --resume: not a config field, and a run may resume on another device.
+    #[command(flatten)]
+    pub device: crate::cli::device::DeviceArgs,
 }
 
 fn parse<T: serde::de::DeserializeOwned>(flag: &str, v: &str) -> Result<T> {
@@ -270,6 +274,7 @@ pub fn run_train(a: TrainArgs, json: bool) -> Result<i32> {
     for w in cfg.warnings() {
         eprintln!("warning: {w}");
     }
+    let (device, dtype) = a.device.resolve()?;
     let mut m = Manifest::open(&a.dir)?;
     let ctx = Ctx { progress: !json };
     let r = train::train(
@@ -277,6 +282,8 @@ pub fn run_train(a: TrainArgs, json: bool) -> Result<i32> {
         &mut m,
         &TrainOptions {
             resume: a.resume,
+            device: Some(device),
+            dtype: Some(dtype),
             ..Default::default()
         },
         &ctx,
@@ -544,6 +551,14 @@ mod tests {
         let t = T::parse_from(["x", "ds", "--config", f.to_str().unwrap()]);
         let e = t.a.to_config().unwrap_err().to_string();
         assert!(e.contains("learning_rate"), "{e}");
+        // --device / --precision: command line only, resolved before training.
+        let t = T::parse_from(["x", "ds", "--model", "m", "--device", "cpu"]);
+        let (d, p) = t.a.device.resolve().unwrap();
+        assert!(d.is_cpu());
+        assert_eq!(p, candle_core::DType::F32);
+        assert!(t.a.to_config().is_ok());
+        let t = T::parse_from(["x", "ds", "--device", "cpu", "--precision", "bf16"]);
+        assert_eq!(t.a.device.resolve().unwrap_err().exit_code(), 2);
         let t = T::parse_from(["x", "ds", "--weighting", "minsnr"]);
         assert!(t
             .a

@@ -7,6 +7,8 @@
 //!   its bucket (size, cover-scaled size, crop), the VAE's component hash
 //!   ([`Checkpoint::component_sha256`]), the latent mode (mean or sample) and,
 //!   for samples, the seed. A re-bucketed item or another VAE gets a new key.
+//!   Off f32 (`train --precision bf16|f16` on CUDA) the precision is part
+//!   of both keys too.
 //! - Text: `cache/text/<k2>/<key>.safetensors` with `context (77·k, ctx)` and
 //!   `pooled (p)`, keyed by the text encoders' component hash, the chunk
 //!   limit and the caption. The unconditional conditioning of caption
@@ -36,6 +38,7 @@ use crate::models::sdxl::checkpoint::{save_tensors, Checkpoint, SaveOptions};
 use crate::models::sdxl::clip::SdxlTextEncoder;
 use crate::models::sdxl::prompt::tokenize_prompt_with;
 use crate::models::sdxl::{Vae, CLIP_G_PREFIX, CLIP_L_PREFIX, VAE_PREFIX};
+use crate::nn::device::dtype_name;
 use crate::stages::Ctx;
 use crate::{Error, Result};
 
@@ -91,6 +94,17 @@ fn key_of(parts: &[&[u8]]) -> String {
         h.update(p);
     }
     hex::encode(h.finalize())
+}
+
+/// The cache key of `parts` computed in `dtype`: f32 adds nothing (the keys
+/// of every f32 cache stay what they were), any other dtype adds its name.
+fn keyed(parts: &[&[u8]], dtype: DType) -> String {
+    if dtype == DType::F32 {
+        return key_of(parts);
+    }
+    let mut all = parts.to_vec();
+    all.push(dtype_name(dtype).as_bytes());
+    key_of(&all)
 }
 
 fn entry_path(kind: &str, key: &str) -> String {
@@ -215,6 +229,11 @@ pub struct CacheInputs<'a> {
     pub extra_texts: &'a [String],
     /// Where the models run (and the cached tensors are loaded to).
     pub device: &'a Device,
+    /// dtype the text encoders run in (the VAE runs in
+    /// [`crate::nn::vae_dtype`] of it). Anything but f32 is part of the
+    /// cache keys, so half-precision latents and conditionings never stand
+    /// in for f32 ones (f32 keys are those of f32-only versions).
+    pub dtype: DType,
 }
 
 /// Fill the caches for `inputs.items` (computing only what is missing).
@@ -227,6 +246,7 @@ pub fn build(
 ) -> Result<(Caches, CacheReport)> {
     let root = m.root().to_path_buf();
     let device = inputs.device.clone();
+    let vae_dtype = crate::nn::vae_dtype(inputs.dtype);
     let vae_hash = inputs.ckpt.component_sha256(&[&format!("{VAE_PREFIX}.")]);
     let text_hash = inputs
         .ckpt
@@ -256,13 +276,16 @@ pub fn build(
             it.size.crop_top_left.0,
             it.size.crop_top_left.1
         );
-        let key = key_of(&[
-            b"latent",
-            it.sha256.as_bytes(),
-            geometry.as_bytes(),
-            vae_hash.as_bytes(),
-            mode.as_bytes(),
-        ]);
+        let key = keyed(
+            &[
+                b"latent",
+                it.sha256.as_bytes(),
+                geometry.as_bytes(),
+                vae_hash.as_bytes(),
+                mode.as_bytes(),
+            ],
+            vae_dtype,
+        );
         let rel = entry_path("latents", &key);
         match read_entry(&root, &rel, &["latent"], &device) {
             Some(t) => {
@@ -346,12 +369,15 @@ pub fn build(
     let mut text = HashMap::new();
     let mut todo = Vec::new();
     for t in &texts {
-        let key = key_of(&[
-            b"text",
-            text_hash.as_bytes(),
-            limit.as_bytes(),
-            t.as_bytes(),
-        ]);
+        let key = keyed(
+            &[
+                b"text",
+                text_hash.as_bytes(),
+                limit.as_bytes(),
+                t.as_bytes(),
+            ],
+            inputs.dtype,
+        );
         let rel = entry_path("text", &key);
         match read_entry(&root, &rel, &["context", "pooled"], &device) {
             Some(v) => {
@@ -498,5 +524,23 @@ impl Caches {
             }
         }
         Ok((Tensor::cat(&ctxs, 0)?, Tensor::cat(&pooled, 0)?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// f32 keys are the plain hash of their parts (those of the caches
+    /// written before `--precision`); half precision gets keys of its own.
+    #[test]
+    fn only_half_precision_changes_a_cache_key() {
+        let parts: [&[u8]; 3] = [b"latent", b"abc", b"1024x1024"];
+        let plain = key_of(&parts);
+        assert_eq!(keyed(&parts, DType::F32), plain);
+        let bf16 = keyed(&parts, DType::BF16);
+        let f16 = keyed(&parts, DType::F16);
+        assert!(bf16 != plain && f16 != plain && bf16 != f16);
+        assert_eq!(bf16, key_of(&[b"latent", b"abc", b"1024x1024", b"bf16"]));
     }
 }

@@ -77,6 +77,16 @@ pub struct TrainOptions {
     pub stop_at_step: Option<usize>,
     /// Make the batches of these steps non-finite (tests of the NaN guard).
     pub inject_nan_at: Vec<usize>,
+    /// Where the models, caches, trained weights and optimizer state live
+    /// (`--device`; `None`: [`crate::nn::default_device`]). Not part of the
+    /// run's config: a run may resume on another device.
+    pub device: Option<Device>,
+    /// dtype of the frozen models: text encoders, VAE (as
+    /// [`crate::nn::vae_dtype`]) and the evaluation's base model
+    /// (`--precision`; `None`: [`crate::nn::model_dtype`]'s default, f32 on
+    /// the CPU, bf16 on CUDA). The trained UNet always keeps f32 master
+    /// weights and computes in f32, on every device.
+    pub dtype: Option<DType>,
 }
 
 /// What a training run did.
@@ -470,6 +480,11 @@ pub fn train(
     let _signals = signal::install();
     let root = m.root().to_path_buf();
     let stages = cfg.effective_stages();
+    let device = opts
+        .device
+        .clone()
+        .unwrap_or_else(crate::nn::default_device);
+    let frozen_dtype = crate::nn::model_dtype(&device, opts.dtype)?;
     let mut report = TrainReport {
         warnings: cfg.warnings(),
         ..Default::default()
@@ -485,7 +500,7 @@ pub fn train(
                     state::dir(&dir).display()
                 ))
             })?;
-            let loaded = state::load(&latest, &Device::Cpu)?;
+            let loaded = state::load(&latest, &device)?;
             if let Some(diff) = cfg.resume_mismatch(&loaded.state.config)? {
                 return Err(Error::config(format!(
                     "--resume {id}: the config differs from the saved run's ({diff}); resume with the same settings, or start a new run"
@@ -508,9 +523,15 @@ pub fn train(
     report.resumed = resumed.is_some();
 
     // --- base model --------------------------------------------------------
-    let base = SdxlModel::load(&cfg.model, &LoadOptions::default())?;
+    let base = SdxlModel::load(
+        &cfg.model,
+        &LoadOptions {
+            device: Some(device.clone()),
+            dtype: Some(frozen_dtype),
+            ..Default::default()
+        },
+    )?;
     let ckpt = Checkpoint::open(&cfg.model)?;
-    let device = base.device.clone();
     let sched = schedule(cfg);
 
     // --- data, split, caches ------------------------------------------------
@@ -531,6 +552,7 @@ pub fn train(
             items: &all,
             extra_texts: &[],
             device: &device,
+            dtype: frozen_dtype,
         },
         run_id,
         ctx,
@@ -715,7 +737,7 @@ pub fn train(
                     let anchor = state::latest(&rdir)?.ok_or_else(|| {
                         Error::Other("rollback: no checkpoint to roll back to".into())
                     })?;
-                    let l = state::load(&anchor, &Device::Cpu)?;
+                    let l = state::load(&anchor, &device)?;
                     weights.restore(&vars, &l.weights)?;
                     if l.state.stage == st.stage && !l.slots.is_empty() {
                         opt.load_state(&l.slots)?;

@@ -185,6 +185,7 @@ pub struct Tagger {
     /// sha256(model.safetensors)>`.
     pub id: String,
     device: Device,
+    dtype: DType,
 }
 
 impl Tagger {
@@ -193,6 +194,12 @@ impl Tagger {
     /// match the model's outputs, missing / unexpected / mis-shaped keys —
     /// is an error naming the file, before anything else happens.
     pub fn load(path: &Path, device: &Device) -> Result<Self> {
+        Self::load_with(path, device, DType::F32)
+    }
+
+    /// [`Tagger::load`] with the weights in `dtype` (`caption --precision`;
+    /// the input batch is cast to it, the probabilities come back as f32).
+    pub fn load_with(path: &Path, device: &Device, dtype: DType) -> Result<Self> {
         let files = TaggerFiles::locate(path)?;
         let ck = Checkpoint::open(&files.model)?;
         let config = match &files.config {
@@ -223,7 +230,7 @@ impl Tagger {
             &files.model,
             &format!("{} tagger layout of its config", config.architecture),
         )?;
-        let model = VisionTransformer::new(ck.var_builder(DType::F32, device), &config)?;
+        let model = VisionTransformer::new(ck.var_builder(dtype, device), &config)?;
         let sha = sha256_file(&files.model)?;
         let name = files
             .dir
@@ -237,6 +244,7 @@ impl Tagger {
             model,
             id: format!("{name}@{}", &sha[..12]),
             device: device.clone(),
+            dtype,
         })
     }
 
@@ -245,10 +253,15 @@ impl Tagger {
         &self.device
     }
 
+    /// The dtype of its weights.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
     /// Sigmoid probabilities for a preprocessed batch `(b, 3, S, S)`: one
     /// vector of `labels.len()` values per image.
     pub fn probabilities(&self, batch: &Tensor) -> Result<Vec<Vec<f32>>> {
-        let logits = self.model.forward(batch)?;
+        let logits = self.model.forward(&batch.to_dtype(self.dtype)?)?;
         let probs = candle_nn::ops::sigmoid(&logits)?.to_dtype(DType::F32)?;
         Ok(probs.to_device(&Device::Cpu)?.to_vec2::<f32>()?)
     }

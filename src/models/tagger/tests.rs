@@ -266,3 +266,25 @@ fn batch_rejects_wrong_sizes() {
     assert_eq!(x.dims(), &[2, 3, 32, 32]);
     assert_eq!(x.dtype(), DType::F32);
 }
+
+/// `caption --precision bf16` path: the weights in bf16 (on the CPU here,
+/// the same dtype plumbing as on CUDA), an f32 batch cast on the way in,
+/// f32 probabilities out, close to the f32 model's.
+#[test]
+fn bf16_weights_take_an_f32_batch_and_stay_close_to_f32() {
+    let dir = golden().join("vit_v3_tiny");
+    let f32m = Tagger::load(&dir, &Device::Cpu).unwrap();
+    let bf16 = Tagger::load_with(&dir, &Device::Cpu, DType::BF16).unwrap();
+    assert_eq!((f32m.dtype(), bf16.dtype()), (DType::F32, DType::BF16));
+    let x = Tensor::randn(0f32, 1.0, (2, 3, 32, 32), &Device::Cpu).unwrap();
+    let a = f32m.probabilities(&x).unwrap();
+    let b = bf16.probabilities(&x).unwrap();
+    assert_eq!(a.len(), 2);
+    let max = a
+        .iter()
+        .flatten()
+        .zip(b.iter().flatten())
+        .map(|(p, q)| (p - q).abs())
+        .fold(0f32, f32::max);
+    assert!(max > 0.0 && max < 0.05, "max |Δp| {max}");
+}

@@ -74,6 +74,16 @@ pub struct CaptionConfig {
     pub overwrite: bool,
     /// Images per model batch.
     pub batch: usize,
+    /// Where the tagger runs (`--device`; `None`: CUDA GPU 0 when this is a
+    /// CUDA build and one answers, else the CPU). Not recorded in the run's
+    /// config.
+    #[serde(skip)]
+    pub device: Option<candle_core::Device>,
+    /// dtype of the tagger's weights (`--precision`; `None`: f32 on the
+    /// CPU, bf16 on CUDA). Anything but f32 is part of the tagging settings,
+    /// so a later f32 run tags those items again.
+    #[serde(skip)]
+    pub dtype: Option<candle_core::DType>,
 }
 
 impl Default for CaptionConfig {
@@ -84,6 +94,8 @@ impl Default for CaptionConfig {
             caption: PolicyConfig::default(),
             overwrite: false,
             batch: 16,
+            device: None,
+            dtype: None,
         }
     }
 }
@@ -186,14 +198,17 @@ struct Tagged {
 
 /// `settings` recorded with each tagging: items tagged with other settings
 /// are tagged again.
-fn settings_json(tagger: &str, th: &Thresholds) -> String {
-    serde_json::json!({
-        "tagger": tagger,
+fn settings_json(tagger: &Tagger, th: &Thresholds) -> String {
+    let mut v = serde_json::json!({
+        "tagger": tagger.id,
         "general_threshold": th.general,
         "character_threshold": th.character,
         "mcut": th.mcut,
-    })
-    .to_string()
+    });
+    if tagger.dtype() != candle_core::DType::F32 {
+        v["precision"] = crate::nn::device::dtype_name(tagger.dtype()).into();
+    }
+    v.to_string()
 }
 
 fn load_candidates(m: &Manifest) -> Result<Vec<Candidate>> {
@@ -439,14 +454,13 @@ pub fn run(cfg: &CaptionConfig, m: &mut Manifest, ctx: &Ctx) -> Result<CaptionRe
     // Load (and validate) the tagger before anything is written.
     let tagger = match &cfg.tagger {
         Some(p) => {
-            let device = candle_core::Device::cuda_if_available(0)?;
-            Some(Tagger::load(p, &device)?)
+            let device = cfg.device.clone().unwrap_or_else(crate::nn::default_device);
+            let dtype = crate::nn::model_dtype(&device, cfg.dtype)?;
+            Some(Tagger::load_with(p, &device, dtype)?)
         }
         None => None,
     };
-    let settings = tagger
-        .as_ref()
-        .map(|t| settings_json(&t.id, &cfg.thresholds));
+    let settings = tagger.as_ref().map(|t| settings_json(t, &cfg.thresholds));
     let cands = load_candidates(m)?;
     let run_id = m.begin_run("caption", cfg)?;
     let mut report = CaptionReport {
@@ -552,4 +566,29 @@ pub fn run(cfg: &CaptionConfig, m: &mut Manifest, ctx: &Ctx) -> Result<CaptionRe
     report.seconds = t0.elapsed().as_secs_f64();
     m.end_run(run_id, true, &report)?;
     Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Tags from a half-precision tagger are not the f32 tagger's: its
+    /// settings say so (and items tagged in f32 are tagged again), while f32
+    /// settings are those written before `--precision` existed.
+    #[test]
+    fn half_precision_is_part_of_the_tagging_settings() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("fixtures/golden/tagger/vit_v3_tiny");
+        let cpu = candle_core::Device::Cpu;
+        let th = Thresholds::default();
+        let f32s = settings_json(&Tagger::load(&dir, &cpu).unwrap(), &th);
+        let v: serde_json::Value = serde_json::from_str(&f32s).unwrap();
+        assert_eq!(
+            v.as_object().unwrap().keys().collect::<Vec<_>>(),
+            ["character_threshold", "general_threshold", "mcut", "tagger"]
+        );
+        let bf16 = Tagger::load_with(&dir, &cpu, candle_core::DType::BF16).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&settings_json(&bf16, &th)).unwrap();
+        assert_eq!(v["precision"], "bf16");
+    }
 }
