@@ -31,7 +31,7 @@ pub enum PolicyArg {
 pub struct CaptionArgs {
     /// Dataset folder.
     pub dir: PathBuf,
-    /// WD tagger folder (model.safetensors, selected_tags.csv, config.json), e.g. SmilingWolf/wd-vit-tagger-v3.
+    /// WD tagger folder (model.safetensors, selected_tags.csv, config.json), e.g. SmilingWolf/wd-vit-tagger-v3. Default when the policy needs one: the committed toy tagger.
     #[arg(long)]
     pub tagger: Option<PathBuf>,
     /// Caption policy.
@@ -99,7 +99,7 @@ pub fn caption_config(a: &CaptionArgs) -> anyhow::Result<CaptionConfig> {
         };
         replace.push((from.trim().to_string(), to.trim().to_string()));
     }
-    Ok(CaptionConfig {
+    let mut c = CaptionConfig {
         tagger: a.tagger.clone(),
         thresholds: Thresholds {
             general: a.general_threshold,
@@ -124,7 +124,11 @@ pub fn caption_config(a: &CaptionArgs) -> anyhow::Result<CaptionConfig> {
         },
         overwrite: a.overwrite,
         batch: a.batch,
-    })
+    };
+    if c.tagger.is_none() && c.caption.policy.needs_tagger() {
+        c.tagger = Some(crate::toy::default_tagger_dir()?);
+    }
+    Ok(c)
 }
 
 /// Run `caption`.
