@@ -31,7 +31,7 @@ pub enum PolicyArg {
 pub struct CaptionArgs {
     /// Dataset folder.
     pub dir: PathBuf,
-    /// WD tagger folder (model.safetensors, selected_tags.csv, config.json), e.g. SmilingWolf/wd-vit-tagger-v3.
+    /// WD tagger folder (model.safetensors, selected_tags.csv, config.json), e.g. SmilingWolf/wd-vit-tagger-v3. Default when the policy needs one: the committed toy tagger.
     #[arg(long)]
     pub tagger: Option<PathBuf>,
     /// Caption policy.
@@ -102,16 +102,9 @@ pub fn caption_config(a: &CaptionArgs) -> anyhow::Result<CaptionConfig> {
         };
         replace.push((from.trim().to_string(), to.trim().to_string()));
     }
-    let (device, dtype) = match &a.tagger {
-        Some(_) => {
-            let (d, t) = a.device.resolve()?;
-            (Some(d), Some(t))
-        }
-        None => (None, None),
-    };
-    Ok(CaptionConfig {
-        device,
-        dtype,
+    let mut c = CaptionConfig {
+        device: None,
+        dtype: None,
         tagger: a.tagger.clone(),
         thresholds: Thresholds {
             general: a.general_threshold,
@@ -136,7 +129,17 @@ pub fn caption_config(a: &CaptionArgs) -> anyhow::Result<CaptionConfig> {
         },
         overwrite: a.overwrite,
         batch: a.batch,
-    })
+    };
+    if c.tagger.is_none() && c.caption.policy.needs_tagger() {
+        c.tagger = Some(crate::toy::default_tagger_dir()?);
+    }
+    // The device flags matter only when a tagger runs.
+    if c.tagger.is_some() {
+        let (d, t) = a.device.resolve()?;
+        c.device = Some(d);
+        c.dtype = Some(t);
+    }
+    Ok(c)
 }
 
 /// Run `caption`.

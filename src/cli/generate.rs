@@ -21,14 +21,14 @@ use crate::Result;
     after_help = "Examples:\n  eps2v generate data --model noob_eps.safetensors --count 2000 --steps 28 --cfg 5 --batch 4\n  eps2v generate data --model base.safetensors --template my.txt --wildcards my_wildcards --count 500 --size 1024x1024\n  eps2v generate shard-3 --model base.safetensors --count 10000 --shard 3/8   # then: eps2v manifest merge data shard-*\n\n\
 First the plan (one row per image with every generation parameter) is written to DIR/manifest.sqlite, then what is not rendered yet is rendered; kill it at any time and rerun the same command to finish.\n\
 Without --shard, the shard comes from SLURM_ARRAY_TASK_ID/SLURM_ARRAY_TASK_COUNT (Slurm array jobs) or JOB_COMPLETION_INDEX with --shards N (Kubernetes indexed Jobs).\n\
---model is required: there is no built-in toy model yet."
+Without --model the committed toy model is used (fixtures/toy/model.safetensors, or $EPS2V_TOY_DIR/model.safetensors)."
 )]
 pub struct GenerateArgs {
     /// Dataset folder (created if missing).
     pub dir: PathBuf,
-    /// Single-file SDXL checkpoint (.safetensors with UNet, both text encoders and VAE). Required: there is no built-in toy model yet.
+    /// Single-file SDXL checkpoint (.safetensors with UNet, both text encoders and VAE). Default: the committed toy model.
     #[arg(long)]
-    pub model: PathBuf,
+    pub model: Option<PathBuf>,
     /// Template file, built-in pack name, or template text (dynamicprompts syntax).
     #[arg(long, default_value = "1girl")]
     pub template: String,
@@ -106,7 +106,7 @@ impl GenerateArgs {
             (None, None) => Sizes::sdxl(),
         };
         Ok(GenerateConfig {
-            model: self.model.clone(),
+            model: crate::toy::model_or_default(self.model.clone())?,
             prediction: self
                 .prediction
                 .as_deref()

@@ -20,14 +20,14 @@ use crate::{Error, Result};
 #[derive(Debug, Args)]
 #[command(
     after_help = "Example:\n  eps2v sample --model noob_vpred.safetensors --prompt \"1girl, solo, red circle\" --seed 7 --steps 28 --cfg 5 --size 832x1216 --batch 4\n\n\
---model is required: there is no built-in toy model yet.\n\
+Without --model the committed toy model is used (fixtures/toy/model.safetensors, or $EPS2V_TOY_DIR/model.safetensors).\n\
 Image k of a batch uses seed SEED+k (A1111 convention); images are denoised one at a time, so a seed gives identical bytes at any batch position.\n\
 Files are written as OUT/NNNNN-SEED.png with an A1111 'parameters' text chunk."
 )]
 pub struct SampleArgs {
-    /// Single-file SDXL checkpoint (.safetensors with UNet, both text encoders and VAE). Required: there is no built-in toy model yet.
+    /// Single-file SDXL checkpoint (.safetensors with UNet, both text encoders and VAE). Default: the committed toy model.
     #[arg(long)]
-    pub model: PathBuf,
+    pub model: Option<PathBuf>,
     /// Prompt (A1111 syntax: (emphasis:1.2), [de-emphasis], BREAK).
     #[arg(long)]
     pub prompt: String,
@@ -94,9 +94,9 @@ pub enum DiagnoseCommand {
 #[derive(Debug, Args)]
 #[command(after_help = "Example:\n  eps2v diagnose uncond --model finetune.safetensors")]
 pub struct UncondArgs {
-    /// Single-file SDXL checkpoint. Required: there is no built-in toy model yet.
+    /// Single-file SDXL checkpoint. Default: the committed toy model.
     #[arg(long)]
-    pub model: PathBuf,
+    pub model: Option<PathBuf>,
     /// Timesteps to probe (comma-separated, 0..=999).
     #[arg(long, value_delimiter = ',', default_value = "999,750,500,250,50")]
     pub timesteps: Vec<f64>,
@@ -173,7 +173,14 @@ pub fn run_sample(a: SampleArgs, json: bool) -> Result<i32> {
         batch: a.batch,
     };
     cfg.validate()?;
-    let (model, load_s) = load(&a.model, a.prediction.as_deref(), a.ztsnr, true, &a.device)?;
+    let model_path = crate::toy::model_or_default(a.model.clone())?;
+    let (model, load_s) = load(
+        &model_path,
+        a.prediction.as_deref(),
+        a.ztsnr,
+        true,
+        &a.device,
+    )?;
     let mut cfg = cfg;
     if a.uncond.is_none() && a.negative.as_deref().is_none_or(str::is_empty) {
         if let Some(trained) = &model.info.trained_uncond {
@@ -227,7 +234,8 @@ pub fn run_diagnose(a: DiagnoseArgs, json: bool) -> Result<i32> {
             if u.seeds == 0 {
                 return Err(Error::config("--seeds must be at least 1"));
             }
-            let (model, _) = load(&u.model, u.prediction.as_deref(), None, false, &u.device)?;
+            let model_path = crate::toy::model_or_default(u.model.clone())?;
+            let (model, _) = load(&model_path, u.prediction.as_deref(), None, false, &u.device)?;
             let report = diagnose::uncond(
                 &model,
                 &DiagnoseConfig {

@@ -24,6 +24,86 @@ pub enum ToyCommand {
     /// Train the toy tagger (TaggerConfig::toy) on scenes, write it as a WD
     /// tagger folder and measure its accuracy on fresh scenes.
     Tagger(TaggerArgs),
+    /// Build the toy world's models from a seed: scenes → dataset → VAE →
+    /// eps UNet (with `eps2v train`'s trainer) → tagger, then measure the
+    /// gates. Writes OUT/model.safetensors, OUT/tagger/, OUT/build.json.
+    Build(BuildArgs),
+    /// Sample the fixed toy prompt set with a model, read each image with the
+    /// toy tagger and report prompt adherence (count, shapes, colours,
+    /// background) and the "still has shapes" rate.
+    Eval(EvalArgs),
+}
+
+/// Arguments of `eps2v toy build`.
+#[derive(Debug, clap::Args)]
+#[command(
+    after_help = "Examples:\n  eps2v toy build                 # the committed models, into fixtures/toy (~45 min on 2 cores)\n  eps2v toy build --out /tmp/toy --quick\n\nDeterministic from --seed on one machine and thread count. Intermediate products stay in OUT/work/ until the end, so a rerun after an interruption redoes only the unfinished stages."
+)]
+pub struct BuildArgs {
+    /// Output folder (default: the toy folder, $EPS2V_TOY_DIR or fixtures/toy).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Master seed.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// A few steps of everything (checks that the build runs; useless models).
+    #[arg(long)]
+    pub quick: bool,
+    /// Keep OUT/work/ (scenes, dataset, training runs).
+    #[arg(long)]
+    pub keep_work: bool,
+    /// Override the recipe's VAE steps.
+    #[arg(long)]
+    pub vae_steps: Option<usize>,
+    /// Override the recipe's VAE batch.
+    #[arg(long)]
+    pub vae_batch: Option<usize>,
+    /// Override the recipe's UNet steps.
+    #[arg(long)]
+    pub unet_steps: Option<usize>,
+    /// Override the recipe's UNet batch.
+    #[arg(long)]
+    pub unet_batch: Option<usize>,
+    /// Override the recipe's UNet peak learning rate.
+    #[arg(long)]
+    pub unet_lr: Option<f64>,
+    /// Override the recipe's tagger steps.
+    #[arg(long)]
+    pub tagger_steps: Option<usize>,
+    /// Override the recipe's number of scenes.
+    #[arg(long)]
+    pub scenes: Option<u64>,
+}
+
+/// Arguments of `eps2v toy eval`.
+#[derive(Debug, clap::Args)]
+#[command(
+    after_help = "Examples:\n  eps2v toy eval                                  # the committed toy model, as eps\n  eps2v toy eval --prediction v --ztsnr           # the same weights sampled as v + ZTSNR\n  eps2v toy eval runs/3/model-v-ztsnr.safetensors\n\nAdherence of an attribute: share of images whose tagger reading equals the prompt (count; shape kinds; shape colours; background style and colour); overall: their mean."
+)]
+pub struct EvalArgs {
+    /// Model (default: the committed toy model).
+    pub model: Option<PathBuf>,
+    /// Toy tagger folder (default: the committed toy tagger).
+    #[arg(long)]
+    pub tagger: Option<PathBuf>,
+    /// Sample as this prediction type (eps or v) instead of the model's own.
+    #[arg(long)]
+    pub prediction: Option<String>,
+    /// Sample on the ZTSNR schedule (true/false) instead of the model's own flag.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub ztsnr: Option<bool>,
+    /// Number of prompts of the toy pack.
+    #[arg(long, default_value_t = 64)]
+    pub prompts: usize,
+    /// Euler steps.
+    #[arg(long, default_value_t = 12)]
+    pub steps: usize,
+    /// CFG scale.
+    #[arg(long, default_value_t = 5.0)]
+    pub cfg: f64,
+    /// Print every prompt with what the tagger read.
+    #[arg(long)]
+    pub verbose: bool,
 }
 
 /// Arguments of `eps2v toy tagger`.
@@ -78,7 +158,161 @@ pub fn run(args: ToyArgs, json: bool) -> anyhow::Result<i32> {
     match args.command {
         ToyCommand::Scenes(a) => scenes(a, json),
         ToyCommand::Tagger(a) => tagger(a, json),
+        ToyCommand::Build(a) => build(a, json),
+        ToyCommand::Eval(a) => eval(a, json),
     }
+}
+
+fn build(a: BuildArgs, json: bool) -> anyhow::Result<i32> {
+    use crate::toy::build::{build, BuildOptions, BuildRecipe};
+    let out = a.out.unwrap_or_else(crate::toy::toy_dir);
+    let mut recipe = if a.quick {
+        BuildRecipe::quick(a.seed)
+    } else {
+        BuildRecipe::full(a.seed)
+    };
+    if let Some(v) = a.vae_steps {
+        recipe.vae.steps = v;
+    }
+    if let Some(v) = a.vae_batch {
+        recipe.vae.batch = v;
+    }
+    if let Some(v) = a.unet_steps {
+        recipe.unet.steps = v;
+    }
+    if let Some(v) = a.unet_batch {
+        recipe.unet.batch = v;
+    }
+    if let Some(v) = a.unet_lr {
+        recipe.unet.lr = v;
+    }
+    if let Some(v) = a.tagger_steps {
+        recipe.tagger.steps = v;
+    }
+    if let Some(v) = a.scenes {
+        recipe.scenes = v;
+    }
+    let r = build(
+        &BuildOptions {
+            out: out.clone(),
+            recipe,
+            keep_work: a.keep_work,
+        },
+        &Ctx { progress: !json },
+    )?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+    } else {
+        println!("toy build (seed {}) in {}:", a.seed, out.display());
+        for (name, s) in &r.stages {
+            let loss = match (s.first_loss, s.last_loss) {
+                (Some(f), Some(l)) => format!("loss {f:.4} -> {l:.4}"),
+                _ => String::new(),
+            };
+            println!("  {name:<8} {:>8.1} s  {loss}", s.seconds);
+        }
+        println!("  total    {:>8.1} s", r.seconds);
+        for (f, b) in &r.sizes {
+            println!("  {f:<28} {:.2} MB", *b as f64 / 1e6);
+        }
+        let t = &r.tagger_attributes;
+        println!(
+            "tagger on {} fresh scenes: attributes {:.1} % (count {:.1}, shapes {:.1}, colours {:.1}, background {:.1}); exact tag sets {:.1} %  [gate >= 95 %]",
+            r.tagger_accuracy.scenes,
+            100.0 * r.tagger_gate,
+            100.0 * t.count,
+            100.0 * t.shapes,
+            100.0 * t.colours,
+            100.0 * t.background,
+            100.0 * r.tagger_accuracy.exact
+        );
+        print_eval(&r.adherence, false);
+        println!("gates {}", if r.gates_met { "met" } else { "NOT met" });
+    }
+    Ok(if r.gates_met { 0 } else { 1 })
+}
+
+fn print_eval(e: &crate::toy::eval::ToyEval, verbose: bool) {
+    if verbose {
+        for i in &e.items {
+            let ok: Vec<&str> = ["count", "shapes", "colours", "background"]
+                .iter()
+                .zip(i.ok)
+                .filter(|(_, ok)| !ok)
+                .map(|(n, _)| *n)
+                .collect();
+            println!(
+                "  {}\n    read: {}{}",
+                i.prompt,
+                i.read.join(", "),
+                if ok.is_empty() {
+                    String::new()
+                } else {
+                    format!("  [wrong: {}]", ok.join(", "))
+                }
+            );
+        }
+    }
+    let a = &e.adherence;
+    println!(
+        "adherence as {}{} ({} prompts, {} Euler steps, CFG {}): overall {:.1} % (count {:.1}, shapes {:.1}, colours {:.1}, background {:.1}); has shapes {:.1} %  [{:.1} s]",
+        e.prediction,
+        if e.ztsnr { " + ZTSNR" } else { "" },
+        e.items.len(),
+        e.options.steps,
+        e.options.cfg,
+        100.0 * e.overall,
+        100.0 * a.count,
+        100.0 * a.shapes,
+        100.0 * a.colours,
+        100.0 * a.background,
+        100.0 * e.has_shapes,
+        e.seconds
+    );
+}
+
+fn eval(a: EvalArgs, json: bool) -> anyhow::Result<i32> {
+    use crate::pipeline::{LoadOptions, SdxlModel};
+    use crate::toy::eval::{evaluate, EvalOptions};
+    let model_path = crate::toy::model_or_default(a.model)?;
+    let tagger_dir = crate::toy::tagger_or_default(a.tagger)?;
+    let prediction = a
+        .prediction
+        .as_deref()
+        .map(str::parse::<crate::diffusion::Prediction>)
+        .transpose()?;
+    let model = SdxlModel::load(
+        &model_path,
+        &LoadOptions {
+            prediction,
+            ztsnr: a.ztsnr,
+            device: Some(candle_core::Device::Cpu),
+            ..Default::default()
+        },
+    )?;
+    let tagger = crate::models::tagger::Tagger::load(&tagger_dir, &candle_core::Device::Cpu)?;
+    let r = evaluate(
+        &model,
+        &tagger,
+        &EvalOptions {
+            prompts: a.prompts,
+            steps: a.steps,
+            cfg: a.cfg,
+            ..Default::default()
+        },
+        &Ctx { progress: !json },
+    )?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+    } else {
+        println!(
+            "toy eval: {} with tagger {}",
+            model_path.display(),
+            tagger_dir.display()
+        );
+        print_eval(&r, a.verbose);
+    }
+    Ok(0)
 }
 
 fn tagger(a: TaggerArgs, json: bool) -> anyhow::Result<i32> {

@@ -27,7 +27,7 @@ pub struct TrainArgs {
     /// TOML training config (`[train]` table or bare); flags override it.
     #[arg(long)]
     pub config: Option<PathBuf>,
-    /// Base single-file SDXL checkpoint.
+    /// Base single-file SDXL checkpoint (default: the config's, else the committed toy model).
     #[arg(long)]
     pub model: Option<PathBuf>,
     /// Training objective: v (the conversion) or eps (back to eps).
@@ -197,6 +197,9 @@ impl TrainArgs {
             save_every,
             blocks
         );
+        if c.model.as_os_str().is_empty() {
+            c.model = crate::toy::default_model_path()?;
+        }
         if let Some(o) = &self.objective {
             c.objective = o.parse()?;
             if !self.ztsnr && !self.no_ztsnr {

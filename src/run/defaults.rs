@@ -1,17 +1,17 @@
-//! Where the committed toy models live: the one place `eps2v run` looks
-//! for its defaults. The toy world's own module will provide the same two
-//! paths (`toy::default_model_path` / `toy::default_tagger_dir`); when it
-//! does, these two functions become calls to it.
+//! Where `eps2v run` looks for its default models: the toy folder of
+//! [`crate::toy::defaults::toy_dir`] (`$EPS2V_TOY_DIR`, else
+//! `fixtures/toy` of this source tree). Unlike the `toy` helpers these
+//! return the path even when it is missing: the run config's file check
+//! then names the key (`model`, `caption.tagger`) and the path.
 
 use std::path::PathBuf;
 
-/// The committed toy eps base model, `fixtures/toy/model.safetensors` in
-/// the source tree this binary was built from.
+/// The committed toy eps base model, `<toy dir>/model.safetensors`.
 pub fn default_model_path() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures/toy/model.safetensors")
+    crate::toy::defaults::toy_dir().join("model.safetensors")
 }
 
-/// The committed toy WD tagger folder, `fixtures/toy/tagger/`.
+/// The committed toy WD tagger folder, `<toy dir>/tagger`.
 pub fn default_tagger_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures/toy/tagger")
+    crate::toy::defaults::toy_dir().join("tagger")
 }

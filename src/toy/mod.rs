@@ -11,9 +11,17 @@
 //!   as a WD tagger folder, accuracy on fresh scenes.
 //! - [`write_scenes`]: PNG + `.txt` sidecars that `eps2v import` takes.
 
+pub mod build;
+mod defaults;
+pub mod eval;
 pub mod models;
 pub mod scenes;
 pub mod tagger;
+pub mod vae;
+pub use defaults::{
+    default_model_path, default_tagger_dir, model_or_default, tagger_or_default, toy_dir,
+    TOY_DIR_ENV,
+};
 mod write;
 
 pub use scenes::{parse_tags, Scene, SceneSpec};

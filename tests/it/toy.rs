@@ -96,3 +96,131 @@ fn toy_scenes_import_with_their_tags_and_bucket_at_their_own_size() {
         );
     }
 }
+
+/// The committed toy models (`fixtures/toy/`, written by `eps2v toy build`)
+/// meet the gates: the tagger reads the adherence attributes of
+/// fresh scenes right ≥ 95 % of the time, and the base model sampled as eps
+/// follows its prompts ≥ 80 % (32 prompts of the fixed set, 12 Euler steps).
+#[test]
+#[ignore = "needs the committed fixtures/toy models (eps2v toy build); not committed yet"]
+fn the_committed_toy_models_meet_their_gates() {
+    use eps2v::toy::build::{ADHERENCE_GATE, TAGGER_GATE};
+    use eps2v::toy::eval::{evaluate, tagger_attribute_accuracy, EvalOptions};
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/toy");
+    let tagger =
+        eps2v::models::tagger::Tagger::load(&dir.join("tagger"), &candle_core::Device::Cpu)
+            .unwrap();
+    // Seed 7: scenes neither the tagger (seed 201) nor the UNet (seed 0) saw.
+    let acc = tagger_attribute_accuracy(&tagger, 7, 300).unwrap();
+    assert!(acc.mean() >= TAGGER_GATE, "tagger attributes {acc:?}");
+    let model = eps2v::pipeline::SdxlModel::load(
+        &dir.join("model.safetensors"),
+        &eps2v::pipeline::LoadOptions {
+            device: Some(candle_core::Device::Cpu),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(model.info.prediction, eps2v::diffusion::Prediction::Eps);
+    let e = evaluate(
+        &model,
+        &tagger,
+        &EvalOptions {
+            prompts: 32,
+            ..Default::default()
+        },
+        &eps2v::stages::Ctx::quiet(),
+    )
+    .unwrap();
+    assert!(
+        e.overall >= ADHERENCE_GATE,
+        "adherence {:?}, has shapes {}",
+        e.adherence,
+        e.has_shapes
+    );
+}
+
+/// On a fresh clone `eps2v sample` needs no `--model`: it samples the
+/// committed toy model; with the toy folder missing it says so (exit 2).
+#[test]
+#[ignore = "needs the committed fixtures/toy models (eps2v toy build); not committed yet"]
+fn sample_defaults_to_the_committed_toy_model() {
+    let out = tempfile::tempdir().unwrap();
+    let o = out.path().to_str().unwrap();
+    let v: serde_json::Value = serde_json::from_str(&run(&[
+        "--json",
+        "sample",
+        "--prompt",
+        "1shape, red circle",
+        "--size",
+        "64x64",
+        "--steps",
+        "4",
+        "--seed",
+        "1",
+        "--out",
+        o,
+    ]))
+    .unwrap();
+    assert_eq!(v["model"]["prediction"], "eps", "{v}");
+    let pngs = std::fs::read_dir(out.path())
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .path()
+                .extension()
+                .is_some_and(|x| x == "png")
+        })
+        .count();
+    assert_eq!(pngs, 1);
+    let missing = Command::new(bin())
+        .args(["sample", "--prompt", "1shape", "--out", o])
+        .env("EPS2V_TOY_DIR", out.path().join("nowhere"))
+        .output()
+        .unwrap();
+    assert_eq!(missing.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&missing.stderr);
+    assert!(err.contains("nowhere") && err.contains("--model"), "{err}");
+}
+
+/// `eps2v toy eval` samples the committed model as eps by default and, with
+/// `--prediction v --ztsnr`, the same weights as v + ZTSNR.
+#[test]
+#[ignore = "needs the committed fixtures/toy models (eps2v toy build); not committed yet"]
+fn toy_eval_honours_the_model_and_its_overrides() {
+    let v: serde_json::Value = serde_json::from_str(&run(&[
+        "--json",
+        "toy",
+        "eval",
+        "--prompts",
+        "3",
+        "--steps",
+        "3",
+    ]))
+    .unwrap();
+    assert_eq!(
+        (v["prediction"].as_str(), v["ztsnr"].as_bool()),
+        (Some("eps"), Some(false))
+    );
+    assert_eq!(v["items"].as_array().unwrap().len(), 3);
+    let v: serde_json::Value = serde_json::from_str(&run(&[
+        "--json",
+        "toy",
+        "eval",
+        "--prompts",
+        "3",
+        "--steps",
+        "3",
+        "--prediction",
+        "v",
+        "--ztsnr",
+    ]))
+    .unwrap();
+    assert_eq!(
+        (v["prediction"].as_str(), v["ztsnr"].as_bool()),
+        (Some("v"), Some(true))
+    );
+    let o = v["overall"].as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&o));
+}

@@ -1,0 +1,597 @@
+//! `eps2v toy build`: the toy world's models, trained from a seed with the
+//! project's own pieces, written where every command finds them by default
+//! (`fixtures/toy/`).
+//!
+//! Why: DESIGN.md §4 / issue 10 — a real (if tiny) eps base model, VAE and
+//! tagger that make every stage meaningful on two CPU cores.
+//!
+//! Steps, in order (each stage's product is kept in `OUT/work/` with the
+//! settings that made it, so a rerun after an interruption, or after
+//! changing only a later stage's settings, redoes only what changed;
+//! `work/` is removed at the end):
+//! 1. scenes: `scenes` procedural scenes of `seed` ([`super::write_scenes`]);
+//! 2. dataset: `eps2v init` + `import` (tags as sidecar captions) + `bucket`
+//!    at the toy bucket list (kohya generator, resolution 80, step 32,
+//!    sides 64..96, no upscaling);
+//! 3. VAE: [`super::vae::train_vae`] (L1 + small KL, latents normalised);
+//! 4. base: a seeded random toy checkpoint ([`super::models`]: UNet and the
+//!    two text encoders at their seeded init, frozen) with the trained VAE;
+//! 5. UNet: [`crate::train::train`] on the dataset, eps objective,
+//!    caption dropout to zeroed conditioning (so CFG works), export f16 to
+//!    `OUT/model.safetensors`;
+//! 6. tagger: [`super::tagger::train_tagger`] → `OUT/tagger/`;
+//! 7. gates: the tagger's attribute accuracy on fresh scenes
+//!    ([`super::eval::tagger_attribute_accuracy`], ≥ 95 %) and the model's
+//!    adherence sampled as eps ([`super::eval::evaluate`], ≥ 80 %), written
+//!    with the seeds, steps, times and losses to `OUT/build.json`.
+//!
+//! Deterministic from the seed (same machine, same thread count): the
+//! weights depend only on seeded ChaCha streams and the data order.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor};
+use serde::{Deserialize, Serialize};
+
+use super::eval::{evaluate, tagger_attribute_accuracy, Attributes, EvalOptions, ToyEval};
+use super::models::write_random_toy_model;
+use super::tagger::{evaluate_tagger, train_tagger, TaggerAccuracy, TaggerTraining};
+use super::vae::{train_vae, VaeTraining};
+use super::{write_scenes, WriteScenes};
+use crate::diffusion::Prediction;
+use crate::error::IoContext;
+use crate::manifest::Manifest;
+use crate::models::sdxl::checkpoint::{Checkpoint, SaveOptions};
+use crate::models::sdxl::VAE_PREFIX;
+use crate::models::tagger::Tagger;
+use crate::pipeline::sample::write_atomic;
+use crate::pipeline::tiny::TinyOptions;
+use crate::pipeline::{LoadOptions, SdxlModel};
+use crate::stages::bucket::{BucketConfig, BucketSet, CropArg};
+use crate::stages::import::ImportConfig;
+use crate::stages::Ctx;
+use crate::train::config::{DropoutCond, LrSchedule, SaveDtype, TrainConfig, Weighting};
+use crate::train::{train, TrainOptions};
+use crate::{Error, Result};
+
+/// Gate: the tagger's attribute accuracy on fresh scenes.
+pub const TAGGER_GATE: f64 = 0.95;
+/// Gate: the base model's adherence sampled as eps.
+pub const ADHERENCE_GATE: f64 = 0.80;
+
+/// The UNet part of the recipe.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UNetRecipe {
+    /// Optimizer steps.
+    pub steps: usize,
+    /// Images per step.
+    pub batch: usize,
+    /// Peak learning rate (warm-up, then cosine to 5 %).
+    pub lr: f64,
+    /// Warm-up steps.
+    pub warmup: usize,
+    /// EMA decay of the exported weights.
+    pub ema: Option<f64>,
+    /// Caption-dropout probability (to zeroed conditioning).
+    pub caption_dropout: f64,
+}
+
+/// Everything that decides the build's output.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct BuildRecipe {
+    /// Master seed (scenes, weights, noise; the other seeds derive from it).
+    pub seed: u64,
+    /// Scenes in the UNet's dataset.
+    pub scenes: u64,
+    /// VAE training.
+    pub vae: VaeTraining,
+    /// UNet training.
+    pub unet: UNetRecipe,
+    /// Tagger training (recorded as its `Debug` text).
+    #[serde(serialize_with = "as_debug")]
+    pub tagger: TaggerTraining,
+    /// Fresh scenes for the tagger gate.
+    pub tagger_eval_scenes: usize,
+    /// Adherence evaluation.
+    pub eval: EvalOptions,
+}
+
+fn as_debug<S: serde::Serializer>(
+    t: &TaggerTraining,
+    s: S,
+) -> std::result::Result<S::Ok, S::Error> {
+    s.serialize_str(&format!("{t:?}"))
+}
+
+impl BuildRecipe {
+    /// The committed models' recipe (≤ 45 min on two shared cores).
+    pub fn full(seed: u64) -> Self {
+        Self {
+            seed,
+            scenes: 6000,
+            vae: VaeTraining {
+                seed,
+                data_seed: seed.wrapping_add(101),
+                steps: 1500,
+                batch: 16,
+                lr: 2e-3,
+                kl_weight: 1e-4,
+                weight_decay: 0.0,
+                crop: 32,
+            },
+            unet: UNetRecipe {
+                steps: 2000,
+                batch: 16,
+                lr: 1e-3,
+                warmup: 200,
+                ema: Some(0.999),
+                caption_dropout: 0.1,
+            },
+            tagger: TaggerTraining {
+                seed,
+                data_seed: seed.wrapping_add(201),
+                steps: 4000,
+                batch: 32,
+                lr: 2e-3,
+                ..Default::default()
+            },
+            tagger_eval_scenes: 1000,
+            eval: EvalOptions::default(),
+        }
+    }
+
+    /// A few steps of everything: the build runs end to end (tests).
+    pub fn quick(seed: u64) -> Self {
+        let mut r = Self::full(seed);
+        r.scenes = 24;
+        r.vae.steps = 3;
+        r.vae.batch = 4;
+        r.unet.steps = 3;
+        r.unet.batch = 4;
+        r.unet.warmup = 1;
+        r.unet.ema = None;
+        r.tagger.steps = 3;
+        r.tagger.batch = 4;
+        r.tagger_eval_scenes = 16;
+        r.eval = EvalOptions {
+            prompts: 3,
+            steps: 2,
+            ..EvalOptions::default()
+        };
+        r
+    }
+}
+
+/// Options of [`build`].
+#[derive(Debug, Clone)]
+pub struct BuildOptions {
+    /// Output folder (`model.safetensors`, `tagger/`, `build.json`).
+    pub out: PathBuf,
+    /// What to train.
+    pub recipe: BuildRecipe,
+    /// Keep `OUT/work/` (scenes, dataset, training runs) at the end.
+    pub keep_work: bool,
+}
+
+/// A stage's record in `build.json`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct StageRecord {
+    /// Wall time, seconds (of the run that made it).
+    pub seconds: f64,
+    /// Loss of the first step.
+    pub first_loss: Option<f64>,
+    /// Mean loss of the last 50 steps.
+    pub last_loss: Option<f64>,
+    /// Stage details.
+    pub details: serde_json::Value,
+}
+
+/// What [`build`] made (`build.json`).
+#[derive(Debug, Clone, Serialize)]
+pub struct BuildReport {
+    /// The recipe.
+    pub recipe: BuildRecipe,
+    /// Per stage (`scenes`, `dataset`, `vae`, `unet`, `tagger`, `gates`).
+    pub stages: BTreeMap<String, StageRecord>,
+    /// The tagger on fresh scenes: exact tag sets, F1, tag groups.
+    pub tagger_accuracy: TaggerAccuracy,
+    /// The tagger on fresh scenes, per adherence attribute.
+    pub tagger_attributes: Attributes,
+    /// Their mean (gate ≥ 95 %).
+    pub tagger_gate: f64,
+    /// The base model sampled as eps.
+    pub adherence: ToyEval,
+    /// Both gates met.
+    pub gates_met: bool,
+    /// Total wall time, seconds (sum of the stages, reused ones included).
+    pub seconds: f64,
+    /// Sizes of the written files, bytes.
+    pub sizes: BTreeMap<String, u64>,
+}
+
+fn loss_summary(losses: &[f32]) -> (Option<f64>, Option<f64>) {
+    let tail = &losses[losses.len().saturating_sub(50)..];
+    (
+        losses.first().map(|&l| f64::from(l)),
+        (!tail.is_empty())
+            .then(|| tail.iter().map(|&l| f64::from(l)).sum::<f64>() / tail.len() as f64),
+    )
+}
+
+/// A cached stage: `work/<name>.json` holds the settings that made its
+/// product and its record; reuse it when the settings are the same.
+fn cached(work: &Path, name: &str, key: &serde_json::Value) -> Option<StageRecord> {
+    let raw = std::fs::read(work.join(format!("{name}.json"))).ok()?;
+    let v: serde_json::Value = serde_json::from_slice(&raw).ok()?;
+    if v.get("key")? != key {
+        return None;
+    }
+    serde_json::from_value(v.get("record")?.clone()).ok()
+}
+
+fn record(work: &Path, name: &str, key: &serde_json::Value, rec: &StageRecord) -> Result<()> {
+    let v = serde_json::json!({ "key": key, "record": rec });
+    write_atomic(
+        &work.join(format!("{name}.json")),
+        serde_json::to_string_pretty(&v)?.as_bytes(),
+    )
+}
+
+fn key_of(v: &impl Serialize) -> Result<serde_json::Value> {
+    Ok(serde_json::to_value(v)?)
+}
+
+/// Build the toy world (module docs). Returns the report (also written to
+/// `OUT/build.json`).
+pub fn build(opts: &BuildOptions, ctx: &Ctx) -> Result<BuildReport> {
+    let r = &opts.recipe;
+    let out = &opts.out;
+    let work = out.join("work");
+    std::fs::create_dir_all(&work).at(&work)?;
+    let mut stages: BTreeMap<String, StageRecord> = BTreeMap::new();
+    let say = |msg: String| {
+        if ctx.progress {
+            eprintln!("{msg}");
+        }
+    };
+
+    // 1–2. scenes and dataset ---------------------------------------------
+    let t = Instant::now();
+    let scenes_dir = work.join("scenes");
+    let ds = work.join("dataset");
+    let data_key = key_of(&(r.seed, r.scenes))?;
+    let rec = match cached(&work, "dataset", &data_key) {
+        Some(rec) => rec,
+        None => {
+            say(format!("toy build: drawing {} scenes", r.scenes));
+            let w = write_scenes(
+                &scenes_dir,
+                WriteScenes {
+                    count: r.scenes,
+                    seed: r.seed,
+                },
+                ctx,
+            )?;
+            let mut m = Manifest::init(&ds)?;
+            let imp = crate::stages::import::run(
+                &ImportConfig {
+                    from: scenes_dir.clone(),
+                    ..Default::default()
+                },
+                &mut m,
+                ctx,
+            )?;
+            let buck = crate::stages::bucket::run(
+                &BucketConfig {
+                    buckets: BucketSet::Kohya {
+                        resolution: 80,
+                        step: 32,
+                        min_side: 64,
+                        max_side: 96,
+                    },
+                    crop: CropArg::Center,
+                    max_upscale: 1.0,
+                    ..Default::default()
+                },
+                &mut m,
+                ctx,
+            )?;
+            // Identical scenes (same pixels) are one item: import keeps one.
+            if !buck.rejected.is_empty() || buck.bucketed + buck.already == 0 {
+                return Err(Error::Other(format!(
+                    "toy build: {} scenes bucketed, rejected: {:?}; the toy bucket list and the scene sizes disagree",
+                    buck.bucketed + buck.already,
+                    buck.rejected
+                )));
+            }
+            let rec = StageRecord {
+                seconds: t.elapsed().as_secs_f64(),
+                details: serde_json::json!({
+                    "scenes": w.written + w.skipped,
+                    "items": imp.imported + imp.already_imported,
+                    "identical_scenes": imp.same_file,
+                    "buckets": buck.histogram,
+                }),
+                ..Default::default()
+            };
+            record(&work, "dataset", &data_key, &rec)?;
+            rec
+        }
+    };
+    stages.insert("dataset".into(), rec);
+
+    // 3. VAE ----------------------------------------------------------------
+    let vae_file = work.join("vae.safetensors");
+    let vae_key = key_of(&r.vae)?;
+    let rec = match cached(&work, "vae", &vae_key).filter(|_| vae_file.is_file()) {
+        Some(rec) => rec,
+        None => {
+            say(format!(
+                "toy build: training the VAE ({} steps)",
+                r.vae.steps
+            ));
+            let (tv, rep) = train_vae(&r.vae, ctx)?;
+            let tensors: HashMap<String, Tensor> = tv.tensors()?.into_iter().collect();
+            let tmp = vae_file.with_extension("tmp");
+            candle_core::safetensors::save(&tensors, &tmp)?;
+            std::fs::rename(&tmp, &vae_file).at(&vae_file)?;
+            let (first_loss, last_loss) = loss_summary(&rep.losses);
+            let rec = StageRecord {
+                seconds: rep.seconds,
+                first_loss,
+                last_loss,
+                details: serde_json::json!({
+                    "params": rep.params,
+                    "latent_mean_before": rep.latent_mean,
+                    "latent_std_before": rep.latent_std,
+                    "recon_mae_255": rep.recon_mae,
+                }),
+            };
+            record(&work, "vae", &vae_key, &rec)?;
+            rec
+        }
+    };
+    say(format!(
+        "toy build: VAE {:.0} s, reconstruction error {} / 255",
+        rec.seconds, rec.details["recon_mae_255"]
+    ));
+    stages.insert("vae".into(), rec);
+
+    // 4. base checkpoint: seeded random UNet + text encoders, trained VAE ---
+    let random = work.join("random.safetensors");
+    let base = work.join("base.safetensors");
+    write_random_toy_model(
+        &random,
+        TinyOptions {
+            seed: r.seed,
+            v_pred_ztsnr: false,
+        },
+    )?;
+    {
+        let vae_t = candle_core::safetensors::load(&vae_file, &Device::Cpu)?;
+        let repl: HashMap<String, Tensor> = vae_t
+            .into_iter()
+            .map(|(k, t)| (format!("{VAE_PREFIX}.{k}"), t))
+            .collect();
+        Checkpoint::open(&random)?.save_with(
+            &base,
+            &repl,
+            &SaveOptions {
+                dtype: Some(DType::F32),
+                v_pred: false,
+                ztsnr: false,
+                metadata: BTreeMap::new(),
+            },
+        )?;
+    }
+
+    // 5. UNet ---------------------------------------------------------------
+    let model_path = out.join("model.safetensors");
+    let unet_key = key_of(&(&r.unet, &vae_key, &data_key))?;
+    let rec = match cached(&work, "unet", &unet_key).filter(|_| model_path.is_file()) {
+        Some(rec) => rec,
+        None => {
+            say(format!(
+                "toy build: training the UNet ({} steps x {})",
+                r.unet.steps, r.unet.batch
+            ));
+            let cfg = unet_train_config(r, &base, &model_path);
+            let mut m = Manifest::open(&ds)?;
+            let t = Instant::now();
+            let rep = train(&cfg, &mut m, &TrainOptions::default(), ctx)?;
+            if rep.interrupted {
+                return Err(Error::Other(
+                    "toy build: UNet training was interrupted; rerun `eps2v toy build` to start it again".into(),
+                ));
+            }
+            let losses: Vec<f32> = crate::train::log::read(&rep.run_dir.join("log.csv"))
+                .map(|rows| {
+                    rows.iter()
+                        .filter_map(|r| r.loss)
+                        .map(|l| l as f32)
+                        .collect()
+                })
+                .unwrap_or_default();
+            let (first_loss, last_loss) = loss_summary(&losses);
+            let rec = StageRecord {
+                seconds: t.elapsed().as_secs_f64(),
+                first_loss,
+                last_loss,
+                details: serde_json::json!({
+                    "train_items": rep.train_items,
+                    "val_items": rep.val_items,
+                    "val_loss": rep.val_loss,
+                    "skipped": rep.skipped,
+                    "config": cfg,
+                }),
+            };
+            record(&work, "unet", &unet_key, &rec)?;
+            rec
+        }
+    };
+    stages.insert("unet".into(), rec);
+
+    // 6. tagger -------------------------------------------------------------
+    let tagger_dir = out.join("tagger");
+    let tagger_key = key_of(&format!("{:?}", r.tagger))?;
+    let rec = match cached(&work, "tagger", &tagger_key)
+        .filter(|_| tagger_dir.join("model.safetensors").is_file())
+    {
+        Some(rec) => rec,
+        None => {
+            say(format!(
+                "toy build: training the tagger ({} steps x {})",
+                r.tagger.steps, r.tagger.batch
+            ));
+            let (t, rep) = train_tagger(&r.tagger, ctx)?;
+            t.save(&tagger_dir)?;
+            let (first_loss, last_loss) = loss_summary(&rep.losses);
+            let rec = StageRecord {
+                seconds: rep.seconds,
+                first_loss,
+                last_loss,
+                details: serde_json::json!({ "params": rep.params }),
+            };
+            record(&work, "tagger", &tagger_key, &rec)?;
+            rec
+        }
+    };
+    stages.insert("tagger".into(), rec);
+
+    // 7. gates ----------------------------------------------------------------
+    let t = Instant::now();
+    say("toy build: measuring the gates".into());
+    let tagger = Tagger::load(&tagger_dir, &Device::Cpu)?;
+    let eval_seed = r.seed.wrapping_add(301);
+    let tagger_accuracy = evaluate_tagger(&tagger, eval_seed, r.tagger_eval_scenes)?;
+    let tagger_attributes = tagger_attribute_accuracy(&tagger, eval_seed, r.tagger_eval_scenes)?;
+    let model = SdxlModel::load(
+        &model_path,
+        &LoadOptions {
+            device: Some(Device::Cpu),
+            ..Default::default()
+        },
+    )?;
+    if model.info.prediction != Prediction::Eps {
+        return Err(Error::Other(format!(
+            "toy build: {} is not an eps model",
+            model_path.display()
+        )));
+    }
+    let adherence = evaluate(&model, &tagger, &r.eval, ctx)?;
+    stages.insert(
+        "gates".into(),
+        StageRecord {
+            seconds: t.elapsed().as_secs_f64(),
+            ..Default::default()
+        },
+    );
+    let tagger_gate = tagger_attributes.mean();
+    let mut sizes = BTreeMap::new();
+    for rel in [
+        "model.safetensors",
+        "tagger/model.safetensors",
+        "tagger/selected_tags.csv",
+        "tagger/config.json",
+    ] {
+        let p = out.join(rel);
+        sizes.insert(rel.to_string(), std::fs::metadata(&p).at(&p)?.len());
+    }
+    let report = BuildReport {
+        recipe: r.clone(),
+        seconds: stages.values().map(|s| s.seconds).sum(),
+        stages,
+        tagger_accuracy,
+        tagger_attributes,
+        tagger_gate,
+        gates_met: tagger_gate >= TAGGER_GATE && adherence.overall >= ADHERENCE_GATE,
+        adherence,
+        sizes,
+    };
+    write_atomic(
+        &out.join("build.json"),
+        serde_json::to_string_pretty(&report)?.as_bytes(),
+    )?;
+    if !opts.keep_work {
+        std::fs::remove_dir_all(&work).at(&work)?;
+    }
+    Ok(report)
+}
+
+/// The trainer's config for the toy UNet (module docs).
+pub fn unet_train_config(r: &BuildRecipe, base: &Path, out: &Path) -> TrainConfig {
+    TrainConfig {
+        model: base.to_path_buf(),
+        objective: Prediction::Eps,
+        ztsnr: false,
+        steps: r.unet.steps,
+        batch_size: r.unet.batch,
+        lr: r.unet.lr,
+        lr_schedule: LrSchedule::Cosine,
+        warmup_steps: r.unet.warmup,
+        min_lr_ratio: 0.05,
+        weight_decay: 0.0,
+        ema_decay: r.unet.ema,
+        weighting: Weighting::MinSnr,
+        caption_dropout: r.unet.caption_dropout,
+        uncond: DropoutCond::Zero,
+        max_chunks: 1,
+        seed: r.seed,
+        val_fraction: 0.01,
+        val_max: 32,
+        eval_every: 0,
+        eval_prompt_count: 4,
+        eval_seeds: vec![0],
+        eval_steps: 10,
+        save_every: 1000,
+        out: Some(out.to_path_buf()),
+        save_dtype: SaveDtype::F16,
+        markers: true,
+        a1111_yaml: false,
+        ..TrainConfig::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Two quick builds of one seed write the same bytes; the products load
+    /// with no config given (model: eps toy checkpoint; tagger: toy tags).
+    #[test]
+    fn a_quick_build_runs_end_to_end_and_is_deterministic() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut files = Vec::new();
+        for k in 0..2 {
+            let out = dir.path().join(format!("b{k}"));
+            let rep = build(
+                &BuildOptions {
+                    out: out.clone(),
+                    recipe: BuildRecipe::quick(3),
+                    keep_work: false,
+                },
+                &Ctx::quiet(),
+            )
+            .unwrap();
+            assert!(!out.join("work").exists());
+            assert_eq!(rep.adherence.items.len(), 3);
+            assert!(out.join("build.json").is_file());
+            let m =
+                SdxlModel::load(&out.join("model.safetensors"), &LoadOptions::default()).unwrap();
+            assert_eq!(m.info.unet_config, "toy");
+            assert_eq!(m.info.vae_config, "toy");
+            assert_eq!(m.info.prediction, Prediction::Eps);
+            files.push(
+                [
+                    "model.safetensors",
+                    "tagger/model.safetensors",
+                    "tagger/selected_tags.csv",
+                ]
+                .map(|f| std::fs::read(out.join(f)).unwrap()),
+            );
+        }
+        assert!(files[0] == files[1], "two quick builds differ");
+    }
+}
