@@ -53,6 +53,15 @@ pub fn run(a: PromptsArgs, json: bool) -> Result<i32> {
     } else {
         (0..a.count).map(|i| finish(t.random(a.seed, i))).collect()
     };
+    if a.combinatorial && (list.len() as u64) < a.count {
+        // Say it rather than silently printing fewer lines than asked for.
+        eprintln!(
+            "note: the template has only {} combinations; printed {} of the {} asked for (--count)",
+            list.len(),
+            list.len(),
+            a.count
+        );
+    }
     if json {
         println!(
             "{}",

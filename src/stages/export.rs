@@ -109,37 +109,69 @@ impl Default for ExportConfig {
 /// One flat manifest row (see `schemas/export_row.schema.json`).
 #[derive(Debug, Clone, Default, Serialize, PartialEq)]
 pub struct ExportRow {
+    /// Manifest `items.id`.
     pub item_id: i64,
+    /// sha256 of the file bytes (hex).
     pub sha256: String,
+    /// Image path relative to the dataset folder (`images/ab/<sha>.<ext>`).
     pub path: Option<String>,
+    /// First source path, or `generate`.
     pub source: String,
+    /// Item status (`ok` or a rejection status).
     pub status: String,
+    /// Reason code and detail when not ok.
     pub reason: Option<String>,
+    /// Original width in pixels.
     pub width: Option<i64>,
+    /// Original height in pixels.
     pub height: Option<i64>,
+    /// Decoded image format (`png`, `jpeg`, …).
     pub format: Option<String>,
+    /// Caption chosen by the export caption priority.
     pub caption: Option<String>,
+    /// Where that caption came from (one of [`CAPTION_PRIORITY`]: `policy`, `tagger`, `sidecar_txt`, …).
     pub caption_source: Option<String>,
+    /// Comma-separated tags (all sources, highest score first).
     pub tags: Option<String>,
+    /// Generation prompt (A1111 infotext or `generate`).
     pub prompt: Option<String>,
+    /// Generation negative prompt.
     pub negative: Option<String>,
+    /// Generation seed.
     pub seed: Option<i64>,
+    /// Generation sampler steps.
     pub steps: Option<i64>,
+    /// Generation sampler name.
     pub sampler: Option<String>,
+    /// Generation CFG scale.
     pub cfg: Option<f64>,
+    /// Hash of the model that generated the image.
     pub model_hash: Option<String>,
+    /// 64-bit pHash, 16 hex digits.
     pub phash: Option<String>,
+    /// 64-bit dHash, 16 hex digits.
     pub dhash: Option<String>,
+    /// Duplicate cluster (keeper item id).
     pub cluster_id: Option<i64>,
+    /// The keeper of this item's duplicate cluster (itself when kept).
     pub keeper_id: Option<i64>,
+    /// Bucket width in pixels.
     pub bucket_w: Option<i64>,
+    /// Bucket height in pixels.
     pub bucket_h: Option<i64>,
+    /// Width after the aspect-preserving resize, before the crop.
     pub resized_w: Option<i64>,
+    /// Height after the aspect-preserving resize, before the crop.
     pub resized_h: Option<i64>,
+    /// Crop offset from the top in original pixels.
     pub crop_top: Option<i64>,
+    /// Crop offset from the left in original pixels.
     pub crop_left: Option<i64>,
+    /// Crop offset from the top in resized pixels (SDXL `crop_coords_top_left`, as kohya/OneTrainer feed it).
     pub crop_top_resized: Option<i64>,
+    /// Crop offset from the left in resized pixels.
     pub crop_left_resized: Option<i64>,
+    /// Resized training image, relative to the dataset folder.
     pub bucket_path: Option<String>,
 }
 

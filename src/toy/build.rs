@@ -579,7 +579,7 @@ mod tests {
             assert_eq!(rep.adherence.items.len(), 3);
             assert!(out.join("build.json").is_file());
             let m =
-                SdxlModel::load(&out.join("model.safetensors"), &LoadOptions::default()).unwrap();
+                SdxlModel::load(out.join("model.safetensors"), &LoadOptions::default()).unwrap();
             assert_eq!(m.info.unet_config, "toy");
             assert_eq!(m.info.vae_config, "toy");
             assert_eq!(m.info.prediction, Prediction::Eps);

@@ -240,7 +240,7 @@ impl ToyVae {
     pub fn normalize_latents(&self, mean: &[f64], std: &[f64]) -> Result<()> {
         let cfg = VaeConfig::toy();
         let e = cfg.embed_dim;
-        if mean.len() != e || std.len() != e || std.iter().any(|s| !(*s > 1e-8)) {
+        if mean.len() != e || std.len() != e || std.iter().any(|s| s.is_nan() || *s <= 1e-8) {
             return Err(Error::Other(format!(
                 "toy vae: latent statistics {mean:?} / {std:?} cannot be normalised (a channel is constant); train longer"
             )));

@@ -134,6 +134,12 @@ fn prompts_prints_seeded_and_combinatorial_prompts() {
             "blue square, b and a"
         ]
     );
+    // Fewer combinations than --count: said on stderr, not silently.
+    let note = String::from_utf8_lossy(&c.stderr);
+    assert!(
+        note.contains("only 8 combinations; printed 8 of the 100 asked for"),
+        "{note}"
+    );
     // --raw keeps the exact expansion; by default empty pieces are tidied away.
     let raw = run(&["prompts", "{|x},\n  b", "--combinatorial", "--raw"]);
     assert_eq!(String::from_utf8(raw.stdout).unwrap(), ",\n  b\nx,\n  b\n");

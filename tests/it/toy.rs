@@ -114,7 +114,7 @@ fn the_committed_toy_models_meet_their_gates() {
     let acc = tagger_attribute_accuracy(&tagger, 7, 300).unwrap();
     assert!(acc.mean() >= TAGGER_GATE, "tagger attributes {acc:?}");
     let model = eps2v::pipeline::SdxlModel::load(
-        &dir.join("model.safetensors"),
+        dir.join("model.safetensors"),
         &eps2v::pipeline::LoadOptions {
             device: Some(candle_core::Device::Cpu),
             ..Default::default()
