@@ -562,7 +562,7 @@ mod tests {
         assert!(t.a.to_config().is_ok());
         let t = T::parse_from(["x", "ds", "--device", "cpu", "--precision", "bf16"]);
         assert_eq!(t.a.device.resolve().unwrap_err().exit_code(), 2);
-        let t = T::parse_from(["x", "ds", "--weighting", "minsnr"]);
+        let t = T::parse_from(["x", "ds", "--model", "m", "--weighting", "minsnr"]);
         assert!(t
             .a
             .to_config()
