@@ -478,10 +478,7 @@ fn bad_inputs_exit_2_and_write_nothing() {
             vec!["caption", ds, "--tagger", cols.to_str().unwrap()],
             "columns `name` and `category` are required",
         ),
-        (
-            vec!["caption", ds, "--policy", "tags"],
-            "--policy tags needs a tagger",
-        ),
+        (vec!["caption", ds, "--policy", "tags"], "pass --tagger DIR"),
         (
             vec!["caption", ds, "--tagger", "/no/such/dir"],
             "no such tagger folder",
