@@ -27,7 +27,7 @@ use std::time::Instant;
 
 use serde::Serialize;
 
-use super::scenes::{parse_tags, Scene, SceneSpec, TOY_BUCKETS};
+use super::scenes::{parse_tags, SceneSpec, TOY_BUCKETS};
 use crate::diffusion::{SamplerKind, UncondMode};
 use crate::models::tagger::Tagger;
 use crate::pipeline::sample::{generate, SampleConfig};
@@ -287,26 +287,14 @@ pub fn evaluate(
 /// right, per attribute (module docs); the gate is their mean.
 pub fn tagger_attribute_accuracy(tagger: &Tagger, seed: u64, count: usize) -> Result<Attributes> {
     let mut oks = Vec::with_capacity(count);
-    let mut done = 0;
-    while done < count {
-        let n = 32.min(count - done);
-        let scenes: Vec<Scene> = (0..n)
-            .map(|i| Scene::random(seed, (done + i) as u64))
-            .collect();
-        let images: Vec<Vec<f32>> = scenes
-            .iter()
-            .map(|s| tagger.preprocess.image(&s.render()))
-            .collect();
-        let probs = tagger.probabilities(&tagger.preprocess.batch(&images, tagger.device())?)?;
-        for (s, p) in scenes.iter().zip(&probs) {
-            let read = read_tags(tagger, p)?;
-            oks.push(attributes_match(
-                &parse_tags(&s.caption())?,
-                &parse_tags(&read.join(", "))?,
-            ));
-        }
-        done += n;
-    }
+    crate::toy::tagger::tag_fresh_scenes(tagger, seed, count, |s, p| {
+        let read = read_tags(tagger, p)?;
+        oks.push(attributes_match(
+            &parse_tags(&s.caption())?,
+            &parse_tags(&read.join(", "))?,
+        ));
+        Ok(())
+    })?;
     Ok(shares(&oks))
 }
 

@@ -271,6 +271,35 @@ fn group_of(tag: &str) -> &'static str {
     }
 }
 
+/// Draw scenes `0..count` of `seed`, tag them with `tagger` 32 at a time,
+/// and hand each scene with its tag probabilities (in the tagger's label
+/// order) to `f`. Shared by [`evaluate_tagger`] and the adherence gate
+/// (`toy::eval::tagger_attribute_accuracy`).
+pub fn tag_fresh_scenes(
+    tagger: &Tagger,
+    seed: u64,
+    count: usize,
+    mut f: impl FnMut(&Scene, &[f32]) -> Result<()>,
+) -> Result<()> {
+    let mut done = 0;
+    while done < count {
+        let n = 32.min(count - done);
+        let scenes: Vec<Scene> = (0..n)
+            .map(|i| Scene::random(seed, (done + i) as u64))
+            .collect();
+        let images: Vec<Vec<f32>> = scenes
+            .iter()
+            .map(|s| tagger.preprocess.image(&s.render()))
+            .collect();
+        let probs = tagger.probabilities(&tagger.preprocess.batch(&images, tagger.device())?)?;
+        for (s, p) in scenes.iter().zip(&probs) {
+            f(s, p)?;
+        }
+        done += n;
+    }
+    Ok(())
+}
+
 /// Tag `count` scenes of `seed` (indices from 0) with a loaded tagger and
 /// compare with their true tags. The tagger's labels must contain every
 /// scene tag (underscored or not).
@@ -297,38 +326,25 @@ pub fn evaluate_tagger(tagger: &Tagger, seed: u64, count: usize) -> Result<Tagge
     ];
     let (mut exact, mut tp, mut fp, mut fneg) = (0usize, 0usize, 0usize, 0usize);
     let mut group_ok = [0usize; 6];
-    let chunk = 32;
-    let mut done = 0;
-    while done < count {
-        let n = chunk.min(count - done);
-        let scenes: Vec<Scene> = (0..n)
-            .map(|i| Scene::random(seed, (done + i) as u64))
-            .collect();
-        let images: Vec<Vec<f32>> = scenes
+    tag_fresh_scenes(tagger, seed, count, |s, p| {
+        let truth: BTreeSet<String> = s.tags().into_iter().collect();
+        let pred: BTreeSet<String> = tags
             .iter()
-            .map(|s| tagger.preprocess.image(&s.render()))
+            .zip(&idx)
+            .filter(|(_, &k)| p[k] >= 0.5)
+            .map(|(t, _)| t.clone())
             .collect();
-        let probs = tagger.probabilities(&tagger.preprocess.batch(&images, tagger.device())?)?;
-        for (s, p) in scenes.iter().zip(&probs) {
-            let truth: BTreeSet<String> = s.tags().into_iter().collect();
-            let pred: BTreeSet<String> = tags
-                .iter()
-                .zip(&idx)
-                .filter(|(_, &k)| p[k] >= 0.5)
-                .map(|(t, _)| t.clone())
-                .collect();
-            exact += usize::from(truth == pred);
-            tp += truth.intersection(&pred).count();
-            fp += pred.difference(&truth).count();
-            fneg += truth.difference(&pred).count();
-            for (g, ok) in groups.iter().zip(group_ok.iter_mut()) {
-                let a: BTreeSet<&String> = truth.iter().filter(|t| group_of(t) == *g).collect();
-                let b: BTreeSet<&String> = pred.iter().filter(|t| group_of(t) == *g).collect();
-                *ok += usize::from(a == b);
-            }
+        exact += usize::from(truth == pred);
+        tp += truth.intersection(&pred).count();
+        fp += pred.difference(&truth).count();
+        fneg += truth.difference(&pred).count();
+        for (g, ok) in groups.iter().zip(group_ok.iter_mut()) {
+            let a: BTreeSet<&String> = truth.iter().filter(|t| group_of(t) == *g).collect();
+            let b: BTreeSet<&String> = pred.iter().filter(|t| group_of(t) == *g).collect();
+            *ok += usize::from(a == b);
         }
-        done += n;
-    }
+        Ok(())
+    })?;
     let f1 = if tp == 0 {
         0.0
     } else {
