@@ -29,9 +29,9 @@ pub struct GenerateArgs {
     /// Single-file SDXL checkpoint (.safetensors with UNet, both text encoders and VAE). Default: the committed toy model.
     #[arg(long)]
     pub model: Option<PathBuf>,
-    /// Template file, built-in pack name, or template text (dynamicprompts syntax).
-    #[arg(long, default_value = "1girl")]
-    pub template: String,
+    /// Template file, built-in pack name, or template text (dynamicprompts syntax). Default: `1girl`, or `toy` when --model is not given (the toy model draws toy scenes).
+    #[arg(long)]
+    pub template: Option<String>,
     /// Folder of wildcard .txt files (default: the template's wildcards/ folder, or the built-in pack's).
     #[arg(long)]
     pub wildcards: Option<PathBuf>,
@@ -44,7 +44,7 @@ pub struct GenerateArgs {
     /// Use the first --count combinatorial prompts instead of random ones.
     #[arg(long)]
     pub combinatorial: bool,
-    /// One size WxH for every image (default: drawn from the SDXL bucket list).
+    /// One size WxH for every image (default: drawn from the SDXL bucket list, or the toy buckets 64x64, 96x64, 64x96 when --model is not given).
     #[arg(long, conflicts_with = "size_weights")]
     pub size: Option<String>,
     /// Weights of the SDXL bucket sizes: WxH=W entries, `*=W` for the rest (default 1), e.g. "*=0,1024x1024=2,832x1216=1".
@@ -103,8 +103,13 @@ impl GenerateArgs {
                 Sizes::Fixed { width, height }
             }
             (None, Some(w)) => Sizes::parse_weights(w)?,
+            (None, None) if self.model.is_none() => toy_sizes(),
             (None, None) => Sizes::sdxl(),
         };
+        let template = self
+            .template
+            .clone()
+            .unwrap_or_else(|| if self.model.is_none() { "toy" } else { "1girl" }.into());
         Ok(GenerateConfig {
             model: crate::toy::model_or_default(self.model.clone())?,
             prediction: self
@@ -113,7 +118,7 @@ impl GenerateArgs {
                 .map(str::parse::<Prediction>)
                 .transpose()?,
             ztsnr: self.ztsnr,
-            template: TemplateSpec::from_arg(&self.template)?,
+            template: TemplateSpec::from_arg(&template)?,
             wildcards: self.wildcards.clone(),
             count: self.count,
             seed: self.seed,
@@ -175,4 +180,20 @@ pub fn run(a: GenerateArgs, json: bool) -> Result<i32> {
         }
     }
     Ok(if r.rejected_total() > 0 { 1 } else { 0 })
+}
+
+/// The toy buckets, equally likely: the sizes the toy model was trained at.
+fn toy_sizes() -> Sizes {
+    Sizes::Weighted(
+        crate::toy::scenes::TOY_BUCKETS
+            .iter()
+            .map(
+                |&(width, height)| crate::stages::generate::plan::SizeWeight {
+                    width,
+                    height,
+                    weight: 1.0,
+                },
+            )
+            .collect(),
+    )
 }

@@ -104,6 +104,10 @@ pub struct EvalArgs {
     /// Print every prompt with what the tagger read.
     #[arg(long)]
     pub verbose: bool,
+    /// Instead of sampling: the tagger's attribute accuracy on VAE round
+    /// trips of N fresh scenes (the most adherence this VAE allows).
+    #[arg(long, value_name = "N")]
+    pub reconstruct: Option<usize>,
 }
 
 /// Arguments of `eps2v toy tagger`.
@@ -135,6 +139,21 @@ pub struct TaggerArgs {
     /// Number of evaluation scenes (0: no evaluation).
     #[arg(long, default_value_t = 500)]
     pub eval: usize,
+    /// Architecture experiments: embedding width (default: TaggerConfig::toy).
+    #[arg(long, hide = true)]
+    pub embed_dim: Option<usize>,
+    /// Architecture experiments: transformer blocks.
+    #[arg(long, hide = true)]
+    pub depth: Option<usize>,
+    /// Architecture experiments: MLP hidden width.
+    #[arg(long, hide = true)]
+    pub mlp: Option<usize>,
+    /// Architecture experiments: patch side.
+    #[arg(long, hide = true)]
+    pub patch: Option<usize>,
+    /// Architecture experiments: input side.
+    #[arg(long, hide = true)]
+    pub img_size: Option<usize>,
 }
 
 /// Arguments of `eps2v toy scenes`.
@@ -291,6 +310,27 @@ fn eval(a: EvalArgs, json: bool) -> anyhow::Result<i32> {
         },
     )?;
     let tagger = crate::models::tagger::Tagger::load(&tagger_dir, &candle_core::Device::Cpu)?;
+    if let Some(n) = a.reconstruct {
+        let c = crate::toy::eval::vae_ceiling(&model, &tagger, 7, n)?;
+        if json {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(
+                    &serde_json::json!({"reconstruct": n, "attributes": c, "overall": c.mean()})
+                )?
+            );
+        } else {
+            println!(
+                "toy eval --reconstruct {n}: VAE round trips of fresh scenes (seed 7) read right: {:.1} % (count {:.1}, shapes {:.1}, colours {:.1}, background {:.1})",
+                100.0 * c.mean(),
+                100.0 * c.count,
+                100.0 * c.shapes,
+                100.0 * c.colours,
+                100.0 * c.background
+            );
+        }
+        return Ok(0);
+    }
     let r = evaluate(
         &model,
         &tagger,
@@ -324,7 +364,7 @@ fn tagger(a: TaggerArgs, json: bool) -> anyhow::Result<i32> {
         .into());
     }
     let ctx = Ctx { progress: !json };
-    let opts = TaggerTraining {
+    let mut opts = TaggerTraining {
         seed: a.seed,
         data_seed: a.data_seed,
         steps: a.steps,
@@ -332,13 +372,26 @@ fn tagger(a: TaggerArgs, json: bool) -> anyhow::Result<i32> {
         lr: a.lr,
         ..Default::default()
     };
+    let c = &mut opts.config;
+    c.embed_dim = a.embed_dim.unwrap_or(c.embed_dim);
+    c.depth = a.depth.unwrap_or(c.depth);
+    c.mlp_hidden = a.mlp.unwrap_or(c.mlp_hidden);
+    c.patch_size = a.patch.unwrap_or(c.patch_size);
+    c.img_size = a.img_size.unwrap_or(c.img_size);
     let (t, rep) = train_tagger(&opts, &ctx)?;
     t.save(&a.dir)?;
-    let acc = if a.eval > 0 {
+    let (acc, attrs) = if a.eval > 0 {
         let loaded = crate::models::tagger::Tagger::load(&a.dir, &candle_core::Device::Cpu)?;
-        Some(evaluate_tagger(&loaded, a.eval_seed, a.eval)?)
+        (
+            Some(evaluate_tagger(&loaded, a.eval_seed, a.eval)?),
+            Some(crate::toy::eval::tagger_attribute_accuracy(
+                &loaded,
+                a.eval_seed,
+                a.eval,
+            )?),
+        )
     } else {
-        None
+        (None, None)
     };
     let n = rep.losses.len();
     let tail = &rep.losses[n.saturating_sub(50)..];
@@ -352,6 +405,8 @@ fn tagger(a: TaggerArgs, json: bool) -> anyhow::Result<i32> {
             "first_loss": rep.losses.first(),
             "last_loss_mean50": last,
             "accuracy": acc,
+            "attributes": attrs,
+            "gate": attrs.map(|a| a.mean()),
         });
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(0);
@@ -376,6 +431,17 @@ fn tagger(a: TaggerArgs, json: bool) -> anyhow::Result<i32> {
         for (g, v) in &acc.groups {
             println!("  {g:<18} {:.1} %", 100.0 * v);
         }
+    }
+    if let Some(at) = attrs {
+        println!(
+            "attributes read right (the gate, >= {:.0} %): {:.1} % (count {:.1}, shapes {:.1}, colours {:.1}, background {:.1})",
+            100.0 * crate::toy::build::TAGGER_GATE,
+            100.0 * at.mean(),
+            100.0 * at.count,
+            100.0 * at.shapes,
+            100.0 * at.colours,
+            100.0 * at.background
+        );
     }
     Ok(0)
 }

@@ -1,15 +1,24 @@
 //! Prompt adherence of a model, measured by a tagger: sample a fixed
 //! prompt × seed set with the model read as a given prediction type (eps,
-//! or v + ZTSNR), tag each image, and count which of the prompt's tags the
-//! tagger sees (probability ≥ a threshold). The run's summary and report
-//! show it for the base model as eps, the same weights as v + ZTSNR before
-//! training, the converted model and each merge.
+//! or v + ZTSNR), tag each image, and score what the tagger sees against
+//! the prompt. The run's summary and report show it for the base model as
+//! eps, the same weights as v + ZTSNR before training, the converted model
+//! and each merge.
+//!
+//! Two scores, one per kind of tagger:
+//! - the toy world (a toy tagger and toy scene prompts): the attribute
+//!   comparison of `eps2v toy eval` ([`crate::toy::eval`]): per image,
+//!   count, shape kinds, shape colours and background read right; overall =
+//!   the mean of the four shares. So the run's numbers and the toy gates are
+//!   the same measure ([`score_toy`]);
+//! - any other tagger and prompts (a real WD tagger on 1girl prompts): the
+//!   share of each prompt's tagger-known tags that the tagger sees
+//!   (probability ≥ the threshold), averaged over images, also per tag
+//!   group ([`score`]).
 //!
 //! `eps2v run` only calls an [`AdherenceFn`]: any function of (model,
-//! prediction settings) → [`Adherence`]. [`TaggerAdherence`] is the
-//! minimal one here (toy prompts are parsed with [`crate::toy::parse_tags`]
-//! to group tags into attributes); a richer toy evaluator can take its
-//! place without touching the pipeline.
+//! prediction settings) → [`Adherence`]; [`TaggerAdherence`] is the one it
+//! uses by default.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -28,11 +37,14 @@ use crate::Result;
 /// Adherence of one model.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Adherence {
-    /// Mean over images of the share of the prompt's (tagger-known) tags
-    /// that the tagger sees, 0..=1.
+    /// 0..=1. Toy world: the mean of the four attribute shares; otherwise
+    /// the mean over images of the share of the prompt's (tagger-known)
+    /// tags that the tagger sees (module docs).
     pub overall: f64,
-    /// Share of prompt tags seen, per attribute (`count`, `shape`, `size`,
-    /// `position`, `background`, `background colour`, `other`).
+    /// Toy world: share of images with each attribute read right (`count`,
+    /// `shapes`, `colours`, `background`). Otherwise: share of prompt tags
+    /// seen per group (`count`, `shape`, `size`, `position`, `background`,
+    /// `background colour`, `other`).
     pub per_attribute: BTreeMap<String, f64>,
     /// Share of images in which the tagger sees at least one
     /// `"{colour} {shape}"` tag ("still has shapes"); `None` when the
@@ -130,6 +142,46 @@ pub fn score(
     }
 }
 
+/// Toy-world adherence (module docs): `None` unless `tagger` has every
+/// scene tag and every prompt asks for a count, shapes and a background.
+pub fn score_toy(tagger: &Tagger, prompts: &[String], probs: &[Vec<f32>]) -> Option<Adherence> {
+    use crate::toy::eval::{attributes_match, read_tags, sees_a_shape};
+    let asked: Vec<_> = prompts
+        .iter()
+        .map(|p| crate::toy::parse_tags(p).ok())
+        .collect::<Option<Vec<_>>>()?;
+    if asked.is_empty()
+        || asked
+            .iter()
+            .any(|s| s.count.is_none() || s.shapes.is_empty() || s.background.is_none())
+    {
+        return None;
+    }
+    let mut oks = Vec::with_capacity(probs.len());
+    let mut with_shapes = 0usize;
+    for (a, p) in asked.iter().zip(probs) {
+        let read = read_tags(tagger, p).ok()?;
+        let seen = crate::toy::parse_tags(&read.join(", ")).ok()?;
+        with_shapes += usize::from(sees_a_shape(tagger, p));
+        oks.push(attributes_match(a, &seen));
+    }
+    let shares = crate::toy::eval::shares(&oks);
+    Some(Adherence {
+        overall: shares.mean(),
+        per_attribute: [
+            ("count", shares.count),
+            ("shapes", shares.shapes),
+            ("colours", shares.colours),
+            ("background", shares.background),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect(),
+        has_shapes: Some(with_shapes as f64 / oks.len().max(1) as f64),
+        images: oks.len(),
+    })
+}
+
 /// Adherence by a WD tagger over a fixed prompt × seed set.
 pub struct TaggerAdherence {
     tagger: Tagger,
@@ -186,12 +238,8 @@ impl TaggerAdherence {
             .iter()
             .flat_map(|p| std::iter::repeat_n(p.clone(), self.spec.seeds.len()))
             .collect();
-        Ok(score(
-            &prompts,
-            &probs,
-            &self.tagger.labels.names,
-            self.threshold,
-        ))
+        Ok(score_toy(&self.tagger, &prompts, &probs)
+            .unwrap_or_else(|| score(&prompts, &probs, &self.tagger.labels.names, self.threshold)))
     }
 }
 
@@ -245,5 +293,48 @@ mod tests {
         assert!(!a.per_attribute.contains_key("other"));
         assert_eq!(a.has_shapes, Some(0.5));
         assert_eq!(a.images, 2);
+    }
+
+    /// With a toy tagger and toy prompts the score is `toy eval`'s
+    /// attribute comparison; other prompts fall back to tag recall.
+    #[test]
+    fn toy_prompts_are_scored_by_attributes() {
+        let dir = tempfile::tempdir().unwrap();
+        crate::toy::models::write_random_toy_tagger(dir.path(), 1).unwrap();
+        let tagger = Tagger::load(dir.path(), &Device::Cpu).unwrap();
+        let names = &tagger.labels.names;
+        let probs_for = |on: &[&str]| -> Vec<f32> {
+            names
+                .iter()
+                .map(|n| if on.contains(&n.as_str()) { 0.9 } else { 0.05 })
+                .collect()
+        };
+        let prompt =
+            "1shape, red circle, large, center, simple background, blue background".to_string();
+        // Right but for the shape's colour (a green circle drawn).
+        let seen = probs_for(&[
+            "1shape",
+            "green_circle",
+            "large",
+            "simple_background",
+            "blue_background",
+        ]);
+        let a = score_toy(&tagger, std::slice::from_ref(&prompt), &[seen]).unwrap();
+        assert_eq!(a.per_attribute["count"], 1.0);
+        assert_eq!(a.per_attribute["shapes"], 1.0);
+        assert_eq!(a.per_attribute["colours"], 0.0);
+        assert_eq!(a.per_attribute["background"], 1.0);
+        assert!((a.overall - 0.75).abs() < 1e-12);
+        assert_eq!((a.has_shapes, a.images), (Some(1.0), 1));
+        // Nothing above 0.5: the reading still names a shape, has_shapes does not.
+        let a = score_toy(&tagger, &[prompt], &[vec![0.1; names.len()]]).unwrap();
+        assert_eq!(a.has_shapes, Some(0.0));
+        // A 1girl prompt is not a toy prompt.
+        assert!(score_toy(
+            &tagger,
+            &["1girl, solo".to_string()],
+            &[vec![0.1; names.len()]]
+        )
+        .is_none());
     }
 }

