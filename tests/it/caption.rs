@@ -512,7 +512,13 @@ fn bad_inputs_exit_2_and_write_nothing() {
         ),
     ];
     for (args, want) in cases {
-        let out = run(&args);
+        // No toy folder: `--policy tags` without `--tagger` has no tagger to
+        // fall back to (with the committed toy tagger it would use that one).
+        let out = Command::new(bin())
+            .args(&args)
+            .env("EPS2V_TOY_DIR", f.ds.join("no-toy-here"))
+            .output()
+            .unwrap();
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
         assert!(err.contains(want), "{args:?}: {err}");
