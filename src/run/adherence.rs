@@ -145,7 +145,7 @@ pub fn score(
 /// Toy-world adherence (module docs): `None` unless `tagger` has every
 /// scene tag and every prompt asks for a count, shapes and a background.
 pub fn score_toy(tagger: &Tagger, prompts: &[String], probs: &[Vec<f32>]) -> Option<Adherence> {
-    use crate::toy::eval::{attributes_match, read_tags, sees_a_shape};
+    use crate::toy::eval::{judge, sees_a_shape};
     let asked: Vec<_> = prompts
         .iter()
         .map(|p| crate::toy::parse_tags(p).ok())
@@ -160,10 +160,8 @@ pub fn score_toy(tagger: &Tagger, prompts: &[String], probs: &[Vec<f32>]) -> Opt
     let mut oks = Vec::with_capacity(probs.len());
     let mut with_shapes = 0usize;
     for (a, p) in asked.iter().zip(probs) {
-        let read = read_tags(tagger, p).ok()?;
-        let seen = crate::toy::parse_tags(&read.join(", ")).ok()?;
+        oks.push(judge(tagger, a, p).ok()?.0);
         with_shapes += usize::from(sees_a_shape(tagger, p));
-        oks.push(attributes_match(a, &seen));
     }
     let shares = crate::toy::eval::shares(&oks);
     Some(Adherence {

@@ -198,6 +198,18 @@ pub fn sees_a_shape(tagger: &Tagger, probs: &[f32]) -> bool {
     })
 }
 
+/// Read one image's probabilities ([`read_tags`]) and compare the reading
+/// with what was asked ([`attributes_match`]). Returns the reading too.
+pub fn judge(
+    tagger: &Tagger,
+    asked: &SceneSpec,
+    probs: &[f32],
+) -> Result<([bool; 4], Vec<String>)> {
+    let read = read_tags(tagger, probs)?;
+    let seen = parse_tags(&read.join(", "))?;
+    Ok((attributes_match(asked, &seen), read))
+}
+
 /// Compare what is seen with what is asked: `[count, shapes, colours,
 /// background]` right (module docs).
 pub fn attributes_match(asked: &SceneSpec, seen: &SceneSpec) -> [bool; 4] {
@@ -275,13 +287,11 @@ pub fn evaluate(
             .preprocess
             .batch(&[tagger.preprocess.image(img)], tagger.device())?;
         let probs = tagger.probabilities(&x)?;
-        let read = read_tags(tagger, &probs[0])?;
-        let asked = parse_tags(prompt)?;
-        let seen = parse_tags(&read.join(", "))?;
+        let (ok, read) = judge(tagger, &parse_tags(prompt)?, &probs[0])?;
         items.push(EvalItem {
             prompt: prompt.clone(),
             size: (width, height),
-            ok: attributes_match(&asked, &seen),
+            ok,
             read,
             sees_shape: sees_a_shape(tagger, &probs[0]),
         });
@@ -315,19 +325,10 @@ pub fn vae_ceiling(
     seed: u64,
     count: usize,
 ) -> Result<Attributes> {
-    use candle_core::{Device, Tensor};
     let mut oks = Vec::with_capacity(count);
     for i in 0..count as u64 {
         let scene = super::Scene::random(seed, i);
-        let img = scene.render();
-        let (w, h) = img.dimensions();
-        let mut planes = vec![0f32; 3 * (w * h) as usize];
-        for (k, px) in img.pixels().enumerate() {
-            for c in 0..3 {
-                planes[c * (w * h) as usize + k] = px.0[c] as f32 / 127.5 - 1.0;
-            }
-        }
-        let x = Tensor::from_vec(planes, (1, 3, h as usize, w as usize), &Device::Cpu)?
+        let x = crate::train::testkit::image_tensor(&scene.render())?
             .to_device(&model.device)?
             .to_dtype(model.vae.dtype())?;
         let z = model.vae.encode_scaled(&x)?;
@@ -337,11 +338,7 @@ pub fn vae_ceiling(
             .preprocess
             .batch(&[tagger.preprocess.image(&back)], tagger.device())?;
         let probs = tagger.probabilities(&x)?;
-        let read = read_tags(tagger, &probs[0])?;
-        oks.push(attributes_match(
-            &parse_tags(&scene.caption())?,
-            &parse_tags(&read.join(", "))?,
-        ));
+        oks.push(judge(tagger, &parse_tags(&scene.caption())?, &probs[0])?.0);
     }
     Ok(shares(&oks))
 }
@@ -352,11 +349,7 @@ pub fn vae_ceiling(
 pub fn tagger_attribute_accuracy(tagger: &Tagger, seed: u64, count: usize) -> Result<Attributes> {
     let mut oks = Vec::with_capacity(count);
     crate::toy::tagger::tag_fresh_scenes(tagger, seed, count, |s, p| {
-        let read = read_tags(tagger, p)?;
-        oks.push(attributes_match(
-            &parse_tags(&s.caption())?,
-            &parse_tags(&read.join(", "))?,
-        ));
+        oks.push(judge(tagger, &parse_tags(&s.caption())?, p)?.0);
         Ok(())
     })?;
     Ok(shares(&oks))
