@@ -154,6 +154,16 @@ pub struct TaggerArgs {
     /// Architecture experiments: input side.
     #[arg(long, hide = true)]
     pub img_size: Option<usize>,
+    /// Pool of this many VAE round trips of scenes (what generated images
+    /// look like), `--round-trip-batch` of them after each batch.
+    #[arg(long, default_value_t = 0)]
+    pub round_trips: usize,
+    /// Pool images per step, after the drawn scenes.
+    #[arg(long, default_value_t = 16)]
+    pub round_trip_batch: usize,
+    /// Model whose VAE makes the round trips (default: the committed toy model).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
 }
 
 /// Arguments of `eps2v toy scenes`.
@@ -378,7 +388,21 @@ fn tagger(a: TaggerArgs, json: bool) -> anyhow::Result<i32> {
     c.mlp_hidden = a.mlp.unwrap_or(c.mlp_hidden);
     c.patch_size = a.patch.unwrap_or(c.patch_size);
     c.img_size = a.img_size.unwrap_or(c.img_size);
-    let (t, rep) = train_tagger(&opts, &ctx)?;
+    opts.round_trips = a.round_trips;
+    opts.round_trip_batch = a.round_trip_batch;
+    let pool = if a.round_trips > 0 {
+        let path = crate::toy::model_or_default(a.model)?;
+        let model = crate::pipeline::SdxlModel::load(&path, &Default::default())?;
+        crate::toy::tagger::round_trip_pool(
+            &model,
+            a.data_seed.wrapping_add(1),
+            a.round_trips,
+            &ctx,
+        )?
+    } else {
+        Vec::new()
+    };
+    let (t, rep) = train_tagger(&opts, &pool, &ctx)?;
     t.save(&a.dir)?;
     let (acc, attrs) = if a.eval > 0 {
         let loaded = crate::models::tagger::Tagger::load(&a.dir, &candle_core::Device::Cpu)?;

@@ -55,11 +55,16 @@ pub const SCHEMA_V1: &str = include_str!("../../schemas/manifest.sql");
 ///   `gen_items` (one row per plan index with every generation parameter
 ///   and its state `planned` / `rendered` → `item_id` / `rejected` with a
 ///   reason) and `merged_runs` (provenance of `manifest merge`).
+/// - v6, `status_index.sql` (issue 14): `items_status` becomes a partial
+///   index over the items a stage set aside (`WHERE status <> 'ok'`): the
+///   'ok' rows are most of the table and gained nothing from it, while a
+///   bulk insert paid for rebuilding it.
 pub const MIGRATIONS: &[&str] = &[
     include_str!("../../schemas/migrations/caption.sql"),
     include_str!("../../schemas/migrations/train.sql"),
     include_str!("../../schemas/migrations/check_constraints.sql"),
     include_str!("../../schemas/migrations/generate.sql"),
+    include_str!("../../schemas/migrations/status_index.sql"),
 ];
 
 /// Latest schema version this build writes.
@@ -382,6 +387,16 @@ mod tests {
             .query_row("PRAGMA foreign_keys", [], |r| r.get(0))
             .unwrap();
         assert_eq!(fk_on, 1);
+        // v6: items_status covers only the set-aside items.
+        let sql: String = m
+            .conn()
+            .query_row(
+                "SELECT sql FROM sqlite_master WHERE name = 'items_status'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert!(sql.ends_with("WHERE status <> 'ok'"), "{sql}");
         let rows: Vec<(i64, String, Option<String>)> = m
             .conn()
             .prepare("SELECT id, status, reason FROM items ORDER BY id")

@@ -152,6 +152,18 @@ pub fn decode_unit(model: &SdxlModel, latent: &Tensor) -> Result<Tensor> {
     Ok(img.clamp(0f32, 1f32)?)
 }
 
+/// RGB8 → `(1, 3, H, W)` floats in [−1, 1] on `device` (what the VAE
+/// encoder takes: `v / 127.5 − 1`).
+pub fn from_rgb8(img: &RgbImage, device: &Device) -> Result<Tensor> {
+    let (w, h) = img.dimensions();
+    let x: Vec<f32> = img
+        .as_raw()
+        .iter()
+        .map(|&v| f32::from(v) / 127.5 - 1.0)
+        .collect();
+    Ok(Tensor::from_vec(x, (1, h as usize, w as usize, 3), device)?.permute((0, 3, 1, 2))?)
+}
+
 /// `(1, 3, H, W)` floats in [0, 1] → RGB8 (`round(255·x)`).
 pub fn to_rgb8(unit: &Tensor) -> Result<RgbImage> {
     let (_, c, h, w) = unit.dims4()?;

@@ -14,12 +14,16 @@
 //!    at the toy bucket list (kohya generator, resolution 80, step 32,
 //!    sides 64..96, no upscaling);
 //! 3. VAE: [`super::vae::train_vae`] (L1 + small KL, latents normalised);
-//! 4. base: a seeded random toy checkpoint ([`super::models`]: UNet and the
-//!    two text encoders at their seeded init, frozen) with the trained VAE;
+//! 4. base: a seeded random toy checkpoint ([`super::models`]) with the
+//!    trained VAE and the two text encoders at their seeded init or, with
+//!    `text.steps` > 0, pretrained on toy captions
+//!    ([`super::text::train_text`]); frozen from then on;
 //! 5. UNet: [`crate::train::train`] on the dataset, eps objective,
 //!    caption dropout to zeroed conditioning (so CFG works), export f16 to
 //!    `OUT/model.safetensors`;
-//! 6. tagger: [`super::tagger::train_tagger`] → `OUT/tagger/`;
+//! 6. tagger: [`super::tagger::train_tagger`] → `OUT/tagger/` (with
+//!    `round_trips`, each batch of drawn scenes is followed by round trips
+//!    through the trained VAE; the committed recipe has none);
 //! 7. gates: the tagger's attribute accuracy on fresh scenes
 //!    ([`super::eval::tagger_attribute_accuracy`], ≥ 95 %) and the model's
 //!    adherence sampled as eps ([`super::eval::evaluate`], ≥ 80 %), written
@@ -37,7 +41,10 @@ use serde::{Deserialize, Serialize};
 
 use super::eval::{evaluate, tagger_attribute_accuracy, Attributes, EvalOptions, ToyEval};
 use super::models::write_random_toy_model;
-use super::tagger::{evaluate_tagger, train_tagger, TaggerAccuracy, TaggerTraining};
+use super::tagger::{
+    evaluate_tagger, round_trip_pool, train_tagger, TaggerAccuracy, TaggerTraining,
+};
+use super::text::{train_text, TextTraining};
 use super::vae::{train_vae, VaeTraining};
 use super::{write_scenes, WriteScenes};
 use crate::diffusion::Prediction;
@@ -94,6 +101,8 @@ pub struct BuildRecipe {
     pub scenes: u64,
     /// VAE training.
     pub vae: VaeTraining,
+    /// Text-encoder pretraining (`steps` 0: keep the seeded encoders).
+    pub text: TextTraining,
     /// UNet training.
     pub unet: UNetRecipe,
     /// Tagger training (recorded as its `Debug` text).
@@ -128,6 +137,19 @@ impl BuildRecipe {
                 weight_decay: 0.0,
                 crop: 32,
             },
+            // Text pretraining (super::text) is off in the committed
+            // recipe: with it (1,500 × 64) and 8 px stripes the base read
+            // 61.3 % instead of 40.2 %, backgrounds 92 % instead of 9 %,
+            // but the same weights sampled as v + ZTSNR did as well as
+            // eps, and `eps2v run`'s conversion fell below them (README,
+            // Toy world): the committed models stay until that is solved.
+            text: TextTraining {
+                seed,
+                data_seed: seed.wrapping_add(401),
+                steps: 0,
+                batch: 64,
+                lr: 2e-3,
+            },
             unet: UNetRecipe {
                 steps: 8000,
                 batch: 16,
@@ -143,6 +165,11 @@ impl BuildRecipe {
                 steps: 4000,
                 batch: 32,
                 lr: 2e-3,
+                // Round trips through the VAE (tagger module docs) are
+                // left out: 16 per batch on top of the 32 drawn scenes
+                // lowered the gate on fresh drawn scenes to 90.2 % (half of
+                // a batch of 32: 85.3 %); the tagger is too small to read
+                // both as well as drawn scenes alone (96.1 %).
                 ..Default::default()
             },
             tagger_eval_scenes: 1000,
@@ -156,12 +183,16 @@ impl BuildRecipe {
         r.scenes = 24;
         r.vae.steps = 3;
         r.vae.batch = 4;
+        r.text.steps = 3;
+        r.text.batch = 4;
         r.unet.steps = 3;
         r.unet.batch = 4;
         r.unet.warmup = 1;
         r.unet.ema = None;
         r.tagger.steps = 3;
         r.tagger.batch = 4;
+        r.tagger.round_trips = 4;
+        r.tagger.round_trip_batch = 2;
         r.tagger_eval_scenes = 16;
         r.eval = EvalOptions {
             prompts: 3,
@@ -377,12 +408,47 @@ pub fn build(opts: &BuildOptions, ctx: &Ctx) -> Result<BuildReport> {
             v_pred_ztsnr: false,
         },
     )?;
+    // 4b. text encoders: pretrained on toy captions (super::text) --------
+    let text_file = work.join("text.safetensors");
+    let text_key = key_of(&(&r.text, r.seed))?;
+    if r.text.steps > 0 {
+        let rec = match cached(&work, "text", &text_key).filter(|_| text_file.is_file()) {
+            Some(rec) => rec,
+            None => {
+                say(format!(
+                    "toy build: pretraining the text encoders ({} steps x {})",
+                    r.text.steps, r.text.batch
+                ));
+                let (t, rep) = train_text(&random, &r.text, ctx)?;
+                let tensors: HashMap<String, Tensor> = t.into_iter().collect();
+                let tmp = text_file.with_extension("tmp");
+                candle_core::safetensors::save(&tensors, &tmp)?;
+                std::fs::rename(&tmp, &text_file).at(&text_file)?;
+                let (first_loss, last_loss) = loss_summary(&rep.losses);
+                let rec = StageRecord {
+                    seconds: rep.seconds,
+                    first_loss,
+                    last_loss,
+                    details: serde_json::json!({
+                        "captions_read_exactly_before": rep.exact_before,
+                        "captions_read_exactly_after": rep.exact_after,
+                    }),
+                };
+                record(&work, "text", &text_key, &rec)?;
+                rec
+            }
+        };
+        stages.insert("text".into(), rec);
+    }
     {
         let vae_t = candle_core::safetensors::load(&vae_file, &Device::Cpu)?;
-        let repl: HashMap<String, Tensor> = vae_t
+        let mut repl: HashMap<String, Tensor> = vae_t
             .into_iter()
             .map(|(k, t)| (format!("{VAE_PREFIX}.{k}"), t))
             .collect();
+        if r.text.steps > 0 {
+            repl.extend(candle_core::safetensors::load(&text_file, &Device::Cpu)?);
+        }
         Checkpoint::open(&random)?.save_with(
             &base,
             &repl,
@@ -397,7 +463,7 @@ pub fn build(opts: &BuildOptions, ctx: &Ctx) -> Result<BuildReport> {
 
     // 5. UNet ---------------------------------------------------------------
     let model_path = out.join("model.safetensors");
-    let unet_key = key_of(&(&r.unet, &vae_key, &data_key))?;
+    let unet_key = key_of(&(&r.unet, &vae_key, &data_key, &text_key))?;
     let rec = match cached(&work, "unet", &unet_key).filter(|_| model_path.is_file()) {
         Some(rec) => rec,
         None => {
@@ -443,7 +509,12 @@ pub fn build(opts: &BuildOptions, ctx: &Ctx) -> Result<BuildReport> {
 
     // 6. tagger -------------------------------------------------------------
     let tagger_dir = out.join("tagger");
-    let tagger_key = key_of(&format!("{:?}", r.tagger))?;
+    // The round trips come from the trained VAE: a new VAE, a new tagger.
+    let tagger_key = if r.tagger.round_trips > 0 {
+        key_of(&(format!("{:?}", r.tagger), &vae_key))?
+    } else {
+        key_of(&format!("{:?}", r.tagger))?
+    };
     let rec = match cached(&work, "tagger", &tagger_key)
         .filter(|_| tagger_dir.join("model.safetensors").is_file())
     {
@@ -453,7 +524,18 @@ pub fn build(opts: &BuildOptions, ctx: &Ctx) -> Result<BuildReport> {
                 "toy build: training the tagger ({} steps x {})",
                 r.tagger.steps, r.tagger.batch
             ));
-            let (t, rep) = train_tagger(&r.tagger, ctx)?;
+            let pool = if r.tagger.round_trips > 0 {
+                let vae_model = SdxlModel::load(&base, &LoadOptions::default())?;
+                round_trip_pool(
+                    &vae_model,
+                    r.tagger.data_seed.wrapping_add(1),
+                    r.tagger.round_trips,
+                    ctx,
+                )?
+            } else {
+                Vec::new()
+            };
+            let (t, rep) = train_tagger(&r.tagger, &pool, ctx)?;
             t.save(&tagger_dir)?;
             let (first_loss, last_loss) = loss_summary(&rep.losses);
             let rec = StageRecord {

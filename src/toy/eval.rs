@@ -314,6 +314,14 @@ pub fn evaluate(
     })
 }
 
+/// `img` encoded by `model`'s VAE to its latent mean and decoded again, as
+/// RGB8 (the path of a generated image: latent → decoder → PNG).
+pub fn round_trip(model: &SdxlModel, img: &image::RgbImage) -> Result<image::RgbImage> {
+    use crate::pipeline::latent::{decode_unit, from_rgb8, to_rgb8};
+    let x = from_rgb8(img, &model.device)?.to_dtype(model.vae.dtype())?;
+    to_rgb8(&decode_unit(model, &model.vae.encode_scaled(&x)?)?)
+}
+
 /// The most adherence a model with this VAE can show: the tagger's
 /// attribute accuracy (as [`tagger_attribute_accuracy`]) on VAE round trips
 /// of `count` fresh scenes of `seed` (encode → latent mean → decode). A
@@ -328,12 +336,7 @@ pub fn vae_ceiling(
     let mut oks = Vec::with_capacity(count);
     for i in 0..count as u64 {
         let scene = super::Scene::random(seed, i);
-        let x = crate::train::testkit::image_tensor(&scene.render())?
-            .to_device(&model.device)?
-            .to_dtype(model.vae.dtype())?;
-        let z = model.vae.encode_scaled(&x)?;
-        let back =
-            crate::pipeline::latent::to_rgb8(&crate::pipeline::latent::decode_unit(model, &z)?)?;
+        let back = round_trip(model, &scene.render())?;
         let x = tagger
             .preprocess
             .batch(&[tagger.preprocess.image(&back)], tagger.device())?;

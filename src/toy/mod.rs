@@ -9,6 +9,8 @@
 //!   checkpoints and taggers.
 //! - [`tagger`]: training the toy tagger on scenes (BCE, AdamW), saving it
 //!   as a WD tagger folder, accuracy on fresh scenes.
+//! - [`text`]: pretraining the toy text encoders on toy captions (tags
+//!   back from the encoders' SDXL outputs), so colours bind to their nouns.
 //! - [`write_scenes`]: PNG + `.txt` sidecars that `eps2v import` takes.
 
 pub mod build;
@@ -17,6 +19,7 @@ pub mod eval;
 pub mod models;
 pub mod scenes;
 pub mod tagger;
+pub mod text;
 pub mod vae;
 pub use defaults::{
     default_model_path, default_tagger_dir, model_or_default, tagger_or_default, toy_dir,

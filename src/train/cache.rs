@@ -205,13 +205,7 @@ fn load_image(root: &Path, rel: &str, device: &Device) -> Result<Tensor> {
             msg: format!("{e}; rerun `eps2v bucket` to recreate the training images"),
         })?
         .to_rgb8();
-    let (w, h) = img.dimensions();
-    let data: Vec<f32> = img
-        .as_raw()
-        .iter()
-        .map(|&v| v as f32 / 127.5 - 1.0)
-        .collect();
-    Ok(Tensor::from_vec(data, (1, h as usize, w as usize, 3), device)?.permute((0, 3, 1, 2))?)
+    crate::pipeline::latent::from_rgb8(&img, device)
 }
 
 /// Inputs of [`build`].

@@ -107,15 +107,9 @@ pub fn dataset_with(dir: &Path, unet: &UNetConfig) -> Result<(PathBuf, PathBuf)>
     Ok((ds, ck))
 }
 
-/// An RGB image as `(1, 3, h, w)` in [−1, 1] (what the VAE takes).
+/// An RGB image as `(1, 3, h, w)` in [−1, 1] on the CPU (what the VAE takes).
 pub fn image_tensor(img: &RgbImage) -> Result<Tensor> {
-    let (w, h) = img.dimensions();
-    let x: Vec<f32> = img
-        .as_raw()
-        .iter()
-        .map(|&v| v as f32 / 127.5 - 1.0)
-        .collect();
-    Ok(Tensor::from_vec(x, (1, h as usize, w as usize, 3), &Device::Cpu)?.permute((0, 3, 1, 2))?)
+    crate::pipeline::latent::from_rgb8(img, &Device::Cpu)
 }
 
 /// The scaled training latents `(1, 4, 8, 8)` of the four shapes under `model`'s VAE.

@@ -286,7 +286,7 @@ pub fn run(cfg: &DedupeConfig, m: &mut Manifest, _ctx: &Ctx) -> Result<DedupeRep
     let map = crate::manifest::sql_err(&path);
     let tx = m.conn_mut().transaction().map_err(map)?;
     tx.execute(
-        "UPDATE items SET status = 'ok', reason = NULL, status_run_id = ?1 WHERE status = 'duplicate'",
+        "UPDATE items SET status = 'ok', reason = NULL, status_run_id = ?1 WHERE status <> 'ok' AND status = 'duplicate'",
         [run_id],
     )
     .map_err(map)?;
