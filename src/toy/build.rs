@@ -278,6 +278,15 @@ fn record(work: &Path, name: &str, key: &serde_json::Value, rec: &StageRecord) -
     )
 }
 
+/// Write `tensors` to the safetensors file `path` (temp file + rename).
+fn save_tensors(path: &Path, tensors: BTreeMap<String, Tensor>) -> Result<()> {
+    let tensors: HashMap<String, Tensor> = tensors.into_iter().collect();
+    let tmp = path.with_extension("tmp");
+    candle_core::safetensors::save(&tensors, &tmp)?;
+    std::fs::rename(&tmp, path).at(path)?;
+    Ok(())
+}
+
 fn key_of(v: &impl Serialize) -> Result<serde_json::Value> {
     Ok(serde_json::to_value(v)?)
 }
@@ -372,10 +381,7 @@ pub fn build(opts: &BuildOptions, ctx: &Ctx) -> Result<BuildReport> {
                 r.vae.steps
             ));
             let (tv, rep) = train_vae(&r.vae, ctx)?;
-            let tensors: HashMap<String, Tensor> = tv.tensors()?.into_iter().collect();
-            let tmp = vae_file.with_extension("tmp");
-            candle_core::safetensors::save(&tensors, &tmp)?;
-            std::fs::rename(&tmp, &vae_file).at(&vae_file)?;
+            save_tensors(&vae_file, tv.tensors()?)?;
             let (first_loss, last_loss) = loss_summary(&rep.losses);
             let rec = StageRecord {
                 seconds: rep.seconds,
@@ -420,10 +426,7 @@ pub fn build(opts: &BuildOptions, ctx: &Ctx) -> Result<BuildReport> {
                     r.text.steps, r.text.batch
                 ));
                 let (t, rep) = train_text(&random, &r.text, ctx)?;
-                let tensors: HashMap<String, Tensor> = t.into_iter().collect();
-                let tmp = text_file.with_extension("tmp");
-                candle_core::safetensors::save(&tensors, &tmp)?;
-                std::fs::rename(&tmp, &text_file).at(&text_file)?;
+                save_tensors(&text_file, t)?;
                 let (first_loss, last_loss) = loss_summary(&rep.losses);
                 let rec = StageRecord {
                     seconds: rep.seconds,

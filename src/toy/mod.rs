@@ -29,3 +29,28 @@ mod write;
 
 pub use scenes::{parse_tags, Scene, SceneSpec};
 pub use write::{write_scenes, WriteReport, WriteScenes};
+
+/// One optimizer step of a toy training loop (VAE, tagger, text
+/// encoders): the loss must be finite (else an error naming `what`, the
+/// step and the cure), then backward, learning rate `lr`, update; the loss
+/// is appended to `losses` and returned.
+pub(crate) fn optimizer_step(
+    opt: &mut crate::nn::optim::AdamW,
+    loss: &candle_core::Tensor,
+    lr: f64,
+    step: usize,
+    what: &str,
+    losses: &mut Vec<f32>,
+) -> crate::Result<f32> {
+    let l = loss.to_scalar::<f32>()?;
+    if !l.is_finite() {
+        return Err(crate::Error::Other(format!(
+            "{what} training: loss is {l} at step {step}; lower the learning rate"
+        )));
+    }
+    let grads = loss.backward()?;
+    opt.set_learning_rate(lr);
+    opt.step(&grads)?;
+    losses.push(l);
+    Ok(l)
+}

@@ -296,16 +296,8 @@ pub fn train_tagger(
         let x = tagger.preprocess.batch(&images, &Device::Cpu)?;
         let y = scene_targets(&scenes, &tags)?;
         let loss = bce_with_logits(&tagger.model.forward(&x)?, &y)?;
-        let grads = loss.backward()?;
-        opt.set_learning_rate(opts.lr * ((step + 1) as f64 / warmup as f64).min(1.0));
-        opt.step(&grads)?;
-        let l = loss.to_scalar::<f32>()?;
-        if !l.is_finite() {
-            return Err(Error::Other(format!(
-                "toy tagger training: loss is {l} at step {step}; lower the learning rate"
-            )));
-        }
-        losses.push(l);
+        let lr = opts.lr * ((step + 1) as f64 / warmup as f64).min(1.0);
+        let l = super::optimizer_step(&mut opt, &loss, lr, step, "toy tagger", &mut losses)?;
         bar.set_message(format!("loss {l:.4}"));
         bar.inc(1);
     }

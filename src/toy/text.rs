@@ -220,16 +220,8 @@ pub fn train_text(
             .collect();
         let captions: Vec<String> = scenes.iter().map(Scene::caption).collect();
         let loss = bce_with_logits(&probe.logits(&captions)?, &scene_targets(&scenes, &tags)?)?;
-        let grads = loss.backward()?;
-        opt.set_learning_rate(opts.lr * ((step + 1) as f64 / warmup as f64).min(1.0));
-        opt.step(&grads)?;
-        let l = loss.to_scalar::<f32>()?;
-        if !l.is_finite() {
-            return Err(Error::Other(format!(
-                "toy text training: loss is {l} at step {step}; lower the learning rate"
-            )));
-        }
-        losses.push(l);
+        let lr = opts.lr * ((step + 1) as f64 / warmup as f64).min(1.0);
+        let l = super::optimizer_step(&mut opt, &loss, lr, step, "toy text", &mut losses)?;
         bar.set_message(format!("loss {l:.4}"));
         bar.inc(1);
     }
@@ -282,24 +274,10 @@ mod tests {
             .count();
         assert_eq!(t.len(), text_keys, "every text weight, nothing else");
         let key = "conditioner.embedders.1.model.text_projection";
-        let moved = (&t[key] - &file[key].to_dtype(DType::F32).unwrap())
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        assert!(moved > 0.0);
+        use crate::gpubench::max_abs_diff;
+        assert!(max_abs_diff(&t[key], &file[key]).unwrap() > 0.0);
         let (t2, _) = train_text(&ckpt, &opts, &Ctx::quiet()).unwrap();
-        let same = (&t[key] - &t2[key])
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let same = max_abs_diff(&t[key], &t2[key]).unwrap();
         assert_eq!(same, 0.0, "same seeds, same weights");
     }
 }

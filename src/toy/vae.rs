@@ -343,18 +343,8 @@ pub fn train_vae(opts: &VaeTraining, ctx: &Ctx) -> Result<(ToyVae, VaeTrainRepor
             &Device::Cpu,
         )?;
         let (loss, l1) = tv.loss(&x, &eps, opts.kl_weight)?;
-        let grads = loss.backward()?;
-        opt.set_learning_rate(
-            opts.lr * lr_factor(step, opts.steps, warmup, LrSchedule::Cosine, 0.1),
-        );
-        opt.step(&grads)?;
-        let l = loss.to_scalar::<f32>()?;
-        if !l.is_finite() {
-            return Err(Error::Other(format!(
-                "toy vae training: loss is {l} at step {step}; lower the learning rate"
-            )));
-        }
-        losses.push(l);
+        let lr = opts.lr * lr_factor(step, opts.steps, warmup, LrSchedule::Cosine, 0.1);
+        super::optimizer_step(&mut opt, &loss, lr, step, "toy vae", &mut losses)?;
         bar.set_message(format!("l1 {:.4}", l1.to_scalar::<f32>()?));
         bar.inc(1);
     }
