@@ -18,7 +18,7 @@ use crate::models::sdxl::checkpoint::{save_tensors, SaveOptions, META_PREDICTION
 use crate::models::sdxl::clip::{ClipTextModel, BIGG_MODEL_PREFIX, CLIP_L_MODEL_PREFIX};
 use crate::models::sdxl::infer::config_metadata;
 use crate::models::sdxl::{init_params, UNet, UNetConfig, Vae, VaeConfig, UNET_PREFIX, VAE_PREFIX};
-use crate::{Error, Result};
+use crate::Result;
 
 /// Options of [`write_random_checkpoint`].
 #[derive(Debug, Clone, Copy, Default)]
@@ -58,18 +58,9 @@ pub fn write_random_model(
     ClipTextModel::new(vb.pp(BIGG_MODEL_PREFIX), &text.clip_g)?;
     Vae::new(vb.pp(VAE_PREFIX), vae)?;
     init_params(&varmap, opts.seed)?;
-    let tensors: Vec<(String, Tensor)> = {
-        let data = varmap
-            .data()
-            .lock()
-            .map_err(|_| Error::Other("varmap lock poisoned".into()))?;
-        let mut v: Vec<(String, Tensor)> = data
-            .iter()
-            .map(|(k, var)| (k.clone(), var.as_tensor().clone()))
-            .collect();
-        v.sort_by(|a, b| a.0.cmp(&b.0));
-        v
-    };
+    let tensors: Vec<(String, Tensor)> = crate::models::sdxl::varmap_tensors(&varmap)?
+        .into_iter()
+        .collect();
     // Our own saves record what shapes cannot tell (GroupNorm groups, head
     // widths), so the file loads with no config given.
     let mut metadata = config_metadata(Some(unet), Some(vae), Some((&text.clip_l, &text.clip_g)));

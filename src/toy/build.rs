@@ -250,13 +250,19 @@ pub struct BuildReport {
     pub sizes: BTreeMap<String, u64>,
 }
 
-fn loss_summary(losses: &[f32]) -> (Option<f64>, Option<f64>) {
-    let tail = &losses[losses.len().saturating_sub(50)..];
-    (
-        losses.first().map(|&l| f64::from(l)),
-        (!tail.is_empty())
-            .then(|| tail.iter().map(|&l| f64::from(l)).sum::<f64>() / tail.len() as f64),
-    )
+impl StageRecord {
+    /// The record of a training stage: its seconds, the first loss and the
+    /// mean of the last 50 of `losses`, and `details`.
+    fn trained(seconds: f64, losses: &[f32], details: serde_json::Value) -> Self {
+        let tail = &losses[losses.len().saturating_sub(50)..];
+        Self {
+            seconds,
+            first_loss: losses.first().map(|&l| f64::from(l)),
+            last_loss: (!tail.is_empty())
+                .then(|| tail.iter().map(|&l| f64::from(l)).sum::<f64>() / tail.len() as f64),
+            details,
+        }
+    }
 }
 
 /// A cached stage: `work/<name>.json` holds the settings that made its
@@ -382,18 +388,16 @@ pub fn build(opts: &BuildOptions, ctx: &Ctx) -> Result<BuildReport> {
             ));
             let (tv, rep) = train_vae(&r.vae, ctx)?;
             save_tensors(&vae_file, tv.tensors()?)?;
-            let (first_loss, last_loss) = loss_summary(&rep.losses);
-            let rec = StageRecord {
-                seconds: rep.seconds,
-                first_loss,
-                last_loss,
-                details: serde_json::json!({
+            let rec = StageRecord::trained(
+                rep.seconds,
+                &rep.losses,
+                serde_json::json!({
                     "params": rep.params,
                     "latent_mean_before": rep.latent_mean,
                     "latent_std_before": rep.latent_std,
                     "recon_mae_255": rep.recon_mae,
                 }),
-            };
+            );
             record(&work, "vae", &vae_key, &rec)?;
             rec
         }
@@ -427,16 +431,14 @@ pub fn build(opts: &BuildOptions, ctx: &Ctx) -> Result<BuildReport> {
                 ));
                 let (t, rep) = train_text(&random, &r.text, ctx)?;
                 save_tensors(&text_file, t)?;
-                let (first_loss, last_loss) = loss_summary(&rep.losses);
-                let rec = StageRecord {
-                    seconds: rep.seconds,
-                    first_loss,
-                    last_loss,
-                    details: serde_json::json!({
+                let rec = StageRecord::trained(
+                    rep.seconds,
+                    &rep.losses,
+                    serde_json::json!({
                         "captions_read_exactly_before": rep.exact_before,
                         "captions_read_exactly_after": rep.exact_after,
                     }),
-                };
+                );
                 record(&work, "text", &text_key, &rec)?;
                 rec
             }
@@ -491,19 +493,17 @@ pub fn build(opts: &BuildOptions, ctx: &Ctx) -> Result<BuildReport> {
                         .collect()
                 })
                 .unwrap_or_default();
-            let (first_loss, last_loss) = loss_summary(&losses);
-            let rec = StageRecord {
-                seconds: t.elapsed().as_secs_f64(),
-                first_loss,
-                last_loss,
-                details: serde_json::json!({
+            let rec = StageRecord::trained(
+                t.elapsed().as_secs_f64(),
+                &losses,
+                serde_json::json!({
                     "train_items": rep.train_items,
                     "val_items": rep.val_items,
                     "val_loss": rep.val_loss,
                     "skipped": rep.skipped,
                     "config": cfg,
                 }),
-            };
+            );
             record(&work, "unet", &unet_key, &rec)?;
             rec
         }
@@ -540,13 +540,11 @@ pub fn build(opts: &BuildOptions, ctx: &Ctx) -> Result<BuildReport> {
             };
             let (t, rep) = train_tagger(&r.tagger, &pool, ctx)?;
             t.save(&tagger_dir)?;
-            let (first_loss, last_loss) = loss_summary(&rep.losses);
-            let rec = StageRecord {
-                seconds: rep.seconds,
-                first_loss,
-                last_loss,
-                details: serde_json::json!({ "params": rep.params }),
-            };
+            let rec = StageRecord::trained(
+                rep.seconds,
+                &rep.losses,
+                serde_json::json!({ "params": rep.params }),
+            );
             record(&work, "tagger", &tagger_key, &rec)?;
             rec
         }

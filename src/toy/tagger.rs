@@ -41,7 +41,7 @@ use image::RgbImage;
 use serde::Serialize;
 
 use super::scenes::{all_tags, Scene};
-use crate::models::sdxl::init_params;
+use crate::models::sdxl::{init_params, varmap_tensors};
 use crate::models::tagger::labels::{Labels, CATEGORY_GENERAL};
 use crate::models::tagger::tiny::save_tagger_folder;
 use crate::models::tagger::{Preprocess, Tagger, TaggerConfig, VisionTransformer};
@@ -224,19 +224,7 @@ impl ToyTagger {
     /// Write the tagger folder (`model.safetensors` in timm key names,
     /// `selected_tags.csv`, `config.json`) to `dir`.
     pub fn save(&self, dir: &Path) -> Result<()> {
-        let tensors: Vec<(String, Tensor)> = {
-            let data = self
-                .varmap
-                .data()
-                .lock()
-                .map_err(|_| Error::Other("varmap lock poisoned".into()))?;
-            let mut v: Vec<(String, Tensor)> = data
-                .iter()
-                .map(|(k, var)| (k.clone(), var.as_tensor().clone()))
-                .collect();
-            v.sort_by(|a, b| a.0.cmp(&b.0));
-            v
-        };
+        let tensors: Vec<(String, Tensor)> = varmap_tensors(&self.varmap)?.into_iter().collect();
         let labels = Labels::new(
             all_tags()
                 .iter()
@@ -276,12 +264,12 @@ pub fn train_tagger(
     let warmup = (opts.steps / 20).max(1);
     let bar = ctx.bar(opts.steps as u64, "tagger");
     let mut losses = Vec::with_capacity(opts.steps);
+    let from_pool = if round_trips.is_empty() {
+        0
+    } else {
+        opts.round_trip_batch
+    };
     for step in 0..opts.steps {
-        let from_pool = if round_trips.is_empty() {
-            0
-        } else {
-            opts.round_trip_batch
-        };
         let (mut images, mut scenes) = drawn_images(
             &tagger.preprocess,
             opts.data_seed,

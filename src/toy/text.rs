@@ -34,7 +34,7 @@ use serde::Serialize;
 use super::scenes::{all_tags, Scene};
 use super::tagger::{bce_with_logits, scene_targets};
 use crate::models::sdxl::clip::SdxlTextEncoder;
-use crate::models::sdxl::init_params;
+use crate::models::sdxl::{init_params, varmap_tensors};
 use crate::nn::optim::AdamW;
 use crate::pipeline::TextConfigs;
 use crate::stages::Ctx;
@@ -83,7 +83,10 @@ pub struct TextTrainReport {
 
 /// Both toy text encoders with a linear head over their SDXL outputs.
 struct Probe {
+    /// The encoders' weights (checkpoint key names).
     varmap: VarMap,
+    /// The head's weights.
+    head: VarMap,
     encoder: SdxlTextEncoder,
     head_w: Tensor,
     head_b: Tensor,
@@ -120,22 +123,9 @@ impl Probe {
         let head_w = hb.get((n, ctx_dim + pooled_dim), "head.weight")?;
         let head_b = hb.get(n, "head.bias")?;
         init_params(&head, seed)?;
-        // One varmap for the optimizer: the head's vars join the encoders'.
-        {
-            let src = head
-                .data()
-                .lock()
-                .map_err(|_| Error::Other("varmap lock poisoned".into()))?;
-            let mut dst = varmap
-                .data()
-                .lock()
-                .map_err(|_| Error::Other("varmap lock poisoned".into()))?;
-            for (k, v) in src.iter() {
-                dst.insert(k.clone(), v.clone());
-            }
-        }
         Ok(Self {
             varmap,
+            head,
             encoder,
             head_w,
             head_b,
@@ -172,16 +162,7 @@ impl Probe {
 
     /// The encoders' trained weights under their checkpoint key names.
     fn text_tensors(&self) -> Result<BTreeMap<String, Tensor>> {
-        let data = self
-            .varmap
-            .data()
-            .lock()
-            .map_err(|_| Error::Other("varmap lock poisoned".into()))?;
-        Ok(data
-            .iter()
-            .filter(|(k, _)| k.starts_with("conditioner."))
-            .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
-            .collect())
+        varmap_tensors(&self.varmap)
     }
 }
 
@@ -201,8 +182,10 @@ pub fn train_text(
     let probe = Probe::new(ckpt, opts.seed)?;
     let eval_seed = opts.data_seed.wrapping_add(1);
     let exact_before = probe.exact(eval_seed, 256)?;
+    let mut vars = probe.varmap.all_vars();
+    vars.extend(probe.head.all_vars());
     let mut opt = AdamW::new(
-        probe.varmap.all_vars(),
+        vars,
         ParamsAdamW {
             lr: opts.lr,
             weight_decay: 0.0,

@@ -291,15 +291,7 @@ impl ToyVae {
 
     /// The weights, keys without the `first_stage_model.` prefix, sorted.
     pub fn tensors(&self) -> Result<BTreeMap<String, Tensor>> {
-        let data = self
-            .varmap
-            .data()
-            .lock()
-            .map_err(|_| Error::Other("varmap lock poisoned".into()))?;
-        Ok(data
-            .iter()
-            .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
-            .collect())
+        crate::models::sdxl::varmap_tensors(&self.varmap)
     }
 }
 

@@ -42,6 +42,20 @@ pub const CLIP_L_PREFIX: &str = "conditioner.embedders.0.transformer";
 /// Key prefix of the OpenCLIP ViT-bigG text encoder (open_clip names).
 pub const CLIP_G_PREFIX: &str = "conditioner.embedders.1.model";
 
+/// Every parameter of a `VarMap` by name, sorted (for saving).
+pub fn varmap_tensors(
+    varmap: &candle_nn::VarMap,
+) -> crate::Result<std::collections::BTreeMap<String, candle_core::Tensor>> {
+    let data = varmap
+        .data()
+        .lock()
+        .map_err(|_| crate::Error::Other("varmap lock poisoned".into()))?;
+    Ok(data
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
+        .collect())
+}
+
 /// Initialise every parameter of a `VarMap` for training from scratch,
 /// deterministically from `seed` (ChaCha8, keys visited in sorted order):
 /// weights with ≥ 2 dims ~ U(±1/√fan_in) (PyTorch's default bound), 1-D

@@ -9,7 +9,6 @@
 //! bias of ±8 makes a tag certain (p > 0.99) or absent (p < 0.01) on every
 //! image — tests choose exactly what the tagger "sees".
 
-use std::collections::BTreeMap;
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
@@ -112,15 +111,7 @@ pub fn write_random_tagger(dir: &Path, opts: &TinyTaggerOptions) -> Result<()> {
     let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
     VisionTransformer::new(vb, &cfg)?;
     init_params(&varmap, opts.seed)?;
-    let mut tensors: BTreeMap<String, Tensor> = {
-        let data = varmap
-            .data()
-            .lock()
-            .map_err(|_| Error::Other("varmap lock poisoned".into()))?;
-        data.iter()
-            .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
-            .collect()
-    };
+    let mut tensors = crate::models::sdxl::varmap_tensors(&varmap)?;
     let bias: Vec<f32> = opts.tags.iter().map(|t| t.bias).collect();
     tensors.insert(
         "head.bias".into(),

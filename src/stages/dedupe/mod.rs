@@ -285,6 +285,7 @@ pub fn run(cfg: &DedupeConfig, m: &mut Manifest, _ctx: &Ctx) -> Result<DedupeRep
     let path = m.db_path().to_path_buf();
     let map = crate::manifest::sql_err(&path);
     let tx = m.conn_mut().transaction().map_err(map)?;
+    // `status <> 'ok'` lets SQLite use the partial index `items_status`.
     tx.execute(
         "UPDATE items SET status = 'ok', reason = NULL, status_run_id = ?1 WHERE status <> 'ok' AND status = 'duplicate'",
         [run_id],
