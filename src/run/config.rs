@@ -94,7 +94,7 @@ pub struct RunConfig {
     /// `train`: the conversion recipe (the `eps2v train` config: objective,
     /// ZTSNR, stages with blocks and learning rates, caption dropout…).
     /// `model` may stay empty: it is the run's `model`. Default: the toy
-    /// recipe (v + ZTSNR, all blocks, 400 steps at 3e-4, batch 8).
+    /// recipe (v + ZTSNR, all blocks, 400 steps at 1e-4, batch 8).
     pub train: TrainConfig,
     /// `merge`: a sweep of merges of the converted model with the base.
     pub merge: MergeSection,
@@ -244,7 +244,7 @@ pub fn toy_bucket_set() -> BucketSet {
 pub fn toy_train() -> TrainConfig {
     TrainConfig {
         steps: 400,
-        lr: 3e-4,
+        lr: 1e-4,
         batch_size: 8,
         warmup_steps: 20,
         eval_every: 100,

@@ -217,7 +217,8 @@ pub enum Policy {
     Prompt,
     /// The tagger's tags.
     Tags,
-    /// The prompt's tags the tagger confirms, plus confident extra tags.
+    /// The prompt's tags the tagger confirms, in prompt order, and
+    /// confident extra tags after them (count tags lead).
     Merged,
 }
 
@@ -321,17 +322,36 @@ pub fn caption(
             match prompt {
                 None => order_tags(&tags.all().cloned().collect::<Vec<_>>()),
                 Some(p) => {
+                    let seen: HashSet<String> = tags.all().map(|t| tag_key(&t.name)).collect();
                     let in_prompt: HashSet<String> = p.iter().map(|t| tag_key(t)).collect();
-                    let chosen: Vec<ScoredTag> = tags
-                        .all()
-                        .filter(|t| {
-                            in_prompt.contains(&tag_key(&t.name))
-                                || t.category == CATEGORY_CHARACTER
-                                || t.p >= cfg.extra_threshold
-                        })
+                    // Count tags lead (Danbooru order); the confirmed
+                    // prompt tags keep the prompt's order, the order the
+                    // base model was prompted with and its images are
+                    // aligned to; then what the tagger adds.
+                    let confirmed: Vec<&String> =
+                        p.iter().filter(|t| seen.contains(&tag_key(t))).collect();
+                    let extras = order_tags(
+                        &tags
+                            .all()
+                            .filter(|t| {
+                                !in_prompt.contains(&tag_key(&t.name))
+                                    && (t.category == CATEGORY_CHARACTER
+                                        || t.p >= cfg.extra_threshold)
+                            })
+                            .cloned()
+                            .collect::<Vec<_>>(),
+                    );
+                    let (count, rest): (Vec<&String>, Vec<&String>) =
+                        confirmed.into_iter().partition(|t| is_count_tag(t));
+                    let (extra_count, extra_rest): (Vec<String>, Vec<String>) =
+                        extras.into_iter().partition(|t| is_count_tag(t));
+                    count
+                        .into_iter()
                         .cloned()
-                        .collect();
-                    order_tags(&chosen)
+                        .chain(extra_count)
+                        .chain(rest.into_iter().cloned())
+                        .chain(extra_rest)
+                        .collect()
                 }
             }
         }
@@ -496,12 +516,29 @@ mod tests {
     fn merged_keeps_confirmed_prompt_tags_and_confident_extras() {
         let cfg = PolicyConfig::default();
         let p = prompt_tags("1girl, outdoors, red hair, masterpiece");
-        // outdoors (0.4 < extra 0.6) stays because the prompt asked for it;
-        // red hair / masterpiece are not confirmed; long hair and smile are
-        // confident extras; solo (0.5) is not; the character always is.
+        // outdoors (0.4 < extra 0.6) stays because the prompt asked for it,
+        // and keeps its place after 1girl; red hair / masterpiece are not
+        // confirmed; long hair and smile are confident extras (after the
+        // prompt's tags); solo (0.5) is not; the character always is.
         assert_eq!(
             caption(&cfg, Some(&p), Some(&result())).unwrap(),
-            "1girl, hatsune miku, long hair, smile, outdoors"
+            "1girl, outdoors, hatsune miku, long hair, smile"
+        );
+        // The prompt's order, not the tagger's, whatever the probabilities;
+        // count tags lead, the prompt's then the tagger's.
+        let p = prompt_tags("outdoors, smile, 1girl");
+        assert_eq!(
+            caption(&cfg, Some(&p), Some(&result())).unwrap(),
+            "1girl, outdoors, smile, hatsune miku, long hair"
+        );
+        let p = prompt_tags("outdoors, 1girl");
+        let cfg_solo = PolicyConfig {
+            extra_threshold: 0.45,
+            ..PolicyConfig::default()
+        };
+        assert_eq!(
+            caption(&cfg_solo, Some(&p), Some(&result())).unwrap(),
+            "1girl, solo, outdoors, hatsune miku, long hair, smile"
         );
         // Without a prompt, merged is tags.
         assert_eq!(
