@@ -332,14 +332,19 @@ impl RunConfig {
     }
 
     /// Fill what defaults to another key: `train.model` ← `model`, the
-    /// toy tagger when the caption policy needs one, the training seed.
+    /// toy tagger when the caption policy needs one or a listed stage reads
+    /// what only a tagger gives (`filter`: alignment scores, `evaluate`:
+    /// adherence), the training seed.
     pub fn resolve(&mut self) {
         let model = self.model_path();
         self.model = Some(model.clone());
         if self.train.model.as_os_str().is_empty() {
             self.train.model = model;
         }
-        if self.caption.tagger.is_none() && self.caption.caption.policy.needs_tagger() {
+        let needs_tagger = self.caption.caption.policy.needs_tagger()
+            || self.has("filter")
+            || self.has("evaluate");
+        if self.caption.tagger.is_none() && needs_tagger {
             self.caption.tagger = Some(super::defaults::default_tagger_dir());
         }
     }
@@ -756,6 +761,29 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("c.toml: stages:"), "{e}");
+    }
+
+    /// Policy `prompt` needs no tagger to write captions, but `filter`
+    /// (alignment) and `evaluate` (adherence) do: the toy tagger stays the
+    /// default while either is listed.
+    #[test]
+    fn the_tagger_defaults_while_a_stage_needs_it() {
+        let with = |stages: &[&str]| {
+            let text = format!("stages = {stages:?}\n[caption.caption]\npolicy = \"prompt\"\n");
+            let mut c = RunConfig::from_toml(&text, "p.toml").unwrap();
+            c.resolve();
+            c.caption.tagger
+        };
+        let toy = Some(super::super::defaults::default_tagger_dir());
+        assert_eq!(with(&["generate", "caption", "filter"]), toy);
+        assert_eq!(
+            with(&["generate", "caption", "bucket", "train", "evaluate"]),
+            toy
+        );
+        assert_eq!(with(&["generate", "caption", "bucket", "train"]), None);
+        let mut c = RunConfig::default();
+        c.resolve();
+        assert_eq!(c.caption.tagger, toy, "merged always needs one");
     }
 
     #[test]
