@@ -101,6 +101,9 @@ pub struct EvalArgs {
     /// CFG scale.
     #[arg(long, default_value_t = 5.0)]
     pub cfg: f64,
+    /// CFG rescale φ in [0, 1] (default 0.7 when sampling as v, 0 as eps).
+    #[arg(long)]
+    pub rescale: Option<f64>,
     /// Print every prompt with what the tagger read.
     #[arg(long)]
     pub verbose: bool,
@@ -348,6 +351,7 @@ fn eval(a: EvalArgs, json: bool) -> anyhow::Result<i32> {
             prompts: a.prompts,
             steps: a.steps,
             cfg: a.cfg,
+            rescale: a.rescale,
             ..Default::default()
         },
         &Ctx { progress: !json },

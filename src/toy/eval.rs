@@ -49,6 +49,9 @@ pub struct EvalOptions {
     pub steps: usize,
     /// CFG scale.
     pub cfg: f64,
+    /// CFG rescale φ; `None`: the sampler's default for the prediction
+    /// type (0.7 for v, 0 for eps).
+    pub rescale: Option<f64>,
 }
 
 impl Default for EvalOptions {
@@ -58,6 +61,7 @@ impl Default for EvalOptions {
             prompt_seed: 0,
             steps: 12,
             cfg: 5.0,
+            rescale: None,
         }
     }
 }
@@ -271,7 +275,7 @@ pub fn evaluate(
             seed: i as u64,
             steps: opts.steps,
             cfg: opts.cfg,
-            rescale: None,
+            rescale: opts.rescale,
             sampler: SamplerKind::Euler,
             schedule: None,
             width,

@@ -227,40 +227,38 @@ fn sample_defaults_to_the_committed_toy_model() {
 /// `--prediction v --ztsnr`, the same weights as v + ZTSNR.
 #[test]
 fn toy_eval_honours_the_model_and_its_overrides() {
-    let v: serde_json::Value = serde_json::from_str(&run(&[
-        "--json",
-        "toy",
-        "eval",
-        "--prompts",
-        "3",
-        "--steps",
-        "3",
-    ]))
-    .unwrap();
+    // `toy eval` on 3 prompts at 3 steps, plus `extra` flags.
+    let eval = |extra: &[&str]| -> serde_json::Value {
+        let args = [
+            &["--json", "toy", "eval", "--prompts", "3", "--steps", "3"],
+            extra,
+        ]
+        .concat();
+        serde_json::from_str(&run(&args)).unwrap()
+    };
+    let v = eval(&[]);
     assert_eq!(
         (v["prediction"].as_str(), v["ztsnr"].as_bool()),
         (Some("eps"), Some(false))
     );
     assert_eq!(v["items"].as_array().unwrap().len(), 3);
-    let v: serde_json::Value = serde_json::from_str(&run(&[
-        "--json",
-        "toy",
-        "eval",
-        "--prompts",
-        "3",
-        "--steps",
-        "3",
-        "--prediction",
-        "v",
-        "--ztsnr",
-    ]))
-    .unwrap();
+    let v = eval(&["--prediction", "v", "--ztsnr"]);
     assert_eq!(
         (v["prediction"].as_str(), v["ztsnr"].as_bool()),
         (Some("v"), Some(true))
     );
     let o = v["overall"].as_f64().unwrap();
     assert!((0.0..=1.0).contains(&o));
+    // CFG rescale: given, it replaces the v default (0.7); out of range is
+    // a config error naming the flag.
+    let v = eval(&["--prediction", "v", "--ztsnr", "--rescale", "0"]);
+    assert_eq!(v["options"]["rescale"].as_f64(), Some(0.0));
+    let out = Command::new(bin())
+        .args(["toy", "eval", "--prompts", "1", "--rescale", "1.5"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--rescale"));
 }
 
 /// `eps2v generate` with no `--model` renders the committed toy model with
