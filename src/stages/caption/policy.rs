@@ -328,9 +328,12 @@ pub fn caption(
                     // prompt tags keep the prompt's order, the order the
                     // base model was prompted with and its images are
                     // aligned to; then what the tagger adds.
-                    let confirmed: Vec<&String> =
-                        p.iter().filter(|t| seen.contains(&tag_key(t))).collect();
-                    let extras = order_tags(
+                    let (count, rest): (Vec<String>, Vec<String>) = p
+                        .iter()
+                        .filter(|t| seen.contains(&tag_key(t)))
+                        .cloned()
+                        .partition(|t| is_count_tag(t));
+                    let (extra_count, extra_rest): (Vec<String>, Vec<String>) = order_tags(
                         &tags
                             .all()
                             .filter(|t| {
@@ -340,18 +343,10 @@ pub fn caption(
                             })
                             .cloned()
                             .collect::<Vec<_>>(),
-                    );
-                    let (count, rest): (Vec<&String>, Vec<&String>) =
-                        confirmed.into_iter().partition(|t| is_count_tag(t));
-                    let (extra_count, extra_rest): (Vec<String>, Vec<String>) =
-                        extras.into_iter().partition(|t| is_count_tag(t));
-                    count
-                        .into_iter()
-                        .cloned()
-                        .chain(extra_count)
-                        .chain(rest.into_iter().cloned())
-                        .chain(extra_rest)
-                        .collect()
+                    )
+                    .into_iter()
+                    .partition(|t| is_count_tag(t));
+                    [count, extra_count, rest, extra_rest].concat()
                 }
             }
         }
