@@ -15,7 +15,7 @@
 //! Loading ([`RunConfig::from_toml`]) checks in this order, each error a
 //! config error (exit 2) that names the key:
 //! 1. unknown keys, walked against the generated schema, with the nearest
-//!    valid key suggested (Levenshtein distance, `strsim`);
+//!    valid key suggested (Levenshtein distance, `strsim`; `super::keys`);
 //! 2. types and values (serde / toml: the message shows the line);
 //! 3. the stage list ([`check_stages`]): known names, no repeats, in
 //!    pipeline order (a stage never runs before one it needs);
@@ -39,6 +39,8 @@ use crate::stages::filter::FilterConfig;
 use crate::stages::generate::{GenerateConfig, Shard, SizeWeight, Sizes};
 use crate::train::config::TrainConfig;
 use crate::{Error, Result};
+
+use super::keys::{check_keys, suggestion};
 
 /// Every stage of a run, in the only order they can run in.
 pub const STAGES: &[&str] = &[
@@ -548,117 +550,6 @@ pub fn check_stages(stages: &[String]) -> Result<()> {
         last = Some((i, s));
     }
     Ok(())
-}
-
-/// The valid name nearest to `bad` (Levenshtein distance at most a third
-/// of its length, and at least 2), if any.
-pub fn nearest<'a>(bad: &str, valid: impl Iterator<Item = &'a str>) -> Option<&'a str> {
-    let (d, v) = valid
-        .map(|v| (strsim::levenshtein(bad, v), v))
-        .min_by_key(|(d, _)| *d)?;
-    (d <= (bad.chars().count() / 3).max(2)).then_some(v)
-}
-
-/// `"; did you mean `x`?"` for the valid name nearest to `bad`, or "".
-pub fn suggestion<'a>(bad: &str, valid: impl Iterator<Item = &'a str>) -> String {
-    nearest(bad, valid)
-        .map(|v| format!("; did you mean `{v}`?"))
-        .unwrap_or_default()
-}
-
-/// Follow `$ref` (`#/$defs/Name`) from the schema root.
-fn deref<'a>(s: &'a Value, root: &'a Value) -> &'a Value {
-    let mut cur = s;
-    for _ in 0..16 {
-        match cur.get("$ref").and_then(Value::as_str) {
-            Some(r) => {
-                let ptr = r.trim_start_matches('#');
-                match root.pointer(ptr) {
-                    Some(next) => cur = next,
-                    None => return cur,
-                }
-            }
-            None => return cur,
-        }
-    }
-    cur
-}
-
-/// The schema and its alternatives (`anyOf` / `oneOf` / `allOf`), resolved.
-fn alternatives<'a>(s: &'a Value, root: &'a Value, out: &mut Vec<&'a Value>) {
-    let s = deref(s, root);
-    out.push(s);
-    for k in ["anyOf", "oneOf", "allOf"] {
-        if let Some(list) = s.get(k).and_then(Value::as_array) {
-            for a in list {
-                alternatives(a, root, out);
-            }
-        }
-    }
-}
-
-/// Walk a TOML value against the JSON schema: every table key must be a
-/// property of its table's schema (maps, whose schema has no properties,
-/// take any key).
-fn check_keys(v: &toml::Value, schema: &Value, root: &Value, path: &str) -> Result<()> {
-    let mut alts = Vec::new();
-    alternatives(schema, root, &mut alts);
-    match v {
-        toml::Value::Table(t) => {
-            let props: Vec<&serde_json::Map<String, Value>> = alts
-                .iter()
-                .filter_map(|a| a.get("properties").and_then(Value::as_object))
-                .collect();
-            if props.is_empty() {
-                return Ok(());
-            }
-            for (k, child) in t {
-                let sub = props.iter().find_map(|p| p.get(k));
-                let here = if path.is_empty() {
-                    k.clone()
-                } else {
-                    format!("{path}.{k}")
-                };
-                match sub {
-                    Some(sub) => check_keys(child, sub, root, &here)?,
-                    None => {
-                        let valid: BTreeSet<&str> = props
-                            .iter()
-                            .flat_map(|p| p.keys().map(String::as_str))
-                            .collect();
-                        let table = if path.is_empty() {
-                            "the top level".to_string()
-                        } else {
-                            format!("[{path}]")
-                        };
-                        let prefix = if path.is_empty() {
-                            String::new()
-                        } else {
-                            format!("{path}.")
-                        };
-                        let hint = nearest(k, valid.iter().copied())
-                            .map(|v| format!("; did you mean `{prefix}{v}`?"))
-                            .unwrap_or_default();
-                        return Err(Error::config(format!(
-                            "unknown key `{here}`{hint}; the keys of {table} are: {}",
-                            valid.into_iter().collect::<Vec<_>>().join(", ")
-                        )));
-                    }
-                }
-            }
-            Ok(())
-        }
-        toml::Value::Array(a) => {
-            let items = alts.iter().find_map(|s| s.get("items"));
-            if let Some(items) = items {
-                for (i, x) in a.iter().enumerate() {
-                    check_keys(x, items, root, &format!("{path}[{i}]"))?;
-                }
-            }
-            Ok(())
-        }
-        _ => Ok(()),
-    }
 }
 
 #[cfg(test)]

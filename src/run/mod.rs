@@ -22,6 +22,7 @@
 pub mod adherence;
 pub mod config;
 pub mod defaults;
+mod keys;
 pub mod report;
 
 use std::collections::BTreeMap;
