@@ -26,6 +26,16 @@
 //! size, small or medium) sit at a quarter and three quarters of the long
 //! side, so they never overlap.
 //!
+//! What the tags leave free (drawn per scene, so that a prompt does not fix
+//! its image and the sampler's noise decides something, as in real
+//! datasets): the radius varies by ×0.9..1.1 for one shape (the size classes
+//! stay apart: 0.176·m < 0.216·m, 0.264·m < 0.306·m) and ×0.9..1.0 for two;
+//! a single shape's centre moves by up to ±7 % of the width and height,
+//! two shapes' centres by up to ±10 % of the short side across the long
+//! side (never along it, so they cannot touch), always kept whole in the
+//! image; a gradient runs downwards or upwards (the tagged colour at the
+//! top or the bottom); stripes run along either diagonal at any phase.
+//!
 //! Tag order (fixed; [`Scene::tags`]): count (`1shape` / `2shapes`); one
 //! `"{colour} {shape}"` per shape, left to right (top to bottom in portrait
 //! images); size (`small` / `medium` / `large`); for one shape its
@@ -289,12 +299,11 @@ impl VPos {
 pub enum BgStyle {
     /// One colour (`simple background`).
     Plain,
-    /// Vertical gradient from the colour (top) halfway to its contrast
-    /// colour (bottom) (`gradient background`).
+    /// Vertical gradient from the colour halfway to its contrast colour,
+    /// downwards or upwards (`gradient background`).
     Gradient,
-    /// Diagonal stripes, 4 px wide, of the colour and a 35 % mix towards
-    /// its contrast colour; the top-left pixel is the colour
-    /// (`striped background`).
+    /// Diagonal stripes, 8 px wide, of the colour and a 50 % mix towards
+    /// its contrast colour (`striped background`).
     Striped,
 }
 
@@ -418,7 +427,15 @@ pub struct Scene {
     pub background: BgStyle,
     /// Background colour (never the colour of a shape).
     pub background_colour: Colour,
+    /// Untagged: a gradient runs upwards (the colour at the bottom),
+    /// stripes run along the other diagonal.
+    pub flip: bool,
+    /// Untagged: stripe phase in pixels (0..16).
+    pub phase: u32,
 }
+
+/// Stripe width in pixels (a period is two stripes).
+const STRIPE: u32 = 8;
 
 fn pick<T: Copy>(rng: &mut ChaCha8Rng, items: &[T]) -> T {
     items[rng.random_range(0..items.len())]
@@ -440,9 +457,16 @@ impl Scene {
         };
         let background_colour = take_colour(&mut rng, &mut colours);
         let background = pick(&mut rng, &BgStyle::ALL);
-        if two {
+        let flip = rng.random_bool(0.5);
+        let phase = rng.random_range(0..2 * STRIPE);
+        // A centre `c` moved by up to ±`j`, kept where a radius-`r` shape
+        // is whole within `0..len`.
+        let jitter = |rng: &mut ChaCha8Rng, c: f64, j: f64, r: f64, len: f64| {
+            (c + rng.random_range(-j..=j)).clamp(r - 0.5, len + 0.5 - r)
+        };
+        let (shapes, size, position) = if two {
             let size = pick(&mut rng, &[Size::Small, Size::Medium]);
-            let r = size.radius_fraction() * m;
+            let r = size.radius_fraction() * m * rng.random_range(0.9..=1.0);
             let a = (
                 pick(&mut rng, &Shape::ALL),
                 take_colour(&mut rng, &mut colours),
@@ -453,11 +477,11 @@ impl Scene {
                 pick(&mut rng, &Shape::ALL),
                 take_colour(&mut rng, &mut colours),
             );
-            let place = |(shape, colour): (Shape, Colour), f: f64| {
+            let mut place = |(shape, colour): (Shape, Colour), f: f64| {
                 let (cx, cy) = if height > width {
-                    (w / 2.0, h * f)
+                    (jitter(&mut rng, w / 2.0, 0.1 * m, r, w), h * f)
                 } else {
-                    (w * f, h / 2.0)
+                    (w * f, jitter(&mut rng, h / 2.0, 0.1 * m, r, h))
                 };
                 PlacedShape {
                     shape,
@@ -467,18 +491,10 @@ impl Scene {
                     r,
                 }
             };
-            Scene {
-                width,
-                height,
-                shapes: vec![place(a, 0.25), place(b, 0.75)],
-                size,
-                position: None,
-                background,
-                background_colour,
-            }
+            (vec![place(a, 0.25), place(b, 0.75)], size, None)
         } else {
             let size = pick(&mut rng, &Size::ALL);
-            let r = size.radius_fraction() * m;
+            let r = size.radius_fraction() * m * rng.random_range(0.9..=1.1);
             // Positions where the whole shape fits (centre always does).
             let fits = |c: f64, len: f64| c - r >= -0.5 && c + r <= len + 0.5;
             let hs: Vec<HPos> = HPos::ALL
@@ -493,21 +509,27 @@ impl Scene {
             let vp = pick(&mut rng, &vs);
             let shape = pick(&mut rng, &Shape::ALL);
             let colour = take_colour(&mut rng, &mut colours);
-            Scene {
-                width,
-                height,
-                shapes: vec![PlacedShape {
-                    shape,
-                    colour,
-                    cx: hp.fraction() * w,
-                    cy: vp.fraction() * h,
-                    r,
-                }],
-                size,
-                position: Some((hp, vp)),
-                background,
-                background_colour,
-            }
+            let cx = jitter(&mut rng, hp.fraction() * w, 0.07 * w, r, w);
+            let cy = jitter(&mut rng, vp.fraction() * h, 0.07 * h, r, h);
+            let one = PlacedShape {
+                shape,
+                colour,
+                cx,
+                cy,
+                r,
+            };
+            (vec![one], size, Some((hp, vp)))
+        };
+        Scene {
+            width,
+            height,
+            shapes,
+            size,
+            position,
+            background,
+            background_colour,
+            flip,
+            phase,
         }
     }
 
@@ -569,13 +591,18 @@ impl Scene {
                 } else {
                     0.0
                 };
-                mix(0.5 * t)
+                mix(0.5 * if self.flip { 1.0 - t } else { t })
             }
             BgStyle::Striped => {
-                if ((x + y) / 4) % 2 == 0 {
+                let d = if self.flip {
+                    x + self.height - 1 - y
+                } else {
+                    x + y
+                };
+                if ((d + self.phase) / STRIPE) % 2 == 0 {
                     c
                 } else {
-                    mix(0.35)
+                    mix(0.5)
                 }
             }
         }
@@ -787,12 +814,30 @@ mod tests {
                 assert!(sh.cx - sh.r >= -0.5 && sh.cx + sh.r <= f64::from(s.width) + 0.5);
                 assert!(sh.cy - sh.r >= -0.5 && sh.cy + sh.r <= f64::from(s.height) + 0.5);
             }
-            // Top-left corner is the background colour in every style.
+            // The left corner where the background starts is its colour (a
+            // gradient's top, or bottom when it runs upwards), or for
+            // stripes the colour or the 50 % mix, as the phase says.
+            let c = s.background_colour.rgb();
+            let k = s.background_colour.contrast();
+            let half = [0, 1, 2].map(|j| (u16::from(c[j]) + u16::from(k[j])).div_ceil(2) as u8);
+            let bottom = s.flip && s.background != BgStyle::Plain;
+            let y0 = if bottom { s.height - 1 } else { 0 };
+            let want = match s.background {
+                BgStyle::Striped if (s.phase / 8) % 2 == 1 => half,
+                _ => c,
+            };
             assert!(
-                close(img.get_pixel(0, 0), s.background_colour.rgb(), 0),
-                "scene {i}: {}",
-                s.caption()
+                close(img.get_pixel(0, y0), want, 1),
+                "scene {i}: {} at (0,{y0}) is {:?}",
+                s.caption(),
+                img.get_pixel(0, y0)
             );
+            // The radius stays in its size class.
+            let m = f64::from(s.width.min(s.height));
+            for sh in &s.shapes {
+                let f = sh.r / (s.size.radius_fraction() * m);
+                assert!((0.9 - 1e-9..=1.1 + 1e-9).contains(&f), "scene {i}: {f}");
+            }
             if s.background == BgStyle::Plain {
                 let c = s.background_colour.rgb();
                 let (w, h) = (s.width - 1, s.height - 1);
@@ -819,19 +864,64 @@ mod tests {
             position: None,
             background: BgStyle::Gradient,
             background_colour: Colour::Blue,
+            flip: false,
+            phase: 0,
         };
         let img = base.render();
         // Blue is dark → mixes towards white.
         assert!(img.get_pixel(0, 63).0[0] > img.get_pixel(0, 0).0[0] + 100);
+        assert_eq!(img.get_pixel(0, 0).0, Colour::Blue.rgb());
+        // Upwards: the colour at the bottom.
+        let up = Scene {
+            flip: true,
+            ..base.clone()
+        }
+        .render();
+        assert!(up.get_pixel(0, 0).0[0] > up.get_pixel(0, 63).0[0] + 100);
+        assert_eq!(up.get_pixel(0, 63).0, Colour::Blue.rgb());
         let striped = Scene {
             background: BgStyle::Striped,
             background_colour: Colour::Yellow,
             ..base
         };
         let img = striped.render();
-        assert_eq!(img.get_pixel(0, 0).0, Colour::Yellow.rgb());
-        assert_ne!(img.get_pixel(4, 0).0, Colour::Yellow.rgb());
-        assert_eq!(img.get_pixel(8, 0).0, Colour::Yellow.rgb());
+        let y = Colour::Yellow.rgb();
+        assert_eq!(img.get_pixel(0, 0).0, y);
+        assert_eq!(img.get_pixel(7, 0).0, y);
+        assert_ne!(img.get_pixel(8, 0).0, y);
+        assert_eq!(img.get_pixel(16, 0).0, y);
+        // Along the diagonal x + y: (8, 0) and (0, 8) are one stripe.
+        assert_eq!(img.get_pixel(0, 8).0, img.get_pixel(8, 0).0);
+        // The other diagonal and a phase of 4 px.
+        let other = Scene {
+            flip: true,
+            phase: 4,
+            ..striped
+        }
+        .render();
+        assert_eq!(other.get_pixel(0, 63).0, y);
+        assert_ne!(other.get_pixel(4, 63).0, y);
+        assert_eq!(other.get_pixel(4, 59).0, other.get_pixel(0, 55).0);
+    }
+
+    /// The tags do not fix the image: scenes with the same caption differ
+    /// in what the tags leave free (module docs).
+    #[test]
+    fn the_same_tags_give_different_images() {
+        let mut by_caption: std::collections::HashMap<String, Vec<Scene>> = Default::default();
+        for i in 0..4000 {
+            let s = Scene::random(3, i);
+            by_caption.entry(s.caption()).or_default().push(s);
+        }
+        let (mut pairs, mut differ) = (0, 0);
+        for group in by_caption.values().filter(|g| g.len() >= 2) {
+            pairs += 1;
+            if group[0].render() != group[1].render() {
+                differ += 1;
+            }
+        }
+        assert!(pairs >= 20, "{pairs}");
+        assert_eq!(differ, pairs);
     }
 
     #[test]
@@ -875,6 +965,8 @@ mod tests {
             position: Some((HPos::Left, VPos::Top)),
             background: BgStyle::Striped,
             background_colour: Colour::Blue,
+            flip: true,
+            phase: 3,
         };
         assert_eq!(
             s.caption(),

@@ -146,7 +146,7 @@ fn the_committed_tagger_meets_its_gate() {
 /// The adherence gate: the base model sampled as eps follows its
 /// prompts ≥ 80 %.
 #[test]
-#[ignore = "gate not met yet: the committed base model reaches 39 % (32 prompts); its VAE caps what the tagger can read at 65 % (README, Toy world)"]
+#[ignore = "gate not met yet: the committed base model reaches 62.5 % (32 prompts; 64.0 % on 256), its shape kinds 26 % (README, Toy world)"]
 fn the_committed_base_model_meets_the_adherence_gate() {
     let e = committed_base_adherence("eps", false);
     assert!(
@@ -158,10 +158,10 @@ fn the_committed_base_model_meets_the_adherence_gate() {
 }
 
 /// What the committed base model does today, as a floor a rebuild must not
-/// fall under (measured 0.391 on these 32 prompts), and that the same
+/// fall under (measured 0.625 on these 32 prompts), and that the same
 /// weights sampled as v + ZTSNR (an unconverted eps model read the wrong
-/// way) follow their prompts worse (measured 0.328; the margin is small
-/// because this base is weak at what ZTSNR changes most: backgrounds).
+/// way) follow their prompts clearly worse (measured 0.469; on 256 prompts
+/// 64.0 % against 43.4 %): the damage the conversion exists to repair.
 #[test]
 fn the_committed_base_model_follows_prompts_as_eps_not_as_v() {
     let eps = committed_base_adherence("eps", false);
@@ -170,7 +170,7 @@ fn the_committed_base_model_follows_prompts_as_eps_not_as_v() {
     let v = committed_base_adherence("v", true);
     eprintln!("as eps {:.3}, as v + ZTSNR {:.3}", eps.overall, v.overall);
     assert!(
-        eps.overall >= v.overall + 0.03,
+        eps.overall >= v.overall + 0.10,
         "as eps {:.3}, as v + ZTSNR {:.3}",
         eps.overall,
         v.overall
@@ -178,7 +178,7 @@ fn the_committed_base_model_follows_prompts_as_eps_not_as_v() {
 }
 
 /// Floor of [`the_committed_base_model_follows_prompts_as_eps_not_as_v`].
-const BASE_FLOOR: f64 = 0.33;
+const BASE_FLOOR: f64 = 0.55;
 
 /// On a fresh clone `eps2v sample` needs no `--model`: it samples the
 /// committed toy model; with the toy folder missing it says so (exit 2).

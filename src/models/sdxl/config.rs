@@ -176,11 +176,16 @@ impl UNetConfig {
     /// (three levels, two ResBlocks each, transformers at levels 1 and 2,
     /// middle transformer, `label_emb` with the six size embeddings) at
     /// widths 32 / 32 / 64, 32-channel heads, 8 GroupNorm groups; context
-    /// 48 and pooled 32 from [`crate::pipeline::TextConfigs::toy`]. Sized for
-    /// the toy buckets (8×8 to 12×8 latents): a training step at batch 8
-    /// takes tens of milliseconds on two CPU cores (`--bench toy`, README).
+    /// 48 and pooled 32 from [`crate::pipeline::TextConfigs::toy`]; 8 latent
+    /// channels ([`VaeConfig::toy`]). Sized for the toy buckets (8×8 to 12×8
+    /// latents): a training step at batch 8 takes tens of milliseconds on
+    /// two CPU cores (`--bench toy`, README).
     pub fn toy() -> Self {
-        Self::from_levels(32, vec![1, 1, 2], 2, &[0, 1, 1], 1, 32, 48, 32, 8)
+        Self {
+            in_channels: VaeConfig::TOY_LATENT_CHANNELS,
+            out_channels: VaeConfig::TOY_LATENT_CHANNELS,
+            ..Self::from_levels(32, vec![1, 1, 2], 2, &[0, 1, 1], 1, 32, 48, 32, 8)
+        }
     }
 
     /// The named configs, in the order `known_name` tries them.
@@ -370,12 +375,23 @@ impl VaeConfig {
         }
     }
 
+    /// Latent channels of the toy world (SDXL: 4). Toy scenes are 64 to
+    /// 96 pixels, so a factor-8 latent is 8×8 to 12×8 and a small shape
+    /// covers about 2×2 latent pixels: with 4 channels the shape's kind
+    /// does not survive the round trip (tagger on round trips: shapes 36 %,
+    /// README, Toy world); twice the channels keep the factor, the layout
+    /// and the UNet's cost.
+    pub const TOY_LATENT_CHANNELS: usize = 8;
+
     /// The toy-world VAE (DESIGN.md §4): the SDXL layout (four levels,
     /// factor 8, mid attention) at widths 16 / 32 / 64 / 64 with one
-    /// ResnetBlock per encoder level (two per decoder level), 8 groups.
+    /// ResnetBlock per encoder level (two per decoder level), 8 groups,
+    /// [`Self::TOY_LATENT_CHANNELS`] latent channels.
     pub fn toy() -> Self {
         Self {
             num_res_blocks: 1,
+            z_channels: Self::TOY_LATENT_CHANNELS,
+            embed_dim: Self::TOY_LATENT_CHANNELS,
             ..Self::tiny()
         }
     }
