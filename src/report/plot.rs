@@ -45,6 +45,32 @@ fn plot_err(e: impl std::fmt::Display) -> Error {
     Error::Other(format!("chart: {e}"))
 }
 
+/// An axis label: plain decimals with at most four significant digits
+/// (`0.44`, `3.5`, `1200`), scientific notation only outside 0.001..10⁵
+/// (`1e-4`, `2.5e-5`); trailing zeros trimmed.
+fn tick(v: f64) -> String {
+    fn trim(s: String) -> String {
+        if s.contains('.') {
+            s.trim_end_matches('0').trim_end_matches('.').to_string()
+        } else {
+            s
+        }
+    }
+    let a = v.abs();
+    if v == 0.0 || !v.is_finite() {
+        return format!("{v}");
+    }
+    if (1e-3..1e5).contains(&a) {
+        let decimals = (3 - a.log10().floor() as i32).max(0) as usize;
+        return trim(format!("{v:.decimals$}"));
+    }
+    let s = format!("{v:.3e}");
+    match s.split_once('e') {
+        Some((m, e)) => format!("{}e{e}", trim(m.to_string())),
+        None => s,
+    }
+}
+
 fn draw<DB: DrawingBackend>(
     root: DrawingArea<DB, plotters::coord::Shift>,
     panels: &[Panel],
@@ -97,7 +123,8 @@ where
                     .configure_mesh()
                     .label_style(label_font.clone())
                     .x_desc("step")
-                    .y_label_formatter(&|v| format!("{:.3e}", $tf(*v)))
+                    .x_label_formatter(&|v| tick(*v))
+                    .y_label_formatter(&|v| tick($tf(*v)))
                     .draw()
                     .map_err(plot_err)?;
                 for (i, (name, p)) in panel.series.iter().enumerate() {
@@ -174,6 +201,25 @@ pub fn svg(panels: &[Panel], width: u32, panel_height: u32) -> Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tick_labels_are_short() {
+        let cases = [
+            (0.0, "0"),
+            (3.5, "3.5"),
+            (0.44, "0.44"),
+            (1200.0, "1200"),
+            (200.0, "200"),
+            (0.7932, "0.7932"),
+            (1e-4, "1e-4"),
+            (2.5e-5, "2.5e-5"),
+            (-1.25, "-1.25"),
+            (123456.0, "1.235e5"),
+        ];
+        for (v, want) in cases {
+            assert_eq!(tick(v), want, "{v}");
+        }
+    }
 
     #[test]
     fn png_and_svg_charts_render() {
