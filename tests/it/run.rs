@@ -511,11 +511,11 @@ fn sdxl_1girl_recipe_runs_with_a_tiny_checkpoint() {
 
 /// Stated margins, on 64 prompts × 2 seeds: the converted model's v + ZTSNR
 /// adherence beats the untrained weights sampled as v + ZTSNR by at least
-/// [`MARGIN`] (measured 0.441 → 0.492), and the best merge with the base by
-/// at least [`MERGE_MARGIN`] (measured 0.566 and 0.563). `toy eval` on 256 prompts read the default
-/// run's models at 43.4 % (untrained), 50.9 % (converted), 56.7 / 57.9 %
-/// (merges α 0.25 / 0.5) (README, Toy world).
-const MARGIN: f64 = 0.03;
+/// [`MARGIN`] (measured 0.441 → 0.549), and the best merge with the base by
+/// at least [`MERGE_MARGIN`] (measured 0.592 and 0.559). `toy eval` on 256
+/// prompts read the default run's models at 43.4 % (untrained), 56.1 %
+/// (converted), 56.2 % (merge α 0.5) (README, Toy world).
+const MARGIN: f64 = 0.05;
 /// See [`MARGIN`].
 const MERGE_MARGIN: f64 = 0.08;
 
