@@ -19,6 +19,7 @@ pub mod eval;
 pub mod models;
 pub mod scenes;
 pub mod tagger;
+pub mod tags;
 pub mod text;
 pub mod vae;
 pub use defaults::{
