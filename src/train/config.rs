@@ -244,7 +244,8 @@ pub struct TrainConfig {
     pub adam_eps: f64,
     /// Global gradient-norm clip (0 disables).
     pub max_grad_norm: f64,
-    /// EMA decay of the trained weights (`None`: no EMA); the export uses the EMA weights.
+    /// EMA decay of the trained weights (`None`: no EMA); the export, the
+    /// evaluation grids, the retention score and the validation loss use the EMA weights.
     pub ema_decay: Option<f64>,
     /// Loss weighting over timesteps.
     pub weighting: Weighting,

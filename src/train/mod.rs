@@ -13,7 +13,8 @@
 //! - [`data`]: trainable items, seeded validation split, bucket batches;
 //! - [`cache`]: latent and text-conditioning caches (dropout works with them);
 //! - [`weights`]: the UNet's weights, frozen blocks as plain tensors;
-//! - [`eval`] + [`retention`]: sampled grids and the shape-retention score;
+//! - [`eval`] + [`retention`]: sampled grids and the shape-retention score
+//!   (of the EMA weights when EMA is on: what the export writes);
 //! - [`state`]: atomic, NaN-free, bit-exact resumable checkpoints;
 //! - [`export`]: the single-file export with `v_pred` / `ztsnr` markers;
 //! - [`log`]: the CSV log and its plot;
@@ -319,6 +320,30 @@ fn ema_update(ema: &mut BTreeMap<String, Tensor>, vars: &[(String, Var)], d: f64
         }
     }
     Ok(())
+}
+
+/// Runs `f` with the EMA weights in the trained variables, then puts the
+/// raw weights back (also when `f` fails). The export writes the EMA
+/// weights, so the evaluation grids, the retention score (and with it
+/// `--stop-below`) and the validation loss judge those; with no EMA (an
+/// empty map) `f` runs on the raw weights.
+fn with_ema<T>(
+    vars: &[(String, Var)],
+    ema: &BTreeMap<String, Tensor>,
+    f: impl FnOnce() -> Result<T>,
+) -> Result<T> {
+    let mut raw = Vec::new();
+    for (k, v) in vars {
+        if let Some(e) = ema.get(k) {
+            raw.push((v, v.as_tensor().detach().copy()?));
+            v.set(e)?;
+        }
+    }
+    let out = f();
+    for (v, t) in raw {
+        v.set(&t)?;
+    }
+    out
 }
 
 fn grad_norm(grads: &GradStore, vars: &[(String, Var)]) -> Result<f64> {
@@ -675,8 +700,12 @@ pub fn train(
         // Rollback anchor and the "before training" evaluation.
         if st.stage_step == 0 {
             if st.step == 0 && st.last_retention.is_none() {
-                let (score, grid) = evaluator.evaluate(&view, 0)?;
-                let vl = validation_loss(cfg, &sched, &caches, &unet, &val_items)?;
+                let ((score, grid), vl) = with_ema(&vars, &ema, || {
+                    Ok((
+                        evaluator.evaluate(&view, 0)?,
+                        validation_loss(cfg, &sched, &caches, &unet, &val_items)?,
+                    ))
+                })?;
                 record_eval(m, run_id, 0, vl, score, &grid)?;
                 csv.eval(0, vl, score)?;
                 report.retention.push((0, score));
@@ -805,8 +834,13 @@ pub fn train(
             // evaluate
             let last = st.stage_step == stage.steps && st.stage + 1 == stages.len();
             if (cfg.eval_every > 0 && st.step % cfg.eval_every == 0) || last {
-                let (score, grid) = evaluator.evaluate(&view, st.step)?;
-                let vl = validation_loss(cfg, &sched, &caches, &unet, &val_items)?;
+                // Judged on what the export writes: the EMA weights when EMA is on.
+                let ((score, grid), vl) = with_ema(&vars, &ema, || {
+                    Ok((
+                        evaluator.evaluate(&view, st.step)?,
+                        validation_loss(cfg, &sched, &caches, &unet, &val_items)?,
+                    ))
+                })?;
                 record_eval(m, run_id, st.step, vl, score, &grid)?;
                 csv.eval(st.step, vl, score)?;
                 report.retention.push((st.step, score));

@@ -346,6 +346,41 @@ fn the_conversion_works_as_a_number() {
 /// The EMA update keeps no backprop graph: each new EMA tensor must not
 /// reference the previous one (that chain kept every step's weights in
 /// memory and got the toy build killed at 23 GB).
+/// The evaluation sees the EMA weights (what the export writes) and the
+/// raw weights come back afterwards, also when the evaluation fails.
+#[test]
+fn with_ema_evaluates_the_ema_weights_and_restores_the_raw_ones() {
+    let v = Var::from_slice(&[1f32, 2.0], 2, &Device::Cpu).unwrap();
+    let frozen = Var::from_slice(&[5f32], 1, &Device::Cpu).unwrap();
+    let vars = vec![
+        ("w".to_string(), v.clone()),
+        ("b".to_string(), frozen.clone()),
+    ];
+    let mut ema: BTreeMap<String, Tensor> = BTreeMap::new();
+    ema.insert(
+        "w".into(),
+        Tensor::new(&[0.5f32, 0.25], &Device::Cpu).unwrap(),
+    );
+    let seen = with_ema(&vars, &ema, || {
+        Ok((
+            v.as_tensor().to_vec1::<f32>()?,
+            frozen.as_tensor().to_vec1::<f32>()?,
+        ))
+    })
+    .unwrap();
+    assert_eq!(seen, (vec![0.5, 0.25], vec![5.0]));
+    assert_eq!(v.as_tensor().to_vec1::<f32>().unwrap(), vec![1.0, 2.0]);
+    let failed: Result<()> = with_ema(&vars, &ema, || Err(Error::Other("eval failed".into())));
+    assert!(failed.is_err());
+    assert_eq!(v.as_tensor().to_vec1::<f32>().unwrap(), vec![1.0, 2.0]);
+    // No EMA: the raw weights.
+    let raw = with_ema(&vars, &BTreeMap::new(), || {
+        Ok(v.as_tensor().to_vec1::<f32>()?)
+    })
+    .unwrap();
+    assert_eq!(raw, vec![1.0, 2.0]);
+}
+
 #[test]
 fn ema_update_holds_no_graph_and_averages() {
     let v = Var::from_slice(&[1f32, 2.0], 2, &Device::Cpu).unwrap();
