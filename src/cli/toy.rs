@@ -58,6 +58,12 @@ pub struct BuildArgs {
     /// Override the recipe's VAE batch.
     #[arg(long)]
     pub vae_batch: Option<usize>,
+    /// Override the recipe's VAE KL weight.
+    #[arg(long)]
+    pub vae_kl: Option<f64>,
+    /// Override the recipe's VAE training crop side (multiple of 8, ≤ 64).
+    #[arg(long)]
+    pub vae_crop: Option<u32>,
     /// Override the recipe's UNet steps.
     #[arg(long)]
     pub unet_steps: Option<usize>,
@@ -208,6 +214,12 @@ fn build(a: BuildArgs, json: bool) -> anyhow::Result<i32> {
     }
     if let Some(v) = a.vae_batch {
         recipe.vae.batch = v;
+    }
+    if let Some(v) = a.vae_kl {
+        recipe.vae.kl_weight = v;
+    }
+    if let Some(v) = a.vae_crop {
+        recipe.vae.crop = v;
     }
     if let Some(v) = a.unet_steps {
         recipe.unet.steps = v;

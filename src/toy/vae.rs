@@ -35,8 +35,8 @@
 //! and later steps repair it: the misread cost 4 points of adherence
 //! against tens on real checkpoints, and the conversion had nothing to fix.
 //! At std 2 the layout forms at higher σ and the terminal step still shows
-//! the mean colour, as in SDXL: misread v 21 points under eps (the
-//! committed build: 64.0 % against 43.4 %), and v + ZTSNR fixes
+//! the mean colour, as in SDXL: misread v 20 points under eps (the
+//! committed build: 68.2 % against 48.7 %), and v + ZTSNR fixes
 //! backgrounds (README, Toy world). Std 4 leaked so much colour that the
 //! eps base fell to 33 %.
 

@@ -511,13 +511,14 @@ fn sdxl_1girl_recipe_runs_with_a_tiny_checkpoint() {
 
 /// Stated margins, on 64 prompts × 2 seeds: the converted model's v + ZTSNR
 /// adherence beats the untrained weights sampled as v + ZTSNR by at least
-/// [`MARGIN`] (measured 0.441 → 0.549), and the best merge with the base by
-/// at least [`MERGE_MARGIN`] (measured 0.592 and 0.559). `toy eval` on 256
-/// prompts read the default run's models at 43.4 % (untrained), 56.1 %
-/// (converted), 56.2 % (merge α 0.5) (README, Toy world).
-const MARGIN: f64 = 0.05;
+/// [`MARGIN`] (measured 0.494 → 0.623), and the best merge with the base by
+/// at least [`MERGE_MARGIN`] (measured 0.559 and 0.563: with the stop-23
+/// base the merges trail the converted model). `toy eval` on 256 prompts
+/// read the default run's models at 48.7 % (untrained), 61.6 %
+/// (converted), 58.0 % (merge α 0.25) (README, Toy world).
+const MARGIN: f64 = 0.08;
 /// See [`MARGIN`].
-const MERGE_MARGIN: f64 = 0.08;
+const MERGE_MARGIN: f64 = 0.04;
 
 #[test]
 fn converted_toy_model_beats_the_unconverted_weights() {
