@@ -73,6 +73,9 @@ pub struct BuildArgs {
     /// Override the recipe's UNet peak learning rate.
     #[arg(long)]
     pub unet_lr: Option<f64>,
+    /// Override the recipe's UNet offset-noise strength.
+    #[arg(long)]
+    pub unet_offset: Option<f64>,
     /// Override the recipe's tagger steps.
     #[arg(long)]
     pub tagger_steps: Option<usize>,
@@ -229,6 +232,9 @@ fn build(a: BuildArgs, json: bool) -> anyhow::Result<i32> {
     }
     if let Some(v) = a.unet_lr {
         recipe.unet.lr = v;
+    }
+    if let Some(v) = a.unet_offset {
+        recipe.unet.noise_offset = v;
     }
     if let Some(v) = a.tagger_steps {
         recipe.tagger.steps = v;

@@ -81,6 +81,12 @@ pub struct TrainArgs {
     /// Offset noise strength.
     #[arg(long)]
     pub noise_offset: Option<f64>,
+    /// Multi-resolution (pyramid) noise levels (0 disables; kohya 6–10).
+    #[arg(long)]
+    pub multires_noise_iterations: Option<usize>,
+    /// Weight ratio between multi-resolution noise levels (kohya 0.3).
+    #[arg(long)]
+    pub multires_noise_discount: Option<f64>,
     /// Smallest training timestep.
     #[arg(long)]
     pub min_timestep: Option<usize>,
@@ -186,6 +192,8 @@ impl TrainArgs {
             max_grad_norm,
             min_snr_gamma,
             noise_offset,
+            multires_noise_iterations,
+            multires_noise_discount,
             min_timestep,
             max_timestep,
             val_fraction,

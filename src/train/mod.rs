@@ -231,6 +231,14 @@ fn make_batch(
         let off = Tensor::from_vec(normals(&mut rng, b * c), (b, c, 1, 1), x0.device())?;
         eps = eps.broadcast_add(&(off * cfg.noise_offset)?)?;
     }
+    if cfg.multires_noise_iterations > 0 {
+        eps = multires_noise(
+            &eps,
+            &mut rng,
+            cfg.multires_noise_iterations,
+            cfg.multires_noise_discount,
+        )?;
+    }
     let x_t = add_noise(&x0, &eps, &timesteps, sched)?;
     let tgt = target(&x0, &eps, &timesteps, sched, cfg.objective)?;
     let w = loss_weighting(cfg).weights(sched, &timesteps, cfg.objective)?;
@@ -252,6 +260,39 @@ fn make_batch(
         weights: Tensor::from_vec(w.iter().map(|&v| v as f32).collect::<Vec<_>>(), b, &dev)?,
         item_ids: idx.iter().map(|&i| items[i].item_id).collect(),
     })
+}
+
+/// Multi-resolution noise ([`TrainConfig::multires_noise_iterations`]):
+/// `eps` plus up to `levels` coarser normal fields, each bilinearly
+/// upsampled to the latent size and weighted `discount^i`, then rescaled
+/// to unit std per sample. Coarse noise hides an image's low frequencies
+/// (layout, regional colour) at high σ where plain per-cell noise averages
+/// out over a region. All draws come from `rng` (the step's stream).
+fn multires_noise(
+    eps: &Tensor,
+    rng: &mut rand_chacha::ChaCha8Rng,
+    levels: usize,
+    discount: f64,
+) -> Result<Tensor> {
+    let (b, c, h, w) = eps.dims4()?;
+    let mut noise = eps.clone();
+    for i in 1..=levels {
+        let scale = (2.0 + 2.0 * rng.random::<f64>()).powi(i as i32);
+        let (hi, wi) = (
+            ((h as f64 / scale) as usize).max(1),
+            ((w as f64 / scale) as usize).max(1),
+        );
+        let coarse = Tensor::from_vec(normals(rng, b * c * hi * wi), (b, c, hi, wi), eps.device())?
+            .upsample_bilinear2d(h, w, false)?;
+        noise = (noise + (coarse * discount.powi(i as i32))?)?;
+        if hi == 1 || wi == 1 {
+            break;
+        }
+    }
+    let flat = noise.flatten_from(1)?;
+    let centred = flat.broadcast_sub(&flat.mean_keepdim(1)?)?;
+    let std = centred.sqr()?.mean_keepdim(1)?.sqrt()?;
+    Ok(noise.broadcast_div(&std.reshape((b, 1, 1, 1))?)?)
 }
 
 /// Per-sample MSE `(b,)` of the UNet on a batch.
