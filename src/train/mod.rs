@@ -13,6 +13,9 @@
 //! - [`data`]: trainable items, seeded validation split, bucket batches;
 //! - [`cache`]: latent and text-conditioning caches (dropout works with them);
 //! - [`weights`]: the UNet's weights, frozen blocks as plain tensors;
+//! - [`batch`]: a step's micro-batch (timesteps, noise, target) and the
+//!   per-sample and validation losses;
+//! - [`ema`]: the EMA update and evaluating with the EMA weights in place;
 //! - [`eval`] + [`retention`]: sampled grids and the shape-retention score
 //!   (of the EMA weights when EMA is on: what the export writes);
 //! - [`state`]: atomic, NaN-free, bit-exact resumable checkpoints;
@@ -26,10 +29,12 @@
 //! fixed prompt × seed set (ZTSNR-correct) and scoring it against the base
 //! model's samples, and `--stop-below` acts on that score.
 
+mod batch;
 pub mod blocks;
 pub mod cache;
 pub mod config;
 pub mod data;
+mod ema;
 pub mod eval;
 pub mod export;
 pub mod log;
@@ -46,25 +51,23 @@ use std::time::Instant;
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::ParamsAdamW;
-use rand::Rng;
 use serde::Serialize;
 
-use crate::diffusion::noise::normals;
-use crate::diffusion::training::{add_noise, target, LossWeighting};
 use crate::diffusion::{NoiseSchedule, Prediction, TerminalClamp};
 use crate::error::IoContext;
 use crate::manifest::Manifest;
-use crate::models::sdxl::build_y;
 use crate::models::sdxl::checkpoint::Checkpoint;
 use crate::nn::optim::AdamW;
 use crate::pipeline::{LoadOptions, SdxlModel};
 use crate::stages::Ctx;
 use crate::{Error, Result};
 
+use batch::{make_batch, per_sample_mse, validation_loss};
 use blocks::{BlockLr, BlockSet};
-use cache::{CacheInputs, CacheReport, Caches};
-use config::{LrSchedule, StageConfig, TrainConfig, Weighting};
-use data::{rng_for, stream, Batches, DataPos, Eligibility, TrainItem};
+use cache::{CacheInputs, CacheReport};
+use config::{LrSchedule, StageConfig, TrainConfig};
+use data::{Batches, DataPos, Eligibility, TrainItem};
+use ema::{ema_update, with_ema};
 use eval::{EvalSpec, Evaluator};
 use state::{Loaded, ToSave, TrainState};
 use weights::UNetWeights;
@@ -160,233 +163,13 @@ pub fn lr_factor(s: usize, steps: usize, warmup: usize, kind: LrSchedule, min_ra
     }
 }
 
-fn loss_weighting(cfg: &TrainConfig) -> LossWeighting {
-    match cfg.weighting {
-        Weighting::None => LossWeighting::Uniform,
-        Weighting::MinSnr => LossWeighting::MinSnr {
-            gamma: cfg.min_snr_gamma,
-        },
-        Weighting::Debiased => LossWeighting::Debiased {
-            snr_min: cfg.debiased_snr_min,
-        },
-    }
-}
-
 /// The exact training schedule (ᾱ_T = 0 under ZTSNR; the clamp only
 /// matters for samplers).
 fn schedule(cfg: &TrainConfig) -> NoiseSchedule {
     NoiseSchedule::sdxl_with(cfg.ztsnr, TerminalClamp::ComfyUi)
 }
 
-/// One micro-batch: inputs and targets ready for the UNet.
-struct Batch {
-    x_t: Tensor,
-    timesteps: Tensor,
-    context: Tensor,
-    y: Tensor,
-    target: Tensor,
-    weights: Tensor,
-    item_ids: Vec<i64>,
-}
-
-/// Assemble the micro-batch `idx` of training `step` (all randomness from
-/// `(seed, step, micro)`; `at` is `(step, micro)`).
-fn make_batch(
-    cfg: &TrainConfig,
-    sched: &NoiseSchedule,
-    caches: &Caches,
-    items: &[TrainItem],
-    idx: &[usize],
-    (step, micro): (usize, usize),
-    nan: bool,
-) -> Result<Batch> {
-    let b = idx.len();
-    let mut rng = rng_for(cfg.seed, stream::STEP, step as u64, micro as u64);
-    let timesteps: Vec<usize> = (0..b)
-        .map(|_| rng.random_range(cfg.min_timestep..=cfg.max_timestep))
-        .collect();
-    let dropped: Vec<bool> = (0..b)
-        .map(|_| rng.random::<f64>() < cfg.caption_dropout)
-        .collect();
-    let latents = idx
-        .iter()
-        .map(|&i| {
-            caches
-                .latents
-                .get(&items[i].item_id)
-                .cloned()
-                .ok_or_else(|| {
-                    Error::Other(format!("latent cache: item {} missing", items[i].item_id))
-                })
-        })
-        .collect::<Result<Vec<_>>>()?;
-    let mut x0 = Tensor::cat(&latents, 0)?; // (b, 4, h, w)
-    if nan {
-        x0 = (x0 * f64::NAN)?;
-    }
-    let dims = x0.dims().to_vec();
-    let (c, per) = (dims[1], dims[1..].iter().product::<usize>());
-    let mut eps = Tensor::from_vec(normals(&mut rng, b * per), dims.clone(), x0.device())?;
-    if cfg.noise_offset > 0.0 {
-        let off = Tensor::from_vec(normals(&mut rng, b * c), (b, c, 1, 1), x0.device())?;
-        eps = eps.broadcast_add(&(off * cfg.noise_offset)?)?;
-    }
-    if cfg.multires_noise_iterations > 0 {
-        eps = multires_noise(
-            &eps,
-            &mut rng,
-            cfg.multires_noise_iterations,
-            cfg.multires_noise_discount,
-        )?;
-    }
-    let x_t = add_noise(&x0, &eps, &timesteps, sched)?;
-    let tgt = target(&x0, &eps, &timesteps, sched, cfg.objective)?;
-    let w = loss_weighting(cfg).weights(sched, &timesteps, cfg.objective)?;
-    let captions: Vec<&str> = idx.iter().map(|&i| items[i].caption.as_str()).collect();
-    let (context, pooled) = caches.batch_cond(&captions, &dropped)?;
-    let sizes: Vec<_> = idx.iter().map(|&i| items[i].size).collect();
-    let y = build_y(&pooled, &sizes)?;
-    let dev = x0.device().clone();
-    Ok(Batch {
-        x_t,
-        timesteps: Tensor::from_vec(
-            timesteps.iter().map(|&t| t as f32).collect::<Vec<_>>(),
-            b,
-            &dev,
-        )?,
-        context,
-        y,
-        target: tgt,
-        weights: Tensor::from_vec(w.iter().map(|&v| v as f32).collect::<Vec<_>>(), b, &dev)?,
-        item_ids: idx.iter().map(|&i| items[i].item_id).collect(),
-    })
-}
-
-/// Multi-resolution noise ([`TrainConfig::multires_noise_iterations`]):
-/// `eps` plus up to `levels` coarser normal fields, each bilinearly
-/// upsampled to the latent size and weighted `discount^i`, then rescaled
-/// to unit std per sample. Coarse noise hides an image's low frequencies
-/// (layout, regional colour) at high σ where plain per-cell noise averages
-/// out over a region. All draws come from `rng` (the step's stream).
-fn multires_noise(
-    eps: &Tensor,
-    rng: &mut rand_chacha::ChaCha8Rng,
-    levels: usize,
-    discount: f64,
-) -> Result<Tensor> {
-    let (b, c, h, w) = eps.dims4()?;
-    let mut noise = eps.clone();
-    for i in 1..=levels {
-        let scale = (2.0 + 2.0 * rng.random::<f64>()).powi(i as i32);
-        let (hi, wi) = (
-            ((h as f64 / scale) as usize).max(1),
-            ((w as f64 / scale) as usize).max(1),
-        );
-        let coarse = Tensor::from_vec(normals(rng, b * c * hi * wi), (b, c, hi, wi), eps.device())?
-            .upsample_bilinear2d(h, w, false)?;
-        noise = (noise + (coarse * discount.powi(i as i32))?)?;
-        if hi == 1 || wi == 1 {
-            break;
-        }
-    }
-    let flat = noise.flatten_from(1)?;
-    let centred = flat.broadcast_sub(&flat.mean_keepdim(1)?)?;
-    let std = centred.sqr()?.mean_keepdim(1)?.sqrt()?;
-    Ok(noise.broadcast_div(&std.reshape((b, 1, 1, 1))?)?)
-}
-
-/// Per-sample MSE `(b,)` of the UNet on a batch.
-fn per_sample_mse(unet: &crate::models::sdxl::UNet, b: &Batch) -> Result<Tensor> {
-    let pred = unet.forward(&b.x_t, &b.timesteps, &b.context, &b.y)?; // (b, 4, h, w)
-    let n = b.x_t.dims()[0];
-    Ok((pred.to_dtype(DType::F32)? - &b.target)?
-        .sqr()?
-        .reshape((n, ()))?
-        .mean(1)?)
-}
-
-/// Deterministic validation loss: every item at every `val_timesteps`
-/// entry, noise from `(seed, item, t)`, plain objective MSE.
-fn validation_loss(
-    cfg: &TrainConfig,
-    sched: &NoiseSchedule,
-    caches: &Caches,
-    unet: &crate::models::sdxl::UNet,
-    items: &[TrainItem],
-) -> Result<Option<f64>> {
-    if items.is_empty() || cfg.val_timesteps.is_empty() {
-        return Ok(None);
-    }
-    let mut total = 0.0;
-    let mut n = 0usize;
-    for (i, it) in items.iter().enumerate() {
-        let x0 = caches
-            .latents
-            .get(&it.item_id)
-            .ok_or_else(|| Error::Other(format!("latent cache: item {} missing", it.item_id)))?;
-        let (context, pooled) = caches.batch_cond(&[it.caption.as_str()], &[false])?;
-        let y = build_y(&pooled, &[it.size])?;
-        for &t in &cfg.val_timesteps {
-            let mut rng = rng_for(cfg.seed, stream::VAL, i as u64, t as u64);
-            let eps = Tensor::from_vec(normals(&mut rng, x0.elem_count()), x0.dims(), x0.device())?;
-            let b = Batch {
-                x_t: add_noise(x0, &eps, &[t], sched)?,
-                timesteps: Tensor::from_vec(vec![t as f32], 1, x0.device())?,
-                context: context.clone(),
-                y: y.clone(),
-                target: target(x0, &eps, &[t], sched, cfg.objective)?,
-                weights: Tensor::ones(1, DType::F32, x0.device())?,
-                item_ids: vec![it.item_id],
-            };
-            total += per_sample_mse(unet, &b)?
-                .detach()
-                .sum_all()?
-                .to_scalar::<f32>()? as f64;
-            n += 1;
-        }
-    }
-    Ok(Some(total / n as f64))
-}
-
 /// Global L2 norm of the gradients of `vars`.
-/// `ema ← d·ema + (1 − d)·var` for every trained variable that has an EMA
-/// slot. The vars are detached first: a product with a `Var` records its
-/// inputs for backprop, so each EMA tensor would hold the previous one and
-/// the whole history would stay in memory (about one model copy per step:
-/// the toy build's UNet was killed at 23 GB after 1,000 steps).
-fn ema_update(ema: &mut BTreeMap<String, Tensor>, vars: &[(String, Var)], d: f64) -> Result<()> {
-    for (k, v) in vars {
-        if let Some(e) = ema.get_mut(k) {
-            *e = ((&*e * d)? + (v.as_tensor().detach() * (1.0 - d))?)?;
-        }
-    }
-    Ok(())
-}
-
-/// Runs `f` with the EMA weights in the trained variables, then puts the
-/// raw weights back (also when `f` fails). The export writes the EMA
-/// weights, so the evaluation grids, the retention score (and with it
-/// `--stop-below`) and the validation loss judge those; with no EMA (an
-/// empty map) `f` runs on the raw weights.
-fn with_ema<T>(
-    vars: &[(String, Var)],
-    ema: &BTreeMap<String, Tensor>,
-    f: impl FnOnce() -> Result<T>,
-) -> Result<T> {
-    let mut raw = Vec::new();
-    for (k, v) in vars {
-        if let Some(e) = ema.get(k) {
-            raw.push((v, v.as_tensor().detach().copy()?));
-            v.set(e)?;
-        }
-    }
-    let out = f();
-    for (v, t) in raw {
-        v.set(&t)?;
-    }
-    out
-}
-
 fn grad_norm(grads: &GradStore, vars: &[(String, Var)]) -> Result<f64> {
     let mut sq = 0.0f64;
     for (_, v) in vars {

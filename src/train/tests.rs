@@ -5,6 +5,7 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 
+use super::batch::multires_noise;
 use super::config::{SaveDtype, TrainConfig, Weighting};
 use super::*;
 use crate::manifest::Manifest;

@@ -1,0 +1,198 @@
+//! One training micro-batch (what a step learns from) and the losses on it:
+//! timesteps, noise (offset and multi-resolution), the noised latent and
+//! the objective's target from the step's seeded stream; the per-sample
+//! MSE; the deterministic validation loss.
+
+use candle_core::{DType, Tensor};
+use rand::Rng;
+
+use super::cache::Caches;
+use super::config::{TrainConfig, Weighting};
+use super::data::{rng_for, stream, TrainItem};
+use crate::diffusion::noise::normals;
+use crate::diffusion::training::{add_noise, target, LossWeighting};
+use crate::diffusion::NoiseSchedule;
+use crate::models::sdxl::build_y;
+use crate::{Error, Result};
+
+pub(super) fn loss_weighting(cfg: &TrainConfig) -> LossWeighting {
+    match cfg.weighting {
+        Weighting::None => LossWeighting::Uniform,
+        Weighting::MinSnr => LossWeighting::MinSnr {
+            gamma: cfg.min_snr_gamma,
+        },
+        Weighting::Debiased => LossWeighting::Debiased {
+            snr_min: cfg.debiased_snr_min,
+        },
+    }
+}
+
+/// One micro-batch: inputs and targets ready for the UNet.
+pub(super) struct Batch {
+    pub(super) x_t: Tensor,
+    pub(super) timesteps: Tensor,
+    pub(super) context: Tensor,
+    pub(super) y: Tensor,
+    pub(super) target: Tensor,
+    pub(super) weights: Tensor,
+    pub(super) item_ids: Vec<i64>,
+}
+
+/// Assemble the micro-batch `idx` of training `step` (all randomness from
+/// `(seed, step, micro)`; `at` is `(step, micro)`).
+pub(super) fn make_batch(
+    cfg: &TrainConfig,
+    sched: &NoiseSchedule,
+    caches: &Caches,
+    items: &[TrainItem],
+    idx: &[usize],
+    (step, micro): (usize, usize),
+    nan: bool,
+) -> Result<Batch> {
+    let b = idx.len();
+    let mut rng = rng_for(cfg.seed, stream::STEP, step as u64, micro as u64);
+    let timesteps: Vec<usize> = (0..b)
+        .map(|_| rng.random_range(cfg.min_timestep..=cfg.max_timestep))
+        .collect();
+    let dropped: Vec<bool> = (0..b)
+        .map(|_| rng.random::<f64>() < cfg.caption_dropout)
+        .collect();
+    let latents = idx
+        .iter()
+        .map(|&i| {
+            caches
+                .latents
+                .get(&items[i].item_id)
+                .cloned()
+                .ok_or_else(|| {
+                    Error::Other(format!("latent cache: item {} missing", items[i].item_id))
+                })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let mut x0 = Tensor::cat(&latents, 0)?; // (b, 4, h, w)
+    if nan {
+        x0 = (x0 * f64::NAN)?;
+    }
+    let dims = x0.dims().to_vec();
+    let (c, per) = (dims[1], dims[1..].iter().product::<usize>());
+    let mut eps = Tensor::from_vec(normals(&mut rng, b * per), dims.clone(), x0.device())?;
+    if cfg.noise_offset > 0.0 {
+        let off = Tensor::from_vec(normals(&mut rng, b * c), (b, c, 1, 1), x0.device())?;
+        eps = eps.broadcast_add(&(off * cfg.noise_offset)?)?;
+    }
+    if cfg.multires_noise_iterations > 0 {
+        eps = multires_noise(
+            &eps,
+            &mut rng,
+            cfg.multires_noise_iterations,
+            cfg.multires_noise_discount,
+        )?;
+    }
+    let x_t = add_noise(&x0, &eps, &timesteps, sched)?;
+    let tgt = target(&x0, &eps, &timesteps, sched, cfg.objective)?;
+    let w = loss_weighting(cfg).weights(sched, &timesteps, cfg.objective)?;
+    let captions: Vec<&str> = idx.iter().map(|&i| items[i].caption.as_str()).collect();
+    let (context, pooled) = caches.batch_cond(&captions, &dropped)?;
+    let sizes: Vec<_> = idx.iter().map(|&i| items[i].size).collect();
+    let y = build_y(&pooled, &sizes)?;
+    let dev = x0.device().clone();
+    Ok(Batch {
+        x_t,
+        timesteps: Tensor::from_vec(
+            timesteps.iter().map(|&t| t as f32).collect::<Vec<_>>(),
+            b,
+            &dev,
+        )?,
+        context,
+        y,
+        target: tgt,
+        weights: Tensor::from_vec(w.iter().map(|&v| v as f32).collect::<Vec<_>>(), b, &dev)?,
+        item_ids: idx.iter().map(|&i| items[i].item_id).collect(),
+    })
+}
+
+/// Multi-resolution noise ([`TrainConfig::multires_noise_iterations`]):
+/// `eps` plus up to `levels` coarser normal fields, each bilinearly
+/// upsampled to the latent size and weighted `discount^i`, then rescaled
+/// to unit std per sample. Coarse noise hides an image's low frequencies
+/// (layout, regional colour) at high σ where plain per-cell noise averages
+/// out over a region. All draws come from `rng` (the step's stream).
+pub(super) fn multires_noise(
+    eps: &Tensor,
+    rng: &mut rand_chacha::ChaCha8Rng,
+    levels: usize,
+    discount: f64,
+) -> Result<Tensor> {
+    let (b, c, h, w) = eps.dims4()?;
+    let mut noise = eps.clone();
+    for i in 1..=levels {
+        let scale = (2.0 + 2.0 * rng.random::<f64>()).powi(i as i32);
+        let (hi, wi) = (
+            ((h as f64 / scale) as usize).max(1),
+            ((w as f64 / scale) as usize).max(1),
+        );
+        let coarse = Tensor::from_vec(normals(rng, b * c * hi * wi), (b, c, hi, wi), eps.device())?
+            .upsample_bilinear2d(h, w, false)?;
+        noise = (noise + (coarse * discount.powi(i as i32))?)?;
+        if hi == 1 || wi == 1 {
+            break;
+        }
+    }
+    let flat = noise.flatten_from(1)?;
+    let centred = flat.broadcast_sub(&flat.mean_keepdim(1)?)?;
+    let std = centred.sqr()?.mean_keepdim(1)?.sqrt()?;
+    Ok(noise.broadcast_div(&std.reshape((b, 1, 1, 1))?)?)
+}
+
+/// Per-sample MSE `(b,)` of the UNet on a batch.
+pub(super) fn per_sample_mse(unet: &crate::models::sdxl::UNet, b: &Batch) -> Result<Tensor> {
+    let pred = unet.forward(&b.x_t, &b.timesteps, &b.context, &b.y)?; // (b, 4, h, w)
+    let n = b.x_t.dims()[0];
+    Ok((pred.to_dtype(DType::F32)? - &b.target)?
+        .sqr()?
+        .reshape((n, ()))?
+        .mean(1)?)
+}
+
+/// Deterministic validation loss: every item at every `val_timesteps`
+/// entry, noise from `(seed, item, t)`, plain objective MSE.
+pub(super) fn validation_loss(
+    cfg: &TrainConfig,
+    sched: &NoiseSchedule,
+    caches: &Caches,
+    unet: &crate::models::sdxl::UNet,
+    items: &[TrainItem],
+) -> Result<Option<f64>> {
+    if items.is_empty() || cfg.val_timesteps.is_empty() {
+        return Ok(None);
+    }
+    let mut total = 0.0;
+    let mut n = 0usize;
+    for (i, it) in items.iter().enumerate() {
+        let x0 = caches
+            .latents
+            .get(&it.item_id)
+            .ok_or_else(|| Error::Other(format!("latent cache: item {} missing", it.item_id)))?;
+        let (context, pooled) = caches.batch_cond(&[it.caption.as_str()], &[false])?;
+        let y = build_y(&pooled, &[it.size])?;
+        for &t in &cfg.val_timesteps {
+            let mut rng = rng_for(cfg.seed, stream::VAL, i as u64, t as u64);
+            let eps = Tensor::from_vec(normals(&mut rng, x0.elem_count()), x0.dims(), x0.device())?;
+            let b = Batch {
+                x_t: add_noise(x0, &eps, &[t], sched)?,
+                timesteps: Tensor::from_vec(vec![t as f32], 1, x0.device())?,
+                context: context.clone(),
+                y: y.clone(),
+                target: target(x0, &eps, &[t], sched, cfg.objective)?,
+                weights: Tensor::ones(1, DType::F32, x0.device())?,
+                item_ids: vec![it.item_id],
+            };
+            total += per_sample_mse(unet, &b)?
+                .detach()
+                .sum_all()?
+                .to_scalar::<f32>()? as f64;
+            n += 1;
+        }
+    }
+    Ok(Some(total / n as f64))
+}
