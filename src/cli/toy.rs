@@ -87,7 +87,7 @@ pub struct BuildArgs {
 /// Arguments of `eps2v toy eval`.
 #[derive(Debug, clap::Args)]
 #[command(
-    after_help = "Examples:\n  eps2v toy eval                                  # the committed toy model, as eps\n  eps2v toy eval --prediction v --ztsnr           # the same weights sampled as v + ZTSNR\n  eps2v toy eval runs/3/model-v-ztsnr.safetensors\n\nAdherence of an attribute: share of images whose tagger reading equals the prompt (count; shape kinds; shape colours; background style and colour); overall: their mean."
+    after_help = "Examples:\n  eps2v toy eval                                  # the committed toy model, as eps\n  eps2v toy eval --prediction v --ztsnr           # the same weights sampled as v + ZTSNR\n  eps2v toy eval runs/3/model-v-ztsnr.safetensors\n  eps2v toy eval --steps 20 --denoise-from 0,6,12,17   # where along the path adherence is lost\n\nAdherence of an attribute: share of images whose tagger reading equals the prompt (count; shape kinds; shape colours; background style and colour); overall: their mean."
 )]
 pub struct EvalArgs {
     /// Model (default: the committed toy model).
@@ -120,6 +120,13 @@ pub struct EvalArgs {
     /// trips of N fresh scenes (the most adherence this VAE allows).
     #[arg(long, value_name = "N")]
     pub reconstruct: Option<usize>,
+    /// Instead of sampling from noise: --prompts fresh scenes (seed 7),
+    /// encoded, noised to the σ of each of these steps of the --steps
+    /// schedule and denoised from there with their captions; one row per
+    /// step shows where along the sampling path the model loses what the
+    /// tagger judges (e.g. 0,6,12,17 of 20).
+    #[arg(long, value_name = "STEPS", value_delimiter = ',', num_args = 1..)]
+    pub denoise_from: Vec<usize>,
 }
 
 /// Arguments of `eps2v toy tagger`.
@@ -362,18 +369,52 @@ fn eval(a: EvalArgs, json: bool) -> anyhow::Result<i32> {
         }
         return Ok(0);
     }
-    let r = evaluate(
-        &model,
-        &tagger,
-        &EvalOptions {
-            prompts: a.prompts,
-            steps: a.steps,
-            cfg: a.cfg,
-            rescale: a.rescale,
-            ..Default::default()
-        },
-        &Ctx { progress: !json },
-    )?;
+    let opts = EvalOptions {
+        prompts: a.prompts,
+        steps: a.steps,
+        cfg: a.cfg,
+        rescale: a.rescale,
+        ..Default::default()
+    };
+    if !a.denoise_from.is_empty() {
+        let rows = crate::toy::eval::denoise_curve(
+            &model,
+            &tagger,
+            &opts,
+            &a.denoise_from,
+            (7, a.prompts),
+            &Ctx { progress: !json },
+        )?;
+        if json {
+            println!("{}", serde_json::to_string_pretty(&rows)?);
+            return Ok(0);
+        }
+        println!(
+            "toy eval --denoise-from: {} fresh scenes (seed 7) noised to the σ of a step of the {}-step schedule and denoised from there with their captions ({}{}, Euler, CFG {})",
+            a.prompts,
+            a.steps,
+            model.info.prediction,
+            if model.info.ztsnr { " + ZTSNR" } else { "" },
+            a.cfg
+        );
+        println!("step  sigma    overall  count  shapes  colours  background  has shapes");
+        for r in &rows {
+            let c = &r.adherence;
+            println!(
+                "{:>4}  {:>6.3}   {:>6.1}  {:>5.1}  {:>6.1}  {:>7.1}  {:>10.1}  {:>10.1}",
+                r.step,
+                r.sigma,
+                100.0 * r.overall,
+                100.0 * c.count,
+                100.0 * c.shapes,
+                100.0 * c.colours,
+                100.0 * c.background,
+                100.0 * r.has_shapes
+            );
+        }
+        return Ok(0);
+    }
+    let r = evaluate(&model, &tagger, &opts, &Ctx { progress: !json })?;
     if json {
         println!("{}", serde_json::to_string_pretty(&r)?);
     } else {

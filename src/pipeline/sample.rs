@@ -35,7 +35,7 @@ use image::RgbImage;
 
 use super::model::{Bound, SdxlModel};
 use crate::diffusion::guidance::default_rescale;
-use crate::diffusion::noise::{batch_seeds, SeededNoise};
+use crate::diffusion::noise::{batch_noise, batch_seeds, SeededNoise};
 use crate::diffusion::sampler::{initial_latent, sample_with, Sampler};
 use crate::diffusion::{
     CfgDenoiser, Denoiser, Guidance, ModelDenoiser, SamplerKind, ScheduleKind, TimestepMode,
@@ -228,11 +228,53 @@ pub fn sample_batch(
     items: &[BatchItem],
     progress: Progress<'_>,
 ) -> Result<Vec<Rendered>> {
+    sample_batch_from(model, cfg, items, None, progress)
+}
+
+/// Where img2img sampling starts: one clean UNet-scale latent per item
+/// `(1, c, h/8, w/8)`, noised with the item's seeded noise to the σ of
+/// step `step` of the `cfg.steps`-step txt2img schedule, which is then run
+/// from there: the last `steps − step` steps (the infotext records
+/// `Denoising strength: (steps − step)/steps`). Unlike ComfyUI's `denoise`
+/// the σ list is not recomputed, so every start lies on the txt2img path.
+pub struct Start<'a> {
+    /// Clean latents, one per item.
+    pub latents: &'a [Tensor],
+    /// First step to run (`0..steps`).
+    pub step: usize,
+}
+
+/// [`sample_batch`] from pure noise (`start` `None`, txt2img) or from
+/// noised latents ([`Start`]).
+pub fn sample_batch_from(
+    model: &SdxlModel,
+    cfg: &SampleConfig,
+    items: &[BatchItem],
+    start: Option<&Start<'_>>,
+    progress: Progress<'_>,
+) -> Result<Vec<Rendered>> {
     cfg.validate()?;
     let shape = model.latent_shape(cfg.width, cfg.height)?; // (4, h/8, w/8)
     let r = cfg.resolve(model);
     let schedule = model.schedule();
-    let sigmas = r.schedule.sigmas(&schedule, cfg.steps)?;
+    let mut sigmas = r.schedule.sigmas(&schedule, cfg.steps)?;
+    if let Some(st) = start {
+        if st.step >= cfg.steps {
+            return Err(Error::config(format!(
+                "img2img: start step {} is outside 0..{} (the sampling steps)",
+                st.step, cfg.steps
+            )));
+        }
+        if st.latents.len() != items.len() {
+            return Err(Error::config(format!(
+                "img2img: {} start latents for {} images",
+                st.latents.len(),
+                items.len()
+            )));
+        }
+        sigmas.drain(..st.step);
+    }
+    let steps = sigmas.len() - 1;
     let guided = cfg.cfg != 1.0;
     // Each prompt on its own (batch-invariant text), grouped by chunk count.
     let conds = items
@@ -247,7 +289,7 @@ pub fn sample_batch(
             None => groups.push((k, vec![i])),
         }
     }
-    let total = cfg.steps * items.len();
+    let total = steps * items.len();
     let mut done = 0usize;
     let mut out: Vec<Option<Rendered>> = vec![None; items.len()];
     for (_, idx) in groups {
@@ -290,7 +332,23 @@ pub fn sample_batch(
             &inner
         };
         let seeds: Vec<u64> = idx.iter().map(|&i| items[i].seed).collect();
-        let x = initial_latent(&seeds, shape, &sigmas, &schedule, &model.device)?; // (b, 4, h/8, w/8)
+        let x = match start {
+            None => initial_latent(&seeds, shape, &sigmas, &schedule, &model.device)?, // (b, 4, h/8, w/8)
+            Some(st) => {
+                let x0 = cat(&|i| st.latents[i].clone())?.to_dtype(DType::F32)?;
+                if x0.dims()[1..] != [shape.0, shape.1, shape.2] {
+                    return Err(Error::config(format!(
+                        "img2img: start latent of shape {:?}, the sampler wants {:?} for {}x{}",
+                        &x0.dims()[1..],
+                        shape,
+                        cfg.width,
+                        cfg.height
+                    )));
+                }
+                let noise = batch_noise(&seeds, shape, &model.device)?;
+                (x0 + noise.affine(sigmas[0], 0.0)?)?
+            }
+        };
         let mut noise = SeededNoise::new(&seeds);
         let b = seeds.len();
         let latent = sample_with(
@@ -321,10 +379,22 @@ pub fn sample_batch(
                         batch: 1,
                         ..cfg.clone()
                     };
+                    let mut infotext = per.infotext(model, &r, it.seed);
+                    if let Some(st) = start {
+                        let version = infotext.get("Version").map(str::to_string);
+                        infotext.params.retain(|(k, _)| k != "Version");
+                        infotext.set(
+                            "Denoising strength",
+                            format!("{}", (cfg.steps - st.step) as f64 / cfg.steps as f64),
+                        );
+                        if let Some(v) = version {
+                            infotext.set("Version", v);
+                        }
+                    }
                     Rendered::Image(Generated {
                         seed: it.seed,
                         image,
-                        infotext: per.infotext(model, &r, it.seed),
+                        infotext,
                     })
                 }
             });
@@ -525,6 +595,69 @@ mod tests {
         };
         let g1 = generate(&m, &one, &mut |_, _| {}).unwrap();
         assert_ne!(g1[0].image.as_raw(), g[0].image.as_raw());
+    }
+
+    /// img2img ([`Start`]): only the steps from the start run, the
+    /// infotext records the denoising strength (before `Version`), the
+    /// result depends on the start latent, and a start outside the steps
+    /// or a latent of the wrong shape is a config error.
+    #[test]
+    fn sampling_from_a_noised_latent_runs_the_rest_of_the_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("toy-eps.safetensors");
+        write_random_checkpoint(
+            &p,
+            TinyOptions {
+                seed: 3,
+                v_pred_ztsnr: false,
+            },
+        )
+        .unwrap();
+        let m = SdxlModel::load(&p, &LoadOptions::default()).unwrap();
+        let c = SampleConfig {
+            steps: 4,
+            batch: 1,
+            ..cfg()
+        };
+        let item = [BatchItem {
+            prompt: c.prompt.clone(),
+            uncond: c.uncond.clone(),
+            seed: 5,
+        }];
+        let (ch, h, w) = m.latent_shape(64, 64).unwrap();
+        let render = |latent: &Tensor, step: usize| {
+            let mut calls = Vec::new();
+            let start = Start {
+                latents: std::slice::from_ref(latent),
+                step,
+            };
+            let r = sample_batch_from(&m, &c, &item, Some(&start), &mut |d, t| calls.push((d, t)));
+            (r, calls)
+        };
+        let zeros = Tensor::zeros((1, ch, h, w), DType::F32, &m.device).unwrap();
+        let ones = Tensor::ones((1, ch, h, w), DType::F32, &m.device).unwrap();
+        let (r0, calls) = render(&zeros, 3);
+        assert_eq!(calls, [(1, 1)], "one step left of four");
+        let Rendered::Image(g0) = r0.unwrap().remove(0) else {
+            panic!("broken render")
+        };
+        let text = g0.infotext.format();
+        assert!(
+            text.contains(&format!(
+                "Denoising strength: 0.25, Version: eps2v {}",
+                env!("CARGO_PKG_VERSION")
+            )),
+            "{text}"
+        );
+        let Rendered::Image(g1) = render(&ones, 3).0.unwrap().remove(0) else {
+            panic!("broken render")
+        };
+        assert_ne!(g0.image.as_raw(), g1.image.as_raw());
+        let err = render(&zeros, 4).0.unwrap_err().to_string();
+        assert!(err.contains("start step 4"), "{err}");
+        let wrong = Tensor::zeros((1, ch, h + 1, w), DType::F32, &m.device).unwrap();
+        let err = render(&wrong, 1).0.unwrap_err().to_string();
+        assert!(err.contains("start latent of shape"), "{err}");
     }
 
     /// Regression (issue 13): a seed's pixels are the same whatever batch

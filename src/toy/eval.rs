@@ -318,6 +318,129 @@ pub fn evaluate(
     })
 }
 
+/// One start of a [`denoise_curve`].
+#[derive(Debug, Clone, Serialize)]
+pub struct DenoiseRow {
+    /// First step run (of the `steps`-step schedule).
+    pub step: usize,
+    /// σ the scenes were noised to.
+    pub sigma: f64,
+    /// Adherence per attribute of the denoised scenes.
+    pub adherence: Attributes,
+    /// Mean of the four attributes.
+    pub overall: f64,
+    /// Share of images where the tagger sees at least one shape.
+    pub has_shapes: f64,
+}
+
+/// Where along the sampling path a model loses what adherence judges
+/// (`eps2v toy eval --denoise-from`): `count` fresh scenes of `seed` (each
+/// at its own size) are encoded by the model's VAE, noised (image seed
+/// *i*) to the σ of each step in `starts` of the `opts.steps`-step
+/// schedule, and denoised from there with their own captions as prompts
+/// (Euler, `opts.cfg`), then read as in [`evaluate`]. Starting at the last
+/// step gives about the VAE ceiling; starting at step 0 is txt2img with the
+/// true scene under the noise (the terminal step's leftover signal);
+/// a model that keeps the scene from a start σ is a good denoiser there.
+pub fn denoise_curve(
+    model: &SdxlModel,
+    tagger: &Tagger,
+    opts: &EvalOptions,
+    starts: &[usize],
+    (seed, count): (u64, usize),
+    ctx: &Ctx,
+) -> Result<Vec<DenoiseRow>> {
+    use crate::pipeline::latent::from_rgb8;
+    use crate::pipeline::sample::{sample_batch_from, BatchItem, Rendered, Start};
+    if count == 0 || opts.steps == 0 {
+        return Err(Error::config("toy eval: scenes and steps must be > 0"));
+    }
+    let uncond = match &model.info.trained_uncond {
+        Some(t) => t.parse::<UncondMode>()?,
+        None => UncondMode::Zero,
+    };
+    let scenes: Vec<super::Scene> = (0..count as u64)
+        .map(|i| super::Scene::random(seed, i))
+        .collect();
+    let latents = scenes
+        .iter()
+        .map(|sc| {
+            let x = from_rgb8(&sc.render(), &model.device)?.to_dtype(model.vae.dtype())?;
+            Ok(model.vae.encode_scaled(&x)?)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let sigmas = crate::diffusion::ScheduleKind::default_for(model.info.ztsnr)
+        .sigmas(&model.schedule(), opts.steps)?;
+    let bar = ctx.bar((starts.len() * count) as u64, "toy eval: denoise");
+    let mut rows = Vec::with_capacity(starts.len());
+    for &step in starts {
+        if step >= opts.steps {
+            return Err(Error::config(format!(
+                "toy eval: --denoise-from {step} is outside 0..{} (the --steps)",
+                opts.steps
+            )));
+        }
+        let sigma = sigmas[step];
+        let mut oks = Vec::with_capacity(count);
+        let mut seen = 0usize;
+        for (i, sc) in scenes.iter().enumerate() {
+            let prompt = sc.caption();
+            let cfg = SampleConfig {
+                prompt: prompt.clone(),
+                uncond: uncond.clone(),
+                seed: i as u64,
+                steps: opts.steps,
+                cfg: opts.cfg,
+                rescale: opts.rescale,
+                sampler: SamplerKind::Euler,
+                schedule: None,
+                width: sc.width,
+                height: sc.height,
+                batch: 1,
+            };
+            let item = BatchItem {
+                prompt: prompt.clone(),
+                uncond: uncond.clone(),
+                seed: i as u64,
+            };
+            let start = Start {
+                latents: std::slice::from_ref(&latents[i]),
+                step,
+            };
+            let img = match sample_batch_from(model, &cfg, &[item], Some(&start), &mut |_, _| {})?
+                .pop()
+            {
+                Some(Rendered::Image(g)) => g.image,
+                Some(Rendered::Broken { reason, .. }) => {
+                    return Err(Error::model(format!("toy eval: scene {i}: {reason}")))
+                }
+                None => {
+                    return Err(Error::Other(
+                        "toy eval: the sampler returned no image".into(),
+                    ))
+                }
+            };
+            let x = tagger
+                .preprocess
+                .batch(&[tagger.preprocess.image(&img)], tagger.device())?;
+            let probs = tagger.probabilities(&x)?;
+            oks.push(judge(tagger, &parse_tags(&prompt)?, &probs[0])?.0);
+            seen += usize::from(sees_a_shape(tagger, &probs[0]));
+            bar.inc(1);
+        }
+        let adherence = shares(&oks);
+        rows.push(DenoiseRow {
+            step,
+            sigma,
+            overall: adherence.mean(),
+            adherence,
+            has_shapes: seen as f64 / count as f64,
+        });
+    }
+    bar.finish_and_clear();
+    Ok(rows)
+}
+
 /// `img` encoded by `model`'s VAE to its latent mean and decoded again, as
 /// RGB8 (the path of a generated image: latent → decoder → PNG).
 pub fn round_trip(model: &SdxlModel, img: &image::RgbImage) -> Result<image::RgbImage> {
