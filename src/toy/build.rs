@@ -51,11 +51,11 @@ use crate::diffusion::Prediction;
 use crate::error::IoContext;
 use crate::manifest::Manifest;
 use crate::models::sdxl::checkpoint::{Checkpoint, SaveOptions};
-use crate::models::sdxl::VAE_PREFIX;
+use crate::models::sdxl::{UNetConfig, VaeConfig, VAE_PREFIX};
 use crate::models::tagger::Tagger;
 use crate::pipeline::sample::write_atomic;
 use crate::pipeline::tiny::TinyOptions;
-use crate::pipeline::{LoadOptions, SdxlModel};
+use crate::pipeline::{LoadOptions, SdxlModel, TextConfigs};
 use crate::stages::bucket::{BucketConfig, BucketSet, CropArg};
 use crate::stages::import::ImportConfig;
 use crate::stages::Ctx;
@@ -390,7 +390,10 @@ pub fn build(opts: &BuildOptions, ctx: &Ctx) -> Result<BuildReport> {
 
     // 3. VAE ----------------------------------------------------------------
     let vae_file = work.join("vae.safetensors");
-    let vae_key = key_of(&r.vae)?;
+    // Keys cover the code's constants too (the toy configs, the latent
+    // std), so changing them retrains what they shape instead of reusing
+    // products made under the old values.
+    let vae_key = key_of(&(&r.vae, VaeConfig::toy(), super::vae::LATENT_STD))?;
     let rec = match cached(&work, "vae", &vae_key).filter(|_| vae_file.is_file()) {
         Some(rec) => rec,
         None => {
@@ -432,7 +435,8 @@ pub fn build(opts: &BuildOptions, ctx: &Ctx) -> Result<BuildReport> {
     )?;
     // 4b. text encoders: pretrained on toy captions (super::text) --------
     let text_file = work.join("text.safetensors");
-    let text_key = key_of(&(&r.text, r.seed))?;
+    let text_cfg = TextConfigs::toy();
+    let text_key = key_of(&(&r.text, r.seed, &text_cfg.clip_l, &text_cfg.clip_g))?;
     if r.text.steps > 0 {
         let rec = match cached(&work, "text", &text_key).filter(|_| text_file.is_file()) {
             Some(rec) => rec,
@@ -480,7 +484,7 @@ pub fn build(opts: &BuildOptions, ctx: &Ctx) -> Result<BuildReport> {
 
     // 5. UNet ---------------------------------------------------------------
     let model_path = out.join("model.safetensors");
-    let unet_key = key_of(&(&r.unet, &vae_key, &data_key, &text_key))?;
+    let unet_key = key_of(&(&r.unet, &vae_key, &data_key, &text_key, UNetConfig::toy()))?;
     let rec = match cached(&work, "unet", &unet_key).filter(|_| model_path.is_file()) {
         Some(rec) => rec,
         None => {
