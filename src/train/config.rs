@@ -246,6 +246,7 @@ pub struct TrainConfig {
     pub max_grad_norm: f64,
     /// EMA decay of the trained weights (`None`: no EMA); the export, the
     /// evaluation grids, the retention score and the validation loss use the EMA weights.
+    /// A block that a later stage freezes stays at its EMA value there.
     pub ema_decay: Option<f64>,
     /// Loss weighting over timesteps.
     pub weighting: Weighting,

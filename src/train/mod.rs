@@ -472,6 +472,11 @@ pub fn train(
         let stage_lr = stage.lr.unwrap_or(cfg.lr);
         let blocks = BlockSet::parse(&stage.blocks)?;
         let block_lr = BlockLr::new(stage_lr, &stage.block_lr)?;
+        if cfg.ema_decay.is_some() {
+            // Blocks an earlier stage trained and this one freezes stay at
+            // their EMA value (what the export writes).
+            weights.freeze_at_ema(&blocks, &ema)?;
+        }
         let built = weights.build(&blocks)?;
         let unet = built.unet;
         let vars = built.vars;

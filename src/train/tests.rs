@@ -112,6 +112,50 @@ fn only_selected_blocks_change_and_the_export_is_marked_v_ztsnr() {
     assert!(r2.run_id > r.run_id);
 }
 
+/// With EMA, a block that the second stage freezes is frozen at its EMA
+/// value: the weights the second stage trains around (its saved state)
+/// are the ones the export writes, and they differ from the raw weights.
+#[test]
+fn a_block_a_later_stage_freezes_stays_at_its_ema() {
+    let d = tempfile::tempdir().unwrap();
+    let (ds, ck) = super::testkit::dataset(d.path()).unwrap();
+    let out = d.path().join("staged.safetensors");
+    let stage = |blocks: &[&str]| config::StageConfig {
+        blocks: blocks.iter().map(|b| b.to_string()).collect(),
+        steps: 2,
+        lr: Some(1e-3),
+        block_lr: Default::default(),
+        until_retention: None,
+    };
+    let cfg = TrainConfig {
+        stages: vec![stage(&["OUT08", "out"]), stage(&["out"])],
+        ema_decay: Some(0.5),
+        out: Some(out.clone()),
+        ..quick(&ck, 4)
+    };
+    let r = run(&ds, &cfg, &TrainOptions::default()).unwrap();
+    assert_eq!(r.steps, 4);
+    let saved = state::load(&state::latest(&r.run_dir).unwrap().unwrap(), &Device::Cpu).unwrap();
+    let base = unet_tensors(&ck);
+    let exported = unet_tensors(&out);
+    let mut frozen = 0;
+    for ((k, a), (_, e)) in base.iter().zip(&exported) {
+        if !k.contains(".output_blocks.8.") {
+            continue;
+        }
+        let s: Vec<f32> = saved.weights[k].flatten_all().unwrap().to_vec1().unwrap();
+        assert_eq!(
+            &s, e,
+            "{k}: stage 2 trained around other weights than the export holds"
+        );
+        frozen += usize::from(a != e);
+    }
+    assert!(
+        frozen > 5,
+        "OUT08 barely moved in stage 1 ({frozen} tensors)"
+    );
+}
+
 #[test]
 fn resume_equals_an_uninterrupted_run_bit_for_bit() {
     let d = tempfile::tempdir().unwrap();

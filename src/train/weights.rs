@@ -180,6 +180,25 @@ impl UNetWeights {
         Ok(StageUNet { unet, vars })
     }
 
+    /// Set every parameter that `trainable` leaves frozen and `ema` holds
+    /// (an earlier stage trained it) to its EMA value; returns how many.
+    /// The export writes the EMA, so a later stage then trains around, and
+    /// its evaluations judge, the weights the checkpoint will hold.
+    pub fn freeze_at_ema(
+        &mut self,
+        trainable: &BlockSet,
+        ema: &BTreeMap<String, Tensor>,
+    ) -> Result<usize> {
+        let mut n = 0;
+        for (k, t) in ema {
+            if !trainable.contains_key(k) && self.map.contains_key(k) {
+                self.map.insert(k.clone(), t.detach().copy()?);
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
     /// Overwrite the values of `vars` (and the store) from `values` by key
     /// (rollback, resume). Keys not in `values` keep their value.
     pub fn restore(
