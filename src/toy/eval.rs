@@ -247,6 +247,54 @@ pub fn shares(oks: &[[bool; 4]]) -> Attributes {
     }
 }
 
+/// The unconditional branch the model was trained with (zeroed when it
+/// does not say).
+fn model_uncond(model: &SdxlModel) -> Result<UncondMode> {
+    match &model.info.trained_uncond {
+        Some(t) => t.parse::<UncondMode>(),
+        None => Ok(UncondMode::Zero),
+    }
+}
+
+/// The sampling settings of one evaluated image: Euler, `opts`' steps,
+/// CFG and rescale, the schedule the model defaults to, image seed `seed`.
+fn image_config(
+    prompt: &str,
+    uncond: &UncondMode,
+    seed: u64,
+    (width, height): (u32, u32),
+    opts: &EvalOptions,
+) -> SampleConfig {
+    SampleConfig {
+        prompt: prompt.to_string(),
+        uncond: uncond.clone(),
+        seed,
+        steps: opts.steps,
+        cfg: opts.cfg,
+        rescale: opts.rescale,
+        sampler: SamplerKind::Euler,
+        schedule: None,
+        width,
+        height,
+        batch: 1,
+    }
+}
+
+/// The tagger's reading of `img` against `prompt`: per-attribute
+/// agreement, the tags read, and whether it sees a shape.
+fn read_image(
+    tagger: &Tagger,
+    img: &image::RgbImage,
+    prompt: &str,
+) -> Result<([bool; 4], Vec<String>, bool)> {
+    let x = tagger
+        .preprocess
+        .batch(&[tagger.preprocess.image(img)], tagger.device())?;
+    let probs = tagger.probabilities(&x)?;
+    let (ok, read) = judge(tagger, &parse_tags(prompt)?, &probs[0])?;
+    Ok((ok, read, sees_a_shape(tagger, &probs[0])))
+}
+
 /// Sample the toy prompt set with `model` (its own prediction type and
 /// ZTSNR flag, as loaded), read each image with `tagger`, and measure
 /// adherence (module docs).
@@ -261,43 +309,24 @@ pub fn evaluate(
     }
     let t0 = Instant::now();
     let prompts = prompt_set(opts.prompts, opts.prompt_seed)?;
-    let uncond = match &model.info.trained_uncond {
-        Some(t) => t.parse::<UncondMode>()?,
-        None => UncondMode::Zero,
-    };
+    let uncond = model_uncond(model)?;
     let bar = ctx.bar(prompts.len() as u64, "toy eval");
     let mut items = Vec::with_capacity(prompts.len());
     for (i, prompt) in prompts.iter().enumerate() {
-        let (width, height) = TOY_BUCKETS[i % TOY_BUCKETS.len()];
-        let cfg = SampleConfig {
-            prompt: prompt.clone(),
-            uncond: uncond.clone(),
-            seed: i as u64,
-            steps: opts.steps,
-            cfg: opts.cfg,
-            rescale: opts.rescale,
-            sampler: SamplerKind::Euler,
-            schedule: None,
-            width,
-            height,
-            batch: 1,
-        };
+        let size = TOY_BUCKETS[i % TOY_BUCKETS.len()];
+        let cfg = image_config(prompt, &uncond, i as u64, size, opts);
         let g = generate(model, &cfg, &mut |_, _| {})?;
         let img = &g
             .first()
             .ok_or_else(|| Error::Other("toy eval: the sampler returned no image".into()))?
             .image;
-        let x = tagger
-            .preprocess
-            .batch(&[tagger.preprocess.image(img)], tagger.device())?;
-        let probs = tagger.probabilities(&x)?;
-        let (ok, read) = judge(tagger, &parse_tags(prompt)?, &probs[0])?;
+        let (ok, read, sees_shape) = read_image(tagger, img, prompt)?;
         items.push(EvalItem {
             prompt: prompt.clone(),
-            size: (width, height),
+            size,
             ok,
             read,
-            sees_shape: sees_a_shape(tagger, &probs[0]),
+            sees_shape,
         });
         bar.inc(1);
     }
@@ -355,10 +384,7 @@ pub fn denoise_curve(
     if count == 0 || opts.steps == 0 {
         return Err(Error::config("toy eval: scenes and steps must be > 0"));
     }
-    let uncond = match &model.info.trained_uncond {
-        Some(t) => t.parse::<UncondMode>()?,
-        None => UncondMode::Zero,
-    };
+    let uncond = model_uncond(model)?;
     let scenes: Vec<super::Scene> = (0..count as u64)
         .map(|i| super::Scene::random(seed, i))
         .collect();
@@ -385,19 +411,7 @@ pub fn denoise_curve(
         let mut seen = 0usize;
         for (i, sc) in scenes.iter().enumerate() {
             let prompt = sc.caption();
-            let cfg = SampleConfig {
-                prompt: prompt.clone(),
-                uncond: uncond.clone(),
-                seed: i as u64,
-                steps: opts.steps,
-                cfg: opts.cfg,
-                rescale: opts.rescale,
-                sampler: SamplerKind::Euler,
-                schedule: None,
-                width: sc.width,
-                height: sc.height,
-                batch: 1,
-            };
+            let cfg = image_config(&prompt, &uncond, i as u64, (sc.width, sc.height), opts);
             let item = BatchItem {
                 prompt: prompt.clone(),
                 uncond: uncond.clone(),
@@ -420,12 +434,9 @@ pub fn denoise_curve(
                     ))
                 }
             };
-            let x = tagger
-                .preprocess
-                .batch(&[tagger.preprocess.image(&img)], tagger.device())?;
-            let probs = tagger.probabilities(&x)?;
-            oks.push(judge(tagger, &parse_tags(&prompt)?, &probs[0])?.0);
-            seen += usize::from(sees_a_shape(tagger, &probs[0]));
+            let (ok, _, sees_shape) = read_image(tagger, &img, &prompt)?;
+            oks.push(ok);
+            seen += usize::from(sees_shape);
             bar.inc(1);
         }
         let adherence = shares(&oks);
@@ -464,11 +475,7 @@ pub fn vae_ceiling(
     for i in 0..count as u64 {
         let scene = super::Scene::random(seed, i);
         let back = round_trip(model, &scene.render())?;
-        let x = tagger
-            .preprocess
-            .batch(&[tagger.preprocess.image(&back)], tagger.device())?;
-        let probs = tagger.probabilities(&x)?;
-        oks.push(judge(tagger, &parse_tags(&scene.caption())?, &probs[0])?.0);
+        oks.push(read_image(tagger, &back, &scene.caption())?.0);
     }
     Ok(shares(&oks))
 }
