@@ -2,7 +2,7 @@
 //! toy checkpoints / taggers (the starting point of `eps2v toy build`).
 //!
 //! The family (DESIGN.md §4): [`UNetConfig::toy`] (SDXL block layout,
-//! widths 32/32/64), [`VaeConfig::toy`] (SDXL layout, factor 8),
+//! widths 48/48/96), [`VaeConfig::toy`] (SDXL layout, factor 8),
 //! [`TextConfigs::toy`] (CLIP-L-like 16 wide + bigG-like 32 wide: context
 //! 48, pooled 32, real CLIP tokenizer and vocabulary), and
 //! [`TaggerConfig::toy`] over the scene tags ([`super::scenes::all_tags`]).

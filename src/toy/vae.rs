@@ -36,7 +36,7 @@
 //! against tens on real checkpoints, and the conversion had nothing to fix.
 //! At std 2 the layout forms at higher σ and the terminal step still shows
 //! the mean colour, as in SDXL: misread v 20 points under eps (the
-//! committed build: 68.2 % against 48.7 %), and v + ZTSNR fixes
+//! committed build: 76.7 % against 56.8 %), and v + ZTSNR fixes
 //! backgrounds (README, Toy world). Std 4 leaked so much colour that the
 //! eps base fell to 33 %.
 

@@ -175,7 +175,7 @@ impl UNetConfig {
     /// The toy-world base model (DESIGN.md §4): the SDXL block layout
     /// (three levels, two ResBlocks each, transformers at levels 1 and 2,
     /// middle transformer, `label_emb` with the six size embeddings) at
-    /// widths 32 / 32 / 64, 32-channel heads, 8 GroupNorm groups; context
+    /// widths 48 / 48 / 96, 16-channel heads, 8 GroupNorm groups; context
     /// 48 and pooled 32 from [`crate::pipeline::TextConfigs::toy`]; 8 latent
     /// channels ([`VaeConfig::toy`]). Sized for the toy buckets (8×8 to 12×8
     /// latents): a training step at batch 8 takes tens of milliseconds on
@@ -184,7 +184,7 @@ impl UNetConfig {
         Self {
             in_channels: VaeConfig::TOY_LATENT_CHANNELS,
             out_channels: VaeConfig::TOY_LATENT_CHANNELS,
-            ..Self::from_levels(32, vec![1, 1, 2], 2, &[0, 1, 1], 1, 32, 48, 32, 8)
+            ..Self::from_levels(48, vec![1, 1, 2], 2, &[0, 1, 1], 1, 16, 48, 32, 8)
         }
     }
 
