@@ -106,9 +106,15 @@ fn committed_tagger() -> eps2v::models::tagger::Tagger {
         .unwrap()
 }
 
-/// Adherence of the committed base model on 32 prompts of the fixed set
-/// (12 Euler steps, CFG 5), sampled as `prediction` (+ ZTSNR).
-fn committed_base_adherence(prediction: &str, ztsnr: bool) -> eps2v::toy::eval::ToyEval {
+/// Adherence of the committed base model on the first `prompts` prompts of
+/// the fixed set (`steps` Euler steps, CFG 5), sampled as `prediction`
+/// (+ ZTSNR).
+fn committed_base_adherence(
+    prediction: &str,
+    ztsnr: bool,
+    prompts: usize,
+    steps: usize,
+) -> eps2v::toy::eval::ToyEval {
     use eps2v::toy::eval::{evaluate, EvalOptions};
     let model = eps2v::pipeline::SdxlModel::load(
         toy_dir().join("model.safetensors"),
@@ -124,7 +130,8 @@ fn committed_base_adherence(prediction: &str, ztsnr: bool) -> eps2v::toy::eval::
         &model,
         &committed_tagger(),
         &EvalOptions {
-            prompts: 32,
+            prompts,
+            steps,
             ..Default::default()
         },
         &eps2v::stages::Ctx::quiet(),
@@ -143,12 +150,12 @@ fn the_committed_tagger_meets_its_gate() {
     assert!(acc.mean() >= TAGGER_GATE, "tagger attributes {acc:?}");
 }
 
-/// The adherence gate: the base model sampled as eps follows its
-/// prompts ≥ 80 %.
+/// The adherence gate, as the README measures it (`toy eval
+/// --prompts 256 --steps 20`): the base model sampled as eps follows its
+/// prompts ≥ 80 % (measured 83.6 %).
 #[test]
-#[ignore = "gate not met yet: the committed base model reaches 76.6 % (32 prompts; 76.7 % on 256), its shape kinds 49 % (README, Toy world)"]
 fn the_committed_base_model_meets_the_adherence_gate() {
-    let e = committed_base_adherence("eps", false);
+    let e = committed_base_adherence("eps", false, 256, 20);
     assert!(
         e.overall >= eps2v::toy::build::ADHERENCE_GATE,
         "adherence {:?}, has shapes {}",
@@ -158,16 +165,17 @@ fn the_committed_base_model_meets_the_adherence_gate() {
 }
 
 /// What the committed base model does today, as a floor a rebuild must not
-/// fall under (measured 0.766 on these 32 prompts), and that the same
-/// weights sampled as v + ZTSNR (an unconverted eps model read the wrong
-/// way) follow their prompts clearly worse (measured 0.594; on 256 prompts
-/// 76.7 % against 56.8 %): the damage the conversion exists to repair.
+/// fall under (measured 0.867 on these 32 prompts, 12 steps), and that the
+/// same weights sampled as v + ZTSNR (an unconverted eps model read the
+/// wrong way) follow their prompts clearly worse (measured 0.688; on 256
+/// prompts, 20 steps, 83.6 % against 67.1 %): the damage the conversion
+/// exists to repair.
 #[test]
 fn the_committed_base_model_follows_prompts_as_eps_not_as_v() {
-    let eps = committed_base_adherence("eps", false);
+    let eps = committed_base_adherence("eps", false, 32, 12);
     assert!(eps.overall >= BASE_FLOOR, "as eps: {:?}", eps.adherence);
     assert_eq!(eps.prediction, "eps");
-    let v = committed_base_adherence("v", true);
+    let v = committed_base_adherence("v", true, 32, 12);
     eprintln!("as eps {:.3}, as v + ZTSNR {:.3}", eps.overall, v.overall);
     assert!(
         eps.overall >= v.overall + 0.10,
@@ -180,7 +188,7 @@ fn the_committed_base_model_follows_prompts_as_eps_not_as_v() {
 /// `eps2v toy eval --denoise-from`: fresh scenes noised to the last step's
 /// σ come back about as the VAE round trip reads them (measured 92.2 % on
 /// these 32 scenes, 12 steps); from step 0 (txt2img with the scene under
-/// σ_max's noise) the committed base reads about as from pure noise (73.4 %).
+/// σ_max's noise) the committed base reads about as from pure noise (79.7 %).
 /// A step outside `--steps` is a config error naming the flag.
 #[test]
 fn denoising_fresh_scenes_from_low_noise_keeps_them() {
@@ -200,7 +208,7 @@ fn denoising_fresh_scenes_from_low_noise_keeps_them() {
     let overall = |i: usize| rows[i]["overall"].as_f64().unwrap();
     assert_eq!(rows[1]["step"], 11);
     assert!(overall(1) >= 0.85, "from the last step: {}", rows[1]);
-    assert!(overall(1) >= overall(0) + 0.15, "{v}");
+    assert!(overall(1) >= overall(0) + 0.08, "{v}");
     assert!(rows[0]["sigma"].as_f64().unwrap() > 14.0, "{}", rows[0]);
     let out = Command::new(bin())
         .args(["toy", "eval", "--steps", "4", "--denoise-from", "4"])
@@ -211,7 +219,7 @@ fn denoising_fresh_scenes_from_low_noise_keeps_them() {
 }
 
 /// Floor of [`the_committed_base_model_follows_prompts_as_eps_not_as_v`].
-const BASE_FLOOR: f64 = 0.72;
+const BASE_FLOOR: f64 = 0.82;
 
 /// On a fresh clone `eps2v sample` needs no `--model`: it samples the
 /// committed toy model; with the toy folder missing it says so (exit 2).
