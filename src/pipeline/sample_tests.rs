@@ -5,6 +5,30 @@ use super::*;
 use crate::pipeline::model::LoadOptions;
 use crate::pipeline::tiny::{write_random_checkpoint, TinyOptions};
 
+/// A random tiny checkpoint `NAME.safetensors` (the model name in the
+/// infotext) in a fresh temporary folder, which lives as long as the guard.
+fn tiny_checkpoint(name: &str, opts: TinyOptions) -> (tempfile::TempDir, std::path::PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join(format!("{name}.safetensors"));
+    write_random_checkpoint(&p, opts).unwrap();
+    (dir, p)
+}
+
+/// [`tiny_checkpoint`] loaded with the default options.
+fn tiny_model(name: &str, opts: TinyOptions) -> (tempfile::TempDir, SdxlModel) {
+    let (dir, p) = tiny_checkpoint(name, opts);
+    let m = SdxlModel::load(&p, &LoadOptions::default()).unwrap();
+    (dir, m)
+}
+
+/// Seed 3, v + ZTSNR (`true`) or eps.
+fn seed3(v_pred_ztsnr: bool) -> TinyOptions {
+    TinyOptions {
+        seed: 3,
+        v_pred_ztsnr,
+    }
+}
+
 fn cfg() -> SampleConfig {
     SampleConfig {
         prompt: "red circle".into(),
@@ -23,17 +47,7 @@ fn cfg() -> SampleConfig {
 
 #[test]
 fn generate_gives_seeded_distinct_images_and_infotext() {
-    let dir = tempfile::tempdir().unwrap();
-    let p = dir.path().join("toy-v.safetensors");
-    write_random_checkpoint(
-        &p,
-        TinyOptions {
-            seed: 3,
-            v_pred_ztsnr: true,
-        },
-    )
-    .unwrap();
-    let m = SdxlModel::load(&p, &LoadOptions::default()).unwrap();
+    let (_dir, m) = tiny_model("toy-v", seed3(true));
     let mut calls = Vec::new();
     let g = generate(&m, &cfg(), &mut |d, t| calls.push((d, t))).unwrap();
     assert_eq!(
@@ -70,17 +84,7 @@ fn generate_gives_seeded_distinct_images_and_infotext() {
 /// or a latent of the wrong shape is a config error.
 #[test]
 fn sampling_from_a_noised_latent_runs_the_rest_of_the_path() {
-    let dir = tempfile::tempdir().unwrap();
-    let p = dir.path().join("toy-eps.safetensors");
-    write_random_checkpoint(
-        &p,
-        TinyOptions {
-            seed: 3,
-            v_pred_ztsnr: false,
-        },
-    )
-    .unwrap();
-    let m = SdxlModel::load(&p, &LoadOptions::default()).unwrap();
+    let (_dir, m) = tiny_model("toy-eps", seed3(false));
     let c = SampleConfig {
         steps: 4,
         batch: 1,
@@ -132,10 +136,7 @@ fn sampling_from_a_noised_latent_runs_the_rest_of_the_path() {
 /// chunk count (which go through their own UNet call).
 #[test]
 fn batch_is_a_speed_knob_only() {
-    let dir = tempfile::tempdir().unwrap();
-    let p = dir.path().join("toy.safetensors");
-    write_random_checkpoint(&p, TinyOptions::default()).unwrap();
-    let m = SdxlModel::load(&p, &LoadOptions::default()).unwrap();
+    let (_dir, m) = tiny_model("toy", TinyOptions::default());
     let long = vec!["red circle"; 40].join(", "); // > 75 tokens: 2 chunks
     let items: Vec<BatchItem> = [
         ("red circle", UncondMode::Zero, 3),
@@ -190,10 +191,7 @@ fn batch_is_a_speed_knob_only() {
 
 #[test]
 fn nan_models_give_broken_renders_not_errors() {
-    let dir = tempfile::tempdir().unwrap();
-    let p = dir.path().join("toy.safetensors");
-    write_random_checkpoint(&p, TinyOptions::default()).unwrap();
-    let m = SdxlModel::load(&p, &LoadOptions::default()).unwrap();
+    let (_dir, m) = tiny_model("toy", TinyOptions::default());
     let nan = Tensor::full(f32::NAN, (1, 4, 8, 8), &Device::Cpu).unwrap();
     let r = decode_rgb8(&m, &nan).unwrap().unwrap_err();
     assert!(r.starts_with("nan_latent: 256 of 256"), "{r}");
@@ -209,16 +207,7 @@ fn generate_runs_with_half_precision_models_and_a_safe_vae() {
     use crate::models::sdxl::clip::SdxlTextEncoder;
     use crate::pipeline::model::TextConfigs;
 
-    let dir = tempfile::tempdir().unwrap();
-    let p = dir.path().join("toy-v.safetensors");
-    write_random_checkpoint(
-        &p,
-        TinyOptions {
-            seed: 3,
-            v_pred_ztsnr: true,
-        },
-    )
-    .unwrap();
+    let (_dir, p) = tiny_checkpoint("toy-v", seed3(true));
     let opts = LoadOptions {
         device: Some(Device::Cpu),
         ..Default::default()
