@@ -37,7 +37,7 @@ pub enum ToyCommand {
 /// Arguments of `eps2v toy build`.
 #[derive(Debug, clap::Args)]
 #[command(
-    after_help = "Examples:\n  eps2v toy build                 # the committed models, into fixtures/toy (~45 min on 2 cores)\n  eps2v toy build --out /tmp/toy --quick\n\nDeterministic from --seed on one machine and thread count. Intermediate products stay in OUT/work/ until the end, so a rerun after an interruption redoes only the unfinished stages."
+    after_help = "Examples:\n  eps2v toy build                 # the committed models, into fixtures/toy (46 to 64 min on 2 cores)\n  eps2v toy build --out /tmp/toy --quick\n\nDeterministic from --seed on one machine and thread count. Intermediate products stay in OUT/work/ until the end, so a rerun after an interruption redoes only the unfinished stages."
 )]
 pub struct BuildArgs {
     /// Output folder (default: the toy folder, $EPS2V_TOY_DIR or fixtures/toy).

@@ -140,13 +140,12 @@ pub fn attention_packed(
     }
 }
 
-/// Nearest-neighbour ×2 upsampling of `(b, c, h, w)` as reshape + broadcast
-/// (its backward is a plain broadcast-sum, unlike candle's upsample op).
+/// Nearest-neighbour ×2 upsampling of `(b, c, h, w)`.
 pub fn upsample_nearest2x(x: &Tensor) -> Result<Tensor> {
-    let (b, c, h, w) = x.dims4()?;
-    x.reshape((b, c, h, 1, w, 1))?
-        .broadcast_as((b, c, h, 2, w, 2))?
-        .reshape((b, c, 2 * h, 2 * w))
+    match kernel_dtype(x) {
+        Some(dt) => in_dtype(x, dt, kernels::resample::upsample_nearest2x),
+        None => reference::upsample_nearest2x(x),
+    }
 }
 
 /// Exact (erf) GELU, as `torch.nn.functional.gelu` by default.
@@ -168,10 +167,12 @@ pub fn geglu(x: &Tensor) -> Result<Tensor> {
 
 /// Tanh-approximated GELU, `0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)))`
 /// (`torch.nn.GELU(approximate='tanh')`, timm's `gelu_tanh`, the WD v3
-/// taggers' MLP activation). candle's unary `gelu` op, which has a backward
-/// pass on every device.
+/// taggers' MLP activation).
 pub fn gelu_tanh(x: &Tensor) -> Result<Tensor> {
-    x.gelu()
+    match kernel_dtype(x) {
+        Some(dt) => in_dtype(x, dt, kernels::act::gelu_tanh),
+        None => reference::gelu_tanh(x),
+    }
 }
 
 /// OpenAI CLIP's `x * sigmoid(1.702 x)`.
@@ -199,6 +200,22 @@ pub mod reference {
             Some(b) => y.broadcast_add(b),
             None => Ok(y),
         }
+    }
+
+    /// Nearest-neighbour ×2 upsampling of `(b, c, h, w)` as reshape +
+    /// broadcast (its backward is a broadcast-sum, unlike candle's
+    /// `upsample_nearest2d`, which has none).
+    pub fn upsample_nearest2x(x: &Tensor) -> Result<Tensor> {
+        let (b, c, h, w) = x.dims4()?;
+        x.reshape((b, c, h, 1, w, 1))?
+            .broadcast_as((b, c, h, 2, w, 2))?
+            .reshape((b, c, 2 * h, 2 * w))
+    }
+
+    /// Tanh-approximated GELU (candle's unary `gelu`, which has a backward
+    /// on every device).
+    pub fn gelu_tanh(x: &Tensor) -> Result<Tensor> {
+        x.gelu()
     }
 
     /// Exact (erf) GELU (candle's `gelu_erf`).

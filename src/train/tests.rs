@@ -485,6 +485,36 @@ fn ema_update_holds_no_graph_and_averages() {
     // 0 → 0.5 → 0.75 → 0.875 of the var.
     let got = ema["w"].to_vec1::<f32>().unwrap();
     assert_eq!(got, vec![0.875, 1.75]);
+    // The fused pass has the bits of the composite (candle's affines and
+    // add), zero signs included.
+    let vals = [0.3f32, -0.0, 1e-30, -7.25, 0.0, 3.0e7, -1.5e-3];
+    let olds = [1.1f32, -0.0, -2e-30, 7.0, -0.0, -1.0, 0.5];
+    let w = Var::from_slice(&vals, vals.len(), &Device::Cpu).unwrap();
+    let old = Tensor::new(&olds, &Device::Cpu).unwrap();
+    let mut ema = BTreeMap::from([("w".to_string(), old.clone())]);
+    ema_update(&mut ema, &[("w".to_string(), w.clone())], 0.999).unwrap();
+    let want = ((&old * 0.999).unwrap() + (w.as_tensor() * (1.0 - 0.999)).unwrap()).unwrap();
+    let bits = |t: &Tensor| -> Vec<u32> {
+        t.to_vec1::<f32>()
+            .unwrap()
+            .iter()
+            .map(|v| v.to_bits())
+            .collect()
+    };
+    assert_eq!(bits(&ema["w"]), bits(&want));
+    assert_eq!(
+        bits(&old),
+        olds.map(f32::to_bits).to_vec(),
+        "the old EMA tensor changed"
+    );
+    let mut ema = BTreeMap::from([(
+        "w".to_string(),
+        Tensor::new(&[0f32, 0.0], &Device::Cpu).unwrap(),
+    )]);
+    for _ in 0..3 {
+        ema_update(&mut ema, &[("w".to_string(), v.clone())], 0.5).unwrap();
+    }
+    assert_eq!(ema["w"].to_vec1::<f32>().unwrap(), got);
     // Untracked vars are left alone.
     ema_update(&mut ema, &[("other".to_string(), v)], 0.5).unwrap();
     assert_eq!(ema["w"].to_vec1::<f32>().unwrap(), got);

@@ -1,7 +1,7 @@
 //! Fast CPU training kernels behind [`crate::nn::ops`]: candle custom ops
 //! (`CustomOp1/2/3`) with a hand-written backward for linear, conv2d,
-//! GroupNorm (+ fused SiLU), LayerNorm, GELU / GEGLU, softmax and fused
-//! scaled-dot-product attention.
+//! GroupNorm (+ fused SiLU), LayerNorm, GELU / GEGLU, softmax, fused
+//! scaled-dot-product attention and nearest ×2 upsampling.
 //!
 //! Why: candle 0.11's CPU conv2d backward goes through `conv_transpose2d` and
 //! a dimension-swapped conv, and its GroupNorm/softmax are chains of small
@@ -341,6 +341,7 @@ pub mod group_norm;
 pub(crate) mod invariant;
 pub mod layer_norm;
 pub mod linear;
+pub mod resample;
 
 /// True for the dtypes the kernels run natively.
 pub fn native_dtype(dtype: DType) -> bool {
