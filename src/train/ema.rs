@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use candle_core::{DType, Tensor, Var};
 use rayon::prelude::*;
 
-use crate::nn::kernels::{runs_here, simd_fn, threads, with_data, Real};
+use crate::nn::kernels::{chunk_elems, runs_here, simd_fn, with_data, Real};
 use crate::Result;
 
 /// `ema ← d·ema + (1 − d)·var` for every trained variable that has an EMA
@@ -57,7 +57,7 @@ fn fused(e: &Tensor, v: &Tensor, d: f64) -> Result<Option<Tensor>> {
             with_data::<T, _>(v, "ema var", |vs| {
                 let (dm, cm) = (T::of(d), T::of(1.0 - d));
                 let mut out = vec![T::ZERO; es.len()];
-                let chunk = es.len().div_ceil(threads()).max(1 << 14);
+                let chunk = chunk_elems(es.len(), 1);
                 out.par_chunks_mut(chunk)
                     .zip(es.par_chunks(chunk).zip(vs.par_chunks(chunk)))
                     .for_each(|(o, (ec, vc))| ema_pass(o, ec, vc, dm, cm));

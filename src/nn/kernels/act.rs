@@ -23,7 +23,7 @@
 //! Reference: `torch.nn.functional.gelu` (approximate='none' / 'tanh'); the
 //! tests compare with candle's `gelu_erf` / `gelu` and finite differences.
 
-use super::{tensor_from, threads, with_data, Real};
+use super::{chunk_elems, tensor_from, with_data, Real};
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -36,13 +36,6 @@ fn cdf_pdf<T: Real>(x: T) -> (T, T) {
     let erf = T::erf_with_exp(z, e);
     let half = T::of(0.5);
     (half + half * erf, e * T::of(0.398_942_280_401_432_7))
-}
-
-/// Elements per parallel task (whole rows of `row`), at least 16 Ki.
-fn chunk_elems(total: usize, row: usize) -> usize {
-    let row = row.max(1);
-    let per = total.div_ceil(threads().max(1)).max(1 << 14);
-    per.div_ceil(row).max(1) * row
 }
 
 simd_fn! {

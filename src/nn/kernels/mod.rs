@@ -383,6 +383,15 @@ pub(crate) fn tensor_from<T: WithDType>(data: Vec<T>, dims: &[usize]) -> Result<
     Tensor::from_vec(data, dims, &Device::Cpu)
 }
 
+/// Elements per parallel task for an elementwise pass over `total`
+/// elements (whole rows of `row`): an even split over [`threads`], but at
+/// least 16 Ki, below which rayon's wake-up costs more than the work.
+pub(crate) fn chunk_elems(total: usize, row: usize) -> usize {
+    let row = row.max(1);
+    let per = total.div_ceil(threads().max(1)).max(1 << 14);
+    per.div_ceil(row).max(1) * row
+}
+
 /// Number of threads kernels split work into (rayon's pool size, which
 /// follows `RAYON_NUM_THREADS`, as candle's own CPU kernels do).
 pub fn threads() -> usize {

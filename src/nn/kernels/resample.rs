@@ -14,20 +14,10 @@
 //! reference (the tests check the bits), so models trained before this op
 //! existed are reproduced exactly.
 
-use super::{slice_of, tensor_from, threads, with_data, Real};
+use super::{chunk_elems, slice_of, tensor_from, with_data, Real};
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
-
-/// Planes per parallel task: all of them on one thread below ~16 Ki input
-/// elements (rayon's wake-up costs more than the copy), else an even split.
-fn planes_per_task(planes: usize, plane: usize) -> usize {
-    let total = planes * plane;
-    if total < (1 << 14) {
-        return planes.max(1);
-    }
-    planes.div_ceil(threads()).max(1)
-}
 
 fn geometry(dims: &[usize]) -> Result<(usize, usize, usize)> {
     match dims {
@@ -77,26 +67,20 @@ impl CustomOp1 for Upsample2xOp {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (planes, h, w) = geometry(l.dims())?;
-        fn run<T: Real>(
-            s: &CpuStorage,
-            l: &Layout,
-            planes: usize,
-            h: usize,
-            w: usize,
-        ) -> Result<CpuStorage> {
+        let (_, h, w) = geometry(l.dims())?;
+        fn run<T: Real>(s: &CpuStorage, l: &Layout, h: usize, w: usize) -> Result<CpuStorage> {
             let x = slice_of::<T>(s, l, "upsample_nearest2x x")?;
             let mut y = vec![T::ZERO; 4 * x.len()];
             if !x.is_empty() {
-                let k = planes_per_task(planes, h * w);
-                y.par_chunks_mut(4 * k * h * w)
-                    .zip(x.par_chunks(k * h * w))
+                let c = chunk_elems(x.len(), h * w);
+                y.par_chunks_mut(4 * c)
+                    .zip(x.par_chunks(c))
                     .for_each(|(yc, xc)| up_planes(yc, xc, h, w));
             }
             Ok(T::to_cpu_storage_owned(y))
         }
         let out = by_dtype!(s.dtype(), "upsample_nearest2x kernel", |T| run::<T>(
-            s, l, planes, h, w
+            s, l, h, w
         )?);
         let d = l.dims();
         Ok((out, Shape::from((d[0], d[1], 2 * d[2], 2 * d[3]))))
@@ -115,9 +99,9 @@ impl CustomOp1 for Upsample2xOp {
             let dx = with_data::<T, _>(grad, "upsample_nearest2x grad", |gs| {
                 let mut dx = vec![T::ZERO; planes * h * w];
                 if !dx.is_empty() {
-                    let k = planes_per_task(planes, h * w);
-                    dx.par_chunks_mut(k * h * w)
-                        .zip(gs.par_chunks(4 * k * h * w))
+                    let c = chunk_elems(dx.len(), h * w);
+                    dx.par_chunks_mut(c)
+                        .zip(gs.par_chunks(4 * c))
                         .for_each(|(o, gc)| down_planes(o, gc, h, w));
                 }
                 Ok(dx)
