@@ -147,7 +147,7 @@ pub fn run_caption(a: CaptionArgs, json: bool) -> anyhow::Result<i32> {
     let cfg = caption_config(&a)?;
     cfg.check()?;
     let mut m = Manifest::open(&a.dir)?;
-    let r = caption::run(&cfg, &mut m, &Ctx { progress: !json })?;
+    let r = caption::run(&cfg, &mut m, &Ctx::new(!json))?;
     if json {
         print_json(&r)?;
     } else {

@@ -162,7 +162,7 @@ pub struct InspectArgs {
 }
 
 fn ctx(json: bool) -> Ctx {
-    Ctx { progress: !json }
+    Ctx::new(!json)
 }
 
 fn print_json(v: &impl serde::Serialize) -> anyhow::Result<()> {

@@ -154,7 +154,7 @@ pub fn run(a: GenerateArgs, json: bool) -> Result<i32> {
         eprintln!("warning: {w}");
     }
     let mut m = Manifest::init(&a.dir)?;
-    let ctx = Ctx { progress: !json };
+    let ctx = Ctx::new(!json);
     let r = generate::run(&cfg, &template, &model, &mut m, &ctx)?;
     if json {
         println!("{}", serde_json::to_string_pretty(&r)?);

@@ -47,7 +47,7 @@ pub fn run(a: ManifestArgs, json: bool) -> Result<i32> {
             merge::check_shards(&m.out, &m.shards)?;
             let mut out = Manifest::init(&m.out)?;
             let cfg = MergeConfig { shards: m.shards };
-            let r = merge::run(&cfg, &mut out, &Ctx { progress: !json })?;
+            let r = merge::run(&cfg, &mut out, &Ctx::new(!json))?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&r)?);
             } else {

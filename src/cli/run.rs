@@ -114,7 +114,7 @@ pub fn run(a: RunArgs, json: bool) -> Result<i32> {
     for w in cfg.train.warnings() {
         eprintln!("warning: {w}");
     }
-    let r = run::run(&cfg, None, &Ctx { progress: !json })?;
+    let r = run::run(&cfg, None, &Ctx::new(!json))?;
     if json {
         println!("{}", serde_json::to_string_pretty(&r)?);
     } else {

@@ -37,7 +37,7 @@ pub enum ToyCommand {
 /// Arguments of `eps2v toy build`.
 #[derive(Debug, clap::Args)]
 #[command(
-    after_help = "Examples:\n  eps2v toy build                 # the committed models, into fixtures/toy (46 to 64 min on 2 cores)\n  eps2v toy build --out /tmp/toy --quick\n\nDeterministic from --seed on one machine and thread count. Intermediate products stay in OUT/work/ until the end, so a rerun after an interruption redoes only the unfinished stages."
+    after_help = "Examples:\n  eps2v toy build                 # the committed models, into fixtures/toy (about 40 min on 2 cores at stop 26's machine speed; far longer on a slow day)\n  eps2v toy build --out /tmp/toy --quick\n\nDeterministic from --seed on one machine and thread count; the text encoders train beside the VAE and the tagger beside the UNet (--serial: one after the other, same bytes). Intermediate products stay in OUT/work/ until the end, so a rerun after an interruption redoes only the unfinished stages."
 )]
 pub struct BuildArgs {
     /// Output folder (default: the toy folder, $EPS2V_TOY_DIR or fixtures/toy).
@@ -52,6 +52,11 @@ pub struct BuildArgs {
     /// Keep OUT/work/ (scenes, dataset, training runs).
     #[arg(long)]
     pub keep_work: bool,
+    /// Run the stages one after another (by default the text encoders
+    /// train beside the VAE and the tagger beside the UNet, on two thread
+    /// pools: the same bytes, in less wall time).
+    #[arg(long)]
+    pub serial: bool,
     /// Override the recipe's VAE steps.
     #[arg(long)]
     pub vae_steps: Option<usize>,
@@ -254,8 +259,9 @@ fn build(a: BuildArgs, json: bool) -> anyhow::Result<i32> {
             out: out.clone(),
             recipe,
             keep_work: a.keep_work,
+            concurrent: !a.serial,
         },
-        &Ctx { progress: !json },
+        &Ctx::new(!json),
     )?;
     if json {
         println!("{}", serde_json::to_string_pretty(&r)?);
@@ -268,7 +274,16 @@ fn build(a: BuildArgs, json: bool) -> anyhow::Result<i32> {
             };
             println!("  {name:<8} {:>8.1} s  {loss}", s.seconds);
         }
-        println!("  total    {:>8.1} s", r.seconds);
+        println!(
+            "  total    {:>8.1} s  (wall {:.1} s{})",
+            r.seconds,
+            r.wall_seconds,
+            if r.concurrent {
+                ": text beside the VAE, tagger beside the UNet"
+            } else {
+                ""
+            }
+        );
         for (f, b) in &r.sizes {
             println!("  {f:<28} {:.2} MB", *b as f64 / 1e6);
         }
@@ -383,7 +398,7 @@ fn eval(a: EvalArgs, json: bool) -> anyhow::Result<i32> {
             &opts,
             &a.denoise_from,
             (7, a.prompts),
-            &Ctx { progress: !json },
+            &Ctx::new(!json),
         )?;
         if json {
             println!("{}", serde_json::to_string_pretty(&rows)?);
@@ -414,7 +429,7 @@ fn eval(a: EvalArgs, json: bool) -> anyhow::Result<i32> {
         }
         return Ok(0);
     }
-    let r = evaluate(&model, &tagger, &opts, &Ctx { progress: !json })?;
+    let r = evaluate(&model, &tagger, &opts, &Ctx::new(!json))?;
     if json {
         println!("{}", serde_json::to_string_pretty(&r)?);
     } else {
@@ -436,7 +451,7 @@ fn tagger(a: TaggerArgs, json: bool) -> anyhow::Result<i32> {
         )
         .into());
     }
-    let ctx = Ctx { progress: !json };
+    let ctx = Ctx::new(!json);
     let mut opts = TaggerTraining {
         seed: a.seed,
         data_seed: a.data_seed,
@@ -535,7 +550,7 @@ fn tagger(a: TaggerArgs, json: bool) -> anyhow::Result<i32> {
 
 fn scenes(a: ScenesArgs, json: bool) -> anyhow::Result<i32> {
     let t0 = std::time::Instant::now();
-    let ctx = Ctx { progress: !json };
+    let ctx = Ctx::new(!json);
     let r = write_scenes(
         &a.dir,
         WriteScenes {

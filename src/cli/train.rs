@@ -287,7 +287,7 @@ pub fn run_train(a: TrainArgs, json: bool) -> Result<i32> {
     }
     let (device, dtype) = a.device.resolve()?;
     let mut m = Manifest::open(&a.dir)?;
-    let ctx = Ctx { progress: !json };
+    let ctx = Ctx::new(!json);
     let r = train::train(
         &cfg,
         &mut m,

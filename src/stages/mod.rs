@@ -30,8 +30,10 @@ pub mod merge;
 pub mod walk;
 
 use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::de::DeserializeOwned;
 
 use crate::error::Result;
@@ -69,12 +71,67 @@ pub fn runs_with_same_settings<C: DeserializeOwned>(
 pub struct Ctx {
     /// Draw progress bars on stderr (off for `--json` and in tests).
     pub progress: bool,
+    /// Bars and messages of work that runs side by side (e.g. `toy build`'s
+    /// concurrent stages) go through one multi-bar instead of drawing over
+    /// each other.
+    pub bars: Option<MultiProgress>,
+    /// Set by [`Ctx::cancel`]: long loops that poll [`Ctx::cancelled`] stop
+    /// early (a stage running beside them failed or was interrupted).
+    pub stop: Option<Arc<AtomicBool>>,
 }
 
 impl Ctx {
     /// A context that draws nothing (tests, `--json`).
     pub fn quiet() -> Self {
-        Self { progress: false }
+        Self::new(false)
+    }
+
+    /// A context that draws progress bars when `progress` is set.
+    pub fn new(progress: bool) -> Self {
+        Self {
+            progress,
+            ..Self::default()
+        }
+    }
+
+    /// This context for stages that run side by side: one multi-bar for
+    /// their bars and messages, and a shared stop flag.
+    pub fn concurrent(&self) -> Self {
+        Self {
+            progress: self.progress,
+            bars: self.progress.then(MultiProgress::new),
+            stop: Some(Arc::new(AtomicBool::new(false))),
+        }
+    }
+
+    /// Ask the loops that share this context to stop.
+    pub fn cancel(&self) {
+        if let Some(s) = &self.stop {
+            s.store(true, Ordering::SeqCst);
+        }
+    }
+
+    /// Whether [`Ctx::cancel`] was called.
+    pub fn cancelled(&self) -> bool {
+        self.stop.as_ref().is_some_and(|s| s.load(Ordering::SeqCst))
+    }
+
+    /// Print a progress message on stderr (above the bars), when progress
+    /// is on.
+    pub fn say(&self, msg: &str) {
+        if !self.progress {
+            return;
+        }
+        match &self.bars {
+            // A multi-bar on a terminal prints above its bars; one that is
+            // hidden (stderr redirected to a log) would drop the line.
+            Some(m) if !m.is_hidden() => {
+                if m.println(msg).is_err() {
+                    eprintln!("{msg}");
+                }
+            }
+            _ => eprintln!("{msg}"),
+        }
     }
 
     /// A progress bar of `len` steps with a message, hidden when
@@ -94,6 +151,9 @@ impl Ctx {
                 .progress_chars("=> "),
         );
         pb.set_message(msg.to_string());
-        pb
+        match &self.bars {
+            Some(m) => m.add(pb),
+            None => pb,
+        }
     }
 }

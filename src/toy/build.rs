@@ -29,11 +29,17 @@
 //!    adherence sampled as eps ([`super::eval::evaluate`], ≥ 80 %), written
 //!    with the seeds, steps, times and losses to `OUT/build.json`.
 //!
+//! With `concurrent` (the CLI's default) the independent stages overlap:
+//! the text encoders train beside the VAE, and the tagger beside the UNet,
+//! each on its own thread pool ([`side_by_side`]); the bytes are the same
+//! as one stage after the other (`--serial`).
+//!
 //! Deterministic from the seed (same machine, same thread count): the
 //! weights depend only on seeded ChaCha streams and the data order.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
@@ -228,6 +234,10 @@ pub struct BuildOptions {
     pub recipe: BuildRecipe,
     /// Keep `OUT/work/` (scenes, dataset, training runs) at the end.
     pub keep_work: bool,
+    /// Train the text encoders beside the VAE and the tagger beside the
+    /// UNet, each pair on two thread pools ([`side_by_side`]; same bytes as
+    /// one after the other).
+    pub concurrent: bool,
 }
 
 /// A stage's record in `build.json`.
@@ -260,8 +270,15 @@ pub struct BuildReport {
     pub adherence: ToyEval,
     /// Both gates met.
     pub gates_met: bool,
-    /// Total wall time, seconds (sum of the stages, reused ones included).
+    /// Sum of the stages' seconds, reused ones included (more than the wall
+    /// time when stages ran side by side).
     pub seconds: f64,
+    /// Wall time of the run that wrote this report (reused stages cost
+    /// next to nothing, so only a build from scratch times the whole build).
+    pub wall_seconds: f64,
+    /// Whether the text encoders trained beside the VAE and the tagger
+    /// beside the UNet (`BuildOptions::concurrent`).
+    pub concurrent: bool,
     /// Sizes of the written files, bytes.
     pub sizes: BTreeMap<String, u64>,
 }
@@ -313,123 +330,316 @@ fn key_of(v: &impl Serialize) -> Result<serde_json::Value> {
     Ok(serde_json::to_value(v)?)
 }
 
+/// Run `main` here and `side` beside it on a pool of its own (with
+/// `concurrent`; otherwise one after the other), and return both results.
+/// The first to fail cancels the other through `ctx` (the trainers poll
+/// [`Ctx::cancelled`] between steps) and its error is the one returned.
+///
+/// Why side by side: the toy models are small, so a training step keeps
+/// two cores only partly busy (small tensors, serial stretches between
+/// parallel kernels); the tagger beside the UNet cost the UNet about 2 % of
+/// its time, where one after the other it costs all of its own (README,
+/// Toy world). Same bytes: the side pool has the global pool's thread
+/// count, and the kernels split work by that count, not by timing.
+fn side_by_side<A: Send, B: Send>(
+    concurrent: bool,
+    ctx: &Ctx,
+    main: impl FnOnce() -> Result<A>,
+    side: impl FnOnce() -> Result<B> + Send,
+) -> Result<(A, B)> {
+    if !concurrent {
+        let a = main()?;
+        return Ok((a, side()?));
+    }
+    // 1: main failed first, 2: side failed first.
+    let first = AtomicU8::new(0);
+    let failed = |who: u8| {
+        let _ = first.compare_exchange(0, who, Ordering::SeqCst, Ordering::SeqCst);
+        ctx.cancel();
+    };
+    std::thread::scope(|s| {
+        let h = s.spawn(|| {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(rayon::current_num_threads())
+                .thread_name(|i| format!("toy-build-side-{i}"))
+                .build()
+                .map_err(|e| Error::Other(format!("toy build: cannot start a thread pool: {e}")));
+            let b = pool.and_then(|p| p.install(side));
+            if b.is_err() {
+                failed(2);
+            }
+            b
+        });
+        let a = main();
+        if a.is_err() {
+            failed(1);
+        }
+        let b = h.join().unwrap_or_else(|_| {
+            Err(Error::Other(
+                "toy build: a stage running beside another panicked".into(),
+            ))
+        });
+        match (a, b) {
+            (Ok(a), Ok(b)) => Ok((a, b)),
+            (Err(e), Ok(_)) | (Ok(_), Err(e)) => Err(e),
+            (Err(ea), Err(eb)) => Err(if first.load(Ordering::SeqCst) == 2 {
+                eb
+            } else {
+                ea
+            }),
+        }
+    })
+}
+
+/// Stages 1–2: the scenes and the bucketed dataset in `work/dataset`.
+fn dataset_stage(
+    r: &BuildRecipe,
+    work: &Path,
+    data_key: &serde_json::Value,
+    ctx: &Ctx,
+) -> Result<StageRecord> {
+    if let Some(rec) = cached(work, "dataset", data_key) {
+        return Ok(rec);
+    }
+    let t = Instant::now();
+    let scenes_dir = work.join("scenes");
+    let ds = work.join("dataset");
+    ctx.say(&format!("toy build: drawing {} scenes", r.scenes));
+    let w = write_scenes(
+        &scenes_dir,
+        WriteScenes {
+            count: r.scenes,
+            seed: r.seed,
+        },
+        ctx,
+    )?;
+    let mut m = Manifest::init(&ds)?;
+    let imp = crate::stages::import::run(
+        &ImportConfig {
+            from: scenes_dir.clone(),
+            ..Default::default()
+        },
+        &mut m,
+        ctx,
+    )?;
+    let buck = crate::stages::bucket::run(
+        &BucketConfig {
+            buckets: BucketSet::Kohya {
+                resolution: 80,
+                step: 32,
+                min_side: 64,
+                max_side: 96,
+            },
+            crop: CropArg::Center,
+            max_upscale: 1.0,
+            ..Default::default()
+        },
+        &mut m,
+        ctx,
+    )?;
+    // Identical scenes (same pixels) are one item: import keeps one.
+    if !buck.rejected.is_empty() || buck.bucketed + buck.already == 0 {
+        return Err(Error::Other(format!(
+            "toy build: {} scenes bucketed, rejected: {:?}; the toy bucket list and the scene sizes disagree",
+            buck.bucketed + buck.already,
+            buck.rejected
+        )));
+    }
+    let rec = StageRecord {
+        seconds: t.elapsed().as_secs_f64(),
+        details: serde_json::json!({
+            "scenes": w.written + w.skipped,
+            "items": imp.imported + imp.already_imported,
+            "identical_scenes": imp.same_file,
+            "buckets": buck.histogram,
+        }),
+        ..Default::default()
+    };
+    record(work, "dataset", data_key, &rec)?;
+    Ok(rec)
+}
+
+/// Stage 3: the VAE in `work/vae.safetensors`.
+fn vae_stage(
+    r: &BuildRecipe,
+    work: &Path,
+    vae_key: &serde_json::Value,
+    ctx: &Ctx,
+) -> Result<StageRecord> {
+    let vae_file = work.join("vae.safetensors");
+    if let Some(rec) = cached(work, "vae", vae_key).filter(|_| vae_file.is_file()) {
+        return Ok(rec);
+    }
+    ctx.say(&format!(
+        "toy build: training the VAE ({} steps)",
+        r.vae.steps
+    ));
+    let (tv, rep) = train_vae(&r.vae, ctx)?;
+    save_tensors(&vae_file, tv.tensors()?)?;
+    let rec = StageRecord::trained(
+        rep.seconds,
+        &rep.losses,
+        serde_json::json!({
+            "params": rep.params,
+            "latent_mean_before": rep.latent_mean,
+            "latent_std_before": rep.latent_std,
+            "recon_mae_255": rep.recon_mae,
+        }),
+    );
+    record(work, "vae", vae_key, &rec)?;
+    Ok(rec)
+}
+
+/// Stage 4b: the text encoders of `random`, pretrained on toy captions, in
+/// `work/text.safetensors` (none with `text.steps` 0).
+fn text_stage(
+    r: &BuildRecipe,
+    work: &Path,
+    random: &Path,
+    text_key: &serde_json::Value,
+    ctx: &Ctx,
+) -> Result<Option<StageRecord>> {
+    if r.text.steps == 0 {
+        return Ok(None);
+    }
+    let text_file = work.join("text.safetensors");
+    if let Some(rec) = cached(work, "text", text_key).filter(|_| text_file.is_file()) {
+        return Ok(Some(rec));
+    }
+    ctx.say(&format!(
+        "toy build: pretraining the text encoders ({} steps x {})",
+        r.text.steps, r.text.batch
+    ));
+    let (t, rep) = train_text(random, &r.text, ctx)?;
+    save_tensors(&text_file, t)?;
+    let rec = StageRecord::trained(
+        rep.seconds,
+        &rep.losses,
+        serde_json::json!({
+            "captions_read_exactly_before": rep.exact_before,
+            "captions_read_exactly_after": rep.exact_after,
+        }),
+    );
+    record(work, "text", text_key, &rec)?;
+    Ok(Some(rec))
+}
+
+/// Stage 5: the UNet of `base`, trained with the project's trainer on the
+/// dataset `ds`, exported to `model_path`.
+fn unet_stage(
+    r: &BuildRecipe,
+    work: &Path,
+    ds: &Path,
+    base: &Path,
+    model_path: &Path,
+    unet_key: &serde_json::Value,
+    ctx: &Ctx,
+) -> Result<StageRecord> {
+    if let Some(rec) = cached(work, "unet", unet_key).filter(|_| model_path.is_file()) {
+        return Ok(rec);
+    }
+    ctx.say(&format!(
+        "toy build: training the UNet ({} steps x {})",
+        r.unet.steps, r.unet.batch
+    ));
+    let cfg = unet_train_config(r, base, model_path);
+    let mut m = Manifest::open(ds)?;
+    let t = Instant::now();
+    let rep = train(&cfg, &mut m, &TrainOptions::default(), ctx)?;
+    if rep.interrupted {
+        return Err(Error::Other(
+            "toy build: UNet training was interrupted; rerun `eps2v toy build` to start it again"
+                .into(),
+        ));
+    }
+    let losses: Vec<f32> = crate::train::log::read(&rep.run_dir.join("log.csv"))
+        .map(|rows| {
+            rows.iter()
+                .filter_map(|r| r.loss)
+                .map(|l| l as f32)
+                .collect()
+        })
+        .unwrap_or_default();
+    let rec = StageRecord::trained(
+        t.elapsed().as_secs_f64(),
+        &losses,
+        serde_json::json!({
+            "train_items": rep.train_items,
+            "val_items": rep.val_items,
+            "val_loss": rep.val_loss,
+            "skipped": rep.skipped,
+            "config": cfg,
+        }),
+    );
+    record(work, "unet", unet_key, &rec)?;
+    Ok(rec)
+}
+
+/// Stage 6: the tagger in `tagger_dir` (with round trips through the VAE of
+/// `base` when the recipe asks for them).
+fn tagger_stage(
+    r: &BuildRecipe,
+    work: &Path,
+    base: &Path,
+    tagger_dir: &Path,
+    tagger_key: &serde_json::Value,
+    ctx: &Ctx,
+) -> Result<StageRecord> {
+    if let Some(rec) = cached(work, "tagger", tagger_key)
+        .filter(|_| tagger_dir.join("model.safetensors").is_file())
+    {
+        return Ok(rec);
+    }
+    ctx.say(&format!(
+        "toy build: training the tagger ({} steps x {})",
+        r.tagger.steps, r.tagger.batch
+    ));
+    let pool = if r.tagger.round_trips > 0 {
+        let vae_model = SdxlModel::load(base, &LoadOptions::default())?;
+        round_trip_pool(
+            &vae_model,
+            r.tagger.data_seed.wrapping_add(1),
+            r.tagger.round_trips,
+            ctx,
+        )?
+    } else {
+        Vec::new()
+    };
+    let (t, rep) = train_tagger(&r.tagger, &pool, ctx)?;
+    t.save(tagger_dir)?;
+    let rec = StageRecord::trained(
+        rep.seconds,
+        &rep.losses,
+        serde_json::json!({ "params": rep.params }),
+    );
+    record(work, "tagger", tagger_key, &rec)?;
+    Ok(rec)
+}
+
 /// Build the toy world (module docs). Returns the report (also written to
 /// `OUT/build.json`).
 pub fn build(opts: &BuildOptions, ctx: &Ctx) -> Result<BuildReport> {
+    let wall = Instant::now();
     let r = &opts.recipe;
     let out = &opts.out;
     let work = out.join("work");
     std::fs::create_dir_all(&work).at(&work)?;
-    let mut stages: BTreeMap<String, StageRecord> = BTreeMap::new();
-    let say = |msg: String| {
-        if ctx.progress {
-            eprintln!("{msg}");
-        }
+    let ctx = &if opts.concurrent {
+        ctx.concurrent()
+    } else {
+        ctx.clone()
     };
+    let mut stages: BTreeMap<String, StageRecord> = BTreeMap::new();
 
     // 1–2. scenes and dataset ---------------------------------------------
-    let t = Instant::now();
-    let scenes_dir = work.join("scenes");
     let ds = work.join("dataset");
     let data_key = key_of(&(r.seed, r.scenes))?;
-    let rec = match cached(&work, "dataset", &data_key) {
-        Some(rec) => rec,
-        None => {
-            say(format!("toy build: drawing {} scenes", r.scenes));
-            let w = write_scenes(
-                &scenes_dir,
-                WriteScenes {
-                    count: r.scenes,
-                    seed: r.seed,
-                },
-                ctx,
-            )?;
-            let mut m = Manifest::init(&ds)?;
-            let imp = crate::stages::import::run(
-                &ImportConfig {
-                    from: scenes_dir.clone(),
-                    ..Default::default()
-                },
-                &mut m,
-                ctx,
-            )?;
-            let buck = crate::stages::bucket::run(
-                &BucketConfig {
-                    buckets: BucketSet::Kohya {
-                        resolution: 80,
-                        step: 32,
-                        min_side: 64,
-                        max_side: 96,
-                    },
-                    crop: CropArg::Center,
-                    max_upscale: 1.0,
-                    ..Default::default()
-                },
-                &mut m,
-                ctx,
-            )?;
-            // Identical scenes (same pixels) are one item: import keeps one.
-            if !buck.rejected.is_empty() || buck.bucketed + buck.already == 0 {
-                return Err(Error::Other(format!(
-                    "toy build: {} scenes bucketed, rejected: {:?}; the toy bucket list and the scene sizes disagree",
-                    buck.bucketed + buck.already,
-                    buck.rejected
-                )));
-            }
-            let rec = StageRecord {
-                seconds: t.elapsed().as_secs_f64(),
-                details: serde_json::json!({
-                    "scenes": w.written + w.skipped,
-                    "items": imp.imported + imp.already_imported,
-                    "identical_scenes": imp.same_file,
-                    "buckets": buck.histogram,
-                }),
-                ..Default::default()
-            };
-            record(&work, "dataset", &data_key, &rec)?;
-            rec
-        }
-    };
+    let rec = dataset_stage(r, &work, &data_key, ctx)?;
     stages.insert("dataset".into(), rec);
 
-    // 3. VAE ----------------------------------------------------------------
-    let vae_file = work.join("vae.safetensors");
-    // Keys cover the code's constants too (the toy configs, the latent
-    // std), so changing them retrains what they shape instead of reusing
-    // products made under the old values.
-    let vae_key = key_of(&(&r.vae, VaeConfig::toy(), super::vae::LATENT_STD))?;
-    let rec = match cached(&work, "vae", &vae_key).filter(|_| vae_file.is_file()) {
-        Some(rec) => rec,
-        None => {
-            say(format!(
-                "toy build: training the VAE ({} steps)",
-                r.vae.steps
-            ));
-            let (tv, rep) = train_vae(&r.vae, ctx)?;
-            save_tensors(&vae_file, tv.tensors()?)?;
-            let rec = StageRecord::trained(
-                rep.seconds,
-                &rep.losses,
-                serde_json::json!({
-                    "params": rep.params,
-                    "latent_mean_before": rep.latent_mean,
-                    "latent_std_before": rep.latent_std,
-                    "recon_mae_255": rep.recon_mae,
-                }),
-            );
-            record(&work, "vae", &vae_key, &rec)?;
-            rec
-        }
-    };
-    say(format!(
-        "toy build: VAE {:.0} s, reconstruction error {} / 255",
-        rec.seconds, rec.details["recon_mae_255"]
-    ));
-    stages.insert("vae".into(), rec);
-
-    // 4. base checkpoint: seeded random UNet + text encoders, trained VAE ---
+    // 3. VAE, and beside it the text encoders (4b), which need only the
+    // seeded random checkpoint -------------------------------------------
     let random = work.join("random.safetensors");
-    let base = work.join("base.safetensors");
     write_random_toy_model(
         &random,
         TinyOptions {
@@ -437,34 +647,31 @@ pub fn build(opts: &BuildOptions, ctx: &Ctx) -> Result<BuildReport> {
             v_pred_ztsnr: false,
         },
     )?;
-    // 4b. text encoders: pretrained on toy captions (super::text) --------
+    let vae_file = work.join("vae.safetensors");
+    // Keys cover the code's constants too (the toy configs, the latent
+    // std), so changing them retrains what they shape instead of reusing
+    // products made under the old values.
+    let vae_key = key_of(&(&r.vae, VaeConfig::toy(), super::vae::LATENT_STD))?;
     let text_file = work.join("text.safetensors");
     let text_cfg = TextConfigs::toy();
     let text_key = key_of(&(&r.text, r.seed, &text_cfg.clip_l, &text_cfg.clip_g))?;
-    if r.text.steps > 0 {
-        let rec = match cached(&work, "text", &text_key).filter(|_| text_file.is_file()) {
-            Some(rec) => rec,
-            None => {
-                say(format!(
-                    "toy build: pretraining the text encoders ({} steps x {})",
-                    r.text.steps, r.text.batch
-                ));
-                let (t, rep) = train_text(&random, &r.text, ctx)?;
-                save_tensors(&text_file, t)?;
-                let rec = StageRecord::trained(
-                    rep.seconds,
-                    &rep.losses,
-                    serde_json::json!({
-                        "captions_read_exactly_before": rep.exact_before,
-                        "captions_read_exactly_after": rep.exact_after,
-                    }),
-                );
-                record(&work, "text", &text_key, &rec)?;
-                rec
-            }
-        };
+    let (rec, text_rec) = side_by_side(
+        opts.concurrent,
+        ctx,
+        || vae_stage(r, &work, &vae_key, ctx),
+        || text_stage(r, &work, &random, &text_key, ctx),
+    )?;
+    ctx.say(&format!(
+        "toy build: VAE {:.0} s, reconstruction error {} / 255",
+        rec.seconds, rec.details["recon_mae_255"]
+    ));
+    stages.insert("vae".into(), rec);
+    if let Some(rec) = text_rec {
         stages.insert("text".into(), rec);
     }
+
+    // 4. base checkpoint: seeded random UNet + text encoders, trained VAE ---
+    let base = work.join("base.safetensors");
     {
         let vae_t = candle_core::safetensors::load(&vae_file, &Device::Cpu)?;
         let mut repl: HashMap<String, Tensor> = vae_t
@@ -486,94 +693,28 @@ pub fn build(opts: &BuildOptions, ctx: &Ctx) -> Result<BuildReport> {
         )?;
     }
 
-    // 5. UNet ---------------------------------------------------------------
+    // 5–6. the UNet, and beside it the tagger ------------------------------
     let model_path = out.join("model.safetensors");
     let unet_key = key_of(&(&r.unet, &vae_key, &data_key, &text_key, UNetConfig::toy()))?;
-    let rec = match cached(&work, "unet", &unet_key).filter(|_| model_path.is_file()) {
-        Some(rec) => rec,
-        None => {
-            say(format!(
-                "toy build: training the UNet ({} steps x {})",
-                r.unet.steps, r.unet.batch
-            ));
-            let cfg = unet_train_config(r, &base, &model_path);
-            let mut m = Manifest::open(&ds)?;
-            let t = Instant::now();
-            let rep = train(&cfg, &mut m, &TrainOptions::default(), ctx)?;
-            if rep.interrupted {
-                return Err(Error::Other(
-                    "toy build: UNet training was interrupted; rerun `eps2v toy build` to start it again".into(),
-                ));
-            }
-            let losses: Vec<f32> = crate::train::log::read(&rep.run_dir.join("log.csv"))
-                .map(|rows| {
-                    rows.iter()
-                        .filter_map(|r| r.loss)
-                        .map(|l| l as f32)
-                        .collect()
-                })
-                .unwrap_or_default();
-            let rec = StageRecord::trained(
-                t.elapsed().as_secs_f64(),
-                &losses,
-                serde_json::json!({
-                    "train_items": rep.train_items,
-                    "val_items": rep.val_items,
-                    "val_loss": rep.val_loss,
-                    "skipped": rep.skipped,
-                    "config": cfg,
-                }),
-            );
-            record(&work, "unet", &unet_key, &rec)?;
-            rec
-        }
-    };
-    stages.insert("unet".into(), rec);
-
-    // 6. tagger -------------------------------------------------------------
-    let tagger_dir = out.join("tagger");
     // The round trips come from the trained VAE: a new VAE, a new tagger.
     let tagger_key = if r.tagger.round_trips > 0 {
         key_of(&(format!("{:?}", r.tagger), &vae_key))?
     } else {
         key_of(&format!("{:?}", r.tagger))?
     };
-    let rec = match cached(&work, "tagger", &tagger_key)
-        .filter(|_| tagger_dir.join("model.safetensors").is_file())
-    {
-        Some(rec) => rec,
-        None => {
-            say(format!(
-                "toy build: training the tagger ({} steps x {})",
-                r.tagger.steps, r.tagger.batch
-            ));
-            let pool = if r.tagger.round_trips > 0 {
-                let vae_model = SdxlModel::load(&base, &LoadOptions::default())?;
-                round_trip_pool(
-                    &vae_model,
-                    r.tagger.data_seed.wrapping_add(1),
-                    r.tagger.round_trips,
-                    ctx,
-                )?
-            } else {
-                Vec::new()
-            };
-            let (t, rep) = train_tagger(&r.tagger, &pool, ctx)?;
-            t.save(&tagger_dir)?;
-            let rec = StageRecord::trained(
-                rep.seconds,
-                &rep.losses,
-                serde_json::json!({ "params": rep.params }),
-            );
-            record(&work, "tagger", &tagger_key, &rec)?;
-            rec
-        }
-    };
-    stages.insert("tagger".into(), rec);
+    let tagger_dir = out.join("tagger");
+    let (rec, tagger_rec) = side_by_side(
+        opts.concurrent,
+        ctx,
+        || unet_stage(r, &work, &ds, &base, &model_path, &unet_key, ctx),
+        || tagger_stage(r, &work, &base, &tagger_dir, &tagger_key, ctx),
+    )?;
+    stages.insert("unet".into(), rec);
+    stages.insert("tagger".into(), tagger_rec);
 
     // 7. gates ----------------------------------------------------------------
     let t = Instant::now();
-    say("toy build: measuring the gates".into());
+    ctx.say("toy build: measuring the gates");
     let tagger = Tagger::load(&tagger_dir, &Device::Cpu)?;
     let eval_seed = r.seed.wrapping_add(301);
     let tagger_accuracy = evaluate_tagger(&tagger, eval_seed, r.tagger_eval_scenes)?;
@@ -613,6 +754,8 @@ pub fn build(opts: &BuildOptions, ctx: &Ctx) -> Result<BuildReport> {
     let report = BuildReport {
         recipe: r.clone(),
         seconds: stages.values().map(|s| s.seconds).sum(),
+        wall_seconds: wall.elapsed().as_secs_f64(),
+        concurrent: opts.concurrent,
         stages,
         tagger_accuracy,
         tagger_attributes,
@@ -670,8 +813,61 @@ pub fn unet_train_config(r: &BuildRecipe, base: &Path, out: &Path) -> TrainConfi
 mod tests {
     use super::*;
 
-    /// Two quick builds of one seed write the same bytes; the products load
-    /// with no config given (model: eps toy checkpoint; tagger: toy tags).
+    /// A stage that fails stops the one beside it (through the context's
+    /// stop flag) and its error is the one reported, whichever side it is
+    /// on; the side pool has the global pool's size (the bytes depend on it).
+    #[test]
+    fn side_by_side_reports_the_first_failure_and_stops_the_other() {
+        use std::sync::atomic::AtomicBool;
+        let waits = |ctx: &Ctx, saw: &AtomicBool| -> Result<()> {
+            let t = Instant::now();
+            while !ctx.cancelled() {
+                if t.elapsed().as_secs() > 60 {
+                    return Err(Error::Other("never stopped".into()));
+                }
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+            saw.store(true, Ordering::SeqCst);
+            Err(Error::Other("stopped".into()))
+        };
+        let fails = |what: &str| -> Result<()> { Err(Error::Other(format!("{what} broke"))) };
+        for side_fails in [true, false] {
+            let ctx = Ctx::quiet().concurrent();
+            let saw = AtomicBool::new(false);
+            let e = if side_fails {
+                side_by_side(true, &ctx, || waits(&ctx, &saw), || fails("side"))
+            } else {
+                side_by_side(true, &ctx, || fails("main"), || waits(&ctx, &saw))
+            }
+            .unwrap_err()
+            .to_string();
+            let want = if side_fails {
+                "side broke"
+            } else {
+                "main broke"
+            };
+            assert!(e.contains(want), "{e}");
+            assert!(
+                saw.load(Ordering::SeqCst),
+                "the other stage was not stopped"
+            );
+        }
+        let ctx = Ctx::quiet().concurrent();
+        let (a, b) = side_by_side(
+            true,
+            &ctx,
+            || Ok(rayon::current_num_threads()),
+            || Ok(rayon::current_num_threads()),
+        )
+        .unwrap();
+        assert_eq!(a, b);
+        assert!(!ctx.cancelled());
+    }
+
+    /// Two quick builds of one seed, one with its stages side by side and
+    /// one with them one after the other, write the same bytes; the
+    /// products load with no config given (model: eps toy checkpoint;
+    /// tagger: toy tags).
     #[test]
     fn a_quick_build_runs_end_to_end_and_is_deterministic() {
         let dir = tempfile::tempdir().unwrap();
@@ -683,6 +879,7 @@ mod tests {
                     out: out.clone(),
                     recipe: BuildRecipe::quick(3),
                     keep_work: false,
+                    concurrent: k == 0,
                 },
                 &Ctx::quiet(),
             )
@@ -690,6 +887,8 @@ mod tests {
             assert!(!out.join("work").exists());
             assert_eq!(rep.adherence.items.len(), 3);
             assert!(out.join("build.json").is_file());
+            assert_eq!(rep.concurrent, k == 0);
+            assert!(rep.wall_seconds > 0.0);
             let m =
                 SdxlModel::load(out.join("model.safetensors"), &LoadOptions::default()).unwrap();
             assert_eq!(m.info.unet_config, "toy");
@@ -704,6 +903,9 @@ mod tests {
                 .map(|f| std::fs::read(out.join(f)).unwrap()),
             );
         }
-        assert!(files[0] == files[1], "two quick builds differ");
+        assert!(
+            files[0] == files[1],
+            "the quick build with its stages side by side differs from the one without"
+        );
     }
 }

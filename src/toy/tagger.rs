@@ -270,6 +270,12 @@ pub fn train_tagger(
         opts.round_trip_batch
     };
     for step in 0..opts.steps {
+        if ctx.cancelled() {
+            return Err(Error::Other(format!(
+                "toy tagger training: stopped at step {step} of {} (a stage running beside it failed or was interrupted)",
+                opts.steps
+            )));
+        }
         let (mut images, mut scenes) = drawn_images(
             &tagger.preprocess,
             opts.data_seed,

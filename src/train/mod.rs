@@ -546,7 +546,7 @@ pub fn train(
 
         let mut bad_in_row = 0usize;
         while st.stage_step < stage.steps {
-            if signal::requested() || opts.stop_at_step == Some(st.step) {
+            if signal::requested() || ctx.cancelled() || opts.stop_at_step == Some(st.step) {
                 st.pos = batches.pos();
                 saver.save(&st, &opt, &weights, &ema, false)?;
                 report.interrupted = true;
