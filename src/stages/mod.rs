@@ -76,8 +76,9 @@ pub struct Ctx {
     /// each other.
     pub bars: Option<MultiProgress>,
     /// Set by [`Ctx::cancel`]: long loops that poll [`Ctx::cancelled`] stop
-    /// early (a stage running beside them failed or was interrupted).
-    pub stop: Option<Arc<AtomicBool>>,
+    /// early (a stage running beside them failed or was interrupted). Clones
+    /// share it.
+    pub stop: Arc<AtomicBool>,
 }
 
 impl Ctx {
@@ -100,20 +101,18 @@ impl Ctx {
         Self {
             progress: self.progress,
             bars: self.progress.then(MultiProgress::new),
-            stop: Some(Arc::new(AtomicBool::new(false))),
+            stop: Arc::default(),
         }
     }
 
     /// Ask the loops that share this context to stop.
     pub fn cancel(&self) {
-        if let Some(s) = &self.stop {
-            s.store(true, Ordering::SeqCst);
-        }
+        self.stop.store(true, Ordering::SeqCst);
     }
 
     /// Whether [`Ctx::cancel`] was called.
     pub fn cancelled(&self) -> bool {
-        self.stop.as_ref().is_some_and(|s| s.load(Ordering::SeqCst))
+        self.stop.load(Ordering::SeqCst)
     }
 
     /// Print a progress message on stderr (above the bars), when progress
