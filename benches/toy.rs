@@ -12,7 +12,10 @@
 //! target, the project's fused AdamW, f32, two threads (`nn::on_pool`,
 //! `nn::tune_cpu_runtime`, as the binary). Forward (incl. loss), backward,
 //! optimizer and whole-step medians over the measured steps after 2
-//! warm-up steps. The machine may be shared: compare rows of one run.
+//! warm-up steps, with the pool's idle worker kept polling for work
+//! (`nn::keep_warm`, as the trainer runs) and, last column, the whole step
+//! without it (rayon parks the idle worker between ops). The machine may be
+//! shared: compare rows of one run.
 
 use std::time::Instant;
 
@@ -149,14 +152,24 @@ fn main() -> eps2v::Result<()> {
         "\ntoy UNet training step, batch {BATCH}, MSE + fused AdamW, f32, {} threads; median of {steps} steps after {WARMUP} warm-up\n",
         common::THREADS
     );
-    println!("| image | latent | forward ms | backward ms | optimizer ms | step ms |\n|---|---|---|---|---|---|");
+    println!("| image | latent | forward ms | backward ms | optimizer ms | step ms | step ms, workers parked | ratio |\n|---|---|---|---|---|---|---|---|");
     for (w, h) in eps2v::toy::scenes::TOY_BUCKETS.iter() {
         let (w, h) = (*w as usize, *h as usize);
-        let [f, b, o, s] = eps2v::nn::on_pool(|| step_bench(w, h, steps))?;
+        let warm = |on: bool| {
+            eps2v::nn::set_keep_warm(on);
+            eps2v::nn::on_pool(|| {
+                let _warm = eps2v::nn::keep_warm();
+                step_bench(w, h, steps)
+            })
+        };
+        let [f, b, o, s] = warm(true)?;
+        let [.., cold] = warm(false)?;
+        eps2v::nn::set_keep_warm(true);
         println!(
-            "| {w}x{h} | {}x{} | {f:.1} | {b:.1} | {o:.1} | {s:.1} |",
+            "| {w}x{h} | {}x{} | {f:.1} | {b:.1} | {o:.1} | {s:.1} | {cold:.1} | {:.2} |",
             w / 8,
-            h / 8
+            h / 8,
+            cold / s
         );
     }
     Ok(())

@@ -37,7 +37,7 @@ pub enum ToyCommand {
 /// Arguments of `eps2v toy build`.
 #[derive(Debug, clap::Args)]
 #[command(
-    after_help = "Examples:\n  eps2v toy build                 # the committed models, into fixtures/toy (about 40 min on 2 cores at stop 26's machine speed; far longer on a slow day)\n  eps2v toy build --out /tmp/toy --quick\n\nDeterministic from --seed on one machine and thread count; the text encoders train beside the VAE and the tagger beside the UNet (--serial: one after the other, same bytes). Intermediate products stay in OUT/work/ until the end, so a rerun after an interruption redoes only the unfinished stages."
+    after_help = "Examples:\n  eps2v toy build                 # the committed models, into fixtures/toy (30 to 45 min on 2 cores by stop 26's stage times, not yet timed from scratch; over an hour on a slow day)\n  eps2v toy build --out /tmp/toy --quick\n\nDeterministic from --seed on one machine and thread count; the text encoders train beside the VAE and the tagger beside the UNet (--serial: one after the other, same bytes). Intermediate products stay in OUT/work/ until the end, so a rerun after an interruption redoes only the unfinished stages."
 )]
 pub struct BuildArgs {
     /// Output folder (default: the toy folder, $EPS2V_TOY_DIR or fixtures/toy).

@@ -335,6 +335,7 @@ pub fn sample_with(
     callback: &mut dyn FnMut(&StepInfo) -> Result<()>,
 ) -> Result<Tensor> {
     validate_sigmas(sigmas)?;
+    let _warm = crate::nn::keep_warm();
     let steps = sigmas.len() - 1;
     let mut x = x_init; // (b, c, h, w)
     let mut old_denoised: Option<Tensor> = None;

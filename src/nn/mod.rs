@@ -22,8 +22,10 @@ pub mod kernels;
 pub mod device;
 pub mod ops;
 pub mod optim;
+pub mod warm;
 
 pub use device::{default_device, device, model_dtype, vae_dtype};
+pub use warm::{keep_warm, set_keep_warm, share_cores, KeepWarm, SharedCores};
 
 use candle_core::{Module, Result, Tensor};
 

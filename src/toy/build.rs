@@ -497,23 +497,28 @@ mod tests {
     /// Two quick builds of one seed, one with its stages side by side and
     /// one with them one after the other, write the same bytes; the
     /// products load with no config given (model: eps toy checkpoint;
-    /// tagger: toy tags).
+    /// tagger: toy tags). Both run on a 2-thread pool, as the binary runs
+    /// them: the one-after-the-other build with its idle worker polling
+    /// (`nn::keep_warm`), the side-by-side one without until a stage of a
+    /// pair finishes.
     #[test]
     fn a_quick_build_runs_end_to_end_and_is_deterministic() {
+        let _polling = crate::nn::warm::tests::lock();
         let dir = tempfile::tempdir().unwrap();
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(2)
+            .build()
+            .unwrap();
         let mut files = Vec::new();
         for k in 0..2 {
             let out = dir.path().join(format!("b{k}"));
-            let rep = build(
-                &BuildOptions {
-                    out: out.clone(),
-                    recipe: BuildRecipe::quick(3),
-                    keep_work: false,
-                    concurrent: k == 0,
-                },
-                &Ctx::quiet(),
-            )
-            .unwrap();
+            let opts = BuildOptions {
+                out: out.clone(),
+                recipe: BuildRecipe::quick(3),
+                keep_work: false,
+                concurrent: k == 0,
+            };
+            let rep = pool.install(|| build(&opts, &Ctx::quiet())).unwrap();
             assert!(!out.join("work").exists());
             assert_eq!(rep.adherence.items.len(), 3);
             assert!(out.join("build.json").is_file());

@@ -311,6 +311,7 @@ pub fn evaluate(
     let prompts = prompt_set(opts.prompts, opts.prompt_seed)?;
     let uncond = model_uncond(model)?;
     let bar = ctx.bar(prompts.len() as u64, "toy eval");
+    let _warm = crate::nn::keep_warm();
     let mut items = Vec::with_capacity(prompts.len());
     for (i, prompt) in prompts.iter().enumerate() {
         let size = TOY_BUCKETS[i % TOY_BUCKETS.len()];
@@ -398,6 +399,7 @@ pub fn denoise_curve(
     let sigmas = crate::diffusion::ScheduleKind::default_for(model.info.ztsnr)
         .sigmas(&model.schedule(), opts.steps)?;
     let bar = ctx.bar((starts.len() * count) as u64, "toy eval: denoise");
+    let _warm = crate::nn::keep_warm();
     let mut rows = Vec::with_capacity(starts.len());
     for &step in starts {
         if step >= opts.steps {

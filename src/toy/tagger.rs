@@ -177,6 +177,7 @@ pub fn round_trip_pool(
     ctx: &Ctx,
 ) -> Result<Vec<RoundTrip>> {
     let bar = ctx.bar(count as u64, "vae round trips");
+    let _warm = crate::nn::keep_warm();
     let mut pool = Vec::with_capacity(count);
     for i in 0..count as u64 {
         let scene = Scene::random(seed, i);
@@ -263,6 +264,7 @@ pub fn train_tagger(
     let tags = all_tags();
     let warmup = (opts.steps / 20).max(1);
     let bar = ctx.bar(opts.steps as u64, "tagger");
+    let mut warm = crate::nn::keep_warm();
     let mut losses = Vec::with_capacity(opts.steps);
     let from_pool = if round_trips.is_empty() {
         0
@@ -270,6 +272,7 @@ pub fn train_tagger(
         opts.round_trip_batch
     };
     for step in 0..opts.steps {
+        warm.refresh();
         if ctx.cancelled() {
             return Err(Error::Other(format!(
                 "toy tagger training: stopped at step {step} of {} (a stage running beside it failed or was interrupted)",

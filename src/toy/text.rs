@@ -195,8 +195,10 @@ pub fn train_text(
     let tags = all_tags();
     let warmup = (opts.steps / 20).max(1);
     let bar = ctx.bar(opts.steps as u64, "text encoders");
+    let mut warm = crate::nn::keep_warm();
     let mut losses = Vec::with_capacity(opts.steps);
     for step in 0..opts.steps {
+        warm.refresh();
         let start = (step * opts.batch) as u64;
         let scenes: Vec<Scene> = (0..opts.batch as u64)
             .map(|i| Scene::random(opts.data_seed, start + i))

@@ -348,8 +348,10 @@ pub fn train_vae(opts: &VaeTraining, ctx: &Ctx) -> Result<(ToyVae, VaeTrainRepor
     let e = VaeConfig::toy().embed_dim;
     let mut rng = ChaCha8Rng::seed_from_u64(opts.seed ^ 0x7661_655f_6e6f_6973); // "vae_nois"
     let bar = ctx.bar(opts.steps as u64, "vae");
+    let mut warm = crate::nn::keep_warm();
     let mut losses = Vec::with_capacity(opts.steps);
     for step in 0..opts.steps {
+        warm.refresh();
         let x = scene_crops_at(
             opts.data_seed,
             (step * opts.batch) as u64,

@@ -460,6 +460,7 @@ pub fn train(
     let mut csv = log::CsvLog::open(&rdir.join("log.csv"), st.step)?;
     let total_steps = cfg.total_steps();
     let bar = ctx.bar(total_steps as u64, "train");
+    let mut warm = crate::nn::keep_warm();
     bar.set_position(st.step as u64);
     let mut batches = Batches::new(&train_items, cfg.batch_size, cfg.seed, st.pos);
     let mut recent: Vec<f64> = Vec::new();
@@ -546,6 +547,7 @@ pub fn train(
 
         let mut bad_in_row = 0usize;
         while st.stage_step < stage.steps {
+            warm.refresh();
             if signal::requested() || ctx.cancelled() || opts.stop_at_step == Some(st.step) {
                 st.pos = batches.pos();
                 saver.save(&st, &opt, &weights, &ema, false)?;

@@ -478,6 +478,7 @@ pub fn run(cfg: &CaptionConfig, m: &mut Manifest, ctx: &Ctx) -> Result<CaptionRe
     let db = m.db_path().to_path_buf();
     let map = manifest::sql_err(&db);
     let pb = ctx.bar(cands.len() as u64, "caption");
+    let _warm = crate::nn::keep_warm();
     let mut w = Writer {
         run_id,
         cfg,

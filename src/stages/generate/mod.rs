@@ -384,6 +384,7 @@ fn render(
     }
     let total_steps = (todo.len() * cfg.steps) as u64;
     let bar = ctx.bar(total_steps, "generate");
+    let _warm = crate::nn::keep_warm();
     if let Ok(style) =
         indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {percent}% {elapsed} eta {eta}")
     {

@@ -74,6 +74,11 @@ pub(super) fn side_by_side<A: Send, B: Send>(
         let a = main()?;
         return Ok((a, side()?));
     }
+    // Until the first of the two finishes, idle workers sleep instead of
+    // polling (`nn::keep_warm`); the one left then runs with its pool kept
+    // warm.
+    let shared = std::sync::Mutex::new(Some(crate::nn::share_cores()));
+    let finished = || drop(shared.lock().map(|mut s| s.take()));
     // 1: main failed first, 2: side failed first.
     let first = AtomicU8::new(0);
     let failed = |who: u8| {
@@ -88,12 +93,14 @@ pub(super) fn side_by_side<A: Send, B: Send>(
                 .build()
                 .map_err(|e| Error::Other(format!("toy build: cannot start a thread pool: {e}")));
             let b = pool.and_then(|p| p.install(side));
+            finished();
             if b.is_err() {
                 failed(2);
             }
             b
         });
         let a = main();
+        finished();
         if a.is_err() {
             failed(1);
         }
@@ -349,6 +356,7 @@ mod tests {
     #[test]
     fn side_by_side_reports_the_first_failure_and_stops_the_other() {
         use std::sync::atomic::AtomicBool;
+        let _polling = crate::nn::warm::tests::lock(); // it shares the cores
         let waits = |ctx: &Ctx, saw: &AtomicBool| -> Result<()> {
             let t = Instant::now();
             while !ctx.cancelled() {
