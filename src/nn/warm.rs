@@ -16,10 +16,12 @@
 //! toy`, which prints the step with and without it.
 //!
 //! A polling worker gives its core away when it is wanted: when nothing is
-//! queued it calls `sched_yield`, and when that took long (another thread
-//! ran on the core: other processes, `toy build`'s side-by-side pools) it
-//! sleeps 1 ms before polling again. Two processes each training the toy
-//! UNet side by side ran as fast with it as without.
+//! queued it calls `sched_yield`, and when that took long (another thread,
+//! e.g. of another process, ran on the core) it sleeps 1 ms before polling
+//! again: two processes each training the toy UNet at once ran as fast
+//! with it as without. Work on two pools of one process (`toy build`'s
+//! side-by-side stages) declares itself with [`share_cores`], and nobody
+//! polls meanwhile.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
