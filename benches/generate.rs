@@ -5,8 +5,12 @@
 //! `sample_batch`: text encoders, the UNet steps and the VAE decode.
 //!
 //! Run with `cargo bench --profile dev --bench generate [-- --count N
-//! --steps N]`. Each row is a fresh dataset folder; the second table times
-//! the outside-the-model pieces of one image on their own.
+//! --steps N --toy-count N]`. Each row is a fresh dataset folder; the
+//! second table renders the toy world's default plan (the committed toy
+//! model, or a random one of its size; 20 steps, CFG 5, the toy sizes)
+//! one batch after the other and on lanes (`nn::lanes`), twice each,
+//! interleaved, with the speed-up; the third times the outside-the-model
+//! pieces of one image on their own.
 
 use std::time::Instant;
 
@@ -81,6 +85,7 @@ fn body() -> eps2v::Result<()> {
             r.seconds, r.images_per_second, r.model_seconds
         );
     }
+    toy_lanes(dir.path(), arg("--toy-count", 192) as u64)?;
     // The outside-the-model pieces of one 512×512 image, on their own.
     let reps = 20;
     let t = Instant::now();
@@ -123,5 +128,77 @@ fn body() -> eps2v::Result<()> {
     );
     println!("| pHash + dHash + pixel sha256 | {hash_ms:.2} |");
     println!("| (in the model) tiny VAE decode | {vae_ms:.1} |");
+    Ok(())
+}
+
+/// The toy default plan (`eps2v run`'s generate stage, `count` images)
+/// one batch after the other and on lanes, interleaved: ABAB.
+fn toy_lanes(dir: &std::path::Path, count: u64) -> eps2v::Result<()> {
+    let committed = eps2v::run::defaults::default_model_path();
+    let ckpt = if committed.is_file() {
+        committed
+    } else {
+        let p = dir.join("toy.safetensors");
+        eps2v::toy::models::write_random_toy_model(&p, TinyOptions::default())?;
+        p
+    };
+    let model = SdxlModel::load(
+        &ckpt,
+        &LoadOptions {
+            hash: true,
+            ..Default::default()
+        },
+    )?;
+    let spec = TemplateSpec::Builtin("toy".into());
+    let template = prompts::load(&spec, None)?;
+    let auto = eps2v::nn::lanes::lanes_for_latent(&model.device, 12, 8);
+    println!();
+    println!(
+        "toy plan: {} ({}), {count} images at 64x64 / 96x64 / 64x96, 20 steps, euler, CFG 5, batch 8",
+        ckpt.file_name().and_then(|n| n.to_str()).unwrap_or("?"),
+        if ckpt.starts_with(dir) { "random weights" } else { "committed" },
+    );
+    println!();
+    println!("| lanes | wall s | images/s |");
+    println!("|---|---|---|");
+    let mut secs = [0.0f64; 2];
+    for rep in 0..2 {
+        for (k, lanes) in [1, auto].into_iter().enumerate() {
+            eps2v::nn::lanes::set_lanes(Some(lanes));
+            let cfg = GenerateConfig {
+                model: ckpt.clone(),
+                prediction: None,
+                ztsnr: None,
+                template: spec.clone(),
+                wildcards: None,
+                count,
+                seed: 0,
+                combinatorial: false,
+                sizes: Sizes::parse_weights("*=0,64x64=1,96x64=1,64x96=1")?,
+                steps: 20,
+                cfg: 5.0,
+                rescale: None,
+                sampler: SamplerKind::Euler,
+                schedule: None,
+                uncond: UncondMode::Zero,
+                batch: 8,
+                shard: Shard::ALL,
+                replan: false,
+            };
+            let ds = dir.join(format!("toy-{rep}-{lanes}"));
+            let mut m = Manifest::init(&ds)?;
+            let r = generate::run(&cfg, &template, &model, &mut m, &Ctx::quiet())?;
+            secs[k] += r.seconds;
+            println!(
+                "| {} | {:.2} | {:.2} |",
+                r.lanes, r.seconds, r.images_per_second
+            );
+        }
+    }
+    eps2v::nn::lanes::set_lanes(None);
+    println!(
+        "lanes ({auto}) against one after the other: {:.2}x the speed",
+        secs[0] / secs[1].max(1e-9)
+    );
     Ok(())
 }

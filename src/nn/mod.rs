@@ -20,6 +20,7 @@
 #[macro_use]
 pub mod kernels;
 pub mod device;
+pub mod lanes;
 pub mod ops;
 pub mod optim;
 pub mod warm;

@@ -31,4 +31,6 @@ pub mod sample;
 pub mod tiny;
 
 pub use model::{LoadOptions, ModelInfo, SdxlModel, TextConfigs};
-pub use sample::{generate, sample_batch, BatchItem, Rendered, SampleConfig, SampleReport};
+pub use sample::{
+    generate, sample_batch, sample_many, BatchItem, Rendered, SampleConfig, SampleReport,
+};

@@ -231,6 +231,38 @@ pub fn sample_batch(
     sample_batch_from(model, cfg, items, None, progress)
 }
 
+/// [`sample_batch`] over any number of items of one size: batches of at
+/// most `batch` images, run on the lanes that
+/// [`crate::nn::lanes::lanes_for_latent`] picks for the size (small latents
+/// on the CPU: one single-thread lane per core). Batches and lanes are
+/// speed knobs only: the results, in item order, are the pixels of one
+/// [`sample_batch`] call.
+pub fn sample_many(
+    model: &SdxlModel,
+    cfg: &SampleConfig,
+    items: &[BatchItem],
+    batch: usize,
+) -> Result<Vec<Rendered>> {
+    cfg.validate()?;
+    let (_, lh, lw) = model.latent_shape(cfg.width, cfg.height)?;
+    let lanes = crate::nn::lanes::lanes_for_latent(&model.device, lw, lh);
+    let per = items.len().div_ceil(lanes.max(1)).clamp(1, batch.max(1));
+    let chunks: Vec<&[BatchItem]> = items.chunks(per).collect();
+    // One lane: the pool's idle worker polls through the loop (`keep_warm`).
+    let _warm = (lanes <= 1).then(crate::nn::keep_warm);
+    let mut out = Vec::with_capacity(items.len());
+    crate::nn::lanes::run(
+        chunks.len(),
+        lanes,
+        |i| sample_batch(model, cfg, chunks[i], &mut |_, _| {}),
+        |_, r| {
+            out.extend(r);
+            Ok(())
+        },
+    )?;
+    Ok(out)
+}
+
 /// Where img2img sampling starts: one clean UNet-scale latent per item
 /// `(1, c, h/8, w/8)`, noised with the item's seeded noise to the σ of
 /// step `step` of the `cfg.steps`-step txt2img schedule, which is then run

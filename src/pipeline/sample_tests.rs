@@ -178,6 +178,28 @@ fn batch_is_a_speed_knob_only() {
             "item {i} reversed"
         );
     }
+    // On three single-thread lanes, two images per call, and one after the
+    // other: the same bytes, in item order.
+    for lanes in [3, 1] {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(lanes)
+            .build()
+            .unwrap();
+        let many = pool.install(|| {
+            if std::env::var_os("EPS2V_LANES").is_none() {
+                assert_eq!(crate::nn::lanes::lanes_for_latent(&m.device, 8, 8), lanes);
+            }
+            sample_many(&m, &c, &items, 2).unwrap()
+        });
+        assert_eq!(many.len(), items.len());
+        for i in 0..items.len() {
+            assert_eq!(
+                bytes(&many[i]),
+                alone[i],
+                "item {i} of sample_many, {lanes} lanes"
+            );
+        }
+    }
     assert!(alone[0]
         .1
         .starts_with("red circle\nSteps: 2, Sampler: Euler a"));

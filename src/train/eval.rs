@@ -18,10 +18,10 @@ use super::retention::mean_retention;
 use crate::diffusion::{Prediction, SamplerKind, UncondMode};
 use crate::error::IoContext;
 use crate::imaging::infotext::write_png_with_parameters;
-use crate::pipeline::sample::{generate, write_atomic, SampleConfig};
+use crate::pipeline::sample::{sample_many, write_atomic, BatchItem, Rendered, SampleConfig};
 use crate::pipeline::SdxlModel;
 use crate::stages::bucket::encode_png_fast;
-use crate::Result;
+use crate::{Error, Result};
 
 /// What is sampled at every evaluation.
 #[derive(Debug, Clone, PartialEq)]
@@ -55,30 +55,48 @@ pub struct Evaluator {
 }
 
 /// Sample `spec`'s prompt × seed set with `model` as its `info` says
-/// (prediction type, ZTSNR), prompt-major.
+/// (prediction type, ZTSNR), prompt-major. The images are those of one
+/// `eps2v sample` per prompt and seed; they are rendered in batches of up
+/// to [`SET_BATCH`] on lanes ([`crate::pipeline::sample_many`]), which
+/// changes no pixel.
 pub fn sample_set(model: &SdxlModel, spec: &EvalSpec) -> Result<Vec<RgbImage>> {
-    let mut out = Vec::with_capacity(spec.prompts.len() * spec.seeds.len());
-    for p in &spec.prompts {
-        for &seed in &spec.seeds {
-            let cfg = SampleConfig {
+    let cfg = SampleConfig {
+        prompt: String::new(),
+        uncond: spec.uncond.clone(),
+        seed: 0,
+        steps: spec.steps,
+        cfg: spec.cfg,
+        rescale: None,
+        sampler: spec.sampler,
+        schedule: None,
+        width: spec.width,
+        height: spec.height,
+        batch: 1,
+    };
+    let items: Vec<BatchItem> = spec
+        .prompts
+        .iter()
+        .flat_map(|p| {
+            spec.seeds.iter().map(|&seed| BatchItem {
                 prompt: p.clone(),
                 uncond: spec.uncond.clone(),
                 seed,
-                steps: spec.steps,
-                cfg: spec.cfg,
-                rescale: None,
-                sampler: spec.sampler,
-                schedule: None,
-                width: spec.width,
-                height: spec.height,
-                batch: 1,
-            };
-            let mut g = generate(model, &cfg, &mut |_, _| {})?;
-            out.push(g.remove(0).image);
-        }
-    }
-    Ok(out)
+            })
+        })
+        .collect();
+    sample_many(model, &cfg, &items, SET_BATCH)?
+        .into_iter()
+        .map(|r| match r {
+            Rendered::Image(g) => Ok(g.image),
+            Rendered::Broken { seed, reason } => Err(Error::model(format!(
+                "seed {seed}: {reason} (check the prediction type with --prediction, or the checkpoint with `eps2v ckpt check`)"
+            ))),
+        })
+        .collect()
 }
+
+/// Images per UNet call in [`sample_set`] (a speed knob).
+pub const SET_BATCH: usize = 8;
 
 /// Sample one latent `(1, 4, h/8, w/8)` (not decoded) for `prompt` and
 /// `seed` with Euler on the model's default σ schedule (trailing for ZTSNR),

@@ -208,8 +208,12 @@ pub struct GenerateReport {
     pub rejected: BTreeMap<String, u64>,
     /// Wall time of planning and rendering, seconds.
     pub seconds: f64,
-    /// Of which in the model (text encoders, UNet, VAE decode), seconds.
+    /// Of which in the model (text encoders, UNet, VAE decode), seconds,
+    /// summed over the lanes (more than `seconds` when several ran).
     pub model_seconds: f64,
+    /// Batches rendered side by side ([`crate::nn::lanes`]; 1: one after
+    /// the other).
+    pub lanes: usize,
     /// Rendered or rejected images per second of wall time.
     pub images_per_second: f64,
 }
@@ -366,6 +370,13 @@ fn pending(m: &Manifest) -> Result<Vec<Todo>> {
     rows.collect::<rusqlite::Result<_>>().map_err(|e| m.err(e))
 }
 
+/// Render `todo` in batches of `cfg.batch` images of one size (index
+/// order within each size), on lanes when the sizes are small
+/// ([`crate::nn::lanes`]: one single-thread lane per core for toy-sized
+/// latents on the CPU). A lane samples a batch and writes its PNGs; the
+/// manifest rows are committed here, one transaction per batch, in batch
+/// order whatever the lanes' timing, so the manifest is the one a
+/// one-batch-after-the-other run writes.
 #[allow(clippy::too_many_arguments)]
 fn render(
     cfg: &GenerateConfig,
@@ -377,14 +388,30 @@ fn render(
     todo: &[Todo],
     report: &mut GenerateReport,
 ) -> Result<()> {
-    // Batches of one size, in index order within each size.
     let mut by_size: BTreeMap<(u32, u32), Vec<&Todo>> = BTreeMap::new();
     for t in todo {
         by_size.entry((t.width, t.height)).or_default().push(t);
     }
+    let mut jobs: Vec<(SampleConfig, &[&Todo])> = Vec::new();
+    let mut largest = (0usize, 0usize);
+    for ((w, h), rows) in &by_size {
+        let (_, lh, lw) = model.latent_shape(*w, *h)?;
+        if lw * lh > largest.0 * largest.1 {
+            largest = (lw, lh);
+        }
+        let scfg = cfg.sample_config(*w, *h);
+        for chunk in rows.chunks(cfg.batch) {
+            jobs.push((scfg.clone(), chunk));
+        }
+    }
+    let lanes = crate::nn::lanes::lanes_for_latent(&model.device, largest.0, largest.1)
+        .clamp(1, jobs.len().max(1));
+    report.lanes = lanes;
     let total_steps = (todo.len() * cfg.steps) as u64;
     let bar = ctx.bar(total_steps, "generate");
-    let _warm = crate::nn::keep_warm();
+    // One lane: keep the pool's idle worker polling through the loop; with
+    // several, each lane is its own pool and nobody polls.
+    let _warm = (lanes == 1).then(crate::nn::keep_warm);
     if let Ok(style) =
         indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {percent}% {elapsed} eta {eta}")
     {
@@ -393,38 +420,41 @@ fn render(
     let t_start = Instant::now();
     let mut images_done = 0u64;
     let root = m.root().to_path_buf();
-    for ((w, h), rows) in by_size {
-        let scfg = cfg.sample_config(w, h);
-        for chunk in rows.chunks(cfg.batch) {
-            let items: Vec<BatchItem> = chunk
-                .iter()
-                .map(|t| BatchItem {
-                    prompt: t.prompt.clone(),
-                    uncond: cfg.uncond.clone(),
-                    seed: t.seed,
-                })
-                .collect();
-            let base = bar.position();
-            let tm = Instant::now();
-            let rendered = sample_batch(model, &scfg, &items, &mut |done, _| {
-                bar.set_position(base + done as u64)
-            })?;
-            report.model_seconds += tm.elapsed().as_secs_f64();
-            let outcomes: Vec<Result<Outcome>> = chunk
-                .par_iter()
-                .zip(rendered)
-                .map(|(t, r)| outcome(&root, settings, t, r))
-                .collect();
-            let outcomes = outcomes.into_iter().collect::<Result<Vec<_>>>()?;
-            commit(m, run_id, outcomes, report)?;
-            images_done += chunk.len() as u64;
-            let rate = images_done as f64 / t_start.elapsed().as_secs_f64().max(1e-9);
-            bar.set_message(format!(
-                "{images_done}/{} images, {rate:.2} img/s",
-                todo.len()
-            ));
-        }
-    }
+    let job = |i: usize| -> Result<(Vec<Outcome>, f64)> {
+        let (scfg, chunk) = &jobs[i];
+        let items: Vec<BatchItem> = chunk
+            .iter()
+            .map(|t| BatchItem {
+                prompt: t.prompt.clone(),
+                uncond: cfg.uncond.clone(),
+                seed: t.seed,
+            })
+            .collect();
+        let tm = Instant::now();
+        let mut last = 0usize;
+        let rendered = sample_batch(model, scfg, &items, &mut |done, _| {
+            bar.inc(done.saturating_sub(last) as u64);
+            last = done;
+        })?;
+        let secs = tm.elapsed().as_secs_f64();
+        let outcomes: Vec<Result<Outcome>> = chunk
+            .par_iter()
+            .zip(rendered)
+            .map(|(t, r)| outcome(&root, settings, t, r))
+            .collect();
+        Ok((outcomes.into_iter().collect::<Result<Vec<_>>>()?, secs))
+    };
+    crate::nn::lanes::run(jobs.len(), lanes, job, |i, (outcomes, secs)| {
+        report.model_seconds += secs;
+        commit(m, run_id, outcomes, report)?;
+        images_done += jobs[i].1.len() as u64;
+        let rate = images_done as f64 / t_start.elapsed().as_secs_f64().max(1e-9);
+        bar.set_message(format!(
+            "{images_done}/{} images, {rate:.2} img/s",
+            todo.len()
+        ));
+        Ok(())
+    })?;
     bar.finish_and_clear();
     Ok(())
 }

@@ -229,6 +229,46 @@ fn batch_size_does_not_change_a_single_byte() {
     assert_eq!(sizes, 2, "both sizes drawn");
 }
 
+/// Batches rendered on three single-thread lanes commit the manifest one
+/// rendered one batch after the other writes: same rows, same item ids.
+#[test]
+fn lanes_change_neither_pixels_nor_the_manifest() {
+    let w = world();
+    let c = GenerateConfig {
+        batch: 1,
+        sizes: Sizes::parse_weights("*=0,64x64=1,64x128=1").unwrap(),
+        ..cfg(&w, 7)
+    };
+    let items = |dir: &std::path::Path| -> Vec<(i64, String)> {
+        let m = Manifest::open(dir).unwrap();
+        let mut st = m
+            .conn()
+            .prepare("SELECT id, sha256 FROM items ORDER BY id")
+            .unwrap();
+        let r = st
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .unwrap()
+            .collect::<rusqlite::Result<Vec<_>>>()
+            .unwrap();
+        r
+    };
+    let mut seen = Vec::new();
+    for threads in [1, 3] {
+        let dir = w.dir.path().join(format!("t{threads}"));
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        let rep = pool.install(|| gen(&w, &c, &dir)).unwrap();
+        assert_eq!(rep.rendered, 7);
+        if std::env::var_os("EPS2V_LANES").is_none() {
+            assert_eq!(rep.lanes, threads);
+        }
+        seen.push((rows(&dir), items(&dir)));
+    }
+    assert_eq!(seen[0], seen[1]);
+}
+
 #[test]
 fn broken_renders_are_rejected_and_reconsidered_but_not_other_stages_rejections() {
     let w = world();
