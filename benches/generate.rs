@@ -30,19 +30,55 @@ fn main() -> eps2v::Result<()> {
     eps2v::nn::on_pool(body)
 }
 
+/// `ckpt` loaded with its hash, as `eps2v generate` loads it.
+fn load(ckpt: &std::path::Path) -> eps2v::Result<SdxlModel> {
+    SdxlModel::load(
+        ckpt,
+        &LoadOptions {
+            hash: true,
+            ..Default::default()
+        },
+    )
+}
+
+/// A whole-plan generate config of `count` images (seed 1, CFG 5, zeroed
+/// uncond).
+fn config(
+    ckpt: &std::path::Path,
+    template: &TemplateSpec,
+    count: u64,
+    sizes: Sizes,
+    (steps, sampler, batch): (usize, SamplerKind, usize),
+) -> GenerateConfig {
+    GenerateConfig {
+        model: ckpt.to_path_buf(),
+        prediction: None,
+        ztsnr: None,
+        template: template.clone(),
+        wildcards: None,
+        count,
+        seed: 1,
+        combinatorial: false,
+        sizes,
+        steps,
+        cfg: 5.0,
+        rescale: None,
+        sampler,
+        schedule: None,
+        uncond: UncondMode::Zero,
+        batch,
+        shard: Shard::ALL,
+        replan: false,
+    }
+}
+
 fn body() -> eps2v::Result<()> {
     let count = arg("--count", 24) as u64;
     let steps = arg("--steps", 8);
     let dir = tempfile::tempdir().map_err(|e| eps2v::Error::io("tempdir", e))?;
     let ckpt = dir.path().join("tiny.safetensors");
     write_random_checkpoint(&ckpt, TinyOptions::default())?;
-    let model = SdxlModel::load(
-        &ckpt,
-        &LoadOptions {
-            hash: true,
-            ..Default::default()
-        },
-    )?;
+    let model = load(&ckpt)?;
     let spec = TemplateSpec::Builtin("1girl".into());
     let template = prompts::load(&spec, None)?;
     println!(
@@ -53,29 +89,17 @@ fn body() -> eps2v::Result<()> {
     println!("| size | batch | wall s | images/s | model s | outside the model |");
     println!("|---|---|---|---|---|---|");
     for (side, batch) in [(256u32, 1usize), (256, 4), (512, 1), (512, 4)] {
-        let cfg = GenerateConfig {
-            model: ckpt.clone(),
-            prediction: None,
-            ztsnr: None,
-            template: spec.clone(),
-            wildcards: None,
-            count,
-            seed: 1,
-            combinatorial: false,
-            sizes: Sizes::Fixed {
-                width: side,
-                height: side,
-            },
-            steps,
-            cfg: 5.0,
-            rescale: None,
-            sampler: SamplerKind::EulerAncestral,
-            schedule: None,
-            uncond: UncondMode::Zero,
-            batch,
-            shard: Shard::ALL,
-            replan: false,
+        let sizes = Sizes::Fixed {
+            width: side,
+            height: side,
         };
+        let cfg = config(
+            &ckpt,
+            &spec,
+            count,
+            sizes,
+            (steps, SamplerKind::EulerAncestral, batch),
+        );
         let ds = dir.path().join(format!("ds-{side}-{batch}"));
         let mut m = Manifest::init(&ds)?;
         let r = generate::run(&cfg, &template, &model, &mut m, &Ctx::quiet())?;
@@ -142,13 +166,7 @@ fn toy_lanes(dir: &std::path::Path, count: u64) -> eps2v::Result<()> {
         eps2v::toy::models::write_random_toy_model(&p, TinyOptions::default())?;
         p
     };
-    let model = SdxlModel::load(
-        &ckpt,
-        &LoadOptions {
-            hash: true,
-            ..Default::default()
-        },
-    )?;
+    let model = load(&ckpt)?;
     let spec = TemplateSpec::Builtin("toy".into());
     let template = prompts::load(&spec, None)?;
     let auto = eps2v::nn::lanes::lanes_for_latent(&model.device, 12, 8);
@@ -165,25 +183,10 @@ fn toy_lanes(dir: &std::path::Path, count: u64) -> eps2v::Result<()> {
     for rep in 0..2 {
         for (k, lanes) in [1, auto].into_iter().enumerate() {
             eps2v::nn::lanes::set_lanes(Some(lanes));
+            let sizes = Sizes::parse_weights("*=0,64x64=1,96x64=1,64x96=1")?;
             let cfg = GenerateConfig {
-                model: ckpt.clone(),
-                prediction: None,
-                ztsnr: None,
-                template: spec.clone(),
-                wildcards: None,
-                count,
                 seed: 0,
-                combinatorial: false,
-                sizes: Sizes::parse_weights("*=0,64x64=1,96x64=1,64x96=1")?,
-                steps: 20,
-                cfg: 5.0,
-                rescale: None,
-                sampler: SamplerKind::Euler,
-                schedule: None,
-                uncond: UncondMode::Zero,
-                batch: 8,
-                shard: Shard::ALL,
-                replan: false,
+                ..config(&ckpt, &spec, count, sizes, (20, SamplerKind::Euler, 8))
             };
             let ds = dir.join(format!("toy-{rep}-{lanes}"));
             let mut m = Manifest::init(&ds)?;

@@ -205,13 +205,7 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn pool(n: usize) -> rayon::ThreadPool {
-        rayon::ThreadPoolBuilder::new()
-            .num_threads(n)
-            .build()
-            .unwrap()
-    }
+    use crate::nn::warm::tests::pool;
 
     #[test]
     fn results_come_back_in_order_on_pools_of_the_shared_threads() {

@@ -193,7 +193,8 @@ pub(crate) mod tests {
         SERIAL.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn pool(n: usize) -> rayon::ThreadPool {
+    /// A fresh rayon pool of `n` threads.
+    pub(crate) fn pool(n: usize) -> rayon::ThreadPool {
         rayon::ThreadPoolBuilder::new()
             .num_threads(n)
             .build()
