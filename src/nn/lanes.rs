@@ -16,8 +16,10 @@
 //! work by thread count into fixed pieces and compute each row with the
 //! same arithmetic however many threads there are
 //! (`nn::kernels::invariant`); the sampling tests check pixels with and
-//! without lanes. Meanwhile the cores are declared shared
-//! ([`super::share_cores`]), so no idle worker polls.
+//! without lanes. When the caller's own pool is kept warm for it
+//! ([`super::keep_warm`]), the cores are declared shared
+//! ([`super::share_cores`]) while the lanes run, so its idle workers stop
+//! polling.
 //!
 //! [`lanes_for_latent`] says when lanes pay: on the CPU, for latents of at
 //! most 16×16 (images up to 128×128), one lane per thread; never on CUDA,
@@ -98,7 +100,10 @@ where
         return Ok(());
     }
     let threads = (super::kernels::threads() / lanes).max(1);
-    let _shared = super::share_cores();
+    // The caller's own pool may be kept warm for it: its idle workers would
+    // poll while it waits here. Only then are the cores declared shared
+    // (process-wide), so that lanes elsewhere leave others' pollers alone.
+    let _shared = super::warm::polling_for_this_thread().then(super::share_cores);
     let window = 2 * lanes;
     let next = AtomicUsize::new(0);
     // Jobs from this index on are not started: the first failed job's

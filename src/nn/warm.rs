@@ -33,6 +33,19 @@ static ACTIVE: AtomicBool = AtomicBool::new(false);
 /// Live [`SharedCores`] guards.
 static SHARED: AtomicUsize = AtomicUsize::new(0);
 
+thread_local! {
+    /// This thread started the [`KeepWarm`] whose pollers are out.
+    static OWNER: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Whether the pollers out now were started by this thread (its pool's
+/// idle workers poll for it). [`super::lanes`] then declares the cores
+/// shared while its own pools run, and only then: other threads' lanes
+/// leave other loops' pollers alone.
+pub fn polling_for_this_thread() -> bool {
+    OWNER.try_with(|o| o.get()).unwrap_or(false)
+}
+
 /// A `sched_yield` longer than this means another thread ran on the core.
 const PREEMPTED: Duration = Duration::from_micros(200);
 /// How long a polling worker steps aside after being preempted.
@@ -112,12 +125,14 @@ impl KeepWarm {
             }
         });
         self.run = Some(run);
+        let _ = OWNER.try_with(|o| o.set(true));
     }
 
     fn stop(&mut self) {
         if let Some(run) = self.run.take() {
             run.done.store(true, Ordering::Release);
             ACTIVE.store(false, Ordering::Release);
+            let _ = OWNER.try_with(|o| o.set(false));
         }
     }
 }
@@ -221,6 +236,21 @@ pub(crate) mod tests {
         let off = pool(2).install(keep_warm).is_polling();
         set_keep_warm(true);
         assert!(!off, "disabled");
+    }
+
+    #[test]
+    fn the_owner_thread_knows_it_is_polled_for() {
+        let _one = lock();
+        assert!(!polling_for_this_thread());
+        pool(2).install(|| {
+            let w = keep_warm();
+            assert!(w.is_polling());
+            assert!(polling_for_this_thread());
+            let elsewhere = std::thread::spawn(polling_for_this_thread).join().unwrap();
+            assert!(!elsewhere, "another thread");
+            drop(w);
+            assert!(!polling_for_this_thread());
+        });
     }
 
     #[test]
