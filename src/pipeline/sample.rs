@@ -184,12 +184,7 @@ pub fn generate(
         .collect();
     sample_batch(model, cfg, &items, progress)?
         .into_iter()
-        .map(|r| match r {
-            Rendered::Image(g) => Ok(g),
-            Rendered::Broken { seed, reason } => Err(Error::model(format!(
-                "seed {seed}: {reason} (check the prediction type with --prediction, or the checkpoint with `eps2v ckpt check`)"
-            ))),
-        })
+        .map(Rendered::into_image)
         .collect()
 }
 
@@ -216,6 +211,19 @@ pub enum Rendered {
         /// `nan_latent: …` or `nan_decode: …`.
         reason: String,
     },
+}
+
+impl Rendered {
+    /// The image, or a model error naming the seed and what to check (for
+    /// callers that cannot go on without every image).
+    pub fn into_image(self) -> Result<Generated> {
+        match self {
+            Rendered::Image(g) => Ok(g),
+            Rendered::Broken { seed, reason } => Err(Error::model(format!(
+                "seed {seed}: {reason} (check the prediction type with --prediction, or the checkpoint with `eps2v ckpt check`)"
+            ))),
+        }
+    }
 }
 
 /// Render `items` with the shared settings of `cfg` (its `prompt`,
@@ -246,7 +254,7 @@ pub fn sample_many(
     cfg.validate()?;
     let (_, lh, lw) = model.latent_shape(cfg.width, cfg.height)?;
     let lanes = crate::nn::lanes::lanes_for_latent(&model.device, lw, lh);
-    let per = items.len().div_ceil(lanes.max(1)).clamp(1, batch.max(1));
+    let per = items.len().div_ceil(lanes).clamp(1, batch.max(1));
     let chunks: Vec<&[BatchItem]> = items.chunks(per).collect();
     // One lane: the pool's idle worker polls through the loop (`keep_warm`).
     let _warm = (lanes <= 1).then(crate::nn::keep_warm);

@@ -18,10 +18,10 @@ use super::retention::mean_retention;
 use crate::diffusion::{Prediction, SamplerKind, UncondMode};
 use crate::error::IoContext;
 use crate::imaging::infotext::write_png_with_parameters;
-use crate::pipeline::sample::{sample_many, write_atomic, BatchItem, Rendered, SampleConfig};
+use crate::pipeline::sample::{sample_many, write_atomic, BatchItem, SampleConfig};
 use crate::pipeline::SdxlModel;
 use crate::stages::bucket::encode_png_fast;
-use crate::{Error, Result};
+use crate::Result;
 
 /// What is sampled at every evaluation.
 #[derive(Debug, Clone, PartialEq)]
@@ -86,12 +86,7 @@ pub fn sample_set(model: &SdxlModel, spec: &EvalSpec) -> Result<Vec<RgbImage>> {
         .collect();
     sample_many(model, &cfg, &items, SET_BATCH)?
         .into_iter()
-        .map(|r| match r {
-            Rendered::Image(g) => Ok(g.image),
-            Rendered::Broken { seed, reason } => Err(Error::model(format!(
-                "seed {seed}: {reason} (check the prediction type with --prediction, or the checkpoint with `eps2v ckpt check`)"
-            ))),
-        })
+        .map(|r| Ok(r.into_image()?.image))
         .collect()
 }
 
