@@ -101,9 +101,16 @@ _cuda_toolchain_env() {
 # point that cudarc binds, each returning CUDA_ERROR_NO_DEVICE.
 _cuda_toolchain_stub() {
     local repo="$1" out="$2"
-    local manifest
-    manifest="$(cd "$repo" && cargo metadata --format-version 1 --offline --features cuda \
-        | python3 -c 'import json,sys; print(next(p["manifest_path"] for p in json.load(sys.stdin)["packages"] if p["name"]=="cudarc"))')"
+    local manifest meta
+    # Not --offline: on a machine whose cargo cache has never held the cuda
+    # feature's crates (cudarc, candle-kernels), cargo fetches them here from
+    # crates.io, as the build would anyway.
+    meta="$(cd "$repo" && cargo metadata --format-version 1 --features cuda \
+        --filter-platform x86_64-unknown-linux-gnu)" || {
+        echo "cuda-toolchain: \`cargo metadata --features cuda\` failed (above); it needs crates.io to fetch cudarc" >&2
+        return 1
+    }
+    manifest="$(python3 -c 'import json,sys; print(next(p["manifest_path"] for p in json.load(sys.stdin)["packages"] if p["name"]=="cudarc"))' <<<"$meta")"
     local bindings
     bindings="$(dirname "$manifest")/src/driver/sys/mod.rs"
     mkdir -p "$out"

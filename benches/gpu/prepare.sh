@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Prepares, on this machine, everything benches/gpu/run.sh needs on the lent
 # GPU machine (which has no Rust, no registry and no network):
-#   .gpu/eps2v.gz  the x86-64 CUDA build (scripts/cuda-toolchain.sh, CUDA
-#                13.0, sm_90), debug info stripped, its NEEDED entries
-#                checked against what the GPU machine provides, gzip'd: the
-#                device call carries at most 64 MiB in all and the binary is
-#                ~100 MB (33 MB of it candle's CUDA kernels), ~26 MB packed;
-#                run.sh unpacks it there;
+#   .gpu/eps2v.xz  the x86-64 CUDA build (scripts/cuda-toolchain.sh, CUDA
+#                13.0, sm_90), stripped (`--strip-all`), its NEEDED entries
+#                checked against what the GPU machine provides, xz'd: the
+#                device call carries at most 64 MiB in all (the tracked tree
+#                alone is ~41 MB) and the binary is ~98 MB (33 MB of it
+#                candle's CUDA kernels), ~15 MB as xz -9e (gzip -6: 29 MB,
+#                which no longer fit beside the tree); run.sh unpacks it
+#                there (xz, else Python's lzma);
 #   .whl/        the diffusers wheel (not in the machine's image; its other
 #                requirements are: KINDS.md's package list).
 # Both folders are git-ignored; the device call carries them:
@@ -29,7 +31,7 @@ scripts/cuda-toolchain.sh cargo build --features cuda --bin eps2v
 mkdir -p .gpu
 rm -f .gpu/eps2v
 cp "$target/debug/eps2v" .gpu/eps2v.tmp
-strip --strip-debug .gpu/eps2v.tmp
+strip --strip-all .gpu/eps2v.tmp
 mv .gpu/eps2v.tmp .gpu/eps2v
 
 needed="$(readelf -d .gpu/eps2v | sed -n 's/.*(NEEDED).*\[\(.*\)\]/\1/p')"
@@ -47,16 +49,17 @@ if [[ "$(printf '%s\n%s\n' "$glibc" "$MAX_GLIBC" | sort -V | tail -1)" != "$MAX_
     exit 1
 fi
 
-gzip -6 -c .gpu/eps2v >.gpu/eps2v.gz.tmp
-mv .gpu/eps2v.gz.tmp .gpu/eps2v.gz
+rm -f .gpu/eps2v.gz
+xz -9e -T2 -c .gpu/eps2v >.gpu/eps2v.xz.tmp
+mv .gpu/eps2v.xz.tmp .gpu/eps2v.xz
 rm .gpu/eps2v
 
 mkdir -p .whl
 python3 -m pip download -q --no-deps --only-binary=:all: -d .whl "diffusers==$DIFFUSERS_VERSION"
 # The device call carries the working tree (tracked + untracked files) and
 # these two folders, 64 MiB in all.
-carried=$(( $(du -cb .gpu/eps2v.gz .whl/diffusers-"$DIFFUSERS_VERSION"-*.whl | tail -1 | cut -f1) \
-    + $(git ls-files -z | du -cb --files0-from=- | tail -1 | cut -f1) ))
+carried=$(( $(du -cb .gpu/eps2v.xz .whl/diffusers-"$DIFFUSERS_VERSION"-*.whl | tail -1 | cut -f1) \
+    + $(git ls-files -z --cached --others --exclude-standard | du -cb --files0-from=- | tail -1 | cut -f1) ))
 echo "carried with the working tree: $((carried / 1048576)) MiB (limit 64 MiB)"
 if (( carried > 60 * 1048576 )); then
     echo "prepare.sh: too much to carry ($carried bytes)" >&2

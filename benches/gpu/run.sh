@@ -2,7 +2,7 @@
 # Device benchmark: eps2v's SDXL vs diffusers / PyTorch on one GPU, in one
 # short run (≤ 5 minutes wall time on the lent H200; it builds nothing there).
 #
-#   benches/gpu/prepare.sh          # here: CUDA build -> .gpu/eps2v.gz, diffusers wheel -> .whl/
+#   benches/gpu/prepare.sh          # here: CUDA build -> .gpu/eps2v.xz, diffusers wheel -> .whl/
 #   benches/gpu/run.sh              # there (device tool: carry .gpu and .whl, timeout_s 330)
 #   benches/gpu/run.sh --cpu        # anywhere: the same steps on tiny configs, on the CPU
 #
@@ -18,7 +18,7 @@
 #      $OUT/gpu_bench.json (+ table.md and the logs).
 #
 # Options: --cpu (tiny CPU fallback), --bin PATH (eps2v binary; default
-# .gpu/eps2v.gz unpacked into $WORK (GPU mode), else .gpu/eps2v, else
+# .gpu/eps2v.xz unpacked into $WORK (GPU mode), else .gpu/eps2v, else
 # target/debug/eps2v), --out DIR (default $OUT, else
 # $WORK/out), --work DIR, --python PY (default python3), --no-reference
 # (skip step 3). In --cpu mode step 3 runs only when PY imports torch and
@@ -64,8 +64,13 @@ else
 fi
 OUTDIR="${OUTDIR:-$WORK/out}"
 mkdir -p "$WORK" "$OUTDIR" "$WORK/ours"
-if [[ -z "$BIN" && $MODE == gpu && -f .gpu/eps2v.gz ]]; then
-    gzip -dc .gpu/eps2v.gz >"$WORK/eps2v" && chmod +x "$WORK/eps2v" && BIN="$WORK/eps2v"
+if [[ -z "$BIN" && $MODE == gpu && -f .gpu/eps2v.xz ]]; then
+    if command -v xz >/dev/null; then
+        xz -dc .gpu/eps2v.xz >"$WORK/eps2v"
+    else
+        "$PY" -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], "wb"))' \
+            .gpu/eps2v.xz "$WORK/eps2v"
+    fi && chmod +x "$WORK/eps2v" && BIN="$WORK/eps2v"
 fi
 if [[ -z "$BIN" ]]; then
     for b in .gpu/eps2v target/debug/eps2v; do

@@ -303,11 +303,16 @@ pub fn run_train(a: TrainArgs, json: bool) -> Result<i32> {
         println!("{}", serde_json::to_string_pretty(&r)?);
     } else {
         println!(
-            "train run {} ({}): {} steps in {:.1}s, objective {}{}, {} trainable parameters, optimizer state {:.1} MB",
+            "train run {} ({}): {} steps in {:.1}s{}, objective {}{}, {} trainable parameters, optimizer state {:.1} MB",
             r.run_id,
             r.run_dir.display(),
             r.steps,
             r.seconds,
+            if r.lanes > 1 {
+                format!(" ({} micro-batches at once)", r.lanes)
+            } else {
+                String::new()
+            },
             cfg.objective,
             if cfg.ztsnr { " + ZTSNR" } else { "" },
             r.trainable_params,

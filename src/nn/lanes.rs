@@ -26,6 +26,11 @@
 //! and never for real image sizes, whose ops are big enough to use every
 //! core (and whose activations would be held once per lane).
 //! `EPS2V_LANES=N` overrides the count (`1`: one job after the other).
+//!
+//! The trainer runs a step's micro-batches (`--grad-accum`) on lanes by the
+//! same rule and sums their gradients in micro-batch order; the kernels'
+//! sums do not depend on the thread count (`kernels::SUM_PIECES`), so the
+//! bytes are those of one micro-batch after the other.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicUsize, Ordering};

@@ -91,6 +91,10 @@ pub struct TrainOptions {
     /// the CPU, bf16 on CUDA). The trained UNet always keeps f32 master
     /// weights and computes in f32, on every device.
     pub dtype: Option<DType>,
+    /// Micro-batches computed at once (`None`: [`crate::nn::lanes`]'
+    /// choice for the largest bucket). Speed only: any count gives the same
+    /// bytes.
+    pub lanes: Option<usize>,
 }
 
 /// What a training run did.
@@ -124,6 +128,9 @@ pub struct TrainReport {
     pub cache: CacheReport,
     /// Trainable parameters of the last stage.
     pub trainable_params: usize,
+    /// Micro-batches computed at once ([`crate::nn::lanes`]; 1: one after
+    /// the other).
+    pub lanes: usize,
     /// Bytes of optimizer state of the last stage.
     pub optimizer_bytes: usize,
     /// Mean loss of the last 10 steps.
@@ -143,6 +150,20 @@ pub struct TrainReport {
 }
 
 /// The run folder of run `id`.
+/// `acc + g` for every trainable variable that `g` has a gradient for.
+fn add_grads(mut acc: GradStore, g: &GradStore, vars: &[(String, Var)]) -> Result<GradStore> {
+    for (_, v) in vars {
+        if let Some(gv) = g.get(v.as_tensor()) {
+            let sum = match acc.get(v.as_tensor()) {
+                Some(a) => (a + gv)?,
+                None => gv.clone(),
+            };
+            acc.insert(v.as_tensor(), sum);
+        }
+    }
+    Ok(acc)
+}
+
 pub fn run_dir(root: &Path, id: i64) -> PathBuf {
     root.join("runs").join(id.to_string())
 }
@@ -421,6 +442,18 @@ pub fn train(
         ctx,
     )?;
     report.cache = cache_report;
+    // Micro-batches run on lanes where latents are tiny (nn::lanes): the
+    // largest bucket decides.
+    let f = base.vae.config().downsample_factor();
+    let micro_lanes = train_items
+        .iter()
+        .map(|it| (it.bucket.0 as usize / f, it.bucket.1 as usize / f))
+        .max_by_key(|&(w, h)| w * h)
+        .map_or(1, |(w, h)| {
+            crate::nn::lanes::lanes_for_latent(&device, w, h)
+        });
+    let micro_lanes = opts.lanes.unwrap_or(micro_lanes).clamp(1, cfg.grad_accum);
+    report.lanes = micro_lanes;
 
     // --- evaluation reference (the base model with its own objective) ------
     let evaluator = Evaluator::new(eval_spec(cfg, &train_items, &val_items), &rdir, &base)?;
@@ -563,42 +596,47 @@ pub fn train(
                 cfg.min_lr_ratio,
             );
             opt.set_learning_rate(stage_lr * factor);
-            // micro-batches
+            // micro-batches: on lanes when there are several (their
+            // gradients are summed here in micro-batch order, as one after
+            // the other would: the same bytes either way).
+            let idxs: Vec<Vec<usize>> = (0..cfg.grad_accum).map(|_| batches.next_batch()).collect();
+            let nan = opts.inject_nan_at.contains(&st.step);
+            let step = st.step;
             let mut grads: Option<GradStore> = None;
             let mut loss_sum = 0.0f64;
             let mut batch_ids = Vec::new();
-            for micro in 0..cfg.grad_accum {
-                let idx = batches.next_batch();
-                let nan = opts.inject_nan_at.contains(&st.step);
-                let b = make_batch(
-                    cfg,
-                    &sched,
-                    &caches,
-                    &train_items,
-                    &idx,
-                    (st.step, micro),
-                    nan,
-                )?;
-                let mse = per_sample_mse(&unet, &b)?; // (b,)
-                let loss = ((mse * &b.weights)?.mean_all()? / cfg.grad_accum as f64)?;
-                loss_sum += loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-                batch_ids.extend(b.item_ids.iter().copied());
-                let g = loss.backward()?;
-                grads = Some(match grads {
-                    None => g,
-                    Some(mut acc) => {
-                        for (_, v) in &vars {
-                            if let Some(gv) = g.get(v.as_tensor()) {
-                                let sum = match acc.get(v.as_tensor()) {
-                                    Some(a) => (a + gv)?,
-                                    None => gv.clone(),
-                                };
-                                acc.insert(v.as_tensor(), sum);
-                            }
-                        }
-                        acc
-                    }
-                });
+            crate::nn::lanes::run(
+                cfg.grad_accum,
+                micro_lanes,
+                |micro| {
+                    let b = make_batch(
+                        cfg,
+                        &sched,
+                        &caches,
+                        &train_items,
+                        &idxs[micro],
+                        (step, micro),
+                        nan,
+                    )?;
+                    let mse = per_sample_mse(&unet, &b)?; // (b,)
+                    let loss = ((mse * &b.weights)?.mean_all()? / cfg.grad_accum as f64)?;
+                    let l = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+                    Ok((l, b.item_ids, loss.backward()?))
+                },
+                |_, (l, ids, g)| {
+                    loss_sum += l;
+                    batch_ids.extend(ids);
+                    grads = Some(match grads.take() {
+                        None => g,
+                        Some(acc) => add_grads(acc, &g, &vars)?,
+                    });
+                    Ok(())
+                },
+            )?;
+            if micro_lanes > 1 {
+                // The lanes declared the cores shared; poll again for the
+                // optimizer step.
+                warm.refresh();
             }
             let mut grads = grads.ok_or_else(|| Error::Other("no gradients".into()))?;
             let gnorm = grad_norm(&grads, &vars)?;

@@ -157,6 +157,44 @@ fn a_block_a_later_stage_freezes_stays_at_its_ema() {
 }
 
 #[test]
+fn micro_batches_on_lanes_give_the_same_bytes() {
+    // Every block (a transformer included). One lane runs the micro-batches
+    // on the test's pool, three run them on one-thread pools: so this also
+    // checks that the gradients do not depend on the thread count
+    // (nn::kernels::SUM_PIECES).
+    let d = tempfile::tempdir().unwrap();
+    let (ds, ck) = super::testkit::dataset(d.path()).unwrap();
+    let cfg = TrainConfig {
+        ema_decay: Some(0.9),
+        grad_accum: 3,
+        caption_dropout: 0.3,
+        ..quick(&ck, 3)
+    };
+    let mut exported = Vec::new();
+    for lanes in [1, 3] {
+        let out = d.path().join(format!("lanes{lanes}.safetensors"));
+        let r = run(
+            &ds,
+            &TrainConfig {
+                out: Some(out.clone()),
+                ..cfg.clone()
+            },
+            &TrainOptions {
+                lanes: Some(lanes),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(r.lanes, lanes);
+        exported.push((unet_tensors(&out), r.last_loss));
+    }
+    let (one, three) = (&exported[0], &exported[1]);
+    assert_eq!(one.1, three.1, "the logged loss differs with lanes");
+    let changed = one.0.iter().zip(&three.0).filter(|(a, b)| a != b).count();
+    assert_eq!(changed, 0, "{changed} tensors differ between 1 and 3 lanes");
+}
+
+#[test]
 fn resume_equals_an_uninterrupted_run_bit_for_bit() {
     let d = tempfile::tempdir().unwrap();
     let (ds, ck) = super::testkit::dataset(d.path()).unwrap();

@@ -21,7 +21,9 @@
 
 mod im2col;
 
-use super::{give_scratch, matmul, take_scratch, tensor_from, threads, with_data, Mat, Real};
+use super::{
+    give_scratch, matmul, take_scratch, tensor_from, threads, with_data, Mat, Real, SUM_PIECES,
+};
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use im2col::{col2im, im2col, transpose_into, zero_small};
@@ -167,12 +169,12 @@ impl ConvGeom {
     }
 }
 
-/// Split `b` samples into at most `threads()` contiguous chunks; returns the
-/// chunk size and whether the GEMMs should themselves run in parallel.
-fn batch_split(b: usize) -> (usize, bool) {
-    let t = threads();
-    let chunks = b.clamp(1, t);
-    (b.div_ceil(chunks).max(1), chunks < t)
+/// Split `b` samples into at most `pieces` contiguous chunks; returns the
+/// chunk size and whether the GEMMs should themselves run in parallel
+/// (fewer chunks than threads).
+fn batch_split(b: usize, pieces: usize) -> (usize, bool) {
+    let chunks = b.clamp(1, pieces.max(1));
+    (b.div_ceil(chunks).max(1), chunks < threads())
 }
 
 /// Forward convolution of contiguous `x`, `w` (and `bias`), returning
@@ -195,7 +197,7 @@ pub fn forward<T: Real>(g: &ConvGeom, x: &[T], w: &[T], bias: Option<&[T]>) -> R
     if y.is_empty() {
         return Ok(y);
     }
-    let (chunk, par_gemm) = batch_split(g.b);
+    let (chunk, par_gemm) = batch_split(g.b, threads());
     let tr = g.tile_rows();
     let nb = g.group(chunk);
     let col_len = match (g.direct(), nb) {
@@ -322,7 +324,9 @@ pub fn backward<T: Real>(
     let dx_col2im = need_dx && dx_conv.is_none();
     // Partial weight gradients are accumulated as dWᵀ (k, cout) on this path.
     let dwt_path = !g.direct() && g.cout >= DWT_MIN_COUT;
-    let (chunk, par_gemm) = batch_split(g.b);
+    // The partial dW / db of each chunk are summed below: chunks as for
+    // SUM_PIECES threads, so that the sums do not depend on the pool.
+    let (chunk, par_gemm) = batch_split(g.b, SUM_PIECES);
     let nchunks = g.b.div_ceil(chunk).max(1);
     let tr = g.tile_rows();
     let nb = if need_dw || dx_col2im {
@@ -676,7 +680,10 @@ pub fn conv2d(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::nn::kernels::test_util::{assert_matches, check_fd, grads, max_abs, max_diff, rand};
+    use crate::nn::kernels::test_util::{
+        assert_matches, assert_same_bits_at_any_thread_count, check_fd, grads, max_abs, max_diff,
+        rand,
+    };
     use crate::nn::ops::reference;
     use candle_core::DType;
     use candle_core::Var;
@@ -732,8 +739,8 @@ mod tests {
 
     #[test]
     fn conv_matches_candle_for_any_thread_count() -> Result<()> {
-        // 1 thread: whole batch in one chunk (multi-sample GEMMs);
-        // 7 threads: fewer samples than threads (parallel GEMMs).
+        // 1 thread: the forward's whole batch in one chunk (multi-sample
+        // GEMMs); 7 threads: fewer samples than threads (parallel GEMMs).
         for t in [1, 7] {
             let pool = rayon::ThreadPoolBuilder::new()
                 .num_threads(t)
@@ -765,6 +772,24 @@ mod tests {
                     }
                 }
                 Ok(())
+            })?;
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn conv_grads_are_the_same_bits_at_any_thread_count() -> Result<()> {
+        for c in CASES {
+            let (s, p) = (c.6, c.7);
+            let ins = inputs(c, DType::F32)?;
+            let vars = ins
+                .iter()
+                .map(Var::from_tensor)
+                .collect::<Result<Vec<_>>>()?;
+            let dims = conv2d(&ins[0], &ins[1], ins.get(2), s, p)?.dims().to_vec();
+            let probe = rand(&dims, 9, DType::F32)?;
+            assert_same_bits_at_any_thread_count(&format!("{c:?}"), &vars, &probe, &|t| {
+                conv2d(&t[0], &t[1], t.get(2), s, p)
             })?;
         }
         Ok(())

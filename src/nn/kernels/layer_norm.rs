@@ -10,7 +10,7 @@
 //! [`crate::nn::ops::reference::layer_norm`] the tests compare against.
 
 use super::group_norm::{sum_sq_dev, sum_wide};
-use super::{tensor_from, threads, with_data, Real, Stats};
+use super::{tensor_from, with_data, Real, Stats, SUM_PIECES};
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -109,7 +109,9 @@ pub fn backward<T: Real>(
     }
     let rows = x.len() / d;
     let mut dx = vec![T::ZERO; x.len()];
-    let per = rows.div_ceil(threads()).max(1);
+    // Partial dγ, dβ over row chunks as for SUM_PIECES threads, so that
+    // their sums do not depend on the pool.
+    let per = rows.div_ceil(SUM_PIECES).max(1);
     let partials: Vec<(Vec<T>, Vec<T>)> = dx
         .par_chunks_mut(per * d)
         .zip(x.par_chunks(per * d))
@@ -258,7 +260,9 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Resul
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::nn::kernels::test_util::{assert_matches, check_fd, grads, rand};
+    use crate::nn::kernels::test_util::{
+        assert_matches, assert_same_bits_at_any_thread_count, check_fd, grads, rand,
+    };
     use crate::nn::ops::reference;
     use candle_core::DType;
     use candle_core::Var;
@@ -282,6 +286,27 @@ mod tests {
                 reference::layer_norm(&t[0], &t[1], &t[2], 1e-5)
             })?;
             assert_matches(&format!("{dims:?}"), (&y1, &g1), (&y2, &g2), 1e-5)?;
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn layer_norm_grads_are_the_same_bits_at_any_thread_count() -> Result<()> {
+        for dims in [vec![2, 5, 7], vec![3, 4, 2, 33], vec![4, 77, 64]] {
+            let d = *dims.last().unwrap_or(&1);
+            let ins = [
+                rand(&dims, 1, DType::F32)?.affine(2.0, -0.3)?,
+                (rand(&[d], 2, DType::F32)? + 1.0)?,
+                rand(&[d], 3, DType::F32)?,
+            ];
+            let vars = ins
+                .iter()
+                .map(Var::from_tensor)
+                .collect::<Result<Vec<_>>>()?;
+            let probe = rand(&dims, 4, DType::F32)?;
+            assert_same_bits_at_any_thread_count(&format!("{dims:?}"), &vars, &probe, &|t| {
+                layer_norm(&t[0], &t[1], &t[2], 1e-5)
+            })?;
         }
         Ok(())
     }

@@ -16,7 +16,7 @@
 //! Reference: `torch.nn.functional.linear`; the tests compare with candle's
 //! `matmul` + `broadcast_add` and finite differences.
 
-use super::{matmul, tensor_from, threads, with_data, Mat, Real};
+use super::{matmul, tensor_from, threads, with_data, Mat, Real, SUM_PIECES};
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -45,9 +45,9 @@ impl Geom {
     }
 
     /// Rows per parallel task: whole row blocks of at least 32 rows, about
-    /// one block per thread (none when the GEMM is too small to split).
-    fn rows_per_task(&self) -> usize {
-        let t = threads();
+    /// one block per thread of `t` (none when the GEMM is too small to
+    /// split).
+    fn rows_per_task(&self, t: usize) -> usize {
         if t == 1 || self.m * self.n * self.k < (1 << 16) || self.m < 64 {
             return self.m.max(1);
         }
@@ -93,7 +93,7 @@ fn forward<T: Real>(g: &Geom, x: &[T], w: &[T], b: Option<&[T]>) -> Result<Vec<T
     if m == 0 || n == 0 {
         return Ok(y);
     }
-    let rows = g.rows_per_task();
+    let rows = g.rows_per_task(threads());
     y.par_chunks_mut(rows * n)
         .zip(x.par_chunks(rows * k))
         .try_for_each(|(yc, xc)| -> Result<()> {
@@ -131,7 +131,7 @@ fn backward<T: Real>(
     if x.len() != m * k || w.len() != n * k || dy.len() != m * n {
         bail!("linear kernel backward: data sizes do not match {g:?}")
     }
-    let rows = g.rows_per_task();
+    let rows = g.rows_per_task(threads());
     let dx = if want.0 {
         let mut dx = vec![T::ZERO; m * k];
         if m > 0 && k > 0 {
@@ -172,6 +172,9 @@ fn backward<T: Real>(
         }
         Ok((pw, pb))
     };
+    // Partial sums over row chunks as for SUM_PIECES threads, so that dW and
+    // db do not depend on the pool.
+    let rows = g.rows_per_task(SUM_PIECES);
     if m == 0 || n == 0 || rows >= m {
         // One chunk: a single GEMM, parallel over the output.
         let (dw, db) = chunk_grads(dy, x, true)?;
@@ -334,7 +337,9 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::nn::kernels::test_util::{assert_matches, check_fd, grads, rand};
+    use crate::nn::kernels::test_util::{
+        assert_matches, assert_same_bits_at_any_thread_count, check_fd, grads, rand,
+    };
     use crate::nn::ops::reference;
     use candle_core::DType;
     use candle_core::Var;
@@ -374,6 +379,32 @@ mod tests {
                 let label = format!("{dims:?}→{n} bias {bias}");
                 assert_matches(&label, (&y1, &g1), (&y2, &g2), 1e-5)?;
             }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn linear_grads_are_the_same_bits_at_any_thread_count() -> Result<()> {
+        for (dims, n) in cases().into_iter().chain([(vec![4, 96, 48], 96)]) {
+            let k = *dims.last().unwrap_or(&1);
+            let ins = [
+                rand(&dims, 1, DType::F32)?,
+                rand(&[n, k], 2, DType::F32)?,
+                rand(&[n], 3, DType::F32)?,
+            ];
+            let vars = ins
+                .iter()
+                .map(Var::from_tensor)
+                .collect::<Result<Vec<_>>>()?;
+            let mut od = dims.clone();
+            *od.last_mut().unwrap_or(&mut 0) = n;
+            let probe = rand(&od, 4, DType::F32)?;
+            assert_same_bits_at_any_thread_count(
+                &format!("{dims:?}→{n}"),
+                &vars,
+                &probe,
+                &|t| linear(&t[0], &t[1], t.get(2)),
+            )?;
         }
         Ok(())
     }

@@ -398,6 +398,16 @@ pub fn threads() -> usize {
     rayon::current_num_threads().max(1)
 }
 
+/// Pieces that a kernel cuts a sum over samples or rows into (the weight,
+/// bias and norm-parameter gradients), whatever the pool's size: as many
+/// as on a two-thread pool. The partial sums, and with them a gradient's
+/// last bits, then do not depend on the thread count, so a training step
+/// computes the same bytes on one thread (a lane: `nn::lanes`), two or
+/// sixteen, and the committed toy models (built on two threads) are
+/// reproduced at any thread count. Only the pieces are fixed: a piece's
+/// GEMM still uses the whole pool when there are fewer pieces than threads.
+pub const SUM_PIECES: usize = 2;
+
 /// `dst (m×n) = alpha·dst + beta·(lhs (m×k) · rhs (k×n))` with arbitrary
 /// element strides (`*_rs` row stride, `*_cs` column stride), through the
 /// `gemm` crate. `parallel` lets gemm use the rayon pool. Batch-invariant:
@@ -665,6 +675,45 @@ pub(crate) mod test_util {
             })
             .collect::<Result<Vec<_>>>()?;
         Ok((y, gs))
+    }
+
+    /// Asserts that [`grads`] of `f` (the output and every gradient) has
+    /// the same bits on pools of 1, 2, 3 and 7 threads (`SUM_PIECES`).
+    pub fn assert_same_bits_at_any_thread_count(
+        label: &str,
+        vars: &[Var],
+        probe: &Tensor,
+        f: &(dyn Fn(&[Tensor]) -> Result<Tensor> + Sync),
+    ) -> Result<()> {
+        let bits = |t: usize| -> Result<Vec<Vec<u64>>> {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(t)
+                .build()
+                .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+            pool.install(|| {
+                let (y, g) = grads(vars, probe, f)?;
+                std::iter::once(&y)
+                    .chain(&g)
+                    .map(|t| {
+                        let v = t.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
+                        Ok(v.into_iter().map(f64::to_bits).collect())
+                    })
+                    .collect()
+            })
+        };
+        let one = bits(1)?;
+        for t in [2, 3, 7] {
+            let other = bits(t)?;
+            for (i, (a, b)) in one.iter().zip(&other).enumerate() {
+                let what = if i == 0 {
+                    "output".to_string()
+                } else {
+                    format!("gradient {}", i - 1)
+                };
+                assert!(a == b, "{label}: {what} differs between 1 and {t} threads");
+            }
+        }
+        Ok(())
     }
 
     /// Asserts that a kernel's output `y` and gradients `g` (from [`grads`])
