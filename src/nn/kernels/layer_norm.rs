@@ -268,8 +268,13 @@ mod tests {
     use candle_core::Var;
 
     #[test]
-    fn layer_norm_forward_and_grads_match_reference_f32() -> Result<()> {
-        for dims in [vec![2, 5, 7], vec![1, 13], vec![3, 4, 2, 33]] {
+    fn layer_norm_forward_and_grads_match_reference_f32_at_any_thread_count() -> Result<()> {
+        for dims in [
+            vec![2, 5, 7],
+            vec![1, 13],
+            vec![3, 4, 2, 33],
+            vec![4, 77, 64],
+        ] {
             let d = *dims.last().unwrap_or(&1);
             let ins = [
                 rand(&dims, 1, DType::F32)?.affine(2.0, -0.3)?,
@@ -286,24 +291,6 @@ mod tests {
                 reference::layer_norm(&t[0], &t[1], &t[2], 1e-5)
             })?;
             assert_matches(&format!("{dims:?}"), (&y1, &g1), (&y2, &g2), 1e-5)?;
-        }
-        Ok(())
-    }
-
-    #[test]
-    fn layer_norm_grads_are_the_same_bits_at_any_thread_count() -> Result<()> {
-        for dims in [vec![2, 5, 7], vec![3, 4, 2, 33], vec![4, 77, 64]] {
-            let d = *dims.last().unwrap_or(&1);
-            let ins = [
-                rand(&dims, 1, DType::F32)?.affine(2.0, -0.3)?,
-                (rand(&[d], 2, DType::F32)? + 1.0)?,
-                rand(&[d], 3, DType::F32)?,
-            ];
-            let vars = ins
-                .iter()
-                .map(Var::from_tensor)
-                .collect::<Result<Vec<_>>>()?;
-            let probe = rand(&dims, 4, DType::F32)?;
             assert_same_bits_at_any_thread_count(&format!("{dims:?}"), &vars, &probe, &|t| {
                 layer_norm(&t[0], &t[1], &t[2], 1e-5)
             })?;
