@@ -29,7 +29,7 @@ pub struct GenerateArgs {
     /// Single-file SDXL checkpoint (.safetensors with UNet, both text encoders and VAE). Default: the committed toy model.
     #[arg(long)]
     pub model: Option<PathBuf>,
-    /// Template file, built-in pack name, or template text (dynamicprompts syntax). Default: `1girl`, or `toy` when --model is not given (the toy model draws toy scenes).
+    /// Template file, built-in pack name, or template text (dynamicprompts syntax). Default: `toy` for a toy model (the default one, or a toy model that `train` or `merge` made), else `1girl`.
     #[arg(long)]
     pub template: Option<String>,
     /// Folder of wildcard .txt files (default: the template's wildcards/ folder, or the built-in pack's).
@@ -44,7 +44,7 @@ pub struct GenerateArgs {
     /// Use the first --count combinatorial prompts instead of random ones.
     #[arg(long)]
     pub combinatorial: bool,
-    /// One size WxH for every image (default: drawn from the SDXL bucket list, or the toy buckets 64x64, 96x64, 64x96 when --model is not given).
+    /// One size WxH for every image (default: drawn from the SDXL bucket list, or the toy buckets 64x64, 96x64, 64x96 for a toy model).
     #[arg(long, conflicts_with = "size_weights")]
     pub size: Option<String>,
     /// Weights of the SDXL bucket sizes: WxH=W entries, `*=W` for the rest (default 1), e.g. "*=0,1024x1024=2,832x1216=1".
@@ -97,21 +97,25 @@ pub struct GenerateArgs {
 impl GenerateArgs {
     /// The typed config (shard defaults read from `env`).
     pub fn to_config(&self, env: &dyn Fn(&str) -> Option<String>) -> Result<GenerateConfig> {
+        let model = crate::toy::model_or_default(self.model.clone())?;
+        // A toy model (the default, or one that `train` / `merge` made from
+        // it) draws toy scenes at the toy buckets unless told otherwise.
+        let toy = self.model.is_none() || crate::toy::is_toy_model(&model);
         let sizes = match (&self.size, &self.size_weights) {
             (Some(s), _) => {
                 let (width, height) = parse_size(s)?;
                 Sizes::Fixed { width, height }
             }
             (None, Some(w)) => Sizes::parse_weights(w)?,
-            (None, None) if self.model.is_none() => toy_sizes(),
+            (None, None) if toy => toy_sizes(),
             (None, None) => Sizes::sdxl(),
         };
         let template = self
             .template
             .clone()
-            .unwrap_or_else(|| if self.model.is_none() { "toy" } else { "1girl" }.into());
+            .unwrap_or_else(|| if toy { "toy" } else { "1girl" }.into());
         Ok(GenerateConfig {
-            model: crate::toy::model_or_default(self.model.clone())?,
+            model,
             prediction: self
                 .prediction
                 .as_deref()

@@ -52,9 +52,9 @@ pub struct SampleArgs {
     /// σ schedule: normal, karras, simple, sgm_uniform, leading, trailing, linspace (default trailing for ZTSNR models, normal otherwise).
     #[arg(long)]
     pub schedule: Option<String>,
-    /// Image size WxH in pixels (multiples of 32 for SDXL).
-    #[arg(long, default_value = "1024x1024")]
-    pub size: String,
+    /// Image size WxH in pixels (multiples of 32 for SDXL). Default: the model's own: its `modelspec.resolution` metadata, else 64x64 for the toy model and 1024x1024 for SDXL.
+    #[arg(long)]
+    pub size: Option<String>,
     /// Number of images.
     #[arg(long, default_value_t = 1)]
     pub batch: usize,
@@ -103,9 +103,9 @@ pub struct UncondArgs {
     /// Number of seeds (0..N) per timestep.
     #[arg(long, default_value_t = 2)]
     pub seeds: u64,
-    /// Probe size WxH in pixels (each probe is one UNet call on two rows; 512x512 is 4x faster on a CPU).
-    #[arg(long, default_value = "1024x1024")]
-    pub size: String,
+    /// Probe size WxH in pixels (each probe is one UNet call on two rows; 512x512 is 4x faster on a CPU than 1024x1024). Default: the model's own, as for `sample`.
+    #[arg(long)]
+    pub size: Option<String>,
     /// Override the prediction type read from the checkpoint: eps or v.
     #[arg(long)]
     pub prediction: Option<String>,
@@ -116,18 +116,11 @@ pub struct UncondArgs {
 
 /// Parse `WxH` (e.g. `832x1216`).
 pub fn parse_size(s: &str) -> Result<(u32, u32)> {
-    let bad = || {
+    crate::pipeline::model::parse_wxh(s).ok_or_else(|| {
         Error::config(format!(
             "--size {s:?}: expected WIDTHxHEIGHT in pixels, e.g. 1024x1024 or 832x1216"
         ))
-    };
-    let (w, h) = s.trim().split_once(['x', 'X']).ok_or_else(bad)?;
-    let w: u32 = w.trim().parse().map_err(|_| bad())?;
-    let h: u32 = h.trim().parse().map_err(|_| bad())?;
-    if w == 0 || h == 0 {
-        return Err(bad());
-    }
-    Ok((w, h))
+    })
 }
 
 fn load(
@@ -154,8 +147,11 @@ fn load(
 
 /// Run `eps2v sample`.
 pub fn run_sample(a: SampleArgs, json: bool) -> Result<i32> {
-    let (width, height) = parse_size(&a.size)?;
-    let cfg = SampleConfig {
+    // Without --size the model's own size replaces this once it is loaded;
+    // everything else is checked before the (slow) load.
+    let size = a.size.as_deref().map(parse_size).transpose()?;
+    let (width, height) = size.unwrap_or((1024, 1024));
+    let mut cfg = SampleConfig {
         prompt: a.prompt.clone(),
         uncond: UncondMode::from_flags(a.uncond.as_deref(), a.negative.as_deref())?,
         seed: a.seed.unwrap_or_else(|| u64::from(rand::random::<u32>())),
@@ -181,13 +177,15 @@ pub fn run_sample(a: SampleArgs, json: bool) -> Result<i32> {
         true,
         &a.device,
     )?;
-    let mut cfg = cfg;
+    if size.is_none() {
+        (cfg.width, cfg.height) = model.info.native_size;
+    }
     if a.uncond.is_none() && a.negative.as_deref().is_none_or(str::is_empty) {
         if let Some(trained) = &model.info.trained_uncond {
             cfg.uncond = trained.parse()?;
         }
     }
-    model.latent_shape(width, height)?;
+    model.latent_shape(cfg.width, cfg.height)?;
     let bar = ProgressBar::with_draw_target(
         Some((cfg.steps * cfg.batch) as u64),
         if json {
@@ -230,12 +228,13 @@ pub fn run_sample(a: SampleArgs, json: bool) -> Result<i32> {
 pub fn run_diagnose(a: DiagnoseArgs, json: bool) -> Result<i32> {
     match a.command {
         DiagnoseCommand::Uncond(u) => {
-            let (width, height) = parse_size(&u.size)?;
+            let size = u.size.as_deref().map(parse_size).transpose()?;
             if u.seeds == 0 {
                 return Err(Error::config("--seeds must be at least 1"));
             }
             let model_path = crate::toy::model_or_default(u.model.clone())?;
             let (model, _) = load(&model_path, u.prediction.as_deref(), None, false, &u.device)?;
+            let (width, height) = size.unwrap_or(model.info.native_size);
             let report = diagnose::uncond(
                 &model,
                 &DiagnoseConfig {
@@ -260,11 +259,6 @@ pub fn run_diagnose(a: DiagnoseArgs, json: bool) -> Result<i32> {
                     report.mean_rel_l2, report.max_rel_l2, report.mean_cosine
                 );
                 println!("verdict: {} ({})", report.verdict.name(), report.message);
-                if let Some(t) = &model.info.trained_uncond {
-                    println!(
-                        "this model was trained by eps2v with caption dropout to {t:?}; `eps2v sample` uses that as its default uncond"
-                    );
-                }
             }
             Ok(0)
         }

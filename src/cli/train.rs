@@ -424,9 +424,9 @@ pub struct MergeArgs {
     /// Sweep: CFG scale.
     #[arg(long, default_value_t = 5.0)]
     pub eval_cfg: f64,
-    /// Sweep: image size WxH.
-    #[arg(long, default_value = "1024x1024")]
-    pub eval_size: String,
+    /// Sweep: image size WxH (default: model A's own, as for `sample`: 64x64 for a toy model, 1024x1024 for SDXL).
+    #[arg(long)]
+    pub eval_size: Option<String>,
     /// Output file (with --sweep: the stem of each merge's file).
     #[arg(long)]
     pub out: PathBuf,
@@ -476,7 +476,10 @@ pub fn run_merge(a: MergeArgs, json: bool) -> Result<i32> {
                     "--sweep needs at least one --eval-prompt to score each merge",
                 ));
             }
-            let (width, height) = super::sample::parse_size(&a.eval_size)?;
+            let (width, height) = match &a.eval_size {
+                Some(s) => super::sample::parse_size(s)?,
+                None => crate::pipeline::model::native_size_of(&a.a)?,
+            };
             let r = merge::sweep(
                 &cfg,
                 alphas,

@@ -98,12 +98,29 @@ impl Verdict {
         }
     }
 
-    /// A sentence for the user.
-    pub fn message(self) -> &'static str {
-        match self {
-            Verdict::Same => "this model treats '' like zeros (trained with zeroed dropout / SDXL base behaviour): the uncond choice of a UI hardly matters",
-            Verdict::Moderate => "'' and zeros differ moderately: images will shift somewhat between UIs that use '' (ComfyUI) and zeros (A1111, sgm); eps2v default is zero",
-            Verdict::Different => "'' and zeros differ strongly: the UI's uncond choice matters (the model was likely finetuned with '' dropout); eps2v default is zero, try --uncond empty",
+    /// A sentence for the user. `trained` is the caption-dropout
+    /// conditioning the model was trained with, when its file says so
+    /// (`eps2v.uncond`: `zero`, `empty`, `text:…`): then the advice follows
+    /// it instead of guessing from the numbers (a model trained with zeroed
+    /// dropout can still read `""` as a prompt of its own, as the toy model
+    /// does).
+    pub fn message(self, trained: Option<&str>) -> String {
+        let how = match self {
+            Verdict::Same => {
+                return match trained {
+                    Some(t) => format!("this model treats '' like zeros: the uncond choice of a UI hardly matters (trained by eps2v with caption dropout to {t:?})"),
+                    None => "this model treats '' like zeros (trained with zeroed dropout / SDXL base behaviour): the uncond choice of a UI hardly matters".into(),
+                }
+            }
+            Verdict::Moderate => "moderately",
+            Verdict::Different => "strongly",
+        };
+        match (self, trained) {
+            (_, Some("zero")) => format!("'' and zeros differ {how}; this model was trained by eps2v with caption dropout to zeros, so sample it with zeros: `eps2v sample`'s default for it, A1111/Forge with an empty negative, ComfyUI with ConditioningZeroOut on the negative (its empty CLIPTextEncode encodes '')"),
+            (_, Some("empty")) => format!("'' and zeros differ {how}; this model was trained by eps2v with caption dropout to '', so sample it with '': `eps2v sample`'s default for it, ComfyUI's empty CLIPTextEncode (A1111/Forge zero an empty negative)"),
+            (_, Some(t)) => format!("'' and zeros differ {how}; this model was trained by eps2v with caption dropout to {t:?}, which `eps2v sample` uses by default"),
+            (Verdict::Moderate, None) => "'' and zeros differ moderately: images will shift somewhat between UIs that use '' (ComfyUI) and zeros (A1111, sgm); eps2v default is zero".into(),
+            _ => "'' and zeros differ strongly: the UI's uncond choice matters (the model was likely finetuned with '' dropout); eps2v default is zero, try --uncond empty".into(),
         }
     }
 }
@@ -201,7 +218,7 @@ pub fn uncond(model: &SdxlModel, cfg: &DiagnoseConfig) -> Result<UncondReport> {
         max_rel_l2,
         mean_cosine,
         verdict,
-        message: verdict.message().to_string(),
+        message: verdict.message(model.info.trained_uncond.as_deref()),
     })
 }
 
@@ -218,6 +235,28 @@ mod tests {
         assert_eq!(Verdict::from_stats(0.3, 0.995), Verdict::Different);
         assert_eq!(Verdict::from_stats(0.1, 0.5), Verdict::Different);
         assert_eq!(Verdict::from_stats(f64::NAN, 1.0), Verdict::Different);
+    }
+
+    #[test]
+    fn a_known_training_uncond_decides_the_advice() {
+        let d = Verdict::Different;
+        assert!(d.message(None).contains("try --uncond empty"));
+        let zero = d.message(Some("zero"));
+        assert!(
+            zero.contains("sample it with zeros") && !zero.contains("--uncond empty"),
+            "{zero}"
+        );
+        let empty = Verdict::Moderate.message(Some("empty"));
+        assert!(
+            empty.contains("differ moderately") && empty.contains("sample it with ''"),
+            "{empty}"
+        );
+        assert!(Verdict::Same
+            .message(Some("zero"))
+            .contains("hardly matters"));
+        assert!(Verdict::Same.message(None).contains("hardly matters"));
+        let text = d.message(Some("text:lowres"));
+        assert!(text.contains("\"text:lowres\""), "{text}");
     }
 
     #[test]

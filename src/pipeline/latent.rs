@@ -280,6 +280,7 @@ mod tests {
                 prediction_source: "test".into(),
                 warnings: Vec::new(),
                 trained_uncond: None,
+                native_size: (64, 64),
             },
             device: Device::Cpu,
         }

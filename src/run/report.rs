@@ -145,9 +145,9 @@ pub fn write(
         {
             let _ = write!(
                 body,
-                "<figure><img src=\"{}\" alt=\"{}\"><figcaption>{}</figcaption></figure>",
-                esc(&s.grid),
+                "<figure><figcaption>{}</figcaption><img src=\"{}\" alt=\"{}\"></figure>",
                 esc(&s.label),
+                esc(&s.grid),
                 esc(&s.label)
             );
         }
@@ -223,7 +223,7 @@ pub fn write(
             if let Some(g) = bring(&pt.grid, dir, &format!("merge-a{}.png", pt.alpha))? {
                 let _ = write!(
                     body,
-                    "<figure><img src=\"{g}\" alt=\"merge α {a}\"><figcaption>α = {a}</figcaption></figure>",
+                    "<figure><figcaption>α = {a}</figcaption><img src=\"{g}\" alt=\"merge α {a}\"></figure>",
                     a = pt.alpha
                 );
             }
@@ -280,7 +280,7 @@ body{{font-family:sans-serif;margin:2em;max-width:1100px;color:#222}}\
 table{{border-collapse:collapse;margin:1em 1em 1em 0;vertical-align:top}}\
 td,th{{border:1px solid #ccc;padding:3px 8px;text-align:left}}td.n{{text-align:right;white-space:nowrap}}\
 .bar{{background:#4a7fc1;height:10px}}.grids{{display:flex;flex-wrap:wrap;gap:1em;align-items:flex-start}}\
-figure{{margin:0}}img{{image-rendering:pixelated;max-width:100%}}code{{font-size:90%}}\
+figure{{margin:0}}figcaption{{font-weight:bold;margin-bottom:.3em}}img{{image-rendering:pixelated;max-width:100%}}code{{font-size:90%}}\
 </style></head><body>\n{body}\n</body></html>\n"
     );
     let path = dir.join("index.html");

@@ -54,6 +54,16 @@ pub fn model_or_default(given: Option<PathBuf>) -> Result<PathBuf> {
     given.map_or_else(default_model_path, Ok)
 }
 
+/// Is `path` a toy-world model, by its UNet's named config (the committed
+/// base, and whatever `train` and `merge` made from it, under any name)?
+/// Reads the header only; an unreadable file is "no" (loading it reports
+/// why).
+pub fn is_toy_model(path: &std::path::Path) -> bool {
+    crate::models::sdxl::checkpoint::Checkpoint::open(path)
+        .and_then(|c| c.infer_unet_config())
+        .is_ok_and(|u| u.name == Some("toy"))
+}
+
 /// `given`, or the default toy tagger.
 pub fn tagger_or_default(given: Option<PathBuf>) -> Result<PathBuf> {
     given.map_or_else(default_tagger_dir, Ok)

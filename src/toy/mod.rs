@@ -23,8 +23,8 @@ pub mod tags;
 pub mod text;
 pub mod vae;
 pub use defaults::{
-    default_model_path, default_tagger_dir, model_or_default, tagger_or_default, toy_dir,
-    TOY_DIR_ENV,
+    default_model_path, default_tagger_dir, is_toy_model, model_or_default, tagger_or_default,
+    toy_dir, TOY_DIR_ENV,
 };
 mod write;
 

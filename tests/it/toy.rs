@@ -221,8 +221,9 @@ fn denoising_fresh_scenes_from_low_noise_keeps_them() {
 /// Floor of [`the_committed_base_model_follows_prompts_as_eps_not_as_v`].
 const BASE_FLOOR: f64 = 0.82;
 
-/// On a fresh clone `eps2v sample` needs no `--model`: it samples the
-/// committed toy model; with the toy folder missing it says so (exit 2).
+/// On a fresh clone `eps2v sample` needs neither `--model` nor `--size`: it
+/// samples the committed toy model at its own 64×64; with the toy folder
+/// missing it says so (exit 2).
 #[test]
 fn sample_defaults_to_the_committed_toy_model() {
     let out = tempfile::tempdir().unwrap();
@@ -232,8 +233,6 @@ fn sample_defaults_to_the_committed_toy_model() {
         "sample",
         "--prompt",
         "1shape, red circle",
-        "--size",
-        "64x64",
         "--steps",
         "4",
         "--seed",
@@ -243,17 +242,14 @@ fn sample_defaults_to_the_committed_toy_model() {
     ]))
     .unwrap();
     assert_eq!(v["model"]["prediction"], "eps", "{v}");
-    let pngs = std::fs::read_dir(out.path())
+    let pngs: Vec<_> = std::fs::read_dir(out.path())
         .unwrap()
-        .filter(|e| {
-            e.as_ref()
-                .unwrap()
-                .path()
-                .extension()
-                .is_some_and(|x| x == "png")
-        })
-        .count();
-    assert_eq!(pngs, 1);
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "png"))
+        .collect();
+    assert_eq!(pngs.len(), 1);
+    // Without --size: the toy model's own 64×64, not SDXL's 1024².
+    assert_eq!(image::image_dimensions(&pngs[0]).unwrap(), (64, 64));
     let missing = Command::new(bin())
         .args(["sample", "--prompt", "1shape", "--out", o])
         .env("EPS2V_TOY_DIR", out.path().join("nowhere"))
@@ -325,4 +321,47 @@ fn generate_defaults_to_the_toy_model_template_and_sizes() {
         assert!(spec.count.is_some() && !spec.shapes.is_empty(), "{prompt}");
         assert!(eps2v::toy::scenes::TOY_BUCKETS.contains(&(w, h)), "{w}x{h}");
     }
+}
+
+/// A toy model under another name (what `train` and `merge` write) keeps
+/// `generate`'s toy template and sizes; an SDXL-family file gets the 1girl
+/// pack and the SDXL buckets. Decided from the file's UNet config.
+#[test]
+fn generate_picks_its_defaults_by_the_model_not_by_the_flag() {
+    use clap::Parser;
+    use eps2v::pipeline::tiny::{write_random_checkpoint, TinyOptions};
+    use eps2v::prompts::TemplateSpec;
+    use eps2v::stages::generate::plan::Sizes;
+    let work = tempfile::tempdir().unwrap();
+    let renamed = work.path().join("converted.safetensors");
+    std::fs::copy(eps2v::toy::default_model_path().unwrap(), &renamed).unwrap();
+    let sdxl = work.path().join("tiny_sdxl.safetensors");
+    write_random_checkpoint(
+        &sdxl,
+        TinyOptions {
+            seed: 3,
+            v_pred_ztsnr: false,
+        },
+    )
+    .unwrap();
+    let config = |model: &std::path::Path| {
+        let args = ["eps2v", "generate", "ds", "--count", "2", "--model"];
+        let mut args: Vec<&str> = args.to_vec();
+        args.push(model.to_str().unwrap());
+        let cli = eps2v::cli::Cli::try_parse_from(&args).unwrap();
+        let eps2v::cli::Command::Generate(g) = cli.command else {
+            panic!("not generate")
+        };
+        g.to_config(&|_| None).unwrap()
+    };
+    let c = config(&renamed);
+    assert_eq!(c.template, TemplateSpec::Builtin("toy".into()));
+    let Sizes::Weighted(w) = &c.sizes else {
+        panic!("{:?}", c.sizes)
+    };
+    let sizes: Vec<(u32, u32)> = w.iter().map(|s| (s.width, s.height)).collect();
+    assert_eq!(sizes, eps2v::toy::scenes::TOY_BUCKETS.to_vec());
+    let c = config(&sdxl);
+    assert_eq!(c.template, TemplateSpec::Builtin("1girl".into()));
+    assert_eq!(c.sizes, Sizes::sdxl());
 }

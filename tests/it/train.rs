@@ -293,8 +293,7 @@ fn merge_and_sweep_through_the_binary() {
             "0",
             "--eval-steps",
             "2",
-            "--eval-size",
-            "64x64",
+            // No --eval-size: model A's own (the tiny config's 64×64).
             "--out",
             sweep.to_str().unwrap(),
         ])

@@ -61,6 +61,9 @@ pub const META_ZTSNR: &str = "eps2v.ztsnr";
 /// Metadata key eps2v writes with the unconditional conditioning a model
 /// was trained with (`zero`, `empty`, `text:…`), the default of `sample`.
 pub const META_UNCOND: &str = "eps2v.uncond";
+/// safetensors metadata key written by sd-scripts / ModelSpec: the image
+/// size the model was trained at, `WIDTHxHEIGHT` (`1024x1024`).
+pub const META_RESOLUTION: &str = "modelspec.resolution";
 
 /// Keys that loaders tolerate and never need (reference §1.1).
 pub fn is_ignored_key(key: &str) -> bool {
