@@ -409,12 +409,15 @@ pub fn run(cfg: &RunConfig, adherence: Option<&AdherenceFn<'_>>, ctx: &Ctx) -> R
                     .iter()
                     .map(|(k, v)| format!("{k} {v}"))
                     .collect();
+                // Nothing newly bucketed (a rerun): no empty histogram.
+                let hist = if hist.is_empty() {
+                    String::new()
+                } else {
+                    format!("; {}", hist.join(", "))
+                };
                 rec.summary = format!(
-                    "{} bucketed, {} already, {} rejected; {}",
-                    r.bucketed,
-                    r.already,
-                    rec.failed,
-                    hist.join(", ")
+                    "{} bucketed, {} already, {} rejected{hist}",
+                    r.bucketed, r.already, rec.failed,
                 );
             }
             "train" => {
