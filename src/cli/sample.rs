@@ -116,7 +116,7 @@ pub struct UncondArgs {
 
 /// Parse `WxH` (e.g. `832x1216`).
 pub fn parse_size(s: &str) -> Result<(u32, u32)> {
-    crate::pipeline::model::parse_wxh(s).ok_or_else(|| {
+    crate::pipeline::size::parse_wxh(s).ok_or_else(|| {
         Error::config(format!(
             "--size {s:?}: expected WIDTHxHEIGHT in pixels, e.g. 1024x1024 or 832x1216"
         ))

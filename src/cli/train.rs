@@ -478,7 +478,7 @@ pub fn run_merge(a: MergeArgs, json: bool) -> Result<i32> {
             }
             let (width, height) = match &a.eval_size {
                 Some(s) => super::sample::parse_size(s)?,
-                None => crate::pipeline::model::native_size_of(&a.a)?,
+                None => crate::pipeline::size::native_size_of(&a.a)?,
             };
             let r = merge::sweep(
                 &cfg,

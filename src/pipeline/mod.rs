@@ -28,6 +28,7 @@ pub mod diagnose;
 pub mod latent;
 pub mod model;
 pub mod sample;
+pub mod size;
 pub mod tiny;
 
 pub use model::{LoadOptions, ModelInfo, SdxlModel, TextConfigs};

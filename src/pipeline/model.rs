@@ -143,53 +143,8 @@ pub struct ModelInfo {
     /// eps2v's export records it (`eps2v.uncond`: `zero`, `empty`, `text:…`).
     pub trained_uncond: Option<String>,
     /// Image size `(width, height)` that `sample` and `diagnose uncond` use
-    /// when none is asked for: see [`native_size`].
+    /// when none is asked for: see [`super::size::native_size`].
     pub native_size: (u32, u32),
-}
-
-/// [`native_size`] of a checkpoint file, from its header alone.
-pub fn native_size_of(path: &Path) -> Result<(u32, u32)> {
-    let ckpt = Checkpoint::open(path)?;
-    let unet = ckpt.infer_unet_config()?;
-    Ok(native_size(
-        ckpt.metadata(),
-        unet.name.unwrap_or("custom"),
-        &mut Vec::new(),
-    ))
-}
-
-/// Parse `WIDTHxHEIGHT` (`832x1216`, `64X64`; both sides > 0).
-pub fn parse_wxh(s: &str) -> Option<(u32, u32)> {
-    let (w, h) = s.trim().split_once(['x', 'X'])?;
-    let (w, h) = (w.trim().parse().ok()?, h.trim().parse().ok()?);
-    (w > 0 && h > 0).then_some((w, h))
-}
-
-/// The image size a model draws best at, used when the user names none:
-/// the ModelSpec `modelspec.resolution` metadata that sd-scripts writes
-/// (`1024x1024`), else by the UNet's named config: 64×64 for the toy world
-/// (the first toy bucket; it was trained at 64–96 pixels, where 1024² gives
-/// a tiled mess after a minute of sampling) and for the `tiny` test config,
-/// 1024×1024 for the SDXL family and anything unnamed. An unreadable
-/// resolution is a warning, not an error.
-pub fn native_size(
-    meta: &std::collections::BTreeMap<String, String>,
-    unet_config: &str,
-    warnings: &mut Vec<String>,
-) -> (u32, u32) {
-    if let Some(r) = meta.get(checkpoint::META_RESOLUTION) {
-        match parse_wxh(r) {
-            Some(s) => return s,
-            None => warnings.push(format!(
-                "metadata {} = {r:?} is not WIDTHxHEIGHT; the default size falls back to the UNet config's",
-                checkpoint::META_RESOLUTION
-            )),
-        }
-    }
-    match unet_config {
-        "toy" | "tiny" => (64, 64),
-        _ => (1024, 1024),
-    }
 }
 
 /// Serialise a value through its `Display` (A1111 / CLI names).
@@ -285,7 +240,7 @@ impl SdxlModel {
         };
         let ztsnr = opts.ztsnr.unwrap_or(pinfo.ztsnr);
         let mut warnings = pinfo.warnings.clone();
-        let native_size = native_size(ckpt.metadata(), unet_name, &mut warnings);
+        let native_size = super::size::native_size(ckpt.metadata(), unet_name, &mut warnings);
         // Asked for on the command line (a file's own contradiction is in
         // the checkpoint's warnings already).
         let asked = opts.prediction.is_some() || opts.ztsnr == Some(true);
@@ -524,31 +479,6 @@ mod tests {
             TextConfigs::sdxl().unet_dims(),
             (s.context_dim, s.pooled_dim)
         );
-    }
-
-    #[test]
-    fn native_size_comes_from_modelspec_then_the_unet_config() {
-        let mut meta = std::collections::BTreeMap::new();
-        let mut w = Vec::new();
-        assert_eq!(native_size(&meta, "toy", &mut w), (64, 64));
-        assert_eq!(native_size(&meta, "tiny", &mut w), (64, 64));
-        for name in ["sdxl_base", "ssd_1b", "segmind_vega", "custom"] {
-            assert_eq!(native_size(&meta, name, &mut w), (1024, 1024), "{name}");
-        }
-        assert!(w.is_empty(), "{w:?}");
-        meta.insert(checkpoint::META_RESOLUTION.into(), "832x1216".into());
-        assert_eq!(native_size(&meta, "toy", &mut w), (832, 1216));
-        assert!(w.is_empty(), "{w:?}");
-        meta.insert(checkpoint::META_RESOLUTION.into(), "1024".into());
-        assert_eq!(native_size(&meta, "sdxl_base", &mut w), (1024, 1024));
-        assert!(
-            w.len() == 1 && w[0].contains("modelspec.resolution") && w[0].contains("\"1024\""),
-            "{w:?}"
-        );
-        assert_eq!(parse_wxh(" 64X96 "), Some((64, 96)));
-        for bad in ["", "64", "64x", "x64", "0x64", "-8x64", "axb", "64x64x64"] {
-            assert_eq!(parse_wxh(bad), None, "{bad}");
-        }
     }
 
     #[test]
