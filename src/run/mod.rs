@@ -108,6 +108,10 @@ pub struct StageRecord {
 /// The pipeline's progress (`runs.counts_json` of its row).
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Progress {
+    /// Key of the config the row runs ([`digests`]): its input files by
+    /// content. Empty in rows written before it was kept.
+    #[serde(default)]
+    pub key: String,
     /// Finished stages.
     pub stages: BTreeMap<String, StageRecord>,
 }
@@ -146,34 +150,79 @@ impl RunReport {
     }
 }
 
-/// The settings each stage's digest covers (besides those before it).
-fn stage_settings(cfg: &RunConfig, stage: &str) -> Result<serde_json::Value> {
-    Ok(match stage {
-        "generate" => serde_json::json!({"model": cfg.model_path(), "generate": cfg.generate}),
-        "caption" => serde_json::to_value(&cfg.caption)?,
-        "filter" => serde_json::to_value(&cfg.filter)?,
-        "dedupe" => serde_json::to_value(&cfg.dedupe)?,
-        "bucket" => serde_json::to_value(&cfg.bucket)?,
-        "train" => serde_json::to_value(&cfg.train)?,
-        "merge" => serde_json::to_value(&cfg.merge)?,
-        "evaluate" => serde_json::to_value(&cfg.evaluate)?,
-        _ => serde_json::Value::Null,
-    })
+/// A file as the digests see it: its name and SHA-256, so that a moved
+/// file keeps its results and one replaced under the same path does not.
+fn file_identity(path: &Path) -> Result<serde_json::Value> {
+    Ok(serde_json::json!({
+        "file": path.file_name().map(|n| n.to_string_lossy().into_owned()),
+        "sha256": crate::models::sdxl::checkpoint::sha256_file(path)?,
+    }))
 }
 
-/// Chained digests of every stage (module docs).
-pub fn digests(cfg: &RunConfig) -> Result<BTreeMap<String, String>> {
+/// A tagger folder by the content of its files.
+fn tagger_identity(dir: &Path) -> Result<serde_json::Value> {
+    let f = crate::models::tagger::TaggerFiles::locate(dir)?;
+    Ok(serde_json::json!({
+        "model": file_identity(&f.model)?,
+        "tags": file_identity(&f.tags)?,
+        "config": f.config.as_deref().map(file_identity).transpose()?,
+    }))
+}
+
+/// The resolved config with every input file replaced by its content
+/// ([`file_identity`]) and the template by its digest: what the stage
+/// digests and the pipeline row's key are made of. The dataset folder
+/// stays a path (the results recorded in it are paths).
+fn content_view(cfg: &RunConfig) -> Result<serde_json::Value> {
+    let mut v = serde_json::to_value(cfg)?;
+    v["model"] = file_identity(&cfg.model_path())?;
+    if !cfg.train.model.as_os_str().is_empty() {
+        v["train"]["model"] = file_identity(&cfg.train.model)?;
+    }
+    if let Some(t) = &cfg.caption.tagger {
+        v["caption"]["tagger"] = tagger_identity(t)?;
+    }
+    // Also when `generate` is not listed, so that listing it or not does
+    // not change the digests after it; a template that does not load only
+    // matters when it is.
+    let template = cfg
+        .generate_config()
+        .and_then(|g| crate::prompts::load(&g.template, g.wildcards.as_deref()));
+    v["generate"]["template_digest"] = match template {
+        Ok(t) => t.digest().into(),
+        Err(e) if cfg.has("generate") => return Err(e),
+        Err(_) => serde_json::Value::Null,
+    };
+    Ok(v)
+}
+
+/// The settings each stage's digest covers (besides those before it).
+fn stage_settings(view: &serde_json::Value, stage: &str) -> serde_json::Value {
+    match stage {
+        "generate" => serde_json::json!({"model": view["model"], "generate": view["generate"]}),
+        "caption" | "filter" | "dedupe" | "bucket" | "train" | "merge" | "evaluate" => {
+            view[stage].clone()
+        }
+        _ => serde_json::Value::Null,
+    }
+}
+
+/// Chained digests of every stage (module docs), and the key of the whole
+/// config (the pipeline row is reused when it is unchanged).
+pub fn digests(cfg: &RunConfig) -> Result<(BTreeMap<String, String>, String)> {
+    let view = content_view(cfg)?;
     let mut out = BTreeMap::new();
     let mut prev = String::new();
     for s in STAGES {
         let mut h = Sha256::new();
         h.update(prev.as_bytes());
         h.update(s.as_bytes());
-        h.update(serde_json::to_string(&stage_settings(cfg, s)?)?.as_bytes());
+        h.update(serde_json::to_string(&stage_settings(&view, s))?.as_bytes());
         prev = hex::encode(h.finalize());
         out.insert(s.to_string(), prev.clone());
     }
-    Ok(out)
+    let key = hex::encode(Sha256::digest(serde_json::to_string(&view)?.as_bytes()));
+    Ok((out, key))
 }
 
 /// Open the dataset's manifest (creating the folder when `generate` runs).
@@ -191,12 +240,14 @@ fn open_dataset(root: &Path, creates: bool) -> Result<Manifest> {
     Manifest::init(root)
 }
 
-/// The pipeline row to use: the newest with the same config (reopened), or
-/// a new one carrying over the newest row's still-valid stages.
+/// The pipeline row to use: the newest with the same config key (reopened,
+/// its stored config updated to the paths given now), or a new one carrying
+/// over the newest row's still-valid stages.
 fn pipeline_row(
     m: &Manifest,
     config_json: &str,
     digests: &BTreeMap<String, String>,
+    key: &str,
 ) -> Result<(i64, Progress)> {
     let latest: Option<(i64, String, Option<String>)> = m
         .conn()
@@ -210,31 +261,41 @@ fn pipeline_row(
             rusqlite::Error::QueryReturnedNoRows => Ok(None),
             e => Err(m.err(e)),
         })?;
-    let mut progress = Progress::default();
+    let value: serde_json::Value = serde_json::from_str(config_json)?;
+    let mut progress = Progress {
+        key: key.to_string(),
+        ..Default::default()
+    };
     if let Some((id, json, counts)) = &latest {
         let old: Progress = counts
             .as_deref()
             .and_then(|c| serde_json::from_str(c).ok())
             .unwrap_or_default();
+        // Rows from before the key was kept: the same config by value.
+        let same = if old.key.is_empty() {
+            serde_json::from_str::<serde_json::Value>(json)
+                .ok()
+                .as_ref()
+                == Some(&value)
+        } else {
+            old.key == key
+        };
         progress.stages = old
             .stages
             .into_iter()
             .filter(|(s, r)| digests.get(s) == Some(&r.digest))
             .collect();
-        // Stored through `serde_json::Value` (keys sorted): compare as values.
-        let same = serde_json::from_str::<serde_json::Value>(json).ok()
-            == serde_json::from_str::<serde_json::Value>(config_json).ok();
         if same {
             m.conn()
                 .execute(
-                    "UPDATE runs SET status = 'running', ended_at = NULL WHERE id = ?1",
-                    [id],
+                    "UPDATE runs SET status = 'running', ended_at = NULL, config_json = ?2 WHERE id = ?1",
+                    rusqlite::params![id, serde_json::to_string(&value)?],
                 )
                 .map_err(|e| m.err(e))?;
+            save_progress(m, *id, &progress)?;
             return Ok((*id, progress));
         }
     }
-    let value: serde_json::Value = serde_json::from_str(config_json)?;
     let id = m.begin_run("run", &value)?;
     save_progress(m, id, &progress)?;
     Ok((id, progress))
@@ -255,20 +316,25 @@ fn save_progress(m: &Manifest, id: i64, p: &Progress) -> Result<()> {
 fn resumable_train_run(m: &Manifest, cfg: &TrainConfig) -> Result<Option<i64>> {
     let mut st = m
         .conn()
-        .prepare("SELECT id, config_json FROM runs WHERE stage = 'train' AND status = 'running' ORDER BY id DESC")
+        .prepare(
+            "SELECT id FROM runs WHERE stage = 'train' AND status = 'running' ORDER BY id DESC",
+        )
         .map_err(|e| m.err(e))?;
-    let rows: Vec<(i64, String)> = st
-        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+    let ids: Vec<i64> = st
+        .query_map([], |r| r.get(0))
         .map_err(|e| m.err(e))?
         .collect::<std::result::Result<_, _>>()
         .map_err(|e| m.err(e))?;
-    for (id, json) in rows {
-        let Ok(saved) = serde_json::from_str::<TrainConfig>(&json) else {
+    let base = crate::models::sdxl::checkpoint::sha256_file(&cfg.model)?;
+    for id in ids {
+        let Some(latest) = train::state::latest(&train::run_dir(m.root(), id))? else {
             continue;
         };
-        if cfg.resume_mismatch(&saved)?.is_none()
-            && train::state::latest(&train::run_dir(m.root(), id))?.is_some()
-        {
+        // An unreadable checkpoint is not resumed; a new run starts.
+        let Ok(saved) = train::state::peek(&latest) else {
+            continue;
+        };
+        if saved.resume_mismatch(cfg, &base)?.is_none() {
             return Ok(Some(id));
         }
     }
@@ -328,9 +394,9 @@ pub fn run(cfg: &RunConfig, adherence: Option<&AdherenceFn<'_>>, ctx: &Ctx) -> R
     let t0 = Instant::now();
     let root = cfg.dataset.clone();
     let mut m = open_dataset(&root, cfg.has("generate"))?;
-    let digests = digests(cfg)?;
+    let (digests, key) = digests(cfg)?;
     let config_json = serde_json::to_string(cfg)?;
-    let (run_id, mut progress) = pipeline_row(&m, &config_json, &digests)?;
+    let (run_id, mut progress) = pipeline_row(&m, &config_json, &digests, &key)?;
     let out_dir = train::run_dir(&root, run_id);
     std::fs::create_dir_all(&out_dir).at(&out_dir)?;
     let mut report = RunReport {

@@ -535,7 +535,9 @@ impl TrainConfig {
     }
 
     /// The first field that differs from `saved` and may not differ on
-    /// resume, as `name: saved → now`.
+    /// resume, as `name: saved → now`. `model` is not compared here: a
+    /// resume compares the base by content
+    /// ([`super::state::TrainState::resume_mismatch`]).
     pub fn resume_mismatch(&self, saved: &TrainConfig) -> Result<Option<String>> {
         let a = serde_json::to_value(saved)?;
         let b = serde_json::to_value(self)?;
@@ -543,7 +545,8 @@ impl TrainConfig {
             return Ok(None);
         };
         for (k, va) in a {
-            if RESUMABLE_FIELDS.contains(&k.as_str()) {
+            // The base is compared by content ([`super::state::TrainState::resume_mismatch`]).
+            if k == "model" || RESUMABLE_FIELDS.contains(&k.as_str()) {
                 continue;
             }
             let vb = b.get(k).unwrap_or(&serde_json::Value::Null);

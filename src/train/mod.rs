@@ -375,6 +375,8 @@ pub fn train(
     };
 
     // --- the run: new, or resumed from its newest checkpoint ---------------
+    // The base by content: a resume refuses a file replaced under its name.
+    let base_sha256 = crate::models::sdxl::checkpoint::sha256_file(&cfg.model)?;
     let (run_id, resumed): (i64, Option<Loaded>) = match opts.resume {
         Some(id) => {
             let dir = run_dir(&root, id);
@@ -385,7 +387,7 @@ pub fn train(
                 ))
             })?;
             let loaded = state::load(&latest, &device)?;
-            if let Some(diff) = cfg.resume_mismatch(&loaded.state.config)? {
+            if let Some(diff) = loaded.state.resume_mismatch(cfg, &base_sha256)? {
                 return Err(Error::config(format!(
                     "--resume {id}: the config differs from the saved run's ({diff}); resume with the same settings, or start a new run"
                 )));
@@ -475,7 +477,9 @@ pub fn train(
         Some(l) => {
             weights.restore(&[], &l.weights)?;
             evaluator.forget_after(l.state.step)?;
-            l.state.clone()
+            let mut st = l.state.clone();
+            st.base_sha256.get_or_insert(base_sha256.clone());
+            st
         }
         None => TrainState {
             step: 0,
@@ -488,6 +492,7 @@ pub fn train(
             last_retention: None,
             slots: Vec::new(),
             config: cfg.clone(),
+            base_sha256: Some(base_sha256.clone()),
         },
     };
     let mut csv = log::CsvLog::open(&rdir.join("log.csv"), st.step)?;

@@ -59,6 +59,41 @@ pub struct TrainState {
     pub slots: Vec<(String, u64)>,
     /// The run's config.
     pub config: TrainConfig,
+    /// SHA-256 of the base checkpoint the run started from (checkpoints
+    /// written before it was recorded have none: their base is known by
+    /// path only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_sha256: Option<String>,
+}
+
+impl TrainState {
+    /// Why a run with config `cfg` on a base whose SHA-256 is `base_sha256`
+    /// cannot continue this one; `None` when it can. The base is compared
+    /// by content, so a moved or renamed base file still resumes and a
+    /// file replaced under the same name does not (by path only for
+    /// checkpoints that did not record the hash).
+    pub fn resume_mismatch(&self, cfg: &TrainConfig, base_sha256: &str) -> Result<Option<String>> {
+        match &self.base_sha256 {
+            Some(saved) if saved != base_sha256 => {
+                return Ok(Some(format!(
+                    "base model: {} now has SHA-256 {}…, the saved run started from {}…",
+                    cfg.model.display(),
+                    &base_sha256[..base_sha256.len().min(12)],
+                    &saved[..saved.len().min(12)]
+                )))
+            }
+            Some(_) => {}
+            None if self.config.model != cfg.model => {
+                return Ok(Some(format!(
+                    "model: {} in the saved run, {} now",
+                    self.config.model.display(),
+                    cfg.model.display()
+                )))
+            }
+            None => {}
+        }
+        cfg.resume_mismatch(&self.config)
+    }
 }
 
 /// A checkpoint read back.
@@ -184,17 +219,25 @@ pub fn save(run_dir: &Path, what: &ToSave<'_>, good: bool) -> Result<PathBuf> {
     Ok(path)
 }
 
+fn state_of(ck: &Checkpoint, path: &Path) -> Result<TrainState> {
+    serde_json::from_str(ck.metadata().get(STATE_KEY).ok_or_else(|| {
+        Error::config(format!(
+            "{}: not an eps2v training checkpoint (no {STATE_KEY} metadata)",
+            path.display()
+        ))
+    })?)
+    .map_err(|e| Error::config(format!("{}: bad training state: {e}", path.display())))
+}
+
+/// The [`TrainState`] of a checkpoint written by [`save`], without its tensors.
+pub fn peek(path: &Path) -> Result<TrainState> {
+    state_of(&Checkpoint::open(path)?, path)
+}
+
 /// Read a checkpoint written by [`save`].
 pub fn load(path: &Path, device: &Device) -> Result<Loaded> {
     let ck = Checkpoint::open(path)?;
-    let state: TrainState =
-        serde_json::from_str(ck.metadata().get(STATE_KEY).ok_or_else(|| {
-            Error::config(format!(
-                "{}: not an eps2v training checkpoint (no {STATE_KEY} metadata)",
-                path.display()
-            ))
-        })?)
-        .map_err(|e| Error::config(format!("{}: bad training state: {e}", path.display())))?;
+    let state = state_of(&ck, path)?;
     let mut weights = BTreeMap::new();
     let mut ema = BTreeMap::new();
     let mut moments: BTreeMap<String, (Option<Tensor>, Option<Tensor>)> = BTreeMap::new();
@@ -234,4 +277,82 @@ pub fn load(path: &Path, device: &Device) -> Result<Loaded> {
         slots,
         ema,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state(model: &str, base: Option<&str>) -> TrainState {
+        TrainState {
+            step: 4,
+            stage: 0,
+            stage_step: 4,
+            pos: DataPos::default(),
+            skipped: 0,
+            rollbacks: 0,
+            armed: false,
+            last_retention: None,
+            slots: Vec::new(),
+            config: TrainConfig {
+                model: model.into(),
+                ..Default::default()
+            },
+            base_sha256: base.map(String::from),
+        }
+    }
+
+    fn cfg(model: &str) -> TrainConfig {
+        TrainConfig {
+            model: model.into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn resume_compares_the_base_by_content_then_the_rest() {
+        let saved = state("a/base.safetensors", Some("aaaa1111"));
+        // Moved or renamed, same bytes: resumes.
+        assert_eq!(
+            saved
+                .resume_mismatch(&cfg("b/renamed.safetensors"), "aaaa1111")
+                .unwrap(),
+            None
+        );
+        // Same path, other bytes: refused, naming the file and both hashes.
+        let why = saved
+            .resume_mismatch(&cfg("a/base.safetensors"), "bbbb2222")
+            .unwrap()
+            .unwrap();
+        assert!(
+            why.contains("a/base.safetensors")
+                && why.contains("bbbb2222")
+                && why.contains("aaaa1111"),
+            "{why}"
+        );
+        // The other settings still count.
+        let other = TrainConfig {
+            lr: 3e-5,
+            ..cfg("a/base.safetensors")
+        };
+        let why = saved.resume_mismatch(&other, "aaaa1111").unwrap().unwrap();
+        assert!(why.starts_with("lr:"), "{why}");
+        // A checkpoint without the hash (older files): by path.
+        let old = state("a/base.safetensors", None);
+        assert_eq!(
+            old.resume_mismatch(&cfg("a/base.safetensors"), "cccc")
+                .unwrap(),
+            None
+        );
+        let why = old
+            .resume_mismatch(&cfg("b/base.safetensors"), "cccc")
+            .unwrap()
+            .unwrap();
+        assert!(why.starts_with("model:"), "{why}");
+        // Old checkpoints' JSON (no `base_sha256`) still reads.
+        let mut json = serde_json::to_value(&old).unwrap();
+        json.as_object_mut().unwrap().remove("base_sha256");
+        let back: TrainState = serde_json::from_value(json).unwrap();
+        assert_eq!(back, old);
+    }
 }

@@ -258,6 +258,57 @@ fn toy_run_end_to_end_then_rerun_skips_everything() {
     );
     assert_ne!(third["run_id"], v["run_id"]);
     assert_eq!(third["converted"], v["converted"]);
+    // Inputs count by content: the model and tagger moved elsewhere keep
+    // every result and the pipeline row…
+    let moved = work.path().join("moved");
+    std::fs::create_dir_all(moved.join("tagger")).unwrap();
+    std::fs::copy(
+        work.path().join("toy.safetensors"),
+        moved.join("toy.safetensors"),
+    )
+    .unwrap();
+    for f in std::fs::read_dir(work.path().join("tagger")).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, moved.join("tagger").join(f.file_name().unwrap())).unwrap();
+    }
+    set(
+        &mut t,
+        "model",
+        s(moved.join("toy.safetensors").to_str().unwrap()),
+    );
+    set(
+        &mut t,
+        "caption.tagger",
+        s(moved.join("tagger").to_str().unwrap()),
+    );
+    write_config(&cfg, &t);
+    let fourth = json(&run_config(&cfg));
+    assert_eq!(fourth["run_id"], third["run_id"], "{fourth}");
+    assert!(
+        fourth["stages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|s| s["skipped"] == true),
+        "{fourth}"
+    );
+    // …and another model written over the same path invalidates them: the
+    // dataset was drawn from the old one, which `generate` says.
+    write_random_toy_model(
+        &moved.join("toy.safetensors"),
+        TinyOptions {
+            seed: 4,
+            v_pred_ztsnr: false,
+        },
+    )
+    .unwrap();
+    let out = run_config(&cfg);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("model_hash was") && err.contains("another generation plan"),
+        "{err}"
+    );
 }
 
 /// Kill `eps2v run` with SIGKILL once a `runs` row of `stage` exists (and,

@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::Read;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 use sha2::{Digest, Sha256};
@@ -19,9 +19,54 @@ use crate::models::sdxl::{
 };
 use crate::Result;
 
+/// What identifies one version of a file without reading it: its path,
+/// length and modification time, and on Unix also its device, inode and
+/// change time.
+type FileStamp = (PathBuf, u64, Option<std::time::SystemTime>, [i64; 4]);
+
+fn stamp(path: &Path) -> Option<FileStamp> {
+    let m = std::fs::metadata(path).ok()?;
+    #[cfg(unix)]
+    let extra = {
+        use std::os::unix::fs::MetadataExt;
+        [m.dev() as i64, m.ino() as i64, m.ctime(), m.ctime_nsec()]
+    };
+    #[cfg(not(unix))]
+    let extra = [0; 4];
+    let path = std::fs::canonicalize(path).ok()?;
+    Some((path, m.len(), m.modified().ok(), extra))
+}
+
 /// Hex SHA-256 of the whole file.
+///
+/// Remembered for the life of the process by the file's [`FileStamp`], so
+/// that the stages of one `eps2v run` (its resume digests, `generate`'s
+/// `Model hash`, `train`'s base check) read a 7 GB checkpoint once. A file
+/// replaced by rename gets a new inode and any write moves its change time,
+/// so a changed file is hashed again.
 pub fn sha256_file(path: impl AsRef<Path>) -> Result<String> {
+    use std::collections::HashMap;
+    use std::sync::{Mutex, OnceLock};
+    static MEMO: OnceLock<Mutex<HashMap<FileStamp, String>>> = OnceLock::new();
     let path = path.as_ref();
+    let memo = MEMO.get_or_init(Default::default);
+    let before = stamp(path);
+    if let Some(s) = &before {
+        if let Some(h) = memo.lock().ok().and_then(|m| m.get(s).cloned()) {
+            return Ok(h);
+        }
+    }
+    let h = sha256_file_uncached(path)?;
+    // Only when nothing changed while it was read.
+    if let (Some(s), true) = (&before, before == stamp(path)) {
+        if let Ok(mut m) = memo.lock() {
+            m.insert(s.clone(), h.clone());
+        }
+    }
+    Ok(h)
+}
+
+fn sha256_file_uncached(path: &Path) -> Result<String> {
     let mut file = File::open(path).at(path)?;
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 8 << 20];

@@ -301,6 +301,25 @@ fn autov2_is_first_ten_hex_of_sha256() {
         "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
     );
     assert_eq!(autov2(&sha), "ba7816bf8f");
+    // Remembered per file version, not per path: a file replaced by
+    // rename (as every eps2v write is) or grown in place hashes anew.
+    assert_eq!(sha256_file(&p).unwrap(), sha);
+    let tmp = dir.path().join("abd");
+    std::fs::write(&tmp, b"abd").unwrap();
+    std::fs::rename(&tmp, &p).unwrap();
+    assert_eq!(
+        sha256_file(&p).unwrap(),
+        "a52d159f262b2c6ddb724a61840befc36eb30c88877a4030b65cbe86298449c9"
+    );
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(&p)
+        .and_then(|mut f| std::io::Write::write_all(&mut f, b"e"))
+        .unwrap();
+    assert_eq!(
+        sha256_file(&p).unwrap(),
+        "7b892b4a649355685c6abe7727ecc6a519227042b0c7c59c6fb68633ee49de0c"
+    );
 }
 
 #[test]
