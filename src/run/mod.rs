@@ -245,7 +245,7 @@ fn open_dataset(root: &Path, creates: bool) -> Result<Manifest> {
 /// over the newest row's still-valid stages.
 fn pipeline_row(
     m: &Manifest,
-    config_json: &str,
+    value: &serde_json::Value,
     digests: &BTreeMap<String, String>,
     key: &str,
 ) -> Result<(i64, Progress)> {
@@ -261,7 +261,6 @@ fn pipeline_row(
             rusqlite::Error::QueryReturnedNoRows => Ok(None),
             e => Err(m.err(e)),
         })?;
-    let value: serde_json::Value = serde_json::from_str(config_json)?;
     let mut progress = Progress {
         key: key.to_string(),
         ..Default::default()
@@ -276,7 +275,7 @@ fn pipeline_row(
             serde_json::from_str::<serde_json::Value>(json)
                 .ok()
                 .as_ref()
-                == Some(&value)
+                == Some(value)
         } else {
             old.key == key
         };
@@ -289,14 +288,14 @@ fn pipeline_row(
             m.conn()
                 .execute(
                     "UPDATE runs SET status = 'running', ended_at = NULL, config_json = ?2 WHERE id = ?1",
-                    rusqlite::params![id, serde_json::to_string(&value)?],
+                    rusqlite::params![id, serde_json::to_string(value)?],
                 )
                 .map_err(|e| m.err(e))?;
             save_progress(m, *id, &progress)?;
             return Ok((*id, progress));
         }
     }
-    let id = m.begin_run("run", &value)?;
+    let id = m.begin_run("run", value)?;
     save_progress(m, id, &progress)?;
     Ok((id, progress))
 }
@@ -395,8 +394,7 @@ pub fn run(cfg: &RunConfig, adherence: Option<&AdherenceFn<'_>>, ctx: &Ctx) -> R
     let root = cfg.dataset.clone();
     let mut m = open_dataset(&root, cfg.has("generate"))?;
     let (digests, key) = digests(cfg)?;
-    let config_json = serde_json::to_string(cfg)?;
-    let (run_id, mut progress) = pipeline_row(&m, &config_json, &digests, &key)?;
+    let (run_id, mut progress) = pipeline_row(&m, &serde_json::to_value(cfg)?, &digests, &key)?;
     let out_dir = train::run_dir(&root, run_id);
     std::fs::create_dir_all(&out_dir).at(&out_dir)?;
     let mut report = RunReport {

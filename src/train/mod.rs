@@ -66,7 +66,7 @@ use batch::{make_batch, per_sample_mse, validation_loss};
 use blocks::{BlockLr, BlockSet};
 use cache::{CacheInputs, CacheReport};
 use config::{LrSchedule, StageConfig, TrainConfig};
-use data::{Batches, DataPos, Eligibility, TrainItem};
+use data::{Batches, Eligibility, TrainItem};
 use ema::{ema_update, with_ema};
 use eval::{EvalSpec, Evaluator};
 use state::{Loaded, ToSave, TrainState};
@@ -481,19 +481,7 @@ pub fn train(
             st.base_sha256.get_or_insert(base_sha256.clone());
             st
         }
-        None => TrainState {
-            step: 0,
-            stage: 0,
-            stage_step: 0,
-            pos: DataPos::default(),
-            skipped: 0,
-            rollbacks: 0,
-            armed: false,
-            last_retention: None,
-            slots: Vec::new(),
-            config: cfg.clone(),
-            base_sha256: Some(base_sha256.clone()),
-        },
+        None => TrainState::start(cfg.clone(), base_sha256.clone()),
     };
     let mut csv = log::CsvLog::open(&rdir.join("log.csv"), st.step)?;
     let total_steps = cfg.total_steps();

@@ -67,6 +67,23 @@ pub struct TrainState {
 }
 
 impl TrainState {
+    /// A new run of `config` on a base whose SHA-256 is `base_sha256`, at step 0.
+    pub fn start(config: TrainConfig, base_sha256: String) -> Self {
+        Self {
+            step: 0,
+            stage: 0,
+            stage_step: 0,
+            pos: DataPos::default(),
+            skipped: 0,
+            rollbacks: 0,
+            armed: false,
+            last_retention: None,
+            slots: Vec::new(),
+            config,
+            base_sha256: Some(base_sha256),
+        }
+    }
+
     /// Why a run with config `cfg` on a base whose SHA-256 is `base_sha256`
     /// cannot continue this one; `None` when it can. The base is compared
     /// by content, so a moved or renamed base file still resumes and a
@@ -286,19 +303,9 @@ mod tests {
     fn state(model: &str, base: Option<&str>) -> TrainState {
         TrainState {
             step: 4,
-            stage: 0,
             stage_step: 4,
-            pos: DataPos::default(),
-            skipped: 0,
-            rollbacks: 0,
-            armed: false,
-            last_retention: None,
-            slots: Vec::new(),
-            config: TrainConfig {
-                model: model.into(),
-                ..Default::default()
-            },
             base_sha256: base.map(String::from),
+            ..TrainState::start(cfg(model), String::new())
         }
     }
 
