@@ -23,6 +23,7 @@ pub mod adherence;
 pub mod config;
 pub mod defaults;
 mod keys;
+mod progress;
 pub mod report;
 
 use std::collections::BTreeMap;
@@ -35,7 +36,7 @@ use sha2::{Digest, Sha256};
 use crate::diffusion::Prediction;
 use crate::error::IoContext;
 use crate::manifest::Manifest;
-use crate::merge::{self, MergeConfig, Side, SweepEval, SweepReport};
+use crate::merge::{self, MergeConfig, Side, SweepEval};
 use crate::pipeline::LoadOptions;
 use crate::stages::{self, Ctx};
 use crate::train::config::TrainConfig;
@@ -45,6 +46,8 @@ use crate::{Error, Result};
 
 pub use adherence::{Adherence, AdherenceFn, AdherenceRequest, TaggerAdherence};
 pub use config::{RunConfig, STAGES};
+use progress::save_progress;
+pub use progress::{ModelScore, Progress, StageRecord};
 
 /// One stage as this invocation saw it.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -61,59 +64,6 @@ pub struct StageTiming {
     pub summary: String,
     /// Items this stage failed or rejected (exit code 1 at the end).
     pub failed: u64,
-}
-
-/// A model's adherence, labelled.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct ModelScore {
-    /// What the row is (`base as eps`, `base as v + ZTSNR (untrained)`, …).
-    pub label: String,
-    /// The checkpoint.
-    pub model: PathBuf,
-    /// Sampled as.
-    pub prediction: String,
-    /// On the ZTSNR schedule.
-    pub ztsnr: bool,
-    /// The tagger's verdict.
-    pub adherence: Adherence,
-    /// Shape retention against the base model's eps samples, when known.
-    pub retention: Option<f64>,
-    /// The evaluation grid, relative to the report folder.
-    pub grid: String,
-}
-
-/// The results of a stage kept in the progress record.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct StageRecord {
-    /// Digest of the settings up to and including this stage.
-    pub digest: String,
-    /// Seconds it took.
-    pub seconds: f64,
-    /// One line of what it did.
-    pub summary: String,
-    /// Failed / rejected items.
-    pub failed: u64,
-    /// `train`: the training run id.
-    pub train_run: Option<i64>,
-    /// `train`: the exported converted model.
-    pub converted: Option<PathBuf>,
-    /// `train`: retention at each evaluation `(step, score)`.
-    pub retention: Vec<(usize, f64)>,
-    /// `merge`: the sweep.
-    pub sweep: Option<SweepReport>,
-    /// `evaluate`: the scores.
-    pub scores: Vec<ModelScore>,
-}
-
-/// The pipeline's progress (`runs.counts_json` of its row).
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct Progress {
-    /// Key of the config the row runs ([`digests`]): its input files by
-    /// content. Empty in rows written before it was kept.
-    #[serde(default)]
-    pub key: String,
-    /// Finished stages.
-    pub stages: BTreeMap<String, StageRecord>,
 }
 
 /// What `eps2v run` did.
@@ -171,10 +121,13 @@ fn tagger_identity(dir: &Path) -> Result<serde_json::Value> {
 
 /// The resolved config with every input file replaced by its content
 /// ([`file_identity`]) and the template by its digest: what the stage
-/// digests and the pipeline row's key are made of. The dataset folder
-/// stays a path (the results recorded in it are paths).
+/// digests and the pipeline row's key are made of. The dataset folder is
+/// left out: the manifest that holds the rows is in it, and the results
+/// keep their paths relative to it ([`Progress::stored`]), so a moved
+/// dataset keeps them.
 fn content_view(cfg: &RunConfig) -> Result<serde_json::Value> {
     let mut v = serde_json::to_value(cfg)?;
+    v["dataset"] = serde_json::Value::Null;
     v["model"] = file_identity(&cfg.model_path())?;
     if !cfg.train.model.as_os_str().is_empty() {
         v["train"]["model"] = file_identity(&cfg.train.model)?;
@@ -268,8 +221,9 @@ fn pipeline_row(
     if let Some((id, json, counts)) = &latest {
         let old: Progress = counts
             .as_deref()
-            .and_then(|c| serde_json::from_str(c).ok())
-            .unwrap_or_default();
+            .and_then(|c| serde_json::from_str::<Progress>(c).ok())
+            .unwrap_or_default()
+            .resolved(m.root());
         // Rows from before the key was kept: the same config by value.
         let same = if old.key.is_empty() {
             serde_json::from_str::<serde_json::Value>(json)
@@ -298,16 +252,6 @@ fn pipeline_row(
     let id = m.begin_run("run", value)?;
     save_progress(m, id, &progress)?;
     Ok((id, progress))
-}
-
-fn save_progress(m: &Manifest, id: i64, p: &Progress) -> Result<()> {
-    m.conn()
-        .execute(
-            "UPDATE runs SET counts_json = ?1 WHERE id = ?2",
-            rusqlite::params![serde_json::to_string(p)?, id],
-        )
-        .map_err(|e| m.err(e))?;
-    Ok(())
 }
 
 /// The newest unfinished training run whose settings match `cfg` (up to
@@ -584,7 +528,8 @@ pub fn run(cfg: &RunConfig, adherence: Option<&AdherenceFn<'_>>, ctx: &Ctx) -> R
             }
             "report" => {
                 let page = report::write(&m, cfg, run_id, &progress, &out_dir.join("report"))?;
-                rec.summary = page.display().to_string();
+                rec.summary = progress::stored_path(&root, &page).display().to_string();
+                rec.page = Some(page);
             }
             other => return Err(Error::config(format!("stages: unknown stage `{other}`"))),
         }
@@ -608,11 +553,11 @@ pub fn run(cfg: &RunConfig, adherence: Option<&AdherenceFn<'_>>, ctx: &Ctx) -> R
     }
     report.best_merge = best_merge(&progress);
     if let Some(r) = progress.stages.get("report") {
-        report.report = Some(PathBuf::from(&r.summary));
+        report.report = Some(r.page.clone().unwrap_or_else(|| PathBuf::from(&r.summary)));
     }
     report.seconds = t0.elapsed().as_secs_f64();
     if !report.interrupted {
-        m.end_run(run_id, true, &progress)?;
+        m.end_run(run_id, true, &progress.stored(&root))?;
     }
     Ok(report)
 }

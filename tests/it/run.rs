@@ -292,6 +292,32 @@ fn toy_run_end_to_end_then_rerun_skips_everything() {
             .all(|s| s["skipped"] == true),
         "{fourth}"
     );
+    // The dataset folder moved keeps them too: its results are kept
+    // relative to it and found at the new place.
+    let ds2 = work.path().join("ds-moved");
+    std::fs::rename(&ds, &ds2).unwrap();
+    set(&mut t, "dataset", s(ds2.to_str().unwrap()));
+    write_config(&cfg, &t);
+    let fifth = json(&run_config(&cfg));
+    assert_eq!(fifth["run_id"], third["run_id"], "{fifth}");
+    assert!(
+        fifth["stages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|s| s["skipped"] == true),
+        "{fifth}"
+    );
+    for k in ["converted", "report"] {
+        let p = PathBuf::from(fifth[k].as_str().unwrap());
+        assert!(p.starts_with(&ds2) && p.is_file(), "{k}: {}", p.display());
+    }
+    let merge = PathBuf::from(fifth["best_merge"][1].as_str().unwrap());
+    assert!(
+        merge.starts_with(&ds2) && merge.is_file(),
+        "{}",
+        merge.display()
+    );
     // …and another model written over the same path invalidates them: the
     // dataset was drawn from the old one, which `generate` says.
     write_random_toy_model(
