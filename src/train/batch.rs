@@ -3,7 +3,8 @@
 //! the objective's target from the step's seeded stream; the per-sample
 //! MSE; the deterministic validation loss.
 
-use candle_core::{DType, Tensor};
+use candle_core::backprop::GradStore;
+use candle_core::{DType, Tensor, Var};
 use rand::Rng;
 
 use super::cache::Caches;
@@ -195,4 +196,37 @@ pub(super) fn validation_loss(
         }
     }
     Ok(Some(total / n as f64))
+}
+
+/// `acc + g` for every trainable variable that `g` has a gradient for.
+pub(super) fn add_grads(
+    mut acc: GradStore,
+    g: &GradStore,
+    vars: &[(String, Var)],
+) -> Result<GradStore> {
+    for (_, v) in vars {
+        if let Some(gv) = g.get(v.as_tensor()) {
+            let sum = match acc.get(v.as_tensor()) {
+                Some(a) => (a + gv)?,
+                None => gv.clone(),
+            };
+            acc.insert(v.as_tensor(), sum);
+        }
+    }
+    Ok(acc)
+}
+
+/// Global L2 norm of the gradients of `vars`.
+pub(super) fn grad_norm(grads: &GradStore, vars: &[(String, Var)]) -> Result<f64> {
+    let mut sq = 0.0f64;
+    for (_, v) in vars {
+        if let Some(g) = grads.get(v.as_tensor()) {
+            sq += g
+                .sqr()?
+                .sum_all()?
+                .to_dtype(DType::F64)?
+                .to_scalar::<f64>()?;
+        }
+    }
+    Ok(sq.sqrt())
 }

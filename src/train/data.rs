@@ -239,6 +239,32 @@ impl<'a> Batches<'a> {
     }
 }
 
+/// Record the split of a run (idempotent).
+pub(super) fn record_split(
+    m: &mut Manifest,
+    run_id: i64,
+    train: &[TrainItem],
+    val: &[TrainItem],
+) -> Result<()> {
+    let path = m.db_path().to_path_buf();
+    let err = crate::manifest::sql_err(&path);
+    let tx = m.conn_mut().transaction().map_err(err)?;
+    {
+        let mut st = tx
+            .prepare_cached(
+                "INSERT OR IGNORE INTO train_split (run_id, item_id, split) VALUES (?1, ?2, ?3)",
+            )
+            .map_err(err)?;
+        for (items, split) in [(train, "train"), (val, "val")] {
+            for it in items {
+                st.execute(rusqlite::params![run_id, it.item_id, split])
+                    .map_err(err)?;
+            }
+        }
+    }
+    tx.commit().map_err(err)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

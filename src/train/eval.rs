@@ -10,14 +10,18 @@
 //! (`base`, `step-000100`, …), and the grid is rebuilt from those folders,
 //! so a resumed run keeps the columns of before its interruption.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use image::{imageops, RgbImage};
 
+use super::config::TrainConfig;
+use super::data::TrainItem;
 use super::retention::mean_retention;
 use crate::diffusion::{Prediction, SamplerKind, UncondMode};
 use crate::error::IoContext;
 use crate::imaging::infotext::write_png_with_parameters;
+use crate::manifest::Manifest;
 use crate::pipeline::sample::{sample_many, write_atomic, BatchItem, SampleConfig};
 use crate::pipeline::SdxlModel;
 use crate::stages::bucket::encode_png_fast;
@@ -302,4 +306,72 @@ pub fn compose_grid(columns: &[Vec<RgbImage>], w: u32, h: u32) -> RgbImage {
         }
     }
     grid
+}
+
+/// Record an evaluation of run `run_id` (its grid relative to the dataset).
+pub(super) fn record_eval(
+    m: &Manifest,
+    run_id: i64,
+    step: usize,
+    val_loss: Option<f64>,
+    retention: f64,
+    grid: &Path,
+) -> Result<()> {
+    let rel = grid
+        .strip_prefix(m.root())
+        .unwrap_or(grid)
+        .to_string_lossy()
+        .into_owned();
+    m.conn()
+        .execute(
+            "INSERT OR REPLACE INTO train_evals (run_id, step, val_loss, retention, grid_path) VALUES (?1, ?2, ?3, ?4, ?5)",
+            rusqlite::params![run_id, step as i64, val_loss, retention, rel],
+        )
+        .map_err(|e| m.err(e))?;
+    Ok(())
+}
+
+/// The evaluation set: the configured prompts, or the captions of the
+/// first validation (else training) items; size from the config or the
+/// most common training bucket.
+pub(super) fn eval_spec(cfg: &TrainConfig, train: &[TrainItem], val: &[TrainItem]) -> EvalSpec {
+    let prompts = if cfg.eval_prompts.is_empty() {
+        let src = if val.is_empty() { train } else { val };
+        let mut p: Vec<String> = Vec::new();
+        for it in src {
+            if !p.contains(&it.caption) {
+                p.push(it.caption.clone());
+            }
+            if p.len() == cfg.eval_prompt_count.max(1) {
+                break;
+            }
+        }
+        p
+    } else {
+        cfg.eval_prompts.clone()
+    };
+    let (width, height) = match cfg.eval_size {
+        Some([w, h]) => (w, h),
+        None => {
+            let mut count: BTreeMap<(u32, u32), usize> = BTreeMap::new();
+            for it in train {
+                *count.entry(it.bucket).or_default() += 1;
+            }
+            count
+                .into_iter()
+                .max_by_key(|(b, n)| (*n, std::cmp::Reverse(*b)))
+                .map(|(b, _)| b)
+                .unwrap_or((1024, 1024))
+        }
+    };
+    EvalSpec {
+        prompts,
+        seeds: cfg.eval_seeds.clone(),
+        width,
+        height,
+        steps: cfg.eval_steps,
+        cfg: cfg.eval_cfg,
+        sampler: cfg.eval_sampler,
+        uncond: cfg.uncond.uncond_mode(),
+    }
 }

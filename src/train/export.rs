@@ -22,7 +22,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::Tensor;
 
-use super::config::{DropoutCond, SaveDtype};
+use super::config::{DropoutCond, SaveDtype, TrainConfig};
 use crate::diffusion::Prediction;
 use crate::error::IoContext;
 use crate::models::sdxl::checkpoint::{
@@ -197,3 +197,18 @@ model:
         lossconfig:
           target: torch.nn.Identity
 "#;
+
+/// `runs/<id>/<base stem>-<v-ztsnr|v|eps>.safetensors`.
+pub(super) fn default_out(cfg: &TrainConfig, rdir: &Path) -> PathBuf {
+    let stem = cfg
+        .model
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "model".into());
+    let tag = match (cfg.objective, cfg.ztsnr) {
+        (Prediction::V, true) => "v-ztsnr",
+        (Prediction::V, false) => "v",
+        (Prediction::Eps, _) => "eps",
+    };
+    rdir.join(format!("{stem}-{tag}.safetensors"))
+}

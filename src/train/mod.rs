@@ -49,11 +49,11 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use candle_core::backprop::GradStore;
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{DType, Device, Tensor};
 use candle_nn::ParamsAdamW;
 use serde::Serialize;
 
-use crate::diffusion::{NoiseSchedule, Prediction, TerminalClamp};
+use crate::diffusion::{NoiseSchedule, TerminalClamp};
 use crate::error::IoContext;
 use crate::manifest::Manifest;
 use crate::models::sdxl::checkpoint::Checkpoint;
@@ -62,13 +62,13 @@ use crate::pipeline::{LoadOptions, SdxlModel};
 use crate::stages::Ctx;
 use crate::{Error, Result};
 
-use batch::{make_batch, per_sample_mse, validation_loss};
+use batch::{add_grads, grad_norm, make_batch, per_sample_mse, validation_loss};
 use blocks::{BlockLr, BlockSet};
 use cache::{CacheInputs, CacheReport};
 use config::{LrSchedule, StageConfig, TrainConfig};
 use data::{Batches, Eligibility, TrainItem};
 use ema::{ema_update, with_ema};
-use eval::{EvalSpec, Evaluator};
+use eval::{eval_spec, record_eval, Evaluator};
 use state::{Loaded, ToSave, TrainState};
 use weights::UNetWeights;
 
@@ -150,20 +150,6 @@ pub struct TrainReport {
 }
 
 /// The run folder of run `id`.
-/// `acc + g` for every trainable variable that `g` has a gradient for.
-fn add_grads(mut acc: GradStore, g: &GradStore, vars: &[(String, Var)]) -> Result<GradStore> {
-    for (_, v) in vars {
-        if let Some(gv) = g.get(v.as_tensor()) {
-            let sum = match acc.get(v.as_tensor()) {
-                Some(a) => (a + gv)?,
-                None => gv.clone(),
-            };
-            acc.insert(v.as_tensor(), sum);
-        }
-    }
-    Ok(acc)
-}
-
 pub fn run_dir(root: &Path, id: i64) -> PathBuf {
     root.join("runs").join(id.to_string())
 }
@@ -188,114 +174,6 @@ pub fn lr_factor(s: usize, steps: usize, warmup: usize, kind: LrSchedule, min_ra
 /// matters for samplers).
 fn schedule(cfg: &TrainConfig) -> NoiseSchedule {
     NoiseSchedule::sdxl_with(cfg.ztsnr, TerminalClamp::ComfyUi)
-}
-
-/// Global L2 norm of the gradients of `vars`.
-fn grad_norm(grads: &GradStore, vars: &[(String, Var)]) -> Result<f64> {
-    let mut sq = 0.0f64;
-    for (_, v) in vars {
-        if let Some(g) = grads.get(v.as_tensor()) {
-            sq += g
-                .sqr()?
-                .sum_all()?
-                .to_dtype(DType::F64)?
-                .to_scalar::<f64>()?;
-        }
-    }
-    Ok(sq.sqrt())
-}
-
-/// Record the split of a run (idempotent).
-fn record_split(
-    m: &mut Manifest,
-    run_id: i64,
-    train: &[TrainItem],
-    val: &[TrainItem],
-) -> Result<()> {
-    let path = m.db_path().to_path_buf();
-    let err = crate::manifest::sql_err(&path);
-    let tx = m.conn_mut().transaction().map_err(err)?;
-    {
-        let mut st = tx
-            .prepare_cached(
-                "INSERT OR IGNORE INTO train_split (run_id, item_id, split) VALUES (?1, ?2, ?3)",
-            )
-            .map_err(err)?;
-        for (items, split) in [(train, "train"), (val, "val")] {
-            for it in items {
-                st.execute(rusqlite::params![run_id, it.item_id, split])
-                    .map_err(err)?;
-            }
-        }
-    }
-    tx.commit().map_err(err)
-}
-
-fn record_eval(
-    m: &Manifest,
-    run_id: i64,
-    step: usize,
-    val_loss: Option<f64>,
-    retention: f64,
-    grid: &Path,
-) -> Result<()> {
-    let rel = grid
-        .strip_prefix(m.root())
-        .unwrap_or(grid)
-        .to_string_lossy()
-        .into_owned();
-    m.conn()
-        .execute(
-            "INSERT OR REPLACE INTO train_evals (run_id, step, val_loss, retention, grid_path) VALUES (?1, ?2, ?3, ?4, ?5)",
-            rusqlite::params![run_id, step as i64, val_loss, retention, rel],
-        )
-        .map_err(|e| m.err(e))?;
-    Ok(())
-}
-
-/// The evaluation set: the configured prompts, or the captions of the
-/// first validation (else training) items; size from the config or the
-/// most common training bucket.
-fn eval_spec(cfg: &TrainConfig, train: &[TrainItem], val: &[TrainItem]) -> EvalSpec {
-    let prompts = if cfg.eval_prompts.is_empty() {
-        let src = if val.is_empty() { train } else { val };
-        let mut p: Vec<String> = Vec::new();
-        for it in src {
-            if !p.contains(&it.caption) {
-                p.push(it.caption.clone());
-            }
-            if p.len() == cfg.eval_prompt_count.max(1) {
-                break;
-            }
-        }
-        p
-    } else {
-        cfg.eval_prompts.clone()
-    };
-    let (width, height) = match cfg.eval_size {
-        Some([w, h]) => (w, h),
-        None => {
-            let mut count: BTreeMap<(u32, u32), usize> = BTreeMap::new();
-            for it in train {
-                *count.entry(it.bucket).or_default() += 1;
-            }
-            count
-                .into_iter()
-                .max_by_key(|(b, n)| (*n, std::cmp::Reverse(*b)))
-                .map(|(b, _)| b)
-                .unwrap_or((1024, 1024))
-        }
-    };
-    EvalSpec {
-        prompts,
-        seeds: cfg.eval_seeds.clone(),
-        width,
-        height,
-        steps: cfg.eval_steps,
-        cfg: cfg.eval_cfg,
-        sampler: cfg.eval_sampler,
-        uncond: cfg.uncond.uncond_mode(),
-    }
 }
 
 /// Union of the blocks of stages `0..=upto`.
@@ -426,7 +304,7 @@ pub fn train(
     let (train_items, val_items) = data::split(items, cfg.val_fraction, cfg.val_max, cfg.seed);
     report.train_items = train_items.len();
     report.val_items = val_items.len();
-    record_split(m, run_id, &train_items, &val_items)?;
+    data::record_split(m, run_id, &train_items, &val_items)?;
     let all: Vec<&TrainItem> = train_items.iter().chain(&val_items).collect();
     let (caches, cache_report) = cache::build(
         m,
@@ -763,7 +641,10 @@ pub fn train(
         } else if cfg.ema_decay.is_some() {
             unet_w.extend(ema.iter().map(|(k, t)| (k.clone(), t.clone())));
         }
-        let out = cfg.out.clone().unwrap_or_else(|| default_out(cfg, &rdir));
+        let out = cfg
+            .out
+            .clone()
+            .unwrap_or_else(|| export::default_out(cfg, &rdir));
         let mut meta = BTreeMap::new();
         meta.insert(
             "eps2v.train".to_string(),
@@ -801,21 +682,6 @@ pub fn train(
         m.end_run(run_id, true, &report)?;
     }
     Ok(report)
-}
-
-/// `runs/<id>/<base stem>-<v-ztsnr|v|eps>.safetensors`.
-fn default_out(cfg: &TrainConfig, rdir: &Path) -> PathBuf {
-    let stem = cfg
-        .model
-        .file_stem()
-        .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "model".into());
-    let tag = match (cfg.objective, cfg.ztsnr) {
-        (Prediction::V, true) => "v-ztsnr",
-        (Prediction::V, false) => "v",
-        (Prediction::Eps, _) => "eps",
-    };
-    rdir.join(format!("{stem}-{tag}.safetensors"))
 }
 
 #[cfg(test)]

@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device, Tensor, Var};
 
 use super::batch::multires_noise;
 use super::config::{SaveDtype, TrainConfig, Weighting};
