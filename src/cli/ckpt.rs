@@ -4,8 +4,9 @@
 //! text-encoder configs inferred from its shapes (with the source of what
 //! shapes cannot tell) or why they cannot be inferred, prediction type
 //! (marker keys / modelspec metadata), ZTSNR, stored dtypes, tensor and
-//! parameter counts per component and the SHA-256 / A1111 AutoV2 hash; it
-//! fails only on files it cannot read. `check` refuses anything eps2v cannot
+//! parameter counts per component, the size `sample` draws at by default
+//! ([`crate::pipeline::size::native_size`]) and the SHA-256 / A1111 AutoV2
+//! hash; it fails only on files it cannot read. `check` refuses anything eps2v cannot
 //! load, with the precise reason (family, the key or shape that breaks an
 //! inference rule, parts that do not fit, keys that do not match), and scans
 //! every weight for NaN/inf. Problems are [`crate::Error::Model`] (exit 2).
@@ -16,10 +17,37 @@ use std::path::PathBuf;
 
 use clap::{Args, Subcommand};
 
-use crate::models::sdxl::checkpoint::{Checkpoint, CheckpointInfo, ConfigStatus, Family};
+use crate::models::sdxl::checkpoint::{
+    Checkpoint, CheckpointInfo, ConfigStatus, Family, META_RESOLUTION,
+};
 use crate::models::sdxl::infer::{self, TextPair};
 use crate::models::sdxl::{UNetConfig, VaeConfig};
+use crate::pipeline::size::native_size;
 use crate::{Error, Result};
+
+/// What `sample` draws at when no `--size` is given, and where that comes
+/// from; `None` for a file without an inferable UNet.
+struct DefaultSize {
+    size: (u32, u32),
+    source: String,
+    warnings: Vec<String>,
+}
+
+fn default_size(info: &CheckpointInfo) -> Option<DefaultSize> {
+    let name = info.unet.inferred()?.name.unwrap_or("custom");
+    let mut warnings = Vec::new();
+    let size = native_size(&info.metadata, name, &mut warnings);
+    let from_meta = warnings.is_empty() && info.metadata.contains_key(META_RESOLUTION);
+    Some(DefaultSize {
+        size,
+        source: if from_meta {
+            META_RESOLUTION.to_string()
+        } else {
+            format!("the {name} UNet config")
+        },
+        warnings,
+    })
+}
 
 /// Arguments of `eps2v ckpt`.
 #[derive(Debug, Args)]
@@ -101,7 +129,7 @@ fn config_lines<T>(
     }
 }
 
-fn format_info(info: &CheckpointInfo) -> String {
+fn format_info(info: &CheckpointInfo, size: Option<&DefaultSize>) -> String {
     let mut o = String::new();
     // Writing to a String cannot fail.
     let _ = writeln!(o, "file        {} ({} bytes)", info.path, info.file_bytes);
@@ -143,6 +171,13 @@ fn format_info(info: &CheckpointInfo) -> String {
         "ztsnr       {}",
         if info.prediction.ztsnr { "yes" } else { "no" }
     );
+    if let Some(s) = size {
+        let _ = writeln!(
+            o,
+            "size        {}x{} (sample's default; from {})",
+            s.size.0, s.size.1, s.source
+        );
+    }
     let dtypes: Vec<String> = info
         .dtypes
         .iter()
@@ -174,7 +209,8 @@ fn format_info(info: &CheckpointInfo) -> String {
         let _ = writeln!(o, "sha256      {sha}");
         let _ = writeln!(o, "autov2      {a}");
     }
-    for w in &info.prediction.warnings {
+    let size_warnings = size.iter().flat_map(|s| &s.warnings);
+    for w in info.prediction.warnings.iter().chain(size_warnings) {
         let _ = writeln!(o, "warning     {w}");
     }
     o
@@ -191,10 +227,21 @@ pub fn run(args: CkptArgs, json: bool) -> Result<i32> {
         ckpt.check_finite("")?;
     }
     let info = ckpt.info(hash)?;
+    let size = default_size(&info);
     let text = if json {
-        serde_json::to_string_pretty(&info)? + "\n"
+        let mut v = serde_json::to_value(&info)?;
+        v["default_size"] = match &size {
+            Some(s) => serde_json::json!({
+                "width": s.size.0,
+                "height": s.size.1,
+                "source": s.source,
+                "warnings": s.warnings,
+            }),
+            None => serde_json::Value::Null,
+        };
+        serde_json::to_string_pretty(&v)? + "\n"
     } else {
-        format_info(&info)
+        format_info(&info, size.as_ref())
     };
     // A closed pipe (`| head`) is not an error.
     match std::io::stdout().lock().write_all(text.as_bytes()) {

@@ -86,6 +86,31 @@ fn ckpt_info_and_check_report_the_file() {
     assert!(r["sha256"].is_null() && r["autov2"].is_null(), "{r}");
     assert_eq!(r["prediction"]["prediction"], "epsilon");
     assert_eq!(r["prediction"]["ztsnr"], false);
+    // The size `sample` draws at by default: the UNet config's, unless
+    // the file's modelspec.resolution says otherwise.
+    assert_eq!(
+        (&r["default_size"]["width"], &r["default_size"]["height"]),
+        (&Value::from(64), &Value::from(64)),
+        "{r}"
+    );
+    assert_eq!(r["default_size"]["source"], "the tiny UNet config");
+    let dir = tempfile::tempdir().unwrap();
+    let ck = Checkpoint::open(eps).unwrap();
+    let tensors: Vec<(String, Tensor)> = ck
+        .entries()
+        .keys()
+        .map(|k| (k.clone(), ck.tensor(k, DType::F32, &Device::Cpu).unwrap()))
+        .collect();
+    let sized = dir.path().join("sized.safetensors");
+    let opts = SaveOptions {
+        metadata: [(checkpoint::META_RESOLUTION.to_string(), "96x64".into())].into(),
+        ..Default::default()
+    };
+    checkpoint::save_tensors(&sized, &tensors, &opts).unwrap();
+    let r = json(&eps2v(&["--json", "ckpt", "info", p(&sized), "--no-hash"]));
+    assert_eq!(r["default_size"]["width"], 96, "{r}");
+    assert_eq!(r["default_size"]["height"], 64, "{r}");
+    assert_eq!(r["default_size"]["source"], "modelspec.resolution");
     // Text mode: the lines the README describes.
     let o = eps2v(&["ckpt", "info", p(v)]);
     let text = String::from_utf8_lossy(&o.stdout);
@@ -93,13 +118,13 @@ fn ckpt_info_and_check_report_the_file() {
         "family      sdxl",
         "prediction  v",
         "ztsnr       yes",
+        "size        64x64 (sample's default; from the tiny UNet config)",
         "autov2      ",
     ] {
         assert!(text.contains(needle), "{needle}: {text}");
     }
     // check: a clean file passes; a NaN is named, exit 2.
     assert_eq!(eps2v(&["ckpt", "check", p(eps)]).status.code(), Some(0));
-    let dir = tempfile::tempdir().unwrap();
     let bad_key = "model.diffusion_model.out.2.bias";
     let bad = rewrite(eps, &dir.path().join("nan.safetensors"), |k, t| {
         if k == bad_key {
