@@ -151,6 +151,12 @@ fn fingerprint(dataset: &Path, converted: &Path) -> (Vec<String>, Vec<u8>) {
     (rows, data)
 }
 
+/// Every stage of a `run --json` report was done earlier.
+fn assert_all_skipped(report: &Value) {
+    let stages = report["stages"].as_array().unwrap();
+    assert!(stages.iter().all(|s| s["skipped"] == true), "{report}");
+}
+
 #[test]
 fn toy_run_end_to_end_then_rerun_skips_everything() {
     let work = tempfile::tempdir().unwrap();
@@ -217,14 +223,7 @@ fn toy_run_end_to_end_then_rerun_skips_everything() {
     // A rerun with the same config does nothing again.
     let again = json(&run_config(&cfg));
     assert_eq!(again["run_id"], v["run_id"]);
-    assert!(
-        again["stages"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .all(|s| s["skipped"] == true),
-        "{again}"
-    );
+    assert_all_skipped(&again);
     // The one-screen summary (no --json) of the same, all done earlier.
     let out = Command::new(bin())
         .args(["run", cfg.to_str().unwrap()])
@@ -284,14 +283,7 @@ fn toy_run_end_to_end_then_rerun_skips_everything() {
     write_config(&cfg, &t);
     let fourth = json(&run_config(&cfg));
     assert_eq!(fourth["run_id"], third["run_id"], "{fourth}");
-    assert!(
-        fourth["stages"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .all(|s| s["skipped"] == true),
-        "{fourth}"
-    );
+    assert_all_skipped(&fourth);
     // The dataset folder moved keeps them too: its results are kept
     // relative to it and found at the new place.
     let ds2 = work.path().join("ds-moved");
@@ -300,14 +292,7 @@ fn toy_run_end_to_end_then_rerun_skips_everything() {
     write_config(&cfg, &t);
     let fifth = json(&run_config(&cfg));
     assert_eq!(fifth["run_id"], third["run_id"], "{fifth}");
-    assert!(
-        fifth["stages"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .all(|s| s["skipped"] == true),
-        "{fifth}"
-    );
+    assert_all_skipped(&fifth);
     for k in ["converted", "report"] {
         let p = PathBuf::from(fifth[k].as_str().unwrap());
         assert!(p.starts_with(&ds2) && p.is_file(), "{k}: {}", p.display());
