@@ -270,6 +270,7 @@ pub fn train(
                     "--resume {id}: the config differs from the saved run's ({diff}); resume with the same settings, or start a new run"
                 )));
             }
+            state::sweep_partial(&dir)?;
             m.conn()
                 .execute(
                     "UPDATE runs SET status = 'running', ended_at = NULL WHERE id = ?1",

@@ -154,6 +154,30 @@ fn list(run_dir: &Path, prefix: &str) -> Result<Vec<(usize, PathBuf)>> {
     Ok(out)
 }
 
+/// Remove what a killed process left half-written in the checkpoint folder
+/// (`.step-NNNNNN.safetensors.tmp-<pid>`, see
+/// [`crate::models::sdxl::checkpoint::save_tensors`]): as large as a
+/// checkpoint each. Called when a run is resumed, which owns its folder.
+/// Returns how many were removed.
+pub fn sweep_partial(run_dir: &Path) -> Result<usize> {
+    let d = dir(run_dir);
+    let mut n = 0;
+    let Ok(rd) = std::fs::read_dir(&d) else {
+        return Ok(0);
+    };
+    for e in rd {
+        let e = e.at(&d)?;
+        let name = e.file_name().to_string_lossy().into_owned();
+        let partial = (name.starts_with(".step-") || name.starts_with(".good-step-"))
+            && name.contains(".safetensors.tmp-");
+        if partial && e.file_type().at(e.path())?.is_file() {
+            std::fs::remove_file(e.path()).at(e.path())?;
+            n += 1;
+        }
+    }
+    Ok(n)
+}
+
 /// The newest rolling checkpoint, if any.
 pub fn latest(run_dir: &Path) -> Result<Option<PathBuf>> {
     Ok(list(run_dir, "step-")?.pop().map(|(_, p)| p))

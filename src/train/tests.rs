@@ -248,6 +248,9 @@ fn resume_equals_an_uninterrupted_run_bit_for_bit() {
     .unwrap_err()
     .to_string();
     assert!(e.contains("lr:") && e.contains("config differs"), "{e}");
+    // A checkpoint a killed process was writing is swept on resume.
+    let partial = state::dir(&first.run_dir).join(".step-000005.safetensors.tmp-424242");
+    std::fs::write(&partial, b"half a checkpoint").unwrap();
     let second = run(
         &ds,
         &cfg_r,
@@ -258,6 +261,7 @@ fn resume_equals_an_uninterrupted_run_bit_for_bit() {
     )
     .unwrap();
     assert!(second.resumed && !second.interrupted);
+    assert!(!partial.exists());
     assert_eq!((second.run_id, second.steps), (first.run_id, 6));
     assert_eq!(unet_tensors(&straight), unet_tensors(&resumed));
     // The log describes one history: 6 step rows.
