@@ -323,8 +323,8 @@ fn toy_run_end_to_end_then_rerun_skips_everything() {
 }
 
 /// Kill `eps2v run` with SIGKILL once a `runs` row of `stage` exists (and,
-/// for train, once it has a checkpoint after step 0); whether it was still
-/// running then.
+/// for generate, once it committed images; for train, once it has a
+/// checkpoint after step 0); whether it was still running then.
 fn kill_during(cfg: &Path, ds: &Path, stage: &str) -> bool {
     let mut child = Command::new(bin())
         .args(["--json", "run", cfg.to_str().unwrap()])
@@ -348,6 +348,12 @@ fn kill_during(cfg: &Path, ds: &Path, stage: &str) -> bool {
         });
         let ready = match (stage, started) {
             (_, None) => false,
+            // Once a first batch of images is committed.
+            ("generate", Some(_)) => Manifest::open_read_only(ds).ok().is_some_and(|m| {
+                m.conn()
+                    .query_row("SELECT COUNT(*) FROM items", [], |r| r.get::<_, i64>(0))
+                    .is_ok_and(|n| n > 0)
+            }),
             // A finished checkpoint past the stage-start anchor (not the
             // temporary file of one being written).
             ("train", Some(id)) => ds
@@ -415,6 +421,17 @@ fn kill_9_during_a_stage_then_rerun_gives_the_uninterrupted_result() {
             String::from_utf8_lossy(&out.stderr)
         );
         let v = json(&out);
+        if stage == "generate" && killed {
+            // The rerun kept what the killed one had committed.
+            let summary = v["stages"][0]["summary"].as_str().unwrap();
+            let kept: usize = summary
+                .split(" rendered, ")
+                .nth(1)
+                .and_then(|r| r.split(' ').next())
+                .and_then(|n| n.parse().ok())
+                .unwrap_or_else(|| panic!("{summary}"));
+            assert!(kept > 0, "{summary}");
+        }
         if stage == "train" {
             // Four steps, an evaluation and the export follow the step-2
             // checkpoint: the kill cannot miss them.
