@@ -22,7 +22,7 @@ use crate::models::sdxl::checkpoint::{
 };
 use crate::models::sdxl::infer::{self, TextPair};
 use crate::models::sdxl::{UNetConfig, VaeConfig};
-use crate::pipeline::size::native_size;
+use crate::pipeline::size::native_size_from;
 use crate::{Error, Result};
 
 /// What `sample` draws at when no `--size` is given, and where that comes
@@ -36,8 +36,7 @@ struct DefaultSize {
 fn default_size(info: &CheckpointInfo) -> Option<DefaultSize> {
     let name = info.unet.inferred()?.name.unwrap_or("custom");
     let mut warnings = Vec::new();
-    let size = native_size(&info.metadata, name, &mut warnings);
-    let from_meta = warnings.is_empty() && info.metadata.contains_key(META_RESOLUTION);
+    let (size, from_meta) = native_size_from(&info.metadata, name, &mut warnings);
     Some(DefaultSize {
         size,
         source: if from_meta {

@@ -38,19 +38,30 @@ pub fn native_size(
     unet_config: &str,
     warnings: &mut Vec<String>,
 ) -> (u32, u32) {
+    native_size_from(meta, unet_config, warnings).0
+}
+
+/// [`native_size`], and whether it came from the file's
+/// `modelspec.resolution` (else from the UNet config).
+pub fn native_size_from(
+    meta: &BTreeMap<String, String>,
+    unet_config: &str,
+    warnings: &mut Vec<String>,
+) -> ((u32, u32), bool) {
     if let Some(r) = meta.get(checkpoint::META_RESOLUTION) {
         match parse_wxh(r) {
-            Some(s) => return s,
+            Some(s) => return (s, true),
             None => warnings.push(format!(
                 "metadata {} = {r:?} is not WIDTHxHEIGHT; the default size falls back to the UNet config's",
                 checkpoint::META_RESOLUTION
             )),
         }
     }
-    match unet_config {
+    let size = match unet_config {
         "toy" | "tiny" => (64, 64),
         _ => (1024, 1024),
-    }
+    };
+    (size, false)
 }
 
 #[cfg(test)]

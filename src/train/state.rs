@@ -29,7 +29,7 @@ use serde::{Deserialize, Serialize};
 use super::config::TrainConfig;
 use super::data::DataPos;
 use crate::error::IoContext;
-use crate::models::sdxl::checkpoint::{save_tensors, Checkpoint, SaveOptions};
+use crate::models::sdxl::checkpoint::{is_partial_save, save_tensors, Checkpoint, SaveOptions};
 use crate::nn::optim::SlotState;
 use crate::{Error, Result};
 
@@ -154,11 +154,10 @@ fn list(run_dir: &Path, prefix: &str) -> Result<Vec<(usize, PathBuf)>> {
     Ok(out)
 }
 
-/// Remove what a killed process left half-written in the checkpoint folder
-/// (`.step-NNNNNN.safetensors.tmp-<pid>`, see
-/// [`crate::models::sdxl::checkpoint::save_tensors`]): as large as a
-/// checkpoint each. Called when a run is resumed, which owns its folder.
-/// Returns how many were removed.
+/// Remove the checkpoints a killed process left half-written in the
+/// checkpoint folder ([`crate::models::sdxl::checkpoint::is_partial_save`]),
+/// as large as a checkpoint each. Called when a run is resumed, which owns
+/// its folder. Returns how many were removed.
 pub fn sweep_partial(run_dir: &Path) -> Result<usize> {
     let d = dir(run_dir);
     let mut n = 0;
@@ -168,9 +167,7 @@ pub fn sweep_partial(run_dir: &Path) -> Result<usize> {
     for e in rd {
         let e = e.at(&d)?;
         let name = e.file_name().to_string_lossy().into_owned();
-        let partial = (name.starts_with(".step-") || name.starts_with(".good-step-"))
-            && name.contains(".safetensors.tmp-");
-        if partial && e.file_type().at(e.path())?.is_file() {
+        if is_partial_save(&name) && e.file_type().at(e.path())?.is_file() {
             std::fs::remove_file(e.path()).at(e.path())?;
             n += 1;
         }

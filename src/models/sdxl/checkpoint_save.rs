@@ -26,6 +26,20 @@ pub struct SaveOptions {
     pub metadata: BTreeMap<String, String>,
 }
 
+/// Between the target's name and the writer's pid in the temporary file a
+/// save goes through (`.<name>.tmp-<pid>`, renamed over `<name>` when
+/// complete).
+const PARTIAL: &str = ".tmp-";
+
+/// Whether `file_name` is the temporary file of a save by any process:
+/// what a save killed mid-write leaves behind.
+pub fn is_partial_save(file_name: &str) -> bool {
+    file_name.starts_with('.')
+        && file_name
+            .rsplit_once(PARTIAL)
+            .is_some_and(|(_, pid)| !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit()))
+}
+
 pub(super) enum Source<'a> {
     Raw {
         dtype: &'a str,
@@ -228,7 +242,7 @@ pub(super) fn write_checkpoint(
         .file_name()
         .and_then(|n| n.to_str())
         .ok_or_else(|| Error::config(format!("save: {} is not a file path", path.display())))?;
-    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+    let tmp = dir.join(format!(".{name}{PARTIAL}{}", std::process::id()));
     let result = (|| -> Result<()> {
         let file = File::create(&tmp).at(&tmp)?;
         let mut w = BufWriter::with_capacity(8 << 20, file);
