@@ -260,6 +260,7 @@ fn build(a: BuildArgs, json: bool) -> anyhow::Result<i32> {
             recipe,
             keep_work: a.keep_work,
             concurrent: !a.serial,
+            unet_stop_at_step: None,
         },
         &Ctx::new(!json),
     )?;

@@ -39,7 +39,6 @@ use crate::manifest::Manifest;
 use crate::merge::{self, MergeConfig, Side, SweepEval};
 use crate::pipeline::LoadOptions;
 use crate::stages::{self, Ctx};
-use crate::train::config::TrainConfig;
 use crate::train::eval::EvalSpec;
 use crate::train::{self, TrainOptions};
 use crate::{Error, Result};
@@ -254,36 +253,6 @@ fn pipeline_row(
     Ok((id, progress))
 }
 
-/// The newest unfinished training run whose settings match `cfg` (up to
-/// the fields that may change on resume) and that has a checkpoint.
-fn resumable_train_run(m: &Manifest, cfg: &TrainConfig) -> Result<Option<i64>> {
-    let mut st = m
-        .conn()
-        .prepare(
-            "SELECT id FROM runs WHERE stage = 'train' AND status = 'running' ORDER BY id DESC",
-        )
-        .map_err(|e| m.err(e))?;
-    let ids: Vec<i64> = st
-        .query_map([], |r| r.get(0))
-        .map_err(|e| m.err(e))?
-        .collect::<std::result::Result<_, _>>()
-        .map_err(|e| m.err(e))?;
-    let base = crate::models::sdxl::checkpoint::sha256_file(&cfg.model)?;
-    for id in ids {
-        let Some(latest) = train::state::latest(&train::run_dir(m.root(), id))? else {
-            continue;
-        };
-        // An unreadable checkpoint is not resumed; a new run starts.
-        let Ok(saved) = train::state::peek(&latest) else {
-            continue;
-        };
-        if saved.resume_mismatch(cfg, &base)?.is_none() {
-            return Ok(Some(id));
-        }
-    }
-    Ok(None)
-}
-
 /// The evaluation prompts: `prompt_count` draws from the generate template.
 pub fn eval_prompts(cfg: &RunConfig) -> Result<Vec<String>> {
     let g = cfg.generate_config()?;
@@ -433,7 +402,7 @@ pub fn run(cfg: &RunConfig, adherence: Option<&AdherenceFn<'_>>, ctx: &Ctx) -> R
                 if t.out.is_none() {
                     t.out = Some(out_dir.join("converted.safetensors"));
                 }
-                let resume = resumable_train_run(&m, &t)?;
+                let resume = train::state::resumable_run(&m, &t)?;
                 let r = train::train(
                     &t,
                     &mut m,

@@ -233,6 +233,9 @@ pub struct BuildOptions {
     /// UNet, each pair on two thread pools ([`side_by_side`]; same bytes as
     /// one after the other).
     pub concurrent: bool,
+    /// Stop the UNet stage as if interrupted once this many steps are done
+    /// (tests of resume; `None` in the CLI).
+    pub unet_stop_at_step: Option<usize>,
 }
 
 /// A stage's record in `build.json`.
@@ -387,7 +390,7 @@ pub fn build(opts: &BuildOptions, ctx: &Ctx) -> Result<BuildReport> {
     let (rec, tagger_rec) = side_by_side(
         opts.concurrent,
         ctx,
-        || unet_stage(r, &work, &ds, &base, &model_path, &unet_key, ctx),
+        || unet_stage(opts, &work, &ds, &base, &model_path, &unet_key, ctx),
         || tagger_stage(r, &work, &base, &tagger_dir, &tagger_key, ctx),
     )?;
     stages.insert("unet".into(), rec);
@@ -493,6 +496,7 @@ pub fn unet_train_config(r: &BuildRecipe, base: &Path, out: &Path) -> TrainConfi
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::manifest::Manifest;
 
     /// Two quick builds of one seed, one with its stages side by side and
     /// one with them one after the other, write the same bytes; the
@@ -517,6 +521,7 @@ mod tests {
                 recipe: BuildRecipe::quick(3),
                 keep_work: false,
                 concurrent: k == 0,
+                unet_stop_at_step: None,
             };
             let rep = pool.install(|| build(&opts, &Ctx::quiet())).unwrap();
             assert!(!out.join("work").exists());
@@ -541,6 +546,63 @@ mod tests {
         assert!(
             files[0] == files[1],
             "the quick build with its stages side by side differs from the one without"
+        );
+    }
+
+    /// A build stopped in its UNet stage (as by Ctrl-C, after a checkpoint)
+    /// resumes that training run when it is run again, and writes the bytes
+    /// of a build that was never stopped.
+    #[test]
+    fn a_build_stopped_in_the_unet_stage_resumes_it_bit_for_bit() {
+        let _polling = crate::nn::warm::tests::lock();
+        let dir = tempfile::tempdir().unwrap();
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(2)
+            .build()
+            .unwrap();
+        let mut recipe = BuildRecipe::quick(3);
+        recipe.unet.steps = 4;
+        let opts = |name: &str, stop: Option<usize>| BuildOptions {
+            out: dir.path().join(name),
+            recipe: recipe.clone(),
+            keep_work: true,
+            concurrent: false,
+            unet_stop_at_step: stop,
+        };
+        pool.install(|| build(&opts("whole", None), &Ctx::quiet()))
+            .unwrap();
+        let err = pool
+            .install(|| build(&opts("stopped", Some(2)), &Ctx::quiet()))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("interrupted at step 2 of 4"), "{err}");
+        assert!(err.contains("resume"), "{err}");
+        let ds = dir.path().join("stopped/work/dataset");
+        let runs = |ds: &Path| -> Vec<(i64, String)> {
+            let m = Manifest::open_read_only(ds).unwrap();
+            let mut st = m
+                .conn()
+                .prepare("SELECT id, status FROM runs WHERE stage = 'train' ORDER BY id")
+                .unwrap();
+            let rows = st
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+                .unwrap()
+                .collect::<std::result::Result<Vec<_>, _>>()
+                .unwrap();
+            rows
+        };
+        let stopped = runs(&ds);
+        assert_eq!(stopped.len(), 1, "{stopped:?}");
+        assert_eq!(stopped[0].1, "failed");
+        pool.install(|| build(&opts("stopped", None), &Ctx::quiet()))
+            .unwrap();
+        // The same run went on (no second train run) and finished.
+        assert_eq!(runs(&ds), vec![(stopped[0].0, "done".to_string())]);
+        let read =
+            |name: &str| std::fs::read(dir.path().join(name).join("model.safetensors")).unwrap();
+        assert!(
+            read("whole") == read("stopped"),
+            "the resumed build's model differs from the build that was never stopped"
         );
     }
 }

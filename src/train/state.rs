@@ -29,6 +29,7 @@ use serde::{Deserialize, Serialize};
 use super::config::TrainConfig;
 use super::data::DataPos;
 use crate::error::IoContext;
+use crate::manifest::Manifest;
 use crate::models::sdxl::checkpoint::{is_partial_save, save_tensors, Checkpoint, SaveOptions};
 use crate::nn::optim::SlotState;
 use crate::{Error, Result};
@@ -178,6 +179,44 @@ pub fn sweep_partial(run_dir: &Path) -> Result<usize> {
 /// The newest rolling checkpoint, if any.
 pub fn latest(run_dir: &Path) -> Result<Option<PathBuf>> {
     Ok(list(run_dir, "step-")?.pop().map(|(_, p)| p))
+}
+
+/// The newest unfinished training run of the dataset in `m` whose
+/// settings match `cfg` (up to the fields that may change on resume, the
+/// base compared by content) and that has a checkpoint: what a rerun of
+/// `run` or `toy build` continues instead of starting again.
+///
+/// Unfinished is `running` (killed: `kill -9`, a crash, an error) or
+/// `failed`, which the trainer writes only when it stopped on request
+/// (Ctrl-C, SIGTERM, a stage beside it failing) after saving a
+/// checkpoint of where it stopped. A checkpoint that cannot be read is
+/// passed over (a new run starts).
+pub fn resumable_run(m: &Manifest, cfg: &TrainConfig) -> Result<Option<i64>> {
+    let mut st = m
+        .conn()
+        .prepare(
+            "SELECT id FROM runs WHERE stage = 'train' AND status IN ('running', 'failed') \
+             ORDER BY id DESC",
+        )
+        .map_err(|e| m.err(e))?;
+    let ids: Vec<i64> = st
+        .query_map([], |r| r.get(0))
+        .map_err(|e| m.err(e))?
+        .collect::<std::result::Result<_, _>>()
+        .map_err(|e| m.err(e))?;
+    let base = crate::models::sdxl::checkpoint::sha256_file(&cfg.model)?;
+    for id in ids {
+        let Some(latest) = latest(&super::run_dir(m.root(), id))? else {
+            continue;
+        };
+        let Ok(saved) = peek(&latest) else {
+            continue;
+        };
+        if saved.resume_mismatch(cfg, &base)?.is_none() {
+            return Ok(Some(id));
+        }
+    }
+    Ok(None)
 }
 
 /// The newest `good-` checkpoint, if any.

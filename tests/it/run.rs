@@ -322,10 +322,11 @@ fn toy_run_end_to_end_then_rerun_skips_everything() {
     );
 }
 
-/// Kill `eps2v run` with SIGKILL once a `runs` row of `stage` exists (and,
-/// for generate, once it committed images; for train, once it has a
-/// checkpoint after step 0); whether it was still running then.
-fn kill_during(cfg: &Path, ds: &Path, stage: &str) -> bool {
+/// Kill `eps2v run` with SIGKILL (with `ctrl_c`: interrupt it with SIGINT
+/// and let it stop by itself) once a `runs` row of `stage` exists (and, for
+/// generate, once it committed images; for train, once it has a checkpoint
+/// after step 0); whether it was still running then.
+fn kill_during(cfg: &Path, ds: &Path, stage: &str, ctrl_c: bool) -> bool {
     let mut child = Command::new(bin())
         .args(["--json", "run", cfg.to_str().unwrap()])
         .stdout(Stdio::null())
@@ -371,7 +372,13 @@ fn kill_during(cfg: &Path, ds: &Path, stage: &str) -> bool {
             _ => true,
         };
         if ready {
-            child.kill().unwrap();
+            if ctrl_c {
+                let pid = child.id().to_string();
+                let sent = Command::new("kill").args(["-INT", &pid]).status().unwrap();
+                assert!(sent.success(), "kill -INT {pid}");
+            } else {
+                child.kill().unwrap();
+            }
             killed_in_time = true;
             break;
         }
@@ -397,15 +404,40 @@ fn kill_9_during_a_stage_then_rerun_gives_the_uninterrupted_result() {
     let v = json(&run_config(&cfg));
     let want = fingerprint(&reference, Path::new(v["converted"].as_str().unwrap()));
     assert!(!want.0.is_empty());
-    for stage in ["generate", "caption", "train"] {
-        let ds = work.path().join(format!("killed-{stage}"));
-        let c = work.path().join(format!("{stage}.toml"));
+    // (stage, Ctrl-C instead of kill -9)
+    for (stage, ctrl_c) in [
+        ("generate", false),
+        ("caption", false),
+        ("train", false),
+        ("train", true),
+    ] {
+        let name = if ctrl_c {
+            format!("interrupted-{stage}")
+        } else {
+            format!("killed-{stage}")
+        };
+        let ds = work.path().join(&name);
+        let c = work.path().join(format!("{name}.toml"));
         set(&mut t, "dataset", s(ds.to_str().unwrap()));
         write_config(&c, &t);
-        let killed = kill_during(&c, &ds, stage);
+        let killed = kill_during(&c, &ds, stage, ctrl_c);
+        if ctrl_c {
+            // Ctrl-C lets the trainer save where it stopped and mark its
+            // run failed (kill -9 leaves it running): the rerun resumes it too.
+            let m = Manifest::open_read_only(&ds).unwrap();
+            let status: String = m
+                .conn()
+                .query_row(
+                    "SELECT status FROM runs WHERE stage = 'train' ORDER BY id DESC LIMIT 1",
+                    [],
+                    |r| r.get(0),
+                )
+                .unwrap();
+            assert_eq!(status, "failed", "the interrupted training run");
+        }
         // Killed in training, the dataset folder moves before the rerun:
         // training resumes from its checkpoint at the new place.
-        let ds = if stage == "train" {
+        let ds = if stage == "train" && !ctrl_c {
             let moved = work.path().join("killed-train-moved");
             std::fs::rename(&ds, &moved).unwrap();
             set(&mut t, "dataset", s(moved.to_str().unwrap()));
@@ -417,7 +449,7 @@ fn kill_9_during_a_stage_then_rerun_gives_the_uninterrupted_result() {
         let out = run_config(&c);
         assert!(
             matches!(out.status.code(), Some(0 | 1)),
-            "rerun after kill in {stage}: {}",
+            "rerun after {name}: {}",
             String::from_utf8_lossy(&out.stderr)
         );
         let v = json(&out);
@@ -434,7 +466,8 @@ fn kill_9_during_a_stage_then_rerun_gives_the_uninterrupted_result() {
         }
         if stage == "train" {
             // Four steps, an evaluation and the export follow the step-2
-            // checkpoint: the kill cannot miss them.
+            // checkpoint: the kill (or Ctrl-C, seen at the next step) cannot
+            // miss them.
             assert!(killed, "training finished before the kill");
             let train = &v["stages"][5];
             assert_eq!(train["stage"], "train");
@@ -444,8 +477,8 @@ fn kill_9_during_a_stage_then_rerun_gives_the_uninterrupted_result() {
             );
         }
         let got = fingerprint(&ds, Path::new(v["converted"].as_str().unwrap()));
-        assert_eq!(got.0, want.0, "manifest rows after a kill in {stage}");
-        assert!(got.1 == want.1, "converted weights after a kill in {stage}");
+        assert_eq!(got.0, want.0, "manifest rows after {name}");
+        assert!(got.1 == want.1, "converted weights after {name}");
     }
 }
 

@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use candle_core::Tensor;
 
-use super::{unet_train_config, BuildRecipe, StageRecord};
+use super::{unet_train_config, BuildOptions, BuildRecipe, StageRecord};
 use crate::error::IoContext;
 use crate::manifest::Manifest;
 use crate::pipeline::sample::write_atomic;
@@ -255,9 +255,10 @@ pub(super) fn text_stage(
 }
 
 /// Stage 5: the UNet of `base`, trained with the project's trainer on the
-/// dataset `ds`, exported to `model_path`.
+/// dataset `ds`, exported to `model_path`; an interrupted training run of
+/// the same settings in `ds` is resumed ([`crate::train::state::resumable_run`]).
 pub(super) fn unet_stage(
-    r: &BuildRecipe,
+    opts: &BuildOptions,
     work: &Path,
     ds: &Path,
     base: &Path,
@@ -265,6 +266,7 @@ pub(super) fn unet_stage(
     unet_key: &serde_json::Value,
     ctx: &Ctx,
 ) -> Result<StageRecord> {
+    let r = &opts.recipe;
     if let Some(rec) = cached(work, "unet", unet_key).filter(|_| model_path.is_file()) {
         return Ok(rec);
     }
@@ -274,13 +276,26 @@ pub(super) fn unet_stage(
     ));
     let cfg = unet_train_config(r, base, model_path);
     let mut m = Manifest::open(ds)?;
-    let t = Instant::now();
-    let rep = train(&cfg, &mut m, &TrainOptions::default(), ctx)?;
-    if rep.interrupted {
-        return Err(Error::Other(
-            "toy build: UNet training was interrupted; rerun `eps2v toy build` to start it again"
-                .into(),
+    // A run that a kill or Ctrl-C stopped goes on from its last checkpoint
+    // (every `save_every` steps, and where Ctrl-C stopped it), bit for bit.
+    let resume = crate::train::state::resumable_run(&m, &cfg)?;
+    if let Some(id) = resume {
+        ctx.say(&format!(
+            "toy build: resuming UNet training run {id} from its last checkpoint"
         ));
+    }
+    let t = Instant::now();
+    let opts = TrainOptions {
+        resume,
+        stop_at_step: opts.unet_stop_at_step,
+        ..Default::default()
+    };
+    let rep = train(&cfg, &mut m, &opts, ctx)?;
+    if rep.interrupted {
+        return Err(Error::Other(format!(
+            "toy build: UNet training was interrupted at step {} of {}; rerun `eps2v toy build` with the same settings to resume it from its last checkpoint",
+            rep.steps, r.unet.steps
+        )));
     }
     let losses: Vec<f32> = crate::train::log::read(&rep.run_dir.join("log.csv"))
         .map(|rows| {
