@@ -498,6 +498,14 @@ mod tests {
     use super::*;
     use crate::manifest::Manifest;
 
+    /// A 2-thread pool, as the binary runs the build on the 2-core machines.
+    fn two_threads() -> rayon::ThreadPool {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(2)
+            .build()
+            .unwrap()
+    }
+
     /// Two quick builds of one seed, one with its stages side by side and
     /// one with them one after the other, write the same bytes; the
     /// products load with no config given (model: eps toy checkpoint;
@@ -509,10 +517,7 @@ mod tests {
     fn a_quick_build_runs_end_to_end_and_is_deterministic() {
         let _polling = crate::nn::warm::tests::lock();
         let dir = tempfile::tempdir().unwrap();
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(2)
-            .build()
-            .unwrap();
+        let pool = two_threads();
         let mut files = Vec::new();
         for k in 0..2 {
             let out = dir.path().join(format!("b{k}"));
@@ -556,10 +561,7 @@ mod tests {
     fn a_build_stopped_in_the_unet_stage_resumes_it_bit_for_bit() {
         let _polling = crate::nn::warm::tests::lock();
         let dir = tempfile::tempdir().unwrap();
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(2)
-            .build()
-            .unwrap();
+        let pool = two_threads();
         let mut recipe = BuildRecipe::quick(3);
         recipe.unet.steps = 4;
         let opts = |name: &str, stop: Option<usize>| BuildOptions {
