@@ -20,7 +20,8 @@
 //!    ([`super::text::train_text`]); frozen from then on;
 //! 5. UNet: [`crate::train::train`] on the dataset, eps objective,
 //!    caption dropout to zeroed conditioning (so CFG works), export f16 to
-//!    `OUT/model.safetensors`;
+//!    `OUT/model.safetensors`; a training run that a kill or Ctrl-C stopped
+//!    goes on from its last checkpoint on the rerun, bit for bit;
 //! 6. tagger: [`super::tagger::train_tagger`] → `OUT/tagger/` (with
 //!    `round_trips`, each batch of drawn scenes is followed by round trips
 //!    through the trained VAE; the committed recipe has none);
