@@ -285,12 +285,12 @@ pub(super) fn unet_stage(
         ));
     }
     let t = Instant::now();
-    let opts = TrainOptions {
+    let train_opts = TrainOptions {
         resume,
         stop_at_step: opts.unet_stop_at_step,
         ..Default::default()
     };
-    let rep = train(&cfg, &mut m, &opts, ctx)?;
+    let rep = train(&cfg, &mut m, &train_opts, ctx)?;
     if rep.interrupted {
         return Err(Error::Other(format!(
             "toy build: UNet training was interrupted at step {} of {}; rerun `eps2v toy build` with the same settings to resume it from its last checkpoint",
