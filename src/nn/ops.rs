@@ -7,7 +7,10 @@
 //! every other device (CUDA) uses the composite reference implementations
 //! in [`reference`](mod@reference), built from candle primitives that all have a backward
 //! pass (so CUDA keeps cuBLAS/cuDNN). The kernels are tested against those
-//! composites.
+//! composites. Where no gradient flows on such a device (sampling, the
+//! frozen part of a partial finetune), softmax, attention, layer norm and
+//! group norm take candle's fused single-kernel forms instead
+//! ([`fused`](mod@fused)), which accumulate in f32 even on bf16/f16 tensors.
 //!
 //! Shapes use PyTorch conventions: images `(b, c, h, w)`, sequences
 //! `(b, s, d)`, attention `(b, heads, s, head_dim)`.
@@ -15,8 +18,10 @@
 use crate::nn::kernels;
 use candle_core::{DType, Device, Result, Tensor};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::OnceLock;
 
 static CPU_KERNELS: AtomicBool = AtomicBool::new(true);
+static DEVICE_FUSED: AtomicBool = AtomicBool::new(true);
 
 /// Globally enable (default) or disable the fast CPU kernels; when disabled
 /// every op runs its composite [`reference`](mod@reference) implementation. Meant for
@@ -28,6 +33,28 @@ pub fn set_cpu_kernels(enabled: bool) {
 /// Whether the fast CPU kernels are enabled (see [`set_cpu_kernels`]).
 pub fn cpu_kernels_enabled() -> bool {
     CPU_KERNELS.load(Ordering::Relaxed)
+}
+
+/// Enable (default) or disable the [`fused`](mod@fused) forms on non-CPU
+/// devices; when disabled the composites run there with or without a
+/// gradient. `EPS2V_DEVICE_FUSED=0` in the environment disables them for a
+/// whole process, for A/B checks on a GPU.
+pub fn set_device_fused(enabled: bool) {
+    DEVICE_FUSED.store(enabled, Ordering::Relaxed);
+}
+
+/// Whether the fused device forms are enabled (see [`set_device_fused`]).
+pub fn device_fused_enabled() -> bool {
+    static ENV: OnceLock<bool> = OnceLock::new();
+    DEVICE_FUSED.load(Ordering::Relaxed)
+        && *ENV.get_or_init(|| std::env::var("EPS2V_DEVICE_FUSED").map_or(true, |v| v != "0"))
+}
+
+/// True when an op on `ts` (its first tensor is the activation) should take
+/// the [`fused`](mod@fused) form: a non-CPU device, enabled, no input that
+/// needs a gradient, and within the fused kernels' limits.
+fn use_fused(ts: &[&Tensor]) -> bool {
+    device_fused_enabled() && !matches!(ts[0].device(), Device::Cpu) && fused::supports(ts)
 }
 
 /// The dtype a kernel should run `t` in: `Some(t's dtype)` for f32/f64 on
@@ -88,6 +115,9 @@ pub fn group_norm(
         Some(dt) => in_dtype(x, dt, |x| {
             kernels::group_norm::group_norm(x, groups, weight, bias, eps, silu)
         }),
+        None if use_fused(&[x, weight, bias]) => {
+            fused::group_norm(x, groups, weight, bias, eps, silu)
+        }
         None => reference::group_norm(x, groups, weight, bias, eps, silu),
     }
 }
@@ -98,6 +128,7 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Resul
         Some(dt) => in_dtype(x, dt, |x| {
             kernels::layer_norm::layer_norm(x, weight, bias, eps)
         }),
+        None if use_fused(&[x, weight, bias]) => fused::layer_norm(x, weight, bias, eps),
         None => reference::layer_norm(x, weight, bias, eps),
     }
 }
@@ -106,6 +137,7 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Resul
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     match kernel_dtype(x) {
         Some(dt) => in_dtype(x, dt, kernels::attention::softmax_last_dim),
+        None if use_fused(&[x]) => fused::softmax_last_dim(x),
         None => reference::softmax_last_dim(x),
     }
 }
@@ -117,6 +149,7 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, causal: bool) -
         Some(dt) => in_dtype(q, dt, |q| {
             kernels::attention::attention(q, k, v, scale, causal)
         }),
+        None if use_fused(&[q, k, v]) => fused::attention(q, k, v, scale, causal),
         None => reference::attention(q, k, v, scale, causal),
     }
 }
@@ -136,6 +169,7 @@ pub fn attention_packed(
         Some(dt) => in_dtype(q, dt, |q| {
             kernels::attention::attention_packed(q, k, v, heads, scale, causal)
         }),
+        None if use_fused(&[q, k, v]) => fused::attention_packed(q, k, v, heads, scale, causal),
         None => reference::attention_packed(q, k, v, heads, scale, causal),
     }
 }
@@ -310,16 +344,21 @@ pub mod reference {
     ) -> Result<Tensor> {
         let scores = (q.contiguous()?.matmul(&k.t()?.contiguous()?)? * scale)?;
         let scores = if causal {
-            let (sq, sk) = (q.dim(2)?, k.dim(2)?);
-            let mask: Vec<f32> = (0..sq)
-                .flat_map(|i| (0..sk).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
-                .collect();
-            let mask = Tensor::from_vec(mask, (sq, sk), q.device())?.to_dtype(scores.dtype())?;
-            scores.broadcast_add(&mask)?
+            scores.broadcast_add(&causal_mask(q, k, scores.dtype())?)?
         } else {
             scores
         };
         softmax_last_dim(&scores)?.matmul(&v.contiguous()?)
+    }
+
+    /// The additive causal mask `(sq, sk)` for `q (…, sq, d)`, `k (…, sk, d)`:
+    /// 0 on and below the diagonal, −∞ above it.
+    pub(super) fn causal_mask(q: &Tensor, k: &Tensor, dtype: DType) -> Result<Tensor> {
+        let (sq, sk) = (q.dim(D::Minus2)?, k.dim(D::Minus2)?);
+        let mask: Vec<f32> = (0..sq)
+            .flat_map(|i| (0..sk).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
+            .collect();
+        Tensor::from_vec(mask, (sq, sk), q.device())?.to_dtype(dtype)
     }
 
     /// [`attention`] on packed heads: split `(b, s, heads·d)` into
@@ -332,13 +371,144 @@ pub mod reference {
         scale: f64,
         causal: bool,
     ) -> Result<Tensor> {
+        packed(q, k, v, heads, |q, k, v| attention(q, k, v, scale, causal))
+    }
+
+    /// Run `attend` on `q`, `k`, `v (b, s, heads·d)` split into `(b, heads,
+    /// s, d)`, and merge its `(b, heads, s, dv)` result back into `(b, s,
+    /// heads·dv)`.
+    pub(super) fn packed(
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        heads: usize,
+        attend: impl FnOnce(&Tensor, &Tensor, &Tensor) -> Result<Tensor>,
+    ) -> Result<Tensor> {
         let split = |t: &Tensor| -> Result<Tensor> {
             let (b, s, w) = t.dims3()?;
             t.reshape((b, s, heads, w / heads))?.transpose(1, 2)
         };
-        let o = attention(&split(q)?, &split(k)?, &split(v)?, scale, causal)?;
+        let o = attend(&split(q)?, &split(k)?, &split(v)?)?;
         let (b, h, s, dv) = o.dims4()?;
         o.transpose(1, 2)?.reshape((b, s, h * dv))
+    }
+}
+
+/// Forward-only forms of the normalisations, softmax and attention for a
+/// GPU where no gradient is needed: candle-nn's fused softmax and layer-norm
+/// ops (one CUDA kernel each, f32 accumulation for half types) in place of
+/// the composites' 5–12 kernels with bf16 reductions. They run on every
+/// device (the tests run them on the CPU against [`reference`](mod@reference)),
+/// but [`use_fused`] sends only non-CPU tensors here: the CPU has its own
+/// kernels, and a CPU run with those disabled must get the composites.
+pub mod fused {
+    use super::reference;
+    use candle_core::{DType, Result, Tensor};
+
+    /// candle's fused softmax and layer-norm kernels index elements as
+    /// `row * ncols + col` in a 32-bit int: larger tensors take the
+    /// composites.
+    const MAX_ELEMS: usize = i32::MAX as usize;
+
+    /// True when the fused forms can run on `ts` (the activation first):
+    /// nothing tracked for a gradient, a float type the kernels have, and
+    /// the activation within their index range.
+    pub fn supports(ts: &[&Tensor]) -> bool {
+        ts.iter().all(|t| !t.track_op())
+            && matches!(ts[0].dtype(), DType::F32 | DType::F16 | DType::BF16)
+            && ts[0].elem_count() <= MAX_ELEMS
+    }
+
+    /// Softmax over the last dimension, one kernel.
+    pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+        candle_nn::ops::softmax_last_dim(&x.contiguous()?)
+    }
+
+    /// Layer normalisation over the last dimension, one kernel (statistics
+    /// in f32, affine applied before the one rounding to `x`'s dtype).
+    pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+        let dt = x.dtype();
+        candle_nn::ops::layer_norm(
+            &x.contiguous()?,
+            &weight.to_dtype(dt)?,
+            &bias.to_dtype(dt)?,
+            eps as f32,
+        )
+    }
+
+    /// Group normalisation of `x (b, c, ...)`: a layer norm of each
+    /// `(b, group)` row with no affine (one kernel), then the per-channel
+    /// affine and the optional SiLU in `x`'s dtype.
+    pub fn group_norm(
+        x: &Tensor,
+        groups: usize,
+        weight: &Tensor,
+        bias: &Tensor,
+        eps: f64,
+        silu: bool,
+    ) -> Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let (b, c) = (dims[0], dims[1]);
+        if c % groups != 0 {
+            candle_core::bail!("group_norm: {c} channels not divisible by {groups} groups");
+        }
+        let dt = x.dtype();
+        let rows = x.contiguous()?.reshape((b * groups, ()))?;
+        let n = rows.dim(1)?;
+        let ones = Tensor::ones(n, dt, x.device())?;
+        let zeros = Tensor::zeros(n, dt, x.device())?;
+        let xn = candle_nn::ops::layer_norm(&rows, &ones, &zeros, eps as f32)?
+            .reshape(dims.as_slice())?;
+        let mut shape = vec![1usize; dims.len()];
+        shape[1] = c;
+        let w = weight.to_dtype(dt)?.reshape(shape.as_slice())?;
+        let bi = bias.to_dtype(dt)?.reshape(shape.as_slice())?;
+        let y = xn.broadcast_mul(&w)?.broadcast_add(&bi)?;
+        if silu {
+            y.silu()
+        } else {
+            Ok(y)
+        }
+    }
+
+    /// Scaled dot-product attention with the scale folded into `q` (a pass
+    /// over `q`, not over the `sq × sk` scores) and the fused softmax.
+    /// `q (b, h, sq, d)`, `k`/`v (b, h, sk, d)` → `(b, h, sq, d)`.
+    pub fn attention(
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        scale: f64,
+        causal: bool,
+    ) -> Result<Tensor> {
+        // The scores are dropped before the last product: one `sq × sk`
+        // tensor less at the peak.
+        let p = {
+            let scores = (q * scale)?.matmul(&k.t()?.contiguous()?)?;
+            let scores = if causal {
+                scores.broadcast_add(&reference::causal_mask(q, k, scores.dtype())?)?
+            } else {
+                scores
+            };
+            if scores.elem_count() <= MAX_ELEMS {
+                softmax_last_dim(&scores)?
+            } else {
+                reference::softmax_last_dim(&scores)?
+            }
+        };
+        p.matmul(&v.contiguous()?)
+    }
+
+    /// [`attention`] on packed heads, `(b, s, heads·d)` in and out.
+    pub fn attention_packed(
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        heads: usize,
+        scale: f64,
+        causal: bool,
+    ) -> Result<Tensor> {
+        reference::packed(q, k, v, heads, |q, k, v| attention(q, k, v, scale, causal))
     }
 }
 
@@ -397,6 +567,86 @@ mod tests {
         let b = candle_nn::ops::softmax_last_dim(&x)?;
         let d = (a - b)?.abs()?.max_all()?.to_scalar::<f32>()?;
         assert!(d < 1e-6, "{d}");
+        Ok(())
+    }
+
+    /// Largest |a − b| relative to the largest |b|, both read as f32.
+    fn rel_err(a: &Tensor, b: &Tensor) -> Result<f32> {
+        let (a, b) = (a.to_dtype(DType::F32)?, b.to_dtype(DType::F32)?);
+        assert_eq!(a.dims(), b.dims());
+        let d = (&a - &b)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        let m = b.abs()?.max_all()?.to_scalar::<f32>()?;
+        Ok(d / m.max(1e-12))
+    }
+
+    #[test]
+    fn fused_device_forms_match_the_composites() -> Result<()> {
+        use crate::nn::kernels::test_util::rand;
+        // Inputs with a non-zero mean per group/row, as activations have.
+        let x = ((rand(&[2, 8, 6, 5], 1, DType::F32)? * 3.0)? + 0.7)?;
+        let w = (rand(&[8], 2, DType::F32)? + 1.0)?;
+        let b = rand(&[8], 3, DType::F32)?;
+        for silu in [false, true] {
+            let want = reference::group_norm(&x, 4, &w, &b, 1e-5, silu)?;
+            let got = fused::group_norm(&x, 4, &w, &b, 1e-5, silu)?;
+            assert!(rel_err(&got, &want)? < 1e-5, "group_norm f32 silu={silu}");
+            // bf16 activations, f32 affine parameters (as a bf16 UNet's
+            // norms get them after a dtype mix-up would): bf16 rounding only.
+            let got = fused::group_norm(&x.to_dtype(DType::BF16)?, 4, &w, &b, 1e-5, silu)?;
+            assert_eq!(got.dtype(), DType::BF16);
+            assert!(rel_err(&got, &want)? < 2e-2, "group_norm bf16 silu={silu}");
+        }
+
+        let s = ((rand(&[3, 7, 24], 4, DType::F32)? * 2.0)? - 0.4)?;
+        let lw = (rand(&[24], 5, DType::F32)? + 1.0)?;
+        let lb = rand(&[24], 6, DType::F32)?;
+        let want = reference::layer_norm(&s, &lw, &lb, 1e-5)?;
+        assert!(rel_err(&fused::layer_norm(&s, &lw, &lb, 1e-5)?, &want)? < 1e-5);
+        let got = fused::layer_norm(&s.to_dtype(DType::BF16)?, &lw, &lb, 1e-5)?;
+        assert!(rel_err(&got, &want)? < 2e-2);
+
+        let z = (rand(&[3, 7, 24], 7, DType::F32)? * 8.0)?;
+        let want = reference::softmax_last_dim(&z)?;
+        assert!(rel_err(&fused::softmax_last_dim(&z)?, &want)? < 1e-5);
+        let got = fused::softmax_last_dim(&z.to_dtype(DType::BF16)?)?;
+        assert!(rel_err(&got, &want)? < 2e-2);
+        // Transposed (strided) input: made contiguous first.
+        let zt = z.transpose(1, 2)?;
+        let want = reference::softmax_last_dim(&zt.contiguous()?)?;
+        assert!(rel_err(&fused::softmax_last_dim(&zt)?, &want)? < 1e-5);
+
+        // Attention (candle's CPU matmul is f32/f64 only, so f32 here; the
+        // packed form gets strided per-head views of the projections).
+        let q = rand(&[2, 9, 3 * 8], 8, DType::F32)?;
+        let k = rand(&[2, 5, 3 * 8], 9, DType::F32)?;
+        let v = rand(&[2, 5, 3 * 4], 10, DType::F32)?;
+        let want = reference::attention_packed(&q, &k, &v, 3, 0.35, false)?;
+        let got = fused::attention_packed(&q, &k, &v, 3, 0.35, false)?;
+        assert_eq!(got.dims(), &[2, 9, 12]);
+        assert!(rel_err(&got, &want)? < 1e-5);
+        let qs = rand(&[2, 3, 6, 8], 11, DType::F32)?;
+        let ks = rand(&[2, 3, 6, 8], 12, DType::F32)?;
+        let vs = rand(&[2, 3, 6, 4], 13, DType::F32)?;
+        let want = reference::attention(&qs, &ks, &vs, 0.35, true)?;
+        assert!(rel_err(&fused::attention(&qs, &ks, &vs, 0.35, true)?, &want)? < 1e-5);
+        Ok(())
+    }
+
+    #[test]
+    fn the_fused_forms_never_take_a_gradient_or_the_cpu() -> Result<()> {
+        use candle_core::Var;
+        let dev = Device::Cpu;
+        let x = Tensor::ones((2, 3), DType::F32, &dev)?;
+        let w = Var::ones(3, DType::F32, &dev)?;
+        assert!(fused::supports(&[&x]));
+        assert!(fused::supports(&[&x.to_dtype(DType::BF16)?]));
+        // A trainable weight, or an activation computed from one, needs the
+        // composites' backward.
+        assert!(!fused::supports(&[&x, w.as_tensor()]));
+        assert!(!fused::supports(&[&x.broadcast_mul(w.as_tensor())?]));
+        assert!(!fused::supports(&[&x.to_dtype(DType::U8)?]));
+        // On the CPU the kernels (or, with them off, the composites) run.
+        assert!(!use_fused(&[&x]));
         Ok(())
     }
 }
