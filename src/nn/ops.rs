@@ -436,9 +436,17 @@ pub mod fused {
         )
     }
 
+    /// Longest `(b, group)` row [`group_norm`] normalises with the fused
+    /// kernel. That kernel sums x and x² in one pass (variance = E[x²] −
+    /// mean²), whose rounding grows with the row and with mean²/variance;
+    /// longer rows (the VAE decoder's two full-resolution levels) take the
+    /// composite's two-pass f32 statistics.
+    pub const MAX_GROUP_ROW: usize = 1 << 20;
+
     /// Group normalisation of `x (b, c, ...)`: a layer norm of each
     /// `(b, group)` row with no affine (one kernel), then the per-channel
-    /// affine and the optional SiLU in `x`'s dtype.
+    /// affine and the optional SiLU in `x`'s dtype. Rows longer than
+    /// [`MAX_GROUP_ROW`] take [`reference::group_norm`].
     pub fn group_norm(
         x: &Tensor,
         groups: usize,
@@ -451,6 +459,9 @@ pub mod fused {
         let (b, c) = (dims[0], dims[1]);
         if c % groups != 0 {
             candle_core::bail!("group_norm: {c} channels not divisible by {groups} groups");
+        }
+        if x.elem_count() / (b * groups) > MAX_GROUP_ROW {
+            return reference::group_norm(x, groups, weight, bias, eps, silu);
         }
         let dt = x.dtype();
         let rows = x.contiguous()?.reshape((b * groups, ()))?;
@@ -604,6 +615,14 @@ mod tests {
         assert!(rel_err(&fused::layer_norm(&s, &lw, &lb, 1e-5)?, &want)? < 1e-5);
         let got = fused::layer_norm(&s.to_dtype(DType::BF16)?, &lw, &lb, 1e-5)?;
         assert!(rel_err(&got, &want)? < 2e-2);
+
+        // Rows past MAX_GROUP_ROW get the composite itself, bit for bit.
+        let long = ((rand(&[1, 2, 1025, 1024], 14, DType::F32)? * 2.0)? + 3.0)?;
+        assert!(long.elem_count() / 2 > fused::MAX_GROUP_ROW);
+        let (w2, b2) = (w.narrow(0, 0, 2)?, b.narrow(0, 0, 2)?);
+        let want = reference::group_norm(&long, 2, &w2, &b2, 1e-5, true)?;
+        let got = fused::group_norm(&long, 2, &w2, &b2, 1e-5, true)?;
+        assert_eq!((got - want)?.abs()?.max_all()?.to_scalar::<f32>()?, 0.0);
 
         let z = (rand(&[3, 7, 24], 7, DType::F32)? * 8.0)?;
         let want = reference::softmax_last_dim(&z)?;
