@@ -164,6 +164,22 @@ pub fn combine(ours: &Value, reference: &Value) -> Result<Combined> {
         num(ours, &["unet_check", "forward_ms"]),
         num(reference, &["unet_check", "forward_ms"]),
     ));
+    rows.push(Row::new(
+        "UNet call, fused device forms off (composites)",
+        "ms",
+        num(ours, &["unet_check", "composite_forward_ms"]),
+        num(reference, &["unet_check", "forward_ms"]),
+    ));
+    let ab = num(ours, &["unet_check", "fused_vs_composite_rel_l2"]);
+    rows.push(
+        Row::new(
+            "UNet output, fused forms vs composites, rel. L2",
+            "",
+            ab,
+            None,
+        )
+        .target("≤ 0.01".into(), ab.map(|e| e <= 0.01)),
+    );
     for s in ours
         .get("sample")
         .and_then(Value::as_array)
@@ -297,7 +313,7 @@ mod tests {
         json!({
             "dtype": "bf16",
             "golden": [{"model": "unet", "dtype": "bf16", "max_rel": 0.01, "tolerance": 0.03, "ok": true}],
-            "unet_check": {"forward_ms": 40.0},
+            "unet_check": {"forward_ms": 40.0, "composite_forward_ms": 48.0, "fused_vs_composite_rel_l2": 0.002},
             "sample": [
                 {"batch": 1, "steps": 28, "seconds_per_image": 2.2},
                 {"batch": 4, "steps": 28, "seconds_per_image": null, "skipped": "budget"}
@@ -332,10 +348,16 @@ mod tests {
             row("UNet rel. L2 error, ours bf16 vs diffusers bf16").met,
             Some(true)
         );
-        assert_eq!((c.targets, c.met), (6, 5));
+        let ab = row("UNet call, fused device forms off (composites)");
+        assert_eq!(ab.ratio, Some(0.96));
+        assert_eq!(
+            row("UNet output, fused forms vs composites, rel. L2").met,
+            Some(true)
+        );
+        assert_eq!((c.targets, c.met), (7, 6));
         let md = markdown(&c);
         assert!(md.contains("| sample, 28 steps, CFG, batch 1 | s/image | 2.200 | 2.000 | 1.10× | ratio ≤ 1.15 | yes |"), "{md}");
-        assert!(md.contains("5 of 6 targets met"));
+        assert!(md.contains("6 of 7 targets met"));
     }
 
     #[test]

@@ -5,7 +5,9 @@
 //! 2. `SdxlModel::load` in the bench dtype, our UNet on the fixed inputs of
 //!    [`super::weights::write_inputs`] in that dtype and in f32, outputs
 //!    saved for the Python side (`unet_out.safetensors`: `out_<dtype>`,
-//!    `out_f32`), and the UNet call's median time;
+//!    `out_f32`), and the UNet call's median time, with the fused device
+//!    forms of [`crate::nn::ops::fused`] and without them (their time and
+//!    how far they move the output);
 //! 3. `sample` timings: [`crate::pipeline::generate`] (the code behind
 //!    `eps2v sample`: text encoding, 2·steps UNet rows per image with CFG,
 //!    VAE decode, RGB8) after a 2-step warm-up, per batch size; a batch
@@ -68,6 +70,13 @@ pub const CFG_SCALE: f64 = 7.0;
 pub struct UnetCheck {
     /// Median UNet call on the two input rows (one CFG pair), bench dtype (ms).
     pub forward_ms: f64,
+    /// The same call with the fused device forms off (`EPS2V_DEVICE_FUSED=0`:
+    /// every softmax, attention and norm as its composite), median (ms). On
+    /// the CPU the fused forms never run, so both calls take the same path.
+    pub composite_forward_ms: f64,
+    /// Relative L2 difference of the output with the fused forms against
+    /// the one with the composites (0 on the CPU).
+    pub fused_vs_composite_rel_l2: f64,
     /// Tensors in `unet_out.safetensors`.
     pub outputs: Vec<String>,
     /// Whether every output is finite.
@@ -304,15 +313,25 @@ fn unet_check(cfg: &RunConfig, unet: &UNet, dtype: DType) -> Result<UnetCheck> {
     let dev = &cfg.device;
     let io = candle_core::safetensors::load(&cfg.inputs, &Device::Cpu)?;
     let ours = unet_on_inputs(unet, &io, dtype, dev)?; // also the warm-up
-    let mut times = Vec::new();
-    for _ in 0..3 {
-        dev.synchronize()?;
-        let t = Instant::now();
-        unet_on_inputs(unet, &io, dtype, dev)?;
-        dev.synchronize()?;
-        times.push(ms_since(t));
-    }
-    times.sort_by(|a, b| a.total_cmp(b));
+    let median_ms = || -> Result<f64> {
+        let mut times = Vec::new();
+        for _ in 0..3 {
+            dev.synchronize()?;
+            let t = Instant::now();
+            unet_on_inputs(unet, &io, dtype, dev)?;
+            dev.synchronize()?;
+            times.push(ms_since(t));
+        }
+        times.sort_by(|a, b| a.total_cmp(b));
+        Ok(times[times.len() / 2])
+    };
+    let forward_ms = median_ms()?;
+    // A/B: the same calls with the fused device forms off (this thread only).
+    let was = crate::nn::ops::set_device_fused(false);
+    let composite = unet_on_inputs(unet, &io, dtype, dev).and_then(|out| Ok((out, median_ms()?)));
+    crate::nn::ops::set_device_fused(was);
+    let (composite, composite_forward_ms) = composite?;
+    let fused_vs_composite_rel_l2 = super::rel_l2(&ours, &composite)?;
     let mut outputs = vec![(format!("out_{}", dtype_name(dtype)), ours)];
     if dtype != DType::F32 {
         let ckpt = Checkpoint::open(&cfg.model)?;
@@ -333,7 +352,9 @@ fn unet_check(cfg: &RunConfig, unet: &UNet, dtype: DType) -> Result<UnetCheck> {
     };
     save_tensors(&file, &outputs, &save)?;
     Ok(UnetCheck {
-        forward_ms: times[times.len() / 2],
+        forward_ms,
+        composite_forward_ms,
+        fused_vs_composite_rel_l2,
         outputs: outputs.into_iter().map(|(k, _)| k).collect(),
         finite,
     })
@@ -375,6 +396,9 @@ mod tests {
         let r = run(&cfg, &mut |_| {}).unwrap();
         let check = r.unet_check.as_ref().unwrap();
         assert!(check.finite);
+        // The fused forms never run on the CPU: the A/B took one path.
+        assert!(check.composite_forward_ms > 0.0);
+        assert_eq!(check.fused_vs_composite_rel_l2, 0.0);
         assert_eq!(check.outputs, vec!["out_f32"]);
         assert_eq!(r.sample.len(), 2);
         assert!(r.sample.iter().all(|s| s.seconds.is_some()));

@@ -17,11 +17,15 @@
 
 use crate::nn::kernels;
 use candle_core::{DType, Device, Result, Tensor};
+use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::OnceLock;
 
 static CPU_KERNELS: AtomicBool = AtomicBool::new(true);
-static DEVICE_FUSED: AtomicBool = AtomicBool::new(true);
+
+thread_local! {
+    static DEVICE_FUSED: Cell<bool> = const { Cell::new(true) };
+}
 
 /// Globally enable (default) or disable the fast CPU kernels; when disabled
 /// every op runs its composite [`reference`](mod@reference) implementation. Meant for
@@ -36,17 +40,20 @@ pub fn cpu_kernels_enabled() -> bool {
 }
 
 /// Enable (default) or disable the [`fused`](mod@fused) forms on non-CPU
-/// devices; when disabled the composites run there with or without a
-/// gradient. `EPS2V_DEVICE_FUSED=0` in the environment disables them for a
-/// whole process, for A/B checks on a GPU.
-pub fn set_device_fused(enabled: bool) {
-    DEVICE_FUSED.store(enabled, Ordering::Relaxed);
+/// devices, for ops dispatched from the calling thread (a GPU model runs
+/// its ops there); when disabled the composites run with or without a
+/// gradient. Returns the previous setting. For A/B checks:
+/// `EPS2V_DEVICE_FUSED=0` in the environment disables them for every
+/// thread of the process.
+pub fn set_device_fused(enabled: bool) -> bool {
+    DEVICE_FUSED.with(|c| c.replace(enabled))
 }
 
-/// Whether the fused device forms are enabled (see [`set_device_fused`]).
+/// Whether the fused device forms are enabled on this thread (see
+/// [`set_device_fused`]).
 pub fn device_fused_enabled() -> bool {
     static ENV: OnceLock<bool> = OnceLock::new();
-    DEVICE_FUSED.load(Ordering::Relaxed)
+    DEVICE_FUSED.with(Cell::get)
         && *ENV.get_or_init(|| std::env::var("EPS2V_DEVICE_FUSED").map_or(true, |v| v != "0"))
 }
 
@@ -666,6 +673,12 @@ mod tests {
         assert!(!fused::supports(&[&x.to_dtype(DType::U8)?]));
         // On the CPU the kernels (or, with them off, the composites) run.
         assert!(!use_fused(&[&x]));
+        // The switch is per thread and returns the previous setting.
+        assert!(set_device_fused(false));
+        assert!(!device_fused_enabled());
+        assert!(std::thread::spawn(device_fused_enabled).join().unwrap());
+        assert!(!set_device_fused(true));
+        assert!(device_fused_enabled());
         Ok(())
     }
 }

@@ -59,7 +59,20 @@ fn gpu_bench_script_cpu_fallback_writes_the_ratio_table() {
         .collect();
     assert_eq!(golden.len(), 5, "{rows:#?}");
     assert!(golden.iter().all(|r| r["met"] == true), "{golden:#?}");
-    for m in ["batch 1", "batch 2", "step, out+OUT08", "step, full"] {
+    // The fused-forms A/B ran (one path on the CPU: no difference).
+    let ab = row(rows, "fused forms vs composites");
+    assert_eq!(
+        (ab["ours"].as_f64(), &ab["met"]),
+        (Some(0.0), &Value::Bool(true)),
+        "{ab}"
+    );
+    for m in [
+        "batch 1",
+        "batch 2",
+        "step, out+OUT08",
+        "step, full",
+        "forms off",
+    ] {
         let r = row(rows, m);
         assert!(r["ours"].as_f64().is_some_and(|v| v > 0.0), "{r}");
     }
