@@ -310,13 +310,27 @@ pub mod reference {
         let xn = xc
             .broadcast_div(&(var + eps)?.sqrt()?)?
             .reshape(dims.as_slice())?;
-        let mut shape = vec![1usize; dims.len()];
-        shape[1] = c;
-        let w = weight.to_dtype(DType::F32)?.reshape(shape.as_slice())?;
-        let bi = bias.to_dtype(DType::F32)?.reshape(shape.as_slice())?;
+        channel_affine(&xn, weight, bias, silu)?.to_dtype(dtype)
+    }
+
+    /// `xn · weight[c] + bias[c]` over dim 1 of `xn (b, c, ...)`, then
+    /// optionally SiLU, all in `xn`'s dtype: the tail of a group norm.
+    pub(super) fn channel_affine(
+        xn: &Tensor,
+        weight: &Tensor,
+        bias: &Tensor,
+        silu: bool,
+    ) -> Result<Tensor> {
+        let mut shape = vec![1usize; xn.rank()];
+        shape[1] = xn.dim(1)?;
+        let w = weight.to_dtype(xn.dtype())?.reshape(shape.as_slice())?;
+        let bi = bias.to_dtype(xn.dtype())?.reshape(shape.as_slice())?;
         let y = xn.broadcast_mul(&w)?.broadcast_add(&bi)?;
-        let y = if silu { y.silu()? } else { y };
-        y.to_dtype(dtype)
+        if silu {
+            y.silu()
+        } else {
+            Ok(y)
+        }
     }
 
     /// Layer normalisation over the last dimension (biased variance), computed in f32.
@@ -477,16 +491,7 @@ pub mod fused {
         let zeros = Tensor::zeros(n, dt, x.device())?;
         let xn = candle_nn::ops::layer_norm(&rows, &ones, &zeros, eps as f32)?
             .reshape(dims.as_slice())?;
-        let mut shape = vec![1usize; dims.len()];
-        shape[1] = c;
-        let w = weight.to_dtype(dt)?.reshape(shape.as_slice())?;
-        let bi = bias.to_dtype(dt)?.reshape(shape.as_slice())?;
-        let y = xn.broadcast_mul(&w)?.broadcast_add(&bi)?;
-        if silu {
-            y.silu()
-        } else {
-            Ok(y)
-        }
+        reference::channel_affine(&xn, weight, bias, silu)
     }
 
     /// Scaled dot-product attention with the scale folded into `q` (a pass
@@ -588,13 +593,10 @@ mod tests {
         Ok(())
     }
 
-    /// Largest |a − b| relative to the largest |b|, both read as f32.
-    fn rel_err(a: &Tensor, b: &Tensor) -> Result<f32> {
-        let (a, b) = (a.to_dtype(DType::F32)?, b.to_dtype(DType::F32)?);
-        assert_eq!(a.dims(), b.dims());
-        let d = (&a - &b)?.abs()?.max_all()?.to_scalar::<f32>()?;
-        let m = b.abs()?.max_all()?.to_scalar::<f32>()?;
-        Ok(d / m.max(1e-12))
+    /// Largest |a − b| relative to the largest |b|.
+    fn rel_err(a: &Tensor, b: &Tensor) -> Result<f64> {
+        use crate::nn::kernels::test_util::{max_abs, max_diff};
+        Ok(max_diff(a, b)? / max_abs(b)?.max(1e-12))
     }
 
     #[test]
