@@ -37,7 +37,7 @@ pub enum ToyCommand {
 /// Arguments of `eps2v toy build`.
 #[derive(Debug, clap::Args)]
 #[command(
-    after_help = "Examples:\n  eps2v toy build                 # the committed models, into fixtures/toy (30 to 45 min on 2 cores by stop 26's stage times, not yet timed from scratch; over an hour on a slow day)\n  eps2v toy build --out /tmp/toy --quick\n\nDeterministic from --seed on one machine and thread count; the text encoders train beside the VAE and the tagger beside the UNet (--serial: one after the other, same bytes). Intermediate products stay in OUT/work/ until the end, so a rerun after an interruption redoes only the unfinished stages."
+    after_help = "Examples:\n  eps2v toy build                 # the committed models, into fixtures/toy (30 to 45 min on 2 cores by stop 26's stage times, not yet timed from scratch; over an hour on a slow day)\n  eps2v toy build --out /tmp/toy --quick\n\nDeterministic from --seed on one machine and thread count; the text encoders train beside the VAE and the tagger beside the UNet (--serial: one after the other, same bytes). Intermediate products stay in OUT/work/ until the end, so a rerun after an interruption redoes only the unfinished stages, each from where it stopped: Ctrl-C saves every training stage where it is, and a kill loses at most a minute of the VAE, text and tagger stages (1,000 steps of the UNet's)."
 )]
 pub struct BuildArgs {
     /// Output folder (default: the toy folder, $EPS2V_TOY_DIR or fixtures/toy).
@@ -260,7 +260,7 @@ fn build(a: BuildArgs, json: bool) -> anyhow::Result<i32> {
             recipe,
             keep_work: a.keep_work,
             concurrent: !a.serial,
-            unet_stop_at_step: None,
+            stop_at: Default::default(),
         },
         &Ctx::new(!json),
     )?;
@@ -481,7 +481,7 @@ fn tagger(a: TaggerArgs, json: bool) -> anyhow::Result<i32> {
     } else {
         Vec::new()
     };
-    let (t, rep) = train_tagger(&opts, &pool, &ctx)?;
+    let (t, rep) = train_tagger(&opts, &pool, None, &ctx)?;
     t.save(&a.dir)?;
     let (acc, attrs) = if a.eval > 0 {
         let loaded = crate::models::tagger::Tagger::load(&a.dir, &candle_core::Device::Cpu)?;

@@ -7,8 +7,11 @@
 //!
 //! Steps, in order (each stage's product is kept in `OUT/work/` with the
 //! settings that made it, so a rerun after an interruption, or after
-//! changing only a later stage's settings, redoes only what changed;
-//! `work/` is removed at the end):
+//! changing only a later stage's settings, redoes only what changed, and
+//! each training stage goes on from where Ctrl-C or a kill stopped it,
+//! bit for bit — the UNet from its training run's checkpoints, the others
+//! from their [`super::resume`] state files; `work/` is removed at the
+//! end):
 //! 1. scenes: `scenes` procedural scenes of `seed` ([`super::write_scenes`]);
 //! 2. dataset: `eps2v init` + `import` (tags as sidecar captions) + `bucket`
 //!    at the toy bucket list (kohya generator, resolution 80, step 32,
@@ -234,9 +237,22 @@ pub struct BuildOptions {
     /// UNet, each pair on two thread pools ([`side_by_side`]; same bytes as
     /// one after the other).
     pub concurrent: bool,
-    /// Stop the UNet stage as if interrupted once this many steps are done
-    /// (tests of resume; `None` in the CLI).
-    pub unet_stop_at_step: Option<usize>,
+    /// Stop stages as if interrupted (tests of resume; none in the CLI).
+    pub stop_at: StopAt,
+}
+
+/// Per training stage of [`build`]: stop it as if interrupted (Ctrl-C)
+/// once this many of its steps are done.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct StopAt {
+    /// The VAE.
+    pub vae: Option<usize>,
+    /// The text encoders.
+    pub text: Option<usize>,
+    /// The UNet.
+    pub unet: Option<usize>,
+    /// The tagger.
+    pub tagger: Option<usize>,
 }
 
 /// A stage's record in `build.json`.
@@ -305,6 +321,9 @@ fn key_of(v: &impl Serialize) -> Result<serde_json::Value> {
 /// `OUT/build.json`).
 pub fn build(opts: &BuildOptions, ctx: &Ctx) -> Result<BuildReport> {
     let wall = Instant::now();
+    // Ctrl-C / SIGTERM: each training stage saves where it is and stops
+    // (`toy::resume`, the trainer's checkpoints), so a rerun goes on.
+    let _signals = crate::train::signal::install();
     let r = &opts.recipe;
     let out = &opts.out;
     let work = out.join("work");
@@ -343,8 +362,8 @@ pub fn build(opts: &BuildOptions, ctx: &Ctx) -> Result<BuildReport> {
     let (rec, text_rec) = side_by_side(
         opts.concurrent,
         ctx,
-        || vae_stage(r, &work, &vae_key, ctx),
-        || text_stage(r, &work, &random, &text_key, ctx),
+        || vae_stage(opts, &work, &vae_key, ctx),
+        || text_stage(opts, &work, &random, &text_key, ctx),
     )?;
     ctx.say(&format!(
         "toy build: VAE {:.0} s, reconstruction error {} / 255",
@@ -392,7 +411,7 @@ pub fn build(opts: &BuildOptions, ctx: &Ctx) -> Result<BuildReport> {
         opts.concurrent,
         ctx,
         || unet_stage(opts, &work, &ds, &base, &model_path, &unet_key, ctx),
-        || tagger_stage(r, &work, &base, &tagger_dir, &tagger_key, ctx),
+        || tagger_stage(opts, &work, &base, &tagger_dir, &tagger_key, ctx),
     )?;
     stages.insert("unet".into(), rec);
     stages.insert("tagger".into(), tagger_rec);
@@ -527,7 +546,7 @@ mod tests {
                 recipe: BuildRecipe::quick(3),
                 keep_work: false,
                 concurrent: k == 0,
-                unet_stop_at_step: None,
+                stop_at: StopAt::default(),
             };
             let rep = pool.install(|| build(&opts, &Ctx::quiet())).unwrap();
             assert!(!out.join("work").exists());
@@ -555,32 +574,32 @@ mod tests {
         );
     }
 
-    /// A build stopped in its UNet stage (as by Ctrl-C, after a checkpoint)
-    /// resumes that training run when it is run again, and writes the bytes
-    /// of a build that was never stopped.
+    /// A build stopped in each of its training stages in turn (as by
+    /// Ctrl-C: the stage saves where it is) goes on from there when run
+    /// again — the VAE, text and tagger loops from their state files, the
+    /// UNet's training run from its checkpoint — and writes the bytes of a
+    /// build that was never stopped.
     #[test]
-    fn a_build_stopped_in_the_unet_stage_resumes_it_bit_for_bit() {
+    fn a_build_stopped_in_each_training_stage_resumes_bit_for_bit() {
         let _polling = crate::nn::warm::tests::lock();
         let dir = tempfile::tempdir().unwrap();
         let pool = two_threads();
         let mut recipe = BuildRecipe::quick(3);
+        recipe.vae.steps = 4;
+        recipe.text.steps = 4;
         recipe.unet.steps = 4;
-        let opts = |name: &str, stop: Option<usize>| BuildOptions {
+        recipe.tagger.steps = 4;
+        let opts = |name: &str, stop_at: StopAt| BuildOptions {
             out: dir.path().join(name),
             recipe: recipe.clone(),
             keep_work: true,
             concurrent: false,
-            unet_stop_at_step: stop,
+            stop_at,
         };
-        pool.install(|| build(&opts("whole", None), &Ctx::quiet()))
+        pool.install(|| build(&opts("whole", StopAt::default()), &Ctx::quiet()))
             .unwrap();
-        let err = pool
-            .install(|| build(&opts("stopped", Some(2)), &Ctx::quiet()))
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("interrupted at step 2 of 4"), "{err}");
-        assert!(err.contains("resume"), "{err}");
-        let ds = dir.path().join("stopped/work/dataset");
+        let work = dir.path().join("stopped/work");
+        let ds = work.join("dataset");
         let runs = |ds: &Path| -> Vec<(i64, String)> {
             let m = Manifest::open_read_only(ds).unwrap();
             let mut st = m
@@ -594,18 +613,68 @@ mod tests {
                 .unwrap();
             rows
         };
-        let stopped = runs(&ds);
-        assert_eq!(stopped.len(), 1, "{stopped:?}");
-        assert_eq!(stopped[0].1, "failed");
-        pool.install(|| build(&opts("stopped", None), &Ctx::quiet()))
+        // One after the other: VAE, text, UNet, tagger; each run finishes
+        // the stage the run before stopped.
+        let stop = |f: fn(&mut StopAt)| {
+            let mut s = StopAt::default();
+            f(&mut s);
+            s
+        };
+        let stops = [
+            (
+                stop(|s| s.vae = Some(2)),
+                "toy VAE training: interrupted at step 2 of 4",
+                "vae",
+            ),
+            (
+                stop(|s| s.text = Some(3)),
+                "toy text encoder training: interrupted at step 3 of 4",
+                "text",
+            ),
+            (
+                stop(|s| s.unet = Some(2)),
+                "UNet training was interrupted at step 2 of 4",
+                "unet",
+            ),
+            (
+                stop(|s| s.tagger = Some(1)),
+                "toy tagger training: interrupted at step 1 of 4",
+                "tagger",
+            ),
+        ];
+        let mut unet_run = None;
+        for (stop_at, says, stage) in stops {
+            let err = pool
+                .install(|| build(&opts("stopped", stop_at), &Ctx::quiet()))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(says), "{err}");
+            assert!(err.contains("resume"), "{err}");
+            assert!(!work.join(format!("{stage}.json")).exists(), "{stage}");
+            if stage == "unet" {
+                let r = runs(&ds);
+                assert_eq!(r.len(), 1, "{r:?}");
+                assert_eq!(r[0].1, "failed");
+                unet_run = Some(r[0].0);
+            } else {
+                assert!(work.join(format!("{stage}.resume.safetensors")).is_file());
+            }
+        }
+        // The stages that finished removed their state files.
+        for stage in ["vae", "text"] {
+            assert!(!work.join(format!("{stage}.resume.safetensors")).exists());
+        }
+        pool.install(|| build(&opts("stopped", StopAt::default()), &Ctx::quiet()))
             .unwrap();
+        assert!(!work.join("tagger.resume.safetensors").exists());
         // The same run went on (no second train run) and finished.
-        assert_eq!(runs(&ds), vec![(stopped[0].0, "done".to_string())]);
-        let read =
-            |name: &str| std::fs::read(dir.path().join(name).join("model.safetensors")).unwrap();
-        assert!(
-            read("whole") == read("stopped"),
-            "the resumed build's model differs from the build that was never stopped"
-        );
+        assert_eq!(runs(&ds), vec![(unet_run.unwrap(), "done".to_string())]);
+        for f in ["model.safetensors", "tagger/model.safetensors"] {
+            let read = |name: &str| std::fs::read(dir.path().join(name).join(f)).unwrap();
+            assert!(
+                read("whole") == read("stopped"),
+                "the resumed build's {f} differs from the build that was never stopped"
+            );
+        }
     }
 }

@@ -11,12 +11,15 @@
 //!   as a WD tagger folder, accuracy on fresh scenes.
 //! - [`text`]: pretraining the toy text encoders on toy captions (tags
 //!   back from the encoders' SDXL outputs), so colours bind to their nouns.
+//! - [`resume`]: the VAE, text and tagger loops of `toy build` save their
+//!   state and go on from it after Ctrl-C or a kill.
 //! - [`write_scenes`]: PNG + `.txt` sidecars that `eps2v import` takes.
 
 pub mod build;
 mod defaults;
 pub mod eval;
 pub mod models;
+pub mod resume;
 pub mod scenes;
 pub mod tagger;
 pub mod tags;

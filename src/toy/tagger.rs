@@ -40,6 +40,7 @@ use candle_nn::{ParamsAdamW, VarBuilder, VarMap};
 use image::RgbImage;
 use serde::Serialize;
 
+use super::resume::{named_vars, Checkpoints, TrainLoop};
 use super::scenes::{all_tags, Scene};
 use crate::models::sdxl::{init_params, varmap_tensors};
 use crate::models::tagger::labels::{Labels, CATEGORY_GENERAL};
@@ -239,9 +240,14 @@ impl ToyTagger {
 /// Train a toy tagger on scenes, each batch followed by
 /// `opts.round_trip_batch` images of `round_trips` when it is not empty
 /// (module docs).
+///
+/// With `ck` the loop saves its state now and then and where it is
+/// stopped, and goes on from a state saved under the same settings
+/// ([`super::resume`]).
 pub fn train_tagger(
     opts: &TaggerTraining,
     round_trips: &[RoundTrip],
+    ck: Option<&Checkpoints>,
     ctx: &Ctx,
 ) -> Result<(ToyTagger, TaggerTrainReport)> {
     if opts.steps == 0 || opts.batch == 0 {
@@ -249,7 +255,6 @@ pub fn train_tagger(
             "toy tagger training: steps and batch must be > 0",
         ));
     }
-    let t0 = std::time::Instant::now();
     let tagger = ToyTagger::new(&opts.config, opts.seed)?;
     let vars = tagger.varmap.all_vars();
     let params = vars.iter().map(|v| v.elem_count()).sum();
@@ -263,22 +268,24 @@ pub fn train_tagger(
     )?;
     let tags = all_tags();
     let warmup = (opts.steps / 20).max(1);
+    let mut lp = TrainLoop::start(
+        "tagger",
+        opts.steps,
+        named_vars(&tagger.varmap, ""),
+        &mut opt,
+        ck,
+        ctx,
+    )?;
     let bar = ctx.bar(opts.steps as u64, "tagger");
+    bar.set_position(lp.start as u64);
     let mut warm = crate::nn::keep_warm();
-    let mut losses = Vec::with_capacity(opts.steps);
     let from_pool = if round_trips.is_empty() {
         0
     } else {
         opts.round_trip_batch
     };
-    for step in 0..opts.steps {
+    for step in lp.start..opts.steps {
         warm.refresh();
-        if ctx.cancelled() {
-            return Err(Error::Other(format!(
-                "toy tagger training: stopped at step {step} of {} (a stage running beside it failed or was interrupted)",
-                opts.steps
-            )));
-        }
         let (mut images, mut scenes) = drawn_images(
             &tagger.preprocess,
             opts.data_seed,
@@ -294,16 +301,18 @@ pub fn train_tagger(
         let y = scene_targets(&scenes, &tags)?;
         let loss = bce_with_logits(&tagger.model.forward(&x)?, &y)?;
         let lr = opts.lr * ((step + 1) as f64 / warmup as f64).min(1.0);
-        let l = super::optimizer_step(&mut opt, &loss, lr, step, "toy tagger", &mut losses)?;
+        let l = super::optimizer_step(&mut opt, &loss, lr, step, "toy tagger", &mut lp.losses)?;
         bar.set_message(format!("loss {l:.4}"));
         bar.inc(1);
+        lp.after_step(step + 1, &opt, None)?;
     }
     bar.finish_and_clear();
+    let seconds = lp.seconds();
     Ok((
         tagger,
         TaggerTrainReport {
-            losses,
-            seconds: t0.elapsed().as_secs_f64(),
+            losses: lp.losses,
+            seconds,
             params,
         },
     ))
@@ -467,7 +476,7 @@ mod tests {
             .unwrap()
             .loss_on(99, 0, 16)
             .unwrap();
-        let (t, rep) = train_tagger(&opts, &[], &Ctx::quiet()).unwrap();
+        let (t, rep) = train_tagger(&opts, &[], None, &Ctx::quiet()).unwrap();
         assert_eq!(rep.losses.len(), 12);
         let after = t.loss_on(99, 0, 16).unwrap();
         assert!(after < 0.8 * before, "loss {before} → {after}");
@@ -480,7 +489,7 @@ mod tests {
         assert_eq!(acc.scenes, 8);
         assert!((0.0..=1.0).contains(&acc.tag_f1));
         // Same seeds, same weights.
-        let (t2, _) = train_tagger(&opts, &[], &Ctx::quiet()).unwrap();
+        let (t2, _) = train_tagger(&opts, &[], None, &Ctx::quiet()).unwrap();
         assert_eq!(t2.loss_on(99, 0, 16).unwrap(), after);
     }
 
@@ -491,7 +500,7 @@ mod tests {
             round_trip_batch: 4,
             ..small()
         };
-        let plain = train_tagger(&opts, &[], &Ctx::quiet()).unwrap().1;
+        let plain = train_tagger(&opts, &[], None, &Ctx::quiet()).unwrap().1;
         // Pool entries whose "round trip" is the scene itself: the batches
         // are drawn scenes throughout, but 4 more (pool order) than without
         // a pool.
@@ -502,7 +511,7 @@ mod tests {
                 (s, img)
             })
             .collect();
-        let pooled = train_tagger(&opts, &pool, &Ctx::quiet()).unwrap().1;
+        let pooled = train_tagger(&opts, &pool, None, &Ctx::quiet()).unwrap().1;
         assert_ne!(plain.losses[0], pooled.losses[0]);
         // Batch 0 is the drawn scenes 0..b of data_seed and pool 0..4: the
         // same loss as training on exactly those images.

@@ -31,6 +31,7 @@ use candle_core::{DType, Device, Tensor, D};
 use candle_nn::{ParamsAdamW, VarBuilder, VarMap};
 use serde::Serialize;
 
+use super::resume::{named_vars, Checkpoints, TrainLoop};
 use super::scenes::{all_tags, Scene};
 use super::tagger::{bce_with_logits, scene_targets};
 use crate::models::sdxl::clip::SdxlTextEncoder;
@@ -168,9 +169,13 @@ impl Probe {
 
 /// Pretrain the text encoders of the toy checkpoint `ckpt` (module docs);
 /// returns their weights (checkpoint key names, f32) and the report.
+/// With `ck` the loop saves its state now and then and where it is
+/// stopped, and goes on from a state saved under the same settings
+/// ([`super::resume`]).
 pub fn train_text(
     ckpt: &Path,
     opts: &TextTraining,
+    ck: Option<&Checkpoints>,
     ctx: &Ctx,
 ) -> Result<(BTreeMap<String, Tensor>, TextTrainReport)> {
     if opts.steps == 0 || opts.batch == 0 {
@@ -178,7 +183,6 @@ pub fn train_text(
             "toy text training: steps and batch must be > 0",
         ));
     }
-    let t0 = std::time::Instant::now();
     let probe = Probe::new(ckpt, opts.seed)?;
     let eval_seed = opts.data_seed.wrapping_add(1);
     let exact_before = probe.exact(eval_seed, 256)?;
@@ -194,10 +198,13 @@ pub fn train_text(
     )?;
     let tags = all_tags();
     let warmup = (opts.steps / 20).max(1);
+    let mut named = named_vars(&probe.varmap, "");
+    named.extend(named_vars(&probe.head, "head."));
+    let mut lp = TrainLoop::start("text encoder", opts.steps, named, &mut opt, ck, ctx)?;
     let bar = ctx.bar(opts.steps as u64, "text encoders");
+    bar.set_position(lp.start as u64);
     let mut warm = crate::nn::keep_warm();
-    let mut losses = Vec::with_capacity(opts.steps);
-    for step in 0..opts.steps {
+    for step in lp.start..opts.steps {
         warm.refresh();
         let start = (step * opts.batch) as u64;
         let scenes: Vec<Scene> = (0..opts.batch as u64)
@@ -206,19 +213,21 @@ pub fn train_text(
         let captions: Vec<String> = scenes.iter().map(Scene::caption).collect();
         let loss = bce_with_logits(&probe.logits(&captions)?, &scene_targets(&scenes, &tags)?)?;
         let lr = opts.lr * ((step + 1) as f64 / warmup as f64).min(1.0);
-        let l = super::optimizer_step(&mut opt, &loss, lr, step, "toy text", &mut losses)?;
+        let l = super::optimizer_step(&mut opt, &loss, lr, step, "toy text", &mut lp.losses)?;
         bar.set_message(format!("loss {l:.4}"));
         bar.inc(1);
+        lp.after_step(step + 1, &opt, None)?;
     }
     bar.finish_and_clear();
     let exact_after = probe.exact(eval_seed, 256)?;
+    let seconds = lp.seconds();
     Ok((
         probe.text_tensors()?,
         TextTrainReport {
-            losses,
+            losses: lp.losses,
             exact_before,
             exact_after,
-            seconds: t0.elapsed().as_secs_f64(),
+            seconds,
         },
     ))
 }
@@ -247,7 +256,7 @@ mod tests {
             lr: 3e-3,
             ..Default::default()
         };
-        let (t, rep) = train_text(&ckpt, &opts, &Ctx::quiet()).unwrap();
+        let (t, rep) = train_text(&ckpt, &opts, None, &Ctx::quiet()).unwrap();
         let head: f32 = rep.losses[..5].iter().sum::<f32>() / 5.0;
         let tail: f32 = rep.losses[25..].iter().sum::<f32>() / 5.0;
         assert!(tail < 0.8 * head, "loss {head} → {tail}");
@@ -261,7 +270,7 @@ mod tests {
         let key = "conditioner.embedders.1.model.text_projection";
         use crate::gpubench::max_abs_diff;
         assert!(max_abs_diff(&t[key], &file[key]).unwrap() > 0.0);
-        let (t2, _) = train_text(&ckpt, &opts, &Ctx::quiet()).unwrap();
+        let (t2, _) = train_text(&ckpt, &opts, None, &Ctx::quiet()).unwrap();
         let same = max_abs_diff(&t[key], &t2[key]).unwrap();
         assert_eq!(same, 0.0, "same seeds, same weights");
     }

@@ -48,6 +48,7 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 
+use super::resume::{named_vars, Checkpoints, TrainLoop};
 use super::scenes::Scene;
 use crate::diffusion::noise::normals;
 use crate::models::sdxl::{init_params, Vae, VaeConfig};
@@ -325,13 +326,20 @@ impl ToyVae {
 
 /// Train the toy VAE (module docs), then normalise its latents on 256
 /// fresh scenes (seed `data_seed + 1`).
-pub fn train_vae(opts: &VaeTraining, ctx: &Ctx) -> Result<(ToyVae, VaeTrainReport)> {
+///
+/// With `ck` the loop saves its state now and then and where it is stopped,
+/// and goes on from a state saved under the same settings
+/// ([`super::resume`]).
+pub fn train_vae(
+    opts: &VaeTraining,
+    ck: Option<&Checkpoints>,
+    ctx: &Ctx,
+) -> Result<(ToyVae, VaeTrainReport)> {
     if opts.steps == 0 || opts.batch == 0 {
         return Err(Error::config(
             "toy vae training: steps and batch must be > 0",
         ));
     }
-    let t0 = std::time::Instant::now();
     let tv = ToyVae::new(opts.seed)?;
     let vars = tv.varmap.all_vars();
     let params = vars.iter().map(|v| v.elem_count()).sum();
@@ -347,10 +355,26 @@ pub fn train_vae(opts: &VaeTraining, ctx: &Ctx) -> Result<(ToyVae, VaeTrainRepor
     let lat = (opts.crop / 8) as usize;
     let e = VaeConfig::toy().embed_dim;
     let mut rng = ChaCha8Rng::seed_from_u64(opts.seed ^ 0x7661_655f_6e6f_6973); // "vae_nois"
+    let mut lp = TrainLoop::start(
+        "VAE",
+        opts.steps,
+        named_vars(&tv.varmap, ""),
+        &mut opt,
+        ck,
+        ctx,
+    )?;
+    if lp.start > 0 {
+        let pos = lp.rng_word_pos.ok_or_else(|| {
+            Error::config(
+                "toy VAE training: the saved state has no noise position; delete it to start over",
+            )
+        })?;
+        rng.set_word_pos(pos);
+    }
     let bar = ctx.bar(opts.steps as u64, "vae");
+    bar.set_position(lp.start as u64);
     let mut warm = crate::nn::keep_warm();
-    let mut losses = Vec::with_capacity(opts.steps);
-    for step in 0..opts.steps {
+    for step in lp.start..opts.steps {
         warm.refresh();
         let x = scene_crops_at(
             opts.data_seed,
@@ -366,20 +390,22 @@ pub fn train_vae(opts: &VaeTraining, ctx: &Ctx) -> Result<(ToyVae, VaeTrainRepor
         )?;
         let (loss, l1) = tv.loss(&x, &eps, opts.kl_weight)?;
         let lr = opts.lr * lr_factor(step, opts.steps, warmup, LrSchedule::Cosine, 0.1);
-        super::optimizer_step(&mut opt, &loss, lr, step, "toy vae", &mut losses)?;
+        super::optimizer_step(&mut opt, &loss, lr, step, "toy vae", &mut lp.losses)?;
         bar.set_message(format!("l1 {:.4}", l1.to_scalar::<f32>()?));
         bar.inc(1);
+        lp.after_step(step + 1, &opt, Some(rng.get_word_pos()))?;
     }
     bar.finish_and_clear();
     let eval_seed = opts.data_seed.wrapping_add(1);
     let (latent_mean, latent_std) = tv.latent_stats(eval_seed, 0, 256)?;
     tv.normalize_latents(&latent_mean, &latent_std)?;
     let recon_mae = tv.recon_mae(eval_seed, 0, 64)?;
+    let seconds = lp.seconds();
     Ok((
         tv,
         VaeTrainReport {
-            losses,
-            seconds: t0.elapsed().as_secs_f64(),
+            losses: lp.losses,
+            seconds,
             params,
             latent_mean,
             latent_std,
@@ -401,7 +427,7 @@ mod tests {
             ..Default::default()
         };
         let before = ToyVae::new(opts.seed).unwrap().recon_mae(99, 0, 8).unwrap();
-        let (tv, rep) = train_vae(&opts, &Ctx::quiet()).unwrap();
+        let (tv, rep) = train_vae(&opts, None, &Ctx::quiet()).unwrap();
         assert_eq!(rep.losses.len(), 16);
         let after = tv.recon_mae(99, 0, 8).unwrap();
         assert!(after < before, "recon mae {before} → {after}");
@@ -415,7 +441,7 @@ mod tests {
         }
         // Folding the scale is exact up to rounding.
         let mae2 = {
-            let t2 = train_vae(&opts, &Ctx::quiet()).unwrap().0;
+            let t2 = train_vae(&opts, None, &Ctx::quiet()).unwrap().0;
             t2.recon_mae(99, 0, 8).unwrap()
         };
         assert_eq!(mae2, after, "same seeds, same weights");

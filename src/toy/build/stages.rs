@@ -18,6 +18,7 @@ use crate::pipeline::{LoadOptions, SdxlModel};
 use crate::stages::bucket::{BucketConfig, BucketSet, CropArg};
 use crate::stages::import::ImportConfig;
 use crate::stages::Ctx;
+use crate::toy::resume::Checkpoints;
 use crate::toy::tagger::{round_trip_pool, train_tagger};
 use crate::toy::text::train_text;
 use crate::toy::vae::train_vae;
@@ -191,11 +192,12 @@ pub(super) fn dataset_stage(
 
 /// Stage 3: the VAE in `work/vae.safetensors`.
 pub(super) fn vae_stage(
-    r: &BuildRecipe,
+    opts: &BuildOptions,
     work: &Path,
     vae_key: &serde_json::Value,
     ctx: &Ctx,
 ) -> Result<StageRecord> {
+    let r = &opts.recipe;
     let vae_file = work.join("vae.safetensors");
     if let Some(rec) = cached(work, "vae", vae_key).filter(|_| vae_file.is_file()) {
         return Ok(rec);
@@ -204,7 +206,9 @@ pub(super) fn vae_stage(
         "toy build: training the VAE ({} steps)",
         r.vae.steps
     ));
-    let (tv, rep) = train_vae(&r.vae, ctx)?;
+    let ck =
+        Checkpoints::new(work.join("vae.resume.safetensors"), vae_key).stop_at(opts.stop_at.vae);
+    let (tv, rep) = train_vae(&r.vae, Some(&ck), ctx)?;
     save_tensors(&vae_file, tv.tensors()?)?;
     let rec = StageRecord::trained(
         rep.seconds,
@@ -217,18 +221,20 @@ pub(super) fn vae_stage(
         }),
     );
     record(work, "vae", vae_key, &rec)?;
+    ck.remove()?;
     Ok(rec)
 }
 
 /// Stage 4b: the text encoders of `random`, pretrained on toy captions, in
 /// `work/text.safetensors` (none with `text.steps` 0).
 pub(super) fn text_stage(
-    r: &BuildRecipe,
+    opts: &BuildOptions,
     work: &Path,
     random: &Path,
     text_key: &serde_json::Value,
     ctx: &Ctx,
 ) -> Result<Option<StageRecord>> {
+    let r = &opts.recipe;
     if r.text.steps == 0 {
         return Ok(None);
     }
@@ -240,7 +246,9 @@ pub(super) fn text_stage(
         "toy build: pretraining the text encoders ({} steps x {})",
         r.text.steps, r.text.batch
     ));
-    let (t, rep) = train_text(random, &r.text, ctx)?;
+    let ck =
+        Checkpoints::new(work.join("text.resume.safetensors"), text_key).stop_at(opts.stop_at.text);
+    let (t, rep) = train_text(random, &r.text, Some(&ck), ctx)?;
     save_tensors(&text_file, t)?;
     let rec = StageRecord::trained(
         rep.seconds,
@@ -251,6 +259,7 @@ pub(super) fn text_stage(
         }),
     );
     record(work, "text", text_key, &rec)?;
+    ck.remove()?;
     Ok(Some(rec))
 }
 
@@ -287,7 +296,7 @@ pub(super) fn unet_stage(
     let t = Instant::now();
     let train_opts = TrainOptions {
         resume,
-        stop_at_step: opts.unet_stop_at_step,
+        stop_at_step: opts.stop_at.unet,
         ..Default::default()
     };
     let rep = train(&cfg, &mut m, &train_opts, ctx)?;
@@ -323,13 +332,14 @@ pub(super) fn unet_stage(
 /// Stage 6: the tagger in `tagger_dir` (with round trips through the VAE of
 /// `base` when the recipe asks for them).
 pub(super) fn tagger_stage(
-    r: &BuildRecipe,
+    opts: &BuildOptions,
     work: &Path,
     base: &Path,
     tagger_dir: &Path,
     tagger_key: &serde_json::Value,
     ctx: &Ctx,
 ) -> Result<StageRecord> {
+    let r = &opts.recipe;
     if let Some(rec) = cached(work, "tagger", tagger_key)
         .filter(|_| tagger_dir.join("model.safetensors").is_file())
     {
@@ -350,7 +360,9 @@ pub(super) fn tagger_stage(
     } else {
         Vec::new()
     };
-    let (t, rep) = train_tagger(&r.tagger, &pool, ctx)?;
+    let ck = Checkpoints::new(work.join("tagger.resume.safetensors"), tagger_key)
+        .stop_at(opts.stop_at.tagger);
+    let (t, rep) = train_tagger(&r.tagger, &pool, Some(&ck), ctx)?;
     t.save(tagger_dir)?;
     let rec = StageRecord::trained(
         rep.seconds,
@@ -358,6 +370,7 @@ pub(super) fn tagger_stage(
         serde_json::json!({ "params": rep.params }),
     );
     record(work, "tagger", tagger_key, &rec)?;
+    ck.remove()?;
     Ok(rec)
 }
 
