@@ -360,6 +360,17 @@ pub fn run_train(a: TrainArgs, json: bool) -> Result<i32> {
         for p in &r.exported {
             println!("exported: {}", p.display());
         }
+        for t in &r.tidied {
+            println!(
+                "earlier run {} had been left `running` by a dead process: marked failed{}",
+                t.run_id,
+                if t.resumable {
+                    format!(", resumable with --resume {}", t.run_id)
+                } else {
+                    String::new()
+                }
+            );
+        }
         if r.interrupted {
             println!(
                 "interrupted at step {}; resume with: eps2v train {} --resume {} (same flags)",

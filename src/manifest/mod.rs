@@ -8,10 +8,14 @@
 //! - WAL mode: a reader (`sqlite3 manifest.sqlite`, `eps2v inspect`) can
 //!   query while a stage writes; stages write in batched transactions, so a
 //!   `kill -9` loses at most the batch in flight, which the rerun redoes.
-//! - Every decision carries the run that made it (`runs` table).
+//! - Every decision carries the run that made it (`runs` table); a process
+//!   working on a training run or a `run` pipeline holds its lock
+//!   ([`RunLock`], `lock.rs`), so a live run is never taken over.
 
+mod lock;
 mod records;
 
+pub use lock::{RunLock, LOCK_DIR};
 pub use records::*;
 
 use std::path::{Path, PathBuf};

@@ -35,7 +35,7 @@ use sha2::{Digest, Sha256};
 
 use crate::diffusion::Prediction;
 use crate::error::IoContext;
-use crate::manifest::Manifest;
+use crate::manifest::{Manifest, RunLock};
 use crate::merge::{self, MergeConfig, Side, SweepEval};
 use crate::pipeline::LoadOptions;
 use crate::stages::{self, Ctx};
@@ -192,15 +192,17 @@ fn open_dataset(root: &Path, creates: bool) -> Result<Manifest> {
     Manifest::init(root)
 }
 
-/// The pipeline row to use: the newest with the same config key (reopened,
-/// its stored config updated to the paths given now), or a new one carrying
-/// over the newest row's still-valid stages.
+/// The pipeline row to use, locked for this process: the newest with the
+/// same config key (reopened, its stored config updated to the paths given
+/// now), or a new one carrying over the newest row's still-valid stages.
+/// While another process runs the newest row (its lock is held), a second
+/// `run` on the dataset is refused, naming that process.
 fn pipeline_row(
     m: &Manifest,
     value: &serde_json::Value,
     digests: &BTreeMap<String, String>,
     key: &str,
-) -> Result<(i64, Progress)> {
+) -> Result<(i64, Progress, RunLock)> {
     let latest: Option<(i64, String, Option<String>)> = m
         .conn()
         .query_row(
@@ -216,6 +218,10 @@ fn pipeline_row(
     let mut progress = Progress {
         key: key.to_string(),
         ..Default::default()
+    };
+    let held = match &latest {
+        Some((id, ..)) => Some(m.lock_run(*id)?),
+        None => None,
     };
     if let Some((id, json, counts)) = &latest {
         let old: Progress = counts
@@ -245,12 +251,16 @@ fn pipeline_row(
                 )
                 .map_err(|e| m.err(e))?;
             save_progress(m, *id, &progress)?;
-            return Ok((*id, progress));
+            if let Some(lock) = held {
+                return Ok((*id, progress, lock));
+            }
         }
     }
     let id = m.begin_run("run", value)?;
+    let lock = m.lock_run(id)?;
+    drop(held);
     save_progress(m, id, &progress)?;
-    Ok((id, progress))
+    Ok((id, progress, lock))
 }
 
 /// The evaluation prompts: `prompt_count` draws from the generate template.
@@ -307,7 +317,8 @@ pub fn run(cfg: &RunConfig, adherence: Option<&AdherenceFn<'_>>, ctx: &Ctx) -> R
     let root = cfg.dataset.clone();
     let mut m = open_dataset(&root, cfg.has("generate"))?;
     let (digests, key) = digests(cfg)?;
-    let (run_id, mut progress) = pipeline_row(&m, &serde_json::to_value(cfg)?, &digests, &key)?;
+    let (run_id, mut progress, _lock) =
+        pipeline_row(&m, &serde_json::to_value(cfg)?, &digests, &key)?;
     let out_dir = train::run_dir(&root, run_id);
     std::fs::create_dir_all(&out_dir).at(&out_dir)?;
     let mut report = RunReport {
@@ -649,4 +660,35 @@ fn evaluate(
         });
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The pipeline row is locked while a `run` works on it: a second
+    /// `run` on the dataset meanwhile is refused naming the first process,
+    /// whatever its config; once the first is gone its row is reopened
+    /// (same config) or a new one starts (another config).
+    #[test]
+    fn a_second_run_on_a_dataset_in_use_is_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let m = Manifest::init(d.path()).unwrap();
+        let value = serde_json::json!({"a": 1});
+        let digests = BTreeMap::new();
+        let (id, _, lock) = pipeline_row(&m, &value, &digests, "k1").unwrap();
+        for key in ["k1", "k2"] {
+            let e = pipeline_row(&m, &value, &digests, key)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(&format!("run {id} is in use")), "{e}");
+        }
+        drop(lock);
+        let (again, _, lock) = pipeline_row(&m, &value, &digests, "k1").unwrap();
+        assert_eq!(again, id);
+        drop(lock);
+        let (other, _, _lock) = pipeline_row(&m, &value, &digests, "k2").unwrap();
+        assert_ne!(other, id);
+        assert!(!m.run_is_live(id).unwrap() && m.run_is_live(other).unwrap());
+    }
 }

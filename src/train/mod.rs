@@ -116,6 +116,10 @@ pub struct TrainReport {
     pub rollbacks: usize,
     /// Stopped by a signal (a resumable checkpoint was written).
     pub interrupted: bool,
+    /// Training runs of the dataset that dead processes had left
+    /// `running`, marked `failed` at this run's start
+    /// ([`state::tidy_dead_runs`]).
+    pub tidied: Vec<state::Tidied>,
     /// Why training stopped before its last step, if it did.
     pub stopped_early: Option<String>,
     /// Training-set eligibility counts.
@@ -255,8 +259,11 @@ pub fn train(
     // --- the run: new, or resumed from its newest checkpoint ---------------
     // The base by content: a resume refuses a file replaced under its name.
     let base_sha256 = crate::models::sdxl::checkpoint::sha256_file(&cfg.model)?;
-    let (run_id, resumed): (i64, Option<Loaded>) = match opts.resume {
+    let (run_id, resumed, _lock): (i64, Option<Loaded>, _) = match opts.resume {
         Some(id) => {
+            // Before anything of the run is touched: another process may
+            // be training it.
+            let lock = m.lock_run(id)?;
             let dir = run_dir(&root, id);
             let latest = state::latest(&dir)?.ok_or_else(|| {
                 Error::config(format!(
@@ -277,10 +284,33 @@ pub fn train(
                     [id],
                 )
                 .map_err(|e| m.err(e))?;
-            (id, Some(loaded))
+            (id, Some(loaded), lock)
         }
-        None => (m.begin_run("train", cfg)?, None),
+        None => {
+            let id = m.begin_run("train", cfg)?;
+            (id, None, m.lock_run(id)?)
+        }
     };
+    report.tidied = state::tidy_dead_runs(m, run_id)?;
+    for t in &report.tidied {
+        ctx.say(&format!(
+            "training run {} was left `running` by a process that died; marked failed{}{}",
+            t.run_id,
+            if t.partial_saves_removed > 0 {
+                format!(
+                    ", {} half-written checkpoint(s) removed",
+                    t.partial_saves_removed
+                )
+            } else {
+                String::new()
+            },
+            if t.resumable {
+                format!(" (resume it with --resume {})", t.run_id)
+            } else {
+                String::new()
+            }
+        ));
+    }
     let rdir = run_dir(&root, run_id);
     std::fs::create_dir_all(&rdir).at(&rdir)?;
     report.run_id = run_id;

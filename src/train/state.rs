@@ -189,7 +189,8 @@ pub fn latest(run_dir: &Path) -> Result<Option<PathBuf>> {
 /// Unfinished is `running` (killed: `kill -9`, a crash, an error) or
 /// `failed`, which the trainer writes only when it stopped on request
 /// (Ctrl-C, SIGTERM, a stage beside it failing) after saving a
-/// checkpoint of where it stopped. A checkpoint that cannot be read is
+/// checkpoint of where it stopped. A checkpoint that cannot be read, and
+/// a run that another process holds ([`Manifest::run_is_live`]), are
 /// passed over (a new run starts).
 pub fn resumable_run(m: &Manifest, cfg: &TrainConfig) -> Result<Option<i64>> {
     let mut st = m
@@ -206,6 +207,10 @@ pub fn resumable_run(m: &Manifest, cfg: &TrainConfig) -> Result<Option<i64>> {
         .map_err(|e| m.err(e))?;
     let base = crate::models::sdxl::checkpoint::sha256_file(&cfg.model)?;
     for id in ids {
+        // Another process is training it.
+        if m.run_is_live(id)? {
+            continue;
+        }
         let Some(latest) = latest(&super::run_dir(m.root(), id))? else {
             continue;
         };
@@ -217,6 +222,59 @@ pub fn resumable_run(m: &Manifest, cfg: &TrainConfig) -> Result<Option<i64>> {
         }
     }
     Ok(None)
+}
+
+/// A training run that a dead process left `running` (killed, crashed),
+/// as [`tidy_dead_runs`] found it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Tidied {
+    /// Its run id.
+    pub run_id: i64,
+    /// Half-written checkpoints removed from its folder.
+    pub partial_saves_removed: usize,
+    /// Whether it has a checkpoint to resume from (`train --resume ID`).
+    pub resumable: bool,
+}
+
+/// Mark the training runs of `m` other than `except` that are `running`
+/// but whose lock no process holds ([`Manifest::run_is_live`]: their
+/// process died) as `failed`, and remove the half-written checkpoints they
+/// left ([`sweep_partial`]). Their finished checkpoints stay: such a run
+/// is still resumed by [`resumable_run`] or `--resume ID`.
+pub fn tidy_dead_runs(m: &Manifest, except: i64) -> Result<Vec<Tidied>> {
+    let ids: Vec<i64> = {
+        let mut st = m
+            .conn()
+            .prepare("SELECT id FROM runs WHERE stage = 'train' AND status = 'running' AND id != ?1 ORDER BY id")
+            .map_err(|e| m.err(e))?;
+        let rows = st
+            .query_map([except], |r| r.get(0))
+            .map_err(|e| m.err(e))?
+            .collect::<std::result::Result<_, _>>()
+            .map_err(|e| m.err(e))?;
+        rows
+    };
+    let mut out = Vec::new();
+    for id in ids {
+        // Held for the tidying, so no process resumes it meanwhile.
+        let Ok(_lock) = m.try_lock_run(id)? else {
+            continue;
+        };
+        let rdir = super::run_dir(m.root(), id);
+        let partial_saves_removed = sweep_partial(&rdir)?;
+        m.conn()
+            .execute(
+                "UPDATE runs SET status = 'failed', ended_at = ?2 WHERE id = ?1 AND status = 'running'",
+                rusqlite::params![id, crate::manifest::now()],
+            )
+            .map_err(|e| m.err(e))?;
+        out.push(Tidied {
+            run_id: id,
+            partial_saves_removed,
+            resumable: latest(&rdir)?.is_some(),
+        });
+    }
+    Ok(out)
 }
 
 /// The newest `good-` checkpoint, if any.

@@ -269,6 +269,74 @@ fn resume_equals_an_uninterrupted_run_bit_for_bit() {
     assert_eq!(rows.iter().filter(|r| r.loss.is_some()).count(), 6);
 }
 
+/// A run another process is training (its lock held) is never taken
+/// over: `--resume` is refused naming the holder, `resumable_run` passes it
+/// over, and a new run leaves it alone. Once that process is gone (lock
+/// free) with the run still `running`, as `kill -9` leaves it, the next
+/// training run marks it failed and removes its half-written checkpoint,
+/// and it is resumable again.
+#[test]
+fn a_live_run_is_never_taken_over_and_dead_ones_are_tidied() {
+    let d = tempfile::tempdir().unwrap();
+    let (ds, ck) = super::testkit::dataset(d.path()).unwrap();
+    let cfg = quick(&ck, 3);
+    let stop1 = TrainOptions {
+        stop_at_step: Some(1),
+        ..Default::default()
+    };
+    let a = run(&ds, &cfg, &stop1).unwrap();
+    assert!(a.interrupted && a.tidied.is_empty());
+    let m = Manifest::open(&ds).unwrap();
+    let status = |id: i64| -> String {
+        m.conn()
+            .query_row("SELECT status FROM runs WHERE id = ?1", [id], |r| r.get(0))
+            .unwrap()
+    };
+    // As a process killed mid-save leaves it.
+    m.conn()
+        .execute(
+            "UPDATE runs SET status = 'running', ended_at = NULL WHERE id = ?1",
+            [a.run_id],
+        )
+        .unwrap();
+    let partial = state::dir(&a.run_dir).join(".step-000002.safetensors.tmp-424242");
+    std::fs::write(&partial, b"half a checkpoint").unwrap();
+
+    // Live: another process holds it.
+    let held = m.lock_run(a.run_id).unwrap();
+    let resume_a = TrainOptions {
+        resume: Some(a.run_id),
+        ..Default::default()
+    };
+    let e = run(&ds, &cfg, &resume_a).unwrap_err().to_string();
+    assert!(
+        e.contains(&format!(
+            "run {} is in use by another eps2v process",
+            a.run_id
+        )),
+        "{e}"
+    );
+    assert_eq!(state::resumable_run(&m, &cfg).unwrap(), None);
+    let b = run(&ds, &cfg, &stop1).unwrap();
+    assert!(b.tidied.is_empty(), "{:?}", b.tidied);
+    assert_eq!(status(a.run_id), "running");
+    assert!(partial.exists());
+
+    // Dead: the lock is free.
+    drop(held);
+    let c = run(&ds, &cfg, &stop1).unwrap();
+    assert_eq!(c.tidied.len(), 1, "{:?}", c.tidied);
+    assert_eq!(c.tidied[0].run_id, a.run_id);
+    assert_eq!(c.tidied[0].partial_saves_removed, 1);
+    assert!(c.tidied[0].resumable);
+    assert_eq!(status(a.run_id), "failed");
+    assert!(!partial.exists());
+    // The newest unfinished run of these settings is resumed first.
+    assert_eq!(state::resumable_run(&m, &cfg).unwrap(), Some(c.run_id));
+    let r = run(&ds, &cfg, &resume_a).unwrap();
+    assert!(r.resumed && !r.interrupted && r.steps == 3);
+}
+
 #[test]
 fn injected_nans_are_skipped_then_rolled_back_and_never_saved() {
     let d = tempfile::tempdir().unwrap();

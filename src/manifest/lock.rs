@@ -1,0 +1,181 @@
+//! Run locks: a process working on a run of a dataset (a training run, a
+//! `run` pipeline) holds an exclusive OS file lock (`flock(2)`; `libc`
+//! rather than `File::try_lock`, which needs Rust 1.89 against the crate's
+//! 1.85) on `<dataset>/.locks/run-<id>.lock`. The OS
+//! drops it when the process ends, however it ends — `kill -9` included.
+//! So a row still marked `running` whose lock is free was left by a
+//! process that died, and one whose lock is held is live:
+//! - a resume never takes over a run that another process is still
+//!   writing (two `eps2v run` on one dataset, or `train --resume N` while
+//!   run N trains), it says who holds it instead;
+//! - the trainer can mark the training runs that dead processes left
+//!   `running` as `failed` and remove the half-written checkpoints they
+//!   left, which only a resume of that run removed before.
+//!
+//! Why not a pid in the manifest: a pid cannot tell a dead process from a
+//! reused pid, nor a process on another machine sharing the folder; the
+//! file lock is released by the kernel itself. Probing a lock takes it for
+//! an instant, so a process that locks the same run at that very moment is
+//! told it is busy (rerun); locks on network file systems are as good as
+//! the file system's own (NFS v4 has them). The lock files stay (a few
+//! bytes each): removing one could let two processes lock different files
+//! under the same name.
+
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+
+use super::Manifest;
+use crate::error::{Error, IoContext, Result};
+
+/// Folder of the lock files, in the dataset folder.
+pub const LOCK_DIR: &str = ".locks";
+
+/// An exclusive lock on one run, held until dropped (or the process ends).
+#[derive(Debug)]
+pub struct RunLock {
+    _file: File,
+    path: PathBuf,
+}
+
+impl RunLock {
+    /// The lock file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+#[cfg(not(unix))]
+fn hostname() -> String {
+    std::env::var("COMPUTERNAME").unwrap_or_else(|_| "?".into())
+}
+
+#[cfg(unix)]
+fn hostname() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: the buffer is valid for its length; gethostname writes at
+    // most that many bytes.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    if rc != 0 {
+        return "?".into();
+    }
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    String::from_utf8_lossy(&buf[..end]).into_owned()
+}
+
+/// Take an exclusive lock on `file` without waiting: `Ok(false)` when
+/// another open file (another process) holds one.
+#[cfg(unix)]
+fn try_flock(file: &File) -> std::io::Result<bool> {
+    use std::os::unix::io::AsRawFd;
+    // SAFETY: a valid open descriptor; flock has no memory effects.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc == 0 {
+        return Ok(true);
+    }
+    let e = std::io::Error::last_os_error();
+    if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+        Ok(false)
+    } else {
+        Err(e)
+    }
+}
+
+/// Without `flock` every run looks free (no liveness).
+#[cfg(not(unix))]
+fn try_flock(_file: &File) -> std::io::Result<bool> {
+    Ok(true)
+}
+
+impl Manifest {
+    /// The lock file of run `id`.
+    pub fn run_lock_path(&self, id: i64) -> PathBuf {
+        self.root().join(LOCK_DIR).join(format!("run-{id}.lock"))
+    }
+
+    /// Lock run `id` for this process: `Ok(Err(holder))` when another
+    /// process holds it (`holder`: its pid, host and start, as it wrote
+    /// them).
+    pub fn try_lock_run(&self, id: i64) -> Result<std::result::Result<RunLock, String>> {
+        let path = self.run_lock_path(id);
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).at(dir)?;
+        }
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .at(&path)?;
+        match try_flock(&file) {
+            Ok(true) => {}
+            Ok(false) => {
+                let mut holder = String::new();
+                let _ = file.read_to_string(&mut holder);
+                let holder = holder.trim();
+                return Ok(Err(if holder.is_empty() {
+                    "another process".to_string()
+                } else {
+                    holder.to_string()
+                }));
+            }
+            Err(e) => return Err(Error::io(&path, e)),
+        }
+        let who = format!(
+            "pid {} on {}, since {}",
+            std::process::id(),
+            hostname(),
+            super::now()
+        );
+        file.set_len(0).at(&path)?;
+        file.seek(SeekFrom::Start(0)).at(&path)?;
+        file.write_all(who.as_bytes()).at(&path)?;
+        Ok(Ok(RunLock { _file: file, path }))
+    }
+
+    /// Lock run `id` for this process, or an error naming the process that
+    /// holds it and what to do.
+    pub fn lock_run(&self, id: i64) -> Result<RunLock> {
+        self.try_lock_run(id)?.map_err(|holder| {
+            Error::config(format!(
+                "{}: run {id} is in use by another eps2v process ({holder}); wait for it to finish or stop it (Ctrl-C), then rerun",
+                self.root().display()
+            ))
+        })
+    }
+
+    /// Whether another process holds run `id`'s lock now.
+    pub fn run_is_live(&self, id: i64) -> Result<bool> {
+        Ok(self.try_lock_run(id)?.is_err())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_held_lock_is_busy_until_dropped_and_names_its_holder() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = Manifest::init(dir.path()).unwrap();
+        assert!(!m.run_is_live(7).unwrap());
+        let lock = m.lock_run(7).unwrap();
+        assert!(lock.path().ends_with(".locks/run-7.lock"));
+        // Another open file description of the same file (as another
+        // process would have) cannot take it.
+        assert!(m.run_is_live(7).unwrap());
+        assert!(!m.run_is_live(8).unwrap());
+        let err = m.lock_run(7).unwrap_err().to_string();
+        assert!(
+            err.contains("run 7 is in use")
+                && err.contains(&format!("pid {}", std::process::id()))
+                && err.contains("rerun"),
+            "{err}"
+        );
+        drop(lock);
+        assert!(!m.run_is_live(7).unwrap());
+        let again = m.lock_run(7).unwrap();
+        drop(again);
+    }
+}
