@@ -149,6 +149,24 @@ impl Manifest {
     pub fn run_is_live(&self, id: i64) -> Result<bool> {
         Ok(self.try_lock_run(id)?.is_err())
     }
+
+    /// Who holds run `id`'s lock, without creating or writing anything
+    /// (for read-only views such as `inspect`): `None` when no process
+    /// does (or the run never had a lock file), else what the holder wrote.
+    pub fn run_holder(&self, id: i64) -> Result<Option<String>> {
+        let path = self.run_lock_path(id);
+        let mut file = match File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(Error::io(&path, e)),
+        };
+        if try_flock(&file).at(&path)? {
+            return Ok(None);
+        }
+        let mut holder = String::new();
+        let _ = file.read_to_string(&mut holder);
+        Ok(Some(holder.trim().to_string()))
+    }
 }
 
 #[cfg(test)]
@@ -173,7 +191,15 @@ mod tests {
                 && err.contains("rerun"),
             "{err}"
         );
+        let ro = Manifest::open_read_only(dir.path()).unwrap();
+        let holder = ro.run_holder(7).unwrap().unwrap();
+        assert!(
+            holder.starts_with(&format!("pid {} on ", std::process::id())),
+            "{holder}"
+        );
+        assert_eq!(ro.run_holder(9).unwrap(), None, "no lock file");
         drop(lock);
+        assert_eq!(ro.run_holder(7).unwrap(), None);
         assert!(!m.run_is_live(7).unwrap());
         let again = m.lock_run(7).unwrap();
         drop(again);

@@ -67,7 +67,10 @@ pub struct InspectReport {
     /// Alignment histogram of tagged generated items (bins of 0.1):
     /// bin, items, of which rejected.
     pub alignment: Table,
-    /// Most recent runs.
+    /// Most recent runs; for `train` and `run` rows still marked
+    /// `running`, `process` says whether a process holds the run's lock
+    /// (live, with its pid and host) or none does (it was killed or
+    /// crashed; the next training run marks it failed).
     pub runs: Table,
     /// `generate` plan rows: state, reason code, count (empty without a plan).
     pub generation_plan: Table,
@@ -95,6 +98,27 @@ pub fn query_table(m: &Manifest, sql: &str) -> Result<Table> {
         rows.push(row);
     }
     Ok(Table { columns, rows })
+}
+
+/// The 10 newest runs with a `process` column ([`InspectReport::runs`]).
+fn runs_table(m: &Manifest) -> Result<Table> {
+    let mut t = query_table(
+        m,
+        "SELECT id, stage, status, started_at, ended_at FROM runs ORDER BY id DESC LIMIT 10",
+    )?;
+    t.columns.push("process".into());
+    for row in &mut t.rows {
+        let locked = matches!(row[1].as_str(), Some("train" | "run"));
+        let process = match (row[0].as_i64(), row[2].as_str()) {
+            (Some(id), Some("running")) if locked => match m.run_holder(id)? {
+                Some(who) => format!("live: {who}").into(),
+                None => "none: killed or crashed".into(),
+            },
+            _ => serde_json::Value::Null,
+        };
+        row.push(process);
+    }
+    Ok(t)
 }
 
 /// Gather the standard report.
@@ -131,10 +155,7 @@ pub fn run(m: &Manifest, top: usize) -> Result<InspectReport> {
                     coalesce(max(size), 0) AS largest
              FROM (SELECT cluster_id, count(*) AS size FROM duplicates GROUP BY cluster_id)",
         )?,
-        runs: query_table(
-            m,
-            "SELECT id, stage, status, started_at, ended_at FROM runs ORDER BY id DESC LIMIT 10",
-        )?,
+        runs: runs_table(m)?,
         generation_plan: if has_table(m, "gen_items")? {
             query_table(
                 m,
@@ -220,4 +241,32 @@ pub fn sql(m: &Manifest, sql: &str) -> Result<Table> {
     }
     drop(st);
     query_table(m, sql)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A `running` training run shows whether a process holds it; other
+    /// rows have no `process`.
+    #[test]
+    fn runs_say_whether_a_running_run_has_a_live_process() {
+        let d = tempfile::tempdir().unwrap();
+        let m = Manifest::init(d.path()).unwrap();
+        let a = m.begin_run("train", &serde_json::json!({})).unwrap();
+        let b = m.begin_run("train", &serde_json::json!({})).unwrap();
+        let c = m.begin_run("import", &serde_json::json!({})).unwrap();
+        let held = m.lock_run(b).unwrap();
+        let ro = Manifest::open_read_only(d.path()).unwrap();
+        let t = run(&ro, 5).unwrap().runs;
+        assert_eq!(t.columns.last().map(String::as_str), Some("process"));
+        let process = |id: i64| t.rows.iter().find(|r| r[0] == id).unwrap()[5].clone();
+        assert_eq!(process(a), "none: killed or crashed");
+        assert!(
+            process(b).as_str().unwrap().starts_with("live: pid "),
+            "{t:?}"
+        );
+        assert!(process(c).is_null());
+        drop(held);
+    }
 }
