@@ -17,7 +17,9 @@
 //! file lock is released by the kernel itself. Probing a lock takes it for
 //! an instant, so a process that locks the same run at that very moment is
 //! told it is busy (rerun); locks on network file systems are as good as
-//! the file system's own (NFS v4 has them). The lock files stay (a few
+//! the file system's own (NFS v4 has them). A liveness probe
+//! ([`Manifest::run_is_live`], [`Manifest::run_holder`]) creates and
+//! writes nothing. The lock files stay (a few
 //! bytes each): removing one could let two processes lock different files
 //! under the same name.
 
@@ -87,6 +89,17 @@ fn try_flock(_file: &File) -> std::io::Result<bool> {
     Ok(true)
 }
 
+/// What the process holding `file`'s lock wrote in it ("pid … on …,
+/// since …"), or "another process" before it has written.
+fn holder(file: &mut File) -> String {
+    let mut who = String::new();
+    let _ = file.read_to_string(&mut who);
+    match who.trim() {
+        "" => "another process".into(),
+        w => w.into(),
+    }
+}
+
 impl Manifest {
     /// The lock file of run `id`.
     pub fn run_lock_path(&self, id: i64) -> PathBuf {
@@ -110,16 +123,7 @@ impl Manifest {
             .at(&path)?;
         match try_flock(&file) {
             Ok(true) => {}
-            Ok(false) => {
-                let mut holder = String::new();
-                let _ = file.read_to_string(&mut holder);
-                let holder = holder.trim();
-                return Ok(Err(if holder.is_empty() {
-                    "another process".to_string()
-                } else {
-                    holder.to_string()
-                }));
-            }
+            Ok(false) => return Ok(Err(holder(&mut file))),
             Err(e) => return Err(Error::io(&path, e)),
         }
         let who = format!(
@@ -147,7 +151,7 @@ impl Manifest {
 
     /// Whether another process holds run `id`'s lock now.
     pub fn run_is_live(&self, id: i64) -> Result<bool> {
-        Ok(self.try_lock_run(id)?.is_err())
+        Ok(self.run_holder(id)?.is_some())
     }
 
     /// Who holds run `id`'s lock, without creating or writing anything
@@ -163,9 +167,7 @@ impl Manifest {
         if try_flock(&file).at(&path)? {
             return Ok(None);
         }
-        let mut holder = String::new();
-        let _ = file.read_to_string(&mut holder);
-        Ok(Some(holder.trim().to_string()))
+        Ok(Some(holder(&mut file)))
     }
 }
 

@@ -219,11 +219,9 @@ fn pipeline_row(
         key: key.to_string(),
         ..Default::default()
     };
-    let held = match &latest {
-        Some((id, ..)) => Some(m.lock_run(*id)?),
-        None => None,
-    };
     if let Some((id, json, counts)) = &latest {
+        // Refused while another process runs it, whatever the config.
+        let lock = m.lock_run(*id)?;
         let old: Progress = counts
             .as_deref()
             .and_then(|c| serde_json::from_str::<Progress>(c).ok())
@@ -251,14 +249,11 @@ fn pipeline_row(
                 )
                 .map_err(|e| m.err(e))?;
             save_progress(m, *id, &progress)?;
-            if let Some(lock) = held {
-                return Ok((*id, progress, lock));
-            }
+            return Ok((*id, progress, lock));
         }
     }
     let id = m.begin_run("run", value)?;
     let lock = m.lock_run(id)?;
-    drop(held);
     save_progress(m, id, &progress)?;
     Ok((id, progress, lock))
 }

@@ -29,7 +29,9 @@ use candle_core::{DType, Device, Tensor, TensorId, Var};
 use serde::{Deserialize, Serialize};
 
 use crate::error::IoContext;
-use crate::models::sdxl::checkpoint::{is_partial_save, save_tensors, Checkpoint, SaveOptions};
+use crate::models::sdxl::checkpoint::{
+    remove_partial_saves, save_tensors, Checkpoint, SaveOptions,
+};
 use crate::nn::optim::{AdamW, SlotState};
 use crate::stages::Ctx;
 use crate::{Error, Result};
@@ -93,19 +95,8 @@ impl Checkpoints {
 
 /// Temporary files of saves of `path` that a kill left behind.
 fn sweep_partial(path: &Path) -> Result<()> {
-    let (Some(dir), Some(name)) = (path.parent(), path.file_name().and_then(|n| n.to_str())) else {
-        return Ok(());
-    };
-    let Ok(rd) = std::fs::read_dir(dir) else {
-        return Ok(());
-    };
-    for e in rd.flatten() {
-        let f = e.file_name();
-        let f = f.to_string_lossy();
-        if is_partial_save(&f) && f.starts_with(&format!(".{name}")) {
-            let p = e.path();
-            std::fs::remove_file(&p).at(&p)?;
-        }
+    if let (Some(dir), Some(name)) = (path.parent(), path.file_name().and_then(|n| n.to_str())) {
+        remove_partial_saves(dir, Some(name))?;
     }
     Ok(())
 }

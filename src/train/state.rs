@@ -30,7 +30,9 @@ use super::config::TrainConfig;
 use super::data::DataPos;
 use crate::error::IoContext;
 use crate::manifest::Manifest;
-use crate::models::sdxl::checkpoint::{is_partial_save, save_tensors, Checkpoint, SaveOptions};
+use crate::models::sdxl::checkpoint::{
+    remove_partial_saves, save_tensors, Checkpoint, SaveOptions,
+};
 use crate::nn::optim::SlotState;
 use crate::{Error, Result};
 
@@ -160,20 +162,7 @@ fn list(run_dir: &Path, prefix: &str) -> Result<Vec<(usize, PathBuf)>> {
 /// as large as a checkpoint each. Called when a run is resumed, which owns
 /// its folder. Returns how many were removed.
 pub fn sweep_partial(run_dir: &Path) -> Result<usize> {
-    let d = dir(run_dir);
-    let mut n = 0;
-    let Ok(rd) = std::fs::read_dir(&d) else {
-        return Ok(0);
-    };
-    for e in rd {
-        let e = e.at(&d)?;
-        let name = e.file_name().to_string_lossy().into_owned();
-        if is_partial_save(&name) && e.file_type().at(e.path())?.is_file() {
-            std::fs::remove_file(e.path()).at(e.path())?;
-            n += 1;
-        }
-    }
-    Ok(n)
+    remove_partial_saves(&dir(run_dir), None)
 }
 
 /// The newest rolling checkpoint, if any.

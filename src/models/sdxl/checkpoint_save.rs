@@ -40,6 +40,29 @@ pub fn is_partial_save(file_name: &str) -> bool {
             .is_some_and(|(_, pid)| !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit()))
 }
 
+/// Remove from `dir` the temporary files that killed saves left
+/// ([`is_partial_save`]); with `of`, only those of saves of the file named
+/// `of`. A missing folder has none. Returns how many were removed.
+pub fn remove_partial_saves(dir: &Path, of: Option<&str>) -> Result<usize> {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return Ok(0);
+    };
+    let prefix = of.map(|name| format!(".{name}{PARTIAL}"));
+    let mut n = 0;
+    for e in rd {
+        let e = e.at(dir)?;
+        let name = e.file_name().to_string_lossy().into_owned();
+        if is_partial_save(&name)
+            && prefix.as_ref().is_none_or(|p| name.starts_with(p.as_str()))
+            && e.file_type().at(e.path())?.is_file()
+        {
+            std::fs::remove_file(e.path()).at(e.path())?;
+            n += 1;
+        }
+    }
+    Ok(n)
+}
+
 pub(super) enum Source<'a> {
     Raw {
         dtype: &'a str,
