@@ -4,11 +4,17 @@
 //! one, what to do about it (see DESIGN.md §5). `anyhow` is used only in
 //! `main.rs` and `cli/`; library code returns [`Error`].
 //!
-//! Exit codes: an error that stops a command maps to 2 ([`Error::exit_code`]);
-//! per-item failures are not errors at this level — stages record them in the
-//! manifest and report them in their `*Report`, and the CLI exits with 1.
+//! Exit codes: an error that stops a command maps to 2 ([`Error::exit_code`]),
+//! an interruption (SIGINT / SIGTERM honoured at a safe point,
+//! [`Error::Interrupted`]) to 130 like a shell's Ctrl-C; per-item failures
+//! are not errors at this level — stages record them in the manifest and
+//! report them in their `*Report`, and the CLI exits with 1.
 
 use std::path::{Path, PathBuf};
+
+/// Exit code of a command stopped by SIGINT / SIGTERM: 128 + SIGINT, what
+/// a shell reports for a Ctrl-C'd process.
+pub const INTERRUPTED_EXIT: i32 = 130;
 
 /// Result alias used throughout the library.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -56,6 +62,10 @@ pub enum Error {
     /// JSON (de)serialisation failure.
     #[error("json: {0}")]
     Json(#[from] serde_json::Error),
+    /// Stopped by SIGINT / SIGTERM at a safe point, with what was kept and
+    /// how to go on (exit code 130).
+    #[error("{0}")]
+    Interrupted(String),
     /// Anything else, with context already in the message.
     #[error("{0}")]
     Other(String),
@@ -80,11 +90,16 @@ impl Error {
         Error::Model(msg.into())
     }
 
-    /// Process exit code when this error stops a command: always 2
-    /// (usage / config / model / environment). Exit code 1 is reserved for
-    /// "the stage ran but some items failed", which is not an `Error`.
+    /// Process exit code when this error stops a command: 130 for
+    /// [`Error::Interrupted`] (128 + SIGINT, what a shell reports for
+    /// Ctrl-C), else 2 (usage / config / model / environment). Exit code 1
+    /// is reserved for "the stage ran but some items failed", which is not
+    /// an `Error`.
     pub fn exit_code(&self) -> i32 {
-        2
+        match self {
+            Error::Interrupted(_) => INTERRUPTED_EXIT,
+            _ => 2,
+        }
     }
 }
 

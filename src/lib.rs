@@ -52,6 +52,7 @@ pub mod pipeline;
 pub mod prompts;
 pub mod report;
 pub mod run;
+pub mod signal;
 pub mod stages;
 pub mod toy;
 pub mod train;

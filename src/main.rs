@@ -8,7 +8,11 @@ fn main() {
     match eps2v::nn::on_pool(|| eps2v::cli::run(cli)) {
         Ok(code) => std::process::exit(code),
         Err(err) => {
-            eprintln!("error: {err}");
+            let stopped = matches!(
+                err.downcast_ref::<eps2v::Error>(),
+                Some(eps2v::Error::Interrupted(_))
+            );
+            eprintln!("{}: {err}", if stopped { "stopped" } else { "error" });
             for cause in err.chain().skip(1) {
                 eprintln!("  caused by: {cause}");
             }

@@ -1,6 +1,6 @@
 //! `eps2v caption` and `eps2v filter`: flags → [`CaptionConfig`] /
 //! [`FilterConfig`], summaries, exit codes (0 ok, 1 some items rejected by
-//! `caption` as unreadable, 2 usage / model errors).
+//! `caption` as unreadable, 2 usage / model errors, 130 interrupted).
 
 use std::path::PathBuf;
 
@@ -142,7 +142,7 @@ pub fn caption_config(a: &CaptionArgs) -> anyhow::Result<CaptionConfig> {
     Ok(c)
 }
 
-/// Run `caption`.
+/// Run `caption`; exit 1 when items were rejected, 130 when interrupted.
 pub fn run_caption(a: CaptionArgs, json: bool) -> anyhow::Result<i32> {
     let cfg = caption_config(&a)?;
     cfg.check()?;
@@ -188,8 +188,20 @@ pub fn run_caption(a: CaptionArgs, json: bool) -> anyhow::Result<i32> {
             let parts: Vec<String> = r.rejected.iter().map(|(k, v)| format!("{k} {v}")).collect();
             println!("         rejected: {}", parts.join(", "));
         }
+        if r.interrupted {
+            println!(
+                "         interrupted: {} items not looked at yet; rerun the same command to do them (everything above is kept)",
+                r.remaining
+            );
+        }
     }
-    Ok(if r.rejected_total() > 0 { 1 } else { 0 })
+    Ok(if r.interrupted {
+        crate::error::INTERRUPTED_EXIT
+    } else if r.rejected_total() > 0 {
+        1
+    } else {
+        0
+    })
 }
 
 /// Run `filter`.

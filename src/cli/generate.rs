@@ -145,7 +145,8 @@ impl GenerateArgs {
     }
 }
 
-/// Run `eps2v generate`.
+/// Run `eps2v generate`; exit 1 when images were rejected, 130 when
+/// interrupted (the batches rendered are kept; a rerun renders the rest).
 pub fn run(a: GenerateArgs, json: bool) -> Result<i32> {
     let cfg = a.to_config(&|k| std::env::var(k).ok())?;
     cfg.validate()?;
@@ -182,8 +183,20 @@ pub fn run(a: GenerateArgs, json: bool) -> Result<i32> {
             let parts: Vec<String> = r.rejected.iter().map(|(k, v)| format!("{k} {v}")).collect();
             println!("        rejected: {}", parts.join(", "));
         }
+        if r.interrupted {
+            println!(
+                "        interrupted: {} images not rendered yet; rerun the same command to render them (everything above is kept)",
+                r.remaining
+            );
+        }
     }
-    Ok(if r.rejected_total() > 0 { 1 } else { 0 })
+    Ok(if r.interrupted {
+        crate::error::INTERRUPTED_EXIT
+    } else if r.rejected_total() > 0 {
+        1
+    } else {
+        0
+    })
 }
 
 /// The toy buckets, equally likely: the sizes the toy model was trained at.

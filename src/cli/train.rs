@@ -19,7 +19,8 @@ use crate::{Error, Result};
 #[derive(Debug, Args)]
 #[command(after_help = "Examples:\n  \
 eps2v train my_set --model base_eps.safetensors --objective v --ztsnr --blocks out,OUT08 --steps 500 --lr 3e-6 --out stage1.safetensors\n  \
-eps2v train my_set --config train.toml --resume 7\n\n\
+eps2v train my_set --config train.toml --resume 7\n  \
+eps2v train my_set --config train.toml --resume      # the newest stopped run of this config\n\n\
 Watch runs/<id>/eval/grid.png (rows: prompt x seed; columns: base model, then each evaluation) and the retention score, not the loss.")]
 pub struct TrainArgs {
     /// Dataset folder (bucketed and captioned).
@@ -144,9 +145,9 @@ pub struct TrainArgs {
     /// Write an A1111 <name>.yaml (sgm VScaling + VWeighting) beside a v export.
     #[arg(long)]
     pub a1111_yaml: bool,
-    /// Resume run ID from its newest checkpoint (same config required).
-    #[arg(long)]
-    pub resume: Option<i64>,
+    /// Resume run ID from its newest checkpoint (same config required); `--resume` alone (or `--resume latest`): the newest stopped run of this config.
+    #[arg(long, value_name = "ID", num_args = 0..=1, default_missing_value = "latest", value_parser = parse_resume)]
+    pub resume: Option<Resume>,
     /// Where the models, caches, trained weights and optimizer state live, and the precision of the frozen text encoders and VAE (the trained UNet keeps f32 weights and computes in f32). Command line only, like --resume: not a config field, and a run may resume on another device.
     #[command(flatten)]
     pub device: crate::cli::device::DeviceArgs,
@@ -278,7 +279,45 @@ impl TrainArgs {
     }
 }
 
-/// Run `eps2v train`.
+/// Which run `--resume` takes up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Resume {
+    /// `--resume ID`.
+    Run(i64),
+    /// `--resume` alone or `--resume latest`: the newest run of this config
+    /// that stopped with a checkpoint ([`train::state::resumable_run`]).
+    Latest,
+}
+
+fn parse_resume(s: &str) -> std::result::Result<Resume, String> {
+    match s.trim() {
+        "latest" => Ok(Resume::Latest),
+        t => t
+            .parse()
+            .map(Resume::Run)
+            .map_err(|_| format!("expected a run id (see `eps2v inspect`) or `latest`, got {s:?}")),
+    }
+}
+
+/// The run id `--resume` names, if any.
+fn resume_id(r: Option<Resume>, cfg: &TrainConfig, m: &Manifest) -> Result<Option<i64>> {
+    match r {
+        None => Ok(None),
+        Some(Resume::Run(id)) => Ok(Some(id)),
+        Some(Resume::Latest) => train::state::resumable_run(m, cfg)?
+            .map(Some)
+            .ok_or_else(|| {
+                Error::config(format!(
+                    "--resume: {} holds no stopped training run of this config with a checkpoint to resume (`eps2v inspect {}` lists the runs; a run resumes only with the settings it was started with); drop --resume to start a new run",
+                    m.root().display(),
+                    m.root().display()
+                ))
+            }),
+    }
+}
+
+/// Run `eps2v train`; exit 130 when interrupted (a checkpoint to resume
+/// from was saved).
 pub fn run_train(a: TrainArgs, json: bool) -> Result<i32> {
     let cfg = a.to_config()?;
     cfg.validate()?;
@@ -287,12 +326,13 @@ pub fn run_train(a: TrainArgs, json: bool) -> Result<i32> {
     }
     let (device, dtype) = a.device.resolve()?;
     let mut m = Manifest::open(&a.dir)?;
+    let resume = resume_id(a.resume, &cfg, &m)?;
     let ctx = Ctx::new(!json);
     let r = train::train(
         &cfg,
         &mut m,
         &TrainOptions {
-            resume: a.resume,
+            resume,
             device: Some(device),
             dtype: Some(dtype),
             ..Default::default()
@@ -373,14 +413,18 @@ pub fn run_train(a: TrainArgs, json: bool) -> Result<i32> {
         }
         if r.interrupted {
             println!(
-                "interrupted at step {}; resume with: eps2v train {} --resume {} (same flags)",
+                "interrupted at step {}; resume with: eps2v train {} --resume {} (same flags; `--resume` alone takes the newest stopped run of this config)",
                 r.steps,
                 a.dir.display(),
                 r.run_id
             );
         }
     }
-    Ok(if r.interrupted { 1 } else { 0 })
+    Ok(if r.interrupted {
+        crate::error::INTERRUPTED_EXIT
+    } else {
+        0
+    })
 }
 
 /// Arguments of `eps2v merge`.

@@ -1,4 +1,5 @@
-//! Run locks: a process working on a run of a dataset (a training run, a
+//! Run locks: a process working on a run of a dataset (any stage's run from
+//! [`Manifest::begin_run`] to [`Manifest::end_run`], a training run, a
 //! `run` pipeline) holds an exclusive OS file lock (`flock(2)`; `libc`
 //! rather than `File::try_lock`, which needs Rust 1.89 against the crate's
 //! 1.85) on `<dataset>/.locks/run-<id>.lock`. The OS
@@ -139,8 +140,13 @@ impl Manifest {
     }
 
     /// Lock run `id` for this process, or an error naming the process that
-    /// holds it and what to do.
+    /// holds it and what to do. The lock of a run this handle began
+    /// ([`Manifest::begin_run`]) is handed over: the caller holds it from
+    /// then on.
     pub fn lock_run(&self, id: i64) -> Result<RunLock> {
+        if let Some(lock) = self.held.borrow_mut().remove(&id) {
+            return Ok(lock);
+        }
         self.try_lock_run(id)?.map_err(|holder| {
             Error::config(format!(
                 "{}: run {id} is in use by another eps2v process ({holder}); wait for it to finish or stop it (Ctrl-C), then rerun",
@@ -205,5 +211,40 @@ mod tests {
         assert!(!m.run_is_live(7).unwrap());
         let again = m.lock_run(7).unwrap();
         drop(again);
+    }
+
+    /// Every stage's run is locked from `begin_run` to `end_run`; a new run
+    /// of a stage marks the rows of that stage that dead processes left
+    /// `running` as failed, and leaves live ones alone.
+    #[test]
+    fn stage_runs_are_locked_and_dead_ones_tidied_by_the_next() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = Manifest::init(dir.path()).unwrap();
+        let other = Manifest::open(dir.path()).unwrap();
+        let none = serde_json::json!({});
+        let status = |id: i64| -> String {
+            m.conn()
+                .query_row("SELECT status FROM runs WHERE id = ?1", [id], |r| r.get(0))
+                .unwrap()
+        };
+        let dead = m.begin_run("caption", &none).unwrap();
+        assert!(other.run_is_live(dead).unwrap(), "locked by begin_run");
+        drop(m.lock_run(dead).unwrap()); // its process died
+        assert!(!other.run_is_live(dead).unwrap());
+        // Live in another handle (as another process would be).
+        let live = other.begin_run("caption", &none).unwrap();
+        let unrelated = {
+            let id = m.begin_run("generate", &none).unwrap();
+            drop(m.lock_run(id).unwrap());
+            id
+        };
+        let next = m.begin_run("caption", &none).unwrap();
+        assert_eq!(status(dead), "failed");
+        assert_eq!(status(live), "running");
+        assert_eq!(status(next), "running");
+        assert_eq!(status(unrelated), "running", "another stage's row");
+        m.end_run(next, true, &none).unwrap();
+        assert!(!other.run_is_live(next).unwrap(), "released by end_run");
+        assert!(m.run_is_live(live).unwrap());
     }
 }

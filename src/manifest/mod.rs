@@ -82,6 +82,9 @@ pub struct Manifest {
     root: PathBuf,
     db_path: PathBuf,
     conn: Connection,
+    /// Locks of the runs this handle began and has not ended
+    /// ([`Manifest::begin_run`], [`Manifest::lock_run`]).
+    held: std::cell::RefCell<std::collections::BTreeMap<i64, lock::RunLock>>,
 }
 
 impl std::fmt::Debug for Manifest {
@@ -126,6 +129,7 @@ impl Manifest {
             root: root.to_path_buf(),
             db_path,
             conn,
+            held: Default::default(),
         };
         m.check_version_readable()?;
         Ok(m)
@@ -151,6 +155,7 @@ impl Manifest {
             root: root.to_path_buf(),
             db_path,
             conn,
+            held: Default::default(),
         };
         m.migrate()?;
         Ok(m)
@@ -256,19 +261,67 @@ impl Manifest {
         manifest_err(&self.db_path, e)
     }
 
-    /// Record the start of a stage run; returns its id.
+    /// Record the start of a stage run and hold its lock ([`Manifest::lock_run`]) until
+    /// [`Manifest::end_run`] (or the process ends), so that other processes
+    /// can tell it is live; returns its id. The row becomes visible to them
+    /// only once it is locked (one transaction). Rows of the same stage that
+    /// a dead process left `running` are marked `failed` (not `train`
+    /// and `run` rows: the trainer tidies its own, with their partial
+    /// checkpoints, and a pipeline row is reopened by the next `run`).
     pub fn begin_run(&self, stage: &str, config: &impl serde::Serialize) -> Result<i64> {
         let cfg = serde_json::to_string(config)?;
-        self.conn
-            .execute(
-                "INSERT INTO runs (stage, config_json, tool_version, started_at) VALUES (?1, ?2, ?3, ?4)",
-                rusqlite::params![stage, cfg, env!("CARGO_PKG_VERSION"), now()],
-            )
-            .map_err(|e| self.err(e))?;
-        Ok(self.conn.last_insert_rowid())
+        let tx = self.conn.unchecked_transaction().map_err(|e| self.err(e))?;
+        tx.execute(
+            "INSERT INTO runs (stage, config_json, tool_version, started_at) VALUES (?1, ?2, ?3, ?4)",
+            rusqlite::params![stage, cfg, env!("CARGO_PKG_VERSION"), now()],
+        )
+        .map_err(|e| self.err(e))?;
+        let id = tx.last_insert_rowid();
+        let lock = self.lock_run(id)?;
+        tx.commit().map_err(|e| self.err(e))?;
+        self.held.borrow_mut().insert(id, lock);
+        if stage != "train" && stage != "run" {
+            self.tidy_dead_rows(stage, id)?;
+        }
+        Ok(id)
     }
 
-    /// Record the end of a run with its report.
+    /// Mark the other `running` rows of `stage` that no process holds as
+    /// `failed` (left by a process that was killed or crashed); their ids.
+    pub fn tidy_dead_rows(&self, stage: &str, except: i64) -> Result<Vec<i64>> {
+        let ids: Vec<i64> = {
+            let mut st = self
+                .conn
+                .prepare("SELECT id FROM runs WHERE stage = ?1 AND status = 'running' AND id != ?2 ORDER BY id")
+                .map_err(|e| self.err(e))?;
+            let rows = st
+                .query_map(rusqlite::params![stage, except], |r| r.get(0))
+                .map_err(|e| self.err(e))?;
+            rows.collect::<std::result::Result<_, _>>()
+                .map_err(|e| self.err(e))?
+        };
+        let mut tidied = Vec::new();
+        for id in ids {
+            // Held while the row is marked: its process cannot start again
+            // in between.
+            let Ok(_lock) = self.try_lock_run(id)? else {
+                continue;
+            };
+            let n = self
+                .conn
+                .execute(
+                    "UPDATE runs SET status = 'failed', ended_at = ?2 WHERE id = ?1 AND status = 'running'",
+                    rusqlite::params![id, now()],
+                )
+                .map_err(|e| self.err(e))?;
+            if n > 0 {
+                tidied.push(id);
+            }
+        }
+        Ok(tidied)
+    }
+
+    /// Record the end of a run with its report, and release its lock.
     pub fn end_run(&self, run_id: i64, ok: bool, report: &impl serde::Serialize) -> Result<()> {
         let counts = serde_json::to_string(report)?;
         self.conn
@@ -277,6 +330,7 @@ impl Manifest {
                 rusqlite::params![run_id, now(), if ok { "done" } else { "failed" }, counts],
             )
             .map_err(|e| self.err(e))?;
+        self.held.borrow_mut().remove(&run_id);
         Ok(())
     }
 

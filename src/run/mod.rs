@@ -82,13 +82,26 @@ pub struct RunReport {
     pub best_merge: Option<(f64, PathBuf)>,
     /// The report page.
     pub report: Option<PathBuf>,
-    /// Training stopped by a signal: rerun the same command to go on.
+    /// Stopped by SIGINT / SIGTERM (in generate, caption or train, or
+    /// between two stages); what was done is kept: rerun the same command
+    /// to go on.
     pub interrupted: bool,
     /// Wall time of this invocation, seconds.
     pub seconds: f64,
 }
 
 impl RunReport {
+    /// Record that `stage` stopped on a signal after `seconds`.
+    fn stopped_in(&mut self, stage: &str, seconds: f64, summary: String) {
+        self.interrupted = true;
+        self.stages.push(StageTiming {
+            stage: stage.to_string(),
+            seconds,
+            summary,
+            ..Default::default()
+        });
+    }
+
     /// Failed or rejected items over all stages run now.
     pub fn failed(&self) -> u64 {
         self.stages
@@ -309,6 +322,9 @@ pub fn placement(cfg: &RunConfig) -> Result<LoadOptions> {
 /// called by the `evaluate` stage (`None`: the tagger of `[caption]`).
 pub fn run(cfg: &RunConfig, adherence: Option<&AdherenceFn<'_>>, ctx: &Ctx) -> Result<RunReport> {
     let t0 = Instant::now();
+    // Ctrl-C / SIGTERM: the stage running stops at its next safe point
+    // (keeping its work), and no further stage starts.
+    let _signals = crate::signal::install();
     let root = cfg.dataset.clone();
     let mut m = open_dataset(&root, cfg.has("generate"))?;
     let (digests, key) = digests(cfg)?;
@@ -339,6 +355,10 @@ pub fn run(cfg: &RunConfig, adherence: Option<&AdherenceFn<'_>>, ctx: &Ctx) -> R
             });
             continue;
         }
+        if ctx.should_stop() {
+            report.stopped_in(stage, 0.0, "not started: interrupted".into());
+            break;
+        }
         // Everything after a stage that runs again is stale.
         let at = STAGES.iter().position(|s| s == stage).unwrap_or(0);
         progress
@@ -354,6 +374,17 @@ pub fn run(cfg: &RunConfig, adherence: Option<&AdherenceFn<'_>>, ctx: &Ctx) -> R
                 let g = cfg.generate_config()?;
                 let (template, model) = stages::generate::load_inputs(&g, &placement(cfg)?)?;
                 let r = stages::generate::run(&g, &template, &model, &mut m, ctx)?;
+                if r.interrupted {
+                    report.stopped_in(
+                        stage,
+                        ts.elapsed().as_secs_f64(),
+                        format!(
+                            "interrupted: {} rendered now, {} left; rerun to render them",
+                            r.rendered, r.remaining
+                        ),
+                    );
+                    break;
+                }
                 rec.failed = r.rejected_total();
                 rec.summary = format!(
                     "{} rendered, {} already there, {} rejected ({:.2} images/s)",
@@ -362,6 +393,17 @@ pub fn run(cfg: &RunConfig, adherence: Option<&AdherenceFn<'_>>, ctx: &Ctx) -> R
             }
             "caption" => {
                 let r = stages::caption::run(&cfg.caption, &mut m, ctx)?;
+                if r.interrupted {
+                    report.stopped_in(
+                        stage,
+                        ts.elapsed().as_secs_f64(),
+                        format!(
+                            "interrupted: {} tagged now, {} items left; rerun to do them",
+                            r.tagged, r.remaining
+                        ),
+                    );
+                    break;
+                }
                 rec.failed = r.rejected_total() as u64;
                 rec.summary = format!(
                     "{} tagged, {} captioned, mean alignment {}",
@@ -419,13 +461,11 @@ pub fn run(cfg: &RunConfig, adherence: Option<&AdherenceFn<'_>>, ctx: &Ctx) -> R
                     ctx,
                 )?;
                 if r.interrupted {
-                    report.interrupted = true;
-                    report.stages.push(StageTiming {
-                        stage: stage.clone(),
-                        seconds: ts.elapsed().as_secs_f64(),
-                        summary: format!("interrupted at step {}; rerun to resume", r.steps),
-                        ..Default::default()
-                    });
+                    report.stopped_in(
+                        stage,
+                        ts.elapsed().as_secs_f64(),
+                        format!("interrupted at step {}; rerun to resume", r.steps),
+                    );
                     break;
                 }
                 let converted = r
@@ -531,9 +571,9 @@ pub fn run(cfg: &RunConfig, adherence: Option<&AdherenceFn<'_>>, ctx: &Ctx) -> R
         report.report = Some(r.page.clone().unwrap_or_else(|| PathBuf::from(&r.summary)));
     }
     report.seconds = t0.elapsed().as_secs_f64();
-    if !report.interrupted {
-        m.end_run(run_id, true, &progress.stored(&root))?;
-    }
+    // An interrupted row ends `failed`; the next `run` with the same
+    // config reopens it ([`pipeline_row`]).
+    m.end_run(run_id, !report.interrupted, &progress.stored(&root))?;
     Ok(report)
 }
 

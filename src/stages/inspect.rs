@@ -108,11 +108,10 @@ fn runs_table(m: &Manifest) -> Result<Table> {
     )?;
     t.columns.push("process".into());
     for row in &mut t.rows {
-        let locked = matches!(row[1].as_str(), Some("train" | "run"));
         let process = match (row[0].as_i64(), row[2].as_str()) {
-            (Some(id), Some("running")) if locked => match m.run_holder(id)? {
+            (Some(id), Some("running")) => match m.run_holder(id)? {
                 Some(who) => format!("live: {who}").into(),
-                None => "none: killed or crashed".into(),
+                None => "none: process gone (killed, crashed or an error)".into(),
             },
             _ => serde_json::Value::Null,
         };
@@ -247,26 +246,36 @@ pub fn sql(m: &Manifest, sql: &str) -> Result<Table> {
 mod tests {
     use super::*;
 
-    /// A `running` training run shows whether a process holds it; other
-    /// rows have no `process`.
+    /// A `running` run of any stage shows whether a process holds it;
+    /// ended rows have no `process`.
     #[test]
     fn runs_say_whether_a_running_run_has_a_live_process() {
         let d = tempfile::tempdir().unwrap();
         let m = Manifest::init(d.path()).unwrap();
-        let a = m.begin_run("train", &serde_json::json!({})).unwrap();
-        let b = m.begin_run("train", &serde_json::json!({})).unwrap();
-        let c = m.begin_run("import", &serde_json::json!({})).unwrap();
+        let none = serde_json::json!({});
+        // Its process died: the lock is gone, the row still says running.
+        let a = m.begin_run("train", &none).unwrap();
+        drop(m.lock_run(a).unwrap());
+        let b = m.begin_run("train", &none).unwrap();
         let held = m.lock_run(b).unwrap();
+        let c = m.begin_run("generate", &none).unwrap();
+        let e = m.begin_run("import", &none).unwrap();
+        m.end_run(e, true, &none).unwrap();
         let ro = Manifest::open_read_only(d.path()).unwrap();
         let t = run(&ro, 5).unwrap().runs;
         assert_eq!(t.columns.last().map(String::as_str), Some("process"));
         let process = |id: i64| t.rows.iter().find(|r| r[0] == id).unwrap()[5].clone();
-        assert_eq!(process(a), "none: killed or crashed");
-        assert!(
-            process(b).as_str().unwrap().starts_with("live: pid "),
-            "{t:?}"
+        assert_eq!(
+            process(a),
+            "none: process gone (killed, crashed or an error)"
         );
-        assert!(process(c).is_null());
+        for live in [b, c] {
+            assert!(
+                process(live).as_str().unwrap().starts_with("live: pid "),
+                "{t:?}"
+            );
+        }
+        assert!(process(e).is_null());
         drop(held);
     }
 }

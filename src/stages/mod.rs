@@ -115,6 +115,12 @@ impl Ctx {
         self.stop.load(Ordering::SeqCst)
     }
 
+    /// Whether a long loop should stop at its next safe point: cancelled,
+    /// or interrupted by SIGINT / SIGTERM ([`crate::signal`]).
+    pub fn should_stop(&self) -> bool {
+        self.cancelled() || crate::signal::requested()
+    }
+
     /// Print a progress message on stderr (above the bars), when progress
     /// is on.
     pub fn say(&self, msg: &str) {

@@ -323,7 +323,7 @@ pub fn build(opts: &BuildOptions, ctx: &Ctx) -> Result<BuildReport> {
     let wall = Instant::now();
     // Ctrl-C / SIGTERM: each training stage saves where it is and stops
     // (`toy::resume`, the trainer's checkpoints), so a rerun goes on.
-    let _signals = crate::train::signal::install();
+    let _signals = crate::signal::install();
     let r = &opts.recipe;
     let out = &opts.out;
     let work = out.join("work");

@@ -276,15 +276,18 @@ impl<'a> TrainLoop<'a> {
         if done >= self.steps {
             return Ok(());
         }
-        let stop = crate::train::signal::requested()
-            || self.ctx.cancelled()
-            || self.ck.is_some_and(|c| c.stop_at == Some(done));
+        let stop = self.ctx.should_stop() || self.ck.is_some_and(|c| c.stop_at == Some(done));
         let Some(ck) = self.ck else {
             if stop {
-                return Err(Error::Other(format!(
+                let msg = format!(
                     "toy {} training: stopped at step {done} of {} (interrupted, or a stage running beside it failed)",
                     self.what, self.steps
-                )));
+                );
+                return Err(if crate::signal::requested() {
+                    Error::Interrupted(msg)
+                } else {
+                    Error::Other(msg)
+                });
             }
             return Ok(());
         };
@@ -293,7 +296,7 @@ impl<'a> TrainLoop<'a> {
             self.last_save = Instant::now();
         }
         if stop {
-            return Err(Error::Other(format!(
+            return Err(Error::Interrupted(format!(
                 "toy {} training: interrupted at step {done} of {}, saved in {}; rerun `eps2v toy build` with the same settings to resume it from there",
                 self.what,
                 self.steps,

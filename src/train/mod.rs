@@ -21,7 +21,7 @@
 //! - [`state`]: atomic, NaN-free, bit-exact resumable checkpoints;
 //! - [`export`]: the single-file export with `v_pred` / `ztsnr` markers;
 //! - [`log`]: the CSV log and its plot;
-//! - [`signal`]: SIGINT / SIGTERM → checkpoint and stop.
+//! - [`crate::signal`]: SIGINT / SIGTERM → checkpoint and stop.
 //!
 //! Why the loss curve is not the judge: converting eps → v changes what the
 //! output means, so the v-loss starts high and falls for reasons unrelated
@@ -39,7 +39,6 @@ pub mod eval;
 pub mod export;
 pub mod log;
 pub mod retention;
-pub mod signal;
 pub mod state;
 pub mod testkit;
 pub mod weights;
@@ -59,6 +58,7 @@ use crate::manifest::Manifest;
 use crate::models::sdxl::checkpoint::Checkpoint;
 use crate::nn::optim::AdamW;
 use crate::pipeline::{LoadOptions, SdxlModel};
+use crate::signal;
 use crate::stages::Ctx;
 use crate::{Error, Result};
 
@@ -483,7 +483,7 @@ pub fn train(
         let mut bad_in_row = 0usize;
         while st.stage_step < stage.steps {
             warm.refresh();
-            if signal::requested() || ctx.cancelled() || opts.stop_at_step == Some(st.step) {
+            if ctx.should_stop() || opts.stop_at_step == Some(st.step) {
                 st.pos = batches.pos();
                 saver.save(&st, &opt, &weights, &ema, false)?;
                 report.interrupted = true;

@@ -3,7 +3,7 @@
 //! image, with a seeded random tiny tagger whose head biases make every tag
 //! certain or absent: tags, ratings, alignment, caption policies, sidecars,
 //! filter reruns, `inspect`, `export`, bad inputs (exit 2, nothing written),
-//! unreadable images, `kill -9` + resume.
+//! unreadable images, `kill -9` or Ctrl-C + resume.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -566,6 +566,20 @@ fn unreadable_images_are_rejected_then_reconsidered() {
 
 #[test]
 fn caption_kill9_then_resume_tags_every_item_once() {
+    interrupt_then_resume(false);
+}
+
+/// Ctrl-C between batches: the tagged batches are kept, the run ends
+/// `failed` with `interrupted` and the items left, exit 130; the rerun
+/// tags only the rest.
+#[test]
+fn ctrl_c_then_rerun_tags_only_the_rest() {
+    interrupt_then_resume(true);
+}
+
+/// Stop `caption` once a first batch is committed, with SIGKILL or (with
+/// `ctrl_c`) SIGINT, then rerun it: every item tagged once.
+fn interrupt_then_resume(ctrl_c: bool) {
     let tmp = tempfile::tempdir().unwrap();
     let src = tmp.path().join("src");
     std::fs::create_dir_all(&src).unwrap();
@@ -598,7 +612,7 @@ fn caption_kill9_then_resume_tags_every_item_once() {
             .arg("--tagger")
             .arg(&tagger)
             .args(["--batch", "4"])
-            .stdout(Stdio::null())
+            .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
@@ -617,14 +631,34 @@ fn caption_kill9_then_resume_tags_every_item_once() {
             }
             std::thread::sleep(Duration::from_millis(2));
         }
-        child.kill().unwrap(); // SIGKILL
-        child.wait().unwrap();
+        if ctrl_c {
+            // SAFETY: a signal to our own child process.
+            unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+        } else {
+            child.kill().unwrap(); // SIGKILL
+        }
+        let o = child.wait_with_output().unwrap();
         let m = Manifest::open(&ds).unwrap();
         let n = count(&m, "SELECT count(*) FROM tagging");
-        drop(m);
         if n > 0 && n < 240 {
             killed_midway = true;
+            if ctrl_c {
+                assert_eq!(o.status.code(), Some(130), "exit code after Ctrl-C");
+                let r = json_of(&o);
+                assert_eq!(r["interrupted"], true, "{r}");
+                assert_eq!(r["tagged"].as_i64(), Some(n), "{r}");
+                assert_eq!(r["remaining"].as_i64(), Some(240 - n), "{r}");
+                assert_eq!(
+                    count(
+                        &m,
+                        "SELECT count(*) FROM runs WHERE stage = 'caption' AND status = 'failed'"
+                    ),
+                    1
+                );
+                assert_eq!(n % 4, 0, "whole batches only");
+            }
         }
+        drop(m);
         let out = Command::new(bin())
             .args(["--json", "caption"])
             .arg(&ds)

@@ -1,6 +1,7 @@
 //! `eps2v prompts`, `eps2v generate` and `eps2v manifest merge` through the
 //! binary, on a seeded random tiny SDXL checkpoint (64×64, 2–3 steps):
-//! `kill -9` mid-way then rerun gives exactly the uninterrupted dataset;
+//! `kill -9` or Ctrl-C mid-way then rerun gives exactly the uninterrupted
+//! dataset (Ctrl-C: exit 130, the run ended, a second Ctrl-C quits at once);
 //! the shipped Slurm script run as a 3-task array under a fake `SLURM_*`
 //! environment, merged, equals a single run; the Kubernetes Job uses only
 //! flags that exist; bad input exits 2 with nothing written.
@@ -160,6 +161,20 @@ fn prompts_prints_seeded_and_combinatorial_prompts() {
 
 #[test]
 fn kill9_then_rerun_gives_exactly_the_uninterrupted_dataset() {
+    interrupt_then_rerun(false);
+}
+
+/// Ctrl-C (SIGINT): the batches in flight are kept, the run row ends
+/// `failed` with `interrupted` and the rows left, the exit code is 130, and
+/// a rerun renders exactly the rest.
+#[test]
+fn ctrl_c_keeps_the_rendered_batches_and_a_rerun_renders_the_rest() {
+    interrupt_then_rerun(true);
+}
+
+/// Stop `generate` once two images are committed, with SIGKILL or (with
+/// `ctrl_c`) SIGINT, rerun it, and compare with an uninterrupted run.
+fn interrupt_then_rerun(ctrl_c: bool) {
     let (_d, model) = checkpoint();
     let model = model.to_str().unwrap();
     let work = tempfile::tempdir().unwrap();
@@ -178,10 +193,11 @@ fn kill9_then_rerun_gives_exactly_the_uninterrupted_dataset() {
         let mut args = generate_args(&ds_s, model, n);
         args[9] = "3"; // more steps, so that there is time to kill it
         let mut child = Command::new(bin())
+            .arg("--json")
             .args(&args)
             .env_remove("SLURM_ARRAY_TASK_ID")
             .env_remove("JOB_COMPLETION_INDEX")
-            .stdout(Stdio::null())
+            .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
@@ -204,8 +220,13 @@ fn kill9_then_rerun_gives_exactly_the_uninterrupted_dataset() {
             }
             std::thread::sleep(Duration::from_millis(5));
         }
-        child.kill().unwrap(); // SIGKILL
-        child.wait().unwrap();
+        if ctrl_c {
+            // SAFETY: a signal to our own child process.
+            unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+        } else {
+            child.kill().unwrap(); // SIGKILL
+        }
+        let o = child.wait_with_output().unwrap();
         let rendered = count(
             &ds,
             "SELECT count(*) FROM gen_items WHERE state = 'rendered'",
@@ -214,6 +235,20 @@ fn kill9_then_rerun_gives_exactly_the_uninterrupted_dataset() {
             continue; // finished before the kill; try again
         }
         killed_midway = true;
+        let status = count(
+            &ds,
+            "SELECT count(*) FROM runs WHERE stage = 'generate' AND status = 'failed' AND ended_at IS NOT NULL",
+        );
+        if ctrl_c {
+            assert_eq!(o.status.code(), Some(130), "exit code after Ctrl-C");
+            let r: Value = serde_json::from_slice(&o.stdout).unwrap();
+            assert_eq!(r["interrupted"], true, "{r}");
+            assert_eq!(r["rendered"].as_i64().unwrap(), rendered, "{r}");
+            assert_eq!(r["remaining"].as_i64().unwrap(), 16 - rendered, "{r}");
+            assert_eq!(status, 1, "the interrupted run is ended as failed");
+        } else {
+            assert_eq!(status, 0, "a killed run stays `running`");
+        }
         // The plan was complete before the first image: every row is there.
         assert_eq!(count(&ds, "SELECT count(*) FROM gen_items"), 16);
         // Rerun with the plan's own steps (3): exactly the missing rows.
@@ -259,8 +294,80 @@ fn kill9_then_rerun_gives_exactly_the_uninterrupted_dataset() {
     }
     assert!(
         killed_midway,
-        "could not kill generate mid-way in 5 attempts"
+        "could not stop generate mid-way in 5 attempts"
     );
+}
+
+/// A second Ctrl-C while the first is honoured quits at once (killed by
+/// SIGINT, not waiting for the batch); nothing half-written is left and a
+/// rerun renders everything.
+#[test]
+fn a_second_ctrl_c_quits_at_once() {
+    use std::io::BufRead;
+    use std::os::unix::process::ExitStatusExt;
+    let (_d, model) = checkpoint();
+    let model = model.to_str().unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let ds = work.path().join("ds");
+    let ds_s = ds.to_str().unwrap().to_string();
+    let mut args = generate_args(&ds_s, model, "2");
+    args[9] = "1000"; // one batch that takes seconds
+    let mut child = Command::new(bin())
+        .arg("--json")
+        .args(&args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(|l| l.ok())
+        {
+            let _ = tx.send(line);
+        }
+    });
+    // The plan is written (before the first batch starts).
+    let t0 = Instant::now();
+    while Manifest::open_read_only(&ds)
+        .ok()
+        .and_then(|m| {
+            m.conn()
+                .query_row("SELECT count(*) FROM gen_items", [], |r| r.get::<_, i64>(0))
+                .ok()
+        })
+        .unwrap_or(0)
+        < 2
+    {
+        assert!(t0.elapsed() < Duration::from_secs(60), "no plan written");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let pid = child.id() as i32;
+    // SAFETY: signals to our own child process.
+    unsafe { libc::kill(pid, libc::SIGINT) };
+    let noticed = std::iter::from_fn(|| rx.recv_timeout(Duration::from_secs(30)).ok())
+        .any(|l| l.contains("stopping at the next safe point"));
+    assert!(noticed, "no notice after the first Ctrl-C");
+    unsafe { libc::kill(pid, libc::SIGINT) };
+    let status = child.wait().unwrap();
+    assert_eq!(status.signal(), Some(libc::SIGINT), "{status:?}");
+    assert!(
+        t0.elapsed() < Duration::from_secs(60),
+        "the second Ctrl-C did not stop it at once"
+    );
+    assert_eq!(
+        count(
+            &ds,
+            "SELECT count(*) FROM gen_items WHERE state = 'rendered'"
+        ),
+        0
+    );
+    let o = run(&[&["--json"][..], &args[..]].concat());
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let r: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(r["rendered"], 2, "{r}");
 }
 
 #[test]

@@ -325,8 +325,8 @@ fn toy_run_end_to_end_then_rerun_skips_everything() {
 /// Kill `eps2v run` with SIGKILL (with `ctrl_c`: interrupt it with SIGINT
 /// and let it stop by itself) once a `runs` row of `stage` exists (and, for
 /// generate, once it committed images; for train, once it has a checkpoint
-/// after step 0); whether it was still running then.
-fn kill_during(cfg: &Path, ds: &Path, stage: &str, ctrl_c: bool) -> bool {
+/// after step 0); whether it was still running then, and its exit code.
+fn kill_during(cfg: &Path, ds: &Path, stage: &str, ctrl_c: bool) -> (bool, Option<i32>) {
     let mut child = Command::new(bin())
         .args(["--json", "run", cfg.to_str().unwrap()])
         .stdout(Stdio::null())
@@ -384,9 +384,9 @@ fn kill_during(cfg: &Path, ds: &Path, stage: &str, ctrl_c: bool) -> bool {
         }
         std::thread::sleep(Duration::from_millis(5));
     }
-    let _ = child.wait();
+    let code = child.wait().unwrap().code();
     eprintln!("kill during {stage}: killed while running = {killed_in_time}");
-    killed_in_time
+    (killed_in_time, code)
 }
 
 #[test]
@@ -407,6 +407,7 @@ fn kill_9_during_a_stage_then_rerun_gives_the_uninterrupted_result() {
     // (stage, Ctrl-C instead of kill -9)
     for (stage, ctrl_c) in [
         ("generate", false),
+        ("generate", true),
         ("caption", false),
         ("train", false),
         ("train", true),
@@ -420,20 +421,25 @@ fn kill_9_during_a_stage_then_rerun_gives_the_uninterrupted_result() {
         let c = work.path().join(format!("{name}.toml"));
         set(&mut t, "dataset", s(ds.to_str().unwrap()));
         write_config(&c, &t);
-        let killed = kill_during(&c, &ds, stage, ctrl_c);
+        let (killed, code) = kill_during(&c, &ds, stage, ctrl_c);
         if ctrl_c {
-            // Ctrl-C lets the trainer save where it stopped and mark its
-            // run failed (kill -9 leaves it running): the rerun resumes it too.
+            // Ctrl-C lets the stage keep what it did, end its run (and the
+            // pipeline's) as failed, and exit 130 (kill -9 leaves them
+            // running): the rerun goes on from there.
+            assert!(killed, "Ctrl-C came too late");
+            assert_eq!(code, Some(130), "exit code after Ctrl-C in {stage}");
             let m = Manifest::open_read_only(&ds).unwrap();
-            let status: String = m
-                .conn()
-                .query_row(
-                    "SELECT status FROM runs WHERE stage = 'train' ORDER BY id DESC LIMIT 1",
-                    [],
-                    |r| r.get(0),
-                )
-                .unwrap();
-            assert_eq!(status, "failed", "the interrupted training run");
+            for st in [stage, "run"] {
+                let status: String = m
+                    .conn()
+                    .query_row(
+                        "SELECT status FROM runs WHERE stage = ?1 ORDER BY id DESC LIMIT 1",
+                        [st],
+                        |r| r.get(0),
+                    )
+                    .unwrap();
+                assert_eq!(status, "failed", "the interrupted {st} run");
+            }
         }
         // Killed in training, the dataset folder moves before the rerun:
         // training resumes from its checkpoint at the new place.

@@ -123,7 +123,7 @@ fn sigterm_then_resume_equals_an_uninterrupted_run() {
     let o = child.wait_with_output().unwrap();
     assert_eq!(
         o.status.code(),
-        Some(1),
+        Some(130),
         "{}",
         String::from_utf8_lossy(&o.stderr)
     );
@@ -133,12 +133,22 @@ fn sigterm_then_resume_equals_an_uninterrupted_run() {
     assert!(stopped_at < 150, "stopped at {stopped_at}");
     assert!(!resumed.exists());
     let id = r["run_id"].as_i64().unwrap().to_string();
+    // `--resume` alone finds the stopped run of this config.
     let mut args = train_args(ds, ck, resumed.to_str().unwrap(), "150");
-    args.extend(["--resume", &id]);
+    args.push("--resume");
     let o = Command::new(bin()).args(&args).output().unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(json(&o)["run_id"].as_i64().unwrap().to_string(), id);
     assert_eq!(json(&o)["steps"], 150);
     assert!(unet(&straight) == unet(&resumed), "resumed weights differ");
+    // Nothing left to resume: `--resume` alone says so.
+    let o = Command::new(bin()).args(&args).output().unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("no stopped training run of this config"),
+        "{err}"
+    );
     // Resuming with another config names the field.
     let mut args = train_args(ds, ck, resumed.to_str().unwrap(), "151");
     args.extend(["--resume", &id]);

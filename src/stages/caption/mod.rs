@@ -167,6 +167,12 @@ pub struct CaptionReport {
     pub model_seconds: f64,
     /// Seconds spent decoding + preprocessing (sum over batches, overlapped with the model).
     pub prepare_seconds: f64,
+    /// Stopped by SIGINT / SIGTERM before every item was looked at: the
+    /// batches done are kept and the run is recorded as `failed`; rerunning
+    /// the same command does the rest.
+    pub interrupted: bool,
+    /// Items this run left to a rerun (0 unless interrupted).
+    pub remaining: usize,
 }
 
 impl CaptionReport {
@@ -462,6 +468,8 @@ pub fn run(cfg: &CaptionConfig, m: &mut Manifest, ctx: &Ctx) -> Result<CaptionRe
     };
     let settings = tagger.as_ref().map(|t| settings_json(t, &cfg.thresholds));
     let cands = load_candidates(m)?;
+    // Ctrl-C / SIGTERM: finish the batch in hand, keep it, stop.
+    let _signals = crate::signal::install();
     let run_id = m.begin_run("caption", cfg)?;
     let mut report = CaptionReport {
         run_id,
@@ -479,6 +487,8 @@ pub fn run(cfg: &CaptionConfig, m: &mut Manifest, ctx: &Ctx) -> Result<CaptionRe
     let map = manifest::sql_err(&db);
     let pb = ctx.bar(cands.len() as u64, "caption");
     let _warm = crate::nn::keep_warm();
+    // Items committed so far, against `cands.len()` (interruption).
+    let mut looked_at = 0usize;
     let mut w = Writer {
         run_id,
         cfg,
@@ -488,73 +498,87 @@ pub fn run(cfg: &CaptionConfig, m: &mut Manifest, ctx: &Ctx) -> Result<CaptionRe
         alignment_sum: 0.0,
     };
 
-    // Phase 1: items that need the model, pipelined.
     let tag_t0 = Instant::now();
-    if let Some(tagger) = &tagger {
-        let batches: Vec<&[&Candidate]> = need.chunks(cfg.batch).collect();
-        let mut next_prep = batches.first().map(|b| prepare_batch(&root, b, tagger));
-        for (k, batch) in batches.iter().enumerate() {
-            let Some(prepared) = next_prep.take() else {
-                break;
-            };
-            let following = batches.get(k + 1);
-            let (probs, prep) = rayon::join(
-                || infer(tagger, &prepared),
-                || following.map(|b| prepare_batch(&root, b, tagger)),
-            );
-            next_prep = prep;
-            let (probs, model_time) = probs?;
-            w.report.model_seconds += model_time.as_secs_f64();
-            w.report.prepare_seconds += prepared.1.as_secs_f64();
-            let tx = m.conn_mut().transaction().map_err(map)?;
-            for ((c, input), probs) in batch.iter().zip(&prepared.0).zip(probs) {
-                match (input, probs) {
-                    (Err(why), _) => w
-                        .reject(&tx, c, &format!("unreadable: {why}"))
-                        .map_err(map)?,
-                    (Ok(_), None) => {
-                        return Err(Error::Other(format!(
-                            "caption: the tagger returned no result for item {}",
-                            c.id
-                        )))
-                    }
-                    (Ok(_), Some(p)) => {
-                        let result = policy::select_tags(&p, &tagger.labels, &cfg.thresholds);
-                        let prompt = c
-                            .prompt
-                            .as_deref()
-                            .map(policy::prompt_tags)
-                            .unwrap_or_default();
-                        let alignment = policy::alignment(&prompt, &p, &tagger.labels, &result);
-                        let t = Tagged { result, alignment };
-                        w.store_tagged(&tx, c, &t).map_err(map)?;
-                        w.set_status_ok(&tx, c).map_err(map)?;
-                        w.write_caption(&tx, c, Some(&t.result)).map_err(map)?;
-                    }
+    let mut tag_seconds = 0.0;
+    // Both phases; on an error the run is still ended (as failed).
+    let mut phases = || -> Result<()> {
+        // Phase 1: items that need the model, pipelined.
+        if let Some(tagger) = &tagger {
+            let batches: Vec<&[&Candidate]> = need.chunks(cfg.batch).collect();
+            let mut next_prep = batches.first().map(|b| prepare_batch(&root, b, tagger));
+            for (k, batch) in batches.iter().enumerate() {
+                if ctx.should_stop() {
+                    break;
                 }
+                let Some(prepared) = next_prep.take() else {
+                    break;
+                };
+                let following = batches.get(k + 1);
+                let (probs, prep) = rayon::join(
+                    || infer(tagger, &prepared),
+                    || following.map(|b| prepare_batch(&root, b, tagger)),
+                );
+                next_prep = prep;
+                let (probs, model_time) = probs?;
+                w.report.model_seconds += model_time.as_secs_f64();
+                w.report.prepare_seconds += prepared.1.as_secs_f64();
+                let tx = m.conn_mut().transaction().map_err(map)?;
+                for ((c, input), probs) in batch.iter().zip(&prepared.0).zip(probs) {
+                    match (input, probs) {
+                        (Err(why), _) => w
+                            .reject(&tx, c, &format!("unreadable: {why}"))
+                            .map_err(map)?,
+                        (Ok(_), None) => {
+                            return Err(Error::Other(format!(
+                                "caption: the tagger returned no result for item {}",
+                                c.id
+                            )))
+                        }
+                        (Ok(_), Some(p)) => {
+                            let result = policy::select_tags(&p, &tagger.labels, &cfg.thresholds);
+                            let prompt = c
+                                .prompt
+                                .as_deref()
+                                .map(policy::prompt_tags)
+                                .unwrap_or_default();
+                            let alignment = policy::alignment(&prompt, &p, &tagger.labels, &result);
+                            let t = Tagged { result, alignment };
+                            w.store_tagged(&tx, c, &t).map_err(map)?;
+                            w.set_status_ok(&tx, c).map_err(map)?;
+                            w.write_caption(&tx, c, Some(&t.result)).map_err(map)?;
+                        }
+                    }
+                    pb.inc(1);
+                }
+                tx.commit().map_err(map)?;
+                looked_at += batch.len();
+            }
+        }
+        tag_seconds = tag_t0.elapsed().as_secs_f64();
+
+        // Phase 2: items whose tags are known (or that need none): captions only.
+        for chunk in rest.chunks(512) {
+            if ctx.should_stop() {
+                return Ok(());
+            }
+            let tx = m.conn_mut().transaction().map_err(map)?;
+            for c in chunk {
+                // Our own rejection with nothing to check it against now: undo it.
+                w.set_status_ok(&tx, c).map_err(map)?;
+                let stored = if tagger.is_some() {
+                    stored_result(c)
+                } else {
+                    None
+                };
+                w.write_caption(&tx, c, stored.as_ref()).map_err(map)?;
                 pb.inc(1);
             }
             tx.commit().map_err(map)?;
+            looked_at += chunk.len();
         }
-    }
-    let tag_seconds = tag_t0.elapsed().as_secs_f64();
-
-    // Phase 2: items whose tags are known (or that need none): captions only.
-    for chunk in rest.chunks(512) {
-        let tx = m.conn_mut().transaction().map_err(map)?;
-        for c in chunk {
-            // Our own rejection with nothing to check it against now: undo it.
-            w.set_status_ok(&tx, c).map_err(map)?;
-            let stored = if tagger.is_some() {
-                stored_result(c)
-            } else {
-                None
-            };
-            w.write_caption(&tx, c, stored.as_ref()).map_err(map)?;
-            pb.inc(1);
-        }
-        tx.commit().map_err(map)?;
-    }
+        Ok(())
+    };
+    let result = phases();
     pb.finish_and_clear();
     let sum = w.alignment_sum;
     drop(w);
@@ -565,7 +589,10 @@ pub fn run(cfg: &CaptionConfig, m: &mut Manifest, ctx: &Ctx) -> Result<CaptionRe
         report.images_per_second = report.tagged as f64 / tag_seconds;
     }
     report.seconds = t0.elapsed().as_secs_f64();
-    m.end_run(run_id, true, &report)?;
+    report.remaining = cands.len().saturating_sub(looked_at);
+    report.interrupted = result.is_ok() && report.remaining > 0;
+    m.end_run(run_id, result.is_ok() && !report.interrupted, &report)?;
+    result?;
     Ok(report)
 }
 

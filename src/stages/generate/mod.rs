@@ -216,6 +216,12 @@ pub struct GenerateReport {
     pub lanes: usize,
     /// Rendered or rejected images per second of wall time.
     pub images_per_second: f64,
+    /// Stopped by SIGINT / SIGTERM before every planned row was rendered:
+    /// the batches already rendered are kept and the run is recorded as
+    /// `failed`; rerunning the same command renders the rest.
+    pub interrupted: bool,
+    /// Planned rows this run left to a rerun (0 unless interrupted).
+    pub remaining: u64,
 }
 
 impl GenerateReport {
@@ -308,6 +314,8 @@ pub fn run(
     let indices: Vec<u64> = (0..cfg.count).filter(|&i| cfg.shard.contains(i)).collect();
     let rows = plan::plan_rows(&settings, template, cfg.count, &indices)?;
     sweep_temp_files(&m.root().join("images"))?;
+    // Ctrl-C / SIGTERM: finish the batches in flight, keep them, stop.
+    let _signals = crate::signal::install();
     let run_id = m.begin_run("generate", &cfg.to_json())?;
     let mut report = GenerateReport {
         run_id,
@@ -345,7 +353,9 @@ pub fn run(
     } else {
         0.0
     };
-    m.end_run(run_id, result.is_ok(), &report)?;
+    report.remaining = (todo.len() as u64).saturating_sub(done);
+    report.interrupted = result.is_ok() && report.remaining > 0;
+    m.end_run(run_id, result.is_ok() && !report.interrupted, &report)?;
     result?;
     Ok(report)
 }
@@ -420,7 +430,11 @@ fn render(
     let t_start = Instant::now();
     let mut images_done = 0u64;
     let root = m.root().to_path_buf();
-    let job = |i: usize| -> Result<(Vec<Outcome>, f64)> {
+    // `None`: not rendered, a stop was asked for before the job started.
+    let job = |i: usize| -> Result<Option<(Vec<Outcome>, f64)>> {
+        if ctx.should_stop() {
+            return Ok(None);
+        }
         let (scfg, chunk) = &jobs[i];
         let items: Vec<BatchItem> = chunk
             .iter()
@@ -442,9 +456,15 @@ fn render(
             .zip(rendered)
             .map(|(t, r)| outcome(&root, settings, t, r))
             .collect();
-        Ok((outcomes.into_iter().collect::<Result<Vec<_>>>()?, secs))
+        Ok(Some((
+            outcomes.into_iter().collect::<Result<Vec<_>>>()?,
+            secs,
+        )))
     };
-    crate::nn::lanes::run(jobs.len(), lanes, job, |i, (outcomes, secs)| {
+    crate::nn::lanes::run(jobs.len(), lanes, job, |i, done| {
+        let Some((outcomes, secs)) = done else {
+            return Ok(());
+        };
         report.model_seconds += secs;
         commit(m, run_id, outcomes, report)?;
         images_done += jobs[i].1.len() as u64;

@@ -113,6 +113,10 @@ pub(super) fn side_by_side<A: Send, B: Send>(
         match (a, b) {
             (Ok(a), Ok(b)) => Ok((a, b)),
             (Err(e), Ok(_)) | (Ok(_), Err(e)) => Err(e),
+            // Both stopped by the same Ctrl-C: say where each was saved.
+            (Err(Error::Interrupted(ea)), Err(Error::Interrupted(eb))) => {
+                Err(Error::Interrupted(format!("{ea}\n{eb}")))
+            }
             (Err(ea), Err(eb)) => Err(if first.load(Ordering::SeqCst) == 2 {
                 eb
             } else {
@@ -301,7 +305,7 @@ pub(super) fn unet_stage(
     };
     let rep = train(&cfg, &mut m, &train_opts, ctx)?;
     if rep.interrupted {
-        return Err(Error::Other(format!(
+        return Err(Error::Interrupted(format!(
             "toy build: UNet training was interrupted at step {} of {}; rerun `eps2v toy build` with the same settings to resume it from its last checkpoint",
             rep.steps, r.unet.steps
         )));

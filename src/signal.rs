@@ -1,0 +1,114 @@
+//! Stop requests: SIGINT / SIGTERM set a flag that long loops check at
+//! their safe points (the trainer between steps, `generate` and `caption`
+//! between batches, `run` and `toy build` between stages), so Ctrl-C or a
+//! scheduler's termination keeps everything done so far, records the run as
+//! stopped and exits with 130 ([`crate::Error::Interrupted`]) instead of
+//! dying mid-write. A second signal while the first is being honoured ends
+//! the process at once (the default action), for a step that takes minutes;
+//! every write is atomic, so that loses only the unfinished step or batch.
+//!
+//! Written on `libc` (already a dependency) rather than a crate such as
+//! `ctrlc`: all that is needed is an async-signal-safe store to an atomic
+//! and, on the second signal, restoring the default action. While a guard
+//! is alive SIGXFSZ is ignored too, so a write past the file size limit
+//! (`ulimit -f`, the way the tests simulate a full disk) fails with an
+//! error the save reports, instead of killing the process.
+//!
+//! Guards nest (a `run` pipeline installs one, and the trainer inside it
+//! another): only the outermost installs and restores the handlers and
+//! clears an earlier request, so a Ctrl-C between two stages is not lost.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+
+static STOP: AtomicBool = AtomicBool::new(false);
+
+/// Printed (with `write(2)`, which is async-signal-safe) on the first signal.
+#[cfg(unix)]
+const NOTICE: &[u8] =
+    b"\neps2v: stopping at the next safe point, keeping what is done (Ctrl-C again to quit at once)\n";
+
+#[cfg(unix)]
+extern "C" fn on_signal(sig: libc::c_int) {
+    if STOP.swap(true, Ordering::SeqCst) {
+        // SAFETY: signal() and raise() are async-signal-safe; the signal
+        // is blocked while this handler runs, so the default action (end
+        // the process) takes effect as soon as it returns.
+        unsafe {
+            libc::signal(sig, libc::SIG_DFL);
+            libc::raise(sig);
+        }
+    } else {
+        // SAFETY: write(2) on stderr is async-signal-safe; a short or
+        // failed write only loses the notice.
+        unsafe {
+            libc::write(2, NOTICE.as_ptr().cast(), NOTICE.len());
+        }
+    }
+}
+
+/// Handlers in place, and what they replaced.
+struct Installed {
+    depth: usize,
+    #[cfg(unix)]
+    previous: Vec<(libc::c_int, libc::sighandler_t)>,
+}
+
+static STATE: Mutex<Installed> = Mutex::new(Installed {
+    depth: 0,
+    #[cfg(unix)]
+    previous: Vec::new(),
+});
+
+/// Keeps the handlers installed; the outermost restores the previous ones
+/// when dropped.
+pub struct Guard(());
+
+/// Install the handlers, unless a guard is already alive (then only count
+/// this one). The outermost clears any earlier request.
+pub fn install() -> Guard {
+    let mut st = STATE.lock().unwrap_or_else(|e| e.into_inner());
+    if st.depth == 0 {
+        STOP.store(false, Ordering::SeqCst);
+        #[cfg(unix)]
+        {
+            let handler = on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t;
+            st.previous.clear();
+            for (sig, h) in [
+                (libc::SIGINT, handler),
+                (libc::SIGTERM, handler),
+                (libc::SIGXFSZ, libc::SIG_IGN),
+            ] {
+                // SAFETY: the handler only touches an atomic and calls
+                // async-signal-safe functions; SIG_IGN is always valid.
+                let old = unsafe { libc::signal(sig, h) };
+                st.previous.push((sig, old));
+            }
+        }
+    }
+    st.depth += 1;
+    Guard(())
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let mut st = STATE.lock().unwrap_or_else(|e| e.into_inner());
+        st.depth = st.depth.saturating_sub(1);
+        #[cfg(unix)]
+        if st.depth == 0 {
+            for (sig, old) in std::mem::take(&mut st.previous) {
+                if old != libc::SIG_ERR {
+                    // SAFETY: restoring a handler that was installed before.
+                    unsafe {
+                        libc::signal(sig, old);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Whether a stop was requested since the outermost [`install`].
+pub fn requested() -> bool {
+    STOP.load(Ordering::SeqCst)
+}
