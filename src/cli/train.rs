@@ -411,6 +411,9 @@ pub fn run_train(a: TrainArgs, json: bool) -> Result<i32> {
                 }
             );
         }
+        for w in &r.warnings {
+            println!("warning: {w}");
+        }
         if r.interrupted {
             println!(
                 "interrupted at step {}; resume with: eps2v train {} --resume {} (same flags; `--resume` alone takes the newest stopped run of this config)",

@@ -19,6 +19,7 @@
 //! - [`eval`] + [`retention`]: sampled grids and the shape-retention score
 //!   (of the EMA weights when EMA is on: what the export writes);
 //! - [`state`]: atomic, NaN-free, bit-exact resumable checkpoints;
+//! - [`disk`]: will the checkpoints and the export fit (a warning per stage);
 //! - [`export`]: the single-file export with `v_pred` / `ztsnr` markers;
 //! - [`log`]: the CSV log and its plot;
 //! - [`crate::signal`]: SIGINT / SIGTERM → checkpoint and stop.
@@ -34,6 +35,7 @@ pub mod blocks;
 pub mod cache;
 pub mod config;
 pub mod data;
+pub mod disk;
 mod ema;
 pub mod eval;
 pub mod export;
@@ -95,6 +97,9 @@ pub struct TrainOptions {
     /// choice for the largest bucket). Speed only: any count gives the same
     /// bytes.
     pub lanes: Option<usize>,
+    /// Free bytes of a path's file system (tests of the disk check;
+    /// `None`: [`disk::free_bytes`]).
+    pub disk_free: Option<fn(&Path) -> Option<u64>>,
 }
 
 /// What a training run did.
@@ -147,8 +152,13 @@ pub struct TrainReport {
     pub exported: Vec<PathBuf>,
     /// The evaluation grid.
     pub grid: Option<PathBuf>,
-    /// Warnings about the configuration.
+    /// Warnings about the configuration and the disk space.
     pub warnings: Vec<String>,
+    /// What the run writes at its peak, bytes (checkpoints and export,
+    /// [`disk::Need`]; the largest over the stages run now).
+    pub disk_peak_bytes: u64,
+    /// One checkpoint of the last stage run, bytes (estimated).
+    pub checkpoint_bytes: u64,
     /// Wall time, seconds.
     pub seconds: f64,
 }
@@ -461,6 +471,37 @@ pub fn train(
             keys: &keys,
             trained: &trained,
         };
+        // Will the checkpoints and the export fit?
+        {
+            let trained_params: usize = weights
+                .map()
+                .iter()
+                .filter(|(k, _)| trained.iter().any(|b| b.contains_key(k)))
+                .map(|(_, t)| t.elem_count())
+                .sum();
+            let ema_params: usize = ema.values().map(Tensor::elem_count).sum();
+            let need = disk::Need {
+                checkpoint: disk::checkpoint_bytes(trained_params, opt.state_bytes(), ema_params),
+                checkpoints: if cfg.stop_below.is_some() { 5 } else { 3 },
+                existing: state::bytes_on_disk(&rdir)?,
+                export: disk::export_bytes(&ckpt, cfg.save_dtype.dtype().size_in_bytes()),
+            };
+            let out = cfg
+                .out
+                .clone()
+                .unwrap_or_else(|| export::default_out(cfg, &rdir));
+            report.checkpoint_bytes = need.checkpoint;
+            report.disk_peak_bytes = report
+                .disk_peak_bytes
+                .max(need.checkpoints * need.checkpoint + need.export);
+            let free = opts.disk_free.unwrap_or(disk::free_bytes);
+            if let Some(w) = disk::shortfall(&need, &rdir, &out, &free) {
+                ctx.say(&format!("warning: {w}"));
+                if !report.warnings.contains(&w) {
+                    report.warnings.push(w);
+                }
+            }
+        }
 
         // Rollback anchor and the "before training" evaluation.
         if st.stage_step == 0 {

@@ -157,6 +157,17 @@ fn list(run_dir: &Path, prefix: &str) -> Result<Vec<(usize, PathBuf)>> {
     Ok(out)
 }
 
+/// Bytes of the checkpoints (both series) already in `run_dir`.
+pub fn bytes_on_disk(run_dir: &Path) -> Result<u64> {
+    let mut total = 0;
+    for prefix in ["step-", "good-step-"] {
+        for (_, p) in list(run_dir, prefix)? {
+            total += std::fs::metadata(&p).at(&p)?.len();
+        }
+    }
+    Ok(total)
+}
+
 /// Remove the checkpoints a killed process left half-written in the
 /// checkpoint folder ([`crate::models::sdxl::checkpoint::is_partial_save`]),
 /// as large as a checkpoint each. Called when a run is resumed, which owns

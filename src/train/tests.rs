@@ -105,8 +105,42 @@ fn only_selected_blocks_change_and_the_export_is_marked_v_ztsnr() {
     let rows = log::read(&rd.join("log.csv")).unwrap();
     assert_eq!(rows.iter().filter(|r| r.loss.is_some()).count(), 3);
     assert_eq!(rows.iter().filter(|r| r.retention.is_some()).count(), 2);
-    // A second run encodes nothing.
-    let r2 = run(&ds, &cfg, &TrainOptions::default()).unwrap();
+    // The disk check: one checkpoint is what it estimated (weights and
+    // AdamW moments, f32, plus the safetensors header), and the peak is
+    // three of them and the export; this disk has room for them.
+    assert_eq!(r.checkpoint_bytes, 12 * r.trainable_params as u64);
+    let on_disk = std::fs::metadata(state::latest(rd).unwrap().unwrap())
+        .unwrap()
+        .len();
+    assert!(
+        (r.checkpoint_bytes..r.checkpoint_bytes + 200_000).contains(&on_disk),
+        "{on_disk} vs {}",
+        r.checkpoint_bytes
+    );
+    let export = std::fs::metadata(&out).unwrap().len();
+    let peak = 3 * r.checkpoint_bytes + export;
+    assert!(
+        (peak - 500_000..=peak).contains(&r.disk_peak_bytes),
+        "{} vs {peak}",
+        r.disk_peak_bytes
+    );
+    assert!(
+        !r.warnings.iter().any(|w| w.contains("disk")),
+        "{:?}",
+        r.warnings
+    );
+    // A second run encodes nothing; on a full disk it warns (and trains).
+    let full = TrainOptions {
+        disk_free: Some(|_| Some(1_000)),
+        ..Default::default()
+    };
+    let r2 = run(&ds, &cfg, &full).unwrap();
+    let w = r2.warnings.iter().find(|w| w.contains("more disk"));
+    assert!(
+        w.is_some_and(|w| w.contains("3 checkpoints of") && w.contains("0.0 MB is free")),
+        "{:?}",
+        r2.warnings
+    );
     assert_eq!((r2.cache.latents_encoded, r2.cache.texts_encoded), (0, 0));
     assert_eq!(r2.cache.latents_cached, 4);
     assert!(r2.run_id > r.run_id);
