@@ -240,6 +240,17 @@ mod tests {
         };
         let next = m.begin_run("caption", &none).unwrap();
         assert_eq!(status(dead), "failed");
+        let note: String = m
+            .conn()
+            .query_row("SELECT counts_json FROM runs WHERE id = ?1", [dead], |r| {
+                r.get(0)
+            })
+            .unwrap();
+        assert_eq!(
+            serde_json::from_str::<serde_json::Value>(&note).unwrap()["marked_failed_by"],
+            live,
+            "the first caption run after it found it dead"
+        );
         assert_eq!(status(live), "running");
         assert_eq!(status(next), "running");
         assert_eq!(status(unrelated), "running", "another stage's row");

@@ -307,18 +307,27 @@ impl Manifest {
             let Ok(_lock) = self.try_lock_run(id)? else {
                 continue;
             };
-            let n = self
-                .conn
-                .execute(
-                    "UPDATE runs SET status = 'failed', ended_at = ?2 WHERE id = ?1 AND status = 'running'",
-                    rusqlite::params![id, now()],
-                )
-                .map_err(|e| self.err(e))?;
-            if n > 0 {
+            if self.mark_dead(id, except)? {
                 tidied.push(id);
             }
         }
         Ok(tidied)
+    }
+
+    /// Mark `running` row `id`, whose process is gone, as `failed`, noting
+    /// in its report (when it has none) that run `by` found it so; whether
+    /// it was `running`. The caller holds its lock.
+    pub fn mark_dead(&self, id: i64, by: i64) -> Result<bool> {
+        let n = self
+            .conn
+            .execute(
+                "UPDATE runs SET status = 'failed', ended_at = ?2, \
+                 counts_json = coalesce(counts_json, json_object('process_gone', 1, 'marked_failed_by', ?3)) \
+                 WHERE id = ?1 AND status = 'running'",
+                rusqlite::params![id, now(), by],
+            )
+            .map_err(|e| self.err(e))?;
+        Ok(n > 0)
     }
 
     /// Record the end of a run with its report, and release its lock.

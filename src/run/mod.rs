@@ -573,6 +573,7 @@ pub fn run(cfg: &RunConfig, adherence: Option<&AdherenceFn<'_>>, ctx: &Ctx) -> R
     report.seconds = t0.elapsed().as_secs_f64();
     // An interrupted row ends `failed`; the next `run` with the same
     // config reopens it ([`pipeline_row`]).
+    progress.interrupted = report.interrupted;
     m.end_run(run_id, !report.interrupted, &progress.stored(&root))?;
     Ok(report)
 }

@@ -68,6 +68,10 @@ pub struct Progress {
     pub key: String,
     /// Finished stages.
     pub stages: BTreeMap<String, StageRecord>,
+    /// The row ended because a signal stopped it (Ctrl-C / SIGTERM); the
+    /// next `run` with the same config goes on from `stages`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub interrupted: bool,
 }
 
 impl Progress {
@@ -151,6 +155,7 @@ mod tests {
         let p = Progress {
             key: "k".into(),
             stages: [("train".to_string(), rec), ("merge".to_string(), outside)].into(),
+            ..Default::default()
         };
         let kept = p.stored(Path::new("/data/ds"));
         let train = &kept.stages["train"];

@@ -67,10 +67,11 @@ pub struct InspectReport {
     /// Alignment histogram of tagged generated items (bins of 0.1):
     /// bin, items, of which rejected.
     pub alignment: Table,
-    /// Most recent runs; for `train` and `run` rows still marked
-    /// `running`, `process` says whether a process holds the run's lock
-    /// (live, with its pid and host) or none does (it was killed or
-    /// crashed; the next training run marks it failed).
+    /// Most recent runs; for rows still marked `running`, `process` says
+    /// whether a process holds the run's lock (live, with its pid and
+    /// host) or none does (it was killed or crashed; the next run of that
+    /// stage marks it failed); for `failed` rows that a signal stopped,
+    /// that a rerun goes on.
     pub runs: Table,
     /// `generate` plan rows: state, reason code, count (empty without a plan).
     pub generation_plan: Table,
@@ -104,14 +105,27 @@ pub fn query_table(m: &Manifest, sql: &str) -> Result<Table> {
 fn runs_table(m: &Manifest) -> Result<Table> {
     let mut t = query_table(
         m,
-        "SELECT id, stage, status, started_at, ended_at FROM runs ORDER BY id DESC LIMIT 10",
+        "SELECT id, stage, status, started_at, ended_at, \
+         CASE WHEN json_valid(counts_json) THEN json_extract(counts_json, '$.interrupted') END IS 1 AS interrupted, \
+         CASE WHEN json_valid(counts_json) THEN json_extract(counts_json, '$.marked_failed_by') END AS found_dead_by \
+         FROM runs ORDER BY id DESC LIMIT 10",
     )?;
+    t.columns.truncate(5);
     t.columns.push("process".into());
     for row in &mut t.rows {
+        let found_dead_by = row.pop().and_then(|v| v.as_i64());
+        let interrupted = row.pop().and_then(|v| v.as_i64()) == Some(1);
         let process = match (row[0].as_i64(), row[2].as_str()) {
             (Some(id), Some("running")) => match m.run_holder(id)? {
                 Some(who) => format!("live: {who}").into(),
                 None => "none: process gone (killed, crashed or an error)".into(),
+            },
+            (_, Some("failed")) if interrupted => {
+                "stopped by Ctrl-C / SIGTERM: rerun to go on".into()
+            }
+            (_, Some("failed")) => match found_dead_by {
+                Some(by) => format!("gone (killed or crashed); marked failed by run {by}").into(),
+                None => serde_json::Value::Null,
             },
             _ => serde_json::Value::Null,
         };
@@ -261,6 +275,13 @@ mod tests {
         let c = m.begin_run("generate", &none).unwrap();
         let e = m.begin_run("import", &none).unwrap();
         m.end_run(e, true, &none).unwrap();
+        let f = m.begin_run("generate", &none).unwrap();
+        let stopped = serde_json::json!({"interrupted": true, "remaining": 3});
+        m.end_run(f, false, &stopped).unwrap();
+        let g = m.begin_run("caption", &none).unwrap();
+        drop(m.lock_run(g).unwrap()); // killed
+        let h = m.begin_run("caption", &none).unwrap(); // finds it dead
+        m.end_run(h, true, &none).unwrap();
         let ro = Manifest::open_read_only(d.path()).unwrap();
         let t = run(&ro, 5).unwrap().runs;
         assert_eq!(t.columns.last().map(String::as_str), Some("process"));
@@ -276,6 +297,11 @@ mod tests {
             );
         }
         assert!(process(e).is_null());
+        assert_eq!(process(f), "stopped by Ctrl-C / SIGTERM: rerun to go on");
+        assert_eq!(
+            process(g),
+            format!("gone (killed or crashed); marked failed by run {h}").as_str()
+        );
         drop(held);
     }
 }

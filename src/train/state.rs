@@ -262,12 +262,7 @@ pub fn tidy_dead_runs(m: &Manifest, except: i64) -> Result<Vec<Tidied>> {
         };
         let rdir = super::run_dir(m.root(), id);
         let partial_saves_removed = sweep_partial(&rdir)?;
-        m.conn()
-            .execute(
-                "UPDATE runs SET status = 'failed', ended_at = ?2 WHERE id = ?1 AND status = 'running'",
-                rusqlite::params![id, crate::manifest::now()],
-            )
-            .map_err(|e| m.err(e))?;
+        m.mark_dead(id, except)?;
         out.push(Tidied {
             run_id: id,
             partial_saves_removed,
