@@ -281,14 +281,21 @@ impl Manifest {
         tx.commit().map_err(|e| self.err(e))?;
         self.held.borrow_mut().insert(id, lock);
         if stage != "train" && stage != "run" {
-            self.tidy_dead_rows(stage, id)?;
+            self.tidy_dead_rows(stage, id, &mut |_| Ok(()))?;
         }
         Ok(id)
     }
 
     /// Mark the other `running` rows of `stage` that no process holds as
-    /// `failed` (left by a process that was killed or crashed); their ids.
-    pub fn tidy_dead_rows(&self, stage: &str, except: i64) -> Result<Vec<i64>> {
+    /// `failed` (left by a process that was killed or crashed), noting that
+    /// run `except` found them; their ids. `on_dead` runs first for each,
+    /// with its lock held (the trainer removes its partial saves there).
+    pub fn tidy_dead_rows(
+        &self,
+        stage: &str,
+        except: i64,
+        on_dead: &mut dyn FnMut(i64) -> Result<()>,
+    ) -> Result<Vec<i64>> {
         let ids: Vec<i64> = {
             let mut st = self
                 .conn
@@ -307,19 +314,18 @@ impl Manifest {
             let Ok(_lock) = self.try_lock_run(id)? else {
                 continue;
             };
-            if self.mark_dead(id, except)? {
-                tidied.push(id);
-            }
+            on_dead(id)?;
+            self.mark_dead(id, except)?;
+            tidied.push(id);
         }
         Ok(tidied)
     }
 
     /// Mark `running` row `id`, whose process is gone, as `failed`, noting
-    /// in its report (when it has none) that run `by` found it so; whether
-    /// it was `running`. The caller holds its lock.
-    pub fn mark_dead(&self, id: i64, by: i64) -> Result<bool> {
-        let n = self
-            .conn
+    /// in its report (when it has none) that run `by` found it so. The
+    /// caller holds its lock.
+    fn mark_dead(&self, id: i64, by: i64) -> Result<()> {
+        self.conn
             .execute(
                 "UPDATE runs SET status = 'failed', ended_at = ?2, \
                  counts_json = coalesce(counts_json, json_object('process_gone', 1, 'marked_failed_by', ?3)) \
@@ -327,7 +333,7 @@ impl Manifest {
                 rusqlite::params![id, now(), by],
             )
             .map_err(|e| self.err(e))?;
-        Ok(n > 0)
+        Ok(())
     }
 
     /// Record the end of a run with its report, and release its lock.

@@ -69,8 +69,9 @@ fn free_bytes_of(p: &Path) -> Option<u64> {
     if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
         return None;
     }
-    #[allow(clippy::unnecessary_cast, clippy::useless_conversion)]
-    Some(u64::from(st.f_bavail as u64) * u64::from(st.f_frsize as u64))
+    // The fields' widths differ between platforms.
+    #[allow(clippy::unnecessary_cast)]
+    Some(st.f_bavail as u64 * st.f_frsize as u64)
 }
 
 #[cfg(not(unix))]

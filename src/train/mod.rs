@@ -337,6 +337,12 @@ pub fn train(
         },
     )?;
     let ckpt = Checkpoint::open(&cfg.model)?;
+    // Where the export goes, and its size (the disk check).
+    let out = cfg
+        .out
+        .clone()
+        .unwrap_or_else(|| export::default_out(cfg, &rdir));
+    let export_bytes = disk::export_bytes(&ckpt, cfg.save_dtype.dtype().size_in_bytes());
     let sched = schedule(cfg);
 
     // --- data, split, caches ------------------------------------------------
@@ -484,12 +490,8 @@ pub fn train(
                 checkpoint: disk::checkpoint_bytes(trained_params, opt.state_bytes(), ema_params),
                 checkpoints: if cfg.stop_below.is_some() { 5 } else { 3 },
                 existing: state::bytes_on_disk(&rdir)?,
-                export: disk::export_bytes(&ckpt, cfg.save_dtype.dtype().size_in_bytes()),
+                export: export_bytes,
             };
-            let out = cfg
-                .out
-                .clone()
-                .unwrap_or_else(|| export::default_out(cfg, &rdir));
             report.checkpoint_bytes = need.checkpoint;
             report.disk_peak_bytes = report
                 .disk_peak_bytes
@@ -713,10 +715,6 @@ pub fn train(
         } else if cfg.ema_decay.is_some() {
             unet_w.extend(ema.iter().map(|(k, t)| (k.clone(), t.clone())));
         }
-        let out = cfg
-            .out
-            .clone()
-            .unwrap_or_else(|| export::default_out(cfg, &rdir));
         let mut meta = BTreeMap::new();
         meta.insert(
             "eps2v.train".to_string(),

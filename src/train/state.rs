@@ -242,33 +242,17 @@ pub struct Tidied {
 /// left ([`sweep_partial`]). Their finished checkpoints stay: such a run
 /// is still resumed by [`resumable_run`] or `--resume ID`.
 pub fn tidy_dead_runs(m: &Manifest, except: i64) -> Result<Vec<Tidied>> {
-    let ids: Vec<i64> = {
-        let mut st = m
-            .conn()
-            .prepare("SELECT id FROM runs WHERE stage = 'train' AND status = 'running' AND id != ?1 ORDER BY id")
-            .map_err(|e| m.err(e))?;
-        let rows = st
-            .query_map([except], |r| r.get(0))
-            .map_err(|e| m.err(e))?
-            .collect::<std::result::Result<_, _>>()
-            .map_err(|e| m.err(e))?;
-        rows
-    };
     let mut out = Vec::new();
-    for id in ids {
-        // Held for the tidying, so no process resumes it meanwhile.
-        let Ok(_lock) = m.try_lock_run(id)? else {
-            continue;
-        };
+    m.tidy_dead_rows("train", except, &mut |id| {
         let rdir = super::run_dir(m.root(), id);
         let partial_saves_removed = sweep_partial(&rdir)?;
-        m.mark_dead(id, except)?;
         out.push(Tidied {
             run_id: id,
             partial_saves_removed,
             resumable: latest(&rdir)?.is_some(),
         });
-    }
+        Ok(())
+    })?;
     Ok(out)
 }
 
