@@ -39,6 +39,7 @@
 //!   hidden command `gpu-bench`): ours vs diffusers / PyTorch on one GPU.
 //! - [`toy`]: the toy world — procedural scenes with true tags, toy configs.
 
+pub mod atomic;
 pub mod cli;
 pub mod diffusion;
 pub mod error;

@@ -34,6 +34,7 @@ use crate::models::sdxl::checkpoint::{
     META_PREDICTION_TYPE, META_UNCOND, META_ZTSNR,
 };
 use crate::models::sdxl::UNET_PREFIX;
+use crate::stages::Ctx;
 use crate::{Error, Result};
 
 /// Which input a component comes from.
@@ -365,12 +366,14 @@ pub struct SweepReport {
 /// Write one merge per α, sample each with `eval`'s prompt × seed set (as
 /// its markers say: eps, or v + ZTSNR) and score its shape retention
 /// against the reference model's samples; a summary JSON goes beside them
-/// (`<stem>-sweep.json`).
+/// (`<stem>-sweep.json`). A stop request ([`Ctx::should_stop`]) ends it
+/// between merges with [`Error::Interrupted`], keeping the merges written.
 pub fn sweep(
     cfg: &MergeConfig,
     alphas: &[f64],
     out: &Path,
     eval: &SweepEval,
+    ctx: &Ctx,
 ) -> Result<SweepReport> {
     use crate::pipeline::{LoadOptions, SdxlModel};
     use crate::train::eval::{compose_grid, sample_set, EvalSpec};
@@ -406,8 +409,22 @@ pub fn sweep(
     };
     let ref_imgs = sample_set(&ref_model, &spec)?;
     drop(ref_model);
-    let mut points = Vec::new();
+    let mut points: Vec<SweepPoint> = Vec::new();
+    let bar = ctx.bar(alphas.len() as u64, "merge sweep");
     for &alpha in alphas {
+        if ctx.should_stop() {
+            let done: Vec<String> = points.iter().map(|p| p.out.display().to_string()).collect();
+            return Err(Error::Interrupted(format!(
+                "merge sweep: stopped after {} of {} merges{}; rerun to do them all",
+                points.len(),
+                alphas.len(),
+                if done.is_empty() {
+                    String::new()
+                } else {
+                    format!(" (written: {})", done.join(", "))
+                }
+            )));
+        }
         let path = sweep_path(out, alpha);
         merge(
             &MergeConfig {
@@ -428,7 +445,9 @@ pub fn sweep(
             retention,
             grid,
         });
+        bar.inc(1);
     }
+    bar.finish_and_clear();
     let best = points
         .iter()
         .max_by(|a, b| a.retention.total_cmp(&b.retention))

@@ -538,6 +538,8 @@ pub fn run_merge(a: MergeArgs, json: bool) -> Result<i32> {
                 Some(s) => super::sample::parse_size(s)?,
                 None => crate::pipeline::size::native_size_of(&a.a)?,
             };
+            // Ctrl-C / SIGTERM: stop after the merge in hand.
+            let _signals = crate::signal::install();
             let r = merge::sweep(
                 &cfg,
                 alphas,
@@ -551,6 +553,7 @@ pub fn run_merge(a: MergeArgs, json: bool) -> Result<i32> {
                     width,
                     height,
                 },
+                &Ctx::new(!json),
             )?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&r)?);

@@ -349,6 +349,18 @@ impl Manifest {
         Ok(())
     }
 
+    /// End a run that stopped on `err`: `failed`, its report (an object, or
+    /// `{}`) with the error's text under `error`, so that `inspect` can say
+    /// why. Releases its lock.
+    pub fn fail_run(&self, run_id: i64, report: &impl serde::Serialize, err: &Error) -> Result<()> {
+        let mut counts = match serde_json::to_value(report)? {
+            serde_json::Value::Object(o) => o,
+            _ => serde_json::Map::new(),
+        };
+        counts.insert("error".into(), err.to_string().into());
+        self.end_run(run_id, false, &counts)
+    }
+
     /// `PRAGMA integrity_check` result ("ok" when healthy).
     pub fn integrity_check(&self) -> Result<String> {
         self.conn
@@ -364,6 +376,35 @@ impl Manifest {
             })
             .optional()
             .map_err(|e| self.err(e))
+    }
+}
+
+/// Run `body` as a run of `stage` ([`Manifest::begin_run`]): its row ends
+/// `done` with the report it returns, or `failed` with the error
+/// ([`Manifest::fail_run`]) rather than staying `running` until the next
+/// run of the stage finds it.
+pub fn stage_run<R: serde::Serialize>(
+    m: &mut Manifest,
+    stage: &str,
+    config: &impl serde::Serialize,
+    body: impl FnOnce(&mut Manifest, i64) -> Result<R>,
+) -> Result<R> {
+    let run_id = m.begin_run(stage, config)?;
+    let result = body(m, run_id);
+    close_run(m, run_id, &result)?;
+    result
+}
+
+/// End run `run_id` by `result` (see [`stage_run`]). When the row cannot
+/// be written after an error, the stage's error is the one that counts:
+/// the next run of the stage marks the row failed.
+pub fn close_run<R: serde::Serialize>(m: &Manifest, run_id: i64, result: &Result<R>) -> Result<()> {
+    match result {
+        Ok(report) => m.end_run(run_id, true, report),
+        Err(e) => {
+            let _ = m.fail_run(run_id, &serde_json::json!({}), e);
+            Ok(())
+        }
     }
 }
 
@@ -413,6 +454,54 @@ mod tests {
             .unwrap();
         assert_eq!(n, 1);
         assert_eq!(m.integrity_check().unwrap(), "ok");
+    }
+
+    /// A stage's row ends `done` with its report, or `failed` with the
+    /// error's text; either way its lock is released.
+    #[test]
+    fn stage_run_ends_the_row_by_the_outcome() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut m = Manifest::init(dir.path()).unwrap();
+        let cfg = serde_json::json!({});
+        let row = |m: &Manifest, id: i64| -> (String, String) {
+            m.conn()
+                .query_row(
+                    "SELECT status, counts_json FROM runs WHERE id = ?1",
+                    [id],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+                .unwrap()
+        };
+        let mut seen = 0;
+        let n = stage_run(&mut m, "bucket", &cfg, |m, id| {
+            seen = id;
+            assert!(m.run_is_live(id)?);
+            Ok(serde_json::json!({"bucketed": 3}))
+        })
+        .unwrap();
+        assert_eq!(n["bucketed"], 3);
+        assert_eq!(row(&m, seen), ("done".into(), r#"{"bucketed":3}"#.into()));
+        assert!(!m.run_is_live(seen).unwrap());
+        let e = stage_run(&mut m, "bucket", &cfg, |_, id| -> Result<()> {
+            seen = id;
+            Err(Error::config("images/x.png: no such file"))
+        })
+        .unwrap_err();
+        assert!(e.to_string().contains("images/x.png"), "{e}");
+        let (status, counts) = row(&m, seen);
+        assert_eq!(status, "failed");
+        let counts: serde_json::Value = serde_json::from_str(&counts).unwrap();
+        assert_eq!(counts["error"], e.to_string());
+        assert!(!m.run_is_live(seen).unwrap());
+        // A stage's partial report keeps its counts beside the error.
+        let id = m.begin_run("generate", &cfg).unwrap();
+        m.fail_run(id, &serde_json::json!({"rendered": 5}), &e)
+            .unwrap();
+        let counts: serde_json::Value = serde_json::from_str(&row(&m, id).1).unwrap();
+        assert_eq!(
+            (&counts["rendered"], counts["error"].is_string()),
+            (&5.into(), true)
+        );
     }
 
     #[test]

@@ -507,19 +507,9 @@ pub fn next_index(dir: &Path) -> Result<u64> {
     Ok(next)
 }
 
-/// Write `png` bytes to `path` atomically (temp file in the same folder, then rename).
+/// Write `png` bytes to `path` atomically, synced ([`crate::atomic::write`]).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    use std::io::Write;
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let mut tmp = tempfile::Builder::new()
-        .prefix(".eps2v-")
-        .suffix(".tmp")
-        .tempfile_in(dir)
-        .at(dir)?;
-    tmp.write_all(bytes).at(tmp.path())?;
-    tmp.as_file().sync_all().at(path)?;
-    tmp.persist(path).map_err(|e| Error::io(path, e.error))?;
-    Ok(())
+    crate::atomic::write(path, bytes, true)
 }
 
 /// What `eps2v sample` did.

@@ -338,227 +338,258 @@ pub fn run(cfg: &RunConfig, adherence: Option<&AdherenceFn<'_>>, ctx: &Ctx) -> R
         ..Default::default()
     };
     let base = cfg.model_path();
-    for stage in &cfg.stages {
-        let digest = digests[stage.as_str()].clone();
-        if let Some(r) = progress
-            .stages
-            .get(stage.as_str())
-            .filter(|r| r.digest == digest)
-        {
+    // An error ends the row (below) rather than leaving it `running`.
+    let result = (|| -> Result<()> {
+        for stage in &cfg.stages {
+            let digest = digests[stage.as_str()].clone();
+            if let Some(r) = progress
+                .stages
+                .get(stage.as_str())
+                .filter(|r| r.digest == digest)
+            {
+                report.stages.push(StageTiming {
+                    stage: stage.clone(),
+                    seconds: 0.0,
+                    ran_seconds: r.seconds,
+                    skipped: true,
+                    summary: r.summary.clone(),
+                    failed: r.failed,
+                });
+                continue;
+            }
+            if ctx.should_stop() {
+                report.stopped_in(stage, 0.0, "not started: interrupted".into());
+                break;
+            }
+            // Everything after a stage that runs again is stale.
+            let at = STAGES.iter().position(|s| s == stage).unwrap_or(0);
+            progress
+                .stages
+                .retain(|s, _| STAGES.iter().position(|x| x == s).unwrap_or(0) < at);
+            let ts = Instant::now();
+            let mut rec = StageRecord {
+                digest,
+                ..Default::default()
+            };
+            match stage.as_str() {
+                "generate" => {
+                    let g = cfg.generate_config()?;
+                    let (template, model) = stages::generate::load_inputs(&g, &placement(cfg)?)?;
+                    let r = stages::generate::run(&g, &template, &model, &mut m, ctx)?;
+                    if r.interrupted {
+                        report.stopped_in(
+                            stage,
+                            ts.elapsed().as_secs_f64(),
+                            format!(
+                                "interrupted: {} rendered now, {} left; rerun to render them",
+                                r.rendered, r.remaining
+                            ),
+                        );
+                        break;
+                    }
+                    rec.failed = r.rejected_total();
+                    rec.summary = format!(
+                        "{} rendered, {} already there, {} rejected ({:.2} images/s)",
+                        r.rendered, r.skipped, rec.failed, r.images_per_second
+                    );
+                }
+                "caption" => {
+                    let r = stages::caption::run(&cfg.caption, &mut m, ctx)?;
+                    if r.interrupted {
+                        report.stopped_in(
+                            stage,
+                            ts.elapsed().as_secs_f64(),
+                            format!(
+                                "interrupted: {} tagged now, {} items left; rerun to do them",
+                                r.tagged, r.remaining
+                            ),
+                        );
+                        break;
+                    }
+                    rec.failed = r.rejected_total() as u64;
+                    rec.summary = format!(
+                        "{} tagged, {} captioned, mean alignment {}",
+                        r.tagged,
+                        r.captioned,
+                        r.mean_alignment.map_or("-".into(), |a| format!("{a:.3}"))
+                    );
+                }
+                "filter" => {
+                    let r = stages::filter::run(&cfg.filter, &mut m)?;
+                    rec.summary = format!(
+                        "{} scored, {} kept, {} rejected below alignment {}",
+                        r.scored, r.kept, r.rejected, r.min_alignment
+                    );
+                }
+                "dedupe" => {
+                    let r = stages::dedupe::run(&cfg.dedupe, &mut m, ctx)?;
+                    rec.summary = format!(
+                        "{} considered, {} exact + {} near duplicates dropped",
+                        r.considered, r.exact, r.near
+                    );
+                }
+                "bucket" => {
+                    let r = stages::bucket::run(&cfg.bucket, &mut m, ctx)?;
+                    rec.failed = r.rejected.values().sum::<usize>() as u64;
+                    let hist: Vec<String> = r
+                        .histogram
+                        .iter()
+                        .map(|(k, v)| format!("{k} {v}"))
+                        .collect();
+                    // Nothing newly bucketed (a rerun): no empty histogram.
+                    let hist = if hist.is_empty() {
+                        String::new()
+                    } else {
+                        format!("; {}", hist.join(", "))
+                    };
+                    rec.summary = format!(
+                        "{} bucketed, {} already, {} rejected{hist}",
+                        r.bucketed, r.already, rec.failed,
+                    );
+                }
+                "train" => {
+                    let mut t = cfg.train.clone();
+                    if t.out.is_none() {
+                        t.out = Some(out_dir.join("converted.safetensors"));
+                    }
+                    let resume = train::state::resumable_run(&m, &t)?;
+                    let r = train::train(
+                        &t,
+                        &mut m,
+                        &TrainOptions {
+                            resume,
+                            ..Default::default()
+                        },
+                        ctx,
+                    )?;
+                    if r.interrupted {
+                        report.stopped_in(
+                            stage,
+                            ts.elapsed().as_secs_f64(),
+                            format!("interrupted at step {}; rerun to resume", r.steps),
+                        );
+                        break;
+                    }
+                    let converted = r
+                        .exported
+                        .iter()
+                        .find(|p| p.extension().is_some_and(|e| e == "safetensors"))
+                        .cloned()
+                        .ok_or_else(|| Error::Other("train: no checkpoint was exported".into()))?;
+                    rec.summary = format!(
+                        "{} steps{}, {} train / {} val items, last loss {}, retention {}",
+                        r.steps,
+                        if r.resumed { " (resumed)" } else { "" },
+                        r.train_items,
+                        r.val_items,
+                        r.last_loss.map_or("-".into(), |l| format!("{l:.4}")),
+                        r.retention
+                            .last()
+                            .map_or("-".into(), |(_, v)| format!("{v:.3}"))
+                    );
+                    rec.train_run = Some(r.run_id);
+                    rec.converted = Some(converted);
+                    rec.retention = r.retention.clone();
+                }
+                "merge" => {
+                    const NO_MODEL: &str = "merge: no converted model: list `train` before `merge` (or keep its earlier result by leaving [train] unchanged)";
+                    let converted = progress
+                        .stages
+                        .get("train")
+                        .and_then(|r| r.converted.clone())
+                        .ok_or_else(|| Error::config(NO_MODEL))?;
+                    let dir = out_dir.join("merges");
+                    std::fs::create_dir_all(&dir).at(&dir)?;
+                    let spec = eval_spec(cfg)?;
+                    let r = merge::sweep(
+                        &MergeConfig {
+                            a: converted,
+                            b: base.clone(),
+                            c: None,
+                            alpha: 0.0,
+                            blocks: cfg.merge_blocks()?,
+                            te: Side::A,
+                            vae: Side::A,
+                            markers: Side::A,
+                            dtype: None,
+                        },
+                        &cfg.merge.alphas,
+                        &dir.join("merge.safetensors"),
+                        &SweepEval {
+                            reference: Some(base.clone()),
+                            prompts: spec.prompts.clone(),
+                            seeds: spec.seeds.clone(),
+                            steps: spec.steps,
+                            cfg: spec.cfg,
+                            width: spec.width,
+                            height: spec.height,
+                        },
+                        ctx,
+                    );
+                    let r = match r {
+                        Err(Error::Interrupted(why)) => {
+                            report.stopped_in(
+                                stage,
+                                ts.elapsed().as_secs_f64(),
+                                format!("interrupted: {why}"),
+                            );
+                            break;
+                        }
+                        r => r?,
+                    };
+                    let pts: Vec<String> = r
+                        .points
+                        .iter()
+                        .map(|p| format!("α {} retention {:.3}", p.alpha, p.retention))
+                        .collect();
+                    rec.summary = pts.join(", ");
+                    rec.sweep = Some(r);
+                }
+                "evaluate" => {
+                    rec.scores = match evaluate(cfg, &progress, &out_dir, adherence, ctx) {
+                        Err(Error::Interrupted(why)) => {
+                            report.stopped_in(
+                                stage,
+                                ts.elapsed().as_secs_f64(),
+                                format!("interrupted: {why}"),
+                            );
+                            break;
+                        }
+                        r => r?,
+                    };
+                    let parts: Vec<String> = rec
+                        .scores
+                        .iter()
+                        .map(|s| format!("{} {:.1} %", s.label, 100.0 * s.adherence.overall))
+                        .collect();
+                    rec.summary = parts.join("; ");
+                }
+                "report" => {
+                    let page = report::write(&m, cfg, run_id, &progress, &out_dir.join("report"))?;
+                    rec.summary = progress::stored_path(&root, &page).display().to_string();
+                    rec.page = Some(page);
+                }
+                other => return Err(Error::config(format!("stages: unknown stage `{other}`"))),
+            }
+            rec.seconds = ts.elapsed().as_secs_f64();
             report.stages.push(StageTiming {
                 stage: stage.clone(),
-                seconds: 0.0,
-                ran_seconds: r.seconds,
-                skipped: true,
-                summary: r.summary.clone(),
-                failed: r.failed,
+                seconds: rec.seconds,
+                ran_seconds: rec.seconds,
+                skipped: false,
+                summary: rec.summary.clone(),
+                failed: rec.failed,
             });
-            continue;
+            progress.stages.insert(stage.clone(), rec);
+            save_progress(&m, run_id, &progress)?;
         }
-        if ctx.should_stop() {
-            report.stopped_in(stage, 0.0, "not started: interrupted".into());
-            break;
-        }
-        // Everything after a stage that runs again is stale.
-        let at = STAGES.iter().position(|s| s == stage).unwrap_or(0);
-        progress
-            .stages
-            .retain(|s, _| STAGES.iter().position(|x| x == s).unwrap_or(0) < at);
-        let ts = Instant::now();
-        let mut rec = StageRecord {
-            digest,
-            ..Default::default()
-        };
-        match stage.as_str() {
-            "generate" => {
-                let g = cfg.generate_config()?;
-                let (template, model) = stages::generate::load_inputs(&g, &placement(cfg)?)?;
-                let r = stages::generate::run(&g, &template, &model, &mut m, ctx)?;
-                if r.interrupted {
-                    report.stopped_in(
-                        stage,
-                        ts.elapsed().as_secs_f64(),
-                        format!(
-                            "interrupted: {} rendered now, {} left; rerun to render them",
-                            r.rendered, r.remaining
-                        ),
-                    );
-                    break;
-                }
-                rec.failed = r.rejected_total();
-                rec.summary = format!(
-                    "{} rendered, {} already there, {} rejected ({:.2} images/s)",
-                    r.rendered, r.skipped, rec.failed, r.images_per_second
-                );
-            }
-            "caption" => {
-                let r = stages::caption::run(&cfg.caption, &mut m, ctx)?;
-                if r.interrupted {
-                    report.stopped_in(
-                        stage,
-                        ts.elapsed().as_secs_f64(),
-                        format!(
-                            "interrupted: {} tagged now, {} items left; rerun to do them",
-                            r.tagged, r.remaining
-                        ),
-                    );
-                    break;
-                }
-                rec.failed = r.rejected_total() as u64;
-                rec.summary = format!(
-                    "{} tagged, {} captioned, mean alignment {}",
-                    r.tagged,
-                    r.captioned,
-                    r.mean_alignment.map_or("-".into(), |a| format!("{a:.3}"))
-                );
-            }
-            "filter" => {
-                let r = stages::filter::run(&cfg.filter, &mut m)?;
-                rec.summary = format!(
-                    "{} scored, {} kept, {} rejected below alignment {}",
-                    r.scored, r.kept, r.rejected, r.min_alignment
-                );
-            }
-            "dedupe" => {
-                let r = stages::dedupe::run(&cfg.dedupe, &mut m, ctx)?;
-                rec.summary = format!(
-                    "{} considered, {} exact + {} near duplicates dropped",
-                    r.considered, r.exact, r.near
-                );
-            }
-            "bucket" => {
-                let r = stages::bucket::run(&cfg.bucket, &mut m, ctx)?;
-                rec.failed = r.rejected.values().sum::<usize>() as u64;
-                let hist: Vec<String> = r
-                    .histogram
-                    .iter()
-                    .map(|(k, v)| format!("{k} {v}"))
-                    .collect();
-                // Nothing newly bucketed (a rerun): no empty histogram.
-                let hist = if hist.is_empty() {
-                    String::new()
-                } else {
-                    format!("; {}", hist.join(", "))
-                };
-                rec.summary = format!(
-                    "{} bucketed, {} already, {} rejected{hist}",
-                    r.bucketed, r.already, rec.failed,
-                );
-            }
-            "train" => {
-                let mut t = cfg.train.clone();
-                if t.out.is_none() {
-                    t.out = Some(out_dir.join("converted.safetensors"));
-                }
-                let resume = train::state::resumable_run(&m, &t)?;
-                let r = train::train(
-                    &t,
-                    &mut m,
-                    &TrainOptions {
-                        resume,
-                        ..Default::default()
-                    },
-                    ctx,
-                )?;
-                if r.interrupted {
-                    report.stopped_in(
-                        stage,
-                        ts.elapsed().as_secs_f64(),
-                        format!("interrupted at step {}; rerun to resume", r.steps),
-                    );
-                    break;
-                }
-                let converted = r
-                    .exported
-                    .iter()
-                    .find(|p| p.extension().is_some_and(|e| e == "safetensors"))
-                    .cloned()
-                    .ok_or_else(|| Error::Other("train: no checkpoint was exported".into()))?;
-                rec.summary = format!(
-                    "{} steps{}, {} train / {} val items, last loss {}, retention {}",
-                    r.steps,
-                    if r.resumed { " (resumed)" } else { "" },
-                    r.train_items,
-                    r.val_items,
-                    r.last_loss.map_or("-".into(), |l| format!("{l:.4}")),
-                    r.retention
-                        .last()
-                        .map_or("-".into(), |(_, v)| format!("{v:.3}"))
-                );
-                rec.train_run = Some(r.run_id);
-                rec.converted = Some(converted);
-                rec.retention = r.retention.clone();
-            }
-            "merge" => {
-                let converted = progress
-                    .stages
-                    .get("train")
-                    .and_then(|r| r.converted.clone())
-                    .ok_or_else(|| {
-                        Error::config("merge: no converted model: list `train` before `merge` (or keep its earlier result by leaving [train] unchanged)")
-                    })?;
-                let dir = out_dir.join("merges");
-                std::fs::create_dir_all(&dir).at(&dir)?;
-                let spec = eval_spec(cfg)?;
-                let r = merge::sweep(
-                    &MergeConfig {
-                        a: converted,
-                        b: base.clone(),
-                        c: None,
-                        alpha: 0.0,
-                        blocks: cfg.merge_blocks()?,
-                        te: Side::A,
-                        vae: Side::A,
-                        markers: Side::A,
-                        dtype: None,
-                    },
-                    &cfg.merge.alphas,
-                    &dir.join("merge.safetensors"),
-                    &SweepEval {
-                        reference: Some(base.clone()),
-                        prompts: spec.prompts.clone(),
-                        seeds: spec.seeds.clone(),
-                        steps: spec.steps,
-                        cfg: spec.cfg,
-                        width: spec.width,
-                        height: spec.height,
-                    },
-                )?;
-                let pts: Vec<String> = r
-                    .points
-                    .iter()
-                    .map(|p| format!("α {} retention {:.3}", p.alpha, p.retention))
-                    .collect();
-                rec.summary = pts.join(", ");
-                rec.sweep = Some(r);
-            }
-            "evaluate" => {
-                rec.scores = evaluate(cfg, &progress, &out_dir, adherence)?;
-                let parts: Vec<String> = rec
-                    .scores
-                    .iter()
-                    .map(|s| format!("{} {:.1} %", s.label, 100.0 * s.adherence.overall))
-                    .collect();
-                rec.summary = parts.join("; ");
-            }
-            "report" => {
-                let page = report::write(&m, cfg, run_id, &progress, &out_dir.join("report"))?;
-                rec.summary = progress::stored_path(&root, &page).display().to_string();
-                rec.page = Some(page);
-            }
-            other => return Err(Error::config(format!("stages: unknown stage `{other}`"))),
-        }
-        rec.seconds = ts.elapsed().as_secs_f64();
-        report.stages.push(StageTiming {
-            stage: stage.clone(),
-            seconds: rec.seconds,
-            ran_seconds: rec.seconds,
-            skipped: false,
-            summary: rec.summary.clone(),
-            failed: rec.failed,
-        });
-        progress.stages.insert(stage.clone(), rec);
-        save_progress(&m, run_id, &progress)?;
+        Ok(())
+    })();
+    if let Err(e) = result {
+        // The row ends `failed` with the error; the next `run` with the
+        // same config reopens it and goes on from the stages done.
+        let _ = m.fail_run(run_id, &progress.stored(&root), &e);
+        return Err(e);
     }
     if let Some(r) = progress.stages.get("train") {
         report.converted = r.converted.clone();
@@ -612,6 +643,7 @@ fn evaluate(
     progress: &Progress,
     out_dir: &Path,
     hook: Option<&AdherenceFn<'_>>,
+    ctx: &Ctx,
 ) -> Result<Vec<ModelScore>> {
     let own;
     let hook: &AdherenceFn<'_> = match hook {
@@ -676,7 +708,14 @@ fn evaluate(
     }
     let dir = out_dir.join("report");
     let mut out = Vec::new();
+    let n = todo.len();
     for (i, (label, model, prediction, z, retention)) in todo.into_iter().enumerate() {
+        // Ctrl-C / SIGTERM: between models (each a full set of samples).
+        if ctx.should_stop() {
+            return Err(Error::Interrupted(format!(
+                "evaluate: stopped after {i} of {n} models; rerun to score them all"
+            )));
+        }
         let grid = format!("eval-{i}.png");
         let path = dir.join(&grid);
         let a = hook(&AdherenceRequest {

@@ -314,84 +314,84 @@ pub fn run(cfg: &BucketConfig, m: &mut Manifest, ctx: &Ctx) -> Result<BucketRepo
     super::import::sweep_temp_files(&m.root().join("buckets"))?;
     let same =
         super::runs_with_same_settings(m, "bucket", |c: &BucketConfig| same_settings(c, cfg))?;
-    let run_id = m.begin_run("bucket", cfg)?;
-    let mut report = BucketReport {
-        run_id,
-        ..Default::default()
-    };
-    // Ok items and the items a bucket run rejected; never other stages' rejections.
-    let mut todo: Vec<Todo> = Vec::new();
-    {
-        let mut st = m
-            .conn()
-            .prepare(
-                "SELECT i.id, i.sha256, i.path, i.status, i.status_run_id, b.run_id, b.path
+    crate::manifest::stage_run(m, "bucket", cfg, |m, run_id| {
+        let mut report = BucketReport {
+            run_id,
+            ..Default::default()
+        };
+        // Ok items and the items a bucket run rejected; never other stages' rejections.
+        let mut todo: Vec<Todo> = Vec::new();
+        {
+            let mut st = m
+                .conn()
+                .prepare(
+                    "SELECT i.id, i.sha256, i.path, i.status, i.status_run_id, b.run_id, b.path
                  FROM items i LEFT JOIN runs r ON r.id = i.status_run_id
                       LEFT JOIN buckets b ON b.item_id = i.id
                  WHERE i.path IS NOT NULL
                    AND (i.status = 'ok' OR (i.status = 'rejected' AND r.stage = 'bucket'))
                  ORDER BY i.id",
-            )
-            .map_err(|e| m.err(e))?;
-        let mut rows = st.query([]).map_err(|e| m.err(e))?;
-        while let Some(r) = rows.next().map_err(|e| m.err(e))? {
-            let status: String = r.get(3).map_err(|e| m.err(e))?;
-            let status_run: i64 = r.get(4).map_err(|e| m.err(e))?;
-            let bucket_run: Option<i64> = r.get(5).map_err(|e| m.err(e))?;
-            let state = if status == "rejected" {
-                ItemState::RejectedByBucket {
-                    same_settings: same.contains(&status_run),
-                }
-            } else {
-                match bucket_run {
-                    None => ItemState::Unbucketed,
-                    Some(b) => ItemState::Bucketed {
-                        same_settings: same.contains(&b),
-                    },
-                }
-            };
-            let plan = plan_item(state, cfg.force);
-            match plan {
-                ItemPlan::KeepBucket => report.already += 1,
-                ItemPlan::KeepRejection => report.still_rejected += 1,
-                ItemPlan::Bucket | ItemPlan::Rebucket | ItemPlan::Reconsider => {
-                    match plan {
-                        ItemPlan::Rebucket => report.rebucketed += 1,
-                        ItemPlan::Reconsider => report.reconsidered += 1,
-                        _ => {}
+                )
+                .map_err(|e| m.err(e))?;
+            let mut rows = st.query([]).map_err(|e| m.err(e))?;
+            while let Some(r) = rows.next().map_err(|e| m.err(e))? {
+                let status: String = r.get(3).map_err(|e| m.err(e))?;
+                let status_run: i64 = r.get(4).map_err(|e| m.err(e))?;
+                let bucket_run: Option<i64> = r.get(5).map_err(|e| m.err(e))?;
+                let state = if status == "rejected" {
+                    ItemState::RejectedByBucket {
+                        same_settings: same.contains(&status_run),
                     }
-                    todo.push(Todo {
-                        item_id: r.get(0).map_err(|e| m.err(e))?,
-                        sha: r.get(1).map_err(|e| m.err(e))?,
-                        rel: r.get(2).map_err(|e| m.err(e))?,
-                        old_bucket: r.get(6).map_err(|e| m.err(e))?,
-                        was_rejected: status == "rejected",
-                    });
+                } else {
+                    match bucket_run {
+                        None => ItemState::Unbucketed,
+                        Some(b) => ItemState::Bucketed {
+                            same_settings: same.contains(&b),
+                        },
+                    }
+                };
+                let plan = plan_item(state, cfg.force);
+                match plan {
+                    ItemPlan::KeepBucket => report.already += 1,
+                    ItemPlan::KeepRejection => report.still_rejected += 1,
+                    ItemPlan::Bucket | ItemPlan::Rebucket | ItemPlan::Reconsider => {
+                        match plan {
+                            ItemPlan::Rebucket => report.rebucketed += 1,
+                            ItemPlan::Reconsider => report.reconsidered += 1,
+                            _ => {}
+                        }
+                        todo.push(Todo {
+                            item_id: r.get(0).map_err(|e| m.err(e))?,
+                            sha: r.get(1).map_err(|e| m.err(e))?,
+                            rel: r.get(2).map_err(|e| m.err(e))?,
+                            old_bucket: r.get(6).map_err(|e| m.err(e))?,
+                            was_rejected: status == "rejected",
+                        });
+                    }
                 }
             }
         }
-    }
-    let root = m.root().to_path_buf();
-    let pb = ctx.bar(todo.len() as u64, "bucket");
-    for chunk in todo.chunks(cfg.batch.max(1)) {
-        let outcomes: Vec<Result<Outcome>> = chunk
-            .par_iter()
-            .map(|t| {
-                let r = process(&root, cfg, &list, t.item_id, &t.sha, &t.rel);
-                pb.inc(1);
-                r
-            })
-            .collect();
-        let path = m.db_path().to_path_buf();
-        let map = crate::manifest::sql_err(&path);
-        let tx = m.conn_mut().transaction().map_err(map)?;
-        // Bucket images this batch replaces or orphans, removed after the commit.
-        let mut stale: Vec<String> = Vec::new();
-        for (t, o) in chunk.iter().zip(outcomes) {
-            match o? {
-                Outcome::Done(d) => {
-                    let p = &d.placed;
-                    tx.execute(
+        let root = m.root().to_path_buf();
+        let pb = ctx.bar(todo.len() as u64, "bucket");
+        for chunk in todo.chunks(cfg.batch.max(1)) {
+            let outcomes: Vec<Result<Outcome>> = chunk
+                .par_iter()
+                .map(|t| {
+                    let r = process(&root, cfg, &list, t.item_id, &t.sha, &t.rel);
+                    pb.inc(1);
+                    r
+                })
+                .collect();
+            let path = m.db_path().to_path_buf();
+            let map = crate::manifest::sql_err(&path);
+            let tx = m.conn_mut().transaction().map_err(map)?;
+            // Bucket images this batch replaces or orphans, removed after the commit.
+            let mut stale: Vec<String> = Vec::new();
+            for (t, o) in chunk.iter().zip(outcomes) {
+                match o? {
+                    Outcome::Done(d) => {
+                        let p = &d.placed;
+                        tx.execute(
                         "INSERT OR REPLACE INTO buckets (item_id, bucket_w, bucket_h, orig_w, orig_h, resized_w, resized_h,
                              crop_top, crop_left, crop_top_resized, crop_left_resized, target_w, target_h, path, run_id)
                          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?2, ?3, ?12, ?13)",
@@ -412,44 +412,44 @@ pub fn run(cfg: &BucketConfig, m: &mut Manifest, ctx: &Ctx) -> Result<BucketRepo
                         ],
                     )
                     .map_err(map)?;
-                    if t.was_rejected {
-                        tx.execute(
+                        if t.was_rejected {
+                            tx.execute(
                             "UPDATE items SET status = 'ok', reason = NULL, status_run_id = ?2 WHERE id = ?1",
                             params![d.item_id, run_id],
                         )
                         .map_err(map)?;
+                        }
+                        stale.extend(t.old_bucket.clone().filter(|old| *old != d.rel));
+                        report.bucketed += 1;
+                        *report
+                            .histogram
+                            .entry(format!("{}x{}", d.bucket.width, d.bucket.height))
+                            .or_default() += 1;
                     }
-                    stale.extend(t.old_bucket.clone().filter(|old| *old != d.rel));
-                    report.bucketed += 1;
-                    *report
-                        .histogram
-                        .entry(format!("{}x{}", d.bucket.width, d.bucket.height))
-                        .or_default() += 1;
-                }
-                Outcome::Rejected { item_id, reason } => {
-                    tx.execute(
+                    Outcome::Rejected { item_id, reason } => {
+                        tx.execute(
                         "UPDATE items SET status = 'rejected', reason = ?2, status_run_id = ?3 WHERE id = ?1",
                         params![item_id, reason, run_id],
                     )
                     .map_err(map)?;
-                    tx.execute("DELETE FROM buckets WHERE item_id = ?1", [item_id])
-                        .map_err(map)?;
-                    stale.extend(t.old_bucket.clone());
-                    let code = reason.split(':').next().unwrap_or("unknown").to_string();
-                    *report.rejected.entry(code).or_default() += 1;
+                        tx.execute("DELETE FROM buckets WHERE item_id = ?1", [item_id])
+                            .map_err(map)?;
+                        stale.extend(t.old_bucket.clone());
+                        let code = reason.split(':').next().unwrap_or("unknown").to_string();
+                        *report.rejected.entry(code).or_default() += 1;
+                    }
                 }
             }
+            tx.commit().map_err(map)?;
+            for rel in stale {
+                // Best effort: a leftover file is harmless (no row points at it).
+                let _ = std::fs::remove_file(root.join(rel));
+            }
         }
-        tx.commit().map_err(map)?;
-        for rel in stale {
-            // Best effort: a leftover file is harmless (no row points at it).
-            let _ = std::fs::remove_file(root.join(rel));
-        }
-    }
-    pb.finish_and_clear();
-    report.seconds = t0.elapsed().as_secs_f64();
-    m.end_run(run_id, true, &report)?;
-    Ok(report)
+        pb.finish_and_clear();
+        report.seconds = t0.elapsed().as_secs_f64();
+        Ok(report)
+    })
 }
 
 #[cfg(test)]

@@ -516,111 +516,111 @@ pub fn run(cfg: &ExportConfig, m: &mut Manifest, ctx: &Ctx) -> Result<ExportRepo
             ExportFormat::Jsonl => root.join("exports").join("manifest.jsonl"),
         },
     };
-    let run_id = m.begin_run("export", cfg)?;
-    let mut report = ExportReport {
-        run_id,
-        format: cfg.format.name().into(),
-        out: out.clone(),
-        ..Default::default()
-    };
-    let staged = Staged::new(&out)?;
-    match cfg.format {
-        ExportFormat::Parquet | ExportFormat::Jsonl => {
-            let rows = load_rows(m, false)?;
-            if cfg.format == ExportFormat::Parquet {
-                write_parquet(&rows, &staged.tmp)?;
-            } else {
-                write_jsonl(&rows, &staged.tmp)?;
-            }
-            report.written = rows.len();
-        }
-        ExportFormat::Kohya | ExportFormat::Hf => {
-            let rows = load_rows(m, true)?;
-            let img_dir = if cfg.format == ExportFormat::Kohya {
-                staged.tmp.join(format!("{}_{}", cfg.repeats, cfg.name))
-            } else {
-                staged.tmp.join("train")
-            };
-            fs::create_dir_all(&img_dir).at(&img_dir)?;
-            let pb = ctx.bar(rows.len() as u64, "export");
-            let mut meta = serde_json::Map::new();
-            let mut jsonl = String::new();
-            for r in &rows {
-                pb.inc(1);
-                let src_rel = r.bucket_path.as_ref().or(r.path.as_ref());
-                let Some(src_rel) = src_rel else {
-                    report.missing += 1;
-                    continue;
-                };
-                let src = root.join(src_rel);
-                if !src.is_file() {
-                    report.missing += 1;
-                    continue;
-                }
-                let ext = src.extension().and_then(|e| e.to_str()).unwrap_or("png");
-                let stem = r.sha256[..16.min(r.sha256.len())].to_string();
-                let file_name = format!("{stem}.{ext}");
-                link_or_copy(&src, &img_dir.join(&file_name))?;
-                let caption = r.caption.clone().unwrap_or_default();
-                // The exported file's size: the bucket when bucketed, else the original.
-                let (tw, th) = match (r.bucket_w, r.bucket_h) {
-                    (Some(w), Some(h)) => (w, h),
-                    _ => (r.width.unwrap_or(0), r.height.unwrap_or(0)),
-                };
-                if cfg.format == ExportFormat::Kohya {
-                    let k = kohya_entry(r.caption.as_deref(), r.tags.as_deref());
-                    if k.text.is_empty() {
-                        report.uncaptioned += 1;
-                        report.uncaptioned_files.push(file_name.clone());
-                    } else {
-                        let txt = img_dir.join(format!("{stem}.txt"));
-                        fs::write(&txt, format!("{}\n", k.text)).at(&txt)?;
-                    }
-                    let mut entry = serde_json::Map::new();
-                    if !k.caption.is_empty() {
-                        entry.insert("caption".into(), k.caption.into());
-                    }
-                    if !k.tags.is_empty() {
-                        entry.insert("tags".into(), k.tags.into());
-                    }
-                    entry.insert("image_size".into(), serde_json::json!([tw, th]));
-                    entry.insert("train_resolution".into(), serde_json::json!([tw, th]));
-                    meta.insert(file_name.clone(), serde_json::Value::Object(entry));
+    crate::manifest::stage_run(m, "export", cfg, |m, run_id| {
+        let mut report = ExportReport {
+            run_id,
+            format: cfg.format.name().into(),
+            out: out.clone(),
+            ..Default::default()
+        };
+        let staged = Staged::new(&out)?;
+        match cfg.format {
+            ExportFormat::Parquet | ExportFormat::Jsonl => {
+                let rows = load_rows(m, false)?;
+                if cfg.format == ExportFormat::Parquet {
+                    write_parquet(&rows, &staged.tmp)?;
                 } else {
-                    if caption.trim().is_empty() {
-                        report.uncaptioned += 1;
-                        report.uncaptioned_files.push(file_name.clone());
-                    }
-                    let line = serde_json::json!({
-                        "file_name": file_name,
-                        "text": caption,
-                        "tags": r.tags,
-                        "width": r.width,
-                        "height": r.height,
-                        "train_width": tw,
-                        "train_height": th,
-                        "crop_top": r.crop_top_resized,
-                        "crop_left": r.crop_left_resized,
-                        "sha256": r.sha256,
-                    });
-                    jsonl.push_str(&serde_json::to_string(&line)?);
-                    jsonl.push('\n');
+                    write_jsonl(&rows, &staged.tmp)?;
                 }
-                report.written += 1;
+                report.written = rows.len();
             }
-            pb.finish_and_clear();
-            if cfg.format == ExportFormat::Kohya {
-                let p = staged.tmp.join("meta_lat.json");
-                fs::write(&p, serde_json::to_vec_pretty(&meta)?).at(&p)?;
-            } else {
-                let p = img_dir.join("metadata.jsonl");
-                fs::write(&p, jsonl).at(&p)?;
+            ExportFormat::Kohya | ExportFormat::Hf => {
+                let rows = load_rows(m, true)?;
+                let img_dir = if cfg.format == ExportFormat::Kohya {
+                    staged.tmp.join(format!("{}_{}", cfg.repeats, cfg.name))
+                } else {
+                    staged.tmp.join("train")
+                };
+                fs::create_dir_all(&img_dir).at(&img_dir)?;
+                let pb = ctx.bar(rows.len() as u64, "export");
+                let mut meta = serde_json::Map::new();
+                let mut jsonl = String::new();
+                for r in &rows {
+                    pb.inc(1);
+                    let src_rel = r.bucket_path.as_ref().or(r.path.as_ref());
+                    let Some(src_rel) = src_rel else {
+                        report.missing += 1;
+                        continue;
+                    };
+                    let src = root.join(src_rel);
+                    if !src.is_file() {
+                        report.missing += 1;
+                        continue;
+                    }
+                    let ext = src.extension().and_then(|e| e.to_str()).unwrap_or("png");
+                    let stem = r.sha256[..16.min(r.sha256.len())].to_string();
+                    let file_name = format!("{stem}.{ext}");
+                    link_or_copy(&src, &img_dir.join(&file_name))?;
+                    let caption = r.caption.clone().unwrap_or_default();
+                    // The exported file's size: the bucket when bucketed, else the original.
+                    let (tw, th) = match (r.bucket_w, r.bucket_h) {
+                        (Some(w), Some(h)) => (w, h),
+                        _ => (r.width.unwrap_or(0), r.height.unwrap_or(0)),
+                    };
+                    if cfg.format == ExportFormat::Kohya {
+                        let k = kohya_entry(r.caption.as_deref(), r.tags.as_deref());
+                        if k.text.is_empty() {
+                            report.uncaptioned += 1;
+                            report.uncaptioned_files.push(file_name.clone());
+                        } else {
+                            let txt = img_dir.join(format!("{stem}.txt"));
+                            fs::write(&txt, format!("{}\n", k.text)).at(&txt)?;
+                        }
+                        let mut entry = serde_json::Map::new();
+                        if !k.caption.is_empty() {
+                            entry.insert("caption".into(), k.caption.into());
+                        }
+                        if !k.tags.is_empty() {
+                            entry.insert("tags".into(), k.tags.into());
+                        }
+                        entry.insert("image_size".into(), serde_json::json!([tw, th]));
+                        entry.insert("train_resolution".into(), serde_json::json!([tw, th]));
+                        meta.insert(file_name.clone(), serde_json::Value::Object(entry));
+                    } else {
+                        if caption.trim().is_empty() {
+                            report.uncaptioned += 1;
+                            report.uncaptioned_files.push(file_name.clone());
+                        }
+                        let line = serde_json::json!({
+                            "file_name": file_name,
+                            "text": caption,
+                            "tags": r.tags,
+                            "width": r.width,
+                            "height": r.height,
+                            "train_width": tw,
+                            "train_height": th,
+                            "crop_top": r.crop_top_resized,
+                            "crop_left": r.crop_left_resized,
+                            "sha256": r.sha256,
+                        });
+                        jsonl.push_str(&serde_json::to_string(&line)?);
+                        jsonl.push('\n');
+                    }
+                    report.written += 1;
+                }
+                pb.finish_and_clear();
+                if cfg.format == ExportFormat::Kohya {
+                    let p = staged.tmp.join("meta_lat.json");
+                    fs::write(&p, serde_json::to_vec_pretty(&meta)?).at(&p)?;
+                } else {
+                    let p = img_dir.join("metadata.jsonl");
+                    fs::write(&p, jsonl).at(&p)?;
+                }
             }
         }
-    }
-    staged.commit()?;
-    m.end_run(run_id, true, &report)?;
-    Ok(report)
+        staged.commit()?;
+        Ok(report)
+    })
 }
 
 #[cfg(test)]

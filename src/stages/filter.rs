@@ -205,26 +205,26 @@ pub fn run(cfg: &FilterConfig, m: &mut Manifest) -> Result<FilterReport> {
         report.seconds = t0.elapsed().as_secs_f64();
         return Ok(report);
     }
-    let run_id = m.begin_run("filter", cfg)?;
-    report.run_id = run_id;
-    let db = m.db_path().to_path_buf();
-    let map = manifest::sql_err(&db);
-    let tx = m.conn_mut().transaction().map_err(map)?;
-    {
-        let mut st = tx
-            .prepare(
-                "UPDATE items SET status = CASE WHEN ?2 IS NULL THEN 'ok' ELSE 'rejected' END,
+    crate::manifest::stage_run(m, "filter", cfg, |m, run_id| {
+        report.run_id = run_id;
+        let db = m.db_path().to_path_buf();
+        let map = manifest::sql_err(&db);
+        let tx = m.conn_mut().transaction().map_err(map)?;
+        {
+            let mut st = tx
+                .prepare(
+                    "UPDATE items SET status = CASE WHEN ?2 IS NULL THEN 'ok' ELSE 'rejected' END,
                                   reason = ?2, status_run_id = ?3 WHERE id = ?1",
-            )
-            .map_err(map)?;
-        for (id, reason) in &updates {
-            st.execute(params![id, reason, run_id]).map_err(map)?;
+                )
+                .map_err(map)?;
+            for (id, reason) in &updates {
+                st.execute(params![id, reason, run_id]).map_err(map)?;
+            }
         }
-    }
-    tx.commit().map_err(map)?;
-    report.seconds = t0.elapsed().as_secs_f64();
-    m.end_run(run_id, true, &report)?;
-    Ok(report)
+        tx.commit().map_err(map)?;
+        report.seconds = t0.elapsed().as_secs_f64();
+        Ok(report)
+    })
 }
 
 #[cfg(test)]

@@ -219,10 +219,7 @@ pub fn write_atomic_if_absent(path: &Path, bytes: &[u8]) -> Result<()> {
 pub fn write_atomic_replace(path: &Path, bytes: &[u8]) -> Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     fs::create_dir_all(dir).at(dir)?;
-    let mut tmp = tempfile::NamedTempFile::new_in(dir).at(dir)?;
-    std::io::Write::write_all(&mut tmp, bytes).at(tmp.path())?;
-    tmp.persist(path).map_err(|e| Error::io(path, e.error))?;
-    Ok(())
+    crate::atomic::write(path, bytes, false)
 }
 
 /// Remove temporary files (`.tmp*`) that a killed run left under `dir`.
@@ -417,79 +414,77 @@ pub fn run(cfg: &ImportConfig, m: &mut Manifest, ctx: &Ctx) -> Result<ImportRepo
     let listing = super::walk::list_images(&from)?;
     let limits = DecodeLimits::from(cfg.limits);
     sweep_temp_files(&m.root().join("images"))?;
-    let run_id = m.begin_run("import", cfg)?;
-    let mut report = ImportReport {
-        run_id,
-        found: listing.files.len(),
-        skipped: listing.skipped,
-        ..Default::default()
-    };
-    // Import runs whose rejections stand: those with these decode limits.
-    let same_limits =
-        super::runs_with_same_settings(m, "import", |c: &ImportConfig| c.limits == cfg.limits)?;
-    // Sources already recorded, with how their item was decided.
-    let known: HashMap<String, KnownSource> = {
-        let mut st = m
-            .conn()
-            .prepare(
-                "SELECT s.path, s.size, s.mtime_ns, i.status = 'rejected' AND r.stage = 'import', i.status_run_id
-                 FROM sources s JOIN items i ON i.id = s.item_id LEFT JOIN runs r ON r.id = i.status_run_id",
-            )
-            .map_err(|e| m.err(e))?;
-        let rows = st
-            .query_map([], |r| {
-                let by_import: Option<bool> = r.get(3)?;
-                let run: i64 = r.get(4)?;
-                Ok((
-                    r.get(0)?,
-                    KnownSource {
-                        size: r.get(1)?,
-                        mtime_ns: r.get(2)?,
-                        rejected_under_other_limits: by_import == Some(true)
-                            && !same_limits.contains(&run),
-                    },
-                ))
-            })
-            .map_err(|e| m.err(e))?;
-        rows.collect::<rusqlite::Result<_>>()
-            .map_err(|e| m.err(e))?
-    };
-    let todo: Vec<PathBuf> = listing
-        .files
-        .into_iter()
-        .filter(|p| {
-            let (size, mt) =
-                fs::metadata(p).map_or((-1, -1), |meta| (meta.len() as i64, mtime_ns(&meta)));
-            plan_file(known.get(p.to_string_lossy().as_ref()), size, mt) != FilePlan::Skip
-        })
-        .collect();
-    report.already_imported = report.found - todo.len();
-    let root = m.root().to_path_buf();
-    let pb = ctx.bar(todo.len() as u64, "import");
-    for chunk in todo.chunks(cfg.batch.max(1)) {
-        let outcomes: Vec<std::result::Result<FileOutcome, Failure>> = chunk
-            .par_iter()
-            .map(|p| {
-                let r = process_file(&root, p, &limits).map_err(|e| Failure {
-                    path: p.clone(),
-                    reason: e.to_string(),
-                });
-                pb.inc(1);
-                r
+    crate::manifest::stage_run(m, "import", cfg, |m, run_id| {
+        let mut report = ImportReport {
+            run_id,
+            found: listing.files.len(),
+            skipped: listing.skipped,
+            ..Default::default()
+        };
+        // Import runs whose rejections stand: those with these decode limits.
+        let same_limits =
+            super::runs_with_same_settings(m, "import", |c: &ImportConfig| c.limits == cfg.limits)?;
+        // Sources already recorded, with how their item was decided.
+        let known: HashMap<String, KnownSource> = {
+            const KNOWN: &str = "SELECT s.path, s.size, s.mtime_ns, \
+                                 i.status = 'rejected' AND r.stage = 'import', i.status_run_id \
+                                 FROM sources s JOIN items i ON i.id = s.item_id \
+                                 LEFT JOIN runs r ON r.id = i.status_run_id";
+            let mut st = m.conn().prepare(KNOWN).map_err(|e| m.err(e))?;
+            let rows = st
+                .query_map([], |r| {
+                    let by_import: Option<bool> = r.get(3)?;
+                    let run: i64 = r.get(4)?;
+                    Ok((
+                        r.get(0)?,
+                        KnownSource {
+                            size: r.get(1)?,
+                            mtime_ns: r.get(2)?,
+                            rejected_under_other_limits: by_import == Some(true)
+                                && !same_limits.contains(&run),
+                        },
+                    ))
+                })
+                .map_err(|e| m.err(e))?;
+            rows.collect::<rusqlite::Result<_>>()
+                .map_err(|e| m.err(e))?
+        };
+        let todo: Vec<PathBuf> = listing
+            .files
+            .into_iter()
+            .filter(|p| {
+                let (size, mt) =
+                    fs::metadata(p).map_or((-1, -1), |meta| (meta.len() as i64, mtime_ns(&meta)));
+                plan_file(known.get(p.to_string_lossy().as_ref()), size, mt) != FilePlan::Skip
             })
             .collect();
-        write_batch(m, run_id, outcomes, &mut report)?;
-    }
-    pb.finish_and_clear();
-    for (path, why) in &report.skipped.unreadable {
-        report.failed.push(Failure {
-            path: path.clone(),
-            reason: format!("unreadable folder: {why}"),
-        });
-    }
-    report.seconds = t0.elapsed().as_secs_f64();
-    m.end_run(run_id, true, &report)?;
-    Ok(report)
+        report.already_imported = report.found - todo.len();
+        let root = m.root().to_path_buf();
+        let pb = ctx.bar(todo.len() as u64, "import");
+        for chunk in todo.chunks(cfg.batch.max(1)) {
+            let outcomes: Vec<std::result::Result<FileOutcome, Failure>> = chunk
+                .par_iter()
+                .map(|p| {
+                    let r = process_file(&root, p, &limits).map_err(|e| Failure {
+                        path: p.clone(),
+                        reason: e.to_string(),
+                    });
+                    pb.inc(1);
+                    r
+                })
+                .collect();
+            write_batch(m, run_id, outcomes, &mut report)?;
+        }
+        pb.finish_and_clear();
+        for (path, why) in &report.skipped.unreadable {
+            report.failed.push(Failure {
+                path: path.clone(),
+                reason: format!("unreadable folder: {why}"),
+            });
+        }
+        report.seconds = t0.elapsed().as_secs_f64();
+        Ok(report)
+    })
 }
 
 fn write_batch(

@@ -107,22 +107,29 @@ fn runs_table(m: &Manifest) -> Result<Table> {
         m,
         "SELECT id, stage, status, started_at, ended_at, \
          CASE WHEN json_valid(counts_json) THEN json_extract(counts_json, '$.interrupted') END IS 1 AS interrupted, \
-         CASE WHEN json_valid(counts_json) THEN json_extract(counts_json, '$.marked_failed_by') END AS found_dead_by \
+         CASE WHEN json_valid(counts_json) THEN json_extract(counts_json, '$.marked_failed_by') END AS found_dead_by, \
+         CASE WHEN json_valid(counts_json) THEN json_extract(counts_json, '$.error') END AS error \
          FROM runs ORDER BY id DESC LIMIT 10",
     )?;
     t.columns.truncate(5);
     t.columns.push("process".into());
     for row in &mut t.rows {
+        let error = row.pop().and_then(|v| v.as_str().map(str::to_owned));
         let found_dead_by = row.pop().and_then(|v| v.as_i64());
         let interrupted = row.pop().and_then(|v| v.as_i64()) == Some(1);
         let process = match (row[0].as_i64(), row[2].as_str()) {
             (Some(id), Some("running")) => match m.run_holder(id)? {
                 Some(who) => format!("live: {who}").into(),
-                None => "none: process gone (killed, crashed or an error)".into(),
+                None => "none: process gone (killed or crashed)".into(),
             },
             (_, Some("failed")) if interrupted => {
                 "stopped by Ctrl-C / SIGTERM: rerun to go on".into()
             }
+            (_, Some("failed")) if error.is_some() => format!(
+                "stopped on an error: {}",
+                brief(error.as_deref().unwrap_or(""))
+            )
+            .into(),
             (_, Some("failed")) => match found_dead_by {
                 Some(by) => format!("gone (killed or crashed); marked failed by run {by}").into(),
                 None => serde_json::Value::Null,
@@ -132,6 +139,16 @@ fn runs_table(m: &Manifest) -> Result<Table> {
         row.push(process);
     }
     Ok(t)
+}
+
+/// The first line of an error message, at most 160 characters, for a
+/// table cell (the whole text is in `runs.counts_json`).
+fn brief(msg: &str) -> String {
+    let line = msg.lines().next().unwrap_or("");
+    match line.char_indices().nth(160) {
+        Some((i, _)) => format!("{}…", &line[..i]),
+        None => line.to_owned(),
+    }
 }
 
 /// Gather the standard report.
@@ -282,14 +299,15 @@ mod tests {
         drop(m.lock_run(g).unwrap()); // killed
         let h = m.begin_run("caption", &none).unwrap(); // finds it dead
         m.end_run(h, true, &none).unwrap();
+        let k = m.begin_run("export", &none).unwrap();
+        let long = format!("{}\nsecond line", "x".repeat(200));
+        m.fail_run(k, &none, &Error::config(long)).unwrap();
         let ro = Manifest::open_read_only(d.path()).unwrap();
         let t = run(&ro, 5).unwrap().runs;
+        assert_eq!(t.rows.len(), 8);
         assert_eq!(t.columns.last().map(String::as_str), Some("process"));
         let process = |id: i64| t.rows.iter().find(|r| r[0] == id).unwrap()[5].clone();
-        assert_eq!(
-            process(a),
-            "none: process gone (killed, crashed or an error)"
-        );
+        assert_eq!(process(a), "none: process gone (killed or crashed)");
         for live in [b, c] {
             assert!(
                 process(live).as_str().unwrap().starts_with("live: pid "),
@@ -298,6 +316,10 @@ mod tests {
         }
         assert!(process(e).is_null());
         assert_eq!(process(f), "stopped by Ctrl-C / SIGTERM: rerun to go on");
+        let why = process(k);
+        let why = why.as_str().unwrap();
+        assert!(why.starts_with("stopped on an error: "), "{why}");
+        assert!(why.ends_with("x…") && !why.contains("second"), "{why}");
         assert_eq!(
             process(g),
             format!("gone (killed or crashed); marked failed by run {h}").as_str()

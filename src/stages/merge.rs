@@ -156,7 +156,8 @@ pub fn check_shards(out: &Path, shards: &[PathBuf]) -> Result<StoredPlan> {
         if !seen.insert(canon) {
             return Err(Error::config(format!("{}: given twice", dir.display())));
         }
-        let (_, p) = open_shard(dir)?;
+        let (shard, p) = open_shard(dir)?;
+        refuse_live_runs(&shard, dir)?;
         let why = if let Some((f, a, b)) = reference.settings.first_difference(&p.settings)? {
             Some(format!("{f} is {b} there but {a} in {}", first.display()))
         } else if p.count != reference.count {
@@ -217,6 +218,33 @@ pub fn check_shards(out: &Path, shards: &[PathBuf]) -> Result<StoredPlan> {
     Ok(reference)
 }
 
+/// Refuse a shard that a process is still writing (a `running` run whose
+/// lock is held): its rows would be copied half done, and its run row
+/// would stay `running` in OUT. A run left `running` by a dead process is
+/// copied as `failed` ([`merge_rows`]).
+fn refuse_live_runs(shard: &Manifest, dir: &Path) -> Result<()> {
+    let running: Vec<(i64, String)> = {
+        let mut st = shard
+            .conn()
+            .prepare("SELECT id, stage FROM runs WHERE status = 'running' ORDER BY id")
+            .map_err(|e| shard.err(e))?;
+        let rows = st
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .map_err(|e| shard.err(e))?;
+        rows.collect::<rusqlite::Result<_>>()
+            .map_err(|e| shard.err(e))?
+    };
+    for (id, stage) in running {
+        if let Some(who) = shard.run_holder(id)? {
+            return Err(Error::config(format!(
+                "{}: its {stage} run {id} is still in progress ({who}); merge once it has ended",
+                dir.display()
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// Columns of `table` in schema `db` (`main` / `shard`): (name, is pk).
 fn columns(conn: &Connection, db: &str, table: &str) -> rusqlite::Result<Vec<(String, bool)>> {
     let mut st = conn.prepare(&format!("PRAGMA {db}.table_info(\"{table}\")"))?;
@@ -253,125 +281,129 @@ fn quote(s: &str) -> String {
 pub fn run(cfg: &MergeConfig, out: &mut Manifest, ctx: &Ctx) -> Result<MergeReport> {
     let t0 = Instant::now();
     let reference = check_shards(out.root(), &cfg.shards)?;
-    let run_id = out.begin_run("merge", cfg)?;
-    let mut report = MergeReport {
-        run_id,
-        count: reference.count,
-        ..Default::default()
-    };
-    let root = out.root().to_path_buf();
-    let db_path = out.db_path().to_path_buf();
-    let map = manifest::sql_err(&db_path);
-    // OUT's plan header: the shards' settings, the whole plan.
-    {
-        let exists: bool = out
-            .conn()
-            .query_row("SELECT count(*) FROM gen_plan", [], |r| r.get::<_, i64>(0))
-            .map_err(map)?
-            > 0;
-        if !exists {
-            out.conn()
-                .execute(
-                    "INSERT INTO gen_plan (id, plan_id, settings_json, count, shard, run_id, updated_at)
-                     VALUES (1, ?1, ?2, ?3, ?4, ?5, ?6)",
-                    params![
-                        format!("merge-{}", &reference.plan_id),
-                        serde_json::to_string(&reference.settings)?,
-                        reference.count as i64,
-                        Shard::ALL.to_string(),
-                        run_id,
-                        manifest::now()
-                    ],
-                )
-                .map_err(map)?;
-        }
-    }
-    let bar = ctx.bar(cfg.shards.len() as u64, "merge");
-    let mut merged_tables = BTreeSet::new();
-    let mut skipped = BTreeSet::new();
-    for dir in &cfg.shards {
-        let (shard_m, shard_plan) = open_shard(dir)?;
-        let mut s = ShardSummary {
-            dir: dir.clone(),
-            shard: shard_plan.shard.to_string(),
+    crate::manifest::stage_run(out, "merge", cfg, |out, run_id| {
+        let mut report = MergeReport {
+            run_id,
+            count: reference.count,
             ..Default::default()
         };
-        // Files first (content-addressed, idempotent), then one transaction.
-        for table in FILE_TABLES {
-            let exists: i64 = shard_m
+        let root = out.root().to_path_buf();
+        let db_path = out.db_path().to_path_buf();
+        let map = manifest::sql_err(&db_path);
+        // OUT's plan header: the shards' settings, the whole plan.
+        {
+            let exists: bool = out
                 .conn()
-                .query_row(
-                    "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = ?1",
-                    [table],
-                    |r| r.get(0),
-                )
-                .map_err(|e| shard_m.err(e))?;
-            if exists == 0 {
-                continue;
-            }
-            let mut st = shard_m
-                .conn()
-                .prepare(&format!("SELECT path FROM {table} WHERE path IS NOT NULL"))
-                .map_err(|e| shard_m.err(e))?;
-            let paths: Vec<String> = st
-                .query_map([], |r| r.get(0))
-                .map_err(|e| shard_m.err(e))?
-                .collect::<rusqlite::Result<_>>()
-                .map_err(|e| shard_m.err(e))?;
-            for rel in paths {
-                let src = dir.join(&rel);
-                let dst = root.join(&rel);
-                if dst.is_file() {
-                    continue;
-                }
-                match std::fs::read(&src) {
-                    Ok(bytes) => {
-                        write_atomic_if_absent(&dst, &bytes)?;
-                        s.files_copied += 1;
-                    }
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => s.files_missing += 1,
-                    Err(e) => return Err(Error::io(&src, e)),
-                }
+                .query_row("SELECT count(*) FROM gen_plan", [], |r| r.get::<_, i64>(0))
+                .map_err(map)?
+                > 0;
+            if !exists {
+                const HEADER: &str = "INSERT INTO gen_plan \
+                     (id, plan_id, settings_json, count, shard, run_id, updated_at) \
+                     VALUES (1, ?1, ?2, ?3, ?4, ?5, ?6)";
+                out.conn()
+                    .execute(
+                        HEADER,
+                        params![
+                            format!("merge-{}", &reference.plan_id),
+                            serde_json::to_string(&reference.settings)?,
+                            reference.count as i64,
+                            Shard::ALL.to_string(),
+                            run_id,
+                            manifest::now()
+                        ],
+                    )
+                    .map_err(map)?;
             }
         }
-        drop(shard_m);
-        merge_rows(
-            out,
-            dir,
-            &shard_plan,
-            &mut s,
-            &mut merged_tables,
-            &mut skipped,
-        )?;
-        report.shards.push(s);
-        bar.inc(1);
-    }
-    bar.finish_and_clear();
-    report.tables = merged_tables.into_iter().collect();
-    report.skipped_tables = skipped.into_iter().collect();
-    let rendered: Vec<i64> = {
-        let mut st = out
-            .conn()
-            .prepare("SELECT idx FROM gen_items WHERE state = 'rendered'")
-            .map_err(map)?;
-        let rows = st.query_map([], |r| r.get(0)).map_err(map)?;
-        rows.collect::<rusqlite::Result<_>>().map_err(map)?
-    };
-    report.rendered = rendered.len() as u64;
-    let done: BTreeSet<i64> = rendered.into_iter().collect();
-    let missing: Vec<u64> = (0..reference.count)
-        .filter(|i| !done.contains(&(*i as i64)))
-        .collect();
-    report.missing = missing.len() as u64;
-    report.missing_examples = missing.into_iter().take(10).collect();
-    report.seconds = t0.elapsed().as_secs_f64();
-    out.end_run(run_id, true, &report)?;
-    Ok(report)
+        let bar = ctx.bar(cfg.shards.len() as u64, "merge");
+        let mut merged_tables = BTreeSet::new();
+        let mut skipped = BTreeSet::new();
+        for dir in &cfg.shards {
+            let (shard_m, shard_plan) = open_shard(dir)?;
+            let mut s = ShardSummary {
+                dir: dir.clone(),
+                shard: shard_plan.shard.to_string(),
+                ..Default::default()
+            };
+            // Files first (content-addressed, idempotent), then one transaction.
+            for table in FILE_TABLES {
+                let exists: i64 = shard_m
+                    .conn()
+                    .query_row(
+                        "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = ?1",
+                        [table],
+                        |r| r.get(0),
+                    )
+                    .map_err(|e| shard_m.err(e))?;
+                if exists == 0 {
+                    continue;
+                }
+                let mut st = shard_m
+                    .conn()
+                    .prepare(&format!("SELECT path FROM {table} WHERE path IS NOT NULL"))
+                    .map_err(|e| shard_m.err(e))?;
+                let paths: Vec<String> = st
+                    .query_map([], |r| r.get(0))
+                    .map_err(|e| shard_m.err(e))?
+                    .collect::<rusqlite::Result<_>>()
+                    .map_err(|e| shard_m.err(e))?;
+                for rel in paths {
+                    let src = dir.join(&rel);
+                    let dst = root.join(&rel);
+                    if dst.is_file() {
+                        continue;
+                    }
+                    match std::fs::read(&src) {
+                        Ok(bytes) => {
+                            write_atomic_if_absent(&dst, &bytes)?;
+                            s.files_copied += 1;
+                        }
+                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => s.files_missing += 1,
+                        Err(e) => return Err(Error::io(&src, e)),
+                    }
+                }
+            }
+            drop(shard_m);
+            merge_rows(
+                run_id,
+                out,
+                dir,
+                &shard_plan,
+                &mut s,
+                &mut merged_tables,
+                &mut skipped,
+            )?;
+            report.shards.push(s);
+            bar.inc(1);
+        }
+        bar.finish_and_clear();
+        report.tables = merged_tables.into_iter().collect();
+        report.skipped_tables = skipped.into_iter().collect();
+        let rendered: Vec<i64> = {
+            let mut st = out
+                .conn()
+                .prepare("SELECT idx FROM gen_items WHERE state = 'rendered'")
+                .map_err(map)?;
+            let rows = st.query_map([], |r| r.get(0)).map_err(map)?;
+            rows.collect::<rusqlite::Result<_>>().map_err(map)?
+        };
+        report.rendered = rendered.len() as u64;
+        let done: BTreeSet<i64> = rendered.into_iter().collect();
+        let missing: Vec<u64> = (0..reference.count)
+            .filter(|i| !done.contains(&(*i as i64)))
+            .collect();
+        report.missing = missing.len() as u64;
+        report.missing_examples = missing.into_iter().take(10).collect();
+        report.seconds = t0.elapsed().as_secs_f64();
+        Ok(report)
+    })
 }
 
 /// Copy one shard's rows into OUT in one transaction (the shard attached
 /// as `shard`).
 fn merge_rows(
+    run_id: i64,
     out: &mut Manifest,
     dir: &Path,
     shard_plan: &StoredPlan,
@@ -414,13 +446,18 @@ fn merge_rows(
             let new = match known {
                 Some(n) => n,
                 None => {
-                    tx.execute(
-                        "INSERT INTO runs (stage, config_json, tool_version, started_at, ended_at, status, counts_json)
-                         SELECT stage, config_json, tool_version, started_at, ended_at, status, counts_json
-                         FROM shard.runs WHERE id = ?1",
-                        [old],
-                    )
-                    .map_err(map)?;
+                    // A row that a dead process left `running` (a killed
+                    // shard; live ones were refused) is copied as `failed`,
+                    // noting that this merge found it so.
+                    const COPY: &str = "INSERT INTO runs \
+                         (stage, config_json, tool_version, started_at, ended_at, status, counts_json) \
+                         SELECT stage, config_json, tool_version, started_at, ended_at, \
+                         CASE status WHEN 'running' THEN 'failed' ELSE status END, \
+                         CASE status WHEN 'running' THEN coalesce(counts_json, \
+                         json_object('process_gone', 1, 'marked_failed_by', ?2)) \
+                         ELSE counts_json END \
+                         FROM shard.runs WHERE id = ?1";
+                    tx.execute(COPY, params![old, run_id]).map_err(map)?;
                     let n = tx.last_insert_rowid();
                     tx.execute(
                         "INSERT INTO merged_runs (source_plan, source_run_id, run_id, source_dir) VALUES (?1, ?2, ?3, ?4)",

@@ -266,6 +266,11 @@ pub fn train(
         ..Default::default()
     };
 
+    // What there is to train on, before a run row or folder exists: an
+    // empty or unprepared dataset is an input error, not a failed run.
+    let (items, eligibility) = data::load_items(m)?;
+    report.data = eligibility;
+
     // --- the run: new, or resumed from its newest checkpoint ---------------
     // The base by content: a resume refuses a file replaced under its name.
     let base_sha256 = crate::models::sdxl::checkpoint::sha256_file(&cfg.model)?;
@@ -321,431 +326,449 @@ pub fn train(
             }
         ));
     }
-    let rdir = run_dir(&root, run_id);
-    std::fs::create_dir_all(&rdir).at(&rdir)?;
-    report.run_id = run_id;
-    report.run_dir = rdir.clone();
-    report.resumed = resumed.is_some();
+    // Past this point an error ends the row `failed` with its text (still
+    // resumable from its newest checkpoint), rather than leaving it
+    // `running` until the next run finds it.
+    let result = (|| -> Result<()> {
+        let rdir = run_dir(&root, run_id);
+        std::fs::create_dir_all(&rdir).at(&rdir)?;
+        report.run_id = run_id;
+        report.run_dir = rdir.clone();
+        report.resumed = resumed.is_some();
 
-    // --- base model --------------------------------------------------------
-    let base = SdxlModel::load(
-        &cfg.model,
-        &LoadOptions {
-            device: Some(device.clone()),
-            dtype: Some(frozen_dtype),
-            ..Default::default()
-        },
-    )?;
-    let ckpt = Checkpoint::open(&cfg.model)?;
-    // Where the export goes, and its size (the disk check).
-    let out = cfg
-        .out
-        .clone()
-        .unwrap_or_else(|| export::default_out(cfg, &rdir));
-    let export_bytes = disk::export_bytes(&ckpt, cfg.save_dtype.dtype().size_in_bytes());
-    let sched = schedule(cfg);
-
-    // --- data, split, caches ------------------------------------------------
-    let (items, eligibility) = data::load_items(m)?;
-    report.data = eligibility;
-    let (train_items, val_items) = data::split(items, cfg.val_fraction, cfg.val_max, cfg.seed);
-    report.train_items = train_items.len();
-    report.val_items = val_items.len();
-    data::record_split(m, run_id, &train_items, &val_items)?;
-    let all: Vec<&TrainItem> = train_items.iter().chain(&val_items).collect();
-    let (caches, cache_report) = cache::build(
-        m,
-        cfg,
-        &CacheInputs {
-            ckpt: &ckpt,
-            vae: &base.vae,
-            text: &base.text,
-            items: &all,
-            extra_texts: &[],
-            device: &device,
-            dtype: frozen_dtype,
-        },
-        run_id,
-        ctx,
-    )?;
-    report.cache = cache_report;
-    // Micro-batches run on lanes where latents are tiny (nn::lanes): the
-    // largest bucket decides.
-    let f = base.vae.config().downsample_factor();
-    let micro_lanes = train_items
-        .iter()
-        .map(|it| (it.bucket.0 as usize / f, it.bucket.1 as usize / f))
-        .max_by_key(|&(w, h)| w * h)
-        .map_or(1, |(w, h)| {
-            crate::nn::lanes::lanes_for_latent(&device, w, h)
-        });
-    let micro_lanes = opts.lanes.unwrap_or(micro_lanes).clamp(1, cfg.grad_accum);
-    report.lanes = micro_lanes;
-
-    // --- evaluation reference (the base model with its own objective) ------
-    let evaluator = Evaluator::new(eval_spec(cfg, &train_items, &val_items), &rdir, &base)?;
-    let SdxlModel {
-        unet: base_unet,
-        text,
-        vae,
-        info,
-        device,
-    } = base;
-    let mut weights = UNetWeights::from_checkpoint(&ckpt, base_unet.config(), &device)?;
-    drop(base_unet);
-    let mut view_info = info.clone();
-    view_info.prediction = cfg.objective;
-    view_info.ztsnr = cfg.ztsnr;
-
-    // --- state ---------------------------------------------------------------
-    let mut st = match &resumed {
-        Some(l) => {
-            weights.restore(&[], &l.weights)?;
-            evaluator.forget_after(l.state.step)?;
-            let mut st = l.state.clone();
-            st.base_sha256.get_or_insert(base_sha256.clone());
-            st
-        }
-        None => TrainState::start(cfg.clone(), base_sha256.clone()),
-    };
-    let mut csv = log::CsvLog::open(&rdir.join("log.csv"), st.step)?;
-    let total_steps = cfg.total_steps();
-    let bar = ctx.bar(total_steps as u64, "train");
-    let mut warm = crate::nn::keep_warm();
-    bar.set_position(st.step as u64);
-    let mut batches = Batches::new(&train_items, cfg.batch_size, cfg.seed, st.pos);
-    let mut recent: Vec<f64> = Vec::new();
-    let mut ema: BTreeMap<String, Tensor> =
-        resumed.as_ref().map(|l| l.ema.clone()).unwrap_or_default();
-    let mut resumed_slots = resumed.map(|l| l.slots);
-
-    'stages: while st.stage < stages.len() {
-        let stage = &stages[st.stage];
-        let stage_lr = stage.lr.unwrap_or(cfg.lr);
-        let blocks = BlockSet::parse(&stage.blocks)?;
-        let block_lr = BlockLr::new(stage_lr, &stage.block_lr)?;
-        if cfg.ema_decay.is_some() {
-            // Blocks an earlier stage trained and this one freezes stay at
-            // their EMA value (what the export writes).
-            weights.freeze_at_ema(&blocks, &ema)?;
-        }
-        let built = weights.build(&blocks)?;
-        let unet = built.unet;
-        let vars = built.vars;
-        report.trainable_params = vars.iter().map(|(_, v)| v.elem_count()).sum();
-        let mut opt = AdamW::with_lr_scales(
-            vars.iter()
-                .map(|(k, v)| (v.clone(), block_lr.of_key(k) / stage_lr))
-                .collect(),
-            ParamsAdamW {
-                lr: stage_lr,
-                beta1: cfg.beta1,
-                beta2: cfg.beta2,
-                eps: cfg.adam_eps,
-                weight_decay: cfg.weight_decay,
+        // --- base model --------------------------------------------------------
+        let base = SdxlModel::load(
+            &cfg.model,
+            &LoadOptions {
+                device: Some(device.clone()),
+                dtype: Some(frozen_dtype),
+                ..Default::default()
             },
         )?;
-        report.optimizer_bytes = opt.state_bytes();
-        let keys: Vec<String> = vars.iter().map(|(k, _)| k.clone()).collect();
-        if let Some(slots) = resumed_slots.take().filter(|s| !s.is_empty()) {
-            let saved: Vec<&String> = st.slots.iter().map(|(k, _)| k).collect();
-            if saved != keys.iter().collect::<Vec<_>>() {
-                return Err(Error::config(format!(
+        let ckpt = Checkpoint::open(&cfg.model)?;
+        // Where the export goes, and its size (the disk check).
+        let out = cfg
+            .out
+            .clone()
+            .unwrap_or_else(|| export::default_out(cfg, &rdir));
+        let export_bytes = disk::export_bytes(&ckpt, cfg.save_dtype.dtype().size_in_bytes());
+        let sched = schedule(cfg);
+
+        // --- data, split, caches ------------------------------------------------
+        let (train_items, val_items) = data::split(items, cfg.val_fraction, cfg.val_max, cfg.seed);
+        report.train_items = train_items.len();
+        report.val_items = val_items.len();
+        data::record_split(m, run_id, &train_items, &val_items)?;
+        let all: Vec<&TrainItem> = train_items.iter().chain(&val_items).collect();
+        let (caches, cache_report) = cache::build(
+            m,
+            cfg,
+            &CacheInputs {
+                ckpt: &ckpt,
+                vae: &base.vae,
+                text: &base.text,
+                items: &all,
+                extra_texts: &[],
+                device: &device,
+                dtype: frozen_dtype,
+            },
+            run_id,
+            ctx,
+        )?;
+        report.cache = cache_report;
+        // Micro-batches run on lanes where latents are tiny (nn::lanes): the
+        // largest bucket decides.
+        let f = base.vae.config().downsample_factor();
+        let micro_lanes = train_items
+            .iter()
+            .map(|it| (it.bucket.0 as usize / f, it.bucket.1 as usize / f))
+            .max_by_key(|&(w, h)| w * h)
+            .map_or(1, |(w, h)| {
+                crate::nn::lanes::lanes_for_latent(&device, w, h)
+            });
+        let micro_lanes = opts.lanes.unwrap_or(micro_lanes).clamp(1, cfg.grad_accum);
+        report.lanes = micro_lanes;
+
+        // --- evaluation reference (the base model with its own objective) ------
+        let evaluator = Evaluator::new(eval_spec(cfg, &train_items, &val_items), &rdir, &base)?;
+        let SdxlModel {
+            unet: base_unet,
+            text,
+            vae,
+            info,
+            device,
+        } = base;
+        let mut weights = UNetWeights::from_checkpoint(&ckpt, base_unet.config(), &device)?;
+        drop(base_unet);
+        let mut view_info = info.clone();
+        view_info.prediction = cfg.objective;
+        view_info.ztsnr = cfg.ztsnr;
+
+        // --- state ---------------------------------------------------------------
+        let mut st = match &resumed {
+            Some(l) => {
+                weights.restore(&[], &l.weights)?;
+                evaluator.forget_after(l.state.step)?;
+                let mut st = l.state.clone();
+                st.base_sha256.get_or_insert(base_sha256.clone());
+                st
+            }
+            None => TrainState::start(cfg.clone(), base_sha256.clone()),
+        };
+        let mut csv = log::CsvLog::open(&rdir.join("log.csv"), st.step)?;
+        let total_steps = cfg.total_steps();
+        let bar = ctx.bar(total_steps as u64, "train");
+        let mut warm = crate::nn::keep_warm();
+        bar.set_position(st.step as u64);
+        let mut batches = Batches::new(&train_items, cfg.batch_size, cfg.seed, st.pos);
+        let mut recent: Vec<f64> = Vec::new();
+        let mut ema: BTreeMap<String, Tensor> =
+            resumed.as_ref().map(|l| l.ema.clone()).unwrap_or_default();
+        let mut resumed_slots = resumed.map(|l| l.slots);
+
+        'stages: while st.stage < stages.len() {
+            let stage = &stages[st.stage];
+            let stage_lr = stage.lr.unwrap_or(cfg.lr);
+            let blocks = BlockSet::parse(&stage.blocks)?;
+            let block_lr = BlockLr::new(stage_lr, &stage.block_lr)?;
+            if cfg.ema_decay.is_some() {
+                // Blocks an earlier stage trained and this one freezes stay at
+                // their EMA value (what the export writes).
+                weights.freeze_at_ema(&blocks, &ema)?;
+            }
+            let built = weights.build(&blocks)?;
+            let unet = built.unet;
+            let vars = built.vars;
+            report.trainable_params = vars.iter().map(|(_, v)| v.elem_count()).sum();
+            let mut opt = AdamW::with_lr_scales(
+                vars.iter()
+                    .map(|(k, v)| (v.clone(), block_lr.of_key(k) / stage_lr))
+                    .collect(),
+                ParamsAdamW {
+                    lr: stage_lr,
+                    beta1: cfg.beta1,
+                    beta2: cfg.beta2,
+                    eps: cfg.adam_eps,
+                    weight_decay: cfg.weight_decay,
+                },
+            )?;
+            report.optimizer_bytes = opt.state_bytes();
+            let keys: Vec<String> = vars.iter().map(|(k, _)| k.clone()).collect();
+            if let Some(slots) = resumed_slots.take().filter(|s| !s.is_empty()) {
+                let saved: Vec<&String> = st.slots.iter().map(|(k, _)| k).collect();
+                if saved != keys.iter().collect::<Vec<_>>() {
+                    return Err(Error::config(format!(
                     "--resume {run_id}: the checkpoint's optimizer covers other parameters than stage {} trains; the checkpoint does not belong to this config",
                     st.stage
                 )));
-            }
-            opt.load_state(&slots)?;
-        }
-        if cfg.ema_decay.is_some() {
-            for (k, v) in &vars {
-                if !ema.contains_key(k) {
-                    ema.insert(k.clone(), v.as_tensor().detach().copy()?);
                 }
+                opt.load_state(&slots)?;
             }
-        }
-        let view = SdxlModel {
-            unet: unet.clone(),
-            text: text.clone(),
-            vae: vae.clone(),
-            info: view_info.clone(),
-            device: device.clone(),
-        };
-        let trained = trained_so_far(&stages, st.stage)?;
-        let saver = Saver {
-            run_dir: &rdir,
-            keys: &keys,
-            trained: &trained,
-        };
-        // Will the checkpoints and the export fit?
-        {
-            let trained_params: usize = weights
-                .map()
-                .iter()
-                .filter(|(k, _)| trained.iter().any(|b| b.contains_key(k)))
-                .map(|(_, t)| t.elem_count())
-                .sum();
-            let ema_params: usize = ema.values().map(Tensor::elem_count).sum();
-            let need = disk::Need {
-                checkpoint: disk::checkpoint_bytes(trained_params, opt.state_bytes(), ema_params),
-                checkpoints: if cfg.stop_below.is_some() { 5 } else { 3 },
-                existing: state::bytes_on_disk(&rdir)?,
-                export: export_bytes,
-            };
-            report.checkpoint_bytes = need.checkpoint;
-            report.disk_peak_bytes = report
-                .disk_peak_bytes
-                .max(need.checkpoints * need.checkpoint + need.export);
-            let free = opts.disk_free.unwrap_or(disk::free_bytes);
-            if let Some(w) = disk::shortfall(&need, &rdir, &out, &free) {
-                ctx.say(&format!("warning: {w}"));
-                if !report.warnings.contains(&w) {
-                    report.warnings.push(w);
-                }
-            }
-        }
-
-        // Rollback anchor and the "before training" evaluation.
-        if st.stage_step == 0 {
-            if st.step == 0 && st.last_retention.is_none() {
-                let ((score, grid), vl) = with_ema(&vars, &ema, || {
-                    Ok((
-                        evaluator.evaluate(&view, 0)?,
-                        validation_loss(cfg, &sched, &caches, &unet, &val_items)?,
-                    ))
-                })?;
-                record_eval(m, run_id, 0, vl, score, &grid)?;
-                csv.eval(0, vl, score)?;
-                report.retention.push((0, score));
-                report.grid = Some(grid);
-                st.last_retention = Some(score);
-            }
-            saver.save(&st, &opt, &weights, &ema, false)?;
-        }
-
-        let mut bad_in_row = 0usize;
-        while st.stage_step < stage.steps {
-            warm.refresh();
-            if ctx.should_stop() || opts.stop_at_step == Some(st.step) {
-                st.pos = batches.pos();
-                saver.save(&st, &opt, &weights, &ema, false)?;
-                report.interrupted = true;
-                break 'stages;
-            }
-            // lr
-            let factor = lr_factor(
-                st.stage_step,
-                stage.steps,
-                cfg.warmup_steps,
-                cfg.lr_schedule,
-                cfg.min_lr_ratio,
-            );
-            opt.set_learning_rate(stage_lr * factor);
-            // micro-batches: on lanes when there are several (their
-            // gradients are summed here in micro-batch order, as one after
-            // the other would: the same bytes either way).
-            let idxs: Vec<Vec<usize>> = (0..cfg.grad_accum).map(|_| batches.next_batch()).collect();
-            let nan = opts.inject_nan_at.contains(&st.step);
-            let step = st.step;
-            let mut grads: Option<GradStore> = None;
-            let mut loss_sum = 0.0f64;
-            let mut batch_ids = Vec::new();
-            crate::nn::lanes::run(
-                cfg.grad_accum,
-                micro_lanes,
-                |micro| {
-                    let b = make_batch(
-                        cfg,
-                        &sched,
-                        &caches,
-                        &train_items,
-                        &idxs[micro],
-                        (step, micro),
-                        nan,
-                    )?;
-                    let mse = per_sample_mse(&unet, &b)?; // (b,)
-                    let loss = ((mse * &b.weights)?.mean_all()? / cfg.grad_accum as f64)?;
-                    let l = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-                    Ok((l, b.item_ids, loss.backward()?))
-                },
-                |_, (l, ids, g)| {
-                    loss_sum += l;
-                    batch_ids.extend(ids);
-                    grads = Some(match grads.take() {
-                        None => g,
-                        Some(acc) => add_grads(acc, &g, &vars)?,
-                    });
-                    Ok(())
-                },
-            )?;
-            if micro_lanes > 1 {
-                // The lanes declared the cores shared; poll again for the
-                // optimizer step.
-                warm.refresh();
-            }
-            let mut grads = grads.ok_or_else(|| Error::Other("no gradients".into()))?;
-            let gnorm = grad_norm(&grads, &vars)?;
-            // NaN / Inf guard: skip, log the batch, roll back after K in a row.
-            if !loss_sum.is_finite() || !gnorm.is_finite() {
-                st.skipped += 1;
-                bad_in_row += 1;
-                csv.nan(&rdir, st.step, loss_sum, gnorm, &batch_ids)?;
-                if bad_in_row >= cfg.nan_rollback_after {
-                    let anchor = state::latest(&rdir)?.ok_or_else(|| {
-                        Error::Other("rollback: no checkpoint to roll back to".into())
-                    })?;
-                    let l = state::load(&anchor, &device)?;
-                    weights.restore(&vars, &l.weights)?;
-                    if l.state.stage == st.stage && !l.slots.is_empty() {
-                        opt.load_state(&l.slots)?;
+            if cfg.ema_decay.is_some() {
+                for (k, v) in &vars {
+                    if !ema.contains_key(k) {
+                        ema.insert(k.clone(), v.as_tensor().detach().copy()?);
                     }
-                    ema = l.ema;
-                    st.rollbacks += 1;
-                    bad_in_row = 0;
-                    if st.rollbacks > 3 * cfg.nan_rollback_after {
-                        return Err(Error::model(format!(
+                }
+            }
+            let view = SdxlModel {
+                unet: unet.clone(),
+                text: text.clone(),
+                vae: vae.clone(),
+                info: view_info.clone(),
+                device: device.clone(),
+            };
+            let trained = trained_so_far(&stages, st.stage)?;
+            let saver = Saver {
+                run_dir: &rdir,
+                keys: &keys,
+                trained: &trained,
+            };
+            // Will the checkpoints and the export fit?
+            {
+                let trained_params: usize = weights
+                    .map()
+                    .iter()
+                    .filter(|(k, _)| trained.iter().any(|b| b.contains_key(k)))
+                    .map(|(_, t)| t.elem_count())
+                    .sum();
+                let ema_params: usize = ema.values().map(Tensor::elem_count).sum();
+                let need = disk::Need {
+                    checkpoint: disk::checkpoint_bytes(
+                        trained_params,
+                        opt.state_bytes(),
+                        ema_params,
+                    ),
+                    checkpoints: if cfg.stop_below.is_some() { 5 } else { 3 },
+                    existing: state::bytes_on_disk(&rdir)?,
+                    export: export_bytes,
+                };
+                report.checkpoint_bytes = need.checkpoint;
+                report.disk_peak_bytes = report
+                    .disk_peak_bytes
+                    .max(need.checkpoints * need.checkpoint + need.export);
+                let free = opts.disk_free.unwrap_or(disk::free_bytes);
+                if let Some(w) = disk::shortfall(&need, &rdir, &out, &free) {
+                    ctx.say(&format!("warning: {w}"));
+                    if !report.warnings.contains(&w) {
+                        report.warnings.push(w);
+                    }
+                }
+            }
+
+            // Rollback anchor and the "before training" evaluation.
+            if st.stage_step == 0 {
+                if st.step == 0 && st.last_retention.is_none() {
+                    let ((score, grid), vl) = with_ema(&vars, &ema, || {
+                        Ok((
+                            evaluator.evaluate(&view, 0)?,
+                            validation_loss(cfg, &sched, &caches, &unet, &val_items)?,
+                        ))
+                    })?;
+                    record_eval(m, run_id, 0, vl, score, &grid)?;
+                    csv.eval(0, vl, score)?;
+                    report.retention.push((0, score));
+                    report.grid = Some(grid);
+                    st.last_retention = Some(score);
+                }
+                saver.save(&st, &opt, &weights, &ema, false)?;
+            }
+
+            let mut bad_in_row = 0usize;
+            while st.stage_step < stage.steps {
+                warm.refresh();
+                if ctx.should_stop() || opts.stop_at_step == Some(st.step) {
+                    st.pos = batches.pos();
+                    saver.save(&st, &opt, &weights, &ema, false)?;
+                    report.interrupted = true;
+                    break 'stages;
+                }
+                // lr
+                let factor = lr_factor(
+                    st.stage_step,
+                    stage.steps,
+                    cfg.warmup_steps,
+                    cfg.lr_schedule,
+                    cfg.min_lr_ratio,
+                );
+                opt.set_learning_rate(stage_lr * factor);
+                // micro-batches: on lanes when there are several (their
+                // gradients are summed here in micro-batch order, as one after
+                // the other would: the same bytes either way).
+                let idxs: Vec<Vec<usize>> =
+                    (0..cfg.grad_accum).map(|_| batches.next_batch()).collect();
+                let nan = opts.inject_nan_at.contains(&st.step);
+                let step = st.step;
+                let mut grads: Option<GradStore> = None;
+                let mut loss_sum = 0.0f64;
+                let mut batch_ids = Vec::new();
+                crate::nn::lanes::run(
+                    cfg.grad_accum,
+                    micro_lanes,
+                    |micro| {
+                        let b = make_batch(
+                            cfg,
+                            &sched,
+                            &caches,
+                            &train_items,
+                            &idxs[micro],
+                            (step, micro),
+                            nan,
+                        )?;
+                        let mse = per_sample_mse(&unet, &b)?; // (b,)
+                        let loss = ((mse * &b.weights)?.mean_all()? / cfg.grad_accum as f64)?;
+                        let l = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+                        Ok((l, b.item_ids, loss.backward()?))
+                    },
+                    |_, (l, ids, g)| {
+                        loss_sum += l;
+                        batch_ids.extend(ids);
+                        grads = Some(match grads.take() {
+                            None => g,
+                            Some(acc) => add_grads(acc, &g, &vars)?,
+                        });
+                        Ok(())
+                    },
+                )?;
+                if micro_lanes > 1 {
+                    // The lanes declared the cores shared; poll again for the
+                    // optimizer step.
+                    warm.refresh();
+                }
+                let mut grads = grads.ok_or_else(|| Error::Other("no gradients".into()))?;
+                let gnorm = grad_norm(&grads, &vars)?;
+                // NaN / Inf guard: skip, log the batch, roll back after K in a row.
+                if !loss_sum.is_finite() || !gnorm.is_finite() {
+                    st.skipped += 1;
+                    bad_in_row += 1;
+                    csv.nan(&rdir, st.step, loss_sum, gnorm, &batch_ids)?;
+                    if bad_in_row >= cfg.nan_rollback_after {
+                        let anchor = state::latest(&rdir)?.ok_or_else(|| {
+                            Error::Other("rollback: no checkpoint to roll back to".into())
+                        })?;
+                        let l = state::load(&anchor, &device)?;
+                        weights.restore(&vars, &l.weights)?;
+                        if l.state.stage == st.stage && !l.slots.is_empty() {
+                            opt.load_state(&l.slots)?;
+                        }
+                        ema = l.ema;
+                        st.rollbacks += 1;
+                        bad_in_row = 0;
+                        if st.rollbacks > 3 * cfg.nan_rollback_after {
+                            // For the failed row's report.
+                            (report.steps, report.skipped, report.rollbacks) =
+                                (st.step, st.skipped, st.rollbacks);
+                            return Err(Error::model(format!(
                             "training diverged: {} rollbacks and every step since non-finite (last items {batch_ids:?}); lower the learning rate or check those items",
                             st.rollbacks
                         )));
+                        }
                     }
+                    st.step += 1;
+                    st.stage_step += 1;
+                    bar.inc(1);
+                    continue;
+                }
+                bad_in_row = 0;
+                // clip
+                if cfg.max_grad_norm > 0.0 && gnorm > cfg.max_grad_norm {
+                    let scale = cfg.max_grad_norm / (gnorm + 1e-6);
+                    for (_, v) in &vars {
+                        if let Some(g) = grads.remove(v.as_tensor()) {
+                            grads.insert(v.as_tensor(), (g * scale)?);
+                        }
+                    }
+                }
+                // step
+                opt.step(&grads)?;
+                if let Some(d) = cfg.ema_decay {
+                    ema_update(&mut ema, &vars, d)?;
                 }
                 st.step += 1;
                 st.stage_step += 1;
                 bar.inc(1);
-                continue;
-            }
-            bad_in_row = 0;
-            // clip
-            if cfg.max_grad_norm > 0.0 && gnorm > cfg.max_grad_norm {
-                let scale = cfg.max_grad_norm / (gnorm + 1e-6);
-                for (_, v) in &vars {
-                    if let Some(g) = grads.remove(v.as_tensor()) {
-                        grads.insert(v.as_tensor(), (g * scale)?);
-                    }
+                recent.push(loss_sum);
+                if recent.len() > 10 {
+                    recent.remove(0);
                 }
-            }
-            // step
-            opt.step(&grads)?;
-            if let Some(d) = cfg.ema_decay {
-                ema_update(&mut ema, &vars, d)?;
-            }
-            st.step += 1;
-            st.stage_step += 1;
-            bar.inc(1);
-            recent.push(loss_sum);
-            if recent.len() > 10 {
-                recent.remove(0);
-            }
-            csv.step(
-                st.step,
-                st.stage,
-                batches.pos().epoch,
-                loss_sum,
-                stage_lr * factor,
-                gnorm,
-            )?;
+                csv.step(
+                    st.step,
+                    st.stage,
+                    batches.pos().epoch,
+                    loss_sum,
+                    stage_lr * factor,
+                    gnorm,
+                )?;
 
-            // evaluate
-            let last = st.stage_step == stage.steps && st.stage + 1 == stages.len();
-            if (cfg.eval_every > 0 && st.step % cfg.eval_every == 0) || last {
-                // Judged on what the export writes: the EMA weights when EMA is on.
-                let ((score, grid), vl) = with_ema(&vars, &ema, || {
-                    Ok((
-                        evaluator.evaluate(&view, st.step)?,
-                        validation_loss(cfg, &sched, &caches, &unet, &val_items)?,
-                    ))
-                })?;
-                record_eval(m, run_id, st.step, vl, score, &grid)?;
-                csv.eval(st.step, vl, score)?;
-                report.retention.push((st.step, score));
-                report.val_loss = vl;
-                report.grid = Some(grid);
-                st.last_retention = Some(score);
-                if let Some(x) = cfg.stop_below {
-                    if score >= x {
-                        st.armed = true;
-                        st.pos = batches.pos();
-                        saver.save(&st, &opt, &weights, &ema, true)?;
-                    } else if st.armed {
-                        report.stopped_early = Some(format!(
+                // evaluate
+                let last = st.stage_step == stage.steps && st.stage + 1 == stages.len();
+                if (cfg.eval_every > 0 && st.step % cfg.eval_every == 0) || last {
+                    // Judged on what the export writes: the EMA weights when EMA is on.
+                    let ((score, grid), vl) = with_ema(&vars, &ema, || {
+                        Ok((
+                            evaluator.evaluate(&view, st.step)?,
+                            validation_loss(cfg, &sched, &caches, &unet, &val_items)?,
+                        ))
+                    })?;
+                    record_eval(m, run_id, st.step, vl, score, &grid)?;
+                    csv.eval(st.step, vl, score)?;
+                    report.retention.push((st.step, score));
+                    report.val_loss = vl;
+                    report.grid = Some(grid);
+                    st.last_retention = Some(score);
+                    if let Some(x) = cfg.stop_below {
+                        if score >= x {
+                            st.armed = true;
+                            st.pos = batches.pos();
+                            saver.save(&st, &opt, &weights, &ema, true)?;
+                        } else if st.armed {
+                            report.stopped_early = Some(format!(
                             "retention {score:.3} fell below --stop-below {x} at step {}; exporting the last good checkpoint",
                             st.step
                         ));
-                        st.pos = batches.pos();
-                        saver.save(&st, &opt, &weights, &ema, false)?;
-                        break 'stages;
+                            st.pos = batches.pos();
+                            saver.save(&st, &opt, &weights, &ema, false)?;
+                            break 'stages;
+                        }
+                    }
+                    if stage.until_retention.is_some_and(|u| score >= u) {
+                        break;
                     }
                 }
-                if stage.until_retention.is_some_and(|u| score >= u) {
-                    break;
+                if cfg.save_every > 0 && st.step % cfg.save_every == 0 {
+                    st.pos = batches.pos();
+                    saver.save(&st, &opt, &weights, &ema, false)?;
                 }
             }
-            if cfg.save_every > 0 && st.step % cfg.save_every == 0 {
-                st.pos = batches.pos();
-                saver.save(&st, &opt, &weights, &ema, false)?;
+            st.pos = batches.pos();
+            st.stage += 1;
+            st.stage_step = 0;
+            report.stages_done = st.stage;
+            if st.stage < stages.len() {
+                // The next stage's optimizer starts fresh; EMA follows its parameters.
+                st.slots.clear();
             }
         }
-        st.pos = batches.pos();
-        st.stage += 1;
-        st.stage_step = 0;
-        report.stages_done = st.stage;
-        if st.stage < stages.len() {
-            // The next stage's optimizer starts fresh; EMA follows its parameters.
-            st.slots.clear();
-        }
-    }
-    bar.finish_and_clear();
-    report.steps = st.step;
-    report.skipped = st.skipped;
-    report.rollbacks = st.rollbacks;
-    report.last_loss =
-        (!recent.is_empty()).then(|| recent.iter().sum::<f64>() / recent.len() as f64);
+        bar.finish_and_clear();
+        report.steps = st.step;
+        report.skipped = st.skipped;
+        report.rollbacks = st.rollbacks;
+        report.last_loss =
+            (!recent.is_empty()).then(|| recent.iter().sum::<f64>() / recent.len() as f64);
 
-    // --- export ----------------------------------------------------------------
-    if !report.interrupted {
-        let mut unet_w: BTreeMap<String, Tensor> = weights.map().clone();
-        if report.stopped_early.is_some() {
-            if let Some(good) = state::latest_good(&rdir)? {
-                let l = state::load(&good, &device)?;
-                unet_w.extend(l.weights);
-                if cfg.ema_decay.is_some() {
-                    unet_w.extend(l.ema);
+        // --- export ----------------------------------------------------------------
+        if !report.interrupted {
+            let mut unet_w: BTreeMap<String, Tensor> = weights.map().clone();
+            if report.stopped_early.is_some() {
+                if let Some(good) = state::latest_good(&rdir)? {
+                    let l = state::load(&good, &device)?;
+                    unet_w.extend(l.weights);
+                    if cfg.ema_decay.is_some() {
+                        unet_w.extend(l.ema);
+                    }
                 }
+            } else if cfg.ema_decay.is_some() {
+                unet_w.extend(ema.iter().map(|(k, t)| (k.clone(), t.clone())));
             }
-        } else if cfg.ema_decay.is_some() {
-            unet_w.extend(ema.iter().map(|(k, t)| (k.clone(), t.clone())));
+            let mut meta = BTreeMap::new();
+            meta.insert(
+                "eps2v.train".to_string(),
+                serde_json::json!({
+                    "run_id": run_id,
+                    "steps": st.step,
+                    "objective": cfg.objective.to_string(),
+                    "ztsnr": cfg.ztsnr,
+                    "base": info.stem,
+                    "retention": report.retention.last().map(|r| r.1),
+                })
+                .to_string(),
+            );
+            report.exported = export::export(
+                &ckpt,
+                &unet_w,
+                weights.config(),
+                &out,
+                &export::ExportSpec {
+                    objective: cfg.objective,
+                    ztsnr: cfg.ztsnr,
+                    dtype: cfg.save_dtype,
+                    markers: cfg.markers,
+                    a1111_yaml: cfg.a1111_yaml,
+                    uncond: cfg.uncond.clone(),
+                    metadata: meta,
+                },
+            )?;
+            csv.plot(&rdir.join("curves.png"))?;
         }
-        let mut meta = BTreeMap::new();
-        meta.insert(
-            "eps2v.train".to_string(),
-            serde_json::json!({
-                "run_id": run_id,
-                "steps": st.step,
-                "objective": cfg.objective.to_string(),
-                "ztsnr": cfg.ztsnr,
-                "base": info.stem,
-                "retention": report.retention.last().map(|r| r.1),
-            })
-            .to_string(),
-        );
-        report.exported = export::export(
-            &ckpt,
-            &unet_w,
-            weights.config(),
-            &out,
-            &export::ExportSpec {
-                objective: cfg.objective,
-                ztsnr: cfg.ztsnr,
-                dtype: cfg.save_dtype,
-                markers: cfg.markers,
-                a1111_yaml: cfg.a1111_yaml,
-                uncond: cfg.uncond.clone(),
-                metadata: meta,
-            },
-        )?;
-        csv.plot(&rdir.join("curves.png"))?;
-    }
+        Ok(())
+    })();
     report.seconds = t0.elapsed().as_secs_f64();
+    if let Err(e) = result {
+        // A save the error cut short leaves nothing half-written.
+        let _ = state::sweep_partial(&run_dir(&root, run_id));
+        let _ = m.fail_run(run_id, &report, &e);
+        return Err(e);
+    }
     if report.interrupted {
         m.end_run(run_id, false, &report)?;
     } else {

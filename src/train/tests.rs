@@ -411,6 +411,44 @@ fn injected_nans_are_skipped_then_rolled_back_and_never_saved() {
     }
 }
 
+/// Every step non-finite: the run stops with "training diverged", and its
+/// row ends `failed` with that text (not `running` until the next run
+/// finds it), still resumable from its checkpoint.
+#[test]
+fn a_diverged_run_ends_its_row_failed_with_the_error() {
+    let d = tempfile::tempdir().unwrap();
+    let (ds, ck) = super::testkit::dataset(d.path()).unwrap();
+    let cfg = TrainConfig {
+        blocks: vec!["out".into()],
+        nan_rollback_after: 1,
+        ..quick(&ck, 12)
+    };
+    let opts = TrainOptions {
+        inject_nan_at: (0..12).collect(),
+        ..Default::default()
+    };
+    let e = run(&ds, &cfg, &opts).unwrap_err();
+    assert!(e.to_string().contains("training diverged"), "{e}");
+    let m = Manifest::open(&ds).unwrap();
+    let (id, status, counts): (i64, String, String) = m
+        .conn()
+        .query_row(
+            "SELECT id, status, counts_json FROM runs WHERE stage = 'train'",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
+        .unwrap();
+    assert_eq!(status, "failed");
+    let counts: serde_json::Value = serde_json::from_str(&counts).unwrap();
+    assert_eq!(counts["error"], e.to_string());
+    assert!(
+        counts["run_id"] == id && counts["rollbacks"] == 4,
+        "{counts}"
+    );
+    assert!(!m.run_is_live(id).unwrap());
+    assert_eq!(state::resumable_run(&m, &cfg).unwrap(), Some(id));
+}
+
 #[test]
 fn bad_inputs_are_clear_errors() {
     let d = tempfile::tempdir().unwrap();

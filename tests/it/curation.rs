@@ -309,6 +309,36 @@ fn chain_dedupe_bucket_export_inspect_on_generated_images() {
     let hf = std::fs::read_to_string(ds.join("exports/hf/train/metadata.jsonl")).unwrap();
     assert_eq!(hf.lines().count(), 12);
 
+    // An export that cannot write ends its row `failed` with why (not
+    // `running` until the next export finds it), and inspect says so.
+    let blocker = work.path().join("a_file");
+    std::fs::write(&blocker, "").unwrap();
+    let o = Command::new(bin())
+        .arg("export")
+        .arg(&ds)
+        .args(["--format", "jsonl", "--out"])
+        .arg(blocker.join("manifest.jsonl"))
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let o = Command::new(bin())
+        .args(["--json", "inspect"])
+        .arg(&ds)
+        .output()
+        .unwrap();
+    let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let newest = &r["runs"]["rows"][0];
+    assert_eq!(
+        (&newest[1], &newest[2]),
+        (&"export".into(), &"failed".into()),
+        "{newest}"
+    );
+    let why = newest[5].as_str().unwrap_or_default();
+    assert!(
+        why.starts_with("stopped on an error: ") && why.contains("a_file"),
+        "{why}"
+    );
+
     // inspect --sql is read-only; writes are refused with exit code 2.
     let o = Command::new(bin())
         .args(["--json", "inspect"])

@@ -414,6 +414,19 @@ fn slurm_array_shards_merged_equal_a_single_run() {
         .collect();
     let mut args = vec!["--json", "manifest", "merge", out.to_str().unwrap()];
     args.extend(shards.iter().map(String::as_str));
+    // A shard that a process is still writing is refused, naming it; one
+    // left `running` by a killed process is merged, its row as `failed`.
+    let writer = Manifest::open(Path::new(&shards[1])).unwrap();
+    let live = writer.begin_run("caption", &serde_json::json!({})).unwrap();
+    let o = run(&args);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains(&format!("its caption run {live} is still in progress (pid ")),
+        "{err}"
+    );
+    assert!(!out.exists());
+    drop(writer); // killed: the row stays `running`, its lock is gone
     let o = run(&args);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let r: Value = serde_json::from_slice(&o.stdout).unwrap();
@@ -452,6 +465,18 @@ fn slurm_array_shards_merged_equal_a_single_run() {
         count(&out, "SELECT count(*) FROM runs WHERE stage = 'generate'"),
         3
     );
+    let merge_id = r["run_id"].as_i64().unwrap();
+    assert_eq!(
+        count(
+            &out,
+            &format!(
+                "SELECT count(*) FROM runs WHERE stage = 'caption' AND status = 'failed' \
+                 AND json_extract(counts_json, '$.marked_failed_by') = {merge_id}"
+            )
+        ),
+        1
+    );
+    assert_eq!(count(&out, "SELECT count(*) FROM runs WHERE status = 'running'"), 0);
     // Shards of another plan are refused with exit 2, OUT untouched.
     let other = work.path().join("other");
     assert!(run(&generate_args(

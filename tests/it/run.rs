@@ -547,6 +547,53 @@ fn bad_configs_exit_2_naming_the_key_or_file() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("absent.toml"));
 }
 
+/// A stage that stops on an error ends the pipeline's row `failed` with
+/// the error (not `running` until the next run finds it); `inspect` says
+/// why, and the next `run` reopens the same row. An empty dataset is an
+/// input error: no training run is recorded for it.
+#[test]
+fn a_stage_error_ends_the_pipeline_row_failed_with_it() {
+    let work = tempfile::tempdir().unwrap();
+    let ds = work.path().join("ds");
+    let o = Command::new(bin()).arg("init").arg(&ds).output().unwrap();
+    assert!(o.status.success());
+    let cfg = work.path().join("train_only.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "dataset = {:?}\nstages = [\"train\"]\n",
+            ds.to_str().unwrap()
+        ),
+    )
+    .unwrap();
+    for _ in 0..2 {
+        let o = run_config(&cfg);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{err}");
+        assert!(err.contains("nothing to train on"), "{err}");
+        let o = Command::new(bin())
+            .args(["--json", "inspect"])
+            .arg(&ds)
+            .output()
+            .unwrap();
+        let rows = json(&o)["runs"]["rows"].clone();
+        // One row, the pipeline's, reopened by the second attempt.
+        assert_eq!(rows.as_array().unwrap().len(), 1, "{rows}");
+        let r = &rows[0];
+        assert_eq!(
+            (r[0].as_i64(), &r[1], &r[2]),
+            (Some(1), &"run".into(), &"failed".into()),
+            "{r}"
+        );
+        let why = r[5].as_str().unwrap_or_default();
+        assert!(
+            why.starts_with("stopped on an error: ") && why.contains("nothing to train on"),
+            "{why}"
+        );
+    }
+    assert!(!ds.join("runs/2").exists());
+}
+
 /// A tiny general-purpose tagger (1girl-style tags) for the SDXL recipe.
 fn girl_tagger(dir: &Path) {
     let tags: Vec<TinyTag> = [

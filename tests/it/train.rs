@@ -320,6 +320,54 @@ fn merge_and_sweep_through_the_binary() {
         assert!((0.0..=1.0).contains(&s), "{s}");
     }
     assert!(sweep.with_file_name("s-sweep.json").is_file());
+    // Ctrl-C during a long sweep: it stops after the merge in hand, keeps
+    // the merges written, writes no summary, and exits 130.
+    let long = d.path().join("long").join("l.safetensors");
+    let alphas: Vec<String> = (0..=40).map(|k| format!("{}", k as f64 / 20.0)).collect();
+    let child = Command::new(bin())
+        .args([
+            "merge",
+            v.to_str().unwrap(),
+            ck.to_str().unwrap(),
+            "--sweep",
+            &alphas.join(","),
+            "--eval-prompt",
+            "red circle",
+            "--eval-seeds",
+            "0",
+            "--eval-steps",
+            "10",
+            "--out",
+            long.to_str().unwrap(),
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let first = long.with_file_name("l-a0.safetensors");
+    let t0 = Instant::now();
+    while !first.is_file() && t0.elapsed() < Duration::from_secs(120) {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let pid = child.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-INT", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let o = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(130), "{err}");
+    assert!(
+        err.contains("merge sweep: stopped after") && err.contains("of 41 merges"),
+        "{err}"
+    );
+    let written = std::fs::read_dir(long.parent().unwrap())
+        .unwrap()
+        .filter(|e| e.as_ref().unwrap().path().extension() == Some("safetensors".as_ref()))
+        .count();
+    assert!((1..41).contains(&written), "{written} merges written");
+    assert!(!long.with_file_name("l-sweep.json").exists());
     // Bad input: blocks that are not UNet blocks, a missing model.
     let o = Command::new(bin())
         .args([

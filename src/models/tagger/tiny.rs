@@ -89,15 +89,6 @@ impl TinyTaggerOptions {
     }
 }
 
-/// Write `bytes` to `path` through a temporary sibling and a rename.
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let mut tmp = tempfile::NamedTempFile::new_in(dir).at(dir)?;
-    std::io::Write::write_all(&mut tmp, bytes).at(tmp.path())?;
-    tmp.persist(path).map_err(|e| Error::io(path, e.error))?;
-    Ok(())
-}
-
 /// Write a seeded random tagger folder to `dir` (created if missing; each
 /// file written atomically).
 pub fn write_random_tagger(dir: &Path, opts: &TinyTaggerOptions) -> Result<()> {
@@ -154,9 +145,9 @@ pub fn save_tagger_folder(
             ..Default::default()
         },
     )?;
-    write_atomic(&dir.join(TAGS_FILE), labels.to_csv().as_bytes())?;
+    crate::atomic::write(&dir.join(TAGS_FILE), labels.to_csv().as_bytes(), false)?;
     let json = serde_json::to_vec_pretty(&cfg.to_json())?;
-    write_atomic(&dir.join(CONFIG_FILE), &json)?;
+    crate::atomic::write(&dir.join(CONFIG_FILE), &json, false)?;
     Ok(())
 }
 

@@ -591,7 +591,13 @@ pub fn run(cfg: &CaptionConfig, m: &mut Manifest, ctx: &Ctx) -> Result<CaptionRe
     report.seconds = t0.elapsed().as_secs_f64();
     report.remaining = cands.len().saturating_sub(looked_at);
     report.interrupted = result.is_ok() && report.remaining > 0;
-    m.end_run(run_id, result.is_ok() && !report.interrupted, &report)?;
+    match &result {
+        Ok(_) => m.end_run(run_id, !report.interrupted, &report)?,
+        // The stage's error is the one to show (see manifest::close_run).
+        Err(e) => {
+            let _ = m.fail_run(run_id, &report, e);
+        }
+    }
     result?;
     Ok(report)
 }

@@ -280,46 +280,41 @@ pub fn run(cfg: &DedupeConfig, m: &mut Manifest, _ctx: &Ctx) -> Result<DedupeRep
         report.plan = clusters;
         return Ok(report);
     }
-    let run_id = m.begin_run("dedupe", cfg)?;
-    report.run_id = run_id;
-    let path = m.db_path().to_path_buf();
-    let map = crate::manifest::sql_err(&path);
-    let tx = m.conn_mut().transaction().map_err(map)?;
-    // `status <> 'ok'` lets SQLite use the partial index `items_status`.
-    tx.execute(
-        "UPDATE items SET status = 'ok', reason = NULL, status_run_id = ?1 WHERE status <> 'ok' AND status = 'duplicate'",
-        [run_id],
-    )
-    .map_err(map)?;
-    tx.execute("DELETE FROM duplicates", []).map_err(map)?;
-    {
-        let mut ins = tx
-            .prepare(
-                "INSERT INTO duplicates (item_id, cluster_id, keeper_id, distance, kind, run_id)
-                 VALUES (?1, ?2, ?2, ?3, ?4, ?5)",
-            )
-            .map_err(map)?;
-        let mut upd = tx
-            .prepare("UPDATE items SET status = 'duplicate', reason = ?2, status_run_id = ?3 WHERE id = ?1")
-            .map_err(map)?;
-        for c in &clusters {
-            ins.execute(params![c.keeper_id, c.keeper_id, 0, "keeper", run_id])
-                .map_err(map)?;
-            for d in &c.drops {
-                ins.execute(params![d.item_id, c.keeper_id, d.distance, d.kind, run_id])
+    crate::manifest::stage_run(m, "dedupe", cfg, |m, run_id| {
+        report.run_id = run_id;
+        let path = m.db_path().to_path_buf();
+        let map = crate::manifest::sql_err(&path);
+        let tx = m.conn_mut().transaction().map_err(map)?;
+        // `status <> 'ok'` lets SQLite use the partial index `items_status`.
+        const RESET: &str = "UPDATE items SET status = 'ok', reason = NULL, status_run_id = ?1 \
+                             WHERE status <> 'ok' AND status = 'duplicate'";
+        tx.execute(RESET, [run_id]).map_err(map)?;
+        tx.execute("DELETE FROM duplicates", []).map_err(map)?;
+        {
+            const INSERT: &str =
+                "INSERT INTO duplicates (item_id, cluster_id, keeper_id, distance, kind, run_id) \
+                 VALUES (?1, ?2, ?2, ?3, ?4, ?5)";
+            const MARK: &str = "UPDATE items SET status = 'duplicate', reason = ?2, status_run_id = ?3 WHERE id = ?1";
+            let mut ins = tx.prepare(INSERT).map_err(map)?;
+            let mut upd = tx.prepare(MARK).map_err(map)?;
+            for c in &clusters {
+                ins.execute(params![c.keeper_id, c.keeper_id, 0, "keeper", run_id])
                     .map_err(map)?;
-                let reason = format!(
-                    "{}_duplicate: of item {} (distance {})",
-                    d.kind, d.keeper_id, d.distance
-                );
-                upd.execute(params![d.item_id, reason, run_id])
-                    .map_err(map)?;
+                for d in &c.drops {
+                    ins.execute(params![d.item_id, c.keeper_id, d.distance, d.kind, run_id])
+                        .map_err(map)?;
+                    let reason = format!(
+                        "{}_duplicate: of item {} (distance {})",
+                        d.kind, d.keeper_id, d.distance
+                    );
+                    upd.execute(params![d.item_id, reason, run_id])
+                        .map_err(map)?;
+                }
             }
         }
-    }
-    tx.commit().map_err(map)?;
-    m.end_run(run_id, true, &report)?;
-    Ok(report)
+        tx.commit().map_err(map)?;
+        Ok(report)
+    })
 }
 
 #[cfg(test)]

@@ -322,30 +322,19 @@ pub fn run(
         shard: cfg.shard.to_string(),
         ..Default::default()
     };
-    let now = manifest::now();
-    let path = m.db_path().to_path_buf();
-    let tx = m
-        .conn_mut()
-        .transaction()
-        .map_err(manifest::sql_err(&path))?;
-    report.plan = plan::write_plan(
-        &tx,
+    let mut todo = Vec::new();
+    let result = plan_then_render(
+        cfg,
+        &settings,
+        model,
+        m,
+        ctx,
         run_id,
         old.as_ref(),
-        &settings,
         &rows,
-        cfg.count,
-        cfg.shard,
-        &now,
-    )
-    .map_err(|e| match e {
-        Error::Sqlite(s) => manifest::sql_err(&path)(s),
-        other => other,
-    })?;
-    tx.commit().map_err(manifest::sql_err(&path))?;
-    let todo = pending(m)?;
-    report.skipped = report.plan.planned - todo.len() as u64;
-    let result = render(cfg, &settings, model, m, ctx, run_id, &todo, &mut report);
+        &mut todo,
+        &mut report,
+    );
     report.seconds = t0.elapsed().as_secs_f64();
     let done = report.rendered + report.rejected_total();
     report.images_per_second = if report.seconds > 0.0 {
@@ -355,9 +344,47 @@ pub fn run(
     };
     report.remaining = (todo.len() as u64).saturating_sub(done);
     report.interrupted = result.is_ok() && report.remaining > 0;
-    m.end_run(run_id, result.is_ok() && !report.interrupted, &report)?;
+    match &result {
+        Ok(_) => m.end_run(run_id, !report.interrupted, &report)?,
+        // The stage's error is the one to show (see manifest::close_run).
+        Err(e) => {
+            let _ = m.fail_run(run_id, &report, e);
+        }
+    }
     result?;
     Ok(report)
+}
+
+/// Write the plan of run `run_id`, then render what is still `planned`
+/// (`todo`, for the report).
+#[allow(clippy::too_many_arguments)]
+fn plan_then_render(
+    cfg: &GenerateConfig,
+    settings: &PlanSettings,
+    model: &SdxlModel,
+    m: &mut Manifest,
+    ctx: &Ctx,
+    run_id: i64,
+    old: Option<&plan::StoredPlan>,
+    rows: &[plan::PlannedItem],
+    todo: &mut Vec<Todo>,
+    report: &mut GenerateReport,
+) -> Result<()> {
+    let now = manifest::now();
+    let path = m.db_path().to_path_buf();
+    let tx = m
+        .conn_mut()
+        .transaction()
+        .map_err(manifest::sql_err(&path))?;
+    report.plan = plan::write_plan(&tx, run_id, old, settings, rows, cfg.count, cfg.shard, &now)
+        .map_err(|e| match e {
+            Error::Sqlite(s) => manifest::sql_err(&path)(s),
+            other => other,
+        })?;
+    tx.commit().map_err(manifest::sql_err(&path))?;
+    *todo = pending(m)?;
+    report.skipped = report.plan.planned - todo.len() as u64;
+    render(cfg, settings, model, m, ctx, run_id, todo, report)
 }
 
 /// Rows still `planned`, by index.

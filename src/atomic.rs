@@ -1,0 +1,71 @@
+//! Atomic file writes: the bytes go to a temporary sibling (`.tmp*`, swept
+//! after a kill by [`crate::stages::import::sweep_temp_files`]), which is
+//! renamed over the target, so a reader sees the old file or the new one,
+//! never half of one.
+//!
+//! The temporary file is created with mode 0666 less the umask, as
+//! `fs::write` would (`tempfile` defaults to 0600 for secrets). Dataset
+//! images, buckets and the kohya export (hard links of the buckets) must
+//! stay readable by a trainer running as another user or in a container.
+
+use std::path::Path;
+
+use tempfile::NamedTempFile;
+
+use crate::error::{Error, IoContext, Result};
+
+/// A temporary file in `dir`, readable as a file written with
+/// `fs::write` would be.
+pub fn temp_in(dir: &Path) -> Result<NamedTempFile> {
+    let mut b = tempfile::Builder::new();
+    b.prefix(".tmp");
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        // open(2) applies the umask to this mode.
+        b.permissions(std::fs::Permissions::from_mode(0o666));
+    }
+    b.tempfile_in(dir).at(dir)
+}
+
+/// Write `bytes` to `path` atomically, replacing any file there; with
+/// `sync`, the bytes reach the disk before the rename.
+pub fn write(path: &Path, bytes: &[u8], sync: bool) -> Result<()> {
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let mut tmp = temp_in(dir)?;
+    std::io::Write::write_all(&mut tmp, bytes).at(tmp.path())?;
+    if sync {
+        tmp.as_file().sync_all().at(path)?;
+    }
+    tmp.persist(path).map_err(|e| Error::io(path, e.error))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Written files get 0666 less the umask, like `fs::write`'s, not
+    /// tempfile's private 0600.
+    #[cfg(unix)]
+    #[test]
+    fn files_are_as_readable_as_fs_write_makes_them() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = tempfile::tempdir().unwrap();
+        let plain = d.path().join("plain");
+        std::fs::write(&plain, b"x").unwrap();
+        let atomic = d.path().join("atomic");
+        write(&atomic, b"y", true).unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&atomic), mode(&plain));
+        assert_ne!(mode(&atomic) & 0o044, 0, "{:o}", mode(&atomic));
+        assert_eq!(std::fs::read(&atomic).unwrap(), b"y");
+        // Replacing keeps it atomic and leaves no temporary behind.
+        write(&atomic, b"z", false).unwrap();
+        assert_eq!(std::fs::read(&atomic).unwrap(), b"z");
+        assert_eq!(std::fs::read_dir(d.path()).unwrap().count(), 2);
+    }
+}
