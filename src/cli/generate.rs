@@ -183,6 +183,9 @@ pub fn run(a: GenerateArgs, json: bool) -> Result<i32> {
             let parts: Vec<String> = r.rejected.iter().map(|(k, v)| format!("{k} {v}")).collect();
             println!("        rejected: {}", parts.join(", "));
         }
+        for w in &r.warnings {
+            println!("        warning: {w}");
+        }
         if r.interrupted {
             println!(
                 "        interrupted: {} images not rendered yet; rerun the same command to render them (everything above is kept)",

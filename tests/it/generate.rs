@@ -422,7 +422,9 @@ fn slurm_array_shards_merged_equal_a_single_run() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(2), "{err}");
     assert!(
-        err.contains(&format!("its caption run {live} is still in progress (pid ")),
+        err.contains(&format!(
+            "its caption run {live} is still in progress (pid "
+        )),
         "{err}"
     );
     assert!(!out.exists());
@@ -476,7 +478,10 @@ fn slurm_array_shards_merged_equal_a_single_run() {
         ),
         1
     );
-    assert_eq!(count(&out, "SELECT count(*) FROM runs WHERE status = 'running'"), 0);
+    assert_eq!(
+        count(&out, "SELECT count(*) FROM runs WHERE status = 'running'"),
+        0
+    );
     // Shards of another plan are refused with exit 2, OUT untouched.
     let other = work.path().join("other");
     assert!(run(&generate_args(

@@ -30,6 +30,7 @@
 
 pub mod plan;
 pub mod shard;
+pub mod space;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -222,6 +223,14 @@ pub struct GenerateReport {
     pub interrupted: bool,
     /// Planned rows this run left to a rerun (0 unless interrupted).
     pub remaining: u64,
+    /// Estimated disk the images still to render at the start needed
+    /// ([`space`]), bytes.
+    pub disk_need_bytes: u64,
+    /// Bytes per pixel the estimate used, and the images it was measured
+    /// on (0: the default).
+    pub bytes_per_pixel: (f64, usize),
+    /// Warnings (the disk-space check).
+    pub warnings: Vec<String>,
 }
 
 impl GenerateReport {
@@ -384,6 +393,22 @@ fn plan_then_render(
     tx.commit().map_err(manifest::sql_err(&path))?;
     *todo = pending(m)?;
     report.skipped = report.plan.planned - todo.len() as u64;
+    // Will the images fit? A warning, not an error ([`space`]).
+    let (bpp, measured_on) =
+        space::measured_bytes_per_pixel(m)?.unwrap_or((space::DEFAULT_BYTES_PER_PIXEL, 0));
+    let need = space::Need {
+        images: todo.len() as u64,
+        pixels: todo.iter().map(|t| t.width as u64 * t.height as u64).sum(),
+        bytes_per_pixel: bpp,
+        measured_on,
+    };
+    report.disk_need_bytes = need.bytes();
+    report.bytes_per_pixel = (bpp, measured_on);
+    let images = m.root().join("images");
+    if let Some(w) = space::shortfall(&need, &images, crate::train::disk::free_bytes(&images)) {
+        ctx.say(&format!("warning: {w}"));
+        report.warnings.push(w);
+    }
     render(cfg, settings, model, m, ctx, run_id, todo, report)
 }
 

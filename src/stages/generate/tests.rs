@@ -93,6 +93,15 @@ fn plan_then_render_with_provenance_and_resume() {
     let r = gen(&w, &c, &d).unwrap();
     assert_eq!((r.plan.added, r.rendered, r.skipped), (5, 5, 0));
     assert!(r.rejected.is_empty());
+    // The disk estimate: five 64×64 images at the default size per pixel
+    // (none on disk yet); this machine's disk holds them.
+    let px = 5 * 64 * 64;
+    assert_eq!(r.bytes_per_pixel, (space::DEFAULT_BYTES_PER_PIXEL, 0));
+    assert_eq!(
+        r.disk_need_bytes,
+        (px as f64 * space::DEFAULT_BYTES_PER_PIXEL).ceil() as u64
+    );
+    assert!(r.warnings.is_empty(), "{:?}", r.warnings);
     let rs = rows(&d);
     assert_eq!(rs.len(), 5);
     for (i, (idx, state, seed, _)) in rs.iter().enumerate() {
@@ -148,8 +157,22 @@ fn plan_then_render_with_provenance_and_resume() {
     assert_eq!((r2.plan.added, r2.rendered, r2.skipped), (0, 0, 5));
     assert_eq!(rows(&d), rs);
     // A larger count extends the plan; the first five stay as they are.
+    // (Its disk estimate is measured on the five PNGs already there.)
+    let on_disk: u64 = std::fs::read_dir(d.join("images"))
+        .unwrap()
+        .flat_map(|sub| std::fs::read_dir(sub.unwrap().path()).unwrap())
+        .map(|f| f.unwrap().metadata().unwrap().len())
+        .sum();
     let r3 = gen(&w, &cfg(&w, 7), &d).unwrap();
     assert_eq!((r3.plan.added, r3.rendered, r3.skipped), (2, 2, 5));
+    let bpp = on_disk as f64 / px as f64;
+    assert_eq!(r3.bytes_per_pixel.1, 5);
+    assert!(
+        (r3.bytes_per_pixel.0 - bpp).abs() < 1e-9,
+        "{:?} vs {bpp}",
+        r3.bytes_per_pixel
+    );
+    assert_eq!(r3.disk_need_bytes, (2.0 * 64.0 * 64.0 * bpp).ceil() as u64);
     assert_eq!(rows(&d)[..5], rs[..]);
 }
 
