@@ -1,12 +1,13 @@
 //! Stop requests: SIGINT / SIGTERM set a flag that long loops check at
-//! their safe points (the trainer between steps, `generate` and `caption`
-//! between batches, a merge sweep between merges, `run`'s evaluation
-//! between models, `run` and `toy build` between stages), so Ctrl-C or a
-//! scheduler's termination keeps everything done so far, records the run as
-//! stopped and exits with 130 ([`crate::Error::Interrupted`]) instead of
-//! dying mid-write. A second signal while the first is being honoured ends
-//! the process at once (the default action), for a step that takes minutes;
-//! every write is atomic, so that loses only the unfinished step or batch.
+//! their safe points (the trainer between steps, `import`, `generate`,
+//! `caption` and `bucket` between batches, a merge sweep between merges,
+//! `run`'s evaluation between models, `run` and `toy build` between
+//! stages), so Ctrl-C or a scheduler's termination keeps everything done
+//! so far, records the run as stopped and exits with 130
+//! ([`crate::Error::Interrupted`]) instead of dying mid-write. A second
+//! signal while the first is being honoured ends the process at once (the
+//! default action), for a step that takes minutes; every write is atomic,
+//! so that loses only the unfinished step or batch.
 //!
 //! Written on `libc` (already a dependency) rather than a crate such as
 //! `ctrlc`: all that is needed is an async-signal-safe store to an atomic

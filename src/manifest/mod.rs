@@ -350,14 +350,18 @@ impl Manifest {
     }
 
     /// End a run that stopped on `err`: `failed`, its report (an object, or
-    /// `{}`) with the error's text under `error`, so that `inspect` can say
-    /// why. Releases its lock.
+    /// `{}`) with the error's text under `error` (and `interrupted: true`
+    /// for [`Error::Interrupted`]), so that `inspect` can say why.
+    /// Releases its lock.
     pub fn fail_run(&self, run_id: i64, report: &impl serde::Serialize, err: &Error) -> Result<()> {
         let mut counts = match serde_json::to_value(report)? {
             serde_json::Value::Object(o) => o,
             _ => serde_json::Map::new(),
         };
         counts.insert("error".into(), err.to_string().into());
+        if matches!(err, Error::Interrupted(_)) {
+            counts.insert("interrupted".into(), true.into());
+        }
         self.end_run(run_id, false, &counts)
     }
 
@@ -502,6 +506,16 @@ mod tests {
             (&counts["rendered"], counts["error"].is_string()),
             (&5.into(), true)
         );
+        assert!(counts.get("interrupted").is_none());
+        // A stop request is recorded as one (inspect: "stopped by Ctrl-C").
+        let stop = Error::Interrupted("bucket: stopped after 8 of 20 items".into());
+        stage_run(&mut m, "bucket", &cfg, |_, id| -> Result<()> {
+            seen = id;
+            Err(stop)
+        })
+        .unwrap_err();
+        let counts: serde_json::Value = serde_json::from_str(&row(&m, seen).1).unwrap();
+        assert_eq!(counts["interrupted"], true);
     }
 
     #[test]

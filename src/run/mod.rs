@@ -429,7 +429,17 @@ pub fn run(cfg: &RunConfig, adherence: Option<&AdherenceFn<'_>>, ctx: &Ctx) -> R
                     );
                 }
                 "bucket" => {
-                    let r = stages::bucket::run(&cfg.bucket, &mut m, ctx)?;
+                    let r = match stages::bucket::run(&cfg.bucket, &mut m, ctx) {
+                        Err(Error::Interrupted(why)) => {
+                            report.stopped_in(
+                                stage,
+                                ts.elapsed().as_secs_f64(),
+                                format!("interrupted: {why}"),
+                            );
+                            break;
+                        }
+                        r => r?,
+                    };
                     rec.failed = r.rejected.values().sum::<usize>() as u64;
                     let hist: Vec<String> = r
                         .histogram

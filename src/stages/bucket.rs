@@ -314,6 +314,8 @@ pub fn run(cfg: &BucketConfig, m: &mut Manifest, ctx: &Ctx) -> Result<BucketRepo
     super::import::sweep_temp_files(&m.root().join("buckets"))?;
     let same =
         super::runs_with_same_settings(m, "bucket", |c: &BucketConfig| same_settings(c, cfg))?;
+    // Ctrl-C / SIGTERM: stop after the batch in hand (each is committed).
+    let _signals = crate::signal::install();
     crate::manifest::stage_run(m, "bucket", cfg, |m, run_id| {
         let mut report = BucketReport {
             run_id,
@@ -373,7 +375,14 @@ pub fn run(cfg: &BucketConfig, m: &mut Manifest, ctx: &Ctx) -> Result<BucketRepo
         }
         let root = m.root().to_path_buf();
         let pb = ctx.bar(todo.len() as u64, "bucket");
-        for chunk in todo.chunks(cfg.batch.max(1)) {
+        for (k, chunk) in todo.chunks(cfg.batch.max(1)).enumerate() {
+            if ctx.should_stop() {
+                return Err(Error::Interrupted(format!(
+                    "bucket: stopped after {} of {} items (each batch is kept); rerun the same command to bucket the rest",
+                    k * cfg.batch.max(1),
+                    todo.len()
+                )));
+            }
             let outcomes: Vec<Result<Outcome>> = chunk
                 .par_iter()
                 .map(|t| {
@@ -392,32 +401,32 @@ pub fn run(cfg: &BucketConfig, m: &mut Manifest, ctx: &Ctx) -> Result<BucketRepo
                     Outcome::Done(d) => {
                         let p = &d.placed;
                         tx.execute(
-                        "INSERT OR REPLACE INTO buckets (item_id, bucket_w, bucket_h, orig_w, orig_h, resized_w, resized_h,
-                             crop_top, crop_left, crop_top_resized, crop_left_resized, target_w, target_h, path, run_id)
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?2, ?3, ?12, ?13)",
-                        params![
-                            d.item_id,
-                            d.bucket.width,
-                            d.bucket.height,
-                            d.orig.0,
-                            d.orig.1,
-                            p.resized_width,
-                            p.resized_height,
-                            p.crop_top_orig,
-                            p.crop_left_orig,
-                            p.crop_top,
-                            p.crop_left,
-                            d.rel,
-                            run_id
-                        ],
-                    )
-                    .map_err(map)?;
-                        if t.was_rejected {
-                            tx.execute(
-                            "UPDATE items SET status = 'ok', reason = NULL, status_run_id = ?2 WHERE id = ?1",
-                            params![d.item_id, run_id],
+                            "INSERT OR REPLACE INTO buckets (item_id, bucket_w, bucket_h, orig_w, orig_h, resized_w, resized_h,
+                                 crop_top, crop_left, crop_top_resized, crop_left_resized, target_w, target_h, path, run_id)
+                             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?2, ?3, ?12, ?13)",
+                            params![
+                                d.item_id,
+                                d.bucket.width,
+                                d.bucket.height,
+                                d.orig.0,
+                                d.orig.1,
+                                p.resized_width,
+                                p.resized_height,
+                                p.crop_top_orig,
+                                p.crop_left_orig,
+                                p.crop_top,
+                                p.crop_left,
+                                d.rel,
+                                run_id
+                            ],
                         )
                         .map_err(map)?;
+                        if t.was_rejected {
+                            tx.execute(
+                                "UPDATE items SET status = 'ok', reason = NULL, status_run_id = ?2 WHERE id = ?1",
+                                params![d.item_id, run_id],
+                            )
+                            .map_err(map)?;
                         }
                         stale.extend(t.old_bucket.clone().filter(|old| *old != d.rel));
                         report.bucketed += 1;
@@ -428,10 +437,10 @@ pub fn run(cfg: &BucketConfig, m: &mut Manifest, ctx: &Ctx) -> Result<BucketRepo
                     }
                     Outcome::Rejected { item_id, reason } => {
                         tx.execute(
-                        "UPDATE items SET status = 'rejected', reason = ?2, status_run_id = ?3 WHERE id = ?1",
-                        params![item_id, reason, run_id],
-                    )
-                    .map_err(map)?;
+                            "UPDATE items SET status = 'rejected', reason = ?2, status_run_id = ?3 WHERE id = ?1",
+                            params![item_id, reason, run_id],
+                        )
+                        .map_err(map)?;
                         tx.execute("DELETE FROM buckets WHERE item_id = ?1", [item_id])
                             .map_err(map)?;
                         stale.extend(t.old_bucket.clone());

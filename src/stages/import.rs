@@ -414,6 +414,8 @@ pub fn run(cfg: &ImportConfig, m: &mut Manifest, ctx: &Ctx) -> Result<ImportRepo
     let listing = super::walk::list_images(&from)?;
     let limits = DecodeLimits::from(cfg.limits);
     sweep_temp_files(&m.root().join("images"))?;
+    // Ctrl-C / SIGTERM: stop after the batch in hand (each is committed).
+    let _signals = crate::signal::install();
     crate::manifest::stage_run(m, "import", cfg, |m, run_id| {
         let mut report = ImportReport {
             run_id,
@@ -461,7 +463,14 @@ pub fn run(cfg: &ImportConfig, m: &mut Manifest, ctx: &Ctx) -> Result<ImportRepo
         report.already_imported = report.found - todo.len();
         let root = m.root().to_path_buf();
         let pb = ctx.bar(todo.len() as u64, "import");
-        for chunk in todo.chunks(cfg.batch.max(1)) {
+        for (k, chunk) in todo.chunks(cfg.batch.max(1)).enumerate() {
+            if ctx.should_stop() {
+                return Err(Error::Interrupted(format!(
+                    "import: stopped after {} of {} new files (each batch is kept); rerun the same command to import the rest",
+                    k * cfg.batch.max(1),
+                    todo.len()
+                )));
+            }
             let outcomes: Vec<std::result::Result<FileOutcome, Failure>> = chunk
                 .par_iter()
                 .map(|p| {

@@ -458,9 +458,9 @@ pub fn train(
                 let saved: Vec<&String> = st.slots.iter().map(|(k, _)| k).collect();
                 if saved != keys.iter().collect::<Vec<_>>() {
                     return Err(Error::config(format!(
-                    "--resume {run_id}: the checkpoint's optimizer covers other parameters than stage {} trains; the checkpoint does not belong to this config",
-                    st.stage
-                )));
+                        "--resume {run_id}: the checkpoint's optimizer covers other parameters than stage {} trains; the checkpoint does not belong to this config",
+                        st.stage
+                    )));
                 }
                 opt.load_state(&slots)?;
             }
@@ -619,9 +619,9 @@ pub fn train(
                             (report.steps, report.skipped, report.rollbacks) =
                                 (st.step, st.skipped, st.rollbacks);
                             return Err(Error::model(format!(
-                            "training diverged: {} rollbacks and every step since non-finite (last items {batch_ids:?}); lower the learning rate or check those items",
-                            st.rollbacks
-                        )));
+                                "training diverged: {} rollbacks and every step since non-finite (last items {batch_ids:?}); lower the learning rate or check those items",
+                                st.rollbacks
+                            )));
                         }
                     }
                     st.step += 1;
@@ -683,9 +683,9 @@ pub fn train(
                             saver.save(&st, &opt, &weights, &ema, true)?;
                         } else if st.armed {
                             report.stopped_early = Some(format!(
-                            "retention {score:.3} fell below --stop-below {x} at step {}; exporting the last good checkpoint",
-                            st.step
-                        ));
+                                "retention {score:.3} fell below --stop-below {x} at step {}; exporting the last good checkpoint",
+                                st.step
+                            ));
                             st.pos = batches.pos();
                             saver.save(&st, &opt, &weights, &ema, false)?;
                             break 'stages;

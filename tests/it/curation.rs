@@ -62,7 +62,7 @@ fn import(m: &mut Manifest, from: &Path) -> stages::import::ImportReport {
 }
 
 #[test]
-fn import_kill9_then_resume_loses_and_doubles_nothing() {
+fn import_kill9_or_ctrl_c_then_resume_loses_and_doubles_nothing() {
     let work = tempfile::tempdir().unwrap();
     let src = work.path().join("src");
     synth_images(&src, 300, 96, 7);
@@ -72,91 +72,118 @@ fn import_kill9_then_resume_loses_and_doubles_nothing() {
     let rc = import(&mut mc, &src);
     assert_eq!(rc.imported, 300);
 
-    let mut killed_midway = false;
-    for attempt in 0..5 {
-        let ds = work.path().join(format!("ds{attempt}"));
-        let st = Command::new(bin())
-            .args(["init"])
-            .arg(&ds)
-            .status()
-            .unwrap();
-        assert!(st.success());
-        let mut child = Command::new(bin())
-            .args(["--json", "import"])
-            .arg(&ds)
-            .arg("--from")
-            .arg(&src)
-            .args(["--batch", "4"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        // Kill as soon as some (not all) items are committed.
-        let t0 = Instant::now();
-        loop {
-            let n = Manifest::open_read_only(&ds)
-                .ok()
-                .map(|m| count(&m, "SELECT count(*) FROM items"))
-                .unwrap_or(0);
-            if n > 0 || t0.elapsed() > Duration::from_secs(60) {
-                break;
+    // kill -9, then Ctrl-C (SIGINT: stops after the batch in hand, exit 130).
+    for ctrl_c in [false, true] {
+        let mut killed_midway = false;
+        for attempt in 0..5 {
+            let ds = work.path().join(format!("ds{attempt}-{ctrl_c}"));
+            let st = Command::new(bin())
+                .args(["init"])
+                .arg(&ds)
+                .status()
+                .unwrap();
+            assert!(st.success());
+            let mut child = Command::new(bin())
+                .args(["--json", "import"])
+                .arg(&ds)
+                .arg("--from")
+                .arg(&src)
+                .args(["--batch", "4"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap();
+            // Kill as soon as some (not all) items are committed.
+            let t0 = Instant::now();
+            loop {
+                let n = Manifest::open_read_only(&ds)
+                    .ok()
+                    .map(|m| count(&m, "SELECT count(*) FROM items"))
+                    .unwrap_or(0);
+                if n > 0 || t0.elapsed() > Duration::from_secs(60) {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(2));
             }
-            std::thread::sleep(Duration::from_millis(2));
-        }
-        child.kill().unwrap(); // SIGKILL
-        child.wait().unwrap();
-        let m = Manifest::open(&ds).unwrap();
-        let n = count(&m, "SELECT count(*) FROM items");
-        drop(m);
-        if n > 0 && n < 300 {
-            killed_midway = true;
-        }
-        let out = Command::new(bin())
-            .args(["--json", "import"])
-            .arg(&ds)
-            .arg("--from")
-            .arg(&src)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let m = Manifest::open(&ds).unwrap();
-        assert_eq!(m.integrity_check().unwrap(), "ok");
-        assert_eq!(count(&m, "SELECT count(*) FROM items"), 300);
-        assert_eq!(count(&m, "SELECT count(*) FROM sources"), 300);
-        assert_eq!(count(&m, "SELECT count(*) FROM hashes"), 300);
-        assert_eq!(count(&m, "SELECT count(DISTINCT sha256) FROM items"), 300);
-        // Same content as the clean import.
-        let shas = |m: &Manifest| -> Vec<String> {
-            let mut st = m
+            if ctrl_c {
+                let pid = child.id().to_string();
+                assert!(Command::new("kill")
+                    .args(["-INT", &pid])
+                    .status()
+                    .unwrap()
+                    .success());
+            } else {
+                child.kill().unwrap(); // SIGKILL
+            }
+            let code = child.wait().unwrap().code();
+            let m = Manifest::open(&ds).unwrap();
+            let n = count(&m, "SELECT count(*) FROM items");
+            if n > 0 && n < 300 {
+                killed_midway = true;
+                if ctrl_c {
+                    // Stopped, not killed: the row says so.
+                    assert_eq!(code, Some(130));
+                    let (status, interrupted): (String, i64) = m
+                        .conn()
+                        .query_row(
+                            "SELECT status, json_extract(counts_json, '$.interrupted') FROM runs \
+                         WHERE stage = 'import' ORDER BY id DESC LIMIT 1",
+                            [],
+                            |r| Ok((r.get(0)?, r.get(1)?)),
+                        )
+                        .unwrap();
+                    assert_eq!((status.as_str(), interrupted), ("failed", 1));
+                }
+            }
+            drop(m);
+            let out = Command::new(bin())
+                .args(["--json", "import"])
+                .arg(&ds)
+                .arg("--from")
+                .arg(&src)
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let m = Manifest::open(&ds).unwrap();
+            assert_eq!(m.integrity_check().unwrap(), "ok");
+            assert_eq!(count(&m, "SELECT count(*) FROM items"), 300);
+            assert_eq!(count(&m, "SELECT count(*) FROM sources"), 300);
+            assert_eq!(count(&m, "SELECT count(*) FROM hashes"), 300);
+            assert_eq!(count(&m, "SELECT count(DISTINCT sha256) FROM items"), 300);
+            // Same content as the clean import.
+            let shas =
+                |m: &Manifest| -> Vec<String> {
+                    let mut st = m
                 .conn()
                 .prepare("SELECT sha256 || phash FROM items JOIN hashes ON item_id = id ORDER BY 1")
                 .unwrap();
-            st.query_map([], |r| r.get(0))
-                .unwrap()
-                .map(|r| r.unwrap())
-                .collect()
-        };
-        assert_eq!(shas(&m), shas(&mc));
-        // No stray temp files left next to the images.
-        let files = walk(&ds.join("images"));
-        assert_eq!(
-            files.len(),
-            300,
-            "{:?}",
-            files.iter().take(5).collect::<Vec<_>>()
-        );
-        if killed_midway {
-            break;
+                    st.query_map([], |r| r.get(0))
+                        .unwrap()
+                        .map(|r| r.unwrap())
+                        .collect()
+                };
+            assert_eq!(shas(&m), shas(&mc));
+            // No stray temp files left next to the images.
+            let files = walk(&ds.join("images"));
+            assert_eq!(
+                files.len(),
+                300,
+                "{:?}",
+                files.iter().take(5).collect::<Vec<_>>()
+            );
+            if killed_midway {
+                break;
+            }
         }
+        assert!(
+            killed_midway,
+            "import finished before it could be killed in 5 attempts (Ctrl-C: {ctrl_c})"
+        );
     }
-    assert!(
-        killed_midway,
-        "import finished before it could be killed in 5 attempts"
-    );
 }
 
 fn walk(dir: &Path) -> Vec<PathBuf> {
@@ -240,6 +267,24 @@ fn chain_dedupe_bucket_export_inspect_on_generated_images() {
         },
         ..Default::default()
     };
+    // A stop request before the first batch: nothing bucketed, the row
+    // ended as interrupted, and the next run does everything.
+    let stop = Ctx::quiet();
+    stop.cancel();
+    let e = stages::bucket::run(&bcfg, &mut m, &stop).unwrap_err();
+    assert!(
+        matches!(e, eps2v::Error::Interrupted(_))
+            && e.to_string().contains("stopped after 0 of 13 items"),
+        "{e}"
+    );
+    assert_eq!(
+        count(
+            &m,
+            "SELECT count(*) FROM runs WHERE stage = 'bucket' AND status = 'failed' \
+             AND json_extract(counts_json, '$.interrupted')"
+        ),
+        1
+    );
     let rb = stages::bucket::run(&bcfg, &mut m, &Ctx::quiet()).unwrap();
     assert_eq!(rb.bucketed, 12, "{rb:?}");
     assert_eq!(rb.rejected.get("too_small"), Some(&1), "{rb:?}");
