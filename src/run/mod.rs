@@ -429,16 +429,9 @@ pub fn run(cfg: &RunConfig, adherence: Option<&AdherenceFn<'_>>, ctx: &Ctx) -> R
                     );
                 }
                 "bucket" => {
-                    let r = match stages::bucket::run(&cfg.bucket, &mut m, ctx) {
-                        Err(Error::Interrupted(why)) => {
-                            report.stopped_in(
-                                stage,
-                                ts.elapsed().as_secs_f64(),
-                                format!("interrupted: {why}"),
-                            );
-                            break;
-                        }
-                        r => r?,
+                    let r = stages::bucket::run(&cfg.bucket, &mut m, ctx);
+                    let Some(r) = until_stopped(r, &mut report, stage, ts)? else {
+                        break;
                     };
                     rec.failed = r.rejected.values().sum::<usize>() as u64;
                     let hist: Vec<String> = r
@@ -536,16 +529,8 @@ pub fn run(cfg: &RunConfig, adherence: Option<&AdherenceFn<'_>>, ctx: &Ctx) -> R
                         },
                         ctx,
                     );
-                    let r = match r {
-                        Err(Error::Interrupted(why)) => {
-                            report.stopped_in(
-                                stage,
-                                ts.elapsed().as_secs_f64(),
-                                format!("interrupted: {why}"),
-                            );
-                            break;
-                        }
-                        r => r?,
+                    let Some(r) = until_stopped(r, &mut report, stage, ts)? else {
+                        break;
                     };
                     let pts: Vec<String> = r
                         .points
@@ -556,17 +541,11 @@ pub fn run(cfg: &RunConfig, adherence: Option<&AdherenceFn<'_>>, ctx: &Ctx) -> R
                     rec.sweep = Some(r);
                 }
                 "evaluate" => {
-                    rec.scores = match evaluate(cfg, &progress, &out_dir, adherence, ctx) {
-                        Err(Error::Interrupted(why)) => {
-                            report.stopped_in(
-                                stage,
-                                ts.elapsed().as_secs_f64(),
-                                format!("interrupted: {why}"),
-                            );
-                            break;
-                        }
-                        r => r?,
+                    let r = evaluate(cfg, &progress, &out_dir, adherence, ctx);
+                    let Some(scores) = until_stopped(r, &mut report, stage, ts)? else {
+                        break;
                     };
+                    rec.scores = scores;
                     let parts: Vec<String> = rec
                         .scores
                         .iter()
@@ -617,6 +596,25 @@ pub fn run(cfg: &RunConfig, adherence: Option<&AdherenceFn<'_>>, ctx: &Ctx) -> R
     progress.interrupted = report.interrupted;
     m.end_run(run_id, !report.interrupted, &progress.stored(&root))?;
     Ok(report)
+}
+
+/// A stage's result, or `None` when a stop request ended it
+/// ([`Error::Interrupted`], recorded in `report` as where the pipeline
+/// stopped).
+fn until_stopped<T>(
+    r: Result<T>,
+    report: &mut RunReport,
+    stage: &str,
+    started: Instant,
+) -> Result<Option<T>> {
+    match r {
+        Err(Error::Interrupted(why)) => {
+            let secs = started.elapsed().as_secs_f64();
+            report.stopped_in(stage, secs, format!("interrupted: {why}"));
+            Ok(None)
+        }
+        r => r.map(Some),
+    }
 }
 
 /// The merge with the best adherence (the `evaluate` scores), else the
