@@ -352,17 +352,19 @@ impl Manifest {
     /// End a run that stopped on `err`: `failed`, its report (an object, or
     /// `{}`) with the error's text under `error` (and `interrupted: true`
     /// for [`Error::Interrupted`]), so that `inspect` can say why.
-    /// Releases its lock.
-    pub fn fail_run(&self, run_id: i64, report: &impl serde::Serialize, err: &Error) -> Result<()> {
-        let mut counts = match serde_json::to_value(report)? {
-            serde_json::Value::Object(o) => o,
+    /// Releases its lock. Best effort: the stage's error is the one that
+    /// counts, so a row that cannot be written stays `running` and the next
+    /// run of the stage marks it failed.
+    pub fn fail_run(&self, run_id: i64, report: &impl serde::Serialize, err: &Error) {
+        let mut counts = match serde_json::to_value(report) {
+            Ok(serde_json::Value::Object(o)) => o,
             _ => serde_json::Map::new(),
         };
         counts.insert("error".into(), err.to_string().into());
         if matches!(err, Error::Interrupted(_)) {
             counts.insert("interrupted".into(), true.into());
         }
-        self.end_run(run_id, false, &counts)
+        let _ = self.end_run(run_id, false, &counts);
     }
 
     /// `PRAGMA integrity_check` result ("ok" when healthy).
@@ -395,21 +397,11 @@ pub fn stage_run<R: serde::Serialize>(
 ) -> Result<R> {
     let run_id = m.begin_run(stage, config)?;
     let result = body(m, run_id);
-    close_run(m, run_id, &result)?;
-    result
-}
-
-/// End run `run_id` by `result` (see [`stage_run`]). When the row cannot
-/// be written after an error, the stage's error is the one that counts:
-/// the next run of the stage marks the row failed.
-pub fn close_run<R: serde::Serialize>(m: &Manifest, run_id: i64, result: &Result<R>) -> Result<()> {
-    match result {
-        Ok(report) => m.end_run(run_id, true, report),
-        Err(e) => {
-            let _ = m.fail_run(run_id, &serde_json::json!({}), e);
-            Ok(())
-        }
+    match &result {
+        Ok(report) => m.end_run(run_id, true, report)?,
+        Err(e) => m.fail_run(run_id, &serde_json::json!({}), e),
     }
+    result
 }
 
 /// Current time, RFC 3339 UTC with milliseconds.
@@ -499,8 +491,7 @@ mod tests {
         assert!(!m.run_is_live(seen).unwrap());
         // A stage's partial report keeps its counts beside the error.
         let id = m.begin_run("generate", &cfg).unwrap();
-        m.fail_run(id, &serde_json::json!({"rendered": 5}), &e)
-            .unwrap();
+        m.fail_run(id, &serde_json::json!({"rendered": 5}), &e);
         let counts: serde_json::Value = serde_json::from_str(&row(&m, id).1).unwrap();
         assert_eq!(
             (&counts["rendered"], counts["error"].is_string()),

@@ -577,7 +577,7 @@ pub fn run(cfg: &RunConfig, adherence: Option<&AdherenceFn<'_>>, ctx: &Ctx) -> R
     if let Err(e) = result {
         // The row ends `failed` with the error; the next `run` with the
         // same config reopens it and goes on from the stages done.
-        let _ = m.fail_run(run_id, &progress.stored(&root), &e);
+        m.fail_run(run_id, &progress.stored(&root), &e);
         return Err(e);
     }
     if let Some(r) = progress.stages.get("train") {

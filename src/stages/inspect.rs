@@ -301,7 +301,7 @@ mod tests {
         m.end_run(h, true, &none).unwrap();
         let k = m.begin_run("export", &none).unwrap();
         let long = format!("{}\nsecond line", "x".repeat(200));
-        m.fail_run(k, &none, &Error::config(long)).unwrap();
+        m.fail_run(k, &none, &Error::config(long));
         let ro = Manifest::open_read_only(d.path()).unwrap();
         let t = run(&ro, 5).unwrap().runs;
         assert_eq!(t.rows.len(), 8);

@@ -94,7 +94,8 @@ fn device_of(path: &Path) -> Option<u64> {
     }
 }
 
-fn gb(b: u64) -> String {
+/// `b` bytes as GB (or MB below one GB), one decimal, for messages.
+pub fn gb(b: u64) -> String {
     if b >= 1_000_000_000 {
         format!("{:.1} GB", b as f64 / 1e9)
     } else {

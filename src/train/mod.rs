@@ -766,7 +766,7 @@ pub fn train(
     if let Err(e) = result {
         // A save the error cut short leaves nothing half-written.
         let _ = state::sweep_partial(&run_dir(&root, run_id));
-        let _ = m.fail_run(run_id, &report, &e);
+        m.fail_run(run_id, &report, &e);
         return Err(e);
     }
     if report.interrupted {

@@ -355,10 +355,7 @@ pub fn run(
     report.interrupted = result.is_ok() && report.remaining > 0;
     match &result {
         Ok(_) => m.end_run(run_id, !report.interrupted, &report)?,
-        // The stage's error is the one to show (see manifest::close_run).
-        Err(e) => {
-            let _ = m.fail_run(run_id, &report, e);
-        }
+        Err(e) => m.fail_run(run_id, &report, e),
     }
     result?;
     Ok(report)

@@ -12,6 +12,7 @@
 use std::path::Path;
 
 use crate::manifest::Manifest;
+use crate::train::disk::gb;
 use crate::Result;
 
 /// Generated images measured for the estimate (the newest).
@@ -71,14 +72,6 @@ impl Need {
     }
 }
 
-fn size(b: u64) -> String {
-    if b >= 1_000_000_000 {
-        format!("{:.1} GB", b as f64 / 1e9)
-    } else {
-        format!("{:.1} MB", b as f64 / 1e6)
-    }
-}
-
 /// A warning when `need` does not fit in `free` bytes on `dir`'s file
 /// system (`None` free: cannot be told, no warning).
 pub fn shortfall(need: &Need, dir: &Path, free: Option<u64>) -> Option<String> {
@@ -96,9 +89,9 @@ pub fn shortfall(need: &Need, dir: &Path, free: Option<u64>) -> Option<String> {
              free space there, render fewer (--count), or split the plan into shards on other disks (--shard)",
             dir.display(),
             need.images,
-            size(want),
-            size(per),
-            size(have)
+            gb(want),
+            gb(per),
+            gb(have)
         )
     })
 }
