@@ -1,6 +1,7 @@
 //! Stop requests: SIGINT / SIGTERM set a flag that long loops check at
 //! their safe points (the trainer between steps, `import`, `generate`,
-//! `caption` and `bucket` between batches, a merge sweep between merges,
+//! `caption` and `bucket` between batches, `export` between files (it then
+//! drops its staging folder), a merge sweep between merges,
 //! `run`'s evaluation between models, `run` and `toy build` between
 //! stages), so Ctrl-C or a scheduler's termination keeps everything done
 //! so far, records the run as stopped and exits with 130

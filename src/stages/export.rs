@@ -408,6 +408,14 @@ impl Staged {
         })
     }
 
+    /// Remove the temporary sibling (best effort: a leftover is swept by
+    /// the next export anyway).
+    fn discard(self) {
+        if self.tmp.exists() {
+            let _ = remove_any(&self.tmp);
+        }
+    }
+
     fn commit(self) -> Result<()> {
         if self.final_path.exists() {
             let old = self.final_path.with_extension("old-export");
@@ -516,6 +524,9 @@ pub fn run(cfg: &ExportConfig, m: &mut Manifest, ctx: &Ctx) -> Result<ExportRepo
             ExportFormat::Jsonl => root.join("exports").join("manifest.jsonl"),
         },
     };
+    // Ctrl-C / SIGTERM: stop between files, drop the half-written staging
+    // folder and leave the previous export as it was.
+    let _signals = crate::signal::install();
     crate::manifest::stage_run(m, "export", cfg, |m, run_id| {
         let mut report = ExportReport {
             run_id,
@@ -545,7 +556,16 @@ pub fn run(cfg: &ExportConfig, m: &mut Manifest, ctx: &Ctx) -> Result<ExportRepo
                 let pb = ctx.bar(rows.len() as u64, "export");
                 let mut meta = serde_json::Map::new();
                 let mut jsonl = String::new();
-                for r in &rows {
+                for (k, r) in rows.iter().enumerate() {
+                    if ctx.should_stop() {
+                        pb.finish_and_clear();
+                        staged.discard();
+                        return Err(Error::Interrupted(format!(
+                            "export: stopped after {k} of {} files; {} is as it was (nothing half-written is left); rerun the same command to export",
+                            rows.len(),
+                            out.display()
+                        )));
+                    }
                     pb.inc(1);
                     let src_rel = r.bucket_path.as_ref().or(r.path.as_ref());
                     let Some(src_rel) = src_rel else {

@@ -308,6 +308,7 @@ fn chain_dedupe_bucket_export_inspect_on_generated_images() {
         .unwrap()
         .map(|r| r.unwrap())
         .collect();
+    drop(st);
     for (path, [bw, bh, rw, rh, cl, ct, ow, oh, clo, cto]) in rows {
         let img = image::open(ds.join(&path)).unwrap();
         assert_eq!((img.width(), img.height()), (bw, bh));
@@ -353,6 +354,43 @@ fn chain_dedupe_bucket_export_inspect_on_generated_images() {
     assert_eq!(jsonl.lines().count(), 15);
     let hf = std::fs::read_to_string(ds.join("exports/hf/train/metadata.jsonl")).unwrap();
     assert_eq!(hf.lines().count(), 12);
+
+    // A stop request during an export leaves the previous export whole and
+    // no staging folder behind; the row ends interrupted.
+    let listing = || {
+        let mut v = walk(&ds.join("exports"));
+        v.extend(
+            std::fs::read_dir(ds.join("exports"))
+                .unwrap()
+                .map(|e| e.unwrap().path()),
+        );
+        v.sort();
+        v
+    };
+    let before = listing();
+    let e = stages::export::run(
+        &stages::export::ExportConfig {
+            format: stages::export::ExportFormat::Kohya,
+            ..Default::default()
+        },
+        &mut m,
+        &stop,
+    )
+    .unwrap_err();
+    assert!(
+        matches!(e, eps2v::Error::Interrupted(_))
+            && e.to_string().contains("stopped after 0 of 12 files"),
+        "{e}"
+    );
+    assert_eq!(listing(), before);
+    assert_eq!(
+        count(
+            &m,
+            "SELECT count(*) FROM runs WHERE stage = 'export' AND status = 'failed' \
+             AND json_extract(counts_json, '$.interrupted')"
+        ),
+        1
+    );
 
     // An export that cannot write ends its row `failed` with why (not
     // `running` until the next export finds it), and inspect says so.
