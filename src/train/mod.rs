@@ -306,30 +306,30 @@ pub fn train(
             (id, None, m.lock_run(id)?)
         }
     };
-    report.tidied = state::tidy_dead_runs(m, run_id)?;
-    for t in &report.tidied {
-        ctx.say(&format!(
-            "training run {} was left `running` by a process that died; marked failed{}{}",
-            t.run_id,
-            if t.partial_saves_removed > 0 {
-                format!(
-                    ", {} half-written checkpoint(s) removed",
-                    t.partial_saves_removed
-                )
-            } else {
-                String::new()
-            },
-            if t.resumable {
-                format!(" (resume it with --resume {})", t.run_id)
-            } else {
-                String::new()
-            }
-        ));
-    }
     // Past this point an error ends the row `failed` with its text (still
     // resumable from its newest checkpoint), rather than leaving it
     // `running` until the next run finds it.
     let result = (|| -> Result<()> {
+        report.tidied = state::tidy_dead_runs(m, run_id)?;
+        for t in &report.tidied {
+            ctx.say(&format!(
+                "training run {} was left `running` by a process that died; marked failed{}{}",
+                t.run_id,
+                if t.partial_saves_removed > 0 {
+                    format!(
+                        ", {} half-written checkpoint(s) removed",
+                        t.partial_saves_removed
+                    )
+                } else {
+                    String::new()
+                },
+                if t.resumable {
+                    format!(" (resume it with --resume {})", t.run_id)
+                } else {
+                    String::new()
+                }
+            ));
+        }
         let rdir = run_dir(&root, run_id);
         std::fs::create_dir_all(&rdir).at(&rdir)?;
         report.run_id = run_id;
