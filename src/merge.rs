@@ -11,7 +11,15 @@
 //! blended: they are copied from the side chosen with `--te` / `--vae`, and
 //! the `v_pred` / `ztsnr` markers (and the prediction metadata) from the side
 //! chosen with `--markers` — a blend of an eps and a v model is sampled as
-//! one of the two, and the user says which.
+//! one of the two, and the user says which: without `--markers`, models
+//! whose predictions differ (eps vs v, ZTSNR or not) are refused rather than
+//! silently given A's markers (an unmarked v model is sampled as eps by
+//! ComfyUI and A1111/Forge).
+//!
+//! Only float tensors are blended or copied. A UNet, text-encoder or VAE
+//! tensor in another dtype (an fp8 or quantized release) is an error naming
+//! it, never a silently incomplete file; other non-float keys (the CLIP
+//! `position_ids` buffers) are left out and listed.
 //!
 //! Streaming: the output is written tensor by tensor ([`save_lazy`]), each
 //! blended from the memory-mapped inputs when it is written, so peak memory
@@ -30,7 +38,7 @@ use serde::Serialize;
 
 use crate::models::sdxl::blocks::BlockId;
 use crate::models::sdxl::checkpoint::{
-    save_lazy, Checkpoint, LazyTensor, SaveOptions, MARKER_V_PRED, MARKER_ZTSNR,
+    is_ignored_key, save_lazy, Checkpoint, LazyTensor, SaveOptions, MARKER_V_PRED, MARKER_ZTSNR,
     META_PREDICTION_TYPE, META_UNCOND, META_ZTSNR,
 };
 use crate::models::sdxl::UNET_PREFIX;
@@ -141,8 +149,9 @@ pub struct MergeConfig {
     pub te: Side,
     /// VAE from.
     pub vae: Side,
-    /// Markers and prediction metadata from.
-    pub markers: Side,
+    /// Markers and prediction metadata from (`None`: A's, when A and B
+    /// predict alike; models that differ are refused until the user says).
+    pub markers: Option<Side>,
     /// Storage dtype (`None`: A's dtype per tensor).
     #[serde(skip)]
     pub dtype: Option<DType>,
@@ -163,11 +172,68 @@ pub struct MergeReport {
     pub v_pred: bool,
     /// Whether the output has the `ztsnr` marker.
     pub ztsnr: bool,
+    /// What the user should know (the markers' side's own inconsistencies,
+    /// keys left out).
+    pub warnings: Vec<String>,
+}
+
+/// "eps", "v", "v + ZTSNR", … of a checkpoint, for messages.
+fn prediction_label(p: &crate::models::sdxl::checkpoint::PredictionInfo) -> String {
+    let mut s = p.prediction.name().to_string();
+    if p.ztsnr {
+        s.push_str(" + ZTSNR");
+    }
+    s
+}
+
+/// The side whose markers the merge carries: the one asked for, or A when A
+/// and B predict alike; different predictions without `--markers` are an
+/// error saying which is which.
+fn markers_side(
+    cfg: &MergeConfig,
+    a: &Checkpoint,
+    b: &Checkpoint,
+    c: Option<&Checkpoint>,
+) -> Result<Side> {
+    if let Some(s) = cfg.markers {
+        return Ok(s);
+    }
+    let (pa, pb) = (a.prediction(), b.prediction());
+    let key = |p: &crate::models::sdxl::checkpoint::PredictionInfo| (p.prediction, p.ztsnr);
+    if key(&pa) == key(&pb) {
+        return Ok(Side::A);
+    }
+    let hint = match c.map(|c| c.prediction()) {
+        Some(pc) if key(&pc) == key(&pa) => {
+            " (with --diff, B's difference from C is what is added: --markers b, if that is the v conversion being transplanted)".to_string()
+        }
+        Some(pc) if key(&pc) == key(&pb) => {
+            " (with --diff, A keeps its own prediction: usually --markers a)".to_string()
+        }
+        _ => String::new(),
+    };
+    Err(Error::config(format!(
+        "merge: A ({}) is {} but B ({}) is {}; the merge is sampled as whichever markers it carries (ComfyUI and A1111/Forge read the v_pred / ztsnr keys): pass --markers a or --markers b{hint}",
+        a.path().display(),
+        prediction_label(&pa),
+        b.path().display(),
+        prediction_label(&pb),
+    )))
+}
+
+/// Whether merge can read a tensor stored as `dtype`.
+fn is_float(dtype: &str) -> bool {
+    matches!(dtype, "F16" | "BF16" | "F32" | "F64")
 }
 
 fn check_same(a: &Checkpoint, other: &Checkpoint, key: &str) -> Result<()> {
     let ea = a.entry(key);
     match other.entry(key) {
+        Some(e) if !is_float(&e.dtype) => Err(Error::model(format!(
+            "merge: {} stores {key} as {}; merge blends F16/BF16/F32/F64 weights only (an fp8 or quantized release?): convert it to f16 or bf16 first",
+            other.path().display(),
+            e.dtype
+        ))),
         Some(e) if Some(&e.shape) == ea.map(|x| &x.shape) => Ok(()),
         Some(e) => Err(Error::model(format!(
             "merge: {key} has shape {:?} in {} but {:?} in {}; the models are of different architectures",
@@ -208,7 +274,28 @@ pub fn merge(cfg: &MergeConfig, out: &Path) -> Result<MergeReport> {
             cfg.a.display()
         )));
     }
+    let markers = markers_side(cfg, &a, &b, c.as_ref())?;
     let side = |s: Side| if s == Side::A { &a } else { &b };
+    let name = |s: Side| if s == Side::A { "A" } else { "B" };
+    // A component asked from B must be there (A's own are whatever A has).
+    for (s, filter, flag, what) in [
+        (
+            cfg.te,
+            BlockId::Base,
+            "--te",
+            "text encoders (conditioner.embedders.*)",
+        ),
+        (cfg.vae, BlockId::Vae, "--vae", "VAE (first_stage_model.*)"),
+    ] {
+        let has = |ck: &Checkpoint| ck.entries().keys().any(|k| BlockId::of_key(k) == filter);
+        if s == Side::B && !has(&b) && has(&a) {
+            return Err(Error::config(format!(
+                "merge: {flag} b, but {} has no {what}; use {flag} a",
+                cfg.b.display()
+            )));
+        }
+    }
+    let mut warnings = Vec::new();
     let mut items: Vec<(String, LazyTensor<'_>)> = Vec::new();
     let (mut blended, mut copied) = (0, 0);
     let mut skipped = Vec::new();
@@ -237,7 +324,18 @@ pub fn merge(cfg: &MergeConfig, out: &Path) -> Result<MergeReport> {
     for (k, s) in keys {
         let src = side(s);
         let Some(e) = src.entry(&k) else { continue };
-        if !matches!(e.dtype.as_str(), "F16" | "BF16" | "F32" | "F64") {
+        if !is_float(&e.dtype) {
+            let component = BlockId::of_key(&k);
+            if !is_ignored_key(&k)
+                && (k.starts_with(&unet) || matches!(component, BlockId::Base | BlockId::Vae))
+            {
+                return Err(Error::model(format!(
+                    "merge: {} stores {k} as {}; merge blends and copies F16/BF16/F32/F64 weights only (an fp8 or quantized release?): convert model {} to f16 or bf16 first",
+                    src.path().display(),
+                    e.dtype,
+                    name(s)
+                )));
+            }
             skipped.push(k);
             continue;
         }
@@ -274,8 +372,17 @@ pub fn merge(cfg: &MergeConfig, out: &Path) -> Result<MergeReport> {
         ));
         blended += 1;
     }
-    let msrc = side(cfg.markers);
+    let msrc = side(markers);
     let pinfo = msrc.prediction();
+    for w in &pinfo.warnings {
+        warnings.push(format!("model {} (the markers' side): {w}", name(markers)));
+    }
+    let not_ignored = skipped.iter().filter(|k| !is_ignored_key(k)).count();
+    if not_ignored > 0 {
+        warnings.push(format!(
+            "{not_ignored} non-float key(s) outside the UNet, text encoders and VAE left out (listed under `skipped` in --json)"
+        ));
+    }
     let v_pred = msrc.contains(MARKER_V_PRED);
     let ztsnr = msrc.contains(MARKER_ZTSNR);
     let mut metadata = a.metadata().clone();
@@ -290,7 +397,7 @@ pub fn merge(cfg: &MergeConfig, out: &Path) -> Result<MergeReport> {
         "eps2v.merge".into(),
         serde_json::json!({
             "a": cfg.a, "b": cfg.b, "c": cfg.c, "alpha": cfg.alpha,
-            "blocks": cfg.blocks.per_block, "te": cfg.te, "vae": cfg.vae, "markers": cfg.markers,
+            "blocks": cfg.blocks.per_block, "te": cfg.te, "vae": cfg.vae, "markers": markers,
             "prediction": pinfo.prediction.name(),
         })
         .to_string(),
@@ -315,6 +422,7 @@ pub fn merge(cfg: &MergeConfig, out: &Path) -> Result<MergeReport> {
         skipped,
         v_pred,
         ztsnr,
+        warnings,
     })
 }
 
@@ -538,7 +646,7 @@ mod tests {
             blocks: BlockAlphas::default(),
             te: Side::A,
             vae: Side::A,
-            markers: Side::A,
+            markers: Some(Side::A),
             dtype: None,
         }
     }
@@ -585,7 +693,7 @@ mod tests {
         c2.blocks = BlockAlphas::parse("M00=1, OUT00-OUT08=0").unwrap();
         c2.te = Side::B;
         c2.vae = Side::B;
-        c2.markers = Side::B;
+        c2.markers = Some(Side::B);
         let r = merge(&c2, &out).unwrap();
         assert_eq!(read(&out, &k_mid), vec![7.0, 8.0]);
         assert_eq!(read(&out, &k_out), vec![5.0, 6.0]);
@@ -601,6 +709,90 @@ mod tests {
         merge(&c3, &out).unwrap();
         assert_eq!(read(&out, &k_in), vec![3.0, 4.5]);
         assert_eq!(read(&out, &k_out), vec![9.0, 10.5]);
+    }
+
+    #[test]
+    fn markers_must_be_chosen_when_predictions_differ_and_weights_must_be_float() {
+        let d = tempfile::tempdir().unwrap();
+        let u = [1., 2., 3., 4., 5., 6.];
+        let eps = ckpt(d.path(), "eps.safetensors", &u, 1.0, false);
+        let eps2 = ckpt(d.path(), "eps2.safetensors", &u, 2.0, false);
+        let v = ckpt(d.path(), "v.safetensors", &u, 3.0, true);
+        let out = d.path().join("m.safetensors");
+        let unmarked = |a: &Path, b: &Path| MergeConfig {
+            markers: None,
+            ..cfg(a, b)
+        };
+        // Alike: A's markers, no question asked.
+        let r = merge(&unmarked(&eps, &eps2), &out).unwrap();
+        assert!(!r.v_pred && r.warnings.is_empty(), "{r:?}");
+        // eps + v without --markers: refused, naming both, and nothing written.
+        std::fs::remove_file(&out).unwrap();
+        let e = merge(&unmarked(&eps, &v), &out).unwrap_err().to_string();
+        assert!(
+            e.contains("is epsilon but B") && e.contains("is v + ZTSNR") && e.contains("--markers"),
+            "{e}"
+        );
+        assert!(!out.exists());
+        // The add-difference transplant (eps + (v − eps base)) points at B.
+        let mut diff = unmarked(&eps2, &v);
+        diff.c = Some(eps.clone());
+        let e = merge(&diff, &out).unwrap_err().to_string();
+        assert!(e.contains("--markers b"), "{e}");
+        diff.markers = Some(Side::B);
+        assert!(merge(&diff, &out).unwrap().v_pred);
+        // --te b from a B without text encoders.
+        let bare = d.path().join("bare.safetensors");
+        let t = |n: usize| Tensor::zeros(n, DType::F32, &Device::Cpu).unwrap();
+        save_tensors(
+            &bare,
+            &[
+                (format!("{UNET_PREFIX}.input_blocks.0.0.weight"), t(2)),
+                (format!("{UNET_PREFIX}.middle_block.0.x"), t(2)),
+                (format!("{UNET_PREFIX}.out.2.weight"), t(2)),
+            ],
+            &SaveOptions::default(),
+        )
+        .unwrap();
+        let mut te_b = cfg(&eps, &bare);
+        te_b.te = Side::B;
+        let e = merge(&te_b, &out).unwrap_err().to_string();
+        assert!(
+            e.contains("--te b") && e.contains("no text encoders"),
+            "{e}"
+        );
+        // A UNet stored in a dtype merge cannot blend (fp8 and the like) is
+        // an error naming it, not a file without that tensor; an integer
+        // buffer such as position_ids is left out and listed.
+        let odd = d.path().join("odd.safetensors");
+        let ids = Tensor::from_slice(&[0u8, 1], 2, &Device::Cpu).unwrap();
+        save_tensors(
+            &odd,
+            &[
+                (
+                    format!("{UNET_PREFIX}.input_blocks.0.0.weight"),
+                    ids.clone(),
+                ),
+                (format!("{UNET_PREFIX}.middle_block.0.x"), t(2)),
+                (format!("{UNET_PREFIX}.out.2.weight"), t(2)),
+                (
+                    "conditioner.embedders.0.transformer.text_model.embeddings.position_ids"
+                        .to_string(),
+                    ids,
+                ),
+            ],
+            &SaveOptions::default(),
+        )
+        .unwrap();
+        let e = merge(&cfg(&odd, &eps), &out).unwrap_err().to_string();
+        assert!(e.contains("input_blocks.0.0.weight as U8"), "{e}");
+        let r = merge(&cfg(&eps, &odd), &out);
+        assert!(r.unwrap_err().to_string().contains("as U8"));
+        // From A's side: the TE's position_ids left out, and said.
+        let mut ok = cfg(&eps, &eps2);
+        ok.a = eps2.clone();
+        let r = merge(&ok, &out).unwrap();
+        assert!(r.skipped.is_empty());
     }
 
     #[test]

@@ -437,7 +437,7 @@ eps2v merge converted.safetensors base.safetensors --alpha 0.3 --out merged.safe
 eps2v merge converted.safetensors base.safetensors --blocks \"IN00-IN08=0.2,M00=0.5,OUT00-OUT08=0.8\" --out m.safetensors\n  \
 eps2v merge a.safetensors b.safetensors --diff c.safetensors --alpha 1 --out a_plus_b_minus_c.safetensors\n  \
 eps2v merge converted.safetensors base.safetensors --sweep 0,0.25,0.5,0.75,1 --eval-prompt \"1girl, solo\" --out sweep/m.safetensors\n\n\
-Weighted sum: (1-alpha)*A + alpha*B. Add difference: A + alpha*(B-C). Text encoders, VAE and the v_pred/ztsnr markers are copied from the side chosen with --te/--vae/--markers (default a).")]
+Weighted sum: (1-alpha)*A + alpha*B. Add difference: A + alpha*(B-C). Text encoders, VAE and the v_pred/ztsnr markers are copied from the side chosen with --te/--vae/--markers (default a; models that predict differently, eps vs v or ZTSNR, need --markers).")]
 pub struct MergeArgs {
     /// Model A.
     pub a: PathBuf,
@@ -458,9 +458,10 @@ pub struct MergeArgs {
     /// VAE from a or b.
     #[arg(long, default_value = "a")]
     pub vae: String,
-    /// v_pred/ztsnr markers and prediction metadata from a or b.
-    #[arg(long, default_value = "a")]
-    pub markers: String,
+    /// v_pred/ztsnr markers and prediction metadata from a or b (default: a
+    /// when both predict alike; models that differ need it said).
+    #[arg(long)]
+    pub markers: Option<String>,
     /// Storage dtype: f16, bf16 or f32 (default: as in A).
     #[arg(long)]
     pub dtype: Option<String>,
@@ -509,7 +510,7 @@ pub fn run_merge(a: MergeArgs, json: bool) -> Result<i32> {
             .unwrap_or_default(),
         te: a.te.parse::<Side>()?,
         vae: a.vae.parse::<Side>()?,
-        markers: a.markers.parse::<Side>()?,
+        markers: a.markers.as_deref().map(str::parse::<Side>).transpose()?,
         dtype,
     };
     match &a.sweep {
@@ -518,11 +519,23 @@ pub fn run_merge(a: MergeArgs, json: bool) -> Result<i32> {
             if json {
                 println!("{}", serde_json::to_string_pretty(&r)?);
             } else {
+                for w in &r.warnings {
+                    eprintln!("warning: {w}");
+                }
                 println!(
-                    "{}: {} UNet tensors blended, {} copied; markers: v_pred {}, ztsnr {}",
+                    "{}: {} UNet tensors blended, {} copied{}; markers: v_pred {}, ztsnr {}",
                     r.out.display(),
                     r.blended,
                     r.copied,
+                    if r.skipped.is_empty() {
+                        String::new()
+                    } else {
+                        format!(
+                            ", {} non-float left out ({})",
+                            r.skipped.len(),
+                            r.skipped.join(", ")
+                        )
+                    },
                     r.v_pred,
                     r.ztsnr
                 );

@@ -513,7 +513,7 @@ pub fn run(cfg: &RunConfig, adherence: Option<&AdherenceFn<'_>>, ctx: &Ctx) -> R
                             blocks: cfg.merge_blocks()?,
                             te: Side::A,
                             vae: Side::A,
-                            markers: Side::A,
+                            markers: Some(Side::A),
                             dtype: None,
                         },
                         &cfg.merge.alphas,

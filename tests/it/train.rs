@@ -267,12 +267,24 @@ fn merge_and_sweep_through_the_binary() {
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let m = d.path().join("m.safetensors");
+    // A v + ZTSNR model and an eps one: which markers the merge carries
+    // must be said.
+    let o = Command::new(bin())
+        .args(["merge", v.to_str().unwrap(), ck.to_str().unwrap(), "--out"])
+        .arg(&m)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("pass --markers a or --markers b"));
+    assert!(!m.exists());
     let o = Command::new(bin())
         .args([
             "--json",
             "merge",
             v.to_str().unwrap(),
             ck.to_str().unwrap(),
+            "--markers",
+            "a",
             "--alpha",
             "0.5",
             "--blocks",
@@ -295,6 +307,8 @@ fn merge_and_sweep_through_the_binary() {
             "merge",
             v.to_str().unwrap(),
             ck.to_str().unwrap(),
+            "--markers",
+            "a",
             "--sweep",
             "0,0.5,1",
             "--eval-prompt",
@@ -329,6 +343,8 @@ fn merge_and_sweep_through_the_binary() {
             "merge",
             v.to_str().unwrap(),
             ck.to_str().unwrap(),
+            "--markers",
+            "a",
             "--sweep",
             &alphas.join(","),
             "--eval-prompt",
