@@ -98,6 +98,26 @@ fn key_of(parts: &[&[u8]]) -> String {
 
 /// The cache key of `parts` computed in `dtype`: f32 adds nothing (the keys
 /// of every f32 cache stay what they were), any other dtype adds its name.
+/// How captions become tokens, part of the text cache key: entries from
+/// an earlier rule (which parsed A1111 emphasis) are not reused.
+const CAPTION_TOKENS: &str = "literal";
+
+/// A caption as the text encoders see it in training: its words as written,
+/// truncated to `max_chunks` chunks of 75 tokens (A1111's chunking, comma
+/// backtracking included). Never parsed as A1111 emphasis: a caption is a
+/// description, not prompt syntax — a tag like `saber (fate)` keeps its
+/// brackets (the tokens a user gets at inference from `saber \(fate\)`),
+/// and kohya weights captions only with `--weighted_captions`.
+pub(crate) fn caption_tokens(
+    tok: &crate::models::sdxl::tokenizer::ClipTokenizer,
+    caption: &str,
+    max_chunks: usize,
+) -> Result<crate::models::sdxl::prompt::TokenizedPrompt> {
+    let mut tp = tokenize_prompt_with(tok, caption, false)?;
+    tp.chunks.truncate(max_chunks);
+    Ok(tp)
+}
+
 fn keyed(parts: &[&[u8]], dtype: DType) -> String {
     if dtype == DType::F32 {
         return key_of(parts);
@@ -366,6 +386,7 @@ pub fn build(
         let key = keyed(
             &[
                 b"text",
+                CAPTION_TOKENS.as_bytes(),
                 text_hash.as_bytes(),
                 limit.as_bytes(),
                 t.as_bytes(),
@@ -394,8 +415,7 @@ pub fn build(
         Vec<(String, String, crate::models::sdxl::prompt::TokenizedPrompt)>,
     > = BTreeMap::new();
     for (t, key) in todo {
-        let mut tp = tokenize_prompt_with(inputs.text.tokenizer(), &t, true)?;
-        tp.chunks.truncate(cfg.max_chunks);
+        let tp = caption_tokens(inputs.text.tokenizer(), &t, cfg.max_chunks)?;
         by_k.entry(tp.chunks.len()).or_default().push((t, key, tp));
     }
     for group in by_k.values() {
@@ -527,6 +547,32 @@ mod tests {
 
     /// f32 keys are the plain hash of their parts (those of the caches
     /// written before `--precision`); half precision gets keys of its own.
+    #[test]
+    fn captions_train_as_written_not_as_prompt_syntax() {
+        use crate::models::sdxl::prompt::tokenize_prompt_with;
+        use crate::models::sdxl::tokenizer::ClipTokenizer;
+        let tok = ClipTokenizer::new().unwrap();
+        // Brackets, weights and BREAK are the caption's words: all
+        // multipliers 1, and the tokens of the literal text (which the A1111
+        // parser would drop or turn into weights, or fail on).
+        for caption in ["1girl, saber (fate), [red] eyes", "(v:1.2.3), x BREAK y"] {
+            let tp = caption_tokens(&tok, caption, 3).unwrap();
+            assert!(tp
+                .chunks
+                .iter()
+                .all(|c| c.multipliers.iter().all(|&m| m == 1.0)));
+            let ids: Vec<u32> = tp.chunks[0].tokens.clone();
+            let literal = tok.encode(caption).unwrap();
+            assert_eq!(&ids[1..1 + literal.len()], &literal[..], "{caption}");
+            if let Ok(parsed) = tokenize_prompt_with(&tok, caption, true) {
+                assert_ne!(parsed.chunks[0].tokens, ids, "{caption}");
+            }
+        }
+        // Long captions keep at most max_chunks chunks.
+        let long = vec!["red circle"; 200].join(", ");
+        assert_eq!(caption_tokens(&tok, &long, 2).unwrap().chunks.len(), 2);
+    }
+
     #[test]
     fn only_half_precision_changes_a_cache_key() {
         let parts: [&[u8]; 3] = [b"latent", b"abc", b"1024x1024"];
