@@ -198,6 +198,40 @@ fn trained_so_far(stages: &[StageConfig], upto: usize) -> Result<Vec<BlockSet>> 
         .collect()
 }
 
+/// The UNet the export writes: the live weights (their EMA when EMA is
+/// on), or, for a run stopped by `--stop-below`, the last good checkpoint.
+/// That checkpoint holds only the blocks trained up to its own stage, so
+/// every other block a stage since has trained goes back to the base
+/// model's value (`base`), not the degraded one in hand.
+fn export_weights(
+    live: &BTreeMap<String, Tensor>,
+    ema: Option<&BTreeMap<String, Tensor>>,
+    good: Option<(BTreeMap<String, Tensor>, BTreeMap<String, Tensor>)>,
+    trained: &[BlockSet],
+    base: impl Fn(&str) -> Result<Tensor>,
+) -> Result<BTreeMap<String, Tensor>> {
+    let mut w = live.clone();
+    match good {
+        Some((gw, gema)) => {
+            for (k, t) in w.iter_mut() {
+                if !gw.contains_key(k) && trained.iter().any(|b| b.contains_key(k)) {
+                    *t = base(k)?;
+                }
+            }
+            w.extend(gw);
+            if ema.is_some() {
+                w.extend(gema);
+            }
+        }
+        None => {
+            if let Some(e) = ema {
+                w.extend(e.iter().map(|(k, t)| (k.clone(), t.clone())));
+            }
+        }
+    }
+    Ok(w)
+}
+
 /// Writes the run's checkpoints for one stage.
 struct Saver<'a> {
     run_dir: &'a Path,
@@ -718,18 +752,19 @@ pub fn train(
 
         // --- export ----------------------------------------------------------------
         if !report.interrupted {
-            let mut unet_w: BTreeMap<String, Tensor> = weights.map().clone();
-            if report.stopped_early.is_some() {
-                if let Some(good) = state::latest_good(&rdir)? {
-                    let l = state::load(&good, &device)?;
-                    unet_w.extend(l.weights);
-                    if cfg.ema_decay.is_some() {
-                        unet_w.extend(l.ema);
-                    }
-                }
-            } else if cfg.ema_decay.is_some() {
-                unet_w.extend(ema.iter().map(|(k, t)| (k.clone(), t.clone())));
-            }
+            let good = match report.stopped_early {
+                Some(_) => state::latest_good(&rdir)?
+                    .map(|p| state::load(&p, &device))
+                    .transpose()?,
+                None => None,
+            };
+            let unet_w = export_weights(
+                weights.map(),
+                cfg.ema_decay.is_some().then_some(&ema),
+                good.map(|l| (l.weights, l.ema)),
+                &trained_so_far(&stages, st.stage)?,
+                |k| ckpt.tensor(k, DType::F32, &device),
+            )?;
             let mut meta = BTreeMap::new();
             meta.insert(
                 "eps2v.train".to_string(),

@@ -701,3 +701,57 @@ fn ema_update_holds_no_graph_and_averages() {
     ema_update(&mut ema, &[("other".to_string(), v)], 0.5).unwrap();
     assert_eq!(ema["w"].to_vec1::<f32>().unwrap(), got);
 }
+
+/// A run stopped by `--stop-below` in its second stage exports the last
+/// good checkpoint (saved in the first stage) with the second stage's
+/// blocks back at the base model's values, not their degraded ones.
+#[test]
+fn a_stop_below_export_puts_blocks_trained_since_the_good_checkpoint_back_to_base() {
+    let t = |x: f32| Tensor::new(&[x], &Device::Cpu).unwrap();
+    let k_in = "model.diffusion_model.input_blocks.1.0.x".to_string();
+    let k_out = "model.diffusion_model.output_blocks.8.0.x".to_string();
+    let k_mid = "model.diffusion_model.middle_block.0.x".to_string();
+    let live: BTreeMap<String, Tensor> = [(&k_in, 5.0), (&k_out, 6.0), (&k_mid, 7.0)]
+        .into_iter()
+        .map(|(k, v)| (k.clone(), t(v)))
+        .collect();
+    let base = |k: &str| -> crate::Result<Tensor> {
+        Ok(t(if k.contains("input") {
+            1.0
+        } else if k.contains("output") {
+            2.0
+        } else {
+            3.0
+        }))
+    };
+    let trained = vec![
+        BlockSet::parse(&["IN01".into()]).unwrap(),
+        BlockSet::parse(&["OUT08".into()]).unwrap(),
+    ];
+    let val = |m: &BTreeMap<String, Tensor>, k: &str| m[k].to_vec1::<f32>().unwrap()[0];
+    // Good checkpoint from stage 0: IN01 at 4 (its EMA 4.5).
+    let good = || {
+        Some((
+            [(k_in.clone(), t(4.0))].into_iter().collect(),
+            [(k_in.clone(), t(4.5))].into_iter().collect(),
+        ))
+    };
+    let w = export_weights(&live, None, good(), &trained, base).unwrap();
+    assert_eq!(
+        (val(&w, &k_in), val(&w, &k_out), val(&w, &k_mid)),
+        (4.0, 2.0, 7.0)
+    );
+    let ema: BTreeMap<String, Tensor> = [(k_in.clone(), t(9.0)), (k_out.clone(), t(9.0))]
+        .into_iter()
+        .collect();
+    let w = export_weights(&live, Some(&ema), good(), &trained, base).unwrap();
+    assert_eq!((val(&w, &k_in), val(&w, &k_out)), (4.5, 2.0));
+    // Not stopped: the live weights, or their EMA.
+    let w = export_weights(&live, None, None, &trained, base).unwrap();
+    assert_eq!((val(&w, &k_in), val(&w, &k_out)), (5.0, 6.0));
+    let w = export_weights(&live, Some(&ema), None, &trained, base).unwrap();
+    assert_eq!(
+        (val(&w, &k_in), val(&w, &k_out), val(&w, &k_mid)),
+        (9.0, 9.0, 7.0)
+    );
+}
