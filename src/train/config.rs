@@ -466,8 +466,14 @@ impl TrainConfig {
                 ),
             );
         }
-        if self.debiased_snr_min.is_nan() || self.debiased_snr_min <= 0.0 {
-            return bad("debiased_snr_min", "must be > 0".into());
+        if !(self.debiased_snr_min > 0.0 && self.debiased_snr_min <= 1000.0) {
+            return bad(
+                "debiased_snr_min",
+                format!(
+                    "{}: must be in (0, 1000] (the SNR is capped at 1000; 1e-3 is the default)",
+                    self.debiased_snr_min
+                ),
+            );
         }
         if self.noise_offset < 0.0 {
             return bad("noise_offset", "must be ≥ 0".into());
@@ -602,6 +608,13 @@ mod tests {
                 "OUT9",
             ),
             (TrainConfig { steps: 0, ..cfg() }, "steps"),
+            (
+                TrainConfig {
+                    debiased_snr_min: 2000.0,
+                    ..cfg()
+                },
+                "debiased_snr_min",
+            ),
             (
                 TrainConfig {
                     max_timestep: 1000,

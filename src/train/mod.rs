@@ -379,6 +379,14 @@ pub fn train(
                 ..Default::default()
             },
         )?;
+        // Block ids this UNet does not have (IN09 on SDXL, a level a small
+        // config lacks) are refused before the caches and the first samples.
+        {
+            let keys = crate::models::sdxl::checkpoint::unet_expected_keys(base.unet.config())?;
+            for s in &stages {
+                BlockSet::parse(&s.blocks)?.check_exists(keys.iter().map(|(k, _)| k.as_str()))?;
+            }
+        }
         let ckpt = Checkpoint::open(&cfg.model)?;
         // Where the export goes, and its size (the disk check).
         let out = cfg
@@ -460,7 +468,9 @@ pub fn train(
             resumed.as_ref().map(|l| l.ema.clone()).unwrap_or_default();
         let mut resumed_slots = resumed.map(|l| l.slots);
 
-        'stages: while st.stage < stages.len() {
+        // A run that stopped early (and was killed before its export) exports.
+        report.stopped_early = st.stopped.clone();
+        'stages: while st.stage < stages.len() && st.stopped.is_none() {
             let stage = &stages[st.stage];
             let stage_lr = stage.lr.unwrap_or(cfg.lr);
             let blocks = BlockSet::parse(&stage.blocks)?;
@@ -568,8 +578,7 @@ pub fn train(
                 saver.save(&st, &opt, &weights, &ema, false)?;
             }
 
-            let mut bad_in_row = 0usize;
-            while st.stage_step < stage.steps {
+            while st.stage_step < stage.steps && !st.stage_met {
                 warm.refresh();
                 if ctx.should_stop() || opts.stop_at_step == Some(st.step) {
                     st.pos = batches.pos();
@@ -634,9 +643,9 @@ pub fn train(
                 // NaN / Inf guard: skip, log the batch, roll back after K in a row.
                 if !loss_sum.is_finite() || !gnorm.is_finite() {
                     st.skipped += 1;
-                    bad_in_row += 1;
+                    st.bad_in_row += 1;
                     csv.nan(&rdir, st.step, loss_sum, gnorm, &batch_ids)?;
-                    if bad_in_row >= cfg.nan_rollback_after {
+                    if st.bad_in_row >= cfg.nan_rollback_after {
                         let anchor = state::latest(&rdir)?.ok_or_else(|| {
                             Error::Other("rollback: no checkpoint to roll back to".into())
                         })?;
@@ -647,7 +656,7 @@ pub fn train(
                         }
                         ema = l.ema;
                         st.rollbacks += 1;
-                        bad_in_row = 0;
+                        st.bad_in_row = 0;
                         if st.rollbacks > 3 * cfg.nan_rollback_after {
                             // For the failed row's report.
                             (report.steps, report.skipped, report.rollbacks) =
@@ -663,7 +672,7 @@ pub fn train(
                     bar.inc(1);
                     continue;
                 }
-                bad_in_row = 0;
+                st.bad_in_row = 0;
                 // clip
                 if cfg.max_grad_norm > 0.0 && gnorm > cfg.max_grad_norm {
                     let scale = cfg.max_grad_norm / (gnorm + 1e-6);
@@ -710,22 +719,26 @@ pub fn train(
                     report.val_loss = vl;
                     report.grid = Some(grid);
                     st.last_retention = Some(score);
+                    // Saved with the checkpoints of this step, so a resume
+                    // from one of them goes on as this run does.
+                    st.stage_met = stage.until_retention.is_some_and(|u| score >= u);
                     if let Some(x) = cfg.stop_below {
                         if score >= x {
                             st.armed = true;
                             st.pos = batches.pos();
                             saver.save(&st, &opt, &weights, &ema, true)?;
                         } else if st.armed {
-                            report.stopped_early = Some(format!(
+                            st.stopped = Some(format!(
                                 "retention {score:.3} fell below --stop-below {x} at step {}; exporting the last good checkpoint",
                                 st.step
                             ));
+                            report.stopped_early = st.stopped.clone();
                             st.pos = batches.pos();
                             saver.save(&st, &opt, &weights, &ema, false)?;
                             break 'stages;
                         }
                     }
-                    if stage.until_retention.is_some_and(|u| score >= u) {
+                    if st.stage_met {
                         break;
                     }
                 }
@@ -737,6 +750,7 @@ pub fn train(
             st.pos = batches.pos();
             st.stage += 1;
             st.stage_step = 0;
+            st.stage_met = false;
             report.stages_done = st.stage;
             if st.stage < stages.len() {
                 // The next stage's optimizer starts fresh; EMA follows its parameters.

@@ -58,6 +58,18 @@ pub struct TrainState {
     pub armed: bool,
     /// Last retention score measured.
     pub last_retention: Option<f64>,
+    /// Non-finite steps in a row so far (the NaN guard rolls back at
+    /// `nan_rollback_after`), so a resume counts on where the run was.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub bad_in_row: usize,
+    /// The current stage reached its `until_retention` at this step: a
+    /// resume goes on with the next stage.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub stage_met: bool,
+    /// Why the run stopped early (`--stop-below`): a resume exports the last
+    /// good checkpoint instead of training on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stopped: Option<String>,
     /// Keys of the optimizer's parameters, in its order, with their step counts.
     pub slots: Vec<(String, u64)>,
     /// The run's config.
@@ -67,6 +79,10 @@ pub struct TrainState {
     /// path only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub base_sha256: Option<String>,
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }
 
 impl TrainState {
@@ -81,6 +97,9 @@ impl TrainState {
             rollbacks: 0,
             armed: false,
             last_retention: None,
+            bad_in_row: 0,
+            stage_met: false,
+            stopped: None,
             slots: Vec::new(),
             config,
             base_sha256: Some(base_sha256),
@@ -411,6 +430,30 @@ mod tests {
             model: model.into(),
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn stop_decisions_survive_a_save_and_older_states_load_without_them() {
+        let mut st = state("base.safetensors", Some("aa"));
+        st.bad_in_row = 2;
+        st.stage_met = true;
+        st.stopped = Some("retention fell".into());
+        let json = serde_json::to_value(&st).unwrap();
+        let back: TrainState = serde_json::from_value(json.clone()).unwrap();
+        assert_eq!(back, st);
+        // A state written before these fields existed.
+        let mut old = json;
+        for k in ["bad_in_row", "stage_met", "stopped"] {
+            old.as_object_mut().unwrap().remove(k).unwrap();
+        }
+        let back: TrainState = serde_json::from_value(old).unwrap();
+        assert_eq!(
+            (back.bad_in_row, back.stage_met, back.stopped),
+            (0, false, None)
+        );
+        // Not written when unset.
+        let plain = serde_json::to_value(state("base.safetensors", None)).unwrap();
+        assert!(plain.get("stage_met").is_none() && plain.get("stopped").is_none());
     }
 
     #[test]

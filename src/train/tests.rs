@@ -31,6 +31,22 @@ pub(crate) fn quick(model: &Path, steps: usize) -> TrainConfig {
     }
 }
 
+/// Files under `dir`, recursively (0 when it does not exist).
+fn walk_count(dir: &Path) -> usize {
+    std::fs::read_dir(dir).map_or(0, |rd| {
+        rd.flatten()
+            .map(|e| {
+                let p = e.path();
+                if p.is_dir() {
+                    walk_count(&p)
+                } else {
+                    1
+                }
+            })
+            .sum()
+    })
+}
+
 fn run(ds: &Path, cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainReport> {
     let mut m = Manifest::open(ds)?;
     train(cfg, &mut m, opts, &Ctx::quiet())
@@ -526,6 +542,18 @@ fn bad_inputs_are_clear_errors() {
     .unwrap();
     let e = run(&ds, &quick(&lora, 1), &TrainOptions::default()).unwrap_err();
     assert!(matches!(e, Error::Model(_)), "{e}");
+    // A block this UNet does not have: refused before any cache or sample.
+    let cache_entries = || walk_count(&ds.join("cache"));
+    let before = cache_entries();
+    let mut odd = quick(&ck, 1);
+    odd.blocks = vec!["IN09".into()];
+    let e = run(&ds, &odd, &TrainOptions::default()).unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("block IN09 does not exist in this UNet"),
+        "{e}"
+    );
+    assert_eq!(cache_entries(), before);
     // Resume of a run that has no checkpoint.
     let e = run(
         &ds,
