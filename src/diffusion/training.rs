@@ -67,7 +67,7 @@ impl LossWeighting {
                 s / (s + 1.0)
             }
             LossWeighting::Debiased { snr_min } => match prediction {
-                Prediction::Eps => 1.0 / snr.max(snr_min).max(f64::MIN_POSITIVE).min(1000.0).sqrt(),
+                Prediction::Eps => 1.0 / snr.max(snr_min).clamp(f64::MIN_POSITIVE, 1000.0).sqrt(),
                 Prediction::V => 1.0 / (snr.min(1000.0) + 1.0),
             },
         }
