@@ -251,6 +251,19 @@ pub fn kohya_entry(caption: Option<&str>, tags: Option<&str>) -> KohyaEntry {
     }
 }
 
+/// The tags kohya gets besides the caption: none when the caption policy
+/// wrote the caption (it already chose which tags to keep, and dropped
+/// `--undesired` ones and the original side of `--replace` on purpose: the
+/// bundled trainer trains on that caption alone, and so should kohya);
+/// otherwise the item's tags.
+fn kohya_tags(r: &ExportRow) -> Option<&str> {
+    if r.caption_source.as_deref() == Some("policy") {
+        None
+    } else {
+        r.tags.as_deref()
+    }
+}
+
 fn caption_rank(source: &str) -> usize {
     CAPTION_PRIORITY
         .iter()
@@ -376,6 +389,42 @@ pub fn load_rows(m: &Manifest, only_ok: bool) -> Result<Vec<ExportRow>> {
         }
     }
     Ok(rows)
+}
+
+/// The file inside a folder export that marks it as one (and so as
+/// replaceable by the next export).
+pub const EXPORT_MARK: &str = ".eps2v-export";
+
+/// An export replaces its output whole: refuse an `--out` that holds
+/// something else — a folder that is not an earlier export (a kohya
+/// `train_data_dir` with other concepts, a user's folder), or a folder where
+/// a file goes and the other way round. The default place under the
+/// dataset is the export's own.
+fn check_replaceable(out: &Path, format: ExportFormat, default_out: bool) -> Result<()> {
+    let Ok(meta) = fs::symlink_metadata(out) else {
+        return Ok(());
+    };
+    let folder_format = matches!(format, ExportFormat::Kohya | ExportFormat::Hf);
+    let what = if meta.is_dir() { "a folder" } else { "a file" };
+    if meta.is_dir() != folder_format {
+        return Err(Error::config(format!(
+            "export --out {}: it is {what}, and a {} export is {}; choose another --out",
+            out.display(),
+            format.name(),
+            if folder_format { "a folder" } else { "a file" }
+        )));
+    }
+    if !folder_format || default_out || out.join(EXPORT_MARK).is_file() {
+        return Ok(());
+    }
+    let empty = fs::read_dir(out).at(out)?.next().is_none();
+    if empty {
+        return Ok(());
+    }
+    Err(Error::config(format!(
+        "export --out {}: the folder exists and is not an earlier eps2v export (no {EXPORT_MARK} in it); an export replaces its folder whole, so choose a new --out (e.g. a subfolder: kohya's --train_data_dir may hold several <repeats>_<name> folders, one per export)",
+        out.display()
+    )))
 }
 
 /// A temporary sibling of `final_path` that is renamed over it on commit.
@@ -527,6 +576,13 @@ pub fn run(cfg: &ExportConfig, m: &mut Manifest, ctx: &Ctx) -> Result<ExportRepo
     // Ctrl-C / SIGTERM: stop between files, drop the half-written staging
     // folder and leave the previous export as it was.
     let _signals = crate::signal::install();
+    if cfg.format == ExportFormat::Kohya && cfg.repeats == 0 {
+        return Err(Error::config(
+            "export --repeats 0: kohya skips a folder with fewer than 1 repeat; use 1 or more",
+        ));
+    }
+    let default_out = cfg.out.is_none();
+    check_replaceable(&out, cfg.format, default_out)?;
     crate::manifest::stage_run(m, "export", cfg, |m, run_id| {
         let mut report = ExportReport {
             run_id,
@@ -588,7 +644,7 @@ pub fn run(cfg: &ExportConfig, m: &mut Manifest, ctx: &Ctx) -> Result<ExportRepo
                         _ => (r.width.unwrap_or(0), r.height.unwrap_or(0)),
                     };
                     if cfg.format == ExportFormat::Kohya {
-                        let k = kohya_entry(r.caption.as_deref(), r.tags.as_deref());
+                        let k = kohya_entry(r.caption.as_deref(), kohya_tags(r));
                         if k.text.is_empty() {
                             report.uncaptioned += 1;
                             report.uncaptioned_files.push(file_name.clone());
@@ -619,8 +675,8 @@ pub fn run(cfg: &ExportConfig, m: &mut Manifest, ctx: &Ctx) -> Result<ExportRepo
                             "height": r.height,
                             "train_width": tw,
                             "train_height": th,
-                            "crop_top": r.crop_top_resized,
-                            "crop_left": r.crop_left_resized,
+                            "crop_top_resized": r.crop_top_resized,
+                            "crop_left_resized": r.crop_left_resized,
                             "sha256": r.sha256,
                         });
                         jsonl.push_str(&serde_json::to_string(&line)?);
@@ -636,6 +692,13 @@ pub fn run(cfg: &ExportConfig, m: &mut Manifest, ctx: &Ctx) -> Result<ExportRepo
                     let p = img_dir.join("metadata.jsonl");
                     fs::write(&p, jsonl).at(&p)?;
                 }
+                // What lets a later export replace this folder whole.
+                let p = staged.tmp.join(EXPORT_MARK);
+                fs::write(
+                    &p,
+                    format!("eps2v export run {run_id}, format {}\n", cfg.format.name()),
+                )
+                .at(&p)?;
             }
         }
         staged.commit()?;
@@ -670,6 +733,28 @@ mod tests {
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
             .collect();
         assert_eq!(names, ["kohya"]);
+    }
+
+    #[test]
+    fn kohya_gets_no_tags_besides_a_policy_caption() {
+        let row = |source: &str| ExportRow {
+            caption: Some("1girl, very long hair".into()),
+            caption_source: Some(source.into()),
+            tags: Some("1girl, long hair, simple background".into()),
+            ..Default::default()
+        };
+        let policy = row("policy");
+        let k = kohya_entry(policy.caption.as_deref(), kohya_tags(&policy));
+        assert_eq!(
+            (k.text.as_str(), k.tags.as_str()),
+            ("1girl, very long hair", "")
+        );
+        let sidecar = row("sidecar_txt");
+        let k = kohya_entry(sidecar.caption.as_deref(), kohya_tags(&sidecar));
+        assert_eq!(
+            k.text,
+            "1girl, very long hair, long hair, simple background"
+        );
     }
 
     #[test]

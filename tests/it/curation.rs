@@ -392,6 +392,43 @@ fn chain_dedupe_bucket_export_inspect_on_generated_images() {
         1
     );
 
+    // --out: a folder that is not an earlier export is never replaced
+    // (a kohya train_data_dir with another concept); an empty one, or an
+    // earlier export's, is.
+    let concepts = work.path().join("train_data");
+    std::fs::create_dir_all(concepts.join("5_other")).unwrap();
+    std::fs::write(concepts.join("5_other/a.txt"), "mine").unwrap();
+    let export_to = |out: &Path, extra: &[&str]| {
+        Command::new(bin())
+            .args(["export"])
+            .arg(&ds)
+            .args(["--format", "kohya", "--out"])
+            .arg(out)
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let o = export_to(&concepts, &[]);
+    assert_eq!(o.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("not an earlier eps2v export"), "{err}");
+    assert_eq!(
+        std::fs::read_to_string(concepts.join("5_other/a.txt")).unwrap(),
+        "mine"
+    );
+    let mine = concepts.join("eps2v");
+    for _ in 0..2 {
+        let o = export_to(&mine, &[]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+    assert!(mine.join("1_eps2v").is_dir() && concepts.join("5_other/a.txt").is_file());
+    // A file where a folder export goes, and zero repeats.
+    let o = export_to(&concepts.join("5_other/a.txt"), &[]);
+    assert_eq!(o.status.code(), Some(2));
+    let o = export_to(&mine, &["--repeats", "0"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--repeats 0"));
+
     // An export that cannot write ends its row `failed` with why (not
     // `running` until the next export finds it), and inspect says so.
     let blocker = work.path().join("a_file");

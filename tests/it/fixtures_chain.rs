@@ -741,8 +741,8 @@ fn export_files_match_their_contracts() {
         "height",
         "train_width",
         "train_height",
-        "crop_top",
-        "crop_left",
+        "crop_top_resized",
+        "crop_left_resized",
         "sha256",
     ]
     .into_iter()
