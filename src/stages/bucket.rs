@@ -106,7 +106,23 @@ impl BucketConfig {
                 step,
                 min_side,
                 max_side,
-            } => buckets::kohya_buckets(*resolution, *resolution, *min_side, *max_side, *step),
+            } => {
+                let (resolution, step) = (*resolution, *step);
+                if step == 0 || step % 8 != 0 {
+                    return Err(Error::config(format!(
+                        "bucket step {step}: use a multiple of 8 (the VAE's downsampling; kohya's default is 64)"
+                    )));
+                }
+                // kohya's adjustment: min down and max up to multiples of the step.
+                let min_side = *min_side - *min_side % step;
+                let max_side = max_side.div_ceil(step) * step;
+                if min_side > resolution || max_side < resolution {
+                    return Err(Error::config(format!(
+                        "kohya buckets: min side {min_side} ≤ resolution {resolution} ≤ max side {max_side} must hold (after rounding to multiples of the step {step}, as kohya does)"
+                    )));
+                }
+                buckets::kohya_buckets(resolution, resolution, min_side, max_side, step)
+            }
         };
         if list.is_empty() {
             return Err(Error::config(format!(
@@ -480,6 +496,39 @@ mod tests {
         assert_eq!(plan_item(same(true), true), Rebucket);
         assert_eq!(plan_item(rej(true), false), KeepRejection);
         assert_eq!(plan_item(rej(true), true), Reconsider);
+    }
+
+    #[test]
+    fn kohya_sides_are_rounded_to_the_step_and_must_bracket_the_resolution() {
+        let kohya = |resolution, step, min_side, max_side| BucketConfig {
+            buckets: BucketSet::Kohya {
+                resolution,
+                step,
+                min_side,
+                max_side,
+            },
+            ..Default::default()
+        };
+        // min 300 → 256, max 1000 → 1024 (kohya's adjustment): every side a
+        // multiple of 64 and within them.
+        let list = kohya(1024, 64, 300, 1000).bucket_list().unwrap();
+        assert!(list.iter().any(|b| (b.width, b.height) == (1024, 1024)));
+        for b in &list {
+            assert!(b.width % 64 == 0 && b.height % 64 == 0, "{b:?}");
+            assert!(
+                (256..=1024).contains(&b.width) && (256..=1024).contains(&b.height),
+                "{b:?}"
+            );
+        }
+        for (bad, want) in [
+            (kohya(1024, 64, 256, 512), "max side 512"),
+            (kohya(512, 64, 768, 1024), "min side 768"),
+            (kohya(1024, 12, 256, 2048), "multiple of 8"),
+            (kohya(1024, 0, 256, 2048), "multiple of 8"),
+        ] {
+            let e = bad.bucket_list().unwrap_err().to_string();
+            assert!(e.contains(want), "{want}: {e}");
+        }
     }
 
     #[test]

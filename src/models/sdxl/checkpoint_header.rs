@@ -143,7 +143,10 @@ pub(super) fn parse_header(path: &Path, bytes: &[u8]) -> Result<Parsed> {
             .iter()
             .try_fold(size as u64, |acc, &d| acc.checked_mul(d as u64));
         let [begin, end] = raw.data_offsets;
-        if nbytes != end.checked_sub(begin) {
+        // Both must be known and equal: an overflowing shape product and a
+        // reversed range are both None, and must not pass as "equal".
+        let range = end.checked_sub(begin);
+        if nbytes.is_none() || nbytes != range {
             return Err(Error::model(format!(
                 "{p}: bad safetensors header: tensor {key} ({} {:?}) has byte range {begin}..{end} of the wrong size",
                 raw.dtype, raw.shape
