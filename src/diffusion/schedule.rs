@@ -178,8 +178,9 @@ impl NoiseSchedule {
         Self::build(acp, clamp, ztsnr)
     }
 
-    /// A schedule from an arbitrary ᾱ table (decreasing, in (0, 1], only the
-    /// last entry may be 0). A terminal 0 marks the schedule as ZTSNR and is
+    /// A schedule from an arbitrary ᾱ table (decreasing, in (0, 1), only the
+    /// last entry may be 0: ᾱ = 1 is σ = 0, whose log the σ interpolation
+    /// cannot take). A terminal 0 marks the schedule as ZTSNR and is
     /// clamped for sampling with `clamp`.
     pub fn from_alphas_cumprod(acp: Vec<f64>, clamp: TerminalClamp) -> Result<Self> {
         if acp.len() < 2 {
@@ -190,10 +191,10 @@ impl NoiseSchedule {
         }
         let n = acp.len();
         for (i, &a) in acp.iter().enumerate() {
-            let ok = a.is_finite() && a <= 1.0 && (a > 0.0 || (a == 0.0 && i == n - 1));
+            let ok = a.is_finite() && a < 1.0 && (a > 0.0 || (a == 0.0 && i == n - 1));
             if !ok {
                 return Err(Error::config(format!(
-                    "noise schedule: alphas_cumprod[{i}] = {a} is outside (0, 1] \
+                    "noise schedule: alphas_cumprod[{i}] = {a} is outside (0, 1) \
                      (only the last entry may be 0, for zero terminal SNR)"
                 )));
             }
@@ -206,7 +207,8 @@ impl NoiseSchedule {
             }
         }
         let c = clamp.alpha_bar();
-        if !(c > 0.0 && c < acp[n - 2]) {
+        // The clamp stands in for a terminal 0 only; other tables never use it.
+        if acp[n - 1] == 0.0 && !(c > 0.0 && c < acp[n - 2]) {
             return Err(Error::config(format!(
                 "noise schedule: terminal clamp {c} must be in (0, {}) (the second to last alphas_cumprod)",
                 acp[n - 2]
@@ -455,6 +457,15 @@ mod tests {
             NoiseSchedule::from_alphas_cumprod(vec![0.9, 1e-8, 0.0], TerminalClamp::ComfyUi)
                 .is_err()
         );
+        // ᾱ = 1 (σ = 0) has no log σ.
+        assert!(
+            NoiseSchedule::from_alphas_cumprod(vec![1.0, 0.5, 0.1], TerminalClamp::ComfyUi)
+                .is_err()
+        );
+        // Without a terminal 0 the clamp is unused, and does not refuse the table.
+        let s = NoiseSchedule::from_alphas_cumprod(vec![0.9, 1e-8, 1e-9], TerminalClamp::ComfyUi)
+            .unwrap();
+        assert!(!s.is_ztsnr());
         for c in [TerminalClamp::ComfyUi, TerminalClamp::Diffusers] {
             assert_eq!(c.to_string().parse::<TerminalClamp>().unwrap(), c);
         }

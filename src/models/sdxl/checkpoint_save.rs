@@ -101,8 +101,22 @@ pub fn save_lazy(
 }
 
 /// Little-endian bytes of `t` stored as `dtype`.
-fn tensor_bytes(t: &Tensor, dtype: DType) -> Result<Vec<u8>> {
+/// The little-endian bytes of `t` stored as `dtype`. Storing a tensor as
+/// f16 that does not fit (|x| > 65504 becomes ±inf) is an error naming
+/// `key`: the file would hold infinities every loader refuses or samples
+/// as NaN.
+fn tensor_bytes(key: &str, t: &Tensor, dtype: DType) -> Result<Vec<u8>> {
+    let from = t.dtype();
     let t = t.to_device(&Device::Cpu)?.to_dtype(dtype)?.flatten_all()?;
+    if dtype == DType::F16 && from != DType::F16 {
+        let v = t.to_vec1::<half::f16>()?;
+        if let Some(i) = v.iter().position(|x| !x.is_finite()) {
+            let src = v[i];
+            return Err(Error::model(format!(
+                "save: {key} does not fit in f16 (element {i} becomes {src}; f16 holds |x| ≤ 65504): save as bf16 or f32 (--save-dtype / --dtype bf16)"
+            )));
+        }
+    }
     Ok(match dtype {
         DType::F32 => t
             .to_vec1::<f32>()?
@@ -286,11 +300,11 @@ pub(super) fn write_checkpoint(
                     })?;
                     let t = Tensor::from_raw_buffer(bytes, from, shape, &Device::Cpu)?;
                     let to = float_dtype(&p.dtype).unwrap_or(DType::F32);
-                    w.write_all(&tensor_bytes(&t, to)?).at(&tmp)?;
+                    w.write_all(&tensor_bytes(key, &t, to)?).at(&tmp)?;
                 }
                 Source::Tensor(t) => {
                     let to = float_dtype(&p.dtype).unwrap_or(t.dtype());
-                    w.write_all(&tensor_bytes(t, to)?).at(&tmp)?;
+                    w.write_all(&tensor_bytes(key, t, to)?).at(&tmp)?;
                 }
                 Source::Lazy(l) => {
                     let t = (l.produce)()?;
@@ -302,7 +316,7 @@ pub(super) fn write_checkpoint(
                         )));
                     }
                     let to = float_dtype(&p.dtype).unwrap_or(t.dtype());
-                    w.write_all(&tensor_bytes(&t, to)?).at(&tmp)?;
+                    w.write_all(&tensor_bytes(key, &t, to)?).at(&tmp)?;
                 }
             }
         }

@@ -343,3 +343,32 @@ fn info_counts_components() {
     assert_eq!(info.dtypes["F16"], 500);
     assert_eq!(info.autov2.as_deref().map(str::len), Some(10));
 }
+
+#[test]
+fn saving_as_f16_what_f16_cannot_hold_is_an_error_naming_the_tensor() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("m.safetensors");
+    let t = Tensor::new(&[1.0f32, 70000.0], &Device::Cpu).unwrap();
+    let opts = SaveOptions {
+        dtype: Some(DType::F16),
+        ..Default::default()
+    };
+    let e = err_of(save_tensors(
+        &p,
+        &[("model.diffusion_model.x".into(), t.clone())],
+        &opts,
+    ));
+    assert!(
+        e.contains("model.diffusion_model.x does not fit in f16") && e.contains("bf16"),
+        "{e}"
+    );
+    assert!(!p.exists());
+    // bf16 holds it; f16 holds 65504.
+    let bf = SaveOptions {
+        dtype: Some(DType::BF16),
+        ..Default::default()
+    };
+    save_tensors(&p, &[("x".into(), t)], &bf).unwrap();
+    let edge = Tensor::new(&[65504.0f32, -65504.0], &Device::Cpu).unwrap();
+    save_tensors(&p, &[("x".into(), edge)], &opts).unwrap();
+}
