@@ -367,12 +367,20 @@ pub fn export(a: ExportArgs, json: bool) -> anyhow::Result<i32> {
         print_json(&r)?;
     } else {
         println!(
-            "export {}: {} written to {} ({} missing image files, {} without caption)",
+            "export {}: {} written to {} ({} missing image files, {} without caption{})",
             r.format,
             r.written,
             r.out.display(),
             r.missing,
-            r.uncaptioned
+            r.uncaptioned,
+            if r.converted > 0 {
+                format!(
+                    ", {} originals written as PNG of their decoded pixels (EXIF rotation, alpha on white, or a format trainers skip)",
+                    r.converted
+                )
+            } else {
+                String::new()
+            }
         );
         if !r.uncaptioned_files.is_empty() {
             const SHOWN: usize = 10;

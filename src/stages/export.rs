@@ -194,6 +194,43 @@ pub struct ExportReport {
     /// The exported file names of those items (kohya: they have no `.txt`,
     /// so kohya's DreamBooth loader gives them the folder's class token).
     pub uncaptioned_files: Vec<String>,
+    /// Originals written as PNG of their decoded pixels (kohya / hf; see
+    /// [`needs_rewrite`]).
+    pub converted: usize,
+}
+
+/// Whether an original (an item never bucketed) must be exported as the
+/// pixels import decoded rather than as its file: sd-scripts' loader
+/// applies no EXIF orientation (a rotated photo trains sideways, and
+/// squashed: its recorded size is the displayed one), drops alpha with
+/// `convert("RGB")` (whatever colour the transparent pixels hold) where
+/// import composites on white, clips 16-bit greys, and skips GIF / TIFF /
+/// BMP files in a
+/// DreamBooth folder. PNG, JPEG and WebP files without either are linked as
+/// they are. Reads the header only; a file it cannot read is rewritten (the
+/// decode then says what is wrong).
+pub fn needs_rewrite(path: &Path, format: Option<&str>) -> bool {
+    if !matches!(format, Some("png" | "jpeg" | "webp")) {
+        return true;
+    }
+    use image::ImageDecoder;
+    let header = image::ImageReader::open(path)
+        .and_then(|r| r.with_guessed_format())
+        .map_err(image::ImageError::IoError)
+        .and_then(|r| r.into_decoder());
+    match header {
+        Ok(mut d) => {
+            let rotated = d
+                .orientation()
+                .is_ok_and(|o| o != image::metadata::Orientation::NoTransforms);
+            let ct = d.color_type();
+            // 16-bit: PIL opens a 16-bit grey PNG as "I;16", which
+            // convert("RGB") clips to white.
+            let wide = ct.bytes_per_pixel() > ct.channel_count();
+            rotated || ct.has_alpha() || wide
+        }
+        Err(_) => true,
+    }
 }
 
 /// What the kohya export writes for one image.
@@ -633,10 +670,27 @@ pub fn run(cfg: &ExportConfig, m: &mut Manifest, ctx: &Ctx) -> Result<ExportRepo
                         report.missing += 1;
                         continue;
                     }
-                    let ext = src.extension().and_then(|e| e.to_str()).unwrap_or("png");
                     let stem = r.sha256[..16.min(r.sha256.len())].to_string();
-                    let file_name = format!("{stem}.{ext}");
-                    link_or_copy(&src, &img_dir.join(&file_name))?;
+                    // An original (never bucketed) that trainers would read
+                    // otherwise than we do goes out as the pixels we decoded.
+                    let rewrite =
+                        r.bucket_path.is_none() && needs_rewrite(&src, r.format.as_deref());
+                    let file_name = if rewrite {
+                        let file_name = format!("{stem}.png");
+                        let bytes = fs::read(&src).at(&src)?;
+                        let d = crate::imaging::decode::decode(&bytes, &Default::default())
+                            .map_err(|e| Error::Other(format!("{}: {e}", src.display())))?;
+                        let png = super::bucket::encode_png_fast(&d.rgb)?;
+                        let dst = img_dir.join(&file_name);
+                        fs::write(&dst, png).at(&dst)?;
+                        report.converted += 1;
+                        file_name
+                    } else {
+                        let ext = src.extension().and_then(|e| e.to_str()).unwrap_or("png");
+                        let file_name = format!("{stem}.{ext}");
+                        link_or_copy(&src, &img_dir.join(&file_name))?;
+                        file_name
+                    };
                     let caption = r.caption.clone().unwrap_or_default();
                     // The exported file's size: the bucket when bucketed, else the original.
                     let (tw, th) = match (r.bucket_w, r.bucket_h) {

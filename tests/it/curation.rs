@@ -531,3 +531,54 @@ fn import_stderr_has_one_line_per_rejected_file() {
         "{err}"
     );
 }
+
+/// Exported without bucketing (kohya then buckets itself), the bundled
+/// images reach the trainer as we decoded them: read the way sd-scripts
+/// reads them (no EXIF orientation), every file has the size `meta_lat.json`
+/// gives and no alpha, and no file is of a format its DreamBooth loader
+/// skips; plain PNG / JPEG / WebP files go out as they are.
+#[test]
+fn unbucketed_export_holds_the_pixels_import_decoded() {
+    let work = tempfile::tempdir().unwrap();
+    let ds = work.path().join("ds");
+    let mut m = Manifest::init(&ds).unwrap();
+    import(
+        &mut m,
+        &PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures/images"),
+    );
+    let r = stages::export::run(
+        &stages::export::ExportConfig {
+            format: stages::export::ExportFormat::Kohya,
+            ..Default::default()
+        },
+        &mut m,
+        &Ctx::quiet(),
+    )
+    .unwrap();
+    assert!(r.converted >= 5, "{r:?}"); // orient6/8, sticker, gif, bmp, tiff, …
+    assert!(r.converted < r.written, "{r:?}");
+    let out = ds.join("exports/kohya");
+    let meta: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("meta_lat.json")).unwrap()).unwrap();
+    let mut linked = 0;
+    for (name, entry) in meta.as_object().unwrap() {
+        let p = out.join("1_eps2v").join(name);
+        let ext = p.extension().unwrap().to_str().unwrap().to_string();
+        assert!(
+            ["png", "jpg", "jpeg", "webp"].contains(&ext.as_str()),
+            "{name}"
+        );
+        // image::open applies no EXIF orientation, like PIL's Image.open.
+        let img = image::open(&p).unwrap();
+        assert_eq!(
+            serde_json::json!([img.width(), img.height()]),
+            entry["image_size"],
+            "{name}"
+        );
+        assert!(!img.color().has_alpha(), "{name}");
+        if ext != "png" {
+            linked += 1;
+        }
+    }
+    assert!(linked > 0, "plain JPEG / WebP files are linked as they are");
+}
