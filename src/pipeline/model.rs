@@ -317,8 +317,9 @@ impl SdxlModel {
         ))
     }
 
-    /// Conditioning of one prompt and its unconditional counterpart, both
-    /// `(1, 77·k, ctx)` / `(1, pooled)` with the same chunk count k:
+    /// Conditioning of one prompt and its unconditional counterpart,
+    /// `(1, 77·k, ctx)` / `(1, pooled)`, each with its own chunk count k
+    /// (see [`Bound::new`] for how a pair of different lengths runs):
     /// `Zero` zeroes context and pooled (size embeddings are added later by
     /// [`Bound`], so they are kept), `Empty` encodes `""`, `Negative`
     /// encodes its text (A1111 chunking and emphasis for all).
@@ -336,6 +337,37 @@ impl SdxlModel {
             Some(neg) => self.text.encode_pair(&[prompt], &[neg]),
         }
     }
+}
+
+/// Cond and uncond contexts of different lengths (a prompt and a negative
+/// of different chunk counts) made one length for a single UNet call
+/// without changing what either branch computes: each is repeated whole to
+/// the least common multiple of the two token counts. Cross-attention over
+/// a sequence repeated r times gives every key r copies of its softmax
+/// weight over r times the sum — the same average (ComfyUI joins conds
+/// this way) — unlike padding with empty chunks, which adds keys.
+fn same_length(c: &Tensor, u: &Tensor) -> Result<(Tensor, Tensor)> {
+    let (cd, ud) = (c.dims(), u.dims());
+    if cd == ud {
+        return Ok((c.clone(), u.clone()));
+    }
+    if cd.len() != 3 || ud.len() != 3 || cd[0] != ud[0] || cd[2] != ud[2] {
+        return Err(Error::Other(format!(
+            "uncond context {ud:?} does not fit cond {cd:?}"
+        )));
+    }
+    fn gcd(a: usize, b: usize) -> usize {
+        if b == 0 {
+            a
+        } else {
+            gcd(b, a % b)
+        }
+    }
+    let lcm = cd[1] / gcd(cd[1], ud[1]) * ud[1];
+    Ok((
+        c.repeat((1, lcm / cd[1], 1))?,
+        u.repeat((1, lcm / ud[1], 1))?,
+    ))
 }
 
 /// The UNet bound to one image's conditioning: `context`/`y` for the cond
@@ -374,17 +406,11 @@ impl<'a> Bound<'a> {
         let (context, y) = match uncond {
             None => (cond.context.clone(), y_c),
             Some(u) => {
-                if u.context.dims() != cond.context.dims() {
-                    return Err(Error::Other(format!(
-                        "uncond context {:?} differs from cond {:?}",
-                        u.context.dims(),
-                        cond.context.dims()
-                    )));
-                }
+                let (c_ctx, u_ctx) = same_length(&cond.context, &u.context)?;
                 let y_u = build_y(&u.pooled, &sizes)?;
                 (
-                    Tensor::cat(&[&cond.context, &u.context], 0)?, // (2b, 77·k, ctx)
-                    Tensor::cat(&[&y_c, &y_u], 0)?,                // (2b, adm)
+                    Tensor::cat(&[&c_ctx, &u_ctx], 0)?, // (2b, 77·k, ctx)
+                    Tensor::cat(&[&y_c, &y_u], 0)?,     // (2b, adm)
                 )
             }
         };
@@ -564,6 +590,23 @@ mod tests {
         assert!(d(&pc, &only_c.predict(&x, 500.0).unwrap()) < 1e-4);
         assert!(d(&pu, &only_u.predict(&x, 500.0).unwrap()) < 1e-4);
         assert!(d(&pc, &pu) > 1e-4, "cond and uncond outputs should differ");
+        // A negative longer than the prompt (2 chunks against 1): each branch
+        // computes what it computes alone (A1111's default runs them apart),
+        // and the prompt's own context is not padded.
+        let long_neg = "lowres, bad anatomy, ".repeat(20);
+        let (c, u) = m
+            .conditioning("1shape", &UncondMode::Negative(long_neg))
+            .unwrap();
+        assert_eq!(
+            (c.context.dim(1).unwrap(), u.context.dim(1).unwrap()),
+            (77, 154)
+        );
+        let pair = Bound::new(&m.unet, &c, Some(&u), 64, 64).unwrap();
+        let (pc, pu) = pair.predict_pair(&x, 500.0).unwrap();
+        let only_c = Bound::new(&m.unet, &c, None, 64, 64).unwrap();
+        let only_u = Bound::new(&m.unet, &u, None, 64, 64).unwrap();
+        assert!(d(&pc, &only_c.predict(&x, 500.0).unwrap()) < 1e-4);
+        assert!(d(&pu, &only_u.predict(&x, 500.0).unwrap()) < 1e-4);
     }
 
     #[test]

@@ -10,8 +10,9 @@
 //!
 //! **Batches.** [`sample_batch`] denoises several images — each with its
 //! own prompt, unconditional branch and seed — in one UNet call per step
-//! (rows `[cond₁…cond_b; uncond₁…uncond_b]`); images whose prompts need a
-//! different number of 77-token chunks go in separate calls. The batch is a
+//! (rows `[cond₁…cond_b; uncond₁…uncond_b]`); images whose prompts (or
+//! negatives) need a different number of 77-token chunks go in separate
+//! calls, and a prompt and its negative keep their own lengths. The batch is a
 //! speed knob only: a seed's pixels are bit-identical at any batch size and
 //! position on the CPU, because noise is drawn per image, every prompt is
 //! encoded on its own, the VAE decodes one image at a time, and the CPU
@@ -161,6 +162,11 @@ impl SampleConfig {
         );
         it.set("Uncond", self.uncond.to_string());
         it.set("CFG rescale", r.rescale.to_string());
+        if model.info.ztsnr {
+            // A1111's and Forge's own key for it: "Send to txt2img" then
+            // samples with zero terminal SNR there too.
+            it.set("Noise Schedule", "Zero Terminal SNR".to_string());
+        }
         it.set("Version", format!("eps2v {}", env!("CARGO_PKG_VERSION")));
         it
     }
@@ -316,14 +322,15 @@ pub fn sample_batch_from(
     }
     let steps = sigmas.len() - 1;
     let guided = cfg.cfg != 1.0;
-    // Each prompt on its own (batch-invariant text), grouped by chunk count.
+    // Each prompt on its own (batch-invariant text), grouped by the chunk
+    // counts of prompt and negative.
     let conds = items
         .iter()
         .map(|it| model.conditioning(&it.prompt, &it.uncond))
         .collect::<Result<Vec<_>>>()?;
-    let mut groups: Vec<(usize, Vec<usize>)> = Vec::new();
-    for (i, (c, _)) in conds.iter().enumerate() {
-        let k = c.context.dim(1)?;
+    let mut groups: Vec<((usize, usize), Vec<usize>)> = Vec::new();
+    for (i, (c, u)) in conds.iter().enumerate() {
+        let k = (c.context.dim(1)?, u.context.dim(1)?);
         match groups.iter_mut().find(|g| g.0 == k) {
             Some(g) => g.1.push(i),
             None => groups.push((k, vec![i])),

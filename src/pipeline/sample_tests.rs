@@ -64,7 +64,7 @@ fn generate_gives_seeded_distinct_images_and_infotext() {
     assert_eq!(
         text,
         format!(
-            "red circle\nSteps: 2, Sampler: Euler, Schedule type: Trailing, CFG scale: 4, Seed: 10, Size: 64x64, Model: toy-v, Prediction: v, ZTSNR: True, Uncond: zero, CFG rescale: 0.7, Version: eps2v {}",
+            "red circle\nSteps: 2, Sampler: Euler, Schedule type: Trailing, CFG scale: 4, Seed: 10, Size: 64x64, Model: toy-v, Prediction: v, ZTSNR: True, Uncond: zero, CFG rescale: 0.7, Noise Schedule: Zero Terminal SNR, Version: eps2v {}",
             env!("CARGO_PKG_VERSION")
         )
     );

@@ -220,6 +220,7 @@ fn v_ztsnr_checkpoint_uses_its_markers_and_defaults() {
     let it = Infotext::parse(&read_parameters(&std::fs::read(&files(&r)[0]).unwrap()).unwrap());
     assert_eq!(it.get("Prediction"), Some("v"));
     assert_eq!(it.get("ZTSNR"), Some("True"));
+    assert_eq!(it.get("Noise Schedule"), Some("Zero Terminal SNR"));
     assert_eq!(it.get("Uncond"), Some("zero"));
     assert_eq!(it.get("CFG rescale"), Some("0.7"));
     assert_eq!(it.schedule_type(), Some("Trailing"));

@@ -607,24 +607,17 @@ impl SdxlTextEncoder {
         self.encode_tokenized(&toks)
     }
 
-    /// Encode a positive and a negative prompt batch padded to the same
-    /// number of chunks (A1111 pads cond and uncond alike).
+    /// Encode a positive and a negative prompt batch, each at its own chunk
+    /// count: A1111 (without its off-by-default "Pad conds" option) runs
+    /// cond and uncond of different lengths in separate UNet calls, so a
+    /// long negative does not add empty chunks to the prompt, nor the other
+    /// way round. [`crate::pipeline::Bound`] joins the two exactly.
     pub fn encode_pair(
         &self,
         cond: &[&str],
         uncond: &[&str],
     ) -> Result<(TextConditioning, TextConditioning)> {
-        let c = self.tokenize(cond, 1)?;
-        let u = self.tokenize(uncond, 1)?;
-        let k = c
-            .iter()
-            .chain(u.iter())
-            .map(|t| t.chunks.len())
-            .max()
-            .unwrap_or(1);
-        let c = self.tokenize(cond, k)?;
-        let u = self.tokenize(uncond, k)?;
-        Ok((self.encode_tokenized(&c)?, self.encode_tokenized(&u)?))
+        Ok((self.encode(cond)?, self.encode(uncond)?))
     }
 
     /// Encode already chunked prompts (all with the same chunk count).
@@ -863,7 +856,8 @@ mod tests {
         let long = "1girl, solo, long hair, ".repeat(15); // 8 tokens each: 120 → 2 chunks
         let (c, u) = enc.encode_pair(&[long.as_str()], &["lowres"])?;
         assert_eq!(c.context.dims(), &[1, 77 * 2, 32 + 40]);
-        assert_eq!(u.context.dims(), &[1, 77 * 2, 32 + 40]);
+        // The negative keeps its own length (no empty chunks added).
+        assert_eq!(u.context.dims(), &[1, 77, 32 + 40]);
         assert_eq!(c.pooled.dims(), &[1, 40]);
         assert_eq!(c.chunks()?, 2);
         let z = c.zeros_like()?;

@@ -13,9 +13,12 @@
 //!   of 75. When a chunk is full and a comma sits within its last 20 tokens,
 //!   the tokens after that comma move to the next chunk. Each chunk is padded
 //!   to 75 with EOS and wrapped as BOS + 75 + EOS (weights 1.0 there).
-//! - Prompts in one batch, and cond/uncond, are padded to the same number of
-//!   chunks with empty chunks (BOS + 76 EOS). bigG rows get 0 after the
-//!   first EOS ([`PromptChunk::ids`]).
+//! - Prompts encoded as one batch are padded to the same number of chunks
+//!   with empty chunks (BOS + 76 EOS), as A1111 pads a batch. A prompt and
+//!   its negative are not: A1111 (unless its off-by-default "Pad conds"
+//!   option is on) runs cond and uncond of different lengths apart, and
+//!   [`crate::pipeline::Bound`] joins them without changing either. bigG
+//!   rows get 0 after the first EOS ([`PromptChunk::ids`]).
 //!
 //! Reference: `shared/reference/sdxl.md` §3.3. Golden tests compare with
 //! A1111's own functions (fixtures/golden/text/a1111_prompts.json).
@@ -286,7 +289,7 @@ pub fn tokenize_prompt_with(
 }
 
 /// Append empty chunks so every prompt has the same number of chunks, at
-/// least `min_chunks` (A1111 pads a batch, and cond vs uncond, this way).
+/// least `min_chunks` (A1111 pads the prompts of a batch this way).
 pub fn pad_to_same_chunks(prompts: &mut [TokenizedPrompt], min_chunks: usize) {
     let k = prompts
         .iter()
