@@ -324,6 +324,41 @@ pub fn read_parameters(
         .map(|s| (s, "exif_user_comment"))
 }
 
+/// A1111's scheduler labels, longest first so that "SGM Uniform" is not
+/// read as "Uniform" (`modules/sd_schedulers.py`).
+const A1111_SCHEDULE_LABELS: &[&str] = &[
+    "Align Your Steps GITS",
+    "Align Your Steps 11",
+    "Align Your Steps 32",
+    "Align Your Steps",
+    "Polyexponential",
+    "SGM Uniform",
+    "Exponential",
+    "KL Optimal",
+    "Uniform",
+    "Karras",
+    "Simple",
+    "Normal",
+    "Turbo",
+    "DDIM",
+    "Beta",
+];
+
+/// Split a pre-1.9 A1111 sampler name into sampler and schedule
+/// ("DPM++ 2M Karras" → "DPM++ 2M", "Karras"), as A1111 itself does when it
+/// reads one; a name without a schedule label comes back whole.
+pub fn split_a1111_sampler(name: &str) -> (&str, Option<&str>) {
+    let t = name.trim();
+    for label in A1111_SCHEDULE_LABELS {
+        if let Some(head) = t.strip_suffix(label).and_then(|h| h.strip_suffix(' ')) {
+            if !head.trim().is_empty() {
+                return (head.trim_end(), Some(label));
+            }
+        }
+    }
+    (t, None)
+}
+
 /// Turn a raw A1111 `parameters` text into manifest generation parameters.
 pub fn generation_from_infotext(raw: &str, origin: &str) -> GenerationParams {
     let info = imaging::infotext::Infotext::parse(raw);
@@ -344,6 +379,16 @@ pub fn generation_from_infotext(raw: &str, origin: &str) -> GenerationParams {
         .filter(|(k, _)| !known.contains(&k.as_str()))
         .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
         .collect();
+    // A1111 before 1.9 wrote the schedule into the sampler's name
+    // ("DPM++ 2M Karras"); stored split, as 1.9+ writes it, so one setting
+    // is one value (the raw text keeps what was written).
+    let sampler_and_schedule = match (get("Sampler"), get("Schedule type")) {
+        (Some(s), None) => match split_a1111_sampler(&s) {
+            (name, Some(schedule)) => (Some(name.to_string()), Some(schedule.to_string())),
+            (_, None) => (Some(s), None),
+        },
+        other => other,
+    };
     let (width, height) = get("Size")
         .and_then(|s| {
             let (w, h) = s.split_once('x')?;
@@ -355,8 +400,8 @@ pub fn generation_from_infotext(raw: &str, origin: &str) -> GenerationParams {
         negative: (!info.negative_prompt.is_empty()).then(|| info.negative_prompt.clone()),
         seed: get("Seed").and_then(|s| s.trim().parse().ok()),
         steps: get("Steps").and_then(|s| s.trim().parse().ok()),
-        sampler: get("Sampler"),
-        schedule: get("Schedule type"),
+        sampler: sampler_and_schedule.0,
+        schedule: sampler_and_schedule.1,
         cfg: get("CFG scale").and_then(|s| s.trim().parse().ok()),
         width,
         height,
@@ -626,6 +671,42 @@ fn record_decision(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pre_1_9_sampler_names_are_stored_split() {
+        assert_eq!(
+            split_a1111_sampler("DPM++ 2M Karras"),
+            ("DPM++ 2M", Some("Karras"))
+        );
+        assert_eq!(
+            split_a1111_sampler("DPM++ 2M SDE Exponential"),
+            ("DPM++ 2M SDE", Some("Exponential"))
+        );
+        assert_eq!(
+            split_a1111_sampler("Euler SGM Uniform"),
+            ("Euler", Some("SGM Uniform"))
+        );
+        for whole in ["Euler a", "DDIM", "DPM++ 2M", "Karras"] {
+            assert_eq!(split_a1111_sampler(whole), (whole, None));
+        }
+        let old = generation_from_infotext(
+            "a cat\nSteps: 20, Sampler: DPM++ 2M Karras, CFG scale: 7, Seed: 1, Size: 512x512",
+            "png_text",
+        );
+        assert_eq!(
+            (old.sampler.as_deref(), old.schedule.as_deref()),
+            (Some("DPM++ 2M"), Some("Karras"))
+        );
+        // 1.9+: both given, taken as they are.
+        let new = generation_from_infotext(
+            "a cat\nSteps: 20, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7, Seed: 1, Size: 512x512",
+            "png_text",
+        );
+        assert_eq!(
+            (new.sampler.as_deref(), new.schedule.as_deref()),
+            (Some("DPM++ 2M"), Some("Karras"))
+        );
+    }
 
     #[test]
     fn rerun_plan_redoes_changed_files_and_own_rejections_only() {
