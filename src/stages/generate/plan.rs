@@ -286,10 +286,17 @@ pub fn plan_rows(
     indices: &[u64],
 ) -> Result<Vec<PlannedItem>> {
     let combos: Vec<String> = if settings.combinatorial {
-        let c: Vec<String> = template.combinations().take(count as usize).collect();
+        // Distinct after tidying: raw expansions that differ only in the
+        // empty picks tidy away (", a" and "a, ") are one prompt.
+        let mut seen = std::collections::HashSet::new();
+        let c: Vec<String> = template
+            .combinations()
+            .filter(|raw| seen.insert(tidy(raw)))
+            .take(count as usize)
+            .collect();
         if (c.len() as u64) < count {
             return Err(Error::config(format!(
-                "--combinatorial: the template has only {} prompts but --count is {count}; lower --count or drop --combinatorial",
+                "--combinatorial: the template has only {} distinct prompts but --count is {count}; lower --count or drop --combinatorial",
                 c.len()
             )));
         }
@@ -630,7 +637,16 @@ mod tests {
             ["a, x", "a, y", "c, y"]
         );
         let e = plan_rows(&combi, &t, 7, &[0]).unwrap_err().to_string();
-        assert!(e.contains("only 6 prompts"), "{e}");
+        assert!(e.contains("only 6 distinct prompts"), "{e}");
+        // Raw expansions that tidy to the same prompt count once: ", a",
+        // ", ", "a, a", "a, " are "a", "", "a, a".
+        let t = Template::compile("{|a}, {a|}", &Source::new("t"), &WildcardSet::empty()).unwrap();
+        let c = plan_rows(&combi, &t, 3, &[0, 1, 2]).unwrap();
+        let prompts: std::collections::HashSet<&str> =
+            c.iter().map(|r| r.prompt.as_str()).collect();
+        assert_eq!(prompts.len(), 3, "{c:?}");
+        let e = plan_rows(&combi, &t, 4, &[0]).unwrap_err().to_string();
+        assert!(e.contains("only 3 distinct prompts"), "{e}");
     }
 
     #[test]
