@@ -21,7 +21,7 @@ use crate::{Error, Result};
 #[command(
     after_help = "Example:\n  eps2v sample --model noob_vpred.safetensors --prompt \"1girl, solo, red circle\" --seed 7 --steps 28 --cfg 5 --size 832x1216 --batch 4\n\n\
 Without --model the committed toy model is used (fixtures/toy/model.safetensors, or $EPS2V_TOY_DIR/model.safetensors).\n\
-Image k of a batch uses seed SEED+k (A1111 convention); images are denoised one at a time, so a seed gives identical bytes at any batch position.\n\
+Image k of a batch uses seed SEED+k (A1111 convention); the batch goes through the UNet together, and on the CPU a seed gives identical bytes at any batch size and position (on CUDA the last bits may differ).\n\
 Files are written as OUT/NNNNN-SEED.png with an A1111 'parameters' text chunk."
 )]
 pub struct SampleArgs {

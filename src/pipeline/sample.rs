@@ -5,7 +5,8 @@
 //! batch started at seed s uses seed s + k, A1111's convention) → σ list of
 //! the chosen schedule → [`ModelDenoiser`] (c_in / c_skip / c_out for ε or v,
 //! σ → nearest timestep) → [`CfgDenoiser`] (CFG with φ-rescale in v-space) →
-//! sampler → VAE decode in f32 → RGB8 (`round(255·clamp((x+1)/2, 0, 1))`, as
+//! sampler → VAE decode (f32; bf16 when the model runs in bf16, never f16)
+//! → RGB8 (`round(255·clamp((x+1)/2, 0, 1))`, as
 //! diffusers' `numpy_to_pil`).
 //!
 //! **Batches.** [`sample_batch`] denoises several images — each with its

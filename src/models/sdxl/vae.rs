@@ -9,8 +9,10 @@
 //! matrices `[c, c]` (some re-saved files). Built with a `VarBuilder` rooted at
 //! `first_stage_model` (or at the root for standalone A1111 VAE files).
 //!
-//! Decoding is meant to run in f32 (the SDXL VAE overflows in f16, §5): load
-//! the VAE in f32 (the checkpoint loader's default); `decode` returns f32.
+//! Decoding never runs in f16 (the SDXL VAE overflows there, §5): the
+//! checkpoint loader loads the VAE in f32, or in bf16 when the model runs in
+//! bf16 (CUDA's default; bf16 has f32's range) — [`crate::nn::vae_dtype`];
+//! `decode` returns f32.
 
 use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::VarBuilder;
