@@ -284,11 +284,18 @@ pub fn exif_user_comment(bytes: &[u8]) -> Option<String> {
 /// Decode an EXIF UserComment value: 8-byte character code then the text.
 /// `UNICODE\0` → UTF-16 (BOM honoured; otherwise the byte order with more
 /// zero high bytes wins, BE on a tie, as piexif writes); `ASCII\0\0\0` and
-/// undefined (8 zero bytes) → UTF-8 (lossy); `JIS` is not supported.
-/// Trailing NULs are removed.
+/// undefined (8 zero bytes) → UTF-8 (lossy); `JIS` is not supported. A
+/// value with no known character code (shorter than 8 bytes, or another
+/// prefix: a writer that stored bare UTF-8) is read whole as lossy UTF-8, as
+/// A1111 falls back to. Trailing NULs are removed; nothing left is `None`.
 pub fn decode_user_comment(raw: &[u8]) -> Option<String> {
+    let whole = || {
+        let t = String::from_utf8_lossy(raw);
+        let t = t.trim_end_matches('\0');
+        (!t.trim().is_empty()).then(|| t.to_string())
+    };
     if raw.len() < 8 {
-        return None;
+        return whole();
     }
     let (prefix, body) = raw.split_at(8);
     let text = match prefix {
@@ -320,7 +327,8 @@ pub fn decode_user_comment(raw: &[u8]) -> Option<String> {
             String::from_utf16_lossy(&units)
         }
         b"ASCII\0\0\0" | [0, 0, 0, 0, 0, 0, 0, 0] => String::from_utf8_lossy(body).into_owned(),
-        _ => return None,
+        b"JIS\0\0\0\0\0" => return None,
+        _ => return whole(),
     };
     Some(text.trim_end_matches('\0').to_string())
 }
@@ -524,6 +532,12 @@ mod tests {
         let w = read_parameters(&fixture("a1111_exif.webp")).unwrap();
         assert_eq!(w, FULL);
         assert_eq!(read_parameters(&fixture("photo.jpg")), None);
+        // No known character code: read whole, as A1111 falls back to.
+        let bare = "a cat\nSteps: 20, Sampler: Euler, CFG scale: 7";
+        assert_eq!(decode_user_comment(bare.as_bytes()).as_deref(), Some(bare));
+        assert_eq!(decode_user_comment(b"a cat\0").as_deref(), Some("a cat"));
+        assert_eq!(decode_user_comment(b"\0\0"), None);
+        assert_eq!(decode_user_comment(b"JIS\0\0\0\0\0\x82\xa0"), None);
     }
 
     #[test]
@@ -555,7 +569,8 @@ mod tests {
             Some("hi")
         );
         assert_eq!(decode_user_comment(b"JIS\0\0\0\0\0xx"), None);
-        assert_eq!(decode_user_comment(b"short"), None);
+        // Too short for a character code: read whole (A1111's fallback).
+        assert_eq!(decode_user_comment(b"short").as_deref(), Some("short"));
     }
 
     #[test]
