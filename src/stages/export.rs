@@ -143,6 +143,8 @@ pub struct ExportRow {
     pub steps: Option<i64>,
     /// Generation sampler name.
     pub sampler: Option<String>,
+    /// Generation σ schedule (A1111's "Schedule type": Karras, …).
+    pub schedule: Option<String>,
     /// Generation CFG scale.
     pub cfg: Option<f64>,
     /// Hash of the model that generated the image.
@@ -317,7 +319,7 @@ pub fn load_rows(m: &Manifest, only_ok: bool) -> Result<Vec<ExportRow>> {
                 g.prompt, g.negative, g.seed, g.steps, g.sampler, g.cfg, g.model_hash,
                 h.phash, h.dhash, d.cluster_id, d.keeper_id,
                 b.bucket_w, b.bucket_h, b.resized_w, b.resized_h, b.crop_top, b.crop_left,
-                b.crop_top_resized, b.crop_left_resized, b.path
+                b.crop_top_resized, b.crop_left_resized, b.path, g.schedule
          FROM items i
          LEFT JOIN generation g ON g.item_id = i.id
          LEFT JOIN hashes h ON h.item_id = i.id
@@ -359,6 +361,7 @@ pub fn load_rows(m: &Manifest, only_ok: bool) -> Result<Vec<ExportRow>> {
                 crop_top_resized: r.get(26)?,
                 crop_left_resized: r.get(27)?,
                 bucket_path: r.get(28)?,
+                schedule: r.get(29)?,
                 ..Default::default()
             })
         })
@@ -575,6 +578,7 @@ pub fn write_parquet(rows: &[ExportRow], out: &Path) -> Result<()> {
         col!("seed", |r| r.seed),
         col!("steps", |r| r.steps),
         col!("sampler", |r| r.sampler.clone()),
+        col!("schedule", |r| r.schedule.clone()),
         col!("cfg", |r| r.cfg),
         col!("model_hash", |r| r.model_hash.clone()),
         col!("phash", |r| r.phash.clone()),

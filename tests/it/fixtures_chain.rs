@@ -612,6 +612,11 @@ fn export_files_match_their_contracts() {
     assert_eq!(counts(&|r| r["status"] == "duplicate"), 4);
     assert_eq!(counts(&|r| r["bucket_path"].is_string()), 27);
     assert_eq!(counts(&|r| r["caption"].is_string()), 10);
+    // A1111's "DPM++ 2M" + "Schedule type: Karras" keeps both.
+    assert!(
+        counts(&|r| r["sampler"] == "DPM++ 2M" && r["schedule"] == "Karras") >= 1,
+        "no row with the A1111 fixture's sampler and schedule"
+    );
 
     // --- Parquet = JSONL, row by row, column by column ---------------------
     {
