@@ -65,9 +65,9 @@ pub struct GenerateArgs {
     /// σ schedule: normal, karras, simple, sgm_uniform, leading, trailing, linspace (default trailing for ZTSNR models, normal otherwise).
     #[arg(long)]
     pub schedule: Option<String>,
-    /// Unconditional branch when no --negative: zero (SDXL reference) or empty (encode "").
-    #[arg(long, default_value = "zero")]
-    pub uncond: String,
+    /// Unconditional branch when no --negative: zero (SDXL reference) or empty (encode ""). Default: what the model was trained with (eps2v's `eps2v.uncond` metadata, as `sample` does), else zero.
+    #[arg(long)]
+    pub uncond: Option<String>,
     /// Negative prompt; when given (non-empty) it is the unconditional branch.
     #[arg(long)]
     pub negative: Option<String>,
@@ -114,6 +114,17 @@ impl GenerateArgs {
             .template
             .clone()
             .unwrap_or_else(|| if toy { "toy" } else { "1girl" }.into());
+        // The uncond the model was trained with (an eps2v export records
+        // it), as `sample` defaults to: a model converted with "" dropout
+        // renders with "" here too.
+        // (A file that cannot be opened is reported by the model load.)
+        let trained_uncond = crate::models::sdxl::checkpoint::Checkpoint::open(&model)
+            .ok()
+            .and_then(|c| {
+                c.metadata()
+                    .get(crate::models::sdxl::checkpoint::META_UNCOND)
+                    .cloned()
+            });
         Ok(GenerateConfig {
             model,
             prediction: self
@@ -137,7 +148,10 @@ impl GenerateArgs {
                 .as_deref()
                 .map(str::parse::<ScheduleKind>)
                 .transpose()?,
-            uncond: UncondMode::from_flags(Some(&self.uncond), self.negative.as_deref())?,
+            uncond: UncondMode::from_flags(
+                self.uncond.as_deref().or(trained_uncond.as_deref()),
+                self.negative.as_deref(),
+            )?,
             batch: self.batch,
             shard: Shard::resolve(self.shard.as_deref(), self.shards, env)?,
             replan: self.replan,
@@ -216,4 +230,48 @@ fn toy_sizes() -> Sizes {
             )
             .collect(),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        a: GenerateArgs,
+    }
+
+    fn config(args: &[&str]) -> GenerateConfig {
+        let mut all = vec!["generate", "--count", "4"];
+        all.extend_from_slice(args);
+        Cli::parse_from(all).a.to_config(&|_| None).unwrap()
+    }
+
+    /// Without --uncond, generate uses the uncond the model was trained
+    /// with (as `sample` does); --uncond and --negative win over it.
+    #[test]
+    fn uncond_defaults_to_the_models_training_uncond() {
+        use crate::models::sdxl::checkpoint::{save_tensors, SaveOptions, META_UNCOND};
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("m.safetensors");
+        let t = candle_core::Tensor::zeros(2, candle_core::DType::F32, &candle_core::Device::Cpu)
+            .unwrap();
+        let opts = SaveOptions {
+            metadata: [(META_UNCOND.to_string(), "empty".to_string())].into(),
+            ..Default::default()
+        };
+        save_tensors(&p, &[("x".into(), t)], &opts).unwrap();
+        let (m, dir) = (p.to_str().unwrap(), d.path().to_str().unwrap());
+        assert_eq!(config(&[dir, "--model", m]).uncond, UncondMode::Empty);
+        assert_eq!(
+            config(&[dir, "--model", m, "--uncond", "zero"]).uncond,
+            UncondMode::Zero
+        );
+        assert_eq!(
+            config(&[dir, "--model", m, "--negative", "lowres"]).uncond,
+            UncondMode::Negative("lowres".into())
+        );
+    }
 }
