@@ -226,14 +226,18 @@ fn is_float(dtype: &str) -> bool {
     matches!(dtype, "F16" | "BF16" | "F32" | "F64")
 }
 
+/// A weight merge cannot read (fp8, quantized), named with its file.
+fn not_float(ck: &Checkpoint, key: &str, dtype: &str) -> Error {
+    Error::model(format!(
+        "merge: {} stores {key} as {dtype}; merge blends and copies F16/BF16/F32/F64 weights only (an fp8 or quantized release?): convert it to f16 or bf16 first",
+        ck.path().display()
+    ))
+}
+
 fn check_same(a: &Checkpoint, other: &Checkpoint, key: &str) -> Result<()> {
     let ea = a.entry(key);
     match other.entry(key) {
-        Some(e) if !is_float(&e.dtype) => Err(Error::model(format!(
-            "merge: {} stores {key} as {}; merge blends F16/BF16/F32/F64 weights only (an fp8 or quantized release?): convert it to f16 or bf16 first",
-            other.path().display(),
-            e.dtype
-        ))),
+        Some(e) if !is_float(&e.dtype) => Err(not_float(other, key, &e.dtype)),
         Some(e) if Some(&e.shape) == ea.map(|x| &x.shape) => Ok(()),
         Some(e) => Err(Error::model(format!(
             "merge: {key} has shape {:?} in {} but {:?} in {}; the models are of different architectures",
@@ -329,12 +333,7 @@ pub fn merge(cfg: &MergeConfig, out: &Path) -> Result<MergeReport> {
             if !is_ignored_key(&k)
                 && (k.starts_with(&unet) || matches!(component, BlockId::Base | BlockId::Vae))
             {
-                return Err(Error::model(format!(
-                    "merge: {} stores {k} as {}; merge blends and copies F16/BF16/F32/F64 weights only (an fp8 or quantized release?): convert model {} to f16 or bf16 first",
-                    src.path().display(),
-                    e.dtype,
-                    name(s)
-                )));
+                return Err(not_float(src, &k, &e.dtype));
             }
             skipped.push(k);
             continue;

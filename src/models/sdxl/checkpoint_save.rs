@@ -108,26 +108,24 @@ pub fn save_lazy(
 fn tensor_bytes(key: &str, t: &Tensor, dtype: DType) -> Result<Vec<u8>> {
     let from = t.dtype();
     let t = t.to_device(&Device::Cpu)?.to_dtype(dtype)?.flatten_all()?;
-    if dtype == DType::F16 && from != DType::F16 {
-        let v = t.to_vec1::<half::f16>()?;
-        if let Some(i) = v.iter().position(|x| !x.is_finite()) {
-            let src = v[i];
-            return Err(Error::model(format!(
-                "save: {key} does not fit in f16 (element {i} becomes {src}; f16 holds |x| ≤ 65504): save as bf16 or f32 (--save-dtype / --dtype bf16)"
-            )));
-        }
-    }
     Ok(match dtype {
         DType::F32 => t
             .to_vec1::<f32>()?
             .iter()
             .flat_map(|v| v.to_le_bytes())
             .collect(),
-        DType::F16 => t
-            .to_vec1::<half::f16>()?
-            .iter()
-            .flat_map(|v| v.to_le_bytes())
-            .collect(),
+        DType::F16 => {
+            let v = t.to_vec1::<half::f16>()?;
+            if from != DType::F16 {
+                if let Some(i) = v.iter().position(|x| !x.is_finite()) {
+                    return Err(Error::model(format!(
+                        "save: {key} does not fit in f16 (element {i} becomes {}; f16 holds |x| ≤ 65504): save as bf16 or f32 (--save-dtype / --dtype bf16)",
+                        v[i]
+                    )));
+                }
+            }
+            v.iter().flat_map(|x| x.to_le_bytes()).collect()
+        }
         DType::BF16 => t
             .to_vec1::<half::bf16>()?
             .iter()
