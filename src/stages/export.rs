@@ -43,8 +43,13 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use super::Ctx;
+
+#[path = "export_files.rs"]
+mod files;
 use crate::error::{Error, IoContext, Result};
 use crate::manifest::Manifest;
+use files::{check_replaceable, link_or_copy, write_decoded_png, Staged};
+pub use files::{needs_rewrite, EXPORT_MARK};
 
 /// Caption sources in export priority order.
 pub const CAPTION_PRIORITY: &[&str] = &[
@@ -199,40 +204,6 @@ pub struct ExportReport {
     /// Originals written as PNG of their decoded pixels (kohya / hf; see
     /// [`needs_rewrite`]).
     pub converted: usize,
-}
-
-/// Whether an original (an item never bucketed) must be exported as the
-/// pixels import decoded rather than as its file: sd-scripts' loader
-/// applies no EXIF orientation (a rotated photo trains sideways, and
-/// squashed: its recorded size is the displayed one), drops alpha with
-/// `convert("RGB")` (whatever colour the transparent pixels hold) where
-/// import composites on white, clips 16-bit greys, and skips GIF / TIFF /
-/// BMP files in a
-/// DreamBooth folder. PNG, JPEG and WebP files without either are linked as
-/// they are. Reads the header only; a file it cannot read is rewritten (the
-/// decode then says what is wrong).
-pub fn needs_rewrite(path: &Path, format: Option<&str>) -> bool {
-    if !matches!(format, Some("png" | "jpeg" | "webp")) {
-        return true;
-    }
-    use image::ImageDecoder;
-    let header = image::ImageReader::open(path)
-        .and_then(|r| r.with_guessed_format())
-        .map_err(image::ImageError::IoError)
-        .and_then(|r| r.into_decoder());
-    match header {
-        Ok(mut d) => {
-            let rotated = d
-                .orientation()
-                .is_ok_and(|o| o != image::metadata::Orientation::NoTransforms);
-            let ct = d.color_type();
-            // 16-bit: PIL opens a 16-bit grey PNG as "I;16", which
-            // convert("RGB") clips to white.
-            let wide = ct.bytes_per_pixel() > ct.channel_count();
-            rotated || ct.has_alpha() || wide
-        }
-        Err(_) => true,
-    }
 }
 
 /// What the kohya export writes for one image.
@@ -431,112 +402,6 @@ pub fn load_rows(m: &Manifest, only_ok: bool) -> Result<Vec<ExportRow>> {
     Ok(rows)
 }
 
-/// The file inside a folder export that marks it as one (and so as
-/// replaceable by the next export).
-pub const EXPORT_MARK: &str = ".eps2v-export";
-
-/// An export replaces its output whole: refuse an `--out` that holds
-/// something else — a folder that is not an earlier export (a kohya
-/// `train_data_dir` with other concepts, a user's folder), or a folder where
-/// a file goes and the other way round. The default place under the
-/// dataset is the export's own.
-fn check_replaceable(out: &Path, format: ExportFormat, default_out: bool) -> Result<()> {
-    let Ok(meta) = fs::symlink_metadata(out) else {
-        return Ok(());
-    };
-    let folder_format = matches!(format, ExportFormat::Kohya | ExportFormat::Hf);
-    let what = if meta.is_dir() { "a folder" } else { "a file" };
-    if meta.is_dir() != folder_format {
-        return Err(Error::config(format!(
-            "export --out {}: it is {what}, and a {} export is {}; choose another --out",
-            out.display(),
-            format.name(),
-            if folder_format { "a folder" } else { "a file" }
-        )));
-    }
-    if !folder_format || default_out || out.join(EXPORT_MARK).is_file() {
-        return Ok(());
-    }
-    let empty = fs::read_dir(out).at(out)?.next().is_none();
-    if empty {
-        return Ok(());
-    }
-    Err(Error::config(format!(
-        "export --out {}: the folder exists and is not an earlier eps2v export (no {EXPORT_MARK} in it); an export replaces its folder whole, so choose a new --out (e.g. a subfolder: kohya's --train_data_dir may hold several <repeats>_<name> folders, one per export)",
-        out.display()
-    )))
-}
-
-/// A temporary sibling of `final_path` that is renamed over it on commit.
-struct Staged {
-    tmp: PathBuf,
-    final_path: PathBuf,
-}
-
-impl Staged {
-    fn new(final_path: &Path) -> Result<Self> {
-        let parent = final_path.parent().unwrap_or(Path::new("."));
-        fs::create_dir_all(parent).at(parent)?;
-        let name = final_path
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "export".into());
-        // Sweep what killed exports left (`.<name>.tmp-<pid>` of any pid);
-        // stages on one dataset do not run concurrently.
-        let stale = format!(".{name}.tmp-");
-        for entry in fs::read_dir(parent).at(parent)? {
-            let entry = entry.at(parent)?;
-            if entry.file_name().to_string_lossy().starts_with(&stale) {
-                remove_any(&entry.path())?;
-            }
-        }
-        let tmp = parent.join(format!("{stale}{}", std::process::id()));
-        Ok(Self {
-            tmp,
-            final_path: final_path.to_path_buf(),
-        })
-    }
-
-    /// Remove the temporary sibling (best effort: a leftover is swept by
-    /// the next export anyway).
-    fn discard(self) {
-        if self.tmp.exists() {
-            let _ = remove_any(&self.tmp);
-        }
-    }
-
-    fn commit(self) -> Result<()> {
-        if self.final_path.exists() {
-            let old = self.final_path.with_extension("old-export");
-            if old.exists() {
-                remove_any(&old)?;
-            }
-            fs::rename(&self.final_path, &old).at(&self.final_path)?;
-            fs::rename(&self.tmp, &self.final_path).at(&self.final_path)?;
-            remove_any(&old)?;
-        } else {
-            fs::rename(&self.tmp, &self.final_path).at(&self.final_path)?;
-        }
-        Ok(())
-    }
-}
-
-fn remove_any(p: &Path) -> Result<()> {
-    if p.is_dir() {
-        fs::remove_dir_all(p).at(p)
-    } else {
-        fs::remove_file(p).at(p)
-    }
-}
-
-/// Hard-link `src` to `dst`, or copy when linking is impossible.
-fn link_or_copy(src: &Path, dst: &Path) -> Result<()> {
-    if fs::hard_link(src, dst).is_err() {
-        fs::copy(src, dst).at(dst)?;
-    }
-    Ok(())
-}
-
 /// Write rows as JSON lines.
 pub fn write_jsonl(rows: &[ExportRow], out: &Path) -> Result<()> {
     use std::io::Write;
@@ -681,12 +546,7 @@ pub fn run(cfg: &ExportConfig, m: &mut Manifest, ctx: &Ctx) -> Result<ExportRepo
                         r.bucket_path.is_none() && needs_rewrite(&src, r.format.as_deref());
                     let file_name = if rewrite {
                         let file_name = format!("{stem}.png");
-                        let bytes = fs::read(&src).at(&src)?;
-                        let d = crate::imaging::decode::decode(&bytes, &Default::default())
-                            .map_err(|e| Error::Other(format!("{}: {e}", src.display())))?;
-                        let png = super::bucket::encode_png_fast(&d.rgb)?;
-                        let dst = img_dir.join(&file_name);
-                        fs::write(&dst, png).at(&dst)?;
+                        write_decoded_png(&src, &img_dir.join(&file_name))?;
                         report.converted += 1;
                         file_name
                     } else {
