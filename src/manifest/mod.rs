@@ -63,12 +63,17 @@ pub const SCHEMA_V1: &str = include_str!("../../schemas/manifest.sql");
 ///   index over the items a stage set aside (`WHERE status <> 'ok'`): the
 ///   'ok' rows are most of the table and gained nothing from it, while a
 ///   bulk insert paid for rebuilding it.
+/// - v7, `tag_order.sql`: `tags.pos`, a tag's place in its source (sidecar
+///   and A1111 prompt order, the tagger caption's order), which the
+///   WITHOUT ROWID key (item, source, tag) does not keep; NULL for rows
+///   written before, which sort after the ordered ones by name.
 pub const MIGRATIONS: &[&str] = &[
     include_str!("../../schemas/migrations/caption.sql"),
     include_str!("../../schemas/migrations/train.sql"),
     include_str!("../../schemas/migrations/check_constraints.sql"),
     include_str!("../../schemas/migrations/generate.sql"),
     include_str!("../../schemas/migrations/status_index.sql"),
+    include_str!("../../schemas/migrations/tag_order.sql"),
 ];
 
 /// Latest schema version this build writes.
@@ -542,7 +547,8 @@ mod tests {
                      VALUES (7, 'aa', 'images/aa/aa.png', '/a.png', 'ok', NULL, 1, 1, 'x'),
                             (9, 'bb', NULL, '/b.png', 'duplicate', 'near_duplicate: of item 7', 1, 1, 'x');
                  INSERT INTO sources (item_id, path, size, mtime_ns, run_id) VALUES (7, '/a.png', 1, 2, 1);
-                 INSERT INTO duplicates VALUES (7, 7, 7, 0, 'keeper', 1), (9, 7, 7, 3, 'near', 1);",
+                 INSERT INTO duplicates VALUES (7, 7, 7, 0, 'keeper', 1), (9, 7, 7, 3, 'near', 1);
+                 INSERT INTO tags (item_id, source, tag, score, run_id) VALUES (7, 'sidecar_txt', 'solo', NULL, 1);",
             )
             .unwrap();
         }
@@ -590,6 +596,12 @@ mod tests {
             })
             .unwrap();
         assert_eq!(kinds, "keeper,near");
+        // v7: a tag written before `pos` existed has no place.
+        let pos: Option<i64> = m
+            .conn()
+            .query_row("SELECT pos FROM tags WHERE item_id = 7", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(pos, None);
         for bad in [
             "UPDATE items SET status = 'maybe' WHERE id = 7",
             "UPDATE duplicates SET kind = 'twin' WHERE item_id = 9",

@@ -280,20 +280,21 @@ pub fn upsert_caption(
     Ok(())
 }
 
-/// Insert or replace one tag of `(item, source)`.
+/// Insert or replace one tag of `(item, source)`; `pos` is its place in
+/// that source (0-based), which export keeps.
 pub fn upsert_tag(
     tx: &Transaction,
     run_id: i64,
     item_id: i64,
     source: &str,
-    tag: &str,
+    (tag, pos): (&str, usize),
     score: Option<f64>,
 ) -> rusqlite::Result<()> {
     tx.prepare_cached(
-        "INSERT INTO tags (item_id, source, tag, score, run_id) VALUES (?1, ?2, ?3, ?4, ?5)
-         ON CONFLICT (item_id, source, tag) DO UPDATE SET score = excluded.score, run_id = excluded.run_id",
+        "INSERT INTO tags (item_id, source, tag, score, run_id, pos) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+         ON CONFLICT (item_id, source, tag) DO UPDATE SET score = excluded.score, run_id = excluded.run_id, pos = excluded.pos",
     )?
-    .execute(params![item_id, source, tag, score, run_id],
+    .execute(params![item_id, source, tag, score, run_id, pos as i64],
     )?;
     Ok(())
 }

@@ -136,7 +136,8 @@ pub struct ExportRow {
     pub caption: Option<String>,
     /// Where that caption came from (one of [`CAPTION_PRIORITY`]: `policy`, `tagger`, `sidecar_txt`, …).
     pub caption_source: Option<String>,
-    /// Comma-separated tags (all sources, highest score first).
+    /// Comma-separated tags of all sources: scored (tagger) tags highest
+    /// score first, then each source's tags in its caption's order.
     pub tags: Option<String>,
     /// Generation prompt (A1111 infotext or `generate`).
     pub prompt: Option<String>,
@@ -378,8 +379,14 @@ pub fn load_rows(m: &Manifest, only_ok: bool) -> Result<Vec<ExportRow>> {
             }
         }
     }
+    // Scored (tagger) tags first, most confident first; then each unscored
+    // source's tags in the order it wrote them (`pos`); rows from before
+    // the `pos` column last, by name.
     let mut st = conn
-        .prepare("SELECT item_id, tag FROM tags ORDER BY item_id, coalesce(score, 0) DESC, tag")
+        .prepare(
+            "SELECT item_id, tag FROM tags
+             ORDER BY item_id, score IS NULL, score DESC, source, pos IS NULL, pos, tag",
+        )
         .map_err(|e| m.err(e))?;
     let tags = st
         .query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)))

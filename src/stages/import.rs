@@ -607,8 +607,9 @@ fn write_batch(
         }
         for (source, text) in &o.captions {
             manifest::upsert_caption(&tx, run_id, item_id, source, text, None).map_err(map)?;
-            for tag in manifest::split_tags(text) {
-                manifest::upsert_tag(&tx, run_id, item_id, source, &tag, None).map_err(map)?;
+            for (pos, tag) in manifest::split_tags(text).iter().enumerate() {
+                manifest::upsert_tag(&tx, run_id, item_id, source, (tag, pos), None)
+                    .map_err(map)?;
             }
         }
         manifest::insert_source(

@@ -221,7 +221,8 @@ fn chain_dedupe_bucket_export_inspect_on_generated_images() {
         src.join("thumbnail.png"),
     )
     .unwrap();
-    std::fs::write(src.join("img_00002.txt"), "1girl, solo, red circle").unwrap();
+    // Not in name order: export keeps the order the caption wrote its tags in.
+    std::fs::write(src.join("img_00002.txt"), "solo, red circle, 1girl").unwrap();
 
     let ds = work.path().join("ds");
     let mut m = Manifest::init(&ds).unwrap();
@@ -343,7 +344,7 @@ fn chain_dedupe_bucket_export_inspect_on_generated_images() {
         .as_object()
         .unwrap()
         .values()
-        .filter(|v| v["caption"] == "1girl, solo, red circle")
+        .filter(|v| v["caption"] == "solo, red circle, 1girl")
         .collect();
     assert_eq!(captioned.len(), 1);
     // Its tags are the caption's own pieces: kohya would train them twice.
@@ -352,6 +353,13 @@ fn chain_dedupe_bucket_export_inspect_on_generated_images() {
     assert_eq!(walk(&kohya_dir).len(), 13); // 12 images + 1 caption (no empty .txt)
     let jsonl = std::fs::read_to_string(ds.join("exports/manifest.jsonl")).unwrap();
     assert_eq!(jsonl.lines().count(), 15);
+    let tagged: Vec<serde_json::Value> = jsonl
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .filter(|v: &serde_json::Value| !v["tags"].is_null())
+        .collect();
+    assert_eq!(tagged.len(), 1);
+    assert_eq!(tagged[0]["tags"], "solo, red circle, 1girl");
     let hf = std::fs::read_to_string(ds.join("exports/hf/train/metadata.jsonl")).unwrap();
     assert_eq!(hf.lines().count(), 12);
 

@@ -329,13 +329,13 @@ impl Writer<'_> {
             "DELETE FROM tags WHERE item_id = ?1 AND source = ?2",
             params![c.id, TAGGER_SOURCE],
         )?;
-        for tag in t.result.all() {
+        for (pos, tag) in t.result.all().enumerate() {
             manifest::upsert_tag(
                 tx,
                 self.run_id,
                 c.id,
                 TAGGER_SOURCE,
-                &tag.name,
+                (&tag.name, pos),
                 Some(f64::from(tag.p)),
             )?;
         }
