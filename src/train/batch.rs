@@ -113,11 +113,15 @@ pub(super) fn make_batch(
 }
 
 /// Multi-resolution noise ([`TrainConfig::multires_noise_iterations`]):
-/// `eps` plus up to `levels` coarser normal fields, each bilinearly
-/// upsampled to the latent size and weighted `discount^i`, then rescaled
-/// to unit std per sample. Coarse noise hides an image's low frequencies
-/// (layout, regional colour) at high σ where plain per-cell noise averages
-/// out over a region. All draws come from `rng` (the step's stream).
+/// `eps` plus `levels` more normal fields, as kohya's `pyramid_noise_like`:
+/// level i is drawn at the latent size divided by rᶦ (r uniform in [2, 4)
+/// per level; level 0 is a second full-size field), bilinearly upsampled
+/// and weighted `discount^i`, stopping once a side reaches 1; then the sum
+/// is rescaled to unit std per sample (kohya divides the whole batch by one
+/// std; per sample keeps each item's noise level independent of its batch).
+/// Coarse noise hides an image's low frequencies (layout, regional colour)
+/// at high σ where plain per-cell noise averages out over a region. All
+/// draws come from `rng` (the step's stream).
 pub(super) fn multires_noise(
     eps: &Tensor,
     rng: &mut rand_chacha::ChaCha8Rng,
@@ -126,15 +130,18 @@ pub(super) fn multires_noise(
 ) -> Result<Tensor> {
     let (b, c, h, w) = eps.dims4()?;
     let mut noise = eps.clone();
-    for i in 1..=levels {
+    for i in 0..levels {
         let scale = (2.0 + 2.0 * rng.random::<f64>()).powi(i as i32);
         let (hi, wi) = (
             ((h as f64 / scale) as usize).max(1),
             ((w as f64 / scale) as usize).max(1),
         );
-        let coarse = Tensor::from_vec(normals(rng, b * c * hi * wi), (b, c, hi, wi), eps.device())?
-            .upsample_bilinear2d(h, w, false)?;
-        noise = (noise + (coarse * discount.powi(i as i32))?)?;
+        let mut level =
+            Tensor::from_vec(normals(rng, b * c * hi * wi), (b, c, hi, wi), eps.device())?;
+        if (hi, wi) != (h, w) {
+            level = level.upsample_bilinear2d(h, w, false)?;
+        }
+        noise = (noise + (level * discount.powi(i as i32))?)?;
         if hi == 1 || wi == 1 {
             break;
         }

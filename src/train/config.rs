@@ -258,9 +258,10 @@ pub struct TrainConfig {
     pub noise_offset: f64,
     /// Multi-resolution ("pyramid") noise levels added to ε after the
     /// offset (0 disables; kohya `--multires_noise_iterations`, 6–10 at
-    /// 1024²): level i adds N(0,1) drawn at the latent size divided by
-    /// rᶦ (r uniform in [2, 4) per level), bilinearly upsampled and scaled
-    /// by `multires_noise_discount`ᶦ, until a side reaches 1; then each
+    /// 1024²): level i = 0, 1, … adds N(0,1) drawn at the latent size
+    /// divided by rᶦ (r uniform in [2, 4) per level, so level 0 is a second
+    /// full-size field), bilinearly upsampled and scaled by
+    /// `multires_noise_discount`ᶦ, until a side reaches 1; then each
     /// sample's noise is rescaled to unit std.
     pub multires_noise_iterations: usize,
     /// Weight ratio between successive multi-resolution levels (0 < d ≤ 1;

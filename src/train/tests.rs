@@ -598,9 +598,6 @@ fn the_conversion_works_as_a_number() {
     assert!(r.back < r.eps + 0.02, "back to eps too far: {r:?}");
 }
 
-/// The EMA update keeps no backprop graph: each new EMA tensor must not
-/// reference the previous one (that chain kept every step's weights in
-/// memory and got the toy build killed at 23 GB).
 /// Multi-resolution noise: unit std per sample, deterministic from the
 /// stream, and far more power in each channel's spatial mean (the layout
 /// frequencies) than plain per-cell noise (variance 1/64 on 8×8).
@@ -645,6 +642,28 @@ fn multires_noise_has_unit_std_and_coarse_power() {
         m.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
         again.flatten_all().unwrap().to_vec1::<f32>().unwrap()
     );
+}
+
+/// Level 0 is kohya's second full-size field with weight 1: with one level
+/// the result is (ε + ε′)/std, so its correlation with ε is 1/√2 (a first
+/// level that is already coarse, weighted 0.3, would leave it near 0.96).
+#[test]
+fn multires_noise_level_zero_is_a_full_size_field() {
+    use rand::SeedableRng;
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+    let n = 16 * 4 * 32 * 32;
+    let eps = Tensor::from_vec(
+        crate::diffusion::noise::normals(&mut rng, n),
+        (16, 4, 32, 32),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let m = multires_noise(&eps, &mut rng, 1, 0.3).unwrap();
+    let a: Vec<f32> = eps.flatten_all().unwrap().to_vec1().unwrap();
+    let b: Vec<f32> = m.flatten_all().unwrap().to_vec1().unwrap();
+    let dot = |x: &[f32], y: &[f32]| x.iter().zip(y).map(|(p, q)| (p * q) as f64).sum::<f64>();
+    let corr = dot(&a, &b) / (dot(&a, &a) * dot(&b, &b)).sqrt();
+    assert!((corr - 0.5f64.sqrt()).abs() < 0.02, "corr {corr}");
 }
 
 /// The evaluation sees the EMA weights (what the export writes) and the
