@@ -59,9 +59,17 @@ impl Spacing {
                     .collect()
             }
             Spacing::Trailing => {
-                let ratio = num_train as f64 / n as f64;
+                // numpy's float `arange` fills `start + i·δ` with
+                // δ = (start + step) − start, not the exact step; at some
+                // counts (48, 96, 112, …) that moves an x.5 value across
+                // the rounding point, so the same δ keeps diffusers' list.
+                // numpy also returns one extra value (t = −1) at 62 counts
+                // (61, 103, …); diffusers' list has n + 1 steps there, this
+                // one keeps n.
+                let start = num_train as f64;
+                let delta = (start - start / n as f64) - start;
                 (0..n)
-                    .map(|i| (num_train as f64 - i as f64 * ratio).round_ties_even() - 1.0)
+                    .map(|i| (start + i as f64 * delta).round_ties_even() - 1.0)
                     .collect()
             }
             Spacing::Linspace => {
@@ -263,6 +271,24 @@ mod tests {
     use super::*;
     use crate::diffusion::schedule::TerminalClamp;
     use crate::diffusion::testutil::{assert_close_rel, f64s, golden};
+
+    /// diffusers' trailing list where numpy's `arange` rounding differs
+    /// from the exact ratio (values from `np.round(np.arange(1000, 0,
+    /// -1000 / n)) - 1`; the exact ratio gives 937 at n = 48, i = 3).
+    #[test]
+    fn trailing_follows_numpy_arange_rounding() {
+        let t = |n| Spacing::Trailing.timesteps(n, 1000, 1).unwrap();
+        assert_eq!(
+            t(48)[..8],
+            [999.0, 978.0, 957.0, 936.0, 916.0, 895.0, 874.0, 853.0]
+        );
+        assert_eq!(
+            t(96)[..8],
+            [999.0, 989.0, 978.0, 968.0, 957.0, 947.0, 937.0, 926.0]
+        );
+        let l = t(61);
+        assert_eq!((l.len(), l[60]), (61, 15.0));
+    }
 
     fn sched(ztsnr: &str) -> NoiseSchedule {
         match ztsnr {
