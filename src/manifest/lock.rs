@@ -1,4 +1,6 @@
-//! Run locks: a process working on a run of a dataset (any stage's run from
+//! Run locks, and one writer per dataset.
+//!
+//! A process working on a run of a dataset (any stage's run from
 //! [`Manifest::begin_run`] to [`Manifest::end_run`], a training run, a
 //! `run` pipeline) holds an exclusive OS file lock (`flock(2)`; `libc`
 //! rather than `File::try_lock`, which needs Rust 1.89 against the crate's
@@ -23,10 +25,18 @@
 //! writes nothing. The lock files stay (a few
 //! bytes each): removing one could let two processes lock different files
 //! under the same name.
+//!
+//! A run of a curation stage ([`WRITER_STAGES`]) also holds the dataset's
+//! writer lock (`.locks/dataset-writer.lock`, the same kind of lock): those
+//! stages change items and files and sweep temporary files they take for
+//! their own leftovers, so a second one on the same folder (a `generate`
+//! relaunched in another terminal) is refused, naming the first. `train`,
+//! `run`'s own row, `inspect` and `sample` run alongside.
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use super::Manifest;
 use crate::error::{Error, IoContext, Result};
@@ -34,17 +44,26 @@ use crate::error::{Error, IoContext, Result};
 /// Folder of the lock files, in the dataset folder.
 pub const LOCK_DIR: &str = ".locks";
 
-/// An exclusive lock on one run, held until dropped (or the process ends).
+/// An exclusive lock on one run, held until dropped (or the process ends),
+/// with the dataset's writer lock for runs of [`WRITER_STAGES`].
 #[derive(Debug)]
 pub struct RunLock {
     _file: File,
     path: PathBuf,
+    _writer: Option<Arc<File>>,
 }
 
 impl RunLock {
     /// The lock file.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// This run also holds the dataset's writer lock `writer` (released
+    /// with the last run of the handle that holds it).
+    pub(super) fn with_writer(mut self, writer: Option<Arc<File>>) -> Self {
+        self._writer = writer;
+        self
     }
 }
 
@@ -66,13 +85,21 @@ fn hostname() -> String {
     String::from_utf8_lossy(&buf[..end]).into_owned()
 }
 
-/// Take an exclusive lock on `file` without waiting: `Ok(false)` when
-/// another open file (another process) holds one.
+/// Take a lock on `file` without waiting — exclusive to hold it, shared
+/// to probe it (a shared lock needs no write access, which NFS's emulation
+/// of `flock` asks of an exclusive one, and still conflicts with a
+/// holder's exclusive lock): `Ok(false)` when another open file (another
+/// process) holds a conflicting one.
 #[cfg(unix)]
-fn try_flock(file: &File) -> std::io::Result<bool> {
+fn try_flock(file: &File, exclusive: bool) -> std::io::Result<bool> {
     use std::os::unix::io::AsRawFd;
+    let mode = if exclusive {
+        libc::LOCK_EX
+    } else {
+        libc::LOCK_SH
+    };
     // SAFETY: a valid open descriptor; flock has no memory effects.
-    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    let rc = unsafe { libc::flock(file.as_raw_fd(), mode | libc::LOCK_NB) };
     if rc == 0 {
         return Ok(true);
     }
@@ -86,7 +113,7 @@ fn try_flock(file: &File) -> std::io::Result<bool> {
 
 /// Without `flock` every run looks free (no liveness).
 #[cfg(not(unix))]
-fn try_flock(_file: &File) -> std::io::Result<bool> {
+fn try_flock(_file: &File, _exclusive: bool) -> std::io::Result<bool> {
     Ok(true)
 }
 
@@ -112,33 +139,82 @@ impl Manifest {
     /// them).
     pub fn try_lock_run(&self, id: i64) -> Result<std::result::Result<RunLock, String>> {
         let path = self.run_lock_path(id);
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).at(dir)?;
-        }
-        let mut file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&path)
-            .at(&path)?;
-        match try_flock(&file) {
-            Ok(true) => {}
-            Ok(false) => return Ok(Err(holder(&mut file))),
-            Err(e) => return Err(Error::io(&path, e)),
-        }
-        let who = format!(
-            "pid {} on {}, since {}",
-            std::process::id(),
-            hostname(),
-            super::now()
-        );
-        file.set_len(0).at(&path)?;
-        file.seek(SeekFrom::Start(0)).at(&path)?;
-        file.write_all(who.as_bytes()).at(&path)?;
-        Ok(Ok(RunLock { _file: file, path }))
+        Ok(lock_file(&path)?.map(|file| RunLock {
+            _file: file,
+            path,
+            _writer: None,
+        }))
     }
 
+    /// The dataset's writer lock for a run of `stage`, shared by every run
+    /// of this handle that holds it: `None` for stages that may run
+    /// alongside the curation stages ([`WRITER_STAGES`]), else the lock or
+    /// an error naming the process that holds it.
+    pub(super) fn writer_lock(&self, stage: &str) -> Result<Option<Arc<File>>> {
+        if !WRITER_STAGES.contains(&stage) {
+            return Ok(None);
+        }
+        if let Some(held) = self.writer.borrow().upgrade() {
+            return Ok(Some(held));
+        }
+        let path = self.root().join(LOCK_DIR).join(WRITER_LOCK);
+        match lock_file(&path)? {
+            Ok(file) => {
+                let file = Arc::new(file);
+                *self.writer.borrow_mut() = Arc::downgrade(&file);
+                Ok(Some(file))
+            }
+            Err(holder) => Err(Error::config(format!(
+                "{}: another eps2v process is writing this dataset ({holder}); wait for it to finish or stop it (Ctrl-C), then rerun `{stage}`. Only one of import, generate, caption, dedupe, filter, bucket, export and merge writes a dataset at a time; inspect, sample and train can run alongside",
+                self.root().display()
+            ))),
+        }
+    }
+}
+
+/// Stages that change the dataset's items and files, or sweep temporary
+/// files they assume are their own: one of them at a time per dataset
+/// ([`LOCK_DIR`]/[`WRITER_LOCK`]). A second `generate` started on a folder
+/// that one is filling would otherwise sweep the first one's half-written
+/// images and render the same planned rows.
+pub const WRITER_STAGES: &[&str] = &[
+    "import", "generate", "caption", "dedupe", "filter", "bucket", "export", "merge",
+];
+
+/// The writer lock's file in [`LOCK_DIR`].
+pub const WRITER_LOCK: &str = "dataset-writer.lock";
+
+/// Create (if needed) and take `path`'s exclusive lock without waiting,
+/// writing who holds it: `Ok(Err(holder))` when another process does.
+fn lock_file(path: &Path) -> Result<std::result::Result<File, String>> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).at(dir)?;
+    }
+    let mut file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .at(path)?;
+    match try_flock(&file, true) {
+        Ok(true) => {}
+        Ok(false) => return Ok(Err(holder(&mut file))),
+        Err(e) => return Err(Error::io(path, e)),
+    }
+    let who = format!(
+        "pid {} on {}, since {}",
+        std::process::id(),
+        hostname(),
+        super::now()
+    );
+    file.set_len(0).at(path)?;
+    file.seek(SeekFrom::Start(0)).at(path)?;
+    file.write_all(who.as_bytes()).at(path)?;
+    Ok(Ok(file))
+}
+
+impl Manifest {
     /// Lock run `id` for this process, or an error naming the process that
     /// holds it and what to do. The lock of a run this handle began
     /// ([`Manifest::begin_run`]) is handed over: the caller holds it from
@@ -170,7 +246,7 @@ impl Manifest {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(Error::io(&path, e)),
         };
-        if try_flock(&file).at(&path)? {
+        if try_flock(&file, false).at(&path)? {
             return Ok(None);
         }
         Ok(Some(holder(&mut file)))
@@ -215,7 +291,8 @@ mod tests {
 
     /// Every stage's run is locked from `begin_run` to `end_run`; a new run
     /// of a stage marks the rows of that stage that dead processes left
-    /// `running` as failed, and leaves live ones alone.
+    /// `running` as failed, and leaves live ones alone. (Stages outside
+    /// [`WRITER_STAGES`], so that two handles can run them at once.)
     #[test]
     fn stage_runs_are_locked_and_dead_ones_tidied_by_the_next() {
         let dir = tempfile::tempdir().unwrap();
@@ -227,18 +304,18 @@ mod tests {
                 .query_row("SELECT status FROM runs WHERE id = ?1", [id], |r| r.get(0))
                 .unwrap()
         };
-        let dead = m.begin_run("caption", &none).unwrap();
+        let dead = m.begin_run("probe", &none).unwrap();
         assert!(other.run_is_live(dead).unwrap(), "locked by begin_run");
         drop(m.lock_run(dead).unwrap()); // its process died
         assert!(!other.run_is_live(dead).unwrap());
         // Live in another handle (as another process would be).
-        let live = other.begin_run("caption", &none).unwrap();
+        let live = other.begin_run("probe", &none).unwrap();
         let unrelated = {
-            let id = m.begin_run("generate", &none).unwrap();
+            let id = m.begin_run("other", &none).unwrap();
             drop(m.lock_run(id).unwrap());
             id
         };
-        let next = m.begin_run("caption", &none).unwrap();
+        let next = m.begin_run("probe", &none).unwrap();
         assert_eq!(status(dead), "failed");
         let note: String = m
             .conn()
@@ -249,7 +326,7 @@ mod tests {
         assert_eq!(
             serde_json::from_str::<serde_json::Value>(&note).unwrap()["marked_failed_by"],
             live,
-            "the first caption run after it found it dead"
+            "the first probe run after it found it dead"
         );
         assert_eq!(status(live), "running");
         assert_eq!(status(next), "running");
@@ -257,5 +334,46 @@ mod tests {
         m.end_run(next, true, &none).unwrap();
         assert!(!other.run_is_live(next).unwrap(), "released by end_run");
         assert!(m.run_is_live(live).unwrap());
+    }
+
+    /// One curation writer per dataset: while a handle (a process) runs a
+    /// writer stage, another handle's writer stage is refused, naming it,
+    /// and leaves no row; stages outside the list run alongside; runs of
+    /// one handle share the lock, which goes with the last of them.
+    #[test]
+    fn one_curation_stage_writes_a_dataset_at_a_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = Manifest::init(dir.path()).unwrap();
+        let other = Manifest::open(dir.path()).unwrap();
+        let none = serde_json::json!({});
+        let rows = || -> i64 {
+            m.conn()
+                .query_row("SELECT count(*) FROM runs", [], |r| r.get(0))
+                .unwrap()
+        };
+        let a = m.begin_run("generate", &none).unwrap();
+        let b = m.begin_run("caption", &none).unwrap();
+        let before = rows();
+        let e = other.begin_run("import", &none).unwrap_err().to_string();
+        assert!(
+            e.contains("another eps2v process is writing this dataset")
+                && e.contains(&format!("pid {}", std::process::id()))
+                && e.contains("rerun `import`"),
+            "{e}"
+        );
+        assert_eq!(rows(), before, "a refused run leaves no row");
+        let t = other.begin_run("train", &none).unwrap();
+        m.end_run(a, true, &none).unwrap();
+        assert!(
+            other.begin_run("export", &none).is_err(),
+            "b still holds it"
+        );
+        m.end_run(b, true, &none).unwrap();
+        let c = other.begin_run("export", &none).unwrap();
+        assert!(m.begin_run("bucket", &none).is_err());
+        other.end_run(c, true, &none).unwrap();
+        other.end_run(t, true, &none).unwrap();
+        let d = m.begin_run("bucket", &none).unwrap();
+        m.end_run(d, true, &none).unwrap();
     }
 }

@@ -90,6 +90,9 @@ pub struct Manifest {
     /// Locks of the runs this handle began and has not ended
     /// ([`Manifest::begin_run`], [`Manifest::lock_run`]).
     held: std::cell::RefCell<std::collections::BTreeMap<i64, lock::RunLock>>,
+    /// The dataset's writer lock while a run of this handle holds it
+    /// ([`lock::WRITER_STAGES`]).
+    writer: std::cell::RefCell<std::sync::Weak<std::fs::File>>,
 }
 
 impl std::fmt::Debug for Manifest {
@@ -135,6 +138,7 @@ impl Manifest {
             db_path,
             conn,
             held: Default::default(),
+            writer: Default::default(),
         };
         m.check_version_readable()?;
         Ok(m)
@@ -156,11 +160,18 @@ impl Manifest {
              PRAGMA cache_size = -262144;",
         )
         .map_err(|e| manifest_err(&db_path, e))?;
+        // Every write transaction takes the write lock when it begins: a
+        // deferred one that read first fails at once (SQLITE_BUSY_SNAPSHOT,
+        // which the busy timeout does not wait out) when another process
+        // (a trainer writing its evaluations) committed in between.
+        let mut conn = conn;
+        conn.set_transaction_behavior(rusqlite::TransactionBehavior::Immediate);
         let mut m = Self {
             root: root.to_path_buf(),
             db_path,
             conn,
             held: Default::default(),
+            writer: Default::default(),
         };
         m.migrate()?;
         Ok(m)
@@ -219,6 +230,15 @@ impl Manifest {
                 .conn
                 .transaction()
                 .map_err(|e| manifest_err(&path, e))?;
+            // Another process opening the same old manifest may have run
+            // this step while this one waited for the write lock.
+            let now: i64 = tx
+                .query_row("PRAGMA user_version", [], |r| r.get(0))
+                .map_err(|e| manifest_err(&path, e))?;
+            if now != v {
+                v = now;
+                continue;
+            }
             tx.execute_batch(sql).map_err(|e| manifest_err(&path, e))?;
             let broken: Option<String> = tx
                 .query_row("PRAGMA foreign_key_check", [], |r| r.get(0))
@@ -273,8 +293,11 @@ impl Manifest {
     /// a dead process left `running` are marked `failed` (not `train`
     /// and `run` rows: the trainer tidies its own, with their partial
     /// checkpoints, and a pipeline row is reopened by the next `run`).
+    /// A run of one of [`lock::WRITER_STAGES`] also holds the dataset's
+    /// writer lock, and is refused while another process holds it.
     pub fn begin_run(&self, stage: &str, config: &impl serde::Serialize) -> Result<i64> {
         let cfg = serde_json::to_string(config)?;
+        let writer = self.writer_lock(stage)?;
         let tx = self.conn.unchecked_transaction().map_err(|e| self.err(e))?;
         tx.execute(
             "INSERT INTO runs (stage, config_json, tool_version, started_at) VALUES (?1, ?2, ?3, ?4)",
@@ -282,7 +305,7 @@ impl Manifest {
         )
         .map_err(|e| self.err(e))?;
         let id = tx.last_insert_rowid();
-        let lock = self.lock_run(id)?;
+        let lock = self.lock_run(id)?.with_writer(writer);
         tx.commit().map_err(|e| self.err(e))?;
         self.held.borrow_mut().insert(id, lock);
         if stage != "train" && stage != "run" {
@@ -329,7 +352,7 @@ impl Manifest {
     /// Mark `running` row `id`, whose process is gone, as `failed`, noting
     /// in its report (when it has none) that run `by` found it so. The
     /// caller holds its lock.
-    fn mark_dead(&self, id: i64, by: i64) -> Result<()> {
+    pub(crate) fn mark_dead(&self, id: i64, by: i64) -> Result<()> {
         self.conn
             .execute(
                 "UPDATE runs SET status = 'failed', ended_at = ?2, \

@@ -232,6 +232,9 @@ fn pipeline_row(
         key: key.to_string(),
         ..Default::default()
     };
+    // The newest row, when a new row replaces it: left `running` by a
+    // killed `run`, it is marked failed (no later `run` looks at it again).
+    let mut replaced = None;
     if let Some((id, json, counts)) = &latest {
         // Refused while another process runs it, whatever the config.
         let lock = m.lock_run(*id)?;
@@ -264,9 +267,13 @@ fn pipeline_row(
             save_progress(m, *id, &progress)?;
             return Ok((*id, progress, lock));
         }
+        replaced = Some((*id, lock));
     }
     let id = m.begin_run("run", value)?;
     let lock = m.lock_run(id)?;
+    if let Some((old, _held)) = replaced {
+        m.mark_dead(old, id)?;
+    }
     save_progress(m, id, &progress)?;
     Ok((id, progress, lock))
 }
@@ -752,7 +759,8 @@ mod tests {
     /// The pipeline row is locked while a `run` works on it: a second
     /// `run` on the dataset meanwhile is refused naming the first process,
     /// whatever its config; once the first is gone its row is reopened
-    /// (same config) or a new one starts (another config).
+    /// (same config) or a new one starts (another config) and the old row
+    /// is marked failed.
     #[test]
     fn a_second_run_on_a_dataset_in_use_is_refused() {
         let d = tempfile::tempdir().unwrap();
@@ -773,5 +781,15 @@ mod tests {
         let (other, _, _lock) = pipeline_row(&m, &value, &digests, "k2").unwrap();
         assert_ne!(other, id);
         assert!(!m.run_is_live(id).unwrap() && m.run_is_live(other).unwrap());
+        // The replaced row, left `running` by its dead process, is failed.
+        let status = |id: i64| -> String {
+            m.conn()
+                .query_row("SELECT status FROM runs WHERE id = ?1", [id], |r| r.get(0))
+                .unwrap()
+        };
+        assert_eq!(
+            (status(id).as_str(), status(other).as_str()),
+            ("failed", "running")
+        );
     }
 }
