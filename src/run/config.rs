@@ -390,6 +390,16 @@ impl RunConfig {
                 }
             )));
         }
+        if let Some(t) = &self.caption.tagger {
+            // The toy tagger knows only the toy world's shapes: on a real
+            // model's images it would confirm none of the prompt tags.
+            if *t == super::defaults::default_tagger_dir() && !crate::toy::is_toy_model(&model) {
+                return Err(Error::config(format!(
+                    "caption.tagger: not given, and the default is the toy world's tagger (it knows only the toy shapes) while model {} is not a toy model; give `tagger = \"DIR\"` under [caption], a WD v3 tagger folder (model.safetensors, selected_tags.csv, config.json, e.g. SmilingWolf/wd-vit-tagger-v3), or use caption.caption.policy = \"prompt\" without the filter and evaluate stages",
+                    model.display()
+                )));
+            }
+        }
         if self.has("caption") {
             if let Some(t) = &self.caption.tagger {
                 if !t.exists() {
@@ -709,6 +719,24 @@ mod tests {
         let e = c.check_files().unwrap_err().to_string();
         assert!(
             e.starts_with("model: /nonexistent/base.safetensors: no such file"),
+            "{e}"
+        );
+    }
+
+    /// The toy tagger is no default for a model outside the toy world.
+    #[test]
+    fn a_real_model_needs_a_tagger_of_its_own() {
+        let d = tempfile::tempdir().unwrap();
+        let model = d.path().join("real.safetensors");
+        std::fs::write(&model, b"not a toy checkpoint").unwrap();
+        let mut c = RunConfig {
+            model: Some(model),
+            ..Default::default()
+        };
+        c.resolve();
+        let e = c.check_files().unwrap_err().to_string();
+        assert!(
+            e.starts_with("caption.tagger: not given") && e.contains("not a toy model"),
             "{e}"
         );
     }

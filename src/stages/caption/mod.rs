@@ -305,6 +305,8 @@ struct Writer<'a> {
     tagger_id: Option<String>,
     report: &'a mut CaptionReport,
     alignment_sum: f64,
+    /// [`policy::checkable_keys`] of the tagger (empty without one).
+    checkable: std::collections::HashSet<String>,
 }
 
 impl Writer<'_> {
@@ -415,7 +417,7 @@ impl Writer<'_> {
             None
         } else {
             let prompt = c.prompt.as_deref().map(policy::prompt_tags);
-            let t = policy::caption(&self.cfg.caption, prompt.as_deref(), tags);
+            let t = policy::caption(&self.cfg.caption, prompt.as_deref(), tags, &self.checkable);
             if t.is_none() && !c.has_sidecar {
                 self.report.uncaptioned += 1;
             }
@@ -496,6 +498,10 @@ pub fn run(cfg: &CaptionConfig, m: &mut Manifest, ctx: &Ctx) -> Result<CaptionRe
         tagger_id: tagger.as_ref().map(|t| t.id.clone()),
         report: &mut report,
         alignment_sum: 0.0,
+        checkable: tagger
+            .as_ref()
+            .map(|t| policy::checkable_keys(&t.labels))
+            .unwrap_or_default(),
     };
 
     let tag_t0 = Instant::now();

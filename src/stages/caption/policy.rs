@@ -305,13 +305,30 @@ pub fn order_tags(tags: &[ScoredTag]) -> Vec<String> {
     v.into_iter().map(|t| t.name.clone()).collect()
 }
 
+/// The [`tag_key`]s of the tags the tagger can check in a prompt: its
+/// general and character outputs (see the module docs).
+pub fn checkable_keys(labels: &Labels) -> HashSet<String> {
+    labels
+        .names
+        .iter()
+        .zip(&labels.categories)
+        .filter(|(_, c)| matches!(**c, CATEGORY_GENERAL | CATEGORY_CHARACTER))
+        .map(|(n, _)| tag_key(n))
+        .collect()
+}
+
 /// Write the caption of one item, or `None` when the policy has nothing to
 /// say (no prompt for `prompt`, no tagger result for `tags`/`merged`).
-/// `merged` without a prompt is `tags`.
+/// `merged` without a prompt is `tags`. `checkable`: [`checkable_keys`] of
+/// the tagger; `merged` drops only the prompt tags among them that the
+/// tagger did not confirm, and keeps the ones it cannot check (quality,
+/// meta, rating, artist and trigger words), as the base model was prompted
+/// with them.
 pub fn caption(
     cfg: &PolicyConfig,
     prompt: Option<&[String]>,
     tags: Option<&TagResult>,
+    checkable: &HashSet<String>,
 ) -> Option<String> {
     let prompt = prompt.filter(|p| !p.is_empty());
     let body: Vec<String> = match cfg.policy {
@@ -324,13 +341,17 @@ pub fn caption(
                 Some(p) => {
                     let seen: HashSet<String> = tags.all().map(|t| tag_key(&t.name)).collect();
                     let in_prompt: HashSet<String> = p.iter().map(|t| tag_key(t)).collect();
-                    // Count tags lead (Danbooru order); the confirmed
-                    // prompt tags keep the prompt's order, the order the
-                    // base model was prompted with and its images are
-                    // aligned to; then what the tagger adds.
+                    // Count tags lead (Danbooru order); the prompt tags
+                    // the tagger confirmed or cannot check keep the
+                    // prompt's order, the order the base model was
+                    // prompted with and its images are aligned to; then
+                    // what the tagger adds.
                     let (count, rest): (Vec<String>, Vec<String>) = p
                         .iter()
-                        .filter(|t| seen.contains(&tag_key(t)))
+                        .filter(|t| {
+                            let k = tag_key(t);
+                            seen.contains(&k) || !checkable.contains(&k)
+                        })
                         .cloned()
                         .partition(|t| is_count_tag(t));
                     let (extra_count, extra_rest): (Vec<String>, Vec<String>) = order_tags(
@@ -501,10 +522,10 @@ mod tests {
             ..PolicyConfig::default()
         };
         assert_eq!(
-            caption(&cfg, None, Some(&result())).unwrap(),
+            caption(&cfg, None, Some(&result()), &checkable_keys(&labels())).unwrap(),
             "1girl, solo, hatsune miku, long hair, smile, outdoors"
         );
-        assert_eq!(caption(&cfg, None, None), None);
+        assert_eq!(caption(&cfg, None, None, &checkable_keys(&labels())), None);
     }
 
     #[test]
@@ -512,18 +533,28 @@ mod tests {
         let cfg = PolicyConfig::default();
         let p = prompt_tags("1girl, outdoors, red hair, masterpiece");
         // outdoors (0.4 < extra 0.6) stays because the prompt asked for it,
-        // and keeps its place after 1girl; red hair / masterpiece are not
-        // confirmed; long hair and smile are confident extras (after the
-        // prompt's tags); solo (0.5) is not; the character always is.
+        // and keeps its place after 1girl; red hair is checkable and not
+        // confirmed; masterpiece is not a tag the tagger knows, so it stays
+        // where the prompt put it; long hair and smile are confident
+        // extras (after the prompt's tags); solo (0.5) is not; the
+        // character always is.
         assert_eq!(
-            caption(&cfg, Some(&p), Some(&result())).unwrap(),
-            "1girl, outdoors, hatsune miku, long hair, smile"
+            caption(&cfg, Some(&p), Some(&result()), &checkable_keys(&labels())).unwrap(),
+            "1girl, outdoors, masterpiece, hatsune miku, long hair, smile"
+        );
+        // The shipped 1girl recipe's prompts: quality and rating words stay
+        // (the rating is a category-9 output, never checked), whatever
+        // their place.
+        let p = prompt_tags("highres, sensitive, 1girl, solo, outdoors");
+        assert_eq!(
+            caption(&cfg, Some(&p), Some(&result()), &checkable_keys(&labels())).unwrap(),
+            "1girl, solo, highres, sensitive, outdoors, hatsune miku, long hair, smile"
         );
         // The prompt's order, not the tagger's, whatever the probabilities;
         // count tags lead, the prompt's then the tagger's.
         let p = prompt_tags("outdoors, smile, 1girl");
         assert_eq!(
-            caption(&cfg, Some(&p), Some(&result())).unwrap(),
+            caption(&cfg, Some(&p), Some(&result()), &checkable_keys(&labels())).unwrap(),
             "1girl, outdoors, smile, hatsune miku, long hair"
         );
         let p = prompt_tags("outdoors, 1girl");
@@ -532,12 +563,18 @@ mod tests {
             ..PolicyConfig::default()
         };
         assert_eq!(
-            caption(&cfg_solo, Some(&p), Some(&result())).unwrap(),
+            caption(
+                &cfg_solo,
+                Some(&p),
+                Some(&result()),
+                &checkable_keys(&labels())
+            )
+            .unwrap(),
             "1girl, solo, outdoors, hatsune miku, long hair, smile"
         );
         // Without a prompt, merged is tags.
         assert_eq!(
-            caption(&cfg, None, Some(&result())).unwrap(),
+            caption(&cfg, None, Some(&result()), &checkable_keys(&labels())).unwrap(),
             "1girl, solo, hatsune miku, long hair, smile, outdoors"
         );
     }
@@ -557,7 +594,7 @@ mod tests {
         let p = prompt_tags("masterpiece, trigger word, 1girl, outdoors");
         // The two lead tags stay verbatim (undesired does not apply to them).
         assert_eq!(
-            caption(&cfg, Some(&p), Some(&result())).unwrap(),
+            caption(&cfg, Some(&p), Some(&result()), &checkable_keys(&labels())).unwrap(),
             "masterpiece, trigger word, 1girl, hatsune miku, grin"
         );
         let prompt_cfg = PolicyConfig {
@@ -565,9 +602,17 @@ mod tests {
             ..cfg.clone()
         };
         assert_eq!(
-            caption(&prompt_cfg, Some(&p), None).unwrap(),
+            caption(&prompt_cfg, Some(&p), None, &checkable_keys(&labels())).unwrap(),
             "masterpiece, trigger word, 1girl"
         );
-        assert_eq!(caption(&prompt_cfg, None, Some(&result())), None);
+        assert_eq!(
+            caption(
+                &prompt_cfg,
+                None,
+                Some(&result()),
+                &checkable_keys(&labels())
+            ),
+            None
+        );
     }
 }
