@@ -134,10 +134,16 @@ pub fn caption_config(a: &CaptionArgs) -> anyhow::Result<CaptionConfig> {
         c.tagger = Some(default_tagger(&a.dir)?);
     }
     // The device flags matter only when a tagger runs.
+    // The tagger runs in f32 unless --precision says otherwise: its
+    // thresholds were set in f32, and it is small.
     if c.tagger.is_some() {
         let (d, t) = a.device.resolve()?;
         c.device = Some(d);
-        c.dtype = Some(t);
+        c.dtype = Some(if a.device.precision.is_some() {
+            t
+        } else {
+            candle_core::DType::F32
+        });
     }
     Ok(c)
 }

@@ -79,9 +79,10 @@ pub struct CaptionConfig {
     /// config.
     #[serde(skip)]
     pub device: Option<candle_core::Device>,
-    /// dtype of the tagger's weights (`--precision`; `None`: f32 on the
-    /// CPU, bf16 on CUDA). Anything but f32 is part of the tagging settings,
-    /// so a later f32 run tags those items again.
+    /// dtype of the tagger's weights (`--precision`; `None`: f32 on every
+    /// device, as the reference taggers run and their thresholds assume; a
+    /// ViT-B is cheap in f32). Anything but f32 is part of the tagging
+    /// settings, so a later f32 run tags those items again.
     #[serde(skip)]
     pub dtype: Option<candle_core::DType>,
 }
@@ -463,7 +464,10 @@ pub fn run(cfg: &CaptionConfig, m: &mut Manifest, ctx: &Ctx) -> Result<CaptionRe
     let tagger = match &cfg.tagger {
         Some(p) => {
             let device = cfg.device.clone().unwrap_or_else(crate::nn::default_device);
-            let dtype = crate::nn::model_dtype(&device, cfg.dtype)?;
+            let dtype = crate::nn::model_dtype(
+                &device,
+                Some(cfg.dtype.unwrap_or(candle_core::DType::F32)),
+            )?;
             Some(Tagger::load_with(p, &device, dtype)?)
         }
         None => None,
