@@ -239,7 +239,16 @@ impl TemplateSpec {
         if pack::builtin(arg).is_some() {
             return Ok(Self::Builtin(arg.to_string()));
         }
-        if arg.trim_end().ends_with(".txt") {
+        if path.is_dir() {
+            let t = path.join("template.txt");
+            if t.is_file() {
+                return Ok(Self::File(t));
+            }
+            return Err(Error::config(format!(
+                "{arg}: a folder without a template.txt; pass the template file itself, a built-in pack name such as `1girl`, or the template text"
+            )));
+        }
+        if looks_like_a_path(arg) {
             return Err(Error::config(format!(
                 "{arg}: template file not found (pass an existing file, a built-in pack name such as `1girl`, or the template text itself)"
             )));
@@ -255,6 +264,23 @@ impl TemplateSpec {
             Self::Inline(_) => "inline".to_string(),
         }
     }
+}
+
+/// A missing `TEMPLATE` that reads as a file name rather than prompt text:
+/// no template syntax or spaces, and a folder separator or a file
+/// extension (`x.txt`, `prompts/a`, `my_templte.TXT`).
+fn looks_like_a_path(arg: &str) -> bool {
+    let arg = arg.trim();
+    if arg.is_empty() || arg.contains(['{', '}', ',', ' ', '\t']) || arg.contains("__") {
+        return false;
+    }
+    let ext = Path::new(arg).extension().and_then(|e| e.to_str());
+    arg.contains(['/', '\\'])
+        || ext.is_some_and(|e| {
+            (1..=5).contains(&e.len())
+                && e.chars().all(|c| c.is_ascii_alphanumeric())
+                && e.chars().any(|c| c.is_ascii_alphabetic())
+        })
 }
 
 /// Load and compile a template. Wildcards: `wildcards` when given (it must
@@ -291,6 +317,8 @@ pub fn load(spec: &TemplateSpec, wildcards: Option<&Path>) -> Result<Template> {
                     path.display()
                 ))
             })?;
+            // Editors on Windows may start the file with a byte-order mark.
+            let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
             let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
             let dir = if dir.as_os_str().is_empty() {
                 PathBuf::from(".")
@@ -302,8 +330,14 @@ pub fn load(spec: &TemplateSpec, wildcards: Option<&Path>) -> Result<Template> {
             } else {
                 dir
             };
-            let w = set(Some(default))?;
-            Template::compile(&text, &Source::new(path.display().to_string()), &w)
+            // A template without `__name__` reads no wildcard files (the
+            // file's own folder may hold anything).
+            let w = if text.contains("__") {
+                set(Some(default))?
+            } else {
+                WildcardSet::empty()
+            };
+            Template::compile(text, &Source::new(path.display().to_string()), &w)
         }
         TemplateSpec::Inline(text) => {
             let w = set(None)?;
@@ -435,10 +469,51 @@ mod tests {
             TemplateSpec::from_arg("{red|blue} circle").unwrap(),
             TemplateSpec::Inline("{red|blue} circle".into())
         );
-        let e = TemplateSpec::from_arg("nope/missing.txt").unwrap_err();
-        assert!(e.to_string().contains("template file not found"), "{e}");
+        for missing in [
+            "nope/missing.txt",
+            "x/y.tmpl",
+            "my_templte.TXT",
+            "prompts/a",
+        ] {
+            let e = TemplateSpec::from_arg(missing).unwrap_err();
+            assert!(
+                e.to_string().contains("template file not found"),
+                "{missing}: {e}"
+            );
+        }
+        for text in ["cat", "1.5 girls", "a cat, v1.2", "__x/y__", "{a|b}.png"] {
+            assert!(
+                matches!(TemplateSpec::from_arg(text), Ok(TemplateSpec::Inline(_))),
+                "{text}"
+            );
+        }
+        // A folder: its template.txt, else an error.
+        let dir = d.path().to_str().unwrap();
+        let e = TemplateSpec::from_arg(dir).unwrap_err();
+        assert!(
+            e.to_string().contains("a folder without a template.txt"),
+            "{e}"
+        );
+        std::fs::write(d.path().join("template.txt"), "x").unwrap();
+        assert_eq!(
+            TemplateSpec::from_arg(dir).unwrap(),
+            TemplateSpec::File(d.path().join("template.txt"))
+        );
         let e = load(&spec, Some(&d.path().join("absent"))).unwrap_err();
         assert!(e.to_string().contains("wildcard folder not found"), "{e}");
+        // A byte-order mark is not text of the first prompt.
+        std::fs::write(&f, "\u{feff}{a|b}, __c__").unwrap();
+        let t = load(&spec, None).unwrap();
+        assert_eq!(t.combinations().collect::<Vec<_>>(), ["a, cc", "b, cc"]);
+        // A template without wildcards reads no wildcard files: its folder
+        // may hold anything, here a dangling link.
+        let loose = d.path().join("loose");
+        std::fs::create_dir(&loose).unwrap();
+        std::fs::write(loose.join("t.txt"), "{red|blue} circle").unwrap();
+        #[cfg(unix)]
+        std::os::unix::fs::symlink(loose.join("gone"), loose.join("broken.txt")).unwrap();
+        let t = load(&TemplateSpec::File(loose.join("t.txt")), None).unwrap();
+        assert_eq!(t.combinations().count(), 2);
         // A non-UTF-8 template is named.
         std::fs::write(&f, b"\xff\xfe").unwrap();
         let e = load(&spec, None).unwrap_err();

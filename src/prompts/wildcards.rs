@@ -114,7 +114,8 @@ impl WildcardSet {
                     .collect::<Vec<_>>()
                     .join("/");
                 let bytes = std::fs::read(&path).at(&path)?;
-                let contents = String::from_utf8_lossy(&bytes).replace('\u{FFFD}', "");
+                let contents =
+                    String::from_utf8_lossy(&bytes).replace(['\u{FFFD}', '\u{FEFF}'], "");
                 set.add(&name, &path.display().to_string(), contents);
             }
         }
