@@ -99,12 +99,12 @@ CREATE TABLE hashes (
 );
 CREATE INDEX hashes_pixel ON hashes(pixel_sha256);
 
--- Duplicate clusters (connected components); the keeper has a row too (distance 0, is_keeper 1).
+-- Duplicate clusters (connected components); the keeper has a row too (kind 'keeper', distance 0).
 CREATE TABLE duplicates (
     item_id    INTEGER PRIMARY KEY REFERENCES items(id),
     cluster_id INTEGER NOT NULL,                   -- the keeper's item id
     keeper_id  INTEGER NOT NULL REFERENCES items(id),
-    distance   INTEGER NOT NULL,                   -- Hamming distance to the keeper's hash (0 = exact)
+    distance   INTEGER NOT NULL,                   -- Hamming distance to the keeper's hash (kind 'exact': same pixels, whatever the distance)
     kind       TEXT    NOT NULL CHECK (kind IN ('keeper', 'exact', 'near')),
     run_id     INTEGER NOT NULL REFERENCES runs(id)
 );

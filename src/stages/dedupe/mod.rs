@@ -5,12 +5,16 @@
 //! - Near duplicates: 64-bit perceptual hash (pHash by default, dHash as an
 //!   option; both computed at import from the same decode) within a Hamming
 //!   radius, found with the exact multi-index search in [`index`].
-//! - Clusters are the connected components of the "duplicate of" graph
-//!   (union-find). One keeper per cluster by the documented rule
-//!   ([`keeper`]): larger resolution, then lossless over lossy, then better
-//!   caption/tag score (then any caption over none), then larger file, then
-//!   the older item. Every other member gets status `duplicate` with its
-//!   keeper, distance and kind (`exact`: same decoded pixels as the keeper).
+//! - Groups are the connected components of the "duplicate of" graph
+//!   (union-find). Within a group, members are ranked by the documented
+//!   rule ([`keeper`]): larger resolution, then lossless over lossy, then
+//!   better caption/tag score (then any caption over none), then larger
+//!   file, then the older item; in that order each member is a duplicate
+//!   of a member already kept when it has its pixels or is within the
+//!   radius of it, else it is kept ([`choose_keepers`]; the far end of a
+//!   chain A–B–C is kept, as in imagededup). Every dropped member gets
+//!   status `duplicate` with its keeper, distance and kind (`exact`: same
+//!   decoded pixels as the keeper).
 //! - Idempotent and atomic: the plan is computed from the manifest alone and
 //!   written in one transaction that first clears the previous dedupe
 //!   decisions, so a rerun (or a rerun after `kill -9`) gives the same result.
@@ -98,7 +102,7 @@ fn find(parent: &mut [u32], mut x: u32) -> u32 {
 /// Pure planner: clusters and keepers for `items` at `radius`.
 /// Clusters are returned sorted by keeper id, drops by item id.
 pub fn plan(items: &[Candidate], radius: u32) -> Vec<Cluster> {
-    choose_keepers(items, &components(items, radius))
+    choose_keepers(items, &components(items, radius), radius)
 }
 
 /// The duplicate clusters (connected components with more than one
@@ -137,41 +141,58 @@ pub fn components(items: &[Candidate], radius: u32) -> Vec<Vec<u32>> {
     groups.into_values().filter(|g| g.len() > 1).collect()
 }
 
-/// Pick the keeper of every cluster by [`keeper_order`] and describe the
-/// drops. Clusters are returned sorted by keeper id, drops by item id.
-pub fn choose_keepers(items: &[Candidate], groups: &[Vec<u32>]) -> Vec<Cluster> {
-    let mut clusters: Vec<Cluster> = groups
-        .iter()
-        .map(|g| {
-            let keeper = *g
+/// Pick the keepers of every group (a connected component of [`components`])
+/// and describe the drops. Within a group, members are taken in
+/// [`keeper_order`]: one with the same pixels as a member already kept is
+/// an `exact` duplicate of it, else one within `radius` of a kept member is
+/// a `near` duplicate of the nearest (the earlier kept on a tie), else it is
+/// kept too. So every drop is within `radius` of its keeper (or has its
+/// pixels), as in imagededup, where the groups' transitive closure would
+/// drop the far end of a chain A–B–C as a "duplicate" of A it does not
+/// resemble. Clusters (a keeper with at least one drop) are returned sorted
+/// by keeper id, drops by item id.
+pub fn choose_keepers(items: &[Candidate], groups: &[Vec<u32>], radius: u32) -> Vec<Cluster> {
+    let mut clusters: Vec<Cluster> = Vec::new();
+    for g in groups {
+        let mut order = g.clone();
+        order.sort_by(|&a, &b| keeper_order(&items[a as usize], &items[b as usize]));
+        let mut kept: Vec<(&Candidate, Vec<Drop>)> = Vec::new();
+        for &i in &order {
+            let c = &items[i as usize];
+            let exact = kept
                 .iter()
-                .min_by(|&&a, &&b| keeper_order(&items[a as usize], &items[b as usize]))
-                .unwrap_or(&g[0]);
-            let k = &items[keeper as usize];
-            let mut drops: Vec<Drop> = g
-                .iter()
-                .filter(|&&i| i != keeper)
-                .map(|&i| {
-                    let c = &items[i as usize];
-                    Drop {
+                .position(|(k, _)| k.pixel_sha256 == c.pixel_sha256);
+            let near = || {
+                kept.iter()
+                    .enumerate()
+                    .map(|(n, (k, _))| ((c.hash ^ k.hash).count_ones(), n))
+                    .filter(|&(d, _)| d <= radius)
+                    .min()
+                    .map(|(_, n)| n)
+            };
+            match exact.or_else(near) {
+                Some(n) => {
+                    let k = kept[n].0;
+                    kept[n].1.push(Drop {
                         item_id: c.id,
                         keeper_id: k.id,
                         distance: (c.hash ^ k.hash).count_ones(),
-                        kind: if c.pixel_sha256 == k.pixel_sha256 {
-                            "exact"
-                        } else {
-                            "near"
-                        },
-                    }
-                })
-                .collect();
-            drops.sort_by_key(|d| d.item_id);
-            Cluster {
-                keeper_id: k.id,
-                drops,
+                        kind: if exact.is_some() { "exact" } else { "near" },
+                    });
+                }
+                None => kept.push((c, Vec::new())),
             }
-        })
-        .collect();
+        }
+        for (k, mut drops) in kept {
+            if !drops.is_empty() {
+                drops.sort_by_key(|d| d.item_id);
+                clusters.push(Cluster {
+                    keeper_id: k.id,
+                    drops,
+                });
+            }
+        }
+    }
     clusters.sort_by_key(|c| c.keeper_id);
     clusters
 }
@@ -197,14 +218,9 @@ pub struct DedupeReport {
     pub plan: Vec<Cluster>,
 }
 
-/// Run the dedupe stage.
-pub fn run(cfg: &DedupeConfig, m: &mut Manifest, _ctx: &Ctx) -> Result<DedupeReport> {
-    if cfg.radius > 32 {
-        return Err(crate::Error::config(format!(
-            "dedupe radius {} is out of range; use 0..=32 (default 10)",
-            cfg.radius
-        )));
-    }
+/// Read the candidates and group them: the clusters with their keepers,
+/// and the report's counts.
+fn read_and_plan(cfg: &DedupeConfig, m: &Manifest) -> Result<(Vec<Cluster>, DedupeReport)> {
     let hash_col = match cfg.hash {
         HashKind::Phash => "h.phash",
         HashKind::Dhash => "h.dhash",
@@ -259,7 +275,7 @@ pub fn run(cfg: &DedupeConfig, m: &mut Manifest, _ctx: &Ctx) -> Result<DedupeRep
             items[i].lossless = keeper::webp_is_lossless(&m.root().join(rel)).unwrap_or(false);
         }
     }
-    let clusters = choose_keepers(&items, &groups);
+    let clusters = choose_keepers(&items, &groups, cfg.radius);
     let mut report = DedupeReport {
         considered: items.len(),
         clusters: clusters.len(),
@@ -276,11 +292,26 @@ pub fn run(cfg: &DedupeConfig, m: &mut Manifest, _ctx: &Ctx) -> Result<DedupeRep
         }
     }
     report.kept = report.considered - report.exact - report.near;
+    Ok((clusters, report))
+}
+
+/// Run the dedupe stage.
+pub fn run(cfg: &DedupeConfig, m: &mut Manifest, _ctx: &Ctx) -> Result<DedupeReport> {
+    if cfg.radius > 32 {
+        return Err(crate::Error::config(format!(
+            "dedupe radius {} is out of range; use 0..=32 (default 10)",
+            cfg.radius
+        )));
+    }
     if cfg.dry_run {
+        let (clusters, mut report) = read_and_plan(cfg, m)?;
         report.plan = clusters;
         return Ok(report);
     }
+    // Planned inside the run: it holds the dataset's writer lock, so no
+    // other stage changes an item's status between the plan and its write.
     crate::manifest::stage_run(m, "dedupe", cfg, |m, run_id| {
+        let (clusters, mut report) = read_and_plan(cfg, m)?;
         report.run_id = run_id;
         let path = m.db_path().to_path_buf();
         let map = crate::manifest::sql_err(&path);
@@ -352,8 +383,10 @@ mod tests {
     }
 
     #[test]
-    fn chains_form_one_component_and_exact_pixels_join_even_with_far_hash() {
-        // 0 -8- 1 -8- 2 : chain at radius 8; 3 has the same pixels as 0.
+    fn chains_drop_only_within_the_radius_and_exact_pixels_join_even_with_far_hash() {
+        // 0 -8- 1 -8- 2 : chain at radius 8 (0 and 2 are 16 apart); 3 has
+        // the same pixels as 0. 1 goes as a near duplicate of 0; 2 is near
+        // only the dropped 1, so it is kept.
         let h0 = 0u64;
         let h1 = 0xFFu64;
         let h2 = 0xFFFFu64;
@@ -372,9 +405,7 @@ mod tests {
             .iter()
             .map(|d| (d.item_id, d.kind, d.distance))
             .collect();
-        assert_eq!(
-            kinds,
-            vec![(11, "near", 8), (12, "near", 16), (13, "exact", 64)]
-        );
+        assert_eq!(kinds, vec![(11, "near", 8), (13, "exact", 64)]);
+        assert_eq!(components(&items, 8), [vec![0, 1, 2, 3]]);
     }
 }
