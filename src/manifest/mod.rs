@@ -15,7 +15,7 @@
 mod lock;
 mod records;
 
-pub use lock::{RunLock, LOCK_DIR};
+pub use lock::{RunLock, LOCK_DIR, WRITER_LOCK, WRITER_STAGES};
 pub use records::*;
 
 use std::path::{Path, PathBuf};
@@ -91,7 +91,7 @@ pub struct Manifest {
     /// ([`Manifest::begin_run`], [`Manifest::lock_run`]).
     held: std::cell::RefCell<std::collections::BTreeMap<i64, lock::RunLock>>,
     /// The dataset's writer lock while a run of this handle holds it
-    /// ([`lock::WRITER_STAGES`]).
+    /// ([`WRITER_STAGES`]).
     writer: std::cell::RefCell<std::sync::Weak<std::fs::File>>,
 }
 
@@ -293,7 +293,7 @@ impl Manifest {
     /// a dead process left `running` are marked `failed` (not `train`
     /// and `run` rows: the trainer tidies its own, with their partial
     /// checkpoints, and a pipeline row is reopened by the next `run`).
-    /// A run of one of [`lock::WRITER_STAGES`] also holds the dataset's
+    /// A run of one of [`WRITER_STAGES`] also holds the dataset's
     /// writer lock, and is refused while another process holds it.
     pub fn begin_run(&self, stage: &str, config: &impl serde::Serialize) -> Result<i64> {
         let cfg = serde_json::to_string(config)?;

@@ -209,7 +209,9 @@ pub fn image_rel_path(sha: &str, ext: &str) -> String {
 /// Write `bytes` to `path` atomically (temp file in the same folder + rename);
 /// an existing file is kept (content-addressed, so it is the same bytes).
 pub fn write_atomic_if_absent(path: &Path, bytes: &[u8]) -> Result<()> {
-    if path.is_file() {
+    // A file of another length is not this content (a file a host crash
+    // left empty after its rename reached the disk before its data).
+    if fs::metadata(path).is_ok_and(|m| m.is_file() && m.len() == bytes.len() as u64) {
         return Ok(());
     }
     write_atomic_replace(path, bytes)
@@ -223,8 +225,9 @@ pub fn write_atomic_replace(path: &Path, bytes: &[u8]) -> Result<()> {
 }
 
 /// Remove temporary files (`.tmp*`) that a killed run left under `dir`.
-/// Stages on one dataset must not run concurrently (a second writer would
-/// also be serialised by SQLite, but its temp files would be swept).
+/// Only one curation stage writes a dataset at a time (the writer lock,
+/// [`crate::manifest::WRITER_STAGES`]), so no live writer's temp file
+/// is swept.
 pub fn sweep_temp_files(dir: &Path) -> Result<usize> {
     let mut removed = 0;
     let Ok(rd) = fs::read_dir(dir) else {
@@ -672,6 +675,21 @@ fn record_decision(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A content-addressed file of the wrong length (left empty by a host
+    /// crash) is written again; one of the right length is kept.
+    #[test]
+    fn an_existing_file_of_another_length_is_rewritten() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("images/ab/ab.png");
+        fs::create_dir_all(p.parent().unwrap()).unwrap();
+        fs::write(&p, b"").unwrap();
+        write_atomic_if_absent(&p, b"pixels").unwrap();
+        assert_eq!(fs::read(&p).unwrap(), b"pixels");
+        fs::write(&p, b"PIXELS").unwrap();
+        write_atomic_if_absent(&p, b"pixels").unwrap();
+        assert_eq!(fs::read(&p).unwrap(), b"PIXELS", "same length: kept");
+    }
 
     #[test]
     fn pre_1_9_sampler_names_are_stored_split() {

@@ -277,6 +277,9 @@ pub(super) fn write_checkpoint(
         .file_name()
         .and_then(|n| n.to_str())
         .ok_or_else(|| Error::config(format!("save: {} is not a file path", path.display())))?;
+    // What a killed save of this file left (a full-size checkpoint each
+    // time: an export or a merge killed by a preemption or a second Ctrl-C).
+    remove_partial_saves(dir, Some(name))?;
     let tmp = dir.join(format!(".{name}{PARTIAL}{}", std::process::id()));
     let result = (|| -> Result<()> {
         let file = File::create(&tmp).at(&tmp)?;

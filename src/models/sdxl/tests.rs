@@ -311,7 +311,13 @@ fn tiny_checkpoint_round_trips_through_save_and_load() {
         v_pred: true,
         ..Default::default()
     };
+    // What a killed save of the same file left goes; another file's stays.
+    let killed = dir.path().join(".tiny.safetensors.tmp-999999");
+    let other = dir.path().join(".other.safetensors.tmp-999999");
+    std::fs::write(&killed, b"half").unwrap();
+    std::fs::write(&other, b"half").unwrap();
     checkpoint::save_tensors(&path, &tensors, &opts).unwrap();
+    assert!(!killed.exists() && other.exists());
 
     let ckpt = Checkpoint::open(&path).unwrap();
     assert_eq!(ckpt.family(), checkpoint::Family::SdxlUnet);
