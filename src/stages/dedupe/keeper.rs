@@ -5,8 +5,10 @@
 //! 2. **lossless over lossy**: PNG, GIF, BMP, TIFF and lossless WebP (VP8L)
 //!    over JPEG and lossy WebP (VP8), so a JPEG re-encode of a PNG is
 //!    dropped in favour of the PNG;
-//! 3. **better caption/tag score**: the highest stored score (tagger
-//!    confidence, caption score) wins; an item with a score beats one
+//! 3. **better caption/tag score**: the tagger's alignment of the image
+//!    with its generation prompt (`tagging.alignment`, the share of the
+//!    prompt's checkable tags it shows) when it has one, else the highest
+//!    stored tag or caption score; an item with a score beats one
 //!    without; then an item with any caption beats one with none (a sidecar
 //!    caption has no score but is still worth keeping);
 //! 4. **larger file** (at equal pixels and codec class, more bytes usually

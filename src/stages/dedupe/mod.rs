@@ -227,8 +227,9 @@ fn read_and_plan(cfg: &DedupeConfig, m: &Manifest) -> Result<(Vec<Cluster>, Dedu
     };
     let sql = format!(
         "SELECT i.id, coalesce(i.width, 0) * coalesce(i.height, 0), h.pixel_sha256, {hash_col},
-                (SELECT max(s) FROM (SELECT max(score) AS s FROM captions WHERE item_id = i.id
-                                     UNION ALL SELECT max(score) FROM tags WHERE item_id = i.id)),
+                coalesce((SELECT alignment FROM tagging WHERE item_id = i.id),
+                         (SELECT max(s) FROM (SELECT max(score) AS s FROM captions WHERE item_id = i.id
+                                              UNION ALL SELECT max(score) FROM tags WHERE item_id = i.id))),
                 EXISTS (SELECT 1 FROM captions WHERE item_id = i.id),
                 coalesce((SELECT max(size) FROM sources WHERE item_id = i.id), 0),
                 coalesce(i.format, ''), i.path
@@ -363,6 +364,32 @@ mod tests {
             pixel_sha256: px.into(),
             hash,
         }
+    }
+
+    /// The score the keeper rule reads is the tagger's alignment with the
+    /// prompt when there is one, not the most confident single tag.
+    #[test]
+    fn the_keeper_score_is_the_alignment_when_tagged() {
+        let d = tempfile::tempdir().unwrap();
+        let m = Manifest::init(d.path()).unwrap();
+        let run = m.begin_run("test", &serde_json::json!({})).unwrap();
+        m.conn()
+            .execute_batch(&format!(
+                "INSERT INTO items (id, sha256, path, source, width, height, format, status, run_id, status_run_id, created_at)
+                     VALUES (1, 'a', 'a.png', 'a', 8, 8, 'png', 'ok', {run}, {run}, 'x'),
+                            (2, 'b', 'b.png', 'b', 8, 8, 'png', 'ok', {run}, {run}, 'x');
+                 INSERT INTO hashes (item_id, pixel_sha256, phash, dhash, run_id)
+                     VALUES (1, 'same', 5, 5, {run}), (2, 'same', 5, 5, {run});
+                 INSERT INTO tags (item_id, source, tag, score, run_id)
+                     VALUES (1, 'tagger', '1girl', 0.99, {run}), (2, 'tagger', '1girl', 0.9, {run});
+                 INSERT INTO tagging (item_id, tagger, settings, alignment, run_id)
+                     VALUES (1, 't', 's', 0.5, {run}), (2, 't', 's', 1.0, {run});"
+            ))
+            .unwrap();
+        let (clusters, _) = read_and_plan(&DedupeConfig::default(), &m).unwrap();
+        assert_eq!(clusters.len(), 1);
+        assert_eq!(clusters[0].keeper_id, 2);
+        assert_eq!(clusters[0].drops[0].kind, "exact");
     }
 
     #[test]
