@@ -240,7 +240,19 @@ fn process(
             }
         };
     let img = resize::resize_and_crop(&rgb, &placed)?;
-    let rel = format!("buckets/{}x{}/{sha}.png", bucket.width, bucket.height);
+    // Named by the placement too, so a new decision never overwrites the
+    // file the manifest's current row points at (a run killed before its
+    // commit would leave that row describing other pixels); the old file is
+    // removed once the new row is committed.
+    let rel = format!(
+        "buckets/{}x{}/{sha}-{}x{}+{}+{}.png",
+        bucket.width,
+        bucket.height,
+        placed.resized_width,
+        placed.resized_height,
+        placed.crop_left,
+        placed.crop_top
+    );
     let png = encode_png_fast(&img)?;
     super::import::write_atomic_replace(&root.join(&rel), &png)?;
     Ok(Outcome::Done(Box::new(Done {

@@ -468,11 +468,11 @@ pub fn write_parquet(rows: &[ExportRow], out: &Path) -> Result<()> {
         col!("bucket_path", |r| r.bucket_path.clone()),
     ];
     let mut df = DataFrame::new(cols).map_err(|e| Error::Other(format!("parquet: {e}")))?;
-    let f = fs::File::create(out).at(out)?;
-    ParquetWriter::new(f)
+    let mut f = fs::File::create(out).at(out)?;
+    ParquetWriter::new(&mut f)
         .finish(&mut df)
         .map_err(|e| Error::Other(format!("{}: parquet write: {e}", out.display())))?;
-    Ok(())
+    f.sync_all().at(out)
 }
 
 /// Run the export stage.
@@ -658,6 +658,30 @@ mod tests {
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
             .collect();
         assert_eq!(names, ["kohya"]);
+    }
+
+    /// A kill between a folder export's two renames leaves the old export
+    /// aside; the next export puts it back first. A file export replaces
+    /// its file in one rename.
+    #[test]
+    fn a_folder_set_aside_is_restored_and_files_are_replaced_in_one_rename() {
+        let d = tempfile::tempdir().unwrap();
+        let out = d.path().join("kohya");
+        fs::create_dir_all(d.path().join("kohya.old-export/1_old")).unwrap();
+        let st = Staged::new(&out).unwrap();
+        assert!(out.join("1_old").is_dir() && !d.path().join("kohya.old-export").exists());
+        st.discard();
+        let file = d.path().join("manifest.parquet");
+        fs::write(&file, b"old").unwrap();
+        let st = Staged::new(&file).unwrap();
+        fs::write(&st.tmp, b"new").unwrap();
+        st.commit().unwrap();
+        assert_eq!(fs::read(&file).unwrap(), b"new");
+        let names: Vec<String> = fs::read_dir(d.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names.len(), 2, "{names:?}");
     }
 
     #[test]

@@ -92,8 +92,14 @@ impl Staged {
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_else(|| "export".into());
+        // An export killed between its two renames of a folder left the
+        // previous export aside and nothing in its place: put it back.
+        let old = final_path.with_extension("old-export");
+        if !final_path.exists() && old.exists() {
+            fs::rename(&old, final_path).at(final_path)?;
+        }
         // Sweep what killed exports left (`.<name>.tmp-<pid>` of any pid);
-        // stages on one dataset do not run concurrently.
+        // only one export writes a dataset at a time (the writer lock).
         let stale = format!(".{name}.tmp-");
         for entry in fs::read_dir(parent).at(parent)? {
             let entry = entry.at(parent)?;
@@ -117,18 +123,19 @@ impl Staged {
     }
 
     pub(super) fn commit(self) -> Result<()> {
-        if self.final_path.exists() {
-            let old = self.final_path.with_extension("old-export");
-            if old.exists() {
-                remove_any(&old)?;
-            }
-            fs::rename(&self.final_path, &old).at(&self.final_path)?;
-            fs::rename(&self.tmp, &self.final_path).at(&self.final_path)?;
-            remove_any(&old)?;
-        } else {
-            fs::rename(&self.tmp, &self.final_path).at(&self.final_path)?;
+        if !self.final_path.is_dir() {
+            // A file (or nothing) there: one atomic rename replaces it.
+            return fs::rename(&self.tmp, &self.final_path).at(&self.final_path);
         }
-        Ok(())
+        // A folder cannot be renamed over a non-empty one: set the old one
+        // aside first ([`Staged::new`] puts it back after a kill in between).
+        let old = self.final_path.with_extension("old-export");
+        if old.exists() {
+            remove_any(&old)?;
+        }
+        fs::rename(&self.final_path, &old).at(&self.final_path)?;
+        fs::rename(&self.tmp, &self.final_path).at(&self.final_path)?;
+        remove_any(&old)
     }
 }
 
