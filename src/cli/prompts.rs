@@ -45,19 +45,25 @@ pub fn run(a: PromptsArgs, json: bool) -> Result<i32> {
     let spec = TemplateSpec::from_arg(&a.template)?;
     let t = prompts::load(&spec, a.wildcards.as_deref())?;
     let finish = |p: String| if a.raw { p } else { tidy(&p) };
-    let list: Vec<String> = if a.combinatorial {
+    let list: Vec<String> = if a.combinatorial && !a.raw {
+        // What `generate --combinatorial` plans: distinct after tidying.
+        let mut seen = std::collections::HashSet::new();
         t.combinations()
+            .map(|raw| tidy(&raw))
+            .filter(|p| seen.insert(p.clone()))
             .take(a.count as usize)
-            .map(finish)
             .collect()
+    } else if a.combinatorial {
+        t.combinations().take(a.count as usize).collect()
     } else {
         (0..a.count).map(|i| finish(t.random(a.seed, i))).collect()
     };
     if a.combinatorial && (list.len() as u64) < a.count {
         // Say it rather than silently printing fewer lines than asked for.
         eprintln!(
-            "note: the template has only {} combinations; printed {} of the {} asked for (--count)",
+            "note: the template has only {} {}combinations; printed {} of the {} asked for (--count)",
             list.len(),
+            if a.raw { "" } else { "distinct " },
             list.len(),
             a.count
         );

@@ -562,6 +562,19 @@ fn unreadable_images_are_rejected_then_reconsidered() {
     assert_eq!(st, "rejected");
     assert!(reason.unwrap().starts_with("unreadable: images/"));
     drop(m);
+    // A run without a tagger cannot tag it, and does not restore it while
+    // the image is still unreadable.
+    let out = run(&["--json", "caption", ds, "--policy", "prompt"]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(json_of(&out)["restored"], 0);
+    let m = Manifest::open(&f.ds).unwrap();
+    assert_eq!(status(&m, c).0, "rejected");
+    drop(m);
     // The file is back: the rerun reconsiders caption's own rejection.
     std::fs::rename(&saved, &img).unwrap();
     let out = run(&["--json", "caption", ds, "--tagger", tagger]);

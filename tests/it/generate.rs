@@ -138,7 +138,7 @@ fn prompts_prints_seeded_and_combinatorial_prompts() {
     // Fewer combinations than --count: said on stderr, not silently.
     let note = String::from_utf8_lossy(&c.stderr);
     assert!(
-        note.contains("only 8 combinations; printed 8 of the 100 asked for"),
+        note.contains("only 8 distinct combinations; printed 8 of the 100 asked for"),
         "{note}"
     );
     // --raw keeps the exact expansion; by default empty pieces are tidied away.
@@ -146,6 +146,10 @@ fn prompts_prints_seeded_and_combinatorial_prompts() {
     assert_eq!(String::from_utf8(raw.stdout).unwrap(), ",\n  b\nx,\n  b\n");
     let tidy = run(&["prompts", "{|x},\n  b", "--combinatorial"]);
     assert_eq!(String::from_utf8(tidy.stdout).unwrap(), "b\nx, b\n");
+    // Tidied, the list is what generate plans: each prompt once (", a" and
+    // "a, " are both "a").
+    let distinct = run(&["prompts", "{|a}, {|a}", "--combinatorial"]);
+    assert_eq!(String::from_utf8(distinct.stdout).unwrap(), "\na\na, a\n");
     // Errors name the place and exit 2.
     let e = run(&["prompts", "a, {b|c", "--count", "1"]);
     assert_eq!(e.status.code(), Some(2));
@@ -572,6 +576,14 @@ fn bad_inputs_exit_2_and_write_nothing() {
             "wildcard __hair/nope__ not found",
         ),
         (vec!["--shard".into(), "4/3".into()], "--shard"),
+        (
+            vec![
+                "--combinatorial".into(),
+                "--template".into(),
+                "{a|b}".into(),
+            ],
+            "only 2 distinct prompts but --count is 3",
+        ),
     ];
     for (extra, want) in cases {
         let mut args: Vec<String> = generate_args(d, model, "3")

@@ -265,6 +265,13 @@ fn prepare_one(
     Ok(tagger.preprocess.image(&d.rgb))
 }
 
+/// Whether the item's image reads and decodes.
+fn decodes(root: &Path, c: &Candidate) -> bool {
+    c.path.as_deref().is_some_and(|rel| {
+        std::fs::read(root.join(rel)).is_ok_and(|b| decode(&b, &DecodeLimits::default()).is_ok())
+    })
+}
+
 type Prepared = (Vec<std::result::Result<Vec<f32>, String>>, Duration);
 
 fn prepare_batch(root: &Path, batch: &[&Candidate], tagger: &Tagger) -> Prepared {
@@ -573,7 +580,12 @@ pub fn run(cfg: &CaptionConfig, m: &mut Manifest, ctx: &Ctx) -> Result<CaptionRe
             }
             let tx = m.conn_mut().transaction().map_err(map)?;
             for c in chunk {
-                // Our own rejection with nothing to check it against now: undo it.
+                // Caption's own rejection (unreadable) and no tagger to read
+                // the image now: undone only when the image decodes again.
+                if c.rejected_by.as_deref() == Some("caption") && !decodes(&root, c) {
+                    pb.inc(1);
+                    continue;
+                }
                 w.set_status_ok(&tx, c).map_err(map)?;
                 let stored = if tagger.is_some() {
                     stored_result(c)

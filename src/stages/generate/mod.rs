@@ -674,6 +674,10 @@ pub fn load_inputs(
 ) -> Result<(Template, SdxlModel)> {
     cfg.validate()?;
     let template = crate::prompts::load(&cfg.template, cfg.wildcards.as_deref())?;
+    // Before the model loads and DIR is created.
+    if cfg.combinatorial {
+        plan::distinct_combinations(&template, cfg.count)?;
+    }
     let model = SdxlModel::load(
         &cfg.model,
         &crate::pipeline::LoadOptions {

@@ -230,7 +230,13 @@ impl PlanSettings {
         "rescale",
     ];
 
-    /// `(field, stored, requested)` of the first field that differs.
+    /// Fields that only label the plan: how the template was spelled
+    /// (`/abs/t.txt`, `t.txt`, `builtin:1girl`) says nothing its digest
+    /// does not, and differs between shards launched from other folders.
+    pub const LABELS: &'static [&'static str] = &["template"];
+
+    /// `(field, stored, requested)` of the first field that differs
+    /// (labels aside).
     pub fn first_difference(&self, other: &Self) -> Result<Option<(String, String, String)>> {
         let a = serde_json::to_value(self)?;
         let b = serde_json::to_value(other)?;
@@ -243,7 +249,7 @@ impl PlanSettings {
             .iter()
             .map(|k| k.to_string())
             .chain(a.keys().chain(b.keys()).cloned());
-        for k in keys {
+        for k in keys.filter(|k| !Self::LABELS.contains(&k.as_str())) {
             let (va, vb) = (a.get(&k).unwrap_or(&null), b.get(&k).unwrap_or(&null));
             if va != vb {
                 return Ok(Some((k, short(va), short(vb))));
@@ -277,6 +283,26 @@ pub struct PlannedItem {
     pub height: u32,
 }
 
+/// The first `count` combinatorial expansions of `template` that are
+/// distinct after tidying (raw expansions that differ only in the empty
+/// picks tidy away, `", a"` and `"a, "`, are one prompt), or an error when
+/// it has fewer.
+pub fn distinct_combinations(template: &Template, count: u64) -> Result<Vec<String>> {
+    let mut seen = std::collections::HashSet::new();
+    let c: Vec<String> = template
+        .combinations()
+        .filter(|raw| seen.insert(tidy(raw)))
+        .take(count as usize)
+        .collect();
+    if (c.len() as u64) < count {
+        return Err(Error::config(format!(
+            "--combinatorial: the template has only {} distinct prompts but --count is {count}; lower --count or drop --combinatorial",
+            c.len()
+        )));
+    }
+    Ok(c)
+}
+
 /// The rows of `indices` (ascending) for `settings`. Combinatorial plans
 /// need at least `count` distinct expansions.
 pub fn plan_rows(
@@ -286,21 +312,7 @@ pub fn plan_rows(
     indices: &[u64],
 ) -> Result<Vec<PlannedItem>> {
     let combos: Vec<String> = if settings.combinatorial {
-        // Distinct after tidying: raw expansions that differ only in the
-        // empty picks tidy away (", a" and "a, ") are one prompt.
-        let mut seen = std::collections::HashSet::new();
-        let c: Vec<String> = template
-            .combinations()
-            .filter(|raw| seen.insert(tidy(raw)))
-            .take(count as usize)
-            .collect();
-        if (c.len() as u64) < count {
-            return Err(Error::config(format!(
-                "--combinatorial: the template has only {} distinct prompts but --count is {count}; lower --count or drop --combinatorial",
-                c.len()
-            )));
-        }
-        c
+        distinct_combinations(template, count)?
     } else {
         Vec::new()
     };
@@ -663,6 +675,20 @@ mod tests {
             ("steps", "20", "28")
         );
         assert!(a.first_difference(&a.clone()).unwrap().is_none());
+        // The template's spelling is a label: the digest decides.
+        let relabelled = PlanSettings {
+            template: "/elsewhere/t.txt".into(),
+            ..settings()
+        };
+        assert!(a.first_difference(&relabelled).unwrap().is_none());
+        let edited = PlanSettings {
+            template_digest: "e".into(),
+            ..relabelled
+        };
+        assert_eq!(
+            a.first_difference(&edited).unwrap().unwrap().0,
+            "template_digest"
+        );
         // Every field is listed in FIELDS.
         let v = serde_json::to_value(&a).unwrap();
         let mut keys: Vec<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();
