@@ -46,13 +46,7 @@ pub fn run(a: PromptsArgs, json: bool) -> Result<i32> {
     let t = prompts::load(&spec, a.wildcards.as_deref())?;
     let finish = |p: String| if a.raw { p } else { tidy(&p) };
     let list: Vec<String> = if a.combinatorial && !a.raw {
-        // What `generate --combinatorial` plans: distinct after tidying.
-        let mut seen = std::collections::HashSet::new();
-        t.combinations()
-            .map(|raw| tidy(&raw))
-            .filter(|p| seen.insert(p.clone()))
-            .take(a.count as usize)
-            .collect()
+        t.distinct_combinations().take(a.count as usize).collect()
     } else if a.combinatorial {
         t.combinations().take(a.count as usize).collect()
     } else {

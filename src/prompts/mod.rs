@@ -93,6 +93,16 @@ impl Template {
         expand::combinations(&self.root)
     }
 
+    /// The combinatorial expansions that are distinct after [`tidy`], tidied
+    /// (raw expansions that differ only in the empty picks tidy away, `", a"`
+    /// and `"a, "`, are one prompt): what `generate --combinatorial` plans.
+    pub fn distinct_combinations(&self) -> impl Iterator<Item = String> + '_ {
+        let mut seen = std::collections::HashSet::new();
+        self.combinations()
+            .map(|raw| tidy(&raw))
+            .filter(move |p| seen.insert(p.clone()))
+    }
+
     /// SHA-256 (hex) of the template text plus the name and text of every
     /// wildcard file it uses: equal digests give equal prompts.
     pub fn digest(&self) -> &str {

@@ -283,15 +283,11 @@ pub struct PlannedItem {
     pub height: u32,
 }
 
-/// The first `count` combinatorial expansions of `template` that are
-/// distinct after tidying (raw expansions that differ only in the empty
-/// picks tidy away, `", a"` and `"a, "`, are one prompt), or an error when
-/// it has fewer.
+/// The first `count` of [`Template::distinct_combinations`], or an error
+/// when the template has fewer.
 pub fn distinct_combinations(template: &Template, count: u64) -> Result<Vec<String>> {
-    let mut seen = std::collections::HashSet::new();
     let c: Vec<String> = template
-        .combinations()
-        .filter(|raw| seen.insert(tidy(raw)))
+        .distinct_combinations()
         .take(count as usize)
         .collect();
     if (c.len() as u64) < count {
