@@ -47,7 +47,7 @@ use serde::{Deserialize, Serialize};
 
 use self::policy::{Alignment, PolicyConfig, ScoredTag, TagResult, Thresholds};
 use super::Ctx;
-use crate::imaging::decode::{decode, DecodeLimits};
+use crate::imaging::decode::{decode, DecodeLimits, Decoded};
 use crate::manifest::{self, Manifest};
 use crate::models::tagger::Tagger;
 use crate::{Error, Result};
@@ -258,18 +258,15 @@ fn prepare_one(
     c: &Candidate,
     tagger: &Tagger,
 ) -> std::result::Result<Vec<f32>, String> {
-    let rel = c.path.as_deref().ok_or("the item has no image file")?;
-    let path = root.join(rel);
-    let bytes = std::fs::read(&path).map_err(|e| format!("{rel}: {e}"))?;
-    let d = decode(&bytes, &DecodeLimits::default()).map_err(|e| format!("{rel}: {e}"))?;
+    let d = read_decoded(root, c)?;
     Ok(tagger.preprocess.image(&d.rgb))
 }
 
-/// Whether the item's image reads and decodes.
-fn decodes(root: &Path, c: &Candidate) -> bool {
-    c.path.as_deref().is_some_and(|rel| {
-        std::fs::read(root.join(rel)).is_ok_and(|b| decode(&b, &DecodeLimits::default()).is_ok())
-    })
+/// Read and decode the item's image (`Err`: why it is unreadable).
+fn read_decoded(root: &Path, c: &Candidate) -> std::result::Result<Decoded, String> {
+    let rel = c.path.as_deref().ok_or("the item has no image file")?;
+    let bytes = std::fs::read(root.join(rel)).map_err(|e| format!("{rel}: {e}"))?;
+    decode(&bytes, &DecodeLimits::default()).map_err(|e| format!("{rel}: {e}"))
 }
 
 type Prepared = (Vec<std::result::Result<Vec<f32>, String>>, Duration);
@@ -582,7 +579,7 @@ pub fn run(cfg: &CaptionConfig, m: &mut Manifest, ctx: &Ctx) -> Result<CaptionRe
             for c in chunk {
                 // Caption's own rejection (unreadable) and no tagger to read
                 // the image now: undone only when the image decodes again.
-                if c.rejected_by.as_deref() == Some("caption") && !decodes(&root, c) {
+                if c.rejected_by.as_deref() == Some("caption") && read_decoded(&root, c).is_err() {
                     pb.inc(1);
                     continue;
                 }
