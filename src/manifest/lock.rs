@@ -33,10 +33,11 @@
 //! relaunched in another terminal) is refused, naming the first. `train`,
 //! `run`'s own row, `inspect` and `sample` run alongside.
 
+use std::collections::BTreeSet;
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use super::Manifest;
 use crate::error::{Error, IoContext, Result};
@@ -48,9 +49,9 @@ pub const LOCK_DIR: &str = ".locks";
 /// with the dataset's writer lock for runs of [`WRITER_STAGES`].
 #[derive(Debug)]
 pub struct RunLock {
-    _file: File,
+    _file: Locked,
     path: PathBuf,
-    _writer: Option<Arc<File>>,
+    _writer: Option<Arc<Locked>>,
 }
 
 impl RunLock {
@@ -61,7 +62,7 @@ impl RunLock {
 
     /// This run also holds the dataset's writer lock `writer` (released
     /// with the last run of the handle that holds it).
-    pub(super) fn with_writer(mut self, writer: Option<Arc<File>>) -> Self {
+    pub(super) fn with_writer(mut self, writer: Option<Arc<Locked>>) -> Self {
         self._writer = writer;
         self
     }
@@ -150,7 +151,7 @@ impl Manifest {
     /// of this handle that holds it: `None` for stages that may run
     /// alongside the curation stages ([`WRITER_STAGES`]), else the lock or
     /// an error naming the process that holds it.
-    pub(super) fn writer_lock(&self, stage: &str) -> Result<Option<Arc<File>>> {
+    pub(super) fn writer_lock(&self, stage: &str) -> Result<Option<Arc<Locked>>> {
         if !WRITER_STAGES.contains(&stage) {
             return Ok(None);
         }
@@ -184,9 +185,55 @@ pub const WRITER_STAGES: &[&str] = &[
 /// The writer lock's file in [`LOCK_DIR`].
 pub const WRITER_LOCK: &str = "dataset-writer.lock";
 
+/// A lock file this process holds; the lock goes when it is dropped.
+#[derive(Debug)]
+pub(super) struct Locked {
+    file: File,
+    key: Option<FileKey>,
+}
+
+impl Drop for Locked {
+    fn drop(&mut self) {
+        // Forgotten before the descriptor closes (the field is dropped
+        // after this): a thread that finds the lock still taken in between
+        // waits for it (see `lock_file`).
+        if let Some(key) = self.key {
+            held_here().remove(&key);
+        }
+    }
+}
+
+/// A file's identity (device, inode): the same lock file however its
+/// dataset's path is spelled.
+type FileKey = (u64, u64);
+
+#[cfg(unix)]
+fn file_key(file: &File) -> Option<FileKey> {
+    use std::os::unix::fs::MetadataExt;
+    file.metadata().ok().map(|m| (m.dev(), m.ino()))
+}
+
+#[cfg(not(unix))]
+fn file_key(_file: &File) -> Option<FileKey> {
+    None
+}
+
+/// The lock files this process holds now.
+fn held_here() -> std::sync::MutexGuard<'static, BTreeSet<FileKey>> {
+    static HELD: Mutex<BTreeSet<FileKey>> = Mutex::new(BTreeSet::new());
+    HELD.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// How long a lock released by this process may still look taken: a child
+/// process this one is starting (`Command::spawn` in another thread)
+/// holds a copy of every descriptor from its fork to its exec, and
+/// `flock` locks belong to the open file, not to the descriptor.
+const RELEASE_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Create (if needed) and take `path`'s exclusive lock without waiting,
-/// writing who holds it: `Ok(Err(holder))` when another process does.
-fn lock_file(path: &Path) -> Result<std::result::Result<File, String>> {
+/// writing who holds it: `Ok(Err(holder))` when another process — or
+/// another handle of this one — does.
+fn lock_file(path: &Path) -> Result<std::result::Result<Locked, String>> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).at(dir)?;
     }
@@ -197,21 +244,39 @@ fn lock_file(path: &Path) -> Result<std::result::Result<File, String>> {
         .truncate(false)
         .open(path)
         .at(path)?;
-    match try_flock(&file, true) {
-        Ok(true) => {}
-        Ok(false) => return Ok(Err(holder(&mut file))),
-        Err(e) => return Err(Error::io(path, e)),
+    let key = file_key(&file);
+    let me = format!("pid {} on {}", std::process::id(), hostname());
+    let started = std::time::Instant::now();
+    loop {
+        match try_flock(&file, true) {
+            Ok(true) => break,
+            Ok(false) => {
+                // Released by this process but still taken: only for the
+                // instant a child started by another thread holds it.
+                // Held by a live handle of this process: refused, as
+                // another process would be.
+                let who = holder(&mut file);
+                let released_here = who.starts_with(&format!("{me},"))
+                    && key.is_some_and(|k| !held_here().contains(&k));
+                if !released_here || started.elapsed() > RELEASE_WAIT {
+                    return Ok(Err(who));
+                }
+                file.seek(SeekFrom::Start(0)).at(path)?;
+                std::thread::sleep(std::time::Duration::from_millis(2));
+            }
+            Err(e) => return Err(Error::io(path, e)),
+        }
     }
-    let who = format!(
-        "pid {} on {}, since {}",
-        std::process::id(),
-        hostname(),
-        super::now()
-    );
+    if let Some(key) = key {
+        held_here().insert(key);
+    }
+    let locked = Locked { file, key };
+    let mut file = &locked.file;
     file.set_len(0).at(path)?;
     file.seek(SeekFrom::Start(0)).at(path)?;
-    file.write_all(who.as_bytes()).at(path)?;
-    Ok(Ok(file))
+    file.write_all(format!("{me}, since {}", super::now()).as_bytes())
+        .at(path)?;
+    Ok(Ok(locked))
 }
 
 impl Manifest {
@@ -334,6 +399,63 @@ mod tests {
         m.end_run(next, true, &none).unwrap();
         assert!(!other.run_is_live(next).unwrap(), "released by end_run");
         assert!(m.run_is_live(live).unwrap());
+    }
+
+    /// A lock this process released is free to take again at once, also
+    /// while another thread starts child processes (each holds a copy of
+    /// the lock's descriptor from its fork to its exec). Taking the writer
+    /// lock between a test's stages failed now and then while parallel
+    /// tests ran `eps2v`.
+    #[cfg(unix)]
+    #[test]
+    fn a_lock_released_while_children_start_is_free_again() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let dir = tempfile::tempdir().unwrap();
+        let m = Manifest::init(dir.path()).unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let spawner = std::thread::spawn({
+            let stop = stop.clone();
+            move || {
+                let mut started = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    std::process::Command::new("true").status().unwrap();
+                    started += 1;
+                }
+                started
+            }
+        });
+        let t = std::time::Instant::now();
+        let mut taken = 0;
+        let mut refused = Vec::new();
+        while t.elapsed() < std::time::Duration::from_millis(500) {
+            match m.writer_lock("import") {
+                Ok(w) => {
+                    assert!(w.is_some());
+                    taken += 1;
+                }
+                Err(e) => refused.push(e.to_string()),
+            }
+        }
+        stop.store(true, Ordering::Relaxed);
+        let started = spawner.join().unwrap();
+        assert!(
+            started > 0 && taken > 0,
+            "{started} children, {taken} taken"
+        );
+        assert!(
+            refused.is_empty(),
+            "{} refused: {}",
+            refused.len(),
+            refused[0]
+        );
+        // Held by another handle of this process: refused at once.
+        let held = m.writer_lock("import").unwrap();
+        let other = Manifest::open(dir.path()).unwrap();
+        let t = std::time::Instant::now();
+        assert!(other.writer_lock("import").is_err());
+        assert!(t.elapsed() < RELEASE_WAIT, "no wait for a live holder");
+        drop(held);
+        assert!(other.writer_lock("import").unwrap().is_some());
     }
 
     /// One curation writer per dataset: while a handle (a process) runs a

@@ -92,7 +92,7 @@ pub struct Manifest {
     held: std::cell::RefCell<std::collections::BTreeMap<i64, lock::RunLock>>,
     /// The dataset's writer lock while a run of this handle holds it
     /// ([`WRITER_STAGES`]).
-    writer: std::cell::RefCell<std::sync::Weak<std::fs::File>>,
+    writer: std::cell::RefCell<std::sync::Weak<lock::Locked>>,
 }
 
 impl std::fmt::Debug for Manifest {
