@@ -252,6 +252,13 @@ def unet_check(args, dev, dt, unet, t0):
         sync(dev)
         times.append((time.perf_counter() - t) * 1e3)
     out = {"forward_ms": statistics.median(times), "finite": bool(torch.isfinite(ref).all())}
+    try:  # a breakdown that fails must not cost the timings below
+        t = time.perf_counter()
+        out["profile"] = profile_call(lambda: call(dt), unet, dev)
+        out["profiled_ms"] = (time.perf_counter() - t) * 1e3
+    except Exception:
+        out["profile_error"] = traceback.format_exc()
+        log(t0, "profile failed:\n" + out["profile_error"])
     if args.ours and os.path.exists(args.ours):
         ours = {k: v.to(dev) for k, v in load_file(args.ours).items()}
 
@@ -270,6 +277,95 @@ def unet_check(args, dev, dt, unet, t0):
         out["rel_l2"] = r
         log(t0, f"unet rel. L2 errors {r}")
     return out
+
+
+def profile_call(fn, unet, dev):
+    """Run `fn` once with diffusers' modules and ops of the kinds that
+    `eps2v` times (src/nn/profile.rs) each timed between device
+    synchronisations, under the same names; rows are inclusive, as ours.
+    Returns [{name, calls, ms}]."""
+    import torch
+    import torch.nn.functional as F
+
+    table = {}
+
+    def add(name, ms):
+        calls, total = table.get(name, (0, 0.0))
+        table[name] = (calls + 1, total + ms)
+
+    def kind(m):
+        n = type(m).__name__
+        if n == "ResnetBlock2D":
+            return "unet resblock"
+        if n == "Transformer2DModel":
+            return "unet spatial transformer"
+        if n == "Attention":
+            return "unet cross-attention" if getattr(m, "is_cross_attention", False) else "unet self-attention"
+        if n == "FeedForward":
+            return "unet feed-forward"
+        if n == "Downsample2D":
+            return "unet downsample"
+        if n == "Upsample2D":
+            return "unet upsample"
+        if n == "GEGLU":
+            return "_geglu"  # minus its projection: "op geglu"
+        if isinstance(m, torch.nn.Conv2d):
+            return "op conv2d"
+        if isinstance(m, torch.nn.Linear):
+            return "op linear"
+        if isinstance(m, torch.nn.GroupNorm):
+            return "op group_norm"
+        if isinstance(m, torch.nn.LayerNorm):
+            return "op layer_norm"
+        return None
+
+    starts, hooks = {}, []
+
+    def pre(mod, args):
+        sync(dev)
+        starts[id(mod)] = time.perf_counter()
+
+    def post(name):
+        def hook(mod, args, output):
+            sync(dev)
+            add(name, (time.perf_counter() - starts[id(mod)]) * 1e3)
+
+        return hook
+
+    for m in unet.modules():
+        name = kind(m)
+        if name is not None:
+            hooks.append(m.register_forward_pre_hook(pre))
+            hooks.append(m.register_forward_hook(post(name)))
+        if type(m).__name__ == "GEGLU":
+            hooks.append(m.proj.register_forward_hook(post("_geglu_proj")))
+
+    def timed(name, f):
+        def wrapper(*a, **k):
+            sync(dev)
+            t = time.perf_counter()
+            r = f(*a, **k)
+            sync(dev)
+            add(name, (time.perf_counter() - t) * 1e3)
+            return r
+
+        return wrapper
+
+    sdpa, interpolate = F.scaled_dot_product_attention, F.interpolate
+    F.scaled_dot_product_attention = timed("op attention", sdpa)
+    F.interpolate = timed("op upsample", interpolate)
+    try:
+        fn()
+    finally:
+        F.scaled_dot_product_attention, F.interpolate = sdpa, interpolate
+        for h in hooks:
+            h.remove()
+    # The GEGLU projection's pre-hook is the Linear's own ("op linear").
+    if "_geglu" in table:
+        calls, total = table.pop("_geglu")
+        proj = table.pop("_geglu_proj", (0, 0.0))[1]
+        table["op geglu"] = (calls, total - proj)
+    return [{"name": k, "calls": c, "ms": ms} for k, (c, ms) in sorted(table.items())]
 
 
 def sample_timings(args, dev, dt, unet, vae, te1, te2, t0):

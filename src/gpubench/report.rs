@@ -137,7 +137,7 @@ pub fn combine(ours: &Value, reference: &Value) -> Result<Combined> {
             ),
         );
         rows.push(Row::new(
-            format!("UNet rel. L2 error vs diffusers f32: ours {dtype} | diffusers {dtype}"),
+            format!("UNet rel. L2 error vs diffusers f32: ours {dtype} / diffusers {dtype}"),
             "",
             rel("ours_vs_ref_f32"),
             rel("ref_vs_ref_f32"),
@@ -212,23 +212,50 @@ pub fn combine(ours: &Value, reference: &Value) -> Result<Combined> {
         let name = sel.as_str().unwrap_or("?");
         let theirs = find(reference, "train", "trainable", sel);
         let get = |v: Option<&Value>, k: &str| v.and_then(|v| num(v, &[k]));
+        // A step that failed (out of memory) has no numbers of ours; its
+        // reason goes into the row's name.
+        let failed = |v: Option<&Value>| {
+            v.and_then(|v| v.get("error"))
+                .and_then(Value::as_str)
+                .map(|e| e.lines().next().unwrap_or("").trim().to_string())
+        };
+        let (ours_failed, theirs_failed) = (failed(Some(t)), failed(theirs));
+        let t = if ours_failed.is_some() { None } else { Some(t) };
+        let theirs = if theirs_failed.is_some() {
+            None
+        } else {
+            theirs
+        };
+        let why = match (&ours_failed, &theirs_failed) {
+            (None, None) => String::new(),
+            (o, r) => {
+                let side = |who: &str, e: &Option<String>| {
+                    e.as_ref().map(|e| format!("{who} failed: {e}"))
+                };
+                let parts: Vec<String> = [side("eps2v", o), side("reference", r)]
+                    .into_iter()
+                    .flatten()
+                    .collect();
+                format!(" ({})", parts.join("; "))
+            }
+        };
         rows.push(Row::new(
             format!("train step, {name} trainable, parameters"),
             "",
-            get(Some(t), "params"),
+            get(t, "params"),
             get(theirs, "params"),
         ));
         rows.push(Row::new(
-            format!("train step, {name} trainable"),
+            format!("train step, {name} trainable{why}"),
             "ms",
-            get(Some(t), "step_ms"),
+            get(t, "step_ms"),
             get(theirs, "step_ms"),
         ));
         let mem = |v: Option<&Value>| get(v, "peak_mem_mb").map(|m| m * MIB_TO_GB);
         let row = Row::new(
             format!("train step, {name} trainable, peak GPU memory"),
             "GB",
-            mem(Some(t)),
+            mem(t),
             mem(theirs),
         );
         rows.push(if name == "out+OUT08" {
@@ -238,15 +265,16 @@ pub fn combine(ours: &Value, reference: &Value) -> Result<Combined> {
             row
         });
         let rss = |v: Option<&Value>| get(v, "peak_rss_mb");
-        if rss(Some(t)).is_some() || rss(theirs).is_some() {
+        if rss(t).is_some() || rss(theirs).is_some() {
             rows.push(Row::new(
                 format!("train step, {name} trainable, peak RSS (CPU)"),
                 "MiB",
-                rss(Some(t)),
+                rss(t),
                 rss(theirs),
             ));
         }
     }
+    rows.extend(profile_rows(ours, reference));
     let targets = rows.iter().filter(|r| r.met.is_some()).count();
     let met = rows.iter().filter(|r| r.met == Some(true)).count();
     Ok(Combined {
@@ -256,6 +284,52 @@ pub fn combine(ours: &Value, reference: &Value) -> Result<Combined> {
         ours: ours.clone(),
         reference: reference.clone(),
     })
+}
+
+/// The UNet call's breakdown ([`crate::nn::profile`]; the Python side
+/// times diffusers' modules and ops of the same kind), by our time, most
+/// first: one call of two rows, each row inclusive of what runs inside it.
+fn profile_rows(ours: &Value, reference: &Value) -> Vec<Row> {
+    let table = |v: &Value| -> Vec<(String, f64, f64)> {
+        v.get("unet_check")
+            .and_then(|c| c.get("profile"))
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter_map(|r| {
+                Some((
+                    r.get("name")?.as_str()?.to_string(),
+                    num(r, &["calls"])?,
+                    num(r, &["ms"])?,
+                ))
+            })
+            .collect()
+    };
+    let (mine, theirs) = (table(ours), table(reference));
+    if mine.is_empty() && theirs.is_empty() {
+        return Vec::new();
+    }
+    let mut names: Vec<&(String, f64, f64)> = mine.iter().collect();
+    names.sort_by(|a, b| b.2.total_cmp(&a.2));
+    names.extend(theirs.iter().filter(|t| !mine.iter().any(|m| m.0 == t.0)));
+    let mut rows = vec![Row::new(
+        "UNet call, profiled (synchronised after every op)",
+        "ms",
+        num(ours, &["unet_check", "profiled_ms"]),
+        num(reference, &["unet_check", "profiled_ms"]),
+    )];
+    for (name, _, _) in names {
+        let get = |t: &[(String, f64, f64)]| t.iter().find(|r| &r.0 == name).map(|r| (r.1, r.2));
+        let (m, t) = (get(&mine), get(&theirs));
+        let calls = |c: Option<(f64, f64)>| c.map_or("—".to_string(), |c| format!("{}", c.0));
+        rows.push(Row::new(
+            format!("profile: {name} (calls {} / {})", calls(m), calls(t)),
+            "ms",
+            m.map(|c| c.1),
+            t.map(|c| c.1),
+        ));
+    }
+    rows
 }
 
 fn fmt(v: Option<f64>) -> String {
@@ -358,6 +432,57 @@ mod tests {
         let md = markdown(&c);
         assert!(md.contains("| sample, 28 steps, CFG, batch 1 | s/image | 2.200 | 2.000 | 1.10× | ratio ≤ 1.15 | yes |"), "{md}");
         assert!(md.contains("6 of 7 targets met"));
+    }
+
+    /// A failed step (out of memory) reports no numbers of ours, and why;
+    /// the breakdown joins by name, ours most first, then names only the
+    /// reference has; no cell holds a `|`.
+    #[test]
+    fn failed_steps_and_the_breakdown() {
+        let mut o = ours();
+        o["train"][1] = json!({"trainable": "full", "params": 0, "step_ms": null,
+            "error": "tensor: DriverError(CUDA_ERROR_OUT_OF_MEMORY, \"out of memory\")\n   0: <unknown>"});
+        o["unet_check"]["profiled_ms"] = json!(60.0);
+        o["unet_check"]["profile"] = json!([
+            {"name": "op conv2d", "calls": 4, "ms": 10.0},
+            {"name": "unet resblock", "calls": 2, "ms": 30.0}]);
+        let theirs = json!({
+            "unet_check": {"forward_ms": 50.0, "profiled_ms": 55.0, "profile": [
+                {"name": "op conv2d", "calls": 4, "ms": 5.0},
+                {"name": "op upsample", "calls": 1, "ms": 1.0}]},
+            "train": [{"trainable": "full", "params": 9, "step_ms": 600.0, "peak_mem_mb": 50000.0}]
+        });
+        let c = combine(&o, &theirs).unwrap();
+        let row = |m: &str| c.rows.iter().find(|r| r.metric == m).unwrap();
+        let step = row("train step, full trainable (eps2v failed: tensor: DriverError(CUDA_ERROR_OUT_OF_MEMORY, \"out of memory\"))");
+        assert_eq!(
+            (step.ours, step.reference, step.ratio),
+            (None, Some(600.0), None)
+        );
+        let params = row("train step, full trainable, parameters");
+        assert_eq!((params.ours, params.ratio), (None, None));
+        let names: Vec<&str> = c
+            .rows
+            .iter()
+            .filter(|r| r.metric.starts_with("profile: "))
+            .map(|r| r.metric.as_str())
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "profile: unet resblock (calls 2 / —)",
+                "profile: op conv2d (calls 4 / 4)",
+                "profile: op upsample (calls — / 1)"
+            ]
+        );
+        assert_eq!(row("profile: op conv2d (calls 4 / 4)").ratio, Some(2.0));
+        let md = markdown(&c);
+        assert!(
+            md.lines()
+                .filter(|l| l.starts_with('|'))
+                .all(|l| l.matches('|').count() == 8),
+            "{md}"
+        );
     }
 
     #[test]

@@ -28,6 +28,7 @@ use crate::diffusion::{SamplerKind, UncondMode};
 use crate::models::sdxl::checkpoint::{save_tensors, Checkpoint, SaveOptions};
 use crate::models::sdxl::{build_y, SizeCond, UNet};
 use crate::nn::device::{dtype_name, gpu_memory};
+use crate::nn::profile::ProfileRow;
 use crate::pipeline::{generate, LoadOptions, SampleConfig, SdxlModel};
 use crate::{Error, Result};
 
@@ -77,6 +78,13 @@ pub struct UnetCheck {
     /// Relative L2 difference of the output with the fused forms against
     /// the one with the composites (0 on the CPU).
     pub fused_vs_composite_rel_l2: f64,
+    /// One more call (fused forms on) with every op and UNet module timed
+    /// between device synchronisations ([`crate::nn::profile`]), by name;
+    /// diffusers' UNet gets the same breakdown on the Python side.
+    pub profile: Vec<ProfileRow>,
+    /// Wall time of that call (ms): [`Self::forward_ms`] plus the
+    /// synchronisations' cost.
+    pub profiled_ms: f64,
     /// Tensors in `unet_out.safetensors`.
     pub outputs: Vec<String>,
     /// Whether every output is finite.
@@ -326,6 +334,13 @@ fn unet_check(cfg: &RunConfig, unet: &UNet, dtype: DType) -> Result<UnetCheck> {
         Ok(times[times.len() / 2])
     };
     let forward_ms = median_ms()?;
+    let was = crate::nn::profile::set_enabled(true);
+    let t = Instant::now();
+    let profiled = unet_on_inputs(unet, &io, dtype, dev).and_then(|_| Ok(dev.synchronize()?));
+    let profiled_ms = ms_since(t);
+    crate::nn::profile::set_enabled(was);
+    let profile = crate::nn::profile::take();
+    profiled?;
     // A/B: the same calls with the fused device forms off (this thread only).
     let was = crate::nn::ops::set_device_fused(false);
     let composite = unet_on_inputs(unet, &io, dtype, dev).and_then(|out| Ok((out, median_ms()?)));
@@ -355,6 +370,8 @@ fn unet_check(cfg: &RunConfig, unet: &UNet, dtype: DType) -> Result<UnetCheck> {
         forward_ms,
         composite_forward_ms,
         fused_vs_composite_rel_l2,
+        profile,
+        profiled_ms,
         outputs: outputs.into_iter().map(|(k, _)| k).collect(),
         finite,
     })
@@ -400,6 +417,18 @@ mod tests {
         assert!(check.composite_forward_ms > 0.0);
         assert_eq!(check.fused_vs_composite_rel_l2, 0.0);
         assert_eq!(check.outputs, vec!["out_f32"]);
+        let calls = |name: &str| {
+            check
+                .profile
+                .iter()
+                .find(|r| r.name == name)
+                .map_or(0, |r| r.calls)
+        };
+        // The tiny UNet: one resblock per level and level-1/2 transformers.
+        assert!(calls("unet resblock") > 0 && calls("op conv2d") > calls("unet resblock"));
+        assert!(calls("unet self-attention") > 0);
+        assert_eq!(calls("unet self-attention"), calls("unet cross-attention"));
+        assert!(check.profiled_ms > 0.0);
         assert_eq!(r.sample.len(), 2);
         assert!(r.sample.iter().all(|s| s.seconds.is_some()));
         assert_eq!(r.train.len(), 2);

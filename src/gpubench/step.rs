@@ -183,7 +183,8 @@ impl StepReport {
             peak_mem_mb: None,
             peak_rss_mb: None,
             loss: f64::NAN,
-            error: Some(error.to_string()),
+            // The message without the backtrace candle appends.
+            error: Some(error.lines().next().unwrap_or("").trim().to_string()),
         }
     }
 }

@@ -23,6 +23,7 @@ pub mod device;
 pub mod lanes;
 pub mod ops;
 pub mod optim;
+pub mod profile;
 pub mod warm;
 
 pub use device::{default_device, device, model_dtype, vae_dtype};

@@ -88,10 +88,10 @@ fn in_dtype(x: &Tensor, dt: DType, f: impl FnOnce(&Tensor) -> Result<Tensor>) ->
 
 /// `x @ wᵀ + b` for `x` of shape `(..., in)` and `w` of shape `[out, in]`.
 pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
-    match kernel_dtype(x) {
+    crate::nn::profile::scope("op linear", x, || match kernel_dtype(x) {
         Some(dt) => in_dtype(x, dt, |x| kernels::linear::linear(x, w, b)),
         None => reference::linear(x, w, b),
-    }
+    })
 }
 
 /// 2-D convolution with bias; `x (b, cin, h, w)`, `w [cout, cin, k, k]`.
@@ -102,10 +102,10 @@ pub fn conv2d(
     stride: usize,
     padding: usize,
 ) -> Result<Tensor> {
-    match kernel_dtype(x) {
+    crate::nn::profile::scope("op conv2d", x, || match kernel_dtype(x) {
         Some(dt) => in_dtype(x, dt, |x| kernels::conv::conv2d(x, w, b, stride, padding)),
         None => reference::conv2d(x, w, b, stride, padding),
-    }
+    })
 }
 
 /// Group normalisation of `x (b, c, ...)` in f32, per-channel affine, then
@@ -118,7 +118,7 @@ pub fn group_norm(
     eps: f64,
     silu: bool,
 ) -> Result<Tensor> {
-    match kernel_dtype(x) {
+    crate::nn::profile::scope("op group_norm", x, || match kernel_dtype(x) {
         Some(dt) => in_dtype(x, dt, |x| {
             kernels::group_norm::group_norm(x, groups, weight, bias, eps, silu)
         }),
@@ -126,18 +126,18 @@ pub fn group_norm(
             fused::group_norm(x, groups, weight, bias, eps, silu)
         }
         None => reference::group_norm(x, groups, weight, bias, eps, silu),
-    }
+    })
 }
 
 /// Layer normalisation over the last dimension (biased variance), computed in f32.
 pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
-    match kernel_dtype(x) {
+    crate::nn::profile::scope("op layer_norm", x, || match kernel_dtype(x) {
         Some(dt) => in_dtype(x, dt, |x| {
             kernels::layer_norm::layer_norm(x, weight, bias, eps)
         }),
         None if use_fused(&[x, weight, bias]) => fused::layer_norm(x, weight, bias, eps),
         None => reference::layer_norm(x, weight, bias, eps),
-    }
+    })
 }
 
 /// Numerically stable softmax over the last dimension (differentiable).
@@ -152,13 +152,13 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
 /// Scaled dot-product attention: `softmax(q kᵀ · scale [+ causal mask]) v`.
 /// `q (b, h, sq, d)`, `k`/`v (b, h, sk, d)` → `(b, h, sq, d)`.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, causal: bool) -> Result<Tensor> {
-    match kernel_dtype(q) {
+    crate::nn::profile::scope("op attention", q, || match kernel_dtype(q) {
         Some(dt) => in_dtype(q, dt, |q| {
             kernels::attention::attention(q, k, v, scale, causal)
         }),
         None if use_fused(&[q, k, v]) => fused::attention(q, k, v, scale, causal),
         None => reference::attention(q, k, v, scale, causal),
-    }
+    })
 }
 
 /// [`attention`] on packed heads: `q (b, sq, heads·d)`, `k`/`v (b, sk,
@@ -172,21 +172,21 @@ pub fn attention_packed(
     scale: f64,
     causal: bool,
 ) -> Result<Tensor> {
-    match kernel_dtype(q) {
+    crate::nn::profile::scope("op attention", q, || match kernel_dtype(q) {
         Some(dt) => in_dtype(q, dt, |q| {
             kernels::attention::attention_packed(q, k, v, heads, scale, causal)
         }),
         None if use_fused(&[q, k, v]) => fused::attention_packed(q, k, v, heads, scale, causal),
         None => reference::attention_packed(q, k, v, heads, scale, causal),
-    }
+    })
 }
 
 /// Nearest-neighbour ×2 upsampling of `(b, c, h, w)`.
 pub fn upsample_nearest2x(x: &Tensor) -> Result<Tensor> {
-    match kernel_dtype(x) {
+    crate::nn::profile::scope("op upsample", x, || match kernel_dtype(x) {
         Some(dt) => in_dtype(x, dt, kernels::resample::upsample_nearest2x),
         None => reference::upsample_nearest2x(x),
-    }
+    })
 }
 
 /// Exact (erf) GELU, as `torch.nn.functional.gelu` by default.
@@ -200,10 +200,10 @@ pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
 /// GEGLU gate (sgm / diffusers `GEGLU` after its projection):
 /// `[value, gate] = x.chunk(2, -1)`, `value · gelu_erf(gate)`.
 pub fn geglu(x: &Tensor) -> Result<Tensor> {
-    match kernel_dtype(x) {
+    crate::nn::profile::scope("op geglu", x, || match kernel_dtype(x) {
         Some(dt) => in_dtype(x, dt, kernels::act::geglu),
         None => reference::geglu(x),
-    }
+    })
 }
 
 /// Tanh-approximated GELU, `0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)))`

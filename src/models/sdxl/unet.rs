@@ -14,7 +14,7 @@ use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
 use super::config::{MiddleBlock, UNetConfig, SIZE_COND_COUNT, SIZE_EMBED_DIM};
-use crate::nn::{ops, Conv2d, GroupNorm, LayerNorm, Linear};
+use crate::nn::{ops, profile, Conv2d, GroupNorm, LayerNorm, Linear};
 
 /// GroupNorm eps of ResBlocks and the output norm (sgm `GroupNorm32`).
 const RES_NORM_EPS: f64 = 1e-5;
@@ -143,14 +143,16 @@ impl ResBlock {
 
     /// `x (b, cin, h, w)`, `emb_act = SiLU(emb) (b, emb_dim)` → `(b, cout, h, w)`.
     pub fn forward(&self, x: &Tensor, emb_act: &Tensor) -> Result<Tensor> {
-        let h = self.conv_in.forward(&self.norm_in.forward_silu(x)?)?; // (b, cout, h, w)
-        let e = self.emb_proj.forward(emb_act)?.to_dtype(h.dtype())?; // (b, cout)
-        let h = h.broadcast_add(&e.unsqueeze(2)?.unsqueeze(3)?)?;
-        let h = self.conv_out.forward(&self.norm_out.forward_silu(&h)?)?;
-        match &self.skip {
-            Some(s) => s.forward(x)? + h,
-            None => x + h,
-        }
+        profile::scope("unet resblock", x, || {
+            let h = self.conv_in.forward(&self.norm_in.forward_silu(x)?)?; // (b, cout, h, w)
+            let e = self.emb_proj.forward(emb_act)?.to_dtype(h.dtype())?; // (b, cout)
+            let h = h.broadcast_add(&e.unsqueeze(2)?.unsqueeze(3)?)?;
+            let h = self.conv_out.forward(&self.norm_out.forward_silu(&h)?)?;
+            match &self.skip {
+                Some(s) => s.forward(x)? + h,
+                None => x + h,
+            }
+        })
     }
 }
 
@@ -187,13 +189,19 @@ impl CrossAttention {
 
     /// `x (b, s, dim)`, `ctx (b, sk, ctx_dim)` (self-attention when `None`) → `(b, s, dim)`.
     pub fn forward(&self, x: &Tensor, ctx: Option<&Tensor>) -> Result<Tensor> {
-        let ctx = ctx.unwrap_or(x);
-        let q = self.to_q.forward(x)?; // (b, s, heads·head_dim)
-        let k = self.to_k.forward(ctx)?;
-        let v = self.to_v.forward(ctx)?;
-        let scale = 1.0 / (self.head_dim as f64).sqrt();
-        let o = ops::attention_packed(&q, &k, &v, self.heads, scale, false)?; // (b, s, inner)
-        self.to_out.forward(&o)
+        let name = match ctx {
+            None => "unet self-attention",
+            Some(_) => "unet cross-attention",
+        };
+        profile::scope(name, x, || {
+            let ctx = ctx.unwrap_or(x);
+            let q = self.to_q.forward(x)?; // (b, s, heads·head_dim)
+            let k = self.to_k.forward(ctx)?;
+            let v = self.to_v.forward(ctx)?;
+            let scale = 1.0 / (self.head_dim as f64).sqrt();
+            let o = ops::attention_packed(&q, &k, &v, self.heads, scale, false)?; // (b, s, inner)
+            self.to_out.forward(&o)
+        })
     }
 }
 
@@ -217,8 +225,10 @@ impl FeedForward {
 
 impl Module for FeedForward {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let h = self.proj.forward(x)?; // (b, s, 2·inner) = [value, gate]
-        self.out.forward(&ops::geglu(&h)?)
+        profile::scope("unet feed-forward", x, || {
+            let h = self.proj.forward(x)?; // (b, s, 2·inner) = [value, gate]
+            self.out.forward(&ops::geglu(&h)?)
+        })
     }
 }
 
@@ -321,16 +331,18 @@ impl SpatialTransformer {
 
     /// `x (b, c, h, w)`, `ctx (b, sk, ctx_dim)` → `(b, c, h, w)`.
     pub fn forward(&self, x: &Tensor, ctx: &Tensor) -> Result<Tensor> {
-        let (b, c, h, w) = x.dims4()?;
-        let t = self.norm.forward(x)?;
-        let t = t.reshape((b, c, h * w))?.transpose(1, 2)?.contiguous()?; // (b, hw, c)
-        let mut t = self.proj_in.forward(&t)?;
-        for block in &self.blocks {
-            t = block.forward(&t, ctx)?;
-        }
-        let t = self.proj_out.forward(&t)?; // (b, hw, c)
-        let t = t.transpose(1, 2)?.reshape((b, c, h, w))?;
-        t + x
+        profile::scope("unet spatial transformer", x, || {
+            let (b, c, h, w) = x.dims4()?;
+            let t = self.norm.forward(x)?;
+            let t = t.reshape((b, c, h * w))?.transpose(1, 2)?.contiguous()?; // (b, hw, c)
+            let mut t = self.proj_in.forward(&t)?;
+            for block in &self.blocks {
+                t = block.forward(&t, ctx)?;
+            }
+            let t = self.proj_out.forward(&t)?; // (b, hw, c)
+            let t = t.transpose(1, 2)?.reshape((b, c, h, w))?;
+            t + x
+        })
     }
 }
 
@@ -355,10 +367,13 @@ impl Block {
         let mut h = x.clone();
         for layer in &self.0 {
             h = match layer {
-                Layer::Conv(c) | Layer::Down(c) => c.forward(&h)?,
+                Layer::Conv(c) => c.forward(&h)?,
+                Layer::Down(c) => profile::scope("unet downsample", &h, || c.forward(&h))?,
                 Layer::Res(r) => r.forward(&h, emb_act)?,
                 Layer::Attn(a) => a.forward(&h, ctx)?,
-                Layer::Up(c) => c.forward(&ops::upsample_nearest2x(&h)?)?,
+                Layer::Up(c) => profile::scope("unet upsample", &h, || {
+                    c.forward(&ops::upsample_nearest2x(&h)?)
+                })?,
             };
         }
         Ok(h)
