@@ -238,7 +238,7 @@ pub mod reference {
             _ => x.broadcast_matmul(&w.t()?)?,
         };
         match b {
-            Some(b) => y.broadcast_add(b),
+            Some(b) => crate::nn::profile::scope("op linear: bias add", &y, || y.broadcast_add(b)),
             None => Ok(y),
         }
     }
@@ -282,7 +282,9 @@ pub mod reference {
     ) -> Result<Tensor> {
         let y = x.conv2d(w, padding, stride, 1, 1)?;
         match b {
-            Some(b) => y.broadcast_add(&b.reshape((1, (), 1, 1))?),
+            Some(b) => crate::nn::profile::scope("op conv2d: bias add", &y, || {
+                y.broadcast_add(&b.reshape((1, (), 1, 1))?)
+            }),
             None => Ok(y),
         }
     }
@@ -411,7 +413,9 @@ pub mod reference {
         };
         let o = attend(&split(q)?, &split(k)?, &split(v)?)?;
         let (b, h, s, dv) = o.dims4()?;
-        o.transpose(1, 2)?.reshape((b, s, h * dv))
+        crate::nn::profile::scope("op attention: head merge", &o, || {
+            o.transpose(1, 2)?.reshape((b, s, h * dv))
+        })
     }
 }
 
@@ -506,20 +510,25 @@ pub mod fused {
     ) -> Result<Tensor> {
         // The scores are dropped before the last product: one `sq × sk`
         // tensor less at the peak.
+        use crate::nn::profile::scope;
         let p = {
-            let scores = (q * scale)?.matmul(&k.t()?.contiguous()?)?;
+            let scores = scope("op attention: q·kᵀ", q, || {
+                (q * scale)?.matmul(&k.t()?.contiguous()?)
+            })?;
             let scores = if causal {
                 scores.broadcast_add(&reference::causal_mask(q, k, scores.dtype())?)?
             } else {
                 scores
             };
-            if scores.elem_count() <= MAX_ELEMS {
-                softmax_last_dim(&scores)?
-            } else {
-                reference::softmax_last_dim(&scores)?
-            }
+            scope("op attention: softmax", &scores, || {
+                if scores.elem_count() <= MAX_ELEMS {
+                    softmax_last_dim(&scores)
+                } else {
+                    reference::softmax_last_dim(&scores)
+                }
+            })?
         };
-        p.matmul(&v.contiguous()?)
+        scope("op attention: p·v", &p, || p.matmul(&v.contiguous()?))
     }
 
     /// [`attention`] on packed heads, `(b, s, heads·d)` in and out.

@@ -223,11 +223,34 @@ impl FeedForward {
     }
 }
 
+impl FeedForward {
+    /// The GEGLU of `net.0.proj` as two products, one per half of its rows
+    /// (the GPU form): the GELU and the product then run on contiguous
+    /// tensors, where on the halves of one product (strided views)
+    /// candle's elementwise kernels take their slow indexed path. The same
+    /// arithmetic as `ops::geglu(proj(x))`.
+    fn gated_split(&self, x: &Tensor) -> Result<Tensor> {
+        let n = self.proj.weight.dim(0)? / 2;
+        let half = |start: usize| -> Result<Tensor> {
+            let b = match &self.proj.bias {
+                Some(b) => Some(b.narrow(0, start, n)?),
+                None => None,
+            };
+            ops::linear(x, &self.proj.weight.narrow(0, start, n)?, b.as_ref())
+        };
+        let (value, gate) = (half(0)?, half(n)?);
+        profile::scope("op geglu", &gate, || value * ops::gelu_erf(&gate)?)
+    }
+}
+
 impl Module for FeedForward {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         profile::scope("unet feed-forward", x, || {
-            let h = self.proj.forward(x)?; // (b, s, 2·inner) = [value, gate]
-            self.out.forward(&ops::geglu(&h)?)
+            if x.device().is_cpu() {
+                let h = self.proj.forward(x)?; // (b, s, 2·inner) = [value, gate]
+                return self.out.forward(&ops::geglu(&h)?);
+            }
+            self.out.forward(&self.gated_split(x)?)
         })
     }
 }
@@ -644,6 +667,29 @@ mod tests {
                 128 + i,
                 e[0][128 + i]
             );
+        }
+        Ok(())
+    }
+
+    /// The GPU form of the feed-forward (two half products) is the CPU
+    /// form's arithmetic, gradients included.
+    #[test]
+    fn feed_forward_split_matches_the_fused_geglu() -> Result<()> {
+        use crate::nn::kernels::test_util::rand;
+        let vm = candle_nn::VarMap::new();
+        let vb = VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu);
+        let ff = FeedForward::new(vb, 8)?;
+        let x = candle_core::Var::from_tensor(&rand(&[2, 5, 8], 3, DType::F32)?)?;
+        let whole = ff.forward(x.as_tensor())?;
+        let split = ff.out.forward(&ff.gated_split(x.as_tensor())?)?;
+        let d = (&whole - &split)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(d < 1e-5, "{d}");
+        let g1 = whole.sqr()?.sum_all()?.backward()?;
+        let g2 = split.sqr()?.sum_all()?.backward()?;
+        for t in [x.as_tensor(), &ff.proj.weight] {
+            let (a, b) = (g1.get(t).unwrap(), g2.get(t).unwrap());
+            let d = (a - b)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(d < 1e-4, "{d}");
         }
         Ok(())
     }
