@@ -19,6 +19,7 @@
 
 #[macro_use]
 pub mod kernels;
+pub mod bias;
 pub mod device;
 pub mod lanes;
 pub mod ops;

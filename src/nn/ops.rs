@@ -238,7 +238,9 @@ pub mod reference {
             _ => x.broadcast_matmul(&w.t()?)?,
         };
         match b {
-            Some(b) => crate::nn::profile::scope("op linear: bias add", &y, || y.broadcast_add(b)),
+            Some(b) => crate::nn::profile::scope("op linear: bias add", &y, || {
+                crate::nn::bias::add_last_dim(&y, b)
+            }),
             None => Ok(y),
         }
     }
@@ -283,7 +285,7 @@ pub mod reference {
         let y = x.conv2d(w, padding, stride, 1, 1)?;
         match b {
             Some(b) => crate::nn::profile::scope("op conv2d: bias add", &y, || {
-                y.broadcast_add(&b.reshape((1, (), 1, 1))?)
+                crate::nn::bias::add_channels(&y, b)
             }),
             None => Ok(y),
         }

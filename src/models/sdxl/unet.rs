@@ -146,7 +146,7 @@ impl ResBlock {
         profile::scope("unet resblock", x, || {
             let h = self.conv_in.forward(&self.norm_in.forward_silu(x)?)?; // (b, cout, h, w)
             let e = self.emb_proj.forward(emb_act)?.to_dtype(h.dtype())?; // (b, cout)
-            let h = h.broadcast_add(&e.unsqueeze(2)?.unsqueeze(3)?)?;
+            let h = crate::nn::bias::add_channels(&h, &e)?; // + e[n, c] over (h, w)
             let h = self.conv_out.forward(&self.norm_out.forward_silu(&h)?)?;
             match &self.skip {
                 Some(s) => s.forward(x)? + h,
