@@ -236,8 +236,33 @@ const RELEASE_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 /// and its exec) still has it, for an instant. A live handle of this
 /// process counts as a holder, as another process would.
 fn released_here(who: &str, key: Option<FileKey>) -> bool {
-    let me = format!("pid {} on {},", std::process::id(), hostname());
-    who.starts_with(&me) && key.is_some_and(|k| !held_here().contains(&k))
+    who.starts_with(&format!("{},", this_process()))
+        && key.is_some_and(|k| !held_here().contains(&k))
+}
+
+/// How a lock file names this process: "pid … on host".
+fn this_process() -> String {
+    format!("pid {} on {}", std::process::id(), hostname())
+}
+
+/// Take `file`'s lock (exclusive to hold it, shared to probe it):
+/// `Ok(None)` when taken, `Ok(Some(holder))` when another process — or a
+/// live handle of this one — holds it. A lock [`released_here`] is waited
+/// for, up to [`RELEASE_WAIT`].
+fn flock_or_holder(file: &mut File, path: &Path, exclusive: bool) -> Result<Option<String>> {
+    let key = file_key(file);
+    let started = std::time::Instant::now();
+    loop {
+        if try_flock(file, exclusive).at(path)? {
+            return Ok(None);
+        }
+        let who = holder(file);
+        if !released_here(&who, key) || started.elapsed() > RELEASE_WAIT {
+            return Ok(Some(who));
+        }
+        file.seek(SeekFrom::Start(0)).at(path)?;
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
 }
 
 /// Create (if needed) and take `path`'s exclusive lock without waiting,
@@ -254,31 +279,18 @@ fn lock_file(path: &Path) -> Result<std::result::Result<Locked, String>> {
         .truncate(false)
         .open(path)
         .at(path)?;
-    let key = file_key(&file);
-    let started = std::time::Instant::now();
-    loop {
-        match try_flock(&file, true) {
-            Ok(true) => break,
-            Ok(false) => {
-                let who = holder(&mut file);
-                if !released_here(&who, key) || started.elapsed() > RELEASE_WAIT {
-                    return Ok(Err(who));
-                }
-                file.seek(SeekFrom::Start(0)).at(path)?;
-                std::thread::sleep(std::time::Duration::from_millis(2));
-            }
-            Err(e) => return Err(Error::io(path, e)),
-        }
+    if let Some(who) = flock_or_holder(&mut file, path, true)? {
+        return Ok(Err(who));
     }
+    let key = file_key(&file);
     if let Some(key) = key {
         held_here().insert(key);
     }
-    let me = format!("pid {} on {}", std::process::id(), hostname());
     let locked = Locked { file, key };
     let mut file = &locked.file;
     file.set_len(0).at(path)?;
     file.seek(SeekFrom::Start(0)).at(path)?;
-    file.write_all(format!("{me}, since {}", super::now()).as_bytes())
+    file.write_all(format!("{}, since {}", this_process(), super::now()).as_bytes())
         .at(path)?;
     Ok(Ok(locked))
 }
@@ -315,19 +327,7 @@ impl Manifest {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(Error::io(&path, e)),
         };
-        let key = file_key(&file);
-        let started = std::time::Instant::now();
-        loop {
-            if try_flock(&file, false).at(&path)? {
-                return Ok(None);
-            }
-            let who = holder(&mut file);
-            if !released_here(&who, key) || started.elapsed() > RELEASE_WAIT {
-                return Ok(Some(who));
-            }
-            file.seek(SeekFrom::Start(0)).at(&path)?;
-            std::thread::sleep(std::time::Duration::from_millis(2));
-        }
+        flock_or_holder(&mut file, &path, false)
     }
 }
 

@@ -221,9 +221,7 @@ impl FeedForward {
             out: Linear::new(vb.pp("net.2"), inner, dim, true)?,
         })
     }
-}
 
-impl FeedForward {
     /// The GEGLU of `net.0.proj` as two products, one per half of its rows
     /// (the GPU form): the GELU and the product then run on contiguous
     /// tensors, where on the halves of one product (strided views)
