@@ -10,8 +10,8 @@
 //! `(rows, cols)` and adds `b[col]` or `b[row % len]`: one launch, a 2-D
 //! grid, no division per element. It is a candle custom op with a backward
 //! (`∂x = ∂y`, `∂b` = the sum over the broadcast axes), so training uses it
-//! too. The CUDA kernel is compiled once per process with NVRTC (cudarc,
-//! already linked by candle's CUDA backend); if that or its launch fails,
+//! too. The CUDA kernel is compiled once per process with NVRTC
+//! ([`crate::nn::nvrtc`]); if that or its launch fails,
 //! the composite broadcast add runs from then on (a warning says so once).
 //! On the CPU the composite runs (the CPU kernels have their own bias
 //! handling); the op's CPU form exists for the tests.
@@ -209,32 +209,16 @@ impl CustomOp2 for BiasAdd {
 
 #[cfg(feature = "cuda")]
 mod cuda {
-    use std::sync::OnceLock;
-
     use candle_core::backend::BackendStorage;
     use candle_core::cuda::cudarc::driver::{LaunchConfig, PushKernelArg};
-    use candle_core::cuda::{cudarc, WrapErr};
+    use candle_core::cuda::WrapErr;
     use candle_core::{CudaStorage, DType, Layout, Result, Shape};
 
     use super::{Axis, BiasAdd};
 
-    /// The kernels, one per dtype; half types as their bits (no CUDA
-    /// headers under NVRTC), arithmetic in f32, one rounding.
+    /// The kernels, one per dtype (half types as bits, arithmetic in f32,
+    /// one rounding; [`crate::nn::nvrtc::PRELUDE`]).
     const SRC: &str = r#"
-typedef unsigned short u16;
-union bits32 { unsigned int u; float f; };
-__device__ __forceinline__ float bf2f(u16 h) { bits32 c; c.u = ((unsigned int)h) << 16; return c.f; }
-__device__ __forceinline__ u16 f2bf(float f) {
-    bits32 c; c.f = f;
-    unsigned int u = c.u;
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (u16)((u >> 16) | 0x40u);
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (u16)(u >> 16);
-}
-__device__ __forceinline__ float h2f(u16 h) { float f; asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h)); return f; }
-__device__ __forceinline__ u16 f2h(float f) { u16 h; asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f)); return h; }
-__device__ __forceinline__ float id(float f) { return f; }
-
 #define BIAS_ADD(NAME, T, LOAD, STORE) \
 extern "C" __global__ void NAME(const T* x, const T* b, T* y, unsigned int rows, \
         unsigned int cols, unsigned int len, unsigned int per_row) { \
@@ -252,16 +236,8 @@ BIAS_ADD(eps2v_bias_add_bf16, u16, bf2f, f2bf)
 BIAS_ADD(eps2v_bias_add_f16, u16, h2f, f2h)
 "#;
 
-    /// The PTX of [`SRC`], compiled once per process.
     fn ptx() -> Result<&'static str> {
-        static PTX: OnceLock<std::result::Result<String, String>> = OnceLock::new();
-        PTX.get_or_init(|| {
-            cudarc::nvrtc::compile_ptx(SRC)
-                .map(|p| p.to_src())
-                .map_err(|e| format!("NVRTC: {e:?}"))
-        })
-        .as_deref()
-        .map_err(|e| candle_core::Error::Msg(e.to_string()))
+        crate::nn::nvrtc::ptx("eps2v_bias_add", SRC)
     }
 
     pub(super) fn forward(

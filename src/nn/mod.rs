@@ -21,10 +21,15 @@
 pub mod kernels;
 pub mod bias;
 pub mod device;
+pub mod im2col;
 pub mod lanes;
+pub mod norm;
+#[cfg(feature = "cuda")]
+mod nvrtc;
 pub mod ops;
 pub mod optim;
 pub mod profile;
+pub mod softmax;
 pub mod warm;
 
 pub use device::{default_device, device, model_dtype, vae_dtype};

@@ -104,6 +104,7 @@ pub fn conv2d(
 ) -> Result<Tensor> {
     crate::nn::profile::scope("op conv2d", x, || match kernel_dtype(x) {
         Some(dt) => in_dtype(x, dt, |x| kernels::conv::conv2d(x, w, b, stride, padding)),
+        None if use_fused(&[x, w]) => fused::conv2d(x, w, b, stride, padding),
         None => reference::conv2d(x, w, b, stride, padding),
     })
 }
@@ -351,8 +352,13 @@ pub mod reference {
         y.to_dtype(dtype)
     }
 
-    /// Numerically stable softmax over the last dimension (differentiable).
+    /// Numerically stable softmax over the last dimension (differentiable;
+    /// on CUDA the one-pass kernel of [`crate::nn::softmax`], which has a
+    /// backward too, where it applies).
     pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+        if let Some(y) = crate::nn::softmax::try_softmax_last_dim(x)? {
+            return Ok(y);
+        }
         let max = x.max_keepdim(D::Minus1)?.detach();
         let e = x.broadcast_sub(&max)?.exp()?;
         e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
@@ -421,10 +427,12 @@ pub mod reference {
     }
 }
 
-/// Forward-only forms of the normalisations, softmax and attention for a
-/// GPU where no gradient is needed: candle-nn's fused softmax and layer-norm
-/// ops (one CUDA kernel each, f32 accumulation for half types) in place of
-/// the composites' 5–12 kernels with bf16 reductions. They run on every
+/// Forward-only forms of the normalisations, softmax, attention and
+/// convolution for a GPU where no gradient is needed: our one-pass softmax
+/// ([`crate::nn::softmax`]; candle-nn's where it does not apply) and
+/// candle-nn's layer norm (one CUDA kernel each, f32 accumulation for half
+/// types) in place of the composites' 5–12 kernels with bf16 reductions,
+/// and convolutions as patches × weights ([`crate::nn::im2col`]). They run on every
 /// device (the tests run them on the CPU against [`reference`](mod@reference)),
 /// but [`use_fused`] sends only non-CPU tensors here: the CPU has its own
 /// kernels, and a CPU run with those disabled must get the composites.
@@ -446,9 +454,33 @@ pub mod fused {
             && ts[0].elem_count() <= MAX_ELEMS
     }
 
-    /// Softmax over the last dimension, one kernel.
+    /// Softmax over the last dimension, one kernel: ours
+    /// ([`crate::nn::softmax`], one pass) where it applies, else candle's.
     pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+        if let Some(y) = crate::nn::softmax::try_softmax_last_dim(x)? {
+            return Ok(y);
+        }
         candle_nn::ops::softmax_last_dim(&x.contiguous()?)
+    }
+
+    /// 2-D convolution with bias as patches × weights on CUDA
+    /// ([`crate::nn::im2col`]), else the composite.
+    pub fn conv2d(
+        x: &Tensor,
+        w: &Tensor,
+        b: Option<&Tensor>,
+        stride: usize,
+        padding: usize,
+    ) -> Result<Tensor> {
+        match crate::nn::im2col::try_conv2d(x, w, stride, padding)? {
+            Some(y) => match b {
+                Some(b) => crate::nn::profile::scope("op conv2d: bias add", &y, || {
+                    crate::nn::bias::add_channels(&y, b)
+                }),
+                None => Ok(y),
+            },
+            None => reference::conv2d(x, w, b, stride, padding),
+        }
     }
 
     /// Layer normalisation over the last dimension, one kernel (statistics
@@ -470,7 +502,8 @@ pub mod fused {
     /// composite's two-pass f32 statistics.
     pub const MAX_GROUP_ROW: usize = 1 << 20;
 
-    /// Group normalisation of `x (b, c, ...)`: a layer norm of each
+    /// Group normalisation of `x (b, c, ...)`: on CUDA our two kernels
+    /// ([`crate::nn::norm`]) where they apply; else a layer norm of each
     /// `(b, group)` row with no affine (one kernel), then the per-channel
     /// affine and the optional SiLU in `x`'s dtype. Rows longer than
     /// [`MAX_GROUP_ROW`] take [`reference::group_norm`].
@@ -486,6 +519,9 @@ pub mod fused {
         let (b, c) = (dims[0], dims[1]);
         if c % groups != 0 {
             candle_core::bail!("group_norm: {c} channels not divisible by {groups} groups");
+        }
+        if let Some(y) = crate::nn::norm::try_group_norm(x, groups, weight, bias, eps, silu)? {
+            return Ok(y);
         }
         if x.elem_count() / (b * groups) > MAX_GROUP_ROW {
             return reference::group_norm(x, groups, weight, bias, eps, silu);
