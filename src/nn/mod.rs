@@ -21,6 +21,7 @@
 pub mod kernels;
 pub mod bias;
 pub mod device;
+pub mod flash;
 pub mod im2col;
 pub mod lanes;
 pub mod norm;

@@ -31,8 +31,19 @@ __device__ __forceinline__ float id(float f) { return f; }
 "#;
 
 /// The PTX of [`PRELUDE`] + `src`, compiled once per process and module
-/// name (an error is remembered too: a failed compile is not retried).
+/// name (an error is remembered too: a failed compile is not retried), for
+/// NVRTC's default virtual architecture.
 pub(crate) fn ptx(module: &'static str, src: &'static str) -> Result<&'static str> {
+    ptx_for(module, src, None)
+}
+
+/// [`ptx`] for a virtual architecture of at least `arch` (e.g.
+/// `compute_80` for the bf16 tensor-core instructions).
+pub(crate) fn ptx_for(
+    module: &'static str,
+    src: &'static str,
+    arch: Option<&'static str>,
+) -> Result<&'static str> {
     type Cache = Mutex<HashMap<&'static str, std::result::Result<&'static str, String>>>;
     static CACHE: OnceLock<Cache> = OnceLock::new();
     let mut cache = CACHE
@@ -42,7 +53,11 @@ pub(crate) fn ptx(module: &'static str, src: &'static str) -> Result<&'static st
     cache
         .entry(module)
         .or_insert_with(|| {
-            cudarc::nvrtc::compile_ptx(format!("{PRELUDE}{src}"))
+            let opts = cudarc::nvrtc::CompileOptions {
+                arch,
+                ..Default::default()
+            };
+            cudarc::nvrtc::compile_ptx_with_opts(format!("{PRELUDE}{src}"), opts)
                 .map(|p| &*Box::leak(p.to_src().into_boxed_str()))
                 .map_err(|e| format!("NVRTC ({module}): {e:?}"))
         })

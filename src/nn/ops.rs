@@ -569,7 +569,8 @@ pub mod fused {
         scope("op attention: p·v", &p, || p.matmul(&v.contiguous()?))
     }
 
-    /// [`attention`] on packed heads, `(b, s, heads·d)` in and out.
+    /// [`attention`] on packed heads, `(b, s, heads·d)` in and out: on
+    /// CUDA the flash kernel ([`crate::nn::flash`]) where it applies.
     pub fn attention_packed(
         q: &Tensor,
         k: &Tensor,
@@ -578,6 +579,9 @@ pub mod fused {
         scale: f64,
         causal: bool,
     ) -> Result<Tensor> {
+        if let Some(o) = crate::nn::flash::try_attention_packed(q, k, v, heads, scale, causal)? {
+            return Ok(o);
+        }
         reference::packed(q, k, v, heads, |q, k, v| attention(q, k, v, scale, causal))
     }
 }
