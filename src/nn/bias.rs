@@ -112,12 +112,7 @@ fn try_op(y: &Tensor, b: &Tensor, op: BiasAdd) -> Result<Option<Tensor>> {
     };
     match out {
         Ok(out) => Ok(Some(out)),
-        Err(e) => {
-            if !BROKEN.swap(true, Ordering::Relaxed) {
-                eprintln!("warning: eps2v's GPU bias-add kernel failed ({e}); using candle's broadcast add");
-            }
-            Ok(None)
-        }
+        Err(e) => crate::nn::kernel_failed(&BROKEN, "bias-add kernel", "candle's broadcast add", e),
     }
 }
 

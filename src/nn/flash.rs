@@ -44,9 +44,11 @@ struct Flash {
 /// Set when the kernel could not be built or launched, or failed its check.
 static BROKEN: AtomicBool = AtomicBool::new(false);
 
-/// Relative L2 difference to the materialised f32 form above which the
-/// first-use check turns the kernel off (bf16 differs by ~4e-3).
-const CHECK_TOLERANCE: f64 = 2e-2;
+/// Relative L2 difference to the materialised f32 form (on the same
+/// rounded inputs) above which the first-use check turns the kernel off:
+/// the kernel rounds the probabilities and the output to the input dtype
+/// (~2e-3 each for bf16).
+const CHECK_TOLERANCE: f64 = 1e-2;
 
 /// Attention on packed heads with the kernel where it applies: CUDA, f16
 /// or bf16 q/k/v of one dtype, 64 values per head, no causal mask, nothing
@@ -64,18 +66,11 @@ pub fn try_attention_packed(
     }
     match run(q, k, v, heads, scale) {
         Ok(o) => Ok(Some(o)),
-        Err(e) => {
-            turn_off(&format!("{e}"));
-            Ok(None)
-        }
+        Err(e) => crate::nn::kernel_failed(&BROKEN, "flash-attention kernel", FALLBACK, e),
     }
 }
 
-fn turn_off(why: &str) {
-    if !BROKEN.swap(true, Ordering::Relaxed) {
-        eprintln!("warning: eps2v's GPU flash-attention kernel is off ({why}); using the materialised attention");
-    }
-}
+const FALLBACK: &str = "the materialised attention";
 
 fn applies(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, causal: bool) -> Result<bool> {
     if !q.device().is_cuda() || BROKEN.load(Ordering::Relaxed) || causal || heads == 0 {
@@ -119,24 +114,30 @@ fn run(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, scale: f64) -> Result<T
 }
 
 /// Whether the kernel passed its first-use check on this device and dtype
-/// (run once per process and dtype).
+/// (run once per process and dtype, unless it ran out of memory).
 fn checked(dev: &candle_core::Device, dtype: DType) -> bool {
     static F16: OnceLock<bool> = OnceLock::new();
     static BF16: OnceLock<bool> = OnceLock::new();
     let cell = if dtype == DType::F16 { &F16 } else { &BF16 };
-    *cell.get_or_init(|| match self_check(dev, dtype) {
-        Ok(d) if d <= CHECK_TOLERANCE => true,
-        Ok(d) => {
-            turn_off(&format!(
-                "its first-use check on {dtype:?} differs from the materialised form by {d:.3e}"
-            ));
-            false
+    if let Some(&ok) = cell.get() {
+        return ok;
+    }
+    let e = match self_check(dev, dtype) {
+        Ok(d) if d <= CHECK_TOLERANCE => {
+            let _ = cell.set(true);
+            return true;
         }
-        Err(e) => {
-            turn_off(&format!("{e}"));
-            false
-        }
-    })
+        Ok(d) => candle_core::Error::Msg(format!(
+            "its first-use check on {dtype:?} differs from the materialised form by {d:.3e}"
+        )),
+        Err(e) => e,
+    };
+    // Out of memory is not the kernel's fault: not remembered, checked
+    // again at the next call.
+    if crate::nn::kernel_failed::<()>(&BROKEN, "flash-attention kernel", FALLBACK, e).is_ok() {
+        let _ = cell.set(false);
+    }
+    false
 }
 
 /// The largest relative L2 difference between the kernel and the
@@ -155,16 +156,22 @@ fn self_check(dev: &candle_core::Device, dtype: DType) -> Result<f64> {
                 .to_dtype(DType::F32)?
                 .to_device(dev)
         };
+        // The reference sees the same rounded inputs: with logits of up to
+        // ~9, rounding q and k alone moves the result by ~3e-2 (run 2 of
+        // stop 43 compared against unrounded inputs and turned the kernel
+        // off for that).
         let (q, k, v) = (make(sq, 1.0)?, make(sk, 2.0)?, make(sk, 3.0)?);
-        let want = crate::nn::ops::reference::attention_packed(&q, &k, &v, 2, 0.125, false)?;
-        let got = run(
-            &q.to_dtype(dtype)?,
-            &k.to_dtype(dtype)?,
-            &v.to_dtype(dtype)?,
+        let (q, k, v) = (q.to_dtype(dtype)?, k.to_dtype(dtype)?, v.to_dtype(dtype)?);
+        let f32 = |t: &Tensor| t.to_dtype(DType::F32);
+        let want = crate::nn::ops::reference::attention_packed(
+            &f32(&q)?,
+            &f32(&k)?,
+            &f32(&v)?,
             2,
             0.125,
-        )?
-        .to_dtype(DType::F32)?;
+            false,
+        )?;
+        let got = run(&q, &k, &v, 2, 0.125)?.to_dtype(DType::F32)?;
         let num = (&got - &want)?.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
         let den = want.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
         let d = (num / den.max(1e-30)).sqrt();

@@ -55,14 +55,7 @@ pub fn try_conv2d(x: &Tensor, w: &Tensor, stride: usize, padding: usize) -> Resu
     }
     match conv2d_gemm(x, w, stride, padding) {
         Ok(y) => Ok(y),
-        Err(e) => {
-            if !BROKEN.swap(true, Ordering::Relaxed) {
-                eprintln!(
-                    "warning: eps2v's GPU convolution (im2col kernel) failed ({e}); using candle's"
-                );
-            }
-            Ok(None)
-        }
+        Err(e) => crate::nn::kernel_failed(&BROKEN, "convolution (im2col kernel)", "candle's", e),
     }
 }
 

@@ -38,6 +38,31 @@ pub use warm::{keep_warm, set_keep_warm, share_cores, KeepWarm, SharedCores};
 
 use candle_core::{Module, Result, Tensor};
 
+/// What a failure of one of our GPU kernels ([`bias`], [`softmax`],
+/// [`im2col`], [`norm`], [`flash`]) means. Out of device memory is the
+/// caller's error: the kernel is fine, and the fallback would need the same
+/// memory (run 2 of stop 43 turned the softmax kernel off for a whole-UNet
+/// training step that did not fit). Anything else (it did not compile,
+/// load or launch) turns the kernel off for the process: `broken` is set
+/// and one warning names the kernel, the fallback and the first line of
+/// the error (candle appends a backtrace). `Ok(None)`: use the fallback.
+pub(crate) fn kernel_failed<T>(
+    broken: &std::sync::atomic::AtomicBool,
+    kernel: &str,
+    fallback: &str,
+    e: candle_core::Error,
+) -> Result<Option<T>> {
+    let text = e.to_string();
+    if text.contains("OUT_OF_MEMORY") {
+        return Err(e);
+    }
+    if !broken.swap(true, std::sync::atomic::Ordering::Relaxed) {
+        let first = text.lines().next().unwrap_or_default();
+        eprintln!("warning: eps2v's GPU {kernel} failed ({first}); using {fallback}");
+    }
+    Ok(None)
+}
+
 /// Run `f` on one of the rayon pool's worker threads and wait for it.
 /// The thread that drives a model also runs its serial ops; when it is a
 /// worker of the pool that the kernels use, the cores are shared by the

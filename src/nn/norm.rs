@@ -74,14 +74,7 @@ pub fn try_group_norm(
     let b = bias.to_dtype(DType::F32)?.flatten_all()?.contiguous()?;
     match x.contiguous()?.apply_op3_no_bwd(&w, &b, &op) {
         Ok(y) => Ok(Some(y)),
-        Err(e) => {
-            if !BROKEN.swap(true, Ordering::Relaxed) {
-                eprintln!(
-                    "warning: eps2v's GPU group-norm kernels failed ({e}); using the previous form"
-                );
-            }
-            Ok(None)
-        }
+        Err(e) => crate::nn::kernel_failed(&BROKEN, "group-norm kernels", "the previous form", e),
     }
 }
 

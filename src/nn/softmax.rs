@@ -55,12 +55,7 @@ pub fn try_softmax_last_dim(x: &Tensor) -> Result<Option<Tensor>> {
     };
     match out {
         Ok(y) => Ok(Some(y)),
-        Err(e) => {
-            if !BROKEN.swap(true, Ordering::Relaxed) {
-                eprintln!("warning: eps2v's GPU softmax kernel failed ({e}); using the composite");
-            }
-            Ok(None)
-        }
+        Err(e) => crate::nn::kernel_failed(&BROKEN, "softmax kernel", "the composite", e),
     }
 }
 
