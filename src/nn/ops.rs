@@ -373,7 +373,10 @@ pub mod reference {
         scale: f64,
         causal: bool,
     ) -> Result<Tensor> {
-        let scores = (q.contiguous()?.matmul(&k.t()?.contiguous()?)? * scale)?;
+        // The scale on q (a pass over q, not over the `sq × sk` scores;
+        // exact for SDXL's 1/8): a training graph keeps one scores-sized
+        // tensor less per attention.
+        let scores = (q * scale)?.contiguous()?.matmul(&k.t()?.contiguous()?)?;
         let scores = if causal {
             scores.broadcast_add(&causal_mask(q, k, scores.dtype())?)?
         } else {
