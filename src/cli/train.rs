@@ -55,6 +55,10 @@ pub struct TrainArgs {
     /// Micro-batches per optimizer step.
     #[arg(long)]
     pub grad_accum: Option<usize>,
+    /// Keep activations only at UNet block boundaries and recompute each
+    /// block in the backward: less memory, one more forward.
+    #[arg(long)]
+    pub gradient_checkpointing: bool,
     /// Learning rate (default 1e-5).
     #[arg(long)]
     pub lr: Option<f64>,
@@ -217,6 +221,9 @@ impl TrainArgs {
         }
         if self.ztsnr {
             c.ztsnr = true;
+        }
+        if self.gradient_checkpointing {
+            c.gradient_checkpointing = true;
         }
         if self.no_ztsnr {
             c.ztsnr = false;

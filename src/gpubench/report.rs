@@ -219,6 +219,11 @@ pub fn combine(ours: &Value, reference: &Value) -> Result<Combined> {
                 .and_then(Value::as_str)
                 .map(|e| e.lines().next().unwrap_or("").trim().to_string())
         };
+        let recomputed = if t.get("recomputed").and_then(Value::as_bool) == Some(true) {
+            ", ours with gradient checkpointing"
+        } else {
+            ""
+        };
         let (ours_failed, theirs_failed) = (failed(Some(t)), failed(theirs));
         let t = if ours_failed.is_some() { None } else { Some(t) };
         let theirs = if theirs_failed.is_some() {
@@ -246,7 +251,7 @@ pub fn combine(ours: &Value, reference: &Value) -> Result<Combined> {
             get(theirs, "params"),
         ));
         rows.push(Row::new(
-            format!("train step, {name} trainable{why}"),
+            format!("train step, {name} trainable{recomputed}{why}"),
             "ms",
             get(t, "step_ms"),
             get(theirs, "step_ms"),
@@ -274,6 +279,7 @@ pub fn combine(ours: &Value, reference: &Value) -> Result<Combined> {
             ));
         }
     }
+    rows.extend(train_memory_rows(ours));
     rows.extend(profile_rows(ours, reference));
     let targets = rows.iter().filter(|r| r.met.is_some()).count();
     let met = rows.iter().filter(|r| r.met == Some(true)).count();
@@ -285,6 +291,63 @@ pub fn combine(ours: &Value, reference: &Value) -> Result<Combined> {
         reference: reference.clone(),
     })
 }
+
+/// Where our training steps' device memory went (ours only; also for a
+/// step that ran out of memory, as far as it got): the memory in use after
+/// each stage of the warm-up step, and the [`MEMORY_ROWS`] modules and ops
+/// of its forward that left the most in use (inclusive, like the profile).
+fn train_memory_rows(ours: &Value) -> Vec<Row> {
+    let mut rows = Vec::new();
+    for t in ours
+        .get("train")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        let name = t.get("trainable").and_then(Value::as_str).unwrap_or("?");
+        for m in t
+            .get("memory_after_mb")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
+            if let (Some(stage), Some(mb)) = (m.get(0).and_then(Value::as_str), m.get(1)) {
+                rows.push(Row::new(
+                    format!("train memory, {name}: in use after {stage}"),
+                    "GB",
+                    mb.as_f64().map(|m| m * MIB_TO_GB),
+                    None,
+                ));
+            }
+        }
+        let mut scopes: Vec<(String, f64, f64)> = t
+            .get("memory")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter_map(|r| {
+                Some((
+                    r.get("name")?.as_str()?.to_string(),
+                    num(r, &["calls"])?,
+                    num(r, &["retained_mb"])?,
+                ))
+            })
+            .collect();
+        scopes.sort_by(|a, b| b.2.total_cmp(&a.2));
+        for (scope, calls, mb) in scopes.into_iter().take(MEMORY_ROWS) {
+            rows.push(Row::new(
+                format!("train memory, {name}: forward, {scope} (calls {calls})"),
+                "GB",
+                Some(mb * MIB_TO_GB),
+                None,
+            ));
+        }
+    }
+    rows
+}
+
+/// How many modules and ops [`train_memory_rows`] lists per step.
+const MEMORY_ROWS: usize = 12;
 
 /// The UNet call's breakdown ([`crate::nn::profile`]; the Python side
 /// times diffusers' modules and ops of the same kind), by our time, most

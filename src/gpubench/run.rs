@@ -307,7 +307,11 @@ pub fn run(cfg: &RunConfig, log: &mut dyn FnMut(&str)) -> Result<OursReport> {
             cfg.train_steps,
             cfg.train_budget_s,
         )
-        .unwrap_or_else(|e| StepReport::failed(sel, &e.to_string()));
+        .unwrap_or_else(|e| {
+            let mut failed = StepReport::failed(sel, &e.to_string());
+            crate::gpubench::step::partial_memory(&mut failed);
+            failed
+        });
         report.train.push(r);
         save(&mut report)?;
     }

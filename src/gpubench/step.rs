@@ -167,6 +167,16 @@ pub struct StepReport {
     pub loss: f64,
     /// Why the step could not run (out of memory, …); the numbers are NaN then.
     pub error: Option<String>,
+    /// Device memory left in use after the warm-up step's forward, its
+    /// backward and its optimizer step (MiB, CUDA), as far as it got.
+    pub memory_after_mb: Vec<(String, f64)>,
+    /// Whether the step recomputed the blocks in the backward (gradient
+    /// checkpointing; the whole UNet's step does).
+    pub recomputed: bool,
+    /// The warm-up forward's memory by module and op ([`crate::nn::profile`]
+    /// with memory on: what each scope left in use, i.e. what the graph
+    /// keeps for the backward), as far as it got.
+    pub memory: Vec<crate::nn::profile::ProfileRow>,
 }
 
 impl StepReport {
@@ -185,8 +195,35 @@ impl StepReport {
             loss: f64::NAN,
             // The message without the backtrace candle appends.
             error: Some(error.lines().next().unwrap_or("").trim().to_string()),
+            memory_after_mb: Vec::new(),
+            memory: Vec::new(),
+            recomputed: trainable == Trainable::Full,
         }
     }
+}
+
+/// What the warm-up step measured before it failed: the memory marks and
+/// the profile rows collected so far (profiling is turned off here).
+pub fn partial_memory(report: &mut StepReport) {
+    crate::nn::profile::set_enabled(false);
+    crate::nn::profile::set_memory(false);
+    report.memory = crate::nn::profile::take();
+    report.memory_after_mb = MARKS.with_borrow_mut(std::mem::take);
+}
+
+thread_local! {
+    /// The warm-up step's memory marks so far (see [`StepReport::memory_after_mb`]).
+    static MARKS: std::cell::RefCell<Vec<(String, f64)>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Record (and log) the device memory in use after `stage` of the warm-up step.
+fn mark(device: &Device, stage: &str) -> Result<()> {
+    if let Some(b) = gpu_memory::used_bytes(device)? {
+        let mb = b as f64 / (1u64 << 20) as f64;
+        eprintln!("[memory] {stage}: {mb:.0} MiB in use");
+        MARKS.with_borrow_mut(|m| m.push((stage.to_string(), mb)));
+    }
+    Ok(())
 }
 
 /// A fixed training batch: noisy latents, per-sample timesteps, text context,
@@ -280,6 +317,16 @@ pub fn time_steps(
 ) -> Result<StepReport> {
     let (unet, vars) = load_selective(ckpt, cfg, trainable, dtype, device)?;
     let params = vars.iter().map(|(_, v)| v.elem_count()).sum();
+    // The whole UNet's step keeps activations only at block boundaries
+    // (`UNet::loss_and_grads_recomputed`): with every activation kept it
+    // did not fit in 139 GiB (runs 2–6).
+    let recomputed = trainable == Trainable::Full;
+    let var_list: Vec<Var> = vars.iter().map(|(_, v)| v.clone()).collect();
+    let loss_of = |out: &Tensor| -> candle_core::Result<Tensor> {
+        (out.to_dtype(DType::F32)? - &batch.target)?
+            .sqr()?
+            .mean_all()
+    };
     let mut opt = AdamW::new(
         vars.into_iter().map(|(_, v)| v).collect(),
         ParamsAdamW {
@@ -298,23 +345,61 @@ pub fn time_steps(
             break;
         }
         device.synchronize()?;
+        // The warm-up step's forward is profiled with memory (it is not
+        // timed), and each stage's memory in use is marked.
+        let warm = i == 0;
+        if warm {
+            MARKS.with_borrow_mut(Vec::clear);
+            mark(device, "weights and optimizer")?;
+            crate::nn::profile::set_enabled(true);
+            crate::nn::profile::set_memory(true);
+        }
         let t0 = Instant::now();
-        let out = unet.forward(&batch.x, &batch.timesteps, &batch.context, &batch.y)?;
-        let loss = (out.to_dtype(DType::F32)? - &batch.target)?
-            .sqr()?
-            .mean_all()?;
-        device.synchronize()?;
-        let t1 = Instant::now();
-        let grads = loss.backward()?;
+        let (loss, grads, t1) = if recomputed {
+            let (loss, grads) = unet.loss_and_grads_recomputed(
+                &batch.x,
+                &batch.timesteps,
+                &batch.context,
+                &batch.y,
+                &var_list,
+                &loss_of,
+            )?;
+            (loss, grads, None)
+        } else {
+            let out = unet.forward(&batch.x, &batch.timesteps, &batch.context, &batch.y)?;
+            let loss = loss_of(&out)?;
+            drop(out);
+            device.synchronize()?;
+            let t1 = Instant::now();
+            if warm {
+                crate::nn::profile::set_enabled(false);
+                crate::nn::profile::set_memory(false);
+                mark(device, "forward")?;
+            }
+            let grads = loss.backward()?;
+            (loss, grads, Some(t1))
+        };
         device.synchronize()?;
         let t2 = Instant::now();
+        if warm {
+            crate::nn::profile::set_enabled(false);
+            crate::nn::profile::set_memory(false);
+            mark(device, "backward")?;
+        }
+        // With recomputation forward and backward interleave: the forward
+        // time is not separable (NaN), the backward's is the whole.
+        let t1 = t1.unwrap_or(t0);
         opt.step(&grads)?;
         drop(grads);
         device.synchronize()?;
         let t3 = Instant::now();
+        if warm {
+            mark(device, "optimizer step")?;
+        }
         loss_value = loss.to_scalar::<f32>()? as f64;
         let ms = |a: Instant, b: Instant| (b - a).as_secs_f64() * 1e3;
-        let times = [ms(t0, t1), ms(t1, t2), ms(t2, t3), ms(t0, t3)];
+        let forward_ms = if recomputed { f64::NAN } else { ms(t0, t1) };
+        let times = [forward_ms, ms(t1, t2), ms(t2, t3), ms(t0, t3)];
         if i == 0 {
             warmup = times;
         } else {
@@ -346,5 +431,8 @@ pub fn time_steps(
         peak_mem_mb: peak,
         loss: loss_value,
         error: None,
+        memory_after_mb: MARKS.with_borrow_mut(std::mem::take),
+        memory: crate::nn::profile::take(),
+        recomputed,
     })
 }

@@ -18,10 +18,23 @@ use std::time::{Duration, Instant};
 
 use candle_core::{Result, Tensor};
 
+/// Per name: calls, time, bytes of device memory still in use after the
+/// scope that were not before it (summed; see [`set_memory`]).
+type Table = BTreeMap<&'static str, (u64, Duration, i64)>;
+
 thread_local! {
     static ENABLED: Cell<bool> = const { Cell::new(false) };
-    static TABLE: RefCell<BTreeMap<&'static str, (u64, Duration)>> =
-        const { RefCell::new(BTreeMap::new()) };
+    static MEMORY: Cell<bool> = const { Cell::new(false) };
+    static TABLE: RefCell<Table> = const { RefCell::new(BTreeMap::new()) };
+}
+
+/// Also record, while profiling is on, the device memory each scope leaves
+/// in use (its output, and in a training forward everything the graph
+/// keeps for the backward): the pool's bytes in use after the scope minus
+/// before it, summed per name (CUDA; nothing on the CPU). Returns the
+/// previous setting.
+pub fn set_memory(on: bool) -> bool {
+    MEMORY.with(|m| m.replace(on))
 }
 
 /// Turn profiling on or off for this thread; returns the previous
@@ -40,15 +53,29 @@ pub fn scope<T>(name: &'static str, x: &Tensor, f: impl FnOnce() -> Result<T>) -
         return f();
     }
     let dev = x.device().clone();
+    let used = || -> Result<Option<i64>> {
+        if !MEMORY.with(Cell::get) {
+            return Ok(None);
+        }
+        crate::nn::device::gpu_memory::used_bytes(&dev)
+            .map(|b| b.map(|b| b as i64))
+            .map_err(|e| candle_core::Error::Msg(e.to_string()))
+    };
     dev.synchronize()?;
+    let before = used()?;
     let t = Instant::now();
     let out = f()?;
     dev.synchronize()?;
     let dt = t.elapsed();
+    let retained = match (before, used()?) {
+        (Some(a), Some(b)) => b - a,
+        _ => 0,
+    };
     TABLE.with_borrow_mut(|table| {
-        let row = table.entry(name).or_insert((0, Duration::ZERO));
+        let row = table.entry(name).or_insert((0, Duration::ZERO, 0));
         row.0 += 1;
         row.1 += dt;
+        row.2 += retained;
     });
     Ok(out)
 }
@@ -62,6 +89,10 @@ pub struct ProfileRow {
     pub calls: u64,
     /// Total time, inclusive of nested scopes (ms).
     pub ms: f64,
+    /// Device memory left in use by the calls, inclusive (MiB; with
+    /// [`set_memory`] on a GPU, else absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retained_mb: Option<f64>,
 }
 
 /// The rows timed since profiling was turned on, by name, and a cleared
@@ -70,10 +101,11 @@ pub fn take() -> Vec<ProfileRow> {
     TABLE
         .with_borrow_mut(std::mem::take)
         .into_iter()
-        .map(|(name, (calls, d))| ProfileRow {
+        .map(|(name, (calls, d, bytes))| ProfileRow {
             name: name.to_string(),
             calls,
             ms: d.as_secs_f64() * 1e3,
+            retained_mb: (bytes != 0).then(|| bytes as f64 / (1u64 << 20) as f64),
         })
         .collect()
 }

@@ -155,6 +155,11 @@ pub(super) fn multires_noise(
 /// Per-sample MSE `(b,)` of the UNet on a batch.
 pub(super) fn per_sample_mse(unet: &crate::models::sdxl::UNet, b: &Batch) -> Result<Tensor> {
     let pred = unet.forward(&b.x_t, &b.timesteps, &b.context, &b.y)?; // (b, 4, h, w)
+    per_sample_mse_of(&pred, b)
+}
+
+/// Per-sample MSE `(b,)` of a prediction `(b, 4, h, w)` against the batch's target.
+pub(super) fn per_sample_mse_of(pred: &Tensor, b: &Batch) -> Result<Tensor> {
     let n = b.x_t.dims()[0];
     Ok((pred.to_dtype(DType::F32)? - &b.target)?
         .sqr()?

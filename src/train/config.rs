@@ -226,6 +226,11 @@ pub struct TrainConfig {
     pub batch_size: usize,
     /// Micro-batches per optimizer step.
     pub grad_accum: usize,
+    /// Keep the UNet's activations only at block boundaries and recompute
+    /// each block during the backward (sd-scripts' `--gradient_checkpointing`):
+    /// far less memory for one more forward of the trained blocks. The same
+    /// gradients up to rounding; may change on resume.
+    pub gradient_checkpointing: bool,
     /// Base learning rate.
     pub lr: f64,
     /// Shape after warmup.
@@ -337,6 +342,7 @@ impl Default for TrainConfig {
             block_lr: BTreeMap::new(),
             batch_size: 4,
             grad_accum: 1,
+            gradient_checkpointing: false,
             lr: 1e-5,
             lr_schedule: LrSchedule::Constant,
             warmup_steps: 0,
@@ -384,7 +390,14 @@ impl Default for TrainConfig {
 
 /// Fields that may differ between a run and its `--resume` (they change
 /// where things are written or how often, never the numbers).
-const RESUMABLE_FIELDS: &[&str] = &["out", "save_every", "save_dtype", "markers", "a1111_yaml"];
+const RESUMABLE_FIELDS: &[&str] = &[
+    "out",
+    "save_every",
+    "save_dtype",
+    "markers",
+    "a1111_yaml",
+    "gradient_checkpointing",
+];
 
 impl TrainConfig {
     /// The stages to run: `stages`, or one stage from `blocks`/`steps`/`block_lr`.

@@ -79,6 +79,14 @@ fn gpu_bench_script_cpu_fallback_writes_the_ratio_table() {
     let sel = ours["train"].as_array().unwrap();
     assert!(sel.iter().all(|s| s["error"].is_null()), "{sel:#?}");
     assert!(sel[0]["params"].as_u64().unwrap() < sel[1]["params"].as_u64().unwrap());
+    // The whole UNet's step recomputes its blocks (gradient checkpointing).
+    assert_eq!(
+        (&sel[0]["recomputed"], &sel[1]["recomputed"]),
+        (&Value::Bool(false), &Value::Bool(true))
+    );
+    assert!(row(rows, "ours with gradient checkpointing")["ours"]
+        .as_f64()
+        .is_some_and(|v| v > 0.0));
 
     if python.is_some() {
         let r = &j["reference"];

@@ -367,6 +367,8 @@ impl SpatialTransformer {
     }
 }
 
+pub(crate) mod recompute;
+
 /// One layer inside an `input_blocks.N` / `middle_block` / `output_blocks.N` sequence.
 #[derive(Debug, Clone)]
 enum Layer {
@@ -548,18 +550,14 @@ impl UNet {
         self.out_conv.weight.dtype()
     }
 
-    /// Predict the model output (eps or v, depending on the checkpoint).
-    ///
-    /// `x (b, 4, h, w)` latents (h, w divisible by 2^(levels−1)), `timesteps (b,)`
-    /// per-sample (fractional allowed), `context (b, s, context_dim)`,
-    /// `y (b, adm_in_channels)` from [`build_y`] → `(b, 4, h, w)` in the weight dtype.
-    pub fn forward(
+    /// The shape checks of [`UNet::forward`].
+    fn check_inputs(
         &self,
         x: &Tensor,
         timesteps: &Tensor,
         context: &Tensor,
         y: &Tensor,
-    ) -> Result<Tensor> {
+    ) -> Result<()> {
         let (b, c, h, w) = x.dims4()?;
         let cfg = &self.cfg;
         let div = 1usize << (cfg.channel_mult.len() - 1);
@@ -591,16 +589,39 @@ impl UNet {
                 cfg.adm_in_channels()
             );
         }
+        Ok(())
+    }
+
+    /// `SiLU(time_embed(t) + label_emb(y))`, `(b, ted)`: the SiLU that
+    /// `emb_layers.0` of every ResBlock would apply, applied once.
+    fn embedding(&self, timesteps: &Tensor, y: &Tensor) -> Result<Tensor> {
         let dtype = self.dtype();
-        let t_emb = timestep_embedding(timesteps, cfg.model_channels, 10000.0)?.to_dtype(dtype)?; // (b, mc)
+        let t_emb =
+            timestep_embedding(timesteps, self.cfg.model_channels, 10000.0)?.to_dtype(dtype)?; // (b, mc)
         let emb = self
             .time_embed_2
             .forward(&self.time_embed_0.forward(&t_emb)?.silu()?)?; // (b, ted)
         let label = self
             .label_emb_2
             .forward(&self.label_emb_0.forward(&y.to_dtype(dtype)?)?.silu()?)?;
-        // `emb_layers.0` of every ResBlock is a SiLU on the same emb: apply it once.
-        let emb_act = (emb + label)?.silu()?; // (b, ted)
+        (emb + label)?.silu()
+    }
+
+    /// Predict the model output (eps or v, depending on the checkpoint).
+    ///
+    /// `x (b, 4, h, w)` latents (h, w divisible by 2^(levels−1)), `timesteps (b,)`
+    /// per-sample (fractional allowed), `context (b, s, context_dim)`,
+    /// `y (b, adm_in_channels)` from [`build_y`] → `(b, 4, h, w)` in the weight dtype.
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        timesteps: &Tensor,
+        context: &Tensor,
+        y: &Tensor,
+    ) -> Result<Tensor> {
+        self.check_inputs(x, timesteps, context, y)?;
+        let dtype = self.dtype();
+        let emb_act = self.embedding(timesteps, y)?;
         let ctx = context.to_dtype(dtype)?;
 
         let mut h = x.to_dtype(dtype)?;
