@@ -320,19 +320,7 @@ fn train_memory_rows(ours: &Value) -> Vec<Row> {
                 ));
             }
         }
-        let mut scopes: Vec<(String, f64, f64)> = t
-            .get("memory")
-            .and_then(Value::as_array)
-            .into_iter()
-            .flatten()
-            .filter_map(|r| {
-                Some((
-                    r.get("name")?.as_str()?.to_string(),
-                    num(r, &["calls"])?,
-                    num(r, &["retained_mb"])?,
-                ))
-            })
-            .collect();
+        let mut scopes = profile_table(t.get("memory"), "retained_mb");
         scopes.sort_by(|a, b| b.2.total_cmp(&a.2));
         for (scope, calls, mb) in scopes.into_iter().take(MEMORY_ROWS) {
             rows.push(Row::new(
@@ -346,6 +334,22 @@ fn train_memory_rows(ours: &Value) -> Vec<Row> {
     rows
 }
 
+/// `(name, calls, value of field)` of each row of a list of
+/// [`crate::nn::profile::ProfileRow`]s in JSON (rows without the field left out).
+fn profile_table(rows: Option<&Value>, field: &str) -> Vec<(String, f64, f64)> {
+    rows.and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(|r| {
+            Some((
+                r.get("name")?.as_str()?.to_string(),
+                num(r, &["calls"])?,
+                num(r, &[field])?,
+            ))
+        })
+        .collect()
+}
+
 /// How many modules and ops [`train_memory_rows`] lists per step.
 const MEMORY_ROWS: usize = 12;
 
@@ -353,21 +357,7 @@ const MEMORY_ROWS: usize = 12;
 /// times diffusers' modules and ops of the same kind), by our time, most
 /// first: one call of two rows, each row inclusive of what runs inside it.
 fn profile_rows(ours: &Value, reference: &Value) -> Vec<Row> {
-    let table = |v: &Value| -> Vec<(String, f64, f64)> {
-        v.get("unet_check")
-            .and_then(|c| c.get("profile"))
-            .and_then(Value::as_array)
-            .into_iter()
-            .flatten()
-            .filter_map(|r| {
-                Some((
-                    r.get("name")?.as_str()?.to_string(),
-                    num(r, &["calls"])?,
-                    num(r, &["ms"])?,
-                ))
-            })
-            .collect()
-    };
+    let table = |v: &Value| profile_table(v.get("unet_check").and_then(|c| c.get("profile")), "ms");
     let (mine, theirs) = (table(ours), table(reference));
     if mine.is_empty() && theirs.is_empty() {
         return Vec::new();

@@ -277,7 +277,6 @@ mod cuda {
 #define BK 64
 #define LDS 72
 #define LDW 36
-#define NEG_INF __int_as_float(0xff800000)
 __device__ __forceinline__ unsigned int pack_bf16(float lo, float hi) {
     return (unsigned int)f2bf(lo) | ((unsigned int)f2bf(hi) << 16);
 }

@@ -24,6 +24,7 @@ pub mod device;
 pub mod flash;
 pub mod im2col;
 pub mod lanes;
+pub mod lt;
 pub mod norm;
 #[cfg(feature = "cuda")]
 mod nvrtc;
@@ -39,7 +40,7 @@ pub use warm::{keep_warm, set_keep_warm, share_cores, KeepWarm, SharedCores};
 use candle_core::{Module, Result, Tensor};
 
 /// What a failure of one of our GPU kernels ([`bias`], [`softmax`],
-/// [`im2col`], [`norm`], [`flash`]) means. Out of device memory is the
+/// [`im2col`], [`norm`], [`flash`], [`lt`]) means. Out of device memory is the
 /// caller's error: the kernel is fine, and the fallback would need the same
 /// memory (run 2 of stop 43 turned the softmax kernel off for a whole-UNet
 /// training step that did not fit). Anything else (it did not compile,

@@ -174,18 +174,6 @@ mod cuda {
     /// 2,048 values, rows); thread 0 merges the row's chunks in order.
     const SRC: &str = r#"
 #define CHUNK 4096
-__device__ __forceinline__ float warp_sum(float v) {
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    return v;
-}
-// 256 threads; every thread gets the block's sum.
-__device__ __forceinline__ float block_sum(float v, float* sh) {
-    v = warp_sum(v);
-    unsigned int w = threadIdx.x >> 5, l = threadIdx.x & 31u;
-    if (l == 0) sh[w] = v;
-    __syncthreads();
-    return warp_sum(l < 8 ? sh[l] : 0.0f);
-}
 #define GN(SUFFIX, T, LOAD, STORE) \
 extern "C" __global__ void eps2v_gn_stats_##SUFFIX(const T* x, float* part, unsigned int len, \
         unsigned int chunks) { \

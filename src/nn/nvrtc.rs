@@ -6,6 +6,7 @@
 //! bits (`u16`): NVRTC has no CUDA headers here, so [`PRELUDE`] converts
 //! them with PTX `cvt` (f16) and bit arithmetic (bf16, round to nearest
 //! even, NaN kept a NaN); arithmetic is f32 with one rounding at the end.
+//! The prelude also has the warp and block reductions the kernels share.
 
 use std::collections::HashMap;
 use std::sync::{Mutex, OnceLock};
@@ -28,6 +29,32 @@ __device__ __forceinline__ u16 f2bf(float f) {
 __device__ __forceinline__ float h2f(u16 h) { float f; asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h)); return f; }
 __device__ __forceinline__ u16 f2h(float f) { u16 h; asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f)); return h; }
 __device__ __forceinline__ float id(float f) { return f; }
+#define NEG_INF __int_as_float(0xff800000)
+__device__ __forceinline__ float warp_max(float v) {
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+__device__ __forceinline__ float warp_sum(float v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+// Block-wide max / sum for a blockDim.x that is a multiple of 32; every
+// thread gets the result; `sh` is 32 floats of shared memory that no other
+// reduction uses (a second one needs its own).
+__device__ __forceinline__ float block_max(float v, float* sh) {
+    v = warp_max(v);
+    unsigned int w = threadIdx.x >> 5, l = threadIdx.x & 31u;
+    if (l == 0) sh[w] = v;
+    __syncthreads();
+    return warp_max(l < (blockDim.x >> 5) ? sh[l] : NEG_INF);
+}
+__device__ __forceinline__ float block_sum(float v, float* sh) {
+    v = warp_sum(v);
+    unsigned int w = threadIdx.x >> 5, l = threadIdx.x & 31u;
+    if (l == 0) sh[w] = v;
+    __syncthreads();
+    return warp_sum(l < (blockDim.x >> 5) ? sh[l] : 0.0f);
+}
 "#;
 
 /// The PTX of [`PRELUDE`] + `src`, compiled once per process and module

@@ -90,6 +90,7 @@ fn in_dtype(x: &Tensor, dt: DType, f: impl FnOnce(&Tensor) -> Result<Tensor>) ->
 pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     crate::nn::profile::scope("op linear", x, || match kernel_dtype(x) {
         Some(dt) => in_dtype(x, dt, |x| kernels::linear::linear(x, w, b)),
+        None if use_fused(&[x, w]) => fused::linear(x, w, b),
         None => reference::linear(x, w, b),
     })
 }
@@ -464,6 +465,18 @@ pub mod fused {
             return Ok(y);
         }
         candle_nn::ops::softmax_last_dim(&x.contiguous()?)
+    }
+
+    /// `x @ wᵀ + b`: on CUDA with f16/bf16 one cuBLASLt call with the bias
+    /// in its epilogue ([`crate::nn::lt`]) where it applies, else the
+    /// composite.
+    pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+        if let Some(b) = b {
+            if let Some(y) = crate::nn::lt::try_linear(x, w, b)? {
+                return Ok(y);
+            }
+        }
+        reference::linear(x, w, b)
     }
 
     /// 2-D convolution with bias as patches × weights on CUDA

@@ -121,30 +121,6 @@ mod cuda {
     /// One block per row; thread `t` holds columns `t + k·blockDim` for
     /// `k < PER` in registers. Variants per dtype and `PER`.
     const SRC: &str = r#"
-#define NEG_INF __int_as_float(0xff800000)
-__device__ __forceinline__ float warp_max(float v) {
-    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-    return v;
-}
-__device__ __forceinline__ float warp_sum(float v) {
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    return v;
-}
-// blockDim.x is a multiple of 32; every thread gets the block's result.
-__device__ __forceinline__ float block_max(float v, float* sh) {
-    v = warp_max(v);
-    unsigned int w = threadIdx.x >> 5, l = threadIdx.x & 31u;
-    if (l == 0) sh[w] = v;
-    __syncthreads();
-    return warp_max(l < (blockDim.x >> 5) ? sh[l] : NEG_INF);
-}
-__device__ __forceinline__ float block_sum(float v, float* sh) {
-    v = warp_sum(v);
-    unsigned int w = threadIdx.x >> 5, l = threadIdx.x & 31u;
-    if (l == 0) sh[w] = v;
-    __syncthreads();
-    return warp_sum(l < (blockDim.x >> 5) ? sh[l] : 0.0f);
-}
 #define SOFTMAX(NAME, T, LOAD, STORE, PER) \
 extern "C" __global__ void NAME(const T* x, T* y, unsigned int cols) { \
     __shared__ float shm[32]; \
