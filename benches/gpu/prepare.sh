@@ -61,7 +61,9 @@ python3 -m pip download -q --no-deps --only-binary=:all: -d .whl "diffusers==$DI
 carried=$(( $(du -cb .gpu/eps2v.xz .whl/diffusers-"$DIFFUSERS_VERSION"-*.whl | tail -1 | cut -f1) \
     + $(git ls-files -z --cached --others --exclude-standard | du -cb --files0-from=- | tail -1 | cut -f1) ))
 echo "carried with the working tree: $((carried / 1048576)) MiB (limit 64 MiB)"
-if (( carried > 60 * 1048576 )); then
+# The device tool refuses more than 64 MiB; 2 MiB are kept spare (60 MiB
+# until stop 43, when the tree and the binary reached 60.0).
+if (( carried > 62 * 1048576 )); then
     echo "prepare.sh: too much to carry ($carried bytes)" >&2
     exit 1
 fi
