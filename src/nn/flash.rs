@@ -86,6 +86,7 @@ fn applies(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, causal: bool) -> Re
     let (b, sq, w) = q.dims3()?;
     let (bk, sk, wk) = k.dims3()?;
     Ok(w == heads * HEAD_DIM
+        && b > 0
         && wk == w
         && v.dims() == k.dims()
         && bk == b

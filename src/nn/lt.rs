@@ -72,9 +72,22 @@ fn applies(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Option<LinearBias>> {
 fn run(x: &Tensor, w: &Tensor, b: &Tensor, op: LinearBias) -> Result<Tensor> {
     let mut shape = x.dims().to_vec();
     *shape.last_mut().expect("rank ≥ 2") = op.n;
-    x.contiguous()?
-        .apply_op3_no_bwd(&w.contiguous()?, &b.contiguous()?, &op)?
+    aligned(x)?
+        .apply_op3_no_bwd(&aligned(w)?, &aligned(b)?, &op)?
         .reshape(shape)
+}
+
+/// `t` contiguous and starting 256 bytes into its buffer times a whole
+/// number (copied if not): cudarc sets no minimum-alignment preference,
+/// so cuBLASLt's heuristic assumes 256-byte aligned operands and bias (a
+/// narrowed weight or bias, as in the split GEGLU, need not be).
+fn aligned(t: &Tensor) -> Result<Tensor> {
+    let t = t.contiguous()?;
+    if (t.layout().start_offset() * t.dtype().size_in_bytes()) % 256 == 0 {
+        Ok(t)
+    } else {
+        t.copy()
+    }
 }
 
 /// Whether the fused form passed its first-use check on this dtype (once
@@ -201,7 +214,8 @@ impl CustomOp3 for LinearBias {
 
 #[cfg(feature = "cuda")]
 mod cuda {
-    use std::sync::{Arc, Mutex};
+    use std::cell::RefCell;
+    use std::rc::Rc;
 
     use candle_core::backend::{BackendDevice, BackendStorage};
     use candle_core::cuda::cudarc::cublaslt::{CudaBlasLT, Matmul, MatmulConfig};
@@ -209,20 +223,33 @@ mod cuda {
 
     use super::LinearBias;
 
-    /// One cuBLASLt handle (and its 32 MiB workspace) per device.
-    fn handle(dev: &CudaDevice) -> Result<Arc<CudaBlasLT>> {
-        type Handles = Mutex<Vec<(String, Arc<CudaBlasLT>)>>;
-        static HANDLES: Handles = Mutex::new(Vec::new());
+    thread_local! {
+        /// This thread's cuBLASLt handles, one per device: a handle's
+        /// workspace (32 MiB) is used on the stream it was made for, and
+        /// threads may run on streams of their own.
+        static HANDLES: RefCell<Vec<(String, Rc<CudaBlasLT>)>> = const { RefCell::new(Vec::new()) };
+    }
+
+    fn handle(dev: &CudaDevice) -> Result<Rc<CudaBlasLT>> {
         let key = format!("{:?}", dev.location());
-        let mut handles = HANDLES.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((_, h)) = handles.iter().find(|(k, _)| *k == key) {
-            return Ok(h.clone());
+        if let Some(h) =
+            HANDLES.with_borrow(|hs| hs.iter().find(|(k, _)| *k == key).map(|(_, h)| h.clone()))
+        {
+            return Ok(h);
         }
-        let h = Arc::new(
-            CudaBlasLT::new(dev.cuda_stream())
-                .map_err(|e| candle_core::Error::Msg(format!("cuBLASLt: {e:?}")))?,
-        );
-        handles.push((key, h.clone()));
+        // cudarc unwraps the workspace allocation: out of memory there
+        // panics instead of returning an error.
+        let stream = dev.cuda_stream();
+        let made =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| CudaBlasLT::new(stream)))
+                .map_err(|_| {
+                    candle_core::Error::Msg(
+                        "cuBLASLt: CUDA_ERROR_OUT_OF_MEMORY (its workspace)".into(),
+                    )
+                })?
+                .map_err(|e| candle_core::Error::Msg(format!("cuBLASLt: {e:?}")))?;
+        let h = Rc::new(made);
+        HANDLES.with_borrow_mut(|hs| hs.push((key, h.clone())));
         Ok(h)
     }
 

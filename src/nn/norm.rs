@@ -50,6 +50,7 @@ pub fn try_group_norm(
 ) -> Result<Option<Tensor>> {
     let dims = x.dims();
     let applies = x.device().is_cuda()
+        && x.elem_count() > 0
         && !BROKEN.load(Ordering::Relaxed)
         && !x.track_op()
         && !weight.track_op()

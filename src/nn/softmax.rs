@@ -42,6 +42,7 @@ pub fn try_softmax_last_dim(x: &Tensor) -> Result<Option<Tensor>> {
         && !BROKEN.load(Ordering::Relaxed)
         && matches!(x.dtype(), DType::F32 | DType::F16 | DType::BF16)
         && (1..=MAX_COLS).contains(&cols)
+        && x.elem_count() > 0
         && x.elem_count() / cols <= i32::MAX as usize;
     if !applies {
         return Ok(None);

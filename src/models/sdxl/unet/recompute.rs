@@ -100,12 +100,12 @@ impl UNet {
         let first_out = blocks.len() - self.output_blocks.len();
         // Output stage `s` concatenates the output of input stage `skip_of(s)`.
         let skip_of = |s: usize| n_in - 1 - (s - first_out);
-        let mut inputs: Vec<Tensor> = Vec::with_capacity(blocks.len());
+        let mut inputs: Vec<Option<Tensor>> = Vec::with_capacity(blocks.len());
         let mut outputs_in: Vec<Tensor> = Vec::with_capacity(n_in);
         let mut tracked: Vec<bool> = Vec::with_capacity(blocks.len());
         let mut h = x.to_dtype(dtype)?.detach();
         for (s, block) in blocks.iter().enumerate() {
-            inputs.push(h.clone());
+            inputs.push(Some(h.clone()));
             let inp = if s >= first_out {
                 Tensor::cat(&[&h, &outputs_in[skip_of(s)]], 1)?
             } else {
@@ -158,12 +158,18 @@ impl UNet {
                     None
                 })
             };
-            let h_var = leaf(&inputs[s])?;
-            let h_in = h_var
-                .as_ref()
-                .map_or_else(|| inputs[s].clone(), |v| v.as_tensor().clone());
-            let skip_var = if s >= first_out {
-                leaf(&outputs_in[skip_of(s)])?
+            // Each kept input is used once: freed as the walk passes it,
+            // and the skips once the output stages are done.
+            let kept = inputs[s].take().expect("each stage's input is used once");
+            if s < first_out {
+                outputs_in.clear();
+            }
+            let h_var = leaf(&kept)?;
+            let h_in = h_var.as_ref().map_or(kept, |v| v.as_tensor().clone());
+            // The skip's gradient only matters when its source stage or
+            // one before it trains.
+            let skip_var = if s >= first_out && tracked[..=skip_of(s)].iter().any(|&t| t) {
+                Some(Var::from_tensor(&outputs_in[skip_of(s)])?)
             } else {
                 None
             };
