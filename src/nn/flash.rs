@@ -27,7 +27,6 @@
 //! form runs from then on and a warning says why.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::OnceLock;
 
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 
@@ -115,30 +114,11 @@ fn run(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, scale: f64) -> Result<T
 }
 
 /// Whether the kernel passed its first-use check on this device and dtype
-/// (run once per process and dtype, unless it ran out of memory).
+/// ([`crate::nn::FirstUse`]).
 fn checked(dev: &candle_core::Device, dtype: DType) -> bool {
-    static F16: OnceLock<bool> = OnceLock::new();
-    static BF16: OnceLock<bool> = OnceLock::new();
-    let cell = if dtype == DType::F16 { &F16 } else { &BF16 };
-    if let Some(&ok) = cell.get() {
-        return ok;
-    }
-    let e = match self_check(dev, dtype) {
-        Ok(d) if d <= CHECK_TOLERANCE => {
-            let _ = cell.set(true);
-            return true;
-        }
-        Ok(d) => candle_core::Error::Msg(format!(
-            "its first-use check on {dtype:?} differs from the materialised form by {d:.3e}"
-        )),
-        Err(e) => e,
-    };
-    // Out of memory is not the kernel's fault: not remembered, checked
-    // again at the next call.
-    if crate::nn::kernel_failed::<()>(&BROKEN, "flash-attention kernel", FALLBACK, e).is_ok() {
-        let _ = cell.set(false);
-    }
-    false
+    static CHECK: crate::nn::FirstUse = crate::nn::FirstUse::new();
+    let kernel = (&BROKEN, "flash-attention kernel", FALLBACK);
+    CHECK.passed(dtype, CHECK_TOLERANCE, kernel, || self_check(dev, dtype))
 }
 
 /// The largest relative L2 difference between the kernel and the

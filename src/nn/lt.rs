@@ -14,7 +14,6 @@
 //! separate bias add runs from then on, with one warning.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::OnceLock;
 
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 
@@ -90,29 +89,12 @@ fn aligned(t: &Tensor) -> Result<Tensor> {
     }
 }
 
-/// Whether the fused form passed its first-use check on this dtype (once
-/// per process and dtype, unless the check ran out of memory).
+/// Whether the fused form passed its first-use check on this dtype
+/// ([`crate::nn::FirstUse`]; the same tolerance as the attention's).
 fn checked(dev: &candle_core::Device, dtype: DType) -> bool {
-    static F16: OnceLock<bool> = OnceLock::new();
-    static BF16: OnceLock<bool> = OnceLock::new();
-    let cell = if dtype == DType::F16 { &F16 } else { &BF16 };
-    if let Some(&ok) = cell.get() {
-        return ok;
-    }
-    let e = match self_check(dev, dtype) {
-        Ok(d) if d <= 1e-2 => {
-            let _ = cell.set(true);
-            return true;
-        }
-        Ok(d) => candle_core::Error::Msg(format!(
-            "its first-use check on {dtype:?} differs from {FALLBACK} by {d:.3e}"
-        )),
-        Err(e) => e,
-    };
-    if crate::nn::kernel_failed::<()>(&BROKEN, "cuBLASLt linear", FALLBACK, e).is_ok() {
-        let _ = cell.set(false);
-    }
-    false
+    static CHECK: crate::nn::FirstUse = crate::nn::FirstUse::new();
+    let kernel = (&BROKEN, "cuBLASLt linear", FALLBACK);
+    CHECK.passed(dtype, 1e-2, kernel, || self_check(dev, dtype))
 }
 
 /// Relative L2 difference between the fused form and the f32 product plus

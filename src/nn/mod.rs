@@ -64,6 +64,59 @@ pub(crate) fn kernel_failed<T>(
     Ok(None)
 }
 
+/// The first-use check of a GPU kernel that has a plain form to fall back
+/// on ([`flash`], [`lt`]): once per process and half dtype, `check`
+/// returns the kernel's relative difference to the plain form on a small
+/// problem; within `tolerance` the kernel runs from then on, else (or when
+/// the check fails) it is turned off through [`kernel_failed`]. Out of
+/// memory is not the kernel's fault: not remembered, checked again at the
+/// next call.
+pub(crate) struct FirstUse {
+    f16: std::sync::OnceLock<bool>,
+    bf16: std::sync::OnceLock<bool>,
+}
+
+impl FirstUse {
+    pub(crate) const fn new() -> Self {
+        Self {
+            f16: std::sync::OnceLock::new(),
+            bf16: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// Whether the kernel passed (running `check` the first time).
+    pub(crate) fn passed(
+        &self,
+        dtype: candle_core::DType,
+        tolerance: f64,
+        (broken, kernel, fallback): (&std::sync::atomic::AtomicBool, &str, &str),
+        check: impl FnOnce() -> Result<f64>,
+    ) -> bool {
+        let cell = if dtype == candle_core::DType::F16 {
+            &self.f16
+        } else {
+            &self.bf16
+        };
+        if let Some(&ok) = cell.get() {
+            return ok;
+        }
+        let e = match check() {
+            Ok(d) if d <= tolerance => {
+                let _ = cell.set(true);
+                return true;
+            }
+            Ok(d) => candle_core::Error::Msg(format!(
+                "its first-use check on {dtype:?} differs from {fallback} by {d:.3e}"
+            )),
+            Err(e) => e,
+        };
+        if kernel_failed::<()>(broken, kernel, fallback, e).is_ok() {
+            let _ = cell.set(false);
+        }
+        false
+    }
+}
+
 /// Run `f` on one of the rayon pool's worker threads and wait for it.
 /// The thread that drives a model also runs its serial ops; when it is a
 /// worker of the pool that the kernels use, the cores are shared by the
