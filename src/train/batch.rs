@@ -158,8 +158,32 @@ pub(super) fn per_sample_mse(unet: &crate::models::sdxl::UNet, b: &Batch) -> Res
     per_sample_mse_of(&pred, b)
 }
 
+/// A micro-batch's loss (weighted per-sample MSE over `grad_accum`) and
+/// the gradients of `vars`, through the whole graph or, with
+/// `gradient_checkpointing`, block by block
+/// ([`crate::models::sdxl::UNet::loss_and_grads_recomputed`]).
+pub(super) fn loss_and_grads(
+    unet: &crate::models::sdxl::UNet,
+    b: &Batch,
+    cfg: &TrainConfig,
+    vars: &[Var],
+) -> Result<(f64, GradStore)> {
+    let loss_of = |pred: &Tensor| -> candle_core::Result<Tensor> {
+        let mse = per_sample_mse_of(pred, b).map_err(candle_core::Error::wrap)?; // (b,)
+        (mse * &b.weights)?.mean_all()? / cfg.grad_accum as f64
+    };
+    let (loss, g) = if cfg.gradient_checkpointing {
+        unet.loss_and_grads_recomputed(&b.x_t, &b.timesteps, &b.context, &b.y, vars, &loss_of)?
+    } else {
+        let loss = loss_of(&unet.forward(&b.x_t, &b.timesteps, &b.context, &b.y)?)?;
+        let g = loss.backward()?;
+        (loss, g)
+    };
+    Ok((loss.to_dtype(DType::F64)?.to_scalar::<f64>()?, g))
+}
+
 /// Per-sample MSE `(b,)` of a prediction `(b, 4, h, w)` against the batch's target.
-pub(super) fn per_sample_mse_of(pred: &Tensor, b: &Batch) -> Result<Tensor> {
+fn per_sample_mse_of(pred: &Tensor, b: &Batch) -> Result<Tensor> {
     let n = b.x_t.dims()[0];
     Ok((pred.to_dtype(DType::F32)? - &b.target)?
         .sqr()?

@@ -64,7 +64,7 @@ use crate::signal;
 use crate::stages::Ctx;
 use crate::{Error, Result};
 
-use batch::{add_grads, grad_norm, make_batch, per_sample_mse_of, validation_loss};
+use batch::{add_grads, grad_norm, loss_and_grads, make_batch, validation_loss};
 use blocks::{BlockLr, BlockSet};
 use cache::{CacheInputs, CacheReport};
 use config::{LrSchedule, StageConfig, TrainConfig};
@@ -619,27 +619,7 @@ pub fn train(
                             (step, micro),
                             nan,
                         )?;
-                        let loss_of = |pred: &Tensor| -> candle_core::Result<Tensor> {
-                            let mse =
-                                per_sample_mse_of(pred, &b).map_err(candle_core::Error::wrap)?; // (b,)
-                            (mse * &b.weights)?.mean_all()? / cfg.grad_accum as f64
-                        };
-                        let (loss, g) = if cfg.gradient_checkpointing {
-                            unet.loss_and_grads_recomputed(
-                                &b.x_t,
-                                &b.timesteps,
-                                &b.context,
-                                &b.y,
-                                &var_list,
-                                &loss_of,
-                            )?
-                        } else {
-                            let loss =
-                                loss_of(&unet.forward(&b.x_t, &b.timesteps, &b.context, &b.y)?)?;
-                            let g = loss.backward()?;
-                            (loss, g)
-                        };
-                        let l = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+                        let (l, g) = loss_and_grads(&unet, &b, cfg, &var_list)?;
                         Ok((l, b.item_ids, g))
                     },
                     |_, (l, ids, g)| {

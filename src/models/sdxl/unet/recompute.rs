@@ -160,7 +160,9 @@ impl UNet {
             };
             // Each kept input is used once: freed as the walk passes it,
             // and the skips once the output stages are done.
-            let kept = inputs[s].take().expect("each stage's input is used once");
+            let Some(kept) = inputs[s].take() else {
+                candle_core::bail!("unet: stage {s}'s kept input was already used");
+            };
             if s < first_out {
                 outputs_in.clear();
             }
