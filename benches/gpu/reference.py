@@ -230,7 +230,7 @@ def unet_check(args, dev, dt, unet, t0):
     io = load_file(args.inputs)
     io = {k: v.to(dev) for k, v in io.items()}
 
-    def call(d):
+    def call(d, io=io):
         with torch.no_grad():
             return unet(
                 io["x"].to(d),
@@ -259,6 +259,30 @@ def unet_check(args, dev, dt, unet, t0):
     except Exception:
         out["profile_error"] = traceback.format_exc()
         log(t0, "profile failed:\n" + out["profile_error"])
+    # The largest sampling batch's UNet call (two rows per image with CFG),
+    # timed and profiled as above: where a bigger batch's time goes.
+    rows = 2 * max([int(b) for b in args.batches.split(",") if b] or [1])
+    base = io["x"].shape[0]
+    if rows > base and rows % base == 0:
+        try:
+            wide_io = {k: torch.cat([v] * (rows // base)) for k, v in io.items()}
+            call(dt, wide_io)
+            times = []
+            for _ in range(3):
+                sync(dev)
+                t = time.perf_counter()
+                call(dt, wide_io)
+                sync(dev)
+                times.append((time.perf_counter() - t) * 1e3)
+            wide = {"rows": rows, "forward_ms": statistics.median(times)}
+            t = time.perf_counter()
+            wide["profile"] = profile_call(lambda: call(dt, wide_io), unet, dev)
+            wide["profiled_ms"] = (time.perf_counter() - t) * 1e3
+            out["wide"] = wide
+            del wide_io
+        except Exception:
+            out["wide_error"] = traceback.format_exc()
+            log(t0, "wide call failed:\n" + out["wide_error"])
     if args.ours and os.path.exists(args.ours):
         ours = {k: v.to(dev) for k, v in load_file(args.ours).items()}
 

@@ -164,6 +164,19 @@ pub fn combine(ours: &Value, reference: &Value) -> Result<Combined> {
         num(ours, &["unet_check", "forward_ms"]),
         num(reference, &["unet_check", "forward_ms"]),
     ));
+    let wide = |v: &Value, key: &str| num(v, &["unet_check", "wide", key]);
+    if let Some(n) = wide(ours, "rows").or_else(|| wide(reference, "rows")) {
+        let failed = ours
+            .pointer("/unet_check/wide/error")
+            .and_then(Value::as_str)
+            .map_or(String::new(), |e| format!(" (eps2v failed: {e})"));
+        rows.push(Row::new(
+            format!("UNet call, {n} rows (batch {} with CFG){failed}", n / 2.0),
+            "ms",
+            wide(ours, "forward_ms"),
+            wide(reference, "forward_ms"),
+        ));
+    }
     rows.push(Row::new(
         "UNet call, fused device forms off (composites)",
         "ms",
@@ -357,26 +370,62 @@ const MEMORY_ROWS: usize = 12;
 /// times diffusers' modules and ops of the same kind), by our time, most
 /// first: one call of two rows, each row inclusive of what runs inside it.
 fn profile_rows(ours: &Value, reference: &Value) -> Vec<Row> {
-    let table = |v: &Value| profile_table(v.get("unet_check").and_then(|c| c.get("profile")), "ms");
-    let (mine, theirs) = (table(ours), table(reference));
-    if mine.is_empty() && theirs.is_empty() {
+    let mut rows = breakdown(
+        ours.get("unet_check"),
+        reference.get("unet_check"),
+        "UNet call, profiled (synchronised after every op)",
+        "profile",
+        |_| true,
+    );
+    // At the largest batch's rows only the ops: the modules' split is
+    // the two-row call's above.
+    let wide = |v: &Value| v.get("unet_check").and_then(|c| c.get("wide")).cloned();
+    let (mine, theirs) = (wide(ours), wide(reference));
+    let n = [&mine, &theirs]
+        .iter()
+        .find_map(|w| w.as_ref().and_then(|w| num(w, &["rows"])));
+    if let Some(n) = n {
+        rows.extend(breakdown(
+            mine.as_ref(),
+            theirs.as_ref(),
+            &format!("UNet call, {n} rows, profiled"),
+            &format!("profile at {n} rows"),
+            |name| name.starts_with("op "),
+        ));
+    }
+    rows
+}
+
+/// One profiled call's rows: its wall time (`profiled_ms` of `ours` and
+/// `theirs`), then each `profile` row kept by `keep`, by our time, most
+/// first, then the names only the reference has.
+fn breakdown(
+    ours: Option<&Value>,
+    theirs: Option<&Value>,
+    title: &str,
+    prefix: &str,
+    keep: impl Fn(&str) -> bool,
+) -> Vec<Row> {
+    let table = |v: Option<&Value>| {
+        let mut t = profile_table(v.and_then(|c| c.get("profile")), "ms");
+        t.retain(|r| keep(&r.0));
+        t
+    };
+    let (mine, their) = (table(ours), table(theirs));
+    if mine.is_empty() && their.is_empty() {
         return Vec::new();
     }
     let mut names: Vec<&(String, f64, f64)> = mine.iter().collect();
     names.sort_by(|a, b| b.2.total_cmp(&a.2));
-    names.extend(theirs.iter().filter(|t| !mine.iter().any(|m| m.0 == t.0)));
-    let mut rows = vec![Row::new(
-        "UNet call, profiled (synchronised after every op)",
-        "ms",
-        num(ours, &["unet_check", "profiled_ms"]),
-        num(reference, &["unet_check", "profiled_ms"]),
-    )];
+    names.extend(their.iter().filter(|t| !mine.iter().any(|m| m.0 == t.0)));
+    let profiled = |v: Option<&Value>| v.and_then(|c| num(c, &["profiled_ms"]));
+    let mut rows = vec![Row::new(title, "ms", profiled(ours), profiled(theirs))];
     for (name, _, _) in names {
         let get = |t: &[(String, f64, f64)]| t.iter().find(|r| &r.0 == name).map(|r| (r.1, r.2));
-        let (m, t) = (get(&mine), get(&theirs));
+        let (m, t) = (get(&mine), get(&their));
         let calls = |c: Option<(f64, f64)>| c.map_or("—".to_string(), |c| format!("{}", c.0));
         rows.push(Row::new(
-            format!("profile: {name} (calls {} / {})", calls(m), calls(t)),
+            format!("{prefix}: {name} (calls {} / {})", calls(m), calls(t)),
             "ms",
             m.map(|c| c.1),
             t.map(|c| c.1),
@@ -529,6 +578,41 @@ mod tests {
             ]
         );
         assert_eq!(row("profile: op conv2d (calls 4 / 4)").ratio, Some(2.0));
+        // No wide call on either side: no wide rows.
+        assert!(!c.rows.iter().any(|r| r.metric.contains("8 rows")));
+
+        // The largest batch's call: its time, and only the ops' rows.
+        o["unet_check"]["wide"] = json!({"rows": 8, "forward_ms": 300.0, "profiled_ms": 400.0,
+            "profile": [{"name": "op conv2d", "calls": 4, "ms": 40.0},
+                        {"name": "unet resblock", "calls": 2, "ms": 120.0}]});
+        let mut theirs = theirs;
+        theirs["unet_check"]["wide"] = json!({"rows": 8, "forward_ms": 150.0, "profiled_ms": 200.0,
+            "profile": [{"name": "op conv2d", "calls": 4, "ms": 20.0}]});
+        let c = combine(&o, &theirs).unwrap();
+        let row = |m: &str| c.rows.iter().find(|r| r.metric == m).unwrap();
+        assert_eq!(row("UNet call, 8 rows (batch 4 with CFG)").ratio, Some(2.0));
+        assert_eq!(row("UNet call, 8 rows, profiled").ratio, Some(2.0));
+        assert_eq!(
+            row("profile at 8 rows: op conv2d (calls 4 / 4)").ratio,
+            Some(2.0)
+        );
+        assert!(!c
+            .rows
+            .iter()
+            .any(|r| r.metric.starts_with("profile at 8 rows: unet")));
+        o["unet_check"]["wide"] = json!({"rows": 8, "forward_ms": null, "profile": [],
+            "error": "tensor: out of memory"});
+        let c = combine(&o, &theirs).unwrap();
+        let failed = c
+            .rows
+            .iter()
+            .find(|r| {
+                r.metric.starts_with(
+                    "UNet call, 8 rows (batch 4 with CFG) (eps2v failed: tensor: out of memory)",
+                )
+            })
+            .unwrap();
+        assert_eq!((failed.ours, failed.reference), (None, Some(150.0)));
         let md = markdown(&c);
         assert!(
             md.lines()

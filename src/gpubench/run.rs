@@ -89,6 +89,26 @@ pub struct UnetCheck {
     pub outputs: Vec<String>,
     /// Whether every output is finite.
     pub finite: bool,
+    /// The call at the largest sampling batch's row count, when that is
+    /// more than the inputs' two rows.
+    pub wide: Option<WideCheck>,
+}
+
+/// The UNet call at the largest sampling batch's size (two rows per image
+/// with CFG): where a bigger batch's time goes.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct WideCheck {
+    /// Rows per call (the check inputs repeated).
+    pub rows: usize,
+    /// Median call (ms).
+    pub forward_ms: f64,
+    /// One more call with every op and module timed, as
+    /// [`UnetCheck::profile`].
+    pub profile: Vec<ProfileRow>,
+    /// Wall time of that call (ms).
+    pub profiled_ms: f64,
+    /// Why the calls could not run (out of memory, …); the times are NaN then.
+    pub error: Option<String>,
 }
 
 /// One `sample` timing.
@@ -147,13 +167,26 @@ fn ms_since(t: Instant) -> f64 {
     t.elapsed().as_secs_f64() * 1e3
 }
 
+type Inputs = std::collections::HashMap<String, Tensor>;
+
+/// The check inputs with every tensor's rows repeated to `rows` (a multiple
+/// of the inputs' own count).
+fn repeat_rows(io: &Inputs, rows: usize) -> Result<Inputs> {
+    io.iter()
+        .map(|(k, t)| {
+            let have = t.dim(0)?;
+            if have == 0 || rows % have != 0 {
+                return Err(Error::model(format!(
+                    "inputs: tensor {k} has {have} rows, not a divisor of {rows}"
+                )));
+            }
+            Ok((k.clone(), Tensor::cat(&vec![t; rows / have], 0)?))
+        })
+        .collect()
+}
+
 /// Run the UNet of `unet` on the check inputs; returns the output (f32).
-fn unet_on_inputs(
-    unet: &UNet,
-    io: &std::collections::HashMap<String, Tensor>,
-    dtype: DType,
-    device: &Device,
-) -> Result<Tensor> {
+fn unet_on_inputs(unet: &UNet, io: &Inputs, dtype: DType, device: &Device) -> Result<Tensor> {
     let get = |k: &str| -> Result<Tensor> {
         Ok(io
             .get(k)
@@ -325,29 +358,58 @@ fn unet_check(cfg: &RunConfig, unet: &UNet, dtype: DType) -> Result<UnetCheck> {
     let dev = &cfg.device;
     let io = candle_core::safetensors::load(&cfg.inputs, &Device::Cpu)?;
     let ours = unet_on_inputs(unet, &io, dtype, dev)?; // also the warm-up
-    let median_ms = || -> Result<f64> {
+    let median_ms = |io: &Inputs| -> Result<f64> {
         let mut times = Vec::new();
         for _ in 0..3 {
             dev.synchronize()?;
             let t = Instant::now();
-            unet_on_inputs(unet, &io, dtype, dev)?;
+            unet_on_inputs(unet, io, dtype, dev)?;
             dev.synchronize()?;
             times.push(ms_since(t));
         }
         times.sort_by(|a, b| a.total_cmp(b));
         Ok(times[times.len() / 2])
     };
-    let forward_ms = median_ms()?;
-    let was = crate::nn::profile::set_enabled(true);
-    let t = Instant::now();
-    let profiled = unet_on_inputs(unet, &io, dtype, dev).and_then(|_| Ok(dev.synchronize()?));
-    let profiled_ms = ms_since(t);
-    crate::nn::profile::set_enabled(was);
-    let profile = crate::nn::profile::take();
-    profiled?;
+    let profiled = |io: &Inputs| -> Result<(Vec<ProfileRow>, f64)> {
+        let was = crate::nn::profile::set_enabled(true);
+        let t = Instant::now();
+        let done = unet_on_inputs(unet, io, dtype, dev).and_then(|_| Ok(dev.synchronize()?));
+        let ms = ms_since(t);
+        crate::nn::profile::set_enabled(was);
+        let rows = crate::nn::profile::take();
+        done.map(|_| (rows, ms))
+    };
+    let forward_ms = median_ms(&io)?;
+    let (profile, profiled_ms) = profiled(&io)?;
+    let base_rows = io.get("x").map_or(Ok(0), |x| x.dim(0))?;
+    let rows = 2 * cfg.batches.iter().copied().max().unwrap_or(1);
+    let wide = (base_rows > 0 && rows > base_rows).then(|| {
+        let timed = repeat_rows(&io, rows).and_then(|wide| {
+            unet_on_inputs(unet, &wide, dtype, dev)?; // warm-up
+            let ms = median_ms(&wide)?;
+            Ok((ms, profiled(&wide)?))
+        });
+        match timed {
+            Ok((forward_ms, (profile, profiled_ms))) => WideCheck {
+                rows,
+                forward_ms,
+                profile,
+                profiled_ms,
+                error: None,
+            },
+            Err(e) => WideCheck {
+                rows,
+                forward_ms: f64::NAN,
+                profile: Vec::new(),
+                profiled_ms: f64::NAN,
+                error: Some(e.to_string().lines().next().unwrap_or("").to_string()),
+            },
+        }
+    });
     // A/B: the same calls with the fused device forms off (this thread only).
     let was = crate::nn::ops::set_device_fused(false);
-    let composite = unet_on_inputs(unet, &io, dtype, dev).and_then(|out| Ok((out, median_ms()?)));
+    let composite =
+        unet_on_inputs(unet, &io, dtype, dev).and_then(|out| Ok((out, median_ms(&io)?)));
     crate::nn::ops::set_device_fused(was);
     let (composite, composite_forward_ms) = composite?;
     let fused_vs_composite_rel_l2 = super::rel_l2(&ours, &composite)?;
@@ -378,6 +440,7 @@ fn unet_check(cfg: &RunConfig, unet: &UNet, dtype: DType) -> Result<UnetCheck> {
         profiled_ms,
         outputs: outputs.into_iter().map(|(k, _)| k).collect(),
         finite,
+        wide,
     })
 }
 
@@ -433,6 +496,17 @@ mod tests {
         assert!(calls("unet self-attention") > 0);
         assert_eq!(calls("unet self-attention"), calls("unet cross-attention"));
         assert!(check.profiled_ms > 0.0);
+        // Batch 2 with CFG: the inputs' two rows repeated to four.
+        let wide = check.wide.as_ref().unwrap();
+        assert!(wide.error.is_none(), "{wide:?}");
+        assert_eq!(wide.rows, 4);
+        assert!(wide.forward_ms > 0.0 && wide.profiled_ms > 0.0);
+        let wide_calls = wide
+            .profile
+            .iter()
+            .find(|r| r.name == "unet resblock")
+            .map_or(0, |r| r.calls);
+        assert_eq!(wide_calls, calls("unet resblock"));
         assert_eq!(r.sample.len(), 2);
         assert!(r.sample.iter().all(|s| s.seconds.is_some()));
         assert_eq!(r.train.len(), 2);
