@@ -22,6 +22,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::Tensor;
 
+use super::blocks::BlockSet;
 use super::config::{DropoutCond, SaveDtype, TrainConfig};
 use crate::diffusion::Prediction;
 use crate::error::IoContext;
@@ -211,4 +212,38 @@ pub(super) fn default_out(cfg: &TrainConfig, rdir: &Path) -> PathBuf {
         (Prediction::Eps, _) => "eps",
     };
     rdir.join(format!("{stem}-{tag}.safetensors"))
+}
+
+/// The UNet the export writes: the live weights (their EMA when EMA is
+/// on), or, for a run stopped by `--stop-below`, the last good checkpoint.
+/// That checkpoint holds only the blocks trained up to its own stage, so
+/// every other block a stage since has trained goes back to the base
+/// model's value (`base`), not the degraded one in hand.
+pub fn export_weights(
+    live: &BTreeMap<String, Tensor>,
+    ema: Option<&BTreeMap<String, Tensor>>,
+    good: Option<(BTreeMap<String, Tensor>, BTreeMap<String, Tensor>)>,
+    trained: &[BlockSet],
+    base: impl Fn(&str) -> Result<Tensor>,
+) -> Result<BTreeMap<String, Tensor>> {
+    let mut w = live.clone();
+    match good {
+        Some((gw, gema)) => {
+            for (k, t) in w.iter_mut() {
+                if !gw.contains_key(k) && trained.iter().any(|b| b.contains_key(k)) {
+                    *t = base(k)?;
+                }
+            }
+            w.extend(gw);
+            if ema.is_some() {
+                w.extend(gema);
+            }
+        }
+        None => {
+            if let Some(e) = ema {
+                w.extend(e.iter().map(|(k, t)| (k.clone(), t.clone())));
+            }
+        }
+    }
+    Ok(w)
 }

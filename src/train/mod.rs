@@ -71,6 +71,7 @@ use config::{LrSchedule, StageConfig, TrainConfig};
 use data::{Batches, Eligibility, TrainItem};
 use ema::{ema_update, with_ema};
 use eval::{eval_spec, record_eval, Evaluator};
+use export::export_weights;
 use state::{Loaded, ToSave, TrainState};
 use weights::UNetWeights;
 
@@ -198,40 +199,6 @@ fn trained_so_far(stages: &[StageConfig], upto: usize) -> Result<Vec<BlockSet>> 
         .collect()
 }
 
-/// The UNet the export writes: the live weights (their EMA when EMA is
-/// on), or, for a run stopped by `--stop-below`, the last good checkpoint.
-/// That checkpoint holds only the blocks trained up to its own stage, so
-/// every other block a stage since has trained goes back to the base
-/// model's value (`base`), not the degraded one in hand.
-fn export_weights(
-    live: &BTreeMap<String, Tensor>,
-    ema: Option<&BTreeMap<String, Tensor>>,
-    good: Option<(BTreeMap<String, Tensor>, BTreeMap<String, Tensor>)>,
-    trained: &[BlockSet],
-    base: impl Fn(&str) -> Result<Tensor>,
-) -> Result<BTreeMap<String, Tensor>> {
-    let mut w = live.clone();
-    match good {
-        Some((gw, gema)) => {
-            for (k, t) in w.iter_mut() {
-                if !gw.contains_key(k) && trained.iter().any(|b| b.contains_key(k)) {
-                    *t = base(k)?;
-                }
-            }
-            w.extend(gw);
-            if ema.is_some() {
-                w.extend(gema);
-            }
-        }
-        None => {
-            if let Some(e) = ema {
-                w.extend(e.iter().map(|(k, t)| (k.clone(), t.clone())));
-            }
-        }
-    }
-    Ok(w)
-}
-
 /// Writes the run's checkpoints for one stage.
 struct Saver<'a> {
     run_dir: &'a Path,
@@ -346,23 +313,7 @@ pub fn train(
     let result = (|| -> Result<()> {
         report.tidied = state::tidy_dead_runs(m, run_id)?;
         for t in &report.tidied {
-            ctx.say(&format!(
-                "training run {} was left `running` by a process that died; marked failed{}{}",
-                t.run_id,
-                if t.partial_saves_removed > 0 {
-                    format!(
-                        ", {} half-written checkpoint(s) removed",
-                        t.partial_saves_removed
-                    )
-                } else {
-                    String::new()
-                },
-                if t.resumable {
-                    format!(" (resume it with --resume {})", t.run_id)
-                } else {
-                    String::new()
-                }
-            ));
+            ctx.say(&t.to_string());
         }
         let rdir = run_dir(&root, run_id);
         std::fs::create_dir_all(&rdir).at(&rdir)?;

@@ -255,6 +255,28 @@ pub struct Tidied {
     pub resumable: bool,
 }
 
+impl std::fmt::Display for Tidied {
+    /// What the user is told about it.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "training run {} was left `running` by a process that died; marked failed",
+            self.run_id
+        )?;
+        if self.partial_saves_removed > 0 {
+            write!(
+                f,
+                ", {} half-written checkpoint(s) removed",
+                self.partial_saves_removed
+            )?;
+        }
+        if self.resumable {
+            write!(f, " (resume it with --resume {})", self.run_id)?;
+        }
+        Ok(())
+    }
+}
+
 /// Mark the training runs of `m` other than `except` that are `running`
 /// but whose lock no process holds ([`Manifest::run_is_live`]: their
 /// process died) as `failed`, and remove the half-written checkpoints they

@@ -426,6 +426,13 @@ fn a_live_run_is_never_taken_over_and_dead_ones_are_tidied() {
     assert_eq!(c.tidied[0].run_id, a.run_id);
     assert_eq!(c.tidied[0].partial_saves_removed, 1);
     assert!(c.tidied[0].resumable);
+    assert_eq!(
+        c.tidied[0].to_string(),
+        format!(
+            "training run {0} was left `running` by a process that died; marked failed, 1 half-written checkpoint(s) removed (resume it with --resume {0})",
+            a.run_id
+        )
+    );
     assert_eq!(status(a.run_id), "failed");
     assert!(!partial.exists());
     // The newest unfinished run of these settings is resumed first.
