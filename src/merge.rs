@@ -38,8 +38,8 @@ use serde::Serialize;
 
 use crate::models::sdxl::blocks::BlockId;
 use crate::models::sdxl::checkpoint::{
-    is_ignored_key, save_lazy, Checkpoint, LazyTensor, SaveOptions, MARKER_V_PRED, MARKER_ZTSNR,
-    META_PREDICTION_TYPE, META_UNCOND, META_ZTSNR,
+    is_ignored_key, is_marker_key, save_lazy, Checkpoint, LazyTensor, SaveOptions, MARKER_V_PRED,
+    MARKER_ZTSNR, META_PREDICTION_TYPE, META_UNCOND, META_ZTSNR,
 };
 use crate::models::sdxl::UNET_PREFIX;
 use crate::stages::Ctx;
@@ -112,6 +112,11 @@ impl BlockAlphas {
                 .trim()
                 .parse()
                 .map_err(|_| Error::config(format!("--blocks: {part:?}: {v:?} is not a number")))?;
+            if !v.is_finite() {
+                return Err(Error::config(format!(
+                    "--blocks: {part:?}: the ratio must be a finite number"
+                )));
+            }
             for b in parse_block(sel.trim())? {
                 if per_block.insert(b.to_string(), v).is_some() {
                     return Err(Error::config(format!(
@@ -300,6 +305,18 @@ pub fn merge(cfg: &MergeConfig, out: &Path) -> Result<MergeReport> {
         }
     }
     let mut warnings = Vec::new();
+    for (s, filter, flag, what) in [
+        (cfg.te, BlockId::Base, "--te", "text encoders"),
+        (cfg.vae, BlockId::Vae, "--vae", "VAE"),
+    ] {
+        let has = |ck: &Checkpoint| ck.entries().keys().any(|k| BlockId::of_key(k) == filter);
+        if s == Side::A && !has(&a) && has(&b) {
+            warnings.push(format!(
+                "A ({}) has no {what}, so the merge has none; {flag} b takes B's",
+                cfg.a.display()
+            ));
+        }
+    }
     let mut items: Vec<(String, LazyTensor<'_>)> = Vec::new();
     let (mut blended, mut copied) = (0, 0);
     let mut skipped = Vec::new();
@@ -316,13 +333,24 @@ pub fn merge(cfg: &MergeConfig, out: &Path) -> Result<MergeReport> {
         (Side::A, BlockId::Other),
     ] {
         for k in side(s).entries().keys() {
-            if !k.starts_with(&unet)
-                && BlockId::of_key(k) == filter
-                && k != MARKER_V_PRED
-                && k != MARKER_ZTSNR
-            {
-                keys.insert(k.clone(), s);
+            if k.starts_with(&unet) || BlockId::of_key(k) != filter || is_marker_key(k) {
+                continue;
             }
+            if filter == BlockId::Other && is_ignored_key(k) {
+                // A leftover EMA copy (`model_ema.*`) would be A's
+                // unmerged UNet, for any loader that prefers it.
+                skipped.push(k.clone());
+                continue;
+            }
+            keys.insert(k.clone(), s);
+        }
+    }
+    // The prediction's keys all come from the markers' side: `v_pred` and
+    // `ztsnr` through the save options, EDM's (`edm_vpred.*`, `edm_mean`,
+    // `edm_std`: ComfyUI reads them before `v_pred`) copied from it.
+    for k in side(markers).entries().keys() {
+        if is_marker_key(k) && k != MARKER_V_PRED && k != MARKER_ZTSNR {
+            keys.insert(k.clone(), markers);
         }
     }
     for (k, s) in keys {
@@ -363,9 +391,9 @@ pub fn merge(cfg: &MergeConfig, out: &Path) -> Result<MergeReport> {
                     let ta = a.tensor(&key, DType::F32, &cpu)?;
                     let tb = b.tensor(&key, DType::F32, &cpu)?;
                     let tc = c.map(|c| c.tensor(&key, DType::F32, &cpu)).transpose()?;
-                    blend(&ta, &tb, tc.as_ref(), alpha)?
-                        .to_dtype(dtype)
-                        .map_err(Error::from)
+                    // In f32: the save rounds once, to the stored dtype
+                    // (A's, or --dtype), and refuses f16 overflow.
+                    blend(&ta, &tb, tc.as_ref(), alpha)
                 }),
             },
         ));
@@ -794,6 +822,86 @@ mod tests {
         assert!(r.skipped.is_empty());
     }
 
+    /// Regression: the blend was rounded to A's stored dtype before the
+    /// save's own conversion (an f16 A merged into an f32 file kept f16
+    /// precision, and f16 overflow went unchecked); EDM's prediction keys
+    /// were copied from A whatever `--markers` said; A's `model_ema.*`
+    /// was copied unmerged; a component A lacks went missing unsaid.
+    #[test]
+    fn blends_round_once_and_the_prediction_keys_follow_the_markers() {
+        let d = tempfile::tempdir().unwrap();
+        let cpu = Device::Cpu;
+        let t = |v: &[f32]| Tensor::from_slice(v, v.len(), &cpu).unwrap();
+        let unet = |x: f32| {
+            vec![
+                (format!("{UNET_PREFIX}.input_blocks.0.0.weight"), t(&[x, x])),
+                (format!("{UNET_PREFIX}.middle_block.0.x"), t(&[x, x])),
+                (format!("{UNET_PREFIX}.out.2.weight"), t(&[x, x])),
+            ]
+        };
+        let save = |name: &str, tensors: &[(String, Tensor)], dtype: DType, v: bool| {
+            let p = d.path().join(name);
+            let opts = SaveOptions {
+                dtype: Some(dtype),
+                v_pred: v,
+                ztsnr: v,
+                ..Default::default()
+            };
+            save_tensors(&p, tensors, &opts).unwrap();
+            p
+        };
+        // A: f16, UNet only, with an EMA copy; B: f32 EDM-v with a VAE.
+        let mut a_t = unet(1.0);
+        a_t.push((
+            format!("model_ema.{}", "diffusion_modelinput_blocks00weight"),
+            t(&[9.0]),
+        ));
+        let a = save("a.safetensors", &a_t, DType::F16, false);
+        let mut b_t = unet(1.0 + 1.0 / 1024.0);
+        b_t.push(("edm_vpred.sigma_max".into(), t(&[120.0])));
+        b_t.push(("edm_vpred.sigma_min".into(), t(&[0.002])));
+        b_t.push(("first_stage_model.w".into(), t(&[3.0])));
+        let b = save("b.safetensors", &b_t, DType::F32, false);
+        let out = d.path().join("m.safetensors");
+        let mut c = cfg(&a, &b);
+        c.alpha = 0.5;
+        c.dtype = Some(DType::F32);
+        c.markers = Some(Side::B);
+        let r = merge(&c, &out).unwrap();
+        // 1 + 1/2048 needs 11 mantissa bits: f16 (10) would round it away.
+        let k_in = format!("{UNET_PREFIX}.input_blocks.0.0.weight");
+        assert_eq!(read(&out, &k_in), vec![1.0 + 1.0 / 2048.0; 2]);
+        let ck = Checkpoint::open(&out).unwrap();
+        assert!(ck.contains("edm_vpred.sigma_max") && ck.contains("edm_vpred.sigma_min"));
+        assert!(!ck.entries().keys().any(|k| k.starts_with("model_ema.")));
+        assert!(r.skipped.iter().any(|k| k.starts_with("model_ema.")));
+        assert!(
+            r.warnings
+                .iter()
+                .any(|w| w.contains("no VAE") && w.contains("--vae b")),
+            "{:?}",
+            r.warnings
+        );
+        // The other way round: A's EDM keys go when B (plain eps) marks.
+        let mut c2 = cfg(&b, &a);
+        c2.markers = Some(Side::B);
+        merge(&c2, &out).unwrap();
+        let ck = Checkpoint::open(&out).unwrap();
+        assert!(!ck.entries().keys().any(|k| k.starts_with("edm_")));
+        assert!(ck.contains("first_stage_model.w"));
+        // A blend past f16's range into an f16 file is refused, naming the key.
+        let big = save("big.safetensors", &unet(60000.0), DType::F16, false);
+        let zero = save("zero.safetensors", &unet(0.0), DType::F16, false);
+        let mut c3 = cfg(&big, &big);
+        c3.c = Some(zero);
+        c3.alpha = 1.0;
+        let e = merge(&c3, &out).unwrap_err().to_string();
+        assert!(
+            e.contains("does not fit in f16") && e.contains(&k_in),
+            "{e}"
+        );
+    }
+
     #[test]
     fn bad_inputs_are_clear_errors() {
         assert!(BlockAlphas::parse("IN09=1").is_err());
@@ -806,6 +914,10 @@ mod tests {
             .to_string()
             .contains("--vae"));
         assert!(BlockAlphas::parse("IN00-IN03=1,IN02=0").is_err());
+        for bad in ["OUT00-OUT08=nan", "M00=inf", "IN01=-infinity"] {
+            let e = BlockAlphas::parse(bad).unwrap_err().to_string();
+            assert!(e.contains("finite"), "{bad}: {e}");
+        }
         let d = tempfile::tempdir().unwrap();
         let a = ckpt(
             d.path(),

@@ -454,6 +454,9 @@ impl TrainConfig {
         if self.batch_size == 0 || self.grad_accum == 0 {
             return bad("batch_size", "batch_size and grad_accum must be ≥ 1".into());
         }
+        if self.a1111_yaml && self.objective != Prediction::V {
+            return bad("a1111_yaml", super::export::A1111_YAML_EPS.into());
+        }
         if !(self.lr > 0.0 && self.lr.is_finite()) {
             return bad("lr", format!("{}: must be > 0", self.lr));
         }
@@ -650,6 +653,14 @@ mod tests {
                     ..cfg()
                 },
                 "IN00 is not trained",
+            ),
+            (
+                TrainConfig {
+                    objective: Prediction::Eps,
+                    a1111_yaml: true,
+                    ..cfg()
+                },
+                "train.a1111_yaml: --a1111-yaml is for v exports",
             ),
         ];
         for (c, want) in cases {

@@ -80,20 +80,29 @@ pub fn export(
         ztsnr: v && spec.ztsnr && spec.markers,
         metadata,
     };
+    // The yaml is refused before the checkpoint is written.
+    let yaml = spec
+        .a1111_yaml
+        .then(|| {
+            if !v {
+                return Err(Error::config(A1111_YAML_EPS));
+            }
+            a1111_v_yaml(unet_cfg)
+        })
+        .transpose()?;
     base.save_with(out, &replacements, &opts)?;
     let mut written = vec![out.to_path_buf()];
-    if spec.a1111_yaml {
-        if !v {
-            return Err(Error::config(
-                "--a1111-yaml is for v exports (an eps model needs no yaml: A1111 defaults to eps)",
-            ));
-        }
-        let yaml = out.with_extension("yaml");
-        write_atomic(&yaml, a1111_v_yaml(unet_cfg)?.as_bytes())?;
-        written.push(yaml);
+    if let Some(text) = yaml {
+        let path = out.with_extension("yaml");
+        write_atomic(&path, text.as_bytes())?;
+        written.push(path);
     }
     Ok(written)
 }
+
+/// Why an eps export gets no A1111 yaml.
+pub const A1111_YAML_EPS: &str =
+    "--a1111-yaml is for v exports (an eps model needs no yaml: A1111 defaults to eps)";
 
 /// The sgm v-prediction inference config for an SDXL-base-shaped UNet.
 pub fn a1111_v_yaml(cfg: &UNetConfig) -> Result<String> {

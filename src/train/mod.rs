@@ -337,6 +337,10 @@ pub fn train(
             for s in &stages {
                 BlockSet::parse(&s.blocks)?.check_exists(keys.iter().map(|(k, _)| k.as_str()))?;
             }
+            // So is a yaml A1111 could not load with this UNet.
+            if cfg.a1111_yaml {
+                export::a1111_v_yaml(base.unet.config())?;
+            }
         }
         let ckpt = Checkpoint::open(&cfg.model)?;
         // Where the export goes, and its size (the disk check).

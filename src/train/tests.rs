@@ -608,6 +608,13 @@ fn bad_inputs_are_clear_errors() {
         "{e}"
     );
     assert_eq!(cache_entries(), before);
+    // A yaml A1111 could not load with this (tiny) UNet: refused before
+    // training, not after the export is written.
+    let mut yaml = quick(&ck, 1);
+    yaml.a1111_yaml = true;
+    let e = run(&ds, &yaml, &TrainOptions::default()).unwrap_err();
+    assert!(e.to_string().contains("--a1111-yaml"), "{e}");
+    assert_eq!(cache_entries(), before);
     // Resume of a run that has no checkpoint.
     let e = run(
         &ds,

@@ -73,7 +73,9 @@ pub fn is_ignored_key(key: &str) -> bool {
         || key == "denoiser.sigmas"
 }
 
-fn is_marker_key(key: &str) -> bool {
+/// A key that says how the model predicts: `v_pred`, `ztsnr`, and EDM's
+/// `edm_vpred.*`, `edm_mean`, `edm_std`.
+pub fn is_marker_key(key: &str) -> bool {
     matches!(key, MARKER_V_PRED | MARKER_ZTSNR | "edm_mean" | "edm_std")
         || key.starts_with("edm_vpred.")
 }
@@ -487,8 +489,8 @@ impl Checkpoint {
     }
 
     /// Write a copy of this checkpoint to `path` in the same layout, with
-    /// `replacements` (same keys and shapes) swapped in, marker keys and
-    /// metadata set by `opts`, and optional f16/bf16/f32 storage.
+    /// `replacements` (same keys and shapes) swapped in, marker keys
+    /// (all of [`is_marker_key`]'s, EDM's too) and metadata set by `opts`, and optional f16/bf16/f32 storage.
     pub fn save_with(
         &self,
         path: impl AsRef<Path>,
@@ -512,7 +514,9 @@ impl Checkpoint {
         }
         let mut items = Vec::new();
         for (key, e) in &self.entries {
-            if key == MARKER_V_PRED || key == MARKER_ZTSNR {
+            // The prediction is `opts`' alone: a base's EDM keys would
+            // override `v_pred` in ComfyUI.
+            if is_marker_key(key) {
                 continue;
             }
             let src = match replacements.get(key) {

@@ -100,7 +100,6 @@ pub fn save_lazy(
     write_checkpoint(path.as_ref(), items, opts, &opts.metadata)
 }
 
-/// Little-endian bytes of `t` stored as `dtype`.
 /// The little-endian bytes of `t` stored as `dtype`. Storing a tensor as
 /// f16 that does not fit (|x| > 65504 becomes ±inf) is an error naming
 /// `key`: the file would hold infinities every loader refuses or samples

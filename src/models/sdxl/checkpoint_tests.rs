@@ -286,6 +286,33 @@ fn save_round_trips_markers_dtype_and_replacements() {
         &SaveOptions::default(),
     ));
     assert!(err.contains("replacement") && err.contains("[3]"), "{err}");
+    // A base with EDM's keys (CosXL): they go, or ComfyUI would read them
+    // before `v_pred` and sample the export as EDM.
+    let edm = dir.path().join("edm.safetensors");
+    let one = Tensor::ones(1, DType::F32, &Device::Cpu).unwrap();
+    save_tensors(
+        &edm,
+        &[
+            (key.to_string(), new_bias.clone()),
+            ("edm_vpred.sigma_max".to_string(), one.clone()),
+            ("edm_mean".to_string(), one),
+        ],
+        &SaveOptions::default(),
+    )
+    .unwrap();
+    let out3 = dir.path().join("from-edm.safetensors");
+    let opts = SaveOptions {
+        v_pred: true,
+        ztsnr: true,
+        ..Default::default()
+    };
+    Checkpoint::open(&edm)
+        .unwrap()
+        .save_with(&out3, &HashMap::new(), &opts)
+        .unwrap();
+    let x = Checkpoint::open(&out3).unwrap();
+    assert!(x.contains(MARKER_V_PRED) && x.contains(MARKER_ZTSNR) && x.contains(key));
+    assert!(!x.entries().keys().any(|k| k.starts_with("edm")));
 }
 
 #[test]
