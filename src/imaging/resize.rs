@@ -161,6 +161,19 @@ pub fn plan_cover_crop(
     })
 }
 
+/// The source pixels `[start, start + len)` that the resized pixels
+/// `[crop, crop + kept)` of a side resized from `src` to `resized` come
+/// from: scaled by `src / resized` (so a side kept whole is exactly `src`,
+/// where dividing by the scale could come out a hair over it, e.g. 832 /
+/// (832/940) = 940.0000000000001, which the resizer refuses), and never
+/// past the source's end.
+fn source_span(crop: u32, kept: u32, resized: u32, src: u32) -> (f64, f64) {
+    let scale = f64::from(src) / f64::from(resized);
+    let start = f64::from(crop) * scale;
+    let len = (f64::from(kept) * scale).min(f64::from(src) - start);
+    (start, len)
+}
+
 /// Execute a [`CropPlan`] on an RGB8 image (whose size must be the plan's
 /// source size): Lanczos3 convolution over the surviving source region,
 /// output exactly `bucket_width × bucket_height`.
@@ -178,16 +191,21 @@ pub fn resize_and_crop(rgb: &RgbImage, plan: &CropPlan) -> Result<RgbImage> {
     let src = ImageRef::new(rgb.width(), rgb.height(), rgb.as_raw(), PixelType::U8x3)
         .map_err(|e| fir_err(&e))?;
     let mut dst = Image::new(plan.bucket_width, plan.bucket_height, PixelType::U8x3);
-    let sx = f64::from(plan.resized_width) / f64::from(plan.src_width);
-    let sy = f64::from(plan.resized_height) / f64::from(plan.src_height);
+    let (left, width) = source_span(
+        plan.crop_left,
+        plan.bucket_width,
+        plan.resized_width,
+        plan.src_width,
+    );
+    let (top, height) = source_span(
+        plan.crop_top,
+        plan.bucket_height,
+        plan.resized_height,
+        plan.src_height,
+    );
     let opts = ResizeOptions::new()
         .resize_alg(ResizeAlg::Convolution(FilterType::Lanczos3))
-        .crop(
-            f64::from(plan.crop_left) / sx,
-            f64::from(plan.crop_top) / sy,
-            f64::from(plan.bucket_width) / sx,
-            f64::from(plan.bucket_height) / sy,
-        );
+        .crop(left, top, width, height);
     let mut resizer = Resizer::new();
     resizer
         .resize(&src, &mut dst, &opts)
@@ -209,6 +227,41 @@ mod tests {
         assert_eq!((p.crop_left, p.crop_top), (0, 16));
         // 16 resized px = 16/0.832 = 19.2 -> 19 original px.
         assert_eq!((p.crop_left_orig, p.crop_top_orig), (0, 19));
+    }
+
+    /// Regression: the source box was the resized one divided by the
+    /// scale, a hair past the image's edge for some sizes (940×1410 into
+    /// 832×1216: width 940.0000000000001), which the resizer refused,
+    /// failing the whole bucket run on every rerun.
+    #[test]
+    fn every_placement_stays_inside_the_source() {
+        let sizes = [
+            (940, 1410),
+            (1000, 1500),
+            (777, 1333),
+            (1283, 911),
+            (2049, 3071),
+        ];
+        for (w, h) in sizes {
+            let rgb = RgbImage::new(w, h);
+            for (bw, bh) in [(832, 1216), (1216, 832), (1024, 1024), (896, 1152)] {
+                let mut modes = vec![CropMode::Center];
+                modes.extend((0..8).map(|seed| CropMode::Random { seed }));
+                for mode in modes {
+                    let p = plan_cover_crop(w, h, bw, bh, mode, 4.0).unwrap();
+                    let out = resize_and_crop(&rgb, &p)
+                        .unwrap_or_else(|e| panic!("{w}x{h} -> {bw}x{bh} {mode:?}: {e}"));
+                    assert_eq!(out.dimensions(), (bw, bh));
+                }
+            }
+        }
+        // The largest random offsets too: every crop position of one side.
+        for crop_top in 0..=32 {
+            let mut p = plan_cover_crop(1000, 1500, 832, 1216, CropMode::Center, 1.0).unwrap();
+            p.crop_top = crop_top;
+            resize_and_crop(&RgbImage::new(1000, 1500), &p).unwrap();
+        }
+        assert_eq!(source_span(0, 832, 832, 940), (0.0, 940.0));
     }
 
     #[test]

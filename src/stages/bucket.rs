@@ -29,7 +29,7 @@ use rusqlite::params;
 use serde::{Deserialize, Serialize};
 
 use super::Ctx;
-use crate::error::{Error, IoContext, Result};
+use crate::error::{Error, Result};
 use crate::imaging::buckets::{self, Bucket};
 use crate::imaging::resize::{self, CropMode, CropPlan};
 use crate::manifest::Manifest;
@@ -96,6 +96,9 @@ impl Default for BucketConfig {
     }
 }
 
+/// The largest bucket side a kohya bucket set may ask for (px).
+pub const MAX_BUCKET_SIDE: u32 = 16384;
+
 impl BucketConfig {
     /// The concrete bucket list.
     pub fn bucket_list(&self) -> Result<Vec<Bucket>> {
@@ -108,13 +111,19 @@ impl BucketConfig {
                 max_side,
             } => {
                 let (resolution, step) = (*resolution, *step);
-                if step == 0 || step % 8 != 0 {
+                if step == 0 || step % 32 != 0 {
                     return Err(Error::config(format!(
-                        "bucket step {step}: use a multiple of 8 (the VAE's downsampling; kohya's default is 64)"
+                        "bucket step {step}: use a multiple of 32 (the VAE's 8 times SDXL's UNet's two halvings, whose skips must line up; kohya's default is 64)"
                     )));
                 }
-                // kohya's adjustment: min down and max up to multiples of the step.
-                let min_side = *min_side - *min_side % step;
+                if *max_side > MAX_BUCKET_SIDE || resolution > MAX_BUCKET_SIDE {
+                    return Err(Error::config(format!(
+                        "kohya buckets: resolution {resolution} and max side {max_side} must be ≤ {MAX_BUCKET_SIDE}"
+                    )));
+                }
+                // kohya's adjustment: min down and max up to multiples of
+                // the step (a min below the step: the step).
+                let min_side = (*min_side - *min_side % step).max(step);
                 let max_side = max_side.div_ceil(step) * step;
                 if min_side > resolution || max_side < resolution {
                     return Err(Error::config(format!(
@@ -205,7 +214,16 @@ fn process(
     sha: &str,
     rel_src: &str,
 ) -> Result<Outcome> {
-    let bytes = std::fs::read(root.join(rel_src)).at(root.join(rel_src))?;
+    // One missing or unreadable image is that item's failure, not the run's.
+    let bytes = match std::fs::read(root.join(rel_src)) {
+        Ok(b) => b,
+        Err(e) => {
+            return Ok(Outcome::Rejected {
+                item_id,
+                reason: format!("unreadable: {rel_src}: {e}"),
+            })
+        }
+    };
     let decoded = match crate::imaging::decode::decode(&bytes, &Default::default()) {
         Ok(d) => d,
         Err(e) => {
@@ -239,7 +257,15 @@ fn process(
                 })
             }
         };
-    let img = resize::resize_and_crop(&rgb, &placed)?;
+    let img = match resize::resize_and_crop(&rgb, &placed) {
+        Ok(img) => img,
+        Err(e) => {
+            return Ok(Outcome::Rejected {
+                item_id,
+                reason: format!("resize_failed: {e}"),
+            })
+        }
+    };
     // Named by the placement too, so a new decision never overwrites the
     // file the manifest's current row points at (a run killed before its
     // commit would leave that row describing other pixels); the old file is
@@ -535,11 +561,35 @@ mod tests {
         for (bad, want) in [
             (kohya(1024, 64, 256, 512), "max side 512"),
             (kohya(512, 64, 768, 1024), "min side 768"),
-            (kohya(1024, 12, 256, 2048), "multiple of 8"),
-            (kohya(1024, 0, 256, 2048), "multiple of 8"),
+            (kohya(1024, 12, 256, 2048), "multiple of 32"),
+            (kohya(1024, 0, 256, 2048), "multiple of 32"),
+            // A 264 px side is a 33-latent: SDXL's UNet cannot join its
+            // skips at 17 → 34.
+            (kohya(1024, 8, 256, 2048), "multiple of 32"),
+            (kohya(1024, 64, 256, u32::MAX), "≤ 16384"),
         ] {
             let e = bad.bucket_list().unwrap_err().to_string();
             assert!(e.contains(want), "{want}: {e}");
+        }
+    }
+
+    /// Regression: a missing image file failed the whole run, and every
+    /// rerun stopped at it; it is that item's rejection, as in caption.
+    #[test]
+    fn a_missing_image_is_its_items_rejection() {
+        let d = tempfile::tempdir().unwrap();
+        let cfg = BucketConfig::default();
+        let list = cfg.bucket_list().unwrap();
+        let o = process(d.path(), &cfg, &list, 7, "ab12", "images/ab/ab12.png").unwrap();
+        match o {
+            Outcome::Rejected { item_id, reason } => {
+                assert_eq!(item_id, 7);
+                assert!(
+                    reason.starts_with("unreadable: images/ab/ab12.png"),
+                    "{reason}"
+                );
+            }
+            _ => panic!("not rejected"),
         }
     }
 
