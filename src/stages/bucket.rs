@@ -365,12 +365,13 @@ pub fn run(cfg: &BucketConfig, m: &mut Manifest, ctx: &Ctx) -> Result<BucketRepo
         )));
     }
     let list = cfg.bucket_list()?;
-    super::import::sweep_temp_files(&m.root().join("buckets"))?;
     let same =
         super::runs_with_same_settings(m, "bucket", |c: &BucketConfig| same_settings(c, cfg))?;
     // Ctrl-C / SIGTERM: stop after the batch in hand (each is committed).
     let _signals = crate::signal::install();
     crate::manifest::stage_run(m, "bucket", cfg, |m, run_id| {
+        // Under the writer lock: no other writer's temp file is swept.
+        super::import::sweep_temp_files(&m.root().join("buckets"))?;
         let mut report = BucketReport {
             run_id,
             ..Default::default()

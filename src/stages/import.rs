@@ -461,10 +461,11 @@ pub fn run(cfg: &ImportConfig, m: &mut Manifest, ctx: &Ctx) -> Result<ImportRepo
     })?;
     let listing = super::walk::list_images(&from)?;
     let limits = DecodeLimits::from(cfg.limits);
-    sweep_temp_files(&m.root().join("images"))?;
     // Ctrl-C / SIGTERM: stop after the batch in hand (each is committed).
     let _signals = crate::signal::install();
     crate::manifest::stage_run(m, "import", cfg, |m, run_id| {
+        // Under the writer lock: no other writer's temp file is swept.
+        sweep_temp_files(&m.root().join("images"))?;
         let mut report = ImportReport {
             run_id,
             found: listing.files.len(),

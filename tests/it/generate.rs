@@ -413,6 +413,29 @@ fn slurm_array_shards_merged_equal_a_single_run() {
             .unwrap();
         assert_eq!(s, format!("{}/3", task - 3));
     }
+    // Task 5 again, as a one-task array of its own (`SHARDS=3 ARRAY_BASE=4
+    // sbatch --array=5`): still shard 2/3, into its folder, nothing left to
+    // do. By position it would be shard 1/1.
+    let o = Command::new("bash")
+        .arg(&script)
+        .env("EPS2V", bin())
+        .env("MODEL", model)
+        .env("OUT", &out)
+        .env("COUNT", "7")
+        .env("SEED", "5")
+        .env("STEPS", "2")
+        .env("SIZE", "64x64")
+        .env("BATCH", "2")
+        .env("SAMPLER", "euler")
+        .env("SHARDS", "3")
+        .env("ARRAY_BASE", "4")
+        .env("SLURM_ARRAY_TASK_ID", "5")
+        .env("SLURM_ARRAY_TASK_MIN", "5")
+        .env("SLURM_ARRAY_TASK_COUNT", "1")
+        .env_remove("JOB_COMPLETION_INDEX")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let shards: Vec<String> = (4..7)
         .map(|t| format!("{}.shard-{t}", out.display()))
         .collect();
@@ -469,7 +492,7 @@ fn slurm_array_shards_merged_equal_a_single_run() {
     assert_eq!(count(&out, "SELECT count(*) FROM items"), 7);
     assert_eq!(
         count(&out, "SELECT count(*) FROM runs WHERE stage = 'generate'"),
-        3
+        4 // three tasks and task 5's rerun
     );
     let merge_id = r["run_id"].as_i64().unwrap();
     assert_eq!(

@@ -38,7 +38,7 @@ use std::time::Instant;
 
 use image::RgbImage;
 use rayon::prelude::*;
-use rusqlite::params;
+use rusqlite::{params, OptionalExtension};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
@@ -322,7 +322,6 @@ pub fn run(
     }
     let indices: Vec<u64> = (0..cfg.count).filter(|&i| cfg.shard.contains(i)).collect();
     let rows = plan::plan_rows(&settings, template, cfg.count, &indices)?;
-    sweep_temp_files(&m.root().join("images"))?;
     // Ctrl-C / SIGTERM: finish the batches in flight, keep them, stop.
     let _signals = crate::signal::install();
     let run_id = m.begin_run("generate", &cfg.to_json())?;
@@ -376,6 +375,8 @@ fn plan_then_render(
     todo: &mut Vec<Todo>,
     report: &mut GenerateReport,
 ) -> Result<()> {
+    // Under the writer lock (`begin_run`): no other writer's temp file is swept.
+    sweep_temp_files(&m.root().join("images"))?;
     let now = manifest::now();
     let path = m.db_path().to_path_buf();
     let tx = m
@@ -637,9 +638,21 @@ fn commit(
                         [&item.sha256],
                         |r| r.get(0),
                     )
-                    .ok();
+                    .optional()
+                    .map_err(map)?;
                 let id = match existing {
-                    Some(id) => id,
+                    Some(id) => {
+                        // The same pixels again after a replan set them
+                        // aside (a plan shrunk, then grown back): back in
+                        // the dataset. Another stage's rejection stands.
+                        tx.execute(
+                            "UPDATE items SET status = 'ok', reason = NULL, status_run_id = ?2 \
+                             WHERE id = ?1 AND status = 'rejected' AND reason LIKE 'replanned:%'",
+                            params![id, run_id],
+                        )
+                        .map_err(map)?;
+                        id
+                    }
                     None => {
                         let id = manifest::insert_item(&tx, run_id, &item).map_err(map)?;
                         manifest::insert_hashes(&tx, run_id, id, &hashes).map_err(map)?;

@@ -457,6 +457,11 @@ pub fn write_plan(
     now: &str,
 ) -> Result<PlanOutcome> {
     let mut out = PlanOutcome::default();
+    // How the model is sampled changes every image but is not in the rows:
+    // a plan whose prediction or ZTSNR changed (`--replan`) renders all again.
+    let sampling_changed = old.is_some_and(|o| {
+        o.settings.prediction != settings.prediction || o.settings.ztsnr != settings.ztsnr
+    });
     let settings_json = serde_json::to_string(settings)?;
     let plan_id = match old {
         Some(o) => o.plan_id.clone(),
@@ -495,10 +500,11 @@ pub fn write_plan(
             existing.insert(r.get(0)?, (key, r.get(14)?, r.get(15)?));
         }
     }
+    // An item another stage set aside keeps its own reason.
     let reject = |item: Option<i64>, why: &str| -> Result<()> {
         if let Some(id) = item {
             tx.execute(
-                "UPDATE items SET status = 'rejected', reason = ?2, status_run_id = ?3 WHERE id = ?1",
+                "UPDATE items SET status = 'rejected', reason = ?2, status_run_id = ?3 WHERE id = ?1 AND status = 'ok'",
                 params![id, why, run_id],
             )?;
         }
@@ -517,7 +523,7 @@ pub fn write_plan(
     for p in rows {
         let key = row_key(settings, p);
         match existing.get(&(p.idx as i64)) {
-            Some((k, _, _)) if *k == key => continue,
+            Some((k, _, _)) if *k == key && !sampling_changed => continue,
             Some((_, _, item)) => {
                 reject(
                     *item,

@@ -103,13 +103,20 @@ impl Shard {
         if let Some(id) = num("SLURM_ARRAY_TASK_ID")? {
             let min = num("SLURM_ARRAY_TASK_MIN")?.unwrap_or(0);
             let step = num("SLURM_ARRAY_TASK_STEP")?.unwrap_or(1).max(1);
-            let n = match shards {
-                Some(n) => u64::from(n),
-                None => num("SLURM_ARRAY_TASK_COUNT")?.ok_or_else(|| {
-                    Error::config(
-                        "SLURM_ARRAY_TASK_ID is set but SLURM_ARRAY_TASK_COUNT is not; pass --shards N",
-                    )
-                })?,
+            let tasks = num("SLURM_ARRAY_TASK_COUNT")?;
+            let n = match (shards, tasks) {
+                // A subset of the array resubmitted (`--array=3,5` of
+                // 0-7): the task's place in it is not its shard.
+                (Some(n), Some(t)) if t != u64::from(n) => {
+                    return Err(Error::config(format!(
+                        "this Slurm array has {t} task(s) (SLURM_ARRAY_TASK_COUNT) but --shards is {n}: a resubmitted subset? Its task {id} is not shard {id} of {n} by position; pass the shard itself, e.g. --shard $((SLURM_ARRAY_TASK_ID + 1))/{n} for an array that counted from 0"
+                    )));
+                }
+                (Some(n), _) => u64::from(n),
+                (None, Some(t)) => t,
+                (None, None) => return Err(Error::config(
+                    "SLURM_ARRAY_TASK_ID is set but SLURM_ARRAY_TASK_COUNT is not; pass --shards N",
+                )),
             };
             let k = id.checked_sub(min).ok_or_else(|| {
                 Error::config(format!(
@@ -205,6 +212,22 @@ mod tests {
                 .to_string(),
             "2/2"
         );
+        // --shards agreeing with the array is fine; a resubmitted subset
+        // (`--array=3,5` of 0-7 with --shards 8) would be shard 1/8 by
+        // position: refused, naming the way out.
+        assert_eq!(
+            Shard::resolve(None, Some(3), &slurm).unwrap().to_string(),
+            "2/3"
+        );
+        let subset = env(&[
+            ("SLURM_ARRAY_TASK_ID", "3"),
+            ("SLURM_ARRAY_TASK_MIN", "3"),
+            ("SLURM_ARRAY_TASK_COUNT", "2"),
+        ]);
+        let e = Shard::resolve(None, Some(8), &subset)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("2 task(s)") && e.contains("--shard"), "{e}");
         let k8s = env(&[("JOB_COMPLETION_INDEX", "0")]);
         assert_eq!(
             Shard::resolve(None, Some(4), &k8s).unwrap().to_string(),

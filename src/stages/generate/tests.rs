@@ -229,6 +229,85 @@ fn a_different_plan_names_the_field_unless_replan() {
     );
 }
 
+/// Regression: a plan shrunk with --replan, then grown back, rendered the
+/// same pixels again, found their item and marked the row rendered, but
+/// the item stayed `rejected` (replanned), out of the dataset for good.
+#[test]
+fn rows_a_replan_removed_and_a_later_plan_restores_are_back_in_the_dataset() {
+    let w = world();
+    let d = w.dir.path().join("ds");
+    gen(&w, &cfg(&w, 3), &d).unwrap();
+    let ok = "SELECT count(*) FROM items WHERE status = 'ok'";
+    assert_eq!(count(&d, ok), 3);
+    let shrunk = GenerateConfig {
+        replan: true,
+        ..cfg(&w, 1)
+    };
+    let r = gen(&w, &shrunk, &d).unwrap();
+    assert_eq!((r.plan.removed, count(&d, ok)), (2, 1));
+    let r = gen(&w, &cfg(&w, 3), &d).unwrap();
+    assert_eq!(r.rendered, 2);
+    assert_eq!(count(&d, ok), 3);
+    assert_eq!(
+        count(&d, "SELECT count(*) FROM items WHERE reason IS NOT NULL"),
+        0
+    );
+    // Another stage's rejection of those pixels stands.
+    let m = Manifest::open(&d).unwrap();
+    m.conn()
+        .execute(
+            "UPDATE items SET status = 'rejected', reason = 'misaligned: 0.1' WHERE id = (SELECT max(id) FROM items)",
+            [],
+        )
+        .unwrap();
+    drop(m);
+    gen(&w, &shrunk, &d).unwrap();
+    gen(&w, &cfg(&w, 3), &d).unwrap();
+    assert_eq!(count(&d, ok), 2);
+}
+
+/// Regression: the prediction and ZTSNR change every image but are not in
+/// the rows, so a --replan that changed only them kept the old images.
+#[test]
+fn a_replan_of_the_prediction_renders_every_row_again() {
+    let w = world();
+    let d = w.dir.path().join("ds");
+    let fixed = |prediction: Option<Prediction>| GenerateConfig {
+        prediction,
+        ztsnr: Some(false),
+        rescale: Some(0.0),
+        schedule: Some(ScheduleKind::Simple),
+        ..cfg(&w, 2)
+    };
+    gen(&w, &fixed(None), &d).unwrap();
+    let before = rows(&d);
+    let v = GenerateConfig {
+        replan: true,
+        ..fixed(Some(Prediction::V))
+    };
+    // The model as `generate` loads it for that config.
+    let as_v = World {
+        model: SdxlModel::load(
+            &v.model,
+            &LoadOptions {
+                prediction: v.prediction,
+                ztsnr: v.ztsnr,
+                hash: true,
+                ..Default::default()
+            },
+        )
+        .unwrap(),
+        dir: w.dir,
+    };
+    let r = gen(&as_v, &v, &d).unwrap();
+    assert_eq!((r.plan.replanned, r.rendered), (2, 2));
+    let after = rows(&d);
+    assert!(before.iter().zip(&after).all(|(a, b)| a.3 != b.3));
+    // The same settings again: nothing to do.
+    let r = gen(&as_v, &v, &d).unwrap();
+    assert_eq!((r.plan.replanned, r.rendered), (0, 0));
+}
+
 #[test]
 fn batch_size_does_not_change_a_single_byte() {
     let w = world();
