@@ -349,6 +349,17 @@ pub fn run(cfg: &MergeConfig, out: &mut Manifest, ctx: &Ctx) -> Result<MergeRepo
                     .collect::<rusqlite::Result<_>>()
                     .map_err(|e| shard_m.err(e))?;
                 for rel in paths {
+                    // The manifest's paths are relative and inside the
+                    // folder; anything else is not copied anywhere.
+                    let plain = std::path::Path::new(&rel)
+                        .components()
+                        .all(|c| matches!(c, std::path::Component::Normal(_)));
+                    if !plain {
+                        return Err(Error::model(format!(
+                            "{}: {table}.path {rel:?} is not a relative path inside the dataset; is this an eps2v manifest?",
+                            shard_m.db_path().display()
+                        )));
+                    }
                     let src = dir.join(&rel);
                     let dst = root.join(&rel);
                     if dst.is_file() {

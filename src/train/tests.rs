@@ -346,7 +346,7 @@ fn resume_equals_an_uninterrupted_run_bit_for_bit() {
     .to_string();
     assert!(e.contains("lr:") && e.contains("config differs"), "{e}");
     // A checkpoint a killed process was writing is swept on resume.
-    let partial = state::dir(&first.run_dir).join(".step-000005.safetensors.tmp-424242");
+    let partial = state::dir(&first.run_dir).join(".step-000005.safetensors.tmp-4999999");
     std::fs::write(&partial, b"half a checkpoint").unwrap();
     let second = run(
         &ds,
@@ -396,7 +396,7 @@ fn a_live_run_is_never_taken_over_and_dead_ones_are_tidied() {
             [a.run_id],
         )
         .unwrap();
-    let partial = state::dir(&a.run_dir).join(".step-000002.safetensors.tmp-424242");
+    let partial = state::dir(&a.run_dir).join(".step-000002.safetensors.tmp-4999999");
     std::fs::write(&partial, b"half a checkpoint").unwrap();
 
     // Live: another process holds it.

@@ -54,6 +54,7 @@ pub fn remove_partial_saves(dir: &Path, of: Option<&str>) -> Result<usize> {
         let name = e.file_name().to_string_lossy().into_owned();
         if is_partial_save(&name)
             && prefix.as_ref().is_none_or(|p| name.starts_with(p.as_str()))
+            && !written_by_another_live_process(&name)
             && e.file_type().at(e.path())?.is_file()
         {
             std::fs::remove_file(e.path()).at(e.path())?;
@@ -61,6 +62,22 @@ pub fn remove_partial_saves(dir: &Path, of: Option<&str>) -> Result<usize> {
         }
     }
     Ok(n)
+}
+
+/// Whether the save behind a temporary file is another process that is
+/// still running (two merges to one `--out`: the second must not unlink
+/// the first's file mid-write). Linux only (`/proc`); elsewhere every
+/// such file counts as left by a killed save.
+fn written_by_another_live_process(file_name: &str) -> bool {
+    let Some(pid) = file_name
+        .rsplit_once(PARTIAL)
+        .and_then(|(_, p)| p.parse::<u32>().ok())
+    else {
+        return false;
+    };
+    pid != std::process::id()
+        && cfg!(target_os = "linux")
+        && Path::new("/proc").join(pid.to_string()).exists()
 }
 
 pub(super) enum Source<'a> {

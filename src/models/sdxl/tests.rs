@@ -311,13 +311,18 @@ fn tiny_checkpoint_round_trips_through_save_and_load() {
         v_pred: true,
         ..Default::default()
     };
-    // What a killed save of the same file left goes; another file's stays.
-    let killed = dir.path().join(".tiny.safetensors.tmp-999999");
-    let other = dir.path().join(".other.safetensors.tmp-999999");
-    std::fs::write(&killed, b"half").unwrap();
-    std::fs::write(&other, b"half").unwrap();
+    // What a killed save of the same file left goes (pids above Linux's
+    // largest, 2^22, are never live); another file's stays, and so does a
+    // save of this file by a process still running (pid 1).
+    let killed = dir.path().join(".tiny.safetensors.tmp-4999999");
+    let other = dir.path().join(".other.safetensors.tmp-4999999");
+    let live = dir.path().join(".tiny.safetensors.tmp-1");
+    for p in [&killed, &other, &live] {
+        std::fs::write(p, b"half").unwrap();
+    }
     checkpoint::save_tensors(&path, &tensors, &opts).unwrap();
     assert!(!killed.exists() && other.exists());
+    assert_eq!(live.exists(), cfg!(target_os = "linux"));
 
     let ckpt = Checkpoint::open(&path).unwrap();
     assert_eq!(ckpt.family(), checkpoint::Family::SdxlUnet);

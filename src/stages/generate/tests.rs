@@ -588,4 +588,30 @@ fn shards_merged_equal_a_single_run_item_for_item() {
         e.contains("different generation plan (seed is 1 there but 40"),
         "{e}"
     );
+    // A path leading out of the shard's folder is refused, not followed.
+    let odd = w.dir.path().join("odd");
+    gen(
+        &w,
+        &GenerateConfig {
+            shard: Shard::new(2, 3).unwrap(),
+            ..cfg(&w, 7)
+        },
+        &odd,
+    )
+    .unwrap();
+    Manifest::open(&odd)
+        .unwrap()
+        .conn()
+        .execute(
+            "UPDATE items SET path = '../escaped.png' WHERE id = (SELECT min(id) FROM items)",
+            [],
+        )
+        .unwrap();
+    let escaped = w.dir.path().join("m3");
+    let mut m = Manifest::init(&escaped).unwrap();
+    let e = merge::run(&MergeConfig { shards: vec![odd] }, &mut m, &Ctx::quiet())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("items.path \"../escaped.png\""), "{e}");
+    assert!(!w.dir.path().join("escaped.png").exists());
 }
