@@ -405,6 +405,15 @@ pub fn export(a: ExportArgs, json: bool) -> anyhow::Result<i32> {
                 }
             );
         }
+        for f in r.failed.iter().take(10) {
+            println!("        not written: {f}");
+        }
+        if r.failed.len() > 10 {
+            println!(
+                "        and {} more not written (--json lists all)",
+                r.failed.len() - 10
+            );
+        }
     }
     Ok(if r.missing > 0 { 1 } else { 0 })
 }

@@ -194,8 +194,11 @@ pub struct ExportReport {
     pub out: PathBuf,
     /// Rows / images written.
     pub written: usize,
-    /// Ok items skipped because their image file is missing.
+    /// Ok items skipped because their image file is missing or could not
+    /// be written (those in [`Self::failed`]).
     pub missing: usize,
+    /// `file: reason` of each item whose image could not be written.
+    pub failed: Vec<String>,
     /// Ok items exported without any caption text (kohya: neither caption
     /// nor tags; hf: no caption).
     pub uncaptioned: usize,
@@ -494,6 +497,18 @@ pub fn run(cfg: &ExportConfig, m: &mut Manifest, ctx: &Ctx) -> Result<ExportRepo
             "export --repeats 0: kohya skips a folder with fewer than 1 repeat; use 1 or more",
         ));
     }
+    // The concept name is one folder name (`<repeats>_<name>`), not a path.
+    if cfg.format == ExportFormat::Kohya
+        && (cfg.name.trim().is_empty()
+            || cfg.name.contains(['/', '\\', '\0'])
+            || cfg.name == "."
+            || cfg.name == "..")
+    {
+        return Err(Error::config(format!(
+            "export --name {:?}: the kohya concept name is part of one folder name; use a plain name such as `eps2v` (no slashes)",
+            cfg.name
+        )));
+    }
     let default_out = cfg.out.is_none();
     check_replaceable(&out, cfg.format, default_out)?;
     crate::manifest::stage_run(m, "export", cfg, |m, run_id| {
@@ -553,7 +568,13 @@ pub fn run(cfg: &ExportConfig, m: &mut Manifest, ctx: &Ctx) -> Result<ExportRepo
                         r.bucket_path.is_none() && needs_rewrite(&src, r.format.as_deref());
                     let file_name = if rewrite {
                         let file_name = format!("{stem}.png");
-                        write_decoded_png(&src, &img_dir.join(&file_name))?;
+                        // One item's failure is its own: said, and the
+                        // export goes on.
+                        if let Err(e) = write_decoded_png(&src, &img_dir.join(&file_name)) {
+                            report.missing += 1;
+                            report.failed.push(format!("{}: {e}", src.display()));
+                            continue;
+                        }
                         report.converted += 1;
                         file_name
                     } else {
@@ -667,10 +688,25 @@ mod tests {
     fn a_folder_set_aside_is_restored_and_files_are_replaced_in_one_rename() {
         let d = tempfile::tempdir().unwrap();
         let out = d.path().join("kohya");
-        fs::create_dir_all(d.path().join("kohya.old-export/1_old")).unwrap();
+        fs::create_dir_all(d.path().join(".kohya.old-export/1_old")).unwrap();
         let st = Staged::new(&out).unwrap();
-        assert!(out.join("1_old").is_dir() && !d.path().join("kohya.old-export").exists());
+        assert!(out.join("1_old").is_dir() && !d.path().join(".kohya.old-export").exists());
         st.discard();
+        // Regression: the set-aside name replaced the last extension, so
+        // `set.v1`'s was `set.v2`'s too, and a folder of the user's named
+        // `set.old-export` was taken for one (and deleted by the commit).
+        let sub = d.path().join("sub");
+        let mine = sub.join("set.old-export");
+        fs::create_dir_all(mine.join("keep")).unwrap();
+        fs::create_dir_all(sub.join(".set.v1.old-export/1_v1")).unwrap();
+        let st = Staged::new(&sub.join("set.v2")).unwrap();
+        assert!(!sub.join("set.v2").exists());
+        fs::create_dir_all(st.tmp.join("1_v2")).unwrap();
+        st.commit().unwrap();
+        assert!(sub.join("set.v2/1_v2").is_dir());
+        assert!(sub.join(".set.v1.old-export/1_v1").is_dir());
+        assert!(mine.join("keep").is_dir());
+        fs::remove_dir_all(&sub).unwrap();
         let file = d.path().join("manifest.parquet");
         fs::write(&file, b"old").unwrap();
         let st = Staged::new(&file).unwrap();

@@ -94,7 +94,7 @@ impl Staged {
             .unwrap_or_else(|| "export".into());
         // An export killed between its two renames of a folder left the
         // previous export aside and nothing in its place: put it back.
-        let old = final_path.with_extension("old-export");
+        let old = set_aside(final_path);
         if !final_path.exists() && old.exists() {
             fs::rename(&old, final_path).at(final_path)?;
         }
@@ -129,7 +129,7 @@ impl Staged {
         }
         // A folder cannot be renamed over a non-empty one: set the old one
         // aside first ([`Staged::new`] puts it back after a kill in between).
-        let old = self.final_path.with_extension("old-export");
+        let old = set_aside(&self.final_path);
         if old.exists() {
             remove_any(&old)?;
         }
@@ -137,6 +137,18 @@ impl Staged {
         fs::rename(&self.tmp, &self.final_path).at(&self.final_path)?;
         remove_any(&old)
     }
+}
+
+/// Where [`Staged::commit`] sets a previous export folder aside:
+/// `.<name>.old-export` beside it (the whole name, so `set.v1` and
+/// `set.v2` never share one, and hidden, so no folder of the user's is
+/// taken for it).
+fn set_aside(final_path: &Path) -> PathBuf {
+    let name = final_path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "export".into());
+    final_path.with_file_name(format!(".{name}.old-export"))
 }
 
 fn remove_any(p: &Path) -> Result<()> {
@@ -159,7 +171,15 @@ pub(super) fn link_or_copy(src: &Path, dst: &Path) -> Result<()> {
 /// [`needs_rewrite`]).
 pub(super) fn write_decoded_png(src: &Path, dst: &Path) -> Result<()> {
     let bytes = fs::read(src).at(src)?;
-    let d = crate::imaging::decode::decode(&bytes, &Default::default())
+    // Import accepted the image under its own run's limits (`--max-pixels`
+    // may have raised them): no second, stricter gate here.
+    let accepted = crate::imaging::decode::DecodeLimits {
+        max_width: u32::MAX,
+        max_height: u32::MAX,
+        max_pixels: u64::MAX,
+        max_alloc_bytes: u64::MAX,
+    };
+    let d = crate::imaging::decode::decode(&bytes, &accepted)
         .map_err(|e| Error::Other(format!("{}: {e}", src.display())))?;
     let png = crate::stages::bucket::encode_png_fast(&d.rgb)?;
     fs::write(dst, png).at(dst)
