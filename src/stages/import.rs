@@ -28,7 +28,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Instant, UNIX_EPOCH};
 
 use rayon::prelude::*;
-use rusqlite::OptionalExtension;
+use rusqlite::{params, OptionalExtension};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -186,11 +186,21 @@ pub fn list_images(from: &Path) -> Result<Vec<PathBuf>> {
     Ok(super::walk::list_images(from)?.files)
 }
 
+/// The largest sidecar caption read (bytes); a larger file is not one.
+pub const MAX_SIDECAR_BYTES: u64 = 1 << 20;
+
 /// Read the kohya-style sidecar captions of `image` (`stem.txt`, `stem.caption`).
 pub fn sidecar_captions(image: &Path) -> Vec<(&'static str, String)> {
     let mut out = Vec::new();
     for (ext, source) in [("txt", "sidecar_txt"), ("caption", "sidecar_caption")] {
         let p = image.with_extension(ext);
+        // A regular file of caption size only: a link to a FIFO or a
+        // device would block or never end, and a link to some large
+        // unrelated file is not a caption.
+        let plain = fs::metadata(&p).is_ok_and(|m| m.is_file() && m.len() <= MAX_SIDECAR_BYTES);
+        if !plain {
+            continue;
+        }
         if let Ok(text) = fs::read_to_string(&p) {
             let text = text.trim();
             if !text.is_empty() {
@@ -459,7 +469,9 @@ pub fn run(cfg: &ImportConfig, m: &mut Manifest, ctx: &Ctx) -> Result<ImportRepo
             cfg.from.display()
         ))
     })?;
-    let listing = super::walk::list_images(&from)?;
+    // A source folder that holds the dataset: its own images, buckets
+    // and exports are not new images.
+    let listing = super::walk::list_images_except(&from, Some(m.root()))?;
     let limits = DecodeLimits::from(cfg.limits);
     // Ctrl-C / SIGTERM: stop after the batch in hand (each is committed).
     let _signals = crate::signal::install();
@@ -611,21 +623,53 @@ fn write_batch(
         }
         for (source, text) in &o.captions {
             manifest::upsert_caption(&tx, run_id, item_id, source, text, None).map_err(map)?;
+            // The sidecar's tags as they are now, not added to the old ones.
+            tx.execute(
+                "DELETE FROM tags WHERE item_id = ?1 AND source = ?2",
+                params![item_id, source],
+            )
+            .map_err(map)?;
             for (pos, tag) in manifest::split_tags(text).iter().enumerate() {
                 manifest::upsert_tag(&tx, run_id, item_id, source, (tag, pos), None)
                     .map_err(map)?;
             }
         }
+        let source_path = o.source.to_string_lossy();
+        let before: Option<i64> = tx
+            .query_row(
+                "SELECT item_id FROM sources WHERE path = ?1",
+                [&source_path],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(map)?;
         manifest::insert_source(
             &tx,
             run_id,
             item_id,
-            &o.source.to_string_lossy(),
+            &source_path,
             o.size,
             o.mtime_ns,
             o.note.as_deref(),
         )
         .map_err(map)?;
+        // The file at a known path changed: the item import made of its
+        // old content, now without any source, is not in the dataset any
+        // more (the edited image replaces it).
+        if let Some(old) = before.filter(|&old| old != item_id) {
+            tx.execute(
+                "UPDATE items SET status = 'rejected', reason = ?2, status_run_id = ?3
+                 WHERE id = ?1 AND status = 'ok'
+                   AND NOT EXISTS (SELECT 1 FROM sources WHERE item_id = ?1)
+                   AND (SELECT stage FROM runs WHERE id = items.run_id) = 'import'",
+                params![
+                    old,
+                    format!("superseded: {source_path} changed (now item {item_id})"),
+                    run_id
+                ],
+            )
+            .map_err(map)?;
+        }
     }
     tx.commit().map_err(map)?;
     Ok(())
@@ -690,6 +734,31 @@ mod tests {
         fs::write(&p, b"PIXELS").unwrap();
         write_atomic_if_absent(&p, b"pixels").unwrap();
         assert_eq!(fs::read(&p).unwrap(), b"PIXELS", "same length: kept");
+    }
+
+    /// Sidecars are read only from regular files of caption size: a FIFO
+    /// would block the import forever, a huge file is not a caption.
+    #[cfg(unix)]
+    #[test]
+    fn only_caption_sized_regular_files_are_sidecars() {
+        let d = tempfile::tempdir().unwrap();
+        let img = d.path().join("a.png");
+        fs::write(d.path().join("a.caption"), "red hair").unwrap();
+        let big = d.path().join("big.bin");
+        fs::write(&big, vec![b'x'; MAX_SIDECAR_BYTES as usize + 1]).unwrap();
+        std::os::unix::fs::symlink(&big, d.path().join("a.txt")).unwrap();
+        assert_eq!(
+            sidecar_captions(&img),
+            vec![("sidecar_caption", "red hair".to_string())]
+        );
+        let fifo = d.path().join("b.txt");
+        let made = std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .is_ok_and(|s| s.success());
+        if made {
+            assert!(sidecar_captions(&d.path().join("b.png")).is_empty());
+        }
     }
 
     #[test]

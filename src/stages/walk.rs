@@ -51,6 +51,9 @@ pub struct Skipped {
     pub repeated_folders: usize,
     /// Folders that could not be read: `(path, error)`.
     pub unreadable: Vec<(PathBuf, String)>,
+    /// The folder left out by request (the dataset itself, when the source
+    /// holds it: its images, buckets and exports are not new images).
+    pub excluded: Option<PathBuf>,
 }
 
 impl Skipped {
@@ -63,6 +66,7 @@ impl Skipped {
             + self.loops.len()
             + self.repeated_folders
             + self.unreadable.len()
+            + usize::from(self.excluded.is_some())
     }
 }
 
@@ -119,6 +123,12 @@ fn kind_of(meta: &fs::Metadata) -> Kind {
 /// List the image files under `from` (recursive, links followed with loop
 /// detection); see the module docs.
 pub fn list_images(from: &Path) -> Result<Listing> {
+    list_images_except(from, None)
+}
+
+/// [`list_images`], leaving out the folder `except` (by canonical path)
+/// wherever the walk meets it.
+pub fn list_images_except(from: &Path, except: Option<&Path>) -> Result<Listing> {
     if !from.is_dir() {
         return Err(Error::config(format!(
             "{}: not a folder; pass the folder of images to import with --from",
@@ -130,13 +140,30 @@ pub fn list_images(from: &Path) -> Result<Listing> {
     let mut seen: HashSet<PathBuf> = HashSet::new();
     seen.insert(root.clone());
     let mut ancestors = vec![root];
-    walk(from, &mut ancestors, &mut seen, &mut listing);
+    let except = except.and_then(|p| fs::canonicalize(p).ok());
+    if except.as_ref() == ancestors.first() {
+        listing.skipped.excluded = Some(from.to_path_buf());
+        return Ok(listing);
+    }
+    walk(
+        from,
+        &mut ancestors,
+        &mut seen,
+        except.as_deref(),
+        &mut listing,
+    );
     listing.files.sort();
     Ok(listing)
 }
 
 /// Walk `dir`, whose canonical path is the last of `ancestors`.
-fn walk(dir: &Path, ancestors: &mut Vec<PathBuf>, seen: &mut HashSet<PathBuf>, out: &mut Listing) {
+fn walk(
+    dir: &Path,
+    ancestors: &mut Vec<PathBuf>,
+    seen: &mut HashSet<PathBuf>,
+    except: Option<&Path>,
+    out: &mut Listing,
+) {
     let entries = match fs::read_dir(dir) {
         Ok(rd) => rd,
         Err(e) => {
@@ -186,13 +213,15 @@ fn walk(dir: &Path, ancestors: &mut Vec<PathBuf>, seen: &mut HashSet<PathBuf>, o
                         continue;
                     }
                 };
-                if ancestors.contains(&canon) {
+                if except == Some(canon.as_path()) {
+                    out.skipped.excluded = Some(path);
+                } else if ancestors.contains(&canon) {
                     out.skipped.loops.push(path);
                 } else if !seen.insert(canon.clone()) {
                     out.skipped.repeated_folders += 1;
                 } else {
                     ancestors.push(canon);
-                    walk(&path, ancestors, seen, out);
+                    walk(&path, ancestors, seen, except, out);
                     ancestors.pop();
                 }
             }
@@ -273,6 +302,26 @@ mod tests {
         assert_eq!(loops, ["a/b/up", "a/top"]);
         assert_eq!(l.skipped.fifos, usize::from(made_fifo));
         assert_eq!(l.skipped.total(), 4 + usize::from(made_fifo));
+    }
+
+    /// Regression: `import ds --from .` in the folder holding `ds` took
+    /// the dataset's own images, buckets and exports for new images.
+    #[test]
+    fn the_excepted_folder_is_left_out_however_it_is_reached() {
+        let d = tempfile::tempdir().unwrap();
+        let src = d.path().join("pics");
+        std::fs::create_dir_all(src.join("ds/buckets")).unwrap();
+        std::fs::write(src.join("a.png"), b"a").unwrap();
+        std::fs::write(src.join("ds/buckets/b.png"), b"b").unwrap();
+        symlink(src.join("ds"), src.join("again")).unwrap();
+        let l = list_images_except(&src, Some(&src.join("ds"))).unwrap();
+        assert_eq!(names(&l, &src), ["a.png"]);
+        assert!(l.skipped.excluded.is_some());
+        // The dataset as the source itself: nothing.
+        let l = list_images_except(&src.join("ds"), Some(&src.join("ds"))).unwrap();
+        assert!(l.files.is_empty() && l.skipped.excluded.is_some());
+        // Without it, both ways in are walked (once).
+        assert_eq!(list_images(&src).unwrap().files.len(), 2);
     }
 
     #[test]

@@ -498,6 +498,65 @@ fn chain_dedupe_bucket_export_inspect_on_generated_images() {
     assert!(s.contains("too_small") && s.contains("1girl"), "{s}");
 }
 
+/// Regressions: a file edited in place at a known path left the item of
+/// its old content `ok` (both versions trained); a sidecar re-read kept
+/// the tags it no longer has; a source folder holding the dataset took
+/// the dataset's own files for new images.
+#[test]
+fn reimports_follow_edits_and_skip_the_dataset_itself() {
+    let work = tempfile::tempdir().unwrap();
+    let src = work.path().join("src");
+    synth_images(&src, 2, 64, 11);
+    std::fs::write(src.join("img_00000.txt"), "red hair, watermark").unwrap();
+    let ds = src.join("ds");
+    let mut m = Manifest::init(&ds).unwrap();
+    assert_eq!(import(&mut m, &src).imported, 2);
+    let tags = |m: &Manifest| -> Vec<String> {
+        let mut st = m
+            .conn()
+            .prepare("SELECT tag FROM tags WHERE source = 'sidecar_txt' ORDER BY pos")
+            .unwrap();
+        st.query_map([], |r| r.get(0))
+            .unwrap()
+            .map(|r| r.unwrap())
+            .collect()
+    };
+    assert_eq!(tags(&m), ["red hair", "watermark"]);
+    // The sidecar edited (and the image touched, as the import looks at
+    // the image): the tag is gone.
+    std::fs::write(src.join("img_00000.txt"), "red hair").unwrap();
+    let bytes = std::fs::read(src.join("img_00000.png")).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    std::fs::write(src.join("img_00000.png"), &bytes).unwrap();
+    let r = import(&mut m, &src);
+    assert_eq!(r.imported, 0, "{r:?}");
+    assert_eq!(tags(&m), ["red hair"]);
+    // The image edited in place: the old content's item is set aside.
+    let other = work.path().join("other");
+    synth_images(&other, 1, 72, 99);
+    std::fs::copy(other.join("img_00000.png"), src.join("img_00001.png")).unwrap();
+    let r = import(&mut m, &src);
+    assert_eq!(r.imported, 1, "{r:?}");
+    assert_eq!(
+        count(&m, "SELECT count(*) FROM items WHERE status = 'ok'"),
+        2
+    );
+    let reason: String = m
+        .conn()
+        .query_row(
+            "SELECT reason FROM items WHERE status = 'rejected'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert!(
+        reason.starts_with("superseded: ") && reason.contains("img_00001.png changed"),
+        "{reason}"
+    );
+    // Nothing under ds/ (its images/) was taken for a new image.
+    assert_eq!(count(&m, "SELECT count(*) FROM items"), 3);
+}
+
 #[test]
 fn missing_dataset_is_a_usage_error_with_a_hint() {
     let dir = tempfile::tempdir().unwrap();
