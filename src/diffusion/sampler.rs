@@ -399,12 +399,14 @@ fn euler_ancestral_step(
     noise: &mut dyn NoiseSource,
 ) -> Result<Tensor> {
     let (down, up) = ancestral_step(sigma, next, eta);
-    if down == 0.0 {
-        // ComfyUI: the last step (σ_next = 0) lands on the denoised sample, no noise.
-        return Ok(d.clone());
-    }
-    let r = down / sigma;
-    let x = lin2(r, x, 1.0 - r, d)?;
+    // σ_down = 0: on the denoised sample (ComfyUI); with σ_next = 0 (the
+    // last step) σ_up is 0 too, but with η > 1 it need not be.
+    let x = if down == 0.0 {
+        d.clone()
+    } else {
+        let r = down / sigma;
+        lin2(r, x, 1.0 - r, d)?
+    };
     if up == 0.0 {
         return Ok(x);
     }

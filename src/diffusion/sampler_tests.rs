@@ -342,3 +342,40 @@ fn sampler_names() {
     assert!("heun".parse::<SamplerKind>().is_err());
     assert!(SamplerKind::EulerAncestral.is_ancestral() && !SamplerKind::Ddim.is_ancestral());
 }
+
+/// Regression: an ancestral step whose σ_down is 0 but σ_next is not
+/// (η > 1) returned the denoised sample without its σ_up noise.
+#[test]
+fn euler_ancestral_with_eta_above_one_keeps_the_step_noise() {
+    let sched = NoiseSchedule::sdxl();
+    let model = AnalyticModel {
+        mu: -0.2,
+        s: 0.7,
+        prediction: Prediction::V,
+        schedule: &sched,
+    };
+    let den = ModelDenoiser {
+        model: &model,
+        prediction: Prediction::V,
+        schedule: &sched,
+        timestep_mode: TimestepMode::Nearest,
+    };
+    // σ 14.6 → 10 with η = 1.5: σ_up = 10, σ_down = 0.
+    let sigmas = [14.6, 10.0];
+    let x = batch_noise(&[3], (4, 8, 8), &Device::Cpu)
+        .unwrap()
+        .affine(sigmas[0], 0.0)
+        .unwrap();
+    let mut n = SeededNoise::new(&[3]);
+    let sampler = Sampler {
+        kind: SamplerKind::EulerAncestral,
+        eta: 1.5,
+    };
+    let out = sample(&den, &sigmas, x, sampler, &mut n).unwrap();
+    let v = out.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let mean = v.iter().sum::<f32>() / v.len() as f32;
+    let sd = (v.iter().map(|a| (a - mean).powi(2)).sum::<f32>() / v.len() as f32).sqrt();
+    // The denoised sample alone has the data's spread (0.7); with the
+    // step's noise it is about σ_next.
+    assert!(sd > 5.0, "{sd}");
+}

@@ -466,6 +466,21 @@ impl TrainConfig {
         if !(0.0..1.0).contains(&self.beta1) || !(0.0..1.0).contains(&self.beta2) {
             return bad("beta1", "β₁ and β₂ must be in [0, 1)".into());
         }
+        if !(self.adam_eps > 0.0 && self.adam_eps.is_finite()) {
+            return bad(
+                "adam_eps",
+                format!(
+                    "{}: must be > 0 (0 makes 0/0 of a parameter that has had no gradient yet)",
+                    self.adam_eps
+                ),
+            );
+        }
+        if !(self.weight_decay >= 0.0 && self.weight_decay.is_finite()) {
+            return bad(
+                "weight_decay",
+                format!("{}: must be ≥ 0", self.weight_decay),
+            );
+        }
         if self.max_grad_norm < 0.0 || !self.max_grad_norm.is_finite() {
             return bad("max_grad_norm", "must be ≥ 0 (0 disables clipping)".into());
         }
@@ -653,6 +668,20 @@ mod tests {
                     ..cfg()
                 },
                 "IN00 is not trained",
+            ),
+            (
+                TrainConfig {
+                    adam_eps: 0.0,
+                    ..cfg()
+                },
+                "train.adam_eps: 0: must be > 0",
+            ),
+            (
+                TrainConfig {
+                    weight_decay: f64::NAN,
+                    ..cfg()
+                },
+                "train.weight_decay",
             ),
             (
                 TrainConfig {

@@ -46,6 +46,39 @@ pub struct TrainItem {
     pub resized: (u32, u32),
 }
 
+/// What a run trains on, in one line: `"<items>:<sha-256 hex>"` over each
+/// trainable item (by id) with its image, caption, bucket and
+/// micro-conditioning. A resume on a dataset that changed since (items
+/// added or set aside, recaptioned, rebucketed) would split it and walk
+/// its batches otherwise, leaking validation items into training.
+pub fn digest(items: &[TrainItem]) -> String {
+    let mut sorted: Vec<&TrainItem> = items.iter().collect();
+    sorted.sort_by_key(|it| it.item_id);
+    let mut h = Sha256::new();
+    for it in &sorted {
+        let s = &it.size;
+        h.update(it.item_id.to_le_bytes());
+        for text in [&it.sha256, &it.caption, &it.image_path] {
+            h.update((text.len() as u64).to_le_bytes());
+            h.update(text.as_bytes());
+        }
+        for v in [it.bucket.0, it.bucket.1, it.resized.0, it.resized.1] {
+            h.update(v.to_le_bytes());
+        }
+        for v in [
+            s.original.0,
+            s.original.1,
+            s.crop_top_left.0,
+            s.crop_top_left.1,
+            s.target.0,
+            s.target.1,
+        ] {
+            h.update(v.to_bits().to_le_bytes());
+        }
+    }
+    format!("{}:{:x}", sorted.len(), h.finalize())
+}
+
 /// Why items of an ok dataset cannot train.
 #[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
 pub struct Eligibility {

@@ -271,6 +271,7 @@ pub fn train(
     // empty or unprepared dataset is an input error, not a failed run.
     let (items, eligibility) = data::load_items(m)?;
     report.data = eligibility;
+    let data_digest = data::digest(&items);
 
     // --- the run: new, or resumed from its newest checkpoint ---------------
     // The base by content: a resume refuses a file replaced under its name.
@@ -288,7 +289,11 @@ pub fn train(
                 ))
             })?;
             let loaded = state::load(&latest, &device)?;
-            if let Some(diff) = loaded.state.resume_mismatch(cfg, &base_sha256)? {
+            let diff = match loaded.state.resume_mismatch(cfg, &base_sha256)? {
+                Some(d) => Some(d),
+                None => loaded.state.data_mismatch(&data_digest),
+            };
+            if let Some(diff) = diff {
                 return Err(Error::config(format!(
                     "--resume {id}: the config differs from the saved run's ({diff}); resume with the same settings, or start a new run"
                 )));
@@ -410,7 +415,10 @@ pub fn train(
                 st.base_sha256.get_or_insert(base_sha256.clone());
                 st
             }
-            None => TrainState::start(cfg.clone(), base_sha256.clone()),
+            None => TrainState {
+                data_digest: Some(data_digest.clone()),
+                ..TrainState::start(cfg.clone(), base_sha256.clone())
+            },
         };
         let mut csv = log::CsvLog::open(&rdir.join("log.csv"), st.step)?;
         let total_steps = cfg.total_steps();
@@ -594,8 +602,11 @@ pub fn train(
                 }
                 let mut grads = grads.ok_or_else(|| Error::Other("no gradients".into()))?;
                 let gnorm = grad_norm(&grads, &vars)?;
-                // NaN / Inf guard: skip, log the batch, roll back after K in a row.
-                if !loss_sum.is_finite() || !gnorm.is_finite() {
+                // NaN / Inf guard: skip, log the batch, roll back after K in a
+                // row. A skipped step still counts, and is still evaluated
+                // and saved on schedule (the last one included).
+                let finite = loss_sum.is_finite() && gnorm.is_finite();
+                if !finite {
                     st.skipped += 1;
                     st.bad_in_row += 1;
                     csv.nan(&rdir, st.step, loss_sum, gnorm, &batch_ids)?;
@@ -621,41 +632,40 @@ pub fn train(
                             )));
                         }
                     }
-                    st.step += 1;
-                    st.stage_step += 1;
-                    bar.inc(1);
-                    continue;
-                }
-                st.bad_in_row = 0;
-                // clip
-                if cfg.max_grad_norm > 0.0 && gnorm > cfg.max_grad_norm {
-                    let scale = cfg.max_grad_norm / (gnorm + 1e-6);
-                    for (_, v) in &vars {
-                        if let Some(g) = grads.remove(v.as_tensor()) {
-                            grads.insert(v.as_tensor(), (g * scale)?);
+                } else {
+                    st.bad_in_row = 0;
+                    // clip
+                    if cfg.max_grad_norm > 0.0 && gnorm > cfg.max_grad_norm {
+                        let scale = cfg.max_grad_norm / (gnorm + 1e-6);
+                        for (_, v) in &vars {
+                            if let Some(g) = grads.remove(v.as_tensor()) {
+                                grads.insert(v.as_tensor(), (g * scale)?);
+                            }
                         }
                     }
-                }
-                // step
-                opt.step(&grads)?;
-                if let Some(d) = cfg.ema_decay {
-                    ema_update(&mut ema, &vars, d)?;
+                    // step
+                    opt.step(&grads)?;
+                    if let Some(d) = cfg.ema_decay {
+                        ema_update(&mut ema, &vars, d)?;
+                    }
                 }
                 st.step += 1;
                 st.stage_step += 1;
                 bar.inc(1);
-                recent.push(loss_sum);
-                if recent.len() > 10 {
-                    recent.remove(0);
+                if finite {
+                    recent.push(loss_sum);
+                    if recent.len() > 10 {
+                        recent.remove(0);
+                    }
+                    csv.step(
+                        st.step,
+                        st.stage,
+                        batches.pos().epoch,
+                        loss_sum,
+                        stage_lr * factor,
+                        gnorm,
+                    )?;
                 }
-                csv.step(
-                    st.step,
-                    st.stage,
-                    batches.pos().epoch,
-                    loss_sum,
-                    stage_lr * factor,
-                    gnorm,
-                )?;
 
                 // evaluate
                 let last = st.stage_step == stage.steps && st.stage + 1 == stages.len();

@@ -79,6 +79,10 @@ pub struct TrainState {
     /// path only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub base_sha256: Option<String>,
+    /// What it trains on ([`super::data::digest`]; checkpoints written
+    /// before it was recorded have none, and resume unchecked).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data_digest: Option<String>,
 }
 
 fn is_zero(n: &usize) -> bool {
@@ -103,7 +107,23 @@ impl TrainState {
             slots: Vec::new(),
             config,
             base_sha256: Some(base_sha256),
+            data_digest: None,
         }
+    }
+
+    /// Why this run cannot go on over a dataset whose trainable items
+    /// digest to `now` ([`super::data::digest`]); `None` when it can.
+    pub fn data_mismatch(&self, now: &str) -> Option<String> {
+        let saved = self.data_digest.as_deref()?;
+        if saved == now {
+            return None;
+        }
+        let count = |d: &str| d.split(':').next().unwrap_or("?").to_string();
+        Some(format!(
+            "dataset: the run trained on {} items, there are {} now, or their images, captions or buckets changed",
+            count(saved),
+            count(now)
+        ))
     }
 
     /// Why a run with config `cfg` on a base whose SHA-256 is `base_sha256`
@@ -225,6 +245,10 @@ pub fn resumable_run(m: &Manifest, cfg: &TrainConfig) -> Result<Option<i64>> {
         .collect::<std::result::Result<_, _>>()
         .map_err(|e| m.err(e))?;
     let base = crate::models::sdxl::checkpoint::sha256_file(&cfg.model)?;
+    // No trainable items: nothing to compare (training refuses it anyway).
+    let data = super::data::load_items(m)
+        .ok()
+        .map(|(items, _)| super::data::digest(&items));
     for id in ids {
         // Another process is training it.
         if m.run_is_live(id)? {
@@ -236,7 +260,8 @@ pub fn resumable_run(m: &Manifest, cfg: &TrainConfig) -> Result<Option<i64>> {
         let Ok(saved) = peek(&latest) else {
             continue;
         };
-        if saved.resume_mismatch(cfg, &base)?.is_none() {
+        let data_differs = data.as_deref().and_then(|d| saved.data_mismatch(d));
+        if saved.resume_mismatch(cfg, &base)?.is_none() && data_differs.is_none() {
             return Ok(Some(id));
         }
     }

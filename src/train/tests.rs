@@ -345,6 +345,37 @@ fn resume_equals_an_uninterrupted_run_bit_for_bit() {
     .unwrap_err()
     .to_string();
     assert!(e.contains("lr:") && e.contains("config differs"), "{e}");
+    // So is another dataset (an item set aside since), which `run` would
+    // otherwise resume on: its split and batch positions are not the
+    // run's. Put back, it resumes.
+    let set_status = |status: &str| {
+        Manifest::open(&ds)
+            .unwrap()
+            .conn()
+            .execute(
+                "UPDATE items SET status = ?1 WHERE id = (SELECT min(id) FROM items)",
+                [status],
+            )
+            .unwrap();
+    };
+    set_status("rejected");
+    let resume = TrainOptions {
+        resume: Some(first.run_id),
+        ..Default::default()
+    };
+    let e = run(&ds, &cfg_r, &resume).unwrap_err().to_string();
+    assert!(
+        e.contains("dataset: the run trained on 4 items, there are 3 now"),
+        "{e}"
+    );
+    let m = Manifest::open(&ds).unwrap();
+    assert_eq!(state::resumable_run(&m, &cfg_r).unwrap(), None);
+    set_status("ok");
+    assert_eq!(
+        state::resumable_run(&m, &cfg_r).unwrap(),
+        Some(first.run_id)
+    );
+    drop(m);
     // A checkpoint a killed process was writing is swept on resume.
     let partial = state::dir(&first.run_dir).join(".step-000005.safetensors.tmp-4999999");
     std::fs::write(&partial, b"half a checkpoint").unwrap();
@@ -479,6 +510,24 @@ fn injected_nans_are_skipped_then_rolled_back_and_never_saved() {
             assert!(v.iter().all(|x| x.is_finite()));
         }
     }
+    // Regression: a skipped last step skipped the final evaluation too,
+    // so the export's retention was the one before training.
+    let r = run(
+        &ds,
+        &cfg,
+        &TrainOptions {
+            inject_nan_at: vec![5],
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert_eq!((r.steps, r.skipped), (6, 1));
+    assert_eq!(
+        r.retention.last().map(|x| x.0),
+        Some(6),
+        "{:?}",
+        r.retention
+    );
 }
 
 /// Every step non-finite: the run stops with "training diverged", and its
