@@ -637,6 +637,17 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.contains("did you mean `bucket.buckets.max_side`"), "{e}");
+        // Regression: another kind's key was taken (and did nothing).
+        let e = RunConfig::from_toml(
+            "[bucket.buckets]\nkind = \"sdxl\"\nmax_side = 1536\n",
+            "c.toml",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("unknown key `bucket.buckets.max_side`") && e.contains("are: kind"),
+            "{e}"
+        );
         // Maps take any key.
         RunConfig::from_toml("[train.block_lr]\nOUT08 = 1e-4\n", "c.toml").unwrap();
         // Nothing near: the valid keys are listed.

@@ -55,6 +55,28 @@ fn alternatives<'a>(s: &'a Value, root: &'a Value, out: &mut Vec<&'a Value>) {
     }
 }
 
+/// Whether a table fits an alternative's constant properties (a tag such
+/// as `kind`, `"const"` in the schema): `None` when the alternative has no
+/// constant the table sets.
+fn tag_matches(props: &serde_json::Map<String, Value>, t: &toml::Table) -> Option<bool> {
+    let mut seen = None;
+    for (k, v) in t {
+        let Some(c) = props.get(k).and_then(|p| p.get("const")) else {
+            continue;
+        };
+        let same = match (c, v) {
+            (Value::String(a), toml::Value::String(b)) => a == b,
+            (Value::Bool(a), toml::Value::Boolean(b)) => a == b,
+            _ => false,
+        };
+        if !same {
+            return Some(false);
+        }
+        seen = Some(true);
+    }
+    seen
+}
+
 /// Walk a TOML value against the JSON schema: every table key must be a
 /// property of its table's schema (maps, whose schema has no properties,
 /// take any key).
@@ -63,10 +85,20 @@ pub(super) fn check_keys(v: &toml::Value, schema: &Value, root: &Value, path: &s
     alternatives(schema, root, &mut alts);
     match v {
         toml::Value::Table(t) => {
-            let props: Vec<&serde_json::Map<String, Value>> = alts
+            let mut props: Vec<&serde_json::Map<String, Value>> = alts
                 .iter()
                 .filter_map(|a| a.get("properties").and_then(Value::as_object))
                 .collect();
+            // A tagged alternative (`kind = "sdxl"`) is the one whose tag
+            // matches: the other kinds' keys are not this table's.
+            let tagged: Vec<_> = props
+                .iter()
+                .copied()
+                .filter(|p| tag_matches(p, t) == Some(true))
+                .collect();
+            if !tagged.is_empty() {
+                props = tagged;
+            }
             if props.is_empty() {
                 return Ok(());
             }
