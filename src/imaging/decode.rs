@@ -41,6 +41,21 @@ pub struct DecodeLimits {
     pub max_alloc_bytes: u64,
 }
 
+impl DecodeLimits {
+    /// No gate: for an image of the dataset, which import (or generate)
+    /// already accepted under its own run's limits (`--max-pixels` may
+    /// have raised the defaults); a later stage must not reject it again
+    /// by stricter ones.
+    pub fn accepted() -> Self {
+        DecodeLimits {
+            max_width: u32::MAX,
+            max_height: u32::MAX,
+            max_pixels: u64::MAX,
+            max_alloc_bytes: u64::MAX,
+        }
+    }
+}
+
 impl Default for DecodeLimits {
     fn default() -> Self {
         DecodeLimits {

@@ -185,6 +185,15 @@ pub const WRITER_STAGES: &[&str] = &[
 /// The writer lock's file in [`LOCK_DIR`].
 pub const WRITER_LOCK: &str = "dataset-writer.lock";
 
+/// `eps2v run`'s lock file: one pipeline per dataset at a time.
+pub const PIPELINE_LOCK: &str = "pipeline.lock";
+
+/// The held pipeline lock ([`Manifest::pipeline_lock`]); dropping it
+/// releases it.
+pub struct PipelineLock {
+    _held: Locked,
+}
+
 /// A lock file this process holds; the lock goes when it is dropped.
 #[derive(Debug)]
 pub(super) struct Locked {
@@ -296,6 +305,22 @@ fn lock_file(path: &Path) -> Result<std::result::Result<Locked, String>> {
 }
 
 impl Manifest {
+    /// Take the dataset's pipeline lock for this `eps2v run`, or an error
+    /// naming the process that holds it. Taken before the pipeline row is
+    /// chosen: two `run`s on one dataset (a scheduler's retry) would each
+    /// pick a row, and the loser's empty row could later be reopened over
+    /// the winner's progress.
+    pub fn pipeline_lock(&self) -> Result<PipelineLock> {
+        let path = self.root().join(LOCK_DIR).join(PIPELINE_LOCK);
+        match lock_file(&path)? {
+            Ok(held) => Ok(PipelineLock { _held: held }),
+            Err(holder) => Err(Error::config(format!(
+                "{}: another `eps2v run` is running on this dataset ({holder}); wait for it to finish or stop it (Ctrl-C), then rerun",
+                self.root().display()
+            ))),
+        }
+    }
+
     /// Lock run `id` for this process, or an error naming the process that
     /// holds it and what to do. The lock of a run this handle began
     /// ([`Manifest::begin_run`]) is handed over: the caller holds it from

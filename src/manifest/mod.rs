@@ -15,7 +15,7 @@
 mod lock;
 mod records;
 
-pub use lock::{RunLock, LOCK_DIR, WRITER_LOCK, WRITER_STAGES};
+pub use lock::{PipelineLock, RunLock, LOCK_DIR, PIPELINE_LOCK, WRITER_LOCK, WRITER_STAGES};
 pub use records::*;
 
 use std::path::{Path, PathBuf};

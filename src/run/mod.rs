@@ -102,13 +102,11 @@ impl RunReport {
         });
     }
 
-    /// Failed or rejected items over all stages run now.
+    /// Failed or rejected items over all stages, those an earlier
+    /// invocation ran too: a rerun after a kill ends as the run
+    /// uninterrupted would (its exit status included).
     pub fn failed(&self) -> u64 {
-        self.stages
-            .iter()
-            .filter(|s| !s.skipped)
-            .map(|s| s.failed)
-            .sum()
+        self.stages.iter().map(|s| s.failed).sum()
     }
 }
 
@@ -335,6 +333,7 @@ pub fn run(cfg: &RunConfig, adherence: Option<&AdherenceFn<'_>>, ctx: &Ctx) -> R
     let root = cfg.dataset.clone();
     let mut m = open_dataset(&root, cfg.has("generate"))?;
     let (digests, key) = digests(cfg)?;
+    let _pipeline = m.pipeline_lock()?;
     let (run_id, mut progress, _lock) =
         pipeline_row(&m, &serde_json::to_value(cfg)?, &digests, &key)?;
     let out_dir = train::run_dir(&root, run_id);
@@ -791,5 +790,19 @@ mod tests {
             (status(id).as_str(), status(other).as_str()),
             ("failed", "running")
         );
+    }
+
+    /// Regression: on a dataset without a pipeline row nothing was locked
+    /// before a row was chosen, so two `run`s could both begin one. The
+    /// pipeline lock is taken first, and held by one process at a time.
+    #[test]
+    fn the_pipeline_lock_admits_one_run_per_dataset() {
+        let d = tempfile::tempdir().unwrap();
+        let m = Manifest::init(d.path()).unwrap();
+        let held = m.pipeline_lock().unwrap();
+        let e = m.pipeline_lock().err().unwrap().to_string();
+        assert!(e.contains("another `eps2v run` is running"), "{e}");
+        drop(held);
+        m.pipeline_lock().unwrap();
     }
 }

@@ -224,7 +224,8 @@ fn process(
             })
         }
     };
-    let decoded = match crate::imaging::decode::decode(&bytes, &Default::default()) {
+    let accepted = crate::imaging::decode::DecodeLimits::accepted();
+    let decoded = match crate::imaging::decode::decode(&bytes, &accepted) {
         Ok(d) => d,
         Err(e) => {
             return Ok(Outcome::Rejected {

@@ -171,14 +171,7 @@ pub(super) fn link_or_copy(src: &Path, dst: &Path) -> Result<()> {
 /// [`needs_rewrite`]).
 pub(super) fn write_decoded_png(src: &Path, dst: &Path) -> Result<()> {
     let bytes = fs::read(src).at(src)?;
-    // Import accepted the image under its own run's limits (`--max-pixels`
-    // may have raised them): no second, stricter gate here.
-    let accepted = crate::imaging::decode::DecodeLimits {
-        max_width: u32::MAX,
-        max_height: u32::MAX,
-        max_pixels: u64::MAX,
-        max_alloc_bytes: u64::MAX,
-    };
+    let accepted = crate::imaging::decode::DecodeLimits::accepted();
     let d = crate::imaging::decode::decode(&bytes, &accepted)
         .map_err(|e| Error::Other(format!("{}: {e}", src.display())))?;
     let png = crate::stages::bucket::encode_png_fast(&d.rgb)?;

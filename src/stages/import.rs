@@ -427,7 +427,7 @@ pub fn generation_from_infotext(raw: &str, origin: &str) -> GenerationParams {
 }
 
 /// A source path the manifest already has, as [`plan_file`] sees it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KnownSource {
     /// Recorded size.
     pub size: i64,
@@ -436,7 +436,12 @@ pub struct KnownSource {
     /// Its item was rejected by an `import` run whose decode limits differ
     /// from this run's (so this run may decide otherwise).
     pub rejected_under_other_limits: bool,
+    /// Its item's sidecar captions as imported, `(source, text)` by source.
+    pub sidecars: Vec<(String, String)>,
 }
+
+/// The sidecar sources `import` reads ([`sidecar_captions`]).
+const SIDECAR_SOURCES: [&str; 2] = ["sidecar_txt", "sidecar_caption"];
 
 /// What `import` does with one file it found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -505,12 +510,31 @@ pub fn run(cfg: &ImportConfig, m: &mut Manifest, ctx: &Ctx) -> Result<ImportRepo
                             mtime_ns: r.get(2)?,
                             rejected_under_other_limits: by_import == Some(true)
                                 && !same_limits.contains(&run),
+                            sidecars: Vec::new(),
                         },
                     ))
                 })
                 .map_err(|e| m.err(e))?;
-            rows.collect::<rusqlite::Result<_>>()
-                .map_err(|e| m.err(e))?
+            let mut known: HashMap<String, KnownSource> = rows
+                .collect::<rusqlite::Result<_>>()
+                .map_err(|e| m.err(e))?;
+            let mut st = m
+                .conn()
+                .prepare(
+                    "SELECT s.path, c.source, c.text FROM sources s JOIN captions c ON c.item_id = s.item_id \
+                     WHERE c.source IN ('sidecar_txt', 'sidecar_caption') ORDER BY s.path, c.source",
+                )
+                .map_err(|e| m.err(e))?;
+            let rows = st
+                .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get(1)?, r.get(2)?)))
+                .map_err(|e| m.err(e))?;
+            for row in rows {
+                let (path, source, text) = row.map_err(|e| m.err(e))?;
+                if let Some(k) = known.get_mut(&path) {
+                    k.sidecars.push((source, text));
+                }
+            }
+            known
         };
         let todo: Vec<PathBuf> = listing
             .files
@@ -518,7 +542,17 @@ pub fn run(cfg: &ImportConfig, m: &mut Manifest, ctx: &Ctx) -> Result<ImportRepo
             .filter(|p| {
                 let (size, mt) =
                     fs::metadata(p).map_or((-1, -1), |meta| (meta.len() as i64, mtime_ns(&meta)));
-                plan_file(known.get(p.to_string_lossy().as_ref()), size, mt) != FilePlan::Skip
+                let k = known.get(p.to_string_lossy().as_ref());
+                // An unchanged image whose sidecar was edited, added or
+                // removed is read again for its captions.
+                plan_file(k, size, mt) != FilePlan::Skip
+                    || k.is_some_and(|k| {
+                        let now: Vec<(String, String)> = sidecar_captions(p)
+                            .into_iter()
+                            .map(|(s, t)| (s.to_string(), t))
+                            .collect();
+                        now != k.sidecars
+                    })
             })
             .collect();
         report.already_imported = report.found - todo.len();
@@ -620,6 +654,18 @@ fn write_batch(
         };
         if o.note.is_some() {
             report.wrong_extension += 1;
+        }
+        // A sidecar that is gone takes its caption and tags along.
+        for source in SIDECAR_SOURCES {
+            if !o.captions.iter().any(|(s, _)| *s == source) {
+                for table in ["captions", "tags"] {
+                    tx.execute(
+                        &format!("DELETE FROM {table} WHERE item_id = ?1 AND source = ?2"),
+                        params![item_id, source],
+                    )
+                    .map_err(map)?;
+                }
+            }
         }
         for (source, text) in &o.captions {
             manifest::upsert_caption(&tx, run_id, item_id, source, text, None).map_err(map)?;
@@ -803,6 +849,7 @@ mod tests {
             size,
             mtime_ns,
             rejected_under_other_limits: other,
+            sidecars: Vec::new(),
         };
         assert_eq!(plan_file(None, 10, 1), FilePlan::Process);
         assert_eq!(plan_file(Some(&k(10, 1, false)), 10, 1), FilePlan::Skip);

@@ -323,6 +323,11 @@ pub fn infer_vae(
     let s = Sub::new(shapes, prefix);
     let conv_in = s.need("encoder.conv_in.weight", 4)?;
     let (ch, in_channels) = (conv_in[0], conv_in[1]);
+    if ch == 0 || in_channels == 0 {
+        return Err(format!(
+            "{prefix}encoder.conv_in.weight is {conv_in:?}: a VAE has channels"
+        ));
+    }
     let levels = s.indices("encoder.down.")?;
     if levels == 0 {
         return Err(format!("no {prefix}encoder.down.0.* levels"));

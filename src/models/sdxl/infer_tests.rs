@@ -280,6 +280,15 @@ fn inconsistent_unet_files_get_specific_errors() {
             )),
         "{e}"
     );
+    // Regression: a crafted file with zero channels divided by zero.
+    let mut s = tiny_shapes();
+    for (k, v) in s.iter_mut() {
+        if k.ends_with("input_blocks.0.0.weight") {
+            v[0] = 0;
+        }
+    }
+    let e = infer_unet_err(&s);
+    assert!(e.contains("input_blocks.0.0.weight is [0,"), "{e}");
     // A gap in the block numbering.
     let s = without(tiny_shapes(), "output_blocks.4.");
     let e = infer_unet_err(&s);

@@ -114,6 +114,11 @@ pub fn infer_unet(
     }
     let conv_in = s.need("input_blocks.0.0.weight", 4)?;
     let (mc, in_channels) = (conv_in[0], conv_in[1]);
+    if mc == 0 || in_channels == 0 || mc > 1 << 20 {
+        return Err(format!(
+            "{prefix}input_blocks.0.0.weight is {conv_in:?}: no UNet has that many channels"
+        ));
+    }
     let te = s.need("time_embed.0.weight", 2)?;
     let ted = 4 * mc;
     if te[..] != [ted, mc] {

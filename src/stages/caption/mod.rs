@@ -266,7 +266,7 @@ fn prepare_one(
 fn read_decoded(root: &Path, c: &Candidate) -> std::result::Result<Decoded, String> {
     let rel = c.path.as_deref().ok_or("the item has no image file")?;
     let bytes = std::fs::read(root.join(rel)).map_err(|e| format!("{rel}: {e}"))?;
-    decode(&bytes, &DecodeLimits::default()).map_err(|e| format!("{rel}: {e}"))
+    decode(&bytes, &DecodeLimits::accepted()).map_err(|e| format!("{rel}: {e}"))
 }
 
 type Prepared = (Vec<std::result::Result<Vec<f32>, String>>, Duration);
@@ -399,13 +399,13 @@ impl Writer<'_> {
             params![c.id, TAGGER_SOURCE],
         )?;
         tx.execute("DELETE FROM tagging WHERE item_id = ?1", [c.id])?;
-        // A filter rejection stays filter's; everything else is ours now.
-        if c.rejected_by.as_deref() != Some("filter") {
-            tx.execute(
-                "UPDATE items SET status = 'rejected', reason = ?2, status_run_id = ?3 WHERE id = ?1",
-                params![c.id, reason, self.run_id],
-            )?;
-        }
+        // Ours now, a filter rejection too: left filter's without its
+        // tagging row, the next filter run took it for an item without a
+        // prompt and put it back in the dataset.
+        tx.execute(
+            "UPDATE items SET status = 'rejected', reason = ?2, status_run_id = ?3 WHERE id = ?1",
+            params![c.id, reason, self.run_id],
+        )?;
         *self.report.rejected.entry(reason_code(reason)).or_default() += 1;
         Ok(())
     }
