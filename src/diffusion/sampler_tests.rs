@@ -210,10 +210,10 @@ fn samplers_converge_to_the_data_distribution() {
     assert!(bad.is_empty(), "not converged: {bad:#?}");
 }
 
-#[test]
-fn ddim_eta0_is_euler_and_eta1_is_euler_ancestral() {
+/// Sample a `(4, 8, 8)` latent of seed `seed` along `sigmas` from the
+/// analytic v model (data ~ N(−0.2, 0.7²)); the flat result.
+fn analytic_v_sample(sigmas: &[f64], sampler: Sampler, seed: u64) -> Vec<f32> {
     let sched = NoiseSchedule::sdxl();
-    let sigmas = ScheduleKind::Karras.sigmas(&sched, 12).unwrap();
     let model = AnalyticModel {
         mu: -0.2,
         s: 0.7,
@@ -226,15 +226,21 @@ fn ddim_eta0_is_euler_and_eta1_is_euler_ancestral() {
         schedule: &sched,
         timestep_mode: TimestepMode::Nearest,
     };
-    let x = batch_noise(&[5], (4, 8, 8), &Device::Cpu)
+    let x = batch_noise(&[seed], (4, 8, 8), &Device::Cpu)
         .unwrap()
         .affine(sigmas[0], 0.0)
         .unwrap();
-    let run = |k: SamplerKind, eta: f64| {
-        let mut n = SeededNoise::new(&[5]);
-        let out = sample(&den, &sigmas, x.clone(), Sampler { kind: k, eta }, &mut n).unwrap();
-        out.flatten_all().unwrap().to_vec1::<f32>().unwrap()
-    };
+    let mut n = SeededNoise::new(&[seed]);
+    let out = sample(&den, sigmas, x, sampler, &mut n).unwrap();
+    out.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+}
+
+#[test]
+fn ddim_eta0_is_euler_and_eta1_is_euler_ancestral() {
+    let sigmas = ScheduleKind::Karras
+        .sigmas(&NoiseSchedule::sdxl(), 12)
+        .unwrap();
+    let run = |k: SamplerKind, eta: f64| analytic_v_sample(&sigmas, Sampler { kind: k, eta }, 5);
     for eta in [0.0, 1.0] {
         let a = run(SamplerKind::Ddim, eta);
         let b = run(
@@ -347,32 +353,12 @@ fn sampler_names() {
 /// (η > 1) returned the denoised sample without its σ_up noise.
 #[test]
 fn euler_ancestral_with_eta_above_one_keeps_the_step_noise() {
-    let sched = NoiseSchedule::sdxl();
-    let model = AnalyticModel {
-        mu: -0.2,
-        s: 0.7,
-        prediction: Prediction::V,
-        schedule: &sched,
-    };
-    let den = ModelDenoiser {
-        model: &model,
-        prediction: Prediction::V,
-        schedule: &sched,
-        timestep_mode: TimestepMode::Nearest,
-    };
     // σ 14.6 → 10 with η = 1.5: σ_up = 10, σ_down = 0.
-    let sigmas = [14.6, 10.0];
-    let x = batch_noise(&[3], (4, 8, 8), &Device::Cpu)
-        .unwrap()
-        .affine(sigmas[0], 0.0)
-        .unwrap();
-    let mut n = SeededNoise::new(&[3]);
     let sampler = Sampler {
         kind: SamplerKind::EulerAncestral,
         eta: 1.5,
     };
-    let out = sample(&den, &sigmas, x, sampler, &mut n).unwrap();
-    let v = out.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let v = analytic_v_sample(&[14.6, 10.0], sampler, 3);
     let mean = v.iter().sum::<f32>() / v.len() as f32;
     let sd = (v.iter().map(|a| (a - mean).powi(2)).sum::<f32>() / v.len() as f32).sqrt();
     // The denoised sample alone has the data's spread (0.7); with the

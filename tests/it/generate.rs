@@ -380,10 +380,10 @@ fn slurm_array_shards_merged_equal_a_single_run() {
     let work = tempfile::tempdir().unwrap();
     let out = work.path().join("data");
     let script = root().join("fixtures/configs/slurm-generate.sh");
-    for task in 4..7 {
-        // `sbatch --array=4-6`: IDs 4..6, MIN 4, COUNT 3.
-        let o = Command::new("bash")
-            .arg(&script)
+    // The script as a Slurm array task, with the job's settings and `env`.
+    let task_run = |env: &[(&str, String)]| {
+        let mut c = Command::new("bash");
+        c.arg(&script)
             .env("EPS2V", bin())
             .env("MODEL", model)
             .env("OUT", &out)
@@ -393,13 +393,20 @@ fn slurm_array_shards_merged_equal_a_single_run() {
             .env("SIZE", "64x64")
             .env("BATCH", "2")
             .env("SAMPLER", "euler")
-            .env("SLURM_ARRAY_TASK_ID", task.to_string())
-            .env("SLURM_ARRAY_TASK_MIN", "4")
-            .env("SLURM_ARRAY_TASK_COUNT", "3")
-            .env("SLURM_ARRAY_TASK_STEP", "1")
-            .env_remove("JOB_COMPLETION_INDEX")
-            .output()
-            .unwrap();
+            .env_remove("JOB_COMPLETION_INDEX");
+        for (k, v) in env {
+            c.env(k, v);
+        }
+        c.output().unwrap()
+    };
+    for task in 4..7 {
+        // `sbatch --array=4-6`: IDs 4..6, MIN 4, COUNT 3.
+        let o = task_run(&[
+            ("SLURM_ARRAY_TASK_ID", task.to_string()),
+            ("SLURM_ARRAY_TASK_MIN", "4".into()),
+            ("SLURM_ARRAY_TASK_COUNT", "3".into()),
+            ("SLURM_ARRAY_TASK_STEP", "1".into()),
+        ]);
         assert!(
             o.status.success(),
             "task {task}: {}",
@@ -416,25 +423,13 @@ fn slurm_array_shards_merged_equal_a_single_run() {
     // Task 5 again, as a one-task array of its own (`SHARDS=3 ARRAY_BASE=4
     // sbatch --array=5`): still shard 2/3, into its folder, nothing left to
     // do. By position it would be shard 1/1.
-    let o = Command::new("bash")
-        .arg(&script)
-        .env("EPS2V", bin())
-        .env("MODEL", model)
-        .env("OUT", &out)
-        .env("COUNT", "7")
-        .env("SEED", "5")
-        .env("STEPS", "2")
-        .env("SIZE", "64x64")
-        .env("BATCH", "2")
-        .env("SAMPLER", "euler")
-        .env("SHARDS", "3")
-        .env("ARRAY_BASE", "4")
-        .env("SLURM_ARRAY_TASK_ID", "5")
-        .env("SLURM_ARRAY_TASK_MIN", "5")
-        .env("SLURM_ARRAY_TASK_COUNT", "1")
-        .env_remove("JOB_COMPLETION_INDEX")
-        .output()
-        .unwrap();
+    let o = task_run(&[
+        ("SHARDS", "3".into()),
+        ("ARRAY_BASE", "4".into()),
+        ("SLURM_ARRAY_TASK_ID", "5".into()),
+        ("SLURM_ARRAY_TASK_MIN", "5".into()),
+        ("SLURM_ARRAY_TASK_COUNT", "1".into()),
+    ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let shards: Vec<String> = (4..7)
         .map(|t| format!("{}.shard-{t}", out.display()))
