@@ -116,14 +116,19 @@ pub(super) fn parse_header(path: &Path, bytes: &[u8]) -> Result<Parsed> {
     let mut metadata = BTreeMap::new();
     for (key, value) in map {
         if key == "__metadata__" {
-            if let serde_json::Value::Object(m) = value {
-                for (k, v) in m {
-                    let s = match v {
-                        serde_json::Value::String(s) => s,
-                        other => other.to_string(),
-                    };
-                    metadata.insert(k, s);
-                }
+            // String to string, as the format (and every loader) has it.
+            let serde_json::Value::Object(m) = value else {
+                return Err(Error::model(format!(
+                    "{p}: bad safetensors header: __metadata__ is not an object of strings"
+                )));
+            };
+            for (k, v) in m {
+                let serde_json::Value::String(s) = v else {
+                    return Err(Error::model(format!(
+                        "{p}: bad safetensors header: __metadata__.{k} is not a string"
+                    )));
+                };
+                metadata.insert(k, s);
             }
             continue;
         }
@@ -168,6 +173,33 @@ pub(super) fn parse_header(path: &Path, bytes: &[u8]) -> Result<Parsed> {
                 end: data_start + end as usize,
             },
         );
+    }
+    // The tensors tile the data from its start to the end of the file, as
+    // the safetensors loaders require: overlapping or aliased ranges would
+    // have a save write the same bytes many times over, and count them as
+    // parameters.
+    let mut ranges: Vec<(usize, usize, &str)> = entries
+        .iter()
+        .map(|(k, e)| (e.start, e.end, k.as_str()))
+        .collect();
+    ranges.sort();
+    let mut at = data_start;
+    for (start, end, key) in ranges {
+        if start != at {
+            return Err(Error::model(format!(
+                "{p}: bad safetensors header: tensor {key}'s bytes start at {} where the previous tensor's end at {}: {} ranges; the file is corrupt or was not written by a safetensors writer",
+                start - data_start,
+                at - data_start,
+                if start < at { "overlapping" } else { "a gap between" },
+            )));
+        }
+        at = end;
+    }
+    if at as u64 != file_len {
+        return Err(Error::model(format!(
+            "{p}: bad safetensors header: {} bytes after the last tensor; the file is corrupt or was not written by a safetensors writer",
+            file_len - at as u64
+        )));
     }
     Ok((entries, metadata))
 }

@@ -106,6 +106,45 @@ fn bad_headers_give_clear_errors_without_allocating() {
         let e = err_of(Checkpoint::open(&p));
         assert!(e.contains("wrong size") && e.contains("tensor a"), "{e}");
     }
+    // Regression: ranges were checked one by one, so aliased ones passed
+    // (a 4-byte file could claim any number of tensors on the same bytes),
+    // as did gaps, trailing bytes and non-string metadata.
+    for (h, data, want) in [
+        (
+            br#"{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"b":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}"#.as_slice(),
+            4,
+            "overlapping",
+        ),
+        (
+            br#"{"a":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}}"#,
+            8,
+            "a gap",
+        ),
+        (
+            br#"{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}"#,
+            6,
+            "2 bytes after the last tensor",
+        ),
+        (
+            br#"{"__metadata__":{"eps2v.ztsnr":true},"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}"#,
+            4,
+            "__metadata__.eps2v.ztsnr is not a string",
+        ),
+    ] {
+        let mut b = (h.len() as u64).to_le_bytes().to_vec();
+        b.extend_from_slice(h);
+        b.extend(std::iter::repeat_n(0u8, data));
+        std::fs::write(&p, &b).unwrap();
+        let e = err_of(Checkpoint::open(&p));
+        assert!(e.contains(want) && e.contains("bad.safetensors"), "{want}: {e}");
+    }
+    // Zero-size tensors (markers) sit anywhere in the tiling.
+    let h = br#"{"v_pred":{"dtype":"F32","shape":[0],"data_offsets":[4,4]},"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"z":{"dtype":"F32","shape":[0],"data_offsets":[0,0]}}"#;
+    let mut b = (h.len() as u64).to_le_bytes().to_vec();
+    b.extend_from_slice(h);
+    b.extend_from_slice(&[0; 4]);
+    std::fs::write(&p, &b).unwrap();
+    Checkpoint::open(&p).unwrap();
 }
 
 #[test]
