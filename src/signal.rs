@@ -86,6 +86,15 @@ pub fn install() -> Guard {
                 // async-signal-safe functions; SIG_IGN is always valid.
                 let old = unsafe { libc::signal(sig, h) };
                 st.previous.push((sig, old));
+                // An interrupt the launcher ignores (a background job of a
+                // non-interactive shell, nohup) stays ignored: Ctrl-C in
+                // that terminal is not meant for this process.
+                if sig == libc::SIGINT && old == libc::SIG_IGN {
+                    // SAFETY: as above.
+                    unsafe {
+                        libc::signal(sig, libc::SIG_IGN);
+                    }
+                }
             }
         }
     }

@@ -238,7 +238,13 @@ impl SdxlModel {
                 pinfo.source.clone(),
             ),
         };
-        let ztsnr = opts.ztsnr.unwrap_or(pinfo.ztsnr);
+        // A file's `ztsnr` marker counts for v prediction only, as in
+        // ComfyUI (it reads it inside its `v_pred` branch): an eps model
+        // with a stray marker samples on the plain schedule (the file's
+        // warning says so).
+        let ztsnr = opts
+            .ztsnr
+            .unwrap_or(pinfo.ztsnr && prediction == Prediction::V);
         let mut warnings = pinfo.warnings.clone();
         let native_size = super::size::native_size(ckpt.metadata(), unet_name, &mut warnings);
         // Asked for on the command line (a file's own contradiction is in
@@ -529,6 +535,38 @@ mod tests {
         assert!(m.latent_shape(64, 96).is_ok());
         let e = m.latent_shape(64, 100).unwrap_err().to_string();
         assert!(e.contains("multiples of 32"), "{e}");
+        // Regression: a stray `ztsnr` marker on an eps file put eps
+        // sampling on the ZTSNR schedule; as in ComfyUI it counts for v
+        // only (and the file's warning says so). Asked for, it holds.
+        let d = tempfile::tempdir().unwrap();
+        let (plain, stray) = (
+            d.path().join("e.safetensors"),
+            d.path().join("z.safetensors"),
+        );
+        write_random_checkpoint(
+            &plain,
+            TinyOptions {
+                seed: 5,
+                v_pred_ztsnr: false,
+            },
+        )
+        .unwrap();
+        let opts = crate::models::sdxl::checkpoint::SaveOptions {
+            ztsnr: true,
+            ..Default::default()
+        };
+        Checkpoint::open(&plain)
+            .unwrap()
+            .save_with(&stray, &Default::default(), &opts)
+            .unwrap();
+        let m = SdxlModel::load(&stray, &LoadOptions::default()).unwrap();
+        assert_eq!((m.info.prediction, m.info.ztsnr), (Prediction::Eps, false));
+        assert!(m.info.warnings.iter().any(|w| w.contains("plain schedule")));
+        let asked = LoadOptions {
+            ztsnr: Some(true),
+            ..Default::default()
+        };
+        assert!(SdxlModel::load(&stray, &asked).unwrap().info.ztsnr);
     }
 
     #[test]

@@ -130,6 +130,14 @@ impl Checkpoint {
             return Family::Sd2;
         }
         if label {
+            // The refiner's UNet alone: its adm is 1280 pooled + 5·256
+            // (aesthetic score, no target size), not base's 2816.
+            let adm = self
+                .entry("model.diffusion_model.label_emb.0.0.weight")
+                .and_then(|e| e.shape.get(1).copied());
+            if adm == Some(2560) {
+                return Family::SdxlRefiner;
+            }
             return Family::SdxlUnet;
         }
         if any(&|k| {
@@ -187,7 +195,7 @@ impl Checkpoint {
             }
         }
         if ztsnr && prediction == Prediction::Epsilon {
-            warnings.push("ztsnr marker on an epsilon model: ZTSNR needs v-prediction".into());
+            warnings.push("ztsnr marker on an epsilon model: ZTSNR needs v-prediction; sampled on the plain schedule (pass --prediction v --ztsnr if the model is v + ZTSNR)".into());
         }
         PredictionInfo {
             prediction,

@@ -147,6 +147,23 @@ fn bad_headers_give_clear_errors_without_allocating() {
     Checkpoint::open(&p).unwrap();
 }
 
+/// Regression: the refiner's UNet without its text encoders passed as an
+/// SDXL UNet (its adm is 2560, not 2816).
+#[test]
+fn a_refiner_unet_alone_is_named_as_such() {
+    let dir = tempfile::tempdir().unwrap();
+    let label = "model.diffusion_model.label_emb.0.0.weight";
+    for (adm, family) in [(2560, Family::SdxlRefiner), (2816, Family::SdxlUnet)] {
+        let t = Tensor::zeros((2, adm), DType::F32, &Device::Cpu).unwrap();
+        let p = write(
+            dir.path(),
+            &format!("{adm}.safetensors"),
+            &[(label.into(), t)],
+        );
+        assert_eq!(Checkpoint::open(&p).unwrap().family(), family);
+    }
+}
+
 #[test]
 fn sd15_file_is_named_as_such() {
     let dir = tempfile::tempdir().unwrap();
