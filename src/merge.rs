@@ -286,7 +286,9 @@ pub fn merge(cfg: &MergeConfig, out: &Path) -> Result<MergeReport> {
     let markers = markers_side(cfg, &a, &b, c.as_ref())?;
     let side = |s: Side| if s == Side::A { &a } else { &b };
     let name = |s: Side| if s == Side::A { "A" } else { "B" };
-    // A component asked from B must be there (A's own are whatever A has).
+    // A component asked from B must be there; one A lacks and B has is
+    // said (the merge would have none).
+    let mut warnings = Vec::new();
     for (s, filter, flag, what) in [
         (
             cfg.te,
@@ -297,20 +299,14 @@ pub fn merge(cfg: &MergeConfig, out: &Path) -> Result<MergeReport> {
         (cfg.vae, BlockId::Vae, "--vae", "VAE (first_stage_model.*)"),
     ] {
         let has = |ck: &Checkpoint| ck.entries().keys().any(|k| BlockId::of_key(k) == filter);
-        if s == Side::B && !has(&b) && has(&a) {
+        let (in_a, in_b) = (has(&a), has(&b));
+        if s == Side::B && !in_b && in_a {
             return Err(Error::config(format!(
                 "merge: {flag} b, but {} has no {what}; use {flag} a",
                 cfg.b.display()
             )));
         }
-    }
-    let mut warnings = Vec::new();
-    for (s, filter, flag, what) in [
-        (cfg.te, BlockId::Base, "--te", "text encoders"),
-        (cfg.vae, BlockId::Vae, "--vae", "VAE"),
-    ] {
-        let has = |ck: &Checkpoint| ck.entries().keys().any(|k| BlockId::of_key(k) == filter);
-        if s == Side::A && !has(&a) && has(&b) {
+        if s == Side::A && !in_a && in_b {
             warnings.push(format!(
                 "A ({}) has no {what}, so the merge has none; {flag} b takes B's",
                 cfg.a.display()

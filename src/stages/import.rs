@@ -189,10 +189,13 @@ pub fn list_images(from: &Path) -> Result<Vec<PathBuf>> {
 /// The largest sidecar caption read (bytes); a larger file is not one.
 pub const MAX_SIDECAR_BYTES: u64 = 1 << 20;
 
+/// The kohya-style sidecars: `(extension, caption source)`.
+const SIDECARS: [(&str, &str); 2] = [("txt", "sidecar_txt"), ("caption", "sidecar_caption")];
+
 /// Read the kohya-style sidecar captions of `image` (`stem.txt`, `stem.caption`).
 pub fn sidecar_captions(image: &Path) -> Vec<(&'static str, String)> {
     let mut out = Vec::new();
-    for (ext, source) in [("txt", "sidecar_txt"), ("caption", "sidecar_caption")] {
+    for (ext, source) in SIDECARS {
         let p = image.with_extension(ext);
         // A regular file of caption size only: a link to a FIFO or a
         // device would block or never end, and a link to some large
@@ -440,9 +443,6 @@ pub struct KnownSource {
     pub sidecars: Vec<(String, String)>,
 }
 
-/// The sidecar sources `import` reads ([`sidecar_captions`]).
-const SIDECAR_SOURCES: [&str; 2] = ["sidecar_txt", "sidecar_caption"];
-
 /// What `import` does with one file it found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FilePlan {
@@ -655,26 +655,23 @@ fn write_batch(
         if o.note.is_some() {
             report.wrong_extension += 1;
         }
-        // A sidecar that is gone takes its caption and tags along.
-        for source in SIDECAR_SOURCES {
-            if !o.captions.iter().any(|(s, _)| *s == source) {
-                for table in ["captions", "tags"] {
-                    tx.execute(
-                        &format!("DELETE FROM {table} WHERE item_id = ?1 AND source = ?2"),
-                        params![item_id, source],
-                    )
-                    .map_err(map)?;
-                }
-            }
-        }
-        for (source, text) in &o.captions {
-            manifest::upsert_caption(&tx, run_id, item_id, source, text, None).map_err(map)?;
-            // The sidecar's tags as they are now, not added to the old ones.
+        // Each sidecar as it is now: its caption and tags replaced, or,
+        // when it is gone, removed (tags only ever added kept stale ones).
+        for (_, source) in SIDECARS {
             tx.execute(
                 "DELETE FROM tags WHERE item_id = ?1 AND source = ?2",
                 params![item_id, source],
             )
             .map_err(map)?;
+            let Some((_, text)) = o.captions.iter().find(|(s, _)| *s == source) else {
+                tx.execute(
+                    "DELETE FROM captions WHERE item_id = ?1 AND source = ?2",
+                    params![item_id, source],
+                )
+                .map_err(map)?;
+                continue;
+            };
+            manifest::upsert_caption(&tx, run_id, item_id, source, text, None).map_err(map)?;
             for (pos, tag) in manifest::split_tags(text).iter().enumerate() {
                 manifest::upsert_tag(&tx, run_id, item_id, source, (tag, pos), None)
                     .map_err(map)?;
