@@ -160,32 +160,50 @@ fn content_view(cfg: &RunConfig) -> Result<serde_json::Value> {
 }
 
 /// The settings each stage's digest covers (besides those before it).
+/// `device.precision` is generate's, so a change of it reruns everything
+/// (the device itself is not: results carry over to another machine); the
+/// merge sweep scores retention on `[evaluate]`'s prompts and sampling, so
+/// those are merge's too (the tagger threshold only matters to adherence).
 fn stage_settings(view: &serde_json::Value, stage: &str) -> serde_json::Value {
     match stage {
-        "generate" => serde_json::json!({"model": view["model"], "generate": view["generate"]}),
-        "caption" | "filter" | "dedupe" | "bucket" | "train" | "merge" | "evaluate" => {
-            view[stage].clone()
+        "generate" => serde_json::json!({
+            "model": view["model"],
+            "generate": view["generate"],
+            "precision": view["device"]["precision"],
+        }),
+        "merge" => {
+            let mut sweep = view["evaluate"].clone();
+            if let Some(o) = sweep.as_object_mut() {
+                o.remove("threshold");
+            }
+            serde_json::json!({"merge": view["merge"], "evaluate": sweep})
         }
+        "caption" | "filter" | "dedupe" | "bucket" | "train" | "evaluate" => view[stage].clone(),
         _ => serde_json::Value::Null,
     }
 }
 
-/// Chained digests of every stage (module docs), and the key of the whole
-/// config (the pipeline row is reused when it is unchanged).
-pub fn digests(cfg: &RunConfig) -> Result<(BTreeMap<String, String>, String)> {
-    let view = content_view(cfg)?;
+/// Each stage's digest: its settings chained to those before it.
+fn chain(view: &serde_json::Value) -> Result<BTreeMap<String, String>> {
     let mut out = BTreeMap::new();
     let mut prev = String::new();
     for s in STAGES {
         let mut h = Sha256::new();
         h.update(prev.as_bytes());
         h.update(s.as_bytes());
-        h.update(serde_json::to_string(&stage_settings(&view, s))?.as_bytes());
+        h.update(serde_json::to_string(&stage_settings(view, s))?.as_bytes());
         prev = hex::encode(h.finalize());
         out.insert(s.to_string(), prev.clone());
     }
+    Ok(out)
+}
+
+/// Chained digests of every stage (module docs), and the key of the whole
+/// config (the pipeline row is reused when it is unchanged).
+pub fn digests(cfg: &RunConfig) -> Result<(BTreeMap<String, String>, String)> {
+    let view = content_view(cfg)?;
     let key = hex::encode(Sha256::digest(serde_json::to_string(&view)?.as_bytes()));
-    Ok((out, key))
+    Ok((chain(&view)?, key))
 }
 
 /// Open the dataset's manifest (creating the folder when `generate` runs).
@@ -754,6 +772,50 @@ fn evaluate(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Which stages a change reruns: those from the first stage whose
+    /// settings hold it. Regressions: `[evaluate]`'s sampling left the
+    /// merge sweep's retention scores as they were, and a change of
+    /// precision reran nothing.
+    #[test]
+    fn a_change_reruns_the_stages_that_read_it_and_those_after() {
+        let view = |f: &dyn Fn(&mut RunConfig)| {
+            let mut c = RunConfig::default();
+            f(&mut c);
+            let mut v = serde_json::to_value(&c).unwrap();
+            v["model"] = "m".into();
+            chain(&v).unwrap()
+        };
+        let base = view(&|_| {});
+        let first_changed = |f: &dyn Fn(&mut RunConfig)| {
+            let d = view(f);
+            let same: Vec<bool> = STAGES.iter().map(|s| d[*s] == base[*s]).collect();
+            let i = same.iter().position(|x| !x);
+            // Once one differs, every later one does.
+            assert!(i.is_none_or(|i| same[i..].iter().all(|x| !x)), "{same:?}");
+            i.map(|i| STAGES[i])
+        };
+        assert_eq!(first_changed(&|_| {}), None);
+        assert_eq!(
+            first_changed(&|c| c.device.precision = Some("bf16".into())),
+            Some("generate")
+        );
+        assert_eq!(
+            first_changed(&|c| c.device.device = Some("cpu".into())),
+            None
+        );
+        assert_eq!(first_changed(&|c| c.evaluate.steps = 7), Some("merge"));
+        assert_eq!(
+            first_changed(&|c| c.evaluate.threshold = 0.5),
+            Some("evaluate")
+        );
+        assert_eq!(
+            first_changed(&|c| c.merge.alphas = vec![0.3]),
+            Some("merge")
+        );
+        assert_eq!(first_changed(&|c| c.dedupe = Default::default()), None);
+        assert_eq!(first_changed(&|c| c.generate.seed = 9), Some("generate"));
+    }
 
     /// The pipeline row is locked while a `run` works on it: a second
     /// `run` on the dataset meanwhile is refused naming the first process,

@@ -621,19 +621,21 @@ pub fn train(
                         }
                         ema = l.ema;
                         st.rollbacks += 1;
+                        st.rollbacks_in_row += 1;
                         st.bad_in_row = 0;
-                        if st.rollbacks > 3 * cfg.nan_rollback_after {
+                        if st.rollbacks_in_row > 3 * cfg.nan_rollback_after {
                             // For the failed row's report.
                             (report.steps, report.skipped, report.rollbacks) =
                                 (st.step, st.skipped, st.rollbacks);
                             return Err(Error::model(format!(
-                                "training diverged: {} rollbacks and every step since non-finite (last items {batch_ids:?}); lower the learning rate or check those items",
-                                st.rollbacks
+                                "training diverged: {} rollbacks in a row, every step between them non-finite (last items {batch_ids:?}); lower the learning rate or check those items",
+                                st.rollbacks_in_row
                             )));
                         }
                     }
                 } else {
                     st.bad_in_row = 0;
+                    st.rollbacks_in_row = 0;
                     // clip
                     if cfg.max_grad_norm > 0.0 && gnorm > cfg.max_grad_norm {
                         let scale = cfg.max_grad_norm / (gnorm + 1e-6);

@@ -62,6 +62,11 @@ pub struct TrainState {
     /// `nan_rollback_after`), so a resume counts on where the run was.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub bad_in_row: usize,
+    /// Rollbacks since the last finite step: the run is called diverged
+    /// when these pass `3 × nan_rollback_after` (a long run that recovers
+    /// from each burst of NaNs goes on however many it had in total).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub rollbacks_in_row: usize,
     /// The current stage reached its `until_retention` at this step: a
     /// resume goes on with the next stage.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
@@ -102,6 +107,7 @@ impl TrainState {
             armed: false,
             last_retention: None,
             bad_in_row: 0,
+            rollbacks_in_row: 0,
             stage_met: false,
             stopped: None,
             slots: Vec::new(),
@@ -483,6 +489,7 @@ mod tests {
     fn stop_decisions_survive_a_save_and_older_states_load_without_them() {
         let mut st = state("base.safetensors", Some("aa"));
         st.bad_in_row = 2;
+        st.rollbacks_in_row = 1;
         st.stage_met = true;
         st.stopped = Some("retention fell".into());
         let json = serde_json::to_value(&st).unwrap();
@@ -490,13 +497,18 @@ mod tests {
         assert_eq!(back, st);
         // A state written before these fields existed.
         let mut old = json;
-        for k in ["bad_in_row", "stage_met", "stopped"] {
+        for k in ["bad_in_row", "rollbacks_in_row", "stage_met", "stopped"] {
             old.as_object_mut().unwrap().remove(k).unwrap();
         }
         let back: TrainState = serde_json::from_value(old).unwrap();
         assert_eq!(
-            (back.bad_in_row, back.stage_met, back.stopped),
-            (0, false, None)
+            (
+                back.bad_in_row,
+                back.rollbacks_in_row,
+                back.stage_met,
+                back.stopped
+            ),
+            (0, 0, false, None)
         );
         // Not written when unset.
         let plain = serde_json::to_value(state("base.safetensors", None)).unwrap();

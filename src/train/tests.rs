@@ -528,6 +528,23 @@ fn injected_nans_are_skipped_then_rolled_back_and_never_saved() {
         "{:?}",
         r.retention
     );
+    // Regression: bursts of NaNs the run recovers from, more of them than
+    // the divergence limit (3 × 1 rollbacks), were called divergence: the
+    // limit counted rollbacks over the whole run, not in a row.
+    let cfg = TrainConfig {
+        nan_rollback_after: 1,
+        ..cfg
+    };
+    let r = run(
+        &ds,
+        &cfg,
+        &TrainOptions {
+            inject_nan_at: vec![0, 1, 3, 5],
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert_eq!((r.steps, r.skipped, r.rollbacks), (6, 4, 4));
 }
 
 /// Every step non-finite: the run stops with "training diverged", and its
