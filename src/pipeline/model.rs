@@ -334,15 +334,34 @@ impl SdxlModel {
         prompt: &str,
         uncond: &UncondMode,
     ) -> Result<(TextConditioning, TextConditioning)> {
+        let prompt = without_networks(prompt);
         match uncond.prompt() {
             None => {
-                let c = self.text.encode(&[prompt])?;
+                let c = self.text.encode(&[prompt.as_str()])?;
                 let u = c.zeros_like()?;
                 Ok((c, u))
             }
-            Some(neg) => self.text.encode_pair(&[prompt], &[neg]),
+            Some(neg) => self
+                .text
+                .encode_pair(&[prompt.as_str()], &[without_networks(neg).as_str()]),
         }
     }
+}
+
+/// `prompt` without its A1111 extra-network tags, as A1111 encodes it
+/// (copied prompts carry `<lora:…>`; its characters would otherwise be
+/// encoded as words), with a warning the first time: no network is
+/// applied.
+fn without_networks(prompt: &str) -> String {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    static WARNED: AtomicBool = AtomicBool::new(false);
+    let (text, had) = crate::models::sdxl::prompt::strip_extra_networks(prompt);
+    if had && !WARNED.swap(true, Ordering::Relaxed) {
+        eprintln!(
+            "warning: prompts' extra-network tags (<lora:…>, <hypernet:…>) are left out of the text; eps2v applies no LoRA or hypernetwork"
+        );
+    }
+    text
 }
 
 /// Cond and uncond contexts of different lengths (a prompt and a negative

@@ -299,7 +299,7 @@ pub(super) fn record_split(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     pub(crate) fn item(id: i64, bucket: (u32, u32)) -> TrainItem {

@@ -339,8 +339,11 @@ pub(super) fn eval_spec(cfg: &TrainConfig, train: &[TrainItem], val: &[TrainItem
         let src = if val.is_empty() { train } else { val };
         let mut p: Vec<String> = Vec::new();
         for it in src {
-            if !p.contains(&it.caption) {
-                p.push(it.caption.clone());
+            // Trained as literal text ([`super::cache::caption_tokens`]):
+            // escaped, so that A1111 emphasis reads it back the same.
+            let prompt = crate::models::sdxl::prompt::escape_prompt(&it.caption);
+            if !p.contains(&prompt) {
+                p.push(prompt);
             }
             if p.len() == cfg.eval_prompt_count.max(1) {
                 break;
@@ -373,5 +376,27 @@ pub(super) fn eval_spec(cfg: &TrainConfig, train: &[TrainItem], val: &[TrainItem
         cfg: cfg.eval_cfg,
         sampler: cfg.eval_sampler,
         uncond: cfg.uncond.uncond_mode(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Regression: captions (trained as literal text) became evaluation
+    /// prompts as they were, so A1111 emphasis read `saber (fate)` as
+    /// `saber` + `fate` ×1.1: the grid showed other conditioning than the
+    /// one trained.
+    #[test]
+    fn captions_become_prompts_that_parse_to_the_caption() {
+        let mut it = super::super::data::tests::item(1, (64, 64));
+        it.caption = "saber (fate), 1girl, [x]".into();
+        let cfg = TrainConfig {
+            eval_prompt_count: 1,
+            ..Default::default()
+        };
+        let spec = eval_spec(&cfg, &[it.clone()], &[]);
+        let parsed = crate::models::sdxl::prompt::parse_prompt_attention(&spec.prompts[0]).unwrap();
+        assert_eq!(parsed, vec![(it.caption, 1.0)]);
     }
 }

@@ -50,6 +50,25 @@ fn patterns() -> Result<&'static (Regex, Regex)> {
     .map_err(|e| Error::Other(format!("prompt parser: bad built-in pattern: {e}")))
 }
 
+/// Largest emphasis weight accepted: far past any useful one, and small
+/// enough that weighted hidden states stay finite (a weight that is
+/// infinite in f32 turned the whole conditioning into NaN).
+pub const MAX_WEIGHT: f64 = 1e4;
+
+/// An emphasis weight as Python's `float()` reads it (full-width digits
+/// too, as typed through an IME; the pattern's `\d` takes any Unicode
+/// digit), within ±[`MAX_WEIGHT`].
+fn emphasis_weight(w: &str) -> Option<f64> {
+    let ascii: String = w
+        .chars()
+        .map(|c| match c {
+            '\u{ff10}'..='\u{ff19}' => char::from(b'0' + (c as u32 - 0xff10) as u8),
+            c => c,
+        })
+        .collect();
+    ascii.parse::<f64>().ok().filter(|w| w.abs() <= MAX_WEIGHT)
+}
+
 /// Split a prompt into `(text, weight)` fragments, A1111
 /// `parse_prompt_attention`. `BREAK` appears as `("BREAK", -1.0)`.
 pub fn parse_prompt_attention(text: &str) -> Result<Vec<(String, f64)>> {
@@ -75,9 +94,9 @@ pub fn parse_prompt_attention(text: &str) -> Result<Vec<(String, f64)>> {
         } else if t == "[" {
             square.push(res.len());
         } else if let (Some(w), false) = (weight, round.is_empty()) {
-            let w: f64 = w.parse().map_err(|_| {
+            let w = emphasis_weight(w).ok_or_else(|| {
                 Error::config(format!(
-                    "prompt {text:?}: bad emphasis weight {w:?}; write it as (text:1.2)"
+                    "prompt {text:?}: bad emphasis weight {w:?}; write it as (text:1.2), at most {MAX_WEIGHT} in size"
                 ))
             })?;
             if let Some(start) = round.pop() {
@@ -122,6 +141,24 @@ pub fn parse_prompt_attention(text: &str) -> Result<Vec<(String, f64)>> {
     Ok(res)
 }
 
+/// A1111 extra-network tags (`<lora:name:0.8>`, `<hypernet:…>`) replaced
+/// by `with`.
+fn replace_extra_networks(prompt: &str, with: &str) -> String {
+    static NETWORKS: OnceLock<Option<Regex>> = OnceLock::new();
+    match NETWORKS.get_or_init(|| Regex::new(r"<\w+:[^>]+>").ok()) {
+        Some(re) => re.replace_all(prompt, with).into_owned(),
+        None => prompt.to_string(),
+    }
+}
+
+/// A prompt as A1111 encodes it: its extra-network tags removed (they
+/// load networks there, they are not text), and whether it had any.
+pub fn strip_extra_networks(prompt: &str) -> (String, bool) {
+    let out = replace_extra_networks(prompt, "");
+    let had = out != prompt;
+    (out, had)
+}
+
 /// A prompt as training text: A1111 extra-network tags (`<lora:name:0.8>`,
 /// `<hypernet:…>`) removed, emphasis syntax removed (`(red hair:1.2)`,
 /// `((smile))`, `[hat]` → the words; `\(` → `(`), `BREAK` and newlines
@@ -129,11 +166,7 @@ pub fn parse_prompt_attention(text: &str) -> Result<Vec<(String, f64)>> {
 /// with `", "` (empty ones dropped). A prompt whose emphasis cannot be
 /// parsed loses its bracket characters instead.
 pub fn clean_prompt(prompt: &str) -> String {
-    static NETWORKS: OnceLock<Option<Regex>> = OnceLock::new();
-    let stripped = match NETWORKS.get_or_init(|| Regex::new(r"<\w+:[^>]+>").ok()) {
-        Some(re) => re.replace_all(prompt, ",").into_owned(),
-        None => prompt.to_string(),
-    };
+    let stripped = replace_extra_networks(prompt, ",");
     let text: String = match parse_prompt_attention(&stripped) {
         Ok(frags) => frags
             .into_iter()
@@ -152,6 +185,22 @@ pub fn clean_prompt(prompt: &str) -> String {
         .filter(|t| !t.is_empty())
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+/// `text` written so that [`parse_prompt_attention`] reads it back as
+/// itself at weight 1: `\`, `(`, `)`, `[`, `]` backslash-escaped (A1111's
+/// escapes). A caption used as a prompt so gets the tokens training gave
+/// it (`saber (fate)` is not `saber fate` ×1.1). `BREAK` has no escape
+/// and still starts a chunk.
+pub fn escape_prompt(text: &str) -> String {
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        if matches!(c, '\\' | '(' | ')' | '[' | ']') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
 }
 
 /// One 77-token encoder input: BOS + 75 + EOS, with a weight per token.
@@ -307,6 +356,54 @@ pub fn pad_to_same_chunks(prompts: &mut [TokenizedPrompt], min_chunks: usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Regressions: a weight of 1 followed by 400 zeros (infinite) or 1e40
+    /// (infinite in f32) turned the conditioning into NaN; full-width
+    /// digits, which A1111 reads, were an error.
+    #[test]
+    fn emphasis_weights_are_bounded_and_read_full_width_digits() {
+        let one = |p: &str| parse_prompt_attention(p).map(|v| v[0].1);
+        assert_eq!(one("(cat:\u{ff11}.\u{ff12})").unwrap(), 1.2);
+        assert_eq!(one("(cat:-2)").unwrap(), -2.0);
+        assert_eq!(one("(cat:10000)").unwrap(), 1e4);
+        let huge = format!("(cat:1{})", "0".repeat(400));
+        for p in [
+            "(cat:10001)",
+            "(cat:1000000000000000000000000000000000000000)",
+            &huge,
+        ] {
+            let e = parse_prompt_attention(p).unwrap_err().to_string();
+            assert!(e.contains("bad emphasis weight"), "{p}: {e}");
+        }
+    }
+
+    #[test]
+    fn extra_network_tags_are_not_text() {
+        assert_eq!(
+            strip_extra_networks("1girl, <lora:foo_v2:0.8>, smile<hypernet:h:1>"),
+            ("1girl, , smile".to_string(), true)
+        );
+        assert_eq!(
+            strip_extra_networks("a <b> c"),
+            ("a <b> c".to_string(), false)
+        );
+    }
+
+    #[test]
+    fn an_escaped_text_parses_back_to_itself_at_weight_one() {
+        for t in [
+            "saber (fate), 1girl, (o)_(o)",
+            "[hat], ((smile)), a:1.2)",
+            "back\\slash \\( x",
+            "(unclosed",
+            "",
+        ] {
+            let parsed = parse_prompt_attention(&escape_prompt(t)).unwrap();
+            let text: String = parsed.iter().map(|(s, _)| s.as_str()).collect();
+            assert_eq!(text, t);
+            assert!(parsed.iter().all(|(_, w)| *w == 1.0), "{t:?}: {parsed:?}");
+        }
+    }
 
     #[test]
     fn clean_prompt_removes_a1111_syntax() {

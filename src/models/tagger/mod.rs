@@ -263,6 +263,18 @@ impl Tagger {
     pub fn probabilities(&self, batch: &Tensor) -> Result<Vec<Vec<f32>>> {
         let logits = self.model.forward(&batch.to_dtype(self.dtype)?)?;
         let probs = candle_nn::ops::sigmoid(&logits)?.to_dtype(DType::F32)?;
-        Ok(probs.to_device(&Device::Cpu)?.to_vec2::<f32>()?)
+        let probs = probs.to_device(&Device::Cpu)?.to_vec2::<f32>()?;
+        check_finite(&self.id, self.dtype, probs)
+    }
+}
+
+/// A non-finite output would read as "no tag seen" (and the last rating
+/// as the best): every image rejected by the alignment filter, silently.
+fn check_finite(id: &str, dtype: DType, probs: Vec<Vec<f32>>) -> Result<Vec<Vec<f32>>> {
+    match probs.iter().flatten().find(|p| !p.is_finite()) {
+        None => Ok(probs),
+        Some(p) => Err(Error::model(format!(
+            "tagger {id}: a {p} among its outputs in {dtype:?}; rerun with --precision f32, or check the tagger's weights"
+        ))),
     }
 }

@@ -288,3 +288,18 @@ fn bf16_weights_take_an_f32_batch_and_stay_close_to_f32() {
         .fold(0f32, f32::max);
     assert!(max > 0.0 && max < 0.05, "max |Δp| {max}");
 }
+
+/// Regression: a non-finite output was read as "no tag seen" (and the
+/// last rating as the best), so the filter rejected every image without
+/// a reason; it is an error naming the tagger and what to do.
+#[test]
+fn a_non_finite_output_is_an_error() {
+    let dir = golden().join("vit_v3_tiny");
+    let t = Tagger::load(&dir, &Device::Cpu).unwrap();
+    let x = Tensor::full(f32::NAN, (1, 3, 32, 32), &Device::Cpu).unwrap();
+    let e = t.probabilities(&x).unwrap_err().to_string();
+    assert!(
+        e.contains("tagger") && e.contains("NaN") && e.contains("--precision f32"),
+        "{e}"
+    );
+}

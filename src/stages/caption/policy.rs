@@ -156,13 +156,14 @@ pub fn select_tags(probs: &[f32], labels: &Labels, th: &Thresholds) -> TagResult
 }
 
 /// The tags of a prompt as training text: A1111 syntax removed
-/// ([`clean_prompt`]), split at commas, display form (underscores → spaces
-/// except kaomoji), empty and repeated tags dropped.
+/// ([`clean_prompt`]), split at commas, whitespace collapsed, empty and
+/// repeated tags (by [`tag_key`]) dropped. Underscores are kept: a tag
+/// the tagger knows takes its display form in [`caption`], the others
+/// (`score_9`, trigger words) stay as the base model was prompted.
 pub fn prompt_tags(prompt: &str) -> Vec<String> {
     let mut out: Vec<String> = Vec::new();
     let mut seen = HashSet::new();
     for t in clean_prompt(prompt).split(',') {
-        let t = display_name(t);
         let t = t.split_whitespace().collect::<Vec<_>>().join(" ");
         if !t.is_empty() && seen.insert(tag_key(&t)) {
             out.push(t);
@@ -330,7 +331,17 @@ pub fn caption(
     tags: Option<&TagResult>,
     checkable: &HashSet<String>,
 ) -> Option<String> {
-    let prompt = prompt.filter(|p| !p.is_empty());
+    // A prompt tag the tagger knows is written as the tagger writes it
+    // (`long_hair` → `long hair`, kaomoji kept); the rest verbatim.
+    let prompt: Option<Vec<String>> = prompt.filter(|p| !p.is_empty()).map(|p| {
+        p.iter()
+            .map(|t| match checkable.contains(&tag_key(t)) {
+                true => display_name(t),
+                false => t.clone(),
+            })
+            .collect()
+    });
+    let prompt = prompt.as_deref();
     let body: Vec<String> = match cfg.policy {
         Policy::Prompt => prompt?.to_vec(),
         Policy::Tags => order_tags(&tags?.all().cloned().collect::<Vec<_>>()),
@@ -379,7 +390,13 @@ pub fn caption(
         .iter()
         .map(|(f, t)| (tag_key(f), t.as_str()))
         .collect();
-    let mut seen = HashSet::new();
+    // A lead tag is kept verbatim, and neither it nor what `replace` would
+    // make of it is written again.
+    let mut seen: HashSet<String> = lead
+        .iter()
+        .filter_map(|t| replace.get(&tag_key(t)))
+        .map(|r| tag_key(r))
+        .collect();
     let mut out: Vec<String> = Vec::new();
     for (k, t) in lead.iter().chain(&body).enumerate() {
         let keep = k < lead.len();
@@ -613,6 +630,34 @@ mod tests {
                 &checkable_keys(&labels())
             ),
             None
+        );
+    }
+
+    /// Regressions: every prompt tag lost its underscores (`score_9` and
+    /// trigger words no longer matched what users prompt), and a lead tag
+    /// that `replace` rewrites came back a second time as its replacement.
+    #[test]
+    fn lead_and_unknown_prompt_tags_stay_verbatim_and_once() {
+        let cfg = PolicyConfig {
+            policy: Policy::Merged,
+            keep_tokens: 2,
+            replace: vec![("1girl".into(), "woman".into())],
+            ..PolicyConfig::default()
+        };
+        let p = prompt_tags("score_9, 1girl, ohwx_person, red_hair, ^_^");
+        let known = checkable_keys(&labels());
+        assert_eq!(
+            caption(&cfg, Some(&p), Some(&result()), &known).unwrap(),
+            "score_9, 1girl, ohwx_person, hatsune miku, long hair, smile"
+        );
+        let prompt_cfg = PolicyConfig {
+            policy: Policy::Prompt,
+            keep_tokens: 0,
+            ..cfg
+        };
+        assert_eq!(
+            caption(&prompt_cfg, Some(&p), None, &known).unwrap(),
+            "score_9, woman, ohwx_person, red hair, ^_^"
         );
     }
 }
