@@ -173,6 +173,34 @@ impl Manifest {
     }
 }
 
+/// The writer lock of a dataset read by another one's `manifest merge`.
+#[derive(Debug)]
+pub struct ShardLock {
+    _held: Option<Arc<Locked>>,
+}
+
+impl Manifest {
+    /// Hold this dataset's writer lock while `manifest merge` copies it
+    /// into another (a `generate` requeued on it meanwhile is refused, and
+    /// nothing changes between the file list and the rows), or an error
+    /// naming the process that writes it. A folder where no lock file can
+    /// be made (a read-only copy) has no writer: not held.
+    pub fn lock_for_reading(&self) -> Result<ShardLock> {
+        match self.writer_lock("merge") {
+            Ok(held) => Ok(ShardLock { _held: held }),
+            Err(Error::Io { source, .. })
+                if matches!(
+                    source.kind(),
+                    std::io::ErrorKind::PermissionDenied | std::io::ErrorKind::ReadOnlyFilesystem
+                ) =>
+            {
+                Ok(ShardLock { _held: None })
+            }
+            Err(e) => Err(e),
+        }
+    }
+}
+
 /// Stages that change the dataset's items and files, or sweep temporary
 /// files they assume are their own: one of them at a time per dataset
 /// ([`LOCK_DIR`]/[`WRITER_LOCK`]). A second `generate` started on a folder
@@ -506,6 +534,41 @@ mod tests {
     /// writer stage, another handle's writer stage is refused, naming it,
     /// and leaves no row; stages outside the list run alongside; runs of
     /// one handle share the lock, which goes with the last of them.
+    /// `manifest merge` holds a shard's writer lock while it copies it:
+    /// refused while a curation stage writes it, a curation stage refused
+    /// meanwhile; a shard whose folder takes no lock file is read as is.
+    #[test]
+    fn a_merged_shard_is_locked_against_writers() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = Manifest::init(dir.path()).unwrap();
+        let other = Manifest::open(dir.path()).unwrap();
+        let held = m.lock_for_reading().unwrap();
+        let e = other
+            .begin_run("generate", &serde_json::json!({}))
+            .unwrap_err();
+        assert!(
+            e.to_string().contains("another eps2v process is writing"),
+            "{e}"
+        );
+        drop(held);
+        let id = other.begin_run("generate", &serde_json::json!({})).unwrap();
+        let e = m.lock_for_reading().unwrap_err().to_string();
+        assert!(e.contains("another eps2v process is writing"), "{e}");
+        other.end_run(id, true, &serde_json::json!({})).unwrap();
+        drop(other);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let locks = dir.path().join(LOCK_DIR);
+            std::fs::remove_file(locks.join(WRITER_LOCK)).unwrap();
+            std::fs::set_permissions(&locks, std::fs::Permissions::from_mode(0o555)).unwrap();
+            // Root writes anywhere: then the lock is simply taken.
+            let r = m.lock_for_reading();
+            std::fs::set_permissions(&locks, std::fs::Permissions::from_mode(0o755)).unwrap();
+            r.unwrap();
+        }
+    }
+
     #[test]
     fn one_curation_stage_writes_a_dataset_at_a_time() {
         let dir = tempfile::tempdir().unwrap();

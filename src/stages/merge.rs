@@ -290,14 +290,24 @@ pub fn run(cfg: &MergeConfig, out: &mut Manifest, ctx: &Ctx) -> Result<MergeRepo
         let root = out.root().to_path_buf();
         let db_path = out.db_path().to_path_buf();
         let map = manifest::sql_err(&db_path);
-        // OUT's plan header: the shards' settings, the whole plan.
+        // OUT's plan header: the shards' settings, the whole plan; a plan
+        // the shards have since extended (`--count` raised) grows with
+        // them, so that `generate` on OUT with the new count finds its rows
+        // planned (with the old count it would replan and set them aside).
         {
             let exists: bool = out
                 .conn()
                 .query_row("SELECT count(*) FROM gen_plan", [], |r| r.get::<_, i64>(0))
                 .map_err(map)?
                 > 0;
-            if !exists {
+            if exists {
+                out.conn()
+                    .execute(
+                        "UPDATE gen_plan SET count = ?1, updated_at = ?2 WHERE id = 1 AND count < ?1",
+                        params![reference.count as i64, manifest::now()],
+                    )
+                    .map_err(map)?;
+            } else {
                 const HEADER: &str = "INSERT INTO gen_plan \
                      (id, plan_id, settings_json, count, shard, run_id, updated_at) \
                      VALUES (1, ?1, ?2, ?3, ?4, ?5, ?6)";
@@ -321,6 +331,11 @@ pub fn run(cfg: &MergeConfig, out: &mut Manifest, ctx: &Ctx) -> Result<MergeRepo
         let mut skipped = BTreeSet::new();
         for dir in &cfg.shards {
             let (shard_m, shard_plan) = open_shard(dir)?;
+            // Held until its rows are in: a run started on the shard since
+            // the check above is refused, and one that began before it
+            // (a requeued job) is found here.
+            let _shard_lock = shard_m.lock_for_reading()?;
+            refuse_live_runs(&shard_m, dir)?;
             let mut s = ShardSummary {
                 dir: dir.clone(),
                 shard: shard_plan.shard.to_string(),
@@ -401,7 +416,12 @@ pub fn run(cfg: &MergeConfig, out: &mut Manifest, ctx: &Ctx) -> Result<MergeRepo
         };
         report.rendered = rendered.len() as u64;
         let done: BTreeSet<i64> = rendered.into_iter().collect();
-        let missing: Vec<u64> = (0..reference.count)
+        let planned: i64 = out
+            .conn()
+            .query_row("SELECT count FROM gen_plan WHERE id = 1", [], |r| r.get(0))
+            .map_err(map)?;
+        report.count = planned as u64;
+        let missing: Vec<u64> = (0..report.count)
             .filter(|i| !done.contains(&(*i as i64)))
             .collect();
         report.missing = missing.len() as u64;

@@ -504,6 +504,32 @@ fn slurm_array_shards_merged_equal_a_single_run() {
         count(&out, "SELECT count(*) FROM runs WHERE status = 'running'"),
         0
     );
+    // The shards extended to 9 images and merged again: OUT's plan grows
+    // with them. Regression: it stayed at 7, and `generate OUT --count 7`
+    // (the old flags) then replanned and set the two new images aside.
+    for task in 4..7 {
+        let o = task_run(&[
+            ("COUNT", "9".into()),
+            ("SLURM_ARRAY_TASK_ID", task.to_string()),
+            ("SLURM_ARRAY_TASK_MIN", "4".into()),
+            ("SLURM_ARRAY_TASK_COUNT", "3".into()),
+            ("SLURM_ARRAY_TASK_STEP", "1".into()),
+        ]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+    let o = run(&args);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let r: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(
+        (
+            r["count"].as_i64(),
+            r["rendered"].as_i64(),
+            r["missing"].as_i64()
+        ),
+        (Some(9), Some(9), Some(0)),
+        "{r}"
+    );
+    assert_eq!(count(&out, "SELECT count FROM gen_plan"), 9);
     // Shards of another plan are refused with exit 2, OUT untouched.
     let other = work.path().join("other");
     assert!(run(&generate_args(
