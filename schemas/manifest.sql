@@ -2,7 +2,8 @@
 --
 -- One row per item; every decision carries the run that made it
 -- (`*_run_id` → runs.id) and, where it drops or rejects something, a reason.
--- Later versions are added as forward migrations in src/manifest/schema.rs;
+-- Later versions are forward migrations in schemas/migrations/ (in the order
+-- of MIGRATIONS in src/manifest/mod.rs);
 -- this file is the version-1 baseline and is embedded into the binary.
 
 -- One row per invocation of a stage.

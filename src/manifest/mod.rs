@@ -103,6 +103,27 @@ impl std::fmt::Debug for Manifest {
     }
 }
 
+/// `PRAGMA foreign_key_check` as lines `table row N → parent`, counted.
+fn broken_references(
+    conn: &Connection,
+) -> rusqlite::Result<std::collections::BTreeMap<String, usize>> {
+    let mut st = conn.prepare("PRAGMA foreign_key_check")?;
+    let mut out = std::collections::BTreeMap::new();
+    let rows = st.query_map([], |r| {
+        Ok(format!(
+            "{} row {} → {}",
+            r.get::<_, String>(0)?,
+            r.get::<_, Option<i64>>(1)?
+                .map_or("?".into(), |n| n.to_string()),
+            r.get::<_, String>(2)?
+        ))
+    })?;
+    for r in rows {
+        *out.entry(r?).or_default() += 1;
+    }
+    Ok(out)
+}
+
 impl Manifest {
     /// Create the dataset folder layout and an empty manifest (idempotent:
     /// an existing manifest is opened and migrated).
@@ -239,17 +260,26 @@ impl Manifest {
                 v = now;
                 continue;
             }
+            // Only references the step breaks count: rows a user deleted by
+            // hand (the sqlite3 shell enforces no foreign keys) must not
+            // make every later version unreachable.
+            let before = broken_references(&tx).map_err(|e| manifest_err(&path, e))?;
             tx.execute_batch(sql).map_err(|e| manifest_err(&path, e))?;
-            let broken: Option<String> = tx
-                .query_row("PRAGMA foreign_key_check", [], |r| r.get(0))
-                .optional()
-                .map_err(|e| manifest_err(&path, e))?;
-            if let Some(table) = broken {
+            let after = broken_references(&tx).map_err(|e| manifest_err(&path, e))?;
+            // (Rows of WITHOUT ROWID tables have no number: counted.)
+            let new: Vec<&String> = after
+                .iter()
+                .filter(|(r, n)| before.get(*r).is_none_or(|b| b < *n))
+                .map(|(r, _)| r)
+                .collect();
+            if !new.is_empty() {
                 return Err(Error::Manifest {
                     path,
                     msg: format!(
-                        "migration to schema version {} leaves broken references in table {table}; nothing was changed (report this as a bug)",
-                        v + 1
+                        "migration to schema version {} leaves broken references ({}{}); nothing was changed (report this as a bug)",
+                        v + 1,
+                        new.iter().take(3).map(|s| s.as_str()).collect::<Vec<_>>().join(", "),
+                        if new.len() > 3 { ", …" } else { "" }
                     ),
                 });
             }
@@ -552,6 +582,32 @@ mod tests {
         drop(m);
         let e = Manifest::open(dir.path()).unwrap_err().to_string();
         assert!(e.contains("newer"), "{e}");
+    }
+
+    /// Regression: a reference broken before the upgrade (an item deleted
+    /// in the sqlite3 shell, which enforces no foreign keys, its tags
+    /// left) failed every migration step, so the dataset could not be
+    /// opened; only references a step breaks count.
+    #[test]
+    fn a_reference_broken_by_hand_does_not_block_the_upgrade() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let c = Connection::open(dir.path().join(MANIFEST_FILE)).unwrap();
+            c.execute_batch(SCHEMA_V1).unwrap();
+            c.execute_batch(
+                "PRAGMA user_version = 1; PRAGMA foreign_keys = OFF;
+                 INSERT INTO runs (id, stage, config_json, tool_version, started_at) VALUES (1, 'import', '{}', '0', 'x');
+                 INSERT INTO tags (item_id, source, tag, score, run_id) VALUES (42, 'sidecar_txt', 'solo', NULL, 1);",
+            )
+            .unwrap();
+        }
+        let m = Manifest::open(dir.path()).unwrap();
+        assert_eq!(m.user_version().unwrap(), SCHEMA_VERSION);
+        let left = broken_references(m.conn()).unwrap();
+        assert_eq!(
+            left.into_iter().collect::<Vec<_>>(),
+            [("tags row ? → items".to_string(), 1)]
+        );
     }
 
     /// A version-1 manifest with rows in every table that references

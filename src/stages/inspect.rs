@@ -174,8 +174,9 @@ pub fn run(m: &Manifest, top: usize) -> Result<InspectReport> {
         top_tags: query_table(
             m,
             &format!(
-                "SELECT tag, count(DISTINCT item_id) AS n FROM tags GROUP BY tag
-                 ORDER BY n DESC, tag LIMIT {top}"
+                "SELECT t.tag, count(DISTINCT t.item_id) AS n
+                 FROM tags t JOIN items i ON i.id = t.item_id AND i.status = 'ok'
+                 GROUP BY t.tag ORDER BY n DESC, t.tag LIMIT {top}"
             ),
         )?,
         alignment: alignment_histogram(m)?,
@@ -204,14 +205,19 @@ pub fn run(m: &Manifest, top: usize) -> Result<InspectReport> {
 pub fn alignment_histogram(m: &Manifest) -> Result<Table> {
     if !has_table(m, "tagging")? {
         return Ok(Table {
-            columns: vec!["alignment".into(), "n".into(), "rejected".into()],
+            columns: vec![
+                "alignment".into(),
+                "n".into(),
+                "rejected".into(),
+                "duplicate".into(),
+            ],
             rows: Vec::new(),
         });
     }
     query_table(
         m,
         "SELECT printf('%.1f-%.1f', b / 10.0, (b + 1) / 10.0) AS alignment, count(*) AS n,
-                sum(status = 'rejected') AS rejected
+                sum(status = 'rejected') AS rejected, sum(status = 'duplicate') AS duplicate
          FROM (SELECT min(9, CAST(t.alignment * 10 AS INTEGER)) AS b, i.status AS status
                FROM tagging t JOIN items i ON i.id = t.item_id
                WHERE t.alignment IS NOT NULL)
@@ -238,7 +244,7 @@ pub fn render(r: &InspectReport) -> String {
     for (title, t) in [
         ("by status and reason", &r.by_status),
         ("buckets (ok items)", &r.buckets),
-        ("top tags", &r.top_tags),
+        ("top tags (ok items)", &r.top_tags),
         ("duplicate clusters", &r.duplicate_clusters),
         (
             "alignment with the prompt (tagged generated items)",
@@ -261,7 +267,7 @@ pub fn render(r: &InspectReport) -> String {
 pub fn sql(m: &Manifest, sql: &str) -> Result<Table> {
     let st = m.conn().prepare(sql).map_err(|e| {
         Error::config(format!(
-            "--sql: {e}; the tables are described in schemas/manifest.sql"
+            "--sql: {e}; list the tables and their columns with --sql \"SELECT name, sql FROM sqlite_master\""
         ))
     })?;
     if !st.readonly() {
@@ -276,6 +282,37 @@ pub fn sql(m: &Manifest, sql: &str) -> Result<Table> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
+
+    /// Regressions: top tags counted set-aside items (a tag every rejected
+    /// image had still ranked first), and the alignment table's rejected
+    /// column left duplicates out, so the rest read as kept.
+    #[test]
+    fn top_tags_count_ok_items_and_alignment_counts_duplicates() {
+        let d = tempfile::tempdir().unwrap();
+        let m = Manifest::init(d.path()).unwrap();
+        m.conn()
+            .execute_batch(
+                "INSERT INTO runs (id, stage, config_json, tool_version, started_at) VALUES (1, 'import', '{}', '0', 'x');
+                 INSERT INTO items (id, sha256, source, status, run_id, status_run_id, created_at) VALUES
+                     (1, 'a', '/a', 'ok', 1, 1, 'x'), (2, 'b', '/b', 'rejected', 1, 1, 'x'),
+                     (3, 'c', '/c', 'rejected', 1, 1, 'x'), (4, 'd', '/d', 'duplicate', 1, 1, 'x');
+                 INSERT INTO tags (item_id, source, tag, run_id) VALUES
+                     (1, 't', 'smile', 1), (2, 't', 'blurry', 1), (3, 't', 'blurry', 1), (4, 't', 'blurry', 1);
+                 INSERT INTO tagging (item_id, tagger, settings, alignment, run_id) VALUES
+                     (1, 't', '{}', 0.95, 1), (2, 't', '{}', 0.1, 1), (4, 't', '{}', 0.91, 1);",
+            )
+            .unwrap();
+        let r = run(&m, 5).unwrap();
+        assert_eq!(r.top_tags.rows, [vec![json!("smile"), json!(1)]]);
+        assert_eq!(
+            r.alignment.rows,
+            [
+                vec![json!("0.1-0.2"), json!(1), json!(1), json!(0)],
+                vec![json!("0.9-1.0"), json!(2), json!(0), json!(1)],
+            ]
+        );
+    }
 
     /// A `running` run of any stage shows whether a process holds it;
     /// ended rows have no `process`.
