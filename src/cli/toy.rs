@@ -444,12 +444,27 @@ fn eval(a: EvalArgs, json: bool) -> anyhow::Result<i32> {
     Ok(0)
 }
 
+/// `toy tagger --round-trips`: the round trips' scenes are of seed
+/// `--data-seed` + this.
+const ROUND_TRIP_SEED_OFFSET: u64 = 1000;
+
 fn tagger(a: TaggerArgs, json: bool) -> anyhow::Result<i32> {
     use crate::toy::tagger::{evaluate_tagger, train_tagger, TaggerTraining};
     if a.eval > 0 && a.eval_seed == a.data_seed {
         return Err(crate::Error::config(
             "--eval-seed equals --data-seed: the evaluation scenes would be training scenes; pick another --eval-seed",
         )
+        .into());
+    }
+    // The round trips are drawn from scenes of their own seed (it was
+    // data_seed + 1: the default --eval-seed, so the evaluation scored
+    // scenes trained on).
+    let pool_seed = a.data_seed.wrapping_add(ROUND_TRIP_SEED_OFFSET);
+    if a.eval > 0 && a.round_trips > 0 && a.eval_seed == pool_seed {
+        return Err(crate::Error::config(format!(
+            "--eval-seed {} is the seed of the --round-trips scenes (--data-seed + {ROUND_TRIP_SEED_OFFSET}): the evaluation scenes would be training scenes; pick another --eval-seed",
+            a.eval_seed
+        ))
         .into());
     }
     let ctx = Ctx::new(!json);
@@ -472,12 +487,7 @@ fn tagger(a: TaggerArgs, json: bool) -> anyhow::Result<i32> {
     let pool = if a.round_trips > 0 {
         let path = crate::toy::model_or_default(a.model)?;
         let model = crate::pipeline::SdxlModel::load(&path, &Default::default())?;
-        crate::toy::tagger::round_trip_pool(
-            &model,
-            a.data_seed.wrapping_add(1),
-            a.round_trips,
-            &ctx,
-        )?
+        crate::toy::tagger::round_trip_pool(&model, pool_seed, a.round_trips, &ctx)?
     } else {
         Vec::new()
     };
@@ -565,9 +575,13 @@ fn scenes(a: ScenesArgs, json: bool) -> anyhow::Result<i32> {
         return Ok(0);
     }
     println!(
-        "toy scenes: {} written, {} already there, seed {}, in {} ({:.1} s)",
+        "toy scenes: {} written, {} already there{}, seed {}, in {} ({:.1} s)",
         r.written,
         r.skipped,
+        match r.removed {
+            0 => String::new(),
+            n => format!(", {n} past the count removed"),
+        },
         r.seed,
         r.dir.display(),
         t0.elapsed().as_secs_f64()

@@ -237,7 +237,8 @@ pub fn unquote(v: &str) -> String {
 
 /// Text chunks of a PNG as (keyword, text), in file order by kind (tEXt,
 /// zTXt, iTXt), as far as the `png` crate reads them before the image data
-/// (where A1111/Pillow put them).
+/// (where A1111/Pillow put them). A compressed chunk that does not inflate
+/// (corrupt, over 16 MiB, bad UTF-8) is left out, not the others with it.
 pub fn png_text_chunks(bytes: &[u8]) -> Result<Vec<(String, String)>> {
     let bad = |e: png::DecodingError| Error::Other(format!("png text chunks: {e}"));
     let decoder = png::Decoder::new(Cursor::new(bytes));
@@ -249,13 +250,21 @@ pub fn png_text_chunks(bytes: &[u8]) -> Result<Vec<(String, String)>> {
     }
     for c in &info.compressed_latin1_text {
         let mut c = c.clone();
-        c.decompress_text_with_limit(16 << 20).map_err(bad)?;
-        out.push((c.keyword.clone(), c.get_text().map_err(bad)?));
+        if let Ok(t) = c
+            .decompress_text_with_limit(16 << 20)
+            .and_then(|_| c.get_text())
+        {
+            out.push((c.keyword.clone(), t));
+        }
     }
     for c in &info.utf8_text {
         let mut c = c.clone();
-        c.decompress_text_with_limit(16 << 20).map_err(bad)?;
-        out.push((c.keyword.clone(), c.get_text().map_err(bad)?));
+        if let Ok(t) = c
+            .decompress_text_with_limit(16 << 20)
+            .and_then(|_| c.get_text())
+        {
+            out.push((c.keyword.clone(), t));
+        }
     }
     Ok(out)
 }
@@ -334,16 +343,29 @@ pub fn decode_user_comment(raw: &[u8]) -> Option<String> {
 }
 
 /// The raw A1111 `parameters` string of an image file, if any: PNG text
-/// chunk `parameters` (tEXt/zTXt/iTXt) or, for any format, EXIF UserComment.
+/// chunk `parameters` (tEXt/zTXt/iTXt) or, for any format, EXIF UserComment
+/// ([`find_parameters`]).
 pub fn read_parameters(bytes: &[u8]) -> Option<String> {
-    if sniff_format(bytes) == Some(SourceFormat::Png) {
+    find_parameters(bytes, sniff_format(bytes) == Some(SourceFormat::Png)).map(|(t, _)| t)
+}
+
+/// The raw A1111 `parameters` text of a file (`png`: a PNG, whose text
+/// chunks are looked at first) and where it was found: a PNG text chunk
+/// (`png_text`) or the EXIF UserComment (`exif_user_comment`, JPEG / WebP,
+/// as A1111 writes them). A UserComment counts only with A1111's
+/// parameter line (`Steps: …, Sampler: …`): a camera's or phone's comment
+/// ("Screenshot") is no prompt.
+pub fn find_parameters(bytes: &[u8], png: bool) -> Option<(String, &'static str)> {
+    if png {
         if let Ok(chunks) = png_text_chunks(bytes) {
             if let Some((_, t)) = chunks.into_iter().find(|(k, _)| k == "parameters") {
-                return Some(t);
+                return Some((t, "png_text"));
             }
         }
     }
-    exif_user_comment(bytes).filter(|s| !s.trim().is_empty())
+    exif_user_comment(bytes)
+        .filter(|s| !Infotext::parse(s).params.is_empty())
+        .map(|s| (s, "exif_user_comment"))
 }
 
 /// Encode an RGB8 image as PNG with a `parameters` text chunk: tEXt when the
@@ -551,6 +573,49 @@ mod tests {
         ] {
             assert_eq!(read_parameters(&fixture(name)), None, "{name}");
         }
+    }
+
+    /// Regressions: any EXIF UserComment ("Holiday 2019", a phone's
+    /// "Screenshot") was read as an A1111 prompt; a zTXt chunk that does
+    /// not inflate hid the file's good `parameters` chunk.
+    #[test]
+    fn only_a1111_comments_count_and_a_bad_chunk_hides_no_other() {
+        let mut jpg = fixture("a1111_ascii_exif.jpg");
+        assert!(find_parameters(&jpg, false).is_some());
+        let start = jpg.windows(6).position(|w| w == b"ASCII\0").unwrap();
+        let end = start
+            + jpg[start..]
+                .windows(2)
+                .position(|w| w == b"\xff\xdb")
+                .unwrap();
+        for b in &mut jpg[start + 8..end] {
+            if *b == b':' {
+                *b = b';';
+            }
+        }
+        assert_eq!(
+            exif_user_comment(&jpg).map(|c| c.contains("Steps; 30")),
+            Some(true)
+        );
+        assert_eq!(find_parameters(&jpg, false), None);
+
+        let img = RgbImage::new(2, 2);
+        let mut png = Vec::new();
+        {
+            let mut enc = png::Encoder::new(&mut png, 2, 2);
+            enc.set_color(png::ColorType::Rgb);
+            enc.add_text_chunk("parameters".into(), FULL.into())
+                .unwrap();
+            // Inflates past the 16 MiB limit.
+            enc.add_ztxt_chunk("comment".into(), "0".repeat(17 << 20))
+                .unwrap();
+            let mut w = enc.write_header().unwrap();
+            w.write_image_data(img.as_raw()).unwrap();
+        }
+        assert_eq!(
+            find_parameters(&png, true),
+            Some((FULL.to_string(), "png_text"))
+        );
     }
 
     #[test]

@@ -309,8 +309,11 @@ pub fn process_file(root: &Path, path: &Path, limits: &DecodeLimits) -> Result<F
                 phash: h.phash,
                 dhash: h.dhash,
             });
-            out.generation = read_parameters(&bytes, fmt)
-                .map(|(raw, origin)| generation_from_infotext(&raw, origin));
+            out.generation = imaging::infotext::find_parameters(
+                &bytes,
+                fmt == imaging::decode::SourceFormat::Png,
+            )
+            .map(|(raw, origin)| generation_from_infotext(&raw, origin));
             out.item.path = Some(rel);
             out.item.width = Some(d.width);
             out.item.height = Some(d.height);
@@ -319,25 +322,6 @@ pub fn process_file(root: &Path, path: &Path, limits: &DecodeLimits) -> Result<F
         }
     }
     Ok(out)
-}
-
-/// The raw A1111 `parameters` text of a file and where it was found:
-/// a PNG text chunk (`png_text`) or the EXIF UserComment
-/// (`exif_user_comment`, JPEG / WebP, as A1111 writes them).
-pub fn read_parameters(
-    bytes: &[u8],
-    fmt: imaging::decode::SourceFormat,
-) -> Option<(String, &'static str)> {
-    if fmt == imaging::decode::SourceFormat::Png {
-        if let Ok(chunks) = imaging::infotext::png_text_chunks(bytes) {
-            if let Some((_, t)) = chunks.into_iter().find(|(k, _)| k == "parameters") {
-                return Some((t, "png_text"));
-            }
-        }
-    }
-    imaging::infotext::exif_user_comment(bytes)
-        .filter(|s| !s.trim().is_empty())
-        .map(|s| (s, "exif_user_comment"))
 }
 
 /// A1111's scheduler labels, longest first so that "SGM Uniform" is not

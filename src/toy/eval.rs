@@ -24,7 +24,6 @@
 //! The same attribute comparison on fresh scenes (true tags instead of a
 //! prompt) is the toy tagger's accuracy gate ([`tagger_attribute_accuracy`]).
 
-use std::path::Path;
 use std::time::Instant;
 
 use serde::Serialize;
@@ -122,10 +121,11 @@ pub struct ToyEval {
     pub seconds: f64,
 }
 
-/// Prompts `0..n` of the toy template pack (`fixtures/prompts/toy`) at `seed`.
+/// Prompts `0..n` of the toy template pack (the built-in `toy`, embedded
+/// from `fixtures/prompts/toy`; an installed binary has no source tree) at
+/// `seed`.
 pub fn prompt_set(n: usize, seed: u64) -> Result<Vec<String>> {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/prompts/toy/template.txt");
-    let t = crate::prompts::load(&crate::prompts::TemplateSpec::File(root), None)?;
+    let t = crate::prompts::load(&crate::prompts::TemplateSpec::Builtin("toy".into()), None)?;
     Ok((0..n as u64)
         .map(|i| crate::prompts::tidy(&t.random(seed, i)))
         .collect())

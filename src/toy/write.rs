@@ -7,6 +7,9 @@
 //! the PNG goes first, so a scene whose `.txt` exists is complete. A rerun
 //! after a kill skips complete scenes (they are a pure function of seed
 //! and index, so redrawing would give the same bytes) and redraws the rest.
+//! `scenes.json` records the seed: a folder of another seed's scenes is
+//! refused (skipping its files would keep the other seed's scenes), and
+//! scenes past `count` of a larger earlier set are removed.
 
 use std::collections::BTreeMap;
 use std::io::Cursor;
@@ -44,6 +47,57 @@ pub struct WriteReport {
     pub sizes: BTreeMap<String, u64>,
     /// Scenes per tag, all `count` scenes.
     pub tags: BTreeMap<String, u64>,
+    /// Scenes past `count` (an earlier, larger set) removed.
+    pub removed: u64,
+}
+
+/// The folder's record of the seed its scenes are drawn from.
+pub const SCENES_RECORD: &str = "scenes.json";
+
+/// The index of a scene file `scene_NNNNNN.png` / `.txt`.
+fn scene_index(name: &str) -> Option<u64> {
+    let stem = name
+        .strip_suffix(".png")
+        .or_else(|| name.strip_suffix(".txt"))?;
+    stem.strip_prefix("scene_")?.parse().ok()
+}
+
+/// Claim `dir` for the scenes of `seed`: refused when it holds another
+/// seed's scenes, or scene files without a record of their seed.
+fn claim(dir: &Path, seed: u64) -> Result<()> {
+    let record = dir.join(SCENES_RECORD);
+    let other = |what: String| {
+        Error::config(format!(
+            "{}: holds {what}; write seed {seed} into another folder, or delete this one",
+            dir.display()
+        ))
+    };
+    match std::fs::read(&record) {
+        Ok(raw) => {
+            let had = serde_json::from_slice::<serde_json::Value>(&raw)
+                .ok()
+                .and_then(|v| v.get("seed")?.as_u64());
+            match had {
+                Some(s) if s == seed => return Ok(()),
+                Some(s) => return Err(other(format!("the scenes of seed {s} ({SCENES_RECORD})"))),
+                None => return Err(other(format!("an unreadable {SCENES_RECORD}"))),
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(Error::io(&record, e)),
+    }
+    for e in std::fs::read_dir(dir).at(dir)? {
+        let name = e.at(dir)?.file_name();
+        if scene_index(&name.to_string_lossy()).is_some() {
+            return Err(other(format!(
+                "scene files of an unknown seed (no {SCENES_RECORD})"
+            )));
+        }
+    }
+    write_atomic_replace(
+        &record,
+        serde_json::json!({ "seed": seed }).to_string().as_bytes(),
+    )
 }
 
 /// File stem of scene `index`.
@@ -60,6 +114,7 @@ pub fn write_scenes(dir: &Path, opts: WriteScenes, ctx: &Ctx) -> Result<WriteRep
         )));
     }
     std::fs::create_dir_all(dir).at(dir)?;
+    claim(dir, opts.seed)?;
     let mut rep = WriteReport {
         dir: dir.to_path_buf(),
         seed: opts.seed,
@@ -92,6 +147,16 @@ pub fn write_scenes(dir: &Path, opts: WriteScenes, ctx: &Ctx) -> Result<WriteRep
         bar.inc(1);
     }
     bar.finish_and_clear();
+    let mut past = std::collections::BTreeSet::new();
+    for e in std::fs::read_dir(dir).at(dir)? {
+        let e = e.at(dir)?;
+        if let Some(i) = scene_index(&e.file_name().to_string_lossy()).filter(|i| *i >= opts.count)
+        {
+            std::fs::remove_file(e.path()).at(e.path())?;
+            past.insert(i);
+        }
+    }
+    rep.removed = past.len() as u64;
     Ok(rep)
 }
 
@@ -127,7 +192,25 @@ mod tests {
         assert_eq!((r.written, r.skipped), (1, 5));
         assert!(out.join(format!("{}.txt", scene_stem(2))).is_file());
         // Only our files: no temp files left behind.
-        assert_eq!(std::fs::read_dir(&out).unwrap().count(), 12);
+        assert_eq!(std::fs::read_dir(&out).unwrap().count(), 13);
+        // Fewer scenes: those past the count go.
+        let r = write_scenes(&out, WriteScenes { count: 4, seed: 4 }, &Ctx::quiet()).unwrap();
+        assert_eq!((r.written, r.skipped, r.removed), (0, 4, 2));
+        assert_eq!(std::fs::read_dir(&out).unwrap().count(), 9);
+    }
+
+    /// Regression: a folder of seed 4's scenes was "written" with seed 5
+    /// by skipping every file, so it still held seed 4's scenes.
+    #[test]
+    fn another_seeds_folder_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("scenes");
+        write_scenes(&out, WriteScenes { count: 2, seed: 4 }, &Ctx::quiet()).unwrap();
+        let e = write_scenes(&out, WriteScenes { count: 2, seed: 5 }, &Ctx::quiet()).unwrap_err();
+        assert!(e.to_string().contains("the scenes of seed 4"), "{e}");
+        std::fs::remove_file(out.join(SCENES_RECORD)).unwrap();
+        let e = write_scenes(&out, WriteScenes { count: 2, seed: 4 }, &Ctx::quiet()).unwrap_err();
+        assert!(e.to_string().contains("unknown seed"), "{e}");
     }
 
     #[test]

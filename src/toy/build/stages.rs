@@ -139,6 +139,21 @@ pub(super) fn dataset_stage(
     let t = Instant::now();
     let scenes_dir = work.join("scenes");
     let ds = work.join("dataset");
+    // What a stage cut short left here belongs to its key: another seed or
+    // scene count starts over (a dataset imported from the other scenes
+    // would be trained on, under this recipe's name).
+    let stamp = work.join("dataset.key");
+    let had = std::fs::read(&stamp)
+        .ok()
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok());
+    if had.as_ref() != Some(data_key) {
+        for d in [&scenes_dir, &ds] {
+            if d.exists() {
+                std::fs::remove_dir_all(d).at(d)?;
+            }
+        }
+        write_atomic(&stamp, serde_json::to_string(data_key)?.as_bytes())?;
+    }
     ctx.say(&format!("toy build: drawing {} scenes", r.scenes));
     let w = write_scenes(
         &scenes_dir,
