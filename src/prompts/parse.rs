@@ -158,7 +158,12 @@ fn seq_or_single(mut parts: Vec<Node>) -> Node {
 
 /// Parse `text` (from `src`) into a tree. Wildcards are not resolved here.
 pub fn parse(text: &str, src: &Source) -> Result<Node> {
-    let mut p = Parser { text, pos: 0, src };
+    let mut p = Parser {
+        text,
+        pos: 0,
+        src,
+        depth: 0,
+    };
     let node = p.sequence(false)?;
     if p.pos < text.len() {
         // Only a stray `}` stops the top-level sequence.
@@ -171,7 +176,14 @@ struct Parser<'a> {
     text: &'a str,
     pos: usize,
     src: &'a Source,
+    /// Variants open around `pos`.
+    depth: usize,
 }
+
+/// Deepest nesting of variants accepted: far past any template, and far
+/// from the stack's end (parsing and expansion recurse per level; 100,000
+/// nested `{` aborted the process).
+pub const MAX_DEPTH: usize = 64;
 
 fn is_ws(c: char) -> bool {
     matches!(c, ' ' | '\t' | '\n' | '\r')
@@ -278,6 +290,19 @@ impl Parser<'_> {
     }
 
     fn variant(&mut self) -> Result<Variant> {
+        if self.depth == MAX_DEPTH {
+            return Err(self.err(
+                self.pos,
+                format!("variants nested deeper than {MAX_DEPTH} levels"),
+            ));
+        }
+        self.depth += 1;
+        let v = self.variant_body();
+        self.depth -= 1;
+        v
+    }
+
+    fn variant_body(&mut self) -> Result<Variant> {
         let open = self.pos;
         self.pos += 1; // `{`
         self.skip_ignorables();
@@ -326,8 +351,11 @@ impl Parser<'_> {
                 "empty variant list `{}`: give at least one option (`{a|b}`), or `{|a}` for an optional part",
             ));
         }
-        if options.iter().any(|(w, _)| w.is_nan() || *w < 0.0) {
-            return Err(err_at(&at, "variant weights must be zero or positive"));
+        if options.iter().any(|(w, _)| !w.is_finite() || *w < 0.0) {
+            return Err(err_at(
+                &at,
+                "variant weights must be finite, zero or positive",
+            ));
         }
         if options.iter().all(|(w, _)| *w == 0.0) {
             return Err(err_at(
@@ -520,6 +548,22 @@ mod tests {
             Node::Variant(v) => v,
             other => panic!("not a variant: {other:?}"),
         }
+    }
+
+    /// Regressions: 100,000 nested variants overflowed the stack (the
+    /// process aborted); a weight of 1 followed by 310 zeros (infinite)
+    /// took every draw.
+    #[test]
+    fn deep_nesting_and_infinite_weights_are_errors() {
+        let nested = |n: usize| format!("{}a{}", "{".repeat(n), "}".repeat(n));
+        p(&nested(MAX_DEPTH));
+        let msg = e(&nested(100_000));
+        assert!(
+            msg.contains("t.txt:1:65") && msg.contains("nested deeper than 64"),
+            "{msg}"
+        );
+        let msg = e(&format!("{{1{}::a|1::b}}", "0".repeat(310)));
+        assert!(msg.contains("must be finite"), "{msg}");
     }
 
     #[test]

@@ -93,7 +93,14 @@ impl WildcardSet {
             files: BTreeMap::new(),
         };
         let mut stack: Vec<PathBuf> = vec![dir.to_path_buf()];
+        // Linked folders are followed once each: a link back up the tree
+        // (`all -> .`) walked it again until the kernel's link limit, two
+        // of them 2^40 times.
+        let mut visited = std::collections::HashSet::new();
         while let Some(d) = stack.pop() {
+            if !visited.insert(std::fs::canonicalize(&d).at(&d)?) {
+                continue;
+            }
             for entry in std::fs::read_dir(&d).at(&d)? {
                 let entry = entry.at(&d)?;
                 let path = entry.path();
@@ -374,5 +381,18 @@ mod tests {
         assert_eq!(set.file("bad").unwrap().entries[0].text, "ok");
         let e = WildcardSet::load_dir(&d.path().join("nope")).unwrap_err();
         assert!(e.to_string().contains("wildcard folder not found"), "{e}");
+        // Links back up the tree are walked once, not until ELOOP.
+        #[cfg(unix)]
+        {
+            std::os::unix::fs::symlink(d.path(), d.path().join("hair/all")).unwrap();
+            std::os::unix::fs::symlink(d.path(), d.path().join("again")).unwrap();
+            let set = WildcardSet::load_dir(d.path()).unwrap();
+            assert_eq!(
+                set.names().count(),
+                2,
+                "{:?}",
+                set.names().collect::<Vec<_>>()
+            );
+        }
     }
 }
