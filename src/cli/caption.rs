@@ -26,7 +26,8 @@ pub enum PolicyArg {
 /// `eps2v caption DIR`
 #[derive(Debug, Args)]
 #[command(
-    after_help = "Examples:\n  eps2v caption my_dataset --tagger ~/models/wd-vit-tagger-v3\n  eps2v caption my_dataset --tagger wd-vit-tagger-v3 --policy tags --mcut --undesired \"simple background,white background\"\n  eps2v caption my_dataset --policy prompt --keep-tokens 2"
+    after_help = "Examples:\n  eps2v caption my_dataset --tagger ~/models/wd-vit-tagger-v3\n  eps2v caption my_dataset --tagger wd-vit-tagger-v3 --policy tags --mcut --undesired \"simple background,white background\"\n  eps2v caption my_dataset --policy prompt --keep-tokens 2",
+    mut_arg("precision", |a| a.help("Precision of the tagger: f32 (the default, also on CUDA: its thresholds were set in f32, and it is small), bf16 or f16 (CUDA only)"))
 )]
 pub struct CaptionArgs {
     /// Dataset folder.

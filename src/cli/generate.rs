@@ -74,8 +74,9 @@ pub struct GenerateArgs {
     /// Override the prediction type read from the checkpoint: eps or v.
     #[arg(long)]
     pub prediction: Option<String>,
-    /// Override the ZTSNR flag read from the checkpoint (true / false).
-    #[arg(long)]
+    /// Override the ZTSNR flag read from the checkpoint (true / false;
+    /// `--ztsnr` alone: true).
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     pub ztsnr: Option<bool>,
     /// Images per UNet call (a speed knob: the pixels do not depend on it).
     #[arg(long, default_value_t = 4)]

@@ -64,8 +64,9 @@ pub struct SampleArgs {
     /// Override the prediction type read from the checkpoint: eps or v.
     #[arg(long)]
     pub prediction: Option<String>,
-    /// Override the ZTSNR flag read from the checkpoint (true / false).
-    #[arg(long)]
+    /// Override the ZTSNR flag read from the checkpoint (true / false;
+    /// `--ztsnr` alone: true).
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     pub ztsnr: Option<bool>,
     /// Output folder (created if needed).
     #[arg(long, default_value = "outputs")]

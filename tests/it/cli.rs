@@ -336,3 +336,26 @@ fn diagnose_uncond_verdicts_on_crafted_models() {
         "{text}"
     );
 }
+
+/// `--ztsnr` alone means true on every command that takes it, as the
+/// README writes it (it needed a value on `sample` and `generate`).
+#[test]
+fn a_bare_ztsnr_flag_is_true() {
+    use clap::Parser;
+    use eps2v::cli::{Cli, Command as C};
+    let parse = |args: &[&str]| Cli::try_parse_from(args).unwrap_or_else(|e| panic!("{e}"));
+    let C::Sample(s) = parse(&["eps2v", "sample", "--prompt", "x", "--ztsnr"]).command else {
+        panic!("not sample")
+    };
+    assert_eq!(s.ztsnr, Some(true));
+    let C::Sample(s) = parse(&["eps2v", "sample", "--ztsnr", "false", "--prompt", "x"]).command
+    else {
+        panic!("not sample")
+    };
+    assert_eq!(s.ztsnr, Some(false));
+    let C::Generate(g) = parse(&["eps2v", "generate", "d", "--ztsnr", "--count", "1"]).command
+    else {
+        panic!("not generate")
+    };
+    assert_eq!(g.ztsnr, Some(true));
+}

@@ -810,5 +810,7 @@ fn readme_quick_start_runs_the_toy_job() {
     // is checked against fixtures/configs/toy.toml in tests/it/run.rs).
     let o = eps2v(&["run", "--help"]);
     let help = String::from_utf8_lossy(&o.stdout);
-    assert!(help.contains("eps2v-toy-run"), "{help}");
+    let default = eps2v::run::RunConfig::default().dataset;
+    assert_eq!(default, Path::new("eps2v-toy-run"));
+    assert!(help.contains("./eps2v-toy-run"), "{help}");
 }

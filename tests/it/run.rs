@@ -326,6 +326,19 @@ fn toy_run_end_to_end_then_rerun_skips_everything() {
 /// and let it stop by itself) once a `runs` row of `stage` exists (and, for
 /// generate, once it committed images; for train, once it has a checkpoint
 /// after step 0); whether it was still running then, and its exit code.
+/// Status of the newest run of `stage` in the dataset `ds`.
+fn last_run_status(ds: &Path, stage: &str) -> String {
+    Manifest::open_read_only(ds)
+        .unwrap()
+        .conn()
+        .query_row(
+            "SELECT status FROM runs WHERE stage = ?1 ORDER BY id DESC LIMIT 1",
+            [stage],
+            |r| r.get(0),
+        )
+        .unwrap()
+}
+
 fn kill_during(cfg: &Path, ds: &Path, stage: &str, ctrl_c: bool) -> (bool, Option<i32>) {
     let mut child = Command::new(bin())
         .args(["--json", "run", cfg.to_str().unwrap()])
@@ -421,24 +434,30 @@ fn kill_9_during_a_stage_then_rerun_gives_the_uninterrupted_result() {
         let c = work.path().join(format!("{name}.toml"));
         set(&mut t, "dataset", s(ds.to_str().unwrap()));
         write_config(&c, &t);
-        let (killed, code) = kill_during(&c, &ds, stage, ctrl_c);
+        let mut tries = 0;
+        let (killed, code) = loop {
+            let (killed, code) = kill_during(&c, &ds, stage, ctrl_c);
+            // A kill -9 must land inside the stage (its row left
+            // `running`), or the rerun would not resume it: tried again.
+            if ctrl_c || stage == "train" || (killed && last_run_status(&ds, stage) == "running") {
+                break (killed, code);
+            }
+            tries += 1;
+            assert!(tries < 5, "kill -9 never landed inside {stage}");
+            std::fs::remove_dir_all(&ds).unwrap();
+        };
         if ctrl_c {
             // Ctrl-C lets the stage keep what it did, end its run (and the
             // pipeline's) as failed, and exit 130 (kill -9 leaves them
             // running): the rerun goes on from there.
             assert!(killed, "Ctrl-C came too late");
             assert_eq!(code, Some(130), "exit code after Ctrl-C in {stage}");
-            let m = Manifest::open_read_only(&ds).unwrap();
             for st in [stage, "run"] {
-                let status: String = m
-                    .conn()
-                    .query_row(
-                        "SELECT status FROM runs WHERE stage = ?1 ORDER BY id DESC LIMIT 1",
-                        [st],
-                        |r| r.get(0),
-                    )
-                    .unwrap();
-                assert_eq!(status, "failed", "the interrupted {st} run");
+                assert_eq!(
+                    last_run_status(&ds, st),
+                    "failed",
+                    "the interrupted {st} run"
+                );
             }
         }
         // Killed in training, the dataset folder moves before the rerun:

@@ -74,26 +74,12 @@ fn unet(p: &Path) -> Vec<Vec<f32>> {
         .collect()
 }
 
-#[test]
-fn sigterm_then_resume_equals_an_uninterrupted_run() {
-    let d = tempfile::tempdir().unwrap();
-    let (ds, ck) = dataset(d.path()).unwrap();
-    let (ds, ck) = (ds.to_str().unwrap(), ck.to_str().unwrap());
-    let straight = d.path().join("straight.safetensors");
-    let o = Command::new(bin())
-        .args(train_args(ds, ck, straight.to_str().unwrap(), "150"))
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    // Same run, stopped by SIGTERM once a few steps are logged.
-    let resumed = d.path().join("resumed.safetensors");
-    let runs = Path::new(ds).join("runs");
-    let earlier: Vec<_> = std::fs::read_dir(&runs)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .collect();
+/// Run `eps2v` with `args` and stop it with SIGTERM once its new run (a
+/// folder of `runs` not in `earlier`) has logged a few steps; its output,
+/// after checking that it exited 130 (stopped).
+fn stopped_after_a_few_steps(args: &[&str], runs: &Path, earlier: &[std::path::PathBuf]) -> Output {
     let child = Command::new(bin())
-        .args(train_args(ds, ck, resumed.to_str().unwrap(), "150"))
+        .args(args)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -101,7 +87,7 @@ fn sigterm_then_resume_equals_an_uninterrupted_run() {
     let t0 = Instant::now();
     loop {
         // Lines in the new run's log (header, the step-0 evaluation, steps).
-        let logged = std::fs::read_dir(&runs)
+        let logged = std::fs::read_dir(runs)
             .map(|rd| {
                 rd.filter_map(|e| e.ok())
                     .filter(|e| !earlier.contains(&e.path()))
@@ -126,6 +112,32 @@ fn sigterm_then_resume_equals_an_uninterrupted_run() {
         Some(130),
         "{}",
         String::from_utf8_lossy(&o.stderr)
+    );
+    o
+}
+
+#[test]
+fn sigterm_then_resume_equals_an_uninterrupted_run() {
+    let d = tempfile::tempdir().unwrap();
+    let (ds, ck) = dataset(d.path()).unwrap();
+    let (ds, ck) = (ds.to_str().unwrap(), ck.to_str().unwrap());
+    let straight = d.path().join("straight.safetensors");
+    let o = Command::new(bin())
+        .args(train_args(ds, ck, straight.to_str().unwrap(), "150"))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // Same run, stopped by SIGTERM once a few steps are logged.
+    let resumed = d.path().join("resumed.safetensors");
+    let runs = Path::new(ds).join("runs");
+    let earlier: Vec<_> = std::fs::read_dir(&runs)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    let o = stopped_after_a_few_steps(
+        &train_args(ds, ck, resumed.to_str().unwrap(), "150"),
+        &runs,
+        &earlier,
     );
     let r = json(&o);
     assert_eq!(r["interrupted"], true);
@@ -171,23 +183,34 @@ fn sigterm_then_resume_equals_an_uninterrupted_run() {
     );
 }
 
+/// A save that fails as on a full disk (`ulimit -f`) while a run goes on
+/// from its checkpoint: the run stops with exit 2, its earlier checkpoints
+/// are intact, no temp file is left, and it resumes from them.
 #[test]
 fn a_full_disk_while_saving_keeps_the_previous_checkpoint() {
     let d = tempfile::tempdir().unwrap();
     let (ds, ck) = dataset(d.path()).unwrap();
     let out = d.path().join("x.safetensors");
-    let args = train_args(
+    let mut args = train_args(
         ds.to_str().unwrap(),
         ck.to_str().unwrap(),
         out.to_str().unwrap(),
-        "4",
+        "150",
     );
-    // First run: fine, leaves its checkpoints.
-    let o = Command::new(bin()).args(&args).output().unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    // Second run under a file-size limit (ulimit -f, 512-byte blocks)
-    // above every other file of the dataset but below one checkpoint: the
-    // first save fails as on a full disk.
+    args.extend(["--save-every", "4"]);
+    // Stopped part-way: its stop checkpoint is the one to keep.
+    let runs = ds.join("runs");
+    let o = stopped_after_a_few_steps(&args, &runs, &[]);
+    let id = json(&o)["run_id"].as_i64().unwrap().to_string();
+    let ckpts = runs.join(&id).join("checkpoints");
+    let saved: Vec<_> = std::fs::read_dir(&ckpts)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert!(!saved.is_empty());
+    // Resumed under a file-size limit (ulimit -f, 512-byte blocks) above
+    // every other file of the dataset but below one checkpoint: its next
+    // save fails as on a full disk.
     let mut biggest_other = 0u64;
     let mut ckpt_size = u64::MAX;
     for e in walk(&ds) {
@@ -200,6 +223,7 @@ fn a_full_disk_while_saving_keeps_the_previous_checkpoint() {
     }
     assert!(biggest_other < ckpt_size, "{biggest_other} vs {ckpt_size}");
     let blocks = (biggest_other + ckpt_size) / 2 / 512;
+    args.extend(["--resume", &id]);
     let cmd = format!(
         "ulimit -f {blocks}; exec {} {}",
         bin(),
@@ -208,34 +232,29 @@ fn a_full_disk_while_saving_keeps_the_previous_checkpoint() {
             .collect::<Vec<_>>()
             .join(" ")
     );
-    let before: Vec<_> = std::fs::read_dir(ds.join("runs"))
-        .unwrap()
-        .filter_map(|e| e.ok())
-        .map(|e| e.path())
-        .collect();
     let o = Command::new("sh").args(["-c", &cmd]).output().unwrap();
-    assert_eq!(
-        o.status.code(),
-        Some(2),
-        "{}",
-        String::from_utf8_lossy(&o.stderr)
-    );
     let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
     assert!(
         err.contains("too large") || err.contains("File too large"),
         "{err}"
     );
-    // The earlier run's files are intact and loadable; no temp file is left.
-    for run in before {
-        for e in std::fs::read_dir(run.join("checkpoints")).unwrap() {
-            let p = e.unwrap().path();
-            let name = p.file_name().unwrap().to_string_lossy().into_owned();
-            assert!(!name.contains(".tmp"), "{name}");
-            eps2v::train::state::load(&p, &Device::Cpu).unwrap();
-        }
+    // The run's checkpoints are intact and loadable; no temp file is left.
+    for e in std::fs::read_dir(&ckpts).unwrap() {
+        let p = e.unwrap().path();
+        let name = p.file_name().unwrap().to_string_lossy().into_owned();
+        assert!(!name.contains(".tmp"), "{name}");
+        eps2v::train::state::load(&p, &Device::Cpu).unwrap();
     }
-    let v = unet(&out);
-    assert!(!v.is_empty());
+    for p in &saved {
+        assert!(p.is_file(), "{} went", p.display());
+    }
+    assert!(!out.exists());
+    // Room again: the run resumes from them and ends.
+    let o = Command::new(bin()).args(&args).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(json(&o)["steps"], 150);
+    assert!(!unet(&out).is_empty());
 }
 
 fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
