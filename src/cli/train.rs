@@ -171,9 +171,12 @@ pub fn read_config(path: &std::path::Path) -> Result<TrainConfig> {
         Some(toml::Value::Table(t)) => t.clone(),
         _ => value,
     };
-    table
+    let mut c = table
+        .clone()
         .try_into::<TrainConfig>()
-        .map_err(|e| Error::config(format!("{}: {e}", path.display())))
+        .map_err(|e| Error::config(format!("{}: {e}", path.display())))?;
+    c.ztsnr_follows_objective(&table);
+    Ok(c)
 }
 
 impl TrainArgs {

@@ -324,10 +324,14 @@ impl RunConfig {
         let value: toml::Table = toml::from_str(text)
             .map_err(|e| Error::config(format!("{origin}: not valid TOML: {e}")))?;
         let schema = schema();
-        check_keys(&toml::Value::Table(value), &schema, &schema, "")
+        let value = toml::Value::Table(value);
+        check_keys(&value, &schema, &schema, "")
             .map_err(|e| Error::config(format!("{origin}: {e}")))?;
-        let cfg: RunConfig =
+        let mut cfg: RunConfig =
             toml::from_str(text).map_err(|e| Error::config(format!("{origin}: {e}")))?;
+        if let Some(toml::Value::Table(t)) = value.get("train") {
+            cfg.train.ztsnr_follows_objective(t);
+        }
         check_stages(&cfg.stages).map_err(|e| Error::config(format!("{origin}: {e}")))?;
         Ok(cfg)
     }

@@ -212,7 +212,7 @@ pub struct TrainConfig {
     #[schemars(with = "String")]
     pub objective: Prediction,
     /// Train on the exact zero-terminal-SNR schedule (ᾱ_T = 0) and mark the
-    /// export `ztsnr`.
+    /// export `ztsnr`. Default: true with the v objective, false with eps.
     pub ztsnr: bool,
     /// Trainable blocks of the single stage (ignored when `stages` is set).
     pub blocks: Vec<String>,
@@ -557,6 +557,16 @@ impl TrainConfig {
         Ok(())
     }
 
+    /// ZTSNR follows the objective unless the TOML `table` this config was
+    /// read from sets it, as the `--objective` flag does: `objective =
+    /// "eps"` alone trains without ZTSNR (the default `ztsnr = true`
+    /// belongs to v, and eps cannot learn the terminal step).
+    pub fn ztsnr_follows_objective(&mut self, table: &toml::Table) {
+        if !table.contains_key("ztsnr") {
+            self.ztsnr = self.objective == Prediction::V;
+        }
+    }
+
     /// Warnings worth printing before a run (valid but probably unintended).
     pub fn warnings(&self) -> Vec<String> {
         let mut w = Vec::new();
@@ -706,6 +716,23 @@ mod tests {
         assert_eq!(t, DropoutCond::Text(",".into()));
         assert_eq!(t.to_string(), "text:,");
         assert_eq!(t.uncond_mode(), UncondMode::Negative(",".into()));
+    }
+
+    #[test]
+    fn an_eps_objective_alone_turns_ztsnr_off() {
+        let read = |text: &str| {
+            let table: toml::Table = toml::from_str(text).unwrap();
+            let mut c: TrainConfig = table.clone().try_into().unwrap();
+            c.ztsnr_follows_objective(&table);
+            (c.objective, c.ztsnr)
+        };
+        assert_eq!(read("objective = \"eps\""), (Prediction::Eps, false));
+        assert_eq!(
+            read("objective = \"eps\"\nztsnr = true"),
+            (Prediction::Eps, true)
+        );
+        assert_eq!(read(""), (Prediction::V, true));
+        assert_eq!(read("ztsnr = false"), (Prediction::V, false));
     }
 
     #[test]
