@@ -353,6 +353,68 @@ pub fn pil_resize_rgb(
     }
 }
 
+/// [`pil_resize_rgb`] of `src` (`w×h` RGB8) pasted on a white square of
+/// its longer side at `((side − w) / 2, (side − h) / 2)`, to `out×out`,
+/// without making the square: a 16384×2441 panorama's square is 805 MB,
+/// the horizontal pass's rows of it are built a few at a time and its
+/// white rows resized once. Same bytes as resizing the square (both sides
+/// change equally, so Pillow goes horizontal first).
+pub fn pil_resize_on_white_square(
+    src: &[u8],
+    w: usize,
+    h: usize,
+    out: usize,
+    filter: PilFilter,
+) -> Vec<u8> {
+    let side = w.max(h);
+    if w == 0 || h == 0 || out == 0 || src.len() < w * h * 3 {
+        return vec![0; out * out * 3];
+    }
+    let (x0, y0) = ((side - w) / 2, (side - h) / 2);
+    let padded_row = |row: &mut Vec<u8>, y: usize| {
+        row.resize(x0 * 3, 255);
+        row.extend_from_slice(&src[y * w * 3..(y + 1) * w * 3]);
+        row.resize(side * 3, 255);
+    };
+    if out == side {
+        let mut sq = Vec::with_capacity(side * side * 3);
+        sq.resize(y0 * side * 3, 255);
+        let mut row = Vec::with_capacity(side * 3);
+        for y in 0..h {
+            row.clear();
+            padded_row(&mut row, y);
+            sq.extend_from_slice(&row);
+        }
+        sq.resize(side * side * 3, 255);
+        return sq;
+    }
+    let vt = precompute_taps(side, out, filter);
+    let first = vt.bounds.first().map_or(0, |b| b.0);
+    let last = vt.bounds.last().map_or(side, |b| b.0 + b.1);
+    let white = horizontal_pass(&vec![255u8; side * 3], side, 0, 1, out, filter);
+    let mut tmp = Vec::with_capacity(last.saturating_sub(first) * out * 3);
+    let mut chunk = Vec::new();
+    let mut row = Vec::with_capacity(side * 3);
+    let mut r = first;
+    while r < last {
+        if r < y0 || r >= y0 + h {
+            tmp.extend_from_slice(&white);
+            r += 1;
+            continue;
+        }
+        let end = (r + 32).min(last).min(y0 + h);
+        chunk.clear();
+        for y in r..end {
+            row.clear();
+            padded_row(&mut row, y - y0);
+            chunk.extend_from_slice(&row);
+        }
+        tmp.extend(horizontal_pass(&chunk, side, 0, end - r, out, filter));
+        r = end;
+    }
+    vertical_pass(&tmp, out, &vt, out, first)
+}
+
 simd_fn! {
     /// Horizontal pass over `rows` source rows starting at `first_row`
     /// (`src` is `w` pixels wide). Output `(rows, out_w)` RGB8.

@@ -320,7 +320,7 @@ pub fn build(
             let z = match cfg.latent {
                 LatentMode::Mean => inputs.vae.encode(&x)?,
                 LatentMode::Sample => {
-                    let (mean, _) = inputs.vae.encode_moments(&x)?;
+                    let (mean, logvar) = inputs.vae.encode_moments(&x)?;
                     let dims = mean.dims().to_vec();
                     let per: usize = dims[1..].iter().product();
                     let noise: Vec<f32> = chunk
@@ -333,7 +333,8 @@ pub fn build(
                         })
                         .collect();
                     let n = Tensor::from_vec(noise, dims, &device)?;
-                    inputs.vae.encode_sample(&x, &n)?
+                    // One encoder pass: the moments are those above.
+                    crate::models::sdxl::vae::sample_moments(&mean, &logvar, &n)?
                 }
             };
             let z = (z.to_dtype(DType::F32)? * inputs.vae.scale_factor())?; // (b, 4, h, w)

@@ -364,8 +364,7 @@ impl Vae {
     /// `(b, 4, H/8, W/8)` (seeded by the caller; unscaled).
     pub fn encode_sample(&self, x: &Tensor, noise: &Tensor) -> Result<Tensor> {
         let (mean, logvar) = self.encode_moments(x)?;
-        let std = (logvar * 0.5)?.exp()?;
-        mean + std.mul(&noise.to_dtype(std.dtype())?)?
+        sample_moments(&mean, &logvar, noise)
     }
 
     /// Decode unscaled latents `z (b, 4, h, w)` to images `(b, 3, 8h, 8w)`
@@ -389,6 +388,13 @@ impl Vae {
     pub fn decode_scaled(&self, z: &Tensor) -> Result<Tensor> {
         self.decode(&(z / self.cfg.scale_factor)?)
     }
+}
+
+/// A sample `mean + exp(logvar/2)·noise` of the moments
+/// [`Vae::encode_moments`] gave (unscaled).
+pub fn sample_moments(mean: &Tensor, logvar: &Tensor, noise: &Tensor) -> Result<Tensor> {
+    let std = (logvar * 0.5)?.exp()?;
+    mean + std.mul(&noise.to_dtype(std.dtype())?)?
 }
 
 #[cfg(test)]

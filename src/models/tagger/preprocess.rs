@@ -35,7 +35,7 @@ use candle_core::{Device, Tensor};
 use image::RgbImage;
 
 use super::config::{Interpolation, TaggerConfig};
-use crate::imaging::hash::{pil_resize_rgb, PilFilter};
+use crate::imaging::hash::{pil_resize_on_white_square, PilFilter};
 use crate::Result;
 
 /// The input transform of one tagger.
@@ -83,10 +83,11 @@ impl Preprocess {
         }
     }
 
-    /// Steps 2–3 up to the resize: packed RGB8 of `S×S`.
+    /// Steps 2–3 up to the resize: packed RGB8 of `S×S` (the padded square
+    /// is not made: [`pil_resize_on_white_square`]).
     pub fn resize(&self, rgb: &RgbImage) -> Vec<u8> {
-        let (sq, side) = pad_square_white(rgb);
-        pil_resize_rgb(&sq, side, side, self.size, self.size, self.filter)
+        let (w, h) = (rgb.width() as usize, rgb.height() as usize);
+        pil_resize_on_white_square(rgb.as_raw(), w, h, self.size, self.filter)
     }
 
     /// Steps 3–4 after the resize: `S×S` RGB8 → CHW f32, channels B, G, R.
@@ -129,6 +130,30 @@ impl Preprocess {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The resize without the square gives the bytes of resizing the
+    /// square, wide and tall, shrinking, equal and growing.
+    #[test]
+    fn resizing_on_a_virtual_square_equals_resizing_the_square() {
+        use crate::imaging::hash::pil_resize_rgb;
+        for (w, h, out) in [
+            (301, 77, 64),
+            (77, 301, 64),
+            (40, 64, 64),
+            (5, 9, 32),
+            (130, 129, 48),
+        ] {
+            let img = RgbImage::from_fn(w as u32, h as u32, |x, y| {
+                image::Rgb([(x * 7 + y) as u8, (y * 13) as u8, (x ^ y) as u8])
+            });
+            for filter in [PilFilter::Bicubic, PilFilter::Lanczos] {
+                let (sq, side) = pad_square_white(&img);
+                let want = pil_resize_rgb(&sq, side, side, out, out, filter);
+                let got = pil_resize_on_white_square(img.as_raw(), w, h, out, filter);
+                assert!(got == want, "{w}x{h} → {out} {filter:?}");
+            }
+        }
+    }
 
     #[test]
     fn pad_centres_with_floor_offsets() {
