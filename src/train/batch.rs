@@ -267,11 +267,62 @@ pub(super) fn grad_norm(grads: &GradStore, vars: &[(String, Var)]) -> Result<f64
     Ok(sq.sqrt())
 }
 
+/// Scale the gradients of `vars` (global norm `gnorm`) down to norm
+/// `max` when above it (`max` ≤ 0: no clipping).
+pub(super) fn clip_grads(
+    grads: &mut GradStore,
+    vars: &[(String, Var)],
+    gnorm: f64,
+    max: f64,
+) -> Result<()> {
+    if max > 0.0 && gnorm > max {
+        let scale = max / (gnorm + 1e-6);
+        for (_, v) in vars {
+            if let Some(g) = grads.remove(v.as_tensor()) {
+                grads.insert(v.as_tensor(), (g * scale)?);
+            }
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use candle_core::{Device, Tensor};
 
     use super::multires_noise;
+
+    /// Gradients over the limit are scaled to it, as one vector over all
+    /// parameters; those under it, or with clipping off, stay.
+    #[test]
+    fn gradients_are_clipped_to_the_global_norm() {
+        use super::{clip_grads, grad_norm};
+        let d = Device::Cpu;
+        let a = candle_core::Var::new(&[1f32, 1.0], &d).unwrap();
+        let b = candle_core::Var::new(&[1f32], &d).unwrap();
+        let vars = vec![("a".to_string(), a.clone()), ("b".to_string(), b.clone())];
+        // loss = 3·a0 + 0·a1 + 4·b0: gradients (3, 0) and (4), norm 5.
+        let loss = ((a.as_tensor() * Tensor::new(&[3f32, 0.0], &d).unwrap())
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            + (b.as_tensor() * 4.0).unwrap().sum_all().unwrap())
+        .unwrap();
+        let got = |max: f64| {
+            let mut g = loss.backward().unwrap();
+            let n = grad_norm(&g, &vars).unwrap();
+            assert!((n - 5.0).abs() < 1e-9);
+            clip_grads(&mut g, &vars, n, max).unwrap();
+            let ga: Vec<f32> = g.get(a.as_tensor()).unwrap().to_vec1().unwrap();
+            let gb: Vec<f32> = g.get(b.as_tensor()).unwrap().to_vec1().unwrap();
+            (ga, gb, grad_norm(&g, &vars).unwrap())
+        };
+        let (ga, gb, n) = got(1.0);
+        assert!((ga[0] - 0.6).abs() < 1e-6 && ga[1] == 0.0 && (gb[0] - 0.8).abs() < 1e-6);
+        assert!((n - 1.0).abs() < 1e-5, "{n}");
+        assert_eq!(got(10.0).2, 5.0);
+        assert_eq!(got(0.0).2, 5.0);
+    }
 
     /// Multi-resolution noise: unit std per sample, deterministic from the
     /// stream, and far more power in each channel's spatial mean (the layout

@@ -546,8 +546,6 @@ impl Caches {
 mod tests {
     use super::*;
 
-    /// f32 keys are the plain hash of their parts (those of the caches
-    /// written before `--precision`); half precision gets keys of its own.
     #[test]
     fn captions_train_as_written_not_as_prompt_syntax() {
         use crate::models::sdxl::prompt::tokenize_prompt_with;
@@ -574,6 +572,54 @@ mod tests {
         assert_eq!(caption_tokens(&tok, &long, 2).unwrap().chunks.len(), 2);
     }
 
+    /// Caption dropout: a dropped row is zeros (`zero`) or the encoded
+    /// dropout text (`empty`, `"…"`), never its caption; every row is
+    /// padded with the empty chunk to the batch's longest caption.
+    #[test]
+    fn dropped_captions_take_the_dropout_conditioning_padded_to_the_batch() {
+        let d = Device::Cpu;
+        let cond = |v: f32, chunks: usize| Cond {
+            context: Tensor::full(v, (1, 77 * chunks, 3), &d).unwrap(),
+            pooled: Tensor::full(v, (1, 2), &d).unwrap(),
+        };
+        let mut text = HashMap::new();
+        text.insert("short".to_string(), cond(1.0, 1));
+        text.insert("long".to_string(), cond(2.0, 2));
+        text.insert(String::new(), cond(5.0, 1));
+        let mut caches = Caches {
+            latents: HashMap::new(),
+            text,
+            empty_chunk: Tensor::full(9f32, (1, 77, 3), &d).unwrap(),
+            uncond: None,
+        };
+        // (row, token) → value of the context, and the pooled row.
+        let rows = |c: &Caches, dropped: &[bool]| {
+            let (ctx, pooled) = c.batch_cond(&["short", "long"], dropped).unwrap();
+            let ctx: Vec<Vec<f32>> = (0..2)
+                .map(|i| {
+                    let r = ctx.get(i).unwrap();
+                    [0usize, 76, 77, 153]
+                        .iter()
+                        .map(|&t| r.get(t).unwrap().get(0).unwrap().to_scalar().unwrap())
+                        .collect()
+                })
+                .collect();
+            (ctx, pooled.to_vec2::<f32>().unwrap())
+        };
+        let (ctx, pooled) = rows(&caches, &[false, false]);
+        assert_eq!(ctx, [vec![1., 1., 9., 9.], vec![2., 2., 2., 2.]]);
+        assert_eq!(pooled, [vec![1., 1.], vec![2., 2.]]);
+        let (ctx, pooled) = rows(&caches, &[true, false]);
+        assert_eq!(ctx, [vec![0., 0., 0., 0.], vec![2., 2., 2., 2.]]);
+        assert_eq!(pooled, [vec![0., 0.], vec![2., 2.]]);
+        caches.uncond = Some(caches.text[""].clone());
+        let (ctx, pooled) = rows(&caches, &[true, false]);
+        assert_eq!(ctx, [vec![5., 5., 9., 9.], vec![2., 2., 2., 2.]]);
+        assert_eq!(pooled, [vec![5., 5.], vec![2., 2.]]);
+    }
+
+    /// f32 keys are the plain hash of their parts (those of the caches
+    /// written before `--precision`); half precision gets keys of its own.
     #[test]
     fn only_half_precision_changes_a_cache_key() {
         let parts: [&[u8]; 3] = [b"latent", b"abc", b"1024x1024"];

@@ -64,7 +64,7 @@ use crate::signal;
 use crate::stages::Ctx;
 use crate::{Error, Result};
 
-use batch::{add_grads, grad_norm, loss_and_grads, make_batch, validation_loss};
+use batch::{add_grads, clip_grads, grad_norm, loss_and_grads, make_batch, validation_loss};
 use blocks::{BlockLr, BlockSet};
 use cache::{CacheInputs, CacheReport};
 use config::{LrSchedule, StageConfig, TrainConfig};
@@ -636,15 +636,7 @@ pub fn train(
                 } else {
                     st.bad_in_row = 0;
                     st.rollbacks_in_row = 0;
-                    // clip
-                    if cfg.max_grad_norm > 0.0 && gnorm > cfg.max_grad_norm {
-                        let scale = cfg.max_grad_norm / (gnorm + 1e-6);
-                        for (_, v) in &vars {
-                            if let Some(g) = grads.remove(v.as_tensor()) {
-                                grads.insert(v.as_tensor(), (g * scale)?);
-                            }
-                        }
-                    }
+                    clip_grads(&mut grads, &vars, gnorm, cfg.max_grad_norm)?;
                     // step
                     opt.step(&grads)?;
                     if let Some(d) = cfg.ema_decay {

@@ -861,3 +861,20 @@ fn a_stop_below_export_puts_blocks_trained_since_the_good_checkpoint_back_to_bas
         (9.0, 9.0, 7.0)
     );
 }
+
+/// Warm-up climbs linearly to the peak, cosine falls from it to
+/// `min_ratio` over the rest of the stage, constant stays.
+#[test]
+fn the_learning_rate_warms_up_then_follows_its_schedule() {
+    use config::LrSchedule::{Constant, Cosine};
+    let f = |s, kind| lr_factor(s, 14, 4, kind, 0.1);
+    let warm: Vec<f64> = (0..4).map(|s| f(s, Cosine)).collect();
+    assert_eq!(warm, [0.25, 0.5, 0.75, 1.0]);
+    assert_eq!(f(4, Cosine), 1.0);
+    // Half-way through the 10 cosine steps: half-way between 1 and 0.1.
+    assert!((f(9, Cosine) - 0.55).abs() < 1e-12, "{}", f(9, Cosine));
+    assert!((f(14, Cosine) - 0.1).abs() < 1e-12);
+    assert!((5..14).all(|s| f(s, Cosine) < f(s - 1, Cosine)));
+    assert!((4..14).all(|s| f(s, Constant) == 1.0));
+    assert_eq!(lr_factor(0, 5, 0, Cosine, 0.0), 1.0);
+}
