@@ -35,7 +35,9 @@ pub struct SampleArgs {
     #[arg(long)]
     pub negative: Option<String>,
     /// Seed of the first image (image k uses seed+k); random when omitted.
-    #[arg(long)]
+    /// At most 2^63 − 1: the seed written into the image must read back
+    /// (A1111 infotext, the manifest's integers).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(..=i64::MAX as u64))]
     pub seed: Option<u64>,
     /// Sampling steps.
     #[arg(long, default_value_t = 20)]

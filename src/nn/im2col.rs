@@ -64,8 +64,11 @@ pub fn try_conv2d(x: &Tensor, w: &Tensor, stride: usize, padding: usize) -> Resu
 /// not ones it takes (a non-square kernel, channels that do not match, or
 /// patches past 32-bit indexing).
 fn conv2d_gemm(x: &Tensor, w: &Tensor, stride: usize, padding: usize) -> Result<Option<Tensor>> {
-    let (b, c, h, wd) = x.dims4()?;
-    let (co, ci, kh, kw) = w.dims4()?;
+    // Another rank is the caller's mistake, for candle to report, not a
+    // kernel failure (which turns the kernel off for the process).
+    let (Ok((b, c, h, wd)), Ok((co, ci, kh, kw))) = (x.dims4(), w.dims4()) else {
+        return Ok(None);
+    };
     if kh != kw || ci != c || stride == 0 || h + 2 * padding < kh || wd + 2 * padding < kw {
         return Ok(None);
     }

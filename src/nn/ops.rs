@@ -306,7 +306,7 @@ pub mod reference {
         let dtype = x.dtype();
         let dims = x.dims().to_vec();
         let (b, c) = (dims[0], dims[1]);
-        if c % groups != 0 {
+        if groups == 0 || c % groups != 0 {
             candle_core::bail!("group_norm: {c} channels not divisible by {groups} groups");
         }
         let xg = x.to_dtype(DType::F32)?.reshape((b, groups, ()))?;
@@ -533,11 +533,14 @@ pub mod fused {
     ) -> Result<Tensor> {
         let dims = x.dims().to_vec();
         let (b, c) = (dims[0], dims[1]);
-        if c % groups != 0 {
+        if groups == 0 || c % groups != 0 {
             candle_core::bail!("group_norm: {c} channels not divisible by {groups} groups");
         }
         if let Some(y) = crate::nn::norm::try_group_norm(x, groups, weight, bias, eps, silu)? {
             return Ok(y);
+        }
+        if x.elem_count() == 0 {
+            return Ok(x.clone());
         }
         if x.elem_count() / (b * groups) > MAX_GROUP_ROW {
             return reference::group_norm(x, groups, weight, bias, eps, silu);

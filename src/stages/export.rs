@@ -48,6 +48,7 @@ use super::Ctx;
 mod files;
 use crate::error::{Error, IoContext, Result};
 use crate::manifest::Manifest;
+use crate::models::tagger::labels::tag_key;
 use files::{check_replaceable, link_or_copy, write_decoded_png, Staged};
 pub use files::{needs_rewrite, EXPORT_MARK};
 
@@ -227,7 +228,13 @@ pub struct KohyaEntry {
 /// of a `.txt`, so line breaks become `, ` (blank lines dropped).
 pub fn one_line(text: &str) -> String {
     let mut out = String::new();
-    for line in text.lines().map(str::trim).filter(|l| !l.is_empty()) {
+    // A lone `\r` (old Mac line ends) is a line break to Python's
+    // `readlines()`, which kohya reads with; `str::lines` keeps it.
+    for line in text
+        .split(['\n', '\r'])
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+    {
         if !out.is_empty() {
             out.push_str(if out.ends_with(',') { " " } else { ", " });
         }
@@ -238,17 +245,19 @@ pub fn one_line(text: &str) -> String {
 
 /// The kohya text of one item: kohya's fine-tuning loader trains on
 /// `caption + ", " + tags`, so tags already in the caption (as one of its
-/// comma-separated pieces) are left out of `tags`, and nothing repeats.
+/// comma-separated pieces, in any spelling: `long_hair` is `Long hair`,
+/// [`tag_key`]) are left out of `tags`, and nothing repeats.
 pub fn kohya_entry(caption: Option<&str>, tags: Option<&str>) -> KohyaEntry {
     let caption = one_line(caption.unwrap_or(""));
-    let in_caption: std::collections::HashSet<&str> = caption
+    let mut seen: std::collections::HashSet<String> = caption
         .split(',')
         .map(str::trim)
         .filter(|t| !t.is_empty())
+        .map(tag_key)
         .collect();
     let mut extra: Vec<&str> = Vec::new();
     for t in tags.unwrap_or("").split(',').map(str::trim) {
-        if !t.is_empty() && !in_caption.contains(t) && !extra.contains(&t) {
+        if !t.is_empty() && seen.insert(tag_key(t)) {
             extra.push(t);
         }
     }
@@ -400,7 +409,9 @@ pub fn load_rows(m: &Manifest, only_ok: bool) -> Result<Vec<ExportRow>> {
             let row = &mut rows[k];
             match &mut row.tags {
                 Some(s) => {
-                    if !s.split(", ").any(|x| x == tag) {
+                    // Sources spell tags their own way (a sidecar's
+                    // `long_hair`, the tagger's `long hair`): one of each.
+                    if !s.split(", ").any(|x| tag_key(x) == tag_key(&tag)) {
                         s.push_str(", ");
                         s.push_str(&tag);
                     }
@@ -765,6 +776,15 @@ mod tests {
             one_line("line one\n\n  line two,\nthree"),
             "line one, line two, three"
         );
+        // Regressions: spellings of one tag (a sidecar's underscores, the
+        // tagger's spaces) were both written; a lone `\r` stayed, where
+        // kohya's `readlines()` cut the caption.
+        let e = kohya_entry(
+            Some("1girl, long_hair, Blue_Eyes"),
+            Some("long hair, blue eyes, solo, Solo"),
+        );
+        assert_eq!(e.text, "1girl, long_hair, Blue_Eyes, solo");
+        assert_eq!(one_line("1girl, solo\rred hair"), "1girl, solo, red hair");
     }
 
     #[test]

@@ -65,7 +65,28 @@ pub(super) fn check_replaceable(out: &Path, format: ExportFormat, default_out: b
             if folder_format { "a folder" } else { "a file" }
         )));
     }
-    if !folder_format || default_out || out.join(EXPORT_MARK).is_file() {
+    if !folder_format {
+        // A file of the format's own kind is an earlier export; anything
+        // else (the dataset's manifest.sqlite given by mistake) is not
+        // replaced.
+        let ext = out
+            .extension()
+            .map(|e| e.to_string_lossy().to_lowercase())
+            .unwrap_or_default();
+        let own = match format {
+            ExportFormat::Jsonl => matches!(ext.as_str(), "jsonl" | "ndjson" | "json"),
+            _ => ext == "parquet",
+        };
+        if own {
+            return Ok(());
+        }
+        return Err(Error::config(format!(
+            "export --out {}: the file exists and is not a .{} file; an export replaces its file, so choose another --out",
+            out.display(),
+            if format == ExportFormat::Jsonl { "jsonl" } else { "parquet" }
+        )));
+    }
+    if default_out || out.join(EXPORT_MARK).is_file() {
         return Ok(());
     }
     let empty = fs::read_dir(out).at(out)?.next().is_none();
@@ -176,4 +197,29 @@ pub(super) fn write_decoded_png(src: &Path, dst: &Path) -> Result<()> {
         .map_err(|e| Error::Other(format!("{}: {e}", src.display())))?;
     let png = crate::stages::bucket::encode_png_fast(&d.rgb)?;
     fs::write(dst, png).at(dst)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Regression: a file export replaced any existing `--out`, the
+    /// dataset's own manifest included; only a file of its kind is.
+    #[test]
+    fn a_file_export_replaces_only_a_file_of_its_kind() {
+        let d = tempfile::tempdir().unwrap();
+        for name in ["manifest.sqlite", "rows.jsonl", "rows.parquet", "notes"] {
+            fs::write(d.path().join(name), "x").unwrap();
+        }
+        let check = |name: &str, f| check_replaceable(&d.path().join(name), f, false);
+        let e = check("manifest.sqlite", ExportFormat::Parquet)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("is not a .parquet file"), "{e}");
+        assert!(check("notes", ExportFormat::Jsonl).is_err());
+        assert!(check("rows.jsonl", ExportFormat::Parquet).is_err());
+        check("rows.jsonl", ExportFormat::Jsonl).unwrap();
+        check("rows.parquet", ExportFormat::Parquet).unwrap();
+        check("new.parquet", ExportFormat::Parquet).unwrap();
+    }
 }

@@ -358,4 +358,27 @@ fn a_bare_ztsnr_flag_is_true() {
         panic!("not generate")
     };
     assert_eq!(g.ztsnr, Some(true));
+    // A seed the infotext could not give back is refused.
+    assert!(Cli::try_parse_from([
+        "eps2v",
+        "sample",
+        "--prompt",
+        "x",
+        "--seed",
+        "9223372036854775808"
+    ])
+    .is_err());
+    let C::Sample(s) = parse(&[
+        "eps2v",
+        "sample",
+        "--prompt",
+        "x",
+        "--seed",
+        "9223372036854775807",
+    ])
+    .command
+    else {
+        panic!("not sample")
+    };
+    assert_eq!(s.seed, Some(i64::MAX as u64));
 }

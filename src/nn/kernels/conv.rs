@@ -700,6 +700,8 @@ mod tests {
         (3, 5, 6, 7, 17, 3, 1, 1, true),    // dWᵀ path (cout ≥ 16), samples grouped
         (2, 4, 9, 7, 16, 3, 2, 1, true),    // dWᵀ path with col2im (stride 2)
         (1, 16, 33, 31, 16, 3, 1, 1, true), // dWᵀ path, image tiled over rows
+        (1, 2, 1, 1, 3, 5, 1, 2, true),     // padding wider than the image (panicked)
+        (2, 2, 3, 2, 3, 7, 1, 3, false),    // 7×7 pad 3 on rows two wide
     ];
 
     fn inputs(c: &Case, dt: DType) -> Result<Vec<Tensor>> {

@@ -115,15 +115,17 @@ fn im2col_same<T: Real>(
                 }
                 // Columns whose input column iw = ow + kj − pad falls outside [0, w)
                 // (one column for 3×3 pad 1: a plain store, not a memset call per row).
+                // (At most the whole row: a 5×5 pad 2 kernel on a row one
+                // column wide is all padding.)
                 if kj < g.pad {
-                    let c = g.pad - kj;
+                    let c = (g.pad - kj).min(w);
                     for r in dst.chunks_mut(w) {
                         for v in &mut r[..c] {
                             *v = T::ZERO;
                         }
                     }
                 } else if kj > g.pad {
-                    let c = kj - g.pad;
+                    let c = (kj - g.pad).min(w);
                     for r in dst.chunks_mut(w) {
                         for v in &mut r[w - c..] {
                             *v = T::ZERO;
