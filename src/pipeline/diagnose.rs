@@ -11,9 +11,13 @@
 //! Method: for a few timesteps t and seeds, the VP input `x_t` is seeded
 //! N(0, 1) noise (what the model sees at high noise; at lower noise a real
 //! x_t also has unit variance), the size embeddings are the same for both
-//! branches (original = target = `--size`, crop 0,0), and the raw model
-//! outputs (ε or v) for `""` (e) and zeros (z) are compared by
-//! `rel = ‖e − z‖ / ‖z‖` and cosine similarity over the whole latent.
+//! branches (original = target = `--size`, crop 0,0), and the model
+//! outputs for `""` (e) and zeros (z), both as v, are compared by
+//! `rel = ‖e − z‖ / ‖z‖` and cosine similarity over the whole latent. An
+//! eps model's ε is turned into v with its schedule (`v = √(1+σ²)·ε −
+//! σ·x_t`): in ε itself one change of the predicted image is √ᾱ_t times
+//! smaller (0.07 at t = 999), so an eps model and its exact v conversion
+//! got different verdicts.
 //!
 //! Verdict thresholds (on the mean over all probes, documented in
 //! [`Verdict::from_stats`]):
@@ -27,7 +31,17 @@ use candle_core::Tensor;
 
 use super::model::{Bound, SdxlModel};
 use crate::diffusion::noise::noise_for_seed;
+use crate::diffusion::{NoiseSchedule, Prediction, TerminalClamp};
 use crate::Result;
+
+/// A model output at noise level `sigma` (k-diffusion σ of the VP input
+/// `x_t`) as v: v itself, or `√(1+σ²)·ε − σ·x_t` for ε.
+pub fn as_v(out: &Tensor, x_t: &Tensor, sigma: f64, prediction: Prediction) -> Result<Tensor> {
+    Ok(match prediction {
+        Prediction::V => out.clone(),
+        Prediction::Eps => ((out * (1.0 + sigma * sigma).sqrt())? - (x_t * sigma)?)?,
+    })
+}
 
 /// What to probe.
 #[derive(Debug, Clone)]
@@ -192,11 +206,18 @@ pub fn uncond(model: &SdxlModel, cfg: &DiagnoseConfig) -> Result<UncondReport> {
     let zero = empty.zeros_like()?;
     // cond rows = "", uncond rows = zeros; one UNet call per probe.
     let bound = Bound::new(&model.unet, &empty, Some(&zero), cfg.height, cfg.width)?;
+    let schedule = NoiseSchedule::sdxl_with(model.info.ztsnr, TerminalClamp::ComfyUi);
     let mut probes = Vec::new();
     for &seed in &cfg.seeds {
         let x_t = noise_for_seed(seed, shape, &model.device)?.unsqueeze(0)?; // (1, 4, h, w)
         for &t in &cfg.timesteps {
             let (e, z) = bound.outputs(&x_t, t)?;
+            let sigma = schedule.sigma_at(t);
+            let x = x_t.to_dtype(e.dtype())?;
+            let (e, z) = (
+                as_v(&e, &x, sigma, model.info.prediction)?,
+                as_v(&z, &x, sigma, model.info.prediction)?,
+            );
             let (rel_l2, cosine) = compare(&e, &z)?;
             probes.push(Probe {
                 timestep: t,
@@ -226,6 +247,44 @@ pub fn uncond(model: &SdxlModel, cfg: &DiagnoseConfig) -> Result<UncondReport> {
 mod tests {
     use super::*;
     use candle_core::Device;
+
+    /// One denoiser written as ε or as v gives one v, so its two forms
+    /// get one verdict (in ε the same change read √ᾱ times smaller).
+    #[test]
+    fn eps_and_v_forms_of_one_denoiser_compare_alike() {
+        let d = Device::Cpu;
+        let x_t = Tensor::new(&[0.3f64, -1.2, 0.8], &d).unwrap();
+        let (x0_e, x0_z) = (
+            Tensor::new(&[0.5f64, 0.1, -0.4], &d).unwrap(),
+            Tensor::new(&[0.4f64, 0.2, -0.1], &d).unwrap(),
+        );
+        for sigma in [0.03, 1.0, 14.6] {
+            let (a, s) = (
+                1.0 / (1.0f64 + sigma * sigma).sqrt(),
+                sigma / (1.0f64 + sigma * sigma).sqrt(),
+            );
+            // x_t = a·x0 + s·ε  →  ε = (x_t − a·x0)/s,  v = a·ε − s·x0.
+            let eps = |x0: &Tensor| ((&x_t - (x0 * a).unwrap()).unwrap() / s).unwrap();
+            let v = |x0: &Tensor| ((eps(x0) * a).unwrap() - (x0 * s).unwrap()).unwrap();
+            let from_eps = compare(
+                &as_v(&eps(&x0_e), &x_t, sigma, Prediction::Eps).unwrap(),
+                &as_v(&eps(&x0_z), &x_t, sigma, Prediction::Eps).unwrap(),
+            )
+            .unwrap();
+            let from_v = compare(&v(&x0_e), &v(&x0_z)).unwrap();
+            assert!(
+                (from_eps.0 - from_v.0).abs() < 1e-9,
+                "σ {sigma}: {from_eps:?} {from_v:?}"
+            );
+            assert!((from_eps.1 - from_v.1).abs() < 1e-9);
+            // Compared as ε the two differ at high noise (the bias this
+            // removes; at low noise ε and v nearly agree).
+            if sigma >= 1.0 {
+                let raw = compare(&eps(&x0_e), &eps(&x0_z)).unwrap();
+                assert!((raw.0 - from_v.0).abs() > 1e-2, "σ {sigma}");
+            }
+        }
+    }
 
     #[test]
     fn verdict_thresholds() {
