@@ -44,6 +44,25 @@ pub fn write(path: &Path, bytes: &[u8], sync: bool) -> Result<()> {
     Ok(())
 }
 
+/// [`write`] to `path` unless a file is there: `Ok(false)`, nothing
+/// written (two processes picking one name both keep their file).
+pub fn write_new(path: &Path, bytes: &[u8], sync: bool) -> Result<bool> {
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let mut tmp = temp_in(dir)?;
+    std::io::Write::write_all(&mut tmp, bytes).at(tmp.path())?;
+    if sync {
+        tmp.as_file().sync_all().at(path)?;
+    }
+    match tmp.persist_noclobber(path) {
+        Ok(_) => Ok(true),
+        Err(e) if e.error.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
+        Err(e) => Err(Error::io(path, e.error)),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -67,5 +86,15 @@ mod tests {
         write(&atomic, b"z", false).unwrap();
         assert_eq!(std::fs::read(&atomic).unwrap(), b"z");
         assert_eq!(std::fs::read_dir(d.path()).unwrap().count(), 2);
+    }
+
+    #[test]
+    fn write_new_keeps_a_file_that_is_there() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("a.png");
+        assert!(write_new(&p, b"first", false).unwrap());
+        assert!(!write_new(&p, b"second", false).unwrap());
+        assert_eq!(std::fs::read(&p).unwrap(), b"first");
+        assert_eq!(std::fs::read_dir(d.path()).unwrap().count(), 1);
     }
 }

@@ -538,7 +538,8 @@ pub struct SampleReport {
 }
 
 /// Generate and write PNGs `NNNNN-SEED.png` into `out_dir` (created if
-/// needed), each with its `parameters` infotext.
+/// needed), each with its `parameters` infotext, numbered on from the
+/// folder's highest; a file is never replaced.
 pub fn run(
     model: &SdxlModel,
     cfg: &SampleConfig,
@@ -550,15 +551,65 @@ pub fn run(
     cfg.validate()?;
     model.latent_shape(cfg.width, cfg.height)?;
     std::fs::create_dir_all(out_dir).at(out_dir)?;
-    let images = generate(model, cfg, progress)?;
+    let items: Vec<BatchItem> = batch_seeds(cfg.seed, cfg.batch)
+        .into_iter()
+        .map(|seed| BatchItem {
+            prompt: cfg.prompt.clone(),
+            uncond: cfg.uncond.clone(),
+            seed,
+        })
+        .collect();
+    // A broken image (NaN) costs only itself: the others are written, then
+    // the run fails naming it.
+    let mut images = Vec::new();
+    let mut broken = Vec::new();
+    for r in sample_batch(model, cfg, &items, progress)? {
+        match r {
+            Rendered::Image(g) => images.push(g),
+            b @ Rendered::Broken { .. } => broken.push(b),
+        }
+    }
     let mut files = Vec::new();
     let mut seeds = Vec::new();
-    for (index, g) in (next_index(out_dir)?..).zip(&images) {
+    let mut index = next_index(out_dir)?;
+    for g in &images {
         let png = write_png_with_parameters(&g.image, &g.infotext.format())?;
-        let path = out_dir.join(format!("{index:05}-{}.png", g.seed));
-        write_atomic(&path, &png)?;
+        // A number another run took meanwhile (two `sample`s into one
+        // folder) is passed over, not overwritten.
+        let path = loop {
+            let path = out_dir.join(format!("{index:05}-{}.png", g.seed));
+            index += 1;
+            if crate::atomic::write_new(&path, &png, true)? {
+                break path;
+            }
+        };
         files.push(path);
         seeds.push(g.seed);
+    }
+    let more: Vec<String> = broken
+        .iter()
+        .skip(1)
+        .filter_map(|b| match b {
+            Rendered::Broken { seed, .. } => Some(seed.to_string()),
+            Rendered::Image(_) => None,
+        })
+        .collect();
+    if let Some(b) = broken.into_iter().next() {
+        let mut msg = b
+            .into_image()
+            .err()
+            .map_or_else(String::new, |e| e.to_string());
+        if !more.is_empty() {
+            msg.push_str(&format!("; seeds {} too", more.join(", ")));
+        }
+        if !files.is_empty() {
+            msg.push_str(&format!(
+                " ({} other images written to {})",
+                files.len(),
+                out_dir.display()
+            ));
+        }
+        return Err(Error::model(msg));
     }
     Ok(SampleReport {
         files,
