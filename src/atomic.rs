@@ -31,6 +31,14 @@ pub fn temp_in(dir: &Path) -> Result<NamedTempFile> {
 /// Write `bytes` to `path` atomically, replacing any file there; with
 /// `sync`, the bytes reach the disk before the rename.
 pub fn write(path: &Path, bytes: &[u8], sync: bool) -> Result<()> {
+    staged(path, bytes, sync)?
+        .persist(path)
+        .map_err(|e| Error::io(path, e.error))?;
+    Ok(())
+}
+
+/// `bytes` in a temporary sibling of `path`, synced with `sync`.
+fn staged(path: &Path, bytes: &[u8], sync: bool) -> Result<NamedTempFile> {
     let dir = path
         .parent()
         .filter(|d| !d.as_os_str().is_empty())
@@ -40,23 +48,13 @@ pub fn write(path: &Path, bytes: &[u8], sync: bool) -> Result<()> {
     if sync {
         tmp.as_file().sync_all().at(path)?;
     }
-    tmp.persist(path).map_err(|e| Error::io(path, e.error))?;
-    Ok(())
+    Ok(tmp)
 }
 
 /// [`write`] to `path` unless a file is there: `Ok(false)`, nothing
 /// written (two processes picking one name both keep their file).
 pub fn write_new(path: &Path, bytes: &[u8], sync: bool) -> Result<bool> {
-    let dir = path
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let mut tmp = temp_in(dir)?;
-    std::io::Write::write_all(&mut tmp, bytes).at(tmp.path())?;
-    if sync {
-        tmp.as_file().sync_all().at(path)?;
-    }
-    match tmp.persist_noclobber(path) {
+    match staged(path, bytes, sync)?.persist_noclobber(path) {
         Ok(_) => Ok(true),
         Err(e) if e.error.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
         Err(e) => Err(Error::io(path, e.error)),

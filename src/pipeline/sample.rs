@@ -181,18 +181,24 @@ pub fn generate(
     progress: Progress<'_>,
 ) -> Result<Vec<Generated>> {
     cfg.validate()?;
-    let items: Vec<BatchItem> = batch_seeds(cfg.seed, cfg.batch)
-        .into_iter()
-        .map(|seed| BatchItem {
-            prompt: cfg.prompt.clone(),
-            uncond: cfg.uncond.clone(),
-            seed,
-        })
-        .collect();
-    sample_batch(model, cfg, &items, progress)?
+    sample_batch(model, cfg, &cfg.items(), progress)?
         .into_iter()
         .map(Rendered::into_image)
         .collect()
+}
+
+impl SampleConfig {
+    /// The images of one run: the prompt with seeds `seed..seed + batch`.
+    fn items(&self) -> Vec<BatchItem> {
+        batch_seeds(self.seed, self.batch)
+            .into_iter()
+            .map(|seed| BatchItem {
+                prompt: self.prompt.clone(),
+                uncond: self.uncond.clone(),
+                seed,
+            })
+            .collect()
+    }
 }
 
 /// One image of a [`sample_batch`]: its prompt, unconditional branch and seed.
@@ -551,19 +557,11 @@ pub fn run(
     cfg.validate()?;
     model.latent_shape(cfg.width, cfg.height)?;
     std::fs::create_dir_all(out_dir).at(out_dir)?;
-    let items: Vec<BatchItem> = batch_seeds(cfg.seed, cfg.batch)
-        .into_iter()
-        .map(|seed| BatchItem {
-            prompt: cfg.prompt.clone(),
-            uncond: cfg.uncond.clone(),
-            seed,
-        })
-        .collect();
     // A broken image (NaN) costs only itself: the others are written, then
     // the run fails naming it.
     let mut images = Vec::new();
     let mut broken = Vec::new();
-    for r in sample_batch(model, cfg, &items, progress)? {
+    for r in sample_batch(model, cfg, &cfg.items(), progress)? {
         match r {
             Rendered::Image(g) => images.push(g),
             b @ Rendered::Broken { .. } => broken.push(b),
