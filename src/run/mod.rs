@@ -600,8 +600,18 @@ pub fn run(cfg: &RunConfig, adherence: Option<&AdherenceFn<'_>>, ctx: &Ctx) -> R
     })();
     if let Err(e) = result {
         // The row ends `failed` with the error; the next `run` with the
-        // same config reopens it and goes on from the stages done.
+        // same config reopens it and goes on from the stages done, which
+        // are listed before the error is.
         m.fail_run(run_id, &progress.stored(&root), &e);
+        for s in &report.stages {
+            let kept = if s.skipped { " (kept from before)" } else { "" };
+            ctx.say(&format!("{:<9} done{kept}: {}", s.stage, s.summary));
+        }
+        if let Some(next) = cfg.stages.get(report.stages.len()) {
+            ctx.say(&format!(
+                "{next:<9} failed (below); rerun the same command once it is fixed: the stages above are kept"
+            ));
+        }
         return Err(e);
     }
     if let Some(r) = progress.stages.get("train") {

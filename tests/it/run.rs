@@ -613,6 +613,42 @@ fn a_stage_error_ends_the_pipeline_row_failed_with_it() {
     assert!(!ds.join("runs/2").exists());
 }
 
+/// A failing stage is named after the stages done before it (those a
+/// rerun keeps), in the human output. Regression: only the error was
+/// printed, the partial report dropped.
+#[test]
+fn a_failed_run_lists_what_it_kept_before_the_error() {
+    let work = tempfile::tempdir().unwrap();
+    let ds = work.path().join("ds");
+    let o = Command::new(bin()).arg("init").arg(&ds).output().unwrap();
+    assert!(o.status.success());
+    let cfg = work.path().join("dedupe_train.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "dataset = {:?}\nstages = [\"dedupe\", \"train\"]\n",
+            ds.to_str().unwrap()
+        ),
+    )
+    .unwrap();
+    let o = Command::new(bin())
+        .args(["run", cfg.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    let done = err
+        .find("dedupe    done: ")
+        .unwrap_or_else(|| panic!("{err}"));
+    let failed = err
+        .find("train     failed (below)")
+        .unwrap_or_else(|| panic!("{err}"));
+    let why = err
+        .find("nothing to train on")
+        .unwrap_or_else(|| panic!("{err}"));
+    assert!(done < failed && failed < why, "{err}");
+}
+
 /// A tiny general-purpose tagger (1girl-style tags) for the SDXL recipe.
 fn girl_tagger(dir: &Path) {
     let tags: Vec<TinyTag> = [
