@@ -353,6 +353,22 @@ pub fn pil_resize_rgb(
     }
 }
 
+/// `src` (`w×h` RGB8) pasted on a white square of its longer side, centred
+/// as Pillow's `paste` at `((side − w) // 2, (side − h) // 2)`: packed RGB8.
+pub fn pad_square_white(src: &[u8], w: usize, h: usize) -> Vec<u8> {
+    let side = w.max(h);
+    if w == h {
+        return src[..w * h * 3].to_vec();
+    }
+    let mut out = vec![255u8; side * side * 3];
+    let (x0, y0) = ((side - w) / 2, (side - h) / 2);
+    for y in 0..h {
+        let dst = ((y + y0) * side + x0) * 3;
+        out[dst..dst + w * 3].copy_from_slice(&src[y * w * 3..(y + 1) * w * 3]);
+    }
+    out
+}
+
 /// [`pil_resize_rgb`] of `src` (`w×h` RGB8) pasted on a white square of
 /// its longer side at `((side − w) / 2, (side − h) / 2)`, to `out×out`,
 /// without making the square: a 16384×2441 panorama's square is 805 MB,
@@ -370,24 +386,15 @@ pub fn pil_resize_on_white_square(
     if w == 0 || h == 0 || out == 0 || src.len() < w * h * 3 {
         return vec![0; out * out * 3];
     }
+    if out == side {
+        return pad_square_white(src, w, h);
+    }
     let (x0, y0) = ((side - w) / 2, (side - h) / 2);
     let padded_row = |row: &mut Vec<u8>, y: usize| {
         row.resize(x0 * 3, 255);
         row.extend_from_slice(&src[y * w * 3..(y + 1) * w * 3]);
         row.resize(side * 3, 255);
     };
-    if out == side {
-        let mut sq = Vec::with_capacity(side * side * 3);
-        sq.resize(y0 * side * 3, 255);
-        let mut row = Vec::with_capacity(side * 3);
-        for y in 0..h {
-            row.clear();
-            padded_row(&mut row, y);
-            sq.extend_from_slice(&row);
-        }
-        sq.resize(side * side * 3, 255);
-        return sq;
-    }
     let vt = precompute_taps(side, out, filter);
     let first = vt.bounds.first().map_or(0, |b| b.0);
     let last = vt.bounds.last().map_or(side, |b| b.0 + b.1);

@@ -560,11 +560,15 @@ pub fn run(
     // A broken image (NaN) costs only itself: the others are written, then
     // the run fails naming it.
     let mut images = Vec::new();
-    let mut broken = Vec::new();
+    let mut broken: Vec<Rendered> = Vec::new();
+    let mut broken_seeds: Vec<String> = Vec::new();
     for r in sample_batch(model, cfg, &cfg.items(), progress)? {
         match r {
             Rendered::Image(g) => images.push(g),
-            b @ Rendered::Broken { .. } => broken.push(b),
+            b @ Rendered::Broken { seed, .. } => {
+                broken_seeds.push(seed.to_string());
+                broken.push(b);
+            }
         }
     }
     let mut files = Vec::new();
@@ -584,21 +588,13 @@ pub fn run(
         files.push(path);
         seeds.push(g.seed);
     }
-    let more: Vec<String> = broken
-        .iter()
-        .skip(1)
-        .filter_map(|b| match b {
-            Rendered::Broken { seed, .. } => Some(seed.to_string()),
-            Rendered::Image(_) => None,
-        })
-        .collect();
     if let Some(b) = broken.into_iter().next() {
         let mut msg = b
             .into_image()
             .err()
             .map_or_else(String::new, |e| e.to_string());
-        if !more.is_empty() {
-            msg.push_str(&format!("; seeds {} too", more.join(", ")));
+        if broken_seeds.len() > 1 {
+            msg.push_str(&format!("; seeds {} too", broken_seeds[1..].join(", ")));
         }
         if !files.is_empty() {
             msg.push_str(&format!(

@@ -403,18 +403,23 @@ pub fn load_rows(m: &Manifest, only_ok: bool) -> Result<Vec<ExportRow>> {
     let tags = st
         .query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)))
         .map_err(|e| m.err(e))?;
+    // Sources spell tags their own way (a sidecar's `long_hair`, the
+    // tagger's `long hair`): one of each, by key; rows come by item.
+    let mut keys: (i64, std::collections::HashSet<String>) = (i64::MIN, Default::default());
     for t in tags {
         let (id, tag) = t.map_err(|e| m.err(e))?;
         if let Some(&k) = index.get(&id) {
+            if keys.0 != id {
+                keys = (id, Default::default());
+            }
+            if !keys.1.insert(tag_key(&tag)) {
+                continue;
+            }
             let row = &mut rows[k];
             match &mut row.tags {
                 Some(s) => {
-                    // Sources spell tags their own way (a sidecar's
-                    // `long_hair`, the tagger's `long hair`): one of each.
-                    if !s.split(", ").any(|x| tag_key(x) == tag_key(&tag)) {
-                        s.push_str(", ");
-                        s.push_str(&tag);
-                    }
+                    s.push_str(", ");
+                    s.push_str(&tag);
                 }
                 None => row.tags = Some(tag),
             }

@@ -55,18 +55,10 @@ pub struct Preprocess {
 /// `paste` at `((side − w) // 2, (side − h) // 2)`. Returns packed RGB8 and the side.
 pub fn pad_square_white(rgb: &RgbImage) -> (Vec<u8>, usize) {
     let (w, h) = (rgb.width() as usize, rgb.height() as usize);
-    let side = w.max(h);
-    if w == h {
-        return (rgb.as_raw().clone(), side);
-    }
-    let mut out = vec![255u8; side * side * 3];
-    let (x0, y0) = ((side - w) / 2, (side - h) / 2);
-    let src = rgb.as_raw();
-    for y in 0..h {
-        let dst = ((y + y0) * side + x0) * 3;
-        out[dst..dst + w * 3].copy_from_slice(&src[y * w * 3..(y + 1) * w * 3]);
-    }
-    (out, side)
+    (
+        crate::imaging::hash::pad_square_white(rgb.as_raw(), w, h),
+        w.max(h),
+    )
 }
 
 impl Preprocess {
