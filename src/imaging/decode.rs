@@ -302,13 +302,16 @@ fn png_complete(b: &[u8]) -> bool {
 }
 
 /// JPEG: walk marker segments, skip entropy-coded data after each SOS, and
-/// require an `EOI` marker.
+/// require an `EOI` marker. Bytes between a segment and the next marker
+/// (padding some encoders and editors leave, which libjpeg reads past with
+/// a warning) are skipped, not taken for the end of the stream.
 fn jpeg_complete(b: &[u8]) -> bool {
     let n = b.len();
     let mut i = 2usize;
     while i + 1 < n {
         if b[i] != 0xFF {
-            return false;
+            i += 1;
+            continue;
         }
         let m = b[i + 1];
         match m {
@@ -827,6 +830,19 @@ mod tests {
             assert!(jpeg_complete(&j), "{name}");
             assert!(!jpeg_complete(&j[..j.len() - 2]), "{name}");
         }
+        // Zero padding after the first segment (APP0/APP1) is not an end.
+        let j = fixture("photo.jpg");
+        let first = 4 + u16::from_be_bytes([j[4], j[5]]) as usize;
+        let mut padded = j[..first].to_vec();
+        padded.extend([0u8; 7]);
+        padded.extend(&j[first..]);
+        assert!(jpeg_complete(&padded));
+        assert!(!jpeg_complete(&padded[..padded.len() - 2]));
+        let (a, b) = (
+            decode(&j, &DecodeLimits::default()).unwrap(),
+            decode(&padded, &DecodeLimits::default()).unwrap(),
+        );
+        assert_eq!(a.rgb, b.rgb);
         let w = fixture("lossy.webp");
         assert!(is_structurally_complete(SourceFormat::Webp, &w));
         assert!(!is_structurally_complete(

@@ -73,8 +73,9 @@ pub fn format_is_lossless(format: &str) -> Option<bool> {
 /// Whether the WebP file at `path` is lossless: the first image chunk of the
 /// RIFF container is `VP8L` (lossless) or `VP8 ` (lossy, also with an
 /// `ALPH` alpha chunk); chunks before it (`VP8X`, `ICCP`, `ANIM`, …) are
-/// skipped by their sizes. `None` when the file cannot be read or holds
-/// neither chunk.
+/// skipped by their sizes. An animation's frames (`ANMF`) hold their image
+/// chunks after a 16-byte frame header: the first frame's decides. `None`
+/// when the file cannot be read or holds neither chunk.
 pub fn webp_is_lossless(path: &Path) -> Option<bool> {
     let mut f = std::fs::File::open(path).ok()?;
     let mut head = [0u8; 12];
@@ -88,6 +89,10 @@ pub fn webp_is_lossless(path: &Path) -> Option<bool> {
         match &chunk[0..4] {
             b"VP8L" => return Some(true),
             b"VP8 " => return Some(false),
+            // Into the frame: its sub-chunks follow the frame header.
+            b"ANMF" => {
+                f.seek(SeekFrom::Current(16)).ok()?;
+            }
             _ => {
                 let size = u32::from_le_bytes([chunk[4], chunk[5], chunk[6], chunk[7]]) as i64;
                 f.seek(SeekFrom::Current(size + (size & 1))).ok()?;
@@ -166,6 +171,30 @@ mod tests {
         );
     }
 
+    /// An animated WebP of one frame holding `image` (a whole `VP8 `/`VP8L`
+    /// chunk), laid out as libwebp's muxer writes it.
+    fn animated_webp(image: &[u8]) -> Vec<u8> {
+        let chunk = |tag: &[u8], payload: &[u8]| {
+            let mut c = tag.to_vec();
+            c.extend((payload.len() as u32).to_le_bytes());
+            c.extend(payload);
+            if payload.len() % 2 == 1 {
+                c.push(0);
+            }
+            c
+        };
+        let mut body = b"WEBP".to_vec();
+        body.extend(chunk(b"VP8X", &[0x02, 0, 0, 0, 7, 0, 0, 7, 0, 0]));
+        body.extend(chunk(b"ANIM", &[0; 6]));
+        let mut frame = vec![0u8; 16]; // offsets, size, duration, flags
+        frame.extend(image);
+        body.extend(chunk(b"ANMF", &frame));
+        let mut file = b"RIFF".to_vec();
+        file.extend((body.len() as u32).to_le_bytes());
+        file.extend(body);
+        file
+    }
+
     #[test]
     fn webp_codec_is_read_from_the_fixture_files() {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/images");
@@ -174,6 +203,15 @@ mod tests {
         // VP8X header first, then the lossy VP8 chunk.
         assert_eq!(webp_is_lossless(&dir.join("a1111_exif.webp")), Some(false));
         assert_eq!(webp_is_lossless(&dir.join("scene_rgb.png")), None);
+        // Animated: VP8X, ANIM, then each frame's image chunk inside ANMF.
+        let d = tempfile::tempdir().unwrap();
+        for (name, lossless) in [("lossless.webp", true), ("lossy.webp", false)] {
+            let still = std::fs::read(dir.join(name)).unwrap();
+            let image = &still[12..]; // the one image chunk of a simple file
+            let path = d.path().join(name);
+            std::fs::write(&path, animated_webp(image)).unwrap();
+            assert_eq!(webp_is_lossless(&path), Some(lossless), "animated {name}");
+        }
         assert_eq!(format_is_lossless("png"), Some(true));
         assert_eq!(format_is_lossless("jpeg"), Some(false));
         assert_eq!(format_is_lossless("webp"), None);
