@@ -1,6 +1,8 @@
 //! Group normalisation (+ the per-channel affine, + an optional SiLU) on a
-//! GPU in two kernels, where no gradient is needed (sampling, the frozen
-//! part of a finetune).
+//! GPU in two kernels: forward-only where no gradient is needed (sampling,
+//! the frozen part of a finetune), and as a custom op with a backward in a
+//! training graph, where layer normalisation takes it too (a layer norm is
+//! a group norm of `(rows, d, 1)` with one group).
 //!
 //! Why our own: the forward-only form before this was candle-nn's layer
 //! norm over `(n·groups, …)` rows and then the affine and SiLU as three
@@ -10,6 +12,15 @@
 //! 2²⁰ values had to take the composite); and the broadcast ops take
 //! candle's indexed path. On the lent H200 group norm took 16 ms of one
 //! UNet call against PyTorch's 7 (`benches/gpu/results/`, run 3).
+//!
+//! Why a backward: in a training graph the composites (statistics and
+//! affine as candle primitives, in f32) keep every intermediate for the
+//! backward pass: about 30 bytes per element of a bf16 activation for a
+//! group norm with SiLU, 26 for a layer norm, against 4 here (the input and
+//! the output). The backward recomputes the statistics from the input, in
+//! f32 (`∂x = rstd·(ĝ − mean ĝ − x̂·mean(ĝ·x̂))` per group, with
+//! `ĝ = ∂y·w[c]`, through the SiLU's derivative first if there is one), and
+//! computes no gradient for a frozen (untracked) input, weight or bias.
 //!
 //! Here a first kernel splits every row into chunks of 4,096 values, one
 //! block each, and writes each chunk's mean and sum of squared deviations
@@ -36,10 +47,12 @@ struct GroupNorm {
 /// Set when the CUDA kernels could not be built or launched.
 static BROKEN: AtomicBool = AtomicBool::new(false);
 
+const FALLBACK: &str = "the previous form";
+
 /// Group norm + affine (+ SiLU) of `x (n, c, spatial…)` with the kernels,
-/// where they apply: CUDA, f32/f16/bf16, nothing tracked for a gradient,
-/// `c` divisible by `groups`, at most 65,535 `(n, group)` rows. `None`: use
-/// another form.
+/// where they apply: CUDA, f32/f16/bf16, `c` divisible by `groups`, at most
+/// 65,535 `(n, group)` rows. With a backward when any input is tracked for
+/// a gradient. `None`: use another form.
 pub fn try_group_norm(
     x: &Tensor,
     groups: usize,
@@ -48,13 +61,46 @@ pub fn try_group_norm(
     eps: f64,
     silu: bool,
 ) -> Result<Option<Tensor>> {
+    if !x.device().is_cuda() || BROKEN.load(Ordering::Relaxed) || !applies(x, groups, weight, bias)
+    {
+        return Ok(None);
+    }
+    match apply(x, groups, weight, bias, eps, silu) {
+        Ok(y) => Ok(Some(y)),
+        Err(e) => crate::nn::kernel_failed(&BROKEN, "group-norm kernels", FALLBACK, e),
+    }
+}
+
+/// Layer norm over the last dimension of `x` with the group-norm kernels
+/// (`x` as `(rows, d, 1)`, one group), where they apply: CUDA, f32/f16/bf16,
+/// at most 65,535 rows, `weight` and `bias` of `d` values. For training
+/// graphs (the forward-only path has candle-nn's one-kernel layer norm).
+/// `None`: use another form.
+pub fn try_layer_norm(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f64,
+) -> Result<Option<Tensor>> {
+    if !x.device().is_cuda() || BROKEN.load(Ordering::Relaxed) || x.rank() == 0 {
+        return Ok(None);
+    }
+    let d = x.dim(candle_core::D::Minus1)?;
+    let rows = x.elem_count().checked_div(d).unwrap_or(0);
+    let x3 = x.reshape((rows, d, 1))?;
+    if !applies(&x3, 1, weight, bias) {
+        return Ok(None);
+    }
+    match apply(&x3, 1, weight, bias, eps, false).and_then(|y| y.reshape(x.dims())) {
+        Ok(y) => Ok(Some(y)),
+        Err(e) => crate::nn::kernel_failed(&BROKEN, "group-norm kernels", FALLBACK, e),
+    }
+}
+
+/// Whether the kernels take `x (n, c, spatial…)` in `groups` groups.
+fn applies(x: &Tensor, groups: usize, weight: &Tensor, bias: &Tensor) -> bool {
     let dims = x.dims();
-    let applies = x.device().is_cuda()
-        && x.elem_count() > 0
-        && !BROKEN.load(Ordering::Relaxed)
-        && !x.track_op()
-        && !weight.track_op()
-        && !bias.track_op()
+    x.elem_count() > 0
         && matches!(x.dtype(), DType::F32 | DType::F16 | DType::BF16)
         && dims.len() >= 3
         && groups > 0
@@ -62,10 +108,19 @@ pub fn try_group_norm(
         && dims[0] * groups <= 65_535
         && x.elem_count() / (dims[0] * groups) <= u32::MAX as usize / 2
         && weight.elem_count() == dims[1]
-        && bias.elem_count() == dims[1];
-    if !applies {
-        return Ok(None);
-    }
+        && bias.elem_count() == dims[1]
+}
+
+/// The op on `x` on any device (the CPU form for the tests), recorded for
+/// the backward when `x`, `weight` or `bias` is tracked.
+fn apply(
+    x: &Tensor,
+    groups: usize,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f64,
+    silu: bool,
+) -> Result<Tensor> {
     let op = GroupNorm {
         groups,
         eps: eps as f32,
@@ -73,9 +128,11 @@ pub fn try_group_norm(
     };
     let w = weight.to_dtype(DType::F32)?.flatten_all()?.contiguous()?;
     let b = bias.to_dtype(DType::F32)?.flatten_all()?.contiguous()?;
-    match x.contiguous()?.apply_op3_no_bwd(&w, &b, &op) {
-        Ok(y) => Ok(Some(y)),
-        Err(e) => crate::nn::kernel_failed(&BROKEN, "group-norm kernels", "the previous form", e),
+    let x = x.contiguous()?;
+    if [&x, &w, &b].iter().any(|t| t.track_op()) {
+        x.apply_op3(&w, &b, op)
+    } else {
+        x.apply_op3_no_bwd(&w, &b, &op)
     }
 }
 
@@ -154,6 +211,63 @@ impl CustomOp3 for GroupNorm {
         l3: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         cuda::forward(self, (s1, l1), (s2, l2), (s3, l3))
+    }
+
+    /// Gradients of `x`, `w` and `b` (each only where tracked), in f32,
+    /// from the statistics recomputed from `x` (see the module docs).
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        _y: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let dims = x.dims();
+        let (n, c, g) = (dims[0], dims[1], self.groups);
+        let xg = x.to_dtype(DType::F32)?.reshape((n, g, ()))?;
+        let mean = xg.mean_keepdim(2)?;
+        let xc = xg.broadcast_sub(&mean)?;
+        let rstd = (xc.sqr()?.mean_keepdim(2)? + f64::from(self.eps))?
+            .sqrt()?
+            .recip()?;
+        let xhat = xc.broadcast_mul(&rstd)?;
+        drop(xc);
+        let xhat_c = xhat.reshape((n, c, ()))?;
+        let wc = w.reshape((1, c, 1))?;
+        let mut gy = grad.to_dtype(DType::F32)?.reshape((n, c, ()))?;
+        if self.silu {
+            // silu'(y) = s·(1 + y·(1 − s)), s = sigmoid(y).
+            let y = xhat_c
+                .broadcast_mul(&wc)?
+                .broadcast_add(&b.reshape((1, c, 1))?)?;
+            let s = candle_nn::ops::sigmoid(&y)?;
+            let d = ((y * s.affine(-1.0, 1.0)?)? + 1.0)?.mul(&s)?;
+            gy = gy.mul(&d)?;
+        }
+        let gw = if w.track_op() {
+            Some(gy.mul(&xhat_c)?.sum((0, 2))?)
+        } else {
+            None
+        };
+        let gb = if b.track_op() {
+            Some(gy.sum((0, 2))?)
+        } else {
+            None
+        };
+        let gx = if x.track_op() {
+            let gh = gy.broadcast_mul(&wc)?.reshape((n, g, ()))?;
+            let m1 = gh.mean_keepdim(2)?;
+            let m2 = gh.mul(&xhat)?.mean_keepdim(2)?;
+            let gx = gh
+                .broadcast_sub(&m1)?
+                .sub(&xhat.broadcast_mul(&m2)?)?
+                .broadcast_mul(&rstd)?;
+            Some(gx.reshape(dims)?.to_dtype(x.dtype())?)
+        } else {
+            None
+        };
+        Ok((gx, gw, gb))
     }
 }
 
@@ -360,6 +474,83 @@ mod tests {
         let x = rand(&[1, 4, 3, 3], 1, DType::F32)?;
         let w = rand(&[4], 2, DType::F32)?;
         assert!(try_group_norm(&x, 2, &w, &w, 1e-5, false)?.is_none());
+        assert!(try_layer_norm(&x, &w, &w, 1e-5)?.is_none());
+        Ok(())
+    }
+
+    /// The op's backward against candle's autograd through the composite:
+    /// group norm with and without SiLU, and layer norm as one group of
+    /// `(rows, d, 1)`, in f32 and bf16 activations; every input tracked.
+    #[test]
+    fn the_backward_matches_the_composite() -> Result<()> {
+        use crate::nn::kernels::test_util::{grads, max_abs, max_diff};
+        use crate::nn::ops::reference;
+        use candle_core::Var;
+        type Norm = dyn Fn(&[Tensor]) -> Result<Tensor>;
+        type Case = (&'static str, Vec<usize>, usize, Box<Norm>, Box<Norm>);
+        let gn = |silu: bool| -> Box<Norm> {
+            Box::new(move |t: &[Tensor]| apply(&t[0], 3, &t[1], &t[2], 1e-5, silu))
+        };
+        let gn_ref = |silu: bool| -> Box<Norm> {
+            Box::new(move |t: &[Tensor]| reference::group_norm(&t[0], 3, &t[1], &t[2], 1e-5, silu))
+        };
+        let ln: Box<Norm> = Box::new(|t: &[Tensor]| {
+            let (r, d) = t[0].dims2()?;
+            apply(&t[0].reshape((r, d, 1))?, 1, &t[1], &t[2], 1e-5, false)?.reshape((r, d))
+        });
+        let ln_ref: Box<Norm> =
+            Box::new(|t: &[Tensor]| reference::layer_norm(&t[0], &t[1], &t[2], 1e-5));
+        let cases: Vec<Case> = vec![
+            ("group norm", vec![2, 6, 5, 7], 6, gn(false), gn_ref(false)),
+            (
+                "group norm + silu",
+                vec![2, 6, 5, 7],
+                6,
+                gn(true),
+                gn_ref(true),
+            ),
+            ("layer norm", vec![9, 40], 40, ln, ln_ref),
+        ];
+        for (i, (name, dims, c, op, composite)) in cases.into_iter().enumerate() {
+            for (dt, tol) in [(DType::F32, 1e-4), (DType::BF16, 3e-2)] {
+                let seed = 10 * i as u64;
+                let x = (rand(&dims, seed, DType::F32)? * 2.0)?.affine(1.0, 0.7)?;
+                let vars = [
+                    Var::from_tensor(&x.to_dtype(dt)?)?,
+                    Var::from_tensor(&rand(&[c], seed + 1, DType::F32)?.affine(0.5, 1.0)?)?,
+                    Var::from_tensor(&rand(&[c], seed + 2, DType::F32)?)?,
+                ];
+                let probe = rand(&dims, seed + 3, dt)?;
+                let (y, g) = grads(&vars, &probe, op.as_ref())?;
+                let (y_ref, g_ref) = grads(&vars, &probe, composite.as_ref())?;
+                let rel = |a: &Tensor, b: &Tensor| -> Result<f64> {
+                    Ok(max_diff(a, b)? / max_abs(b)?.max(1e-12))
+                };
+                assert!(rel(&y, &y_ref)? < tol, "{name} {dt:?}: output");
+                for (k, which) in ["x", "weight", "bias"].iter().enumerate() {
+                    let d = rel(&g[k], &g_ref[k])?;
+                    assert!(d < tol, "{name} {dt:?}: ∂{which} off by {d:.2e}");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// A frozen (untracked) weight and bias get no gradient and no
+    /// computation; the input's gradient is still there.
+    #[test]
+    fn frozen_parameters_get_no_gradient() -> Result<()> {
+        let x = candle_core::Var::from_tensor(&rand(&[2, 4, 3, 3], 5, DType::F32)?)?;
+        let w = rand(&[4], 6, DType::F32)?;
+        let b = rand(&[4], 7, DType::F32)?;
+        let y = apply(x.as_tensor(), 2, &w, &b, 1e-5, true)?;
+        let g = (y * rand(&[2, 4, 3, 3], 8, DType::F32)?)?
+            .sum_all()?
+            .backward()?;
+        assert!(g.get(x.as_tensor()).is_some());
+        assert!(g.get(&w).is_none() && g.get(&b).is_none());
+        // Nothing tracked: no graph at all.
+        assert!(!apply(&x.as_tensor().detach(), 2, &w, &b, 1e-5, true)?.track_op());
         Ok(())
     }
 }

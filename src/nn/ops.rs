@@ -11,6 +11,10 @@
 //! frozen part of a partial finetune), softmax, attention, layer norm and
 //! group norm take candle's fused single-kernel forms instead
 //! ([`fused`](mod@fused)), which accumulate in f32 even on bf16/f16 tensors.
+//! Where a gradient flows there, softmax, group norm and layer norm take
+//! custom ops with a backward ([`crate::nn::softmax`], [`crate::nn::norm`]),
+//! which keep only their input and output for it (the composites keep
+//! every intermediate, in f32).
 //!
 //! Shapes use PyTorch conventions: images `(b, c, h, w)`, sequences
 //! `(b, s, d)`, attention `(b, heads, s, head_dim)`.
@@ -127,7 +131,14 @@ pub fn group_norm(
         None if use_fused(&[x, weight, bias]) => {
             fused::group_norm(x, groups, weight, bias, eps, silu)
         }
-        None => reference::group_norm(x, groups, weight, bias, eps, silu),
+        None => match device_fused_enabled() {
+            true => crate::nn::norm::try_group_norm(x, groups, weight, bias, eps, silu)?,
+            false => None,
+        }
+        .map_or_else(
+            || reference::group_norm(x, groups, weight, bias, eps, silu),
+            Ok,
+        ),
     })
 }
 
@@ -138,7 +149,11 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Resul
             kernels::layer_norm::layer_norm(x, weight, bias, eps)
         }),
         None if use_fused(&[x, weight, bias]) => fused::layer_norm(x, weight, bias, eps),
-        None => reference::layer_norm(x, weight, bias, eps),
+        None => match device_fused_enabled() {
+            true => crate::nn::norm::try_layer_norm(x, weight, bias, eps)?,
+            false => None,
+        }
+        .map_or_else(|| reference::layer_norm(x, weight, bias, eps), Ok),
     })
 }
 

@@ -14,7 +14,7 @@ use crate::diffusion::noise::normals;
 use crate::diffusion::training::{add_noise, target, LossWeighting};
 use crate::diffusion::NoiseSchedule;
 use crate::models::sdxl::build_y;
-use crate::{Error, Result};
+use crate::Result;
 
 pub(super) fn loss_weighting(cfg: &TrainConfig) -> LossWeighting {
     match cfg.weighting {
@@ -60,15 +60,7 @@ pub(super) fn make_batch(
         .collect();
     let latents = idx
         .iter()
-        .map(|&i| {
-            caches
-                .latents
-                .get(&items[i].item_id)
-                .cloned()
-                .ok_or_else(|| {
-                    Error::Other(format!("latent cache: item {} missing", items[i].item_id))
-                })
-        })
+        .map(|&i| caches.latent(items[i].item_id))
         .collect::<Result<Vec<_>>>()?;
     let mut x0 = Tensor::cat(&latents, 0)?; // (b, 4, h, w)
     if nan {
@@ -206,10 +198,7 @@ pub(super) fn validation_loss(
     let mut total = 0.0;
     let mut n = 0usize;
     for (i, it) in items.iter().enumerate() {
-        let x0 = caches
-            .latents
-            .get(&it.item_id)
-            .ok_or_else(|| Error::Other(format!("latent cache: item {} missing", it.item_id)))?;
+        let x0 = &caches.latent(it.item_id)?;
         let (context, pooled) = caches.batch_cond(&[it.caption.as_str()], &[false])?;
         let y = build_y(&pooled, &[it.size])?;
         for &t in &cfg.val_timesteps {

@@ -14,9 +14,15 @@
 //!   limit and the caption. The unconditional conditioning of caption
 //!   dropout (`""` or a fixed text) and the empty padding chunk are cached
 //!   the same way, so dropout works *with* caching (kohya cannot combine them).
-//! - Every entry is written atomically (temp file + rename) and recorded in
-//!   the manifest's `cache_entries` with the run that made it; a file that is
+//! - Every entry is written atomically (temp file + rename, no fsync: an
+//!   entry lost to a host crash is recomputed) and recorded in the
+//!   manifest's `cache_entries` with the run that made it; a file that is
 //!   missing or unreadable is simply recomputed.
+//! - [`Caches`] holds each entry's file, not its tensors: a batch reads its
+//!   latents and conditionings from disk (the page cache keeps the hot
+//!   ones), so memory does not grow with the dataset. Held in memory, 50k
+//!   images at 1024² would be 12 GiB of latents and 30–60 GiB of
+//!   conditioning, on the training device.
 //!
 //! Batches of captions with different chunk counts are padded with the
 //! cached empty chunk, which is exactly what encoding them together does
@@ -24,7 +30,7 @@
 //! pooled vector comes from the first chunk).
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use sha2::{Digest, Sha256};
@@ -34,7 +40,7 @@ use super::data::{rng_for, stream, TrainItem};
 use crate::diffusion::noise::normals;
 use crate::error::IoContext;
 use crate::manifest::{now, Manifest};
-use crate::models::sdxl::checkpoint::{save_tensors, Checkpoint, SaveOptions};
+use crate::models::sdxl::checkpoint::Checkpoint;
 use crate::models::sdxl::clip::SdxlTextEncoder;
 use crate::models::sdxl::prompt::tokenize_prompt_with;
 use crate::models::sdxl::{Vae, CLIP_G_PREFIX, CLIP_L_PREFIX, VAE_PREFIX};
@@ -58,12 +64,17 @@ impl Cond {
     }
 }
 
-/// What the caches hold for one training run.
+/// Where the caches of one training run are: each entry's file, read
+/// when a batch needs it ([`Caches::latent`], [`Caches::batch_cond`]).
 pub struct Caches {
-    /// Scaled latents `(1, 4, h, w)` by item id.
-    pub latents: HashMap<i64, Tensor>,
-    /// Conditioning by caption.
-    pub text: HashMap<String, Cond>,
+    /// The dataset folder the entries' paths are relative to.
+    root: PathBuf,
+    /// Where the tensors are loaded to.
+    device: Device,
+    /// Scaled latents `(4, h, w)` by item id (entry paths).
+    latents: HashMap<i64, String>,
+    /// Conditioning by caption (entry paths).
+    text: HashMap<String, String>,
     /// The empty chunk (padding), `(1, 77, ctx)`.
     pub empty_chunk: Tensor,
     /// Conditioning of a dropped caption (`None`: zeroed).
@@ -144,23 +155,73 @@ fn read_entry(root: &Path, rel: &str, names: &[&str], device: &Device) -> Option
         .collect()
 }
 
+/// Whether the cache file holds every tensor of `names`, as f32 (its
+/// header only: the data is read when a batch needs it).
+fn entry_ok(root: &Path, rel: &str, names: &[&str]) -> bool {
+    let path = root.join(rel);
+    path.is_file()
+        && Checkpoint::open(&path).is_ok_and(|ck| {
+            names
+                .iter()
+                .all(|n| ck.entry(n).is_some_and(|e| e.dtype == "F32"))
+        })
+}
+
+/// Write the f32 tensors as one safetensors file, atomically. No fsync
+/// and no sweep of the folder (one `read_dir` per entry made writing the
+/// cache of a large dataset quadratic): a killed write leaves a `.tmp*`
+/// file, which [`build`] sweeps once.
 fn write_entry(root: &Path, rel: &str, tensors: &[(&str, &Tensor)]) -> Result<()> {
     let path = root.join(rel);
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).at(dir)?;
     }
-    let owned: Vec<(String, Tensor)> = tensors
+    let data = tensors
         .iter()
-        .map(|(n, t)| (n.to_string(), (*t).clone()))
-        .collect();
-    save_tensors(
-        &path,
-        &owned,
-        &SaveOptions {
-            dtype: Some(DType::F32),
-            ..Default::default()
-        },
-    )
+        .map(|(n, t)| {
+            let v = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+            let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+            Ok((n.to_string(), t.dims().to_vec(), bytes))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let views = data
+        .iter()
+        .map(|(n, shape, bytes)| {
+            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), bytes)
+                .map(|v| (n.as_str(), v))
+        })
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(|e| Error::Other(format!("{}: {e}", path.display())))?;
+    let bytes = safetensors::tensor::serialize(views, None)
+        .map_err(|e| Error::Other(format!("{}: {e}", path.display())))?;
+    crate::atomic::write(&path, &bytes, false)
+}
+
+/// Remove the temporary files (`.tmp*`) a killed cache write left under
+/// `dir`, once they are an hour old: another `train` on the same dataset
+/// (train takes no writer lock) may be writing its own right now, and a
+/// write takes milliseconds. Best effort: what cannot be removed stays.
+fn sweep_stale_temp_files(dir: &Path) {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return;
+    };
+    let hour = std::time::Duration::from_secs(3600);
+    for entry in rd.flatten() {
+        let p = entry.path();
+        match entry.file_type() {
+            Ok(t) if t.is_dir() => sweep_stale_temp_files(&p),
+            Ok(_) if entry.file_name().to_string_lossy().starts_with(".tmp") => {
+                let old = entry
+                    .metadata()
+                    .and_then(|m| m.modified())
+                    .is_ok_and(|t| t.elapsed().is_ok_and(|age| age > hour));
+                if old {
+                    let _ = std::fs::remove_file(&p);
+                }
+            }
+            _ => {}
+        }
+    }
 }
 
 /// A pending manifest row of `cache_entries`.
@@ -271,6 +332,9 @@ pub fn build(
         ..Default::default()
     };
     let mut rows = Vec::new();
+    for kind in ["latents", "text"] {
+        sweep_stale_temp_files(&root.join("cache").join(kind));
+    }
 
     // Latents.
     let mut latents = HashMap::new();
@@ -301,13 +365,12 @@ pub fn build(
             vae_dtype,
         );
         let rel = entry_path("latents", &key);
-        match read_entry(&root, &rel, &["latent"], &device) {
-            Some(t) => {
-                latents.insert(it.item_id, t[0].unsqueeze(0)?);
-                report.latents_cached += 1;
-                bar.inc(1);
-            }
-            None => todo.entry(it.bucket).or_default().push((it, key)),
+        if entry_ok(&root, &rel, &["latent"]) {
+            latents.insert(it.item_id, rel);
+            report.latents_cached += 1;
+            bar.inc(1);
+        } else {
+            todo.entry(it.bucket).or_default().push((it, key));
         }
     }
     for group in todo.values() {
@@ -352,7 +415,7 @@ pub fn build(
                 let zi = z.get(i)?.contiguous()?;
                 let rel = entry_path("latents", key);
                 write_entry(&root, &rel, &[("latent", &zi)])?;
-                latents.insert(it.item_id, zi.unsqueeze(0)?);
+                latents.insert(it.item_id, rel.clone());
                 rows.push(Row {
                     key: key.clone(),
                     kind: "latent",
@@ -395,18 +458,11 @@ pub fn build(
             inputs.dtype,
         );
         let rel = entry_path("text", &key);
-        match read_entry(&root, &rel, &["context", "pooled"], &device) {
-            Some(v) => {
-                text.insert(
-                    t.clone(),
-                    Cond {
-                        context: v[0].unsqueeze(0)?,
-                        pooled: v[1].unsqueeze(0)?,
-                    },
-                );
-                report.texts_cached += 1;
-            }
-            None => todo.push((t.clone(), key)),
+        if entry_ok(&root, &rel, &["context", "pooled"]) {
+            text.insert(t.clone(), rel);
+            report.texts_cached += 1;
+        } else {
+            todo.push((t.clone(), key));
         }
     }
     let bar = ctx.bar(todo.len() as u64, "captions");
@@ -432,13 +488,7 @@ pub fn build(
                 let pooled = c.pooled.get(i)?.contiguous()?;
                 let rel = entry_path("text", key);
                 write_entry(&root, &rel, &[("context", &ctxt), ("pooled", &pooled)])?;
-                text.insert(
-                    t.clone(),
-                    Cond {
-                        context: ctxt.unsqueeze(0)?,
-                        pooled: pooled.unsqueeze(0)?,
-                    },
-                );
+                text.insert(t.clone(), rel.clone());
                 rows.push(Row {
                     key: key.clone(),
                     kind: "text",
@@ -458,33 +508,57 @@ pub fn build(
     bar.finish_and_clear();
     record(m, run_id, &mut rows)?;
 
-    let empty = text
-        .get("")
-        .ok_or_else(|| Error::Other("text cache: the empty prompt was not encoded".into()))?;
-    let empty_chunk = empty.context.narrow(1, 0, 77)?;
-    let uncond = match &cfg.uncond {
-        DropoutCond::Zero => None,
-        other => {
-            let t = other.text().unwrap_or_default();
-            Some(
-                text.get(t)
-                    .cloned()
-                    .ok_or_else(|| Error::Other(format!("text cache: {t:?} was not encoded")))?,
-            )
-        }
+    let mut caches = Caches {
+        root,
+        device,
+        latents,
+        text,
+        empty_chunk: Tensor::zeros(1, DType::F32, &Device::Cpu)?,
+        uncond: None,
     };
-    Ok((
-        Caches {
-            latents,
-            text,
-            empty_chunk,
-            uncond,
-        },
-        report,
-    ))
+    caches.empty_chunk = caches.cond("")?.context.narrow(1, 0, 77)?;
+    caches.uncond = match &cfg.uncond {
+        DropoutCond::Zero => None,
+        other => Some(caches.cond(other.text().unwrap_or_default())?),
+    };
+    Ok((caches, report))
 }
 
 impl Caches {
+    /// The scaled latent `(1, 4, h, w)` of `item_id`, read from its entry.
+    pub fn latent(&self, item_id: i64) -> Result<Tensor> {
+        let rel = self
+            .latents
+            .get(&item_id)
+            .ok_or_else(|| Error::Other(format!("latent cache: item {item_id} missing")))?;
+        let t = read_entry(&self.root, rel, &["latent"], &self.device).ok_or_else(|| {
+            Error::Other(format!(
+                "latent cache: item {item_id}: {} is missing or unreadable (deleted during training?); rerun to recompute it",
+                self.root.join(rel).display()
+            ))
+        })?;
+        Ok(t[0].unsqueeze(0)?)
+    }
+
+    /// The conditioning of `caption`, read from its entry.
+    fn cond(&self, caption: &str) -> Result<Cond> {
+        let rel = self.text.get(caption).ok_or_else(|| {
+            Error::Other(format!("text cache: caption {caption:?} was not encoded"))
+        })?;
+        let v = read_entry(&self.root, rel, &["context", "pooled"], &self.device).ok_or_else(
+            || {
+                Error::Other(format!(
+                    "text cache: caption {caption:?}: {} is missing or unreadable (deleted during training?); rerun to recompute it",
+                    self.root.join(rel).display()
+                ))
+            },
+        )?;
+        Ok(Cond {
+            context: v[0].unsqueeze(0)?,
+            pooled: v[1].unsqueeze(0)?,
+        })
+    }
+
     /// Pad `c` to `k` chunks with the empty chunk.
     fn padded(&self, c: &Tensor, k: usize) -> Result<Tensor> {
         let have = c.dim(1)? / 77;
@@ -502,13 +576,10 @@ impl Caches {
     /// by the dropout conditioning. Returns `context (b, 77·k, ctx)` and
     /// `pooled (b, p)` with k the batch's largest chunk count.
     pub fn batch_cond(&self, captions: &[&str], dropped: &[bool]) -> Result<(Tensor, Tensor)> {
+        // A dropped row needs its caption's entry for nothing but its size.
         let conds = captions
             .iter()
-            .map(|c| {
-                self.text.get(*c).ok_or_else(|| {
-                    Error::Other(format!("text cache: caption {c:?} was not encoded"))
-                })
-            })
+            .map(|c| self.cond(c))
             .collect::<Result<Vec<_>>>()?;
         let mut k = 1;
         for (c, &d) in conds.iter().zip(dropped) {
@@ -578,15 +649,25 @@ mod tests {
     #[test]
     fn dropped_captions_take_the_dropout_conditioning_padded_to_the_batch() {
         let d = Device::Cpu;
-        let cond = |v: f32, chunks: usize| Cond {
-            context: Tensor::full(v, (1, 77 * chunks, 3), &d).unwrap(),
-            pooled: Tensor::full(v, (1, 2), &d).unwrap(),
-        };
+        let dir = tempfile::tempdir().unwrap();
+        // Entries on disk, as `build` leaves them: (77·k, ctx) and (p).
         let mut text = HashMap::new();
-        text.insert("short".to_string(), cond(1.0, 1));
-        text.insert("long".to_string(), cond(2.0, 2));
-        text.insert(String::new(), cond(5.0, 1));
+        for (caption, v, chunks) in [("short", 1f32, 1), ("long", 2.0, 2), ("", 5.0, 1)] {
+            let rel = entry_path("text", &key_of(&[caption.as_bytes(), b"test"]));
+            let context = Tensor::full(v, (77 * chunks, 3), &d).unwrap();
+            let pooled = Tensor::full(v, 2, &d).unwrap();
+            write_entry(
+                dir.path(),
+                &rel,
+                &[("context", &context), ("pooled", &pooled)],
+            )
+            .unwrap();
+            assert!(entry_ok(dir.path(), &rel, &["context", "pooled"]));
+            text.insert(caption.to_string(), rel);
+        }
         let mut caches = Caches {
+            root: dir.path().to_path_buf(),
+            device: d.clone(),
             latents: HashMap::new(),
             text,
             empty_chunk: Tensor::full(9f32, (1, 77, 3), &d).unwrap(),
@@ -612,10 +693,34 @@ mod tests {
         let (ctx, pooled) = rows(&caches, &[true, false]);
         assert_eq!(ctx, [vec![0., 0., 0., 0.], vec![2., 2., 2., 2.]]);
         assert_eq!(pooled, [vec![0., 0.], vec![2., 2.]]);
-        caches.uncond = Some(caches.text[""].clone());
+        caches.uncond = Some(caches.cond("").unwrap());
         let (ctx, pooled) = rows(&caches, &[true, false]);
         assert_eq!(ctx, [vec![5., 5., 9., 9.], vec![2., 2., 2., 2.]]);
         assert_eq!(pooled, [vec![5., 5.], vec![2., 2.]]);
+    }
+
+    /// An entry reads back with the bits it was written with (training
+    /// reads every batch from disk), and a missing or foreign file is no
+    /// entry.
+    #[test]
+    fn entries_read_back_bit_for_bit() {
+        let dir = tempfile::tempdir().unwrap();
+        let z = (crate::nn::kernels::test_util::rand(&[4, 5, 6], 3, DType::F32).unwrap() * 7.3)
+            .unwrap();
+        let rel = entry_path("latents", &key_of(&[b"z"]));
+        assert!(!entry_ok(dir.path(), &rel, &["latent"]));
+        write_entry(dir.path(), &rel, &[("latent", &z)]).unwrap();
+        assert!(entry_ok(dir.path(), &rel, &["latent"]));
+        assert!(!entry_ok(dir.path(), &rel, &["context"]));
+        let back = read_entry(dir.path(), &rel, &["latent"], &Device::Cpu).unwrap();
+        let bits = |t: &Tensor| -> Vec<u32> {
+            let v = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            v.into_iter().map(f32::to_bits).collect()
+        };
+        assert_eq!(back[0].dims(), z.dims());
+        assert_eq!(bits(&back[0]), bits(&z));
+        std::fs::write(dir.path().join(&rel), b"not safetensors").unwrap();
+        assert!(!entry_ok(dir.path(), &rel, &["latent"]));
     }
 
     /// f32 keys are the plain hash of their parts (those of the caches
