@@ -34,6 +34,7 @@ import argparse
 import gc
 import gzip
 import json
+import math
 import os
 import statistics
 import sys
@@ -530,11 +531,22 @@ def train_timings(args, dev, dt, unet, t0):
     return rows
 
 
+def finite(v):
+    """`v` with every non-finite float as None: strict JSON (serde_json refuses NaN)."""
+    if isinstance(v, float):
+        return v if math.isfinite(v) else None
+    if isinstance(v, dict):
+        return {k: finite(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [finite(x) for x in v]
+    return v
+
+
 def dump(report, path):
     """Write `report` atomically (after every section: a run cut short keeps what it measured)."""
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
-        json.dump(report, f, indent=1)
+        json.dump(finite(report), f, indent=1, allow_nan=False)
     os.replace(tmp, path)
 
 

@@ -63,6 +63,9 @@ else
     WORK="${WORK:-/tmp/eps2v-gpubench}"
 fi
 OUTDIR="${OUTDIR:-$WORK/out}"
+# A rerun in the same work folder (a warm device machine) must not report
+# the previous run's measurements if this one fails before writing its own.
+rm -rf "$WORK/ours" "$WORK/reference.json"
 mkdir -p "$WORK" "$OUTDIR" "$WORK/ours"
 if [[ -z "$BIN" && $MODE == gpu && -f .gpu/eps2v.xz ]]; then
     if command -v xz >/dev/null; then
@@ -132,6 +135,10 @@ if [[ $REF == 1 ]]; then
         say "no torch + diffusers + transformers in $PY: reference skipped"
     fi
 fi
+
+# The raw measurements come back too, whatever the report makes of them.
+cp -f "$WORK/ours/ours.json" "$OUTDIR/ours.json" 2>/dev/null || true
+cp -f "$WORK/reference.json" "$OUTDIR/reference.json" 2>/dev/null || true
 
 say "report"
 if ! "${EPS2V[@]}" gpu-bench report --ours "$WORK/ours/ours.json" --reference "$WORK/reference.json" \

@@ -204,8 +204,14 @@ pub fn combine(ours: &Value, reference: &Value) -> Result<Combined> {
         };
         let theirs = find(reference, "sample", "batch", batch);
         let steps = num(s, &["steps"]).unwrap_or(0.0);
+        // Skipped (budget) or failed on our side: the reason, first line.
+        let why = s
+            .get("skipped")
+            .and_then(Value::as_str)
+            .map(|e| format!(" (eps2v {})", e.lines().next().unwrap_or("").trim()))
+            .unwrap_or_default();
         let row = Row::new(
-            format!("sample, {steps} steps, CFG, batch {batch}"),
+            format!("sample, {steps} steps, CFG, batch {batch}{why}"),
             "s/image",
             num(s, &["seconds_per_image"]),
             theirs.and_then(|t| num(t, &["seconds_per_image"])),
@@ -237,6 +243,15 @@ pub fn combine(ours: &Value, reference: &Value) -> Result<Combined> {
         } else {
             ""
         };
+        // A selection whose timed steps did not fit its budget reports its
+        // warm-up step (ours profiled and synchronised after every op).
+        let warm_up = |v: Option<&Value>| v.is_some_and(|v| num(v, &["steps"]) == Some(0.0));
+        let warm = match (warm_up(Some(t)), warm_up(theirs)) {
+            (false, false) => "",
+            (true, false) => " (eps2v: warm-up step only)",
+            (false, true) => " (reference: warm-up step only)",
+            (true, true) => " (warm-up steps only)",
+        };
         let (ours_failed, theirs_failed) = (failed(Some(t)), failed(theirs));
         let t = if ours_failed.is_some() { None } else { Some(t) };
         let theirs = if theirs_failed.is_some() {
@@ -264,14 +279,17 @@ pub fn combine(ours: &Value, reference: &Value) -> Result<Combined> {
             get(theirs, "params"),
         ));
         rows.push(Row::new(
-            format!("train step, {name} trainable{recomputed}{why}"),
+            format!("train step, {name} trainable{recomputed}{warm}{why}"),
             "ms",
             get(t, "step_ms"),
             get(theirs, "step_ms"),
         ));
         let mem = |v: Option<&Value>| get(v, "peak_mem_mb").map(|m| m * MIB_TO_GB);
         let row = Row::new(
-            format!("train step, {name} trainable, peak GPU memory"),
+            format!(
+                "train step, {name} trainable, peak GPU memory \
+                 (AdamW moments: eps2v f32, PyTorch bf16){recomputed}"
+            ),
             "GB",
             mem(t),
             mem(theirs),
@@ -464,6 +482,20 @@ pub fn markdown(c: &Combined) -> String {
         ));
     }
     s.push_str(&format!("\n{} of {} targets met.\n", c.met, c.targets));
+    let off: Vec<&str> = c
+        .ours
+        .get("kernels_off")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+        .collect();
+    if !off.is_empty() {
+        s.push_str(&format!(
+            "GPU kernels turned off during the run (ours.log says why): {}.\n",
+            off.join(", ")
+        ));
+    }
     s
 }
 
@@ -514,10 +546,47 @@ mod tests {
         let row = |m: &str| c.rows.iter().find(|r| r.metric == m).unwrap();
         let b1 = row("sample, 28 steps, CFG, batch 1");
         assert_eq!((b1.ratio, b1.met), (Some(1.1), Some(true)));
-        let b4 = row("sample, 28 steps, CFG, batch 4");
+        assert!(!markdown(&c).contains("turned off"));
+        let mut off = ours();
+        off["kernels_off"] = json!(["flash attention"]);
+        assert!(markdown(&combine(&off, &theirs).unwrap())
+            .contains("turned off during the run (ours.log says why): flash attention."));
+        let b4 = row("sample, 28 steps, CFG, batch 4 (eps2v budget)");
         assert_eq!(b4.met, Some(false), "skipped counts as not met");
+        // A selection timed by its warm-up step alone says so.
+        let mut warm = ours();
+        warm["train"][1]["steps"] = json!(0);
+        let w = combine(&warm, &theirs).unwrap();
+        assert!(
+            w.rows
+                .iter()
+                .any(|r| r.metric == "train step, full trainable (eps2v: warm-up step only)"),
+            "{:#?}",
+            w.rows
+        );
         assert_eq!(row("train step, full trainable").ratio, Some(1.5));
-        let head_mem = row("train step, out+OUT08 trainable, peak GPU memory");
+        let head_mem = c
+            .rows
+            .iter()
+            .find(|r| {
+                r.metric
+                    .starts_with("train step, out+OUT08 trainable, peak GPU memory")
+            })
+            .unwrap();
+        // The memory rows say what differs between the two sides.
+        let full_mem = c
+            .rows
+            .iter()
+            .find(|r| {
+                r.metric
+                    .starts_with("train step, full trainable, peak GPU memory")
+            })
+            .unwrap();
+        assert!(
+            full_mem.metric.contains("moments: eps2v f32, PyTorch bf16"),
+            "{}",
+            full_mem.metric
+        );
         assert!((head_mem.ours.unwrap() - 20.97152).abs() < 1e-9);
         assert_eq!(head_mem.met, Some(true));
         assert_eq!(

@@ -153,6 +153,8 @@ pub struct OursReport {
     pub model_mem_mb: Option<f64>,
     /// Whole run (s).
     pub seconds: f64,
+    /// GPU kernels turned off during the run ([`crate::nn::kernels_off`]).
+    pub kernels_off: Vec<String>,
 }
 
 fn device_name(d: &Device) -> String {
@@ -241,9 +243,14 @@ pub fn run(cfg: &RunConfig, log: &mut dyn FnMut(&str)) -> Result<OursReport> {
         train: Vec::new(),
         model_mem_mb: None,
         seconds: 0.0,
+        kernels_off: Vec::new(),
     };
     let save = |r: &mut OursReport| -> Result<()> {
         r.seconds = t_run.elapsed().as_secs_f64();
+        r.kernels_off = crate::nn::kernels_off()
+            .into_iter()
+            .map(String::from)
+            .collect();
         write_json(&json_path, r)
     };
 
@@ -286,12 +293,24 @@ pub fn run(cfg: &RunConfig, log: &mut dyn FnMut(&str)) -> Result<OursReport> {
         height: h,
         batch,
     };
-    generate(&model, &sample_cfg(2, 1), &mut |_, _| {})?;
+    // A sampling failure (a NaN image, a kernel error) is recorded in its
+    // rows and the training steps still run.
+    let warm_up = generate(&model, &sample_cfg(2, 1), &mut |_, _| {}).err();
     let t_sampling = Instant::now();
     let mut per_image: Option<f64> = None;
     for &batch in &cfg.batches {
         let spent = t_sampling.elapsed().as_secs_f64();
         let expected = per_image.map_or(0.0, |p| p * batch as f64);
+        if let Some(e) = &warm_up {
+            report.sample.push(SampleTiming {
+                batch,
+                steps: cfg.steps,
+                seconds: None,
+                seconds_per_image: None,
+                skipped: Some(format!("the warm-up failed: {e}")),
+            });
+            continue;
+        }
         if spent + expected > cfg.budget_s {
             report.sample.push(SampleTiming {
                 batch,
@@ -308,7 +327,21 @@ pub fn run(cfg: &RunConfig, log: &mut dyn FnMut(&str)) -> Result<OursReport> {
         log(&format!("sample batch {batch}"));
         dev.synchronize()?;
         let t = Instant::now();
-        let images = generate(&model, &sample_cfg(cfg.steps, batch), &mut |_, _| {})?;
+        let images = match generate(&model, &sample_cfg(cfg.steps, batch), &mut |_, _| {}) {
+            Ok(images) => images,
+            Err(e) => {
+                log(&format!("sample batch {batch} failed: {e}"));
+                report.sample.push(SampleTiming {
+                    batch,
+                    steps: cfg.steps,
+                    seconds: None,
+                    seconds_per_image: None,
+                    skipped: Some(format!("failed: {e}")),
+                });
+                save(&mut report)?;
+                continue;
+            }
+        };
         dev.synchronize()?;
         let s = t.elapsed().as_secs_f64();
         let p = s / images.len().max(1) as f64;

@@ -44,6 +44,12 @@ struct BiasAdd {
 /// runs from then on.
 static BROKEN: AtomicBool = AtomicBool::new(false);
 
+/// Whether this kernel was turned off in this process (a failed first-use
+/// check, build or launch; a warning said why).
+pub(crate) fn is_off() -> bool {
+    BROKEN.load(Ordering::Relaxed)
+}
+
 /// `y (…, n) + b (n)`: a linear layer's bias.
 pub fn add_last_dim(y: &Tensor, b: &Tensor) -> Result<Tensor> {
     let n = b.elem_count();

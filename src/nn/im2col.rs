@@ -40,6 +40,12 @@ impl Im2Col {
 /// Set when the CUDA kernel could not be built or launched.
 static BROKEN: AtomicBool = AtomicBool::new(false);
 
+/// Whether this kernel was turned off in this process (a failed first-use
+/// check, build or launch; a warning said why).
+pub(crate) fn is_off() -> bool {
+    BROKEN.load(Ordering::Relaxed)
+}
+
 /// `x (b, cin, h, w)` convolved with `w (cout, cin, k, k)` (no bias) with
 /// the patch kernel and one product, where it applies: CUDA, one float
 /// dtype, nothing tracked for a gradient. `None`: use candle's convolution.

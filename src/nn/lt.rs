@@ -28,6 +28,12 @@ struct LinearBias {
 /// Set when the fused form could not run or failed its check.
 static BROKEN: AtomicBool = AtomicBool::new(false);
 
+/// Whether this kernel was turned off in this process (a failed first-use
+/// check, build or launch; a warning said why).
+pub(crate) fn is_off() -> bool {
+    BROKEN.load(Ordering::Relaxed)
+}
+
 const FALLBACK: &str = "the product and a separate bias add";
 
 /// `x · wᵀ + b` in one cuBLASLt call where it applies: CUDA, f16/bf16 of

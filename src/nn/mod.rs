@@ -39,6 +39,22 @@ pub use warm::{keep_warm, set_keep_warm, share_cores, KeepWarm, SharedCores};
 
 use candle_core::{Module, Result, Tensor};
 
+/// The GPU kernels turned off in this process so far (each said why in a
+/// warning once); their callers took the previous forms since.
+pub fn kernels_off() -> Vec<&'static str> {
+    [
+        ("flash attention", flash::is_off()),
+        ("cuBLASLt linear", lt::is_off()),
+        ("softmax", softmax::is_off()),
+        ("group norm", norm::is_off()),
+        ("im2col", im2col::is_off()),
+        ("bias add", bias::is_off()),
+    ]
+    .into_iter()
+    .filter_map(|(name, off)| off.then_some(name))
+    .collect()
+}
+
 /// What a failure of one of our GPU kernels ([`bias`], [`softmax`],
 /// [`im2col`], [`norm`], [`flash`], [`lt`]) means. Out of device memory is the
 /// caller's error: the kernel is fine, and the fallback would need the same

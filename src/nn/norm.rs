@@ -47,6 +47,12 @@ struct GroupNorm {
 /// Set when the CUDA kernels could not be built or launched.
 static BROKEN: AtomicBool = AtomicBool::new(false);
 
+/// Whether this kernel was turned off in this process (a failed first-use
+/// check, build or launch; a warning said why).
+pub(crate) fn is_off() -> bool {
+    BROKEN.load(Ordering::Relaxed)
+}
+
 const FALLBACK: &str = "the previous form";
 
 /// Group norm + affine (+ SiLU) of `x (n, c, spatial…)` with the kernels,

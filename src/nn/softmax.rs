@@ -33,6 +33,12 @@ struct Softmax {
 /// Set when the CUDA kernel could not be built or launched.
 static BROKEN: AtomicBool = AtomicBool::new(false);
 
+/// Whether this kernel was turned off in this process (a failed first-use
+/// check, build or launch; a warning said why).
+pub(crate) fn is_off() -> bool {
+    BROKEN.load(Ordering::Relaxed)
+}
+
 /// Softmax over the last dimension with the kernel where it applies (a
 /// CUDA tensor of f32/f16/bf16 with rows of up to [`MAX_COLS`]); `None`:
 /// use another form.

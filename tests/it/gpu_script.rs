@@ -44,7 +44,7 @@ fn gpu_bench_script_cpu_fallback_writes_the_ratio_table() {
 
     let j: Value =
         serde_json::from_slice(&std::fs::read(out.join("gpu_bench.json")).unwrap()).unwrap();
-    for f in ["table.md", "ours.log", "weights.log"] {
+    for f in ["table.md", "ours.log", "weights.log", "ours.json"] {
         assert!(out.join(f).is_file(), "{f} missing");
     }
     let ours = &j["ours"];
@@ -67,8 +67,8 @@ fn gpu_bench_script_cpu_fallback_writes_the_ratio_table() {
         "{ab}"
     );
     for m in [
-        "batch 1",
-        "batch 2",
+        "CFG, batch 1",
+        "CFG, batch 2",
         "step, out+OUT08",
         "step, full",
         "forms off",
