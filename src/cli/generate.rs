@@ -38,8 +38,9 @@ pub struct GenerateArgs {
     /// Images in the whole plan (all shards together).
     #[arg(long)]
     pub count: u64,
-    /// Base seed: prompts and sizes are drawn from it, image i gets seed+i.
-    #[arg(long, default_value_t = 0)]
+    /// Base seed: prompts and sizes are drawn from it, image i gets seed+i
+    /// (at most 2⁶³−1 for the last image, as the manifest stores seeds).
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u64).range(..=i64::MAX as u64))]
     pub seed: u64,
     /// Use the first --count combinatorial prompts instead of random ones.
     #[arg(long)]
@@ -248,6 +249,24 @@ mod tests {
         let mut all = vec!["generate", "--count", "4"];
         all.extend_from_slice(args);
         Cli::parse_from(all).a.to_config(&|_| None).unwrap()
+    }
+
+    /// Seeds fit the manifest's signed 64-bit column, the last image's
+    /// included (the flag, and the plan in `validate`, which `run` uses).
+    #[test]
+    fn seeds_past_2_63_are_refused() {
+        let too_big = (i64::MAX as u64 + 1).to_string();
+        let parsed = Cli::try_parse_from(["generate", "d", "--count", "1", "--seed", &too_big]);
+        assert!(parsed.is_err());
+        let d = tempfile::tempdir().unwrap();
+        let mut c = config(&[d.path().to_str().unwrap()]);
+        c.seed = i64::MAX as u64 - 3;
+        c.validate().unwrap(); // seeds up to exactly 2^63 - 1
+        c.count = 5;
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("2^63-1"), "{e}");
+        c.seed = u64::MAX;
+        assert!(c.validate().is_err());
     }
 
     /// Without --uncond, generate uses the uncond the model was trained

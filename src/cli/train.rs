@@ -162,13 +162,25 @@ fn parse<T: serde::de::DeserializeOwned>(flag: &str, v: &str) -> Result<T> {
         .map_err(|e| Error::config(format!("--{flag} {v:?}: {e}")))
 }
 
-/// Read a TOML training config: a `[train]` table, or the whole file.
+/// Read a TOML training config: a `[train]` table, or the whole file. In
+/// an `eps2v run` config, a `[train]` without a `model` of its own trains
+/// the run's top-level `model`, as `run` does.
 pub fn read_config(path: &std::path::Path) -> Result<TrainConfig> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
     let value: toml::Table =
         toml::from_str(&text).map_err(|e| Error::config(format!("{}: {e}", path.display())))?;
     let table = match value.get("train") {
-        Some(toml::Value::Table(t)) => t.clone(),
+        Some(toml::Value::Table(t)) => {
+            let mut t = t.clone();
+            let own = t
+                .get("model")
+                .and_then(toml::Value::as_str)
+                .is_some_and(|m| !m.is_empty());
+            if let (false, Some(m)) = (own, value.get("model")) {
+                t.insert("model".into(), m.clone());
+            }
+            t
+        }
         _ => value,
     };
     let mut c = table
@@ -186,6 +198,26 @@ impl TrainArgs {
             Some(p) => read_config(p)?,
             None => TrainConfig::default(),
         };
+        // A config of stages takes its steps, blocks and learning rates
+        // from them: these flags would be ignored, so they are refused.
+        if !c.stages.is_empty() {
+            let file = self.config.as_deref().unwrap_or(std::path::Path::new(""));
+            let given = [
+                ("--steps", self.steps.is_some()),
+                ("--blocks", self.blocks.is_some()),
+                ("--block-lr", self.block_lr.is_some()),
+                (
+                    "--lr",
+                    self.lr.is_some() && c.stages.iter().all(|s| s.lr.is_some()),
+                ),
+            ];
+            if let Some((flag, _)) = given.iter().find(|(_, g)| *g) {
+                return Err(Error::config(format!(
+                    "{flag}: {} trains in [[train.stages]], each with its own steps, blocks and learning rate; edit the stages there (or train without --config)",
+                    file.display()
+                )));
+            }
+        }
         macro_rules! set {
             ($($f:ident),*) => {$(if let Some(v) = &self.$f { c.$f = v.clone(); })*};
         }
@@ -609,6 +641,51 @@ mod tests {
     struct T {
         #[command(flatten)]
         a: TrainArgs,
+    }
+
+    /// A config of stages refuses the flags it would ignore (naming them),
+    /// and `--lr` only where some stage has no rate of its own; a run
+    /// config's `[train]` trains the run's `model`.
+    #[test]
+    fn stage_configs_refuse_flags_they_would_ignore_and_run_configs_keep_their_model() {
+        let d = tempfile::tempdir().unwrap();
+        let f = d.path().join("t.toml");
+        let parse = |extra: &[&str]| {
+            let mut args = vec!["x", "ds", "--config", f.to_str().unwrap()];
+            args.extend_from_slice(extra);
+            T::parse_from(args).a.to_config()
+        };
+        std::fs::write(
+            &f,
+            "model = \"run.safetensors\"\n[train]\n[[train.stages]]\nblocks = [\"all\"]\nsteps = 10\n",
+        )
+        .unwrap();
+        let c = parse(&[]).unwrap();
+        assert_eq!(c.model, std::path::PathBuf::from("run.safetensors"));
+        assert_eq!(c.total_steps(), 10);
+        for flag in [
+            ["--steps", "5"],
+            ["--blocks", "out"],
+            ["--block-lr", "OUT08=1e-5"],
+        ] {
+            let e = parse(&flag).unwrap_err().to_string();
+            assert!(e.contains(flag[0]) && e.contains("[[train.stages]]"), "{e}");
+        }
+        // The stage has no rate: --lr is its rate.
+        assert_eq!(parse(&["--lr", "3e-6"]).unwrap().lr, 3e-6);
+        std::fs::write(
+            &f,
+            "[train]\nmodel = \"own.safetensors\"\n[[train.stages]]\nblocks = [\"all\"]\nsteps = 10\nlr = 1e-6\n",
+        )
+        .unwrap();
+        assert!(parse(&["--lr", "3e-6"])
+            .unwrap_err()
+            .to_string()
+            .contains("--lr"));
+        assert_eq!(
+            parse(&[]).unwrap().model,
+            std::path::PathBuf::from("own.safetensors")
+        );
     }
 
     #[test]

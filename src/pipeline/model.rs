@@ -308,14 +308,8 @@ impl SdxlModel {
     /// Latent shape `(4, h/8, w/8)` for an image of `width × height`, or a
     /// config error when the sides do not fit the UNet and VAE.
     pub fn latent_shape(&self, width: u32, height: u32) -> Result<(usize, usize, usize)> {
+        check_size(self.unet.config(), self.vae.config(), width, height)?;
         let f = self.vae.config().downsample_factor();
-        let levels = self.unet.config().channel_mult.len();
-        let m = f << levels.saturating_sub(1);
-        if width == 0 || height == 0 || width as usize % m != 0 || height as usize % m != 0 {
-            return Err(Error::config(format!(
-                "size {width}x{height}: width and height must be positive multiples of {m} for this model (VAE factor {f}, UNet {levels} levels)"
-            )));
-        }
         Ok((
             self.unet.config().in_channels,
             height as usize / f,
@@ -500,3 +494,23 @@ impl PairPredictor for Bound<'_> {
 #[cfg(test)]
 #[path = "model_tests.rs"]
 mod tests;
+
+/// Whether an image of `width × height` fits a model of these configs:
+/// both sides positive multiples of the VAE factor times 2 per UNet level
+/// below the first (32 for SDXL); a config error says which multiple.
+pub fn check_size(
+    unet: &crate::models::sdxl::UNetConfig,
+    vae: &crate::models::sdxl::VaeConfig,
+    width: u32,
+    height: u32,
+) -> Result<()> {
+    let f = vae.downsample_factor();
+    let levels = unet.channel_mult.len();
+    let m = f << levels.saturating_sub(1);
+    if width == 0 || height == 0 || width as usize % m != 0 || height as usize % m != 0 {
+        return Err(Error::config(format!(
+            "size {width}x{height}: width and height must be positive multiples of {m} for this model (VAE factor {f}, UNet {levels} levels)"
+        )));
+    }
+    Ok(())
+}

@@ -448,6 +448,16 @@ impl RunConfig {
         self.eval_sample_config()
             .validate()
             .map_err(|err| Error::config(format!("evaluate: {err}")))?;
+        // The size the merge sweep and the evaluation sample at, against
+        // the model's shapes (its header), before any stage runs.
+        if self.has("merge") || self.has("evaluate") {
+            let ck = crate::models::sdxl::checkpoint::Checkpoint::open(&model)?;
+            if let (Ok(u), Ok(v)) = (ck.infer_unet_config(), ck.infer_vae_config()) {
+                let [w, h] = e.size;
+                crate::pipeline::model::check_size(&u.config, &v.config, w, h)
+                    .map_err(|err| Error::config(format!("evaluate.size: {err}")))?;
+            }
+        }
         Ok(())
     }
 
@@ -736,6 +746,23 @@ mod tests {
             e.starts_with("model: /nonexistent/base.safetensors: no such file"),
             "{e}"
         );
+    }
+
+    /// The evaluation size is checked against the model's shapes before
+    /// any stage runs (it was first read by the merge sweep, after train).
+    #[test]
+    fn the_evaluation_size_is_checked_before_anything_runs() {
+        let mut c = RunConfig::default();
+        c.resolve();
+        c.check_files().unwrap();
+        c.evaluate.size = [100, 100];
+        let e = c.check_files().unwrap_err().to_string();
+        assert!(
+            e.starts_with("evaluate.size: size 100x100") && e.contains("multiples of 32"),
+            "{e}"
+        );
+        c.stages = vec!["generate".into(), "caption".into()];
+        c.check_files().unwrap();
     }
 
     /// The toy tagger is no default for a model outside the toy world.

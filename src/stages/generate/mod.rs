@@ -107,6 +107,21 @@ impl GenerateConfig {
         if self.batch == 0 {
             return Err(Error::config("--batch must be at least 1"));
         }
+        // Image i gets seed + i, stored as a signed 64-bit integer (and
+        // read back from the infotext): the last one must fit.
+        if self
+            .seed
+            .checked_add(self.count - 1)
+            .is_none_or(|last| last > i64::MAX as u64)
+        {
+            return Err(Error::config(format!(
+                "seed {}: the images take seeds {} to {} + {}, past 2^63-1 (the largest seed the manifest stores); give a smaller seed",
+                self.seed,
+                self.seed,
+                self.seed,
+                self.count - 1
+            )));
+        }
         self.sample_config(64, 64).validate()
     }
 
