@@ -466,6 +466,9 @@ pub struct SweepEval {
     pub width: u32,
     /// Image height.
     pub height: u32,
+    /// Where and in what precision the reference and each merge sample
+    /// (`run`'s `[device]`; the default device and precision otherwise).
+    pub load: crate::pipeline::LoadOptions,
 }
 
 /// One merge of a sweep.
@@ -506,7 +509,7 @@ pub fn sweep(
     eval: &SweepEval,
     ctx: &Ctx,
 ) -> Result<SweepReport> {
-    use crate::pipeline::{LoadOptions, SdxlModel};
+    use crate::pipeline::SdxlModel;
     use crate::train::eval::{compose_grid, sample_set, EvalSpec};
     use crate::train::retention::mean_retention;
 
@@ -527,7 +530,7 @@ pub fn sweep(
             }
         }
     };
-    let ref_model = SdxlModel::load(&reference, &LoadOptions::default())?;
+    let ref_model = SdxlModel::load(&reference, &eval.load)?;
     let spec = EvalSpec {
         prompts: eval.prompts.clone(),
         seeds: eval.seeds.clone(),
@@ -564,7 +567,7 @@ pub fn sweep(
             },
             &path,
         )?;
-        let m = SdxlModel::load(&path, &LoadOptions::default())?;
+        let m = SdxlModel::load(&path, &eval.load)?;
         let imgs = sample_set(&m, &spec)?;
         let retention = mean_retention(&ref_imgs, &imgs);
         let grid = path.with_extension("grid.png");

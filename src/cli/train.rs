@@ -607,6 +607,7 @@ pub fn run_merge(a: MergeArgs, json: bool) -> Result<i32> {
                     cfg: a.eval_cfg,
                     width,
                     height,
+                    load: Default::default(),
                 },
                 &Ctx::new(!json),
             )?;

@@ -380,6 +380,9 @@ impl RunConfig {
     /// Check that the files the listed stages read exist and that every
     /// section's values are valid (after [`RunConfig::resolve`]).
     pub fn check_files(&self) -> Result<()> {
+        // `[device]` places generate, caption, train, the merge sweep and
+        // evaluate: a bad spec fails now, not after the stages before them.
+        super::placement(self)?;
         let model = self.model_path();
         if !model.is_file() {
             let toy = self.model.is_none()
@@ -763,6 +766,12 @@ mod tests {
         );
         c.stages = vec!["generate".into(), "caption".into()];
         c.check_files().unwrap();
+        // A bad device fails before any stage, whichever stages are listed.
+        c.stages = vec!["train".into(), "merge".into()];
+        c.evaluate.size = [64, 64];
+        c.device.device = Some("gpu".into());
+        let e = c.check_files().unwrap_err().to_string();
+        assert!(e.starts_with("device.device"), "{e}");
     }
 
     /// The toy tagger is no default for a model outside the toy world.

@@ -245,6 +245,18 @@ pub fn placement(cfg: &RunConfig) -> Result<LoadOptions> {
     })
 }
 
+/// The trainer's options in a run: `[device]`'s device and precision (of
+/// the frozen models; the trained UNet computes in f32).
+fn train_options(cfg: &RunConfig, resume: Option<i64>) -> Result<TrainOptions> {
+    let place = placement(cfg)?;
+    Ok(TrainOptions {
+        resume,
+        device: place.device,
+        dtype: place.dtype,
+        ..Default::default()
+    })
+}
+
 /// Run the pipeline (module docs). `cfg` must be resolved and checked
 /// ([`RunConfig::resolve`], [`RunConfig::check_files`]); `adherence` is
 /// called by the `evaluate` stage (`None`: the tagger of `[caption]`).
@@ -323,7 +335,11 @@ pub fn run(cfg: &RunConfig, adherence: Option<&AdherenceFn<'_>>, ctx: &Ctx) -> R
                     );
                 }
                 "caption" => {
-                    let r = stages::caption::run(&cfg.caption, &mut m, ctx)?;
+                    // The tagger runs where `[device]` says, in f32 (as the
+                    // reference taggers run; their thresholds assume it).
+                    let mut c = cfg.caption.clone();
+                    c.device = placement(cfg)?.device;
+                    let r = stages::caption::run(&c, &mut m, ctx)?;
                     if r.interrupted {
                         report.stopped_in(
                             stage,
@@ -385,15 +401,7 @@ pub fn run(cfg: &RunConfig, adherence: Option<&AdherenceFn<'_>>, ctx: &Ctx) -> R
                         t.out = Some(out_dir.join("converted.safetensors"));
                     }
                     let resume = train::state::resumable_run(&m, &t)?;
-                    let r = train::train(
-                        &t,
-                        &mut m,
-                        &TrainOptions {
-                            resume,
-                            ..Default::default()
-                        },
-                        ctx,
-                    )?;
+                    let r = train::train(&t, &mut m, &train_options(cfg, resume)?, ctx)?;
                     if r.interrupted {
                         report.stopped_in(
                             stage,
@@ -455,6 +463,7 @@ pub fn run(cfg: &RunConfig, adherence: Option<&AdherenceFn<'_>>, ctx: &Ctx) -> R
                             cfg: spec.cfg,
                             width: spec.width,
                             height: spec.height,
+                            load: placement(cfg)?,
                         },
                         ctx,
                     );
@@ -687,6 +696,24 @@ fn evaluate(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `[device]` reaches the trainer (device and frozen-model precision),
+    /// not only generate and evaluate.
+    #[test]
+    fn the_run_device_reaches_the_trainer() {
+        let mut cfg = RunConfig::default();
+        cfg.device.device = Some("cpu".into());
+        cfg.device.precision = Some("f32".into());
+        let o = train_options(&cfg, Some(3)).unwrap();
+        assert!(o.device.is_some_and(|d| d.is_cpu()));
+        assert_eq!(
+            (o.dtype, o.resume),
+            (Some(candle_core::DType::F32), Some(3))
+        );
+        cfg.device.precision = Some("f64".into());
+        let e = train_options(&cfg, None).unwrap_err().to_string();
+        assert!(e.starts_with("device.precision"), "{e}");
+    }
 
     /// The pipeline row is locked while a `run` works on it: a second
     /// `run` on the dataset meanwhile is refused naming the first process,
