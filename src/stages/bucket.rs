@@ -401,10 +401,15 @@ pub fn run(cfg: &BucketConfig, m: &mut Manifest, ctx: &Ctx) -> Result<BucketRepo
                         same_settings: same.contains(&status_run),
                     }
                 } else {
+                    // A bucket whose file is gone (a copied dataset, a
+                    // cleaned folder) is made again, as if its settings
+                    // had changed: train and export need the file.
+                    let old_path: Option<String> = r.get(6).map_err(|e| m.err(e))?;
+                    let file_there = old_path.is_some_and(|p| m.root().join(p).is_file());
                     match bucket_run {
                         None => ItemState::Unbucketed,
                         Some(b) => ItemState::Bucketed {
-                            same_settings: same.contains(&b),
+                            same_settings: same.contains(&b) && file_there,
                         },
                     }
                 };
@@ -593,6 +598,50 @@ mod tests {
             }
             _ => panic!("not rejected"),
         }
+    }
+
+    /// Regression: a bucketed item whose bucket file was deleted was kept
+    /// ("already"), and train and export then failed or dropped it.
+    #[test]
+    fn a_missing_bucket_file_is_made_again() {
+        let d = tempfile::tempdir().unwrap();
+        let src = d.path().join("src");
+        std::fs::create_dir(&src).unwrap();
+        let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/images");
+        for f in ["scene_rgb.png", "wide_rgb.png"] {
+            std::fs::copy(fixtures.join(f), src.join(f)).unwrap();
+        }
+        let ds = d.path().join("ds");
+        let mut m = Manifest::init(&ds).unwrap();
+        let ctx = Ctx::quiet();
+        let import = crate::stages::import::ImportConfig {
+            from: src,
+            ..Default::default()
+        };
+        crate::stages::import::run(&import, &mut m, &ctx).unwrap();
+        let cfg = BucketConfig {
+            buckets: BucketSet::Kohya {
+                resolution: 128,
+                step: 32,
+                min_side: 64,
+                max_side: 256,
+            },
+            ..Default::default()
+        };
+        let first = run(&cfg, &mut m, &ctx).unwrap();
+        assert_eq!(first.bucketed, 2);
+        let path: String = m
+            .conn()
+            .query_row(
+                "SELECT path FROM buckets ORDER BY item_id LIMIT 1",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        std::fs::remove_file(ds.join(&path)).unwrap();
+        let again = run(&cfg, &mut m, &ctx).unwrap();
+        assert_eq!((again.already, again.rebucketed), (1, 1));
+        assert!(ds.join(&path).is_file());
     }
 
     #[test]
