@@ -102,6 +102,10 @@ pub fn decide(alignment: f64, missing: &[(String, f32)], min: f64) -> Option<Str
 struct Row {
     id: i64,
     own: bool,
+    /// A duplicate: judged too (a rejected one cannot come back when
+    /// dedupe runs again without its keeper), but a kept one stays a
+    /// duplicate.
+    duplicate: bool,
     alignment: Option<f64>,
     missing: Vec<(String, f32)>,
 }
@@ -123,16 +127,18 @@ pub fn run(cfg: &FilterConfig, m: &mut Manifest) -> Result<FilterReport> {
                  FROM items i
                  LEFT JOIN runs r ON r.id = i.status_run_id
                  LEFT JOIN tagging t ON t.item_id = i.id
-                 WHERE i.status = 'ok' OR (i.status = 'rejected' AND r.stage = 'filter')
+                 WHERE i.status IN ('ok', 'duplicate') OR (i.status = 'rejected' AND r.stage = 'filter')
                  ORDER BY i.id",
             )
             .map_err(|e| m.err(e))?;
         let it = st
             .query_map([], |r| {
                 let missing: Option<String> = r.get(3)?;
+                let status: String = r.get(1)?;
                 Ok(Row {
                     id: r.get(0)?,
-                    own: r.get::<_, String>(1)? == "rejected",
+                    own: status == "rejected",
+                    duplicate: status == "duplicate",
                     alignment: r.get(2)?,
                     missing: missing
                         .and_then(|s| serde_json::from_str(&s).ok())
@@ -183,6 +189,7 @@ pub fn run(cfg: &FilterConfig, m: &mut Manifest) -> Result<FilterReport> {
                         });
                         updates.push((r.id, Some(reason)));
                     }
+                    None if r.duplicate => {}
                     None => {
                         report.kept += 1;
                         if r.own {
@@ -230,6 +237,61 @@ pub fn run(cfg: &FilterConfig, m: &mut Manifest) -> Result<FilterReport> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Regression: a duplicate was never judged, so raising the threshold
+    /// rejected its keeper and the next dedupe put the duplicate back in
+    /// the dataset below the threshold. A duplicate above it stays one.
+    #[test]
+    fn duplicates_are_judged_and_stay_duplicates_when_kept() {
+        let d = tempfile::tempdir().unwrap();
+        let mut m = Manifest::init(d.path()).unwrap();
+        let import = m.begin_run("import", &serde_json::json!({})).unwrap();
+        let tx = m.conn_mut().transaction().unwrap();
+        for (id, status, alignment) in [
+            (1, "ok", 0.7),
+            (2, "duplicate", 0.55),
+            (3, "duplicate", 0.9),
+        ] {
+            let item = manifest::NewItem {
+                sha256: format!("{id:064}"),
+                path: Some(format!("images/{id}.png")),
+                source: "test".into(),
+                width: Some(64),
+                height: Some(64),
+                format: Some("png".into()),
+                status: manifest::ItemStatus::Ok,
+                reason: None,
+            };
+            let got = manifest::insert_item(&tx, import, &item).unwrap();
+            assert_eq!(got, id);
+            tx.execute(
+                "UPDATE items SET status = ?2 WHERE id = ?1",
+                params![id, status],
+            )
+            .unwrap();
+            tx.execute(
+                "INSERT INTO tagging (item_id, tagger, settings, alignment, run_id) VALUES (?1, 't', '{}', ?2, ?3)",
+                params![id, alignment, import],
+            )
+            .unwrap();
+        }
+        tx.commit().unwrap();
+        let cfg = FilterConfig {
+            min_alignment: 0.6,
+            dry_run: false,
+        };
+        let r = run(&cfg, &mut m).unwrap();
+        assert_eq!((r.scored, r.kept, r.rejected), (3, 1, 1));
+        let status = |id: i64| -> String {
+            m.conn()
+                .query_row("SELECT status FROM items WHERE id = ?1", [id], |r| r.get(0))
+                .unwrap()
+        };
+        assert_eq!(
+            (status(1), status(2), status(3)),
+            ("ok".into(), "rejected".into(), "duplicate".into())
+        );
+    }
 
     #[test]
     fn decide_lists_missing_tags() {

@@ -188,7 +188,10 @@ impl CaptionReport {
 struct Candidate {
     id: i64,
     path: Option<String>,
-    /// Stage of the run that rejected it (`caption` / `filter`), `None` when ok.
+    /// Stage of the run that set it aside (`caption` / `filter` for a
+    /// rejection, `dedupe` for a duplicate, which is captioned and tagged
+    /// under the current policy too, so that it is current if dedupe takes
+    /// it back), `None` when ok.
     rejected_by: Option<String>,
     prompt: Option<String>,
     has_sidecar: bool,
@@ -227,7 +230,8 @@ fn load_candidates(m: &Manifest) -> Result<Vec<Candidate>> {
          LEFT JOIN runs r ON r.id = i.status_run_id
          LEFT JOIN generation g ON g.item_id = i.id
          LEFT JOIN tagging t ON t.item_id = i.id
-         WHERE i.status = 'ok' OR (i.status = 'rejected' AND r.stage IN ('caption', 'filter'))
+         WHERE i.status IN ('ok', 'duplicate')
+            OR (i.status = 'rejected' AND r.stage IN ('caption', 'filter'))
          ORDER BY i.id",
         SIDECAR_SOURCES[0], SIDECAR_SOURCES[1]
     );
@@ -621,6 +625,45 @@ pub fn run(cfg: &CaptionConfig, m: &mut Manifest, ctx: &Ctx) -> Result<CaptionRe
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Duplicates are captioned under the current policy too (they come
+    /// back when dedupe runs again without their keeper); other stages'
+    /// rejections are not.
+    #[test]
+    fn duplicates_are_candidates_and_keep_their_status() {
+        let d = tempfile::tempdir().unwrap();
+        let mut m = Manifest::init(d.path()).unwrap();
+        let import = m.begin_run("import", &serde_json::json!({})).unwrap();
+        let dedupe = m.begin_run("dedupe", &serde_json::json!({})).unwrap();
+        let tx = m.conn_mut().transaction().unwrap();
+        for (id, status, by) in [
+            (1, "ok", import),
+            (2, "duplicate", dedupe),
+            (3, "rejected", import),
+        ] {
+            let item = crate::manifest::NewItem {
+                sha256: format!("{id:064}"),
+                path: Some(format!("images/{id}.png")),
+                source: "test".into(),
+                width: Some(64),
+                height: Some(64),
+                format: Some("png".into()),
+                status: crate::manifest::ItemStatus::Ok,
+                reason: None,
+            };
+            crate::manifest::insert_item(&tx, import, &item).unwrap();
+            tx.execute(
+                "UPDATE items SET status = ?2, status_run_id = ?3 WHERE id = ?1",
+                params![id, status, by],
+            )
+            .unwrap();
+        }
+        tx.commit().unwrap();
+        let c = load_candidates(&m).unwrap();
+        let got: Vec<(i64, Option<&str>)> =
+            c.iter().map(|c| (c.id, c.rejected_by.as_deref())).collect();
+        assert_eq!(got, [(1, None), (2, Some("dedupe"))]);
+    }
 
     /// Tags from a half-precision tagger are not the f32 tagger's: its
     /// settings say so (and items tagged in f32 are tagged again), while f32
