@@ -257,6 +257,52 @@ fn train_options(cfg: &RunConfig, resume: Option<i64>) -> Result<TrainOptions> {
     })
 }
 
+/// The newest run id of the manifest.
+fn newest_run(m: &Manifest) -> Result<Option<i64>> {
+    m.conn()
+        .query_row("SELECT max(id) FROM runs", [], |r| r.get(0))
+        .map_err(|e| m.err(e))
+}
+
+/// The first pipeline stage whose input a run outside the pipeline
+/// changed since the pipeline's stages ended (index into [`STAGES`]), and
+/// that run's stage: a dataset-writing run newer than every recorded
+/// stage's [`StageRecord::last_run`]. `import`, `generate` and `manifest
+/// merge` change what `generate` made; `caption`, `filter`, `dedupe` and
+/// `bucket` their own stage's results. `None` when nothing did (or no
+/// record says what the pipeline saw).
+pub(crate) fn changed_outside(
+    m: &Manifest,
+    progress: &Progress,
+) -> Result<Option<(usize, String)>> {
+    let Some(seen) = progress.stages.values().filter_map(|r| r.last_run).max() else {
+        return Ok(None);
+    };
+    let mut st = m
+        .conn()
+        .prepare("SELECT DISTINCT stage FROM runs WHERE id > ?1")
+        .map_err(|e| m.err(e))?;
+    let stages = st
+        .query_map([seen], |r| r.get::<_, String>(0))
+        .map_err(|e| m.err(e))?
+        .collect::<rusqlite::Result<Vec<_>>>()
+        .map_err(|e| m.err(e))?;
+    fn at(stage: &str) -> Option<&str> {
+        match stage {
+            "import" | "generate" | "merge" => Some("generate"),
+            "caption" | "filter" | "dedupe" | "bucket" => Some(stage),
+            _ => None,
+        }
+    }
+    Ok(stages
+        .iter()
+        .filter_map(|s| {
+            let first = at(s)?;
+            Some((STAGES.iter().position(|x| *x == first)?, s.clone()))
+        })
+        .min())
+}
+
 /// Run the pipeline (module docs). `cfg` must be resolved and checked
 /// ([`RunConfig::resolve`], [`RunConfig::check_files`]); `adherence` is
 /// called by the `evaluate` stage (`None`: the tagger of `[caption]`).
@@ -279,6 +325,25 @@ pub fn run(cfg: &RunConfig, adherence: Option<&AdherenceFn<'_>>, ctx: &Ctx) -> R
         ..Default::default()
     };
     let base = cfg.model_path();
+    // A curation command run on the dataset outside this pipeline since its
+    // last stage (`eps2v caption DS --policy …`, `bucket`, `import`, a
+    // `manifest merge`): the pipeline's stages from the one it affects run
+    // again, or they would be skipped on a dataset they no longer describe.
+    if let Some((at, other)) = changed_outside(&m, &progress)? {
+        let stale: Vec<String> = progress
+            .stages
+            .keys()
+            .filter(|s| STAGES.iter().position(|x| x == s).unwrap_or(0) >= at)
+            .cloned()
+            .collect();
+        if !stale.is_empty() {
+            ctx.say(&format!(
+                "the dataset changed outside this pipeline since its last stage (a `{other}` run): {} run again",
+                stale.join(", ")
+            ));
+            progress.stages.retain(|s, _| !stale.contains(s));
+        }
+    }
     // An error ends the row (below) rather than leaving it `running`.
     let result = (|| -> Result<()> {
         for stage in &cfg.stages {
@@ -499,6 +564,7 @@ pub fn run(cfg: &RunConfig, adherence: Option<&AdherenceFn<'_>>, ctx: &Ctx) -> R
                 other => return Err(Error::config(format!("stages: unknown stage `{other}`"))),
             }
             rec.seconds = ts.elapsed().as_secs_f64();
+            rec.last_run = newest_run(&m)?;
             report.stages.push(StageTiming {
                 stage: stage.clone(),
                 seconds: rec.seconds,
@@ -696,6 +762,48 @@ fn evaluate(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A curation run on the dataset after the pipeline's last stage makes
+    /// the stages from the one it affects stale; a training run does not,
+    /// nor do the pipeline's own runs.
+    #[test]
+    fn curation_runs_outside_the_pipeline_make_its_stages_stale() {
+        let d = tempfile::tempdir().unwrap();
+        let m = Manifest::init(d.path()).unwrap();
+        let run = |stage: &str| m.begin_run(stage, &serde_json::json!({})).unwrap();
+        let mut progress = Progress::default();
+        for stage in ["generate", "caption"] {
+            let id = run(stage);
+            let rec = StageRecord {
+                last_run: Some(id),
+                ..Default::default()
+            };
+            progress.stages.insert(stage.to_string(), rec);
+        }
+        assert_eq!(changed_outside(&m, &progress).unwrap(), None);
+        run("train");
+        assert_eq!(changed_outside(&m, &progress).unwrap(), None);
+        run("bucket");
+        assert_eq!(
+            changed_outside(&m, &progress).unwrap(),
+            Some((4, "bucket".to_string()))
+        );
+        run("caption");
+        assert_eq!(
+            changed_outside(&m, &progress).unwrap(),
+            Some((1, "caption".to_string()))
+        );
+        run("import");
+        assert_eq!(
+            changed_outside(&m, &progress).unwrap(),
+            Some((0, "import".to_string()))
+        );
+        // Records from before `last_run` was kept: nothing to compare.
+        for r in progress.stages.values_mut() {
+            r.last_run = None;
+        }
+        assert_eq!(changed_outside(&m, &progress).unwrap(), None);
+    }
 
     /// `[device]` reaches the trainer (device and frozen-model precision),
     /// not only generate and evaluate.

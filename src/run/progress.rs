@@ -57,6 +57,12 @@ pub struct StageRecord {
     /// `report`: the page (rows from before it was kept: the summary).
     #[serde(default)]
     pub page: Option<PathBuf>,
+    /// The newest run of the manifest when the stage ended (its own
+    /// included): a dataset-writing run after it that is not the
+    /// pipeline's own changed the dataset behind the pipeline's back
+    /// ([`super::changed_outside`]). `None` in rows from before it was kept.
+    #[serde(default)]
+    pub last_run: Option<i64>,
 }
 
 /// The pipeline's progress (`runs.counts_json` of its row).
