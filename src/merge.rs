@@ -419,7 +419,9 @@ pub fn merge(cfg: &MergeConfig, out: &Path) -> Result<MergeReport> {
     metadata.insert(
         "eps2v.merge".into(),
         serde_json::json!({
-            "a": cfg.a, "b": cfg.b, "c": cfg.c, "alpha": cfg.alpha,
+            // As text (`json!` panics on a path that is not UTF-8).
+            "a": cfg.a.to_string_lossy(), "b": cfg.b.to_string_lossy(),
+            "c": cfg.c.as_ref().map(|c| c.to_string_lossy()), "alpha": cfg.alpha,
             "blocks": cfg.blocks.per_block, "te": cfg.te, "vae": cfg.vae, "markers": markers,
             "prediction": pinfo.prediction.name(),
         })

@@ -66,6 +66,7 @@ OUTDIR="${OUTDIR:-$WORK/out}"
 # A rerun in the same work folder (a warm device machine) must not report
 # the previous run's measurements if this one fails before writing its own.
 rm -rf "$WORK/ours" "$WORK/reference.json"
+rm -f "$OUTDIR/ours.json" "$OUTDIR/reference.json"
 mkdir -p "$WORK" "$OUTDIR" "$WORK/ours"
 if [[ -z "$BIN" && $MODE == gpu && -f .gpu/eps2v.xz ]]; then
     if command -v xz >/dev/null; then

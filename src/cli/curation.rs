@@ -174,7 +174,10 @@ fn print_json(v: &impl serde::Serialize) -> anyhow::Result<()> {
 pub fn init(a: InitArgs, json: bool) -> anyhow::Result<i32> {
     let m = Manifest::init(&a.dir)?;
     if json {
-        print_json(&serde_json::json!({"dataset": a.dir, "manifest": m.db_path()}))?;
+        print_json(&serde_json::json!({
+            "dataset": a.dir.to_string_lossy(),
+            "manifest": m.db_path().to_string_lossy(),
+        }))?;
     } else {
         println!("dataset ready: {}", m.db_path().display());
     }
@@ -183,6 +186,14 @@ pub fn init(a: InitArgs, json: bool) -> anyhow::Result<i32> {
 
 /// Run `import`.
 pub fn import(a: ImportArgs, json: bool) -> anyhow::Result<i32> {
+    // A mistyped --from must not leave a new, empty dataset behind.
+    if !a.from.is_dir() {
+        return Err(crate::Error::config(format!(
+            "--from {}: no such folder; pass an existing folder of images",
+            a.from.display()
+        ))
+        .into());
+    }
     let mut m = Manifest::init(&a.dir)?;
     let mut cfg = stages::import::ImportConfig {
         from: a.from,

@@ -269,6 +269,22 @@ mod tests {
         assert!(c.validate().is_err());
     }
 
+    /// A model path that is not UTF-8 is stored lossily, not a panic
+    /// (`json!` unwraps its serialisation).
+    #[cfg(unix)]
+    #[test]
+    fn a_model_path_that_is_not_utf8_does_not_panic() {
+        use std::os::unix::ffi::OsStrExt;
+        let d = tempfile::tempdir().unwrap();
+        let mut c = config(&[d.path().to_str().unwrap()]);
+        c.model =
+            std::path::PathBuf::from(std::ffi::OsStr::from_bytes(b"/m/mod\xe8le.safetensors"));
+        c.wildcards = Some(c.model.clone());
+        let v = c.to_json();
+        assert_eq!(v["model"], "/m/mod\u{fffd}le.safetensors");
+        assert_eq!(v["wildcards"], v["model"]);
+    }
+
     /// Without --uncond, generate uses the uncond the model was trained
     /// with (as `sample` does); --uncond and --negative win over it.
     #[test]

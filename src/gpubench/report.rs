@@ -245,7 +245,9 @@ pub fn combine(ours: &Value, reference: &Value) -> Result<Combined> {
         };
         // A selection whose timed steps did not fit its budget reports its
         // warm-up step (ours profiled and synchronised after every op).
-        let warm_up = |v: Option<&Value>| v.is_some_and(|v| num(v, &["steps"]) == Some(0.0));
+        let warm_up = |v: Option<&Value>| {
+            v.is_some_and(|v| num(v, &["steps"]) == Some(0.0) && failed(Some(v)).is_none())
+        };
         let warm = match (warm_up(Some(t)), warm_up(theirs)) {
             (false, false) => "",
             (true, false) => " (eps2v: warm-up step only)",
@@ -611,7 +613,7 @@ mod tests {
     #[test]
     fn failed_steps_and_the_breakdown() {
         let mut o = ours();
-        o["train"][1] = json!({"trainable": "full", "params": 0, "step_ms": null,
+        o["train"][1] = json!({"trainable": "full", "params": 0, "step_ms": null, "steps": 0,
             "error": "tensor: DriverError(CUDA_ERROR_OUT_OF_MEMORY, \"out of memory\")\n   0: <unknown>"});
         o["unet_check"]["profiled_ms"] = json!(60.0);
         o["unet_check"]["profile"] = json!([

@@ -302,16 +302,20 @@ fn png_complete(b: &[u8]) -> bool {
 }
 
 /// JPEG: walk marker segments, skip entropy-coded data after each SOS, and
-/// require an `EOI` marker. Bytes between a segment and the next marker
-/// (padding some encoders and editors leave, which libjpeg reads past with
-/// a warning) are skipped, not taken for the end of the stream.
+/// require an `EOI` marker. Zero bytes between a segment and the next
+/// marker (padding some encoders and editors leave, which libjpeg reads
+/// past with a warning) are skipped, not taken for the end of the stream;
+/// any other byte there is.
 fn jpeg_complete(b: &[u8]) -> bool {
     let n = b.len();
     let mut i = 2usize;
     while i + 1 < n {
-        if b[i] != 0xFF {
+        if b[i] == 0x00 {
             i += 1;
             continue;
+        }
+        if b[i] != 0xFF {
+            return false;
         }
         let m = b[i + 1];
         match m {

@@ -128,6 +128,9 @@ impl Manifest {
     /// Create the dataset folder layout and an empty manifest (idempotent:
     /// an existing manifest is opened and migrated).
     pub fn init(root: &Path) -> Result<Self> {
+        if root.exists() && !root.is_dir() {
+            return Err(not_a_folder(root));
+        }
         for sub in ["images", "buckets", "cache", "runs", "exports"] {
             std::fs::create_dir_all(root.join(sub)).at(root.join(sub))?;
         }
@@ -481,6 +484,9 @@ fn manifest_err(path: &Path, e: rusqlite::Error) -> Error {
 }
 
 fn no_manifest(root: &Path) -> Error {
+    if root.exists() && !root.is_dir() {
+        return not_a_folder(root);
+    }
     Error::Config(format!(
         "{}: no {MANIFEST_FILE} here; create the dataset first with `eps2v init {}`",
         root.display(),
@@ -488,9 +494,33 @@ fn no_manifest(root: &Path) -> Error {
     ))
 }
 
+/// A dataset path that names a file.
+fn not_a_folder(root: &Path) -> Error {
+    Error::Config(format!(
+        "{}: exists and is not a folder; a dataset is a folder (give another path)",
+        root.display()
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A dataset path that is a file: one clear error, not a remedy
+    /// (`eps2v init FILE`) that fails in turn.
+    #[test]
+    fn a_file_is_no_dataset() {
+        let d = tempfile::tempdir().unwrap();
+        let f = d.path().join("notes.txt");
+        std::fs::write(&f, "x").unwrap();
+        for e in [
+            Manifest::open(&f).unwrap_err(),
+            Manifest::init(&f).unwrap_err(),
+        ] {
+            let e = e.to_string();
+            assert!(e.contains("exists and is not a folder"), "{e}");
+        }
+    }
 
     #[test]
     fn init_creates_layout_and_is_idempotent() {

@@ -229,6 +229,12 @@ impl CustomOp3 for GroupNorm {
         _y: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        // Which gradients are wanted, then computed from detached inputs: a
+        // Var's gradient is stored as returned (candle detaches only those
+        // of intermediate nodes), and one computed from the tracked `x`
+        // would hold the whole forward graph until the optimizer step.
+        let want = (x.track_op(), w.track_op(), b.track_op());
+        let (x, w, b, grad) = (&x.detach(), &w.detach(), &b.detach(), &grad.detach());
         let dims = x.dims();
         let (n, c, g) = (dims[0], dims[1], self.groups);
         let xg = x.to_dtype(DType::F32)?.reshape((n, g, ()))?;
@@ -251,17 +257,13 @@ impl CustomOp3 for GroupNorm {
             let d = ((y * s.affine(-1.0, 1.0)?)? + 1.0)?.mul(&s)?;
             gy = gy.mul(&d)?;
         }
-        let gw = if w.track_op() {
+        let gw = if want.1 {
             Some(gy.mul(&xhat_c)?.sum((0, 2))?)
         } else {
             None
         };
-        let gb = if b.track_op() {
-            Some(gy.sum((0, 2))?)
-        } else {
-            None
-        };
-        let gx = if x.track_op() {
+        let gb = if want.2 { Some(gy.sum((0, 2))?) } else { None };
+        let gx = if want.0 {
             let gh = gy.broadcast_mul(&wc)?.reshape((n, g, ()))?;
             let m1 = gh.mean_keepdim(2)?;
             let m2 = gh.mul(&xhat)?.mean_keepdim(2)?;
@@ -555,6 +557,20 @@ mod tests {
             .backward()?;
         assert!(g.get(x.as_tensor()).is_some());
         assert!(g.get(&w).is_none() && g.get(&b).is_none());
+        // A Var's gradient comes back as the op returned it: untracked, or
+        // it would hold the forward graph (and the optimizer's moments with
+        // it). Here the weight and bias are Vars used as they are.
+        let (wv, bv) = (
+            candle_core::Var::from_tensor(&w)?,
+            candle_core::Var::from_tensor(&b)?,
+        );
+        let y = apply(x.as_tensor(), 2, wv.as_tensor(), bv.as_tensor(), 1e-5, true)?;
+        let g = (y * rand(&[2, 4, 3, 3], 8, DType::F32)?)?
+            .sum_all()?
+            .backward()?;
+        for v in [x.as_tensor(), wv.as_tensor(), bv.as_tensor()] {
+            assert!(!g.get(v).unwrap().track_op());
+        }
         // Nothing tracked: no graph at all.
         assert!(!apply(&x.as_tensor().detach(), 2, &w, &b, 1e-5, true)?.track_op());
         Ok(())

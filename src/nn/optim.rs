@@ -282,21 +282,35 @@ impl AdamW {
             match &mut slot.moments {
                 Moments::F32(m, v) => fused(&slot.var, grad, m, v, c)?,
                 Moments::F64(m, v) => fused(&slot.var, grad, m, v, c)?,
-                Moments::Tensors(m, v) => {
-                    let g = grad.to_dtype(DType::F32)?;
-                    let nm = ((&*m * c.beta1)? + (&g * (1.0 - c.beta1))?)?;
-                    let nv = ((&*v * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
-                    let theta = (slot.var.as_tensor().to_dtype(DType::F32)? * c.decay)?;
-                    let upd = (&nm / ((nv.sqrt()? * c.inv_sqrt_bc2)? + c.eps)?)?;
-                    let theta = (theta - (upd * c.step)?)?;
-                    slot.var.set(&theta.to_dtype(slot.var.dtype())?)?;
-                    *m = nm;
-                    *v = nv;
-                }
+                Moments::Tensors(m, v) => tensor_update(&slot.var, grad, m, v, c)?,
             }
         }
         Ok(())
     }
+}
+
+/// One AdamW update with the moments as device tensors. The gradient is
+/// detached first: a tracked one (candle leaves a Var's gradient tracked
+/// when the op that made it read tracked tensors) would make the new
+/// moments hold that step's forward graph, and each step's moments the
+/// previous step's: memory growing with every step.
+fn tensor_update(
+    var: &Var,
+    grad: &Tensor,
+    m: &mut Tensor,
+    v: &mut Tensor,
+    c: Coeffs,
+) -> Result<()> {
+    let g = grad.detach().to_dtype(DType::F32)?;
+    let nm = ((&*m * c.beta1)? + (&g * (1.0 - c.beta1))?)?;
+    let nv = ((&*v * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
+    let theta = (var.as_tensor().detach().to_dtype(DType::F32)? * c.decay)?;
+    let upd = (&nm / ((nv.sqrt()? * c.inv_sqrt_bc2)? + c.eps)?)?;
+    let theta = (theta - (upd * c.step)?)?;
+    var.set(&theta.to_dtype(var.dtype())?)?;
+    *m = nm;
+    *v = nv;
+    Ok(())
 }
 
 #[cfg(test)]
@@ -304,6 +318,23 @@ mod tests {
     use super::*;
     use crate::nn::kernels::test_util::{max_abs, max_diff, rand};
     use candle_nn::Optimizer;
+
+    /// Regression (GPU path): a tracked gradient made the moment tensors
+    /// hold its forward graph, and each step's moments the previous ones'.
+    #[test]
+    fn tensor_moments_never_hold_a_gradients_graph() -> Result<()> {
+        let var = Var::from_tensor(&rand(&[3], 1, DType::F32)?)?;
+        let x = Var::from_tensor(&rand(&[3], 2, DType::F32)?)?;
+        let grad = (x.as_tensor() * 2.0)?;
+        assert!(grad.track_op());
+        let mut m = Tensor::zeros(3, DType::F32, &Device::Cpu)?;
+        let mut v = m.clone();
+        let c = Coeffs::new(&ParamsAdamW::default(), 1e-3, 1);
+        tensor_update(&var, &grad, &mut m, &mut v, c)?;
+        assert!(!m.track_op() && !v.track_op());
+        assert!(max_abs(&m)? > 0.0);
+        Ok(())
+    }
 
     /// A few steps of a small least-squares problem with both optimizers.
     fn run(dtype: DType, weight_decay: f64) -> Result<(Vec<Tensor>, Vec<Tensor>)> {

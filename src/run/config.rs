@@ -381,8 +381,14 @@ impl RunConfig {
     /// section's values are valid (after [`RunConfig::resolve`]).
     pub fn check_files(&self) -> Result<()> {
         // `[device]` places generate, caption, train, the merge sweep and
-        // evaluate: a bad spec fails now, not after the stages before them.
-        super::placement(self)?;
+        // evaluate: a bad spec fails now, not after the stages before them
+        // (and not at all when none of them is listed).
+        if ["generate", "caption", "train", "merge", "evaluate"]
+            .iter()
+            .any(|s| self.has(s))
+        {
+            super::placement(self)?;
+        }
         let model = self.model_path();
         if !model.is_file() {
             let toy = self.model.is_none()
@@ -766,12 +772,15 @@ mod tests {
         );
         c.stages = vec!["generate".into(), "caption".into()];
         c.check_files().unwrap();
-        // A bad device fails before any stage, whichever stages are listed.
+        // A bad device fails before any stage that uses one; stages that
+        // use none do not look at it.
         c.stages = vec!["train".into(), "merge".into()];
         c.evaluate.size = [64, 64];
         c.device.device = Some("gpu".into());
         let e = c.check_files().unwrap_err().to_string();
         assert!(e.starts_with("device.device"), "{e}");
+        c.stages = vec!["bucket".into()];
+        c.check_files().unwrap();
     }
 
     /// The toy tagger is no default for a model outside the toy world.

@@ -223,7 +223,10 @@ pub(super) fn validation_loss(
     Ok(Some(total / n as f64))
 }
 
-/// `acc + g` for every trainable variable that `g` has a gradient for.
+/// `acc + g` for every trainable variable that `g` has a gradient for,
+/// detached: candle leaves a Var's gradient tracked when the op that made
+/// it read tracked tensors (a convolution's kernel, a custom op's weight),
+/// which would keep each micro-batch's forward graph alive until the step.
 pub(super) fn add_grads(
     mut acc: GradStore,
     g: &GradStore,
@@ -231,9 +234,10 @@ pub(super) fn add_grads(
 ) -> Result<GradStore> {
     for (_, v) in vars {
         if let Some(gv) = g.get(v.as_tensor()) {
+            let gv = gv.detach();
             let sum = match acc.get(v.as_tensor()) {
                 Some(a) => (a + gv)?,
-                None => gv.clone(),
+                None => gv,
             };
             acc.insert(v.as_tensor(), sum);
         }
@@ -280,6 +284,25 @@ mod tests {
     use candle_core::{Device, Tensor};
 
     use super::multires_noise;
+
+    /// Accumulated gradients are detached: a tracked one (candle's conv
+    /// kernel gradient reads the tracked activation) would keep each
+    /// micro-batch's forward graph alive until the optimizer step.
+    #[test]
+    fn accumulated_gradients_hold_no_graph() {
+        use candle_core::backprop::GradStore;
+        let d = Device::Cpu;
+        let w = candle_core::Var::new(&[1f32, 2.0], &d).unwrap();
+        let x = candle_core::Var::new(&[3f32, 4.0], &d).unwrap();
+        let vars = vec![("w".to_string(), w.clone())];
+        let mut g = GradStore::default();
+        g.insert(w.as_tensor(), (x.as_tensor() * 2.0).unwrap());
+        let once = super::add_grads(GradStore::default(), &g, &vars).unwrap();
+        let twice = super::add_grads(once, &g, &vars).unwrap();
+        let sum = twice.get(w.as_tensor()).unwrap();
+        assert!(!sum.track_op());
+        assert_eq!(sum.to_vec1::<f32>().unwrap(), [12.0, 16.0]);
+    }
 
     /// Gradients over the limit are scaled to it, as one vector over all
     /// parameters; those under it, or with clipping off, stay.

@@ -77,6 +77,9 @@ pub struct Caches {
     text: HashMap<String, String>,
     /// The empty chunk (padding), `(1, 77, ctx)`.
     pub empty_chunk: Tensor,
+    /// The empty prompt's pooled vector `(1, p)` (its shape: a zeroed
+    /// dropout's).
+    empty_pooled: Tensor,
     /// Conditioning of a dropped caption (`None`: zeroed).
     pub uncond: Option<Cond>,
 }
@@ -514,9 +517,12 @@ pub fn build(
         latents,
         text,
         empty_chunk: Tensor::zeros(1, DType::F32, &Device::Cpu)?,
+        empty_pooled: Tensor::zeros(1, DType::F32, &Device::Cpu)?,
         uncond: None,
     };
-    caches.empty_chunk = caches.cond("")?.context.narrow(1, 0, 77)?;
+    let empty = caches.cond("")?;
+    caches.empty_chunk = empty.context.narrow(1, 0, 77)?;
+    caches.empty_pooled = empty.pooled;
     caches.uncond = match &cfg.uncond {
         DropoutCond::Zero => None,
         other => Some(caches.cond(other.text().unwrap_or_default())?),
@@ -533,7 +539,7 @@ impl Caches {
             .ok_or_else(|| Error::Other(format!("latent cache: item {item_id} missing")))?;
         let t = read_entry(&self.root, rel, &["latent"], &self.device).ok_or_else(|| {
             Error::Other(format!(
-                "latent cache: item {item_id}: {} is missing or unreadable (deleted during training?); rerun to recompute it",
+                "latent cache: item {item_id}: {} is missing or unreadable (deleted during training?); rerun `eps2v train` with --resume to recompute it and go on from the last save",
                 self.root.join(rel).display()
             ))
         })?;
@@ -548,7 +554,7 @@ impl Caches {
         let v = read_entry(&self.root, rel, &["context", "pooled"], &self.device).ok_or_else(
             || {
                 Error::Other(format!(
-                    "text cache: caption {caption:?}: {} is missing or unreadable (deleted during training?); rerun to recompute it",
+                    "text cache: caption {caption:?}: {} is missing or unreadable (deleted during training?); rerun `eps2v train` with --resume to recompute it and go on from the last save",
                     self.root.join(rel).display()
                 ))
             },
@@ -576,36 +582,41 @@ impl Caches {
     /// by the dropout conditioning. Returns `context (b, 77·k, ctx)` and
     /// `pooled (b, p)` with k the batch's largest chunk count.
     pub fn batch_cond(&self, captions: &[&str], dropped: &[bool]) -> Result<(Tensor, Tensor)> {
-        // A dropped row needs its caption's entry for nothing but its size.
+        // A dropped row reads no entry: it takes the dropout conditioning.
         let conds = captions
             .iter()
-            .map(|c| self.cond(c))
+            .zip(dropped)
+            .map(|(c, &d)| if d { Ok(None) } else { self.cond(c).map(Some) })
             .collect::<Result<Vec<_>>>()?;
         let mut k = 1;
-        for (c, &d) in conds.iter().zip(dropped) {
-            let ck = match (&self.uncond, d) {
-                (Some(u), true) => u.chunks()?,
-                (None, true) => 1,
-                (_, false) => c.chunks()?,
+        for c in &conds {
+            let ck = match (c, &self.uncond) {
+                (Some(c), _) => c.chunks()?,
+                (None, Some(u)) => u.chunks()?,
+                (None, None) => 1,
             };
             k = k.max(ck);
         }
         let mut ctxs = Vec::with_capacity(conds.len());
         let mut pooled = Vec::with_capacity(conds.len());
-        for (c, &d) in conds.iter().zip(dropped) {
-            match (&self.uncond, d) {
-                (None, true) => {
-                    let shape = (1, 77 * k, c.context.dim(2)?);
-                    ctxs.push(Tensor::zeros(shape, DType::F32, c.context.device())?);
-                    pooled.push(c.pooled.zeros_like()?);
+        for c in &conds {
+            match (c, &self.uncond) {
+                (Some(c), _) => {
+                    ctxs.push(self.padded(&c.context, k)?);
+                    pooled.push(c.pooled.clone());
                 }
-                (Some(u), true) => {
+                (None, Some(u)) => {
                     ctxs.push(self.padded(&u.context, k)?);
                     pooled.push(u.pooled.clone());
                 }
-                (_, false) => {
-                    ctxs.push(self.padded(&c.context, k)?);
-                    pooled.push(c.pooled.clone());
+                (None, None) => {
+                    let e = &self.empty_chunk;
+                    ctxs.push(Tensor::zeros(
+                        (1, 77 * k, e.dim(2)?),
+                        DType::F32,
+                        e.device(),
+                    )?);
+                    pooled.push(self.empty_pooled.zeros_like()?);
                 }
             }
         }
@@ -671,6 +682,7 @@ mod tests {
             latents: HashMap::new(),
             text,
             empty_chunk: Tensor::full(9f32, (1, 77, 3), &d).unwrap(),
+            empty_pooled: Tensor::full(5f32, (1, 2), &d).unwrap(),
             uncond: None,
         };
         // (row, token) → value of the context, and the pooled row.

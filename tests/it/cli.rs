@@ -382,3 +382,25 @@ fn a_bare_ztsnr_flag_is_true() {
     };
     assert_eq!(s.seed, Some(i64::MAX as u64));
 }
+
+/// A mistyped `--from` is a usage error that leaves no new, empty dataset
+/// behind; a dataset path that is a file says so.
+#[test]
+fn import_checks_its_source_before_creating_the_dataset() {
+    let d = tempfile::tempdir().unwrap();
+    let ds = d.path().join("typo");
+    let o = eps2v(&[
+        "import",
+        ds.to_str().unwrap(),
+        "--from",
+        d.path().join("missing").to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("no such folder"));
+    assert!(!ds.exists());
+    let file = d.path().join("notes.txt");
+    std::fs::write(&file, "x").unwrap();
+    let o = eps2v(&["inspect", file.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("exists and is not a folder"));
+}

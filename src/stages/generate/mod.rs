@@ -33,7 +33,7 @@ pub mod shard;
 pub mod space;
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use image::RgbImage;
@@ -143,14 +143,16 @@ impl GenerateConfig {
         }
     }
 
-    /// The run's config as stored in `runs.config_json`.
+    /// The run's config as stored in `runs.config_json` (paths as text,
+    /// lossily where they are not UTF-8: `json!` panics on such a path).
     pub fn to_json(&self) -> serde_json::Value {
+        let text = |p: &Path| p.to_string_lossy().into_owned();
         serde_json::json!({
-            "model": self.model,
+            "model": text(&self.model),
             "prediction": self.prediction.map(|p| p.to_string()),
             "ztsnr": self.ztsnr,
             "template": self.template.label(),
-            "wildcards": self.wildcards,
+            "wildcards": self.wildcards.as_deref().map(text),
             "count": self.count,
             "seed": self.seed,
             "combinatorial": self.combinatorial,

@@ -64,7 +64,7 @@ impl UNet {
         let mut total = GradStore::default();
         let keep = |g: &mut GradStore, total: &mut GradStore| -> Result<()> {
             for v in vars {
-                if let Some(gr) = g.remove(v.as_tensor()) {
+                if let Some(gr) = g.remove(v.as_tensor()).map(|t| t.detach()) {
                     let sum = match total.remove(v.as_tensor()) {
                         Some(acc) => (acc + gr)?,
                         None => gr,
@@ -126,7 +126,10 @@ impl UNet {
             .forward(&self.out_norm.forward_silu(head_in.as_tensor())?)?;
         let loss = loss_of(&out)?;
         let mut g = loss.backward()?;
-        let mut g_out = g.remove(head_in.as_tensor());
+        // Every gradient taken out is detached: candle leaves a Var's
+        // gradient tracked when the op that made it read tracked tensors,
+        // and the next stage's backward would run through that graph.
+        let mut g_out = g.remove(head_in.as_tensor()).map(|t| t.detach());
         keep(&mut g, &mut total)?;
         drop(g);
 
@@ -186,13 +189,17 @@ impl UNet {
             let out = blocks[s].forward(&inp, &emb_in, &ctx)?;
             let mut g = (out * &grad)?.sum_all()?.backward()?;
             drop(grad);
-            g_out = h_var.as_ref().and_then(|v| g.remove(v.as_tensor()));
+            g_out = h_var
+                .as_ref()
+                .and_then(|v| g.remove(v.as_tensor()))
+                .map(|t| t.detach());
             if let Some(v) = &skip_var {
                 let i = skip_of(s);
-                skip_grads[i] = add(skip_grads[i].take(), g.remove(v.as_tensor()))?;
+                let gs = g.remove(v.as_tensor()).map(|t| t.detach());
+                skip_grads[i] = add(skip_grads[i].take(), gs)?;
             }
             if let Some(v) = &emb_var {
-                emb_grad = add(emb_grad, g.remove(v.as_tensor()))?;
+                emb_grad = add(emb_grad, g.remove(v.as_tensor()).map(|t| t.detach()))?;
             }
             keep(&mut g, &mut total)?;
         }
