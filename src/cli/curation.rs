@@ -78,14 +78,14 @@ pub struct BucketArgs {
     /// Use a kohya-style generated bucket set for this square resolution (its area is kept) instead of the SDXL list.
     #[arg(long)]
     pub kohya_resolution: Option<u32>,
-    /// Generator: side step.
-    #[arg(long, default_value_t = 64)]
+    /// Generator: side step (with --kohya-resolution; the SDXL list has its own sides).
+    #[arg(long, default_value_t = 64, requires = "kohya_resolution")]
     pub step: u32,
-    /// Generator: smallest side.
-    #[arg(long, default_value_t = 256)]
+    /// Generator: smallest side (with --kohya-resolution).
+    #[arg(long, default_value_t = 256, requires = "kohya_resolution")]
     pub min_side: u32,
-    /// Generator: largest side.
-    #[arg(long, default_value_t = 2048)]
+    /// Generator: largest side (with --kohya-resolution).
+    #[arg(long, default_value_t = 2048, requires = "kohya_resolution")]
     pub max_side: u32,
     /// Crop placement.
     #[arg(long, value_enum, default_value = "center")]
@@ -448,4 +448,29 @@ pub fn inspect(a: InspectArgs, json: bool) -> anyhow::Result<i32> {
         print!("{}", stages::inspect::render(&r));
     }
     Ok(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    /// The kohya generator's settings without --kohya-resolution were
+    /// ignored (the SDXL list was used): now a usage error.
+    #[test]
+    fn kohya_generator_flags_need_kohya_resolution() {
+        let parse = |args: &[&str]| {
+            let mut all = vec!["eps2v", "bucket", "ds"];
+            all.extend_from_slice(args);
+            super::super::Cli::try_parse_from(all)
+        };
+        assert!(parse(&[]).is_ok());
+        for flag in ["--max-side", "--min-side", "--step"] {
+            let e = parse(&[flag, "64"])
+                .map(|_| ())
+                .expect_err(flag)
+                .to_string();
+            assert!(e.contains("--kohya-resolution"), "{e}");
+        }
+        assert!(parse(&["--kohya-resolution", "1024", "--max-side", "1536"]).is_ok());
+    }
 }

@@ -559,10 +559,12 @@ fn decode_inner(bytes: &[u8], limits: &DecodeLimits) -> Result<Decoded, DecodeEr
 
     let img = DynamicImage::from_decoder(decoder).map_err(map_image_error)?;
     let had_alpha = img.color().has_alpha();
+    // `into_*`: no copy when the decoder already gave that layout (an
+    // 8-bit RGB image, the common case), where `to_*` always copies.
     let (rgb, alpha_used) = if had_alpha {
-        composite_on_white(&img.to_rgba8())
+        composite_on_white(&img.into_rgba8())
     } else {
-        (img.to_rgb8(), false)
+        (img.into_rgb8(), false)
     };
     let mut dynimg = DynamicImage::ImageRgb8(rgb);
     dynimg.apply_orientation(orientation);

@@ -114,7 +114,10 @@ pub struct RunConfig {
     pub evaluate: EvalSection,
 }
 
-/// Device settings.
+/// Device settings: where generate, the tagger of caption, train, the
+/// merge sweep and evaluate run (the tagger always in f32, as its
+/// thresholds assume; train's UNet computes in f32, `precision` is that of
+/// its frozen text encoders and VAE).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct DeviceSection {

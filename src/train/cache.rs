@@ -288,7 +288,7 @@ fn load_image(root: &Path, rel: &str, device: &Device) -> Result<Tensor> {
             path: path.clone(),
             msg: format!("{e}; rerun `eps2v bucket` to recreate the training images"),
         })?
-        .to_rgb8();
+        .into_rgb8();
     crate::pipeline::latent::from_rgb8(&img, device)
 }
 
