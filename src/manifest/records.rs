@@ -60,6 +60,24 @@ pub struct NewItem {
     pub reason: Option<String>,
 }
 
+#[cfg(test)]
+impl NewItem {
+    /// An ok 64×64 PNG item whose content hash is `n`, zero-padded (tests
+    /// that set statuses by hand).
+    pub(crate) fn for_test(n: i64) -> Self {
+        Self {
+            sha256: format!("{n:064}"),
+            path: Some(format!("images/{n}.png")),
+            source: "test".into(),
+            width: Some(64),
+            height: Some(64),
+            format: Some("png".into()),
+            status: ItemStatus::Ok,
+            reason: None,
+        }
+    }
+}
+
 /// Generation parameters (A1111 infotext at import, the plan at generate).
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct GenerationParams {

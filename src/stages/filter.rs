@@ -252,16 +252,7 @@ mod tests {
             (2, "duplicate", 0.55),
             (3, "duplicate", 0.9),
         ] {
-            let item = manifest::NewItem {
-                sha256: format!("{id:064}"),
-                path: Some(format!("images/{id}.png")),
-                source: "test".into(),
-                width: Some(64),
-                height: Some(64),
-                format: Some("png".into()),
-                status: manifest::ItemStatus::Ok,
-                reason: None,
-            };
+            let item = manifest::NewItem::for_test(id);
             let got = manifest::insert_item(&tx, import, &item).unwrap();
             assert_eq!(got, id);
             tx.execute(

@@ -641,16 +641,7 @@ mod tests {
             (2, "duplicate", dedupe),
             (3, "rejected", import),
         ] {
-            let item = crate::manifest::NewItem {
-                sha256: format!("{id:064}"),
-                path: Some(format!("images/{id}.png")),
-                source: "test".into(),
-                width: Some(64),
-                height: Some(64),
-                format: Some("png".into()),
-                status: crate::manifest::ItemStatus::Ok,
-                reason: None,
-            };
+            let item = crate::manifest::NewItem::for_test(id);
             crate::manifest::insert_item(&tx, import, &item).unwrap();
             tx.execute(
                 "UPDATE items SET status = ?2, status_run_id = ?3 WHERE id = ?1",
