@@ -1,0 +1,228 @@
+use super::*;
+
+#[test]
+fn defaults_round_trip_and_list_every_stage() {
+    let c = RunConfig::default();
+    let text = toml::to_string(&c).unwrap();
+    let back = RunConfig::from_toml(&text, "t.toml").unwrap();
+    assert_eq!(back.stages, STAGES);
+    assert_eq!(back.generate, c.generate);
+    assert_eq!(back.train, c.train);
+    assert_eq!(back.bucket, c.bucket);
+    assert_eq!(
+        RunConfig::from_toml("", "e.toml").unwrap().train,
+        toy_train()
+    );
+}
+
+#[test]
+fn unknown_keys_name_the_table_and_suggest_the_nearest() {
+    let e = RunConfig::from_toml("[train]\nobjectve = \"v\"\n", "c.toml")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("c.toml"), "{e}");
+    assert!(e.contains("unknown key `train.objectve`"), "{e}");
+    assert!(e.contains("did you mean `train.objective`"), "{e}");
+    let e = RunConfig::from_toml("modle = \"x\"\n", "c.toml")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("`modle`") && e.contains("did you mean `model`"),
+        "{e}"
+    );
+    // Nested: arrays of tables, tables inside tables, tagged enums.
+    let e = RunConfig::from_toml("[[train.stages]]\nblocks = [\"out\"]\nstep = 3\n", "c.toml")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("train.stages[0].step") && e.contains("`train.stages[0].steps`"),
+        "{e}"
+    );
+    let e = RunConfig::from_toml("[caption.caption]\npolicyy = \"tags\"\n", "c.toml")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("did you mean `caption.caption.policy`"), "{e}");
+    let e = RunConfig::from_toml(
+        "[bucket.buckets]\nkind = \"kohya\"\nresolution = 80\nstep = 32\nmin_side = 64\nmax_sid = 96\n",
+        "c.toml",
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("did you mean `bucket.buckets.max_side`"), "{e}");
+    // Regression: another kind's key was taken (and did nothing).
+    let e = RunConfig::from_toml(
+        "[bucket.buckets]\nkind = \"sdxl\"\nmax_side = 1536\n",
+        "c.toml",
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("unknown key `bucket.buckets.max_side`") && e.contains("are: kind"),
+        "{e}"
+    );
+    // Maps take any key.
+    RunConfig::from_toml("[train.block_lr]\nOUT08 = 1e-4\n", "c.toml").unwrap();
+    // Nothing near: the valid keys are listed.
+    let e = RunConfig::from_toml("[merge]\nzzzzzzzz = 1\n", "c.toml")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        !e.contains("did you mean") && e.contains("alphas, blocks"),
+        "{e}"
+    );
+}
+
+#[test]
+fn wrong_types_name_the_key() {
+    let e = RunConfig::from_toml("[generate]\ncount = \"many\"\n", "c.toml")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("c.toml") && e.contains("count"), "{e}");
+    assert!(e.contains("invalid type"), "{e}");
+    let e = RunConfig::from_toml("[train]\nobjective = \"x\"\n", "c.toml")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("objective"), "{e}");
+}
+
+#[test]
+fn impossible_stage_orders_are_errors() {
+    let order = |s: &[&str]| check_stages(&s.iter().map(|x| x.to_string()).collect::<Vec<_>>());
+    order(&["generate", "caption", "bucket", "train"]).unwrap();
+    order(&["train", "merge", "report"]).unwrap();
+    let e = order(&["generate", "train", "bucket"])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("`train` comes before `bucket`"), "{e}");
+    let e = order(&["merge", "train"]).unwrap_err().to_string();
+    assert!(e.contains("`merge` comes before `train`"), "{e}");
+    let e = order(&["generate", "captoin"]).unwrap_err().to_string();
+    assert!(e.contains("did you mean `caption`"), "{e}");
+    assert!(order(&["train", "train"])
+        .unwrap_err()
+        .to_string()
+        .contains("twice"));
+    assert!(order(&[]).is_err());
+    let e = RunConfig::from_toml("stages = [\"train\", \"bucket\"]\n", "c.toml")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("c.toml: stages:"), "{e}");
+}
+
+/// Policy `prompt` needs no tagger to write captions, but `filter`
+/// (alignment) and `evaluate` (adherence) do: the toy tagger stays the
+/// default while either is listed.
+#[test]
+fn the_tagger_defaults_while_a_stage_needs_it() {
+    let with = |stages: &[&str]| {
+        let text = format!("stages = {stages:?}\n[caption.caption]\npolicy = \"prompt\"\n");
+        let mut c = RunConfig::from_toml(&text, "p.toml").unwrap();
+        c.resolve();
+        c.caption.tagger
+    };
+    let toy = Some(super::super::defaults::default_tagger_dir());
+    assert_eq!(with(&["generate", "caption", "filter"]), toy);
+    assert_eq!(
+        with(&["generate", "caption", "bucket", "train", "evaluate"]),
+        toy
+    );
+    assert_eq!(with(&["generate", "caption", "bucket", "train"]), None);
+    let mut c = RunConfig::default();
+    c.resolve();
+    assert_eq!(c.caption.tagger, toy, "merged always needs one");
+}
+
+#[test]
+fn missing_files_name_the_key() {
+    let mut c = RunConfig {
+        model: Some("/nonexistent/base.safetensors".into()),
+        ..Default::default()
+    };
+    c.resolve();
+    let e = c.check_files().unwrap_err().to_string();
+    assert!(
+        e.starts_with("model: /nonexistent/base.safetensors: no such file"),
+        "{e}"
+    );
+}
+
+/// The evaluation size is checked against the model's shapes before
+/// any stage runs (it was first read by the merge sweep, after train).
+#[test]
+fn the_evaluation_size_is_checked_before_anything_runs() {
+    let mut c = RunConfig::default();
+    c.resolve();
+    c.check_files().unwrap();
+    c.evaluate.size = [100, 100];
+    let e = c.check_files().unwrap_err().to_string();
+    assert!(
+        e.starts_with("evaluate.size: size 100x100") && e.contains("multiples of 32"),
+        "{e}"
+    );
+    c.stages = vec!["generate".into(), "caption".into()];
+    c.check_files().unwrap();
+    // A bad device fails before any stage that uses one; stages that
+    // use none do not look at it.
+    c.stages = vec!["train".into(), "merge".into()];
+    c.evaluate.size = [64, 64];
+    c.device.device = Some("gpu".into());
+    let e = c.check_files().unwrap_err().to_string();
+    assert!(e.starts_with("device.device"), "{e}");
+    c.stages = vec!["bucket".into()];
+    c.check_files().unwrap();
+}
+
+/// The toy tagger is no default for a model outside the toy world.
+#[test]
+fn a_real_model_needs_a_tagger_of_its_own() {
+    let d = tempfile::tempdir().unwrap();
+    let model = d.path().join("real.safetensors");
+    std::fs::write(&model, b"not a toy checkpoint").unwrap();
+    let mut c = RunConfig {
+        model: Some(model),
+        ..Default::default()
+    };
+    c.resolve();
+    let e = c.check_files().unwrap_err().to_string();
+    assert!(
+        e.starts_with("caption.tagger: not given") && e.contains("not a toy model"),
+        "{e}"
+    );
+}
+
+#[test]
+fn sizes_parse_with_weights() {
+    let s = parse_sizes(&["64x64".into(), "96x64=2".into()]).unwrap();
+    assert_eq!(s.candidates(), vec![(64, 64), (96, 64)]);
+    assert!(parse_sizes(&["64x".into()]).is_err());
+    assert!(parse_sizes(&["64x64=-1".into()]).is_err());
+    assert_eq!(parse_sizes(&[]).unwrap(), Sizes::sdxl());
+}
+
+/// `fixtures/configs/toy.toml` spells out the built-in default, and
+/// `sdxl-1girl.toml` parses.
+#[test]
+fn committed_configs_parse_and_toy_is_the_default() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/configs");
+    let toy = RunConfig::load(&dir.join("toy.toml")).unwrap();
+    assert_eq!(
+        serde_json::to_value(&toy).unwrap(),
+        serde_json::to_value(RunConfig::default()).unwrap()
+    );
+    let real = RunConfig::load(&dir.join("sdxl-1girl.toml")).unwrap();
+    assert_eq!(real.train.effective_stages().len(), 2);
+    assert_eq!(real.generate.template, "1girl");
+}
+
+/// The committed schema is what the structs generate (regenerate with
+/// `eps2v run --print-schema > schemas/config.schema.json`).
+#[test]
+fn committed_schema_matches_the_structs() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("schemas/config.schema.json");
+    let committed = std::fs::read_to_string(&path).unwrap_or_default();
+    assert!(
+        committed == schema_json(),
+        "{} is stale: run `cargo run -- run --print-schema > schemas/config.schema.json`",
+        path.display()
+    );
+}
