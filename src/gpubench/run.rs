@@ -126,6 +126,19 @@ pub struct SampleTiming {
     pub skipped: Option<String>,
 }
 
+impl SampleTiming {
+    /// A batch that did not run (budget) or failed, and why.
+    fn skipped(batch: usize, steps: usize, why: String) -> Self {
+        Self {
+            batch,
+            steps,
+            seconds: None,
+            seconds_per_image: None,
+            skipped: Some(why),
+        }
+    }
+}
+
 /// Everything [`run`] measured (written as `ours.json`).
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct OursReport {
@@ -302,26 +315,20 @@ pub fn run(cfg: &RunConfig, log: &mut dyn FnMut(&str)) -> Result<OursReport> {
         let spent = t_sampling.elapsed().as_secs_f64();
         let expected = per_image.map_or(0.0, |p| p * batch as f64);
         if let Some(e) = &warm_up {
-            report.sample.push(SampleTiming {
-                batch,
-                steps: cfg.steps,
-                seconds: None,
-                seconds_per_image: None,
-                skipped: Some(format!("the warm-up failed: {e}")),
-            });
+            let why = format!("the warm-up failed: {e}");
+            report
+                .sample
+                .push(SampleTiming::skipped(batch, cfg.steps, why));
             continue;
         }
         if spent + expected > cfg.budget_s {
-            report.sample.push(SampleTiming {
-                batch,
-                steps: cfg.steps,
-                seconds: None,
-                seconds_per_image: None,
-                skipped: Some(format!(
-                    "sampling budget: {spent:.0} s spent + {expected:.0} s expected > {} s",
-                    cfg.budget_s
-                )),
-            });
+            let why = format!(
+                "sampling budget: {spent:.0} s spent + {expected:.0} s expected > {} s",
+                cfg.budget_s
+            );
+            report
+                .sample
+                .push(SampleTiming::skipped(batch, cfg.steps, why));
             continue;
         }
         log(&format!("sample batch {batch}"));
@@ -331,13 +338,10 @@ pub fn run(cfg: &RunConfig, log: &mut dyn FnMut(&str)) -> Result<OursReport> {
             Ok(images) => images,
             Err(e) => {
                 log(&format!("sample batch {batch} failed: {e}"));
-                report.sample.push(SampleTiming {
-                    batch,
-                    steps: cfg.steps,
-                    seconds: None,
-                    seconds_per_image: None,
-                    skipped: Some(format!("failed: {e}")),
-                });
+                let why = format!("failed: {e}");
+                report
+                    .sample
+                    .push(SampleTiming::skipped(batch, cfg.steps, why));
                 save(&mut report)?;
                 continue;
             }

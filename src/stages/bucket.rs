@@ -396,6 +396,7 @@ pub fn run(cfg: &BucketConfig, m: &mut Manifest, ctx: &Ctx) -> Result<BucketRepo
                 let status: String = r.get(3).map_err(|e| m.err(e))?;
                 let status_run: i64 = r.get(4).map_err(|e| m.err(e))?;
                 let bucket_run: Option<i64> = r.get(5).map_err(|e| m.err(e))?;
+                let old_bucket: Option<String> = r.get(6).map_err(|e| m.err(e))?;
                 let state = if status == "rejected" {
                     ItemState::RejectedByBucket {
                         same_settings: same.contains(&status_run),
@@ -404,12 +405,12 @@ pub fn run(cfg: &BucketConfig, m: &mut Manifest, ctx: &Ctx) -> Result<BucketRepo
                     // A bucket whose file is gone (a copied dataset, a
                     // cleaned folder) is made again, as if its settings
                     // had changed: train and export need the file.
-                    let old_path: Option<String> = r.get(6).map_err(|e| m.err(e))?;
-                    let file_there = old_path.is_some_and(|p| m.root().join(p).is_file());
+                    let file_there =
+                        |p: &Option<String>| p.as_ref().is_some_and(|p| m.root().join(p).is_file());
                     match bucket_run {
                         None => ItemState::Unbucketed,
                         Some(b) => ItemState::Bucketed {
-                            same_settings: same.contains(&b) && file_there,
+                            same_settings: same.contains(&b) && file_there(&old_bucket),
                         },
                     }
                 };
@@ -427,7 +428,7 @@ pub fn run(cfg: &BucketConfig, m: &mut Manifest, ctx: &Ctx) -> Result<BucketRepo
                             item_id: r.get(0).map_err(|e| m.err(e))?,
                             sha: r.get(1).map_err(|e| m.err(e))?,
                             rel: r.get(2).map_err(|e| m.err(e))?,
-                            old_bucket: r.get(6).map_err(|e| m.err(e))?,
+                            old_bucket,
                             was_rejected: status == "rejected",
                         });
                     }

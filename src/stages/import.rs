@@ -242,6 +242,13 @@ pub fn write_atomic_replace(path: &Path, bytes: &[u8]) -> Result<()> {
 /// [`crate::manifest::WRITER_STAGES`]), so no live writer's temp file
 /// is swept.
 pub fn sweep_temp_files(dir: &Path) -> Result<usize> {
+    sweep_temp_files_older_than(dir, std::time::Duration::ZERO)
+}
+
+/// [`sweep_temp_files`] of the temporary files last written more than
+/// `age` ago (all of them for a zero `age`): for folders without a writer
+/// lock, where another process may be writing its own right now.
+pub fn sweep_temp_files_older_than(dir: &Path, age: std::time::Duration) -> Result<usize> {
     let mut removed = 0;
     let Ok(rd) = fs::read_dir(dir) else {
         return Ok(0);
@@ -250,10 +257,17 @@ pub fn sweep_temp_files(dir: &Path) -> Result<usize> {
         let entry = entry.at(dir)?;
         let p = entry.path();
         if entry.file_type().at(&p)?.is_dir() {
-            removed += sweep_temp_files(&p)?;
+            removed += sweep_temp_files_older_than(&p, age)?;
         } else if entry.file_name().to_string_lossy().starts_with(".tmp") {
-            fs::remove_file(&p).at(&p)?;
-            removed += 1;
+            let old = age.is_zero()
+                || entry
+                    .metadata()
+                    .and_then(|m| m.modified())
+                    .is_ok_and(|t| t.elapsed().is_ok_and(|a| a > age));
+            if old {
+                fs::remove_file(&p).at(&p)?;
+                removed += 1;
+            }
         }
     }
     Ok(removed)

@@ -179,52 +179,15 @@ fn write_entry(root: &Path, rel: &str, tensors: &[(&str, &Tensor)]) -> Result<()
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).at(dir)?;
     }
-    let data = tensors
+    // f32 on the CPU first: candle's safetensors view of a tensor then
+    // only reads its bytes (it unwraps a device copy).
+    let cpu = tensors
         .iter()
-        .map(|(n, t)| {
-            let v = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-            let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
-            Ok((n.to_string(), t.dims().to_vec(), bytes))
-        })
+        .map(|(n, t)| Ok((*n, t.to_dtype(DType::F32)?.to_device(&Device::Cpu)?)))
         .collect::<Result<Vec<_>>>()?;
-    let views = data
-        .iter()
-        .map(|(n, shape, bytes)| {
-            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), bytes)
-                .map(|v| (n.as_str(), v))
-        })
-        .collect::<std::result::Result<Vec<_>, _>>()
-        .map_err(|e| Error::Other(format!("{}: {e}", path.display())))?;
-    let bytes = safetensors::tensor::serialize(views, None)
+    let bytes = safetensors::tensor::serialize(cpu.iter().map(|(n, t)| (*n, t)), None)
         .map_err(|e| Error::Other(format!("{}: {e}", path.display())))?;
     crate::atomic::write(&path, &bytes, false)
-}
-
-/// Remove the temporary files (`.tmp*`) a killed cache write left under
-/// `dir`, once they are an hour old: another `train` on the same dataset
-/// (train takes no writer lock) may be writing its own right now, and a
-/// write takes milliseconds. Best effort: what cannot be removed stays.
-fn sweep_stale_temp_files(dir: &Path) {
-    let Ok(rd) = std::fs::read_dir(dir) else {
-        return;
-    };
-    let hour = std::time::Duration::from_secs(3600);
-    for entry in rd.flatten() {
-        let p = entry.path();
-        match entry.file_type() {
-            Ok(t) if t.is_dir() => sweep_stale_temp_files(&p),
-            Ok(_) if entry.file_name().to_string_lossy().starts_with(".tmp") => {
-                let old = entry
-                    .metadata()
-                    .and_then(|m| m.modified())
-                    .is_ok_and(|t| t.elapsed().is_ok_and(|age| age > hour));
-                if old {
-                    let _ = std::fs::remove_file(&p);
-                }
-            }
-            _ => {}
-        }
-    }
 }
 
 /// A pending manifest row of `cache_entries`.
@@ -335,8 +298,15 @@ pub fn build(
         ..Default::default()
     };
     let mut rows = Vec::new();
+    // What killed cache writes left, once an hour old: another `train` on
+    // the same dataset (train takes no writer lock) may be writing its own
+    // right now, and a write takes milliseconds. Best effort.
     for kind in ["latents", "text"] {
-        sweep_stale_temp_files(&root.join("cache").join(kind));
+        let dir = root.join("cache").join(kind);
+        let _ = crate::stages::import::sweep_temp_files_older_than(
+            &dir,
+            std::time::Duration::from_secs(3600),
+        );
     }
 
     // Latents.
@@ -511,23 +481,49 @@ pub fn build(
     bar.finish_and_clear();
     record(m, run_id, &mut rows)?;
 
-    let mut caches = Caches {
+    let empty = read_cond(&root, &device, &text, "")?;
+    let uncond = match &cfg.uncond {
+        DropoutCond::Zero => None,
+        other => Some(read_cond(
+            &root,
+            &device,
+            &text,
+            other.text().unwrap_or_default(),
+        )?),
+    };
+    let caches = Caches {
         root,
         device,
         latents,
         text,
-        empty_chunk: Tensor::zeros(1, DType::F32, &Device::Cpu)?,
-        empty_pooled: Tensor::zeros(1, DType::F32, &Device::Cpu)?,
-        uncond: None,
-    };
-    let empty = caches.cond("")?;
-    caches.empty_chunk = empty.context.narrow(1, 0, 77)?;
-    caches.empty_pooled = empty.pooled;
-    caches.uncond = match &cfg.uncond {
-        DropoutCond::Zero => None,
-        other => Some(caches.cond(other.text().unwrap_or_default())?),
+        empty_chunk: empty.context.narrow(1, 0, 77)?,
+        empty_pooled: empty.pooled,
+        uncond,
     };
     Ok((caches, report))
+}
+
+/// The conditioning of `caption` (`(1, 77·k, ctx)`, `(1, p)`), read from
+/// its entry in `text` (entry paths under `root`).
+fn read_cond(
+    root: &Path,
+    device: &Device,
+    text: &HashMap<String, String>,
+    caption: &str,
+) -> Result<Cond> {
+    let rel = text
+        .get(caption)
+        .ok_or_else(|| Error::Other(format!("text cache: caption {caption:?} was not encoded")))?;
+    let v = read_entry(root, rel, &["context", "pooled"], device).ok_or_else(|| {
+        Error::Other(format!(
+            "text cache: caption {caption:?}: {} is missing or unreadable (deleted during training?); rerun `eps2v train` with --resume to recompute it and go on from the last save",
+            root.join(rel).display()
+        ))
+    })?;
+    Ok(Cond {
+        context: v[0].unsqueeze(0)?,
+        pooled: v[1].unsqueeze(0)?,
+    })
 }
 
 impl Caches {
@@ -548,21 +544,7 @@ impl Caches {
 
     /// The conditioning of `caption`, read from its entry.
     fn cond(&self, caption: &str) -> Result<Cond> {
-        let rel = self.text.get(caption).ok_or_else(|| {
-            Error::Other(format!("text cache: caption {caption:?} was not encoded"))
-        })?;
-        let v = read_entry(&self.root, rel, &["context", "pooled"], &self.device).ok_or_else(
-            || {
-                Error::Other(format!(
-                    "text cache: caption {caption:?}: {} is missing or unreadable (deleted during training?); rerun `eps2v train` with --resume to recompute it and go on from the last save",
-                    self.root.join(rel).display()
-                ))
-            },
-        )?;
-        Ok(Cond {
-            context: v[0].unsqueeze(0)?,
-            pooled: v[1].unsqueeze(0)?,
-        })
+        read_cond(&self.root, &self.device, &self.text, caption)
     }
 
     /// Pad `c` to `k` chunks with the empty chunk.
