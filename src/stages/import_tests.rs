@@ -1,0 +1,97 @@
+use super::*;
+
+/// A content-addressed file of the wrong length (left empty by a host
+/// crash) is written again; one of the right length is kept.
+#[test]
+fn an_existing_file_of_another_length_is_rewritten() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path().join("images/ab/ab.png");
+    fs::create_dir_all(p.parent().unwrap()).unwrap();
+    fs::write(&p, b"").unwrap();
+    write_atomic_if_absent(&p, b"pixels").unwrap();
+    assert_eq!(fs::read(&p).unwrap(), b"pixels");
+    fs::write(&p, b"PIXELS").unwrap();
+    write_atomic_if_absent(&p, b"pixels").unwrap();
+    assert_eq!(fs::read(&p).unwrap(), b"PIXELS", "same length: kept");
+}
+
+/// Sidecars are read only from regular files of caption size: a FIFO
+/// would block the import forever, a huge file is not a caption.
+#[cfg(unix)]
+#[test]
+fn only_caption_sized_regular_files_are_sidecars() {
+    let d = tempfile::tempdir().unwrap();
+    let img = d.path().join("a.png");
+    fs::write(d.path().join("a.caption"), "red hair").unwrap();
+    let big = d.path().join("big.bin");
+    fs::write(&big, vec![b'x'; MAX_SIDECAR_BYTES as usize + 1]).unwrap();
+    std::os::unix::fs::symlink(&big, d.path().join("a.txt")).unwrap();
+    assert_eq!(
+        sidecar_captions(&img),
+        vec![("sidecar_caption", "red hair".to_string())]
+    );
+    let fifo = d.path().join("b.txt");
+    let made = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .is_ok_and(|s| s.success());
+    if made {
+        assert!(sidecar_captions(&d.path().join("b.png")).is_empty());
+    }
+}
+
+#[test]
+fn pre_1_9_sampler_names_are_stored_split() {
+    assert_eq!(
+        split_a1111_sampler("DPM++ 2M Karras"),
+        ("DPM++ 2M", Some("Karras"))
+    );
+    assert_eq!(
+        split_a1111_sampler("DPM++ 2M SDE Exponential"),
+        ("DPM++ 2M SDE", Some("Exponential"))
+    );
+    assert_eq!(
+        split_a1111_sampler("Euler SGM Uniform"),
+        ("Euler", Some("SGM Uniform"))
+    );
+    for whole in ["Euler a", "DDIM", "DPM++ 2M", "Karras"] {
+        assert_eq!(split_a1111_sampler(whole), (whole, None));
+    }
+    let old = generation_from_infotext(
+        "a cat\nSteps: 20, Sampler: DPM++ 2M Karras, CFG scale: 7, Seed: 1, Size: 512x512",
+        "png_text",
+    );
+    assert_eq!(
+        (old.sampler.as_deref(), old.schedule.as_deref()),
+        (Some("DPM++ 2M"), Some("Karras"))
+    );
+    // 1.9+: both given, taken as they are.
+    let new = generation_from_infotext(
+        "a cat\nSteps: 20, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7, Seed: 1, Size: 512x512",
+        "png_text",
+    );
+    assert_eq!(
+        (new.sampler.as_deref(), new.schedule.as_deref()),
+        (Some("DPM++ 2M"), Some("Karras"))
+    );
+}
+
+#[test]
+fn rerun_plan_redoes_changed_files_and_own_rejections_only() {
+    let k = |size, mtime_ns, other| KnownSource {
+        size,
+        mtime_ns,
+        rejected_under_other_limits: other,
+        sidecars: Vec::new(),
+    };
+    assert_eq!(plan_file(None, 10, 1), FilePlan::Process);
+    assert_eq!(plan_file(Some(&k(10, 1, false)), 10, 1), FilePlan::Skip);
+    assert_eq!(plan_file(Some(&k(10, 1, false)), 11, 1), FilePlan::Process);
+    assert_eq!(plan_file(Some(&k(10, 1, false)), 10, 2), FilePlan::Process);
+    assert_eq!(
+        plan_file(Some(&k(10, 1, true)), 10, 1),
+        FilePlan::Reconsider
+    );
+    // A file that vanished since the listing is processed (and fails there).
+    assert_eq!(plan_file(Some(&k(10, 1, false)), -1, -1), FilePlan::Process);
+}
