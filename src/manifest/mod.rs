@@ -14,6 +14,7 @@
 
 mod lock;
 mod records;
+pub mod verdicts;
 
 pub use lock::{PipelineLock, RunLock, LOCK_DIR, PIPELINE_LOCK, WRITER_LOCK, WRITER_STAGES};
 pub use records::*;
@@ -67,6 +68,10 @@ pub const SCHEMA_V1: &str = include_str!("../../schemas/manifest.sql");
 ///   and A1111 prompt order, the tagger caption's order), which the
 ///   WITHOUT ROWID key (item, source, tag) does not keep; NULL for rows
 ///   written before, which sort after the ordered ones by name.
+/// - v8, `verdicts.sql`: `item_verdicts`, each stage's own decision on an
+///   item; `items.status`, `reason` and `status_run_id` are derived from
+///   them ([`verdicts`]). Existing set-aside items get one verdict, of the
+///   stage of the run that set them aside.
 pub const MIGRATIONS: &[&str] = &[
     include_str!("../../schemas/migrations/caption.sql"),
     include_str!("../../schemas/migrations/train.sql"),
@@ -74,6 +79,7 @@ pub const MIGRATIONS: &[&str] = &[
     include_str!("../../schemas/migrations/generate.sql"),
     include_str!("../../schemas/migrations/status_index.sql"),
     include_str!("../../schemas/migrations/tag_order.sql"),
+    include_str!("../../schemas/migrations/verdicts.sql"),
 ];
 
 /// Latest schema version this build writes.
@@ -711,6 +717,35 @@ mod tests {
             .query_row("SELECT pos FROM tags WHERE item_id = 7", [], |r| r.get(0))
             .unwrap();
         assert_eq!(pos, None);
+        // v8: the set-aside item has the verdict of the run that set it aside.
+        let v = m
+            .conn()
+            .query_row(
+                "SELECT count(*), item_id, stage, status, reason, run_id FROM item_verdicts",
+                [],
+                |r| {
+                    Ok((
+                        r.get::<_, i64>(0)?,
+                        r.get::<_, i64>(1)?,
+                        r.get::<_, String>(2)?,
+                        r.get::<_, String>(3)?,
+                        r.get::<_, String>(4)?,
+                        r.get::<_, i64>(5)?,
+                    ))
+                },
+            )
+            .unwrap();
+        assert_eq!(
+            v,
+            (
+                1,
+                9,
+                "import".into(),
+                "duplicate".into(),
+                "near_duplicate: of item 7".into(),
+                1
+            )
+        );
         for bad in [
             "UPDATE items SET status = 'maybe' WHERE id = 7",
             "UPDATE duplicates SET kind = 'twin' WHERE item_id = 9",

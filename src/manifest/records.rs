@@ -146,18 +146,22 @@ fn item_params<'a>(
     ]
 }
 
-/// Insert an item; returns its id.
+/// Insert an item; returns its id. An item inserted set aside gets the
+/// verdict of the run's stage ([`super::verdicts`]).
 pub fn insert_item(tx: &Transaction, run_id: i64, it: &NewItem) -> rusqlite::Result<i64> {
     let now = super::now();
     tx.prepare_cached(INSERT_ITEM)?
         .execute(item_params(it, &run_id, &now))?;
-    Ok(tx.last_insert_rowid())
+    let id = tx.last_insert_rowid();
+    super::verdicts::record_insert(tx, id, it.status, it.reason.as_deref(), run_id)?;
+    Ok(id)
 }
 
 /// Inserts many items of one run: one prepared statement and one
 /// `created_at` for all of them (the same rows as [`insert_item`], without
 /// its per-row statement-cache lookup and clock formatting).
 pub struct ItemInserter<'t> {
+    tx: &'t rusqlite::Connection,
     stmt: rusqlite::Statement<'t>,
     run_id: i64,
     created_at: String,
@@ -167,6 +171,7 @@ impl<'t> ItemInserter<'t> {
     /// Prepare the insert inside `tx`.
     pub fn new(tx: &'t Transaction<'_>, run_id: i64) -> rusqlite::Result<Self> {
         Ok(Self {
+            tx,
             stmt: tx.prepare(INSERT_ITEM)?,
             run_id,
             created_at: super::now(),
@@ -175,8 +180,11 @@ impl<'t> ItemInserter<'t> {
 
     /// Insert one item; returns its id.
     pub fn insert(&mut self, it: &NewItem) -> rusqlite::Result<i64> {
-        self.stmt
-            .insert(item_params(it, &self.run_id, &self.created_at))
+        let id = self
+            .stmt
+            .insert(item_params(it, &self.run_id, &self.created_at))?;
+        super::verdicts::record_insert(self.tx, id, it.status, it.reason.as_deref(), self.run_id)?;
+        Ok(id)
     }
 }
 

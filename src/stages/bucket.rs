@@ -32,7 +32,7 @@ use super::Ctx;
 use crate::error::{Error, Result};
 use crate::imaging::buckets::{self, Bucket};
 use crate::imaging::resize::{self, CropMode, CropPlan};
-use crate::manifest::Manifest;
+use crate::manifest::{verdicts, ItemStatus, Manifest};
 
 /// Which bucket set to use.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
@@ -382,24 +382,26 @@ pub fn run(cfg: &BucketConfig, m: &mut Manifest, ctx: &Ctx) -> Result<BucketRepo
         {
             let mut st = m
                 .conn()
-                .prepare(
-                    "SELECT i.id, i.sha256, i.path, i.status, i.status_run_id, b.run_id, b.path
-                 FROM items i LEFT JOIN runs r ON r.id = i.status_run_id
-                      LEFT JOIN buckets b ON b.item_id = i.id
-                 WHERE i.path IS NOT NULL
-                   AND (i.status = 'ok' OR (i.status = 'rejected' AND r.stage = 'bucket'))
-                 ORDER BY i.id",
-                )
+                .prepare(&format!(
+                    "SELECT i.id, i.sha256, i.path, {}, {}, b.run_id, b.path
+                     FROM items i LEFT JOIN buckets b ON b.item_id = i.id
+                     WHERE i.path IS NOT NULL AND {}
+                     ORDER BY i.id",
+                    verdicts::of("i", "bucket", "status"),
+                    verdicts::of("i", "bucket", "run_id"),
+                    verdicts::eligible("i", &["bucket"])
+                ))
                 .map_err(|e| m.err(e))?;
             let mut rows = st.query([]).map_err(|e| m.err(e))?;
             while let Some(r) = rows.next().map_err(|e| m.err(e))? {
-                let status: String = r.get(3).map_err(|e| m.err(e))?;
-                let status_run: i64 = r.get(4).map_err(|e| m.err(e))?;
+                // Bucket's own rejection, and the run that made it.
+                let own: Option<String> = r.get(3).map_err(|e| m.err(e))?;
+                let own_run: Option<i64> = r.get(4).map_err(|e| m.err(e))?;
                 let bucket_run: Option<i64> = r.get(5).map_err(|e| m.err(e))?;
                 let old_bucket: Option<String> = r.get(6).map_err(|e| m.err(e))?;
-                let state = if status == "rejected" {
+                let state = if own.is_some() {
                     ItemState::RejectedByBucket {
-                        same_settings: same.contains(&status_run),
+                        same_settings: own_run.is_some_and(|r| same.contains(&r)),
                     }
                 } else {
                     // A bucket whose file is gone (a copied dataset, a
@@ -429,7 +431,7 @@ pub fn run(cfg: &BucketConfig, m: &mut Manifest, ctx: &Ctx) -> Result<BucketRepo
                             sha: r.get(1).map_err(|e| m.err(e))?,
                             rel: r.get(2).map_err(|e| m.err(e))?,
                             old_bucket,
-                            was_rejected: status == "rejected",
+                            was_rejected: own.is_some(),
                         });
                     }
                 }
@@ -484,11 +486,7 @@ pub fn run(cfg: &BucketConfig, m: &mut Manifest, ctx: &Ctx) -> Result<BucketRepo
                         )
                         .map_err(map)?;
                         if t.was_rejected {
-                            tx.execute(
-                                "UPDATE items SET status = 'ok', reason = NULL, status_run_id = ?2 WHERE id = ?1",
-                                params![d.item_id, run_id],
-                            )
-                            .map_err(map)?;
+                            verdicts::set(&tx, d.item_id, "bucket", None, run_id).map_err(map)?;
                         }
                         stale.extend(t.old_bucket.clone().filter(|old| *old != d.rel));
                         report.bucketed += 1;
@@ -498,11 +496,8 @@ pub fn run(cfg: &BucketConfig, m: &mut Manifest, ctx: &Ctx) -> Result<BucketRepo
                             .or_default() += 1;
                     }
                     Outcome::Rejected { item_id, reason } => {
-                        tx.execute(
-                            "UPDATE items SET status = 'rejected', reason = ?2, status_run_id = ?3 WHERE id = ?1",
-                            params![item_id, reason, run_id],
-                        )
-                        .map_err(map)?;
+                        let v = Some((ItemStatus::Rejected, reason.as_str()));
+                        verdicts::set(&tx, item_id, "bucket", v, run_id).map_err(map)?;
                         tx.execute("DELETE FROM buckets WHERE item_id = ?1", [item_id])
                             .map_err(map)?;
                         stale.extend(t.old_bucket.clone());

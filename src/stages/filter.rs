@@ -10,18 +10,21 @@
 //! Items without a score (no prompt, or no tag the tagger knows) are not
 //! judged.
 //!
-//! A rerun with another threshold reconsiders exactly the items `filter`
-//! itself rejected (never those another stage rejected): in one
-//! transaction, filter's own rejections are re-decided (restored to `ok`
-//! when they now pass) together with the new decisions. `--dry-run` lists
-//! the decisions and writes nothing.
+//! Judged: every item no stage before it set aside ([`JUDGED_VERDICTS`]:
+//! duplicates and bucket's rejections are judged too, so that they are
+//! current when that stage takes them back). A rerun with another
+//! threshold reconsiders the items `filter` itself rejected: in one
+//! transaction, filter's verdicts are re-decided (removed when they now
+//! pass, so the item shows what other stages decided, often `ok`) together
+//! with the new decisions; other stages' verdicts are never touched
+//! ([`crate::manifest::verdicts`]). `--dry-run` lists the decisions and
+//! writes nothing.
 
 use std::time::Instant;
 
-use rusqlite::params;
 use serde::{Deserialize, Serialize};
 
-use crate::manifest::{self, Manifest};
+use crate::manifest::{self, verdicts, ItemStatus, Manifest};
 use crate::{Error, Result};
 
 /// Configuration of the filter stage.
@@ -99,11 +102,16 @@ pub fn decide(alignment: f64, missing: &[(String, f32)], min: f64) -> Option<Str
     Some(reason)
 }
 
+/// The stages whose verdicts do not keep an item from being judged: its
+/// own and the later stages'.
+const JUDGED_VERDICTS: &[&str] = &["filter", "dedupe", "bucket"];
+
 struct Row {
     id: i64,
+    /// Filter set it aside.
     own: bool,
-    /// A duplicate: judged too (a rejected one cannot come back when
-    /// dedupe runs again without its keeper), but a kept one stays a
+    /// Dedupe set it aside: judged too (a rejected one cannot come back
+    /// when dedupe runs again without its keeper); one that passes stays a
     /// duplicate.
     duplicate: bool,
     alignment: Option<f64>,
@@ -122,23 +130,24 @@ pub fn run(cfg: &FilterConfig, m: &mut Manifest) -> Result<FilterReport> {
     let rows: Vec<Row> = {
         let mut st = m
             .conn()
-            .prepare(
-                "SELECT i.id, i.status, t.alignment, t.missing_json
-                 FROM items i
-                 LEFT JOIN runs r ON r.id = i.status_run_id
-                 LEFT JOIN tagging t ON t.item_id = i.id
-                 WHERE i.status IN ('ok', 'duplicate') OR (i.status = 'rejected' AND r.stage = 'filter')
-                 ORDER BY i.id",
-            )
+            .prepare(&format!(
+                "SELECT i.id, {} IS NOT NULL, t.alignment, t.missing_json, {} IS NOT NULL
+                     FROM items i
+                     LEFT JOIN tagging t ON t.item_id = i.id
+                     WHERE {}
+                     ORDER BY i.id",
+                verdicts::of("i", "filter", "status"),
+                verdicts::of("i", "dedupe", "status"),
+                verdicts::eligible("i", JUDGED_VERDICTS)
+            ))
             .map_err(|e| m.err(e))?;
         let it = st
             .query_map([], |r| {
                 let missing: Option<String> = r.get(3)?;
-                let status: String = r.get(1)?;
                 Ok(Row {
                     id: r.get(0)?,
-                    own: status == "rejected",
-                    duplicate: status == "duplicate",
+                    own: r.get(1)?,
+                    duplicate: r.get(4)?,
                     alignment: r.get(2)?,
                     missing: missing
                         .and_then(|s| serde_json::from_str(&s).ok())
@@ -189,9 +198,9 @@ pub fn run(cfg: &FilterConfig, m: &mut Manifest) -> Result<FilterReport> {
                         });
                         updates.push((r.id, Some(reason)));
                     }
-                    None if r.duplicate => {}
                     None => {
-                        report.kept += 1;
+                        // A duplicate that passes is not kept: it stays one.
+                        report.kept += usize::from(!r.duplicate);
                         if r.own {
                             report.restored += 1;
                             updates.push((r.id, None));
@@ -218,14 +227,9 @@ pub fn run(cfg: &FilterConfig, m: &mut Manifest) -> Result<FilterReport> {
         let map = manifest::sql_err(&db);
         let tx = m.conn_mut().transaction().map_err(map)?;
         {
-            let mut st = tx
-                .prepare(
-                    "UPDATE items SET status = CASE WHEN ?2 IS NULL THEN 'ok' ELSE 'rejected' END,
-                                  reason = ?2, status_run_id = ?3 WHERE id = ?1",
-                )
-                .map_err(map)?;
             for (id, reason) in &updates {
-                st.execute(params![id, reason, run_id]).map_err(map)?;
+                let verdict = reason.as_deref().map(|r| (ItemStatus::Rejected, r));
+                verdicts::set(&tx, *id, "filter", verdict, run_id).map_err(map)?;
             }
         }
         tx.commit().map_err(map)?;
@@ -237,6 +241,7 @@ pub fn run(cfg: &FilterConfig, m: &mut Manifest) -> Result<FilterReport> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rusqlite::params;
 
     /// Regression: a duplicate was never judged, so raising the threshold
     /// rejected its keeper and the next dedupe put the duplicate back in
@@ -246,20 +251,16 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let mut m = Manifest::init(d.path()).unwrap();
         let import = m.begin_run("import", &serde_json::json!({})).unwrap();
+        let dedupe = m.begin_run("dedupe", &serde_json::json!({})).unwrap();
         let tx = m.conn_mut().transaction().unwrap();
-        for (id, status, alignment) in [
-            (1, "ok", 0.7),
-            (2, "duplicate", 0.55),
-            (3, "duplicate", 0.9),
-        ] {
+        for (id, duplicate, alignment) in [(1, false, 0.7), (2, true, 0.55), (3, true, 0.9)] {
             let item = manifest::NewItem::for_test(id);
             let got = manifest::insert_item(&tx, import, &item).unwrap();
             assert_eq!(got, id);
-            tx.execute(
-                "UPDATE items SET status = ?2 WHERE id = ?1",
-                params![id, status],
-            )
-            .unwrap();
+            if duplicate {
+                let v = Some((ItemStatus::Duplicate, "near_duplicate: of item 1"));
+                verdicts::set(&tx, id, "dedupe", v, dedupe).unwrap();
+            }
             tx.execute(
                 "INSERT INTO tagging (item_id, tagger, settings, alignment, run_id) VALUES (?1, 't', '{}', ?2, ?3)",
                 params![id, alignment, import],
@@ -273,14 +274,27 @@ mod tests {
         };
         let r = run(&cfg, &mut m).unwrap();
         assert_eq!((r.scored, r.kept, r.rejected), (3, 1, 1));
-        let status = |id: i64| -> String {
+        let status = |m: &Manifest, id: i64| -> String {
             m.conn()
                 .query_row("SELECT status FROM items WHERE id = ?1", [id], |r| r.get(0))
                 .unwrap()
         };
         assert_eq!(
-            (status(1), status(2), status(3)),
+            (status(&m, 1), status(&m, 2), status(&m, 3)),
             ("ok".into(), "rejected".into(), "duplicate".into())
+        );
+        // Regression: a lower threshold took the duplicate back as `ok`
+        // (one status per item: filter's rejection had replaced dedupe's
+        // verdict). Now it is a duplicate again.
+        let lower = FilterConfig {
+            min_alignment: 0.5,
+            ..cfg
+        };
+        let r = run(&lower, &mut m).unwrap();
+        assert_eq!((r.kept, r.rejected, r.restored), (1, 0, 1));
+        assert_eq!(
+            (status(&m, 1), status(&m, 2), status(&m, 3)),
+            ("ok".into(), "duplicate".into(), "duplicate".into())
         );
     }
 

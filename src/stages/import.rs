@@ -35,7 +35,9 @@ use sha2::{Digest, Sha256};
 use super::Ctx;
 use crate::error::{Error, IoContext, Result};
 use crate::imaging::{self, decode::DecodeLimits};
-use crate::manifest::{self, GenerationParams, HashRecord, ItemStatus, Manifest, NewItem};
+use crate::manifest::{
+    self, verdicts, GenerationParams, HashRecord, ItemStatus, Manifest, NewItem,
+};
 
 pub use super::walk::IMAGE_EXTENSIONS;
 
@@ -492,22 +494,23 @@ pub fn run(cfg: &ImportConfig, m: &mut Manifest, ctx: &Ctx) -> Result<ImportRepo
             super::runs_with_same_settings(m, "import", |c: &ImportConfig| c.limits == cfg.limits)?;
         // Sources already recorded, with how their item was decided.
         let known: HashMap<String, KnownSource> = {
-            const KNOWN: &str = "SELECT s.path, s.size, s.mtime_ns, \
-                                 i.status = 'rejected' AND r.stage = 'import', i.status_run_id \
-                                 FROM sources s JOIN items i ON i.id = s.item_id \
-                                 LEFT JOIN runs r ON r.id = i.status_run_id";
+            // Import's own verdict (and its run), whatever other stages decided.
+            const KNOWN: &str =
+                "SELECT s.path, s.size, s.mtime_ns, v.status IS NOT NULL, v.run_id \
+                                 FROM sources s LEFT JOIN item_verdicts v \
+                                 ON v.item_id = s.item_id AND v.stage = 'import'";
             let mut st = m.conn().prepare(KNOWN).map_err(|e| m.err(e))?;
             let rows = st
                 .query_map([], |r| {
                     let by_import: Option<bool> = r.get(3)?;
-                    let run: i64 = r.get(4)?;
+                    let run: Option<i64> = r.get(4)?;
                     Ok((
                         r.get(0)?,
                         KnownSource {
                             size: r.get(1)?,
                             mtime_ns: r.get(2)?,
                             rejected_under_other_limits: by_import == Some(true)
-                                && !same_limits.contains(&run),
+                                && !run.is_some_and(|r| same_limits.contains(&r)),
                             sidecars: Vec::new(),
                         },
                     ))
@@ -609,8 +612,8 @@ fn write_batch(
         // The item with these bytes, and whether import itself rejected it.
         let existing: Option<(i64, bool)> = tx
             .query_row(
-                "SELECT i.id, i.status = 'rejected' AND coalesce(r.stage = 'import', 0)
-                 FROM items i LEFT JOIN runs r ON r.id = i.status_run_id WHERE i.sha256 = ?1",
+                "SELECT i.id, EXISTS (SELECT 1 FROM item_verdicts v WHERE v.item_id = i.id AND v.stage = 'import')
+                 FROM items i WHERE i.sha256 = ?1",
                 [&o.item.sha256],
                 |r| Ok((r.get(0)?, r.get(1)?)),
             )
@@ -624,8 +627,7 @@ fn write_batch(
             Some((id, true)) => {
                 // This run decides again what an import run rejected.
                 tx.prepare_cached(
-                    "UPDATE items SET path = ?2, width = ?3, height = ?4, format = ?5, status = ?6,
-                         reason = ?7, status_run_id = ?8 WHERE id = ?1",
+                    "UPDATE items SET path = ?2, width = ?3, height = ?4, format = ?5 WHERE id = ?1",
                 )
                 .and_then(|mut st| {
                     st.execute(rusqlite::params![
@@ -634,12 +636,12 @@ fn write_batch(
                         o.item.width,
                         o.item.height,
                         o.item.format,
-                        o.item.status.as_str(),
-                        o.item.reason,
-                        run_id
                     ])
                 })
                 .map_err(map)?;
+                let verdict = (o.item.status != ItemStatus::Ok)
+                    .then(|| (o.item.status, o.item.reason.as_deref().unwrap_or("")));
+                verdicts::set(&tx, id, "import", verdict, run_id).map_err(map)?;
                 report.reconsidered += 1;
                 record_decision(&tx, run_id, id, &o, report).map_err(map)?;
                 id
@@ -698,18 +700,20 @@ fn write_batch(
         // old content, now without any source, is not in the dataset any
         // more (the edited image replaces it).
         if let Some(old) = before.filter(|&old| old != item_id) {
-            tx.execute(
-                "UPDATE items SET status = 'rejected', reason = ?2, status_run_id = ?3
-                 WHERE id = ?1 AND status = 'ok'
-                   AND NOT EXISTS (SELECT 1 FROM sources WHERE item_id = ?1)
-                   AND (SELECT stage FROM runs WHERE id = items.run_id) = 'import'",
-                params![
-                    old,
-                    format!("superseded: {source_path} changed (now item {item_id})"),
-                    run_id
-                ],
-            )
-            .map_err(map)?;
+            let orphan: bool = tx
+                .query_row(
+                    "SELECT NOT EXISTS (SELECT 1 FROM sources WHERE item_id = ?1)
+                         AND (SELECT stage FROM runs WHERE id = items.run_id) = 'import'
+                     FROM items WHERE id = ?1",
+                    [old],
+                    |r| r.get(0),
+                )
+                .map_err(map)?;
+            if orphan {
+                let why = format!("superseded: {source_path} changed (now item {item_id})");
+                let v = Some((ItemStatus::Rejected, why.as_str()));
+                verdicts::set(&tx, old, "import", v, run_id).map_err(map)?;
+            }
         }
     }
     tx.commit().map_err(map)?;

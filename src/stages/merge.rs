@@ -639,6 +639,27 @@ fn merge_rows(
             .map_err(map)?;
             merged_tables.insert(table);
         }
+        // Verdicts: a shard written before `item_verdicts` has none; its
+        // set-aside items get the one its status says, as the migration
+        // gives them. Each item then shows what its verdicts say.
+        tx.execute(
+            "INSERT OR IGNORE INTO main.item_verdicts (item_id, stage, status, reason, run_id)
+             SELECT i.id, coalesce(r.stage, 'unknown'), i.status, i.reason, r.id
+             FROM item_map m JOIN main.items i ON i.id = m.new
+                  LEFT JOIN main.runs r ON r.id = i.status_run_id
+             WHERE i.status <> 'ok'
+               AND NOT EXISTS (SELECT 1 FROM main.item_verdicts v WHERE v.item_id = i.id)",
+            [],
+        )
+        .map_err(map)?;
+        let mapped: Vec<i64> = {
+            let mut st = tx.prepare("SELECT new FROM item_map").map_err(map)?;
+            let rows = st.query_map([], |r| r.get(0)).map_err(map)?;
+            rows.collect::<rusqlite::Result<_>>().map_err(map)?
+        };
+        for id in mapped {
+            manifest::verdicts::refresh(&tx, id, run_id).map_err(map)?;
+        }
         // Plan rows: a more advanced state wins.
         s.rows_merged = tx
             .execute(

@@ -4,16 +4,17 @@
 //! any point and rerun (no item lost, none done twice). The decision logic
 //! of each stage is a pure function over plain data, unit-tested on its own.
 //!
-//! **A stage's rejections are its own to remake.** Every status change
-//! records the run that made it (`items.status_run_id`), so a stage knows
-//! which rejections are its own: a rerun with other settings decides again
-//! the items that this stage rejected under other settings (`import`: other
-//! decode limits; `bucket`: another bucket set, crop or upscale limit;
-//! `dedupe`: every rerun recomputes its whole plan), and never touches items
-//! another stage rejected. Each new decision replaces the old one in the same
-//! transaction (per batch for the stages that write files), so a killed
-//! rerun leaves every item with either its old or its new decision. Stages
-//! still to come (`filter`, `caption`) follow the same rule.
+//! **A stage's rejections are its own to remake.** Each stage keeps its own
+//! verdict on an item (`item_verdicts`, with the run that made it; see
+//! [`crate::manifest::verdicts`]) and `items.status` shows the first one
+//! left, so a rerun with other settings decides again the items that this
+//! stage rejected under other settings (`import`: other decode limits;
+//! `bucket`: another bucket set, crop or upscale limit; `dedupe`: every
+//! rerun recomputes its whole plan; `filter`: another threshold), and never
+//! touches another stage's verdict: an item two stages set aside is back
+//! only when both take it back. Each new decision replaces the old one in
+//! the same transaction (per batch for the stages that write files), so a
+//! killed rerun leaves every item with either its old or its new decision.
 //!
 //! Nothing here knows about clap: the CLI converts flags to the `*Config`
 //! structs.

@@ -2,11 +2,14 @@
 //! what is really in each image with a WD tagger, score how well each
 //! generated image matches its prompt, and write the training caption.
 //!
-//! Which items: every `ok` item, plus the items a previous `caption` run
-//! rejected (reconsidered: a rerun with other settings may accept them) and
-//! the items `filter` rejected (re-tagged so that a later `filter` sees
-//! current scores; their status is `filter`'s to change). Items rejected by
-//! any other stage, and duplicates, are left alone.
+//! Which items ([`CANDIDATE_VERDICTS`]): every item that no stage before
+//! it set aside: the `ok` items, those a previous `caption` run rejected
+//! (reconsidered: a rerun with other settings may accept them), and those
+//! the later stages set aside (`filter`, `dedupe`, `bucket`: tagged and
+//! captioned under the current settings too, so that they are current when
+//! that stage takes them back; their verdicts are those stages' to change,
+//! [`crate::manifest::verdicts`]). Items rejected at import or by a replan
+//! are left alone.
 //!
 //! Per item, with a tagger (`--tagger DIR`, a WD tagger folder):
 //! - the image (the imported original) is decoded and preprocessed exactly
@@ -48,7 +51,7 @@ use serde::{Deserialize, Serialize};
 use self::policy::{Alignment, PolicyConfig, ScoredTag, TagResult, Thresholds};
 use super::Ctx;
 use crate::imaging::decode::{decode, DecodeLimits, Decoded};
-use crate::manifest::{self, Manifest};
+use crate::manifest::{self, verdicts, ItemStatus, Manifest};
 use crate::models::tagger::Tagger;
 use crate::{Error, Result};
 
@@ -183,15 +186,18 @@ impl CaptionReport {
     }
 }
 
+/// The stages whose verdicts do not keep an item from `caption`: its own
+/// and the later stages'.
+const CANDIDATE_VERDICTS: &[&str] = &["caption", "filter", "dedupe", "bucket"];
+
 /// One item the stage looks at.
 #[derive(Debug, Clone)]
 struct Candidate {
     id: i64,
     path: Option<String>,
-    /// Stage of the run that set it aside (`caption` / `filter` for a
-    /// rejection, `dedupe` for a duplicate, which is captioned and tagged
-    /// under the current policy too, so that it is current if dedupe takes
-    /// it back), `None` when ok.
+    /// `caption` when caption set it aside (whatever else did), else the
+    /// stage whose verdict the item shows (`filter`, `dedupe`, `bucket`),
+    /// `None` when ok.
     rejected_by: Option<String>,
     prompt: Option<String>,
     has_sidecar: bool,
@@ -222,28 +228,32 @@ fn settings_json(tagger: &Tagger, th: &Thresholds) -> String {
 }
 
 fn load_candidates(m: &Manifest) -> Result<Vec<Candidate>> {
+    // Caption's own verdict first, then the one the item shows.
     let sql = format!(
-        "SELECT i.id, i.path, i.status, r.stage, g.prompt,
+        "SELECT i.id, i.path, i.status,
+                CASE WHEN {} IS NOT NULL THEN 'caption' ELSE {} END,
+                g.prompt,
                 EXISTS (SELECT 1 FROM captions c WHERE c.item_id = i.id AND c.source IN ('{}', '{}')),
                 t.settings, t.tags_json
          FROM items i
-         LEFT JOIN runs r ON r.id = i.status_run_id
          LEFT JOIN generation g ON g.item_id = i.id
          LEFT JOIN tagging t ON t.item_id = i.id
-         WHERE i.status IN ('ok', 'duplicate')
-            OR (i.status = 'rejected' AND r.stage IN ('caption', 'filter'))
+         WHERE {}
          ORDER BY i.id",
-        SIDECAR_SOURCES[0], SIDECAR_SOURCES[1]
+        verdicts::of("i", "caption", "status"),
+        verdicts::shown("i", "stage"),
+        SIDECAR_SOURCES[0],
+        SIDECAR_SOURCES[1],
+        verdicts::eligible("i", CANDIDATE_VERDICTS)
     );
     let mut st = m.conn().prepare(&sql).map_err(|e| m.err(e))?;
     let rows = st
         .query_map([], |r| {
-            let status: String = r.get(2)?;
             let stage: Option<String> = r.get(3)?;
             Ok(Candidate {
                 id: r.get(0)?,
                 path: r.get(1)?,
-                rejected_by: if status == "ok" { None } else { stage },
+                rejected_by: stage,
                 prompt: r
                     .get::<_, Option<String>>(4)?
                     .filter(|p| !p.trim().is_empty()),
@@ -321,10 +331,7 @@ struct Writer<'a> {
 impl Writer<'_> {
     fn set_status_ok(&mut self, tx: &Transaction, c: &Candidate) -> rusqlite::Result<()> {
         if c.rejected_by.as_deref() == Some("caption") {
-            tx.execute(
-                "UPDATE items SET status = 'ok', reason = NULL, status_run_id = ?2 WHERE id = ?1",
-                params![c.id, self.run_id],
-            )?;
+            verdicts::set(tx, c.id, "caption", None, self.run_id)?;
             self.report.restored += 1;
         }
         Ok(())
@@ -403,12 +410,14 @@ impl Writer<'_> {
             params![c.id, TAGGER_SOURCE],
         )?;
         tx.execute("DELETE FROM tagging WHERE item_id = ?1", [c.id])?;
-        // Ours now, a filter rejection too: left filter's without its
-        // tagging row, the next filter run took it for an item without a
-        // prompt and put it back in the dataset.
-        tx.execute(
-            "UPDATE items SET status = 'rejected', reason = ?2, status_run_id = ?3 WHERE id = ?1",
-            params![c.id, reason, self.run_id],
+        // Filter's verdict goes with the tagging row it was made from.
+        verdicts::set(tx, c.id, "filter", None, self.run_id)?;
+        verdicts::set(
+            tx,
+            c.id,
+            "caption",
+            Some((ItemStatus::Rejected, reason)),
+            self.run_id,
         )?;
         *self.report.rejected.entry(reason_code(reason)).or_default() += 1;
         Ok(())
@@ -636,24 +645,23 @@ mod tests {
         let import = m.begin_run("import", &serde_json::json!({})).unwrap();
         let dedupe = m.begin_run("dedupe", &serde_json::json!({})).unwrap();
         let tx = m.conn_mut().transaction().unwrap();
-        for (id, status, by) in [
-            (1, "ok", import),
-            (2, "duplicate", dedupe),
-            (3, "rejected", import),
+        for (id, verdict) in [
+            (1, None),
+            (2, Some(("dedupe", ItemStatus::Duplicate, dedupe))),
+            (3, Some(("import", ItemStatus::Rejected, import))),
+            (4, Some(("bucket", ItemStatus::Rejected, import))),
         ] {
             let item = crate::manifest::NewItem::for_test(id);
             crate::manifest::insert_item(&tx, import, &item).unwrap();
-            tx.execute(
-                "UPDATE items SET status = ?2, status_run_id = ?3 WHERE id = ?1",
-                params![id, status, by],
-            )
-            .unwrap();
+            if let Some((stage, status, by)) = verdict {
+                verdicts::set(&tx, id, stage, Some((status, "x")), by).unwrap();
+            }
         }
         tx.commit().unwrap();
         let c = load_candidates(&m).unwrap();
         let got: Vec<(i64, Option<&str>)> =
             c.iter().map(|c| (c.id, c.rejected_by.as_deref())).collect();
-        assert_eq!(got, [(1, None), (2, Some("dedupe"))]);
+        assert_eq!(got, [(1, None), (2, Some("dedupe")), (4, Some("bucket"))]);
     }
 
     /// Tags from a half-precision tagger are not the f32 tagger's: its

@@ -32,7 +32,7 @@ use serde::{Deserialize, Serialize};
 
 use super::Ctx;
 use crate::error::Result;
-use crate::manifest::Manifest;
+use crate::manifest::{verdicts, ItemStatus, Manifest};
 
 /// Which perceptual hash to compare.
 #[derive(
@@ -234,7 +234,8 @@ fn read_and_plan(cfg: &DedupeConfig, m: &Manifest) -> Result<(Vec<Cluster>, Dedu
                 coalesce((SELECT max(size) FROM sources WHERE item_id = i.id), 0),
                 coalesce(i.format, ''), i.path
          FROM items i JOIN hashes h ON h.item_id = i.id
-         WHERE i.status IN ('ok', 'duplicate') ORDER BY i.id"
+         WHERE {} ORDER BY i.id",
+        crate::manifest::verdicts::eligible("i", &["dedupe"])
     );
     let mut paths: Vec<Option<String>> = Vec::new();
     let mut webp: Vec<bool> = Vec::new();
@@ -317,18 +318,13 @@ pub fn run(cfg: &DedupeConfig, m: &mut Manifest, _ctx: &Ctx) -> Result<DedupeRep
         let path = m.db_path().to_path_buf();
         let map = crate::manifest::sql_err(&path);
         let tx = m.conn_mut().transaction().map_err(map)?;
-        // `status <> 'ok'` lets SQLite use the partial index `items_status`.
-        const RESET: &str = "UPDATE items SET status = 'ok', reason = NULL, status_run_id = ?1 \
-                             WHERE status <> 'ok' AND status = 'duplicate'";
-        tx.execute(RESET, [run_id]).map_err(map)?;
+        verdicts::clear_stage(&tx, "dedupe", run_id).map_err(map)?;
         tx.execute("DELETE FROM duplicates", []).map_err(map)?;
         {
             const INSERT: &str =
                 "INSERT INTO duplicates (item_id, cluster_id, keeper_id, distance, kind, run_id) \
                  VALUES (?1, ?2, ?2, ?3, ?4, ?5)";
-            const MARK: &str = "UPDATE items SET status = 'duplicate', reason = ?2, status_run_id = ?3 WHERE id = ?1";
             let mut ins = tx.prepare(INSERT).map_err(map)?;
-            let mut upd = tx.prepare(MARK).map_err(map)?;
             for c in &clusters {
                 ins.execute(params![c.keeper_id, c.keeper_id, 0, "keeper", run_id])
                     .map_err(map)?;
@@ -339,8 +335,8 @@ pub fn run(cfg: &DedupeConfig, m: &mut Manifest, _ctx: &Ctx) -> Result<DedupeRep
                         "{}_duplicate: of item {} (distance {})",
                         d.kind, d.keeper_id, d.distance
                     );
-                    upd.execute(params![d.item_id, reason, run_id])
-                        .map_err(map)?;
+                    let v = Some((ItemStatus::Duplicate, reason.as_str()));
+                    verdicts::set(&tx, d.item_id, "dedupe", v, run_id).map_err(map)?;
                 }
             }
         }

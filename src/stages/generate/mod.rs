@@ -662,12 +662,7 @@ fn commit(
                         // The same pixels again after a replan set them
                         // aside (a plan shrunk, then grown back): back in
                         // the dataset. Another stage's rejection stands.
-                        tx.execute(
-                            "UPDATE items SET status = 'ok', reason = NULL, status_run_id = ?2 \
-                             WHERE id = ?1 AND status = 'rejected' AND reason LIKE 'replanned:%'",
-                            params![id, run_id],
-                        )
-                        .map_err(map)?;
+                        manifest::verdicts::set(&tx, id, "generate", None, run_id).map_err(map)?;
                         id
                     }
                     None => {

@@ -500,12 +500,16 @@ pub fn write_plan(
             existing.insert(r.get(0)?, (key, r.get(14)?, r.get(15)?));
         }
     }
-    // An item another stage set aside keeps its own reason.
+    // Generate's own verdict: another stage's stands beside it and is
+    // shown again when a later plan takes the item back.
     let reject = |item: Option<i64>, why: &str| -> Result<()> {
         if let Some(id) = item {
-            tx.execute(
-                "UPDATE items SET status = 'rejected', reason = ?2, status_run_id = ?3 WHERE id = ?1 AND status = 'ok'",
-                params![id, why, run_id],
+            crate::manifest::verdicts::set(
+                tx,
+                id,
+                "generate",
+                Some((crate::manifest::ItemStatus::Rejected, why)),
+                run_id,
             )?;
         }
         Ok(())

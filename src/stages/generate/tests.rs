@@ -252,18 +252,66 @@ fn rows_a_replan_removed_and_a_later_plan_restores_are_back_in_the_dataset() {
         count(&d, "SELECT count(*) FROM items WHERE reason IS NOT NULL"),
         0
     );
-    // Another stage's rejection of those pixels stands.
-    let m = Manifest::open(&d).unwrap();
-    m.conn()
-        .execute(
-            "UPDATE items SET status = 'rejected', reason = 'misaligned: 0.1' WHERE id = (SELECT max(id) FROM items)",
-            [],
-        )
+    // Another stage's rejection of those pixels stands: beside the
+    // replan's while it is out of the plan, alone when it is back.
+    let mut m = Manifest::open(&d).unwrap();
+    let filter = m.begin_run("filter", &serde_json::json!({})).unwrap();
+    let last: i64 = m
+        .conn()
+        .query_row("SELECT max(id) FROM items", [], |r| r.get(0))
         .unwrap();
+    let tx = m.conn_mut().transaction().unwrap();
+    let low = Some((ItemStatus::Rejected, "misaligned: 0.1"));
+    crate::manifest::verdicts::set(&tx, last, "filter", low, filter).unwrap();
+    tx.commit().unwrap();
+    m.end_run(filter, true, &serde_json::json!({})).unwrap();
     drop(m);
     gen(&w, &shrunk, &d).unwrap();
+    let reason = "SELECT count(*) FROM items WHERE reason LIKE 'replanned:%'";
+    assert_eq!((count(&d, ok), count(&d, reason)), (1, 2));
     gen(&w, &cfg(&w, 3), &d).unwrap();
     assert_eq!(count(&d, ok), 2);
+    let misaligned = "SELECT count(*) FROM items WHERE reason = 'misaligned: 0.1'";
+    assert_eq!(count(&d, misaligned), 1);
+}
+
+/// Regression: a replan set aside only `ok` items (one status per item), so
+/// an item another stage had rejected kept that rejection alone and came
+/// back in the dataset when that stage took it back, though its plan row
+/// was gone. Now the replan's verdict stands beside the other stage's.
+#[test]
+fn an_item_out_of_the_plan_stays_out_when_another_stage_takes_it_back() {
+    let w = world();
+    let d = w.dir.path().join("ds");
+    gen(&w, &cfg(&w, 2), &d).unwrap();
+    let mut m = Manifest::open(&d).unwrap();
+    let bucket = m.begin_run("bucket", &serde_json::json!({})).unwrap();
+    let last: i64 = m
+        .conn()
+        .query_row("SELECT max(id) FROM items", [], |r| r.get(0))
+        .unwrap();
+    let tx = m.conn_mut().transaction().unwrap();
+    let small = Some((ItemStatus::Rejected, "too_small: 64x64"));
+    crate::manifest::verdicts::set(&tx, last, "bucket", small, bucket).unwrap();
+    tx.commit().unwrap();
+    m.end_run(bucket, true, &serde_json::json!({})).unwrap();
+    drop(m);
+    let shrunk = GenerateConfig {
+        replan: true,
+        ..cfg(&w, 1)
+    };
+    gen(&w, &shrunk, &d).unwrap();
+    // Bucket takes it back (other settings).
+    let mut m = Manifest::open(&d).unwrap();
+    let bucket = m.begin_run("bucket", &serde_json::json!({})).unwrap();
+    let tx = m.conn_mut().transaction().unwrap();
+    crate::manifest::verdicts::set(&tx, last, "bucket", None, bucket).unwrap();
+    tx.commit().unwrap();
+    m.end_run(bucket, true, &serde_json::json!({})).unwrap();
+    drop(m);
+    let ok = "SELECT count(*) FROM items WHERE status = 'ok'";
+    let replanned = "SELECT count(*) FROM items WHERE reason LIKE 'replanned:%'";
+    assert_eq!((count(&d, ok), count(&d, replanned)), (1, 1));
 }
 
 /// Regression: the prediction and ZTSNR change every image but are not in
