@@ -663,3 +663,67 @@ fn shards_merged_equal_a_single_run_item_for_item() {
     assert!(e.contains("items.path \"../escaped.png\""), "{e}");
     assert!(!w.dir.path().join("escaped.png").exists());
 }
+
+/// `manifest merge` carries each stage's verdict with its item, and gives
+/// a set-aside item of a shard written before verdicts existed the one its
+/// status says (as the migration does), so stages reconsider it as theirs.
+#[test]
+fn merge_carries_verdicts_and_derives_missing_ones() {
+    let w = world();
+    let shards: Vec<std::path::PathBuf> = (1..=2)
+        .map(|k| {
+            let d = w.dir.path().join(format!("shard{k}"));
+            let sharded = GenerateConfig {
+                shard: Shard::new(k, 2).unwrap(),
+                ..cfg(&w, 4)
+            };
+            gen(&w, &sharded, &d).unwrap();
+            // One item set aside by filter in each shard.
+            let mut m = Manifest::open(&d).unwrap();
+            let filter = m.begin_run("filter", &serde_json::json!({})).unwrap();
+            let first: i64 = m
+                .conn()
+                .query_row("SELECT min(id) FROM items", [], |r| r.get(0))
+                .unwrap();
+            let tx = m.conn_mut().transaction().unwrap();
+            let low = Some((ItemStatus::Rejected, "misaligned: 0.1"));
+            crate::manifest::verdicts::set(&tx, first, "filter", low, filter).unwrap();
+            if k == 2 {
+                // As written before `item_verdicts`: the status alone.
+                tx.execute("DELETE FROM item_verdicts", []).unwrap();
+            }
+            tx.commit().unwrap();
+            m.end_run(filter, true, &serde_json::json!({})).unwrap();
+            d
+        })
+        .collect();
+    let out = w.dir.path().join("merged");
+    let mut m = Manifest::init(&out).unwrap();
+    merge::run(&MergeConfig { shards }, &mut m, &Ctx::quiet()).unwrap();
+    drop(m);
+    let q = "SELECT count(*) FROM items i JOIN item_verdicts v ON v.item_id = i.id
+             WHERE i.status = 'rejected' AND v.stage = 'filter' AND v.reason = 'misaligned: 0.1'
+               AND (SELECT stage FROM runs WHERE id = v.run_id) = 'filter'";
+    assert_eq!(count(&out, q), 2);
+    assert_eq!(
+        count(&out, "SELECT count(*) FROM items WHERE status = 'ok'"),
+        2
+    );
+    // Filter reconsiders both as its own.
+    let mut m = Manifest::open(&out).unwrap();
+    let r = crate::stages::filter::run(
+        &crate::stages::filter::FilterConfig {
+            min_alignment: 0.0,
+            dry_run: false,
+        },
+        &mut m,
+    );
+    drop(m);
+    // No item has an alignment score here: filter's verdicts are taken back.
+    let r = r.unwrap();
+    assert_eq!(r.restored, 2);
+    assert_eq!(
+        count(&out, "SELECT count(*) FROM items WHERE status = 'ok'"),
+        4
+    );
+}
