@@ -10,9 +10,12 @@
 -- rejection before a duplicate, then the earliest stage of the pipeline
 -- (`manifest::verdicts::STAGE_ORDER`); `ok` when it has none.
 --
--- Existing set-aside items get one verdict, of the stage of the run that
--- set their status ('unknown' when that run is gone), so every decision
--- stands as it was.
+-- Existing set-aside items get the verdict their status says: `duplicate`
+-- is dedupe's (only dedupe ever wrote it), a rejection is the stage's of
+-- the run that set it ('unknown' when that run is gone). A duplicate whose
+-- status a later filter or caption rejection overwrote still has its row
+-- in `duplicates` (until dedupe ran again): it gets dedupe's verdict back
+-- beside the rejection, so taking the rejection back shows a duplicate.
 CREATE TABLE item_verdicts (
     item_id INTEGER NOT NULL REFERENCES items(id),
     stage   TEXT    NOT NULL,
@@ -24,6 +27,15 @@ CREATE TABLE item_verdicts (
 CREATE INDEX item_verdicts_stage ON item_verdicts(stage);
 
 INSERT INTO item_verdicts (item_id, stage, status, reason, run_id)
-SELECT i.id, coalesce(r.stage, 'unknown'), i.status, i.reason, r.id
+SELECT i.id,
+       CASE WHEN i.status = 'duplicate' THEN 'dedupe' ELSE coalesce(r.stage, 'unknown') END,
+       i.status, i.reason, r.id
 FROM items i LEFT JOIN runs r ON r.id = i.status_run_id
 WHERE i.status <> 'ok';
+
+INSERT OR IGNORE INTO item_verdicts (item_id, stage, status, reason, run_id)
+SELECT d.item_id, 'dedupe', 'duplicate',
+       d.kind || '_duplicate: of item ' || d.keeper_id || ' (distance ' || d.distance || ')',
+       (SELECT id FROM runs WHERE id = d.run_id)
+FROM duplicates d JOIN items i ON i.id = d.item_id
+WHERE d.kind <> 'keeper' AND i.status = 'rejected';

@@ -224,6 +224,13 @@ pub fn run_sample(a: SampleArgs, json: bool) -> Result<i32> {
             println!("{}  seed {s}", f.display());
         }
     }
+    // A broken render fails only itself: the report (with the written
+    // files) is out, the error names it, and the exit code says some
+    // images failed.
+    if let Some(msg) = report.broken_message() {
+        eprintln!("error: {msg}");
+        return Ok(1);
+    }
     Ok(0)
 }
 

@@ -657,12 +657,14 @@ mod tests {
             c.execute_batch(SCHEMA_V1).unwrap();
             c.execute_batch(
                 "PRAGMA user_version = 1;
-                 INSERT INTO runs (id, stage, config_json, tool_version, started_at) VALUES (1, 'import', '{}', '0', 'x');
+                 INSERT INTO runs (id, stage, config_json, tool_version, started_at) VALUES (1, 'import', '{}', '0', 'x'),
+                     (2, 'filter', '{}', '0', 'x');
                  INSERT INTO items (id, sha256, path, source, status, reason, run_id, status_run_id, created_at)
                      VALUES (7, 'aa', 'images/aa/aa.png', '/a.png', 'ok', NULL, 1, 1, 'x'),
-                            (9, 'bb', NULL, '/b.png', 'duplicate', 'near_duplicate: of item 7', 1, 1, 'x');
+                            (9, 'bb', NULL, '/b.png', 'duplicate', 'near_duplicate: of item 7', 1, 1, 'x'),
+                            (11, 'cc', NULL, '/c.png', 'rejected', 'misaligned: 0.1', 1, 2, 'x');
                  INSERT INTO sources (item_id, path, size, mtime_ns, run_id) VALUES (7, '/a.png', 1, 2, 1);
-                 INSERT INTO duplicates VALUES (7, 7, 7, 0, 'keeper', 1), (9, 7, 7, 3, 'near', 1);
+                 INSERT INTO duplicates VALUES (7, 7, 7, 0, 'keeper', 1), (9, 7, 7, 3, 'near', 1), (11, 7, 7, 4, 'near', 1);
                  INSERT INTO tags (item_id, source, tag, score, run_id) VALUES (7, 'sidecar_txt', 'solo', NULL, 1);",
             )
             .unwrap();
@@ -701,7 +703,8 @@ mod tests {
                     9,
                     "duplicate".into(),
                     Some("near_duplicate: of item 7".into())
-                )
+                ),
+                (11, "rejected".into(), Some("misaligned: 0.1".into()))
             ]
         );
         let kinds: String = m
@@ -710,7 +713,7 @@ mod tests {
                 r.get(0)
             })
             .unwrap();
-        assert_eq!(kinds, "keeper,near");
+        assert_eq!(kinds, "keeper,near,near");
         // v7: a tag written before `pos` existed has no place.
         let pos: Option<i64> = m
             .conn()
@@ -718,33 +721,22 @@ mod tests {
             .unwrap();
         assert_eq!(pos, None);
         // v8: the set-aside item has the verdict of the run that set it aside.
-        let v = m
+        // A duplicate is dedupe's whatever run set it; a duplicate a filter
+        // rejection overwrote gets dedupe's verdict back from `duplicates`.
+        let v: String = m
             .conn()
             .query_row(
-                "SELECT count(*), item_id, stage, status, reason, run_id FROM item_verdicts",
+                "SELECT group_concat(item_id || '|' || stage || '|' || status || '|' || reason || '|' || run_id, ';')
+                 FROM (SELECT * FROM item_verdicts ORDER BY item_id, stage)",
                 [],
-                |r| {
-                    Ok((
-                        r.get::<_, i64>(0)?,
-                        r.get::<_, i64>(1)?,
-                        r.get::<_, String>(2)?,
-                        r.get::<_, String>(3)?,
-                        r.get::<_, String>(4)?,
-                        r.get::<_, i64>(5)?,
-                    ))
-                },
+                |r| r.get(0),
             )
             .unwrap();
         assert_eq!(
             v,
-            (
-                1,
-                9,
-                "import".into(),
-                "duplicate".into(),
-                "near_duplicate: of item 7".into(),
-                1
-            )
+            "9|dedupe|duplicate|near_duplicate: of item 7|1;\
+             11|dedupe|duplicate|near_duplicate: of item 7 (distance 4)|1;\
+             11|filter|rejected|misaligned: 0.1|2"
         );
         for bad in [
             "UPDATE items SET status = 'maybe' WHERE id = 7",

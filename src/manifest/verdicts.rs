@@ -28,16 +28,19 @@ pub const STAGE_ORDER: &[&str] = &[
 
 /// `ORDER BY` terms that put an item's shown verdict first (`v` is the
 /// verdicts table's alias).
-fn precedence() -> String {
-    let stages: String = STAGE_ORDER
-        .iter()
-        .enumerate()
-        .map(|(k, s)| format!(" WHEN '{s}' THEN {k}"))
-        .collect();
-    format!(
-        "v.status = 'duplicate', CASE v.stage{stages} ELSE {} END, v.stage",
-        STAGE_ORDER.len()
-    )
+fn precedence() -> &'static str {
+    static SQL: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    SQL.get_or_init(|| {
+        let stages: String = STAGE_ORDER
+            .iter()
+            .enumerate()
+            .map(|(k, s)| format!(" WHEN '{s}' THEN {k}"))
+            .collect();
+        format!(
+            "v.status = 'duplicate', CASE v.stage{stages} ELSE {} END, v.stage",
+            STAGE_ORDER.len()
+        )
+    })
 }
 
 /// Set (`Some((status, reason))`) or clear (`None`) `stage`'s verdict on
@@ -73,11 +76,19 @@ pub fn set(
     refresh(tx, item, run_id)
 }
 
-/// Clear every verdict of `stage` (a stage that decides its whole plan
-/// again, as dedupe); returns the items whose shown status changed.
+/// Clear the verdicts of `stage` on the items it decides again, those
+/// [`eligible`] for `stage` (a stage that decides its whole plan again, as
+/// dedupe; its verdicts on items another stage set aside meanwhile stand,
+/// since it does not look at them). Returns the items whose shown status
+/// changed.
 pub fn clear_stage(tx: &Connection, stage: &str, run_id: i64) -> rusqlite::Result<Vec<i64>> {
     let items: Vec<i64> = {
-        let mut st = tx.prepare("DELETE FROM item_verdicts WHERE stage = ?1 RETURNING item_id")?;
+        let mut st = tx.prepare(&format!(
+            "DELETE FROM item_verdicts WHERE stage = ?1
+               AND item_id IN (SELECT i.id FROM items i WHERE {})
+             RETURNING item_id",
+            eligible("i", &[stage])
+        ))?;
         let rows = st.query_map([stage], |r| r.get(0))?;
         rows.collect::<rusqlite::Result<_>>()?
     };
@@ -94,12 +105,16 @@ pub fn clear_stage(tx: &Connection, stage: &str, run_id: i64) -> rusqlite::Resul
 /// verdicts; `run_id` is recorded when none is left and the item was set
 /// aside. Returns whether the status or reason changed.
 pub fn refresh(tx: &Connection, item: i64, run_id: i64) -> rusqlite::Result<bool> {
-    let shown: Option<(String, Option<String>, Option<i64>)> = tx
-        .prepare_cached(&format!(
+    static SQL: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    let sql = SQL.get_or_init(|| {
+        format!(
             "SELECT v.status, v.reason, v.run_id FROM item_verdicts v WHERE v.item_id = ?1
              ORDER BY {} LIMIT 1",
             precedence()
-        ))?
+        )
+    });
+    let shown: Option<(String, Option<String>, Option<i64>)> = tx
+        .prepare_cached(sql)?
         .query_row([item], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
         .optional()?;
     let n = match shown {

@@ -33,5 +33,6 @@ pub mod tiny;
 
 pub use model::{LoadOptions, ModelInfo, SdxlModel, TextConfigs};
 pub use sample::{
-    generate, sample_batch, sample_many, BatchItem, Rendered, SampleConfig, SampleReport,
+    generate, sample_batch, sample_many, BatchItem, BrokenRender, Rendered, SampleConfig,
+    SampleReport,
 };

@@ -480,24 +480,30 @@ fn decode_rgb8(
         )));
     }
     let img = model.vae.decode_scaled(&latent)?; // (1, 3, H, W)
-    let img = ((img.to_device(&Device::Cpu)? + 1.0)? * 0.5)?.clamp(0f32, 1f32)?;
     let (_, c, h, w) = img.dims4()?;
-    let data = img
-        .squeeze(0)?
-        .permute((1, 2, 0))?
-        .flatten_all()?
-        .to_vec1::<f32>()?; // (H·W·3)
     if c != 3 {
         return Err(Error::model(format!(
             "vae decoded {c} channels, expected 3"
         )));
     }
+    let data = img
+        .to_device(&Device::Cpu)?
+        .to_dtype(DType::F32)?
+        .squeeze(0)?
+        .permute((1, 2, 0))?
+        .flatten_all()?
+        .to_vec1::<f32>()?; // (H·W·3), in [-1, 1]
+                            // Checked before the clamp, which turns NaN into a valid pixel.
     if data.iter().any(|v| !v.is_finite()) {
         return Ok(Err(
             "nan_decode: the VAE produced NaN or infinite pixels".to_string()
         ));
     }
-    let bytes: Vec<u8> = data.iter().map(|v| (v * 255.0).round() as u8).collect();
+    let bytes: Vec<u8> = data
+        .iter()
+        .map(|v| ((v + 1.0) * 0.5).clamp(0.0, 1.0))
+        .map(|v| (v * 255.0).round() as u8)
+        .collect();
     RgbImage::from_raw(w as u32, h as u32, bytes)
         .map(Ok)
         .ok_or_else(|| Error::Other("decoded image buffer has the wrong size".into()))
@@ -541,6 +547,38 @@ pub struct SampleReport {
     pub model: super::model::ModelInfo,
     /// Defaults resolved for this model.
     pub resolved: Resolved,
+    /// Renders the model broke (NaN/inf), each with its seed and what to
+    /// check; the others are written. Empty when every image came out.
+    pub broken: Vec<BrokenRender>,
+}
+
+/// A render the model broke (NaN or infinite values).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct BrokenRender {
+    /// Its seed.
+    pub seed: u64,
+    /// `nan_latent: …` or `nan_decode: …`.
+    pub reason: String,
+}
+
+impl SampleReport {
+    /// One line naming the broken renders and what to check, `None` when
+    /// there are none.
+    pub fn broken_message(&self) -> Option<String> {
+        let first = self.broken.first()?;
+        let mut msg = format!(
+            "seed {}: {} (check the prediction type with --prediction, or the checkpoint with `eps2v ckpt check`)",
+            first.seed, first.reason
+        );
+        if self.broken.len() > 1 {
+            let rest: Vec<String> = self.broken[1..]
+                .iter()
+                .map(|b| b.seed.to_string())
+                .collect();
+            msg.push_str(&format!("; seeds {} too", rest.join(", ")));
+        }
+        Some(msg)
+    }
 }
 
 /// Generate and write PNGs `NNNNN-SEED.png` into `out_dir` (created if
@@ -557,18 +595,14 @@ pub fn run(
     cfg.validate()?;
     model.latent_shape(cfg.width, cfg.height)?;
     std::fs::create_dir_all(out_dir).at(out_dir)?;
-    // A broken image (NaN) costs only itself: the others are written, then
-    // the run fails naming it.
+    // A broken image (NaN) costs only itself: the others are written, and
+    // the report names it (the CLI exits 1).
     let mut images = Vec::new();
-    let mut broken: Vec<Rendered> = Vec::new();
-    let mut broken_seeds: Vec<String> = Vec::new();
+    let mut broken: Vec<BrokenRender> = Vec::new();
     for r in sample_batch(model, cfg, &cfg.items(), progress)? {
         match r {
             Rendered::Image(g) => images.push(g),
-            b @ Rendered::Broken { seed, .. } => {
-                broken_seeds.push(seed.to_string());
-                broken.push(b);
-            }
+            Rendered::Broken { seed, reason } => broken.push(BrokenRender { seed, reason }),
         }
     }
     let mut files = Vec::new();
@@ -588,23 +622,6 @@ pub fn run(
         files.push(path);
         seeds.push(g.seed);
     }
-    if let Some(b) = broken.into_iter().next() {
-        let mut msg = b
-            .into_image()
-            .err()
-            .map_or_else(String::new, |e| e.to_string());
-        if broken_seeds.len() > 1 {
-            msg.push_str(&format!("; seeds {} too", broken_seeds[1..].join(", ")));
-        }
-        if !files.is_empty() {
-            msg.push_str(&format!(
-                " ({} other images written to {})",
-                files.len(),
-                out_dir.display()
-            ));
-        }
-        return Err(Error::model(msg));
-    }
     Ok(SampleReport {
         files,
         seeds,
@@ -612,6 +629,7 @@ pub fn run(
         load_seconds,
         model: model.info.clone(),
         resolved: cfg.resolve(model),
+        broken,
     })
 }
 

@@ -219,6 +219,41 @@ fn nan_models_give_broken_renders_not_errors() {
     assert!(r.starts_with("nan_latent: 256 of 256"), "{r}");
 }
 
+/// Regression: one broken render made `sample` fail with no report, so
+/// `--json` printed nothing about the images it had written. Now the report
+/// lists the broken seeds beside the written files.
+#[test]
+fn broken_renders_are_in_the_report_not_an_error() {
+    let (dir, p) = tiny_checkpoint("toy", TinyOptions::default());
+    let mut t = candle_core::safetensors::load(&p, &Device::Cpu).unwrap();
+    // Finite weights (the loader refuses NaN ones) whose products overflow.
+    let key = "first_stage_model.decoder.conv_out.weight";
+    let b = t.get(key).unwrap();
+    let huge = Tensor::full(3e38f32, b.shape(), &Device::Cpu).unwrap();
+    t.insert(key.into(), huge.to_dtype(b.dtype()).unwrap());
+    let broken = dir.path().join("broken.safetensors");
+    candle_core::safetensors::save(&t, &broken).unwrap();
+    let m = SdxlModel::load(&broken, &LoadOptions::default()).unwrap();
+    let out = dir.path().join("out");
+    let r = run(&m, &cfg(), &out, 0.0, &mut |_, _| {}).unwrap();
+    assert!(r.files.is_empty());
+    let seeds: Vec<u64> = r.broken.iter().map(|b| b.seed).collect();
+    assert_eq!(seeds, [9, 10]);
+    assert!(
+        r.broken[0].reason.starts_with("nan_decode"),
+        "{:?}",
+        r.broken
+    );
+    let msg = r.broken_message().unwrap();
+    assert!(
+        msg.starts_with("seed 9: nan_decode") && msg.ends_with("; seeds 10 too"),
+        "{msg}"
+    );
+    let fine = SdxlModel::load(&p, &LoadOptions::default()).unwrap();
+    let r = run(&fine, &cfg(), &out, 0.0, &mut |_, _| {}).unwrap();
+    assert_eq!((r.files.len(), r.broken_message()), (2, None));
+}
+
 /// The CUDA path's dtypes (UNet and text encoders in bf16 / f16, VAE in
 /// `vae_dtype`) through the whole `sample` pipeline. `SdxlModel::load`
 /// keeps the CPU in f32, so the half-precision parts are swapped in by

@@ -703,7 +703,7 @@ fn write_batch(
             let orphan: bool = tx
                 .query_row(
                     "SELECT NOT EXISTS (SELECT 1 FROM sources WHERE item_id = ?1)
-                         AND (SELECT stage FROM runs WHERE id = items.run_id) = 'import'
+                         AND coalesce((SELECT stage FROM runs WHERE id = items.run_id) = 'import', 0)
                      FROM items WHERE id = ?1",
                     [old],
                     |r| r.get(0),

@@ -644,7 +644,9 @@ fn merge_rows(
         // gives them. Each item then shows what its verdicts say.
         tx.execute(
             "INSERT OR IGNORE INTO main.item_verdicts (item_id, stage, status, reason, run_id)
-             SELECT i.id, coalesce(r.stage, 'unknown'), i.status, i.reason, r.id
+             SELECT i.id,
+                    CASE WHEN i.status = 'duplicate' THEN 'dedupe' ELSE coalesce(r.stage, 'unknown') END,
+                    i.status, i.reason, r.id
              FROM item_map m JOIN main.items i ON i.id = m.new
                   LEFT JOIN main.runs r ON r.id = i.status_run_id
              WHERE i.status <> 'ok'
@@ -652,8 +654,15 @@ fn merge_rows(
             [],
         )
         .map_err(map)?;
+        // Only items with a verdict, or set aside, can change.
         let mapped: Vec<i64> = {
-            let mut st = tx.prepare("SELECT new FROM item_map").map_err(map)?;
+            let mut st = tx
+                .prepare(
+                    "SELECT m.new FROM item_map m JOIN main.items i ON i.id = m.new
+                     WHERE i.status <> 'ok'
+                        OR EXISTS (SELECT 1 FROM main.item_verdicts v WHERE v.item_id = m.new)",
+                )
+                .map_err(map)?;
             let rows = st.query_map([], |r| r.get(0)).map_err(map)?;
             rows.collect::<rusqlite::Result<_>>().map_err(map)?
         };

@@ -318,8 +318,15 @@ pub fn run(cfg: &DedupeConfig, m: &mut Manifest, _ctx: &Ctx) -> Result<DedupeRep
         let path = m.db_path().to_path_buf();
         let map = crate::manifest::sql_err(&path);
         let tx = m.conn_mut().transaction().map_err(map)?;
+        // Its decisions on the items it planned are made again; those on
+        // items another stage set aside since stand (verdict and row).
         verdicts::clear_stage(&tx, "dedupe", run_id).map_err(map)?;
-        tx.execute("DELETE FROM duplicates", []).map_err(map)?;
+        tx.execute(
+            "DELETE FROM duplicates WHERE item_id NOT IN
+                 (SELECT item_id FROM item_verdicts WHERE stage = 'dedupe')",
+            [],
+        )
+        .map_err(map)?;
         {
             const INSERT: &str =
                 "INSERT INTO duplicates (item_id, cluster_id, keeper_id, distance, kind, run_id) \
@@ -386,6 +393,62 @@ mod tests {
         assert_eq!(clusters.len(), 1);
         assert_eq!(clusters[0].keeper_id, 2);
         assert_eq!(clusters[0].drops[0].kind, "exact");
+    }
+
+    /// Regression (review of the verdicts change): a dedupe rerun cleared
+    /// its verdicts on every item, also on a duplicate another stage had
+    /// set aside since, which it does not look at; when that stage took it
+    /// back, it was `ok` beside its keeper.
+    #[test]
+    fn a_rerun_keeps_its_verdict_on_a_duplicate_another_stage_set_aside() {
+        let d = tempfile::tempdir().unwrap();
+        let mut m = Manifest::init(d.path()).unwrap();
+        let run = m.begin_run("import", &serde_json::json!({})).unwrap();
+        m.conn()
+            .execute_batch(&format!(
+                "INSERT INTO items (id, sha256, path, source, width, height, format, status, run_id, status_run_id, created_at)
+                     VALUES (1, 'a', 'a.png', 'a', 8, 8, 'png', 'ok', {run}, {run}, 'x'),
+                            (2, 'b', 'b.png', 'b', 4, 4, 'png', 'ok', {run}, {run}, 'x');
+                 INSERT INTO hashes (item_id, pixel_sha256, phash, dhash, run_id)
+                     VALUES (1, 'p1', 5, 5, {run}), (2, 'p2', 5, 5, {run});"
+            ))
+            .unwrap();
+        m.end_run(run, true, &serde_json::json!({})).unwrap();
+        let cfg = DedupeConfig::default();
+        run_dedupe(&cfg, &mut m);
+        let status = |m: &Manifest| -> String {
+            m.conn()
+                .query_row("SELECT status FROM items WHERE id = 2", [], |r| r.get(0))
+                .unwrap()
+        };
+        assert_eq!(status(&m), "duplicate");
+        let filter = m.begin_run("filter", &serde_json::json!({})).unwrap();
+        let tx = m.conn_mut().transaction().unwrap();
+        let low = Some((ItemStatus::Rejected, "misaligned: 0.1"));
+        verdicts::set(&tx, 2, "filter", low, filter).unwrap();
+        tx.commit().unwrap();
+        run_dedupe(&cfg, &mut m);
+        let tx = m.conn_mut().transaction().unwrap();
+        verdicts::set(&tx, 2, "filter", None, filter).unwrap();
+        tx.commit().unwrap();
+        m.end_run(filter, true, &serde_json::json!({})).unwrap();
+        assert_eq!(status(&m), "duplicate");
+        let rows: i64 = m
+            .conn()
+            .query_row(
+                "SELECT count(*) FROM duplicates WHERE item_id = 2",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(rows, 1);
+        // The next rerun looks at it again, and decides the same.
+        run_dedupe(&cfg, &mut m);
+        assert_eq!(status(&m), "duplicate");
+    }
+
+    fn run_dedupe(cfg: &DedupeConfig, m: &mut Manifest) {
+        run(cfg, m, &Ctx::quiet()).unwrap();
     }
 
     #[test]
