@@ -473,6 +473,37 @@ pub struct SweepEval {
     pub load: crate::pipeline::LoadOptions,
 }
 
+impl SweepEval {
+    /// The evaluation settings, checked before anything loads: each error
+    /// names its `merge` flag. `model`: the checkpoint whose shapes the
+    /// size must fit (A).
+    pub fn check(&self, model: &Path) -> Result<()> {
+        if self.prompts.is_empty() {
+            return Err(Error::config(
+                "--sweep needs at least one --eval-prompt to score each merge",
+            ));
+        }
+        if self.seeds.is_empty() {
+            return Err(Error::config("--eval-seeds: give at least one seed"));
+        }
+        if self.steps == 0 {
+            return Err(Error::config("--eval-steps must be at least 1"));
+        }
+        if !(self.cfg.is_finite() && self.cfg > 0.0) {
+            return Err(Error::config(format!(
+                "--eval-cfg must be a positive number, got {}",
+                self.cfg
+            )));
+        }
+        let ck = Checkpoint::open(model)?;
+        if let (Ok(u), Ok(v)) = (ck.infer_unet_config(), ck.infer_vae_config()) {
+            crate::pipeline::model::check_size(&u.config, &v.config, self.width, self.height)
+                .map_err(|e| Error::config(format!("--eval-size: {e}")))?;
+        }
+        Ok(())
+    }
+}
+
 /// One merge of a sweep.
 #[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct SweepPoint {
@@ -520,6 +551,18 @@ pub fn sweep(
             "--sweep needs finite alphas, e.g. 0,0.25,0.5",
         ));
     }
+    eval.check(&cfg.a)?;
+    // The first merge before the reference renders: a merge that cannot be
+    // made (shapes, components, markers) fails in seconds, not after the
+    // reference images.
+    let first = sweep_path(out, alphas[0]);
+    merge(
+        &MergeConfig {
+            alpha: alphas[0],
+            ..cfg.clone()
+        },
+        &first,
+    )?;
     let reference = match &eval.reference {
         Some(r) => r.clone(),
         None => {
@@ -549,10 +592,15 @@ pub fn sweep(
     let bar = ctx.bar(alphas.len() as u64, "merge sweep");
     for &alpha in alphas {
         if ctx.should_stop() {
-            let done: Vec<String> = points.iter().map(|p| p.out.display().to_string()).collect();
+            let mut done: Vec<String> =
+                points.iter().map(|p| p.out.display().to_string()).collect();
+            if points.is_empty() {
+                // Written before the reference rendered, not scored yet.
+                done.push(first.display().to_string());
+            }
             return Err(Error::Interrupted(format!(
                 "merge sweep: stopped after {} of {} merges{}; rerun to do them all",
-                points.len(),
+                done.len(),
                 alphas.len(),
                 if done.is_empty() {
                     String::new()
@@ -562,13 +610,17 @@ pub fn sweep(
             )));
         }
         let path = sweep_path(out, alpha);
-        merge(
-            &MergeConfig {
-                alpha,
-                ..cfg.clone()
-            },
-            &path,
-        )?;
+        if points.is_empty() && path == first {
+            // Made above.
+        } else {
+            merge(
+                &MergeConfig {
+                    alpha,
+                    ..cfg.clone()
+                },
+                &path,
+            )?;
+        }
         let m = SdxlModel::load(&path, &eval.load)?;
         let imgs = sample_set(&m, &spec)?;
         let retention = mean_retention(&ref_imgs, &imgs);

@@ -204,7 +204,7 @@ pub fn import(a: ImportArgs, json: bool) -> anyhow::Result<i32> {
         cfg.limits.max_side = v;
     }
     if let Some(v) = a.max_pixels {
-        cfg.limits.max_pixels = v;
+        cfg.limits.set_max_pixels(v);
     }
     let r = stages::import::run(&cfg, &mut m, &ctx(json))?;
     if json {

@@ -57,8 +57,12 @@ pub struct TrainArgs {
     pub grad_accum: Option<usize>,
     /// Keep activations only at UNet block boundaries and recompute each
     /// block in the backward: less memory, one more forward.
-    #[arg(long)]
+    #[arg(long, overrides_with = "no_gradient_checkpointing")]
     pub gradient_checkpointing: bool,
+    /// Keep every activation (faster; the default unless the config turns
+    /// checkpointing on).
+    #[arg(long)]
+    pub no_gradient_checkpointing: bool,
     /// Learning rate (default 1e-5).
     #[arg(long)]
     pub lr: Option<f64>,
@@ -144,11 +148,18 @@ pub struct TrainArgs {
     #[arg(long)]
     pub save_dtype: Option<String>,
     /// Do not write the v_pred / ztsnr marker keys.
-    #[arg(long)]
+    #[arg(long, overrides_with = "markers")]
     pub no_markers: bool,
-    /// Write an A1111 <name>.yaml (sgm VScaling + VWeighting) beside a v export.
+    /// Write the v_pred / ztsnr marker keys (the default unless the config
+    /// says `markers = false`).
     #[arg(long)]
+    pub markers: bool,
+    /// Write an A1111 <name>.yaml (sgm VScaling + VWeighting) beside a v export.
+    #[arg(long, overrides_with = "no_a1111_yaml")]
     pub a1111_yaml: bool,
+    /// Write no A1111 yaml (the default unless the config asks for one).
+    #[arg(long)]
+    pub no_a1111_yaml: bool,
     /// Resume run ID from its newest checkpoint (same config required); `--resume` alone (or `--resume latest`): the newest stopped run of this config.
     #[arg(long, value_name = "ID", num_args = 0..=1, default_missing_value = "latest", value_parser = parse_resume)]
     pub resume: Option<Resume>,
@@ -260,6 +271,9 @@ impl TrainArgs {
         if self.gradient_checkpointing {
             c.gradient_checkpointing = true;
         }
+        if self.no_gradient_checkpointing {
+            c.gradient_checkpointing = false;
+        }
         if self.no_ztsnr {
             c.ztsnr = false;
         }
@@ -314,8 +328,14 @@ impl TrainArgs {
         if self.no_markers {
             c.markers = false;
         }
+        if self.markers {
+            c.markers = true;
+        }
         if self.a1111_yaml {
             c.a1111_yaml = true;
+        }
+        if self.no_a1111_yaml {
+            c.a1111_yaml = false;
         }
         Ok(c)
     }
@@ -533,6 +553,12 @@ pub struct MergeArgs {
     pub out: PathBuf,
 }
 
+/// A `--te`/`--vae`/`--markers` side, its error naming the flag.
+fn side(flag: &str, v: &str) -> Result<Side> {
+    v.parse::<Side>()
+        .map_err(|_| Error::config(format!("{flag} {v:?}: use a or b")))
+}
+
 /// Run `eps2v merge`.
 pub fn run_merge(a: MergeArgs, json: bool) -> Result<i32> {
     let dtype = match a.dtype.as_deref() {
@@ -550,9 +576,13 @@ pub fn run_merge(a: MergeArgs, json: bool) -> Result<i32> {
             .map(BlockAlphas::parse)
             .transpose()?
             .unwrap_or_default(),
-        te: a.te.parse::<Side>()?,
-        vae: a.vae.parse::<Side>()?,
-        markers: a.markers.as_deref().map(str::parse::<Side>).transpose()?,
+        te: side("--te", &a.te)?,
+        vae: side("--vae", &a.vae)?,
+        markers: a
+            .markers
+            .as_deref()
+            .map(|m| side("--markers", m))
+            .transpose()?,
         dtype,
     };
     match &a.sweep {
@@ -634,118 +664,5 @@ pub fn run_merge(a: MergeArgs, json: bool) -> Result<i32> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use clap::Parser;
-
-    #[derive(Parser)]
-    struct T {
-        #[command(flatten)]
-        a: TrainArgs,
-    }
-
-    /// A config of stages refuses the flags it would ignore (naming them),
-    /// and `--lr` only where some stage has no rate of its own; a run
-    /// config's `[train]` trains the run's `model`.
-    #[test]
-    fn stage_configs_refuse_flags_they_would_ignore_and_run_configs_keep_their_model() {
-        let d = tempfile::tempdir().unwrap();
-        let f = d.path().join("t.toml");
-        let parse = |extra: &[&str]| {
-            let mut args = vec!["x", "ds", "--config", f.to_str().unwrap()];
-            args.extend_from_slice(extra);
-            T::parse_from(args).a.to_config()
-        };
-        std::fs::write(
-            &f,
-            "model = \"run.safetensors\"\n[train]\n[[train.stages]]\nblocks = [\"all\"]\nsteps = 10\n",
-        )
-        .unwrap();
-        let c = parse(&[]).unwrap();
-        assert_eq!(c.model, std::path::PathBuf::from("run.safetensors"));
-        assert_eq!(c.total_steps(), 10);
-        for flag in [
-            ["--steps", "5"],
-            ["--blocks", "out"],
-            ["--block-lr", "OUT08=1e-5"],
-        ] {
-            let e = parse(&flag).unwrap_err().to_string();
-            assert!(e.contains(flag[0]) && e.contains("[[train.stages]]"), "{e}");
-        }
-        // The stage has no rate: --lr is its rate.
-        assert_eq!(parse(&["--lr", "3e-6"]).unwrap().lr, 3e-6);
-        std::fs::write(
-            &f,
-            "[train]\nmodel = \"own.safetensors\"\n[[train.stages]]\nblocks = [\"all\"]\nsteps = 10\nlr = 1e-6\n",
-        )
-        .unwrap();
-        assert!(parse(&["--lr", "3e-6"])
-            .unwrap_err()
-            .to_string()
-            .contains("--lr"));
-        assert_eq!(
-            parse(&[]).unwrap().model,
-            std::path::PathBuf::from("own.safetensors")
-        );
-    }
-
-    #[test]
-    fn flags_override_the_file_and_eps_defaults_to_no_ztsnr() {
-        let d = tempfile::tempdir().unwrap();
-        let f = d.path().join("t.toml");
-        std::fs::write(
-            &f,
-            "[train]\nmodel = \"m.safetensors\"\nlr = 2e-6\nsteps = 9\n",
-        )
-        .unwrap();
-        let t = T::parse_from([
-            "x",
-            "ds",
-            "--config",
-            f.to_str().unwrap(),
-            "--steps",
-            "5",
-            "--objective",
-            "eps",
-        ]);
-        let c = t.a.to_config().unwrap();
-        assert_eq!((c.steps, c.lr, c.ztsnr), (5, 2e-6, false));
-        let t = T::parse_from([
-            "x",
-            "ds",
-            "--model",
-            "m",
-            "--blocks",
-            "out,OUT08",
-            "--uncond",
-            "text:,",
-            "--block-lr",
-            "OUT08=2e-5",
-        ]);
-        let c = t.a.to_config().unwrap();
-        assert_eq!(c.blocks, vec!["out", "OUT08"]);
-        assert!(c.ztsnr);
-        assert_eq!(c.uncond.to_string(), "text:,");
-        assert_eq!(c.block_lr["OUT08"], 2e-5);
-        c.validate().unwrap();
-        std::fs::write(&f, "[train]\nlearning_rate = 1\n").unwrap();
-        let t = T::parse_from(["x", "ds", "--config", f.to_str().unwrap()]);
-        let e = t.a.to_config().unwrap_err().to_string();
-        assert!(e.contains("learning_rate"), "{e}");
-        // --device / --precision: command line only, resolved before training.
-        let t = T::parse_from(["x", "ds", "--model", "m", "--device", "cpu"]);
-        let (d, p) = t.a.device.resolve().unwrap();
-        assert!(d.is_cpu());
-        assert_eq!(p, candle_core::DType::F32);
-        assert!(t.a.to_config().is_ok());
-        let t = T::parse_from(["x", "ds", "--device", "cpu", "--precision", "bf16"]);
-        assert_eq!(t.a.device.resolve().unwrap_err().exit_code(), 2);
-        let t = T::parse_from(["x", "ds", "--model", "m", "--weighting", "minsnr"]);
-        assert!(t
-            .a
-            .to_config()
-            .unwrap_err()
-            .to_string()
-            .contains("--weighting"));
-    }
-}
+#[path = "train_tests.rs"]
+mod tests;

@@ -1,7 +1,9 @@
 //! `eps2v bucket`: assign every ok item to an aspect-ratio bucket, resize it
 //! to cover the bucket (Lanczos3, fast_image_resize), crop (center or
 //! seeded random), and write the training image to
-//! `buckets/<w>x<h>/<sha>.png`.
+//! `buckets/<w>x<h>/<sha>.png` (an 8-bit RGB PNG already at its bucket's
+//! size, as `generate` writes them, is hard-linked there instead: the same
+//! pixels, one file on disk).
 //!
 //! The crop actually taken is recorded both in original pixels and in
 //! resized pixels, together with the original and target sizes, because
@@ -234,6 +236,14 @@ fn process(
             })
         }
     };
+    // Pixels the file holds as they are (8-bit RGB PNG, no alpha, no
+    // rotation): an image already at its bucket's size is its own bucket
+    // image (generated images are).
+    let as_stored = decoded.format == crate::imaging::decode::SourceFormat::Png
+        && decoded.color_model == crate::imaging::decode::ColorModel::Rgb
+        && decoded.bit_depth == 8
+        && !decoded.had_alpha
+        && decoded.orientation == 1;
     let rgb = decoded.rgb;
     let (w, h) = rgb.dimensions();
     let Some(bucket) = buckets::assign_bucket(w, h, list).map(|k| list[k]) else {
@@ -258,15 +268,9 @@ fn process(
                 })
             }
         };
-    let img = match resize::resize_and_crop(&rgb, &placed) {
-        Ok(img) => img,
-        Err(e) => {
-            return Ok(Outcome::Rejected {
-                item_id,
-                reason: format!("resize_failed: {e}"),
-            })
-        }
-    };
+    let identity = (placed.resized_width, placed.resized_height) == (w, h)
+        && (placed.crop_left, placed.crop_top) == (0, 0)
+        && (bucket.width, bucket.height) == (w, h);
     // Named by the placement too, so a new decision never overwrites the
     // file the manifest's current row points at (a run killed before its
     // commit would leave that row describing other pixels); the old file is
@@ -280,8 +284,22 @@ fn process(
         placed.crop_left,
         placed.crop_top
     );
-    let png = encode_png_fast(&img)?;
-    super::import::write_atomic_replace(&root.join(&rel), &png)?;
+    if identity && as_stored {
+        // The same pixels: a hard link, not a second encoded copy.
+        link_or_write(&root.join(rel_src), &root.join(&rel), &bytes)?;
+    } else {
+        let img = match resize::resize_and_crop(&rgb, &placed) {
+            Ok(img) => img,
+            Err(e) => {
+                return Ok(Outcome::Rejected {
+                    item_id,
+                    reason: format!("resize_failed: {e}"),
+                })
+            }
+        };
+        let png = encode_png_fast(&img)?;
+        super::import::write_atomic_replace(&root.join(&rel), &png)?;
+    }
     Ok(Outcome::Done(Box::new(Done {
         item_id,
         bucket,
@@ -289,6 +307,28 @@ fn process(
         placed,
         rel,
     })))
+}
+
+/// Put `src` at `dst` as a hard link (one file on disk), atomically
+/// replacing what is there; where no link can be made (another
+/// filesystem), `bytes` (`src`'s content) are written instead. Replacing
+/// `dst` later (a rename over it) or removing it never touches `src`.
+fn link_or_write(src: &Path, dst: &Path, bytes: &[u8]) -> Result<()> {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let dir = dst.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    // `.tmp*`: swept after a kill, as every temporary file.
+    let tmp = dir.join(format!(
+        ".tmp-link-{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    ));
+    let _ = std::fs::remove_file(&tmp);
+    if std::fs::hard_link(src, &tmp).is_ok() {
+        return std::fs::rename(&tmp, dst).map_err(|e| Error::io(dst, e));
+    }
+    super::import::write_atomic_replace(dst, bytes)
 }
 
 /// The settings a bucket decision depends on (everything but `force` and
@@ -638,6 +678,69 @@ mod tests {
         let again = run(&cfg, &mut m, &ctx).unwrap();
         assert_eq!((again.already, again.rebucketed), (1, 1));
         assert!(ds.join(&path).is_file());
+    }
+
+    /// An 8-bit RGB PNG already at its bucket's size (what `generate`
+    /// writes) is its own bucket image: a hard link, not a re-encoded copy;
+    /// any other image at that size is encoded (its decoded pixels).
+    #[test]
+    fn an_image_at_its_bucket_size_is_linked_not_encoded_again() {
+        let d = tempfile::tempdir().unwrap();
+        let src = d.path().join("src");
+        std::fs::create_dir(&src).unwrap();
+        let rgb = image::RgbImage::from_fn(128, 128, |x, y| image::Rgb([x as u8, y as u8, 7]));
+        rgb.save(src.join("rgb.png")).unwrap();
+        let rgba =
+            image::RgbaImage::from_fn(128, 128, |x, y| image::Rgba([y as u8, x as u8, 9, 255]));
+        rgba.save(src.join("rgba.png")).unwrap();
+        let ds = d.path().join("ds");
+        let mut m = Manifest::init(&ds).unwrap();
+        let ctx = Ctx::quiet();
+        let import = crate::stages::import::ImportConfig {
+            from: src,
+            ..Default::default()
+        };
+        crate::stages::import::run(&import, &mut m, &ctx).unwrap();
+        let cfg = BucketConfig {
+            buckets: BucketSet::Kohya {
+                resolution: 128,
+                step: 32,
+                min_side: 64,
+                max_side: 256,
+            },
+            ..Default::default()
+        };
+        assert_eq!(run(&cfg, &mut m, &ctx).unwrap().bucketed, 2);
+        let rows: Vec<(String, String, String)> = m
+            .conn()
+            .prepare(
+                "SELECT s.path, i.path, b.path FROM buckets b JOIN items i ON i.id = b.item_id
+                 JOIN sources s ON s.item_id = i.id ORDER BY s.path",
+            )
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .unwrap()
+            .map(|r| r.unwrap())
+            .collect();
+        assert_eq!(rows.len(), 2);
+        for (source, image, bucket) in &rows {
+            let (image, bucket) = (ds.join(image), ds.join(bucket));
+            let same_bytes = std::fs::read(&image).unwrap() == std::fs::read(&bucket).unwrap();
+            assert_eq!(same_bytes, source.ends_with("/rgb.png"), "{source}");
+            #[cfg(unix)]
+            {
+                use std::os::unix::fs::MetadataExt;
+                let ino = |p: &Path| std::fs::metadata(p).unwrap().ino();
+                assert_eq!(ino(&image) == ino(&bucket), source.ends_with("/rgb.png"));
+            }
+            let pixels = image::open(&bucket).unwrap().to_rgb8();
+            let want = if source.ends_with("/rgb.png") {
+                rgb.clone()
+            } else {
+                image::DynamicImage::ImageRgba8(rgba.clone()).to_rgb8()
+            };
+            assert_eq!(pixels, want, "{source}");
+        }
     }
 
     #[test]

@@ -76,6 +76,16 @@ impl Default for ImportLimits {
     }
 }
 
+impl ImportLimits {
+    /// Set the pixel limit (`--max-pixels`); the decoder's allocation
+    /// budget grows with it (8 bytes a pixel, 16-bit RGBA), so that a
+    /// raised limit is not refused by the fixed default budget.
+    pub fn set_max_pixels(&mut self, v: u64) {
+        self.max_pixels = v;
+        self.max_alloc = self.max_alloc.max(v.saturating_mul(8));
+    }
+}
+
 impl From<ImportLimits> for DecodeLimits {
     fn from(l: ImportLimits) -> Self {
         DecodeLimits {

@@ -95,3 +95,22 @@ fn rerun_plan_redoes_changed_files_and_own_rejections_only() {
     // A file that vanished since the listing is processed (and fails there).
     assert_eq!(plan_file(Some(&k(10, 1, false)), -1, -1), FilePlan::Process);
 }
+
+/// Regression: `--max-pixels` above the default could never take effect for
+/// large images, since the decoder's fixed 512 MiB budget refused them
+/// first (a 100 MP RGBA image needs 400 MB, a 16-bit one 800 MB).
+#[test]
+fn a_raised_pixel_limit_raises_the_decode_budget() {
+    let mut l = ImportLimits::default();
+    let default_budget = l.max_alloc;
+    l.set_max_pixels(10_000_000);
+    assert_eq!((l.max_pixels, l.max_alloc), (10_000_000, default_budget));
+    l.set_max_pixels(200_000_000);
+    let d = DecodeLimits::from(l);
+    assert_eq!(d.max_pixels, 200_000_000);
+    assert!(
+        d.max_alloc_bytes >= 200_000_000 * 8,
+        "{}",
+        d.max_alloc_bytes
+    );
+}

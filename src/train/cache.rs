@@ -15,9 +15,12 @@
 //!   dropout (`""` or a fixed text) and the empty padding chunk are cached
 //!   the same way, so dropout works *with* caching (kohya cannot combine them).
 //! - Every entry is written atomically (temp file + rename, no fsync: an
-//!   entry lost to a host crash is recomputed) and recorded in the
-//!   manifest's `cache_entries` with the run that made it; a file that is
-//!   missing or unreadable is simply recomputed.
+//!   entry lost to a host crash is recomputed) with a checksum of its data
+//!   in its metadata, and recorded in the manifest's `cache_entries` with
+//!   the run that made it; a file that is missing or unreadable is simply
+//!   recomputed, and one whose data does not match its checksum (a valid
+//!   header over data lost to a crash) is removed when read, so that the
+//!   next run recomputes it.
 //! - [`Caches`] holds each entry's file, not its tensors: a batch reads its
 //!   latents and conditionings from disk (the page cache keeps the hot
 //!   ones), so memory does not grow with the dataset. Held in memory, 50k
@@ -145,16 +148,55 @@ fn entry_path(kind: &str, key: &str) -> String {
     format!("cache/{kind}/{}/{key}.safetensors", &key[..2])
 }
 
-/// Read a cache file's tensors, or `None` when missing or unreadable.
-fn read_entry(root: &Path, rel: &str, names: &[&str], device: &Device) -> Option<Vec<Tensor>> {
+/// Metadata key of an entry's checksum: sha256 (hex) of its tensors' f32
+/// bytes in name order. Entries are not fsynced, so a host crash may leave
+/// a valid header over data that never reached the disk; the checksum
+/// tells, when the entry is read.
+const CHECKSUM_KEY: &str = "eps2v.sha256";
+
+/// sha256 (hex) of the f32 bytes of `tensors`, in order.
+fn checksum(tensors: &[&Tensor]) -> Result<String> {
+    let mut h = Sha256::new();
+    for t in tensors {
+        for v in t.flatten_all()?.to_vec1::<f32>()? {
+            h.update(v.to_le_bytes());
+        }
+    }
+    Ok(hex::encode(h.finalize()))
+}
+
+/// Read a cache file's tensors onto `device`, or why not: missing,
+/// unreadable, or (with a checksum, every entry written since stop 47)
+/// corrupt. A corrupt entry is removed, so that the next `build`
+/// recomputes it.
+fn read_entry(
+    root: &Path,
+    rel: &str,
+    names: &[&str],
+    device: &Device,
+) -> std::result::Result<Vec<Tensor>, String> {
     let path = root.join(rel);
     if !path.is_file() {
-        return None;
+        return Err("missing".into());
     }
-    let ck = Checkpoint::open(&path).ok()?;
-    names
+    let ck = Checkpoint::open(&path).map_err(|e| format!("unreadable ({e})"))?;
+    let cpu = names
         .iter()
-        .map(|n| ck.tensor(n, DType::F32, device).ok())
+        .map(|n| ck.tensor(n, DType::F32, &Device::Cpu))
+        .collect::<Result<Vec<_>>>()
+        .map_err(|e| format!("unreadable ({e})"))?;
+    if let Some(want) = ck.metadata().get(CHECKSUM_KEY) {
+        let mut sorted: Vec<(&str, &Tensor)> = names.iter().copied().zip(&cpu).collect();
+        sorted.sort_by_key(|(n, _)| *n);
+        let got = checksum(&sorted.iter().map(|(_, t)| *t).collect::<Vec<_>>())
+            .map_err(|e| e.to_string())?;
+        if &got != want {
+            let _ = std::fs::remove_file(&path);
+            return Err("corrupt (its data does not match its checksum: written before a host crash?); removed".into());
+        }
+    }
+    cpu.into_iter()
+        .map(|t| t.to_device(device).map_err(|e| e.to_string()))
         .collect()
 }
 
@@ -185,7 +227,11 @@ fn write_entry(root: &Path, rel: &str, tensors: &[(&str, &Tensor)]) -> Result<()
         .iter()
         .map(|(n, t)| Ok((*n, t.to_dtype(DType::F32)?.to_device(&Device::Cpu)?)))
         .collect::<Result<Vec<_>>>()?;
-    let bytes = safetensors::tensor::serialize(cpu.iter().map(|(n, t)| (*n, t)), None)
+    let mut sorted: Vec<&(&str, Tensor)> = cpu.iter().collect();
+    sorted.sort_by_key(|(n, _)| *n);
+    let sum = checksum(&sorted.iter().map(|(_, t)| t).collect::<Vec<_>>())?;
+    let meta = std::collections::HashMap::from([(CHECKSUM_KEY.to_string(), sum)]);
+    let bytes = safetensors::tensor::serialize(cpu.iter().map(|(n, t)| (*n, t)), Some(meta))
         .map_err(|e| Error::Other(format!("{}: {e}", path.display())))?;
     crate::atomic::write(&path, &bytes, false)
 }
@@ -514,9 +560,9 @@ fn read_cond(
     let rel = text
         .get(caption)
         .ok_or_else(|| Error::Other(format!("text cache: caption {caption:?} was not encoded")))?;
-    let v = read_entry(root, rel, &["context", "pooled"], device).ok_or_else(|| {
+    let v = read_entry(root, rel, &["context", "pooled"], device).map_err(|why| {
         Error::Other(format!(
-            "text cache: caption {caption:?}: {} is missing or unreadable (deleted during training?); rerun `eps2v train` with --resume to recompute it and go on from the last save",
+            "text cache: caption {caption:?}: {} is {why}; rerun `eps2v train` with --resume to recompute it and go on from the last save",
             root.join(rel).display()
         ))
     })?;
@@ -533,9 +579,9 @@ impl Caches {
             .latents
             .get(&item_id)
             .ok_or_else(|| Error::Other(format!("latent cache: item {item_id} missing")))?;
-        let t = read_entry(&self.root, rel, &["latent"], &self.device).ok_or_else(|| {
+        let t = read_entry(&self.root, rel, &["latent"], &self.device).map_err(|why| {
             Error::Other(format!(
-                "latent cache: item {item_id}: {} is missing or unreadable (deleted during training?); rerun `eps2v train` with --resume to recompute it and go on from the last save",
+                "latent cache: item {item_id}: {} is {why}; rerun `eps2v train` with --resume to recompute it and go on from the last save",
                 self.root.join(rel).display()
             ))
         })?;
@@ -713,6 +759,21 @@ mod tests {
         };
         assert_eq!(back[0].dims(), z.dims());
         assert_eq!(bits(&back[0]), bits(&z));
+        // Data lost under a valid header (a host crash before the unsynced
+        // data reached the disk): found when read, and the file removed so
+        // that the next build recomputes it.
+        let path = dir.path().join(&rel);
+        let mut bytes = std::fs::read(&path).unwrap();
+        let n = bytes.len();
+        bytes[n - 8..].fill(0);
+        std::fs::write(&path, &bytes).unwrap();
+        assert!(
+            entry_ok(dir.path(), &rel, &["latent"]),
+            "the header is fine"
+        );
+        let e = read_entry(dir.path(), &rel, &["latent"], &Device::Cpu).unwrap_err();
+        assert!(e.starts_with("corrupt"), "{e}");
+        assert!(!path.exists());
         std::fs::write(dir.path().join(&rel), b"not safetensors").unwrap();
         assert!(!entry_ok(dir.path(), &rel, &["latent"]));
     }

@@ -429,4 +429,58 @@ fn merge_and_sweep_through_the_binary() {
         .unwrap();
     assert_eq!(o.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&o.stderr).contains("nope.safetensors"));
+    // Each bad sweep setting and side is named by its flag, and found
+    // before any image renders or merge is written.
+    let bad = d.path().join("bad").join("b.safetensors");
+    for (flags, says) in [
+        (vec!["--eval-steps", "0"], "--eval-steps"),
+        (vec!["--eval-size", "60x60"], "--eval-size"),
+        (vec!["--eval-cfg", "0"], "--eval-cfg"),
+        (vec!["--te", "c"], "--te \"c\": use a or b"),
+    ] {
+        let mut args = vec![
+            "merge",
+            v.to_str().unwrap(),
+            ck.to_str().unwrap(),
+            "--markers",
+            "a",
+            "--sweep",
+            "0,1",
+            "--eval-prompt",
+            "red circle",
+            "--out",
+            bad.to_str().unwrap(),
+        ];
+        args.extend(flags);
+        let o = Command::new(bin()).args(&args).output().unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{err}");
+        assert!(err.contains(says), "{says}: {err}");
+        assert!(
+            !bad.parent().unwrap().exists()
+                || std::fs::read_dir(bad.parent().unwrap()).unwrap().count() == 0
+        );
+    }
+    // A merge that cannot be made fails (the first merge is made before
+    // the reference renders).
+    let o = Command::new(bin())
+        .args([
+            "merge",
+            v.to_str().unwrap(),
+            ck.to_str().unwrap(),
+            "--markers",
+            "a",
+            "--diff",
+            "missing-c.safetensors",
+            "--sweep",
+            "0,1",
+            "--eval-prompt",
+            "red circle",
+            "--out",
+            bad.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("missing-c.safetensors"));
 }

@@ -44,11 +44,63 @@ fn stamp(path: &Path) -> Option<FileStamp> {
 /// `Model hash`, `train`'s base check) read a 7 GB checkpoint once. A file
 /// replaced by rename gets a new inode and any write moves its change time,
 /// so a changed file is hashed again.
+///
+/// Files of [`HASH_CACHE_MIN_LEN`] or more are also remembered across
+/// processes in [`hash_cache_path`] (as A1111's `cache.json` does), keyed
+/// by the same stamp: a 7 GB checkpoint costs its read once, not once per
+/// `sample` or `train`.
 pub fn sha256_file(path: impl AsRef<Path>) -> Result<String> {
+    sha256_file_with(
+        path.as_ref(),
+        hash_cache_path().as_deref(),
+        HASH_CACHE_MIN_LEN,
+    )
+}
+
+/// Files at least this long are remembered in the on-disk hash cache.
+pub const HASH_CACHE_MIN_LEN: u64 = 64 << 20;
+
+/// The on-disk hash cache: `$XDG_CACHE_HOME/eps2v/file-hashes.json`, else
+/// `$HOME/.cache/eps2v/file-hashes.json`; `None` without either.
+pub fn hash_cache_path() -> Option<PathBuf> {
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| {
+            std::env::var_os("HOME")
+                .filter(|v| !v.is_empty())
+                .map(|h| PathBuf::from(h).join(".cache"))
+        })?;
+    Some(base.join("eps2v").join("file-hashes.json"))
+}
+
+/// The on-disk cache's key of a stamp.
+fn stamp_key(s: &FileStamp) -> String {
+    let mtime =
+        s.2.and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map_or(-1, |d| d.as_nanos() as i128);
+    format!(
+        "{}|{}|{mtime}|{}|{}|{}|{}",
+        s.0.display(),
+        s.1,
+        s.3[0],
+        s.3[1],
+        s.3[2],
+        s.3[3]
+    )
+}
+
+/// Entries the on-disk cache keeps at most; past it, those of files gone
+/// are dropped, then the rest are kept whole.
+const HASH_CACHE_MAX_ENTRIES: usize = 1024;
+
+/// [`sha256_file`] with the on-disk cache at `cache` (none: `None`) for
+/// files of at least `min_len` bytes. The cache is best effort: unreadable,
+/// it is ignored; unwritable, the hash is still returned.
+fn sha256_file_with(path: &Path, cache: Option<&Path>, min_len: u64) -> Result<String> {
     use std::collections::HashMap;
     use std::sync::{Mutex, OnceLock};
     static MEMO: OnceLock<Mutex<HashMap<FileStamp, String>>> = OnceLock::new();
-    let path = path.as_ref();
     let memo = MEMO.get_or_init(Default::default);
     let before = stamp(path);
     if let Some(s) = &before {
@@ -56,11 +108,41 @@ pub fn sha256_file(path: impl AsRef<Path>) -> Result<String> {
             return Ok(h);
         }
     }
+    let on_disk = cache.filter(|_| before.as_ref().is_some_and(|s| s.1 >= min_len));
+    let read_cache = |c: &Path| -> BTreeMap<String, String> {
+        std::fs::read(c)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default()
+    };
+    if let (Some(c), Some(s)) = (on_disk, &before) {
+        if let Some(h) = read_cache(c).remove(&stamp_key(s)) {
+            if h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()) {
+                if let Ok(mut m) = memo.lock() {
+                    m.insert(s.clone(), h.clone());
+                }
+                return Ok(h);
+            }
+        }
+    }
     let h = sha256_file_uncached(path)?;
     // Only when nothing changed while it was read.
     if let (Some(s), true) = (&before, before == stamp(path)) {
         if let Ok(mut m) = memo.lock() {
             m.insert(s.clone(), h.clone());
+        }
+        if let Some(c) = on_disk {
+            let mut all = read_cache(c);
+            all.insert(stamp_key(s), h.clone());
+            if all.len() > HASH_CACHE_MAX_ENTRIES {
+                all.retain(|k, _| k.split('|').next().is_some_and(|p| Path::new(p).exists()));
+            }
+            if let (Some(dir), Ok(bytes)) = (c.parent(), serde_json::to_vec_pretty(&all)) {
+                // Best effort: another process may write it too (each
+                // write is whole; the last one wins).
+                let _ = std::fs::create_dir_all(dir);
+                let _ = crate::atomic::write(c, &bytes, false);
+            }
         }
     }
     Ok(h)
@@ -246,5 +328,44 @@ impl Checkpoint {
             autov2: sha.as_deref().map(autov2),
             sha256: sha,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The on-disk hash cache answers for a file of the same stamp (as a
+    /// later process would ask), a changed file is read again, and small
+    /// files stay out of it.
+    #[test]
+    fn the_hash_cache_answers_for_the_same_file_version_only() {
+        let d = tempfile::tempdir().unwrap();
+        let cache = d.path().join("cache").join("file-hashes.json");
+        let a = d.path().join("a.bin");
+        std::fs::write(&a, b"abc").unwrap();
+        let want = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad";
+        assert_eq!(sha256_file_with(&a, Some(&cache), 0).unwrap(), want);
+        let stored: BTreeMap<String, String> =
+            serde_json::from_slice(&std::fs::read(&cache).unwrap()).unwrap();
+        assert_eq!(stored.values().collect::<Vec<_>>(), [want]);
+        // What a later process finds: an entry for this very version of b.
+        let b = d.path().join("b.bin");
+        std::fs::write(&b, b"abc").unwrap();
+        let fake = "f".repeat(64);
+        let mut stored = stored;
+        stored.insert(stamp_key(&stamp(&b).unwrap()), fake.clone());
+        std::fs::write(&cache, serde_json::to_vec(&stored).unwrap()).unwrap();
+        assert_eq!(sha256_file_with(&b, Some(&cache), 0).unwrap(), fake);
+        // Another version of b (a write moves its change time) is read.
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        std::fs::write(&b, b"abc").unwrap();
+        assert_eq!(sha256_file_with(&b, Some(&cache), 0).unwrap(), want);
+        // Below the size threshold, nothing is stored.
+        let c = d.path().join("c.bin");
+        std::fs::write(&c, b"abc").unwrap();
+        let before = std::fs::read(&cache).unwrap();
+        sha256_file_with(&c, Some(&cache), 1 << 20).unwrap();
+        assert_eq!(std::fs::read(&cache).unwrap(), before);
     }
 }

@@ -102,12 +102,19 @@ fn find(parent: &mut [u32], mut x: u32) -> u32 {
 /// Pure planner: clusters and keepers for `items` at `radius`.
 /// Clusters are returned sorted by keeper id, drops by item id.
 pub fn plan(items: &[Candidate], radius: u32) -> Vec<Cluster> {
-    choose_keepers(items, &components(items, radius), radius)
+    let (groups, pairs) = components_and_pairs(items, radius);
+    choose_keepers(items, &groups, &pairs)
 }
 
 /// The duplicate clusters (connected components with more than one
 /// member) of `items` at `radius`: indices into `items`, each sorted.
 pub fn components(items: &[Candidate], radius: u32) -> Vec<Vec<u32>> {
+    components_and_pairs(items, radius).0
+}
+
+/// [`components`], and every pair of `items` whose hashes are within
+/// `radius` (what [`choose_keepers`] looks a member's keeper up in).
+pub fn components_and_pairs(items: &[Candidate], radius: u32) -> (Vec<Vec<u32>>, Vec<index::Pair>) {
     let n = items.len();
     let mut parent: Vec<u32> = (0..n as u32).collect();
     let union = |parent: &mut Vec<u32>, a: u32, b: u32| {
@@ -130,7 +137,8 @@ pub fn components(items: &[Candidate], radius: u32) -> Vec<Vec<u32>> {
     }
     // Near: perceptual hash within radius.
     let hashes: Vec<u64> = items.iter().map(|c| c.hash).collect();
-    for p in index::MultiIndex::new(&hashes, radius).all_pairs() {
+    let pairs = index::MultiIndex::new(&hashes, radius).all_pairs();
+    for p in &pairs {
         union(&mut parent, p.i, p.j);
     }
     let mut groups: std::collections::BTreeMap<u32, Vec<u32>> = Default::default();
@@ -138,7 +146,8 @@ pub fn components(items: &[Candidate], radius: u32) -> Vec<Vec<u32>> {
         let r = find(&mut parent, i);
         groups.entry(r).or_default().push(i);
     }
-    groups.into_values().filter(|g| g.len() > 1).collect()
+    let groups = groups.into_values().filter(|g| g.len() > 1).collect();
+    (groups, pairs)
 }
 
 /// Pick the keepers of every group (a connected component of [`components`])
@@ -151,22 +160,51 @@ pub fn components(items: &[Candidate], radius: u32) -> Vec<Vec<u32>> {
 /// drop the far end of a chain A–B–C as a "duplicate" of A it does not
 /// resemble. Clusters (a keeper with at least one drop) are returned sorted
 /// by keeper id, drops by item id.
-pub fn choose_keepers(items: &[Candidate], groups: &[Vec<u32>], radius: u32) -> Vec<Cluster> {
+///
+/// `pairs`: every pair of items within the radius ([`components_and_pairs`]);
+/// a member's keeper is looked up among its own pairs (and by its pixels),
+/// so the work is the group's pairs, not its members times its keepers (a
+/// giant group of 100k members with 50k keepers was 5·10⁹ comparisons).
+pub fn choose_keepers(
+    items: &[Candidate],
+    groups: &[Vec<u32>],
+    pairs: &[index::Pair],
+) -> Vec<Cluster> {
+    use std::collections::HashMap;
+    // Neighbours within the radius, in CSR form.
+    let mut offsets = vec![0u32; items.len() + 1];
+    for p in pairs {
+        offsets[p.i as usize + 1] += 1;
+        offsets[p.j as usize + 1] += 1;
+    }
+    for k in 1..offsets.len() {
+        offsets[k] += offsets[k - 1];
+    }
+    let mut fill = offsets.clone();
+    let mut near_of = vec![0u32; offsets[items.len()] as usize];
+    for p in pairs {
+        for (a, b) in [(p.i, p.j), (p.j, p.i)] {
+            near_of[fill[a as usize] as usize] = b;
+            fill[a as usize] += 1;
+        }
+    }
     let mut clusters: Vec<Cluster> = Vec::new();
     for g in groups {
         let mut order = g.clone();
         order.sort_by(|&a, &b| keeper_order(&items[a as usize], &items[b as usize]));
         let mut kept: Vec<(&Candidate, Vec<Drop>)> = Vec::new();
+        // Item index → its place in `kept`; pixels → the keeper that has them.
+        let mut kept_at: HashMap<u32, usize> = HashMap::new();
+        let mut by_pixels: HashMap<&str, usize> = HashMap::new();
         for &i in &order {
             let c = &items[i as usize];
-            let exact = kept
-                .iter()
-                .position(|(k, _)| k.pixel_sha256 == c.pixel_sha256);
+            let exact = by_pixels.get(c.pixel_sha256.as_str()).copied();
+            // The nearest kept neighbour, the earlier kept on a tie.
             let near = || {
-                kept.iter()
-                    .enumerate()
-                    .map(|(n, (k, _))| ((c.hash ^ k.hash).count_ones(), n))
-                    .filter(|&(d, _)| d <= radius)
+                near_of[offsets[i as usize] as usize..offsets[i as usize + 1] as usize]
+                    .iter()
+                    .filter_map(|j| kept_at.get(j))
+                    .map(|&n| ((c.hash ^ kept[n].0.hash).count_ones(), n))
                     .min()
                     .map(|(_, n)| n)
             };
@@ -180,7 +218,13 @@ pub fn choose_keepers(items: &[Candidate], groups: &[Vec<u32>], radius: u32) -> 
                         kind: if exact.is_some() { "exact" } else { "near" },
                     });
                 }
-                None => kept.push((c, Vec::new())),
+                None => {
+                    kept_at.insert(i, kept.len());
+                    by_pixels
+                        .entry(c.pixel_sha256.as_str())
+                        .or_insert(kept.len());
+                    kept.push((c, Vec::new()));
+                }
             }
         }
         for (k, mut drops) in kept {
@@ -269,7 +313,7 @@ fn read_and_plan(cfg: &DedupeConfig, m: &Manifest) -> Result<(Vec<Cluster>, Dedu
         }
         v
     };
-    let groups = components(&items, cfg.radius);
+    let (groups, pairs) = components_and_pairs(&items, cfg.radius);
     // WebP can be either codec: read the chunk header of the cluster members only.
     for &i in groups.iter().flatten() {
         let i = i as usize;
@@ -277,7 +321,7 @@ fn read_and_plan(cfg: &DedupeConfig, m: &Manifest) -> Result<(Vec<Cluster>, Dedu
             items[i].lossless = keeper::webp_is_lossless(&m.root().join(rel)).unwrap_or(false);
         }
     }
-    let clusters = choose_keepers(&items, &groups, cfg.radius);
+    let clusters = choose_keepers(&items, &groups, &pairs);
     let mut report = DedupeReport {
         considered: items.len(),
         clusters: clusters.len(),
@@ -366,6 +410,85 @@ mod tests {
             file_size: 0,
             pixel_sha256: px.into(),
             hash,
+        }
+    }
+
+    /// The keeper choice by each member's pairs is the choice by scanning
+    /// every keeper of the group (the rule as first written), on random
+    /// groups with chains, exact pixels and ties.
+    #[test]
+    fn keepers_by_pairs_equal_keepers_by_scanning_every_keeper() {
+        fn by_scanning(items: &[Candidate], groups: &[Vec<u32>], radius: u32) -> Vec<Cluster> {
+            let mut clusters = Vec::new();
+            for g in groups {
+                let mut order = g.clone();
+                order.sort_by(|&a, &b| keeper_order(&items[a as usize], &items[b as usize]));
+                let mut kept: Vec<(&Candidate, Vec<Drop>)> = Vec::new();
+                for &i in &order {
+                    let c = &items[i as usize];
+                    let exact = kept
+                        .iter()
+                        .position(|(k, _)| k.pixel_sha256 == c.pixel_sha256);
+                    let near = kept
+                        .iter()
+                        .enumerate()
+                        .map(|(n, (k, _))| ((c.hash ^ k.hash).count_ones(), n))
+                        .filter(|&(d, _)| d <= radius)
+                        .min()
+                        .map(|(_, n)| n);
+                    match exact.or(near) {
+                        Some(n) => {
+                            let k = kept[n].0;
+                            kept[n].1.push(Drop {
+                                item_id: c.id,
+                                keeper_id: k.id,
+                                distance: (c.hash ^ k.hash).count_ones(),
+                                kind: if exact.is_some() { "exact" } else { "near" },
+                            });
+                        }
+                        None => kept.push((c, Vec::new())),
+                    }
+                }
+                for (k, mut drops) in kept {
+                    if !drops.is_empty() {
+                        drops.sort_by_key(|d| d.item_id);
+                        clusters.push(Cluster {
+                            keeper_id: k.id,
+                            drops,
+                        });
+                    }
+                }
+            }
+            clusters.sort_by_key(|c| c.keeper_id);
+            clusters
+        }
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        for round in 0..20 {
+            // Hashes near a few centres, so that groups chain.
+            let centres: Vec<u64> = (0..4).map(|_| next()).collect();
+            let items: Vec<Candidate> = (0..300)
+                .map(|k| {
+                    let mut h = centres[(next() % 4) as usize];
+                    for _ in 0..(next() % 12) {
+                        h ^= 1 << (next() % 64);
+                    }
+                    let px = format!("p{}", next() % 280);
+                    let pixels = [64, 128, 256][(next() % 3) as usize];
+                    cand(k, pixels, None, &px, h)
+                })
+                .collect();
+            let radius = [4, 8, 10][round % 3];
+            let (groups, pairs) = components_and_pairs(&items, radius);
+            let got = choose_keepers(&items, &groups, &pairs);
+            assert!(!got.is_empty());
+            let want = by_scanning(&items, &groups, radius);
+            assert_eq!(got, want, "round {round}");
         }
     }
 

@@ -1,0 +1,140 @@
+use super::*;
+use clap::Parser;
+
+#[derive(Parser)]
+struct T {
+    #[command(flatten)]
+    a: TrainArgs,
+}
+
+/// A config of stages refuses the flags it would ignore (naming them),
+/// and `--lr` only where some stage has no rate of its own; a run
+/// config's `[train]` trains the run's `model`.
+#[test]
+fn stage_configs_refuse_flags_they_would_ignore_and_run_configs_keep_their_model() {
+    let d = tempfile::tempdir().unwrap();
+    let f = d.path().join("t.toml");
+    let parse = |extra: &[&str]| {
+        let mut args = vec!["x", "ds", "--config", f.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        T::parse_from(args).a.to_config()
+    };
+    std::fs::write(
+        &f,
+        "model = \"run.safetensors\"\n[train]\n[[train.stages]]\nblocks = [\"all\"]\nsteps = 10\n",
+    )
+    .unwrap();
+    let c = parse(&[]).unwrap();
+    assert_eq!(c.model, std::path::PathBuf::from("run.safetensors"));
+    assert_eq!(c.total_steps(), 10);
+    for flag in [
+        ["--steps", "5"],
+        ["--blocks", "out"],
+        ["--block-lr", "OUT08=1e-5"],
+    ] {
+        let e = parse(&flag).unwrap_err().to_string();
+        assert!(e.contains(flag[0]) && e.contains("[[train.stages]]"), "{e}");
+    }
+    // The stage has no rate: --lr is its rate.
+    assert_eq!(parse(&["--lr", "3e-6"]).unwrap().lr, 3e-6);
+    std::fs::write(
+            &f,
+            "[train]\nmodel = \"own.safetensors\"\n[[train.stages]]\nblocks = [\"all\"]\nsteps = 10\nlr = 1e-6\n",
+        )
+        .unwrap();
+    assert!(parse(&["--lr", "3e-6"])
+        .unwrap_err()
+        .to_string()
+        .contains("--lr"));
+    assert_eq!(
+        parse(&[]).unwrap().model,
+        std::path::PathBuf::from("own.safetensors")
+    );
+}
+
+#[test]
+fn flags_override_the_file_and_eps_defaults_to_no_ztsnr() {
+    let d = tempfile::tempdir().unwrap();
+    let f = d.path().join("t.toml");
+    std::fs::write(
+        &f,
+        "[train]\nmodel = \"m.safetensors\"\nlr = 2e-6\nsteps = 9\n",
+    )
+    .unwrap();
+    let t = T::parse_from([
+        "x",
+        "ds",
+        "--config",
+        f.to_str().unwrap(),
+        "--steps",
+        "5",
+        "--objective",
+        "eps",
+    ]);
+    let c = t.a.to_config().unwrap();
+    assert_eq!((c.steps, c.lr, c.ztsnr), (5, 2e-6, false));
+    let t = T::parse_from([
+        "x",
+        "ds",
+        "--model",
+        "m",
+        "--blocks",
+        "out,OUT08",
+        "--uncond",
+        "text:,",
+        "--block-lr",
+        "OUT08=2e-5",
+    ]);
+    let c = t.a.to_config().unwrap();
+    assert_eq!(c.blocks, vec!["out", "OUT08"]);
+    assert!(c.ztsnr);
+    assert_eq!(c.uncond.to_string(), "text:,");
+    assert_eq!(c.block_lr["OUT08"], 2e-5);
+    c.validate().unwrap();
+    // Every switch a config can turn on, the command line turns off
+    // (and the last of a pair wins).
+    std::fs::write(
+            &f,
+            "[train]\nmodel = \"m\"\ngradient_checkpointing = true\na1111_yaml = true\nmarkers = false\n",
+        )
+        .unwrap();
+    let with = |flags: &[&str]| {
+        let mut args = vec!["x", "ds", "--config", f.to_str().unwrap()];
+        args.extend_from_slice(flags);
+        let c = T::parse_from(args).a.to_config().unwrap();
+        (c.gradient_checkpointing, c.a1111_yaml, c.markers)
+    };
+    assert_eq!(with(&[]), (true, true, false));
+    let off = [
+        "--no-gradient-checkpointing",
+        "--no-a1111-yaml",
+        "--markers",
+    ];
+    assert_eq!(with(&off), (false, false, true));
+    let back = [
+        "--no-gradient-checkpointing",
+        "--gradient-checkpointing",
+        "--markers",
+        "--no-markers",
+    ];
+    assert_eq!(with(&back), (true, true, false));
+    std::fs::write(&f, "[train]\nlearning_rate = 1\n").unwrap();
+    let t = T::parse_from(["x", "ds", "--config", f.to_str().unwrap()]);
+    let e = t.a.to_config().unwrap_err().to_string();
+    assert!(e.contains("learning_rate"), "{e}");
+    // --device / --precision: command line only, resolved before training.
+    let t = T::parse_from(["x", "ds", "--model", "m", "--device", "cpu"]);
+    let (d, p) = t.a.device.resolve().unwrap();
+    assert!(d.is_cpu());
+    assert_eq!(p, candle_core::DType::F32);
+    assert!(t.a.to_config().is_ok());
+    let t = T::parse_from(["x", "ds", "--device", "cpu", "--precision", "bf16"]);
+    assert_eq!(t.a.device.resolve().unwrap_err().exit_code(), 2);
+    let t = T::parse_from(["x", "ds", "--model", "m", "--weighting", "minsnr"]);
+    assert!(t
+        .a
+        .to_config()
+        .unwrap_err()
+        .to_string()
+        .contains("--weighting"));
+}
