@@ -109,6 +109,37 @@ impl std::fmt::Debug for Manifest {
     }
 }
 
+/// Entries a list of a run's report keeps in `runs.counts_json`.
+pub const MAX_LISTED: usize = 1000;
+
+/// `report` with every list cut to its first [`MAX_LISTED`] entries, and
+/// beside each cut list of an object `<key>_omitted`, how many were left
+/// out: a report's per-item lists (filter's rejections, import's failures)
+/// would otherwise put megabytes in one manifest row at 500k items. The
+/// whole report is what `--json` prints.
+fn bounded_lists(report: serde_json::Value) -> serde_json::Value {
+    use serde_json::Value;
+    match report {
+        Value::Array(mut a) => {
+            a.truncate(MAX_LISTED);
+            Value::Array(a.into_iter().map(bounded_lists).collect())
+        }
+        Value::Object(o) => {
+            let mut out = serde_json::Map::new();
+            for (k, v) in o {
+                if let Value::Array(a) = &v {
+                    if a.len() > MAX_LISTED {
+                        out.insert(format!("{k}_omitted"), (a.len() - MAX_LISTED).into());
+                    }
+                }
+                out.insert(k, bounded_lists(v));
+            }
+            Value::Object(out)
+        }
+        v => v,
+    }
+}
+
 /// `PRAGMA foreign_key_check` as lines `table row N → parent`, counted.
 fn broken_references(
     conn: &Connection,
@@ -405,7 +436,7 @@ impl Manifest {
 
     /// Record the end of a run with its report, and release its lock.
     pub fn end_run(&self, run_id: i64, ok: bool, report: &impl serde::Serialize) -> Result<()> {
-        let counts = serde_json::to_string(report)?;
+        let counts = serde_json::to_string(&bounded_lists(serde_json::to_value(report)?))?;
         self.conn
             .execute(
                 "UPDATE runs SET ended_at = ?2, status = ?3, counts_json = ?4 WHERE id = ?1",
@@ -751,6 +782,23 @@ mod tests {
             .conn()
             .execute("UPDATE items SET status = 'rejected' WHERE id = 7", [])
             .is_ok());
+    }
+
+    /// A run's stored report keeps at most [`MAX_LISTED`] entries of each
+    /// list and says how many it left out; short lists are whole.
+    #[test]
+    fn stored_reports_cut_long_lists_and_say_so() {
+        let r = serde_json::json!({
+            "rejected": 3,
+            "rejections": (0..2500).collect::<Vec<_>>(),
+            "inner": {"failed": ["a", "b"]},
+        });
+        let b = bounded_lists(r);
+        assert_eq!(b["rejections"].as_array().unwrap().len(), MAX_LISTED);
+        assert_eq!(b["rejections_omitted"], 1500);
+        assert_eq!(b["rejections"][999], 999);
+        assert_eq!(b["inner"], serde_json::json!({"failed": ["a", "b"]}));
+        assert!(b.get("inner_omitted").is_none() && b["rejected"] == 3);
     }
 
     /// The regression this schema fixes: no ephemeral index per inserted row.

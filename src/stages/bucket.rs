@@ -326,7 +326,11 @@ fn link_or_write(src: &Path, dst: &Path, bytes: &[u8]) -> Result<()> {
     ));
     let _ = std::fs::remove_file(&tmp);
     if std::fs::hard_link(src, &tmp).is_ok() {
-        return std::fs::rename(&tmp, dst).map_err(|e| Error::io(dst, e));
+        let renamed = std::fs::rename(&tmp, dst).map_err(|e| Error::io(dst, e));
+        // A rename onto a link of the same file does nothing and leaves
+        // the temporary name (a rebucket to the same place).
+        let _ = std::fs::remove_file(&tmp);
+        return renamed;
     }
     super::import::write_atomic_replace(dst, bytes)
 }
@@ -741,6 +745,16 @@ mod tests {
             };
             assert_eq!(pixels, want, "{source}");
         }
+        // Made again in the same place (--force): no temporary name is
+        // left (a rename onto a link of the same file does nothing).
+        let force = BucketConfig { force: true, ..cfg };
+        assert_eq!(run(&force, &mut m, &ctx).unwrap().bucketed, 2);
+        let dir = ds.join(rows[0].2.rsplit_once('/').unwrap().0);
+        let names: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names.len(), 2, "{names:?}");
     }
 
     #[test]

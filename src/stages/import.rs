@@ -666,14 +666,34 @@ fn write_batch(
             report.wrong_extension += 1;
         }
         // Each sidecar as it is now: its caption and tags replaced, or,
-        // when it is gone, removed (tags only ever added kept stale ones).
+        // when it is gone, removed (tags only ever added kept stale ones),
+        // unless another path of the same bytes has that sidecar (two
+        // copies of an image, one captioned: the caption stays, whichever
+        // copy is imported last).
+        let source_now = o.source.to_string_lossy();
+        let other_has = |source: &str| -> rusqlite::Result<bool> {
+            let mut st =
+                tx.prepare_cached("SELECT path FROM sources WHERE item_id = ?1 AND path <> ?2")?;
+            let paths = st.query_map(params![item_id, source_now], |r| r.get::<_, String>(0))?;
+            for p in paths {
+                let p = std::path::PathBuf::from(p?);
+                if sidecar_captions(&p).iter().any(|(s, _)| *s == source) {
+                    return Ok(true);
+                }
+            }
+            Ok(false)
+        };
         for (_, source) in SIDECARS {
+            let text = o.captions.iter().find(|(s, _)| *s == source);
+            if text.is_none() && other_has(source).map_err(map)? {
+                continue;
+            }
             tx.execute(
                 "DELETE FROM tags WHERE item_id = ?1 AND source = ?2",
                 params![item_id, source],
             )
             .map_err(map)?;
-            let Some((_, text)) = o.captions.iter().find(|(s, _)| *s == source) else {
+            let Some((_, text)) = text else {
                 tx.execute(
                     "DELETE FROM captions WHERE item_id = ?1 AND source = ?2",
                     params![item_id, source],

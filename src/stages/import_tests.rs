@@ -114,3 +114,44 @@ fn a_raised_pixel_limit_raises_the_decode_budget() {
         d.max_alloc_bytes
     );
 }
+
+/// Regression: two copies of one image, one with a sidecar caption: the
+/// copy without one removed the caption whenever it was imported after the
+/// other. The caption now stays while any copy has it, and goes when none
+/// has.
+#[test]
+fn a_caption_stays_while_any_copy_of_the_image_has_it() {
+    let d = tempfile::tempdir().unwrap();
+    let src = d.path().join("src");
+    fs::create_dir(&src).unwrap();
+    let img = image::RgbImage::from_fn(16, 16, |x, y| image::Rgb([x as u8, y as u8, 3]));
+    img.save(src.join("a.png")).unwrap();
+    fs::copy(src.join("a.png"), src.join("b.png")).unwrap();
+    fs::write(src.join("a.txt"), "red, circle").unwrap();
+    let ds = d.path().join("ds");
+    let mut m = Manifest::init(&ds).unwrap();
+    let cfg = ImportConfig {
+        from: src.clone(),
+        ..Default::default()
+    };
+    let captions = |m: &Manifest| -> i64 {
+        m.conn()
+            .query_row(
+                "SELECT count(*) FROM captions WHERE source = 'sidecar_txt' AND text = 'red, circle'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap()
+    };
+    run(&cfg, &mut m, &Ctx::quiet()).unwrap();
+    assert_eq!(captions(&m), 1);
+    // b changes (its mtime) and is imported again, after a: caption kept.
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    fs::copy(src.join("a.png"), src.join("b.png")).unwrap();
+    run(&cfg, &mut m, &Ctx::quiet()).unwrap();
+    assert_eq!(captions(&m), 1);
+    // No copy has it any more: gone.
+    fs::remove_file(src.join("a.txt")).unwrap();
+    run(&cfg, &mut m, &Ctx::quiet()).unwrap();
+    assert_eq!(captions(&m), 0);
+}

@@ -654,6 +654,29 @@ fn merge_rows(
             [],
         )
         .map_err(map)?;
+        // As the migration: a duplicate a later rejection overwrote (the
+        // shard's status says rejected) keeps dedupe's verdict from its
+        // `duplicates` row, for shards written before verdicts.
+        let shard_has_verdicts: bool = tx
+            .query_row(
+                "SELECT count(*) > 0 FROM shard.sqlite_master WHERE type = 'table' AND name = 'item_verdicts'",
+                [],
+                |r| r.get(0),
+            )
+            .map_err(map)?;
+        if !shard_has_verdicts {
+            tx.execute(
+                "INSERT OR IGNORE INTO main.item_verdicts (item_id, stage, status, reason, run_id)
+                 SELECT d.item_id, 'dedupe', 'duplicate',
+                        d.kind || '_duplicate: of item ' || d.keeper_id || ' (distance ' || d.distance || ')',
+                        (SELECT id FROM main.runs WHERE id = d.run_id)
+                 FROM item_map m JOIN main.duplicates d ON d.item_id = m.new
+                      JOIN main.items i ON i.id = d.item_id
+                 WHERE d.kind <> 'keeper' AND i.status = 'rejected'",
+                [],
+            )
+            .map_err(map)?;
+        }
         // Only items with a verdict, or set aside, can change.
         let mapped: Vec<i64> = {
             let mut st = tx

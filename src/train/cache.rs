@@ -158,17 +158,17 @@ const CHECKSUM_KEY: &str = "eps2v.sha256";
 fn checksum(tensors: &[&Tensor]) -> Result<String> {
     let mut h = Sha256::new();
     for t in tensors {
-        for v in t.flatten_all()?.to_vec1::<f32>()? {
-            h.update(v.to_le_bytes());
-        }
+        let v = t.flatten_all()?.to_vec1::<f32>()?;
+        let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+        h.update(&bytes);
     }
     Ok(hex::encode(h.finalize()))
 }
 
 /// Read a cache file's tensors onto `device`, or why not: missing,
 /// unreadable, or (with a checksum, every entry written since stop 47)
-/// corrupt. A corrupt entry is removed, so that the next `build`
-/// recomputes it.
+/// corrupt. An unreadable or corrupt entry is removed, so that the next
+/// `build` recomputes it.
 fn read_entry(
     root: &Path,
     rel: &str,
@@ -179,12 +179,17 @@ fn read_entry(
     if !path.is_file() {
         return Err("missing".into());
     }
-    let ck = Checkpoint::open(&path).map_err(|e| format!("unreadable ({e})"))?;
+    // An entry that cannot be read is removed too: it is recomputed.
+    let unreadable = |e: Error| {
+        let _ = std::fs::remove_file(&path);
+        format!("unreadable ({e}); removed")
+    };
+    let ck = Checkpoint::open(&path).map_err(unreadable)?;
     let cpu = names
         .iter()
         .map(|n| ck.tensor(n, DType::F32, &Device::Cpu))
         .collect::<Result<Vec<_>>>()
-        .map_err(|e| format!("unreadable ({e})"))?;
+        .map_err(unreadable)?;
     if let Some(want) = ck.metadata().get(CHECKSUM_KEY) {
         let mut sorted: Vec<(&str, &Tensor)> = names.iter().copied().zip(&cpu).collect();
         sorted.sort_by_key(|(n, _)| *n);

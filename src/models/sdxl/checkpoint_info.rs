@@ -90,8 +90,8 @@ fn stamp_key(s: &FileStamp) -> String {
     )
 }
 
-/// Entries the on-disk cache keeps at most; past it, those of files gone
-/// are dropped, then the rest are kept whole.
+/// Entries the on-disk cache keeps at most (one per path); past it, those
+/// of files gone are dropped first.
 const HASH_CACHE_MAX_ENTRIES: usize = 1024;
 
 /// [`sha256_file`] with the on-disk cache at `cache` (none: `None`) for
@@ -133,9 +133,17 @@ fn sha256_file_with(path: &Path, cache: Option<&Path>, min_len: u64) -> Result<S
         }
         if let Some(c) = on_disk {
             let mut all = read_cache(c);
+            // One entry per path: an older version of this file is gone.
+            let prefix = format!("{}|", s.0.display());
+            all.retain(|k, _| !k.starts_with(&prefix));
             all.insert(stamp_key(s), h.clone());
             if all.len() > HASH_CACHE_MAX_ENTRIES {
                 all.retain(|k, _| k.split('|').next().is_some_and(|p| Path::new(p).exists()));
+            }
+            // Still over: the files of the lowest keys go (an arbitrary
+            // but stable choice; they are only hashed again).
+            while all.len() > HASH_CACHE_MAX_ENTRIES {
+                all.pop_first();
             }
             if let (Some(dir), Ok(bytes)) = (c.parent(), serde_json::to_vec_pretty(&all)) {
                 // Best effort: another process may write it too (each
@@ -357,10 +365,14 @@ mod tests {
         stored.insert(stamp_key(&stamp(&b).unwrap()), fake.clone());
         std::fs::write(&cache, serde_json::to_vec(&stored).unwrap()).unwrap();
         assert_eq!(sha256_file_with(&b, Some(&cache), 0).unwrap(), fake);
-        // Another version of b (a write moves its change time) is read.
-        std::thread::sleep(std::time::Duration::from_millis(20));
-        std::fs::write(&b, b"abc").unwrap();
-        assert_eq!(sha256_file_with(&b, Some(&cache), 0).unwrap(), want);
+        // Another version of b is read, and replaces the old one's entry.
+        std::fs::write(&b, b"abcd").unwrap();
+        let abcd = "88d4266fd4e6338d13b845fcf289579d209c897823b9217da3e161936f031589";
+        assert_eq!(sha256_file_with(&b, Some(&cache), 0).unwrap(), abcd);
+        let stored: BTreeMap<String, String> =
+            serde_json::from_slice(&std::fs::read(&cache).unwrap()).unwrap();
+        assert_eq!(stored.len(), 2, "{stored:?}");
+        assert!(!stored.values().any(|h| *h == fake));
         // Below the size threshold, nothing is stored.
         let c = d.path().join("c.bin");
         std::fs::write(&c, b"abc").unwrap();

@@ -172,7 +172,7 @@ pub fn choose_keepers(
 ) -> Vec<Cluster> {
     use std::collections::HashMap;
     // Neighbours within the radius, in CSR form.
-    let mut offsets = vec![0u32; items.len() + 1];
+    let mut offsets = vec![0usize; items.len() + 1];
     for p in pairs {
         offsets[p.i as usize + 1] += 1;
         offsets[p.j as usize + 1] += 1;
@@ -181,10 +181,10 @@ pub fn choose_keepers(
         offsets[k] += offsets[k - 1];
     }
     let mut fill = offsets.clone();
-    let mut near_of = vec![0u32; offsets[items.len()] as usize];
+    let mut near_of = vec![0u32; offsets[items.len()]];
     for p in pairs {
         for (a, b) in [(p.i, p.j), (p.j, p.i)] {
-            near_of[fill[a as usize] as usize] = b;
+            near_of[fill[a as usize]] = b;
             fill[a as usize] += 1;
         }
     }
@@ -201,7 +201,7 @@ pub fn choose_keepers(
             let exact = by_pixels.get(c.pixel_sha256.as_str()).copied();
             // The nearest kept neighbour, the earlier kept on a tie.
             let near = || {
-                near_of[offsets[i as usize] as usize..offsets[i as usize + 1] as usize]
+                near_of[offsets[i as usize]..offsets[i as usize + 1]]
                     .iter()
                     .filter_map(|j| kept_at.get(j))
                     .map(|&n| ((c.hash ^ kept[n].0.hash).count_ones(), n))
@@ -391,6 +391,16 @@ pub fn run(cfg: &DedupeConfig, m: &mut Manifest, _ctx: &Ctx) -> Result<DedupeRep
                 }
             }
         }
+        // A kept row (of a duplicate another stage set aside) whose keeper
+        // no longer keeps a cluster: its keeper row, so that every cluster
+        // has one.
+        tx.execute(
+            "INSERT OR IGNORE INTO duplicates (item_id, cluster_id, keeper_id, distance, kind, run_id)
+             SELECT DISTINCT d.keeper_id, d.keeper_id, d.keeper_id, 0, 'keeper', d.run_id
+             FROM duplicates d WHERE d.kind <> 'keeper'",
+            [],
+        )
+        .map_err(map)?;
         tx.commit().map_err(map)?;
         Ok(report)
     })

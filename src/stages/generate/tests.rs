@@ -689,8 +689,15 @@ fn merge_carries_verdicts_and_derives_missing_ones() {
             let low = Some((ItemStatus::Rejected, "misaligned: 0.1"));
             crate::manifest::verdicts::set(&tx, first, "filter", low, filter).unwrap();
             if k == 2 {
-                // As written before `item_verdicts`: the status alone.
-                tx.execute("DELETE FROM item_verdicts", []).unwrap();
+                // As written before `item_verdicts`: the status alone, and
+                // the dedupe decision the filter rejection overwrote.
+                tx.execute_batch(&format!(
+                    "DROP TABLE item_verdicts;
+                     INSERT INTO duplicates (item_id, cluster_id, keeper_id, distance, kind, run_id)
+                     VALUES ({first}, {first} + 1, {first} + 1, 3, 'near', {filter}),
+                            ({first} + 1, {first} + 1, {first} + 1, 0, 'keeper', {filter});"
+                ))
+                .unwrap();
             }
             tx.commit().unwrap();
             m.end_run(filter, true, &serde_json::json!({})).unwrap();
@@ -719,11 +726,16 @@ fn merge_carries_verdicts_and_derives_missing_ones() {
         &mut m,
     );
     drop(m);
-    // No item has an alignment score here: filter's verdicts are taken back.
+    // No item has an alignment score here: filter's verdicts are taken
+    // back; the one dedupe had set aside in shard 2 is a duplicate again.
     let r = r.unwrap();
     assert_eq!(r.restored, 2);
     assert_eq!(
         count(&out, "SELECT count(*) FROM items WHERE status = 'ok'"),
-        4
+        3
+    );
+    assert_eq!(
+        count(&out, "SELECT count(*) FROM items WHERE status = 'duplicate' AND reason = 'near_duplicate: of item ' || (SELECT keeper_id FROM duplicates WHERE kind = 'near') || ' (distance 3)'"),
+        1
     );
 }
