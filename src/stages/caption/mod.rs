@@ -436,7 +436,9 @@ impl Writer<'_> {
         } else {
             let prompt = c.prompt.as_deref().map(policy::prompt_tags);
             let t = policy::caption(&self.cfg.caption, prompt.as_deref(), tags, &self.checkable);
-            if t.is_none() && !c.has_sidecar {
+            // An empty policy caption is written (it wins over the raw
+            // prompt in train and export) and counted as uncaptioned.
+            if t.as_deref().is_none_or(str::is_empty) && !c.has_sidecar {
                 self.report.uncaptioned += 1;
             }
             t

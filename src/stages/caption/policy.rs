@@ -319,7 +319,9 @@ pub fn checkable_keys(labels: &Labels) -> HashSet<String> {
 }
 
 /// Write the caption of one item, or `None` when the policy has nothing to
-/// say (no prompt for `prompt`, no tagger result for `tags`/`merged`).
+/// say (no prompt for `prompt`, no tagger result for `tags`/`merged`). With
+/// its inputs it always writes one, empty when `undesired` / `replace`
+/// leave no tag (trained as an empty caption, never as the raw prompt).
 /// `merged` without a prompt is `tags`. `checkable`: [`checkable_keys`] of
 /// the tagger; `merged` drops only the prompt tags among them that the
 /// tagger did not confirm, and keeps the ones it cannot check (quality,
@@ -415,7 +417,10 @@ pub fn caption(
             out.push(t);
         }
     }
-    (!out.is_empty()).then(|| out.join(", "))
+    // The policy had what it needs: its caption, even an empty one (every
+    // tag undesired). `None` would let training fall back to the raw
+    // prompt, undesired tags and all.
+    Some(out.join(", "))
 }
 
 #[cfg(test)]
@@ -543,6 +548,16 @@ mod tests {
             "1girl, solo, hatsune miku, long hair, smile, outdoors"
         );
         assert_eq!(caption(&cfg, None, None, &checkable_keys(&labels())), None);
+        // Every tag undesired: an empty caption, not "nothing to say"
+        // (which let training fall back to the raw prompt).
+        let none_left = PolicyConfig {
+            policy: Policy::Prompt,
+            undesired: vec!["1girl".into(), "solo".into()],
+            ..PolicyConfig::default()
+        };
+        let p = prompt_tags("1girl, solo");
+        let got = caption(&none_left, Some(&p), None, &checkable_keys(&labels()));
+        assert_eq!(got.as_deref(), Some(""));
     }
 
     #[test]
