@@ -198,6 +198,50 @@ fn tokenize_prints_chunks_weights_and_padding_per_encoder() {
     );
 }
 
+/// A render the model breaks is in `--json`'s report (`broken`, with its
+/// seed), the error names it, and `sample` exits 1 (some items failed), not
+/// 2 with no report.
+#[test]
+fn sample_reports_broken_renders_and_exits_1() {
+    let (d, eps, _v) = checkpoints();
+    // Finite weights (a NaN file is refused at load) whose products overflow.
+    let broken = rewrite(eps, &d.path().join("overflow.safetensors"), |k, t| {
+        if k == "first_stage_model.decoder.conv_out.weight" {
+            (t.ones_like().unwrap() * 3e38).unwrap()
+        } else {
+            t
+        }
+    });
+    let out = tempfile::tempdir().unwrap();
+    let o = eps2v(&[
+        "--json",
+        "sample",
+        "--model",
+        p(&broken),
+        "--prompt",
+        "x",
+        "--out",
+        p(out.path()),
+        "--size",
+        "64x64",
+        "--steps",
+        "2",
+        "--seed",
+        "5",
+        "--batch",
+        "2",
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("seed 5: nan_decode") && err.contains("seeds 6 too"),
+        "{err}"
+    );
+    let r: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(r["files"].as_array().unwrap().len(), 0);
+    assert_eq!(r["broken"][1]["seed"], 6);
+}
+
 #[test]
 fn sample_ztsnr_flag_overrides_the_file() {
     let (_d, eps, v) = checkpoints();
