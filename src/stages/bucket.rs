@@ -640,6 +640,31 @@ mod tests {
         }
     }
 
+    /// The images of `src` imported into `dir/ds`, and kohya buckets
+    /// around 128² (64–256, step 32).
+    fn imported(
+        dir: &Path,
+        src: std::path::PathBuf,
+    ) -> (std::path::PathBuf, Manifest, BucketConfig) {
+        let ds = dir.join("ds");
+        let mut m = Manifest::init(&ds).unwrap();
+        let import = crate::stages::import::ImportConfig {
+            from: src,
+            ..Default::default()
+        };
+        crate::stages::import::run(&import, &mut m, &Ctx::quiet()).unwrap();
+        let cfg = BucketConfig {
+            buckets: BucketSet::Kohya {
+                resolution: 128,
+                step: 32,
+                min_side: 64,
+                max_side: 256,
+            },
+            ..Default::default()
+        };
+        (ds, m, cfg)
+    }
+
     /// Regression: a bucketed item whose bucket file was deleted was kept
     /// ("already"), and train and export then failed or dropped it.
     #[test]
@@ -651,23 +676,8 @@ mod tests {
         for f in ["scene_rgb.png", "wide_rgb.png"] {
             std::fs::copy(fixtures.join(f), src.join(f)).unwrap();
         }
-        let ds = d.path().join("ds");
-        let mut m = Manifest::init(&ds).unwrap();
+        let (ds, mut m, cfg) = imported(d.path(), src);
         let ctx = Ctx::quiet();
-        let import = crate::stages::import::ImportConfig {
-            from: src,
-            ..Default::default()
-        };
-        crate::stages::import::run(&import, &mut m, &ctx).unwrap();
-        let cfg = BucketConfig {
-            buckets: BucketSet::Kohya {
-                resolution: 128,
-                step: 32,
-                min_side: 64,
-                max_side: 256,
-            },
-            ..Default::default()
-        };
         let first = run(&cfg, &mut m, &ctx).unwrap();
         assert_eq!(first.bucketed, 2);
         let path: String = m
@@ -697,23 +707,8 @@ mod tests {
         let rgba =
             image::RgbaImage::from_fn(128, 128, |x, y| image::Rgba([y as u8, x as u8, 9, 255]));
         rgba.save(src.join("rgba.png")).unwrap();
-        let ds = d.path().join("ds");
-        let mut m = Manifest::init(&ds).unwrap();
+        let (ds, mut m, cfg) = imported(d.path(), src);
         let ctx = Ctx::quiet();
-        let import = crate::stages::import::ImportConfig {
-            from: src,
-            ..Default::default()
-        };
-        crate::stages::import::run(&import, &mut m, &ctx).unwrap();
-        let cfg = BucketConfig {
-            buckets: BucketSet::Kohya {
-                resolution: 128,
-                step: 32,
-                min_side: 64,
-                max_side: 256,
-            },
-            ..Default::default()
-        };
         assert_eq!(run(&cfg, &mut m, &ctx).unwrap().bucketed, 2);
         let rows: Vec<(String, String, String)> = m
             .conn()

@@ -227,18 +227,24 @@ pub fn choose_keepers(
                 }
             }
         }
-        for (k, mut drops) in kept {
-            if !drops.is_empty() {
-                drops.sort_by_key(|d| d.item_id);
-                clusters.push(Cluster {
-                    keeper_id: k.id,
-                    drops,
-                });
-            }
-        }
+        push_clusters(kept, &mut clusters);
     }
     clusters.sort_by_key(|c| c.keeper_id);
     clusters
+}
+
+/// The clusters of one group's keepers: each keeper with at least one
+/// drop, drops by item id.
+fn push_clusters(kept: Vec<(&Candidate, Vec<Drop>)>, clusters: &mut Vec<Cluster>) {
+    for (k, mut drops) in kept {
+        if !drops.is_empty() {
+            drops.sort_by_key(|d| d.item_id);
+            clusters.push(Cluster {
+                keeper_id: k.id,
+                drops,
+            });
+        }
+    }
 }
 
 /// What `dedupe` did.
@@ -459,15 +465,7 @@ mod tests {
                         None => kept.push((c, Vec::new())),
                     }
                 }
-                for (k, mut drops) in kept {
-                    if !drops.is_empty() {
-                        drops.sort_by_key(|d| d.item_id);
-                        clusters.push(Cluster {
-                            keeper_id: k.id,
-                            drops,
-                        });
-                    }
-                }
+                push_clusters(kept, &mut clusters);
             }
             clusters.sort_by_key(|c| c.keeper_id);
             clusters
