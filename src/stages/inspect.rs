@@ -58,6 +58,10 @@ pub struct InspectReport {
     pub items: i64,
     /// status, reason code, count.
     pub by_status: Table,
+    /// Each stage's own verdicts (an item two stages set aside counts for
+    /// both; its status shows one of them): stage, status, reason code,
+    /// count. Empty for a manifest from before verdicts (schema < 8).
+    pub verdicts: Table,
     /// bucket, count.
     pub buckets: Table,
     /// tag, count.
@@ -165,6 +169,16 @@ pub fn run(m: &Manifest, top: usize) -> Result<InspectReport> {
                     count(*) AS n
              FROM items GROUP BY 1, 2 ORDER BY status, n DESC",
         )?,
+        verdicts: if has_table(m, "item_verdicts")? {
+            query_table(
+                m,
+                "SELECT stage, status, coalesce(substr(reason, 1, instr(reason || ':', ':') - 1), '') AS reason,
+                        count(*) AS n
+                 FROM item_verdicts GROUP BY 1, 2, 3 ORDER BY stage, status, n DESC",
+            )?
+        } else {
+            Table::default()
+        },
         buckets: query_table(
             m,
             "SELECT b.bucket_w || 'x' || b.bucket_h AS bucket, count(*) AS n
@@ -243,6 +257,10 @@ pub fn render(r: &InspectReport) -> String {
     let _ = writeln!(s, "items: {}", r.items);
     for (title, t) in [
         ("by status and reason", &r.by_status),
+        (
+            "set aside, by stage (each stage's own verdicts)",
+            &r.verdicts,
+        ),
         ("buckets (ok items)", &r.buckets),
         ("top tags (ok items)", &r.top_tags),
         ("duplicate clusters", &r.duplicate_clusters),
@@ -312,6 +330,51 @@ mod tests {
                 vec![json!("0.9-1.0"), json!(2), json!(0), json!(1)],
             ]
         );
+    }
+
+    /// Each stage's verdicts are counted on their own: an item filter
+    /// rejected and dedupe marked counts for both.
+    #[test]
+    fn verdicts_are_counted_per_stage() {
+        use crate::manifest::{insert_item, verdicts, ItemStatus, NewItem};
+        let d = tempfile::tempdir().unwrap();
+        let mut m = Manifest::init(d.path()).unwrap();
+        let run_id = m.begin_run("import", &serde_json::json!({})).unwrap();
+        let tx = m.conn_mut().transaction().unwrap();
+        for n in 1..=3 {
+            insert_item(&tx, run_id, &NewItem::for_test(n)).unwrap();
+        }
+        let rej = |why| Some((ItemStatus::Rejected, why));
+        verdicts::set(&tx, 1, "filter", rej("misaligned: 0.2"), run_id).unwrap();
+        let dup = Some((ItemStatus::Duplicate, "near_duplicate: of item 3"));
+        verdicts::set(&tx, 1, "dedupe", dup, run_id).unwrap();
+        verdicts::set(&tx, 2, "bucket", rej("too_small: 8x8"), run_id).unwrap();
+        tx.commit().unwrap();
+        let r = run(&m, 5).unwrap();
+        assert_eq!(
+            r.verdicts.rows,
+            [
+                vec![
+                    json!("bucket"),
+                    json!("rejected"),
+                    json!("too_small"),
+                    json!(1)
+                ],
+                vec![
+                    json!("dedupe"),
+                    json!("duplicate"),
+                    json!("near_duplicate"),
+                    json!(1)
+                ],
+                vec![
+                    json!("filter"),
+                    json!("rejected"),
+                    json!("misaligned"),
+                    json!(1)
+                ],
+            ]
+        );
+        assert!(render(&r).contains("set aside, by stage"));
     }
 
     /// A `running` run of any stage shows whether a process holds it;
