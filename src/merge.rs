@@ -552,6 +552,16 @@ pub fn sweep(
         ));
     }
     eval.check(&cfg.a)?;
+    if let Some(r) = eval.reference.as_ref().filter(|r| {
+        alphas
+            .iter()
+            .any(|&a| std::path::absolute(sweep_path(out, a)).ok() == std::path::absolute(r).ok())
+    }) {
+        return Err(Error::config(format!(
+            "--reference {}: is one of the sweep's own outputs (it would be overwritten); give the base model, or another --out",
+            r.display()
+        )));
+    }
     // The first merge before the reference renders: a merge that cannot be
     // made (shapes, components, markers) fails in seconds, not after the
     // reference images.
@@ -599,9 +609,10 @@ pub fn sweep(
                 done.push(first.display().to_string());
             }
             return Err(Error::Interrupted(format!(
-                "merge sweep: stopped after {} of {} merges{}; rerun to do them all",
+                "merge sweep: stopped after {} of {} merges ({} scored){}; rerun to do them all",
                 done.len(),
                 alphas.len(),
+                points.len(),
                 if done.is_empty() {
                     String::new()
                 } else {

@@ -432,7 +432,12 @@ fn merge_and_sweep_through_the_binary() {
     // Each bad sweep setting and side is named by its flag, and found
     // before any image renders or merge is written.
     let bad = d.path().join("bad").join("b.safetensors");
+    let own_output = bad.with_file_name("b-a1.safetensors");
     for (flags, says) in [
+        (
+            vec!["--reference", own_output.to_str().unwrap()],
+            "--reference",
+        ),
         (vec!["--eval-steps", "0"], "--eval-steps"),
         (vec!["--eval-size", "60x60"], "--eval-size"),
         (vec!["--eval-cfg", "0"], "--eval-cfg"),
