@@ -37,13 +37,42 @@ pub fn write(path: &Path, bytes: &[u8], sync: bool) -> Result<()> {
     Ok(())
 }
 
+/// The folder `path` is in (`.` for a bare name).
+fn parent_of(path: &Path) -> &Path {
+    path.parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
+}
+
+/// Make `dst` a hard link of `src` (one file on disk), atomically
+/// replacing what is there: a link made under a temporary name, then
+/// renamed over `dst`. `Ok(false)`, nothing changed, where no link can be
+/// made (another filesystem, no link support): write the bytes instead.
+/// Replacing or removing `dst` later never touches `src`.
+pub fn link(src: &Path, dst: &Path) -> Result<bool> {
+    #[cfg(unix)]
+    {
+        // Already this file: a rename onto a link of the same file does
+        // nothing and would leave the temporary name.
+        use std::os::unix::fs::MetadataExt;
+        let id = |p: &Path| std::fs::metadata(p).ok().map(|m| (m.dev(), m.ino()));
+        if id(dst).is_some() && id(dst) == id(src) {
+            return Ok(true);
+        }
+    }
+    let made = tempfile::Builder::new()
+        .prefix(".tmp")
+        .make_in(parent_of(dst), |p| std::fs::hard_link(src, p));
+    let Ok(tmp) = made else {
+        return Ok(false);
+    };
+    tmp.persist(dst).map_err(|e| Error::io(dst, e.error))?;
+    Ok(true)
+}
+
 /// `bytes` in a temporary sibling of `path`, synced with `sync`.
 fn staged(path: &Path, bytes: &[u8], sync: bool) -> Result<NamedTempFile> {
-    let dir = path
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let mut tmp = temp_in(dir)?;
+    let mut tmp = temp_in(parent_of(path))?;
     std::io::Write::write_all(&mut tmp, bytes).at(tmp.path())?;
     if sync {
         tmp.as_file().sync_all().at(path)?;

@@ -495,12 +495,10 @@ impl SweepEval {
                 self.cfg
             )));
         }
-        let ck = Checkpoint::open(model)?;
-        if let (Ok(u), Ok(v)) = (ck.infer_unet_config(), ck.infer_vae_config()) {
-            crate::pipeline::model::check_size(&u.config, &v.config, self.width, self.height)
-                .map_err(|e| Error::config(format!("--eval-size: {e}")))?;
-        }
-        Ok(())
+        crate::pipeline::model::check_size_of(model, self.width, self.height).map_err(|e| match e {
+            Error::Config(msg) => Error::config(format!("--eval-size: {msg}")),
+            other => other,
+        })
     }
 }
 
@@ -552,11 +550,15 @@ pub fn sweep(
         ));
     }
     eval.check(&cfg.a)?;
-    if let Some(r) = eval.reference.as_ref().filter(|r| {
-        alphas
-            .iter()
-            .any(|&a| std::path::absolute(sweep_path(out, a)).ok() == std::path::absolute(r).ok())
-    }) {
+    let same = |a: &Path, b: &Path| match (std::path::absolute(a), std::path::absolute(b)) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
+    };
+    if let Some(r) = eval
+        .reference
+        .as_ref()
+        .filter(|r| alphas.iter().any(|&a| same(&sweep_path(out, a), r)))
+    {
         return Err(Error::config(format!(
             "--reference {}: is one of the sweep's own outputs (it would be overwritten); give the base model, or another --out",
             r.display()

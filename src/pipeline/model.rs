@@ -495,6 +495,17 @@ impl PairPredictor for Bound<'_> {
 #[path = "model_tests.rs"]
 mod tests;
 
+/// [`check_size`] against the shapes of the checkpoint at `path` (its
+/// header only). A checkpoint whose configs cannot be inferred is not
+/// judged here: loading it says why.
+pub fn check_size_of(path: &std::path::Path, width: u32, height: u32) -> Result<()> {
+    let ck = crate::models::sdxl::checkpoint::Checkpoint::open(path)?;
+    if let (Ok(u), Ok(v)) = (ck.infer_unet_config(), ck.infer_vae_config()) {
+        check_size(&u.config, &v.config, width, height)?;
+    }
+    Ok(())
+}
+
 /// Whether an image of `width × height` fits a model of these configs:
 /// both sides positive multiples of the VAE factor times 2 per UNet level
 /// below the first (32 for SDXL); a config error says which multiple.

@@ -232,9 +232,9 @@ impl Rendered {
     pub fn into_image(self) -> Result<Generated> {
         match self {
             Rendered::Image(g) => Ok(g),
-            Rendered::Broken { seed, reason } => Err(Error::model(format!(
-                "seed {seed}: {reason} (check the prediction type with --prediction, or the checkpoint with `eps2v ckpt check`)"
-            ))),
+            Rendered::Broken { seed, reason } => {
+                Err(Error::model(BrokenRender { seed, reason }.message()))
+            }
         }
     }
 }
@@ -561,15 +561,21 @@ pub struct BrokenRender {
     pub reason: String,
 }
 
+impl BrokenRender {
+    /// Its seed, reason and what to check.
+    pub fn message(&self) -> String {
+        format!(
+            "seed {}: {} (check the prediction type with --prediction, or the checkpoint with `eps2v ckpt check`)",
+            self.seed, self.reason
+        )
+    }
+}
+
 impl SampleReport {
     /// One line naming the broken renders and what to check, `None` when
     /// there are none.
     pub fn broken_message(&self) -> Option<String> {
-        let first = self.broken.first()?;
-        let mut msg = format!(
-            "seed {}: {} (check the prediction type with --prediction, or the checkpoint with `eps2v ckpt check`)",
-            first.seed, first.reason
-        );
+        let mut msg = self.broken.first()?.message();
         if self.broken.len() > 1 {
             let rest: Vec<String> = self.broken[1..]
                 .iter()

@@ -463,12 +463,11 @@ impl RunConfig {
         // The size the merge sweep and the evaluation sample at, against
         // the model's shapes (its header), before any stage runs.
         if self.has("merge") || self.has("evaluate") {
-            let ck = crate::models::sdxl::checkpoint::Checkpoint::open(&model)?;
-            if let (Ok(u), Ok(v)) = (ck.infer_unet_config(), ck.infer_vae_config()) {
-                let [w, h] = e.size;
-                crate::pipeline::model::check_size(&u.config, &v.config, w, h)
-                    .map_err(|err| Error::config(format!("evaluate.size: {err}")))?;
-            }
+            let [w, h] = e.size;
+            crate::pipeline::model::check_size_of(&model, w, h).map_err(|err| match err {
+                Error::Config(msg) => Error::config(format!("evaluate.size: {msg}")),
+                other => other,
+            })?;
         }
         Ok(())
     }

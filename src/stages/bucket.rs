@@ -285,8 +285,15 @@ fn process(
         placed.crop_top
     );
     if identity && as_stored {
-        // The same pixels: a hard link, not a second encoded copy.
-        link_or_write(&root.join(rel_src), &root.join(&rel), &bytes)?;
+        // The same pixels: a hard link, not a second encoded copy (the
+        // source bytes where no link can be made).
+        let dst = root.join(&rel);
+        if let Some(dir) = dst.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        }
+        if !crate::atomic::link(&root.join(rel_src), &dst)? {
+            super::import::write_atomic_replace(&dst, &bytes)?;
+        }
     } else {
         let img = match resize::resize_and_crop(&rgb, &placed) {
             Ok(img) => img,
@@ -307,32 +314,6 @@ fn process(
         placed,
         rel,
     })))
-}
-
-/// Put `src` at `dst` as a hard link (one file on disk), atomically
-/// replacing what is there; where no link can be made (another
-/// filesystem), `bytes` (`src`'s content) are written instead. Replacing
-/// `dst` later (a rename over it) or removing it never touches `src`.
-fn link_or_write(src: &Path, dst: &Path, bytes: &[u8]) -> Result<()> {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static NEXT: AtomicU64 = AtomicU64::new(0);
-    let dir = dst.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    // `.tmp*`: swept after a kill, as every temporary file.
-    let tmp = dir.join(format!(
-        ".tmp-link-{}-{}",
-        std::process::id(),
-        NEXT.fetch_add(1, Ordering::Relaxed)
-    ));
-    let _ = std::fs::remove_file(&tmp);
-    if std::fs::hard_link(src, &tmp).is_ok() {
-        let renamed = std::fs::rename(&tmp, dst).map_err(|e| Error::io(dst, e));
-        // A rename onto a link of the same file does nothing and leaves
-        // the temporary name (a rebucket to the same place).
-        let _ = std::fs::remove_file(&tmp);
-        return renamed;
-    }
-    super::import::write_atomic_replace(dst, bytes)
 }
 
 /// The settings a bucket decision depends on (everything but `force` and
