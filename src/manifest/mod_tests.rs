@@ -1,4 +1,3 @@
-
 use super::*;
 
 /// A dataset path that is a file: one clear error, not a remedy
