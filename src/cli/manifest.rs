@@ -53,7 +53,7 @@ pub fn run(a: ManifestArgs, json: bool) -> Result<i32> {
             } else {
                 for s in &r.shards {
                     println!(
-                        "{} (shard {}): {} new items, {} already there, {} plan rows, {} files copied, {} runs",
+                        "{} (shard {}): {} new items, {} already there, {} plan rows, {} files copied or linked, {} runs",
                         s.dir.display(),
                         s.shard,
                         s.items_added,

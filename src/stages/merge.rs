@@ -10,8 +10,9 @@
 //!   which source plan each one was, so merging a folder again copies
 //!   nothing twice);
 //! - its `items` are added by content address (an image already in OUT is
-//!   the same item), their files copied to the same relative path
-//!   (`images/…`, and `buckets/…` for bucketed items);
+//!   the same item), their files hard-linked (copied across file systems)
+//!   to the same relative path (`images/…`, and `buckets/…` for bucketed
+//!   items);
 //! - every table that refers to `items(id)` — generation parameters,
 //!   captions, tags, hashes, buckets, and whatever later stages add — is
 //!   copied with its item and run ids remapped (found through SQLite's
@@ -70,7 +71,7 @@ pub struct ShardSummary {
     pub items_existing: u64,
     /// Plan rows added or advanced.
     pub rows_merged: u64,
-    /// Files copied.
+    /// Files copied (hard-linked where the file system allows).
     pub files_copied: u64,
     /// Files its manifest names that are missing on disk.
     pub files_missing: u64,
@@ -379,6 +380,18 @@ pub fn run(cfg: &MergeConfig, out: &mut Manifest, ctx: &Ctx) -> Result<MergeRepo
                     let dst = root.join(&rel);
                     if dst.is_file() {
                         continue;
+                    }
+                    // A hard link where the file system allows (files are
+                    // content-addressed and only ever replaced by rename,
+                    // so OUT and the shard never see each other's
+                    // changes); a copy otherwise.
+                    if src.is_file() {
+                        let dir = dst.parent().unwrap_or(&root);
+                        std::fs::create_dir_all(dir).at(dir)?;
+                        if crate::atomic::link(&src, &dst)? {
+                            s.files_copied += 1;
+                            continue;
+                        }
                     }
                     match std::fs::read(&src) {
                         Ok(bytes) => {

@@ -569,6 +569,16 @@ fn shards_merged_equal_a_single_run_item_for_item() {
             std::fs::read(out.join(&rel)).unwrap(),
             std::fs::read(single.join(&rel)).unwrap()
         );
+        // Linked from its shard, not copied (one file system here).
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::MetadataExt;
+            let inode = |p: &std::path::Path| std::fs::metadata(p).unwrap().ino();
+            let linked = shards
+                .iter()
+                .any(|d| d.join(&rel).is_file() && inode(&d.join(&rel)) == inode(&out.join(&rel)));
+            assert!(linked, "{rel} was copied");
+        }
     }
     let q = "SELECT group_concat(g.prompt || '|' || g.seed || '|' || g.raw, ';') FROM
              (SELECT * FROM generation ORDER BY seed) g";
