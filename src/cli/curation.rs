@@ -126,7 +126,9 @@ pub enum FormatArg {
 /// `eps2v export DIR --format …`
 #[derive(Debug, Args)]
 #[command(
-    after_help = "Examples:\n  eps2v export my_dataset --format kohya\n  eps2v export my_dataset --format parquet --out rows.parquet"
+    after_help = "Examples:\n  eps2v export my_dataset --format kohya\n  eps2v export my_dataset --format kohya --latents --model sdxl.safetensors --device cuda\n  eps2v export my_dataset --format parquet --out rows.parquet\n\n\
+With --latents, train in sd-scripts with --cache_latents --cache_latents_to_disk --enable_bucket --bucket_no_upscale (--resolution at least the largest bucket, --bucket_reso_steps dividing every bucket side, e.g. 64): kohya then reads each image's latents, original size and crop from the .npz beside it.",
+    mut_arg("precision", |a| a.help("Precision of the VAE of --latents: f32 (the default, also on CUDA: these latents are another trainer's input) or bf16 (CUDA only; f16 runs the VAE in f32, the SDXL VAE overflows in f16)"))
 )]
 pub struct ExportArgs {
     /// Dataset folder.
@@ -143,6 +145,18 @@ pub struct ExportArgs {
     /// kohya: concept name in the folder name.
     #[arg(long, default_value = "eps2v")]
     pub name: String,
+    /// kohya: also write kohya's latent cache, a .npz beside each bucketed image with its VAE latents and the true original size and crop, so kohya conditions SDXL on them instead of on the bucket-sized file. Latents go through the dataset's latent cache (shared with `eps2v train`).
+    #[arg(long)]
+    pub latents: bool,
+    /// The checkpoint or standalone VAE file whose VAE encodes --latents. Default: the committed toy model.
+    #[arg(long, requires = "latents")]
+    pub model: Option<PathBuf>,
+    /// kohya latents: also encode the mirrored images (`latents_flipped`), which sd-scripts' --flip_aug needs.
+    #[arg(long, requires = "latents")]
+    pub flip_latents: bool,
+    /// Where the VAE of --latents runs, and in which precision.
+    #[command(flatten)]
+    pub device: crate::cli::device::DeviceArgs,
 }
 
 /// `eps2v inspect DIR`
@@ -372,8 +386,27 @@ pub fn export(a: ExportArgs, json: bool) -> anyhow::Result<i32> {
         out: a.out,
         repeats: a.repeats,
         name: a.name,
+        latents: if a.latents {
+            Some(crate::toy::model_or_default(a.model)?)
+        } else {
+            None
+        },
+        flip_latents: a.flip_latents,
     };
-    let r = stages::export::run(&cfg, &mut m, &ctx(json))?;
+    // The VAE loads before anything is written; f32 unless --precision.
+    let vae = match &cfg.latents {
+        Some(p) => {
+            let (device, dtype) = a.device.resolve()?;
+            let dtype = if a.device.precision.is_some() {
+                dtype
+            } else {
+                candle_core::DType::F32
+            };
+            Some(stages::export::LatentSource::load(p, &device, dtype)?)
+        }
+        None => None,
+    };
+    let r = stages::export::run_with(&cfg, &mut m, &ctx(json), vae.as_ref())?;
     if json {
         print_json(&r)?;
     } else {
@@ -416,6 +449,22 @@ pub fn export(a: ExportArgs, json: bool) -> anyhow::Result<i32> {
                 }
             );
         }
+        if cfg.latents.is_some() {
+            println!(
+                "        kohya latent cache: {} .npz written ({} latents encoded, {} from the dataset's cache){}",
+                r.latents_written,
+                r.latents_encoded,
+                r.latents_cached,
+                if r.latents_unbucketed > 0 {
+                    format!(
+                        "; {} items without a bucket have none (kohya encodes them; run `eps2v bucket` first)",
+                        r.latents_unbucketed
+                    )
+                } else {
+                    String::new()
+                }
+            );
+        }
         for f in r.failed.iter().take(10) {
             println!("        not written: {f}");
         }
@@ -426,7 +475,11 @@ pub fn export(a: ExportArgs, json: bool) -> anyhow::Result<i32> {
             );
         }
     }
-    Ok(if r.missing > 0 { 1 } else { 0 })
+    Ok(if r.missing > 0 || !r.failed.is_empty() {
+        1
+    } else {
+        0
+    })
 }
 
 /// Run `inspect`.

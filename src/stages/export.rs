@@ -46,11 +46,14 @@ use super::Ctx;
 
 #[path = "export_files.rs"]
 mod files;
+#[path = "export_latents.rs"]
+mod latents;
 use crate::error::{Error, IoContext, Result};
 use crate::manifest::Manifest;
 use crate::models::tagger::labels::tag_key;
 use files::{check_replaceable, link_or_copy, write_decoded_png, Staged};
 pub use files::{needs_rewrite, EXPORT_MARK};
+pub use latents::{kohya_crop_ltrb, LatentSource};
 
 /// Caption sources in export priority order.
 pub const CAPTION_PRIORITY: &[&str] = &[
@@ -99,6 +102,16 @@ pub struct ExportConfig {
     pub repeats: u32,
     /// kohya: concept name in the folder name.
     pub name: String,
+    /// kohya: the checkpoint (or standalone VAE file) whose VAE writes
+    /// kohya's latent cache, a `.npz` beside each bucketed image with the
+    /// true original size and crop (see `export_latents.rs`); `None`: no
+    /// latent cache. The VAE itself is passed to [`run_with`].
+    #[serde(default)]
+    pub latents: Option<PathBuf>,
+    /// kohya latents: also the mirrored image's (`latents_flipped`), which
+    /// kohya's `--flip_aug` needs.
+    #[serde(default)]
+    pub flip_latents: bool,
 }
 
 impl Default for ExportConfig {
@@ -108,6 +121,8 @@ impl Default for ExportConfig {
             out: None,
             repeats: 1,
             name: "eps2v".into(),
+            latents: None,
+            flip_latents: false,
         }
     }
 }
@@ -196,9 +211,11 @@ pub struct ExportReport {
     /// Rows / images written.
     pub written: usize,
     /// Ok items skipped because their image file is missing or could not
-    /// be written (those in [`Self::failed`]).
+    /// be written (those of [`Self::failed`] that name an image).
     pub missing: usize,
-    /// `file: reason` of each item whose image could not be written.
+    /// `file: reason` of each item whose image could not be written, and
+    /// of each kohya `.npz` that could not be (its image is exported, and
+    /// kohya encodes it).
     pub failed: Vec<String>,
     /// Ok items exported without any caption text (kohya: neither caption
     /// nor tags; hf: no caption).
@@ -209,6 +226,16 @@ pub struct ExportReport {
     /// Originals written as PNG of their decoded pixels (kohya / hf; see
     /// [`needs_rewrite`]).
     pub converted: usize,
+    /// kohya latent cache: `.npz` files written.
+    pub latents_written: usize,
+    /// kohya latent cache: latents the VAE encoded in this run (mirrored
+    /// ones included); the rest were in the dataset's latent cache.
+    pub latents_encoded: usize,
+    /// kohya latent cache: latents read from the dataset's latent cache.
+    pub latents_cached: usize,
+    /// kohya latent cache: exported items without a bucket image, so
+    /// without a `.npz` (kohya encodes them itself).
+    pub latents_unbucketed: usize,
 }
 
 /// What the kohya export writes for one image.
@@ -494,8 +521,41 @@ pub fn write_parquet(rows: &[ExportRow], out: &Path) -> Result<()> {
     f.sync_all().at(out)
 }
 
-/// Run the export stage.
+/// Run the export stage (without a latent cache: [`run_with`] takes the VAE).
 pub fn run(cfg: &ExportConfig, m: &mut Manifest, ctx: &Ctx) -> Result<ExportReport> {
+    run_with(cfg, m, ctx, None)
+}
+
+/// Run the export stage; `vae` writes kohya's latent cache
+/// ([`ExportConfig::latents`], loaded by the caller before anything is
+/// written).
+pub fn run_with(
+    cfg: &ExportConfig,
+    m: &mut Manifest,
+    ctx: &Ctx,
+    vae: Option<&LatentSource>,
+) -> Result<ExportReport> {
+    let vae = match (&cfg.latents, vae, cfg.format) {
+        (None, _, _) if cfg.flip_latents => {
+            return Err(Error::config(
+                "export --flip-latents: the mirrored latents are part of the latent cache; add --latents",
+            ))
+        }
+        (None, _, _) => None,
+        (Some(_), _, f) if f != ExportFormat::Kohya => {
+            return Err(Error::config(format!(
+                "export --latents: only the kohya format has a latent cache, not {}; use --format kohya",
+                f.name()
+            )))
+        }
+        (Some(p), None, _) => {
+            return Err(Error::config(format!(
+                "export --latents {}: the VAE was not loaded (a caller of run_with passes it)",
+                p.display()
+            )))
+        }
+        (Some(_), Some(v), _) => Some(v),
+    };
     let root = m.root().to_path_buf();
     let out = match &cfg.out {
         Some(p) => p.clone(),
@@ -547,6 +607,23 @@ pub fn run(cfg: &ExportConfig, m: &mut Manifest, ctx: &Ctx) -> Result<ExportRepo
             }
             ExportFormat::Kohya | ExportFormat::Hf => {
                 let rows = load_rows(m, true)?;
+                // Encoded first, into the dataset's latent cache: a killed
+                // export keeps them, and the folder below is written whole.
+                let prepared = match vae {
+                    Some(v) => Some(latents::prepare(
+                        m,
+                        &rows,
+                        v,
+                        cfg.flip_latents,
+                        run_id,
+                        ctx,
+                    )?),
+                    None => None,
+                };
+                if let Some(p) = &prepared {
+                    report.latents_encoded = p.encoded;
+                    report.latents_cached = p.cached;
+                }
                 let img_dir = if cfg.format == ExportFormat::Kohya {
                     staged.tmp.join(format!("{}_{}", cfg.repeats, cfg.name))
                 } else {
@@ -624,6 +701,18 @@ pub fn run(cfg: &ExportConfig, m: &mut Manifest, ctx: &Ctx) -> Result<ExportRepo
                         entry.insert("image_size".into(), serde_json::json!([tw, th]));
                         entry.insert("train_resolution".into(), serde_json::json!([tw, th]));
                         meta.insert(file_name.clone(), serde_json::Value::Object(entry));
+                        if let Some(p) = &prepared {
+                            if !p.has(r.item_id) {
+                                report.latents_unbucketed += 1;
+                            } else if let Err(e) =
+                                p.write(&root, r, &img_dir.join(format!("{stem}.npz")))
+                            {
+                                // The image is exported; kohya encodes it.
+                                report.failed.push(format!("{stem}.npz: {e}"));
+                            } else {
+                                report.latents_written += 1;
+                            }
+                        }
                     } else {
                         if caption.trim().is_empty() {
                             report.uncaptioned += 1;

@@ -126,3 +126,224 @@ fn caption_priority_prefers_policy_then_tagger_then_sidecars() {
     assert!(caption_rank("tagger") < caption_rank("sidecar_txt"));
     assert!(caption_rank("a1111_prompt") < caption_rank("zzz"));
 }
+
+/// kohya's flip rule (`bucket_w − right` is the mirrored image's left
+/// crop) gives the true crop of the mirrored image.
+#[test]
+fn kohya_crop_ltrb_mirrors_to_the_true_crop() {
+    // 100×64 cover-scaled, cut 10 px from the left into a 64×64 bucket:
+    // mirrored, 100 − 10 − 64 = 26 px are cut from the left.
+    let ltrb = kohya_crop_ltrb((64, 64), (100, 64), (10, 0));
+    assert_eq!(ltrb, [10, 0, 38, 64]);
+    assert_eq!(64 - ltrb[2], 26);
+    // An exact fit is kohya's own [0, 0, w, h].
+    assert_eq!(kohya_crop_ltrb((64, 96), (64, 96), (0, 0)), [0, 0, 64, 96]);
+}
+
+/// `--latents` writes, beside each bucketed image, the VAE mean of the
+/// bucket image (and of its mirror) before the scale factor, the item's
+/// size before bucketing and its crop; an item without a bucket gets no
+/// `.npz`; a second export reads every latent from the cache and writes
+/// the same bytes.
+#[test]
+fn kohya_latents_carry_the_true_size_and_crop() {
+    use crate::models::sdxl::{UNetConfig, VaeConfig};
+    use crate::pipeline::tiny::{write_random_model, TinyOptions};
+    use crate::pipeline::TextConfigs;
+    use crate::stages::bucket::{self, BucketConfig, BucketSet};
+    use crate::stages::import::{self, ImportConfig};
+    use candle_core::{DType, Device, Tensor};
+
+    let d = tempfile::tempdir().unwrap();
+    let pattern = |w: u32, h: u32, k: u32| {
+        image::RgbImage::from_fn(w, h, |x, y| {
+            image::Rgb([
+                (x * 7 + k * 40) as u8,
+                (y * 5) as u8,
+                ((x * y + k) % 251) as u8,
+            ])
+        })
+    };
+    let import = |m: &mut Manifest, dir: &str, files: &[(u32, u32)]| {
+        let src = d.path().join(dir);
+        fs::create_dir_all(&src).unwrap();
+        for (k, (w, h)) in files.iter().enumerate() {
+            let p = src.join(format!("{k}.png"));
+            pattern(*w, *h, k as u32).save(&p).unwrap();
+            fs::write(src.join(format!("{k}.txt")), format!("shape {k}")).unwrap();
+        }
+        let cfg = ImportConfig {
+            from: src,
+            limits: Default::default(),
+            batch: 16,
+        };
+        import::run(&cfg, m, &Ctx::quiet()).unwrap();
+    };
+    let ds = d.path().join("ds");
+    let mut m = Manifest::init(&ds).unwrap();
+    import(&mut m, "a", &[(96, 64), (64, 64)]);
+    let buckets = BucketConfig {
+        buckets: BucketSet::Kohya {
+            resolution: 64,
+            step: 64,
+            min_side: 64,
+            max_side: 64,
+        },
+        ..Default::default()
+    };
+    bucket::run(&buckets, &mut m, &Ctx::quiet()).unwrap();
+    import(&mut m, "b", &[(80, 48)]); // imported after bucketing: no bucket
+    let model = d.path().join("tiny.safetensors");
+    let opts = TinyOptions {
+        seed: 3,
+        v_pred_ztsnr: false,
+    };
+    write_random_model(
+        &model,
+        &UNetConfig::tiny(),
+        &VaeConfig::tiny(),
+        &TextConfigs::tiny(),
+        opts,
+    )
+    .unwrap();
+    let src = LatentSource::load(&model, &Device::Cpu, DType::F32).unwrap();
+    let cfg = ExportConfig {
+        latents: Some(model.clone()),
+        flip_latents: true,
+        ..Default::default()
+    };
+    // Stopped (Ctrl-C) before its first encoding: nothing is written.
+    let stop = Ctx::quiet();
+    stop.cancel();
+    let e = run_with(&cfg, &mut m, &stop, Some(&src)).unwrap_err();
+    assert!(
+        matches!(e, Error::Interrupted(_))
+            && e.to_string().contains("stopped after encoding 0 of 2"),
+        "{e}"
+    );
+    assert!(!ds.join("exports/kohya").exists());
+    let r = run_with(&cfg, &mut m, &Ctx::quiet(), Some(&src)).unwrap();
+    assert_eq!(
+        (r.written, r.latents_written, r.latents_unbucketed),
+        (3, 2, 1),
+        "{r:?}"
+    );
+    assert_eq!((r.latents_encoded, r.latents_cached), (4, 0), "{r:?}");
+    assert!(r.failed.is_empty(), "{r:?}");
+
+    // Expected values, computed here from the bucket images.
+    let ck = crate::models::sdxl::checkpoint::Checkpoint::open(&model).unwrap();
+    let vae = ck
+        .load_vae(
+            &ck.infer_vae_config().unwrap().config,
+            DType::F32,
+            &Device::Cpu,
+        )
+        .unwrap();
+    let dir = r.out.join("1_eps2v");
+    let rows = load_rows(&m, true).unwrap();
+    let mut npz_bytes = Vec::new();
+    let mut cropped = 0;
+    for row in &rows {
+        let stem = &row.sha256[..16];
+        let npz = dir.join(format!("{stem}.npz"));
+        let Some(bucket_path) = &row.bucket_path else {
+            assert!(!npz.exists(), "an unbucketed item has no npz");
+            continue;
+        };
+        let got: std::collections::HashMap<String, Tensor> =
+            Tensor::read_npz(&npz).unwrap().into_iter().collect();
+        let mut keys: Vec<&str> = got.keys().map(String::as_str).collect();
+        keys.sort();
+        assert_eq!(
+            keys,
+            ["crop_ltrb", "latents", "latents_flipped", "original_size"]
+        );
+        let ints = |k: &str| got[k].to_vec1::<i64>().unwrap();
+        assert_eq!(
+            ints("original_size"),
+            [row.width.unwrap(), row.height.unwrap()]
+        );
+        let (l, t) = (
+            row.crop_left_resized.unwrap(),
+            row.crop_top_resized.unwrap(),
+        );
+        let (rw, rh) = (row.resized_w.unwrap(), row.resized_h.unwrap());
+        assert_eq!(ints("crop_ltrb"), [l, t, 128 + l - rw, 128 + t - rh]);
+        if row.width == Some(96) {
+            assert_eq!(ints("crop_ltrb"), [16, 0, 48, 64]); // centred 96 → 64
+            cropped += 1;
+        }
+        let mut img = image::open(ds.join(bucket_path)).unwrap().into_rgb8();
+        for (key, mirror) in [("latents", false), ("latents_flipped", true)] {
+            if mirror {
+                image::imageops::flip_horizontal_in_place(&mut img);
+            }
+            let x = crate::pipeline::latent::from_rgb8(&img, &Device::Cpu).unwrap();
+            let want = vae.encode(&x).unwrap().squeeze(0).unwrap();
+            let have = &got[key];
+            assert_eq!(have.dtype(), DType::F32);
+            assert_eq!(have.dims(), want.dims());
+            let err = (have - &want)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            let scale = want
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(err <= 1e-5 * scale, "{key}: max error {err} of {scale}");
+        }
+        let diff = (&got["latents"] - &got["latents_flipped"])
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(diff > 0.0, "the mirrored latents are the same");
+        npz_bytes.push((npz.clone(), fs::read(&npz).unwrap()));
+    }
+    assert_eq!((cropped, npz_bytes.len()), (1, 2));
+
+    // Again: everything from the cache, the same files.
+    let r = run_with(&cfg, &mut m, &Ctx::quiet(), Some(&src)).unwrap();
+    assert_eq!((r.latents_encoded, r.latents_cached), (0, 4), "{r:?}");
+    for (p, bytes) in npz_bytes {
+        assert_eq!(fs::read(&p).unwrap(), bytes, "{}", p.display());
+    }
+}
+
+/// The latent flags go with the kohya format and a VAE.
+#[test]
+fn latent_flags_need_kohya_and_a_vae() {
+    let d = tempfile::tempdir().unwrap();
+    let mut m = Manifest::init(&d.path().join("ds")).unwrap();
+    let flip_only = ExportConfig {
+        flip_latents: true,
+        ..Default::default()
+    };
+    let e = run(&flip_only, &mut m, &Ctx::quiet()).unwrap_err();
+    assert!(e.to_string().contains("add --latents"), "{e}");
+    let parquet = ExportConfig {
+        format: ExportFormat::Parquet,
+        latents: Some("model.safetensors".into()),
+        ..Default::default()
+    };
+    let e = run(&parquet, &mut m, &Ctx::quiet()).unwrap_err();
+    assert!(e.to_string().contains("use --format kohya"), "{e}");
+    let no_vae = ExportConfig {
+        latents: Some("model.safetensors".into()),
+        ..Default::default()
+    };
+    let e = run(&no_vae, &mut m, &Ctx::quiet()).unwrap_err();
+    assert!(e.to_string().contains("was not loaded"), "{e}");
+}

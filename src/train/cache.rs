@@ -205,6 +205,13 @@ fn read_entry(
         .collect()
 }
 
+/// The scaled latent `(4, h, w)` of a latent entry (`rel` under `root`),
+/// as f32 on the CPU, or why not: missing, unreadable or corrupt (then
+/// removed, so that the next [`latents`] recomputes it).
+pub fn read_latent(root: &Path, rel: &str) -> std::result::Result<Tensor, String> {
+    Ok(read_entry(root, rel, &["latent"], &Device::Cpu)?.remove(0))
+}
+
 /// Whether the cache file holds every tensor of `names`, as f32 (its
 /// header only: the data is read when a batch needs it).
 fn entry_ok(root: &Path, rel: &str, names: &[&str]) -> bool {
@@ -294,15 +301,19 @@ fn record(m: &mut Manifest, run_id: i64, rows: &mut Vec<Row>) -> Result<()> {
     })
 }
 
-/// Load a bucket image as `(1, 3, h, w)` in [−1, 1].
-fn load_image(root: &Path, rel: &str, device: &Device) -> Result<Tensor> {
+/// Load a bucket image (mirrored left to right when `flipped`) as
+/// `(1, 3, h, w)` in [−1, 1].
+fn load_image(root: &Path, rel: &str, flipped: bool, device: &Device) -> Result<Tensor> {
     let path = root.join(rel);
-    let img = image::open(&path)
+    let mut img = image::open(&path)
         .map_err(|e| Error::Image {
             path: path.clone(),
             msg: format!("{e}; rerun `eps2v bucket` to recreate the training images"),
         })?
         .into_rgb8();
+    if flipped {
+        image::imageops::flip_horizontal_in_place(&mut img);
+    }
     crate::pipeline::latent::from_rgb8(&img, device)
 }
 
@@ -328,44 +339,75 @@ pub struct CacheInputs<'a> {
     pub dtype: DType,
 }
 
-/// Fill the caches for `inputs.items` (computing only what is missing).
-pub fn build(
+/// Remove what killed cache writes of `kind` left, once an hour old:
+/// a `train` on the same dataset (train takes no writer lock) may be
+/// writing its own right now, and a write takes milliseconds.
+/// Best effort.
+fn sweep(root: &Path, kind: &str) {
+    let _ = crate::stages::import::sweep_temp_files_older_than(
+        &root.join("cache").join(kind),
+        std::time::Duration::from_secs(3600),
+    );
+}
+
+/// What [`latents`] encodes, and with which VAE.
+pub struct LatentInputs<'a> {
+    /// The VAE's component hash ([`vae_hash`]), part of every key.
+    pub vae_hash: &'a str,
+    /// The VAE.
+    pub vae: &'a Vae,
+    /// The items whose bucket images are encoded.
+    pub items: &'a [&'a TrainItem],
+    /// Mean or seeded sample of the latent distribution.
+    pub mode: LatentMode,
+    /// Seed of [`LatentMode::Sample`].
+    pub seed: u64,
+    /// Encode the horizontally mirrored bucket image (kohya's
+    /// `latents_flipped`); a key of its own.
+    pub flipped: bool,
+    /// Where the VAE runs.
+    pub device: &'a Device,
+    /// dtype the VAE runs in (anything but f32 is part of the key).
+    pub vae_dtype: DType,
+}
+
+/// The component hash of a file's VAE, which keys its latents: the
+/// tensors under `first_stage_model.` of a checkpoint, or every tensor of a
+/// standalone VAE file (the same weights in the two layouts hash
+/// differently, which only costs a recomputation).
+pub fn vae_hash(ckpt: &Checkpoint) -> String {
+    match ckpt.vae_prefix() {
+        Some("") => ckpt.component_sha256(&[""]),
+        _ => ckpt.component_sha256(&[&format!("{VAE_PREFIX}.")]),
+    }
+}
+
+/// The scaled latent entry (relative to the dataset folder) of each item
+/// in `inputs.items`, computing only those missing from the cache, with
+/// how many were read back and how many encoded. Each entry is recorded in
+/// the manifest's `cache_entries` under `run_id` as it is written, so a
+/// killed run keeps what it encoded.
+pub fn latents(
     m: &mut Manifest,
-    cfg: &TrainConfig,
-    inputs: &CacheInputs<'_>,
+    inputs: &LatentInputs<'_>,
     run_id: i64,
     ctx: &Ctx,
-) -> Result<(Caches, CacheReport)> {
+) -> Result<(HashMap<i64, String>, usize, usize)> {
     let root = m.root().to_path_buf();
-    let device = inputs.device.clone();
-    let vae_dtype = crate::nn::vae_dtype(inputs.dtype);
-    let vae_hash = inputs.ckpt.component_sha256(&[&format!("{VAE_PREFIX}.")]);
-    let text_hash = inputs
-        .ckpt
-        .component_sha256(&[CLIP_L_PREFIX, CLIP_G_PREFIX]);
-    let mut report = CacheReport {
-        vae_hash: vae_hash.clone(),
-        text_hash: text_hash.clone(),
-        ..Default::default()
-    };
+    let device = inputs.device;
+    let vae_dtype = inputs.vae_dtype;
+    let vae_hash = inputs.vae_hash.to_string();
+    let (mut cached, mut encoded) = (0, 0);
     let mut rows = Vec::new();
-    // What killed cache writes left, once an hour old: another `train` on
-    // the same dataset (train takes no writer lock) may be writing its own
-    // right now, and a write takes milliseconds. Best effort.
-    for kind in ["latents", "text"] {
-        let dir = root.join("cache").join(kind);
-        let _ = crate::stages::import::sweep_temp_files_older_than(
-            &dir,
-            std::time::Duration::from_secs(3600),
-        );
-    }
-
-    // Latents.
     let mut latents = HashMap::new();
-    let mode = match cfg.latent {
+    sweep(&root, "latents");
+    let mut mode = match inputs.mode {
         LatentMode::Mean => "mean".to_string(),
-        LatentMode::Sample => format!("sample:{}", cfg.seed),
+        LatentMode::Sample => format!("sample:{}", inputs.seed),
     };
+    if inputs.flipped {
+        mode.push_str(" flipped");
+    }
     let bar = ctx.bar(inputs.items.len() as u64, "latents");
     let mut todo: BTreeMap<(u32, u32), Vec<(&TrainItem, String)>> = BTreeMap::new();
     for it in inputs.items {
@@ -391,20 +433,31 @@ pub fn build(
         let rel = entry_path("latents", &key);
         if entry_ok(&root, &rel, &["latent"]) {
             latents.insert(it.item_id, rel);
-            report.latents_cached += 1;
+            cached += 1;
             bar.inc(1);
         } else {
             todo.entry(it.bucket).or_default().push((it, key));
         }
     }
+    let to_encode: usize = todo.values().map(Vec::len).sum();
     for group in todo.values() {
         for chunk in group.chunks(4) {
+            // Ctrl-C (a stage that installed `signal`) stops here, between
+            // chunks; what was encoded stays in the cache.
+            if ctx.should_stop() {
+                bar.finish_and_clear();
+                record(m, run_id, &mut rows)?;
+                return Err(Error::Interrupted(format!(
+                    "latents: stopped after encoding {encoded} of {to_encode}; they are kept in {}, so rerunning the same command goes on from there",
+                    root.join("cache/latents").display()
+                )));
+            }
             let imgs = chunk
                 .iter()
-                .map(|(it, _)| load_image(&root, &it.image_path, &device))
+                .map(|(it, _)| load_image(&root, &it.image_path, inputs.flipped, device))
                 .collect::<Result<Vec<_>>>()?;
             let x = Tensor::cat(&imgs, 0)?; // (b, 3, H, W)
-            let z = match cfg.latent {
+            let z = match inputs.mode {
                 LatentMode::Mean => inputs.vae.encode(&x)?,
                 LatentMode::Sample => {
                     let (mean, logvar) = inputs.vae.encode_moments(&x)?;
@@ -414,12 +467,12 @@ pub fn build(
                         .iter()
                         .flat_map(|(it, _)| {
                             normals(
-                                &mut rng_for(cfg.seed, stream::LATENT, it.item_id as u64, 0),
+                                &mut rng_for(inputs.seed, stream::LATENT, it.item_id as u64, 0),
                                 per,
                             )
                         })
                         .collect();
-                    let n = Tensor::from_vec(noise, dims, &device)?;
+                    let n = Tensor::from_vec(noise, dims, device)?;
                     // One encoder pass: the moments are those above.
                     crate::models::sdxl::vae::sample_moments(&mean, &logvar, &n)?
                 }
@@ -448,7 +501,7 @@ pub fn build(
                     path: rel,
                     detail: mode.clone(),
                 });
-                report.latents_encoded += 1;
+                encoded += 1;
                 bar.inc(1);
             }
             if rows.len() >= 64 {
@@ -458,6 +511,51 @@ pub fn build(
     }
     bar.finish_and_clear();
     record(m, run_id, &mut rows)?;
+
+    Ok((latents, cached, encoded))
+}
+
+/// Fill the caches for `inputs.items` (computing only what is missing).
+pub fn build(
+    m: &mut Manifest,
+    cfg: &TrainConfig,
+    inputs: &CacheInputs<'_>,
+    run_id: i64,
+    ctx: &Ctx,
+) -> Result<(Caches, CacheReport)> {
+    let root = m.root().to_path_buf();
+    let device = inputs.device.clone();
+    let vae_dtype = crate::nn::vae_dtype(inputs.dtype);
+    let vae_hash = vae_hash(inputs.ckpt);
+    let text_hash = inputs
+        .ckpt
+        .component_sha256(&[CLIP_L_PREFIX, CLIP_G_PREFIX]);
+    let mut report = CacheReport {
+        vae_hash: vae_hash.clone(),
+        text_hash: text_hash.clone(),
+        ..Default::default()
+    };
+    let mut rows = Vec::new();
+    sweep(&root, "text");
+
+    // Latents.
+    let (latents, cached, encoded) = latents(
+        m,
+        &LatentInputs {
+            vae_hash: &vae_hash,
+            vae: inputs.vae,
+            items: inputs.items,
+            mode: cfg.latent,
+            seed: cfg.seed,
+            flipped: false,
+            device: &device,
+            vae_dtype,
+        },
+        run_id,
+        ctx,
+    )?;
+    report.latents_cached = cached;
+    report.latents_encoded = encoded;
 
     // Text.
     let mut texts: Vec<String> = inputs.items.iter().map(|it| it.caption.clone()).collect();
@@ -489,6 +587,7 @@ pub fn build(
             todo.push((t.clone(), key));
         }
     }
+    let todo_texts = todo.len();
     let bar = ctx.bar(todo.len() as u64, "captions");
     // Tokenize, truncate to the chunk limit, encode in groups of equal chunk count.
     let mut by_k: BTreeMap<
@@ -501,6 +600,16 @@ pub fn build(
     }
     for group in by_k.values() {
         for chunk in group.chunks(16) {
+            if ctx.should_stop() {
+                bar.finish_and_clear();
+                record(m, run_id, &mut rows)?;
+                return Err(Error::Interrupted(format!(
+                    "captions: stopped after encoding {} of {}; they are kept in {}, so rerunning the same command goes on from there",
+                    report.texts_encoded,
+                    todo_texts,
+                    root.join("cache/text").display()
+                )));
+            }
             let toks: Vec<_> = chunk.iter().map(|(_, _, tp)| tp.clone()).collect();
             let c = inputs.text.encode_tokenized(&toks)?;
             let c = crate::models::sdxl::clip::TextConditioning {

@@ -24,7 +24,7 @@ use sha2::{Digest, Sha256};
 
 use crate::manifest::Manifest;
 use crate::models::sdxl::SizeCond;
-use crate::stages::export::load_rows;
+use crate::stages::export::{load_rows, ExportRow};
 use crate::{Error, Result};
 
 /// One trainable item.
@@ -101,32 +101,15 @@ pub fn load_items(m: &Manifest) -> Result<(Vec<TrainItem>, Eligibility)> {
     };
     let mut items = Vec::new();
     for r in rows {
-        let (Some(bw), Some(bh), Some(path)) = (r.bucket_w, r.bucket_h, r.bucket_path.clone())
-        else {
+        if r.bucket_w.is_none() || r.bucket_h.is_none() || r.bucket_path.is_none() {
             e.unbucketed += 1;
             continue;
-        };
+        }
         let Some(caption) = r.caption.clone().filter(|c| !c.trim().is_empty()) else {
             e.uncaptioned += 1;
             continue;
         };
-        let get = |v: Option<i64>| v.unwrap_or(0) as f32;
-        items.push(TrainItem {
-            item_id: r.item_id,
-            sha256: r.sha256.clone(),
-            caption,
-            bucket: (bw as u32, bh as u32),
-            image_path: path,
-            size: SizeCond {
-                original: (get(r.height), get(r.width)),
-                crop_top_left: (get(r.crop_top_resized), get(r.crop_left_resized)),
-                target: (bh as f32, bw as f32),
-            },
-            resized: (
-                r.resized_w.unwrap_or(0) as u32,
-                r.resized_h.unwrap_or(0) as u32,
-            ),
-        });
+        items.extend(bucketed_item(&r, caption));
     }
     e.eligible = items.len();
     if items.is_empty() {
@@ -139,6 +122,32 @@ pub fn load_items(m: &Manifest) -> Result<(Vec<TrainItem>, Eligibility)> {
         )));
     }
     Ok((items, e))
+}
+
+/// The item of a bucketed row with its training text, `None` without a
+/// bucket. Its bucket geometry is what keys its latent cache entry, so
+/// whatever encodes latents (train, the kohya export) builds items here.
+pub fn bucketed_item(r: &ExportRow, caption: String) -> Option<TrainItem> {
+    let (Some(bw), Some(bh), Some(path)) = (r.bucket_w, r.bucket_h, r.bucket_path.clone()) else {
+        return None;
+    };
+    let get = |v: Option<i64>| v.unwrap_or(0) as f32;
+    Some(TrainItem {
+        item_id: r.item_id,
+        sha256: r.sha256.clone(),
+        caption,
+        bucket: (bw as u32, bh as u32),
+        image_path: path,
+        size: SizeCond {
+            original: (get(r.height), get(r.width)),
+            crop_top_left: (get(r.crop_top_resized), get(r.crop_left_resized)),
+            target: (bh as f32, bw as f32),
+        },
+        resized: (
+            r.resized_w.unwrap_or(0) as u32,
+            r.resized_h.unwrap_or(0) as u32,
+        ),
+    })
 }
 
 /// Seeded rank of an item for the split.
