@@ -10,6 +10,8 @@
 //! load, with the precise reason (family, the key or shape that breaks an
 //! inference rule, parts that do not fit, keys that do not match), and scans
 //! every weight for NaN/inf. Problems are [`crate::Error::Model`] (exit 2).
+//! `mark` writes a copy with the prediction markers a model trained
+//! elsewhere lacks (tensors byte for byte, other metadata kept).
 
 use std::fmt::Write as _;
 use std::io::Write as _;
@@ -18,7 +20,7 @@ use std::path::PathBuf;
 use clap::{Args, Subcommand};
 
 use crate::models::sdxl::checkpoint::{
-    Checkpoint, CheckpointInfo, ConfigStatus, Family, META_RESOLUTION,
+    Checkpoint, CheckpointInfo, ConfigStatus, Family, Prediction, META_RESOLUTION,
 };
 use crate::models::sdxl::infer::{self, TextPair};
 use crate::models::sdxl::{UNetConfig, VaeConfig};
@@ -76,6 +78,149 @@ pub enum CkptCommand {
         /// A single-file .safetensors checkpoint.
         file: PathBuf,
     },
+    /// Write a copy of an SDXL checkpoint with the prediction markers that ComfyUI, A1111 and Forge read: the `v_pred` and `ztsnr` keys and `modelspec.prediction_type` (kohya sd-scripts trains v-pred with --v_parameterization --zero_terminal_snr but writes only `modelspec.prediction_type`, which they do not read, so its output samples as eps there). Every tensor is copied byte for byte; other metadata is kept.
+    #[command(
+        after_help = "Examples:\n  eps2v ckpt mark kohya_out.safetensors --prediction v --ztsnr --out kohya_out-v-ztsnr.safetensors\n  eps2v ckpt mark model.safetensors --prediction eps --out model-eps.safetensors"
+    )]
+    Mark(MarkArgs),
+}
+
+/// `eps2v ckpt mark FILE --prediction v|eps [--ztsnr] --out OUT`
+#[derive(Debug, Args)]
+pub struct MarkArgs {
+    /// A single-file SDXL .safetensors checkpoint (or UNet).
+    pub file: PathBuf,
+    /// What the model predicts: v (v-prediction) or eps (epsilon; drops the markers).
+    #[arg(long, value_parser = ["v", "eps"])]
+    pub prediction: String,
+    /// The model was trained on the zero-terminal-SNR schedule (v only): adds the `ztsnr` key.
+    #[arg(long)]
+    pub ztsnr: bool,
+    /// Only the metadata, no marker keys (for tools that choke on extra keys; ComfyUI/A1111/Forge then sample it as eps).
+    #[arg(long)]
+    pub no_markers: bool,
+    /// Also write OUT's stem .yaml: A1111's v-prediction config, which A1111 prefers to the keys (v only).
+    #[arg(long)]
+    pub a1111_yaml: bool,
+    /// Output file: a new file, never FILE itself.
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+/// What `ckpt mark` wrote.
+#[derive(Debug, serde::Serialize)]
+pub struct MarkReport {
+    /// What FILE was read as (`epsilon`, `v`, with ` + ztsnr`).
+    pub before: String,
+    /// The written file's warnings as eps2v reads it back (e.g. v in the
+    /// metadata only, with `--no-markers`).
+    pub warnings: Vec<String>,
+    /// The files written (the checkpoint, and the yaml when asked).
+    pub written: Vec<PathBuf>,
+    /// `v` or `epsilon`, as the written file reads back.
+    pub prediction: String,
+    /// ZTSNR, as the written file reads back.
+    pub ztsnr: bool,
+    /// The marker keys the written file holds.
+    pub markers: Vec<String>,
+}
+
+/// Run `ckpt mark`: refuse what cannot be marked before writing anything.
+pub fn mark(a: &MarkArgs) -> Result<MarkReport> {
+    let v = a.prediction == "v";
+    if a.ztsnr && !v {
+        return Err(Error::config(
+            "ckpt mark --ztsnr: zero terminal SNR goes with v-prediction (an eps model cannot predict at SNR 0); use --prediction v",
+        ));
+    }
+    if a.a1111_yaml && !v {
+        return Err(Error::config(format!(
+            "ckpt mark {}",
+            crate::train::export::A1111_YAML_EPS
+        )));
+    }
+    let is_safetensors = a
+        .out
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("safetensors"));
+    if !is_safetensors {
+        return Err(Error::config(format!(
+            "ckpt mark --out {}: the copy is a .safetensors file (UIs open other extensions as pickles); name it NEW.safetensors",
+            a.out.display()
+        )));
+    }
+    let yaml_path = a.out.with_extension("yaml");
+    if !a.a1111_yaml && yaml_path.exists() {
+        return Err(Error::config(format!(
+            "ckpt mark --out {}: {} exists beside it, and A1111 reads that yaml instead of the marker keys; remove it{}",
+            a.out.display(),
+            yaml_path.display(),
+            if v { ", or replace it with --a1111-yaml" } else { "" }
+        )));
+    }
+    let same = |p: &std::path::Path| std::fs::canonicalize(p).ok();
+    if a.out.exists() && same(&a.out) == same(&a.file) {
+        return Err(Error::config(format!(
+            "ckpt mark --out {}: that is FILE itself; write a new file (eps2v never replaces its input)",
+            a.out.display()
+        )));
+    }
+    let ckpt = Checkpoint::open(&a.file)?;
+    ckpt.require_sdxl_family()?;
+    let before = ckpt.prediction();
+    if matches!(before.prediction, Prediction::Edm | Prediction::EdmV) {
+        return Err(Error::config(format!(
+            "ckpt mark {}: an EDM model ({}); its keys set its sampling, and marking it discrete v or eps would drop them",
+            a.file.display(),
+            before.source
+        )));
+    }
+    let yaml = if a.a1111_yaml {
+        let cfg = ckpt.infer_unet_config()?.config;
+        Some(crate::train::export::a1111_v_yaml(&cfg).map_err(|e| {
+            Error::config(format!(
+                "ckpt mark --a1111-yaml {}: {e}; drop --a1111-yaml",
+                a.file.display()
+            ))
+        })?)
+    } else {
+        None
+    };
+    let opts = crate::train::export::marked(
+        v,
+        a.ztsnr,
+        !a.no_markers,
+        None,
+        std::collections::BTreeMap::new(),
+    );
+    if let Some(dir) = a.out.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    }
+    ckpt.save_with(&a.out, &Default::default(), &opts)?;
+    let mut written = vec![a.out.clone()];
+    if let Some(text) = yaml {
+        crate::pipeline::sample::write_atomic(&yaml_path, text.as_bytes())?;
+        written.push(yaml_path);
+    }
+    let back = Checkpoint::open(&a.out)?;
+    let p = back.prediction();
+    Ok(MarkReport {
+        before: format!(
+            "{}{}",
+            before.prediction.name(),
+            if before.ztsnr { " + ztsnr" } else { "" }
+        ),
+        warnings: p.warnings.clone(),
+        written,
+        prediction: p.prediction.name().to_string(),
+        ztsnr: p.ztsnr,
+        markers: back
+            .entries()
+            .keys()
+            .filter(|k| crate::models::sdxl::checkpoint::is_marker_key(k))
+            .cloned()
+            .collect(),
+    })
 }
 
 /// Open `file` and refuse it, with the precise reason, unless it is an
@@ -217,7 +362,35 @@ fn format_info(info: &CheckpointInfo, size: Option<&DefaultSize>) -> String {
 
 /// Run `eps2v ckpt …`; returns the exit code.
 pub fn run(args: CkptArgs, json: bool) -> Result<i32> {
+    if let CkptCommand::Mark(a) = &args.command {
+        let r = mark(a)?;
+        if json {
+            println!("{}", serde_json::to_string_pretty(&r)?);
+        } else {
+            println!(
+                "ckpt mark: {} (was {}; now prediction {}, ztsnr {}, marker keys: {})",
+                r.written
+                    .iter()
+                    .map(|p| p.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(" + "),
+                r.before,
+                r.prediction,
+                if r.ztsnr { "yes" } else { "no" },
+                if r.markers.is_empty() {
+                    "none".to_string()
+                } else {
+                    r.markers.join(", ")
+                }
+            );
+            for w in &r.warnings {
+                println!("warning     {w}");
+            }
+        }
+        return Ok(0);
+    }
     let (ckpt, hash, scan) = match &args.command {
+        CkptCommand::Mark(_) => unreachable!("handled above"),
         // `info` describes any readable safetensors file.
         CkptCommand::Info { file, no_hash } => (Checkpoint::open(file)?, !no_hash, false),
         CkptCommand::Check { file } => (open_checked(file)?, true, true),
@@ -248,3 +421,7 @@ pub fn run(args: CkptArgs, json: bool) -> Result<i32> {
         _ => Ok(0),
     }
 }
+
+#[cfg(test)]
+#[path = "ckpt_tests.rs"]
+mod tests;

@@ -126,8 +126,8 @@ pub enum FormatArg {
 /// `eps2v export DIR --format …`
 #[derive(Debug, Args)]
 #[command(
-    after_help = "Examples:\n  eps2v export my_dataset --format kohya\n  eps2v export my_dataset --format kohya --latents --model sdxl.safetensors --device cuda\n  eps2v export my_dataset --format parquet --out rows.parquet\n\n\
-With --latents, train in sd-scripts with --cache_latents --cache_latents_to_disk --enable_bucket --bucket_no_upscale (--resolution at least the largest bucket, --bucket_reso_steps dividing every bucket side, e.g. 64): kohya then reads each image's latents, original size and crop from the .npz beside it.",
+    after_help = "Examples:\n  eps2v export my_dataset --format kohya\n  eps2v export my_dataset --format kohya --latents sdxl.safetensors --device cuda\n  eps2v export my_dataset --format parquet --out rows.parquet\n\n\
+With --latents, kohya reads each image's latents, original size and crop from the .npz beside it when it trains with the flags the summary prints (--enable_bucket --bucket_no_upscale --resolution R --bucket_reso_steps S --cache_latents --cache_latents_to_disk); --flip_aug only with --flip-latents, and no --alpha_mask (kohya would re-encode and overwrite the .npz).",
     mut_arg("precision", |a| a.help("Precision of the VAE of --latents: f32 (the default, also on CUDA: these latents are another trainer's input) or bf16 (CUDA only; f16 runs the VAE in f32, the SDXL VAE overflows in f16)"))
 )]
 pub struct ExportArgs {
@@ -145,12 +145,9 @@ pub struct ExportArgs {
     /// kohya: concept name in the folder name.
     #[arg(long, default_value = "eps2v")]
     pub name: String,
-    /// kohya: also write kohya's latent cache, a .npz beside each bucketed image with its VAE latents and the true original size and crop, so kohya conditions SDXL on them instead of on the bucket-sized file. Latents go through the dataset's latent cache (shared with `eps2v train`).
-    #[arg(long)]
-    pub latents: bool,
-    /// The checkpoint or standalone VAE file whose VAE encodes --latents. Default: the committed toy model.
-    #[arg(long, requires = "latents")]
-    pub model: Option<PathBuf>,
+    /// kohya: also write kohya's latent cache, a .npz beside each bucketed image with its latents from MODEL's VAE (an SDXL checkpoint or the SDXL VAE file: 4 latent channels) and its true original size and crop, so kohya conditions SDXL on them instead of on the bucket-sized file. The summary prints the sd-scripts flags that use them. Latents go through the dataset's latent cache (shared with `eps2v train`).
+    #[arg(long, value_name = "MODEL")]
+    pub latents: Option<PathBuf>,
     /// kohya latents: also encode the mirrored images (`latents_flipped`), which sd-scripts' --flip_aug needs.
     #[arg(long, requires = "latents")]
     pub flip_latents: bool,
@@ -386,13 +383,16 @@ pub fn export(a: ExportArgs, json: bool) -> anyhow::Result<i32> {
         out: a.out,
         repeats: a.repeats,
         name: a.name,
-        latents: if a.latents {
-            Some(crate::toy::model_or_default(a.model)?)
-        } else {
-            None
-        },
+        latents: a.latents,
         flip_latents: a.flip_latents,
     };
+    if cfg.latents.is_none() && (a.device.device.is_some() || a.device.precision.is_some()) {
+        return Err(crate::Error::config(
+            "export --device/--precision: they say where the VAE of --latents runs; add --latents MODEL",
+        )
+        .into());
+    }
+    stages::export::check(&cfg, m.root())?;
     // The VAE loads before anything is written; f32 unless --precision.
     let vae = match &cfg.latents {
         Some(p) => {
@@ -464,6 +464,24 @@ pub fn export(a: ExportArgs, json: bool) -> anyhow::Result<i32> {
                     String::new()
                 }
             );
+            if let Some(f) = &r.kohya_flags {
+                println!(
+                    "        sd-scripts flags that use them (--train_data_dir {}{}): {f}",
+                    r.out.display(),
+                    if cfg.flip_latents {
+                        ", --flip_aug if you want it"
+                    } else {
+                        "; no --flip_aug, which needs --flip-latents"
+                    }
+                );
+                println!(
+                    "        with --in_json {}: the same from sd-scripts v0.10; before it, drop --bucket_no_upscale (they bucket by meta_lat.json's train_resolution)",
+                    r.out.join("meta_lat.json").display()
+                );
+            }
+            if let Some(w) = &r.kohya_warning {
+                println!("        warning: {w}");
+            }
         }
         for f in r.failed.iter().take(10) {
             println!("        not written: {f}");

@@ -53,7 +53,7 @@ use crate::manifest::Manifest;
 use crate::models::tagger::labels::tag_key;
 use files::{check_replaceable, link_or_copy, write_decoded_png, Staged};
 pub use files::{needs_rewrite, EXPORT_MARK};
-pub use latents::{kohya_crop_ltrb, LatentSource};
+pub use latents::{kohya_crop_ltrb, kohya_flags, LatentSource};
 
 /// Caption sources in export priority order.
 pub const CAPTION_PRIORITY: &[&str] = &[
@@ -236,6 +236,11 @@ pub struct ExportReport {
     /// kohya latent cache: exported items without a bucket image, so
     /// without a `.npz` (kohya encodes them itself).
     pub latents_unbucketed: usize,
+    /// kohya latent cache: the sd-scripts flags under which kohya uses the
+    /// `.npz` files ([`kohya_flags`]).
+    pub kohya_flags: Option<String>,
+    /// kohya latent cache: why kohya cannot use them, if it cannot.
+    pub kohya_warning: Option<String>,
 }
 
 /// What the kohya export writes for one image.
@@ -521,53 +526,23 @@ pub fn write_parquet(rows: &[ExportRow], out: &Path) -> Result<()> {
     f.sync_all().at(out)
 }
 
-/// Run the export stage (without a latent cache: [`run_with`] takes the VAE).
-pub fn run(cfg: &ExportConfig, m: &mut Manifest, ctx: &Ctx) -> Result<ExportReport> {
-    run_with(cfg, m, ctx, None)
-}
-
-/// Run the export stage; `vae` writes kohya's latent cache
-/// ([`ExportConfig::latents`], loaded by the caller before anything is
-/// written).
-pub fn run_with(
-    cfg: &ExportConfig,
-    m: &mut Manifest,
-    ctx: &Ctx,
-    vae: Option<&LatentSource>,
-) -> Result<ExportReport> {
-    let vae = match (&cfg.latents, vae, cfg.format) {
-        (None, _, _) if cfg.flip_latents => {
+/// Refuse a config that cannot be exported, before anything is loaded or
+/// written; returns the output path.
+pub fn check(cfg: &ExportConfig, root: &Path) -> Result<PathBuf> {
+    match (&cfg.latents, cfg.format) {
+        (None, _) if cfg.flip_latents => {
             return Err(Error::config(
-                "export --flip-latents: the mirrored latents are part of the latent cache; add --latents",
+                "export --flip-latents: the mirrored latents are part of the latent cache; add --latents MODEL",
             ))
         }
-        (None, _, _) => None,
-        (Some(_), _, f) if f != ExportFormat::Kohya => {
+        (Some(_), f) if f != ExportFormat::Kohya => {
             return Err(Error::config(format!(
                 "export --latents: only the kohya format has a latent cache, not {}; use --format kohya",
                 f.name()
             )))
         }
-        (Some(p), None, _) => {
-            return Err(Error::config(format!(
-                "export --latents {}: the VAE was not loaded (a caller of run_with passes it)",
-                p.display()
-            )))
-        }
-        (Some(_), Some(v), _) => Some(v),
-    };
-    let root = m.root().to_path_buf();
-    let out = match &cfg.out {
-        Some(p) => p.clone(),
-        None => match cfg.format {
-            ExportFormat::Kohya | ExportFormat::Hf => root.join("exports").join(cfg.format.name()),
-            ExportFormat::Parquet => root.join("exports").join("manifest.parquet"),
-            ExportFormat::Jsonl => root.join("exports").join("manifest.jsonl"),
-        },
-    };
-    // Ctrl-C / SIGTERM: stop between files, drop the half-written staging
-    // folder and leave the previous export as it was.
-    let _signals = crate::signal::install();
+        _ => {}
+    }
     if cfg.format == ExportFormat::Kohya && cfg.repeats == 0 {
         return Err(Error::config(
             "export --repeats 0: kohya skips a folder with fewer than 1 repeat; use 1 or more",
@@ -585,8 +560,47 @@ pub fn run_with(
             cfg.name
         )));
     }
-    let default_out = cfg.out.is_none();
-    check_replaceable(&out, cfg.format, default_out)?;
+    let out = match &cfg.out {
+        Some(p) => p.clone(),
+        None => match cfg.format {
+            ExportFormat::Kohya | ExportFormat::Hf => root.join("exports").join(cfg.format.name()),
+            ExportFormat::Parquet => root.join("exports").join("manifest.parquet"),
+            ExportFormat::Jsonl => root.join("exports").join("manifest.jsonl"),
+        },
+    };
+    check_replaceable(&out, cfg.format, cfg.out.is_none())?;
+    Ok(out)
+}
+
+/// Run the export stage (without a latent cache: [`run_with`] takes the VAE).
+pub fn run(cfg: &ExportConfig, m: &mut Manifest, ctx: &Ctx) -> Result<ExportReport> {
+    run_with(cfg, m, ctx, None)
+}
+
+/// Run the export stage; `vae` writes kohya's latent cache
+/// ([`ExportConfig::latents`], loaded by the caller before anything is
+/// written).
+pub fn run_with(
+    cfg: &ExportConfig,
+    m: &mut Manifest,
+    ctx: &Ctx,
+    vae: Option<&LatentSource>,
+) -> Result<ExportReport> {
+    let out = check(cfg, m.root())?;
+    let vae = match (&cfg.latents, vae) {
+        (Some(p), None) => {
+            return Err(Error::config(format!(
+                "export --latents {}: the VAE was not loaded (a caller of run_with passes it)",
+                p.display()
+            )))
+        }
+        (Some(_), Some(v)) => Some(v),
+        (None, _) => None,
+    };
+    let root = m.root().to_path_buf();
+    // Ctrl-C / SIGTERM: stop between files, drop the half-written staging
+    // folder and leave the previous export as it was.
+    let _signals = crate::signal::install();
     crate::manifest::stage_run(m, "export", cfg, |m, run_id| {
         let mut report = ExportReport {
             run_id,
@@ -631,6 +645,7 @@ pub fn run_with(
                 };
                 fs::create_dir_all(&img_dir).at(&img_dir)?;
                 let pb = ctx.bar(rows.len() as u64, "export");
+                let mut npz_buckets = Vec::new();
                 let mut meta = serde_json::Map::new();
                 let mut jsonl = String::new();
                 for (k, r) in rows.iter().enumerate() {
@@ -702,15 +717,16 @@ pub fn run_with(
                         entry.insert("train_resolution".into(), serde_json::json!([tw, th]));
                         meta.insert(file_name.clone(), serde_json::Value::Object(entry));
                         if let Some(p) = &prepared {
-                            if !p.has(r.item_id) {
-                                report.latents_unbucketed += 1;
-                            } else if let Err(e) =
-                                p.write(&root, r, &img_dir.join(format!("{stem}.npz")))
-                            {
+                            match p.write(&root, r, &img_dir.join(format!("{stem}.npz"))) {
+                                latents::Outcome::Written => {
+                                    report.latents_written += 1;
+                                    npz_buckets.push((tw as u32, th as u32));
+                                }
+                                latents::Outcome::Unbucketed => report.latents_unbucketed += 1,
                                 // The image is exported; kohya encodes it.
-                                report.failed.push(format!("{stem}.npz: {e}"));
-                            } else {
-                                report.latents_written += 1;
+                                latents::Outcome::Failed(why) => {
+                                    report.failed.push(format!("{stem}.npz: {why}"))
+                                }
                             }
                         }
                     } else {
@@ -736,6 +752,12 @@ pub fn run_with(
                     report.written += 1;
                 }
                 pb.finish_and_clear();
+                npz_buckets.sort_unstable();
+                npz_buckets.dedup();
+                if let Some((flags, problem)) = latents::kohya_flags(&npz_buckets) {
+                    report.kohya_flags = Some(flags);
+                    report.kohya_warning = problem;
+                }
                 if cfg.format == ExportFormat::Kohya {
                     let p = staged.tmp.join("meta_lat.json");
                     fs::write(&p, serde_json::to_vec_pretty(&meta)?).at(&p)?;

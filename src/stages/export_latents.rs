@@ -29,10 +29,19 @@
 //!
 //! kohya checks only that the keys are there (older versions also that the
 //! latents have the size of the bucket it picks), so it must put each image
-//! in a bucket of the image's own size: `--enable_bucket
-//! --bucket_no_upscale` with `--resolution` at least the largest bucket and
-//! `--bucket_reso_steps` dividing every bucket side (64 does for eps2v's
-//! SDXL buckets). Items without a bucket get no `.npz` (kohya encodes them).
+//! in a bucket of the image's own size, and must not re-encode: the export
+//! prints the flags that do ([`kohya_flags`]): `--enable_bucket
+//! --bucket_no_upscale` with a `--resolution` whose area covers the largest
+//! bucket and a `--bucket_reso_steps` (a multiple of 32, as kohya's SDXL
+//! trainer asserts) dividing every bucket side, plus `--cache_latents
+//! --cache_latents_to_disk`. kohya re-encodes, overwriting the `.npz` with
+//! the bucket-file values, with `--flip_aug` and no `latents_flipped`
+//! (use `--flip-latents`) and with `--alpha_mask` (no mask is written).
+//! Items without a bucket get no `.npz` (kohya encodes them).
+//!
+//! The VAE must give SDXL latents (4 channels, factor 8): kohya's SDXL UNet
+//! takes nothing else, and it would take a wrong file without a word, so
+//! there is no embedded default (the toy VAE has 8 channels).
 //!
 //! The latents come from the same cache as `eps2v train`'s
 //! ([`crate::train::cache::latents`], mean mode): an export killed half way
@@ -71,6 +80,14 @@ impl LatentSource {
             .infer_vae_config()
             .map_err(|e| Error::config(format!("export --latents {}: {e}", path.display())))?
             .config;
+        if cfg.embed_dim != 4 || cfg.downsample_factor() != 8 {
+            return Err(Error::config(format!(
+                "export --latents {}: its VAE makes {}-channel latents at 1/{} of the image size; kohya's SDXL trainer takes 4 channels at 1/8 (pass an SDXL checkpoint or the SDXL VAE file; the toy model's VAE has 8 channels)",
+                path.display(),
+                cfg.embed_dim,
+                cfg.downsample_factor()
+            )));
+        }
         let dtype = crate::nn::vae_dtype(dtype);
         let vae = ckpt.load_vae(&cfg, dtype, device)?;
         Ok(Self {
@@ -92,10 +109,60 @@ pub fn kohya_crop_ltrb(bucket: (u32, u32), resized: (u32, u32), left_top: (u32, 
     [l, t, 2 * bw + l - rw, 2 * bh + t - rh]
 }
 
+/// The sd-scripts flags under which kohya puts each exported bucket image
+/// in a bucket of its own size and reads its `.npz`, for buckets of sizes
+/// `buckets`; `None` without buckets. Also the reason when kohya's SDXL
+/// trainer cannot reproduce them (a side that is not a multiple of 32).
+/// For the DreamBooth folder, and `--in_json` from sd-scripts v0.10 on;
+/// earlier versions bucket an `--in_json` dataset by meta_lat.json's
+/// `train_resolution` and refuse `--bucket_no_upscale` there.
+pub fn kohya_flags(buckets: &[(u32, u32)]) -> Option<(String, Option<String>)> {
+    let area = buckets
+        .iter()
+        .map(|&(w, h)| u64::from(w) * u64::from(h))
+        .max()?;
+    let gcd = buckets
+        .iter()
+        .flat_map(|&(w, h)| [w, h])
+        .fold(0u32, |a, b| {
+            let (mut a, mut b) = (a, b);
+            while b != 0 {
+                (a, b) = (b, a % b);
+            }
+            a
+        });
+    let step = if gcd % 64 == 0 { 64 } else { 32 };
+    // The smallest square resolution (a multiple of the step) whose area
+    // covers the largest bucket: nothing is downscaled.
+    let mut side = (area as f64).sqrt().ceil() as u32;
+    side = side.div_ceil(step) * step;
+    let mut flags = format!(
+        "--enable_bucket --bucket_no_upscale --resolution {side} --bucket_reso_steps {step} --cache_latents --cache_latents_to_disk"
+    );
+    // kohya asserts min_bucket_reso ≤ resolution ≤ max_bucket_reso even
+    // when --bucket_no_upscale ignores them (defaults 256 and 1024).
+    if side < 256 {
+        flags.push_str(&format!(" --min_bucket_reso {side}"));
+    }
+    if side > 1024 {
+        flags.push_str(&format!(" --max_bucket_reso {side}"));
+    }
+    let problem = (gcd % 32 != 0).then(|| {
+        format!(
+            "bucket sides are multiples of {gcd} only, and kohya's SDXL trainer needs --bucket_reso_steps to be a multiple of 32: it will re-bucket these images and not use their .npz; rebucket with a step of 32 or 64"
+        )
+    });
+    Some((flags, problem))
+}
+
 /// The latent cache entries of the rows being exported.
 pub(super) struct Prepared {
     entries: HashMap<i64, String>,
+    /// Whether the mirrored latents were asked for.
+    flip: bool,
     flipped: HashMap<i64, String>,
+    /// Items with a bucket image but no latents, with why.
+    failed: HashMap<i64, String>,
     scale: f64,
     /// Latents read from the cache (mirrored ones included).
     pub cached: usize,
@@ -104,7 +171,9 @@ pub(super) struct Prepared {
 }
 
 /// Encode (or find in the cache) the latents of every row with a bucket
-/// image on disk, and with `flipped` those of the mirrored images too.
+/// image on disk, and with `flipped` those of the mirrored images too. An
+/// image that cannot be read (or gives non-finite latents) is that item's
+/// failure.
 pub(super) fn prepare(
     m: &mut Manifest,
     rows: &[ExportRow],
@@ -123,10 +192,11 @@ pub(super) fn prepare(
         })
         .filter_map(|r| crate::train::data::bucketed_item(r, String::new()))
         .collect();
-    let refs: Vec<_> = items.iter().collect();
     let mut out = Prepared {
         entries: HashMap::new(),
+        flip: flipped,
         flipped: HashMap::new(),
+        failed: HashMap::new(),
         scale: src.vae.scale_factor(),
         cached: 0,
         encoded: 0,
@@ -135,7 +205,12 @@ pub(super) fn prepare(
         if mirror && !flipped {
             continue;
         }
-        let (entries, cached, encoded) = cache::latents(
+        // The mirror of an image that failed fails the same way.
+        let refs: Vec<_> = items
+            .iter()
+            .filter(|it| !out.failed.contains_key(&it.item_id))
+            .collect();
+        let got = cache::latents(
             m,
             &LatentInputs {
                 vae_hash: &src.vae_hash,
@@ -146,31 +221,88 @@ pub(super) fn prepare(
                 flipped: mirror,
                 device: &src.device,
                 vae_dtype: src.dtype,
+                keep_going: true,
             },
             run_id,
             ctx,
         )?;
-        out.cached += cached;
-        out.encoded += encoded;
+        out.cached += got.cached;
+        out.encoded += got.encoded;
+        out.failed.extend(got.failed);
         if mirror {
-            out.flipped = entries;
+            out.flipped = got.entries;
         } else {
-            out.entries = entries;
+            out.entries = got.entries;
         }
     }
     Ok(out)
 }
 
+/// What becomes of one exported item's `.npz`.
+pub(super) enum Outcome {
+    /// Written.
+    Written,
+    /// No bucket image: kohya encodes the item itself.
+    Unbucketed,
+    /// Not written, with why (the image is exported; kohya encodes it).
+    Failed(String),
+}
+
 impl Prepared {
-    /// Whether `item_id` has its latents.
-    pub(super) fn has(&self, item_id: i64) -> bool {
-        self.entries.contains_key(&item_id)
+    /// Write the `.npz` of `r` at `path`, or say why not.
+    pub(super) fn write(&self, root: &Path, r: &ExportRow, path: &Path) -> Outcome {
+        if let Some(why) = self.failed.get(&r.item_id) {
+            return Outcome::Failed(why.clone());
+        }
+        if !self.entries.contains_key(&r.item_id) {
+            return Outcome::Unbucketed;
+        }
+        match self.try_write(root, r, path) {
+            Ok(()) => Outcome::Written,
+            Err(e) => {
+                // Nothing half-written is left for kohya to choke on.
+                let _ = std::fs::remove_file(path);
+                Outcome::Failed(e.to_string())
+            }
+        }
     }
 
-    /// Write the `.npz` of `r` at `path` and read it back (a zip whose
-    /// finishing failed would otherwise go unnoticed); `Err` says why not
-    /// (an entry removed as corrupt is recomputed by the next export).
-    pub(super) fn write(&self, root: &Path, r: &ExportRow, path: &Path) -> Result<()> {
+    /// Write the `.npz` and read it back (a zip whose finishing failed
+    /// would otherwise go unnoticed).
+    fn try_write(&self, root: &Path, r: &ExportRow, path: &Path) -> Result<()> {
+        let field = |name: &str, v: Option<i64>| -> Result<u32> {
+            v.filter(|v| *v >= 0).map(|v| v as u32).ok_or_else(|| {
+                Error::Other(format!(
+                    "item {}: no {name} in the manifest; rerun `eps2v bucket --force`",
+                    r.item_id
+                ))
+            })
+        };
+        let bucket = (
+            field("bucket_w", r.bucket_w)?,
+            field("bucket_h", r.bucket_h)?,
+        );
+        let resized = (
+            field("resized_w", r.resized_w)?,
+            field("resized_h", r.resized_h)?,
+        );
+        let left_top = (
+            field("crop_left_resized", r.crop_left_resized)?,
+            field("crop_top_resized", r.crop_top_resized)?,
+        );
+        let original = [r.width, r.height].map(|v| v.filter(|v| *v > 0));
+        let [Some(ow), Some(oh)] = original else {
+            return Err(Error::Other(format!(
+                "item {}: no original width/height in the manifest; import it again (`eps2v import`)",
+                r.item_id
+            )));
+        };
+        if resized.0 < bucket.0 + left_top.0 || resized.1 < bucket.1 + left_top.1 {
+            return Err(Error::Other(format!(
+                "item {}: its crop ({}, {}) of a {}x{} bucket does not fit its {}x{} resized image; rerun `eps2v bucket --force`",
+                r.item_id, left_top.0, left_top.1, bucket.0, bucket.1, resized.0, resized.1
+            )));
+        }
         let unscaled = |entries: &HashMap<i64, String>| -> Result<Tensor> {
             let rel = entries.get(&r.item_id).ok_or_else(|| {
                 Error::Other(format!("item {}: no latent was encoded", r.item_id))
@@ -183,22 +315,14 @@ impl Prepared {
             })?;
             Ok((z / self.scale)?)
         };
-        let (Some(bw), Some(bh)) = (r.bucket_w, r.bucket_h) else {
-            return Err(Error::Other(format!("item {}: no bucket", r.item_id)));
-        };
-        let dim = |v: Option<i64>| v.unwrap_or(0).max(0) as u32;
-        let ltrb = kohya_crop_ltrb(
-            (bw as u32, bh as u32),
-            (dim(r.resized_w), dim(r.resized_h)),
-            (dim(r.crop_left_resized), dim(r.crop_top_resized)),
-        );
-        let original = [r.width.unwrap_or(bw), r.height.unwrap_or(bh)];
+        let ltrb = kohya_crop_ltrb(bucket, resized, left_top);
+        let original = [ow, oh];
         let mut arrays: Vec<(&str, Tensor)> = vec![
             ("latents", unscaled(&self.entries)?),
             ("original_size", Tensor::new(&original[..], &Device::Cpu)?),
             ("crop_ltrb", Tensor::new(&ltrb[..], &Device::Cpu)?),
         ];
-        if !self.flipped.is_empty() {
+        if self.flip {
             arrays.push(("latents_flipped", unscaled(&self.flipped)?));
         }
         let io = |e: candle_core::Error| Error::Other(format!("{}: {e}", path.display()));

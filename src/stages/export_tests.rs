@@ -142,70 +142,35 @@ fn kohya_crop_ltrb_mirrors_to_the_true_crop() {
 
 /// `--latents` writes, beside each bucketed image, the VAE mean of the
 /// bucket image (and of its mirror) before the scale factor, the item's
-/// size before bucketing and its crop; an item without a bucket gets no
-/// `.npz`; a second export reads every latent from the cache and writes
-/// the same bytes.
+/// size before bucketing and its crop, such that kohya's flip rule gives
+/// the mirrored image's crop; an item without a bucket gets no `.npz`; a
+/// second export reads every latent from the cache and writes the same
+/// bytes; a standalone file of the same VAE gives the same files.
 #[test]
 fn kohya_latents_carry_the_true_size_and_crop() {
-    use crate::models::sdxl::{UNetConfig, VaeConfig};
-    use crate::pipeline::tiny::{write_random_model, TinyOptions};
-    use crate::pipeline::TextConfigs;
-    use crate::stages::bucket::{self, BucketConfig, BucketSet};
-    use crate::stages::import::{self, ImportConfig};
+    use crate::stages::bucket::{self, BucketConfig, BucketSet, CropArg};
     use candle_core::{DType, Device, Tensor};
 
     let d = tempfile::tempdir().unwrap();
-    let pattern = |w: u32, h: u32, k: u32| {
-        image::RgbImage::from_fn(w, h, |x, y| {
-            image::Rgb([
-                (x * 7 + k * 40) as u8,
-                (y * 5) as u8,
-                ((x * y + k) % 251) as u8,
-            ])
-        })
-    };
-    let import = |m: &mut Manifest, dir: &str, files: &[(u32, u32)]| {
-        let src = d.path().join(dir);
-        fs::create_dir_all(&src).unwrap();
-        for (k, (w, h)) in files.iter().enumerate() {
-            let p = src.join(format!("{k}.png"));
-            pattern(*w, *h, k as u32).save(&p).unwrap();
-            fs::write(src.join(format!("{k}.txt")), format!("shape {k}")).unwrap();
-        }
-        let cfg = ImportConfig {
-            from: src,
-            limits: Default::default(),
-            batch: 16,
-        };
-        import::run(&cfg, m, &Ctx::quiet()).unwrap();
-    };
     let ds = d.path().join("ds");
     let mut m = Manifest::init(&ds).unwrap();
-    import(&mut m, "a", &[(96, 64), (64, 64)]);
+    // 96×64 → 64×64 bucket (up to 32 px cut across), 200×64 → 96×32
+    // bucket (cover-scaled to 100×32), 64×64 exact.
+    import_patterns(d.path(), &mut m, "a", &[(96, 64), (200, 64), (64, 64)]);
     let buckets = BucketConfig {
         buckets: BucketSet::Kohya {
             resolution: 64,
-            step: 64,
-            min_side: 64,
-            max_side: 64,
+            step: 32,
+            min_side: 32,
+            max_side: 128,
         },
+        crop: CropArg::Random,
+        seed: 3,
         ..Default::default()
     };
     bucket::run(&buckets, &mut m, &Ctx::quiet()).unwrap();
-    import(&mut m, "b", &[(80, 48)]); // imported after bucketing: no bucket
-    let model = d.path().join("tiny.safetensors");
-    let opts = TinyOptions {
-        seed: 3,
-        v_pred_ztsnr: false,
-    };
-    write_random_model(
-        &model,
-        &UNetConfig::tiny(),
-        &VaeConfig::tiny(),
-        &TextConfigs::tiny(),
-        opts,
-    )
-    .unwrap();
+    import_patterns(d.path(), &mut m, "b", &[(80, 48)]); // after bucketing: no bucket
+    let model = tiny_model(d.path());
     let src = LatentSource::load(&model, &Device::Cpu, DType::F32).unwrap();
     let cfg = ExportConfig {
         latents: Some(model.clone()),
@@ -218,20 +183,26 @@ fn kohya_latents_carry_the_true_size_and_crop() {
     let e = run_with(&cfg, &mut m, &stop, Some(&src)).unwrap_err();
     assert!(
         matches!(e, Error::Interrupted(_))
-            && e.to_string().contains("stopped after encoding 0 of 2"),
+            && e.to_string().contains("stopped after encoding 0 of 3"),
         "{e}"
     );
     assert!(!ds.join("exports/kohya").exists());
     let r = run_with(&cfg, &mut m, &Ctx::quiet(), Some(&src)).unwrap();
     assert_eq!(
         (r.written, r.latents_written, r.latents_unbucketed),
-        (3, 2, 1),
+        (4, 3, 1),
         "{r:?}"
     );
-    assert_eq!((r.latents_encoded, r.latents_cached), (4, 0), "{r:?}");
-    assert!(r.failed.is_empty(), "{r:?}");
+    assert_eq!((r.latents_encoded, r.latents_cached), (6, 0), "{r:?}");
+    assert!(r.failed.is_empty() && r.kohya_warning.is_none(), "{r:?}");
+    // The largest bucket is 4096 px², every side a multiple of 32.
+    let flags = r.kohya_flags.as_deref().unwrap();
+    assert!(
+        flags.contains("--bucket_no_upscale --resolution 64 --bucket_reso_steps 32")
+            && flags.contains("--min_bucket_reso 64"),
+        "{flags}"
+    );
 
-    // Expected values, computed here from the bucket images.
     let ck = crate::models::sdxl::checkpoint::Checkpoint::open(&model).unwrap();
     let vae = ck
         .load_vae(
@@ -243,7 +214,7 @@ fn kohya_latents_carry_the_true_size_and_crop() {
     let dir = r.out.join("1_eps2v");
     let rows = load_rows(&m, true).unwrap();
     let mut npz_bytes = Vec::new();
-    let mut cropped = 0;
+    let mut asymmetric = 0;
     for row in &rows {
         let stem = &row.sha256[..16];
         let npz = dir.join(format!("{stem}.npz"));
@@ -264,17 +235,23 @@ fn kohya_latents_carry_the_true_size_and_crop() {
             ints("original_size"),
             [row.width.unwrap(), row.height.unwrap()]
         );
+        let (bw, bh) = (row.bucket_w.unwrap(), row.bucket_h.unwrap());
+        let (rw, rh) = (row.resized_w.unwrap(), row.resized_h.unwrap());
         let (l, t) = (
             row.crop_left_resized.unwrap(),
             row.crop_top_resized.unwrap(),
         );
-        let (rw, rh) = (row.resized_w.unwrap(), row.resized_h.unwrap());
-        assert_eq!(ints("crop_ltrb"), [l, t, 128 + l - rw, 128 + t - rh]);
-        if row.width == Some(96) {
-            assert_eq!(ints("crop_ltrb"), [16, 0, 48, 64]); // centred 96 → 64
-            cropped += 1;
+        let ltrb = ints("crop_ltrb");
+        assert_eq!((ltrb[0], ltrb[1]), (l, t), "the true crop");
+        // kohya's mirrored crop (`bucket − right`) is what the mirrored
+        // image loses on its left: the right margin of the crop.
+        assert_eq!(bw - ltrb[2], rw - bw - l);
+        assert_eq!(bh - ltrb[3], rh - bh - t);
+        if l != rw - bw - l {
+            asymmetric += 1;
         }
         let mut img = image::open(ds.join(bucket_path)).unwrap().into_rgb8();
+        assert_eq!((img.width() as i64, img.height() as i64), (bw, bh));
         for (key, mirror) in [("latents", false), ("latents_flipped", true)] {
             if mirror {
                 image::imageops::flip_horizontal_in_place(&mut img);
@@ -283,43 +260,224 @@ fn kohya_latents_carry_the_true_size_and_crop() {
             let want = vae.encode(&x).unwrap().squeeze(0).unwrap();
             let have = &got[key];
             assert_eq!(have.dtype(), DType::F32);
+            assert_eq!(have.dims(), [4, bh as usize / 8, bw as usize / 8]);
             assert_eq!(have.dims(), want.dims());
-            let err = (have - &want)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
-            let scale = want
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
-            assert!(err <= 1e-5 * scale, "{key}: max error {err} of {scale}");
+            assert!(
+                max_abs(&(have - &want).unwrap()) <= 1e-5 * max_abs(&want),
+                "{key}"
+            );
         }
-        let diff = (&got["latents"] - &got["latents_flipped"])
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        assert!(diff > 0.0, "the mirrored latents are the same");
+        assert!(
+            max_abs(&(&got["latents"] - &got["latents_flipped"]).unwrap()) > 0.0,
+            "the mirrored latents are the same"
+        );
         npz_bytes.push((npz.clone(), fs::read(&npz).unwrap()));
     }
-    assert_eq!((cropped, npz_bytes.len()), (1, 2));
+    assert_eq!(npz_bytes.len(), 3);
+    assert!(asymmetric >= 1, "no asymmetric crop was tested");
 
     // Again: everything from the cache, the same files.
     let r = run_with(&cfg, &mut m, &Ctx::quiet(), Some(&src)).unwrap();
-    assert_eq!((r.latents_encoded, r.latents_cached), (0, 4), "{r:?}");
-    for (p, bytes) in npz_bytes {
-        assert_eq!(fs::read(&p).unwrap(), bytes, "{}", p.display());
+    assert_eq!((r.latents_encoded, r.latents_cached), (0, 6), "{r:?}");
+    for (p, bytes) in &npz_bytes {
+        assert_eq!(&fs::read(p).unwrap(), bytes, "{}", p.display());
     }
+
+    // The same VAE as a standalone file (no `first_stage_model.` prefix):
+    // its own cache entries, the same latents; without --flip-latents no
+    // `latents_flipped`.
+    let vae_file = d.path().join("vae.safetensors");
+    let vae_tensors: std::collections::HashMap<String, Tensor> = ck
+        .entries()
+        .keys()
+        .filter_map(|k| {
+            let short = k.strip_prefix("first_stage_model.")?;
+            Some((
+                short.to_string(),
+                ck.tensor(k, DType::F32, &Device::Cpu).unwrap(),
+            ))
+        })
+        .collect();
+    candle_core::safetensors::save(&vae_tensors, &vae_file).unwrap();
+    let standalone = LatentSource::load(&vae_file, &Device::Cpu, DType::F32).unwrap();
+    let out = d.path().join("plain");
+    let plain = ExportConfig {
+        latents: Some(vae_file),
+        out: Some(out.clone()),
+        ..Default::default()
+    };
+    let r = run_with(&plain, &mut m, &Ctx::quiet(), Some(&standalone)).unwrap();
+    assert_eq!((r.latents_encoded, r.latents_cached), (3, 0), "{r:?}");
+    for (p, _) in &npz_bytes {
+        let q = out.join("1_eps2v").join(p.file_name().unwrap());
+        let a: std::collections::HashMap<String, Tensor> =
+            Tensor::read_npz(p).unwrap().into_iter().collect();
+        let b: std::collections::HashMap<String, Tensor> =
+            Tensor::read_npz(&q).unwrap().into_iter().collect();
+        assert!(!b.contains_key("latents_flipped"));
+        assert_eq!(b.len(), 3);
+        for k in ["latents", "original_size", "crop_ltrb"] {
+            let values = |t: &Tensor| -> Vec<f64> {
+                t.to_dtype(DType::F64)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap()
+            };
+            assert_eq!(values(&a[k]), values(&b[k]), "{k}");
+            assert_eq!(a[k].dims(), b[k].dims());
+        }
+    }
+}
+
+/// An image the VAE cannot read is its own item's failure: its `.npz` is
+/// listed as not written, the other items get theirs.
+#[test]
+fn an_unreadable_bucket_image_fails_only_its_npz() {
+    use crate::stages::bucket::{self, BucketConfig, BucketSet};
+    use candle_core::{DType, Device};
+
+    let d = tempfile::tempdir().unwrap();
+    let ds = d.path().join("ds");
+    let mut m = Manifest::init(&ds).unwrap();
+    import_patterns(d.path(), &mut m, "a", &[(96, 64), (64, 64), (72, 64)]);
+    let buckets = BucketConfig {
+        buckets: BucketSet::Kohya {
+            resolution: 64,
+            step: 64,
+            min_side: 64,
+            max_side: 64,
+        },
+        ..Default::default()
+    };
+    bucket::run(&buckets, &mut m, &Ctx::quiet()).unwrap();
+    let rows = load_rows(&m, true).unwrap();
+    let (broken, resized, good) = (&rows[0], &rows[2], &rows[1]);
+    fs::write(ds.join(broken.bucket_path.as_ref().unwrap()), b"not a png").unwrap();
+    // A valid image of another size than its bucket (replaced by hand).
+    let other = ds.join(resized.bucket_path.as_ref().unwrap());
+    let _ = fs::remove_file(&other);
+    image::RgbImage::new(48, 64).save(&other).unwrap();
+    let model = tiny_model(d.path());
+    let src = LatentSource::load(&model, &Device::Cpu, DType::F32).unwrap();
+    let cfg = ExportConfig {
+        latents: Some(model),
+        flip_latents: true,
+        ..Default::default()
+    };
+    let r = run_with(&cfg, &mut m, &Ctx::quiet(), Some(&src)).unwrap();
+    assert_eq!((r.written, r.latents_written), (3, 1), "{r:?}");
+    assert_eq!(r.failed.len(), 2, "{r:?}");
+    for (row, why) in [
+        (broken, "rerun `eps2v bucket`"),
+        (resized, "is 48x64, its bucket is 64x64"),
+    ] {
+        let stem = &row.sha256[..16];
+        let line = r
+            .failed
+            .iter()
+            .find(|f| f.starts_with(&format!("{stem}.npz: ")));
+        assert!(line.is_some_and(|l| l.contains(why)), "{why}: {r:?}");
+        assert!(!r.out.join(format!("1_eps2v/{stem}.npz")).exists());
+    }
+    assert!(r
+        .out
+        .join(format!("1_eps2v/{}.npz", &good.sha256[..16]))
+        .exists());
+}
+
+/// The toy model's VAE (8 latent channels) is refused: kohya's SDXL UNet
+/// takes 4.
+#[test]
+fn a_vae_that_is_not_sdxl_shaped_is_refused() {
+    let toy = crate::toy::model_or_default(None).unwrap();
+    let e = LatentSource::load(&toy, &candle_core::Device::Cpu, candle_core::DType::F32)
+        .err()
+        .unwrap();
+    assert!(e.to_string().contains("8-channel latents"), "{e}");
+}
+
+/// kohya's flags: a resolution whose area covers the largest bucket, the
+/// largest usual step dividing every side, and a warning when no step
+/// kohya's SDXL trainer allows does.
+#[test]
+fn kohya_flags_cover_the_largest_bucket() {
+    let (f, w) = kohya_flags(&[(1024, 1024), (832, 1216), (1536, 640)]).unwrap();
+    assert!(
+        f.contains("--resolution 1024 --bucket_reso_steps 64")
+            && !f.contains("min_bucket_reso")
+            && !f.contains("max_bucket_reso"),
+        "{f}"
+    );
+    assert!(w.is_none());
+    let (f, _) = kohya_flags(&[(1152, 1152)]).unwrap();
+    assert!(
+        f.contains("--resolution 1152") && f.contains("--max_bucket_reso 1152"),
+        "{f}"
+    );
+    let (_, w) = kohya_flags(&[(96, 80)]).unwrap();
+    assert!(w.unwrap().contains("multiples of 16 only"));
+    assert!(kohya_flags(&[]).is_none());
+}
+
+/// The largest absolute value of `t`.
+fn max_abs(t: &candle_core::Tensor) -> f32 {
+    t.abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+/// A seeded random tiny SDXL checkpoint (4-channel VAE) in `dir`.
+fn tiny_model(dir: &Path) -> PathBuf {
+    use crate::models::sdxl::{UNetConfig, VaeConfig};
+    use crate::pipeline::tiny::{write_random_model, TinyOptions};
+    use crate::pipeline::TextConfigs;
+    let model = dir.join("tiny.safetensors");
+    let opts = TinyOptions {
+        seed: 3,
+        v_pred_ztsnr: false,
+    };
+    write_random_model(
+        &model,
+        &UNetConfig::tiny(),
+        &VaeConfig::tiny(),
+        &TextConfigs::tiny(),
+        opts,
+    )
+    .unwrap();
+    model
+}
+
+/// Import patterned PNGs of `sizes` (with sidecar captions) from
+/// `dir/<sub>`.
+fn import_patterns(dir: &Path, m: &mut Manifest, sub: &str, sizes: &[(u32, u32)]) {
+    use crate::stages::import::{self, ImportConfig};
+    let src = dir.join(sub);
+    fs::create_dir_all(&src).unwrap();
+    for (k, (w, h)) in sizes.iter().enumerate() {
+        let p = src.join(format!("{k}.png"));
+        let c = k as u32 + 7 * sub.len() as u32;
+        image::RgbImage::from_fn(*w, *h, |x, y| {
+            image::Rgb([
+                (x * 7 + c * 40) as u8,
+                (y * 5) as u8,
+                ((x * y + c) % 251) as u8,
+            ])
+        })
+        .save(&p)
+        .unwrap();
+        fs::write(src.join(format!("{k}.txt")), format!("shape {k}")).unwrap();
+    }
+    let cfg = ImportConfig {
+        from: src,
+        limits: Default::default(),
+        batch: 16,
+    };
+    import::run(&cfg, m, &Ctx::quiet()).unwrap();
 }
 
 /// The latent flags go with the kohya format and a VAE.

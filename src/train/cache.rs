@@ -38,18 +38,23 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 use sha2::{Digest, Sha256};
 
-use super::config::{DropoutCond, LatentMode, TrainConfig};
-use super::data::{rng_for, stream, TrainItem};
-use crate::diffusion::noise::normals;
+use super::config::{DropoutCond, TrainConfig};
+use super::data::TrainItem;
 use crate::error::IoContext;
 use crate::manifest::{now, Manifest};
 use crate::models::sdxl::checkpoint::Checkpoint;
 use crate::models::sdxl::clip::SdxlTextEncoder;
 use crate::models::sdxl::prompt::tokenize_prompt_with;
-use crate::models::sdxl::{Vae, CLIP_G_PREFIX, CLIP_L_PREFIX, VAE_PREFIX};
+use crate::models::sdxl::{Vae, CLIP_G_PREFIX, CLIP_L_PREFIX};
 use crate::nn::device::dtype_name;
 use crate::stages::Ctx;
 use crate::{Error, Result};
+
+#[path = "cache_latents.rs"]
+mod latent;
+#[cfg(test)]
+use latent::{latent_key, latent_mode};
+pub use latent::{latents, vae_hash, LatentEntries, LatentInputs};
 
 /// One caption's conditioning: `context (1, 77·k, ctx)`, `pooled (1, p)`.
 #[derive(Debug, Clone)]
@@ -301,22 +306,6 @@ fn record(m: &mut Manifest, run_id: i64, rows: &mut Vec<Row>) -> Result<()> {
     })
 }
 
-/// Load a bucket image (mirrored left to right when `flipped`) as
-/// `(1, 3, h, w)` in [−1, 1].
-fn load_image(root: &Path, rel: &str, flipped: bool, device: &Device) -> Result<Tensor> {
-    let path = root.join(rel);
-    let mut img = image::open(&path)
-        .map_err(|e| Error::Image {
-            path: path.clone(),
-            msg: format!("{e}; rerun `eps2v bucket` to recreate the training images"),
-        })?
-        .into_rgb8();
-    if flipped {
-        image::imageops::flip_horizontal_in_place(&mut img);
-    }
-    crate::pipeline::latent::from_rgb8(&img, device)
-}
-
 /// Inputs of [`build`].
 pub struct CacheInputs<'a> {
     /// The base checkpoint (for the component hashes).
@@ -350,171 +339,6 @@ fn sweep(root: &Path, kind: &str) {
     );
 }
 
-/// What [`latents`] encodes, and with which VAE.
-pub struct LatentInputs<'a> {
-    /// The VAE's component hash ([`vae_hash`]), part of every key.
-    pub vae_hash: &'a str,
-    /// The VAE.
-    pub vae: &'a Vae,
-    /// The items whose bucket images are encoded.
-    pub items: &'a [&'a TrainItem],
-    /// Mean or seeded sample of the latent distribution.
-    pub mode: LatentMode,
-    /// Seed of [`LatentMode::Sample`].
-    pub seed: u64,
-    /// Encode the horizontally mirrored bucket image (kohya's
-    /// `latents_flipped`); a key of its own.
-    pub flipped: bool,
-    /// Where the VAE runs.
-    pub device: &'a Device,
-    /// dtype the VAE runs in (anything but f32 is part of the key).
-    pub vae_dtype: DType,
-}
-
-/// The component hash of a file's VAE, which keys its latents: the
-/// tensors under `first_stage_model.` of a checkpoint, or every tensor of a
-/// standalone VAE file (the same weights in the two layouts hash
-/// differently, which only costs a recomputation).
-pub fn vae_hash(ckpt: &Checkpoint) -> String {
-    match ckpt.vae_prefix() {
-        Some("") => ckpt.component_sha256(&[""]),
-        _ => ckpt.component_sha256(&[&format!("{VAE_PREFIX}.")]),
-    }
-}
-
-/// The scaled latent entry (relative to the dataset folder) of each item
-/// in `inputs.items`, computing only those missing from the cache, with
-/// how many were read back and how many encoded. Each entry is recorded in
-/// the manifest's `cache_entries` under `run_id` as it is written, so a
-/// killed run keeps what it encoded.
-pub fn latents(
-    m: &mut Manifest,
-    inputs: &LatentInputs<'_>,
-    run_id: i64,
-    ctx: &Ctx,
-) -> Result<(HashMap<i64, String>, usize, usize)> {
-    let root = m.root().to_path_buf();
-    let device = inputs.device;
-    let vae_dtype = inputs.vae_dtype;
-    let vae_hash = inputs.vae_hash.to_string();
-    let (mut cached, mut encoded) = (0, 0);
-    let mut rows = Vec::new();
-    let mut latents = HashMap::new();
-    sweep(&root, "latents");
-    let mut mode = match inputs.mode {
-        LatentMode::Mean => "mean".to_string(),
-        LatentMode::Sample => format!("sample:{}", inputs.seed),
-    };
-    if inputs.flipped {
-        mode.push_str(" flipped");
-    }
-    let bar = ctx.bar(inputs.items.len() as u64, "latents");
-    let mut todo: BTreeMap<(u32, u32), Vec<(&TrainItem, String)>> = BTreeMap::new();
-    for it in inputs.items {
-        let geometry = format!(
-            "{}x{} {}x{} {},{}",
-            it.bucket.0,
-            it.bucket.1,
-            it.resized.0,
-            it.resized.1,
-            it.size.crop_top_left.0,
-            it.size.crop_top_left.1
-        );
-        let key = keyed(
-            &[
-                b"latent",
-                it.sha256.as_bytes(),
-                geometry.as_bytes(),
-                vae_hash.as_bytes(),
-                mode.as_bytes(),
-            ],
-            vae_dtype,
-        );
-        let rel = entry_path("latents", &key);
-        if entry_ok(&root, &rel, &["latent"]) {
-            latents.insert(it.item_id, rel);
-            cached += 1;
-            bar.inc(1);
-        } else {
-            todo.entry(it.bucket).or_default().push((it, key));
-        }
-    }
-    let to_encode: usize = todo.values().map(Vec::len).sum();
-    for group in todo.values() {
-        for chunk in group.chunks(4) {
-            // Ctrl-C (a stage that installed `signal`) stops here, between
-            // chunks; what was encoded stays in the cache.
-            if ctx.should_stop() {
-                bar.finish_and_clear();
-                record(m, run_id, &mut rows)?;
-                return Err(Error::Interrupted(format!(
-                    "latents: stopped after encoding {encoded} of {to_encode}; they are kept in {}, so rerunning the same command goes on from there",
-                    root.join("cache/latents").display()
-                )));
-            }
-            let imgs = chunk
-                .iter()
-                .map(|(it, _)| load_image(&root, &it.image_path, inputs.flipped, device))
-                .collect::<Result<Vec<_>>>()?;
-            let x = Tensor::cat(&imgs, 0)?; // (b, 3, H, W)
-            let z = match inputs.mode {
-                LatentMode::Mean => inputs.vae.encode(&x)?,
-                LatentMode::Sample => {
-                    let (mean, logvar) = inputs.vae.encode_moments(&x)?;
-                    let dims = mean.dims().to_vec();
-                    let per: usize = dims[1..].iter().product();
-                    let noise: Vec<f32> = chunk
-                        .iter()
-                        .flat_map(|(it, _)| {
-                            normals(
-                                &mut rng_for(inputs.seed, stream::LATENT, it.item_id as u64, 0),
-                                per,
-                            )
-                        })
-                        .collect();
-                    let n = Tensor::from_vec(noise, dims, device)?;
-                    // One encoder pass: the moments are those above.
-                    crate::models::sdxl::vae::sample_moments(&mean, &logvar, &n)?
-                }
-            };
-            let z = (z.to_dtype(DType::F32)? * inputs.vae.scale_factor())?; // (b, 4, h, w)
-            if z.flatten_all()?
-                .to_vec1::<f32>()?
-                .iter()
-                .any(|v| !v.is_finite())
-            {
-                return Err(Error::model(format!(
-                    "the VAE produced NaN/inf latents for items {:?}; check the VAE (an f16 SDXL VAE overflows: use f32 or the fp16-fix VAE)",
-                    chunk.iter().map(|(it, _)| it.item_id).collect::<Vec<_>>()
-                )));
-            }
-            for (i, (it, key)) in chunk.iter().enumerate() {
-                let zi = z.get(i)?.contiguous()?;
-                let rel = entry_path("latents", key);
-                write_entry(&root, &rel, &[("latent", &zi)])?;
-                latents.insert(it.item_id, rel.clone());
-                rows.push(Row {
-                    key: key.clone(),
-                    kind: "latent",
-                    item_id: Some(it.item_id),
-                    model_hash: vae_hash.clone(),
-                    path: rel,
-                    detail: mode.clone(),
-                });
-                encoded += 1;
-                bar.inc(1);
-            }
-            if rows.len() >= 64 {
-                record(m, run_id, &mut rows)?;
-            }
-        }
-    }
-    bar.finish_and_clear();
-    record(m, run_id, &mut rows)?;
-
-    Ok((latents, cached, encoded))
-}
-
 /// Fill the caches for `inputs.items` (computing only what is missing).
 pub fn build(
     m: &mut Manifest,
@@ -539,7 +363,7 @@ pub fn build(
     sweep(&root, "text");
 
     // Latents.
-    let (latents, cached, encoded) = latents(
+    let encoded = latents(
         m,
         &LatentInputs {
             vae_hash: &vae_hash,
@@ -550,12 +374,14 @@ pub fn build(
             flipped: false,
             device: &device,
             vae_dtype,
+            keep_going: false,
         },
         run_id,
         ctx,
     )?;
-    report.latents_cached = cached;
-    report.latents_encoded = encoded;
+    report.latents_cached = encoded.cached;
+    report.latents_encoded = encoded.encoded;
+    let latents = encoded.entries;
 
     // Text.
     let mut texts: Vec<String> = inputs.items.iter().map(|it| it.caption.clone()).collect();
@@ -767,141 +593,5 @@ impl Caches {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn captions_train_as_written_not_as_prompt_syntax() {
-        use crate::models::sdxl::prompt::tokenize_prompt_with;
-        use crate::models::sdxl::tokenizer::ClipTokenizer;
-        let tok = ClipTokenizer::new().unwrap();
-        // Brackets, weights and BREAK are the caption's words: all
-        // multipliers 1, and the tokens of the literal text (which the A1111
-        // parser would drop or turn into weights, or fail on).
-        for caption in ["1girl, saber (fate), [red] eyes", "(v:1.2.3), x BREAK y"] {
-            let tp = caption_tokens(&tok, caption, 3).unwrap();
-            assert!(tp
-                .chunks
-                .iter()
-                .all(|c| c.multipliers.iter().all(|&m| m == 1.0)));
-            let ids: Vec<u32> = tp.chunks[0].tokens.clone();
-            let literal = tok.encode(caption).unwrap();
-            assert_eq!(&ids[1..1 + literal.len()], &literal[..], "{caption}");
-            if let Ok(parsed) = tokenize_prompt_with(&tok, caption, true) {
-                assert_ne!(parsed.chunks[0].tokens, ids, "{caption}");
-            }
-        }
-        // Long captions keep at most max_chunks chunks.
-        let long = vec!["red circle"; 200].join(", ");
-        assert_eq!(caption_tokens(&tok, &long, 2).unwrap().chunks.len(), 2);
-    }
-
-    /// Caption dropout: a dropped row is zeros (`zero`) or the encoded
-    /// dropout text (`empty`, `"…"`), never its caption; every row is
-    /// padded with the empty chunk to the batch's longest caption.
-    #[test]
-    fn dropped_captions_take_the_dropout_conditioning_padded_to_the_batch() {
-        let d = Device::Cpu;
-        let dir = tempfile::tempdir().unwrap();
-        // Entries on disk, as `build` leaves them: (77·k, ctx) and (p).
-        let mut text = HashMap::new();
-        for (caption, v, chunks) in [("short", 1f32, 1), ("long", 2.0, 2), ("", 5.0, 1)] {
-            let rel = entry_path("text", &key_of(&[caption.as_bytes(), b"test"]));
-            let context = Tensor::full(v, (77 * chunks, 3), &d).unwrap();
-            let pooled = Tensor::full(v, 2, &d).unwrap();
-            write_entry(
-                dir.path(),
-                &rel,
-                &[("context", &context), ("pooled", &pooled)],
-            )
-            .unwrap();
-            assert!(entry_ok(dir.path(), &rel, &["context", "pooled"]));
-            text.insert(caption.to_string(), rel);
-        }
-        let mut caches = Caches {
-            root: dir.path().to_path_buf(),
-            device: d.clone(),
-            latents: HashMap::new(),
-            text,
-            empty_chunk: Tensor::full(9f32, (1, 77, 3), &d).unwrap(),
-            empty_pooled: Tensor::full(5f32, (1, 2), &d).unwrap(),
-            uncond: None,
-        };
-        // (row, token) → value of the context, and the pooled row.
-        let rows = |c: &Caches, dropped: &[bool]| {
-            let (ctx, pooled) = c.batch_cond(&["short", "long"], dropped).unwrap();
-            let ctx: Vec<Vec<f32>> = (0..2)
-                .map(|i| {
-                    let r = ctx.get(i).unwrap();
-                    [0usize, 76, 77, 153]
-                        .iter()
-                        .map(|&t| r.get(t).unwrap().get(0).unwrap().to_scalar().unwrap())
-                        .collect()
-                })
-                .collect();
-            (ctx, pooled.to_vec2::<f32>().unwrap())
-        };
-        let (ctx, pooled) = rows(&caches, &[false, false]);
-        assert_eq!(ctx, [vec![1., 1., 9., 9.], vec![2., 2., 2., 2.]]);
-        assert_eq!(pooled, [vec![1., 1.], vec![2., 2.]]);
-        let (ctx, pooled) = rows(&caches, &[true, false]);
-        assert_eq!(ctx, [vec![0., 0., 0., 0.], vec![2., 2., 2., 2.]]);
-        assert_eq!(pooled, [vec![0., 0.], vec![2., 2.]]);
-        caches.uncond = Some(caches.cond("").unwrap());
-        let (ctx, pooled) = rows(&caches, &[true, false]);
-        assert_eq!(ctx, [vec![5., 5., 9., 9.], vec![2., 2., 2., 2.]]);
-        assert_eq!(pooled, [vec![5., 5.], vec![2., 2.]]);
-    }
-
-    /// An entry reads back with the bits it was written with (training
-    /// reads every batch from disk), and a missing or foreign file is no
-    /// entry.
-    #[test]
-    fn entries_read_back_bit_for_bit() {
-        let dir = tempfile::tempdir().unwrap();
-        let z = (crate::nn::kernels::test_util::rand(&[4, 5, 6], 3, DType::F32).unwrap() * 7.3)
-            .unwrap();
-        let rel = entry_path("latents", &key_of(&[b"z"]));
-        assert!(!entry_ok(dir.path(), &rel, &["latent"]));
-        write_entry(dir.path(), &rel, &[("latent", &z)]).unwrap();
-        assert!(entry_ok(dir.path(), &rel, &["latent"]));
-        assert!(!entry_ok(dir.path(), &rel, &["context"]));
-        let back = read_entry(dir.path(), &rel, &["latent"], &Device::Cpu).unwrap();
-        let bits = |t: &Tensor| -> Vec<u32> {
-            let v = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-            v.into_iter().map(f32::to_bits).collect()
-        };
-        assert_eq!(back[0].dims(), z.dims());
-        assert_eq!(bits(&back[0]), bits(&z));
-        // Data lost under a valid header (a host crash before the unsynced
-        // data reached the disk): found when read, and the file removed so
-        // that the next build recomputes it.
-        let path = dir.path().join(&rel);
-        let mut bytes = std::fs::read(&path).unwrap();
-        let n = bytes.len();
-        bytes[n - 8..].fill(0);
-        std::fs::write(&path, &bytes).unwrap();
-        assert!(
-            entry_ok(dir.path(), &rel, &["latent"]),
-            "the header is fine"
-        );
-        let e = read_entry(dir.path(), &rel, &["latent"], &Device::Cpu).unwrap_err();
-        assert!(e.starts_with("corrupt"), "{e}");
-        assert!(!path.exists());
-        std::fs::write(dir.path().join(&rel), b"not safetensors").unwrap();
-        assert!(!entry_ok(dir.path(), &rel, &["latent"]));
-    }
-
-    /// f32 keys are the plain hash of their parts (those of the caches
-    /// written before `--precision`); half precision gets keys of its own.
-    #[test]
-    fn only_half_precision_changes_a_cache_key() {
-        let parts: [&[u8]; 3] = [b"latent", b"abc", b"1024x1024"];
-        let plain = key_of(&parts);
-        assert_eq!(keyed(&parts, DType::F32), plain);
-        let bf16 = keyed(&parts, DType::BF16);
-        let f16 = keyed(&parts, DType::F16);
-        assert!(bf16 != plain && f16 != plain && bf16 != f16);
-        assert_eq!(bf16, key_of(&[b"latent", b"abc", b"1024x1024", b"bf16"]));
-    }
-}
+#[path = "cache_tests.rs"]
+mod tests;

@@ -68,18 +68,14 @@ pub fn export(
         unet.iter().map(|(k, t)| (k.clone(), t.clone())).collect();
     let v = spec.objective == Prediction::V;
     let mut metadata = spec.metadata.clone();
-    metadata.insert(
-        META_PREDICTION_TYPE.into(),
-        if v { "v" } else { "epsilon" }.into(),
-    );
-    metadata.insert(META_ZTSNR.into(), (v && spec.ztsnr).to_string());
     metadata.insert(META_UNCOND.into(), spec.uncond.to_string());
-    let opts = SaveOptions {
-        dtype: Some(spec.dtype.dtype()),
-        v_pred: v && spec.markers,
-        ztsnr: v && spec.ztsnr && spec.markers,
+    let opts = marked(
+        v,
+        spec.ztsnr,
+        spec.markers,
+        Some(spec.dtype.dtype()),
         metadata,
-    };
+    );
     // The yaml is refused before the checkpoint is written.
     let yaml = spec
         .a1111_yaml
@@ -98,6 +94,29 @@ pub fn export(
         written.push(path);
     }
     Ok(written)
+}
+
+/// The save options of a `v` (with `ztsnr`) or eps file: the marker keys
+/// (v only, and only with `markers`) and the prediction metadata
+/// (`modelspec.prediction_type`, `eps2v.ztsnr`) added to `metadata`.
+pub fn marked(
+    v: bool,
+    ztsnr: bool,
+    markers: bool,
+    dtype: Option<candle_core::DType>,
+    mut metadata: BTreeMap<String, String>,
+) -> SaveOptions {
+    metadata.insert(
+        META_PREDICTION_TYPE.into(),
+        if v { "v" } else { "epsilon" }.into(),
+    );
+    metadata.insert(META_ZTSNR.into(), (v && ztsnr).to_string());
+    SaveOptions {
+        dtype,
+        v_pred: v && markers,
+        ztsnr: v && ztsnr && markers,
+        metadata,
+    }
 }
 
 /// Why an eps export gets no A1111 yaml.

@@ -22,7 +22,8 @@
 //! - [`disk`]: will the checkpoints and the export fit (a warning per stage);
 //! - [`export`]: the single-file export with `v_pred` / `ztsnr` markers;
 //! - [`log`]: the CSV log and its plot;
-//! - [`crate::signal`]: SIGINT / SIGTERM → checkpoint and stop.
+//! - [`crate::signal`]: SIGINT / SIGTERM → checkpoint and stop (while the
+//!   caches are filled, before any step: stop, keeping the encoded entries).
 //!
 //! Why the loss curve is not the judge: converting eps → v changes what the
 //! output means, so the v-loss starts high and falls for reasons unrelated
@@ -245,7 +246,9 @@ impl Saver<'_> {
 }
 
 /// Train (see the module docs). Config and model errors stop before any
-/// step; a signal or `--stop-below` ends early with a checkpoint.
+/// step; a signal or `--stop-below` ends early with a checkpoint (a signal
+/// while the caches are filled ends the run `failed`, interrupted, with the
+/// entries encoded so far kept for the next run).
 pub fn train(
     cfg: &TrainConfig,
     m: &mut Manifest,

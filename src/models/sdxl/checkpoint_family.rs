@@ -177,7 +177,7 @@ impl Checkpoint {
         } else if let Some(p) = meta_pred {
             if p == Prediction::V {
                 warnings.push(format!(
-                    "{META_PREDICTION_TYPE} says v but there is no {MARKER_V_PRED} key: ComfyUI/A1111/Forge will sample it as epsilon; re-save with the v_pred (and ztsnr) markers"
+                    "{META_PREDICTION_TYPE} says v but there is no {MARKER_V_PRED} key: ComfyUI/A1111/Forge will sample it as epsilon; add the markers with `eps2v ckpt mark FILE --prediction v [--ztsnr] --out NEW`"
                 ));
             }
             (p, format!("metadata {META_PREDICTION_TYPE}"))
