@@ -1,7 +1,6 @@
 use super::*;
 use crate::models::sdxl::checkpoint::is_marker_key;
-use crate::pipeline::tiny::{write_random_model, TinyOptions};
-use crate::pipeline::TextConfigs;
+use crate::pipeline::tiny::{write_random_checkpoint, TinyOptions};
 use candle_core::{DType, Device};
 
 fn args(file: &std::path::Path, out: &std::path::Path, prediction: &str) -> MarkArgs {
@@ -23,14 +22,7 @@ fn tiny_f16(dir: &std::path::Path) -> std::path::PathBuf {
         seed: 5,
         v_pred_ztsnr: false,
     };
-    write_random_model(
-        &raw,
-        &UNetConfig::tiny(),
-        &VaeConfig::tiny(),
-        &TextConfigs::tiny(),
-        opts,
-    )
-    .unwrap();
+    write_random_checkpoint(&raw, opts).unwrap();
     let eps = dir.join("eps.safetensors");
     let save = crate::models::sdxl::checkpoint::SaveOptions {
         dtype: Some(DType::F16),

@@ -433,22 +433,12 @@ fn max_abs(t: &candle_core::Tensor) -> f32 {
 
 /// A seeded random tiny SDXL checkpoint (4-channel VAE) in `dir`.
 fn tiny_model(dir: &Path) -> PathBuf {
-    use crate::models::sdxl::{UNetConfig, VaeConfig};
-    use crate::pipeline::tiny::{write_random_model, TinyOptions};
-    use crate::pipeline::TextConfigs;
     let model = dir.join("tiny.safetensors");
-    let opts = TinyOptions {
+    let opts = crate::pipeline::tiny::TinyOptions {
         seed: 3,
         v_pred_ztsnr: false,
     };
-    write_random_model(
-        &model,
-        &UNetConfig::tiny(),
-        &VaeConfig::tiny(),
-        &TextConfigs::tiny(),
-        opts,
-    )
-    .unwrap();
+    crate::pipeline::tiny::write_random_checkpoint(&model, opts).unwrap();
     model
 }
 
