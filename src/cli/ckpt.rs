@@ -19,6 +19,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Subcommand};
 
+use crate::error::IoContext;
 use crate::models::sdxl::checkpoint::{
     Checkpoint, CheckpointInfo, ConfigStatus, Family, Prediction, META_RESOLUTION,
 };
@@ -194,7 +195,7 @@ pub fn mark(a: &MarkArgs) -> Result<MarkReport> {
         std::collections::BTreeMap::new(),
     );
     if let Some(dir) = a.out.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        std::fs::create_dir_all(dir).at(dir)?;
     }
     ckpt.save_with(&a.out, &Default::default(), &opts)?;
     let mut written = vec![a.out.clone()];
@@ -361,36 +362,38 @@ fn format_info(info: &CheckpointInfo, size: Option<&DefaultSize>) -> String {
 }
 
 /// Run `eps2v ckpt …`; returns the exit code.
-pub fn run(args: CkptArgs, json: bool) -> Result<i32> {
-    if let CkptCommand::Mark(a) = &args.command {
-        let r = mark(a)?;
-        if json {
-            println!("{}", serde_json::to_string_pretty(&r)?);
-        } else {
-            println!(
-                "ckpt mark: {} (was {}; now prediction {}, ztsnr {}, marker keys: {})",
-                r.written
-                    .iter()
-                    .map(|p| p.display().to_string())
-                    .collect::<Vec<_>>()
-                    .join(" + "),
-                r.before,
-                r.prediction,
-                if r.ztsnr { "yes" } else { "no" },
-                if r.markers.is_empty() {
-                    "none".to_string()
-                } else {
-                    r.markers.join(", ")
-                }
-            );
-            for w in &r.warnings {
-                println!("warning     {w}");
+/// Run `ckpt mark` and print what it wrote.
+fn run_mark(a: &MarkArgs, json: bool) -> Result<i32> {
+    let r = mark(a)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+    } else {
+        println!(
+            "ckpt mark: {} (was {}; now prediction {}, ztsnr {}, marker keys: {})",
+            r.written
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(" + "),
+            r.before,
+            r.prediction,
+            if r.ztsnr { "yes" } else { "no" },
+            if r.markers.is_empty() {
+                "none".to_string()
+            } else {
+                r.markers.join(", ")
             }
+        );
+        for w in &r.warnings {
+            println!("warning     {w}");
         }
-        return Ok(0);
     }
+    Ok(0)
+}
+
+pub fn run(args: CkptArgs, json: bool) -> Result<i32> {
     let (ckpt, hash, scan) = match &args.command {
-        CkptCommand::Mark(_) => unreachable!("handled above"),
+        CkptCommand::Mark(a) => return run_mark(a, json),
         // `info` describes any readable safetensors file.
         CkptCommand::Info { file, no_hash } => (Checkpoint::open(file)?, !no_hash, false),
         CkptCommand::Check { file } => (open_checked(file)?, true, true),
