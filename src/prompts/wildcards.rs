@@ -92,22 +92,36 @@ impl WildcardSet {
             origin: Some(dir.display().to_string()),
             files: BTreeMap::new(),
         };
-        let mut stack: Vec<PathBuf> = vec![dir.to_path_buf()];
+        // Folders reached without a link are walked first, then the ones
+        // behind a link, each in name order: a folder reachable both ways
+        // keeps its real name, whatever order the file system lists it in.
+        let mut real: Vec<PathBuf> = vec![dir.to_path_buf()];
+        let mut linked: Vec<PathBuf> = Vec::new();
         // Linked folders are followed once each: a link back up the tree
         // (`all -> .`) walked it again until the kernel's link limit, two
         // of them 2^40 times.
         let mut visited = std::collections::HashSet::new();
-        while let Some(d) = stack.pop() {
+        while let Some((d, via_link)) = real
+            .pop()
+            .map(|d| (d, false))
+            .or_else(|| linked.pop().map(|d| (d, true)))
+        {
             if !visited.insert(std::fs::canonicalize(&d).at(&d)?) {
                 continue;
             }
-            for entry in std::fs::read_dir(&d).at(&d)? {
-                let entry = entry.at(&d)?;
+            let mut entries = std::fs::read_dir(&d)
+                .at(&d)?
+                .collect::<std::io::Result<Vec<_>>>()
+                .at(&d)?;
+            entries.sort_by_key(|e| e.file_name());
+            let mut subdirs = Vec::new();
+            for entry in entries {
                 let path = entry.path();
                 let hidden = entry.file_name().to_string_lossy().starts_with('.');
                 if path.is_dir() {
                     if !hidden {
-                        stack.push(path);
+                        let link = via_link || entry.file_type().is_ok_and(|t| t.is_symlink());
+                        subdirs.push((path, link));
                     }
                     continue;
                 }
@@ -124,6 +138,14 @@ impl WildcardSet {
                 let contents =
                     String::from_utf8_lossy(&bytes).replace(['\u{FFFD}', '\u{FEFF}'], "");
                 set.add(&name, &path.display().to_string(), contents);
+            }
+            // Popped in name order.
+            for (path, link) in subdirs.into_iter().rev() {
+                if link {
+                    linked.push(path);
+                } else {
+                    real.push(path);
+                }
             }
         }
         Ok(set)
@@ -393,6 +415,14 @@ mod tests {
                 "{:?}",
                 set.names().collect::<Vec<_>>()
             );
+            // A folder also reachable through links, named before and
+            // after it, keeps its own name (the walk once depended on the
+            // order the file system listed them in).
+            for link in ["a_alias", "zz_alias"] {
+                std::os::unix::fs::symlink(d.path().join("hair"), d.path().join(link)).unwrap();
+            }
+            let set = WildcardSet::load_dir(d.path()).unwrap();
+            assert_eq!(set.names().collect::<Vec<_>>(), ["bad", "hair/colour"]);
         }
     }
 }

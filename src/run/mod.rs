@@ -465,7 +465,7 @@ pub fn run(cfg: &RunConfig, adherence: Option<&AdherenceFn<'_>>, ctx: &Ctx) -> R
                     if t.out.is_none() {
                         t.out = Some(out_dir.join("converted.safetensors"));
                     }
-                    let resume = train::state::resumable_run(&m, &t)?;
+                    let resume = train::state::adoptable_run(&m, &t)?;
                     let r = train::train(&t, &mut m, &train_options(cfg, resume)?, ctx)?;
                     if r.interrupted {
                         report.stopped_in(

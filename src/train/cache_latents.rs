@@ -14,7 +14,7 @@ use crate::models::sdxl::checkpoint::Checkpoint;
 use crate::models::sdxl::{Vae, VAE_PREFIX};
 use crate::stages::Ctx;
 use crate::train::config::LatentMode;
-use crate::train::data::{rng_for, stream, TrainItem};
+use crate::train::data::{content_key, rng_for, stream, TrainItem};
 use crate::{Error, Result};
 
 /// What [`latents`] encodes, and with which VAE.
@@ -55,7 +55,7 @@ pub fn vae_hash(ckpt: &Checkpoint) -> String {
 
 /// The cache key of an item's latent: its content hash, its bucket
 /// geometry (`"WxH RWxRH top,left"`: bucket, cover-scaled size, crop), the
-/// VAE's component hash and the latent mode (`mean`, `sample:<seed>`, plus
+/// VAE's component hash and the latent mode (`mean`, `sample:<seed>:content`, plus
 /// ` flipped` for the mirrored image), and the VAE dtype off f32. Caches
 /// written by earlier versions stay valid only while this stays the same
 /// (pinned by a test).
@@ -82,11 +82,13 @@ pub(super) fn latent_key(it: &TrainItem, vae_hash: &str, mode: &str, vae_dtype: 
 }
 
 /// The latent mode part of a latent key (and `cache_entries.detail`):
-/// `mean` or `sample:<seed>`, plus ` flipped` for the mirrored image.
+/// `mean` or `sample:<seed>:content`, plus ` flipped` for the mirrored image.
 pub(super) fn latent_mode(mode: LatentMode, seed: u64, flipped: bool) -> String {
     let mut s = match mode {
         LatentMode::Mean => "mean".to_string(),
-        LatentMode::Sample => format!("sample:{seed}"),
+        // Noise keyed by the image's content ([`content_key`]); entries
+        // of the id-keyed `sample:<seed>` before it are not reused.
+        LatentMode::Sample => format!("sample:{seed}:content"),
     };
     if flipped {
         s.push_str(" flipped");
@@ -191,7 +193,12 @@ pub fn latents(
                         .iter()
                         .flat_map(|(it, _)| {
                             normals(
-                                &mut rng_for(inputs.seed, stream::LATENT, it.item_id as u64, 0),
+                                &mut rng_for(
+                                    inputs.seed,
+                                    stream::LATENT,
+                                    content_key(&it.sha256),
+                                    0,
+                                ),
                                 per,
                             )
                         })

@@ -177,7 +177,13 @@ fn the_latent_key_format_is_pinned() {
     assert_eq!(latent_key(&other, "vaehash", "mean", DType::F32), want);
     assert_ne!(latent_key(&it, "vaehash", "mean flipped", DType::F32), want);
     assert_eq!(latent_mode(LatentMode::Mean, 7, false), "mean");
-    assert_eq!(latent_mode(LatentMode::Sample, 7, false), "sample:7");
-    assert_eq!(latent_mode(LatentMode::Sample, 7, true), "sample:7 flipped");
+    assert_eq!(
+        latent_mode(LatentMode::Sample, 7, false),
+        "sample:7:content"
+    );
+    assert_eq!(
+        latent_mode(LatentMode::Sample, 7, true),
+        "sample:7:content flipped"
+    );
     assert_ne!(latent_key(&it, "vaehash", "mean", DType::BF16), want);
 }

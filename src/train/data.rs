@@ -8,6 +8,10 @@
 //!   lowest `min(val_max, round(val_fraction · n))` are validation. It depends
 //!   on the seed and the items only (not on their order or on other items'
 //!   arrival), and is recorded in the manifest (`train_split`).
+//! - Order: items are listed by content (sha256), not by manifest id, so the
+//!   same images and captions train the same way whichever way the dataset
+//!   was put together (one `generate`, shards merged in any order, a count
+//!   extended later: ids differ, content does not).
 //! - Batches: per epoch, each bucket's items are shuffled and cut into batches
 //!   (the last one of a bucket may be smaller), then the batches are shuffled;
 //!   both from `(seed, epoch)`, so a batch never mixes buckets and any
@@ -46,18 +50,23 @@ pub struct TrainItem {
     pub resized: (u32, u32),
 }
 
-/// What a run trains on, in one line: `"<items>:<sha-256 hex>"` over each
-/// trainable item (by id) with its image, caption, bucket and
-/// micro-conditioning. A resume on a dataset that changed since (items
-/// added or set aside, recaptioned, rebucketed) would split it and walk
-/// its batches otherwise, leaking validation items into training.
+/// The digest format [`digest`] writes after the item count; runs saved
+/// with another (the id-keyed one before it) cannot be resumed, as their
+/// batches were drawn in id order.
+pub const DIGEST_FORMAT: &str = "content";
+
+/// What a run trains on, in one line: `"<items>:content:<sha-256 hex>"`
+/// over each trainable item (by content hash, ids left out) with its image,
+/// caption, bucket and micro-conditioning. A resume on a dataset that
+/// changed since (items added or set aside, recaptioned, rebucketed) would
+/// split it and walk its batches otherwise, leaking validation items into
+/// training.
 pub fn digest(items: &[TrainItem]) -> String {
     let mut sorted: Vec<&TrainItem> = items.iter().collect();
-    sorted.sort_by_key(|it| it.item_id);
+    sorted.sort_by(|a, b| a.sha256.cmp(&b.sha256));
     let mut h = Sha256::new();
     for it in &sorted {
         let s = &it.size;
-        h.update(it.item_id.to_le_bytes());
         for text in [&it.sha256, &it.caption, &it.image_path] {
             h.update((text.len() as u64).to_le_bytes());
             h.update(text.as_bytes());
@@ -76,7 +85,7 @@ pub fn digest(items: &[TrainItem]) -> String {
             h.update(v.to_bits().to_le_bytes());
         }
     }
-    format!("{}:{:x}", sorted.len(), h.finalize())
+    format!("{}:{DIGEST_FORMAT}:{:x}", sorted.len(), h.finalize())
 }
 
 /// Why items of an ok dataset cannot train.
@@ -92,7 +101,8 @@ pub struct Eligibility {
     pub eligible: usize,
 }
 
-/// Load every trainable item (ordered by item id) and the counts behind it.
+/// Load every trainable item (ordered by content hash, see the module
+/// docs) and the counts behind it.
 pub fn load_items(m: &Manifest) -> Result<(Vec<TrainItem>, Eligibility)> {
     let rows = load_rows(m, true)?;
     let mut e = Eligibility {
@@ -112,6 +122,7 @@ pub fn load_items(m: &Manifest) -> Result<(Vec<TrainItem>, Eligibility)> {
         items.extend(bucketed_item(&r, caption));
     }
     e.eligible = items.len();
+    items.sort_by(|a, b| a.sha256.cmp(&b.sha256));
     if items.is_empty() {
         return Err(Error::config(format!(
             "{}: nothing to train on: {} ok items, {} without a bucket (run `eps2v bucket`), {} without a caption (run `eps2v caption`)",
@@ -190,6 +201,18 @@ pub fn split(
         }
     }
     (train, val)
+}
+
+/// The first 64 bits of an item's sha256 (hex): its position in the
+/// streams keyed by content.
+pub fn content_key(sha256: &str) -> u64 {
+    sha256
+        .get(..16)
+        .and_then(|h| u64::from_str_radix(h, 16).ok())
+        .unwrap_or_else(|| {
+            let d: [u8; 32] = Sha256::digest(sha256.as_bytes()).into();
+            u64::from_le_bytes(d[..8].try_into().expect("8 bytes"))
+        })
 }
 
 /// A seeded RNG for one purpose and position (independent streams).

@@ -331,6 +331,34 @@ pub(super) fn record_eval(
     Ok(())
 }
 
+/// The evaluations run `run_id` recorded up to `step`, in step order, as
+/// `(step, val_loss, retention)`; the ones after it (a resume redoes them)
+/// are deleted.
+pub(super) fn evals_upto(
+    m: &Manifest,
+    run_id: i64,
+    step: usize,
+) -> Result<Vec<(usize, Option<f64>, f64)>> {
+    let c = m.conn();
+    c.execute(
+        "DELETE FROM train_evals WHERE run_id = ?1 AND step > ?2",
+        rusqlite::params![run_id, step as i64],
+    )
+    .map_err(|e| m.err(e))?;
+    let mut st = c
+        .prepare(
+            "SELECT step, val_loss, retention FROM train_evals \
+             WHERE run_id = ?1 AND retention IS NOT NULL ORDER BY step",
+        )
+        .map_err(|e| m.err(e))?;
+    let rows = st
+        .query_map([run_id], |r| {
+            Ok((r.get::<_, i64>(0)? as usize, r.get(1)?, r.get(2)?))
+        })
+        .map_err(|e| m.err(e))?;
+    rows.collect::<rusqlite::Result<_>>().map_err(|e| m.err(e))
+}
+
 /// The evaluation set: the configured prompts, or the captions of the
 /// first validation (else training) items; size from the config or the
 /// most common training bucket.

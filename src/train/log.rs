@@ -17,6 +17,14 @@ use crate::Result;
 /// CSV columns.
 pub const HEADER: &str = "step,stage,epoch,loss,lr,grad_norm,val_loss,retention";
 
+/// Skipped steps, beside `log.csv`.
+const NAN_LOG: &str = "nan.log";
+
+/// The step of a `nan.log` line (`step N: …`).
+fn nan_step(line: &str) -> Option<usize> {
+    line.strip_prefix("step ")?.split(':').next()?.parse().ok()
+}
+
 /// One parsed row (empty fields are `None`).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Row {
@@ -69,8 +77,10 @@ pub fn read(path: &Path) -> Result<Vec<Row>> {
     Ok(rows)
 }
 
+/// Shortest form that reads back to the same `f64` (a resumed run's
+/// running mean of the loss is taken from the file).
 fn fmt(v: Option<f64>) -> String {
-    v.map(|x| format!("{x:.6e}")).unwrap_or_default()
+    v.map(|x| format!("{x:e}")).unwrap_or_default()
 }
 
 impl CsvLog {
@@ -91,11 +101,33 @@ impl CsvLog {
         let mut text = kept.join("\n");
         text.push('\n');
         crate::pipeline::sample::write_atomic(path, text.as_bytes())?;
+        // `nan.log` beside it: its lines name the step being taken (one
+        // below the step count it ends at), so the ones from `upto_step` on
+        // belong to the steps a resume redoes.
+        let nan = path.with_file_name(NAN_LOG);
+        if nan.is_file() {
+            let text = std::fs::read_to_string(&nan).at(&nan)?;
+            let kept: String = text
+                .lines()
+                .filter(|l| nan_step(l).is_some_and(|s| s < upto_step))
+                .map(|l| format!("{l}\n"))
+                .collect();
+            if kept != text {
+                crate::pipeline::sample::write_atomic(&nan, kept.as_bytes())?;
+            }
+        }
         let file = OpenOptions::new().append(true).open(path).at(path)?;
         Ok(Self {
             path: path.to_path_buf(),
             file,
         })
+    }
+
+    /// The training losses of the last `n` logged steps, oldest first (a
+    /// resumed run's running mean goes on from them).
+    pub fn last_losses(&self, n: usize) -> Result<Vec<f64>> {
+        let losses: Vec<f64> = read(&self.path)?.iter().filter_map(|r| r.loss).collect();
+        Ok(losses[losses.len().saturating_sub(n)..].to_vec())
     }
 
     fn line(&mut self, s: String) -> Result<()> {
@@ -139,7 +171,7 @@ impl CsvLog {
         gnorm: f64,
         items: &[i64],
     ) -> Result<()> {
-        let p = run_dir.join("nan.log");
+        let p = run_dir.join(NAN_LOG);
         let mut f = OpenOptions::new()
             .create(true)
             .append(true)
@@ -184,5 +216,40 @@ impl CsvLog {
             },
         ];
         write_png(png, &panels, 720, 220)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A resume from step 2 keeps the rows and skipped steps of the steps
+    /// before it (a `nan.log` line names the step being taken: `step 2`
+    /// is the third), and the losses read back exactly.
+    #[test]
+    fn a_resume_drops_what_comes_after_its_step() {
+        let d = tempfile::tempdir().unwrap();
+        let csv_path = d.path().join("log.csv");
+        let mut log = CsvLog::open(&csv_path, 0).unwrap();
+        let losses = [0.1f64 / 3.0, 2.0f64.sqrt(), 1e-9 / 7.0];
+        for (i, l) in losses.iter().enumerate() {
+            log.step(i + 1, 0, 0, *l, 1e-4, 1.0).unwrap();
+            log.nan(d.path(), i, f64::NAN, 1.0, &[i as i64]).unwrap();
+        }
+        log.eval(3, Some(0.5), 0.9).unwrap();
+        drop(log);
+        let log = CsvLog::open(&csv_path, 2).unwrap();
+        let rows = read(&csv_path).unwrap();
+        assert_eq!(rows.iter().map(|r| r.step).collect::<Vec<_>>(), [1, 2]);
+        assert_eq!(log.last_losses(10).unwrap(), losses[..2]);
+        assert_eq!(log.last_losses(1).unwrap(), losses[1..2]);
+        let nan = std::fs::read_to_string(d.path().join(NAN_LOG)).unwrap();
+        assert_eq!(
+            nan.lines()
+                .map(|l| nan_step(l).unwrap())
+                .collect::<Vec<_>>(),
+            [0, 1],
+            "{nan}"
+        );
     }
 }

@@ -71,7 +71,7 @@ use cache::{CacheInputs, CacheReport};
 use config::{LrSchedule, StageConfig, TrainConfig};
 use data::{Batches, Eligibility, TrainItem};
 use ema::{ema_update, with_ema};
-use eval::{eval_spec, record_eval, Evaluator};
+use eval::{eval_spec, evals_upto, record_eval, Evaluator};
 use export::export_weights;
 use state::{Loaded, ToSave, TrainState};
 use weights::UNetWeights;
@@ -207,6 +207,8 @@ struct Saver<'a> {
     keys: &'a [String],
     /// Blocks trained by this stage and the ones before it.
     trained: &'a [BlockSet],
+    /// The step of the last rolling (not `good-`) checkpoint it wrote.
+    saved_at: std::cell::Cell<Option<usize>>,
 }
 
 impl Saver<'_> {
@@ -218,6 +220,9 @@ impl Saver<'_> {
         ema: &BTreeMap<String, Tensor>,
         good: bool,
     ) -> Result<PathBuf> {
+        if !good {
+            self.saved_at.set(Some(st.step));
+        }
         let slots = opt.state()?;
         let mut s = st.clone();
         s.slots = self
@@ -424,16 +429,31 @@ pub fn train(
             },
         };
         let mut csv = log::CsvLog::open(&rdir.join("log.csv"), st.step)?;
+        // What the steps before a resume reported, as an uninterrupted run
+        // has it: every evaluation (the export's metadata takes the last
+        // one) and the losses of the running mean.
+        let mut recent: Vec<f64> = Vec::new();
+        if resumed.is_some() {
+            for (step, vl, score) in evals_upto(m, run_id, st.step)? {
+                report.retention.push((step, score));
+                report.val_loss = vl;
+            }
+            if !report.retention.is_empty() {
+                report.grid = Some(evaluator.write_grid(st.step)?);
+            }
+            recent = csv.last_losses(10)?;
+        }
         let total_steps = cfg.total_steps();
         let bar = ctx.bar(total_steps as u64, "train");
         let mut warm = crate::nn::keep_warm();
         bar.set_position(st.step as u64);
         let mut batches = Batches::new(&train_items, cfg.batch_size, cfg.seed, st.pos);
-        let mut recent: Vec<f64> = Vec::new();
         let mut ema: BTreeMap<String, Tensor> =
             resumed.as_ref().map(|l| l.ema.clone()).unwrap_or_default();
         let mut resumed_slots = resumed.map(|l| l.slots);
 
+        // A resumed run has its checkpoint at the step it starts from.
+        let mut checkpoint_at_start = report.resumed.then_some(st.step);
         // A run that stopped early (and was killed before its export) exports.
         report.stopped_early = st.stopped.clone();
         'stages: while st.stage < stages.len() && st.stopped.is_none() {
@@ -494,6 +514,7 @@ pub fn train(
                 run_dir: &rdir,
                 keys: &keys,
                 trained: &trained,
+                saved_at: std::cell::Cell::new(checkpoint_at_start.take()),
             };
             // Will the checkpoints and the export fit?
             {
@@ -709,6 +730,12 @@ pub fn train(
                 }
             }
             st.pos = batches.pos();
+            if st.stage + 1 == stages.len() && saver.saved_at.get() != Some(st.step) {
+                // The end of training is a checkpoint too (`save_every = 0`
+                // promises it): a kill during the export resumes here, not
+                // steps back.
+                saver.save(&st, &opt, &weights, &ema, false)?;
+            }
             st.stage += 1;
             st.stage_step = 0;
             st.stage_met = false;
@@ -787,5 +814,7 @@ pub fn train(
     Ok(report)
 }
 
+#[cfg(test)]
+mod order_tests;
 #[cfg(test)]
 mod tests;

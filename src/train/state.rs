@@ -124,6 +124,13 @@ impl TrainState {
         if saved == now {
             return None;
         }
+        let format = |d: &str| d.split(':').nth(1).map(str::to_string);
+        if format(saved) != format(now) {
+            return Some(
+                "dataset: the run was saved by an earlier eps2v, which ordered its batches by item id (now by content); resume it with that version, or start a new run (its caches are reused)"
+                    .to_string(),
+            );
+        }
         let count = |d: &str| d.split(':').next().unwrap_or("?").to_string();
         Some(format!(
             "dataset: the run trained on {} items, there are {} now, or their images, captions or buckets changed",
@@ -238,12 +245,24 @@ pub fn latest(run_dir: &Path) -> Result<Option<PathBuf>> {
 /// a run that another process holds ([`Manifest::run_is_live`]), are
 /// passed over (a new run starts).
 pub fn resumable_run(m: &Manifest, cfg: &TrainConfig) -> Result<Option<i64>> {
+    matching_run(m, cfg, "('running', 'failed')")
+}
+
+/// [`resumable_run`], finished runs included: what `run`'s train stage
+/// takes up when no record of the pipeline says it trained (a kill between
+/// the training run's end and the pipeline's record of it). Resuming a
+/// finished run from its last checkpoint (written at its last step) only
+/// exports again, the same bytes as its first export.
+pub fn adoptable_run(m: &Manifest, cfg: &TrainConfig) -> Result<Option<i64>> {
+    matching_run(m, cfg, "('running', 'failed', 'done')")
+}
+
+fn matching_run(m: &Manifest, cfg: &TrainConfig, statuses: &str) -> Result<Option<i64>> {
     let mut st = m
         .conn()
-        .prepare(
-            "SELECT id FROM runs WHERE stage = 'train' AND status IN ('running', 'failed') \
-             ORDER BY id DESC",
-        )
+        .prepare(&format!(
+            "SELECT id FROM runs WHERE stage = 'train' AND status IN {statuses} ORDER BY id DESC"
+        ))
         .map_err(|e| m.err(e))?;
     let ids: Vec<i64> = st
         .query_map([], |r| r.get(0))

@@ -46,12 +46,12 @@ fn walk_count(dir: &Path) -> usize {
     })
 }
 
-fn run(ds: &Path, cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainReport> {
+pub(super) fn run(ds: &Path, cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainReport> {
     let mut m = Manifest::open(ds)?;
     train(cfg, &mut m, opts, &Ctx::quiet())
 }
 
-fn unet_tensors(p: &Path) -> Vec<(String, Vec<f32>)> {
+pub(super) fn unet_tensors(p: &Path) -> Vec<(String, Vec<f32>)> {
     let ck = Checkpoint::open(p).unwrap();
     ck.entries()
         .keys()
@@ -306,15 +306,11 @@ fn resume_equals_an_uninterrupted_run_bit_for_bit() {
         warmup_steps: 2,
         ..quick(&ck, 6)
     };
-    run(
-        &ds,
-        &TrainConfig {
-            out: Some(straight.clone()),
-            ..cfg.clone()
-        },
-        &TrainOptions::default(),
-    )
-    .unwrap();
+    let cfg_s = TrainConfig {
+        out: Some(straight.clone()),
+        ..cfg.clone()
+    };
+    let whole = run(&ds, &cfg_s, &TrainOptions::default()).unwrap();
     let cfg_r = TrainConfig {
         out: Some(resumed.clone()),
         ..cfg.clone()
@@ -394,6 +390,42 @@ fn resume_equals_an_uninterrupted_run_bit_for_bit() {
     assert_eq!(unet_tensors(&straight), unet_tensors(&resumed));
     // The log describes one history: 6 step rows.
     let rows = log::read(&second.run_dir.join("log.csv")).unwrap();
+    assert_eq!(rows.iter().filter(|r| r.loss.is_some()).count(), 6);
+    // ... and the report is the uninterrupted run's: every evaluation
+    // (the step-0 one was made before the interruption) and the running
+    // mean of the loss.
+    assert_eq!(second.retention, whole.retention);
+    assert_eq!(second.last_loss, whole.last_loss);
+    assert_eq!(second.val_loss, whole.val_loss);
+
+    // A finished run has a checkpoint at its last step (`save_every` 0):
+    // resumed, as `run` does when no record of it says it trained, it only
+    // exports again, the same bytes, with the same report.
+    let exported = std::fs::read(&straight).unwrap();
+    std::fs::remove_file(&straight).unwrap();
+    let m = Manifest::open(&ds).unwrap();
+    assert_eq!(state::resumable_run(&m, &cfg_s).unwrap(), None);
+    assert_eq!(
+        state::adoptable_run(&m, &cfg_s).unwrap(),
+        Some(second.run_id),
+        "the newest matching run, finished"
+    );
+    drop(m);
+    let again = run(
+        &ds,
+        &cfg_s,
+        &TrainOptions {
+            resume: Some(whole.run_id),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert!(again.resumed && !again.interrupted);
+    assert_eq!(again.steps, 6);
+    assert_eq!(std::fs::read(&straight).unwrap(), exported);
+    assert_eq!(again.retention, whole.retention);
+    assert_eq!(again.last_loss, whole.last_loss);
+    let rows = log::read(&whole.run_dir.join("log.csv")).unwrap();
     assert_eq!(rows.iter().filter(|r| r.loss.is_some()).count(), 6);
 }
 
