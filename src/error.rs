@@ -103,6 +103,21 @@ impl Error {
     }
 }
 
+/// `" (relative paths are from the current folder, CWD)"` for a relative
+/// `path`, else nothing: for "no such file" messages.
+pub fn relative_to_cwd(path: &Path) -> String {
+    if path.is_absolute() {
+        return String::new();
+    }
+    match std::env::current_dir() {
+        Ok(cwd) => format!(
+            " (relative paths are from the current folder, {})",
+            cwd.display()
+        ),
+        Err(_) => String::new(),
+    }
+}
+
 /// Extension to attach a path to `std::io::Result`s.
 pub trait IoContext<T> {
     /// Attach `path` to the error.

@@ -8,7 +8,11 @@
 //! ([`crate::Error::Interrupted`]) instead of dying mid-write. A second
 //! signal while the first is being honoured ends the process at once (the
 //! default action), for a step that takes minutes; every write is atomic,
-//! so that loses only the unfinished step or batch.
+//! so that loses only the unfinished step or batch. A second signal within
+//! [`SAME_REQUEST_NS`] of the first is the same request delivered twice
+//! (coreutils `timeout` sends its SIGTERM to the process and then to its
+//! process group; a wrapper may forward the terminal's Ctrl-C that the
+//! process also got) and is ignored.
 //!
 //! Written on `libc` (already a dependency) rather than a crate such as
 //! `ctrlc`: all that is needed is an async-signal-safe store to an atomic
@@ -21,10 +25,34 @@
 //! another): only the outermost installs and restores the handlers and
 //! clears an earlier request, so a Ctrl-C between two stages is not lost.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 
 static STOP: AtomicBool = AtomicBool::new(false);
+
+/// When the first signal came (monotonic clock, ns; 0: none yet).
+static FIRST_NS: AtomicU64 = AtomicU64::new(0);
+
+/// Signals this close to the first one are the same request.
+pub const SAME_REQUEST_NS: u64 = 1_000_000_000;
+
+/// The monotonic clock in ns, at least 1 (`clock_gettime` is
+/// async-signal-safe).
+#[cfg(unix)]
+fn now_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid timespec to fill; CLOCK_MONOTONIC always exists.
+    unsafe {
+        libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts);
+    }
+    (ts.tv_sec as u64)
+        .saturating_mul(1_000_000_000)
+        .saturating_add(ts.tv_nsec as u64)
+        .max(1)
+}
 
 /// Printed (with `write(2)`, which is async-signal-safe) on the first signal.
 #[cfg(unix)]
@@ -33,7 +61,17 @@ const NOTICE: &[u8] =
 
 #[cfg(unix)]
 extern "C" fn on_signal(sig: libc::c_int) {
+    let now = now_ns();
+    // The first signal claims the clock before it raises the flag, so a
+    // second one that interrupts this handler sees when it came.
+    let first = match FIRST_NS.compare_exchange(0, now, Ordering::SeqCst, Ordering::SeqCst) {
+        Ok(_) => now,
+        Err(t) => t,
+    };
     if STOP.swap(true, Ordering::SeqCst) {
+        if now.saturating_sub(first) < SAME_REQUEST_NS {
+            return;
+        }
         // SAFETY: signal() and raise() are async-signal-safe; the signal
         // is blocked while this handler runs, so the default action (end
         // the process) takes effect as soon as it returns.
@@ -73,6 +111,7 @@ pub fn install() -> Guard {
     let mut st = STATE.lock().unwrap_or_else(|e| e.into_inner());
     if st.depth == 0 {
         STOP.store(false, Ordering::SeqCst);
+        FIRST_NS.store(0, Ordering::SeqCst);
         #[cfg(unix)]
         {
             let handler = on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t;

@@ -258,11 +258,12 @@ pub fn run_filter(a: FilterArgs, json: bool) -> anyhow::Result<i32> {
         }
     }
     println!(
-        "filter{} (min alignment {:.2}): {} scored items, {} kept, {} rejected ({} newly), {} restored",
+        "filter{} (min alignment {:.2}): {} scored items, {} kept, {}{} rejected ({} newly), {} restored",
         if r.dry_run { " (dry run)" } else { "" },
         r.min_alignment,
         r.scored,
         r.kept,
+        r.duplicates_text(),
         r.rejected,
         r.newly_rejected,
         r.restored

@@ -365,6 +365,22 @@ pub fn bucket(a: BucketArgs, json: bool) -> anyhow::Result<i32> {
             let parts: Vec<String> = r.rejected.iter().map(|(k, v)| format!("{k} {v}")).collect();
             println!("        rejected: {}", parts.join(", "));
         }
+        // Which ones, as import names its rejections (the rest: --json,
+        // or `eps2v inspect`).
+        const SHOWN: usize = 20;
+        for x in r.rejected_items.iter().take(SHOWN) {
+            let what = x
+                .source
+                .clone()
+                .unwrap_or_else(|| format!("item {}", x.item_id));
+            eprintln!("rejected {what}: {}", x.reason);
+        }
+        if r.rejected_items.len() > SHOWN {
+            eprintln!(
+                "... and {} more (--json lists them all)",
+                r.rejected_items.len() - SHOWN
+            );
+        }
     }
     Ok(if r.rejected.is_empty() { 0 } else { 1 })
 }

@@ -1,7 +1,7 @@
 //! `eps2v run [CONFIG.toml] [--dataset DIR]`: flags → a resolved
 //! [`RunConfig`], then [`crate::run::run`] and a one-screen summary.
 //! Without a config: the toy world in `./eps2v-toy-run` (the config's
-//! default `dataset`). `--print-schema` (hidden) prints the JSON Schema
+//! default `dataset`). `--print-schema` prints the JSON Schema
 //! that `schemas/config.schema.json` holds.
 
 use std::path::PathBuf;
@@ -16,7 +16,7 @@ use crate::Result;
 #[derive(Debug, Args)]
 #[command(after_help = "Examples:\n  \
 eps2v run                                   # the toy world in ./eps2v-toy-run, a few minutes on a laptop CPU\n  \
-eps2v run fixtures/configs/sdxl-1girl.toml  # the real recipe (edit `model` first)\n  \
+eps2v run fixtures/configs/sdxl-1girl.toml  # the real recipe (edit `model`, `caption.tagger` and `[device]` first)\n  \
 eps2v run my.toml --dataset /data/run2\n\n\
 Kill it at any time (Ctrl-C, kill -9) and rerun the same command: finished stages are skipped, training resumes from its last checkpoint.\n\
 The report: <dataset>/runs/<id>/report/index.html.")]
@@ -26,8 +26,8 @@ pub struct RunArgs {
     /// Dataset folder (overrides the config's `dataset`).
     #[arg(long)]
     pub dataset: Option<PathBuf>,
-    /// Print the config's JSON Schema and exit.
-    #[arg(long, hide = true)]
+    /// Print the config's JSON Schema (for editors' TOML completion) and exit.
+    #[arg(long)]
     pub print_schema: bool,
 }
 

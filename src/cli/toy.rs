@@ -46,7 +46,8 @@ pub struct BuildArgs {
     /// Master seed.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// A few steps of everything (checks that the build runs; useless models).
+    /// A few steps of everything (checks that the build runs; useless
+    /// models, so it needs --out).
     #[arg(long)]
     pub quick: bool,
     /// Keep OUT/work/ (scenes, dataset, training runs).
@@ -218,6 +219,12 @@ pub fn run(args: ToyArgs, json: bool) -> anyhow::Result<i32> {
 
 fn build(a: BuildArgs, json: bool) -> anyhow::Result<i32> {
     use crate::toy::build::{build, BuildOptions, BuildRecipe};
+    if a.quick && a.out.is_none() {
+        anyhow::bail!(
+            "--quick makes useless models and, without --out, would write them over the toy world every command uses by default ({}); give --out DIR",
+            crate::toy::toy_dir().display()
+        );
+    }
     let out = a.out.unwrap_or_else(crate::toy::toy_dir);
     let mut recipe = if a.quick {
         BuildRecipe::quick(a.seed)
@@ -599,4 +606,31 @@ fn scenes(a: ScenesArgs, json: bool) -> anyhow::Result<i32> {
         r.dir.display()
     );
     Ok(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct T {
+        #[command(flatten)]
+        a: BuildArgs,
+    }
+
+    /// `--quick` never writes its useless models over the toy world every
+    /// command uses by default: it needs --out (refused before anything
+    /// is built).
+    #[test]
+    fn a_quick_build_needs_its_own_folder() {
+        let e = build(T::parse_from(["x", "--quick"]).a, true)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("--quick") && e.contains("give --out DIR"), "{e}");
+        assert!(
+            e.contains(&crate::toy::toy_dir().display().to_string()),
+            "{e}"
+        );
+    }
 }

@@ -25,6 +25,27 @@ use crate::{Error, Result};
 
 /// Parse a device spec: `cpu`, `cuda` (= `cuda:0`) or `cuda:N`, and open it.
 pub fn device(spec: &str) -> Result<Device> {
+    device_as(spec, &DeviceSource::FLAG)
+}
+
+/// Where a device spec came from, for its error messages.
+pub struct DeviceSource<'a> {
+    /// How the setting is named (`--device`, `device.device`).
+    pub name: &'a str,
+    /// How to ask for the CPU instead.
+    pub use_cpu: &'a str,
+}
+
+impl DeviceSource<'_> {
+    /// The command line's `--device`.
+    pub const FLAG: DeviceSource<'static> = DeviceSource {
+        name: "--device",
+        use_cpu: "use --device cpu",
+    };
+}
+
+/// [`device`], its errors naming the setting as `from` says.
+pub fn device_as(spec: &str, from: &DeviceSource<'_>) -> Result<Device> {
     let s = spec.trim().to_ascii_lowercase();
     if s == "cpu" {
         return Ok(Device::Cpu);
@@ -34,33 +55,36 @@ pub fn device(spec: &str) -> Result<Device> {
         Some(rest) => rest
             .strip_prefix(':')
             .and_then(|n| n.parse::<usize>().ok())
-            .ok_or_else(|| bad_spec(spec))?,
-        None => return Err(bad_spec(spec)),
+            .ok_or_else(|| bad_spec(spec, from))?,
+        None => return Err(bad_spec(spec, from)),
     };
-    open_cuda(ordinal)
+    open_cuda(ordinal, from)
 }
 
-fn bad_spec(spec: &str) -> Error {
+fn bad_spec(spec: &str, from: &DeviceSource<'_>) -> Error {
     Error::config(format!(
-        "--device {spec:?}: expected cpu, cuda or cuda:N (N = GPU index, as nvidia-smi lists them)"
+        "{} {spec:?}: expected cpu, cuda or cuda:N (N = GPU index, as nvidia-smi lists them)",
+        from.name
     ))
 }
 
 #[cfg(not(feature = "cuda"))]
-fn open_cuda(ordinal: usize) -> Result<Device> {
+fn open_cuda(ordinal: usize, from: &DeviceSource<'_>) -> Result<Device> {
     Err(Error::config(format!(
-        "--device cuda:{ordinal}: this eps2v was built without CUDA support; rebuild with `scripts/cuda-toolchain.sh cargo build --features cuda` (README, section GPU) or use --device cpu"
+        "{} cuda:{ordinal}: this eps2v was built without CUDA support; rebuild with `scripts/cuda-toolchain.sh cargo build --features cuda` (README, section GPU) or {}",
+        from.name, from.use_cpu
     )))
 }
 
 #[cfg(feature = "cuda")]
-fn open_cuda(ordinal: usize) -> Result<Device> {
+fn open_cuda(ordinal: usize, from: &DeviceSource<'_>) -> Result<Device> {
     let dev = Device::new_cuda(ordinal).map_err(|e| {
         // candle appends a backtrace when RUST_BACKTRACE is set: keep the cause.
         let e = e.to_string();
         let cause = e.lines().next().unwrap_or_default();
         Error::config(format!(
-            "--device cuda:{ordinal}: no usable CUDA device ({cause}); check `nvidia-smi` and that the driver's libcuda.so.1 is on the library path, or use --device cpu"
+            "{} cuda:{ordinal}: no usable CUDA device ({cause}); check `nvidia-smi` and that the driver's libcuda.so.1 is on the library path, or {}",
+            from.name, from.use_cpu
         ))
     })?;
     gpu_memory::keep_freed_memory(&dev)?;

@@ -400,9 +400,15 @@ impl RunConfig {
                 "model: {}: no such file; {}",
                 model.display(),
                 if toy {
-                    "the toy model is built by `eps2v toy build` (or give `model = \"FILE\"` in the config)"
+                    format!(
+                        "give `model = \"FILE\"` in the config for your own model; for the toy world, {}",
+                        crate::toy::where_to_find_it()
+                    )
                 } else {
-                    "give the path of a single-file SDXL .safetensors checkpoint"
+                    format!(
+                        "give the path of a single-file SDXL .safetensors checkpoint{}",
+                        crate::error::relative_to_cwd(&model)
+                    )
                 }
             )));
         }

@@ -226,9 +226,13 @@ pub fn eval_spec(cfg: &RunConfig) -> Result<EvalSpec> {
 /// Device and dtype of the models the pipeline loads itself.
 pub fn placement(cfg: &RunConfig) -> Result<LoadOptions> {
     let device = match &cfg.device.device {
-        Some(spec) => {
-            crate::nn::device(spec).map_err(|e| Error::config(format!("device.device: {e}")))?
-        }
+        Some(spec) => crate::nn::device::device_as(
+            spec,
+            &crate::nn::device::DeviceSource {
+                name: "device.device",
+                use_cpu: "set device = \"cpu\" under [device] in the config",
+            },
+        )?,
         None => crate::nn::default_device(),
     };
     let requested = match cfg.device.precision.as_deref() {
@@ -427,8 +431,12 @@ pub fn run(cfg: &RunConfig, adherence: Option<&AdherenceFn<'_>>, ctx: &Ctx) -> R
                 "filter" => {
                     let r = stages::filter::run(&cfg.filter, &mut m)?;
                     rec.summary = format!(
-                        "{} scored, {} kept, {} rejected below alignment {}",
-                        r.scored, r.kept, r.rejected, r.min_alignment
+                        "{} scored, {} kept, {}{} rejected below alignment {}",
+                        r.scored,
+                        r.kept,
+                        r.duplicates_text(),
+                        r.rejected,
+                        r.min_alignment
                     );
                 }
                 "dedupe" => {

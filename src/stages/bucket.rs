@@ -164,10 +164,24 @@ pub struct BucketReport {
     pub still_rejected: usize,
     /// Items rejected by this run (too small, unreadable), by reason code.
     pub rejected: std::collections::BTreeMap<String, usize>,
+    /// Each item this run rejected: its id, the file it was imported
+    /// from (generated items have none) and why.
+    pub rejected_items: Vec<BucketRejection>,
     /// Histogram of this run's buckets: "WxH" → count.
     pub histogram: std::collections::BTreeMap<String, usize>,
     /// Wall time, seconds.
     pub seconds: f64,
+}
+
+/// An item a bucket run rejected.
+#[derive(Debug, Clone, Serialize)]
+pub struct BucketRejection {
+    /// Item id.
+    pub item_id: i64,
+    /// The first source file it was imported from, if any.
+    pub source: Option<String>,
+    /// Why (`too_small: …`, `unreadable: …`).
+    pub reason: String,
 }
 
 struct Done {
@@ -528,6 +542,18 @@ pub fn run(cfg: &BucketConfig, m: &mut Manifest, ctx: &Ctx) -> Result<BucketRepo
                         stale.extend(t.old_bucket.clone());
                         let code = reason.split(':').next().unwrap_or("unknown").to_string();
                         *report.rejected.entry(code).or_default() += 1;
+                        let source = tx
+                            .query_row(
+                                "SELECT min(path) FROM sources WHERE item_id = ?1",
+                                [item_id],
+                                |r| r.get(0),
+                            )
+                            .map_err(map)?;
+                        report.rejected_items.push(BucketRejection {
+                            item_id,
+                            source,
+                            reason: reason.clone(),
+                        });
                     }
                 }
             }

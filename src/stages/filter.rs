@@ -71,6 +71,9 @@ pub struct FilterReport {
     pub scored: usize,
     /// Judged items kept.
     pub kept: usize,
+    /// Judged duplicates that pass: not kept, they stay duplicates
+    /// (`scored` = `kept` + `duplicates_passing` + `rejected`).
+    pub duplicates_passing: usize,
     /// Judged items rejected (including ones this stage had rejected before).
     pub rejected: usize,
     /// Items rejected now that were ok before.
@@ -83,6 +86,18 @@ pub struct FilterReport {
     pub rejections: Vec<Rejection>,
     /// Wall time, seconds.
     pub seconds: f64,
+}
+
+impl FilterReport {
+    /// `"N duplicates pass (they stay duplicates), "` when there are any,
+    /// so that the counts of a filter after dedupe add up to the items
+    /// scored.
+    pub fn duplicates_text(&self) -> String {
+        match self.duplicates_passing {
+            0 => String::new(),
+            n => format!("{n} duplicates pass (they stay duplicates), "),
+        }
+    }
 }
 
 /// The decision for one score: `Some(reason)` to reject.
@@ -201,6 +216,7 @@ pub fn run(cfg: &FilterConfig, m: &mut Manifest) -> Result<FilterReport> {
                     None => {
                         // A duplicate that passes is not kept: it stays one.
                         report.kept += usize::from(!r.duplicate);
+                        report.duplicates_passing += usize::from(r.duplicate);
                         if r.own {
                             report.restored += 1;
                             updates.push((r.id, None));
@@ -274,6 +290,7 @@ mod tests {
         };
         let r = run(&cfg, &mut m).unwrap();
         assert_eq!((r.scored, r.kept, r.rejected), (3, 1, 1));
+        assert_eq!(r.duplicates_passing, 1);
         let status = |m: &Manifest, id: i64| -> String {
             m.conn()
                 .query_row("SELECT status FROM items WHERE id = ?1", [id], |r| r.get(0))

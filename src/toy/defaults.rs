@@ -21,6 +21,16 @@ pub fn toy_dir() -> PathBuf {
     }
 }
 
+/// What to do when the toy world is not where it is looked for: the
+/// folder is fixed when eps2v is built, so an installed or copied binary
+/// needs the variable.
+pub fn where_to_find_it() -> String {
+    format!(
+        "set {TOY_DIR_ENV} to a folder holding it (a clone's fixtures/toy; this eps2v looks in {} otherwise), or build one with `eps2v toy build --out DIR` (30 to 45 min)",
+        toy_dir().display()
+    )
+}
+
 /// The committed toy base model, or a config error naming the path and
 /// what to do.
 pub fn default_model_path() -> Result<PathBuf> {
@@ -29,8 +39,9 @@ pub fn default_model_path() -> Result<PathBuf> {
         Ok(p)
     } else {
         Err(Error::config(format!(
-            "no model given and the default toy model {} is missing; pass --model FILE (or run `eps2v toy build`, or set {TOY_DIR_ENV})",
-            p.display()
+            "no model given and the default toy model {} is missing; pass --model FILE, or {}",
+            p.display(),
+            where_to_find_it()
         )))
     }
 }
@@ -43,8 +54,9 @@ pub fn default_tagger_dir() -> Result<PathBuf> {
         Ok(p)
     } else {
         Err(Error::config(format!(
-            "no tagger given and the default toy tagger {} is missing; pass --tagger DIR (or run `eps2v toy build`, or set {TOY_DIR_ENV})",
-            p.display()
+            "no tagger given and the default toy tagger {} is missing; pass --tagger DIR, or {}",
+            p.display(),
+            where_to_find_it()
         )))
     }
 }

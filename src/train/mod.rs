@@ -303,10 +303,24 @@ pub fn train(
             };
             if let Some(diff) = diff {
                 return Err(Error::config(format!(
-                    "--resume {id}: the config differs from the saved run's ({diff}); resume with the same settings, or start a new run"
+                    "--resume {id}: the config differs from the saved run's ({diff}); resume with the settings it was started with (the same flags, or the same --config / `eps2v run` config), or start a new run"
                 )));
             }
             state::sweep_partial(&dir)?;
+            let finished: bool = m
+                .conn()
+                .query_row(
+                    "SELECT status = 'done' FROM runs WHERE id = ?1",
+                    [id],
+                    |r| r.get(0),
+                )
+                .map_err(|e| m.err(e))?;
+            if finished {
+                ctx.say(&format!(
+                    "run {id} had finished; resumed from its checkpoint at step {}, it trains what is left (nothing, unless it was saved by an eps2v that wrote no checkpoint at the end) and exports again",
+                    loaded.state.step
+                ));
+            }
             m.conn()
                 .execute(
                     "UPDATE runs SET status = 'running', ended_at = NULL WHERE id = ?1",

@@ -274,6 +274,23 @@ fn readme_quick_start_and_bucket_rerun_with_other_settings() {
         (Some(27), Some(29))
     );
     assert_eq!(r["rejected"]["too_small"], 2);
+    // Each rejection names the file it came from (on stderr too, below).
+    let rejected_sources: Vec<String> = r["rejected_items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| {
+            assert!(
+                x["reason"].as_str().unwrap().starts_with("too_small"),
+                "{x}"
+            );
+            x["source"].as_str().unwrap().to_string()
+        })
+        .collect();
+    assert_eq!(rejected_sources.len(), 2, "{r}");
+    assert!(rejected_sources
+        .iter()
+        .all(|p| p.starts_with(s(&fixtures()))));
     let m = Manifest::open(&demo).unwrap();
     assert_eq!(
         status_counts(&m),
@@ -322,6 +339,12 @@ fn readme_quick_start_and_bucket_rerun_with_other_settings() {
         ),
         (Some(27), Some(27), Some(2))
     );
+    // As text, each rejection is a line naming its file, as import's are.
+    let o = eps2v(&forced[1..]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    for src in &rejected_sources {
+        assert!(err.contains(&format!("rejected {src}: too_small")), "{err}");
+    }
     // The rest of the quick start.
     assert_eq!(code(eps2v(&["export", d, "--format", "kohya"])), 0);
     let o = eps2v(&["inspect", d]);

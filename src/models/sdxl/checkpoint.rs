@@ -130,7 +130,16 @@ impl Checkpoint {
     /// saying what to do.
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
-        let meta = std::fs::metadata(path).at(path)?;
+        let meta = match std::fs::metadata(path) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(Error::model(format!(
+                    "{}: no such file; give the path of a single-file .safetensors checkpoint{}",
+                    path.display(),
+                    crate::error::relative_to_cwd(path)
+                )))
+            }
+            m => m.at(path)?,
+        };
         if meta.is_dir() {
             let diffusers = path.join("model_index.json").exists() || path.join("unet").is_dir();
             return Err(Error::model(if diffusers {

@@ -205,6 +205,14 @@ fn other_families_are_recognised() {
     std::fs::write(dir.path().join("model_index.json"), "{}").unwrap();
     let e = err_of(Checkpoint::open(dir.path()));
     assert!(e.contains("diffusers model folder"), "{e}");
+    // A missing file: what to give, and where a relative path is looked for.
+    let e = err_of(Checkpoint::open("no/such/model.safetensors"));
+    assert!(
+        e.starts_with("no/such/model.safetensors: no such file; give the path of a single-file .safetensors checkpoint (relative paths are from the current folder, "),
+        "{e}"
+    );
+    let e = err_of(Checkpoint::open(dir.path().join("gone.safetensors")));
+    assert!(e.ends_with("gone.safetensors: no such file; give the path of a single-file .safetensors checkpoint"), "{e}");
 }
 
 #[test]
