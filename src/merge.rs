@@ -564,17 +564,6 @@ pub fn sweep(
             r.display()
         )));
     }
-    // The first merge before the reference renders: a merge that cannot be
-    // made (shapes, components, markers) fails in seconds, not after the
-    // reference images.
-    let first = sweep_path(out, alphas[0]);
-    merge(
-        &MergeConfig {
-            alpha: alphas[0],
-            ..cfg.clone()
-        },
-        &first,
-    )?;
     let reference = match &eval.reference {
         Some(r) => r.clone(),
         None => {
@@ -587,7 +576,6 @@ pub fn sweep(
             }
         }
     };
-    let ref_model = SdxlModel::load(&reference, &eval.load)?;
     let spec = EvalSpec {
         prompts: eval.prompts.clone(),
         seeds: eval.seeds.clone(),
@@ -598,55 +586,71 @@ pub fn sweep(
         sampler: crate::diffusion::SamplerKind::Euler,
         uncond: crate::diffusion::UncondMode::Zero,
     };
-    let ref_imgs = sample_set(&ref_model, &spec)?;
-    drop(ref_model);
+    // Merges a killed or earlier sweep of the same inputs and settings
+    // scored, whose files are still the ones it wrote, are kept.
+    let state_path = sweep_state_path(out);
+    let key = sweep_key(cfg, eval, &reference)?;
+    let mut state = SweepState::read(&state_path, &key);
+    let mut ref_imgs: Option<Vec<image::RgbImage>> = None;
     let mut points: Vec<SweepPoint> = Vec::new();
+    let mut reused = 0;
     let bar = ctx.bar(alphas.len() as u64, "merge sweep");
     for &alpha in alphas {
         if ctx.should_stop() {
-            let mut done: Vec<String> =
-                points.iter().map(|p| p.out.display().to_string()).collect();
-            if points.is_empty() {
-                // Written before the reference rendered, not scored yet.
-                done.push(first.display().to_string());
-            }
             return Err(Error::Interrupted(format!(
-                "merge sweep: stopped after {} of {} merges ({} scored){}; rerun to do them all",
-                done.len(),
-                alphas.len(),
+                "merge sweep: stopped after {} of {} merges; rerun to do the rest (the {} done are kept)",
                 points.len(),
-                if done.is_empty() {
-                    String::new()
-                } else {
-                    format!(" (written: {})", done.join(", "))
-                }
+                alphas.len(),
+                points.len()
             )));
         }
         let path = sweep_path(out, alpha);
-        if points.is_empty() && path == first {
-            // Made above.
-        } else {
-            merge(
-                &MergeConfig {
-                    alpha,
-                    ..cfg.clone()
-                },
-                &path,
-            )?;
+        if let Some(p) = state.still_valid(alpha, &path) {
+            points.push(p);
+            reused += 1;
+            bar.inc(1);
+            continue;
         }
+        // The merge before the reference renders: a merge that cannot be
+        // made (shapes, components, markers) fails in seconds, not after
+        // the reference images.
+        merge(
+            &MergeConfig {
+                alpha,
+                ..cfg.clone()
+            },
+            &path,
+        )?;
+        let ref_imgs = match &ref_imgs {
+            Some(r) => r,
+            None => {
+                let ref_model = SdxlModel::load(&reference, &eval.load)?;
+                ref_imgs.insert(sample_set(&ref_model, &spec)?)
+            }
+        };
         let m = SdxlModel::load(&path, &eval.load)?;
         let imgs = sample_set(&m, &spec)?;
-        let retention = mean_retention(&ref_imgs, &imgs);
+        let retention = mean_retention(ref_imgs, &imgs);
         let grid = path.with_extension("grid.png");
         let g = compose_grid(&[ref_imgs.clone(), imgs], eval.width, eval.height);
         crate::pipeline::sample::write_atomic(&grid, &crate::stages::bucket::encode_png_fast(&g)?)?;
-        points.push(SweepPoint {
+        let point = SweepPoint {
             alpha,
             out: path,
             retention,
             grid,
-        });
+        };
+        state.record(&point)?;
+        crate::pipeline::sample::write_atomic(&state_path, &serde_json::to_vec_pretty(&state)?)?;
+        points.push(point);
         bar.inc(1);
+    }
+    if reused > 0 {
+        ctx.say(&format!(
+            "merge sweep: {reused} of {} merges kept from an earlier sweep of the same inputs and settings ({})",
+            alphas.len(),
+            state_path.display()
+        ));
     }
     bar.finish_and_clear();
     let best = points
@@ -669,6 +673,106 @@ pub fn sweep(
         serde_json::to_string_pretty(&report)?.as_bytes(),
     )?;
     Ok(report)
+}
+
+/// Where a sweep keeps what it has scored (`m.safetensors` →
+/// `m-sweep.state.json`).
+fn sweep_state_path(out: &Path) -> PathBuf {
+    let stem = out
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "merge".into());
+    out.with_file_name(format!("{stem}-sweep.state.json"))
+}
+
+/// What decides a sweep's merges and scores, but α: the inputs by
+/// content, the merge settings, the evaluation, where it samples, and this
+/// eps2v's version.
+fn sweep_key(cfg: &MergeConfig, eval: &SweepEval, reference: &Path) -> Result<String> {
+    use crate::models::sdxl::checkpoint::sha256_file;
+    use sha2::{Digest, Sha256};
+    let hash = |p: &Path| sha256_file(p);
+    let settings = serde_json::json!({
+        "version": env!("CARGO_PKG_VERSION"),
+        "a": hash(&cfg.a)?,
+        "b": hash(&cfg.b)?,
+        "c": cfg.c.as_deref().map(hash).transpose()?,
+        "blocks": serde_json::to_value(&cfg.blocks)?,
+        "te": serde_json::to_value(cfg.te)?,
+        "vae": serde_json::to_value(cfg.vae)?,
+        "markers": serde_json::to_value(cfg.markers)?,
+        "dtype": format!("{:?}", cfg.dtype),
+        "reference": hash(reference)?,
+        "prompts": eval.prompts,
+        "seeds": eval.seeds,
+        "steps": eval.steps,
+        "cfg": eval.cfg,
+        "size": [eval.width, eval.height],
+        "device": format!("{:?}", eval.load.device.as_ref().map(|d| d.location())),
+        "precision": format!("{:?}", eval.load.dtype),
+    });
+    Ok(hex::encode(Sha256::digest(settings.to_string().as_bytes())))
+}
+
+/// The merges a sweep scored, with the file each wrote as it was then
+/// (size and modification time).
+#[derive(Debug, Default, Serialize, serde::Deserialize)]
+struct SweepState {
+    key: String,
+    points: Vec<(SweepPoint, u64, i128)>,
+}
+
+/// Size and modification time (ns) of a file.
+fn stamp(p: &Path) -> Option<(u64, i128)> {
+    let m = std::fs::metadata(p).ok()?;
+    let t = m
+        .modified()
+        .ok()?
+        .duration_since(std::time::UNIX_EPOCH)
+        .ok()?;
+    Some((m.len(), t.as_nanos() as i128))
+}
+
+impl SweepState {
+    /// The state at `path` when it is for `key`, else an empty one.
+    fn read(path: &Path, key: &str) -> Self {
+        std::fs::read(path)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<SweepState>(&b).ok())
+            .filter(|s| s.key == key)
+            .unwrap_or_else(|| SweepState {
+                key: key.to_string(),
+                points: Vec::new(),
+            })
+    }
+
+    /// The scored point of `alpha`, when the file at `path` and its grid
+    /// beside it are still the ones it wrote (its folder may have moved).
+    fn still_valid(&self, alpha: f64, path: &Path) -> Option<SweepPoint> {
+        let grid = path.with_extension("grid.png");
+        self.points
+            .iter()
+            .find(|(p, size, mtime)| {
+                p.alpha.to_bits() == alpha.to_bits()
+                    && grid.is_file()
+                    && stamp(path) == Some((*size, *mtime))
+            })
+            .map(|(p, _, _)| SweepPoint {
+                out: path.to_path_buf(),
+                grid,
+                ..p.clone()
+            })
+    }
+
+    /// Remember `point` (replacing an older one of its α).
+    fn record(&mut self, point: &SweepPoint) -> Result<()> {
+        let (size, mtime) = stamp(&point.out)
+            .ok_or_else(|| Error::Other(format!("{}: written, then gone", point.out.display())))?;
+        self.points
+            .retain(|(p, _, _)| p.alpha.to_bits() != point.alpha.to_bits());
+        self.points.push((point.clone(), size, mtime));
+        Ok(())
+    }
 }
 
 /// The path of the sweep output for `alpha` (`m.safetensors` → `m-a0.25.safetensors`).

@@ -676,18 +676,29 @@ fn evaluate(
     ctx: &Ctx,
 ) -> Result<Vec<ModelScore>> {
     let own;
+    // With eps2v's own measure, scores are kept by what decides them, so a
+    // killed or repeated evaluate measures only what it has not.
+    let mut cache: Option<ScoreCache> = None;
+    let dir = out_dir.join("report");
     let hook: &AdherenceFn<'_> = match hook {
         Some(h) => h,
         None => {
             let tagger = cfg.caption.tagger.clone().ok_or_else(|| {
                 Error::config("evaluate: needs a tagger (caption.tagger) to measure adherence")
             })?;
-            let t = TaggerAdherence::new(
-                &tagger,
-                eval_spec(cfg)?,
-                cfg.evaluate.threshold,
-                placement(cfg)?,
-            )?;
+            let (spec, place) = (eval_spec(cfg)?, placement(cfg)?);
+            cache = Some(ScoreCache::open(
+                &dir,
+                &format!(
+                    "{} {spec:?} {} {:?} {:?} {}",
+                    env!("CARGO_PKG_VERSION"),
+                    cfg.evaluate.threshold,
+                    place.device.as_ref().map(|d| d.location()),
+                    place.dtype,
+                    ScoreCache::folder_digest(&tagger)?
+                ),
+            ));
+            let t = TaggerAdherence::new(&tagger, spec, cfg.evaluate.threshold, place)?;
             own = move |r: &AdherenceRequest<'_>| t.measure(r);
             &own
         }
@@ -736,24 +747,49 @@ fn evaluate(
             ));
         }
     }
-    let dir = out_dir.join("report");
     let mut out = Vec::new();
     let n = todo.len();
+    let mut reused = 0;
     for (i, (label, model, prediction, z, retention)) in todo.into_iter().enumerate() {
         // Ctrl-C / SIGTERM: between models (each a full set of samples).
         if ctx.should_stop() {
             return Err(Error::Interrupted(format!(
-                "evaluate: stopped after {i} of {n} models; rerun to score them all"
+                "evaluate: stopped after {i} of {n} models; rerun to score the rest (the ones done are kept)"
             )));
         }
-        let grid = format!("eval-{i}.png");
+        let key = match &cache {
+            Some(c) => Some(c.key(&model, prediction, z)?),
+            None => None,
+        };
+        let kept = cache
+            .as_ref()
+            .zip(key.as_deref())
+            .and_then(|(c, k)| c.get(k));
+        let kept_now = kept.is_some();
+        let (a, grid) = match kept {
+            Some(hit) => hit,
+            None => {
+                let grid = match &key {
+                    Some(k) => format!("eval-{}.png", &k[..16]),
+                    None => format!("eval-{i}.png"),
+                };
+                let a = hook(&AdherenceRequest {
+                    model: &model,
+                    prediction,
+                    ztsnr: z,
+                    grid: Some(&dir.join(&grid)),
+                })?;
+                if let (Some(c), Some(k)) = (cache.as_mut(), &key) {
+                    c.put(k, &a, &grid)?;
+                }
+                (a, grid)
+            }
+        };
+        if let (Some(c), Some(k)) = (cache.as_mut(), &key) {
+            c.used(k);
+            reused += usize::from(kept_now);
+        }
         let path = dir.join(&grid);
-        let a = hook(&AdherenceRequest {
-            model: &model,
-            prediction,
-            ztsnr: z,
-            grid: Some(&path),
-        })?;
         out.push(ModelScore {
             label,
             model,
@@ -764,7 +800,122 @@ fn evaluate(
             grid: if path.is_file() { grid } else { String::new() },
         });
     }
+    if let Some(c) = cache {
+        if reused > 0 {
+            ctx.say(&format!(
+                "evaluate: {reused} of {n} scores kept from an earlier evaluate of the same models and settings ({})",
+                c.path.display()
+            ));
+        }
+        c.keep_only_used()?;
+    }
     Ok(out)
+}
+
+/// Adherence scores of `evaluate`, kept in `report/eval-scores.json` by a
+/// key over what decides them: the settings (eval spec, threshold,
+/// placement, tagger, version), the model's content and how it is sampled.
+struct ScoreCache {
+    path: PathBuf,
+    settings: String,
+    entries: BTreeMap<String, (Adherence, String)>,
+    used: std::collections::BTreeSet<String>,
+}
+
+impl ScoreCache {
+    fn open(dir: &Path, settings: &str) -> Self {
+        let path = dir.join("eval-scores.json");
+        let entries = std::fs::read(&path)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default();
+        Self {
+            path,
+            settings: settings.to_string(),
+            entries,
+            used: Default::default(),
+        }
+    }
+
+    /// The content of a tagger folder's files, in one digest.
+    fn folder_digest(dir: &Path) -> Result<String> {
+        use sha2::{Digest, Sha256};
+        let mut names: Vec<PathBuf> = std::fs::read_dir(dir)
+            .at(dir)?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.is_file())
+            .collect();
+        names.sort();
+        let mut h = Sha256::new();
+        for p in names {
+            h.update(p.file_name().unwrap_or_default().as_encoded_bytes());
+            h.update(crate::models::sdxl::checkpoint::sha256_file(&p)?.as_bytes());
+        }
+        Ok(hex::encode(h.finalize()))
+    }
+
+    fn key(&self, model: &Path, prediction: Prediction, ztsnr: bool) -> Result<String> {
+        use sha2::{Digest, Sha256};
+        let sha = crate::models::sdxl::checkpoint::sha256_file(model)?;
+        let text = format!("{}|{sha}|{prediction}|{ztsnr}", self.settings);
+        Ok(hex::encode(Sha256::digest(text.as_bytes())))
+    }
+
+    /// A kept score whose grid is still there.
+    fn get(&self, key: &str) -> Option<(Adherence, String)> {
+        let dir = self.path.parent()?;
+        self.entries
+            .get(key)
+            .filter(|(_, grid)| dir.join(grid).is_file())
+            .cloned()
+    }
+
+    fn put(&mut self, key: &str, a: &Adherence, grid: &str) -> Result<()> {
+        self.entries
+            .insert(key.to_string(), (a.clone(), grid.to_string()));
+        self.save()
+    }
+
+    fn used(&mut self, key: &str) {
+        self.used.insert(key.to_string());
+    }
+
+    fn save(&self) -> Result<()> {
+        if let Some(dir) = self.path.parent() {
+            std::fs::create_dir_all(dir).at(dir)?;
+        }
+        crate::pipeline::sample::write_atomic(&self.path, &serde_json::to_vec(&self.entries)?)
+    }
+
+    /// Forget the scores (and remove the grids) of models this evaluate
+    /// did not list.
+    fn keep_only_used(mut self) -> Result<()> {
+        let dir = self
+            .path
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_default();
+        let used = std::mem::take(&mut self.used);
+        let keep: BTreeMap<_, _> = std::mem::take(&mut self.entries)
+            .into_iter()
+            .filter(|(k, _)| used.contains(k))
+            .collect();
+        // Grids no kept score shows (earlier ones, and the index-named ones
+        // of eps2v before this cache).
+        let kept_grids: std::collections::BTreeSet<&str> =
+            keep.values().map(|v| v.1.as_str()).collect();
+        for e in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with("eval-")
+                && name.ends_with(".png")
+                && !kept_grids.contains(name.as_str())
+            {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+        self.entries = keep;
+        self.save()
+    }
 }
 
 #[cfg(test)]

@@ -213,12 +213,24 @@ fn toy_run_end_to_end_then_rerun_skips_everything() {
         assert!(!t.contains("://") && !t.starts_with('/'), "{t}");
         assert!(page.parent().unwrap().join(t).is_file(), "{t} missing");
     }
-    for want in ["train-curves.png", "eval-2.png", "merge-a0.5.png"] {
+    for want in ["train-curves.png", "merge-a0.5.png"] {
         assert!(
             targets.iter().any(|t| t == want),
             "{want} not in {targets:?}"
         );
     }
+    // One evaluation grid per score.
+    let grids = |targets: &[String]| {
+        let mut g: Vec<String> = targets
+            .iter()
+            .filter(|t| t.starts_with("eval-"))
+            .cloned()
+            .collect();
+        g.sort();
+        g.dedup();
+        g
+    };
+    assert_eq!(grids(&targets).len(), 4, "{targets:?}");
     assert!(html.contains("drops by reason") && html.contains("alignment"));
     // A rerun with the same config does nothing again.
     let again = json(&run_config(&cfg));
@@ -240,6 +252,44 @@ fn toy_run_end_to_end_then_rerun_skips_everything() {
     ] {
         assert!(summary.contains(want), "{want:?} not in {summary}");
     }
+    // A curation command run outside the pipeline reruns the stages from
+    // the one it affects, but what gives the same result is not made
+    // again: the finished training run is taken up (exported again, the
+    // same bytes), the sweep keeps its merge, evaluate its scores.
+    let before = std::fs::read(&converted).unwrap();
+    let mtime = |p: &Path| std::fs::metadata(p).unwrap().modified().unwrap();
+    let merged = PathBuf::from(v["best_merge"][1].as_str().unwrap());
+    let report_dir = page.parent().unwrap();
+    let made: Vec<_> = std::iter::once(merged.clone())
+        .chain(grids(&targets).iter().map(|g| report_dir.join(g)))
+        .map(|p| mtime(&p))
+        .collect();
+    let o = Command::new(bin())
+        .args(["filter", ds.to_str().unwrap(), "--min-alignment", "0"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let after_filter = json(&run_config(&cfg));
+    assert_eq!(after_filter["run_id"], v["run_id"]);
+    let train = &after_filter["stages"][5];
+    assert_eq!(train["stage"], "train");
+    assert!(
+        train["summary"]
+            .as_str()
+            .unwrap()
+            .starts_with("6 steps (resumed)"),
+        "{train}"
+    );
+    assert_eq!(std::fs::read(&converted).unwrap(), before);
+    assert_eq!(after_filter["scores"], v["scores"]);
+    let remade: Vec<_> = std::iter::once(merged.clone())
+        .chain(grids(&targets).iter().map(|g| report_dir.join(g)))
+        .map(|p| mtime(&p))
+        .collect();
+    assert_eq!(
+        remade, made,
+        "the merge or an evaluation grid was made again"
+    );
     // Another merge setting reruns merge and what follows only.
     let mut t = tiny_toy_config(work.path(), &ds);
     set(&mut t, "merge.alphas", list(&[toml::Value::Float(0.25)]));

@@ -320,29 +320,33 @@ fn merge_and_sweep_through_the_binary() {
         (Some(true), Some(true))
     );
     let sweep = d.path().join("sweep").join("s.safetensors");
-    let o = Command::new(bin())
-        .args([
-            "--json",
-            "merge",
-            v.to_str().unwrap(),
-            ck.to_str().unwrap(),
-            "--markers",
-            "a",
-            "--sweep",
-            "0,0.5,1",
-            "--eval-prompt",
-            "red circle",
-            "--eval-seeds",
-            "0",
-            "--eval-steps",
-            "2",
-            // No --eval-size: model A's own (the tiny config's 64×64).
-            "--out",
-            sweep.to_str().unwrap(),
-        ])
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let run_sweep = || {
+        let o = Command::new(bin())
+            .args([
+                "--json",
+                "merge",
+                v.to_str().unwrap(),
+                ck.to_str().unwrap(),
+                "--markers",
+                "a",
+                "--sweep",
+                "0,0.5,1",
+                "--eval-prompt",
+                "red circle",
+                "--eval-seeds",
+                "0",
+                "--eval-steps",
+                "2",
+                // No --eval-size: model A's own (the tiny config's 64×64).
+                "--out",
+                sweep.to_str().unwrap(),
+            ])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        o
+    };
+    let o = run_sweep();
     let r = json(&o);
     let points = r["points"].as_array().unwrap();
     assert_eq!(points.len(), 3);
@@ -353,6 +357,29 @@ fn merge_and_sweep_through_the_binary() {
         assert!((0.0..=1.0).contains(&s), "{s}");
     }
     assert!(sweep.with_file_name("s-sweep.json").is_file());
+    // Run again, it keeps what it scored while the files are the ones it
+    // wrote: the same report, nothing rewritten; a merge changed since is
+    // made and scored again.
+    let mtime = |p: &str| std::fs::metadata(p).unwrap().modified().unwrap();
+    let outs: Vec<String> = points
+        .iter()
+        .map(|p| p["out"].as_str().unwrap().to_string())
+        .collect();
+    let before: Vec<_> = outs.iter().map(|p| mtime(p)).collect();
+    let again = json(&run_sweep());
+    assert_eq!(again["points"], r["points"]);
+    assert_eq!(outs.iter().map(|p| mtime(p)).collect::<Vec<_>>(), before);
+    let old = std::time::SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000_000);
+    std::fs::File::options()
+        .write(true)
+        .open(&outs[1])
+        .unwrap()
+        .set_modified(old)
+        .unwrap();
+    let third = json(&run_sweep());
+    assert_eq!(third["points"], r["points"]);
+    assert_ne!(mtime(&outs[1]), old, "the changed merge was made again");
+    assert_eq!(mtime(&outs[0]), before[0]);
     // Ctrl-C during a long sweep: it stops after the merge in hand, keeps
     // the merges written, writes no summary, and exits 130.
     let long = d.path().join("long").join("l.safetensors");
