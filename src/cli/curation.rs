@@ -491,7 +491,7 @@ pub fn export(a: ExportArgs, json: bool) -> anyhow::Result<i32> {
                     }
                 );
                 println!(
-                    "        with --in_json {}: the same from sd-scripts v0.10; before it, drop --bucket_no_upscale (they bucket by meta_lat.json's train_resolution)",
+                    "        with --in_json {}: the same, from sd-scripts #2186 (c6bc632e) on; older sd-scripts look meta_lat.json's keys up without their extension and do not find these images: use the folder route above there",
                     r.out.join("meta_lat.json").display()
                 );
             }

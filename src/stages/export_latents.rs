@@ -113,9 +113,10 @@ pub fn kohya_crop_ltrb(bucket: (u32, u32), resized: (u32, u32), left_top: (u32, 
 /// in a bucket of its own size and reads its `.npz`, for buckets of sizes
 /// `buckets`; `None` without buckets. Also the reason when kohya's SDXL
 /// trainer cannot reproduce them (a side that is not a multiple of 32).
-/// For the DreamBooth folder, and `--in_json` from sd-scripts v0.10 on;
-/// earlier versions bucket an `--in_json` dataset by meta_lat.json's
-/// `train_resolution` and refuse `--bucket_no_upscale` there.
+/// For the DreamBooth folder, and `--in_json` from sd-scripts #2186
+/// (c6bc632e) on; before it, sd-scripts looked meta_lat.json's keys up
+/// as stems (`glob_images(image_dir, key)` + each image extension), so
+/// keys with their extension, as ours, are not found there.
 pub fn kohya_flags(buckets: &[(u32, u32)]) -> Option<(String, Option<String>)> {
     let area = buckets
         .iter()
