@@ -692,6 +692,11 @@ fn sweep_key(cfg: &MergeConfig, eval: &SweepEval, reference: &Path) -> Result<St
     use crate::models::sdxl::checkpoint::sha256_file;
     use sha2::{Digest, Sha256};
     let hash = |p: &Path| sha256_file(p);
+    let device = eval
+        .load
+        .device
+        .clone()
+        .unwrap_or_else(crate::nn::default_device);
     let settings = serde_json::json!({
         "version": env!("CARGO_PKG_VERSION"),
         "a": hash(&cfg.a)?,
@@ -708,8 +713,10 @@ fn sweep_key(cfg: &MergeConfig, eval: &SweepEval, reference: &Path) -> Result<St
         "steps": eval.steps,
         "cfg": eval.cfg,
         "size": [eval.width, eval.height],
-        "device": format!("{:?}", eval.load.device.as_ref().map(|d| d.location())),
-        "precision": format!("{:?}", eval.load.dtype),
+        // Where the models will sample: the default device and precision
+        // when none is given (the CLI), as loading resolves them.
+        "device": format!("{:?}", device.location()),
+        "precision": format!("{:?}", crate::nn::model_dtype(&device, eval.load.dtype)?),
     });
     Ok(hex::encode(Sha256::digest(settings.to_string().as_bytes())))
 }

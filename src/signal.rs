@@ -57,7 +57,7 @@ fn now_ns() -> u64 {
 /// Printed (with `write(2)`, which is async-signal-safe) on the first signal.
 #[cfg(unix)]
 const NOTICE: &[u8] =
-    b"\neps2v: stopping at the next safe point, keeping what is done (Ctrl-C again to quit at once)\n";
+    b"\neps2v: stopping at the next safe point, keeping what is done (Ctrl-C again, a second from now, to quit at once)\n";
 
 #[cfg(unix)]
 extern "C" fn on_signal(sig: libc::c_int) {

@@ -270,6 +270,25 @@ pub fn import(a: ImportArgs, json: bool) -> anyhow::Result<i32> {
     })
 }
 
+/// An item as its user knows it: `item N (SOURCE)`, the file it was
+/// imported from, or its image in the dataset for a generated one.
+fn item_name(m: &Manifest, id: i64) -> String {
+    let path: Option<String> = m
+        .conn()
+        .query_row(
+            "SELECT coalesce((SELECT min(path) FROM sources WHERE item_id = ?1),
+                             (SELECT path FROM items WHERE id = ?1))",
+            [id],
+            |r| r.get(0),
+        )
+        .ok()
+        .flatten();
+    match path {
+        Some(p) => format!("item {id} ({p})"),
+        None => format!("item {id}"),
+    }
+}
+
 /// Run `dedupe`.
 pub fn dedupe(a: DedupeArgs, json: bool) -> anyhow::Result<i32> {
     let mut m = Manifest::open(&a.dir)?;
@@ -290,8 +309,11 @@ pub fn dedupe(a: DedupeArgs, json: bool) -> anyhow::Result<i32> {
         for c in &r.plan {
             for d in &c.drops {
                 println!(
-                    "would drop item {} ({} duplicate of {}, distance {})",
-                    d.item_id, d.kind, d.keeper_id, d.distance
+                    "would drop {} ({} duplicate of {}, distance {})",
+                    item_name(&m, d.item_id),
+                    d.kind,
+                    item_name(&m, d.keeper_id),
+                    d.distance
                 );
             }
         }

@@ -20,7 +20,7 @@ fn file_identity(path: &Path) -> Result<serde_json::Value> {
 }
 
 /// A tagger folder by the content of its files.
-fn tagger_identity(dir: &Path) -> Result<serde_json::Value> {
+pub(super) fn tagger_identity(dir: &Path) -> Result<serde_json::Value> {
     let f = crate::models::tagger::TaggerFiles::locate(dir)?;
     Ok(serde_json::json!({
         "model": file_identity(&f.model)?,

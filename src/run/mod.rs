@@ -695,7 +695,7 @@ fn evaluate(
                     cfg.evaluate.threshold,
                     place.device.as_ref().map(|d| d.location()),
                     place.dtype,
-                    ScoreCache::folder_digest(&tagger)?
+                    digest::tagger_identity(&tagger)?
                 ),
             ));
             let t = TaggerAdherence::new(&tagger, spec, cfg.evaluate.threshold, place)?;
@@ -835,23 +835,6 @@ impl ScoreCache {
             entries,
             used: Default::default(),
         }
-    }
-
-    /// The content of a tagger folder's files, in one digest.
-    fn folder_digest(dir: &Path) -> Result<String> {
-        use sha2::{Digest, Sha256};
-        let mut names: Vec<PathBuf> = std::fs::read_dir(dir)
-            .at(dir)?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.is_file())
-            .collect();
-        names.sort();
-        let mut h = Sha256::new();
-        for p in names {
-            h.update(p.file_name().unwrap_or_default().as_encoded_bytes());
-            h.update(crate::models::sdxl::checkpoint::sha256_file(&p)?.as_bytes());
-        }
-        Ok(hex::encode(h.finalize()))
     }
 
     fn key(&self, model: &Path, prediction: Prediction, ztsnr: bool) -> Result<String> {

@@ -64,6 +64,7 @@ use crate::pipeline::{LoadOptions, SdxlModel};
 use crate::signal;
 use crate::stages::Ctx;
 use crate::{Error, Result};
+use rusqlite::OptionalExtension;
 
 use batch::{add_grads, clip_grads, grad_norm, loss_and_grads, make_batch, validation_loss};
 use blocks::{BlockLr, BlockSet};
@@ -314,7 +315,9 @@ pub fn train(
                     [id],
                     |r| r.get(0),
                 )
-                .map_err(|e| m.err(e))?;
+                .optional()
+                .map_err(|e| m.err(e))?
+                .unwrap_or(false);
             if finished {
                 ctx.say(&format!(
                     "run {id} had finished; resumed from its checkpoint at step {}, it trains what is left (nothing, unless it was saved by an eps2v that wrote no checkpoint at the end) and exports again",

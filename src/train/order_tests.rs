@@ -91,4 +91,11 @@ fn the_same_content_under_other_ids_trains_the_same() {
     };
     let why = old.data_mismatch(&digest(&ds)).unwrap();
     assert!(why.contains("ordered its batches by item id"), "{why}");
+    // So is one saved before the digest was recorded at all.
+    let older = state::TrainState {
+        data_digest: None,
+        ..old
+    };
+    let why = older.data_mismatch(&digest(&ds)).unwrap();
+    assert!(why.contains("ordered its batches by item id"), "{why}");
 }

@@ -85,7 +85,8 @@ pub struct TrainState {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub base_sha256: Option<String>,
     /// What it trains on ([`super::data::digest`]; checkpoints written
-    /// before it was recorded have none, and resume unchecked).
+    /// before it was recorded have none and are not resumed: their
+    /// batches were drawn in item-id order).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub data_digest: Option<String>,
 }
@@ -120,7 +121,9 @@ impl TrainState {
     /// Why this run cannot go on over a dataset whose trainable items
     /// digest to `now` ([`super::data::digest`]); `None` when it can.
     pub fn data_mismatch(&self, now: &str) -> Option<String> {
-        let saved = self.data_digest.as_deref()?;
+        // Saved before the digest was recorded: by an eps2v that drew its
+        // batches in item-id order too.
+        let saved = self.data_digest.as_deref().unwrap_or("?");
         if saved == now {
             return None;
         }

@@ -508,6 +508,22 @@ fn dedupe_keeps_the_lossless_captioned_original() {
         "{dh}"
     );
     assert_eq!(dh["dry_run"], true);
+    // As text, each planned drop names the files the user imported.
+    let o = eps2v(&["dedupe", d, "--hash", "dhash", "--dry-run"]);
+    let text = String::from_utf8_lossy(&o.stdout);
+    let drops: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("would drop"))
+        .collect();
+    assert_eq!(drops.len(), 5, "{text}");
+    assert!(
+        drops.iter().any(|l| {
+            let (a, b) = ("/square_rgb.png)", "/wide_rgb.png)");
+            (l.contains(&format!("{a} (near duplicate of item")) && l.contains(b))
+                || (l.contains(&format!("{b} (near duplicate of item")) && l.contains(a))
+        }),
+        "{text}"
+    );
 }
 
 #[cfg(unix)]

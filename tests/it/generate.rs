@@ -315,8 +315,9 @@ fn a_second_ctrl_c_quits_at_once() {
     let work = tempfile::tempdir().unwrap();
     let ds = work.path().join("ds");
     let ds_s = ds.to_str().unwrap().to_string();
-    let mut args = generate_args(&ds_s, model, "2");
+    let mut args = generate_args(&ds_s, model, "4");
     args[9] = "1000"; // one batch that takes seconds
+    args[13] = "4";
     let mut child = Command::new(bin())
         .arg("--json")
         .args(&args)
@@ -344,7 +345,7 @@ fn a_second_ctrl_c_quits_at_once() {
                 .ok()
         })
         .unwrap_or(0)
-        < 2
+        < 4
     {
         assert!(t0.elapsed() < Duration::from_secs(60), "no plan written");
         std::thread::sleep(Duration::from_millis(5));
@@ -380,7 +381,7 @@ fn a_second_ctrl_c_quits_at_once() {
     let o = run(&[&["--json"][..], &args[..]].concat());
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let r: Value = serde_json::from_slice(&o.stdout).unwrap();
-    assert_eq!(r["rendered"], 2, "{r}");
+    assert_eq!(r["rendered"], 4, "{r}");
 }
 
 #[test]
