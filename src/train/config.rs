@@ -389,7 +389,9 @@ impl Default for TrainConfig {
 }
 
 /// Fields that may differ between a run and its `--resume` (they change
-/// where things are written or how often, never the numbers).
+/// where things are written or how often, never the numbers — except
+/// `save_every` for a run that rolls back after NaNs: it returns to the
+/// newest scheduled checkpoint, which `save_every` places).
 const RESUMABLE_FIELDS: &[&str] = &[
     "out",
     "save_every",

@@ -208,7 +208,8 @@ struct Saver<'a> {
     keys: &'a [String],
     /// Blocks trained by this stage and the ones before it.
     trained: &'a [BlockSet],
-    /// The step of the last rolling (not `good-`) checkpoint it wrote.
+    /// The step of the last checkpoint to resume from (rolling or stop,
+    /// not `good-`) it wrote.
     saved_at: std::cell::Cell<Option<usize>>,
 }
 
@@ -219,9 +220,9 @@ impl Saver<'_> {
         opt: &AdamW,
         weights: &UNetWeights,
         ema: &BTreeMap<String, Tensor>,
-        good: bool,
+        series: state::Series,
     ) -> Result<PathBuf> {
-        if !good {
+        if series != state::Series::Good {
             self.saved_at.set(Some(st.step));
         }
         let slots = opt.state()?;
@@ -246,7 +247,7 @@ impl Saver<'_> {
                 slots: &slots,
                 ema,
             },
-            good,
+            series,
         )
     }
 }
@@ -580,14 +581,14 @@ pub fn train(
                     report.grid = Some(grid);
                     st.last_retention = Some(score);
                 }
-                saver.save(&st, &opt, &weights, &ema, false)?;
+                saver.save(&st, &opt, &weights, &ema, state::Series::Rolling)?;
             }
 
             while st.stage_step < stage.steps && !st.stage_met {
                 warm.refresh();
                 if ctx.should_stop() || opts.stop_at_step == Some(st.step) {
                     st.pos = batches.pos();
-                    saver.save(&st, &opt, &weights, &ema, false)?;
+                    saver.save(&st, &opt, &weights, &ema, state::Series::Stop)?;
                     report.interrupted = true;
                     break 'stages;
                 }
@@ -652,7 +653,7 @@ pub fn train(
                     st.bad_in_row += 1;
                     csv.nan(&rdir, st.step, loss_sum, gnorm, &batch_ids)?;
                     if st.bad_in_row >= cfg.nan_rollback_after {
-                        let anchor = state::latest(&rdir)?.ok_or_else(|| {
+                        let anchor = state::latest_anchor(&rdir)?.ok_or_else(|| {
                             Error::Other("rollback: no checkpoint to roll back to".into())
                         })?;
                         let l = state::load(&anchor, &device)?;
@@ -725,7 +726,7 @@ pub fn train(
                         if score >= x {
                             st.armed = true;
                             st.pos = batches.pos();
-                            saver.save(&st, &opt, &weights, &ema, true)?;
+                            saver.save(&st, &opt, &weights, &ema, state::Series::Good)?;
                         } else if st.armed {
                             st.stopped = Some(format!(
                                 "retention {score:.3} fell below --stop-below {x} at step {}; exporting the last good checkpoint",
@@ -733,7 +734,7 @@ pub fn train(
                             ));
                             report.stopped_early = st.stopped.clone();
                             st.pos = batches.pos();
-                            saver.save(&st, &opt, &weights, &ema, false)?;
+                            saver.save(&st, &opt, &weights, &ema, state::Series::Rolling)?;
                             break 'stages;
                         }
                     }
@@ -743,7 +744,7 @@ pub fn train(
                 }
                 if cfg.save_every > 0 && st.step % cfg.save_every == 0 {
                     st.pos = batches.pos();
-                    saver.save(&st, &opt, &weights, &ema, false)?;
+                    saver.save(&st, &opt, &weights, &ema, state::Series::Rolling)?;
                 }
             }
             st.pos = batches.pos();
@@ -751,7 +752,7 @@ pub fn train(
                 // The end of training is a checkpoint too (`save_every = 0`
                 // promises it): a kill during the export resumes here, not
                 // steps back.
-                saver.save(&st, &opt, &weights, &ema, false)?;
+                saver.save(&st, &opt, &weights, &ema, state::Series::Rolling)?;
             }
             st.stage += 1;
             st.stage_step = 0;

@@ -99,3 +99,75 @@ fn the_same_content_under_other_ids_trains_the_same() {
     let why = older.data_mismatch(&digest(&ds)).unwrap();
     assert!(why.contains("ordered its batches by item id"), "{why}");
 }
+
+/// A stop request between scheduled saves writes a checkpoint of its own
+/// series: resumed, a NaN rollback returns where the uninterrupted run's
+/// does (the last scheduled checkpoint), not to where the run stopped, so
+/// the result is the same bytes; the stop checkpoint is gone once a
+/// scheduled one passes it.
+#[test]
+fn a_rollback_after_a_resume_returns_where_the_uninterrupted_run_does() {
+    let d = tempfile::tempdir().unwrap();
+    let (ds, ck) = testkit::dataset(d.path()).unwrap();
+    let cfg = TrainConfig {
+        blocks: vec!["out".into()],
+        nan_rollback_after: 1,
+        save_every: 4,
+        ..quick(&ck, 10)
+    };
+    let with_out = |name: &str| TrainConfig {
+        out: Some(d.path().join(name)),
+        ..cfg.clone()
+    };
+    let nan = TrainOptions {
+        inject_nan_at: vec![6],
+        ..Default::default()
+    };
+    let whole = run(&ds, &with_out("whole.safetensors"), &nan).unwrap();
+    assert_eq!(whole.rollbacks, 1);
+    let cfg_r = with_out("resumed.safetensors");
+    let first = run(
+        &ds,
+        &cfg_r,
+        &TrainOptions {
+            stop_at_step: Some(5),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert!(first.interrupted);
+    let names = |dir: &Path| -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(state::dir(dir))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(
+        names(&first.run_dir),
+        [
+            "step-000000.safetensors",
+            "step-000004.safetensors",
+            "stop-step-000005.safetensors"
+        ]
+    );
+    let second = run(
+        &ds,
+        &cfg_r,
+        &TrainOptions {
+            resume: Some(first.run_id),
+            ..nan
+        },
+    )
+    .unwrap();
+    assert_eq!((second.steps, second.rollbacks), (10, 1));
+    assert!(
+        unet_tensors(&d.path().join("whole.safetensors"))
+            == unet_tensors(&d.path().join("resumed.safetensors")),
+        "the resumed run rolled back elsewhere"
+    );
+    assert!(names(&second.run_dir)
+        .iter()
+        .all(|n| n.starts_with("step-")));
+}

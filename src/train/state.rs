@@ -215,7 +215,7 @@ fn list(run_dir: &Path, prefix: &str) -> Result<Vec<(usize, PathBuf)>> {
 /// Bytes of the checkpoints (both series) already in `run_dir`.
 pub fn bytes_on_disk(run_dir: &Path) -> Result<u64> {
     let mut total = 0;
-    for prefix in ["step-", "good-step-"] {
+    for prefix in ["step-", "good-step-", STOP_PREFIX] {
         for (_, p) in list(run_dir, prefix)? {
             total += std::fs::metadata(&p).at(&p)?.len();
         }
@@ -231,10 +231,47 @@ pub fn sweep_partial(run_dir: &Path) -> Result<usize> {
     remove_partial_saves(&dir(run_dir), None)
 }
 
-/// The newest rolling checkpoint, if any.
+/// The newest checkpoint to resume from: a rolling one or the one a stop
+/// request wrote, whichever is later.
 pub fn latest(run_dir: &Path) -> Result<Option<PathBuf>> {
-    Ok(list(run_dir, "step-")?.pop().map(|(_, p)| p))
+    let mut all = list(run_dir, "step-")?;
+    all.extend(list(run_dir, STOP_PREFIX)?);
+    // At the same step, the rolling one (the same state).
+    all.sort_by_key(|(s, p)| {
+        (
+            *s,
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("step-")),
+        )
+    });
+    Ok(all.pop().map(|(_, p)| p))
 }
+
+/// The newest rolling checkpoint: where a NaN rollback returns to. A
+/// checkpoint written on a stop request is not one, so a resumed run rolls
+/// back where the uninterrupted run does.
+pub fn latest_anchor(run_dir: &Path) -> Result<Option<PathBuf>> {
+    match list(run_dir, "step-")?.pop() {
+        Some((_, p)) => Ok(Some(p)),
+        None => latest(run_dir),
+    }
+}
+
+/// Which series a checkpoint belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Series {
+    /// On schedule (stage starts, every `save_every`, the end); the two
+    /// newest are kept.
+    Rolling,
+    /// The last one with retention at or above `--stop-below`.
+    Good,
+    /// Where a stop request (Ctrl-C, SIGTERM) ended the run; only the
+    /// newest is kept, until a rolling one passes it.
+    Stop,
+}
+
+/// File name prefix of the checkpoints written on a stop request.
+const STOP_PREFIX: &str = "stop-step-";
 
 /// The newest unfinished training run of the dataset in `m` whose
 /// settings match `cfg` (up to the fields that may change on resume, the
@@ -382,9 +419,9 @@ pub struct ToSave<'a> {
     pub ema: &'a BTreeMap<String, Tensor>,
 }
 
-/// Write a checkpoint (`good` selects the `good-step-` series); keeps the
-/// two newest of its series.
-pub fn save(run_dir: &Path, what: &ToSave<'_>, good: bool) -> Result<PathBuf> {
+/// Write a checkpoint of `series` ([`Series`]: the two newest rolling and
+/// good ones are kept, one stop one, and none a rolling one has passed).
+pub fn save(run_dir: &Path, what: &ToSave<'_>, series: Series) -> Result<PathBuf> {
     let d = dir(run_dir);
     std::fs::create_dir_all(&d).at(&d)?;
     let mut tensors: Vec<(String, Tensor)> = Vec::new();
@@ -407,7 +444,11 @@ pub fn save(run_dir: &Path, what: &ToSave<'_>, good: bool) -> Result<PathBuf> {
         check_finite(k, t)?;
         tensors.push((format!("ema.{k}"), t.clone()));
     }
-    let prefix = if good { "good-step-" } else { "step-" };
+    let prefix = match series {
+        Series::Rolling => "step-",
+        Series::Good => "good-step-",
+        Series::Stop => STOP_PREFIX,
+    };
     let path = d.join(format!("{prefix}{:06}.safetensors", what.state.step));
     let mut metadata = BTreeMap::new();
     metadata.insert(STATE_KEY.to_string(), serde_json::to_string(what.state)?);
@@ -420,9 +461,17 @@ pub fn save(run_dir: &Path, what: &ToSave<'_>, good: bool) -> Result<PathBuf> {
             ..Default::default()
         },
     )?;
+    let keep = if series == Series::Stop { 1 } else { 2 };
     let all = list(run_dir, prefix)?;
-    for (_, old) in all.iter().take(all.len().saturating_sub(2)) {
+    for (_, old) in all.iter().take(all.len().saturating_sub(keep)) {
         std::fs::remove_file(old).at(old)?;
+    }
+    if series == Series::Rolling {
+        for (s, old) in list(run_dir, STOP_PREFIX)? {
+            if s <= what.state.step {
+                std::fs::remove_file(&old).at(&old)?;
+            }
+        }
     }
     Ok(path)
 }
