@@ -323,6 +323,11 @@ pub fn run(cfg: &RunConfig, adherence: Option<&AdherenceFn<'_>>, ctx: &Ctx) -> R
         pipeline_row(&m, &serde_json::to_value(cfg)?, &digests, &key)?;
     let out_dir = train::run_dir(&root, run_id);
     std::fs::create_dir_all(&out_dir).at(&out_dir)?;
+    // What a killed attempt at this row left half-written (the row's lock
+    // is held: no other process writes here): temporary files of the
+    // report, grids and sweep state, and partial merges.
+    crate::stages::import::sweep_temp_files(&out_dir)?;
+    crate::models::sdxl::checkpoint::remove_partial_saves(&out_dir.join("merges"), None)?;
     let mut report = RunReport {
         run_id,
         dataset: root.clone(),

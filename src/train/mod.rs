@@ -309,6 +309,9 @@ pub fn train(
                 )));
             }
             state::sweep_partial(&dir)?;
+            // The temporary files of its log, grids and evaluation images
+            // (the run's lock is held: nothing else writes there).
+            crate::stages::import::sweep_temp_files(&dir)?;
             let finished: bool = m
                 .conn()
                 .query_row(

@@ -375,6 +375,9 @@ fn resume_equals_an_uninterrupted_run_bit_for_bit() {
     // A checkpoint a killed process was writing is swept on resume.
     let partial = state::dir(&first.run_dir).join(".step-000005.safetensors.tmp-4999999");
     std::fs::write(&partial, b"half a checkpoint").unwrap();
+    // So is the temporary file of a log or grid write it was killed in.
+    let temp = first.run_dir.join(".tmpAbC123");
+    std::fs::write(&temp, b"half a log").unwrap();
     let second = run(
         &ds,
         &cfg_r,
@@ -385,7 +388,7 @@ fn resume_equals_an_uninterrupted_run_bit_for_bit() {
     )
     .unwrap();
     assert!(second.resumed && !second.interrupted);
-    assert!(!partial.exists());
+    assert!(!partial.exists() && !temp.exists());
     assert_eq!((second.run_id, second.steps), (first.run_id, 6));
     assert_eq!(unet_tensors(&straight), unet_tensors(&resumed));
     // The log describes one history: 6 step rows.
