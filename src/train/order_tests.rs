@@ -3,8 +3,6 @@
 use super::config::LatentMode;
 use super::tests::{quick, run, unet_tensors};
 use super::*;
-use crate::stages::bucket::{self, BucketConfig, BucketSet};
-use crate::stages::import::{self, ImportConfig};
 
 /// The same images and captions imported one by one in reverse order get
 /// other ids (as shards merged in another order, or a generation extended
@@ -17,7 +15,6 @@ fn the_same_content_under_other_ids_trains_the_same() {
     let src = d.path().join("src");
     let other = d.path().join("other");
     let mut m = Manifest::init(&other).unwrap();
-    let ctx = Ctx::quiet();
     for i in (0..testkit::CAPTIONS.len()).rev() {
         let one = d.path().join(format!("one-{i}"));
         std::fs::create_dir_all(&one).unwrap();
@@ -25,23 +22,9 @@ fn the_same_content_under_other_ids_trains_the_same() {
             let name = format!("{i}.{ext}");
             std::fs::copy(src.join(&name), one.join(&name)).unwrap();
         }
-        let cfg = ImportConfig {
-            from: one,
-            limits: Default::default(),
-            batch: 16,
-        };
-        import::run(&cfg, &mut m, &ctx).unwrap();
+        testkit::import_from(&mut m, one).unwrap();
     }
-    let buckets = BucketConfig {
-        buckets: BucketSet::Kohya {
-            resolution: 64,
-            step: 64,
-            min_side: 64,
-            max_side: 64,
-        },
-        ..Default::default()
-    };
-    bucket::run(&buckets, &mut m, &ctx).unwrap();
+    testkit::bucket_all(&mut m).unwrap();
     drop(m);
     let ids = |ds: &Path| -> Vec<(String, i64)> {
         let m = Manifest::open(ds).unwrap();

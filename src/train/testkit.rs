@@ -56,6 +56,30 @@ pub fn dataset(dir: &Path) -> Result<(PathBuf, PathBuf)> {
     dataset_with(dir, &UNetConfig::tiny())
 }
 
+/// Import the images (and sidecar captions) of `from` into `m`.
+pub fn import_from(m: &mut Manifest, from: PathBuf) -> Result<()> {
+    let import = ImportConfig {
+        from,
+        limits: Default::default(),
+        batch: 16,
+    };
+    import::run(&import, m, &Ctx::quiet()).map(|_| ())
+}
+
+/// Bucket every item of `m` at [`dataset`]'s one bucket, 64×64.
+pub fn bucket_all(m: &mut Manifest) -> Result<()> {
+    let buckets = BucketConfig {
+        buckets: BucketSet::Kohya {
+            resolution: 64,
+            step: 64,
+            min_side: 64,
+            max_side: 64,
+        },
+        ..Default::default()
+    };
+    bucket::run(&buckets, m, &Ctx::quiet()).map(|_| ())
+}
+
 /// A UNet small enough to train from scratch in seconds on a CPU: two
 /// levels (16 and 32 channels), one ResBlock per level, one transformer
 /// block at the second level and in the middle, the tiny text encoders'
@@ -79,23 +103,8 @@ pub fn dataset_with(dir: &Path, unet: &UNetConfig) -> Result<(PathBuf, PathBuf)>
     }
     let ds = dir.join("ds");
     let mut m = Manifest::init(&ds)?;
-    let ctx = Ctx::quiet();
-    let import = ImportConfig {
-        from: src,
-        limits: Default::default(),
-        batch: 16,
-    };
-    import::run(&import, &mut m, &ctx)?;
-    let buckets = BucketConfig {
-        buckets: BucketSet::Kohya {
-            resolution: 64,
-            step: 64,
-            min_side: 64,
-            max_side: 64,
-        },
-        ..Default::default()
-    };
-    bucket::run(&buckets, &mut m, &ctx)?;
+    import_from(&mut m, src)?;
+    bucket_all(&mut m)?;
     let raw = dir.join("random.safetensors");
     let opts = TinyOptions {
         seed: 11,
