@@ -372,6 +372,13 @@ pub fn bucket(a: BucketArgs, json: bool) -> anyhow::Result<i32> {
                 r.rebucketed, r.reconsidered
             );
         }
+        if r.rebucketed_rejected > 0 {
+            println!(
+                "        {} items bucketed before with other settings are rejected with these: to get their buckets back, run bucket again with the earlier settings (`eps2v inspect {}` lists the runs)",
+                r.rebucketed_rejected,
+                a.dir.display()
+            );
+        }
         if r.still_rejected > 0 {
             println!(
                 "        {} rejected earlier with these same settings (change the settings or use --force to retry)",

@@ -157,6 +157,8 @@ pub struct BucketReport {
     /// Items bucketed before with other settings (or `force`), done again
     /// (counted in `bucketed` or `rejected`).
     pub rebucketed: usize,
+    /// Of those, the ones these settings reject (their bucket is gone).
+    pub rebucketed_rejected: usize,
     /// Items an earlier bucket run rejected with other settings (or
     /// `force`), decided again (counted in `bucketed` or `rejected`).
     pub reconsidered: usize,
@@ -539,6 +541,7 @@ pub fn run(cfg: &BucketConfig, m: &mut Manifest, ctx: &Ctx) -> Result<BucketRepo
                         verdicts::set(&tx, item_id, "bucket", v, run_id).map_err(map)?;
                         tx.execute("DELETE FROM buckets WHERE item_id = ?1", [item_id])
                             .map_err(map)?;
+                        report.rebucketed_rejected += usize::from(t.old_bucket.is_some());
                         stale.extend(t.old_bucket.clone());
                         let code = reason.split(':').next().unwrap_or("unknown").to_string();
                         *report.rejected.entry(code).or_default() += 1;

@@ -354,6 +354,15 @@ fn readme_quick_start_and_bucket_rerun_with_other_settings() {
         text.contains("too_small") && text.contains("128x128"),
         "{text}"
     );
+    // The flags left off afterwards (the default SDXL list): every bucket
+    // goes, and the summary says how to get them back.
+    let o = eps2v(&["bucket", d]);
+    assert_eq!(code(o.clone()), 1);
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        text.contains("27 items bucketed before with other settings are rejected with these"),
+        "{text}"
+    );
 }
 
 /// Import rejects what is over its limits; a rerun with other limits decides
