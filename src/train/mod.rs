@@ -74,7 +74,7 @@ use data::{Batches, Eligibility, TrainItem};
 use ema::{ema_update, with_ema};
 use eval::{eval_spec, evals_upto, record_eval, Evaluator};
 use export::export_weights;
-use state::{Loaded, ToSave, TrainState};
+use state::{Loaded, TrainState};
 use weights::UNetWeights;
 
 /// How to run (not part of the config: it changes nothing numeric).
@@ -199,57 +199,6 @@ fn trained_so_far(stages: &[StageConfig], upto: usize) -> Result<Vec<BlockSet>> 
         .iter()
         .map(|s| BlockSet::parse(&s.blocks))
         .collect()
-}
-
-/// Writes the run's checkpoints for one stage.
-struct Saver<'a> {
-    run_dir: &'a Path,
-    /// The optimizer's parameter keys, in its order.
-    keys: &'a [String],
-    /// Blocks trained by this stage and the ones before it.
-    trained: &'a [BlockSet],
-    /// The step of the last checkpoint to resume from (rolling or stop,
-    /// not `good-`) it wrote.
-    saved_at: std::cell::Cell<Option<usize>>,
-}
-
-impl Saver<'_> {
-    fn save(
-        &self,
-        st: &TrainState,
-        opt: &AdamW,
-        weights: &UNetWeights,
-        ema: &BTreeMap<String, Tensor>,
-        series: state::Series,
-    ) -> Result<PathBuf> {
-        if series != state::Series::Good {
-            self.saved_at.set(Some(st.step));
-        }
-        let slots = opt.state()?;
-        let mut s = st.clone();
-        s.slots = self
-            .keys
-            .iter()
-            .cloned()
-            .zip(slots.iter().map(|x| x.step))
-            .collect();
-        let w: Vec<(&str, &Tensor)> = weights
-            .map()
-            .iter()
-            .filter(|(k, _)| self.trained.iter().any(|b| b.contains_key(k)))
-            .map(|(k, t)| (k.as_str(), t))
-            .collect();
-        state::save(
-            self.run_dir,
-            &ToSave {
-                state: &s,
-                weights: w,
-                slots: &slots,
-                ema,
-            },
-            series,
-        )
-    }
 }
 
 /// Train (see the module docs). Config and model errors stop before any
@@ -531,7 +480,7 @@ pub fn train(
                 device: device.clone(),
             };
             let trained = trained_so_far(&stages, st.stage)?;
-            let saver = Saver {
+            let saver = state::Saver {
                 run_dir: &rdir,
                 keys: &keys,
                 trained: &trained,
@@ -837,5 +786,7 @@ pub fn train(
 
 #[cfg(test)]
 mod order_tests;
+#[cfg(test)]
+mod resume_tests;
 #[cfg(test)]
 mod tests;

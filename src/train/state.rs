@@ -234,16 +234,11 @@ pub fn sweep_partial(run_dir: &Path) -> Result<usize> {
 /// The newest checkpoint to resume from: a rolling one or the one a stop
 /// request wrote, whichever is later.
 pub fn latest(run_dir: &Path) -> Result<Option<PathBuf>> {
-    let mut all = list(run_dir, "step-")?;
-    all.extend(list(run_dir, STOP_PREFIX)?);
-    // At the same step, the rolling one (the same state).
-    all.sort_by_key(|(s, p)| {
-        (
-            *s,
-            p.file_name()
-                .is_some_and(|n| n.to_string_lossy().starts_with("step-")),
-        )
-    });
+    // At the same step, the rolling one (the same state): last after a
+    // stable sort.
+    let mut all = list(run_dir, STOP_PREFIX)?;
+    all.extend(list(run_dir, "step-")?);
+    all.sort_by_key(|(s, _)| *s);
     Ok(all.pop().map(|(_, p)| p))
 }
 
@@ -254,6 +249,57 @@ pub fn latest_anchor(run_dir: &Path) -> Result<Option<PathBuf>> {
     match list(run_dir, "step-")?.pop() {
         Some((_, p)) => Ok(Some(p)),
         None => latest(run_dir),
+    }
+}
+
+/// Writes the run's checkpoints for one stage.
+pub(super) struct Saver<'a> {
+    pub(super) run_dir: &'a Path,
+    /// The optimizer's parameter keys, in its order.
+    pub(super) keys: &'a [String],
+    /// Blocks trained by this stage and the ones before it.
+    pub(super) trained: &'a [super::blocks::BlockSet],
+    /// The step of the last checkpoint to resume from (rolling or stop,
+    /// not `good-`) it wrote.
+    pub(super) saved_at: std::cell::Cell<Option<usize>>,
+}
+
+impl Saver<'_> {
+    pub(super) fn save(
+        &self,
+        st: &TrainState,
+        opt: &crate::nn::optim::AdamW,
+        weights: &super::weights::UNetWeights,
+        ema: &BTreeMap<String, Tensor>,
+        series: Series,
+    ) -> Result<PathBuf> {
+        if series != Series::Good {
+            self.saved_at.set(Some(st.step));
+        }
+        let slots = opt.state()?;
+        let mut s = st.clone();
+        s.slots = self
+            .keys
+            .iter()
+            .cloned()
+            .zip(slots.iter().map(|x| x.step))
+            .collect();
+        let w: Vec<(&str, &Tensor)> = weights
+            .map()
+            .iter()
+            .filter(|(k, _)| self.trained.iter().any(|b| b.contains_key(k)))
+            .map(|(k, t)| (k.as_str(), t))
+            .collect();
+        save(
+            self.run_dir,
+            &ToSave {
+                state: &s,
+                weights: w,
+                slots: &slots,
+                ema,
+            },
+            series,
+        )
     }
 }
 
