@@ -76,8 +76,11 @@ pub struct BucketArgs {
     /// Dataset folder.
     pub dir: PathBuf,
     /// Use a kohya-style generated bucket set for this square resolution (its area is kept) instead of the SDXL list.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "sdxl")]
     pub kohya_resolution: Option<u32>,
+    /// Use the SDXL list (40 sizes of about 1024², and their transposes). Without this or --kohya-resolution: the set the dataset's buckets were made with, else the toy buckets for a dataset that toy models generated, else the SDXL list.
+    #[arg(long)]
+    pub sdxl: bool,
     /// Generator: side step (with --kohya-resolution; the SDXL list has its own sides).
     #[arg(long, default_value_t = 64, requires = "kohya_resolution")]
     pub step: u32,
@@ -87,15 +90,15 @@ pub struct BucketArgs {
     /// Generator: largest side (with --kohya-resolution).
     #[arg(long, default_value_t = 2048, requires = "kohya_resolution")]
     pub max_side: u32,
-    /// Crop placement.
-    #[arg(long, value_enum, default_value = "center")]
-    pub crop: CropChoice,
-    /// Seed for random crops.
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
-    /// Largest upscale factor accepted (1.0 = never upscale); smaller images are rejected.
-    #[arg(long, default_value_t = 1.25)]
-    pub max_upscale: f64,
+    /// Crop placement [default: the earlier bucketing's, else center].
+    #[arg(long, value_enum)]
+    pub crop: Option<CropChoice>,
+    /// Seed for random crops [default: the earlier bucketing's, else 0].
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Largest upscale factor accepted (1.0 = never upscale); smaller images are rejected [default: the earlier bucketing's, else 1.25].
+    #[arg(long)]
+    pub max_upscale: Option<f64>,
     /// Redo items that already have a bucket.
     #[arg(long)]
     pub force: bool,
@@ -339,22 +342,45 @@ pub fn dedupe(a: DedupeArgs, json: bool) -> anyhow::Result<i32> {
 pub fn bucket(a: BucketArgs, json: bool) -> anyhow::Result<i32> {
     use stages::bucket::{BucketConfig, BucketSet, CropArg};
     let mut m = Manifest::open(&a.dir)?;
+    // What is not given comes from the bucketing the dataset has (a plain
+    // rerun redoes nothing), else from the defaults: the toy buckets for a
+    // dataset of toy images (the SDXL list would reject them all as too
+    // small), else the SDXL list.
+    let earlier = stages::bucket::current_settings(&m)?;
+    let given = if a.sdxl {
+        Some(BucketSet::Sdxl)
+    } else {
+        a.kohya_resolution.map(|resolution| BucketSet::Kohya {
+            resolution,
+            step: a.step,
+            min_side: a.min_side,
+            max_side: a.max_side,
+        })
+    };
+    let (base, origin) = match &earlier {
+        Some((run, c)) => (c.clone(), format!("bucket run {run}'s, which made the dataset's buckets")),
+        None if given.is_none()
+            && crate::toy::dataset_generator(&m)? == crate::toy::Generator::Toy =>
+        {
+            (
+                BucketConfig {
+                    buckets: crate::run::config::toy_bucket_set(),
+                    ..Default::default()
+                },
+                "the toy world's, as a toy model generated the dataset's images (--sdxl for the SDXL list)".to_string(),
+            )
+        }
+        None => (BucketConfig::default(), String::new()),
+    };
     let cfg = BucketConfig {
-        buckets: match a.kohya_resolution {
-            None => BucketSet::Sdxl,
-            Some(resolution) => BucketSet::Kohya {
-                resolution,
-                step: a.step,
-                min_side: a.min_side,
-                max_side: a.max_side,
-            },
-        },
+        buckets: given.unwrap_or(base.buckets),
         crop: match a.crop {
-            CropChoice::Center => CropArg::Center,
-            CropChoice::Random => CropArg::Random,
+            None => base.crop,
+            Some(CropChoice::Center) => CropArg::Center,
+            Some(CropChoice::Random) => CropArg::Random,
         },
-        seed: a.seed,
-        max_upscale: a.max_upscale,
+        seed: a.seed.unwrap_or(base.seed),
+        max_upscale: a.max_upscale.unwrap_or(base.max_upscale),
         force: a.force,
         ..Default::default()
     };
@@ -362,6 +388,29 @@ pub fn bucket(a: BucketArgs, json: bool) -> anyhow::Result<i32> {
     if json {
         print_json(&r)?;
     } else {
+        // Which settings were not given, and where they came from.
+        let mut taken = Vec::new();
+        if !a.sdxl && a.kohya_resolution.is_none() {
+            taken.push(cfg.buckets.to_string());
+        }
+        if a.crop.is_none() {
+            taken.push(format!(
+                "{} crop",
+                match cfg.crop {
+                    CropArg::Center => "center",
+                    CropArg::Random => "random",
+                }
+            ));
+        }
+        if a.seed.is_none() {
+            taken.push(format!("seed {}", cfg.seed));
+        }
+        if a.max_upscale.is_none() {
+            taken.push(format!("max upscale {}", cfg.max_upscale));
+        }
+        if !taken.is_empty() && !origin.is_empty() {
+            println!("settings not given are {origin}: {}", taken.join(", "));
+        }
         println!(
             "bucket: {} items bucketed in {:.1}s, {} already bucketed with these settings",
             r.bucketed, r.seconds, r.already

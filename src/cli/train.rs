@@ -533,7 +533,7 @@ pub struct MergeArgs {
     /// Sweep: reference model for retention (default: whichever of A/B is eps, else A).
     #[arg(long)]
     pub reference: Option<PathBuf>,
-    /// Sweep: evaluation prompt (repeat).
+    /// Sweep: evaluation prompt (repeat). Default: 8 drawn from the built-in pack `generate` uses for model A (toy for a toy model, else 1girl).
     #[arg(long = "eval-prompt")]
     pub eval_prompts: Vec<String>,
     /// Sweep: seeds, comma-separated.
@@ -614,11 +614,25 @@ pub fn run_merge(a: MergeArgs, json: bool) -> Result<i32> {
             }
         }
         Some(alphas) => {
-            if a.eval_prompts.is_empty() {
-                return Err(Error::config(
-                    "--sweep needs at least one --eval-prompt to score each merge",
-                ));
-            }
+            // No prompts given: drawn as `run`'s evaluation draws them, from
+            // the built-in pack `generate` would use for model A.
+            let prompts = if a.eval_prompts.is_empty() {
+                let pack = if crate::toy::is_toy_model(&a.a) {
+                    "toy"
+                } else {
+                    "1girl"
+                };
+                let p = default_sweep_prompts(pack)?;
+                if !json {
+                    println!(
+                        "eval prompts: {} drawn from the built-in {pack} pack (seed {SWEEP_PROMPT_SEED}); --eval-prompt to choose",
+                        p.len()
+                    );
+                }
+                p
+            } else {
+                a.eval_prompts.clone()
+            };
             let (width, height) = match &a.eval_size {
                 Some(s) => super::sample::parse_size(s)?,
                 None => crate::pipeline::size::native_size_of(&a.a)?,
@@ -631,7 +645,7 @@ pub fn run_merge(a: MergeArgs, json: bool) -> Result<i32> {
                 &a.out,
                 &merge::SweepEval {
                     reference: a.reference.clone(),
-                    prompts: a.eval_prompts.clone(),
+                    prompts,
                     seeds: a.eval_seeds.clone(),
                     steps: a.eval_steps,
                     cfg: a.eval_cfg,
@@ -661,6 +675,19 @@ pub fn run_merge(a: MergeArgs, json: bool) -> Result<i32> {
         }
     }
     Ok(0)
+}
+
+/// Seed of the sweep's default prompt draw: `run`'s evaluation seed, never
+/// a training prompt's.
+const SWEEP_PROMPT_SEED: u64 = 1_000_003;
+
+/// `merge --sweep` without `--eval-prompt`: 8 prompts of the built-in
+/// `pack`, drawn as `run`'s evaluation draws its prompts.
+fn default_sweep_prompts(pack: &str) -> Result<Vec<String>> {
+    let template = crate::prompts::load(&crate::prompts::TemplateSpec::Builtin(pack.into()), None)?;
+    Ok((0..8)
+        .map(|i| crate::prompts::tidy(&template.random(SWEEP_PROMPT_SEED, i)))
+        .collect())
 }
 
 #[cfg(test)]

@@ -27,7 +27,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use rayon::prelude::*;
-use rusqlite::params;
+use rusqlite::{params, OptionalExtension};
 use serde::{Deserialize, Serialize};
 
 use super::Ctx;
@@ -336,6 +336,45 @@ fn process(
 /// `batch`): two runs with equal settings make the same decisions.
 fn same_settings(a: &BucketConfig, b: &BucketConfig) -> bool {
     a.buckets == b.buckets && a.crop == b.crop && a.seed == b.seed && a.max_upscale == b.max_upscale
+}
+
+/// The settings the dataset's buckets were made with: those of the bucket
+/// run that made most of them (the later one on a tie), with its id.
+/// `None` when nothing is bucketed, or when that run's config is one this
+/// build cannot read.
+pub fn current_settings(m: &Manifest) -> Result<Option<(i64, BucketConfig)>> {
+    let row: Option<(i64, String)> = m
+        .conn()
+        .query_row(
+            "SELECT r.id, r.config_json FROM buckets b JOIN runs r ON r.id = b.run_id
+             GROUP BY r.id ORDER BY count(*) DESC, r.id DESC LIMIT 1",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .optional()
+        .map_err(|e| m.err(e))?;
+    Ok(row.and_then(|(id, json)| {
+        serde_json::from_str::<BucketConfig>(&json)
+            .ok()
+            .map(|c| (id, c))
+    }))
+}
+
+impl std::fmt::Display for BucketSet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BucketSet::Sdxl => write!(f, "the SDXL list"),
+            BucketSet::Kohya {
+                resolution,
+                step,
+                min_side,
+                max_side,
+            } => write!(
+                f,
+                "kohya buckets at {resolution}² (step {step}, sides {min_side}–{max_side})"
+            ),
+        }
+    }
 }
 
 /// An item as the bucket rerun rule sees it.

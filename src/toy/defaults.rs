@@ -80,3 +80,76 @@ pub fn is_toy_model(path: &std::path::Path) -> bool {
 pub fn tagger_or_default(given: Option<PathBuf>) -> Result<PathBuf> {
     given.map_or_else(default_tagger_dir, Ok)
 }
+
+/// What generated a dataset's images, for the defaults that follow the
+/// toy world without being told (caption's tagger, bucket's set).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Generator {
+    /// No image of the dataset was planned by `generate`.
+    Nothing,
+    /// Every planned image is a toy model's.
+    Toy,
+    /// Some are this model's (its file name as `generate` recorded it).
+    Other(String),
+}
+
+/// Which models `generate` used for the dataset of `m`: each
+/// `gen_items` model hash must be the AutoV2 hash of a toy model — the
+/// default one, or a model file a `generate` run of this dataset was given
+/// (its path as recorded: absolute; as typed, read from the current
+/// folder, from earlier versions) that [`is_toy_model`] confirms. The
+/// manifest keeps the file name and hash, not the file: a model file that
+/// is gone reads as not a toy.
+pub fn dataset_generator(m: &crate::manifest::Manifest) -> Result<Generator> {
+    use std::collections::BTreeSet;
+    let rows = |sql: &str| -> Result<Vec<(String, String)>> {
+        let mut st = m.conn().prepare(sql).map_err(|e| m.err(e))?;
+        let v = st
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .and_then(|it| it.collect::<rusqlite::Result<Vec<_>>>())
+            .map_err(|e| m.err(e))?;
+        Ok(v)
+    };
+    let has_plan = m
+        .conn()
+        .query_row(
+            "SELECT count(*) FROM sqlite_master WHERE name = 'gen_items'",
+            [],
+            |r| r.get::<_, i64>(0),
+        )
+        .map_err(|e| m.err(e))?
+        > 0;
+    if !has_plan {
+        return Ok(Generator::Nothing);
+    }
+    let used = rows("SELECT DISTINCT model, model_hash FROM gen_items ORDER BY model, model_hash")?;
+    if used.is_empty() {
+        return Ok(Generator::Nothing);
+    }
+    let mut paths: Vec<PathBuf> = vec![toy_dir().join("model.safetensors")];
+    for (cfg, _) in rows("SELECT config_json, '' FROM runs WHERE stage = 'generate' ORDER BY id")? {
+        if let Some(p) = serde_json::from_str::<serde_json::Value>(&cfg)
+            .ok()
+            .and_then(|v| v.get("model")?.as_str().map(PathBuf::from))
+        {
+            paths.push(p);
+        }
+    }
+    paths.sort();
+    paths.dedup();
+    let toy_hashes: BTreeSet<String> = paths
+        .iter()
+        .filter(|p| p.is_file() && is_toy_model(p))
+        .filter_map(|p| {
+            crate::models::sdxl::checkpoint::sha256_file(p)
+                .ok()
+                .map(|h| crate::models::sdxl::checkpoint::autov2(&h))
+        })
+        .collect();
+    Ok(
+        match used.into_iter().find(|(_, h)| !toy_hashes.contains(h)) {
+            None => Generator::Toy,
+            Some((model, _)) => Generator::Other(model),
+        },
+    )
+}

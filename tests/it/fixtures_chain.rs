@@ -354,13 +354,26 @@ fn readme_quick_start_and_bucket_rerun_with_other_settings() {
         text.contains("too_small") && text.contains("128x128"),
         "{text}"
     );
-    // The flags left off afterwards (the default SDXL list): every bucket
-    // goes, and the summary says how to get them back.
+    // The flags left off afterwards: the settings the buckets were made
+    // with, so nothing is redone.
     let o = eps2v(&["bucket", d]);
+    assert_eq!(code(o.clone()), 0);
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        text.contains("settings not given are bucket run ")
+            && text.contains("kohya buckets at 128² (step 32, sides 64–256), center crop")
+            && text.contains("0 items bucketed in")
+            && text.contains("27 already bucketed with these settings"),
+        "{text}"
+    );
+    // The SDXL list asked for: every bucket goes, and the summary says how
+    // to get them back.
+    let o = eps2v(&["bucket", d, "--sdxl"]);
     assert_eq!(code(o.clone()), 1);
     let text = String::from_utf8_lossy(&o.stdout);
     assert!(
-        text.contains("27 items bucketed before with other settings are rejected with these"),
+        text.contains("27 items bucketed before with other settings are rejected with these")
+            && text.contains(": center crop, seed 0, max upscale 1.25\n"),
         "{text}"
     );
 }

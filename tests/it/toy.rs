@@ -365,3 +365,81 @@ fn generate_picks_its_defaults_by_the_model_not_by_the_flag() {
     assert_eq!(c.template, TemplateSpec::Builtin("1girl".into()));
     assert_eq!(c.sizes, Sizes::sdxl());
 }
+
+/// The stages one by one on the toy world with no model, tagger or bucket
+/// flag, as the brief promises every command defaults to it: generate →
+/// caption (the toy tagger, since toy models made every image) → dedupe →
+/// bucket (the toy buckets: the SDXL list would reject every image as too
+/// small) → train → merge sweep (prompts from the toy pack) → sample.
+#[test]
+fn the_stages_one_by_one_on_the_toy_world_take_its_defaults() {
+    let work = tempfile::tempdir().unwrap();
+    let ds = work.path().join("ds");
+    let d = ds.to_str().unwrap();
+    let json = |args: &[&str]| -> serde_json::Value {
+        let mut a = vec!["--json"];
+        a.extend_from_slice(args);
+        serde_json::from_str(&run(&a)).unwrap()
+    };
+    let g = json(&["generate", d, "--count", "6", "--steps", "4"]);
+    assert_eq!(g["rendered"], 6, "{g}");
+    let c = json(&["caption", d]);
+    assert_eq!(c["tagged"], 6, "{c}");
+    json(&["dedupe", d]);
+    let b = json(&["bucket", d]);
+    assert_eq!(
+        (
+            b["bucketed"].as_u64(),
+            b["rejected"].as_object().map(|r| r.len())
+        ),
+        (Some(6), Some(0)),
+        "{b}"
+    );
+    // A plain rerun keeps them (the set they were made with).
+    let b = json(&["bucket", d]);
+    assert_eq!(
+        (b["bucketed"].as_u64(), b["already"].as_u64()),
+        (Some(0), Some(6)),
+        "{b}"
+    );
+    let out = work.path().join("converted.safetensors");
+    let o = out.to_str().unwrap();
+    let t = json(&["train", d, "--steps", "1", "--eval-every", "0", "--out", o]);
+    assert!(out.is_file(), "{t}");
+    let base = eps2v::toy::default_model_path().unwrap();
+    let stem = work.path().join("sweep/m.safetensors");
+    let text = run(&[
+        "merge",
+        o,
+        base.to_str().unwrap(),
+        "--sweep",
+        "0.5",
+        "--markers",
+        "a",
+        "--eval-seeds",
+        "0",
+        "--eval-steps",
+        "2",
+        "--out",
+        stem.to_str().unwrap(),
+    ]);
+    assert!(
+        text.contains("eval prompts: 8 drawn from the built-in toy pack"),
+        "{text}"
+    );
+    let merged = work.path().join("sweep/m-a0.5.safetensors");
+    assert!(merged.is_file(), "{text}");
+    let s = json(&[
+        "sample",
+        "--model",
+        merged.to_str().unwrap(),
+        "--prompt",
+        "red circle",
+        "--steps",
+        "4",
+        "--out",
+        work.path().join("samples").to_str().unwrap(),
+    ]);
+    assert_eq!(s["files"].as_array().map(|v| v.len()), Some(1), "{s}");
+    assert_eq!(s["broken"].as_array().map(|v| v.len()), Some(0), "{s}");
+}
