@@ -14,15 +14,20 @@
 #      batch 1 and 4, one training step with out+OUT08 / the whole UNet;
 #   3. benches/gpu/reference.py: the same with diffusers / PyTorch on the
 #      same file and inputs, and the UNet errors of ours against theirs;
-#   4. `eps2v gpu-bench report`: the ratio table, printed and written to
-#      $OUT/gpu_bench.json (+ table.md and the logs).
+#   4. `eps2v gpu-bench product`: the user's commands on the committed toy
+#      world on the device (sample, diagnose, generate, caption, dedupe,
+#      bucket, train, sample of the converted model, merge sweep), each its
+#      own process checked by its --json report, and sample / diagnose
+#      compared with the CPU;
+#   5. `eps2v gpu-bench report`: the ratio table, printed and written to
+#      $OUT/gpu_bench.json (+ table.md, product.json and the logs).
 #
 # Options: --cpu (tiny CPU fallback), --bin PATH (eps2v binary; default
 # .gpu/eps2v.xz unpacked into $WORK (GPU mode), else .gpu/eps2v, else
 # target/debug/eps2v), --out DIR (default $OUT, else
 # $WORK/out), --work DIR, --python PY (default python3), --no-reference
 # (skip step 3). In --cpu mode step 3 runs only when PY imports torch and
-# diffusers. Exit status: 0 when steps 1, 2 and 4 ran (targets missed are in
+# diffusers. Exit status: 0 when steps 1, 2 and 5 ran (targets missed are in
 # the table, not the status), else 1.
 #
 # Libraries on the GPU machine: the binary needs libcuda.so.1 (driver) and
@@ -42,7 +47,7 @@ while [[ $# -gt 0 ]]; do
         --work) WORK="$2"; shift ;;
         --python) PY="$2"; shift ;;
         --no-reference) REF=0 ;;
-        -h|--help) sed -n '2,31p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,37p' "$0"; exit 0 ;;
         *) echo "run.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
     esac
     shift
@@ -51,15 +56,18 @@ done
 if [[ $MODE == cpu ]]; then
     VARIANT=tiny DEVICE=cpu DTYPE=f32 SIZE=64x64 STEPS=3 BATCHES=1,2 TRAIN_STEPS=1 THREADS=2
     SAMPLE_BUDGET_OURS=60 SAMPLE_BUDGET_REF=60 TRAIN_BUDGET_OURS=60 TRAIN_BUDGET_REF=60
-    T_WEIGHTS=60 T_OURS=120 T_REF=120
+    T_WEIGHTS=60 T_OURS=120 T_REF=120 T_PRODUCT=120 PRODUCT_PRECISION=f32
     WORK="${WORK:-$(mktemp -d /tmp/eps2v-gpubench-cpu.XXXXXX)}"
 else
-    # Wall-time plan (s), 285 in all: weights 40; ours 150 (load + checks
+    # Wall-time plan (s), 325 in all: weights 40; ours 150 (load + checks
     # ~35, sampling 45, two training selections 20 each + loads); reference
-    # 90 (imports + load ~30, sampling 30, training 10 each); report 5.
+    # 90 (imports + load ~30, sampling 30, training 10 each); the user's
+    # commands on the toy world 40 (12 processes, ~6 s on 2 CPU cores, most
+    # of it process and CUDA start there); report 5. Runs 5 and 6 took
+    # 132-135 s of the 285 then planned.
     VARIANT=full DEVICE=cuda DTYPE=bf16 SIZE=1024x1024 STEPS=28 BATCHES=1,4 TRAIN_STEPS=3 THREADS=0
     SAMPLE_BUDGET_OURS=45 SAMPLE_BUDGET_REF=30 TRAIN_BUDGET_OURS=20 TRAIN_BUDGET_REF=10
-    T_WEIGHTS=40 T_OURS=150 T_REF=90
+    T_WEIGHTS=40 T_OURS=150 T_REF=90 T_PRODUCT=40 PRODUCT_PRECISION=f16
     WORK="${WORK:-/tmp/eps2v-gpubench}"
 fi
 OUTDIR="${OUTDIR:-$WORK/out}"
@@ -137,13 +145,22 @@ if [[ $REF == 1 ]]; then
     fi
 fi
 
+# The user's commands on the toy world (fixtures/toy of this tree: the
+# binary's built-in path is this machine's).
+say "user commands on the toy world ($DEVICE)"
+rm -f "$OUTDIR/product.json"
+timeout "$T_PRODUCT" env "EPS2V_TOY_DIR=$PWD/fixtures/toy" "${EPS2V[@]}" gpu-bench product --device $DEVICE \
+    --precision $PRODUCT_PRECISION --work "$WORK/product" --out "$OUTDIR/product.json" \
+    --budget-s $((T_PRODUCT - 5)) 2>&1 | tee "$OUTDIR/product.log" >&2
+[[ ${PIPESTATUS[0]} == 0 ]] || say "user commands failed or timed out (the steps done are in product.json)"
+
 # The raw measurements come back too, whatever the report makes of them.
 cp -f "$WORK/ours/ours.json" "$OUTDIR/ours.json" 2>/dev/null || true
 cp -f "$WORK/reference.json" "$OUTDIR/reference.json" 2>/dev/null || true
 
 say "report"
 if ! "${EPS2V[@]}" gpu-bench report --ours "$WORK/ours/ours.json" --reference "$WORK/reference.json" \
-    --out "$OUTDIR/gpu_bench.json" | tee "$OUTDIR/table.md"; then
+    --product "$OUTDIR/product.json" --out "$OUTDIR/gpu_bench.json" | tee "$OUTDIR/table.md"; then
     status=1
 fi
 say "done (status $status); results in $OUTDIR"

@@ -34,6 +34,28 @@ pub enum GpuBenchCommand {
     Run(RunArgs),
     /// Join ours.json and the PyTorch side's JSON into the ratio table.
     Report(ReportArgs),
+    /// Run the user's commands on the toy world on the device, each checked by its --json report.
+    Product(ProductArgs),
+}
+
+/// Arguments of `gpu-bench product`.
+#[derive(Debug, Args)]
+pub struct ProductArgs {
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cuda")]
+    pub device: String,
+    /// Also render the probe image with this --precision (the steps run each command's default).
+    #[arg(long)]
+    pub precision: Option<String>,
+    /// Work folder (emptied first).
+    #[arg(long)]
+    pub work: PathBuf,
+    /// Report to write.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Seconds for all steps together (a step past it is killed).
+    #[arg(long, default_value_t = 60.0)]
+    pub budget_s: f64,
 }
 
 /// Arguments of `gpu-bench weights`.
@@ -112,6 +134,9 @@ pub struct ReportArgs {
     /// Combined JSON to write.
     #[arg(long)]
     pub out: PathBuf,
+    /// product.json from `gpu-bench product` (its rows are added; a missing file adds a failed row).
+    #[arg(long)]
+    pub product: Option<PathBuf>,
 }
 
 fn read_json(path: &PathBuf) -> Result<serde_json::Value> {
@@ -176,6 +201,32 @@ pub fn run_gpu_bench(a: GpuBenchArgs, json: bool) -> Result<i32> {
             }
             Ok(0)
         }
+        GpuBenchCommand::Product(p) => {
+            let t0 = Instant::now();
+            let cfg = crate::gpubench::product::ProductConfig {
+                bin: std::env::current_exe()
+                    .map_err(|e| Error::Other(format!("the eps2v binary's path: {e}")))?,
+                device: p.device,
+                precision: p.precision,
+                work: p.work,
+                out: p.out,
+                budget_s: p.budget_s,
+            };
+            let report = crate::gpubench::product::run(&cfg, &mut |msg| {
+                eprintln!("[{:7.1}s] product: {msg}", t0.elapsed().as_secs_f64())
+            })?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                println!(
+                    "{}: {} of {} steps passed",
+                    cfg.out.display(),
+                    report.passed,
+                    report.total
+                );
+            }
+            Ok(0)
+        }
         GpuBenchCommand::Report(r) => {
             let ours = read_json(&r.ours)?;
             let reference = if r.reference.is_file() {
@@ -186,7 +237,10 @@ pub fn run_gpu_bench(a: GpuBenchArgs, json: bool) -> Result<i32> {
             } else {
                 serde_json::Value::Null
             };
-            let combined = combine(&ours, &reference)?;
+            let mut combined = combine(&ours, &reference)?;
+            if let Some(p) = &r.product {
+                combined.add_product(&read_json(p).unwrap_or(serde_json::Value::Null));
+            }
             write_json(&r.out, &combined)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&combined)?);

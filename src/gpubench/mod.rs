@@ -11,6 +11,10 @@
 //!   on the device against the CPU f32 references, `sample` timings, and
 //!   one training step with `out`+`OUT08` or the whole UNet trainable
 //!   ([`step`]).
+//! - [`product`]: the user's commands (generate, caption, train, sample,
+//!   merge, diagnose) on the toy world with `--device`, each as its own
+//!   process, checked by their `--json` reports, and `sample` / `diagnose`
+//!   compared with the CPU.
 //! - [`report`]: joins our JSON and the PyTorch side's
 //!   (`benches/gpu/reference.py`) into one ratio table, printed and written
 //!   as JSON.
@@ -20,6 +24,7 @@
 //! configs of [`crate::pipeline::tiny`] (64² images) for the CPU fallback.
 
 pub mod golden;
+pub mod product;
 pub mod report;
 pub mod run;
 pub mod step;

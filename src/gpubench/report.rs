@@ -325,6 +325,59 @@ pub fn combine(ours: &Value, reference: &Value) -> Result<Combined> {
     })
 }
 
+impl Combined {
+    /// Add the rows of `gpu-bench product`'s report (`product.json`): each
+    /// user command on the device, passed or not, and the device-vs-CPU
+    /// differences of `sample` and `diagnose uncond`. A report that is not
+    /// one adds a failed row saying so.
+    pub fn add_product(&mut self, product: &Value) {
+        use super::product::{DIAGNOSE_VS_CPU_TARGET, SAMPLE_VS_CPU_TARGET};
+        let device = product.get("device").and_then(Value::as_str).unwrap_or("?");
+        match product.get("steps").and_then(Value::as_array) {
+            None => self.rows.push(
+                Row::new("user commands on the toy world: no report", "", None, None)
+                    .target("every step passes".into(), Some(false)),
+            ),
+            Some(steps) => {
+                for st in steps {
+                    let name = st.get("name").and_then(Value::as_str).unwrap_or("?");
+                    let detail = st.get("detail").and_then(Value::as_str).unwrap_or("");
+                    let ok = st.get("ok").and_then(Value::as_bool);
+                    self.rows.push(
+                        Row::new(
+                            format!("toy `{name}` ({device}): {detail}"),
+                            "s",
+                            num(st, &["seconds"]),
+                            None,
+                        )
+                        .target("passes".into(), ok),
+                    );
+                }
+            }
+        }
+        for (key, what, bound) in [
+            (
+                "sample_device_vs_cpu",
+                "toy `sample`, device vs CPU",
+                SAMPLE_VS_CPU_TARGET,
+            ),
+            (
+                "diagnose_device_vs_cpu",
+                "toy `diagnose uncond` mean cosine, device vs CPU",
+                DIAGNOSE_VS_CPU_TARGET,
+            ),
+        ] {
+            let v = num(product, &[key]);
+            self.rows.push(
+                Row::new(what, "mean abs diff", v, None)
+                    .target(format!("≤ {bound}"), v.map(|v| v <= bound)),
+            );
+        }
+        self.targets = self.rows.iter().filter(|r| r.met.is_some()).count();
+        self.met = self.rows.iter().filter(|r| r.met == Some(true)).count();
+    }
+}
+
 /// Where our training steps' device memory went (ours only; also for a
 /// step that ran out of memory, as far as it got): the memory in use after
 /// each stage of the warm-up step, and the [`MEMORY_ROWS`] modules and ops

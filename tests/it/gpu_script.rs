@@ -1,6 +1,7 @@
 //! The device benchmark script (`benches/gpu/run.sh`) in its CPU fallback:
 //! the same steps as on the GPU (random checkpoint in the real key layout,
-//! `gpu-bench run`, `gpu-bench report`) on the tiny configs, so the script
+//! `gpu-bench run`, `gpu-bench product` on the toy world, `gpu-bench
+//! report`) on the tiny configs, so the script
 //! and the hidden command cannot rot between GPU draws. The PyTorch side is
 //! skipped unless `EPS2V_TEST_PYTHON` names a Python with torch, diffusers
 //! and transformers; then its sections are checked too.
@@ -87,6 +88,24 @@ fn gpu_bench_script_cpu_fallback_writes_the_ratio_table() {
     assert!(row(rows, "ours with gradient checkpointing")["ours"]
         .as_f64()
         .is_some_and(|v| v > 0.0));
+
+    // The user's commands on the toy world, each checked by its report; on
+    // the CPU the "device" images are the CPU's, bit for bit.
+    let p: Value =
+        serde_json::from_slice(&std::fs::read(out.join("product.json")).unwrap()).unwrap();
+    let steps = p["steps"].as_array().unwrap();
+    assert_eq!(steps.len(), 12, "{p:#}");
+    assert!(steps.iter().all(|s| s["ok"] == true), "{p:#}");
+    assert_eq!(
+        (
+            p["sample_device_vs_cpu"].as_f64(),
+            p["diagnose_device_vs_cpu"].as_f64()
+        ),
+        (Some(0.0), Some(0.0))
+    );
+    let train = row(rows, "toy `train` (cpu)");
+    assert_eq!(train["met"], true, "{train}");
+    assert_eq!(row(rows, "toy `sample`, device vs CPU")["met"], true);
 
     if python.is_some() {
         let r = &j["reference"];
