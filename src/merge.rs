@@ -284,6 +284,12 @@ pub fn merge(cfg: &MergeConfig, out: &Path) -> Result<MergeReport> {
         )));
     }
     let markers = markers_side(cfg, &a, &b, c.as_ref())?;
+    // A NaN or ±inf in an input would be carried into the merge (any blend
+    // of it is NaN): refused before anything is written, as every command
+    // that loads a model refuses it.
+    for ck in [Some(&a), Some(&b), c.as_ref()].into_iter().flatten() {
+        ck.check_finite("")?;
+    }
     let side = |s: Side| if s == Side::A { &a } else { &b };
     let name = |s: Side| if s == Side::A { "A" } else { "B" };
     // A component asked from B must be there; one A lacks and B has is

@@ -275,13 +275,28 @@ fn blends_round_once_and_the_prediction_keys_follow_the_markers() {
     let big = save("big.safetensors", &unet(60000.0), DType::F16, false);
     let zero = save("zero.safetensors", &unet(0.0), DType::F16, false);
     let mut c3 = cfg(&big, &big);
-    c3.c = Some(zero);
+    c3.c = Some(zero.clone());
     c3.alpha = 1.0;
     let e = merge(&c3, &out).unwrap_err().to_string();
     assert!(
         e.contains("does not fit in f16") && e.contains(&k_in),
         "{e}"
     );
+    // A NaN in an input is refused before anything is written, whatever
+    // the output dtype (it used to be called an f16 overflow, and to be
+    // written as bf16).
+    let _ = std::fs::remove_file(&out);
+    let nan = save("nan.safetensors", &unet(f32::NAN), DType::F32, false);
+    for dtype in [DType::F16, DType::BF16] {
+        let mut c4 = cfg(&nan, &zero);
+        c4.dtype = Some(dtype);
+        let e = merge(&c4, &out).unwrap_err().to_string();
+        assert!(
+            e.contains("nan.safetensors") && e.contains("contains NaN"),
+            "{e}"
+        );
+        assert!(!out.exists());
+    }
 }
 
 #[test]

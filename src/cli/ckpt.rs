@@ -140,16 +140,7 @@ pub fn mark(a: &MarkArgs) -> Result<MarkReport> {
             crate::train::export::A1111_YAML_EPS
         )));
     }
-    let is_safetensors = a
-        .out
-        .extension()
-        .is_some_and(|e| e.eq_ignore_ascii_case("safetensors"));
-    if !is_safetensors {
-        return Err(Error::config(format!(
-            "ckpt mark --out {}: the copy is a .safetensors file (UIs open other extensions as pickles); name it NEW.safetensors",
-            a.out.display()
-        )));
-    }
+    crate::models::sdxl::checkpoint::check_safetensors_name("ckpt mark --out", &a.out)?;
     let yaml_path = a.out.with_extension("yaml");
     if !a.a1111_yaml && yaml_path.exists() {
         return Err(Error::config(format!(

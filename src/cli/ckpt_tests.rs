@@ -136,7 +136,7 @@ fn mark_refuses_eps_with_ztsnr_or_yaml_and_its_own_input() {
     let e = mark(&args(&eps, &eps, "v")).unwrap_err();
     assert!(e.to_string().contains("that is FILE itself"), "{e}");
     let e = mark(&args(&eps, &d.path().join("out.ckpt"), "v")).unwrap_err();
-    assert!(e.to_string().contains("name it NEW.safetensors"), "{e}");
+    assert!(e.to_string().contains("name it NAME.safetensors"), "{e}");
     // A yaml beside OUT wins over the keys in A1111: refused unless replaced.
     std::fs::write(out.with_extension("yaml"), b"model: {}").unwrap();
     let e = mark(&args(&eps, &out, "eps")).unwrap_err();

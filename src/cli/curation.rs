@@ -370,7 +370,7 @@ pub fn bucket(a: BucketArgs, json: bool) -> anyhow::Result<i32> {
                 "the toy world's, as a toy model generated the dataset's images (--sdxl for the SDXL list)".to_string(),
             )
         }
-        None => (BucketConfig::default(), String::new()),
+        None => (BucketConfig::default(), "the defaults".to_string()),
     };
     let cfg = BucketConfig {
         buckets: given.unwrap_or(base.buckets),
@@ -408,7 +408,7 @@ pub fn bucket(a: BucketArgs, json: bool) -> anyhow::Result<i32> {
         if a.max_upscale.is_none() {
             taken.push(format!("max upscale {}", cfg.max_upscale));
         }
-        if !taken.is_empty() && !origin.is_empty() {
+        if !taken.is_empty() {
             println!("settings not given are {origin}: {}", taken.join(", "));
         }
         println!(

@@ -28,7 +28,7 @@ pub struct TrainArgs {
     /// TOML training config (`[train]` table or bare); flags override it.
     #[arg(long)]
     pub config: Option<PathBuf>,
-    /// Base single-file SDXL checkpoint (default: the config's, else the committed toy model).
+    /// Base single-file SDXL checkpoint (default: the config's, else the model that generated the dataset, else the committed toy model).
     #[arg(long)]
     pub model: Option<PathBuf>,
     /// Training objective: v (the conversion) or eps (back to eps).
@@ -256,9 +256,6 @@ impl TrainArgs {
             save_every,
             blocks
         );
-        if c.model.as_os_str().is_empty() {
-            c.model = crate::toy::default_model_path()?;
-        }
         if let Some(o) = &self.objective {
             c.objective = o.parse()?;
             if !self.ztsnr && !self.no_ztsnr {
@@ -381,13 +378,28 @@ fn resume_id(r: Option<Resume>, cfg: &TrainConfig, m: &Manifest) -> Result<Optio
 /// Run `eps2v train`; exit 130 when interrupted (a checkpoint to resume
 /// from was saved).
 pub fn run_train(a: TrainArgs, json: bool) -> Result<i32> {
-    let cfg = a.to_config()?;
+    let mut cfg = a.to_config()?;
+    let mut m = Manifest::open(&a.dir)?;
+    // No model given: the one that generated the dataset (the point of
+    // the job: convert the model on its own images), else the toy base.
+    if cfg.model.as_os_str().is_empty() {
+        let (model, why) = match crate::toy::generating_model(&m)? {
+            Some(p) => (p, "the model that generated the dataset"),
+            None => (
+                crate::toy::default_model_path()?,
+                "nothing in the dataset was generated, so the toy world's",
+            ),
+        };
+        if !json {
+            println!("base model: {} (no --model given: {why})", model.display());
+        }
+        cfg.model = model;
+    }
     cfg.validate()?;
     for w in cfg.warnings() {
         eprintln!("warning: {w}");
     }
     let (device, dtype) = a.device.resolve()?;
-    let mut m = Manifest::open(&a.dir)?;
     let resume = resume_id(a.resume, &cfg, &m)?;
     let ctx = Ctx::new(!json);
     let r = train::train(
@@ -495,10 +507,10 @@ pub fn run_train(a: TrainArgs, json: bool) -> Result<i32> {
 /// Arguments of `eps2v merge`.
 #[derive(Debug, Args)]
 #[command(after_help = "Examples:\n  \
-eps2v merge converted.safetensors base.safetensors --alpha 0.3 --out merged.safetensors\n  \
-eps2v merge converted.safetensors base.safetensors --blocks \"IN00-IN08=0.2,M00=0.5,OUT00-OUT08=0.8\" --out m.safetensors\n  \
-eps2v merge a.safetensors b.safetensors --diff c.safetensors --alpha 1 --out a_plus_b_minus_c.safetensors\n  \
-eps2v merge converted.safetensors base.safetensors --sweep 0,0.25,0.5,0.75,1 --eval-prompt \"1girl, solo\" --out sweep/m.safetensors\n\n\
+eps2v merge converted.safetensors base.safetensors --markers a --alpha 0.3 --out merged.safetensors\n  \
+eps2v merge converted.safetensors base.safetensors --markers a --blocks \"IN00-IN08=0.2,M00=0.5,OUT00-OUT08=0.8\" --out m.safetensors\n  \
+eps2v merge finetune.safetensors converted.safetensors --diff base.safetensors --alpha 1 --markers b --out finetune_v.safetensors\n  \
+eps2v merge converted.safetensors base.safetensors --markers a --sweep 0,0.25,0.5,0.75,1 --eval-prompt \"1girl, solo\" --out sweep/m.safetensors\n\n\
 Weighted sum: (1-alpha)*A + alpha*B. Add difference: A + alpha*(B-C). Text encoders, VAE and the v_pred/ztsnr markers are copied from the side chosen with --te/--vae/--markers (default a; models that predict differently, eps vs v or ZTSNR, need --markers).")]
 pub struct MergeArgs {
     /// Model A.
@@ -561,6 +573,7 @@ fn side(flag: &str, v: &str) -> Result<Side> {
 
 /// Run `eps2v merge`.
 pub fn run_merge(a: MergeArgs, json: bool) -> Result<i32> {
+    crate::models::sdxl::checkpoint::check_safetensors_name("merge --out", &a.out)?;
     let dtype = match a.dtype.as_deref() {
         None => None,
         Some(d) => Some(parse::<SaveDtype>("dtype", d)?.dtype()),

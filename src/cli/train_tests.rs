@@ -138,3 +138,35 @@ fn flags_override_the_file_and_eps_defaults_to_no_ztsnr() {
         .to_string()
         .contains("--weighting"));
 }
+
+/// Checkpoints are only written as `.safetensors`: UIs open other
+/// extensions as pickles, and eps2v refuses to load them.
+#[test]
+fn train_and_merge_write_only_safetensors() {
+    for out in ["m.ckpt", "m", "m.pt"] {
+        let t = T::parse_from(["x", "ds", "--model", "b.safetensors", "--out", out]);
+        let e = t.a.to_config().unwrap().validate().unwrap_err().to_string();
+        assert!(
+            e.contains("train.out (--out)") && e.contains("NAME.safetensors"),
+            "{e}"
+        );
+    }
+    let t = T::parse_from([
+        "x",
+        "ds",
+        "--model",
+        "b.safetensors",
+        "--out",
+        "m.SafeTensors",
+    ]);
+    assert!(t.a.to_config().unwrap().validate().is_ok());
+    #[derive(Parser)]
+    struct M {
+        #[command(flatten)]
+        a: MergeArgs,
+    }
+    // Refused before the inputs are read (they do not exist here).
+    let m = M::parse_from(["x", "a.safetensors", "b.safetensors", "--out", "m.ckpt"]);
+    let e = run_merge(m.a, true).unwrap_err().to_string();
+    assert!(e.contains("merge --out m.ckpt"), "{e}");
+}

@@ -110,7 +110,7 @@ impl std::fmt::Display for ResizeRefusal {
             ResizeRefusal::EmptySize => write!(f, "image or bucket has a zero dimension"),
             ResizeRefusal::UpscaleTooLarge { scale, max_upscale } => write!(
                 f,
-                "image too small for its bucket: needs {scale:.3}x upscale, limit is {max_upscale}x (raise max_upscale to accept)"
+                "image too small for its bucket: needs {scale:.3}x upscale, limit is {max_upscale}x (smaller buckets fit it: `--kohya-resolution`; or raise the limit, `--max-upscale` / `max_upscale`)"
             ),
         }
     }

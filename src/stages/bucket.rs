@@ -157,7 +157,9 @@ pub struct BucketReport {
     /// Items bucketed before with other settings (or `force`), done again
     /// (counted in `bucketed` or `rejected`).
     pub rebucketed: usize,
-    /// Of those, the ones these settings reject (their bucket is gone).
+    /// Of those bucketed before with other settings, the ones these
+    /// settings reject (their bucket is gone; an item rejected for another
+    /// reason, e.g. its image is gone, is not counted).
     pub rebucketed_rejected: usize,
     /// Items an earlier bucket run rejected with other settings (or
     /// `force`), decided again (counted in `bucketed` or `rejected`).
@@ -434,6 +436,8 @@ struct Todo {
     old_bucket: Option<String>,
     /// Its status is a bucket rejection (set back to ok when it succeeds).
     was_rejected: bool,
+    /// Its bucket was made with other settings (not only a lost file).
+    other_settings: bool,
 }
 
 /// Run the bucket stage.
@@ -510,6 +514,7 @@ pub fn run(cfg: &BucketConfig, m: &mut Manifest, ctx: &Ctx) -> Result<BucketRepo
                             item_id: r.get(0).map_err(|e| m.err(e))?,
                             sha: r.get(1).map_err(|e| m.err(e))?,
                             rel: r.get(2).map_err(|e| m.err(e))?,
+                            other_settings: bucket_run.is_some_and(|b| !same.contains(&b)),
                             old_bucket,
                             was_rejected: own.is_some(),
                         });
@@ -580,7 +585,8 @@ pub fn run(cfg: &BucketConfig, m: &mut Manifest, ctx: &Ctx) -> Result<BucketRepo
                         verdicts::set(&tx, item_id, "bucket", v, run_id).map_err(map)?;
                         tx.execute("DELETE FROM buckets WHERE item_id = ?1", [item_id])
                             .map_err(map)?;
-                        report.rebucketed_rejected += usize::from(t.old_bucket.is_some());
+                        report.rebucketed_rejected +=
+                            usize::from(t.old_bucket.is_some() && t.other_settings);
                         stale.extend(t.old_bucket.clone());
                         let code = reason.split(':').next().unwrap_or("unknown").to_string();
                         *report.rejected.entry(code).or_default() += 1;

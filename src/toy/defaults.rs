@@ -81,27 +81,32 @@ pub fn tagger_or_default(given: Option<PathBuf>) -> Result<PathBuf> {
     given.map_or_else(default_tagger_dir, Ok)
 }
 
-/// What generated a dataset's images, for the defaults that follow the
-/// toy world without being told (caption's tagger, bucket's set).
+/// What made a dataset's images, for the defaults that follow the toy
+/// world without being told (caption's tagger, bucket's set, train's
+/// model).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Generator {
-    /// No image of the dataset was planned by `generate`.
+    /// No image of the dataset was planned by `generate` (imported ones
+    /// only, or none).
     Nothing,
-    /// Every planned image is a toy model's.
+    /// Every image is a toy model's, planned by `generate`.
     Toy,
-    /// Some are this model's (its file name as `generate` recorded it).
+    /// Toy models generated some images, and others were imported.
+    ToyAndImported,
+    /// Some images are this model's (its file name as `generate`
+    /// recorded it).
     Other(String),
 }
 
-/// Which models `generate` used for the dataset of `m`: each
-/// `gen_items` model hash must be the AutoV2 hash of a toy model — the
-/// default one, or a model file a `generate` run of this dataset was given
-/// (its path as recorded: absolute; as typed, read from the current
-/// folder, from earlier versions) that [`is_toy_model`] confirms. The
-/// manifest keeps the file name and hash, not the file: a model file that
-/// is gone reads as not a toy.
-pub fn dataset_generator(m: &crate::manifest::Manifest) -> Result<Generator> {
-    use std::collections::BTreeSet;
+/// [`plan_models`]' answer: `(model file name, AutoV2 hash)` pairs and
+/// model paths.
+type PlanModels = (Vec<(String, String)>, Vec<PathBuf>);
+
+/// The `(model file name, AutoV2 hash)` pairs of the dataset's plan rows
+/// and the model paths its `generate` runs were given (absolute; as typed,
+/// read from the current folder, from earlier versions). Empty without a
+/// plan.
+fn plan_models(m: &crate::manifest::Manifest) -> Result<PlanModels> {
     let rows = |sql: &str| -> Result<Vec<(String, String)>> {
         let mut st = m.conn().prepare(sql).map_err(|e| m.err(e))?;
         let v = st
@@ -120,13 +125,10 @@ pub fn dataset_generator(m: &crate::manifest::Manifest) -> Result<Generator> {
         .map_err(|e| m.err(e))?
         > 0;
     if !has_plan {
-        return Ok(Generator::Nothing);
+        return Ok((Vec::new(), Vec::new()));
     }
     let used = rows("SELECT DISTINCT model, model_hash FROM gen_items ORDER BY model, model_hash")?;
-    if used.is_empty() {
-        return Ok(Generator::Nothing);
-    }
-    let mut paths: Vec<PathBuf> = vec![toy_dir().join("model.safetensors")];
+    let mut paths = Vec::new();
     for (cfg, _) in rows("SELECT config_json, '' FROM runs WHERE stage = 'generate' ORDER BY id")? {
         if let Some(p) = serde_json::from_str::<serde_json::Value>(&cfg)
             .ok()
@@ -137,19 +139,83 @@ pub fn dataset_generator(m: &crate::manifest::Manifest) -> Result<Generator> {
     }
     paths.sort();
     paths.dedup();
-    let toy_hashes: BTreeSet<String> = paths
+    Ok((used, paths))
+}
+
+/// AutoV2 hash of the file at `p`, if it is one.
+fn autov2_of(p: &std::path::Path) -> Option<String> {
+    if !p.is_file() {
+        return None;
+    }
+    crate::models::sdxl::checkpoint::sha256_file(p)
+        .ok()
+        .map(|h| crate::models::sdxl::checkpoint::autov2(&h))
+}
+
+/// Which models made the dataset of `m`: each `gen_items` model hash must
+/// be the AutoV2 hash of a toy model — the default one, or a model file a
+/// `generate` run of this dataset was given that [`is_toy_model`]
+/// confirms — and every item must come from the plan. The manifest keeps
+/// the file name and hash, not the file: a model file that is gone reads
+/// as not a toy.
+pub fn dataset_generator(m: &crate::manifest::Manifest) -> Result<Generator> {
+    let (used, mut paths) = plan_models(m)?;
+    if used.is_empty() {
+        return Ok(Generator::Nothing);
+    }
+    paths.push(toy_dir().join("model.safetensors"));
+    let toy_hashes: std::collections::BTreeSet<String> = paths
         .iter()
         .filter(|p| p.is_file() && is_toy_model(p))
-        .filter_map(|p| {
-            crate::models::sdxl::checkpoint::sha256_file(p)
-                .ok()
-                .map(|h| crate::models::sdxl::checkpoint::autov2(&h))
-        })
+        .filter_map(|p| autov2_of(p))
         .collect();
-    Ok(
-        match used.into_iter().find(|(_, h)| !toy_hashes.contains(h)) {
-            None => Generator::Toy,
-            Some((model, _)) => Generator::Other(model),
-        },
-    )
+    if let Some((model, _)) = used.into_iter().find(|(_, h)| !toy_hashes.contains(h)) {
+        return Ok(Generator::Other(model));
+    }
+    let imported: i64 = m
+        .conn()
+        .query_row(
+            "SELECT count(*) FROM items i
+             WHERE NOT EXISTS (SELECT 1 FROM gen_items g WHERE g.item_id = i.id)",
+            [],
+            |r| r.get(0),
+        )
+        .map_err(|e| m.err(e))?;
+    Ok(if imported > 0 {
+        Generator::ToyAndImported
+    } else {
+        Generator::Toy
+    })
+}
+
+/// The model file `generate` made the dataset of `m` with, for `train`
+/// without `--model`: the one model of its plan, found where a `generate`
+/// run was given it and with the hash the plan recorded. `Err` names the
+/// model when the plan has one whose file is not there any more, or
+/// several; `Ok(None)` when nothing was generated.
+pub fn generating_model(m: &crate::manifest::Manifest) -> Result<Option<PathBuf>> {
+    let (used, paths) = plan_models(m)?;
+    match used.as_slice() {
+        [] => Ok(None),
+        [(name, hash)] => paths
+            .into_iter()
+            .find(|p| autov2_of(p).as_deref() == Some(hash.as_str()))
+            .map(Some)
+            .ok_or_else(|| {
+                Error::config(format!(
+                    "{}: no --model given, and the model that generated the dataset ({name}, hash {hash}) is not where `generate` was given it; pass --model FILE (the base model to convert)",
+                    m.root().display()
+                ))
+            }),
+        several => Err(Error::config(format!(
+            "{}: no --model given, and the dataset was generated by {} models ({}); pass --model FILE (the base model to convert)",
+            m.root().display(),
+            several.len(),
+            several
+                .iter()
+                .map(|(n, h)| format!("{n} {h}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ))),
+    }
 }

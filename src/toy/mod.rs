@@ -26,8 +26,8 @@ pub mod tags;
 pub mod text;
 pub mod vae;
 pub use defaults::{
-    dataset_generator, default_model_path, default_tagger_dir, is_toy_model, model_or_default,
-    tagger_or_default, toy_dir, where_to_find_it, Generator, TOY_DIR_ENV,
+    dataset_generator, default_model_path, default_tagger_dir, generating_model, is_toy_model,
+    model_or_default, tagger_or_default, toy_dir, where_to_find_it, Generator, TOY_DIR_ENV,
 };
 mod write;
 

@@ -427,6 +427,9 @@ impl TrainConfig {
         if self.model.as_os_str().is_empty() {
             return bad("model", "no base checkpoint given (--model FILE)".into());
         }
+        if let Some(out) = &self.out {
+            crate::models::sdxl::checkpoint::check_safetensors_name("train.out (--out)", out)?;
+        }
         let stages = self.effective_stages();
         if stages.iter().all(|s| s.steps == 0) {
             return bad("steps", "must be at least 1".into());

@@ -546,6 +546,17 @@ fn dedupe_keeps_the_lossless_captioned_original() {
         }),
         "{text}"
     );
+    // After caption: the tagger's tags and policy captions on every image,
+    // the same scores on pixel-identical copies. The original with the
+    // hand-written sidecar caption is still kept over its larger re-encode
+    // (it used to lose to the file size once both had captions).
+    let tagger = eps2v::toy::default_tagger_dir().unwrap();
+    let o = eps2v(&["--json", "caption", d, "--tagger", s(&tagger)]);
+    let r: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(r["tagged"].as_u64().unwrap() > 25, "{r}");
+    assert_eq!(eps2v(&["dedupe", d]).status.code(), Some(0));
+    let m = Manifest::open(dir.path()).unwrap();
+    assert_eq!(names(&m), want);
 }
 
 #[cfg(unix)]

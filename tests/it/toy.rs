@@ -443,3 +443,70 @@ fn the_stages_one_by_one_on_the_toy_world_take_its_defaults() {
     assert_eq!(s["files"].as_array().map(|v| v.len()), Some(1), "{s}");
     assert_eq!(s["broken"].as_array().map(|v| v.len()), Some(0), "{s}");
 }
+
+/// `train` without `--model` converts the model that generated the
+/// dataset (found where `generate` was given it, by its hash), not the toy
+/// base; a model file gone since is an error naming it. A toy dataset with
+/// imported images mixed in gets no toy-tagger default.
+#[test]
+fn train_defaults_to_the_generating_model_and_mixed_datasets_name_their_tagger() {
+    let work = tempfile::tempdir().unwrap();
+    let ds = work.path().join("ds");
+    let d = ds.to_str().unwrap();
+    let base = eps2v::toy::default_model_path().unwrap();
+    // Another toy model (a marked copy: same weights, another hash).
+    let other = work.path().join("other.safetensors");
+    let o = other.to_str().unwrap();
+    run(&[
+        "ckpt",
+        "mark",
+        base.to_str().unwrap(),
+        "--prediction",
+        "eps",
+        "--out",
+        o,
+    ]);
+    run(&["generate", d, "--model", o, "--count", "4", "--steps", "2"]);
+    run(&["caption", d]);
+    run(&["bucket", d]);
+    let out = work.path().join("c.safetensors");
+    let text = run(&[
+        "train",
+        d,
+        "--steps",
+        "1",
+        "--eval-every",
+        "0",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(
+        text.contains(&format!(
+            "base model: {o} (no --model given: the model that generated the dataset)"
+        )),
+        "{text}"
+    );
+    // The model moved away: named, with what to do.
+    std::fs::rename(&other, work.path().join("moved.safetensors")).unwrap();
+    let e = Command::new(bin())
+        .args(["train", d, "--steps", "1", "--out", out.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&e.stderr);
+    assert_eq!(e.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("the model that generated the dataset (other, hash ")
+            && err.contains("pass --model FILE"),
+        "{err}"
+    );
+    // Imported images mixed in: caption wants a tagger.
+    let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/images");
+    Command::new(bin())
+        .args(["import", d, "--from", fixtures.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let e = Command::new(bin()).args(["caption", d]).output().unwrap();
+    let err = String::from_utf8_lossy(&e.stderr);
+    assert_eq!(e.status.code(), Some(2), "{err}");
+    assert!(err.contains("some of its images were imported"), "{err}");
+}

@@ -611,7 +611,8 @@ impl SimpleBackend for CkptBackend<'_> {
 #[path = "checkpoint_save.rs"]
 mod save;
 pub use save::{
-    is_partial_save, remove_partial_saves, save_lazy, save_tensors, LazyTensor, SaveOptions,
+    check_safetensors_name, is_partial_save, remove_partial_saves, save_lazy, save_tensors,
+    LazyTensor, SaveOptions,
 };
 use save::{write_checkpoint, Source};
 

@@ -31,6 +31,23 @@ pub struct SaveOptions {
 /// complete).
 const PARTIAL: &str = ".tmp-";
 
+/// Refuse to write a checkpoint under a name other than `*.safetensors`:
+/// A1111, Forge and ComfyUI open other extensions (`.ckpt`, `.pt`, none)
+/// as pickles, and eps2v refuses to load those. `what` names the flag or
+/// key.
+pub fn check_safetensors_name(what: &str, path: &Path) -> Result<()> {
+    let ok = path
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("safetensors"));
+    if ok {
+        return Ok(());
+    }
+    Err(Error::config(format!(
+        "{what} {}: checkpoints are written as .safetensors (UIs open other extensions as pickles); name it NAME.safetensors",
+        path.display()
+    )))
+}
+
 /// Whether `file_name` is the temporary file of a save by any process:
 /// what a save killed mid-write leaves behind.
 pub fn is_partial_save(file_name: &str) -> bool {
@@ -122,7 +139,7 @@ pub fn save_lazy(
 /// `key`: the file would hold infinities every loader refuses or samples
 /// as NaN.
 fn tensor_bytes(key: &str, t: &Tensor, dtype: DType) -> Result<Vec<u8>> {
-    let from = t.dtype();
+    let (from, original) = (t.dtype(), t);
     let t = t.to_device(&Device::Cpu)?.to_dtype(dtype)?.flatten_all()?;
     Ok(match dtype {
         DType::F32 => t
@@ -134,8 +151,20 @@ fn tensor_bytes(key: &str, t: &Tensor, dtype: DType) -> Result<Vec<u8>> {
             let v = t.to_vec1::<half::f16>()?;
             if from != DType::F16 {
                 if let Some(i) = v.iter().position(|x| !x.is_finite()) {
+                    // NaN or ±inf before the cast: no dtype saves it.
+                    let was = original
+                        .flatten_all()?
+                        .get(i)?
+                        .to_dtype(DType::F32)?
+                        .to_device(&Device::Cpu)?
+                        .to_scalar::<f32>()?;
+                    if !was.is_finite() {
+                        return Err(Error::model(format!(
+                            "save: {key} holds {was} (element {i}) before it is stored: what produced it is broken (a corrupt input, a diverged training); nothing was written"
+                        )));
+                    }
                     return Err(Error::model(format!(
-                        "save: {key} does not fit in f16 (element {i} becomes {}; f16 holds |x| ≤ 65504): save as bf16 or f32 (--save-dtype / --dtype bf16)",
+                        "save: {key} does not fit in f16 (element {i} is {was}, which becomes {}; f16 holds |x| ≤ 65504): save as bf16 or f32 (--save-dtype / --dtype bf16)",
                         v[i]
                     )));
                 }

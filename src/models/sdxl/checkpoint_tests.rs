@@ -447,7 +447,21 @@ fn saving_as_f16_what_f16_cannot_hold_is_an_error_naming_the_tensor() {
         &opts,
     ));
     assert!(
-        e.contains("model.diffusion_model.x does not fit in f16") && e.contains("bf16"),
+        e.contains("model.diffusion_model.x does not fit in f16")
+            && e.contains("element 1 is 70000")
+            && e.contains("bf16"),
+        "{e}"
+    );
+    assert!(!p.exists());
+    // A NaN is not an overflow: no dtype saves it, and the error says so.
+    let nan = Tensor::new(&[1.0f32, f32::NAN], &Device::Cpu).unwrap();
+    let e = err_of(save_tensors(
+        &p,
+        &[("model.diffusion_model.x".into(), nan)],
+        &opts,
+    ));
+    assert!(
+        e.contains("model.diffusion_model.x holds NaN (element 1)") && !e.contains("bf16"),
         "{e}"
     );
     assert!(!p.exists());

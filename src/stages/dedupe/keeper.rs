@@ -5,15 +5,18 @@
 //! 2. **lossless over lossy**: PNG, GIF, BMP, TIFF and lossless WebP (VP8L)
 //!    over JPEG and lossy WebP (VP8), so a JPEG re-encode of a PNG is
 //!    dropped in favour of the PNG;
-//! 3. **better caption/tag score**: the tagger's alignment of the image
+//! 3. **a caption someone wrote**: a sidecar `.txt` / `.caption` or an
+//!    A1111 prompt over only machine captions (the tagger's, the caption
+//!    policy's) or none — a kohya user's hand-written caption is kept
+//!    even when a pixel-identical copy has the same tagger scores;
+//! 4. **better caption/tag score**: the tagger's alignment of the image
 //!    with its generation prompt (`tagging.alignment`, the share of the
 //!    prompt's checkable tags it shows) when it has one, else the highest
 //!    stored tag or caption score; an item with a score beats one
-//!    without; then an item with any caption beats one with none (a sidecar
-//!    caption has no score but is still worth keeping);
-//! 4. **larger file** (at equal pixels and codec class, more bytes usually
+//!    without; then an item with any caption beats one with none;
+//! 5. **larger file** (at equal pixels and codec class, more bytes usually
 //!    means less compression loss or more metadata);
-//! 5. the older item (smaller id), so the choice is deterministic.
+//! 6. the older item (smaller id), so the choice is deterministic.
 //!
 //! TIFF counts as lossless (a JPEG-compressed TIFF is rare and not told
 //! apart). WebP is told apart by its first image chunk ([`webp_is_lossless`]).
@@ -35,6 +38,8 @@ pub struct Candidate {
     pub score: Option<f64>,
     /// Has at least one caption (of any source).
     pub captioned: bool,
+    /// Has a caption someone wrote ([`WRITTEN_CAPTION_SOURCES`]).
+    pub written_caption: bool,
     /// Size of the image file in bytes.
     pub file_size: u64,
     /// sha256 of the decoded pixels.
@@ -43,12 +48,17 @@ pub struct Candidate {
     pub hash: u64,
 }
 
+/// Caption sources someone wrote (imported), as opposed to the tagger's
+/// and the caption policy's.
+pub const WRITTEN_CAPTION_SOURCES: &[&str] = &["sidecar_txt", "sidecar_caption", "a1111_prompt"];
+
 /// Keeper preference: `Less` means `a` is the better keeper (see the module
 /// docs for the rule).
 pub fn keeper_order(a: &Candidate, b: &Candidate) -> Ordering {
     b.pixels
         .cmp(&a.pixels)
         .then_with(|| b.lossless.cmp(&a.lossless))
+        .then_with(|| b.written_caption.cmp(&a.written_caption))
         .then_with(|| match (a.score, b.score) {
             (Some(x), Some(y)) => y.partial_cmp(&x).unwrap_or(Ordering::Equal),
             (Some(_), None) => Ordering::Less,
@@ -113,6 +123,7 @@ mod tests {
             lossless,
             score,
             captioned: false,
+            written_caption: false,
             file_size: 100,
             pixel_sha256: String::new(),
             hash: 0,
@@ -125,7 +136,7 @@ mod tests {
     }
 
     #[test]
-    fn rule_order_resolution_codec_score_caption_size_age() {
+    fn rule_order_resolution_codec_written_caption_score_caption_size_age() {
         // Resolution beats everything.
         assert_eq!(
             best(vec![
@@ -161,6 +172,21 @@ mod tests {
         let mut c = cand(2, 400, true, None);
         c.captioned = true;
         assert_eq!(best(vec![cand(1, 400, true, None), c]), 2);
+        // A caption someone wrote beats the score (pixel-identical copies
+        // have the same tagger scores) and a larger file; not the codec.
+        let mut w = cand(6, 400, true, None);
+        (w.captioned, w.written_caption) = (true, true);
+        let mut scored = cand(1, 400, true, Some(0.9));
+        (scored.captioned, scored.file_size) = (true, 500);
+        assert_eq!(best(vec![scored, w.clone()]), 6);
+        assert_eq!(
+            best(vec![cand(1, 400, true, None), {
+                let mut l = w.clone();
+                l.lossless = false;
+                l
+            }]),
+            1
+        );
         // Larger file, then the older item.
         let mut big = cand(3, 400, true, None);
         big.file_size = 101;

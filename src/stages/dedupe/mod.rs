@@ -282,10 +282,16 @@ fn read_and_plan(cfg: &DedupeConfig, m: &Manifest) -> Result<(Vec<Cluster>, Dedu
                                               UNION ALL SELECT max(score) FROM tags WHERE item_id = i.id))),
                 EXISTS (SELECT 1 FROM captions WHERE item_id = i.id),
                 coalesce((SELECT max(size) FROM sources WHERE item_id = i.id), 0),
-                coalesce(i.format, ''), i.path
+                coalesce(i.format, ''), i.path,
+                EXISTS (SELECT 1 FROM captions WHERE item_id = i.id AND source IN ({written}))
          FROM items i JOIN hashes h ON h.item_id = i.id
          WHERE {} ORDER BY i.id",
-        crate::manifest::verdicts::eligible("i", &["dedupe"])
+        crate::manifest::verdicts::eligible("i", &["dedupe"]),
+        written = keeper::WRITTEN_CAPTION_SOURCES
+            .iter()
+            .map(|s| format!("'{s}'"))
+            .collect::<Vec<_>>()
+            .join(", ")
     );
     let mut paths: Vec<Option<String>> = Vec::new();
     let mut webp: Vec<bool> = Vec::new();
@@ -302,6 +308,7 @@ fn read_and_plan(cfg: &DedupeConfig, m: &Manifest) -> Result<(Vec<Cluster>, Dedu
                         hash: r.get::<_, i64>(3)? as u64,
                         score: r.get(4)?,
                         captioned: r.get(5)?,
+                        written_caption: r.get(9)?,
                         file_size: r.get::<_, i64>(6)? as u64,
                         lossless: keeper::format_is_lossless(&format).unwrap_or(false),
                     },
@@ -423,6 +430,7 @@ mod tests {
             lossless: true,
             score,
             captioned: false,
+            written_caption: false,
             file_size: 0,
             pixel_sha256: px.into(),
             hash,
