@@ -12,9 +12,16 @@ fn main() {
                 err.downcast_ref::<eps2v::Error>(),
                 Some(eps2v::Error::Interrupted(_))
             );
-            eprintln!("{}: {err}", if stopped { "stopped" } else { "error" });
+            let mut said = err.to_string();
+            eprintln!("{}: {said}", if stopped { "stopped" } else { "error" });
+            // A cause the message above already quotes (an I/O error after
+            // its path) is not printed again.
             for cause in err.chain().skip(1) {
-                eprintln!("  caused by: {cause}");
+                let cause = cause.to_string();
+                if !said.contains(&cause) {
+                    eprintln!("  caused by: {cause}");
+                }
+                said = cause;
             }
             let code = err
                 .downcast_ref::<eps2v::Error>()

@@ -197,9 +197,19 @@ pub fn run_caption(a: CaptionArgs, json: bool) -> anyhow::Result<i32> {
             "         {} captions written, {} kept their sidecar caption, {} without a caption",
             r.captioned, r.kept_sidecar, r.uncaptioned
         );
-        if let Some(mean) = r.mean_alignment {
+        // The whole dataset's scores (a resumed or repeated caption scores
+        // only what it tags): what `filter --min-alignment` decides on.
+        let (n, mean): (i64, Option<f64>) = m
+            .conn()
+            .query_row(
+                "SELECT count(alignment), avg(alignment) FROM tagging WHERE alignment IS NOT NULL",
+                [],
+                |row| Ok((row.get(0)?, row.get(1)?)),
+            )
+            .unwrap_or((0, None));
+        if let Some(mean) = mean.filter(|_| n > 0) {
             println!(
-                "         {} generated items scored, mean alignment {mean:.2} (see `eps2v inspect`, then `eps2v filter --min-alignment X`)",
+                "         {n} generated items scored ({} in this run), mean alignment {mean:.2} (see `eps2v inspect`, then `eps2v filter --min-alignment X`)",
                 r.scored
             );
         }

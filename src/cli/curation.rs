@@ -32,10 +32,10 @@ pub struct ImportArgs {
     #[arg(long, default_value_t = 64)]
     pub batch: usize,
     /// Refuse images with a side larger than this (decompression-bomb guard).
-    #[arg(long)]
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_side: Option<u32>,
     /// Refuse images with more pixels than this.
-    #[arg(long)]
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     pub max_pixels: Option<u64>,
 }
 
@@ -142,12 +142,12 @@ pub struct ExportArgs {
     /// Output path (default: DIR/exports/<format> or DIR/exports/manifest.<ext>).
     #[arg(long)]
     pub out: Option<PathBuf>,
-    /// kohya: repeats in the folder name `<repeats>_<name>`.
-    #[arg(long, default_value_t = 1)]
-    pub repeats: u32,
-    /// kohya: concept name in the folder name.
-    #[arg(long, default_value = "eps2v")]
-    pub name: String,
+    /// kohya: repeats in the folder name `<repeats>_<name>` [default: 1].
+    #[arg(long)]
+    pub repeats: Option<u32>,
+    /// kohya: concept name in the folder name [default: eps2v].
+    #[arg(long)]
+    pub name: Option<String>,
     /// kohya: also write kohya's latent cache, a .npz beside each bucketed image with its latents from MODEL's VAE (an SDXL checkpoint or the SDXL VAE file: 4 latent channels) and its true original size and crop, so kohya conditions SDXL on them instead of on the bucket-sized file. The summary prints the sd-scripts flags that use them. Latents go through the dataset's latent cache (shared with `eps2v train`).
     #[arg(long, value_name = "MODEL")]
     pub latents: Option<PathBuf>,
@@ -202,8 +202,13 @@ pub fn init(a: InitArgs, json: bool) -> anyhow::Result<i32> {
 pub fn import(a: ImportArgs, json: bool) -> anyhow::Result<i32> {
     // A mistyped --from must not leave a new, empty dataset behind.
     if !a.from.is_dir() {
+        let what = if a.from.exists() {
+            "not a folder (import takes the folder that holds the images)"
+        } else {
+            "no such folder"
+        };
         return Err(crate::Error::config(format!(
-            "--from {}: no such folder; pass an existing folder of images",
+            "--from {}: {what}; pass an existing folder of images",
             a.from.display()
         ))
         .into());
@@ -466,6 +471,12 @@ pub fn bucket(a: BucketArgs, json: bool) -> anyhow::Result<i32> {
 /// Run `export`.
 pub fn export(a: ExportArgs, json: bool) -> anyhow::Result<i32> {
     use stages::export::ExportFormat as F;
+    if !matches!(a.format, FormatArg::Kohya) && (a.repeats.is_some() || a.name.is_some()) {
+        return Err(crate::Error::config(
+            "export --repeats/--name: they make kohya's folder name `<repeats>_<name>`; drop them, or use --format kohya",
+        )
+        .into());
+    }
     let mut m = Manifest::open(&a.dir)?;
     let cfg = stages::export::ExportConfig {
         format: match a.format {
@@ -475,8 +486,8 @@ pub fn export(a: ExportArgs, json: bool) -> anyhow::Result<i32> {
             FormatArg::Jsonl => F::Jsonl,
         },
         out: a.out,
-        repeats: a.repeats,
-        name: a.name,
+        repeats: a.repeats.unwrap_or(1),
+        name: a.name.unwrap_or_else(|| "eps2v".into()),
         latents: a.latents,
         flip_latents: a.flip_latents,
     };

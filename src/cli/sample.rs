@@ -34,11 +34,11 @@ pub struct SampleArgs {
     /// Negative prompt; when given (non-empty) it is the unconditional branch.
     #[arg(long)]
     pub negative: Option<String>,
-    /// Seed of the first image (image k uses seed+k); random when omitted.
-    /// At most 2^63 − 1: the seed written into the image must read back
-    /// (A1111 infotext, the manifest's integers).
-    #[arg(long, value_parser = clap::value_parser!(u64).range(..=i64::MAX as u64))]
-    pub seed: Option<u64>,
+    /// Seed of the first image (image k uses seed+k); random when omitted
+    /// or -1 (as in A1111). At most 2^63 − 1: the seed written into the
+    /// image must read back (A1111 infotext, the manifest's integers).
+    #[arg(long, value_parser = parse_seed, allow_negative_numbers = true)]
+    pub seed: Option<Seed>,
     /// Sampling steps.
     #[arg(long, default_value_t = 20)]
     pub steps: usize,
@@ -157,7 +157,10 @@ pub fn run_sample(a: SampleArgs, json: bool) -> Result<i32> {
     let mut cfg = SampleConfig {
         prompt: a.prompt.clone(),
         uncond: UncondMode::from_flags(a.uncond.as_deref(), a.negative.as_deref())?,
-        seed: a.seed.unwrap_or_else(|| u64::from(rand::random::<u32>())),
+        seed: match a.seed {
+            Some(Seed::Fixed(s)) => s,
+            None | Some(Seed::Random) => u64::from(rand::random::<u32>()),
+        },
         steps: a.steps,
         cfg: a.cfg,
         rescale: a.rescale,
@@ -287,5 +290,26 @@ mod tests {
             let e = parse_size(bad).unwrap_err().to_string();
             assert!(e.contains("WIDTHxHEIGHT"), "{bad}: {e}");
         }
+    }
+}
+
+/// `sample --seed`: a number, or -1 for a random one (A1111's convention).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Seed {
+    /// This seed.
+    Fixed(u64),
+    /// Drawn at random (reported with each image).
+    Random,
+}
+
+fn parse_seed(s: &str) -> std::result::Result<Seed, String> {
+    if s.trim() == "-1" {
+        return Ok(Seed::Random);
+    }
+    match s.trim().parse::<u64>() {
+        Ok(v) if v <= i64::MAX as u64 => Ok(Seed::Fixed(v)),
+        _ => Err(format!(
+            "{s:?}: a seed from 0 to 2^63-1 (9223372036854775807), or -1 for a random one"
+        )),
     }
 }

@@ -363,15 +363,20 @@ fn resume_id(r: Option<Resume>, cfg: &TrainConfig, m: &Manifest) -> Result<Optio
     match r {
         None => Ok(None),
         Some(Resume::Run(id)) => Ok(Some(id)),
-        Some(Resume::Latest) => train::state::resumable_run(m, cfg)?
-            .map(Some)
-            .ok_or_else(|| {
-                Error::config(format!(
-                    "--resume: {} holds no stopped training run of this config with a checkpoint to resume (`eps2v inspect {}` lists the runs; a run resumes only with the settings it was started with); drop --resume to start a new run",
+        Some(Resume::Latest) => match train::state::resumable_run(m, cfg)? {
+            Some(id) => Ok(Some(id)),
+            None => Err(match train::state::newest_mismatch(m, cfg)? {
+                // Say why the newest stopped run does not go on.
+                Some((id, why)) => Error::config(format!(
+                    "--resume: the newest stopped training run, {id}, cannot go on with these settings: {why}; resume it with its own, or drop --resume to start a new run"
+                )),
+                None => Error::config(format!(
+                    "--resume: {} holds no stopped training run with a checkpoint to resume (`eps2v inspect {}` lists the runs); drop --resume to start a new run",
                     m.root().display(),
                     m.root().display()
-                ))
+                )),
             }),
+        },
     }
 }
 

@@ -568,6 +568,27 @@ pub fn check(cfg: &ExportConfig, root: &Path) -> Result<PathBuf> {
             ExportFormat::Jsonl => root.join("exports").join("manifest.jsonl"),
         },
     };
+    // One table format written under the other's name.
+    let ext = out
+        .extension()
+        .map(|e| e.to_string_lossy().to_ascii_lowercase());
+    let clash = match (cfg.format, ext.as_deref()) {
+        (ExportFormat::Parquet, Some("jsonl" | "json")) => Some("JSON lines"),
+        (ExportFormat::Jsonl, Some("parquet")) => Some("Parquet"),
+        _ => None,
+    };
+    if let Some(what) = clash {
+        return Err(Error::config(format!(
+            "export --format {} --out {}: the name says {what}; name it for the format (.{})",
+            cfg.format.name(),
+            out.display(),
+            if cfg.format == ExportFormat::Parquet {
+                "parquet"
+            } else {
+                "jsonl"
+            }
+        )));
+    }
     check_replaceable(&out, cfg.format, cfg.out.is_none())?;
     Ok(out)
 }

@@ -494,4 +494,17 @@ fn latent_flags_need_kohya_and_a_vae() {
     };
     let e = run(&no_vae, &mut m, &Ctx::quiet()).unwrap_err();
     assert!(e.to_string().contains("was not loaded"), "{e}");
+    // A table written under the other format's name is refused.
+    for (format, out) in [
+        (ExportFormat::Jsonl, "rows.parquet"),
+        (ExportFormat::Parquet, "rows.jsonl"),
+    ] {
+        let c = ExportConfig {
+            format,
+            out: Some(d.path().join(out)),
+            ..Default::default()
+        };
+        let e = run(&c, &mut m, &Ctx::quiet()).unwrap_err().to_string();
+        assert!(e.contains("name it for the format"), "{e}");
+    }
 }

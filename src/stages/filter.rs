@@ -228,7 +228,7 @@ pub fn run(cfg: &FilterConfig, m: &mut Manifest) -> Result<FilterReport> {
     }
     if report.scored == 0 && updates.is_empty() {
         return Err(Error::config(format!(
-            "{}: no item has an alignment score; run `eps2v caption {} --tagger DIR` first (only items with a generation prompt get one)",
+            "{}: no item has an alignment score; run `eps2v caption {}` with a tagger first (any `--policy` but `prompt`, e.g. the default; `--tagger DIR` unless toy models generated the dataset; only items with a generation prompt get a score)",
             m.root().display(),
             m.root().display()
         )));

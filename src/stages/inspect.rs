@@ -126,6 +126,11 @@ fn runs_table(m: &Manifest) -> Result<Table> {
                 Some(who) => format!("live: {who}").into(),
                 None => "none: process gone (killed or crashed)".into(),
             },
+            // A plain rerun of train starts a new run: it goes on with
+            // --resume (the stages that resume by rerunning say so).
+            (Some(id), Some("failed")) if interrupted && row[1].as_str() == Some("train") => {
+                format!("stopped by Ctrl-C / SIGTERM: `eps2v train DIR --resume {id}` (same flags) goes on").into()
+            }
             (_, Some("failed")) if interrupted => {
                 "stopped by Ctrl-C / SIGTERM: rerun to go on".into()
             }
@@ -402,9 +407,11 @@ mod tests {
         let k = m.begin_run("export", &none).unwrap();
         let long = format!("{}\nsecond line", "x".repeat(200));
         m.fail_run(k, &none, &Error::config(long));
+        let tr = m.begin_run("train", &none).unwrap();
+        m.end_run(tr, false, &stopped).unwrap();
         let ro = Manifest::open_read_only(d.path()).unwrap();
         let t = run(&ro, 5).unwrap().runs;
-        assert_eq!(t.rows.len(), 8);
+        assert_eq!(t.rows.len(), 9);
         assert_eq!(t.columns.last().map(String::as_str), Some("process"));
         let process = |id: i64| t.rows.iter().find(|r| r[0] == id).unwrap()[5].clone();
         assert_eq!(process(a), "none: process gone (killed or crashed)");
@@ -416,6 +423,14 @@ mod tests {
         }
         assert!(process(e).is_null());
         assert_eq!(process(f), "stopped by Ctrl-C / SIGTERM: rerun to go on");
+        // A plain rerun of train starts over: it says --resume.
+        assert_eq!(
+            process(tr),
+            format!(
+                "stopped by Ctrl-C / SIGTERM: `eps2v train DIR --resume {tr}` (same flags) goes on"
+            )
+            .as_str()
+        );
         let why = process(k);
         let why = why.as_str().unwrap();
         assert!(why.starts_with("stopped on an error: "), "{why}");

@@ -81,6 +81,13 @@ fn resume_equals_an_uninterrupted_run_bit_for_bit() {
     );
     let m = Manifest::open(&ds).unwrap();
     assert_eq!(state::resumable_run(&m, &cfg_r).unwrap(), None);
+    // `--resume` alone says why the newest stopped run does not go on.
+    let (id, why) = state::newest_mismatch(&m, &cfg_r).unwrap().unwrap();
+    assert_eq!(id, first.run_id);
+    assert!(
+        why.contains("the run trained on 4 items, there are 3 now"),
+        "{why}"
+    );
     set_status("ok");
     assert_eq!(
         state::resumable_run(&m, &cfg_r).unwrap(),

@@ -343,7 +343,38 @@ pub fn adoptable_run(m: &Manifest, cfg: &TrainConfig) -> Result<Option<i64>> {
     matching_run(m, cfg, "('running', 'failed', 'done')")
 }
 
+/// For `train --resume` alone when [`resumable_run`] found nothing: the
+/// newest stopped run with a readable checkpoint, and why it does not
+/// resume with `cfg` (its settings, base model or data differ).
+pub fn newest_mismatch(m: &Manifest, cfg: &TrainConfig) -> Result<Option<(i64, String)>> {
+    let mut found = None;
+    scan_runs(m, cfg, "('running', 'failed')", &mut |id, why| {
+        found = Some((id, why.to_string()));
+        true
+    })?;
+    Ok(found)
+}
+
 fn matching_run(m: &Manifest, cfg: &TrainConfig, statuses: &str) -> Result<Option<i64>> {
+    let mut found = None;
+    scan_runs(m, cfg, statuses, &mut |id, why| {
+        if why.is_empty() {
+            found = Some(id);
+        }
+        found.is_some()
+    })?;
+    Ok(found)
+}
+
+/// The train runs of `statuses`, newest first, that no process holds and
+/// that have a readable checkpoint, each with why it does not resume with
+/// `cfg` ("" when it does), until `stop` says so.
+fn scan_runs(
+    m: &Manifest,
+    cfg: &TrainConfig,
+    statuses: &str,
+    stop: &mut dyn FnMut(i64, &str) -> bool,
+) -> Result<()> {
     let mut st = m
         .conn()
         .prepare(&format!(
@@ -372,11 +403,15 @@ fn matching_run(m: &Manifest, cfg: &TrainConfig, statuses: &str) -> Result<Optio
             continue;
         };
         let data_differs = data.as_deref().and_then(|d| saved.data_mismatch(d));
-        if saved.resume_mismatch(cfg, &base)?.is_none() && data_differs.is_none() {
-            return Ok(Some(id));
+        let why = saved
+            .resume_mismatch(cfg, &base)?
+            .or(data_differs)
+            .unwrap_or_default();
+        if stop(id, &why) {
+            break;
         }
     }
-    Ok(None)
+    Ok(())
 }
 
 /// A training run that a dead process left `running` (killed, crashed),

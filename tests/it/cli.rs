@@ -424,7 +424,16 @@ fn a_bare_ztsnr_flag_is_true() {
     else {
         panic!("not sample")
     };
-    assert_eq!(s.seed, Some(i64::MAX as u64));
+    assert_eq!(
+        s.seed,
+        Some(eps2v::cli::sample::Seed::Fixed(i64::MAX as u64))
+    );
+    // -1 is A1111's "random".
+    let C::Sample(s) = parse(&["eps2v", "sample", "--prompt", "x", "--seed", "-1"]).command else {
+        panic!("not sample")
+    };
+    assert_eq!(s.seed, Some(eps2v::cli::sample::Seed::Random));
+    assert!(Cli::try_parse_from(["eps2v", "sample", "--prompt", "x", "--seed", "-2"]).is_err());
 }
 
 /// A mistyped `--from` is a usage error that leaves no new, empty dataset
@@ -447,4 +456,40 @@ fn import_checks_its_source_before_creating_the_dataset() {
     let o = eps2v(&["inspect", file.to_str().unwrap()]);
     assert_eq!(o.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&o.stderr).contains("exists and is not a folder"));
+    // --from a file: not a folder, said as such.
+    let o = eps2v(&[
+        "import",
+        ds.to_str().unwrap(),
+        "--from",
+        file.to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("not a folder (import takes the folder"),
+        "{err}"
+    );
+    assert!(!ds.exists());
+    // Limits of 0 are usage errors, not a run that rejects everything.
+    for flag in ["--max-side", "--max-pixels"] {
+        let o = eps2v(&[
+            "import",
+            ds.to_str().unwrap(),
+            "--from",
+            d.path().to_str().unwrap(),
+            flag,
+            "0",
+        ]);
+        assert_eq!(o.status.code(), Some(2), "{flag}");
+        assert!(!ds.exists());
+    }
+    // An I/O error is printed once, after its path (not again as its cause).
+    let o = eps2v(&[
+        "train",
+        ds.to_str().unwrap(),
+        "--config",
+        d.path().join("no.toml").to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert_eq!(err.matches("No such file or directory").count(), 1, "{err}");
 }
