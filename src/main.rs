@@ -1,9 +1,7 @@
 //! `eps2v` binary: parse the command line, run, print the error chain, exit.
 
-use clap::Parser;
-
 fn main() {
-    let cli = eps2v::cli::Cli::parse();
+    let cli = eps2v::cli::parse();
     eps2v::nn::tune_cpu_runtime();
     match eps2v::nn::on_pool(|| eps2v::cli::run(cli)) {
         Ok(code) => std::process::exit(code),

@@ -38,6 +38,20 @@ pub struct Cli {
     pub command: Command,
 }
 
+/// The command line with what the derive cannot say: `train --help` shows
+/// each tuning flag's default ([`train::with_defaults`]).
+pub fn command() -> clap::Command {
+    use clap::CommandFactory;
+    Cli::command().mut_subcommand("train", train::with_defaults)
+}
+
+/// Parse the process's arguments through [`command`].
+pub fn parse() -> Cli {
+    use clap::FromArgMatches;
+    let matches = command().get_matches();
+    Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit())
+}
+
 /// Every subcommand.
 #[derive(Debug, Subcommand)]
 pub enum Command {

@@ -63,7 +63,7 @@ pub struct TrainArgs {
     /// checkpointing on).
     #[arg(long)]
     pub no_gradient_checkpointing: bool,
-    /// Learning rate (default 1e-5).
+    /// Learning rate.
     #[arg(long)]
     pub lr: Option<f64>,
     /// constant or cosine.
@@ -711,3 +711,52 @@ fn default_sweep_prompts(pack: &str) -> Result<Vec<String>> {
 #[cfg(test)]
 #[path = "train_tests.rs"]
 mod tests;
+
+/// `eps2v train --help` with each tuning flag's default, taken from
+/// [`TrainConfig::default`] itself (so the help cannot drift from it): the
+/// flags are options over the config file, so clap has no default of its
+/// own to show.
+pub fn with_defaults(c: clap::Command) -> clap::Command {
+    let d = serde_json::to_value(TrainConfig::default()).unwrap_or_default();
+    const FLAGS: &[&str] = &[
+        "steps",
+        "batch_size",
+        "grad_accum",
+        "lr",
+        "lr_schedule",
+        "warmup_steps",
+        "weight_decay",
+        "max_grad_norm",
+        "weighting",
+        "min_snr_gamma",
+        "noise_offset",
+        "multires_noise_iterations",
+        "multires_noise_discount",
+        "min_timestep",
+        "max_timestep",
+        "val_fraction",
+        "latent",
+        "caption_dropout",
+        "seed",
+        "eval_every",
+        "eval_steps",
+        "eval_cfg",
+        "save_every",
+        "save_dtype",
+    ];
+    FLAGS.iter().fold(c, |c, id| {
+        let Some(v) = d.get(*id).filter(|v| !v.is_null()) else {
+            return c;
+        };
+        let v = match (v.as_str(), v.as_f64()) {
+            (Some(s), _) => s.to_string(),
+            // 1e-5, not 0.00001.
+            (None, Some(x)) if x != 0.0 && x.abs() < 1e-3 => format!("{x:e}"),
+            _ => v.to_string(),
+        };
+        c.mut_arg(*id, |a| {
+            let help = a.get_help().map(|h| h.to_string()).unwrap_or_default();
+            a.help(format!("{help} [default: {v}]"))
+        })
+    })
+}

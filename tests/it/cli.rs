@@ -493,3 +493,21 @@ fn import_checks_its_source_before_creating_the_dataset() {
     assert_eq!(o.status.code(), Some(2), "{err}");
     assert_eq!(err.matches("No such file or directory").count(), 1, "{err}");
 }
+
+/// `train --help` shows the defaults its flags fall back to (taken from
+/// the training config's own defaults).
+#[test]
+fn train_help_shows_the_defaults() {
+    let o = eps2v(&["train", "--help"]);
+    assert_eq!(o.status.code(), Some(0));
+    let text = String::from_utf8_lossy(&o.stdout);
+    for want in [
+        "Optimizer steps [default: 1000]",
+        "Learning rate [default: 1e-5]",
+        "[default: constant]",
+        "Caption-dropout probability [default: 0.1]",
+        "Save a resumable checkpoint every N steps [default: 500]",
+    ] {
+        assert!(text.contains(want), "{want:?} not in {text}");
+    }
+}
