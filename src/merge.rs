@@ -284,12 +284,6 @@ pub fn merge(cfg: &MergeConfig, out: &Path) -> Result<MergeReport> {
         )));
     }
     let markers = markers_side(cfg, &a, &b, c.as_ref())?;
-    // A NaN or ±inf in an input would be carried into the merge (any blend
-    // of it is NaN): refused before anything is written, as every command
-    // that loads a model refuses it.
-    for ck in [Some(&a), Some(&b), c.as_ref()].into_iter().flatten() {
-        ck.check_finite("")?;
-    }
     let side = |s: Side| if s == Side::A { &a } else { &b };
     let name = |s: Side| if s == Side::A { "A" } else { "B" };
     // A component asked from B must be there; one A lacks and B has is
@@ -389,6 +383,12 @@ pub fn merge(cfg: &MergeConfig, out: &Path) -> Result<MergeReport> {
                 dtype,
                 shape,
                 produce: Box::new(move || {
+                    // A NaN or ±inf in an input would be carried into the
+                    // merge (any blend of it is NaN): refused as it streams,
+                    // naming the file (the output stays a temporary file).
+                    for ck in [Some(a), Some(b), c].into_iter().flatten() {
+                        ck.check_key_finite(&key)?;
+                    }
                     let cpu = candle_core::Device::Cpu;
                     let ta = a.tensor(&key, DType::F32, &cpu)?;
                     let tb = b.tensor(&key, DType::F32, &cpu)?;

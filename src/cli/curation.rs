@@ -363,19 +363,27 @@ pub fn bucket(a: BucketArgs, json: bool) -> anyhow::Result<i32> {
         })
     };
     let (base, origin) = match &earlier {
-        Some((run, c)) => (c.clone(), format!("bucket run {run}'s, which made the dataset's buckets")),
-        None if given.is_none()
-            && crate::toy::dataset_generator(&m)? == crate::toy::Generator::Toy =>
-        {
-            (
+        Some((run, c)) => (
+            c.clone(),
+            format!("bucket run {run}'s, which made the dataset's buckets"),
+        ),
+        None if given.is_some() => (BucketConfig::default(), "the defaults".to_string()),
+        None => match crate::toy::dataset_generator(&m)? {
+            crate::toy::Generator::Toy => (
                 BucketConfig {
                     buckets: crate::run::config::toy_bucket_set(),
                     ..Default::default()
                 },
-                "the toy world's, as a toy model generated the dataset's images (--sdxl for the SDXL list)".to_string(),
-            )
-        }
-        None => (BucketConfig::default(), "the defaults".to_string()),
+                "the toy world's, as toy models generated every image (--sdxl for the SDXL list)"
+                    .to_string(),
+            ),
+            crate::toy::Generator::ToyAndImported => (
+                BucketConfig::default(),
+                "the defaults (not the toy buckets: some images were imported; --kohya-resolution 80 --step 32 --min-side 64 --max-side 96 makes them)"
+                    .to_string(),
+            ),
+            _ => (BucketConfig::default(), "the defaults".to_string()),
+        },
     };
     let cfg = BucketConfig {
         buckets: given.unwrap_or(base.buckets),

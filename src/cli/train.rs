@@ -384,6 +384,10 @@ fn resume_id(r: Option<Resume>, cfg: &TrainConfig, m: &Manifest) -> Result<Optio
 /// from was saved).
 pub fn run_train(a: TrainArgs, json: bool) -> Result<i32> {
     let mut cfg = a.to_config()?;
+    // What needs no model is checked before one is looked for (and hashed).
+    if let Some(out) = &cfg.out {
+        crate::models::sdxl::checkpoint::check_safetensors_name("train.out (--out)", out)?;
+    }
     let mut m = Manifest::open(&a.dir)?;
     // No model given: the one that generated the dataset (the point of
     // the job: convert the model on its own images), else the toy base.

@@ -34,7 +34,8 @@ pub struct ProductConfig {
     /// command's default (e.g. f16 on CUDA, whose VAE decode must stay
     /// finite).
     pub precision: Option<String>,
-    /// Work folder (the dataset, models and images go here).
+    /// Work folder (the dataset, models and images go here); emptied
+    /// first when this step made it, refused when it holds other files.
     pub work: PathBuf,
     /// Report to write (JSON).
     pub out: PathBuf,
@@ -252,10 +253,24 @@ fn first_file(v: &Value) -> Option<PathBuf> {
 pub fn run(cfg: &ProductConfig, say: &mut dyn FnMut(&str)) -> Result<ProductReport> {
     let t0 = Instant::now();
     let w = &cfg.work;
+    // Emptied first, but only a folder this step made (its marker file
+    // inside) or an empty one: --work must not take a user's folder.
+    let marker = w.join(".eps2v-gpu-bench-product");
     if w.exists() {
+        let empty = std::fs::read_dir(w)
+            .map_err(|e| Error::io(w, e))?
+            .next()
+            .is_none();
+        if !empty && !marker.is_file() {
+            return Err(Error::config(format!(
+                "gpu-bench product --work {}: the folder holds files this step did not write; give a new or empty folder",
+                w.display()
+            )));
+        }
         std::fs::remove_dir_all(w).map_err(|e| Error::io(w, e))?;
     }
     std::fs::create_dir_all(w).map_err(|e| Error::io(w, e))?;
+    std::fs::write(&marker, b"").map_err(|e| Error::io(&marker, e))?;
     let s = |p: PathBuf| p.to_string_lossy().into_owned();
     let ds = s(w.join("ds"));
     let converted = w.join("converted.safetensors");

@@ -358,7 +358,7 @@ impl Combined {
         for (key, what, bound) in [
             (
                 "sample_device_vs_cpu",
-                "toy `sample`, device vs CPU",
+                "toy `sample` mean pixel, device vs CPU",
                 SAMPLE_VS_CPU_TARGET,
             ),
             (
@@ -369,7 +369,7 @@ impl Combined {
         ] {
             let v = num(product, &[key]);
             self.rows.push(
-                Row::new(what, "mean abs diff", v, None)
+                Row::new(what, "abs diff", v, None)
                     .target(format!("≤ {bound}"), v.map(|v| v <= bound)),
             );
         }

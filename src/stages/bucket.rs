@@ -158,8 +158,9 @@ pub struct BucketReport {
     /// (counted in `bucketed` or `rejected`).
     pub rebucketed: usize,
     /// Of those bucketed before with other settings, the ones these
-    /// settings reject (their bucket is gone; an item rejected for another
-    /// reason, e.g. its image is gone, is not counted).
+    /// settings reject as too small (their bucket is gone; an item
+    /// rejected for another reason, e.g. its image is gone, is not
+    /// counted).
     pub rebucketed_rejected: usize,
     /// Items an earlier bucket run rejected with other settings (or
     /// `force`), decided again (counted in `bucketed` or `rejected`).
@@ -340,16 +341,16 @@ fn same_settings(a: &BucketConfig, b: &BucketConfig) -> bool {
     a.buckets == b.buckets && a.crop == b.crop && a.seed == b.seed && a.max_upscale == b.max_upscale
 }
 
-/// The settings the dataset's buckets were made with: those of the bucket
-/// run that made most of them (the later one on a tie), with its id.
-/// `None` when nothing is bucketed, or when that run's config is one this
-/// build cannot read.
+/// The settings a plain rerun of bucket takes: those of the latest bucket
+/// run whose buckets the dataset still has (a rerun after one stopped
+/// part-way goes on with its settings), with its id. `None` when nothing
+/// is bucketed, or when that run's config is one this build cannot read.
 pub fn current_settings(m: &Manifest) -> Result<Option<(i64, BucketConfig)>> {
     let row: Option<(i64, String)> = m
         .conn()
         .query_row(
-            "SELECT r.id, r.config_json FROM buckets b JOIN runs r ON r.id = b.run_id
-             GROUP BY r.id ORDER BY count(*) DESC, r.id DESC LIMIT 1",
+            "SELECT r.id, r.config_json FROM runs r
+             WHERE r.id = (SELECT max(run_id) FROM buckets)",
             [],
             |r| Ok((r.get(0)?, r.get(1)?)),
         )
@@ -585,10 +586,13 @@ pub fn run(cfg: &BucketConfig, m: &mut Manifest, ctx: &Ctx) -> Result<BucketRepo
                         verdicts::set(&tx, item_id, "bucket", v, run_id).map_err(map)?;
                         tx.execute("DELETE FROM buckets WHERE item_id = ?1", [item_id])
                             .map_err(map)?;
-                        report.rebucketed_rejected +=
-                            usize::from(t.old_bucket.is_some() && t.other_settings);
-                        stale.extend(t.old_bucket.clone());
                         let code = reason.split(':').next().unwrap_or("unknown").to_string();
+                        // Only a size refusal is the new settings' doing
+                        // (a lost or broken image is not).
+                        report.rebucketed_rejected += usize::from(
+                            t.old_bucket.is_some() && t.other_settings && code == "too_small",
+                        );
+                        stale.extend(t.old_bucket.clone());
                         *report.rejected.entry(code).or_default() += 1;
                         let source = tx
                             .query_row(

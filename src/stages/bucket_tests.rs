@@ -127,6 +127,26 @@ fn a_missing_bucket_file_is_made_again() {
     let again = run(&cfg, &mut m, &ctx).unwrap();
     assert_eq!((again.already, again.rebucketed), (1, 1));
     assert!(ds.join(&path).is_file());
+    // An image gone, rebucketed with other settings: rejected as
+    // unreadable, which the settings did not cause (no "run bucket again
+    // with the earlier settings" for it).
+    let image: String = m
+        .conn()
+        .query_row("SELECT path FROM items ORDER BY id LIMIT 1", [], |r| {
+            r.get(0)
+        })
+        .unwrap();
+    std::fs::remove_file(ds.join(&image)).unwrap();
+    let other = BucketConfig {
+        crop: CropArg::Random,
+        ..cfg.clone()
+    };
+    let r = run(&other, &mut m, &ctx).unwrap();
+    assert_eq!(
+        (r.rebucketed, r.rejected.get("unreadable").copied()),
+        (2, Some(1))
+    );
+    assert_eq!(r.rebucketed_rejected, 0, "{r:?}");
 }
 
 /// An 8-bit RGB PNG already at its bucket's size (what `generate`
@@ -208,10 +228,10 @@ fn settings_ignore_force_and_batch() {
     ));
 }
 
-/// The settings a plain `bucket` takes are those of the run that made most
-/// of the dataset's buckets (the later one on a tie); none before any.
+/// The settings a plain `bucket` takes are those of the latest run whose
+/// buckets the dataset still has; none before any.
 #[test]
-fn current_settings_are_those_that_made_most_buckets() {
+fn current_settings_are_those_of_the_latest_run_with_buckets() {
     let d = tempfile::tempdir().unwrap();
     let src = d.path().join("src");
     std::fs::create_dir(&src).unwrap();
@@ -236,6 +256,10 @@ fn current_settings_are_those_that_made_most_buckets() {
     assert_eq!(second.rebucketed, 3);
     let (id, got) = current_settings(&m).unwrap().unwrap();
     assert_eq!((id, same_settings(&got, &random)), (second.run_id, true));
+    // The same settings again: nothing redone, still the second run's.
+    let third = run(&random, &mut m, &ctx).unwrap();
+    assert_eq!(third.already, 3);
+    assert_eq!(current_settings(&m).unwrap().unwrap().0, second.run_id);
     assert_eq!(
         random.buckets.to_string(),
         "kohya buckets at 128² (step 32, sides 64–256)"

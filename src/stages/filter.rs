@@ -119,7 +119,7 @@ pub fn decide(alignment: f64, missing: &[(String, f32)], min: f64) -> Option<Str
 
 /// The stages whose verdicts do not keep an item from being judged: its
 /// own and the later stages'.
-const JUDGED_VERDICTS: &[&str] = &["filter", "dedupe", "bucket"];
+pub(crate) const JUDGED_VERDICTS: &[&str] = &["filter", "dedupe", "bucket"];
 
 struct Row {
     id: i64,

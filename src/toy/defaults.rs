@@ -93,8 +93,8 @@ pub enum Generator {
     Toy,
     /// Toy models generated some images, and others were imported.
     ToyAndImported,
-    /// Some images are this model's (its file name as `generate`
-    /// recorded it).
+    /// Some images are another model's, or one whose file cannot be
+    /// checked: what it is, as a phrase ("m, not a toy model").
     Other(String),
 }
 
@@ -152,31 +152,85 @@ fn autov2_of(p: &std::path::Path) -> Option<String> {
         .map(|h| crate::models::sdxl::checkpoint::autov2(&h))
 }
 
-/// Which models made the dataset of `m`: each `gen_items` model hash must
-/// be the AutoV2 hash of a toy model — the default one, or a model file a
-/// `generate` run of this dataset was given that [`is_toy_model`]
-/// confirms — and every item must come from the plan. The manifest keeps
-/// the file name and hash, not the file: a model file that is gone reads
-/// as not a toy.
+/// Where the file of a plan's model is now.
+enum Located {
+    /// At this path, with the hash the plan recorded.
+    Found(PathBuf),
+    /// A file of its name is where `generate` was given it, with another
+    /// hash (changed since).
+    Changed(PathBuf),
+    /// No recorded path holds it (moved, deleted).
+    Gone(Vec<PathBuf>),
+}
+
+/// Look for the model `name` with AutoV2 `hash` among `paths` (the
+/// recorded ones and the toy base). Only files of that name are hashed,
+/// through the hash cache that `generate` filled.
+fn locate(name: &str, hash: &str, paths: &[PathBuf]) -> Located {
+    let named: Vec<&PathBuf> = paths
+        .iter()
+        .filter(|p| p.file_stem().is_some_and(|s| s.to_string_lossy() == name))
+        .collect();
+    if let Some(p) = named.iter().find(|p| autov2_of(p).as_deref() == Some(hash)) {
+        return Located::Found((*p).clone());
+    }
+    match named.iter().find(|p| p.is_file()) {
+        Some(p) => Located::Changed((*p).clone()),
+        None => Located::Gone(named.into_iter().cloned().collect()),
+    }
+}
+
+/// The recorded paths and the toy base, for [`locate`].
+fn candidate_paths(mut paths: Vec<PathBuf>) -> Vec<PathBuf> {
+    paths.push(toy_dir().join("model.safetensors"));
+    paths
+}
+
+/// Why `name` cannot be told to be a toy model, or what it is.
+fn describe(name: &str, at: &Located) -> String {
+    match at {
+        Located::Found(p) => format!("{}, not a toy model", p.display()),
+        Located::Changed(p) => format!(
+            "{name}, whose file {} has changed since (another hash)",
+            p.display()
+        ),
+        Located::Gone(p) if p.is_empty() => {
+            format!("{name}, whose file this dataset has no record of")
+        }
+        Located::Gone(p) => format!(
+            "{name}, whose file is no longer at {}",
+            p.iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(" or ")
+        ),
+    }
+}
+
+/// Which models made the dataset of `m`: every model of its plan must be
+/// a toy model ([`is_toy_model`]) found by its recorded hash — at a path
+/// a `generate` run of this dataset was given, or the toy base — and no
+/// item may have been imported. The manifest keeps the file name and
+/// hash, not the file: a model whose file is gone or changed cannot be
+/// told to be a toy, and the answer says which.
 pub fn dataset_generator(m: &crate::manifest::Manifest) -> Result<Generator> {
-    let (used, mut paths) = plan_models(m)?;
+    let (used, paths) = plan_models(m)?;
     if used.is_empty() {
         return Ok(Generator::Nothing);
     }
-    paths.push(toy_dir().join("model.safetensors"));
-    let toy_hashes: std::collections::BTreeSet<String> = paths
-        .iter()
-        .filter(|p| p.is_file() && is_toy_model(p))
-        .filter_map(|p| autov2_of(p))
-        .collect();
-    if let Some((model, _)) = used.into_iter().find(|(_, h)| !toy_hashes.contains(h)) {
-        return Ok(Generator::Other(model));
+    let paths = candidate_paths(paths);
+    for (name, hash) in &used {
+        match locate(name, hash, &paths) {
+            Located::Found(p) if is_toy_model(&p) => {}
+            other => return Ok(Generator::Other(describe(name, &other))),
+        }
     }
+    // Replanned or removed plan rows leave their items behind as
+    // `generate` items: only another source is an imported image.
     let imported: i64 = m
         .conn()
         .query_row(
-            "SELECT count(*) FROM items i
-             WHERE NOT EXISTS (SELECT 1 FROM gen_items g WHERE g.item_id = i.id)",
+            "SELECT count(*) FROM items WHERE source <> 'generate'",
             [],
             |r| r.get(0),
         )
@@ -189,24 +243,23 @@ pub fn dataset_generator(m: &crate::manifest::Manifest) -> Result<Generator> {
 }
 
 /// The model file `generate` made the dataset of `m` with, for `train`
-/// without `--model`: the one model of its plan, found where a `generate`
-/// run was given it and with the hash the plan recorded. `Err` names the
-/// model when the plan has one whose file is not there any more, or
-/// several; `Ok(None)` when nothing was generated.
+/// without `--model`: the one model of its plan, found by its recorded
+/// hash where a `generate` run was given it (or as the toy base). `Err`
+/// says where it was and whether it is gone or changed, or names the
+/// models when there are several; `Ok(None)` when nothing was generated.
 pub fn generating_model(m: &crate::manifest::Manifest) -> Result<Option<PathBuf>> {
     let (used, paths) = plan_models(m)?;
+    let paths = candidate_paths(paths);
     match used.as_slice() {
         [] => Ok(None),
-        [(name, hash)] => paths
-            .into_iter()
-            .find(|p| autov2_of(p).as_deref() == Some(hash.as_str()))
-            .map(Some)
-            .ok_or_else(|| {
-                Error::config(format!(
-                    "{}: no --model given, and the model that generated the dataset ({name}, hash {hash}) is not where `generate` was given it; pass --model FILE (the base model to convert)",
-                    m.root().display()
-                ))
-            }),
+        [(name, hash)] => match locate(name, hash, &paths) {
+            Located::Found(p) => Ok(Some(p)),
+            other => Err(Error::config(format!(
+                "{}: no --model given, and the model that generated the dataset is {} (hash {hash} recorded); pass --model FILE (the base model to convert)",
+                m.root().display(),
+                describe(name, &other)
+            ))),
+        },
         several => Err(Error::config(format!(
             "{}: no --model given, and the dataset was generated by {} models ({}); pass --model FILE (the base model to convert)",
             m.root().display(),

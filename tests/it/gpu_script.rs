@@ -105,7 +105,10 @@ fn gpu_bench_script_cpu_fallback_writes_the_ratio_table() {
     );
     let train = row(rows, "toy `train` (cpu)");
     assert_eq!(train["met"], true, "{train}");
-    assert_eq!(row(rows, "toy `sample`, device vs CPU")["met"], true);
+    assert_eq!(
+        row(rows, "toy `sample` mean pixel, device vs CPU")["met"],
+        true
+    );
 
     if python.is_some() {
         let r = &j["reference"];

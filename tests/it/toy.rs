@@ -446,7 +446,7 @@ fn the_stages_one_by_one_on_the_toy_world_take_its_defaults() {
 
 /// `train` without `--model` converts the model that generated the
 /// dataset (found where `generate` was given it, by its hash), not the toy
-/// base; a model file gone since is an error naming it. A toy dataset with
+/// base; a model file gone since is an error saying so. A toy dataset with
 /// imported images mixed in gets no toy-tagger default.
 #[test]
 fn train_defaults_to_the_generating_model_and_mixed_datasets_name_their_tagger() {
@@ -454,19 +454,18 @@ fn train_defaults_to_the_generating_model_and_mixed_datasets_name_their_tagger()
     let ds = work.path().join("ds");
     let d = ds.to_str().unwrap();
     let base = eps2v::toy::default_model_path().unwrap();
-    // Another toy model (a marked copy: same weights, another hash).
+    // Another toy model: the base merged with itself (same weights, other
+    // metadata, so another file hash).
     let other = work.path().join("other.safetensors");
     let o = other.to_str().unwrap();
-    run(&[
-        "ckpt",
-        "mark",
-        base.to_str().unwrap(),
-        "--prediction",
-        "eps",
-        "--out",
-        o,
-    ]);
+    let b = base.to_str().unwrap();
+    run(&["merge", b, b, "--alpha", "0", "--out", o]);
+    assert_ne!(
+        std::fs::read(&other).unwrap(),
+        std::fs::read(&base).unwrap()
+    );
     run(&["generate", d, "--model", o, "--count", "4", "--steps", "2"]);
+    // Still a toy dataset: the toy tagger and buckets by default.
     run(&["caption", d]);
     run(&["bucket", d]);
     let out = work.path().join("c.safetensors");
@@ -486,19 +485,6 @@ fn train_defaults_to_the_generating_model_and_mixed_datasets_name_their_tagger()
         )),
         "{text}"
     );
-    // The model moved away: named, with what to do.
-    std::fs::rename(&other, work.path().join("moved.safetensors")).unwrap();
-    let e = Command::new(bin())
-        .args(["train", d, "--steps", "1", "--out", out.to_str().unwrap()])
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&e.stderr);
-    assert_eq!(e.status.code(), Some(2), "{err}");
-    assert!(
-        err.contains("the model that generated the dataset (other, hash ")
-            && err.contains("pass --model FILE"),
-        "{err}"
-    );
     // Imported images mixed in: caption wants a tagger.
     let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/images");
     Command::new(bin())
@@ -509,4 +495,18 @@ fn train_defaults_to_the_generating_model_and_mixed_datasets_name_their_tagger()
     let err = String::from_utf8_lossy(&e.stderr);
     assert_eq!(e.status.code(), Some(2), "{err}");
     assert!(err.contains("some of its images were imported"), "{err}");
+    // The model moved away: train and caption say where it was.
+    std::fs::rename(&other, work.path().join("moved.safetensors")).unwrap();
+    for args in [
+        vec!["train", d, "--steps", "1", "--out", out.to_str().unwrap()],
+        vec!["caption", d],
+    ] {
+        let e = Command::new(bin()).args(&args).output().unwrap();
+        let err = String::from_utf8_lossy(&e.stderr);
+        assert_eq!(e.status.code(), Some(2), "{err}");
+        assert!(
+            err.contains(&format!("other, whose file is no longer at {o}")),
+            "{err}"
+        );
+    }
 }

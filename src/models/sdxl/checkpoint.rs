@@ -412,6 +412,15 @@ impl Checkpoint {
         Ok(())
     }
 
+    /// Fail when tensor `key` holds NaN or ±inf (an error naming the file
+    /// and the key; a key not in the file passes).
+    pub fn check_key_finite(&self, key: &str) -> Result<()> {
+        match self.entries.get(key) {
+            Some(e) => self.check_entry_finite(key, e),
+            None => Ok(()),
+        }
+    }
+
     fn check_entry_finite(&self, key: &str, e: &TensorEntry) -> Result<()> {
         match first_non_finite(&e.dtype, self.bytes(e)) {
             Some(i) => Err(Error::model(format!(
@@ -617,7 +626,8 @@ pub use save::{
 use save::{write_checkpoint, Source};
 
 impl Checkpoint {
-    /// A lazy copy of `key` as stored (for streaming saves).
+    /// A lazy copy of `key` as stored (for streaming saves); producing it
+    /// fails on a NaN or ±inf in it.
     pub fn lazy(&self, key: &str) -> Result<LazyTensor<'_>> {
         let e = self
             .entries
@@ -634,7 +644,12 @@ impl Checkpoint {
         Ok(LazyTensor {
             dtype,
             shape: e.shape.clone(),
-            produce: Box::new(move || self.tensor(&key, dtype, &Device::Cpu)),
+            // A NaN or ±inf is refused as it streams (a merge would carry
+            // it), not by a scan of the whole file first.
+            produce: Box::new(move || {
+                self.check_key_finite(&key)?;
+                self.tensor(&key, dtype, &Device::Cpu)
+            }),
         })
     }
 }

@@ -157,6 +157,11 @@ pub struct CaptionReport {
     pub scored: usize,
     /// Mean of those scores.
     pub mean_alignment: Option<f64>,
+    /// Items of the dataset with a score that `filter` judges (this run's
+    /// and earlier ones'; none set aside by another stage).
+    pub dataset_scored: usize,
+    /// Mean of those: what `filter --min-alignment` decides on.
+    pub dataset_mean_alignment: Option<f64>,
     /// Ratings of the items tagged in this run.
     pub ratings: BTreeMap<String, usize>,
     /// Items rejected by this run, by reason code.
@@ -618,6 +623,20 @@ pub fn run(cfg: &CaptionConfig, m: &mut Manifest, ctx: &Ctx) -> Result<CaptionRe
     drop(w);
     if report.scored > 0 {
         report.mean_alignment = Some(sum / report.scored as f64);
+    }
+    // The whole dataset's scores (a resumed or repeated caption scores only
+    // what it tags).
+    if let Ok((n, mean)) = m.conn().query_row(
+        &format!(
+            "SELECT count(t.alignment), avg(t.alignment) FROM items i JOIN tagging t ON t.item_id = i.id
+             WHERE t.alignment IS NOT NULL AND {}",
+            crate::manifest::verdicts::eligible("i", crate::stages::filter::JUDGED_VERDICTS)
+        ),
+        [],
+        |r| Ok((r.get::<_, i64>(0)?, r.get::<_, Option<f64>>(1)?)),
+    ) {
+        report.dataset_scored = n as usize;
+        report.dataset_mean_alignment = mean;
     }
     if report.tagged > 0 && tag_seconds > 0.0 {
         report.images_per_second = report.tagged as f64 / tag_seconds;

@@ -5,8 +5,8 @@
 //! 2. **lossless over lossy**: PNG, GIF, BMP, TIFF and lossless WebP (VP8L)
 //!    over JPEG and lossy WebP (VP8), so a JPEG re-encode of a PNG is
 //!    dropped in favour of the PNG;
-//! 3. **a caption someone wrote**: a sidecar `.txt` / `.caption` or an
-//!    A1111 prompt over only machine captions (the tagger's, the caption
+//! 3. **a caption someone wrote**: a sidecar `.txt` / `.caption` over
+//!    only prompts and machine captions (the tagger's, the caption
 //!    policy's) or none — a kohya user's hand-written caption is kept
 //!    even when a pixel-identical copy has the same tagger scores;
 //! 4. **better caption/tag score**: the tagger's alignment of the image
@@ -48,9 +48,10 @@ pub struct Candidate {
     pub hash: u64,
 }
 
-/// Caption sources someone wrote (imported), as opposed to the tagger's
-/// and the caption policy's.
-pub const WRITTEN_CAPTION_SOURCES: &[&str] = &["sidecar_txt", "sidecar_caption", "a1111_prompt"];
+/// Caption sources someone wrote: the sidecar files imported beside an
+/// image (not an A1111 prompt: `generate` writes one for every image it
+/// makes, and a prompt says what was asked for, not what is there).
+pub const WRITTEN_CAPTION_SOURCES: &[&str] = &["sidecar_txt", "sidecar_caption"];
 
 /// Keeper preference: `Less` means `a` is the better keeper (see the module
 /// docs for the rule).

@@ -145,12 +145,15 @@ impl GenerateConfig {
 
     /// The run's config as stored in `runs.config_json` (paths as text,
     /// lossily where they are not UTF-8: `json!` panics on such a path).
-    /// The model's path is made absolute: the defaults that follow the
-    /// toy world read it back from another folder
+    /// The model's path is made canonical (absolute, no `..`, links
+    /// resolved): the defaults that follow the toy world read it back from
+    /// another folder
     /// ([`crate::toy::dataset_generator`]).
     pub fn to_json(&self) -> serde_json::Value {
         let text = |p: &Path| p.to_string_lossy().into_owned();
-        let model = std::path::absolute(&self.model).unwrap_or_else(|_| self.model.clone());
+        let model = std::fs::canonicalize(&self.model)
+            .or_else(|_| std::path::absolute(&self.model))
+            .unwrap_or_else(|_| self.model.clone());
         serde_json::json!({
             "model": text(&model),
             "prediction": self.prediction.map(|p| p.to_string()),
