@@ -406,6 +406,10 @@ pub fn run(args: CkptArgs, json: bool) -> Result<i32> {
             None => serde_json::Value::Null,
         };
         serde_json::to_string_pretty(&v)? + "\n"
+    } else if scan {
+        // What `check` checked, beyond what `info` shows.
+        format_info(&info, size.as_ref())
+            + "check       ok: SDXL layout and shapes as loaders expect, every float tensor finite (no NaN or ±inf)\n"
     } else {
         format_info(&info, size.as_ref())
     };

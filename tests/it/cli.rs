@@ -124,7 +124,9 @@ fn ckpt_info_and_check_report_the_file() {
         assert!(text.contains(needle), "{needle}: {text}");
     }
     // check: a clean file passes; a NaN is named, exit 2.
-    assert_eq!(eps2v(&["ckpt", "check", p(eps)]).status.code(), Some(0));
+    let o = eps2v(&["ckpt", "check", p(eps)]);
+    assert_eq!(o.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("check       ok: SDXL layout"));
     let bad_key = "model.diffusion_model.out.2.bias";
     let bad = rewrite(eps, &dir.path().join("nan.safetensors"), |k, t| {
         if k == bad_key {

@@ -464,7 +464,12 @@ fn train_defaults_to_the_generating_model_and_mixed_datasets_name_their_tagger()
         std::fs::read(&other).unwrap(),
         std::fs::read(&base).unwrap()
     );
-    run(&["generate", d, "--model", o, "--count", "4", "--steps", "2"]);
+    run(&["generate", d, "--model", o, "--count", "5", "--steps", "2"]);
+    // A smaller plan leaves its last image behind as a replanned item: a
+    // generated one, not an imported one.
+    run(&[
+        "generate", d, "--model", o, "--count", "4", "--steps", "2", "--replan",
+    ]);
     // Still a toy dataset: the toy tagger and buckets by default.
     run(&["caption", d]);
     run(&["bucket", d]);
