@@ -78,6 +78,17 @@ fn a_missing_image_is_its_items_rejection() {
     }
 }
 
+/// `dir/src` holding copies of the bundled images `files`.
+fn bundled(dir: &Path, files: &[&str]) -> std::path::PathBuf {
+    let src = dir.join("src");
+    std::fs::create_dir(&src).unwrap();
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/images");
+    for f in files {
+        std::fs::copy(fixtures.join(f), src.join(f)).unwrap();
+    }
+    src
+}
+
 /// The images of `src` imported into `dir/ds`, and kohya buckets
 /// around 128² (64–256, step 32).
 fn imported(dir: &Path, src: std::path::PathBuf) -> (std::path::PathBuf, Manifest, BucketConfig) {
@@ -105,13 +116,10 @@ fn imported(dir: &Path, src: std::path::PathBuf) -> (std::path::PathBuf, Manifes
 #[test]
 fn a_missing_bucket_file_is_made_again() {
     let d = tempfile::tempdir().unwrap();
-    let src = d.path().join("src");
-    std::fs::create_dir(&src).unwrap();
-    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/images");
-    for f in ["scene_rgb.png", "wide_rgb.png"] {
-        std::fs::copy(fixtures.join(f), src.join(f)).unwrap();
-    }
-    let (ds, mut m, cfg) = imported(d.path(), src);
+    let (ds, mut m, cfg) = imported(
+        d.path(),
+        bundled(d.path(), &["scene_rgb.png", "wide_rgb.png"]),
+    );
     let ctx = Ctx::quiet();
     let first = run(&cfg, &mut m, &ctx).unwrap();
     assert_eq!(first.bucketed, 2);
@@ -233,13 +241,13 @@ fn settings_ignore_force_and_batch() {
 #[test]
 fn current_settings_are_those_of_the_latest_run_with_buckets() {
     let d = tempfile::tempdir().unwrap();
-    let src = d.path().join("src");
-    std::fs::create_dir(&src).unwrap();
-    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/images");
-    for f in ["scene_rgb.png", "wide_rgb.png", "portrait_rgb.png"] {
-        std::fs::copy(fixtures.join(f), src.join(f)).unwrap();
-    }
-    let (_ds, mut m, cfg) = imported(d.path(), src);
+    let (_ds, mut m, cfg) = imported(
+        d.path(),
+        bundled(
+            d.path(),
+            &["scene_rgb.png", "wide_rgb.png", "portrait_rgb.png"],
+        ),
+    );
     assert!(current_settings(&m).unwrap().is_none());
     let ctx = Ctx::quiet();
     let first = run(&cfg, &mut m, &ctx).unwrap();

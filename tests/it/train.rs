@@ -158,7 +158,7 @@ fn sigterm_then_resume_equals_an_uninterrupted_run() {
     assert_eq!(o.status.code(), Some(2));
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(
-        err.contains("no stopped training run of this config"),
+        err.contains("no stopped training run with a checkpoint to resume"),
         "{err}"
     );
     // Resuming with another config names the field.
