@@ -399,7 +399,12 @@ pub fn bucket(a: BucketArgs, json: bool) -> anyhow::Result<i32> {
     };
     let r = stages::bucket::run(&cfg, &mut m, &ctx(json))?;
     if json {
-        print_json(&r)?;
+        // The report, and the settings used with where the ones not given
+        // came from.
+        let mut v = serde_json::to_value(&r)?;
+        v["settings"] = serde_json::to_value(&cfg)?;
+        v["settings_from"] = origin.clone().into();
+        print_json(&v)?;
     } else {
         // Which settings were not given, and where they came from.
         let mut taken = Vec::new();

@@ -458,6 +458,12 @@ pub fn run_train(a: TrainArgs, json: bool) -> Result<i32> {
         }
         if let Some(v) = r.val_loss {
             print!(", val loss {v:.4}");
+        } else if r.val_items == 0 && cfg.val_fraction > 0.0 {
+            // Said, so that a missing validation loss is not a surprise.
+            print!(
+                " (no validation loss: --val-fraction {} of {} items holds none out)",
+                cfg.val_fraction, r.train_items
+            );
         }
         println!();
         let ret: Vec<String> = r

@@ -395,6 +395,14 @@ fn the_stages_one_by_one_on_the_toy_world_take_its_defaults() {
         (Some(6), Some(0)),
         "{b}"
     );
+    assert_eq!(b["settings"]["buckets"]["resolution"], 80, "{b}");
+    assert!(
+        b["settings_from"]
+            .as_str()
+            .unwrap()
+            .starts_with("the toy world's"),
+        "{b}"
+    );
     // A plain rerun keeps them (the set they were made with).
     let b = json(&["bucket", d]);
     assert_eq!(
@@ -488,6 +496,11 @@ fn train_defaults_to_the_generating_model_and_mixed_datasets_name_their_tagger()
         text.contains(&format!(
             "base model: {o} (no --model given: the model that generated the dataset)"
         )),
+        "{text}"
+    );
+    // 4 items at --val-fraction 0.05 hold none out: said.
+    assert!(
+        text.contains("(no validation loss: --val-fraction 0.05 of 4 items holds none out)"),
         "{text}"
     );
     // Imported images mixed in: caption wants a tagger.
