@@ -48,12 +48,15 @@ use super::Ctx;
 mod files;
 #[path = "export_latents.rs"]
 mod latents;
+#[path = "export_tables.rs"]
+mod tables;
 use crate::error::{Error, IoContext, Result};
 use crate::manifest::Manifest;
 use crate::models::tagger::labels::tag_key;
 use files::{check_replaceable, link_or_copy, write_decoded_png, Staged};
 pub use files::{needs_rewrite, EXPORT_MARK};
 pub use latents::{kohya_crop_ltrb, kohya_flags, LatentSource};
+pub use tables::{write_jsonl, write_parquet};
 
 /// Caption sources in export priority order.
 pub const CAPTION_PRIORITY: &[&str] = &[
@@ -458,72 +461,6 @@ pub fn load_rows(m: &Manifest, only_ok: bool) -> Result<Vec<ExportRow>> {
         }
     }
     Ok(rows)
-}
-
-/// Write rows as JSON lines.
-pub fn write_jsonl(rows: &[ExportRow], out: &Path) -> Result<()> {
-    use std::io::Write;
-    let f = fs::File::create(out).at(out)?;
-    let mut w = std::io::BufWriter::new(f);
-    for r in rows {
-        serde_json::to_writer(&mut w, r)?;
-        w.write_all(b"\n").at(out)?;
-    }
-    w.into_inner()
-        .map_err(|e| Error::io(out, e.into_error()))?
-        .sync_all()
-        .at(out)
-}
-
-/// Write rows as Parquet through polars.
-pub fn write_parquet(rows: &[ExportRow], out: &Path) -> Result<()> {
-    use polars::prelude::*;
-    macro_rules! col {
-        ($name:literal, $f:expr) => {
-            Column::new($name.into(), rows.iter().map($f).collect::<Vec<_>>())
-        };
-    }
-    let cols = vec![
-        col!("item_id", |r| r.item_id),
-        col!("sha256", |r| r.sha256.clone()),
-        col!("path", |r| r.path.clone()),
-        col!("source", |r| r.source.clone()),
-        col!("status", |r| r.status.clone()),
-        col!("reason", |r| r.reason.clone()),
-        col!("width", |r| r.width),
-        col!("height", |r| r.height),
-        col!("format", |r| r.format.clone()),
-        col!("caption", |r| r.caption.clone()),
-        col!("caption_source", |r| r.caption_source.clone()),
-        col!("tags", |r| r.tags.clone()),
-        col!("prompt", |r| r.prompt.clone()),
-        col!("negative", |r| r.negative.clone()),
-        col!("seed", |r| r.seed),
-        col!("steps", |r| r.steps),
-        col!("sampler", |r| r.sampler.clone()),
-        col!("schedule", |r| r.schedule.clone()),
-        col!("cfg", |r| r.cfg),
-        col!("model_hash", |r| r.model_hash.clone()),
-        col!("phash", |r| r.phash.clone()),
-        col!("dhash", |r| r.dhash.clone()),
-        col!("cluster_id", |r| r.cluster_id),
-        col!("keeper_id", |r| r.keeper_id),
-        col!("bucket_w", |r| r.bucket_w),
-        col!("bucket_h", |r| r.bucket_h),
-        col!("resized_w", |r| r.resized_w),
-        col!("resized_h", |r| r.resized_h),
-        col!("crop_top", |r| r.crop_top),
-        col!("crop_left", |r| r.crop_left),
-        col!("crop_top_resized", |r| r.crop_top_resized),
-        col!("crop_left_resized", |r| r.crop_left_resized),
-        col!("bucket_path", |r| r.bucket_path.clone()),
-    ];
-    let mut df = DataFrame::new(cols).map_err(|e| Error::Other(format!("parquet: {e}")))?;
-    let mut f = fs::File::create(out).at(out)?;
-    ParquetWriter::new(&mut f)
-        .finish(&mut df)
-        .map_err(|e| Error::Other(format!("{}: parquet write: {e}", out.display())))?;
-    f.sync_all().at(out)
 }
 
 /// Refuse a config that cannot be exported, before anything is loaded or

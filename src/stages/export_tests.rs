@@ -335,23 +335,13 @@ fn kohya_latents_carry_the_true_size_and_crop() {
 /// listed as not written, the other items get theirs.
 #[test]
 fn an_unreadable_bucket_image_fails_only_its_npz() {
-    use crate::stages::bucket::{self, BucketConfig, BucketSet};
     use candle_core::{DType, Device};
 
     let d = tempfile::tempdir().unwrap();
     let ds = d.path().join("ds");
     let mut m = Manifest::init(&ds).unwrap();
     import_patterns(d.path(), &mut m, "a", &[(96, 64), (64, 64), (72, 64)]);
-    let buckets = BucketConfig {
-        buckets: BucketSet::Kohya {
-            resolution: 64,
-            step: 64,
-            min_side: 64,
-            max_side: 64,
-        },
-        ..Default::default()
-    };
-    bucket::run(&buckets, &mut m, &Ctx::quiet()).unwrap();
+    crate::train::testkit::bucket_all(&mut m).unwrap();
     let rows = load_rows(&m, true).unwrap();
     let (broken, resized, good) = (&rows[0], &rows[2], &rows[1]);
     fs::write(ds.join(broken.bucket_path.as_ref().unwrap()), b"not a png").unwrap();

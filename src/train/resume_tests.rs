@@ -48,10 +48,7 @@ fn resume_equals_an_uninterrupted_run_bit_for_bit() {
             lr: 2e-4,
             ..cfg_r.clone()
         },
-        &TrainOptions {
-            resume: Some(first.run_id),
-            ..Default::default()
-        },
+        &resuming(first.run_id),
     )
     .unwrap_err()
     .to_string();
@@ -70,10 +67,7 @@ fn resume_equals_an_uninterrupted_run_bit_for_bit() {
             .unwrap();
     };
     set_status("rejected");
-    let resume = TrainOptions {
-        resume: Some(first.run_id),
-        ..Default::default()
-    };
+    let resume = resuming(first.run_id);
     let e = run(&ds, &cfg_r, &resume).unwrap_err().to_string();
     assert!(
         e.contains("dataset: the run trained on 4 items, there are 3 now"),
@@ -100,15 +94,7 @@ fn resume_equals_an_uninterrupted_run_bit_for_bit() {
     // So is the temporary file of a log or grid write it was killed in.
     let temp = first.run_dir.join(".tmpAbC123");
     std::fs::write(&temp, b"half a log").unwrap();
-    let second = run(
-        &ds,
-        &cfg_r,
-        &TrainOptions {
-            resume: Some(first.run_id),
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let second = run(&ds, &cfg_r, &resuming(first.run_id)).unwrap();
     assert!(second.resumed && !second.interrupted);
     assert!(!partial.exists() && !temp.exists());
     assert_eq!((second.run_id, second.steps), (first.run_id, 6));
@@ -136,15 +122,7 @@ fn resume_equals_an_uninterrupted_run_bit_for_bit() {
         "the newest matching run, finished"
     );
     drop(m);
-    let again = run(
-        &ds,
-        &cfg_s,
-        &TrainOptions {
-            resume: Some(whole.run_id),
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let again = run(&ds, &cfg_s, &resuming(whole.run_id)).unwrap();
     assert!(again.resumed && !again.interrupted);
     assert_eq!(again.steps, 6);
     assert_eq!(std::fs::read(&straight).unwrap(), exported);
@@ -224,4 +202,12 @@ fn a_rollback_after_a_resume_returns_where_the_uninterrupted_run_does() {
     assert!(names(&second.run_dir)
         .iter()
         .all(|n| n.starts_with("step-")));
+}
+
+/// Options that resume run `id`.
+fn resuming(id: i64) -> TrainOptions {
+    TrainOptions {
+        resume: Some(id),
+        ..Default::default()
+    }
 }
