@@ -38,7 +38,7 @@ pub fn write(path: &Path, bytes: &[u8], sync: bool) -> Result<()> {
 }
 
 /// The folder `path` is in (`.` for a bare name).
-fn parent_of(path: &Path) -> &Path {
+pub fn parent_of(path: &Path) -> &Path {
     path.parent()
         .filter(|d| !d.as_os_str().is_empty())
         .unwrap_or(Path::new("."))

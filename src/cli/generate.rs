@@ -195,6 +195,12 @@ pub fn run(a: GenerateArgs, json: bool) -> Result<i32> {
             "        plan: {} images in this shard ({} new, {} replanned, {} removed, {} earlier rejections reconsidered)",
             p.planned, p.added, p.replanned, p.removed, p.reconsidered
         );
+        if p.missing_images > 0 {
+            println!(
+                "        {} rendered images were missing on disk and are rendered again",
+                p.missing_images
+            );
+        }
         if !r.rejected.is_empty() {
             let parts: Vec<String> = r.rejected.iter().map(|(k, v)| format!("{k} {v}")).collect();
             println!("        rejected: {}", parts.join(", "));

@@ -53,19 +53,45 @@ pub fn run(a: ManifestArgs, json: bool) -> Result<i32> {
             } else {
                 for s in &r.shards {
                     println!(
-                        "{} (shard {}): {} new items, {} already there, {} plan rows, {} files copied or linked, {} runs",
+                        "{} (shard {}): {} new items, {} already there, {} plan rows, {} files copied or linked, {} runs{}",
                         s.dir.display(),
                         s.shard,
                         s.items_added,
                         s.items_existing,
                         s.rows_merged,
                         s.files_copied,
-                        s.runs_copied
+                        s.runs_copied,
+                        if s.rows_updated > 0 {
+                            format!(", {} rows it has redone since brought up to date", s.rows_updated)
+                        } else {
+                            String::new()
+                        }
                     );
                     if s.files_missing > 0 {
                         println!(
-                            "        {} image files missing in that folder",
-                            s.files_missing
+                            "        {} files missing in that folder (e.g. {}){}",
+                            s.files_missing,
+                            s.missing_files.join(", "),
+                            if s.items_without_image > 0 {
+                                format!(
+                                    "; their {} items were left out and their plan rows are `planned` again: \
+                                     put the files back and merge again, or run `eps2v generate {}` with the same flags",
+                                    s.items_without_image,
+                                    m.out.display()
+                                )
+                            } else {
+                                String::new()
+                            }
+                        );
+                    }
+                    if s.items_conflicting > 0 {
+                        println!(
+                            "        {} plan indices (e.g. {:?}) were rendered to other pixels there than in {} \
+                             (another device or precision?); {}'s images were kept",
+                            s.items_conflicting,
+                            s.conflict_examples,
+                            m.out.display(),
+                            m.out.display()
                         );
                     }
                 }
@@ -92,11 +118,16 @@ pub fn run(a: ManifestArgs, json: bool) -> Result<i32> {
                     );
                 }
             }
-            Ok(if r.shards.iter().any(|s| s.files_missing > 0) {
-                1
-            } else {
-                0
-            })
+            Ok(
+                if r.shards
+                    .iter()
+                    .any(|s| s.files_missing > 0 || s.items_conflicting > 0)
+                {
+                    1
+                } else {
+                    0
+                },
+            )
         }
     }
 }

@@ -107,7 +107,7 @@ pub(super) struct Staged {
 
 impl Staged {
     pub(super) fn new(final_path: &Path) -> Result<Self> {
-        let parent = final_path.parent().unwrap_or(Path::new("."));
+        let parent = crate::atomic::parent_of(final_path);
         fs::create_dir_all(parent).at(parent)?;
         let name = final_path
             .file_name()

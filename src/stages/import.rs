@@ -244,7 +244,7 @@ pub fn write_atomic_if_absent(path: &Path, bytes: &[u8]) -> Result<()> {
 
 /// Write `bytes` to `path` atomically, replacing any existing file.
 pub fn write_atomic_replace(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
+    let dir = crate::atomic::parent_of(path);
     fs::create_dir_all(dir).at(dir)?;
     crate::atomic::write(path, bytes, false)
 }

@@ -22,6 +22,18 @@
 //! - its plan rows go into OUT's `gen_items`, a more advanced state
 //!   (`rendered` > `rejected` > `planned`) replacing a less advanced one.
 //!
+//! Merging a folder again brings what it has redone since: rows an
+//! earlier merge of it brought (a group of them, see `GROUPS`, all written
+//! by its runs) are replaced by its current ones — a later caption,
+//! bucket or filter run there is taken, a verdict it dropped is dropped.
+//! Rows OUT's own runs wrote stand (a stage run on OUT after the merge is
+//! newer than the folder's copy), as do another folder's.
+//!
+//! An item whose image is missing from the folder (and from OUT) is left
+//! out, its plan row going in as `planned` so that `generate OUT` renders
+//! it again; a plan index OUT already has rendered to other pixels keeps
+//! OUT's image (the folder's is left out and counted).
+//!
 //! OUT's plan header is the shards' settings with shard `1/1`, so
 //! `eps2v generate OUT` with the same flags renders whatever no shard did.
 //! Tables without an item reference (none today) are not merged and are
@@ -48,6 +60,17 @@ const SPECIAL: &[&str] = &["items", "runs", "gen_plan", "gen_items", "merged_run
 /// Item references that are not declared as foreign keys.
 const UNDECLARED_ITEM_REFS: &[(&str, &str)] = &[("duplicates", "cluster_id")];
 
+/// The rows of an item table that one decision writes together, which a
+/// re-merge replaces as a whole: tags and captions per (item, source),
+/// verdicts per (item, stage), a training split per (item, run). Any other
+/// table: per item.
+const GROUPS: &[(&str, &[&str])] = &[
+    ("tags", &["item_id", "source"]),
+    ("captions", &["item_id", "source"]),
+    ("item_verdicts", &["item_id", "stage"]),
+    ("train_split", &["item_id", "run_id"]),
+];
+
 /// Tables whose `path` column names a file relative to the dataset.
 const FILE_TABLES: &[&str] = &["items", "buckets"];
 
@@ -73,8 +96,22 @@ pub struct ShardSummary {
     pub rows_merged: u64,
     /// Files copied (hard-linked where the file system allows).
     pub files_copied: u64,
-    /// Files its manifest names that are missing on disk.
+    /// Files its manifest names that are missing on disk (and not in OUT).
     pub files_missing: u64,
+    /// The first few of them, relative to the folder.
+    pub missing_files: Vec<String>,
+    /// Items not taken because their image is missing: their plan rows go
+    /// into OUT as `planned`, so `generate OUT` renders them again.
+    pub items_without_image: u64,
+    /// Items not taken because OUT has the same plan index rendered to
+    /// other pixels (another device or precision): OUT's stays.
+    pub items_conflicting: u64,
+    /// The first few plan indices of those.
+    pub conflict_examples: Vec<u64>,
+    /// Rows an earlier merge of this folder had brought that it has since
+    /// changed or removed (a later caption, bucket or filter run there),
+    /// brought up to date.
+    pub rows_updated: u64,
     /// Runs copied.
     pub runs_copied: u64,
 }
@@ -332,6 +369,7 @@ pub fn run(cfg: &MergeConfig, out: &mut Manifest, ctx: &Ctx) -> Result<MergeRepo
         let mut skipped = BTreeSet::new();
         for dir in &cfg.shards {
             let (shard_m, shard_plan) = open_shard(dir)?;
+            let mut missing_images = BTreeSet::new();
             // Held until its rows are in: a run started on the shard since
             // the check above is refused, and one that began before it
             // (a requeued job) is found here.
@@ -398,7 +436,15 @@ pub fn run(cfg: &MergeConfig, out: &mut Manifest, ctx: &Ctx) -> Result<MergeRepo
                             write_atomic_if_absent(&dst, &bytes)?;
                             s.files_copied += 1;
                         }
-                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => s.files_missing += 1,
+                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                            s.files_missing += 1;
+                            if s.missing_files.len() < 5 {
+                                s.missing_files.push(rel.clone());
+                            }
+                            if *table == "items" {
+                                missing_images.insert(rel);
+                            }
+                        }
                         Err(e) => return Err(Error::io(&src, e)),
                     }
                 }
@@ -409,6 +455,7 @@ pub fn run(cfg: &MergeConfig, out: &mut Manifest, ctx: &Ctx) -> Result<MergeRepo
                 out,
                 dir,
                 &shard_plan,
+                &missing_images,
                 &mut s,
                 &mut merged_tables,
                 &mut skipped,
@@ -445,12 +492,15 @@ pub fn run(cfg: &MergeConfig, out: &mut Manifest, ctx: &Ctx) -> Result<MergeRepo
 }
 
 /// Copy one shard's rows into OUT in one transaction (the shard attached
-/// as `shard`).
+/// as `shard`). Items whose image is in `missing_images` (relative paths
+/// the shard lacks and OUT does not have) are left out.
+#[allow(clippy::too_many_arguments)]
 fn merge_rows(
     run_id: i64,
     out: &mut Manifest,
     dir: &Path,
     shard_plan: &StoredPlan,
+    missing_images: &BTreeSet<String>,
     s: &mut ShardSummary,
     merged_tables: &mut BTreeSet<String>,
     skipped: &mut BTreeSet<String>,
@@ -478,6 +528,7 @@ fn merge_rows(
             let rows = st.query_map([], |r| r.get(0)).map_err(map)?;
             rows.collect::<rusqlite::Result<_>>().map_err(map)?
         };
+        let mut found_dead = Vec::new();
         for old in runs {
             let known: Option<i64> = tx
                 .query_row(
@@ -503,6 +554,19 @@ fn merge_rows(
                          FROM shard.runs WHERE id = ?1";
                     tx.execute(COPY, params![old, run_id]).map_err(map)?;
                     let n = tx.last_insert_rowid();
+                    let marked: bool = tx
+                        .query_row(
+                            "SELECT CASE WHEN status <> 'running' AND json_valid(counts_json)
+                                    THEN json_extract(counts_json, '$.marked_failed_by') IS NOT NULL
+                                    ELSE 0 END
+                             FROM shard.runs WHERE id = ?1",
+                            [old],
+                            |r| r.get(0),
+                        )
+                        .map_err(map)?;
+                    if marked {
+                        found_dead.push(n);
+                    }
                     tx.execute(
                         "INSERT INTO merged_runs (source_plan, source_run_id, run_id, source_dir) VALUES (?1, ?2, ?3, ?4)",
                         params![shard_plan.plan_id, old, n, dir.display().to_string()],
@@ -515,6 +579,17 @@ fn merge_rows(
             tx.execute(
                 "INSERT INTO run_map (old, new) VALUES (?1, ?2)",
                 params![old, new],
+            )
+            .map_err(map)?;
+        }
+        // A dead run the shard found (`marked_failed_by` a run of the
+        // shard) names that run's id here.
+        for id in found_dead {
+            tx.execute(
+                "UPDATE main.runs SET counts_json = json_set(counts_json, '$.marked_failed_by',
+                     (SELECT new FROM run_map WHERE old = json_extract(counts_json, '$.marked_failed_by')))
+                 WHERE id = ?1 AND json_extract(counts_json, '$.marked_failed_by') IN (SELECT old FROM run_map)",
+                [id],
             )
             .map_err(map)?;
         }
@@ -534,9 +609,27 @@ fn merge_rows(
             .into_iter()
             .filter(|c| main_items.contains(c))
             .collect();
-        let ids: Vec<(i64, String)> = {
+        let ids: Vec<(i64, String, String)> = {
             let mut st = tx
-                .prepare("SELECT id, sha256 FROM shard.items ORDER BY id")
+                .prepare("SELECT id, sha256, path FROM shard.items ORDER BY id")
+                .map_err(map)?;
+            let rows = st
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+                .map_err(map)?;
+            rows.collect::<rusqlite::Result<_>>().map_err(map)?
+        };
+        // A plan index OUT already has rendered to other pixels (the shard
+        // rendered it again elsewhere): OUT's image stays the index's only
+        // item, instead of a second image of the same plan row.
+        let conflicting: std::collections::BTreeMap<i64, i64> = {
+            let mut st = tx
+                .prepare(
+                    "SELECT s.item_id, s.idx FROM shard.gen_items s
+                     JOIN main.gen_items g ON g.idx = s.idx
+                     JOIN shard.items si ON si.id = s.item_id
+                     JOIN main.items mi ON mi.id = g.item_id
+                     WHERE s.state = 'rendered' AND g.state = 'rendered' AND si.sha256 <> mi.sha256",
+                )
                 .map_err(map)?;
             let rows = st
                 .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
@@ -562,7 +655,7 @@ fn merge_rows(
                 .join(", "),
             select.join(", ")
         );
-        for (old, sha) in ids {
+        for (old, sha, path) in ids {
             let existing: Option<i64> = tx
                 .query_row("SELECT id FROM main.items WHERE sha256 = ?1", [&sha], |r| {
                     r.get(0)
@@ -573,6 +666,17 @@ fn merge_rows(
                 Some(id) => {
                     s.items_existing += 1;
                     id
+                }
+                None if missing_images.contains(&path) => {
+                    s.items_without_image += 1;
+                    continue;
+                }
+                None if conflicting.contains_key(&old) => {
+                    s.items_conflicting += 1;
+                    if s.conflict_examples.len() < 5 {
+                        s.conflict_examples.push(conflicting[&old] as u64);
+                    }
+                    continue;
                 }
                 None => {
                     tx.execute(&insert_item, [old]).map_err(map)?;
@@ -614,6 +718,8 @@ fn merge_rows(
                 .collect();
             let mut cols = Vec::new();
             let mut exprs = Vec::new();
+            // Rows of items left out (no image, a conflict) are not copied.
+            let mut item_refs = Vec::new();
             for (c, pk) in columns(&tx, "shard", &table).map_err(map)? {
                 if !main_cols.contains(&c) {
                     continue;
@@ -623,6 +729,12 @@ fn merge_rows(
                     .find(|(from, _)| *from == c)
                     .map(|(_, t)| t.as_str());
                 let undeclared = UNDECLARED_ITEM_REFS.contains(&(table.as_str(), c.as_str()));
+                if fk == Some("items") || undeclared {
+                    item_refs.push(format!(
+                        "(s.{c} IS NULL OR s.{c} IN (SELECT old FROM item_map))",
+                        c = quote(&c)
+                    ));
+                }
                 let expr = match fk {
                     Some("items") => {
                         format!("(SELECT new FROM item_map WHERE old = s.{})", quote(&c))
@@ -640,36 +752,106 @@ fn merge_rows(
                 cols.push(quote(&c));
                 exprs.push(expr);
             }
-            tx.execute(
-                &format!(
-                    "INSERT OR IGNORE INTO main.{t} ({}) SELECT {} FROM shard.{t} s",
-                    cols.join(", "),
-                    exprs.join(", "),
-                    t = quote(&table)
-                ),
-                [],
-            )
-            .map_err(map)?;
+            let mut filter = item_refs;
+            let item_col = fks
+                .iter()
+                .filter(|(_, t)| t == "items")
+                .map(|(c, _)| c.as_str())
+                .min_by_key(|c| *c != "item_id");
+            let has_run = fks.iter().any(|(c, t)| c == "run_id" && t == "runs");
+            if let (Some(item_col), true) = (item_col, has_run) {
+                // What an earlier merge of this folder brought and the
+                // folder has since redone is brought again: a group of rows
+                // (see GROUPS) all written by this folder's runs is
+                // replaced by the folder's current rows. A group OUT's own
+                // runs (or another folder's) wrote stays, and the folder's
+                // rows for it are not taken.
+                let group: Vec<&str> = GROUPS
+                    .iter()
+                    .find(|(t, _)| *t == table)
+                    .map(|(_, g)| g.to_vec())
+                    .unwrap_or_else(|| vec![item_col]);
+                let same = |a: &str, b: &str| {
+                    group
+                        .iter()
+                        .map(|g| format!("{a}.{g} IS {b}.{g}", g = quote(g)))
+                        .collect::<Vec<_>>()
+                        .join(" AND ")
+                };
+                let t = quote(&table);
+                let stale = format!(
+                    "{t}.{ic} IN (SELECT new FROM item_map)
+                     AND NOT EXISTS (SELECT 1 FROM main.{t} f WHERE {same}
+                         AND (f.\"run_id\" IS NULL OR f.\"run_id\" NOT IN (SELECT new FROM run_map)))",
+                    ic = quote(item_col),
+                    same = same("f", &t),
+                );
+                let col_list = cols.join(", ");
+                tx.execute_batch(&format!(
+                    "DROP TABLE IF EXISTS temp.merge_old;
+                     CREATE TEMP TABLE merge_old AS SELECT {col_list} FROM main.{t} WHERE {stale};
+                     DELETE FROM main.{t} WHERE {stale};"
+                ))
+                .map_err(map)?;
+                // The mapped group of a shard row, against OUT's rows left.
+                let mapped: Vec<String> = group
+                    .iter()
+                    .map(|g| {
+                        let e = cols
+                            .iter()
+                            .position(|c| *c == quote(g))
+                            .map(|i| exprs[i].clone())
+                            .unwrap_or_else(|| format!("s.{}", quote(g)));
+                        format!("m.{} IS {e}", quote(g))
+                    })
+                    .collect();
+                filter.push(format!(
+                    "NOT EXISTS (SELECT 1 FROM main.{t} m WHERE {})",
+                    mapped.join(" AND ")
+                ));
+                tx.execute(
+                    &format!(
+                        "INSERT OR IGNORE INTO main.{t} ({col_list}) SELECT {} FROM shard.{t} s WHERE {}",
+                        exprs.join(", "),
+                        filter.join(" AND ")
+                    ),
+                    [],
+                )
+                .map_err(map)?;
+                let gone: i64 = tx
+                    .query_row(
+                        &format!(
+                            "SELECT count(*) FROM (SELECT {col_list} FROM temp.merge_old
+                             EXCEPT SELECT {col_list} FROM main.{t})"
+                        ),
+                        [],
+                        |r| r.get(0),
+                    )
+                    .map_err(map)?;
+                s.rows_updated += gone as u64;
+                tx.execute_batch("DROP TABLE temp.merge_old").map_err(map)?;
+            } else {
+                let filter = if filter.is_empty() {
+                    String::new()
+                } else {
+                    format!(" WHERE {}", filter.join(" AND "))
+                };
+                tx.execute(
+                    &format!(
+                        "INSERT OR IGNORE INTO main.{t} ({}) SELECT {} FROM shard.{t} s{filter}",
+                        cols.join(", "),
+                        exprs.join(", "),
+                        t = quote(&table)
+                    ),
+                    [],
+                )
+                .map_err(map)?;
+            }
             merged_tables.insert(table);
         }
         // Verdicts: a shard written before `item_verdicts` has none; its
         // set-aside items get the one its status says, as the migration
         // gives them. Each item then shows what its verdicts say.
-        tx.execute(
-            "INSERT OR IGNORE INTO main.item_verdicts (item_id, stage, status, reason, run_id)
-             SELECT i.id,
-                    CASE WHEN i.status = 'duplicate' THEN 'dedupe' ELSE coalesce(r.stage, 'unknown') END,
-                    i.status, i.reason, r.id
-             FROM item_map m JOIN main.items i ON i.id = m.new
-                  LEFT JOIN main.runs r ON r.id = i.status_run_id
-             WHERE i.status <> 'ok'
-               AND NOT EXISTS (SELECT 1 FROM main.item_verdicts v WHERE v.item_id = i.id)",
-            [],
-        )
-        .map_err(map)?;
-        // As the migration: a duplicate a later rejection overwrote (the
-        // shard's status says rejected) keeps dedupe's verdict from its
-        // `duplicates` row, for shards written before verdicts.
         let shard_has_verdicts: bool = tx
             .query_row(
                 "SELECT count(*) > 0 FROM shard.sqlite_master WHERE type = 'table' AND name = 'item_verdicts'",
@@ -678,6 +860,21 @@ fn merge_rows(
             )
             .map_err(map)?;
         if !shard_has_verdicts {
+            tx.execute(
+                "INSERT OR IGNORE INTO main.item_verdicts (item_id, stage, status, reason, run_id)
+                 SELECT i.id,
+                        CASE WHEN i.status = 'duplicate' THEN 'dedupe' ELSE coalesce(r.stage, 'unknown') END,
+                        i.status, i.reason, r.id
+                 FROM item_map m JOIN main.items i ON i.id = m.new
+                      LEFT JOIN main.runs r ON r.id = i.status_run_id
+                 WHERE i.status <> 'ok'
+                   AND NOT EXISTS (SELECT 1 FROM main.item_verdicts v WHERE v.item_id = i.id)",
+                [],
+            )
+            .map_err(map)?;
+            // As the migration: a duplicate a later rejection overwrote (the
+            // shard's status says rejected) keeps dedupe's verdict from its
+            // `duplicates` row.
             tx.execute(
                 "INSERT OR IGNORE INTO main.item_verdicts (item_id, stage, status, reason, run_id)
                  SELECT d.item_id, 'dedupe', 'duplicate',
@@ -711,11 +908,14 @@ fn merge_rows(
                 "INSERT INTO main.gen_items (idx, prompt, negative, seed, width, height, sampler, schedule, steps, cfg,
                      rescale, uncond, model, model_hash, state, reason, item_id, plan_run_id, render_run_id)
                  SELECT idx, prompt, negative, seed, width, height, sampler, schedule, steps, cfg, rescale, uncond,
-                        model, model_hash, state, reason,
-                        (SELECT new FROM item_map WHERE old = s.item_id),
+                        model, model_hash,
+                        CASE WHEN s.item_id IS NOT NULL AND m.new IS NULL THEN 'planned' ELSE s.state END,
+                        CASE WHEN s.item_id IS NOT NULL AND m.new IS NULL THEN NULL ELSE s.reason END,
+                        m.new,
                         (SELECT new FROM run_map WHERE old = s.plan_run_id),
-                        (SELECT new FROM run_map WHERE old = s.render_run_id)
-                 FROM shard.gen_items s WHERE true
+                        CASE WHEN s.item_id IS NOT NULL AND m.new IS NULL THEN NULL
+                             ELSE (SELECT new FROM run_map WHERE old = s.render_run_id) END
+                 FROM shard.gen_items s LEFT JOIN item_map m ON m.old = s.item_id WHERE true
                  ON CONFLICT (idx) DO UPDATE SET state = excluded.state, reason = excluded.reason,
                      item_id = excluded.item_id, render_run_id = excluded.render_run_id
                  WHERE (CASE excluded.state WHEN 'rendered' THEN 2 WHEN 'rejected' THEN 1 ELSE 0 END)

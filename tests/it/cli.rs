@@ -439,7 +439,8 @@ fn a_bare_ztsnr_flag_is_true() {
 }
 
 /// A mistyped `--from` is a usage error that leaves no new, empty dataset
-/// behind; a dataset path that is a file says so.
+/// behind; a dataset path that is a file says so (on stdout too, as JSON,
+/// under `--json`).
 #[test]
 fn import_checks_its_source_before_creating_the_dataset() {
     let d = tempfile::tempdir().unwrap();
@@ -494,6 +495,16 @@ fn import_checks_its_source_before_creating_the_dataset() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(2), "{err}");
     assert_eq!(err.matches("No such file or directory").count(), 1, "{err}");
+    // With --json, stdout still holds one JSON document: the error.
+    let o = eps2v(&["--json", "inspect", file.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(2));
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let said = v["error"].as_str().unwrap();
+    assert!(said.contains("exists and is not a folder"), "{v}");
+    assert_eq!(
+        (v["exit_code"].as_i64(), v["interrupted"].as_bool()),
+        (Some(2), Some(false))
+    );
 }
 
 /// `train --help` shows the defaults its flags fall back to (taken from

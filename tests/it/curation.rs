@@ -336,6 +336,17 @@ fn chain_dedupe_bucket_export_inspect_on_generated_images() {
         );
         assert!(ds.join(out).exists(), "{format}");
     }
+    // `--out` a bare file name: in the current folder.
+    let cwd = tempfile::tempdir().unwrap();
+    let o = Command::new(bin())
+        .current_dir(cwd.path())
+        .arg("export")
+        .arg(&ds)
+        .args(["--format", "jsonl", "--out", "here.jsonl"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(cwd.path().join("here.jsonl").is_file());
     let meta: serde_json::Value =
         serde_json::from_slice(&std::fs::read(ds.join("exports/kohya/meta_lat.json")).unwrap())
             .unwrap();

@@ -64,7 +64,7 @@ impl TaggerFiles {
         let (dir, model) = if path.is_dir() {
             (path.to_path_buf(), path.join(MODEL_FILE))
         } else if path.is_file() {
-            let dir = path.parent().unwrap_or(Path::new(".")).to_path_buf();
+            let dir = crate::atomic::parent_of(path).to_path_buf();
             (dir, path.to_path_buf())
         } else {
             return Err(Error::config(format!(

@@ -335,7 +335,13 @@ pub fn plan_rows(
 /// The stored plan header.
 #[derive(Debug, Clone)]
 pub struct StoredPlan {
-    /// Random id of this folder's plan.
+    /// Random id of this folder's plan, drawn once when the folder's first
+    /// plan is written and kept across `--replan`. It is the folder's
+    /// identity for `manifest merge` (`merged_runs` is keyed on it and the
+    /// folder's run ids), so it must differ between shards of one plan and
+    /// between two folders rendering the same shard; that is why it is not
+    /// a digest of the settings, and the one manifest field outside the
+    /// determinism of `generate` besides timestamps and timings.
     pub plan_id: String,
     /// Settings.
     pub settings: PlanSettings,
@@ -403,6 +409,10 @@ pub struct PlanOutcome {
     pub removed: u64,
     /// Rows `generate` had rejected, planned again for this run.
     pub reconsidered: u64,
+    /// Rendered rows whose image file is gone, planned again for this run
+    /// (their item set aside as `image_missing` until the same bytes are
+    /// rendered again).
+    pub missing_images: u64,
 }
 
 /// A row's parameters as stored in `gen_items`, for comparison.

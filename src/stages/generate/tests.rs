@@ -749,3 +749,201 @@ fn merge_carries_verdicts_and_derives_missing_ones() {
         1
     );
 }
+
+/// Merging a folder again takes what it has redone since (a caption
+/// rewritten, a verdict taken back), but not over what OUT's own runs
+/// wrote. An item whose image is gone from the folder is left out with its
+/// plan row `planned`, so `generate OUT` renders it again; a plan index a
+/// second folder rendered to other pixels keeps OUT's image.
+#[test]
+fn a_second_merge_takes_what_the_folder_redid_but_not_over_out() {
+    let w = world();
+    let shard = w.dir.path().join("s");
+    gen(&w, &cfg(&w, 4), &shard).unwrap();
+    let ids = |d: &std::path::Path| -> Vec<(i64, String)> {
+        let m = Manifest::open(d).unwrap();
+        let mut st = m
+            .conn()
+            .prepare("SELECT id, sha256 FROM items ORDER BY id")
+            .unwrap();
+        let r = st
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .unwrap()
+            .collect::<rusqlite::Result<Vec<_>>>()
+            .unwrap();
+        r
+    };
+    // A later run on a folder: `edit(tx, run_id)` in one transaction.
+    let later = |d: &std::path::Path, stage: &str, edit: &dyn Fn(&rusqlite::Transaction, i64)| {
+        let mut m = Manifest::open(d).unwrap();
+        let run = m.begin_run(stage, &serde_json::json!({})).unwrap();
+        let tx = m.conn_mut().transaction().unwrap();
+        edit(&tx, run);
+        tx.commit().unwrap();
+        m.end_run(run, true, &serde_json::json!({})).unwrap();
+    };
+    let caption = |tx: &rusqlite::Transaction, item: i64, text: &str, run: i64| {
+        tx.execute(
+            "INSERT INTO captions (item_id, source, text, run_id) VALUES (?1, 'policy', ?2, ?3)
+             ON CONFLICT (item_id, source) DO UPDATE SET text = excluded.text, run_id = excluded.run_id",
+            rusqlite::params![item, text, run],
+        )
+        .unwrap();
+    };
+    let s = ids(&shard);
+    let (a, b) = (s[0].0, s[1].0);
+    later(&shard, "caption", &|tx, run| {
+        caption(tx, a, "old a", run);
+        caption(tx, b, "old b", run);
+        let low = Some((ItemStatus::Rejected, "misaligned: 0.1"));
+        crate::manifest::verdicts::set(tx, a, "filter", low, run).unwrap();
+        // A dead run this one found (as `mark_dead` notes it).
+        tx.execute(
+            "INSERT INTO runs (stage, config_json, tool_version, started_at, status, counts_json)
+             VALUES ('caption', '{}', 'test', '2026-01-01T00:00:00Z', 'failed',
+                     json_object('process_gone', 1, 'marked_failed_by', ?1))",
+            [run],
+        )
+        .unwrap();
+    });
+    let out = w.dir.path().join("out");
+    let merge_into = |out: &std::path::Path, shards: &[std::path::PathBuf]| {
+        merge::check_shards(out, shards).unwrap();
+        let mut m = Manifest::init(out).unwrap();
+        let cfgm = MergeConfig {
+            shards: shards.to_vec(),
+        };
+        merge::run(&cfgm, &mut m, &Ctx::quiet()).unwrap()
+    };
+    merge_into(&out, std::slice::from_ref(&shard));
+    let o = ids(&out);
+    let by_sha = |sha: &str| o.iter().find(|(_, s)| s == sha).unwrap().0;
+    let (oa, ob) = (by_sha(&s[0].1), by_sha(&s[1].1));
+    let text = |item: i64| -> String {
+        Manifest::open(&out)
+            .unwrap()
+            .conn()
+            .query_row(
+                "SELECT text FROM captions WHERE item_id = ?1 AND source = 'policy'",
+                [item],
+                |r| r.get(0),
+            )
+            .unwrap()
+    };
+    let status = |item: i64| -> String {
+        Manifest::open(&out)
+            .unwrap()
+            .conn()
+            .query_row("SELECT status FROM items WHERE id = ?1", [item], |r| {
+                r.get(0)
+            })
+            .unwrap()
+    };
+    assert_eq!(
+        (text(oa), text(ob), status(oa)),
+        ("old a".into(), "old b".into(), "rejected".into())
+    );
+    // The dead run names its finder by OUT's id for it.
+    assert_eq!(
+        count(
+            &out,
+            "SELECT count(*) FROM runs d JOIN runs f ON f.id = json_extract(d.counts_json, '$.marked_failed_by')
+             WHERE json_extract(d.counts_json, '$.process_gone') = 1 AND f.stage = 'caption' AND f.status = 'done'"
+        ),
+        1
+    );
+    // OUT captions b itself; then the folder captions both again and takes
+    // its filter verdict back.
+    later(&out, "caption", &|tx, run| caption(tx, ob, "out b", run));
+    later(&shard, "caption", &|tx, run| {
+        caption(tx, a, "new a", run);
+        caption(tx, b, "new b", run);
+        crate::manifest::verdicts::set(tx, a, "filter", None, run).unwrap();
+    });
+    let r = merge_into(&out, std::slice::from_ref(&shard));
+    assert_eq!(
+        (text(oa), text(ob), status(oa)),
+        ("new a".into(), "out b".into(), "ok".into())
+    );
+    assert_eq!((r.shards[0].runs_copied, r.shards[0].rows_updated), (1, 2));
+    // Nothing redone since: a third merge changes nothing.
+    let r = merge_into(&out, std::slice::from_ref(&shard));
+    assert_eq!((r.shards[0].runs_copied, r.shards[0].rows_updated), (0, 0));
+
+    // An image gone from the folder: left out, planned again, rendered by
+    // `generate OUT` to the same bytes.
+    let lost = w.dir.path().join("lost");
+    gen(&w, &cfg(&w, 4), &lost).unwrap();
+    let rel = format!("images/{}/{}.png", &s[2].1[..2], s[2].1);
+    std::fs::remove_file(lost.join(&rel)).unwrap();
+    let out2 = w.dir.path().join("out2");
+    let r = merge_into(&out2, std::slice::from_ref(&lost));
+    let sh = &r.shards[0];
+    assert_eq!(
+        (
+            sh.files_missing,
+            sh.items_without_image,
+            r.rendered,
+            r.missing
+        ),
+        (1, 1, 3, 1)
+    );
+    assert_eq!(sh.missing_files, vec![rel.clone()]);
+    assert_eq!(ids(&out2).len(), 3);
+    let g = gen(&w, &cfg(&w, 4), &out2).unwrap();
+    assert_eq!((g.rendered, g.skipped), (1, 3));
+    assert_eq!(rows(&out2), rows(&shard));
+    assert_eq!(
+        std::fs::read(out2.join(&rel)).unwrap(),
+        std::fs::read(shard.join(&rel)).unwrap()
+    );
+    // In the folder itself, `generate` renders the lost image again (its
+    // item set aside as `image_missing` until it is back).
+    let g = gen(&w, &cfg(&w, 4), &lost).unwrap();
+    assert_eq!((g.plan.missing_images, g.rendered, g.skipped), (1, 1, 3));
+    assert_eq!(
+        std::fs::read(lost.join(&rel)).unwrap(),
+        std::fs::read(shard.join(&rel)).unwrap()
+    );
+    assert_eq!(
+        count(&lost, "SELECT count(*) FROM items WHERE status = 'ok'"),
+        4
+    );
+    assert_eq!(count(&lost, "SELECT count(*) FROM item_verdicts"), 0);
+
+    // The same plan index rendered to other pixels in a second folder.
+    let alt = w.dir.path().join("alt");
+    gen(&w, &cfg(&w, 4), &alt).unwrap();
+    let other = "f".repeat(64);
+    let other_rel = format!("images/ff/{other}.png");
+    std::fs::create_dir_all(alt.join("images/ff")).unwrap();
+    std::fs::copy(alt.join(&rel), alt.join(&other_rel)).unwrap();
+    Manifest::open(&alt)
+        .unwrap()
+        .conn()
+        .execute(
+            "UPDATE items SET sha256 = ?1, path = ?2 WHERE sha256 = ?3",
+            rusqlite::params![other, other_rel, s[2].1],
+        )
+        .unwrap();
+    let conflicted: i64 = Manifest::open(&alt)
+        .unwrap()
+        .conn()
+        .query_row(
+            "SELECT g.idx FROM gen_items g JOIN items i ON i.id = g.item_id WHERE i.sha256 = ?1",
+            [&other],
+            |r| r.get(0),
+        )
+        .unwrap();
+    let out3 = w.dir.path().join("out3");
+    let r = merge_into(&out3, &[shard.clone(), alt]);
+    assert_eq!(
+        (
+            r.shards[1].items_conflicting,
+            r.shards[1].conflict_examples.clone()
+        ),
+        (1, vec![conflicted as u64])
+    );
+    assert_eq!(ids(&out3).len(), 4);
+    assert_eq!(rows(&out3), rows(&shard));
+}
