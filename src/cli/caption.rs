@@ -270,6 +270,12 @@ pub fn run_filter(a: FilterArgs, json: bool) -> anyhow::Result<i32> {
             a.dir.display()
         );
     }
+    if r.waiting_on_a_set_aside_keeper > 0 {
+        println!(
+            "        {}",
+            crate::stages::dedupe::waiting_hint(r.waiting_on_a_set_aside_keeper, &a.dir)
+        );
+    }
     Ok(0)
 }
 

@@ -130,7 +130,7 @@ pub enum FormatArg {
 #[derive(Debug, Args)]
 #[command(
     after_help = "Examples:\n  eps2v export my_dataset --format kohya\n  eps2v export my_dataset --format kohya --latents sdxl.safetensors --device cuda\n  eps2v export my_dataset --format parquet --out rows.parquet\n\n\
-With --latents, kohya reads each image's latents, original size and crop from the .npz beside it when it trains with the flags the summary prints (--enable_bucket --bucket_no_upscale --resolution R --bucket_reso_steps S --cache_latents --cache_latents_to_disk); --flip_aug only with --flip-latents, and no --alpha_mask (kohya would re-encode and overwrite the .npz).",
+With --latents, kohya reads each image's latents, original size and crop from the .npz beside it when it trains with the flags the summary prints (--caption_extension .txt --enable_bucket --bucket_no_upscale --resolution R --bucket_reso_steps S --cache_latents --cache_latents_to_disk); --flip_aug only with --flip-latents, and no --alpha_mask (kohya would re-encode and overwrite the .npz).",
     mut_arg("precision", |a| a.help("Precision of the VAE of --latents: f32 (the default, also on CUDA: these latents are another trainer's input) or bf16 (CUDA only; f16 runs the VAE in f32, the SDXL VAE overflows in f16)"))
 )]
 pub struct ExportArgs {
@@ -452,6 +452,12 @@ pub fn bucket(a: BucketArgs, json: bool) -> anyhow::Result<i32> {
                 r.still_rejected
             );
         }
+        if r.waiting_on_a_set_aside_keeper > 0 {
+            println!(
+                "        {}",
+                stages::dedupe::waiting_hint(r.waiting_on_a_set_aside_keeper, &a.dir)
+            );
+        }
         let mut hist: Vec<_> = r.histogram.iter().collect();
         hist.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
         for (b, n) in hist.iter().take(12) {
@@ -550,7 +556,7 @@ pub fn export(a: ExportArgs, json: bool) -> anyhow::Result<i32> {
             println!(
                 "        without caption{}: {}{}",
                 if r.format == "kohya" {
-                    " (no .txt written)"
+                    " (kohya trains them on the folder's class token, by both routes; `eps2v train` skips them; `eps2v caption` captions them)"
                 } else {
                     ""
                 },
@@ -593,8 +599,14 @@ pub fn export(a: ExportArgs, json: bool) -> anyhow::Result<i32> {
                     }
                 );
                 println!(
-                    "        with --in_json {}: the same, from sd-scripts #2186 (c6bc632e) on; older sd-scripts look meta_lat.json's keys up without their extension and do not find these images: use the folder route above there",
-                    r.out.join("meta_lat.json").display()
+                    "        or, fine-tuning style: --train_data_dir {} --in_json {} with the same flags (from sd-scripts #2186, c6bc632e, on; older sd-scripts look meta_lat.json's keys up without their extension and do not find these images: use the folder route above there){}",
+                    r.out.join(format!("{}_{}", cfg.repeats, cfg.name)).display(),
+                    r.out.join("meta_lat.json").display(),
+                    if cfg.repeats > 1 {
+                        format!("; this route ignores the folder's {} repeats: add --dataset_repeats {}", cfg.repeats, cfg.repeats)
+                    } else {
+                        String::new()
+                    }
                 );
             }
             if let Some(w) = &r.kohya_warning {

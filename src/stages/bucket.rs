@@ -174,6 +174,10 @@ pub struct BucketReport {
     pub rejected_items: Vec<BucketRejection>,
     /// Histogram of this run's buckets: "WxH" → count.
     pub histogram: std::collections::BTreeMap<String, usize>,
+    /// Duplicates whose keeper is set aside now (rejected as too small
+    /// here, or by another stage since dedupe): out of the dataset until
+    /// `dedupe` runs again.
+    pub waiting_on_a_set_aside_keeper: u64,
     /// Wall time, seconds.
     pub seconds: f64,
 }
@@ -616,6 +620,8 @@ pub fn run(cfg: &BucketConfig, m: &mut Manifest, ctx: &Ctx) -> Result<BucketRepo
             }
         }
         pb.finish_and_clear();
+        report.waiting_on_a_set_aside_keeper =
+            crate::stages::dedupe::waiting_on_a_set_aside_keeper(m.conn()).map_err(|e| m.err(e))?;
         report.seconds = t0.elapsed().as_secs_f64();
         Ok(report)
     })

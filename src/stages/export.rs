@@ -17,8 +17,12 @@
 //!     file (`[w, h]`, the bucket size when bucketed);
 //!   - the `.txt` holds what the fine-tuning loader trains on (`caption,
 //!     tags`) on one line, since the DreamBooth loader reads the first line
-//!     only and stops at an empty caption file: items without any caption
-//!     get no `.txt` and are listed in the report (`uncaptioned_files`).
+//!     only and refuses an empty caption file;
+//!   - items without any caption text get no `.txt` (the DreamBooth loader
+//!     trains them on the folder's class token) and the class token as
+//!     their `meta_lat.json` caption (the fine-tuning loader would take an
+//!     empty prompt), so both routes agree; they are listed in the report
+//!     (`uncaptioned_files`). `eps2v train` skips them.
 //! - `hf`: an imagefolder (`train/` with the images and `metadata.jsonl`,
 //!   `file_name` + `text` + tags + sizes), loadable with
 //!   `datasets.load_dataset("imagefolder", data_dir=…)`.
@@ -224,7 +228,8 @@ pub struct ExportReport {
     /// nor tags; hf: no caption).
     pub uncaptioned: usize,
     /// The exported file names of those items (kohya: they have no `.txt`,
-    /// so kohya's DreamBooth loader gives them the folder's class token).
+    /// so the DreamBooth loader trains them on the folder's class token,
+    /// and `meta_lat.json` gives them that token as their caption).
     pub uncaptioned_files: Vec<String>,
     /// Originals written as PNG of their decoded pixels (kohya / hf; see
     /// [`needs_rewrite`]).
@@ -656,10 +661,16 @@ pub fn run_with(
                         _ => (r.width.unwrap_or(0), r.height.unwrap_or(0)),
                     };
                     if cfg.format == ExportFormat::Kohya {
-                        let k = kohya_entry(r.caption.as_deref(), kohya_tags(r));
+                        let mut k = kohya_entry(r.caption.as_deref(), kohya_tags(r));
                         if k.text.is_empty() {
+                            // No `.txt`: the DreamBooth loader trains it on
+                            // the folder's class token (an empty `.txt`
+                            // stops it), and `meta_lat.json` says the same,
+                            // where the fine-tuning loader would take an
+                            // empty prompt.
                             report.uncaptioned += 1;
                             report.uncaptioned_files.push(file_name.clone());
+                            k.caption = cfg.name.clone();
                         } else {
                             let txt = img_dir.join(format!("{stem}.txt"));
                             fs::write(&txt, format!("{}\n", k.text)).at(&txt)?;

@@ -138,7 +138,7 @@ pub fn kohya_flags(buckets: &[(u32, u32)]) -> Option<(String, Option<String>)> {
     let mut side = (area as f64).sqrt().ceil() as u32;
     side = side.div_ceil(step) * step;
     let mut flags = format!(
-        "--enable_bucket --bucket_no_upscale --resolution {side} --bucket_reso_steps {step} --cache_latents --cache_latents_to_disk"
+        "--caption_extension .txt --enable_bucket --bucket_no_upscale --resolution {side} --bucket_reso_steps {step} --cache_latents --cache_latents_to_disk"
     );
     // kohya asserts min_bucket_reso ≤ resolution ≤ max_bucket_reso even
     // when --bucket_no_upscale ignores them (defaults 256 and 1024).

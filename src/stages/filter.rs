@@ -82,6 +82,9 @@ pub struct FilterReport {
     pub restored: usize,
     /// Ok items with a generation prompt but no score (not captioned with a tagger yet).
     pub unscored_with_prompt: usize,
+    /// Duplicates whose keeper is set aside now (by this run or another
+    /// stage since dedupe): out of the dataset until `dedupe` runs again.
+    pub waiting_on_a_set_aside_keeper: u64,
     /// Every rejection, by item id.
     pub rejections: Vec<Rejection>,
     /// Wall time, seconds.
@@ -249,6 +252,8 @@ pub fn run(cfg: &FilterConfig, m: &mut Manifest) -> Result<FilterReport> {
             }
         }
         tx.commit().map_err(map)?;
+        report.waiting_on_a_set_aside_keeper =
+            crate::stages::dedupe::waiting_on_a_set_aside_keeper(m.conn()).map_err(map)?;
         report.seconds = t0.elapsed().as_secs_f64();
         Ok(report)
     })
@@ -277,6 +282,17 @@ mod tests {
                 let v = Some((ItemStatus::Duplicate, "near_duplicate: of item 1"));
                 verdicts::set(&tx, id, "dedupe", v, dedupe).unwrap();
             }
+            tx.execute(
+                "INSERT INTO duplicates (item_id, cluster_id, keeper_id, distance, kind, run_id)
+                 VALUES (?1, 1, 1, ?2, ?3, ?4)",
+                params![
+                    id,
+                    if duplicate { 3 } else { 0 },
+                    if duplicate { "near" } else { "keeper" },
+                    dedupe
+                ],
+            )
+            .unwrap();
             tx.execute(
                 "INSERT INTO tagging (item_id, tagger, settings, alignment, run_id) VALUES (?1, 't', '{}', ?2, ?3)",
                 params![id, alignment, import],
@@ -312,6 +328,24 @@ mod tests {
         assert_eq!(
             (status(&m, 1), status(&m, 2), status(&m, 3)),
             ("ok".into(), "duplicate".into(), "duplicate".into())
+        );
+        assert_eq!(r.waiting_on_a_set_aside_keeper, 0);
+        // A threshold that rejects the keeper but not a duplicate: that
+        // duplicate waits for dedupe to run again, and says so.
+        let higher = FilterConfig {
+            min_alignment: 0.8,
+            ..cfg
+        };
+        let r = run(&higher, &mut m).unwrap();
+        assert_eq!(
+            (status(&m, 1), status(&m, 2), status(&m, 3)),
+            ("rejected".into(), "rejected".into(), "duplicate".into())
+        );
+        assert_eq!(r.waiting_on_a_set_aside_keeper, 1);
+        let shown = crate::stages::inspect::render(&crate::stages::inspect::run(&m, 5).unwrap());
+        assert!(
+            shown.contains("1 duplicates wait on a keeper set aside after dedupe chose it"),
+            "{shown}"
         );
     }
 

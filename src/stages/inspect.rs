@@ -66,7 +66,9 @@ pub struct InspectReport {
     pub buckets: Table,
     /// tag, count.
     pub top_tags: Table,
-    /// Clusters: number, dropped items, largest.
+    /// Clusters: number, dropped items, largest, and the duplicates whose
+    /// keeper a later stage set aside (out of the dataset until dedupe
+    /// runs again).
     pub duplicate_clusters: Table,
     /// Alignment histogram of tagged generated items (bins of 0.1):
     /// bin, items, of which rejected.
@@ -202,8 +204,12 @@ pub fn run(m: &Manifest, top: usize) -> Result<InspectReport> {
         duplicate_clusters: query_table(
             m,
             "SELECT count(*) AS clusters, coalesce(sum(size) - count(*), 0) AS dropped,
-                    coalesce(max(size), 0) AS largest
-             FROM (SELECT cluster_id, count(*) AS size FROM duplicates GROUP BY cluster_id)",
+                    coalesce(max(size), 0) AS largest,
+                    coalesce(sum(waiting), 0) AS waiting_on_a_set_aside_keeper
+             FROM (SELECT d.cluster_id, count(*) AS size,
+                          sum(d.kind <> 'keeper' AND i.status = 'duplicate' AND k.status <> 'ok') AS waiting
+                   FROM duplicates d JOIN items i ON i.id = d.item_id JOIN items k ON k.id = d.keeper_id
+                   GROUP BY d.cluster_id)",
         )?,
         runs: runs_table(m)?,
         generation_plan: if has_table(m, "gen_items")? {
@@ -281,6 +287,15 @@ pub fn render(r: &InspectReport) -> String {
             let _ = writeln!(s, "  (none)");
         } else {
             let _ = writeln!(s, "{}", t.render());
+        }
+        let waiting = r.duplicate_clusters.rows.first().and_then(|row| row.get(3));
+        if std::ptr::eq(t, &r.duplicate_clusters) {
+            if let Some(n) = waiting.and_then(|v| v.as_u64()).filter(|n| *n > 0) {
+                let _ = writeln!(
+                    s,
+                    "  {n} duplicates wait on a keeper set aside after dedupe chose it: rerun `eps2v dedupe`, then `eps2v bucket`, on this dataset to keep one of each of their clusters"
+                );
+            }
         }
     }
     s

@@ -507,11 +507,15 @@ fn kill_9_during_a_stage_then_rerun_gives_the_uninterrupted_result() {
             assert!(killed, "Ctrl-C came too late");
             assert_eq!(code, Some(130), "exit code after Ctrl-C in {stage}");
             for st in [stage, "run"] {
-                assert_eq!(
-                    last_run_status(&ds, st),
-                    "failed",
-                    "the interrupted {st} run"
-                );
+                let status = last_run_status(&ds, st);
+                // On a loaded machine the request can land while the
+                // stage's last batches are in flight: it finishes them
+                // (its row `done`) and the pipeline stops after it.
+                if st == stage && status == "done" {
+                    eprintln!("Ctrl-C landed after the last {stage} batch was in flight");
+                    continue;
+                }
+                assert_eq!(status, "failed", "the interrupted {st} run");
             }
         }
         // Killed in training, the dataset folder moves before the rerun:

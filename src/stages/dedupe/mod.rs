@@ -355,6 +355,29 @@ fn read_and_plan(cfg: &DedupeConfig, m: &Manifest) -> Result<(Vec<Cluster>, Dedu
 }
 
 /// Run the dedupe stage.
+/// Duplicates whose keeper a later stage has set aside since dedupe chose
+/// it (a `filter` or `bucket` run after `dedupe`): nothing of their
+/// cluster is in the dataset until `dedupe` runs again and keeps one of
+/// them (the set-aside keeper is no longer a candidate).
+pub fn waiting_on_a_set_aside_keeper(conn: &rusqlite::Connection) -> rusqlite::Result<u64> {
+    conn.query_row(
+        "SELECT count(*) FROM duplicates d
+         JOIN items i ON i.id = d.item_id JOIN items k ON k.id = d.keeper_id
+         WHERE d.kind <> 'keeper' AND i.status = 'duplicate' AND k.status <> 'ok'",
+        [],
+        |r| r.get::<_, i64>(0),
+    )
+    .map(|n| n as u64)
+}
+
+/// The line a stage prints when [`waiting_on_a_set_aside_keeper`] is not 0.
+pub fn waiting_hint(n: u64, dir: &std::path::Path) -> String {
+    format!(
+        "{n} duplicates wait on a keeper that was set aside after dedupe chose it: rerun `eps2v dedupe {d}`, then `eps2v bucket {d}`, to keep one of each of their clusters",
+        d = dir.display()
+    )
+}
+
 pub fn run(cfg: &DedupeConfig, m: &mut Manifest, _ctx: &Ctx) -> Result<DedupeReport> {
     if cfg.radius > 32 {
         return Err(crate::Error::config(format!(
