@@ -213,6 +213,22 @@ pub fn import(a: ImportArgs, json: bool) -> anyhow::Result<i32> {
         ))
         .into());
     }
+    // The dataset folder is left out of the walk: as the source itself,
+    // nothing would be found (and a manifest made among the images).
+    let same = match (a.from.canonicalize(), a.dir.canonicalize()) {
+        (Ok(f), Ok(d)) => f == d,
+        _ => false,
+    };
+    if same {
+        return Err(crate::Error::config(format!(
+            "import {} --from {}: the images' folder is the dataset folder; import into a new folder beside it, e.g. `eps2v import {}_dataset --from {}`",
+            a.dir.display(),
+            a.from.display(),
+            a.dir.display(),
+            a.from.display()
+        ))
+        .into());
+    }
     let mut m = Manifest::init(&a.dir)?;
     let mut cfg = stages::import::ImportConfig {
         from: a.from,
@@ -266,6 +282,12 @@ pub fn import(a: ImportArgs, json: bool) -> anyhow::Result<i32> {
             for l in &sk.loops {
                 println!("        link loop (not followed): {}", l.display());
             }
+        }
+        if let Some(x) = &sk.excluded {
+            println!(
+                "        not searched: {} (the dataset folder itself)",
+                x.display()
+            );
         }
         for f in &r.failed {
             println!("        failed: {}: {}", f.path.display(), f.reason);
@@ -533,6 +555,14 @@ pub fn export(a: ExportArgs, json: bool) -> anyhow::Result<i32> {
     let r = stages::export::run_with(&cfg, &mut m, &ctx(json), vae.as_ref())?;
     if json {
         print_json(&r)?;
+    } else if matches!(cfg.format, F::Parquet | F::Jsonl) {
+        // A table of every item: no image is written, none can be missing.
+        println!(
+            "export {}: {} rows written to {} (every item, all statuses; schema schemas/export_row.schema.json)",
+            r.format,
+            r.written,
+            r.out.display()
+        );
     } else {
         println!(
             "export {}: {} written to {} ({} missing image files, {} without caption{})",

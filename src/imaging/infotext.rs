@@ -282,7 +282,9 @@ pub fn exif_user_comment(bytes: &[u8]) -> Option<String> {
         .ok()?;
     let field = exif.get_field(exif::Tag::UserComment, exif::In::PRIMARY)?;
     match &field.value {
-        exif::Value::Undefined(raw, _) => decode_user_comment(raw),
+        // UNDEFINED is the standard's type (and A1111's, through piexif);
+        // some writers (Pillow given bytes) store BYTE.
+        exif::Value::Undefined(raw, _) | exif::Value::Byte(raw) => decode_user_comment(raw),
         exif::Value::Ascii(parts) => parts
             .first()
             .map(|p| String::from_utf8_lossy(p).into_owned()),
@@ -541,6 +543,40 @@ mod tests {
         assert_eq!(i.negative_prompt, "低品質, blurry");
         assert_eq!(i.size(), Some((1024, 1024)));
         assert_eq!(read_parameters(&fixture("scene_rgb.png")), None);
+    }
+
+    #[test]
+    fn exif_user_comment_of_type_byte_is_read() {
+        // A JPEG of SOI, an Exif APP1 (little-endian TIFF: IFD0 pointing
+        // at an Exif IFD whose UserComment has type BYTE) and EOI.
+        let mut text = b"UNICODE\0".to_vec();
+        for u in "1girl, smile\nSteps: 20".encode_utf16() {
+            text.extend(u.to_be_bytes());
+        }
+        let mut tiff = b"II\x2a\x00\x08\x00\x00\x00".to_vec();
+        let entry = |tag: u16, ty: u16, count: u32, value: u32| {
+            let mut e = tag.to_le_bytes().to_vec();
+            e.extend(ty.to_le_bytes());
+            e.extend(count.to_le_bytes());
+            e.extend(value.to_le_bytes());
+            e
+        };
+        tiff.extend(1u16.to_le_bytes());
+        tiff.extend(entry(0x8769, 4, 1, 26));
+        tiff.extend(0u32.to_le_bytes());
+        tiff.extend(1u16.to_le_bytes());
+        tiff.extend(entry(0x9286, 1, text.len() as u32, 44));
+        tiff.extend(0u32.to_le_bytes());
+        tiff.extend(&text);
+        let mut jpeg = vec![0xFF, 0xD8, 0xFF, 0xE1];
+        jpeg.extend(((2 + 6 + tiff.len()) as u16).to_be_bytes());
+        jpeg.extend(b"Exif\0\0");
+        jpeg.extend(&tiff);
+        jpeg.extend([0xFF, 0xD9]);
+        assert_eq!(
+            exif_user_comment(&jpeg).as_deref(),
+            Some("1girl, smile\nSteps: 20")
+        );
     }
 
     #[test]

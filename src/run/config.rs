@@ -442,6 +442,31 @@ impl RunConfig {
         }
         if self.has("train") {
             self.train.validate()?;
+            // Block ids the UNet does not have (OUT09 on SDXL), from its
+            // header, before the stages before train run for hours.
+            if self.train.model.is_file() {
+                let ck = crate::models::sdxl::checkpoint::Checkpoint::open(&self.train.model)?;
+                if let Ok(u) = ck.infer_unet_config() {
+                    let keys = crate::models::sdxl::checkpoint::unet_expected_keys(&u.config)?;
+                    let staged = !self.train.stages.is_empty();
+                    for (i, st) in self.train.effective_stages().iter().enumerate() {
+                        let key = if staged {
+                            format!("train.stages[{i}].blocks")
+                        } else {
+                            "train.blocks".to_string()
+                        };
+                        crate::train::blocks::BlockSet::parse(&st.blocks)
+                            .and_then(|b| b.check_exists(keys.iter().map(|(k, _)| k.as_str())))
+                            .map_err(|e| match e {
+                                Error::Config(msg) => Error::config(format!(
+                                    "{key}: {msg}, in {}",
+                                    self.train.model.display()
+                                )),
+                                other => other,
+                            })?;
+                    }
+                }
+            }
         }
         if self.has("merge") {
             self.merge_blocks()?;

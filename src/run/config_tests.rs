@@ -172,6 +172,22 @@ fn the_evaluation_size_is_checked_before_anything_runs() {
     c.check_files().unwrap();
 }
 
+/// A block the UNet does not have is refused before any stage runs (it
+/// was first found by train, after generation and curation).
+#[test]
+fn a_block_the_unet_lacks_is_refused_before_anything_runs() {
+    let mut c = RunConfig::default();
+    c.resolve();
+    c.train.blocks = vec!["OUT99".into()];
+    let e = c.check_files().unwrap_err().to_string();
+    assert!(
+        e.starts_with("train.blocks: block OUT99 does not exist in this UNet"),
+        "{e}"
+    );
+    c.stages = vec!["generate".into()];
+    c.check_files().unwrap();
+}
+
 /// The toy tagger is no default for a model outside the toy world.
 #[test]
 fn a_real_model_needs_a_tagger_of_its_own() {

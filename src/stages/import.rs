@@ -217,10 +217,34 @@ pub fn sidecar_captions(image: &Path) -> Vec<(&'static str, String)> {
             continue;
         }
         if let Ok(text) = fs::read_to_string(&p) {
+            // A byte-order mark and Windows line ends are not caption
+            // text (a BOM would glue itself to the first tag).
+            let text = text
+                .trim_start_matches('\u{feff}')
+                .replace("\r\n", "\n")
+                .replace('\r', "\n");
             let text = text.trim();
             if !text.is_empty() {
                 out.push((source, text.to_string()));
             }
+        }
+    }
+    out
+}
+
+/// A source path as the manifest stores it (`sources.path`, unique): the
+/// path itself when it is UTF-8, else with each byte that is not written
+/// `\xNN`. A lossy conversion would give files whose names differ only
+/// in such bytes one name, and each would replace the other.
+pub fn source_key(path: &Path) -> String {
+    if let Some(s) = path.to_str() {
+        return s.to_string();
+    }
+    let mut out = String::new();
+    for chunk in path.as_os_str().as_encoded_bytes().utf8_chunks() {
+        out.push_str(chunk.valid());
+        for b in chunk.invalid() {
+            out.push_str(&format!("\\x{b:02X}"));
         }
     }
     out
@@ -291,7 +315,7 @@ pub fn process_file(root: &Path, path: &Path, limits: &DecodeLimits) -> Result<F
     let meta = fs::metadata(path).at(path)?;
     let bytes = fs::read(path).at(path)?;
     let sha = sha256_hex(&bytes);
-    let source = path.to_string_lossy().into_owned();
+    let source = source_key(path);
     let captions = sidecar_captions(path);
     let mut out = FileOutcome {
         source: path.to_path_buf(),
@@ -451,6 +475,8 @@ pub struct KnownSource {
     pub rejected_under_other_limits: bool,
     /// Its item's sidecar captions as imported, `(source, text)` by source.
     pub sidecars: Vec<(String, String)>,
+    /// Its item.
+    pub item_id: i64,
 }
 
 /// What `import` does with one file it found.
@@ -506,7 +532,7 @@ pub fn run(cfg: &ImportConfig, m: &mut Manifest, ctx: &Ctx) -> Result<ImportRepo
         let known: HashMap<String, KnownSource> = {
             // Import's own verdict (and its run), whatever other stages decided.
             const KNOWN: &str =
-                "SELECT s.path, s.size, s.mtime_ns, v.status IS NOT NULL, v.run_id \
+                "SELECT s.path, s.size, s.mtime_ns, v.status IS NOT NULL, v.run_id, s.item_id \
                                  FROM sources s LEFT JOIN item_verdicts v \
                                  ON v.item_id = s.item_id AND v.stage = 'import'";
             let mut st = m.conn().prepare(KNOWN).map_err(|e| m.err(e))?;
@@ -522,6 +548,7 @@ pub fn run(cfg: &ImportConfig, m: &mut Manifest, ctx: &Ctx) -> Result<ImportRepo
                             rejected_under_other_limits: by_import == Some(true)
                                 && !run.is_some_and(|r| same_limits.contains(&r)),
                             sidecars: Vec::new(),
+                            item_id: r.get(5)?,
                         },
                     ))
                 })
@@ -547,25 +574,49 @@ pub fn run(cfg: &ImportConfig, m: &mut Manifest, ctx: &Ctx) -> Result<ImportRepo
             }
             known
         };
-        let todo: Vec<PathBuf> = listing
-            .files
-            .into_iter()
-            .filter(|p| {
-                let (size, mt) =
-                    fs::metadata(p).map_or((-1, -1), |meta| (meta.len() as i64, mtime_ns(&meta)));
-                let k = known.get(p.to_string_lossy().as_ref());
-                // An unchanged image whose sidecar was edited, added or
-                // removed is read again for its captions.
-                plan_file(k, size, mt) != FilePlan::Skip
-                    || k.is_some_and(|k| {
-                        let now: Vec<(String, String)> = sidecar_captions(p)
-                            .into_iter()
-                            .map(|(s, t)| (s.to_string(), t))
-                            .collect();
-                        now != k.sidecars
-                    })
-            })
-            .collect();
+        // An unchanged image whose sidecar was edited or added is read
+        // again for its captions, and so is every copy of an image whose
+        // sidecar caption no copy has any more. The captions belong to the
+        // item, which any of its copies' sidecars may have given.
+        let mut copies: HashMap<i64, Vec<&str>> = HashMap::new();
+        for (path, k) in &known {
+            copies.entry(k.item_id).or_default().push(path);
+        }
+        type Sidecars = std::collections::BTreeSet<(String, String)>;
+        let mut read: HashMap<PathBuf, Sidecars> = HashMap::new();
+        let mut now = |p: &Path| -> Sidecars {
+            read.entry(p.to_path_buf())
+                .or_insert_with(|| {
+                    sidecar_captions(p)
+                        .into_iter()
+                        .map(|(s, t)| (s.to_string(), t))
+                        .collect()
+                })
+                .clone()
+        };
+        let mut todo: Vec<PathBuf> = Vec::new();
+        for p in listing.files {
+            let (size, mt) =
+                fs::metadata(&p).map_or((-1, -1), |meta| (meta.len() as i64, mtime_ns(&meta)));
+            let k = known.get(&source_key(&p));
+            let redo = plan_file(k, size, mt) != FilePlan::Skip
+                || k.is_some_and(|k| {
+                    let stored: Sidecars = k.sidecars.iter().cloned().collect();
+                    if !now(&p).is_subset(&stored) {
+                        return true;
+                    }
+                    let given: Sidecars = copies
+                        .get(&k.item_id)
+                        .into_iter()
+                        .flatten()
+                        .flat_map(|q| now(Path::new(q)))
+                        .collect();
+                    !stored.is_subset(&given)
+                });
+            if redo {
+                todo.push(p);
+            }
+        }
         report.already_imported = report.found - todo.len();
         let root = m.root().to_path_buf();
         let pb = ctx.bar(todo.len() as u64, "import");
@@ -670,7 +721,7 @@ fn write_batch(
         // unless another path of the same bytes has that sidecar (two
         // copies of an image, one captioned: the caption stays, whichever
         // copy is imported last).
-        let source_now = o.source.to_string_lossy();
+        let source_now = source_key(&o.source);
         let other_has = |source: &str| -> rusqlite::Result<bool> {
             let mut st =
                 tx.prepare_cached("SELECT path FROM sources WHERE item_id = ?1 AND path <> ?2")?;
@@ -707,7 +758,7 @@ fn write_batch(
                     .map_err(map)?;
             }
         }
-        let source_path = o.source.to_string_lossy();
+        let source_path = source_key(&o.source);
         let before: Option<i64> = tx
             .query_row(
                 "SELECT item_id FROM sources WHERE path = ?1",

@@ -83,6 +83,7 @@ fn rerun_plan_redoes_changed_files_and_own_rejections_only() {
         mtime_ns,
         rejected_under_other_limits: other,
         sidecars: Vec::new(),
+        item_id: 1,
     };
     assert_eq!(plan_file(None, 10, 1), FilePlan::Process);
     assert_eq!(plan_file(Some(&k(10, 1, false)), 10, 1), FilePlan::Skip);
@@ -154,4 +155,87 @@ fn a_caption_stays_while_any_copy_of_the_image_has_it() {
     fs::remove_file(src.join("a.txt")).unwrap();
     run(&cfg, &mut m, &Ctx::quiet()).unwrap();
     assert_eq!(captions(&m), 0);
+}
+
+/// Regressions: files whose names differ only in bytes that are not UTF-8
+/// were stored under one lossy name, each import replacing the other; a
+/// sidecar's byte-order mark and CRs stayed in the caption (the BOM glued
+/// to the first tag); an image with both sidecars, and a copy of a
+/// captioned image, were read again on every rerun.
+#[test]
+fn odd_names_and_sidecars_import_once_and_cleanly() {
+    let d = tempfile::tempdir().unwrap();
+    let src = d.path().join("src");
+    fs::create_dir(&src).unwrap();
+    let img =
+        |v: u8| image::RgbImage::from_fn(16, 16, move |x, y| image::Rgb([x as u8, y as u8, v]));
+    img(1).save(src.join("both.png")).unwrap();
+    fs::write(
+        src.join("both.txt"),
+        "\u{feff}concept, bom tag\r\nsecond line\r\n",
+    )
+    .unwrap();
+    fs::write(src.join("both.caption"), "red hair").unwrap();
+    img(2).save(src.join("a.png")).unwrap();
+    fs::copy(src.join("a.png"), src.join("copy_of_a.png")).unwrap();
+    fs::write(src.join("a.txt"), "smile").unwrap();
+    #[cfg(unix)]
+    let odd = {
+        use std::os::unix::ffi::OsStrExt;
+        let names: Vec<PathBuf> = [&b"bad\xffname.png"[..], &b"bad\xfename.png"[..]]
+            .iter()
+            .map(|n| src.join(std::ffi::OsStr::from_bytes(n)))
+            .collect();
+        for (k, p) in names.iter().enumerate() {
+            let mut f = fs::File::create(p).unwrap();
+            img(10 + k as u8)
+                .write_to(&mut f, image::ImageFormat::Png)
+                .unwrap();
+        }
+        names.len()
+    };
+    #[cfg(not(unix))]
+    let odd = 0;
+    let ds = d.path().join("ds");
+    let mut m = Manifest::init(&ds).unwrap();
+    let cfg = ImportConfig {
+        from: src.clone(),
+        ..Default::default()
+    };
+    let r = run(&cfg, &mut m, &Ctx::quiet()).unwrap();
+    assert_eq!(r.imported, 2 + odd);
+    let count =
+        |m: &Manifest, sql: &str| -> i64 { m.conn().query_row(sql, [], |r| r.get(0)).unwrap() };
+    assert_eq!(
+        count(&m, "SELECT count(*) FROM items WHERE status = 'ok'"),
+        2 + odd as i64
+    );
+    assert_eq!(count(&m, "SELECT count(*) FROM sources"), 3 + odd as i64);
+    let text: String = m
+        .conn()
+        .query_row(
+            "SELECT text FROM captions WHERE source = 'sidecar_txt' AND text LIKE '%bom%'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(text, "concept, bom tag\nsecond line");
+    assert_eq!(
+        count(&m, "SELECT count(*) FROM tags WHERE tag = 'concept'"),
+        1
+    );
+    // A rerun with nothing changed reads nothing again.
+    let again = run(&cfg, &mut m, &Ctx::quiet()).unwrap();
+    assert_eq!(
+        (again.already_imported, again.imported, again.same_file),
+        (r.found, 0, 0)
+    );
+    // The copy's caption goes when no copy has it any more: both read again.
+    fs::remove_file(src.join("a.txt")).unwrap();
+    let after = run(&cfg, &mut m, &Ctx::quiet()).unwrap();
+    assert_eq!(after.already_imported, r.found - 2);
+    assert_eq!(
+        count(&m, "SELECT count(*) FROM captions WHERE text = 'smile'"),
+        0
+    );
 }

@@ -27,8 +27,22 @@ pub struct Table {
 impl Table {
     /// Render as an aligned text table via polars.
     pub fn render(&self) -> String {
-        let cols: Vec<Column> = self
+        // A column name seen before (`SELECT i.width, g.width …`) gets its
+        // place appended: a frame's names must differ.
+        let mut seen = std::collections::HashSet::new();
+        let names: Vec<String> = self
             .columns
+            .iter()
+            .enumerate()
+            .map(|(k, n)| {
+                if seen.insert(n.as_str()) {
+                    n.clone()
+                } else {
+                    format!("{n}#{}", k + 1)
+                }
+            })
+            .collect();
+        let cols: Vec<Column> = names
             .iter()
             .enumerate()
             .map(|(k, name)| {
@@ -350,6 +364,18 @@ mod tests {
                 vec![json!("0.9-1.0"), json!(2), json!(0), json!(1)],
             ]
         );
+    }
+
+    /// Regression: two columns of one name (`SELECT i.width, g.width`)
+    /// printed an error instead of the table.
+    #[test]
+    fn columns_of_one_name_both_show() {
+        let t = Table {
+            columns: vec!["width".into(), "width".into()],
+            rows: vec![vec![json!(64), json!(96)]],
+        };
+        let shown = t.render();
+        assert!(shown.contains("width#2") && shown.contains("96"), "{shown}");
     }
 
     /// Each stage's verdicts are counted on their own: an item filter

@@ -430,6 +430,25 @@ impl TrainConfig {
         if let Some(out) = &self.out {
             crate::models::sdxl::checkpoint::check_safetensors_name("train.out (--out)", out)?;
         }
+        // A staged recipe takes steps, blocks and learning rates from its
+        // stages: the single stage's keys beside it would be ignored.
+        if !self.stages.is_empty() {
+            let d = Self::default();
+            let ignored: Vec<&str> = [
+                ("train.steps", self.steps != d.steps),
+                ("train.blocks", self.blocks != d.blocks),
+                ("train.block_lr", !self.block_lr.is_empty()),
+            ]
+            .into_iter()
+            .filter_map(|(k, set)| set.then_some(k))
+            .collect();
+            if !ignored.is_empty() {
+                return Err(Error::config(format!(
+                    "{}: ignored beside [[train.stages]], which gives each stage its own steps, blocks and block_lr; move them into the stages (or drop the stages)",
+                    ignored.join(", ")
+                )));
+            }
+        }
         let stages = self.effective_stages();
         if stages.iter().all(|s| s.steps == 0) {
             return bad("steps", "must be at least 1".into());
@@ -655,6 +674,20 @@ mod tests {
                 "OUT9",
             ),
             (TrainConfig { steps: 0, ..cfg() }, "steps"),
+            (
+                TrainConfig {
+                    steps: 60,
+                    stages: vec![StageConfig {
+                        blocks: vec!["all".into()],
+                        steps: 10,
+                        lr: None,
+                        block_lr: BTreeMap::new(),
+                        until_retention: None,
+                    }],
+                    ..cfg()
+                },
+                "train.steps: ignored beside [[train.stages]]",
+            ),
             (
                 TrainConfig {
                     debiased_snr_min: 2000.0,

@@ -180,6 +180,8 @@ fn a_block_a_later_stage_freezes_stays_at_its_ema() {
         stages: vec![stage(&["OUT08", "out"]), stage(&["out"])],
         ema_decay: Some(0.5),
         out: Some(out.clone()),
+        // The stages give the steps.
+        steps: TrainConfig::default().steps,
         ..quick(&ck, 4)
     };
     let r = run(&ds, &cfg, &TrainOptions::default()).unwrap();

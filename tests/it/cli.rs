@@ -472,6 +472,17 @@ fn import_checks_its_source_before_creating_the_dataset() {
         "{err}"
     );
     assert!(!ds.exists());
+    // The images' folder as the dataset: refused, nothing made there.
+    let pics = d.path().join("pics");
+    std::fs::create_dir(&pics).unwrap();
+    let o = eps2v(&["import", p(&pics), "--from", p(&pics)]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("the images' folder is the dataset folder"),
+        "{err}"
+    );
+    assert!(!pics.join("manifest.sqlite").exists());
     // Limits of 0 are usage errors, not a run that rejects everything.
     for flag in ["--max-side", "--max-pixels"] {
         let o = eps2v(&[

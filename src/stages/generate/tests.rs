@@ -77,6 +77,21 @@ fn rows(dir: &std::path::Path) -> Vec<(i64, String, i64, String)> {
     r
 }
 
+/// (id, sha256) of every item, by id.
+fn item_ids(dir: &std::path::Path) -> Vec<(i64, String)> {
+    let m = Manifest::open(dir).unwrap();
+    let mut st = m
+        .conn()
+        .prepare("SELECT id, sha256 FROM items ORDER BY id")
+        .unwrap();
+    let r = st
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .unwrap()
+        .collect::<rusqlite::Result<Vec<_>>>()
+        .unwrap();
+    r
+}
+
 fn count(dir: &std::path::Path, sql: &str) -> i64 {
     Manifest::open(dir)
         .unwrap()
@@ -389,19 +404,6 @@ fn lanes_change_neither_pixels_nor_the_manifest() {
         sizes: Sizes::parse_weights("*=0,64x64=1,64x128=1").unwrap(),
         ..cfg(&w, 7)
     };
-    let items = |dir: &std::path::Path| -> Vec<(i64, String)> {
-        let m = Manifest::open(dir).unwrap();
-        let mut st = m
-            .conn()
-            .prepare("SELECT id, sha256 FROM items ORDER BY id")
-            .unwrap();
-        let r = st
-            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
-            .unwrap()
-            .collect::<rusqlite::Result<Vec<_>>>()
-            .unwrap();
-        r
-    };
     let mut seen = Vec::new();
     for threads in [1, 3] {
         let dir = w.dir.path().join(format!("t{threads}"));
@@ -414,7 +416,7 @@ fn lanes_change_neither_pixels_nor_the_manifest() {
         if std::env::var_os("EPS2V_LANES").is_none() {
             assert_eq!(rep.lanes, threads);
         }
-        seen.push((rows(&dir), items(&dir)));
+        seen.push((rows(&dir), item_ids(&dir)));
     }
     assert_eq!(seen[0], seen[1]);
 }
@@ -760,19 +762,6 @@ fn a_second_merge_takes_what_the_folder_redid_but_not_over_out() {
     let w = world();
     let shard = w.dir.path().join("s");
     gen(&w, &cfg(&w, 4), &shard).unwrap();
-    let ids = |d: &std::path::Path| -> Vec<(i64, String)> {
-        let m = Manifest::open(d).unwrap();
-        let mut st = m
-            .conn()
-            .prepare("SELECT id, sha256 FROM items ORDER BY id")
-            .unwrap();
-        let r = st
-            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
-            .unwrap()
-            .collect::<rusqlite::Result<Vec<_>>>()
-            .unwrap();
-        r
-    };
     // A later run on a folder: `edit(tx, run_id)` in one transaction.
     let later = |d: &std::path::Path, stage: &str, edit: &dyn Fn(&rusqlite::Transaction, i64)| {
         let mut m = Manifest::open(d).unwrap();
@@ -790,7 +779,7 @@ fn a_second_merge_takes_what_the_folder_redid_but_not_over_out() {
         )
         .unwrap();
     };
-    let s = ids(&shard);
+    let s = item_ids(&shard);
     let (a, b) = (s[0].0, s[1].0);
     later(&shard, "caption", &|tx, run| {
         caption(tx, a, "old a", run);
@@ -816,7 +805,7 @@ fn a_second_merge_takes_what_the_folder_redid_but_not_over_out() {
         merge::run(&cfgm, &mut m, &Ctx::quiet()).unwrap()
     };
     merge_into(&out, std::slice::from_ref(&shard));
-    let o = ids(&out);
+    let o = item_ids(&out);
     let by_sha = |sha: &str| o.iter().find(|(_, s)| s == sha).unwrap().0;
     let (oa, ob) = (by_sha(&s[0].1), by_sha(&s[1].1));
     let text = |item: i64| -> String {
@@ -889,7 +878,7 @@ fn a_second_merge_takes_what_the_folder_redid_but_not_over_out() {
         (1, 1, 3, 1)
     );
     assert_eq!(sh.missing_files, vec![rel.clone()]);
-    assert_eq!(ids(&out2).len(), 3);
+    assert_eq!(item_ids(&out2).len(), 3);
     let g = gen(&w, &cfg(&w, 4), &out2).unwrap();
     assert_eq!((g.rendered, g.skipped), (1, 3));
     assert_eq!(rows(&out2), rows(&shard));
@@ -944,6 +933,6 @@ fn a_second_merge_takes_what_the_folder_redid_but_not_over_out() {
         ),
         (1, vec![conflicted as u64])
     );
-    assert_eq!(ids(&out3).len(), 4);
+    assert_eq!(item_ids(&out3).len(), 4);
     assert_eq!(rows(&out3), rows(&shard));
 }
