@@ -283,6 +283,13 @@ pub fn import(a: ImportArgs, json: bool) -> anyhow::Result<i32> {
                 println!("        link loop (not followed): {}", l.display());
             }
         }
+        if r.gone > 0 {
+            println!(
+                "        {} files imported from here before are gone (e.g. {}); their items stay in the dataset",
+                r.gone,
+                r.gone_examples.join(", ")
+            );
+        }
         if let Some(x) = &sk.excluded {
             println!(
                 "        not searched: {} (the dataset folder itself)",

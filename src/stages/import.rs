@@ -148,6 +148,11 @@ pub struct ImportReport {
     pub wrong_extension: usize,
     /// Files that could not be read at all.
     pub failed: Vec<Failure>,
+    /// Files imported from this folder before that are gone from it now
+    /// (their items stay in the dataset: import only adds and updates).
+    pub gone: usize,
+    /// The first few of them.
+    pub gone_examples: Vec<String>,
     /// Wall time, seconds.
     pub seconds: f64,
 }
@@ -594,6 +599,22 @@ pub fn run(cfg: &ImportConfig, m: &mut Manifest, ctx: &Ctx) -> Result<ImportRepo
                 })
                 .clone()
         };
+        // Sources recorded under this folder that are no longer there
+        // (deleted while curating): said, their items left as they are.
+        {
+            let listed: std::collections::HashSet<String> =
+                listing.files.iter().map(|p| source_key(p)).collect();
+            let mut gone: Vec<&String> = known
+                .keys()
+                .filter(|k| {
+                    let p = Path::new(k.as_str());
+                    p.starts_with(&from) && !listed.contains(*k) && !p.exists()
+                })
+                .collect();
+            gone.sort();
+            report.gone = gone.len();
+            report.gone_examples = gone.into_iter().take(5).cloned().collect();
+        }
         let mut todo: Vec<PathBuf> = Vec::new();
         for p in listing.files {
             let (size, mt) =

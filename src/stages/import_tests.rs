@@ -238,4 +238,14 @@ fn odd_names_and_sidecars_import_once_and_cleanly() {
         count(&m, "SELECT count(*) FROM captions WHERE text = 'smile'"),
         0
     );
+    assert_eq!(after.gone, 0);
+    // A file deleted from the folder is said to be gone; its item stays.
+    fs::remove_file(src.join("copy_of_a.png")).unwrap();
+    let later = run(&cfg, &mut m, &Ctx::quiet()).unwrap();
+    assert_eq!(later.gone, 1);
+    assert!(
+        later.gone_examples[0].ends_with("copy_of_a.png"),
+        "{:?}",
+        later.gone_examples
+    );
 }
