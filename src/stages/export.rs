@@ -703,16 +703,21 @@ pub fn run_with(
                             report.uncaptioned += 1;
                             report.uncaptioned_files.push(file_name.clone());
                         }
+                        // One type per column, never null: `datasets`
+                        // takes the column types from the first rows of
+                        // the file, and a null column there fails the
+                        // later rows. No tags is ""; an item that was not
+                        // bucketed is its uncropped original, crop (0, 0).
                         let line = serde_json::json!({
                             "file_name": file_name,
                             "text": caption,
-                            "tags": r.tags,
+                            "tags": r.tags.clone().unwrap_or_default(),
                             "width": r.width,
                             "height": r.height,
                             "train_width": tw,
                             "train_height": th,
-                            "crop_top_resized": r.crop_top_resized,
-                            "crop_left_resized": r.crop_left_resized,
+                            "crop_top_resized": r.crop_top_resized.unwrap_or(0),
+                            "crop_left_resized": r.crop_left_resized.unwrap_or(0),
                             "sha256": r.sha256,
                         });
                         jsonl.push_str(&serde_json::to_string(&line)?);

@@ -838,6 +838,12 @@ fn export_files_match_their_contracts() {
             (Some(u64::from(img.width())), Some(u64::from(img.height())))
         );
         assert!(l["text"].is_string() && l["sha256"].as_str().unwrap().len() == 64);
+        // One type per column, never null (datasets types columns from
+        // the first rows).
+        assert!(l["tags"].is_string(), "{l:?}");
+        for k in ["width", "height", "crop_top_resized", "crop_left_resized"] {
+            assert!(l[k].is_u64(), "{k}: {l:?}");
+        }
     }
     assert_eq!(
         lines.iter().filter(|l| l["text"] == "").count(),
