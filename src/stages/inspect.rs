@@ -217,13 +217,15 @@ pub fn run(m: &Manifest, top: usize) -> Result<InspectReport> {
         alignment: alignment_histogram(m)?,
         duplicate_clusters: query_table(
             m,
-            "SELECT count(*) AS clusters, coalesce(sum(size) - count(*), 0) AS dropped,
-                    coalesce(max(size), 0) AS largest,
-                    coalesce(sum(waiting), 0) AS waiting_on_a_set_aside_keeper
-             FROM (SELECT d.cluster_id, count(*) AS size,
-                          sum(d.kind <> 'keeper' AND i.status = 'duplicate' AND k.status <> 'ok') AS waiting
-                   FROM duplicates d JOIN items i ON i.id = d.item_id JOIN items k ON k.id = d.keeper_id
-                   GROUP BY d.cluster_id)",
+            &format!(
+                "SELECT count(*) AS clusters, coalesce(sum(size) - count(*), 0) AS dropped,
+                        coalesce(max(size), 0) AS largest,
+                        coalesce(sum(waiting), 0) AS waiting_on_a_set_aside_keeper
+                 FROM (SELECT d.cluster_id, count(*) AS size, sum({}) AS waiting
+                       FROM duplicates d JOIN items i ON i.id = d.item_id JOIN items k ON k.id = d.keeper_id
+                       GROUP BY d.cluster_id)",
+                crate::stages::dedupe::WAITING
+            ),
         )?,
         runs: runs_table(m)?,
         generation_plan: if has_table(m, "gen_items")? {

@@ -361,14 +361,20 @@ fn read_and_plan(cfg: &DedupeConfig, m: &Manifest) -> Result<(Vec<Cluster>, Dedu
 /// them (the set-aside keeper is no longer a candidate).
 pub fn waiting_on_a_set_aside_keeper(conn: &rusqlite::Connection) -> rusqlite::Result<u64> {
     conn.query_row(
-        "SELECT count(*) FROM duplicates d
-         JOIN items i ON i.id = d.item_id JOIN items k ON k.id = d.keeper_id
-         WHERE d.kind <> 'keeper' AND i.status = 'duplicate' AND k.status <> 'ok'",
+        &format!(
+            "SELECT count(*) FROM duplicates d
+             JOIN items i ON i.id = d.item_id JOIN items k ON k.id = d.keeper_id
+             WHERE {WAITING}"
+        ),
         [],
         |r| r.get::<_, i64>(0),
     )
     .map(|n| n as u64)
 }
+
+/// SQL condition of such a duplicate, over `duplicates d` joined to its
+/// item `i` and its keeper `k` (both `items`).
+pub const WAITING: &str = "d.kind <> 'keeper' AND i.status = 'duplicate' AND k.status <> 'ok'";
 
 /// The line a stage prints when [`waiting_on_a_set_aside_keeper`] is not 0.
 pub fn waiting_hint(n: u64, dir: &std::path::Path) -> String {

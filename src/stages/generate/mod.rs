@@ -414,7 +414,7 @@ fn plan_then_render(
             other => other,
         })?;
     report.plan.missing_images =
-        plan_missing_images(&tx, &root, run_id).map_err(manifest::sql_err(&path))?;
+        plan::plan_missing_images(&tx, &root, run_id).map_err(manifest::sql_err(&path))?;
     tx.commit().map_err(manifest::sql_err(&path))?;
     *todo = pending(m)?;
     report.skipped = report.plan.planned - todo.len() as u64;
@@ -435,46 +435,6 @@ fn plan_then_render(
         report.warnings.push(w);
     }
     render(cfg, settings, model, m, ctx, run_id, todo, report)
-}
-
-/// Plan again the rendered rows whose image file is gone (deleted by hand,
-/// lost in a copy): the same seed renders the same bytes back to the same
-/// item; until then the item is set aside as `image_missing` (one that
-/// comes back other pixels stays aside, the new image being another item).
-fn plan_missing_images(
-    tx: &rusqlite::Transaction,
-    root: &Path,
-    run_id: i64,
-) -> rusqlite::Result<u64> {
-    let rendered: Vec<(i64, i64, String)> = {
-        let mut st = tx.prepare(
-            "SELECT g.idx, i.id, i.path FROM gen_items g JOIN items i ON i.id = g.item_id
-             WHERE g.state = 'rendered'",
-        )?;
-        let rows = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
-        rows.collect::<rusqlite::Result<_>>()?
-    };
-    let mut n = 0;
-    for (idx, item, rel) in rendered {
-        if root.join(&rel).is_file() {
-            continue;
-        }
-        let why = format!("image_missing: {rel} is gone; index {idx} is rendered again");
-        manifest::verdicts::set(
-            tx,
-            item,
-            "generate",
-            Some((ItemStatus::Rejected, why.as_str())),
-            run_id,
-        )?;
-        tx.execute(
-            "UPDATE gen_items SET state = 'planned', reason = NULL, item_id = NULL, render_run_id = NULL
-             WHERE idx = ?1",
-            [idx],
-        )?;
-        n += 1;
-    }
-    Ok(n)
 }
 
 /// Rows still `planned`, by index.

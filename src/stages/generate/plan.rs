@@ -585,6 +585,46 @@ pub fn write_plan(
     Ok(out)
 }
 
+/// Plan again the rendered rows whose image file is gone (deleted by hand,
+/// lost in a copy): the same seed renders the same bytes back to the same
+/// item; until then the item is set aside as `image_missing` (one that
+/// comes back other pixels stays aside, the new image being another item).
+pub fn plan_missing_images(
+    tx: &Transaction,
+    root: &std::path::Path,
+    run_id: i64,
+) -> rusqlite::Result<u64> {
+    let rendered: Vec<(i64, i64, String)> = {
+        let mut st = tx.prepare(
+            "SELECT g.idx, i.id, i.path FROM gen_items g JOIN items i ON i.id = g.item_id
+             WHERE g.state = 'rendered'",
+        )?;
+        let rows = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+        rows.collect::<rusqlite::Result<_>>()?
+    };
+    let mut n = 0;
+    for (idx, item, rel) in rendered {
+        if root.join(&rel).is_file() {
+            continue;
+        }
+        let why = format!("image_missing: {rel} is gone; index {idx} is rendered again");
+        crate::manifest::verdicts::set(
+            tx,
+            item,
+            "generate",
+            Some((crate::manifest::ItemStatus::Rejected, why.as_str())),
+            run_id,
+        )?;
+        tx.execute(
+            "UPDATE gen_items SET state = 'planned', reason = NULL, item_id = NULL, render_run_id = NULL
+             WHERE idx = ?1",
+            [idx],
+        )?;
+        n += 1;
+    }
+    Ok(n)
+}
+
 fn new_plan_id(run_id: i64, now: &str) -> String {
     let mut h = Sha256::new();
     h.update(now.as_bytes());
