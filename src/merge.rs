@@ -268,6 +268,23 @@ pub fn blend(a: &Tensor, b: &Tensor, c: Option<&Tensor>, alpha: f64) -> Result<T
     })
 }
 
+/// Refuse a model A that is not a whole SDXL checkpoint (or UNet): A is
+/// the layout of the output, and B and C are only checked against it key
+/// by key, so an SD 1.x file, a LoRA or an SDXL file missing tensors
+/// would be written through as a "merge". `eps2v merge` checks this
+/// before [`merge`] / [`crate::merge_sweep::sweep`] (which take any
+/// layout, as their unit tests do).
+pub fn check_model_a(a: &Path) -> Result<()> {
+    let a = Checkpoint::open(a)?;
+    a.require_sdxl_family()?;
+    let unet = a.infer_unet_config()?.config;
+    let vae = match a.vae_prefix() {
+        Some(_) => Some(a.infer_vae_config()?.config),
+        None => None,
+    };
+    a.check_sdxl(&unet, vae.as_ref())
+}
+
 /// Merge `cfg` into `out` (streaming; atomic write).
 pub fn merge(cfg: &MergeConfig, out: &Path) -> Result<MergeReport> {
     if !cfg.alpha.is_finite() {

@@ -341,3 +341,44 @@ fn bad_inputs_are_clear_errors() {
         PathBuf::from("/t/m-a0.25.safetensors")
     );
 }
+
+/// `eps2v merge` refuses a model A that is no whole SDXL checkpoint (it
+/// wrote SD 1.x "merges" and files missing tensors with exit 0).
+#[test]
+fn model_a_must_be_a_whole_sdxl_checkpoint() {
+    let toy = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/toy/model.safetensors");
+    check_model_a(&toy).unwrap();
+    let d = tempfile::tempdir().unwrap();
+    let fake = ckpt(d.path(), "a.safetensors", &[1.; 6], 1.0, false);
+    let e = check_model_a(&fake).unwrap_err().to_string();
+    assert!(e.contains("cannot infer the UNet config"), "{e}");
+    let sd15 = d.path().join("sd15.safetensors");
+    let t = Tensor::zeros(2, DType::F32, &Device::Cpu).unwrap();
+    save_tensors(
+        &sd15,
+        &[
+            (
+                "cond_stage_model.transformer.text_model.final_layer_norm.weight".into(),
+                t.clone(),
+            ),
+            (format!("{UNET_PREFIX}.input_blocks.0.0.weight"), t),
+        ],
+        &SaveOptions::default(),
+    )
+    .unwrap();
+    let e = check_model_a(&sd15).unwrap_err().to_string();
+    assert!(e.contains("Stable Diffusion 1.x"), "{e}");
+    // The toy with one UNet tensor gone is named by the missing key.
+    let ck = Checkpoint::open(&toy).unwrap();
+    let gone = "model.diffusion_model.out.2.bias";
+    let kept: Vec<(String, Tensor)> = ck
+        .entries()
+        .keys()
+        .filter(|k| *k != gone)
+        .map(|k| (k.clone(), ck.tensor(k, DType::F32, &Device::Cpu).unwrap()))
+        .collect();
+    let broken = d.path().join("broken.safetensors");
+    save_tensors(&broken, &kept, &SaveOptions::default()).unwrap();
+    let e = check_model_a(&broken).unwrap_err().to_string();
+    assert!(e.contains(gone), "{e}");
+}

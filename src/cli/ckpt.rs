@@ -234,6 +234,26 @@ fn open_checked(file: &PathBuf) -> Result<Checkpoint> {
     infer::check_compatible(&unet, text.as_ref(), vae.as_ref())
         .map_err(|e| Error::model(format!("{}: {e}", file.display())))?;
     ckpt.check_sdxl(&unet, vae.as_ref())?;
+    // Weights the model commands cannot read (fp8, integer quantization):
+    // the finite scan skips them, and `sample` / `train` refuse them.
+    if let Some((key, e)) = ckpt.entries().iter().find(|(k, e)| {
+        !matches!(e.dtype.as_str(), "F16" | "BF16" | "F32" | "F64")
+            && !crate::models::sdxl::checkpoint::is_marker_key(k)
+            && !crate::models::sdxl::checkpoint::is_ignored_key(k)
+            && [
+                "model.diffusion_model.",
+                "conditioner.embedders.",
+                "first_stage_model.",
+            ]
+            .iter()
+            .any(|p| k.starts_with(p))
+    }) {
+        return Err(Error::model(format!(
+            "{}: {key} is stored as {}; eps2v loads F16, BF16 and F32 weights (an fp8 or quantized release?): convert the file to f16 or bf16 first",
+            file.display(),
+            e.dtype
+        )));
+    }
     Ok(ckpt)
 }
 
@@ -273,7 +293,7 @@ fn format_info(info: &CheckpointInfo, size: Option<&DefaultSize>) -> String {
         o,
         "family      {} ({})",
         info.family.name(),
-        info.family.describe()
+        info.family_description
     );
     config_lines(
         &mut o,
@@ -296,17 +316,21 @@ fn format_info(info: &CheckpointInfo, size: Option<&DefaultSize>) -> String {
         "heads and activations",
         |t: &TextPair| format!("CLIP-L {}; bigG {}", t.clip_l.summary(), t.clip_g.summary()),
     );
-    let _ = writeln!(
-        o,
-        "prediction  {} ({})",
-        info.prediction.prediction.name(),
-        info.prediction.source
-    );
-    let _ = writeln!(
-        o,
-        "ztsnr       {}",
-        if info.prediction.ztsnr { "yes" } else { "no" }
-    );
+    if matches!(info.unet, ConfigStatus::Absent) {
+        let _ = writeln!(o, "prediction  n/a (no UNet in this file)");
+    } else {
+        let _ = writeln!(
+            o,
+            "prediction  {} ({})",
+            info.prediction.prediction.name(),
+            info.prediction.source
+        );
+        let _ = writeln!(
+            o,
+            "ztsnr       {}",
+            if info.prediction.ztsnr { "yes" } else { "no" }
+        );
+    }
     if let Some(s) = size {
         let _ = writeln!(
             o,
@@ -410,6 +434,11 @@ pub fn run(args: CkptArgs, json: bool) -> Result<i32> {
         // What `check` checked, beyond what `info` shows.
         format_info(&info, size.as_ref())
             + "check       ok: SDXL layout and shapes as loaders expect, every float tensor finite (no NaN or ±inf)\n"
+            + match (ckpt.vae_prefix(), info.family) {
+                (None, _) => "check       no VAE in this file: `sample`, `generate` and `train` need one baked in; `merge` and `ckpt` work without\n",
+                (Some(_), Family::SdxlUnet) => "check       no text encoders in this file: `sample`, `generate` and `train` need a full checkpoint; `merge` and `ckpt` work without\n",
+                _ => "",
+            }
     } else {
         format_info(&info, size.as_ref())
     };

@@ -177,6 +177,12 @@ fn parse<T: serde::de::DeserializeOwned>(flag: &str, v: &str) -> Result<T> {
 /// an `eps2v run` config, a `[train]` without a `model` of its own trains
 /// the run's top-level `model`, as `run` does.
 pub fn read_config(path: &std::path::Path) -> Result<TrainConfig> {
+    Ok(read_config_ztsnr(path)?.0)
+}
+
+/// [`read_config`], and whether the file sets `ztsnr` itself (then the
+/// `--objective` flag does not change it).
+fn read_config_ztsnr(path: &std::path::Path) -> Result<(TrainConfig, bool)> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
     let value: toml::Table =
         toml::from_str(&text).map_err(|e| Error::config(format!("{}: {e}", path.display())))?;
@@ -199,15 +205,15 @@ pub fn read_config(path: &std::path::Path) -> Result<TrainConfig> {
         .try_into::<TrainConfig>()
         .map_err(|e| Error::config(format!("{}: {e}", path.display())))?;
     c.ztsnr_follows_objective(&table);
-    Ok(c)
+    Ok((c, table.contains_key("ztsnr")))
 }
 
 impl TrainArgs {
     /// The config: file (or defaults), then the flags.
     pub fn to_config(&self) -> Result<TrainConfig> {
-        let mut c = match &self.config {
-            Some(p) => read_config(p)?,
-            None => TrainConfig::default(),
+        let (mut c, file_ztsnr) = match &self.config {
+            Some(p) => read_config_ztsnr(p)?,
+            None => (TrainConfig::default(), false),
         };
         // A config of stages takes its steps, blocks and learning rates
         // from them: these flags would be ignored, so they are refused.
@@ -258,7 +264,10 @@ impl TrainArgs {
         );
         if let Some(o) = &self.objective {
             c.objective = o.parse()?;
-            if !self.ztsnr && !self.no_ztsnr {
+            // ZTSNR follows the objective unless said: by a flag, or by
+            // the config file (`ztsnr = false` with `--objective v` stays
+            // off).
+            if !self.ztsnr && !self.no_ztsnr && !file_ztsnr {
                 c.ztsnr = c.objective == crate::diffusion::Prediction::V;
             }
         }
@@ -380,6 +389,50 @@ fn resume_id(r: Option<Resume>, cfg: &TrainConfig, m: &Manifest) -> Result<Optio
     }
 }
 
+/// This process's command line with `--resume ID` in place of any
+/// `--resume` it had, quoted for a POSIX shell: what resumes the run.
+fn resume_command(id: i64) -> String {
+    let mut args: Vec<String> = std::env::args().collect();
+    if let Some(first) = args.first_mut() {
+        *first = "eps2v".into();
+    }
+    let mut out: Vec<String> = Vec::new();
+    let mut i = 0;
+    while i < args.len() {
+        let a = &args[i];
+        if a.starts_with("--resume=") {
+            i += 1;
+            continue;
+        }
+        if a == "--resume" {
+            // Its optional value: an id or `latest`.
+            let next = args.get(i + 1);
+            i += if next.is_some_and(|n| n == "latest" || n.parse::<i64>().is_ok()) {
+                2
+            } else {
+                1
+            };
+            continue;
+        }
+        out.push(shell_quote(a));
+        i += 1;
+    }
+    out.push(format!("--resume {id}"));
+    out.join(" ")
+}
+
+/// `s` as one POSIX shell word.
+fn shell_quote(s: &str) -> String {
+    let plain = !s.is_empty()
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "_./=:,@%+-".contains(c));
+    if plain {
+        s.to_string()
+    } else {
+        format!("'{}'", s.replace('\'', "'\\''"))
+    }
+}
+
 /// Run `eps2v train`; exit 130 when interrupted (a checkpoint to resume
 /// from was saved).
 pub fn run_train(a: TrainArgs, json: bool) -> Result<i32> {
@@ -408,8 +461,20 @@ pub fn run_train(a: TrainArgs, json: bool) -> Result<i32> {
     for w in cfg.warnings() {
         eprintln!("warning: {w}");
     }
+    if let Some(w) = same_prediction_warning(&cfg, &m)? {
+        eprintln!("warning: {w}");
+    }
     let (device, dtype) = a.device.resolve()?;
     let resume = resume_id(a.resume, &cfg, &m)?;
+    if resume.is_none() && !json {
+        // The same command after a Ctrl-C starts over: say so while it
+        // is cheap to stop.
+        if let Some(id) = train::state::resumable_run(&m, &cfg)? {
+            eprintln!(
+                "note: training run {id} stopped earlier with these settings; this starts a new run from step 0. To go on from where run {id} stopped instead, stop this one (Ctrl-C) and rerun with --resume"
+            );
+        }
+    }
     let ctx = Ctx::new(!json);
     let r = train::train(
         &cfg,
@@ -487,7 +552,19 @@ pub fn run_train(a: TrainArgs, json: bool) -> Result<i32> {
             println!("stopped early: {why}");
         }
         for p in &r.exported {
-            println!("exported: {}", p.display());
+            println!(
+                "exported: {}{}",
+                p.display(),
+                match (&r.stopped_early, r.exported_step) {
+                    (Some(_), Some(s)) if p.extension().is_some_and(|e| e == "safetensors") =>
+                        format!(
+                            " (step {s}'s weights, retention {})",
+                            r.exported_retention
+                                .map_or("-".into(), |v| format!("{v:.3}"))
+                        ),
+                    _ => String::new(),
+                }
+            );
         }
         for t in &r.tidied {
             println!(
@@ -505,10 +582,9 @@ pub fn run_train(a: TrainArgs, json: bool) -> Result<i32> {
         }
         if r.interrupted {
             println!(
-                "interrupted at step {}; resume with: eps2v train {} --resume {} (same flags; `--resume` alone takes the newest stopped run of this config)",
+                "interrupted at step {}; resume with: {} (the same settings; `--resume` alone takes the newest stopped run of them)",
                 r.steps,
-                a.dir.display(),
-                r.run_id
+                resume_command(r.run_id)
             );
         }
     }
@@ -613,6 +689,7 @@ pub fn run_merge(a: MergeArgs, json: bool) -> Result<i32> {
             .transpose()?,
         dtype,
     };
+    merge::check_model_a(&cfg.a)?;
     match &a.sweep {
         None => {
             let r = merge::merge(&cfg, &a.out)?;
@@ -630,11 +707,7 @@ pub fn run_merge(a: MergeArgs, json: bool) -> Result<i32> {
                     if r.skipped.is_empty() {
                         String::new()
                     } else {
-                        format!(
-                            ", {} non-float left out ({})",
-                            r.skipped.len(),
-                            r.skipped.join(", ")
-                        )
+                        format!(", {}", left_out(&r.skipped))
                     },
                     r.v_pred,
                     r.ztsnr
@@ -716,6 +789,69 @@ fn default_sweep_prompts(pack: &str) -> Result<Vec<String>> {
     Ok((0..8)
         .map(|i| crate::prompts::tidy(&template.random(SWEEP_PROMPT_SEED, i)))
         .collect())
+}
+
+/// A base that already predicts the objective and generated the dataset:
+/// training it on its own images converts nothing (a v model given as the
+/// eps base, or `--objective` forgotten for v → eps). Another base (a
+/// stage-1 export trained on the base's images) is a continuation.
+fn same_prediction_warning(cfg: &TrainConfig, m: &Manifest) -> Result<Option<String>> {
+    // Not found or several models: nothing to compare (and no reason to
+    // stop a run that names its --model).
+    let Ok(Some(generator)) = crate::toy::generating_model(m) else {
+        return Ok(None);
+    };
+    let same_file = match (
+        std::fs::canonicalize(&generator),
+        std::fs::canonicalize(&cfg.model),
+    ) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
+    };
+    if !same_file {
+        return Ok(None);
+    }
+    let p = crate::models::sdxl::checkpoint::Checkpoint::open(&cfg.model)?.prediction();
+    use crate::models::sdxl::checkpoint::Prediction as P;
+    let (now, other) = match (p.prediction, cfg.objective) {
+        (P::V, crate::diffusion::Prediction::V) => ("v", "eps"),
+        (P::Epsilon, crate::diffusion::Prediction::Eps) => ("eps", "v"),
+        _ => return Ok(None),
+    };
+    Ok(Some(format!(
+        "{} already predicts {} ({}) and generated this dataset: training {now} on its own images converts nothing; use --objective {other} for {now} → {other}, or give the {other} model to convert",
+        cfg.model.display(),
+        p.prediction.name(),
+        p.source
+    )))
+}
+
+/// The keys a merge left out, for its one-line summary: an EMA copy by
+/// count (a real one has ~1,700 keys), other keys by name up to three
+/// (all of them are under `skipped` in `--json`).
+fn left_out(skipped: &[String]) -> String {
+    let ema = skipped
+        .iter()
+        .filter(|k| k.starts_with("model_ema."))
+        .count();
+    let other: Vec<&str> = skipped
+        .iter()
+        .filter(|k| !k.starts_with("model_ema."))
+        .map(String::as_str)
+        .collect();
+    let mut parts = Vec::new();
+    if ema > 0 {
+        parts.push(format!("{ema} model_ema.* (an EMA copy of A's UNet)"));
+    }
+    if !other.is_empty() {
+        let more = if other.len() > 3 { ", …" } else { "" };
+        parts.push(format!(
+            "{} other ({}{more})",
+            other.len(),
+            other[..other.len().min(3)].join(", ")
+        ));
+    }
+    format!("{} keys left out: {}", skipped.len(), parts.join("; "))
 }
 
 #[cfg(test)]

@@ -170,3 +170,51 @@ fn train_and_merge_write_only_safetensors() {
     let e = run_merge(m.a, true).unwrap_err().to_string();
     assert!(e.contains("merge --out m.ckpt"), "{e}");
 }
+
+/// `ztsnr` said in the config file holds against `--objective` (which
+/// only moves the default): `ztsnr = false` with `--objective v` trained
+/// v + ZTSNR.
+#[test]
+fn a_config_files_ztsnr_holds_against_the_objective_flag() {
+    let d = tempfile::tempdir().unwrap();
+    let f = d.path().join("t.toml");
+    let parse = |toml: &str, extra: &[&str]| {
+        std::fs::write(&f, toml).unwrap();
+        let mut args = vec!["x", "ds", "--config", f.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        let c = T::parse_from(args).a.to_config().unwrap();
+        (c.objective.to_string(), c.ztsnr)
+    };
+    let noz = "[train]\nobjective = \"v\"\nztsnr = false\n";
+    assert_eq!(parse(noz, &[]), ("v".into(), false));
+    assert_eq!(parse(noz, &["--objective", "v"]), ("v".into(), false));
+    assert_eq!(
+        parse(noz, &["--objective", "v", "--ztsnr"]),
+        ("v".into(), true)
+    );
+    // Not said in the file: it follows the flag.
+    assert_eq!(
+        parse("[train]\nobjective = \"eps\"\n", &["--objective", "v"]),
+        ("v".into(), true)
+    );
+    assert_eq!(
+        parse("[train]\n", &["--objective", "eps"]),
+        ("eps".into(), false)
+    );
+}
+
+#[test]
+fn resume_commands_quote_for_the_shell_and_merge_summaries_count_ema_keys() {
+    assert_eq!(shell_quote("ds/a-1.toml"), "ds/a-1.toml");
+    assert_eq!(shell_quote("my set"), "'my set'");
+    assert_eq!(shell_quote("it's"), "'it'\\''s'");
+    assert_eq!(shell_quote(""), "''");
+    let mut skipped: Vec<String> = (0..1700).map(|i| format!("model_ema.k{i}")).collect();
+    skipped.push("a.position_ids".into());
+    assert_eq!(
+        left_out(&skipped),
+        "1701 keys left out: 1700 model_ema.* (an EMA copy of A's UNet); 1 other (a.position_ids)"
+    );
+    let many: Vec<String> = (0..5).map(|i| format!("x{i}")).collect();
+    assert_eq!(left_out(&many), "5 keys left out: 5 other (x0, x1, x2, …)");
+}

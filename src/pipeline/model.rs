@@ -214,7 +214,7 @@ impl SdxlModel {
             return Err(Error::model(format!(
                 "{}: not a full SDXL checkpoint: this looks like {}; sampling needs UNet, both text encoders and a VAE in one single-file .safetensors",
                 path.display(),
-                family.describe()
+                ckpt.describe_family()
             )));
         }
         let unet = ckpt.infer_unet_config()?;
@@ -245,7 +245,20 @@ impl SdxlModel {
         let ztsnr = opts
             .ztsnr
             .unwrap_or(pinfo.ztsnr && prediction == Prediction::V);
-        let mut warnings = pinfo.warnings.clone();
+        let file_says = match pinfo.prediction {
+            CkptPrediction::Epsilon => Some(Prediction::Eps),
+            CkptPrediction::V => Some(Prediction::V),
+            _ => None,
+        };
+        let mut warnings: Vec<String> = match opts.prediction {
+            // The file's own contradictions no longer decide anything.
+            Some(p) if Some(p) != file_says => pinfo
+                .warnings
+                .iter()
+                .map(|w| format!("{w} (this run samples it as {p}: --prediction)"))
+                .collect(),
+            _ => pinfo.warnings.clone(),
+        };
         let native_size = super::size::native_size(ckpt.metadata(), unet_name, &mut warnings);
         // Asked for on the command line (a file's own contradiction is in
         // the checkpoint's warnings already).

@@ -30,6 +30,7 @@ use serde_json::Value;
 
 use crate::diffusion::{Prediction, SamplerKind, ScheduleKind, UncondMode};
 use crate::merge::BlockAlphas;
+use crate::models::sdxl::checkpoint::Prediction as CkptPrediction;
 use crate::pipeline::sample::SampleConfig;
 use crate::prompts::TemplateSpec;
 use crate::stages::bucket::{BucketConfig, BucketSet};
@@ -431,14 +432,34 @@ impl RunConfig {
                     )));
                 }
             }
-            self.caption
-                .check()
-                .map_err(|e| Error::config(format!("caption: {e}")))?;
+            self.caption.check().map_err(|e| {
+                as_keys(
+                    e,
+                    "caption",
+                    &[
+                        ("--general-threshold", "caption.thresholds.general"),
+                        ("--character-threshold", "caption.thresholds.character"),
+                        ("--extra-threshold", "caption.caption.extra_threshold"),
+                        ("--batch", "caption.batch"),
+                    ],
+                )
+            })?;
         }
         if self.has("generate") {
-            self.generate_config()?
-                .validate()
-                .map_err(|e| Error::config(format!("generate: {e}")))?;
+            self.generate_config()?.validate().map_err(|e| {
+                as_keys(
+                    e,
+                    "generate",
+                    &[
+                        ("--count", "generate.count"),
+                        ("--batch", "generate.batch"),
+                        ("--steps", "generate.steps"),
+                        ("--cfg", "generate.cfg"),
+                        ("--rescale", "generate.rescale"),
+                        ("seed", "generate.seed"),
+                    ],
+                )
+            })?;
         }
         if self.has("train") {
             self.train.validate()?;
@@ -446,6 +467,29 @@ impl RunConfig {
             // header, before the stages before train run for hours.
             if self.train.model.is_file() {
                 let ck = crate::models::sdxl::checkpoint::Checkpoint::open(&self.train.model)?;
+                // The run generates its data from `model` in the model's
+                // own prediction: training that same prediction on it
+                // converts nothing (a v model given for an eps one).
+                if self.has("generate") && self.train.model == model {
+                    let p = ck.prediction();
+                    let same = matches!(
+                        (p.prediction, self.train.objective),
+                        (CkptPrediction::Epsilon, Prediction::Eps)
+                            | (CkptPrediction::V, Prediction::V)
+                    );
+                    if same {
+                        let (now, other) = match self.train.objective {
+                            Prediction::V => ("v", "eps"),
+                            Prediction::Eps => ("eps", "v"),
+                        };
+                        return Err(Error::config(format!(
+                            "train.objective = \"{now}\": model {} already predicts {} ({}); a run converts its model to the other prediction: give the {other} model to convert, or set objective = \"{other}\" under [train] for {now} → {other}",
+                            model.display(),
+                            p.prediction.name(),
+                            p.source
+                        )));
+                    }
+                }
                 if let Ok(u) = ck.infer_unet_config() {
                     let keys = crate::models::sdxl::checkpoint::unet_expected_keys(&u.config)?;
                     let staged = !self.train.stages.is_empty();
@@ -475,6 +519,14 @@ impl RunConfig {
                     "merge.alphas: give at least one finite α (share of the base model), e.g. [0.25, 0.5]",
                 ));
             }
+            // (1 - α)·converted + α·base: outside [0, 1] it extrapolates
+            // past one of the two (α = 25 meant as 25 % is −24·converted +
+            // 25·base). `eps2v merge` still takes any α for hand merges.
+            if let Some(a) = self.merge.alphas.iter().find(|a| !(0.0..=1.0).contains(*a)) {
+                return Err(Error::config(format!(
+                    "merge.alphas: {a} is outside [0, 1]; α is the base model's share of the merge, (1 - α)·converted + α·base, so 0.25 means 25 % base (`eps2v merge` takes other values by hand)"
+                )));
+            }
         }
         if self.has("filter") && !(0.0..=1.0).contains(&self.filter.min_alignment) {
             return Err(Error::config(format!(
@@ -488,9 +540,13 @@ impl RunConfig {
                 "evaluate: prompt_count, seeds and steps must each be at least 1",
             ));
         }
-        self.eval_sample_config()
-            .validate()
-            .map_err(|err| Error::config(format!("evaluate: {err}")))?;
+        self.eval_sample_config().validate().map_err(|err| {
+            as_keys(
+                err,
+                "evaluate",
+                &[("--steps", "evaluate.steps"), ("--cfg", "evaluate.cfg")],
+            )
+        })?;
         // The size the merge sweep and the evaluation sample at, against
         // the model's shapes (its header), before any stage runs.
         if self.has("merge") || self.has("evaluate") {
@@ -531,15 +587,30 @@ impl RunConfig {
         }
     }
 
+    /// How generate samples the base: eps on the plain schedule for an eps
+    /// file (as it always did, so the plans of existing runs stay valid),
+    /// else `None`: the loader reads the file's markers (v, ZTSNR) and
+    /// refuses EDM. An unreadable file counts as eps: its error comes from
+    /// the model check or the stage.
+    fn base_prediction(&self) -> (Option<Prediction>, Option<bool>) {
+        match crate::models::sdxl::checkpoint::Checkpoint::open(self.model_path()) {
+            Ok(ck) if ck.prediction().prediction != CkptPrediction::Epsilon => (None, None),
+            _ => (Some(Prediction::Eps), Some(false)),
+        }
+    }
+
     /// The library config of the generate stage.
     pub fn generate_config(&self) -> Result<GenerateConfig> {
         let g = &self.generate;
         let key = |k: &str, e: Error| Error::config(format!("generate.{k}: {e}"));
         let sizes = parse_sizes(&g.sizes).map_err(|e| key("sizes", e))?;
+        // The model renders in its own prediction (its markers): a v model
+        // rendered as eps makes a dataset of broken images.
+        let (prediction, ztsnr) = self.base_prediction();
         Ok(GenerateConfig {
             model: self.model_path(),
-            prediction: Some(Prediction::Eps),
-            ztsnr: Some(false),
+            prediction,
+            ztsnr,
             template: TemplateSpec::from_arg(&g.template).map_err(|e| key("template", e))?,
             wildcards: g.wildcards.clone(),
             count: g.count,
@@ -565,6 +636,48 @@ impl RunConfig {
             shard: Shard::ALL,
             replan: false,
         })
+    }
+}
+
+/// A stage's config error in the config's words: the command-line flags
+/// its checks name (`--count must be at least 1`) become the TOML keys
+/// (`generate.count must be at least 1`). `flags` pairs a flag (or a word
+/// at the start of the message) with its dotted key; a message naming none
+/// of them is prefixed with `section: `.
+fn as_keys(e: Error, section: &str, flags: &[(&str, &str)]) -> Error {
+    let Error::Config(msg) = e else {
+        return e;
+    };
+    let word_end = |rest: &str| !rest.starts_with(|c: char| c.is_alphanumeric() || c == '-');
+    let mut out = msg.clone();
+    let mut named = false;
+    for &(flag, key) in flags {
+        let mut s = String::new();
+        let mut rest = out.as_str();
+        while let Some(i) = rest.find(flag) {
+            let before = rest[..i].chars().next_back();
+            let starts = if flag.starts_with("--") {
+                !matches!(before, Some(c) if c.is_alphanumeric() || c == '-')
+            } else {
+                s.is_empty() && i == 0
+            };
+            let after = &rest[i + flag.len()..];
+            s.push_str(&rest[..i]);
+            if starts && word_end(after) {
+                s.push_str(key);
+                named = true;
+            } else {
+                s.push_str(flag);
+            }
+            rest = after;
+        }
+        s.push_str(rest);
+        out = s;
+    }
+    if named {
+        Error::config(out)
+    } else {
+        Error::config(format!("{section}: {out}"))
     }
 }
 

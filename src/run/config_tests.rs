@@ -242,3 +242,140 @@ fn committed_schema_matches_the_structs() {
         path.display()
     );
 }
+
+/// The stages' checks name flags; in a config they name the keys.
+#[test]
+fn stage_errors_name_the_config_keys() {
+    let check = |toml: &str| {
+        let mut c = RunConfig::from_toml(toml, "c.toml").unwrap();
+        c.resolve();
+        c.check_files().unwrap_err().to_string()
+    };
+    assert_eq!(
+        check("[generate]\ncount = 0\n"),
+        "generate.count must be at least 1"
+    );
+    let e = check("[generate]\ncfg = -1.0\n");
+    assert!(
+        e.starts_with("generate.cfg must be a positive number"),
+        "{e}"
+    );
+    let e = check("[generate]\nseed = 9223372036854775807\n");
+    assert!(
+        e.starts_with("generate.seed 9223372036854775807: the images take seeds"),
+        "{e}"
+    );
+    let e = check("[caption.thresholds]\ngeneral = 1.5\ncharacter = 0.75\nmcut = false\n");
+    assert!(
+        e.starts_with("caption.thresholds.general 1.5: must be a probability"),
+        "{e}"
+    );
+    let e = check("[evaluate]\ncfg = 0.0\n");
+    assert!(
+        e.starts_with("evaluate.cfg must be a positive number"),
+        "{e}"
+    );
+    // A message naming no flag keeps its section.
+    assert_eq!(
+        as_keys(
+            Error::config("--counted x"),
+            "generate",
+            &[("--count", "generate.count")]
+        )
+        .to_string(),
+        "generate: --counted x"
+    );
+}
+
+/// α outside [0, 1] extrapolates past the converted or the base model (a
+/// percentage given as 25 is the likely cause): refused before any stage.
+#[test]
+fn merge_alphas_outside_the_unit_interval_are_refused() {
+    let mut c = RunConfig::default();
+    c.resolve();
+    c.merge.alphas = vec![0.25, 50.0];
+    let e = c.check_files().unwrap_err().to_string();
+    assert!(e.starts_with("merge.alphas: 50 is outside [0, 1]"), "{e}");
+    c.merge.alphas = vec![0.0, 1.0];
+    c.check_files().unwrap();
+    c.merge.alphas = vec![-0.1];
+    assert!(c.check_files().is_err());
+    c.stages = vec!["generate".into()];
+    c.check_files().unwrap();
+}
+
+/// eps with ZTSNR said in the config is refused before generation (it
+/// used to warn and train).
+#[test]
+fn eps_with_ztsnr_is_refused_before_anything_runs() {
+    let mut c =
+        RunConfig::from_toml("[train]\nobjective = \"eps\"\nztsnr = true\n", "c.toml").unwrap();
+    c.resolve();
+    let e = c.check_files().unwrap_err().to_string();
+    assert!(e.starts_with("train.ztsnr: true with objective eps"), "{e}");
+    // eps alone turns ZTSNR off; on the toy (an eps model) the run would
+    // then train eps on eps renders, which converts nothing.
+    let mut c = RunConfig::from_toml("[train]\nobjective = \"eps\"\n", "c.toml").unwrap();
+    c.resolve();
+    assert!(!c.train.ztsnr);
+    let e = c.check_files().unwrap_err().to_string();
+    assert!(
+        e.starts_with("train.objective = \"eps\": model")
+            && e.contains("already predicts epsilon")
+            && e.contains("give the v model to convert"),
+        "{e}"
+    );
+    // Without generate (training on a dataset made before) it is not judged.
+    c.stages = vec!["train".into()];
+    c.check_files().unwrap();
+}
+
+/// A v model given to `run` renders in v (its markers), not as eps, and
+/// converting it to v again is refused before anything runs.
+#[test]
+fn a_v_model_renders_as_v_and_is_not_converted_to_v() {
+    use crate::models::sdxl::checkpoint::{Checkpoint, SaveOptions};
+    let d = tempfile::tempdir().unwrap();
+    let v = d.path().join("v.safetensors");
+    let toy = crate::run::defaults::default_model_path();
+    Checkpoint::open(&toy)
+        .unwrap()
+        .save_with(
+            &v,
+            &Default::default(),
+            &SaveOptions {
+                v_pred: true,
+                ztsnr: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    let mut c = RunConfig {
+        model: Some(v.clone()),
+        ..RunConfig::default()
+    };
+    c.resolve();
+    let g = c.generate_config().unwrap();
+    assert_eq!(
+        (g.prediction, g.ztsnr),
+        (None, None),
+        "the loader reads the markers"
+    );
+    let e = c.check_files().unwrap_err().to_string();
+    assert!(
+        e.starts_with("train.objective = \"v\"")
+            && e.contains("already predicts v (marker key v_pred)"),
+        "{e}"
+    );
+    c.train.objective = Prediction::Eps;
+    c.train.ztsnr = false;
+    c.check_files().unwrap();
+    // The toy (eps) keeps rendering as eps, as the plans of earlier runs say.
+    let mut c = RunConfig::default();
+    c.resolve();
+    let g = c.generate_config().unwrap();
+    assert_eq!(
+        (g.prediction, g.ztsnr),
+        (Some(Prediction::Eps), Some(false))
+    );
+}

@@ -78,7 +78,7 @@ pub(super) fn evaluate(
                 c.clone(),
                 objective,
                 ztsnr,
-                t.retention.last().map(|x| x.1),
+                t.exported_retention.or(t.retention.last().map(|x| x.1)),
             ));
         }
     }

@@ -496,19 +496,23 @@ pub fn run(cfg: &RunConfig, adherence: Option<&AdherenceFn<'_>>, ctx: &Ctx) -> R
                         .cloned()
                         .ok_or_else(|| Error::Other("train: no checkpoint was exported".into()))?;
                     rec.summary = format!(
-                        "{} steps{}, {} train / {} val items, last loss {}, retention {}",
+                        "{} steps{}, {} train / {} val items, last loss {}, retention {}{}",
                         r.steps,
                         if r.resumed { " (resumed)" } else { "" },
                         r.train_items,
                         r.val_items,
                         r.last_loss.map_or("-".into(), |l| format!("{l:.4}")),
-                        r.retention
-                            .last()
-                            .map_or("-".into(), |(_, v)| format!("{v:.3}"))
+                        r.exported_retention
+                            .map_or("-".into(), |v| format!("{v:.3}")),
+                        match (&r.stopped_early, r.exported_step) {
+                            (Some(_), Some(s)) => format!(" (stopped early; step {s} exported)"),
+                            _ => String::new(),
+                        }
                     );
                     rec.train_run = Some(r.run_id);
                     rec.converted = Some(converted);
                     rec.retention = r.retention.clone();
+                    rec.exported_retention = r.exported_retention;
                 }
                 "merge" => {
                     const NO_MODEL: &str = "merge: no converted model: list `train` before `merge` (or keep its earlier result by leaving [train] unchanged)";

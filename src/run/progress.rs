@@ -50,6 +50,11 @@ pub struct StageRecord {
     pub converted: Option<PathBuf>,
     /// `train`: retention at each evaluation `(step, score)`.
     pub retention: Vec<(usize, f64)>,
+    /// `train`: retention of the exported weights (with `stop_below`, the
+    /// last good step's, not the last evaluation's). `None` in rows from
+    /// before it was kept: the last evaluation's.
+    #[serde(default)]
+    pub exported_retention: Option<f64>,
     /// `merge`: the sweep.
     pub sweep: Option<SweepReport>,
     /// `evaluate`: the scores.

@@ -56,7 +56,7 @@ use candle_core::{DType, Device, Tensor};
 use super::ExportRow;
 use crate::error::{Error, Result};
 use crate::manifest::Manifest;
-use crate::models::sdxl::checkpoint::Checkpoint;
+use crate::models::sdxl::checkpoint::{Checkpoint, Family};
 use crate::models::sdxl::Vae;
 use crate::stages::Ctx;
 use crate::train::cache::{self, LatentInputs};
@@ -76,6 +76,20 @@ impl LatentSource {
     /// SDXL VAE overflows there).
     pub fn load(path: &Path, device: &Device, dtype: DType) -> Result<Self> {
         let ckpt = Checkpoint::open(path)?;
+        // SD 1.x/2.x VAEs share SDXL's layout (4 channels, 1/8) but not
+        // its weights: kohya would train SDXL on another VAE's latents.
+        // (A standalone VAE file cannot be told apart by its keys.)
+        let family = ckpt.family();
+        if matches!(
+            family,
+            Family::Sd1 | Family::Sd2 | Family::Lora | Family::Diffusers
+        ) {
+            return Err(Error::config(format!(
+                "export --latents {}: this looks like {}; the latents must come from the SDXL VAE: pass the SDXL checkpoint you train, or the SDXL VAE file (sdxl_vae.safetensors)",
+                path.display(),
+                ckpt.describe_family()
+            )));
+        }
         let cfg = ckpt
             .infer_vae_config()
             .map_err(|e| Error::config(format!("export --latents {}: {e}", path.display())))?

@@ -498,3 +498,38 @@ fn latent_flags_need_kohya_and_a_vae() {
         assert!(e.contains("name it for the format"), "{e}");
     }
 }
+
+/// `--latents` from an SD 1.x checkpoint (same VAE layout, other weights)
+/// is refused: kohya would train SDXL on another VAE's latents.
+#[test]
+fn latents_from_an_sd1_checkpoint_are_refused() {
+    use crate::models::sdxl::checkpoint::{save_tensors, SaveOptions};
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path().join("sd15.safetensors");
+    let t =
+        candle_core::Tensor::zeros(2, candle_core::DType::F32, &candle_core::Device::Cpu).unwrap();
+    save_tensors(
+        &p,
+        &[
+            (
+                "cond_stage_model.transformer.text_model.final_layer_norm.weight".into(),
+                t.clone(),
+            ),
+            (
+                "model.diffusion_model.input_blocks.0.0.weight".into(),
+                t.clone(),
+            ),
+            ("first_stage_model.encoder.conv_in.weight".into(), t),
+        ],
+        &SaveOptions::default(),
+    )
+    .unwrap();
+    let e = latents::LatentSource::load(&p, &candle_core::Device::Cpu, candle_core::DType::F32)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("Stable Diffusion 1.x") && e.contains("must come from the SDXL VAE"),
+        "{e}"
+    );
+}

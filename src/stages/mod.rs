@@ -27,6 +27,7 @@ pub mod filter;
 pub mod generate;
 pub mod import;
 pub mod inspect;
+mod log_lines;
 pub mod merge;
 pub mod walk;
 
@@ -101,7 +102,13 @@ impl Ctx {
     pub fn concurrent(&self) -> Self {
         Self {
             progress: self.progress,
-            bars: self.progress.then(MultiProgress::new),
+            bars: self.progress.then(|| {
+                if log_lines::stderr_is_terminal() {
+                    MultiProgress::new()
+                } else {
+                    MultiProgress::with_draw_target(log_lines::target())
+                }
+            }),
             stop: Arc::default(),
         }
     }
@@ -131,7 +138,7 @@ impl Ctx {
         match &self.bars {
             // A multi-bar on a terminal prints above its bars; one that is
             // hidden (stderr redirected to a log) would drop the line.
-            Some(m) if !m.is_hidden() => {
+            Some(m) if !m.is_hidden() && log_lines::stderr_is_terminal() => {
                 if m.println(msg).is_err() {
                     eprintln!("{msg}");
                 }
@@ -143,19 +150,26 @@ impl Ctx {
     /// A progress bar of `len` steps with a message, hidden when
     /// progress is off.
     pub fn bar(&self, len: u64, msg: &str) -> ProgressBar {
+        // indicatif draws nothing on a stderr that is not a terminal (nohup,
+        // Slurm, `2> log`): there a line of the bar's state every
+        // [`log_lines::EVERY`] instead ([`log_lines`]).
+        let terminal = log_lines::stderr_is_terminal();
         let pb = ProgressBar::with_draw_target(
             Some(len),
-            if self.progress {
-                ProgressDrawTarget::stderr()
-            } else {
-                ProgressDrawTarget::hidden()
+            match (self.progress, terminal) {
+                (false, _) => ProgressDrawTarget::hidden(),
+                (true, true) => ProgressDrawTarget::stderr(),
+                (true, false) => log_lines::target(),
             },
         );
-        pb.set_style(
+        pb.set_style(if terminal {
             ProgressStyle::with_template("{msg:>10} [{bar:40}] {pos}/{len} ({per_sec}, eta {eta})")
                 .unwrap_or_else(|_| ProgressStyle::default_bar())
-                .progress_chars("=> "),
-        );
+                .progress_chars("=> ")
+        } else {
+            ProgressStyle::with_template(log_lines::TEMPLATE)
+                .unwrap_or_else(|_| ProgressStyle::default_bar())
+        });
         pb.set_message(msg.to_string());
         match &self.bars {
             Some(m) => m.add(pb),

@@ -453,16 +453,31 @@ impl TrainConfig {
         if stages.iter().all(|s| s.steps == 0) {
             return bad("steps", "must be at least 1".into());
         }
+        // One stage of its own (no `[[train.stages]]`): its keys are the
+        // config's `blocks` / `block_lr` (the flags `--blocks` / `--block-lr`).
+        let single = self.stages.is_empty();
         for (i, s) in stages.iter().enumerate() {
-            let set = BlockSet::parse(&s.blocks)
-                .map_err(|e| Error::config(format!("train.stages[{i}].blocks: {e}")))?;
+            let set = BlockSet::parse(&s.blocks).map_err(|e| {
+                Error::config(if single {
+                    format!("train.blocks (--blocks): {e}")
+                } else {
+                    format!("train.stages[{i}].blocks: {e}")
+                })
+            })?;
             for (k, &lr) in &s.block_lr {
                 let one = BlockSet::parse(std::slice::from_ref(k))
                     .map_err(|e| Error::config(format!("train.block_lr.{k}: {e}")))?;
                 if !one.is_subset(&set) {
                     return bad(
                         "block_lr",
-                        format!("{k} is not trained in stage {i} (blocks {:?})", s.blocks),
+                        if single {
+                            format!(
+                                "{k} is not among the trained blocks {:?} (--blocks)",
+                                s.blocks
+                            )
+                        } else {
+                            format!("{k} is not trained in stage {i} (blocks {:?})", s.blocks)
+                        },
                     );
                 }
                 if !(lr >= 0.0 && lr.is_finite()) {
@@ -480,6 +495,15 @@ impl TrainConfig {
         }
         if self.a1111_yaml && self.objective != Prediction::V {
             return bad("a1111_yaml", super::export::A1111_YAML_EPS.into());
+        }
+        // ComfyUI and A1111 read `ztsnr` only with `v_pred`, and `ckpt mark`
+        // refuses the pair: an eps model trained on the ZTSNR schedule
+        // would be sampled on another one everywhere else.
+        if self.ztsnr && self.objective == Prediction::Eps {
+            return bad(
+                "ztsnr",
+                "true with objective eps: at t = 999 the input is pure noise and ε is the input itself, so the model learns nothing there and eps sampling cannot start from it; drop ztsnr (eps trains on the usual schedule, as the v → eps direction does) or use objective v".into(),
+            );
         }
         if !(self.lr > 0.0 && self.lr.is_finite()) {
             return bad("lr", format!("{}: must be > 0", self.lr));
@@ -600,9 +624,6 @@ impl TrainConfig {
                 self.min_snr_gamma
             ));
         }
-        if self.ztsnr && self.objective == Prediction::Eps {
-            w.push("ZTSNR with the eps objective: at t = 999 the input is pure noise and ε is the input itself, so the model learns nothing there and eps sampling cannot start from it; use --objective v with --ztsnr".into());
-        }
         w
     }
 
@@ -715,7 +736,7 @@ mod tests {
                     block_lr: [("IN00".to_string(), 1e-4)].into(),
                     ..cfg()
                 },
-                "IN00 is not trained",
+                "IN00 is not among the trained blocks",
             ),
             (
                 TrainConfig {
@@ -738,6 +759,14 @@ mod tests {
                     ..cfg()
                 },
                 "train.a1111_yaml: --a1111-yaml is for v exports",
+            ),
+            (
+                TrainConfig {
+                    objective: Prediction::Eps,
+                    ztsnr: true,
+                    ..cfg()
+                },
+                "train.ztsnr: true with objective eps",
             ),
         ];
         for (c, want) in cases {

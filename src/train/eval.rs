@@ -22,10 +22,10 @@ use crate::diffusion::{Prediction, SamplerKind, UncondMode};
 use crate::error::IoContext;
 use crate::imaging::infotext::write_png_with_parameters;
 use crate::manifest::Manifest;
-use crate::pipeline::sample::{sample_many, write_atomic, BatchItem, SampleConfig};
+use crate::pipeline::sample::{sample_many, write_atomic, BatchItem, Rendered, SampleConfig};
 use crate::pipeline::SdxlModel;
 use crate::stages::bucket::encode_png_fast;
-use crate::Result;
+use crate::{Error, Result};
 
 /// What is sampled at every evaluation.
 #[derive(Debug, Clone, PartialEq)]
@@ -63,7 +63,7 @@ pub struct Evaluator {
 /// `eps2v sample` per prompt and seed; they are rendered in batches of up
 /// to [`SET_BATCH`] on lanes ([`crate::pipeline::sample_many`]), which
 /// changes no pixel.
-pub fn sample_set(model: &SdxlModel, spec: &EvalSpec) -> Result<Vec<RgbImage>> {
+fn sample_rendered(model: &SdxlModel, spec: &EvalSpec) -> Result<Vec<Rendered>> {
     let cfg = SampleConfig {
         prompt: String::new(),
         uncond: spec.uncond.clone(),
@@ -88,7 +88,13 @@ pub fn sample_set(model: &SdxlModel, spec: &EvalSpec) -> Result<Vec<RgbImage>> {
             })
         })
         .collect();
-    sample_many(model, &cfg, &items, SET_BATCH)?
+    sample_many(model, &cfg, &items, SET_BATCH)
+}
+
+/// [`sample_rendered`] as images; a broken render (NaN latents or
+/// pixels) is an error.
+pub fn sample_set(model: &SdxlModel, spec: &EvalSpec) -> Result<Vec<RgbImage>> {
+    sample_rendered(model, spec)?
         .into_iter()
         .map(|r| Ok(r.into_image()?.image))
         .collect()
@@ -222,7 +228,18 @@ impl Evaluator {
     /// store the column `step-NNNNNN`, rebuild the grid; returns the mean
     /// retention against the base samples and the grid's path.
     pub fn evaluate(&self, model: &SdxlModel, step: usize) -> Result<(f64, PathBuf)> {
-        let imgs = sample_set(model, &self.spec)?;
+        // The base rendered these prompts: a broken render now is the
+        // training's doing (weights blown up with a finite loss, which
+        // the NaN guard does not see), not the prediction type's.
+        let imgs = sample_rendered(model, &self.spec)?
+            .into_iter()
+            .map(|r| match r {
+                Rendered::Image(g) => Ok(g.image),
+                Rendered::Broken { seed, reason } => Err(Error::model(format!(
+                    "training diverged by step {step}: the evaluation's render of seed {seed} is broken ({reason}) although the base rendered it; the weights blew up with a finite loss (the NaN guard acts on non-finite losses only): lower the learning rate, or keep gradient clipping on (--max-grad-norm), and start a new run (a resume would repeat it)"
+                ))),
+            })
+            .collect::<Result<Vec<_>>>()?;
         let label = format!("step-{step:06}");
         self.write_column(&label, &imgs, model.info.prediction, model.info.ztsnr)?;
         let score = mean_retention(&self.reference, &imgs);

@@ -86,7 +86,11 @@ pub fn export(
             a1111_v_yaml(unet_cfg)
         })
         .transpose()?;
-    base.save_with(out, &replacements, &opts)?;
+    // A base's EMA copy of its UNet (`model_ema.*`, older trainers) is
+    // the unconverted model: written beside the converted one it would
+    // be ~5 GB of eps weights in a v file, for any loader that prefers
+    // it. `merge` leaves it out too.
+    base.save_with_except(out, &replacements, &opts, |k| k.starts_with("model_ema."))?;
     let mut written = vec![out.to_path_buf()];
     if let Some(text) = yaml {
         let path = out.with_extension("yaml");

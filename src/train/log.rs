@@ -101,15 +101,15 @@ impl CsvLog {
         let mut text = kept.join("\n");
         text.push('\n');
         crate::pipeline::sample::write_atomic(path, text.as_bytes())?;
-        // `nan.log` beside it: its lines name the step being taken (one
-        // below the step count it ends at), so the ones from `upto_step` on
-        // belong to the steps a resume redoes.
+        // `nan.log` beside it, numbered as the rows are (the step count a
+        // step ends at): the ones past `upto_step` belong to the steps a
+        // resume redoes.
         let nan = path.with_file_name(NAN_LOG);
         if nan.is_file() {
             let text = std::fs::read_to_string(&nan).at(&nan)?;
             let kept: String = text
                 .lines()
-                .filter(|l| nan_step(l).is_some_and(|s| s < upto_step))
+                .filter(|l| nan_step(l).is_some_and(|s| s <= upto_step))
                 .map(|l| format!("{l}\n"))
                 .collect();
             if kept != text {
@@ -224,8 +224,8 @@ mod tests {
     use super::*;
 
     /// A resume from step 2 keeps the rows and skipped steps of the steps
-    /// before it (a `nan.log` line names the step being taken: `step 2`
-    /// is the third), and the losses read back exactly.
+    /// before it (`nan.log` numbers steps as the rows do), and the losses
+    /// read back exactly.
     #[test]
     fn a_resume_drops_what_comes_after_its_step() {
         let d = tempfile::tempdir().unwrap();
@@ -234,7 +234,8 @@ mod tests {
         let losses = [0.1f64 / 3.0, 2.0f64.sqrt(), 1e-9 / 7.0];
         for (i, l) in losses.iter().enumerate() {
             log.step(i + 1, 0, 0, *l, 1e-4, 1.0).unwrap();
-            log.nan(d.path(), i, f64::NAN, 1.0, &[i as i64]).unwrap();
+            log.nan(d.path(), i + 1, f64::NAN, 1.0, &[i as i64])
+                .unwrap();
         }
         log.eval(3, Some(0.5), 0.9).unwrap();
         drop(log);
@@ -248,7 +249,7 @@ mod tests {
             nan.lines()
                 .map(|l| nan_step(l).unwrap())
                 .collect::<Vec<_>>(),
-            [0, 1],
+            [1, 2],
             "{nan}"
         );
     }

@@ -151,6 +151,11 @@ pub struct TrainReport {
     pub val_loss: Option<f64>,
     /// Retention at each evaluation, `(step, score)`.
     pub retention: Vec<(usize, f64)>,
+    /// The step of the exported weights: the last step, or with
+    /// `stop_below` the last good checkpoint's (`None`: nothing exported).
+    pub exported_step: Option<usize>,
+    /// Retention of the exported weights (their step's evaluation).
+    pub exported_retention: Option<f64>,
     /// The exported checkpoint (and yaml).
     pub exported: Vec<PathBuf>,
     /// The evaluation grid.
@@ -248,13 +253,21 @@ pub fn train(
                 ))
             })?;
             let loaded = state::load(&latest, &device)?;
-            let diff = match loaded.state.resume_mismatch(cfg, &base_sha256)? {
-                Some(d) => Some(d),
-                None => loaded.state.data_mismatch(&data_digest),
-            };
-            if let Some(diff) = diff {
+            if let Some(diff) = loaded.state.resume_mismatch(cfg, &base_sha256)? {
+                // A finished run is not extended: its schedule (warmup,
+                // decay to `steps`) is part of what it trained.
+                let more = if diff.starts_with("steps:") {
+                    format!("; to train on from run {id}'s result, start a new run with its export as --model")
+                } else {
+                    String::new()
+                };
                 return Err(Error::config(format!(
-                    "--resume {id}: the config differs from the saved run's ({diff}); resume with the settings it was started with (the same flags, or the same --config / `eps2v run` config), or start a new run"
+                    "--resume {id}: the config differs from the saved run's ({diff}); resume with the settings it was started with (the same flags, or the same --config / `eps2v run` config), or start a new run{more}"
+                )));
+            }
+            if let Some(diff) = loaded.state.data_mismatch(&data_digest) {
+                return Err(Error::config(format!(
+                    "--resume {id}: the training data changed since the run was saved ({diff}); a resumed run draws the same batches from the same items: put the dataset back as it was, or start a new run (the latents cached for unchanged items are reused)"
                 )));
             }
             state::sweep_partial(&dir)?;
@@ -603,7 +616,9 @@ pub fn train(
                 if !finite {
                     st.skipped += 1;
                     st.bad_in_row += 1;
-                    csv.nan(&rdir, st.step, loss_sum, gnorm, &batch_ids)?;
+                    // Numbered as log.csv numbers its rows: the step count this
+                    // step ends at.
+                    csv.nan(&rdir, st.step + 1, loss_sum, gnorm, &batch_ids)?;
                     if st.bad_in_row >= cfg.nan_rollback_after {
                         let anchor = state::latest_anchor(&rdir)?.ok_or_else(|| {
                             Error::Other("rollback: no checkpoint to roll back to".into())
@@ -644,6 +659,14 @@ pub fn train(
                     recent.push(loss_sum);
                     if recent.len() > 10 {
                         recent.remove(0);
+                    }
+                    if st.step % 10 == 0 {
+                        // The mean loss of the last 10 steps on the bar
+                        // (and in the log lines off a terminal).
+                        bar.set_message(format!(
+                            "train (loss {:.4})",
+                            recent.iter().sum::<f64>() / recent.len() as f64
+                        ));
                     }
                     csv.step(
                         st.step,
@@ -716,6 +739,11 @@ pub fn train(
             }
         }
         bar.finish_and_clear();
+        if let (Some(x), false, false) = (cfg.stop_below, st.armed, report.interrupted) {
+            report.warnings.push(format!(
+                "--stop-below {x} never armed: no evaluation after step 0 reached retention {x} (it arms on the first that does), so the last step's weights were exported whatever their score; see the retention series, and lower the threshold or evaluate more often (--eval-every)"
+            ));
+        }
         report.steps = st.step;
         report.skipped = st.skipped;
         report.rollbacks = st.rollbacks;
@@ -730,6 +758,14 @@ pub fn train(
                     .transpose()?,
                 None => None,
             };
+            // What the file holds: with `stop_below`, the last good
+            // checkpoint's step and score, not the step that fell below.
+            let (exported_step, exported_retention) = match &good {
+                Some(l) => (l.state.step, l.state.last_retention),
+                None => (st.step, report.retention.last().map(|r| r.1)),
+            };
+            report.exported_step = Some(exported_step);
+            report.exported_retention = exported_retention;
             let unet_w = export_weights(
                 weights.map(),
                 cfg.ema_decay.is_some().then_some(&ema),
@@ -742,11 +778,11 @@ pub fn train(
                 "eps2v.train".to_string(),
                 serde_json::json!({
                     "run_id": run_id,
-                    "steps": st.step,
+                    "steps": exported_step,
                     "objective": cfg.objective.to_string(),
                     "ztsnr": cfg.ztsnr,
                     "base": info.stem,
-                    "retention": report.retention.last().map(|r| r.1),
+                    "retention": exported_retention,
                 })
                 .to_string(),
             );

@@ -135,11 +135,14 @@ impl TrainState {
             );
         }
         let count = |d: &str| d.split(':').next().unwrap_or("?").to_string();
-        Some(format!(
-            "dataset: the run trained on {} items, there are {} now, or their images, captions or buckets changed",
-            count(saved),
-            count(now)
-        ))
+        let (was, is) = (count(saved), count(now));
+        Some(if was == is {
+            format!(
+                "dataset: the run trained on {was} items; there are as many now, but their images, captions or buckets changed (a caption, filter, dedupe or bucket run since?)"
+            )
+        } else {
+            format!("dataset: the run trained on {was} items, there are {is} now")
+        })
     }
 
     /// Why a run with config `cfg` on a base whose SHA-256 is `base_sha256`
@@ -386,6 +389,10 @@ fn scan_runs(
         .map_err(|e| m.err(e))?
         .collect::<std::result::Result<_, _>>()
         .map_err(|e| m.err(e))?;
+    if ids.is_empty() {
+        // Nothing to compare: the base is not hashed.
+        return Ok(());
+    }
     let base = crate::models::sdxl::checkpoint::sha256_file(&cfg.model)?;
     // No trainable items: nothing to compare (training refuses it anyway).
     let data = super::data::load_items(m)

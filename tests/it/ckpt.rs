@@ -168,6 +168,12 @@ fn bad_files_are_described_by_info_and_refused_by_check_with_exit_2() {
             t.contains(info_needle) && t.contains(info_reason),
             "{p}: {t}"
         );
+        // No UNet, no prediction to speak of.
+        assert_eq!(
+            t.contains("prediction  n/a (no UNet in this file)"),
+            p.ends_with("lora.safetensors"),
+            "{p}: {t}"
+        );
         let o = run(&["ckpt", "check", p]);
         let t = text(&o);
         assert_eq!(o.status.code(), Some(2), "{p}: {t}");
@@ -252,4 +258,63 @@ fn inconsistent_transformer_blocks_are_refused_with_the_key() {
     let t = text(&o);
     assert_eq!(o.status.code(), Some(2), "{t}");
     assert!(t.contains(want), "{t}");
+}
+
+/// The golden model's tensors as f32, `fp8` (if given) written as
+/// F8_E4M3 zeros and `drop` left out: a safetensors file written by hand
+/// (the writer has no fp8).
+fn golden_variant(dir: &Path, name: &str, fp8: Option<&str>, drop: &str) -> PathBuf {
+    let ck = Checkpoint::open(golden()).unwrap();
+    let mut header = serde_json::Map::new();
+    let mut data = Vec::new();
+    for (k, e) in ck.entries() {
+        if k.starts_with(drop) {
+            continue;
+        }
+        let start = data.len();
+        let dtype = if Some(k.as_str()) == fp8 {
+            data.extend(std::iter::repeat_n(0u8, e.shape.iter().product::<usize>()));
+            "F8_E4M3"
+        } else {
+            let t = ck.tensor(k, DType::F32, &Device::Cpu).unwrap();
+            for v in t.flatten_all().unwrap().to_vec1::<f32>().unwrap() {
+                data.extend(v.to_le_bytes());
+            }
+            "F32"
+        };
+        header.insert(
+            k.clone(),
+            serde_json::json!({"dtype": dtype, "shape": e.shape, "data_offsets": [start, data.len()]}),
+        );
+    }
+    let mut h = serde_json::to_vec(&header).unwrap();
+    while h.len() % 8 != 0 {
+        h.push(b' ');
+    }
+    let mut bytes = (h.len() as u64).to_le_bytes().to_vec();
+    bytes.extend(h);
+    bytes.extend(data);
+    let p = dir.join(name);
+    std::fs::write(&p, bytes).unwrap();
+    p
+}
+
+/// `check` refuses fp8 weights (the finite scan cannot read them and the
+/// model commands refuse them) and says when the file has no VAE.
+#[test]
+fn check_refuses_fp8_weights_and_says_when_the_vae_is_missing() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = "model.diffusion_model.out.2.weight";
+    let fp8 = golden_variant(dir.path(), "fp8.safetensors", Some(key), "-");
+    let o = run(&["ckpt", "check", fp8.to_str().unwrap()]);
+    let t = text(&o);
+    assert_eq!(o.status.code(), Some(2), "{t}");
+    assert!(t.contains(&format!("{key} is stored as F8_E4M3")), "{t}");
+    let no_vae = golden_variant(dir.path(), "novae.safetensors", None, "first_stage_model.");
+    let o = run(&["ckpt", "check", no_vae.to_str().unwrap()]);
+    let t = text(&o);
+    assert_eq!(o.status.code(), Some(0), "{t}");
+    assert!(t.contains("check       no VAE in this file"), "{t}");
+    let o = run(&["ckpt", "check", golden().to_str().unwrap()]);
+    assert!(!text(&o).contains("no VAE"), "{}", text(&o));
 }

@@ -516,3 +516,55 @@ fn merge_and_sweep_through_the_binary() {
     assert_eq!(o.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&o.stderr).contains("missing-c.safetensors"));
 }
+
+/// The base that generated the dataset, trained to the prediction it
+/// already has (`--objective eps` on the eps toy), converts nothing: said
+/// before anything else. The conversion itself is not warned about.
+#[test]
+fn training_the_generator_to_its_own_prediction_is_warned() {
+    let d = tempfile::tempdir().unwrap();
+    let ds = d.path().join("ds");
+    let ds = ds.to_str().unwrap();
+    let o = Command::new(bin())
+        .args(["--json", "generate", ds, "--count", "4", "--steps", "2"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let train = |objective: &str| {
+        let out = d.path().join(format!("{objective}.safetensors"));
+        Command::new(bin())
+            .args([
+                "train",
+                ds,
+                "--objective",
+                objective,
+                "--steps",
+                "1",
+                "--eval-every",
+                "0",
+                "--eval-steps",
+                "1",
+                "--val-fraction",
+                "0",
+                "--out",
+                out.to_str().unwrap(),
+            ])
+            .output()
+            .unwrap()
+    };
+    // The warning comes before the data is looked at (unbucketed here:
+    // the command then stops on that, exit 2).
+    let o = train("eps");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("already predicts epsilon") && err.contains("converts nothing"),
+        "{err}"
+    );
+    assert!(err.contains("nothing to train on"), "{err}");
+    let o = train("v");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !err.contains("converts nothing") && err.contains("nothing to train on"),
+        "{err}"
+    );
+}

@@ -124,6 +124,30 @@ fn pickle_error(path: &Path) -> Error {
     ))
 }
 
+/// What a file that is not safetensors holds, judged from its first
+/// bytes, as an error naming the fix (`None`: nothing recognisable).
+fn not_safetensors(path: &Path, head: &[u8]) -> Option<Error> {
+    let p = path.display();
+    // A renamed torch file: zip archive or bare pickle (protocol 2–5).
+    if head.starts_with(b"PK\x03\x04")
+        || (head.len() > 1 && head[0] == 0x80 && (2..=5).contains(&head[1]))
+    {
+        return Some(pickle_error(path));
+    }
+    let what = if head.starts_with(b"version https://git-lfs") {
+        "is a Git LFS pointer (a small text file), not the weights: the clone was made without LFS; run `git lfs pull` in it, or download the file itself"
+    } else if head.starts_with(b"GGUF") {
+        "is a GGUF file (llama.cpp's quantised format); eps2v reads single-file .safetensors checkpoints"
+    } else if head.trim_ascii_start().starts_with(b"<") {
+        "is an HTML/XML page, not weights (a failed download, e.g. a login or error page); download the file again"
+    } else if head.trim_ascii_start().starts_with(b"{") {
+        "is JSON text, not weights (a config or index file?); give the .safetensors weights file"
+    } else {
+        return None;
+    };
+    Some(Error::model(format!("{p}: {what}")))
+}
+
 impl Checkpoint {
     /// Open and validate the header of a `.safetensors` file. Directories
     /// (diffusers folders) and pickle files are refused with a message
@@ -132,11 +156,18 @@ impl Checkpoint {
         let path = path.as_ref();
         let meta = match std::fs::metadata(path) {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                if let Ok(target) = std::fs::read_link(path) {
+                    return Err(Error::model(format!(
+                        "{}: a broken link (to {}, which does not exist); fix the link or give the checkpoint's own path",
+                        path.display(),
+                        target.display()
+                    )));
+                }
                 return Err(Error::model(format!(
                     "{}: no such file; give the path of a single-file .safetensors checkpoint{}",
                     path.display(),
                     crate::error::relative_to_cwd(path)
-                )))
+                )));
             }
             m => m.at(path)?,
         };
@@ -165,6 +196,13 @@ impl Checkpoint {
         ) {
             return Err(pickle_error(path));
         }
+        if !meta.is_file() {
+            // A FIFO or device would block or stream forever.
+            return Err(Error::model(format!(
+                "{}: not a regular file (a pipe, socket or device); give a .safetensors file",
+                path.display()
+            )));
+        }
         let mut file = File::open(path).at(path)?;
         if meta.len() < 8 {
             // Too short to map; parse_header reports the truncation.
@@ -177,14 +215,8 @@ impl Checkpoint {
         // SAFETY: the map is read-only; like every mmap reader we rely on the
         // file not being truncated by another process while it is open.
         let mmap = unsafe { Mmap::map(&file) }.at(path)?;
-        let (entries, metadata) = parse_header(path, &mmap).map_err(|e| {
-            // A renamed torch file: zip archive or bare pickle (protocol 2–5).
-            if mmap.starts_with(b"PK\x03\x04") || (mmap[0] == 0x80 && (2..=5).contains(&mmap[1])) {
-                pickle_error(path)
-            } else {
-                e
-            }
-        })?;
+        let (entries, metadata) = parse_header(path, &mmap)
+            .map_err(|e| not_safetensors(path, &mmap[..mmap.len().min(64)]).unwrap_or(e))?;
         Ok(Self {
             path: path.to_path_buf(),
             mmap,
@@ -319,7 +351,7 @@ impl Checkpoint {
     pub fn infer_vae_config(&self) -> Result<Inferred<VaeConfig>> {
         let prefix = self.vae_prefix().ok_or_else(|| {
             Error::model(format!(
-                "{}: no VAE in this file (no first_stage_model.encoder.conv_in.weight); bake a VAE into the checkpoint or pass a standalone VAE file",
+                "{}: no VAE in this file (no first_stage_model.encoder.conv_in.weight); eps2v needs the VAE in the checkpoint itself: give one with the VAE baked in (ComfyUI's CheckpointSave writes such a file; only `export --latents` also takes a standalone VAE file)",
                 self.path.display()
             ))
         })?;
@@ -380,7 +412,7 @@ impl Checkpoint {
             return Err(Error::model(format!(
                 "{}: not an SDXL checkpoint: this looks like {}; eps2v needs a single-file SDXL checkpoint (model.diffusion_model.*, conditioner.embedders.*, first_stage_model.*)",
                 self.path.display(),
-                family.describe()
+                self.describe_family()
             )));
         }
         Ok(family)
@@ -496,7 +528,7 @@ impl Checkpoint {
     pub fn load_vae(&self, cfg: &VaeConfig, dtype: DType, device: &Device) -> Result<Vae> {
         let prefix = self.vae_prefix().ok_or_else(|| {
             Error::model(format!(
-                "{}: no VAE in this file (no first_stage_model.encoder.conv_in.weight); pass a checkpoint with a VAE or a standalone VAE file",
+                "{}: no VAE in this file (no first_stage_model.encoder.conv_in.weight); eps2v needs the VAE in the checkpoint itself: give one with the VAE baked in (ComfyUI's CheckpointSave writes such a file; only `export --latents` also takes a standalone VAE file)",
                 self.path.display()
             ))
         })?;
@@ -514,6 +546,18 @@ impl Checkpoint {
         path: impl AsRef<Path>,
         replacements: &HashMap<String, Tensor>,
         opts: &SaveOptions,
+    ) -> Result<()> {
+        self.save_with_except(path, replacements, opts, |_| false)
+    }
+
+    /// [`Checkpoint::save_with`] leaving out the keys `drop` names (not
+    /// replaced ones).
+    pub fn save_with_except(
+        &self,
+        path: impl AsRef<Path>,
+        replacements: &HashMap<String, Tensor>,
+        opts: &SaveOptions,
+        drop: impl Fn(&str) -> bool,
     ) -> Result<()> {
         for (key, t) in replacements {
             let e = self.entries.get(key).ok_or_else(|| {
@@ -534,7 +578,7 @@ impl Checkpoint {
         for (key, e) in &self.entries {
             // The prediction is `opts`' alone: a base's EDM keys would
             // override `v_pred` in ComfyUI.
-            if is_marker_key(key) {
+            if is_marker_key(key) || (drop(key) && !replacements.contains_key(key)) {
                 continue;
             }
             let src = match replacements.get(key) {

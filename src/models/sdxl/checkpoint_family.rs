@@ -55,7 +55,7 @@ impl Family {
             Family::SdxlRefiner => "an SDXL refiner checkpoint (conditioner.embedders.0 is OpenCLIP bigG)",
             Family::Sd1 => "a Stable Diffusion 1.x checkpoint (found 1.5-style keys cond_stage_model.transformer.*)",
             Family::Sd2 => "a Stable Diffusion 2.x checkpoint (found cond_stage_model.model.* keys)",
-            Family::Lora => "a LoRA (found lora_unet_* / lora_te* keys), not a full model; merge it into an SDXL checkpoint first",
+            Family::Lora => "a LoRA / LyCORIS (found lora_unet_* / lora_te* / lycoris_* keys), not a full model; give the base checkpoint the LoRA was trained on (its ss_sd_model_name metadata names it)",
             Family::Diffusers => "a diffusers-format weights file (found down_blocks.* keys); save the model as a single-file LDM checkpoint (diffusers scripts/convert_diffusers_to_original_sdxl.py)",
             Family::Vae => "a standalone VAE (encoder.* / decoder.* keys and no UNet)",
             Family::Unknown => "an unrecognised set of keys",
@@ -106,22 +106,35 @@ impl Checkpoint {
     /// Which model family the keys belong to.
     pub fn family(&self) -> Family {
         let any = |f: &dyn Fn(&str) -> bool| self.entries.keys().any(|k| f(k));
-        if any(&|k| {
-            k.starts_with("lora_unet_")
-                || k.starts_with("lora_te")
-                || k.contains(".lora_down.")
-                || k.contains(".lora_up.")
-                || k.contains(".lora_A.")
-                || k.contains(".lora_B.")
-        }) {
+        let unet = self.has_prefix("model.diffusion_model.");
+        // A stray LoRA key beside a full model (a merge tool's leftover)
+        // does not make it a LoRA: only a file without an LDM UNet is one.
+        if !unet
+            && any(&|k| {
+                k.starts_with("lora_unet_")
+                    || k.starts_with("lora_te")
+                    || k.starts_with("lycoris_")
+                    || k.contains(".lora_down.")
+                    || k.contains(".lora_up.")
+                    || k.contains(".lora_A.")
+                    || k.contains(".lora_B.")
+                    || k.contains(".hada_w1_")
+                    || k.contains(".lokr_w1")
+            })
+        {
             return Family::Lora;
         }
         let label = self.contains("model.diffusion_model.label_emb.0.0.weight");
-        if self.has_prefix("conditioner.embedders.0.model.") && label {
-            return Family::SdxlRefiner;
-        }
-        if self.has_prefix("conditioner.embedders.") && label {
-            return Family::Sdxl;
+        // The text encoders say SDXL even when the UNet lacks `label_emb`
+        // (a damaged file): config inference then names the missing key.
+        let embedders = self.has_prefix("conditioner.embedders.");
+        let refiner_te = self.has_prefix("conditioner.embedders.0.model.");
+        if embedders && (label || unet) {
+            return if refiner_te {
+                Family::SdxlRefiner
+            } else {
+                Family::Sdxl
+            };
         }
         if self.has_prefix("cond_stage_model.transformer.") {
             return Family::Sd1;
@@ -148,10 +161,39 @@ impl Checkpoint {
         }) {
             return Family::Diffusers;
         }
-        if self.vae_prefix().is_some() {
+        if self.vae_prefix().is_some() && !unet {
             return Family::Vae;
         }
         Family::Unknown
+    }
+
+    /// [`Family::describe`] of this file's family, with what the keys of
+    /// an unrecognised file suggest.
+    pub fn describe_family(&self) -> String {
+        let f = self.family();
+        let hint = if f == Family::Unknown {
+            self.unknown_hint()
+        } else {
+            ""
+        };
+        format!("{}{hint}", f.describe())
+    }
+
+    /// For a file of [`Family::Unknown`]: what its keys suggest, to say
+    /// in errors ("" when nothing does).
+    fn unknown_hint(&self) -> &'static str {
+        let any = |f: &dyn Fn(&str) -> bool| self.entries.keys().any(|k| f(k));
+        if any(&|k| k.contains("joint_blocks.")) {
+            "; its joint_blocks.* keys are SD3's MMDiT, which eps2v does not convert"
+        } else if any(&|k| k.contains("double_blocks.") || k.contains("single_blocks.")) {
+            "; its double_blocks.* / single_blocks.* keys are Flux's, which eps2v does not convert"
+        } else if any(&|k| k.starts_with("input_blocks.") || k.starts_with("output_blocks.")) {
+            "; its input_blocks.* keys look like a UNet saved without the `model.diffusion_model.` prefix (ComfyUI's diffusion_models folder): give the full single-file checkpoint"
+        } else if self.has_prefix("model.diffusion_model.") {
+            "; it has a UNet under model.diffusion_model.* but without SDXL's label_emb (an SD 1.x/2.x UNet, or a damaged SDXL one) and no text encoders"
+        } else {
+            ""
+        }
     }
 
     /// Prediction type from marker keys, then `modelspec.prediction_type`.

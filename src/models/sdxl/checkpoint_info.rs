@@ -232,6 +232,9 @@ pub struct CheckpointInfo {
     pub file_bytes: u64,
     /// Model family.
     pub family: Family,
+    /// What the family is, in words (with what an unrecognised file's
+    /// keys suggest).
+    pub family_description: String,
     /// The UNet config inferred from the shapes, or why it cannot be.
     pub unet: ConfigStatus<UNetConfig>,
     /// The VAE config inferred from the shapes, or why it cannot be.
@@ -265,6 +268,9 @@ impl Checkpoint {
             ("clip_g", format!("{CLIP_G_PREFIX}.")),
             ("vae", format!("{VAE_PREFIX}.")),
             ("text_encoder", "cond_stage_model.".to_string()),
+            // An EMA copy of the UNet (older training scripts): no loader
+            // eps2v knows samples it, and eps2v neither reads nor writes it.
+            ("model_ema", "model_ema.".to_string()),
         ];
         let mut comps: Vec<ComponentInfo> = components
             .iter()
@@ -308,6 +314,7 @@ impl Checkpoint {
             path: self.path.display().to_string(),
             file_bytes: self.file_len(),
             family: self.family(),
+            family_description: self.describe_family(),
             unet: ConfigStatus::of(
                 self.has_prefix(&unet_prefix),
                 infer::infer_unet(&shapes, &unet_prefix, &self.metadata),

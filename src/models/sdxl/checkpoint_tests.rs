@@ -474,3 +474,93 @@ fn saving_as_f16_what_f16_cannot_hold_is_an_error_naming_the_tensor() {
     let edge = Tensor::new(&[65504.0f32, -65504.0], &Device::Cpu).unwrap();
     save_tensors(&p, &[("x".into(), edge)], &opts).unwrap();
 }
+
+/// Families from mixed or damaged key sets: a stray LoRA key beside a full
+/// model, SDXL text encoders beside a UNet without `label_emb`, LyCORIS;
+/// an unrecognised file says what its keys suggest.
+#[test]
+fn mixed_and_damaged_key_sets_get_the_right_family() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = Tensor::zeros(2, DType::F32, &Device::Cpu).unwrap();
+    let unet = "model.diffusion_model.input_blocks.0.0.weight";
+    let label = "model.diffusion_model.label_emb.0.0.weight";
+    let te = "conditioner.embedders.0.transformer.text_model.final_layer_norm.weight";
+    let case = |keys: &[&str]| {
+        let ts: Vec<(String, Tensor)> = keys.iter().map(|k| (k.to_string(), t.clone())).collect();
+        let p = write(dir.path(), "f.safetensors", &ts);
+        Checkpoint::open(&p).unwrap()
+    };
+    assert_eq!(
+        case(&[unet, label, te, "lora_te1_foo.alpha"]).family(),
+        Family::Sdxl
+    );
+    assert_eq!(case(&[unet, te]).family(), Family::Sdxl);
+    assert_eq!(case(&["lycoris_foo.lokr_w1"]).family(), Family::Lora);
+    assert_eq!(case(&["lora_unet_foo.alpha"]).family(), Family::Lora);
+    for (keys, hint) in [
+        (&["model.diffusion_model.joint_blocks.0.x"][..], "SD3"),
+        (&["double_blocks.0.img_attn.qkv.weight"][..], "Flux"),
+        (
+            &["input_blocks.0.0.weight"][..],
+            "without the `model.diffusion_model.` prefix",
+        ),
+        (&[unet][..], "without SDXL's label_emb"),
+    ] {
+        let ck = case(keys);
+        assert_eq!(ck.family(), Family::Unknown, "{keys:?}");
+        assert!(
+            ck.describe_family().contains(hint),
+            "{}",
+            ck.describe_family()
+        );
+    }
+    assert_eq!(
+        case(&["something.else"]).describe_family(),
+        "an unrecognised set of keys"
+    );
+}
+
+/// Files that are not safetensors say what they are and what to do.
+#[test]
+fn non_safetensors_files_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    for (content, want) in [
+        (
+            &b"version https://git-lfs.github.com/spec/v1\noid sha256:abc\nsize 6938078334\n"[..],
+            "Git LFS pointer",
+        ),
+        (
+            &b"<!DOCTYPE html><html><body>Sign in</body></html>"[..],
+            "HTML/XML page",
+        ),
+        (
+            &b"GGUF\x03\x00\x00\x00\x00\x00\x00\x00\x00\x00"[..],
+            "GGUF file",
+        ),
+        (
+            &b"  {\"_class_name\": \"UNet2DConditionModel\"}"[..],
+            "JSON text",
+        ),
+    ] {
+        let p = dir.path().join("m.safetensors");
+        std::fs::write(&p, content).unwrap();
+        let e = err_of(Checkpoint::open(&p));
+        assert!(e.contains(want), "{want}: {e}");
+    }
+    #[cfg(unix)]
+    {
+        let link = dir.path().join("link.safetensors");
+        std::os::unix::fs::symlink(dir.path().join("nowhere.safetensors"), &link).unwrap();
+        let e = err_of(Checkpoint::open(&link));
+        assert!(
+            e.contains("a broken link (to ") && e.contains("nowhere.safetensors"),
+            "{e}"
+        );
+        let fifo = dir.path().join("fifo.safetensors");
+        let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let e = err_of(Checkpoint::open(&fifo));
+        assert!(e.contains("not a regular file"), "{e}");
+    }
+}

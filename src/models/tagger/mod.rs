@@ -64,6 +64,16 @@ impl TaggerFiles {
         let (dir, model) = if path.is_dir() {
             (path.to_path_buf(), path.join(MODEL_FILE))
         } else if path.is_file() {
+            // An SDXL checkpoint, a LoRA, a VAE given as the tagger: say
+            // what it is (its folder has no tag list either).
+            let family = Checkpoint::open(path)?.family();
+            if family != crate::models::sdxl::checkpoint::Family::Unknown {
+                return Err(Error::config(format!(
+                    "{}: this is {}, not a WD tagger; --tagger takes a WD tagger folder (model.safetensors, selected_tags.csv, config.json, e.g. SmilingWolf/wd-vit-tagger-v3)",
+                    path.display(),
+                    family.describe()
+                )));
+            }
             let dir = crate::atomic::parent_of(path).to_path_buf();
             (dir, path.to_path_buf())
         } else {
@@ -184,6 +194,9 @@ pub struct Tagger {
     /// Identity recorded in the manifest: `<folder name>@<first 12 hex of
     /// sha256(model.safetensors)>`.
     pub id: String,
+    /// The architecture was inferred from the shapes (no `config.json`):
+    /// what shapes cannot tell (head width, activation) took WD v3's values.
+    pub inferred_config: bool,
     device: Device,
     dtype: DType,
 }
@@ -243,6 +256,7 @@ impl Tagger {
             labels,
             model,
             id: format!("{name}@{}", &sha[..12]),
+            inferred_config: files.config.is_none(),
             device: device.clone(),
             dtype,
         })

@@ -303,3 +303,37 @@ fn a_non_finite_output_is_an_error() {
         "{e}"
     );
 }
+
+/// An SDXL checkpoint (or a LoRA, a VAE) given as the tagger is named as
+/// such, not as a folder missing its tag list.
+#[test]
+fn a_checkpoint_given_as_the_tagger_is_named() {
+    let toy = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures/toy/model.safetensors");
+    let e = TaggerFiles::locate(&toy).unwrap_err().to_string();
+    assert!(
+        e.contains("this is an SDXL checkpoint, not a WD tagger") && e.contains("--tagger takes"),
+        "{e}"
+    );
+    // The toy tagger's own weights file is one.
+    let tagger =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures/toy/tagger/model.safetensors");
+    let f = TaggerFiles::locate(&tagger).unwrap();
+    assert_eq!(f.model, tagger);
+    assert!(!Tagger::load(&tagger, &Device::Cpu).unwrap().inferred_config);
+}
+
+/// A tagger folder without config.json loads with the architecture
+/// inferred from its shapes, and says so (`caption` warns).
+#[test]
+fn a_tagger_without_its_config_says_it_was_inferred() {
+    let src = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures/toy/tagger");
+    let d = tempfile::tempdir().unwrap();
+    for f in ["model.safetensors", "selected_tags.csv"] {
+        std::fs::copy(src.join(f), d.path().join(f)).unwrap();
+    }
+    assert!(
+        Tagger::load(d.path(), &Device::Cpu)
+            .unwrap()
+            .inferred_config
+    );
+}

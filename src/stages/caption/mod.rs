@@ -492,7 +492,14 @@ pub fn run(cfg: &CaptionConfig, m: &mut Manifest, ctx: &Ctx) -> Result<CaptionRe
                 &device,
                 Some(cfg.dtype.unwrap_or(candle_core::DType::F32)),
             )?;
-            Some(Tagger::load_with(p, &device, dtype)?)
+            let t = Tagger::load_with(p, &device, dtype)?;
+            if t.inferred_config {
+                ctx.say(&format!(
+                    "warning: {}: no config.json in the tagger folder; the architecture was inferred from the weights' shapes, with WD v3's 64-wide attention heads and tanh GELU (what shapes cannot tell): put the model's config.json beside it if it is not a WD v3 ViT",
+                    p.display()
+                ));
+            }
+            Some(t)
         }
         None => None,
     };
