@@ -317,7 +317,10 @@ fn format_info(info: &CheckpointInfo, size: Option<&DefaultSize>) -> String {
         |t: &TextPair| format!("CLIP-L {}; bigG {}", t.clip_l.summary(), t.clip_g.summary()),
     );
     if matches!(info.unet, ConfigStatus::Absent) {
-        let _ = writeln!(o, "prediction  n/a (no UNet in this file)");
+        let _ = writeln!(
+            o,
+            "prediction  n/a (no model.diffusion_model.* UNet in this file)"
+        );
     } else {
         let _ = writeln!(
             o,
@@ -434,10 +437,15 @@ pub fn run(args: CkptArgs, json: bool) -> Result<i32> {
         // What `check` checked, beyond what `info` shows.
         format_info(&info, size.as_ref())
             + "check       ok: SDXL layout and shapes as loaders expect, every float tensor finite (no NaN or ±inf)\n"
-            + match (ckpt.vae_prefix(), info.family) {
-                (None, _) => "check       no VAE in this file: `sample`, `generate` and `train` need one baked in; `merge` and `ckpt` work without\n",
-                (Some(_), Family::SdxlUnet) => "check       no text encoders in this file: `sample`, `generate` and `train` need a full checkpoint; `merge` and `ckpt` work without\n",
-                _ => "",
+            + if ckpt.vae_prefix().is_none() {
+                "check       no VAE in this file: `sample`, `generate` and `train` need one baked in; `merge` and `ckpt` work without\n"
+            } else {
+                ""
+            }
+            + if info.family == Family::SdxlUnet {
+                "check       no text encoders in this file: `sample`, `generate` and `train` need a full checkpoint; `merge` and `ckpt` work without\n"
+            } else {
+                ""
             }
     } else {
         format_info(&info, size.as_ref())

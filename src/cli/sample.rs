@@ -192,19 +192,25 @@ pub fn run_sample(a: SampleArgs, json: bool) -> Result<i32> {
         }
     }
     model.latent_shape(cfg.width, cfg.height)?;
+    // Off a terminal (nohup, Slurm, `2> log`): a line every 30 s, as the
+    // stages' bars do.
+    let terminal = crate::stages::log_lines::stderr_is_terminal();
     let bar = ProgressBar::with_draw_target(
         Some((cfg.steps * cfg.batch) as u64),
-        if json {
-            ProgressDrawTarget::hidden()
-        } else {
-            ProgressDrawTarget::stderr()
+        match (json, terminal) {
+            (true, _) => ProgressDrawTarget::hidden(),
+            (false, true) => ProgressDrawTarget::stderr(),
+            (false, false) => crate::stages::log_lines::target(),
         },
     );
-    if let Ok(style) =
-        ProgressStyle::with_template("{bar:40} {pos}/{len} steps {elapsed} eta {eta}")
-    {
+    if let Ok(style) = ProgressStyle::with_template(if terminal {
+        "{bar:40} {pos}/{len} steps {elapsed} eta {eta}"
+    } else {
+        crate::stages::log_lines::TEMPLATE
+    }) {
         bar.set_style(style);
     }
+    bar.set_message("sample steps");
     let report = sample::run(&model, &cfg, &a.out, load_s, &mut |done, _| {
         bar.set_position(done as u64)
     })?;

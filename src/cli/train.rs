@@ -263,11 +263,14 @@ impl TrainArgs {
             blocks
         );
         if let Some(o) = &self.objective {
-            c.objective = o.parse()?;
-            // ZTSNR follows the objective unless said: by a flag, or by
-            // the config file (`ztsnr = false` with `--objective v` stays
-            // off).
-            if !self.ztsnr && !self.no_ztsnr && !file_ztsnr {
+            let objective = o.parse()?;
+            // ZTSNR follows the objective unless a flag says it, or the
+            // config file says it for this same objective (`ztsnr =
+            // false` with `--objective v` stays off; the shipped configs'
+            // `ztsnr = true` is v's, so `--objective eps` turns it off).
+            let file_says = file_ztsnr && objective == c.objective;
+            c.objective = objective;
+            if !self.ztsnr && !self.no_ztsnr && !file_says {
                 c.ztsnr = c.objective == crate::diffusion::Prediction::V;
             }
         }
@@ -392,7 +395,11 @@ fn resume_id(r: Option<Resume>, cfg: &TrainConfig, m: &Manifest) -> Result<Optio
 /// This process's command line with `--resume ID` in place of any
 /// `--resume` it had, quoted for a POSIX shell: what resumes the run.
 fn resume_command(id: i64) -> String {
-    let mut args: Vec<String> = std::env::args().collect();
+    // `args()` panics on an argument that is not UTF-8 (clap takes such
+    // paths): shown lossily.
+    let mut args: Vec<String> = std::env::args_os()
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
     if let Some(first) = args.first_mut() {
         *first = "eps2v".into();
     }

@@ -192,6 +192,12 @@ fn a_config_files_ztsnr_holds_against_the_objective_flag() {
         parse(noz, &["--objective", "v", "--ztsnr"]),
         ("v".into(), true)
     );
+    // Said for another objective (the shipped configs' `ztsnr = true` is
+    // v's): it follows the flag.
+    let v_z = "[train]\nobjective = \"v\"\nztsnr = true\n";
+    assert_eq!(parse(v_z, &["--objective", "eps"]), ("eps".into(), false));
+    assert_eq!(parse(noz, &["--objective", "eps"]), ("eps".into(), false));
+    assert_eq!(parse(v_z, &["--objective", "v"]), ("v".into(), true));
     // Not said in the file: it follows the flag.
     assert_eq!(
         parse("[train]\nobjective = \"eps\"\n", &["--objective", "v"]),

@@ -394,6 +394,12 @@ impl RunConfig {
             super::placement(self)?;
         }
         let model = self.model_path();
+        if !model.is_file() && model.symlink_metadata().is_ok() {
+            // There, but no file: a folder (diffusers?), a pipe, a broken
+            // link. The checkpoint reader says which.
+            crate::models::sdxl::checkpoint::Checkpoint::open(&model)
+                .map_err(|e| Error::config(format!("model: {e}")))?;
+        }
         if !model.is_file() {
             let toy = self.model.is_none()
                 || Some(model.clone()) == Some(super::defaults::default_model_path());
@@ -470,7 +476,14 @@ impl RunConfig {
                 // The run generates its data from `model` in the model's
                 // own prediction: training that same prediction on it
                 // converts nothing (a v model given for an eps one).
-                if self.has("generate") && self.train.model == model {
+                let same_file = match (
+                    std::fs::canonicalize(&self.train.model),
+                    std::fs::canonicalize(&model),
+                ) {
+                    (Ok(a), Ok(b)) => a == b,
+                    _ => self.train.model == model,
+                };
+                if self.has("generate") && same_file {
                     let p = ck.prediction();
                     let same = matches!(
                         (p.prediction, self.train.objective),
@@ -584,6 +597,22 @@ impl RunConfig {
             width: e.size[0],
             height: e.size[1],
             batch: 1,
+        }
+    }
+
+    /// How the base samples as its file says: eps on the plain schedule,
+    /// or v with its `ztsnr` marker (an unreadable or EDM file: eps; the
+    /// stages that load it say what is wrong).
+    pub fn base_sampling(&self) -> (Prediction, bool) {
+        match crate::models::sdxl::checkpoint::Checkpoint::open(self.model_path()) {
+            Ok(ck) => {
+                let p = ck.prediction();
+                match p.prediction {
+                    CkptPrediction::V => (Prediction::V, p.ztsnr),
+                    _ => (Prediction::Eps, false),
+                }
+            }
+            Err(_) => (Prediction::Eps, false),
         }
     }
 

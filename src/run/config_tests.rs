@@ -325,6 +325,7 @@ fn eps_with_ztsnr_is_refused_before_anything_runs() {
             && e.contains("give the v model to convert"),
         "{e}"
     );
+    assert_eq!(c.base_sampling(), (Prediction::Eps, false));
     // Without generate (training on a dataset made before) it is not judged.
     c.stages = vec!["train".into()];
     c.check_files().unwrap();
@@ -355,6 +356,7 @@ fn a_v_model_renders_as_v_and_is_not_converted_to_v() {
         ..RunConfig::default()
     };
     c.resolve();
+    assert_eq!(c.base_sampling(), (Prediction::V, true));
     let g = c.generate_config().unwrap();
     assert_eq!(
         (g.prediction, g.ztsnr),
@@ -367,6 +369,12 @@ fn a_v_model_renders_as_v_and_is_not_converted_to_v() {
             && e.contains("already predicts v (marker key v_pred)"),
         "{e}"
     );
+    // The same file by another path is the same model.
+    std::fs::create_dir(d.path().join("sub")).unwrap();
+    c.train.model = d.path().join("sub").join("..").join("v.safetensors");
+    assert_ne!(c.train.model, v);
+    assert!(c.check_files().is_err());
+    c.train.model = v.clone();
     c.train.objective = Prediction::Eps;
     c.train.ztsnr = false;
     c.check_files().unwrap();
@@ -378,4 +386,27 @@ fn a_v_model_renders_as_v_and_is_not_converted_to_v() {
         (g.prediction, g.ztsnr),
         (Some(Prediction::Eps), Some(false))
     );
+}
+
+/// A model path that is there but no file (a broken link, a folder) is
+/// named as such, not as "no such file".
+#[cfg(unix)]
+#[test]
+fn a_model_that_is_no_file_is_named() {
+    let d = tempfile::tempdir().unwrap();
+    let link = d.path().join("m.safetensors");
+    std::os::unix::fs::symlink(d.path().join("gone.safetensors"), &link).unwrap();
+    let mut c = RunConfig {
+        model: Some(link),
+        ..RunConfig::default()
+    };
+    c.resolve();
+    let e = c.check_files().unwrap_err().to_string();
+    assert!(
+        e.starts_with("model: ") && e.contains("a broken link"),
+        "{e}"
+    );
+    c.model = Some(d.path().to_path_buf());
+    let e = c.check_files().unwrap_err().to_string();
+    assert!(e.contains("is a directory"), "{e}");
 }

@@ -12,8 +12,9 @@ use crate::error::IoContext;
 use crate::stages::Ctx;
 use crate::{Error, Result};
 
-/// The `evaluate` stage: adherence of the base as eps, the same weights as
-/// v + ZTSNR, the converted model and each merge.
+/// The `evaluate` stage: adherence of the base in its own prediction, the
+/// same weights as the objective (untrained), the converted model and each
+/// merge.
 pub(super) fn evaluate(
     cfg: &RunConfig,
     progress: &Progress,
@@ -52,12 +53,15 @@ pub(super) fn evaluate(
     let base = cfg.model_path();
     let ztsnr = cfg.train.ztsnr;
     let objective = cfg.train.objective;
+    // The base in its own prediction (eps for the conversion, v for the
+    // way back), then as the objective before training.
+    let (own, own_z) = cfg.base_sampling();
     let mut todo: Vec<(String, PathBuf, Prediction, bool, Option<f64>)> = vec![
         (
-            "base as eps".into(),
+            format!("base as {own}{}", if own_z { " + ZTSNR" } else { "" }),
             base.clone(),
-            Prediction::Eps,
-            false,
+            own,
+            own_z,
             None,
         ),
         (

@@ -208,7 +208,7 @@ pub fn write(
 
     // --- merges -------------------------------------------------------------
     if let Some(sweep) = p.stages.get("merge").and_then(|r| r.sweep.as_ref()) {
-        body.push_str("<h2>Merge sweep</h2><p>(1 − α)·converted + α·base; retention against the base model's eps samples. Grids: base column, then the merge.</p><table><tr><th>α</th><th>retention</th><th>file</th></tr>");
+        body.push_str("<h2>Merge sweep</h2><p>(1 − α)·converted + α·base; retention against the base model's own samples. Grids: base column, then the merge.</p><table><tr><th>α</th><th>retention</th><th>file</th></tr>");
         for pt in &sweep.points {
             let _ = write!(
                 body,

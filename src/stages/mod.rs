@@ -27,7 +27,7 @@ pub mod filter;
 pub mod generate;
 pub mod import;
 pub mod inspect;
-mod log_lines;
+pub mod log_lines;
 pub mod merge;
 pub mod walk;
 

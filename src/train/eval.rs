@@ -235,6 +235,10 @@ impl Evaluator {
             .into_iter()
             .map(|r| match r {
                 Rendered::Image(g) => Ok(g.image),
+                // Before any step it is the base (or how it is sampled).
+                Rendered::Broken { seed, reason } if step == 0 => Err(Error::model(
+                    crate::pipeline::sample::BrokenRender { seed, reason }.message(),
+                )),
                 Rendered::Broken { seed, reason } => Err(Error::model(format!(
                     "training diverged by step {step}: the evaluation's render of seed {seed} is broken ({reason}) although the base rendered it; the weights blew up with a finite loss (the NaN guard acts on non-finite losses only): lower the learning rate, or keep gradient clipping on (--max-grad-norm), and start a new run (a resume would repeat it)"
                 ))),

@@ -239,6 +239,9 @@ pub fn train(
 
     // --- the run: new, or resumed from its newest checkpoint ---------------
     // The base by content: a resume refuses a file replaced under its name.
+    // Opened first: a pipe, a broken link or a non-safetensors file is
+    // named (hashing a pipe would wait forever).
+    Checkpoint::open(&cfg.model)?;
     let base_sha256 = crate::models::sdxl::checkpoint::sha256_file(&cfg.model)?;
     let (run_id, resumed, _lock): (i64, Option<Loaded>, _) = match opts.resume {
         Some(id) => {
@@ -256,7 +259,15 @@ pub fn train(
             if let Some(diff) = loaded.state.resume_mismatch(cfg, &base_sha256)? {
                 // A finished run is not extended: its schedule (warmup,
                 // decay to `steps`) is part of what it trained.
-                let more = if diff.starts_with("steps:") {
+                let done = m
+                    .conn()
+                    .query_row(
+                        "SELECT status = 'done' FROM runs WHERE id = ?1",
+                        [id],
+                        |r| r.get::<_, bool>(0),
+                    )
+                    .unwrap_or(false);
+                let more = if done && diff.starts_with("steps:") {
                     format!("; to train on from run {id}'s result, start a new run with its export as --model")
                 } else {
                     String::new()

@@ -927,3 +927,19 @@ fn a_broken_evaluation_render_is_reported_as_divergence() {
     );
     assert!(!e.contains("--prediction"), "{e}");
 }
+
+/// A pipe given as the base is refused by name (hashing it waited forever).
+#[cfg(unix)]
+#[test]
+fn a_pipe_as_the_base_is_refused() {
+    let d = tempfile::tempdir().unwrap();
+    let (ds, _) = super::testkit::dataset(d.path()).unwrap();
+    let fifo = d.path().join("fifo.safetensors");
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    let e = run(&ds, &quick(&fifo, 1), &TrainOptions::default())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("not a regular file"), "{e}");
+}

@@ -170,7 +170,7 @@ fn bad_files_are_described_by_info_and_refused_by_check_with_exit_2() {
         );
         // No UNet, no prediction to speak of.
         assert_eq!(
-            t.contains("prediction  n/a (no UNet in this file)"),
+            t.contains("prediction  n/a (no model.diffusion_model.* UNet in this file)"),
             p.ends_with("lora.safetensors"),
             "{p}: {t}"
         );

@@ -134,13 +134,21 @@ fn not_safetensors(path: &Path, head: &[u8]) -> Option<Error> {
     {
         return Some(pickle_error(path));
     }
-    let what = if head.starts_with(b"version https://git-lfs") {
+    // A real file starts with its header length, little-endian: NUL bytes
+    // (≤ 100 MB). Text is judged only where the first 8 bytes are text, so
+    // a truncated file whose length byte happens to be `{` or `<` is not
+    // called JSON or HTML.
+    let text = head.len() >= 8
+        && head[..8]
+            .iter()
+            .all(|b| b.is_ascii_graphic() || b.is_ascii_whitespace());
+    let what = if text && head.starts_with(b"version https://git-lfs") {
         "is a Git LFS pointer (a small text file), not the weights: the clone was made without LFS; run `git lfs pull` in it, or download the file itself"
     } else if head.starts_with(b"GGUF") {
         "is a GGUF file (llama.cpp's quantised format); eps2v reads single-file .safetensors checkpoints"
-    } else if head.trim_ascii_start().starts_with(b"<") {
+    } else if text && head.trim_ascii_start().starts_with(b"<") {
         "is an HTML/XML page, not weights (a failed download, e.g. a login or error page); download the file again"
-    } else if head.trim_ascii_start().starts_with(b"{") {
+    } else if text && head.trim_ascii_start().starts_with(b"{") {
         "is JSON text, not weights (a config or index file?); give the .safetensors weights file"
     } else {
         return None;

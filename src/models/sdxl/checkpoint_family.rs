@@ -55,7 +55,7 @@ impl Family {
             Family::SdxlRefiner => "an SDXL refiner checkpoint (conditioner.embedders.0 is OpenCLIP bigG)",
             Family::Sd1 => "a Stable Diffusion 1.x checkpoint (found 1.5-style keys cond_stage_model.transformer.*)",
             Family::Sd2 => "a Stable Diffusion 2.x checkpoint (found cond_stage_model.model.* keys)",
-            Family::Lora => "a LoRA / LyCORIS (found lora_unet_* / lora_te* / lycoris_* keys), not a full model; give the base checkpoint the LoRA was trained on (its ss_sd_model_name metadata names it)",
+            Family::Lora => "a LoRA / LyCORIS (found adapter keys: lora_unet_*, lora_te*, lycoris_*, *.lora_down / lora_A …), not a full model; give the base checkpoint the LoRA was trained on (its ss_sd_model_name metadata names it)",
             Family::Diffusers => "a diffusers-format weights file (found down_blocks.* keys); save the model as a single-file LDM checkpoint (diffusers scripts/convert_diffusers_to_original_sdxl.py)",
             Family::Vae => "a standalone VAE (encoder.* / decoder.* keys and no UNet)",
             Family::Unknown => "an unrecognised set of keys",
@@ -106,22 +106,22 @@ impl Checkpoint {
     /// Which model family the keys belong to.
     pub fn family(&self) -> Family {
         let any = |f: &dyn Fn(&str) -> bool| self.entries.keys().any(|k| f(k));
-        let unet = self.has_prefix("model.diffusion_model.");
+        let lora = |k: &str| {
+            k.starts_with("lora_unet_")
+                || k.starts_with("lora_te")
+                || k.starts_with("lycoris_")
+                || k.contains(".lora_down.")
+                || k.contains(".lora_up.")
+                || k.contains(".lora_A.")
+                || k.contains(".lora_B.")
+                || k.contains(".hada_w1_")
+                || k.contains(".lokr_w1")
+        };
+        // UNet weights of its own (a LoRA may name its keys after them).
+        let unet = any(&|k| k.starts_with("model.diffusion_model.") && !lora(k));
         // A stray LoRA key beside a full model (a merge tool's leftover)
-        // does not make it a LoRA: only a file without an LDM UNet is one.
-        if !unet
-            && any(&|k| {
-                k.starts_with("lora_unet_")
-                    || k.starts_with("lora_te")
-                    || k.starts_with("lycoris_")
-                    || k.contains(".lora_down.")
-                    || k.contains(".lora_up.")
-                    || k.contains(".lora_A.")
-                    || k.contains(".lora_B.")
-                    || k.contains(".hada_w1_")
-                    || k.contains(".lokr_w1")
-            })
-        {
+        // does not make it a LoRA: only a file without a UNet is one.
+        if !unet && any(&lora) {
             return Family::Lora;
         }
         let label = self.contains("model.diffusion_model.label_emb.0.0.weight");

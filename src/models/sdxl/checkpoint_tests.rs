@@ -497,6 +497,11 @@ fn mixed_and_damaged_key_sets_get_the_right_family() {
     assert_eq!(case(&[unet, te]).family(), Family::Sdxl);
     assert_eq!(case(&["lycoris_foo.lokr_w1"]).family(), Family::Lora);
     assert_eq!(case(&["lora_unet_foo.alpha"]).family(), Family::Lora);
+    // A PEFT LoRA named after the LDM UNet's keys is still a LoRA.
+    assert_eq!(
+        case(&["model.diffusion_model.input_blocks.4.1.proj_in.lora_A.weight"]).family(),
+        Family::Lora
+    );
     for (keys, hint) in [
         (&["model.diffusion_model.joint_blocks.0.x"][..], "SD3"),
         (&["double_blocks.0.img_attn.qkv.weight"][..], "Flux"),
@@ -547,6 +552,14 @@ fn non_safetensors_files_are_named() {
         let e = err_of(Checkpoint::open(&p));
         assert!(e.contains(want), "{want}: {e}");
     }
+    // A truncated real file whose header length starts with the byte of
+    // `{` (0x17B) is truncated, not JSON.
+    let p = dir.path().join("m.safetensors");
+    let mut b = 0x17Bu64.to_le_bytes().to_vec();
+    b.extend_from_slice(br#"{"a":{"dtype":"F32","shape":[1],"#);
+    std::fs::write(&p, &b).unwrap();
+    let e = err_of(Checkpoint::open(&p));
+    assert!(e.contains("file is truncated"), "{e}");
     #[cfg(unix)]
     {
         let link = dir.path().join("link.safetensors");
