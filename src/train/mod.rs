@@ -241,7 +241,24 @@ pub fn train(
     // The base by content: a resume refuses a file replaced under its name.
     // Opened first: a pipe, a broken link or a non-safetensors file is
     // named (hashing a pipe would wait forever).
-    Checkpoint::open(&cfg.model)?;
+    let header = Checkpoint::open(&cfg.model)?;
+    // What the header can refuse, before a run row and folder exist (they
+    // were left `failed` and empty): block ids this UNet lacks, a yaml
+    // A1111 could not load, an evaluation size the model cannot sample.
+    // The loaded model is checked again below.
+    if let Ok(u) = header.infer_unet_config() {
+        let keys = crate::models::sdxl::checkpoint::unet_expected_keys(&u.config)?;
+        for s in &stages {
+            BlockSet::parse(&s.blocks)?.check_exists(keys.iter().map(|(k, _)| k.as_str()))?;
+        }
+        if cfg.a1111_yaml {
+            export::a1111_v_yaml(&u.config)?;
+        }
+    }
+    if let Some([w, h]) = cfg.eval_size {
+        crate::pipeline::model::check_size_of(&cfg.model, w, h)?;
+    }
+    drop(header);
     let base_sha256 = crate::models::sdxl::checkpoint::sha256_file(&cfg.model)?;
     let (run_id, resumed, _lock): (i64, Option<Loaded>, _) = match opts.resume {
         Some(id) => {

@@ -561,6 +561,17 @@ fn bad_inputs_are_clear_errors() {
     // A block this UNet does not have: refused before any cache or sample.
     let cache_entries = || walk_count(&ds.join("cache"));
     let before = cache_entries();
+    // Nor is a run row (or its folder) made for them.
+    let train_runs = || -> i64 {
+        Manifest::open(&ds)
+            .unwrap()
+            .conn()
+            .query_row("SELECT count(*) FROM runs WHERE stage = 'train'", [], |r| {
+                r.get(0)
+            })
+            .unwrap()
+    };
+    let runs_before = train_runs();
     let mut odd = quick(&ck, 1);
     odd.blocks = vec!["IN09".into()];
     let e = run(&ds, &odd, &TrainOptions::default()).unwrap_err();
@@ -577,6 +588,11 @@ fn bad_inputs_are_clear_errors() {
     let e = run(&ds, &yaml, &TrainOptions::default()).unwrap_err();
     assert!(e.to_string().contains("--a1111-yaml"), "{e}");
     assert_eq!(cache_entries(), before);
+    let mut size = quick(&ck, 1);
+    size.eval_size = Some([100, 100]);
+    let e = run(&ds, &size, &TrainOptions::default()).unwrap_err();
+    assert!(e.to_string().contains("100x100"), "{e}");
+    assert_eq!(train_runs(), runs_before);
     // Resume of a run that has no checkpoint.
     let e = run(
         &ds,
