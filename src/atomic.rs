@@ -44,6 +44,15 @@ pub fn parent_of(path: &Path) -> &Path {
         .unwrap_or(Path::new("."))
 }
 
+/// Whether `a` and `b` name the same file (links and `..` resolved);
+/// paths that cannot be resolved (missing) compare as written.
+pub fn same_file(a: &Path, b: &Path) -> bool {
+    match (std::fs::canonicalize(a), std::fs::canonicalize(b)) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => a == b,
+    }
+}
+
 /// Make `dst` a hard link of `src` (one file on disk), atomically
 /// replacing what is there: a link made under a temporary name, then
 /// renamed over `dst`. `Ok(false)`, nothing changed, where no link can be

@@ -15,6 +15,7 @@ pub mod device;
 pub mod generate;
 pub mod gpubench;
 pub mod manifest;
+pub mod merge;
 pub mod prompts;
 pub mod run;
 pub mod sample;
@@ -82,7 +83,7 @@ pub enum Command {
     /// Finetune the UNet: eps -> v-prediction (ZTSNR) or back, watched by sampled grids.
     Train(Box<train::TrainArgs>),
     /// Blend checkpoints: weighted sum, add-difference, per-block weights, sweeps.
-    Merge(train::MergeArgs),
+    Merge(merge::MergeArgs),
     /// Print the prompts of a template (dynamicprompts syntax, wildcards, the built-in 1girl pack).
     Prompts(prompts::PromptsArgs),
     /// Plan and render a synthetic dataset from a checkpoint (resumable, sharded).
@@ -127,7 +128,7 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Sample(a) => Ok(sample::run_sample(a, json)?),
         Command::Diagnose(a) => Ok(sample::run_diagnose(a, json)?),
         Command::Train(a) => Ok(train::run_train(*a, json)?),
-        Command::Merge(a) => Ok(train::run_merge(a, json)?),
+        Command::Merge(a) => Ok(merge::run_merge(a, json)?),
         Command::Prompts(a) => Ok(prompts::run(a, json)?),
         Command::Generate(a) => Ok(generate::run(a, json)?),
         Command::Manifest(a) => Ok(manifest::run(a, json)?),

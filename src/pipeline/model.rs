@@ -188,17 +188,25 @@ pub fn detect_text_configs(ckpt: &Checkpoint) -> Result<TextConfigs> {
     })
 }
 
+/// The sampler's prediction of a checkpoint's: eps or v; `None` for EDM
+/// (not a discrete-schedule model).
+pub fn discrete_prediction(p: CkptPrediction) -> Option<Prediction> {
+    match p {
+        CkptPrediction::Epsilon => Some(Prediction::Eps),
+        CkptPrediction::V => Some(Prediction::V),
+        CkptPrediction::EdmV | CkptPrediction::Edm => None,
+    }
+}
+
 /// Map the checkpoint's prediction type to the sampler's, refusing EDM.
 fn sampling_prediction(path: &Path, p: CkptPrediction) -> Result<Prediction> {
-    match p {
-        CkptPrediction::Epsilon => Ok(Prediction::Eps),
-        CkptPrediction::V => Ok(Prediction::V),
-        CkptPrediction::EdmV | CkptPrediction::Edm => Err(Error::model(format!(
+    discrete_prediction(p).ok_or_else(|| {
+        Error::model(format!(
             "{}: is an EDM model ({}); eps2v samples discrete-schedule SDXL models only (eps or v); pass --prediction eps|v to force one",
             path.display(),
             p.name()
-        ))),
-    }
+        ))
+    })
 }
 
 impl SdxlModel {
@@ -245,14 +253,9 @@ impl SdxlModel {
         let ztsnr = opts
             .ztsnr
             .unwrap_or(pinfo.ztsnr && prediction == Prediction::V);
-        let file_says = match pinfo.prediction {
-            CkptPrediction::Epsilon => Some(Prediction::Eps),
-            CkptPrediction::V => Some(Prediction::V),
-            _ => None,
-        };
         let mut warnings: Vec<String> = match opts.prediction {
             // The file's own contradictions no longer decide anything.
-            Some(p) if Some(p) != file_says => pinfo
+            Some(p) if Some(p) != discrete_prediction(pinfo.prediction) => pinfo
                 .warnings
                 .iter()
                 .map(|w| format!("{w} (this run samples it as {p}: --prediction)"))

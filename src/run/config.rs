@@ -31,6 +31,7 @@ use serde_json::Value;
 use crate::diffusion::{Prediction, SamplerKind, ScheduleKind, UncondMode};
 use crate::merge::BlockAlphas;
 use crate::models::sdxl::checkpoint::Prediction as CkptPrediction;
+use crate::pipeline::model::discrete_prediction;
 use crate::pipeline::sample::SampleConfig;
 use crate::prompts::TemplateSpec;
 use crate::stages::bucket::{BucketConfig, BucketSet};
@@ -476,21 +477,9 @@ impl RunConfig {
                 // The run generates its data from `model` in the model's
                 // own prediction: training that same prediction on it
                 // converts nothing (a v model given for an eps one).
-                let same_file = match (
-                    std::fs::canonicalize(&self.train.model),
-                    std::fs::canonicalize(&model),
-                ) {
-                    (Ok(a), Ok(b)) => a == b,
-                    _ => self.train.model == model,
-                };
-                if self.has("generate") && same_file {
+                if self.has("generate") && crate::atomic::same_file(&self.train.model, &model) {
                     let p = ck.prediction();
-                    let same = matches!(
-                        (p.prediction, self.train.objective),
-                        (CkptPrediction::Epsilon, Prediction::Eps)
-                            | (CkptPrediction::V, Prediction::V)
-                    );
-                    if same {
+                    if discrete_prediction(p.prediction) == Some(self.train.objective) {
                         let (now, other) = match self.train.objective {
                             Prediction::V => ("v", "eps"),
                             Prediction::Eps => ("eps", "v"),
@@ -604,16 +593,17 @@ impl RunConfig {
     /// or v with its `ztsnr` marker (an unreadable or EDM file: eps; the
     /// stages that load it say what is wrong).
     pub fn base_sampling(&self) -> (Prediction, bool) {
-        match crate::models::sdxl::checkpoint::Checkpoint::open(self.model_path()) {
-            Ok(ck) => {
-                let p = ck.prediction();
-                match p.prediction {
-                    CkptPrediction::V => (Prediction::V, p.ztsnr),
-                    _ => (Prediction::Eps, false),
-                }
-            }
-            Err(_) => (Prediction::Eps, false),
+        match self.base_file_prediction() {
+            Some(p) if p.prediction == CkptPrediction::V => (Prediction::V, p.ztsnr),
+            _ => (Prediction::Eps, false),
         }
+    }
+
+    /// What the base file's markers or metadata say (`None`: unreadable).
+    fn base_file_prediction(&self) -> Option<crate::models::sdxl::checkpoint::PredictionInfo> {
+        crate::models::sdxl::checkpoint::Checkpoint::open(self.model_path())
+            .ok()
+            .map(|ck| ck.prediction())
     }
 
     /// How generate samples the base: eps on the plain schedule for an eps
@@ -622,8 +612,8 @@ impl RunConfig {
     /// refuses EDM. An unreadable file counts as eps: its error comes from
     /// the model check or the stage.
     fn base_prediction(&self) -> (Option<Prediction>, Option<bool>) {
-        match crate::models::sdxl::checkpoint::Checkpoint::open(self.model_path()) {
-            Ok(ck) if ck.prediction().prediction != CkptPrediction::Epsilon => (None, None),
+        match self.base_file_prediction() {
+            Some(p) if p.prediction != CkptPrediction::Epsilon => (None, None),
             _ => (Some(Prediction::Eps), Some(false)),
         }
     }

@@ -241,12 +241,14 @@ pub fn train(
     // The base by content: a resume refuses a file replaced under its name.
     // Opened first: a pipe, a broken link or a non-safetensors file is
     // named (hashing a pipe would wait forever).
-    let header = Checkpoint::open(&cfg.model)?;
+    let ckpt = Checkpoint::open(&cfg.model)?;
     // What the header can refuse, before a run row and folder exist (they
-    // were left `failed` and empty): block ids this UNet lacks, a yaml
-    // A1111 could not load, an evaluation size the model cannot sample.
-    // The loaded model is checked again below.
-    if let Ok(u) = header.infer_unet_config() {
+    // were left `failed` and empty) and before the caches and the first
+    // samples: block ids this UNet lacks (IN09 on SDXL, a level a small
+    // config lacks), a yaml A1111 could not load, an evaluation size the
+    // model cannot sample. A header whose config cannot be inferred fails
+    // to load below.
+    if let Ok(u) = ckpt.infer_unet_config() {
         let keys = crate::models::sdxl::checkpoint::unet_expected_keys(&u.config)?;
         for s in &stages {
             BlockSet::parse(&s.blocks)?.check_exists(keys.iter().map(|(k, _)| k.as_str()))?;
@@ -254,11 +256,10 @@ pub fn train(
         if cfg.a1111_yaml {
             export::a1111_v_yaml(&u.config)?;
         }
+        if let (Some([w, h]), Ok(v)) = (cfg.eval_size, ckpt.infer_vae_config()) {
+            crate::pipeline::model::check_size(&u.config, &v.config, w, h)?;
+        }
     }
-    if let Some([w, h]) = cfg.eval_size {
-        crate::pipeline::model::check_size_of(&cfg.model, w, h)?;
-    }
-    drop(header);
     let base_sha256 = crate::models::sdxl::checkpoint::sha256_file(&cfg.model)?;
     let (run_id, resumed, _lock): (i64, Option<Loaded>, _) = match opts.resume {
         Some(id) => {
@@ -354,19 +355,6 @@ pub fn train(
                 ..Default::default()
             },
         )?;
-        // Block ids this UNet does not have (IN09 on SDXL, a level a small
-        // config lacks) are refused before the caches and the first samples.
-        {
-            let keys = crate::models::sdxl::checkpoint::unet_expected_keys(base.unet.config())?;
-            for s in &stages {
-                BlockSet::parse(&s.blocks)?.check_exists(keys.iter().map(|(k, _)| k.as_str()))?;
-            }
-            // So is a yaml A1111 could not load with this UNet.
-            if cfg.a1111_yaml {
-                export::a1111_v_yaml(base.unet.config())?;
-            }
-        }
-        let ckpt = Checkpoint::open(&cfg.model)?;
         // Where the export goes, and its size (the disk check).
         let out = cfg
             .out
@@ -848,6 +836,8 @@ pub fn train(
     Ok(report)
 }
 
+#[cfg(test)]
+mod end_tests;
 #[cfg(test)]
 mod order_tests;
 #[cfg(test)]
