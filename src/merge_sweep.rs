@@ -25,6 +25,10 @@ pub struct SweepEval {
     /// Where and in what precision the reference and each merge sample
     /// (`run`'s `[device]`; the default device and precision otherwise).
     pub load: crate::pipeline::LoadOptions,
+    /// Also score model A itself, unmerged, on the same samples
+    /// ([`SweepReport::a_retention`]): `run` compares the converted model
+    /// with its merges on one measure.
+    pub score_a: bool,
 }
 
 impl SweepEval {
@@ -80,6 +84,10 @@ pub struct SweepReport {
     pub best_alpha: f64,
     /// Its retention.
     pub best_retention: f64,
+    /// Retention of model A itself, unmerged, on the same samples (with
+    /// [`SweepEval::score_a`]).
+    #[serde(default)]
+    pub a_retention: Option<f64>,
 }
 
 /// Write one merge per α, sample each with `eval`'s prompt × seed set (as
@@ -148,7 +156,7 @@ pub fn sweep(
     let mut ref_imgs: Option<Vec<image::RgbImage>> = None;
     let mut points: Vec<SweepPoint> = Vec::new();
     let mut reused = 0;
-    let bar = ctx.bar(alphas.len() as u64, "merge sweep");
+    let bar = ctx.bar(alphas.len() as u64 + u64::from(eval.score_a), "merge sweep");
     for &alpha in alphas {
         if ctx.should_stop() {
             return Err(Error::Interrupted(format!(
@@ -199,6 +207,40 @@ pub fn sweep(
         points.push(point);
         bar.inc(1);
     }
+    // Model A unmerged, against the same reference samples; kept in the
+    // state like a merge (A's content is in its key).
+    let a_retention = match (eval.score_a, state.a_retention) {
+        (false, _) => None,
+        (true, Some(r)) => {
+            bar.inc(1);
+            Some(r)
+        }
+        (true, None) => {
+            if ctx.should_stop() {
+                return Err(Error::Interrupted(format!(
+                    "merge sweep: stopped after its {} merges, before scoring {} unmerged; rerun to score it (the merges are kept)",
+                    points.len(),
+                    cfg.a.display()
+                )));
+            }
+            let ref_imgs = match &ref_imgs {
+                Some(r) => r,
+                None => {
+                    let ref_model = SdxlModel::load(&reference, &eval.load)?;
+                    ref_imgs.insert(sample_set(&ref_model, &spec)?)
+                }
+            };
+            let m = SdxlModel::load(&cfg.a, &eval.load)?;
+            let r = mean_retention(ref_imgs, &sample_set(&m, &spec)?);
+            state.a_retention = Some(r);
+            crate::pipeline::sample::write_atomic(
+                &state_path,
+                &serde_json::to_vec_pretty(&state)?,
+            )?;
+            bar.inc(1);
+            Some(r)
+        }
+    };
     if reused > 0 {
         ctx.say(&format!(
             "merge sweep: {reused} of {} merges kept from an earlier sweep of the same inputs and settings ({})",
@@ -216,6 +258,7 @@ pub fn sweep(
         best_alpha: best.alpha,
         best_retention: best.retention,
         points: points.clone(),
+        a_retention,
     };
     let stem = out
         .file_stem()
@@ -281,6 +324,9 @@ fn sweep_key(cfg: &MergeConfig, eval: &SweepEval, reference: &Path) -> Result<St
 struct SweepState {
     key: String,
     points: Vec<(SweepPoint, u64, i128)>,
+    /// Retention of model A unmerged ([`SweepEval::score_a`]).
+    #[serde(default)]
+    a_retention: Option<f64>,
 }
 
 /// Size and modification time (ns) of a file.
@@ -304,6 +350,7 @@ impl SweepState {
             .unwrap_or_else(|| SweepState {
                 key: key.to_string(),
                 points: Vec::new(),
+                a_retention: None,
             })
     }
 

@@ -92,7 +92,7 @@ pub struct MarkArgs {
     /// A single-file SDXL .safetensors checkpoint (or UNet).
     pub file: PathBuf,
     /// What the model predicts: v (v-prediction) or eps (epsilon; drops the markers).
-    #[arg(long, value_parser = ["v", "eps"])]
+    #[arg(long, value_parser = parse_mark_prediction)]
     pub prediction: String,
     /// The model was trained on the zero-terminal-SNR schedule (v only): adds the `ztsnr` key.
     #[arg(long)]
@@ -106,6 +106,14 @@ pub struct MarkArgs {
     /// Output file: a new file, never FILE itself.
     #[arg(long)]
     pub out: PathBuf,
+}
+
+/// `--prediction` of `ckpt mark`: `v` or `eps`, from any name `sample`
+/// takes (`epsilon`, `v_prediction`, …).
+fn parse_mark_prediction(s: &str) -> std::result::Result<String, String> {
+    s.parse::<crate::diffusion::Prediction>()
+        .map(|p| p.to_string())
+        .map_err(|e| e.to_string())
 }
 
 /// What `ckpt mark` wrote.
@@ -150,10 +158,17 @@ pub fn mark(a: &MarkArgs) -> Result<MarkReport> {
             if v { ", or replace it with --a1111-yaml" } else { "" }
         )));
     }
-    let same = |p: &std::path::Path| std::fs::canonicalize(p).ok();
-    if a.out.exists() && same(&a.out) == same(&a.file) {
+    if crate::atomic::same_file(&a.out, &a.file) {
         return Err(Error::config(format!(
             "ckpt mark --out {}: that is FILE itself; write a new file (eps2v never replaces its input)",
+            a.out.display()
+        )));
+    }
+    // A file already there may be an earlier mark or another model: a
+    // new file, as the help says (symlink_metadata: a broken link too).
+    if std::fs::symlink_metadata(&a.out).is_ok() {
+        return Err(Error::config(format!(
+            "ckpt mark --out {}: exists; give a new file name, or remove it first",
             a.out.display()
         )));
     }
@@ -331,7 +346,13 @@ fn format_info(info: &CheckpointInfo, size: Option<&DefaultSize>) -> String {
         let _ = writeln!(
             o,
             "ztsnr       {}",
-            if info.prediction.ztsnr { "yes" } else { "no" }
+            match (info.prediction.ztsnr, info.prediction.prediction) {
+                (false, _) => "no",
+                // A stray marker: samplers use the plain schedule (warned).
+                (true, Prediction::Epsilon) =>
+                    "no (a ztsnr marker is there, ignored on an epsilon model)",
+                (true, _) => "yes",
+            }
         );
     }
     if let Some(s) = size {
@@ -421,6 +442,17 @@ pub fn run(args: CkptArgs, json: bool) -> Result<i32> {
     }
     let info = ckpt.info(hash)?;
     let size = default_size(&info);
+    // What `check` found beyond `info`: what the file lacks for which
+    // commands (an error has exited by now).
+    let mut notes: Vec<&str> = Vec::new();
+    if scan {
+        if ckpt.vae_prefix().is_none() {
+            notes.push("no VAE in this file: `sample`, `generate` and `train` need one baked in; `merge` and `ckpt` work without");
+        }
+        if info.family == Family::SdxlUnet {
+            notes.push("no text encoders in this file: `sample`, `generate` and `train` need a full checkpoint; `merge` and `ckpt` work without");
+        }
+    }
     let text = if json {
         let mut v = serde_json::to_value(&info)?;
         v["default_size"] = match &size {
@@ -432,21 +464,22 @@ pub fn run(args: CkptArgs, json: bool) -> Result<i32> {
             }),
             None => serde_json::Value::Null,
         };
+        if scan {
+            v["check"] = serde_json::json!({
+                "ok": true,
+                "checked": "SDXL layout and shapes as loaders expect, every float tensor finite",
+                "notes": notes,
+            });
+        }
         serde_json::to_string_pretty(&v)? + "\n"
     } else if scan {
         // What `check` checked, beyond what `info` shows.
         format_info(&info, size.as_ref())
             + "check       ok: SDXL layout and shapes as loaders expect, every float tensor finite (no NaN or ±inf)\n"
-            + if ckpt.vae_prefix().is_none() {
-                "check       no VAE in this file: `sample`, `generate` and `train` need one baked in; `merge` and `ckpt` work without\n"
-            } else {
-                ""
-            }
-            + if info.family == Family::SdxlUnet {
-                "check       no text encoders in this file: `sample`, `generate` and `train` need a full checkpoint; `merge` and `ckpt` work without\n"
-            } else {
-                ""
-            }
+            + &notes
+                .iter()
+                .map(|n| format!("check       {n}\n"))
+                .collect::<String>()
     } else {
         format_info(&info, size.as_ref())
     };

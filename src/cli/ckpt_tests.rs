@@ -142,6 +142,20 @@ fn mark_refuses_eps_with_ztsnr_or_yaml_and_its_own_input() {
     let e = mark(&args(&eps, &out, "eps")).unwrap_err();
     assert!(e.to_string().contains("remove it"), "{e}");
     assert!(!out.exists());
+    // An existing OUT (an earlier mark, another model) is not replaced.
+    std::fs::remove_file(out.with_extension("yaml")).unwrap();
+    std::fs::write(&out, b"an earlier file").unwrap();
+    let e = mark(&args(&eps, &out, "v")).unwrap_err();
+    assert!(
+        e.to_string().contains("exists; give a new file name"),
+        "{e}"
+    );
+    assert_eq!(std::fs::read(&out).unwrap(), b"an earlier file");
+    // `--prediction` takes the names `sample` takes.
+    for (given, want) in [("epsilon", "eps"), ("v_prediction", "v"), ("V", "v")] {
+        assert_eq!(parse_mark_prediction(given).as_deref(), Ok(want));
+    }
+    assert!(parse_mark_prediction("edm").is_err());
 }
 
 /// An EDM model (CosXL, Playground 2.5) is refused: its keys set its

@@ -171,8 +171,8 @@ pub struct InspectArgs {
     #[arg(long)]
     pub sql: Option<String>,
     /// How many tags to list.
-    #[arg(long, default_value_t = 20)]
-    pub top: usize,
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32))]
+    pub top: u32,
 }
 
 fn ctx(json: bool) -> Ctx {
@@ -267,6 +267,10 @@ pub fn import(a: ImportArgs, json: bool) -> anyhow::Result<i32> {
         // silently and arrive here as `corrupt: …`).
         for f in &r.rejected_files {
             eprintln!("rejected {}: {}", f.path.display(), f.reason);
+        }
+        // Imported, but without the caption its sidecar holds.
+        for f in &r.unread_captions {
+            eprintln!("warning: {}: {}", f.path.display(), f.reason);
         }
         let sk = &r.skipped;
         if sk.total() > 0 {
@@ -369,6 +373,12 @@ pub fn dedupe(a: DedupeArgs, json: bool) -> anyhow::Result<i32> {
         },
         r.kept
     );
+    if r.carried_captions > 0 {
+        println!(
+            "        {} kept images took the hand-written caption (.txt/.caption) of a dropped duplicate; export and train use it",
+            r.carried_captions
+        );
+    }
     Ok(0)
 }
 
@@ -679,7 +689,7 @@ pub fn inspect(a: InspectArgs, json: bool) -> anyhow::Result<i32> {
         }
         return Ok(0);
     }
-    let r = stages::inspect::run(&m, a.top)?;
+    let r = stages::inspect::run(&m, a.top as usize)?;
     if json {
         print_json(&r)?;
     } else {

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use clap::Args;
 
 use crate::cli::sample::parse_size;
-use crate::diffusion::{Prediction, SamplerKind, ScheduleKind, UncondMode};
+use crate::diffusion::{Prediction, UncondMode};
 use crate::manifest::Manifest;
 use crate::prompts::TemplateSpec;
 use crate::stages::generate::{self, GenerateConfig, Shard, Sizes};
@@ -55,10 +55,10 @@ pub struct GenerateArgs {
     #[arg(long, default_value_t = 28)]
     pub steps: usize,
     /// CFG scale (1 disables guidance).
-    #[arg(long, default_value_t = 5.0)]
+    #[arg(long, default_value_t = 5.0, allow_negative_numbers = true)]
     pub cfg: f64,
     /// CFG rescale φ in [0, 1] (default 0.7 for v-prediction, 0 for eps).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub rescale: Option<f64>,
     /// Sampler: euler, euler_a, dpmpp_2m, ddim.
     #[arg(long, default_value = "euler_a")]
@@ -100,6 +100,8 @@ impl GenerateArgs {
     /// The typed config (shard defaults read from `env`).
     pub fn to_config(&self, env: &dyn Fn(&str) -> Option<String>) -> Result<GenerateConfig> {
         let model = crate::toy::model_or_default(self.model.clone())?;
+        let (sampler, schedule) =
+            super::sample::sampler_and_schedule(&self.sampler, self.schedule.as_deref())?;
         // A toy model (the default, or one that `train` / `merge` made from
         // it) draws toy scenes at the toy buckets unless told otherwise.
         let toy = self.model.is_none() || crate::toy::is_toy_model(&model);
@@ -144,12 +146,8 @@ impl GenerateArgs {
             steps: self.steps,
             cfg: self.cfg,
             rescale: self.rescale,
-            sampler: self.sampler.parse::<SamplerKind>()?,
-            schedule: self
-                .schedule
-                .as_deref()
-                .map(str::parse::<ScheduleKind>)
-                .transpose()?,
+            sampler,
+            schedule,
             uncond: UncondMode::from_flags(
                 self.uncond.as_deref().or(trained_uncond.as_deref()),
                 self.negative.as_deref(),

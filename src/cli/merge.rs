@@ -171,6 +171,7 @@ pub fn run_merge(a: MergeArgs, json: bool) -> Result<i32> {
                     width,
                     height,
                     load: Default::default(),
+                    score_a: false,
                 },
                 &Ctx::new(!json),
             )?;

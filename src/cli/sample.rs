@@ -43,10 +43,10 @@ pub struct SampleArgs {
     #[arg(long, default_value_t = 20)]
     pub steps: usize,
     /// CFG scale (1 disables guidance).
-    #[arg(long, default_value_t = 7.0)]
+    #[arg(long, default_value_t = 7.0, allow_negative_numbers = true)]
     pub cfg: f64,
     /// CFG rescale φ in [0, 1] (default 0.7 for v-prediction, 0 for eps).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub rescale: Option<f64>,
     /// Sampler: euler, euler_a, dpmpp_2m, ddim.
     #[arg(long, default_value = "euler")]
@@ -101,7 +101,12 @@ pub struct UncondArgs {
     #[arg(long)]
     pub model: Option<PathBuf>,
     /// Timesteps to probe (comma-separated, 0..=999).
-    #[arg(long, value_delimiter = ',', default_value = "999,750,500,250,50")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "999,750,500,250,50",
+        allow_negative_numbers = true
+    )]
     pub timesteps: Vec<f64>,
     /// Number of seeds (0..N) per timestep.
     #[arg(long, default_value_t = 2)]
@@ -154,6 +159,7 @@ pub fn run_sample(a: SampleArgs, json: bool) -> Result<i32> {
     // everything else is checked before the (slow) load.
     let size = a.size.as_deref().map(parse_size).transpose()?;
     let (width, height) = size.unwrap_or((1024, 1024));
+    let (sampler, schedule) = sampler_and_schedule(&a.sampler, a.schedule.as_deref())?;
     let mut cfg = SampleConfig {
         prompt: a.prompt.clone(),
         uncond: UncondMode::from_flags(a.uncond.as_deref(), a.negative.as_deref())?,
@@ -164,17 +170,14 @@ pub fn run_sample(a: SampleArgs, json: bool) -> Result<i32> {
         steps: a.steps,
         cfg: a.cfg,
         rescale: a.rescale,
-        sampler: a.sampler.parse::<SamplerKind>()?,
-        schedule: a
-            .schedule
-            .as_deref()
-            .map(str::parse::<ScheduleKind>)
-            .transpose()?,
+        sampler,
+        schedule,
         width,
         height,
         batch: a.batch,
     };
     cfg.validate()?;
+    check_out_dir(&a.out)?;
     let model_path = crate::toy::model_or_default(a.model.clone())?;
     let (model, load_s) = load(
         &model_path,
@@ -238,9 +241,50 @@ pub fn run_sample(a: SampleArgs, json: bool) -> Result<i32> {
     // images failed.
     if let Some(msg) = report.broken_message() {
         eprintln!("error: {msg}");
+        if cfg.cfg > 30.0 {
+            eprintln!(
+                "note: --cfg {} is far past the usual 3–12; a guidance scale this large can overflow by itself",
+                cfg.cfg
+            );
+        }
         return Ok(1);
     }
     Ok(0)
+}
+
+/// `--sampler` and `--schedule`: the sampler may be an A1111 name that
+/// carries its schedule ("DPM++ 2M Karras", A1111 before 1.9), which then
+/// is the schedule unless `--schedule` names the same.
+pub(super) fn sampler_and_schedule(
+    sampler: &str,
+    schedule: Option<&str>,
+) -> Result<(SamplerKind, Option<ScheduleKind>)> {
+    let (kind, implied) = crate::diffusion::sampler::parse_a1111_sampler(sampler)?;
+    let given = schedule.map(str::parse::<ScheduleKind>).transpose()?;
+    match (implied, given) {
+        (Some(i), Some(g)) if i != g => Err(Error::config(format!(
+            "--sampler {sampler:?} names the {} schedule, --schedule {}; give one of them",
+            i.cli_name(),
+            g.cli_name()
+        ))),
+        (i, g) => Ok((kind, g.or(i))),
+    }
+}
+
+/// `sample --out`: a folder that can be written, checked before the model
+/// loads and the images render (they are written at the end).
+fn check_out_dir(out: &std::path::Path) -> Result<()> {
+    use crate::error::IoContext;
+    if out.exists() && !out.is_dir() {
+        return Err(Error::config(format!(
+            "--out {}: is a file; give a folder (the images are numbered inside it, as A1111 does)",
+            out.display()
+        )));
+    }
+    std::fs::create_dir_all(out).at(out)?;
+    tempfile::NamedTempFile::new_in(out)
+        .map(drop)
+        .map_err(|e| Error::config(format!("--out {}: cannot write there ({e})", out.display())))
 }
 
 /// Run `eps2v diagnose …`.
@@ -296,6 +340,33 @@ mod tests {
             let e = parse_size(bad).unwrap_err().to_string();
             assert!(e.contains("WIDTHxHEIGHT"), "{bad}: {e}");
         }
+    }
+
+    /// A1111's pre-1.9 names carry their schedule; a --schedule that
+    /// names another is refused, the same one is fine.
+    #[test]
+    fn a1111_sampler_names_carry_their_schedule() {
+        let k = Some(ScheduleKind::Karras);
+        assert_eq!(
+            sampler_and_schedule("DPM++ 2M Karras", None).unwrap(),
+            (SamplerKind::DpmPp2m, k)
+        );
+        assert_eq!(
+            sampler_and_schedule("dpmpp_2m", Some("karras")).unwrap(),
+            (SamplerKind::DpmPp2m, k)
+        );
+        assert_eq!(
+            sampler_and_schedule("DPM++ 2M Karras", Some("karras")).unwrap(),
+            (SamplerKind::DpmPp2m, k)
+        );
+        assert_eq!(
+            sampler_and_schedule("euler_a", None).unwrap(),
+            (SamplerKind::EulerAncestral, None)
+        );
+        let e = sampler_and_schedule("DPM++ 2M Karras", Some("normal"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("names the karras schedule"), "{e}");
     }
 }
 

@@ -468,7 +468,7 @@ pub fn run_train(a: TrainArgs, json: bool) -> Result<i32> {
     for w in cfg.warnings() {
         eprintln!("warning: {w}");
     }
-    if let Some(w) = same_prediction_warning(&cfg, &m)? {
+    if let Some(w) = train::same_prediction_warning(&cfg, &m)? {
         eprintln!("warning: {w}");
     }
     let (device, dtype) = a.device.resolve()?;
@@ -498,11 +498,22 @@ pub fn run_train(a: TrainArgs, json: bool) -> Result<i32> {
         println!("{}", serde_json::to_string_pretty(&r)?);
     } else {
         println!(
-            "train run {} ({}): {} steps in {:.1}s{}, objective {}{}, {} trainable parameters, optimizer state {:.1} MB",
+            "train run {} ({}): {} steps in {:.1}s{}{}, objective {}{}, {} trainable parameters, optimizer state {:.1} MB",
             r.run_id,
             r.run_dir.display(),
             r.steps,
             r.seconds,
+            // The time is this call's: a resumed run says which steps.
+            match (r.resumed, r.steps > r.resumed_at) {
+                (true, true) => format!(
+                    " (steps {}–{} now, resumed at {})",
+                    r.resumed_at + 1,
+                    r.steps,
+                    r.resumed_at
+                ),
+                (true, false) => format!(" (resumed at {}: no steps left)", r.resumed_at),
+                (false, _) => String::new(),
+            },
             if r.lanes > 1 {
                 format!(" ({} micro-batches at once)", r.lanes)
             } else {
@@ -600,35 +611,6 @@ pub fn run_train(a: TrainArgs, json: bool) -> Result<i32> {
     } else {
         0
     })
-}
-
-/// A base that already predicts the objective and generated the dataset:
-/// training it on its own images converts nothing (a v model given as the
-/// eps base, or `--objective` forgotten for v → eps). Another base (a
-/// stage-1 export trained on the base's images) is a continuation.
-fn same_prediction_warning(cfg: &TrainConfig, m: &Manifest) -> Result<Option<String>> {
-    // Not found or several models: nothing to compare (and no reason to
-    // stop a run that names its --model).
-    let Ok(Some(generator)) = crate::toy::generating_model(m) else {
-        return Ok(None);
-    };
-    if !crate::atomic::same_file(&generator, &cfg.model) {
-        return Ok(None);
-    }
-    let p = crate::models::sdxl::checkpoint::Checkpoint::open(&cfg.model)?.prediction();
-    if crate::pipeline::model::discrete_prediction(p.prediction) != Some(cfg.objective) {
-        return Ok(None);
-    }
-    let (now, other) = match cfg.objective {
-        crate::diffusion::Prediction::V => ("v", "eps"),
-        crate::diffusion::Prediction::Eps => ("eps", "v"),
-    };
-    Ok(Some(format!(
-        "{} already predicts {} ({}) and generated this dataset: training {now} on its own images converts nothing; use --objective {other} for {now} → {other}, or give the {other} model to convert",
-        cfg.model.display(),
-        p.prediction.name(),
-        p.source
-    )))
 }
 
 #[cfg(test)]

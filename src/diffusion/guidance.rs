@@ -72,7 +72,12 @@ impl FromStr for UncondMode {
     /// usually given with `--negative`).
     fn from_str(s: &str) -> Result<Self> {
         if let Some(t) = s.strip_prefix("text:") {
-            return Ok(UncondMode::Negative(t.to_string()));
+            // `text:` with nothing after it encodes "": the empty prompt.
+            return Ok(if t.is_empty() {
+                UncondMode::Empty
+            } else {
+                UncondMode::Negative(t.to_string())
+            });
         }
         match s.trim().to_ascii_lowercase().as_str() {
             "zero" => Ok(UncondMode::Zero),
@@ -397,6 +402,12 @@ mod tests {
             UncondMode::Zero
         );
         assert!(UncondMode::from_flags(Some("null"), None).is_err());
+        // `text:` with no text is the empty prompt (its infotext too).
+        assert_eq!("text:".parse::<UncondMode>().unwrap(), UncondMode::Empty);
+        assert_eq!(
+            "text:,".parse::<UncondMode>().unwrap(),
+            UncondMode::Negative(",".into())
+        );
         assert_eq!(UncondMode::Negative("x".into()).to_string(), "negative");
         assert_eq!(UncondMode::Zero.prompt(), None);
         assert_eq!(UncondMode::Empty.prompt(), Some(""));

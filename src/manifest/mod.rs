@@ -524,8 +524,25 @@ fn no_manifest(root: &Path) -> Error {
     if root.exists() && !root.is_dir() {
         return not_a_folder(root);
     }
+    // A folder of images given as the dataset: a dataset is its own
+    // folder, made from the images by import.
+    // (Its own entries only: no walk of a big tree for an error message.)
+    let has_images = std::fs::read_dir(root).is_ok_and(|d| {
+        d.flatten()
+            .take(10_000)
+            .any(|e| crate::stages::walk::has_image_extension(&e.path()))
+    });
+    if has_images {
+        return Error::Config(format!(
+            "{}: no {MANIFEST_FILE} here, and it holds images: a dataset is a folder of its own; make one from them with `eps2v import DATASET --from {}`",
+            root.display(),
+            root.display()
+        ));
+    }
     Error::Config(format!(
-        "{}: no {MANIFEST_FILE} here; create the dataset first with `eps2v init {}`",
+        "{}: no {MANIFEST_FILE} here; create the dataset first with `eps2v import {} --from IMAGES`, `eps2v generate {}` or `eps2v init {}`",
+        root.display(),
+        root.display(),
         root.display(),
         root.display()
     ))

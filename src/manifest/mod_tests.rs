@@ -95,7 +95,17 @@ fn stage_run_ends_the_row_by_the_outcome() {
 fn open_without_manifest_says_to_init() {
     let dir = tempfile::tempdir().unwrap();
     let e = Manifest::open(dir.path()).unwrap_err().to_string();
-    assert!(e.contains("eps2v init"), "{e}");
+    assert!(
+        e.contains("eps2v init") && e.contains("eps2v import"),
+        "{e}"
+    );
+    // A folder of images given as the dataset: import them into one.
+    std::fs::write(dir.path().join("a.PNG"), b"x").unwrap();
+    let e = Manifest::open(dir.path()).unwrap_err().to_string();
+    assert!(
+        e.contains("it holds images") && e.contains("eps2v import DATASET --from"),
+        "{e}"
+    );
 }
 
 #[test]

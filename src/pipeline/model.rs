@@ -361,15 +361,23 @@ impl SdxlModel {
 /// `prompt` without its A1111 extra-network tags, as A1111 encodes it
 /// (copied prompts carry `<lora:…>`; its characters would otherwise be
 /// encoded as words), with a warning the first time: no network is
-/// applied.
+/// applied. Prompt editing, alternation and `AND` are warned about once.
 fn without_networks(prompt: &str) -> String {
     use std::sync::atomic::{AtomicBool, Ordering};
     static WARNED: AtomicBool = AtomicBool::new(false);
+    static WARNED_SYNTAX: AtomicBool = AtomicBool::new(false);
     let (text, had) = crate::models::sdxl::prompt::strip_extra_networks(prompt);
     if had && !WARNED.swap(true, Ordering::Relaxed) {
         eprintln!(
             "warning: prompts' extra-network tags (<lora:…>, <hypernet:…>) are left out of the text; eps2v applies no LoRA or hypernetwork"
         );
+    }
+    if let Some(what) = crate::models::sdxl::prompt::unsupported_syntax(&text) {
+        if !WARNED_SYNTAX.swap(true, Ordering::Relaxed) {
+            eprintln!(
+                "warning: A1111's {what} is encoded as plain text here (eps2v does not change the prompt during sampling): {text:?}"
+            );
+        }
     }
     text
 }
@@ -522,9 +530,14 @@ pub fn check_size_of(path: &std::path::Path, width: u32, height: u32) -> Result<
     Ok(())
 }
 
+/// The largest image side any command samples or trains at (ComfyUI's
+/// `MAX_RESOLUTION`): past it, memory, not the model, is the limit.
+pub const MAX_SIDE: u32 = 16384;
+
 /// Whether an image of `width × height` fits a model of these configs:
 /// both sides positive multiples of the VAE factor times 2 per UNet level
-/// below the first (32 for SDXL); a config error says which multiple.
+/// below the first (32 for SDXL), at most [`MAX_SIDE`]; a config error says
+/// which multiple and the nearest size that fits.
 pub fn check_size(
     unet: &crate::models::sdxl::UNetConfig,
     vae: &crate::models::sdxl::VaeConfig,
@@ -535,8 +548,17 @@ pub fn check_size(
     let levels = unet.channel_mult.len();
     let m = f << levels.saturating_sub(1);
     if width == 0 || height == 0 || width as usize % m != 0 || height as usize % m != 0 {
+        // The nearest size that fits, each side rounded to a multiple of m.
+        let near = |x: u32| ((x as usize + m / 2) / m).max(1) * m;
         return Err(Error::config(format!(
-            "size {width}x{height}: width and height must be positive multiples of {m} for this model (VAE factor {f}, UNet {levels} levels)"
+            "size {width}x{height}: width and height must be positive multiples of {m} for this model (VAE factor {f}, UNet {levels} levels); the nearest is {}x{}",
+            near(width),
+            near(height)
+        )));
+    }
+    if width > MAX_SIDE || height > MAX_SIDE {
+        return Err(Error::config(format!(
+            "size {width}x{height}: at most {MAX_SIDE} pixels a side (ComfyUI's limit too; SDXL draws best near 1024x1024, e.g. 832x1216)"
         )));
     }
     Ok(())

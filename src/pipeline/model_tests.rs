@@ -54,7 +54,16 @@ fn tiny_checkpoint_is_detected_with_its_markers() {
     assert!(!m.schedule().is_ztsnr());
     assert!(m.latent_shape(64, 96).is_ok());
     let e = m.latent_shape(64, 100).unwrap_err().to_string();
-    assert!(e.contains("multiples of 32"), "{e}");
+    assert!(
+        e.contains("multiples of 32") && e.contains("nearest is 64x96"),
+        "{e}"
+    );
+    // Past the largest side: an error, not an allocation that aborts.
+    let e = m
+        .latent_shape(64, 1_000_000 / 32 * 32)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("at most 16384"), "{e}");
     // Regression: a stray `ztsnr` marker on an eps file put eps
     // sampling on the ZTSNR schedule; as in ComfyUI it counts for v
     // only (and the file's warning says so). Asked for, it holds.

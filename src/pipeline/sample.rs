@@ -108,6 +108,21 @@ impl SampleConfig {
         if self.steps == 0 {
             return Err(Error::config("--steps must be at least 1"));
         }
+        // Image k gets seed + k, written into its infotext and read back
+        // as a signed 64-bit integer (import, A1111): the last must fit.
+        if self
+            .seed
+            .checked_add(self.batch as u64 - 1)
+            .is_none_or(|last| last > i64::MAX as u64)
+        {
+            return Err(Error::config(format!(
+                "--seed {}: the {} images take seeds up to {} + {}, past 2^63-1 (the largest seed an image's infotext reads back as); give a smaller seed",
+                self.seed,
+                self.batch,
+                self.seed,
+                self.batch - 1
+            )));
+        }
         if !(self.cfg.is_finite() && self.cfg > 0.0) {
             return Err(Error::config(format!(
                 "--cfg must be a positive number, got {}",

@@ -316,9 +316,21 @@ fn bad_numbers_are_config_errors() {
             rescale: Some(1.5),
             ..cfg()
         },
+        // The second image's seed would be 2^63, past what reads back.
+        SampleConfig {
+            seed: i64::MAX as u64,
+            batch: 2,
+            ..cfg()
+        },
     ] {
         assert!(matches!(bad.validate(), Err(Error::Config(_))), "{bad:?}");
     }
+    let last = SampleConfig {
+        seed: i64::MAX as u64 - 1,
+        batch: 2,
+        ..cfg()
+    };
+    last.validate().unwrap();
 }
 
 #[test]

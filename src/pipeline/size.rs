@@ -49,8 +49,18 @@ pub fn native_size_from(
     warnings: &mut Vec<String>,
 ) -> ((u32, u32), bool) {
     if let Some(r) = meta.get(checkpoint::META_RESOLUTION) {
+        // A size no SDXL-family model samples at (not a multiple of 32, or
+        // past the largest side) is not taken as the default either.
+        let usable = |(w, h): (u32, u32)| {
+            w % 32 == 0 && h % 32 == 0 && w.max(h) <= crate::pipeline::model::MAX_SIDE
+        };
         match parse_wxh(r) {
-            Some(s) => return (s, true),
+            Some(s) if usable(s) => return (s, true),
+            Some(_) => warnings.push(format!(
+                "metadata {} = {r:?} is not a size this model samples at (multiples of 32, at most {} a side); the default size falls back to the UNet config's",
+                checkpoint::META_RESOLUTION,
+                crate::pipeline::model::MAX_SIDE
+            )),
             None => warnings.push(format!(
                 "metadata {} = {r:?} is not WIDTHxHEIGHT; the default size falls back to the UNet config's",
                 checkpoint::META_RESOLUTION
@@ -87,6 +97,16 @@ mod tests {
             w.len() == 1 && w[0].contains("modelspec.resolution") && w[0].contains("\"1024\""),
             "{w:?}"
         );
+        for bad in ["100x100", "1024x20000"] {
+            let mut w = Vec::new();
+            meta.insert(checkpoint::META_RESOLUTION.into(), bad.into());
+            assert_eq!(
+                native_size(&meta, "sdxl_base", &mut w),
+                (1024, 1024),
+                "{bad}"
+            );
+            assert!(w.len() == 1 && w[0].contains("not a size"), "{w:?}");
+        }
         assert_eq!(parse_wxh(" 64X96 "), Some((64, 96)));
         for bad in ["", "64", "64x", "x64", "0x64", "-8x64", "axb", "64x64x64"] {
             assert_eq!(parse_wxh(bad), None, "{bad}");

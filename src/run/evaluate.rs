@@ -75,18 +75,19 @@ pub(super) fn evaluate(
             None,
         ),
     ];
+    let sweep = progress.stages.get("merge").and_then(|r| r.sweep.as_ref());
     if let Some(t) = progress.stages.get("train") {
         if let Some(c) = &t.converted {
-            todo.push((
-                "converted".into(),
-                c.clone(),
-                objective,
-                ztsnr,
-                t.exported_retention.or(t.retention.last().map(|x| x.1)),
-            ));
+            // Retention on the merges' measure when the sweep scored it
+            // (so the rows compare); else training's last evaluation.
+            let retention = match sweep.and_then(|s| s.a_retention) {
+                Some(r) => Some(r),
+                None => t.exported_retention.or(t.retention.last().map(|x| x.1)),
+            };
+            todo.push(("converted".into(), c.clone(), objective, ztsnr, retention));
         }
     }
-    if let Some(s) = progress.stages.get("merge").and_then(|r| r.sweep.as_ref()) {
+    if let Some(s) = sweep {
         for p in &s.points {
             todo.push((
                 format!("merge α = {}", p.alpha),

@@ -480,6 +480,13 @@ pub fn run(cfg: &RunConfig, adherence: Option<&AdherenceFn<'_>>, ctx: &Ctx) -> R
                         t.out = Some(out_dir.join("converted.safetensors"));
                     }
                     let resume = train::state::adoptable_run(&m, &t)?;
+                    // With `generate` in the run, the config check refused
+                    // this; here the dataset was made earlier.
+                    if !cfg.has("generate") && resume.is_none() {
+                        if let Some(w) = train::same_prediction_warning(&t, &m)? {
+                            ctx.say(&format!("warning: {w}"));
+                        }
+                    }
                     let r = train::train(&t, &mut m, &train_options(cfg, resume)?, ctx)?;
                     if r.interrupted {
                         report.stopped_in(
@@ -547,6 +554,9 @@ pub fn run(cfg: &RunConfig, adherence: Option<&AdherenceFn<'_>>, ctx: &Ctx) -> R
                             width: spec.width,
                             height: spec.height,
                             load: placement(cfg)?,
+                            // The converted model on the merges' measure,
+                            // for `evaluate` and the report.
+                            score_a: true,
                         },
                         ctx,
                     );
@@ -554,9 +564,14 @@ pub fn run(cfg: &RunConfig, adherence: Option<&AdherenceFn<'_>>, ctx: &Ctx) -> R
                         break;
                     };
                     let pts: Vec<String> = r
-                        .points
-                        .iter()
-                        .map(|p| format!("α {} retention {:.3}", p.alpha, p.retention))
+                        .a_retention
+                        .map(|x| format!("converted retention {x:.3}"))
+                        .into_iter()
+                        .chain(
+                            r.points
+                                .iter()
+                                .map(|p| format!("α {} retention {:.3}", p.alpha, p.retention)),
+                        )
                         .collect();
                     rec.summary = pts.join(", ");
                     rec.sweep = Some(r);

@@ -98,7 +98,7 @@ pub fn write(
 
     // --- adherence ----------------------------------------------------------
     if let Some(e) = p.stages.get("evaluate") {
-        body.push_str("<h2>Prompt adherence</h2><p>What the tagger reads in the samples against what each prompt asks (same prompts and seeds for every model). Toy world: share of images with the count, the shape kinds, the shape colours and the background read right, and their mean (the measure of <code>eps2v toy eval</code>); other taggers: share of each prompt's tags seen. Grids: one row per prompt, one column per seed.</p>");
+        body.push_str("<h2>Prompt adherence</h2><p>What the tagger reads in the samples against what each prompt asks (same prompts and seeds for every model). Toy world: share of images with the count, the shape kinds, the shape colours and the background read right, and their mean (the measure of <code>eps2v toy eval</code>); other taggers: share of each prompt's tags seen. Grids: one row per prompt, one column per seed. Retention: shape retention against the base model's own samples, on the merge sweep's samples (the converted model's on training's last evaluation when no sweep ran).</p>");
         let attrs: Vec<String> = e
             .scores
             .iter()
@@ -209,6 +209,14 @@ pub fn write(
     // --- merges -------------------------------------------------------------
     if let Some(sweep) = p.stages.get("merge").and_then(|r| r.sweep.as_ref()) {
         body.push_str("<h2>Merge sweep</h2><p>(1 − α)·converted + α·base; retention against the base model's own samples. Grids: base column, then the merge.</p><table><tr><th>α</th><th>retention</th><th>file</th></tr>");
+        if let Some(r) = sweep.a_retention {
+            let converted = p.stages.get("train").and_then(|t| t.converted.as_ref());
+            let _ = write!(
+                body,
+                "<tr><td class=n>0 (unmerged)</td><td class=n>{r:.3}</td><td><code>{}</code></td></tr>",
+                converted.map_or(String::new(), |c| esc(&c.display().to_string()))
+            );
+        }
         for pt in &sweep.points {
             let _ = write!(
                 body,

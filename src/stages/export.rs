@@ -30,8 +30,10 @@
 //!   schema `schemas/export_row.schema.json`; Parquet through polars.
 //!
 //! Caption choice (silent in the issue; decided here): the first present of
-//! `policy`, `tagger`, `sidecar_txt`, `sidecar_caption`, `a1111_prompt`,
-//! then any other source alphabetically. An `a1111_prompt` caption is
+//! `duplicate_sidecar` (a hand-written caption of a dropped duplicate,
+//! given to its keeper by `dedupe`; a keeper that has one has no sidecar
+//! of its own), `policy`, `tagger`, `sidecar_txt`, `sidecar_caption`,
+//! `a1111_prompt`, then any other source alphabetically. An `a1111_prompt` caption is
 //! exported as training text: A1111 emphasis, `BREAK` and extra-network
 //! syntax removed (`(red hair:1.2)` → `red hair`, see
 //! [`crate::models::sdxl::prompt::clean_prompt`]).
@@ -64,6 +66,7 @@ pub use tables::{write_jsonl, write_parquet};
 
 /// Caption sources in export priority order.
 pub const CAPTION_PRIORITY: &[&str] = &[
+    crate::stages::dedupe::CARRIED_CAPTION_SOURCE,
     "policy",
     "tagger",
     "sidecar_txt",

@@ -78,7 +78,14 @@ pub(super) fn check_replaceable(out: &Path, format: ExportFormat, default_out: b
             _ => ext == "parquet",
         };
         if own {
-            return Ok(());
+            if super::tables::is_table_export(out, format) {
+                return Ok(());
+            }
+            return Err(Error::config(format!(
+                "export --out {}: the file exists and is not an earlier eps2v {} export (no item_id / sha256 / status columns); an export replaces its file, so choose another --out",
+                out.display(),
+                format.name()
+            )));
         }
         return Err(Error::config(format!(
             "export --out {}: the file exists and is not a .{} file; an export replaces its file, so choose another --out",
@@ -218,8 +225,21 @@ mod tests {
         assert!(e.contains("is not a .parquet file"), "{e}");
         assert!(check("notes", ExportFormat::Jsonl).is_err());
         assert!(check("rows.jsonl", ExportFormat::Parquet).is_err());
+        // Of its kind by name but not by content ("x"): not replaced.
+        let e = check("rows.jsonl", ExportFormat::Jsonl)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("not an earlier eps2v jsonl export"), "{e}");
+        assert!(check("rows.parquet", ExportFormat::Parquet).is_err());
+        // An earlier export's first line, or an empty one, is.
+        fs::write(
+            d.path().join("rows.jsonl"),
+            "{\"item_id\": 1, \"sha256\": \"ab\", \"status\": \"ok\"}\n",
+        )
+        .unwrap();
         check("rows.jsonl", ExportFormat::Jsonl).unwrap();
-        check("rows.parquet", ExportFormat::Parquet).unwrap();
+        fs::write(d.path().join("empty.jsonl"), "").unwrap();
+        check("empty.jsonl", ExportFormat::Jsonl).unwrap();
         check("new.parquet", ExportFormat::Parquet).unwrap();
     }
 }

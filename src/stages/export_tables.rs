@@ -7,6 +7,33 @@ use std::path::Path;
 use super::ExportRow;
 use crate::error::{Error, IoContext, Result};
 
+/// Whether the file at `out` is an earlier table export of `format`: its
+/// rows have the export's required columns (`item_id`, `sha256`,
+/// `status`), or it has no rows. Anything else is not replaced.
+pub fn is_table_export(out: &Path, format: super::ExportFormat) -> bool {
+    const REQUIRED: [&str; 3] = ["item_id", "sha256", "status"];
+    let Ok(f) = fs::File::open(out) else {
+        return false;
+    };
+    if format == super::ExportFormat::Parquet {
+        use polars::prelude::*;
+        return ParquetReader::new(f)
+            .schema()
+            .is_ok_and(|s| REQUIRED.iter().all(|c| s.contains(c)));
+    }
+    use std::io::{BufRead, Read};
+    let mut first = String::new();
+    if std::io::BufReader::new(f.take(1 << 20))
+        .read_line(&mut first)
+        .is_err()
+    {
+        return false;
+    }
+    first.trim().is_empty()
+        || serde_json::from_str::<serde_json::Value>(&first)
+            .is_ok_and(|v| REQUIRED.iter().all(|c| v.get(c).is_some()))
+}
+
 /// Write rows as JSON lines.
 pub fn write_jsonl(rows: &[ExportRow], out: &Path) -> Result<()> {
     use std::io::Write;

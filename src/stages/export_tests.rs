@@ -276,9 +276,28 @@ fn kohya_latents_carry_the_true_size_and_crop() {
     assert_eq!(npz_bytes.len(), 3);
     assert!(asymmetric >= 1, "no asymmetric crop was tested");
 
-    // Again: everything from the cache, the same files.
+    // Again: everything from the cache, the same files. Rows a killed
+    // run wrote the files of but not yet the rows (here: deleted) are
+    // recorded from the files found, under the run that finds them.
+    let latent_rows = |m: &Manifest| -> (i64, i64) {
+        m.conn()
+            .query_row(
+                "SELECT count(*), count(DISTINCT run_id) FROM cache_entries WHERE kind = 'latent'",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .unwrap()
+    };
+    assert_eq!(latent_rows(&m), (6, 1));
+    m.conn()
+        .execute(
+            "DELETE FROM cache_entries WHERE rowid IN (SELECT rowid FROM cache_entries WHERE kind = 'latent' LIMIT 2)",
+            [],
+        )
+        .unwrap();
     let r = run_with(&cfg, &mut m, &Ctx::quiet(), Some(&src)).unwrap();
     assert_eq!((r.latents_encoded, r.latents_cached), (0, 6), "{r:?}");
+    assert_eq!(latent_rows(&m), (6, 2));
     for (p, bytes) in &npz_bytes {
         assert_eq!(&fs::read(p).unwrap(), bytes, "{}", p.display());
     }
@@ -496,6 +515,35 @@ fn latent_flags_need_kohya_and_a_vae() {
         };
         let e = run(&c, &mut m, &Ctx::quiet()).unwrap_err().to_string();
         assert!(e.contains("name it for the format"), "{e}");
+    }
+    // Regression: a user's own .jsonl (or .parquet) was replaced: only an
+    // earlier export of that format is.
+    for (format, out, theirs) in [
+        (
+            ExportFormat::Jsonl,
+            "mine.jsonl",
+            &b"{\"prompt\": \"a cat\"}\n"[..],
+        ),
+        (
+            ExportFormat::Parquet,
+            "mine.parquet",
+            &b"PAR1 not a table"[..],
+        ),
+    ] {
+        let out = d.path().join(out);
+        std::fs::write(&out, theirs).unwrap();
+        let c = ExportConfig {
+            format,
+            out: Some(out.clone()),
+            ..Default::default()
+        };
+        let e = run(&c, &mut m, &Ctx::quiet()).unwrap_err().to_string();
+        assert!(e.contains("not an earlier eps2v"), "{e}");
+        assert_eq!(std::fs::read(&out).unwrap(), theirs);
+        // Made by export, it is replaced on the next one.
+        std::fs::remove_file(&out).unwrap();
+        run(&c, &mut m, &Ctx::quiet()).unwrap();
+        run(&c, &mut m, &Ctx::quiet()).unwrap();
     }
 }
 

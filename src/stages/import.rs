@@ -145,6 +145,10 @@ pub struct ImportReport {
     pub with_caption: usize,
     /// Files with a content/extension mismatch (imported anyway).
     pub wrong_extension: usize,
+    /// Sidecar captions that are there but were not read (not UTF-8 or
+    /// UTF-16 text, too large), with why: their images are imported
+    /// without them.
+    pub unread_captions: Vec<Failure>,
     /// Files that could not be read at all.
     pub failed: Vec<Failure>,
     /// Files imported from this folder before that are gone from it now
@@ -180,6 +184,8 @@ pub struct FileOutcome {
     pub generation: Option<GenerationParams>,
     /// Sidecar captions: (source, text).
     pub captions: Vec<(&'static str, String)>,
+    /// Sidecars that are there but were not read ([`read_sidecars`]).
+    pub caption_problems: Vec<Failure>,
     /// Note on the source (e.g. `wrong_extension: png content in .jpg`).
     pub note: Option<String>,
 }
@@ -412,6 +418,9 @@ fn write_batch(
                 continue;
             }
         };
+        report
+            .unread_captions
+            .extend(o.caption_problems.iter().cloned());
         // The item with these bytes, and whether import itself rejected it.
         let existing: Option<(i64, bool)> = tx
             .query_row(

@@ -37,30 +37,82 @@ pub(super) const SIDECARS: [(&str, &str); 2] =
 
 /// Read the kohya-style sidecar captions of `image` (`stem.txt`, `stem.caption`).
 pub fn sidecar_captions(image: &Path) -> Vec<(&'static str, String)> {
+    read_sidecars(image).0
+}
+
+/// [`sidecar_captions`], and a line for each sidecar that is there but
+/// could not be taken as a caption (not UTF-8/UTF-16 text, too large), so
+/// that import says so instead of training the image without it.
+pub fn read_sidecars(image: &Path) -> (Vec<(&'static str, String)>, Vec<Failure>) {
     let mut out = Vec::new();
+    let mut problems = Vec::new();
     for (ext, source) in SIDECARS {
         let p = image.with_extension(ext);
         // A regular file of caption size only: a link to a FIFO or a
         // device would block or never end, and a link to some large
         // unrelated file is not a caption.
-        let plain = fs::metadata(&p).is_ok_and(|m| m.is_file() && m.len() <= MAX_SIDECAR_BYTES);
-        if !plain {
+        let Ok(meta) = fs::metadata(&p) else {
+            continue;
+        };
+        if !meta.is_file() {
             continue;
         }
-        if let Ok(text) = fs::read_to_string(&p) {
-            // A byte-order mark and Windows line ends are not caption
-            // text (a BOM would glue itself to the first tag).
-            let text = text
-                .trim_start_matches('\u{feff}')
-                .replace("\r\n", "\n")
-                .replace('\r', "\n");
-            let text = text.trim();
-            if !text.is_empty() {
-                out.push((source, text.to_string()));
-            }
+        if meta.len() > MAX_SIDECAR_BYTES {
+            problems.push(Failure {
+                path: p,
+                reason: format!(
+                    "sidecar caption not read: {} bytes, over {MAX_SIDECAR_BYTES} (not a caption)",
+                    meta.len()
+                ),
+            });
+            continue;
+        }
+        let Ok(bytes) = fs::read(&p) else {
+            continue;
+        };
+        let Some(text) = caption_text(&bytes) else {
+            problems.push(Failure {
+                path: p,
+                reason: "sidecar caption not read: not UTF-8 text (an \"ANSI\" / cp1252 file?); save it as UTF-8 and import again".into(),
+            });
+            continue;
+        };
+        // Windows line ends are not caption text.
+        let text = text.replace("\r\n", "\n").replace('\r', "\n");
+        let text = text.trim();
+        if !text.is_empty() {
+            out.push((source, text.to_string()));
         }
     }
-    out
+    (out, problems)
+}
+
+/// A sidecar's bytes as text: UTF-8 (a byte-order mark dropped: it would
+/// glue itself to the first tag), or UTF-16 with its byte-order mark (what
+/// Windows Notepad saves as "Unicode"); `None` for anything else.
+fn caption_text(bytes: &[u8]) -> Option<String> {
+    let utf16 = |b: &[u8], be: bool| -> Option<String> {
+        if b.len() % 2 != 0 {
+            return None;
+        }
+        let units = b.chunks_exact(2).map(|c| {
+            if be {
+                u16::from_be_bytes([c[0], c[1]])
+            } else {
+                u16::from_le_bytes([c[0], c[1]])
+            }
+        });
+        char::decode_utf16(units)
+            .collect::<std::result::Result<String, _>>()
+            .ok()
+    };
+    match bytes {
+        [0xFF, 0xFE, rest @ ..] => utf16(rest, false),
+        [0xFE, 0xFF, rest @ ..] => utf16(rest, true),
+        _ => std::str::from_utf8(bytes)
+            .ok()
+            .map(|t| t.trim_start_matches('\u{feff}').to_string()),
+    }
 }
 
 /// A source path as the manifest stores it (`sources.path`, unique): the
@@ -147,7 +199,7 @@ pub fn process_file(root: &Path, path: &Path, limits: &DecodeLimits) -> Result<F
     let bytes = fs::read(path).at(path)?;
     let sha = sha256_hex(&bytes);
     let source = source_key(path);
-    let captions = sidecar_captions(path);
+    let (captions, caption_problems) = read_sidecars(path);
     let mut out = FileOutcome {
         source: path.to_path_buf(),
         size: meta.len(),
@@ -165,6 +217,7 @@ pub fn process_file(root: &Path, path: &Path, limits: &DecodeLimits) -> Result<F
         hashes: None,
         generation: None,
         captions,
+        caption_problems,
         note: None,
     };
     let ext = path

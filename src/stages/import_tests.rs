@@ -38,6 +38,52 @@ fn only_caption_sized_regular_files_are_sidecars() {
     if made {
         assert!(sidecar_captions(&d.path().join("b.png")).is_empty());
     }
+    // The too-large one is said, not dropped without a word.
+    let (_, problems) = read_sidecars(&img);
+    assert!(
+        problems.len() == 1 && problems[0].reason.contains("over 1048576"),
+        "{problems:?}"
+    );
+}
+
+/// Regression: a sidecar in UTF-16 (Notepad's "Unicode") or in cp1252
+/// was dropped silently and its image trained on the class token. UTF-16
+/// with its byte-order mark is read; other bytes are said.
+#[test]
+fn utf16_sidecars_are_read_and_other_encodings_said() {
+    let d = tempfile::tempdir().unwrap();
+    let img = d.path().join("a.png");
+    let text = "café, naïve girl\r\n";
+    let le: Vec<u8> = [0xFF, 0xFE]
+        .into_iter()
+        .chain(text.encode_utf16().flat_map(u16::to_le_bytes))
+        .collect();
+    fs::write(d.path().join("a.txt"), le).unwrap();
+    let be: Vec<u8> = [0xFE, 0xFF]
+        .into_iter()
+        .chain(text.encode_utf16().flat_map(u16::to_be_bytes))
+        .collect();
+    fs::write(d.path().join("a.caption"), be).unwrap();
+    let (caps, problems) = read_sidecars(&img);
+    assert!(problems.is_empty(), "{problems:?}");
+    assert_eq!(
+        caps,
+        vec![
+            ("sidecar_txt", "café, naïve girl".to_string()),
+            ("sidecar_caption", "café, naïve girl".to_string())
+        ]
+    );
+    // cp1252 "café": not UTF-8, not UTF-16.
+    fs::write(d.path().join("b.txt"), b"caf\xe9, girl").unwrap();
+    fs::write(d.path().join("b.caption"), "\u{feff}1girl").unwrap();
+    let (caps, problems) = read_sidecars(&d.path().join("b.png"));
+    assert_eq!(caps, vec![("sidecar_caption", "1girl".to_string())]);
+    assert!(
+        problems.len() == 1
+            && problems[0].path.ends_with("b.txt")
+            && problems[0].reason.contains("not UTF-8"),
+        "{problems:?}"
+    );
 }
 
 #[test]

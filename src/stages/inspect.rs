@@ -319,6 +319,11 @@ pub fn render(r: &InspectReport) -> String {
 
 /// Read-only SQL pass-through. Refuses anything but one read statement.
 pub fn sql(m: &Manifest, sql: &str) -> Result<Table> {
+    if sql.trim().trim_end_matches(';').trim().is_empty() {
+        return Err(Error::config(
+            "--sql: empty statement; e.g. --sql \"SELECT status, count(*) FROM items GROUP BY 1\"",
+        ));
+    }
     let st = m.conn().prepare(sql).map_err(|e| {
         Error::config(format!(
             "--sql: {e}; list the tables and their columns with --sql \"SELECT name, sql FROM sqlite_master\""

@@ -255,6 +255,10 @@ fn write_entry(root: &Path, rel: &str, tensors: &[(&str, &Tensor)]) -> Result<()
 
 /// A pending manifest row of `cache_entries`.
 struct Row {
+    /// An entry found on disk, not written now: recorded only when its
+    /// row is missing (a killed run wrote the file, not yet its row), its
+    /// run kept.
+    hit: bool,
     key: String,
     kind: &'static str,
     item_id: Option<i64>,
@@ -273,17 +277,20 @@ fn record(m: &mut Manifest, run_id: i64, rows: &mut Vec<Row>) -> Result<()> {
         msg: e.to_string(),
     })?;
     {
-        let mut st = tx
-            .prepare_cached(
-                "INSERT OR REPLACE INTO cache_entries (key, kind, item_id, model_hash, path, detail, run_id, created_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-            )
-            .map_err(|e| Error::Manifest {
-                path: path.clone(),
-                msg: e.to_string(),
-            })?;
         let t = now();
         for r in rows.drain(..) {
+            let mut st = tx
+                .prepare_cached(if r.hit {
+                    "INSERT OR IGNORE INTO cache_entries (key, kind, item_id, model_hash, path, detail, run_id, created_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)"
+                } else {
+                    "INSERT OR REPLACE INTO cache_entries (key, kind, item_id, model_hash, path, detail, run_id, created_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)"
+                })
+                .map_err(|e| Error::Manifest {
+                    path: path.clone(),
+                    msg: e.to_string(),
+                })?;
             st.execute(rusqlite::params![
                 r.key,
                 r.kind,
@@ -407,6 +414,15 @@ pub fn build(
         );
         let rel = entry_path("text", &key);
         if entry_ok(&root, &rel, &["context", "pooled"]) {
+            rows.push(Row {
+                hit: true,
+                key: key.clone(),
+                kind: "text",
+                item_id: None,
+                model_hash: text_hash.clone(),
+                path: rel.clone(),
+                detail: t.clone(),
+            });
             text.insert(t.clone(), rel);
             report.texts_cached += 1;
         } else {
@@ -449,6 +465,7 @@ pub fn build(
                 write_entry(&root, &rel, &[("context", &ctxt), ("pooled", &pooled)])?;
                 text.insert(t.clone(), rel.clone());
                 rows.push(Row {
+                    hit: false,
                     key: key.clone(),
                     kind: "text",
                     item_id: None,

@@ -136,6 +136,15 @@ pub fn latents(
         let key = latent_key(it, &vae_hash, &mode, vae_dtype);
         let rel = entry_path("latents", &key);
         if entry_ok(&root, &rel, &["latent"]) {
+            rows.push(Row {
+                hit: true,
+                key: key.clone(),
+                kind: "latent",
+                item_id: Some(it.item_id),
+                model_hash: vae_hash.clone(),
+                path: rel.clone(),
+                detail: mode.clone(),
+            });
             latents.insert(it.item_id, rel);
             cached += 1;
             bar.inc(1);
@@ -236,6 +245,7 @@ pub fn latents(
                 write_entry(&root, &rel, &[("latent", &zi)])?;
                 latents.insert(it.item_id, rel.clone());
                 rows.push(Row {
+                    hit: false,
                     key: key.clone(),
                     kind: "latent",
                     item_id: Some(it.item_id),

@@ -31,6 +31,7 @@
 //! fixed prompt × seed set (ZTSNR-correct) and scoring it against the base
 //! model's samples, and `--stop-below` acts on that score.
 
+mod advice;
 mod batch;
 pub mod blocks;
 pub mod cache;
@@ -45,6 +46,7 @@ pub mod retention;
 pub mod state;
 pub mod testkit;
 pub mod weights;
+pub use advice::same_prediction_warning;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -114,6 +116,9 @@ pub struct TrainReport {
     pub run_dir: PathBuf,
     /// Whether this run resumed an earlier one.
     pub resumed: bool,
+    /// The step it resumed at (0 for a new run): `steps - resumed_at`
+    /// were taken in this call, in [`Self::seconds`].
+    pub resumed_at: usize,
     /// Optimizer steps done (over all stages, skipped ones included).
     pub steps: usize,
     /// Stages finished.
@@ -427,6 +432,7 @@ pub fn train(
                 ..TrainState::start(cfg.clone(), base_sha256.clone())
             },
         };
+        report.resumed_at = if report.resumed { st.step } else { 0 };
         let mut csv = log::CsvLog::open(&rdir.join("log.csv"), st.step)?;
         // What the steps before a resume reported, as an uninterrupted run
         // has it: every evaluation (the export's metadata takes the last

@@ -315,6 +315,17 @@ fn check_refuses_fp8_weights_and_says_when_the_vae_is_missing() {
     let t = text(&o);
     assert_eq!(o.status.code(), Some(0), "{t}");
     assert!(t.contains("check       no VAE in this file"), "{t}");
+    // The same in --json, where `check` says what it checked.
+    let o = run(&["--json", "ckpt", "check", no_vae.to_str().unwrap()]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["check"]["ok"], true, "{v}");
+    assert!(
+        v["check"]["notes"][0]
+            .as_str()
+            .unwrap()
+            .starts_with("no VAE"),
+        "{v}"
+    );
     let o = run(&["ckpt", "check", golden().to_str().unwrap()]);
     assert!(!text(&o).contains("no VAE"), "{}", text(&o));
 }

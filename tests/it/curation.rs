@@ -499,6 +499,21 @@ fn chain_dedupe_bucket_export_inspect_on_generated_images() {
         .unwrap();
     assert_eq!(o.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&o.stderr).contains("read-only"));
+    // An empty statement, and a --top past what SQLite takes, are named.
+    for (args, want) in [
+        (["--sql", " ; "], "--sql: empty statement"),
+        (["--top", "9223372036854775808"], "--top"),
+    ] {
+        let o = Command::new(bin())
+            .args(["inspect"])
+            .arg(&ds)
+            .args(args)
+            .output()
+            .unwrap();
+        assert_eq!(o.status.code(), Some(2));
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains(want) && !err.contains("mismatch"), "{err}");
+    }
     let o = Command::new(bin())
         .args(["inspect"])
         .arg(&ds)

@@ -232,6 +232,26 @@ fn toy_run_end_to_end_then_rerun_skips_everything() {
     };
     assert_eq!(grids(&targets).len(), 4, "{targets:?}");
     assert!(html.contains("drops by reason") && html.contains("alignment"));
+    // The converted model's retention is the merge sweep's measure of it,
+    // as the merges' are (its row in the sweep table, its score).
+    let merge = v["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["stage"] == "merge")
+        .unwrap();
+    let r = v["scores"][2]["retention"].as_f64().unwrap();
+    assert!(
+        merge["summary"]
+            .as_str()
+            .unwrap()
+            .starts_with(&format!("converted retention {r:.3}, α 0.5 retention")),
+        "{merge} {r}"
+    );
+    assert!(
+        html.contains("0 (unmerged)"),
+        "no unmerged row in the sweep table"
+    );
     // A rerun with the same config does nothing again (but sweep what a
     // killed write left in its folder).
     let temp = page.parent().unwrap().join(".tmpAbC123");

@@ -152,6 +152,7 @@ fn sigterm_then_resume_equals_an_uninterrupted_run() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert_eq!(json(&o)["run_id"].as_i64().unwrap().to_string(), id);
     assert_eq!(json(&o)["steps"], 150);
+    assert_eq!(json(&o)["resumed_at"], stopped_at);
     assert!(unet(&straight) == unet(&resumed), "resumed weights differ");
     // Nothing left to resume: `--resume` alone says so.
     let o = Command::new(bin()).args(&args).output().unwrap();
@@ -557,7 +558,8 @@ fn training_the_generator_to_its_own_prediction_is_warned() {
     let o = train("eps");
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(
-        err.contains("already predicts epsilon") && err.contains("converts nothing"),
+        err.contains("rendered this dataset as eps (the generate plan's prediction)")
+            && err.contains("converts nothing"),
         "{err}"
     );
     assert!(err.contains("nothing to train on"), "{err}");
@@ -567,4 +569,17 @@ fn training_the_generator_to_its_own_prediction_is_warned() {
         !err.contains("converts nothing") && err.contains("nothing to train on"),
         "{err}"
     );
+    // What the plan rendered decides, not the file's markers: the eps toy
+    // rendered as v (`--prediction v`) warns for v and not for eps.
+    std::fs::remove_dir_all(ds).unwrap();
+    let o = Command::new(bin())
+        .args(["--json", "generate", ds, "--count", "2", "--steps", "2"])
+        .args(["--prediction", "v", "--ztsnr"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let err = String::from_utf8_lossy(&train("v").stderr).into_owned();
+    assert!(err.contains("rendered this dataset as v"), "{err}");
+    let err = String::from_utf8_lossy(&train("eps").stderr).into_owned();
+    assert!(!err.contains("converts nothing"), "{err}");
 }

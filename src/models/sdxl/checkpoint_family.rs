@@ -210,6 +210,11 @@ impl Checkpoint {
             Some("epsilon" | "eps" | "noise") => Some(Prediction::Epsilon),
             _ => None,
         };
+        if let (Some(m), None) = (&meta, meta_pred) {
+            warnings.push(format!(
+                "metadata {META_PREDICTION_TYPE} = {m:?} is neither epsilon nor v; not used (give --prediction, or fix it with `eps2v ckpt mark`)"
+            ));
+        }
         let (prediction, source) = if self.has_prefix("edm_vpred.") {
             (Prediction::EdmV, "marker key edm_vpred.*".to_string())
         } else if self.contains("edm_mean") && self.contains("edm_std") {

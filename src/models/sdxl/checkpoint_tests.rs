@@ -337,6 +337,21 @@ fn save_round_trips_markers_dtype_and_replacements() {
     v.save_with(&out2, &HashMap::new(), &opts).unwrap();
     let e = Checkpoint::open(&out2).unwrap();
     assert_eq!(e.prediction().prediction, Prediction::Epsilon);
+    assert!(e.prediction().warnings.is_empty());
+    // A value that is neither is said, and not used.
+    let odd = dir.path().join("odd.safetensors");
+    let opts = SaveOptions {
+        metadata: BTreeMap::from([(META_PREDICTION_TYPE.to_string(), "garbage".to_string())]),
+        ..Default::default()
+    };
+    e.save_with(&odd, &HashMap::new(), &opts).unwrap();
+    let p = Checkpoint::open(&odd).unwrap().prediction();
+    assert_eq!(p.prediction, Prediction::Epsilon);
+    assert!(
+        p.warnings.len() == 1 && p.warnings[0].contains("\"garbage\" is neither"),
+        "{:?}",
+        p.warnings
+    );
     assert!(!e.contains(MARKER_V_PRED) && !e.contains(MARKER_ZTSNR));
     assert_eq!(e.entry(key).unwrap().dtype, "F32");
     // Wrong replacement shape is refused.

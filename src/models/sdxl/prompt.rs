@@ -151,6 +151,47 @@ fn replace_extra_networks(prompt: &str, with: &str) -> String {
     }
 }
 
+/// A1111 syntax in `prompt` that changes the prompt during sampling and
+/// that eps2v encodes as plain text: prompt editing `[from:to:when]`,
+/// alternation `[a|b]` (a `[` … `]` holding `:` or `|`, escapes `\[`
+/// skipped) and composable `AND`. `None` when there is none.
+pub fn unsupported_syntax(prompt: &str) -> Option<&'static str> {
+    // Per open bracket: `Some(saw : or |)` for `[`, `None` for `(` (whose
+    // `:` is an emphasis weight).
+    let mut open: Vec<Option<bool>> = Vec::new();
+    let mut chars = prompt.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' => {
+                chars.next();
+            }
+            '[' => open.push(Some(false)),
+            '(' => open.push(None),
+            ')' if open.last() == Some(&None) => {
+                open.pop();
+            }
+            ':' | '|' => {
+                if let Some(Some(saw)) = open.last_mut() {
+                    *saw = true;
+                }
+            }
+            ']' => {
+                while open.last() == Some(&None) {
+                    open.pop();
+                }
+                if open.pop() == Some(Some(true)) {
+                    return Some("prompt editing [from:to:when] / alternation [a|b]");
+                }
+            }
+            _ => {}
+        }
+    }
+    prompt
+        .split(|c: char| c.is_whitespace() || c == ',')
+        .any(|w| w == "AND")
+        .then_some("AND (composable prompts)")
+}
+
 /// A prompt as A1111 encodes it: its extra-network tags removed (they
 /// load networks there, they are not text), and whether it had any.
 pub fn strip_extra_networks(prompt: &str) -> (String, bool) {
@@ -355,6 +396,30 @@ pub fn pad_to_same_chunks(prompts: &mut [TokenizedPrompt], min_chunks: usize) {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn sampling_time_syntax_is_found() {
+        for p in [
+            "[red:blue:0.5] circle",
+            "[cat:10] girl",
+            "[a|b] girl",
+            "girl [hat::0.3]",
+            "red AND blue",
+            "a, AND, b",
+        ] {
+            assert!(unsupported_syntax(p).is_some(), "{p}");
+        }
+        for p in [
+            "[red] circle",
+            "(red:1.2) [blue]",
+            "[(red:1.2)] girl",
+            r"\[a:b\] girl",
+            "sand and band, ANDROID",
+            "",
+        ] {
+            assert_eq!(unsupported_syntax(p), None, "{p}");
+        }
+    }
+
     use super::*;
 
     /// Regressions: a weight of 1 followed by 400 zeros (infinite) or 1e40

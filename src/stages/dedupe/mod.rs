@@ -27,7 +27,7 @@ pub mod keeper;
 
 pub use keeper::{keeper_order, Candidate};
 
-use rusqlite::params;
+use rusqlite::{params, OptionalExtension};
 use serde::{Deserialize, Serialize};
 
 use super::Ctx;
@@ -262,6 +262,9 @@ pub struct DedupeReport {
     pub near: usize,
     /// Items kept.
     pub kept: usize,
+    /// Keepers given the caption someone wrote for one of their dropped
+    /// duplicates ([`CARRIED_CAPTION_SOURCE`]).
+    pub carried_captions: usize,
     /// True when nothing was written.
     pub dry_run: bool,
     /// The clusters (only listed for dry runs and JSON output).
@@ -433,6 +436,7 @@ pub fn run(cfg: &DedupeConfig, m: &mut Manifest, _ctx: &Ctx) -> Result<DedupeRep
                 }
             }
         }
+        report.carried_captions = carry_written_captions(&tx, &clusters, run_id).map_err(map)?;
         // A kept row (of a duplicate another stage set aside) whose keeper
         // no longer keeps a cluster: its keeper row, so that every cluster
         // has one.
@@ -446,6 +450,66 @@ pub fn run(cfg: &DedupeConfig, m: &mut Manifest, _ctx: &Ctx) -> Result<DedupeRep
         tx.commit().map_err(map)?;
         Ok(report)
     })
+}
+
+/// The caption source of a caption someone wrote for a dropped duplicate,
+/// given to its keeper.
+pub const CARRIED_CAPTION_SOURCE: &str = "duplicate_sidecar";
+
+/// A keeper without a caption someone wrote gets the one of a dropped
+/// duplicate (a sidecar beside a captioned, resized training copy of a
+/// full-size original that wins on pixels): export and train use it ahead
+/// of the keeper's machine caption. Made again each run from its clusters;
+/// none after a `caption --overwrite` (machine captions asked for
+/// everywhere). Returns how many keepers got one.
+fn carry_written_captions(
+    tx: &rusqlite::Transaction,
+    clusters: &[Cluster],
+    run_id: i64,
+) -> rusqlite::Result<usize> {
+    tx.execute(
+        "DELETE FROM captions WHERE source = ?1",
+        [CARRIED_CAPTION_SOURCE],
+    )?;
+    let overwrote = tx
+        .query_row(
+            "SELECT json_extract(config_json, '$.overwrite') FROM runs
+             WHERE stage = 'caption' AND status = 'done' ORDER BY id DESC LIMIT 1",
+            [],
+            |r| r.get::<_, Option<bool>>(0),
+        )
+        .optional()?
+        .flatten()
+        .unwrap_or(false);
+    if overwrote {
+        return Ok(0);
+    }
+    let written = keeper::WRITTEN_CAPTION_SOURCES
+        .iter()
+        .map(|s| format!("'{s}'"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    // From the drop with the smallest id that has one, its .txt first.
+    let mut carry = tx.prepare(&format!(
+        "INSERT INTO captions (item_id, source, text, score, run_id)
+         SELECT ?1, '{CARRIED_CAPTION_SOURCE}', c.text, NULL, ?3 FROM captions c
+         WHERE c.item_id = ?2 AND c.source IN ({written})
+           AND NOT EXISTS (SELECT 1 FROM captions k WHERE k.item_id = ?1
+                           AND k.source IN ({written}, '{CARRIED_CAPTION_SOURCE}'))
+         ORDER BY c.source = 'sidecar_txt' DESC LIMIT 1"
+    ))?;
+    let mut n = 0;
+    for c in clusters {
+        let mut drops: Vec<i64> = c.drops.iter().map(|d| d.item_id).collect();
+        drops.sort_unstable();
+        for d in drops {
+            if carry.execute(params![c.keeper_id, d, run_id])? > 0 {
+                n += 1;
+                break;
+            }
+        }
+    }
+    Ok(n)
 }
 
 #[cfg(test)]
@@ -613,6 +677,60 @@ mod tests {
         // The next rerun looks at it again, and decides the same.
         run_dedupe(&cfg, &mut m);
         assert_eq!(status(&m), "duplicate");
+    }
+
+    /// Regression: the hand-captioned, resized copy of a full-size
+    /// original was dropped and its caption with it (the keeper trained on
+    /// its machine caption). The keeper takes it, ahead of that caption;
+    /// each run makes it again; not after a `caption --overwrite`.
+    #[test]
+    fn a_dropped_duplicates_written_caption_goes_to_its_keeper() {
+        let d = tempfile::tempdir().unwrap();
+        let mut m = Manifest::init(d.path()).unwrap();
+        let imp = m.begin_run("import", &serde_json::json!({})).unwrap();
+        m.conn()
+            .execute_batch(&format!(
+                "INSERT INTO items (id, sha256, path, source, width, height, format, status, run_id, status_run_id, created_at)
+                     VALUES (1, 'a', 'a.png', 'a', 8, 8, 'png', 'ok', {imp}, {imp}, 'x'),
+                            (2, 'b', 'b.jpg', 'b', 4, 4, 'jpeg', 'ok', {imp}, {imp}, 'x');
+                 INSERT INTO hashes (item_id, pixel_sha256, phash, dhash, run_id)
+                     VALUES (1, 'p1', 5, 5, {imp}), (2, 'p2', 5, 5, {imp});
+                 INSERT INTO captions (item_id, source, text, run_id)
+                     VALUES (1, 'policy', 'machine words', {imp}),
+                            (2, 'sidecar_caption', 'from .caption', {imp}),
+                            (2, 'sidecar_txt', 'hand written', {imp});"
+            ))
+            .unwrap();
+        m.end_run(imp, true, &serde_json::json!({})).unwrap();
+        let cfg = DedupeConfig::default();
+        let caption_of_1 = |m: &Manifest| {
+            crate::stages::export::load_rows(m, true)
+                .unwrap()
+                .into_iter()
+                .find(|r| r.item_id == 1)
+                .and_then(|r| r.caption)
+        };
+        for _ in 0..2 {
+            let r = run(&cfg, &mut m, &Ctx::quiet()).unwrap();
+            assert_eq!((r.near + r.exact, r.carried_captions), (1, 1));
+            assert_eq!(caption_of_1(&m).as_deref(), Some("hand written"));
+        }
+        let carried: i64 = m
+            .conn()
+            .query_row(
+                "SELECT count(*) FROM captions WHERE source = ?1",
+                [CARRIED_CAPTION_SOURCE],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(carried, 1);
+        let cap = m
+            .begin_run("caption", &serde_json::json!({"overwrite": true}))
+            .unwrap();
+        m.end_run(cap, true, &serde_json::json!({})).unwrap();
+        let r = run(&cfg, &mut m, &Ctx::quiet()).unwrap();
+        assert_eq!(r.carried_captions, 0);
+        assert_eq!(caption_of_1(&m).as_deref(), Some("machine words"));
     }
 
     fn run_dedupe(cfg: &DedupeConfig, m: &mut Manifest) {
