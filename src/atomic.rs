@@ -47,6 +47,14 @@ pub fn parent_of(path: &Path) -> &Path {
 /// Whether `a` and `b` name the same file (links and `..` resolved);
 /// paths that cannot be resolved (missing) compare as written.
 pub fn same_file(a: &Path, b: &Path) -> bool {
+    // Hard links of one file are the same file too.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        if let (Ok(x), Ok(y)) = (std::fs::metadata(a), std::fs::metadata(b)) {
+            return (x.dev(), x.ino()) == (y.dev(), y.ino());
+        }
+    }
     match (std::fs::canonicalize(a), std::fs::canonicalize(b)) {
         (Ok(a), Ok(b)) => a == b,
         _ => a == b,

@@ -290,6 +290,21 @@ pub fn merge(cfg: &MergeConfig, out: &Path) -> Result<MergeReport> {
     if !cfg.alpha.is_finite() {
         return Err(Error::config("--alpha must be a finite number"));
     }
+    // The output is written over whatever is there: never over an input
+    // (a path, a link or a hard link to it).
+    for (flag, input) in [
+        ("A", Some(&cfg.a)),
+        ("B", Some(&cfg.b)),
+        ("--diff", cfg.c.as_ref()),
+    ] {
+        if let Some(input) = input.filter(|i| crate::atomic::same_file(out, i)) {
+            return Err(Error::config(format!(
+                "merge --out {}: that is model {flag} ({}); write the merge to a new file (eps2v never replaces its input)",
+                out.display(),
+                input.display()
+            )));
+        }
+    }
     let a = Checkpoint::open(&cfg.a)?;
     let b = Checkpoint::open(&cfg.b)?;
     let c = cfg.c.as_ref().map(Checkpoint::open).transpose()?;
@@ -429,8 +444,11 @@ pub fn merge(cfg: &MergeConfig, out: &Path) -> Result<MergeReport> {
             "{not_ignored} non-float key(s) outside the UNet, text encoders and VAE left out (listed under `skipped` in --json)"
         ));
     }
-    let v_pred = msrc.contains(MARKER_V_PRED);
-    let ztsnr = msrc.contains(MARKER_ZTSNR);
+    // Marked as the prediction the markers' side is read as, whether its
+    // keys or only its metadata say so (a kohya v model has no `v_pred`
+    // key: copying the keys' absence gave a v merge UIs sample as eps).
+    let v_pred = pinfo.prediction == crate::models::sdxl::checkpoint::Prediction::V;
+    let ztsnr = v_pred && pinfo.ztsnr;
     let mut metadata = a.metadata().clone();
     for k in [META_PREDICTION_TYPE, META_ZTSNR, META_UNCOND] {
         metadata.remove(k);
@@ -438,7 +456,18 @@ pub fn merge(cfg: &MergeConfig, out: &Path) -> Result<MergeReport> {
             metadata.insert(k.to_string(), v.clone());
         }
     }
+    if v_pred {
+        metadata.insert(META_PREDICTION_TYPE.into(), "v".into());
+    }
+    // What describes A alone and is wrong for the merge: its training
+    // (eps2v's, kohya's `ss_*`), its file hash, an earlier merge's recipe.
     metadata.remove("eps2v.train");
+    metadata.retain(|k, _| {
+        !(k.starts_with("ss_")
+            || k.starts_with("modelspec.hash_")
+            || k == "sd_merge_recipe"
+            || k == "sd_merge_models")
+    });
     metadata.insert(
         "eps2v.merge".into(),
         serde_json::json!({

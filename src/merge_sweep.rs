@@ -86,7 +86,7 @@ pub struct SweepReport {
     pub best_retention: f64,
     /// Retention of model A itself, unmerged, on the same samples (with
     /// [`SweepEval::score_a`]).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub a_retention: Option<f64>,
 }
 
@@ -209,7 +209,18 @@ pub fn sweep(
     }
     // Model A unmerged, against the same reference samples; kept in the
     // state like a merge (A's content is in its key).
-    let a_retention = match (eval.score_a, state.a_retention) {
+    // An α = 0 merge is A's UNet with A's other parts and markers: its
+    // score is A's (not sampled twice).
+    let plain = cfg.c.is_none()
+        && cfg.te == Side::A
+        && cfg.vae == Side::A
+        && cfg.markers.is_none_or(|m| m == Side::A)
+        && cfg.dtype.is_none();
+    let at_zero = points
+        .iter()
+        .find(|p| plain && p.alpha == 0.0)
+        .map(|p| p.retention);
+    let a_retention = match (eval.score_a, state.a_retention.or(at_zero)) {
         (false, _) => None,
         (true, Some(r)) => {
             bar.inc(1);

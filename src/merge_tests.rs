@@ -340,6 +340,71 @@ fn bad_inputs_are_clear_errors() {
         sweep_path(Path::new("/t/m.safetensors"), 0.25),
         PathBuf::from("/t/m-a0.25.safetensors")
     );
+    // Regression: --out naming an input (or a hard link to it) replaced it.
+    let b = ckpt(d.path(), "b.safetensors", &[0.; 6], 0.0, false);
+    let before = std::fs::read(&b).unwrap();
+    let link = d.path().join("link.safetensors");
+    std::fs::hard_link(&b, &link).unwrap();
+    for out in [&b, &d.path().join("./b.safetensors"), &link] {
+        let e = merge(&cfg(&a, &b), out).unwrap_err().to_string();
+        assert!(e.contains("that is model B"), "{e}");
+    }
+    let e = merge(&cfg(&a, &b), &a).unwrap_err().to_string();
+    assert!(e.contains("that is model A"), "{e}");
+    assert_eq!(std::fs::read(&b).unwrap(), before);
+}
+
+/// Regression: a merge whose markers' side is v by its metadata only (a
+/// kohya v model: `modelspec.prediction_type = v`, no `v_pred` key) was
+/// written without the key, so UIs sampled it as eps; and A's own file
+/// hash and training metadata were carried into the merge.
+#[test]
+fn a_merge_is_marked_as_its_prediction_and_drops_a_only_metadata() {
+    let d = tempfile::tempdir().unwrap();
+    let a = d.path().join("kohya_v.safetensors");
+    let t = |v: &[f32]| Tensor::from_slice(v, v.len(), &Device::Cpu).unwrap();
+    let metadata = BTreeMap::from([
+        (META_PREDICTION_TYPE.to_string(), "v".to_string()),
+        (
+            "modelspec.hash_sha256".to_string(),
+            "0xdeadbeef".to_string(),
+        ),
+        ("ss_v_parameterization".to_string(), "True".to_string()),
+        ("modelspec.title".to_string(), "A".to_string()),
+    ]);
+    save_tensors(
+        &a,
+        &[(format!("{UNET_PREFIX}.out.2.weight"), t(&[1., 2.]))],
+        &SaveOptions {
+            dtype: Some(DType::F32),
+            metadata,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let b = d.path().join("b.safetensors");
+    save_tensors(
+        &b,
+        &[(format!("{UNET_PREFIX}.out.2.weight"), t(&[3., 4.]))],
+        &SaveOptions {
+            dtype: Some(DType::F32),
+            v_pred: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let out = d.path().join("m.safetensors");
+    let r = merge(&cfg(&a, &b), &out).unwrap();
+    assert!(r.v_pred && !r.ztsnr, "{r:?}");
+    let m = Checkpoint::open(&out).unwrap();
+    assert!(m.contains(MARKER_V_PRED));
+    let p = m.prediction();
+    assert!(p.warnings.is_empty(), "{:?}", p.warnings);
+    let meta = m.metadata();
+    assert_eq!(meta.get("modelspec.title").map(String::as_str), Some("A"));
+    for gone in ["modelspec.hash_sha256", "ss_v_parameterization"] {
+        assert!(!meta.contains_key(gone), "{gone}");
+    }
 }
 
 /// `eps2v merge` refuses a model A that is no whole SDXL checkpoint (it

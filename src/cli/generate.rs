@@ -100,8 +100,10 @@ impl GenerateArgs {
     /// The typed config (shard defaults read from `env`).
     pub fn to_config(&self, env: &dyn Fn(&str) -> Option<String>) -> Result<GenerateConfig> {
         let model = crate::toy::model_or_default(self.model.clone())?;
-        let (sampler, schedule) =
-            super::sample::sampler_and_schedule(&self.sampler, self.schedule.as_deref())?;
+        let (sampler, schedule) = crate::diffusion::sampler::sampler_and_schedule(
+            &self.sampler,
+            self.schedule.as_deref(),
+        )?;
         // A toy model (the default, or one that `train` / `merge` made from
         // it) draws toy scenes at the toy buckets unless told otherwise.
         let toy = self.model.is_none() || crate::toy::is_toy_model(&model);

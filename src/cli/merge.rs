@@ -30,7 +30,12 @@ pub struct MergeArgs {
     #[arg(long)]
     pub diff: Option<PathBuf>,
     /// Default alpha.
-    #[arg(long, default_value_t = 0.5)]
+    #[arg(
+        long,
+        default_value_t = 0.5,
+        allow_negative_numbers = true,
+        conflicts_with = "sweep"
+    )]
     pub alpha: f64,
     /// Per-block alphas, e.g. "IN00-IN08=0.2,M00=0.5,OUT00-OUT08=0.8".
     #[arg(long)]
@@ -45,29 +50,34 @@ pub struct MergeArgs {
     /// when both predict alike; models that differ need it said).
     #[arg(long)]
     pub markers: Option<String>,
-    /// Storage dtype: f16, bf16 or f32 (default: as in A).
+    /// Storage dtype: f16, bf16 or f32 (default: each tensor as stored in the model it comes from: the UNet as in A, text encoders and VAE as on their --te/--vae side).
     #[arg(long)]
     pub dtype: Option<String>,
     /// Write one merge per alpha (comma-separated), each scored by shape retention.
-    #[arg(long, value_delimiter = ',')]
+    #[arg(long, value_delimiter = ',', allow_negative_numbers = true)]
     pub sweep: Option<Vec<f64>>,
     /// Sweep: reference model for retention (default: whichever of A/B is eps, else A).
-    #[arg(long)]
+    #[arg(long, requires = "sweep")]
     pub reference: Option<PathBuf>,
     /// Sweep: evaluation prompt (repeat). Default: 8 drawn from the built-in pack `generate` uses for model A (toy for a toy model, else 1girl).
-    #[arg(long = "eval-prompt")]
+    #[arg(long = "eval-prompt", requires = "sweep")]
     pub eval_prompts: Vec<String>,
     /// Sweep: seeds, comma-separated.
-    #[arg(long, value_delimiter = ',', default_value = "0,1")]
+    #[arg(long, value_delimiter = ',', default_value = "0,1", requires = "sweep")]
     pub eval_seeds: Vec<u64>,
     /// Sweep: sampling steps.
-    #[arg(long, default_value_t = 20)]
+    #[arg(long, default_value_t = 20, requires = "sweep")]
     pub eval_steps: usize,
     /// Sweep: CFG scale.
-    #[arg(long, default_value_t = 5.0)]
+    #[arg(
+        long,
+        default_value_t = 5.0,
+        allow_negative_numbers = true,
+        requires = "sweep"
+    )]
     pub eval_cfg: f64,
     /// Sweep: image size WxH (default: model A's own, as for `sample`: 64x64 for a toy model, 1024x1024 for SDXL).
-    #[arg(long)]
+    #[arg(long, requires = "sweep")]
     pub eval_size: Option<String>,
     /// Output file (with --sweep: the stem of each merge's file).
     #[arg(long)]

@@ -10,7 +10,7 @@ use clap::{Args, Subcommand};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use crate::cli::device::DeviceArgs;
-use crate::diffusion::{Prediction, SamplerKind, ScheduleKind, UncondMode};
+use crate::diffusion::{Prediction, UncondMode};
 use crate::pipeline::diagnose::{self, DiagnoseConfig};
 use crate::pipeline::sample::{self, SampleConfig};
 use crate::pipeline::{LoadOptions, SdxlModel};
@@ -159,7 +159,8 @@ pub fn run_sample(a: SampleArgs, json: bool) -> Result<i32> {
     // everything else is checked before the (slow) load.
     let size = a.size.as_deref().map(parse_size).transpose()?;
     let (width, height) = size.unwrap_or((1024, 1024));
-    let (sampler, schedule) = sampler_and_schedule(&a.sampler, a.schedule.as_deref())?;
+    let (sampler, schedule) =
+        crate::diffusion::sampler::sampler_and_schedule(&a.sampler, a.schedule.as_deref())?;
     let mut cfg = SampleConfig {
         prompt: a.prompt.clone(),
         uncond: UncondMode::from_flags(a.uncond.as_deref(), a.negative.as_deref())?,
@@ -252,39 +253,40 @@ pub fn run_sample(a: SampleArgs, json: bool) -> Result<i32> {
     Ok(0)
 }
 
-/// `--sampler` and `--schedule`: the sampler may be an A1111 name that
-/// carries its schedule ("DPM++ 2M Karras", A1111 before 1.9), which then
-/// is the schedule unless `--schedule` names the same.
-pub(super) fn sampler_and_schedule(
-    sampler: &str,
-    schedule: Option<&str>,
-) -> Result<(SamplerKind, Option<ScheduleKind>)> {
-    let (kind, implied) = crate::diffusion::sampler::parse_a1111_sampler(sampler)?;
-    let given = schedule.map(str::parse::<ScheduleKind>).transpose()?;
-    match (implied, given) {
-        (Some(i), Some(g)) if i != g => Err(Error::config(format!(
-            "--sampler {sampler:?} names the {} schedule, --schedule {}; give one of them",
-            i.cli_name(),
-            g.cli_name()
-        ))),
-        (i, g) => Ok((kind, g.or(i))),
-    }
-}
-
 /// `sample --out`: a folder that can be written, checked before the model
 /// loads and the images render (they are written at the end).
 fn check_out_dir(out: &std::path::Path) -> Result<()> {
-    use crate::error::IoContext;
-    if out.exists() && !out.is_dir() {
+    use std::path::Path;
+    // Nothing is made here (a bad --model must not leave an empty
+    // folder): the folder, or the nearest one above it that is there, is
+    // tried with a temporary file.
+    let there = out
+        .ancestors()
+        .find(|a| a.as_os_str().is_empty() || a.exists())
+        .map(|a| {
+            if a.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                a
+            }
+        })
+        .unwrap_or(Path::new("."));
+    if !there.is_dir() {
         return Err(Error::config(format!(
-            "--out {}: is a file; give a folder (the images are numbered inside it, as A1111 does)",
-            out.display()
+            "--out {}: {} is a file; give a folder (the images are numbered inside it, as A1111 does)",
+            out.display(),
+            there.display()
         )));
     }
-    std::fs::create_dir_all(out).at(out)?;
-    tempfile::NamedTempFile::new_in(out)
+    tempfile::NamedTempFile::new_in(there)
         .map(drop)
-        .map_err(|e| Error::config(format!("--out {}: cannot write there ({e})", out.display())))
+        .map_err(|e| {
+            Error::config(format!(
+                "--out {}: cannot write in {} ({e})",
+                out.display(),
+                there.display()
+            ))
+        })
 }
 
 /// Run `eps2v diagnose …`.
@@ -332,6 +334,20 @@ pub fn run_diagnose(a: DiagnoseArgs, json: bool) -> Result<i32> {
 mod tests {
     use super::*;
 
+    /// `--out` is checked without being made; a file on the way is named.
+    #[test]
+    fn the_out_folder_is_checked_not_made() {
+        let d = tempfile::tempdir().unwrap();
+        let nested = d.path().join("a/b");
+        check_out_dir(&nested).unwrap();
+        assert!(!d.path().join("a").exists());
+        std::fs::write(d.path().join("f"), b"x").unwrap();
+        let e = check_out_dir(&d.path().join("f/sub"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("is a file"), "{e}");
+    }
+
     #[test]
     fn sizes_parse_or_say_what_is_wanted() {
         assert_eq!(parse_size("832x1216").unwrap(), (832, 1216));
@@ -340,33 +356,6 @@ mod tests {
             let e = parse_size(bad).unwrap_err().to_string();
             assert!(e.contains("WIDTHxHEIGHT"), "{bad}: {e}");
         }
-    }
-
-    /// A1111's pre-1.9 names carry their schedule; a --schedule that
-    /// names another is refused, the same one is fine.
-    #[test]
-    fn a1111_sampler_names_carry_their_schedule() {
-        let k = Some(ScheduleKind::Karras);
-        assert_eq!(
-            sampler_and_schedule("DPM++ 2M Karras", None).unwrap(),
-            (SamplerKind::DpmPp2m, k)
-        );
-        assert_eq!(
-            sampler_and_schedule("dpmpp_2m", Some("karras")).unwrap(),
-            (SamplerKind::DpmPp2m, k)
-        );
-        assert_eq!(
-            sampler_and_schedule("DPM++ 2M Karras", Some("karras")).unwrap(),
-            (SamplerKind::DpmPp2m, k)
-        );
-        assert_eq!(
-            sampler_and_schedule("euler_a", None).unwrap(),
-            (SamplerKind::EulerAncestral, None)
-        );
-        let e = sampler_and_schedule("DPM++ 2M Karras", Some("normal"))
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("names the karras schedule"), "{e}");
     }
 }
 

@@ -202,6 +202,25 @@ pub fn parse_a1111_sampler(s: &str) -> Result<(SamplerKind, Option<ScheduleKind>
     Ok((t.parse()?, None))
 }
 
+/// `--sampler` and `--schedule`: the sampler may be an A1111 name that
+/// carries its schedule ("DPM++ 2M Karras", A1111 before 1.9), which then
+/// is the schedule unless `--schedule` names the same.
+pub fn sampler_and_schedule(
+    sampler: &str,
+    schedule: Option<&str>,
+) -> Result<(SamplerKind, Option<ScheduleKind>)> {
+    let (kind, implied) = parse_a1111_sampler(sampler)?;
+    let given = schedule.map(str::parse::<ScheduleKind>).transpose()?;
+    match (implied, given) {
+        (Some(i), Some(g)) if i != g => Err(Error::config(format!(
+            "sampler {sampler:?} names the {} schedule, and the schedule given is {}; give one of them",
+            i.cli_name(),
+            g.cli_name()
+        ))),
+        (i, g) => Ok((kind, g.or(i))),
+    }
+}
+
 /// A sampler with its options.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Sampler {

@@ -365,3 +365,30 @@ fn euler_ancestral_with_eta_above_one_keeps_the_step_noise() {
     // step's noise it is about σ_next.
     assert!(sd > 5.0, "{sd}");
 }
+
+/// A1111's pre-1.9 names carry their schedule; a schedule that names
+/// another is refused, the same one is fine.
+#[test]
+fn a1111_sampler_names_carry_their_schedule() {
+    let k = Some(ScheduleKind::Karras);
+    assert_eq!(
+        sampler_and_schedule("DPM++ 2M Karras", None).unwrap(),
+        (SamplerKind::DpmPp2m, k)
+    );
+    assert_eq!(
+        sampler_and_schedule("dpmpp_2m", Some("karras")).unwrap(),
+        (SamplerKind::DpmPp2m, k)
+    );
+    assert_eq!(
+        sampler_and_schedule("DPM++ 2M Karras", Some("karras")).unwrap(),
+        (SamplerKind::DpmPp2m, k)
+    );
+    assert_eq!(
+        sampler_and_schedule("euler_a", None).unwrap(),
+        (SamplerKind::EulerAncestral, None)
+    );
+    let e = sampler_and_schedule("DPM++ 2M Karras", Some("normal"))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("names the karras schedule"), "{e}");
+}

@@ -549,7 +549,7 @@ pub fn check_size(
     let m = f << levels.saturating_sub(1);
     if width == 0 || height == 0 || width as usize % m != 0 || height as usize % m != 0 {
         // The nearest size that fits, each side rounded to a multiple of m.
-        let near = |x: u32| ((x as usize + m / 2) / m).max(1) * m;
+        let near = |x: u32| ((x as usize + m / 2) / m).max(1).min(MAX_SIDE as usize / m) * m;
         return Err(Error::config(format!(
             "size {width}x{height}: width and height must be positive multiples of {m} for this model (VAE factor {f}, UNet {levels} levels); the nearest is {}x{}",
             near(width),

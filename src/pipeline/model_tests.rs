@@ -64,6 +64,9 @@ fn tiny_checkpoint_is_detected_with_its_markers() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("at most 16384"), "{e}");
+    // The nearest named is one that fits.
+    let e = m.latent_shape(64, 16_400).unwrap_err().to_string();
+    assert!(e.contains("nearest is 64x16384"), "{e}");
     // Regression: a stray `ztsnr` marker on an eps file put eps
     // sampling on the ZTSNR schedule; as in ComfyUI it counts for v
     // only (and the file's warning says so). Asked for, it holds.

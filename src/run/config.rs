@@ -28,7 +28,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::diffusion::{Prediction, SamplerKind, ScheduleKind, UncondMode};
+use crate::diffusion::{Prediction, SamplerKind, UncondMode};
 use crate::merge::BlockAlphas;
 use crate::models::sdxl::checkpoint::Prediction as CkptPrediction;
 use crate::pipeline::model::discrete_prediction;
@@ -626,6 +626,10 @@ impl RunConfig {
         // The model renders in its own prediction (its markers): a v model
         // rendered as eps makes a dataset of broken images.
         let (prediction, ztsnr) = self.base_prediction();
+        // A1111's "DPM++ 2M Karras" names its schedule too.
+        let (sampler, schedule) =
+            crate::diffusion::sampler::sampler_and_schedule(&g.sampler, g.schedule.as_deref())
+                .map_err(|e| key("sampler", e))?;
         Ok(GenerateConfig {
             model: self.model_path(),
             prediction,
@@ -639,16 +643,8 @@ impl RunConfig {
             steps: g.steps,
             cfg: g.cfg,
             rescale: g.rescale,
-            sampler: g
-                .sampler
-                .parse::<SamplerKind>()
-                .map_err(|e| key("sampler", e))?,
-            schedule: g
-                .schedule
-                .as_deref()
-                .map(str::parse::<ScheduleKind>)
-                .transpose()
-                .map_err(|e| key("schedule", e))?,
+            sampler,
+            schedule,
             uncond: UncondMode::from_flags(Some(&g.uncond), g.negative.as_deref())
                 .map_err(|e| key("uncond", e))?,
             batch: g.batch,

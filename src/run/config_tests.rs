@@ -270,6 +270,22 @@ fn stage_errors_name_the_config_keys() {
         e.starts_with("caption.thresholds.general 1.5: must be a probability"),
         "{e}"
     );
+    let e = check("[generate]\nsampler = \"DPM++ 2M Karras\"\nschedule = \"normal\"\n");
+    assert!(
+        e.starts_with("generate.sampler: sampler \"DPM++ 2M Karras\" names the karras schedule"),
+        "{e}"
+    );
+    let mut c =
+        RunConfig::from_toml("[generate]\nsampler = \"DPM++ 2M Karras\"\n", "c.toml").unwrap();
+    c.resolve();
+    let g = c.generate_config().unwrap();
+    assert_eq!(
+        (g.sampler, g.schedule),
+        (
+            SamplerKind::DpmPp2m,
+            Some(crate::diffusion::ScheduleKind::Karras)
+        )
+    );
     let e = check("[evaluate]\ncfg = 0.0\n");
     assert!(
         e.starts_with("evaluate.cfg must be a positive number"),

@@ -209,7 +209,10 @@ pub fn write(
     // --- merges -------------------------------------------------------------
     if let Some(sweep) = p.stages.get("merge").and_then(|r| r.sweep.as_ref()) {
         body.push_str("<h2>Merge sweep</h2><p>(1 − α)·converted + α·base; retention against the base model's own samples. Grids: base column, then the merge.</p><table><tr><th>α</th><th>retention</th><th>file</th></tr>");
-        if let Some(r) = sweep.a_retention {
+        if let Some(r) = sweep
+            .a_retention
+            .filter(|_| !sweep.points.iter().any(|p| p.alpha == 0.0))
+        {
             let converted = p.stages.get("train").and_then(|t| t.converted.as_ref());
             let _ = write!(
                 body,

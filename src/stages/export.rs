@@ -31,7 +31,7 @@
 //!
 //! Caption choice (silent in the issue; decided here): the first present of
 //! `duplicate_sidecar` (a hand-written caption of a dropped duplicate,
-//! given to its keeper by `dedupe`; a keeper that has one has no sidecar
+//! given to its keeper by `dedupe`; not used once the keeper has a sidecar
 //! of its own), `policy`, `tagger`, `sidecar_txt`, `sidecar_caption`,
 //! `a1111_prompt`, then any other source alphabetically. An `a1111_prompt` caption is
 //! exported as training text: A1111 emphasis, `BREAK` and extra-network
@@ -413,8 +413,22 @@ pub fn load_rows(m: &Manifest, only_ok: bool) -> Result<Vec<ExportRow>> {
             ))
         })
         .map_err(|e| m.err(e))?;
-    for c in caps {
-        let (id, source, text) = c.map_err(|e| m.err(e))?;
+    let caps = caps
+        .collect::<rusqlite::Result<Vec<(i64, String, String)>>>()
+        .map_err(|e| m.err(e))?;
+    // Items with a sidecar of their own: a caption dedupe carried to them
+    // earlier (before import added theirs) is not theirs to train on.
+    let own: std::collections::HashSet<i64> = caps
+        .iter()
+        .filter(|(_, s, _)| {
+            crate::stages::dedupe::keeper::WRITTEN_CAPTION_SOURCES.contains(&s.as_str())
+        })
+        .map(|(id, _, _)| *id)
+        .collect();
+    for (id, source, text) in caps {
+        if source == crate::stages::dedupe::CARRIED_CAPTION_SOURCE && own.contains(&id) {
+            continue;
+        }
         if let Some(&k) = index.get(&id) {
             let row = &mut rows[k];
             let better = match &row.caption_source {

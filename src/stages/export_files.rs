@@ -78,7 +78,7 @@ pub(super) fn check_replaceable(out: &Path, format: ExportFormat, default_out: b
             _ => ext == "parquet",
         };
         if own {
-            if super::tables::is_table_export(out, format) {
+            if super::tables::is_table_export(out, format)? {
                 return Ok(());
             }
             return Err(Error::config(format!(
@@ -234,12 +234,18 @@ mod tests {
         // An earlier export's first line, or an empty one, is.
         fs::write(
             d.path().join("rows.jsonl"),
-            "{\"item_id\": 1, \"sha256\": \"ab\", \"status\": \"ok\"}\n",
+            "{\"item_id\":1,\"sha256\":\"ab\",\"status\":\"ok\"}\n",
         )
         .unwrap();
         check("rows.jsonl", ExportFormat::Jsonl).unwrap();
         fs::write(d.path().join("empty.jsonl"), "").unwrap();
         check("empty.jsonl", ExportFormat::Jsonl).unwrap();
+        // A user's file that starts with a blank line is still theirs.
+        fs::write(d.path().join("blank.jsonl"), "\n{\"prompt\":\"x\"}\n").unwrap();
+        assert!(check("blank.jsonl", ExportFormat::Jsonl).is_err());
         check("new.parquet", ExportFormat::Parquet).unwrap();
+        // An earlier Parquet export (no rows) is replaced.
+        super::super::tables::write_parquet(&[], &d.path().join("old.parquet")).unwrap();
+        check("old.parquet", ExportFormat::Parquet).unwrap();
     }
 }

@@ -7,31 +7,28 @@ use std::path::Path;
 use super::ExportRow;
 use crate::error::{Error, IoContext, Result};
 
-/// Whether the file at `out` is an earlier table export of `format`: its
-/// rows have the export's required columns (`item_id`, `sha256`,
-/// `status`), or it has no rows. Anything else is not replaced.
-pub fn is_table_export(out: &Path, format: super::ExportFormat) -> bool {
+/// Whether the file at `out` is an earlier table export of `format`: a
+/// Parquet file with the export's required columns (`item_id`, `sha256`,
+/// `status`), or JSON lines whose first row starts as the export writes
+/// one (`{"item_id":`, fields in struct order), or nothing but white
+/// space. Anything else is not replaced. An unreadable file is an error.
+pub fn is_table_export(out: &Path, format: super::ExportFormat) -> Result<bool> {
+    use std::io::Read;
     const REQUIRED: [&str; 3] = ["item_id", "sha256", "status"];
-    let Ok(f) = fs::File::open(out) else {
-        return false;
-    };
+    let f = fs::File::open(out).at(out)?;
     if format == super::ExportFormat::Parquet {
         use polars::prelude::*;
-        return ParquetReader::new(f)
+        return Ok(ParquetReader::new(f)
             .schema()
-            .is_ok_and(|s| REQUIRED.iter().all(|c| s.contains(c)));
+            .is_ok_and(|s| REQUIRED.iter().all(|c| s.contains(c))));
     }
-    use std::io::{BufRead, Read};
-    let mut first = String::new();
-    if std::io::BufReader::new(f.take(1 << 20))
-        .read_line(&mut first)
-        .is_err()
-    {
-        return false;
-    }
-    first.trim().is_empty()
-        || serde_json::from_str::<serde_json::Value>(&first)
-            .is_ok_and(|v| REQUIRED.iter().all(|c| v.get(c).is_some()))
+    let mut head = Vec::new();
+    f.take(64 << 10).read_to_end(&mut head).at(out)?;
+    let start = head.iter().position(|b| !b.is_ascii_whitespace());
+    Ok(match start {
+        Some(i) => head[i..].starts_with(br#"{"item_id":"#),
+        None => fs::metadata(out).at(out)?.len() <= head.len() as u64,
+    })
 }
 
 /// Write rows as JSON lines.

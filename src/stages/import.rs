@@ -315,15 +315,16 @@ pub fn run(cfg: &ImportConfig, m: &mut Manifest, ctx: &Ctx) -> Result<ImportRepo
             copies.entry(k.item_id).or_default().push(path);
         }
         type Sidecars = std::collections::BTreeSet<(String, String)>;
-        let mut read: HashMap<PathBuf, Sidecars> = HashMap::new();
+        // Each path's sidecars as read now, and those that could not be.
+        let mut read: HashMap<PathBuf, (Sidecars, Vec<Failure>)> = HashMap::new();
         let mut now = |p: &Path| -> Sidecars {
             read.entry(p.to_path_buf())
                 .or_insert_with(|| {
-                    sidecar_captions(p)
-                        .into_iter()
-                        .map(|(s, t)| (s.to_string(), t))
-                        .collect()
+                    let (caps, problems) = read_sidecars(p);
+                    let caps = caps.into_iter().map(|(s, t)| (s.to_string(), t)).collect();
+                    (caps, problems)
                 })
+                .0
                 .clone()
         };
         // Sources recorded under this folder that are no longer there
@@ -343,6 +344,7 @@ pub fn run(cfg: &ImportConfig, m: &mut Manifest, ctx: &Ctx) -> Result<ImportRepo
             report.gone_examples = gone.into_iter().take(5).cloned().collect();
         }
         let mut todo: Vec<PathBuf> = Vec::new();
+        let mut skipped: Vec<PathBuf> = Vec::new();
         for p in listing.files {
             let (size, mt) =
                 fs::metadata(&p).map_or((-1, -1), |meta| (meta.len() as i64, mtime_ns(&meta)));
@@ -363,6 +365,15 @@ pub fn run(cfg: &ImportConfig, m: &mut Manifest, ctx: &Ctx) -> Result<ImportRepo
                 });
             if redo {
                 todo.push(p);
+            } else {
+                skipped.push(p);
+            }
+        }
+        // A sidecar that still cannot be read is said on every import
+        // (its image trains without it), not only the first.
+        for p in &skipped {
+            if let Some((_, problems)) = read.get(p) {
+                report.unread_captions.extend(problems.iter().cloned());
             }
         }
         report.already_imported = report.found - todo.len();

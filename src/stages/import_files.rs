@@ -67,13 +67,20 @@ pub fn read_sidecars(image: &Path) -> (Vec<(&'static str, String)>, Vec<Failure>
             });
             continue;
         }
-        let Ok(bytes) = fs::read(&p) else {
-            continue;
+        let bytes = match fs::read(&p) {
+            Ok(b) => b,
+            Err(e) => {
+                problems.push(Failure {
+                    path: p,
+                    reason: format!("sidecar caption not read: {e}"),
+                });
+                continue;
+            }
         };
         let Some(text) = caption_text(&bytes) else {
             problems.push(Failure {
                 path: p,
-                reason: "sidecar caption not read: not UTF-8 text (an \"ANSI\" / cp1252 file?); save it as UTF-8 and import again".into(),
+                reason: "sidecar caption not read: not UTF-8 (nor UTF-16 with a byte-order mark) text, e.g. an \"ANSI\" / cp1252 file; save it as UTF-8 and import again".into(),
             });
             continue;
         };

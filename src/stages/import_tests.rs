@@ -225,6 +225,8 @@ fn odd_names_and_sidecars_import_once_and_cleanly() {
     img(2).save(src.join("a.png")).unwrap();
     fs::copy(src.join("a.png"), src.join("copy_of_a.png")).unwrap();
     fs::write(src.join("a.txt"), "smile").unwrap();
+    img(3).save(src.join("ansi.png")).unwrap();
+    fs::write(src.join("ansi.txt"), b"caf\xe9").unwrap();
     #[cfg(unix)]
     let odd = {
         use std::os::unix::ffi::OsStrExt;
@@ -249,14 +251,23 @@ fn odd_names_and_sidecars_import_once_and_cleanly() {
         ..Default::default()
     };
     let r = run(&cfg, &mut m, &Ctx::quiet()).unwrap();
-    assert_eq!(r.imported, 2 + odd);
+    assert_eq!(r.imported, 3 + odd);
     let count =
         |m: &Manifest, sql: &str| -> i64 { m.conn().query_row(sql, [], |r| r.get(0)).unwrap() };
     assert_eq!(
         count(&m, "SELECT count(*) FROM items WHERE status = 'ok'"),
-        2 + odd as i64
+        3 + odd as i64
     );
-    assert_eq!(count(&m, "SELECT count(*) FROM sources"), 3 + odd as i64);
+    assert_eq!(count(&m, "SELECT count(*) FROM sources"), 4 + odd as i64);
+    // The cp1252 sidecar is said, on the first import and on each rerun
+    // that still cannot read it.
+    let unread = |r: &ImportReport| -> Vec<String> {
+        r.unread_captions
+            .iter()
+            .map(|f| f.path.file_name().unwrap().to_string_lossy().into_owned())
+            .collect()
+    };
+    assert_eq!(unread(&r), ["ansi.txt"]);
     let text: String = m
         .conn()
         .query_row(
@@ -276,6 +287,7 @@ fn odd_names_and_sidecars_import_once_and_cleanly() {
         (again.already_imported, again.imported, again.same_file),
         (r.found, 0, 0)
     );
+    assert_eq!(unread(&again), ["ansi.txt"]);
     // The copy's caption goes when no copy has it any more: both read again.
     fs::remove_file(src.join("a.txt")).unwrap();
     let after = run(&cfg, &mut m, &Ctx::quiet()).unwrap();

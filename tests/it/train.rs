@@ -516,6 +516,20 @@ fn merge_and_sweep_through_the_binary() {
         .unwrap();
     assert_eq!(o.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&o.stderr).contains("missing-c.safetensors"));
+    // Sweep settings without --sweep, and --alpha with it, are refused
+    // (they were ignored without a word).
+    for flags in [
+        vec!["--eval-steps", "3"],
+        vec!["--sweep", "0,1", "--alpha", "0.3"],
+    ] {
+        let mut args = vec!["merge", v.to_str().unwrap(), ck.to_str().unwrap()];
+        args.extend(["--markers", "a", "--out", bad.to_str().unwrap()]);
+        args.extend(flags);
+        let o = Command::new(bin()).args(&args).output().unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{err}");
+        assert!(err.contains("--sweep"), "{err}");
+    }
 }
 
 /// The base that generated the dataset, trained to the prediction it

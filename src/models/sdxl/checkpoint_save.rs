@@ -164,7 +164,7 @@ fn tensor_bytes(key: &str, t: &Tensor, dtype: DType) -> Result<Vec<u8>> {
                         )));
                     }
                     return Err(Error::model(format!(
-                        "save: {key} does not fit in f16 (element {i} is {was}, which becomes {}; f16 holds |x| ≤ 65504): save as bf16 or f32 (--save-dtype / --dtype bf16)",
+                        "save: {key} does not fit in f16 (element {i} is {was}, which becomes {}; f16 holds |x| ≤ 65504): save as bf16 or f32 (train --save-dtype bf16, merge --dtype bf16)",
                         v[i]
                     )));
                 }

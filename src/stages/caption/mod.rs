@@ -60,11 +60,9 @@ pub const POLICY_SOURCE: &str = "policy";
 /// Tag source of the tagger's tags.
 pub const TAGGER_SOURCE: &str = "tagger";
 /// Caption sources that count as a user's own (sidecar) caption.
-pub const SIDECAR_SOURCES: &[&str] = &[
-    "sidecar_txt",
-    "sidecar_caption",
-    crate::stages::dedupe::CARRIED_CAPTION_SOURCE,
-];
+/// (Not dedupe's carried caption: a keeper keeps its policy caption under
+/// it, for when the duplicate or its sidecar goes.)
+pub const SIDECAR_SOURCES: &[&str] = &["sidecar_txt", "sidecar_caption"];
 
 /// Configuration of the caption stage.
 #[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
@@ -242,7 +240,7 @@ fn load_candidates(m: &Manifest) -> Result<Vec<Candidate>> {
         "SELECT i.id, i.path, i.status,
                 CASE WHEN {} IS NOT NULL THEN 'caption' ELSE {} END,
                 g.prompt,
-                EXISTS (SELECT 1 FROM captions c WHERE c.item_id = i.id AND c.source IN ('{}', '{}', '{}')),
+                EXISTS (SELECT 1 FROM captions c WHERE c.item_id = i.id AND c.source IN ('{}', '{}')),
                 t.settings, t.tags_json
          FROM items i
          LEFT JOIN generation g ON g.item_id = i.id
@@ -253,7 +251,6 @@ fn load_candidates(m: &Manifest) -> Result<Vec<Candidate>> {
         verdicts::shown("i", "stage"),
         SIDECAR_SOURCES[0],
         SIDECAR_SOURCES[1],
-        SIDECAR_SOURCES[2],
         verdicts::eligible("i", CANDIDATE_VERDICTS)
     );
     let mut st = m.conn().prepare(&sql).map_err(|e| m.err(e))?;
@@ -453,17 +450,17 @@ impl Writer<'_> {
             }
             t
         };
+        if self.cfg.overwrite {
+            // Machine captions asked for everywhere: a written caption
+            // dedupe carried to this keeper goes too.
+            tx.execute(
+                "DELETE FROM captions WHERE item_id = ?1 AND source = ?2",
+                params![c.id, crate::stages::dedupe::CARRIED_CAPTION_SOURCE],
+            )?;
+        }
         match text {
             Some(t) => {
                 manifest::upsert_caption(tx, self.run_id, c.id, POLICY_SOURCE, &t, None)?;
-                if self.cfg.overwrite {
-                    // Machine captions asked for everywhere: a written
-                    // caption dedupe carried to this keeper goes too.
-                    tx.execute(
-                        "DELETE FROM captions WHERE item_id = ?1 AND source = ?2",
-                        params![c.id, crate::stages::dedupe::CARRIED_CAPTION_SOURCE],
-                    )?;
-                }
                 self.report.captioned += 1;
             }
             None => {

@@ -281,15 +281,18 @@ fn read_and_plan(cfg: &DedupeConfig, m: &Manifest) -> Result<(Vec<Cluster>, Dedu
     let sql = format!(
         "SELECT i.id, coalesce(i.width, 0) * coalesce(i.height, 0), h.pixel_sha256, {hash_col},
                 coalesce((SELECT alignment FROM tagging WHERE item_id = i.id),
-                         (SELECT max(s) FROM (SELECT max(score) AS s FROM captions WHERE item_id = i.id
+                         (SELECT max(s) FROM (SELECT max(score) AS s FROM captions WHERE item_id = i.id AND source <> '{carried}'
                                               UNION ALL SELECT max(score) FROM tags WHERE item_id = i.id))),
-                EXISTS (SELECT 1 FROM captions WHERE item_id = i.id),
+                EXISTS (SELECT 1 FROM captions WHERE item_id = i.id AND source <> '{carried}'),
                 coalesce((SELECT max(size) FROM sources WHERE item_id = i.id), 0),
                 coalesce(i.format, ''), i.path,
                 EXISTS (SELECT 1 FROM captions WHERE item_id = i.id AND source IN ({written}))
          FROM items i JOIN hashes h ON h.item_id = i.id
          WHERE {} ORDER BY i.id",
         crate::manifest::verdicts::eligible("i", &["dedupe"]),
+        // What an earlier run carried does not count: the plan is the same
+        // whatever the last run gave each keeper.
+        carried = CARRIED_CAPTION_SOURCE,
         written = keeper::WRITTEN_CAPTION_SOURCES
             .iter()
             .map(|s| format!("'{s}'"))
@@ -459,9 +462,10 @@ pub const CARRIED_CAPTION_SOURCE: &str = "duplicate_sidecar";
 /// A keeper without a caption someone wrote gets the one of a dropped
 /// duplicate (a sidecar beside a captioned, resized training copy of a
 /// full-size original that wins on pixels): export and train use it ahead
-/// of the keeper's machine caption. Made again each run from its clusters;
-/// none after a `caption --overwrite` (machine captions asked for
-/// everywhere). Returns how many keepers got one.
+/// of the keeper's machine caption (which stays, for when the carried one
+/// goes). Made again each run from its clusters; none while the last
+/// caption run was `--overwrite` (machine captions asked for everywhere).
+/// Returns how many keepers got one.
 fn carry_written_captions(
     tx: &rusqlite::Transaction,
     clusters: &[Cluster],
@@ -724,6 +728,22 @@ mod tests {
             )
             .unwrap();
         assert_eq!(carried, 1);
+        // Once the keeper has a sidecar of its own, the carried one is not
+        // used (its policy caption stays ahead until `caption` reruns, as
+        // for any sidecar added after captioning).
+        m.conn()
+            .execute(
+                &format!("INSERT INTO captions (item_id, source, text, run_id) VALUES (1, 'sidecar_txt', 'its own', {imp})"),
+                [],
+            )
+            .unwrap();
+        assert_eq!(caption_of_1(&m).as_deref(), Some("machine words"));
+        m.conn()
+            .execute(
+                "DELETE FROM captions WHERE item_id = 1 AND source = 'sidecar_txt'",
+                [],
+            )
+            .unwrap();
         let cap = m
             .begin_run("caption", &serde_json::json!({"overwrite": true}))
             .unwrap();
