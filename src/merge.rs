@@ -355,6 +355,18 @@ pub fn merge(cfg: &MergeConfig, out: &Path) -> Result<MergeReport> {
             keys.insert(k.clone(), Side::A);
         }
     }
+    // UNet weights only B has have nothing to blend with: said, not kept.
+    let b_only: Vec<&String> = b
+        .entries()
+        .keys()
+        .filter(|k| k.starts_with(&unet) && !keys.contains_key(*k))
+        .collect();
+    if let Some(first) = b_only.first() {
+        warnings.push(format!(
+            "{} UNet key(s) of B are not in A and are left out (e.g. {first}); A's layout decides the merge's",
+            b_only.len()
+        ));
+    }
     for (s, filter) in [
         (cfg.te, BlockId::Base),
         (cfg.vae, BlockId::Vae),

@@ -385,7 +385,10 @@ fn a_merge_is_marked_as_its_prediction_and_drops_a_only_metadata() {
     let b = d.path().join("b.safetensors");
     save_tensors(
         &b,
-        &[(format!("{UNET_PREFIX}.out.2.weight"), t(&[3., 4.]))],
+        &[
+            (format!("{UNET_PREFIX}.out.2.weight"), t(&[3., 4.])),
+            (format!("{UNET_PREFIX}.only_in_b"), t(&[5.])),
+        ],
         &SaveOptions {
             dtype: Some(DType::F32),
             v_pred: true,
@@ -396,6 +399,13 @@ fn a_merge_is_marked_as_its_prediction_and_drops_a_only_metadata() {
     let out = d.path().join("m.safetensors");
     let r = merge(&cfg(&a, &b), &out).unwrap();
     assert!(r.v_pred && !r.ztsnr, "{r:?}");
+    assert!(
+        r.warnings
+            .iter()
+            .any(|w| w.starts_with("1 UNet key(s) of B are not in A")),
+        "{:?}",
+        r.warnings
+    );
     let m = Checkpoint::open(&out).unwrap();
     assert!(m.contains(MARKER_V_PRED));
     let p = m.prediction();

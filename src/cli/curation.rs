@@ -375,8 +375,9 @@ pub fn dedupe(a: DedupeArgs, json: bool) -> anyhow::Result<i32> {
     );
     if r.carried_captions > 0 {
         println!(
-            "        {} kept images took the hand-written caption (.txt/.caption) of a dropped duplicate; export and train use it",
-            r.carried_captions
+            "        {} kept images {} the hand-written caption (.txt/.caption) of a dropped duplicate; export and train use it",
+            r.carried_captions,
+            if r.dry_run { "would take" } else { "took" }
         );
     }
     Ok(0)

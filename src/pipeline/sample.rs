@@ -99,6 +99,14 @@ pub struct Generated {
 /// Progress callback argument: `(done, total)` steps over the whole run.
 pub type Progress<'a> = &'a mut dyn FnMut(usize, usize);
 
+/// Whether the `n` images from `seed` (seeds `seed..seed + n`) all have
+/// seeds an infotext and the manifest read back: at most 2^63 − 1
+/// (a signed 64-bit integer).
+pub fn seeds_fit(seed: u64, n: u64) -> bool {
+    seed.checked_add(n.saturating_sub(1))
+        .is_some_and(|last| last <= i64::MAX as u64)
+}
+
 impl SampleConfig {
     /// Check the numbers that do not depend on the model.
     pub fn validate(&self) -> Result<()> {
@@ -110,11 +118,7 @@ impl SampleConfig {
         }
         // Image k gets seed + k, written into its infotext and read back
         // as a signed 64-bit integer (import, A1111): the last must fit.
-        if self
-            .seed
-            .checked_add(self.batch as u64 - 1)
-            .is_none_or(|last| last > i64::MAX as u64)
-        {
+        if !seeds_fit(self.seed, self.batch as u64) {
             return Err(Error::config(format!(
                 "--seed {}: the {} images take seeds up to {} + {}, past 2^63-1 (the largest seed an image's infotext reads back as); give a smaller seed",
                 self.seed,

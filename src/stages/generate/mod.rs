@@ -109,11 +109,7 @@ impl GenerateConfig {
         }
         // Image i gets seed + i, stored as a signed 64-bit integer (and
         // read back from the infotext): the last one must fit.
-        if self
-            .seed
-            .checked_add(self.count - 1)
-            .is_none_or(|last| last > i64::MAX as u64)
-        {
+        if !crate::pipeline::sample::seeds_fit(self.seed, self.count) {
             return Err(Error::config(format!(
                 "seed {}: the images take seeds {} to {} + {}, past 2^63-1 (the largest seed the manifest stores); give a smaller seed",
                 self.seed,
