@@ -204,7 +204,12 @@ fn markers_side(
         return Ok(s);
     }
     let (pa, pb) = (a.prediction(), b.prediction());
-    let key = |p: &crate::models::sdxl::checkpoint::PredictionInfo| (p.prediction, p.ztsnr);
+    // ZTSNR counts for v only (a stray marker on an eps model is ignored
+    // when sampling, and by the merge).
+    let key = |p: &crate::models::sdxl::checkpoint::PredictionInfo| {
+        use crate::models::sdxl::checkpoint::Prediction as P;
+        (p.prediction, p.ztsnr && p.prediction == P::V)
+    };
     if key(&pa) == key(&pb) {
         return Ok(Side::A);
     }
@@ -459,8 +464,16 @@ pub fn merge(cfg: &MergeConfig, out: &Path) -> Result<MergeReport> {
     // Marked as the prediction the markers' side is read as, whether its
     // keys or only its metadata say so (a kohya v model has no `v_pred`
     // key: copying the keys' absence gave a v merge UIs sample as eps).
-    let v_pred = pinfo.prediction == crate::models::sdxl::checkpoint::Prediction::V;
-    let ztsnr = v_pred && pinfo.ztsnr;
+    let (v_pred, ztsnr) = {
+        use crate::models::sdxl::checkpoint::Prediction as P;
+        match pinfo.prediction {
+            P::V => (true, pinfo.ztsnr),
+            // EDM keys decide there (copied above); its own v_pred /
+            // ztsnr keys (ComfyUI writes v_pred beside edm_vpred.*) stay.
+            P::Edm | P::EdmV => (msrc.contains(MARKER_V_PRED), msrc.contains(MARKER_ZTSNR)),
+            P::Epsilon => (false, false),
+        }
+    };
     let mut metadata = a.metadata().clone();
     for k in [META_PREDICTION_TYPE, META_ZTSNR, META_UNCOND] {
         metadata.remove(k);
@@ -468,14 +481,20 @@ pub fn merge(cfg: &MergeConfig, out: &Path) -> Result<MergeReport> {
             metadata.insert(k.to_string(), v.clone());
         }
     }
-    if v_pred {
+    if pinfo.prediction == crate::models::sdxl::checkpoint::Prediction::V {
         metadata.insert(META_PREDICTION_TYPE.into(), "v".into());
+    }
+    // ZTSNR metadata only with the key (an eps side's stray one would make
+    // the merge read as ZTSNR).
+    if !ztsnr {
+        metadata.remove(META_ZTSNR);
     }
     // What describes A alone and is wrong for the merge: its training
     // (eps2v's, kohya's `ss_*`), its file hash, an earlier merge's recipe.
     metadata.remove("eps2v.train");
     metadata.retain(|k, _| {
         !(k.starts_with("ss_")
+            || k.starts_with("sshs_")
             || k.starts_with("modelspec.hash_")
             || k == "sd_merge_recipe"
             || k == "sd_merge_models")

@@ -111,11 +111,30 @@ pub fn sweep(
             "--sweep needs finite alphas, e.g. 0,0.25,0.5",
         ));
     }
-    eval.check(&cfg.a)?;
-    let same = |a: &Path, b: &Path| match (std::path::absolute(a), std::path::absolute(b)) {
-        (Ok(a), Ok(b)) => a == b,
-        _ => false,
+    // As written, or one file (a link or a hard link to it).
+    let same = |a: &Path, b: &Path| {
+        crate::atomic::same_file(a, b)
+            || matches!((std::path::absolute(a), std::path::absolute(b)), (Ok(a), Ok(b)) if a == b)
     };
+    // Every output against the inputs before the first merge is written
+    // (each merge refuses its own, but only when its turn comes).
+    for &alpha in alphas {
+        let p = sweep_path(out, alpha);
+        for (flag, input) in [
+            ("A", Some(&cfg.a)),
+            ("B", Some(&cfg.b)),
+            ("--diff", cfg.c.as_ref()),
+        ] {
+            if let Some(input) = input.filter(|i| same(&p, i)) {
+                return Err(Error::config(format!(
+                    "merge --sweep: its α = {alpha} output {} is model {flag} ({}); give another --out (eps2v never replaces its input)",
+                    p.display(),
+                    input.display()
+                )));
+            }
+        }
+    }
+    eval.check(&cfg.a)?;
     if let Some(r) = eval
         .reference
         .as_ref()
@@ -212,6 +231,7 @@ pub fn sweep(
     // An α = 0 merge is A's UNet with A's other parts and markers: its
     // score is A's (not sampled twice).
     let plain = cfg.c.is_none()
+        && cfg.blocks.per_block.is_empty()
         && cfg.te == Side::A
         && cfg.vae == Side::A
         && cfg.markers.is_none_or(|m| m == Side::A)

@@ -370,6 +370,7 @@ fn a_merge_is_marked_as_its_prediction_and_drops_a_only_metadata() {
             "0xdeadbeef".to_string(),
         ),
         ("ss_v_parameterization".to_string(), "True".to_string()),
+        ("sshs_model_hash".to_string(), "0xfeed".to_string()),
         ("modelspec.title".to_string(), "A".to_string()),
     ]);
     save_tensors(
@@ -412,9 +413,86 @@ fn a_merge_is_marked_as_its_prediction_and_drops_a_only_metadata() {
     assert!(p.warnings.is_empty(), "{:?}", p.warnings);
     let meta = m.metadata();
     assert_eq!(meta.get("modelspec.title").map(String::as_str), Some("A"));
-    for gone in ["modelspec.hash_sha256", "ss_v_parameterization"] {
+    for gone in [
+        "modelspec.hash_sha256",
+        "ss_v_parameterization",
+        "sshs_model_hash",
+    ] {
         assert!(!meta.contains_key(gone), "{gone}");
     }
+    // A sweep whose outputs include an input is refused before its first
+    // merge is written (each merge refused only its own, in turn).
+    let sw = d.path().join("sw.safetensors");
+    std::fs::copy(&b, sweep_path(&sw, 0.5)).unwrap();
+    let e = sweep(
+        &cfg(&a, &sweep_path(&sw, 0.5)),
+        &[0.25, 0.5],
+        &sw,
+        &SweepEval {
+            reference: None,
+            prompts: vec!["x".into()],
+            seeds: vec![0],
+            steps: 1,
+            cfg: 1.0,
+            width: 64,
+            height: 64,
+            load: Default::default(),
+            score_a: false,
+        },
+        &Ctx::quiet(),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("α = 0.5 output") && e.contains("is model B"),
+        "{e}"
+    );
+    assert!(!sweep_path(&sw, 0.25).exists());
+}
+
+/// An EDM side keeps its `v_pred` key (ComfyUI writes it beside
+/// `edm_vpred.*`) and an eps side's stray ZTSNR metadata is not carried.
+#[test]
+fn edm_and_stray_ztsnr_markers_are_carried_as_read() {
+    let d = tempfile::tempdir().unwrap();
+    let t = |v: &[f32]| Tensor::from_slice(v, v.len(), &Device::Cpu).unwrap();
+    let unet = |x: f32| (format!("{UNET_PREFIX}.out.2.weight"), t(&[x, x]));
+    let edm = d.path().join("edm.safetensors");
+    save_tensors(
+        &edm,
+        &[unet(1.0), ("edm_vpred.sigma_max".to_string(), t(&[120.0]))],
+        &SaveOptions {
+            dtype: Some(DType::F32),
+            v_pred: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let b = d.path().join("b.safetensors");
+    save_tensors(&b, &[unet(2.0)], &SaveOptions::default()).unwrap();
+    let out = d.path().join("m.safetensors");
+    let r = merge(&cfg(&edm, &b), &out).unwrap();
+    assert!(r.v_pred, "{r:?}");
+    let m = Checkpoint::open(&out).unwrap();
+    assert!(m.contains(MARKER_V_PRED) && m.contains("edm_vpred.sigma_max"));
+    // eps with `eps2v.ztsnr = true` in its metadata: an eps merge, no ZTSNR.
+    let stray = d.path().join("stray.safetensors");
+    save_tensors(
+        &stray,
+        &[unet(3.0)],
+        &SaveOptions {
+            metadata: BTreeMap::from([(META_ZTSNR.to_string(), "true".to_string())]),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let out2 = d.path().join("m2.safetensors");
+    let mut c = cfg(&stray, &b);
+    c.markers = None;
+    let r = merge(&c, &out2).unwrap();
+    assert!(!r.v_pred && !r.ztsnr, "{r:?}");
+    let p = Checkpoint::open(&out2).unwrap().prediction();
+    assert!(!p.ztsnr, "{p:?}");
 }
 
 /// `eps2v merge` refuses a model A that is no whole SDXL checkpoint (it
