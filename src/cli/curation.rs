@@ -273,6 +273,17 @@ pub fn import(a: ImportArgs, json: bool) -> anyhow::Result<i32> {
             eprintln!("warning: {}: {}", f.path.display(), f.reason);
         }
         let sk = &r.skipped;
+        if sk.unread_formats > 0 {
+            println!(
+                "        not read: {} files in image formats eps2v does not decode (e.g. {}); convert them to PNG, JPEG or WebP to import them",
+                sk.unread_formats,
+                sk.unread_examples
+                    .iter()
+                    .map(|p| p.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
         if sk.total() > 0 {
             println!(
                 "        skipped: {} broken links, {} FIFOs, {} sockets, {} devices, {} link loops, {} folders reached twice",

@@ -33,6 +33,13 @@ pub const IMAGE_EXTENSIONS: &[&str] = &[
     "png", "jpg", "jpeg", "jpe", "jfif", "webp", "gif", "bmp", "tif", "tiff",
 ];
 
+/// Extensions of image formats eps2v does not decode: counted and named
+/// by import (a folder of AVIFs was "0 files found" without a word).
+pub const UNREAD_IMAGE_EXTENSIONS: &[&str] = &[
+    "avif", "heic", "heif", "jxl", "jp2", "j2k", "psd", "tga", "exr", "hdr", "ico", "svg", "dng",
+    "cr2", "nef", "arw",
+];
+
 /// What the walk skipped, by kind.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct Skipped {
@@ -54,6 +61,11 @@ pub struct Skipped {
     /// The folder left out by request (the dataset itself, when the source
     /// holds it: its images, buckets and exports are not new images).
     pub excluded: Option<PathBuf>,
+    /// Files in image formats eps2v does not read
+    /// ([`UNREAD_IMAGE_EXTENSIONS`]); not in [`Skipped::total`].
+    pub unread_formats: usize,
+    /// The first few of them.
+    pub unread_examples: Vec<PathBuf>,
 }
 
 impl Skipped {
@@ -203,6 +215,13 @@ fn walk(
             Kind::File => {
                 if has_image_extension(&path) {
                     out.files.push(path);
+                } else if path.extension().and_then(|e| e.to_str()).is_some_and(|e| {
+                    UNREAD_IMAGE_EXTENSIONS.contains(&e.to_ascii_lowercase().as_str())
+                }) {
+                    out.skipped.unread_formats += 1;
+                    if out.skipped.unread_examples.len() < 5 {
+                        out.skipped.unread_examples.push(path);
+                    }
                 }
             }
             Kind::Dir => {
@@ -276,6 +295,10 @@ mod tests {
         let root = d.path().join("root");
         std::fs::create_dir_all(root.join("a/b")).unwrap();
         std::fs::write(root.join("a/b/x.png"), b"x").unwrap();
+        // Formats eps2v does not read are counted, not listed.
+        std::fs::write(root.join("c.AVIF"), b"x").unwrap();
+        std::fs::write(root.join("d.heic"), b"x").unwrap();
+        std::fs::write(root.join("notes.txt"), b"x").unwrap();
         symlink("..", root.join("a/b/up")).unwrap(); // -> a: an ancestor
         symlink(&root, root.join("a/top")).unwrap(); // -> root: an ancestor
         symlink("missing.png", root.join("a/dangling.png")).unwrap();
@@ -285,6 +308,7 @@ mod tests {
         let made_fifo = st.map(|s| s.success()).unwrap_or(false);
         let l = list_images(&root).unwrap();
         assert_eq!(names(&l, &root), ["a/b/x.png"]);
+        assert_eq!(l.skipped.unread_formats, 2);
         assert_eq!(l.skipped.broken_links, 1);
         assert_eq!(l.skipped.repeated_folders, 1);
         let mut loops: Vec<String> = l
