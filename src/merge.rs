@@ -231,6 +231,22 @@ fn markers_side(
     )))
 }
 
+/// The input (`A`, `B` or `--diff`, and its path) that `out` is (the path,
+/// a link or a hard link to it), if any.
+fn input_at<'a>(cfg: &'a MergeConfig, out: &Path) -> Option<(&'static str, &'a Path)> {
+    [
+        ("A", Some(&cfg.a)),
+        ("B", Some(&cfg.b)),
+        ("--diff", cfg.c.as_ref()),
+    ]
+    .into_iter()
+    .find_map(|(flag, input)| {
+        input
+            .filter(|i| crate::atomic::same_file(out, i))
+            .map(|i| (flag, i.as_path()))
+    })
+}
+
 /// Whether merge can read a tensor stored as `dtype`.
 fn is_float(dtype: &str) -> bool {
     matches!(dtype, "F16" | "BF16" | "F32" | "F64")
@@ -295,20 +311,13 @@ pub fn merge(cfg: &MergeConfig, out: &Path) -> Result<MergeReport> {
     if !cfg.alpha.is_finite() {
         return Err(Error::config("--alpha must be a finite number"));
     }
-    // The output is written over whatever is there: never over an input
-    // (a path, a link or a hard link to it).
-    for (flag, input) in [
-        ("A", Some(&cfg.a)),
-        ("B", Some(&cfg.b)),
-        ("--diff", cfg.c.as_ref()),
-    ] {
-        if let Some(input) = input.filter(|i| crate::atomic::same_file(out, i)) {
-            return Err(Error::config(format!(
-                "merge --out {}: that is model {flag} ({}); write the merge to a new file (eps2v never replaces its input)",
-                out.display(),
-                input.display()
-            )));
-        }
+    // The output is written over whatever is there: never over an input.
+    if let Some((flag, input)) = input_at(cfg, out) {
+        return Err(Error::config(format!(
+            "merge --out {}: that is model {flag} ({}); write the merge to a new file (eps2v never replaces its input)",
+            out.display(),
+            input.display()
+        )));
     }
     let a = Checkpoint::open(&cfg.a)?;
     let b = Checkpoint::open(&cfg.b)?;

@@ -111,29 +111,23 @@ pub fn sweep(
             "--sweep needs finite alphas, e.g. 0,0.25,0.5",
         ));
     }
+    // Every output against the inputs before the first merge is written
+    // (each merge refuses its own, but only when its turn comes).
+    for &alpha in alphas {
+        let p = sweep_path(out, alpha);
+        if let Some((flag, input)) = input_at(cfg, &p) {
+            return Err(Error::config(format!(
+                "merge --sweep: its α = {alpha} output {} is model {flag} ({}); give another --out (eps2v never replaces its input)",
+                p.display(),
+                input.display()
+            )));
+        }
+    }
     // As written, or one file (a link or a hard link to it).
     let same = |a: &Path, b: &Path| {
         crate::atomic::same_file(a, b)
             || matches!((std::path::absolute(a), std::path::absolute(b)), (Ok(a), Ok(b)) if a == b)
     };
-    // Every output against the inputs before the first merge is written
-    // (each merge refuses its own, but only when its turn comes).
-    for &alpha in alphas {
-        let p = sweep_path(out, alpha);
-        for (flag, input) in [
-            ("A", Some(&cfg.a)),
-            ("B", Some(&cfg.b)),
-            ("--diff", cfg.c.as_ref()),
-        ] {
-            if let Some(input) = input.filter(|i| same(&p, i)) {
-                return Err(Error::config(format!(
-                    "merge --sweep: its α = {alpha} output {} is model {flag} ({}); give another --out (eps2v never replaces its input)",
-                    p.display(),
-                    input.display()
-                )));
-            }
-        }
-    }
     eval.check(&cfg.a)?;
     if let Some(r) = eval
         .reference

@@ -402,7 +402,15 @@ pub fn load_rows(m: &Manifest, only_ok: bool) -> Result<Vec<ExportRow>> {
         .map(|(k, r)| (r.item_id, k))
         .collect();
     let mut st = conn
-        .prepare("SELECT item_id, source, text FROM captions")
+        .prepare(&format!(
+            // A caption dedupe carried to an item that has a sidecar of its
+            // own (added by import after the carry) is not its to train on.
+            "SELECT c.item_id, c.source, c.text FROM captions c
+             WHERE NOT (c.source = '{carried}' AND EXISTS (
+                 SELECT 1 FROM captions o WHERE o.item_id = c.item_id AND o.source IN ({written})))",
+            carried = crate::stages::dedupe::CARRIED_CAPTION_SOURCE,
+            written = crate::stages::dedupe::keeper::written_sql()
+        ))
         .map_err(|e| m.err(e))?;
     let caps = st
         .query_map([], |r| {
@@ -413,22 +421,8 @@ pub fn load_rows(m: &Manifest, only_ok: bool) -> Result<Vec<ExportRow>> {
             ))
         })
         .map_err(|e| m.err(e))?;
-    let caps = caps
-        .collect::<rusqlite::Result<Vec<(i64, String, String)>>>()
-        .map_err(|e| m.err(e))?;
-    // Items with a sidecar of their own: a caption dedupe carried to them
-    // earlier (before import added theirs) is not theirs to train on.
-    let own: std::collections::HashSet<i64> = caps
-        .iter()
-        .filter(|(_, s, _)| {
-            crate::stages::dedupe::keeper::WRITTEN_CAPTION_SOURCES.contains(&s.as_str())
-        })
-        .map(|(id, _, _)| *id)
-        .collect();
-    for (id, source, text) in caps {
-        if source == crate::stages::dedupe::CARRIED_CAPTION_SOURCE && own.contains(&id) {
-            continue;
-        }
+    for c in caps {
+        let (id, source, text) = c.map_err(|e| m.err(e))?;
         if let Some(&k) = index.get(&id) {
             let row = &mut rows[k];
             let better = match &row.caption_source {

@@ -42,11 +42,13 @@ mod ema;
 pub mod eval;
 pub mod export;
 pub mod log;
+mod report;
 pub mod retention;
 pub mod state;
 pub mod testkit;
 pub mod weights;
 pub use advice::same_prediction_warning;
+pub use report::TrainReport;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -55,7 +57,6 @@ use std::time::Instant;
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::ParamsAdamW;
-use serde::Serialize;
 
 use crate::diffusion::{NoiseSchedule, TerminalClamp};
 use crate::error::IoContext;
@@ -70,9 +71,9 @@ use rusqlite::OptionalExtension;
 
 use batch::{add_grads, clip_grads, grad_norm, loss_and_grads, make_batch, validation_loss};
 use blocks::{BlockLr, BlockSet};
-use cache::{CacheInputs, CacheReport};
+use cache::CacheInputs;
 use config::{LrSchedule, StageConfig, TrainConfig};
-use data::{Batches, Eligibility, TrainItem};
+use data::{Batches, TrainItem};
 use ema::{ema_update, with_ema};
 use eval::{eval_spec, evals_upto, record_eval, Evaluator};
 use export::export_weights;
@@ -105,75 +106,6 @@ pub struct TrainOptions {
     /// Free bytes of a path's file system (tests of the disk check;
     /// `None`: [`disk::free_bytes`]).
     pub disk_free: Option<fn(&Path) -> Option<u64>>,
-}
-
-/// What a training run did.
-#[derive(Debug, Clone, Default, Serialize)]
-pub struct TrainReport {
-    /// Manifest run id (`runs/<id>/`).
-    pub run_id: i64,
-    /// The run folder.
-    pub run_dir: PathBuf,
-    /// Whether this run resumed an earlier one.
-    pub resumed: bool,
-    /// The step it resumed at (0 for a new run): `steps - resumed_at`
-    /// were taken in this call, in [`Self::seconds`].
-    pub resumed_at: usize,
-    /// Optimizer steps done (over all stages, skipped ones included).
-    pub steps: usize,
-    /// Stages finished.
-    pub stages_done: usize,
-    /// Steps skipped for a non-finite loss or gradient.
-    pub skipped: usize,
-    /// Rollbacks to the last good checkpoint.
-    pub rollbacks: usize,
-    /// Stopped by a signal (a resumable checkpoint was written).
-    pub interrupted: bool,
-    /// Training runs of the dataset that dead processes had left
-    /// `running`, marked `failed` at this run's start
-    /// ([`state::tidy_dead_runs`]).
-    pub tidied: Vec<state::Tidied>,
-    /// Why training stopped before its last step, if it did.
-    pub stopped_early: Option<String>,
-    /// Training-set eligibility counts.
-    pub data: Eligibility,
-    /// Items trained on / held out.
-    pub train_items: usize,
-    /// Items held out for validation.
-    pub val_items: usize,
-    /// Cache hits and misses.
-    pub cache: CacheReport,
-    /// Trainable parameters of the last stage.
-    pub trainable_params: usize,
-    /// Micro-batches computed at once ([`crate::nn::lanes`]; 1: one after
-    /// the other).
-    pub lanes: usize,
-    /// Bytes of optimizer state of the last stage.
-    pub optimizer_bytes: usize,
-    /// Mean loss of the last 10 steps.
-    pub last_loss: Option<f64>,
-    /// Validation loss at the last evaluation.
-    pub val_loss: Option<f64>,
-    /// Retention at each evaluation, `(step, score)`.
-    pub retention: Vec<(usize, f64)>,
-    /// The step of the exported weights: the last step, or with
-    /// `stop_below` the last good checkpoint's (`None`: nothing exported).
-    pub exported_step: Option<usize>,
-    /// Retention of the exported weights (their step's evaluation).
-    pub exported_retention: Option<f64>,
-    /// The exported checkpoint (and yaml).
-    pub exported: Vec<PathBuf>,
-    /// The evaluation grid.
-    pub grid: Option<PathBuf>,
-    /// Warnings about the configuration and the disk space.
-    pub warnings: Vec<String>,
-    /// What the run writes at its peak, bytes (checkpoints and export,
-    /// [`disk::Need`]; the largest over the stages run now).
-    pub disk_peak_bytes: u64,
-    /// One checkpoint of the last stage run, bytes (estimated).
-    pub checkpoint_bytes: u64,
-    /// Wall time, seconds.
-    pub seconds: f64,
 }
 
 /// The run folder of run `id`.

@@ -53,6 +53,15 @@ pub struct Candidate {
 /// makes, and a prompt says what was asked for, not what is there).
 pub const WRITTEN_CAPTION_SOURCES: &[&str] = &["sidecar_txt", "sidecar_caption"];
 
+/// [`WRITTEN_CAPTION_SOURCES`] as an SQL list (`'sidecar_txt', …`).
+pub fn written_sql() -> String {
+    WRITTEN_CAPTION_SOURCES
+        .iter()
+        .map(|s| format!("'{s}'"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// Keeper preference: `Less` means `a` is the better keeper (see the module
 /// docs for the rule).
 pub fn keeper_order(a: &Candidate, b: &Candidate) -> Ordering {

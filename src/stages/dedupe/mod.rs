@@ -293,11 +293,7 @@ fn read_and_plan(cfg: &DedupeConfig, m: &Manifest) -> Result<(Vec<Cluster>, Dedu
         // What an earlier run carried does not count: the plan is the same
         // whatever the last run gave each keeper.
         carried = CARRIED_CAPTION_SOURCE,
-        written = keeper::WRITTEN_CAPTION_SOURCES
-            .iter()
-            .map(|s| format!("'{s}'"))
-            .collect::<Vec<_>>()
-            .join(", ")
+        written = keeper::written_sql()
     );
     let mut paths: Vec<Option<String>> = Vec::new();
     let mut webp: Vec<bool> = Vec::new();
@@ -399,7 +395,7 @@ pub fn run(cfg: &DedupeConfig, m: &mut Manifest, _ctx: &Ctx) -> Result<DedupeRep
     }
     if cfg.dry_run {
         let (clusters, mut report) = read_and_plan(cfg, m)?;
-        report.carried_captions = would_carry(m.conn(), &clusters).map_err(|e| m.err(e))?;
+        report.carried_captions = carry_plan(m.conn(), &clusters).map_err(|e| m.err(e))?.len();
         report.plan = clusters;
         return Ok(report);
     }
@@ -470,40 +466,48 @@ fn last_caption_overwrote(conn: &rusqlite::Connection) -> rusqlite::Result<bool>
         .unwrap_or(false))
 }
 
-/// How many keepers [`carry_written_captions`] would give a caption (for
-/// a dry run, which writes nothing).
-fn would_carry(conn: &rusqlite::Connection, clusters: &[Cluster]) -> rusqlite::Result<usize> {
+/// The caption source of a caption someone wrote for a dropped duplicate,
+/// given to its keeper.
+pub const CARRIED_CAPTION_SOURCE: &str = "duplicate_sidecar";
+
+/// `(keeper, drop)`: each keeper without a caption someone wrote, with the
+/// drop (smallest id) whose written caption it takes; none while the last
+/// caption run was `--overwrite` (machine captions asked for everywhere).
+/// What a run writes ([`carry_written_captions`]) and a dry run counts.
+fn carry_plan(
+    conn: &rusqlite::Connection,
+    clusters: &[Cluster],
+) -> rusqlite::Result<Vec<(i64, i64)>> {
     if last_caption_overwrote(conn)? {
-        return Ok(0);
+        return Ok(Vec::new());
     }
-    let written = keeper::WRITTEN_CAPTION_SOURCES
-        .iter()
-        .map(|s| format!("'{s}'"))
-        .collect::<Vec<_>>()
-        .join(", ");
     let mut st = conn.prepare(&format!(
-        "SELECT DISTINCT item_id FROM captions WHERE source IN ({written})"
+        "SELECT DISTINCT item_id FROM captions WHERE source IN ({})",
+        keeper::written_sql()
     ))?;
     let has: std::collections::HashSet<i64> = st
         .query_map([], |r| r.get(0))?
         .collect::<rusqlite::Result<_>>()?;
     Ok(clusters
         .iter()
-        .filter(|c| !has.contains(&c.keeper_id) && c.drops.iter().any(|d| has.contains(&d.item_id)))
-        .count())
+        .filter(|c| !has.contains(&c.keeper_id))
+        .filter_map(|c| {
+            c.drops
+                .iter()
+                .map(|d| d.item_id)
+                .filter(|d| has.contains(d))
+                .min()
+                .map(|d| (c.keeper_id, d))
+        })
+        .collect())
 }
-
-/// The caption source of a caption someone wrote for a dropped duplicate,
-/// given to its keeper.
-pub const CARRIED_CAPTION_SOURCE: &str = "duplicate_sidecar";
 
 /// A keeper without a caption someone wrote gets the one of a dropped
 /// duplicate (a sidecar beside a captioned, resized training copy of a
 /// full-size original that wins on pixels): export and train use it ahead
 /// of the keeper's machine caption (which stays, for when the carried one
-/// goes). Made again each run from its clusters; none while the last
-/// caption run was `--overwrite` (machine captions asked for everywhere).
-/// Returns how many keepers got one.
+/// goes). Made again each run from its clusters ([`carry_plan`]). Returns
+/// how many keepers got one.
 fn carry_written_captions(
     tx: &rusqlite::Transaction,
     clusters: &[Cluster],
@@ -513,35 +517,19 @@ fn carry_written_captions(
         "DELETE FROM captions WHERE source = ?1",
         [CARRIED_CAPTION_SOURCE],
     )?;
-    if last_caption_overwrote(tx)? {
-        return Ok(0);
-    }
-    let written = keeper::WRITTEN_CAPTION_SOURCES
-        .iter()
-        .map(|s| format!("'{s}'"))
-        .collect::<Vec<_>>()
-        .join(", ");
-    // From the drop with the smallest id that has one, its .txt first.
+    let plan = carry_plan(tx, clusters)?;
+    // The drop's .txt first.
     let mut carry = tx.prepare(&format!(
         "INSERT INTO captions (item_id, source, text, score, run_id)
-         SELECT ?1, '{CARRIED_CAPTION_SOURCE}', c.text, NULL, ?3 FROM captions c
-         WHERE c.item_id = ?2 AND c.source IN ({written})
-           AND NOT EXISTS (SELECT 1 FROM captions k WHERE k.item_id = ?1
-                           AND k.source IN ({written}, '{CARRIED_CAPTION_SOURCE}'))
-         ORDER BY c.source = 'sidecar_txt' DESC LIMIT 1"
+         SELECT ?1, '{CARRIED_CAPTION_SOURCE}', text, NULL, ?3 FROM captions
+         WHERE item_id = ?2 AND source IN ({})
+         ORDER BY source = 'sidecar_txt' DESC LIMIT 1",
+        keeper::written_sql()
     ))?;
-    let mut n = 0;
-    for c in clusters {
-        let mut drops: Vec<i64> = c.drops.iter().map(|d| d.item_id).collect();
-        drops.sort_unstable();
-        for d in drops {
-            if carry.execute(params![c.keeper_id, d, run_id])? > 0 {
-                n += 1;
-                break;
-            }
-        }
+    for &(keeper, drop) in &plan {
+        carry.execute(params![keeper, drop, run_id])?;
     }
-    Ok(n)
+    Ok(plan.len())
 }
 
 #[cfg(test)]
